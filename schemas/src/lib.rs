@@ -1,0 +1,26 @@
+//! The SynapseDB change-event model.
+//!
+//! ```text
+//!   capture ──LogRecord──▶ log ──LogRecord──▶ apply
+//!                                  └────────▶ connectors ──CloudEvent JSON──▶ users
+//! ```
+//!
+//! [`LogRecord`] is the internal unit that capture writes and every consumer reads. It keeps
+//! column values exactly as PostgreSQL printed them (text format), so applying into another
+//! PostgreSQL is lossless. [`cloudevent`] renders the public form: a CloudEvents 1.0 envelope whose
+//! `data` is a Debezium-compatible change (`op`, `before`, `after`, `source`, `transaction`),
+//! validated against `schemas/change-event.schema.json`.
+//!
+//! Ordering: every record of a source node has a [`Cursor`] `<commit_lsn>/<index>`; cursors order
+//! transactions by commit and changes within a transaction by their position in it.
+
+pub mod cloudevent;
+mod lsn;
+mod model;
+pub mod types;
+
+pub use lsn::{Cursor, Lsn, ParseCursorError};
+pub use model::*;
+
+/// The published JSON Schema of one change event (CloudEvents envelope + Debezium data).
+pub const CHANGE_EVENT_SCHEMA: &str = include_str!("../change-event.schema.json");

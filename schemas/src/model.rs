@@ -1,0 +1,204 @@
+use crate::{Cursor, Lsn};
+use serde::{Deserialize, Serialize};
+
+/// One column value as PostgreSQL's text output function printed it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Datum {
+    Null,
+    /// An unchanged TOASTed value that PostgreSQL did not send: the target must keep what it has.
+    /// Never to be read as NULL.
+    UnchangedToast,
+    Text(String),
+}
+
+impl Datum {
+    pub fn as_text(&self) -> Option<&str> {
+        match self {
+            Datum::Text(s) => Some(s),
+            _ => None,
+        }
+    }
+}
+
+/// How PostgreSQL identifies the old row of an update or delete (`ALTER TABLE … REPLICA IDENTITY`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum ReplicaIdentity {
+    Default,
+    Nothing,
+    Full,
+    Index,
+}
+
+impl ReplicaIdentity {
+    pub fn from_pgoutput(b: u8) -> Option<Self> {
+        Some(match b {
+            b'd' => Self::Default,
+            b'n' => Self::Nothing,
+            b'f' => Self::Full,
+            b'i' => Self::Index,
+            _ => return None,
+        })
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct Column {
+    pub name: String,
+    pub type_oid: u32,
+    pub type_modifier: i32,
+    /// `format_type(oid, typmod)` on the source, e.g. `numeric(12,2)` or `public.mood`.
+    pub type_name: String,
+    /// The type that decides the JSON form: a domain's base type, else `type_oid`.
+    pub base_type_oid: u32,
+    /// For arrays, the element's base type; 0 otherwise.
+    pub element_type_oid: u32,
+    /// Part of the replica identity (the primary key by default).
+    pub is_key: bool,
+}
+
+/// A table's shape as the source described it at one point of the stream.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct Relation {
+    pub oid: u32,
+    pub schema: String,
+    pub table: String,
+    pub replica_identity: ReplicaIdentity,
+    pub columns: Vec<Column>,
+}
+
+/// Names one version of a relation: changes refer to it instead of repeating the columns.
+/// `version` is a content hash, so the same definition always gets the same key.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct RelationKey {
+    pub oid: u32,
+    pub version: u64,
+}
+
+impl Relation {
+    pub fn key(&self) -> RelationKey {
+        // FNV-1a over a canonical rendering: stable across processes and releases, unlike
+        // std's SipHash with random keys.
+        let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+        let mut eat = |bytes: &[u8]| {
+            for b in bytes.iter().chain(std::iter::once(&0xff)) {
+                h ^= u64::from(*b);
+                h = h.wrapping_mul(0x100_0000_01b3);
+            }
+        };
+        eat(self.schema.as_bytes());
+        eat(self.table.as_bytes());
+        eat(&[self.replica_identity as u8]);
+        for c in &self.columns {
+            eat(c.name.as_bytes());
+            eat(c.type_name.as_bytes());
+            eat(&c.type_oid.to_le_bytes());
+            eat(&c.type_modifier.to_le_bytes());
+            eat(&[u8::from(c.is_key)]);
+        }
+        RelationKey { oid: self.oid, version: h }
+    }
+
+    /// `"schema"."table"`, quoted for SQL.
+    pub fn quoted_name(&self) -> String {
+        format!("{}.{}", quote_ident(&self.schema), quote_ident(&self.table))
+    }
+
+    pub fn name(&self) -> String {
+        format!("{}.{}", self.schema, self.table)
+    }
+
+    pub fn key_columns(&self) -> impl Iterator<Item = (usize, &Column)> {
+        self.columns.iter().enumerate().filter(|(_, c)| c.is_key)
+    }
+}
+
+/// Quotes an SQL identifier the way `quote_ident()` does.
+pub fn quote_ident(s: &str) -> String {
+    format!("\"{}\"", s.replace('"', "\"\""))
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Op {
+    Insert,
+    Update,
+    Delete,
+}
+
+/// Which old values an update or delete carries.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum OldValues {
+    /// Only the replica-identity columns are meaningful; the others are `Null`.
+    Key,
+    /// The whole old row (`REPLICA IDENTITY FULL`).
+    Full,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RowChange {
+    /// Position inside the transaction (begin is 0).
+    pub index: u32,
+    pub relation: RelationKey,
+    pub op: Op,
+    /// Old values: set for deletes, and for updates that changed the key or use REPLICA IDENTITY FULL.
+    pub before: Option<(OldValues, Vec<Datum>)>,
+    /// New values: set for inserts and updates.
+    pub after: Option<Vec<Datum>>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Truncate {
+    pub index: u32,
+    pub relations: Vec<RelationKey>,
+    pub cascade: bool,
+    pub restart_identity: bool,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Begin {
+    pub commit_lsn: Lsn,
+    pub xid: u32,
+    /// Commit time, microseconds since the Unix epoch.
+    pub commit_time_us: i64,
+    /// The replication origin that produced this transaction on the source, if any: a change
+    /// that SynapseDB itself applied there carries its origin name.
+    pub origin: Option<String>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Commit {
+    pub commit_lsn: Lsn,
+    /// The LSN just past the commit record: once this is durable downstream, the slot may move here.
+    pub end_lsn: Lsn,
+    pub commit_time_us: i64,
+    /// Data records (changes + truncates) in the transaction.
+    pub event_count: u32,
+}
+
+/// The unit of the change log. A source transaction is `Begin`, then `Relation`/`Change`/`Truncate`
+/// records, then `Commit`; transactions never interleave within one stream.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum LogRecord {
+    Begin(Begin),
+    /// The source (re)described a table; a new `RelationKey` version is a schema change.
+    Relation(Relation),
+    Change(RowChange),
+    Truncate(Truncate),
+    Commit(Commit),
+    /// The capture restarted in the middle of writing the transaction with this commit LSN: its
+    /// records written so far are void (the transaction follows again, complete). Consumers that
+    /// already acted on them must roll back to their last committed position.
+    Discarded { commit_lsn: Lsn },
+}
+
+impl LogRecord {
+    /// The cursor of this record, given the commit LSN of the transaction it belongs to.
+    pub fn cursor(&self, txn_commit_lsn: Lsn) -> Cursor {
+        let index = match self {
+            LogRecord::Change(c) => c.index,
+            LogRecord::Truncate(t) => t.index,
+            LogRecord::Commit(c) => c.event_count + 1,
+            _ => 0,
+        };
+        Cursor { commit_lsn: txn_commit_lsn, index }
+    }
+}

@@ -1,1 +1,88 @@
+//! The durable change log between capture and its consumers.
+//!
+//! ```text
+//!  capture ──append(batch)──▶ ┌──────────────┐ ──read(from)──▶ apply, connectors
+//!                             │  ChangeLog    │
+//!     relation registry ◀─────│ (one stream   │ ◀── commit_consumer(name, next)
+//!                             │ per source)   │ ──▶ retention: drop what all consumers passed
+//!                             └──────────────┘
+//! ```
+//!
+//! [`ChangeLog`] is the one trait; [`EmbeddedLog`] (redb, one file per source node) is the
+//! one-machine default, and the Kafka log implements the same contract.
 
+mod embedded;
+mod error;
+
+pub use embedded::{EmbeddedLog, EmbeddedLogOptions};
+pub use error::LogError;
+
+use std::future::Future;
+use std::time::Duration;
+use synapse_schemas::{LogRecord, Lsn, Relation, RelationKey};
+
+/// Position of a record in a stream. Offsets only grow; they are never reused, even after a
+/// writer recovery or retention.
+pub type Offset = u64;
+
+/// What a writer must know to resume without duplicating transactions in the log.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct WriterState {
+    /// `end_lsn` of the last transaction whose `Commit` is in the log. A restarted capture skips
+    /// every transaction whose end LSN is at or below it.
+    pub last_commit_end: Option<Lsn>,
+    /// Offset the next appended record gets.
+    pub next_offset: Offset,
+}
+
+/// One source node's change stream.
+///
+/// # Contract
+/// * **Durability**: when `append` resolves `Ok`, every record of the batch is durable (fsynced)
+///   and readable; on `Err` none of them is visible. Capture advances the replication slot only
+///   to the end LSN of the last `Commit` it has seen acknowledged here.
+/// * **Ordering**: records are read back in append order. Transactions never interleave; a
+///   transaction's records may span several `append` calls (large transactions stream through
+///   in bounded batches), so a reader can see a `Begin` whose `Commit` is not yet written.
+/// * **Incomplete transactions**: after a writer crash, [`ChangeLog::recover_writer`] appends a
+///   `LogRecord::Discarded` marker after an unfinished transaction; readers that applied part of
+///   it roll back to their last committed position and skip it.
+/// * **Partitioning**: a stream keeps one total order, which implies per-row order (changes of
+///   one table + primary key). A partitioned implementation (Kafka) partitions by table + key
+///   and carries per-partition event counts in `Commit` metadata so readers can reassemble.
+/// * **Concurrency**: one writer per stream; any number of concurrent readers.
+/// * **Consumer positions** are advisory for retention: exactly-once consumers (apply) keep their
+///   own position transactionally with their output and also report it here.
+pub trait ChangeLog: Send + Sync + 'static {
+    /// Appends `records` in order; resolves once they are durable. Returns the offset of the last.
+    fn append(&self, records: Vec<LogRecord>) -> impl Future<Output = Result<Offset, LogError>> + Send;
+
+    /// Reads up to `max` records starting at `from` (records below retention are skipped).
+    fn read(
+        &self,
+        from: Offset,
+        max: usize,
+    ) -> impl Future<Output = Result<Vec<(Offset, LogRecord)>, LogError>> + Send;
+
+    /// Resolves when a record at `from` or later is readable, or after `timeout`.
+    fn wait_readable(&self, from: Offset, timeout: Duration) -> impl Future<Output = ()> + Send;
+
+    /// Offset the next appended record gets (the high-water mark).
+    fn next_offset(&self) -> Offset;
+
+    /// Looks up a relation version that some appended `LogRecord::Relation` registered.
+    fn relation(&self, key: RelationKey) -> impl Future<Output = Result<Option<Relation>, LogError>> + Send;
+
+    /// Called by a writer before its first append: closes an unfinished transaction with a
+    /// `Discarded` marker and tells where to resume.
+    fn recover_writer(&self) -> impl Future<Output = Result<WriterState, LogError>> + Send;
+
+    /// Records that consumer `name` has durably processed everything below `next`.
+    fn commit_consumer(&self, name: &str, next: Offset) -> impl Future<Output = Result<(), LogError>> + Send;
+
+    /// The position last committed by consumer `name`.
+    fn consumer_position(&self, name: &str) -> impl Future<Output = Result<Option<Offset>, LogError>> + Send;
+
+    /// Deletes records that every registered consumer has passed. Returns how many were deleted.
+    fn apply_retention(&self) -> impl Future<Output = Result<u64, LogError>> + Send;
+}

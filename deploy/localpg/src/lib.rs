@@ -1,1 +1,241 @@
+//! Throwaway (or persistent) local PostgreSQL clusters started from the installed server
+//! binaries: `synapse quickstart` runs its two demo nodes on them, and every integration test and
+//! benchmark gets real clusters from here.
+//!
+//! ```text
+//!  LocalCluster::start ─▶ initdb (as `postgres` when we are root) ─▶ pg_ctl start ─▶ url()
+//!  drop ─▶ pg_ctl stop -m immediate ─▶ data dir removed (unless persistent)
+//! ```
+//!
+//! PostgreSQL refuses to run as root, so when the current user is root every server command runs
+//! through `runuser -u postgres` and the data directory is handed to that user.
 
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+#[derive(Debug, thiserror::Error)]
+pub enum LocalPgError {
+    #[error("PostgreSQL server binaries not found ({0}); install postgresql (Debian: apt-get install postgresql) or set SYNAPSE_PG_BINDIR")]
+    NoBinaries(String),
+    #[error("`{command}` failed: {stderr}")]
+    Command { command: String, stderr: String },
+    #[error("i/o error on {path}")]
+    Io {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+type Result<T> = std::result::Result<T, LocalPgError>;
+
+#[derive(Clone, Debug)]
+pub struct ClusterOptions {
+    /// Keep the cluster here across runs; `None` = a temporary directory removed on drop.
+    pub data_dir: Option<PathBuf>,
+    /// `fsync=off` is safe for tests that never crash the machine, and much faster.
+    pub fsync: bool,
+    /// Extra `postgresql.conf` lines.
+    pub settings: Vec<String>,
+}
+
+impl Default for ClusterOptions {
+    fn default() -> Self {
+        ClusterOptions { data_dir: None, fsync: false, settings: Vec::new() }
+    }
+}
+
+/// A running local PostgreSQL cluster listening on 127.0.0.1.
+pub struct LocalCluster {
+    root: PathBuf,
+    _temp: Option<tempfile::TempDir>,
+    port: u16,
+    bindir: PathBuf,
+    as_postgres: bool,
+}
+
+/// The folder of the installed server binaries: `$SYNAPSE_PG_BINDIR`, `pg_config --bindir`, or
+/// the newest `/usr/lib/postgresql/*/bin`.
+pub fn server_bindir() -> Result<PathBuf> {
+    if let Ok(dir) = std::env::var("SYNAPSE_PG_BINDIR") {
+        return Ok(PathBuf::from(dir));
+    }
+    if let Ok(out) = Command::new("pg_config").arg("--bindir").output() {
+        let dir = PathBuf::from(String::from_utf8_lossy(&out.stdout).trim());
+        if dir.join("initdb").exists() {
+            return Ok(dir);
+        }
+    }
+    let mut found: Vec<PathBuf> = std::fs::read_dir("/usr/lib/postgresql")
+        .map(|rd| rd.filter_map(|e| e.ok()).map(|e| e.path().join("bin")).filter(|p| p.join("initdb").exists()).collect())
+        .unwrap_or_default();
+    found.sort();
+    found.pop().ok_or_else(|| LocalPgError::NoBinaries("no initdb under pg_config --bindir or /usr/lib/postgresql".into()))
+}
+
+fn is_root() -> bool {
+    Command::new("id").arg("-u").output().map(|o| o.stdout.trim_ascii() == b"0").unwrap_or(false)
+}
+
+fn free_port() -> Result<u16> {
+    let l = TcpListener::bind("127.0.0.1:0").map_err(|e| LocalPgError::Io { path: "127.0.0.1:0".into(), source: e })?;
+    l.local_addr().map(|a| a.port()).map_err(|e| LocalPgError::Io { path: "127.0.0.1:0".into(), source: e })
+}
+
+fn io(path: &Path) -> impl FnOnce(std::io::Error) -> LocalPgError + '_ {
+    move |source| LocalPgError::Io { path: path.display().to_string(), source }
+}
+
+impl LocalCluster {
+    /// initdb (unless the persistent data dir already holds a cluster), configure for logical
+    /// replication on a free loopback port, and start.
+    pub fn start(options: ClusterOptions) -> Result<Self> {
+        let bindir = server_bindir()?;
+        let as_postgres = is_root();
+        let (root, temp) = match &options.data_dir {
+            Some(d) => {
+                std::fs::create_dir_all(d).map_err(io(d))?;
+                (d.canonicalize().map_err(io(d))?, None)
+            }
+            None => {
+                let t = tempfile::Builder::new().prefix("synapse-pg-").tempdir().map_err(io(Path::new("/tmp")))?;
+                (t.path().to_owned(), Some(t))
+            }
+        };
+        let mut c = LocalCluster { root, _temp: temp, port: 0, bindir, as_postgres };
+        if c.as_postgres {
+            c.run("chown", &["-R", "postgres:postgres", &c.root.display().to_string()], false)?;
+        }
+        let data = c.data_dir();
+        if !data.join("PG_VERSION").exists() {
+            let initdb = c.bindir.join("initdb").display().to_string();
+            c.run(&initdb, &["-D", &data.display().to_string(), "-U", "postgres", "-A", "trust", "-E", "UTF8", "--no-sync", "--locale=C"], true)?;
+        }
+        c.port = match std::fs::read_to_string(c.root.join("port")) {
+            Ok(p) if options.data_dir.is_some() => p.trim().parse().unwrap_or(free_port()?),
+            _ => free_port()?,
+        };
+        std::fs::write(c.root.join("port"), c.port.to_string()).map_err(io(&c.root))?;
+        let mut conf = vec![
+            "listen_addresses = '127.0.0.1'".to_string(),
+            format!("port = {}", c.port),
+            format!("unix_socket_directories = '{}'", c.root.display()),
+            "wal_level = logical".into(),
+            "max_wal_senders = 32".into(),
+            "max_replication_slots = 32".into(),
+            "max_connections = 200".into(),
+            "shared_buffers = 256MB".into(),
+            "max_wal_size = 4GB".into(),
+            "log_min_messages = warning".into(),
+            format!("fsync = {}", if options.fsync { "on" } else { "off" }),
+        ];
+        conf.extend(options.settings.iter().cloned());
+        // Written as a separate include so a persistent cluster gets the current settings.
+        std::fs::write(c.root.join("synapse.conf"), conf.join("\n") + "\n").map_err(io(&c.root))?;
+        let main_conf = data.join("postgresql.conf");
+        let existing = std::fs::read_to_string(&main_conf).map_err(io(&main_conf))?;
+        if !existing.contains("include_if_exists = '../synapse.conf'") {
+            std::fs::write(&main_conf, existing + "\ninclude_if_exists = '../synapse.conf'\n").map_err(io(&main_conf))?;
+        }
+        if c.as_postgres {
+            c.run("chown", &["postgres:postgres", &c.root.join("synapse.conf").display().to_string(), &c.root.join("port").display().to_string()], false)?;
+        }
+        c.pg_ctl(&["start", "-w", "-t", "120", "-l", &c.root.join("server.log").display().to_string()])?;
+        Ok(c)
+    }
+
+    pub fn data_dir(&self) -> PathBuf {
+        self.root.join("data")
+    }
+
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// A connection URL for database `db` as the superuser `postgres`.
+    pub fn url(&self, db: &str) -> String {
+        format!("postgres://postgres@127.0.0.1:{}/{}", self.port, db)
+    }
+
+    pub fn bindir(&self) -> &Path {
+        &self.bindir
+    }
+
+    /// Runs SQL through psql (for setup steps that must not depend on the code under test).
+    pub fn psql(&self, db: &str, sql: &str) -> Result<String> {
+        let psql = self.bindir.join("psql").display().to_string();
+        let out = self.run(&psql, &["-X", "-q", "-A", "-t", "-v", "ON_ERROR_STOP=1", "-d", &self.url(db), "-c", sql], false)?;
+        Ok(String::from_utf8_lossy(&out.stdout).trim().to_owned())
+    }
+
+    pub fn create_database(&self, db: &str) -> Result<()> {
+        self.psql("postgres", &format!("CREATE DATABASE \"{db}\"")).map(|_| ())
+    }
+
+    /// Stops the server: `fast` is a clean shutdown, `immediate` a crash (recovery at next start).
+    pub fn stop(&self, mode: &str) -> Result<()> {
+        self.pg_ctl(&["stop", "-w", "-m", mode]).map(|_| ())
+    }
+
+    pub fn restart(&self) -> Result<()> {
+        self.pg_ctl(&["start", "-w", "-t", "120", "-l", &self.root.join("server.log").display().to_string()]).map(|_| ())
+    }
+
+    fn pg_ctl(&self, args: &[&str]) -> Result<Output> {
+        let pg_ctl = self.bindir.join("pg_ctl").display().to_string();
+        let data = self.data_dir().display().to_string();
+        let mut all = vec!["-D", data.as_str()];
+        all.extend_from_slice(args);
+        self.run(&pg_ctl, &all, true)
+    }
+
+    /// Runs a command, as `postgres` when `as_server_user` and we are root.
+    fn run(&self, program: &str, args: &[&str], as_server_user: bool) -> Result<Output> {
+        let mut cmd = if self.as_postgres && as_server_user {
+            let mut c = Command::new("runuser");
+            c.args(["-u", "postgres", "--", program]);
+            c
+        } else {
+            Command::new(program)
+        };
+        cmd.args(args).current_dir(&self.root);
+        let command = format!("{program} {}", args.join(" "));
+        let out = cmd.output().map_err(|e| LocalPgError::Command { command: command.clone(), stderr: e.to_string() })?;
+        if !out.status.success() {
+            let mut stderr = String::from_utf8_lossy(&out.stderr).trim().to_owned();
+            if let Ok(log) = std::fs::read_to_string(self.root.join("server.log")) {
+                let tail: Vec<&str> = log.lines().rev().take(5).collect();
+                stderr.push_str(&format!(" | server.log: {}", tail.into_iter().rev().collect::<Vec<_>>().join(" / ")));
+            }
+            return Err(LocalPgError::Command { command, stderr });
+        }
+        Ok(out)
+    }
+}
+
+impl Drop for LocalCluster {
+    fn drop(&mut self) {
+        if let Err(e) = self.stop("immediate") {
+            tracing::debug!(error = %e, "stopping local cluster");
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn starts_queries_restarts_and_cleans_up() {
+        let c = LocalCluster::start(ClusterOptions::default()).unwrap();
+        assert_eq!(c.psql("postgres", "SHOW wal_level").unwrap(), "logical");
+        c.stop("fast").unwrap();
+        assert!(c.psql("postgres", "SELECT 1").is_err());
+        c.restart().unwrap();
+        assert_eq!(c.psql("postgres", "SELECT 1").unwrap(), "1");
+        let dir = c.root.clone();
+        drop(c);
+        assert!(!dir.exists());
+    }
+}

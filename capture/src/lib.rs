@@ -1,1 +1,252 @@
+//! Capture: one logical-decoding reader per source PostgreSQL node.
+//!
+//! ```text
+//!   source PostgreSQL                        capture                              the log
+//!  ┌──────────────────┐  pgoutput v1 over   ┌───────────────────────────────┐   append
+//!  │ publication ─ slot├──────────────────▶ │ transport ▶ pgoutput ▶ records├─────────────▶
+//!  └────────▲─────────┘  replication proto  └──────────────┬────────────────┘  (durable)
+//!           └──── standby status: flush = last durable commit ◀┘
+//!  snapshot.rs: EXPORT_SNAPSHOT + COPY in parallel chunks for the initial copy
+//! ```
+//!
+//! [`Capture`] is the boundary type. Its guarantees:
+//! * **Delivery**: at-least-once into the log across crashes, exactly-once in the log's content:
+//!   a restarted capture skips transactions the log already holds, and an unfinished one is
+//!   closed with a `Discarded` marker by the log's writer recovery.
+//! * **Ordering**: transactions reach the log in commit order, each change in its position in
+//!   its transaction (the cursor `<commit_lsn>/<index>`).
+//! * **Slot**: the slot's confirmed position only moves to what the log acknowledged as durable
+//!   (see `replication.rs`).
+//! * **Concurrency**: one `Capture` per slot; PostgreSQL itself refuses a second reader.
+
+pub mod catalog;
+mod error;
 pub mod pgoutput;
+mod replication;
+pub mod snapshot;
+pub mod transport;
+
+pub use error::CaptureError;
+
+use catalog::{SourceTable, TypeResolver};
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+use synapse_log::ChangeLog;
+use tokio::sync::watch;
+use tokio_postgres::{Client, NoTls};
+use tracing::Instrument;
+use transport::ReplicationConnection;
+
+/// Defaults, with the reason for each value.
+pub mod defaults {
+    use std::time::Duration;
+    /// Often enough that an idle slot's lag never exceeds a few seconds, rare enough to cost nothing.
+    pub const HEARTBEAT_INTERVAL: Duration = Duration::from_secs(5);
+    /// PostgreSQL's own `wal_receiver_status_interval`.
+    pub const STATUS_INTERVAL: Duration = Duration::from_secs(10);
+    /// One log append (one fsync) per this many records at most: amortises the fsync while
+    /// keeping batches small enough for flat memory.
+    pub const MAX_BATCH_RECORDS: usize = 16_384;
+    /// Bounds a batch of wide rows: with 8 batches queued, capture holds at most ~64 MiB.
+    pub const MAX_BATCH_BYTES: usize = 8 << 20;
+}
+
+#[derive(Clone, Debug)]
+pub struct CaptureConfig {
+    /// The source node's name: names its stream, its origin and its metrics.
+    pub node: String,
+    pub source: tokio_postgres::Config,
+    pub slot: String,
+    pub publication: String,
+    /// `schema.table` names; empty = every table with a primary key or replica identity.
+    pub tables: Vec<String>,
+    pub create_publication: bool,
+    pub heartbeat_interval: Duration,
+    pub status_interval: Duration,
+    pub max_batch_records: usize,
+    pub max_batch_bytes: usize,
+}
+
+impl CaptureConfig {
+    pub fn new(node: &str, source: tokio_postgres::Config) -> Self {
+        CaptureConfig {
+            node: node.to_owned(),
+            source,
+            slot: format!("synapse_{}", node.replace(|c: char| !c.is_ascii_alphanumeric(), "_")),
+            publication: "synapse".into(),
+            tables: Vec::new(),
+            create_publication: true,
+            heartbeat_interval: defaults::HEARTBEAT_INTERVAL,
+            status_interval: defaults::STATUS_INTERVAL,
+            max_batch_records: defaults::MAX_BATCH_RECORDS,
+            max_batch_bytes: defaults::MAX_BATCH_BYTES,
+        }
+    }
+}
+
+/// Live counters for progress displays; the same figures go to Prometheus.
+#[derive(Debug, Default)]
+pub struct CaptureStats {
+    pub events: AtomicU64,
+    pub transactions: AtomicU64,
+    pub received_lsn: AtomicU64,
+    pub durable_lsn: AtomicU64,
+    pub confirmed_lsn: AtomicU64,
+    /// Unix µs of the newest durable commit.
+    pub last_commit_time_us: AtomicI64,
+    /// Unix µs carried by the newest heartbeat seen in the stream.
+    pub last_heartbeat_us: AtomicI64,
+    pub slot_lag_bytes: AtomicI64,
+}
+
+impl CaptureStats {
+    /// Seconds between now and the newest source activity captured (commit or heartbeat).
+    pub fn lag_seconds(&self) -> f64 {
+        let newest = self.last_commit_time_us.load(Ordering::Relaxed).max(self.last_heartbeat_us.load(Ordering::Relaxed));
+        if newest == 0 {
+            return 0.0;
+        }
+        ((unix_micros() - newest) as f64 / 1e6).max(0.0)
+    }
+}
+
+fn unix_micros() -> i64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_micros() as i64).unwrap_or(0)
+}
+
+/// What `prepare` found and did on the source.
+#[derive(Debug)]
+pub struct Prepared {
+    pub tables: Vec<SourceTable>,
+    /// Tables without a primary key or replica identity: left out, with the fix in the report.
+    pub skipped: Vec<String>,
+    pub slot_created: bool,
+}
+
+/// The capture of one source node. See the crate docs for its guarantees.
+pub struct Capture {
+    config: CaptureConfig,
+    client: Arc<Client>,
+    stats: Arc<CaptureStats>,
+}
+
+pub async fn connect_sql(config: &tokio_postgres::Config, what: &str) -> Result<Client, CaptureError> {
+    let (client, connection) = config.connect(NoTls).await.map_err(CaptureError::sql(format!("connecting to {what}")))?;
+    tokio::spawn(async move {
+        if let Err(e) = connection.await {
+            tracing::debug!(error = %e, "sql connection ended");
+        }
+    });
+    Ok(client)
+}
+
+impl Capture {
+    pub async fn connect(config: CaptureConfig) -> Result<Self, CaptureError> {
+        let client = connect_sql(&config.source, "the source").await?;
+        Ok(Capture { config, client: Arc::new(client), stats: Arc::default() })
+    }
+
+    pub fn stats(&self) -> Arc<CaptureStats> {
+        self.stats.clone()
+    }
+
+    pub fn config(&self) -> &CaptureConfig {
+        &self.config
+    }
+
+    pub fn client(&self) -> &Client {
+        &self.client
+    }
+
+    /// Selects the tables, maintains the publication and creates the slot if missing.
+    /// The slot exists before any snapshot is taken, so no commit falls between them.
+    pub async fn prepare(&self) -> Result<Prepared, CaptureError> {
+        let (tables, skipped) = catalog::select_tables(&self.client, &self.config.tables).await?;
+        for t in &skipped {
+            tracing::warn!(table = %t, code = "CAP009", "skipping table without primary key or replica identity: add a primary key or ALTER TABLE {t} REPLICA IDENTITY FULL");
+        }
+        if !self.config.tables.is_empty() {
+            if let Some(t) = skipped.first() {
+                return Err(CaptureError::NoReplicaIdentity { table: t.clone() });
+            }
+        }
+        if self.config.create_publication {
+            catalog::ensure_publication(&self.client, &self.config.publication, &tables).await?;
+        } else if self
+            .client
+            .query_opt("SELECT 1 FROM pg_publication WHERE pubname = $1", &[&self.config.publication])
+            .await
+            .map_err(CaptureError::sql("reading the publication"))?
+            .is_none()
+        {
+            return Err(CaptureError::MissingPublication { publication: self.config.publication.clone() });
+        }
+        let slot_created = if catalog::slot_state(&self.client, &self.config.slot).await?.is_none() {
+            let mut conn = ReplicationConnection::connect(&self.config.source, "synapse-setup").await?;
+            let slot = conn.create_slot(&self.config.slot, false, false).await?;
+            tracing::info!(slot = %self.config.slot, consistent_point = %synapse_schemas::Lsn(slot.consistent_point), "created replication slot");
+            true
+        } else {
+            false
+        };
+        Ok(Prepared { tables, skipped, slot_created })
+    }
+
+    /// Streams changes into `log` until `shutdown` turns true or an error occurs. Call
+    /// [`Capture::prepare`] first. Safe to call again after an error (it resumes).
+    pub async fn stream<L: ChangeLog + Clone>(&self, log: L, shutdown: watch::Receiver<bool>) -> Result<(), CaptureError> {
+        let span = tracing::info_span!("capture", node = %self.config.node, slot = %self.config.slot);
+        async {
+            let state = log.recover_writer().await?;
+            let mut conn = ReplicationConnection::connect(&self.config.source, &format!("synapse-{}", self.config.node)).await?;
+            let system = conn.identify_system().await?;
+            tracing::info!(system_id = %system.system_id, timeline = system.timeline, resume_after = ?state.last_commit_end.map(|l| l.to_string()), "starting replication");
+            let stream = conn.start_replication(&self.config.slot, 0, &self.config.publication).await?;
+            let heartbeat = tokio::spawn(heartbeats(self.client.clone(), self.config.clone(), self.stats.clone()));
+            let streamer = replication::Streamer {
+                log,
+                client: &self.client,
+                types: TypeResolver::default(),
+                stats: self.stats.clone(),
+                settings: replication::StreamSettings {
+                    max_batch_records: self.config.max_batch_records,
+                    max_batch_bytes: self.config.max_batch_bytes,
+                    status_interval: self.config.status_interval,
+                },
+                relations: HashMap::new(),
+                emitted: HashSet::new(),
+            };
+            let r = streamer.run(stream, state.last_commit_end, shutdown).await;
+            heartbeat.abort();
+            r
+        }
+        .instrument(span)
+        .await
+    }
+}
+
+/// Emits heartbeat messages into the WAL (so an idle slot still advances and lag in seconds is
+/// measurable) and samples the slot's lag in bytes.
+async fn heartbeats(client: Arc<Client>, config: CaptureConfig, stats: Arc<CaptureStats>) {
+    let mut tick = tokio::time::interval(config.heartbeat_interval);
+    loop {
+        tick.tick().await;
+        let emitted = client
+            .execute(
+                "SELECT pg_logical_emit_message(false, $1, (extract(epoch FROM clock_timestamp()) * 1000000)::int8::text)",
+                &[&replication::HEARTBEAT_PREFIX],
+            )
+            .await;
+        if let Err(e) = emitted {
+            tracing::debug!(error = %e, "heartbeat failed");
+        }
+        if let Ok(Some(slot)) = catalog::slot_state(&client, &config.slot).await {
+            let lag = slot.lag_bytes.unwrap_or(0);
+            stats.slot_lag_bytes.store(lag, Ordering::Relaxed);
+            metrics::gauge!("synapse_slot_lag_bytes", "node" => config.node.clone()).set(lag as f64);
+        }
+        metrics::gauge!("synapse_capture_lag_seconds", "node" => config.node.clone()).set(stats.lag_seconds());
+    }
+}

@@ -1,0 +1,219 @@
+//! Source-side catalog work: which tables can be captured, the publication, the slot, and the
+//! type names that make a `Relation` self-describing for the target.
+
+use crate::CaptureError;
+use std::collections::HashMap;
+use synapse_schemas::{quote_ident, Column, Lsn, Relation, ReplicaIdentity};
+use tokio_postgres::Client;
+
+/// A table on the source that SynapseDB may capture.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SourceTable {
+    pub oid: u32,
+    pub schema: String,
+    pub name: String,
+    /// Heap pages, for splitting the initial copy into chunks.
+    pub pages: i64,
+}
+
+impl SourceTable {
+    pub fn quoted(&self) -> String {
+        format!("{}.{}", quote_ident(&self.schema), quote_ident(&self.name))
+    }
+    pub fn display(&self) -> String {
+        format!("{}.{}", self.schema, self.name)
+    }
+}
+
+/// Tables to capture: `selection` names `schema.table` (or `table` in `public`); empty = every
+/// ordinary table outside the system schemas. Returns (capturable, tables lacking a replica
+/// identity). A named table that does not exist is a configuration error.
+pub async fn select_tables(client: &Client, selection: &[String]) -> Result<(Vec<SourceTable>, Vec<String>), CaptureError> {
+    let rows = client
+        .query(
+            "SELECT c.oid, n.nspname, c.relname, GREATEST(c.relpages, 0)::int8,
+                    c.relreplident <> 'n' AND (c.relreplident IN ('f', 'i') OR EXISTS (
+                        SELECT 1 FROM pg_index i WHERE i.indrelid = c.oid AND i.indisprimary))
+             FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+             WHERE c.relkind IN ('r', 'p') AND NOT c.relispartition
+               AND n.nspname NOT IN ('pg_catalog', 'information_schema', 'synapse')
+               AND n.nspname NOT LIKE 'pg\\_%'
+             ORDER BY 2, 3",
+            &[],
+        )
+        .await
+        .map_err(CaptureError::sql("listing source tables"))?;
+    let mut all: HashMap<String, (SourceTable, bool)> = HashMap::new();
+    let mut order = Vec::new();
+    for r in rows {
+        let t = SourceTable { oid: r.get(0), schema: r.get(1), name: r.get(2), pages: r.get(3) };
+        order.push(t.display());
+        all.insert(t.display(), (t, r.get(4)));
+    }
+    let wanted: Vec<String> = if selection.is_empty() {
+        order
+    } else {
+        let mut v = Vec::new();
+        for (i, s) in selection.iter().enumerate() {
+            let full = if s.contains('.') { s.clone() } else { format!("public.{s}") };
+            if !all.contains_key(&full) {
+                return Err(CaptureError::Config {
+                    field: format!("source.tables[{i}]"),
+                    message: format!("table `{full}` does not exist on the source (or is not an ordinary table)"),
+                });
+            }
+            v.push(full);
+        }
+        v
+    };
+    let (mut ok, mut bad) = (Vec::new(), Vec::new());
+    for name in wanted {
+        if let Some((t, has_identity)) = all.remove(&name) {
+            if has_identity {
+                ok.push(t);
+            } else {
+                bad.push(name);
+            }
+        }
+    }
+    Ok((ok, bad))
+}
+
+/// Creates the publication for `tables`, or adds the ones it lacks.
+pub async fn ensure_publication(client: &Client, publication: &str, tables: &[SourceTable]) -> Result<(), CaptureError> {
+    let existing = client
+        .query("SELECT schemaname, tablename FROM pg_publication_tables WHERE pubname = $1", &[&publication])
+        .await
+        .map_err(CaptureError::sql("reading the publication"))?;
+    let exists = client
+        .query_opt("SELECT 1 FROM pg_publication WHERE pubname = $1", &[&publication])
+        .await
+        .map_err(CaptureError::sql("reading the publication"))?
+        .is_some();
+    let have: Vec<String> = existing.iter().map(|r| format!("{}.{}", r.get::<_, String>(0), r.get::<_, String>(1))).collect();
+    let missing: Vec<String> = tables.iter().filter(|t| !have.contains(&t.display())).map(SourceTable::quoted).collect();
+    let sql = if !exists {
+        if missing.is_empty() {
+            format!("CREATE PUBLICATION {}", quote_ident(publication))
+        } else {
+            format!("CREATE PUBLICATION {} FOR TABLE {}", quote_ident(publication), missing.join(", "))
+        }
+    } else if !missing.is_empty() {
+        format!("ALTER PUBLICATION {} ADD TABLE {}", quote_ident(publication), missing.join(", "))
+    } else {
+        return Ok(());
+    };
+    tracing::info!(%publication, tables = missing.len(), "updating publication");
+    client.batch_execute(&sql).await.map_err(CaptureError::sql(format!("running `{sql}`")))
+}
+
+#[derive(Debug, Clone)]
+pub struct SlotState {
+    pub confirmed_flush: Option<Lsn>,
+    pub active: bool,
+    pub lag_bytes: Option<i64>,
+}
+
+pub async fn slot_state(client: &Client, slot: &str) -> Result<Option<SlotState>, CaptureError> {
+    let row = client
+        .query_opt(
+            "SELECT confirmed_flush_lsn::text, active,
+                    pg_wal_lsn_diff(pg_current_wal_lsn(), confirmed_flush_lsn)::int8
+             FROM pg_replication_slots WHERE slot_name = $1",
+            &[&slot],
+        )
+        .await
+        .map_err(CaptureError::sql("reading the replication slot"))?;
+    Ok(row.map(|r| SlotState {
+        confirmed_flush: r.get::<_, Option<String>>(0).and_then(|s| s.parse().ok()),
+        active: r.get(1),
+        lag_bytes: r.get(2),
+    }))
+}
+
+/// Resolves type names, domain base types and array element types, with a cache.
+#[derive(Default)]
+pub struct TypeResolver {
+    cache: HashMap<(u32, i32), (String, u32, u32)>,
+}
+
+impl TypeResolver {
+    /// Fills `type_name`, `base_type_oid` and `element_type_oid` of `columns`.
+    pub async fn resolve(&mut self, client: &Client, columns: &mut [Column]) -> Result<(), CaptureError> {
+        let missing: Vec<(u32, i32)> =
+            columns.iter().map(|c| (c.type_oid, c.type_modifier)).filter(|k| !self.cache.contains_key(k)).collect();
+        if !missing.is_empty() {
+            let oids: Vec<u32> = missing.iter().map(|k| k.0).collect();
+            let mods: Vec<i32> = missing.iter().map(|k| k.1).collect();
+            let rows = client
+                .query(
+                    "SELECT m.oid, m.typmod, format_type(m.oid, NULLIF(m.typmod, -1)),
+                            b.oid,
+                            CASE WHEN b.typcategory = 'A' THEN
+                                 CASE WHEN e.typtype = 'd' THEN e.typbasetype ELSE e.oid END
+                            ELSE 0::oid END
+                     FROM unnest($1::oid[], $2::int4[]) AS m(oid, typmod)
+                     JOIN pg_type t ON t.oid = m.oid
+                     JOIN pg_type b ON b.oid = CASE WHEN t.typtype = 'd' THEN t.typbasetype ELSE t.oid END
+                     LEFT JOIN pg_type e ON e.oid = b.typelem",
+                    &[&oids, &mods],
+                )
+                .await
+                .map_err(CaptureError::sql("resolving column types"))?;
+            for r in rows {
+                let elem: Option<u32> = r.get(4);
+                self.cache.insert((r.get(0), r.get(1)), (r.get(2), r.get(3), elem.unwrap_or(0)));
+            }
+        }
+        for c in columns {
+            // A type dropped since the change was written keeps its OID as its name: values stay text.
+            let (name, base, elem) =
+                self.cache.get(&(c.type_oid, c.type_modifier)).cloned().unwrap_or((c.type_oid.to_string(), c.type_oid, 0));
+            c.type_name = name;
+            c.base_type_oid = base;
+            c.element_type_oid = elem;
+        }
+        Ok(())
+    }
+}
+
+/// The current definition of a source table as a `Relation` (what the target table is created
+/// from, and what the initial copy writes).
+pub async fn describe_table(client: &Client, types: &mut TypeResolver, table: &SourceTable) -> Result<Relation, CaptureError> {
+    let rows = client
+        .query(
+            "SELECT a.attname, a.atttypid, a.atttypmod,
+                    c.relreplident = 'f' OR a.attnum = ANY(COALESCE((
+                        SELECT i.indkey::int2[] FROM pg_index i WHERE i.indrelid = c.oid AND
+                            CASE c.relreplident WHEN 'd' THEN i.indisprimary WHEN 'i' THEN i.indisreplident ELSE false END
+                        LIMIT 1), '{}')),
+                    c.relreplident::text
+             FROM pg_attribute a JOIN pg_class c ON c.oid = a.attrelid
+             WHERE a.attrelid = $1 AND a.attnum > 0 AND NOT a.attisdropped AND a.attgenerated = ''
+             ORDER BY a.attnum",
+            &[&table.oid],
+        )
+        .await
+        .map_err(CaptureError::sql(format!("describing table {}", table.display())))?;
+    let identity = rows.first().map(|r| r.get::<_, String>(4)).unwrap_or_default();
+    let mut columns: Vec<Column> = rows
+        .iter()
+        .map(|r| Column {
+            name: r.get(0),
+            type_oid: r.get(1),
+            type_modifier: r.get(2),
+            type_name: String::new(),
+            base_type_oid: 0,
+            element_type_oid: 0,
+            is_key: r.get(3),
+        })
+        .collect();
+    types.resolve(client, &mut columns).await?;
+    Ok(Relation {
+        oid: table.oid,
+        schema: table.schema.clone(),
+        table: table.name.clone(),
+        replica_identity: ReplicaIdentity::from_pgoutput(identity.bytes().next().unwrap_or(b'd')).unwrap_or(ReplicaIdentity::Default),
+        columns,
+    })
+}

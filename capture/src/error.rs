@@ -1,0 +1,97 @@
+use crate::pgoutput::DecodeError;
+use crate::transport::ServerError;
+use synapse_log::LogError;
+
+/// Errors of the capture stage, classified once here for the supervisor's retry policy.
+#[derive(Debug, thiserror::Error)]
+pub enum CaptureError {
+    #[error("invalid {field}: {message}")]
+    Config { field: String, message: String },
+    #[error("cannot connect to source {target}")]
+    Connect {
+        target: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("connection to the source failed")]
+    Io(#[source] std::io::Error),
+    #[error("replication protocol violation: {0}")]
+    Protocol(String),
+    #[error("source server error: {0}")]
+    Server(ServerError),
+    #[error("source query failed while {context}")]
+    Sql {
+        context: String,
+        #[source]
+        source: tokio_postgres::Error,
+    },
+    #[error("undecodable pgoutput message at WAL {lsn}")]
+    Decode {
+        lsn: String,
+        #[source]
+        source: DecodeError,
+    },
+    #[error("change for relation {0} arrived before its Relation message")]
+    UnknownRelation(u32),
+    #[error("table {table} has no primary key and no replica identity, so its updates and deletes cannot be replicated")]
+    NoReplicaIdentity { table: String },
+    #[error("publication {publication} does not exist on the source and create_publication is off")]
+    MissingPublication { publication: String },
+    #[error("writing to the change log failed")]
+    Log(#[from] LogError),
+}
+
+impl CaptureError {
+    pub fn sql(context: impl Into<String>) -> impl FnOnce(tokio_postgres::Error) -> CaptureError {
+        let context = context.into();
+        move |source| CaptureError::Sql { context, source }
+    }
+
+    /// A stable code for logs, metrics and docs.
+    pub fn code(&self) -> &'static str {
+        match self {
+            CaptureError::Config { .. } => "CAP001",
+            CaptureError::Connect { .. } => "CAP002",
+            CaptureError::Io(_) => "CAP003",
+            CaptureError::Protocol(_) => "CAP004",
+            CaptureError::Server(_) => "CAP005",
+            CaptureError::Sql { .. } => "CAP006",
+            CaptureError::Decode { .. } => "CAP007",
+            CaptureError::UnknownRelation(_) => "CAP008",
+            CaptureError::NoReplicaIdentity { .. } => "CAP009",
+            CaptureError::MissingPublication { .. } => "CAP010",
+            CaptureError::Log(e) => e.code(),
+        }
+    }
+
+    /// Transient errors are retried with backoff; definite ones stop capture and are reported.
+    pub fn is_transient(&self) -> bool {
+        match self {
+            CaptureError::Connect { .. } | CaptureError::Io(_) => true,
+            // Connection-class, insufficient resources, operator intervention, and "object in use"
+            // (the slot is still held by a previous walsender that has not noticed we died).
+            CaptureError::Server(e) => {
+                e.code.starts_with("08") || e.code.starts_with("53") || e.code.starts_with("57") || e.code == "55006"
+            }
+            CaptureError::Sql { source, .. } => source.as_db_error().is_none() || source.is_closed(),
+            CaptureError::Log(e) => e.is_transient(),
+            _ => false,
+        }
+    }
+
+    pub fn hint(&self) -> &'static str {
+        match self {
+            CaptureError::Config { .. } => "fix the named field in the configuration file",
+            CaptureError::Connect { .. } | CaptureError::Io(_) => "check that the source is up and reachable; synapse retries",
+            CaptureError::Protocol(_) | CaptureError::Decode { .. } => "report this as a bug with the PostgreSQL version",
+            CaptureError::Server(_) => "see the server message; `synapse doctor` checks wal_level, privileges and slots",
+            CaptureError::Sql { .. } => "see the cause; `synapse doctor` checks the source setup",
+            CaptureError::UnknownRelation(_) => "restart synapse; the source resends table definitions",
+            CaptureError::NoReplicaIdentity { .. } => {
+                "add a primary key, or ALTER TABLE … REPLICA IDENTITY FULL (or USING INDEX), or leave the table out of `tables`"
+            }
+            CaptureError::MissingPublication { .. } => "CREATE PUBLICATION on the source, or set source.create_publication: true",
+            CaptureError::Log(e) => e.hint(),
+        }
+    }
+}

@@ -1,0 +1,381 @@
+//! Streaming: pgoutput messages → `LogRecord`s → the change log, with slot feedback.
+//!
+//! ```text
+//!  walsender ─XLogData─▶ decode ─▶ pending batch ─(bounded channel)─▶ log writer task
+//!      ▲                                                                   │ append (fsync)
+//!      └──── standby status: flush = durable LSN ◀──── watch ◀─────────────┘
+//! ```
+//!
+//! THE SLOT RULE: the flush position we report (and so the slot's `confirmed_flush_lsn`) is the
+//! end LSN of the last transaction whose `Commit` the log has acknowledged as durable, or, when
+//! nothing is open or in flight, the position of the last keepalive (everything before it has
+//! been received and written). It never moves past data that is not durable in the log.
+//!
+//! Transactions are never buffered whole: records flow to the log in batches bounded by count
+//! and bytes, so memory stays flat for any transaction size. A restart resumes at the slot and
+//! skips transactions the log already holds (commit LSN below the log's last commit end).
+
+use crate::catalog::TypeResolver;
+use crate::pgoutput::{self, Message, OldTuple, TupleData, TupleValue};
+use crate::transport::{pg_to_unix_micros, ReplicationMessage, ReplicationStream};
+use crate::{CaptureError, CaptureStats};
+use futures_util::FutureExt;
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use synapse_log::ChangeLog;
+use synapse_schemas::{
+    Begin, Column, Commit, Datum, LogRecord, Lsn, Op, OldValues, Relation, RelationKey, ReplicaIdentity, RowChange, Truncate,
+};
+use tokio::sync::{mpsc, watch};
+use tokio_postgres::Client;
+
+pub(crate) const HEARTBEAT_PREFIX: &str = "synapse_heartbeat";
+
+pub(crate) struct StreamSettings {
+    pub max_batch_records: usize,
+    pub max_batch_bytes: usize,
+    pub status_interval: Duration,
+}
+
+struct Batch {
+    records: Vec<LogRecord>,
+    /// End LSN and commit time of the last transaction completed in this batch.
+    commit: Option<(u64, i64)>,
+}
+
+struct OpenTxn {
+    begin: Begin,
+    /// Begin not yet pushed: an Origin message may still amend it.
+    begin_pending: bool,
+    index: u32,
+    /// Already in the log from before a restart.
+    skip: bool,
+}
+
+pub(crate) struct Streamer<'a, L> {
+    pub log: L,
+    pub client: &'a Client,
+    pub types: TypeResolver,
+    pub stats: Arc<CaptureStats>,
+    pub settings: StreamSettings,
+    pub relations: HashMap<u32, (RelationKey, Relation)>,
+    pub emitted: HashSet<RelationKey>,
+}
+
+impl<L: ChangeLog + Clone> Streamer<'_, L> {
+    pub async fn run(
+        mut self,
+        mut stream: ReplicationStream,
+        skip_below: Option<Lsn>,
+        mut shutdown: watch::Receiver<bool>,
+    ) -> Result<(), CaptureError> {
+        let (batch_tx, batch_rx) = mpsc::channel::<Batch>(8);
+        let (durable_tx, mut durable_rx) = watch::channel(0u64);
+        let writer = tokio::spawn(write_batches(self.log.clone(), batch_rx, durable_tx, self.stats.clone()));
+        let result = self.pump(&mut stream, skip_below, batch_tx, &mut durable_rx, &mut shutdown).await;
+        // Let the writer finish what it has: a half-finished append must not race a restart's
+        // recovery.
+        let written = writer.await;
+        let durable = *durable_rx.borrow();
+        if durable > 0 {
+            // Best effort: the slot learns the final durable position before we disconnect.
+            let _ = stream.send_status(durable, durable, durable, false).await;
+        }
+        result?;
+        match written {
+            Ok(r) => r,
+            Err(e) => Err(CaptureError::Log(synapse_log::LogError::TaskFailed(e))),
+        }
+    }
+
+    async fn pump(
+        &mut self,
+        stream: &mut ReplicationStream,
+        skip_below: Option<Lsn>,
+        batch_tx: mpsc::Sender<Batch>,
+        durable_rx: &mut watch::Receiver<u64>,
+        shutdown: &mut watch::Receiver<bool>,
+    ) -> Result<(), CaptureError> {
+        let skip_below = skip_below.map(|l| l.0).unwrap_or(0);
+        let mut txn: Option<OpenTxn> = None;
+        let mut batch = Batch { records: Vec::new(), commit: None };
+        let mut batch_bytes = 0usize;
+        let mut received = 0u64;
+        let mut sent_commit_end = 0u64;
+        let mut keepalive_end = 0u64;
+        let mut reported = 0u64;
+        let mut last_status = Instant::now();
+        let mut tick = tokio::time::interval(self.settings.status_interval);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            let mut reply = false;
+            tokio::select! {
+                biased;
+                _ = shutdown.changed() => return Ok(()),
+                msg = stream.next() => {
+                    let mut msg = Some(msg?);
+                    while let Some(m) = msg.take() {
+                        match m {
+                            ReplicationMessage::XLogData { wal_end, data, .. } => {
+                                received = received.max(wal_end);
+                                batch_bytes += data.len();
+                                self.handle(&data, wal_end, skip_below, &mut txn, &mut batch).await?;
+                            }
+                            ReplicationMessage::Keepalive { wal_end, reply_requested } => {
+                                received = received.max(wal_end);
+                                if txn.is_none() && batch.records.is_empty() {
+                                    keepalive_end = wal_end;
+                                }
+                                reply |= reply_requested;
+                            }
+                        }
+                        if batch.records.len() >= self.settings.max_batch_records || batch_bytes >= self.settings.max_batch_bytes {
+                            break;
+                        }
+                        // Take what is already buffered without waiting: it joins this batch.
+                        msg = stream.next().now_or_never().transpose()?;
+                    }
+                    if !batch.records.is_empty() {
+                        if let Some((end, _)) = batch.commit {
+                            sent_commit_end = end;
+                        }
+                        let full = std::mem::replace(&mut batch, Batch { records: Vec::new(), commit: None });
+                        batch_bytes = 0;
+                        // Backpressure: waits while the writer is 8 batches behind.
+                        if batch_tx.send(full).await.is_err() {
+                            return Ok(()); // writer stopped; its error is reported by run()
+                        }
+                    }
+                    self.stats.received_lsn.store(received, Ordering::Relaxed);
+                }
+                changed = durable_rx.changed() => {
+                    if changed.is_err() {
+                        return Ok(());
+                    }
+                }
+                _ = tick.tick() => reply = true,
+            }
+            let durable = *durable_rx.borrow();
+            // Idle: everything received is durable and no transaction is open, so the keepalive
+            // position is safe to confirm.
+            let idle = txn.is_none() && batch.records.is_empty() && durable >= sent_commit_end;
+            let flush = if idle { durable.max(keepalive_end) } else { durable }.max(reported);
+            if reply || (flush > reported && last_status.elapsed() >= Duration::from_millis(100)) {
+                stream.send_status(received.max(flush), flush, flush, false).await?;
+                reported = flush;
+                last_status = Instant::now();
+                self.stats.confirmed_lsn.store(flush, Ordering::Relaxed);
+                metrics::gauge!("synapse_capture_confirmed_lsn").set(flush as f64);
+            }
+        }
+    }
+
+    async fn handle(
+        &mut self,
+        data: &[u8],
+        wal_end: u64,
+        skip_below: u64,
+        txn: &mut Option<OpenTxn>,
+        batch: &mut Batch,
+    ) -> Result<(), CaptureError> {
+        let msg = pgoutput::decode(data, false)
+            .map_err(|source| CaptureError::Decode { lsn: Lsn(wal_end).to_string(), source })?;
+        match msg {
+            Message::Begin { final_lsn, commit_time, xid } => {
+                *txn = Some(OpenTxn {
+                    begin: Begin { commit_lsn: Lsn(final_lsn), xid, commit_time_us: pg_to_unix_micros(commit_time), origin: None },
+                    begin_pending: true,
+                    index: 0,
+                    skip: final_lsn < skip_below,
+                });
+            }
+            Message::Origin { name, .. } => {
+                if let Some(t) = txn.as_mut() {
+                    t.begin.origin = Some(name.to_owned());
+                }
+            }
+            Message::Relation { body, .. } => {
+                let mut columns: Vec<Column> = body
+                    .columns
+                    .iter()
+                    .map(|c| Column {
+                        name: c.name.to_owned(),
+                        type_oid: c.type_oid,
+                        type_modifier: c.type_modifier,
+                        type_name: String::new(),
+                        base_type_oid: 0,
+                        element_type_oid: 0,
+                        is_key: c.is_key,
+                    })
+                    .collect();
+                self.types.resolve(self.client, &mut columns).await?;
+                let rel = Relation {
+                    oid: body.oid,
+                    schema: body.namespace.to_owned(),
+                    table: body.name.to_owned(),
+                    replica_identity: ReplicaIdentity::from_pgoutput(body.replica_identity).unwrap_or(ReplicaIdentity::Default),
+                    columns,
+                };
+                let key = rel.key();
+                // Only new versions become log records (schema-change events); a restart's
+                // re-sent definitions are already registered.
+                let known = self.emitted.contains(&key) || self.log.relation(key).await?.is_some();
+                if !known {
+                    push_begin(txn, batch);
+                    batch.records.push(LogRecord::Relation(rel.clone()));
+                }
+                self.emitted.insert(key);
+                self.relations.insert(body.oid, (key, rel));
+            }
+            Message::Insert { relation, new, .. } => {
+                self.change(txn, batch, relation, Op::Insert, None, Some(new))?;
+            }
+            Message::Update { relation, old, new, .. } => {
+                self.change(txn, batch, relation, Op::Update, old, Some(new))?;
+            }
+            Message::Delete { relation, old, .. } => {
+                self.change(txn, batch, relation, Op::Delete, Some(old), None)?;
+            }
+            Message::Truncate { options, relations, .. } => {
+                let index = match txn.as_mut() {
+                    Some(t) if !t.skip => {
+                        t.index += 1;
+                        t.index
+                    }
+                    _ => return Ok(()),
+                };
+                let keys = relations
+                    .iter()
+                    .map(|oid| self.relations.get(oid).map(|(k, _)| *k).ok_or(CaptureError::UnknownRelation(*oid)))
+                    .collect::<Result<Vec<_>, _>>()?;
+                push_begin(txn, batch);
+                batch.records.push(LogRecord::Truncate(Truncate {
+                    index,
+                    relations: keys,
+                    cascade: options & pgoutput::TRUNCATE_CASCADE != 0,
+                    restart_identity: options & pgoutput::TRUNCATE_RESTART_IDENTITY != 0,
+                }));
+            }
+            Message::Commit { commit_lsn, end_lsn, commit_time, .. } => {
+                if let Some(t) = txn.take() {
+                    if !t.skip {
+                        let mut t = Some(t);
+                        push_begin(&mut t, batch);
+                        let event_count = t.as_ref().map_or(0, |t| t.index);
+                        batch.records.push(LogRecord::Commit(Commit {
+                            commit_lsn: Lsn(commit_lsn),
+                            end_lsn: Lsn(end_lsn),
+                            commit_time_us: pg_to_unix_micros(commit_time),
+                            event_count,
+                        }));
+                        batch.commit = Some((end_lsn, pg_to_unix_micros(commit_time)));
+                    }
+                }
+            }
+            Message::Message { prefix, content, .. } => {
+                if prefix == HEARTBEAT_PREFIX {
+                    if let Some(us) = std::str::from_utf8(content).ok().and_then(|s| s.parse::<i64>().ok()) {
+                        self.stats.last_heartbeat_us.store(us, Ordering::Relaxed);
+                    }
+                }
+            }
+            Message::Type { .. } => {}
+            Message::StreamStart { .. } | Message::StreamStop | Message::StreamCommit { .. } | Message::StreamAbort { .. } => {
+                return Err(CaptureError::Protocol("streamed transaction messages although streaming was not requested".into()));
+            }
+        }
+        Ok(())
+    }
+
+    fn change(
+        &mut self,
+        txn: &mut Option<OpenTxn>,
+        batch: &mut Batch,
+        relation: u32,
+        op: Op,
+        old: Option<OldTuple<'_>>,
+        new: Option<TupleData<'_>>,
+    ) -> Result<(), CaptureError> {
+        let Some(t) = txn.as_mut().filter(|t| !t.skip) else { return Ok(()) };
+        let (key, _) = self.relations.get(&relation).ok_or(CaptureError::UnknownRelation(relation))?;
+        t.index += 1;
+        let change = RowChange {
+            index: t.index,
+            relation: *key,
+            op,
+            before: old.map(|o| match o {
+                OldTuple::Key(d) => (OldValues::Key, datums(d)),
+                OldTuple::Old(d) => (OldValues::Full, datums(d)),
+            }),
+            after: new.map(datums),
+        };
+        push_begin(txn, batch);
+        batch.records.push(LogRecord::Change(change));
+        Ok(())
+    }
+}
+
+fn push_begin(txn: &mut Option<OpenTxn>, batch: &mut Batch) {
+    if let Some(t) = txn.as_mut() {
+        if t.begin_pending {
+            t.begin_pending = false;
+            batch.records.push(LogRecord::Begin(t.begin.clone()));
+        }
+    }
+}
+
+fn datums(t: TupleData<'_>) -> Vec<Datum> {
+    t.values()
+        .map(|v| match v {
+            TupleValue::Null => Datum::Null,
+            TupleValue::UnchangedToast => Datum::UnchangedToast,
+            // The walsender converts to the client encoding (UTF8) before sending.
+            TupleValue::Text(b) | TupleValue::Binary(b) => Datum::Text(String::from_utf8_lossy(b).into_owned()),
+        })
+        .collect()
+}
+
+/// The log writer: coalesces queued batches into one append (group commit), then publishes the
+/// new durable position.
+async fn write_batches<L: ChangeLog>(
+    log: L,
+    mut rx: mpsc::Receiver<Batch>,
+    durable: watch::Sender<u64>,
+    stats: Arc<CaptureStats>,
+) -> Result<(), CaptureError> {
+    while let Some(first) = rx.recv().await {
+        let mut records = first.records;
+        let mut commit = first.commit;
+        while records.len() < 65_536 {
+            match rx.try_recv() {
+                Ok(more) => {
+                    records.extend(more.records);
+                    commit = more.commit.or(commit);
+                }
+                Err(_) => break,
+            }
+        }
+        let (mut events, mut txns) = (0u64, 0u64);
+        for r in &records {
+            match r {
+                LogRecord::Change(_) | LogRecord::Truncate(_) => events += 1,
+                LogRecord::Commit(_) => txns += 1,
+                _ => {}
+            }
+        }
+        log.append(records).await?;
+        stats.events.fetch_add(events, Ordering::Relaxed);
+        stats.transactions.fetch_add(txns, Ordering::Relaxed);
+        metrics::counter!("synapse_capture_events_total").increment(events);
+        metrics::counter!("synapse_capture_transactions_total").increment(txns);
+        if let Some((end, time)) = commit {
+            stats.durable_lsn.store(end, Ordering::Relaxed);
+            stats.last_commit_time_us.store(time, Ordering::Relaxed);
+            metrics::gauge!("synapse_capture_durable_lsn").set(end as f64);
+            durable.send_replace(end);
+        }
+    }
+    Ok(())
+}

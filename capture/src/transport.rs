@@ -1,0 +1,429 @@
+//! The PostgreSQL replication-protocol connection (`replication=database`), built on
+//! `postgres-protocol`'s message encoders and SCRAM/MD5 authentication.
+//!
+//! Why our own: of the published clients (research/deps.md), `pgwire-replication` hardcodes
+//! protocol version 1 and pulls ring + aws-lc, `pg_walstream` breaks its API every release and its
+//! default TLS feature does not resolve here, and `pgoutput`/`pg_replicate` are unusable. The
+//! transport is ~300 lines over `postgres-protocol` (which does not parse CopyBothResponse, so
+//! frames are split here) and every pgoutput throughput measurement was bounded by the single
+//! walsender, not the client.
+//!
+//! Startup pins `DateStyle=ISO`, `TimeZone=UTC`, `IntervalStyle=iso_8601` and
+//! `extra_float_digits=3`, so the text values pgoutput sends are canonical and lossless.
+
+use crate::CaptureError;
+use bytes::{Buf, Bytes, BytesMut};
+use postgres_protocol::authentication::{md5_hash, sasl};
+use postgres_protocol::message::frontend;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadHalf, WriteHalf};
+use tokio_postgres::config::{Host, SslMode};
+
+/// Seconds from the Unix epoch to PostgreSQL's (2000-01-01).
+const PG_EPOCH_OFFSET_US: i64 = 946_684_800_000_000;
+
+pub fn now_pg_micros() -> i64 {
+    let us = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_micros() as i64).unwrap_or(0);
+    us - PG_EPOCH_OFFSET_US
+}
+
+/// PostgreSQL timestamps (µs since 2000-01-01) → µs since the Unix epoch.
+pub fn pg_to_unix_micros(pg: i64) -> i64 {
+    pg.saturating_add(PG_EPOCH_OFFSET_US)
+}
+
+trait Socket: AsyncRead + AsyncWrite + Unpin + Send {}
+impl<T: AsyncRead + AsyncWrite + Unpin + Send> Socket for T {}
+
+/// A server error with its SQLSTATE, as sent in an ErrorResponse.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServerError {
+    pub code: String,
+    pub message: String,
+    pub detail: Option<String>,
+    pub hint: Option<String>,
+}
+
+impl std::fmt::Display for ServerError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} (SQLSTATE {})", self.message, self.code)?;
+        if let Some(d) = &self.detail {
+            write!(f, ": {d}")?;
+        }
+        if let Some(h) = &self.hint {
+            write!(f, "; hint: {h}")?;
+        }
+        Ok(())
+    }
+}
+
+fn parse_error(mut body: &[u8]) -> ServerError {
+    let mut e = ServerError { code: String::new(), message: String::new(), detail: None, hint: None };
+    while let Some((&field, rest)) = body.split_first() {
+        if field == 0 {
+            break;
+        }
+        let end = rest.iter().position(|b| *b == 0).unwrap_or(rest.len());
+        let value = String::from_utf8_lossy(&rest[..end]).into_owned();
+        match field {
+            b'C' => e.code = value,
+            b'M' => e.message = value,
+            b'D' => e.detail = Some(value),
+            b'H' => e.hint = Some(value),
+            _ => {}
+        }
+        body = rest.get(end + 1..).unwrap_or_default();
+    }
+    e
+}
+
+/// One backend frame: tag and body.
+struct Frame {
+    tag: u8,
+    body: Bytes,
+}
+
+/// A connection in replication mode, before streaming starts.
+pub struct ReplicationConnection {
+    reader: ReadHalf<Box<dyn Socket>>,
+    writer: WriteHalf<Box<dyn Socket>>,
+    buf: BytesMut,
+    out: BytesMut,
+}
+
+/// What IDENTIFY_SYSTEM reports.
+#[derive(Debug, Clone)]
+pub struct SystemInfo {
+    pub system_id: String,
+    pub timeline: u32,
+    pub xlog_pos: u64,
+    pub database: Option<String>,
+}
+
+/// What CREATE_REPLICATION_SLOT reports.
+#[derive(Debug, Clone)]
+pub struct CreatedSlot {
+    pub name: String,
+    pub consistent_point: u64,
+    /// The exported snapshot, valid until this connection runs its next command.
+    pub snapshot: Option<String>,
+}
+
+fn parse_lsn(s: &str) -> Option<u64> {
+    let (hi, lo) = s.split_once('/')?;
+    Some((u64::from_str_radix(hi, 16).ok()? << 32) | u64::from_str_radix(lo, 16).ok()?)
+}
+
+fn lsn_str(lsn: u64) -> String {
+    format!("{:X}/{:X}", lsn >> 32, lsn & 0xffff_ffff)
+}
+
+impl ReplicationConnection {
+    /// Connects and authenticates (trust, password, MD5 or SCRAM-SHA-256).
+    pub async fn connect(config: &tokio_postgres::Config, application_name: &str) -> Result<Self, CaptureError> {
+        if config.get_ssl_mode() == SslMode::Require {
+            return Err(CaptureError::Config {
+                field: "source.url".into(),
+                message: "sslmode=require is not supported on the replication connection yet; use a TLS tunnel or sslmode=prefer".into(),
+            });
+        }
+        let port = config.get_ports().first().copied().unwrap_or(5432);
+        let host = config.get_hosts().first().cloned().unwrap_or(Host::Tcp("localhost".into()));
+        let timeout = config.get_connect_timeout().copied().unwrap_or(Duration::from_secs(30));
+        let socket: Box<dyn Socket> = match &host {
+            Host::Tcp(h) => {
+                let s = tokio::time::timeout(timeout, tokio::net::TcpStream::connect((h.as_str(), port)))
+                    .await
+                    .map_err(|_| CaptureError::Connect { target: format!("{h}:{port}"), source: std::io::ErrorKind::TimedOut.into() })?
+                    .map_err(|source| CaptureError::Connect { target: format!("{h}:{port}"), source })?;
+                s.set_nodelay(true).ok();
+                Box::new(s)
+            }
+            Host::Unix(dir) => {
+                let path = dir.join(format!(".s.PGSQL.{port}"));
+                let s = tokio::net::UnixStream::connect(&path)
+                    .await
+                    .map_err(|source| CaptureError::Connect { target: path.display().to_string(), source })?;
+                Box::new(s)
+            }
+        };
+        let (reader, writer) = tokio::io::split(socket);
+        let mut c = ReplicationConnection { reader, writer, buf: BytesMut::with_capacity(1 << 20), out: BytesMut::new() };
+        let user = config.get_user().unwrap_or("postgres").to_owned();
+        let dbname = config.get_dbname().unwrap_or(&user).to_owned();
+        let params = [
+            ("user", user.as_str()),
+            ("database", dbname.as_str()),
+            ("replication", "database"),
+            ("application_name", application_name),
+            ("client_encoding", "UTF8"),
+            ("DateStyle", "ISO"),
+            ("TimeZone", "UTC"),
+            ("IntervalStyle", "iso_8601"),
+            ("extra_float_digits", "3"),
+        ];
+        frontend::startup_message(params.iter().copied(), &mut c.out).map_err(CaptureError::Io)?;
+        c.flush().await?;
+        c.authenticate(&user, config.get_password()).await?;
+        Ok(c)
+    }
+
+    async fn authenticate(&mut self, user: &str, password: Option<&[u8]>) -> Result<(), CaptureError> {
+        let need_password = || CaptureError::Config {
+            field: "source.url".into(),
+            message: "the server asks for a password; add it to the URL or set PGPASSWORD".into(),
+        };
+        let mut scram: Option<sasl::ScramSha256> = None;
+        loop {
+            let f = self.frame().await?;
+            match f.tag {
+                b'R' => {
+                    let mut body = f.body.clone();
+                    if body.len() < 4 {
+                        return Err(CaptureError::Protocol("short authentication message".into()));
+                    }
+                    match body.get_i32() {
+                        0 => {}
+                        3 => {
+                            frontend::password_message(password.ok_or_else(need_password)?, &mut self.out).map_err(CaptureError::Io)?;
+                            self.flush().await?;
+                        }
+                        5 => {
+                            if body.len() < 4 {
+                                return Err(CaptureError::Protocol("short MD5 salt".into()));
+                            }
+                            let salt = [body[0], body[1], body[2], body[3]];
+                            let hash = md5_hash(user.as_bytes(), password.ok_or_else(need_password)?, salt);
+                            frontend::password_message(hash.as_bytes(), &mut self.out).map_err(CaptureError::Io)?;
+                            self.flush().await?;
+                        }
+                        10 => {
+                            let mechs = String::from_utf8_lossy(&body);
+                            if !mechs.split('\0').any(|m| m == sasl::SCRAM_SHA_256) {
+                                return Err(CaptureError::Protocol(format!("no supported SASL mechanism in {mechs:?}")));
+                            }
+                            let s = sasl::ScramSha256::new(password.ok_or_else(need_password)?, sasl::ChannelBinding::unsupported());
+                            frontend::sasl_initial_response(sasl::SCRAM_SHA_256, s.message(), &mut self.out).map_err(CaptureError::Io)?;
+                            self.flush().await?;
+                            scram = Some(s);
+                        }
+                        11 => {
+                            let s = scram.as_mut().ok_or_else(|| CaptureError::Protocol("SASL continue before start".into()))?;
+                            s.update(&body).map_err(CaptureError::Io)?;
+                            frontend::sasl_response(s.message(), &mut self.out).map_err(CaptureError::Io)?;
+                            self.flush().await?;
+                        }
+                        12 => {
+                            let s = scram.as_mut().ok_or_else(|| CaptureError::Protocol("SASL final before start".into()))?;
+                            s.finish(&body).map_err(CaptureError::Io)?;
+                        }
+                        other => return Err(CaptureError::Protocol(format!("unsupported authentication method {other}"))),
+                    }
+                }
+                b'E' => return Err(CaptureError::Server(parse_error(&f.body))),
+                b'Z' => return Ok(()),
+                _ => {} // ParameterStatus, BackendKeyData, NoticeResponse
+            }
+        }
+    }
+
+    async fn flush(&mut self) -> Result<(), CaptureError> {
+        let out = self.out.split();
+        self.writer.write_all(&out).await.map_err(CaptureError::Io)?;
+        self.writer.flush().await.map_err(CaptureError::Io)
+    }
+
+    /// Reads one frame. Cancel-safe: partial frames stay buffered.
+    async fn frame(&mut self) -> Result<Frame, CaptureError> {
+        loop {
+            if self.buf.len() >= 5 {
+                let len = u32::from_be_bytes([self.buf[1], self.buf[2], self.buf[3], self.buf[4]]) as usize;
+                if len < 4 {
+                    return Err(CaptureError::Protocol(format!("frame length {len} < 4")));
+                }
+                if self.buf.len() > len {
+                    let mut frame = self.buf.split_to(len + 1);
+                    let tag = frame[0];
+                    frame.advance(5);
+                    return Ok(Frame { tag, body: frame.freeze() });
+                }
+                self.buf.reserve(len + 1 - self.buf.len());
+            }
+            let n = self.reader.read_buf(&mut self.buf).await.map_err(CaptureError::Io)?;
+            if n == 0 {
+                return Err(CaptureError::Io(std::io::ErrorKind::UnexpectedEof.into()));
+            }
+        }
+    }
+
+    /// Runs a replication or SQL command; returns its rows as text.
+    pub async fn simple_query(&mut self, sql: &str) -> Result<Vec<Vec<Option<String>>>, CaptureError> {
+        frontend::query(sql, &mut self.out).map_err(CaptureError::Io)?;
+        self.flush().await?;
+        let mut rows = Vec::new();
+        let mut error = None;
+        loop {
+            let f = self.frame().await?;
+            match f.tag {
+                b'D' => rows.push(parse_data_row(&f.body)?),
+                b'E' => error = Some(parse_error(&f.body)),
+                b'Z' => break,
+                _ => {} // RowDescription, CommandComplete, EmptyQuery, Notice
+            }
+        }
+        match error {
+            Some(e) => Err(CaptureError::Server(e)),
+            None => Ok(rows),
+        }
+    }
+
+    pub async fn identify_system(&mut self) -> Result<SystemInfo, CaptureError> {
+        let rows = self.simple_query("IDENTIFY_SYSTEM").await?;
+        let row = rows.first().ok_or_else(|| CaptureError::Protocol("IDENTIFY_SYSTEM returned no row".into()))?;
+        let col = |i: usize| row.get(i).cloned().flatten().unwrap_or_default();
+        Ok(SystemInfo {
+            system_id: col(0),
+            timeline: col(1).parse().unwrap_or(0),
+            xlog_pos: parse_lsn(&col(2)).unwrap_or(0),
+            database: row.get(3).cloned().flatten(),
+        })
+    }
+
+    /// Creates a logical slot for pgoutput. With `export_snapshot`, the returned snapshot shows
+    /// exactly the data committed before `consistent_point`.
+    pub async fn create_slot(&mut self, name: &str, temporary: bool, export_snapshot: bool) -> Result<CreatedSlot, CaptureError> {
+        let sql = format!(
+            "CREATE_REPLICATION_SLOT \"{}\" {} LOGICAL pgoutput {}",
+            name.replace('"', "\"\""),
+            if temporary { "TEMPORARY" } else { "" },
+            if export_snapshot { "EXPORT_SNAPSHOT" } else { "NOEXPORT_SNAPSHOT" }
+        );
+        let rows = self.simple_query(&sql).await?;
+        let row = rows.first().ok_or_else(|| CaptureError::Protocol("CREATE_REPLICATION_SLOT returned no row".into()))?;
+        let col = |i: usize| row.get(i).cloned().flatten();
+        Ok(CreatedSlot {
+            name: col(0).unwrap_or_default(),
+            consistent_point: col(1).as_deref().and_then(parse_lsn).unwrap_or(0),
+            snapshot: col(2),
+        })
+    }
+
+    /// Starts streaming from `start_lsn` (0 = the slot's confirmed position).
+    pub async fn start_replication(
+        mut self,
+        slot: &str,
+        start_lsn: u64,
+        publication: &str,
+    ) -> Result<ReplicationStream, CaptureError> {
+        let sql = format!(
+            "START_REPLICATION SLOT \"{}\" LOGICAL {} (\"proto_version\" '1', \"publication_names\" '{}', \"messages\" 'true')",
+            slot.replace('"', "\"\""),
+            lsn_str(start_lsn),
+            quote_ident_list_literal(publication),
+        );
+        frontend::query(&sql, &mut self.out).map_err(CaptureError::Io)?;
+        self.flush().await?;
+        loop {
+            let f = self.frame().await?;
+            match f.tag {
+                b'W' => break,
+                b'E' => return Err(CaptureError::Server(parse_error(&f.body))),
+                _ => {}
+            }
+        }
+        Ok(ReplicationStream { conn: self })
+    }
+}
+
+/// `publication_names` is a list of identifiers inside a string literal.
+fn quote_ident_list_literal(publication: &str) -> String {
+    format!("\"{}\"", publication.replace('"', "\"\"")).replace('\'', "''")
+}
+
+fn parse_data_row(body: &[u8]) -> Result<Vec<Option<String>>, CaptureError> {
+    let bad = || CaptureError::Protocol("malformed DataRow".into());
+    let mut b = body;
+    if b.len() < 2 {
+        return Err(bad());
+    }
+    let n = b.get_i16();
+    let mut row = Vec::with_capacity(n.max(0) as usize);
+    for _ in 0..n {
+        if b.len() < 4 {
+            return Err(bad());
+        }
+        let len = b.get_i32();
+        if len < 0 {
+            row.push(None);
+        } else {
+            let len = len as usize;
+            if b.len() < len {
+                return Err(bad());
+            }
+            row.push(Some(String::from_utf8_lossy(&b[..len]).into_owned()));
+            b.advance(len);
+        }
+    }
+    Ok(row)
+}
+
+/// A message from the walsender while streaming.
+#[derive(Debug)]
+pub enum ReplicationMessage {
+    /// WAL data: one pgoutput message in `data`.
+    XLogData { wal_start: u64, wal_end: u64, data: Bytes },
+    /// Keepalive: the server's WAL end; reply now if `reply_requested`.
+    Keepalive { wal_end: u64, reply_requested: bool },
+}
+
+/// The streaming (CopyBoth) phase of a replication connection.
+pub struct ReplicationStream {
+    conn: ReplicationConnection,
+}
+
+impl ReplicationStream {
+    /// Next message. Cancel-safe.
+    pub async fn next(&mut self) -> Result<ReplicationMessage, CaptureError> {
+        loop {
+            let f = self.conn.frame().await?;
+            match f.tag {
+                b'd' => {
+                    let mut b = f.body;
+                    let short = || CaptureError::Protocol("short CopyData".into());
+                    match b.first().copied() {
+                        Some(b'w') if b.len() >= 25 => {
+                            b.advance(1);
+                            let wal_start = b.get_u64();
+                            let wal_end = b.get_u64();
+                            let _server_time = b.get_i64();
+                            return Ok(ReplicationMessage::XLogData { wal_start, wal_end, data: b });
+                        }
+                        Some(b'k') if b.len() >= 18 => {
+                            b.advance(1);
+                            let wal_end = b.get_u64();
+                            let _server_time = b.get_i64();
+                            return Ok(ReplicationMessage::Keepalive { wal_end, reply_requested: b.get_u8() == 1 });
+                        }
+                        _ => return Err(short()),
+                    }
+                }
+                b'E' => return Err(CaptureError::Server(parse_error(&f.body))),
+                b'c' => return Err(CaptureError::Protocol("server ended the replication stream".into())),
+                _ => {}
+            }
+        }
+    }
+
+    /// Standby status update: `flush` is what the slot may advance to.
+    pub async fn send_status(&mut self, write: u64, flush: u64, apply: u64, reply: bool) -> Result<(), CaptureError> {
+        let mut msg = BytesMut::with_capacity(34);
+        msg.extend_from_slice(b"r");
+        msg.extend_from_slice(&write.to_be_bytes());
+        msg.extend_from_slice(&flush.to_be_bytes());
+        msg.extend_from_slice(&apply.to_be_bytes());
+        msg.extend_from_slice(&now_pg_micros().to_be_bytes());
+        msg.extend_from_slice(&[u8::from(reply)]);
+        frontend::CopyData::new(&msg[..]).map_err(CaptureError::Io)?.write(&mut self.conn.out);
+        self.conn.flush().await
+    }
+}

@@ -1,1 +1,388 @@
+//! Apply: replay one source node's change log into a target PostgreSQL, exactly once.
+//!
+//! ```text
+//!  the log ──read(from)──▶ Applier ──▶ target PostgreSQL
+//!                           │  BEGIN; ⟨changes of N whole source txns, batched per table⟩;
+//!                           │  UPSERT synapse.applied(node, next_offset); COMMIT
+//!                           └─ position read back from synapse.applied on (re)start
+//! ```
+//!
+//! [`Applier`] is the boundary type. Its guarantees:
+//! * **Exactly-once effect**: the log position is stored in the same target transaction as the
+//!   changes, so after any crash the applier resumes exactly after the last committed change.
+//! * **Atomicity**: a source transaction is never split across target transactions; several
+//!   may be grouped into one (up to `max_txns_per_commit`) for throughput.
+//! * **Ordering**: source transactions apply in commit order; within a target transaction,
+//!   changes to one table keep their order (see `batch.rs` for why tables may interleave).
+//! * **Loop prevention**: the session runs with `session_replication_role = replica` and a
+//!   replication origin `synapse_<node>`, so a capture on the target can tell applied changes
+//!   from local ones.
+//! * **Retries**: deadlocks, serialization failures and connection loss roll back and retry
+//!   from the stored position (see `ApplyError::is_transient`).
+//! * **Concurrency**: one applier per (source node, target).
 
+mod batch;
+mod error;
+pub mod initial_copy;
+pub mod target;
+
+pub use error::ApplyError;
+
+use batch::PendingChanges;
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use synapse_log::{ChangeLog, Offset};
+use synapse_schemas::{Begin, Commit, LogRecord, Lsn, Relation, RelationKey};
+use target::TargetTable;
+use tokio::sync::watch;
+use tokio_postgres::{Client, NoTls, Statement};
+use tracing::Instrument;
+
+pub mod defaults {
+    /// Source transactions per target transaction: enough to amortise the commit (and its fsync)
+    /// of small OLTP transactions; large ones are never split regardless.
+    pub const MAX_TXNS_PER_COMMIT: usize = 2_000;
+    /// Rows queued before statements are sent, bounding memory for huge transactions.
+    pub const MAX_ROWS_PER_FLUSH: usize = 5_000;
+    /// Records per log read.
+    pub const READ_BATCH: usize = 8_192;
+}
+
+#[derive(Clone, Debug)]
+pub struct ApplyConfig {
+    /// The source node whose stream this applies (names the position row and the origin).
+    pub node: String,
+    pub target: tokio_postgres::Config,
+    /// Names this applier among the log's consumers (retention).
+    pub consumer: String,
+    pub max_txns_per_commit: usize,
+    pub max_rows_per_flush: usize,
+    pub read_batch: usize,
+}
+
+impl ApplyConfig {
+    pub fn new(node: &str, target: tokio_postgres::Config, consumer: &str) -> Self {
+        ApplyConfig {
+            node: node.to_owned(),
+            target,
+            consumer: consumer.to_owned(),
+            max_txns_per_commit: defaults::MAX_TXNS_PER_COMMIT,
+            max_rows_per_flush: defaults::MAX_ROWS_PER_FLUSH,
+            read_batch: defaults::READ_BATCH,
+        }
+    }
+}
+
+#[derive(Debug, Default)]
+pub struct ApplyStats {
+    pub transactions: AtomicU64,
+    pub rows: AtomicU64,
+    pub next_offset: AtomicU64,
+    pub applied_lsn: AtomicU64,
+    pub last_commit_time_us: AtomicI64,
+    pub rows_copied: AtomicU64,
+}
+
+/// The applier of one source node's stream into one target. See the crate docs.
+pub struct Applier {
+    config: ApplyConfig,
+    stats: Arc<ApplyStats>,
+    /// Offset ranges of transactions the log marked `Discarded`, skipped on re-read.
+    discarded: Mutex<Vec<(Offset, Offset)>>,
+}
+
+pub async fn connect_target(config: &tokio_postgres::Config) -> Result<Client, ApplyError> {
+    let (client, connection) = config.connect(NoTls).await.map_err(ApplyError::target("connecting to the target"))?;
+    tokio::spawn(async move {
+        if let Err(e) = connection.await {
+            tracing::debug!(error = %e, "target connection ended");
+        }
+    });
+    Ok(client)
+}
+
+pub fn origin_name(node: &str) -> String {
+    format!("synapse_{node}")
+}
+
+struct OpenTxn {
+    begin: Begin,
+    begin_offset: Offset,
+}
+
+struct Session<'a, L> {
+    applier: &'a Applier,
+    log: &'a L,
+    client: Client,
+    statements: HashMap<String, Statement>,
+    tables: HashMap<RelationKey, Option<(Arc<Relation>, Arc<TargetTable>)>>,
+    sync: HashMap<(String, String), (String, Option<Lsn>)>,
+    pending: PendingChanges,
+    in_target_txn: bool,
+    txns_in_group: usize,
+    last_commit: Option<Commit>,
+    committed_offset: Offset,
+    last_consumer_commit: Instant,
+}
+
+impl Applier {
+    pub fn new(config: ApplyConfig) -> Self {
+        Applier { config, stats: Arc::default(), discarded: Mutex::new(Vec::new()) }
+    }
+
+    pub fn stats(&self) -> Arc<ApplyStats> {
+        self.stats.clone()
+    }
+
+    /// Applies until `shutdown` turns true or an error occurs. Safe to call again after an error:
+    /// it resumes from the position stored in the target.
+    pub async fn run<L: ChangeLog>(&self, log: &L, shutdown: watch::Receiver<bool>) -> Result<(), ApplyError> {
+        let span = tracing::info_span!("apply", node = %self.config.node, consumer = %self.config.consumer);
+        self.run_session(log, shutdown).instrument(span).await
+    }
+
+    async fn run_session<L: ChangeLog>(&self, log: &L, mut shutdown: watch::Receiver<bool>) -> Result<(), ApplyError> {
+        let client = connect_target(&self.config.target).await?;
+        target::setup_state(&client).await?;
+        let origin = origin_name(&self.config.node);
+        client
+            .batch_execute(&format!(
+                "SET session_replication_role = replica;
+                 SELECT pg_replication_origin_create('{origin}') WHERE NOT EXISTS
+                     (SELECT 1 FROM pg_replication_origin WHERE roname = '{origin}');"
+            ))
+            .await
+            .map_err(ApplyError::target("setting up the apply session"))?;
+        setup_origin(&client, &origin).await?;
+        let start = target::load_position(&client, &self.config.node).await?.unwrap_or(0);
+        let sync = target::load_sync(&client, &self.config.node).await?;
+        tracing::info!(next_offset = start, "applier resuming");
+        let mut s = Session {
+            applier: self,
+            log,
+            client,
+            statements: HashMap::new(),
+            tables: HashMap::new(),
+            sync,
+            pending: PendingChanges::default(),
+            in_target_txn: false,
+            txns_in_group: 0,
+            last_commit: None,
+            committed_offset: start,
+            last_consumer_commit: Instant::now(),
+        };
+        self.stats.next_offset.store(start, Ordering::Relaxed);
+        let mut pos = start;
+        let mut open: Option<OpenTxn> = None;
+        loop {
+            if *shutdown.borrow() {
+                if s.in_target_txn && open.is_none() {
+                    s.commit(pos).await?;
+                }
+                return Ok(());
+            }
+            let records = log.read(pos, self.config.read_batch).await?;
+            let exhausted = records.len() < self.config.read_batch;
+            if records.is_empty() {
+                if s.in_target_txn && open.is_none() {
+                    s.commit(pos).await?;
+                }
+                s.report_lag(pos);
+                tokio::select! {
+                    _ = log.wait_readable(pos, Duration::from_millis(500)) => {}
+                    _ = shutdown.changed() => {}
+                }
+                continue;
+            }
+            let mut restart = false;
+            for (offset, record) in records {
+                pos = offset + 1;
+                if self.is_discarded(offset) {
+                    continue;
+                }
+                match record {
+                    LogRecord::Begin(b) => {
+                        if !s.in_target_txn {
+                            s.client.batch_execute("BEGIN").await.map_err(ApplyError::target("beginning a target transaction"))?;
+                            s.in_target_txn = true;
+                        }
+                        open = Some(OpenTxn { begin: b, begin_offset: offset });
+                    }
+                    LogRecord::Relation(_) => {} // registered in the log; looked up by key on use
+                    LogRecord::Change(c) => {
+                        let Some(t) = open.as_ref() else { continue };
+                        let Some((rel, table)) = s.table(offset, c.relation, t.begin.commit_lsn).await? else { continue };
+                        s.pending.push(&rel, &table, c);
+                        if s.pending.rows() >= self.config.max_rows_per_flush {
+                            s.flush().await?;
+                        }
+                    }
+                    LogRecord::Truncate(tr) => {
+                        let Some(t) = open.as_ref() else { continue };
+                        s.flush().await?;
+                        let mut names = Vec::new();
+                        for k in &tr.relations {
+                            if let Some((_, table)) = s.table(offset, *k, t.begin.commit_lsn).await? {
+                                names.push(table.name.clone());
+                            }
+                        }
+                        if !names.is_empty() {
+                            let sql = format!(
+                                "TRUNCATE {}{}{}",
+                                names.join(", "),
+                                if tr.restart_identity { " RESTART IDENTITY" } else { "" },
+                                if tr.cascade { " CASCADE" } else { "" }
+                            );
+                            s.client.batch_execute(&sql).await.map_err(ApplyError::target(format!("running {sql}")))?;
+                        }
+                    }
+                    LogRecord::Commit(c) => {
+                        if open.take().is_some() {
+                            s.txns_in_group += 1;
+                            s.last_commit = Some(c);
+                            if s.txns_in_group >= self.config.max_txns_per_commit {
+                                s.commit(pos).await?;
+                            }
+                        }
+                    }
+                    LogRecord::Discarded { commit_lsn } => {
+                        if let Some(t) = open.take() {
+                            tracing::warn!(%commit_lsn, "the log discarded a partly written transaction; rolling back and re-reading");
+                            self.discarded.lock().map(|mut d| d.push((t.begin_offset, offset))).ok();
+                            s.rollback().await?;
+                            pos = s.committed_offset;
+                            restart = true;
+                            break;
+                        }
+                    }
+                }
+            }
+            if !restart && exhausted && open.is_none() && s.in_target_txn {
+                s.commit(pos).await?;
+            }
+            s.report_lag(pos);
+        }
+    }
+
+    fn is_discarded(&self, offset: Offset) -> bool {
+        self.discarded.lock().map(|d| d.iter().any(|(a, b)| (*a..=*b).contains(&offset))).unwrap_or(false)
+    }
+}
+
+/// Binds the session to the origin; a previous session of ours may still hold it for a moment
+/// after a crash, until the server notices its connection is gone.
+async fn setup_origin(client: &Client, origin: &str) -> Result<(), ApplyError> {
+    let mut attempt = 0;
+    loop {
+        match client.execute("SELECT pg_replication_origin_session_setup($1)", &[&origin]).await {
+            Ok(_) => return Ok(()),
+            Err(e) if attempt < 30 && e.code().map(|c| c.code()) == Some("55006") => {
+                attempt += 1;
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            Err(e) => return Err(ApplyError::target(format!("binding replication origin {origin}"))(e)),
+        }
+    }
+}
+
+impl<L: ChangeLog> Session<'_, L> {
+    /// The relation and target table for a change, or None when the change must be skipped
+    /// because the initial copy already contains it.
+    async fn table(
+        &mut self,
+        offset: Offset,
+        key: RelationKey,
+        commit_lsn: Lsn,
+    ) -> Result<Option<(Arc<Relation>, Arc<TargetTable>)>, ApplyError> {
+        if !self.tables.contains_key(&key) {
+            let rel = self.log.relation(key).await?.ok_or(ApplyError::UnknownRelation {
+                offset,
+                oid: key.oid,
+                version: key.version,
+            })?;
+            let table = target::ensure_table(&self.client, &rel).await?;
+            self.tables.insert(key, Some((Arc::new(rel), Arc::new(table))));
+        }
+        let Some(Some((rel, table))) = self.tables.get(&key) else { return Ok(None) };
+        if let Some((state, sync_lsn)) = self.sync.get(&(rel.schema.clone(), rel.table.clone())) {
+            // Copied at a snapshot: only commits at or after its consistent point are new to it.
+            if state != "ready" || sync_lsn.is_some_and(|s| commit_lsn < s) {
+                return Ok(None);
+            }
+        }
+        Ok(Some((rel.clone(), table.clone())))
+    }
+
+    async fn flush(&mut self) -> Result<(), ApplyError> {
+        let rows = self.pending.flush(&self.client, &mut self.statements).await?;
+        self.applier.stats.rows.fetch_add(rows as u64, Ordering::Relaxed);
+        metrics::counter!("synapse_apply_rows_total").increment(rows as u64);
+        Ok(())
+    }
+
+    async fn commit(&mut self, next_offset: Offset) -> Result<(), ApplyError> {
+        self.flush().await?;
+        let node = &self.applier.config.node;
+        let (lsn, time) = self.last_commit.as_ref().map(|c| (c.commit_lsn, c.commit_time_us)).unwrap_or_default();
+        let lsn_text = lsn.to_string();
+        let off = next_offset as i64;
+        self.client
+            .execute(
+                "INSERT INTO synapse.applied (source_node, next_offset, commit_lsn, commit_time, updated_at)
+                 VALUES ($1, $2, $3::text::pg_lsn, to_timestamp($4::float8 / 1e6), now())
+                 ON CONFLICT (source_node) DO UPDATE SET next_offset = excluded.next_offset,
+                     commit_lsn = excluded.commit_lsn, commit_time = excluded.commit_time, updated_at = now()",
+                &[node, &off, &lsn_text, &(time as f64)],
+            )
+            .await
+            .map_err(ApplyError::target("storing the applied position"))?;
+        // Records the source LSN in the commit record, so PostgreSQL's own origin progress
+        // (pg_replication_origin_status) follows ours.
+        self.client
+            .execute("SELECT pg_replication_origin_xact_setup($1::text::pg_lsn, to_timestamp($2::float8 / 1e6))", &[&lsn_text, &(time as f64)])
+            .await
+            .map_err(ApplyError::target("recording the origin position"))?;
+        self.client.batch_execute("COMMIT").await.map_err(ApplyError::target("committing a target transaction"))?;
+        self.in_target_txn = false;
+        let stats = &self.applier.stats;
+        stats.transactions.fetch_add(self.txns_in_group as u64, Ordering::Relaxed);
+        metrics::counter!("synapse_apply_transactions_total").increment(self.txns_in_group as u64);
+        self.txns_in_group = 0;
+        self.committed_offset = next_offset;
+        stats.next_offset.store(next_offset, Ordering::Relaxed);
+        if lsn.0 > 0 {
+            stats.applied_lsn.store(lsn.0, Ordering::Relaxed);
+            stats.last_commit_time_us.store(time, Ordering::Relaxed);
+        }
+        if self.last_consumer_commit.elapsed() >= Duration::from_secs(1) {
+            self.log.commit_consumer(&self.applier.config.consumer, next_offset).await?;
+            self.last_consumer_commit = Instant::now();
+        }
+        Ok(())
+    }
+
+    async fn rollback(&mut self) -> Result<(), ApplyError> {
+        self.pending = PendingChanges::default();
+        self.txns_in_group = 0;
+        if self.in_target_txn {
+            self.client.batch_execute("ROLLBACK").await.map_err(ApplyError::target("rolling back"))?;
+            self.in_target_txn = false;
+        }
+        Ok(())
+    }
+
+    fn report_lag(&self, pos: Offset) {
+        let behind = self.log.next_offset().saturating_sub(pos);
+        metrics::gauge!("synapse_apply_lag_records", "node" => self.applier.config.node.clone()).set(behind as f64);
+        let lag = if behind == 0 {
+            0.0
+        } else {
+            let t = self.applier.stats.last_commit_time_us.load(Ordering::Relaxed);
+            let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_micros() as i64).unwrap_or(0);
+            if t == 0 { 0.0 } else { ((now - t) as f64 / 1e6).max(0.0) }
+        };
+        metrics::gauge!("synapse_apply_lag_seconds", "node" => self.applier.config.node.clone()).set(lag);
+    }
+}

@@ -1,0 +1,84 @@
+use synapse_log::LogError;
+
+/// Errors of the apply stage, classified once here.
+#[derive(Debug, thiserror::Error)]
+pub enum ApplyError {
+    #[error("target statement failed while {context}")]
+    Target {
+        context: String,
+        #[source]
+        source: tokio_postgres::Error,
+    },
+    #[error("reading the change log failed")]
+    Log(#[from] LogError),
+    #[error("change at offset {offset} refers to relation {oid} version {version:x}, which the log does not know")]
+    UnknownRelation { offset: u64, oid: u32, version: u64 },
+    #[error("table {table} on the target cannot take the change: {message}")]
+    Schema { table: String, message: String },
+    #[error("initial copy failed")]
+    Copy(#[source] synapse_capture::CaptureError),
+}
+
+impl ApplyError {
+    pub fn target(context: impl Into<String>) -> impl FnOnce(tokio_postgres::Error) -> ApplyError {
+        let context = context.into();
+        move |source| ApplyError::Target { context, source }
+    }
+
+    fn sqlstate(&self) -> Option<&str> {
+        match self {
+            ApplyError::Target { source, .. } => source.code().map(|c| c.code()),
+            _ => None,
+        }
+    }
+
+    pub fn code(&self) -> &'static str {
+        match self {
+            ApplyError::Target { .. } => "APP001",
+            ApplyError::Log(e) => e.code(),
+            ApplyError::UnknownRelation { .. } => "APP002",
+            ApplyError::Schema { .. } => "APP003",
+            ApplyError::Copy(e) => e.code(),
+        }
+    }
+
+    /// Transient: connection loss, deadlock, serialization failure, shutdown/restart of the
+    /// target, resource exhaustion. The applier rolls back and retries from its stored position.
+    pub fn is_transient(&self) -> bool {
+        match self {
+            ApplyError::Target { source, .. } => match self.sqlstate() {
+                None => true, // no SQLSTATE: the connection broke
+                Some(c) => {
+                    source.is_closed()
+                        || c == "40001"
+                        || c == "40P01"
+                        || c.starts_with("08")
+                        || c.starts_with("53")
+                        || c.starts_with("57")
+                        || c == "55P03"
+                }
+            },
+            ApplyError::Log(e) => e.is_transient(),
+            ApplyError::Copy(e) => e.is_transient(),
+            _ => false,
+        }
+    }
+
+    pub fn hint(&self) -> &'static str {
+        match self.sqlstate() {
+            Some(c) if c.starts_with("23") => {
+                "the target already holds conflicting rows: empty the target table or let synapse copy it (drop its row in synapse.table_sync)"
+            }
+            Some("42P01") | Some("42703") | Some("42704") => {
+                "the target schema differs from the source: create the missing table, column or type on the target"
+            }
+            _ => match self {
+                ApplyError::Schema { .. } => "align the target table with the source definition",
+                ApplyError::UnknownRelation { .. } => "the log lost its relation registry: re-create the log directory",
+                ApplyError::Log(e) => e.hint(),
+                ApplyError::Copy(e) => e.hint(),
+                _ => "see the cause; transient errors are retried automatically",
+            },
+        }
+    }
+}

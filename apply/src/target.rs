@@ -1,0 +1,127 @@
+//! The target side: SynapseDB's own state tables, and target tables created or extended from
+//! the source's definition.
+
+use crate::ApplyError;
+use std::collections::HashMap;
+use synapse_schemas::{quote_ident, Lsn, Relation, ReplicaIdentity};
+use tokio_postgres::Client;
+
+/// Position and sync state live in the target, next to the data they describe, so one target
+/// transaction commits both (exactly-once effect).
+const STATE_DDL: &str = "
+CREATE SCHEMA IF NOT EXISTS synapse;
+CREATE TABLE IF NOT EXISTS synapse.applied (
+    source_node text PRIMARY KEY,
+    next_offset bigint NOT NULL,
+    commit_lsn pg_lsn NOT NULL,
+    commit_time timestamptz,
+    updated_at timestamptz NOT NULL DEFAULT now()
+);
+CREATE TABLE IF NOT EXISTS synapse.table_sync (
+    source_node text NOT NULL,
+    schema_name text NOT NULL,
+    table_name text NOT NULL,
+    state text NOT NULL CHECK (state IN ('copying', 'ready')),
+    sync_lsn pg_lsn,
+    rows_copied bigint NOT NULL DEFAULT 0,
+    updated_at timestamptz NOT NULL DEFAULT now(),
+    PRIMARY KEY (source_node, schema_name, table_name)
+);";
+
+pub async fn setup_state(client: &Client) -> Result<(), ApplyError> {
+    // Concurrent appliers may race on CREATE IF NOT EXISTS; a lock makes it deterministic.
+    client
+        .batch_execute(&format!("BEGIN; SELECT pg_advisory_xact_lock(7305917); {STATE_DDL} COMMIT;"))
+        .await
+        .map_err(ApplyError::target("creating the synapse schema on the target"))
+}
+
+/// The next log offset to apply for `node`, if it ever applied anything.
+pub async fn load_position(client: &Client, node: &str) -> Result<Option<u64>, ApplyError> {
+    let row = client
+        .query_opt("SELECT next_offset FROM synapse.applied WHERE source_node = $1", &[&node])
+        .await
+        .map_err(ApplyError::target("reading the applied position"))?;
+    Ok(row.map(|r| r.get::<_, i64>(0) as u64))
+}
+
+/// Tables copied by the initial copy, with the LSN from which streamed changes apply to them.
+pub async fn load_sync(client: &Client, node: &str) -> Result<HashMap<(String, String), (String, Option<Lsn>)>, ApplyError> {
+    let rows = client
+        .query("SELECT schema_name, table_name, state, sync_lsn::text FROM synapse.table_sync WHERE source_node = $1", &[&node])
+        .await
+        .map_err(ApplyError::target("reading table sync state"))?;
+    Ok(rows
+        .into_iter()
+        .map(|r| {
+            let lsn: Option<String> = r.get(3);
+            ((r.get(0), r.get(1)), (r.get(2), lsn.and_then(|s| s.parse().ok())))
+        })
+        .collect())
+}
+
+/// A target table ready to receive changes of one source relation version.
+#[derive(Debug, Clone)]
+pub struct TargetTable {
+    pub name: String,
+    /// For each source column, the target type to cast text values to.
+    pub casts: Vec<String>,
+}
+
+/// Finds the target table for `rel`; creates it (and its schema) from the source definition if
+/// missing, and adds columns the source has and the target lacks.
+pub async fn ensure_table(client: &Client, rel: &Relation) -> Result<TargetTable, ApplyError> {
+    let name = rel.quoted_name();
+    let mut cols = target_columns(client, &name).await?;
+    if cols.is_none() {
+        let defs: Vec<String> = rel.columns.iter().map(|c| format!("{} {}", quote_ident(&c.name), c.type_name)).collect();
+        let keys: Vec<String> = rel.key_columns().map(|(_, c)| quote_ident(&c.name)).collect();
+        let pk = if rel.replica_identity != ReplicaIdentity::Full && !keys.is_empty() {
+            format!(", PRIMARY KEY ({})", keys.join(", "))
+        } else {
+            String::new()
+        };
+        let ddl = format!(
+            "CREATE SCHEMA IF NOT EXISTS {}; CREATE TABLE IF NOT EXISTS {name} ({}{pk})",
+            quote_ident(&rel.schema),
+            defs.join(", ")
+        );
+        tracing::info!(table = %rel.name(), "creating missing target table from the source definition");
+        client.batch_execute(&ddl).await.map_err(|e| ApplyError::Schema {
+            table: rel.name(),
+            message: format!("could not create it from the source definition ({}): {e}", ddl),
+        })?;
+        cols = target_columns(client, &name).await?;
+    }
+    let mut cols = cols.unwrap_or_default();
+    for c in &rel.columns {
+        if !cols.contains_key(&c.name) {
+            let ddl = format!("ALTER TABLE {name} ADD COLUMN IF NOT EXISTS {} {}", quote_ident(&c.name), c.type_name);
+            tracing::info!(table = %rel.name(), column = %c.name, "adding column the source has");
+            client.batch_execute(&ddl).await.map_err(|e| ApplyError::Schema {
+                table: rel.name(),
+                message: format!("missing column {} could not be added: {e}", c.name),
+            })?;
+            cols = target_columns(client, &name).await?.unwrap_or_default();
+        }
+    }
+    let casts = rel.columns.iter().map(|c| cols.get(&c.name).cloned().unwrap_or_else(|| "text".into())).collect();
+    Ok(TargetTable { name, casts })
+}
+
+async fn target_columns(client: &Client, quoted: &str) -> Result<Option<HashMap<String, String>>, ApplyError> {
+    let exists = client
+        .query_one("SELECT to_regclass($1)::oid", &[&quoted])
+        .await
+        .map_err(ApplyError::target(format!("looking up {quoted}")))?;
+    let Some(oid) = exists.get::<_, Option<u32>>(0) else { return Ok(None) };
+    let rows = client
+        .query(
+            "SELECT attname, format_type(atttypid, NULL) FROM pg_attribute
+             WHERE attrelid = $1 AND attnum > 0 AND NOT attisdropped",
+            &[&oid],
+        )
+        .await
+        .map_err(ApplyError::target(format!("reading columns of {quoted}")))?;
+    Ok(Some(rows.into_iter().map(|r| (r.get(0), r.get(1))).collect()))
+}

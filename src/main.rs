@@ -1,1 +1,159 @@
-fn main() {}
+//! The `synapse` binary: wires capture, the log and apply together (see pipeline.rs).
+
+mod config;
+mod doctor;
+mod ops;
+mod pipeline;
+mod quickstart;
+
+use clap::{Parser, Subcommand};
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+#[derive(Parser)]
+#[command(name = "synapse", version, about = "Change-data-capture replication and streaming for PostgreSQL")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the pipelines of a configuration file until SIGINT/SIGTERM.
+    Run {
+        #[arg(long, short)]
+        config: PathBuf,
+    },
+    /// Check a configuration file without connecting anywhere.
+    Validate {
+        #[arg(long, short)]
+        config: PathBuf,
+    },
+    /// Check sources and targets for what replication needs, with the fix for each problem.
+    Doctor {
+        #[arg(long, short)]
+        config: PathBuf,
+    },
+    /// See live replication: two local demo nodes, or --source/--target URLs.
+    Quickstart {
+        #[arg(long, requires = "target")]
+        source: Option<String>,
+        #[arg(long, requires = "source")]
+        target: Option<String>,
+        /// Where the log lives (resume by rerunning with the same directory).
+        #[arg(long)]
+        data_dir: Option<PathBuf>,
+        /// Stop after this many seconds instead of waiting for Ctrl-C.
+        #[arg(long)]
+        duration: Option<f64>,
+        /// Address for /metrics, /livez, /readyz ("" disables).
+        #[arg(long, default_value = "127.0.0.1:9187")]
+        ops_listen: String,
+    },
+}
+
+/// Resolves on SIGINT or SIGTERM.
+pub async fn shutdown_signal() {
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term => {}
+    }
+}
+
+fn init_tracing(default: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("SYNAPSE_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+}
+
+async fn run(config: PathBuf) -> anyhow::Result<()> {
+    let config = config::Config::load(&config)?;
+    let health = Arc::new(ops::Health::default());
+    if !config.ops.listen.is_empty() {
+        let (listen, h) = (config.ops.listen.clone(), health.clone());
+        tokio::spawn(async move {
+            if let Err(e) = ops::serve(&listen, h).await {
+                tracing::error!(error = %e, "ops server stopped");
+            }
+        });
+    }
+    let (stop, shutdown) = tokio::sync::watch::channel(false);
+    let starting = pipeline::start(&config, health, shutdown);
+    tokio::pin!(starting);
+    let running = tokio::select! {
+        r = &mut starting => r?,
+        _ = shutdown_signal() => return Ok(()),
+    };
+    let signal_stop = stop.clone();
+    tokio::spawn(async move {
+        shutdown_signal().await;
+        tracing::info!("shutting down");
+        let _ = signal_stop.send(true);
+    });
+    pipeline::wait(running, &stop).await?;
+    Ok(())
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let quiet = matches!(cli.command, Command::Quickstart { .. } | Command::Validate { .. } | Command::Doctor { .. });
+    init_tracing(if quiet { "warn" } else { "info" });
+    let _ = ops::metrics_handle();
+    let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result: anyhow::Result<ExitCode> = rt.block_on(async {
+        match cli.command {
+            Command::Run { config } => run(config).await.map(|_| ExitCode::SUCCESS),
+            Command::Validate { config } => {
+                let c = config::Config::load(&config)?;
+                println!("{}: ok ({} sources, {} targets)", config.display(), c.sources.len(), c.targets.len());
+                Ok(ExitCode::SUCCESS)
+            }
+            Command::Doctor { config } => {
+                let c = config::Config::load(&config)?;
+                let failed = doctor::run(&c).await;
+                if failed == 0 {
+                    println!("all checks passed");
+                    Ok(ExitCode::SUCCESS)
+                } else {
+                    println!("{failed} check(s) failed");
+                    Ok(ExitCode::FAILURE)
+                }
+            }
+            Command::Quickstart { source, target, data_dir, duration, ops_listen } => {
+                let opts = quickstart::Options {
+                    source,
+                    target,
+                    data_dir,
+                    duration: duration.map(Duration::from_secs_f64),
+                    ops_listen,
+                };
+                quickstart::run(opts).await.map(|_| ExitCode::SUCCESS)
+            }
+        }
+    });
+    // Connections and blocking tasks must not hold the process open after the work is done.
+    rt.shutdown_timeout(Duration::from_secs(5));
+    match result {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -14,7 +14,7 @@ use crate::target::TargetTable;
 use crate::ApplyError;
 use std::collections::HashMap;
 use std::sync::Arc;
-use synapse_schemas::{quote_ident, Datum, Op, OldValues, Relation, RelationKey, ReplicaIdentity, RowChange};
+use synapse_schemas::{quote_ident, Datum, OldValues, Op, Relation, RelationKey, ReplicaIdentity, RowChange};
 use tokio_postgres::types::ToSql;
 use tokio_postgres::{Client, Statement};
 
@@ -110,7 +110,11 @@ impl PendingChanges {
     }
 
     /// Executes everything queued, in order per table, and empties the queue.
-    pub async fn flush(&mut self, client: &Client, cache: &mut HashMap<String, Statement>) -> Result<usize, ApplyError> {
+    pub async fn flush(
+        &mut self,
+        client: &Client,
+        cache: &mut HashMap<String, Statement>,
+    ) -> Result<usize, ApplyError> {
         let applied = self.rows;
         for q in std::mem::take(&mut self.tables) {
             for run in q.runs {
@@ -123,7 +127,12 @@ impl PendingChanges {
     }
 }
 
-async fn prepared(client: &Client, cache: &mut HashMap<String, Statement>, sql: String, table: &str) -> Result<Statement, ApplyError> {
+async fn prepared(
+    client: &Client,
+    cache: &mut HashMap<String, Statement>,
+    sql: String,
+    table: &str,
+) -> Result<Statement, ApplyError> {
     if let Some(s) = cache.get(&sql) {
         return Ok(s.clone());
     }
@@ -228,10 +237,7 @@ async fn execute_run(
     let stmt = prepared(client, cache, sql, &rel.name()).await?;
     let cols = transpose(run.rows, width);
     let params: Vec<&(dyn ToSql + Sync)> = cols.iter().map(|c| c as &(dyn ToSql + Sync)).collect();
-    client
-        .execute(&stmt, &params)
-        .await
-        .map_err(ApplyError::target(format!("applying changes to {}", rel.name())))?;
+    client.execute(&stmt, &params).await.map_err(ApplyError::target(format!("applying changes to {}", rel.name())))?;
     Ok(())
 }
 
@@ -253,7 +259,8 @@ async fn execute_single(
     let sql = match (change.op, &change.after, &change.before) {
         (Op::Insert, Some(after), _) => {
             let names: Vec<String> = (0..rel.columns.len()).map(col).collect();
-            let vals: Vec<String> = after.iter().enumerate().map(|(i, d)| format!("{}::{}", p(text(d), &mut params), t.casts[i])).collect();
+            let vals: Vec<String> =
+                after.iter().enumerate().map(|(i, d)| format!("{}::{}", p(text(d), &mut params), t.casts[i])).collect();
             format!("INSERT INTO {} ({}) VALUES ({})", t.name, names.join(", "), vals.join(", "))
         }
         (op, after, before) => {

@@ -55,7 +55,8 @@ pub async fn run(
     if todo.is_empty() {
         return Ok(report);
     }
-    let session = SnapshotSession::begin(&capture.config().source, &capture.config().slot).await.map_err(ApplyError::Copy)?;
+    let session =
+        SnapshotSession::begin(&capture.config().source, &capture.config().slot).await.map_err(ApplyError::Copy)?;
     let planner = session.connect().await.map_err(ApplyError::Copy)?;
     let mut types = TypeResolver::default();
     let mut rels: Vec<(Relation, String)> = Vec::new();
@@ -66,7 +67,10 @@ pub async fn run(
         let table = target::ensure_table(&client, &rel).await?;
         if *was_copying {
             tracing::info!(table = %t.display(), "re-copying a table whose copy was interrupted");
-            client.batch_execute(&format!("TRUNCATE {}", table.name)).await.map_err(ApplyError::target("truncating a partly copied table"))?;
+            client
+                .batch_execute(&format!("TRUNCATE {}", table.name))
+                .await
+                .map_err(ApplyError::target("truncating a partly copied table"))?;
         }
         client
             .execute(

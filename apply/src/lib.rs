@@ -107,6 +107,9 @@ pub fn origin_name(node: &str) -> String {
     format!("synapse_{node}")
 }
 
+/// A relation version and the target table its changes go to.
+type Bound = (Arc<Relation>, Arc<TargetTable>);
+
 struct OpenTxn {
     begin: Begin,
     begin_offset: Offset,
@@ -117,7 +120,7 @@ struct Session<'a, L> {
     log: &'a L,
     client: Client,
     statements: HashMap<String, Statement>,
-    tables: HashMap<RelationKey, Option<(Arc<Relation>, Arc<TargetTable>)>>,
+    tables: HashMap<RelationKey, Bound>,
     sync: HashMap<(String, String), (String, Option<Lsn>)>,
     pending: PendingChanges,
     in_target_txn: bool,
@@ -205,7 +208,10 @@ impl Applier {
                 match record {
                     LogRecord::Begin(b) => {
                         if !s.in_target_txn {
-                            s.client.batch_execute("BEGIN").await.map_err(ApplyError::target("beginning a target transaction"))?;
+                            s.client
+                                .batch_execute("BEGIN")
+                                .await
+                                .map_err(ApplyError::target("beginning a target transaction"))?;
                             s.in_target_txn = true;
                         }
                         open = Some(OpenTxn { begin: b, begin_offset: offset });
@@ -213,7 +219,9 @@ impl Applier {
                     LogRecord::Relation(_) => {} // registered in the log; looked up by key on use
                     LogRecord::Change(c) => {
                         let Some(t) = open.as_ref() else { continue };
-                        let Some((rel, table)) = s.table(offset, c.relation, t.begin.commit_lsn).await? else { continue };
+                        let Some((rel, table)) = s.table(offset, c.relation, t.begin.commit_lsn).await? else {
+                            continue;
+                        };
                         s.pending.push(&rel, &table, c);
                         if s.pending.rows() >= self.config.max_rows_per_flush {
                             s.flush().await?;
@@ -295,7 +303,7 @@ impl<L: ChangeLog> Session<'_, L> {
         offset: Offset,
         key: RelationKey,
         commit_lsn: Lsn,
-    ) -> Result<Option<(Arc<Relation>, Arc<TargetTable>)>, ApplyError> {
+    ) -> Result<Option<Bound>, ApplyError> {
         if !self.tables.contains_key(&key) {
             let rel = self.log.relation(key).await?.ok_or(ApplyError::UnknownRelation {
                 offset,
@@ -303,9 +311,9 @@ impl<L: ChangeLog> Session<'_, L> {
                 version: key.version,
             })?;
             let table = target::ensure_table(&self.client, &rel).await?;
-            self.tables.insert(key, Some((Arc::new(rel), Arc::new(table))));
+            self.tables.insert(key, (Arc::new(rel), Arc::new(table)));
         }
-        let Some(Some((rel, table))) = self.tables.get(&key) else { return Ok(None) };
+        let Some((rel, table)) = self.tables.get(&key) else { return Ok(None) };
         if let Some((state, sync_lsn)) = self.sync.get(&(rel.schema.clone(), rel.table.clone())) {
             // Copied at a snapshot: only commits at or after its consistent point are new to it.
             if state != "ready" || sync_lsn.is_some_and(|s| commit_lsn < s) {
@@ -341,7 +349,10 @@ impl<L: ChangeLog> Session<'_, L> {
         // Records the source LSN in the commit record, so PostgreSQL's own origin progress
         // (pg_replication_origin_status) follows ours.
         self.client
-            .execute("SELECT pg_replication_origin_xact_setup($1::text::pg_lsn, to_timestamp($2::float8 / 1e6))", &[&lsn_text, &(time as f64)])
+            .execute(
+                "SELECT pg_replication_origin_xact_setup($1::text::pg_lsn, to_timestamp($2::float8 / 1e6))",
+                &[&lsn_text, &(time as f64)],
+            )
             .await
             .map_err(ApplyError::target("recording the origin position"))?;
         self.client.batch_execute("COMMIT").await.map_err(ApplyError::target("committing a target transaction"))?;
@@ -380,8 +391,15 @@ impl<L: ChangeLog> Session<'_, L> {
             0.0
         } else {
             let t = self.applier.stats.last_commit_time_us.load(Ordering::Relaxed);
-            let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_micros() as i64).unwrap_or(0);
-            if t == 0 { 0.0 } else { ((now - t) as f64 / 1e6).max(0.0) }
+            let now = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_micros() as i64)
+                .unwrap_or(0);
+            if t == 0 {
+                0.0
+            } else {
+                ((now - t) as f64 / 1e6).max(0.0)
+            }
         };
         metrics::gauge!("synapse_apply_lag_seconds", "node" => self.applier.config.node.clone()).set(lag);
     }

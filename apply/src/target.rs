@@ -46,9 +46,15 @@ pub async fn load_position(client: &Client, node: &str) -> Result<Option<u64>, A
 }
 
 /// Tables copied by the initial copy, with the LSN from which streamed changes apply to them.
-pub async fn load_sync(client: &Client, node: &str) -> Result<HashMap<(String, String), (String, Option<Lsn>)>, ApplyError> {
+pub async fn load_sync(
+    client: &Client,
+    node: &str,
+) -> Result<HashMap<(String, String), (String, Option<Lsn>)>, ApplyError> {
     let rows = client
-        .query("SELECT schema_name, table_name, state, sync_lsn::text FROM synapse.table_sync WHERE source_node = $1", &[&node])
+        .query(
+            "SELECT schema_name, table_name, state, sync_lsn::text FROM synapse.table_sync WHERE source_node = $1",
+            &[&node],
+        )
         .await
         .map_err(ApplyError::target("reading table sync state"))?;
     Ok(rows
@@ -74,7 +80,8 @@ pub async fn ensure_table(client: &Client, rel: &Relation) -> Result<TargetTable
     let name = rel.quoted_name();
     let mut cols = target_columns(client, &name).await?;
     if cols.is_none() {
-        let defs: Vec<String> = rel.columns.iter().map(|c| format!("{} {}", quote_ident(&c.name), c.type_name)).collect();
+        let defs: Vec<String> =
+            rel.columns.iter().map(|c| format!("{} {}", quote_ident(&c.name), c.type_name)).collect();
         let keys: Vec<String> = rel.key_columns().map(|(_, c)| quote_ident(&c.name)).collect();
         let pk = if rel.replica_identity != ReplicaIdentity::Full && !keys.is_empty() {
             format!(", PRIMARY KEY ({})", keys.join(", "))

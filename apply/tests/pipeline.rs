@@ -1,8 +1,9 @@
 //! Capture → embedded log → apply against two real PostgreSQL clusters.
+#![allow(clippy::unwrap_used)] // a failed setup step should fail the test loudly
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use synapse_apply::{initial_copy, ApplyConfig, Applier};
+use synapse_apply::{initial_copy, Applier, ApplyConfig};
 use synapse_capture::{Capture, CaptureConfig};
 use synapse_localpg::{ClusterOptions, LocalCluster};
 use synapse_log::EmbeddedLog;

@@ -28,7 +28,10 @@ impl SourceTable {
 /// Tables to capture: `selection` names `schema.table` (or `table` in `public`); empty = every
 /// ordinary table outside the system schemas. Returns (capturable, tables lacking a replica
 /// identity). A named table that does not exist is a configuration error.
-pub async fn select_tables(client: &Client, selection: &[String]) -> Result<(Vec<SourceTable>, Vec<String>), CaptureError> {
+pub async fn select_tables(
+    client: &Client,
+    selection: &[String],
+) -> Result<(Vec<SourceTable>, Vec<String>), CaptureError> {
     let rows = client
         .query(
             "SELECT c.oid, n.nspname, c.relname, GREATEST(c.relpages, 0)::int8,
@@ -80,7 +83,11 @@ pub async fn select_tables(client: &Client, selection: &[String]) -> Result<(Vec
 }
 
 /// Creates the publication for `tables`, or adds the ones it lacks.
-pub async fn ensure_publication(client: &Client, publication: &str, tables: &[SourceTable]) -> Result<(), CaptureError> {
+pub async fn ensure_publication(
+    client: &Client,
+    publication: &str,
+    tables: &[SourceTable],
+) -> Result<(), CaptureError> {
     let existing = client
         .query("SELECT schemaname, tablename FROM pg_publication_tables WHERE pubname = $1", &[&publication])
         .await
@@ -90,8 +97,10 @@ pub async fn ensure_publication(client: &Client, publication: &str, tables: &[So
         .await
         .map_err(CaptureError::sql("reading the publication"))?
         .is_some();
-    let have: Vec<String> = existing.iter().map(|r| format!("{}.{}", r.get::<_, String>(0), r.get::<_, String>(1))).collect();
-    let missing: Vec<String> = tables.iter().filter(|t| !have.contains(&t.display())).map(SourceTable::quoted).collect();
+    let have: Vec<String> =
+        existing.iter().map(|r| format!("{}.{}", r.get::<_, String>(0), r.get::<_, String>(1))).collect();
+    let missing: Vec<String> =
+        tables.iter().filter(|t| !have.contains(&t.display())).map(SourceTable::quoted).collect();
     let sql = if !exists {
         if missing.is_empty() {
             format!("CREATE PUBLICATION {}", quote_ident(publication))
@@ -167,8 +176,11 @@ impl TypeResolver {
         }
         for c in columns {
             // A type dropped since the change was written keeps its OID as its name: values stay text.
-            let (name, base, elem) =
-                self.cache.get(&(c.type_oid, c.type_modifier)).cloned().unwrap_or((c.type_oid.to_string(), c.type_oid, 0));
+            let (name, base, elem) = self.cache.get(&(c.type_oid, c.type_modifier)).cloned().unwrap_or((
+                c.type_oid.to_string(),
+                c.type_oid,
+                0,
+            ));
             c.type_name = name;
             c.base_type_oid = base;
             c.element_type_oid = elem;
@@ -179,7 +191,11 @@ impl TypeResolver {
 
 /// The current definition of a source table as a `Relation` (what the target table is created
 /// from, and what the initial copy writes).
-pub async fn describe_table(client: &Client, types: &mut TypeResolver, table: &SourceTable) -> Result<Relation, CaptureError> {
+pub async fn describe_table(
+    client: &Client,
+    types: &mut TypeResolver,
+    table: &SourceTable,
+) -> Result<Relation, CaptureError> {
     let rows = client
         .query(
             "SELECT a.attname, a.atttypid, a.atttypmod,
@@ -213,7 +229,8 @@ pub async fn describe_table(client: &Client, types: &mut TypeResolver, table: &S
         oid: table.oid,
         schema: table.schema.clone(),
         table: table.name.clone(),
-        replica_identity: ReplicaIdentity::from_pgoutput(identity.bytes().next().unwrap_or(b'd')).unwrap_or(ReplicaIdentity::Default),
+        replica_identity: ReplicaIdentity::from_pgoutput(identity.bytes().next().unwrap_or(b'd'))
+            .unwrap_or(ReplicaIdentity::Default),
         columns,
     })
 }

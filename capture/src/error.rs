@@ -33,7 +33,9 @@ pub enum CaptureError {
     },
     #[error("change for relation {0} arrived before its Relation message")]
     UnknownRelation(u32),
-    #[error("table {table} has no primary key and no replica identity, so its updates and deletes cannot be replicated")]
+    #[error(
+        "table {table} has no primary key and no replica identity, so its updates and deletes cannot be replicated"
+    )]
     NoReplicaIdentity { table: String },
     #[error("publication {publication} does not exist on the source and create_publication is off")]
     MissingPublication { publication: String },

@@ -104,7 +104,8 @@ pub struct CaptureStats {
 impl CaptureStats {
     /// Seconds between now and the newest source activity captured (commit or heartbeat).
     pub fn lag_seconds(&self) -> f64 {
-        let newest = self.last_commit_time_us.load(Ordering::Relaxed).max(self.last_heartbeat_us.load(Ordering::Relaxed));
+        let newest =
+            self.last_commit_time_us.load(Ordering::Relaxed).max(self.last_heartbeat_us.load(Ordering::Relaxed));
         if newest == 0 {
             return 0.0;
         }
@@ -133,7 +134,8 @@ pub struct Capture {
 }
 
 pub async fn connect_sql(config: &tokio_postgres::Config, what: &str) -> Result<Client, CaptureError> {
-    let (client, connection) = config.connect(NoTls).await.map_err(CaptureError::sql(format!("connecting to {what}")))?;
+    let (client, connection) =
+        config.connect(NoTls).await.map_err(CaptureError::sql(format!("connecting to {what}")))?;
     tokio::spawn(async move {
         if let Err(e) = connection.await {
             tracing::debug!(error = %e, "sql connection ended");
@@ -196,7 +198,11 @@ impl Capture {
 
     /// Streams changes into `log` until `shutdown` turns true or an error occurs. Call
     /// [`Capture::prepare`] first. Safe to call again after an error (it resumes).
-    pub async fn stream<L: ChangeLog + Clone>(&self, log: L, shutdown: watch::Receiver<bool>) -> Result<(), CaptureError> {
+    pub async fn stream<L: ChangeLog + Clone>(
+        &self,
+        log: L,
+        shutdown: watch::Receiver<bool>,
+    ) -> Result<(), CaptureError> {
         let span = tracing::info_span!("capture", node = %self.config.node, slot = %self.config.slot);
         async {
             let state = log.recover_writer().await?;

@@ -167,7 +167,11 @@ impl<'a> Reader<'a> {
             b'u' => Ok(TupleValue::UnchangedToast),
             kind @ (b't' | b'b') => {
                 let len = self.i32("column length")?;
-                let len = usize::try_from(len).map_err(|_| DecodeError::Invalid { what: "column length", value: 0xff, at })?;
+                let len = usize::try_from(len).map_err(|_| DecodeError::Invalid {
+                    what: "column length",
+                    value: 0xff,
+                    at,
+                })?;
                 let data = self.take(len, "column value")?;
                 Ok(if kind == b't' { TupleValue::Text(data) } else { TupleValue::Binary(data) })
             }
@@ -177,7 +181,11 @@ impl<'a> Reader<'a> {
 
     fn tuple(&mut self) -> Result<TupleData<'a>, DecodeError> {
         let count = self.i16("column count")?;
-        let count = u16::try_from(count).map_err(|_| DecodeError::Invalid { what: "column count", value: 0xff, at: self.pos - 2 })?;
+        let count = u16::try_from(count).map_err(|_| DecodeError::Invalid {
+            what: "column count",
+            value: 0xff,
+            at: self.pos - 2,
+        })?;
         let start = self.pos;
         for _ in 0..count {
             self.value()?;
@@ -210,7 +218,9 @@ pub fn decode(buf: &[u8], in_stream: bool) -> Result<Message<'_>, DecodeError> {
     let mut r = Reader { buf, pos: 0 };
     let tag = r.u8("message tag")?;
     let m = match tag {
-        b'B' => Message::Begin { final_lsn: r.u64("final lsn")?, commit_time: r.i64("commit time")?, xid: r.u32("xid")? },
+        b'B' => {
+            Message::Begin { final_lsn: r.u64("final lsn")?, commit_time: r.i64("commit time")?, xid: r.u32("xid")? }
+        }
         b'C' => Message::Commit {
             flags: r.u8("flags")?,
             commit_lsn: r.u64("commit lsn")?,
@@ -225,7 +235,11 @@ pub fn decode(buf: &[u8], in_stream: bool) -> Result<Message<'_>, DecodeError> {
             let name = r.cstr()?;
             let replica_identity = r.expect("replica identity", b"dnfi")?;
             let n = r.i16("column count")?;
-            let n = usize::try_from(n).map_err(|_| DecodeError::Invalid { what: "column count", value: 0xff, at: r.pos - 2 })?;
+            let n = usize::try_from(n).map_err(|_| DecodeError::Invalid {
+                what: "column count",
+                value: 0xff,
+                at: r.pos - 2,
+            })?;
             let mut columns = Vec::with_capacity(n.min(1600));
             for _ in 0..n {
                 let flags = r.u8("column flags")?;
@@ -238,7 +252,9 @@ pub fn decode(buf: &[u8], in_stream: bool) -> Result<Message<'_>, DecodeError> {
             }
             Message::Relation { xid, body: RelationBody { oid, namespace, name, replica_identity, columns } }
         }
-        b'Y' => Message::Type { xid: r.xid_if(in_stream)?, oid: r.u32("type oid")?, namespace: r.cstr()?, name: r.cstr()? },
+        b'Y' => {
+            Message::Type { xid: r.xid_if(in_stream)?, oid: r.u32("type oid")?, namespace: r.cstr()?, name: r.cstr()? }
+        }
         b'I' => {
             let xid = r.xid_if(in_stream)?;
             let relation = r.u32("relation oid")?;
@@ -270,7 +286,11 @@ pub fn decode(buf: &[u8], in_stream: bool) -> Result<Message<'_>, DecodeError> {
         b'T' => {
             let xid = r.xid_if(in_stream)?;
             let n = r.i32("relation count")?;
-            let n = usize::try_from(n).map_err(|_| DecodeError::Invalid { what: "relation count", value: 0xff, at: r.pos - 4 })?;
+            let n = usize::try_from(n).map_err(|_| DecodeError::Invalid {
+                what: "relation count",
+                value: 0xff,
+                at: r.pos - 4,
+            })?;
             let options = r.u8("truncate options")?;
             // Bound the allocation by what the buffer can hold.
             let mut relations = Vec::with_capacity(n.min(buf.len() / 4));
@@ -285,8 +305,18 @@ pub fn decode(buf: &[u8], in_stream: bool) -> Result<Message<'_>, DecodeError> {
             let lsn = r.u64("message lsn")?;
             let prefix = r.cstr()?;
             let len = r.i32("content length")?;
-            let len = usize::try_from(len).map_err(|_| DecodeError::Invalid { what: "content length", value: 0xff, at: r.pos - 4 })?;
-            Message::Message { xid, transactional: flags & 1 == 1, lsn, prefix, content: r.take(len, "message content")? }
+            let len = usize::try_from(len).map_err(|_| DecodeError::Invalid {
+                what: "content length",
+                value: 0xff,
+                at: r.pos - 4,
+            })?;
+            Message::Message {
+                xid,
+                transactional: flags & 1 == 1,
+                lsn,
+                prefix,
+                content: r.take(len, "message content")?,
+            }
         }
         b'S' => Message::StreamStart { xid: r.u32("xid")?, first_segment: r.u8("first segment")? == 1 },
         b'E' => Message::StreamStop,

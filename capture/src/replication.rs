@@ -26,7 +26,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 use synapse_log::ChangeLog;
 use synapse_schemas::{
-    Begin, Column, Commit, Datum, LogRecord, Lsn, Op, OldValues, Relation, RelationKey, ReplicaIdentity, RowChange, Truncate,
+    Begin, Column, Commit, Datum, LogRecord, Lsn, OldValues, Op, Relation, RelationKey, ReplicaIdentity, RowChange,
+    Truncate,
 };
 use tokio::sync::{mpsc, watch};
 use tokio_postgres::Client;
@@ -185,7 +186,12 @@ impl<L: ChangeLog + Clone> Streamer<'_, L> {
         match msg {
             Message::Begin { final_lsn, commit_time, xid } => {
                 *txn = Some(OpenTxn {
-                    begin: Begin { commit_lsn: Lsn(final_lsn), xid, commit_time_us: pg_to_unix_micros(commit_time), origin: None },
+                    begin: Begin {
+                        commit_lsn: Lsn(final_lsn),
+                        xid,
+                        commit_time_us: pg_to_unix_micros(commit_time),
+                        origin: None,
+                    },
                     begin_pending: true,
                     index: 0,
                     skip: final_lsn < skip_below,
@@ -215,7 +221,8 @@ impl<L: ChangeLog + Clone> Streamer<'_, L> {
                     oid: body.oid,
                     schema: body.namespace.to_owned(),
                     table: body.name.to_owned(),
-                    replica_identity: ReplicaIdentity::from_pgoutput(body.replica_identity).unwrap_or(ReplicaIdentity::Default),
+                    replica_identity: ReplicaIdentity::from_pgoutput(body.replica_identity)
+                        .unwrap_or(ReplicaIdentity::Default),
                     columns,
                 };
                 let key = rel.key();
@@ -282,8 +289,13 @@ impl<L: ChangeLog + Clone> Streamer<'_, L> {
                 }
             }
             Message::Type { .. } => {}
-            Message::StreamStart { .. } | Message::StreamStop | Message::StreamCommit { .. } | Message::StreamAbort { .. } => {
-                return Err(CaptureError::Protocol("streamed transaction messages although streaming was not requested".into()));
+            Message::StreamStart { .. }
+            | Message::StreamStop
+            | Message::StreamCommit { .. }
+            | Message::StreamAbort { .. } => {
+                return Err(CaptureError::Protocol(
+                    "streamed transaction messages although streaming was not requested".into(),
+                ));
             }
         }
         Ok(())

@@ -38,12 +38,18 @@ impl SnapshotSession {
         let slot = conn.create_slot(&name, true, true).await?;
         let snapshot = slot.snapshot.ok_or_else(|| CaptureError::Protocol("no snapshot exported".into()))?;
         tracing::info!(consistent_point = %Lsn(slot.consistent_point), %snapshot, "exported initial snapshot");
-        Ok(SnapshotSession { _holder: conn, consistent_point: Lsn(slot.consistent_point), snapshot, source: source.clone() })
+        Ok(SnapshotSession {
+            _holder: conn,
+            consistent_point: Lsn(slot.consistent_point),
+            snapshot,
+            source: source.clone(),
+        })
     }
 
     /// A new connection inside the snapshot (a read-only repeatable-read transaction).
     pub async fn connect(&self) -> Result<Client, CaptureError> {
-        let (client, connection) = self.source.connect(NoTls).await.map_err(CaptureError::sql("connecting for the snapshot"))?;
+        let (client, connection) =
+            self.source.connect(NoTls).await.map_err(CaptureError::sql("connecting for the snapshot"))?;
         tokio::spawn(async move {
             if let Err(e) = connection.await {
                 tracing::debug!(error = %e, "snapshot connection ended");
@@ -62,7 +68,12 @@ impl SnapshotSession {
     }
 
     /// Splits `table` into chunks of about `chunk_pages` pages, using its size in the snapshot.
-    pub async fn chunks(&self, client: &Client, table: &SourceTable, chunk_pages: i64) -> Result<Vec<Chunk>, CaptureError> {
+    pub async fn chunks(
+        &self,
+        client: &Client,
+        table: &SourceTable,
+        chunk_pages: i64,
+    ) -> Result<Vec<Chunk>, CaptureError> {
         let pages: i64 = client
             .query_one("SELECT (pg_relation_size($1::oid) / current_setting('block_size')::int8)::int8", &[&table.oid])
             .await

@@ -32,8 +32,8 @@ pub fn pg_to_unix_micros(pg: i64) -> i64 {
     pg.saturating_add(PG_EPOCH_OFFSET_US)
 }
 
-trait Socket: AsyncRead + AsyncWrite + Unpin + Send {}
-impl<T: AsyncRead + AsyncWrite + Unpin + Send> Socket for T {}
+trait Socket: AsyncRead + AsyncWrite + Unpin + Send + Sync {}
+impl<T: AsyncRead + AsyncWrite + Unpin + Send + Sync> Socket for T {}
 
 /// A server error with its SQLSTATE, as sent in an ErrorResponse.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -134,7 +134,10 @@ impl ReplicationConnection {
             Host::Tcp(h) => {
                 let s = tokio::time::timeout(timeout, tokio::net::TcpStream::connect((h.as_str(), port)))
                     .await
-                    .map_err(|_| CaptureError::Connect { target: format!("{h}:{port}"), source: std::io::ErrorKind::TimedOut.into() })?
+                    .map_err(|_| CaptureError::Connect {
+                        target: format!("{h}:{port}"),
+                        source: std::io::ErrorKind::TimedOut.into(),
+                    })?
                     .map_err(|source| CaptureError::Connect { target: format!("{h}:{port}"), source })?;
                 s.set_nodelay(true).ok();
                 Box::new(s)
@@ -148,7 +151,8 @@ impl ReplicationConnection {
             }
         };
         let (reader, writer) = tokio::io::split(socket);
-        let mut c = ReplicationConnection { reader, writer, buf: BytesMut::with_capacity(1 << 20), out: BytesMut::new() };
+        let mut c =
+            ReplicationConnection { reader, writer, buf: BytesMut::with_capacity(1 << 20), out: BytesMut::new() };
         let user = config.get_user().unwrap_or("postgres").to_owned();
         let dbname = config.get_dbname().unwrap_or(&user).to_owned();
         let params = [
@@ -185,7 +189,8 @@ impl ReplicationConnection {
                     match body.get_i32() {
                         0 => {}
                         3 => {
-                            frontend::password_message(password.ok_or_else(need_password)?, &mut self.out).map_err(CaptureError::Io)?;
+                            frontend::password_message(password.ok_or_else(need_password)?, &mut self.out)
+                                .map_err(CaptureError::Io)?;
                             self.flush().await?;
                         }
                         5 => {
@@ -200,24 +205,36 @@ impl ReplicationConnection {
                         10 => {
                             let mechs = String::from_utf8_lossy(&body);
                             if !mechs.split('\0').any(|m| m == sasl::SCRAM_SHA_256) {
-                                return Err(CaptureError::Protocol(format!("no supported SASL mechanism in {mechs:?}")));
+                                return Err(CaptureError::Protocol(format!(
+                                    "no supported SASL mechanism in {mechs:?}"
+                                )));
                             }
-                            let s = sasl::ScramSha256::new(password.ok_or_else(need_password)?, sasl::ChannelBinding::unsupported());
-                            frontend::sasl_initial_response(sasl::SCRAM_SHA_256, s.message(), &mut self.out).map_err(CaptureError::Io)?;
+                            let s = sasl::ScramSha256::new(
+                                password.ok_or_else(need_password)?,
+                                sasl::ChannelBinding::unsupported(),
+                            );
+                            frontend::sasl_initial_response(sasl::SCRAM_SHA_256, s.message(), &mut self.out)
+                                .map_err(CaptureError::Io)?;
                             self.flush().await?;
                             scram = Some(s);
                         }
                         11 => {
-                            let s = scram.as_mut().ok_or_else(|| CaptureError::Protocol("SASL continue before start".into()))?;
+                            let s = scram
+                                .as_mut()
+                                .ok_or_else(|| CaptureError::Protocol("SASL continue before start".into()))?;
                             s.update(&body).map_err(CaptureError::Io)?;
                             frontend::sasl_response(s.message(), &mut self.out).map_err(CaptureError::Io)?;
                             self.flush().await?;
                         }
                         12 => {
-                            let s = scram.as_mut().ok_or_else(|| CaptureError::Protocol("SASL final before start".into()))?;
+                            let s = scram
+                                .as_mut()
+                                .ok_or_else(|| CaptureError::Protocol("SASL final before start".into()))?;
                             s.finish(&body).map_err(CaptureError::Io)?;
                         }
-                        other => return Err(CaptureError::Protocol(format!("unsupported authentication method {other}"))),
+                        other => {
+                            return Err(CaptureError::Protocol(format!("unsupported authentication method {other}")))
+                        }
                     }
                 }
                 b'E' => return Err(CaptureError::Server(parse_error(&f.body))),
@@ -291,7 +308,12 @@ impl ReplicationConnection {
 
     /// Creates a logical slot for pgoutput. With `export_snapshot`, the returned snapshot shows
     /// exactly the data committed before `consistent_point`.
-    pub async fn create_slot(&mut self, name: &str, temporary: bool, export_snapshot: bool) -> Result<CreatedSlot, CaptureError> {
+    pub async fn create_slot(
+        &mut self,
+        name: &str,
+        temporary: bool,
+        export_snapshot: bool,
+    ) -> Result<CreatedSlot, CaptureError> {
         let sql = format!(
             "CREATE_REPLICATION_SLOT \"{}\" {} LOGICAL pgoutput {}",
             name.replace('"', "\"\""),
@@ -299,7 +321,8 @@ impl ReplicationConnection {
             if export_snapshot { "EXPORT_SNAPSHOT" } else { "NOEXPORT_SNAPSHOT" }
         );
         let rows = self.simple_query(&sql).await?;
-        let row = rows.first().ok_or_else(|| CaptureError::Protocol("CREATE_REPLICATION_SLOT returned no row".into()))?;
+        let row =
+            rows.first().ok_or_else(|| CaptureError::Protocol("CREATE_REPLICATION_SLOT returned no row".into()))?;
         let col = |i: usize| row.get(i).cloned().flatten();
         Ok(CreatedSlot {
             name: col(0).unwrap_or_default(),

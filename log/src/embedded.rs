@@ -69,19 +69,19 @@ impl EmbeddedLog {
 
     async fn blocking<T: Send + 'static>(
         &self,
-        f: impl FnOnce(&Inner) -> Result<T, redb::Error> + Send + 'static,
+        f: impl FnOnce(&Inner) -> Result<T, Box<redb::Error>> + Send + 'static,
     ) -> Result<T, LogError> {
         let inner = self.inner.clone();
         let path = inner.path.display().to_string();
         tokio::task::spawn_blocking(move || f(&inner))
             .await
             .map_err(LogError::TaskFailed)?
-            .map_err(|e| LogError::Storage { path, source: Box::new(e) })
+            .map_err(|source| LogError::Storage { path, source })
     }
 }
 
-fn write_err<E: Into<redb::Error>>(e: E) -> redb::Error {
-    e.into()
+fn write_err<E: Into<redb::Error>>(e: E) -> Box<redb::Error> {
+    Box::new(e.into())
 }
 
 impl ChangeLog for EmbeddedLog {
@@ -159,9 +159,7 @@ impl ChangeLog for EmbeddedLog {
             .await?;
         raw.into_iter()
             .map(|(offset, bytes)| {
-                postcard::from_bytes(&bytes)
-                    .map(|r| (offset, r))
-                    .map_err(|source| LogError::Corrupt { offset, source })
+                postcard::from_bytes(&bytes).map(|r| (offset, r)).map_err(|source| LogError::Corrupt { offset, source })
             })
             .collect()
     }
@@ -200,7 +198,11 @@ impl ChangeLog for EmbeddedLog {
                 let tx = inner.db.begin_read().map_err(write_err)?;
                 let meta = tx.open_table(META).map_err(write_err)?;
                 let get = |k| meta.get(k).map(|v| v.map(|v| v.value()));
-                Ok((get(OPEN_TXN).map_err(write_err)?, get(LAST_COMMIT_END).map_err(write_err)?, get(NEXT_OFFSET).map_err(write_err)?))
+                Ok((
+                    get(OPEN_TXN).map_err(write_err)?,
+                    get(LAST_COMMIT_END).map_err(write_err)?,
+                    get(NEXT_OFFSET).map_err(write_err)?,
+                ))
             })
             .await?;
         let mut next = next.unwrap_or(0);
@@ -272,7 +274,12 @@ mod tests {
                 after: Some(vec![Datum::Text(i.to_string()), Datum::Null, Datum::UnchangedToast]),
             }));
         }
-        v.push(LogRecord::Commit(Commit { commit_lsn: Lsn(lsn), end_lsn: Lsn(lsn + 8), commit_time_us: 0, event_count: rows }));
+        v.push(LogRecord::Commit(Commit {
+            commit_lsn: Lsn(lsn),
+            end_lsn: Lsn(lsn + 8),
+            commit_time_us: 0,
+            event_count: rows,
+        }));
         v
     }
 

@@ -58,11 +58,8 @@ pub trait ChangeLog: Send + Sync + 'static {
     fn append(&self, records: Vec<LogRecord>) -> impl Future<Output = Result<Offset, LogError>> + Send;
 
     /// Reads up to `max` records starting at `from` (records below retention are skipped).
-    fn read(
-        &self,
-        from: Offset,
-        max: usize,
-    ) -> impl Future<Output = Result<Vec<(Offset, LogRecord)>, LogError>> + Send;
+    fn read(&self, from: Offset, max: usize)
+        -> impl Future<Output = Result<Vec<(Offset, LogRecord)>, LogError>> + Send;
 
     /// Resolves when a record at `from` or later is readable, or after `timeout`.
     fn wait_readable(&self, from: Offset, timeout: Duration) -> impl Future<Output = ()> + Send;

@@ -187,7 +187,9 @@ pub enum LogRecord {
     /// The capture restarted in the middle of writing the transaction with this commit LSN: its
     /// records written so far are void (the transaction follows again, complete). Consumers that
     /// already acted on them must roll back to their last committed position.
-    Discarded { commit_lsn: Lsn },
+    Discarded {
+        commit_lsn: Lsn,
+    },
 }
 
 impl LogRecord {

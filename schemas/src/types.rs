@@ -36,10 +36,9 @@ fn scalar_to_json(text: &str, type_oid: u32) -> Value {
             "f" => Value::Bool(false),
             _ => Value::String(text.to_owned()),
         },
-        oid::INT2 | oid::INT4 | oid::INT8 | oid::OID => text
-            .parse::<i64>()
-            .map(Value::from)
-            .unwrap_or_else(|_| Value::String(text.to_owned())),
+        oid::INT2 | oid::INT4 | oid::INT8 | oid::OID => {
+            text.parse::<i64>().map(Value::from).unwrap_or_else(|_| Value::String(text.to_owned()))
+        }
         // NaN and ±Infinity have no JSON number: they stay strings, as Debezium does.
         oid::FLOAT4 | oid::FLOAT8 => text
             .parse::<f64>()
@@ -56,13 +55,10 @@ fn scalar_to_json(text: &str, type_oid: u32) -> Value {
 }
 
 fn decode_hex(s: &str) -> Option<Vec<u8>> {
-    if s.len() % 2 != 0 {
+    if !s.len().is_multiple_of(2) {
         return None;
     }
-    (0..s.len())
-        .step_by(2)
-        .map(|i| u8::from_str_radix(s.get(i..i + 2)?, 16).ok())
-        .collect()
+    (0..s.len()).step_by(2).map(|i| u8::from_str_radix(s.get(i..i + 2)?, 16).ok()).collect()
 }
 
 /// A parsed PostgreSQL array literal: nested lists of optional element texts.
@@ -77,9 +73,7 @@ fn array_to_json(a: ArrayValue, element_oid: u32) -> Value {
     match a {
         ArrayValue::Null => Value::Null,
         ArrayValue::Element(s) => scalar_to_json(&s, element_oid),
-        ArrayValue::List(items) => {
-            Value::Array(items.into_iter().map(|i| array_to_json(i, element_oid)).collect())
-        }
+        ArrayValue::List(items) => Value::Array(items.into_iter().map(|i| array_to_json(i, element_oid)).collect()),
     }
 }
 
@@ -134,11 +128,7 @@ fn parse_list(it: &mut std::iter::Peekable<std::str::Chars<'_>>) -> Option<Array
                     it.next();
                 }
                 let s = s.trim().to_owned();
-                items.push(if s.eq_ignore_ascii_case("NULL") {
-                    ArrayValue::Null
-                } else {
-                    ArrayValue::Element(s)
-                });
+                items.push(if s.eq_ignore_ascii_case("NULL") { ArrayValue::Null } else { ArrayValue::Element(s) });
             }
         }
         match it.next()? {
@@ -167,10 +157,7 @@ mod tests {
     #[test]
     fn arrays() {
         assert_eq!(to_json("{1,2,NULL}", oid::INT4, oid::INT4), json!([1, 2, null]));
-        assert_eq!(
-            to_json(r#"{{"a b","c\"d"},{NULL,e}}"#, 1009, 25),
-            json!([["a b", "c\"d"], [null, "e"]])
-        );
+        assert_eq!(to_json(r#"{{"a b","c\"d"},{NULL,e}}"#, 1009, 25), json!([["a b", "c\"d"], [null, "e"]]));
         assert_eq!(to_json("[0:1]={1,2}", 1007, oid::INT4), json!([1, 2]));
         assert_eq!(to_json("{}", 1007, oid::INT4), json!([]));
         assert_eq!(to_json("{1,2", 1007, oid::INT4), json!("{1,2"));

@@ -30,7 +30,7 @@ pub enum LocalPgError {
 
 type Result<T> = std::result::Result<T, LocalPgError>;
 
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, Default)]
 pub struct ClusterOptions {
     /// Keep the cluster here across runs; `None` = a temporary directory removed on drop.
     pub data_dir: Option<PathBuf>,
@@ -40,11 +40,6 @@ pub struct ClusterOptions {
     pub settings: Vec<String>,
 }
 
-impl Default for ClusterOptions {
-    fn default() -> Self {
-        ClusterOptions { data_dir: None, fsync: false, settings: Vec::new() }
-    }
-}
 
 /// A running local PostgreSQL cluster listening on 127.0.0.1.
 pub struct LocalCluster {
@@ -68,10 +63,14 @@ pub fn server_bindir() -> Result<PathBuf> {
         }
     }
     let mut found: Vec<PathBuf> = std::fs::read_dir("/usr/lib/postgresql")
-        .map(|rd| rd.filter_map(|e| e.ok()).map(|e| e.path().join("bin")).filter(|p| p.join("initdb").exists()).collect())
+        .map(|rd| {
+            rd.filter_map(|e| e.ok()).map(|e| e.path().join("bin")).filter(|p| p.join("initdb").exists()).collect()
+        })
         .unwrap_or_default();
     found.sort();
-    found.pop().ok_or_else(|| LocalPgError::NoBinaries("no initdb under pg_config --bindir or /usr/lib/postgresql".into()))
+    found
+        .pop()
+        .ok_or_else(|| LocalPgError::NoBinaries("no initdb under pg_config --bindir or /usr/lib/postgresql".into()))
 }
 
 fn is_root() -> bool {
@@ -110,7 +109,22 @@ impl LocalCluster {
         let data = c.data_dir();
         if !data.join("PG_VERSION").exists() {
             let initdb = c.bindir.join("initdb").display().to_string();
-            c.run(&initdb, &["-D", &data.display().to_string(), "-U", "postgres", "-A", "trust", "-E", "UTF8", "--no-sync", "--locale=C"], true)?;
+            c.run(
+                &initdb,
+                &[
+                    "-D",
+                    &data.display().to_string(),
+                    "-U",
+                    "postgres",
+                    "-A",
+                    "trust",
+                    "-E",
+                    "UTF8",
+                    "--no-sync",
+                    "--locale=C",
+                ],
+                true,
+            )?;
         }
         c.port = match std::fs::read_to_string(c.root.join("port")) {
             Ok(p) if options.data_dir.is_some() => p.trim().parse().unwrap_or(free_port()?),
@@ -136,10 +150,19 @@ impl LocalCluster {
         let main_conf = data.join("postgresql.conf");
         let existing = std::fs::read_to_string(&main_conf).map_err(io(&main_conf))?;
         if !existing.contains("include_if_exists = '../synapse.conf'") {
-            std::fs::write(&main_conf, existing + "\ninclude_if_exists = '../synapse.conf'\n").map_err(io(&main_conf))?;
+            std::fs::write(&main_conf, existing + "\ninclude_if_exists = '../synapse.conf'\n")
+                .map_err(io(&main_conf))?;
         }
         if c.as_postgres {
-            c.run("chown", &["postgres:postgres", &c.root.join("synapse.conf").display().to_string(), &c.root.join("port").display().to_string()], false)?;
+            c.run(
+                "chown",
+                &[
+                    "postgres:postgres",
+                    &c.root.join("synapse.conf").display().to_string(),
+                    &c.root.join("port").display().to_string(),
+                ],
+                false,
+            )?;
         }
         c.pg_ctl(&["start", "-w", "-t", "120", "-l", &c.root.join("server.log").display().to_string()])?;
         Ok(c)
@@ -165,7 +188,8 @@ impl LocalCluster {
     /// Runs SQL through psql (for setup steps that must not depend on the code under test).
     pub fn psql(&self, db: &str, sql: &str) -> Result<String> {
         let psql = self.bindir.join("psql").display().to_string();
-        let out = self.run(&psql, &["-X", "-q", "-A", "-t", "-v", "ON_ERROR_STOP=1", "-d", &self.url(db), "-c", sql], false)?;
+        let out =
+            self.run(&psql, &["-X", "-q", "-A", "-t", "-v", "ON_ERROR_STOP=1", "-d", &self.url(db), "-c", sql], false)?;
         Ok(String::from_utf8_lossy(&out.stdout).trim().to_owned())
     }
 
@@ -179,7 +203,8 @@ impl LocalCluster {
     }
 
     pub fn restart(&self) -> Result<()> {
-        self.pg_ctl(&["start", "-w", "-t", "120", "-l", &self.root.join("server.log").display().to_string()]).map(|_| ())
+        self.pg_ctl(&["start", "-w", "-t", "120", "-l", &self.root.join("server.log").display().to_string()])
+            .map(|_| ())
     }
 
     fn pg_ctl(&self, args: &[&str]) -> Result<Output> {
@@ -201,7 +226,8 @@ impl LocalCluster {
         };
         cmd.args(args).current_dir(&self.root);
         let command = format!("{program} {}", args.join(" "));
-        let out = cmd.output().map_err(|e| LocalPgError::Command { command: command.clone(), stderr: e.to_string() })?;
+        let out =
+            cmd.output().map_err(|e| LocalPgError::Command { command: command.clone(), stderr: e.to_string() })?;
         if !out.status.success() {
             let mut stderr = String::from_utf8_lossy(&out.stderr).trim().to_owned();
             if let Ok(log) = std::fs::read_to_string(self.root.join("server.log")) {

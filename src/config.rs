@@ -1,0 +1,357 @@
+//! The configuration file: YAML or TOML, `${VAR}`, `${VAR:-default}` and `${VAR:?message}`
+//! interpolated from the environment before parsing, unknown fields rejected, and `validate()`
+//! naming the field and the rule it broke.
+
+use serde::Deserialize;
+use std::fmt;
+use std::path::{Path, PathBuf};
+
+/// Defaults, with the reason for each.
+pub mod defaults {
+    /// Next to where synapse runs, so the quickstart needs no setup.
+    pub const LOG_DIR: &str = "./synapse-data";
+    /// Two cores are the common small machine; each copy worker is a source + target connection.
+    pub const COPY_PARALLELISM: usize = 2;
+    /// Loopback only: metrics may reveal table names.
+    pub const OPS_LISTEN: &str = "127.0.0.1:9187";
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read {path}: {source}")]
+    Read { path: String, source: std::io::Error },
+    #[error("{path}: environment variable {var} is not set{}", message.as_ref().map(|m| format!(": {m}")).unwrap_or_default())]
+    MissingVar { path: String, var: String, message: Option<String> },
+    #[error("{path}: {message}")]
+    Parse { path: String, message: String },
+    #[error("{path}: invalid {field}: {message}")]
+    Invalid { path: String, field: String, message: String },
+}
+
+/// A connection URL whose password never reaches logs or output.
+#[derive(Clone, Deserialize)]
+#[serde(transparent)]
+pub struct SecretUrl(String);
+
+impl SecretUrl {
+    pub fn new(s: impl Into<String>) -> Self {
+        SecretUrl(s.into())
+    }
+    pub fn pg_config(&self) -> Result<tokio_postgres::Config, String> {
+        self.0.parse().map_err(|e: tokio_postgres::Error| e.to_string())
+    }
+}
+
+impl fmt::Debug for SecretUrl {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{self}")
+    }
+}
+
+impl fmt::Display for SecretUrl {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        // postgres://user:secret@host → postgres://user:***@host; key=value form: password=***
+        let s = &self.0;
+        if let Some(scheme_end) = s.find("://") {
+            let rest = &s[scheme_end + 3..];
+            if let Some(at) = rest.find('@') {
+                if let Some(colon) = rest[..at].find(':') {
+                    return write!(f, "{}{}:***{}", &s[..scheme_end + 3], &rest[..colon], &rest[at..]);
+                }
+            }
+            return f.write_str(s);
+        }
+        let redacted: Vec<String> = s
+            .split_whitespace()
+            .map(|kv| if kv.starts_with("password=") { "password=***".to_string() } else { kv.to_string() })
+            .collect();
+        f.write_str(&redacted.join(" "))
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    #[serde(default)]
+    pub log: LogConfig,
+    pub sources: Vec<SourceConfig>,
+    #[serde(default)]
+    pub targets: Vec<TargetConfig>,
+    #[serde(default)]
+    pub ops: OpsConfig,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LogConfig {
+    /// Directory of the embedded log (one file per source).
+    #[serde(default = "default_log_dir")]
+    pub dir: PathBuf,
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        LogConfig { dir: default_log_dir() }
+    }
+}
+
+fn default_log_dir() -> PathBuf {
+    PathBuf::from(defaults::LOG_DIR)
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SourceConfig {
+    /// Names the node: its log file, slot (`synapse_<name>`) and replication origin.
+    pub name: String,
+    pub url: SecretUrl,
+    pub slot: Option<String>,
+    #[serde(default = "default_publication")]
+    pub publication: String,
+    /// `schema.table` names; empty = every table with a primary key or replica identity.
+    #[serde(default)]
+    pub tables: Vec<String>,
+    #[serde(default = "yes")]
+    pub create_publication: bool,
+    /// Seconds between heartbeats.
+    #[serde(default = "default_heartbeat")]
+    pub heartbeat_interval_secs: f64,
+}
+
+fn default_publication() -> String {
+    "synapse".into()
+}
+fn yes() -> bool {
+    true
+}
+fn default_heartbeat() -> f64 {
+    synapse_capture::defaults::HEARTBEAT_INTERVAL.as_secs_f64()
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TargetConfig {
+    pub name: String,
+    pub url: SecretUrl,
+    /// Source names to apply; empty = every source except one with this target's name.
+    #[serde(default)]
+    pub sources: Vec<String>,
+    #[serde(default = "yes")]
+    pub initial_copy: bool,
+    #[serde(default = "default_copy_parallelism")]
+    pub copy_parallelism: usize,
+    #[serde(default = "default_txns_per_commit")]
+    pub max_txns_per_commit: usize,
+}
+
+fn default_copy_parallelism() -> usize {
+    defaults::COPY_PARALLELISM
+}
+fn default_txns_per_commit() -> usize {
+    synapse_apply::defaults::MAX_TXNS_PER_COMMIT
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OpsConfig {
+    /// Address of /metrics, /livez, /readyz; empty string disables the server.
+    #[serde(default = "default_listen")]
+    pub listen: String,
+}
+
+impl Default for OpsConfig {
+    fn default() -> Self {
+        OpsConfig { listen: default_listen() }
+    }
+}
+
+fn default_listen() -> String {
+    defaults::OPS_LISTEN.into()
+}
+
+/// Replaces `${VAR}`, `${VAR:-default}` and `${VAR:?message}` with values from `lookup`.
+pub fn interpolate(text: &str, path: &str, lookup: impl Fn(&str) -> Option<String>) -> Result<String, ConfigError> {
+    let re = regex_lite::Regex::new(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::([-?])([^}]*))?\}").expect("static regex");
+    let mut out = String::with_capacity(text.len());
+    let mut last = 0;
+    for cap in re.captures_iter(text) {
+        let (Some(whole), Some(var)) = (cap.get(0), cap.get(1)) else { continue };
+        out.push_str(&text[last..whole.start()]);
+        last = whole.end();
+        let value = lookup(var.as_str()).filter(|v| !v.is_empty());
+        let replacement = match (value, cap.get(2).map(|m| m.as_str()), cap.get(3).map(|m| m.as_str())) {
+            (Some(v), _, _) => v,
+            (None, Some("-"), Some(default)) => default.to_owned(),
+            (None, Some("?"), msg) => {
+                return Err(ConfigError::MissingVar {
+                    path: path.into(),
+                    var: var.as_str().into(),
+                    message: msg.map(str::to_owned),
+                })
+            }
+            (None, _, _) => {
+                return Err(ConfigError::MissingVar { path: path.into(), var: var.as_str().into(), message: None })
+            }
+        };
+        out.push_str(&replacement);
+    }
+    out.push_str(&text[last..]);
+    Ok(out)
+}
+
+impl Config {
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let p = path.display().to_string();
+        let raw = std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: p.clone(), source })?;
+        let text = interpolate(&raw, &p, |k| std::env::var(k).ok())?;
+        let is_toml = path.extension().is_some_and(|e| e == "toml");
+        let config = Self::parse(&text, is_toml, &p)?;
+        config.validate(&p)?;
+        Ok(config)
+    }
+
+    pub fn parse(text: &str, is_toml: bool, path: &str) -> Result<Config, ConfigError> {
+        let parsed: Result<Config, String> = if is_toml {
+            toml::from_str(text).map_err(|e| e.to_string())
+        } else {
+            serde_yaml::from_str(text).map_err(|e| e.to_string())
+        };
+        parsed.map_err(|message| ConfigError::Parse { path: path.into(), message: message.trim().to_owned() })
+    }
+
+    pub fn validate(&self, path: &str) -> Result<(), ConfigError> {
+        let invalid = |field: String, message: String| ConfigError::Invalid { path: path.into(), field, message };
+        if self.sources.is_empty() {
+            return Err(invalid("sources".into(), "at least one source is required".into()));
+        }
+        let valid_name = |n: &str| {
+            !n.is_empty()
+                && n.len() <= 40
+                && n.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_' || c == '-')
+        };
+        let mut names = Vec::new();
+        for (i, s) in self.sources.iter().enumerate() {
+            if !valid_name(&s.name) {
+                return Err(invalid(
+                    format!("sources[{i}].name"),
+                    format!("`{}` must be 1–40 characters of a-z, 0-9, _ or -", s.name),
+                ));
+            }
+            if names.contains(&s.name) {
+                return Err(invalid(format!("sources[{i}].name"), format!("`{}` is used twice", s.name)));
+            }
+            names.push(s.name.clone());
+            s.url
+                .pg_config()
+                .map_err(|e| invalid(format!("sources[{i}].url"), format!("not a PostgreSQL URL ({e})")))?;
+            if !(0.1..=3600.0).contains(&s.heartbeat_interval_secs) {
+                return Err(invalid(
+                    format!("sources[{i}].heartbeat_interval_secs"),
+                    "must be between 0.1 and 3600".into(),
+                ));
+            }
+            if let Some(slot) = &s.slot {
+                if slot.is_empty()
+                    || slot.len() > 63
+                    || !slot.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_')
+                {
+                    return Err(invalid(
+                        format!("sources[{i}].slot"),
+                        "slot names are 1–63 characters of a-z, 0-9 and _".into(),
+                    ));
+                }
+            }
+        }
+        let mut tnames: Vec<&str> = Vec::new();
+        for (i, t) in self.targets.iter().enumerate() {
+            if !valid_name(&t.name) || tnames.contains(&t.name.as_str()) {
+                return Err(invalid(
+                    format!("targets[{i}].name"),
+                    format!("`{}` must be unique, 1–40 characters of a-z, 0-9, _ or -", t.name),
+                ));
+            }
+            tnames.push(&t.name);
+            t.url
+                .pg_config()
+                .map_err(|e| invalid(format!("targets[{i}].url"), format!("not a PostgreSQL URL ({e})")))?;
+            for (j, s) in t.sources.iter().enumerate() {
+                if !names.contains(s) {
+                    return Err(invalid(format!("targets[{i}].sources[{j}]"), format!("no source is named `{s}`")));
+                }
+            }
+            if !(1..=64).contains(&t.copy_parallelism) {
+                return Err(invalid(format!("targets[{i}].copy_parallelism"), "must be between 1 and 64".into()));
+            }
+            if t.max_txns_per_commit == 0 {
+                return Err(invalid(format!("targets[{i}].max_txns_per_commit"), "must be at least 1".into()));
+            }
+        }
+        if !self.ops.listen.is_empty() && self.ops.listen.parse::<std::net::SocketAddr>().is_err() {
+            return Err(invalid(
+                "ops.listen".into(),
+                format!("`{}` is not an address like 127.0.0.1:9187", self.ops.listen),
+            ));
+        }
+        Ok(())
+    }
+
+    /// The sources a target applies.
+    pub fn sources_of<'a>(&'a self, target: &'a TargetConfig) -> impl Iterator<Item = &'a SourceConfig> + 'a {
+        self.sources.iter().filter(move |s| {
+            if target.sources.is_empty() {
+                s.name != target.name
+            } else {
+                target.sources.contains(&s.name)
+            }
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = "
+sources:
+  - name: a
+    url: postgres://app:${PW:-secret}@127.0.0.1:5432/app
+targets:
+  - name: b
+    url: postgres://app@127.0.0.1:5433/app
+";
+
+    #[test]
+    fn interpolation() {
+        let env = |k: &str| (k == "HOST").then(|| "db1".to_string());
+        assert_eq!(interpolate("h=${HOST} p=${PORT:-5432}", "f", env).unwrap(), "h=db1 p=5432");
+        let e = interpolate("${PW:?set the password}", "f", env).unwrap_err().to_string();
+        assert!(e.contains("PW") && e.contains("set the password"), "{e}");
+        assert!(interpolate("${NOPE}", "f", env).unwrap_err().to_string().contains("NOPE"));
+    }
+
+    #[test]
+    fn parses_and_redacts() {
+        let text = interpolate(GOOD, "f", |_| None).unwrap();
+        let c = Config::parse(&text, false, "f").unwrap();
+        c.validate("f").unwrap();
+        assert_eq!(c.sources[0].url.to_string(), "postgres://app:***@127.0.0.1:5432/app");
+        assert!(!format!("{c:?}").contains("secret"));
+        assert_eq!(c.sources_of(&c.targets[0]).count(), 1);
+        let toml = "[[sources]]\nname = \"a\"\nurl = \"host=x password=hunter2\"\n";
+        let c = Config::parse(toml, true, "f.toml").unwrap();
+        assert_eq!(c.sources[0].url.to_string(), "host=x password=***");
+    }
+
+    #[test]
+    fn errors_name_the_field() {
+        let e = Config::parse("sources:\n  - name: a\n    urll: x\n", false, "f.yaml").unwrap_err().to_string();
+        assert!(e.contains("urll"), "{e}");
+        let bad = GOOD.replace("name: b", "name: B!");
+        let c = Config::parse(&interpolate(&bad, "f", |_| None).unwrap(), false, "f").unwrap();
+        let e = c.validate("f").unwrap_err().to_string();
+        assert!(e.contains("targets[0].name"), "{e}");
+        let bad = GOOD.replace("postgres://app@127.0.0.1:5433/app", "postgres://x:notaport/app");
+        let c = Config::parse(&interpolate(&bad, "f", |_| None).unwrap(), false, "f").unwrap();
+        assert!(c.validate("f").unwrap_err().to_string().contains("targets[0].url"));
+    }
+}

@@ -1,0 +1,153 @@
+//! `synapse doctor`: checks each source and target for what replication needs, and prints the
+//! fix for every failed check.
+
+use crate::config::Config;
+use synapse_capture::catalog;
+use tokio_postgres::NoTls;
+
+struct Report {
+    failed: usize,
+}
+
+impl Report {
+    fn ok(&self, what: &str) {
+        println!("  ok    {what}");
+    }
+    fn fail(&mut self, what: &str, fix: &str) {
+        self.failed += 1;
+        println!("  FAIL  {what}\n        fix: {fix}");
+    }
+    fn warn(&self, what: &str, fix: &str) {
+        println!("  warn  {what}\n        fix: {fix}");
+    }
+}
+
+/// Returns the number of failed checks.
+pub async fn run(config: &Config) -> usize {
+    let mut r = Report { failed: 0 };
+    for s in &config.sources {
+        println!("source {} ({})", s.name, s.url);
+        let Ok(pg) = s.url.pg_config() else { continue };
+        let client = match pg.connect(NoTls).await {
+            Ok((client, conn)) => {
+                tokio::spawn(conn);
+                client
+            }
+            Err(e) => {
+                r.fail(
+                    &format!("connect: {}", crate::pipeline::chain(&e)),
+                    "check sources[].url, that the server is up and pg_hba.conf admits this host",
+                );
+                continue;
+            }
+        };
+        let setting = |name: &'static str| {
+            let c = &client;
+            async move {
+                c.query_one("SELECT current_setting($1)", &[&name])
+                    .await
+                    .map(|row| row.get::<_, String>(0))
+                    .unwrap_or_default()
+            }
+        };
+        let wal_level = setting("wal_level").await;
+        if wal_level == "logical" {
+            r.ok("wal_level = logical");
+        } else {
+            r.fail(
+                &format!("wal_level = {wal_level}"),
+                "ALTER SYSTEM SET wal_level = logical; then restart PostgreSQL",
+            );
+        }
+        let role = client
+            .query_one("SELECT rolname, rolreplication OR rolsuper FROM pg_roles WHERE rolname = current_user", &[])
+            .await;
+        match role {
+            Ok(row) if row.get::<_, bool>(1) => r.ok(&format!("role {} may replicate", row.get::<_, String>(0))),
+            Ok(row) => {
+                let name: String = row.get(0);
+                r.fail(
+                    &format!("role {name} lacks the REPLICATION attribute"),
+                    &format!("ALTER ROLE {name} REPLICATION;"),
+                )
+            }
+            Err(e) => r.fail(&format!("reading role: {e}"), "grant the role access to pg_roles"),
+        }
+        let slots: i64 = client
+            .query_one(
+                "SELECT current_setting('max_replication_slots')::int8 - (SELECT count(*) FROM pg_replication_slots)",
+                &[],
+            )
+            .await
+            .map(|row| row.get(0))
+            .unwrap_or(0);
+        let slot =
+            s.slot.clone().unwrap_or_else(|| crate::pipeline::capture_config(s).map(|c| c.slot).unwrap_or_default());
+        let state = catalog::slot_state(&client, &slot).await.ok().flatten();
+        match &state {
+            Some(st) => {
+                let lag = st.lag_bytes.unwrap_or(0);
+                let msg =
+                    format!("slot {slot} exists, {} , lag {lag} bytes", if st.active { "active" } else { "inactive" });
+                if lag > 1 << 30 {
+                    r.warn(&msg, "the slot retains over 1 GiB of WAL: start synapse, or drop the slot if this source is abandoned (SELECT pg_drop_replication_slot(...))");
+                } else {
+                    r.ok(&msg);
+                }
+            }
+            None if slots > 1 => r.ok(&format!("slot {slot} will be created ({slots} free slots)")),
+            None => r.fail(
+                "no free replication slot (synapse needs one, plus one during the initial copy)",
+                "raise max_replication_slots and restart PostgreSQL",
+            ),
+        }
+        let publication =
+            client.query_opt("SELECT 1 FROM pg_publication WHERE pubname = $1", &[&s.publication]).await.ok().flatten();
+        match (publication.is_some(), s.create_publication) {
+            (true, _) => r.ok(&format!("publication {} exists", s.publication)),
+            (false, true) => r.ok(&format!("publication {} will be created", s.publication)),
+            (false, false) => r.fail(
+                &format!("publication {} is missing", s.publication),
+                &format!("CREATE PUBLICATION {} FOR TABLE …; or set create_publication: true", s.publication),
+            ),
+        }
+        match catalog::select_tables(&client, &s.tables).await {
+            Ok((ok, bad)) => {
+                r.ok(&format!("{} tables have a primary key or replica identity", ok.len()));
+                for t in bad {
+                    r.fail(
+                        &format!("table {t} has no primary key or replica identity"),
+                        &format!("ALTER TABLE {t} ADD PRIMARY KEY (…); or ALTER TABLE {t} REPLICA IDENTITY FULL;"),
+                    );
+                }
+            }
+            Err(e) => r.fail(&crate::pipeline::chain(&e), e.hint()),
+        }
+    }
+    for t in &config.targets {
+        println!("target {} ({})", t.name, t.url);
+        let Ok(pg) = t.url.pg_config() else { continue };
+        match pg.connect(NoTls).await {
+            Ok((client, conn)) => {
+                tokio::spawn(conn);
+                r.ok("connect");
+                match client.query_one("SELECT has_database_privilege(current_database(), 'CREATE'), (SELECT rolsuper FROM pg_roles WHERE rolname = current_user)", &[]).await {
+                    Ok(row) if row.get::<_, bool>(0) => r.ok("may create the synapse schema"),
+                    _ => r.fail("cannot create schemas in the target database", "GRANT CREATE ON DATABASE … TO the target user"),
+                }
+                if let Ok(row) =
+                    client.query_one("SELECT rolsuper FROM pg_roles WHERE rolname = current_user", &[]).await
+                {
+                    if !row.get::<_, bool>(0) {
+                        r.warn("target user is not a superuser", "session_replication_role and replication origins need superuser (or pg_replication_origin_* grants on PG 15)");
+                    }
+                }
+            }
+            Err(e) => r.fail(
+                &format!("connect: {}", crate::pipeline::chain(&e)),
+                "check targets[].url and that the server is up",
+            ),
+        }
+    }
+    r.failed
+}

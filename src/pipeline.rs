@@ -1,0 +1,238 @@
+//! Wires the stages together for `synapse run` and `synapse quickstart`: per source a capture
+//! into its own embedded log; per (target, source) an initial copy and an applier. Holds no
+//! processing logic of its own, only supervision: transient errors retry with backoff, a
+//! definite error stops the pipeline with its code and hint.
+
+use crate::config::{Config, SourceConfig, TargetConfig};
+use crate::ops::{ComponentState, Health};
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+use synapse_apply::{initial_copy, Applier, ApplyConfig, ApplyError, ApplyStats};
+use synapse_capture::{Capture, CaptureConfig, CaptureError, CaptureStats};
+use synapse_log::EmbeddedLog;
+use tokio::sync::watch;
+use tokio::task::JoinSet;
+
+/// What the supervisor needs to know about an error.
+pub trait Classified: std::error::Error {
+    fn transient(&self) -> bool;
+    fn code(&self) -> &'static str;
+    fn hint(&self) -> &'static str;
+}
+
+impl Classified for CaptureError {
+    fn transient(&self) -> bool {
+        self.is_transient()
+    }
+    fn code(&self) -> &'static str {
+        CaptureError::code(self)
+    }
+    fn hint(&self) -> &'static str {
+        CaptureError::hint(self)
+    }
+}
+
+impl Classified for ApplyError {
+    fn transient(&self) -> bool {
+        self.is_transient()
+    }
+    fn code(&self) -> &'static str {
+        ApplyError::code(self)
+    }
+    fn hint(&self) -> &'static str {
+        ApplyError::hint(self)
+    }
+}
+
+/// `error: cause: cause …`
+pub fn chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cur = c.source();
+    }
+    s
+}
+
+/// A definite failure of one component.
+#[derive(Debug, thiserror::Error)]
+#[error("{component} stopped [{code}]: {error}\n  hint: {hint}")]
+pub struct ComponentFailed {
+    pub component: String,
+    pub code: &'static str,
+    pub error: String,
+    pub hint: &'static str,
+}
+
+/// Retries `f` while it fails transiently (exponential backoff, 200 ms … 30 s, with jitter).
+pub async fn supervise<T, E: Classified, Fut: Future<Output = Result<T, E>>>(
+    component: &str,
+    health: &Health,
+    shutdown: &watch::Receiver<bool>,
+    mut f: impl FnMut() -> Fut,
+) -> Result<Option<T>, ComponentFailed> {
+    let mut delay = Duration::from_millis(200);
+    loop {
+        match f().await {
+            Ok(v) => return Ok(Some(v)),
+            Err(e) if e.transient() => {
+                let error = chain(&e);
+                tracing::warn!(component, code = e.code(), %error, retry_in = ?delay, "transient error, retrying");
+                health.set(component, ComponentState::Retrying { code: e.code().into(), error });
+                metrics::counter!("synapse_retries_total", "component" => component.to_owned()).increment(1);
+                let jitter = Duration::from_millis(rand::random::<u64>() % (delay.as_millis() as u64 / 2 + 1));
+                let mut sd = shutdown.clone();
+                tokio::select! {
+                    _ = tokio::time::sleep(delay + jitter) => {}
+                    _ = sd.wait_for(|s| *s) => return Ok(None),
+                }
+                delay = (delay * 2).min(Duration::from_secs(30));
+            }
+            Err(e) => {
+                let failed = ComponentFailed {
+                    component: component.to_owned(),
+                    code: e.code(),
+                    error: chain(&e),
+                    hint: e.hint(),
+                };
+                tracing::error!(component, code = failed.code, error = %failed.error, hint = failed.hint, "stopped");
+                health.set(
+                    component,
+                    ComponentState::Failed {
+                        code: e.code().into(),
+                        error: failed.error.clone(),
+                        hint: e.hint().into(),
+                    },
+                );
+                return Err(failed);
+            }
+        }
+    }
+}
+
+/// Live figures of a running pipeline.
+pub struct Running {
+    pub captures: Vec<(String, Arc<CaptureStats>)>,
+    pub appliers: Vec<(String, Arc<ApplyStats>)>,
+    pub tasks: JoinSet<Result<(), ComponentFailed>>,
+}
+
+pub fn capture_config(s: &SourceConfig) -> Result<CaptureConfig, anyhow::Error> {
+    let pg = s.url.pg_config().map_err(anyhow::Error::msg)?;
+    let mut c = CaptureConfig::new(&s.name, pg);
+    if let Some(slot) = &s.slot {
+        c.slot = slot.clone();
+    }
+    c.publication = s.publication.clone();
+    c.tables = s.tables.clone();
+    c.create_publication = s.create_publication;
+    c.heartbeat_interval = Duration::from_secs_f64(s.heartbeat_interval_secs);
+    Ok(c)
+}
+
+fn apply_config(t: &TargetConfig, source: &str) -> Result<ApplyConfig, anyhow::Error> {
+    let pg = t.url.pg_config().map_err(anyhow::Error::msg)?;
+    let mut c = ApplyConfig::new(source, pg, &format!("apply-{}", t.name));
+    c.max_txns_per_commit = t.max_txns_per_commit;
+    Ok(c)
+}
+
+/// Starts every component; returns once all are spawned.
+pub async fn start(config: &Config, health: Arc<Health>, shutdown: watch::Receiver<bool>) -> anyhow::Result<Running> {
+    let mut running = Running { captures: Vec::new(), appliers: Vec::new(), tasks: JoinSet::new() };
+    for source in &config.sources {
+        let component = format!("capture/{}", source.name);
+        health.set(&component, ComponentState::Starting);
+        let cfg = capture_config(source)?;
+        let log = EmbeddedLog::open(&config.log.dir.join(format!("{}.redb", source.name)), Default::default())
+            .map_err(|e| anyhow::anyhow!("log.dir: {} ({})", chain(&e), e.hint()))?;
+        let capture = supervise(&component, &health, &shutdown, || Capture::connect(cfg.clone())).await?;
+        let Some(capture) = capture else { return Ok(running) };
+        let capture = Arc::new(capture);
+        let prepared = supervise(&component, &health, &shutdown, || capture.prepare()).await?;
+        let Some(prepared) = prepared else { return Ok(running) };
+        for t in &prepared.skipped {
+            eprintln!(
+                "warning [CAP009]: source {}: table {t} has no primary key or replica identity and is not replicated\n  fix: add a primary key, or ALTER TABLE {t} REPLICA IDENTITY FULL",
+                source.name
+            );
+        }
+        running.captures.push((source.name.clone(), capture.stats()));
+        let (c, l, h, sd) = (capture.clone(), log.clone(), health.clone(), shutdown.clone());
+        let comp = component.clone();
+        running.tasks.spawn(async move {
+            h.set(&comp, ComponentState::Streaming);
+            loop {
+                let r = supervise(&comp, &h, &sd, || c.stream(l.clone(), sd.clone())).await?;
+                // A clean return means shutdown (or a stream that ended: resume it).
+                if r.is_none() || *sd.borrow() {
+                    h.set(&comp, ComponentState::Stopped);
+                    return Ok(());
+                }
+                h.set(&comp, ComponentState::Streaming);
+            }
+        });
+        for target in config.targets.iter().filter(|t| config.sources_of(t).any(|s| s.name == source.name)) {
+            let component = format!("apply/{}->{}", source.name, target.name);
+            health.set(&component, ComponentState::Starting);
+            let acfg = apply_config(target, &source.name)?;
+            let applier = Arc::new(Applier::new(acfg.clone()));
+            running.appliers.push((component.clone(), applier.stats()));
+            let (c, l, h, sd, tables) =
+                (capture.clone(), log.clone(), health.clone(), shutdown.clone(), prepared.tables.clone());
+            let (copy, parallelism) = (target.initial_copy, target.copy_parallelism);
+            running.tasks.spawn(async move {
+                if copy {
+                    h.set(&component, ComponentState::Copying);
+                    let stats = applier.stats();
+                    let report = supervise(&component, &h, &sd, || {
+                        initial_copy::run(&c, &tables, &acfg.target, parallelism, stats.clone())
+                    })
+                    .await?;
+                    if let Some(r) = report {
+                        tracing::info!(
+                            component,
+                            copied = r.tables_copied,
+                            already = r.tables_already_synced,
+                            rows = r.rows,
+                            "initial copy done"
+                        );
+                    }
+                }
+                h.set(&component, ComponentState::Streaming);
+                supervise(&component, &h, &sd, || applier.run(&l, sd.clone())).await?;
+                h.set(&component, ComponentState::Stopped);
+                Ok(())
+            });
+        }
+    }
+    Ok(running)
+}
+
+/// Waits for every task; the first definite failure stops the others and is returned.
+pub async fn wait(mut running: Running, stop: &watch::Sender<bool>) -> Result<(), ComponentFailed> {
+    let mut first = None;
+    while let Some(r) = running.tasks.join_next().await {
+        match r {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => {
+                let _ = stop.send(true);
+                first.get_or_insert(e);
+            }
+            Err(join) if join.is_panic() => {
+                let _ = stop.send(true);
+                first.get_or_insert(ComponentFailed {
+                    component: "pipeline".into(),
+                    code: "SYN001",
+                    error: format!("a task panicked: {join}"),
+                    hint: "report this as a bug with the log output",
+                });
+            }
+            Err(_) => {}
+        }
+    }
+    first.map_or(Ok(()), Err)
+}

@@ -1,0 +1,69 @@
+//! Shared helpers of the `synapse` binary's integration tests: real clusters, the real binary.
+#![allow(clippy::unwrap_used, dead_code)] // a failed setup step should fail the test loudly
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+use synapse_localpg::{ClusterOptions, LocalCluster};
+
+pub struct Nodes {
+    pub source: LocalCluster,
+    pub target: LocalCluster,
+    pub dir: tempfile::TempDir,
+}
+
+impl Nodes {
+    pub fn start(source_sql: &str) -> Nodes {
+        let source = LocalCluster::start(ClusterOptions::default()).unwrap();
+        let target = LocalCluster::start(ClusterOptions::default()).unwrap();
+        source.create_database("app").unwrap();
+        target.create_database("app").unwrap();
+        if !source_sql.is_empty() {
+            source.psql("app", source_sql).unwrap();
+        }
+        Nodes { source, target, dir: tempfile::tempdir().unwrap() }
+    }
+
+    /// Writes a config replicating source "a" into target "b"; `extra` is appended to source a.
+    pub fn config(&self, extra_source_yaml: &str) -> PathBuf {
+        let path = self.dir.path().join("synapse.yaml");
+        let yaml = format!(
+            "log:\n  dir: {}\nsources:\n  - name: a\n    url: {}\n    heartbeat_interval_secs: 0.5\n{extra_source_yaml}targets:\n  - name: b\n    url: {}\nops:\n  listen: \"\"\n",
+            self.dir.path().join("log").display(),
+            self.source.url("app"),
+            self.target.url("app"),
+        );
+        std::fs::write(&path, yaml).unwrap();
+        path
+    }
+}
+
+pub fn synapse(args: &[&str]) -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_synapse"));
+    c.args(args);
+    c
+}
+
+/// Starts `synapse run`, its output going to `log` (appended).
+pub fn spawn_run(config: &Path, log: &Path) -> Child {
+    let out = std::fs::OpenOptions::new().create(true).append(true).open(log).unwrap();
+    synapse(&["run", "--config", config.to_str().unwrap()])
+        .stdout(Stdio::null())
+        .stderr(out)
+        .spawn()
+        .unwrap()
+}
+
+/// Polls until `query` gives the same answer on both clusters.
+pub fn wait_equal(source: &LocalCluster, target: &LocalCluster, query: &str, timeout: Duration) {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let want = source.psql("app", query).unwrap();
+        let got = target.psql("app", query).unwrap_or_default();
+        if want == got {
+            return;
+        }
+        assert!(Instant::now() < deadline, "target never matched source\nsource: {want}\ntarget: {got}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}

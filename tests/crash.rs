@@ -1,0 +1,102 @@
+//! kill -9 of synapse at random points during a workload, then restart: the target must equal
+//! the source row for row, and a per-transaction counter proves each transaction applied once.
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use common::{spawn_run, wait_equal, Nodes};
+use rand::Rng;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+const SCHEMA: &str = "
+CREATE TABLE ledger (id bigint PRIMARY KEY, txn_no bigint NOT NULL, payload text NOT NULL);
+CREATE TABLE counters (id int PRIMARY KEY, n bigint NOT NULL);
+INSERT INTO counters VALUES (1, 0);
+INSERT INTO ledger SELECT g, 0, repeat('x', 100) FROM generate_series(1, 300000) g;";
+
+/// Each transaction inserts rows tagged with its number and bumps the counter once; every 25th
+/// is large (2,000 rows) so kills also land inside a transaction being written or applied.
+fn workload(url: String, stop: Arc<AtomicBool>, done: Arc<AtomicU64>) -> std::thread::JoinHandle<()> {
+    std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        rt.block_on(async move {
+            let (client, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls).await.unwrap();
+            tokio::spawn(conn);
+            let mut next_id = 1_000_000i64;
+            let mut txn = 1i64;
+            while !stop.load(Ordering::Relaxed) {
+                let rows = if txn % 25 == 0 { 2000 } else { 3 };
+                client
+                    .batch_execute(&format!(
+                        "BEGIN;
+                         INSERT INTO ledger SELECT g, {txn}, md5(g::text) FROM generate_series({next_id}, {}) g;
+                         UPDATE counters SET n = n + 1 WHERE id = 1;
+                         UPDATE ledger SET payload = 'touched by {txn}' WHERE id = {};
+                         DELETE FROM ledger WHERE id = {};
+                         COMMIT;",
+                        next_id + rows - 1,
+                        1 + txn % 20000,
+                        next_id,
+                    ))
+                    .await
+                    .unwrap();
+                next_id += rows;
+                txn += 1;
+                done.fetch_add(1, Ordering::Relaxed);
+                tokio::time::sleep(Duration::from_millis(3)).await;
+            }
+        });
+    })
+}
+
+#[test]
+fn kill_dash_nine_at_random_points_loses_and_duplicates_nothing() {
+    let nodes = Nodes::start(SCHEMA);
+    let config = nodes.config("");
+    let log = nodes.dir.path().join("synapse.log");
+    let stop = Arc::new(AtomicBool::new(false));
+    let done = Arc::new(AtomicU64::new(0));
+    let load = workload(nodes.source.url("app"), stop.clone(), done.clone());
+    let mut rng = rand::thread_rng();
+    let kill_after = |child: &mut std::process::Child, ms: u64| {
+        std::thread::sleep(Duration::from_millis(ms));
+        child.kill().unwrap(); // SIGKILL
+        child.wait().unwrap();
+    };
+    // 4 kills during the initial copy (each rerun truncates and re-copies the interrupted table).
+    for _ in 0..4 {
+        kill_after(&mut spawn_run(&config, &log), rng.gen_range(200..700));
+    }
+    // Let one run finish the copy, then 20 kills at random points of streaming.
+    let mut child = spawn_run(&config, &log);
+    let ready = "SELECT count(*) FROM synapse.table_sync WHERE state = 'ready'";
+    let deadline = std::time::Instant::now() + Duration::from_secs(120);
+    while nodes.target.psql("app", ready).unwrap_or_default() != "2" {
+        assert!(std::time::Instant::now() < deadline, "initial copy never finished");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    kill_after(&mut child, rng.gen_range(0..500));
+    for _ in 0..20 {
+        kill_after(&mut spawn_run(&config, &log), rng.gen_range(100..1500));
+    }
+    stop.store(true, Ordering::Relaxed);
+    load.join().unwrap();
+    let txns = done.load(Ordering::Relaxed);
+    assert!(txns > 100, "the workload ran only {txns} transactions");
+
+    let mut child = spawn_run(&config, &log);
+    let rows = "SELECT count(*) || ':' || md5(string_agg(id || '/' || txn_no || '/' || payload, ',' ORDER BY id)) FROM ledger";
+    wait_equal(&nodes.source, &nodes.target, rows, Duration::from_secs(120));
+    wait_equal(&nodes.source, &nodes.target, "SELECT n FROM counters", Duration::from_secs(10));
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let n: u64 = nodes.target.psql("app", "SELECT n FROM counters").unwrap().parse().unwrap();
+    assert_eq!(n, txns, "each workload transaction bumps the counter once");
+    let text = std::fs::read_to_string(&log).unwrap();
+    if std::env::var_os("SYNAPSE_TEST_SHOW_LOG").is_some() {
+        eprintln!("{text}");
+    }
+    assert!(!text.contains("panicked"), "synapse panicked:\n{text}");
+}

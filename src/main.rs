@@ -1,5 +1,6 @@
 //! The `synapse` binary: wires capture, the log and apply together (see pipeline.rs).
 
+mod bench;
 mod config;
 mod doctor;
 mod ops;
@@ -35,6 +36,23 @@ enum Command {
     Doctor {
         #[arg(long, short)]
         config: PathBuf,
+    },
+    /// End-to-end benchmarks with PostgreSQL's own tools as baselines (run a release build).
+    Bench {
+        /// Rows of the bulk scenarios (P1, P3, P8).
+        #[arg(long, default_value_t = 1_000_000)]
+        rows: u64,
+        #[arg(long, default_value_t = 10_000)]
+        txn_rows: u64,
+        /// Single-row update transactions of P2.
+        #[arg(long, default_value_t = 100_000)]
+        updates: u64,
+        /// Size of P7's single transaction in MB (0 skips P7).
+        #[arg(long, default_value_t = 1024)]
+        big_mb: u64,
+        /// Record a perf profile of synapse during P2 and print its top symbols.
+        #[arg(long)]
+        profile: bool,
     },
     /// See live replication: two local demo nodes, or --source/--target URLs.
     Quickstart {
@@ -106,7 +124,7 @@ async fn run(config: PathBuf) -> anyhow::Result<()> {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let quiet = matches!(cli.command, Command::Quickstart { .. } | Command::Validate { .. } | Command::Doctor { .. });
+    let quiet = !matches!(cli.command, Command::Run { .. });
     init_tracing(if quiet { "warn" } else { "info" });
     let _ = ops::metrics_handle();
     let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
@@ -134,6 +152,9 @@ fn main() -> ExitCode {
                     println!("{failed} check(s) failed");
                     Ok(ExitCode::FAILURE)
                 }
+            }
+            Command::Bench { rows, txn_rows, updates, big_mb, profile } => {
+                bench::run(bench::Options { rows, txn_rows, updates, big_mb, profile }).await.map(|_| ExitCode::SUCCESS)
             }
             Command::Quickstart { source, target, data_dir, duration, ops_listen } => {
                 let opts = quickstart::Options {

@@ -186,7 +186,9 @@ impl Applier {
                 }
                 return Ok(());
             }
+            let read_started = Instant::now();
             let records = log.read(pos, self.config.read_batch).await?;
+            metrics::histogram!("synapse_apply_log_read_seconds").record(read_started.elapsed().as_secs_f64());
             let exhausted = records.len() < self.config.read_batch;
             if records.is_empty() {
                 if s.in_target_txn && open.is_none() {
@@ -324,7 +326,9 @@ impl<L: ChangeLog> Session<'_, L> {
     }
 
     async fn flush(&mut self) -> Result<(), ApplyError> {
+        let started = Instant::now();
         let rows = self.pending.flush(&self.client, &mut self.statements).await?;
+        metrics::histogram!("synapse_apply_statements_seconds").record(started.elapsed().as_secs_f64());
         self.applier.stats.rows.fetch_add(rows as u64, Ordering::Relaxed);
         metrics::counter!("synapse_apply_rows_total").increment(rows as u64);
         Ok(())
@@ -332,6 +336,7 @@ impl<L: ChangeLog> Session<'_, L> {
 
     async fn commit(&mut self, next_offset: Offset) -> Result<(), ApplyError> {
         self.flush().await?;
+        let started = Instant::now();
         let node = &self.applier.config.node;
         let (lsn, time) = self.last_commit.as_ref().map(|c| (c.commit_lsn, c.commit_time_us)).unwrap_or_default();
         let lsn_text = lsn.to_string();
@@ -356,6 +361,7 @@ impl<L: ChangeLog> Session<'_, L> {
             .await
             .map_err(ApplyError::target("recording the origin position"))?;
         self.client.batch_execute("COMMIT").await.map_err(ApplyError::target("committing a target transaction"))?;
+        metrics::histogram!("synapse_apply_commit_seconds").record(started.elapsed().as_secs_f64());
         self.in_target_txn = false;
         let stats = &self.applier.stats;
         stats.transactions.fetch_add(self.txns_in_group as u64, Ordering::Relaxed);

@@ -1,0 +1,358 @@
+//! `synapse bench`: end-to-end benchmarks against PostgreSQL's own tools, measured in the same
+//! run on the same machine, printing both figures and the ratio.
+//!
+//! | id | what | baseline |
+//! |----|------|----------|
+//! | P1 | catch-up after 1M rows in 10k-row transactions were written while paused | publication/subscription |
+//! | P2 | catch-up after 100k single-row update transactions | publication/subscription |
+//! | P3 | capture drain of the P1 WAL into the durable log | pg_recvlogical to /dev/null |
+//! | P7 | peak RSS while one ~1 GB transaction flows through (goal < 256 MB) | pg_recvlogical peak RSS |
+//! | P8 | initial copy of the P1 table into an empty target | COPY TO STDOUT piped into COPY FROM STDIN |
+//!
+//! Pausing is fair to the baseline: its apply worker is held back by a lock on the target table
+//! while the workload runs (re-enabling a subscription would add the worker's start-up to its
+//! time), while synapse is simply not running and is started — start-up included — to catch up.
+
+use anyhow::{bail, Context};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+use synapse_localpg::{ClusterOptions, LocalCluster};
+use tokio_postgres::{Client, NoTls};
+
+pub struct Options {
+    pub rows: u64,
+    pub txn_rows: u64,
+    pub updates: u64,
+    pub big_mb: u64,
+    pub profile: bool,
+}
+
+struct Row {
+    id: &'static str,
+    what: String,
+    synapse: f64,
+    baseline: f64,
+    unit: &'static str,
+    higher_is_better: bool,
+    goal: String,
+}
+
+async fn sql(url: &str) -> anyhow::Result<Client> {
+    let (c, conn) = tokio_postgres::connect(url, NoTls).await?;
+    tokio::spawn(conn);
+    Ok(c)
+}
+
+async fn wait_marker(client: &Client, id: i32, timeout: Duration) -> anyhow::Result<()> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if client.query_opt("SELECT 1 FROM marker WHERE id = $1", &[&id]).await?.is_some() {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            bail!("marker {id} never arrived");
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+fn spawn_synapse(config: &Path, log: &Path) -> anyhow::Result<Child> {
+    let out = std::fs::OpenOptions::new().create(true).append(true).open(log)?;
+    Ok(Command::new(std::env::current_exe()?)
+        .args(["run", "--config", &config.display().to_string()])
+        .stdout(Stdio::null())
+        .stderr(out)
+        .spawn()?)
+}
+
+fn stop(child: &mut Child) -> anyhow::Result<()> {
+    Command::new("kill").args(["-TERM", &child.id().to_string()]).status()?;
+    child.wait()?;
+    Ok(())
+}
+
+/// Peak resident set (VmHWM) of a live process, in MiB.
+fn peak_rss_mib(pid: u32) -> Option<f64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kb: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb / 1024.0)
+}
+
+/// Fetches synapse's /metrics and sums the `_sum` series of the named summaries.
+fn scrape(listen: &str, names: &[&str]) -> Vec<(String, f64)> {
+    use std::io::{Read, Write};
+    let mut body = String::new();
+    if let Ok(mut s) = std::net::TcpStream::connect(listen) {
+        let _ = write!(s, "GET /metrics HTTP/1.0\r\nHost: x\r\n\r\n");
+        let _ = s.read_to_string(&mut body);
+    }
+    names
+        .iter()
+        .map(|n| {
+            let key = format!("{n}_sum");
+            let v = body.lines().filter(|l| l.starts_with(&key)).filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok()).sum();
+            (n.to_string(), v)
+        })
+        .collect()
+}
+
+const SCHEMA: &str = "
+CREATE TABLE bulk (id bigint PRIMARY KEY, a int NOT NULL, b text NOT NULL, c timestamptz NOT NULL);
+CREATE TABLE oltp (id bigint PRIMARY KEY, v bigint NOT NULL, pad text NOT NULL);
+CREATE TABLE huge (id bigint PRIMARY KEY, pad text NOT NULL);
+CREATE TABLE marker (id int PRIMARY KEY, phase text NOT NULL);";
+
+pub async fn run(o: Options) -> anyhow::Result<()> {
+    let opts = ClusterOptions { settings: vec!["max_worker_processes = 16".into()], ..Default::default() };
+    let src = LocalCluster::start(opts.clone())?;
+    let tpg = LocalCluster::start(opts.clone())?;
+    let tsyn = LocalCluster::start(opts)?;
+    for c in [&src, &tpg, &tsyn] {
+        c.create_database("bench")?;
+        c.psql("bench", SCHEMA)?;
+    }
+    src.psql("bench", "INSERT INTO oltp SELECT g, 0, repeat('o', 80) FROM generate_series(1, 100000) g; CREATE PUBLICATION pub_pg FOR TABLE bulk, oltp, huge, marker;")?;
+    tpg.psql(
+        "bench",
+        &format!("CREATE SUBSCRIPTION sub CONNECTION 'host=127.0.0.1 port={} dbname=bench user=postgres' PUBLICATION pub_pg", src.port()),
+    )?;
+    let work = tempfile::tempdir()?;
+    let listen = format!("127.0.0.1:{}", {
+        let l = std::net::TcpListener::bind("127.0.0.1:0")?;
+        l.local_addr()?.port()
+    });
+    let config = work.path().join("synapse.yaml");
+    std::fs::write(
+        &config,
+        format!(
+            "log:\n  dir: {}\nsources:\n  - name: a\n    url: {}\n    tables: [public.bulk, public.oltp, public.huge, public.marker]\ntargets:\n  - name: b\n    url: {}\nops:\n  listen: \"{listen}\"\n",
+            work.path().join("log").display(),
+            src.url("bench"),
+            tsyn.url("bench")
+        ),
+    )?;
+    let log = work.path().join("synapse.log");
+    let source = sql(&src.url("bench")).await?;
+    let pg_target = sql(&tpg.url("bench")).await?;
+    let syn_target = sql(&tsyn.url("bench")).await?;
+
+    eprintln!("setup: initial sync of both targets");
+    let mut child = spawn_synapse(&config, &log)?;
+    source.execute("INSERT INTO marker VALUES (0, 'setup')", &[]).await?;
+    wait_marker(&pg_target, 0, Duration::from_secs(300)).await.context("baseline initial sync")?;
+    wait_marker(&syn_target, 0, Duration::from_secs(300)).await.with_context(|| format!("synapse initial sync; see {}", log.display()))?;
+    stop(&mut child)?;
+
+    let mut rows = Vec::new();
+    let p3_recv = "bench_recv";
+    source.execute("SELECT pg_create_logical_replication_slot($1, 'pgoutput')", &[&p3_recv]).await?;
+    let mut drain_cfg = crate::pipeline::capture_config(&crate::config::SourceConfig {
+        name: "drain".into(),
+        url: crate::config::SecretUrl::new(src.url("bench")),
+        slot: Some("bench_drain".into()),
+        publication: "synapse".into(),
+        tables: vec![],
+        create_publication: false,
+        heartbeat_interval_secs: 60.0,
+    })?;
+    drain_cfg.heartbeat_interval = Duration::from_secs(3600);
+    let drain = synapse_capture::Capture::connect(drain_cfg).await?;
+    drain.prepare().await?;
+
+    // ---- P1: bulk catch-up ----
+    let txns = o.rows / o.txn_rows;
+    eprintln!("P1: writing {} rows in {txns} transactions while both consumers are paused", o.rows);
+    let lock = sql(&tpg.url("bench")).await?;
+    lock.batch_execute("BEGIN; LOCK TABLE bulk IN ACCESS EXCLUSIVE MODE").await?;
+    source
+        .batch_execute(&format!(
+            "DO $$ BEGIN FOR i IN 0..{} LOOP
+                INSERT INTO bulk SELECT g, g % 1000, md5(g::text), now() FROM generate_series(i * {n} + 1, (i + 1) * {n}) g;
+                COMMIT;
+             END LOOP; END $$; INSERT INTO marker VALUES (1, 'p1');",
+            txns - 1,
+            n = o.txn_rows
+        ))
+        .await?;
+    let end_p1: String = source.query_one("SELECT pg_current_wal_lsn()::text", &[]).await?.get(0);
+    let t = Instant::now();
+    lock.batch_execute("COMMIT").await?;
+    wait_marker(&pg_target, 1, Duration::from_secs(1800)).await?;
+    let pg_p1 = t.elapsed().as_secs_f64();
+    let t = Instant::now();
+    let mut child = spawn_synapse(&config, &log)?;
+    wait_marker(&syn_target, 1, Duration::from_secs(1800)).await?;
+    let syn_p1 = t.elapsed().as_secs_f64();
+    let p1_metrics = scrape(&listen, &["synapse_apply_log_read_seconds", "synapse_apply_statements_seconds", "synapse_apply_commit_seconds", "synapse_log_append_seconds"]);
+    stop(&mut child)?;
+    rows.push(Row { id: "P1", what: format!("bulk catch-up, {} rows", o.rows), synapse: o.rows as f64 / syn_p1, baseline: o.rows as f64 / pg_p1, unit: "rows/s", higher_is_better: true, goal: "≥ 2×".into() });
+
+    // ---- P3: capture drain of the P1 WAL ----
+    eprintln!("P3: draining the P1 WAL: pg_recvlogical, then synapse capture");
+    let t = Instant::now();
+    let status = Command::new(src.bindir().join("pg_recvlogical"))
+        .args(["-d", &src.url("bench"), "--slot", p3_recv, "--start", "--endpos", &end_p1, "-o", "proto_version=1", "-o", "publication_names=synapse", "-f", "/dev/null", "--no-loop"])
+        .status()?;
+    let pg_p3 = t.elapsed().as_secs_f64();
+    if !status.success() {
+        bail!("pg_recvlogical failed: {status}");
+    }
+    let drain_log = synapse_log::EmbeddedLog::open(&work.path().join("drain.redb"), Default::default())?;
+    let (stop_drain, rx) = tokio::sync::watch::channel(false);
+    let stats = drain.stats();
+    let t = Instant::now();
+    let task = tokio::spawn(async move { drain.stream(drain_log, rx).await });
+    while stats.transactions.load(Ordering::Relaxed) < txns + 1 {
+        if task.is_finished() {
+            bail!("synapse capture stopped early");
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let syn_p3 = t.elapsed().as_secs_f64();
+    stop_drain.send(true)?;
+    let _ = task.await;
+    source.batch_execute("SELECT pg_drop_replication_slot('bench_recv'); SELECT pg_drop_replication_slot('bench_drain');").await?;
+    rows.push(Row { id: "P3", what: format!("capture drain, {} rows", o.rows), synapse: o.rows as f64 / syn_p3, baseline: o.rows as f64 / pg_p3, unit: "rows/s", higher_is_better: true, goal: "≥ 0.8×".into() });
+
+    // ---- P2: OLTP catch-up ----
+    eprintln!("P2: writing {} single-row update transactions while both consumers are paused", o.updates);
+    lock.batch_execute("BEGIN; LOCK TABLE oltp IN ACCESS EXCLUSIVE MODE").await?;
+    source
+        .batch_execute(&format!(
+            "DO $$ BEGIN FOR i IN 1..{} LOOP
+                UPDATE oltp SET v = v + 1 WHERE id = 1 + (i * 7919) % 100000;
+                COMMIT;
+             END LOOP; END $$; INSERT INTO marker VALUES (2, 'p2');",
+            o.updates
+        ))
+        .await?;
+    let t = Instant::now();
+    lock.batch_execute("COMMIT").await?;
+    wait_marker(&pg_target, 2, Duration::from_secs(1800)).await?;
+    let pg_p2 = t.elapsed().as_secs_f64();
+    let t = Instant::now();
+    let mut child = spawn_synapse(&config, &log)?;
+    let perf = if o.profile {
+        Command::new("perf")
+            .args(["record", "-F", "999", "-g", "-o", &work.path().join("perf.data").display().to_string(), "-p", &child.id().to_string()])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .ok()
+    } else {
+        None
+    };
+    wait_marker(&syn_target, 2, Duration::from_secs(1800)).await?;
+    let syn_p2 = t.elapsed().as_secs_f64();
+    let p2_metrics = scrape(&listen, &["synapse_apply_log_read_seconds", "synapse_apply_statements_seconds", "synapse_apply_commit_seconds", "synapse_log_append_seconds"]);
+    if let Some(mut p) = perf {
+        Command::new("kill").args(["-INT", &p.id().to_string()]).status()?;
+        p.wait()?;
+    }
+    stop(&mut child)?;
+    let same: bool = {
+        let q = "SELECT sum(v)::int8 FROM oltp";
+        let a: i64 = pg_target.query_one(q, &[]).await?.get(0);
+        let b: i64 = syn_target.query_one(q, &[]).await?.get(0);
+        let s: i64 = source.query_one(q, &[]).await?.get(0);
+        a == s && b == s
+    };
+    if !same {
+        bail!("P2 targets differ from the source");
+    }
+    rows.push(Row { id: "P2", what: format!("OLTP catch-up, {} txns", o.updates), synapse: o.updates as f64 / syn_p2, baseline: o.updates as f64 / pg_p2, unit: "txns/s", higher_is_better: true, goal: "≥ 3×".into() });
+
+    // ---- P8: initial copy ----
+    eprintln!("P8: initial copy of bulk into empty databases: COPY | COPY, then synapse");
+    tsyn.create_database("copy_pg")?;
+    tsyn.create_database("copy_syn")?;
+    tsyn.psql("copy_pg", SCHEMA)?;
+    let t = Instant::now();
+    let pipe = format!(
+        "{psql} -X -q -d {src} -c 'COPY bulk TO STDOUT' | {psql} -X -q -d {dst} -c 'COPY bulk FROM STDIN'",
+        psql = src.bindir().join("psql").display(),
+        src = src.url("bench"),
+        dst = tsyn.url("copy_pg")
+    );
+    let status = Command::new("sh").args(["-c", &pipe]).status()?;
+    let pg_p8 = t.elapsed().as_secs_f64();
+    if !status.success() {
+        bail!("baseline COPY pipe failed");
+    }
+    let mut copy_cfg = synapse_capture::CaptureConfig::new("copy", src.url("bench").parse()?);
+    copy_cfg.slot = "bench_copy".into();
+    copy_cfg.tables = vec!["public.bulk".into()];
+    copy_cfg.publication = "bench_copy".into();
+    let copier = synapse_capture::Capture::connect(copy_cfg).await?;
+    let prepared = copier.prepare().await?;
+    let t = Instant::now();
+    let report = synapse_apply::initial_copy::run(&copier, &prepared.tables, &tsyn.url("copy_syn").parse()?, crate::config::defaults::COPY_PARALLELISM, Default::default()).await?;
+    let syn_p8 = t.elapsed().as_secs_f64();
+    source.batch_execute("SELECT pg_drop_replication_slot('bench_copy')").await?;
+    if report.rows != o.rows {
+        bail!("synapse copied {} rows, expected {}", report.rows, o.rows);
+    }
+    rows.push(Row { id: "P8", what: format!("initial copy, {} rows", o.rows), synapse: o.rows as f64 / syn_p8, baseline: o.rows as f64 / pg_p8, unit: "rows/s", higher_is_better: true, goal: "≥ 0.9×".into() });
+
+    // ---- P7: one large transaction ----
+    if o.big_mb > 0 {
+        let n = o.big_mb * 1024 * 1024 / 256;
+        eprintln!("P7: one transaction of ~{} MB ({n} rows) while synapse is stopped", o.big_mb);
+        tpg.psql("bench", "ALTER SUBSCRIPTION sub DISABLE")?;
+        source.execute("SELECT pg_create_logical_replication_slot('bench_recv7', 'pgoutput')", &[]).await?;
+        source
+            .batch_execute(&format!(
+                "INSERT INTO huge SELECT g, repeat(md5(g::text), 6) FROM generate_series(1, {n}) g; INSERT INTO marker VALUES (7, 'p7');"
+            ))
+            .await?;
+        let end: String = source.query_one("SELECT pg_current_wal_lsn()::text", &[]).await?.get(0);
+        let mut recv = Command::new(src.bindir().join("pg_recvlogical"))
+            .args(["-d", &src.url("bench"), "--slot", "bench_recv7", "--start", "--endpos", &end, "-o", "proto_version=1", "-o", "publication_names=synapse", "-f", "/dev/null", "--no-loop"])
+            .spawn()?;
+        let mut recv_peak: f64 = 0.0;
+        while recv.try_wait()?.is_none() {
+            recv_peak = recv_peak.max(peak_rss_mib(recv.id()).unwrap_or(0.0));
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        source.batch_execute("SELECT pg_drop_replication_slot('bench_recv7')").await?;
+        let mut child = spawn_synapse(&config, &log)?;
+        let mut peak: f64 = 0.0;
+        let deadline = Instant::now() + Duration::from_secs(3600);
+        loop {
+            peak = peak.max(peak_rss_mib(child.id()).unwrap_or(0.0));
+            if syn_target.query_opt("SELECT 1 FROM marker WHERE id = 7", &[]).await?.is_some() {
+                break;
+            }
+            if Instant::now() > deadline || child.try_wait()?.is_some() {
+                bail!("P7 did not complete; see {}", log.display());
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        stop(&mut child)?;
+        rows.push(Row { id: "P7", what: format!("peak RSS, one {} MB transaction", o.big_mb), synapse: peak, baseline: recv_peak, unit: "MiB", higher_is_better: false, goal: "< 256 MiB".into() });
+    }
+
+    println!("\n{:<4} {:<38} {:>14} {:>14} {:>8}  {:<10} unit", "id", "scenario", "synapse", "baseline", "ratio", "goal");
+    for r in &rows {
+        let ratio = if r.higher_is_better { r.synapse / r.baseline } else { r.baseline / r.synapse };
+        println!("{:<4} {:<38} {:>14.0} {:>14.0} {:>7.2}×  {:<10} {}", r.id, r.what, r.synapse, r.baseline, ratio, r.goal, r.unit);
+    }
+    println!("\nbaselines: P1/P2 PostgreSQL publication/subscription (apply worker held by a table lock); P3/P7 pg_recvlogical to /dev/null; P8 psql COPY | psql COPY.");
+    for (label, wall, m) in [("P1", syn_p1, &p1_metrics), ("P2", syn_p2, &p2_metrics)] {
+        let parts: Vec<String> = m.iter().map(|(k, v)| format!("{}={v:.2}s", k.trim_start_matches("synapse_"))).collect();
+        println!("{label} where synapse's time went (cumulative, overlapping stages) over {wall:.2}s wall: {}", parts.join(" "));
+    }
+    if o.profile {
+        let report = Command::new("perf")
+            .args(["report", "--stdio", "--no-children", "--percent-limit", "2", "-g", "none", "-i", &work.path().join("perf.data").display().to_string()])
+            .output()?;
+        println!("\nP2 profile of the synapse process (perf, top symbols):");
+        for line in String::from_utf8_lossy(&report.stdout).lines().filter(|l| !l.starts_with('#') && !l.trim().is_empty()).take(25) {
+            println!("  {line}");
+        }
+    }
+    Ok(())
+}

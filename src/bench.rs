@@ -172,11 +172,12 @@ pub async fn run(o: Options) -> anyhow::Result<()> {
             "DO $$ BEGIN FOR i IN 0..{} LOOP
                 INSERT INTO bulk SELECT g, g % 1000, md5(g::text), now() FROM generate_series(i * {n} + 1, (i + 1) * {n}) g;
                 COMMIT;
-             END LOOP; END $$; INSERT INTO marker VALUES (1, 'p1');",
+             END LOOP; END $$",
             txns - 1,
             n = o.txn_rows
         ))
         .await?;
+    source.batch_execute("INSERT INTO marker VALUES (1, 'p1')").await?;
     let end_p1: String = source.query_one("SELECT pg_current_wal_lsn()::text", &[]).await?.get(0);
     let t = Instant::now();
     lock.batch_execute("COMMIT").await?;
@@ -225,10 +226,11 @@ pub async fn run(o: Options) -> anyhow::Result<()> {
             "DO $$ BEGIN FOR i IN 1..{} LOOP
                 UPDATE oltp SET v = v + 1 WHERE id = 1 + (i * 7919) % 100000;
                 COMMIT;
-             END LOOP; END $$; INSERT INTO marker VALUES (2, 'p2');",
+             END LOOP; END $$",
             o.updates
         ))
         .await?;
+    source.batch_execute("INSERT INTO marker VALUES (2, 'p2')").await?;
     let t = Instant::now();
     lock.batch_execute("COMMIT").await?;
     wait_marker(&pg_target, 2, Duration::from_secs(1800)).await?;
@@ -305,9 +307,10 @@ pub async fn run(o: Options) -> anyhow::Result<()> {
         source.execute("SELECT pg_create_logical_replication_slot('bench_recv7', 'pgoutput')", &[]).await?;
         source
             .batch_execute(&format!(
-                "INSERT INTO huge SELECT g, repeat(md5(g::text), 6) FROM generate_series(1, {n}) g; INSERT INTO marker VALUES (7, 'p7');"
+                "INSERT INTO huge SELECT g, repeat(md5(g::text), 6) FROM generate_series(1, {n}) g"
             ))
             .await?;
+        source.batch_execute("INSERT INTO marker VALUES (7, 'p7')").await?;
         let end: String = source.query_one("SELECT pg_current_wal_lsn()::text", &[]).await?.get(0);
         let mut recv = Command::new(src.bindir().join("pg_recvlogical"))
             .args(["-d", &src.url("bench"), "--slot", "bench_recv7", "--start", "--endpos", &end, "-o", "proto_version=1", "-o", "publication_names=synapse", "-f", "/dev/null", "--no-loop"])

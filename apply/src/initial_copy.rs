@@ -16,8 +16,8 @@ use synapse_capture::snapshot::{Chunk, SnapshotSession};
 use synapse_capture::Capture;
 use synapse_schemas::{quote_ident, Relation};
 
-/// Pages per chunk: ~64 MiB of heap, big enough that per-chunk setup is noise.
-pub const CHUNK_PAGES: i64 = 8_192;
+/// Smallest chunk: 1,024 pages (8 MiB of heap), big enough that per-chunk setup is noise.
+pub const MIN_CHUNK_PAGES: i64 = 1_024;
 
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct CopyReport {
@@ -59,7 +59,7 @@ pub async fn run(
         SnapshotSession::begin(&capture.config().source, &capture.config().slot).await.map_err(ApplyError::Copy)?;
     let planner = session.connect().await.map_err(ApplyError::Copy)?;
     let mut types = TypeResolver::default();
-    let mut rels: Vec<(Relation, String)> = Vec::new();
+    let mut rels: Vec<(Relation, String, bool)> = Vec::new();
     let mut jobs = VecDeque::new();
     let mut remaining = HashMap::new();
     for (i, (t, was_copying)) in todo.iter().enumerate() {
@@ -80,11 +80,14 @@ pub async fn run(
             )
             .await
             .map_err(ApplyError::target("recording copy state"))?;
-        let chunks = session.chunks(&planner, t, CHUNK_PAGES).await.map_err(ApplyError::Copy)?;
+        let chunks = session.chunks(&planner, t, parallelism, MIN_CHUNK_PAGES).await.map_err(ApplyError::Copy)?;
         remaining.insert(i, (chunks.len(), 0u64));
         jobs.extend(chunks.into_iter().map(|chunk| Job { table: i, chunk }));
         let cols: Vec<String> = rel.columns.iter().map(|c| quote_ident(&c.name)).collect();
-        rels.push((rel, format!("COPY {} ({}) FROM STDIN", table.name, cols.join(", "))));
+        // Binary COPY skips the text output and input functions on both servers.
+        let binary = table.binary_compatible(&rel);
+        let copy_in = format!("COPY {} ({}) FROM STDIN{}", table.name, cols.join(", "), if binary { " (FORMAT binary)" } else { "" });
+        rels.push((rel, copy_in, binary));
     }
     drop(planner);
     tracing::info!(tables = todo.len(), chunks = jobs.len(), parallelism, "initial copy starting");
@@ -99,8 +102,8 @@ pub async fn run(
             .map_err(ApplyError::target("preparing a copy session"))?;
         loop {
             let Some(job) = jobs.lock().ok().and_then(|mut j| j.pop_front()) else { return Ok::<_, ApplyError>(()) };
-            let (rel, copy_in) = &rels[job.table];
-            let out = SnapshotSession::copy_out(&source, rel, job.chunk).await.map_err(ApplyError::Copy)?;
+            let (rel, copy_in, binary) = &rels[job.table];
+            let out = SnapshotSession::copy_out(&source, rel, job.chunk, *binary).await.map_err(ApplyError::Copy)?;
             let sink = target.copy_in::<_, bytes::Bytes>(copy_in.as_str()).await.map_err(ApplyError::target(format!("copying into {}", rel.name())))?;
             futures_util::pin_mut!(out);
             futures_util::pin_mut!(sink);

@@ -72,6 +72,18 @@ pub struct TargetTable {
     pub name: String,
     /// For each source column, the target type to cast text values to.
     pub casts: Vec<String>,
+    /// For each source column, the target column's type OID.
+    pub type_oids: Vec<u32>,
+}
+
+impl TargetTable {
+    /// Whether COPY's binary format can carry `rel`'s rows here: every column has the same
+    /// built-in type on both sides (binary arrays and records embed type OIDs, which differ
+    /// between clusters for user-defined types).
+    pub fn binary_compatible(&self, rel: &Relation) -> bool {
+        const FIRST_USER_OID: u32 = 16_384;
+        rel.columns.iter().zip(&self.type_oids).all(|(c, t)| c.type_oid == *t && c.type_oid < FIRST_USER_OID)
+    }
 }
 
 /// Finds the target table for `rel`; creates it (and its schema) from the source definition if
@@ -112,11 +124,13 @@ pub async fn ensure_table(client: &Client, rel: &Relation) -> Result<TargetTable
             cols = target_columns(client, &name).await?.unwrap_or_default();
         }
     }
-    let casts = rel.columns.iter().map(|c| cols.get(&c.name).cloned().unwrap_or_else(|| "text".into())).collect();
-    Ok(TargetTable { name, casts })
+    let casts = rel.columns.iter().map(|c| cols.get(&c.name).map(|t| t.0.clone()).unwrap_or_else(|| "text".into())).collect();
+    let type_oids = rel.columns.iter().map(|c| cols.get(&c.name).map(|t| t.1).unwrap_or(0)).collect();
+    Ok(TargetTable { name, casts, type_oids })
 }
 
-async fn target_columns(client: &Client, quoted: &str) -> Result<Option<HashMap<String, String>>, ApplyError> {
+/// Column name → (type name for casts, type OID).
+async fn target_columns(client: &Client, quoted: &str) -> Result<Option<HashMap<String, (String, u32)>>, ApplyError> {
     let exists = client
         .query_one("SELECT to_regclass($1)::oid", &[&quoted])
         .await
@@ -124,11 +138,11 @@ async fn target_columns(client: &Client, quoted: &str) -> Result<Option<HashMap<
     let Some(oid) = exists.get::<_, Option<u32>>(0) else { return Ok(None) };
     let rows = client
         .query(
-            "SELECT attname, format_type(atttypid, NULL) FROM pg_attribute
+            "SELECT attname, format_type(atttypid, NULL), atttypid FROM pg_attribute
              WHERE attrelid = $1 AND attnum > 0 AND NOT attisdropped",
             &[&oid],
         )
         .await
         .map_err(ApplyError::target(format!("reading columns of {quoted}")))?;
-    Ok(Some(rows.into_iter().map(|r| (r.get(0), r.get(1))).collect()))
+    Ok(Some(rows.into_iter().map(|r| (r.get(0), (r.get(1), r.get(2)))).collect()))
 }

@@ -67,19 +67,21 @@ impl SnapshotSession {
         Ok(client)
     }
 
-    /// Splits `table` into chunks of about `chunk_pages` pages, using its size in the snapshot.
+    /// Splits `table` into about four chunks per worker (so workers stay balanced), none smaller
+    /// than `min_chunk_pages`, using its size in the snapshot.
     pub async fn chunks(
         &self,
         client: &Client,
         table: &SourceTable,
-        chunk_pages: i64,
+        workers: usize,
+        min_chunk_pages: i64,
     ) -> Result<Vec<Chunk>, CaptureError> {
         let pages: i64 = client
             .query_one("SELECT (pg_relation_size($1::oid) / current_setting('block_size')::int8)::int8", &[&table.oid])
             .await
             .map_err(CaptureError::sql(format!("sizing {}", table.display())))?
             .get(0);
-        let chunk_pages = chunk_pages.max(1);
+        let chunk_pages = (pages / (workers.max(1) as i64 * 4)).max(min_chunk_pages).max(1);
         let mut chunks = Vec::new();
         let mut first = 0;
         while first + chunk_pages < pages {
@@ -90,18 +92,25 @@ impl SnapshotSession {
         Ok(chunks)
     }
 
-    /// Streams one chunk in COPY text format, on `client` (from [`SnapshotSession::connect`]).
+    /// Streams one chunk in COPY text (or binary) format, on `client` (from
+    /// [`SnapshotSession::connect`]).
     pub async fn copy_out(
         client: &Client,
         rel: &Relation,
         chunk: Chunk,
+        binary: bool,
     ) -> Result<impl Stream<Item = Result<Bytes, tokio_postgres::Error>>, CaptureError> {
         let cols: Vec<String> = rel.columns.iter().map(|c| quote_ident(&c.name)).collect();
         let mut filter = format!("ctid >= '({},0)'::tid", chunk.first_page);
         if let Some(end) = chunk.end_page {
             filter.push_str(&format!(" AND ctid < '({end},0)'::tid"));
         }
-        let sql = format!("COPY (SELECT {} FROM ONLY {} WHERE {filter}) TO STDOUT", cols.join(", "), rel.quoted_name());
+        let sql = format!(
+            "COPY (SELECT {} FROM ONLY {} WHERE {filter}) TO STDOUT{}",
+            cols.join(", "),
+            rel.quoted_name(),
+            if binary { " (FORMAT binary)" } else { "" }
+        );
         client.copy_out(&sql).await.map_err(CaptureError::sql(format!("copying {}", rel.name())))
     }
 }

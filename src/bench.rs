@@ -27,6 +27,7 @@ pub struct Options {
     pub updates: u64,
     pub big_mb: u64,
     pub profile: bool,
+    pub copy_parallelism: usize,
 }
 
 struct Row {
@@ -291,7 +292,7 @@ pub async fn run(o: Options) -> anyhow::Result<()> {
     let copier = synapse_capture::Capture::connect(copy_cfg).await?;
     let prepared = copier.prepare().await?;
     let t = Instant::now();
-    let report = synapse_apply::initial_copy::run(&copier, &prepared.tables, &tsyn.url("copy_syn").parse()?, crate::config::defaults::COPY_PARALLELISM, Default::default()).await?;
+    let report = synapse_apply::initial_copy::run(&copier, &prepared.tables, &tsyn.url("copy_syn").parse()?, o.copy_parallelism, Default::default()).await?;
     let syn_p8 = t.elapsed().as_secs_f64();
     source.batch_execute("SELECT pg_drop_replication_slot('bench_copy')").await?;
     if report.rows != o.rows {

@@ -53,6 +53,9 @@ enum Command {
         /// Record a perf profile of synapse during P2 and print its top symbols.
         #[arg(long)]
         profile: bool,
+        /// Parallel chunk copies in P8.
+        #[arg(long, default_value_t = config::defaults::COPY_PARALLELISM)]
+        copy_parallelism: usize,
     },
     /// See live replication: two local demo nodes, or --source/--target URLs.
     Quickstart {
@@ -153,8 +156,9 @@ fn main() -> ExitCode {
                     Ok(ExitCode::FAILURE)
                 }
             }
-            Command::Bench { rows, txn_rows, updates, big_mb, profile } => {
-                bench::run(bench::Options { rows, txn_rows, updates, big_mb, profile }).await.map(|_| ExitCode::SUCCESS)
+            Command::Bench { rows, txn_rows, updates, big_mb, profile, copy_parallelism } => {
+                let o = bench::Options { rows, txn_rows, updates, big_mb, profile, copy_parallelism };
+                bench::run(o).await.map(|_| ExitCode::SUCCESS)
             }
             Command::Quickstart { source, target, data_dir, duration, ops_listen } => {
                 let opts = quickstart::Options {

@@ -80,6 +80,8 @@ pub trait ChangeLog: Send + Sync + 'static {
     /// The position last committed by consumer `name`.
     fn consumer_position(&self, name: &str) -> impl Future<Output = Result<Option<Offset>, LogError>> + Send;
 
-    /// Deletes records that every registered consumer has passed. Returns how many were deleted.
+    /// Deletes records that every registered consumer has passed (an implementation may keep
+    /// some of them, e.g. a storage chunk still holding unconsumed records). Returns how many
+    /// were deleted.
     fn apply_retention(&self) -> impl Future<Output = Result<u64, LogError>> + Send;
 }

@@ -21,6 +21,20 @@ use std::time::{Duration, Instant};
 use synapse_localpg::{ClusterOptions, LocalCluster};
 use tokio_postgres::{Client, NoTls};
 
+enum KeepDir {
+    Temp(tempfile::TempDir),
+    Kept(std::path::PathBuf),
+}
+
+impl KeepDir {
+    fn path(&self) -> &Path {
+        match self {
+            KeepDir::Temp(t) => t.path(),
+            KeepDir::Kept(p) => p,
+        }
+    }
+}
+
 pub struct Options {
     pub rows: u64,
     pub txn_rows: u64,
@@ -28,6 +42,7 @@ pub struct Options {
     pub big_mb: u64,
     pub profile: bool,
     pub copy_parallelism: usize,
+    pub repeat: usize,
 }
 
 struct Row {
@@ -100,13 +115,52 @@ fn scrape(listen: &str, names: &[&str]) -> Vec<(String, f64)> {
         .collect()
 }
 
+/// Starts a system-wide perf recording (every process: walsender, synapse, target backends).
+fn start_profile(enabled: bool, out: &Path) -> Option<Child> {
+    if !enabled {
+        return None;
+    }
+    Command::new("perf")
+        .args(["record", "-a", "-F", "499", "-o", &out.display().to_string()])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .ok()
+}
+
+fn stop_profile(p: Option<Child>) -> anyhow::Result<()> {
+    if let Some(mut p) = p {
+        Command::new("kill").args(["-INT", &p.id().to_string()]).status()?;
+        p.wait()?;
+    }
+    Ok(())
+}
+
+/// Prints CPU share per process and the top symbols of the synapse process.
+fn print_profile(label: &str, data: &Path) -> anyhow::Result<()> {
+    let d = data.display().to_string();
+    let by_comm = Command::new("perf").args(["report", "--stdio", "-i", &d, "--sort", "comm", "--percent-limit", "1"]).output()?;
+    println!("\n{label}: CPU samples by process (perf record -a; 2 cores):");
+    for line in String::from_utf8_lossy(&by_comm.stdout).lines().filter(|l| !l.starts_with('#') && !l.trim().is_empty()).take(12) {
+        println!("  {line}");
+    }
+    let syms = Command::new("perf")
+        .args(["report", "--stdio", "-i", &d, "--comms", "tokio-rt-worker,synapse", "--sort", "sym", "--percent-limit", "1.5"])
+        .output()?;
+    println!("{label}: top symbols inside synapse:");
+    for line in String::from_utf8_lossy(&syms.stdout).lines().filter(|l| !l.starts_with('#') && !l.trim().is_empty()).take(15) {
+        println!("  {line}");
+    }
+    Ok(())
+}
+
 const SCHEMA: &str = "
 CREATE TABLE bulk (id bigint PRIMARY KEY, a int NOT NULL, b text NOT NULL, c timestamptz NOT NULL);
 CREATE TABLE oltp (id bigint PRIMARY KEY, v bigint NOT NULL, pad text NOT NULL);
 CREATE TABLE huge (id bigint PRIMARY KEY, pad text NOT NULL);
 CREATE TABLE marker (id int PRIMARY KEY, phase text NOT NULL);";
 
-pub async fn run(o: Options) -> anyhow::Result<()> {
+async fn run_once(o: &Options, round: usize) -> anyhow::Result<Vec<Row>> {
     let opts = ClusterOptions { settings: vec!["max_worker_processes = 16".into()], ..Default::default() };
     let src = LocalCluster::start(opts.clone())?;
     let tpg = LocalCluster::start(opts.clone())?;
@@ -121,6 +175,10 @@ pub async fn run(o: Options) -> anyhow::Result<()> {
         &format!("CREATE SUBSCRIPTION sub CONNECTION 'host=127.0.0.1 port={} dbname=bench user=postgres' PUBLICATION pub_pg", src.port()),
     )?;
     let work = tempfile::tempdir()?;
+    if std::env::var_os("SYNAPSE_BENCH_KEEP").is_some() {
+        eprintln!("keeping the work directory {}", work.path().display());
+    }
+    let work = if std::env::var_os("SYNAPSE_BENCH_KEEP").is_some() { KeepDir::Kept(work.keep()) } else { KeepDir::Temp(work) };
     let listen = format!("127.0.0.1:{}", {
         let l = std::net::TcpListener::bind("127.0.0.1:0")?;
         l.local_addr()?.port()
@@ -184,10 +242,13 @@ pub async fn run(o: Options) -> anyhow::Result<()> {
     lock.batch_execute("COMMIT").await?;
     wait_marker(&pg_target, 1, Duration::from_secs(1800)).await?;
     let pg_p1 = t.elapsed().as_secs_f64();
+    let p1_perf = work.path().join("p1.perf");
+    let perf = start_profile(o.profile, &p1_perf);
     let t = Instant::now();
     let mut child = spawn_synapse(&config, &log)?;
     wait_marker(&syn_target, 1, Duration::from_secs(1800)).await?;
     let syn_p1 = t.elapsed().as_secs_f64();
+    stop_profile(perf)?;
     let p1_metrics = scrape(&listen, &["synapse_apply_log_read_seconds", "synapse_apply_statements_seconds", "synapse_apply_commit_seconds", "synapse_log_append_seconds"]);
     stop(&mut child)?;
     rows.push(Row { id: "P1", what: format!("bulk catch-up, {} rows", o.rows), synapse: o.rows as f64 / syn_p1, baseline: o.rows as f64 / pg_p1, unit: "rows/s", higher_is_better: true, goal: "≥ 2×".into() });
@@ -236,25 +297,14 @@ pub async fn run(o: Options) -> anyhow::Result<()> {
     lock.batch_execute("COMMIT").await?;
     wait_marker(&pg_target, 2, Duration::from_secs(1800)).await?;
     let pg_p2 = t.elapsed().as_secs_f64();
+    let p2_perf = work.path().join("p2.perf");
+    let perf = start_profile(o.profile, &p2_perf);
     let t = Instant::now();
     let mut child = spawn_synapse(&config, &log)?;
-    let perf = if o.profile {
-        Command::new("perf")
-            .args(["record", "-F", "999", "-g", "-o", &work.path().join("perf.data").display().to_string(), "-p", &child.id().to_string()])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .ok()
-    } else {
-        None
-    };
     wait_marker(&syn_target, 2, Duration::from_secs(1800)).await?;
     let syn_p2 = t.elapsed().as_secs_f64();
     let p2_metrics = scrape(&listen, &["synapse_apply_log_read_seconds", "synapse_apply_statements_seconds", "synapse_apply_commit_seconds", "synapse_log_append_seconds"]);
-    if let Some(mut p) = perf {
-        Command::new("kill").args(["-INT", &p.id().to_string()]).status()?;
-        p.wait()?;
-    }
+    stop_profile(perf)?;
     stop(&mut child)?;
     let same: bool = {
         let q = "SELECT sum(v)::int8 FROM oltp";
@@ -301,7 +351,7 @@ pub async fn run(o: Options) -> anyhow::Result<()> {
     rows.push(Row { id: "P8", what: format!("initial copy, {} rows", o.rows), synapse: o.rows as f64 / syn_p8, baseline: o.rows as f64 / pg_p8, unit: "rows/s", higher_is_better: true, goal: "≥ 0.9×".into() });
 
     // ---- P7: one large transaction ----
-    if o.big_mb > 0 {
+    if o.big_mb > 0 && round == 0 {
         let n = o.big_mb * 1024 * 1024 / 256;
         eprintln!("P7: one transaction of ~{} MB ({n} rows) while synapse is stopped", o.big_mb);
         tpg.psql("bench", "ALTER SUBSCRIPTION sub DISABLE")?;
@@ -339,24 +389,47 @@ pub async fn run(o: Options) -> anyhow::Result<()> {
         rows.push(Row { id: "P7", what: format!("peak RSS, one {} MB transaction", o.big_mb), synapse: peak, baseline: recv_peak, unit: "MiB", higher_is_better: false, goal: "< 256 MiB".into() });
     }
 
-    println!("\n{:<4} {:<38} {:>14} {:>14} {:>8}  {:<10} unit", "id", "scenario", "synapse", "baseline", "ratio", "goal");
-    for r in &rows {
-        let ratio = if r.higher_is_better { r.synapse / r.baseline } else { r.baseline / r.synapse };
-        println!("{:<4} {:<38} {:>14.0} {:>14.0} {:>7.2}×  {:<10} {}", r.id, r.what, r.synapse, r.baseline, ratio, r.goal, r.unit);
-    }
-    println!("\nbaselines: P1/P2 PostgreSQL publication/subscription (apply worker held by a table lock); P3/P7 pg_recvlogical to /dev/null; P8 psql COPY | psql COPY.");
     for (label, wall, m) in [("P1", syn_p1, &p1_metrics), ("P2", syn_p2, &p2_metrics)] {
         let parts: Vec<String> = m.iter().map(|(k, v)| format!("{}={v:.2}s", k.trim_start_matches("synapse_"))).collect();
         println!("{label} where synapse's time went (cumulative, overlapping stages) over {wall:.2}s wall: {}", parts.join(" "));
     }
-    if o.profile {
-        let report = Command::new("perf")
-            .args(["report", "--stdio", "--no-children", "--percent-limit", "2", "-g", "none", "-i", &work.path().join("perf.data").display().to_string()])
-            .output()?;
-        println!("\nP2 profile of the synapse process (perf, top symbols):");
-        for line in String::from_utf8_lossy(&report.stdout).lines().filter(|l| !l.starts_with('#') && !l.trim().is_empty()).take(25) {
-            println!("  {line}");
+    if o.profile && round == 0 {
+        print_profile("P1", &p1_perf)?;
+        print_profile("P2", &p2_perf)?;
+    }
+    Ok(rows)
+}
+
+impl Row {
+    fn ratio(&self) -> f64 {
+        if self.higher_is_better {
+            self.synapse / self.baseline
+        } else {
+            self.baseline / self.synapse
         }
     }
+}
+
+/// Runs every scenario `repeat` times (fresh clusters each round) and prints the round with the
+/// median ratio per scenario, and the spread: this machine is shared and noisy.
+pub async fn run(o: Options) -> anyhow::Result<()> {
+    let mut rounds = Vec::new();
+    for round in 0..o.repeat.max(1) {
+        eprintln!("== round {} of {}", round + 1, o.repeat.max(1));
+        rounds.push(run_once(&o, round).await?);
+    }
+    println!("\n{:<4} {:<38} {:>12} {:>12} {:>8}  {:<17} {:<10} unit", "id", "scenario (median round)", "synapse", "baseline", "ratio", "ratio min–max", "goal");
+    let ids: Vec<&str> = rounds[0].iter().map(|r| r.id).collect();
+    for id in ids {
+        let mut of_id: Vec<&Row> = rounds.iter().filter_map(|rs| rs.iter().find(|r| r.id == id)).collect();
+        of_id.sort_by(|a, b| a.ratio().total_cmp(&b.ratio()));
+        let (lo, hi) = (of_id[0].ratio(), of_id[of_id.len() - 1].ratio());
+        let r = of_id[of_id.len() / 2];
+        println!(
+            "{:<4} {:<38} {:>12.0} {:>12.0} {:>7.2}×  {:>6.2}–{:<9.2} {:<10} {}",
+            r.id, r.what, r.synapse, r.baseline, r.ratio(), lo, hi, r.goal, r.unit
+        );
+    }
+    println!("\nbaselines: P1/P2 PostgreSQL publication/subscription (apply worker held by a table lock); P3/P7 pg_recvlogical to /dev/null; P8 psql COPY | psql COPY.");
     Ok(())
 }

@@ -56,6 +56,9 @@ enum Command {
         /// Parallel chunk copies in P8.
         #[arg(long, default_value_t = config::defaults::COPY_PARALLELISM)]
         copy_parallelism: usize,
+        /// Rounds (fresh clusters each); the median round is reported.
+        #[arg(long, default_value_t = 3)]
+        repeat: usize,
     },
     /// See live replication: two local demo nodes, or --source/--target URLs.
     Quickstart {
@@ -156,8 +159,8 @@ fn main() -> ExitCode {
                     Ok(ExitCode::FAILURE)
                 }
             }
-            Command::Bench { rows, txn_rows, updates, big_mb, profile, copy_parallelism } => {
-                let o = bench::Options { rows, txn_rows, updates, big_mb, profile, copy_parallelism };
+            Command::Bench { rows, txn_rows, updates, big_mb, profile, copy_parallelism, repeat } => {
+                let o = bench::Options { rows, txn_rows, updates, big_mb, profile, copy_parallelism, repeat };
                 bench::run(o).await.map(|_| ExitCode::SUCCESS)
             }
             Command::Quickstart { source, target, data_dir, duration, ops_listen } => {

@@ -61,6 +61,13 @@ fn text(d: &Datum) -> Option<String> {
     d.as_text().map(str::to_owned)
 }
 
+fn into_text(d: Datum) -> Option<String> {
+    match d {
+        Datum::Text(s) => Some(s),
+        _ => None,
+    }
+}
+
 impl PendingChanges {
     pub fn rows(&self) -> usize {
         self.rows
@@ -76,10 +83,16 @@ impl PendingChanges {
         self.rows += 1;
         let full = rel.replica_identity == ReplicaIdentity::Full || rel.key_columns().next().is_none();
         let key_changed = matches!(change.before, Some((OldValues::Key, _))) && change.op == Op::Update;
-        let (kind, values, key) = match (&change.op, &change.after, &change.before) {
+        let mut change = change;
+        let (kind, values, key) = match (&change.op, &mut change.after, &change.before) {
             _ if full || key_changed => (RunKind::Single, None, None),
-            (Op::Insert, Some(after), _) => (RunKind::Insert, Some(after.iter().map(text).collect::<Values>()), None),
+            // Inserts are the bulk of a catch-up: move the values, don't copy them.
+            (Op::Insert, after @ Some(_), _) => {
+                let values = after.take().unwrap_or_default().into_iter().map(into_text).collect::<Values>();
+                (RunKind::Insert, Some(values), None)
+            }
             (Op::Update, Some(after), _) => {
+                let after = &*after;
                 let mask: Vec<bool> =
                     rel.columns.iter().zip(after).map(|(c, d)| !c.is_key && *d != Datum::UnchangedToast).collect();
                 let keyv: Values = rel.key_columns().map(|(i, _)| after.get(i).and_then(text)).collect();

@@ -31,7 +31,10 @@ CREATE TABLE IF NOT EXISTS synapse.table_sync (
 pub async fn setup_state(client: &Client) -> Result<(), ApplyError> {
     // Concurrent appliers may race on CREATE IF NOT EXISTS; a lock makes it deterministic.
     client
-        .batch_execute(&format!("BEGIN; SELECT pg_advisory_xact_lock(7305917); {STATE_DDL} COMMIT;"))
+        .batch_execute(&format!(
+            "SET client_min_messages = warning; BEGIN; SELECT pg_advisory_xact_lock(7305917); {STATE_DDL} COMMIT;
+             RESET client_min_messages;"
+        ))
         .await
         .map_err(ApplyError::target("creating the synapse schema on the target"))
 }

@@ -93,11 +93,18 @@ impl ChangeLog for EmbeddedLog {
     async fn append(&self, records: Vec<LogRecord>) -> Result<Offset, LogError> {
         let started = Instant::now();
         let count = records.len() as u64;
-        let mut encoded = Vec::with_capacity(records.len());
+        // Encoded on the caller's thread, straight into length-prefixed frames.
+        let mut frames: Vec<u8> = Vec::with_capacity(records.len() * 64);
+        let mut spans = Vec::with_capacity(records.len());
         for r in &records {
-            encoded.push(postcard::to_stdvec(r).map_err(LogError::Encode)?);
+            let at = frames.len();
+            frames.extend_from_slice(&[0; 4]);
+            frames = postcard::to_extend(r, frames).map_err(LogError::Encode)?;
+            let len = (frames.len() - at - 4) as u32;
+            frames[at..at + 4].copy_from_slice(&len.to_le_bytes());
+            spans.push(at..frames.len());
         }
-        let bytes: usize = encoded.iter().map(Vec::len).sum();
+        let bytes = frames.len();
         let last = self
             .blocking(move |inner| {
                 let mut tx = inner.db.begin_write().map_err(write_err)?;
@@ -111,16 +118,16 @@ impl ChangeLog for EmbeddedLog {
                     let mut next = meta.get(NEXT_OFFSET).map_err(write_err)?.map(|v| v.value()).unwrap_or(0);
                     let mut open = meta.get(OPEN_TXN).map_err(write_err)?.map(|v| v.value());
                     let mut last_end = None;
-                    let mut chunk: Vec<u8> = Vec::new();
                     let mut chunk_start = next;
-                    for (r, bytes) in records.iter().zip(&encoded) {
-                        if next > chunk_start && (next - chunk_start >= CHUNK_RECORDS as u64 || chunk.len() >= CHUNK_BYTES) {
-                            table.insert(chunk_start, chunk.as_slice()).map_err(write_err)?;
-                            chunk.clear();
+                    let mut chunk_from = 0;
+                    for (r, span) in records.iter().zip(&spans) {
+                        if next > chunk_start
+                            && (next - chunk_start >= CHUNK_RECORDS as u64 || span.start - chunk_from >= CHUNK_BYTES)
+                        {
+                            table.insert(chunk_start, &frames[chunk_from..span.start]).map_err(write_err)?;
                             chunk_start = next;
+                            chunk_from = span.start;
                         }
-                        chunk.extend_from_slice(&(bytes.len() as u32).to_le_bytes());
-                        chunk.extend_from_slice(bytes);
                         next += 1;
                         match r {
                             LogRecord::Begin(b) => open = Some(b.commit_lsn.0),
@@ -131,13 +138,13 @@ impl ChangeLog for EmbeddedLog {
                             LogRecord::Discarded { .. } => open = None,
                             LogRecord::Relation(rel) => {
                                 let k = rel.key();
-                                rels.insert((k.oid, k.version), bytes.as_slice()).map_err(write_err)?;
+                                rels.insert((k.oid, k.version), &frames[span.start + 4..span.end]).map_err(write_err)?;
                             }
                             _ => {}
                         }
                     }
-                    if !chunk.is_empty() {
-                        table.insert(chunk_start, chunk.as_slice()).map_err(write_err)?;
+                    if chunk_from < frames.len() {
+                        table.insert(chunk_start, &frames[chunk_from..]).map_err(write_err)?;
                     }
                     meta.insert(NEXT_OFFSET, next).map_err(write_err)?;
                     match open {

@@ -109,7 +109,11 @@ fn scrape(listen: &str, names: &[&str]) -> Vec<(String, f64)> {
         .iter()
         .map(|n| {
             let key = format!("{n}_sum");
-            let v = body.lines().filter(|l| l.starts_with(&key)).filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok()).sum();
+            let v = body
+                .lines()
+                .filter(|l| l.starts_with(&key))
+                .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+                .sum();
             (n.to_string(), v)
         })
         .collect()
@@ -139,16 +143,35 @@ fn stop_profile(p: Option<Child>) -> anyhow::Result<()> {
 /// Prints CPU share per process and the top symbols of the synapse process.
 fn print_profile(label: &str, data: &Path) -> anyhow::Result<()> {
     let d = data.display().to_string();
-    let by_comm = Command::new("perf").args(["report", "--stdio", "-i", &d, "--sort", "comm", "--percent-limit", "1"]).output()?;
+    let by_comm = Command::new("perf")
+        .args(["report", "--stdio", "-i", &d, "--sort", "comm", "--percent-limit", "1"])
+        .output()?;
     println!("\n{label}: CPU samples by process (perf record -a; 2 cores):");
-    for line in String::from_utf8_lossy(&by_comm.stdout).lines().filter(|l| !l.starts_with('#') && !l.trim().is_empty()).take(12) {
+    for line in String::from_utf8_lossy(&by_comm.stdout)
+        .lines()
+        .filter(|l| !l.starts_with('#') && !l.trim().is_empty())
+        .take(12)
+    {
         println!("  {line}");
     }
     let syms = Command::new("perf")
-        .args(["report", "--stdio", "-i", &d, "--comms", "tokio-rt-worker,synapse", "--sort", "sym", "--percent-limit", "1.5"])
+        .args([
+            "report",
+            "--stdio",
+            "-i",
+            &d,
+            "--comms",
+            "tokio-rt-worker,synapse",
+            "--sort",
+            "sym",
+            "--percent-limit",
+            "1.5",
+        ])
         .output()?;
     println!("{label}: top symbols inside synapse:");
-    for line in String::from_utf8_lossy(&syms.stdout).lines().filter(|l| !l.starts_with('#') && !l.trim().is_empty()).take(15) {
+    for line in
+        String::from_utf8_lossy(&syms.stdout).lines().filter(|l| !l.starts_with('#') && !l.trim().is_empty()).take(15)
+    {
         println!("  {line}");
     }
     Ok(())
@@ -172,13 +195,17 @@ async fn run_once(o: &Options, round: usize) -> anyhow::Result<Vec<Row>> {
     src.psql("bench", "INSERT INTO oltp SELECT g, 0, repeat('o', 80) FROM generate_series(1, 100000) g; CREATE PUBLICATION pub_pg FOR TABLE bulk, oltp, huge, marker;")?;
     tpg.psql(
         "bench",
-        &format!("CREATE SUBSCRIPTION sub CONNECTION 'host=127.0.0.1 port={} dbname=bench user=postgres' PUBLICATION pub_pg", src.port()),
+        &format!(
+            "CREATE SUBSCRIPTION sub CONNECTION 'host=127.0.0.1 port={} dbname=bench user=postgres' PUBLICATION pub_pg",
+            src.port()
+        ),
     )?;
     let work = tempfile::tempdir()?;
     if std::env::var_os("SYNAPSE_BENCH_KEEP").is_some() {
         eprintln!("keeping the work directory {}", work.path().display());
     }
-    let work = if std::env::var_os("SYNAPSE_BENCH_KEEP").is_some() { KeepDir::Kept(work.keep()) } else { KeepDir::Temp(work) };
+    let work =
+        if std::env::var_os("SYNAPSE_BENCH_KEEP").is_some() { KeepDir::Kept(work.keep()) } else { KeepDir::Temp(work) };
     let listen = format!("127.0.0.1:{}", {
         let l = std::net::TcpListener::bind("127.0.0.1:0")?;
         l.local_addr()?.port()
@@ -202,7 +229,9 @@ async fn run_once(o: &Options, round: usize) -> anyhow::Result<Vec<Row>> {
     let mut child = spawn_synapse(&config, &log)?;
     source.execute("INSERT INTO marker VALUES (0, 'setup')", &[]).await?;
     wait_marker(&pg_target, 0, Duration::from_secs(300)).await.context("baseline initial sync")?;
-    wait_marker(&syn_target, 0, Duration::from_secs(300)).await.with_context(|| format!("synapse initial sync; see {}", log.display()))?;
+    wait_marker(&syn_target, 0, Duration::from_secs(300))
+        .await
+        .with_context(|| format!("synapse initial sync; see {}", log.display()))?;
     stop(&mut child)?;
 
     let mut rows = Vec::new();
@@ -249,15 +278,46 @@ async fn run_once(o: &Options, round: usize) -> anyhow::Result<Vec<Row>> {
     wait_marker(&syn_target, 1, Duration::from_secs(1800)).await?;
     let syn_p1 = t.elapsed().as_secs_f64();
     stop_profile(perf)?;
-    let p1_metrics = scrape(&listen, &["synapse_apply_log_read_seconds", "synapse_apply_statements_seconds", "synapse_apply_commit_seconds", "synapse_log_append_seconds"]);
+    let p1_metrics = scrape(
+        &listen,
+        &[
+            "synapse_apply_log_read_seconds",
+            "synapse_apply_statements_seconds",
+            "synapse_apply_commit_seconds",
+            "synapse_log_append_seconds",
+        ],
+    );
     stop(&mut child)?;
-    rows.push(Row { id: "P1", what: format!("bulk catch-up, {} rows", o.rows), synapse: o.rows as f64 / syn_p1, baseline: o.rows as f64 / pg_p1, unit: "rows/s", higher_is_better: true, goal: "≥ 2×".into() });
+    rows.push(Row {
+        id: "P1",
+        what: format!("bulk catch-up, {} rows", o.rows),
+        synapse: o.rows as f64 / syn_p1,
+        baseline: o.rows as f64 / pg_p1,
+        unit: "rows/s",
+        higher_is_better: true,
+        goal: "≥ 2×".into(),
+    });
 
     // ---- P3: capture drain of the P1 WAL ----
     eprintln!("P3: draining the P1 WAL: pg_recvlogical, then synapse capture");
     let t = Instant::now();
     let status = Command::new(src.bindir().join("pg_recvlogical"))
-        .args(["-d", &src.url("bench"), "--slot", p3_recv, "--start", "--endpos", &end_p1, "-o", "proto_version=1", "-o", "publication_names=synapse", "-f", "/dev/null", "--no-loop"])
+        .args([
+            "-d",
+            &src.url("bench"),
+            "--slot",
+            p3_recv,
+            "--start",
+            "--endpos",
+            &end_p1,
+            "-o",
+            "proto_version=1",
+            "-o",
+            "publication_names=synapse",
+            "-f",
+            "/dev/null",
+            "--no-loop",
+        ])
         .status()?;
     let pg_p3 = t.elapsed().as_secs_f64();
     if !status.success() {
@@ -277,8 +337,18 @@ async fn run_once(o: &Options, round: usize) -> anyhow::Result<Vec<Row>> {
     let syn_p3 = t.elapsed().as_secs_f64();
     stop_drain.send(true)?;
     let _ = task.await;
-    source.batch_execute("SELECT pg_drop_replication_slot('bench_recv'); SELECT pg_drop_replication_slot('bench_drain');").await?;
-    rows.push(Row { id: "P3", what: format!("capture drain, {} rows", o.rows), synapse: o.rows as f64 / syn_p3, baseline: o.rows as f64 / pg_p3, unit: "rows/s", higher_is_better: true, goal: "≥ 0.8×".into() });
+    source
+        .batch_execute("SELECT pg_drop_replication_slot('bench_recv'); SELECT pg_drop_replication_slot('bench_drain');")
+        .await?;
+    rows.push(Row {
+        id: "P3",
+        what: format!("capture drain, {} rows", o.rows),
+        synapse: o.rows as f64 / syn_p3,
+        baseline: o.rows as f64 / pg_p3,
+        unit: "rows/s",
+        higher_is_better: true,
+        goal: "≥ 0.8×".into(),
+    });
 
     // ---- P2: OLTP catch-up ----
     eprintln!("P2: writing {} single-row update transactions while both consumers are paused", o.updates);
@@ -303,7 +373,15 @@ async fn run_once(o: &Options, round: usize) -> anyhow::Result<Vec<Row>> {
     let mut child = spawn_synapse(&config, &log)?;
     wait_marker(&syn_target, 2, Duration::from_secs(1800)).await?;
     let syn_p2 = t.elapsed().as_secs_f64();
-    let p2_metrics = scrape(&listen, &["synapse_apply_log_read_seconds", "synapse_apply_statements_seconds", "synapse_apply_commit_seconds", "synapse_log_append_seconds"]);
+    let p2_metrics = scrape(
+        &listen,
+        &[
+            "synapse_apply_log_read_seconds",
+            "synapse_apply_statements_seconds",
+            "synapse_apply_commit_seconds",
+            "synapse_log_append_seconds",
+        ],
+    );
     stop_profile(perf)?;
     stop(&mut child)?;
     let same: bool = {
@@ -316,7 +394,15 @@ async fn run_once(o: &Options, round: usize) -> anyhow::Result<Vec<Row>> {
     if !same {
         bail!("P2 targets differ from the source");
     }
-    rows.push(Row { id: "P2", what: format!("OLTP catch-up, {} txns", o.updates), synapse: o.updates as f64 / syn_p2, baseline: o.updates as f64 / pg_p2, unit: "txns/s", higher_is_better: true, goal: "≥ 3×".into() });
+    rows.push(Row {
+        id: "P2",
+        what: format!("OLTP catch-up, {} txns", o.updates),
+        synapse: o.updates as f64 / syn_p2,
+        baseline: o.updates as f64 / pg_p2,
+        unit: "txns/s",
+        higher_is_better: true,
+        goal: "≥ 3×".into(),
+    });
 
     // ---- P8: initial copy ----
     eprintln!("P8: initial copy of bulk into empty databases: COPY | COPY, then synapse");
@@ -342,13 +428,28 @@ async fn run_once(o: &Options, round: usize) -> anyhow::Result<Vec<Row>> {
     let copier = synapse_capture::Capture::connect(copy_cfg).await?;
     let prepared = copier.prepare().await?;
     let t = Instant::now();
-    let report = synapse_apply::initial_copy::run(&copier, &prepared.tables, &tsyn.url("copy_syn").parse()?, o.copy_parallelism, Default::default()).await?;
+    let report = synapse_apply::initial_copy::run(
+        &copier,
+        &prepared.tables,
+        &tsyn.url("copy_syn").parse()?,
+        o.copy_parallelism,
+        Default::default(),
+    )
+    .await?;
     let syn_p8 = t.elapsed().as_secs_f64();
     source.batch_execute("SELECT pg_drop_replication_slot('bench_copy')").await?;
     if report.rows != o.rows {
         bail!("synapse copied {} rows, expected {}", report.rows, o.rows);
     }
-    rows.push(Row { id: "P8", what: format!("initial copy, {} rows", o.rows), synapse: o.rows as f64 / syn_p8, baseline: o.rows as f64 / pg_p8, unit: "rows/s", higher_is_better: true, goal: "≥ 0.9×".into() });
+    rows.push(Row {
+        id: "P8",
+        what: format!("initial copy, {} rows", o.rows),
+        synapse: o.rows as f64 / syn_p8,
+        baseline: o.rows as f64 / pg_p8,
+        unit: "rows/s",
+        higher_is_better: true,
+        goal: "≥ 0.9×".into(),
+    });
 
     // ---- P7: one large transaction ----
     if o.big_mb > 0 && round == 0 {
@@ -364,7 +465,22 @@ async fn run_once(o: &Options, round: usize) -> anyhow::Result<Vec<Row>> {
         source.batch_execute("INSERT INTO marker VALUES (7, 'p7')").await?;
         let end: String = source.query_one("SELECT pg_current_wal_lsn()::text", &[]).await?.get(0);
         let mut recv = Command::new(src.bindir().join("pg_recvlogical"))
-            .args(["-d", &src.url("bench"), "--slot", "bench_recv7", "--start", "--endpos", &end, "-o", "proto_version=1", "-o", "publication_names=synapse", "-f", "/dev/null", "--no-loop"])
+            .args([
+                "-d",
+                &src.url("bench"),
+                "--slot",
+                "bench_recv7",
+                "--start",
+                "--endpos",
+                &end,
+                "-o",
+                "proto_version=1",
+                "-o",
+                "publication_names=synapse",
+                "-f",
+                "/dev/null",
+                "--no-loop",
+            ])
             .spawn()?;
         let mut recv_peak: f64 = 0.0;
         while recv.try_wait()?.is_none() {
@@ -386,12 +502,24 @@ async fn run_once(o: &Options, round: usize) -> anyhow::Result<Vec<Row>> {
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
         stop(&mut child)?;
-        rows.push(Row { id: "P7", what: format!("peak RSS, one {} MB transaction", o.big_mb), synapse: peak, baseline: recv_peak, unit: "MiB", higher_is_better: false, goal: "< 256 MiB".into() });
+        rows.push(Row {
+            id: "P7",
+            what: format!("peak RSS, one {} MB transaction", o.big_mb),
+            synapse: peak,
+            baseline: recv_peak,
+            unit: "MiB",
+            higher_is_better: false,
+            goal: "< 256 MiB".into(),
+        });
     }
 
     for (label, wall, m) in [("P1", syn_p1, &p1_metrics), ("P2", syn_p2, &p2_metrics)] {
-        let parts: Vec<String> = m.iter().map(|(k, v)| format!("{}={v:.2}s", k.trim_start_matches("synapse_"))).collect();
-        println!("{label} where synapse's time went (cumulative, overlapping stages) over {wall:.2}s wall: {}", parts.join(" "));
+        let parts: Vec<String> =
+            m.iter().map(|(k, v)| format!("{}={v:.2}s", k.trim_start_matches("synapse_"))).collect();
+        println!(
+            "{label} where synapse's time went (cumulative, overlapping stages) over {wall:.2}s wall: {}",
+            parts.join(" ")
+        );
     }
     if o.profile && round == 0 {
         print_profile("P1", &p1_perf)?;
@@ -418,7 +546,10 @@ pub async fn run(o: Options) -> anyhow::Result<()> {
         eprintln!("== round {} of {}", round + 1, o.repeat.max(1));
         rounds.push(run_once(&o, round).await?);
     }
-    println!("\n{:<4} {:<38} {:>12} {:>12} {:>8}  {:<17} {:<10} unit", "id", "scenario (median round)", "synapse", "baseline", "ratio", "ratio min–max", "goal");
+    println!(
+        "\n{:<4} {:<38} {:>12} {:>12} {:>8}  {:<17} {:<10} unit",
+        "id", "scenario (median round)", "synapse", "baseline", "ratio", "ratio min–max", "goal"
+    );
     let ids: Vec<&str> = rounds[0].iter().map(|r| r.id).collect();
     for id in ids {
         let mut of_id: Vec<&Row> = rounds.iter().filter_map(|rs| rs.iter().find(|r| r.id == id)).collect();
@@ -427,7 +558,15 @@ pub async fn run(o: Options) -> anyhow::Result<()> {
         let r = of_id[of_id.len() / 2];
         println!(
             "{:<4} {:<38} {:>12.0} {:>12.0} {:>7.2}×  {:>6.2}–{:<9.2} {:<10} {}",
-            r.id, r.what, r.synapse, r.baseline, r.ratio(), lo, hi, r.goal, r.unit
+            r.id,
+            r.what,
+            r.synapse,
+            r.baseline,
+            r.ratio(),
+            lo,
+            hi,
+            r.goal,
+            r.unit
         );
     }
     println!("\nbaselines: P1/P2 PostgreSQL publication/subscription (apply worker held by a table lock); P3/P7 pg_recvlogical to /dev/null; P8 psql COPY | psql COPY.");

@@ -33,20 +33,25 @@ fn malformed_configs_are_rejected_naming_the_field() {
             assert!(!out.contains("panicked"), "{out}");
         }
     }
-    let (ok, out) = run_with("sources:\n  - name: a\n    url: postgres://u:${SYNAPSE_PW:-hunter2}@h/app\n", "yaml", "validate");
+    let (ok, out) =
+        run_with("sources:\n  - name: a\n    url: postgres://u:${SYNAPSE_PW:-hunter2}@h/app\n", "yaml", "validate");
     assert!(ok, "{out}");
     assert!(!out.contains("hunter2"), "password leaked: {out}");
 }
 
 #[test]
 fn a_table_without_key_is_reported_clearly() {
-    let nodes = Nodes::start("CREATE TABLE keyed (id int PRIMARY KEY); CREATE TABLE events_nokey (at timestamptz, what text);");
+    let nodes =
+        Nodes::start("CREATE TABLE keyed (id int PRIMARY KEY); CREATE TABLE events_nokey (at timestamptz, what text);");
     // Named explicitly: a definite error naming the table and the fix.
     let config = nodes.config("    tables: [public.events_nokey]\n");
     let out = synapse(&["run", "--config", config.to_str().unwrap()]).output().unwrap();
     let text = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success());
-    assert!(text.contains("public.events_nokey") && text.contains("CAP009") && text.contains("REPLICA IDENTITY FULL"), "{text}");
+    assert!(
+        text.contains("public.events_nokey") && text.contains("CAP009") && text.contains("REPLICA IDENTITY FULL"),
+        "{text}"
+    );
     // doctor names it too, with the fix, and fails.
     let config = nodes.config("");
     let out = synapse(&["doctor", "--config", config.to_str().unwrap()]).output().unwrap();

@@ -87,7 +87,8 @@ fn kill_dash_nine_at_random_points_loses_and_duplicates_nothing() {
     assert!(txns > 100, "the workload ran only {txns} transactions");
 
     let mut child = spawn_run(&config, &log);
-    let rows = "SELECT count(*) || ':' || md5(string_agg(id || '/' || txn_no || '/' || payload, ',' ORDER BY id)) FROM ledger";
+    let rows =
+        "SELECT count(*) || ':' || md5(string_agg(id || '/' || txn_no || '/' || payload, ',' ORDER BY id)) FROM ledger";
     wait_equal(&nodes.source, &nodes.target, rows, Duration::from_secs(120));
     wait_equal(&nodes.source, &nodes.target, "SELECT n FROM counters", Duration::from_secs(10));
     child.kill().unwrap();

@@ -18,19 +18,17 @@ fn target_crash_and_restart_mid_stream() {
     let mut child = spawn_run(&config, &log);
     let url = nodes.source.url("app");
     let writer = std::thread::spawn(move || {
-        let psql_loop = format!(
-            "DO $$ BEGIN FOR i IN 1..3000 LOOP
+        let psql_loop = "DO $$ BEGIN FOR i IN 1..3000 LOOP
                 INSERT INTO items VALUES (i, i); UPDATE counters SET n = n + 1; COMMIT;
                 PERFORM pg_sleep(0.001);
-             END LOOP; END $$;"
-        );
+             END LOOP; END $$;";
         let (client, rt) = {
             let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
             let (client, conn) = rt.block_on(tokio_postgres::connect(&url, tokio_postgres::NoTls)).unwrap();
             rt.spawn(conn);
             (client, rt)
         };
-        rt.block_on(client.batch_execute(&psql_loop)).unwrap();
+        rt.block_on(client.batch_execute(psql_loop)).unwrap();
     });
     for _ in 0..3 {
         std::thread::sleep(Duration::from_millis(700));

@@ -12,11 +12,11 @@
 
 use crate::target::TargetTable;
 use crate::ApplyError;
+use bytes::{Bytes, BytesMut};
+use futures_util::SinkExt;
 use std::collections::HashMap;
 use std::sync::Arc;
 use synapse_schemas::{quote_ident, Datum, OldValues, Op, Relation, RelationKey, ReplicaIdentity, RowChange};
-use bytes::{Bytes, BytesMut};
-use futures_util::SinkExt;
 use tokio_postgres::types::ToSql;
 use tokio_postgres::{Client, Statement};
 
@@ -203,7 +203,8 @@ async fn copy_rows(
     rows: Vec<Row>,
 ) -> Result<(), ApplyError> {
     let names: Vec<String> = rel.columns.iter().map(|c| quote_ident(&c.name)).collect();
-    let stmt = prepared(client, cache, format!("COPY {} ({}) FROM STDIN", t.name, names.join(", ")), &rel.name()).await?;
+    let stmt =
+        prepared(client, cache, format!("COPY {} ({}) FROM STDIN", t.name, names.join(", ")), &rel.name()).await?;
     let err = || ApplyError::target(format!("copying changes into {}", rel.name()));
     let sink = client.copy_in::<_, Bytes>(&stmt).await.map_err(err())?;
     futures_util::pin_mut!(sink);

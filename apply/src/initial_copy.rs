@@ -87,11 +87,22 @@ pub async fn run(
         let cols: Vec<String> = rel.columns.iter().map(|c| quote_ident(&c.name)).collect();
         // Binary COPY skips the text output and input functions on both servers.
         let binary = table.binary_compatible(&rel);
-        let copy_in = format!("COPY {} ({}) FROM STDIN{}", table.name, cols.join(", "), if binary { " (FORMAT binary)" } else { "" });
+        let copy_in = format!(
+            "COPY {} ({}) FROM STDIN{}",
+            table.name,
+            cols.join(", "),
+            if binary { " (FORMAT binary)" } else { "" }
+        );
         rels.push((rel, copy_in, binary));
     }
     drop(planner);
-    tracing::info!(tables = todo.len(), chunks = jobs.len(), parallelism, setup_ms = started.elapsed().as_millis() as u64, "initial copy starting");
+    tracing::info!(
+        tables = todo.len(),
+        chunks = jobs.len(),
+        parallelism,
+        setup_ms = started.elapsed().as_millis() as u64,
+        "initial copy starting"
+    );
     let jobs = Mutex::new(jobs);
     let remaining = Mutex::new(remaining);
     let workers = (0..parallelism.max(1)).map(|_| async {

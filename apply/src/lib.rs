@@ -45,7 +45,7 @@ pub mod defaults {
     /// of small OLTP transactions; large ones are never split regardless.
     pub const MAX_TXNS_PER_COMMIT: usize = 2_000;
     /// Rows queued before statements are sent, bounding memory for huge transactions.
-    pub const MAX_ROWS_PER_FLUSH: usize = 5_000;
+    pub const MAX_ROWS_PER_FLUSH: usize = 20_000;
     /// Records per log read.
     pub const READ_BATCH: usize = 8_192;
 }
@@ -91,6 +91,7 @@ pub struct Applier {
     stats: Arc<ApplyStats>,
     /// Offset ranges of transactions the log marked `Discarded`, skipped on re-read.
     discarded: Mutex<Vec<(Offset, Offset)>>,
+    any_discarded: std::sync::atomic::AtomicBool,
 }
 
 pub async fn connect_target(config: &tokio_postgres::Config) -> Result<Client, ApplyError> {
@@ -107,8 +108,14 @@ pub fn origin_name(node: &str) -> String {
     format!("synapse_{node}")
 }
 
-/// A relation version and the target table its changes go to.
-type Bound = (Arc<Relation>, Arc<TargetTable>);
+/// A relation version, the target table its changes go to, and the LSN from which its changes
+/// are new to the target (set when the initial copy took the table at a snapshot; `Lsn::MAX`
+/// while a copy is unfinished).
+struct Bound {
+    rel: Arc<Relation>,
+    table: Arc<TargetTable>,
+    apply_from: Option<Lsn>,
+}
 
 struct OpenTxn {
     begin: Begin,
@@ -132,7 +139,7 @@ struct Session<'a, L> {
 
 impl Applier {
     pub fn new(config: ApplyConfig) -> Self {
-        Applier { config, stats: Arc::default(), discarded: Mutex::new(Vec::new()) }
+        Applier { config, stats: Arc::default(), discarded: Mutex::new(Vec::new()), any_discarded: Default::default() }
     }
 
     pub fn stats(&self) -> Arc<ApplyStats> {
@@ -261,6 +268,7 @@ impl Applier {
                         if let Some(t) = open.take() {
                             tracing::warn!(%commit_lsn, "the log discarded a partly written transaction; rolling back and re-reading");
                             self.discarded.lock().map(|mut d| d.push((t.begin_offset, offset))).ok();
+                            self.any_discarded.store(true, Ordering::Relaxed);
                             s.rollback().await?;
                             pos = s.committed_offset;
                             restart = true;
@@ -277,6 +285,9 @@ impl Applier {
     }
 
     fn is_discarded(&self, offset: Offset) -> bool {
+        if !self.any_discarded.load(Ordering::Relaxed) {
+            return false; // the common case, without taking the lock per record
+        }
         self.discarded.lock().map(|d| d.iter().any(|(a, b)| (*a..=*b).contains(&offset))).unwrap_or(false)
     }
 }
@@ -305,7 +316,7 @@ impl<L: ChangeLog> Session<'_, L> {
         offset: Offset,
         key: RelationKey,
         commit_lsn: Lsn,
-    ) -> Result<Option<Bound>, ApplyError> {
+    ) -> Result<Option<(Arc<Relation>, Arc<TargetTable>)>, ApplyError> {
         if !self.tables.contains_key(&key) {
             let rel = self.log.relation(key).await?.ok_or(ApplyError::UnknownRelation {
                 offset,
@@ -313,16 +324,19 @@ impl<L: ChangeLog> Session<'_, L> {
                 version: key.version,
             })?;
             let table = target::ensure_table(&self.client, &rel).await?;
-            self.tables.insert(key, (Arc::new(rel), Arc::new(table)));
+            let apply_from = match self.sync.get(&(rel.schema.clone(), rel.table.clone())) {
+                Some((state, lsn)) if state == "ready" => *lsn,
+                Some(_) => Some(Lsn(u64::MAX)),
+                None => None,
+            };
+            self.tables.insert(key, Bound { rel: Arc::new(rel), table: Arc::new(table), apply_from });
         }
-        let Some((rel, table)) = self.tables.get(&key) else { return Ok(None) };
-        if let Some((state, sync_lsn)) = self.sync.get(&(rel.schema.clone(), rel.table.clone())) {
-            // Copied at a snapshot: only commits at or after its consistent point are new to it.
-            if state != "ready" || sync_lsn.is_some_and(|s| commit_lsn < s) {
-                return Ok(None);
-            }
+        let Some(b) = self.tables.get(&key) else { return Ok(None) };
+        // Copied at a snapshot: only commits at or after its consistent point are new to it.
+        if b.apply_from.is_some_and(|from| commit_lsn < from) {
+            return Ok(None);
         }
-        Ok(Some((rel.clone(), table.clone())))
+        Ok(Some((b.rel.clone(), b.table.clone())))
     }
 
     async fn flush(&mut self) -> Result<(), ApplyError> {

@@ -127,7 +127,8 @@ pub async fn ensure_table(client: &Client, rel: &Relation) -> Result<TargetTable
             cols = target_columns(client, &name).await?.unwrap_or_default();
         }
     }
-    let casts = rel.columns.iter().map(|c| cols.get(&c.name).map(|t| t.0.clone()).unwrap_or_else(|| "text".into())).collect();
+    let casts =
+        rel.columns.iter().map(|c| cols.get(&c.name).map(|t| t.0.clone()).unwrap_or_else(|| "text".into())).collect();
     let type_oids = rel.columns.iter().map(|c| cols.get(&c.name).map(|t| t.1).unwrap_or(0)).collect();
     Ok(TargetTable { name, casts, type_oids })
 }

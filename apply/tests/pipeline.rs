@@ -114,7 +114,12 @@ async fn every_operation_on_every_common_type() {
     target.create_database("app").unwrap();
     source.psql("app", TYPES_SCHEMA).unwrap();
     // Enum and domain types are not created by synapse: the target declares them itself.
-    target.psql("app", "CREATE TYPE mood AS ENUM ('sad', 'ok', 'happy'); CREATE DOMAIN posint AS integer CHECK (VALUE > 0);").unwrap();
+    target
+        .psql(
+            "app",
+            "CREATE TYPE mood AS ENUM ('sad', 'ok', 'happy'); CREATE DOMAIN posint AS integer CHECK (VALUE > 0);",
+        )
+        .unwrap();
     source.psql("app", TYPES_ROWS).unwrap();
     let dir = tempfile::tempdir().unwrap();
     let _p = start(&source, &target, dir.path()).await;
@@ -200,6 +205,7 @@ async fn snapshot_under_concurrent_writes_has_no_gap_and_no_duplicate() {
     stop_tx.send(true).unwrap();
     let writes = writer.await.unwrap();
     assert!(writes > 50, "only {writes} concurrent transactions");
-    let q = "SELECT count(*) || ':' || sum(v) || ':' || md5(string_agg(id::text || '=' || v, ',' ORDER BY id)) FROM big";
+    let q =
+        "SELECT count(*) || ':' || sum(v) || ':' || md5(string_agg(id::text || '=' || v, ',' ORDER BY id)) FROM big";
     wait_equal(&source, &target, q).await;
 }

@@ -72,7 +72,9 @@ impl<L: ChangeLog + Clone> Streamer<'_, L> {
         skip_below: Option<Lsn>,
         mut shutdown: watch::Receiver<bool>,
     ) -> Result<(), CaptureError> {
-        let (batch_tx, batch_rx) = mpsc::channel::<Batch>(8);
+        // Two batches in flight: while the writer fsyncs, capture keeps reading and grows the
+        // next batch (adaptive group commit) instead of queueing many small ones.
+        let (batch_tx, batch_rx) = mpsc::channel::<Batch>(2);
         let (durable_tx, mut durable_rx) = watch::channel(0u64);
         let writer = tokio::spawn(write_batches(self.log.clone(), batch_rx, durable_tx, self.stats.clone()));
         let result = self.pump(&mut stream, skip_below, batch_tx, &mut durable_rx, &mut shutdown).await;
@@ -139,17 +141,35 @@ impl<L: ChangeLog + Clone> Streamer<'_, L> {
                         msg = stream.next().now_or_never().transpose()?;
                     }
                     if !batch.records.is_empty() {
-                        if let Some((end, _)) = batch.commit {
-                            sent_commit_end = end;
-                        }
-                        let full = std::mem::replace(&mut batch, Batch { records: Vec::new(), commit: None });
-                        batch_bytes = 0;
-                        // Backpressure: waits while the writer is 8 batches behind.
-                        if batch_tx.send(full).await.is_err() {
-                            return Ok(()); // writer stopped; its error is reported by run()
+                        let full = batch.records.len() >= self.settings.max_batch_records
+                            || batch_bytes >= self.settings.max_batch_bytes;
+                        let permit = if full {
+                            // Backpressure: a full batch waits for the writer.
+                            batch_tx.reserve().await.ok()
+                        } else {
+                            match batch_tx.try_reserve() {
+                                Ok(p) => Some(p),
+                                Err(mpsc::error::TrySendError::Full(())) => None, // keep growing it
+                                Err(mpsc::error::TrySendError::Closed(())) => return Ok(()),
+                            }
+                        };
+                        match permit {
+                            Some(p) => {
+                                sent_commit_end = batch.commit.map_or(sent_commit_end, |(end, _)| end);
+                                p.send(std::mem::replace(&mut batch, Batch { records: Vec::new(), commit: None }));
+                                batch_bytes = 0;
+                            }
+                            None if full => return Ok(()), // writer stopped; run() reports its error
+                            None => {}
                         }
                     }
                     self.stats.received_lsn.store(received, Ordering::Relaxed);
+                }
+                permit = batch_tx.reserve(), if !batch.records.is_empty() => {
+                    let Ok(p) = permit else { return Ok(()) };
+                    sent_commit_end = batch.commit.map_or(sent_commit_end, |(end, _)| end);
+                    p.send(std::mem::replace(&mut batch, Batch { records: Vec::new(), commit: None }));
+                    batch_bytes = 0;
                 }
                 changed = durable_rx.changed() => {
                     if changed.is_err() {
@@ -344,7 +364,10 @@ fn datums(t: TupleData<'_>) -> Vec<Datum> {
             TupleValue::Null => Datum::Null,
             TupleValue::UnchangedToast => Datum::UnchangedToast,
             // The walsender converts to the client encoding (UTF8) before sending.
-            TupleValue::Text(b) | TupleValue::Binary(b) => Datum::Text(String::from_utf8_lossy(b).into_owned()),
+            TupleValue::Text(b) | TupleValue::Binary(b) => Datum::Text(match std::str::from_utf8(b) {
+                Ok(s) => s.to_owned(),
+                Err(_) => String::from_utf8_lossy(b).into_owned(),
+            }),
         })
         .collect()
 }

@@ -15,7 +15,8 @@ use tokio::sync::watch;
 async fn captured_events_validate_against_the_published_schema() {
     let pg = LocalCluster::start(ClusterOptions::default()).unwrap();
     pg.create_database("app").unwrap();
-    pg.psql("app", "CREATE TABLE t (id int PRIMARY KEY, n numeric, j jsonb, a int[], big text, at timestamptz)").unwrap();
+    pg.psql("app", "CREATE TABLE t (id int PRIMARY KEY, n numeric, j jsonb, a int[], big text, at timestamptz)")
+        .unwrap();
     let capture = Capture::connect(CaptureConfig::new("a", pg.url("app").parse().unwrap())).await.unwrap();
     capture.prepare().await.unwrap();
     let dir = tempfile::tempdir().unwrap();

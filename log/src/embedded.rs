@@ -138,7 +138,8 @@ impl ChangeLog for EmbeddedLog {
                             LogRecord::Discarded { .. } => open = None,
                             LogRecord::Relation(rel) => {
                                 let k = rel.key();
-                                rels.insert((k.oid, k.version), &frames[span.start + 4..span.end]).map_err(write_err)?;
+                                rels.insert((k.oid, k.version), &frames[span.start + 4..span.end])
+                                    .map_err(write_err)?;
                             }
                             _ => {}
                         }

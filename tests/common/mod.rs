@@ -47,11 +47,7 @@ pub fn synapse(args: &[&str]) -> Command {
 /// Starts `synapse run`, its output going to `log` (appended).
 pub fn spawn_run(config: &Path, log: &Path) -> Child {
     let out = std::fs::OpenOptions::new().create(true).append(true).open(log).unwrap();
-    synapse(&["run", "--config", config.to_str().unwrap()])
-        .stdout(Stdio::null())
-        .stderr(out)
-        .spawn()
-        .unwrap()
+    synapse(&["run", "--config", config.to_str().unwrap()]).stdout(Stdio::null()).stderr(out).spawn().unwrap()
 }
 
 /// Polls until `query` gives the same answer on both clusters.

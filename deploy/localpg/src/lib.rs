@@ -40,7 +40,6 @@ pub struct ClusterOptions {
     pub settings: Vec<String>,
 }
 
-
 /// A running local PostgreSQL cluster listening on 127.0.0.1.
 pub struct LocalCluster {
     root: PathBuf,

@@ -55,6 +55,20 @@ struct Row {
     goal: String,
 }
 
+impl Row {
+    /// Whether this row meets its goal: a minimum ratio, or (P7) an absolute ceiling.
+    fn met(&self) -> bool {
+        match self.id {
+            "P1" => self.ratio() >= 2.0,
+            "P2" => self.ratio() >= 3.0,
+            "P3" => self.ratio() >= 0.8,
+            "P8" => self.ratio() >= 0.9,
+            "P7" => self.synapse < 256.0,
+            _ => false,
+        }
+    }
+}
+
 async fn sql(url: &str) -> anyhow::Result<Client> {
     let (c, conn) = tokio_postgres::connect(url, NoTls).await?;
     tokio::spawn(conn);
@@ -547,8 +561,8 @@ pub async fn run(o: Options) -> anyhow::Result<()> {
         rounds.push(run_once(&o, round).await?);
     }
     println!(
-        "\n{:<4} {:<38} {:>12} {:>12} {:>8}  {:<17} {:<10} unit",
-        "id", "scenario (median round)", "synapse", "baseline", "ratio", "ratio min–max", "goal"
+        "\n{:<4} {:<38} {:>12} {:>12} {:>8}  {:<17} {:<10} {:<4} unit",
+        "id", "scenario (median round)", "synapse", "baseline", "ratio", "ratio min–max", "goal", "met"
     );
     let ids: Vec<&str> = rounds[0].iter().map(|r| r.id).collect();
     for id in ids {
@@ -557,7 +571,7 @@ pub async fn run(o: Options) -> anyhow::Result<()> {
         let (lo, hi) = (of_id[0].ratio(), of_id[of_id.len() - 1].ratio());
         let r = of_id[of_id.len() / 2];
         println!(
-            "{:<4} {:<38} {:>12.0} {:>12.0} {:>7.2}×  {:>6.2}–{:<9.2} {:<10} {}",
+            "{:<4} {:<38} {:>12.0} {:>12.0} {:>7.2}×  {:>6.2}–{:<9.2} {:<10} {:<4} {}",
             r.id,
             r.what,
             r.synapse,
@@ -566,6 +580,7 @@ pub async fn run(o: Options) -> anyhow::Result<()> {
             lo,
             hi,
             r.goal,
+            if r.met() { "yes" } else { "no" },
             r.unit
         );
     }

@@ -16,7 +16,7 @@ use bytes::{Bytes, BytesMut};
 use futures_util::SinkExt;
 use std::collections::HashMap;
 use std::sync::Arc;
-use synapse_schemas::{quote_ident, Datum, OldValues, Op, Relation, RelationKey, ReplicaIdentity, RowChange};
+use synapse_schemas::{quote_ident, OldValues, Op, Relation, RelationKey, ReplicaIdentity, RowChange, Tuple, Value};
 use tokio_postgres::types::ToSql;
 use tokio_postgres::{Client, Statement};
 
@@ -39,8 +39,10 @@ struct Run {
 }
 
 enum Row {
-    /// Values of the run's columns.
+    /// Values of the run's columns (updates: key then set columns; deletes: key).
     Values(Values),
+    /// A whole new row (inserts), as captured.
+    Tuple(Tuple),
     Single(RowChange),
 }
 
@@ -57,15 +59,8 @@ pub(crate) struct PendingChanges {
     rows: usize,
 }
 
-fn text(d: &Datum) -> Option<String> {
-    d.as_text().map(str::to_owned)
-}
-
-fn into_text(d: Datum) -> Option<String> {
-    match d {
-        Datum::Text(s) => Some(s),
-        _ => None,
-    }
+fn text(v: Value<'_>) -> Option<String> {
+    v.as_text().map(str::to_owned)
 }
 
 impl PendingChanges {
@@ -86,23 +81,24 @@ impl PendingChanges {
         let mut change = change;
         let (kind, values, key) = match (&change.op, &mut change.after, &change.before) {
             _ if full || key_changed => (RunKind::Single, None, None),
-            // Inserts are the bulk of a catch-up: move the values, don't copy them.
-            (Op::Insert, after @ Some(_), _) => {
-                let values = after.take().unwrap_or_default().into_iter().map(into_text).collect::<Values>();
-                (RunKind::Insert, Some(values), None)
-            }
+            // Inserts are the bulk of a catch-up: the row's buffer moves as it is.
+            (Op::Insert, after @ Some(_), _) => (RunKind::Insert, after.take().map(Row::Tuple), None),
             (Op::Update, Some(after), _) => {
                 let after = &*after;
-                let mask: Vec<bool> =
-                    rel.columns.iter().zip(after).map(|(c, d)| !c.is_key && *d != Datum::UnchangedToast).collect();
+                let mask: Vec<bool> = rel
+                    .columns
+                    .iter()
+                    .zip(after.values())
+                    .map(|(c, d)| !c.is_key && d != Value::UnchangedToast)
+                    .collect();
                 let keyv: Values = rel.key_columns().map(|(i, _)| after.get(i).and_then(text)).collect();
                 let mut v = keyv.clone();
-                v.extend(after.iter().zip(&mask).filter(|(_, m)| **m).map(|(d, _)| text(d)));
-                (RunKind::Update(mask), Some(v), Some(keyv))
+                v.extend(after.values().zip(&mask).filter(|(_, m)| **m).map(|(d, _)| text(d)));
+                (RunKind::Update(mask), Some(Row::Values(v)), Some(keyv))
             }
             (Op::Delete, _, Some((_, before))) => {
                 let keyv: Values = rel.key_columns().map(|(i, _)| before.get(i).and_then(text)).collect();
-                (RunKind::Delete, Some(keyv.clone()), Some(keyv))
+                (RunKind::Delete, Some(Row::Values(keyv.clone())), Some(keyv))
             }
             _ => (RunKind::Single, None, None),
         };
@@ -114,13 +110,13 @@ impl PendingChanges {
             (None, _) => run.rows.push(Row::Single(change)),
             (Some(v), Some(k)) => match run.by_key.get(&k) {
                 // Same key again in this run: the newer image replaces the older one.
-                Some(&at) => run.rows[at] = Row::Values(v),
+                Some(&at) => run.rows[at] = v,
                 None => {
                     run.by_key.insert(k, run.rows.len());
-                    run.rows.push(Row::Values(v));
+                    run.rows.push(v);
                 }
             },
-            (Some(v), None) => run.rows.push(Row::Values(v)),
+            (Some(v), None) => run.rows.push(v),
         }
     }
 
@@ -159,10 +155,18 @@ async fn prepared(
 fn transpose(rows: Vec<Row>, width: usize) -> Vec<Values> {
     let mut cols: Vec<Values> = (0..width).map(|_| Vec::with_capacity(rows.len())).collect();
     for r in rows {
-        if let Row::Values(v) = r {
-            for (c, x) in cols.iter_mut().zip(v) {
-                c.push(x);
+        match r {
+            Row::Values(v) => {
+                for (c, x) in cols.iter_mut().zip(v) {
+                    c.push(x);
+                }
             }
+            Row::Tuple(t) => {
+                for (c, x) in cols.iter_mut().zip(t.values()) {
+                    c.push(text(x));
+                }
+            }
+            Row::Single(_) => {}
         }
     }
     cols
@@ -210,12 +214,12 @@ async fn copy_rows(
     futures_util::pin_mut!(sink);
     let mut buf = BytesMut::with_capacity(1 << 16);
     for row in rows {
-        let Row::Values(values) = row else { continue };
-        for (i, v) in values.iter().enumerate() {
+        let Row::Tuple(values) = row else { continue };
+        for (i, v) in values.values().enumerate() {
             if i > 0 {
                 buf.extend_from_slice(b"\t");
             }
-            copy_text(&mut buf, v.as_deref());
+            copy_text(&mut buf, v.as_text());
         }
         buf.extend_from_slice(b"\n");
         if buf.len() >= 1 << 16 {
@@ -338,15 +342,18 @@ async fn execute_single(
     let sql = match (change.op, &change.after, &change.before) {
         (Op::Insert, Some(after), _) => {
             let names: Vec<String> = (0..rel.columns.len()).map(col).collect();
-            let vals: Vec<String> =
-                after.iter().enumerate().map(|(i, d)| format!("{}::{}", p(text(d), &mut params), t.casts[i])).collect();
+            let vals: Vec<String> = after
+                .values()
+                .enumerate()
+                .map(|(i, d)| format!("{}::{}", p(text(d), &mut params), t.casts[i]))
+                .collect();
             format!("INSERT INTO {} ({}) VALUES ({})", t.name, names.join(", "), vals.join(", "))
         }
         (op, after, before) => {
             let mut set = Vec::new();
             if let (Op::Update, Some(after)) = (op, after) {
-                for (i, d) in after.iter().enumerate() {
-                    if *d != Datum::UnchangedToast {
+                for (i, d) in after.values().enumerate() {
+                    if d != Value::UnchangedToast {
                         set.push(format!("{} = {}::{}", col(i), p(text(d), &mut params), t.casts[i]));
                     }
                 }
@@ -359,8 +366,8 @@ async fn execute_single(
                 (None, None) => return Ok(()),
             };
             let mut cond = Vec::new();
-            for (i, d) in old.iter().enumerate() {
-                if (key_only && !rel.columns[i].is_key) || *d == Datum::UnchangedToast {
+            for (i, d) in old.values().enumerate() {
+                if (key_only && !rel.columns[i].is_key) || d == Value::UnchangedToast {
                     continue;
                 }
                 cond.push(format!("{} IS NOT DISTINCT FROM {}::{}", col(i), p(text(d), &mut params), t.casts[i]));

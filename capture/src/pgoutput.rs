@@ -52,6 +52,11 @@ impl<'a> TupleData<'a> {
         self.count == 0
     }
 
+    /// The column bytes after the count, exactly as sent.
+    pub fn raw(&self) -> &'a [u8] {
+        self.raw
+    }
+
     pub fn values(&self) -> impl Iterator<Item = TupleValue<'a>> + 'a {
         let mut r = Reader { buf: self.raw, pos: 0 };
         // Already validated by `Reader::tuple`, so the fallbacks are unreachable in practice;

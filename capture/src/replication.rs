@@ -16,7 +16,7 @@
 //! skips transactions the log already holds (commit LSN below the log's last commit end).
 
 use crate::catalog::TypeResolver;
-use crate::pgoutput::{self, Message, OldTuple, TupleData, TupleValue};
+use crate::pgoutput::{self, Message, OldTuple, TupleData};
 use crate::transport::{pg_to_unix_micros, ReplicationMessage, ReplicationStream};
 use crate::{CaptureError, CaptureStats};
 use futures_util::FutureExt;
@@ -26,8 +26,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 use synapse_log::ChangeLog;
 use synapse_schemas::{
-    Begin, Column, Commit, Datum, LogRecord, Lsn, OldValues, Op, Relation, RelationKey, ReplicaIdentity, RowChange,
-    Truncate,
+    Begin, Column, Commit, LogRecord, Lsn, OldValues, Op, Relation, RelationKey, ReplicaIdentity, RowChange, Truncate,
+    Tuple,
 };
 use tokio::sync::{mpsc, watch};
 use tokio_postgres::Client;
@@ -337,11 +337,12 @@ impl<L: ChangeLog + Clone> Streamer<'_, L> {
             index: t.index,
             relation: *key,
             op,
-            before: old.map(|o| match o {
-                OldTuple::Key(d) => (OldValues::Key, datums(d)),
-                OldTuple::Old(d) => (OldValues::Full, datums(d)),
-            }),
-            after: new.map(datums),
+            before: match old {
+                Some(OldTuple::Key(d)) => Some((OldValues::Key, tuple(d)?)),
+                Some(OldTuple::Old(d)) => Some((OldValues::Full, tuple(d)?)),
+                None => None,
+            },
+            after: new.map(tuple).transpose()?,
         };
         push_begin(txn, batch);
         batch.records.push(LogRecord::Change(change));
@@ -358,18 +359,10 @@ fn push_begin(txn: &mut Option<OpenTxn>, batch: &mut Batch) {
     }
 }
 
-fn datums(t: TupleData<'_>) -> Vec<Datum> {
-    t.values()
-        .map(|v| match v {
-            TupleValue::Null => Datum::Null,
-            TupleValue::UnchangedToast => Datum::UnchangedToast,
-            // The walsender converts to the client encoding (UTF8) before sending.
-            TupleValue::Text(b) | TupleValue::Binary(b) => Datum::Text(match std::str::from_utf8(b) {
-                Ok(s) => s.to_owned(),
-                Err(_) => String::from_utf8_lossy(b).into_owned(),
-            }),
-        })
-        .collect()
+/// One copy of the wire bytes per row; the layout is pgoutput's own (see `Tuple`).
+fn tuple(t: TupleData<'_>) -> Result<Tuple, CaptureError> {
+    Tuple::from_pgoutput(t.len() as u16, t.raw().to_vec())
+        .map_err(|e| CaptureError::Protocol(format!("unexpected tuple data ({e}); binary mode is not requested")))
 }
 
 /// The log writer: coalesces queued batches into one append (group commit), then publishes the

@@ -22,12 +22,15 @@ async fn main() {
                         relation: RelationKey { oid: 1, version: 2 },
                         op: Op::Insert,
                         before: None,
-                        after: Some(vec![
-                            Datum::Text(n.to_string()),
-                            Datum::Text((n % 1000).to_string()),
-                            Datum::Text(format!("{n:032x}")),
-                            Datum::Text("2026-11-26 14:03:48.123456+00".into()),
-                        ]),
+                        after: Some(
+                            vec![
+                                Datum::Text(n.to_string()),
+                                Datum::Text((n % 1000).to_string()),
+                                Datum::Text(format!("{n:032x}")),
+                                Datum::Text("2026-11-26 14:03:48.123456+00".into()),
+                            ]
+                            .into(),
+                        ),
                     })
                 })
                 .collect();

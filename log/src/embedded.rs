@@ -325,7 +325,7 @@ mod tests {
                 relation: RelationKey { oid: 1, version: 2 },
                 op: Op::Insert,
                 before: None,
-                after: Some(vec![Datum::Text(i.to_string()), Datum::Null, Datum::UnchangedToast]),
+                after: Some(vec![Datum::Text(i.to_string()), Datum::Null, Datum::UnchangedToast].into()),
             }));
         }
         v.push(LogRecord::Commit(Commit {

@@ -5,7 +5,7 @@
 //! * Unchanged TOASTed columns carry Debezium's placeholder [`UNAVAILABLE_VALUE`], never `null`.
 
 use crate::types::to_json;
-use crate::{Begin, Cursor, Datum, Op, Relation, RowChange};
+use crate::{Begin, Cursor, Op, Relation, RowChange, Tuple, Value as Datum};
 use serde_json::{json, Map, Value};
 
 /// Debezium's marker for a value the source did not send (unchanged TOAST).
@@ -20,9 +20,9 @@ pub struct EventContext<'a> {
     pub begin: &'a Begin,
 }
 
-fn row(rel: &Relation, values: &[Datum]) -> Value {
+fn row(rel: &Relation, values: &Tuple) -> Value {
     let mut m = Map::new();
-    for (c, v) in rel.columns.iter().zip(values) {
+    for (c, v) in rel.columns.iter().zip(values.values()) {
         let j = match v {
             Datum::Null => Value::Null,
             Datum::UnchangedToast => Value::String(UNAVAILABLE_VALUE.into()),
@@ -169,8 +169,8 @@ mod tests {
             index: 2,
             relation: r.key(),
             op: Op::Update,
-            before: Some((OldValues::Key, vec![Datum::Text("7".into()), Datum::Null])),
-            after: Some(vec![Datum::Text("7".into()), Datum::UnchangedToast]),
+            before: Some((OldValues::Key, vec![crate::Datum::Text("7".into()), crate::Datum::Null].into())),
+            after: Some(vec![crate::Datum::Text("7".into()), crate::Datum::UnchangedToast].into()),
         };
         let e = change_event(&ctx, &r, &upd);
         assert_eq!(e["id"], "a/1/10/2");

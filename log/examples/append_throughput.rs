@@ -9,9 +9,23 @@ use synapse_schemas::{Datum, LogRecord, Op, RelationKey, RowChange};
 #[tokio::main]
 async fn main() {
     let total = 1_000_000u32;
+    let concurrent_reader = std::env::args().any(|a| a == "--with-reader");
     for batch in [1_000u32, 16_384, 65_536] {
         let dir = tempfile::tempdir().unwrap();
         let log = EmbeddedLog::open(&dir.path().join("a.redb"), Default::default()).unwrap();
+        let reader = concurrent_reader.then(|| {
+            let log = log.clone();
+            tokio::spawn(async move {
+                let mut from = 0;
+                while from < u64::from(total) {
+                    let r = log.read(from, 8192).await.unwrap();
+                    match r.last() {
+                        Some((last, _)) => from = last + 1,
+                        None => log.wait_readable(from, std::time::Duration::from_millis(100)).await,
+                    }
+                }
+            })
+        });
         let started = Instant::now();
         let mut i = 0;
         while i < total {
@@ -38,6 +52,9 @@ async fn main() {
             i += batch;
         }
         let append = started.elapsed();
+        if let Some(r) = reader {
+            r.await.unwrap();
+        }
         let started = Instant::now();
         let mut from = 0;
         loop {

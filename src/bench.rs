@@ -103,6 +103,14 @@ fn stop(child: &mut Child) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// pg_recvlogical draining `slot` up to `end` into /dev/null, as the baseline consumer.
+fn recvlogical(src: &LocalCluster, slot: &str, end: &str) -> Command {
+    let mut c = Command::new(src.bindir().join("pg_recvlogical"));
+    c.args(["-d", &src.url("bench"), "--slot", slot, "--start", "--endpos", end]);
+    c.args(["-o", "proto_version=1", "-o", "publication_names=synapse", "-f", "/dev/null", "--no-loop"]);
+    c
+}
+
 /// Peak resident set (VmHWM) of a live process, in MiB.
 fn peak_rss_mib(pid: u32) -> Option<f64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
@@ -191,6 +199,65 @@ fn print_profile(label: &str, data: &Path) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The parts of a round that every catch-up scenario uses.
+struct Round<'a> {
+    source: &'a Client,
+    pg_target: &'a Client,
+    syn_target: &'a Client,
+    /// A session on the baseline target that holds its apply worker back with a table lock.
+    lock: &'a Client,
+    config: &'a Path,
+    log: &'a Path,
+    listen: &'a str,
+    work: &'a Path,
+    profile: bool,
+}
+
+struct CatchUp {
+    baseline_secs: f64,
+    synapse_secs: f64,
+    /// The source WAL position right after the workload.
+    end_lsn: String,
+}
+
+impl Round<'_> {
+    /// Runs `workload` on the source while both consumers are paused, then times the baseline
+    /// (lock released) and synapse (process started) until `marker` arrives on each target.
+    async fn catch_up(&self, label: &str, table: &str, workload: &str, marker: i32) -> anyhow::Result<CatchUp> {
+        self.lock.batch_execute(&format!("BEGIN; LOCK TABLE {table} IN ACCESS EXCLUSIVE MODE")).await?;
+        self.source.batch_execute(workload).await?;
+        self.source.execute("INSERT INTO marker VALUES ($1, $2)", &[&marker, &label]).await?;
+        let end_lsn: String = self.source.query_one("SELECT pg_current_wal_lsn()::text", &[]).await?.get(0);
+        let t = Instant::now();
+        self.lock.batch_execute("COMMIT").await?;
+        wait_marker(self.pg_target, marker, Duration::from_secs(1800)).await?;
+        let baseline_secs = t.elapsed().as_secs_f64();
+        let perf = start_profile(self.profile, &self.work.join(format!("{label}.perf")));
+        let t = Instant::now();
+        let mut child = spawn_synapse(self.config, self.log)?;
+        wait_marker(self.syn_target, marker, Duration::from_secs(1800)).await?;
+        let synapse_secs = t.elapsed().as_secs_f64();
+        stop_profile(perf)?;
+        let stages = scrape(
+            self.listen,
+            &[
+                "synapse_apply_log_read_seconds",
+                "synapse_apply_statements_seconds",
+                "synapse_apply_commit_seconds",
+                "synapse_log_append_seconds",
+            ],
+        );
+        stop(&mut child)?;
+        let parts: Vec<String> =
+            stages.iter().map(|(k, v)| format!("{}={v:.2}s", k.trim_start_matches("synapse_"))).collect();
+        println!(
+            "{label} where synapse's time went (cumulative, overlapping stages) over {synapse_secs:.2}s wall: {}",
+            parts.join(" ")
+        );
+        Ok(CatchUp { baseline_secs, synapse_secs, end_lsn })
+    }
+}
+
 const SCHEMA: &str = "
 CREATE TABLE bulk (id bigint PRIMARY KEY, a int NOT NULL, b text NOT NULL, c timestamptz NOT NULL);
 CREATE TABLE oltp (id bigint PRIMARY KEY, v bigint NOT NULL, pad text NOT NULL);
@@ -268,45 +335,38 @@ async fn run_once(o: &Options, round: usize) -> anyhow::Result<Vec<Row>> {
     let txns = o.rows / o.txn_rows;
     eprintln!("P1: writing {} rows in {txns} transactions while both consumers are paused", o.rows);
     let lock = sql(&tpg.url("bench")).await?;
-    lock.batch_execute("BEGIN; LOCK TABLE bulk IN ACCESS EXCLUSIVE MODE").await?;
-    source
-        .batch_execute(&format!(
-            "DO $$ BEGIN FOR i IN 0..{} LOOP
-                INSERT INTO bulk SELECT g, g % 1000, md5(g::text), now() FROM generate_series(i * {n} + 1, (i + 1) * {n}) g;
-                COMMIT;
-             END LOOP; END $$",
-            txns - 1,
-            n = o.txn_rows
-        ))
+    let round_env = Round {
+        source: &source,
+        pg_target: &pg_target,
+        syn_target: &syn_target,
+        lock: &lock,
+        config: &config,
+        log: &log,
+        listen: &listen,
+        work: work.path(),
+        profile: o.profile && round == 0,
+    };
+    let p1 = round_env
+        .catch_up(
+            "P1",
+            "bulk",
+            &format!(
+                "DO $$ BEGIN FOR i IN 0..{} LOOP
+                    INSERT INTO bulk SELECT g, g % 1000, md5(g::text), now() FROM generate_series(i * {n} + 1, (i + 1) * {n}) g;
+                    COMMIT;
+                 END LOOP; END $$",
+                txns - 1,
+                n = o.txn_rows
+            ),
+            1,
+        )
         .await?;
-    source.batch_execute("INSERT INTO marker VALUES (1, 'p1')").await?;
-    let end_p1: String = source.query_one("SELECT pg_current_wal_lsn()::text", &[]).await?.get(0);
-    let t = Instant::now();
-    lock.batch_execute("COMMIT").await?;
-    wait_marker(&pg_target, 1, Duration::from_secs(1800)).await?;
-    let pg_p1 = t.elapsed().as_secs_f64();
-    let p1_perf = work.path().join("p1.perf");
-    let perf = start_profile(o.profile, &p1_perf);
-    let t = Instant::now();
-    let mut child = spawn_synapse(&config, &log)?;
-    wait_marker(&syn_target, 1, Duration::from_secs(1800)).await?;
-    let syn_p1 = t.elapsed().as_secs_f64();
-    stop_profile(perf)?;
-    let p1_metrics = scrape(
-        &listen,
-        &[
-            "synapse_apply_log_read_seconds",
-            "synapse_apply_statements_seconds",
-            "synapse_apply_commit_seconds",
-            "synapse_log_append_seconds",
-        ],
-    );
-    stop(&mut child)?;
+    let end_p1 = p1.end_lsn.clone();
     rows.push(Row {
         id: "P1",
         what: format!("bulk catch-up, {} rows", o.rows),
-        synapse: o.rows as f64 / syn_p1,
-        baseline: o.rows as f64 / pg_p1,
+        synapse: o.rows as f64 / p1.synapse_secs,
+        baseline: o.rows as f64 / p1.baseline_secs,
         unit: "rows/s",
         higher_is_better: true,
         goal: "≥ 2×".into(),
@@ -315,24 +375,7 @@ async fn run_once(o: &Options, round: usize) -> anyhow::Result<Vec<Row>> {
     // ---- P3: capture drain of the P1 WAL ----
     eprintln!("P3: draining the P1 WAL: pg_recvlogical, then synapse capture");
     let t = Instant::now();
-    let status = Command::new(src.bindir().join("pg_recvlogical"))
-        .args([
-            "-d",
-            &src.url("bench"),
-            "--slot",
-            p3_recv,
-            "--start",
-            "--endpos",
-            &end_p1,
-            "-o",
-            "proto_version=1",
-            "-o",
-            "publication_names=synapse",
-            "-f",
-            "/dev/null",
-            "--no-loop",
-        ])
-        .status()?;
+    let status = recvlogical(&src, p3_recv, &end_p1).status()?;
     let pg_p3 = t.elapsed().as_secs_f64();
     if !status.success() {
         bail!("pg_recvlogical failed: {status}");
@@ -366,38 +409,20 @@ async fn run_once(o: &Options, round: usize) -> anyhow::Result<Vec<Row>> {
 
     // ---- P2: OLTP catch-up ----
     eprintln!("P2: writing {} single-row update transactions while both consumers are paused", o.updates);
-    lock.batch_execute("BEGIN; LOCK TABLE oltp IN ACCESS EXCLUSIVE MODE").await?;
-    source
-        .batch_execute(&format!(
-            "DO $$ BEGIN FOR i IN 1..{} LOOP
-                UPDATE oltp SET v = v + 1 WHERE id = 1 + (i * 7919) % 100000;
-                COMMIT;
-             END LOOP; END $$",
-            o.updates
-        ))
+    let p2 = round_env
+        .catch_up(
+            "P2",
+            "oltp",
+            &format!(
+                "DO $$ BEGIN FOR i IN 1..{} LOOP
+                    UPDATE oltp SET v = v + 1 WHERE id = 1 + (i * 7919) % 100000;
+                    COMMIT;
+                 END LOOP; END $$",
+                o.updates
+            ),
+            2,
+        )
         .await?;
-    source.batch_execute("INSERT INTO marker VALUES (2, 'p2')").await?;
-    let t = Instant::now();
-    lock.batch_execute("COMMIT").await?;
-    wait_marker(&pg_target, 2, Duration::from_secs(1800)).await?;
-    let pg_p2 = t.elapsed().as_secs_f64();
-    let p2_perf = work.path().join("p2.perf");
-    let perf = start_profile(o.profile, &p2_perf);
-    let t = Instant::now();
-    let mut child = spawn_synapse(&config, &log)?;
-    wait_marker(&syn_target, 2, Duration::from_secs(1800)).await?;
-    let syn_p2 = t.elapsed().as_secs_f64();
-    let p2_metrics = scrape(
-        &listen,
-        &[
-            "synapse_apply_log_read_seconds",
-            "synapse_apply_statements_seconds",
-            "synapse_apply_commit_seconds",
-            "synapse_log_append_seconds",
-        ],
-    );
-    stop_profile(perf)?;
-    stop(&mut child)?;
     let same: bool = {
         let q = "SELECT sum(v)::int8 FROM oltp";
         let a: i64 = pg_target.query_one(q, &[]).await?.get(0);
@@ -411,8 +436,8 @@ async fn run_once(o: &Options, round: usize) -> anyhow::Result<Vec<Row>> {
     rows.push(Row {
         id: "P2",
         what: format!("OLTP catch-up, {} txns", o.updates),
-        synapse: o.updates as f64 / syn_p2,
-        baseline: o.updates as f64 / pg_p2,
+        synapse: o.updates as f64 / p2.synapse_secs,
+        baseline: o.updates as f64 / p2.baseline_secs,
         unit: "txns/s",
         higher_is_better: true,
         goal: "≥ 3×".into(),
@@ -478,24 +503,7 @@ async fn run_once(o: &Options, round: usize) -> anyhow::Result<Vec<Row>> {
             .await?;
         source.batch_execute("INSERT INTO marker VALUES (7, 'p7')").await?;
         let end: String = source.query_one("SELECT pg_current_wal_lsn()::text", &[]).await?.get(0);
-        let mut recv = Command::new(src.bindir().join("pg_recvlogical"))
-            .args([
-                "-d",
-                &src.url("bench"),
-                "--slot",
-                "bench_recv7",
-                "--start",
-                "--endpos",
-                &end,
-                "-o",
-                "proto_version=1",
-                "-o",
-                "publication_names=synapse",
-                "-f",
-                "/dev/null",
-                "--no-loop",
-            ])
-            .spawn()?;
+        let mut recv = recvlogical(&src, "bench_recv7", &end).spawn()?;
         let mut recv_peak: f64 = 0.0;
         while recv.try_wait()?.is_none() {
             recv_peak = recv_peak.max(peak_rss_mib(recv.id()).unwrap_or(0.0));
@@ -527,17 +535,9 @@ async fn run_once(o: &Options, round: usize) -> anyhow::Result<Vec<Row>> {
         });
     }
 
-    for (label, wall, m) in [("P1", syn_p1, &p1_metrics), ("P2", syn_p2, &p2_metrics)] {
-        let parts: Vec<String> =
-            m.iter().map(|(k, v)| format!("{}={v:.2}s", k.trim_start_matches("synapse_"))).collect();
-        println!(
-            "{label} where synapse's time went (cumulative, overlapping stages) over {wall:.2}s wall: {}",
-            parts.join(" ")
-        );
-    }
     if o.profile && round == 0 {
-        print_profile("P1", &p1_perf)?;
-        print_profile("P2", &p2_perf)?;
+        print_profile("P1", &work.path().join("P1.perf"))?;
+        print_profile("P2", &work.path().join("P2.perf"))?;
     }
     Ok(rows)
 }

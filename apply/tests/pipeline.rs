@@ -41,6 +41,15 @@ async fn start(source: &LocalCluster, target: &LocalCluster, dir: &std::path::Pa
     Pipeline { stop, tasks: vec![cap_task, apply_task] }
 }
 
+/// A source and a target cluster, each with an empty database `app`.
+fn two_nodes() -> (LocalCluster, LocalCluster) {
+    let source = LocalCluster::start(ClusterOptions::default()).unwrap();
+    let target = LocalCluster::start(ClusterOptions::default()).unwrap();
+    source.create_database("app").unwrap();
+    target.create_database("app").unwrap();
+    (source, target)
+}
+
 async fn wait_equal(source: &LocalCluster, target: &LocalCluster, query: &str) {
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
@@ -56,10 +65,7 @@ async fn wait_equal(source: &LocalCluster, target: &LocalCluster, query: &str) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn copies_then_streams_every_operation() {
-    let source = LocalCluster::start(ClusterOptions::default()).unwrap();
-    let target = LocalCluster::start(ClusterOptions::default()).unwrap();
-    source.create_database("app").unwrap();
-    target.create_database("app").unwrap();
+    let (source, target) = two_nodes();
     source
         .psql(
             "app",
@@ -108,10 +114,7 @@ INSERT INTO all_types VALUES
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_operation_on_every_common_type() {
-    let source = LocalCluster::start(ClusterOptions::default()).unwrap();
-    let target = LocalCluster::start(ClusterOptions::default()).unwrap();
-    source.create_database("app").unwrap();
-    target.create_database("app").unwrap();
+    let (source, target) = two_nodes();
     source.psql("app", TYPES_SCHEMA).unwrap();
     // Enum and domain types are not created by synapse: the target declares them itself.
     target
@@ -142,10 +145,7 @@ async fn every_operation_on_every_common_type() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unchanged_toast_values_survive_updates() {
-    let source = LocalCluster::start(ClusterOptions::default()).unwrap();
-    let target = LocalCluster::start(ClusterOptions::default()).unwrap();
-    source.create_database("app").unwrap();
-    target.create_database("app").unwrap();
+    let (source, target) = two_nodes();
     source.psql("app", "CREATE TABLE docs (id int PRIMARY KEY, title text, body text, tags text[])").unwrap();
     let dir = tempfile::tempdir().unwrap();
     let _p = start(&source, &target, dir.path()).await;
@@ -167,10 +167,7 @@ async fn unchanged_toast_values_survive_updates() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn snapshot_under_concurrent_writes_has_no_gap_and_no_duplicate() {
-    let source = LocalCluster::start(ClusterOptions::default()).unwrap();
-    let target = LocalCluster::start(ClusterOptions::default()).unwrap();
-    source.create_database("app").unwrap();
-    target.create_database("app").unwrap();
+    let (source, target) = two_nodes();
     source
         .psql(
             "app",

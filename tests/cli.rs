@@ -76,3 +76,41 @@ fn doctor_passes_on_a_ready_source_and_explains_wal_level() {
     assert!(!out.status.success());
     assert!(text.contains("ALTER SYSTEM SET wal_level = logical"), "{text}");
 }
+
+#[test]
+fn quickstart_with_urls_resumes_instead_of_copying_again() {
+    let nodes = Nodes::start(
+        "CREATE TABLE t (id int PRIMARY KEY, v text); INSERT INTO t SELECT g, 'v' || g FROM generate_series(1, 5000) g;
+         CREATE TABLE nokey (v text);",
+    );
+    let data = nodes.dir.path().join("qs");
+    let run = || {
+        let out = synapse(&[
+            "quickstart",
+            "--source",
+            &nodes.source.url("app"),
+            "--target",
+            &nodes.target.url("app"),
+            "--data-dir",
+            data.to_str().unwrap(),
+            "--duration",
+            "3",
+            "--ops-listen",
+            "",
+        ])
+        .output()
+        .unwrap();
+        let text = String::from_utf8_lossy(&out.stderr).into_owned();
+        assert!(out.status.success(), "{text}");
+        text
+    };
+    let first = run();
+    assert!(first.contains("public.nokey") && first.contains("REPLICA IDENTITY FULL"), "{first}");
+    assert_eq!(nodes.target.psql("app", "SELECT count(*) FROM t").unwrap(), "5000");
+    let synced = "SELECT string_agg(table_name || ':' || rows_copied || ':' || updated_at, ',') FROM synapse.table_sync";
+    let before = nodes.target.psql("app", synced).unwrap();
+    nodes.source.psql("app", "INSERT INTO t VALUES (9999, 'while stopped')").unwrap();
+    run();
+    assert_eq!(nodes.target.psql("app", synced).unwrap(), before, "the rerun copied again");
+    assert_eq!(nodes.target.psql("app", "SELECT v FROM t WHERE id = 9999").unwrap(), "while stopped");
+}

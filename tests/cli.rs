@@ -107,7 +107,8 @@ fn quickstart_with_urls_resumes_instead_of_copying_again() {
     let first = run();
     assert!(first.contains("public.nokey") && first.contains("REPLICA IDENTITY FULL"), "{first}");
     assert_eq!(nodes.target.psql("app", "SELECT count(*) FROM t").unwrap(), "5000");
-    let synced = "SELECT string_agg(table_name || ':' || rows_copied || ':' || updated_at, ',') FROM synapse.table_sync";
+    let synced =
+        "SELECT string_agg(table_name || ':' || rows_copied || ':' || updated_at, ',') FROM synapse.table_sync";
     let before = nodes.target.psql("app", synced).unwrap();
     nodes.source.psql("app", "INSERT INTO t VALUES (9999, 'while stopped')").unwrap();
     run();

@@ -125,15 +125,38 @@ impl LocalCluster {
                 true,
             )?;
         }
-        c.port = match std::fs::read_to_string(c.root.join("port")) {
-            Ok(p) if options.data_dir.is_some() => p.trim().parse().unwrap_or(free_port()?),
-            _ => free_port()?,
-        };
-        std::fs::write(c.root.join("port"), c.port.to_string()).map_err(io(&c.root))?;
+        let main_conf = data.join("postgresql.conf");
+        let existing = std::fs::read_to_string(&main_conf).map_err(io(&main_conf))?;
+        if !existing.contains("include_if_exists = '../synapse.conf'") {
+            std::fs::write(&main_conf, existing + "\ninclude_if_exists = '../synapse.conf'\n")
+                .map_err(io(&main_conf))?;
+        }
+        let persisted = std::fs::read_to_string(c.root.join("port")).ok().and_then(|p| p.trim().parse().ok());
+        // The free port is only reserved until we let go of it: another cluster started at the same
+        // moment may take it first, so a bind failure retries on a new port.
+        for attempt in 0..3 {
+            c.port = match persisted {
+                Some(p) if options.data_dir.is_some() && attempt == 0 => p,
+                _ => free_port()?,
+            };
+            c.write_settings(&options)?;
+            match c.pg_ctl(&["start", "-w", "-t", "120", "-l", &c.root.join("server.log").display().to_string()]) {
+                Ok(_) => return Ok(c),
+                Err(e) if attempt < 2 && e.to_string().contains("could not bind") => {
+                    tracing::debug!(port = c.port, "port taken meanwhile, retrying on another");
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        Err(LocalPgError::Command { command: "pg_ctl start".into(), stderr: "no free port after 3 attempts".into() })
+    }
+
+    fn write_settings(&self, options: &ClusterOptions) -> Result<()> {
+        std::fs::write(self.root.join("port"), self.port.to_string()).map_err(io(&self.root))?;
         let mut conf = vec![
             "listen_addresses = '127.0.0.1'".to_string(),
-            format!("port = {}", c.port),
-            format!("unix_socket_directories = '{}'", c.root.display()),
+            format!("port = {}", self.port),
+            format!("unix_socket_directories = '{}'", self.root.display()),
             "wal_level = logical".into(),
             "max_wal_senders = 32".into(),
             "max_replication_slots = 32".into(),
@@ -144,27 +167,14 @@ impl LocalCluster {
             format!("fsync = {}", if options.fsync { "on" } else { "off" }),
         ];
         conf.extend(options.settings.iter().cloned());
-        // Written as a separate include so a persistent cluster gets the current settings.
-        std::fs::write(c.root.join("synapse.conf"), conf.join("\n") + "\n").map_err(io(&c.root))?;
-        let main_conf = data.join("postgresql.conf");
-        let existing = std::fs::read_to_string(&main_conf).map_err(io(&main_conf))?;
-        if !existing.contains("include_if_exists = '../synapse.conf'") {
-            std::fs::write(&main_conf, existing + "\ninclude_if_exists = '../synapse.conf'\n")
-                .map_err(io(&main_conf))?;
+        // A separate include, so a persistent cluster gets the current settings.
+        std::fs::write(self.root.join("synapse.conf"), conf.join("\n") + "\n").map_err(io(&self.root))?;
+        if self.as_postgres {
+            let files =
+                [self.root.join("synapse.conf").display().to_string(), self.root.join("port").display().to_string()];
+            self.run("chown", &["postgres:postgres", &files[0], &files[1]], false)?;
         }
-        if c.as_postgres {
-            c.run(
-                "chown",
-                &[
-                    "postgres:postgres",
-                    &c.root.join("synapse.conf").display().to_string(),
-                    &c.root.join("port").display().to_string(),
-                ],
-                false,
-            )?;
-        }
-        c.pg_ctl(&["start", "-w", "-t", "120", "-l", &c.root.join("server.log").display().to_string()])?;
-        Ok(c)
+        Ok(())
     }
 
     pub fn data_dir(&self) -> PathBuf {

@@ -271,6 +271,14 @@ impl Config {
                 ));
             }
             tnames.push(&t.name);
+            // Applied changes carry our replication origin, but capture does not filter on it
+            // yet (the multi-region issue does): a node that is both would echo changes back.
+            if names.contains(&t.name) {
+                return Err(invalid(
+                    format!("targets[{i}].name"),
+                    format!("`{}` is also a source: bidirectional replication is not supported yet", t.name),
+                ));
+            }
             t.url
                 .pg_config()
                 .map_err(|e| invalid(format!("targets[{i}].url"), format!("not a PostgreSQL URL ({e})")))?;
@@ -340,6 +348,13 @@ targets:
         let toml = "[[sources]]\nname = \"a\"\nurl = \"host=x password=hunter2\"\n";
         let c = Config::parse(toml, true, "f.toml").unwrap();
         assert_eq!(c.sources[0].url.to_string(), "host=x password=***");
+    }
+
+    #[test]
+    fn a_node_cannot_be_source_and_target_yet() {
+        let text = interpolate(GOOD, "f", |_| None).unwrap().replace("name: b", "name: a");
+        let c = Config::parse(&text, false, "f").unwrap();
+        assert!(c.validate("f").unwrap_err().to_string().contains("targets[0].name"));
     }
 
     #[test]

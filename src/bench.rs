@@ -9,9 +9,10 @@
 //! | P7 | peak RSS while one ~1 GB transaction flows through (goal < 256 MB) | pg_recvlogical peak RSS |
 //! | P8 | initial copy of the P1 table into an empty target | COPY TO STDOUT piped into COPY FROM STDIN |
 //!
-//! Pausing is fair to the baseline: its apply worker is held back by a lock on the target table
-//! while the workload runs (re-enabling a subscription would add the worker's start-up to its
-//! time), while synapse is simply not running and is started — start-up included — to catch up.
+//! Pausing (P1, P2) is the same for both: a lock on the target table holds each applier back
+//! while the workload runs, and the clocks start when the lock is released, one consumer after
+//! the other. `--cold-start` instead keeps synapse stopped during the workload and starts it,
+//! start-up and capture included.
 
 use anyhow::{bail, Context};
 use std::path::Path;
@@ -43,6 +44,7 @@ pub struct Options {
     pub profile: bool,
     pub copy_parallelism: usize,
     pub repeat: usize,
+    pub cold_start: bool,
 }
 
 struct Row {
@@ -206,6 +208,9 @@ struct Round<'a> {
     syn_target: &'a Client,
     /// A session on the baseline target that holds its apply worker back with a table lock.
     lock: &'a Client,
+    /// The same on synapse's target.
+    syn_lock: &'a Client,
+    cold_start: bool,
     config: &'a Path,
     log: &'a Path,
     listen: &'a str,
@@ -222,19 +227,55 @@ struct CatchUp {
 
 impl Round<'_> {
     /// Runs `workload` on the source while both consumers are paused, then times the baseline
-    /// (lock released) and synapse (process started) until `marker` arrives on each target.
+    /// and synapse, one after the other, until `marker` arrives on each target.
+    ///
+    /// Both are paused the same way: a lock on their target table holds the applier back while
+    /// capture keeps running (the walsender feeding the baseline's worker stops once its socket
+    /// is full; synapse's capture keeps writing its durable log). With `cold_start`, synapse is
+    /// instead not running at all during the workload and is started, start-up included.
     async fn catch_up(&self, label: &str, table: &str, workload: &str, marker: i32) -> anyhow::Result<CatchUp> {
-        self.lock.batch_execute(&format!("BEGIN; LOCK TABLE {table} IN ACCESS EXCLUSIVE MODE")).await?;
+        let lock_stmt = format!("BEGIN; LOCK TABLE {table} IN ACCESS EXCLUSIVE MODE");
+        self.lock.batch_execute(&lock_stmt).await?;
+        let mut child = None;
+        if !self.cold_start {
+            self.syn_lock.batch_execute(&lock_stmt).await?;
+            child = Some(spawn_synapse(self.config, self.log)?);
+        }
         self.source.batch_execute(workload).await?;
+        let before_marker: String = self.source.query_one("SELECT pg_current_wal_lsn()::text", &[]).await?.get(0);
         self.source.execute("INSERT INTO marker VALUES ($1, $2)", &[&marker, &label]).await?;
         let end_lsn: String = self.source.query_one("SELECT pg_current_wal_lsn()::text", &[]).await?.get(0);
+        if !self.cold_start {
+            // Capture has made everything durable in the log before either clock starts.
+            let deadline = Instant::now() + Duration::from_secs(1800);
+            while !self
+                .source
+                .query_one(
+                    "SELECT coalesce(bool_or(confirmed_flush_lsn > $1::text::pg_lsn), false) FROM pg_replication_slots WHERE slot_name = 'synapse_a'",
+                    &[&before_marker],
+                )
+                .await?
+                .get::<_, bool>(0)
+            {
+                if Instant::now() > deadline {
+                    bail!("synapse never captured the {label} workload");
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
         let t = Instant::now();
         self.lock.batch_execute("COMMIT").await?;
         wait_marker(self.pg_target, marker, Duration::from_secs(1800)).await?;
         let baseline_secs = t.elapsed().as_secs_f64();
         let perf = start_profile(self.profile, &self.work.join(format!("{label}.perf")));
         let t = Instant::now();
-        let mut child = spawn_synapse(self.config, self.log)?;
+        let mut child = match child {
+            Some(c) => {
+                self.syn_lock.batch_execute("COMMIT").await?;
+                c
+            }
+            None => spawn_synapse(self.config, self.log)?,
+        };
         wait_marker(self.syn_target, marker, Duration::from_secs(1800)).await?;
         let synapse_secs = t.elapsed().as_secs_f64();
         stop_profile(perf)?;
@@ -335,11 +376,14 @@ async fn run_once(o: &Options, round: usize) -> anyhow::Result<Vec<Row>> {
     let txns = o.rows / o.txn_rows;
     eprintln!("P1: writing {} rows in {txns} transactions while both consumers are paused", o.rows);
     let lock = sql(&tpg.url("bench")).await?;
+    let syn_lock = sql(&tsyn.url("bench")).await?;
     let round_env = Round {
         source: &source,
         pg_target: &pg_target,
         syn_target: &syn_target,
         lock: &lock,
+        syn_lock: &syn_lock,
+        cold_start: o.cold_start,
         config: &config,
         log: &log,
         listen: &listen,

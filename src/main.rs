@@ -64,6 +64,9 @@ enum Command {
         /// Rounds (fresh clusters each); the median round is reported.
         #[arg(long, default_value_t = 3)]
         repeat: usize,
+        /// P1/P2: keep synapse stopped during the workload and time it from process start.
+        #[arg(long)]
+        cold_start: bool,
     },
     /// See live replication: two local demo nodes, or --source/--target URLs.
     Quickstart {
@@ -164,8 +167,9 @@ fn main() -> ExitCode {
                     Ok(ExitCode::FAILURE)
                 }
             }
-            Command::Bench { rows, txn_rows, updates, big_mb, profile, copy_parallelism, repeat } => {
-                let o = bench::Options { rows, txn_rows, updates, big_mb, profile, copy_parallelism, repeat };
+            Command::Bench { rows, txn_rows, updates, big_mb, profile, copy_parallelism, repeat, cold_start } => {
+                let o =
+                    bench::Options { rows, txn_rows, updates, big_mb, profile, copy_parallelism, repeat, cold_start };
                 bench::run(o).await.map(|_| ExitCode::SUCCESS)
             }
             Command::Quickstart { source, target, data_dir, duration, ops_listen } => {

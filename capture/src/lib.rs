@@ -129,7 +129,9 @@ pub struct Prepared {
 /// The capture of one source node. See the crate docs for its guarantees.
 pub struct Capture {
     config: CaptureConfig,
-    client: Arc<Client>,
+    /// The SQL connection (catalog, publication, heartbeats); replaced when it breaks, so a
+    /// retried `prepare`/`stream` after a source restart does not reuse a dead connection.
+    client: std::sync::Mutex<Arc<Client>>,
     stats: Arc<CaptureStats>,
 }
 
@@ -147,7 +149,7 @@ pub async fn connect_sql(config: &tokio_postgres::Config, what: &str) -> Result<
 impl Capture {
     pub async fn connect(config: CaptureConfig) -> Result<Self, CaptureError> {
         let client = connect_sql(&config.source, "the source").await?;
-        Ok(Capture { config, client: Arc::new(client), stats: Arc::default() })
+        Ok(Capture { config, client: std::sync::Mutex::new(Arc::new(client)), stats: Arc::default() })
     }
 
     pub fn stats(&self) -> Arc<CaptureStats> {
@@ -158,14 +160,26 @@ impl Capture {
         &self.config
     }
 
-    pub fn client(&self) -> &Client {
-        &self.client
+    /// The SQL connection to the source, reconnected first if it broke.
+    pub async fn client(&self) -> Result<Arc<Client>, CaptureError> {
+        let current =
+            self.client.lock().map(|c| c.clone()).map_err(|_| CaptureError::Protocol("client lock poisoned".into()))?;
+        if !current.is_closed() {
+            return Ok(current);
+        }
+        tracing::info!("reconnecting the source SQL connection");
+        let fresh = Arc::new(connect_sql(&self.config.source, "the source").await?);
+        if let Ok(mut c) = self.client.lock() {
+            *c = fresh.clone();
+        }
+        Ok(fresh)
     }
 
     /// Selects the tables, maintains the publication and creates the slot if missing.
     /// The slot exists before any snapshot is taken, so no commit falls between them.
     pub async fn prepare(&self) -> Result<Prepared, CaptureError> {
-        let (tables, skipped) = catalog::select_tables(&self.client, &self.config.tables).await?;
+        let client = self.client().await?;
+        let (tables, skipped) = catalog::select_tables(&client, &self.config.tables).await?;
         for t in &skipped {
             tracing::warn!(table = %t, code = "CAP009", "skipping table without primary key or replica identity: add a primary key or ALTER TABLE {t} REPLICA IDENTITY FULL");
         }
@@ -175,9 +189,8 @@ impl Capture {
             }
         }
         if self.config.create_publication {
-            catalog::ensure_publication(&self.client, &self.config.publication, &tables).await?;
-        } else if self
-            .client
+            catalog::ensure_publication(&client, &self.config.publication, &tables).await?;
+        } else if client
             .query_opt("SELECT 1 FROM pg_publication WHERE pubname = $1", &[&self.config.publication])
             .await
             .map_err(CaptureError::sql("reading the publication"))?
@@ -185,7 +198,7 @@ impl Capture {
         {
             return Err(CaptureError::MissingPublication { publication: self.config.publication.clone() });
         }
-        let slot_created = if catalog::slot_state(&self.client, &self.config.slot).await?.is_none() {
+        let slot_created = if catalog::slot_state(&client, &self.config.slot).await?.is_none() {
             let mut conn = ReplicationConnection::connect(&self.config.source, "synapse-setup").await?;
             let slot = conn.create_slot(&self.config.slot, false, false).await?;
             tracing::info!(slot = %self.config.slot, consistent_point = %synapse_schemas::Lsn(slot.consistent_point), "created replication slot");
@@ -210,10 +223,11 @@ impl Capture {
             let system = conn.identify_system().await?;
             tracing::info!(system_id = %system.system_id, timeline = system.timeline, resume_after = ?state.last_commit_end.map(|l| l.to_string()), "starting replication");
             let stream = conn.start_replication(&self.config.slot, 0, &self.config.publication).await?;
-            let heartbeat = tokio::spawn(heartbeats(self.client.clone(), self.config.clone(), self.stats.clone()));
+            let client = self.client().await?;
+            let heartbeat = tokio::spawn(heartbeats(client.clone(), self.config.clone(), self.stats.clone()));
             let streamer = replication::Streamer {
                 log,
-                client: &self.client,
+                client: &client,
                 types: TypeResolver::default(),
                 stats: self.stats.clone(),
                 settings: replication::StreamSettings {

@@ -40,9 +40,64 @@ use tokio::sync::watch;
 use tokio_postgres::{Client, NoTls, Statement};
 use tracing::Instrument;
 
-/// Groups smaller than this wait up to [`LINGER`] for more before committing.
-const LINGER_BELOW_TXNS: usize = 64;
+/// When the log has nothing more, the reader waits this long before reporting "caught up", so
+/// a stream of tiny transactions is committed in a few large target transactions.
 const LINGER: Duration = Duration::from_millis(2);
+/// A group is committed once it is this old, even while more keeps arriving (bounds latency).
+const MAX_GROUP_AGE: Duration = Duration::from_millis(200);
+
+/// Reads the log ahead of the applier on its own task, so decoding the next records overlaps
+/// with the target executing the current ones. An empty batch means "caught up".
+struct ReadAhead {
+    rx: tokio::sync::mpsc::Receiver<Result<Vec<(Offset, LogRecord)>, ApplyError>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl ReadAhead {
+    fn spawn<L: ChangeLog + Clone>(log: &L, from: Offset, batch: usize) -> Self {
+        let (tx, rx) = tokio::sync::mpsc::channel(2);
+        let log = log.clone();
+        let task = tokio::spawn(async move {
+            let mut pos = from;
+            let mut announced = false;
+            loop {
+                let started = Instant::now();
+                let records = match log.read(pos, batch).await {
+                    Ok(r) => r,
+                    Err(e) => {
+                        let _ = tx.send(Err(e.into())).await;
+                        return;
+                    }
+                };
+                metrics::histogram!("synapse_apply_log_read_seconds").record(started.elapsed().as_secs_f64());
+                if let Some((last, _)) = records.last() {
+                    pos = last + 1;
+                    announced = false;
+                    if tx.send(Ok(records)).await.is_err() {
+                        return;
+                    }
+                } else if !announced {
+                    log.wait_readable(pos, LINGER).await;
+                    if log.next_offset() <= pos {
+                        announced = true;
+                        if tx.send(Ok(Vec::new())).await.is_err() {
+                            return;
+                        }
+                    }
+                } else {
+                    log.wait_readable(pos, Duration::from_millis(500)).await;
+                }
+            }
+        });
+        ReadAhead { rx, task }
+    }
+}
+
+impl Drop for ReadAhead {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
 
 pub mod defaults {
     /// Source transactions per target transaction: enough to amortise the commit (and its fsync)
@@ -139,6 +194,7 @@ struct Session<'a, L> {
     last_commit: Option<Commit>,
     committed_offset: Offset,
     last_consumer_commit: Instant,
+    group_started: Instant,
 }
 
 impl Applier {
@@ -152,12 +208,16 @@ impl Applier {
 
     /// Applies until `shutdown` turns true or an error occurs. Safe to call again after an error:
     /// it resumes from the position stored in the target.
-    pub async fn run<L: ChangeLog>(&self, log: &L, shutdown: watch::Receiver<bool>) -> Result<(), ApplyError> {
+    pub async fn run<L: ChangeLog + Clone>(&self, log: &L, shutdown: watch::Receiver<bool>) -> Result<(), ApplyError> {
         let span = tracing::info_span!("apply", node = %self.config.node, consumer = %self.config.consumer);
         self.run_session(log, shutdown).instrument(span).await
     }
 
-    async fn run_session<L: ChangeLog>(&self, log: &L, mut shutdown: watch::Receiver<bool>) -> Result<(), ApplyError> {
+    async fn run_session<L: ChangeLog + Clone>(
+        &self,
+        log: &L,
+        mut shutdown: watch::Receiver<bool>,
+    ) -> Result<(), ApplyError> {
         let client = connect_target(&self.config.target).await?;
         target::setup_state(&client).await?;
         let origin = origin_name(&self.config.node);
@@ -186,11 +246,12 @@ impl Applier {
             last_commit: None,
             committed_offset: start,
             last_consumer_commit: Instant::now(),
+            group_started: Instant::now(),
         };
         self.stats.next_offset.store(start, Ordering::Relaxed);
         let mut pos = start;
         let mut open: Option<OpenTxn> = None;
-        let mut lingered = false;
+        let mut ahead = ReadAhead::spawn(log, start, self.config.read_batch);
         loop {
             if *shutdown.borrow() {
                 if s.in_target_txn && open.is_none() {
@@ -198,19 +259,26 @@ impl Applier {
                 }
                 return Ok(());
             }
-            let read_started = Instant::now();
-            let records = log.read(pos, self.config.read_batch).await?;
-            metrics::histogram!("synapse_apply_log_read_seconds").record(read_started.elapsed().as_secs_f64());
-            let exhausted = records.len() < self.config.read_batch;
+            let records = tokio::select! {
+                r = ahead.rx.recv() => match r {
+                    Some(r) => r?,
+                    // The reader only stops early by panicking; report that.
+                    None => match (&mut ahead.task).await {
+                        Err(e) => return Err(ApplyError::Log(synapse_log::LogError::TaskFailed(e))),
+                        Ok(()) => {
+                            ahead = ReadAhead::spawn(log, pos, self.config.read_batch);
+                            continue;
+                        }
+                    },
+                },
+                _ = shutdown.changed() => continue,
+            };
             if records.is_empty() {
+                // Caught up: what is grouped so far becomes visible on the target.
                 if s.in_target_txn && open.is_none() {
                     s.commit(pos).await?;
                 }
                 s.report_lag(pos);
-                tokio::select! {
-                    _ = log.wait_readable(pos, Duration::from_millis(500)) => {}
-                    _ = shutdown.changed() => {}
-                }
                 continue;
             }
             let mut restart = false;
@@ -227,6 +295,7 @@ impl Applier {
                                 .await
                                 .map_err(ApplyError::target("beginning a target transaction"))?;
                             s.in_target_txn = true;
+                            s.group_started = Instant::now();
                         }
                         open = Some(OpenTxn { begin: b, begin_offset: offset });
                     }
@@ -264,7 +333,9 @@ impl Applier {
                         if open.take().is_some() {
                             s.txns_in_group += 1;
                             s.last_commit = Some(c);
-                            if s.txns_in_group >= self.config.max_txns_per_commit {
+                            if s.txns_in_group >= self.config.max_txns_per_commit
+                                || s.group_started.elapsed() >= MAX_GROUP_AGE
+                            {
                                 s.commit(pos).await?;
                             }
                         }
@@ -282,17 +353,9 @@ impl Applier {
                     }
                 }
             }
-            if !restart && exhausted && open.is_none() && s.in_target_txn {
-                // Caught up with a small group: linger once for a moment, so a stream of tiny
-                // transactions is committed in a few large target transactions.
-                if s.txns_in_group < LINGER_BELOW_TXNS && !lingered {
-                    lingered = true;
-                    log.wait_readable(pos, LINGER).await;
-                    continue;
-                }
-                s.commit(pos).await?;
+            if restart {
+                ahead = ReadAhead::spawn(log, pos, self.config.read_batch);
             }
-            lingered = false;
             s.report_lag(pos);
         }
     }

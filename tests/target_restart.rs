@@ -4,15 +4,12 @@
 
 mod common;
 
-use common::{spawn_run, wait_equal, Nodes};
+use common::{assert_survived, spawn_run, Nodes, ITEMS_SCHEMA};
 use std::time::Duration;
 
 #[test]
 fn target_crash_and_restart_mid_stream() {
-    let nodes = Nodes::start(
-        "CREATE TABLE items (id bigint PRIMARY KEY, v bigint NOT NULL);
-         CREATE TABLE counters (id int PRIMARY KEY, n bigint NOT NULL); INSERT INTO counters VALUES (1, 0);",
-    );
+    let nodes = Nodes::start(ITEMS_SCHEMA);
     let config = nodes.config("");
     let log = nodes.dir.path().join("synapse.log");
     let mut child = spawn_run(&config, &log);
@@ -37,12 +34,5 @@ fn target_crash_and_restart_mid_stream() {
         nodes.target.restart().unwrap();
     }
     writer.join().unwrap();
-    let q = "SELECT count(*) || ':' || sum(v) || ':' || (SELECT n FROM counters) FROM items";
-    wait_equal(&nodes.source, &nodes.target, q, Duration::from_secs(120));
-    assert_eq!(nodes.target.psql("app", "SELECT n FROM counters").unwrap(), "3000");
-    assert!(child.try_wait().unwrap().is_none(), "synapse exited on a transient target failure");
-    child.kill().unwrap();
-    child.wait().unwrap();
-    let text = std::fs::read_to_string(&log).unwrap();
-    assert!(text.contains("transient error, retrying"), "the restarts were not noticed:\n{text}");
+    assert_survived(&nodes, &mut child, &log, 3000);
 }

@@ -63,3 +63,23 @@ pub fn wait_equal(source: &LocalCluster, target: &LocalCluster, query: &str, tim
         std::thread::sleep(Duration::from_millis(200));
     }
 }
+
+/// Rows plus a counter bumped once per workload transaction: a transaction applied twice or
+/// lost shows in the counter.
+pub const ITEMS_SCHEMA: &str = "CREATE TABLE items (id bigint PRIMARY KEY, v bigint NOT NULL);
+     CREATE TABLE counters (id int PRIMARY KEY, n bigint NOT NULL); INSERT INTO counters VALUES (1, 0);";
+
+/// After a restart test: the target equals the source with the counter at `txns`, synapse kept
+/// running through the outages, and its log shows it retried. Returns the log text.
+pub fn assert_survived(nodes: &Nodes, child: &mut Child, log: &Path, txns: u64) -> String {
+    let q = "SELECT count(*) || ':' || sum(v) || ':' || (SELECT n FROM counters) FROM items";
+    wait_equal(&nodes.source, &nodes.target, q, Duration::from_secs(120));
+    assert_eq!(nodes.target.psql("app", "SELECT n FROM counters").unwrap(), txns.to_string());
+    assert!(child.try_wait().unwrap().is_none(), "synapse exited on a transient failure");
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let text = std::fs::read_to_string(log).unwrap();
+    assert!(text.contains("transient error, retrying"), "the restarts were not noticed:\n{text}");
+    assert!(!text.contains("panicked"), "{text}");
+    text
+}

@@ -359,15 +359,11 @@ async fn run_once(o: &Options, round: usize) -> anyhow::Result<Vec<Row>> {
     let mut rows = Vec::new();
     let p3_recv = "bench_recv";
     source.execute("SELECT pg_create_logical_replication_slot($1, 'pgoutput')", &[&p3_recv]).await?;
-    let mut drain_cfg = crate::pipeline::capture_config(&crate::config::SourceConfig {
-        name: "drain".into(),
-        url: crate::config::SecretUrl::new(src.url("bench")),
-        slot: Some("bench_drain".into()),
-        publication: "synapse".into(),
-        tables: vec![],
-        create_publication: false,
-        heartbeat_interval_secs: 60.0,
-    })?;
+    // Capture alone into its own log, on the publication synapse created; no heartbeats, so
+    // it drains exactly the P1 transactions.
+    let mut drain_cfg = synapse_capture::CaptureConfig::new("drain", src.url("bench").parse()?);
+    drain_cfg.slot = "bench_drain".into();
+    drain_cfg.create_publication = false;
     drain_cfg.heartbeat_interval = Duration::from_secs(3600);
     let drain = synapse_capture::Capture::connect(drain_cfg).await?;
     drain.prepare().await?;

@@ -483,14 +483,10 @@ impl<L: ChangeLog> Session<'_, L> {
             0.0
         } else {
             let t = self.applier.stats.last_commit_time_us.load(Ordering::Relaxed);
-            let now = std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map(|d| d.as_micros() as i64)
-                .unwrap_or(0);
             if t == 0 {
                 0.0
             } else {
-                ((now - t) as f64 / 1e6).max(0.0)
+                ((synapse_schemas::unix_micros_now() - t) as f64 / 1e6).max(0.0)
             }
         };
         metrics::gauge!("synapse_apply_lag_seconds", "node" => self.applier.config.node.clone()).set(lag);

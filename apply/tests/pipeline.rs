@@ -2,7 +2,7 @@
 #![allow(clippy::unwrap_used)] // a failed setup step should fail the test loudly
 
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 use synapse_apply::{initial_copy, Applier, ApplyConfig};
 use synapse_capture::{Capture, CaptureConfig};
 use synapse_localpg::{ClusterOptions, LocalCluster};
@@ -51,16 +51,11 @@ fn two_nodes() -> (LocalCluster, LocalCluster) {
 }
 
 async fn wait_equal(source: &LocalCluster, target: &LocalCluster, query: &str) {
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        let want = source.psql("app", query).unwrap();
-        let got = target.psql("app", query).unwrap_or_default();
-        if want == got {
-            return;
-        }
-        assert!(Instant::now() < deadline, "target never matched source\nsource: {want}\ntarget: {got}");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    // The poll sleeps: keep it off the runtime's workers, which run the pipeline.
+    tokio::task::block_in_place(|| {
+        synapse_localpg::wait_until_equal(source, target, "app", query, Duration::from_secs(60))
+    })
+    .unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

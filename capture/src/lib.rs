@@ -109,12 +109,8 @@ impl CaptureStats {
         if newest == 0 {
             return 0.0;
         }
-        ((unix_micros() - newest) as f64 / 1e6).max(0.0)
+        ((synapse_schemas::unix_micros_now() - newest) as f64 / 1e6).max(0.0)
     }
-}
-
-fn unix_micros() -> i64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_micros() as i64).unwrap_or(0)
 }
 
 /// What `prepare` found and did on the source.

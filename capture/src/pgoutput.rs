@@ -17,6 +17,8 @@ pub enum DecodeError {
     UnknownTag(u8),
     #[error("invalid {what} byte {value:#04x} at byte {at}")]
     Invalid { what: &'static str, value: u8, at: usize },
+    #[error("negative {what} at byte {at}")]
+    NegativeLength { what: &'static str, at: usize },
     #[error("string at byte {at} is not NUL-terminated UTF-8")]
     BadString { at: usize },
 }
@@ -165,18 +167,25 @@ impl<'a> Reader<'a> {
         Ok(s)
     }
 
+    /// A non-negative i32 length or count.
+    fn len32(&mut self, what: &'static str) -> Result<usize, DecodeError> {
+        let at = self.pos;
+        usize::try_from(self.i32(what)?).map_err(|_| DecodeError::NegativeLength { what, at })
+    }
+
+    /// A non-negative i16 count.
+    fn len16(&mut self, what: &'static str) -> Result<usize, DecodeError> {
+        let at = self.pos;
+        usize::try_from(self.i16(what)?).map_err(|_| DecodeError::NegativeLength { what, at })
+    }
+
     fn value(&mut self) -> Result<TupleValue<'a>, DecodeError> {
         let at = self.pos;
         match self.u8("column kind")? {
             b'n' => Ok(TupleValue::Null),
             b'u' => Ok(TupleValue::UnchangedToast),
             kind @ (b't' | b'b') => {
-                let len = self.i32("column length")?;
-                let len = usize::try_from(len).map_err(|_| DecodeError::Invalid {
-                    what: "column length",
-                    value: 0xff,
-                    at,
-                })?;
+                let len = self.len32("column length")?;
                 let data = self.take(len, "column value")?;
                 Ok(if kind == b't' { TupleValue::Text(data) } else { TupleValue::Binary(data) })
             }
@@ -239,12 +248,7 @@ pub fn decode(buf: &[u8], in_stream: bool) -> Result<Message<'_>, DecodeError> {
             let namespace = r.cstr()?;
             let name = r.cstr()?;
             let replica_identity = r.expect("replica identity", b"dnfi")?;
-            let n = r.i16("column count")?;
-            let n = usize::try_from(n).map_err(|_| DecodeError::Invalid {
-                what: "column count",
-                value: 0xff,
-                at: r.pos - 2,
-            })?;
+            let n = r.len16("column count")?;
             let mut columns = Vec::with_capacity(n.min(1600));
             for _ in 0..n {
                 let flags = r.u8("column flags")?;
@@ -290,12 +294,7 @@ pub fn decode(buf: &[u8], in_stream: bool) -> Result<Message<'_>, DecodeError> {
         }
         b'T' => {
             let xid = r.xid_if(in_stream)?;
-            let n = r.i32("relation count")?;
-            let n = usize::try_from(n).map_err(|_| DecodeError::Invalid {
-                what: "relation count",
-                value: 0xff,
-                at: r.pos - 4,
-            })?;
+            let n = r.len32("relation count")?;
             let options = r.u8("truncate options")?;
             // Bound the allocation by what the buffer can hold.
             let mut relations = Vec::with_capacity(n.min(buf.len() / 4));
@@ -309,12 +308,7 @@ pub fn decode(buf: &[u8], in_stream: bool) -> Result<Message<'_>, DecodeError> {
             let flags = r.u8("message flags")?;
             let lsn = r.u64("message lsn")?;
             let prefix = r.cstr()?;
-            let len = r.i32("content length")?;
-            let len = usize::try_from(len).map_err(|_| DecodeError::Invalid {
-                what: "content length",
-                value: 0xff,
-                at: r.pos - 4,
-            })?;
+            let len = r.len32("content length")?;
             Message::Message {
                 xid,
                 transactional: flags & 1 == 1,
@@ -416,7 +410,7 @@ mod tests {
         i.extend(1_i16.to_be_bytes());
         i.push(b't');
         i.extend((-5_i32).to_be_bytes());
-        assert!(matches!(decode(&i, false), Err(DecodeError::Invalid { what: "column length", .. })));
+        assert!(matches!(decode(&i, false), Err(DecodeError::NegativeLength { what: "column length", .. })));
     }
 
     proptest! {

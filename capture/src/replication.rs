@@ -40,10 +40,27 @@ pub(crate) struct StreamSettings {
     pub status_interval: Duration,
 }
 
+#[derive(Default)]
 struct Batch {
     records: Vec<LogRecord>,
     /// End LSN and commit time of the last transaction completed in this batch.
     commit: Option<(u64, i64)>,
+    /// pgoutput bytes behind the records, for the size bound.
+    bytes: usize,
+}
+
+impl Batch {
+    fn is_full(&self, settings: &StreamSettings) -> bool {
+        self.records.len() >= settings.max_batch_records || self.bytes >= settings.max_batch_bytes
+    }
+}
+
+/// Hands the batch to the writer and starts a new one; returns the end LSN it completes.
+fn ship(permit: mpsc::Permit<'_, Batch>, batch: &mut Batch) -> Option<u64> {
+    let full = std::mem::take(batch);
+    let end = full.commit.map(|(end, _)| end);
+    permit.send(full);
+    end
 }
 
 struct OpenTxn {
@@ -103,8 +120,7 @@ impl<L: ChangeLog + Clone> Streamer<'_, L> {
     ) -> Result<(), CaptureError> {
         let skip_below = skip_below.map(|l| l.0).unwrap_or(0);
         let mut txn: Option<OpenTxn> = None;
-        let mut batch = Batch { records: Vec::new(), commit: None };
-        let mut batch_bytes = 0usize;
+        let mut batch = Batch::default();
         let mut received = 0u64;
         let mut sent_commit_end = 0u64;
         let mut keepalive_end = 0u64;
@@ -123,7 +139,7 @@ impl<L: ChangeLog + Clone> Streamer<'_, L> {
                         match m {
                             ReplicationMessage::XLogData { wal_end, data, .. } => {
                                 received = received.max(wal_end);
-                                batch_bytes += data.len();
+                                batch.bytes += data.len();
                                 self.handle(&data, wal_end, skip_below, &mut txn, &mut batch).await?;
                             }
                             ReplicationMessage::Keepalive { wal_end, reply_requested } => {
@@ -134,15 +150,14 @@ impl<L: ChangeLog + Clone> Streamer<'_, L> {
                                 reply |= reply_requested;
                             }
                         }
-                        if batch.records.len() >= self.settings.max_batch_records || batch_bytes >= self.settings.max_batch_bytes {
+                        if batch.is_full(&self.settings) {
                             break;
                         }
                         // Take what is already buffered without waiting: it joins this batch.
                         msg = stream.next().now_or_never().transpose()?;
                     }
                     if !batch.records.is_empty() {
-                        let full = batch.records.len() >= self.settings.max_batch_records
-                            || batch_bytes >= self.settings.max_batch_bytes;
+                        let full = batch.is_full(&self.settings);
                         let permit = if full {
                             // Backpressure: a full batch waits for the writer.
                             batch_tx.reserve().await.ok()
@@ -154,11 +169,7 @@ impl<L: ChangeLog + Clone> Streamer<'_, L> {
                             }
                         };
                         match permit {
-                            Some(p) => {
-                                sent_commit_end = batch.commit.map_or(sent_commit_end, |(end, _)| end);
-                                p.send(std::mem::replace(&mut batch, Batch { records: Vec::new(), commit: None }));
-                                batch_bytes = 0;
-                            }
+                            Some(p) => sent_commit_end = ship(p, &mut batch).unwrap_or(sent_commit_end),
                             None if full => return Ok(()), // writer stopped; run() reports its error
                             None => {}
                         }
@@ -167,9 +178,7 @@ impl<L: ChangeLog + Clone> Streamer<'_, L> {
                 }
                 permit = batch_tx.reserve(), if !batch.records.is_empty() => {
                     let Ok(p) = permit else { return Ok(()) };
-                    sent_commit_end = batch.commit.map_or(sent_commit_end, |(end, _)| end);
-                    p.send(std::mem::replace(&mut batch, Batch { records: Vec::new(), commit: None }));
-                    batch_bytes = 0;
+                    sent_commit_end = ship(p, &mut batch).unwrap_or(sent_commit_end);
                 }
                 changed = durable_rx.changed() => {
                     if changed.is_err() {

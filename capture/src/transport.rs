@@ -15,7 +15,8 @@ use crate::CaptureError;
 use bytes::{Buf, Bytes, BytesMut};
 use postgres_protocol::authentication::{md5_hash, sasl};
 use postgres_protocol::message::frontend;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
+use synapse_schemas::Lsn;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadHalf, WriteHalf};
 use tokio_postgres::config::{Host, SslMode};
 
@@ -23,8 +24,7 @@ use tokio_postgres::config::{Host, SslMode};
 const PG_EPOCH_OFFSET_US: i64 = 946_684_800_000_000;
 
 pub fn now_pg_micros() -> i64 {
-    let us = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_micros() as i64).unwrap_or(0);
-    us - PG_EPOCH_OFFSET_US
+    synapse_schemas::unix_micros_now() - PG_EPOCH_OFFSET_US
 }
 
 /// PostgreSQL timestamps (µs since 2000-01-01) → µs since the Unix epoch.
@@ -110,12 +110,7 @@ pub struct CreatedSlot {
 }
 
 fn parse_lsn(s: &str) -> Option<u64> {
-    let (hi, lo) = s.split_once('/')?;
-    Some((u64::from_str_radix(hi, 16).ok()? << 32) | u64::from_str_radix(lo, 16).ok()?)
-}
-
-fn lsn_str(lsn: u64) -> String {
-    format!("{:X}/{:X}", lsn >> 32, lsn & 0xffff_ffff)
+    s.parse::<Lsn>().ok().map(|l| l.0)
 }
 
 impl ReplicationConnection {
@@ -341,7 +336,7 @@ impl ReplicationConnection {
         let sql = format!(
             "START_REPLICATION SLOT \"{}\" LOGICAL {} (\"proto_version\" '1', \"publication_names\" '{}', \"messages\" 'true')",
             slot.replace('"', "\"\""),
-            lsn_str(start_lsn),
+            Lsn(start_lsn),
             quote_ident_list_literal(publication),
         );
         frontend::query(&sql, &mut self.out).map_err(CaptureError::Io)?;

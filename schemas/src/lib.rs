@@ -24,3 +24,8 @@ pub use model::*;
 
 /// The published JSON Schema of one change event (CloudEvents envelope + Debezium data).
 pub const CHANGE_EVENT_SCHEMA: &str = include_str!("../change-event.schema.json");
+
+/// Now, in the model's time unit: microseconds since the Unix epoch.
+pub fn unix_micros_now() -> i64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_micros() as i64).unwrap_or(0)
+}

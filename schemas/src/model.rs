@@ -12,15 +12,6 @@ pub enum Datum {
     Text(String),
 }
 
-impl Datum {
-    pub fn as_text(&self) -> Option<&str> {
-        match self {
-            Datum::Text(s) => Some(s),
-            _ => None,
-        }
-    }
-}
-
 /// One column value of a [`Tuple`], borrowed.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Value<'a> {

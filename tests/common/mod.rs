@@ -3,7 +3,7 @@
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 use synapse_localpg::{ClusterOptions, LocalCluster};
 
 pub struct Nodes {
@@ -52,16 +52,7 @@ pub fn spawn_run(config: &Path, log: &Path) -> Child {
 
 /// Polls until `query` gives the same answer on both clusters.
 pub fn wait_equal(source: &LocalCluster, target: &LocalCluster, query: &str, timeout: Duration) {
-    let deadline = Instant::now() + timeout;
-    loop {
-        let want = source.psql("app", query).unwrap();
-        let got = target.psql("app", query).unwrap_or_default();
-        if want == got {
-            return;
-        }
-        assert!(Instant::now() < deadline, "target never matched source\nsource: {want}\ntarget: {got}");
-        std::thread::sleep(Duration::from_millis(200));
-    }
+    synapse_localpg::wait_until_equal(source, target, "app", query, timeout).unwrap();
 }
 
 /// Rows plus a counter bumped once per workload transaction: a transaction applied twice or

@@ -249,6 +249,29 @@ impl LocalCluster {
     }
 }
 
+/// Polls until `query` on database `db` answers the same on `source` and `target` (a target
+/// that is down or lacks the table counts as different). On timeout returns both answers.
+pub fn wait_until_equal(
+    source: &LocalCluster,
+    target: &LocalCluster,
+    db: &str,
+    query: &str,
+    timeout: std::time::Duration,
+) -> std::result::Result<(), String> {
+    let deadline = std::time::Instant::now() + timeout;
+    loop {
+        let want = source.psql(db, query).map_err(|e| e.to_string())?;
+        let got = target.psql(db, query).unwrap_or_default();
+        if want == got {
+            return Ok(());
+        }
+        if std::time::Instant::now() > deadline {
+            return Err(format!("target never matched source\nsource: {want}\ntarget: {got}"));
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+}
+
 impl Drop for LocalCluster {
     fn drop(&mut self) {
         if let Err(e) = self.stop("immediate") {

@@ -233,6 +233,13 @@ async fn copy_rows(
     Ok(())
 }
 
+/// `unnest($1::text[], …, $n::text[]) AS u(c0, …, c{n-1})`: one text array per column.
+fn unnest(n: usize) -> String {
+    let arrays: Vec<String> = (1..=n).map(|i| format!("${i}::text[]")).collect();
+    let aliases: Vec<String> = (0..n).map(|i| format!("c{i}")).collect();
+    format!("unnest({}) AS u({})", arrays.join(", "), aliases.join(", "))
+}
+
 async fn execute_run(
     client: &Client,
     cache: &mut HashMap<String, Statement>,
@@ -246,67 +253,35 @@ async fn execute_run(
     let keys: Vec<usize> = rel.key_columns().map(|(i, _)| i).collect();
     let col = |i: usize| quote_ident(&rel.columns[i].name);
     let cast = |i: usize| &t.casts[i];
+    // Updates and deletes find their rows by the key, which leads the unnested columns.
+    let key_match: String = keys
+        .iter()
+        .enumerate()
+        .map(|(j, &i)| format!("t.{} = u.c{j}::{}", col(i), cast(i)))
+        .collect::<Vec<_>>()
+        .join(" AND ");
     let (sql, width) = match &run.kind {
         RunKind::Insert => {
             let n = rel.columns.len();
             let names: Vec<String> = (0..n).map(col).collect();
             let sel: Vec<String> = (0..n).map(|i| format!("u.c{i}::{}", cast(i))).collect();
-            let arrays: Vec<String> = (0..n).map(|i| format!("${}::text[]", i + 1)).collect();
-            let aliases: Vec<String> = (0..n).map(|i| format!("c{i}")).collect();
-            (
-                format!(
-                    "INSERT INTO {} ({}) SELECT {} FROM unnest({}) AS u({})",
-                    t.name,
-                    names.join(", "),
-                    sel.join(", "),
-                    arrays.join(", "),
-                    aliases.join(", ")
-                ),
-                n,
-            )
+            (format!("INSERT INTO {} ({}) SELECT {} FROM {}", t.name, names.join(", "), sel.join(", "), unnest(n)), n)
         }
         RunKind::Update(mask) => {
             let set_cols: Vec<usize> = (0..rel.columns.len()).filter(|i| mask[*i]).collect();
             if set_cols.is_empty() {
                 return Ok(()); // only unchanged TOAST values: nothing to write
             }
-            let all: Vec<usize> = keys.iter().chain(&set_cols).copied().collect();
-            let arrays: Vec<String> = (0..all.len()).map(|i| format!("${}::text[]", i + 1)).collect();
-            let aliases: Vec<String> = (0..all.len()).map(|i| format!("c{i}")).collect();
+            let width = keys.len() + set_cols.len();
             let set: Vec<String> = set_cols
                 .iter()
                 .enumerate()
                 .map(|(j, &i)| format!("{} = u.c{}::{}", col(i), keys.len() + j, cast(i)))
                 .collect();
-            let cond: Vec<String> =
-                keys.iter().enumerate().map(|(j, &i)| format!("t.{} = u.c{j}::{}", col(i), cast(i))).collect();
-            (
-                format!(
-                    "UPDATE {} AS t SET {} FROM unnest({}) AS u({}) WHERE {}",
-                    t.name,
-                    set.join(", "),
-                    arrays.join(", "),
-                    aliases.join(", "),
-                    cond.join(" AND ")
-                ),
-                all.len(),
-            )
+            (format!("UPDATE {} AS t SET {} FROM {} WHERE {}", t.name, set.join(", "), unnest(width), key_match), width)
         }
         RunKind::Delete => {
-            let arrays: Vec<String> = (0..keys.len()).map(|i| format!("${}::text[]", i + 1)).collect();
-            let aliases: Vec<String> = (0..keys.len()).map(|i| format!("c{i}")).collect();
-            let cond: Vec<String> =
-                keys.iter().enumerate().map(|(j, &i)| format!("t.{} = u.c{j}::{}", col(i), cast(i))).collect();
-            (
-                format!(
-                    "DELETE FROM {} AS t USING unnest({}) AS u({}) WHERE {}",
-                    t.name,
-                    arrays.join(", "),
-                    aliases.join(", "),
-                    cond.join(" AND ")
-                ),
-                keys.len(),
-            )
+            (format!("DELETE FROM {} AS t USING {} WHERE {}", t.name, unnest(keys.len()), key_match), keys.len())
         }
         RunKind::Single => {
             for row in run.rows {

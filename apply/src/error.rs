@@ -43,7 +43,8 @@ impl ApplyError {
     }
 
     /// Transient: connection loss, deadlock, serialization failure, shutdown/restart of the
-    /// target, resource exhaustion. The applier rolls back and retries from its stored position.
+    /// target, resource exhaustion, lock timeouts and objects still in use (a replication origin
+    /// held by our own just-crashed session). The applier rolls back and retries from its stored position.
     pub fn is_transient(&self) -> bool {
         match self {
             ApplyError::Target { source, .. } => match self.sqlstate() {
@@ -56,6 +57,7 @@ impl ApplyError {
                         || c.starts_with("53")
                         || c.starts_with("57")
                         || c == "55P03"
+                        || c == "55006"
                 }
             },
             ApplyError::Log(e) => e.is_transient(),

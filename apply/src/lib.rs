@@ -229,7 +229,12 @@ impl Applier {
             ))
             .await
             .map_err(ApplyError::target("setting up the apply session"))?;
-        setup_origin(&client, &origin).await?;
+        // A previous session of ours may hold the origin for a moment after a crash, until the
+        // server notices its connection is gone: SQLSTATE 55006, retried by the supervisor.
+        client
+            .execute("SELECT pg_replication_origin_session_setup($1)", &[&origin])
+            .await
+            .map_err(ApplyError::target(format!("binding replication origin {origin}")))?;
         let start = target::load_position(&client, &self.config.node).await?.unwrap_or(0);
         let sync = target::load_sync(&client, &self.config.node).await?;
         tracing::info!(next_offset = start, "applier resuming");
@@ -365,22 +370,6 @@ impl Applier {
             return false; // the common case, without taking the lock per record
         }
         self.discarded.lock().map(|d| d.iter().any(|(a, b)| (*a..=*b).contains(&offset))).unwrap_or(false)
-    }
-}
-
-/// Binds the session to the origin; a previous session of ours may still hold it for a moment
-/// after a crash, until the server notices its connection is gone.
-async fn setup_origin(client: &Client, origin: &str) -> Result<(), ApplyError> {
-    let mut attempt = 0;
-    loop {
-        match client.execute("SELECT pg_replication_origin_session_setup($1)", &[&origin]).await {
-            Ok(_) => return Ok(()),
-            Err(e) if attempt < 30 && e.code().map(|c| c.code()) == Some("55006") => {
-                attempt += 1;
-                tokio::time::sleep(Duration::from_millis(200)).await;
-            }
-            Err(e) => return Err(ApplyError::target(format!("binding replication origin {origin}"))(e)),
-        }
     }
 }
 

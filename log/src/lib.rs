@@ -19,7 +19,7 @@ pub use error::LogError;
 
 use std::future::Future;
 use std::time::Duration;
-use synapse_schemas::{LogRecord, Lsn, Relation, RelationKey};
+use synapse_schemas::{Cursor, LogRecord, Lsn, Relation, RelationKey};
 
 /// Position of a record in a stream. Offsets only grow; they are never reused, even after a
 /// writer recovery or retention.
@@ -33,6 +33,18 @@ pub struct WriterState {
     pub last_commit_end: Option<Lsn>,
     /// Offset the next appended record gets.
     pub next_offset: Offset,
+}
+
+/// Where a reader resumes after a cursor (see [`ChangeLog::seek`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Seek {
+    /// Read from this offset: the `Begin` of the cursor's transaction when part of it is still
+    /// to be read (the reader skips records at or before the cursor), else of the next
+    /// transaction, else the head.
+    At(Offset),
+    /// Retention already deleted records a reader after this cursor needs. `oldest` is the
+    /// commit LSN of the oldest transaction still fully readable, if any.
+    Gone { oldest: Option<Lsn> },
 }
 
 /// One source node's change stream.
@@ -79,6 +91,23 @@ pub trait ChangeLog: Send + Sync + 'static {
 
     /// The position last committed by consumer `name`.
     fn consumer_position(&self, name: &str) -> impl Future<Output = Result<Option<Offset>, LogError>> + Send;
+
+    /// Forgets consumer `name` (it no longer holds back retention).
+    fn remove_consumer(&self, name: &str) -> impl Future<Output = Result<(), LogError>> + Send;
+
+    /// Finds where to read to get everything after `after` (a transaction's commit LSN and an
+    /// index in it; `index` ≥ the transaction's event count means "after the whole
+    /// transaction"). Exact: `Gone` only when a record the reader needs was deleted.
+    fn seek(&self, after: Cursor) -> impl Future<Output = Result<Seek, LogError>> + Send;
+
+    /// Finds the first transaction committed at or after `commit_time_us` (µs since the Unix
+    /// epoch) and returns the cursor just before it, for replays by time. `None` if there is
+    /// no such transaction yet (resume from the head).
+    fn cursor_at_time(&self, commit_time_us: i64) -> impl Future<Output = Result<Option<Cursor>, LogError>> + Send;
+
+    /// The cursor after the last committed transaction in the log (`None` if empty): a
+    /// subscriber that starts here misses nothing committed later.
+    fn head_cursor(&self) -> impl Future<Output = Result<Option<Cursor>, LogError>> + Send;
 
     /// Deletes records that every registered consumer has passed (an implementation may keep
     /// some of them, e.g. a storage chunk still holding unconsumed records). Returns how many

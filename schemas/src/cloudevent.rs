@@ -87,6 +87,25 @@ pub fn change_event(ctx: &EventContext<'_>, rel: &Relation, change: &RowChange) 
     envelope(ctx, CHANGE_TYPE, rel.name(), cursor, data)
 }
 
+/// Renders a `TRUNCATE` of one table (Debezium's `op: "t"`, no row images). A truncate of
+/// several tables is one event per table, all with the truncate's cursor index.
+pub fn truncate_event(ctx: &EventContext<'_>, rel: &Relation, index: u32) -> Value {
+    let cursor = Cursor { commit_lsn: ctx.begin.commit_lsn, index };
+    let data = json!({
+        "op": "t",
+        "before": null,
+        "after": null,
+        "source": source_block(ctx, rel, cursor),
+        "transaction": {
+            "id": format!("{}:{}", ctx.begin.xid, ctx.begin.commit_lsn.0),
+            "total_order": index,
+            "data_collection_order": index,
+        },
+        "ts_ms": ctx.begin.commit_time_us.div_euclid(1000),
+    });
+    envelope(ctx, CHANGE_TYPE, rel.name(), cursor, data)
+}
+
 /// Renders a schema change: the relation's new column list.
 pub fn schema_change_event(ctx: &EventContext<'_>, rel: &Relation, index: u32) -> Value {
     let cursor = Cursor { commit_lsn: ctx.begin.commit_lsn, index };
@@ -180,6 +199,9 @@ mod tests {
         assert!(errors.is_empty(), "{errors:?}");
         let s = schema_change_event(&ctx, &r, 1);
         assert!(validator.is_valid(&s));
+        let t = truncate_event(&ctx, &r, 3);
+        assert_eq!(t["data"]["op"], "t");
+        assert!(validator.is_valid(&t));
         // The schema is not vacuous: a change without `op` is rejected.
         let mut bad = e.clone();
         bad["data"].as_object_mut().unwrap().remove("op");

@@ -1,0 +1,84 @@
+use synapse_log::LogError;
+use synapse_schemas::{Cursor, Lsn};
+
+/// Errors of the connectors, classified once: transient ones are retried with backoff,
+/// definite ones stop that endpoint or answer that request, with a stable code and a hint.
+#[derive(Debug, thiserror::Error)]
+pub enum ConnectorError {
+    #[error("reading the change log failed")]
+    Log(#[from] LogError),
+    #[error("cursor {cursor} is older than the log's retention{}", oldest.map(|l| format!(" (oldest retained transaction: {l})")).unwrap_or_default())]
+    CursorGone { cursor: Cursor, oldest: Option<Lsn> },
+    #[error("invalid {field}: {message}")]
+    BadRequest { field: String, message: String },
+    #[error("the log refers to relation {oid} but holds no description of it")]
+    UnknownRelation { oid: u32 },
+    #[error("missing or unknown bearer token")]
+    Unauthorized,
+    #[error("{0}")]
+    Forbidden(String),
+    #[error("{what} not found")]
+    NotFound { what: String },
+    #[error("the connector state store at {path} failed")]
+    Store {
+        path: String,
+        #[source]
+        source: Box<redb::Error>,
+    },
+    #[error("{what} already exists")]
+    Conflict { what: String },
+}
+
+impl ConnectorError {
+    pub fn code(&self) -> &'static str {
+        match self {
+            ConnectorError::Log(e) => e.code(),
+            ConnectorError::CursorGone { .. } => "CON001",
+            ConnectorError::BadRequest { .. } => "CON002",
+            ConnectorError::UnknownRelation { .. } => "CON003",
+            ConnectorError::Unauthorized => "CON004",
+            ConnectorError::Forbidden(_) => "CON005",
+            ConnectorError::NotFound { .. } => "CON006",
+            ConnectorError::Store { .. } => "CON007",
+            ConnectorError::Conflict { .. } => "CON008",
+        }
+    }
+
+    pub fn is_transient(&self) -> bool {
+        match self {
+            ConnectorError::Log(e) => e.is_transient(),
+            ConnectorError::Store { .. } => true,
+            _ => false,
+        }
+    }
+
+    pub fn hint(&self) -> &'static str {
+        match self {
+            ConnectorError::Log(e) => e.hint(),
+            ConnectorError::CursorGone { .. } => {
+                "re-read the current state of the tables (a snapshot), then resume from the cursor \
+                 GET /v1/streams/{name} returns; keep readers within the retention (log.retention_hours)"
+            }
+            ConnectorError::BadRequest { .. } => "fix the named parameter or field and retry",
+            ConnectorError::UnknownRelation { .. } => "the log is incomplete: report this as a bug",
+            ConnectorError::Unauthorized => "send `Authorization: Bearer <token>` with a token from api.tokens",
+            ConnectorError::Forbidden(_) => "use a token whose `tables` include the requested tables",
+            ConnectorError::NotFound { .. } => "check the name; GET /v1/endpoints and /v1/streams list what exists",
+            ConnectorError::Store { .. } => "check free disk space and permissions of log.dir",
+            ConnectorError::Conflict { .. } => "choose another name, or PUT to replace it",
+        }
+    }
+
+    pub fn http_status(&self) -> u16 {
+        match self {
+            ConnectorError::CursorGone { .. } => 410,
+            ConnectorError::BadRequest { .. } => 400,
+            ConnectorError::Unauthorized => 401,
+            ConnectorError::Forbidden(_) => 403,
+            ConnectorError::NotFound { .. } => 404,
+            ConnectorError::Conflict { .. } => 409,
+            _ if self.is_transient() => 503,
+            _ => 500,
+        }
+    }
+}

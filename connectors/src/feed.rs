@@ -161,6 +161,11 @@ impl<L: ChangeLog> ChangeFeed<L> {
         })
     }
 
+    /// The next log offset the feed reads (to wait for new records).
+    pub fn read_offset(&self) -> Offset {
+        self.next_read
+    }
+
     pub fn position(&self) -> Option<Cursor> {
         self.position
     }

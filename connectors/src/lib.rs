@@ -18,10 +18,24 @@
 //! Webhook delivery is at-least-once with a stable `webhook-id`; see [`webhook::Dispatcher`]
 //! for its ordering modes, retries and dead letters.
 
+pub mod api;
 mod error;
 pub mod feed;
 pub mod filter;
+pub mod webhook;
 
 pub use error::ConnectorError;
 pub use feed::{ChangeFeed, Event, FeedBatch, Operation, Selector, SourceInfo};
 pub use filter::RowFilter;
+
+/// `error: cause: cause …` — the whole chain, for logs and API responses.
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cur = c.source();
+    }
+    s
+}

@@ -1,0 +1,354 @@
+//! The HTTP API: resumable change streams (`/v1/streams`) and webhook endpoint management
+//! (`/v1/endpoints`, see [`crate::webhook::routes`]).
+//!
+//! Streams follow Electric's shape API and Kubernetes watches: the client holds the cursor.
+//! * `GET /v1/streams/{node}` — subscribe: the cursor after the last committed transaction.
+//!   Anything committed after this call is after this cursor (no gap between subscribe and
+//!   write).
+//! * `GET /v1/streams/{node}/changes?cursor=&live=&limit=&tables=&operations=&filter=`
+//!   - JSON lines (`application/x-ndjson`): up to `limit` CloudEvents, then a control line
+//!     `{"control":"up-to-date"|"more","cursor":…}` whose cursor resumes the stream (also in the
+//!     `synapse-cursor` header). `live=true` long-polls up to `timeout_ms` for the first event.
+//!   - SSE (`Accept: text/event-stream`): `event: change`, `id:` = cursor; `Last-Event-ID`
+//!     resumes. `event: bookmark` carries the position when only filtered-out traffic passed;
+//!     without `live=true` the stream ends with `event: up-to-date`.
+//!   - 410 Gone when the cursor is older than the log's retention, with the oldest cursor.
+//! * Bearer tokens (api.tokens) are scoped to tables: a request for other tables gets 403; a
+//!   request without `tables` sees only the token's tables.
+
+use crate::feed::{parse_cursor, ChangeFeed, Operation, Selector, SourceInfo};
+use crate::{ConnectorError, RowFilter};
+use axum::extract::{Path, Query, State};
+use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
+use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::{Json, Router};
+use futures_util::stream::{self, Stream, StreamExt};
+use serde::Deserialize;
+use serde_json::json;
+use std::collections::{BTreeMap, HashSet};
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::time::Duration;
+use synapse_log::ChangeLog;
+use synapse_schemas::Cursor;
+
+/// Largest `limit` a request may ask for.
+pub const MAX_LIMIT: usize = 10_000;
+const DEFAULT_LIMIT: usize = 1_000;
+/// Long-poll wait: below common proxy idle timeouts (60 s).
+const DEFAULT_POLL: Duration = Duration::from_secs(20);
+/// SSE comment lines keep idle connections open through proxies.
+const SSE_KEEPALIVE: Duration = Duration::from_secs(15);
+
+/// A bearer token and what it may read.
+#[derive(Clone, Debug)]
+pub struct Token {
+    pub name: String,
+    pub secret: String,
+    /// `schema.table` names; empty = every table.
+    pub tables: Vec<String>,
+    /// May manage webhook endpoints.
+    pub admin: bool,
+}
+
+/// One source node's log, served as a stream named after the node.
+pub struct StreamSource<L> {
+    pub log: Arc<L>,
+    pub source: SourceInfo,
+}
+
+/// Shared state of the API server.
+pub struct Api<L> {
+    pub streams: BTreeMap<String, StreamSource<L>>,
+    /// No tokens = no authentication (loopback development setups).
+    pub tokens: Vec<Token>,
+    pub webhooks: Option<Arc<crate::webhook::Webhooks<L>>>,
+}
+
+impl<L> Api<L> {
+    /// The caller's token (`None` when authentication is off).
+    pub fn authenticate(&self, headers: &HeaderMap) -> Result<Option<&Token>, ConnectorError> {
+        if self.tokens.is_empty() {
+            return Ok(None);
+        }
+        let presented = headers
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .ok_or(ConnectorError::Unauthorized)?;
+        // Compared in constant time per token: a timing side channel would leak prefixes.
+        self.tokens
+            .iter()
+            .find(|t| constant_time_eq(t.secret.as_bytes(), presented.trim().as_bytes()))
+            .map(Some)
+            .ok_or(ConnectorError::Unauthorized)
+    }
+
+    pub fn require_admin(&self, headers: &HeaderMap) -> Result<(), ConnectorError> {
+        match self.authenticate(headers)? {
+            Some(t) if !t.admin => {
+                Err(ConnectorError::Forbidden(format!("token `{}` may not manage endpoints (admin: false)", t.name)))
+            }
+            _ => Ok(()),
+        }
+    }
+}
+
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+impl IntoResponse for ConnectorError {
+    fn into_response(self) -> Response {
+        let status = StatusCode::from_u16(self.http_status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+        let mut body =
+            json!({"error": {"code": self.code(), "message": crate::error_chain(&self), "hint": self.hint()}});
+        if let ConnectorError::CursorGone { oldest, .. } = &self {
+            body["error"]["oldest_cursor"] = oldest.map(|l| Cursor { commit_lsn: l, index: 0 }.to_string()).into();
+        }
+        let mut resp = (status, Json(body)).into_response();
+        if status == StatusCode::UNAUTHORIZED {
+            resp.headers_mut().insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+        }
+        resp
+    }
+}
+
+pub fn router<L: ChangeLog>(api: Arc<Api<L>>) -> Router {
+    let r = Router::new()
+        .route("/v1/streams", get(list_streams::<L>))
+        .route("/v1/streams/{name}", get(subscribe::<L>))
+        .route("/v1/streams/{name}/changes", get(changes::<L>));
+    let r = match &api.webhooks {
+        Some(_) => r.merge(crate::webhook::routes::router::<L>()),
+        None => r,
+    };
+    r.with_state(api)
+}
+
+async fn list_streams<L: ChangeLog>(
+    State(api): State<Arc<Api<L>>>,
+    headers: HeaderMap,
+) -> Result<Json<serde_json::Value>, ConnectorError> {
+    api.authenticate(&headers)?;
+    let mut out = Vec::new();
+    for (name, s) in &api.streams {
+        out.push(json!({"name": name, "cursor": s.log.head_cursor().await?.map(|c| c.to_string())}));
+    }
+    Ok(Json(json!({ "streams": out })))
+}
+
+fn stream<'a, L>(api: &'a Api<L>, name: &str) -> Result<&'a StreamSource<L>, ConnectorError> {
+    api.streams.get(name).ok_or_else(|| ConnectorError::NotFound { what: format!("stream `{name}`") })
+}
+
+async fn subscribe<L: ChangeLog>(
+    State(api): State<Arc<Api<L>>>,
+    Path(name): Path<String>,
+    headers: HeaderMap,
+) -> Result<Json<serde_json::Value>, ConnectorError> {
+    api.authenticate(&headers)?;
+    let s = stream(&api, &name)?;
+    let cursor = s.log.head_cursor().await?.map(|c| c.to_string());
+    Ok(Json(json!({
+        "name": name,
+        "cursor": cursor,
+        "changes": format!("/v1/streams/{name}/changes?cursor={}", cursor.as_deref().unwrap_or("")),
+    })))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ChangesQuery {
+    cursor: Option<String>,
+    live: Option<bool>,
+    limit: Option<usize>,
+    tables: Option<String>,
+    operations: Option<String>,
+    filter: Option<String>,
+    timeout_ms: Option<u64>,
+}
+
+fn bad(field: &str, message: impl Into<String>) -> ConnectorError {
+    ConnectorError::BadRequest { field: field.into(), message: message.into() }
+}
+
+/// Builds the selector a request may use, enforcing the token's table scope.
+fn selector(q: &ChangesQuery, token: Option<&crate::api::Token>) -> Result<Selector, ConnectorError> {
+    let requested: Option<HashSet<String>> = q
+        .tables
+        .as_deref()
+        .filter(|t| !t.is_empty())
+        .map(|t| t.split(',').map(|s| s.trim().to_owned()).filter(|s| !s.is_empty()).collect());
+    if let Some(t) = &requested {
+        if let Some(bad_name) = t.iter().find(|n| n.split('.').count() != 2) {
+            return Err(bad("tables", format!("`{bad_name}` is not schema.table")));
+        }
+    }
+    let tables = match token.filter(|t| !t.tables.is_empty()) {
+        None => requested,
+        Some(tok) => {
+            let allowed: HashSet<String> = tok.tables.iter().cloned().collect();
+            match requested {
+                None => Some(allowed),
+                Some(req) => {
+                    let mut denied: Vec<&String> = req.difference(&allowed).collect();
+                    if !denied.is_empty() {
+                        denied.sort();
+                        return Err(ConnectorError::Forbidden(format!(
+                            "token `{}` may not read {}",
+                            tok.name,
+                            denied.iter().map(|s| s.as_str()).collect::<Vec<_>>().join(", ")
+                        )));
+                    }
+                    Some(req)
+                }
+            }
+        }
+    };
+    let operations = match q.operations.as_deref().filter(|o| !o.is_empty()) {
+        None => None,
+        Some(list) => {
+            let mut set = HashSet::new();
+            for o in list.split(',') {
+                let op: Operation = serde_json::from_value(json!(o.trim())).map_err(|_| {
+                    bad("operations", format!("`{o}` is not one of insert, update, delete, truncate, schema"))
+                })?;
+                set.insert(op);
+            }
+            Some(set)
+        }
+    };
+    let filter = match q.filter.as_deref().filter(|f| !f.is_empty()) {
+        None => None,
+        Some(f) => Some(f.parse::<RowFilter>().map_err(|e| bad("filter", e))?),
+    };
+    Ok(Selector { tables, operations, filter })
+}
+
+async fn changes<L: ChangeLog>(
+    State(api): State<Arc<Api<L>>>,
+    Path(name): Path<String>,
+    query: Result<Query<ChangesQuery>, axum::extract::rejection::QueryRejection>,
+    headers: HeaderMap,
+) -> Result<Response, ConnectorError> {
+    let token = api.authenticate(&headers)?;
+    let Query(q) = query.map_err(|e| bad("query", e.body_text()))?;
+    let s = stream(&api, &name)?;
+    let selector = selector(&q, token)?;
+    let limit = q.limit.unwrap_or(DEFAULT_LIMIT);
+    if limit == 0 || limit > MAX_LIMIT {
+        return Err(bad("limit", format!("must be between 1 and {MAX_LIMIT}")));
+    }
+    let sse =
+        headers.get(header::ACCEPT).and_then(|v| v.to_str().ok()).is_some_and(|v| v.contains("text/event-stream"));
+    // SSE reconnects carry the last received id; it wins over the original URL's cursor.
+    let last_event_id = headers.get("last-event-id").and_then(|v| v.to_str().ok()).filter(|_| sse);
+    let after = match last_event_id.or(q.cursor.as_deref()).filter(|c| !c.is_empty()) {
+        Some(c) => Some(parse_cursor(if last_event_id.is_some() { "Last-Event-ID" } else { "cursor" }, c)?),
+        None => None,
+    };
+    let live = q.live.unwrap_or(false);
+    let poll = q.timeout_ms.map(Duration::from_millis).unwrap_or(DEFAULT_POLL).min(Duration::from_secs(120));
+    let feed = ChangeFeed::open(s.log.clone(), s.source.clone(), after, selector).await?;
+    metrics::counter!("synapse_stream_requests_total", "stream" => name.clone(), "mode" => if sse { "sse" } else { "lines" })
+        .increment(1);
+    if sse {
+        return Ok(sse_response(feed, name, limit, live).into_response());
+    }
+    lines_response(feed, name, limit, if live { poll } else { Duration::ZERO }).await
+}
+
+async fn lines_response<L: ChangeLog>(
+    mut feed: ChangeFeed<L>,
+    name: String,
+    limit: usize,
+    wait: Duration,
+) -> Result<Response, ConnectorError> {
+    let batch = feed.next_batch(limit, wait).await?;
+    let mut body = Vec::with_capacity(batch.events.iter().map(|e| e.body.len() + 1).sum::<usize>() + 64);
+    for e in &batch.events {
+        body.extend_from_slice(&e.body);
+        body.push(b'\n');
+    }
+    metrics::counter!("synapse_stream_events_total", "stream" => name).increment(batch.events.len() as u64);
+    // A full batch may have more behind it; otherwise the reader caught up.
+    let control = if batch.events.len() >= limit { "more" } else { "up-to-date" };
+    let cursor = batch.position.map(|c| c.to_string());
+    body.extend_from_slice(json!({"control": control, "cursor": cursor}).to_string().as_bytes());
+    body.push(b'\n');
+    let mut resp = (StatusCode::OK, body).into_response();
+    let h = resp.headers_mut();
+    h.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/x-ndjson"));
+    h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    if let Some(c) = cursor.and_then(|c| HeaderValue::from_str(&c).ok()) {
+        h.insert("synapse-cursor", c);
+    }
+    Ok(resp)
+}
+
+fn sse_response<L: ChangeLog>(
+    feed: ChangeFeed<L>,
+    name: String,
+    limit: usize,
+    live: bool,
+) -> Sse<impl Stream<Item = Result<SseEvent, Infallible>>> {
+    let clients = metrics::gauge!("synapse_stream_sse_clients", "stream" => name.clone());
+    clients.increment(1.0);
+    let guard = GaugeGuard(clients);
+    let state = Some((feed, feed_position_string(None), guard));
+    let events = stream::unfold(state, move |state| {
+        let name = name.clone();
+        async move {
+            let (mut feed, mut last_sent, guard) = state?;
+            let wait = if live { SSE_KEEPALIVE } else { Duration::ZERO };
+            let batch = match feed.next_batch(limit, wait).await {
+                Ok(b) => b,
+                Err(e) => {
+                    tracing::warn!(stream = %name, error = %crate::error_chain(&e), "stream read failed");
+                    let data = json!({"code": e.code(), "message": crate::error_chain(&e), "hint": e.hint()});
+                    return Some((vec![SseEvent::default().event("error").data(data.to_string())], None));
+                }
+            };
+            let mut out = Vec::with_capacity(batch.events.len() + 1);
+            for e in &batch.events {
+                let data = String::from_utf8_lossy(&e.body).into_owned();
+                out.push(SseEvent::default().event("change").id(e.cursor.to_string()).data(data));
+            }
+            metrics::counter!("synapse_stream_events_total", "stream" => name).increment(batch.events.len() as u64);
+            let position = feed_position_string(batch.position);
+            if batch.events.is_empty() && position != last_sent && !position.is_empty() {
+                // Filtered-out traffic moved the position: tell the client so a resume skips it.
+                out.push(
+                    SseEvent::default()
+                        .event("bookmark")
+                        .id(position.clone())
+                        .data(json!({"cursor": position}).to_string()),
+                );
+            }
+            last_sent = position.clone();
+            if batch.events.is_empty() && !live {
+                out.push(SseEvent::default().event("up-to-date").data(json!({"cursor": position}).to_string()));
+                return Some((out, None));
+            }
+            Some((out, Some((feed, last_sent, guard))))
+        }
+    })
+    .flat_map(|v| stream::iter(v.into_iter().map(Ok)));
+    Sse::new(events).keep_alive(KeepAlive::new().interval(SSE_KEEPALIVE))
+}
+
+fn feed_position_string(c: Option<Cursor>) -> String {
+    c.map(|c| c.to_string()).unwrap_or_default()
+}
+
+/// Decrements the connected-clients gauge when the SSE stream is dropped (client gone).
+struct GaugeGuard(metrics::Gauge);
+
+impl Drop for GaugeGuard {
+    fn drop(&mut self) {
+        self.0.decrement(1.0);
+    }
+}

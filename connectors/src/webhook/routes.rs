@@ -1,0 +1,124 @@
+//! `/v1/endpoints`: manage webhook endpoints (admin tokens only when tokens are configured).
+//!
+//! * `GET /v1/endpoints` · `POST /v1/endpoints` (create; a secret is generated when none is
+//!   given and returned once) · `GET|PUT|DELETE /v1/endpoints/{name}`
+//! * `POST /v1/endpoints/{name}/enable` — after a 410 disabled it
+//! * `POST /v1/endpoints/{name}/replay` `{"cursor": "…"}` or `{"since": "2026-11-26T10:00:00Z"}`
+//! * `GET /v1/endpoints/{name}/attempts` — the latest attempts, newest first
+//! * `GET /v1/endpoints/{name}/dead-letters?limit=`
+
+use super::{EndpointSpec, ReplayFrom};
+use crate::api::Api;
+use crate::ConnectorError;
+use axum::extract::rejection::JsonRejection;
+use axum::extract::{Path, Query, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use serde_json::{json, Value};
+use std::collections::HashMap;
+use std::sync::Arc;
+use synapse_log::ChangeLog;
+
+type Res = Result<(StatusCode, Json<Value>), ConnectorError>;
+
+pub fn router<L: ChangeLog>() -> Router<Arc<Api<L>>> {
+    Router::new()
+        .route("/v1/endpoints", get(list::<L>).post(create::<L>))
+        .route("/v1/endpoints/{name}", get(show::<L>).put(replace::<L>).delete(remove::<L>))
+        .route("/v1/endpoints/{name}/enable", post(enable::<L>))
+        .route("/v1/endpoints/{name}/replay", post(replay::<L>))
+        .route("/v1/endpoints/{name}/attempts", get(attempts::<L>))
+        .route("/v1/endpoints/{name}/dead-letters", get(dead_letters::<L>))
+}
+
+fn hooks<L: ChangeLog>(api: &Api<L>, headers: &HeaderMap) -> Result<Arc<super::Webhooks<L>>, ConnectorError> {
+    api.require_admin(headers)?;
+    api.webhooks.clone().ok_or_else(|| ConnectorError::NotFound { what: "webhooks".into() })
+}
+
+fn body<T>(b: Result<Json<T>, JsonRejection>) -> Result<T, ConnectorError> {
+    b.map(|Json(v)| v).map_err(|e| ConnectorError::BadRequest { field: "body".into(), message: e.body_text() })
+}
+
+fn ok(v: Value) -> Res {
+    Ok((StatusCode::OK, Json(v)))
+}
+
+async fn list<L: ChangeLog>(State(api): State<Arc<Api<L>>>, headers: HeaderMap) -> Res {
+    ok(json!({"endpoints": hooks(&api, &headers)?.list().await}))
+}
+
+async fn create<L: ChangeLog>(
+    State(api): State<Arc<Api<L>>>,
+    headers: HeaderMap,
+    spec: Result<Json<EndpointSpec>, JsonRejection>,
+) -> Res {
+    let (mut view, secret) = hooks(&api, &headers)?.put(body(spec)?, true).await?;
+    if let Some(s) = secret {
+        view["secret"] = s.into();
+    }
+    Ok((StatusCode::CREATED, Json(view)))
+}
+
+async fn replace<L: ChangeLog>(
+    State(api): State<Arc<Api<L>>>,
+    Path(name): Path<String>,
+    headers: HeaderMap,
+    spec: Result<Json<EndpointSpec>, JsonRejection>,
+) -> Res {
+    let spec = body(spec)?;
+    if spec.name != name {
+        return Err(ConnectorError::BadRequest {
+            field: "name".into(),
+            message: format!("the body names `{}` but the URL `{name}`", spec.name),
+        });
+    }
+    let (mut view, secret) = hooks(&api, &headers)?.put(spec, false).await?;
+    if let Some(s) = secret {
+        view["secret"] = s.into();
+    }
+    ok(view)
+}
+
+async fn show<L: ChangeLog>(State(api): State<Arc<Api<L>>>, Path(name): Path<String>, headers: HeaderMap) -> Res {
+    ok(hooks(&api, &headers)?.get(&name).await?)
+}
+
+async fn remove<L: ChangeLog>(State(api): State<Arc<Api<L>>>, Path(name): Path<String>, headers: HeaderMap) -> Res {
+    hooks(&api, &headers)?.delete(&name).await?;
+    ok(json!({"deleted": name}))
+}
+
+async fn enable<L: ChangeLog>(State(api): State<Arc<Api<L>>>, Path(name): Path<String>, headers: HeaderMap) -> Res {
+    ok(hooks(&api, &headers)?.enable(&name).await?)
+}
+
+async fn replay<L: ChangeLog>(
+    State(api): State<Arc<Api<L>>>,
+    Path(name): Path<String>,
+    headers: HeaderMap,
+    from: Result<Json<ReplayFrom>, JsonRejection>,
+) -> Res {
+    let from = body(from)?;
+    ok(hooks(&api, &headers)?.replay(&name, from).await?)
+}
+
+async fn attempts<L: ChangeLog>(State(api): State<Arc<Api<L>>>, Path(name): Path<String>, headers: HeaderMap) -> Res {
+    ok(json!({"attempts": hooks(&api, &headers)?.attempts(&name).await?}))
+}
+
+async fn dead_letters<L: ChangeLog>(
+    State(api): State<Arc<Api<L>>>,
+    Path(name): Path<String>,
+    Query(q): Query<HashMap<String, String>>,
+    headers: HeaderMap,
+) -> Res {
+    let limit = match q.get("limit") {
+        None => 100,
+        Some(l) => l.parse::<usize>().ok().filter(|l| (1..=10_000).contains(l)).ok_or_else(|| {
+            ConnectorError::BadRequest { field: "limit".into(), message: "must be between 1 and 10000".into() }
+        })?,
+    };
+    ok(json!({"dead_letters": hooks(&api, &headers)?.dead_letters(&name, limit).await?}))
+}

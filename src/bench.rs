@@ -336,7 +336,7 @@ async fn run_once(o: &Options, round: usize) -> anyhow::Result<Vec<Row>> {
     std::fs::write(
         &config,
         format!(
-            "log:\n  dir: {}\nsources:\n  - name: a\n    url: {}\n    tables: [public.bulk, public.oltp, public.huge, public.marker]\ntargets:\n  - name: b\n    url: {}\nops:\n  listen: \"{listen}\"\n",
+            "log:\n  dir: {}\nsources:\n  - name: a\n    url: {}\n    tables: [public.bulk, public.oltp, public.huge, public.marker]\ntargets:\n  - name: b\n    url: {}\nops:\n  listen: \"{listen}\"\napi:\n  listen: \"\"\n",
             work.path().join("log").display(),
             src.url("bench"),
             tsyn.url("bench")

@@ -14,6 +14,10 @@ pub mod defaults {
     pub const COPY_PARALLELISM: usize = 2;
     /// Loopback only: metrics may reveal table names.
     pub const OPS_LISTEN: &str = "127.0.0.1:9187";
+    /// Loopback only until tokens are configured: the streams carry row data.
+    pub const API_LISTEN: &str = "127.0.0.1:7654";
+    /// Shortest accepted API token: 128 bits of base64/hex randomness.
+    pub const MIN_TOKEN_LEN: usize = 22;
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -79,6 +83,56 @@ pub struct Config {
     pub targets: Vec<TargetConfig>,
     #[serde(default)]
     pub ops: OpsConfig,
+    #[serde(default)]
+    pub api: ApiConfig,
+    /// Webhook endpoints (more can be added at run time through /v1/endpoints).
+    #[serde(default)]
+    pub webhooks: Vec<synapse_connectors::webhook::EndpointSpec>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ApiConfig {
+    /// Address of /v1/streams and /v1/endpoints; empty string disables the API.
+    #[serde(default = "default_api_listen")]
+    pub listen: String,
+    /// Bearer tokens; none = no authentication (only sensible on loopback).
+    #[serde(default)]
+    pub tokens: Vec<TokenConfig>,
+}
+
+impl Default for ApiConfig {
+    fn default() -> Self {
+        ApiConfig { listen: default_api_listen(), tokens: Vec::new() }
+    }
+}
+
+fn default_api_listen() -> String {
+    defaults::API_LISTEN.into()
+}
+
+#[derive(Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TokenConfig {
+    pub name: String,
+    pub token: String,
+    /// `schema.table` names this token may read; empty = all.
+    #[serde(default)]
+    pub tables: Vec<String>,
+    /// May manage webhook endpoints.
+    #[serde(default)]
+    pub admin: bool,
+}
+
+impl fmt::Debug for TokenConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("TokenConfig")
+            .field("name", &self.name)
+            .field("token", &"***")
+            .field("tables", &self.tables)
+            .field("admin", &self.admin)
+            .finish()
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -294,11 +348,40 @@ impl Config {
                 return Err(invalid(format!("targets[{i}].max_txns_per_commit"), "must be at least 1".into()));
             }
         }
-        if !self.ops.listen.is_empty() && self.ops.listen.parse::<std::net::SocketAddr>().is_err() {
-            return Err(invalid(
-                "ops.listen".into(),
-                format!("`{}` is not an address like 127.0.0.1:9187", self.ops.listen),
-            ));
+        for (field, listen) in [("ops.listen", &self.ops.listen), ("api.listen", &self.api.listen)] {
+            if !listen.is_empty() && listen.parse::<std::net::SocketAddr>().is_err() {
+                return Err(invalid(field.into(), format!("`{listen}` is not an address like 127.0.0.1:9187")));
+            }
+        }
+        if !self.ops.listen.is_empty() && self.ops.listen == self.api.listen {
+            return Err(invalid("api.listen".into(), "must differ from ops.listen".into()));
+        }
+        let mut token_names: Vec<&str> = Vec::new();
+        for (i, t) in self.api.tokens.iter().enumerate() {
+            if t.name.is_empty() || token_names.contains(&t.name.as_str()) {
+                return Err(invalid(format!("api.tokens[{i}].name"), "must be non-empty and unique".into()));
+            }
+            token_names.push(&t.name);
+            if t.token.len() < defaults::MIN_TOKEN_LEN {
+                return Err(invalid(
+                    format!("api.tokens[{i}].token"),
+                    format!("must be at least {} characters (e.g. `openssl rand -base64 24`)", defaults::MIN_TOKEN_LEN),
+                ));
+            }
+            if let Some(bad) = t.tables.iter().find(|n| n.split('.').count() != 2) {
+                return Err(invalid(format!("api.tokens[{i}].tables"), format!("`{bad}` is not schema.table")));
+            }
+        }
+        let mut hook_names: Vec<&str> = Vec::new();
+        for (i, w) in self.webhooks.iter().enumerate() {
+            if hook_names.contains(&w.name.as_str()) {
+                return Err(invalid(format!("webhooks[{i}].name"), format!("`{}` is used twice", w.name)));
+            }
+            hook_names.push(&w.name);
+            w.validate(&format!("webhooks[{i}]"), &names).map_err(|e| match e {
+                synapse_connectors::ConnectorError::BadRequest { field, message } => invalid(field, message),
+                other => invalid(format!("webhooks[{i}]"), other.to_string()),
+            })?;
         }
         Ok(())
     }

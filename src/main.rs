@@ -83,6 +83,9 @@ enum Command {
         /// Address for /metrics, /livez, /readyz ("" disables).
         #[arg(long, default_value = "127.0.0.1:9187")]
         ops_listen: String,
+        /// Address of the streaming and webhook API ("" disables).
+        #[arg(long, default_value = config::defaults::API_LISTEN)]
+        api_listen: String,
     },
 }
 
@@ -172,13 +175,14 @@ fn main() -> ExitCode {
                     bench::Options { rows, txn_rows, updates, big_mb, profile, copy_parallelism, repeat, cold_start };
                 bench::run(o).await.map(|_| ExitCode::SUCCESS)
             }
-            Command::Quickstart { source, target, data_dir, duration, ops_listen } => {
+            Command::Quickstart { source, target, data_dir, duration, ops_listen, api_listen } => {
                 let opts = quickstart::Options {
                     source,
                     target,
                     data_dir,
                     duration: duration.map(Duration::from_secs_f64),
                     ops_listen,
+                    api_listen,
                 };
                 quickstart::run(opts).await.map(|_| ExitCode::SUCCESS)
             }

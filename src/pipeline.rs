@@ -5,12 +5,17 @@
 
 use crate::config::{Config, SourceConfig, TargetConfig};
 use crate::ops::{ComponentState, Health};
+use std::collections::BTreeMap;
 use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 use synapse_apply::{initial_copy, Applier, ApplyConfig, ApplyError, ApplyStats};
 use synapse_capture::{Capture, CaptureConfig, CaptureError, CaptureStats};
-use synapse_log::EmbeddedLog;
+use synapse_connectors::api::{Api, StreamSource, Token};
+use synapse_connectors::feed::SourceInfo;
+use synapse_connectors::webhook::{store::Store, WebhookSource, Webhooks};
+use synapse_connectors::ConnectorError;
+use synapse_log::{ChangeLog, EmbeddedLog};
 use tokio::sync::watch;
 use tokio::task::JoinSet;
 
@@ -113,11 +118,128 @@ pub async fn supervise<T, E: Classified, Fut: Future<Output = Result<T, E>>>(
     }
 }
 
+impl Classified for ConnectorError {
+    fn transient(&self) -> bool {
+        self.is_transient()
+    }
+    fn code(&self) -> &'static str {
+        ConnectorError::code(self)
+    }
+    fn hint(&self) -> &'static str {
+        ConnectorError::hint(self)
+    }
+}
+
+/// How often each log drops what every consumer has passed.
+const RETENTION_INTERVAL: Duration = Duration::from_secs(30);
+
 /// Live figures of a running pipeline.
 pub struct Running {
     pub captures: Vec<(String, Arc<CaptureStats>)>,
     pub appliers: Vec<(String, Arc<ApplyStats>)>,
     pub tasks: JoinSet<Result<(), ComponentFailed>>,
+    pub webhooks: Option<Arc<Webhooks<EmbeddedLog>>>,
+    /// Where the HTTP API listens, once bound.
+    pub api_addr: Option<std::net::SocketAddr>,
+}
+
+fn database_of(s: &SourceConfig) -> String {
+    s.url
+        .pg_config()
+        .ok()
+        .and_then(|c| c.get_dbname().or(c.get_user()).map(str::to_owned))
+        .unwrap_or_else(|| "postgres".into())
+}
+
+/// Opens each source's log; starts webhooks, the HTTP API and retention on them.
+async fn start_delivery(
+    config: &Config,
+    running: &mut Running,
+    health: &Arc<Health>,
+    shutdown: &watch::Receiver<bool>,
+) -> anyhow::Result<BTreeMap<String, Arc<EmbeddedLog>>> {
+    let mut logs = BTreeMap::new();
+    for source in &config.sources {
+        let log = EmbeddedLog::open(&config.log.dir.join(format!("{}.redb", source.name)), Default::default())
+            .map_err(|e| anyhow::anyhow!("log.dir: {} ({})", chain(&e), e.hint()))?;
+        logs.insert(source.name.clone(), Arc::new(log));
+    }
+    let info = |name: &str| SourceInfo {
+        node: name.to_owned(),
+        database: config.sources.iter().find(|s| s.name == name).map(database_of).unwrap_or_default(),
+    };
+    let api_on = !config.api.listen.is_empty();
+    if api_on || !config.webhooks.is_empty() {
+        let store = Store::open(&config.log.dir.join("connectors.redb"))
+            .map_err(|e| anyhow::anyhow!("log.dir: {} ({})", chain(&e), e.hint()))?;
+        let names: Vec<String> = logs.keys().cloned().collect();
+        let mut valid = Vec::new();
+        for (i, w) in config.webhooks.iter().enumerate() {
+            valid.push(w.validate(&format!("webhooks[{i}]"), &names)?);
+        }
+        let sources =
+            logs.iter().map(|(n, l)| (n.clone(), WebhookSource { log: l.clone(), source: info(n) })).collect();
+        let hooks = Webhooks::start(sources, store, valid, shutdown.clone())
+            .await
+            .map_err(|e| anyhow::anyhow!("webhooks: {} ({})", chain(&e), e.hint()))?;
+        health.set("webhooks", ComponentState::Streaming);
+        running.webhooks = Some(hooks);
+    }
+    if api_on {
+        let api = Arc::new(Api {
+            streams: logs.iter().map(|(n, l)| (n.clone(), StreamSource { log: l.clone(), source: info(n) })).collect(),
+            tokens: config
+                .api
+                .tokens
+                .iter()
+                .map(|t| Token {
+                    name: t.name.clone(),
+                    secret: t.token.clone(),
+                    tables: t.tables.clone(),
+                    admin: t.admin,
+                })
+                .collect(),
+            webhooks: running.webhooks.clone(),
+        });
+        if api.tokens.is_empty() {
+            tracing::warn!(listen = %config.api.listen, "api.tokens is empty: the HTTP API requires no authentication");
+        }
+        let listener = tokio::net::TcpListener::bind(&config.api.listen)
+            .await
+            .map_err(|e| anyhow::anyhow!("api.listen: cannot listen on {}: {e}", config.api.listen))?;
+        running.api_addr = listener.local_addr().ok();
+        tracing::info!(listen = %config.api.listen, "serving /v1/streams and /v1/endpoints");
+        let app = synapse_connectors::api::router(api);
+        let mut sd = shutdown.clone();
+        running.tasks.spawn(async move {
+            let stop = async move {
+                let _ = sd.wait_for(|s| *s).await;
+            };
+            axum::serve(listener, app).with_graceful_shutdown(stop).await.map_err(|e| ComponentFailed {
+                component: "api".into(),
+                code: "SYN002",
+                error: e.to_string(),
+                hint: "check api.listen",
+            })
+        });
+    }
+    for (name, log) in &logs {
+        let (log, mut sd, name) = (log.clone(), shutdown.clone(), name.clone());
+        running.tasks.spawn(async move {
+            loop {
+                match log.apply_retention().await {
+                    Ok(n) if n > 0 => tracing::debug!(source = %name, deleted = n, "log retention"),
+                    Ok(_) => {}
+                    Err(e) => tracing::warn!(source = %name, error = %chain(&e), "log retention failed"),
+                }
+                tokio::select! {
+                    _ = tokio::time::sleep(RETENTION_INTERVAL) => {}
+                    _ = sd.wait_for(|s| *s) => return Ok(()),
+                }
+            }
+        });
+    }
+    Ok(logs)
 }
 
 pub fn capture_config(s: &SourceConfig) -> Result<CaptureConfig, anyhow::Error> {
@@ -142,13 +264,14 @@ fn apply_config(t: &TargetConfig, source: &str) -> Result<ApplyConfig, anyhow::E
 
 /// Starts every component; returns once all are spawned.
 pub async fn start(config: &Config, health: Arc<Health>, shutdown: watch::Receiver<bool>) -> anyhow::Result<Running> {
-    let mut running = Running { captures: Vec::new(), appliers: Vec::new(), tasks: JoinSet::new() };
+    let mut running =
+        Running { captures: Vec::new(), appliers: Vec::new(), tasks: JoinSet::new(), webhooks: None, api_addr: None };
+    let logs = start_delivery(config, &mut running, &health, &shutdown).await?;
     for source in &config.sources {
         let component = format!("capture/{}", source.name);
         health.set(&component, ComponentState::Starting);
         let cfg = capture_config(source)?;
-        let log = EmbeddedLog::open(&config.log.dir.join(format!("{}.redb", source.name)), Default::default())
-            .map_err(|e| anyhow::anyhow!("log.dir: {} ({})", chain(&e), e.hint()))?;
+        let Some(log) = logs.get(&source.name).map(|l| EmbeddedLog::clone(l)) else { continue };
         let capture = supervise(&component, &health, &shutdown, || Capture::connect(cfg.clone())).await?;
         let Some(capture) = capture else { return Ok(running) };
         let capture = Arc::new(capture);
@@ -215,6 +338,7 @@ pub async fn start(config: &Config, health: Arc<Health>, shutdown: watch::Receiv
 /// Waits for every task; the first definite failure stops the others and is returned.
 pub async fn wait(mut running: Running, stop: &watch::Sender<bool>) -> Result<(), ComponentFailed> {
     let mut first = None;
+    let webhooks = running.webhooks.take();
     while let Some(r) = running.tasks.join_next().await {
         match r {
             Ok(Ok(())) => {}
@@ -233,6 +357,10 @@ pub async fn wait(mut running: Running, stop: &watch::Sender<bool>) -> Result<()
             }
             Err(_) => {}
         }
+    }
+    if let Some(w) = webhooks {
+        // Dispatchers persist their positions on the way out.
+        w.stop_all().await;
     }
     first.map_or(Ok(()), Err)
 }

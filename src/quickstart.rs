@@ -6,13 +6,16 @@
 //! With `--source URL --target URL` it replicates every table of the source that has a primary
 //! key or replica identity; a rerun with the same `--data-dir` resumes instead of copying again.
 
-use crate::config::{Config, LogConfig, OpsConfig, SecretUrl, SourceConfig, TargetConfig};
+use crate::config::{ApiConfig, Config, LogConfig, OpsConfig, SecretUrl, SourceConfig, TargetConfig};
 use crate::ops::Health;
 use crate::pipeline;
 use std::path::PathBuf;
+use std::sync::atomic::AtomicU64;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
+use synapse_connectors::webhook::signing::Secret;
+use synapse_connectors::webhook::EndpointSpec;
 use synapse_localpg::{ClusterOptions, LocalCluster};
 use tokio::sync::watch;
 
@@ -22,6 +25,48 @@ pub struct Options {
     pub data_dir: Option<PathBuf>,
     pub duration: Option<Duration>,
     pub ops_listen: String,
+    pub api_listen: String,
+}
+
+/// The demo's webhook receiver: verifies each request's Standard Webhooks signature and counts
+/// the events it carries.
+#[derive(Default)]
+struct Receiver {
+    events: AtomicU64,
+    requests: AtomicU64,
+    bad_signatures: AtomicU64,
+}
+
+async fn start_receiver(secret: Secret) -> anyhow::Result<(String, Arc<Receiver>)> {
+    use axum::http::{HeaderMap, StatusCode};
+    let stats = Arc::new(Receiver::default());
+    let s = stats.clone();
+    let app = axum::Router::new().route(
+        "/hooks",
+        axum::routing::post(move |headers: HeaderMap, body: axum::body::Bytes| {
+            let (s, secret) = (s.clone(), secret.clone());
+            async move {
+                let h = |k: &str| headers.get(k).and_then(|v| v.to_str().ok()).unwrap_or_default().to_owned();
+                let ts = h("webhook-timestamp").parse::<i64>().unwrap_or(0);
+                if !secret.verify(&h("webhook-id"), ts, &body, &h("webhook-signature")) {
+                    s.bad_signatures.fetch_add(1, Ordering::Relaxed);
+                    return StatusCode::UNAUTHORIZED;
+                }
+                let n = match serde_json::from_slice::<serde_json::Value>(&body) {
+                    Ok(serde_json::Value::Array(a)) => a.len() as u64,
+                    Ok(_) => 1,
+                    Err(_) => return StatusCode::BAD_REQUEST,
+                };
+                s.requests.fetch_add(1, Ordering::Relaxed);
+                s.events.fetch_add(n, Ordering::Relaxed);
+                StatusCode::NO_CONTENT
+            }
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let url = format!("http://{}/hooks", listener.local_addr()?);
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    Ok((url, stats))
 }
 
 const DEMO_SCHEMA: &str = "
@@ -114,7 +159,26 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
             max_txns_per_commit: synapse_apply::defaults::MAX_TXNS_PER_COMMIT,
         }],
         ops: OpsConfig { listen: opts.ops_listen.clone() },
+        api: ApiConfig { listen: opts.api_listen.clone(), tokens: vec![] },
+        webhooks: vec![],
     };
+    let mut config = config;
+    let mut receiver = None;
+    if demo {
+        let secret = Secret::generate();
+        let (url, stats) = start_receiver(secret.parse().map_err(anyhow::Error::msg)?).await?;
+        let spec: EndpointSpec = serde_json::from_value(serde_json::json!({
+            "name": "demo-receiver",
+            "url": url,
+            "secrets": [secret],
+            "tables": ["public.transfers"],
+            "operations": ["insert"],
+            "batch_size": 50,
+        }))?;
+        config.webhooks.push(spec);
+        eprintln!("webhook receiver: {url} (gets each new transfer, signed per Standard Webhooks)");
+        receiver = Some(stats);
+    }
     config.validate("quickstart")?;
     let (stop, shutdown) = watch::channel(false);
     let (stop_load, load_rx) = watch::channel(false);
@@ -127,6 +191,12 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
                 eprintln!("warning: {e}");
             }
         });
+    }
+    if !config.api.listen.is_empty() {
+        eprintln!(
+            "live stream:      curl -N -H 'Accept: text/event-stream' 'http://{}/v1/streams/a/changes?live=true&tables=public.accounts'",
+            config.api.listen
+        );
     }
     eprintln!("replicating A → B (log in {}); Ctrl-C to stop\n", data_dir.display());
     let running = pipeline::start(&config, health.clone(), shutdown.clone()).await?;
@@ -167,6 +237,14 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
             c.slot_lag_bytes.load(Ordering::Relaxed),
             c.lag_seconds(),
         );
+        if let Some(r) = &receiver {
+            eprintln!(
+                "       webhook: {:>8} events in {:>6} signed requests ({} bad signatures)",
+                r.events.load(Ordering::Relaxed),
+                r.requests.load(Ordering::Relaxed),
+                r.bad_signatures.load(Ordering::Relaxed)
+            );
+        }
         last_events = events;
     }
     let _ = stop_load.send(true);

@@ -97,6 +97,8 @@ fn quickstart_with_urls_resumes_instead_of_copying_again() {
             "3",
             "--ops-listen",
             "",
+            "--api-listen",
+            "",
         ])
         .output()
         .unwrap();

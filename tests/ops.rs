@@ -23,7 +23,9 @@ fn readiness_and_metrics_report_the_pipeline() {
     let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
     let addr = format!("127.0.0.1:{port}");
     let config = nodes.config("");
-    let text = std::fs::read_to_string(&config).unwrap().replace("listen: \"\"", &format!("listen: \"{addr}\""));
+    let text = std::fs::read_to_string(&config)
+        .unwrap()
+        .replace("ops:\n  listen: \"\"", &format!("ops:\n  listen: \"{addr}\""));
     std::fs::write(&config, text).unwrap();
     let mut child = synapse(&["run", "--config", config.to_str().unwrap()]).stderr(Stdio::null()).spawn().unwrap();
     let deadline = Instant::now() + Duration::from_secs(60);

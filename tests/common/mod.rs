@@ -28,7 +28,7 @@ impl Nodes {
     pub fn config(&self, extra_source_yaml: &str) -> PathBuf {
         let path = self.dir.path().join("synapse.yaml");
         let yaml = format!(
-            "log:\n  dir: {}\nsources:\n  - name: a\n    url: {}\n    heartbeat_interval_secs: 0.5\n{extra_source_yaml}targets:\n  - name: b\n    url: {}\nops:\n  listen: \"\"\n",
+            "log:\n  dir: {}\nsources:\n  - name: a\n    url: {}\n    heartbeat_interval_secs: 0.5\n{extra_source_yaml}targets:\n  - name: b\n    url: {}\nops:\n  listen: \"\"\napi:\n  listen: \"\"\n",
             self.dir.path().join("log").display(),
             self.source.url("app"),
             self.target.url("app"),

@@ -352,7 +352,7 @@ impl<L: ChangeLog> Webhooks<L> {
                         let _ = fwd_tx.send(true);
                     });
                     let result = async {
-                        let after = store.position(&name, &dispatcher.config.source).await?;
+                        let after = store.position(&name, &dispatcher.config.source).await?.flatten();
                         let feed = ChangeFeed::open(log.clone(), info.clone(), after, selector.clone()).await?;
                         dispatcher.run(feed, fwd_rx).await
                     }

@@ -11,7 +11,7 @@ use synapse_schemas::Cursor;
 
 const ENDPOINTS: TableDefinition<&str, &[u8]> = TableDefinition::new("endpoints");
 const DISABLED: TableDefinition<&str, &[u8]> = TableDefinition::new("disabled");
-/// (endpoint, source) → cursor after which delivery resumes.
+/// (endpoint, source) → cursor after which delivery resumes, or [`FROM_START`].
 const POSITIONS: TableDefinition<(&str, &str), &str> = TableDefinition::new("positions");
 /// (endpoint, sequence) → [`DeadLetter`] JSON.
 const DEAD: TableDefinition<(&str, u64), &[u8]> = TableDefinition::new("dead_letters");
@@ -35,6 +35,9 @@ pub struct Disabled {
     pub reason: String,
     pub at: String,
 }
+
+/// Stored position "before everything the log holds".
+const FROM_START: &str = "start";
 
 #[derive(Clone)]
 pub struct Store {
@@ -147,7 +150,9 @@ impl Store {
             .collect())
     }
 
-    pub async fn position(&self, endpoint: &str, source: &str) -> Result<Option<Cursor>, ConnectorError> {
+    /// `None`: the endpoint never started on this source; `Some(None)`: from the start of the
+    /// log; `Some(Some(c))`: after `c`.
+    pub async fn position(&self, endpoint: &str, source: &str) -> Result<Option<Option<Cursor>>, ConnectorError> {
         let (a, b) = (endpoint.to_owned(), source.to_owned());
         let s = self
             .run(move |db| {
@@ -157,7 +162,7 @@ impl Store {
                 Ok(v)
             })
             .await?;
-        Ok(s.and_then(|s| s.parse().ok()))
+        Ok(s.map(|s| if s == FROM_START { None } else { s.parse().ok() }))
     }
 
     pub async fn set_position(&self, endpoint: &str, source: &str, c: Option<Cursor>) -> Result<(), ConnectorError> {
@@ -166,10 +171,8 @@ impl Store {
             let tx = db.begin_write().map_err(e)?;
             {
                 let mut t = tx.open_table(POSITIONS).map_err(e)?;
-                match c {
-                    Some(c) => t.insert((a.as_str(), b.as_str()), c.to_string().as_str()).map_err(e)?,
-                    None => t.remove((a.as_str(), b.as_str())).map_err(e)?,
-                };
+                let v = c.map_or_else(|| FROM_START.to_owned(), |c| c.to_string());
+                t.insert((a.as_str(), b.as_str()), v.as_str()).map_err(e)?;
             }
             tx.commit().map_err(e)
         })

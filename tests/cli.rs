@@ -24,6 +24,11 @@ fn malformed_configs_are_rejected_naming_the_field() {
         ("[[sources]]\nname = \"a\"\nurl = \"postgres://x/app\"\n[[targets]]\nname = \"b\"\nurl = \"postgres://y/app\"\nsources = [\"zz\"]\n", "toml", "targets[0].sources[0]"),
         ("sources: [\n", "yaml", "synapse.yaml"),
         ("sources: []\n", "yaml", "sources"),
+        ("sources:\n  - name: a\n    url: postgres://x/app\nwebhooks:\n  - name: h\n    url: ftp://x\n    secrets: [whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw]\n", "yaml", "webhooks[0].url"),
+        ("sources:\n  - name: a\n    url: postgres://x/app\nwebhooks:\n  - name: h\n    url: http://x\n    secrets: [nope]\n", "yaml", "webhooks[0].secrets[0]"),
+        ("sources:\n  - name: a\n    url: postgres://x/app\nwebhooks:\n  - name: h\n    url: http://x\n    secrets: [whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw]\n    filter: \"a = \"\n", "yaml", "filter"),
+        ("sources:\n  - name: a\n    url: postgres://x/app\nwebhooks:\n  - name: h\n    url: http://x\n    secrets: [whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw]\n    retry_schedule: [5 parsecs]\n", "yaml", "webhooks[0].retry_schedule[0]"),
+        ("sources:\n  - name: a\n    url: postgres://x/app\napi:\n  tokens:\n    - name: t\n      token: short\n", "yaml", "api.tokens[0].token"),
     ];
     for (text, ext, field) in cases {
         for cmd in ["validate", "run"] {
@@ -37,6 +42,21 @@ fn malformed_configs_are_rejected_naming_the_field() {
         run_with("sources:\n  - name: a\n    url: postgres://u:${SYNAPSE_PW:-hunter2}@h/app\n", "yaml", "validate");
     assert!(ok, "{out}");
     assert!(!out.contains("hunter2"), "password leaked: {out}");
+}
+
+#[test]
+fn the_example_config_is_valid() {
+    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/deploy/synapse.example.yaml");
+    let out = synapse(&["validate", "--config", path])
+        .env("SOURCE_PASSWORD", "s")
+        .env("TARGET_PASSWORD", "t")
+        .env("ADMIN_TOKEN", "admin-token-0123456789abcdef")
+        .env("ORDERS_TOKEN", "orders-token-0123456789abcdef")
+        .env("ORDERS_WHSEC", "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw")
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{text}");
 }
 
 #[test]

@@ -8,6 +8,7 @@
 //! | P3 | capture drain of the P1 WAL into the durable log | pg_recvlogical to /dev/null |
 //! | P7 | peak RSS while one ~1 GB transaction flows through (goal < 256 MB) | pg_recvlogical peak RSS |
 //! | P8 | initial copy of the P1 table into an empty target | COPY TO STDOUT piped into COPY FROM STDIN |
+//! | P6 | webhook delivery: events/s batched and per key, commit → delivery p99 (see bench_delivery.rs) | plain HTTP client; pg_recvlogical |
 //!
 //! Pausing (P1, P2) is the same for both: a lock on the target table holds each applier back
 //! while the workload runs, and the clocks start when the lock is released, one consumer after
@@ -45,6 +46,9 @@ pub struct Options {
     pub copy_parallelism: usize,
     pub repeat: usize,
     pub cold_start: bool,
+    /// Scenario ids to run: P6 alone, or the replication set (P1 P2 P3 P7 P8), or both.
+    pub scenarios: Vec<String>,
+    pub p6_events: u64,
 }
 
 struct Row {
@@ -66,6 +70,9 @@ impl Row {
             "P3" => self.ratio() >= 0.8,
             "P8" => self.ratio() >= 0.9,
             "P7" => self.synapse < 256.0,
+            "P6a" => self.synapse >= 50_000.0,
+            "P6b" => self.synapse >= 10_000.0,
+            "P6c" => self.synapse < 50.0,
             _ => false,
         }
     }
@@ -595,10 +602,52 @@ impl Row {
 /// Runs every scenario `repeat` times (fresh clusters each round) and prints the round with the
 /// median ratio per scenario, and the spread: this machine is shared and noisy.
 pub async fn run(o: Options) -> anyhow::Result<()> {
+    let want = |id: &str| o.scenarios.iter().any(|s| s.eq_ignore_ascii_case(id));
+    let replication = ["P1", "P2", "P3", "P7", "P8"].iter().any(|id| want(id));
     let mut rounds = Vec::new();
+    let mut notes = Vec::new();
     for round in 0..o.repeat.max(1) {
         eprintln!("== round {} of {}", round + 1, o.repeat.max(1));
-        rounds.push(run_once(&o, round).await?);
+        let mut rows = if replication { run_once(&o, round).await? } else { Vec::new() };
+        if want("P6") {
+            let p = crate::bench_delivery::run(o.p6_events).await?;
+            notes.push(format!(
+                "P6 round {}: commit → delivery p50 {:.1} ms / p99 {:.1} ms (pg_recvlogical p50 {:.1} / p99 {:.1} ms)",
+                round + 1,
+                p.latency.0,
+                p.latency.1,
+                p.latency.2,
+                p.latency.3
+            ));
+            rows.push(Row {
+                id: "P6a",
+                what: format!("webhooks batched ×{}, {} events", 100, p.events),
+                synapse: p.batched.0,
+                baseline: p.batched.1,
+                unit: "events/s",
+                higher_is_better: true,
+                goal: "≥ 50k/s".into(),
+            });
+            rows.push(Row {
+                id: "P6b",
+                what: format!("webhooks per-key ordered, {} events", p.events / 5),
+                synapse: p.keyed.0,
+                baseline: p.keyed.1,
+                unit: "events/s",
+                higher_is_better: true,
+                goal: "≥ 10k/s".into(),
+            });
+            rows.push(Row {
+                id: "P6c",
+                what: "commit→delivery p99 at 5k events/s".into(),
+                synapse: p.latency.1,
+                baseline: p.latency.3,
+                unit: "ms",
+                higher_is_better: false,
+                goal: "< 50 ms".into(),
+            });
+        }
+        rounds.push(rows);
     }
     println!(
         "\n{:<4} {:<38} {:>12} {:>12} {:>8}  {:<17} {:<10} {:<4} unit",
@@ -611,7 +660,7 @@ pub async fn run(o: Options) -> anyhow::Result<()> {
         let (lo, hi) = (of_id[0].ratio(), of_id[of_id.len() - 1].ratio());
         let r = of_id[of_id.len() / 2];
         println!(
-            "{:<4} {:<38} {:>12.0} {:>12.0} {:>7.2}×  {:>6.2}–{:<9.2} {:<10} {:<4} {}",
+            "{:<4} {:<38} {:>12.1} {:>12.1} {:>7.2}×  {:>6.2}–{:<9.2} {:<10} {:<4} {}",
             r.id,
             r.what,
             r.synapse,
@@ -624,6 +673,9 @@ pub async fn run(o: Options) -> anyhow::Result<()> {
             r.unit
         );
     }
-    println!("\nbaselines: P1/P2 PostgreSQL publication/subscription (apply worker held by a table lock); P3/P7 pg_recvlogical to /dev/null; P8 psql COPY | psql COPY.");
+    for n in &notes {
+        println!("{n}");
+    }
+    println!("\nbaselines: P1/P2 PostgreSQL publication/subscription (apply worker held by a table lock); P3/P7 pg_recvlogical to /dev/null; P8 psql COPY | psql COPY; P6a/b the same bodies POSTed by a plain HTTP client (same batch and concurrency, unsigned, unordered); P6c pg_recvlogical (test_decoding) commit → COMMIT line.");
     Ok(())
 }

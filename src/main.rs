@@ -1,6 +1,7 @@
 //! The `synapse` binary: wires capture, the log and apply together (see pipeline.rs).
 
 mod bench;
+mod bench_delivery;
 mod config;
 mod doctor;
 mod ops;
@@ -67,6 +68,12 @@ enum Command {
         /// P1/P2: keep synapse stopped during the workload and time it from process start.
         #[arg(long)]
         cold_start: bool,
+        /// Scenarios to run (comma-separated): P1,P2,P3,P7,P8 run together; P6 alone.
+        #[arg(long, value_delimiter = ',', default_value = "P1,P2,P3,P7,P8,P6")]
+        scenarios: Vec<String>,
+        /// Events captured and delivered in P6.
+        #[arg(long, default_value_t = 200_000)]
+        p6_events: u64,
     },
     /// See live replication: two local demo nodes, or --source/--target URLs.
     Quickstart {
@@ -170,9 +177,30 @@ fn main() -> ExitCode {
                     Ok(ExitCode::FAILURE)
                 }
             }
-            Command::Bench { rows, txn_rows, updates, big_mb, profile, copy_parallelism, repeat, cold_start } => {
-                let o =
-                    bench::Options { rows, txn_rows, updates, big_mb, profile, copy_parallelism, repeat, cold_start };
+            Command::Bench {
+                rows,
+                txn_rows,
+                updates,
+                big_mb,
+                profile,
+                copy_parallelism,
+                repeat,
+                cold_start,
+                scenarios,
+                p6_events,
+            } => {
+                let o = bench::Options {
+                    rows,
+                    txn_rows,
+                    updates,
+                    big_mb,
+                    profile,
+                    copy_parallelism,
+                    repeat,
+                    cold_start,
+                    scenarios,
+                    p6_events,
+                };
                 bench::run(o).await.map(|_| ExitCode::SUCCESS)
             }
             Command::Quickstart { source, target, data_dir, duration, ops_listen, api_listen } => {

@@ -192,7 +192,7 @@ impl<L: ChangeLog, S: Sink> Dispatcher<L, S> {
         let labels = [("endpoint", cfg.endpoint.clone())];
         let mut window: VecDeque<Item> = VecDeque::new();
         let mut base: u64 = 0;
-        let mut inflight: JoinSet<(Vec<u64>, Attempt)> = JoinSet::new();
+        let mut inflight: JoinSet<(Vec<u64>, String, Attempt)> = JoinSet::new();
         let mut breaker =
             Breaker { failures: 0, open_until: None, cooldown: cfg.breaker_cooldown, base: cfg.breaker_cooldown };
         let mut position: Option<Cursor> = feed.position();
@@ -226,7 +226,7 @@ impl<L: ChangeLog, S: Sink> Dispatcher<L, S> {
                     inflight.spawn(async move {
                         let d = Delivery { id, events };
                         let a = sink.send(&d).await;
-                        (seqs, a)
+                        (seqs, d.id, a)
                     });
                 }
             }
@@ -263,8 +263,8 @@ impl<L: ChangeLog, S: Sink> Dispatcher<L, S> {
             let read_from = feed.read_offset();
             tokio::select! {
                 Some(done) = inflight.join_next(), if !inflight.is_empty() => {
-                    let Ok((seqs, attempt)) = done else { continue };
-                    if let Some(stop) = self.complete(&mut window, base, seqs, attempt, &mut breaker).await? {
+                    let Ok((seqs, id, attempt)) = done else { continue };
+                    if let Some(stop) = self.complete(&mut window, base, seqs, id, attempt, &mut breaker).await? {
                         self.persist(position, &window, &feed).await?;
                         return Ok(stop);
                     }
@@ -368,6 +368,7 @@ impl<L: ChangeLog, S: Sink> Dispatcher<L, S> {
         window: &mut VecDeque<Item>,
         base: u64,
         seqs: Vec<u64>,
+        webhook_id: String,
         attempt: Attempt,
         breaker: &mut Breaker,
     ) -> Result<Option<Stopped>, ConnectorError> {
@@ -381,11 +382,10 @@ impl<L: ChangeLog, S: Sink> Dispatcher<L, S> {
         };
         metrics::counter!("synapse_webhook_attempts_total", "endpoint" => cfg.endpoint.clone(), "outcome" => outcome_label)
             .increment(1);
-        let first = seqs.first().and_then(|s| window.get((*s - base) as usize));
         let record = AttemptRecord {
             at: synapse_schemas::cloudevent::rfc3339_micros(synapse_schemas::unix_micros_now()),
             source: cfg.source.clone(),
-            webhook_id: first.map(|i| i.event.id.clone()).unwrap_or_default(),
+            webhook_id,
             events: seqs.len(),
             status: attempt.status,
             outcome: outcome_label,

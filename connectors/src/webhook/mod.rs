@@ -257,6 +257,17 @@ impl<L: ChangeLog> Webhooks<L> {
                 Err(e) => tracing::error!(endpoint = %name, error = %e, "stored endpoint is invalid; not started"),
             }
         }
+        // An endpoint removed from the config file would otherwise hold back log retention
+        // forever: forget its position, dead letters and log consumers.
+        for gone in me.store.endpoints_with_positions().await? {
+            if !all.iter().any(|(v, _)| v.spec.name == gone) {
+                tracing::info!(endpoint = %gone, "endpoint no longer configured: releasing its log position");
+                me.store.forget(&gone).await?;
+                for src in me.sources.values() {
+                    src.log.remove_consumer(&consumer_name(&gone)).await?;
+                }
+            }
+        }
         let mut eps = me.endpoints.lock().await;
         for (valid, from_config) in all {
             let name = valid.spec.name.clone();

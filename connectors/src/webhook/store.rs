@@ -179,6 +179,23 @@ impl Store {
         .await
     }
 
+    /// Endpoints that have a stored position (some may no longer exist).
+    pub async fn endpoints_with_positions(&self) -> Result<Vec<String>, ConnectorError> {
+        self.run(|db| {
+            let tx = db.begin_read().map_err(e)?;
+            let t = tx.open_table(POSITIONS).map_err(e)?;
+            let mut out: Vec<String> = Vec::new();
+            for item in t.iter().map_err(e)? {
+                let name = item.map_err(e)?.0.value().0.to_owned();
+                if out.last() != Some(&name) {
+                    out.push(name);
+                }
+            }
+            Ok(out)
+        })
+        .await
+    }
+
     pub async fn add_dead_letter(&self, endpoint: &str, d: &DeadLetter) -> Result<(), ConnectorError> {
         let seq = self.seq.fetch_add(1, Ordering::Relaxed);
         let (name, v) = (endpoint.to_owned(), serde_json::to_vec(d).unwrap_or_default());

@@ -37,17 +37,37 @@ impl KeepDir {
     }
 }
 
+/// `synapse bench` options.
+#[derive(clap::Args)]
 pub struct Options {
+    /// Rows of the bulk scenarios (P1, P3, P8).
+    #[arg(long, default_value_t = 1_000_000)]
     pub rows: u64,
+    #[arg(long, default_value_t = 10_000)]
     pub txn_rows: u64,
+    /// Single-row update transactions of P2.
+    #[arg(long, default_value_t = 100_000)]
     pub updates: u64,
+    /// Size of P7's single transaction in MB (0 skips P7).
+    #[arg(long, default_value_t = 1024)]
     pub big_mb: u64,
+    /// Record a perf profile of synapse during P2 and print its top symbols.
+    #[arg(long)]
     pub profile: bool,
+    /// Parallel chunk copies in P8.
+    #[arg(long, default_value_t = crate::config::defaults::COPY_PARALLELISM)]
     pub copy_parallelism: usize,
+    /// Rounds (fresh clusters each); the median round is reported.
+    #[arg(long, default_value_t = 3)]
     pub repeat: usize,
+    /// P1/P2: keep synapse stopped during the workload and time it from process start.
+    #[arg(long)]
     pub cold_start: bool,
-    /// Scenario ids to run: P6 alone, or the replication set (P1 P2 P3 P7 P8), or both.
+    /// Scenarios to run (comma-separated): P1,P2,P3,P7,P8 run together; P6 alone.
+    #[arg(long, value_delimiter = ',', default_value = "P1,P2,P3,P7,P8,P6")]
     pub scenarios: Vec<String>,
+    /// Events captured and delivered in P6.
+    #[arg(long, default_value_t = 200_000)]
     pub p6_events: u64,
 }
 

@@ -44,37 +44,7 @@ enum Command {
         config: PathBuf,
     },
     /// End-to-end benchmarks with PostgreSQL's own tools as baselines (run a release build).
-    Bench {
-        /// Rows of the bulk scenarios (P1, P3, P8).
-        #[arg(long, default_value_t = 1_000_000)]
-        rows: u64,
-        #[arg(long, default_value_t = 10_000)]
-        txn_rows: u64,
-        /// Single-row update transactions of P2.
-        #[arg(long, default_value_t = 100_000)]
-        updates: u64,
-        /// Size of P7's single transaction in MB (0 skips P7).
-        #[arg(long, default_value_t = 1024)]
-        big_mb: u64,
-        /// Record a perf profile of synapse during P2 and print its top symbols.
-        #[arg(long)]
-        profile: bool,
-        /// Parallel chunk copies in P8.
-        #[arg(long, default_value_t = config::defaults::COPY_PARALLELISM)]
-        copy_parallelism: usize,
-        /// Rounds (fresh clusters each); the median round is reported.
-        #[arg(long, default_value_t = 3)]
-        repeat: usize,
-        /// P1/P2: keep synapse stopped during the workload and time it from process start.
-        #[arg(long)]
-        cold_start: bool,
-        /// Scenarios to run (comma-separated): P1,P2,P3,P7,P8 run together; P6 alone.
-        #[arg(long, value_delimiter = ',', default_value = "P1,P2,P3,P7,P8,P6")]
-        scenarios: Vec<String>,
-        /// Events captured and delivered in P6.
-        #[arg(long, default_value_t = 200_000)]
-        p6_events: u64,
-    },
+    Bench(bench::Options),
     /// See live replication: two local demo nodes, or --source/--target URLs.
     Quickstart {
         #[arg(long, requires = "target")]
@@ -177,32 +147,7 @@ fn main() -> ExitCode {
                     Ok(ExitCode::FAILURE)
                 }
             }
-            Command::Bench {
-                rows,
-                txn_rows,
-                updates,
-                big_mb,
-                profile,
-                copy_parallelism,
-                repeat,
-                cold_start,
-                scenarios,
-                p6_events,
-            } => {
-                let o = bench::Options {
-                    rows,
-                    txn_rows,
-                    updates,
-                    big_mb,
-                    profile,
-                    copy_parallelism,
-                    repeat,
-                    cold_start,
-                    scenarios,
-                    p6_events,
-                };
-                bench::run(o).await.map(|_| ExitCode::SUCCESS)
-            }
+            Command::Bench(o) => bench::run(o).await.map(|_| ExitCode::SUCCESS),
             Command::Quickstart { source, target, data_dir, duration, ops_listen, api_listen } => {
                 let opts = quickstart::Options {
                     source,

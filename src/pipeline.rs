@@ -51,16 +51,7 @@ impl Classified for ApplyError {
 }
 
 /// `error: cause: cause …`
-pub fn chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut cur = e.source();
-    while let Some(c) = cur {
-        s.push_str(": ");
-        s.push_str(&c.to_string());
-        cur = c.source();
-    }
-    s
-}
+pub use synapse_connectors::error_chain as chain;
 
 /// A definite failure of one component.
 #[derive(Debug, thiserror::Error)]

@@ -14,6 +14,20 @@ use clap::{Parser, Subcommand};
 /// CPU in the P1 profile (`synapse bench --profile`). mimalloc's thread-local free lists cut that.
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+/// Returns freed memory to the OS at once instead of after mimalloc's 10 ms delay: transient
+/// batch buffers otherwise pile up between purges. `synapse bench` P7 (one 1 GB transaction):
+/// peak RSS 229–264 MiB with the default, 148 MiB with immediate purging; P1/P3 throughput
+/// unchanged within noise (same build, `MIMALLOC_PURGE_DELAY=0|10`).
+#[allow(unsafe_code)]
+fn purge_freed_memory_immediately() {
+    // `mi_option_purge_delay` in mimalloc v3's `mi_option_e` (include/mimalloc.h); the -sys
+    // crate only names the v2 constants.
+    const MI_OPTION_PURGE_DELAY: libmimalloc_sys::mi_option_t = 15;
+    // SAFETY: sets a process-wide allocator option; mimalloc documents it as callable at any
+    // time from any thread, and it takes plain integers.
+    unsafe { libmimalloc_sys::mi_option_set(MI_OPTION_PURGE_DELAY, 0) };
+}
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -117,6 +131,10 @@ async fn run(config: PathBuf) -> anyhow::Result<()> {
 }
 
 fn main() -> ExitCode {
+    // An explicit MIMALLOC_PURGE_DELAY in the environment still wins.
+    if std::env::var_os("MIMALLOC_PURGE_DELAY").is_none() {
+        purge_freed_memory_immediately();
+    }
     let cli = Cli::parse();
     let quiet = !matches!(cli.command, Command::Run { .. });
     init_tracing(if quiet { "warn" } else { "info" });

@@ -410,14 +410,15 @@ impl<L: ChangeLog> ChangeFeed<L> {
         if !self.selector.wants_table(&table) || !self.selector.wants_op(op) {
             return None;
         }
-        let ctx = EventContext { node: &self.source.node, database: &self.source.database, begin };
-        let json = cloudevent::change_event(&ctx, rel, c);
         if let Some(f) = &self.selector.filter {
-            let row = if c.op == Op::Delete { &json["data"]["before"] } else { &json["data"]["after"] };
-            if !f.matches(row) {
+            let image = if c.op == Op::Delete { c.before.as_ref().map(|(_, t)| t) } else { c.after.as_ref() };
+            if !image.is_some_and(|t| f.matches(&cloudevent::row_json(rel, t))) {
                 return None;
             }
         }
+        let ctx = EventContext { node: &self.source.node, database: &self.source.database, begin };
+        let mut body = Vec::with_capacity(512);
+        cloudevent::write_change_event(&ctx, rel, c, &mut body);
         let after = c.after.as_ref().map(|t| key_hash(rel, t));
         let before = c.before.as_ref().map(|(_, t)| key_hash(rel, t));
         let keys = match (before, after) {
@@ -425,7 +426,17 @@ impl<L: ChangeLog> ChangeFeed<L> {
             (Some(k), None) | (None, Some(k)) => [k, k],
             (None, None) => [0, 0],
         };
-        Some(event(json, cursor, table, op, begin, begin_offset, keys, false))
+        Some(Event {
+            cursor,
+            id: format!("{}/{}", self.source.node, cursor),
+            table,
+            op,
+            keys,
+            barrier: false,
+            commit_time_us: begin.commit_time_us,
+            txn_offset: begin_offset,
+            body: Bytes::from(body),
+        })
     }
 }
 

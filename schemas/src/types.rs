@@ -54,6 +54,35 @@ fn scalar_to_json(text: &str, type_oid: u32) -> Value {
     }
 }
 
+/// One text value serialised straight to its JSON form ([`to_json`] without building a
+/// `Value`): the common types write no intermediate string.
+pub struct JsonText<'a> {
+    pub text: &'a str,
+    pub type_oid: u32,
+    pub element_oid: u32,
+}
+
+impl serde::Serialize for JsonText<'_> {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        if self.element_oid != 0 {
+            return to_json(self.text, self.type_oid, self.element_oid).serialize(s);
+        }
+        match self.type_oid {
+            oid::BOOL => match self.text {
+                "t" => s.serialize_bool(true),
+                "f" => s.serialize_bool(false),
+                t => s.serialize_str(t),
+            },
+            oid::INT2 | oid::INT4 | oid::INT8 | oid::OID => match self.text.parse::<i64>() {
+                Ok(n) => s.serialize_i64(n),
+                Err(_) => s.serialize_str(self.text),
+            },
+            oid::FLOAT4 | oid::FLOAT8 | oid::BYTEA => to_json(self.text, self.type_oid, 0).serialize(s),
+            _ => s.serialize_str(self.text),
+        }
+    }
+}
+
 fn decode_hex(s: &str) -> Option<Vec<u8>> {
     if !s.len().is_multiple_of(2) {
         return None;
@@ -152,6 +181,25 @@ mod tests {
         assert_eq!(to_json("1.5", oid::FLOAT4, 0), json!(1.5));
         assert_eq!(to_json("\\x0102ff", oid::BYTEA, 0), json!("AQL/"));
         assert_eq!(to_json("12.340", 1700, 0), json!("12.340"));
+    }
+
+    #[test]
+    fn direct_serialisation_matches_to_json() {
+        for (text, ty, el) in [
+            ("t", oid::BOOL, 0),
+            ("x", oid::BOOL, 0),
+            ("-42", oid::INT8, 0),
+            ("99999999999999999999", oid::INT8, 0),
+            ("NaN", oid::FLOAT8, 0),
+            ("1.5", oid::FLOAT4, 0),
+            ("\\x0102ff", oid::BYTEA, 0),
+            ("12.340", 1700, 0),
+            ("a \"quoted\" \\ line\n", 25, 0),
+            ("{1,2,NULL}", 1007, oid::INT4),
+        ] {
+            let direct = serde_json::to_string(&JsonText { text, type_oid: ty, element_oid: el }).unwrap();
+            assert_eq!(direct, to_json(text, ty, el).to_string(), "{text}");
+        }
     }
 
     #[test]

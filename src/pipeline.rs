@@ -191,6 +191,7 @@ async fn start_delivery(
                 })
                 .collect(),
             webhooks: running.webhooks.clone(),
+            shutdown: shutdown.clone(),
         });
         if api.tokens.is_empty() {
             tracing::warn!(listen = %config.api.listen, "api.tokens is empty: the HTTP API requires no authentication");

@@ -140,8 +140,36 @@ fn kill_dash_nine_during_delivery_redelivers_with_the_same_id() {
     let events: Vec<serde_json::Value> = body.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
     let got: Vec<i64> = events.iter().filter_map(|e| e["data"]["after"]["id"].as_i64()).collect();
     assert_eq!(got, [next, next + 1], "{body}");
-    child.kill().unwrap();
-    child.wait().unwrap();
+
+    // A live SSE client must not hold up a graceful shutdown: SIGTERM ends its stream.
+    let sse_url = format!("http://{api}/v1/streams/a/changes?live=true&cursor={cursor}");
+    let sse = std::thread::spawn(move || {
+        use std::io::Read;
+        let mut resp = reqwest::blocking::Client::builder()
+            .timeout(None)
+            .build()
+            .unwrap()
+            .get(sse_url)
+            .header("accept", "text/event-stream")
+            .send()
+            .unwrap();
+        let mut all = String::new();
+        let _ = resp.read_to_string(&mut all);
+        all
+    });
+    std::thread::sleep(Duration::from_millis(500));
+    std::process::Command::new("kill").args(["-TERM", &child.id().to_string()]).status().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        assert!(Instant::now() < deadline, "synapse did not exit on SIGTERM with a live SSE client attached");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert!(status.success(), "exit status {status}");
+    let streamed = sse.join().unwrap();
+    assert!(streamed.contains("event: change"), "{streamed}");
     let text = std::fs::read_to_string(&log).unwrap();
     assert!(!text.contains("panicked"), "{text}");
 }

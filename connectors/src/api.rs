@@ -65,6 +65,9 @@ pub struct Api<L> {
     /// No tokens = no authentication (loopback development setups).
     pub tokens: Vec<Token>,
     pub webhooks: Option<Arc<crate::webhook::Webhooks<L>>>,
+    /// Ends live streams and long polls when it turns true, so a graceful shutdown does not
+    /// wait for clients that never disconnect.
+    pub shutdown: tokio::sync::watch::Receiver<bool>,
 }
 
 impl<L> Api<L> {
@@ -253,12 +256,13 @@ async fn changes<L: ChangeLog>(
     let live = q.live.unwrap_or(false);
     let poll = q.timeout_ms.map(Duration::from_millis).unwrap_or(DEFAULT_POLL).min(Duration::from_secs(120));
     let feed = ChangeFeed::open(s.log.clone(), s.source.clone(), after, selector).await?;
+    let shutdown = api.shutdown.clone();
     metrics::counter!("synapse_stream_requests_total", "stream" => name.clone(), "mode" => if sse { "sse" } else { "lines" })
         .increment(1);
     if sse {
-        return Ok(sse_response(feed, name, limit, live).into_response());
+        return Ok(sse_response(feed, name, limit, live, shutdown).into_response());
     }
-    lines_response(feed, name, limit, if live { poll } else { Duration::ZERO }).await
+    lines_response(feed, name, limit, if live { poll } else { Duration::ZERO }, shutdown).await
 }
 
 async fn lines_response<L: ChangeLog>(
@@ -266,8 +270,13 @@ async fn lines_response<L: ChangeLog>(
     name: String,
     limit: usize,
     wait: Duration,
+    mut shutdown: tokio::sync::watch::Receiver<bool>,
 ) -> Result<Response, ConnectorError> {
-    let batch = feed.next_batch(limit, wait).await?;
+    let batch = tokio::select! {
+        b = feed.next_batch(limit, wait) => b?,
+        // Shutting down: answer the long poll now, with the position so far.
+        _ = async { let _ = shutdown.wait_for(|s| *s).await; } => crate::FeedBatch { events: Vec::new(), position: feed.position() },
+    };
     let mut body = Vec::with_capacity(batch.events.iter().map(|e| e.body.len() + 1).sum::<usize>() + 64);
     for e in &batch.events {
         body.extend_from_slice(&e.body);
@@ -294,6 +303,7 @@ fn sse_response<L: ChangeLog>(
     name: String,
     limit: usize,
     live: bool,
+    mut shutdown: tokio::sync::watch::Receiver<bool>,
 ) -> Sse<impl Stream<Item = Result<SseEvent, Infallible>>> {
     let clients = metrics::gauge!("synapse_stream_sse_clients", "stream" => name.clone());
     clients.increment(1.0);
@@ -336,7 +346,11 @@ fn sse_response<L: ChangeLog>(
             Some((out, Some((feed, last_sent, guard))))
         }
     })
-    .flat_map(|v| stream::iter(v.into_iter().map(Ok)));
+    .flat_map(|v| stream::iter(v.into_iter().map(Ok)))
+    // The client reconnects with Last-Event-ID once the server is back.
+    .take_until(async move {
+        let _ = shutdown.wait_for(|s| *s).await;
+    });
     Sse::new(events).keep_alive(KeepAlive::new().interval(SSE_KEEPALIVE))
 }
 

@@ -455,7 +455,10 @@ async fn serve_api(api: Api<EmbeddedLog>) -> String {
 fn api(log: &Arc<EmbeddedLog>, tokens: Vec<Token>) -> Api<EmbeddedLog> {
     let mut streams = BTreeMap::new();
     streams.insert("a".to_string(), StreamSource { log: log.clone(), source: source() });
-    Api { streams, tokens, webhooks: None }
+    // Never shut down: the test runtime ends with the test.
+    let (stop, shutdown) = watch::channel(false);
+    std::mem::forget(stop);
+    Api { streams, tokens, webhooks: None, shutdown }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -90,7 +90,7 @@ fn percentile(sorted: &[i64], p: f64) -> f64 {
 
 fn config(src: &LocalCluster, dir: &std::path::Path) -> Config {
     Config {
-        log: LogConfig { dir: dir.to_owned() },
+        log: LogConfig { dir: dir.to_owned(), ..Default::default() },
         sources: vec![SourceConfig {
             name: "a".into(),
             url: SecretUrl::new(src.url("bench")),

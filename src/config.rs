@@ -16,6 +16,9 @@ pub mod defaults {
     pub const OPS_LISTEN: &str = "127.0.0.1:9187";
     /// Loopback only until tokens are configured: the streams carry row data.
     pub const API_LISTEN: &str = "127.0.0.1:7654";
+    /// A day of changes stays readable for stream clients that are not consumers (they resume
+    /// from a cursor) even after every applier and webhook endpoint has passed it.
+    pub const STREAM_RETENTION_HOURS: f64 = 24.0;
     /// Shortest accepted API token: 128 bits of base64/hex randomness.
     pub const MIN_TOKEN_LEN: usize = 22;
 }
@@ -141,12 +144,19 @@ pub struct LogConfig {
     /// Directory of the embedded log (one file per source).
     #[serde(default = "default_log_dir")]
     pub dir: PathBuf,
+    /// Hours of changes kept for stream readers after every consumer passed them (0: none).
+    #[serde(default = "default_stream_retention")]
+    pub stream_retention_hours: f64,
 }
 
 impl Default for LogConfig {
     fn default() -> Self {
-        LogConfig { dir: default_log_dir() }
+        LogConfig { dir: default_log_dir(), stream_retention_hours: default_stream_retention() }
     }
+}
+
+fn default_stream_retention() -> f64 {
+    defaults::STREAM_RETENTION_HOURS
 }
 
 fn default_log_dir() -> PathBuf {
@@ -347,6 +357,9 @@ impl Config {
             if t.max_txns_per_commit == 0 {
                 return Err(invalid(format!("targets[{i}].max_txns_per_commit"), "must be at least 1".into()));
             }
+        }
+        if !(0.0..=24.0 * 366.0).contains(&self.log.stream_retention_hours) {
+            return Err(invalid("log.stream_retention_hours".into(), "must be between 0 and 8784 (a year)".into()));
         }
         for (field, listen) in [("ops.listen", &self.ops.listen), ("api.listen", &self.api.listen)] {
             if !listen.is_empty() && listen.parse::<std::net::SocketAddr>().is_err() {

@@ -215,11 +215,13 @@ async fn start_delivery(
             })
         });
     }
+    let window_us = (config.log.stream_retention_hours * 3.6e9) as i64;
     for (name, log) in &logs {
         let (log, mut sd, name) = (log.clone(), shutdown.clone(), name.clone());
         running.tasks.spawn(async move {
             loop {
-                match log.apply_retention().await {
+                let keep_since = (window_us > 0).then(|| synapse_schemas::unix_micros_now() - window_us);
+                match log.apply_retention(keep_since).await {
                     Ok(n) if n > 0 => tracing::debug!(source = %name, deleted = n, "log retention"),
                     Ok(_) => {}
                     Err(e) => tracing::warn!(source = %name, error = %chain(&e), "log retention failed"),

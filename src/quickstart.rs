@@ -140,7 +140,7 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
         _ => anyhow::bail!("--source and --target go together: give both, or neither for the local demo"),
     };
     let config = Config {
-        log: LogConfig { dir: data_dir.clone() },
+        log: LogConfig { dir: data_dir.clone(), ..Default::default() },
         sources: vec![SourceConfig {
             name: "a".into(),
             url: SecretUrl::new(source_url.clone()),

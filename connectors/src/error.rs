@@ -57,7 +57,7 @@ impl ConnectorError {
             ConnectorError::Log(e) => e.hint(),
             ConnectorError::CursorGone { .. } => {
                 "re-read the current state of the tables (a snapshot), then resume from the cursor \
-                 GET /v1/streams/{name} returns; keep readers within the retention (log.retention_hours)"
+                 GET /v1/streams/{name} returns; keep readers within log.stream_retention_hours"
             }
             ConnectorError::BadRequest { .. } => "fix the named parameter or field and retry",
             ConnectorError::UnknownRelation { .. } => "the log is incomplete: report this as a bug",

@@ -623,7 +623,7 @@ mod tests {
         log.append(txn(200, 0..3)).await.unwrap();
         log.append(txn(300, 0..3)).await.unwrap();
         log.commit_consumer("x", 12).await.unwrap();
-        assert!(log.apply_retention().await.unwrap() > 0);
+        assert!(log.apply_retention(None).await.unwrap() > 0);
         let after = Cursor { commit_lsn: Lsn(100), index: 1 };
         match ChangeFeed::open(log.clone(), src(), Some(after), Selector::default()).await {
             Err(ConnectorError::CursorGone { oldest, .. }) => assert_eq!(oldest, Some(Lsn(300))),

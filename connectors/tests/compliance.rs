@@ -715,7 +715,7 @@ async fn stream_api_lines_paging_gone_and_auth() {
     // Retention passes an old cursor: 410 with the oldest cursor still served.
     log.commit_consumer("apply", log.next_offset()).await.unwrap();
     w.txn(&[1]).await;
-    assert!(log.apply_retention().await.unwrap() > 0);
+    assert!(log.apply_retention(None).await.unwrap() > 0);
     let r = get("/v1/streams/a/changes?cursor=0/1100/1", &admin).await.unwrap();
     assert_eq!(r.status(), 410);
     let body: Value = r.json().await.unwrap();

@@ -415,8 +415,8 @@ impl ChangeLog for EmbeddedLog {
         .await
     }
 
-    async fn apply_retention(&self) -> Result<u64, LogError> {
-        self.blocking(|inner| {
+    async fn apply_retention(&self, keep_since_us: Option<i64>) -> Result<u64, LogError> {
+        self.blocking(move |inner| {
             let tx = inner.db.begin_write().map_err(write_err)?;
             let deleted = {
                 let consumers = tx.open_table(CONSUMERS).map_err(write_err)?;
@@ -425,7 +425,29 @@ impl ChangeLog for EmbeddedLog {
                     let (_, v) = item.map_err(write_err)?;
                     min = Some(min.map_or(v.value(), |m: u64| m.min(v.value())));
                 }
-                let Some(min) = min else { return Ok(0) };
+                // The time window: nothing from the first transaction committed at or after
+                // `keep_since_us` on (the head if there is none).
+                let by_time = match keep_since_us {
+                    None => None,
+                    Some(t) => {
+                        let txns = tx.open_table(TXNS).map_err(write_err)?;
+                        let mut bound = *inner.head.borrow();
+                        for item in txns.iter().map_err(write_err)? {
+                            let (begin, _, _, time) = item.map_err(write_err)?.1.value();
+                            if time >= t {
+                                bound = begin;
+                                break;
+                            }
+                        }
+                        Some(bound)
+                    }
+                };
+                let min = match (min, by_time) {
+                    (Some(c), Some(t)) => c.min(t),
+                    (Some(c), None) => c,
+                    (None, Some(t)) => t,
+                    (None, None) => return Ok(0),
+                };
                 let mut records = tx.open_table(RECORDS).map_err(write_err)?;
                 // A chunk can go once the next one starts at or below `min`; count its records by
                 // the distance between the two keys.
@@ -529,18 +551,18 @@ mod tests {
         log.append(vec![LogRecord::Relation(rel.clone())]).await.unwrap();
         log.append(txn(300, 10)).await.unwrap();
         assert_eq!(log.relation(rel.key()).await.unwrap(), Some(rel));
-        assert_eq!(log.apply_retention().await.unwrap(), 0, "no consumer registered: keep all");
+        assert_eq!(log.apply_retention(None).await.unwrap(), 0, "no consumer registered: keep all");
         log.commit_consumer("apply", 5).await.unwrap();
         log.commit_consumer("webhooks", 3).await.unwrap();
         // Retention drops whole chunks: the relation's chunk (offset 0) is below every consumer,
         // the transaction's chunk (offsets 1-12) is not.
-        assert_eq!(log.apply_retention().await.unwrap(), 1);
+        assert_eq!(log.apply_retention(None).await.unwrap(), 1);
         assert_eq!(log.read(0, 1).await.unwrap()[0].0, 1);
         assert_eq!(log.read(5, 1).await.unwrap()[0].0, 5);
         log.commit_consumer("webhooks", 13).await.unwrap();
         log.commit_consumer("apply", 13).await.unwrap();
         log.append(txn(400, 1)).await.unwrap();
-        assert_eq!(log.apply_retention().await.unwrap(), 12);
+        assert_eq!(log.apply_retention(None).await.unwrap(), 12);
         assert_eq!(log.consumer_position("apply").await.unwrap(), Some(13));
     }
 
@@ -577,7 +599,7 @@ mod tests {
         // Consumers passed the first transaction and part of the second: each append starts a
         // chunk, so chunks [0, 4096), [4096, 5002), [5002, 9098) go: txn 100 completely, 200 partly.
         log.commit_consumer("apply", 9100).await.unwrap();
-        assert_eq!(log.apply_retention().await.unwrap(), 9098);
+        assert_eq!(log.apply_retention(None).await.unwrap(), 9098);
         let gone = Seek::Gone { oldest: Some(Lsn(300)) };
         assert_eq!(log.seek(at(100, 3)).await.unwrap(), gone, "rest of txn 100 deleted");
         assert_eq!(log.seek(at(50, 0)).await.unwrap(), gone);
@@ -589,6 +611,32 @@ mod tests {
         assert_eq!(log.head_cursor().await.unwrap(), Some(at(300, 5001)));
         log.remove_consumer("apply").await.unwrap();
         assert_eq!(log.consumer_position("apply").await.unwrap(), None);
+    }
+
+    #[tokio::test]
+    async fn time_window_keeps_recent_transactions_for_stream_readers() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = EmbeddedLog::open(&dir.path().join("a.redb"), Default::default()).unwrap();
+        for (lsn, time) in [(100u64, 1_000i64), (200, 2_000), (300, 3_000)] {
+            let mut t = txn(lsn, 3);
+            for r in &mut t {
+                match r {
+                    LogRecord::Begin(b) => b.commit_time_us = time,
+                    LogRecord::Commit(c) => c.commit_time_us = time,
+                    _ => {}
+                }
+            }
+            log.append(t).await.unwrap();
+        }
+        // No consumer: the window alone decides. Transactions 100 and 200 are older than 2,500.
+        assert_eq!(log.apply_retention(Some(2_500)).await.unwrap(), 10);
+        assert_eq!(log.read(0, 1).await.unwrap()[0].0, 10);
+        // A consumer behind the window holds more back; one ahead of it does not shorten it.
+        log.commit_consumer("webhook:x", 10).await.unwrap();
+        log.append(txn(400, 3)).await.unwrap();
+        assert_eq!(log.apply_retention(Some(i64::MAX)).await.unwrap(), 0);
+        log.commit_consumer("webhook:x", 20).await.unwrap();
+        assert_eq!(log.apply_retention(Some(0)).await.unwrap(), 0, "everything is inside the window");
     }
 
     #[tokio::test]

@@ -109,8 +109,10 @@ pub trait ChangeLog: Send + Sync + 'static {
     /// subscriber that starts here misses nothing committed later.
     fn head_cursor(&self) -> impl Future<Output = Result<Option<Cursor>, LogError>> + Send;
 
-    /// Deletes records that every registered consumer has passed (an implementation may keep
-    /// some of them, e.g. a storage chunk still holding unconsumed records). Returns how many
-    /// were deleted.
-    fn apply_retention(&self) -> impl Future<Output = Result<u64, LogError>> + Send;
+    /// Deletes records that every registered consumer has passed and, when `keep_since_us` is
+    /// given, that belong to transactions committed before it (µs since the Unix epoch: the
+    /// window stream readers, which are not consumers, can resume in). Without consumers and
+    /// without `keep_since_us` nothing is deleted. An implementation may keep more (e.g. a
+    /// storage chunk still holding needed records). Returns how many were deleted.
+    fn apply_retention(&self, keep_since_us: Option<i64>) -> impl Future<Output = Result<u64, LogError>> + Send;
 }

@@ -595,11 +595,14 @@ async fn timeouts_are_retried_with_the_same_id_and_removed_endpoints_release_the
 async fn batches_and_fifo_order() {
     let dir = tempfile::tempdir().unwrap();
     let log = open_log(dir.path());
-    let r =
-        Receiver::start(Box::new(
-            |_, n| if n == 0 && rand::random::<u8>() % 4 == 0 { Reply::Status(502) } else { Reply::Ok },
-        ))
-        .await;
+    let r = Receiver::start(Box::new(|_, n| {
+        if n == 0 && rand::random::<u8>().is_multiple_of(4) {
+            Reply::Status(502)
+        } else {
+            Reply::Ok
+        }
+    }))
+    .await;
     let (_h, _stop) =
         webhooks(&log, dir.path(), vec![spec("b", &r, json!({"ordering": "fifo", "batch_size": 25}))]).await;
     let mut w = Writer { log, lsn: 0x1000, v: 0 };

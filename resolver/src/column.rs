@@ -265,12 +265,14 @@ pub fn merge_cells(strategy: Strategy, a: &Cell, b: &Cell) -> Cell {
         // The two sides disagree on the kind (the strategy changed while writes were in
         // flight): the state matching the strategy wins, else a fixed order of kinds.
         _ => {
-            let fits = |c: &Cell| match (strategy, c) {
-                (Strategy::Counter, Cell::Counter(_))
-                | (Strategy::Set, Cell::Set(_))
-                | (Strategy::MultiValue, Cell::MultiValue(_)) => true,
-                (Strategy::Lww | Strategy::Max | Strategy::Min, Cell::Value { .. }) => true,
-                _ => false,
+            let fits = |c: &Cell| {
+                matches!(
+                    (strategy, c),
+                    (Strategy::Counter, Cell::Counter(_))
+                        | (Strategy::Set, Cell::Set(_))
+                        | (Strategy::MultiValue, Cell::MultiValue(_))
+                        | (Strategy::Lww | Strategy::Max | Strategy::Min, Cell::Value { .. })
+                )
             };
             if (fits(a), a.kind()) >= (fits(b), b.kind()) {
                 a.clone()

@@ -123,7 +123,10 @@ mod tests {
         TablePolicy { columns: [("hits".to_string(), Strategy::Counter), ("tags".to_string(), Strategy::Set)].into() }
     }
 
-    fn view(r: &RowVersion) -> (bool, Vec<(u16, u64)>, (Hlc, NodeId), BTreeMap<String, Value>) {
+    /// What an observer can compare: existence, causal history, LWW key, visible values.
+    type View = (bool, Vec<(u16, u64)>, (Hlc, NodeId), BTreeMap<String, Value>);
+
+    fn view(r: &RowVersion) -> View {
         (
             r.live,
             r.stamp.vv.iter().map(|(n, c)| (n.0, c)).collect(),

@@ -592,6 +592,44 @@ async fn timeouts_are_retried_with_the_same_id_and_removed_endpoints_release_the
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unreachable_endpoint_opens_its_breaker_and_keeps_its_events() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = open_log(dir.path());
+    // Nothing listens on this port: every attempt is a refused connection.
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let spec: EndpointSpec = serde_json::from_value(json!({
+        "name": "nowhere", "url": format!("http://127.0.0.1:{port}/hook"),
+        "secrets": [Secret::generate()], "retry_schedule": ["0s", "10ms", "10ms", "1h"],
+        "breaker_threshold": 3, "breaker_cooldown": "1h",
+    }))
+    .unwrap();
+    let (h, _stop) = webhooks(&log, dir.path(), vec![spec]).await;
+    let mut w = Writer { log: log.clone(), lsn: 0x1000, v: 0 };
+    for k in 0..20 {
+        w.txn(&[k]).await;
+    }
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let v = h.get("nowhere").await.unwrap();
+        if v["status"]["breaker"] == "open" {
+            break;
+        }
+        assert!(Instant::now() < deadline, "breaker never opened: {v}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let attempts = h.attempts("nowhere").await.unwrap();
+    assert!(attempts.iter().all(|a| a.outcome == "error" && a.error.as_deref().unwrap_or("").contains("connection")));
+    let n = attempts.len();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(h.attempts("nowhere").await.unwrap().len(), n, "an open breaker sends nothing");
+    let v = h.get("nowhere").await.unwrap();
+    assert_eq!(v["status"]["delivered"], 0);
+    assert_eq!(v["status"]["dead_lettered"], 0, "the breaker holds events back; it does not burn their retries");
+    assert!(v["status"]["pending"].as_u64().unwrap() >= 20);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn batches_and_fifo_order() {
     let dir = tempfile::tempdir().unwrap();
     let log = open_log(dir.path());
@@ -714,6 +752,16 @@ async fn stream_api_lines_paging_gone_and_auth() {
         assert!(body["error"]["message"].as_str().unwrap().contains(field), "{q}: {body}");
     }
     assert_eq!(get("/v1/streams/nope/changes", &admin).await.unwrap().status(), 404);
+    let r = http
+        .get(format!("{base}/v1/streams/a/changes"))
+        .bearer_auth(&admin)
+        .header("accept", "text/event-stream")
+        .header("last-event-id", "not-a-cursor")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 400);
+    assert!(r.text().await.unwrap().contains("Last-Event-ID"));
 
     // Retention passes an old cursor: 410 with the oldest cursor still served.
     log.commit_consumer("apply", log.next_offset()).await.unwrap();

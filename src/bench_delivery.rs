@@ -99,6 +99,7 @@ fn config(src: &LocalCluster, dir: &std::path::Path) -> Config {
             tables: vec!["public.ev".into()],
             create_publication: true,
             heartbeat_interval_secs: 1.0,
+            forward_applied: true,
         }],
         targets: vec![],
         ops: OpsConfig { listen: String::new() },

@@ -180,6 +180,10 @@ pub struct SourceConfig {
     /// Seconds between heartbeats.
     #[serde(default = "default_heartbeat")]
     pub heartbeat_interval_secs: f64,
+    /// Capture changes that SynapseDB applied on this node too (cascades A → B → C). `false`
+    /// leaves them out, which is what a node that is also a target in a mesh needs.
+    #[serde(default = "yes")]
+    pub forward_applied: bool,
 }
 
 fn default_publication() -> String {

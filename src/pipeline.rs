@@ -246,6 +246,7 @@ pub fn capture_config(s: &SourceConfig) -> Result<CaptureConfig, anyhow::Error> 
     c.tables = s.tables.clone();
     c.create_publication = s.create_publication;
     c.heartbeat_interval = Duration::from_secs_f64(s.heartbeat_interval_secs);
+    c.skip_applied = !s.forward_applied;
     Ok(c)
 }
 

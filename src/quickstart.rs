@@ -149,6 +149,7 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
             tables: vec![],
             create_publication: true,
             heartbeat_interval_secs: 1.0,
+            forward_applied: true,
         }],
         targets: vec![TargetConfig {
             name: "b".into(),

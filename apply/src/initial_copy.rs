@@ -105,13 +105,17 @@ pub async fn run(
     );
     let jobs = Mutex::new(jobs);
     let remaining = Mutex::new(remaining);
-    let workers = (0..parallelism.max(1)).map(|_| async {
+    // Shared by reference: each worker's future owns only its number.
+    let (jobs_ref, remaining_ref, rels_ref, node_ref, session_ref, stats_ref) =
+        (&jobs, &remaining, &rels, &node, &session, &stats);
+    let workers = (0..parallelism.max(1)).map(|k| async move {
+        let (jobs, remaining, rels, node, session, stats) =
+            (jobs_ref, remaining_ref, rels_ref, node_ref, session_ref, stats_ref);
         let source = session.connect().await.map_err(ApplyError::Copy)?;
         let target = connect_target(target_config).await?;
-        target
-            .batch_execute("SET session_replication_role = replica")
-            .await
-            .map_err(ApplyError::target("preparing a copy session"))?;
+        // Copied rows carry a SynapseDB origin like applied ones (one origin per worker: on
+        // PostgreSQL 15 an origin binds to one session at a time).
+        crate::replica_session(&target, &format!("{}_copy{k}", crate::origin_name(node))).await?;
         loop {
             let Some(job) = jobs.lock().ok().and_then(|mut j| j.pop_front()) else { return Ok::<_, ApplyError>(()) };
             let (rel, copy_in, binary) = &rels[job.table];

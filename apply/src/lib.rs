@@ -164,7 +164,28 @@ pub async fn connect_target(config: &tokio_postgres::Config) -> Result<Client, A
 }
 
 pub fn origin_name(node: &str) -> String {
-    format!("synapse_{node}")
+    synapse_schemas::applied_origin(node)
+}
+
+/// Makes `client` a session that writes as SynapseDB: triggers and rules of the replica role,
+/// and every commit stamped with replication origin `origin` (created if missing), so a capture
+/// on this node can tell these writes from the node's own.
+pub(crate) async fn replica_session(client: &tokio_postgres::Client, origin: &str) -> Result<(), ApplyError> {
+    client
+        .batch_execute(&format!(
+            "SET session_replication_role = replica;
+             SELECT pg_replication_origin_create('{origin}') WHERE NOT EXISTS
+                 (SELECT 1 FROM pg_replication_origin WHERE roname = '{origin}');"
+        ))
+        .await
+        .map_err(ApplyError::target("setting up a replica session"))?;
+    // A previous session of ours may hold the origin for a moment after a crash, until the
+    // server notices its connection is gone: SQLSTATE 55006, retried by the supervisor.
+    client
+        .execute("SELECT pg_replication_origin_session_setup($1)", &[&origin])
+        .await
+        .map_err(ApplyError::target(format!("binding replication origin {origin}")))?;
+    Ok(())
 }
 
 /// A relation version, the target table its changes go to, and the LSN from which its changes
@@ -221,20 +242,7 @@ impl Applier {
         let client = connect_target(&self.config.target).await?;
         target::setup_state(&client).await?;
         let origin = origin_name(&self.config.node);
-        client
-            .batch_execute(&format!(
-                "SET session_replication_role = replica;
-                 SELECT pg_replication_origin_create('{origin}') WHERE NOT EXISTS
-                     (SELECT 1 FROM pg_replication_origin WHERE roname = '{origin}');"
-            ))
-            .await
-            .map_err(ApplyError::target("setting up the apply session"))?;
-        // A previous session of ours may hold the origin for a moment after a crash, until the
-        // server notices its connection is gone: SQLSTATE 55006, retried by the supervisor.
-        client
-            .execute("SELECT pg_replication_origin_session_setup($1)", &[&origin])
-            .await
-            .map_err(ApplyError::target(format!("binding replication origin {origin}")))?;
+        replica_session(&client, &origin).await?;
         let start = target::load_position(&client, &self.config.node).await?.unwrap_or(0);
         let sync = target::load_sync(&client, &self.config.node).await?;
         tracing::info!(next_offset = start, "applier resuming");

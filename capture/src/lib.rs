@@ -67,6 +67,10 @@ pub struct CaptureConfig {
     pub status_interval: Duration,
     pub max_batch_records: usize,
     pub max_batch_bytes: usize,
+    /// Leave out transactions SynapseDB applied on this node (replication origin
+    /// `synapse_*`): in a mesh every node applies every other directly, and capturing applied
+    /// changes again would send them around in a loop. Off keeps cascades (A → B → C) working.
+    pub skip_applied: bool,
 }
 
 impl CaptureConfig {
@@ -82,6 +86,7 @@ impl CaptureConfig {
             status_interval: defaults::STATUS_INTERVAL,
             max_batch_records: defaults::MAX_BATCH_RECORDS,
             max_batch_bytes: defaults::MAX_BATCH_BYTES,
+            skip_applied: false,
         }
     }
 }
@@ -230,6 +235,7 @@ impl Capture {
                     max_batch_records: self.config.max_batch_records,
                     max_batch_bytes: self.config.max_batch_bytes,
                     status_interval: self.config.status_interval,
+                    skip_applied: self.config.skip_applied,
                 },
                 relations: HashMap::new(),
                 emitted: HashSet::new(),

@@ -38,6 +38,7 @@ pub(crate) struct StreamSettings {
     pub max_batch_records: usize,
     pub max_batch_bytes: usize,
     pub status_interval: Duration,
+    pub skip_applied: bool,
 }
 
 #[derive(Default)]
@@ -228,6 +229,12 @@ impl<L: ChangeLog + Clone> Streamer<'_, L> {
             }
             Message::Origin { name, .. } => {
                 if let Some(t) = txn.as_mut() {
+                    if self.settings.skip_applied && name.starts_with(synapse_schemas::APPLIED_ORIGIN_PREFIX) {
+                        // Applied here by SynapseDB: its source already streams it to everyone.
+                        t.skip = true;
+                        metrics::counter!("synapse_capture_skipped_transactions_total", "reason" => "applied")
+                            .increment(1);
+                    }
                     t.begin.origin = Some(name.to_owned());
                 }
             }
@@ -359,9 +366,12 @@ impl<L: ChangeLog + Clone> Streamer<'_, L> {
     }
 }
 
+/// Writes the pending `Begin` of a transaction that goes into the log. A skipped transaction's
+/// new relation definitions are still written (they are registered for later transactions), but
+/// outside any transaction, so the log never holds a `Begin` without its `Commit`.
 fn push_begin(txn: &mut Option<OpenTxn>, batch: &mut Batch) {
     if let Some(t) = txn.as_mut() {
-        if t.begin_pending {
+        if t.begin_pending && !t.skip {
             t.begin_pending = false;
             batch.records.push(LogRecord::Begin(t.begin.clone()));
         }

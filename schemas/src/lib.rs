@@ -25,6 +25,15 @@ pub use model::*;
 /// The published JSON Schema of one change event (CloudEvents envelope + Debezium data).
 pub const CHANGE_EVENT_SCHEMA: &str = include_str!("../change-event.schema.json");
 
+/// Replication origins of changes SynapseDB applied start with this (`synapse_<source node>`):
+/// a capture can tell them from the node's own writes.
+pub const APPLIED_ORIGIN_PREFIX: &str = "synapse_";
+
+/// The replication origin an applier of `source_node`'s changes runs under.
+pub fn applied_origin(source_node: &str) -> String {
+    format!("{APPLIED_ORIGIN_PREFIX}{source_node}")
+}
+
 /// Now, in the model's time unit: microseconds since the Unix epoch.
 pub fn unix_micros_now() -> i64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_micros() as i64).unwrap_or(0)

@@ -189,7 +189,14 @@ impl EndpointSpec {
     /// The endpoint as the API shows it: secrets reduced to a hint of which is which.
     pub fn redacted(&self) -> EndpointSpec {
         let mut s = self.clone();
-        s.secrets = s.secrets.iter().map(|x| format!("whsec_…{}", &x[x.len().saturating_sub(4)..])).collect();
+        s.secrets = s
+            .secrets
+            .iter()
+            .map(|x| {
+                let tail: String = x.chars().rev().take(4).collect::<Vec<_>>().into_iter().rev().collect();
+                format!("whsec_…{tail}")
+            })
+            .collect();
         s
     }
 }

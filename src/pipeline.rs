@@ -178,7 +178,13 @@ async fn start_delivery(
     }
     if api_on {
         let api = Arc::new(Api {
-            streams: logs.iter().map(|(n, l)| (n.clone(), StreamSource { log: l.clone(), source: info(n) })).collect(),
+            streams: logs
+                .iter()
+                .map(|(n, l)| {
+                    let pg = config.sources.iter().find(|s| &s.name == n).and_then(|s| s.url.pg_config().ok());
+                    (n.clone(), StreamSource { log: l.clone(), source: info(n), snapshot_source: pg })
+                })
+                .collect(),
             tokens: config
                 .api
                 .tokens

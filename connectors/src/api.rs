@@ -57,6 +57,8 @@ pub struct Token {
 pub struct StreamSource<L> {
     pub log: Arc<L>,
     pub source: SourceInfo,
+    /// The source database, for snapshots (`None`: the stream offers none).
+    pub snapshot_source: Option<tokio_postgres::Config>,
 }
 
 /// Shared state of the API server.
@@ -123,7 +125,8 @@ pub fn router<L: ChangeLog>(api: Arc<Api<L>>) -> Router {
     let r = Router::new()
         .route("/v1/streams", get(list_streams::<L>))
         .route("/v1/streams/{name}", get(subscribe::<L>))
-        .route("/v1/streams/{name}/changes", get(changes::<L>));
+        .route("/v1/streams/{name}/changes", get(changes::<L>))
+        .route("/v1/streams/{name}/snapshot", get(snapshot::<L>));
     let r = match &api.webhooks {
         Some(_) => r.merge(crate::webhook::routes::router::<L>()),
         None => r,
@@ -263,6 +266,47 @@ async fn changes<L: ChangeLog>(
         return Ok(sse_response(feed, name, limit, live, shutdown).into_response());
     }
     lines_response(feed, name, limit, if live { poll } else { Duration::ZERO }, shutdown).await
+}
+
+/// `GET /v1/streams/{name}/snapshot?tables=&filter=`: the selected tables' rows as read
+/// events (JSON lines), then `{"control":"snapshot-end","cursor":…}` — pass that cursor to
+/// `/changes` to continue with everything committed after the snapshot.
+async fn snapshot<L: ChangeLog>(
+    State(api): State<Arc<Api<L>>>,
+    Path(name): Path<String>,
+    query: Result<Query<ChangesQuery>, axum::extract::rejection::QueryRejection>,
+    headers: HeaderMap,
+) -> Result<Response, ConnectorError> {
+    let token = api.authenticate(&headers)?;
+    let Query(q) = query.map_err(|e| bad("query", e.body_text()))?;
+    if q.cursor.is_some() || q.live.is_some() || q.limit.is_some() || q.operations.is_some() {
+        return Err(bad("query", "a snapshot takes only `tables` and `filter`"));
+    }
+    let s = stream(&api, &name)?;
+    let Some(source) = s.snapshot_source.clone() else {
+        return Err(ConnectorError::NotFound { what: format!("snapshots of stream `{name}`") });
+    };
+    let selector = selector(&q, token)?;
+    let info = s.source.clone();
+    metrics::counter!("synapse_stream_requests_total", "stream" => name.clone(), "mode" => "snapshot").increment(1);
+    let (tx, rx) = tokio::sync::mpsc::channel::<bytes::Bytes>(4);
+    tokio::spawn(async move {
+        let end = match crate::snapshot::stream_snapshot(&source, &info, &selector, &tx).await {
+            Ok(resume) => json!({"control": "snapshot-end", "cursor": resume.to_string()}),
+            Err(e) => {
+                tracing::warn!(stream = %info.node, error = %crate::error_chain(&e), "snapshot failed");
+                // The status line is long sent: the error travels as the last line.
+                json!({"control": "error", "error": {"code": e.code(), "message": crate::error_chain(&e), "hint": e.hint()}})
+            }
+        };
+        let _ = tx.send(bytes::Bytes::from(format!("{end}\n"))).await;
+    });
+    let body = stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|b| (Ok::<_, Infallible>(b), rx)) });
+    let mut resp = axum::body::Body::from_stream(body).into_response();
+    let h = resp.headers_mut();
+    h.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/x-ndjson"));
+    h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    Ok(resp)
 }
 
 async fn lines_response<L: ChangeLog>(

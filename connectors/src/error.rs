@@ -27,6 +27,14 @@ pub enum ConnectorError {
     },
     #[error("{what} already exists")]
     Conflict { what: String },
+    #[error("the source could not take a snapshot")]
+    Source(#[from] synapse_capture::CaptureError),
+    #[error("reading {table} for the snapshot failed")]
+    Snapshot {
+        table: String,
+        #[source]
+        source: tokio_postgres::Error,
+    },
 }
 
 impl ConnectorError {
@@ -41,13 +49,16 @@ impl ConnectorError {
             ConnectorError::NotFound { .. } => "CON006",
             ConnectorError::Store { .. } => "CON007",
             ConnectorError::Conflict { .. } => "CON008",
+            ConnectorError::Source(e) => e.code(),
+            ConnectorError::Snapshot { .. } => "CON009",
         }
     }
 
     pub fn is_transient(&self) -> bool {
         match self {
             ConnectorError::Log(e) => e.is_transient(),
-            ConnectorError::Store { .. } => true,
+            ConnectorError::Store { .. } | ConnectorError::Snapshot { .. } => true,
+            ConnectorError::Source(e) => e.is_transient(),
             _ => false,
         }
     }
@@ -56,8 +67,8 @@ impl ConnectorError {
         match self {
             ConnectorError::Log(e) => e.hint(),
             ConnectorError::CursorGone { .. } => {
-                "re-read the current state of the tables (a snapshot), then resume from the cursor \
-                 GET /v1/streams/{name} returns; keep readers within log.stream_retention_hours"
+                "re-read the tables with GET /v1/streams/{name}/snapshot and resume from the cursor \
+                 it ends with; keep readers within log.stream_retention_hours"
             }
             ConnectorError::BadRequest { .. } => "fix the named parameter or field and retry",
             ConnectorError::UnknownRelation { .. } => "the log is incomplete: report this as a bug",
@@ -66,6 +77,10 @@ impl ConnectorError {
             ConnectorError::NotFound { .. } => "check the name; GET /v1/endpoints and /v1/streams list what exists",
             ConnectorError::Store { .. } => "check free disk space and permissions of log.dir",
             ConnectorError::Conflict { .. } => "choose another name, or PUT to replace it",
+            ConnectorError::Source(e) => e.hint(),
+            ConnectorError::Snapshot { .. } => {
+                "retry the snapshot; check the source is reachable and the table readable"
+            }
         }
     }
 

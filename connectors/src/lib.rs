@@ -22,6 +22,7 @@ pub mod api;
 mod error;
 pub mod feed;
 pub mod filter;
+pub mod snapshot;
 pub mod webhook;
 
 pub use error::ConnectorError;

@@ -454,7 +454,7 @@ async fn serve_api(api: Api<EmbeddedLog>) -> String {
 
 fn api(log: &Arc<EmbeddedLog>, tokens: Vec<Token>) -> Api<EmbeddedLog> {
     let mut streams = BTreeMap::new();
-    streams.insert("a".to_string(), StreamSource { log: log.clone(), source: source() });
+    streams.insert("a".to_string(), StreamSource { log: log.clone(), source: source(), snapshot_source: None });
     // Never shut down: the test runtime ends with the test.
     let (stop, shutdown) = watch::channel(false);
     std::mem::forget(stop);

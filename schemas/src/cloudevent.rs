@@ -213,6 +213,60 @@ pub fn write_change_event(ctx: &EventContext<'_>, rel: &Relation, change: &RowCh
     let _ = serde_json::to_writer(out, &doc);
 }
 
+/// One row of a consistent snapshot as a Debezium read event (`op: "r"`, `snapshot: "true"`):
+/// `resume` is the cursor a reader continues the change stream after, `seq` (from 1) numbers
+/// the snapshot's rows, `snapshot_time_us` is when the snapshot was taken.
+#[allow(clippy::too_many_arguments)]
+pub fn write_snapshot_event(
+    node: &str,
+    database: &str,
+    rel: &Relation,
+    values: &Tuple,
+    resume: Cursor,
+    seq: u32,
+    snapshot_time_us: i64,
+    out: &mut Vec<u8>,
+) {
+    let ts_ms = snapshot_time_us.div_euclid(1000);
+    let no_origin = None;
+    let doc = EnvelopeOut {
+        specversion: "1.0",
+        id: format!("{node}/snapshot/{resume}/{seq}"),
+        source: format!("/synapsedb/{node}/{database}"),
+        ty: CHANGE_TYPE,
+        subject: rel.name(),
+        time: rfc3339_micros(snapshot_time_us),
+        datacontenttype: "application/json",
+        synapsecursor: resume.to_string(),
+        data: ChangeOut {
+            op: "r",
+            before: None,
+            after: Some(RowOut { rel, values }),
+            source: SourceOut {
+                version: concat!("synapsedb-", env!("CARGO_PKG_VERSION")),
+                connector: "postgresql",
+                name: node,
+                db: database,
+                ts_ms,
+                snapshot: "true",
+                schema: &rel.schema,
+                table: &rel.table,
+                tx_id: 0,
+                lsn: resume.commit_lsn.0,
+                cursor: resume.to_string(),
+                origin: &no_origin,
+            },
+            transaction: TxnOut {
+                id: format!("snapshot:{}", resume.commit_lsn.0),
+                total_order: seq,
+                data_collection_order: seq,
+            },
+            ts_ms,
+        },
+    };
+    let _ = serde_json::to_writer(out, &doc);
+}
+
 /// Renders a `TRUNCATE` of one table (Debezium's `op: "t"`, no row images). A truncate of
 /// several tables is one event per table, all with the truncate's cursor index.
 pub fn truncate_event(ctx: &EventContext<'_>, rel: &Relation, index: u32) -> Value {
@@ -329,6 +383,11 @@ mod tests {
         assert!(errors.is_empty(), "{errors:?}");
         let s = schema_change_event(&ctx, &r, 1);
         assert!(validator.is_valid(&s));
+        let mut snap = Vec::new();
+        write_snapshot_event("a", "app", &r, upd.after.as_ref().unwrap(), Cursor::default(), 1, 0, &mut snap);
+        let snap: Value = serde_json::from_slice(&snap).unwrap();
+        assert_eq!(snap["data"]["op"], "r");
+        assert!(validator.is_valid(&snap), "{snap}");
         let t = truncate_event(&ctx, &r, 3);
         assert_eq!(t["data"]["op"], "t");
         assert!(validator.is_valid(&t));

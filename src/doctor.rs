@@ -149,5 +149,29 @@ pub async fn run(config: &Config) -> usize {
             ),
         }
     }
+    for w in &config.webhooks {
+        println!("webhook {} ({})", w.name, w.url);
+        check_webhook(&mut r, &w.url).await;
+    }
     r.failed
+}
+
+/// An endpoint is reachable when something answers HTTP there. No event is sent: receivers see
+/// a HEAD request, which Standard Webhooks receivers ignore or reject without side effects.
+async fn check_webhook(r: &mut Report, url: &str) {
+    let client = match reqwest::Client::builder().timeout(std::time::Duration::from_secs(10)).build() {
+        Ok(c) => c,
+        Err(e) => return r.fail(&format!("HTTP client: {e}"), "report this as a bug"),
+    };
+    match client.head(url).send().await {
+        Ok(resp) if resp.status() == reqwest::StatusCode::GONE => r.fail(
+            "the endpoint answers 410 Gone: deliveries would disable it",
+            "fix the URL, or remove the endpoint from webhooks",
+        ),
+        Ok(resp) => r.ok(&format!("reachable (HEAD answered {})", resp.status())),
+        Err(e) => r.fail(
+            &format!("unreachable: {}", crate::pipeline::chain(&e)),
+            "check webhooks[].url, DNS and firewalls; synapse will retry and open the breaker meanwhile",
+        ),
+    }
 }

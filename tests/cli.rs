@@ -98,6 +98,20 @@ fn doctor_passes_on_a_ready_source_and_explains_wal_level() {
 }
 
 #[test]
+fn doctor_reports_an_unreachable_webhook() {
+    let nodes = Nodes::start("CREATE TABLE t (id int PRIMARY KEY)");
+    let config = nodes.config("");
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let text = std::fs::read_to_string(&config).unwrap()
+        + &format!("webhooks:\n  - name: hook\n    url: http://127.0.0.1:{port}/in\n    secrets: [whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw]\n");
+    std::fs::write(&config, text).unwrap();
+    let out = synapse(&["doctor", "--config", config.to_str().unwrap()]).output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(!out.status.success(), "{text}");
+    assert!(text.contains("webhook hook") && text.contains("unreachable") && text.contains("webhooks[].url"), "{text}");
+}
+
+#[test]
 fn quickstart_with_urls_resumes_instead_of_copying_again() {
     let nodes = Nodes::start(
         "CREATE TABLE t (id int PRIMARY KEY, v text); INSERT INTO t SELECT g, 'v' || g FROM generate_series(1, 5000) g;

@@ -91,9 +91,39 @@ impl TargetTable {
 
 /// Finds the target table for `rel`; creates it (and its schema) from the source definition if
 /// missing, and adds columns the source has and the target lacks.
+/// Creates the enum and domain types `rel`'s columns use and the target lacks (from the
+/// definitions capture read on the source).
+async fn ensure_types(client: &Client, rel: &Relation) -> Result<(), ApplyError> {
+    let mut seen = std::collections::HashSet::new();
+    for def in rel.columns.iter().flat_map(|c| &c.type_defs) {
+        if !seen.insert(def.name.as_str()) {
+            continue;
+        }
+        let exists = client
+            .query_one("SELECT to_regtype($1) IS NOT NULL", &[&def.name])
+            .await
+            .map_err(ApplyError::target(format!("looking up type {}", def.name)))?;
+        if exists.get::<_, bool>(0) {
+            continue;
+        }
+        tracing::info!(table = %rel.name(), r#type = %def.name, "creating missing type from the source definition");
+        client
+            .batch_execute(&format!("CREATE SCHEMA IF NOT EXISTS {}; {}", quote_ident(&def.schema), def.ddl))
+            .await
+            .map_err(|e| ApplyError::Schema {
+            table: rel.name(),
+            message: format!("type {} could not be created from the source definition ({}): {e}", def.name, def.ddl),
+        })?;
+    }
+    Ok(())
+}
+
 pub async fn ensure_table(client: &Client, rel: &Relation) -> Result<TargetTable, ApplyError> {
     let name = rel.quoted_name();
     let mut cols = target_columns(client, &name).await?;
+    if cols.is_none() || rel.columns.iter().any(|c| !c.type_defs.is_empty()) {
+        ensure_types(client, rel).await?;
+    }
     if cols.is_none() {
         let defs: Vec<String> =
             rel.columns.iter().map(|c| format!("{} {}", quote_ident(&c.name), c.type_name)).collect();

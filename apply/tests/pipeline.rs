@@ -111,19 +111,17 @@ INSERT INTO all_types VALUES
 async fn every_operation_on_every_common_type() {
     let (source, target) = two_nodes();
     source.psql("app", TYPES_SCHEMA).unwrap();
-    // Enum and domain types are not created by synapse: the target declares them itself.
-    target
-        .psql(
-            "app",
-            "CREATE TYPE mood AS ENUM ('sad', 'ok', 'happy'); CREATE DOMAIN posint AS integer CHECK (VALUE > 0);",
-        )
-        .unwrap();
+    // The target has neither the enum nor the domain: synapse creates them from the source's
+    // definitions, with the labels in order and the domain's constraint.
     source.psql("app", TYPES_ROWS).unwrap();
     let dir = tempfile::tempdir().unwrap();
     let _p = start(&source, &target, dir.path()).await;
     // Rows 1-3 arrive through the initial copy; now the same values through the stream.
     let q = "SELECT string_agg(t::text, E'\\n' ORDER BY id) FROM all_types t";
     wait_equal(&source, &target, q).await;
+    assert_eq!(target.psql("app", "SELECT enum_range(NULL::mood)::text").unwrap(), "{sad,ok,happy}");
+    let check = "SELECT pg_get_constraintdef(oid) FROM pg_constraint WHERE contypid = 'posint'::regtype";
+    assert_eq!(target.psql("app", check).unwrap(), source.psql("app", check).unwrap());
     source
         .psql(
             "app",

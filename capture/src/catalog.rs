@@ -3,7 +3,7 @@
 
 use crate::CaptureError;
 use std::collections::HashMap;
-use synapse_schemas::{quote_ident, Column, Lsn, Relation, ReplicaIdentity};
+use synapse_schemas::{quote_ident, Column, Lsn, Relation, ReplicaIdentity, TypeDef};
 use tokio_postgres::Client;
 
 /// A table on the source that SynapseDB may capture.
@@ -144,6 +144,77 @@ pub async fn slot_state(client: &Client, slot: &str) -> Result<Option<SlotState>
 #[derive(Default)]
 pub struct TypeResolver {
     cache: HashMap<(u32, i32), (String, u32, u32)>,
+    /// Creation statements of user-defined types, by OID (empty: a built-in or unsupported type).
+    defs: HashMap<u32, Vec<TypeDef>>,
+}
+
+fn quote_literal(s: &str) -> String {
+    format!("'{}'", s.replace('\'', "''"))
+}
+
+impl TypeResolver {
+    /// What a target must create for type `oid`: enums and domains (a domain's enum base and an
+    /// array's enum or domain element first). Other kinds (composite, range) are not created;
+    /// the applier reports them by name if the target lacks them.
+    async fn defs_of(&mut self, client: &Client, oid: u32, depth: u8) -> Result<Vec<TypeDef>, CaptureError> {
+        if let Some(d) = self.defs.get(&oid) {
+            return Ok(d.clone());
+        }
+        let row = client
+            .query_opt(
+                "SELECT ty.typtype::text, ty.typbasetype, n.nspname, ty.typname::text,
+                        format_type(ty.typbasetype, ty.typtypmod), ty.typdefault, ty.typnotnull,
+                        (SELECT array_agg(en.enumlabel::text ORDER BY en.enumsortorder) FROM pg_enum en WHERE en.enumtypid = ty.oid),
+                        (SELECT array_agg(quote_ident(c.conname) || ' ' || pg_get_constraintdef(c.oid) ORDER BY c.conname)
+                           FROM pg_constraint c WHERE c.contypid = ty.oid),
+                        CASE WHEN ty.typcategory = 'A' THEN ty.typelem ELSE 0::oid END
+                 FROM pg_type ty JOIN pg_namespace n ON n.oid = ty.typnamespace
+                 WHERE ty.oid = $1 AND n.nspname NOT IN ('pg_catalog', 'information_schema')",
+                &[&oid],
+            )
+            .await
+            .map_err(CaptureError::sql("reading a user-defined type"))?;
+        let mut defs = Vec::new();
+        if let Some(r) = row {
+            let (kind, base, schema, name): (String, u32, String, String) = (r.get(0), r.get(1), r.get(2), r.get(3));
+            let qualified = format!("{}.{}", quote_ident(&schema), quote_ident(&name));
+            let element: u32 = r.get(9);
+            match kind.as_str() {
+                "e" => {
+                    let labels: Vec<String> = r.get::<_, Option<Vec<String>>>(7).unwrap_or_default();
+                    let labels: Vec<String> = labels.iter().map(|l| quote_literal(l)).collect();
+                    defs.push(TypeDef {
+                        ddl: format!("CREATE TYPE {qualified} AS ENUM ({})", labels.join(", ")),
+                        name: qualified,
+                        schema,
+                    });
+                }
+                "d" => {
+                    // Recursion is bounded: a domain over a domain over … stops at four levels.
+                    if depth < 4 {
+                        defs.extend(Box::pin(self.defs_of(client, base, depth + 1)).await?);
+                    }
+                    let mut ddl = format!("CREATE DOMAIN {qualified} AS {}", r.get::<_, String>(4));
+                    if let Some(default) = r.get::<_, Option<String>>(5) {
+                        ddl.push_str(&format!(" DEFAULT {default}"));
+                    }
+                    if r.get::<_, bool>(6) {
+                        ddl.push_str(" NOT NULL");
+                    }
+                    for c in r.get::<_, Option<Vec<String>>>(8).unwrap_or_default() {
+                        ddl.push_str(&format!(" CONSTRAINT {c}"));
+                    }
+                    defs.push(TypeDef { name: qualified, schema, ddl });
+                }
+                _ if element != 0 && depth < 4 => {
+                    defs.extend(Box::pin(self.defs_of(client, element, depth + 1)).await?)
+                }
+                _ => {}
+            }
+        }
+        self.defs.insert(oid, defs.clone());
+        Ok(defs)
+    }
 }
 
 impl TypeResolver {
@@ -184,6 +255,8 @@ impl TypeResolver {
             c.type_name = name;
             c.base_type_oid = base;
             c.element_type_oid = elem;
+            // Built-in types (OIDs below 16384, FirstNormalObjectId) need nothing created.
+            c.type_defs = if c.type_oid >= 16_384 { self.defs_of(client, c.type_oid, 0).await? } else { Vec::new() };
         }
         Ok(())
     }
@@ -222,6 +295,7 @@ pub async fn describe_table(
             base_type_oid: 0,
             element_type_oid: 0,
             is_key: r.get(3),
+            type_defs: Vec::new(),
         })
         .collect();
     types.resolve(client, &mut columns).await?;

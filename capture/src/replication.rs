@@ -250,6 +250,7 @@ impl<L: ChangeLog + Clone> Streamer<'_, L> {
                         base_type_oid: 0,
                         element_type_oid: 0,
                         is_key: c.is_key,
+                        type_defs: Vec::new(),
                     })
                     .collect();
                 self.types.resolve(self.client, &mut columns).await?;

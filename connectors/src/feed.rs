@@ -503,6 +503,7 @@ mod tests {
             base_type_oid: oid,
             element_type_oid: 0,
             is_key: key,
+            type_defs: Vec::new(),
         };
         Relation {
             oid: 7,

@@ -43,6 +43,7 @@ fn relation() -> Relation {
         base_type_oid: oid,
         element_type_oid: 0,
         is_key: key,
+        type_defs: Vec::new(),
     };
     Relation {
         oid: 42,

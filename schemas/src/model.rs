@@ -186,6 +186,20 @@ pub struct Column {
     pub element_type_oid: u32,
     /// Part of the replica identity (the primary key by default).
     pub is_key: bool,
+    /// User-defined types the column's type needs (enums, domains — an array's element type
+    /// or a domain's base included), in creation order: a target creates the missing ones.
+    #[serde(default)]
+    pub type_defs: Vec<TypeDef>,
+}
+
+/// How to create a user-defined type on a target.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct TypeDef {
+    /// Schema-qualified, quoted: `"public"."mood"`.
+    pub name: String,
+    pub schema: String,
+    /// `CREATE TYPE … AS ENUM (…)` or `CREATE DOMAIN … AS … CHECK (…)`.
+    pub ddl: String,
 }
 
 /// A table's shape as the source described it at one point of the stream.

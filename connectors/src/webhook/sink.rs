@@ -107,6 +107,16 @@ fn httpdate(s: &str) -> Option<std::time::SystemTime> {
     Some(std::time::UNIX_EPOCH + Duration::from_secs(secs))
 }
 
+/// W3C trace context: the trace id is derived from the webhook-id, so every attempt of one
+/// delivery shares a trace a receiver can correlate; each attempt gets its own span id.
+fn traceparent(webhook_id: &str) -> String {
+    use sha2::{Digest, Sha256};
+    let digest = Sha256::digest(webhook_id.as_bytes());
+    let trace: String = digest[..16].iter().map(|b| format!("{b:02x}")).collect();
+    let span: u64 = rand::random::<u64>() | 1;
+    format!("00-{trace}-{span:016x}-01")
+}
+
 impl Sink for HttpSink {
     async fn send(&self, d: &Delivery) -> Attempt {
         let started = Instant::now();
@@ -132,7 +142,8 @@ impl Sink for HttpSink {
             .header(reqwest::header::CONTENT_TYPE, content_type)
             .header("webhook-id", &d.id)
             .header("webhook-timestamp", ts.to_string())
-            .header("webhook-signature", signature_header(&self.secrets, &d.id, ts, &body));
+            .header("webhook-signature", signature_header(&self.secrets, &d.id, ts, &body))
+            .header("traceparent", traceparent(&d.id));
         for (k, v) in &self.headers {
             req = req.header(k, v);
         }
@@ -174,6 +185,15 @@ impl Sink for HttpSink {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn traceparent_is_stable_per_delivery() {
+        let (a, b) = (traceparent("a/0/1/1"), traceparent("a/0/1/1"));
+        assert_eq!(a.len(), 55);
+        assert_eq!(a[..36], b[..36], "same trace for every attempt");
+        assert_ne!(traceparent("a/0/1/2")[..36], a[..36]);
+        assert!(a.starts_with("00-") && a.ends_with("-01"));
+    }
 
     #[test]
     fn http_dates() {

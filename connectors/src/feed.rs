@@ -320,6 +320,12 @@ impl<L: ChangeLog> ChangeFeed<L> {
         let seen = |index: u32| after.is_some_and(|a| Cursor { commit_lsn: lsn, index } <= a);
         match record {
             LogRecord::Relation(r) => {
+                // A reader that started after the previous definition asks the log for it.
+                if !self.versions.contains_key(&r.oid) {
+                    if let Some(prev) = self.log.previous_relation(r.oid, offset).await? {
+                        self.versions.insert(r.oid, prev.version);
+                    }
+                }
                 if let Some(changed) = self.remember(r) {
                     let ctx = EventContext { node: &self.source.node, database: &self.source.database, begin: &begin };
                     let table: Arc<str> = changed.name().into();
@@ -614,6 +620,33 @@ mod tests {
         assert!(events.windows(2).all(|w| w[0].cursor < w[1].cursor));
         assert_eq!(events[0].keys[0], events[0].keys[1]);
         assert_ne!(events[0].keys[0], events[1].keys[0]);
+    }
+
+    #[tokio::test]
+    async fn a_schema_change_is_reported_to_a_reader_that_resumed_after_the_old_definition() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = Arc::new(EmbeddedLog::open(&dir.path().join("a.redb"), Default::default()).unwrap());
+        log.append(txn(100, 0..2)).await.unwrap();
+        // The table gains a column; the next transaction carries the new definition.
+        let mut v2 = rel();
+        v2.columns.push(Column { name: "extra".into(), ..v2.columns[1].clone() });
+        let mut t = txn(200, 5..6);
+        t[1] = LogRecord::Relation(v2.clone());
+        if let LogRecord::Change(c) = &mut t[2] {
+            c.relation = v2.key();
+            c.after = Some(vec![Datum::Text("5".into()), Datum::Text("s5".into()), Datum::Null].into());
+        }
+        log.append(t).await.unwrap();
+        let resume = Cursor { commit_lsn: Lsn(100), index: 2 };
+        let mut f = ChangeFeed::open(log.clone(), src(), Some(resume), Selector::default()).await.unwrap();
+        let events = all(&mut f).await;
+        assert_eq!(events.iter().map(|e| e.op).collect::<Vec<_>>(), [Operation::Schema, Operation::Insert]);
+        let schema: serde_json::Value = serde_json::from_slice(&events[0].body).unwrap();
+        assert_eq!(schema["data"]["columns"].as_array().unwrap().len(), 3);
+        // From the very beginning the first definition is not a change; the second is.
+        let mut f = ChangeFeed::open(log.clone(), src(), None, Selector::default()).await.unwrap();
+        let ops: Vec<Operation> = all(&mut f).await.iter().map(|e| e.op).collect();
+        assert_eq!(ops, [Operation::Insert, Operation::Insert, Operation::Schema, Operation::Insert]);
     }
 
     #[tokio::test]

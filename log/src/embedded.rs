@@ -19,6 +19,8 @@ const RECORDS: TableDefinition<u64, &[u8]> = TableDefinition::new("records");
 pub const CHUNK_RECORDS: usize = 4_096;
 pub const CHUNK_BYTES: usize = 1 << 20;
 const RELATIONS: TableDefinition<(u32, u64), &[u8]> = TableDefinition::new("relations");
+/// (table OID, offset of its `Relation` record) → version: the order definitions appeared in.
+const RELATION_HISTORY: TableDefinition<(u32, u64), u64> = TableDefinition::new("relation_history");
 const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
 const CONSUMERS: TableDefinition<&str, u64> = TableDefinition::new("consumers");
 /// Transaction index for seeks by cursor and time: commit LSN → (offset of `Begin`, offset of
@@ -71,6 +73,7 @@ impl EmbeddedLog {
             tx.open_table(RELATIONS).map_err(|e| storage(e.into()))?;
             tx.open_table(CONSUMERS).map_err(|e| storage(e.into()))?;
             tx.open_table(TXNS).map_err(|e| storage(e.into()))?;
+            tx.open_table(RELATION_HISTORY).map_err(|e| storage(e.into()))?;
             let meta = tx.open_table(META).map_err(|e| storage(e.into()))?;
             let next = meta.get(NEXT_OFFSET).map_err(|e| storage(e.into()))?.map(|v| v.value());
             next.unwrap_or(0)
@@ -128,6 +131,7 @@ impl ChangeLog for EmbeddedLog {
                     let mut table = tx.open_table(RECORDS).map_err(write_err)?;
                     let mut rels = tx.open_table(RELATIONS).map_err(write_err)?;
                     let mut txns = tx.open_table(TXNS).map_err(write_err)?;
+                    let mut history = tx.open_table(RELATION_HISTORY).map_err(write_err)?;
                     // (commit LSN, Begin offset, commit time) of a transaction begun in this batch.
                     let mut begun: Option<(u64, u64, i64)> = None;
                     let mut next = meta.get(NEXT_OFFSET).map_err(write_err)?.map(|v| v.value()).unwrap_or(0);
@@ -175,6 +179,7 @@ impl ChangeLog for EmbeddedLog {
                                 let k = rel.key();
                                 rels.insert((k.oid, k.version), &frames[span.start + 4..span.end])
                                     .map_err(write_err)?;
+                                history.insert((k.oid, offset), k.version).map_err(write_err)?;
                             }
                             _ => {}
                         }
@@ -273,6 +278,19 @@ impl ChangeLog for EmbeddedLog {
                 Err(source) => Err(LogError::Corrupt { offset: 0, source }),
             },
         }
+    }
+
+    async fn previous_relation(&self, oid: u32, before: Offset) -> Result<Option<RelationKey>, LogError> {
+        self.blocking(move |inner| {
+            let tx = inner.db.begin_read().map_err(write_err)?;
+            let history = tx.open_table(RELATION_HISTORY).map_err(write_err)?;
+            let last = history.range((oid, 0)..(oid, before)).map_err(write_err)?.next_back();
+            Ok(match last {
+                Some(item) => Some(RelationKey { oid, version: item.map_err(write_err)?.1.value() }),
+                None => None,
+            })
+        })
+        .await
     }
 
     async fn recover_writer(&self) -> Result<WriterState, LogError> {
@@ -550,7 +568,9 @@ mod tests {
         };
         log.append(vec![LogRecord::Relation(rel.clone())]).await.unwrap();
         log.append(txn(300, 10)).await.unwrap();
-        assert_eq!(log.relation(rel.key()).await.unwrap(), Some(rel));
+        assert_eq!(log.relation(rel.key()).await.unwrap(), Some(rel.clone()));
+        assert_eq!(log.previous_relation(5, 0).await.unwrap(), None);
+        assert_eq!(log.previous_relation(5, 1).await.unwrap(), Some(rel.key()));
         assert_eq!(log.apply_retention(None).await.unwrap(), 0, "no consumer registered: keep all");
         log.commit_consumer("apply", 5).await.unwrap();
         log.commit_consumer("webhooks", 3).await.unwrap();

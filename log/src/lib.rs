@@ -82,6 +82,14 @@ pub trait ChangeLog: Send + Sync + 'static {
     /// Looks up a relation version that some appended `LogRecord::Relation` registered.
     fn relation(&self, key: RelationKey) -> impl Future<Output = Result<Option<Relation>, LogError>> + Send;
 
+    /// The version of table `oid` registered last before offset `before` (`None` if none was):
+    /// lets a reader that starts mid-stream tell a schema change from a table's first definition.
+    fn previous_relation(
+        &self,
+        oid: u32,
+        before: Offset,
+    ) -> impl Future<Output = Result<Option<RelationKey>, LogError>> + Send;
+
     /// Called by a writer before its first append: closes an unfinished transaction with a
     /// `Discarded` marker and tells where to resume.
     fn recover_writer(&self) -> impl Future<Output = Result<WriterState, LogError>> + Send;

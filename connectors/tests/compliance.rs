@@ -527,6 +527,7 @@ async fn gone_disables_dead_letters_replay_and_attempts() {
     w.txn(&[2]).await;
     tokio::time::sleep(Duration::from_millis(200)).await;
     assert_eq!(r.attempts.lock().unwrap().len(), 1, "a disabled endpoint gets no requests");
+    assert_eq!(log.consumer_position("webhook:ep").await.unwrap(), None, "a disabled endpoint does not pin the log");
 
     // Re-enabled against a receiver that now fails with 500: both events run out of retries
     // and are dead-lettered; delivery goes on.
@@ -628,6 +629,38 @@ async fn an_unreachable_endpoint_opens_its_breaker_and_keeps_its_events() {
     assert_eq!(v["status"]["delivered"], 0);
     assert_eq!(v["status"]["dead_lettered"], 0, "the breaker holds events back; it does not burn their retries");
     assert!(v["status"]["pending"].as_u64().unwrap() >= 20);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_disabled_endpoint_releases_the_log_and_enable_refuses_a_lost_position() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = open_log(dir.path());
+    let r = Receiver::start(Box::new(|_, _| Reply::Status(410))).await;
+    let (h, _stop) = webhooks(&log, dir.path(), vec![]).await;
+    h.put(spec("ep", &r, json!({})), true).await.unwrap();
+    let mut w = Writer { log: log.clone(), lsn: 0x1000, v: 0 };
+    w.txn(&[1]).await;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while h.get("ep").await.unwrap()["enabled"] != false {
+        assert!(Instant::now() < deadline, "410 did not disable the endpoint");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // Other consumers move on; retention deletes what the disabled endpoint had not delivered.
+    for k in 2..6 {
+        w.txn(&[k]).await;
+    }
+    log.commit_consumer("apply", log.next_offset()).await.unwrap();
+    assert!(log.apply_retention(None).await.unwrap() > 0);
+    let e = h.enable("ep").await.unwrap_err();
+    assert_eq!(e.http_status(), 410, "{e}");
+    assert_eq!(h.get("ep").await.unwrap()["enabled"], false, "a refused enable changes nothing");
+    // The operator picks where to resume, then enables.
+    let head = log.head_cursor().await.unwrap().unwrap().to_string();
+    r.set(Box::new(|_, _| Reply::Ok));
+    h.replay("ep", ReplayFrom { cursor: Some(head), source: None, since: None }).await.unwrap();
+    h.enable("ep").await.unwrap();
+    w.txn(&[7]).await;
+    eventually("delivery after re-enabling", Duration::from_secs(10), || r.event_count() == 1).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -171,6 +171,8 @@ pub struct Dispatcher<L, S> {
     pub sink: Arc<S>,
     pub store: Store,
     pub status: Arc<EndpointStatus>,
+    /// Set once the endpoint is disabled: from then on it no longer holds back log retention.
+    pub disabled: Arc<std::sync::Mutex<Option<super::store::Disabled>>>,
 }
 
 /// The consumer name under which an endpoint's position holds back log retention.
@@ -474,6 +476,12 @@ impl<L: ChangeLog, S: Sink> Dispatcher<L, S> {
     ) -> Result<(), ConnectorError> {
         let cfg = &self.config;
         self.store.set_position(&cfg.endpoint, &cfg.source, position).await?;
+        // A disabled endpoint (410 Gone) must not pin the log forever: it lets retention go on,
+        // and re-enabling it checks its position is still there.
+        if self.disabled.lock().map(|d| d.is_some()).unwrap_or(false) {
+            self.log.remove_consumer(&consumer_name(&cfg.endpoint)).await?;
+            return Ok(());
+        }
         let keep = window.front().map_or_else(|| feed.retention_offset(), |i| i.event.txn_offset);
         self.log.commit_consumer(&consumer_name(&cfg.endpoint), keep).await?;
         Ok(())

@@ -305,6 +305,10 @@ impl<L: ChangeLog> Webhooks<L> {
     /// Spawns one dispatcher per source of the endpoint (unless it is disabled).
     async fn launch(self: &Arc<Self>, name: &str, r: &mut Running) -> Result<(), ConnectorError> {
         if Self::is_disabled(r) {
+            // A disabled endpoint does not hold back retention (enable checks its position).
+            for src in self.sources.values() {
+                src.log.remove_consumer(&consumer_name(name)).await?;
+            }
             return Ok(());
         }
         let v = &r.valid;
@@ -350,6 +354,7 @@ impl<L: ChangeLog> Webhooks<L> {
                 sink: sink.clone(),
                 store: self.store.clone(),
                 status: r.status.clone(),
+                disabled: r.disabled.clone(),
             };
             let (stop, disabled, store) = (r.stop.clone(), r.disabled.clone(), self.store.clone());
             let global = self.shutdown.clone();
@@ -385,6 +390,11 @@ impl<L: ChangeLog> Webhooks<L> {
                             }
                             if let Ok(mut g) = disabled.lock() {
                                 *g = Some(d);
+                            }
+                            // Release retention here; the other sources' dispatchers do the same
+                            // as they stop (they see the flag).
+                            if let Err(e) = log.remove_consumer(&consumer_name(&name)).await {
+                                tracing::warn!(endpoint = %name, error = %crate::error_chain(&e), "cannot release the log position");
                             }
                             let _ = stop.send(true);
                             return;
@@ -509,6 +519,17 @@ impl<L: ChangeLog> Webhooks<L> {
     pub async fn enable(self: &Arc<Self>, name: &str) -> Result<serde_json::Value, ConnectorError> {
         let mut eps = self.endpoints.lock().await;
         let r = eps.get_mut(name).ok_or_else(|| not_found(name))?;
+        // While disabled it did not hold retention: its position must still be in the log, or
+        // the operator chooses where to resume (replay) instead of silently skipping events.
+        for (source_name, src) in &self.sources {
+            if let Some(pos) = self.store.position(name, source_name).await? {
+                let c = pos.unwrap_or_default();
+                match src.log.seek(c).await? {
+                    synapse_log::Seek::Gone { oldest } => return Err(ConnectorError::CursorGone { cursor: c, oldest }),
+                    synapse_log::Seek::At(o) => src.log.commit_consumer(&consumer_name(name), o).await?,
+                }
+            }
+        }
         Self::halt(r).await;
         self.store.set_disabled(name, None).await?;
         if let Ok(mut d) = r.disabled.lock() {

@@ -151,7 +151,14 @@ fn main() -> ExitCode {
             Command::Run { config } => run(config).await.map(|_| ExitCode::SUCCESS),
             Command::Validate { config } => {
                 let c = config::Config::load(&config)?;
-                println!("{}: ok ({} sources, {} targets)", config.display(), c.sources.len(), c.targets.len());
+                println!(
+                    "{}: ok ({} sources, {} targets, {} webhook endpoints, API {})",
+                    config.display(),
+                    c.sources.len(),
+                    c.targets.len(),
+                    c.webhooks.len(),
+                    if c.api.listen.is_empty() { "off".to_string() } else { format!("on {}", c.api.listen) }
+                );
                 Ok(ExitCode::SUCCESS)
             }
             Command::Doctor { config } => {

@@ -234,16 +234,28 @@ fn selector(q: &ChangesQuery, token: Option<&crate::api::Token>) -> Result<Selec
     Ok(Selector { tables, operations, filter })
 }
 
+/// What every stream read starts with: the caller's token checked, the query parsed, the
+/// stream found, and the selector the token allows.
+fn read_request<'a, L>(
+    api: &'a Api<L>,
+    name: &str,
+    query: Result<Query<ChangesQuery>, axum::extract::rejection::QueryRejection>,
+    headers: &HeaderMap,
+) -> Result<(ChangesQuery, &'a StreamSource<L>, Selector), ConnectorError> {
+    let token = api.authenticate(headers)?;
+    let Query(q) = query.map_err(|e| bad("query", e.body_text()))?;
+    let s = stream(api, name)?;
+    let selector = selector(&q, token)?;
+    Ok((q, s, selector))
+}
+
 async fn changes<L: ChangeLog>(
     State(api): State<Arc<Api<L>>>,
     Path(name): Path<String>,
     query: Result<Query<ChangesQuery>, axum::extract::rejection::QueryRejection>,
     headers: HeaderMap,
 ) -> Result<Response, ConnectorError> {
-    let token = api.authenticate(&headers)?;
-    let Query(q) = query.map_err(|e| bad("query", e.body_text()))?;
-    let s = stream(&api, &name)?;
-    let selector = selector(&q, token)?;
+    let (q, s, selector) = read_request(&api, &name, query, &headers)?;
     let limit = q.limit.unwrap_or(DEFAULT_LIMIT);
     if limit == 0 || limit > MAX_LIMIT {
         return Err(bad("limit", format!("must be between 1 and {MAX_LIMIT}")));
@@ -277,16 +289,13 @@ async fn snapshot<L: ChangeLog>(
     query: Result<Query<ChangesQuery>, axum::extract::rejection::QueryRejection>,
     headers: HeaderMap,
 ) -> Result<Response, ConnectorError> {
-    let token = api.authenticate(&headers)?;
-    let Query(q) = query.map_err(|e| bad("query", e.body_text()))?;
+    let (q, s, selector) = read_request(&api, &name, query, &headers)?;
     if q.cursor.is_some() || q.live.is_some() || q.limit.is_some() || q.operations.is_some() {
         return Err(bad("query", "a snapshot takes only `tables` and `filter`"));
     }
-    let s = stream(&api, &name)?;
     let Some(source) = s.snapshot_source.clone() else {
         return Err(ConnectorError::NotFound { what: format!("snapshots of stream `{name}`") });
     };
-    let selector = selector(&q, token)?;
     let info = s.source.clone();
     metrics::counter!("synapse_stream_requests_total", "stream" => name.clone(), "mode" => "snapshot").increment(1);
     let (tx, rx) = tokio::sync::mpsc::channel::<bytes::Bytes>(4);

@@ -247,6 +247,14 @@ async fn eventually(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) 
     }
 }
 
+async fn wait_disabled(h: &Webhooks<EmbeddedLog>, name: &str) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while h.get(name).await.unwrap()["enabled"] != false {
+        assert!(Instant::now() < deadline, "410 did not disable endpoint {name}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 // ---------------------------------------------------------------- the harness
 
 /// A connector under test: something that delivers the log's events to a real client.
@@ -517,11 +525,7 @@ async fn gone_disables_dead_letters_replay_and_attempts() {
     assert_eq!(view["enabled"], true);
     let mut w = Writer { log: log.clone(), lsn: 0x1000, v: 0 };
     w.txn(&[1]).await;
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while h.get("ep").await.unwrap()["enabled"] != false {
-        assert!(Instant::now() < deadline, "410 did not disable the endpoint");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    wait_disabled(&h, "ep").await;
     let v = h.get("ep").await.unwrap();
     assert!(v["disabled"]["reason"].as_str().unwrap().contains("410"), "{v}");
     w.txn(&[2]).await;
@@ -640,11 +644,7 @@ async fn a_disabled_endpoint_releases_the_log_and_enable_refuses_a_lost_position
     h.put(spec("ep", &r, json!({})), true).await.unwrap();
     let mut w = Writer { log: log.clone(), lsn: 0x1000, v: 0 };
     w.txn(&[1]).await;
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while h.get("ep").await.unwrap()["enabled"] != false {
-        assert!(Instant::now() < deadline, "410 did not disable the endpoint");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    wait_disabled(&h, "ep").await;
     // Other consumers move on; retention deletes what the disabled endpoint had not delivered.
     for k in 2..6 {
         w.txn(&[k]).await;

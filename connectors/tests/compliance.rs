@@ -864,8 +864,16 @@ async fn endpoints_rest_api() {
     w.txn(&[5]).await;
     // Both endpoints deliver it.
     eventually("both delivered", Duration::from_secs(10), || r.event_count() == 2).await;
-    let one: Value = http.get(format!("{base}/v1/endpoints/api-made")).send().await.unwrap().json().await.unwrap();
-    assert_eq!(one["status"]["delivered"], 1);
+    // The receiver counts a request before the dispatcher has read its answer: poll the status.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let one: Value = http.get(format!("{base}/v1/endpoints/api-made")).send().await.unwrap().json().await.unwrap();
+        if one["status"]["delivered"] == 1 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "{one}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     let att: Value =
         http.get(format!("{base}/v1/endpoints/api-made/attempts")).send().await.unwrap().json().await.unwrap();
     assert_eq!(att["attempts"][0]["status"], 204);

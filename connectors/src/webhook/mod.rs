@@ -321,7 +321,9 @@ impl<L: ChangeLog> Webhooks<L> {
             )
             .map_err(|m| ConnectorError::BadRequest { field: format!("endpoint {name}"), message: m })?,
         );
-        let _ = r.stop.send(false);
+        // `send_replace`, not `send`: with no task subscribed (after a halt) `send` leaves the
+        // old `true` in place, and every new dispatcher would stop as soon as it started.
+        r.stop.send_replace(false);
         for (source_name, src) in &self.sources {
             if !v.spec.sources.is_empty() && !v.spec.sources.contains(source_name) {
                 continue;
@@ -396,7 +398,7 @@ impl<L: ChangeLog> Webhooks<L> {
                             if let Err(e) = log.remove_consumer(&consumer_name(&name)).await {
                                 tracing::warn!(endpoint = %name, error = %crate::error_chain(&e), "cannot release the log position");
                             }
-                            let _ = stop.send(true);
+                            stop.send_replace(true);
                             return;
                         }
                         Err(e) => {
@@ -420,7 +422,7 @@ impl<L: ChangeLog> Webhooks<L> {
     }
 
     async fn halt(r: &mut Running) {
-        let _ = r.stop.send(true);
+        r.stop.send_replace(true);
         for t in r.tasks.drain(..) {
             let _ = t.await;
         }

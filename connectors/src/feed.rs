@@ -15,7 +15,7 @@ use std::sync::Arc;
 use std::time::Duration;
 use synapse_log::{ChangeLog, Offset, Seek};
 use synapse_schemas::cloudevent::{self, EventContext};
-use synapse_schemas::{Begin, Cursor, LogRecord, Lsn, Op, Relation, RelationKey, RowChange, Tuple, Value};
+use synapse_schemas::{Begin, Cursor, LogRecord, Op, Relation, RelationKey, RowChange, Tuple, Value};
 use tokio::time::Instant;
 
 /// Records read from the log per call.
@@ -33,11 +33,6 @@ pub enum Operation {
     Truncate,
     /// A table's columns changed (a new relation version appeared in the stream).
     Schema,
-}
-
-impl Operation {
-    pub const ALL: [Operation; 5] =
-        [Operation::Insert, Operation::Update, Operation::Delete, Operation::Truncate, Operation::Schema];
 }
 
 /// One public event, rendered.
@@ -489,16 +484,11 @@ pub fn parse_cursor(field: &str, s: &str) -> Result<Cursor, ConnectorError> {
     s.parse().map_err(|e| ConnectorError::BadRequest { field: field.to_owned(), message: format!("{e}") })
 }
 
-/// The cursor that resumes right before the transaction committed at `lsn`.
-pub fn before_transaction(lsn: Lsn) -> Cursor {
-    Cursor { commit_lsn: lsn, index: 0 }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use synapse_log::EmbeddedLog;
-    use synapse_schemas::{Column, Commit, Datum, ReplicaIdentity};
+    use synapse_schemas::{Column, Commit, Datum, Lsn, ReplicaIdentity};
 
     fn rel() -> Relation {
         let col = |name: &str, oid: u32, key: bool| Column {

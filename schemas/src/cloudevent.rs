@@ -24,10 +24,6 @@ pub struct EventContext<'a> {
 
 /// A row image as JSON (column → value), for filters that look at it.
 pub fn row_json(rel: &Relation, values: &Tuple) -> Value {
-    row(rel, values)
-}
-
-fn row(rel: &Relation, values: &Tuple) -> Value {
     let mut m = Map::new();
     for (c, v) in rel.columns.iter().zip(values.values()) {
         let j = match v {
@@ -81,8 +77,8 @@ pub fn change_event(ctx: &EventContext<'_>, rel: &Relation, change: &RowChange) 
     };
     let data = json!({
         "op": op,
-        "before": change.before.as_ref().map(|(_, v)| row(rel, v)),
-        "after": change.after.as_ref().map(|v| row(rel, v)),
+        "before": change.before.as_ref().map(|(_, v)| row_json(rel, v)),
+        "after": change.after.as_ref().map(|v| row_json(rel, v)),
         "source": source_block(ctx, rel, cursor),
         "transaction": {
             "id": format!("{}:{}", ctx.begin.xid, ctx.begin.commit_lsn.0),

@@ -105,6 +105,7 @@ fn config(src: &LocalCluster, dir: &std::path::Path) -> Config {
         ops: OpsConfig { listen: String::new() },
         api: ApiConfig { listen: String::new(), tokens: vec![] },
         webhooks: vec![],
+        mesh: None,
     }
 }
 

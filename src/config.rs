@@ -81,6 +81,7 @@ impl fmt::Display for SecretUrl {
 pub struct Config {
     #[serde(default)]
     pub log: LogConfig,
+    #[serde(default)]
     pub sources: Vec<SourceConfig>,
     #[serde(default)]
     pub targets: Vec<TargetConfig>,
@@ -91,6 +92,46 @@ pub struct Config {
     /// Webhook endpoints (more can be added at run time through /v1/endpoints).
     #[serde(default)]
     pub webhooks: Vec<synapse_connectors::webhook::EndpointSpec>,
+    /// Writable nodes replicating the same tables to each other (multi-region).
+    #[serde(default)]
+    pub mesh: Option<MeshConfig>,
+}
+
+/// A mesh: every node captures its own writes and applies every other node's, resolving
+/// concurrent writes with the strategies of `columns`. Each node becomes a source and a target
+/// (see [`Config::expand_mesh`]).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MeshConfig {
+    pub nodes: Vec<MeshNode>,
+    /// `schema.table` names replicated among the nodes; each must exist, with a primary key,
+    /// on every node.
+    pub tables: Vec<String>,
+    /// Per table, per column, the strategy for concurrent writes: lww (default), counter, max, min.
+    #[serde(default)]
+    pub columns: std::collections::BTreeMap<String, std::collections::BTreeMap<String, synapse_resolver::Strategy>>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MeshNode {
+    /// Names the node like a source: its log, slot and replication origin.
+    pub name: String,
+    /// Stable numeric identity (1–65535) in version vectors and clocks; never reuse one.
+    pub id: u16,
+    pub url: SecretUrl,
+    /// Free-form, shown in metrics and the conflict log.
+    #[serde(default)]
+    pub region: Option<String>,
+}
+
+impl MeshConfig {
+    pub fn policies(&self) -> std::collections::HashMap<String, synapse_resolver::TablePolicy> {
+        self.columns
+            .iter()
+            .map(|(t, cols)| (t.clone(), synapse_resolver::TablePolicy { columns: cols.clone() }))
+            .collect()
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -273,8 +314,9 @@ impl Config {
         let raw = std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: p.clone(), source })?;
         let text = interpolate(&raw, &p, |k| std::env::var(k).ok())?;
         let is_toml = path.extension().is_some_and(|e| e == "toml");
-        let config = Self::parse(&text, is_toml, &p)?;
+        let mut config = Self::parse(&text, is_toml, &p)?;
         config.validate(&p)?;
+        config.expand_mesh();
         Ok(config)
     }
 
@@ -289,8 +331,10 @@ impl Config {
 
     pub fn validate(&self, path: &str) -> Result<(), ConfigError> {
         let invalid = |field: String, message: String| ConfigError::Invalid { path: path.into(), field, message };
-        if self.sources.is_empty() {
-            return Err(invalid("sources".into(), "at least one source is required".into()));
+        if let Some(m) = &self.mesh {
+            self.validate_mesh(m, path)?;
+        } else if self.sources.is_empty() {
+            return Err(invalid("sources".into(), "at least one source (or a mesh) is required".into()));
         }
         let valid_name = |n: &str| {
             !n.is_empty()
@@ -330,6 +374,8 @@ impl Config {
                 }
             }
         }
+        // Mesh nodes are sources too (webhooks and streams may name them).
+        names.extend(self.mesh.iter().flat_map(|m| m.nodes.iter().map(|n| n.name.clone())));
         let mut tnames: Vec<&str> = Vec::new();
         for (i, t) in self.targets.iter().enumerate() {
             if !valid_name(&t.name) || tnames.contains(&t.name.as_str()) {
@@ -401,6 +447,96 @@ impl Config {
             })?;
         }
         Ok(())
+    }
+
+    fn validate_mesh(&self, m: &MeshConfig, path: &str) -> Result<(), ConfigError> {
+        let invalid = |field: String, message: String| ConfigError::Invalid { path: path.into(), field, message };
+        if m.nodes.len() < 2 {
+            return Err(invalid("mesh.nodes".into(), "a mesh needs at least two nodes".into()));
+        }
+        let mut ids = Vec::new();
+        let mut names: Vec<&str> = Vec::new();
+        for (i, n) in m.nodes.iter().enumerate() {
+            if n.id == 0 || ids.contains(&n.id) {
+                return Err(invalid(
+                    format!("mesh.nodes[{i}].id"),
+                    format!("{} must be unique and between 1 and 65535 (0 stands for data older than the mesh)", n.id),
+                ));
+            }
+            ids.push(n.id);
+            let valid = !n.name.is_empty()
+                && n.name.len() <= 40
+                && n.name.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_' || c == '-');
+            if !valid || names.contains(&n.name.as_str()) {
+                return Err(invalid(
+                    format!("mesh.nodes[{i}].name"),
+                    format!("`{}` must be unique, 1–40 characters of a-z, 0-9, _ or -", n.name),
+                ));
+            }
+            if self.sources.iter().any(|s| s.name == n.name) || self.targets.iter().any(|t| t.name == n.name) {
+                return Err(invalid(
+                    format!("mesh.nodes[{i}].name"),
+                    format!("`{}` is also listed under sources or targets: a mesh node is both already", n.name),
+                ));
+            }
+            names.push(&n.name);
+            n.url
+                .pg_config()
+                .map_err(|e| invalid(format!("mesh.nodes[{i}].url"), format!("not a PostgreSQL URL ({e})")))?;
+        }
+        if m.tables.is_empty() {
+            return Err(invalid("mesh.tables".into(), "name the schema.table of every table the nodes share".into()));
+        }
+        for (i, t) in m.tables.iter().enumerate() {
+            if t.split('.').count() != 2 || t.starts_with("synapse.") {
+                return Err(invalid(format!("mesh.tables[{i}]"), format!("`{t}` is not a schema.table of the application")));
+            }
+        }
+        for t in m.columns.keys() {
+            if !m.tables.contains(t) {
+                return Err(invalid(format!("mesh.columns.{t}"), format!("`{t}` is not one of mesh.tables")));
+            }
+        }
+        for (t, cols) in &m.columns {
+            for (c, s) in cols {
+                if matches!(s, synapse_resolver::Strategy::Set | synapse_resolver::Strategy::MultiValue) {
+                    return Err(invalid(
+                        format!("mesh.columns.{t}.{c}"),
+                        "set and multi_value are not available on mesh tables yet; use lww, counter, max or min".into(),
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Turns each mesh node into a source (its own writes only: changes SynapseDB applied there
+    /// are not captured again) and a target applying every other node, without initial copy
+    /// (the nodes start from the same data).
+    pub fn expand_mesh(&mut self) {
+        let Some(m) = self.mesh.clone() else { return };
+        let mut tables = m.tables.clone();
+        tables.push(format!("{}.{}", synapse_apply::mesh::ROW_VERSION_SCHEMA, synapse_apply::mesh::ROW_VERSION_TABLE));
+        for n in &m.nodes {
+            self.sources.push(SourceConfig {
+                name: n.name.clone(),
+                url: n.url.clone(),
+                slot: None,
+                publication: default_publication(),
+                tables: tables.clone(),
+                create_publication: true,
+                heartbeat_interval_secs: default_heartbeat(),
+                forward_applied: false,
+            });
+            self.targets.push(TargetConfig {
+                name: n.name.clone(),
+                url: n.url.clone(),
+                sources: m.nodes.iter().filter(|o| o.name != n.name).map(|o| o.name.clone()).collect(),
+                initial_copy: false,
+                copy_parallelism: defaults::COPY_PARALLELISM,
+                max_txns_per_commit: default_txns_per_commit(),
+            });
+        }
     }
 
     /// The sources a target applies.

@@ -268,6 +268,26 @@ pub async fn start(config: &Config, health: Arc<Health>, shutdown: watch::Receiv
     let mut running =
         Running { captures: Vec::new(), appliers: Vec::new(), tasks: JoinSet::new(), webhooks: None, api_addr: None };
     let logs = start_delivery(config, &mut running, &health, &shutdown).await?;
+    let mut mesh_tables = BTreeMap::new();
+    if let Some(m) = &config.mesh {
+        // Before any capture starts: a write made before its node's trigger exists would reach
+        // the peers without a version.
+        let policies = m.policies();
+        for node in &m.nodes {
+            let component = format!("mesh/{}", node.name);
+            health.set(&component, ComponentState::Starting);
+            let pg = node.url.pg_config().map_err(anyhow::Error::msg)?;
+            let installed = supervise(&component, &health, &shutdown, || async {
+                let client = synapse_apply::connect_target(&pg).await?;
+                synapse_apply::mesh::install(&client, synapse_resolver::NodeId(node.id), &m.tables, &policies).await
+            })
+            .await?;
+            let Some(tables) = installed else { return Ok(running) };
+            tracing::info!(node = %node.name, id = node.id, region = node.region.as_deref().unwrap_or("-"), tables = tables.len(), "mesh node ready");
+            health.set(&component, ComponentState::Streaming);
+            mesh_tables.insert(node.name.clone(), tables);
+        }
+    }
     for source in &config.sources {
         let component = format!("capture/{}", source.name);
         health.set(&component, ComponentState::Starting);
@@ -302,7 +322,13 @@ pub async fn start(config: &Config, health: Arc<Health>, shutdown: watch::Receiv
         for target in config.targets.iter().filter(|t| config.sources_of(t).any(|s| s.name == source.name)) {
             let component = format!("apply/{}->{}", source.name, target.name);
             health.set(&component, ComponentState::Starting);
-            let acfg = apply_config(target, &source.name)?;
+            let mut acfg = apply_config(target, &source.name)?;
+            if let (Some(m), Some(tables)) = (&config.mesh, mesh_tables.get(&target.name)) {
+                acfg.mesh = Some(synapse_apply::MeshApply {
+                    policies: m.policies(),
+                    tables: tables.iter().map(|t: &synapse_apply::mesh::MeshTable| (t.name(), t.clone())).collect(),
+                });
+            }
             let applier = Arc::new(Applier::new(acfg.clone()));
             running.appliers.push((component.clone(), applier.stats()));
             let (c, l, h, sd, tables) =

@@ -162,6 +162,7 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
         ops: OpsConfig { listen: opts.ops_listen.clone() },
         api: ApiConfig { listen: opts.api_listen.clone(), tokens: vec![] },
         webhooks: vec![],
+        mesh: None,
     };
     let mut config = config;
     let mut receiver = None;

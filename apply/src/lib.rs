@@ -24,6 +24,7 @@
 mod batch;
 mod error;
 pub mod initial_copy;
+pub mod mesh;
 pub mod target;
 
 pub use error::ApplyError;
@@ -119,6 +120,18 @@ pub struct ApplyConfig {
     pub max_txns_per_commit: usize,
     pub max_rows_per_flush: usize,
     pub read_batch: usize,
+    /// Set when the target is a writable node of a mesh: changes are resolved against its rows
+    /// (see [`mesh`]) instead of written as they come.
+    pub mesh: Option<MeshApply>,
+}
+
+/// What an applier into a mesh node needs: the mesh tables and their column strategies.
+#[derive(Clone, Debug, Default)]
+pub struct MeshApply {
+    /// `schema.table` → per-column strategies (tables without an entry: all `lww`).
+    pub policies: HashMap<String, synapse_resolver::TablePolicy>,
+    /// The tables as installed on the target (key and columns).
+    pub tables: HashMap<String, mesh::MeshTable>,
 }
 
 impl ApplyConfig {
@@ -130,6 +143,7 @@ impl ApplyConfig {
             max_txns_per_commit: defaults::MAX_TXNS_PER_COMMIT,
             max_rows_per_flush: defaults::MAX_ROWS_PER_FLUSH,
             read_batch: defaults::READ_BATCH,
+            mesh: None,
         }
     }
 }
@@ -210,6 +224,8 @@ struct Session<'a, L> {
     tables: HashMap<RelationKey, Bound>,
     sync: HashMap<(String, String), (String, Option<Lsn>)>,
     pending: PendingChanges,
+    /// Buffered changes of mesh tables (resolved at commit), when the target is a mesh node.
+    mesh: Option<mesh::MeshBuffer>,
     in_target_txn: bool,
     txns_in_group: usize,
     last_commit: Option<Commit>,
@@ -254,6 +270,7 @@ impl Applier {
             tables: HashMap::new(),
             sync,
             pending: PendingChanges::default(),
+            mesh: self.config.mesh.as_ref().map(|_| mesh::MeshBuffer::default()),
             in_target_txn: false,
             txns_in_group: 0,
             last_commit: None,
@@ -318,6 +335,13 @@ impl Applier {
                         let Some((rel, table)) = s.table(offset, c.relation, t.begin.commit_lsn).await? else {
                             continue;
                         };
+                        if let (Some(buffer), Some(cfg)) = (s.mesh.as_mut(), self.config.mesh.as_ref()) {
+                            let m = cfg.tables.get(&rel.name());
+                            if m.is_some() || mesh::is_row_version(&rel) {
+                                buffer.push(&rel, &table, m, c)?;
+                                continue;
+                            }
+                        }
                         s.pending.push(&rel, &table, c);
                         if s.pending.rows() >= self.config.max_rows_per_flush {
                             s.flush().await?;
@@ -326,6 +350,7 @@ impl Applier {
                     LogRecord::Truncate(tr) => {
                         let Some(t) = open.as_ref() else { continue };
                         s.flush().await?;
+                        s.flush_mesh().await?;
                         let mut names = Vec::new();
                         for k in &tr.relations {
                             if let Some((_, table)) = s.table(offset, *k, t.begin.commit_lsn).await? {
@@ -346,7 +371,10 @@ impl Applier {
                         if open.take().is_some() {
                             s.txns_in_group += 1;
                             s.last_commit = Some(c);
+                            let mesh_full =
+                                s.mesh.as_ref().is_some_and(|m| m.rows() >= self.config.max_rows_per_flush);
                             if s.txns_in_group >= self.config.max_txns_per_commit
+                                || mesh_full
                                 || s.group_started.elapsed() >= MAX_GROUP_AGE
                             {
                                 s.commit(pos).await?;
@@ -421,8 +449,30 @@ impl<L: ChangeLog> Session<'_, L> {
         Ok(())
     }
 
+    /// Resolves and writes the buffered mesh changes. Only at a transaction boundary or a
+    /// truncate: a row's change and its version arrive apart within a transaction.
+    async fn flush_mesh(&mut self) -> Result<(), ApplyError> {
+        let (Some(buffer), Some(cfg)) = (self.mesh.as_mut(), self.applier.config.mesh.as_ref()) else {
+            return Ok(());
+        };
+        if buffer.is_empty() {
+            return Ok(());
+        }
+        let started = Instant::now();
+        let (written, conflicts) =
+            buffer.apply(&self.client, &mut self.statements, &self.applier.config.node, &cfg.policies).await?;
+        metrics::histogram!("synapse_apply_mesh_resolve_seconds").record(started.elapsed().as_secs_f64());
+        self.applier.stats.rows.fetch_add(written, Ordering::Relaxed);
+        metrics::counter!("synapse_apply_rows_total").increment(written);
+        if conflicts > 0 {
+            tracing::debug!(conflicts, "concurrent versions merged");
+        }
+        Ok(())
+    }
+
     async fn commit(&mut self, next_offset: Offset) -> Result<(), ApplyError> {
         self.flush().await?;
+        self.flush_mesh().await?;
         let started = Instant::now();
         let node = &self.applier.config.node;
         let (lsn, time) = self.last_commit.as_ref().map(|c| (c.commit_lsn, c.commit_time_us)).unwrap_or_default();
@@ -465,6 +515,9 @@ impl<L: ChangeLog> Session<'_, L> {
 
     async fn rollback(&mut self) -> Result<(), ApplyError> {
         self.pending = PendingChanges::default();
+        if let Some(m) = self.mesh.as_mut() {
+            m.clear();
+        }
         self.txns_in_group = 0;
         if self.in_target_txn {
             self.client.batch_execute("ROLLBACK").await.map_err(ApplyError::target("rolling back"))?;

@@ -63,6 +63,18 @@ impl VersionVector {
     }
 }
 
+impl FromIterator<(NodeId, u64)> for VersionVector {
+    /// Entries with a zero count are left out (they say nothing); repeated nodes keep the maximum.
+    fn from_iter<I: IntoIterator<Item = (NodeId, u64)>>(iter: I) -> Self {
+        let mut v = VersionVector::new();
+        for (node, n) in iter.into_iter().filter(|(_, n)| *n > 0) {
+            let e = v.0.entry(node).or_insert(0);
+            *e = (*e).max(n);
+        }
+        v
+    }
+}
+
 /// The identity of one row version: its causal history, the HLC of the write that made it and
 /// the node that wrote it. Ordered for last-writer-wins by (HLC, node): total and the same on
 /// every node.

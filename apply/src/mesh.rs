@@ -1,0 +1,963 @@
+//! Multi-writer apply: every node of a mesh writes the same tables; changes arriving from a
+//! peer are resolved against the local row with [`synapse_resolver::resolve`] instead of being
+//! written blindly.
+//!
+//! ```text
+//!  local write ──▶ AFTER ROW trigger ──▶ synapse.row_version (same transaction)
+//!                                          vv[me] += 1, per-row HLC, per-column (HLC, node),
+//!                                          counter totals per node, tombstone values
+//!  peer's log ──▶ row change + its row_version change ──▶ resolve(local, remote)
+//!                   skip (dominated) · apply (dominates) · merge (concurrent → synapse.conflicts)
+//! ```
+//!
+//! Causality lives in `synapse.row_version`, keyed by (table, primary key as a JSON array of
+//! the key columns' text): vacuum and freeze cannot erase it, unlike commit timestamps or
+//! `xmin` that other Postgres multi-master systems rely on. Local writes maintain it from a
+//! trigger (SQL cannot produce the `crdts` crate's bytes, so counter state is kept as per-node
+//! totals `{"<node>": [p, n]}` and converted by [`Counter::from_contributions`]); the applier,
+//! which runs as `session_replication_role = replica` so no trigger fires for it, writes the
+//! resolved version itself, in the same target transaction as the row and the position.
+//!
+//! Guarantees, given every node runs the trigger on every mesh table:
+//! * **Convergence**: a key's final state depends only on the set of versions delivered, not on
+//!   their order or duplication (the resolver's merge is a join; property-tested and model
+//!   checked in `synapse-resolver`).
+//! * **No silent loss**: a concurrent version that loses a column is recorded in
+//!   `synapse.conflicts` with both versions, their clocks and the result.
+//! * **Concurrency with local writes**: the applier locks the key's `row_version` row (creating a
+//!   placeholder if needed) before reading the local row, so a local transaction on the same key
+//!   either committed before (and is resolved against) or waits and then builds on the result.
+
+use crate::target::TargetTable;
+use crate::ApplyError;
+use serde_json::{json, Map, Value as Json};
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+use synapse_resolver::column::Counter;
+use synapse_resolver::{resolve, Cell, Decision, Hlc, NodeId, RowVersion, Stamp, Strategy, TablePolicy, VersionVector};
+use synapse_schemas::{quote_ident, Op, Relation, RowChange, Tuple, Value};
+use tokio_postgres::types::ToSql;
+use tokio_postgres::{Client, Statement};
+
+/// The causality sidecar: `schema.table` of the table the mesh capture publishes with the data.
+pub const ROW_VERSION_SCHEMA: &str = "synapse";
+pub const ROW_VERSION_TABLE: &str = "row_version";
+
+/// Objects every mesh node needs, created idempotently.
+const MESH_DDL: &str = r#"
+CREATE SCHEMA IF NOT EXISTS synapse;
+CREATE TABLE IF NOT EXISTS synapse.row_version (
+    tbl text NOT NULL,
+    pk jsonb NOT NULL,
+    vv jsonb NOT NULL,
+    hlc_ms bigint NOT NULL,
+    hlc_lc integer NOT NULL,
+    node integer NOT NULL,
+    live boolean NOT NULL,
+    cols jsonb NOT NULL,
+    PRIMARY KEY (tbl, pk)
+);
+-- Kept inline so a change of this row never arrives as "unchanged TOAST" without its value.
+ALTER TABLE synapse.row_version ALTER COLUMN vv SET STORAGE MAIN, ALTER COLUMN cols SET STORAGE MAIN;
+CREATE TABLE IF NOT EXISTS synapse.conflicts (
+    id bigserial PRIMARY KEY,
+    detected_at timestamptz NOT NULL DEFAULT now(),
+    source_node text NOT NULL,
+    table_name text NOT NULL,
+    pk jsonb NOT NULL,
+    kind text NOT NULL,
+    resolution text NOT NULL,
+    local jsonb NOT NULL,
+    remote jsonb NOT NULL,
+    result jsonb NOT NULL
+);
+CREATE INDEX IF NOT EXISTS conflicts_by_row ON synapse.conflicts (table_name, pk);
+
+-- One local write of a row: the node's entry of the version vector +1, a per-row hybrid
+-- logical clock (past the wall clock and every version this row has held, so a write made
+-- after seeing a peer's version orders after it), per-column stamps of the changed columns,
+-- counter totals per node, and for a delete the last values (a tombstone keeps them so a
+-- concurrent update that outlives the delete merges with everything written before).
+CREATE OR REPLACE FUNCTION synapse.record_local_write(
+    p_tbl text, p_pk jsonb, p_node integer, p_live boolean,
+    p_changed text[], p_counters jsonb, p_base jsonb, p_values jsonb)
+RETURNS void LANGUAGE plpgsql AS $fn$
+DECLARE
+    r synapse.row_version%ROWTYPE;
+    wall bigint := floor(extract(epoch FROM clock_timestamp()) * 1000);
+    me text := p_node::text;
+    ms bigint; lc integer; c text; pn jsonb; cur jsonb; total numeric; delta numeric; base numeric;
+BEGIN
+    SELECT * INTO r FROM synapse.row_version WHERE tbl = p_tbl AND pk = p_pk FOR UPDATE;
+    IF NOT FOUND THEN
+        r.vv := '{}'; r.hlc_ms := 0; r.hlc_lc := 0; r.cols := '{}';
+    END IF;
+    IF wall > r.hlc_ms THEN ms := wall; lc := 0; ELSE ms := r.hlc_ms; lc := r.hlc_lc + 1; END IF;
+    r.vv := r.vv || jsonb_build_object(me, coalesce((r.vv ->> me)::bigint, 0) + 1);
+    FOREACH c IN ARRAY p_changed LOOP
+        r.cols := r.cols || jsonb_build_object(c,
+            coalesce(r.cols -> c, '{}') || jsonb_build_object('at', jsonb_build_array(ms, lc, p_node)));
+    END LOOP;
+    FOR c IN SELECT jsonb_object_keys(p_counters) LOOP
+        pn := r.cols -> c -> 'pn';
+        IF pn IS NULL THEN
+            -- The first write this row's counter sees: what it held before belongs to no node
+            -- (node 0, the baseline), the same on every node that started from the same data.
+            pn := '{}';
+            base := coalesce((p_base ->> c)::numeric, 0);
+            IF base > 0 THEN pn := jsonb_build_object('0', jsonb_build_array(base, 0));
+            ELSIF base < 0 THEN pn := jsonb_build_object('0', jsonb_build_array(0, -base));
+            END IF;
+        END IF;
+        SELECT coalesce(sum((v ->> 0)::numeric - (v ->> 1)::numeric), 0) INTO total FROM jsonb_each(pn) AS e(k, v);
+        delta := coalesce((p_counters ->> c)::numeric, 0) - total;
+        cur := coalesce(pn -> me, '[0, 0]');
+        IF delta > 0 THEN cur := jsonb_build_array((cur ->> 0)::numeric + delta, cur -> 1);
+        ELSIF delta < 0 THEN cur := jsonb_build_array(cur -> 0, (cur ->> 1)::numeric - delta);
+        END IF;
+        r.cols := r.cols || jsonb_build_object(c,
+            coalesce(r.cols -> c, '{}') || jsonb_build_object('pn', pn || jsonb_build_object(me, cur)));
+    END LOOP;
+    IF p_live THEN
+        SELECT coalesce(jsonb_object_agg(k, v - 'v'), '{}') INTO r.cols FROM jsonb_each(r.cols) AS e(k, v);
+    ELSE
+        FOR c IN SELECT jsonb_object_keys(p_values) LOOP
+            r.cols := r.cols || jsonb_build_object(c,
+                coalesce(r.cols -> c, '{}') || jsonb_build_object('v', p_values -> c));
+        END LOOP;
+    END IF;
+    INSERT INTO synapse.row_version (tbl, pk, vv, hlc_ms, hlc_lc, node, live, cols)
+    VALUES (p_tbl, p_pk, r.vv, ms, lc, p_node, p_live, r.cols)
+    ON CONFLICT (tbl, pk) DO UPDATE SET vv = excluded.vv, hlc_ms = excluded.hlc_ms,
+        hlc_lc = excluded.hlc_lc, node = excluded.node, live = excluded.live, cols = excluded.cols;
+END
+$fn$;
+"#;
+
+/// A table replicated by the mesh, as read from one node's catalog.
+#[derive(Clone, Debug)]
+pub struct MeshTable {
+    pub schema: String,
+    pub table: String,
+    /// Primary-key columns, in key order.
+    pub key: Vec<String>,
+    /// Every other column, with its strategy.
+    pub columns: Vec<(String, Strategy)>,
+}
+
+impl MeshTable {
+    pub fn name(&self) -> String {
+        format!("{}.{}", self.schema, self.table)
+    }
+}
+
+fn literal(s: &str) -> String {
+    format!("'{}'", s.replace('\'', "''"))
+}
+
+/// The trigger function of one table on node `node`: every local insert, update and delete
+/// records its version in `synapse.row_version`.
+fn trigger_sql(node: NodeId, t: &MeshTable) -> String {
+    let tbl = literal(&t.name());
+    let fname = format!("synapse.{}", quote_ident(&format!("local_write_{}_{}", t.schema, t.table)));
+    let row = |rec: &str| t.key.iter().map(|k| format!("{rec}.{}", quote_ident(k))).collect::<Vec<_>>().join(", ");
+    let key_text = |rec: &str| {
+        t.key.iter().map(|k| format!("{rec}.{}::text", quote_ident(k))).collect::<Vec<_>>().join(", ")
+    };
+    let plain: Vec<&String> = t.columns.iter().filter(|(_, s)| *s != Strategy::Counter).map(|(c, _)| c).collect();
+    let counters: Vec<&String> = t.columns.iter().filter(|(_, s)| *s == Strategy::Counter).map(|(c, _)| c).collect();
+    let all_plain =
+        format!("ARRAY[{}]::text[]", plain.iter().map(|c| literal(c)).collect::<Vec<_>>().join(", "));
+    let object = |rec: &str, cols: &[&String]| {
+        format!(
+            "jsonb_build_object({})",
+            cols.iter().map(|c| format!("{}, {rec}.{}::text", literal(c), quote_ident(c))).collect::<Vec<_>>().join(", ")
+        )
+    };
+    let changed: String = plain
+        .iter()
+        .map(|c| {
+            format!(
+                "        IF NEW.{q} IS DISTINCT FROM OLD.{q} THEN changed := changed || {l}::text; END IF;\n",
+                q = quote_ident(c),
+                l = literal(c)
+            )
+        })
+        .collect();
+    let (old_key, new_key) = (row("OLD"), row("NEW"));
+    let (old_text, new_text) = (key_text("OLD"), key_text("NEW"));
+    let (old_values, new_counters, old_counters) =
+        (object("OLD", &plain), object("NEW", &counters), object("OLD", &counters));
+    format!(
+        "CREATE OR REPLACE FUNCTION {fname}() RETURNS trigger LANGUAGE plpgsql AS $fn$
+DECLARE
+    changed text[] := '{{}}';
+    base jsonb := '{{}}';
+BEGIN
+    IF TG_OP = 'DELETE' OR (TG_OP = 'UPDATE' AND ({old_key}) IS DISTINCT FROM ({new_key})) THEN
+        PERFORM synapse.record_local_write({tbl}, jsonb_build_array({old_text}), {node}, false,
+            '{{}}', '{{}}', '{{}}', {old_values});
+        IF TG_OP = 'DELETE' THEN RETURN NULL; END IF;
+        changed := {all_plain};
+    ELSIF TG_OP = 'INSERT' THEN
+        changed := {all_plain};
+    ELSE
+        base := {old_counters};
+{changed}    END IF;
+    PERFORM synapse.record_local_write({tbl}, jsonb_build_array({new_text}), {node}, true,
+        changed, {new_counters}, base, '{{}}');
+    RETURN NULL;
+END
+$fn$;
+CREATE OR REPLACE TRIGGER synapse_local_write AFTER INSERT OR UPDATE OR DELETE ON {table}
+    FOR EACH ROW EXECUTE FUNCTION {fname}();",
+        node = node.0,
+        table = format!("{}.{}", quote_ident(&t.schema), quote_ident(&t.table)),
+    )
+}
+
+/// Reads `schema.table`'s key and columns on a node; checks what the mesh needs of it.
+async fn describe(client: &Client, name: &str, policy: &TablePolicy) -> Result<MeshTable, ApplyError> {
+    let schema_error = |message: String| ApplyError::Schema { table: name.to_owned(), message };
+    let Some((schema, table)) = name.split_once('.') else {
+        return Err(schema_error("a mesh table is named schema.table".into()));
+    };
+    let rows = client
+        .query(
+            "SELECT a.attname, format_type(a.atttypid, NULL), a.attnum = ANY(i.indkey) AS is_key,
+                    array_position(i.indkey::int2[], a.attnum) AS key_pos
+             FROM pg_attribute a
+             JOIN pg_class c ON c.oid = a.attrelid
+             JOIN pg_namespace n ON n.oid = c.relnamespace
+             LEFT JOIN pg_index i ON i.indrelid = c.oid AND i.indisprimary
+             WHERE n.nspname = $1 AND c.relname = $2 AND a.attnum > 0 AND NOT a.attisdropped
+             ORDER BY a.attnum",
+            &[&schema, &table],
+        )
+        .await
+        .map_err(ApplyError::target(format!("reading the definition of {name}")))?;
+    if rows.is_empty() {
+        return Err(schema_error("the table does not exist on this node: create it on every mesh node".into()));
+    }
+    let mut key: Vec<(i32, String)> = Vec::new();
+    let mut columns = Vec::new();
+    for r in &rows {
+        let (col, ty, is_key): (String, String, Option<bool>) = (r.get(0), r.get(1), r.get(2));
+        if is_key == Some(true) {
+            key.push((r.get::<_, Option<i32>>(3).unwrap_or(0), col));
+            continue;
+        }
+        let strategy = policy.strategy(&col);
+        match strategy {
+            Strategy::Counter if !matches!(ty.as_str(), "smallint" | "integer" | "bigint") => {
+                return Err(schema_error(format!(
+                    "column {col} is {ty}: a counter column must be smallint, integer or bigint"
+                )))
+            }
+            Strategy::Set | Strategy::MultiValue => {
+                return Err(schema_error(format!(
+                    "column {col}: the `{}` strategy is not available on mesh tables yet; use lww, counter, max or min",
+                    serde_json::to_value(strategy).ok().and_then(|v| v.as_str().map(str::to_owned)).unwrap_or_default()
+                )))
+            }
+            _ => {}
+        }
+        columns.push((col, strategy));
+    }
+    if key.is_empty() {
+        return Err(schema_error("a mesh table needs a primary key (rows are matched across nodes by it)".into()));
+    }
+    for col in policy.columns.keys() {
+        if !columns.iter().any(|(c, _)| c == col) {
+            return Err(schema_error(format!("the policy names column {col}, which is not a non-key column of the table")));
+        }
+    }
+    key.sort();
+    Ok(MeshTable { schema: schema.into(), table: table.into(), key: key.into_iter().map(|(_, c)| c).collect(), columns })
+}
+
+/// Prepares node `node` for the mesh: the sidecar and conflict tables, and a trigger on every
+/// table that records local writes. Idempotent; re-run on every start (picks up new columns).
+pub async fn install(
+    client: &Client,
+    node: NodeId,
+    tables: &[String],
+    policies: &HashMap<String, TablePolicy>,
+) -> Result<Vec<MeshTable>, ApplyError> {
+    let none = TablePolicy::default();
+    let mut described = Vec::new();
+    for name in tables {
+        described.push(describe(client, name, policies.get(name).unwrap_or(&none)).await?);
+    }
+    let mut sql = format!("SET client_min_messages = warning; BEGIN; SELECT pg_advisory_xact_lock(7305918); {MESH_DDL}");
+    for t in &described {
+        sql.push_str(&trigger_sql(node, t));
+        sql.push('\n');
+    }
+    sql.push_str("COMMIT; RESET client_min_messages;");
+    client.batch_execute(&sql).await.map_err(ApplyError::target("installing the mesh triggers"))?;
+    Ok(described)
+}
+
+/// One row's causality metadata as stored in `synapse.row_version`.
+#[derive(Clone, Debug, Default)]
+struct Side {
+    vv: VersionVector,
+    hlc: Hlc,
+    node: NodeId,
+    live: bool,
+    cols: Map<String, Json>,
+}
+
+impl Side {
+    fn parse(vv: &str, ms: i64, lc: i32, node: i32, live: bool, cols: &str) -> Result<Side, String> {
+        let vv_map: BTreeMap<String, u64> = serde_json::from_str(vv).map_err(|e| format!("vv {vv}: {e}"))?;
+        let mut entries = Vec::with_capacity(vv_map.len());
+        for (n, count) in vv_map {
+            let id: u16 = n.parse().map_err(|_| format!("vv names node `{n}`"))?;
+            entries.push((NodeId(id), count));
+        }
+        let v: VersionVector = entries.into_iter().collect();
+        let cols: Map<String, Json> = serde_json::from_str(cols).map_err(|e| format!("cols: {e}"))?;
+        Ok(Side {
+            vv: v,
+            hlc: Hlc { wall_ms: ms.max(0) as u64, logical: lc.max(0) as u32 },
+            node: NodeId(node.clamp(0, u16::MAX as i32) as u16),
+            live,
+            cols,
+        })
+    }
+
+    fn at(&self, column: &str) -> (Hlc, NodeId) {
+        let a = self.cols.get(column).and_then(|c| c.get("at")).and_then(Json::as_array);
+        let n = |i: usize| a.and_then(|a| a.get(i)).and_then(Json::as_u64).unwrap_or(0);
+        (Hlc { wall_ms: n(0), logical: n(1) as u32 }, NodeId(n(2) as u16))
+    }
+
+    fn counter(&self, column: &str) -> Option<Counter> {
+        let pn = self.cols.get(column)?.get("pn")?.as_object()?;
+        let totals = pn.iter().filter_map(|(node, v)| {
+            let id: u16 = node.parse().ok()?;
+            let num = |i: usize| v.get(i).and_then(|x| x.as_u64().or_else(|| x.as_f64().map(|f| f as u64))).unwrap_or(0);
+            Some((NodeId(id), num(0), num(1)))
+        });
+        Some(Counter::from_contributions(totals))
+    }
+
+    /// A tombstone's last value of `column`.
+    fn tombstone_value(&self, column: &str) -> Option<Option<String>> {
+        let v = self.cols.get(column)?.get("v")?;
+        Some(v.as_str().map(str::to_owned))
+    }
+}
+
+/// Values of a row by column name: `Some(text)`, `None` for SQL NULL; absent = not known (an
+/// unchanged TOAST value the change did not carry).
+type Values = BTreeMap<String, Option<String>>;
+
+/// A row's state as the resolver sees it: the stored metadata plus the row's values.
+fn version(t: &MeshTable, side: &Side, row: Option<&Values>) -> RowVersion {
+    let live = side.live && row.is_some();
+    let mut cells = BTreeMap::new();
+    for (col, strategy) in &t.columns {
+        if *strategy == Strategy::Counter {
+            let counter = side.counter(col).or_else(|| {
+                // No totals yet (a row older than the mesh): its value is the baseline.
+                let v: i64 = row.and_then(|r| r.get(col)).cloned().flatten().and_then(|s| s.parse().ok())?;
+                Some(Counter::from_contributions([(NodeId(0), v.max(0) as u64, (-v).max(0) as u64)]))
+            });
+            if let Some(c) = counter {
+                cells.insert(col.clone(), Cell::Counter(c));
+            }
+            continue;
+        }
+        let value = match (live, row) {
+            (true, Some(r)) => r.get(col).cloned(),
+            _ => side.tombstone_value(col),
+        };
+        if let Some(v) = value {
+            let value = v.map(Json::String).unwrap_or(Json::Null);
+            cells.insert(col.clone(), Cell::Value { value, at: side.at(col) });
+        }
+    }
+    RowVersion { stamp: Stamp { vv: side.vv.clone(), hlc: side.hlc, node: side.node }, live, cells }
+}
+
+/// The metadata to store for a resolved version (tombstones keep their values).
+fn side_of(v: &RowVersion) -> Side {
+    let mut cols = Map::new();
+    for (name, cell) in &v.cells {
+        let entry = match cell {
+            Cell::Value { value, at } => {
+                let mut e = json!({ "at": [at.0.wall_ms, at.0.logical, at.1 .0] });
+                if !v.live {
+                    e["v"] = value.clone();
+                }
+                e
+            }
+            Cell::Counter(c) => {
+                let pn: Map<String, Json> =
+                    c.contributions().into_iter().map(|(n, (p, m))| (n.0.to_string(), json!([p, m]))).collect();
+                json!({ "pn": pn })
+            }
+            // Not produced on mesh tables (install rejects these strategies).
+            Cell::Set(_) | Cell::MultiValue(_) => continue,
+        };
+        cols.insert(name.clone(), entry);
+    }
+    Side { vv: v.stamp.vv.clone(), hlc: v.stamp.hlc, node: v.stamp.node, live: v.live, cols }
+}
+
+fn visible_text(cell: &Cell) -> Option<String> {
+    match cell.visible() {
+        Json::Null => None,
+        Json::String(s) => Some(s),
+        other => Some(other.to_string()),
+    }
+}
+
+fn describe_version(v: &RowVersion) -> Json {
+    let values: Map<String, Json> = v.cells.iter().map(|(k, c)| (k.clone(), c.visible())).collect();
+    let vv: Map<String, Json> = v.stamp.vv.iter().map(|(n, c)| (n.0.to_string(), json!(c))).collect();
+    json!({
+        "live": v.live,
+        "vv": vv,
+        "hlc": [v.stamp.hlc.wall_ms, v.stamp.hlc.logical],
+        "node": v.stamp.node.0,
+        "values": values,
+    })
+}
+
+/// What a mesh table's change leaves for its key at the end of the buffered transactions.
+enum Final {
+    Upsert(Values),
+    Delete,
+}
+
+struct TableInfo {
+    rel: Arc<Relation>,
+    target: Arc<TargetTable>,
+    mesh: MeshTable,
+}
+
+/// Changes of whole source transactions from one peer, buffered until the target transaction
+/// commits (a row's change and its `row_version` change arrive apart: AFTER ROW triggers run at
+/// the end of the statement, after all its rows).
+#[derive(Default)]
+pub(crate) struct MeshBuffer {
+    tables: HashMap<String, TableInfo>,
+    rows: BTreeMap<(String, Vec<String>), Final>,
+    versions: HashMap<(String, Vec<String>), Side>,
+}
+
+fn text(v: Value<'_>) -> Option<Option<String>> {
+    match v {
+        Value::Null => Some(None),
+        Value::UnchangedToast => None,
+        Value::Text(s) => Some(Some(s.to_owned())),
+    }
+}
+
+fn key_of(rel: &Relation, tuple: &Tuple) -> Option<Vec<String>> {
+    rel.key_columns().map(|(i, _)| tuple.get(i).and_then(|v| v.as_text().map(str::to_owned))).collect()
+}
+
+pub(crate) fn is_row_version(rel: &Relation) -> bool {
+    rel.schema == ROW_VERSION_SCHEMA && rel.table == ROW_VERSION_TABLE
+}
+
+impl MeshBuffer {
+    pub fn is_empty(&self) -> bool {
+        self.rows.is_empty() && self.versions.is_empty()
+    }
+
+    pub fn rows(&self) -> usize {
+        self.rows.len()
+    }
+
+    pub fn clear(&mut self) {
+        self.rows.clear();
+        self.versions.clear();
+    }
+
+    /// Buffers one change of a mesh table or of the peer's `row_version`.
+    pub fn push(
+        &mut self,
+        rel: &Arc<Relation>,
+        target: &Arc<TargetTable>,
+        mesh: Option<&MeshTable>,
+        change: RowChange,
+    ) -> Result<(), ApplyError> {
+        let bad = |message: String| ApplyError::Schema { table: rel.name(), message };
+        if is_row_version(rel) {
+            let Some(after) = &change.after else { return Ok(()) }; // purges are local
+            let col = |name: &str| -> Option<Value<'_>> {
+                rel.columns.iter().position(|c| c.name == name).and_then(|i| after.get(i))
+            };
+            let txt = |name: &str| col(name).and_then(|v| v.as_text());
+            let (Some(tbl), Some(pk), Some(vv), Some(ms), Some(lc), Some(node), Some(live)) = (
+                txt("tbl"),
+                txt("pk"),
+                txt("vv"),
+                txt("hlc_ms"),
+                txt("hlc_lc"),
+                txt("node"),
+                txt("live"),
+            ) else {
+                return Err(bad("a row version arrived without its columns".into()));
+            };
+            let cols = txt("cols").unwrap_or("{}");
+            let key: Vec<String> = serde_json::from_str(pk).map_err(|e| bad(format!("pk {pk}: {e}")))?;
+            let side = Side::parse(
+                vv,
+                ms.parse().unwrap_or(0),
+                lc.parse().unwrap_or(0),
+                node.parse().unwrap_or(0),
+                live == "t",
+                cols,
+            )
+            .map_err(|e| bad(format!("row version of {tbl} {pk}: {e}")))?;
+            self.versions.insert((tbl.to_owned(), key), side);
+            return Ok(());
+        }
+        let name = rel.name();
+        if let Some(m) = mesh {
+            self.tables
+                .entry(name.clone())
+                .or_insert_with(|| TableInfo { rel: rel.clone(), target: target.clone(), mesh: m.clone() });
+            if let Some(info) = self.tables.get_mut(&name) {
+                if info.rel.key() != rel.key() {
+                    info.rel = rel.clone();
+                    info.target = target.clone();
+                }
+            }
+        }
+        if let Some((_, before)) = &change.before {
+            // A key change (or a delete) ends the old key's row.
+            let old = key_of(rel, before).ok_or_else(|| bad("a change arrived without its key".into()))?;
+            let new = change.after.as_ref().and_then(|a| key_of(rel, a));
+            if change.op == Op::Delete || new.as_ref() != Some(&old) {
+                self.rows.insert((name.clone(), old), Final::Delete);
+            }
+        }
+        if let Some(after) = &change.after {
+            let key = key_of(rel, after).ok_or_else(|| bad("a change arrived without its key".into()))?;
+            let mut values: Values = match self.rows.remove(&(name.clone(), key.clone())) {
+                Some(Final::Upsert(v)) => v,
+                _ => Values::new(),
+            };
+            for (c, v) in rel.columns.iter().zip(after.values()) {
+                if let Some(v) = text(v) {
+                    values.insert(c.name.clone(), v);
+                }
+            }
+            self.rows.insert((name, key), Final::Upsert(values));
+        }
+        Ok(())
+    }
+
+    /// Resolves everything buffered against the target's rows and writes the outcome, inside
+    /// the caller's open target transaction. Returns (rows written, conflicts).
+    pub async fn apply(
+        &mut self,
+        client: &Client,
+        statements: &mut HashMap<String, Statement>,
+        source_node: &str,
+        policies: &HashMap<String, TablePolicy>,
+    ) -> Result<(u64, u64), ApplyError> {
+        if self.rows.is_empty() {
+            self.versions.clear();
+            return Ok((0, 0));
+        }
+        let rows = std::mem::take(&mut self.rows);
+        let mut versions = std::mem::take(&mut self.versions);
+        // Lock (creating placeholders for) every key's metadata, in key order.
+        let (tbls, pks): (Vec<String>, Vec<String>) = rows
+            .keys()
+            .filter(|k| versions.contains_key(*k))
+            .map(|(t, k)| (t.clone(), serde_json::to_string(k).unwrap_or_default()))
+            .unzip();
+        let mut local_sides: HashMap<(String, Vec<String>), Side> = HashMap::new();
+        if !tbls.is_empty() {
+            let placeholder = prepared(
+                client,
+                statements,
+                "INSERT INTO synapse.row_version (tbl, pk, vv, hlc_ms, hlc_lc, node, live, cols)
+                 SELECT t, p::jsonb, '{}', 0, 0, 0, false, '{}' FROM unnest($1::text[], $2::text[]) AS u(t, p)
+                 ON CONFLICT (tbl, pk) DO NOTHING",
+            )
+            .await?;
+            client
+                .execute(&placeholder, &[&tbls, &pks])
+                .await
+                .map_err(ApplyError::target("reserving row versions"))?;
+            let lock = prepared(
+                client,
+                statements,
+                "SELECT tbl, pk::text, vv::text, hlc_ms, hlc_lc, node, live, cols::text FROM synapse.row_version
+                 WHERE (tbl, pk) IN (SELECT t, p::jsonb FROM unnest($1::text[], $2::text[]) AS u(t, p))
+                 ORDER BY tbl, pk FOR UPDATE",
+            )
+            .await?;
+            for r in client.query(&lock, &[&tbls, &pks]).await.map_err(ApplyError::target("locking row versions"))? {
+                let (tbl, pk): (String, String) = (r.get(0), r.get(1));
+                let key: Vec<String> = serde_json::from_str(&pk).unwrap_or_default();
+                let side = Side::parse(&r.get::<_, String>(2), r.get(3), r.get(4), r.get(5), r.get(6), &r.get::<_, String>(7))
+                    .map_err(|message| ApplyError::Schema { table: tbl.clone(), message })?;
+                local_sides.insert((tbl, key), side);
+            }
+        }
+        // The local rows, one query per table.
+        let mut local_rows: HashMap<(String, Vec<String>), Values> = HashMap::new();
+        for (name, info) in &self.tables {
+            let keys: Vec<&Vec<String>> = rows.keys().filter(|(t, _)| t == name).map(|(_, k)| k).collect();
+            if keys.is_empty() {
+                continue;
+            }
+            for (key, values) in read_rows(client, statements, info, &keys).await? {
+                local_rows.insert((name.clone(), key), values);
+            }
+        }
+        let none = TablePolicy::default();
+        let mut writes = Writes::default();
+        let mut conflicts = 0u64;
+        for ((name, key), fin) in rows {
+            let Some(info) = self.tables.get(&name) else { continue };
+            let policy = policies.get(&name).unwrap_or(&none);
+            let remote_values = match &fin {
+                Final::Upsert(v) => Some(v),
+                Final::Delete => None,
+            };
+            let Some(remote_side) = versions.remove(&(name.clone(), key.clone())) else {
+                // No version travelled with it: the peer wrote it without the mesh trigger.
+                metrics::counter!("synapse_mesh_unversioned_rows_total", "table" => name.clone()).increment(1);
+                tracing::warn!(table = %name, ?key, "a peer's change carries no row version (is the mesh trigger installed there?); applied as is");
+                writes.row(info, &key, remote_values);
+                continue;
+            };
+            let remote = version(&info.mesh, &remote_side, remote_values);
+            let local_side = local_sides.get(&(name.clone(), key.clone())).filter(|s| s.vv != VersionVector::new());
+            let local_row = local_rows.get(&(name.clone(), key.clone()));
+            let local = local_side.map(|s| version(&info.mesh, s, local_row));
+            let (decision, result) = resolve(policy, local.as_ref(), &remote);
+            metrics::counter!("synapse_mesh_rows_total", "table" => name.clone(), "decision" => decision_name(decision))
+                .increment(1);
+            if decision == Decision::Skip {
+                continue;
+            }
+            if decision == Decision::Merge {
+                if let Some(local) = &local {
+                    let kind = match (local.live, remote.live) {
+                        (true, true) if !shares_history(&local.stamp.vv, &remote.stamp.vv) => "insert_insert",
+                        (true, true) => "update_update",
+                        (false, false) => "delete_delete",
+                        _ => "update_delete",
+                    };
+                    let resolution = if result.stamp.lww_key() == local.stamp.lww_key() { "local_wins" } else { "remote_wins" };
+                    metrics::counter!("synapse_conflicts_total", "table" => name.clone(), "kind" => kind, "resolution" => resolution)
+                        .increment(1);
+                    writes.conflicts.push([
+                        name.clone(),
+                        serde_json::to_string(&key).unwrap_or_default(),
+                        kind.to_owned(),
+                        resolution.to_owned(),
+                        describe_version(local).to_string(),
+                        describe_version(&remote).to_string(),
+                        describe_version(&result).to_string(),
+                    ]);
+                    conflicts += 1;
+                }
+            }
+            let values: Option<Values> = result
+                .live
+                .then(|| result.cells.iter().map(|(c, cell)| (c.clone(), visible_text(cell))).collect());
+            writes.row(info, &key, values.as_ref());
+            writes.side(&name, &key, side_of(&result));
+        }
+        let written = writes.execute(client, statements, &self.tables, source_node).await?;
+        Ok((written, conflicts))
+    }
+}
+
+fn decision_name(d: Decision) -> &'static str {
+    match d {
+        Decision::Insert => "insert",
+        Decision::Skip => "skip",
+        Decision::Apply => "apply",
+        Decision::Merge => "merge",
+    }
+}
+
+/// Whether two versions descend from a common write (else two independent inserts).
+fn shares_history(a: &VersionVector, b: &VersionVector) -> bool {
+    a.iter().any(|(n, c)| c > 0 && b.get(n) > 0)
+}
+
+async fn prepared(client: &Client, cache: &mut HashMap<String, Statement>, sql: &str) -> Result<Statement, ApplyError> {
+    if let Some(s) = cache.get(sql) {
+        return Ok(s.clone());
+    }
+    let s = client.prepare(sql).await.map_err(ApplyError::target("preparing a mesh statement"))?;
+    cache.insert(sql.to_owned(), s.clone());
+    Ok(s)
+}
+
+/// `t.k1 = u.k1::type AND …` over the key columns.
+fn key_join(info: &TableInfo) -> (String, String) {
+    let mut cols = Vec::new();
+    let mut cond = Vec::new();
+    for (i, k) in info.mesh.key.iter().enumerate() {
+        let cast = info
+            .rel
+            .columns
+            .iter()
+            .position(|c| &c.name == k)
+            .and_then(|p| info.target.casts.get(p).cloned())
+            .unwrap_or_else(|| "text".into());
+        cols.push(format!("k{i}"));
+        cond.push(format!("t.{} = u.k{i}::{cast}", quote_ident(k)));
+    }
+    (cols.join(", "), cond.join(" AND "))
+}
+
+fn unnest_params(n: usize) -> String {
+    (1..=n).map(|i| format!("${i}::text[]")).collect::<Vec<_>>().join(", ")
+}
+
+async fn read_rows(
+    client: &Client,
+    statements: &mut HashMap<String, Statement>,
+    info: &TableInfo,
+    keys: &[&Vec<String>],
+) -> Result<Vec<(Vec<String>, Values)>, ApplyError> {
+    let (cols, cond) = key_join(info);
+    let names: Vec<&String> = info.mesh.columns.iter().map(|(c, _)| c).collect();
+    let sql = format!(
+        "SELECT ARRAY[{}]::text[], ARRAY[{}]::text[] FROM {}.{} t JOIN unnest({}) AS u({cols}) ON {cond}",
+        info.mesh.key.iter().map(|k| format!("t.{}::text", quote_ident(k))).collect::<Vec<_>>().join(", "),
+        if names.is_empty() {
+            "NULL".to_owned()
+        } else {
+            names.iter().map(|c| format!("t.{}::text", quote_ident(c))).collect::<Vec<_>>().join(", ")
+        },
+        quote_ident(&info.mesh.schema),
+        quote_ident(&info.mesh.table),
+        unnest_params(info.mesh.key.len()),
+    );
+    let stmt = prepared(client, statements, &sql).await?;
+    let columns: Vec<Vec<String>> =
+        (0..info.mesh.key.len()).map(|i| keys.iter().map(|k| k.get(i).cloned().unwrap_or_default()).collect()).collect();
+    let params: Vec<&(dyn ToSql + Sync)> = columns.iter().map(|c| c as &(dyn ToSql + Sync)).collect();
+    let found = client
+        .query(&stmt, &params)
+        .await
+        .map_err(ApplyError::target(format!("reading local rows of {}", info.mesh.name())))?;
+    Ok(found
+        .into_iter()
+        .map(|r| {
+            let key: Vec<Option<String>> = r.get(0);
+            let vals: Vec<Option<String>> = r.get::<_, Option<Vec<Option<String>>>>(1).unwrap_or_default();
+            let values = names.iter().map(|c| (*c).clone()).zip(vals).collect();
+            (key.into_iter().map(Option::unwrap_or_default).collect(), values)
+        })
+        .collect())
+}
+
+/// The outcome of one buffer, written in a few statements per table.
+#[derive(Default)]
+struct Writes {
+    /// Per table and set of columns: keys followed by the values.
+    upserts: BTreeMap<(String, Vec<String>), Vec<Vec<Option<String>>>>,
+    deletes: BTreeMap<String, Vec<Vec<String>>>,
+    sides: Vec<(String, String, Side)>,
+    conflicts: Vec<[String; 7]>,
+}
+
+impl Writes {
+    fn row(&mut self, info: &TableInfo, key: &[String], values: Option<&Values>) {
+        let name = info.mesh.name();
+        match values {
+            None => self.deletes.entry(name).or_default().push(key.to_vec()),
+            Some(values) => {
+                let cols: Vec<String> =
+                    info.mesh.columns.iter().map(|(c, _)| c).filter(|c| values.contains_key(*c)).cloned().collect();
+                let mut row: Vec<Option<String>> = key.iter().cloned().map(Some).collect();
+                row.extend(cols.iter().map(|c| values.get(c).cloned().flatten()));
+                self.upserts.entry((name, cols)).or_default().push(row);
+            }
+        }
+    }
+
+    fn side(&mut self, table: &str, key: &[String], side: Side) {
+        self.sides.push((table.to_owned(), serde_json::to_string(key).unwrap_or_default(), side));
+    }
+
+    async fn execute(
+        self,
+        client: &Client,
+        statements: &mut HashMap<String, Statement>,
+        tables: &HashMap<String, TableInfo>,
+        source_node: &str,
+    ) -> Result<u64, ApplyError> {
+        let mut written = 0u64;
+        for (name, keys) in &self.deletes {
+            let Some(info) = tables.get(name) else { continue };
+            let (cols, cond) = key_join(info);
+            let sql = format!(
+                "DELETE FROM {}.{} t USING unnest({}) AS u({cols}) WHERE {cond}",
+                quote_ident(&info.mesh.schema),
+                quote_ident(&info.mesh.table),
+                unnest_params(info.mesh.key.len())
+            );
+            let stmt = prepared(client, statements, &sql).await?;
+            let columns: Vec<Vec<String>> =
+                (0..info.mesh.key.len()).map(|i| keys.iter().map(|k| k[i].clone()).collect()).collect();
+            let params: Vec<&(dyn ToSql + Sync)> = columns.iter().map(|c| c as &(dyn ToSql + Sync)).collect();
+            written += client.execute(&stmt, &params).await.map_err(ApplyError::target(format!("deleting from {name}")))?;
+        }
+        for ((name, cols), rows) in &self.upserts {
+            let Some(info) = tables.get(name) else { continue };
+            let cast = |c: &String| {
+                info.rel
+                    .columns
+                    .iter()
+                    .position(|x| &x.name == c)
+                    .and_then(|p| info.target.casts.get(p).cloned())
+                    .unwrap_or_else(|| "text".into())
+            };
+            let all: Vec<&String> = info.mesh.key.iter().chain(cols.iter()).collect();
+            let names: Vec<String> = all.iter().map(|c| quote_ident(c)).collect();
+            let aliases: Vec<String> = (0..all.len()).map(|i| format!("c{i}")).collect();
+            let select: Vec<String> = all.iter().enumerate().map(|(i, c)| format!("u.c{i}::{}", cast(c))).collect();
+            let keys: Vec<String> = info.mesh.key.iter().map(|k| quote_ident(k)).collect();
+            let action = if cols.is_empty() {
+                "DO NOTHING".to_owned()
+            } else {
+                format!(
+                    "DO UPDATE SET {}",
+                    cols.iter().map(|c| format!("{q} = excluded.{q}", q = quote_ident(c))).collect::<Vec<_>>().join(", ")
+                )
+            };
+            let sql = format!(
+                "INSERT INTO {}.{} ({}) SELECT {} FROM unnest({}) AS u({}) ON CONFLICT ({}) {action}",
+                quote_ident(&info.mesh.schema),
+                quote_ident(&info.mesh.table),
+                names.join(", "),
+                select.join(", "),
+                unnest_params(all.len()),
+                aliases.join(", "),
+                keys.join(", "),
+            );
+            let stmt = prepared(client, statements, &sql).await?;
+            let columns: Vec<Vec<Option<String>>> =
+                (0..all.len()).map(|i| rows.iter().map(|r| r[i].clone()).collect()).collect();
+            let params: Vec<&(dyn ToSql + Sync)> = columns.iter().map(|c| c as &(dyn ToSql + Sync)).collect();
+            written += client.execute(&stmt, &params).await.map_err(ApplyError::target(format!("writing {name}")))?;
+        }
+        if !self.sides.is_empty() {
+            let stmt = prepared(
+                client,
+                statements,
+                "INSERT INTO synapse.row_version (tbl, pk, vv, hlc_ms, hlc_lc, node, live, cols)
+                 SELECT t, p::jsonb, vv::jsonb, ms, lc, n, l, c::jsonb
+                 FROM unnest($1::text[], $2::text[], $3::text[], $4::int8[], $5::int4[], $6::int4[], $7::bool[], $8::text[])
+                     AS u(t, p, vv, ms, lc, n, l, c)
+                 ON CONFLICT (tbl, pk) DO UPDATE SET vv = excluded.vv, hlc_ms = excluded.hlc_ms, hlc_lc = excluded.hlc_lc,
+                     node = excluded.node, live = excluded.live, cols = excluded.cols",
+            )
+            .await?;
+            let mut cols: (Vec<&str>, Vec<&str>, Vec<String>, Vec<i64>, Vec<i32>, Vec<i32>, Vec<bool>, Vec<String>) =
+                Default::default();
+            for (t, p, s) in &self.sides {
+                cols.0.push(t);
+                cols.1.push(p);
+                let vv: Map<String, Json> = s.vv.iter().map(|(n, c)| (n.0.to_string(), json!(c))).collect();
+                cols.2.push(Json::Object(vv).to_string());
+                cols.3.push(s.hlc.wall_ms as i64);
+                cols.4.push(s.hlc.logical as i32);
+                cols.5.push(i32::from(s.node.0));
+                cols.6.push(s.live);
+                cols.7.push(Json::Object(s.cols.clone()).to_string());
+            }
+            client
+                .execute(&stmt, &[&cols.0, &cols.1, &cols.2, &cols.3, &cols.4, &cols.5, &cols.6, &cols.7])
+                .await
+                .map_err(ApplyError::target("storing row versions"))?;
+        }
+        if !self.conflicts.is_empty() {
+            let stmt = prepared(
+                client,
+                statements,
+                "INSERT INTO synapse.conflicts (source_node, table_name, pk, kind, resolution, local, remote, result)
+                 SELECT $1, t, p::jsonb, k, r, l::jsonb, rm::jsonb, res::jsonb
+                 FROM unnest($2::text[], $3::text[], $4::text[], $5::text[], $6::text[], $7::text[], $8::text[])
+                     AS u(t, p, k, r, l, rm, res)",
+            )
+            .await?;
+            let col = |i: usize| self.conflicts.iter().map(|c| c[i].as_str()).collect::<Vec<&str>>();
+            let (c0, c1, c2, c3, c4, c5, c6) = (col(0), col(1), col(2), col(3), col(4), col(5), col(6));
+            client
+                .execute(&stmt, &[&source_node, &c0, &c1, &c2, &c3, &c4, &c5, &c6])
+                .await
+                .map_err(ApplyError::target("recording conflicts in synapse.conflicts"))?;
+        }
+        Ok(written)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn table() -> MeshTable {
+        MeshTable {
+            schema: "public".into(),
+            table: "accounts".into(),
+            key: vec!["id".into()],
+            columns: vec![("owner".into(), Strategy::Lww), ("hits".into(), Strategy::Counter)],
+        }
+    }
+
+    #[test]
+    fn stored_metadata_round_trips_through_the_resolver_form() {
+        let t = table();
+        let side = Side::parse(
+            r#"{"1": 3, "2": 1}"#,
+            1_700_000_000_000,
+            2,
+            1,
+            true,
+            r#"{"owner": {"at": [1700000000000, 2, 1]}, "hits": {"pn": {"0": [10, 0], "1": [5, 2]}}}"#,
+        )
+        .unwrap();
+        let row: Values = [("owner".to_string(), Some("ann".to_string())), ("hits".to_string(), Some("13".into()))].into();
+        let v = version(&t, &side, Some(&row));
+        assert!(v.live);
+        assert_eq!(v.cells["hits"].visible(), json!(13));
+        assert_eq!(v.cells["owner"].visible(), json!("ann"));
+        let back = side_of(&v);
+        assert_eq!(back.vv, side.vv);
+        assert_eq!(back.cols["hits"], side.cols["hits"]);
+        assert_eq!(back.cols["owner"]["at"], side.cols["owner"]["at"]);
+    }
+
+    #[test]
+    fn a_tombstone_keeps_its_values() {
+        let t = table();
+        let side =
+            Side::parse(r#"{"1": 2}"#, 5, 0, 1, false, r#"{"owner": {"at": [4, 0, 1], "v": "bob"}, "hits": {"pn": {"1": [3, 0]}}}"#)
+                .unwrap();
+        let v = version(&t, &side, None);
+        assert!(!v.live);
+        assert_eq!(v.cells["owner"].visible(), json!("bob"));
+        assert_eq!(side_of(&v).cols["owner"]["v"], json!("bob"));
+    }
+
+    #[test]
+    fn the_trigger_names_every_column() {
+        let sql = trigger_sql(NodeId(7), &table());
+        assert!(sql.contains("'public.accounts'") && sql.contains(", 7, true"), "{sql}");
+        assert!(sql.contains("NEW.\"owner\" IS DISTINCT FROM OLD.\"owner\""), "{sql}");
+        assert!(!sql.contains("NEW.\"hits\" IS DISTINCT"), "counters are not stamped: {sql}");
+    }
+}

@@ -123,7 +123,7 @@ async fn writer(url: String, node: usize, seed: u64, phase: u8, until: Instant, 
                     Ok(())
                 }
                 Ok(r) => Err(format!("increment of {k} touched {r} rows")),
-                Err(e) => Err(e.to_string()),
+                Err(e) => Err(describe(e)),
             }
         } else if op < 55 {
             // Owners of counted keys: during the partition the disputed keys belong to nodes 0
@@ -140,12 +140,12 @@ async fn writer(url: String, node: usize, seed: u64, phase: u8, until: Instant, 
                     }
                     Ok(())
                 }
-                Err(e) => Err(e.to_string()),
+                Err(e) => Err(describe(e)),
             }
         } else if op < 65 {
             let k = rng.gen_range(1..=COUNTED);
             let v: i32 = rng.gen_range(0..1000);
-            client.execute("UPDATE accounts SET best = $1 WHERE id = $2", &[&v, &k]).await.map(|_| ()).map_err(|e| e.to_string())
+            client.execute("UPDATE accounts SET best = $1 WHERE id = $2", &[&v, &k]).await.map(|_| ()).map_err(describe)
         } else if op < 85 {
             let k = rng.gen_range(COUNTED + 1..=SHARED_MAX);
             let note = format!("n{node}-{n}");
@@ -156,21 +156,29 @@ async fn writer(url: String, node: usize, seed: u64, phase: u8, until: Instant, 
                 )
                 .await
                 .map(|_| ())
-                .map_err(|e| e.to_string())
+                .map_err(describe)
         } else {
             let k = rng.gen_range(COUNTED + 1..=SHARED_MAX);
-            client.execute("DELETE FROM accounts WHERE id = $1", &[&k]).await.map(|_| ()).map_err(|e| e.to_string())
+            client.execute("DELETE FROM accounts WHERE id = $1", &[&k]).await.map(|_| ()).map_err(describe)
         };
-        let mut r = record.lock().unwrap();
-        match result {
-            Ok(()) => r.committed += 1,
-            // Deadlocks with the applier (both lock the row and its version) roll back the
-            // application's statement: it did not happen, exactly as the application sees it.
-            Err(e) if e.contains("deadlock") || e.contains("could not serialize") => r.failed += 1,
-            Err(e) => panic!("node {node} write failed: {e}"),
+        {
+            let mut r = record.lock().unwrap();
+            match result {
+                Ok(()) => r.committed += 1,
+                // Deadlocks with the applier (both lock the row and its version) roll back the
+                // application's statement: it did not happen, exactly as the application sees it.
+                Err(e) if e.contains("deadlock") || e.contains("could not serialize") => r.failed += 1,
+                Err(e) => panic!("node {node} write failed: {e}"),
+            }
         }
-        drop(r);
         tokio::time::sleep(Duration::from_millis(rng.gen_range(1..6))).await;
+    }
+}
+
+fn describe(e: tokio_postgres::Error) -> String {
+    match e.as_db_error() {
+        Some(d) => format!("{}: {} ({:?})", d.code().code(), d.message(), d.where_()),
+        None => e.to_string(),
     }
 }
 
@@ -243,7 +251,7 @@ fn run_seed(mesh: &Mesh, seed: u64) -> Result<(), String> {
     mesh.nodes[0]
         .psql(&db, &format!("INSERT INTO accounts (id, owner, hits) SELECT g, 'seed', 100 FROM generate_series(1, {COUNTED}) g"))
         .unwrap();
-    let seeded = wait_converged("seed rows", Duration::from_secs(60))?;
+    let seeded = wait_converged("seed rows", Duration::from_secs(60)).map_err(|e| format!("{e}\n{}", tail(&logtext())))?;
     if !seeded.starts_with(&format!("{COUNTED}:")) {
         return Err(format!("seed rows did not arrive: {seeded}\n{}", logtext()));
     }

@@ -184,6 +184,36 @@ fn trigger_sql(node: NodeId, t: &MeshTable) -> String {
             )
         })
         .collect();
+    // max/min columns are registers that only move one way: a local write past the current
+    // value in the wrong direction keeps the current one. Without this, a causally later lower
+    // value and a concurrent higher one would merge differently depending on arrival order.
+    let monotonic: Vec<String> = t
+        .columns
+        .iter()
+        .filter_map(|(c, s)| {
+            let f = match s {
+                Strategy::Max => "greatest",
+                Strategy::Min => "least",
+                _ => return None,
+            };
+            Some(format!("    NEW.{q} := {f}(NEW.{q}, OLD.{q});\n", q = quote_ident(c)))
+        })
+        .collect();
+    let table = format!("{}.{}", quote_ident(&t.schema), quote_ident(&t.table));
+    let before = if monotonic.is_empty() {
+        format!("DROP TRIGGER IF EXISTS synapse_monotonic ON {table};")
+    } else {
+        let bname = format!("synapse.{}", quote_ident(&format!("monotonic_{}_{}", t.schema, t.table)));
+        format!(
+            "CREATE OR REPLACE FUNCTION {bname}() RETURNS trigger LANGUAGE plpgsql AS $fn$
+BEGIN
+{}    RETURN NEW;
+END
+$fn$;
+CREATE OR REPLACE TRIGGER synapse_monotonic BEFORE UPDATE ON {table} FOR EACH ROW EXECUTE FUNCTION {bname}();",
+            monotonic.concat()
+        )
+    };
     let (old_key, new_key) = (row("OLD"), row("NEW"));
     let (old_text, new_text) = (key_text("OLD"), key_text("NEW"));
     let (old_values, new_counters, old_counters) =
@@ -210,9 +240,9 @@ BEGIN
 END
 $fn$;
 CREATE OR REPLACE TRIGGER synapse_local_write AFTER INSERT OR UPDATE OR DELETE ON {table}
-    FOR EACH ROW EXECUTE FUNCTION {fname}();",
+    FOR EACH ROW EXECUTE FUNCTION {fname}();
+{before}",
         node = node.0,
-        table = format!("{}.{}", quote_ident(&t.schema), quote_ident(&t.table)),
     )
 }
 
@@ -252,6 +282,15 @@ async fn describe(client: &Client, name: &str, policy: &TablePolicy) -> Result<M
             Strategy::Counter if !matches!(ty.as_str(), "smallint" | "integer" | "bigint") => {
                 return Err(schema_error(format!(
                     "column {col} is {ty}: a counter column must be smallint, integer or bigint"
+                )))
+            }
+            // Compared as numbers by the resolver and by greatest()/least() alike; text and
+            // time values print differently per session settings, so they are not accepted yet.
+            Strategy::Max | Strategy::Min
+                if !matches!(ty.as_str(), "smallint" | "integer" | "bigint" | "numeric" | "real" | "double precision") =>
+            {
+                return Err(schema_error(format!(
+                    "column {col} is {ty}: max and min columns must be numeric (smallint, integer, bigint, numeric, real, double precision)"
                 )))
             }
             Strategy::Set | Strategy::MultiValue => {

@@ -26,7 +26,7 @@ impl SourceTable {
 }
 
 /// Tables to capture: `selection` names `schema.table` (or `table` in `public`); empty = every
-/// ordinary table outside the system schemas. Returns (capturable, tables lacking a replica
+/// ordinary table outside the system schemas and SynapseDB's own `synapse` schema. Returns (capturable, tables lacking a replica
 /// identity). A named table that does not exist is a configuration error.
 pub async fn select_tables(
     client: &Client,
@@ -39,7 +39,7 @@ pub async fn select_tables(
                         SELECT 1 FROM pg_index i WHERE i.indrelid = c.oid AND i.indisprimary))
              FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
              WHERE c.relkind IN ('r', 'p') AND NOT c.relispartition
-               AND n.nspname NOT IN ('pg_catalog', 'information_schema', 'synapse')
+               AND n.nspname NOT IN ('pg_catalog', 'information_schema')
                AND n.nspname NOT LIKE 'pg\\_%'
              ORDER BY 2, 3",
             &[],
@@ -50,7 +50,10 @@ pub async fn select_tables(
     let mut order = Vec::new();
     for r in rows {
         let t = SourceTable { oid: r.get(0), schema: r.get(1), name: r.get(2), pages: r.get(3) };
-        order.push(t.display());
+        // SynapseDB's own tables only when named (a mesh publishes synapse.row_version).
+        if t.schema != "synapse" {
+            order.push(t.display());
+        }
         all.insert(t.display(), (t, r.get(4)));
     }
     let wanted: Vec<String> = if selection.is_empty() {

@@ -225,7 +225,16 @@ fn run_seed(mesh: &Mesh, seed: u64) -> Result<(), String> {
                 return Ok(f[0].clone());
             }
             if Instant::now() > deadline {
-                let dump = |i: usize| mesh.nodes[i].psql(&db, "SELECT a::text FROM accounts a ORDER BY id").unwrap_or_default();
+                let dump = |i: usize| {
+                    mesh.nodes[i]
+                        .psql(
+                            &db,
+                            "SELECT coalesce(a::text, '-') || ' ' || v.vv::text || ' ' || v.hlc_ms || '.' || v.hlc_lc || ' n' || v.node || ' live=' || v.live
+                             FROM synapse.row_version v FULL JOIN accounts a ON v.pk = jsonb_build_array(a.id::text)
+                             WHERE v.tbl = 'public.accounts' OR v.tbl IS NULL ORDER BY coalesce(a.id, (v.pk->>0)::int)",
+                        )
+                        .unwrap_or_default()
+                };
                 return Err(format!(
                     "{what}: nodes differ after {timeout:?}: {f:?}\nnode0:\n{}\nnode1:\n{}\nnode2:\n{}",
                     dump(0),

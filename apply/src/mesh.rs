@@ -610,6 +610,14 @@ impl MeshBuffer {
         }
         let rows = std::mem::take(&mut self.rows);
         let mut versions = std::mem::take(&mut self.versions);
+        // Lock the existing local rows first, in key order: the order a local write takes its
+        // locks (row, then its version from the trigger), so the two rarely deadlock.
+        for (name, info) in &self.tables {
+            let keys: Vec<&Vec<String>> = rows.keys().filter(|(t, _)| t == name).map(|(_, k)| k).collect();
+            if !keys.is_empty() {
+                read_rows(client, statements, info, &keys).await?;
+            }
+        }
         // Lock (creating placeholders for) every key's metadata, in key order.
         let (tbls, pks): (Vec<String>, Vec<String>) = rows
             .keys()
@@ -646,7 +654,9 @@ impl MeshBuffer {
                 local_sides.insert((tbl, key), side);
             }
         }
-        // The local rows, one query per table.
+        // Read the rows again now that their versions are locked: a local write that committed
+        // meanwhile (a new row, which the first read could not lock) is visible to both reads
+        // alike, and none can commit on these keys until this transaction does.
         let mut local_rows: HashMap<(String, Vec<String>), Values> = HashMap::new();
         for (name, info) in &self.tables {
             let keys: Vec<&Vec<String>> = rows.keys().filter(|(t, _)| t == name).map(|(_, k)| k).collect();
@@ -772,7 +782,8 @@ async fn read_rows(
     let (cols, cond) = key_join(info);
     let names: Vec<&String> = info.mesh.columns.iter().map(|(c, _)| c).collect();
     let sql = format!(
-        "SELECT ARRAY[{}]::text[], ARRAY[{}]::text[] FROM {}.{} t JOIN unnest({}) AS u({cols}) ON {cond}",
+        "SELECT ARRAY[{}]::text[], ARRAY[{}]::text[] FROM {}.{} t JOIN unnest({}) AS u({cols}) ON {cond}
+         ORDER BY {} FOR UPDATE OF t",
         info.mesh.key.iter().map(|k| format!("t.{}::text", quote_ident(k))).collect::<Vec<_>>().join(", "),
         if names.is_empty() {
             "NULL".to_owned()
@@ -782,6 +793,7 @@ async fn read_rows(
         quote_ident(&info.mesh.schema),
         quote_ident(&info.mesh.table),
         unnest_params(info.mesh.key.len()),
+        info.mesh.key.iter().map(|k| format!("t.{}", quote_ident(k))).collect::<Vec<_>>().join(", "),
     );
     let stmt = prepared(client, statements, &sql).await?;
     let columns: Vec<Vec<String>> =

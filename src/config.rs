@@ -385,12 +385,15 @@ impl Config {
                 ));
             }
             tnames.push(&t.name);
-            // Applied changes carry our replication origin, but capture does not filter on it
-            // yet (the multi-region issue does): a node that is both would echo changes back.
+            // Writing the same tables on both sides needs conflict resolution and loop
+            // prevention, which is what the mesh section sets up.
             if names.contains(&t.name) {
                 return Err(invalid(
                     format!("targets[{i}].name"),
-                    format!("`{}` is also a source: bidirectional replication is not supported yet", t.name),
+                    format!(
+                        "`{}` is also a source: a node that is both is a writable mesh node, declare it under mesh.nodes",
+                        t.name
+                    ),
                 ));
             }
             t.url
@@ -489,7 +492,10 @@ impl Config {
         }
         for (i, t) in m.tables.iter().enumerate() {
             if t.split('.').count() != 2 || t.starts_with("synapse.") {
-                return Err(invalid(format!("mesh.tables[{i}]"), format!("`{t}` is not a schema.table of the application")));
+                return Err(invalid(
+                    format!("mesh.tables[{i}]"),
+                    format!("`{t}` is not a schema.table of the application"),
+                ));
             }
         }
         for t in m.columns.keys() {
@@ -591,6 +597,52 @@ targets:
         let text = interpolate(GOOD, "f", |_| None).unwrap().replace("name: b", "name: a");
         let c = Config::parse(&text, false, "f").unwrap();
         assert!(c.validate("f").unwrap_err().to_string().contains("targets[0].name"));
+    }
+
+    const MESH: &str = "
+mesh:
+  nodes:
+    - {name: us, id: 1, url: 'postgres://app@127.0.0.1:5432/app', region: us-east}
+    - {name: eu, id: 2, url: 'postgres://app@127.0.0.1:5433/app'}
+    - {name: ap, id: 3, url: 'postgres://app@127.0.0.1:5434/app'}
+  tables: [public.accounts]
+  columns:
+    public.accounts: {balance: counter, high_score: max}
+";
+
+    #[test]
+    fn a_mesh_expands_into_sources_and_targets() {
+        let mut c = Config::parse(MESH, false, "f").unwrap();
+        c.validate("f").unwrap();
+        c.expand_mesh();
+        assert_eq!(c.sources.len(), 3);
+        assert!(c.sources.iter().all(|s| !s.forward_applied && s.tables.contains(&"synapse.row_version".to_string())));
+        let us = &c.targets[0];
+        assert_eq!(
+            (us.name.as_str(), us.sources.clone(), us.initial_copy),
+            ("us", vec!["eu".into(), "ap".into()], false)
+        );
+        let p = c.mesh.as_ref().unwrap().policies();
+        assert_eq!(p["public.accounts"].strategy("balance"), synapse_resolver::Strategy::Counter);
+    }
+
+    #[test]
+    fn mesh_errors_name_the_field() {
+        let check = |from: &str, to: &str, field: &str| {
+            let c = Config::parse(&MESH.replace(from, to), false, "f");
+            let e = match c {
+                Ok(c) => c.validate("f").unwrap_err().to_string(),
+                Err(e) => e.to_string(),
+            };
+            assert!(e.contains(field), "{from} → {to}: {e}");
+        };
+        check("id: 2", "id: 1", "mesh.nodes[1].id");
+        check("id: 3", "id: 0", "mesh.nodes[2].id");
+        check("name: eu", "name: us", "mesh.nodes[1].name");
+        check("tables: [public.accounts]", "tables: [accounts]", "mesh.tables[0]");
+        check("    public.accounts: {", "    public.other: {", "mesh.columns.public.other");
+        check("balance: counter", "balance: set", "mesh.columns.public.accounts.balance");
+        check("balance: counter", "balance: sum", "unknown variant `sum`");
     }
 
     #[test]

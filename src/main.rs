@@ -152,8 +152,12 @@ fn main() -> ExitCode {
             Command::Validate { config } => {
                 let c = config::Config::load(&config)?;
                 println!(
-                    "{}: ok ({} sources, {} targets, {} webhook endpoints, API {})",
+                    "{}: ok ({}{} sources, {} targets, {} webhook endpoints, API {})",
                     config.display(),
+                    c.mesh
+                        .as_ref()
+                        .map(|m| format!("mesh of {} nodes over {} tables; ", m.nodes.len(), m.tables.len()))
+                        .unwrap_or_default(),
                     c.sources.len(),
                     c.targets.len(),
                     c.webhooks.len(),

@@ -60,6 +60,20 @@ fn the_example_config_is_valid() {
 }
 
 #[test]
+fn the_mesh_example_config_is_valid() {
+    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/deploy/mesh.example.yaml");
+    let out = synapse(&["validate", "--config", path])
+        .env("US_PASSWORD", "u")
+        .env("EU_PASSWORD", "e")
+        .env("AP_PASSWORD", "a")
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{text}");
+    assert!(text.contains("mesh of 3 nodes"), "{text}");
+}
+
+#[test]
 fn a_table_without_key_is_reported_clearly() {
     let nodes =
         Nodes::start("CREATE TABLE keyed (id int PRIMARY KEY); CREATE TABLE events_nokey (at timestamptz, what text);");

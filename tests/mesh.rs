@@ -215,7 +215,7 @@ fn run_seed(mesh: &Mesh, seed: u64) -> Result<(), String> {
     )
     .unwrap();
     let log = mesh.dir.path().join(format!("synapse{seed}.log"));
-    let mut child = spawn_run(&config, &log);
+    let mut child = Running(spawn_run(&config, &log));
     let logtext = || std::fs::read_to_string(&log).unwrap_or_default();
     let wait_converged = |what: &str, timeout: Duration| -> Result<String, String> {
         let deadline = Instant::now() + timeout;
@@ -248,19 +248,27 @@ fn run_seed(mesh: &Mesh, seed: u64) -> Result<(), String> {
     // Wait for the mesh to be up (the trigger exists once synapse installed it), then seed rows
     // on node 0 and let them reach everyone.
     let deadline = Instant::now() + Duration::from_secs(60);
-    while mesh.nodes[0].psql(&db, "SELECT count(*) FROM pg_trigger WHERE tgname = 'synapse_local_write'").unwrap_or_default()
+    while mesh.nodes[0]
+        .psql(&db, "SELECT count(*) FROM pg_trigger WHERE tgname = 'synapse_local_write'")
+        .unwrap_or_default()
         != "1"
     {
-        if Instant::now() > deadline || child.try_wait().unwrap().is_some() {
+        if Instant::now() > deadline || child.0.try_wait().unwrap().is_some() {
             return Err(format!("the mesh did not start:\n{}", logtext()));
         }
         std::thread::sleep(Duration::from_millis(100));
     }
     std::thread::sleep(Duration::from_secs(1));
     mesh.nodes[0]
-        .psql(&db, &format!("INSERT INTO accounts (id, owner, hits) SELECT g, 'seed', 100 FROM generate_series(1, {COUNTED}) g"))
+        .psql(
+            &db,
+            &format!(
+                "INSERT INTO accounts (id, owner, hits) SELECT g, 'seed', 100 FROM generate_series(1, {COUNTED}) g"
+            ),
+        )
         .unwrap();
-    let seeded = wait_converged("seed rows", Duration::from_secs(60)).map_err(|e| format!("{e}\n{}", tail(&logtext())))?;
+    let seeded =
+        wait_converged("seed rows", Duration::from_secs(60)).map_err(|e| format!("{e}\n{}", tail(&logtext())))?;
     if !seeded.starts_with(&format!("{COUNTED}:")) {
         return Err(format!("seed rows did not arrive: {seeded}\n{}", logtext()));
     }
@@ -284,8 +292,7 @@ fn run_seed(mesh: &Mesh, seed: u64) -> Result<(), String> {
     mesh.proxy.heal();
     phase(3, 3);
     let result = wait_converged("after healing", Duration::from_secs(180));
-    let _ = child.kill();
-    let _ = child.wait();
+    drop(child);
     let text = logtext();
     let fp = result.map_err(|e| format!("{e}\nsynapse log tail:\n{}", tail(&text)))?;
     if text.contains("panicked") {
@@ -299,7 +306,8 @@ fn run_seed(mesh: &Mesh, seed: u64) -> Result<(), String> {
     // Counters: start (100) plus every committed increment on every node.
     for k in 1..=COUNTED {
         let want = 100 + record.increments.get(&k).copied().unwrap_or(0);
-        let got: i64 = mesh.nodes[1].psql(&db, &format!("SELECT hits FROM accounts WHERE id = {k}")).unwrap().parse().unwrap();
+        let got: i64 =
+            mesh.nodes[1].psql(&db, &format!("SELECT hits FROM accounts WHERE id = {k}")).unwrap().parse().unwrap();
         if got != want {
             return Err(format!("counter of key {k}: {got}, expected {want} (the sum of all increments)"));
         }
@@ -309,7 +317,10 @@ fn run_seed(mesh: &Mesh, seed: u64) -> Result<(), String> {
     let conflicts: String = mesh
         .nodes
         .iter()
-        .map(|n| n.psql(&db, "SELECT coalesce(string_agg(local::text || remote::text, ' '), '') FROM synapse.conflicts").unwrap())
+        .map(|n| {
+            n.psql(&db, "SELECT coalesce(string_agg(local::text || remote::text, ' '), '') FROM synapse.conflicts")
+                .unwrap()
+        })
         .collect::<Vec<_>>()
         .join(" ");
     let mut disputed_conflicts = 0;
@@ -330,6 +341,16 @@ fn run_seed(mesh: &Mesh, seed: u64) -> Result<(), String> {
         record.committed, record.failed
     );
     Ok(())
+}
+
+/// The synapse process, stopped however the seed ends.
+struct Running(std::process::Child);
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
 }
 
 fn tail(text: &str) -> String {

@@ -371,8 +371,7 @@ impl Applier {
                         if open.take().is_some() {
                             s.txns_in_group += 1;
                             s.last_commit = Some(c);
-                            let mesh_full =
-                                s.mesh.as_ref().is_some_and(|m| m.rows() >= self.config.max_rows_per_flush);
+                            let mesh_full = s.mesh.as_ref().is_some_and(|m| m.rows() >= self.config.max_rows_per_flush);
                             if s.txns_in_group >= self.config.max_txns_per_commit
                                 || mesh_full
                                 || s.group_started.elapsed() >= MAX_GROUP_AGE

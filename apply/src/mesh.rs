@@ -161,17 +161,18 @@ fn trigger_sql(node: NodeId, t: &MeshTable) -> String {
     let tbl = literal(&t.name());
     let fname = format!("synapse.{}", quote_ident(&format!("local_write_{}_{}", t.schema, t.table)));
     let row = |rec: &str| t.key.iter().map(|k| format!("{rec}.{}", quote_ident(k))).collect::<Vec<_>>().join(", ");
-    let key_text = |rec: &str| {
-        t.key.iter().map(|k| format!("{rec}.{}::text", quote_ident(k))).collect::<Vec<_>>().join(", ")
-    };
+    let key_text =
+        |rec: &str| t.key.iter().map(|k| format!("{rec}.{}::text", quote_ident(k))).collect::<Vec<_>>().join(", ");
     let plain: Vec<&String> = t.columns.iter().filter(|(_, s)| *s != Strategy::Counter).map(|(c, _)| c).collect();
     let counters: Vec<&String> = t.columns.iter().filter(|(_, s)| *s == Strategy::Counter).map(|(c, _)| c).collect();
-    let all_plain =
-        format!("ARRAY[{}]::text[]", plain.iter().map(|c| literal(c)).collect::<Vec<_>>().join(", "));
+    let all_plain = format!("ARRAY[{}]::text[]", plain.iter().map(|c| literal(c)).collect::<Vec<_>>().join(", "));
     let object = |rec: &str, cols: &[&String]| {
         format!(
             "jsonb_build_object({})",
-            cols.iter().map(|c| format!("{}, {rec}.{}::text", literal(c), quote_ident(c))).collect::<Vec<_>>().join(", ")
+            cols.iter()
+                .map(|c| format!("{}, {rec}.{}::text", literal(c), quote_ident(c)))
+                .collect::<Vec<_>>()
+                .join(", ")
         )
     };
     let changed: String = plain
@@ -308,11 +309,18 @@ async fn describe(client: &Client, name: &str, policy: &TablePolicy) -> Result<M
     }
     for col in policy.columns.keys() {
         if !columns.iter().any(|(c, _)| c == col) {
-            return Err(schema_error(format!("the policy names column {col}, which is not a non-key column of the table")));
+            return Err(schema_error(format!(
+                "the policy names column {col}, which is not a non-key column of the table"
+            )));
         }
     }
     key.sort();
-    Ok(MeshTable { schema: schema.into(), table: table.into(), key: key.into_iter().map(|(_, c)| c).collect(), columns })
+    Ok(MeshTable {
+        schema: schema.into(),
+        table: table.into(),
+        key: key.into_iter().map(|(_, c)| c).collect(),
+        columns,
+    })
 }
 
 /// Prepares node `node` for the mesh: the sidecar and conflict tables, and a trigger on every
@@ -328,7 +336,8 @@ pub async fn install(
     for name in tables {
         described.push(describe(client, name, policies.get(name).unwrap_or(&none)).await?);
     }
-    let mut sql = format!("SET client_min_messages = warning; BEGIN; SELECT pg_advisory_xact_lock(7305918); {MESH_DDL}");
+    let mut sql =
+        format!("SET client_min_messages = warning; BEGIN; SELECT pg_advisory_xact_lock(7305918); {MESH_DDL}");
     for t in &described {
         sql.push_str(&trigger_sql(node, t));
         sql.push('\n');
@@ -377,7 +386,8 @@ impl Side {
         let pn = self.cols.get(column)?.get("pn")?.as_object()?;
         let totals = pn.iter().filter_map(|(node, v)| {
             let id: u16 = node.parse().ok()?;
-            let num = |i: usize| v.get(i).and_then(|x| x.as_u64().or_else(|| x.as_f64().map(|f| f as u64))).unwrap_or(0);
+            let num =
+                |i: usize| v.get(i).and_then(|x| x.as_u64().or_else(|| x.as_f64().map(|f| f as u64))).unwrap_or(0);
             Some((NodeId(id), num(0), num(1)))
         });
         Some(Counter::from_contributions(totals))
@@ -534,15 +544,9 @@ impl MeshBuffer {
                 rel.columns.iter().position(|c| c.name == name).and_then(|i| after.get(i))
             };
             let txt = |name: &str| col(name).and_then(|v| v.as_text());
-            let (Some(tbl), Some(pk), Some(vv), Some(ms), Some(lc), Some(node), Some(live)) = (
-                txt("tbl"),
-                txt("pk"),
-                txt("vv"),
-                txt("hlc_ms"),
-                txt("hlc_lc"),
-                txt("node"),
-                txt("live"),
-            ) else {
+            let (Some(tbl), Some(pk), Some(vv), Some(ms), Some(lc), Some(node), Some(live)) =
+                (txt("tbl"), txt("pk"), txt("vv"), txt("hlc_ms"), txt("hlc_lc"), txt("node"), txt("live"))
+            else {
                 return Err(bad("a row version arrived without its columns".into()));
             };
             let cols = txt("cols").unwrap_or("{}");
@@ -561,9 +565,11 @@ impl MeshBuffer {
         }
         let name = rel.name();
         if let Some(m) = mesh {
-            self.tables
-                .entry(name.clone())
-                .or_insert_with(|| TableInfo { rel: rel.clone(), target: target.clone(), mesh: m.clone() });
+            self.tables.entry(name.clone()).or_insert_with(|| TableInfo {
+                rel: rel.clone(),
+                target: target.clone(),
+                mesh: m.clone(),
+            });
             if let Some(info) = self.tables.get_mut(&name) {
                 if info.rel.key() != rel.key() {
                     info.rel = rel.clone();
@@ -634,10 +640,7 @@ impl MeshBuffer {
                  ON CONFLICT (tbl, pk) DO NOTHING",
             )
             .await?;
-            client
-                .execute(&placeholder, &[&tbls, &pks])
-                .await
-                .map_err(ApplyError::target("reserving row versions"))?;
+            client.execute(&placeholder, &[&tbls, &pks]).await.map_err(ApplyError::target("reserving row versions"))?;
             let lock = prepared(
                 client,
                 statements,
@@ -649,8 +652,9 @@ impl MeshBuffer {
             for r in client.query(&lock, &[&tbls, &pks]).await.map_err(ApplyError::target("locking row versions"))? {
                 let (tbl, pk): (String, String) = (r.get(0), r.get(1));
                 let key: Vec<String> = serde_json::from_str(&pk).unwrap_or_default();
-                let side = Side::parse(&r.get::<_, String>(2), r.get(3), r.get(4), r.get(5), r.get(6), &r.get::<_, String>(7))
-                    .map_err(|message| ApplyError::Schema { table: tbl.clone(), message })?;
+                let side =
+                    Side::parse(&r.get::<_, String>(2), r.get(3), r.get(4), r.get(5), r.get(6), &r.get::<_, String>(7))
+                        .map_err(|message| ApplyError::Schema { table: tbl.clone(), message })?;
                 local_sides.insert((tbl, key), side);
             }
         }
@@ -702,7 +706,8 @@ impl MeshBuffer {
                         (false, false) => "delete_delete",
                         _ => "update_delete",
                     };
-                    let resolution = if result.stamp.lww_key() == local.stamp.lww_key() { "local_wins" } else { "remote_wins" };
+                    let resolution =
+                        if result.stamp.lww_key() == local.stamp.lww_key() { "local_wins" } else { "remote_wins" };
                     metrics::counter!("synapse_conflicts_total", "table" => name.clone(), "kind" => kind, "resolution" => resolution)
                         .increment(1);
                     writes.conflicts.push([
@@ -717,9 +722,8 @@ impl MeshBuffer {
                     conflicts += 1;
                 }
             }
-            let values: Option<Values> = result
-                .live
-                .then(|| result.cells.iter().map(|(c, cell)| (c.clone(), visible_text(cell))).collect());
+            let values: Option<Values> =
+                result.live.then(|| result.cells.iter().map(|(c, cell)| (c.clone(), visible_text(cell))).collect());
             writes.row(info, &key, values.as_ref());
             writes.side(&name, &key, side_of(&result));
         }
@@ -796,8 +800,9 @@ async fn read_rows(
         info.mesh.key.iter().map(|k| format!("t.{}", quote_ident(k))).collect::<Vec<_>>().join(", "),
     );
     let stmt = prepared(client, statements, &sql).await?;
-    let columns: Vec<Vec<String>> =
-        (0..info.mesh.key.len()).map(|i| keys.iter().map(|k| k.get(i).cloned().unwrap_or_default()).collect()).collect();
+    let columns: Vec<Vec<String>> = (0..info.mesh.key.len())
+        .map(|i| keys.iter().map(|k| k.get(i).cloned().unwrap_or_default()).collect())
+        .collect();
     let params: Vec<&(dyn ToSql + Sync)> = columns.iter().map(|c| c as &(dyn ToSql + Sync)).collect();
     let found = client
         .query(&stmt, &params)
@@ -814,11 +819,27 @@ async fn read_rows(
         .collect())
 }
 
+/// Key values followed by the written columns' values.
+type Row = Vec<Option<String>>;
+
+/// `synapse.row_version` rows as column arrays, one statement's parameters.
+#[derive(Default)]
+struct SideColumns<'a> {
+    tbl: Vec<&'a str>,
+    pk: Vec<&'a str>,
+    vv: Vec<String>,
+    ms: Vec<i64>,
+    lc: Vec<i32>,
+    node: Vec<i32>,
+    live: Vec<bool>,
+    cols: Vec<String>,
+}
+
 /// The outcome of one buffer, written in a few statements per table.
 #[derive(Default)]
 struct Writes {
     /// Per table and set of columns: keys followed by the values.
-    upserts: BTreeMap<(String, Vec<String>), Vec<Vec<Option<String>>>>,
+    upserts: BTreeMap<(String, Vec<String>), Vec<Row>>,
     deletes: BTreeMap<String, Vec<Vec<String>>>,
     sides: Vec<(String, String, Side)>,
     conflicts: Vec<[String; 7]>,
@@ -864,7 +885,8 @@ impl Writes {
             let columns: Vec<Vec<String>> =
                 (0..info.mesh.key.len()).map(|i| keys.iter().map(|k| k[i].clone()).collect()).collect();
             let params: Vec<&(dyn ToSql + Sync)> = columns.iter().map(|c| c as &(dyn ToSql + Sync)).collect();
-            written += client.execute(&stmt, &params).await.map_err(ApplyError::target(format!("deleting from {name}")))?;
+            written +=
+                client.execute(&stmt, &params).await.map_err(ApplyError::target(format!("deleting from {name}")))?;
         }
         for ((name, cols), rows) in &self.upserts {
             let Some(info) = tables.get(name) else { continue };
@@ -886,7 +908,10 @@ impl Writes {
             } else {
                 format!(
                     "DO UPDATE SET {}",
-                    cols.iter().map(|c| format!("{q} = excluded.{q}", q = quote_ident(c))).collect::<Vec<_>>().join(", ")
+                    cols.iter()
+                        .map(|c| format!("{q} = excluded.{q}", q = quote_ident(c)))
+                        .collect::<Vec<_>>()
+                        .join(", ")
                 )
             };
             let sql = format!(
@@ -917,21 +942,20 @@ impl Writes {
                      node = excluded.node, live = excluded.live, cols = excluded.cols",
             )
             .await?;
-            let mut cols: (Vec<&str>, Vec<&str>, Vec<String>, Vec<i64>, Vec<i32>, Vec<i32>, Vec<bool>, Vec<String>) =
-                Default::default();
+            let mut c = SideColumns::default();
             for (t, p, s) in &self.sides {
-                cols.0.push(t);
-                cols.1.push(p);
+                c.tbl.push(t);
+                c.pk.push(p);
                 let vv: Map<String, Json> = s.vv.iter().map(|(n, c)| (n.0.to_string(), json!(c))).collect();
-                cols.2.push(Json::Object(vv).to_string());
-                cols.3.push(s.hlc.wall_ms as i64);
-                cols.4.push(s.hlc.logical as i32);
-                cols.5.push(i32::from(s.node.0));
-                cols.6.push(s.live);
-                cols.7.push(Json::Object(s.cols.clone()).to_string());
+                c.vv.push(Json::Object(vv).to_string());
+                c.ms.push(s.hlc.wall_ms as i64);
+                c.lc.push(s.hlc.logical as i32);
+                c.node.push(i32::from(s.node.0));
+                c.live.push(s.live);
+                c.cols.push(Json::Object(s.cols.clone()).to_string());
             }
             client
-                .execute(&stmt, &[&cols.0, &cols.1, &cols.2, &cols.3, &cols.4, &cols.5, &cols.6, &cols.7])
+                .execute(&stmt, &[&c.tbl, &c.pk, &c.vv, &c.ms, &c.lc, &c.node, &c.live, &c.cols])
                 .await
                 .map_err(ApplyError::target("storing row versions"))?;
         }
@@ -981,7 +1005,8 @@ mod tests {
             r#"{"owner": {"at": [1700000000000, 2, 1]}, "hits": {"pn": {"0": [10, 0], "1": [5, 2]}}}"#,
         )
         .unwrap();
-        let row: Values = [("owner".to_string(), Some("ann".to_string())), ("hits".to_string(), Some("13".into()))].into();
+        let row: Values =
+            [("owner".to_string(), Some("ann".to_string())), ("hits".to_string(), Some("13".into()))].into();
         let v = version(&t, &side, Some(&row));
         assert!(v.live);
         assert_eq!(v.cells["hits"].visible(), json!(13));
@@ -995,9 +1020,15 @@ mod tests {
     #[test]
     fn a_tombstone_keeps_its_values() {
         let t = table();
-        let side =
-            Side::parse(r#"{"1": 2}"#, 5, 0, 1, false, r#"{"owner": {"at": [4, 0, 1], "v": "bob"}, "hits": {"pn": {"1": [3, 0]}}}"#)
-                .unwrap();
+        let side = Side::parse(
+            r#"{"1": 2}"#,
+            5,
+            0,
+            1,
+            false,
+            r#"{"owner": {"at": [4, 0, 1], "v": "bob"}, "hits": {"pn": {"1": [3, 0]}}}"#,
+        )
+        .unwrap();
         let v = version(&t, &side, None);
         assert!(!v.live);
         assert_eq!(v.cells["owner"].visible(), json!("bob"));

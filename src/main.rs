@@ -7,6 +7,7 @@ mod doctor;
 mod ops;
 mod pipeline;
 mod quickstart;
+mod quickstart_mesh;
 
 use clap::{Parser, Subcommand};
 
@@ -77,6 +78,10 @@ enum Command {
         /// Address of the streaming and webhook API ("" disables).
         #[arg(long, default_value = config::defaults::API_LISTEN)]
         api_listen: String,
+        /// Instead: a writable mesh of this many local nodes (2–5), showing a concurrent update
+        /// resolved and a counter converging.
+        #[arg(long, conflicts_with_all = ["source", "target"])]
+        regions: Option<usize>,
     },
 }
 
@@ -177,7 +182,12 @@ fn main() -> ExitCode {
                 }
             }
             Command::Bench(o) => bench::run(o).await.map(|_| ExitCode::SUCCESS),
-            Command::Quickstart { source, target, data_dir, duration, ops_listen, api_listen } => {
+            Command::Quickstart { regions: Some(n), duration, ops_listen, .. } => {
+                quickstart_mesh::run(n, duration.map(Duration::from_secs_f64), ops_listen)
+                    .await
+                    .map(|_| ExitCode::SUCCESS)
+            }
+            Command::Quickstart { source, target, data_dir, duration, ops_listen, api_listen, regions: None } => {
                 let opts = quickstart::Options {
                     source,
                     target,

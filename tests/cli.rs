@@ -165,3 +165,13 @@ fn quickstart_with_urls_resumes_instead_of_copying_again() {
     assert_eq!(nodes.target.psql("app", synced).unwrap(), before, "the rerun copied again");
     assert_eq!(nodes.target.psql("app", "SELECT v FROM t WHERE id = 9999").unwrap(), "while stopped");
 }
+
+#[test]
+fn quickstart_regions_shows_a_resolved_conflict_and_a_converged_counter() {
+    let out = synapse(&["quickstart", "--regions", "3", "--duration", "2", "--ops-listen", ""]).output().unwrap();
+    let text = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{text}");
+    assert!(text.contains("synapse.conflicts: update_update"), "{text}");
+    assert!(text.contains("no increment lost"), "{text}");
+    assert!(text.contains("all 3 regions identical"), "{text}");
+}

@@ -91,6 +91,10 @@ BEGIN
     SELECT * INTO r FROM synapse.row_version WHERE tbl = p_tbl AND pk = p_pk FOR UPDATE;
     IF NOT FOUND THEN
         r.vv := '{}'; r.hlc_ms := 0; r.hlc_lc := 0; r.cols := '{}';
+        -- An update or delete of a row older than the mesh: the data every node started from
+        -- is a common ancestor (a write of node 0), so two first updates are concurrent
+        -- updates of it, not two inserts.
+        IF p_base IS NOT NULL THEN r.vv := '{"0": 1}'; END IF;
     END IF;
     IF wall > r.hlc_ms THEN ms := wall; lc := 0; ELSE ms := r.hlc_ms; lc := r.hlc_lc + 1; END IF;
     r.vv := r.vv || jsonb_build_object(me, coalesce((r.vv ->> me)::bigint, 0) + 1);
@@ -223,7 +227,7 @@ CREATE OR REPLACE TRIGGER synapse_monotonic BEFORE UPDATE ON {table} FOR EACH RO
         "CREATE OR REPLACE FUNCTION {fname}() RETURNS trigger LANGUAGE plpgsql AS $fn$
 DECLARE
     changed text[] := '{{}}';
-    base jsonb := '{{}}';
+    base jsonb;  -- NULL for a new row
 BEGIN
     IF TG_OP = 'DELETE' OR (TG_OP = 'UPDATE' AND ({old_key}) IS DISTINCT FROM ({new_key})) THEN
         PERFORM synapse.record_local_write({tbl}, jsonb_build_array({old_text}), {node}, false,

@@ -138,7 +138,7 @@ impl PendingChanges {
     }
 }
 
-async fn prepared(
+pub(crate) async fn prepared(
     client: &Client,
     cache: &mut HashMap<String, Statement>,
     sql: String,

@@ -28,6 +28,7 @@
 //!   placeholder if needed) before reading the local row, so a local transaction on the same key
 //!   either committed before (and is resolved against) or waits and then builds on the result.
 
+use crate::batch::prepared;
 use crate::target::TargetTable;
 use crate::ApplyError;
 use serde_json::{json, Map, Value as Json};
@@ -493,6 +494,18 @@ struct TableInfo {
     mesh: MeshTable,
 }
 
+impl TableInfo {
+    /// The target type to cast `column`'s text to.
+    fn cast(&self, column: &str) -> String {
+        self.rel
+            .columns
+            .iter()
+            .position(|c| c.name == column)
+            .and_then(|p| self.target.casts.get(p).cloned())
+            .unwrap_or_else(|| "text".into())
+    }
+}
+
 /// Changes of whole source transactions from one peer, buffered until the target transaction
 /// commits (a row's change and its `row_version` change arrive apart: AFTER ROW triggers run at
 /// the end of the statement, after all its rows).
@@ -641,7 +654,9 @@ impl MeshBuffer {
                 statements,
                 "INSERT INTO synapse.row_version (tbl, pk, vv, hlc_ms, hlc_lc, node, live, cols)
                  SELECT t, p::jsonb, '{}', 0, 0, 0, false, '{}' FROM unnest($1::text[], $2::text[]) AS u(t, p)
-                 ON CONFLICT (tbl, pk) DO NOTHING",
+                 ON CONFLICT (tbl, pk) DO NOTHING"
+                    .to_owned(),
+                "synapse.row_version",
             )
             .await?;
             client.execute(&placeholder, &[&tbls, &pks]).await.map_err(ApplyError::target("reserving row versions"))?;
@@ -650,7 +665,9 @@ impl MeshBuffer {
                 statements,
                 "SELECT tbl, pk::text, vv::text, hlc_ms, hlc_lc, node, live, cols::text FROM synapse.row_version
                  WHERE (tbl, pk) IN (SELECT t, p::jsonb FROM unnest($1::text[], $2::text[]) AS u(t, p))
-                 ORDER BY tbl, pk FOR UPDATE",
+                 ORDER BY tbl, pk FOR UPDATE"
+                    .to_owned(),
+                "synapse.row_version",
             )
             .await?;
             for r in client.query(&lock, &[&tbls, &pks]).await.map_err(ApplyError::target("locking row versions"))? {
@@ -750,27 +767,12 @@ fn shares_history(a: &VersionVector, b: &VersionVector) -> bool {
     a.iter().any(|(n, c)| c > 0 && b.get(n) > 0)
 }
 
-async fn prepared(client: &Client, cache: &mut HashMap<String, Statement>, sql: &str) -> Result<Statement, ApplyError> {
-    if let Some(s) = cache.get(sql) {
-        return Ok(s.clone());
-    }
-    let s = client.prepare(sql).await.map_err(ApplyError::target("preparing a mesh statement"))?;
-    cache.insert(sql.to_owned(), s.clone());
-    Ok(s)
-}
-
 /// `t.k1 = u.k1::type AND …` over the key columns.
 fn key_join(info: &TableInfo) -> (String, String) {
     let mut cols = Vec::new();
     let mut cond = Vec::new();
     for (i, k) in info.mesh.key.iter().enumerate() {
-        let cast = info
-            .rel
-            .columns
-            .iter()
-            .position(|c| &c.name == k)
-            .and_then(|p| info.target.casts.get(p).cloned())
-            .unwrap_or_else(|| "text".into());
+        let cast = info.cast(k);
         cols.push(format!("k{i}"));
         cond.push(format!("t.{} = u.k{i}::{cast}", quote_ident(k)));
     }
@@ -803,7 +805,7 @@ async fn read_rows(
         unnest_params(info.mesh.key.len()),
         info.mesh.key.iter().map(|k| format!("t.{}", quote_ident(k))).collect::<Vec<_>>().join(", "),
     );
-    let stmt = prepared(client, statements, &sql).await?;
+    let stmt = prepared(client, statements, sql, &info.mesh.name()).await?;
     let columns: Vec<Vec<String>> = (0..info.mesh.key.len())
         .map(|i| keys.iter().map(|k| k.get(i).cloned().unwrap_or_default()).collect())
         .collect();
@@ -885,7 +887,7 @@ impl Writes {
                 quote_ident(&info.mesh.table),
                 unnest_params(info.mesh.key.len())
             );
-            let stmt = prepared(client, statements, &sql).await?;
+            let stmt = prepared(client, statements, sql, &info.mesh.name()).await?;
             let columns: Vec<Vec<String>> =
                 (0..info.mesh.key.len()).map(|i| keys.iter().map(|k| k[i].clone()).collect()).collect();
             let params: Vec<&(dyn ToSql + Sync)> = columns.iter().map(|c| c as &(dyn ToSql + Sync)).collect();
@@ -894,18 +896,11 @@ impl Writes {
         }
         for ((name, cols), rows) in &self.upserts {
             let Some(info) = tables.get(name) else { continue };
-            let cast = |c: &String| {
-                info.rel
-                    .columns
-                    .iter()
-                    .position(|x| &x.name == c)
-                    .and_then(|p| info.target.casts.get(p).cloned())
-                    .unwrap_or_else(|| "text".into())
-            };
             let all: Vec<&String> = info.mesh.key.iter().chain(cols.iter()).collect();
             let names: Vec<String> = all.iter().map(|c| quote_ident(c)).collect();
             let aliases: Vec<String> = (0..all.len()).map(|i| format!("c{i}")).collect();
-            let select: Vec<String> = all.iter().enumerate().map(|(i, c)| format!("u.c{i}::{}", cast(c))).collect();
+            let select: Vec<String> =
+                all.iter().enumerate().map(|(i, c)| format!("u.c{i}::{}", info.cast(c))).collect();
             let keys: Vec<String> = info.mesh.key.iter().map(|k| quote_ident(k)).collect();
             let action = if cols.is_empty() {
                 "DO NOTHING".to_owned()
@@ -928,23 +923,19 @@ impl Writes {
                 aliases.join(", "),
                 keys.join(", "),
             );
-            let stmt = prepared(client, statements, &sql).await?;
+            let stmt = prepared(client, statements, sql, &info.mesh.name()).await?;
             let columns: Vec<Vec<Option<String>>> =
                 (0..all.len()).map(|i| rows.iter().map(|r| r[i].clone()).collect()).collect();
             let params: Vec<&(dyn ToSql + Sync)> = columns.iter().map(|c| c as &(dyn ToSql + Sync)).collect();
             written += client.execute(&stmt, &params).await.map_err(ApplyError::target(format!("writing {name}")))?;
         }
         if !self.sides.is_empty() {
-            let stmt = prepared(
-                client,
-                statements,
-                "INSERT INTO synapse.row_version (tbl, pk, vv, hlc_ms, hlc_lc, node, live, cols)
+            let stmt = prepared(client, statements, "INSERT INTO synapse.row_version (tbl, pk, vv, hlc_ms, hlc_lc, node, live, cols)
                  SELECT t, p::jsonb, vv::jsonb, ms, lc, n, l, c::jsonb
                  FROM unnest($1::text[], $2::text[], $3::text[], $4::int8[], $5::int4[], $6::int4[], $7::bool[], $8::text[])
                      AS u(t, p, vv, ms, lc, n, l, c)
                  ON CONFLICT (tbl, pk) DO UPDATE SET vv = excluded.vv, hlc_ms = excluded.hlc_ms, hlc_lc = excluded.hlc_lc,
-                     node = excluded.node, live = excluded.live, cols = excluded.cols",
-            )
+                     node = excluded.node, live = excluded.live, cols = excluded.cols".to_owned(), "synapse.row_version")
             .await?;
             let mut c = SideColumns::default();
             for (t, p, s) in &self.sides {
@@ -970,7 +961,9 @@ impl Writes {
                 "INSERT INTO synapse.conflicts (source_node, table_name, pk, kind, resolution, local, remote, result)
                  SELECT $1, t, p::jsonb, k, r, l::jsonb, rm::jsonb, res::jsonb
                  FROM unnest($2::text[], $3::text[], $4::text[], $5::text[], $6::text[], $7::text[], $8::text[])
-                     AS u(t, p, k, r, l, rm, res)",
+                     AS u(t, p, k, r, l, rm, res)"
+                    .to_owned(),
+                "synapse.conflicts",
             )
             .await?;
             let col = |i: usize| self.conflicts.iter().map(|c| c[i].as_str()).collect::<Vec<&str>>();

@@ -25,9 +25,12 @@ async fn connect(url: &str) -> anyhow::Result<tokio_postgres::Client> {
     Ok(client)
 }
 
+/// Row count and a digest of every row, in key order: equal answers mean identical tables.
+const FINGERPRINT: &str =
+    "SELECT count(*) || ' rows, md5 ' || md5(string_agg(a::text, ';' ORDER BY id)) FROM accounts a";
+
 fn fingerprint(node: &LocalCluster) -> String {
-    node.psql("app", "SELECT count(*) || ' rows, md5 ' || md5(string_agg(a::text, ';' ORDER BY id)) FROM accounts a")
-        .unwrap_or_else(|e| format!("error: {e}"))
+    node.psql("app", FINGERPRINT).unwrap_or_else(|e| format!("error: {e}"))
 }
 
 /// Polls until every node gives the same answer to `query`; prints each distinct state once.
@@ -220,8 +223,7 @@ pub async fn run(regions: usize, duration: Option<Duration>, ops_listen: String)
         writes += w.await??;
     }
     eprintln!("   {writes} writes committed across the regions; waiting for the mesh to settle:");
-    let q = "SELECT count(*) || ' rows, md5 ' || md5(string_agg(a::text, ';' ORDER BY id)) FROM accounts a";
-    let same = wait_same(&nodes, &names, q, Duration::from_secs(120)).await;
+    let same = wait_same(&nodes, &names, FINGERPRINT, Duration::from_secs(120)).await;
     let conflicts: Vec<String> =
         nodes.iter().map(|n| n.psql("app", "SELECT count(*) FROM synapse.conflicts").unwrap_or_default()).collect();
     let _ = stop.send(true);

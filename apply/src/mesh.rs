@@ -582,16 +582,15 @@ impl MeshBuffer {
         }
         let name = rel.name();
         if let Some(m) = mesh {
-            self.tables.entry(name.clone()).or_insert_with(|| TableInfo {
+            let info = self.tables.entry(name.clone()).or_insert_with(|| TableInfo {
                 rel: rel.clone(),
                 target: target.clone(),
                 mesh: m.clone(),
             });
-            if let Some(info) = self.tables.get_mut(&name) {
-                if info.rel.key() != rel.key() {
-                    info.rel = rel.clone();
-                    info.target = target.clone();
-                }
+            // A newer relation version (e.g. a column added) replaces the one buffered.
+            if info.rel.key() != rel.key() {
+                info.rel = rel.clone();
+                info.target = target.clone();
             }
         }
         if let Some((_, before)) = &change.before {

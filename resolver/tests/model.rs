@@ -9,21 +9,12 @@
 //!   or not (tombstones keep their cells).
 #![allow(clippy::unwrap_used)]
 
-use serde_json::json;
+mod support;
+
 use stateright::{Checker, Model, Property};
-use std::collections::BTreeMap;
 use std::hash::{Hash, Hasher};
-use synapse_resolver::column::Counter;
-use synapse_resolver::{resolve, Cell, Decision, Hlc, NodeId, RowVersion, Stamp, Strategy, TablePolicy, VersionVector};
-
-const NODES: usize = 3;
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-enum Write {
-    SetName(u8),
-    Increment,
-    Delete,
-}
+use support::{counter_value, encode, local_write, policy, view, Write, NODES};
+use synapse_resolver::{resolve, Decision, RowVersion, TablePolicy};
 
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 enum Action {
@@ -42,16 +33,6 @@ struct State {
     network: Vec<(usize, RowVersion)>,
     increments: i64,
     merges: u32,
-}
-
-/// Canonical bytes of a row version: lww values and counters encode deterministically.
-fn encode(r: &RowVersion) -> Vec<u8> {
-    let mut out = postcard::to_allocvec(&(&r.stamp, r.live)).unwrap();
-    for (k, c) in &r.cells {
-        out.extend(k.as_bytes());
-        out.extend(c.encode());
-    }
-    out
 }
 
 impl Hash for State {
@@ -88,26 +69,6 @@ struct Mesh {
     writes_per_node: u8,
 }
 
-/// Existence, causal history and visible values: what converged nodes must agree on.
-type View = Option<(bool, Vec<(NodeId, u64)>, BTreeMap<String, String>)>;
-
-fn view(r: &Option<RowVersion>) -> View {
-    r.as_ref().map(|r| {
-        (
-            r.live,
-            r.stamp.vv.iter().collect(),
-            r.cells.iter().map(|(k, c)| (k.clone(), c.visible().to_string())).collect(),
-        )
-    })
-}
-
-fn counter_value(r: &Option<RowVersion>) -> i64 {
-    match r.as_ref().and_then(|r| r.cells.get("hits")) {
-        Some(Cell::Counter(c)) => c.value(),
-        _ => 0,
-    }
-}
-
 impl Model for Mesh {
     type State = State;
     type Action = Action;
@@ -126,7 +87,7 @@ impl Model for Mesh {
     fn actions(&self, s: &State, actions: &mut Vec<Action>) {
         for n in 0..NODES {
             if s.writes_left[n] > 0 {
-                for w in [Write::SetName(n as u8), Write::Increment, Write::Delete] {
+                for w in Write::choices(n) {
                     actions.push(Action::Write(n, w));
                 }
             }
@@ -141,35 +102,9 @@ impl Model for Mesh {
         let mut s = s.clone();
         match action {
             Action::Write(n, w) => {
-                let node = NodeId(n as u16);
-                let seen = s.rows[n].as_ref().map_or(0, |r| r.stamp.hlc.wall_ms);
-                s.clocks[n] = s.clocks[n].max(seen) + 1;
-                let hlc = Hlc { wall_ms: s.clocks[n], logical: 0 };
-                let mut row = s.rows[n].clone().unwrap_or(RowVersion {
-                    stamp: Stamp { vv: VersionVector::new(), hlc, node },
-                    live: true,
-                    cells: BTreeMap::new(),
-                });
-                row.stamp.vv.increment(node);
-                row.stamp.hlc = hlc;
-                row.stamp.node = node;
-                match w {
-                    Write::SetName(v) => {
-                        row.live = true;
-                        row.cells.insert("name".into(), Cell::Value { value: json!(v), at: (hlc, node) });
-                    }
-                    Write::Increment => {
-                        row.live = true;
-                        let mut c = match row.cells.remove("hits") {
-                            Some(Cell::Counter(c)) => c,
-                            _ => Counter::default(),
-                        };
-                        let cur = c.value();
-                        c.local_write(node, cur, cur + 1);
-                        row.cells.insert("hits".into(), Cell::Counter(c));
-                        s.increments += 1;
-                    }
-                    Write::Delete => row.live = false,
+                let row = local_write(s.rows[n].as_ref(), n, &mut s.clocks[n], w);
+                if w == Write::Increment {
+                    s.increments += 1;
                 }
                 for to in (0..NODES).filter(|t| *t != n) {
                     s.network.push((to, row.clone()));
@@ -218,8 +153,7 @@ impl Model for Mesh {
 
 #[test]
 fn three_nodes_converge_under_reordering_and_duplication() {
-    let model =
-        Mesh { policy: TablePolicy { columns: [("hits".to_string(), Strategy::Counter)].into() }, writes_per_node: 1 };
+    let model = Mesh { policy: policy(), writes_per_node: 1 };
     let checker = model.checker().spawn_bfs().join();
     checker.assert_properties();
     let states = checker.unique_state_count();

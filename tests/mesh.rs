@@ -373,3 +373,107 @@ fn three_writable_nodes_converge_after_a_partition() {
         }
     }
 }
+
+/// Two regions register the same e-mail under different ids while the mesh is down (the
+/// synapse process killed with -9), twice over: after the restart no applier stops on the
+/// unique violation, every node keeps the same row of each pair (the later write), the other
+/// is in `synapse.conflicts` as `unique_key`, and replication goes on.
+#[test]
+fn concurrent_inserts_of_one_unique_value_keep_the_same_row_everywhere() {
+    let nodes: Vec<LocalCluster> = (0..3).map(|_| LocalCluster::start(ClusterOptions::default()).unwrap()).collect();
+    let dir = tempfile::tempdir().unwrap();
+    let schema = "CREATE TABLE users (id int PRIMARY KEY, email text NOT NULL UNIQUE, name text)";
+    for n in &nodes {
+        n.create_database("app").unwrap();
+        n.psql("app", schema).unwrap();
+    }
+    let nodes_yaml: String = (0..3)
+        .map(|i| {
+            format!("    - name: u{i}\n      id: {}\n      url: {}\n      region: r{i}\n", i + 1, nodes[i].url("app"))
+        })
+        .collect();
+    let config = dir.path().join("mesh.yaml");
+    std::fs::write(
+        &config,
+        format!(
+            "log:\n  dir: {}\nmesh:\n  nodes:\n{nodes_yaml}  tables: [public.users]\nops:\n  listen: \"\"\napi:\n  listen: \"\"\n",
+            dir.path().join("log").display()
+        ),
+    )
+    .unwrap();
+    let log = dir.path().join("synapse.log");
+    let logtext = || std::fs::read_to_string(&log).unwrap_or_default();
+    let users = |i: usize| {
+        nodes[i].psql("app", "SELECT coalesce(string_agg(u::text, ' ' ORDER BY id), '') FROM users u").unwrap()
+    };
+    let wait_all = |what: &str, want: &str| {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while (0..3).any(|i| users(i) != want) {
+            assert!(
+                Instant::now() < deadline,
+                "{what}: nodes hold {:?}, want {want:?}\n{}",
+                (0..3).map(users).collect::<Vec<_>>(),
+                tail(&logtext())
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    };
+
+    // First start installs the mesh (triggers, slots); then the process dies.
+    let mut child = Running(spawn_run(&config, &log));
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let ready = |n: &LocalCluster| {
+        n.psql("app", "SELECT (SELECT count(*) FROM pg_trigger WHERE tgname = 'synapse_local_write') || '/' || (SELECT count(*) FROM pg_replication_slots WHERE active)")
+            .unwrap_or_default()
+            == "1/1"
+    };
+    while !nodes.iter().all(ready) {
+        assert!(Instant::now() < deadline, "the mesh did not start:\n{}", logtext());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    nodes[0].psql("app", "INSERT INTO users VALUES (100, 'seed@example.com', 'seed')").unwrap();
+    wait_all("seed row", "(100,seed@example.com,seed)");
+    child.0.kill().unwrap();
+    child.0.wait().unwrap();
+
+    // While it is down: two pairs of concurrent registrations, the second of each pair later.
+    nodes[0].psql("app", "INSERT INTO users VALUES (1, 'ann@example.com', 'ann in r0')").unwrap();
+    std::thread::sleep(Duration::from_millis(30));
+    nodes[1].psql("app", "INSERT INTO users VALUES (2, 'ann@example.com', 'ann in r1')").unwrap();
+    nodes[2].psql("app", "INSERT INTO users VALUES (3, 'bob@example.com', 'bob in r2')").unwrap();
+    std::thread::sleep(Duration::from_millis(30));
+    nodes[1].psql("app", "INSERT INTO users VALUES (4, 'bob@example.com', 'bob in r1')").unwrap();
+
+    let child = Running(spawn_run(&config, &log));
+    wait_all(
+        "after the restart",
+        "(2,ann@example.com,\"ann in r1\") (4,bob@example.com,\"bob in r1\") (100,seed@example.com,seed)",
+    );
+    // Every loser is logged, on at least the node that had written it.
+    let logged: String = (0..3)
+        .map(|i| {
+            nodes[i]
+                .psql("app", "SELECT coalesce(string_agg(pk::text || ':' || resolution, ' ' ORDER BY pk::text, resolution), '') FROM synapse.conflicts WHERE kind = 'unique_key'")
+                .unwrap()
+        })
+        .collect::<Vec<_>>()
+        .join(" | ");
+    assert!(logged.contains("[\"1\"]:remote_wins"), "ann in r0 is not logged as superseded: {logged}");
+    assert!(logged.contains("[\"3\"]:remote_wins"), "bob in r2 is not logged as superseded: {logged}");
+    assert!(logged.contains("[\"1\"]:local_wins"), "no node logged refusing ann in r0: {logged}");
+    // The losers are tombstones with the same version everywhere, and the appliers still run.
+    let tombstones = |i: usize| {
+        nodes[i]
+            .psql("app", "SELECT string_agg(pk::text || vv::text || live, ' ' ORDER BY pk::text) FROM synapse.row_version WHERE tbl = 'public.users'")
+            .unwrap()
+    };
+    assert_eq!(tombstones(0), tombstones(1));
+    assert_eq!(tombstones(1), tombstones(2));
+    nodes[2].psql("app", "INSERT INTO users VALUES (5, 'cy@example.com', 'cy')").unwrap();
+    wait_all(
+        "a write after the collisions",
+        "(2,ann@example.com,\"ann in r1\") (4,bob@example.com,\"bob in r1\") (5,cy@example.com,cy) (100,seed@example.com,seed)",
+    );
+    assert!(!logtext().contains("panicked"), "{}", tail(&logtext()));
+    drop(child);
+}

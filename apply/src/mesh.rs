@@ -32,10 +32,12 @@ use crate::batch::prepared;
 use crate::target::TargetTable;
 use crate::ApplyError;
 use serde_json::{json, Map, Value as Json};
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
 use synapse_resolver::column::Counter;
-use synapse_resolver::{resolve, Cell, Decision, Hlc, NodeId, RowVersion, Stamp, Strategy, TablePolicy, VersionVector};
+use synapse_resolver::{
+    resolve, unique_key_winner, Cell, Decision, Hlc, NodeId, RowVersion, Stamp, Strategy, TablePolicy, VersionVector,
+};
 use synapse_schemas::{quote_ident, Op, Relation, RowChange, Tuple, Value};
 use tokio_postgres::types::ToSql;
 use tokio_postgres::{Client, Statement};
@@ -148,6 +150,9 @@ pub struct MeshTable {
     pub key: Vec<String>,
     /// Every other column, with its strategy.
     pub columns: Vec<(String, Strategy)>,
+    /// Unique indexes besides the primary key (plain columns, not partial): index name and
+    /// columns. Concurrent inserts on two nodes can collide on them (see `unique_collisions`).
+    pub unique: Vec<(String, Vec<String>)>,
 }
 
 impl MeshTable {
@@ -320,11 +325,31 @@ async fn describe(client: &Client, name: &str, policy: &TablePolicy) -> Result<M
         }
     }
     key.sort();
+    let unique = client
+        .query(
+            "SELECT ci.relname::text, array_agg(a.attname::text ORDER BY k.ord)
+             FROM pg_index i
+             JOIN pg_class c ON c.oid = i.indrelid
+             JOIN pg_namespace n ON n.oid = c.relnamespace
+             JOIN pg_class ci ON ci.oid = i.indexrelid
+             CROSS JOIN LATERAL unnest(i.indkey::int2[]) WITH ORDINALITY AS k(attnum, ord)
+             JOIN pg_attribute a ON a.attrelid = c.oid AND a.attnum = k.attnum
+             WHERE n.nspname = $1 AND c.relname = $2 AND i.indisunique AND NOT i.indisprimary
+               AND i.indpred IS NULL AND i.indexprs IS NULL
+             GROUP BY ci.relname ORDER BY ci.relname",
+            &[&schema, &table],
+        )
+        .await
+        .map_err(ApplyError::target(format!("reading the unique indexes of {name}")))?
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect();
     Ok(MeshTable {
         schema: schema.into(),
         table: table.into(),
         key: key.into_iter().map(|(_, c)| c).collect(),
         columns,
+        unique,
     })
 }
 
@@ -659,24 +684,7 @@ impl MeshBuffer {
             )
             .await?;
             client.execute(&placeholder, &[&tbls, &pks]).await.map_err(ApplyError::target("reserving row versions"))?;
-            let lock = prepared(
-                client,
-                statements,
-                "SELECT tbl, pk::text, vv::text, hlc_ms, hlc_lc, node, live, cols::text FROM synapse.row_version
-                 WHERE (tbl, pk) IN (SELECT t, p::jsonb FROM unnest($1::text[], $2::text[]) AS u(t, p))
-                 ORDER BY tbl, pk FOR UPDATE"
-                    .to_owned(),
-                "synapse.row_version",
-            )
-            .await?;
-            for r in client.query(&lock, &[&tbls, &pks]).await.map_err(ApplyError::target("locking row versions"))? {
-                let (tbl, pk): (String, String) = (r.get(0), r.get(1));
-                let key: Vec<String> = serde_json::from_str(&pk).unwrap_or_default();
-                let side =
-                    Side::parse(&r.get::<_, String>(2), r.get(3), r.get(4), r.get(5), r.get(6), &r.get::<_, String>(7))
-                        .map_err(|message| ApplyError::Schema { table: tbl.clone(), message })?;
-                local_sides.insert((tbl, key), side);
-            }
+            local_sides = lock_versions(client, statements, &tbls, &pks).await?;
         }
         // Read the rows again now that their versions are locked: a local write that committed
         // meanwhile (a new row, which the first read could not lock) is visible to both reads
@@ -694,6 +702,8 @@ impl MeshBuffer {
         let none = TablePolicy::default();
         let mut writes = Writes::default();
         let mut conflicts = 0u64;
+        let batch_keys: HashSet<(String, Vec<String>)> = rows.keys().cloned().collect();
+        let mut claims = Vec::new();
         for ((name, key), fin) in rows {
             let Some(info) = self.tables.get(&name) else { continue };
             let policy = policies.get(&name).unwrap_or(&none);
@@ -728,24 +738,19 @@ impl MeshBuffer {
                     };
                     let resolution =
                         if result.stamp.lww_key() == local.stamp.lww_key() { "local_wins" } else { "remote_wins" };
-                    metrics::counter!("synapse_conflicts_total", "table" => name.clone(), "kind" => kind, "resolution" => resolution)
-                        .increment(1);
-                    writes.conflicts.push([
-                        name.clone(),
-                        serde_json::to_string(&key).unwrap_or_default(),
-                        kind.to_owned(),
-                        resolution.to_owned(),
-                        describe_version(local).to_string(),
-                        describe_version(&remote).to_string(),
-                        describe_version(&result).to_string(),
-                    ]);
+                    writes.conflict(&name, &key, kind, resolution, [local, &remote], describe_version(&result));
                     conflicts += 1;
                 }
             }
-            let values: Option<Values> =
-                result.live.then(|| result.cells.iter().map(|(c, cell)| (c.clone(), visible_text(cell))).collect());
-            writes.row(info, &key, values.as_ref());
-            writes.side(&name, &key, side_of(&result));
+            if result.live && !info.mesh.unique.is_empty() {
+                claims.push(Claim { table: name, key, version: result });
+                continue;
+            }
+            writes.version(info, &key, &result);
+        }
+        if !claims.is_empty() {
+            conflicts +=
+                settle_unique_claims(client, statements, &self.tables, claims, &batch_keys, &mut writes).await?;
         }
         let written = writes.execute(client, statements, &self.tables, source_node).await?;
         Ok((written, conflicts))
@@ -761,6 +766,154 @@ fn decision_name(d: Decision) -> &'static str {
     }
 }
 
+/// Locks (tbl, pk) rows of `synapse.row_version`, in key order, and reads them.
+async fn lock_versions(
+    client: &Client,
+    statements: &mut HashMap<String, Statement>,
+    tbls: &[String],
+    pks: &[String],
+) -> Result<HashMap<(String, Vec<String>), Side>, ApplyError> {
+    let lock = prepared(
+        client,
+        statements,
+        "SELECT tbl, pk::text, vv::text, hlc_ms, hlc_lc, node, live, cols::text FROM synapse.row_version
+         WHERE (tbl, pk) IN (SELECT t, p::jsonb FROM unnest($1::text[], $2::text[]) AS u(t, p))
+         ORDER BY tbl, pk FOR UPDATE"
+            .to_owned(),
+        "synapse.row_version",
+    )
+    .await?;
+    let mut sides = HashMap::new();
+    for r in client.query(&lock, &[&tbls, &pks]).await.map_err(ApplyError::target("locking row versions"))? {
+        let (tbl, pk): (String, String) = (r.get(0), r.get(1));
+        let key: Vec<String> = serde_json::from_str(&pk).unwrap_or_default();
+        let side = Side::parse(&r.get::<_, String>(2), r.get(3), r.get(4), r.get(5), r.get(6), &r.get::<_, String>(7))
+            .map_err(|message| ApplyError::Schema { table: tbl.clone(), message })?;
+        sides.insert((tbl, key), side);
+    }
+    Ok(sides)
+}
+
+/// A live row the buffer is about to write into a table with unique indexes besides its key.
+struct Claim {
+    table: String,
+    key: Vec<String>,
+    version: RowVersion,
+}
+
+/// The text of `column` in a row given by its key and values (`None`: NULL or not known).
+fn column_text(info: &TableInfo, key: &[String], values: &Values, column: &str) -> Option<String> {
+    match info.mesh.key.iter().position(|k| k == column) {
+        Some(i) => key.get(i).cloned(),
+        None => values.get(column).cloned().flatten(),
+    }
+}
+
+fn values_of(v: &RowVersion) -> Values {
+    v.cells.iter().map(|(c, cell)| (c.clone(), visible_text(cell))).collect()
+}
+
+/// Concurrent inserts on two nodes can claim one unique value under different primary keys
+/// (the same e-mail registered in two regions). Writing both would fail on a unique violation
+/// and stop the applier for good, so each claim is checked against the local rows holding its
+/// values: `unique_key_winner` keeps the row whose latest write is later, on every node alike;
+/// the other becomes a tombstone (deleted, its values kept in its version) and the outcome goes
+/// to `synapse.conflicts` as kind `unique_key`. Local rows this batch itself rewrites are left
+/// to the batch (their final values are not known yet). Returns the number of conflicts.
+async fn settle_unique_claims(
+    client: &Client,
+    statements: &mut HashMap<String, Statement>,
+    tables: &HashMap<String, TableInfo>,
+    claims: Vec<Claim>,
+    batch_keys: &HashSet<(String, Vec<String>)>,
+    writes: &mut Writes,
+) -> Result<u64, ApplyError> {
+    let mut conflicts = 0;
+    let mut by_table: BTreeMap<String, Vec<Claim>> = BTreeMap::new();
+    for c in claims {
+        by_table.entry(c.table.clone()).or_default().push(c);
+    }
+    for (name, claims) in by_table {
+        let Some(info) = tables.get(&name) else { continue };
+        let claimed: Vec<Values> = claims.iter().map(|c| values_of(&c.version)).collect();
+        // (claim, index, local key) → the local row's values.
+        let mut colliders: Vec<(usize, String, Vec<String>, Values)> = Vec::new();
+        for (index, cols) in &info.mesh.unique {
+            let mut owners: HashMap<Vec<String>, Vec<usize>> = HashMap::new();
+            for (i, c) in claims.iter().enumerate() {
+                // A NULL never collides; an unknown (unchanged TOAST) value did not change.
+                let probe: Option<Vec<String>> =
+                    cols.iter().map(|col| column_text(info, &c.key, &claimed[i], col)).collect();
+                if let Some(p) = probe {
+                    owners.entry(p).or_default().push(i);
+                }
+            }
+            if owners.is_empty() {
+                continue;
+            }
+            let probes: Vec<&Vec<String>> = owners.keys().collect();
+            for (lkey, lvalues) in read_rows_by(client, statements, info, cols, &probes).await? {
+                let Some(held) =
+                    cols.iter().map(|col| column_text(info, &lkey, &lvalues, col)).collect::<Option<Vec<_>>>()
+                else {
+                    continue;
+                };
+                for &i in owners.get(&held).into_iter().flatten() {
+                    if lkey != claims[i].key && !batch_keys.contains(&(name.clone(), lkey.clone())) {
+                        colliders.push((i, index.clone(), lkey.clone(), lvalues.clone()));
+                    }
+                }
+            }
+        }
+        let (tbls, pks): (Vec<String>, Vec<String>) =
+            colliders.iter().map(|(_, _, k, _)| (name.clone(), serde_json::to_string(k).unwrap_or_default())).unzip();
+        let sides =
+            if tbls.is_empty() { HashMap::new() } else { lock_versions(client, statements, &tbls, &pks).await? };
+        // A row older than the mesh has no version: the shared baseline, older than any write.
+        let baseline = Side { vv: [(NodeId(0), 1)].into_iter().collect(), live: true, ..Side::default() };
+        let local_version = |lkey: &Vec<String>, lvalues: &Values| {
+            let side = sides.get(&(name.clone(), lkey.clone())).filter(|s| s.live).unwrap_or(&baseline);
+            version(&info.mesh, side, Some(lvalues))
+        };
+        let mut buried: HashSet<Vec<String>> = HashSet::new();
+        for (i, claim) in claims.iter().enumerate() {
+            let mine: Vec<_> = colliders.iter().filter(|(c, ..)| *c == i).collect();
+            let beaten_by = mine.iter().find(|(_, _, lkey, lvalues)| {
+                let local = local_version(lkey, lvalues);
+                !unique_key_winner((&claim.version.stamp, &claim.key), (&local.stamp, lkey))
+            });
+            if let Some((_, index, lkey, lvalues)) = beaten_by {
+                let local = local_version(lkey, lvalues);
+                let mut tomb = claim.version.clone();
+                tomb.live = false;
+                let mut result = describe_version(&tomb);
+                result["kept_key"] = json!(lkey);
+                result["index"] = json!(index);
+                writes.conflict(&name, &claim.key, "unique_key", "local_wins", [&local, &claim.version], result);
+                writes.version(info, &claim.key, &tomb);
+                conflicts += 1;
+                continue;
+            }
+            for (_, index, lkey, lvalues) in mine {
+                if !buried.insert(lkey.clone()) {
+                    continue;
+                }
+                let local = local_version(lkey, lvalues);
+                let mut tomb = local.clone();
+                tomb.live = false;
+                let mut result = describe_version(&tomb);
+                result["kept_key"] = json!(claim.key);
+                result["index"] = json!(index);
+                writes.conflict(&name, lkey, "unique_key", "remote_wins", [&local, &claim.version], result);
+                writes.version(info, lkey, &tomb);
+                conflicts += 1;
+            }
+            writes.version(info, &claim.key, &claim.version);
+        }
+    }
+    Ok(conflicts)
+}
+
 /// Whether two versions descend from a common write (else two independent inserts).
 fn shares_history(a: &VersionVector, b: &VersionVector) -> bool {
     a.iter().any(|(n, c)| c > 0 && b.get(n) > 0)
@@ -768,9 +921,14 @@ fn shares_history(a: &VersionVector, b: &VersionVector) -> bool {
 
 /// `t.k1 = u.k1::type AND …` over the key columns.
 fn key_join(info: &TableInfo) -> (String, String) {
+    column_join(info, &info.mesh.key)
+}
+
+/// `t.c1 = u.k1::type AND …` over `columns`, with the unnest aliases.
+fn column_join(info: &TableInfo, columns: &[String]) -> (String, String) {
     let mut cols = Vec::new();
     let mut cond = Vec::new();
-    for (i, k) in info.mesh.key.iter().enumerate() {
+    for (i, k) in columns.iter().enumerate() {
         let cast = info.cast(k);
         cols.push(format!("k{i}"));
         cond.push(format!("t.{} = u.k{i}::{cast}", quote_ident(k)));
@@ -788,7 +946,18 @@ async fn read_rows(
     info: &TableInfo,
     keys: &[&Vec<String>],
 ) -> Result<Vec<(Vec<String>, Values)>, ApplyError> {
-    let (cols, cond) = key_join(info);
+    read_rows_by(client, statements, info, &info.mesh.key, keys).await
+}
+
+/// Locks and reads the rows whose `by` columns equal one of `probes`, in key order.
+async fn read_rows_by(
+    client: &Client,
+    statements: &mut HashMap<String, Statement>,
+    info: &TableInfo,
+    by: &[String],
+    probes: &[&Vec<String>],
+) -> Result<Vec<(Vec<String>, Values)>, ApplyError> {
+    let (cols, cond) = column_join(info, by);
     let names: Vec<&String> = info.mesh.columns.iter().map(|(c, _)| c).collect();
     let sql = format!(
         "SELECT ARRAY[{}]::text[], ARRAY[{}]::text[] FROM {}.{} t JOIN unnest({}) AS u({cols}) ON {cond}
@@ -801,13 +970,12 @@ async fn read_rows(
         },
         quote_ident(&info.mesh.schema),
         quote_ident(&info.mesh.table),
-        unnest_params(info.mesh.key.len()),
+        unnest_params(by.len()),
         info.mesh.key.iter().map(|k| format!("t.{}", quote_ident(k))).collect::<Vec<_>>().join(", "),
     );
     let stmt = prepared(client, statements, sql, &info.mesh.name()).await?;
-    let columns: Vec<Vec<String>> = (0..info.mesh.key.len())
-        .map(|i| keys.iter().map(|k| k.get(i).cloned().unwrap_or_default()).collect())
-        .collect();
+    let columns: Vec<Vec<String>> =
+        (0..by.len()).map(|i| probes.iter().map(|k| k.get(i).cloned().unwrap_or_default()).collect()).collect();
     let params: Vec<&(dyn ToSql + Sync)> = columns.iter().map(|c| c as &(dyn ToSql + Sync)).collect();
     let found = client
         .query(&stmt, &params)
@@ -867,6 +1035,35 @@ impl Writes {
 
     fn side(&mut self, table: &str, key: &[String], side: Side) {
         self.sides.push((table.to_owned(), serde_json::to_string(key).unwrap_or_default(), side));
+    }
+
+    /// The row as `v` leaves it (deleted for a tombstone) and its metadata.
+    fn version(&mut self, info: &TableInfo, key: &[String], v: &RowVersion) {
+        self.row(info, key, v.live.then(|| values_of(v)).as_ref());
+        self.side(&info.mesh.name(), key, side_of(v));
+    }
+
+    /// A `synapse.conflicts` entry and its metric.
+    fn conflict(
+        &mut self,
+        table: &str,
+        key: &[String],
+        kind: &'static str,
+        resolution: &'static str,
+        [local, remote]: [&RowVersion; 2],
+        result: Json,
+    ) {
+        metrics::counter!("synapse_conflicts_total", "table" => table.to_owned(), "kind" => kind, "resolution" => resolution)
+            .increment(1);
+        self.conflicts.push([
+            table.to_owned(),
+            serde_json::to_string(key).unwrap_or_default(),
+            kind.to_owned(),
+            resolution.to_owned(),
+            describe_version(local).to_string(),
+            describe_version(remote).to_string(),
+            result.to_string(),
+        ]);
     }
 
     async fn execute(
@@ -986,6 +1183,7 @@ mod tests {
             table: "accounts".into(),
             key: vec!["id".into()],
             columns: vec![("owner".into(), Strategy::Lww), ("hits".into(), Strategy::Counter)],
+            unique: Vec::new(),
         }
     }
 

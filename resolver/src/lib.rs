@@ -27,7 +27,7 @@ pub mod vv;
 
 pub use clock::{ClockSkew, Hlc, HlcClock, NodeId};
 pub use column::{merge_cells, Cell, Strategy};
-pub use row::{merge_rows, resolve, Decision, RowVersion, TablePolicy};
+pub use row::{merge_rows, resolve, unique_key_winner, Decision, RowVersion, TablePolicy};
 pub use vv::{Causality, Stamp, VersionVector};
 
 /// Errors of the resolver: only stored states that cannot be read.

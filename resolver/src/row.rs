@@ -68,6 +68,15 @@ pub fn merge_rows(policy: &TablePolicy, a: &RowVersion, b: &RowVersion) -> RowVe
     RowVersion { stamp: Stamp { vv, hlc: winner.stamp.hlc, node: winner.stamp.node }, live: winner.live, cells }
 }
 
+/// Two live rows with different primary keys claim one unique value (two regions inserted the
+/// same e-mail concurrently). Every node must keep the same row whatever order it learns of them
+/// in, so the choice depends only on the two versions: the row whose latest write has the
+/// greater (HLC, node) stamp stays, the primary key breaks a tie. Returns true when `a` stays.
+/// The caller turns the other row into a tombstone and logs it.
+pub fn unique_key_winner(a: (&Stamp, &[String]), b: (&Stamp, &[String])) -> bool {
+    (a.0.lww_key(), a.1) >= (b.0.lww_key(), b.1)
+}
+
 #[cfg(test)]
 mod tests {
     use super::Strategy;
@@ -139,7 +148,25 @@ mod tests {
         proptest::collection::vec((0u8..3, -20i64..20, proptest::bool::weighted(0.15)), 1..8)
     }
 
+    fn stamp(ms: u64, node: u16) -> Stamp {
+        Stamp { vv: VersionVector::new(), hlc: Hlc { wall_ms: ms, logical: 0 }, node: NodeId(node) }
+    }
+
     proptest! {
+        /// Exactly one of two distinct rows stays, whichever node compares them in which order.
+        #[test]
+        fn one_row_of_a_unique_collision_stays_everywhere(
+            a in (0u64..4, 0u16..3, proptest::collection::vec("[a-c]", 1..3)),
+            b in (0u64..4, 0u16..3, proptest::collection::vec("[a-c]", 1..3)),
+        ) {
+            prop_assume!(a.2 != b.2);
+            let (sa, sb) = (stamp(a.0, a.1), stamp(b.0, b.1));
+            let a_stays = unique_key_winner((&sa, &a.2), (&sb, &b.2));
+            let b_stays = unique_key_winner((&sb, &b.2), (&sa, &a.2));
+            prop_assert!(a_stays != b_stays);
+            prop_assert_eq!(a_stays, (sa.lww_key(), &a.2) > (sb.lww_key(), &b.2));
+        }
+
         /// Three nodes write the same row concurrently: every merge order gives one result.
         #[test]
         fn row_merge_is_a_join(a in writes(), b in writes(), c in writes(), ta in 0u64..50, tb in 0u64..50, tc in 0u64..50) {

@@ -8,6 +8,7 @@
 //! | P3 | capture drain of the P1 WAL into the durable log | pg_recvlogical to /dev/null |
 //! | P7 | peak RSS while one ~1 GB transaction flows through (goal < 256 MB) | pg_recvlogical peak RSS |
 //! | P8 | initial copy of the P1 table into an empty target | COPY TO STDOUT piped into COPY FROM STDIN |
+//! | P2M | P2's transactions written a third on each of three mesh nodes, cold catch-up (see bench_mesh.rs) | publication/subscription one way; SynapseDB one way |
 //! | P6 | webhook delivery: events/s batched and per key, commit → delivery p99 (see bench_delivery.rs) | plain HTTP client; pg_recvlogical |
 //!
 //! Pausing (P1, P2) is the same for both: a lock on the target table holds each applier back
@@ -63,8 +64,8 @@ pub struct Options {
     /// P1/P2: keep synapse stopped during the workload and time it from process start.
     #[arg(long)]
     pub cold_start: bool,
-    /// Scenarios to run (comma-separated): P1,P2,P3,P7,P8 run together; P6 alone.
-    #[arg(long, value_delimiter = ',', default_value = "P1,P2,P3,P7,P8,P6")]
+    /// Scenarios to run (comma-separated): P1,P2,P3,P7,P8 run together; P2M and P6 alone.
+    #[arg(long, value_delimiter = ',', default_value = "P1,P2,P3,P7,P8,P2M,P6")]
     pub scenarios: Vec<String>,
     /// Events captured and delivered in P6.
     #[arg(long, default_value_t = 200_000)]
@@ -117,7 +118,7 @@ async fn wait_marker(client: &Client, id: i32, timeout: Duration) -> anyhow::Res
     }
 }
 
-fn spawn_synapse(config: &Path, log: &Path) -> anyhow::Result<Child> {
+pub(crate) fn spawn_synapse(config: &Path, log: &Path) -> anyhow::Result<Child> {
     let out = std::fs::OpenOptions::new().create(true).append(true).open(log)?;
     Ok(Command::new(std::env::current_exe()?)
         .args(["run", "--config", &config.display().to_string()])
@@ -126,7 +127,7 @@ fn spawn_synapse(config: &Path, log: &Path) -> anyhow::Result<Child> {
         .spawn()?)
 }
 
-fn stop(child: &mut Child) -> anyhow::Result<()> {
+pub(crate) fn stop(child: &mut Child) -> anyhow::Result<()> {
     Command::new("kill").args(["-TERM", &child.id().to_string()]).status()?;
     child.wait()?;
     Ok(())
@@ -149,7 +150,7 @@ fn peak_rss_mib(pid: u32) -> Option<f64> {
 }
 
 /// Fetches synapse's /metrics and sums the `_sum` series of the named summaries.
-fn scrape(listen: &str, names: &[&str]) -> Vec<(String, f64)> {
+pub(crate) fn scrape(listen: &str, names: &[&str]) -> Vec<(String, f64)> {
     use std::io::{Read, Write};
     let mut body = String::new();
     if let Ok(mut s) = std::net::TcpStream::connect(listen) {
@@ -629,6 +630,47 @@ pub async fn run(o: Options) -> anyhow::Result<()> {
     for round in 0..o.repeat.max(1) {
         eprintln!("== round {} of {}", round + 1, o.repeat.max(1));
         let mut rows = if replication { run_once(&o, round).await? } else { Vec::new() };
+        if want("P2M") {
+            let work = tempfile::tempdir()?;
+            let work = if std::env::var_os("SYNAPSE_BENCH_KEEP").is_some() {
+                eprintln!("keeping the work directory {}", work.path().display());
+                KeepDir::Kept(work.keep())
+            } else {
+                KeepDir::Temp(work)
+            };
+            let m = crate::bench_mesh::run(o.updates, work.path())?;
+            let per_sec = |secs: f64| m.updates as f64 / secs;
+            notes.push(format!(
+                "P2M round {}: {} txns from cold start — mesh of 3 writable nodes {:.2}s ({:.0} txns/s, each applied on 2 nodes), SynapseDB one way {:.2}s ({:.0} txns/s), publication/subscription one way {:.2}s ({:.0} txns/s); mesh / SynapseDB one way = {:.2}×",
+                round + 1,
+                m.updates,
+                m.mesh_secs,
+                per_sec(m.mesh_secs),
+                m.oneway_secs,
+                per_sec(m.oneway_secs),
+                m.native_secs,
+                per_sec(m.native_secs),
+                m.oneway_secs / m.mesh_secs
+            ));
+            rows.push(Row {
+                id: "P2c",
+                what: format!("OLTP cold catch-up one way, {} txns", m.updates),
+                synapse: per_sec(m.oneway_secs),
+                baseline: per_sec(m.native_secs),
+                unit: "txns/s",
+                higher_is_better: true,
+                goal: "—".into(),
+            });
+            rows.push(Row {
+                id: "P2M",
+                what: format!("OLTP over a 3-node mesh, {} txns", m.updates),
+                synapse: per_sec(m.mesh_secs),
+                baseline: per_sec(m.native_secs),
+                unit: "txns/s",
+                higher_is_better: true,
+                goal: "—".into(),
+            });
+        }
         if want("P6") {
             let p = crate::bench_delivery::run(o.p6_events).await?;
             notes.push(format!(
@@ -689,13 +731,19 @@ pub async fn run(o: Options) -> anyhow::Result<()> {
             lo,
             hi,
             r.goal,
-            if r.met() { "yes" } else { "no" },
+            if r.goal == "—" {
+                "—"
+            } else if r.met() {
+                "yes"
+            } else {
+                "no"
+            },
             r.unit
         );
     }
     for n in &notes {
         println!("{n}");
     }
-    println!("\nbaselines: P1/P2 PostgreSQL publication/subscription (apply worker held by a table lock); P3/P7 pg_recvlogical to /dev/null; P8 psql COPY | psql COPY; P6a/b the same bodies POSTed by a plain HTTP client (same batch and concurrency, unsigned, unordered); P6c pg_recvlogical (test_decoding) commit → COMMIT line.");
+    println!("\nbaselines: P1/P2 PostgreSQL publication/subscription (apply worker held by a table lock); P2c/P2M publication/subscription one way, disabled during the workload (PostgreSQL 15 cannot replicate both ways without loops); P3/P7 pg_recvlogical to /dev/null; P8 psql COPY | psql COPY; P6a/b the same bodies POSTed by a plain HTTP client (same batch and concurrency, unsigned, unordered); P6c pg_recvlogical (test_decoding) commit → COMMIT line.");
     Ok(())
 }

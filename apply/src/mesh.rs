@@ -61,7 +61,8 @@ CREATE TABLE IF NOT EXISTS synapse.row_version (
     PRIMARY KEY (tbl, pk)
 );
 -- Kept inline so a change of this row never arrives as "unchanged TOAST" without its value.
-ALTER TABLE synapse.row_version ALTER COLUMN vv SET STORAGE MAIN, ALTER COLUMN cols SET STORAGE MAIN;
+-- Every write of a row rewrites its version: free space per page keeps those updates HOT.
+ALTER TABLE synapse.row_version ALTER COLUMN vv SET STORAGE MAIN, ALTER COLUMN cols SET STORAGE MAIN, SET (fillfactor = 50);
 CREATE TABLE IF NOT EXISTS synapse.conflicts (
     id bigserial PRIMARY KEY,
     detected_at timestamptz NOT NULL DEFAULT now(),

@@ -110,6 +110,14 @@ pub struct MeshConfig {
     /// Per table, per column, the strategy for concurrent writes: lww (default), counter, max, min.
     #[serde(default)]
     pub columns: std::collections::BTreeMap<String, std::collections::BTreeMap<String, synapse_resolver::Strategy>>,
+    /// Seconds between tombstone purge rounds (0 turns purging off). The interval only batches
+    /// the work: a tombstone goes once every node holds it and nothing older is in flight.
+    #[serde(default = "default_purge_interval")]
+    pub tombstone_purge_interval_secs: f64,
+}
+
+fn default_purge_interval() -> f64 {
+    60.0
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -456,6 +464,12 @@ impl Config {
         let invalid = |field: String, message: String| ConfigError::Invalid { path: path.into(), field, message };
         if m.nodes.len() < 2 {
             return Err(invalid("mesh.nodes".into(), "a mesh needs at least two nodes".into()));
+        }
+        if !(m.tombstone_purge_interval_secs == 0.0 || (0.1..=86400.0).contains(&m.tombstone_purge_interval_secs)) {
+            return Err(invalid(
+                "mesh.tombstone_purge_interval_secs".into(),
+                format!("{} is out of range: 0 (off) or 0.1 to 86400 seconds", m.tombstone_purge_interval_secs),
+            ));
         }
         let mut ids = Vec::new();
         let mut names: Vec<&str> = Vec::new();

@@ -18,6 +18,7 @@ use synapse_connectors::ConnectorError;
 use synapse_log::{ChangeLog, EmbeddedLog};
 use tokio::sync::watch;
 use tokio::task::JoinSet;
+use tracing::Instrument;
 
 /// What the supervisor needs to know about an error.
 pub trait Classified: std::error::Error {
@@ -288,6 +289,9 @@ pub async fn start(config: &Config, health: Arc<Health>, shutdown: watch::Receiv
             mesh_tables.insert(node.name.clone(), tables);
         }
     }
+    if let Some(m) = config.mesh.as_ref().filter(|m| m.tombstone_purge_interval_secs > 0.0) {
+        spawn_tombstone_purge(config, m, &logs, &mut running, &shutdown)?;
+    }
     for source in &config.sources {
         let component = format!("capture/{}", source.name);
         health.set(&component, ComponentState::Starting);
@@ -360,6 +364,49 @@ pub async fn start(config: &Config, health: Arc<Health>, shutdown: watch::Receiv
         }
     }
     Ok(running)
+}
+
+/// Purges causally stable tombstones every `tombstone_purge_interval_secs` (see
+/// `synapse_apply::tombstones`). A failed round is logged and retried at the next interval:
+/// purging late costs space, never correctness.
+fn spawn_tombstone_purge(
+    config: &Config,
+    m: &crate::config::MeshConfig,
+    logs: &BTreeMap<String, Arc<EmbeddedLog>>,
+    running: &mut Running,
+    shutdown: &watch::Receiver<bool>,
+) -> anyhow::Result<()> {
+    let mut nodes = Vec::new();
+    for node in &m.nodes {
+        let Some(source) = config.sources.iter().find(|s| s.name == node.name) else { continue };
+        nodes.push(synapse_apply::tombstones::PurgeNode {
+            name: node.name.clone(),
+            target: node.url.pg_config().map_err(anyhow::Error::msg)?,
+            slot: capture_config(source)?.slot,
+        });
+    }
+    let logs = logs.clone();
+    let interval = Duration::from_secs_f64(m.tombstone_purge_interval_secs);
+    let mut sd = shutdown.clone();
+    running.tasks.spawn(async move {
+        loop {
+            tokio::select! {
+                _ = tokio::time::sleep(interval) => {}
+                _ = sd.changed() => {}
+            }
+            if *sd.borrow() {
+                return Ok(());
+            }
+            let log_end = |name: &str| logs.get(name).map(|l| l.next_offset());
+            let round = synapse_apply::tombstones::purge_round(&nodes, log_end, 10_000, interval.max(Duration::from_secs(30)));
+            match round.instrument(tracing::info_span!("tombstone_purge")).await {
+                Ok(p) if p.agreed > 0 => tracing::info!(agreed = p.agreed, deleted = p.deleted, "tombstone purge round"),
+                Ok(_) => {}
+                Err(e) => tracing::warn!(code = e.code(), error = %e, hint = e.hint(), "tombstone purge round failed; retrying at the next interval"),
+            }
+        }
+    });
+    Ok(())
 }
 
 /// Waits for every task; the first definite failure stops the others and is returned.

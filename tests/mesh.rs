@@ -209,7 +209,7 @@ fn run_seed(mesh: &Mesh, seed: u64) -> Result<(), String> {
     std::fs::write(
         &config,
         format!(
-            "log:\n  dir: {}\nmesh:\n  nodes:\n{nodes_yaml}  tables: [public.accounts]\n  columns:\n    public.accounts:\n      hits: counter\n      best: max\nops:\n  listen: \"\"\napi:\n  listen: \"\"\n",
+            "log:\n  dir: {}\nmesh:\n  nodes:\n{nodes_yaml}  tables: [public.accounts]\n  tombstone_purge_interval_secs: 1\n  columns:\n    public.accounts:\n      hits: counter\n      best: max\nops:\n  listen: \"\"\napi:\n  listen: \"\"\n",
             mesh.dir.path().join(format!("log{seed}")).display()
         ),
     )
@@ -291,12 +291,41 @@ fn run_seed(mesh: &Mesh, seed: u64) -> Result<(), String> {
     phase(2, 5);
     mesh.proxy.heal();
     phase(3, 3);
-    let result = wait_converged("after healing", Duration::from_secs(180));
+    let result = wait_converged("after healing", Duration::from_secs(180)).and_then(|fp| {
+        // Purging ran throughout (every second); once quiet, every tombstone is stable and goes.
+        let deadline = Instant::now() + Duration::from_secs(90);
+        loop {
+            let left: Vec<String> = mesh
+                .nodes
+                .iter()
+                .map(|n| n.psql(&db, "SELECT count(*) FROM synapse.row_version WHERE NOT live").unwrap_or_default())
+                .collect();
+            if left.iter().all(|c| c == "0") {
+                break;
+            }
+            if Instant::now() > deadline {
+                let dump: Vec<String> = mesh
+                    .nodes
+                    .iter()
+                    .map(|n| {
+                        n.psql(&db, "SELECT string_agg(pk::text || ' ' || vv::text || ' ' || hlc_ms || '.' || hlc_lc || ' n' || node || ' ' || cols::text, E'\\n' ORDER BY pk::text) FROM synapse.row_version WHERE NOT live")
+                            .unwrap_or_default()
+                    })
+                    .collect();
+                return Err(format!("tombstones left after quiescence: {left:?}\n{}", dump.join("\n--\n")));
+            }
+            std::thread::sleep(Duration::from_millis(500));
+        }
+        Ok(fp)
+    });
     drop(child);
     let text = logtext();
     let fp = result.map_err(|e| format!("{e}\nsynapse log tail:\n{}", tail(&text)))?;
     if text.contains("panicked") {
         return Err(format!("synapse panicked:\n{}", tail(&text)));
+    }
+    if !text.contains("tombstone purge round") {
+        return Err(format!("no tombstone was purged:\n{}", tail(&text)));
     }
     if !text.contains("transient error, retrying") {
         return Err(format!("the partition was not noticed by synapse:\n{}", tail(&text)));
@@ -336,8 +365,18 @@ fn run_seed(mesh: &Mesh, seed: u64) -> Result<(), String> {
             return Err(format!("key {k}: the losing write {loser} (final {fin}) is in no conflict log"));
         }
     }
+    // Tombstone rows deleted over all nodes, from the purge rounds' log lines.
+    let purged: u64 = text
+        .lines()
+        .filter(|l| l.contains("tombstone purge round"))
+        .filter_map(|l| {
+            let plain: String =
+                l.split('\u{1b}').map(|part| part.split_once('m').map_or(part, |(_, rest)| rest)).collect();
+            plain.split_once("deleted=")?.1.split_whitespace().next()?.parse::<u64>().ok()
+        })
+        .sum();
     println!(
-        "seed {seed}: converged {fp}; {} writes committed, {} rolled back by deadlock; {disputed_conflicts} disputed keys checked",
+        "seed {seed}: converged {fp}; {} writes committed, {} rolled back by deadlock; {disputed_conflicts} disputed keys checked; {purged} tombstone rows purged",
         record.committed, record.failed
     );
     Ok(())
@@ -396,7 +435,7 @@ fn concurrent_inserts_of_one_unique_value_keep_the_same_row_everywhere() {
     std::fs::write(
         &config,
         format!(
-            "log:\n  dir: {}\nmesh:\n  nodes:\n{nodes_yaml}  tables: [public.users]\nops:\n  listen: \"\"\napi:\n  listen: \"\"\n",
+            "log:\n  dir: {}\nmesh:\n  nodes:\n{nodes_yaml}  tables: [public.users]\n  tombstone_purge_interval_secs: 0\nops:\n  listen: \"\"\napi:\n  listen: \"\"\n",
             dir.path().join("log").display()
         ),
     )

@@ -26,6 +26,7 @@ mod error;
 pub mod initial_copy;
 pub mod mesh;
 pub mod target;
+pub mod tombstones;
 
 pub use error::ApplyError;
 

@@ -123,8 +123,10 @@ BEGIN
         IF delta > 0 THEN cur := jsonb_build_array((cur ->> 0)::numeric + delta, cur -> 1);
         ELSIF delta < 0 THEN cur := jsonb_build_array(cur -> 0, (cur ->> 1)::numeric - delta);
         END IF;
-        r.cols := r.cols || jsonb_build_object(c,
-            coalesce(r.cols -> c, '{}') || jsonb_build_object('pn', pn || jsonb_build_object(me, cur)));
+        -- No zero entry for this node (the resolver's form has none): identical versions
+        -- must be identical bytes, or tombstone purging never finds them agreed.
+        IF cur <> '[0, 0]'::jsonb OR pn ? me THEN pn := pn || jsonb_build_object(me, cur); END IF;
+        r.cols := r.cols || jsonb_build_object(c, coalesce(r.cols -> c, '{}') || jsonb_build_object('pn', pn));
     END LOOP;
     IF p_live THEN
         SELECT coalesce(jsonb_object_agg(k, v - 'v'), '{}') INTO r.cols FROM jsonb_each(r.cols) AS e(k, v);

@@ -1,0 +1,188 @@
+//! Purging mesh tombstones once they are causally stable — never on a timer.
+//!
+//! A deleted row's version stays in `synapse.row_version` (live = false) so that a concurrent
+//! write arriving later is resolved against the delete instead of resurrecting the row. It can
+//! go once no such write can arrive any more, which [`purge_round`] establishes in two steps:
+//!
+//! 1. **Agreement.** Each node's versions of the candidate keys are read, and that node's WAL
+//!    position right after. A tombstone qualifies only if every node holds exactly the same
+//!    version (vector, clock, live = false). A write committed on a node before its read is in
+//!    the version read (the trigger writes both in one transaction), so it is in the agreed
+//!    version; a write committed after the read builds on the tombstone and dominates it.
+//! 2. **Nothing older in flight.** Writes included in the agreed version may still travel: node
+//!    B may know a write of C only through A's merge while C's own change to B is still in the
+//!    log. So the round waits until every node's slot has confirmed its read position (all its
+//!    earlier writes are in its log) and every other node has applied that log up to there.
+//!
+//! Then each node deletes the tombstone if it still holds that same version (a dominating write
+//! that arrived meanwhile keeps its row). A later write of the key arrives as an insert on a
+//! purged node and replaces the tombstone on the others: the same row either way.
+
+use crate::{connect_target, ApplyError};
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+use tokio_postgres::Client;
+
+/// One mesh node, as the purge reaches it.
+pub struct PurgeNode {
+    pub name: String,
+    pub target: tokio_postgres::Config,
+    /// Its capture's replication slot.
+    pub slot: String,
+}
+
+/// A tombstone as stored: table, key and the version that must match on every node.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+struct Stored {
+    tbl: String,
+    pk: String,
+    version: String,
+}
+
+/// What one round did.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Purged {
+    /// Tombstones every node agreed on.
+    pub agreed: usize,
+    /// Rows deleted from `synapse.row_version`, over all nodes.
+    pub deleted: u64,
+}
+
+const VERSION_OF: &str =
+    "SELECT tbl, pk::text, live, vv::text || ' ' || hlc_ms || '.' || hlc_lc || ' ' || node || ' ' || cols::text
+     FROM synapse.row_version
+     WHERE (tbl, pk) IN (SELECT t, p::jsonb FROM unnest($1::text[], $2::text[]) AS u(t, p))";
+
+/// One purge round over every node, for up to `batch` tombstones. `log_end(node)` is the offset
+/// the next record of `node`'s change log gets. Waits at most `patience` for the stability
+/// conditions; a round that runs out of it purges nothing and the next one tries again.
+pub async fn purge_round(
+    nodes: &[PurgeNode],
+    log_end: impl Fn(&str) -> Option<u64>,
+    batch: i64,
+    patience: Duration,
+) -> Result<Purged, ApplyError> {
+    let mut clients = Vec::with_capacity(nodes.len());
+    for n in nodes {
+        clients.push(connect_target(&n.target).await?);
+    }
+    let Some(first) = clients.first() else { return Ok(Purged::default()) };
+    let candidates = first
+        .query("SELECT tbl, pk::text FROM synapse.row_version WHERE NOT live ORDER BY tbl, pk LIMIT $1", &[&batch])
+        .await
+        .map_err(ApplyError::target("listing tombstones"))?;
+    if candidates.is_empty() {
+        return Ok(Purged::default());
+    }
+    let tbls: Vec<String> = candidates.iter().map(|r| r.get(0)).collect();
+    let pks: Vec<String> = candidates.iter().map(|r| r.get(1)).collect();
+
+    // 1. Agreement, and each node's WAL position after its read.
+    let mut agreed: Option<HashMap<(String, String), String>> = None;
+    let mut read_at = Vec::with_capacity(nodes.len());
+    for c in &clients {
+        let mut here = HashMap::new();
+        for r in c.query(VERSION_OF, &[&tbls, &pks]).await.map_err(ApplyError::target("reading tombstones"))? {
+            if !r.get::<_, bool>(2) {
+                here.insert((r.get(0), r.get(1)), r.get::<_, String>(3));
+            }
+        }
+        let lsn: String = c
+            .query_one("SELECT pg_current_wal_lsn()::text", &[])
+            .await
+            .map_err(ApplyError::target("reading the WAL position"))?
+            .get(0);
+        read_at.push(lsn);
+        agreed = Some(match agreed {
+            None => here,
+            Some(mut a) => {
+                a.retain(|k, v| here.get(k) == Some(v));
+                a
+            }
+        });
+    }
+    let agreed: Vec<Stored> =
+        agreed.unwrap_or_default().into_iter().map(|((tbl, pk), version)| Stored { tbl, pk, version }).collect();
+    if agreed.is_empty() {
+        return Ok(Purged::default());
+    }
+
+    // 2. Every node's writes up to its read are in its log, and applied everywhere else.
+    let deadline = Instant::now() + patience;
+    let mut ends = Vec::with_capacity(nodes.len());
+    for ((n, c), lsn) in nodes.iter().zip(&clients).zip(&read_at) {
+        if !wait_for(deadline, || slot_passed(c, &n.slot, lsn)).await? {
+            return Ok(Purged { agreed: agreed.len(), deleted: 0 });
+        }
+        match log_end(&n.name) {
+            Some(end) => ends.push((n.name.as_str(), end)),
+            None => return Ok(Purged { agreed: agreed.len(), deleted: 0 }),
+        }
+    }
+    for (x, c) in clients.iter().enumerate() {
+        for (y, (source, end)) in ends.iter().enumerate() {
+            if x != y && !wait_for(deadline, || applied_past(c, source, *end)).await? {
+                return Ok(Purged { agreed: agreed.len(), deleted: 0 });
+            }
+        }
+    }
+
+    // 3. Delete where the version is still the agreed one.
+    let (t, (p, v)): (Vec<&str>, (Vec<&str>, Vec<&str>)) =
+        agreed.iter().map(|s| (s.tbl.as_str(), (s.pk.as_str(), s.version.as_str()))).unzip();
+    let mut deleted = 0;
+    for c in &clients {
+        deleted += c
+            .execute(
+                "DELETE FROM synapse.row_version r USING unnest($1::text[], $2::text[], $3::text[]) AS u(t, p, v)
+                 WHERE r.tbl = u.t AND r.pk = u.p::jsonb AND NOT r.live
+                   AND r.vv::text || ' ' || r.hlc_ms || '.' || r.hlc_lc || ' ' || r.node || ' ' || r.cols::text = u.v",
+                &[&t, &p, &v],
+            )
+            .await
+            .map_err(ApplyError::target("purging stable tombstones"))?;
+    }
+    let mut per_table: HashMap<&str, u64> = HashMap::new();
+    for s in &agreed {
+        *per_table.entry(s.tbl.as_str()).or_default() += 1;
+    }
+    for (table, n) in per_table {
+        metrics::counter!("synapse_mesh_tombstones_purged_total", "table" => table.to_owned()).increment(n);
+    }
+    Ok(Purged { agreed: agreed.len(), deleted })
+}
+
+async fn slot_passed(c: &Client, slot: &str, lsn: &str) -> Result<bool, ApplyError> {
+    let r = c
+        .query_opt(
+            "SELECT confirmed_flush_lsn >= $2::text::pg_lsn FROM pg_replication_slots WHERE slot_name = $1",
+            &[&slot, &lsn],
+        )
+        .await
+        .map_err(ApplyError::target("reading the capture's slot"))?;
+    Ok(r.and_then(|r| r.get::<_, Option<bool>>(0)).unwrap_or(false))
+}
+
+async fn applied_past(c: &Client, source: &str, end: u64) -> Result<bool, ApplyError> {
+    let r = c
+        .query_opt("SELECT next_offset FROM synapse.applied WHERE source_node = $1", &[&source])
+        .await
+        .map_err(ApplyError::target("reading applied positions"))?;
+    Ok(r.is_some_and(|r| r.get::<_, i64>(0) >= end as i64))
+}
+
+async fn wait_for<F, Fut>(deadline: Instant, mut check: F) -> Result<bool, ApplyError>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<bool, ApplyError>>,
+{
+    loop {
+        if check().await? {
+            return Ok(true);
+        }
+        if Instant::now() >= deadline {
+            return Ok(false);
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}

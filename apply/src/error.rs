@@ -17,6 +17,14 @@ pub enum ApplyError {
     Schema { table: String, message: String },
     #[error("initial copy failed")]
     Copy(#[source] synapse_capture::CaptureError),
+    /// A local write took a unique value of a mesh table between the applier's collision check
+    /// and its write; the retry sees that row and resolves the collision.
+    #[error("a local write on {table} took a unique value while the applier was resolving it")]
+    UniqueRace {
+        table: String,
+        #[source]
+        source: tokio_postgres::Error,
+    },
 }
 
 impl ApplyError {
@@ -39,6 +47,7 @@ impl ApplyError {
             ApplyError::UnknownRelation { .. } => "APP002",
             ApplyError::Schema { .. } => "APP003",
             ApplyError::Copy(e) => e.code(),
+            ApplyError::UniqueRace { .. } => "APP004",
         }
     }
 
@@ -62,6 +71,7 @@ impl ApplyError {
             },
             ApplyError::Log(e) => e.is_transient(),
             ApplyError::Copy(e) => e.is_transient(),
+            ApplyError::UniqueRace { .. } => true,
             _ => false,
         }
     }
@@ -79,6 +89,7 @@ impl ApplyError {
                 ApplyError::UnknownRelation { .. } => "the log lost its relation registry: re-create the log directory",
                 ApplyError::Log(e) => e.hint(),
                 ApplyError::Copy(e) => e.hint(),
+                ApplyError::UniqueRace { .. } => "none: retried at once; frequent retries mean many concurrent claims of one value",
                 _ => "see the cause; transient errors are retried automatically",
             },
         }

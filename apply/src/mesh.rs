@@ -705,7 +705,9 @@ impl MeshBuffer {
         let none = TablePolicy::default();
         let mut writes = Writes::default();
         let mut conflicts = 0u64;
-        let batch_keys: HashSet<(String, Vec<String>)> = rows.keys().cloned().collect();
+        // Keys this batch deletes or claims: their local rows are not colliders (deletes run
+        // first; claims are checked against each other). Skipped keys keep their local rows.
+        let mut rewritten: HashSet<(String, Vec<String>)> = HashSet::new();
         let mut claims = Vec::new();
         for ((name, key), fin) in rows {
             let Some(info) = self.tables.get(&name) else { continue };
@@ -745,6 +747,9 @@ impl MeshBuffer {
                     conflicts += 1;
                 }
             }
+            if !info.mesh.unique.is_empty() {
+                rewritten.insert((name.clone(), key.clone()));
+            }
             if result.live && !info.mesh.unique.is_empty() {
                 claims.push(Claim { table: name, key, version: result });
                 continue;
@@ -753,7 +758,7 @@ impl MeshBuffer {
         }
         if !claims.is_empty() {
             conflicts +=
-                settle_unique_claims(client, statements, &self.tables, claims, &batch_keys, &mut writes).await?;
+                settle_unique_claims(client, statements, &self.tables, claims, &rewritten, &mut writes).await?;
         }
         let written = writes.execute(client, statements, &self.tables, source_node).await?;
         Ok((written, conflicts))
@@ -821,14 +826,15 @@ fn values_of(v: &RowVersion) -> Values {
 /// and stop the applier for good, so each claim is checked against the local rows holding its
 /// values: `unique_key_winner` keeps the row whose latest write is later, on every node alike;
 /// the other becomes a tombstone (deleted, its values kept in its version) and the outcome goes
-/// to `synapse.conflicts` as kind `unique_key`. Local rows this batch itself rewrites are left
-/// to the batch (their final values are not known yet). Returns the number of conflicts.
+/// to `synapse.conflicts` as kind `unique_key`. Claims of one batch are checked against each
+/// other the same way; local rows the batch deletes or claims are not colliders (their final
+/// state is the batch's). Returns the number of conflicts.
 async fn settle_unique_claims(
     client: &Client,
     statements: &mut HashMap<String, Statement>,
     tables: &HashMap<String, TableInfo>,
     claims: Vec<Claim>,
-    batch_keys: &HashSet<(String, Vec<String>)>,
+    rewritten: &HashSet<(String, Vec<String>)>,
     writes: &mut Writes,
 ) -> Result<u64, ApplyError> {
     let mut conflicts = 0;
@@ -862,9 +868,36 @@ async fn settle_unique_claims(
                     continue;
                 };
                 for &i in owners.get(&held).into_iter().flatten() {
-                    if lkey != claims[i].key && !batch_keys.contains(&(name.clone(), lkey.clone())) {
+                    if lkey != claims[i].key && !rewritten.contains(&(name.clone(), lkey.clone())) {
                         colliders.push((i, index.clone(), lkey.clone(), lvalues.clone()));
                     }
+                }
+            }
+        }
+        // Claims of this batch against each other: per unique value, the winning claim beats the rest.
+        let mut beaten_by_claim: HashMap<usize, (String, usize)> = HashMap::new();
+        for (index, cols) in &info.mesh.unique {
+            let mut owners: BTreeMap<Vec<String>, Vec<usize>> = BTreeMap::new();
+            for (i, c) in claims.iter().enumerate() {
+                let probe: Option<Vec<String>> =
+                    cols.iter().map(|col| column_text(info, &c.key, &claimed[i], col)).collect();
+                if let Some(p) = probe {
+                    owners.entry(p).or_default().push(i);
+                }
+            }
+            for group in owners.values().filter(|g| g.len() > 1) {
+                let Some(&best) = group.iter().reduce(|a, b| {
+                    let (ca, cb) = (&claims[*a], &claims[*b]);
+                    if unique_key_winner((&ca.version.stamp, &ca.key), (&cb.version.stamp, &cb.key)) {
+                        a
+                    } else {
+                        b
+                    }
+                }) else {
+                    continue;
+                };
+                for &i in group.iter().filter(|i| **i != best) {
+                    beaten_by_claim.entry(i).or_insert((index.clone(), best));
                 }
             }
         }
@@ -885,6 +918,25 @@ async fn settle_unique_claims(
                 let local = local_version(lkey, lvalues);
                 !unique_key_winner((&claim.version.stamp, &claim.key), (&local.stamp, lkey))
             });
+            if let Some((index, w)) = beaten_by_claim.get(&i) {
+                let winner = &claims[*w];
+                let mut tomb = claim.version.clone();
+                tomb.live = false;
+                let mut result = describe_version(&tomb);
+                result["kept_key"] = json!(winner.key);
+                result["index"] = json!(index);
+                writes.conflict(
+                    &name,
+                    &claim.key,
+                    "unique_key",
+                    "remote_wins",
+                    [&claim.version, &winner.version],
+                    result,
+                );
+                writes.version(info, &claim.key, &tomb);
+                conflicts += 1;
+                continue;
+            }
             if let Some((_, index, lkey, lvalues)) = beaten_by {
                 let local = local_version(lkey, lvalues);
                 let mut tomb = claim.version.clone();
@@ -1126,7 +1178,15 @@ impl Writes {
             let columns: Vec<Vec<Option<String>>> =
                 (0..all.len()).map(|i| rows.iter().map(|r| r[i].clone()).collect()).collect();
             let params: Vec<&(dyn ToSql + Sync)> = columns.iter().map(|c| c as &(dyn ToSql + Sync)).collect();
-            written += client.execute(&stmt, &params).await.map_err(ApplyError::target(format!("writing {name}")))?;
+            written += client.execute(&stmt, &params).await.map_err(|source| {
+                if source.code() == Some(&tokio_postgres::error::SqlState::UNIQUE_VIOLATION)
+                    && !info.mesh.unique.is_empty()
+                {
+                    ApplyError::UniqueRace { table: name.clone(), source }
+                } else {
+                    ApplyError::Target { context: format!("writing {name}"), source }
+                }
+            })?;
         }
         if !self.sides.is_empty() {
             let stmt = prepared(client, statements, "INSERT INTO synapse.row_version (tbl, pk, vv, hlc_ms, hlc_lc, node, live, cols)

@@ -847,8 +847,10 @@ async fn settle_unique_claims(
         let claimed: Vec<Values> = claims.iter().map(|c| values_of(&c.version)).collect();
         // (claim, index, local key) → the local row's values.
         let mut colliders: Vec<(usize, String, Vec<String>, Values)> = Vec::new();
+        // Claims beaten by another claim of this batch: (index, winning claim).
+        let mut beaten_by_claim: HashMap<usize, (String, usize)> = HashMap::new();
         for (index, cols) in &info.mesh.unique {
-            let mut owners: HashMap<Vec<String>, Vec<usize>> = HashMap::new();
+            let mut owners: BTreeMap<Vec<String>, Vec<usize>> = BTreeMap::new();
             for (i, c) in claims.iter().enumerate() {
                 // A NULL never collides; an unknown (unchanged TOAST) value did not change.
                 let probe: Option<Vec<String>> =
@@ -860,31 +862,7 @@ async fn settle_unique_claims(
             if owners.is_empty() {
                 continue;
             }
-            let probes: Vec<&Vec<String>> = owners.keys().collect();
-            for (lkey, lvalues) in read_rows_by(client, statements, info, cols, &probes).await? {
-                let Some(held) =
-                    cols.iter().map(|col| column_text(info, &lkey, &lvalues, col)).collect::<Option<Vec<_>>>()
-                else {
-                    continue;
-                };
-                for &i in owners.get(&held).into_iter().flatten() {
-                    if lkey != claims[i].key && !rewritten.contains(&(name.clone(), lkey.clone())) {
-                        colliders.push((i, index.clone(), lkey.clone(), lvalues.clone()));
-                    }
-                }
-            }
-        }
-        // Claims of this batch against each other: per unique value, the winning claim beats the rest.
-        let mut beaten_by_claim: HashMap<usize, (String, usize)> = HashMap::new();
-        for (index, cols) in &info.mesh.unique {
-            let mut owners: BTreeMap<Vec<String>, Vec<usize>> = BTreeMap::new();
-            for (i, c) in claims.iter().enumerate() {
-                let probe: Option<Vec<String>> =
-                    cols.iter().map(|col| column_text(info, &c.key, &claimed[i], col)).collect();
-                if let Some(p) = probe {
-                    owners.entry(p).or_default().push(i);
-                }
-            }
+            // Claims against each other: per unique value, the winning claim beats the rest.
             for group in owners.values().filter(|g| g.len() > 1) {
                 let Some(&best) = group.iter().reduce(|a, b| {
                     let (ca, cb) = (&claims[*a], &claims[*b]);
@@ -898,6 +876,19 @@ async fn settle_unique_claims(
                 };
                 for &i in group.iter().filter(|i| **i != best) {
                     beaten_by_claim.entry(i).or_insert((index.clone(), best));
+                }
+            }
+            let probes: Vec<&Vec<String>> = owners.keys().collect();
+            for (lkey, lvalues) in read_rows_by(client, statements, info, cols, &probes).await? {
+                let Some(held) =
+                    cols.iter().map(|col| column_text(info, &lkey, &lvalues, col)).collect::<Option<Vec<_>>>()
+                else {
+                    continue;
+                };
+                for &i in owners.get(&held).into_iter().flatten() {
+                    if lkey != claims[i].key && !rewritten.contains(&(name.clone(), lkey.clone())) {
+                        colliders.push((i, index.clone(), lkey.clone(), lvalues.clone()));
+                    }
                 }
             }
         }

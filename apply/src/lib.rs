@@ -271,7 +271,7 @@ impl Applier {
             tables: HashMap::new(),
             sync,
             pending: PendingChanges::default(),
-            mesh: self.config.mesh.as_ref().map(|_| mesh::MeshBuffer::default()),
+            mesh: self.config.mesh.as_ref().map(|m| mesh::MeshBuffer::new(&m.tables)),
             in_target_txn: false,
             txns_in_group: 0,
             last_commit: None,
@@ -339,7 +339,7 @@ impl Applier {
                         if let (Some(buffer), Some(cfg)) = (s.mesh.as_mut(), self.config.mesh.as_ref()) {
                             let m = cfg.tables.get(&rel.name());
                             if m.is_some() || mesh::is_row_version(&rel) {
-                                buffer.push(&rel, &table, m, c)?;
+                                buffer.push(&rel, m, c)?;
                                 continue;
                             }
                         }

@@ -29,7 +29,6 @@
 //!   either committed before (and is resolved against) or waits and then builds on the result.
 
 use crate::batch::prepared;
-use crate::target::TargetTable;
 use crate::ApplyError;
 use serde_json::{json, Map, Value as Json};
 use std::collections::{BTreeMap, HashMap, HashSet};
@@ -156,6 +155,8 @@ pub struct MeshTable {
     /// Unique indexes besides the primary key (plain columns, not partial): index name and
     /// columns. Concurrent inserts on two nodes can collide on them (see `unique_collisions`).
     pub unique: Vec<(String, Vec<String>)>,
+    /// Every column's type on this node, what text values are cast to when written.
+    pub types: BTreeMap<String, String>,
 }
 
 impl MeshTable {
@@ -285,8 +286,10 @@ async fn describe(client: &Client, name: &str, policy: &TablePolicy) -> Result<M
     }
     let mut key: Vec<(i32, String)> = Vec::new();
     let mut columns = Vec::new();
+    let mut types = BTreeMap::new();
     for r in &rows {
         let (col, ty, is_key): (String, String, Option<bool>) = (r.get(0), r.get(1), r.get(2));
+        types.insert(col.clone(), ty.clone());
         if is_key == Some(true) {
             key.push((r.get::<_, Option<i32>>(3).unwrap_or(0), col));
             continue;
@@ -353,6 +356,7 @@ async fn describe(client: &Client, name: &str, policy: &TablePolicy) -> Result<M
         key: key.into_iter().map(|(_, c)| c).collect(),
         columns,
         unique,
+        types,
     })
 }
 
@@ -517,20 +521,13 @@ enum Final {
 }
 
 struct TableInfo {
-    rel: Arc<Relation>,
-    target: Arc<TargetTable>,
     mesh: MeshTable,
 }
 
 impl TableInfo {
     /// The target type to cast `column`'s text to.
     fn cast(&self, column: &str) -> String {
-        self.rel
-            .columns
-            .iter()
-            .position(|c| c.name == column)
-            .and_then(|p| self.target.casts.get(p).cloned())
-            .unwrap_or_else(|| "text".into())
+        self.mesh.types.get(column).cloned().unwrap_or_else(|| "text".into())
     }
 }
 
@@ -561,6 +558,15 @@ pub(crate) fn is_row_version(rel: &Relation) -> bool {
 }
 
 impl MeshBuffer {
+    /// A buffer that knows every mesh table of the target from the start: a version can arrive
+    /// before (or without) any row of its table.
+    pub fn new(tables: &HashMap<String, MeshTable>) -> MeshBuffer {
+        MeshBuffer {
+            tables: tables.iter().map(|(n, m)| (n.clone(), TableInfo { mesh: m.clone() })).collect(),
+            ..MeshBuffer::default()
+        }
+    }
+
     pub fn is_empty(&self) -> bool {
         self.rows.is_empty() && self.versions.is_empty()
     }
@@ -575,13 +581,7 @@ impl MeshBuffer {
     }
 
     /// Buffers one change of a mesh table or of the peer's `row_version`.
-    pub fn push(
-        &mut self,
-        rel: &Arc<Relation>,
-        target: &Arc<TargetTable>,
-        mesh: Option<&MeshTable>,
-        change: RowChange,
-    ) -> Result<(), ApplyError> {
+    pub fn push(&mut self, rel: &Arc<Relation>, mesh: Option<&MeshTable>, change: RowChange) -> Result<(), ApplyError> {
         let bad = |message: String| ApplyError::Schema { table: rel.name(), message };
         if is_row_version(rel) {
             let Some(after) = &change.after else { return Ok(()) }; // purges are local
@@ -610,16 +610,7 @@ impl MeshBuffer {
         }
         let name = rel.name();
         if let Some(m) = mesh {
-            let info = self.tables.entry(name.clone()).or_insert_with(|| TableInfo {
-                rel: rel.clone(),
-                target: target.clone(),
-                mesh: m.clone(),
-            });
-            // A newer relation version (e.g. a column added) replaces the one buffered.
-            if info.rel.key() != rel.key() {
-                info.rel = rel.clone();
-                info.target = target.clone();
-            }
+            self.tables.entry(name.clone()).or_insert_with(|| TableInfo { mesh: m.clone() });
         }
         if let Some((_, before)) = &change.before {
             // A key change (or a delete) ends the old key's row.
@@ -654,6 +645,13 @@ impl MeshBuffer {
         source_node: &str,
         policies: &HashMap<String, TablePolicy>,
     ) -> Result<(u64, u64), ApplyError> {
+        // A version without its row: a tombstone resolved on a hub for a row already gone there
+        // (deleting nothing emits no change). It still carries history the peers must merge.
+        for (k, side) in &self.versions {
+            if !side.live && !self.rows.contains_key(k) && self.tables.contains_key(&k.0) {
+                self.rows.insert(k.clone(), Final::Delete);
+            }
+        }
         if self.rows.is_empty() {
             self.versions.clear();
             return Ok((0, 0));
@@ -1238,6 +1236,7 @@ mod tests {
             key: vec!["id".into()],
             columns: vec![("owner".into(), Strategy::Lww), ("hits".into(), Strategy::Counter)],
             unique: Vec::new(),
+            types: BTreeMap::new(),
         }
     }
 

@@ -114,6 +114,11 @@ pub struct MeshConfig {
     /// the work: a tombstone goes once every node holds it and nothing older is in flight.
     #[serde(default = "default_purge_interval")]
     pub tombstone_purge_interval_secs: f64,
+    /// Hub-and-spoke instead of a full mesh: the named node applies every other node and
+    /// forwards what it applied; every other node (a spoke) applies the hub only. Spokes need
+    /// no links to each other; their changes reach each other through the hub.
+    #[serde(default)]
+    pub hub: Option<String>,
 }
 
 fn default_purge_interval() -> f64 {
@@ -465,6 +470,14 @@ impl Config {
         if m.nodes.len() < 2 {
             return Err(invalid("mesh.nodes".into(), "a mesh needs at least two nodes".into()));
         }
+        if let Some(hub) = &m.hub {
+            if !m.nodes.iter().any(|n| &n.name == hub) {
+                return Err(invalid(
+                    "mesh.hub".into(),
+                    format!("`{hub}` is not one of mesh.nodes; name the node every other node replicates through"),
+                ));
+            }
+        }
         if !(m.tombstone_purge_interval_secs == 0.0 || (0.1..=86400.0).contains(&m.tombstone_purge_interval_secs)) {
             return Err(invalid(
                 "mesh.tombstone_purge_interval_secs".into(),
@@ -538,6 +551,7 @@ impl Config {
         let mut tables = m.tables.clone();
         tables.push(format!("{}.{}", synapse_apply::mesh::ROW_VERSION_SCHEMA, synapse_apply::mesh::ROW_VERSION_TABLE));
         for n in &m.nodes {
+            let is_hub = m.hub.as_ref() == Some(&n.name);
             self.sources.push(SourceConfig {
                 name: n.name.clone(),
                 url: n.url.clone(),
@@ -546,12 +560,18 @@ impl Config {
                 tables: tables.clone(),
                 create_publication: true,
                 heartbeat_interval_secs: default_heartbeat(),
-                forward_applied: false,
+                // The hub passes on what it applied (with the resolved versions); its echoes
+                // back to their origin resolve as duplicates.
+                forward_applied: is_hub,
             });
+            let sources = match &m.hub {
+                Some(hub) if !is_hub => vec![hub.clone()],
+                _ => m.nodes.iter().filter(|o| o.name != n.name).map(|o| o.name.clone()).collect(),
+            };
             self.targets.push(TargetConfig {
                 name: n.name.clone(),
                 url: n.url.clone(),
-                sources: m.nodes.iter().filter(|o| o.name != n.name).map(|o| o.name.clone()).collect(),
+                sources,
                 initial_copy: false,
                 copy_parallelism: defaults::COPY_PARALLELISM,
                 max_txns_per_commit: default_txns_per_commit(),
@@ -657,6 +677,27 @@ mesh:
         check("    public.accounts: {", "    public.other: {", "mesh.columns.public.other");
         check("balance: counter", "balance: set", "mesh.columns.public.accounts.balance");
         check("balance: counter", "balance: sum", "unknown variant `sum`");
+        check("  tables: [public.accounts]", "  hub: moon\n  tables: [public.accounts]", "mesh.hub");
+        check(
+            "  tables: [public.accounts]",
+            "  tombstone_purge_interval_secs: -1\n  tables: [public.accounts]",
+            "mesh.tombstone_purge_interval_secs",
+        );
+    }
+
+    #[test]
+    fn a_hub_applies_every_spoke_and_spokes_apply_the_hub() {
+        let mut c = Config::parse(&MESH.replace("  tables:", "  hub: eu\n  tables:"), false, "f").unwrap();
+        c.validate("f").unwrap();
+        c.expand_mesh();
+        let forwards: Vec<(&str, bool)> = c.sources.iter().map(|s| (s.name.as_str(), s.forward_applied)).collect();
+        assert_eq!(forwards, [("us", false), ("eu", true), ("ap", false)]);
+        let applies: Vec<(&str, Vec<String>)> =
+            c.targets.iter().map(|t| (t.name.as_str(), t.sources.clone())).collect();
+        assert_eq!(
+            applies,
+            [("us", vec!["eu".into()]), ("eu", vec!["us".into(), "ap".into()]), ("ap", vec!["eu".into()])]
+        );
     }
 
     #[test]

@@ -379,13 +379,17 @@ fn spawn_tombstone_purge(
     let mut nodes = Vec::new();
     for node in &m.nodes {
         let Some(source) = config.sources.iter().find(|s| s.name == node.name) else { continue };
+        let applies =
+            config.targets.iter().find(|t| t.name == node.name).map(|t| t.sources.clone()).unwrap_or_default();
         nodes.push(synapse_apply::tombstones::PurgeNode {
             name: node.name.clone(),
             target: node.url.pg_config().map_err(anyhow::Error::msg)?,
             slot: capture_config(source)?.slot,
+            applies,
         });
     }
     let logs = logs.clone();
+    let hops = if m.hub.is_some() { 2 } else { 1 };
     let interval = Duration::from_secs_f64(m.tombstone_purge_interval_secs);
     let mut sd = shutdown.clone();
     running.tasks.spawn(async move {
@@ -398,7 +402,7 @@ fn spawn_tombstone_purge(
                 return Ok(());
             }
             let log_end = |name: &str| logs.get(name).map(|l| l.next_offset());
-            let round = synapse_apply::tombstones::purge_round(&nodes, log_end, 10_000, interval.max(Duration::from_secs(30)));
+            let round = synapse_apply::tombstones::purge_round(&nodes, log_end, hops, 10_000, interval.max(Duration::from_secs(30)));
             match round.instrument(tracing::info_span!("tombstone_purge")).await {
                 Ok(p) if p.agreed > 0 => tracing::info!(agreed = p.agreed, deleted = p.deleted, "tombstone purge round"),
                 Ok(_) => {}

@@ -95,6 +95,7 @@ pub async fn run(regions: usize, duration: Option<Duration>, ops_listen: String)
                 .collect(),
             tables: vec!["public.accounts".into()],
             tombstone_purge_interval_secs: 60.0,
+            hub: None,
             columns: [(
                 "public.accounts".to_string(),
                 [("balance".to_string(), synapse_resolver::Strategy::Counter)].into(),

@@ -7,8 +7,12 @@
 //! * no silent loss: for the keys that only the cut-off node and one other wrote during the
 //!   partition, the losing value is in some node's `synapse.conflicts`.
 //!
-//! Seeds: `SYNAPSE_MESH_SEEDS=7,8` replays given seeds; otherwise three fixed seeds run. A
-//! failing seed is printed.
+//! The same runs once more as hub-and-spoke (node 0 the hub, node 2 — the one cut off — a
+//! spoke). Tombstones are purged every second throughout; after quiescence none may be left,
+//! which also proves the nodes' causality metadata identical.
+//!
+//! Seeds: `SYNAPSE_MESH_SEEDS=7,8` / `SYNAPSE_HUB_SEEDS=7,8` replay given seeds; otherwise three
+//! mesh seeds and one hub seed run. A failing seed is printed.
 #![allow(clippy::unwrap_used)]
 
 mod common;
@@ -187,13 +191,15 @@ fn fingerprint(node: &LocalCluster, db: &str) -> String {
         .unwrap_or_else(|e| format!("error: {e}"))
 }
 
-fn run_seed(mesh: &Mesh, seed: u64) -> Result<(), String> {
-    let db = format!("app{seed}");
+fn run_seed(mesh: &Mesh, seed: u64, hub: bool) -> Result<(), String> {
+    let db = if hub { format!("hub{seed}") } else { format!("app{seed}") };
     for n in &mesh.nodes {
         n.create_database(&db).unwrap();
         n.psql(&db, SCHEMA).unwrap();
     }
-    let names: Vec<String> = (0..3).map(|i| format!("s{seed}n{i}")).collect();
+    let names: Vec<String> = (0..3).map(|i| format!("{db}n{i}")).collect();
+    // Hub-and-spoke: node 0 is the hub; node 2, the one cut off, a spoke.
+    let hub_yaml = if hub { format!("  hub: {}\n", names[0]) } else { String::new() };
     let url = |i: usize| {
         if i == 2 {
             // Synapse reaches node 2 only through the proxy; the test writes to it directly.
@@ -205,16 +211,16 @@ fn run_seed(mesh: &Mesh, seed: u64) -> Result<(), String> {
     let nodes_yaml: String = (0..3)
         .map(|i| format!("    - name: {}\n      id: {}\n      url: {}\n      region: r{i}\n", names[i], i + 1, url(i)))
         .collect();
-    let config = mesh.dir.path().join(format!("mesh{seed}.yaml"));
+    let config = mesh.dir.path().join(format!("{db}.yaml"));
     std::fs::write(
         &config,
         format!(
-            "log:\n  dir: {}\nmesh:\n  nodes:\n{nodes_yaml}  tables: [public.accounts]\n  tombstone_purge_interval_secs: 1\n  columns:\n    public.accounts:\n      hits: counter\n      best: max\nops:\n  listen: \"\"\napi:\n  listen: \"\"\n",
-            mesh.dir.path().join(format!("log{seed}")).display()
+            "log:\n  dir: {}\nmesh:\n  nodes:\n{nodes_yaml}{hub_yaml}  tables: [public.accounts]\n  tombstone_purge_interval_secs: 1\n  columns:\n    public.accounts:\n      hits: counter\n      best: max\nops:\n  listen: \"\"\napi:\n  listen: \"\"\n",
+            mesh.dir.path().join(format!("log-{db}")).display()
         ),
     )
     .unwrap();
-    let log = mesh.dir.path().join(format!("synapse{seed}.log"));
+    let log = mesh.dir.path().join(format!("synapse-{db}.log"));
     let mut child = Running(spawn_run(&config, &log));
     let logtext = || std::fs::read_to_string(&log).unwrap_or_default();
     let wait_converged = |what: &str, timeout: Duration| -> Result<String, String> {
@@ -376,8 +382,10 @@ fn run_seed(mesh: &Mesh, seed: u64) -> Result<(), String> {
         })
         .sum();
     println!(
-        "seed {seed}: converged {fp}; {} writes committed, {} rolled back by deadlock; {disputed_conflicts} disputed keys checked; {purged} tombstone rows purged",
-        record.committed, record.failed
+        "{} seed {seed}: converged {fp}; {} writes committed, {} rolled back by deadlock; {disputed_conflicts} disputed keys checked; {purged} tombstone rows purged",
+        if hub { "hub-and-spoke" } else { "mesh" },
+        record.committed,
+        record.failed
     );
     Ok(())
 }
@@ -407,8 +415,18 @@ fn three_writable_nodes_converge_after_a_partition() {
         .map(|s| s.split(',').filter_map(|x| x.trim().parse().ok()).collect())
         .unwrap_or_else(|| vec![1, 2, 3]);
     for seed in seeds {
-        if let Err(e) = run_seed(&mesh, seed) {
+        if let Err(e) = run_seed(&mesh, seed, false) {
             panic!("seed {seed} failed (replay: SYNAPSE_MESH_SEEDS={seed} cargo test --test mesh)\n{e}");
+        }
+    }
+    // The same workload and partition with node 0 as the hub (node 2, cut off, is a spoke).
+    let hub_seeds: Vec<u64> = std::env::var("SYNAPSE_HUB_SEEDS")
+        .ok()
+        .map(|s| s.split(',').filter_map(|x| x.trim().parse().ok()).collect())
+        .unwrap_or_else(|| vec![1]);
+    for seed in hub_seeds {
+        if let Err(e) = run_seed(&mesh, seed, true) {
+            panic!("hub seed {seed} failed (replay: SYNAPSE_MESH_SEEDS= SYNAPSE_HUB_SEEDS={seed} cargo test --test mesh)\n{e}");
         }
     }
 }

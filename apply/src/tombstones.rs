@@ -12,7 +12,9 @@
 //! 2. **Nothing older in flight.** Writes included in the agreed version may still travel: node
 //!    B may know a write of C only through A's merge while C's own change to B is still in the
 //!    log. So the round waits until every node's slot has confirmed its read position (all its
-//!    earlier writes are in its log) and every other node has applied that log up to there.
+//!    earlier writes are in its log) and every node applying that log has applied it up to
+//!    there. With a hub, a spoke's writes reach the other spokes in two hops, so this is done
+//!    twice (`hops`), the second time from positions read after the first completed.
 //!
 //! Then each node deletes the tombstone if it still holds that same version (a dominating write
 //! that arrived meanwhile keeps its row). A later write of the key arrives as an insert on a
@@ -29,6 +31,8 @@ pub struct PurgeNode {
     pub target: tokio_postgres::Config,
     /// Its capture's replication slot.
     pub slot: String,
+    /// The nodes whose logs it applies.
+    pub applies: Vec<String>,
 }
 
 /// A tombstone as stored: table, key and the version that must match on every node.
@@ -54,11 +58,13 @@ const VERSION_OF: &str =
      WHERE (tbl, pk) IN (SELECT t, p::jsonb FROM unnest($1::text[], $2::text[]) AS u(t, p))";
 
 /// One purge round over every node, for up to `batch` tombstones. `log_end(node)` is the offset
-/// the next record of `node`'s change log gets. Waits at most `patience` for the stability
-/// conditions; a round that runs out of it purges nothing and the next one tries again.
+/// the next record of `node`'s change log gets; `hops` the longest path a write travels (1 in a
+/// mesh, 2 through a hub). Waits at most `patience` for the stability conditions; a round that
+/// runs out of it purges nothing and the next one tries again.
 pub async fn purge_round(
     nodes: &[PurgeNode],
     log_end: impl Fn(&str) -> Option<u64>,
+    hops: usize,
     batch: i64,
     patience: Duration,
 ) -> Result<Purged, ApplyError> {
@@ -107,22 +113,35 @@ pub async fn purge_round(
         return Ok(Purged::default());
     }
 
-    // 2. Every node's writes up to its read are in its log, and applied everywhere else.
+    // 2. Every node's writes up to its read are in its log, and applied by its readers.
     let deadline = Instant::now() + patience;
-    let mut ends = Vec::with_capacity(nodes.len());
-    for ((n, c), lsn) in nodes.iter().zip(&clients).zip(&read_at) {
-        if !wait_for(deadline, || slot_passed(c, &n.slot, lsn)).await? {
-            return Ok(Purged { agreed: agreed.len(), deleted: 0 });
+    let not_yet = Purged { agreed: agreed.len(), deleted: 0 };
+    for hop in 0..hops.max(1) {
+        if hop > 0 {
+            for (c, lsn) in clients.iter().zip(read_at.iter_mut()) {
+                *lsn = c
+                    .query_one("SELECT pg_current_wal_lsn()::text", &[])
+                    .await
+                    .map_err(ApplyError::target("reading the WAL position"))?
+                    .get(0);
+            }
         }
-        match log_end(&n.name) {
-            Some(end) => ends.push((n.name.as_str(), end)),
-            None => return Ok(Purged { agreed: agreed.len(), deleted: 0 }),
+        let mut ends = HashMap::new();
+        for ((n, c), lsn) in nodes.iter().zip(&clients).zip(&read_at) {
+            if !wait_for(deadline, || slot_passed(c, &n.slot, lsn)).await? {
+                return Ok(not_yet);
+            }
+            match log_end(&n.name) {
+                Some(end) => ends.insert(n.name.as_str(), end),
+                None => return Ok(not_yet),
+            };
         }
-    }
-    for (x, c) in clients.iter().enumerate() {
-        for (y, (source, end)) in ends.iter().enumerate() {
-            if x != y && !wait_for(deadline, || applied_past(c, source, *end)).await? {
-                return Ok(Purged { agreed: agreed.len(), deleted: 0 });
+        for (n, c) in nodes.iter().zip(&clients) {
+            for source in &n.applies {
+                let Some(end) = ends.get(source.as_str()) else { return Ok(not_yet) };
+                if !wait_for(deadline, || applied_past(c, source, *end)).await? {
+                    return Ok(not_yet);
+                }
             }
         }
     }

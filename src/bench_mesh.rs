@@ -11,7 +11,6 @@
 
 use anyhow::{bail, Context};
 use std::path::Path;
-use std::process::Child;
 use std::time::{Duration, Instant};
 use synapse_localpg::{ClusterOptions, LocalCluster};
 
@@ -41,30 +40,28 @@ fn workload(updates: u64, stride: u64, residue: u64) -> String {
     )
 }
 
-fn wait_markers(nodes: &[(&LocalCluster, &str)], markers: usize, timeout: Duration) -> anyhow::Result<()> {
+/// Polls `done` every 20 ms; an error names `what` once `timeout` has passed.
+fn wait_until(what: &str, timeout: Duration, mut done: impl FnMut() -> bool) -> anyhow::Result<()> {
     let deadline = Instant::now() + timeout;
-    loop {
-        let mut all = true;
-        for (n, db) in nodes {
-            let have: usize = n.psql(db, "SELECT count(*) FROM marker WHERE id >= 10")?.trim().parse().unwrap_or(0);
-            all &= have >= markers;
-        }
-        if all {
-            return Ok(());
-        }
+    while !done() {
         if Instant::now() > deadline {
-            bail!("the markers did not reach every node within {timeout:?}");
+            bail!("{what} within {timeout:?}");
         }
         std::thread::sleep(Duration::from_millis(20));
     }
+    Ok(())
+}
+
+/// Until each of `nodes` holds at least `markers` end-of-workload markers.
+fn wait_markers(nodes: &[(&LocalCluster, &str)], markers: usize, timeout: Duration) -> anyhow::Result<()> {
+    let have = |n: &LocalCluster, db: &str| -> usize {
+        n.psql(db, "SELECT count(*) FROM marker WHERE id >= 10").ok().and_then(|c| c.trim().parse().ok()).unwrap_or(0)
+    };
+    wait_until("the markers did not reach every node", timeout, || nodes.iter().all(|(n, db)| have(n, db) >= markers))
 }
 
 fn fingerprint(n: &LocalCluster, db: &str) -> anyhow::Result<String> {
     Ok(n.psql(db, "SELECT sum(v) || ':' || md5(string_agg(id || ',' || v, ';' ORDER BY id)) FROM oltp")?)
-}
-
-fn start(config: &Path, log: &Path) -> anyhow::Result<Child> {
-    crate::bench::spawn_synapse(config, log)
 }
 
 pub fn run(updates: u64, work: &Path) -> anyhow::Result<MeshBench> {
@@ -100,29 +97,21 @@ pub fn run(updates: u64, work: &Path) -> anyhow::Result<MeshBench> {
     )?;
     let log = work.join("synapse-mesh-bench.log");
     // Setup: slots and subscription in place, both consumers stopped before the workload.
-    let mut child = start(&oneway_cfg, &log)?;
-    let deadline = Instant::now() + Duration::from_secs(120);
+    let mut child = crate::bench::spawn_synapse(&oneway_cfg, &log)?;
+    let setup = Duration::from_secs(120);
     // Without an initial copy, only what is written after the slot exists travels.
-    while nodes[0]
-        .psql("oneway", "SELECT count(*) FROM pg_replication_slots WHERE slot_name = 'synapse_a' AND active")
-        .unwrap_or_default()
-        != "1"
-    {
-        if Instant::now() > deadline {
-            bail!("the one-way capture did not start; see {}", log.display());
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    wait_until(&format!("the one-way capture did not start (see {})", log.display()), setup, || {
+        nodes[0]
+            .psql("oneway", "SELECT count(*) FROM pg_replication_slots WHERE slot_name = 'synapse_a' AND active")
+            .unwrap_or_default()
+            == "1"
+    })?;
     nodes[0].psql("oneway", "INSERT INTO marker VALUES (1, 'setup')")?;
     let ready =
         |n: &LocalCluster, db: &str| n.psql(db, "SELECT count(*) FROM marker WHERE id = 1").unwrap_or_default() == "1";
-    let deadline = Instant::now() + Duration::from_secs(120);
-    while !(ready(&nodes[1], "oneway") && ready(&nodes[2], "oneway")) {
-        if Instant::now() > deadline {
-            bail!("one-way setup did not sync; see {}", log.display());
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    wait_until(&format!("one-way setup did not sync (see {})", log.display()), setup, || {
+        ready(&nodes[1], "oneway") && ready(&nodes[2], "oneway")
+    })?;
     crate::bench::stop(&mut child)?;
     nodes[2].psql("oneway", "ALTER SUBSCRIPTION sub DISABLE")?;
     eprintln!("P2M: writing {updates} single-row update transactions on one node (one-way)");
@@ -133,7 +122,7 @@ pub fn run(updates: u64, work: &Path) -> anyhow::Result<MeshBench> {
     wait_markers(&[(&nodes[2], "oneway")], 1, Duration::from_secs(1800)).context("baseline catch-up")?;
     let native_secs = t.elapsed().as_secs_f64();
     let t = Instant::now();
-    let mut child = start(&oneway_cfg, &log)?;
+    let mut child = crate::bench::spawn_synapse(&oneway_cfg, &log)?;
     wait_markers(&[(&nodes[1], "oneway")], 1, Duration::from_secs(1800))
         .with_context(|| format!("one-way catch-up; see {}", log.display()))?;
     let oneway_secs = t.elapsed().as_secs_f64();
@@ -158,19 +147,13 @@ pub fn run(updates: u64, work: &Path) -> anyhow::Result<MeshBench> {
             work.join("mesh-log").display()
         ),
     )?;
-    let mut child = start(&mesh_cfg, &log)?;
+    let mut child = crate::bench::spawn_synapse(&mesh_cfg, &log)?;
     let installed = |n: &LocalCluster| {
         n.psql("mesh", "SELECT (SELECT count(*) FROM pg_trigger WHERE tgname = 'synapse_local_write') || '/' || (SELECT count(*) FROM pg_replication_slots WHERE active AND database = 'mesh')")
             .unwrap_or_default()
             == "2/1"
     };
-    let deadline = Instant::now() + Duration::from_secs(120);
-    while !nodes.iter().all(installed) {
-        if Instant::now() > deadline {
-            bail!("the mesh did not start; see {}", log.display());
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    wait_until(&format!("the mesh did not start (see {})", log.display()), setup, || nodes.iter().all(installed))?;
     crate::bench::stop(&mut child)?;
     eprintln!("P2M: writing {updates} single-row update transactions, a third on each of three mesh nodes");
     let per_node = updates / 3;
@@ -192,7 +175,7 @@ pub fn run(updates: u64, work: &Path) -> anyhow::Result<MeshBench> {
         Ok(())
     })?;
     let t = Instant::now();
-    let mut child = start(&mesh_cfg, &log)?;
+    let mut child = crate::bench::spawn_synapse(&mesh_cfg, &log)?;
     let all: Vec<(&LocalCluster, &str)> = nodes.iter().map(|n| (n, "mesh")).collect();
     wait_markers(&all, 3, Duration::from_secs(1800))
         .with_context(|| format!("mesh catch-up; see {}", log.display()))?;

@@ -163,6 +163,11 @@ impl MeshTable {
     pub fn name(&self) -> String {
         format!("{}.{}", self.schema, self.table)
     }
+
+    /// The type to cast `column`'s text to on this node.
+    fn cast(&self, column: &str) -> String {
+        self.types.get(column).cloned().unwrap_or_else(|| "text".into())
+    }
 }
 
 fn literal(s: &str) -> String {
@@ -520,23 +525,12 @@ enum Final {
     Delete,
 }
 
-struct TableInfo {
-    mesh: MeshTable,
-}
-
-impl TableInfo {
-    /// The target type to cast `column`'s text to.
-    fn cast(&self, column: &str) -> String {
-        self.mesh.types.get(column).cloned().unwrap_or_else(|| "text".into())
-    }
-}
-
 /// Changes of whole source transactions from one peer, buffered until the target transaction
 /// commits (a row's change and its `row_version` change arrive apart: AFTER ROW triggers run at
 /// the end of the statement, after all its rows).
 #[derive(Default)]
 pub(crate) struct MeshBuffer {
-    tables: HashMap<String, TableInfo>,
+    tables: HashMap<String, MeshTable>,
     rows: BTreeMap<(String, Vec<String>), Final>,
     versions: HashMap<(String, Vec<String>), Side>,
 }
@@ -561,10 +555,7 @@ impl MeshBuffer {
     /// A buffer that knows every mesh table of the target from the start: a version can arrive
     /// before (or without) any row of its table.
     pub fn new(tables: &HashMap<String, MeshTable>) -> MeshBuffer {
-        MeshBuffer {
-            tables: tables.iter().map(|(n, m)| (n.clone(), TableInfo { mesh: m.clone() })).collect(),
-            ..MeshBuffer::default()
-        }
+        MeshBuffer { tables: tables.clone(), ..MeshBuffer::default() }
     }
 
     pub fn is_empty(&self) -> bool {
@@ -610,7 +601,7 @@ impl MeshBuffer {
         }
         let name = rel.name();
         if let Some(m) = mesh {
-            self.tables.entry(name.clone()).or_insert_with(|| TableInfo { mesh: m.clone() });
+            self.tables.entry(name.clone()).or_insert_with(|| m.clone());
         }
         if let Some((_, before)) = &change.before {
             // A key change (or a delete) ends the old key's row.
@@ -721,10 +712,10 @@ impl MeshBuffer {
                 writes.row(info, &key, remote_values);
                 continue;
             };
-            let remote = version(&info.mesh, &remote_side, remote_values);
+            let remote = version(info, &remote_side, remote_values);
             let local_side = local_sides.get(&(name.clone(), key.clone())).filter(|s| s.vv != VersionVector::new());
             let local_row = local_rows.get(&(name.clone(), key.clone()));
-            let local = local_side.map(|s| version(&info.mesh, s, local_row));
+            let local = local_side.map(|s| version(info, s, local_row));
             let (decision, result) = resolve(policy, local.as_ref(), &remote);
             metrics::counter!("synapse_mesh_rows_total", "table" => name.clone(), "decision" => decision_name(decision))
                 .increment(1);
@@ -745,10 +736,10 @@ impl MeshBuffer {
                     conflicts += 1;
                 }
             }
-            if !info.mesh.unique.is_empty() {
+            if !info.unique.is_empty() {
                 rewritten.insert((name.clone(), key.clone()));
             }
-            if result.live && !info.mesh.unique.is_empty() {
+            if result.live && !info.unique.is_empty() {
                 claims.push(Claim { table: name, key, version: result });
                 continue;
             }
@@ -800,6 +791,14 @@ async fn lock_versions(
     Ok(sides)
 }
 
+/// The row that loses a unique-key collision, and what it lost to.
+struct Lost<'a> {
+    key: &'a [String],
+    version: &'a RowVersion,
+    kept_key: &'a [String],
+    index: &'a str,
+}
+
 /// A live row the buffer is about to write into a table with unique indexes besides its key.
 struct Claim {
     table: String,
@@ -808,8 +807,8 @@ struct Claim {
 }
 
 /// The text of `column` in a row given by its key and values (`None`: NULL or not known).
-fn column_text(info: &TableInfo, key: &[String], values: &Values, column: &str) -> Option<String> {
-    match info.mesh.key.iter().position(|k| k == column) {
+fn column_text(info: &MeshTable, key: &[String], values: &Values, column: &str) -> Option<String> {
+    match info.key.iter().position(|k| k == column) {
         Some(i) => key.get(i).cloned(),
         None => values.get(column).cloned().flatten(),
     }
@@ -830,7 +829,7 @@ fn values_of(v: &RowVersion) -> Values {
 async fn settle_unique_claims(
     client: &Client,
     statements: &mut HashMap<String, Statement>,
-    tables: &HashMap<String, TableInfo>,
+    tables: &HashMap<String, MeshTable>,
     claims: Vec<Claim>,
     rewritten: &HashSet<(String, Vec<String>)>,
     writes: &mut Writes,
@@ -847,7 +846,7 @@ async fn settle_unique_claims(
         let mut colliders: Vec<(usize, String, Vec<String>, Values)> = Vec::new();
         // Claims beaten by another claim of this batch: (index, winning claim).
         let mut beaten_by_claim: HashMap<usize, (String, usize)> = HashMap::new();
-        for (index, cols) in &info.mesh.unique {
+        for (index, cols) in &info.unique {
             let mut owners: BTreeMap<Vec<String>, Vec<usize>> = BTreeMap::new();
             for (i, c) in claims.iter().enumerate() {
                 // A NULL never collides; an unknown (unchanged TOAST) value did not change.
@@ -898,59 +897,37 @@ async fn settle_unique_claims(
         let baseline = Side { vv: [(NodeId(0), 1)].into_iter().collect(), live: true, ..Side::default() };
         let local_version = |lkey: &Vec<String>, lvalues: &Values| {
             let side = sides.get(&(name.clone(), lkey.clone())).filter(|s| s.live).unwrap_or(&baseline);
-            version(&info.mesh, side, Some(lvalues))
+            version(info, side, Some(lvalues))
         };
         let mut buried: HashSet<Vec<String>> = HashSet::new();
         for (i, claim) in claims.iter().enumerate() {
-            let mine: Vec<_> = colliders.iter().filter(|(c, ..)| *c == i).collect();
-            let beaten_by = mine.iter().find(|(_, _, lkey, lvalues)| {
-                let local = local_version(lkey, lvalues);
-                !unique_key_winner((&claim.version.stamp, &claim.key), (&local.stamp, lkey))
-            });
             if let Some((index, w)) = beaten_by_claim.get(&i) {
                 let winner = &claims[*w];
-                let mut tomb = claim.version.clone();
-                tomb.live = false;
-                let mut result = describe_version(&tomb);
-                result["kept_key"] = json!(winner.key);
-                result["index"] = json!(index);
-                writes.conflict(
-                    &name,
-                    &claim.key,
-                    "unique_key",
-                    "remote_wins",
-                    [&claim.version, &winner.version],
-                    result,
-                );
-                writes.version(info, &claim.key, &tomb);
+                let lost = Lost { key: &claim.key, version: &claim.version, kept_key: &winner.key, index };
+                writes.bury(info, lost, "remote_wins", [&claim.version, &winner.version]);
                 conflicts += 1;
                 continue;
             }
-            if let Some((_, index, lkey, lvalues)) = beaten_by {
-                let local = local_version(lkey, lvalues);
-                let mut tomb = claim.version.clone();
-                tomb.live = false;
-                let mut result = describe_version(&tomb);
-                result["kept_key"] = json!(lkey);
-                result["index"] = json!(index);
-                writes.conflict(&name, &claim.key, "unique_key", "local_wins", [&local, &claim.version], result);
-                writes.version(info, &claim.key, &tomb);
+            let mine: Vec<_> = colliders
+                .iter()
+                .filter(|(c, ..)| *c == i)
+                .map(|(_, index, k, v)| (index, k, local_version(k, v)))
+                .collect();
+            let beaten_by = mine
+                .iter()
+                .find(|(_, lkey, local)| !unique_key_winner((&claim.version.stamp, &claim.key), (&local.stamp, lkey)));
+            if let Some((index, lkey, local)) = beaten_by {
+                let lost = Lost { key: &claim.key, version: &claim.version, kept_key: lkey, index };
+                writes.bury(info, lost, "local_wins", [local, &claim.version]);
                 conflicts += 1;
                 continue;
             }
-            for (_, index, lkey, lvalues) in mine {
-                if !buried.insert(lkey.clone()) {
-                    continue;
+            for (index, lkey, local) in &mine {
+                if buried.insert((*lkey).clone()) {
+                    let lost = Lost { key: lkey, version: local, kept_key: &claim.key, index };
+                    writes.bury(info, lost, "remote_wins", [local, &claim.version]);
+                    conflicts += 1;
                 }
-                let local = local_version(lkey, lvalues);
-                let mut tomb = local.clone();
-                tomb.live = false;
-                let mut result = describe_version(&tomb);
-                result["kept_key"] = json!(claim.key);
-                result["index"] = json!(index);
-                writes.conflict(&name, lkey, "unique_key", "remote_wins", [&local, &claim.version], result);
-                writes.version(info, lkey, &tomb);
-                conflicts += 1;
             }
             writes.version(info, &claim.key, &claim.version);
         }
@@ -964,12 +941,12 @@ fn shares_history(a: &VersionVector, b: &VersionVector) -> bool {
 }
 
 /// `t.k1 = u.k1::type AND …` over the key columns.
-fn key_join(info: &TableInfo) -> (String, String) {
-    column_join(info, &info.mesh.key)
+fn key_join(info: &MeshTable) -> (String, String) {
+    column_join(info, &info.key)
 }
 
 /// `t.c1 = u.k1::type AND …` over `columns`, with the unnest aliases.
-fn column_join(info: &TableInfo, columns: &[String]) -> (String, String) {
+fn column_join(info: &MeshTable, columns: &[String]) -> (String, String) {
     let mut cols = Vec::new();
     let mut cond = Vec::new();
     for (i, k) in columns.iter().enumerate() {
@@ -987,44 +964,44 @@ fn unnest_params(n: usize) -> String {
 async fn read_rows(
     client: &Client,
     statements: &mut HashMap<String, Statement>,
-    info: &TableInfo,
+    info: &MeshTable,
     keys: &[&Vec<String>],
 ) -> Result<Vec<(Vec<String>, Values)>, ApplyError> {
-    read_rows_by(client, statements, info, &info.mesh.key, keys).await
+    read_rows_by(client, statements, info, &info.key, keys).await
 }
 
 /// Locks and reads the rows whose `by` columns equal one of `probes`, in key order.
 async fn read_rows_by(
     client: &Client,
     statements: &mut HashMap<String, Statement>,
-    info: &TableInfo,
+    info: &MeshTable,
     by: &[String],
     probes: &[&Vec<String>],
 ) -> Result<Vec<(Vec<String>, Values)>, ApplyError> {
     let (cols, cond) = column_join(info, by);
-    let names: Vec<&String> = info.mesh.columns.iter().map(|(c, _)| c).collect();
+    let names: Vec<&String> = info.columns.iter().map(|(c, _)| c).collect();
     let sql = format!(
         "SELECT ARRAY[{}]::text[], ARRAY[{}]::text[] FROM {}.{} t JOIN unnest({}) AS u({cols}) ON {cond}
          ORDER BY {} FOR UPDATE OF t",
-        info.mesh.key.iter().map(|k| format!("t.{}::text", quote_ident(k))).collect::<Vec<_>>().join(", "),
+        info.key.iter().map(|k| format!("t.{}::text", quote_ident(k))).collect::<Vec<_>>().join(", "),
         if names.is_empty() {
             "NULL".to_owned()
         } else {
             names.iter().map(|c| format!("t.{}::text", quote_ident(c))).collect::<Vec<_>>().join(", ")
         },
-        quote_ident(&info.mesh.schema),
-        quote_ident(&info.mesh.table),
+        quote_ident(&info.schema),
+        quote_ident(&info.table),
         unnest_params(by.len()),
-        info.mesh.key.iter().map(|k| format!("t.{}", quote_ident(k))).collect::<Vec<_>>().join(", "),
+        info.key.iter().map(|k| format!("t.{}", quote_ident(k))).collect::<Vec<_>>().join(", "),
     );
-    let stmt = prepared(client, statements, sql, &info.mesh.name()).await?;
+    let stmt = prepared(client, statements, sql, &info.name()).await?;
     let columns: Vec<Vec<String>> =
         (0..by.len()).map(|i| probes.iter().map(|k| k.get(i).cloned().unwrap_or_default()).collect()).collect();
     let params: Vec<&(dyn ToSql + Sync)> = columns.iter().map(|c| c as &(dyn ToSql + Sync)).collect();
     let found = client
         .query(&stmt, &params)
         .await
-        .map_err(ApplyError::target(format!("reading local rows of {}", info.mesh.name())))?;
+        .map_err(ApplyError::target(format!("reading local rows of {}", info.name())))?;
     Ok(found
         .into_iter()
         .map(|r| {
@@ -1063,13 +1040,13 @@ struct Writes {
 }
 
 impl Writes {
-    fn row(&mut self, info: &TableInfo, key: &[String], values: Option<&Values>) {
-        let name = info.mesh.name();
+    fn row(&mut self, info: &MeshTable, key: &[String], values: Option<&Values>) {
+        let name = info.name();
         match values {
             None => self.deletes.entry(name).or_default().push(key.to_vec()),
             Some(values) => {
                 let cols: Vec<String> =
-                    info.mesh.columns.iter().map(|(c, _)| c).filter(|c| values.contains_key(*c)).cloned().collect();
+                    info.columns.iter().map(|(c, _)| c).filter(|c| values.contains_key(*c)).cloned().collect();
                 let mut row: Vec<Option<String>> = key.iter().cloned().map(Some).collect();
                 row.extend(cols.iter().map(|c| values.get(c).cloned().flatten()));
                 self.upserts.entry((name, cols)).or_default().push(row);
@@ -1082,9 +1059,21 @@ impl Writes {
     }
 
     /// The row as `v` leaves it (deleted for a tombstone) and its metadata.
-    fn version(&mut self, info: &TableInfo, key: &[String], v: &RowVersion) {
+    fn version(&mut self, info: &MeshTable, key: &[String], v: &RowVersion) {
         self.row(info, key, v.live.then(|| values_of(v)).as_ref());
-        self.side(&info.mesh.name(), key, side_of(v));
+        self.side(&info.name(), key, side_of(v));
+    }
+
+    /// The loser of a unique-key collision becomes a tombstone (its values kept in its version),
+    /// logged with the key that stayed and the index they collided on.
+    fn bury(&mut self, info: &MeshTable, lost: Lost<'_>, resolution: &'static str, sides: [&RowVersion; 2]) {
+        let mut tomb = lost.version.clone();
+        tomb.live = false;
+        let mut result = describe_version(&tomb);
+        result["kept_key"] = json!(lost.kept_key);
+        result["index"] = json!(lost.index);
+        self.conflict(&info.name(), lost.key, "unique_key", resolution, sides, result);
+        self.version(info, lost.key, &tomb);
     }
 
     /// A `synapse.conflicts` entry and its metric.
@@ -1114,7 +1103,7 @@ impl Writes {
         self,
         client: &Client,
         statements: &mut HashMap<String, Statement>,
-        tables: &HashMap<String, TableInfo>,
+        tables: &HashMap<String, MeshTable>,
         source_node: &str,
     ) -> Result<u64, ApplyError> {
         let mut written = 0u64;
@@ -1123,25 +1112,25 @@ impl Writes {
             let (cols, cond) = key_join(info);
             let sql = format!(
                 "DELETE FROM {}.{} t USING unnest({}) AS u({cols}) WHERE {cond}",
-                quote_ident(&info.mesh.schema),
-                quote_ident(&info.mesh.table),
-                unnest_params(info.mesh.key.len())
+                quote_ident(&info.schema),
+                quote_ident(&info.table),
+                unnest_params(info.key.len())
             );
-            let stmt = prepared(client, statements, sql, &info.mesh.name()).await?;
+            let stmt = prepared(client, statements, sql, &info.name()).await?;
             let columns: Vec<Vec<String>> =
-                (0..info.mesh.key.len()).map(|i| keys.iter().map(|k| k[i].clone()).collect()).collect();
+                (0..info.key.len()).map(|i| keys.iter().map(|k| k[i].clone()).collect()).collect();
             let params: Vec<&(dyn ToSql + Sync)> = columns.iter().map(|c| c as &(dyn ToSql + Sync)).collect();
             written +=
                 client.execute(&stmt, &params).await.map_err(ApplyError::target(format!("deleting from {name}")))?;
         }
         for ((name, cols), rows) in &self.upserts {
             let Some(info) = tables.get(name) else { continue };
-            let all: Vec<&String> = info.mesh.key.iter().chain(cols.iter()).collect();
+            let all: Vec<&String> = info.key.iter().chain(cols.iter()).collect();
             let names: Vec<String> = all.iter().map(|c| quote_ident(c)).collect();
             let aliases: Vec<String> = (0..all.len()).map(|i| format!("c{i}")).collect();
             let select: Vec<String> =
                 all.iter().enumerate().map(|(i, c)| format!("u.c{i}::{}", info.cast(c))).collect();
-            let keys: Vec<String> = info.mesh.key.iter().map(|k| quote_ident(k)).collect();
+            let keys: Vec<String> = info.key.iter().map(|k| quote_ident(k)).collect();
             let action = if cols.is_empty() {
                 "DO NOTHING".to_owned()
             } else {
@@ -1155,21 +1144,20 @@ impl Writes {
             };
             let sql = format!(
                 "INSERT INTO {}.{} ({}) SELECT {} FROM unnest({}) AS u({}) ON CONFLICT ({}) {action}",
-                quote_ident(&info.mesh.schema),
-                quote_ident(&info.mesh.table),
+                quote_ident(&info.schema),
+                quote_ident(&info.table),
                 names.join(", "),
                 select.join(", "),
                 unnest_params(all.len()),
                 aliases.join(", "),
                 keys.join(", "),
             );
-            let stmt = prepared(client, statements, sql, &info.mesh.name()).await?;
+            let stmt = prepared(client, statements, sql, &info.name()).await?;
             let columns: Vec<Vec<Option<String>>> =
                 (0..all.len()).map(|i| rows.iter().map(|r| r[i].clone()).collect()).collect();
             let params: Vec<&(dyn ToSql + Sync)> = columns.iter().map(|c| c as &(dyn ToSql + Sync)).collect();
             written += client.execute(&stmt, &params).await.map_err(|source| {
-                if source.code() == Some(&tokio_postgres::error::SqlState::UNIQUE_VIOLATION)
-                    && !info.mesh.unique.is_empty()
+                if source.code() == Some(&tokio_postgres::error::SqlState::UNIQUE_VIOLATION) && !info.unique.is_empty()
                 {
                     ApplyError::UniqueRace { table: name.clone(), source }
                 } else {

@@ -52,10 +52,9 @@ pub struct Purged {
     pub deleted: u64,
 }
 
-const VERSION_OF: &str =
-    "SELECT tbl, pk::text, live, vv::text || ' ' || hlc_ms || '.' || hlc_lc || ' ' || node || ' ' || cols::text
-     FROM synapse.row_version
-     WHERE (tbl, pk) IN (SELECT t, p::jsonb FROM unnest($1::text[], $2::text[]) AS u(t, p))";
+/// A stored version as one comparable text: jsonb prints canonically, so equal versions are
+/// equal texts on every node.
+const VERSION_TEXT: &str = "(r.vv, r.hlc_ms, r.hlc_lc, r.node, r.cols)::text";
 
 /// One purge round over every node, for up to `batch` tombstones. `log_end(node)` is the offset
 /// the next record of `node`'s change log gets; `hops` the longest path a write travels (1 in a
@@ -86,9 +85,13 @@ pub async fn purge_round(
     // 1. Agreement, and each node's WAL position after its read.
     let mut agreed: Option<HashMap<(String, String), String>> = None;
     let mut read_at = Vec::with_capacity(nodes.len());
+    let read = format!(
+        "SELECT r.tbl, r.pk::text, r.live, {VERSION_TEXT} FROM synapse.row_version r
+         WHERE (r.tbl, r.pk) IN (SELECT t, p::jsonb FROM unnest($1::text[], $2::text[]) AS u(t, p))"
+    );
     for c in &clients {
         let mut here = HashMap::new();
-        for r in c.query(VERSION_OF, &[&tbls, &pks]).await.map_err(ApplyError::target("reading tombstones"))? {
+        for r in c.query(&read, &[&tbls, &pks]).await.map_err(ApplyError::target("reading tombstones"))? {
             if !r.get::<_, bool>(2) {
                 here.insert((r.get(0), r.get(1)), r.get::<_, String>(3));
             }
@@ -153,9 +156,10 @@ pub async fn purge_round(
     for c in &clients {
         deleted += c
             .execute(
-                "DELETE FROM synapse.row_version r USING unnest($1::text[], $2::text[], $3::text[]) AS u(t, p, v)
-                 WHERE r.tbl = u.t AND r.pk = u.p::jsonb AND NOT r.live
-                   AND r.vv::text || ' ' || r.hlc_ms || '.' || r.hlc_lc || ' ' || r.node || ' ' || r.cols::text = u.v",
+                &format!(
+                    "DELETE FROM synapse.row_version r USING unnest($1::text[], $2::text[], $3::text[]) AS u(t, p, v)
+                     WHERE r.tbl = u.t AND r.pk = u.p::jsonb AND NOT r.live AND {VERSION_TEXT} = u.v"
+                ),
                 &[&t, &p, &v],
             )
             .await

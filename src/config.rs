@@ -107,9 +107,14 @@ pub struct MeshConfig {
     /// `schema.table` names replicated among the nodes; each must exist, with a primary key,
     /// on every node.
     pub tables: Vec<String>,
-    /// Per table, per column, the strategy for concurrent writes: lww (default), counter, max, min.
+    /// Per table, per column, the strategy for concurrent writes: lww (default), counter, set,
+    /// multi_value, max, min.
     #[serde(default)]
     pub columns: std::collections::BTreeMap<String, std::collections::BTreeMap<String, synapse_resolver::Strategy>>,
+    /// Per table, a SQL function `(older jsonb, newer jsonb) → jsonb` deciding the lww columns
+    /// of two concurrent live versions of a row (it must exist on every node).
+    #[serde(default)]
+    pub merge_functions: std::collections::BTreeMap<String, String>,
     /// Seconds between tombstone purge rounds (0 turns purging off). The interval only batches
     /// the work: a tombstone goes once every node holds it and nothing older is in flight.
     #[serde(default = "default_purge_interval")]
@@ -140,9 +145,16 @@ pub struct MeshNode {
 
 impl MeshConfig {
     pub fn policies(&self) -> std::collections::HashMap<String, synapse_resolver::TablePolicy> {
-        self.columns
+        self.tables
             .iter()
-            .map(|(t, cols)| (t.clone(), synapse_resolver::TablePolicy { columns: cols.clone() }))
+            .map(|t| {
+                let policy = synapse_resolver::TablePolicy {
+                    columns: self.columns.get(t).cloned().unwrap_or_default(),
+                    merge_function: self.merge_functions.get(t).cloned(),
+                };
+                (t.clone(), policy)
+            })
+            .filter(|(_, p)| *p != synapse_resolver::TablePolicy::default())
             .collect()
     }
 }
@@ -530,14 +542,20 @@ impl Config {
                 return Err(invalid(format!("mesh.columns.{t}"), format!("`{t}` is not one of mesh.tables")));
             }
         }
-        for (t, cols) in &m.columns {
-            for (c, s) in cols {
-                if matches!(s, synapse_resolver::Strategy::Set | synapse_resolver::Strategy::MultiValue) {
-                    return Err(invalid(
-                        format!("mesh.columns.{t}.{c}"),
-                        "set and multi_value are not available on mesh tables yet; use lww, counter, max or min".into(),
-                    ));
-                }
+        for (t, f) in &m.merge_functions {
+            if !m.tables.contains(t) {
+                return Err(invalid(format!("mesh.merge_functions.{t}"), format!("`{t}` is not one of mesh.tables")));
+            }
+            let valid = |part: &str| {
+                !part.is_empty()
+                    && part.len() <= 63
+                    && part.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_')
+            };
+            if f.split('.').count() != 2 || !f.split('.').all(valid) {
+                return Err(invalid(
+                    format!("mesh.merge_functions.{t}"),
+                    format!("`{f}` is not a schema.function name (lower-case letters, digits, _)"),
+                ));
             }
         }
         Ok(())

@@ -96,6 +96,7 @@ pub async fn run(regions: usize, duration: Option<Duration>, ops_listen: String)
             tables: vec!["public.accounts".into()],
             tombstone_purge_interval_secs: 60.0,
             hub: None,
+            merge_functions: Default::default(),
             columns: [(
                 "public.accounts".to_string(),
                 [("balance".to_string(), synapse_resolver::Strategy::Counter)].into(),

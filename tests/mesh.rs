@@ -431,112 +431,226 @@ fn three_writable_nodes_converge_after_a_partition() {
     }
 }
 
+/// Three nodes, one database `app` with `schema` on each, and a synapse meshing them that the
+/// test starts and kills -9 to make writes concurrent.
+struct KilledMesh {
+    nodes: Vec<LocalCluster>,
+    config: std::path::PathBuf,
+    log: std::path::PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl KilledMesh {
+    /// `mesh_yaml`: the lines under `mesh:` after the nodes (tables, strategies…).
+    fn new(schema: &str, mesh_yaml: &str) -> KilledMesh {
+        let nodes: Vec<LocalCluster> =
+            (0..3).map(|_| LocalCluster::start(ClusterOptions::default()).unwrap()).collect();
+        let dir = tempfile::tempdir().unwrap();
+        for n in &nodes {
+            n.create_database("app").unwrap();
+            n.psql("app", schema).unwrap();
+        }
+        let nodes_yaml: String = (0..3)
+            .map(|i| {
+                format!(
+                    "    - name: u{i}\n      id: {}\n      url: {}\n      region: r{i}\n",
+                    i + 1,
+                    nodes[i].url("app")
+                )
+            })
+            .collect();
+        let config = dir.path().join("mesh.yaml");
+        std::fs::write(
+            &config,
+            format!(
+                "log:\n  dir: {}\nmesh:\n  nodes:\n{nodes_yaml}{mesh_yaml}  tombstone_purge_interval_secs: 0\nops:\n  listen: \"\"\napi:\n  listen: \"\"\n",
+                dir.path().join("log").display()
+            ),
+        )
+        .unwrap();
+        let log = dir.path().join("synapse.log");
+        KilledMesh { nodes, config, log, _dir: dir }
+    }
+
+    fn logtext(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    fn sql(&self, i: usize, sql: &str) -> String {
+        self.nodes[i].psql("app", sql).unwrap()
+    }
+
+    /// Starts synapse and waits until it has installed the mesh (triggers, active slots).
+    fn start(&self, tables: usize) -> Running {
+        let child = Running(spawn_run(&self.config, &self.log));
+        let deadline = Instant::now() + Duration::from_secs(60);
+        let want = format!("{tables}/1");
+        let ready = |n: &LocalCluster| {
+            n.psql("app", "SELECT (SELECT count(*) FROM pg_trigger WHERE tgname = 'synapse_local_write') || '/' || (SELECT count(*) FROM pg_replication_slots WHERE active)")
+                .unwrap_or_default()
+                == want
+        };
+        while !self.nodes.iter().all(ready) {
+            assert!(Instant::now() < deadline, "the mesh did not start:\n{}", self.logtext());
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        child
+    }
+
+    /// Waits until `query` gives `want` on every node.
+    fn wait_all(&self, what: &str, query: &str, want: &str) {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while (0..3).any(|i| self.sql(i, query) != want) {
+            assert!(
+                Instant::now() < deadline,
+                "{what}: nodes hold {:?}, want {want:?}\n{}",
+                (0..3).map(|i| self.sql(i, query)).collect::<Vec<_>>(),
+                tail(&self.logtext())
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+
+    /// Waits until `query` gives one answer on every node; returns it.
+    fn wait_same(&self, what: &str, query: &str) -> String {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let got: Vec<String> = (0..3).map(|i| self.sql(i, query)).collect();
+            if got[0] == got[1] && got[1] == got[2] {
+                return got[0].clone();
+            }
+            assert!(Instant::now() < deadline, "{what} differ: {got:?}\n{}", tail(&self.logtext()));
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+
+    /// Every node's `synapse.conflicts` rows matching `filter`, as `query` renders them.
+    fn conflicts(&self, render: &str, filter: &str) -> String {
+        (0..3)
+            .map(|i| {
+                self.sql(
+                    i,
+                    &format!("SELECT coalesce(string_agg({render}, ' ' ORDER BY id), '') FROM synapse.conflicts WHERE {filter}"),
+                )
+            })
+            .collect::<Vec<_>>()
+            .join(" | ")
+    }
+}
+
 /// Two regions register the same e-mail under different ids while the mesh is down (the
 /// synapse process killed with -9), twice over: after the restart no applier stops on the
 /// unique violation, every node keeps the same row of each pair (the later write), the other
 /// is in `synapse.conflicts` as `unique_key`, and replication goes on.
 #[test]
 fn concurrent_inserts_of_one_unique_value_keep_the_same_row_everywhere() {
-    let nodes: Vec<LocalCluster> = (0..3).map(|_| LocalCluster::start(ClusterOptions::default()).unwrap()).collect();
-    let dir = tempfile::tempdir().unwrap();
-    let schema = "CREATE TABLE users (id int PRIMARY KEY, email text NOT NULL UNIQUE, name text)";
-    for n in &nodes {
-        n.create_database("app").unwrap();
-        n.psql("app", schema).unwrap();
-    }
-    let nodes_yaml: String = (0..3)
-        .map(|i| {
-            format!("    - name: u{i}\n      id: {}\n      url: {}\n      region: r{i}\n", i + 1, nodes[i].url("app"))
-        })
-        .collect();
-    let config = dir.path().join("mesh.yaml");
-    std::fs::write(
-        &config,
-        format!(
-            "log:\n  dir: {}\nmesh:\n  nodes:\n{nodes_yaml}  tables: [public.users]\n  tombstone_purge_interval_secs: 0\nops:\n  listen: \"\"\napi:\n  listen: \"\"\n",
-            dir.path().join("log").display()
-        ),
-    )
-    .unwrap();
-    let log = dir.path().join("synapse.log");
-    let logtext = || std::fs::read_to_string(&log).unwrap_or_default();
-    let users = |i: usize| {
-        nodes[i].psql("app", "SELECT coalesce(string_agg(u::text, ' ' ORDER BY id), '') FROM users u").unwrap()
-    };
-    let wait_all = |what: &str, want: &str| {
-        let deadline = Instant::now() + Duration::from_secs(60);
-        while (0..3).any(|i| users(i) != want) {
-            assert!(
-                Instant::now() < deadline,
-                "{what}: nodes hold {:?}, want {want:?}\n{}",
-                (0..3).map(users).collect::<Vec<_>>(),
-                tail(&logtext())
-            );
-            std::thread::sleep(Duration::from_millis(200));
-        }
-    };
+    let mesh = KilledMesh::new(
+        "CREATE TABLE users (id int PRIMARY KEY, email text NOT NULL UNIQUE, name text)",
+        "  tables: [public.users]\n",
+    );
+    let users = "SELECT coalesce(string_agg(u::text, ' ' ORDER BY id), '') FROM users u";
 
     // First start installs the mesh (triggers, slots); then the process dies.
-    let mut child = Running(spawn_run(&config, &log));
-    let deadline = Instant::now() + Duration::from_secs(60);
-    let ready = |n: &LocalCluster| {
-        n.psql("app", "SELECT (SELECT count(*) FROM pg_trigger WHERE tgname = 'synapse_local_write') || '/' || (SELECT count(*) FROM pg_replication_slots WHERE active)")
-            .unwrap_or_default()
-            == "1/1"
-    };
-    while !nodes.iter().all(ready) {
-        assert!(Instant::now() < deadline, "the mesh did not start:\n{}", logtext());
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    nodes[0].psql("app", "INSERT INTO users VALUES (100, 'seed@example.com', 'seed')").unwrap();
-    wait_all("seed row", "(100,seed@example.com,seed)");
+    let mut child = mesh.start(1);
+    mesh.sql(0, "INSERT INTO users VALUES (100, 'seed@example.com', 'seed')");
+    mesh.wait_all("seed row", users, "(100,seed@example.com,seed)");
     child.0.kill().unwrap();
     child.0.wait().unwrap();
 
     // While it is down: two pairs of concurrent registrations, the second of each pair later.
-    nodes[0].psql("app", "INSERT INTO users VALUES (1, 'ann@example.com', 'ann in r0')").unwrap();
+    mesh.sql(0, "INSERT INTO users VALUES (1, 'ann@example.com', 'ann in r0')");
     std::thread::sleep(Duration::from_millis(30));
-    nodes[1].psql("app", "INSERT INTO users VALUES (2, 'ann@example.com', 'ann in r1')").unwrap();
-    nodes[2].psql("app", "INSERT INTO users VALUES (3, 'bob@example.com', 'bob in r2')").unwrap();
+    mesh.sql(1, "INSERT INTO users VALUES (2, 'ann@example.com', 'ann in r1')");
+    mesh.sql(2, "INSERT INTO users VALUES (3, 'bob@example.com', 'bob in r2')");
     std::thread::sleep(Duration::from_millis(30));
-    nodes[1].psql("app", "INSERT INTO users VALUES (4, 'bob@example.com', 'bob in r1')").unwrap();
+    mesh.sql(1, "INSERT INTO users VALUES (4, 'bob@example.com', 'bob in r1')");
 
-    let child = Running(spawn_run(&config, &log));
-    wait_all(
+    let child = Running(spawn_run(&mesh.config, &mesh.log));
+    mesh.wait_all(
         "after the restart",
+        users,
         "(2,ann@example.com,\"ann in r1\") (4,bob@example.com,\"bob in r1\") (100,seed@example.com,seed)",
     );
     // The losers end as tombstones with the same version everywhere. Rows converge first (a
     // loser is absent whether its claim has arrived or not), so wait for the versions too.
-    let tombstones = |i: usize| {
-        nodes[i]
-            .psql("app", "SELECT string_agg(pk::text || vv::text || live, ' ' ORDER BY pk::text) FROM synapse.row_version WHERE tbl = 'public.users'")
-            .unwrap()
-    };
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while !(tombstones(0) == tombstones(1) && tombstones(1) == tombstones(2)) {
-        assert!(Instant::now() < deadline, "versions differ: {:?}", (0..3).map(tombstones).collect::<Vec<_>>());
-        std::thread::sleep(Duration::from_millis(200));
-    }
-    assert!(tombstones(0).contains("[\"3\"]{\"3\": 1}false"), "{}", tombstones(0));
+    let tombstones = mesh.wait_same(
+        "versions",
+        "SELECT string_agg(pk::text || vv::text || live, ' ' ORDER BY pk::text) FROM synapse.row_version WHERE tbl = 'public.users'",
+    );
+    assert!(tombstones.contains("[\"3\"]{\"3\": 1}false"), "{tombstones}");
     // Every loser is logged, on at least the node that had written it.
-    let logged: String = (0..3)
-        .map(|i| {
-            nodes[i]
-                .psql("app", "SELECT coalesce(string_agg(pk::text || ':' || resolution, ' ' ORDER BY pk::text, resolution), '') FROM synapse.conflicts WHERE kind = 'unique_key'")
-                .unwrap()
-        })
-        .collect::<Vec<_>>()
-        .join(" | ");
+    let logged = mesh.conflicts("pk::text || ':' || resolution", "kind = 'unique_key'");
     assert!(logged.contains("[\"1\"]:remote_wins"), "ann in r0 is not logged as superseded: {logged}");
     assert!(logged.contains("[\"3\"]:remote_wins"), "bob in r2 is not logged as superseded: {logged}");
     assert!(logged.contains("[\"1\"]:local_wins"), "no node logged refusing ann in r0: {logged}");
     // And the appliers still run.
-    nodes[2].psql("app", "INSERT INTO users VALUES (5, 'cy@example.com', 'cy')").unwrap();
-    wait_all(
+    mesh.sql(2, "INSERT INTO users VALUES (5, 'cy@example.com', 'cy')");
+    mesh.wait_all(
         "a write after the collisions",
+        users,
         "(2,ann@example.com,\"ann in r1\") (4,bob@example.com,\"bob in r1\") (5,cy@example.com,cy) (100,seed@example.com,seed)",
     );
-    assert!(!logtext().contains("panicked"), "{}", tail(&logtext()));
+    assert!(!mesh.logtext().contains("panicked"), "{}", tail(&mesh.logtext()));
+    drop(child);
+}
+
+/// The other strategies on real nodes, with three concurrent writers (synapse killed -9 while
+/// they write): a set column as an array and as jsonb (an element removed on one node and
+/// re-added on another stays: add wins), a multi-value column (both concurrent titles kept as
+/// siblings, the later shown, until a write that has seen both), and a merge function deciding
+/// the plain columns (here: keep every line either side wrote).
+#[test]
+fn set_multi_value_and_merge_function_columns_converge() {
+    let mesh = KilledMesh::new(
+        "CREATE TABLE docs (id int PRIMARY KEY, tags text[], labels jsonb, title text, body text, rev int);
+         CREATE FUNCTION public.keep_all_lines(older jsonb, newer jsonb) RETURNS jsonb LANGUAGE sql IMMUTABLE AS $$
+             SELECT jsonb_build_object('body', (SELECT string_agg(DISTINCT l, E'\\n' ORDER BY l)
+                 FROM unnest(string_to_array(older ->> 'body', E'\\n') || string_to_array(newer ->> 'body', E'\\n')) AS l),
+                 -- typed input: rev arrives as a JSON number
+                 'rev', greatest((older -> 'rev')::int, (newer -> 'rev')::int))
+         $$;",
+        "  tables: [public.docs]\n  columns:\n    public.docs: {tags: set, labels: set, title: multi_value}\n  merge_functions:\n    public.docs: public.keep_all_lines\n",
+    );
+    let docs = "SELECT coalesce(string_agg(d::text, ' ' ORDER BY id), '') FROM docs d";
+    let mut child = mesh.start(1);
+    mesh.sql(0, "INSERT INTO docs VALUES (1, '{red,red,NULL}', '[\"a\", \"a\"]', 'draft', 'base', 1)");
+    // Sets hold each member once, in text order, on every node (the writer's too).
+    mesh.wait_all("the first row", docs, "(1,{red},\"[\"\"a\"\"]\",draft,base,1)");
+    let err = mesh.nodes[1].psql("app", "UPDATE docs SET labels = '{\"x\": 1}' WHERE id = 1").unwrap_err();
+    assert!(
+        format!("{err:?}").contains("column labels of public.docs is a set: it holds a JSON array, not object"),
+        "{err:?}"
+    );
+    child.0.kill().unwrap();
+    child.0.wait().unwrap();
+
+    mesh.sql(0, "UPDATE docs SET tags = tags || '{blue}', labels = labels || '\"b\"', title = 't0', body = 'b0', rev = 2 WHERE id = 1");
+    std::thread::sleep(Duration::from_millis(20));
+    mesh.sql(1, "UPDATE docs SET tags = array_remove(tags, 'red'), title = 't1', body = 'b1' WHERE id = 1");
+    mesh.sql(2, "UPDATE docs SET tags = array_remove(tags, 'red') WHERE id = 1");
+    mesh.sql(2, "UPDATE docs SET tags = tags || '{red,green}', labels = '[]' WHERE id = 1");
+
+    let child = Running(spawn_run(&mesh.config, &mesh.log));
+    // tags: blue (n0), red re-added by n2 concurrently with n1's remove, green (n2).
+    // labels: n2 removed "a" having seen it, n0 added "b" concurrently.
+    // title: t1 is the later of two concurrent writes. body: every line; rev: from the function.
+    mesh.wait_all("after the restart", docs, "(1,\"{blue,green,red}\",\"[\"\"b\"\"]\",t1,\"b0\nb1\nbase\",2)");
+    let versions = mesh.wait_same(
+        "versions",
+        "SELECT string_agg(vv::text || cols::text, ' ') FROM synapse.row_version WHERE tbl = 'public.docs'",
+    );
+    let siblings = mesh.sql(0, "SELECT string_agg(s ->> 2, ',' ORDER BY s ->> 2) FROM synapse.row_version, jsonb_array_elements(cols -> 'title' -> 'mv') s");
+    assert_eq!(siblings, "t0,t1", "{versions}");
+    let logged =
+        mesh.conflicts("resolution || ':' || (result -> 'siblings' -> 'title')::text", "kind = 'update_update'");
+    assert!(logged.contains("merge_function:[\"t1\", \"t0\"]"), "the conflict log shows the siblings: {logged}");
+    // A write that has seen both siblings replaces them.
+    mesh.sql(2, "UPDATE docs SET title = 'agreed' WHERE id = 1");
+    mesh.wait_all(
+        "a later title",
+        "SELECT title || jsonb_array_length(cols -> 'title' -> 'mv') FROM docs, synapse.row_version",
+        "agreed1",
+    );
+    assert!(!mesh.logtext().contains("panicked"), "{}", tail(&mesh.logtext()));
     drop(child);
 }

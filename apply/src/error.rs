@@ -17,6 +17,9 @@ pub enum ApplyError {
     Schema { table: String, message: String },
     #[error("initial copy failed")]
     Copy(#[source] synapse_capture::CaptureError),
+    /// The table's merge function failed or returned something other than a JSON object.
+    #[error("merge function {function} failed on {table} key {key}: {message}")]
+    MergeFunction { function: String, table: String, key: String, message: String },
     /// A local write took a unique value of a mesh table between the applier's collision check
     /// and its write; the retry sees that row and resolves the collision.
     #[error("a local write on {table} took a unique value while the applier was resolving it")]
@@ -48,6 +51,7 @@ impl ApplyError {
             ApplyError::Schema { .. } => "APP003",
             ApplyError::Copy(e) => e.code(),
             ApplyError::UniqueRace { .. } => "APP004",
+            ApplyError::MergeFunction { .. } => "APP005",
         }
     }
 
@@ -90,6 +94,9 @@ impl ApplyError {
                 ApplyError::Log(e) => e.hint(),
                 ApplyError::Copy(e) => e.hint(),
                 ApplyError::UniqueRace { .. } => "none: retried at once; frequent retries mean many concurrent claims of one value",
+                ApplyError::MergeFunction { .. } => {
+                    "fix the function on every node (it gets two rows as jsonb and returns a jsonb object of column values; see the cause) and restart: the transaction was not applied"
+                }
                 _ => "see the cause; transient errors are retried automatically",
             },
         }

@@ -33,7 +33,7 @@ use crate::ApplyError;
 use serde_json::{json, Map, Value as Json};
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
-use synapse_resolver::column::Counter;
+use synapse_resolver::column::{Counter, Dots, MultiValue, OrSet};
 use synapse_resolver::{
     resolve, unique_key_winner, Cell, Decision, Hlc, NodeId, RowVersion, Stamp, Strategy, TablePolicy, VersionVector,
 };
@@ -81,15 +81,21 @@ CREATE INDEX IF NOT EXISTS conflicts_by_row ON synapse.conflicts (table_name, pk
 -- after seeing a peer's version orders after it), per-column stamps of the changed columns,
 -- counter totals per node, and for a delete the last values (a tombstone keeps them so a
 -- concurrent update that outlives the delete merges with everything written before).
+-- Set columns keep an observed-remove set: the set's clock (adds seen per node) and per member
+-- the dots of the adds that keep it; a write adds a dot per new member and drops the entries of
+-- removed ones. Multi-value columns keep their siblings, each [clock, [ms, lc, node], value]; a
+-- write replaces them all by one sibling whose clock covers theirs.
+DROP FUNCTION IF EXISTS synapse.record_local_write(text, jsonb, integer, boolean, text[], jsonb, jsonb, jsonb);
 CREATE OR REPLACE FUNCTION synapse.record_local_write(
     p_tbl text, p_pk jsonb, p_node integer, p_live boolean,
-    p_changed text[], p_counters jsonb, p_base jsonb, p_values jsonb)
+    p_changed text[], p_counters jsonb, p_base jsonb, p_values jsonb, p_sets jsonb, p_mv jsonb)
 RETURNS void LANGUAGE plpgsql AS $fn$
 DECLARE
     r synapse.row_version%ROWTYPE;
     wall bigint := floor(extract(epoch FROM clock_timestamp()) * 1000);
     me text := p_node::text;
     ms bigint; lc integer; c text; pn jsonb; cur jsonb; total numeric; delta numeric; base numeric;
+    st jsonb; members jsonb; entries jsonb; clk jsonb; m text; n bigint;
 BEGIN
     SELECT * INTO r FROM synapse.row_version WHERE tbl = p_tbl AND pk = p_pk FOR UPDATE;
     IF NOT FOUND THEN
@@ -126,6 +132,42 @@ BEGIN
         -- must be identical bytes, or tombstone purging never finds them agreed.
         IF cur <> '[0, 0]'::jsonb OR pn ? me THEN pn := pn || jsonb_build_object(me, cur); END IF;
         r.cols := r.cols || jsonb_build_object(c, coalesce(r.cols -> c, '{}') || jsonb_build_object('pn', pn));
+    END LOOP;
+    FOR c IN SELECT jsonb_object_keys(p_sets) LOOP
+        st := r.cols -> c -> 'set';
+        IF st IS NULL THEN
+            -- The first write this set sees: the members it held before belong to no node
+            -- (one add of node 0), the same on every node that started from the same data.
+            st := '{"clock": {}, "e": {}}';
+            IF jsonb_array_length(coalesce(p_sets -> c -> 'old', '[]')) > 0 THEN
+                SELECT jsonb_build_object('clock', '{"0": 1}'::jsonb, 'e', jsonb_object_agg(x, '{"0": 1}'::jsonb))
+                INTO st FROM jsonb_array_elements_text(p_sets -> c -> 'old') AS x;
+            END IF;
+        END IF;
+        members := p_sets -> c -> 'new';
+        SELECT coalesce(jsonb_object_agg(k, v), '{}') INTO entries FROM jsonb_each(st -> 'e') AS e(k, v) WHERE members ? k;
+        n := coalesce((st -> 'clock' ->> me)::bigint, 0);
+        clk := st -> 'clock';
+        FOR m IN SELECT jsonb_array_elements_text(members) LOOP
+            IF NOT entries ? m THEN
+                n := n + 1;
+                entries := entries || jsonb_build_object(m, jsonb_build_object(me, n));
+                clk := clk || jsonb_build_object(me, n);
+            END IF;
+        END LOOP;
+        r.cols := r.cols || jsonb_build_object(c,
+            coalesce(r.cols -> c, '{}') || jsonb_build_object('set', jsonb_build_object('clock', clk, 'e', entries)));
+    END LOOP;
+    FOR c IN SELECT jsonb_object_keys(p_mv) LOOP
+        SELECT coalesce(jsonb_object_agg(k, top), '{}') INTO clk FROM (
+            SELECT k, max(v::bigint) AS top
+            FROM jsonb_array_elements(coalesce(r.cols -> c -> 'mv', '[]')) AS s(sib), jsonb_each_text(sib -> 0) AS e(k, v)
+            GROUP BY k) AS q;
+        -- A row older than the mesh: its value is a common ancestor (node 0) this write replaces.
+        IF r.cols -> c -> 'mv' IS NULL AND p_base IS NOT NULL THEN clk := '{"0": 1}'; END IF;
+        clk := clk || jsonb_build_object(me, coalesce((clk ->> me)::bigint, 0) + 1);
+        r.cols := r.cols || jsonb_build_object(c, coalesce(r.cols -> c, '{}') || jsonb_build_object('mv',
+            jsonb_build_array(jsonb_build_array(clk, jsonb_build_array(ms, lc, p_node), p_mv -> c))));
     END LOOP;
     IF p_live THEN
         SELECT coalesce(jsonb_object_agg(k, v - 'v'), '{}') INTO r.cols FROM jsonb_each(r.cols) AS e(k, v);
@@ -168,94 +210,166 @@ impl MeshTable {
     fn cast(&self, column: &str) -> String {
         self.types.get(column).cloned().unwrap_or_else(|| "text".into())
     }
+
+    fn is_jsonb(&self, column: &str) -> bool {
+        self.types.get(column).is_some_and(|t| t == "jsonb")
+    }
+}
+
+/// `schema.name` with each part quoted.
+fn quoted_name(name: &str) -> String {
+    name.split('.').map(quote_ident).collect::<Vec<_>>().join(".")
 }
 
 fn literal(s: &str) -> String {
     format!("'{}'", s.replace('\'', "''"))
 }
 
-/// The trigger function of one table on node `node`: every local insert, update and delete
-/// records its version in `synapse.row_version`.
+/// SQL of the members of set column `c` in record `rec`: a JSON array of the elements' texts.
+fn set_members(t: &MeshTable, rec: &str, c: &str) -> String {
+    let col = format!("{rec}.{}", quote_ident(c));
+    if t.is_jsonb(c) {
+        format!(
+            "coalesce((SELECT jsonb_agg(DISTINCT x::text) FROM jsonb_array_elements(CASE WHEN jsonb_typeof({col}) = 'array' THEN {col} END) AS x), '[]')"
+        )
+    } else {
+        format!("coalesce((SELECT jsonb_agg(DISTINCT x::text) FROM unnest({col}) AS x WHERE x IS NOT NULL), '[]')")
+    }
+}
+
+/// The trigger functions of one table on node `node`: every local insert, update and delete
+/// records its version in `synapse.row_version`; before that, set columns are brought to their
+/// canonical form and max/min columns kept monotonic.
 fn trigger_sql(node: NodeId, t: &MeshTable) -> String {
     let tbl = literal(&t.name());
     let fname = format!("synapse.{}", quote_ident(&format!("local_write_{}_{}", t.schema, t.table)));
     let row = |rec: &str| t.key.iter().map(|k| format!("{rec}.{}", quote_ident(k))).collect::<Vec<_>>().join(", ");
     let key_text =
         |rec: &str| t.key.iter().map(|k| format!("{rec}.{}::text", quote_ident(k))).collect::<Vec<_>>().join(", ");
-    let plain: Vec<&String> = t.columns.iter().filter(|(_, s)| *s != Strategy::Counter).map(|(c, _)| c).collect();
-    let counters: Vec<&String> = t.columns.iter().filter(|(_, s)| *s == Strategy::Counter).map(|(c, _)| c).collect();
+    let of = |pick: &dyn Fn(Strategy) -> bool| -> Vec<&String> {
+        t.columns.iter().filter(|(_, s)| pick(*s)).map(|(c, _)| c).collect()
+    };
+    let plain = of(&|s| matches!(s, Strategy::Lww | Strategy::Max | Strategy::Min));
+    let counters = of(&|s| s == Strategy::Counter);
+    let sets = of(&|s| s == Strategy::Set);
+    let mvs = of(&|s| s == Strategy::MultiValue);
     let all_plain = format!("ARRAY[{}]::text[]", plain.iter().map(|c| literal(c)).collect::<Vec<_>>().join(", "));
-    let object = |rec: &str, cols: &[&String]| {
+    let object = |pairs: Vec<(String, String)>| {
         format!(
             "jsonb_build_object({})",
-            cols.iter()
-                .map(|c| format!("{}, {rec}.{}::text", literal(c), quote_ident(c)))
-                .collect::<Vec<_>>()
-                .join(", ")
+            pairs.into_iter().map(|(k, v)| format!("{}, {v}", literal(&k))).collect::<Vec<_>>().join(", ")
         )
     };
-    let changed: String = plain
-        .iter()
-        .map(|c| {
-            format!(
-                "        IF NEW.{q} IS DISTINCT FROM OLD.{q} THEN changed := changed || {l}::text; END IF;\n",
-                q = quote_ident(c),
-                l = literal(c)
-            )
-        })
-        .collect();
+    let values = |rec: &str, cols: &[&String]| {
+        object(cols.iter().map(|c| ((*c).clone(), format!("{rec}.{}::text", quote_ident(c)))).collect())
+    };
+    let set_new = |c: &str| format!("jsonb_build_object('new', {})", set_members(t, "NEW", c));
+    // Inserts (and key changes) write every column; updates only the changed ones.
+    let all_sets = object(sets.iter().map(|c| ((*c).clone(), set_new(c))).collect());
+    let all_mvs = values("NEW", &mvs);
+    let mut changed = String::new();
+    for c in &plain {
+        changed.push_str(&format!(
+            "        IF NEW.{q} IS DISTINCT FROM OLD.{q} THEN changed := changed || {l}::text; END IF;\n",
+            q = quote_ident(c),
+            l = literal(c)
+        ));
+    }
+    for c in &sets {
+        changed.push_str(&format!(
+            "        IF NEW.{q} IS DISTINCT FROM OLD.{q} THEN sets := sets || jsonb_build_object({l}, jsonb_build_object('new', {new}, 'old', {old})); END IF;\n",
+            q = quote_ident(c),
+            l = literal(c),
+            new = set_members(t, "NEW", c),
+            old = set_members(t, "OLD", c),
+        ));
+    }
+    for c in &mvs {
+        changed.push_str(&format!(
+            "        IF NEW.{q} IS DISTINCT FROM OLD.{q} THEN mv := mv || jsonb_build_object({l}, NEW.{q}::text); END IF;\n",
+            q = quote_ident(c),
+            l = literal(c)
+        ));
+    }
     // max/min columns are registers that only move one way: a local write past the current
     // value in the wrong direction keeps the current one. Without this, a causally later lower
     // value and a concurrent higher one would merge differently depending on arrival order.
-    let monotonic: Vec<String> = t
-        .columns
-        .iter()
-        .filter_map(|(c, s)| {
-            let f = match s {
-                Strategy::Max => "greatest",
-                Strategy::Min => "least",
-                _ => return None,
-            };
-            Some(format!("    NEW.{q} := {f}(NEW.{q}, OLD.{q});\n", q = quote_ident(c)))
-        })
-        .collect();
+    let mut monotonic = String::new();
+    for (c, s) in &t.columns {
+        let f = match s {
+            Strategy::Max => "greatest",
+            Strategy::Min => "least",
+            _ => continue,
+        };
+        monotonic.push_str(&format!("        NEW.{q} := {f}(NEW.{q}, OLD.{q});\n", q = quote_ident(c)));
+    }
+    if !monotonic.is_empty() {
+        monotonic = format!("    IF TG_OP = 'UPDATE' THEN\n{monotonic}    END IF;\n");
+    }
+    // A set column holds its members once each, ordered by their text (byte order), NULL as
+    // empty: the form the applier writes, so every node holds the same value.
+    let mut canonical = String::new();
+    for c in &sets {
+        let q = quote_ident(c);
+        if t.is_jsonb(c) {
+            canonical.push_str(&format!(
+                "    IF jsonb_typeof(NEW.{q}) <> 'array' THEN
+        RAISE EXCEPTION 'column % of % is a set: it holds a JSON array, not %', {l}, {tbl}, jsonb_typeof(NEW.{q})
+            USING ERRCODE = '22023';
+    END IF;
+    NEW.{q} := (SELECT coalesce(jsonb_agg(x ORDER BY x::text COLLATE \"C\"), '[]') FROM
+        (SELECT DISTINCT ON (x::text COLLATE \"C\") x FROM jsonb_array_elements(coalesce(NEW.{q}, '[]')) AS x
+         ORDER BY x::text COLLATE \"C\") AS d);\n",
+                l = literal(c)
+            ));
+        } else {
+            canonical.push_str(&format!(
+                "    NEW.{q} := ARRAY(SELECT DISTINCT ON (x::text COLLATE \"C\") x FROM unnest(NEW.{q}) AS x
+        WHERE x IS NOT NULL ORDER BY x::text COLLATE \"C\");\n"
+            ));
+        }
+    }
     let table = format!("{}.{}", quote_ident(&t.schema), quote_ident(&t.table));
-    let before = if monotonic.is_empty() {
-        format!("DROP TRIGGER IF EXISTS synapse_monotonic ON {table};")
+    let old_before = format!("synapse.{}", quote_ident(&format!("monotonic_{}_{}", t.schema, t.table)));
+    let mut before =
+        format!("DROP TRIGGER IF EXISTS synapse_monotonic ON {table}; DROP FUNCTION IF EXISTS {old_before}();\n");
+    if monotonic.is_empty() && canonical.is_empty() {
+        before.push_str(&format!("DROP TRIGGER IF EXISTS synapse_before_write ON {table};"));
     } else {
-        let bname = format!("synapse.{}", quote_ident(&format!("monotonic_{}_{}", t.schema, t.table)));
-        format!(
+        let bname = format!("synapse.{}", quote_ident(&format!("before_write_{}_{}", t.schema, t.table)));
+        before.push_str(&format!(
             "CREATE OR REPLACE FUNCTION {bname}() RETURNS trigger LANGUAGE plpgsql AS $fn$
 BEGIN
-{}    RETURN NEW;
+{monotonic}{canonical}    RETURN NEW;
 END
 $fn$;
-CREATE OR REPLACE TRIGGER synapse_monotonic BEFORE UPDATE ON {table} FOR EACH ROW EXECUTE FUNCTION {bname}();",
-            monotonic.concat()
-        )
-    };
+CREATE OR REPLACE TRIGGER synapse_before_write BEFORE INSERT OR UPDATE ON {table} FOR EACH ROW EXECUTE FUNCTION {bname}();"
+        ));
+    }
     let (old_key, new_key) = (row("OLD"), row("NEW"));
     let (old_text, new_text) = (key_text("OLD"), key_text("NEW"));
     let (old_values, new_counters, old_counters) =
-        (object("OLD", &plain), object("NEW", &counters), object("OLD", &counters));
+        (values("OLD", &plain), values("NEW", &counters), values("OLD", &counters));
     format!(
         "CREATE OR REPLACE FUNCTION {fname}() RETURNS trigger LANGUAGE plpgsql AS $fn$
 DECLARE
     changed text[] := '{{}}';
+    sets jsonb := '{{}}';
+    mv jsonb := '{{}}';
     base jsonb;  -- NULL for a new row
 BEGIN
     IF TG_OP = 'DELETE' OR (TG_OP = 'UPDATE' AND ({old_key}) IS DISTINCT FROM ({new_key})) THEN
         PERFORM synapse.record_local_write({tbl}, jsonb_build_array({old_text}), {node}, false,
-            '{{}}', '{{}}', '{{}}', {old_values});
+            '{{}}', '{{}}', '{{}}', {old_values}, '{{}}', '{{}}');
         IF TG_OP = 'DELETE' THEN RETURN NULL; END IF;
-        changed := {all_plain};
+        changed := {all_plain}; sets := {all_sets}; mv := {all_mvs};
     ELSIF TG_OP = 'INSERT' THEN
-        changed := {all_plain};
+        changed := {all_plain}; sets := {all_sets}; mv := {all_mvs};
     ELSE
         base := {old_counters};
 {changed}    END IF;
     PERFORM synapse.record_local_write({tbl}, jsonb_build_array({new_text}), {node}, true,
-        changed, {new_counters}, base, '{{}}');
+        changed, {new_counters}, base, '{{}}', sets, mv);
     RETURN NULL;
 END
 $fn$;
@@ -315,10 +429,10 @@ async fn describe(client: &Client, name: &str, policy: &TablePolicy) -> Result<M
                     "column {col} is {ty}: max and min columns must be numeric (smallint, integer, bigint, numeric, real, double precision)"
                 )))
             }
-            Strategy::Set | Strategy::MultiValue => {
+            // Members are the elements' texts; a set of anything else has no elements to merge.
+            Strategy::Set if !(ty.ends_with("[]") || ty == "jsonb") => {
                 return Err(schema_error(format!(
-                    "column {col}: the `{}` strategy is not available on mesh tables yet; use lww, counter, max or min",
-                    serde_json::to_value(strategy).ok().and_then(|v| v.as_str().map(str::to_owned)).unwrap_or_default()
+                    "column {col} is {ty}: a set column must be an array (e.g. text[], bigint[]) or jsonb holding a JSON array"
                 )))
             }
             _ => {}
@@ -336,6 +450,25 @@ async fn describe(client: &Client, name: &str, policy: &TablePolicy) -> Result<M
         }
     }
     key.sort();
+    if let Some(f) = &policy.merge_function {
+        let returns_jsonb: Option<bool> = client
+            .query_opt(
+                "SELECT prorettype = 'jsonb'::regtype FROM pg_proc WHERE oid = to_regprocedure($1)",
+                &[&format!("{}(jsonb, jsonb)", quoted_name(f))],
+            )
+            .await
+            .map_err(ApplyError::target(format!("looking up merge function {f}")))?
+            .map(|r| r.get(0));
+        match returns_jsonb {
+            Some(true) => {}
+            Some(false) => return Err(schema_error(format!("merge function {f}(jsonb, jsonb) must return jsonb"))),
+            None => {
+                return Err(schema_error(format!(
+                    "merge function {f}(jsonb, jsonb) does not exist on this node: create it on every mesh node"
+                )))
+            }
+        }
+    }
     let unique = client
         .query(
             "SELECT ci.relname::text, array_agg(a.attname::text ORDER BY k.ord)
@@ -435,11 +568,43 @@ impl Side {
         Some(Counter::from_contributions(totals))
     }
 
+    /// A set column's state (`None`: no local write of it since the mesh started).
+    fn set(&self, column: &str) -> Option<OrSet> {
+        let st = self.cols.get(column)?.get("set")?;
+        let entries = st.get("e")?.as_object()?;
+        Some(OrSet::from_parts(
+            dots(st.get("clock")?),
+            entries.iter().map(|(member, d)| (Json::String(member.clone()), dots(d))),
+        ))
+    }
+
+    /// A multi-value column's siblings (`None`: no local write of it since the mesh started).
+    fn multi_value(&self, column: &str) -> Option<MultiValue> {
+        let siblings = self.cols.get(column)?.get("mv")?.as_array()?;
+        Some(MultiValue::from_siblings(siblings.iter().filter_map(|sib| {
+            let at = sib.get(1)?;
+            let n = |i: usize| at.get(i).and_then(Json::as_u64).unwrap_or(0);
+            let hlc = Hlc { wall_ms: n(0), logical: n(1) as u32 };
+            Some((dots(sib.get(0)?), hlc, NodeId(n(2) as u16), sib.get(2).cloned().unwrap_or(Json::Null)))
+        })))
+    }
+
     /// A tombstone's last value of `column`.
     fn tombstone_value(&self, column: &str) -> Option<Option<String>> {
         let v = self.cols.get(column)?.get("v")?;
         Some(v.as_str().map(str::to_owned))
     }
+}
+
+/// A `{"<node>": count}` object as the resolver's plain version vector.
+fn dots(v: &Json) -> Dots {
+    v.as_object()
+        .map(|o| o.iter().filter_map(|(n, c)| Some((NodeId(n.parse().ok()?), c.as_u64()?))).collect())
+        .unwrap_or_default()
+}
+
+fn dots_json(d: &Dots) -> Json {
+    Json::Object(d.iter().map(|(n, c)| (n.0.to_string(), json!(c))).collect())
 }
 
 /// Values of a row by column name: `Some(text)`, `None` for SQL NULL; absent = not known (an
@@ -459,6 +624,20 @@ fn version(t: &MeshTable, side: &Side, row: Option<&Values>) -> RowVersion {
             });
             if let Some(c) = counter {
                 cells.insert(col.clone(), Cell::Counter(c));
+            }
+            continue;
+        }
+        // Set and multi-value states live in the metadata; without one the column still holds
+        // the value every node started from, which any peer's state already includes.
+        if *strategy == Strategy::Set {
+            if let Some(set) = side.set(col) {
+                cells.insert(col.clone(), Cell::Set(set));
+            }
+            continue;
+        }
+        if *strategy == Strategy::MultiValue {
+            if let Some(mv) = side.multi_value(col) {
+                cells.insert(col.clone(), Cell::MultiValue(mv));
             }
             continue;
         }
@@ -491,15 +670,43 @@ fn side_of(v: &RowVersion) -> Side {
                     c.contributions().into_iter().map(|(n, (p, m))| (n.0.to_string(), json!([p, m]))).collect();
                 json!({ "pn": pn })
             }
-            // Not produced on mesh tables (install rejects these strategies).
-            Cell::Set(_) | Cell::MultiValue(_) => continue,
+            Cell::Set(set) => {
+                let (clock, entries) = set.parts();
+                let e: Map<String, Json> =
+                    entries.iter().filter_map(|(m, d)| Some((m.as_str()?.to_owned(), dots_json(d)))).collect();
+                json!({ "set": { "clock": dots_json(&clock), "e": e } })
+            }
+            Cell::MultiValue(mv) => {
+                let siblings: Vec<Json> = mv
+                    .siblings_with_clocks()
+                    .iter()
+                    .map(|(clock, hlc, node, value)| {
+                        json!([dots_json(clock), [hlc.wall_ms, hlc.logical, node.0], value])
+                    })
+                    .collect();
+                json!({ "mv": siblings })
+            }
         };
         cols.insert(name.clone(), entry);
     }
     Side { vv: v.stamp.vv.clone(), hlc: v.stamp.hlc, node: v.stamp.node, live: v.live, cols }
 }
 
-fn visible_text(cell: &Cell) -> Option<String> {
+/// What `column` holds for `cell`, as text its type parses.
+fn visible_text(info: &MeshTable, column: &str, cell: &Cell) -> Option<String> {
+    if let Cell::Set(set) = cell {
+        // Members are element texts, ordered by their bytes like the trigger orders them.
+        let mut members: Vec<String> =
+            set.parts().1.into_iter().filter_map(|(m, _)| m.as_str().map(str::to_owned)).collect();
+        members.sort();
+        return Some(if info.is_jsonb(column) {
+            format!("[{}]", members.join(", "))
+        } else {
+            let quoted: Vec<String> =
+                members.iter().map(|m| format!("\"{}\"", m.replace('\\', "\\\\").replace('"', "\\\""))).collect();
+            format!("{{{}}}", quoted.join(","))
+        });
+    }
     match cell.visible() {
         Json::Null => None,
         Json::String(s) => Some(s),
@@ -509,6 +716,17 @@ fn visible_text(cell: &Cell) -> Option<String> {
 
 fn describe_version(v: &RowVersion) -> Json {
     let values: Map<String, Json> = v.cells.iter().map(|(k, c)| (k.clone(), c.visible())).collect();
+    // Concurrent values a multi-value column keeps besides the one it shows.
+    let siblings: Map<String, Json> = v
+        .cells
+        .iter()
+        .filter_map(|(k, c)| match c {
+            Cell::MultiValue(mv) if mv.siblings().len() > 1 => {
+                Some((k.clone(), Json::Array(mv.siblings().into_iter().map(|(_, _, v)| v).collect())))
+            }
+            _ => None,
+        })
+        .collect();
     let vv: Map<String, Json> = v.stamp.vv.iter().map(|(n, c)| (n.0.to_string(), json!(c))).collect();
     json!({
         "live": v.live,
@@ -516,6 +734,7 @@ fn describe_version(v: &RowVersion) -> Json {
         "hlc": [v.stamp.hlc.wall_ms, v.stamp.hlc.logical],
         "node": v.stamp.node.0,
         "values": values,
+        "siblings": siblings,
     })
 }
 
@@ -716,7 +935,7 @@ impl MeshBuffer {
             let local_side = local_sides.get(&(name.clone(), key.clone())).filter(|s| s.vv != VersionVector::new());
             let local_row = local_rows.get(&(name.clone(), key.clone()));
             let local = local_side.map(|s| version(info, s, local_row));
-            let (decision, result) = resolve(policy, local.as_ref(), &remote);
+            let (decision, mut result) = resolve(policy, local.as_ref(), &remote);
             metrics::counter!("synapse_mesh_rows_total", "table" => name.clone(), "decision" => decision_name(decision))
                 .increment(1);
             if decision == Decision::Skip {
@@ -730,8 +949,15 @@ impl MeshBuffer {
                         (false, false) => "delete_delete",
                         _ => "update_delete",
                     };
-                    let resolution =
+                    let mut resolution =
                         if result.stamp.lww_key() == local.stamp.lww_key() { "local_wins" } else { "remote_wins" };
+                    if let Some(f) = &policy.merge_function {
+                        if local.live && remote.live {
+                            call_merge_function(client, statements, info, f, &key, [local, &remote], &mut result)
+                                .await?;
+                            resolution = "merge_function";
+                        }
+                    }
                     writes.conflict(&name, &key, kind, resolution, [local, &remote], describe_version(&result));
                     conflicts += 1;
                 }
@@ -752,6 +978,76 @@ impl MeshBuffer {
         let written = writes.execute(client, statements, &self.tables, source_node).await?;
         Ok((written, conflicts))
     }
+}
+
+/// Lets the table's merge function decide the `lww` columns of two concurrent live versions.
+/// The versions go in (HLC, node) order, older first, so every node makes the same call; the
+/// function's JSON object overrides the resolver's result column by column (keys, CRDT columns
+/// and columns it leaves out keep the resolver's values).
+async fn call_merge_function(
+    client: &Client,
+    statements: &mut HashMap<String, Statement>,
+    info: &MeshTable,
+    function: &str,
+    key: &[String],
+    [a, b]: [&RowVersion; 2],
+    result: &mut RowVersion,
+) -> Result<(), ApplyError> {
+    let decided: Vec<&String> = info
+        .columns
+        .iter()
+        .filter(|(c, s)| *s == Strategy::Lww && result.cells.contains_key(c))
+        .map(|(c, _)| c)
+        .collect();
+    if decided.is_empty() {
+        return Ok(());
+    }
+    let (older, newer) = if a.stamp.lww_key() <= b.stamp.lww_key() { (a, b) } else { (b, a) };
+    let row_json = |v: &RowVersion| {
+        let mut o: Map<String, Json> =
+            info.key.iter().cloned().zip(key.iter().map(|k| Json::String(k.clone()))).collect();
+        for (c, t) in values_of(info, v) {
+            o.insert(c, t.map(Json::String).unwrap_or(Json::Null));
+        }
+        Json::Object(o).to_string()
+    };
+    // Rows go in as the table's row type, so the function sees numbers as numbers; what it
+    // returns is read back through the row type, so values are checked against the columns.
+    let table = format!("{}.{}", quote_ident(&info.schema), quote_ident(&info.table));
+    let sql = format!(
+        "SELECT f.r::text, {} FROM (SELECT {}(to_jsonb(jsonb_populate_record(NULL::{table}, $1::text::jsonb)),
+                                            to_jsonb(jsonb_populate_record(NULL::{table}, $2::text::jsonb))) AS r) AS f,
+             LATERAL jsonb_populate_record(NULL::{table},
+                 $3::text::jsonb || CASE WHEN jsonb_typeof(f.r) = 'object' THEN f.r ELSE '{{}}' END) AS m",
+        decided.iter().map(|c| format!("m.{}::text", quote_ident(c))).collect::<Vec<_>>().join(", "),
+        quoted_name(function),
+    );
+    let fail = |message: String| ApplyError::MergeFunction {
+        function: function.to_owned(),
+        table: info.name(),
+        key: serde_json::to_string(key).unwrap_or_default(),
+        message,
+    };
+    let stmt = prepared(client, statements, sql, &info.name()).await?;
+    let (o, n, base) = (row_json(older), row_json(newer), row_json(result));
+    let row = client
+        .query_one(&stmt, &[&o, &n, &base])
+        .await
+        .map_err(|e| fail(e.as_db_error().map(|d| d.message().to_owned()).unwrap_or_else(|| e.to_string())))?;
+    let returned: Option<String> = row.get(0);
+    if !returned.as_deref().is_some_and(|r| r.starts_with('{')) {
+        return Err(fail(format!(
+            "it returned {}, not a JSON object of column values",
+            returned.as_deref().unwrap_or("NULL")
+        )));
+    }
+    for (i, c) in decided.iter().enumerate() {
+        let text: Option<String> = row.get(i + 1);
+        if let Some(Cell::Value { value, .. }) = result.cells.get_mut(*c) {
+            *value = text.map(Json::String).unwrap_or(Json::Null);
+        }
+    }
+    Ok(())
 }
 
 fn decision_name(d: Decision) -> &'static str {
@@ -814,8 +1110,8 @@ fn column_text(info: &MeshTable, key: &[String], values: &Values, column: &str) 
     }
 }
 
-fn values_of(v: &RowVersion) -> Values {
-    v.cells.iter().map(|(c, cell)| (c.clone(), visible_text(cell))).collect()
+fn values_of(info: &MeshTable, v: &RowVersion) -> Values {
+    v.cells.iter().map(|(c, cell)| (c.clone(), visible_text(info, c, cell))).collect()
 }
 
 /// Concurrent inserts on two nodes can claim one unique value under different primary keys
@@ -841,7 +1137,7 @@ async fn settle_unique_claims(
     }
     for (name, claims) in by_table {
         let Some(info) = tables.get(&name) else { continue };
-        let claimed: Vec<Values> = claims.iter().map(|c| values_of(&c.version)).collect();
+        let claimed: Vec<Values> = claims.iter().map(|c| values_of(info, &c.version)).collect();
         // (claim, index, local key) → the local row's values.
         let mut colliders: Vec<(usize, String, Vec<String>, Values)> = Vec::new();
         // Claims beaten by another claim of this batch: (index, winning claim).
@@ -1060,7 +1356,7 @@ impl Writes {
 
     /// The row as `v` leaves it (deleted for a tombstone) and its metadata.
     fn version(&mut self, info: &MeshTable, key: &[String], v: &RowVersion) {
-        self.row(info, key, v.live.then(|| values_of(v)).as_ref());
+        self.row(info, key, v.live.then(|| values_of(info, v)).as_ref());
         self.side(&info.name(), key, side_of(v));
     }
 
@@ -1253,6 +1549,34 @@ mod tests {
     }
 
     #[test]
+    fn set_and_multi_value_states_round_trip_through_the_resolver_form() {
+        let mut t = table();
+        t.columns = vec![
+            ("tags".into(), Strategy::Set),
+            ("labels".into(), Strategy::Set),
+            ("title".into(), Strategy::MultiValue),
+        ];
+        t.types = [("tags".to_string(), "text[]".to_string()), ("labels".to_string(), "jsonb".to_string())].into();
+        // As the trigger writes them: "b\"q" was added by node 2, "a" is a baseline member.
+        let cols = r#"{"tags": {"set": {"clock": {"0": 1, "2": 3}, "e": {"a": {"0": 1}, "b\"q": {"2": 3}}}},
+                       "labels": {"set": {"clock": {"1": 1}, "e": {"{\"k\": 1}": {"1": 1}, "2": {"1": 1}}}},
+                       "title": {"mv": [[{"1": 2, "2": 1}, [50, 0, 2], "t2"], [{"1": 3}, [40, 1, 1], null]]}}"#;
+        let side = Side::parse(r#"{"1": 3, "2": 3}"#, 50, 0, 2, true, cols).unwrap();
+        let v = version(&t, &side, Some(&Values::new()));
+        assert_eq!(visible_text(&t, "tags", &v.cells["tags"]).unwrap(), r#"{"a","b\"q"}"#);
+        assert_eq!(visible_text(&t, "labels", &v.cells["labels"]).unwrap(), r#"[2, {"k": 1}]"#);
+        assert_eq!(visible_text(&t, "title", &v.cells["title"]).unwrap(), "t2", "the later sibling shows");
+        let back = side_of(&v);
+        for c in ["tags", "labels", "title"] {
+            assert_eq!(back.cols[c], side.cols[c], "{c}");
+        }
+        assert_eq!(describe_version(&v)["siblings"]["title"], json!(["t2", null]));
+        // No state: the column is not the resolver's to write (it holds the common baseline).
+        let bare = Side::parse(r#"{"1": 1}"#, 5, 0, 1, true, "{}").unwrap();
+        assert!(version(&t, &bare, Some(&Values::new())).cells.is_empty());
+    }
+
+    #[test]
     fn a_tombstone_keeps_its_values() {
         let t = table();
         let side = Side::parse(
@@ -1276,5 +1600,12 @@ mod tests {
         assert!(sql.contains("'public.accounts'") && sql.contains(", 7, true"), "{sql}");
         assert!(sql.contains("NEW.\"owner\" IS DISTINCT FROM OLD.\"owner\""), "{sql}");
         assert!(!sql.contains("NEW.\"hits\" IS DISTINCT"), "counters are not stamped: {sql}");
+        assert!(sql.contains("DROP TRIGGER IF EXISTS synapse_before_write"), "nothing to normalise: {sql}");
+        let mut t = table();
+        t.columns.push(("tags".into(), Strategy::Set));
+        t.types.insert("tags".into(), "jsonb".into());
+        let sql = trigger_sql(NodeId(7), &t);
+        assert!(sql.contains("sets := sets || jsonb_build_object('tags'"), "{sql}");
+        assert!(sql.contains("is a set: it holds a JSON array"), "{sql}");
     }
 }

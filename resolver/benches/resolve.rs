@@ -33,8 +33,10 @@ fn version(node: u16, writes: u64, wall_ms: u64) -> RowVersion {
 }
 
 fn benches(c: &mut Criterion) {
-    let policy =
-        TablePolicy { columns: [("hits".to_string(), Strategy::Counter), ("tags".to_string(), Strategy::Set)].into() };
+    let policy = TablePolicy {
+        columns: [("hits".to_string(), Strategy::Counter), ("tags".to_string(), Strategy::Set)].into(),
+        ..Default::default()
+    };
     let (a, b) = (version(1, 10, 100), version(2, 10, 101));
     c.bench_function("vv compare, 4 nodes", |bench| {
         bench.iter(|| black_box(&a.stamp.vv).compare(black_box(&b.stamp.vv)))

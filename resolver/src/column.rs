@@ -14,7 +14,7 @@
 
 use crate::clock::{Hlc, NodeId};
 use crate::ResolverError;
-use crdts::{CmRDT, CvRDT, MVReg, Orswot, PNCounter};
+use crdts::{CmRDT, CvRDT, MVReg, Orswot, PNCounter, VClock};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use std::cmp::Ordering;
@@ -154,6 +154,49 @@ impl OrSet {
     pub fn merge(&mut self, other: &OrSet) {
         self.0.merge(other.0.clone());
     }
+
+    /// A set from its parts: the clock (per node, how many adds it has seen) and each member
+    /// with the dots of the adds that keep it. The form SQL triggers maintain, since they cannot
+    /// write this crate's bytes; [`OrSet::parts`] is the inverse.
+    pub fn from_parts(clock: Dots, entries: impl IntoIterator<Item = (Value, Dots)>) -> OrSet {
+        let mirror = OrswotParts {
+            clock: VClock { dots: clock },
+            entries: entries.into_iter().map(|(m, d)| (m.to_string(), VClock { dots: d })).collect(),
+            deferred: Vec::new(),
+        };
+        // `Orswot` keeps its fields private; its serde form is built through a mirror of the
+        // same layout (postcard encodes a map and a sequence of pairs alike), checked by a
+        // round-trip test.
+        let bytes = postcard::to_allocvec(&mirror).unwrap_or_default();
+        OrSet(postcard::from_bytes(&bytes).unwrap_or_default())
+    }
+
+    /// The clock and each member with its dots, members in canonical order.
+    pub fn parts(&self) -> (Dots, Vec<(Value, Dots)>) {
+        let bytes = postcard::to_allocvec(&self.0).unwrap_or_default();
+        let Ok(p) = postcard::from_bytes::<OrswotParts>(&bytes) else { return Default::default() };
+        let entries: BTreeMap<String, Dots> = p.entries.into_iter().map(|(m, c)| (m, c.dots)).collect();
+        let entries = entries.into_iter().filter_map(|(m, d)| Some((serde_json::from_str(&m).ok()?, d))).collect();
+        (p.clock.dots, entries)
+    }
+}
+
+/// Per node, a count of its operations (a version vector in plain form).
+pub type Dots = BTreeMap<NodeId, u64>;
+
+/// The serde layout of `Orswot<String, NodeId>`. `deferred` holds removes that arrived ahead
+/// of their adds, which only operation-based delivery produces: always empty here.
+#[derive(Serialize, Deserialize)]
+struct OrswotParts {
+    clock: VClock<NodeId>,
+    entries: Vec<(String, VClock<NodeId>)>,
+    deferred: Vec<(VClock<NodeId>, Vec<String>)>,
+}
+
+/// The serde layout of `MVReg<(Hlc, NodeId, String), NodeId>`.
+#[derive(Serialize, Deserialize)]
+struct MvRegParts {
+    vals: Vec<(VClock<NodeId>, (Hlc, NodeId, String))>,
 }
 
 /// A multi-value register: concurrent writes are all kept (siblings) until one write that has
@@ -182,6 +225,27 @@ impl MultiValue {
 
     pub fn merge(&mut self, other: &MultiValue) {
         self.0.merge(other.0.clone());
+    }
+
+    /// A register from its siblings, each with the clock of its write: the form SQL triggers
+    /// maintain. Replaying them as writes keeps exactly the ones no other dominates.
+    pub fn from_siblings(siblings: impl IntoIterator<Item = (Dots, Hlc, NodeId, Value)>) -> MultiValue {
+        let mut reg = MVReg::new();
+        for (clock, hlc, node, value) in siblings {
+            reg.apply(crdts::mvreg::Op::Put { clock: VClock { dots: clock }, val: (hlc, node, value.to_string()) });
+        }
+        MultiValue(reg)
+    }
+
+    /// Every sibling with its clock, greatest (HLC, node) first (the inverse of
+    /// [`MultiValue::from_siblings`]; `MVReg` keeps its values private, read through a mirror).
+    pub fn siblings_with_clocks(&self) -> Vec<(Dots, Hlc, NodeId, Value)> {
+        let bytes = postcard::to_allocvec(&self.0).unwrap_or_default();
+        let Ok(p) = postcard::from_bytes::<MvRegParts>(&bytes) else { return Vec::new() };
+        let mut v: Vec<(Hlc, NodeId, String, Dots)> =
+            p.vals.into_iter().map(|(c, (h, n, s))| (h, n, s, c.dots)).collect();
+        v.sort();
+        v.into_iter().rev().filter_map(|(h, n, s, c)| Some((c, h, n, serde_json::from_str(&s).ok()?))).collect()
     }
 }
 
@@ -480,6 +544,26 @@ mod tests {
                 prop_assert_eq!(back.visible(), cell.visible());
             }
             let _ = Cell::decode(&junk);
+        }
+    }
+
+    proptest! {
+        /// The SQL-side forms of sets and registers convert to the crdts states and back, and
+        /// the rebuilt states merge exactly as the originals do.
+        #[test]
+        fn set_and_register_parts_round_trip(shared in ops(), a in ops(), b in ops()) {
+            let base = replica(0, &shared);
+            let (a, b) = (replica_from(&base, 1, &a), replica_from(&base, 2, &b));
+            let rebuilt = |x: &(Counter, OrSet, MultiValue)| {
+                let (clock, entries) = x.1.parts();
+                (x.0.clone(), OrSet::from_parts(clock, entries), MultiValue::from_siblings(x.2.siblings_with_clocks()))
+            };
+            let (ra, rb) = (rebuilt(&a), rebuilt(&b));
+            prop_assert_eq!(&ra.1, &a.1);
+            prop_assert_eq!(ra.1.parts(), a.1.parts());
+            prop_assert_eq!(ra.2.siblings_with_clocks(), a.2.siblings_with_clocks());
+            prop_assert_eq!(views(&merge3(&ra, &rb)), views(&merge3(&a, &b)));
+            prop_assert_eq!(views(&merge3(&ra, &b)), views(&merge3(&a, &rb)));
         }
     }
 

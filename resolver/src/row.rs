@@ -19,6 +19,12 @@ pub struct RowVersion {
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct TablePolicy {
     pub columns: BTreeMap<String, Strategy>,
+    /// A SQL function `(older jsonb, newer jsonb) → jsonb` that decides the `lww` columns of two
+    /// concurrent live versions. The resolver only carries its name (it does no I/O): the
+    /// applier calls it on the target, with the versions in (HLC, node) order so that every
+    /// node passes the same arguments.
+    #[serde(default)]
+    pub merge_function: Option<String>,
 }
 
 impl TablePolicy {
@@ -129,7 +135,10 @@ mod tests {
     }
 
     fn policy() -> TablePolicy {
-        TablePolicy { columns: [("hits".to_string(), Strategy::Counter), ("tags".to_string(), Strategy::Set)].into() }
+        TablePolicy {
+            columns: [("hits".to_string(), Strategy::Counter), ("tags".to_string(), Strategy::Set)].into(),
+            ..Default::default()
+        }
     }
 
     /// What an observer can compare: existence, causal history, LWW key, visible values.

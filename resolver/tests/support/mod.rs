@@ -11,7 +11,7 @@ pub const NODES: usize = 3;
 
 /// The row's policy: `name` last-writer-wins, `hits` a counter.
 pub fn policy() -> TablePolicy {
-    TablePolicy { columns: [("hits".to_string(), Strategy::Counter)].into() }
+    TablePolicy { columns: [("hits".to_string(), Strategy::Counter)].into(), ..Default::default() }
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]

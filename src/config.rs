@@ -676,6 +676,13 @@ mesh:
         );
         let p = c.mesh.as_ref().unwrap().policies();
         assert_eq!(p["public.accounts"].strategy("balance"), synapse_resolver::Strategy::Counter);
+        let text = MESH
+            .replace("high_score: max}", "high_score: max, tags: set}\n  merge_functions: {public.accounts: public.m}");
+        let c = Config::parse(&text, false, "f").unwrap();
+        c.validate("f").unwrap();
+        let p = c.mesh.as_ref().unwrap().policies();
+        assert_eq!(p["public.accounts"].strategy("tags"), synapse_resolver::Strategy::Set);
+        assert_eq!(p["public.accounts"].merge_function.as_deref(), Some("public.m"));
     }
 
     #[test]
@@ -693,7 +700,10 @@ mesh:
         check("name: eu", "name: us", "mesh.nodes[1].name");
         check("tables: [public.accounts]", "tables: [accounts]", "mesh.tables[0]");
         check("    public.accounts: {", "    public.other: {", "mesh.columns.public.other");
-        check("balance: counter", "balance: set", "mesh.columns.public.accounts.balance");
+        let merge = |f: &str| format!("  merge_functions: {{{f}}}\n  tables: [public.accounts]");
+        check("  tables: [public.accounts]", &merge("public.other: public.f"), "mesh.merge_functions.public.other");
+        check("  tables: [public.accounts]", &merge("public.accounts: f"), "mesh.merge_functions.public.accounts");
+        check("  tables: [public.accounts]", &merge("public.accounts: 'a.b; drop'"), "not a schema.function");
         check("balance: counter", "balance: sum", "unknown variant `sum`");
         check("  tables: [public.accounts]", "  hub: moon\n  tables: [public.accounts]", "mesh.hub");
         check(

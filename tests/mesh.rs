@@ -20,7 +20,7 @@ mod common;
 use common::spawn_run;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::io::{Read, Write};
 use std::net::{Shutdown, TcpListener, TcpStream};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -86,7 +86,9 @@ impl Proxy {
 }
 
 const SCHEMA: &str = "CREATE TABLE accounts (
-    id int PRIMARY KEY, owner text, note text, hits bigint NOT NULL DEFAULT 0, best int)";
+    id int PRIMARY KEY, owner text, note text, hits bigint NOT NULL DEFAULT 0, best int, tags text[], title text)";
+/// Members the writers add to and remove from `tags`.
+const TAGS: [&str; 5] = ["red", "green", "blue", "cyan", "gold"];
 /// Keys 1..=COUNTED hold counters and are never deleted; keys above are inserted and deleted.
 const COUNTED: i32 = 20;
 /// Keys 1..=DISPUTED are written only by nodes 0 and 2 during the partition and by nobody after.
@@ -106,6 +108,9 @@ struct Record {
     increments: BTreeMap<i32, i64>,
     /// Per (node, key), the last owner written during the partition.
     disputed: BTreeMap<(usize, i32), String>,
+    /// Per key, every tag some node added and every title some node wrote.
+    tags_added: BTreeMap<i32, BTreeSet<String>>,
+    titles: BTreeMap<i32, BTreeSet<String>>,
     committed: u64,
     failed: u64,
 }
@@ -146,11 +151,41 @@ async fn writer(url: String, node: usize, seed: u64, phase: u8, until: Instant, 
                 }
                 Err(e) => Err(describe(e)),
             }
-        } else if op < 65 {
+        } else if op < 62 {
             let k = rng.gen_range(1..=COUNTED);
             let v: i32 = rng.gen_range(0..1000);
             client.execute("UPDATE accounts SET best = $1 WHERE id = $2", &[&v, &k]).await.map(|_| ()).map_err(describe)
-        } else if op < 85 {
+        } else if op < 70 {
+            // Set column: add or remove one member (a removal only removes what this node saw).
+            let k = rng.gen_range(1..=SHARED_MAX);
+            let tag = TAGS[rng.gen_range(0..TAGS.len())];
+            let sql = if rng.gen_bool(0.6) {
+                "UPDATE accounts SET tags = tags || $1::text WHERE id = $2"
+            } else {
+                "UPDATE accounts SET tags = array_remove(tags, $1::text) WHERE id = $2"
+            };
+            let added = sql.contains("||");
+            match client.execute(sql, &[&tag, &k]).await {
+                Ok(n) => {
+                    if added && n == 1 {
+                        record.lock().unwrap().tags_added.entry(k).or_default().insert(tag.to_owned());
+                    }
+                    Ok(())
+                }
+                Err(e) => Err(describe(e)),
+            }
+        } else if op < 75 {
+            // Multi-value column: concurrent titles stay as siblings until a later write.
+            let k = rng.gen_range(1..=COUNTED);
+            let title = format!("t{node}-{n}");
+            match client.execute("UPDATE accounts SET title = $1 WHERE id = $2", &[&title, &k]).await {
+                Ok(_) => {
+                    record.lock().unwrap().titles.entry(k).or_default().insert(title);
+                    Ok(())
+                }
+                Err(e) => Err(describe(e)),
+            }
+        } else if op < 88 {
             let k = rng.gen_range(COUNTED + 1..=SHARED_MAX);
             let note = format!("n{node}-{n}");
             client
@@ -215,7 +250,7 @@ fn run_seed(mesh: &Mesh, seed: u64, hub: bool) -> Result<(), String> {
     std::fs::write(
         &config,
         format!(
-            "log:\n  dir: {}\nmesh:\n  nodes:\n{nodes_yaml}{hub_yaml}  tables: [public.accounts]\n  tombstone_purge_interval_secs: 1\n  columns:\n    public.accounts:\n      hits: counter\n      best: max\nops:\n  listen: \"\"\napi:\n  listen: \"\"\n",
+            "log:\n  dir: {}\nmesh:\n  nodes:\n{nodes_yaml}{hub_yaml}  tables: [public.accounts]\n  tombstone_purge_interval_secs: 1\n  columns:\n    public.accounts:\n      hits: counter\n      best: max\n      tags: set\n      title: multi_value\nops:\n  listen: \"\"\napi:\n  listen: \"\"\n",
             mesh.dir.path().join(format!("log-{db}")).display()
         ),
     )
@@ -346,6 +381,38 @@ fn run_seed(mesh: &Mesh, seed: u64, hub: bool) -> Result<(), String> {
         if got != want {
             return Err(format!("counter of key {k}: {got}, expected {want} (the sum of all increments)"));
         }
+    }
+    // Sets hold only members someone added; a multi-value column shows a title someone wrote.
+    for k in 1..=SHARED_MAX {
+        let row = mesh.nodes[0]
+            .psql(&db, &format!("SELECT coalesce(array_to_string(tags, ','), '-') || ' ' || coalesce(title, '-') FROM accounts WHERE id = {k}"))
+            .unwrap();
+        let Some((tags, title)) = row.split_once(' ') else { continue };
+        let added = record.tags_added.get(&k).cloned().unwrap_or_default();
+        if let Some(bad) = tags.split(',').find(|t| *t != "-" && !added.contains(*t)) {
+            return Err(format!("key {k}: tag {bad} in {tags} was never added"));
+        }
+        if title != "-" && !record.titles.get(&k).is_some_and(|t| t.contains(title)) {
+            return Err(format!("key {k}: title {title} was never written"));
+        }
+    }
+    // The causality metadata of live rows is identical too (tombstones' is, or they would not
+    // have been purged).
+    let versions: Vec<String> = mesh
+        .nodes
+        .iter()
+        .map(|n| {
+            n.psql(&db, "SELECT md5(string_agg(pk::text || vv::text || hlc_ms || '.' || hlc_lc || node || cols::text, ';' ORDER BY pk::text)) FROM synapse.row_version")
+                .unwrap_or_default()
+        })
+        .collect();
+    if versions[0] != versions[1] || versions[1] != versions[2] {
+        let dump: Vec<String> = mesh
+            .nodes
+            .iter()
+            .map(|n| n.psql(&db, "SELECT string_agg(pk::text || ' ' || vv::text || ' ' || hlc_ms || '.' || hlc_lc || ' n' || node || ' ' || cols::text, E'\\n' ORDER BY pk::text) FROM synapse.row_version").unwrap_or_default())
+            .collect();
+        return Err(format!("row versions differ: {versions:?}\n{}", dump.join("\n--\n")));
     }
     // No silent loss: each disputed key's partition-time values from nodes 0 and 2 are the final
     // value or recorded as a conflict's loser.

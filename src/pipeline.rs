@@ -331,6 +331,9 @@ pub async fn start(config: &Config, health: Arc<Health>, shutdown: watch::Receiv
                 acfg.mesh = Some(synapse_apply::MeshApply {
                     policies: m.policies(),
                     tables: tables.iter().map(|t: &synapse_apply::mesh::MeshTable| (t.name(), t.clone())).collect(),
+                    node: synapse_resolver::NodeId(
+                        m.nodes.iter().find(|n| n.name == target.name).map(|n| n.id).unwrap_or_default(),
+                    ),
                 });
             }
             let applier = Arc::new(Applier::new(acfg.clone()));

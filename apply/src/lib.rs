@@ -133,6 +133,8 @@ pub struct MeshApply {
     pub policies: HashMap<String, synapse_resolver::TablePolicy>,
     /// The tables as installed on the target (key and columns).
     pub tables: HashMap<String, mesh::MeshTable>,
+    /// The target's own id in the mesh (announces its unique-key burials).
+    pub node: synapse_resolver::NodeId,
 }
 
 impl ApplyConfig {
@@ -228,6 +230,11 @@ struct Session<'a, L> {
     /// Buffered changes of mesh tables (resolved at commit), when the target is a mesh node.
     mesh: Option<mesh::MeshBuffer>,
     in_target_txn: bool,
+    /// Unique-key burials may be queued in `synapse.burials` (always at start: a crash may
+    /// have left some).
+    burials_pending: bool,
+    /// A connection without the replication origin, for announcing burials.
+    announcer: Option<Client>,
     txns_in_group: usize,
     last_commit: Option<Commit>,
     committed_offset: Offset,
@@ -273,12 +280,15 @@ impl Applier {
             pending: PendingChanges::default(),
             mesh: self.config.mesh.as_ref().map(|m| mesh::MeshBuffer::new(&m.tables)),
             in_target_txn: false,
+            burials_pending: true,
+            announcer: None,
             txns_in_group: 0,
             last_commit: None,
             committed_offset: start,
             last_consumer_commit: Instant::now(),
             group_started: Instant::now(),
         };
+        s.announce_burials().await?;
         self.stats.next_offset.store(start, Ordering::Relaxed);
         let mut pos = start;
         let mut open: Option<OpenTxn> = None;
@@ -459,8 +469,9 @@ impl<L: ChangeLog> Session<'_, L> {
             return Ok(());
         }
         let started = Instant::now();
-        let (written, conflicts) =
+        let (written, conflicts, buried) =
             buffer.apply(&self.client, &mut self.statements, &self.applier.config.node, &cfg.policies).await?;
+        self.burials_pending |= buried > 0;
         metrics::histogram!("synapse_apply_mesh_resolve_seconds").record(started.elapsed().as_secs_f64());
         self.applier.stats.rows.fetch_add(written, Ordering::Relaxed);
         metrics::counter!("synapse_apply_rows_total").increment(written);
@@ -510,6 +521,26 @@ impl<L: ChangeLog> Session<'_, L> {
             self.log.commit_consumer(&self.applier.config.consumer, next_offset).await?;
             self.last_consumer_commit = Instant::now();
         }
+        self.announce_burials().await
+    }
+
+    /// Turns the unique-key burials committed here into events every node applies, on a
+    /// connection of its own: this session's commits carry the replication origin, so the
+    /// capture would leave them out. A crash before this leaves them queued in
+    /// `synapse.burials`; a new session announces them first.
+    async fn announce_burials(&mut self) -> Result<(), ApplyError> {
+        let Some(cfg) = self.applier.config.mesh.as_ref() else { return Ok(()) };
+        if !self.burials_pending {
+            return Ok(());
+        }
+        if self.announcer.is_none() {
+            self.announcer = Some(connect_target(&self.applier.config.target).await?);
+        }
+        if let Some(client) = &self.announcer {
+            let n = mesh::announce_burials(client, cfg.node).await?;
+            metrics::counter!("synapse_mesh_burials_announced_total").increment(n);
+        }
+        self.burials_pending = false;
         Ok(())
     }
 

@@ -75,6 +75,12 @@ CREATE TABLE IF NOT EXISTS synapse.conflicts (
     result jsonb NOT NULL
 );
 CREATE INDEX IF NOT EXISTS conflicts_by_row ON synapse.conflicts (table_name, pk);
+-- Rows the applier buried (lost a unique-key collision) whose burial is not yet announced.
+CREATE TABLE IF NOT EXISTS synapse.burials (
+    tbl text NOT NULL,
+    pk jsonb NOT NULL,
+    PRIMARY KEY (tbl, pk)
+);
 
 -- One local write of a row: the node's entry of the version vector +1, a per-row hybrid
 -- logical clock (past the wall clock and every version this row has held, so a write made
@@ -183,7 +189,41 @@ BEGIN
         hlc_lc = excluded.hlc_lc, node = excluded.node, live = excluded.live, cols = excluded.cols;
 END
 $fn$;
+
+-- A row the applier buried keeps the version of its last write, as a tombstone: a decision of
+-- this node alone (elsewhere the same version may be live, if the row it lost to changed
+-- before the claim arrived there). A delete of this node's own, recorded like a local delete
+-- in a session without a replication origin, makes it an event every node applies. A row
+-- found live again was revived by a later write since: nothing to announce.
+CREATE OR REPLACE FUNCTION synapse.announce_burials(p_node integer) RETURNS integer
+LANGUAGE plpgsql AS $fn$
+DECLARE
+    b record;
+    n integer := 0;
+BEGIN
+    FOR b IN SELECT tbl, pk FROM synapse.burials ORDER BY tbl, pk FOR UPDATE SKIP LOCKED LOOP
+        IF EXISTS (SELECT 1 FROM synapse.row_version WHERE tbl = b.tbl AND pk = b.pk AND NOT live) THEN
+            PERFORM synapse.record_local_write(b.tbl, b.pk, p_node, false, '{}', '{}', '{}', '{}', '{}', '{}');
+            n := n + 1;
+        END IF;
+        DELETE FROM synapse.burials WHERE tbl = b.tbl AND pk = b.pk;
+    END LOOP;
+    RETURN n;
+END
+$fn$;
 "#;
+
+/// Announces the burials this node's appliers made (see `synapse.announce_burials`) through
+/// `client`, which must not be bound to a replication origin: the announcement has to be
+/// captured like a local write. Returns how many it announced.
+pub async fn announce_burials(client: &Client, node: NodeId) -> Result<u64, ApplyError> {
+    let n: i32 = client
+        .query_one("SELECT synapse.announce_burials($1)", &[&i32::from(node.0)])
+        .await
+        .map_err(ApplyError::target("announcing unique-key burials"))?
+        .get(0);
+    Ok(n.max(0) as u64)
+}
 
 /// A table replicated by the mesh, as read from one node's catalog.
 #[derive(Clone, Debug)]
@@ -847,14 +887,15 @@ impl MeshBuffer {
     }
 
     /// Resolves everything buffered against the target's rows and writes the outcome, inside
-    /// the caller's open target transaction. Returns (rows written, conflicts).
+    /// the caller's open target transaction. Returns (rows written, conflicts, rows buried: to
+    /// announce with [`announce_burials`] once committed).
     pub async fn apply(
         &mut self,
         client: &Client,
         statements: &mut HashMap<String, Statement>,
         source_node: &str,
         policies: &HashMap<String, TablePolicy>,
-    ) -> Result<(u64, u64), ApplyError> {
+    ) -> Result<(u64, u64, u64), ApplyError> {
         // A version without its row: a tombstone resolved on a hub for a row already gone there
         // (deleting nothing emits no change). It still carries history the peers must merge.
         for (k, side) in &self.versions {
@@ -864,7 +905,7 @@ impl MeshBuffer {
         }
         if self.rows.is_empty() {
             self.versions.clear();
-            return Ok((0, 0));
+            return Ok((0, 0, 0));
         }
         let rows = std::mem::take(&mut self.rows);
         let mut versions = std::mem::take(&mut self.versions);
@@ -973,10 +1014,12 @@ impl MeshBuffer {
         }
         if !claims.is_empty() {
             conflicts +=
-                settle_unique_claims(client, statements, &self.tables, claims, &rewritten, &mut writes).await?;
+                settle_unique_claims(client, statements, &self.tables, claims, &rewritten, &local_rows, &mut writes)
+                    .await?;
         }
+        let buried = writes.burials.len() as u64;
         let written = writes.execute(client, statements, &self.tables, source_node).await?;
-        Ok((written, conflicts))
+        Ok((written, conflicts, buried))
     }
 }
 
@@ -1128,6 +1171,7 @@ async fn settle_unique_claims(
     tables: &HashMap<String, MeshTable>,
     claims: Vec<Claim>,
     rewritten: &HashSet<(String, Vec<String>)>,
+    local_rows: &HashMap<(String, Vec<String>), Values>,
     writes: &mut Writes,
 ) -> Result<u64, ApplyError> {
     let mut conflicts = 0;
@@ -1225,10 +1269,31 @@ async fn settle_unique_claims(
                     conflicts += 1;
                 }
             }
-            writes.version(info, &claim.key, &claim.version);
+            match local_rows.get(&(name.clone(), claim.key.clone())) {
+                // The row moves to other unique values: one multi-row upsert checks each row as
+                // it goes, so a value it frees for another claim of the batch (two rows swapping
+                // e-mails, or one taking what another left) would still be held. Deleted first
+                // (deletes run before upserts) and written whole, it holds nothing meanwhile.
+                Some(local) if moves_unique_values(info, &claim.key, local, &claimed[i]) => {
+                    let mut whole = local.clone();
+                    whole.extend(claimed[i].clone());
+                    writes.deletes.entry(name.clone()).or_default().push(claim.key.clone());
+                    writes.row(info, &claim.key, Some(&whole));
+                    writes.side(&name, &claim.key, side_of(&claim.version));
+                }
+                _ => writes.version(info, &claim.key, &claim.version),
+            }
         }
     }
     Ok(conflicts)
+}
+
+/// Whether `claimed` changes a unique column of the local row (unknown values do not change).
+fn moves_unique_values(info: &MeshTable, key: &[String], local: &Values, claimed: &Values) -> bool {
+    info.unique
+        .iter()
+        .flat_map(|(_, cols)| cols)
+        .any(|c| claimed.contains_key(c) && column_text(info, key, local, c) != column_text(info, key, claimed, c))
 }
 
 /// Whether two versions descend from a common write (else two independent inserts).
@@ -1333,6 +1398,8 @@ struct Writes {
     deletes: BTreeMap<String, Vec<Vec<String>>>,
     sides: Vec<(String, String, Side)>,
     conflicts: Vec<[String; 7]>,
+    /// (table, key as JSON) of rows buried here, to announce after the commit.
+    burials: Vec<(String, String)>,
 }
 
 impl Writes {
@@ -1370,6 +1437,7 @@ impl Writes {
         result["index"] = json!(lost.index);
         self.conflict(&info.name(), lost.key, "unique_key", resolution, sides, result);
         self.version(info, lost.key, &tomb);
+        self.burials.push((info.name(), serde_json::to_string(lost.key).unwrap_or_default()));
     }
 
     /// A `synapse.conflicts` entry and its metric.
@@ -1485,6 +1553,19 @@ impl Writes {
                 .execute(&stmt, &[&c.tbl, &c.pk, &c.vv, &c.ms, &c.lc, &c.node, &c.live, &c.cols])
                 .await
                 .map_err(ApplyError::target("storing row versions"))?;
+        }
+        if !self.burials.is_empty() {
+            let stmt = prepared(
+                client,
+                statements,
+                "INSERT INTO synapse.burials (tbl, pk) SELECT t, p::jsonb FROM unnest($1::text[], $2::text[]) AS u(t, p)
+                 ON CONFLICT DO NOTHING"
+                    .to_owned(),
+                "synapse.burials",
+            )
+            .await?;
+            let (t, p): (Vec<&str>, Vec<&str>) = self.burials.iter().map(|(t, p)| (t.as_str(), p.as_str())).unzip();
+            client.execute(&stmt, &[&t, &p]).await.map_err(ApplyError::target("queueing burials"))?;
         }
         if !self.conflicts.is_empty() {
             let stmt = prepared(

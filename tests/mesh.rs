@@ -495,7 +495,7 @@ fn run_seed(mesh: &Mesh, seed: u64, hub: bool) -> Result<(), String> {
         .nodes
         .iter()
         .filter_map(|n| {
-            n.psql(&db, "SELECT count(*) FROM synapse.conflicts WHERE kind = 'unique_key'").ok()?.parse().ok()
+            n.psql(&db, "SELECT count(*) FROM synapse.conflicts WHERE kind = 'unique_key'").ok()?.parse::<u64>().ok()
         })
         .sum();
     println!(

@@ -356,10 +356,15 @@ pub fn merge_cells(strategy: Strategy, a: &Cell, b: &Cell) -> Cell {
             Cell::MultiValue(m)
         }
         (Strategy::Max | Strategy::Min, Cell::Value { value: x, at: ax }, Cell::Value { value: y, at: ay }) => {
-            let mut o = value_order(x, y);
-            if strategy == Strategy::Min {
-                o = o.reverse();
-            }
+            // SQL NULL is no value: any value beats it, as in greatest()/least(), which keep
+            // these columns monotonic on local writes.
+            let o = match (x.is_null(), y.is_null()) {
+                (true, false) => Ordering::Less,
+                (false, true) => Ordering::Greater,
+                _ if strategy == Strategy::Min => value_order(x, y).reverse(),
+                _ => value_order(x, y),
+            };
+
             if o.then(ax.cmp(ay)) == Ordering::Less {
                 b.clone()
             } else {
@@ -522,6 +527,7 @@ mod tests {
                 Cell::Value { value: json!(y), at: at(1) },
                 Cell::Value { value: json!(z), at: at(2) },
                 Cell::Value { value: json!(x), at: at(1) },
+                Cell::Value { value: Value::Null, at: at(2) },
             ];
             let key = |c: &Cell| match c { Cell::Value { value, at } => (value.to_string(), *at), _ => unreachable!() };
             for s in [Strategy::Lww, Strategy::Max, Strategy::Min] {
@@ -591,6 +597,13 @@ mod tests {
         m1.local_write(y, Hlc { wall_ms: 30, logical: 0 }, &json!("agreed"));
         assert_eq!(m1.siblings().len(), 1);
         assert_eq!(value_order(&json!("10.5"), &json!(9)), Ordering::Greater);
+        // NULL is no value for max/min, as for greatest()/least().
+        let (null, seven) = (
+            Cell::Value { value: Value::Null, at: (Hlc { wall_ms: 9, logical: 0 }, x) },
+            Cell::Value { value: json!(7), at: (Hlc::default(), y) },
+        );
+        assert_eq!(merge_cells(Strategy::Max, &null, &seven).visible(), json!(7));
+        assert_eq!(merge_cells(Strategy::Min, &seven, &null).visible(), json!(7));
         assert_eq!(
             Cell::decode(&[9, 1, 2]).unwrap_err().to_string(),
             "stored cell format 9 is not supported (this build reads 1)"

@@ -256,6 +256,15 @@ fn fingerprint(node: &LocalCluster, db: &str) -> String {
     .unwrap_or_else(|e| format!("error: {e}"))
 }
 
+/// A `synapse.row_version` row as text, for dumps and comparisons.
+const VERSION_ROW: &str =
+    "tbl || pk::text || ' ' || vv::text || ' ' || hlc_ms || '.' || hlc_lc || ' n' || node || ' ' || cols::text";
+
+/// `sql`'s answer on every node (empty where it fails).
+fn on_all(mesh: &Mesh, db: &str, sql: &str) -> Vec<String> {
+    mesh.nodes.iter().map(|n| n.psql(db, sql).unwrap_or_default()).collect()
+}
+
 fn run_seed(mesh: &Mesh, seed: u64, hub: bool) -> Result<(), String> {
     let db = if hub { format!("hub{seed}") } else { format!("app{seed}") };
     for n in &mesh.nodes {
@@ -379,23 +388,16 @@ fn run_seed(mesh: &Mesh, seed: u64, hub: bool) -> Result<(), String> {
         // Purging ran throughout (every second); once quiet, every tombstone is stable and goes.
         let deadline = Instant::now() + Duration::from_secs(90);
         loop {
-            let left: Vec<String> = mesh
-                .nodes
-                .iter()
-                .map(|n| n.psql(&db, "SELECT count(*) FROM synapse.row_version WHERE NOT live").unwrap_or_default())
-                .collect();
+            let left = on_all(mesh, &db, "SELECT count(*) FROM synapse.row_version WHERE NOT live");
             if left.iter().all(|c| c == "0") {
                 break;
             }
             if Instant::now() > deadline {
-                let dump: Vec<String> = mesh
-                    .nodes
-                    .iter()
-                    .map(|n| {
-                        n.psql(&db, "SELECT string_agg(pk::text || ' ' || vv::text || ' ' || hlc_ms || '.' || hlc_lc || ' n' || node || ' ' || cols::text, E'\\n' ORDER BY pk::text) FROM synapse.row_version WHERE NOT live")
-                            .unwrap_or_default()
-                    })
-                    .collect();
+                let dump = on_all(
+                    mesh,
+                    &db,
+                    &format!("SELECT string_agg({VERSION_ROW}, E'\\n' ORDER BY tbl, pk::text) FROM synapse.row_version WHERE NOT live"),
+                );
                 return Err(format!("tombstones left after quiescence: {left:?}\n{}", dump.join("\n--\n")));
             }
             std::thread::sleep(Duration::from_millis(500));
@@ -441,20 +443,17 @@ fn run_seed(mesh: &Mesh, seed: u64, hub: bool) -> Result<(), String> {
     }
     // The causality metadata of live rows is identical too (tombstones' is, or they would not
     // have been purged).
-    let versions: Vec<String> = mesh
-        .nodes
-        .iter()
-        .map(|n| {
-            n.psql(&db, "SELECT md5(string_agg(tbl || pk::text || vv::text || hlc_ms || '.' || hlc_lc || node || cols::text, ';' ORDER BY tbl, pk::text)) FROM synapse.row_version")
-                .unwrap_or_default()
-        })
-        .collect();
+    let versions = on_all(
+        mesh,
+        &db,
+        &format!("SELECT md5(string_agg({VERSION_ROW}, ';' ORDER BY tbl, pk::text)) FROM synapse.row_version"),
+    );
     if versions[0] != versions[1] || versions[1] != versions[2] {
-        let dump: Vec<String> = mesh
-            .nodes
-            .iter()
-            .map(|n| n.psql(&db, "SELECT string_agg(tbl || pk::text || ' ' || vv::text || ' ' || hlc_ms || '.' || hlc_lc || ' n' || node || ' ' || cols::text, E'\\n' ORDER BY tbl, pk::text) FROM synapse.row_version").unwrap_or_default())
-            .collect();
+        let dump = on_all(
+            mesh,
+            &db,
+            &format!("SELECT string_agg({VERSION_ROW}, E'\\n' ORDER BY tbl, pk::text) FROM synapse.row_version"),
+        );
         return Err(format!("row versions differ: {versions:?}\n{}", dump.join("\n--\n")));
     }
     // No silent loss: each disputed key's partition-time values from nodes 0 and 2 are the final
@@ -614,6 +613,17 @@ impl KilledMesh {
         child
     }
 
+    /// Kills synapse with -9 (nothing flushed, nothing acknowledged beyond what it committed).
+    fn kill(&self, mut child: Running) {
+        child.0.kill().unwrap();
+        child.0.wait().unwrap();
+    }
+
+    /// Starts synapse again over the same log and nodes.
+    fn restart(&self) -> Running {
+        Running(spawn_run(&self.config, &self.log))
+    }
+
     /// Waits until `query` gives `want` on every node.
     fn wait_all(&self, what: &str, query: &str, want: &str) {
         let deadline = Instant::now() + Duration::from_secs(60);
@@ -668,11 +678,10 @@ fn concurrent_inserts_of_one_unique_value_keep_the_same_row_everywhere() {
     let users = "SELECT coalesce(string_agg(u::text, ' ' ORDER BY id), '') FROM users u";
 
     // First start installs the mesh (triggers, slots); then the process dies.
-    let mut child = mesh.start(1);
+    let child = mesh.start(1);
     mesh.sql(0, "INSERT INTO users VALUES (100, 'seed@example.com', 'seed')");
     mesh.wait_all("seed row", users, "(100,seed@example.com,seed)");
-    child.0.kill().unwrap();
-    child.0.wait().unwrap();
+    mesh.kill(child);
 
     // While it is down: two pairs of concurrent registrations, the second of each pair later.
     mesh.sql(0, "INSERT INTO users VALUES (1, 'ann@example.com', 'ann in r0')");
@@ -682,7 +691,7 @@ fn concurrent_inserts_of_one_unique_value_keep_the_same_row_everywhere() {
     std::thread::sleep(Duration::from_millis(30));
     mesh.sql(1, "INSERT INTO users VALUES (4, 'bob@example.com', 'bob in r1')");
 
-    let child = Running(spawn_run(&mesh.config, &mesh.log));
+    let child = mesh.restart();
     mesh.wait_all(
         "after the restart",
         users,
@@ -734,7 +743,7 @@ fn set_multi_value_and_merge_function_columns_converge() {
         "  tables: [public.docs]\n  columns:\n    public.docs: {tags: set, labels: set, title: multi_value}\n  merge_functions:\n    public.docs: public.keep_all_lines\n",
     );
     let docs = "SELECT coalesce(string_agg(d::text, ' ' ORDER BY id), '') FROM docs d";
-    let mut child = mesh.start(1);
+    let child = mesh.start(1);
     mesh.sql(0, "INSERT INTO docs VALUES (1, '{red,red,NULL}', '[\"a\", \"a\"]', 'draft', 'base', 1)");
     // Sets hold each member once, in text order, on every node (the writer's too).
     mesh.wait_all("the first row", docs, "(1,{red},\"[\"\"a\"\"]\",draft,base,1)");
@@ -743,8 +752,7 @@ fn set_multi_value_and_merge_function_columns_converge() {
         format!("{err:?}").contains("column labels of public.docs is a set: it holds a JSON array, not object"),
         "{err:?}"
     );
-    child.0.kill().unwrap();
-    child.0.wait().unwrap();
+    mesh.kill(child);
 
     mesh.sql(0, "UPDATE docs SET tags = tags || '{blue}', labels = labels || '\"b\"', title = 't0', body = 'b0', rev = 2 WHERE id = 1");
     std::thread::sleep(Duration::from_millis(20));
@@ -752,7 +760,7 @@ fn set_multi_value_and_merge_function_columns_converge() {
     mesh.sql(2, "UPDATE docs SET tags = array_remove(tags, 'red') WHERE id = 1");
     mesh.sql(2, "UPDATE docs SET tags = tags || '{red,green}', labels = '[]' WHERE id = 1");
 
-    let child = Running(spawn_run(&mesh.config, &mesh.log));
+    let child = mesh.restart();
     // tags: blue (n0), red re-added by n2 concurrently with n1's remove, green (n2).
     // labels: n2 removed "a" having seen it, n0 added "b" concurrently.
     // title: t1 is the later of two concurrent writes. body: every line; rev: from the function.

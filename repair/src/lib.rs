@@ -9,9 +9,11 @@
 //!  rows of differing buckets ──▶ compare by key ──▶ RowDiff (only left / only right / differ)
 //! ```
 //!
-//! This crate is the pure core (no I/O): [`Buckets`] (digests kept current from the change
-//! stream), [`DigestTree`] and [`DigestTree::diff`], and [`diff_rows`]. Reading rows from the
-//! nodes at a consistent cut and repairing through the resolver build on it.
+//! The core is pure (no I/O): [`Buckets`] (digests kept current from the change stream),
+//! [`DigestTree`] and [`DigestTree::diff`], and [`diff_rows`]. [`node`] computes a node's digests
+//! inside PostgreSQL and [`node::check`] compares a table on two nodes. Not built yet: the
+//! `synapse repair` commands, a cut at equal applied positions, incremental digests fed by the
+//! change stream, and repair through the resolver.
 //!
 //! Guarantees:
 //! * **Exact**: every key whose row differs (present on one side only, or with any differing
@@ -22,6 +24,8 @@
 //!   so two nodes that read their rows in different orders (or maintain digests incrementally
 //!   from the change stream) agree exactly when their rows agree.
 //! * **Cost**: comparing two trees visits at most `2 × levels` nodes per differing bucket.
+
+pub mod node;
 
 use merkle_light::hash::Algorithm;
 use merkle_light::merkle::MerkleTree;
@@ -36,6 +40,15 @@ pub const MAX_BITS: u8 = 24;
 /// Errors of the repair stage.
 #[derive(Debug, thiserror::Error)]
 pub enum RepairError {
+    #[error("node {node}: {context}")]
+    Node {
+        node: String,
+        context: String,
+        #[source]
+        source: tokio_postgres::Error,
+    },
+    #[error("table {table}: {message}")]
+    Table { table: String, message: String },
     #[error("{bits} bucket bits is out of range: {MIN_BITS} to {MAX_BITS}")]
     Bits { bits: u8 },
     #[error("the two trees have {left} and {right} buckets: compare trees built with the same bucket count")]
@@ -45,18 +58,32 @@ pub enum RepairError {
 impl RepairError {
     pub fn code(&self) -> &'static str {
         match self {
+            RepairError::Node { .. } => "REP003",
+            RepairError::Table { .. } => "REP004",
             RepairError::Bits { .. } => "REP001",
             RepairError::Mismatch { .. } => "REP002",
         }
     }
 
-    /// Never transient: both come from the request, not from the nodes.
+    /// A node that cannot be reached (or went away mid-check) may be back later; nothing was
+    /// changed, so the check can simply run again. Everything else comes from the request.
     pub fn is_transient(&self) -> bool {
-        false
+        match self {
+            RepairError::Node { source, .. } => {
+                source.is_closed()
+                    || source.code().is_none_or(|c| {
+                        let c = c.code();
+                        c.starts_with("08") || c.starts_with("57") || c == "40001" || c == "40P01"
+                    })
+            }
+            _ => false,
+        }
     }
 
     pub fn hint(&self) -> &'static str {
         match self {
+            RepairError::Node { .. } => "check the node is up and reachable with this URL; nothing was changed",
+            RepairError::Table { .. } => "the table must exist with a primary key on every node compared",
             RepairError::Bits { .. } => "choose about one bucket per 16–64 rows, e.g. 16 bits for 1M rows",
             RepairError::Mismatch { .. } => "build both nodes' digests with the same bits",
         }
@@ -144,6 +171,21 @@ impl Buckets {
         let b = self.bucket_of(key);
         self.sums[b] = self.sums[b].wrapping_sub(row_hash(key, values));
         self.counts[b] = self.counts[b].wrapping_sub(1);
+    }
+
+    /// Digests computed elsewhere (inside PostgreSQL, see [`node`]): per bucket, the wrapping
+    /// sum of its row hashes and the row count.
+    pub fn from_sums(bits: u8, sums: Vec<u128>, counts: Vec<u64>) -> Result<Buckets, RepairError> {
+        let n = Buckets::new(bits)?.len();
+        if sums.len() != n || counts.len() != n {
+            return Err(RepairError::Mismatch { left: n, right: sums.len() });
+        }
+        Ok(Buckets { bits, sums, counts })
+    }
+
+    /// Rows counted over all buckets.
+    pub fn rows(&self) -> u64 {
+        self.counts.iter().fold(0u64, |a, c| a.wrapping_add(*c))
     }
 
     /// Bucket `i`'s digest: 16 bytes over its sum and count.

@@ -9,6 +9,7 @@ mod ops;
 mod pipeline;
 mod quickstart;
 mod quickstart_mesh;
+mod repair;
 
 use clap::{Parser, Subcommand};
 
@@ -59,6 +60,10 @@ enum Command {
         #[arg(long, short)]
         config: PathBuf,
     },
+    /// Compare tables between nodes: Merkle digests computed on each node, then only the rows of
+    /// differing buckets (reads only).
+    #[command(subcommand)]
+    Repair(RepairCommand),
     /// End-to-end benchmarks with PostgreSQL's own tools as baselines (run a release build).
     Bench(bench::Options),
     /// See live replication: two local demo nodes, or --source/--target URLs.
@@ -84,6 +89,12 @@ enum Command {
         #[arg(long, conflicts_with_all = ["source", "target"])]
         regions: Option<usize>,
     },
+}
+
+#[derive(Subcommand)]
+enum RepairCommand {
+    /// Report the keys whose rows differ between nodes (exit 1 if any differ).
+    Check(repair::CheckOptions),
 }
 
 /// Resolves on SIGINT or SIGTERM.
@@ -182,6 +193,11 @@ fn main() -> ExitCode {
                     Ok(ExitCode::FAILURE)
                 }
             }
+            // Exit 1 means "rows differ" here (like diff), so a failed check exits 2.
+            Command::Repair(RepairCommand::Check(o)) => Ok(repair::run_check(o).await.unwrap_or_else(|e| {
+                eprintln!("error: {e:#}");
+                ExitCode::from(2)
+            })),
             Command::Bench(o) => bench::run(o).await.map(|_| ExitCode::SUCCESS),
             Command::Quickstart { regions: Some(n), duration, ops_listen, .. } => {
                 quickstart_mesh::run(n, duration.map(Duration::from_secs_f64), ops_listen)

@@ -175,3 +175,54 @@ fn quickstart_regions_shows_a_resolved_conflict_and_a_converged_counter() {
     assert!(text.contains("no increment lost"), "{text}");
     assert!(text.contains("all 3 regions identical"), "{text}");
 }
+
+/// `synapse repair check` between a source and a target of a configuration: identical tables
+/// exit 0, drift exits 1 naming the keys (text and JSON), an unreachable node exits 2 naming it.
+#[test]
+fn repair_check_reports_drift_between_nodes() {
+    let schema = "CREATE TABLE t (id int PRIMARY KEY, v text); INSERT INTO t SELECT g, 'v' || g FROM generate_series(1, 3000) g;";
+    let nodes = Nodes::start(schema);
+    nodes.target.psql("app", schema).unwrap();
+    let config = nodes.config("    tables: [public.t]\n");
+    let check = |extra: &[&str]| {
+        let mut args = vec!["repair", "check", "--config", config.to_str().unwrap()];
+        args.extend_from_slice(extra);
+        let out = synapse(&args).output().unwrap();
+        (out.status.code(), String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr))
+    };
+    let (code, text) = check(&[]);
+    assert_eq!(code, Some(0), "{text}");
+    assert!(
+        text.contains("public.t a ↔ b: 3000 / 3000 rows; 0 of 4096 buckets differ (1 tree nodes compared): identical"),
+        "{text}"
+    );
+
+    nodes
+        .target
+        .psql(
+            "app",
+            "DELETE FROM t WHERE id = 7; UPDATE t SET v = NULL WHERE id = 2500; INSERT INTO t VALUES (9000, 'x')",
+        )
+        .unwrap();
+    let (code, text) = check(&["--bits", "8"]);
+    assert_eq!(code, Some(1), "{text}");
+    assert!(
+        text.contains("only on a (1): (7)")
+            && text.contains("only on b (1): (9000)")
+            && text.contains("differ (1): (2500)"),
+        "{text}"
+    );
+    let (code, json) = check(&["--json", "--table", "public.t"]);
+    assert_eq!(code, Some(1));
+    let reports: serde_json::Value = serde_json::from_str(&json).unwrap();
+    assert_eq!(reports[0]["diff"]["differ"][0][0], "(2500)", "{json}");
+    assert_eq!(reports[0]["nodes"], serde_json::json!(["a", "b"]));
+
+    let (code, text) = check(&["--nodes", "a,moon"]);
+    assert_eq!(code, Some(2));
+    assert!(text.contains("`moon` is not a node") && text.contains("known: a, b"), "{text}");
+    drop(nodes.target);
+    let (code, text) = check(&[]);
+    assert_eq!(code, Some(2), "{text}");
+    assert!(text.contains("[REP003] node b: connecting") && text.contains("hint: check the node is up"), "{text}");
+}

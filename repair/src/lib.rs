@@ -275,7 +275,7 @@ impl DigestTree {
 }
 
 /// How two nodes' rows of some buckets differ, by key.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize)]
 pub struct RowDiff {
     pub only_left: Vec<Vec<String>>,
     pub only_right: Vec<Vec<String>>,

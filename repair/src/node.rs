@@ -23,12 +23,12 @@ pub struct Node {
 }
 
 impl Node {
-    pub async fn connect(name: &str, url: &str) -> Result<Node, RepairError> {
+    pub async fn connect(name: &str, config: &tokio_postgres::Config) -> Result<Node, RepairError> {
         let fail = |context: &str| {
             let context = context.to_owned();
             move |source| RepairError::Node { node: name.to_owned(), context, source }
         };
-        let (client, conn) = tokio_postgres::connect(url, NoTls).await.map_err(fail("connecting"))?;
+        let (client, conn) = config.connect(NoTls).await.map_err(fail("connecting"))?;
         tokio::spawn(conn);
         client.batch_execute(SESSION).await.map_err(fail("setting up the session"))?;
         Ok(Node { name: name.to_owned(), client })
@@ -171,9 +171,11 @@ impl Shape {
 }
 
 /// What a check of one table between two nodes found.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
 pub struct Report {
     pub table: String,
+    /// The two nodes, in the order `rows` and `diff` name them (left, right).
+    pub nodes: [String; 2],
     pub rows: [u64; 2],
     pub buckets: usize,
     pub differing_buckets: usize,
@@ -202,6 +204,7 @@ pub async fn check(left: &Node, right: &Node, table: &str, bits: u8) -> Result<R
     right.end().await?;
     Ok(Report {
         table: table.to_owned(),
+        nodes: [left.name.clone(), right.name.clone()],
         rows: [lb.rows(), rb.rows()],
         buckets: lb.len(),
         differing_buckets: differing.len(),

@@ -48,7 +48,8 @@ async fn check_finds_exactly_the_diverged_keys() {
     .unwrap();
     a.psql("app", "UPDATE items SET r = r + 1e-12 WHERE id = 600; UPDATE items SET b = 'row 5' WHERE id = 6").unwrap();
 
-    let (na, nb) = (Node::connect("a", &a.url("app")).await.unwrap(), Node::connect("b", &b.url("app")).await.unwrap());
+    let url = |n: &LocalCluster| n.url("app").parse::<tokio_postgres::Config>().unwrap();
+    let (na, nb) = (Node::connect("a", &url(&a)).await.unwrap(), Node::connect("b", &url(&b)).await.unwrap());
     let report = check(&na, &nb, "public.items", 12).await.unwrap();
     assert_eq!(keys(&report.diff.only_left), ["(19999)", "(9)"]);
     assert_eq!(keys(&report.diff.only_right), ["(30001)", "(30002)"]);
@@ -100,7 +101,8 @@ async fn check_finds_exactly_the_diverged_keys() {
 #[tokio::test]
 async fn an_unreachable_node_is_a_retryable_error_naming_it() {
     let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-    let e = Node::connect("eu", &format!("postgres://postgres@127.0.0.1:{port}/app")).await.err().unwrap();
+    let config = format!("postgres://postgres@127.0.0.1:{port}/app").parse().unwrap();
+    let e = Node::connect("eu", &config).await.err().unwrap();
     assert!(e.to_string().starts_with("node eu: connecting"), "{e}");
     assert!(e.is_transient());
     assert_eq!(e.code(), "REP003");

@@ -197,9 +197,12 @@ pub async fn check(left: &Node, right: &Node, table: &str, bits: u8) -> Result<R
     }
     left.begin().await?;
     right.begin().await?;
-    let (lb, rb) = (left.digests(&ls, bits).await?, right.digests(&rs, bits).await?);
+    // Each node scans its own table: both at once.
+    let (lb, rb) = tokio::join!(left.digests(&ls, bits), right.digests(&rs, bits));
+    let (lb, rb) = (lb?, rb?);
     let (differing, compared) = DigestTree::build(&lb).diff(&DigestTree::build(&rb))?;
-    let (lr, rr) = (left.rows_in(&ls, bits, &differing).await?, right.rows_in(&rs, bits, &differing).await?);
+    let (lr, rr) = tokio::join!(left.rows_in(&ls, bits, &differing), right.rows_in(&rs, bits, &differing));
+    let (lr, rr) = (lr?, rr?);
     left.end().await?;
     right.end().await?;
     Ok(Report {

@@ -239,6 +239,8 @@ async fn webhooks(
     (Webhooks::start(sources, store, valid, rx).await.unwrap(), stop)
 }
 
+/// Waits for `f`. Timeouts are generous on purpose: these tests check what happens, not how
+/// fast (a busy CI machine once took over 10 s for three hung-then-retried deliveries).
 async fn eventually(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
     let deadline = Instant::now() + timeout;
     while !f() {
@@ -561,12 +563,12 @@ async fn gone_disables_dead_letters_replay_and_attempts() {
     // The receiver is fixed; a replay from before the first event redelivers both.
     r.set(Box::new(|_, _| Reply::Ok));
     h.replay("ep", ReplayFrom { cursor: Some("0/1100/0".into()), source: None, since: None }).await.unwrap();
-    eventually("replayed", Duration::from_secs(10), || r.event_count() == 2).await;
+    eventually("replayed", Duration::from_secs(30), || r.event_count() == 2).await;
     // Replaying from a time works too (everything since the epoch).
     h.replay("ep", ReplayFrom { cursor: None, source: None, since: Some("1970-01-01T00:00:00Z".into()) })
         .await
         .unwrap();
-    eventually("replayed by time", Duration::from_secs(10), || r.event_count() == 4).await;
+    eventually("replayed by time", Duration::from_secs(30), || r.event_count() == 4).await;
     let bad = h.replay("ep", ReplayFrom { cursor: Some("nope".into()), source: None, since: None }).await.unwrap_err();
     assert_eq!(bad.http_status(), 400);
 
@@ -585,7 +587,7 @@ async fn timeouts_are_retried_with_the_same_id_and_removed_endpoints_release_the
     let (h, stop) = webhooks(&log, dir.path(), vec![spec("slowpoke", &r, json!({"timeout": "300ms"}))]).await;
     let mut w = Writer { log: log.clone(), lsn: 0x1000, v: 0 };
     w.txn(&[1, 2, 3]).await;
-    eventually("delivered after the timeouts", Duration::from_secs(10), || r.event_count() >= 3).await;
+    eventually("delivered after the timeouts", Duration::from_secs(30), || r.event_count() >= 3).await;
     let attempts = h.attempts("slowpoke").await.unwrap();
     assert!(
         attempts.iter().any(|a| a.outcome == "error" && a.error.as_deref().unwrap_or("").contains("timed out")),
@@ -674,7 +676,7 @@ async fn a_disabled_endpoint_releases_the_log_and_enable_refuses_a_lost_position
     h.replay("ep", ReplayFrom { cursor: Some(head), source: None, since: None }).await.unwrap();
     h.enable("ep").await.unwrap();
     w.txn(&[7]).await;
-    eventually("delivery after re-enabling", Duration::from_secs(10), || r.event_count() == 1).await;
+    eventually("delivery after re-enabling", Duration::from_secs(30), || r.event_count() == 1).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -877,7 +879,7 @@ async fn endpoints_rest_api() {
     let mut w = Writer { log, lsn: 0x1000, v: 0 };
     w.txn(&[5]).await;
     // Both endpoints deliver it.
-    eventually("both delivered", Duration::from_secs(10), || r.event_count() == 2).await;
+    eventually("both delivered", Duration::from_secs(30), || r.event_count() == 2).await;
     // The receiver counts a request before the dispatcher has read its answer: poll the status.
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {

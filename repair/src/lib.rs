@@ -19,7 +19,7 @@
 //! * **Exact**: every key whose row differs (present on one side only, or with any differing
 //!   column, NULL distinct from every value) lies in a bucket `diff` reports, and
 //!   [`diff_rows`] over those buckets reports exactly the differing keys (property-tested
-//!   against the set difference). False negatives need a 128-bit hash collision.
+//!   against the set difference). False negatives need a hash collision.
 //! * **Deterministic and order-free**: a bucket's digest depends only on the set of rows in it,
 //!   so two nodes that read their rows in different orders (or maintain digests incrementally
 //!   from the change stream) agree exactly when their rows agree.

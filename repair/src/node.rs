@@ -1,11 +1,13 @@
 //! One node's side of a check, computed inside PostgreSQL: only bucket digests and the rows of
 //! differing buckets cross the network.
 //!
-//! Rows are compared by their text output under fixed session settings (ISO dates in UTC,
-//! shortest exact floats, hex bytea), so two nodes print equal values alike. A row's hash is
-//! `md5(key row text || values row text)` (128 bits, summed per bucket as two 64-bit halves); its
-//! bucket is the top bits of `hashtextextended(key row text, 0)`. Both functions are built in,
-//! so every node computes them identically without an extension.
+//! A row's hash is `hash_record_extended` over its columns — each type's own hash, so values
+//! compare by their type's equality (`numeric` 1.0 = 1.00, a `jsonb` written in another key
+//! order is equal), without printing them; a column whose type has no hash function (`json`,
+//! `point`…) is hashed by its text under fixed session settings (ISO dates in UTC, shortest
+//! exact floats, hex bytea). Per bucket the node sums the 64-bit hashes and counts the rows; the
+//! bucket is the top bits of the key's hash. All built in (PostgreSQL 14 or later): every node
+//! computes them alike, with no extension, in one scan that prints nothing.
 
 use crate::{Buckets, DigestTree, RepairError, RowDiff};
 use std::collections::BTreeMap;
@@ -60,7 +62,12 @@ impl Node {
             .query(
                 "SELECT a.attname::text,
                         -- int2vector subscripts start at 0: position + 1, 0 for non-key columns
-                        coalesce(array_position(i.indkey::int2[], a.attnum) - array_lower(i.indkey::int2[], 1) + 1, 0)
+                        coalesce(array_position(i.indkey::int2[], a.attnum) - array_lower(i.indkey::int2[], 1) + 1, 0),
+                        -- a default hash operator class for the type (or an array's element type)
+                        EXISTS (SELECT 1 FROM pg_opclass oc JOIN pg_am am ON am.oid = oc.opcmethod
+                                JOIN pg_type ty ON ty.oid = a.atttypid
+                                WHERE am.amname = 'hash' AND oc.opcdefault
+                                  AND oc.opcintype = CASE WHEN ty.typcategory = 'A' THEN ty.typelem ELSE ty.oid END)
                  FROM pg_attribute a
                  JOIN pg_class c ON c.oid = a.attrelid JOIN pg_namespace n ON n.oid = c.relnamespace
                  LEFT JOIN pg_index i ON i.indrelid = c.oid AND i.indisprimary
@@ -75,8 +82,12 @@ impl Node {
         }
         let mut key: Vec<(i32, String)> = Vec::new();
         let mut columns = Vec::new();
+        let mut hashable = std::collections::HashSet::new();
         for r in rows {
-            let (col, pos): (String, i32) = (r.get(0), r.get(1));
+            let (col, pos, h): (String, i32, bool) = (r.get(0), r.get(1), r.get(2));
+            if h {
+                hashable.insert(col.clone());
+            }
             if pos > 0 {
                 key.push((pos, col));
             } else {
@@ -87,14 +98,28 @@ impl Node {
             return Err(bad(format!("it has no primary key on node {} (rows are matched by it)", self.name)));
         }
         key.sort();
-        let q = |cols: &[String]| cols.iter().map(|c| format!("t.{}", quote_ident(c))).collect::<Vec<_>>().join(", ");
         let key: Vec<String> = key.into_iter().map(|(_, c)| c).collect();
+        let all: Vec<String> = key.iter().chain(&columns).cloned().collect();
+        let hashed = |cols: &[String]| {
+            let items: Vec<String> = cols
+                .iter()
+                .map(|c| match hashable.contains(c) {
+                    true => format!("t.{}", quote_ident(c)),
+                    false => format!("t.{}::text", quote_ident(c)),
+                })
+                .collect();
+            format!("ROW({})", items.join(", "))
+        };
         Ok(Shape {
             name: name.to_owned(),
             from: format!("{}.{} t", quote_ident(schema), quote_ident(table)),
-            key_row: format!("ROW({})::text", q(&key)),
-            values_row: format!("ROW({})::text", q(&columns)),
-            columns: key.iter().chain(&columns).cloned().collect(),
+            key_text: format!(
+                "ROW({})::text",
+                key.iter().map(|c| format!("t.{}", quote_ident(c))).collect::<Vec<_>>().join(", ")
+            ),
+            key_row: hashed(&key),
+            all_row: hashed(&all),
+            columns: all,
         })
     }
 
@@ -102,13 +127,10 @@ impl Node {
     pub async fn digests(&self, shape: &Shape, bits: u8) -> Result<Buckets, RepairError> {
         let n = Buckets::new(bits)?.len();
         let sql = format!(
-            "SELECT b::int8, count(*)::int8,
-                    sum(('x' || substr(h, 1, 16))::bit(64)::int8::numeric)::text,
-                    sum(('x' || substr(h, 17, 16))::bit(64)::int8::numeric)::text
-             FROM (SELECT {bucket} AS b, md5({key} || {values}) AS h FROM {from}) s GROUP BY b",
+            "SELECT b::int8, count(*)::int8, sum(h)::text
+             FROM (SELECT {bucket} AS b, {hash} AS h FROM {from}) s GROUP BY b",
             bucket = shape.bucket(bits),
-            key = shape.key_row,
-            values = shape.values_row,
+            hash = shape.row_hash(),
             from = shape.from,
         );
         let rows = self.client.query(&sql, &[]).await.map_err(self.fail(format!("digesting {}", shape.name)))?;
@@ -117,14 +139,13 @@ impl Node {
             let b = usize::try_from(r.get::<_, i64>(0)).unwrap_or(usize::MAX);
             let (Some(sum), Some(count)) = (sums.get_mut(b), counts.get_mut(b)) else { continue };
             *count = r.get::<_, i64>(1) as u64;
-            // Sums of up to 2^63 signed halves fit i128; only their value mod 2^64 matters.
-            let half = |t: String| t.parse::<i128>().unwrap_or_default() as u64;
-            *sum = (u128::from(half(r.get(2))) << 64) | u128::from(half(r.get(3)));
+            // A sum of up to 2^63 signed hashes fits i128; only its value mod 2^64 matters.
+            *sum = u128::from(r.get::<_, String>(2).parse::<i128>().unwrap_or_default() as u64);
         }
         Buckets::from_sums(bits, sums, counts)
     }
 
-    /// The rows of the given buckets, as (key text, values text), in key-text order.
+    /// The rows of the given buckets, as (key text, row hash), in key-text order.
     pub async fn rows_in(
         &self,
         shape: &Shape,
@@ -135,10 +156,11 @@ impl Node {
             return Ok(Vec::new());
         }
         let wanted: Vec<i64> = buckets.iter().map(|b| *b as i64).collect();
+        // A join, not `= ANY`: the bucket list is hashed once instead of searched per row.
         let sql = format!(
-            "SELECT {key}, {values} FROM {from} WHERE {bucket} = ANY($1::int8[])",
-            key = shape.key_row,
-            values = shape.values_row,
+            "SELECT {key}, {hash}::text FROM {from} JOIN unnest($1::int8[]) AS u(b) ON u.b = {bucket}",
+            key = shape.key_text,
+            hash = shape.row_hash(),
             from = shape.from,
             bucket = shape.bucket(bits),
         );
@@ -160,13 +182,20 @@ pub struct Shape {
     /// Every column, key first: two nodes are compared only if these agree.
     pub columns: Vec<String>,
     from: String,
+    /// The key as users read it, e.g. `(42)`.
+    key_text: String,
+    /// The key and the whole row as records to hash.
     key_row: String,
-    values_row: String,
+    all_row: String,
 }
 
 impl Shape {
     fn bucket(&self, bits: u8) -> String {
-        format!("((hashtextextended({}, 0) >> {}) & {})", self.key_row, 64 - u32::from(bits), (1u64 << bits) - 1)
+        format!("((hash_record_extended({}, 0) >> {}) & {})", self.key_row, 64 - u32::from(bits), (1u64 << bits) - 1)
+    }
+
+    fn row_hash(&self) -> String {
+        format!("hash_record_extended({}, 1)", self.all_row)
     }
 }
 
@@ -216,7 +245,7 @@ pub async fn check(left: &Node, right: &Node, table: &str, bits: u8) -> Result<R
     })
 }
 
-/// Compares rows given as (key text, values text).
+/// Compares rows given as (key text, row hash or text).
 pub fn diff_texts(left: &[(String, String)], right: &[(String, String)]) -> RowDiff {
     let l: BTreeMap<&str, &str> = left.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
     let r: BTreeMap<&str, &str> = right.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();

@@ -1,5 +1,6 @@
 //! `check` on two real PostgreSQL nodes diverged by direct writes: it finds exactly the keys
-//! written differently — inserts, updates, deletes, NULLs, TOASTed values, common types — and
+//! written differently — inserts, updates, deletes, NULLs, TOASTed values, common types, types
+//! without a hash function — and
 //! reports an unreachable node as a clear, retryable error.
 #![allow(clippy::unwrap_used)]
 
@@ -8,11 +9,11 @@ use synapse_repair::node::{check, Node};
 
 const SCHEMA: &str = "CREATE TABLE items (
     id bigint PRIMARY KEY, a int, b text, n numeric, r double precision, t timestamptz, d date,
-    j jsonb, arr int[], bin bytea, flag bool, u uuid, big text);
+    j jsonb, arr int[], bin bytea, flag bool, u uuid, big text, js json, p point);
     INSERT INTO items SELECT g, g % 97, 'row ' || g, g / 7.0, g / 3.0, '2026-01-01 00:00:00+00'::timestamptz + g * interval '1 minute',
         '2026-01-01'::date + g % 365, jsonb_build_object('g', g, 'tags', jsonb_build_array('x', g % 5)),
         ARRAY[g, g % 3], decode(md5(g::text), 'hex'), g % 2 = 0, md5(g::text)::uuid,
-        CASE WHEN g % 1000 = 0 THEN repeat(md5(g::text), 400) END
+        CASE WHEN g % 1000 = 0 THEN repeat(md5(g::text), 400) END, json_build_object('g', g), point(g, 0)
     FROM generate_series(1, 20000) g;
     CREATE TABLE pairs (k1 int, k2 text, v text, PRIMARY KEY (k2, k1));
     INSERT INTO pairs SELECT g, 'k' || (g % 10), NULL FROM generate_series(1, 500) g;";
@@ -43,7 +44,9 @@ async fn check_finds_exactly_the_diverged_keys() {
          UPDATE items SET j = '{\"g\": 12, \"tags\": [\"x\", 2]}' WHERE id = 12;  -- the same jsonb, written differently
          DELETE FROM items WHERE id IN (9, 19999);
          INSERT INTO items (id, b) VALUES (30001, 'new'), (30002, NULL);
-         UPDATE pairs SET v = '' WHERE k1 = 4 AND k2 = 'k4';",
+         UPDATE pairs SET v = '' WHERE k1 = 4 AND k2 = 'k4';
+         UPDATE items SET js = '{\"g\":88}' WHERE id = 88;                 -- json (no hash): compared as text
+         UPDATE items SET p = point(44, 1) WHERE id = 44;",
     )
     .unwrap();
     a.psql("app", "UPDATE items SET r = r + 1e-12 WHERE id = 600; UPDATE items SET b = 'row 5' WHERE id = 6").unwrap();
@@ -53,9 +56,9 @@ async fn check_finds_exactly_the_diverged_keys() {
     let report = check(&na, &nb, "public.items", 12).await.unwrap();
     assert_eq!(keys(&report.diff.only_left), ["(19999)", "(9)"]);
     assert_eq!(keys(&report.diff.only_right), ["(30001)", "(30002)"]);
-    assert_eq!(keys(&report.diff.differ), ["(3000)", "(5)", "(6)", "(600)", "(77)"], "{report:?}");
+    assert_eq!(keys(&report.diff.differ), ["(3000)", "(44)", "(5)", "(6)", "(600)", "(77)", "(88)"], "{report:?}");
     assert_eq!(report.rows, [20000, 20000]);
-    assert!(report.differing_buckets <= 11, "{report:?}");
+    assert!(report.differing_buckets <= 13, "{report:?}");
     // Two paths per differing bucket through 13 levels at most.
     assert!(report.compared <= 2 * 13 * report.differing_buckets + 1, "{report:?}");
     println!(

@@ -2,15 +2,15 @@
 //! proportional to the difference, not to the table.
 //!
 //! ```text
-//!  rows ──▶ bucket = top bits of xxh3-64(key) ──▶ bucket digest = wrapping Σ xxh3-128(row)
-//!                                                   (order-free; O(1) per change: −old +new)
+//!  rows ──▶ bucket = top bits of hash(key) ──▶ bucket digest = wrapping Σ hash(row), count
+//!            (hashes computed by each node)       (order-free; O(1) per change: −old +new)
 //!  2^bits bucket digests ──▶ Merkle tree (merkle_light) ──▶ compare two trees top-down
 //!                                                            ──▶ differing buckets only
 //!  rows of differing buckets ──▶ compare by key ──▶ RowDiff (only left / only right / differ)
 //! ```
 //!
-//! The core is pure (no I/O): [`Buckets`] (digests kept current from the change stream),
-//! [`DigestTree`] and [`DigestTree::diff`], and [`diff_rows`]. [`node`] computes a node's digests
+//! The core is pure (no I/O) and hash-agnostic: [`Buckets`] (digests that can be kept current
+//! change by change), [`DigestTree`] and [`DigestTree::diff`], and [`diff_keyed`]. [`node`] computes a node's digests
 //! inside PostgreSQL and [`node::check`] compares a table on two nodes. Not built yet: the
 //! `synapse repair` commands, a cut at equal applied positions, incremental digests fed by the
 //! change stream, and repair through the resolver.
@@ -18,7 +18,7 @@
 //! Guarantees:
 //! * **Exact**: every key whose row differs (present on one side only, or with any differing
 //!   column, NULL distinct from every value) lies in a bucket `diff` reports, and
-//!   [`diff_rows`] over those buckets reports exactly the differing keys (property-tested
+//!   [`diff_keyed`] over those buckets reports exactly the differing keys (property-tested
 //!   against the set difference). False negatives need a hash collision.
 //! * **Deterministic and order-free**: a bucket's digest depends only on the set of rows in it,
 //!   so two nodes that read their rows in different orders (or maintain digests incrementally
@@ -31,7 +31,7 @@ use merkle_light::hash::Algorithm;
 use merkle_light::merkle::MerkleTree;
 use std::collections::BTreeMap;
 use std::hash::Hasher;
-use xxhash_rust::xxh3::{xxh3_128, xxh3_64, Xxh3};
+use xxhash_rust::xxh3::{xxh3_128, Xxh3};
 
 /// Bucket counts are powers of two from 2 (merkle_light needs two leaves) to 2^24.
 pub const MIN_BITS: u8 = 1;
@@ -90,47 +90,14 @@ impl RepairError {
     }
 }
 
-/// A column value as text (`None`: SQL NULL), the form rows are read and compared in.
-pub type Cell<'a> = Option<&'a str>;
-
-/// Canonical bytes of a sequence of cells: each is a tag (NULL or not) and a length-prefixed
-/// text, so no two different rows share bytes (`["ab", "c"]` ≠ `["a", "bc"]`, NULL ≠ "").
-fn canonical(out: &mut Vec<u8>, cells: &[Cell<'_>]) {
-    for c in cells {
-        match c {
-            None => out.push(0),
-            Some(s) => {
-                out.push(1);
-                out.extend_from_slice(&(s.len() as u64).to_le_bytes());
-                out.extend_from_slice(s.as_bytes());
-            }
-        }
-    }
-}
-
-/// The hash that places a key in a bucket.
-pub fn key_hash(key: &[Cell<'_>]) -> u64 {
-    let mut bytes = Vec::new();
-    canonical(&mut bytes, key);
-    xxh3_64(&bytes)
-}
-
-/// The hash of a whole row (key and values): what bucket digests sum.
-pub fn row_hash(key: &[Cell<'_>], values: &[Cell<'_>]) -> u128 {
-    let mut bytes = Vec::new();
-    canonical(&mut bytes, key);
-    bytes.push(2); // separates key from values
-    canonical(&mut bytes, values);
-    xxh3_128(&bytes)
-}
-
-/// Per bucket, the wrapping sum of its rows' hashes and their count. Adding and removing rows
-/// commute, so digests can be kept current from the change stream (an update removes the old
-/// row and adds the new one) and always equal a fresh scan of the same rows.
+/// Per bucket, the wrapping sum of its rows' 64-bit hashes and their count. Adding and removing
+/// rows commute, so digests can be kept current change by change (an update removes the old
+/// row's hash and adds the new one) and always equal a fresh scan of the same rows. The caller
+/// supplies each row's bucket and hash (see [`node`]: computed by PostgreSQL).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Buckets {
     bits: u8,
-    sums: Vec<u128>,
+    sums: Vec<u64>,
     counts: Vec<u64>,
 }
 
@@ -141,6 +108,16 @@ impl Buckets {
         }
         let n = 1usize << bits;
         Ok(Buckets { bits, sums: vec![0; n], counts: vec![0; n] })
+    }
+
+    /// Digests computed elsewhere: per bucket, the wrapping sum of its row hashes and the count.
+    pub fn from_sums(bits: u8, sums: Vec<u64>, counts: Vec<u64>) -> Result<Buckets, RepairError> {
+        let mut b = Buckets::new(bits)?;
+        if sums.len() != b.len() || counts.len() != b.len() {
+            return Err(RepairError::Mismatch { left: b.len(), right: sums.len().max(counts.len()) });
+        }
+        (b.sums, b.counts) = (sums, counts);
+        Ok(b)
     }
 
     pub fn bits(&self) -> u8 {
@@ -155,32 +132,22 @@ impl Buckets {
         self.counts.iter().all(|c| *c == 0)
     }
 
-    /// The bucket of `key`: the top `bits` of its hash, so buckets of a tree with fewer bits
-    /// are unions of neighbouring buckets of one with more.
-    pub fn bucket_of(&self, key: &[Cell<'_>]) -> usize {
-        (key_hash(key) >> (64 - u32::from(self.bits))) as usize
+    /// The bucket of a key hash: its top `bits`, so buckets of a tree with fewer bits are
+    /// unions of neighbouring buckets of one with more.
+    pub fn bucket_of(&self, key_hash: u64) -> usize {
+        (key_hash >> (64 - u32::from(self.bits))) as usize
     }
 
-    pub fn add(&mut self, key: &[Cell<'_>], values: &[Cell<'_>]) {
-        let b = self.bucket_of(key);
-        self.sums[b] = self.sums[b].wrapping_add(row_hash(key, values));
+    pub fn add(&mut self, key_hash: u64, row_hash: u64) {
+        let b = self.bucket_of(key_hash);
+        self.sums[b] = self.sums[b].wrapping_add(row_hash);
         self.counts[b] = self.counts[b].wrapping_add(1);
     }
 
-    pub fn remove(&mut self, key: &[Cell<'_>], values: &[Cell<'_>]) {
-        let b = self.bucket_of(key);
-        self.sums[b] = self.sums[b].wrapping_sub(row_hash(key, values));
+    pub fn remove(&mut self, key_hash: u64, row_hash: u64) {
+        let b = self.bucket_of(key_hash);
+        self.sums[b] = self.sums[b].wrapping_sub(row_hash);
         self.counts[b] = self.counts[b].wrapping_sub(1);
-    }
-
-    /// Digests computed elsewhere (inside PostgreSQL, see [`node`]): per bucket, the wrapping
-    /// sum of its row hashes and the row count.
-    pub fn from_sums(bits: u8, sums: Vec<u128>, counts: Vec<u64>) -> Result<Buckets, RepairError> {
-        let n = Buckets::new(bits)?.len();
-        if sums.len() != n || counts.len() != n {
-            return Err(RepairError::Mismatch { left: n, right: sums.len() });
-        }
-        Ok(Buckets { bits, sums, counts })
     }
 
     /// Rows counted over all buckets.
@@ -190,9 +157,9 @@ impl Buckets {
 
     /// Bucket `i`'s digest: 16 bytes over its sum and count.
     fn digest(&self, i: usize) -> [u8; 16] {
-        let mut bytes = [0u8; 24];
-        bytes[..16].copy_from_slice(&self.sums[i].to_le_bytes());
-        bytes[16..].copy_from_slice(&self.counts[i].to_le_bytes());
+        let mut bytes = [0u8; 16];
+        bytes[..8].copy_from_slice(&self.sums[i].to_le_bytes());
+        bytes[8..].copy_from_slice(&self.counts[i].to_le_bytes());
         xxh3_128(&bytes).to_le_bytes()
     }
 }
@@ -293,27 +260,20 @@ impl RowDiff {
     }
 }
 
-/// One row as read from a node: its key and its other columns.
-pub type Row<'a> = (Vec<Cell<'a>>, Vec<Cell<'a>>);
-
-/// Compares the rows two nodes hold in the same buckets, by key and row hash. Keys are
-/// reported in key order.
-pub fn diff_rows(left: &[Row<'_>], right: &[Row<'_>]) -> RowDiff {
-    let index = |rows: &[Row<'_>]| -> BTreeMap<Vec<String>, u128> {
-        rows.iter()
-            .map(|(k, v)| (k.iter().map(|c| c.unwrap_or_default().to_owned()).collect(), row_hash(k, v)))
-            .collect()
-    };
-    let (l, r) = (index(left), index(right));
+/// Compares two nodes' rows of the same buckets, each given as (key, row hash or text), by
+/// key. Keys are reported in key order.
+pub fn diff_keyed(left: &[(String, String)], right: &[(String, String)]) -> RowDiff {
+    let l: BTreeMap<&str, &str> = left.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+    let r: BTreeMap<&str, &str> = right.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
     let mut out = RowDiff::default();
-    for (k, h) in &l {
+    for (k, v) in &l {
         match r.get(k) {
-            None => out.only_left.push(k.clone()),
-            Some(other) if other != h => out.differ.push(k.clone()),
+            None => out.only_left.push(vec![(*k).to_owned()]),
+            Some(w) if w != v => out.differ.push(vec![(*k).to_owned()]),
             Some(_) => {}
         }
     }
-    out.only_right = r.keys().filter(|k| !l.contains_key(*k)).cloned().collect();
+    out.only_right = r.keys().filter(|k| !l.contains_key(*k)).map(|k| vec![(*k).to_owned()]).collect();
     out
 }
 
@@ -322,15 +282,22 @@ mod tests {
     use super::*;
     use proptest::prelude::*;
     use std::collections::BTreeSet;
+    use xxhash_rust::xxh3::xxh3_64;
 
     /// A table: key → (a, b) with b possibly NULL.
     type Table = BTreeMap<i64, (i64, Option<String>)>;
 
+    /// What a node does, in miniature: a key hash and a row hash over unambiguous bytes.
+    fn hashes(k: i64, a: i64, b: &Option<String>) -> (u64, u64) {
+        let row = format!("{k}|{a}|{}", b.as_deref().map_or("N".to_owned(), |s| format!("S{s}")));
+        (xxh3_64(k.to_string().as_bytes()), xxh3_64(row.as_bytes()))
+    }
+
     fn buckets(bits: u8, t: &Table) -> Buckets {
         let mut b = Buckets::new(bits).unwrap();
         for (k, (a, s)) in t {
-            let (k, a) = (k.to_string(), a.to_string());
-            b.add(&[Some(&k)], &[Some(&a), s.as_deref()]);
+            let (kh, rh) = hashes(*k, *a, s);
+            b.add(kh, rh);
         }
         b
     }
@@ -339,18 +306,14 @@ mod tests {
     fn check(bits: u8, left: &Table, right: &Table) -> (RowDiff, usize) {
         let (bl, br) = (buckets(bits, left), buckets(bits, right));
         let (diff, compared) = DigestTree::build(&bl).diff(&DigestTree::build(&br)).unwrap();
-        let owned = |t: &Table| -> Vec<(String, String, Option<String>)> {
+        let fetched = |t: &Table| -> Vec<(String, String)> {
             t.iter()
-                .filter(|(k, _)| diff.contains(&bl.bucket_of(&[Some(&k.to_string())])))
-                .map(|(k, (a, s))| (k.to_string(), a.to_string(), s.clone()))
+                .map(|(k, (a, s))| (k, hashes(*k, *a, s)))
+                .filter(|(_, (kh, _))| diff.contains(&bl.bucket_of(*kh)))
+                .map(|(k, (_, rh))| (k.to_string(), rh.to_string()))
                 .collect()
         };
-        let (ol, or) = (owned(left), owned(right));
-        (diff_rows(&rows(&ol), &rows(&or)), compared)
-    }
-
-    fn rows(o: &[(String, String, Option<String>)]) -> Vec<Row<'_>> {
-        o.iter().map(|(k, a, s)| (vec![Some(k.as_str())], vec![Some(a.as_str()), s.as_deref()])).collect()
+        (diff_keyed(&fetched(left), &fetched(right)), compared)
     }
 
     fn table() -> impl Strategy<Value = Table> {
@@ -377,12 +340,13 @@ mod tests {
             let mut t = start.clone();
             let mut b = buckets(6, &start);
             for (k, new) in changes {
-                let key = k.to_string();
                 if let Some((a, s)) = t.remove(&k) {
-                    b.remove(&[Some(&key)], &[Some(&a.to_string()), s.as_deref()]);
+                    let (kh, rh) = hashes(k, a, &s);
+                    b.remove(kh, rh);
                 }
                 if let Some((a, s)) = new {
-                    b.add(&[Some(&key)], &[Some(&a.to_string()), s.as_deref()]);
+                    let (kh, rh) = hashes(k, a, &s);
+                    b.add(kh, rh);
                     t.insert(k, (a, s));
                 }
             }
@@ -405,11 +369,10 @@ mod tests {
     }
 
     #[test]
-    fn cells_are_unambiguous_and_bad_requests_are_errors() {
-        assert_ne!(row_hash(&[Some("1")], &[Some("ab"), Some("c")]), row_hash(&[Some("1")], &[Some("a"), Some("bc")]));
-        assert_ne!(row_hash(&[Some("1")], &[None]), row_hash(&[Some("1")], &[Some("")]));
+    fn bad_requests_are_errors() {
         assert_eq!(Buckets::new(0).unwrap_err().code(), "REP001");
         assert_eq!(Buckets::new(25).unwrap_err().to_string(), "25 bucket bits is out of range: 1 to 24");
+        assert_eq!(Buckets::from_sums(2, vec![0; 4], vec![0; 3]).unwrap_err().code(), "REP002");
         let (a, b) = (Buckets::new(2).unwrap(), Buckets::new(3).unwrap());
         let e = DigestTree::build(&a).diff(&DigestTree::build(&b)).err().unwrap();
         assert_eq!(e.code(), "REP002");

@@ -9,8 +9,7 @@
 //! bucket is the top bits of the key's hash. All built in (PostgreSQL 14 or later): every node
 //! computes them alike, with no extension, in one scan that prints nothing.
 
-use crate::{Buckets, DigestTree, RepairError, RowDiff};
-use std::collections::BTreeMap;
+use crate::{diff_keyed, Buckets, DigestTree, RepairError, RowDiff};
 use synapse_schemas::quote_ident;
 use tokio_postgres::{Client, NoTls};
 
@@ -134,13 +133,13 @@ impl Node {
             from = shape.from,
         );
         let rows = self.client.query(&sql, &[]).await.map_err(self.fail(format!("digesting {}", shape.name)))?;
-        let (mut sums, mut counts) = (vec![0u128; n], vec![0u64; n]);
+        let (mut sums, mut counts) = (vec![0u64; n], vec![0u64; n]);
         for r in rows {
             let b = usize::try_from(r.get::<_, i64>(0)).unwrap_or(usize::MAX);
             let (Some(sum), Some(count)) = (sums.get_mut(b), counts.get_mut(b)) else { continue };
             *count = r.get::<_, i64>(1) as u64;
             // A sum of up to 2^63 signed hashes fits i128; only its value mod 2^64 matters.
-            *sum = u128::from(r.get::<_, String>(2).parse::<i128>().unwrap_or_default() as u64);
+            *sum = r.get::<_, String>(2).parse::<i128>().unwrap_or_default() as u64;
         }
         Buckets::from_sums(bits, sums, counts)
     }
@@ -241,22 +240,6 @@ pub async fn check(left: &Node, right: &Node, table: &str, bits: u8) -> Result<R
         buckets: lb.len(),
         differing_buckets: differing.len(),
         compared,
-        diff: diff_texts(&lr, &rr),
+        diff: diff_keyed(&lr, &rr),
     })
-}
-
-/// Compares rows given as (key text, row hash or text).
-pub fn diff_texts(left: &[(String, String)], right: &[(String, String)]) -> RowDiff {
-    let l: BTreeMap<&str, &str> = left.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
-    let r: BTreeMap<&str, &str> = right.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
-    let mut out = RowDiff::default();
-    for (k, v) in &l {
-        match r.get(k) {
-            None => out.only_left.push(vec![(*k).to_owned()]),
-            Some(w) if w != v => out.differ.push(vec![(*k).to_owned()]),
-            Some(_) => {}
-        }
-    }
-    out.only_right = r.keys().filter(|k| !l.contains_key(*k)).map(|k| vec![(*k).to_owned()]).collect();
-    out
 }

@@ -761,8 +761,9 @@ fn describe_version(v: &RowVersion) -> Json {
         .cells
         .iter()
         .filter_map(|(k, c)| match c {
-            Cell::MultiValue(mv) if mv.siblings().len() > 1 => {
-                Some((k.clone(), Json::Array(mv.siblings().into_iter().map(|(_, _, v)| v).collect())))
+            Cell::MultiValue(mv) => {
+                let values: Vec<Json> = mv.siblings().into_iter().map(|(_, _, v)| v).collect();
+                (values.len() > 1).then(|| (k.clone(), Json::Array(values)))
             }
             _ => None,
         })

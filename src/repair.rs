@@ -61,8 +61,13 @@ pub async fn run_check(o: CheckOptions) -> anyhow::Result<ExitCode> {
     } else if let Some(m) = &config.mesh {
         m.tables.clone()
     } else {
-        let mut t: Vec<String> = config.sources.iter().flat_map(|s| s.tables.clone()).collect();
-        t.dedup();
+        // Every table once, in the order the sources name them (several sources may share one).
+        let mut t: Vec<String> = Vec::new();
+        for name in config.sources.iter().flat_map(|s| &s.tables) {
+            if !t.contains(name) {
+                t.push(name.clone());
+            }
+        }
         t
     };
     if tables.is_empty() {

@@ -94,7 +94,10 @@ enum Command {
 #[derive(Subcommand)]
 enum RepairCommand {
     /// Report the keys whose rows differ between nodes (exit 1 if any differ).
-    Check(repair::CheckOptions),
+    Check(repair::Selection),
+    /// Resolve the rows mesh nodes hold differently through the resolver (causality decides),
+    /// written like the applier writes them (origin `repair`); --dry-run shows what would change.
+    Fix(repair::FixArgs),
 }
 
 /// Resolves on SIGINT or SIGTERM.
@@ -195,6 +198,10 @@ fn main() -> ExitCode {
             }
             // Exit 1 means "rows differ" here (like diff), so a failed check exits 2.
             Command::Repair(RepairCommand::Check(o)) => Ok(repair::run_check(o).await.unwrap_or_else(|e| {
+                eprintln!("error: {e:#}");
+                ExitCode::from(2)
+            })),
+            Command::Repair(RepairCommand::Fix(o)) => Ok(repair::run_fix(o).await.unwrap_or_else(|e| {
                 eprintln!("error: {e:#}");
                 ExitCode::from(2)
             })),

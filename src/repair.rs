@@ -1,31 +1,63 @@
-//! `synapse repair check`: compares tables between nodes of a configuration (see
-//! `synapse-repair`). Reads only.
+//! `synapse repair check` and `synapse repair fix`: compare tables between nodes of a
+//! configuration and, for a mesh, resolve what differs (see `synapse-repair`).
 
 use crate::config::Config;
+use std::collections::HashMap;
 use std::process::ExitCode;
-use synapse_repair::node::{check, Node, Report};
+use std::time::Duration;
+use synapse_repair::check::{check, CheckOptions, Report};
+use synapse_repair::fix::{fix, FixNode, FixOptions, FixReport};
+use synapse_repair::node::Node;
 
+/// What to compare, shared by `check` and `fix`.
 #[derive(clap::Args)]
-pub struct CheckOptions {
+pub struct Selection {
     #[arg(long, short)]
     config: std::path::PathBuf,
     /// `schema.table` to compare (repeatable); default: the mesh tables, else every source's tables.
     #[arg(long = "table")]
     tables: Vec<String>,
-    /// Node names (mesh nodes, sources or targets) to compare, the first against each other;
-    /// default: every mesh node, else every source and target.
+    /// Node names (mesh nodes, sources or targets) to compare; default: every mesh node, else
+    /// every source and target.
     #[arg(long, value_delimiter = ',')]
     nodes: Vec<String>,
     /// log2 of the bucket count (about one bucket per 16–64 rows; 12 = 4096 buckets).
     #[arg(long, default_value_t = 12)]
     bits: u8,
+    /// Seconds to wait for the appliers between the nodes to apply what each node had
+    /// committed when the check read it (changes in flight are then not taken for drift).
+    #[arg(long, default_value_t = 60.0)]
+    cut_timeout: f64,
+    /// Compare the snapshots as they are, without waiting for appliers (a stopped pipeline):
+    /// changes still in flight may be reported as differences.
+    #[arg(long)]
+    no_wait: bool,
     /// Print the reports as JSON instead of text.
     #[arg(long)]
     json: bool,
 }
 
-/// Exit status: 0 identical, 1 differences found (like `diff`); errors are reported by the caller.
-pub async fn run_check(o: CheckOptions) -> anyhow::Result<ExitCode> {
+#[derive(clap::Args)]
+pub struct FixArgs {
+    #[command(flatten)]
+    selection: Selection,
+    /// Show what would change on each node, then roll everything back.
+    #[arg(long)]
+    dry_run: bool,
+    /// Where nodes hold the same version of a row with different data (written outside the
+    /// mesh), this node's row wins.
+    #[arg(long)]
+    prefer: Option<String>,
+}
+
+struct Resolved {
+    config: Config,
+    nodes: Vec<(String, tokio_postgres::Config)>,
+    tables: Vec<String>,
+    options: CheckOptions,
+}
+
+fn resolve(o: &Selection) -> anyhow::Result<Resolved> {
     let config = Config::load(&o.config)?;
     let mut known: Vec<(String, tokio_postgres::Config)> = Vec::new();
     let mut add = |name: &str, url: &crate::config::SecretUrl| -> anyhow::Result<()> {
@@ -56,6 +88,20 @@ pub async fn run_check(o: CheckOptions) -> anyhow::Result<ExitCode> {
     if names.len() < 2 {
         anyhow::bail!("--nodes: name at least two nodes of the configuration to compare");
     }
+    let mut nodes = Vec::new();
+    for name in &names {
+        let Some((_, pg)) = known.iter().find(|(n, _)| n == name) else {
+            anyhow::bail!(
+                "--nodes: `{name}` is not a node of {} (known: {})",
+                o.config.display(),
+                known.iter().map(|(n, _)| n.as_str()).collect::<Vec<_>>().join(", ")
+            );
+        };
+        if nodes.iter().any(|(n, _)| n == name) {
+            anyhow::bail!("--nodes: `{name}` is named twice");
+        }
+        nodes.push((name.clone(), pg.clone()));
+    }
     let tables: Vec<String> = if !o.tables.is_empty() {
         o.tables.clone()
     } else if let Some(m) = &config.mesh {
@@ -73,22 +119,23 @@ pub async fn run_check(o: CheckOptions) -> anyhow::Result<ExitCode> {
     if tables.is_empty() {
         anyhow::bail!("--table: no tables to compare (the configuration names none)");
     }
+    if !(0.0..=86_400.0).contains(&o.cut_timeout) {
+        anyhow::bail!("--cut-timeout: {} is not a number of seconds from 0 to 86400", o.cut_timeout);
+    }
+    let cut_timeout = (!o.no_wait).then(|| Duration::from_secs_f64(o.cut_timeout));
+    Ok(Resolved { config, nodes, tables, options: CheckOptions { bits: o.bits, cut_timeout } })
+}
+
+/// Exit status: 0 identical, 1 differences found (like `diff`); errors are reported by the caller.
+pub async fn run_check(o: Selection) -> anyhow::Result<ExitCode> {
+    let r = resolve(&o)?;
     let mut nodes = Vec::new();
-    for name in &names {
-        let Some((_, pg)) = known.iter().find(|(n, _)| n == name) else {
-            anyhow::bail!(
-                "--nodes: `{name}` is not a node of {} (known: {})",
-                o.config.display(),
-                known.iter().map(|(n, _)| n.as_str()).collect::<Vec<_>>().join(", ")
-            );
-        };
+    for (name, pg) in &r.nodes {
         nodes.push(Node::connect(name, pg).await.map_err(with_hint)?);
     }
     let mut reports: Vec<Report> = Vec::new();
-    for table in &tables {
-        for other in &nodes[1..] {
-            reports.push(check(&nodes[0], other, table, o.bits).await.map_err(with_hint)?);
-        }
+    for table in &r.tables {
+        reports.push(check(&nodes.iter().collect::<Vec<_>>(), table, r.options).await.map_err(with_hint)?);
     }
     if o.json {
         println!("{}", serde_json::to_string_pretty(&reports)?);
@@ -97,34 +144,135 @@ pub async fn run_check(o: CheckOptions) -> anyhow::Result<ExitCode> {
             print!("{}", human(r));
         }
     }
-    let differ = reports.iter().any(|r| !r.diff.is_empty());
+    let differ = reports.iter().any(|r| !r.differing.is_empty());
     Ok(if differ { ExitCode::from(1) } else { ExitCode::SUCCESS })
+}
+
+/// Exit status: 0 every difference found was resolved (or none), 1 some remain; errors are
+/// reported by the caller.
+pub async fn run_fix(o: FixArgs) -> anyhow::Result<ExitCode> {
+    let r = resolve(&o.selection)?;
+    let Some(mesh) = &r.config.mesh else {
+        anyhow::bail!(
+            "repair fix resolves rows by the mesh's causality metadata, and {} has no mesh section; \
+             one-way targets are re-synchronised by a new initial copy (see the README)",
+            o.selection.config.display()
+        );
+    };
+    if let Some(p) = &o.prefer {
+        if !r.nodes.iter().any(|(n, _)| n == p) {
+            anyhow::bail!("--prefer: `{p}` is not one of the nodes compared");
+        }
+    }
+    let policies = mesh.policies();
+    let mut nodes = Vec::new();
+    for (name, pg) in &r.nodes {
+        let Some(m) = mesh.nodes.iter().find(|n| &n.name == name) else {
+            anyhow::bail!("--nodes: `{name}` is not a mesh node (repair fix works between mesh nodes)");
+        };
+        nodes.push(FixNode::connect(name, synapse_resolver::NodeId(m.id), pg).await.map_err(with_hint)?);
+    }
+    let none = synapse_resolver::TablePolicy::default();
+    let mut out: Vec<(Report, Option<FixReport>)> = Vec::new();
+    for table in &r.tables {
+        if !mesh.tables.contains(table) {
+            anyhow::bail!("--table: {table} is not a mesh table (mesh.tables lists the tables repair fix can resolve)");
+        }
+        let report = check(&nodes.iter().map(|n| &n.node).collect::<Vec<_>>(), table, r.options).await.map_err(with_hint)?;
+        let fixed = if report.differing.is_empty() {
+            None
+        } else {
+            let info = synapse_apply::mesh::describe(nodes[0].node.client(), table, policies.get(table).unwrap_or(&none))
+                .await
+                .map_err(|e| anyhow::anyhow!("[{}] {table}: {e}\n  hint: {}", e.code(), e.hint()))?;
+            let keys: Vec<Vec<String>> = report.differing.iter().map(|d| d.key.clone()).collect();
+            let options = FixOptions { dry_run: o.dry_run, prefer: o.prefer.clone() };
+            let policies: HashMap<_, _> = policies.clone();
+            Some(fix(&nodes, &info, &policies, &keys, &options).await.map_err(with_hint)?)
+        };
+        out.push((report, fixed));
+    }
+    if o.selection.json {
+        let json: Vec<_> = out.iter().map(|(c, f)| serde_json::json!({"check": c, "fix": f})).collect();
+        println!("{}", serde_json::to_string_pretty(&json)?);
+    } else {
+        for (c, f) in &out {
+            print!("{}", human(c));
+            if let Some(f) = f {
+                print!("{}", human_fix(f));
+            }
+        }
+    }
+    let left = out.iter().any(|(_, f)| f.as_ref().is_some_and(|f| !f.unresolved.is_empty()));
+    Ok(if left { ExitCode::from(1) } else { ExitCode::SUCCESS })
 }
 
 fn with_hint(e: synapse_repair::RepairError) -> anyhow::Error {
     anyhow::anyhow!("[{}] {e}\n  hint: {}", e.code(), e.hint())
 }
 
+fn key_text(k: &[String]) -> String {
+    k.join(",")
+}
+
 fn human(r: &Report) -> String {
-    let [a, b] = &r.nodes;
     let mut out = format!(
-        "{} {a} ↔ {b}: {} / {} rows; {} of {} buckets differ ({} tree nodes compared)",
-        r.table, r.rows[0], r.rows[1], r.differing_buckets, r.buckets, r.compared
+        "{} on {}: {} rows; {} of {} buckets differ ({} tree nodes compared)",
+        r.table,
+        r.nodes.join(", "),
+        r.rows.iter().map(u64::to_string).collect::<Vec<_>>().join(" / "),
+        r.differing_buckets,
+        r.buckets,
+        r.compared
     );
-    if r.diff.is_empty() {
+    if !r.changing.is_empty() {
+        out.push_str(&format!("; {} key(s) changing during the check, left for the next one", r.changing.len()));
+    }
+    if r.differing.is_empty() {
         out.push_str(": identical\n");
         return out;
     }
-    out.push('\n');
-    let keys = |v: &[Vec<String>]| v.iter().map(|k| k.join(",")).collect::<Vec<_>>().join(" ");
-    for (label, v) in [
-        (format!("only on {a}"), &r.diff.only_left),
-        (format!("only on {b}"), &r.diff.only_right),
-        ("differ".to_owned(), &r.diff.differ),
-    ] {
-        if !v.is_empty() {
-            out.push_str(&format!("  {label} ({}): {}\n", v.len(), keys(v)));
+    out.push_str(&format!(": {} key(s) differ\n", r.differing.len()));
+    for d in &r.differing {
+        let mut parts = Vec::new();
+        if !d.missing_on.is_empty() {
+            parts.push(format!("missing on {}", d.missing_on.join(",")));
         }
+        if d.holders.len() > 1 {
+            parts.push(format!(
+                "different rows: {}",
+                d.holders.iter().map(|g| g.join(",")).collect::<Vec<_>>().join(" | ")
+            ));
+        }
+        out.push_str(&format!("  {}: {}\n", key_text(&d.key), parts.join("; ")));
+    }
+    out
+}
+
+fn human_fix(f: &FixReport) -> String {
+    let verb = if f.dry_run { "would change (dry run, rolled back)" } else { "changed" };
+    let mut out = String::new();
+    for n in &f.nodes {
+        let list = |v: &[Vec<String>]| v.iter().map(|k| key_text(k)).collect::<Vec<_>>().join(" ");
+        let mut parts = Vec::new();
+        for (label, v) in [("inserted", &n.inserted), ("updated", &n.updated), ("deleted", &n.deleted)] {
+            if !v.is_empty() {
+                parts.push(format!("{label} {}", list(v)));
+            }
+        }
+        if !n.versions_only.is_empty() {
+            parts.push(format!("metadata only {}", list(&n.versions_only)));
+        }
+        if n.conflicts > 0 {
+            parts.push(format!("{} conflict(s) logged", n.conflicts));
+        }
+        if parts.is_empty() {
+            parts.push("nothing".into());
+        }
+        out.push_str(&format!("  {verb} on {}: {}\n", n.node, parts.join("; ")));
+    }
+    for u in &f.unresolved {
+        out.push_str(&format!("  unresolved {}: {}\n", key_text(&u.key), u.reason));
     }
     out
 }

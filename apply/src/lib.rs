@@ -187,7 +187,7 @@ pub fn origin_name(node: &str) -> String {
 /// Makes `client` a session that writes as SynapseDB: triggers and rules of the replica role,
 /// and every commit stamped with replication origin `origin` (created if missing), so a capture
 /// on this node can tell these writes from the node's own.
-pub(crate) async fn replica_session(client: &tokio_postgres::Client, origin: &str) -> Result<(), ApplyError> {
+pub async fn replica_session(client: &tokio_postgres::Client, origin: &str) -> Result<(), ApplyError> {
     client
         .batch_execute(&format!(
             "SET session_replication_role = replica;

@@ -421,7 +421,7 @@ CREATE OR REPLACE TRIGGER synapse_local_write AFTER INSERT OR UPDATE OR DELETE O
 }
 
 /// Reads `schema.table`'s key and columns on a node; checks what the mesh needs of it.
-async fn describe(client: &Client, name: &str, policy: &TablePolicy) -> Result<MeshTable, ApplyError> {
+pub async fn describe(client: &Client, name: &str, policy: &TablePolicy) -> Result<MeshTable, ApplyError> {
     let schema_error = |message: String| ApplyError::Schema { table: name.to_owned(), message };
     let Some((schema, table)) = name.split_once('.') else {
         return Err(schema_error("a mesh table is named schema.table".into()));
@@ -649,7 +649,7 @@ fn dots_json(d: &Dots) -> Json {
 
 /// Values of a row by column name: `Some(text)`, `None` for SQL NULL; absent = not known (an
 /// unchanged TOAST value the change did not carry).
-type Values = BTreeMap<String, Option<String>>;
+pub type Values = BTreeMap<String, Option<String>>;
 
 /// A row's state as the resolver sees it: the stored metadata plus the row's values.
 fn version(t: &MeshTable, side: &Side, row: Option<&Values>) -> RowVersion {
@@ -789,7 +789,7 @@ enum Final {
 /// commits (a row's change and its `row_version` change arrive apart: AFTER ROW triggers run at
 /// the end of the statement, after all its rows).
 #[derive(Default)]
-pub(crate) struct MeshBuffer {
+pub struct MeshBuffer {
     tables: HashMap<String, MeshTable>,
     rows: BTreeMap<(String, Vec<String>), Final>,
     versions: HashMap<(String, Vec<String>), Side>,
@@ -884,6 +884,32 @@ impl MeshBuffer {
             }
             self.rows.insert((name, key), Final::Upsert(values));
         }
+        Ok(())
+    }
+
+    /// Buffers a key as another node stores it (repair): its row and metadata arrive as if
+    /// that node had sent them, and [`MeshBuffer::apply`] resolves them against this node's.
+    /// A row without metadata is a write of no node (node 0, like rows older than the mesh), so
+    /// any versioned write of the key wins over it.
+    pub fn push_stored(&mut self, info: &MeshTable, key: Vec<String>, row: &StoredRow) -> Result<(), ApplyError> {
+        let name = info.name();
+        let side = match &row.version {
+            Some(v) => Side::parse(&v.vv, v.hlc_ms, v.hlc_lc, v.node, v.live, &v.cols)
+                .map_err(|message| ApplyError::Schema { table: name.clone(), message })?,
+            None if row.values.is_some() => Side {
+                vv: [(NodeId(0), 1)].into_iter().collect(),
+                live: true,
+                ..Side::default()
+            },
+            None => return Ok(()),
+        };
+        self.tables.entry(name.clone()).or_insert_with(|| info.clone());
+        let fin = match &row.values {
+            Some(v) if side.live => Final::Upsert(v.clone()),
+            _ => Final::Delete,
+        };
+        self.rows.insert((name.clone(), key.clone()), fin);
+        self.versions.insert((name, key), side);
         Ok(())
     }
 
@@ -1022,6 +1048,83 @@ impl MeshBuffer {
         let written = writes.execute(client, statements, &self.tables, source_node).await?;
         Ok((written, conflicts, buried))
     }
+}
+
+/// One key of a mesh table as stored on a node: its row (`None`: no row) and its causality
+/// metadata (`None`: no `synapse.row_version` row). What repair reads on one node and feeds to
+/// another through [`MeshBuffer::push_stored`].
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct StoredRow {
+    /// Non-key columns' text (`None` = NULL).
+    pub values: Option<Values>,
+    pub version: Option<StoredVersion>,
+}
+
+/// A `synapse.row_version` row, as text (compared as stored: equal metadata is equal bytes).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct StoredVersion {
+    pub vv: String,
+    pub hlc_ms: i64,
+    pub hlc_lc: i32,
+    pub node: i32,
+    pub live: bool,
+    pub cols: String,
+}
+
+/// Reads rows and metadata of `keys` (each the key columns' text) on one node, without locking:
+/// what a repair compares. Keys with neither are left out.
+pub async fn read_stored(
+    client: &Client,
+    info: &MeshTable,
+    keys: &[Vec<String>],
+) -> Result<BTreeMap<Vec<String>, StoredRow>, ApplyError> {
+    let mut out: BTreeMap<Vec<String>, StoredRow> = BTreeMap::new();
+    if keys.is_empty() {
+        return Ok(out);
+    }
+    let (cols, cond) = key_join(info);
+    let names: Vec<&String> = info.columns.iter().map(|(c, _)| c).collect();
+    let sql = format!(
+        "SELECT ARRAY[{}]::text[], ARRAY[{}]::text[] FROM {}.{} t JOIN unnest({}) AS u({cols}) ON {cond}",
+        info.key.iter().map(|k| format!("t.{}::text", quote_ident(k))).collect::<Vec<_>>().join(", "),
+        if names.is_empty() {
+            "NULL".to_owned()
+        } else {
+            names.iter().map(|c| format!("t.{}::text", quote_ident(c))).collect::<Vec<_>>().join(", ")
+        },
+        quote_ident(&info.schema),
+        quote_ident(&info.table),
+        unnest_params(info.key.len()),
+    );
+    let columns: Vec<Vec<String>> =
+        (0..info.key.len()).map(|i| keys.iter().map(|k| k.get(i).cloned().unwrap_or_default()).collect()).collect();
+    let params: Vec<&(dyn ToSql + Sync)> = columns.iter().map(|c| c as &(dyn ToSql + Sync)).collect();
+    let rows = client.query(&sql, &params).await.map_err(ApplyError::target(format!("reading rows of {}", info.name())))?;
+    for r in rows {
+        let key: Vec<Option<String>> = r.get(0);
+        let vals: Vec<Option<String>> = r.get::<_, Option<Vec<Option<String>>>>(1).unwrap_or_default();
+        let values: Values = names.iter().map(|c| (*c).clone()).zip(vals).collect();
+        out.entry(key.into_iter().map(Option::unwrap_or_default).collect()).or_default().values = Some(values);
+    }
+    let pks: Vec<String> = keys.iter().map(|k| serde_json::to_string(k).unwrap_or_default()).collect();
+    let rows = client
+        .query(
+            "SELECT pk::text, vv::text, hlc_ms, hlc_lc, node, live, cols::text FROM synapse.row_version
+             WHERE tbl = $1 AND pk IN (SELECT p::jsonb FROM unnest($2::text[]) AS u(p))",
+            &[&info.name(), &pks],
+        )
+        .await
+        .map_err(ApplyError::target(format!("reading row versions of {}", info.name())))?;
+    for r in rows {
+        let key: Vec<String> = serde_json::from_str(&r.get::<_, String>(0)).unwrap_or_default();
+        let version =
+            StoredVersion { vv: r.get(1), hlc_ms: r.get(2), hlc_lc: r.get(3), node: r.get(4), live: r.get(5), cols: r.get(6) };
+        // A placeholder (an applier's reservation, never written) is no metadata.
+        if version.vv != "{}" {
+            out.entry(key).or_default().version = Some(version);
+        }
+    }
+    Ok(out)
 }
 
 /// Lets the table's merge function decide the `lww` columns of two concurrent live versions.

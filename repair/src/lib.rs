@@ -25,6 +25,8 @@
 //!   from the change stream) agree exactly when their rows agree.
 //! * **Cost**: comparing two trees visits at most `2 × levels` nodes per differing bucket.
 
+pub mod check;
+pub mod fix;
 pub mod node;
 
 use merkle_light::hash::Algorithm;
@@ -53,6 +55,14 @@ pub enum RepairError {
     Bits { bits: u8 },
     #[error("the two trees have {left} and {right} buckets: compare trees built with the same bucket count")]
     Mismatch { left: usize, right: usize },
+    #[error("appliers did not pass the cut within {waited:?}: {}", behind.join("; "))]
+    Cut { waited: std::time::Duration, behind: Vec<String> },
+    #[error("node {node}: {source}")]
+    Apply {
+        node: String,
+        #[source]
+        source: synapse_apply::ApplyError,
+    },
 }
 
 impl RepairError {
@@ -62,6 +72,8 @@ impl RepairError {
             RepairError::Table { .. } => "REP004",
             RepairError::Bits { .. } => "REP001",
             RepairError::Mismatch { .. } => "REP002",
+            RepairError::Cut { .. } => "REP005",
+            RepairError::Apply { .. } => "REP006",
         }
     }
 
@@ -76,6 +88,8 @@ impl RepairError {
                         c.starts_with("08") || c.starts_with("57") || c == "40001" || c == "40P01"
                     })
             }
+            RepairError::Cut { .. } => true,
+            RepairError::Apply { source, .. } => source.is_transient(),
             _ => false,
         }
     }
@@ -86,6 +100,12 @@ impl RepairError {
             RepairError::Table { .. } => "the table must exist with a primary key on every node compared",
             RepairError::Bits { .. } => "choose about one bucket per 16–64 rows, e.g. 16 bits for 1M rows",
             RepairError::Mismatch { .. } => "build both nodes' digests with the same bits",
+            RepairError::Cut { .. } => {
+                "changes in flight cannot be told from drift until the appliers catch up: is synapse running for these nodes (see `synapse status`)? Retry, raise --cut-timeout, or pass --no-wait to compare as is"
+            }
+            RepairError::Apply { .. } => {
+                "the node's repair transaction was rolled back (other nodes may be repaired already); run the fix again"
+            }
         }
     }
 }

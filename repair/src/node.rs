@@ -9,7 +9,9 @@
 //! bucket is the top bits of the key's hash. All built in (PostgreSQL 14 or later): every node
 //! computes them alike, with no extension, in one scan that prints nothing.
 
-use crate::{diff_keyed, Buckets, DigestTree, RepairError, RowDiff};
+use crate::{Buckets, RepairError};
+use std::collections::BTreeMap;
+use synapse_schemas::Lsn;
 use synapse_schemas::quote_ident;
 use tokio_postgres::{Client, NoTls};
 
@@ -35,20 +37,25 @@ impl Node {
         Ok(Node { name: name.to_owned(), client })
     }
 
+    /// The session (no replication origin: what it writes is captured like an application's).
+    pub fn client(&self) -> &Client {
+        &self.client
+    }
+
     fn fail(&self, context: String) -> impl FnOnce(tokio_postgres::Error) -> RepairError + '_ {
         move |source| RepairError::Node { node: self.name.clone(), context, source }
     }
 
     /// Starts the snapshot the digests and the rows are read in (read-only, repeatable read:
     /// rows fetched for differing buckets are the rows the digests summed).
-    async fn begin(&self) -> Result<(), RepairError> {
+    pub(crate) async fn begin(&self) -> Result<(), RepairError> {
         self.client
             .batch_execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
             .await
             .map_err(self.fail("starting a snapshot".into()))
     }
 
-    async fn end(&self) -> Result<(), RepairError> {
+    pub(crate) async fn end(&self) -> Result<(), RepairError> {
         self.client.batch_execute("COMMIT").await.map_err(self.fail("ending the snapshot".into()))
     }
 
@@ -59,7 +66,7 @@ impl Node {
         let rows = self
             .client
             .query(
-                "SELECT a.attname::text,
+                "SELECT a.attname::text, format_type(a.atttypid, a.atttypmod),
                         -- int2vector subscripts start at 0: position + 1, 0 for non-key columns
                         coalesce(array_position(i.indkey::int2[], a.attnum) - array_lower(i.indkey::int2[], 1) + 1, 0),
                         -- a default hash operator class for the type (or an array's element type)
@@ -79,16 +86,16 @@ impl Node {
         if rows.is_empty() {
             return Err(bad(format!("it does not exist on node {}", self.name)));
         }
-        let mut key: Vec<(i32, String)> = Vec::new();
+        let mut key: Vec<(i32, String, String)> = Vec::new();
         let mut columns = Vec::new();
         let mut hashable = std::collections::HashSet::new();
         for r in rows {
-            let (col, pos, h): (String, i32, bool) = (r.get(0), r.get(1), r.get(2));
+            let (col, ty, pos, h): (String, String, i32, bool) = (r.get(0), r.get(1), r.get(2), r.get(3));
             if h {
                 hashable.insert(col.clone());
             }
             if pos > 0 {
-                key.push((pos, col));
+                key.push((pos, col, ty));
             } else {
                 columns.push(col);
             }
@@ -97,7 +104,8 @@ impl Node {
             return Err(bad(format!("it has no primary key on node {} (rows are matched by it)", self.name)));
         }
         key.sort();
-        let key: Vec<String> = key.into_iter().map(|(_, c)| c).collect();
+        let key_types: Vec<String> = key.iter().map(|(_, _, t)| t.clone()).collect();
+        let key: Vec<String> = key.into_iter().map(|(_, c, _)| c).collect();
         let all: Vec<String> = key.iter().chain(&columns).cloned().collect();
         let hashed = |cols: &[String]| {
             let items: Vec<String> = cols
@@ -113,9 +121,16 @@ impl Node {
             name: name.to_owned(),
             from: format!("{}.{} t", quote_ident(schema), quote_ident(table)),
             key_text: format!(
-                "ROW({})::text",
-                key.iter().map(|c| format!("t.{}", quote_ident(c))).collect::<Vec<_>>().join(", ")
+                "ARRAY[{}]::text[]",
+                key.iter().map(|c| format!("t.{}::text", quote_ident(c))).collect::<Vec<_>>().join(", ")
             ),
+            key_match: key
+                .iter()
+                .zip(&key_types)
+                .enumerate()
+                .map(|(i, (c, ty))| format!("t.{} = u.k{i}::{ty}", quote_ident(c)))
+                .collect::<Vec<_>>()
+                .join(" AND "),
             key_row: hashed(&key),
             all_row: hashed(&all),
             columns: all,
@@ -144,20 +159,15 @@ impl Node {
         Buckets::from_sums(bits, sums, counts)
     }
 
-    /// The rows of the given buckets, as (key text, row hash), in key-text order.
-    pub async fn rows_in(
-        &self,
-        shape: &Shape,
-        bits: u8,
-        buckets: &[usize],
-    ) -> Result<Vec<(String, String)>, RepairError> {
+    /// The rows of the given buckets: row hash by key.
+    pub async fn rows_in(&self, shape: &Shape, bits: u8, buckets: &[usize]) -> Result<Rows, RepairError> {
         if buckets.is_empty() {
-            return Ok(Vec::new());
+            return Ok(Rows::new());
         }
         let wanted: Vec<i64> = buckets.iter().map(|b| *b as i64).collect();
         // A join, not `= ANY`: the bucket list is hashed once instead of searched per row.
         let sql = format!(
-            "SELECT {key}, {hash}::text FROM {from} JOIN unnest($1::int8[]) AS u(b) ON u.b = {bucket}",
+            "SELECT {key}, {hash} FROM {from} JOIN unnest($1::int8[]) AS u(b) ON u.b = {bucket}",
             key = shape.key_text,
             hash = shape.row_hash(),
             from = shape.from,
@@ -168,11 +178,76 @@ impl Node {
             .query(&sql, &[&wanted])
             .await
             .map_err(self.fail(format!("reading differing rows of {}", shape.name)))?;
-        let mut out: Vec<(String, String)> = rows.into_iter().map(|r| (r.get(0), r.get(1))).collect();
-        out.sort();
-        Ok(out)
+        Ok(rows.into_iter().map(|r| (r.get(0), r.get(1))).collect())
+    }
+
+    /// The current rows of `keys` (each the key columns' text), found through the key's index:
+    /// row hash by key; absent keys are left out.
+    pub async fn rows_by_key(&self, shape: &Shape, keys: &[Key]) -> Result<Rows, RepairError> {
+        let width = keys.first().map_or(0, Vec::len);
+        if width == 0 {
+            return Ok(Rows::new());
+        }
+        let sql = format!(
+            "SELECT {key}, {hash} FROM {from} JOIN unnest({params}) AS u({aliases}) ON {cond}",
+            key = shape.key_text,
+            hash = shape.row_hash(),
+            from = shape.from,
+            params = (1..=width).map(|i| format!("${i}::text[]")).collect::<Vec<_>>().join(", "),
+            aliases = (0..width).map(|i| format!("k{i}")).collect::<Vec<_>>().join(", "),
+            cond = shape.key_match,
+        );
+        let columns: Vec<Vec<&str>> =
+            (0..width).map(|i| keys.iter().map(|k| k.get(i).map_or("", String::as_str)).collect()).collect();
+        let params: Vec<&(dyn tokio_postgres::types::ToSql + Sync)> =
+            columns.iter().map(|c| c as &(dyn tokio_postgres::types::ToSql + Sync)).collect();
+        let rows = self
+            .client
+            .query(&sql, &params)
+            .await
+            .map_err(self.fail(format!("re-reading differing rows of {}", shape.name)))?;
+        Ok(rows.into_iter().map(|r| (r.get(0), r.get(1))).collect())
+    }
+
+    /// Writes a cut marker into this node's WAL (a transactional logical message, so its
+    /// transaction reaches the log and every applier of this node records passing it) and
+    /// returns its position: a change committed before it is applied elsewhere once the
+    /// applier's position is past it.
+    pub async fn mark_cut(&self) -> Result<Lsn, RepairError> {
+        let row = self
+            .client
+            .query_one("SELECT pg_logical_emit_message(true, 'synapse_repair_cut', '')::text", &[])
+            .await
+            .map_err(self.fail("writing a cut marker (pg_logical_emit_message)".into()))?;
+        Ok(row.get::<_, String>(0).parse().unwrap_or(Lsn(0)))
+    }
+
+    /// Positions this node's appliers have applied, by source node (none if it applies
+    /// nothing): the commit position of each source's last applied transaction.
+    pub async fn applied(&self) -> Result<Vec<(String, Lsn)>, RepairError> {
+        let rows = self
+            .client
+            .query(
+                "SELECT source_node, commit_lsn::text FROM synapse.applied
+                 WHERE to_regclass('synapse.applied') IS NOT NULL",
+                &[],
+            )
+            .await;
+        let rows = match rows {
+            Ok(rows) => rows,
+            // No such table: this node applies nothing.
+            Err(e) if e.code() == Some(&tokio_postgres::error::SqlState::UNDEFINED_TABLE) => return Ok(Vec::new()),
+            Err(e) => return Err(RepairError::Node { node: self.name.clone(), context: "reading applied positions".into(), source: e }),
+        };
+        Ok(rows.into_iter().map(|r| (r.get(0), r.get::<_, String>(1).parse().unwrap_or(Lsn(0)))).collect())
     }
 }
+
+/// A key: its columns' text, in key order.
+pub type Key = Vec<String>;
+
+/// Row hashes by key, as one node holds them.
+pub type Rows = BTreeMap<Key, i64>;
 
 /// How a table is read on a node: its key and value columns as row expressions.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -181,8 +256,10 @@ pub struct Shape {
     /// Every column, key first: two nodes are compared only if these agree.
     pub columns: Vec<String>,
     from: String,
-    /// The key as users read it, e.g. `(42)`.
+    /// The key columns' text, as an array.
     key_text: String,
+    /// `t.k1 = u.k0::type AND …`: a key given as text matched through the key's index.
+    key_match: String,
     /// The key and the whole row as records to hash.
     key_row: String,
     all_row: String,
@@ -198,48 +275,3 @@ impl Shape {
     }
 }
 
-/// What a check of one table between two nodes found.
-#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
-pub struct Report {
-    pub table: String,
-    /// The two nodes, in the order `rows` and `diff` name them (left, right).
-    pub nodes: [String; 2],
-    pub rows: [u64; 2],
-    pub buckets: usize,
-    pub differing_buckets: usize,
-    /// Tree node pairs compared to find them.
-    pub compared: usize,
-    /// Keys as their row text (e.g. `(42)`), in order.
-    pub diff: RowDiff,
-}
-
-/// Compares `table` on two nodes: digests in one snapshot per node, the trees top-down, then
-/// the rows of differing buckets only. Reads only; changes nothing.
-pub async fn check(left: &Node, right: &Node, table: &str, bits: u8) -> Result<Report, RepairError> {
-    let (ls, rs) = (left.describe(table).await?, right.describe(table).await?);
-    if ls.columns != rs.columns {
-        return Err(RepairError::Table {
-            table: table.to_owned(),
-            message: format!("columns differ: {} has {:?}, {} has {:?}", left.name, ls.columns, right.name, rs.columns),
-        });
-    }
-    left.begin().await?;
-    right.begin().await?;
-    // Each node scans its own table: both at once.
-    let (lb, rb) = tokio::join!(left.digests(&ls, bits), right.digests(&rs, bits));
-    let (lb, rb) = (lb?, rb?);
-    let (differing, compared) = DigestTree::build(&lb).diff(&DigestTree::build(&rb))?;
-    let (lr, rr) = tokio::join!(left.rows_in(&ls, bits, &differing), right.rows_in(&rs, bits, &differing));
-    let (lr, rr) = (lr?, rr?);
-    left.end().await?;
-    right.end().await?;
-    Ok(Report {
-        table: table.to_owned(),
-        nodes: [left.name.clone(), right.name.clone()],
-        rows: [lb.rows(), rb.rows()],
-        buckets: lb.len(),
-        differing_buckets: differing.len(),
-        compared,
-        diff: diff_keyed(&lr, &rr),
-    })
-}

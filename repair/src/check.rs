@@ -1,0 +1,183 @@
+//! `check`: which keys of a table two or more nodes hold differently, with changes in flight
+//! told apart from drift.
+//!
+//! ```text
+//!  every node: one read-only snapshot ─▶ bucket digests ─▶ trees: node 0 vs each other
+//!              └─ rows of the differing buckets (key, row hash)      ─▶ candidate keys
+//!  cut: a marker in every node's WAL; wait until every applier between the nodes applied it
+//!  re-read the candidates by key ─▶ unchanged everywhere since the snapshot: drift
+//!                                   changed somewhere: in flight (not reported as drift)
+//! ```
+//!
+//! Why the cut is sound: a change committed before a node's snapshot has a position below
+//! that node's marker, so once every applier is past the markers it has reached every node. A
+//! candidate whose rows did not change anywhere between the snapshots and the re-read had no
+//! change in flight, so its difference is drift; one that changed was being written (or
+//! delivered) during the check and is left for the next check.
+
+use crate::node::{Key, Node, Rows};
+use crate::{DigestTree, RepairError};
+use futures_util::future::try_join_all;
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::{Duration, Instant};
+use synapse_schemas::Lsn;
+
+/// How long a check waits for appliers to pass the cut, and whether it waits at all.
+#[derive(Clone, Copy, Debug)]
+pub struct CheckOptions {
+    pub bits: u8,
+    /// `None`: compare the snapshots as they are (changes in flight may show as drift).
+    pub cut_timeout: Option<Duration>,
+}
+
+/// How one key differs between the nodes.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct KeyDiff {
+    pub key: Key,
+    /// Nodes without the row.
+    pub missing_on: Vec<String>,
+    /// Nodes holding the row, grouped by equal rows (one group: all holders agree).
+    pub holders: Vec<Vec<String>>,
+}
+
+/// What a check of one table found.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct Report {
+    pub table: String,
+    pub nodes: Vec<String>,
+    /// Rows per node, in the snapshot.
+    pub rows: Vec<u64>,
+    pub buckets: usize,
+    pub differing_buckets: usize,
+    /// Tree node pairs compared to find them.
+    pub compared: usize,
+    /// Keys held differently and unchanged since the snapshots: drift, in key order.
+    pub differing: Vec<KeyDiff>,
+    /// Keys that differed in the snapshots and changed on some node before the cut was
+    /// confirmed: changes in flight, not drift.
+    pub changing: Vec<Key>,
+    /// Appliers waited for ("source→node"), and how long the cut took; empty without a cut.
+    pub cut: Vec<String>,
+    pub cut_ms: u64,
+}
+
+/// Compares `table` on every node of `nodes`: digests in one snapshot per node (all at once),
+/// node 0's tree against each other's top-down, the rows of differing buckets, then the cut.
+/// Reads only (the cut markers are WAL messages, no table changes).
+pub async fn check(nodes: &[&Node], table: &str, options: CheckOptions) -> Result<Report, RepairError> {
+    let names: Vec<String> = nodes.iter().map(|n| n.name.clone()).collect();
+    let shapes = try_join_all(nodes.iter().map(|n| n.describe(table))).await?;
+    for (n, s) in nodes.iter().zip(&shapes).skip(1) {
+        if s.columns != shapes[0].columns {
+            return Err(RepairError::Table {
+                table: table.to_owned(),
+                message: format!(
+                    "columns differ: {} has {:?}, {} has {:?}",
+                    nodes[0].name, shapes[0].columns, n.name, s.columns
+                ),
+            });
+        }
+    }
+    try_join_all(nodes.iter().map(|n| n.begin())).await?;
+    let digests = try_join_all(nodes.iter().zip(&shapes).map(|(n, s)| n.digests(s, options.bits))).await?;
+    let first = DigestTree::build(&digests[0]);
+    let mut differing = BTreeSet::new();
+    let mut compared = 0;
+    for d in &digests[1..] {
+        let (buckets, c) = first.diff(&DigestTree::build(d))?;
+        differing.extend(buckets);
+        compared += c;
+    }
+    let differing: Vec<usize> = differing.into_iter().collect();
+    let snapshot =
+        try_join_all(nodes.iter().zip(&shapes).map(|(n, s)| n.rows_in(s, options.bits, &differing))).await?;
+    try_join_all(nodes.iter().map(|n| n.end())).await?;
+    let candidates: Vec<Key> = disagreeing(&snapshot);
+
+    let (mut cut, mut cut_ms, mut changing) = (Vec::new(), 0, Vec::new());
+    let mut now = snapshot.clone();
+    if let (Some(timeout), false) = (options.cut_timeout, candidates.is_empty()) {
+        let started = Instant::now();
+        cut = wait_for_cut(nodes, timeout).await?;
+        cut_ms = started.elapsed().as_millis() as u64;
+        now = try_join_all(nodes.iter().zip(&shapes).map(|(n, s)| n.rows_by_key(s, &candidates))).await?;
+        changing = candidates
+            .iter()
+            .filter(|k| snapshot.iter().zip(&now).any(|(then, now)| then.get(*k) != now.get(*k)))
+            .filter(|k| !agree(&now, k))
+            .cloned()
+            .collect();
+    }
+    let differing_keys = candidates
+        .iter()
+        .filter(|k| snapshot.iter().zip(&now).all(|(then, now)| then.get(*k) == now.get(*k)))
+        .map(|k| describe_key(&names, &snapshot, k))
+        .collect();
+    Ok(Report {
+        table: table.to_owned(),
+        nodes: names,
+        rows: digests.iter().map(|d| d.rows()).collect(),
+        buckets: digests[0].len(),
+        differing_buckets: differing.len(),
+        compared,
+        differing: differing_keys,
+        changing,
+        cut,
+        cut_ms,
+    })
+}
+
+/// Keys not held alike by every node, in key order.
+fn disagreeing(rows: &[Rows]) -> Vec<Key> {
+    let keys: BTreeSet<&Key> = rows.iter().flat_map(|r| r.keys()).collect();
+    keys.into_iter().filter(|k| !agree(rows, k)).cloned().collect()
+}
+
+fn agree(rows: &[Rows], key: &Key) -> bool {
+    rows.windows(2).all(|w| w[0].get(key) == w[1].get(key))
+}
+
+fn describe_key(names: &[String], rows: &[Rows], key: &Key) -> KeyDiff {
+    let mut missing_on = Vec::new();
+    let mut groups: BTreeMap<i64, Vec<String>> = BTreeMap::new();
+    for (name, r) in names.iter().zip(rows) {
+        match r.get(key) {
+            None => missing_on.push(name.clone()),
+            Some(h) => groups.entry(*h).or_default().push(name.clone()),
+        }
+    }
+    let mut holders: Vec<Vec<String>> = groups.into_values().collect();
+    holders.sort();
+    KeyDiff { key: key.clone(), missing_on, holders }
+}
+
+/// Writes a marker on every node, then waits until each node's applier of every other node
+/// has applied past that node's marker. Returns the appliers waited for.
+async fn wait_for_cut(nodes: &[&Node], timeout: Duration) -> Result<Vec<String>, RepairError> {
+    let marks: Vec<Lsn> = try_join_all(nodes.iter().map(|n| n.mark_cut())).await?;
+    let started = Instant::now();
+    let mut waited = BTreeSet::new();
+    loop {
+        let positions = try_join_all(nodes.iter().map(|n| n.applied())).await?;
+        let mut behind = Vec::new();
+        for (node, applied) in nodes.iter().zip(&positions) {
+            for (source, at) in applied {
+                let Some(i) = nodes.iter().position(|n| &n.name == source) else { continue };
+                if nodes[i].name == node.name {
+                    continue;
+                }
+                waited.insert(format!("{source}→{}", node.name));
+                if *at < marks[i] {
+                    behind.push(format!("{source}→{} at {at}, cut at {}", node.name, marks[i]));
+                }
+            }
+        }
+        if behind.is_empty() {
+            return Ok(waited.into_iter().collect());
+        }
+        if started.elapsed() >= timeout {
+            return Err(RepairError::Cut { waited: timeout, behind });
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}

@@ -193,7 +193,7 @@ fn repair_check_reports_drift_between_nodes() {
     let (code, text) = check(&[]);
     assert_eq!(code, Some(0), "{text}");
     assert!(
-        text.contains("public.t a ↔ b: 3000 / 3000 rows; 0 of 4096 buckets differ (1 tree nodes compared): identical"),
+        text.contains("public.t on a, b: 3000 / 3000 rows; 0 of 4096 buckets differ (1 tree nodes compared): identical"),
         "{text}"
     );
 
@@ -207,15 +207,21 @@ fn repair_check_reports_drift_between_nodes() {
     let (code, text) = check(&["--bits", "8"]);
     assert_eq!(code, Some(1), "{text}");
     assert!(
-        text.contains("only on a (1): (7)")
-            && text.contains("only on b (1): (9000)")
-            && text.contains("differ (1): (2500)"),
+        text.contains(": 3 key(s) differ")
+            && text.contains("  7: missing on b\n")
+            && text.contains("  9000: missing on a\n")
+            && text.contains("  2500: different rows: a | b\n"),
         "{text}"
     );
     let (code, json) = check(&["--json", "--table", "public.t"]);
     assert_eq!(code, Some(1));
     let reports: serde_json::Value = serde_json::from_str(&json).unwrap();
-    assert_eq!(reports[0]["diff"]["differ"][0][0], "(2500)", "{json}");
+    let differing = reports[0]["differing"].as_array().unwrap();
+    assert_eq!(differing.len(), 3, "{json}");
+    assert!(
+        differing.contains(&serde_json::json!({"key": ["2500"], "missing_on": [], "holders": [["a"], ["b"]]})),
+        "{json}"
+    );
     assert_eq!(reports[0]["nodes"], serde_json::json!(["a", "b"]));
 
     let (code, text) = check(&["--nodes", "a,moon"]);

@@ -66,7 +66,11 @@ pub struct Report {
 /// Reads only (the cut markers are WAL messages, no table changes).
 pub async fn check(nodes: &[&Node], table: &str, options: CheckOptions) -> Result<Report, RepairError> {
     let names: Vec<String> = nodes.iter().map(|n| n.name.clone()).collect();
-    let shapes = try_join_all(nodes.iter().map(|n| n.describe(table))).await?;
+    // One after the other: a table missing everywhere is reported for the first node.
+    let mut shapes = Vec::with_capacity(nodes.len());
+    for n in nodes {
+        shapes.push(n.describe(table).await?);
+    }
     for (n, s) in nodes.iter().zip(&shapes).skip(1) {
         if s.columns != shapes[0].columns {
             return Err(RepairError::Table {

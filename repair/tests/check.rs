@@ -5,7 +5,8 @@
 #![allow(clippy::unwrap_used)]
 
 use synapse_localpg::{ClusterOptions, LocalCluster};
-use synapse_repair::node::{check, Node};
+use synapse_repair::check::{check, CheckOptions, KeyDiff, Report};
+use synapse_repair::node::Node;
 
 const SCHEMA: &str = "CREATE TABLE items (
     id bigint PRIMARY KEY, a int, b text, n numeric, r double precision, t timestamptz, d date,
@@ -18,8 +19,19 @@ const SCHEMA: &str = "CREATE TABLE items (
     CREATE TABLE pairs (k1 int, k2 text, v text, PRIMARY KEY (k2, k1));
     INSERT INTO pairs SELECT g, 'k' || (g % 10), NULL FROM generate_series(1, 500) g;";
 
-fn keys(v: &[Vec<String>]) -> Vec<&str> {
-    v.iter().map(|k| k[0].as_str()).collect()
+/// (key, nodes missing it, groups of nodes holding equal rows) per differing key.
+fn keys(r: &Report) -> Vec<(String, Vec<&str>, usize)> {
+    r.differing
+        .iter()
+        .map(|KeyDiff { key, missing_on, holders }| {
+            (key.join(","), missing_on.iter().map(String::as_str).collect(), holders.len())
+        })
+        .collect()
+}
+
+/// Nodes that run no pipeline: nothing is in flight, no cut to wait for.
+fn at(bits: u8) -> CheckOptions {
+    CheckOptions { bits, cut_timeout: Some(std::time::Duration::from_secs(5)) }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -53,10 +65,24 @@ async fn check_finds_exactly_the_diverged_keys() {
 
     let url = |n: &LocalCluster| n.url("app").parse::<tokio_postgres::Config>().unwrap();
     let (na, nb) = (Node::connect("a", &url(&a)).await.unwrap(), Node::connect("b", &url(&b)).await.unwrap());
-    let report = check(&na, &nb, "public.items", 12).await.unwrap();
-    assert_eq!(keys(&report.diff.only_left), ["(19999)", "(9)"]);
-    assert_eq!(keys(&report.diff.only_right), ["(30001)", "(30002)"]);
-    assert_eq!(keys(&report.diff.differ), ["(3000)", "(44)", "(5)", "(6)", "(600)", "(77)", "(88)"], "{report:?}");
+    let both = [&na, &nb];
+    let report = check(&both, "public.items", at(12)).await.unwrap();
+    let (a_only, b_only) = (vec!["b"], vec!["a"]);
+    let mut expected: Vec<(String, Vec<&str>, usize)> = Vec::new();
+    for k in [9, 19999] {
+        expected.push((k.to_string(), a_only.clone(), 1));
+    }
+    for k in [30001, 30002] {
+        expected.push((k.to_string(), b_only.clone(), 1));
+    }
+    for k in [3000, 44, 5, 6, 600, 77, 88] {
+        expected.push((k.to_string(), vec![], 2));
+    }
+    let mut found = keys(&report);
+    found.sort_by_key(|(k, _, _)| k.parse::<i64>().unwrap());
+    expected.sort_by_key(|(k, _, _)| k.parse::<i64>().unwrap());
+    assert_eq!(found, expected, "{report:?}");
+    assert!(report.changing.is_empty() && report.cut.is_empty(), "no appliers, nothing in flight: {report:?}");
     assert_eq!(report.rows, [20000, 20000]);
     assert!(report.differing_buckets <= 13, "{report:?}");
     // Two paths per differing bucket through 13 levels at most.
@@ -67,13 +93,12 @@ async fn check_finds_exactly_the_diverged_keys() {
         report.buckets,
         report.differing_buckets,
         report.compared,
-        report.diff.len()
+        report.differing.len()
     );
 
     // A composite key, a NULL that became an empty string.
-    let report = check(&na, &nb, "public.pairs", 4).await.unwrap();
-    assert_eq!(keys(&report.diff.differ), ["(k4,4)"]);
-    assert_eq!(report.diff.len(), 1);
+    let report = check(&both, "public.pairs", at(4)).await.unwrap();
+    assert_eq!(keys(&report), [("k4,4".to_string(), vec![], 2)], "key columns in key order (k2, k1)");
 
     // Equal tables: one comparison, nothing fetched.
     b.psql(
@@ -86,18 +111,18 @@ async fn check_finds_exactly_the_diverged_keys() {
         "CREATE TABLE same AS SELECT g AS id FROM generate_series(1, 100) g; ALTER TABLE same ADD PRIMARY KEY (id)",
     )
     .unwrap();
-    let report = check(&na, &nb, "public.same", 8).await.unwrap();
-    assert_eq!((report.compared, report.diff.len()), (1, 0));
+    let report = check(&both, "public.same", at(8)).await.unwrap();
+    assert_eq!((report.compared, report.differing.len()), (1, 0));
 
     // Bad requests name the table and the node.
-    let e = check(&na, &nb, "public.missing", 8).await.unwrap_err();
+    let e = check(&both, "public.missing", at(8)).await.unwrap_err();
     assert_eq!(e.to_string(), "table public.missing: it does not exist on node a");
     a.psql("app", "CREATE TABLE nokey (v int)").unwrap();
     b.psql("app", "CREATE TABLE nokey (v int)").unwrap();
-    let e = check(&na, &nb, "public.nokey", 8).await.unwrap_err();
+    let e = check(&both, "public.nokey", at(8)).await.unwrap_err();
     assert!(e.to_string().contains("no primary key on node a"), "{e}");
     b.psql("app", "ALTER TABLE same ADD COLUMN extra int").unwrap();
-    let e = check(&na, &nb, "public.same", 8).await.unwrap_err();
+    let e = check(&both, "public.same", at(8)).await.unwrap_err();
     assert!(e.to_string().contains("columns differ"), "{e}");
 }
 

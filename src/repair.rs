@@ -123,7 +123,17 @@ fn resolve(o: &Selection) -> anyhow::Result<Resolved> {
         anyhow::bail!("--cut-timeout: {} is not a number of seconds from 0 to 86400", o.cut_timeout);
     }
     let cut_timeout = (!o.no_wait).then(|| Duration::from_secs_f64(o.cut_timeout));
-    Ok(Resolved { config, nodes, tables, options: CheckOptions { bits: o.bits, cut_timeout } })
+    // The appliers between the compared nodes, as the pipeline runs them.
+    let mut pipeline = config.clone();
+    pipeline.expand_mesh();
+    let mut appliers = Vec::new();
+    for t in pipeline.targets.iter().filter(|t| nodes.iter().any(|(n, _)| *n == t.name)) {
+        for s in pipeline.sources_of(t).filter(|s| nodes.iter().any(|(n, _)| *n == s.name)) {
+            appliers.push((s.name.clone(), t.name.clone()));
+        }
+    }
+    let options = CheckOptions { bits: o.bits, cut_timeout, appliers: Some(appliers) };
+    Ok(Resolved { config, nodes, tables, options })
 }
 
 /// Exit status: 0 identical, 1 differences found (like `diff`); errors are reported by the caller.
@@ -135,7 +145,7 @@ pub async fn run_check(o: Selection) -> anyhow::Result<ExitCode> {
     }
     let mut reports: Vec<Report> = Vec::new();
     for table in &r.tables {
-        reports.push(check(&nodes.iter().collect::<Vec<_>>(), table, r.options).await.map_err(with_hint)?);
+        reports.push(check(&nodes.iter().collect::<Vec<_>>(), table, &r.options).await.map_err(with_hint)?);
     }
     if o.json {
         println!("{}", serde_json::to_string_pretty(&reports)?);
@@ -178,13 +188,15 @@ pub async fn run_fix(o: FixArgs) -> anyhow::Result<ExitCode> {
         if !mesh.tables.contains(table) {
             anyhow::bail!("--table: {table} is not a mesh table (mesh.tables lists the tables repair fix can resolve)");
         }
-        let report = check(&nodes.iter().map(|n| &n.node).collect::<Vec<_>>(), table, r.options).await.map_err(with_hint)?;
+        let report =
+            check(&nodes.iter().map(|n| &n.node).collect::<Vec<_>>(), table, &r.options).await.map_err(with_hint)?;
         let fixed = if report.differing.is_empty() {
             None
         } else {
-            let info = synapse_apply::mesh::describe(nodes[0].node.client(), table, policies.get(table).unwrap_or(&none))
-                .await
-                .map_err(|e| anyhow::anyhow!("[{}] {table}: {e}\n  hint: {}", e.code(), e.hint()))?;
+            let info =
+                synapse_apply::mesh::describe(nodes[0].node.client(), table, policies.get(table).unwrap_or(&none))
+                    .await
+                    .map_err(|e| anyhow::anyhow!("[{}] {table}: {e}\n  hint: {}", e.code(), e.hint()))?;
             let keys: Vec<Vec<String>> = report.differing.iter().map(|d| d.key.clone()).collect();
             let options = FixOptions { dry_run: o.dry_run, prefer: o.prefer.clone() };
             let policies: HashMap<_, _> = policies.clone();

@@ -699,9 +699,17 @@ fn side_of(v: &RowVersion) -> Side {
     for (name, cell) in &v.cells {
         let entry = match cell {
             Cell::Value { value, at } => {
-                let mut e = json!({ "at": [at.0.wall_ms, at.0.logical, at.1 .0] });
+                // A column no write has stamped since the mesh started has no stamp, as the
+                // trigger leaves it: identical versions must be identical bytes everywhere.
+                let mut e = match *at == (Hlc::default(), NodeId(0)) {
+                    true => json!({}),
+                    false => json!({ "at": [at.0.wall_ms, at.0.logical, at.1 .0] }),
+                };
                 if !v.live {
                     e["v"] = value.clone();
+                }
+                if e.as_object().is_some_and(Map::is_empty) {
+                    continue;
                 }
                 e
             }
@@ -896,11 +904,9 @@ impl MeshBuffer {
         let side = match &row.version {
             Some(v) => Side::parse(&v.vv, v.hlc_ms, v.hlc_lc, v.node, v.live, &v.cols)
                 .map_err(|message| ApplyError::Schema { table: name.clone(), message })?,
-            None if row.values.is_some() => Side {
-                vv: [(NodeId(0), 1)].into_iter().collect(),
-                live: true,
-                ..Side::default()
-            },
+            None if row.values.is_some() => {
+                Side { vv: [(NodeId(0), 1)].into_iter().collect(), live: true, ..Side::default() }
+            }
             None => return Ok(()),
         };
         self.tables.entry(name.clone()).or_insert_with(|| info.clone());
@@ -1099,7 +1105,8 @@ pub async fn read_stored(
     let columns: Vec<Vec<String>> =
         (0..info.key.len()).map(|i| keys.iter().map(|k| k.get(i).cloned().unwrap_or_default()).collect()).collect();
     let params: Vec<&(dyn ToSql + Sync)> = columns.iter().map(|c| c as &(dyn ToSql + Sync)).collect();
-    let rows = client.query(&sql, &params).await.map_err(ApplyError::target(format!("reading rows of {}", info.name())))?;
+    let rows =
+        client.query(&sql, &params).await.map_err(ApplyError::target(format!("reading rows of {}", info.name())))?;
     for r in rows {
         let key: Vec<Option<String>> = r.get(0);
         let vals: Vec<Option<String>> = r.get::<_, Option<Vec<Option<String>>>>(1).unwrap_or_default();
@@ -1117,8 +1124,14 @@ pub async fn read_stored(
         .map_err(ApplyError::target(format!("reading row versions of {}", info.name())))?;
     for r in rows {
         let key: Vec<String> = serde_json::from_str(&r.get::<_, String>(0)).unwrap_or_default();
-        let version =
-            StoredVersion { vv: r.get(1), hlc_ms: r.get(2), hlc_lc: r.get(3), node: r.get(4), live: r.get(5), cols: r.get(6) };
+        let version = StoredVersion {
+            vv: r.get(1),
+            hlc_ms: r.get(2),
+            hlc_lc: r.get(3),
+            node: r.get(4),
+            live: r.get(5),
+            cols: r.get(6),
+        };
         // A placeholder (an applier's reservation, never written) is no metadata.
         if version.vv != "{}" {
             out.entry(key).or_default().version = Some(version);

@@ -23,11 +23,16 @@ use std::time::{Duration, Instant};
 use synapse_schemas::Lsn;
 
 /// How long a check waits for appliers to pass the cut, and whether it waits at all.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Debug)]
 pub struct CheckOptions {
     pub bits: u8,
     /// `None`: compare the snapshots as they are (changes in flight may show as drift).
     pub cut_timeout: Option<Duration>,
+    /// The appliers between the nodes, as (source, target) names, from the configuration: an
+    /// applier that has applied nothing yet has no stored position and must still be waited
+    /// for (unless no applier ever ran on its node). `None`: those whose positions the nodes
+    /// store.
+    pub appliers: Option<Vec<(String, String)>>,
 }
 
 /// How one key differs between the nodes.
@@ -64,7 +69,7 @@ pub struct Report {
 /// Compares `table` on every node of `nodes`: digests in one snapshot per node (all at once),
 /// node 0's tree against each other's top-down, the rows of differing buckets, then the cut.
 /// Reads only (the cut markers are WAL messages, no table changes).
-pub async fn check(nodes: &[&Node], table: &str, options: CheckOptions) -> Result<Report, RepairError> {
+pub async fn check(nodes: &[&Node], table: &str, options: &CheckOptions) -> Result<Report, RepairError> {
     let names: Vec<String> = nodes.iter().map(|n| n.name.clone()).collect();
     // One after the other: a table missing everywhere is reported for the first node.
     let mut shapes = Vec::with_capacity(nodes.len());
@@ -93,8 +98,7 @@ pub async fn check(nodes: &[&Node], table: &str, options: CheckOptions) -> Resul
         compared += c;
     }
     let differing: Vec<usize> = differing.into_iter().collect();
-    let snapshot =
-        try_join_all(nodes.iter().zip(&shapes).map(|(n, s)| n.rows_in(s, options.bits, &differing))).await?;
+    let snapshot = try_join_all(nodes.iter().zip(&shapes).map(|(n, s)| n.rows_in(s, options.bits, &differing))).await?;
     try_join_all(nodes.iter().map(|n| n.end())).await?;
     let candidates: Vec<Key> = disagreeing(&snapshot);
 
@@ -102,7 +106,7 @@ pub async fn check(nodes: &[&Node], table: &str, options: CheckOptions) -> Resul
     let mut now = snapshot.clone();
     if let (Some(timeout), false) = (options.cut_timeout, candidates.is_empty()) {
         let started = Instant::now();
-        cut = wait_for_cut(nodes, timeout).await?;
+        cut = wait_for_cut(nodes, options.appliers.as_deref(), timeout).await?;
         cut_ms = started.elapsed().as_millis() as u64;
         now = try_join_all(nodes.iter().zip(&shapes).map(|(n, s)| n.rows_by_key(s, &candidates))).await?;
         changing = candidates
@@ -157,27 +161,46 @@ fn describe_key(names: &[String], rows: &[Rows], key: &Key) -> KeyDiff {
 
 /// Writes a marker on every node, then waits until each node's applier of every other node
 /// has applied past that node's marker. Returns the appliers waited for.
-async fn wait_for_cut(nodes: &[&Node], timeout: Duration) -> Result<Vec<String>, RepairError> {
+async fn wait_for_cut(
+    nodes: &[&Node],
+    appliers: Option<&[(String, String)]>,
+    timeout: Duration,
+) -> Result<Vec<String>, RepairError> {
     let marks: Vec<Lsn> = try_join_all(nodes.iter().map(|n| n.mark_cut())).await?;
+    let index = |name: &str| nodes.iter().position(|n| n.name == name);
     let started = Instant::now();
-    let mut waited = BTreeSet::new();
     loop {
         let positions = try_join_all(nodes.iter().map(|n| n.applied())).await?;
-        let mut behind = Vec::new();
-        for (node, applied) in nodes.iter().zip(&positions) {
-            for (source, at) in applied {
-                let Some(i) = nodes.iter().position(|n| &n.name == source) else { continue };
-                if nodes[i].name == node.name {
-                    continue;
-                }
-                waited.insert(format!("{source}→{}", node.name));
-                if *at < marks[i] {
-                    behind.push(format!("{source}→{} at {at}, cut at {}", node.name, marks[i]));
+        // (source, target) → applied position; a configured applier without one is at 0.
+        let mut at: BTreeMap<(usize, usize), Lsn> = BTreeMap::new();
+        for (t, applied) in positions.iter().enumerate() {
+            for (source, lsn) in applied.iter().flatten() {
+                if let Some(s) = index(source).filter(|s| *s != t) {
+                    at.insert((s, t), *lsn);
                 }
             }
         }
+        if let Some(pairs) = appliers {
+            at.retain(|(s, t), _| pairs.iter().any(|(ps, pt)| index(ps) == Some(*s) && index(pt) == Some(*t)));
+            for (ps, pt) in pairs {
+                // Only where appliers have run: a node that never ran one has nothing in flight.
+                if let (Some(s), Some(t)) = (index(ps), index(pt)) {
+                    if positions[t].is_some() {
+                        at.entry((s, t)).or_insert(Lsn(0));
+                    }
+                }
+            }
+        }
+        let behind: Vec<String> = at
+            .iter()
+            .filter(|((s, _), lsn)| **lsn < marks[*s])
+            .map(|((s, t), lsn)| format!("{}→{} at {lsn}, cut at {}", nodes[*s].name, nodes[*t].name, marks[*s]))
+            .collect();
         if behind.is_empty() {
-            return Ok(waited.into_iter().collect());
+            let mut waited: Vec<String> =
+                at.keys().map(|(s, t)| format!("{}→{}", nodes[*s].name, nodes[*t].name)).collect();
+            waited.sort();
+            return Ok(waited);
         }
         if started.elapsed() >= timeout {
             return Err(RepairError::Cut { waited: timeout, behind });

@@ -45,14 +45,14 @@ pub struct FixNode {
 impl FixNode {
     pub async fn connect(name: &str, id: NodeId, config: &tokio_postgres::Config) -> Result<FixNode, RepairError> {
         let node = Node::connect(name, config).await?;
-        let apply = |source| RepairError::Apply { node: name.to_owned(), source };
+        let apply = |source| RepairError::Apply { node: name.to_owned(), source: Box::new(source) };
         let writer = synapse_apply::connect_target(config).await.map_err(apply)?;
         synapse_apply::replica_session(&writer, REPAIR_ORIGIN).await.map_err(apply)?;
         Ok(FixNode { node, id, writer })
     }
 
     fn apply_error(&self) -> impl FnOnce(synapse_apply::ApplyError) -> RepairError + '_ {
-        move |source| RepairError::Apply { node: self.node.name.clone(), source }
+        move |source| RepairError::Apply { node: self.node.name.clone(), source: Box::new(source) }
     }
 }
 
@@ -126,7 +126,11 @@ pub async fn fix(
     for n in nodes {
         let ended = n.writer.batch_execute(end).await;
         if let (Err(source), Ok(_)) = (ended, &outcome) {
-            return Err(RepairError::Node { node: n.node.name.clone(), context: format!("{end} of the repair"), source });
+            return Err(RepairError::Node {
+                node: n.node.name.clone(),
+                context: format!("{end} of the repair"),
+                source,
+            });
         }
     }
     let (changes, unresolved, buried) = outcome?;
@@ -151,7 +155,8 @@ async fn fix_in_transactions(
     keys: &[Key],
     prefer: Option<usize>,
 ) -> Result<Outcome, RepairError> {
-    let mut statements: Vec<HashMap<String, tokio_postgres::Statement>> = nodes.iter().map(|_| HashMap::new()).collect();
+    let mut statements: Vec<HashMap<String, tokio_postgres::Statement>> =
+        nodes.iter().map(|_| HashMap::new()).collect();
     let mut conflicts = vec![0u64; nodes.len()];
     let mut buried = vec![0u64; nodes.len()];
     let before = read_all(nodes, info, keys).await?;
@@ -179,8 +184,12 @@ async fn fix_in_transactions(
         }
         _ => {
             for k in stuck {
-                let holders: Vec<&str> =
-                    nodes.iter().zip(&after).filter(|(_, s)| s.contains_key(k)).map(|(n, _)| n.node.name.as_str()).collect();
+                let holders: Vec<&str> = nodes
+                    .iter()
+                    .zip(&after)
+                    .filter(|(_, s)| s.contains_key(k))
+                    .map(|(n, _)| n.node.name.as_str())
+                    .collect();
                 unresolved.push(Unresolved {
                     key: k.clone(),
                     reason: format!(
@@ -200,7 +209,11 @@ async fn fix_in_transactions(
 }
 
 /// Each node's rows and metadata of `keys`, read in its repair transaction.
-async fn read_all(nodes: &[FixNode], info: &MeshTable, keys: &[Key]) -> Result<Vec<BTreeMap<Key, StoredRow>>, RepairError> {
+async fn read_all(
+    nodes: &[FixNode],
+    info: &MeshTable,
+    keys: &[Key],
+) -> Result<Vec<BTreeMap<Key, StoredRow>>, RepairError> {
     let mut out = Vec::with_capacity(nodes.len());
     for n in nodes {
         out.push(read_stored(&n.writer, info, keys).await.map_err(n.apply_error())?);
@@ -257,7 +270,12 @@ async fn exchange(
 
 /// Records a new local write of node `p` for each key: its version then covers every node's
 /// (they all hold the same one here), so p's row — or p's absence of it — wins everywhere.
-async fn restamp(p: &FixNode, info: &MeshTable, rows: &BTreeMap<Key, StoredRow>, keys: &[Key]) -> Result<(), RepairError> {
+async fn restamp(
+    p: &FixNode,
+    info: &MeshTable,
+    rows: &BTreeMap<Key, StoredRow>,
+    keys: &[Key],
+) -> Result<(), RepairError> {
     let columns: Vec<String> = info.columns.iter().map(|(c, _)| c.clone()).collect();
     for key in keys {
         let live = rows.get(key).is_some_and(|r| r.values.is_some());

@@ -61,7 +61,7 @@ pub enum RepairError {
     Apply {
         node: String,
         #[source]
-        source: synapse_apply::ApplyError,
+        source: Box<synapse_apply::ApplyError>,
     },
 }
 

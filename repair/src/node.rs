@@ -11,8 +11,8 @@
 
 use crate::{Buckets, RepairError};
 use std::collections::BTreeMap;
-use synapse_schemas::Lsn;
 use synapse_schemas::quote_ident;
+use synapse_schemas::Lsn;
 use tokio_postgres::{Client, NoTls};
 
 /// Session settings that make text output the same on every node.
@@ -222,24 +222,23 @@ impl Node {
         Ok(row.get::<_, String>(0).parse().unwrap_or(Lsn(0)))
     }
 
-    /// Positions this node's appliers have applied, by source node (none if it applies
-    /// nothing): the commit position of each source's last applied transaction.
-    pub async fn applied(&self) -> Result<Vec<(String, Lsn)>, RepairError> {
-        let rows = self
-            .client
-            .query(
-                "SELECT source_node, commit_lsn::text FROM synapse.applied
-                 WHERE to_regclass('synapse.applied') IS NOT NULL",
-                &[],
-            )
-            .await;
+    /// Positions this node's appliers have applied, by source node: the commit position of
+    /// each source's last applied transaction. `None`: no applier ever ran on this node.
+    pub async fn applied(&self) -> Result<Option<Vec<(String, Lsn)>>, RepairError> {
+        let rows = self.client.query("SELECT source_node, commit_lsn::text FROM synapse.applied", &[]).await;
         let rows = match rows {
             Ok(rows) => rows,
             // No such table: this node applies nothing.
-            Err(e) if e.code() == Some(&tokio_postgres::error::SqlState::UNDEFINED_TABLE) => return Ok(Vec::new()),
-            Err(e) => return Err(RepairError::Node { node: self.name.clone(), context: "reading applied positions".into(), source: e }),
+            Err(e) if e.code() == Some(&tokio_postgres::error::SqlState::UNDEFINED_TABLE) => return Ok(None),
+            Err(e) => {
+                return Err(RepairError::Node {
+                    node: self.name.clone(),
+                    context: "reading applied positions".into(),
+                    source: e,
+                })
+            }
         };
-        Ok(rows.into_iter().map(|r| (r.get(0), r.get::<_, String>(1).parse().unwrap_or(Lsn(0)))).collect())
+        Ok(Some(rows.into_iter().map(|r| (r.get(0), r.get::<_, String>(1).parse().unwrap_or(Lsn(0)))).collect()))
     }
 }
 
@@ -274,4 +273,3 @@ impl Shape {
         format!("hash_record_extended({}, 1)", self.all_row)
     }
 }
-

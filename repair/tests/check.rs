@@ -31,7 +31,7 @@ fn keys(r: &Report) -> Vec<(String, Vec<&str>, usize)> {
 
 /// Nodes that run no pipeline: nothing is in flight, no cut to wait for.
 fn at(bits: u8) -> CheckOptions {
-    CheckOptions { bits, cut_timeout: Some(std::time::Duration::from_secs(5)) }
+    CheckOptions { bits, cut_timeout: Some(std::time::Duration::from_secs(5)), appliers: None }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -66,7 +66,7 @@ async fn check_finds_exactly_the_diverged_keys() {
     let url = |n: &LocalCluster| n.url("app").parse::<tokio_postgres::Config>().unwrap();
     let (na, nb) = (Node::connect("a", &url(&a)).await.unwrap(), Node::connect("b", &url(&b)).await.unwrap());
     let both = [&na, &nb];
-    let report = check(&both, "public.items", at(12)).await.unwrap();
+    let report = check(&both, "public.items", &at(12)).await.unwrap();
     let (a_only, b_only) = (vec!["b"], vec!["a"]);
     let mut expected: Vec<(String, Vec<&str>, usize)> = Vec::new();
     for k in [9, 19999] {
@@ -97,7 +97,7 @@ async fn check_finds_exactly_the_diverged_keys() {
     );
 
     // A composite key, a NULL that became an empty string.
-    let report = check(&both, "public.pairs", at(4)).await.unwrap();
+    let report = check(&both, "public.pairs", &at(4)).await.unwrap();
     assert_eq!(keys(&report), [("k4,4".to_string(), vec![], 2)], "key columns in key order (k2, k1)");
 
     // Equal tables: one comparison, nothing fetched.
@@ -111,18 +111,18 @@ async fn check_finds_exactly_the_diverged_keys() {
         "CREATE TABLE same AS SELECT g AS id FROM generate_series(1, 100) g; ALTER TABLE same ADD PRIMARY KEY (id)",
     )
     .unwrap();
-    let report = check(&both, "public.same", at(8)).await.unwrap();
+    let report = check(&both, "public.same", &at(8)).await.unwrap();
     assert_eq!((report.compared, report.differing.len()), (1, 0));
 
     // Bad requests name the table and the node.
-    let e = check(&both, "public.missing", at(8)).await.unwrap_err();
+    let e = check(&both, "public.missing", &at(8)).await.unwrap_err();
     assert_eq!(e.to_string(), "table public.missing: it does not exist on node a");
     a.psql("app", "CREATE TABLE nokey (v int)").unwrap();
     b.psql("app", "CREATE TABLE nokey (v int)").unwrap();
-    let e = check(&both, "public.nokey", at(8)).await.unwrap_err();
+    let e = check(&both, "public.nokey", &at(8)).await.unwrap_err();
     assert!(e.to_string().contains("no primary key on node a"), "{e}");
     b.psql("app", "ALTER TABLE same ADD COLUMN extra int").unwrap();
-    let e = check(&both, "public.same", at(8)).await.unwrap_err();
+    let e = check(&both, "public.same", &at(8)).await.unwrap_err();
     assert!(e.to_string().contains("columns differ"), "{e}");
 }
 

@@ -1,6 +1,8 @@
 //! Shared helpers of the `synapse` binary's integration tests: real clusters, the real binary.
 #![allow(clippy::unwrap_used, dead_code)] // a failed setup step should fail the test loudly
 
+pub mod mesh;
+
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;

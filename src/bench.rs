@@ -9,6 +9,7 @@
 //! | P7 | peak RSS while one ~1 GB transaction flows through (goal < 256 MB) | pg_recvlogical peak RSS |
 //! | P8 | initial copy of the P1 table into an empty target | COPY TO STDOUT piped into COPY FROM STDIN |
 //! | P2M | P2's transactions written a third on each of three mesh nodes, cold catch-up (see bench_mesh.rs) | publication/subscription one way; SynapseDB one way |
+//! | P5 | `repair check` of 1M rows on two nodes with 99 differences: time and bytes on the wire (see bench_repair.rs) | pg_comparator; reladiff |
 //! | P6 | webhook delivery: events/s batched and per key, commit → delivery p99 (see bench_delivery.rs) | plain HTTP client; pg_recvlogical |
 //!
 //! Pausing (P1, P2) is the same for both: a lock on the target table holds each applier back
@@ -64,8 +65,8 @@ pub struct Options {
     /// P1/P2: keep synapse stopped during the workload and time it from process start.
     #[arg(long)]
     pub cold_start: bool,
-    /// Scenarios to run (comma-separated): P1,P2,P3,P7,P8 run together; P2M and P6 alone.
-    #[arg(long, value_delimiter = ',', default_value = "P1,P2,P3,P7,P8,P2M,P6")]
+    /// Scenarios to run (comma-separated): P1,P2,P3,P7,P8 run together; P2M, P5 and P6 alone.
+    #[arg(long, value_delimiter = ',', default_value = "P1,P2,P3,P7,P8,P2M,P5,P6")]
     pub scenarios: Vec<String>,
     /// Events captured and delivered in P6.
     #[arg(long, default_value_t = 200_000)]
@@ -91,6 +92,8 @@ impl Row {
             "P3" => self.ratio() >= 0.8,
             "P8" => self.ratio() >= 0.9,
             "P7" => self.synapse < 256.0,
+            "P5" => self.ratio() >= 3.0,
+            "P5b" => self.synapse <= 1.0,
             "P6a" => self.synapse >= 50_000.0,
             "P6b" => self.synapse >= 10_000.0,
             "P6c" => self.synapse < 50.0,
@@ -671,6 +674,55 @@ pub async fn run(o: Options) -> anyhow::Result<()> {
                 goal: "—".into(),
             });
         }
+        if want("P5") {
+            let work = tempfile::tempdir()?;
+            let p = crate::bench_repair::run(o.rows, work.path()).await?;
+            let pct = |bytes: u64| bytes as f64 * 100.0 / p.table_bytes as f64;
+            let show = |name: &str, r: &Result<crate::bench_repair::ToolRun, String>| match r {
+                Ok(r) => format!(
+                    "{name} {:.2}s, {:.0} KiB ({:.3}% of the table), {} keys",
+                    r.secs,
+                    r.bytes as f64 / 1024.0,
+                    pct(r.bytes),
+                    r.found
+                ),
+                Err(e) => format!("{name}: {e}"),
+            };
+            notes.push(format!(
+                "P5 round {}: {} rows, table {:.0} MiB, 99 rows differ — synapse repair check {:.2}s, {:.0} KiB ({:.3}% of the table), {} keys; {}; {}",
+                round + 1,
+                p.rows,
+                p.table_bytes as f64 / 1048576.0,
+                p.synapse.secs,
+                p.synapse.bytes as f64 / 1024.0,
+                pct(p.synapse.bytes),
+                p.synapse.found,
+                show("pg_comparator", &p.pg_comparator),
+                show("reladiff", &p.reladiff),
+            ));
+            if p.synapse.found != 99 {
+                anyhow::bail!("P5: synapse repair check found {} differing keys, not 99", p.synapse.found);
+            }
+            let baseline = p.pg_comparator.as_ref().map_or(f64::NAN, |r| r.secs);
+            rows.push(Row {
+                id: "P5",
+                what: format!("repair check {} rows, 99 differ", p.rows),
+                synapse: p.synapse.secs,
+                baseline,
+                unit: "s (baseline pg_comparator)",
+                higher_is_better: false,
+                goal: "≥ 3×".into(),
+            });
+            rows.push(Row {
+                id: "P5b",
+                what: "repair check bytes on the wire".into(),
+                synapse: pct(p.synapse.bytes),
+                baseline: p.pg_comparator.as_ref().map_or(f64::NAN, |r| pct(r.bytes)),
+                unit: "% of table (baseline pg_comparator)",
+                higher_is_better: false,
+                goal: "≤ 1%".into(),
+            });
+        }
         if want("P6") {
             let p = crate::bench_delivery::run(o.p6_events).await?;
             notes.push(format!(
@@ -744,6 +796,6 @@ pub async fn run(o: Options) -> anyhow::Result<()> {
     for n in &notes {
         println!("{n}");
     }
-    println!("\nbaselines: P1/P2 PostgreSQL publication/subscription (apply worker held by a table lock); P2c/P2M publication/subscription one way, disabled during the workload (PostgreSQL 15 cannot replicate both ways without loops); P3/P7 pg_recvlogical to /dev/null; P8 psql COPY | psql COPY; P6a/b the same bodies POSTed by a plain HTTP client (same batch and concurrency, unsigned, unordered); P6c pg_recvlogical (test_decoding) commit → COMMIT line.");
+    println!("\nbaselines: P1/P2 PostgreSQL publication/subscription (apply worker held by a table lock); P2c/P2M publication/subscription one way, disabled during the workload (PostgreSQL 15 cannot replicate both ways without loops); P3/P7 pg_recvlogical to /dev/null; P5 pg_comparator 2.3 (pgcmp extension, --no-lock), reladiff in the notes; P8 psql COPY | psql COPY; P6a/b the same bodies POSTed by a plain HTTP client (same batch and concurrency, unsigned, unordered); P6c pg_recvlogical (test_decoding) commit → COMMIT line.");
     Ok(())
 }

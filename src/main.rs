@@ -3,6 +3,7 @@
 mod bench;
 mod bench_delivery;
 mod bench_mesh;
+mod bench_repair;
 mod config;
 mod doctor;
 mod ops;

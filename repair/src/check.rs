@@ -2,8 +2,9 @@
 //! told apart from drift.
 //!
 //! ```text
-//!  every node: one read-only snapshot ─▶ bucket digests ─▶ trees: node 0 vs each other
-//!              └─ rows of the differing buckets (key, row hash)      ─▶ candidate keys
+//!  every node: one snapshot ─▶ bucket digests ─▶ trees (merkle_light): node 0 vs each other
+//!              └─ differing buckets' rows staged: sub-bucket digests ─▶ differing sub-buckets
+//!                 └─ their rows (key, row hash)                        ─▶ candidate keys
 //!  cut: a marker in every node's WAL; wait until every applier between the nodes applied it
 //!  re-read the candidates by key ─▶ unchanged everywhere since the snapshot: drift
 //!                                   changed somewhere: in flight (not reported as drift)
@@ -21,6 +22,9 @@ use futures_util::future::try_join_all;
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, Instant};
 use synapse_schemas::Lsn;
+
+/// Sub-buckets per differing bucket: 2^5, so ~8 rows each at the default ~250 rows a bucket.
+const SUB_BUCKET_BITS: u8 = 5;
 
 /// How long a check waits for appliers to pass the cut, and whether it waits at all.
 #[derive(Clone, Debug)]
@@ -87,8 +91,10 @@ pub async fn check(nodes: &[&Node], table: &str, options: &CheckOptions) -> Resu
             });
         }
     }
+    let t0 = Instant::now();
     try_join_all(nodes.iter().map(|n| n.begin())).await?;
     let digests = try_join_all(nodes.iter().zip(&shapes).map(|(n, s)| n.digests(s, options.bits))).await?;
+    let t_digests = t0.elapsed();
     let first = DigestTree::build(&digests[0]);
     let mut differing = BTreeSet::new();
     let mut compared = 0;
@@ -98,8 +104,23 @@ pub async fn check(nodes: &[&Node], table: &str, options: &CheckOptions) -> Resu
         compared += c;
     }
     let differing: Vec<usize> = differing.into_iter().collect();
-    let snapshot = try_join_all(nodes.iter().zip(&shapes).map(|(n, s)| n.rows_in(s, options.bits, &differing))).await?;
+    // Within differing buckets: sub-bucket digests first, then rows of differing sub-buckets.
+    let fine = options.bits.saturating_add(SUB_BUCKET_BITS).min(40);
+    let staged =
+        try_join_all(nodes.iter().zip(&shapes).map(|(n, s)| n.stage(s, options.bits, fine, &differing))).await?;
+    let t_staged = t0.elapsed();
+    let subs: BTreeSet<usize> = staged.iter().flat_map(|m| m.keys().copied()).collect();
+    let differing_subs: Vec<usize> =
+        subs.into_iter().filter(|b| staged.windows(2).any(|w| w[0].get(b) != w[1].get(b))).collect();
+    let snapshot = try_join_all(nodes.iter().zip(&shapes).map(|(n, s)| n.staged_rows(s, &differing_subs))).await?;
     try_join_all(nodes.iter().map(|n| n.end())).await?;
+    tracing::debug!(
+        table,
+        digests_ms = t_digests.as_millis() as u64,
+        staged_ms = t_staged.as_millis() as u64,
+        rows_ms = t0.elapsed().as_millis() as u64,
+        "snapshot phases (cumulative)"
+    );
     let candidates: Vec<Key> = disagreeing(&snapshot);
 
     let (mut cut, mut cut_ms, mut changing) = (Vec::new(), 0, Vec::new());

@@ -1,13 +1,21 @@
 //! One node's side of a check, computed inside PostgreSQL: only bucket digests and the rows of
 //! differing buckets cross the network.
 //!
-//! A row's hash is `hash_record_extended` over its columns — each type's own hash, so values
-//! compare by their type's equality (`numeric` 1.0 = 1.00, a `jsonb` written in another key
-//! order is equal), without printing them; a column whose type has no hash function (`json`,
-//! `point`…) is hashed by its text under fixed session settings (ISO dates in UTC, shortest
-//! exact floats, hex bytea). Per bucket the node sums the 64-bit hashes and counts the rows; the
-//! bucket is the top bits of the key's hash. All built in (PostgreSQL 14 or later): every node
-//! computes them alike, with no extension, in one scan that prints nothing.
+//! A row's hash mixes each column's hash by its type's own extended hash function (the one
+//! hash partitioning uses: `hashint8extended`, `hashtextextended`, `jsonb_hash_extended`…), so
+//! values compare by their type's equality (`numeric` 1.0 = 1.00, a `jsonb` written in another
+//! key order is equal) without printing them; a column whose type has none (`json`, `point`,
+//! arrays…) is hashed by its text under fixed session settings (ISO dates in UTC, shortest exact
+//! floats, hex bytea). Each column has its own seed and NULL its own constant; the XOR of the
+//! columns is mixed once more so values cannot cancel across rows. That is ~3× cheaper per row
+//! than `hash_record_extended` over the row (measured: 1M rows, 4,096 buckets, 180–250 ms vs
+//! 470–670 ms). Per bucket the node sums the 64-bit hashes (mod 2^64) and counts the rows; the
+//! bucket is the top bits of the key's hash.
+//!
+//! Bytes on the wire: the coarse digests travel packed (20 bytes a bucket, one value); for the
+//! buckets that differ, the node keeps (sub-bucket, key, hash) of their rows in a temporary
+//! table during the snapshot, sends sub-bucket digests, and then only the rows of differing
+//! sub-buckets. Two scans of the table in all, whatever the difference.
 
 use crate::{Buckets, RepairError};
 use std::collections::BTreeMap;
@@ -16,8 +24,9 @@ use synapse_schemas::Lsn;
 use tokio_postgres::{Client, NoTls};
 
 /// Session settings that make text output the same on every node.
+/// JIT off: compiling costs ~40 ms a query here and buys nothing on these short expressions.
 const SESSION: &str = "SET DateStyle = 'ISO, YMD'; SET TimeZone = 'UTC'; SET IntervalStyle = 'postgres';
-    SET extra_float_digits = 1; SET bytea_output = 'hex';";
+    SET extra_float_digits = 1; SET bytea_output = 'hex'; SET jit = off;";
 
 /// A connection to one node of a check.
 pub struct Node {
@@ -46,11 +55,15 @@ impl Node {
         move |source| RepairError::Node { node: self.name.clone(), context, source }
     }
 
-    /// Starts the snapshot the digests and the rows are read in (read-only, repeatable read:
-    /// rows fetched for differing buckets are the rows the digests summed).
+    /// Starts the snapshot the digests and the rows are read in (repeatable read: rows fetched
+    /// for differing buckets are the rows the digests summed). Not READ ONLY only because the
+    /// rows of differing buckets are staged in a temporary table; no table is written.
     pub(crate) async fn begin(&self) -> Result<(), RepairError> {
         self.client
-            .batch_execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
+            // The planner cannot know a bucket expression has at most 2^bits values: it
+            // estimates one group per row and sorts the table (spilling to disk) where a hash
+            // aggregate of a few thousand groups is 1.5–2× faster (measured, 1M rows).
+            .batch_execute("BEGIN ISOLATION LEVEL REPEATABLE READ; SET LOCAL enable_sort = off")
             .await
             .map_err(self.fail("starting a snapshot".into()))
     }
@@ -69,11 +82,14 @@ impl Node {
                 "SELECT a.attname::text, format_type(a.atttypid, a.atttypmod),
                         -- int2vector subscripts start at 0: position + 1, 0 for non-key columns
                         coalesce(array_position(i.indkey::int2[], a.attnum) - array_lower(i.indkey::int2[], 1) + 1, 0),
-                        -- a default hash operator class for the type (or an array's element type)
-                        EXISTS (SELECT 1 FROM pg_opclass oc JOIN pg_am am ON am.oid = oc.opcmethod
-                                JOIN pg_type ty ON ty.oid = a.atttypid
-                                WHERE am.amname = 'hash' AND oc.opcdefault
-                                  AND oc.opcintype = CASE WHEN ty.typcategory = 'A' THEN ty.typelem ELSE ty.oid END)
+                        -- the extended hash function of the type's default hash operator class
+                        (SELECT p.amproc::regproc::text || '|' || pr.proargtypes[0]::regtype::text FROM pg_opclass oc
+                                JOIN pg_proc pr ON true
+                                JOIN pg_am am ON am.oid = oc.opcmethod AND am.amname = 'hash'
+                                JOIN pg_amproc p ON p.amprocfamily = oc.opcfamily AND p.amprocnum = 2
+                                 AND p.amproclefttype = oc.opcintype AND p.amprocrighttype = oc.opcintype
+                         WHERE oc.opcdefault AND oc.opcintype = a.atttypid AND pr.oid = p.amproc
+                           AND pr.proargtypes[0] = a.atttypid LIMIT 1)
                  FROM pg_attribute a
                  JOIN pg_class c ON c.oid = a.attrelid JOIN pg_namespace n ON n.oid = c.relnamespace
                  LEFT JOIN pg_index i ON i.indrelid = c.oid AND i.indisprimary
@@ -88,11 +104,11 @@ impl Node {
         }
         let mut key: Vec<(i32, String, String)> = Vec::new();
         let mut columns = Vec::new();
-        let mut hashable = std::collections::HashSet::new();
+        let mut hash_fn = std::collections::HashMap::new();
         for r in rows {
-            let (col, ty, pos, h): (String, String, i32, bool) = (r.get(0), r.get(1), r.get(2), r.get(3));
-            if h {
-                hashable.insert(col.clone());
+            let (col, ty, pos, h): (String, String, i32, Option<String>) = (r.get(0), r.get(1), r.get(2), r.get(3));
+            if let Some(f) = h {
+                hash_fn.insert(col.clone(), f);
             }
             if pos > 0 {
                 key.push((pos, col, ty));
@@ -107,16 +123,25 @@ impl Node {
         let key_types: Vec<String> = key.iter().map(|(_, _, t)| t.clone()).collect();
         let key: Vec<String> = key.into_iter().map(|(_, c, _)| c).collect();
         let all: Vec<String> = key.iter().chain(&columns).cloned().collect();
-        let hashed = |cols: &[String]| {
-            let items: Vec<String> = cols
-                .iter()
-                .map(|c| match hashable.contains(c) {
-                    true => format!("t.{}", quote_ident(c)),
-                    false => format!("t.{}::text", quote_ident(c)),
+        // Column i hashed with seed `base + i`; NULL hashes to the seed itself.
+        let hashed = |cols: &[String], base: usize| -> Vec<String> {
+            cols.iter()
+                .enumerate()
+                .map(|(i, c)| {
+                    let seed = base + i;
+                    // Only a function taking exactly this type (timestamptz and date are served
+                    // by timestamp's and int4's, binary-coercible but not castable): else text.
+                    let (f, arg) =
+                        hash_fn.get(c).and_then(|f: &String| f.split_once('|')).unwrap_or(("hashtextextended", "text"));
+                    format!("coalesce({f}(t.{}::{arg}, {seed}::int8), {seed}::int8)", quote_ident(c))
                 })
-                .collect();
-            format!("ROW({})", items.join(", "))
+                .collect()
         };
+        let key_hash = match (key.as_slice(), key.first().and_then(|k| hash_fn.get(k)?.split_once('|'))) {
+            ([k], Some((f, arg))) => format!("{f}(t.{}::{arg}, 0::int8)", quote_ident(k)),
+            _ => format!("hashint8extended({}, 0::int8)", hashed(&key, 101).join(" # ")),
+        };
+        let row_hash = format!("hashint8extended({}, 0::int8)", hashed(&all, 1).join(" # "));
         Ok(Shape {
             name: name.to_owned(),
             from: format!("{}.{} t", quote_ident(schema), quote_ident(table)),
@@ -131,51 +156,81 @@ impl Node {
                 .map(|(i, (c, ty))| format!("t.{} = u.k{i}::{ty}", quote_ident(c)))
                 .collect::<Vec<_>>()
                 .join(" AND "),
-            key_row: hashed(&key),
-            all_row: hashed(&all),
+            key_hash,
+            row_hash,
             columns: all,
         })
     }
 
-    /// The table's bucket digests, aggregated by the node.
+    /// The table's bucket digests, aggregated by the node and sent packed.
     pub async fn digests(&self, shape: &Shape, bits: u8) -> Result<Buckets, RepairError> {
         let n = Buckets::new(bits)?.len();
         let sql = format!(
-            "SELECT b::int8, count(*)::int8, sum(h)::text
-             FROM (SELECT {bucket} AS b, {hash} AS h FROM {from}) s GROUP BY b",
+            "SELECT {PACKED} FROM (SELECT b, count(*) AS n, sum(h) AS s
+             FROM (SELECT {bucket} AS b, {hash} AS h FROM {from}) r GROUP BY b) g",
             bucket = shape.bucket(bits),
             hash = shape.row_hash(),
             from = shape.from,
         );
-        let rows = self.client.query(&sql, &[]).await.map_err(self.fail(format!("digesting {}", shape.name)))?;
+        let row = self.client.query_one(&sql, &[]).await.map_err(self.fail(format!("digesting {}", shape.name)))?;
         let (mut sums, mut counts) = (vec![0u64; n], vec![0u64; n]);
-        for r in rows {
-            let b = usize::try_from(r.get::<_, i64>(0)).unwrap_or(usize::MAX);
-            let (Some(sum), Some(count)) = (sums.get_mut(b), counts.get_mut(b)) else { continue };
-            *count = r.get::<_, i64>(1) as u64;
-            // A sum of up to 2^63 signed hashes fits i128; only its value mod 2^64 matters.
-            *sum = r.get::<_, String>(2).parse::<i128>().unwrap_or_default() as u64;
+        for (b, count, sum) in unpack(row.get(0)) {
+            if let (Some(s), Some(c)) = (sums.get_mut(b), counts.get_mut(b)) {
+                (*s, *c) = (sum, count);
+            }
         }
         Buckets::from_sums(bits, sums, counts)
     }
 
-    /// The rows of the given buckets: row hash by key.
-    pub async fn rows_in(&self, shape: &Shape, bits: u8, buckets: &[usize]) -> Result<Rows, RepairError> {
-        if buckets.is_empty() {
-            return Ok(Rows::new());
-        }
-        let wanted: Vec<i64> = buckets.iter().map(|b| *b as i64).collect();
-        // A join, not `= ANY`: the bucket list is hashed once instead of searched per row.
+    /// Stages the rows of the given (coarse) buckets in a temporary table, each under its
+    /// sub-bucket of `fine` bits, and returns the sub-bucket digests: (sub-bucket → (rows,
+    /// sum)). Within the snapshot; the table goes with it.
+    pub async fn stage(
+        &self,
+        shape: &Shape,
+        bits: u8,
+        fine: u8,
+        buckets: &[usize],
+    ) -> Result<BTreeMap<usize, (u64, u64)>, RepairError> {
+        let list = buckets.iter().map(usize::to_string).collect::<Vec<_>>().join(",");
+        // CREATE TABLE AS takes no parameters: the list is numbers we format ourselves.
         let sql = format!(
-            "SELECT {key}, {hash} FROM {from} JOIN unnest($1::int8[]) AS u(b) ON u.b = {bucket}",
+            "DROP TABLE IF EXISTS synapse_repair_rows;
+             CREATE TEMP TABLE synapse_repair_rows ON COMMIT DROP AS
+             SELECT {fine_bucket} AS b, {key} AS k, {hash} AS h FROM {from}
+             JOIN unnest('{{{list}}}'::int8[]) AS u(b) ON u.b = {bucket}",
+            fine_bucket = shape.bucket(fine),
             key = shape.key_text,
             hash = shape.row_hash(),
             from = shape.from,
             bucket = shape.bucket(bits),
         );
+        self.client
+            .batch_execute(&sql)
+            .await
+            .map_err(self.fail(format!("reading differing rows of {}", shape.name)))?;
+        let row = self
+            .client
+            .query_one(
+                &format!(
+                    "SELECT {PACKED} FROM (SELECT b, count(*) AS n, sum(h) AS s FROM synapse_repair_rows GROUP BY b) g"
+                ),
+                &[],
+            )
+            .await
+            .map_err(self.fail(format!("digesting differing buckets of {}", shape.name)))?;
+        Ok(unpack(row.get(0)).map(|(b, n, s)| (b, (n, s))).collect())
+    }
+
+    /// The staged rows of the given sub-buckets: row hash by key.
+    pub async fn staged_rows(&self, shape: &Shape, fine_buckets: &[usize]) -> Result<Rows, RepairError> {
+        if fine_buckets.is_empty() {
+            return Ok(Rows::new());
+        }
+        let wanted: Vec<i64> = fine_buckets.iter().map(|b| *b as i64).collect();
         let rows = self
             .client
-            .query(&sql, &[&wanted])
+            .query("SELECT k, h FROM synapse_repair_rows WHERE b = ANY($1)", &[&wanted])
             .await
             .map_err(self.fail(format!("reading differing rows of {}", shape.name)))?;
         Ok(rows.into_iter().map(|r| (r.get(0), r.get(1))).collect())
@@ -242,6 +297,17 @@ impl Node {
     }
 }
 
+/// Per bucket `b`, `n` rows and `s` their hashes' sum (numeric) as 20 bytes — b (4), n (8),
+/// s mod 2^64 (8), big-endian — all buckets in one bytea: a few bytes a bucket on the wire.
+const PACKED: &str = "coalesce(string_agg(int4send(b::int4) || int8send(n) || int8send((s - floor((s + 9223372036854775808) / 18446744073709551616) * 18446744073709551616)::int8), ''::bytea ORDER BY b), ''::bytea)";
+
+fn unpack(bytes: Vec<u8>) -> impl Iterator<Item = (usize, u64, u64)> {
+    let word = |b: &[u8]| b.iter().fold(0u64, |acc, x| (acc << 8) | u64::from(*x));
+    let records: Vec<(usize, u64, u64)> =
+        bytes.chunks_exact(20).map(|r| (word(&r[..4]) as usize, word(&r[4..12]), word(&r[12..20]))).collect();
+    records.into_iter()
+}
+
 /// A key: its columns' text, in key order.
 pub type Key = Vec<String>;
 
@@ -259,17 +325,18 @@ pub struct Shape {
     key_text: String,
     /// `t.k1 = u.k0::type AND …`: a key given as text matched through the key's index.
     key_match: String,
-    /// The key and the whole row as records to hash.
-    key_row: String,
-    all_row: String,
+    /// The key's hash (buckets) and the row's hash, as SQL over `t`.
+    key_hash: String,
+    row_hash: String,
 }
 
 impl Shape {
+    /// The top `bits` bits of the key's hash (`>>` on int8 keeps the sign: masked).
     fn bucket(&self, bits: u8) -> String {
-        format!("((hash_record_extended({}, 0) >> {}) & {})", self.key_row, 64 - u32::from(bits), (1u64 << bits) - 1)
+        format!("(({} >> {}) & {})", self.key_hash, 64 - u32::from(bits), (1u64 << bits) - 1)
     }
 
     fn row_hash(&self) -> String {
-        format!("hash_record_extended({}, 1)", self.all_row)
+        self.row_hash.clone()
     }
 }

@@ -21,7 +21,8 @@ pub struct Selection {
     /// every source and target.
     #[arg(long, value_delimiter = ',')]
     nodes: Vec<String>,
-    /// log2 of the bucket count (about one bucket per 16–64 rows; 12 = 4096 buckets).
+    /// log2 of the Merkle tree's bucket count; a differing bucket is split in 32 sub-buckets.
+    /// 12 (4,096 buckets) suits up to a few million rows; add one per doubling beyond.
     #[arg(long, default_value_t = 12)]
     bits: u8,
     /// Seconds to wait for the appliers between the nodes to apply what each node had

@@ -10,10 +10,11 @@
 //! ```
 //!
 //! The core is pure (no I/O) and hash-agnostic: [`Buckets`] (digests that can be kept current
-//! change by change), [`DigestTree`] and [`DigestTree::diff`], and [`diff_keyed`]. [`node`] computes a node's digests
-//! inside PostgreSQL and [`node::check`] compares a table on two nodes. Not built yet: the
-//! `synapse repair` commands, a cut at equal applied positions, incremental digests fed by the
-//! change stream, and repair through the resolver.
+//! change by change), [`DigestTree`] and [`DigestTree::diff`], and [`diff_keyed`]. [`node`]
+//! computes a node's digests inside PostgreSQL; [`check::check`] compares a table on two or more
+//! nodes with a cut that tells changes in flight from drift; [`fix::fix`] resolves differing
+//! keys of a mesh table through the applier's resolution path. Not built yet: digests kept
+//! current from the change stream.
 //!
 //! Guarantees:
 //! * **Exact**: every key whose row differs (present on one side only, or with any differing

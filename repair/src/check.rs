@@ -68,13 +68,17 @@ pub struct Report {
     /// Appliers waited for ("source→node"), and how long the cut took; empty without a cut.
     pub cut: Vec<String>,
     pub cut_ms: u64,
+    /// "tracked": digests kept current by `repair track`, read after folding `folded` recorded
+    /// changes (cost ∝ changes); "scanned": computed by a scan of the table.
+    pub digests: String,
+    pub folded: u64,
 }
 
 /// Compares `table` on every node of `nodes`: digests in one snapshot per node (all at once),
 /// node 0's tree against each other's top-down, the rows of differing buckets, then the cut.
-/// Reads only (the cut markers are WAL messages, no table changes).
+/// Changes no table (the cut markers are WAL messages); with tracked digests it folds the
+/// recorded changes into them.
 pub async fn check(nodes: &[&Node], table: &str, options: &CheckOptions) -> Result<Report, RepairError> {
-    let names: Vec<String> = nodes.iter().map(|n| n.name.clone()).collect();
     // One after the other: a table missing everywhere is reported for the first node.
     let mut shapes = Vec::with_capacity(nodes.len());
     for n in nodes {
@@ -91,9 +95,37 @@ pub async fn check(nodes: &[&Node], table: &str, options: &CheckOptions) -> Resu
             });
         }
     }
+    // Digests kept current on every node with these bits: fold and read instead of scanning.
+    let tracked = try_join_all(nodes.iter().zip(&shapes).map(|(n, s)| n.tracked_bits(s))).await?;
+    let use_tracked = tracked.iter().all(|b| *b == Some(options.bits));
+    if use_tracked {
+        try_join_all(nodes.iter().map(|n| n.lock_table(table, true))).await?;
+    }
+    let result = compare(nodes, table, &shapes, options, use_tracked).await;
+    if use_tracked {
+        // On error the session may be gone already; its lock went with it.
+        let _ = try_join_all(nodes.iter().map(|n| n.lock_table(table, false))).await;
+    }
+    result
+}
+
+async fn compare(
+    nodes: &[&Node],
+    table: &str,
+    shapes: &[crate::node::Shape],
+    options: &CheckOptions,
+    use_tracked: bool,
+) -> Result<Report, RepairError> {
+    let names: Vec<String> = nodes.iter().map(|n| n.name.clone()).collect();
     let t0 = Instant::now();
     try_join_all(nodes.iter().map(|n| n.begin())).await?;
-    let digests = try_join_all(nodes.iter().zip(&shapes).map(|(n, s)| n.digests(s, options.bits))).await?;
+    let (digests, folded): (Vec<crate::Buckets>, u64) = if use_tracked {
+        let d = try_join_all(nodes.iter().zip(shapes).map(|(n, s)| n.tracked_digests(s, options.bits))).await?;
+        let folded = d.iter().map(|(_, f)| f).sum();
+        (d.into_iter().map(|(b, _)| b).collect(), folded)
+    } else {
+        (try_join_all(nodes.iter().zip(shapes).map(|(n, s)| n.digests(s, options.bits))).await?, 0)
+    };
     let t_digests = t0.elapsed();
     let first = DigestTree::build(&digests[0]);
     let mut differing = BTreeSet::new();
@@ -107,12 +139,12 @@ pub async fn check(nodes: &[&Node], table: &str, options: &CheckOptions) -> Resu
     // Within differing buckets: sub-bucket digests first, then rows of differing sub-buckets.
     let fine = options.bits.saturating_add(SUB_BUCKET_BITS).min(40);
     let staged =
-        try_join_all(nodes.iter().zip(&shapes).map(|(n, s)| n.stage(s, options.bits, fine, &differing))).await?;
+        try_join_all(nodes.iter().zip(shapes).map(|(n, s)| n.stage(s, options.bits, fine, &differing))).await?;
     let t_staged = t0.elapsed();
     let subs: BTreeSet<usize> = staged.iter().flat_map(|m| m.keys().copied()).collect();
     let differing_subs: Vec<usize> =
         subs.into_iter().filter(|b| staged.windows(2).any(|w| w[0].get(b) != w[1].get(b))).collect();
-    let snapshot = try_join_all(nodes.iter().zip(&shapes).map(|(n, s)| n.staged_rows(s, &differing_subs))).await?;
+    let snapshot = try_join_all(nodes.iter().zip(shapes).map(|(n, s)| n.staged_rows(s, &differing_subs))).await?;
     try_join_all(nodes.iter().map(|n| n.end())).await?;
     tracing::debug!(
         table,
@@ -129,7 +161,7 @@ pub async fn check(nodes: &[&Node], table: &str, options: &CheckOptions) -> Resu
         let started = Instant::now();
         cut = wait_for_cut(nodes, options.appliers.as_deref(), timeout).await?;
         cut_ms = started.elapsed().as_millis() as u64;
-        now = try_join_all(nodes.iter().zip(&shapes).map(|(n, s)| n.rows_by_key(s, &candidates))).await?;
+        now = try_join_all(nodes.iter().zip(shapes).map(|(n, s)| n.rows_by_key(s, &candidates))).await?;
         changing = candidates
             .iter()
             .filter(|k| snapshot.iter().zip(&now).any(|(then, now)| then.get(*k) != now.get(*k)))
@@ -153,6 +185,8 @@ pub async fn check(nodes: &[&Node], table: &str, options: &CheckOptions) -> Resu
         changing,
         cut,
         cut_ms,
+        digests: if use_tracked { "tracked" } else { "scanned" }.to_owned(),
+        folded,
     })
 }
 

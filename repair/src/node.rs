@@ -124,7 +124,8 @@ impl Node {
         let key: Vec<String> = key.into_iter().map(|(_, c, _)| c).collect();
         let all: Vec<String> = key.iter().chain(&columns).cloned().collect();
         // Column i hashed with seed `base + i`; NULL hashes to the seed itself.
-        let hashed = |cols: &[String], base: usize| -> Vec<String> {
+        // `q` qualifies columns: "t." in queries, "" in the bucket index's expression.
+        let hashed = |cols: &[String], base: usize, q: &str| -> Vec<String> {
             cols.iter()
                 .enumerate()
                 .map(|(i, c)| {
@@ -133,15 +134,16 @@ impl Node {
                     // by timestamp's and int4's, binary-coercible but not castable): else text.
                     let (f, arg) =
                         hash_fn.get(c).and_then(|f: &String| f.split_once('|')).unwrap_or(("hashtextextended", "text"));
-                    format!("coalesce({f}(t.{}::{arg}, {seed}::int8), {seed}::int8)", quote_ident(c))
+                    format!("coalesce({f}({q}{}::{arg}, {seed}::int8), {seed}::int8)", quote_ident(c))
                 })
                 .collect()
         };
-        let key_hash = match (key.as_slice(), key.first().and_then(|k| hash_fn.get(k)?.split_once('|'))) {
-            ([k], Some((f, arg))) => format!("{f}(t.{}::{arg}, 0::int8)", quote_ident(k)),
-            _ => format!("hashint8extended({}, 0::int8)", hashed(&key, 101).join(" # ")),
+        let key_hash = |q: &str| match (key.as_slice(), key.first().and_then(|k| hash_fn.get(k)?.split_once('|'))) {
+            ([k], Some((f, arg))) => format!("{f}({q}{}::{arg}, 0::int8)", quote_ident(k)),
+            _ => format!("hashint8extended({}, 0::int8)", hashed(&key, 101, q).join(" # ")),
         };
-        let row_hash = format!("hashint8extended({}, 0::int8)", hashed(&all, 1).join(" # "));
+        let row_hash = format!("hashint8extended({}, 0::int8)", hashed(&all, 1, "t.").join(" # "));
+        let (key_hash, index_key_hash) = (key_hash("t."), key_hash(""));
         Ok(Shape {
             name: name.to_owned(),
             from: format!("{}.{} t", quote_ident(schema), quote_ident(table)),
@@ -157,6 +159,7 @@ impl Node {
                 .collect::<Vec<_>>()
                 .join(" AND "),
             key_hash,
+            index_key_hash,
             row_hash,
             columns: all,
         })
@@ -236,6 +239,173 @@ impl Node {
         Ok(rows.into_iter().map(|r| (r.get(0), r.get(1))).collect())
     }
 
+    /// Starts keeping `shape`'s bucket digests current on this node (see [`TRACKING_DDL`]):
+    /// an expression index on the bucket (so rows of a bucket are found without a scan, when
+    /// the key's hash is immutable), statement triggers recording per-bucket deltas of every
+    /// write — the application's and the appliers' alike (`ENABLE ALWAYS`) — and the digests
+    /// seeded from one scan while writes wait (SHARE lock). Idempotent: re-tracking re-seeds.
+    /// Returns whether the bucket index exists.
+    pub async fn track(&self, shape: &Shape, bits: u8) -> Result<bool, RepairError> {
+        Buckets::new(bits)?;
+        let id = format!("{:016x}", xxhash_rust::xxh3::xxh3_64(shape.name.as_bytes()));
+        let table = shape.from.trim_end_matches(" t");
+        self.client
+            .batch_execute(&format!("SET client_min_messages = warning; {TRACKING_DDL}; RESET client_min_messages"))
+            .await
+            .map_err(self.fail("creating synapse.repair_* tables".into()))?;
+        // Concurrently (no write lock, outside a transaction); a key hashed through its text
+        // (not immutable) cannot be indexed: buckets are then found by a scan.
+        let index = format!(
+            "CREATE INDEX CONCURRENTLY IF NOT EXISTS synapse_repair_{id} ON {table} (({}))",
+            shape.index_bucket(bits)
+        );
+        let indexed = match self.client.batch_execute(&index).await {
+            Ok(()) => true,
+            Err(e) if e.code() == Some(&tokio_postgres::error::SqlState::INVALID_OBJECT_DEFINITION) => false,
+            Err(e) => {
+                return Err(RepairError::Node {
+                    node: self.name.clone(),
+                    context: format!("indexing buckets of {}", shape.name),
+                    source: e,
+                })
+            }
+        };
+        let name = literal(&shape.name);
+        let delta = |rows: &str, sign: &str| {
+            format!(
+                "SELECT {bucket} AS b, {sign}1 AS dn, {sign}({hash})::numeric AS dh FROM {rows} t",
+                bucket = shape.bucket(bits),
+                hash = shape.row_hash(),
+            )
+        };
+        let sql = format!(
+            "BEGIN;
+             LOCK TABLE {table} IN SHARE MODE;
+             -- Fixed settings: values hashed through their text must print as in a check.
+             CREATE OR REPLACE FUNCTION synapse.repair_delta_{id}() RETURNS trigger LANGUAGE plpgsql
+             SET DateStyle = 'ISO, YMD' SET TimeZone = 'UTC' SET IntervalStyle = 'postgres'
+             SET extra_float_digits = 1 SET bytea_output = 'hex' AS $fn$
+             BEGIN
+                 IF TG_OP = 'TRUNCATE' THEN
+                     DELETE FROM synapse.repair_delta WHERE tbl = {name};
+                     DELETE FROM synapse.repair_digest WHERE tbl = {name};
+                 ELSIF TG_OP = 'INSERT' THEN
+                     INSERT INTO synapse.repair_delta SELECT {name}, b, sum(dn), sum(dh) FROM ({new}) x GROUP BY b;
+                 ELSIF TG_OP = 'DELETE' THEN
+                     INSERT INTO synapse.repair_delta SELECT {name}, b, sum(dn), sum(dh) FROM ({old}) x GROUP BY b;
+                 ELSE
+                     INSERT INTO synapse.repair_delta SELECT {name}, b, sum(dn), sum(dh)
+                     FROM ({old} UNION ALL {new}) x GROUP BY b;
+                 END IF;
+                 RETURN NULL;
+             END $fn$;
+             DROP TRIGGER IF EXISTS synapse_repair_insert ON {table};
+             DROP TRIGGER IF EXISTS synapse_repair_update ON {table};
+             DROP TRIGGER IF EXISTS synapse_repair_delete ON {table};
+             DROP TRIGGER IF EXISTS synapse_repair_truncate ON {table};
+             CREATE TRIGGER synapse_repair_insert AFTER INSERT ON {table} REFERENCING NEW TABLE AS new_rows
+                 FOR EACH STATEMENT EXECUTE FUNCTION synapse.repair_delta_{id}();
+             CREATE TRIGGER synapse_repair_update AFTER UPDATE ON {table} REFERENCING OLD TABLE AS old_rows NEW TABLE AS new_rows
+                 FOR EACH STATEMENT EXECUTE FUNCTION synapse.repair_delta_{id}();
+             CREATE TRIGGER synapse_repair_delete AFTER DELETE ON {table} REFERENCING OLD TABLE AS old_rows
+                 FOR EACH STATEMENT EXECUTE FUNCTION synapse.repair_delta_{id}();
+             CREATE TRIGGER synapse_repair_truncate AFTER TRUNCATE ON {table}
+                 FOR EACH STATEMENT EXECUTE FUNCTION synapse.repair_delta_{id}();
+             -- Appliers write in the replica role: their changes must count too.
+             ALTER TABLE {table} ENABLE ALWAYS TRIGGER synapse_repair_insert, ENABLE ALWAYS TRIGGER synapse_repair_update,
+                 ENABLE ALWAYS TRIGGER synapse_repair_delete, ENABLE ALWAYS TRIGGER synapse_repair_truncate;
+             DELETE FROM synapse.repair_delta WHERE tbl = {name};
+             DELETE FROM synapse.repair_digest WHERE tbl = {name};
+             SET LOCAL enable_sort = off;
+             INSERT INTO synapse.repair_digest (tbl, bucket, n, s)
+                 SELECT {name}, b, count(*), sum(h) FROM (SELECT {bucket} AS b, {hash} AS h FROM {from}) r GROUP BY b;
+             INSERT INTO synapse.repair_tracked (tbl, bits, key_hash, row_hash) VALUES ({name}, {bits}, {kh}, {rh})
+                 ON CONFLICT (tbl) DO UPDATE SET bits = excluded.bits, key_hash = excluded.key_hash,
+                     row_hash = excluded.row_hash, tracked_at = now();
+             COMMIT;",
+            new = delta("new_rows", ""),
+            old = delta("old_rows", "-"),
+            bucket = shape.bucket(bits),
+            hash = shape.row_hash(),
+            from = shape.from,
+            kh = literal(&shape.key_hash),
+            rh = literal(&shape.row_hash),
+        );
+        if let Err(e) = self.client.batch_execute(&sql).await {
+            let _ = self.client.batch_execute("ROLLBACK").await;
+            return Err(RepairError::Node { node: self.name.clone(), context: format!("tracking {}", shape.name), source: e });
+        }
+        Ok(indexed)
+    }
+
+    /// The bucket bits `shape` is tracked with here, if its digests are kept current and were
+    /// set up for the table's current columns (a changed table must be tracked again).
+    pub async fn tracked_bits(&self, shape: &Shape) -> Result<Option<u8>, RepairError> {
+        let row = self
+            .client
+            .query_opt(
+                "SELECT bits FROM synapse.repair_tracked WHERE tbl = $1 AND key_hash = $2 AND row_hash = $3",
+                &[&shape.name, &shape.key_hash, &shape.row_hash],
+            )
+            .await;
+        match row {
+            Ok(r) => Ok(r.map(|r| r.get::<_, i32>(0).clamp(0, 64) as u8)),
+            Err(e) if e.code() == Some(&tokio_postgres::error::SqlState::UNDEFINED_TABLE) => Ok(None),
+            Err(e) => Err(RepairError::Node {
+                node: self.name.clone(),
+                context: "reading synapse.repair_tracked".into(),
+                source: e,
+            }),
+        }
+    }
+
+    /// The tracked digests as of this snapshot: first folds the deltas committed before it
+    /// into the digests (cost ∝ changes since the last check), then reads them packed.
+    /// Returns the digests and how many deltas were folded.
+    pub async fn tracked_digests(&self, shape: &Shape, bits: u8) -> Result<(Buckets, u64), RepairError> {
+        let fold = self
+            .client
+            .query_one(
+                "WITH gone AS (DELETE FROM synapse.repair_delta WHERE tbl = $1 RETURNING bucket, n, s),
+                      folded AS (INSERT INTO synapse.repair_digest (tbl, bucket, n, s)
+                                 SELECT $1, bucket, sum(n), sum(s) FROM gone GROUP BY bucket
+                                 ON CONFLICT (tbl, bucket) DO UPDATE
+                                 SET n = repair_digest.n + excluded.n, s = repair_digest.s + excluded.s)
+                 SELECT count(*) FROM gone",
+                &[&shape.name],
+            )
+            .await
+            .map_err(self.fail(format!("folding the changes of {} into its digests", shape.name)))?;
+        let folded = fold.get::<_, i64>(0).max(0) as u64;
+        let row = self
+            .client
+            .query_one(
+                &format!("SELECT {PACKED} FROM (SELECT bucket AS b, n, s FROM synapse.repair_digest WHERE tbl = $1) g"),
+                &[&shape.name],
+            )
+            .await
+            .map_err(self.fail(format!("reading the digests of {}", shape.name)))?;
+        let n = Buckets::new(bits)?.len();
+        let (mut sums, mut counts) = (vec![0u64; n], vec![0u64; n]);
+        for (b, count, sum) in unpack(row.get(0)) {
+            if let (Some(s), Some(c)) = (sums.get_mut(b), counts.get_mut(b)) {
+                (*s, *c) = (sum, count);
+            }
+        }
+        Ok((Buckets::from_sums(bits, sums, counts)?, folded))
+    }
+
+    /// Serialises checks of one table on this node (folding deletes deltas: two at once would
+    /// fail each other's snapshot). Session-level: taken before the snapshot starts.
+    pub(crate) async fn lock_table(&self, table: &str, lock: bool) -> Result<(), RepairError> {
+        let f = if lock { "pg_advisory_lock" } else { "pg_advisory_unlock" };
+        self.client
+            .execute(&format!("SELECT {f}(hashtext('synapse_repair:' || $1))"), &[&table])
+            .await
+            .map_err(self.fail(format!("{f} for {table}")))?;
+        Ok(())
+    }
+
     /// The current rows of `keys` (each the key columns' text), found through the key's index:
     /// row hash by key; absent keys are left out.
     pub async fn rows_by_key(&self, shape: &Shape, keys: &[Key]) -> Result<Rows, RepairError> {
@@ -308,6 +478,23 @@ fn unpack(bytes: Vec<u8>) -> impl Iterator<Item = (usize, u64, u64)> {
     records.into_iter()
 }
 
+/// Digests kept current by triggers (see [`Node::track`]): per table its bucket digests
+/// (unwrapped sums, wrapped when read), the deltas statements recorded since the last check
+/// (append-only: writers never contend on a bucket row), and what the digests were made with.
+pub const TRACKING_DDL: &str = "
+CREATE SCHEMA IF NOT EXISTS synapse;
+CREATE TABLE IF NOT EXISTS synapse.repair_digest (
+    tbl text NOT NULL, bucket bigint NOT NULL, n bigint NOT NULL, s numeric NOT NULL, PRIMARY KEY (tbl, bucket));
+CREATE TABLE IF NOT EXISTS synapse.repair_delta (tbl text NOT NULL, bucket bigint NOT NULL, n bigint NOT NULL, s numeric NOT NULL);
+CREATE INDEX IF NOT EXISTS repair_delta_tbl ON synapse.repair_delta (tbl);
+CREATE TABLE IF NOT EXISTS synapse.repair_tracked (
+    tbl text PRIMARY KEY, bits integer NOT NULL, key_hash text NOT NULL, row_hash text NOT NULL,
+    tracked_at timestamptz NOT NULL DEFAULT now())";
+
+fn literal(s: &str) -> String {
+    format!("'{}'", s.replace('\'', "''"))
+}
+
 /// A key: its columns' text, in key order.
 pub type Key = Vec<String>;
 
@@ -328,6 +515,8 @@ pub struct Shape {
     /// The key's hash (buckets) and the row's hash, as SQL over `t`.
     key_hash: String,
     row_hash: String,
+    /// The key's hash over unqualified columns, for an index expression.
+    index_key_hash: String,
 }
 
 impl Shape {
@@ -338,5 +527,9 @@ impl Shape {
 
     fn row_hash(&self) -> String {
         self.row_hash.clone()
+    }
+
+    fn index_bucket(&self, bits: u8) -> String {
+        format!("(({} >> {}) & {})", self.index_key_hash, 64 - u32::from(bits), (1u64 << bits) - 1)
     }
 }

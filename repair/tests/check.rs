@@ -135,3 +135,60 @@ async fn an_unreachable_node_is_a_retryable_error_naming_it() {
     assert!(e.is_transient());
     assert_eq!(e.code(), "REP003");
 }
+
+/// Digests kept current by `track` equal a fresh scan after every kind of write — bulk and
+/// single-row, key changes, TRUNCATE, writes in the replica role (as appliers make them), from
+/// sessions with other date and time settings — and a check then reads them instead of
+/// scanning, with the same result.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tracked_digests_stay_equal_to_a_scan() {
+    let (a, b) = (
+        LocalCluster::start(ClusterOptions::default()).unwrap(),
+        LocalCluster::start(ClusterOptions::default()).unwrap(),
+    );
+    for n in [&a, &b] {
+        n.create_database("app").unwrap();
+        n.psql("app", SCHEMA).unwrap();
+    }
+    let url = |n: &LocalCluster| n.url("app").parse::<tokio_postgres::Config>().unwrap();
+    let (na, nb) = (Node::connect("a", &url(&a)).await.unwrap(), Node::connect("b", &url(&b)).await.unwrap());
+    for (n, table) in [(&na, "public.items"), (&nb, "public.items"), (&na, "public.pairs"), (&nb, "public.pairs")] {
+        let shape = n.describe(table).await.unwrap();
+        let indexed = n.track(&shape, 10).await.unwrap();
+        // items' key is a bigint (an immutable hash): indexed; pairs' composite key also.
+        assert!(indexed, "{table}");
+        assert_eq!(n.tracked_bits(&shape).await.unwrap(), Some(10));
+    }
+    // Writers with other session settings than the check's.
+    b.psql("app", "ALTER DATABASE app SET TimeZone = 'Asia/Tokyo'; ALTER DATABASE app SET DateStyle = 'SQL, DMY'")
+        .unwrap();
+    let writes = "UPDATE items SET b = b || '!' WHERE id % 10 = 3;                       -- bulk
+         UPDATE items SET t = t + interval '1 second', js = '{\"x\": 1}' WHERE id = 7;
+         UPDATE items SET id = id + 100000 WHERE id = 50;                            -- a key change
+         DELETE FROM items WHERE id BETWEEN 100 AND 120;
+         INSERT INTO items (id, b, d, arr) VALUES (40001, 'new', '2026-02-03', '{1,NULL}');
+         TRUNCATE pairs; INSERT INTO pairs SELECT g, 'k' || (g % 10), 'v' FROM generate_series(1, 300) g;
+         SET session_replication_role = replica; UPDATE items SET a = -a WHERE id = 9;";
+    a.psql("app", writes).unwrap();
+    b.psql("app", writes).unwrap();
+    // And drift: one more change on b only.
+    b.psql("app", "UPDATE items SET big = 'drift' WHERE id = 11; DELETE FROM pairs WHERE k1 = 5").unwrap();
+
+    for (n, table) in [(&na, "public.items"), (&nb, "public.items"), (&na, "public.pairs"), (&nb, "public.pairs")] {
+        let shape = n.describe(table).await.unwrap();
+        let scanned = n.digests(&shape, 10).await.unwrap();
+        let (tracked, folded) = n.tracked_digests(&shape, 10).await.unwrap();
+        assert!(folded > 0, "{table} on {}: no changes recorded", n.name);
+        assert_eq!(tracked, scanned, "{table} on {}: tracked digests differ from a scan", n.name);
+    }
+    let both = [&na, &nb];
+    let report = check(&both, "public.items", &at(10)).await.unwrap();
+    assert_eq!((report.digests.as_str(), report.folded), ("tracked", 0), "already folded above: {report:?}");
+    assert_eq!(keys(&report), [("11".to_string(), vec![], 2)], "{report:?}");
+    let report = check(&both, "public.pairs", &at(10)).await.unwrap();
+    assert_eq!(report.digests, "tracked");
+    assert_eq!(keys(&report), [("k5,5".to_string(), vec!["b"], 1)], "{report:?}");
+    // Another bucket count than tracked: scanned, same answer.
+    let report = check(&both, "public.items", &at(8)).await.unwrap();
+    assert_eq!((report.digests.as_str(), keys(&report)), ("scanned", vec![("11".to_string(), vec![], 2)]));
+}

@@ -35,7 +35,14 @@ pub struct RepairBench {
     pub synapse: ToolRun,
     pub pg_comparator: Result<ToolRun, String>,
     pub reladiff: Result<ToolRun, String>,
+    /// `synapse repair track` on both nodes (seconds), then checks each after `CHANGES`
+    /// updates made alike on both nodes.
+    pub track_secs: f64,
+    pub incremental: ToolRun,
 }
+
+/// Rows updated (the same way on both nodes) before each incremental check.
+pub const CHANGES: u64 = 100;
 
 /// A TCP proxy to a local port counting every byte through it, both ways.
 struct CountingProxy {
@@ -133,9 +140,15 @@ pub async fn run(rows: u64, work: &Path) -> anyhow::Result<RepairBench> {
         ),
     )?;
     let exe = std::env::current_exe()?;
+    let check = || {
+        let mut c = tokio::process::Command::new(&exe);
+        c.args(["repair", "check", "--config", &config.display().to_string(), "--json"]);
+        c
+    };
     let synapse = measure(
         &pa,
         &pb,
+        |_| Ok(()),
         || {
             let mut c = tokio::process::Command::new(&exe);
             c.args(["repair", "check", "--config", &config.display().to_string(), "--json"]);
@@ -159,6 +172,7 @@ pub async fn run(rows: u64, work: &Path) -> anyhow::Result<RepairBench> {
             measure(
                 &pa,
                 &pb,
+                |_| Ok(()),
                 || {
                     let mut c = tokio::process::Command::new(&bin);
                     c.args(["--no-lock", &ta, &tb]);
@@ -182,6 +196,7 @@ pub async fn run(rows: u64, work: &Path) -> anyhow::Result<RepairBench> {
             measure(
                 &pa,
                 &pb,
+                |_| Ok(()),
                 || {
                     let mut c = tokio::process::Command::new(&bin);
                     c.args([
@@ -211,7 +226,43 @@ pub async fn run(rows: u64, work: &Path) -> anyhow::Result<RepairBench> {
             .map_err(|e| format!("{e:#}"))
         }
     };
-    Ok(RepairBench { rows, table_bytes, synapse, pg_comparator, reladiff })
+    // Incremental: digests kept current on both nodes by `repair track`; one check fills the
+    // cache of differing buckets; each measured check then follows CHANGES updates made alike
+    // on both nodes (the same 99 keys still differ).
+    let started = Instant::now();
+    let tracked = tokio::process::Command::new(&exe)
+        .args(["repair", "track", "--config", &config.display().to_string()])
+        .output()
+        .await?;
+    if !tracked.status.success() {
+        bail!("synapse repair track failed: {}", String::from_utf8_lossy(&tracked.stderr));
+    }
+    let track_secs = started.elapsed().as_secs_f64();
+    check().output().await?;
+    let (ua, ub) = (a.url("bench"), b.url("bench"));
+    let incremental = measure(
+        &pa,
+        &pb,
+        |run| {
+            let sql = format!("UPDATE t SET a = a + 1 WHERE id % {} = {}", rows / CHANGES, 7 + run);
+            for url in [&ua, &ub] {
+                let out = std::process::Command::new(a.bindir().join("psql"))
+                    .args(["-X", "-q", "-d", url, "-c", &sql])
+                    .output()?;
+                if !out.status.success() {
+                    bail!("{sql}: {}", String::from_utf8_lossy(&out.stderr));
+                }
+            }
+            Ok(())
+        },
+        check,
+        |out| {
+            let reports: serde_json::Value = serde_json::from_str(out).context("synapse repair check --json")?;
+            Ok(reports[0]["differing"].as_array().map_or(0, Vec::len))
+        },
+    )
+    .await?;
+    Ok(RepairBench { rows, table_bytes, synapse, pg_comparator, reladiff, track_secs, incremental })
 }
 
 fn distinct_keys<'a>(keys: impl Iterator<Item = &'a str>) -> usize {
@@ -222,11 +273,13 @@ fn distinct_keys<'a>(keys: impl Iterator<Item = &'a str>) -> usize {
 async fn measure(
     pa: &CountingProxy,
     pb: &CountingProxy,
+    prepare: impl Fn(usize) -> anyhow::Result<()>,
     command: impl Fn() -> tokio::process::Command,
     found: impl Fn(&str) -> anyhow::Result<usize>,
 ) -> anyhow::Result<ToolRun> {
     let mut runs = Vec::new();
-    for _ in 0..RUNS {
+    for run in 0..RUNS {
+        prepare(run)?;
         let (_, _) = (pa.take(), pb.take());
         let mut c = command();
         let started = Instant::now();

@@ -99,6 +99,9 @@ enum RepairCommand {
     /// Resolve the rows mesh nodes hold differently through the resolver (causality decides),
     /// written like the applier writes them (origin `repair`); --dry-run shows what would change.
     Fix(repair::FixArgs),
+    /// Keep the tables' bucket digests current on every node (triggers record each write's
+    /// change to its bucket), so later checks read them instead of scanning: cost by changes.
+    Track(repair::Selection),
 }
 
 /// Resolves on SIGINT or SIGTERM.
@@ -202,6 +205,7 @@ fn main() -> ExitCode {
                 eprintln!("error: {e:#}");
                 ExitCode::from(2)
             })),
+            Command::Repair(RepairCommand::Track(o)) => repair::run_track(o).await.map(|_| ExitCode::SUCCESS),
             Command::Repair(RepairCommand::Fix(o)) => Ok(repair::run_fix(o).await.unwrap_or_else(|e| {
                 eprintln!("error: {e:#}");
                 ExitCode::from(2)

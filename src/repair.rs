@@ -133,16 +133,19 @@ fn resolve(o: &Selection) -> anyhow::Result<Resolved> {
             appliers.push((s.name.clone(), t.name.clone()));
         }
     }
-    let options = CheckOptions { bits: o.bits, cut_timeout, appliers: Some(appliers) };
+    // Rows of differing buckets are remembered next to the log, per table.
+    let cache_dir = Some(config.log.dir.join("repair-cache"));
+    let options = CheckOptions { bits: o.bits, cut_timeout, appliers: Some(appliers), cache_dir };
     Ok(Resolved { config, nodes, tables, options })
 }
 
 /// Exit status: 0 identical, 1 differences found (like `diff`); errors are reported by the caller.
 pub async fn run_check(o: Selection) -> anyhow::Result<ExitCode> {
     let r = resolve(&o)?;
+    // Connected all at once; an error names the first node in order that failed.
     let mut nodes = Vec::new();
-    for (name, pg) in &r.nodes {
-        nodes.push(Node::connect(name, pg).await.map_err(with_hint)?);
+    for node in futures_util::future::join_all(r.nodes.iter().map(|(name, pg)| Node::connect(name, pg))).await {
+        nodes.push(node.map_err(with_hint)?);
     }
     let mut reports: Vec<Report> = Vec::new();
     for table in &r.tables {
@@ -157,6 +160,30 @@ pub async fn run_check(o: Selection) -> anyhow::Result<ExitCode> {
     }
     let differ = reports.iter().any(|r| !r.differing.is_empty());
     Ok(if differ { ExitCode::from(1) } else { ExitCode::SUCCESS })
+}
+
+/// Installs digest tracking for the selected tables on the selected nodes (same bits on all).
+pub async fn run_track(o: Selection) -> anyhow::Result<()> {
+    let r = resolve(&o)?;
+    for (name, pg) in &r.nodes {
+        let node = Node::connect(name, pg).await.map_err(with_hint)?;
+        for table in &r.tables {
+            let shape = node.describe(table).await.map_err(with_hint)?;
+            let started = std::time::Instant::now();
+            let indexed = node.track(&shape, o.bits).await.map_err(with_hint)?;
+            println!(
+                "{table} on {name}: digests tracked with {} bits ({} ms){}",
+                o.bits,
+                started.elapsed().as_millis(),
+                if indexed {
+                    ""
+                } else {
+                    "; no bucket index (the key is hashed through its text): differing buckets are found by a scan"
+                }
+            );
+        }
+    }
+    Ok(())
 }
 
 /// Exit status: 0 every difference found was resolved (or none), 1 some remain; errors are

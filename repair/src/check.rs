@@ -32,6 +32,8 @@ pub struct CheckOptions {
     pub bits: u8,
     /// `None`: compare the snapshots as they are (changes in flight may show as drift).
     pub cut_timeout: Option<Duration>,
+    /// Where the rows of differing buckets are remembered between checks (`None`: not).
+    pub cache_dir: Option<std::path::PathBuf>,
     /// The appliers between the nodes, as (source, target) names, from the configuration: an
     /// applier that has applied nothing yet has no stored position and must still be waited
     /// for (unless no applier ever ran on its node). `None`: those whose positions the nodes
@@ -72,6 +74,53 @@ pub struct Report {
     /// changes (cost ∝ changes); "scanned": computed by a scan of the table.
     pub digests: String,
     pub folded: u64,
+    /// Differing buckets whose rows were taken from the previous check (digests unchanged).
+    pub reused_buckets: usize,
+}
+
+/// The rows of the differing buckets of the last check of a table between the same nodes,
+/// with the digests they had: kept in a JSON file per table and node list.
+#[derive(Default, serde::Serialize, serde::Deserialize)]
+struct Cache {
+    nodes: Vec<String>,
+    bits: u8,
+    buckets: BTreeMap<usize, CachedBucket>,
+}
+
+#[derive(serde::Serialize, serde::Deserialize)]
+struct CachedBucket {
+    /// Every node's (rows, hash sum) of the bucket.
+    fingerprint: String,
+    /// Per node, the rows of the bucket's differing sub-buckets.
+    rows: Vec<Vec<(Key, i64)>>,
+}
+
+impl Cache {
+    fn path(dir: &std::path::Path, table: &str) -> std::path::PathBuf {
+        let safe: String = table.chars().map(|c| if c.is_ascii_alphanumeric() || c == '.' { c } else { '_' }).collect();
+        dir.join(format!("{safe}.json"))
+    }
+
+    /// The cache for these nodes and bits, or an empty one (missing, unreadable, other nodes).
+    fn load(dir: &std::path::Path, table: &str, nodes: &[String], bits: u8) -> Cache {
+        let empty = || Cache { nodes: nodes.to_vec(), bits, buckets: BTreeMap::new() };
+        match std::fs::read(Self::path(dir, table)).ok().and_then(|b| serde_json::from_slice::<Cache>(&b).ok()) {
+            Some(c) if c.nodes == nodes && c.bits == bits => c,
+            _ => empty(),
+        }
+    }
+
+    /// Best effort: a cache that cannot be written only makes the next check read more.
+    fn save(&self, dir: &std::path::Path, table: &str) {
+        let path = Self::path(dir, table);
+        let tmp = path.with_extension("json.tmp");
+        let written = std::fs::create_dir_all(dir)
+            .and_then(|_| std::fs::write(&tmp, serde_json::to_vec(self).unwrap_or_default()))
+            .and_then(|_| std::fs::rename(&tmp, &path));
+        if let Err(e) = written {
+            tracing::warn!(path = %path.display(), error = %e, "cannot keep the repair cache");
+        }
+    }
 }
 
 /// Compares `table` on every node of `nodes`: digests in one snapshot per node (all at once),
@@ -79,10 +128,11 @@ pub struct Report {
 /// Changes no table (the cut markers are WAL messages); with tracked digests it folds the
 /// recorded changes into them.
 pub async fn check(nodes: &[&Node], table: &str, options: &CheckOptions) -> Result<Report, RepairError> {
-    // One after the other: a table missing everywhere is reported for the first node.
+    // All at once; an error is reported for the first node in order (a table missing
+    // everywhere names the first node).
     let mut shapes = Vec::with_capacity(nodes.len());
-    for n in nodes {
-        shapes.push(n.describe(table).await?);
+    for shape in futures_util::future::join_all(nodes.iter().map(|n| n.describe(table))).await {
+        shapes.push(shape?);
     }
     for (n, s) in nodes.iter().zip(&shapes).skip(1) {
         if s.columns != shapes[0].columns {
@@ -136,15 +186,48 @@ async fn compare(
         compared += c;
     }
     let differing: Vec<usize> = differing.into_iter().collect();
-    // Within differing buckets: sub-bucket digests first, then rows of differing sub-buckets.
+    // A differing bucket whose digests on every node are those of the last check holds the
+    // rows it held then: reuse them (a check then costs by what changed, not by the drift).
+    let fingerprint = |b: usize| -> String {
+        digests.iter().map(|d| d.get(b).map_or("-".into(), |(n, s)| format!("{n}:{s}"))).collect::<Vec<_>>().join(",")
+    };
+    let mut cache =
+        options.cache_dir.as_deref().map(|d| Cache::load(d, table, &names, options.bits)).unwrap_or_default();
+    let (reused, to_stage): (Vec<usize>, Vec<usize>) =
+        differing.iter().partition(|b| cache.buckets.get(b).is_some_and(|c| c.fingerprint == fingerprint(**b)));
+    // Within buckets to read: sub-bucket digests first, then rows of differing sub-buckets.
     let fine = options.bits.saturating_add(SUB_BUCKET_BITS).min(40);
-    let staged =
-        try_join_all(nodes.iter().zip(shapes).map(|(n, s)| n.stage(s, options.bits, fine, &differing))).await?;
+    let staged = try_join_all(nodes.iter().zip(shapes).map(|(n, s)| n.stage(s, options.bits, fine, &to_stage))).await?;
     let t_staged = t0.elapsed();
     let subs: BTreeSet<usize> = staged.iter().flat_map(|m| m.keys().copied()).collect();
     let differing_subs: Vec<usize> =
         subs.into_iter().filter(|b| staged.windows(2).any(|w| w[0].get(b) != w[1].get(b))).collect();
-    let snapshot = try_join_all(nodes.iter().zip(shapes).map(|(n, s)| n.staged_rows(s, &differing_subs))).await?;
+    let fetched = try_join_all(nodes.iter().zip(shapes).map(|(n, s)| n.staged_rows(s, &differing_subs))).await?;
+    let mut snapshot: Vec<Rows> = vec![Rows::new(); nodes.len()];
+    let mut fresh: BTreeMap<usize, Vec<Vec<(Key, i64)>>> =
+        to_stage.iter().map(|b| (*b, vec![Vec::new(); nodes.len()])).collect();
+    for (i, rows) in fetched.into_iter().enumerate() {
+        for (sub, key, hash) in rows {
+            if let Some(per_node) = fresh.get_mut(&(sub >> SUB_BUCKET_BITS)) {
+                per_node[i].push((key.clone(), hash));
+            }
+            snapshot[i].insert(key, hash);
+        }
+    }
+    for b in &reused {
+        if let Some(c) = cache.buckets.get(b) {
+            for (i, rows) in c.rows.iter().enumerate().take(nodes.len()) {
+                snapshot[i].extend(rows.iter().cloned());
+            }
+        }
+    }
+    if let Some(dir) = options.cache_dir.as_deref() {
+        cache.buckets.retain(|b, _| reused.contains(b));
+        for (b, rows) in fresh {
+            cache.buckets.insert(b, CachedBucket { fingerprint: fingerprint(b), rows });
+        }
+        cache.save(dir, table);
+    }
     try_join_all(nodes.iter().map(|n| n.end())).await?;
     tracing::debug!(
         table,
@@ -187,6 +270,7 @@ async fn compare(
         cut_ms,
         digests: if use_tracked { "tracked" } else { "scanned" }.to_owned(),
         folded,
+        reused_buckets: reused.len(),
     })
 }
 

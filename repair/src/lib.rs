@@ -171,6 +171,11 @@ impl Buckets {
         self.counts[b] = self.counts[b].wrapping_sub(1);
     }
 
+    /// Bucket `b`'s (row count, hash sum).
+    pub fn get(&self, b: usize) -> Option<(u64, u64)> {
+        Some((*self.counts.get(b)?, *self.sums.get(b)?))
+    }
+
     /// Rows counted over all buckets.
     pub fn rows(&self) -> u64 {
         self.counts.iter().fold(0u64, |a, c| a.wrapping_add(*c))

@@ -225,18 +225,22 @@ impl Node {
         Ok(unpack(row.get(0)).map(|(b, n, s)| (b, (n, s))).collect())
     }
 
-    /// The staged rows of the given sub-buckets: row hash by key.
-    pub async fn staged_rows(&self, shape: &Shape, fine_buckets: &[usize]) -> Result<Rows, RepairError> {
+    /// The staged rows of the given sub-buckets: (sub-bucket, key, row hash).
+    pub async fn staged_rows(
+        &self,
+        shape: &Shape,
+        fine_buckets: &[usize],
+    ) -> Result<Vec<(usize, Key, i64)>, RepairError> {
         if fine_buckets.is_empty() {
-            return Ok(Rows::new());
+            return Ok(Vec::new());
         }
         let wanted: Vec<i64> = fine_buckets.iter().map(|b| *b as i64).collect();
         let rows = self
             .client
-            .query("SELECT k, h FROM synapse_repair_rows WHERE b = ANY($1)", &[&wanted])
+            .query("SELECT b, k, h FROM synapse_repair_rows WHERE b = ANY($1)", &[&wanted])
             .await
             .map_err(self.fail(format!("reading differing rows of {}", shape.name)))?;
-        Ok(rows.into_iter().map(|r| (r.get(0), r.get(1))).collect())
+        Ok(rows.into_iter().map(|r| (r.get::<_, i64>(0).max(0) as usize, r.get(1), r.get(2))).collect())
     }
 
     /// Starts keeping `shape`'s bucket digests current on this node (see [`TRACKING_DDL`]):
@@ -270,6 +274,14 @@ impl Node {
                 })
             }
         };
+        if indexed {
+            // Statistics of the new expression: without them the planner expects one row per
+            // bucket value… of the whole table, and scans instead of using the index.
+            self.client
+                .batch_execute(&format!("ANALYZE {table}"))
+                .await
+                .map_err(self.fail(format!("analyzing {}", shape.name)))?;
+        }
         let name = literal(&shape.name);
         let delta = |rows: &str, sign: &str| {
             format!(
@@ -318,7 +330,7 @@ impl Node {
              DELETE FROM synapse.repair_digest WHERE tbl = {name};
              SET LOCAL enable_sort = off;
              INSERT INTO synapse.repair_digest (tbl, bucket, n, s)
-                 SELECT {name}, b, count(*), sum(h) FROM (SELECT {bucket} AS b, {hash} AS h FROM {from}) r GROUP BY b;
+                 SELECT {name}, b, count(*), {wrapped} FROM (SELECT {bucket} AS b, {hash} AS h FROM {from}) r GROUP BY b;
              INSERT INTO synapse.repair_tracked (tbl, bits, key_hash, row_hash) VALUES ({name}, {bits}, {kh}, {rh})
                  ON CONFLICT (tbl) DO UPDATE SET bits = excluded.bits, key_hash = excluded.key_hash,
                      row_hash = excluded.row_hash, tracked_at = now();
@@ -330,10 +342,15 @@ impl Node {
             from = shape.from,
             kh = literal(&shape.key_hash),
             rh = literal(&shape.row_hash),
+            wrapped = wrap("sum(h)"),
         );
         if let Err(e) = self.client.batch_execute(&sql).await {
             let _ = self.client.batch_execute("ROLLBACK").await;
-            return Err(RepairError::Node { node: self.name.clone(), context: format!("tracking {}", shape.name), source: e });
+            return Err(RepairError::Node {
+                node: self.name.clone(),
+                context: format!("tracking {}", shape.name),
+                source: e,
+            });
         }
         Ok(indexed)
     }
@@ -366,12 +383,16 @@ impl Node {
         let fold = self
             .client
             .query_one(
-                "WITH gone AS (DELETE FROM synapse.repair_delta WHERE tbl = $1 RETURNING bucket, n, s),
+                &format!(
+                    "WITH gone AS (DELETE FROM synapse.repair_delta WHERE tbl = $1 RETURNING bucket, n, s),
                       folded AS (INSERT INTO synapse.repair_digest (tbl, bucket, n, s)
-                                 SELECT $1, bucket, sum(n), sum(s) FROM gone GROUP BY bucket
+                                 SELECT $1, bucket, sum(n), {} FROM gone GROUP BY bucket
                                  ON CONFLICT (tbl, bucket) DO UPDATE
-                                 SET n = repair_digest.n + excluded.n, s = repair_digest.s + excluded.s)
+                                 SET n = repair_digest.n + excluded.n, s = {})
                  SELECT count(*) FROM gone",
+                    wrap("sum(s)"),
+                    wrap("repair_digest.s::numeric + excluded.s"),
+                ),
                 &[&shape.name],
             )
             .await
@@ -380,7 +401,8 @@ impl Node {
         let row = self
             .client
             .query_one(
-                &format!("SELECT {PACKED} FROM (SELECT bucket AS b, n, s FROM synapse.repair_digest WHERE tbl = $1) g"),
+                "SELECT coalesce(string_agg(int4send(bucket::int4) || int8send(n) || int8send(s), ''::bytea ORDER BY bucket), ''::bytea)
+                 FROM synapse.repair_digest WHERE tbl = $1",
                 &[&shape.name],
             )
             .await
@@ -479,17 +501,22 @@ fn unpack(bytes: Vec<u8>) -> impl Iterator<Item = (usize, u64, u64)> {
 }
 
 /// Digests kept current by triggers (see [`Node::track`]): per table its bucket digests
-/// (unwrapped sums, wrapped when read), the deltas statements recorded since the last check
+/// (sums mod 2^64 as bigint, so reading them is cheap), the deltas statements recorded since the last check
 /// (append-only: writers never contend on a bucket row), and what the digests were made with.
 pub const TRACKING_DDL: &str = "
 CREATE SCHEMA IF NOT EXISTS synapse;
 CREATE TABLE IF NOT EXISTS synapse.repair_digest (
-    tbl text NOT NULL, bucket bigint NOT NULL, n bigint NOT NULL, s numeric NOT NULL, PRIMARY KEY (tbl, bucket));
+    tbl text NOT NULL, bucket bigint NOT NULL, n bigint NOT NULL, s bigint NOT NULL, PRIMARY KEY (tbl, bucket));
 CREATE TABLE IF NOT EXISTS synapse.repair_delta (tbl text NOT NULL, bucket bigint NOT NULL, n bigint NOT NULL, s numeric NOT NULL);
 CREATE INDEX IF NOT EXISTS repair_delta_tbl ON synapse.repair_delta (tbl);
 CREATE TABLE IF NOT EXISTS synapse.repair_tracked (
     tbl text PRIMARY KEY, bits integer NOT NULL, key_hash text NOT NULL, row_hash text NOT NULL,
     tracked_at timestamptz NOT NULL DEFAULT now())";
+
+/// `expr` (a numeric sum of 64-bit hashes) mod 2^64, as a signed bigint.
+fn wrap(expr: &str) -> String {
+    format!("(({expr}) - floor((({expr}) + 9223372036854775808) / 18446744073709551616) * 18446744073709551616)::int8")
+}
 
 fn literal(s: &str) -> String {
     format!("'{}'", s.replace('\'', "''"))

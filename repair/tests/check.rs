@@ -31,7 +31,7 @@ fn keys(r: &Report) -> Vec<(String, Vec<&str>, usize)> {
 
 /// Nodes that run no pipeline: nothing is in flight, no cut to wait for.
 fn at(bits: u8) -> CheckOptions {
-    CheckOptions { bits, cut_timeout: Some(std::time::Duration::from_secs(5)), appliers: None }
+    CheckOptions { bits, cut_timeout: Some(std::time::Duration::from_secs(5)), appliers: None, cache_dir: None }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -131,8 +131,9 @@ async fn run(config: PathBuf) -> anyhow::Result<()> {
     let health = Arc::new(ops::Health::default());
     if !config.ops.listen.is_empty() {
         let (listen, h) = (config.ops.listen.clone(), health.clone());
+        let admin = Arc::new(repair::RepairService::new(config.clone())).router();
         tokio::spawn(async move {
-            if let Err(e) = ops::serve(&listen, h).await {
+            if let Err(e) = ops::serve_with(&listen, h, admin).await {
                 tracing::error!(error = %e, "ops server stopped");
             }
         });

@@ -60,6 +60,19 @@ struct Resolved {
 
 fn resolve(o: &Selection) -> anyhow::Result<Resolved> {
     let config = Config::load(&o.config)?;
+    let timeout = (!o.no_wait).then_some(o.cut_timeout);
+    plan(config, &o.config.display().to_string(), &o.tables, &o.nodes, o.bits, timeout)
+}
+
+/// What to compare: the named (or default) nodes and tables of `config`, and how.
+fn plan(
+    config: Config,
+    source: &str,
+    tables: &[String],
+    nodes: &[String],
+    bits: u8,
+    cut_timeout: Option<f64>,
+) -> anyhow::Result<Resolved> {
     let mut known: Vec<(String, tokio_postgres::Config)> = Vec::new();
     let mut add = |name: &str, url: &crate::config::SecretUrl| -> anyhow::Result<()> {
         if !known.iter().any(|(n, _)| n == name) {
@@ -78,13 +91,13 @@ fn resolve(o: &Selection) -> anyhow::Result<Resolved> {
     for t in &config.targets {
         add(&t.name, &t.url)?;
     }
-    let names: Vec<String> = if o.nodes.is_empty() {
+    let names: Vec<String> = if nodes.is_empty() {
         match &config.mesh {
             Some(m) => m.nodes.iter().map(|n| n.name.clone()).collect(),
             None => known.iter().map(|(n, _)| n.clone()).collect(),
         }
     } else {
-        o.nodes.clone()
+        nodes.to_vec()
     };
     if names.len() < 2 {
         anyhow::bail!("--nodes: name at least two nodes of the configuration to compare");
@@ -93,8 +106,7 @@ fn resolve(o: &Selection) -> anyhow::Result<Resolved> {
     for name in &names {
         let Some((_, pg)) = known.iter().find(|(n, _)| n == name) else {
             anyhow::bail!(
-                "--nodes: `{name}` is not a node of {} (known: {})",
-                o.config.display(),
+                "--nodes: `{name}` is not a node of {source} (known: {})",
                 known.iter().map(|(n, _)| n.as_str()).collect::<Vec<_>>().join(", ")
             );
         };
@@ -103,8 +115,8 @@ fn resolve(o: &Selection) -> anyhow::Result<Resolved> {
         }
         nodes.push((name.clone(), pg.clone()));
     }
-    let tables: Vec<String> = if !o.tables.is_empty() {
-        o.tables.clone()
+    let tables: Vec<String> = if !tables.is_empty() {
+        tables.to_vec()
     } else if let Some(m) = &config.mesh {
         m.tables.clone()
     } else {
@@ -120,10 +132,10 @@ fn resolve(o: &Selection) -> anyhow::Result<Resolved> {
     if tables.is_empty() {
         anyhow::bail!("--table: no tables to compare (the configuration names none)");
     }
-    if !(0.0..=86_400.0).contains(&o.cut_timeout) {
-        anyhow::bail!("--cut-timeout: {} is not a number of seconds from 0 to 86400", o.cut_timeout);
+    if let Some(t) = cut_timeout.filter(|t| !(0.0..=86_400.0).contains(t)) {
+        anyhow::bail!("--cut-timeout: {t} is not a number of seconds from 0 to 86400");
     }
-    let cut_timeout = (!o.no_wait).then(|| Duration::from_secs_f64(o.cut_timeout));
+    let cut_timeout = cut_timeout.map(Duration::from_secs_f64);
     // The appliers between the compared nodes, as the pipeline runs them.
     let mut pipeline = config.clone();
     pipeline.expand_mesh();
@@ -135,7 +147,7 @@ fn resolve(o: &Selection) -> anyhow::Result<Resolved> {
     }
     // Rows of differing buckets are remembered next to the log, per table.
     let cache_dir = Some(config.log.dir.join("repair-cache"));
-    let options = CheckOptions { bits: o.bits, cut_timeout, appliers: Some(appliers), cache_dir };
+    let options = CheckOptions { bits, cut_timeout, appliers: Some(appliers), cache_dir };
     Ok(Resolved { config, nodes, tables, options })
 }
 
@@ -315,4 +327,104 @@ fn human_fix(f: &FixReport) -> String {
         out.push_str(&format!("  unresolved {}: {}\n", key_text(&u.key), u.reason));
     }
     out
+}
+
+/// The admin API's repair checks, served by `synapse run` on the ops address: connections to
+/// the nodes stay open between requests (a check of tracked digests then costs milliseconds),
+/// and checks run one at a time (a connection holds one snapshot).
+pub struct RepairService {
+    config: Config,
+    nodes: tokio::sync::Mutex<HashMap<String, Node>>,
+}
+
+/// `POST /repair/check` body: every field optional, as the CLI's options.
+#[derive(serde::Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct CheckRequest {
+    #[serde(default)]
+    pub tables: Vec<String>,
+    #[serde(default)]
+    pub nodes: Vec<String>,
+    pub bits: Option<u8>,
+    pub cut_timeout_secs: Option<f64>,
+    #[serde(default)]
+    pub no_wait: bool,
+}
+
+/// A failed request: HTTP status and a body naming the code, the error and what to do.
+pub struct ApiError(axum::http::StatusCode, serde_json::Value);
+
+impl axum::response::IntoResponse for ApiError {
+    fn into_response(self) -> axum::response::Response {
+        (self.0, axum::Json(self.1)).into_response()
+    }
+}
+
+fn repair_error(e: synapse_repair::RepairError) -> ApiError {
+    let status = if e.is_transient() {
+        axum::http::StatusCode::SERVICE_UNAVAILABLE
+    } else {
+        axum::http::StatusCode::UNPROCESSABLE_ENTITY
+    };
+    ApiError(status, serde_json::json!({"code": e.code(), "error": e.to_string(), "hint": e.hint()}))
+}
+
+impl RepairService {
+    pub fn new(config: Config) -> RepairService {
+        RepairService { config, nodes: tokio::sync::Mutex::new(HashMap::new()) }
+    }
+
+    pub async fn check(&self, req: CheckRequest) -> Result<Vec<Report>, ApiError> {
+        let timeout = (!req.no_wait).then_some(req.cut_timeout_secs.unwrap_or(60.0));
+        let r =
+            plan(self.config.clone(), "the configuration", &req.tables, &req.nodes, req.bits.unwrap_or(12), timeout)
+                .map_err(|e| {
+                    ApiError(axum::http::StatusCode::BAD_REQUEST, serde_json::json!({"error": format!("{e:#}")}))
+                })?;
+        let mut open = self.nodes.lock().await;
+        for (name, pg) in &r.nodes {
+            if !open.contains_key(name) {
+                let node = Node::connect(name, pg).await.map_err(repair_error)?;
+                open.insert(name.clone(), node);
+            }
+        }
+        let nodes: Vec<&Node> = r.nodes.iter().filter_map(|(n, _)| open.get(n)).collect();
+        let mut reports = Vec::new();
+        let mut failed = None;
+        for table in &r.tables {
+            match check(&nodes, table, &r.options).await {
+                Ok(report) => reports.push(report),
+                Err(e) => {
+                    failed = Some(e);
+                    break;
+                }
+            }
+        }
+        drop(nodes);
+        match failed {
+            None => Ok(reports),
+            Some(e) => {
+                // The sessions' state is unknown after a failure: connect afresh next time.
+                for (name, _) in &r.nodes {
+                    open.remove(name);
+                }
+                Err(repair_error(e))
+            }
+        }
+    }
+
+    /// `POST /repair/check`.
+    pub fn router(self: std::sync::Arc<Self>) -> axum::Router {
+        axum::Router::new()
+            .route(
+                "/repair/check",
+                axum::routing::post(
+                    |axum::extract::State(s): axum::extract::State<std::sync::Arc<RepairService>>,
+                     body: Option<axum::Json<CheckRequest>>| async move {
+                        s.check(body.map(|b| b.0).unwrap_or_default()).await.map(axum::Json)
+                    },
+                ),
+            )
+            .with_state(self)
+    }
 }

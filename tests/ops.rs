@@ -61,3 +61,73 @@ fn readiness_and_metrics_report_the_pipeline() {
     child.kill().unwrap();
     child.wait().unwrap();
 }
+
+fn post(addr: &str, path: &str, body: &str) -> (u16, String) {
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    write!(
+        s,
+        "POST {path} HTTP/1.0\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    )
+    .unwrap();
+    let mut text = String::new();
+    s.read_to_string(&mut text).unwrap();
+    let status = text.split_whitespace().nth(1).and_then(|s| s.parse().ok()).unwrap_or(0);
+    (status, text.split("\r\n\r\n").nth(1).unwrap_or_default().to_owned())
+}
+
+/// The admin API of a running pipeline: `POST /repair/check` finds a row written on the target
+/// by hand while replication runs (and not the rows in flight), says what is wrong with a bad
+/// request, and reads tracked digests once `repair track` has set them up.
+#[test]
+fn the_admin_api_checks_replicas_of_a_running_pipeline() {
+    let nodes = Nodes::start(
+        "CREATE TABLE t (id int PRIMARY KEY, v text); INSERT INTO t SELECT g, 'v' || g FROM generate_series(1, 2000) g",
+    );
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let addr = format!("127.0.0.1:{port}");
+    let config = nodes.config("    tables: [public.t]\n");
+    let text = std::fs::read_to_string(&config)
+        .unwrap()
+        .replace("ops:\n  listen: \"\"", &format!("ops:\n  listen: \"{addr}\""));
+    std::fs::write(&config, text).unwrap();
+    let mut child = synapse(&["run", "--config", config.to_str().unwrap()]).stderr(Stdio::null()).spawn().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while get(&addr, "/readyz").map(|r| r.0) != Some(200) {
+        assert!(Instant::now() < deadline, "never ready: {:?}", get(&addr, "/readyz"));
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let (status, body) = post(&addr, "/repair/check", "{}");
+    assert_eq!(status, 200, "{body}");
+    let reports: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(reports[0]["differing"], serde_json::json!([]), "{body}");
+
+    nodes.target.psql("app", "UPDATE t SET v = 'by hand' WHERE id = 7").unwrap();
+    nodes.source.psql("app", "UPDATE t SET v = 'replicated' WHERE id BETWEEN 100 AND 199").unwrap();
+    let (status, body) = post(&addr, "/repair/check", r#"{"tables": ["public.t"], "bits": 8}"#);
+    assert_eq!(status, 200, "{body}");
+    let reports: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(
+        reports[0]["differing"],
+        serde_json::json!([{"key": ["7"], "missing_on": [], "holders": [["a"], ["b"]]}]),
+        "{body}"
+    );
+    assert_eq!(reports[0]["cut"], serde_json::json!(["a→b"]), "{body}");
+
+    let (status, body) = post(&addr, "/repair/check", r#"{"nodes": ["a", "moon"]}"#);
+    assert_eq!(status, 400, "{body}");
+    assert!(body.contains("`moon` is not a node"), "{body}");
+    let (status, body) = post(&addr, "/repair/check", r#"{"tabels": []}"#);
+    assert_eq!(status, 422, "unknown fields are refused: {body}");
+
+    let out = synapse(&["repair", "track", "--config", config.to_str().unwrap(), "--bits", "8"]).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    nodes.source.psql("app", "DELETE FROM t WHERE id = 3").unwrap();
+    let (status, body) = post(&addr, "/repair/check", r#"{"bits": 8}"#);
+    assert_eq!(status, 200, "{body}");
+    let reports: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(reports[0]["digests"], "tracked", "{body}");
+    assert_eq!(reports[0]["differing"].as_array().unwrap().len(), 1, "the replicated delete is no drift: {body}");
+    child.kill().unwrap();
+    child.wait().unwrap();
+}

@@ -195,6 +195,10 @@ impl Node {
         fine: u8,
         buckets: &[usize],
     ) -> Result<BTreeMap<usize, (u64, u64)>, RepairError> {
+        if buckets.is_empty() {
+            // Nothing to read (identical, or every differing bucket known from the last check).
+            return Ok(BTreeMap::new());
+        }
         let list = buckets.iter().map(usize::to_string).collect::<Vec<_>>().join(",");
         // CREATE TABLE AS takes no parameters: the list is numbers we format ourselves.
         let sql = format!(

@@ -288,7 +288,8 @@ fn default_txns_per_commit() -> usize {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct OpsConfig {
-    /// Address of /metrics, /livez, /readyz; empty string disables the server.
+    /// Address of /metrics, /livez, /readyz and the admin API (POST /repair/check, whose
+    /// answers name keys of differing rows: keep it private); empty string disables the server.
     #[serde(default = "default_listen")]
     pub listen: String,
 }

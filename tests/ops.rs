@@ -17,17 +17,24 @@ fn get(addr: &str, path: &str) -> Option<(u16, String)> {
     Some((status, body))
 }
 
-#[test]
-fn readiness_and_metrics_report_the_pipeline() {
-    let nodes = Nodes::start("CREATE TABLE t (id int PRIMARY KEY, v text)");
+/// Starts `synapse run` replicating a → b with the ops server on a free port: (process,
+/// address, config file).
+fn run_with_ops(nodes: &Nodes, extra_source_yaml: &str) -> (std::process::Child, String, std::path::PathBuf) {
     let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
     let addr = format!("127.0.0.1:{port}");
-    let config = nodes.config("");
+    let config = nodes.config(extra_source_yaml);
     let text = std::fs::read_to_string(&config)
         .unwrap()
         .replace("ops:\n  listen: \"\"", &format!("ops:\n  listen: \"{addr}\""));
     std::fs::write(&config, text).unwrap();
-    let mut child = synapse(&["run", "--config", config.to_str().unwrap()]).stderr(Stdio::null()).spawn().unwrap();
+    let child = synapse(&["run", "--config", config.to_str().unwrap()]).stderr(Stdio::null()).spawn().unwrap();
+    (child, addr, config)
+}
+
+#[test]
+fn readiness_and_metrics_report_the_pipeline() {
+    let nodes = Nodes::start("CREATE TABLE t (id int PRIMARY KEY, v text)");
+    let (mut child, addr, _) = run_with_ops(&nodes, "");
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
         if let Some((200, body)) = get(&addr, "/readyz") {
@@ -84,14 +91,7 @@ fn the_admin_api_checks_replicas_of_a_running_pipeline() {
     let nodes = Nodes::start(
         "CREATE TABLE t (id int PRIMARY KEY, v text); INSERT INTO t SELECT g, 'v' || g FROM generate_series(1, 2000) g",
     );
-    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-    let addr = format!("127.0.0.1:{port}");
-    let config = nodes.config("    tables: [public.t]\n");
-    let text = std::fs::read_to_string(&config)
-        .unwrap()
-        .replace("ops:\n  listen: \"\"", &format!("ops:\n  listen: \"{addr}\""));
-    std::fs::write(&config, text).unwrap();
-    let mut child = synapse(&["run", "--config", config.to_str().unwrap()]).stderr(Stdio::null()).spawn().unwrap();
+    let (mut child, addr, config) = run_with_ops(&nodes, "    tables: [public.t]\n");
     let deadline = Instant::now() + Duration::from_secs(60);
     while get(&addr, "/readyz").map(|r| r.0) != Some(200) {
         assert!(Instant::now() < deadline, "never ready: {:?}", get(&addr, "/readyz"));

@@ -1088,30 +1088,9 @@ pub async fn read_stored(
     if keys.is_empty() {
         return Ok(out);
     }
-    let (cols, cond) = key_join(info);
-    let names: Vec<&String> = info.columns.iter().map(|(c, _)| c).collect();
-    let sql = format!(
-        "SELECT ARRAY[{}]::text[], ARRAY[{}]::text[] FROM {}.{} t JOIN unnest({}) AS u({cols}) ON {cond}",
-        info.key.iter().map(|k| format!("t.{}::text", quote_ident(k))).collect::<Vec<_>>().join(", "),
-        if names.is_empty() {
-            "NULL".to_owned()
-        } else {
-            names.iter().map(|c| format!("t.{}::text", quote_ident(c))).collect::<Vec<_>>().join(", ")
-        },
-        quote_ident(&info.schema),
-        quote_ident(&info.table),
-        unnest_params(info.key.len()),
-    );
-    let columns: Vec<Vec<String>> =
-        (0..info.key.len()).map(|i| keys.iter().map(|k| k.get(i).cloned().unwrap_or_default()).collect()).collect();
-    let params: Vec<&(dyn ToSql + Sync)> = columns.iter().map(|c| c as &(dyn ToSql + Sync)).collect();
-    let rows =
-        client.query(&sql, &params).await.map_err(ApplyError::target(format!("reading rows of {}", info.name())))?;
-    for r in rows {
-        let key: Vec<Option<String>> = r.get(0);
-        let vals: Vec<Option<String>> = r.get::<_, Option<Vec<Option<String>>>>(1).unwrap_or_default();
-        let values: Values = names.iter().map(|c| (*c).clone()).zip(vals).collect();
-        out.entry(key.into_iter().map(Option::unwrap_or_default).collect()).or_default().values = Some(values);
+    let probes: Vec<&Vec<String>> = keys.iter().collect();
+    for (key, values) in read_rows_by(client, &mut HashMap::new(), info, &info.key, &probes, false).await? {
+        out.entry(key).or_default().values = Some(values);
     }
     let pks: Vec<String> = keys.iter().map(|k| serde_json::to_string(k).unwrap_or_default()).collect();
     let rows = client
@@ -1333,7 +1312,7 @@ async fn settle_unique_claims(
                 }
             }
             let probes: Vec<&Vec<String>> = owners.keys().collect();
-            for (lkey, lvalues) in read_rows_by(client, statements, info, cols, &probes).await? {
+            for (lkey, lvalues) in read_rows_by(client, statements, info, cols, &probes, true).await? {
                 let Some(held) =
                     cols.iter().map(|col| column_text(info, &lkey, &lvalues, col)).collect::<Option<Vec<_>>>()
                 else {
@@ -1445,22 +1424,22 @@ async fn read_rows(
     info: &MeshTable,
     keys: &[&Vec<String>],
 ) -> Result<Vec<(Vec<String>, Values)>, ApplyError> {
-    read_rows_by(client, statements, info, &info.key, keys).await
+    read_rows_by(client, statements, info, &info.key, keys, true).await
 }
 
-/// Locks and reads the rows whose `by` columns equal one of `probes`, in key order.
+/// Reads the rows whose `by` columns equal one of `probes` (`lock`: locked, in key order).
 async fn read_rows_by(
     client: &Client,
     statements: &mut HashMap<String, Statement>,
     info: &MeshTable,
     by: &[String],
     probes: &[&Vec<String>],
+    lock: bool,
 ) -> Result<Vec<(Vec<String>, Values)>, ApplyError> {
     let (cols, cond) = column_join(info, by);
     let names: Vec<&String> = info.columns.iter().map(|(c, _)| c).collect();
     let sql = format!(
-        "SELECT ARRAY[{}]::text[], ARRAY[{}]::text[] FROM {}.{} t JOIN unnest({}) AS u({cols}) ON {cond}
-         ORDER BY {} FOR UPDATE OF t",
+        "SELECT ARRAY[{}]::text[], ARRAY[{}]::text[] FROM {}.{} t JOIN unnest({}) AS u({cols}) ON {cond} {}",
         info.key.iter().map(|k| format!("t.{}::text", quote_ident(k))).collect::<Vec<_>>().join(", "),
         if names.is_empty() {
             "NULL".to_owned()
@@ -1470,7 +1449,13 @@ async fn read_rows_by(
         quote_ident(&info.schema),
         quote_ident(&info.table),
         unnest_params(by.len()),
-        info.key.iter().map(|k| format!("t.{}", quote_ident(k))).collect::<Vec<_>>().join(", "),
+        match lock {
+            true => format!(
+                "ORDER BY {} FOR UPDATE OF t",
+                info.key.iter().map(|k| format!("t.{}", quote_ident(k))).collect::<Vec<_>>().join(", ")
+            ),
+            false => String::new(),
+        },
     );
     let stmt = prepared(client, statements, sql, &info.name()).await?;
     let columns: Vec<Vec<String>> =

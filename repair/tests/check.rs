@@ -29,6 +29,14 @@ fn keys(r: &Report) -> Vec<(String, Vec<&str>, usize)> {
         .collect()
 }
 
+/// A cluster with database `app` holding `SCHEMA`.
+fn cluster() -> LocalCluster {
+    let n = LocalCluster::start(ClusterOptions::default()).unwrap();
+    n.create_database("app").unwrap();
+    n.psql("app", SCHEMA).unwrap();
+    n
+}
+
 /// Nodes that run no pipeline: nothing is in flight, no cut to wait for.
 fn at(bits: u8) -> CheckOptions {
     CheckOptions { bits, cut_timeout: Some(std::time::Duration::from_secs(5)), appliers: None, cache_dir: None }
@@ -36,14 +44,7 @@ fn at(bits: u8) -> CheckOptions {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn check_finds_exactly_the_diverged_keys() {
-    let (a, b) = (
-        LocalCluster::start(ClusterOptions::default()).unwrap(),
-        LocalCluster::start(ClusterOptions::default()).unwrap(),
-    );
-    for n in [&a, &b] {
-        n.create_database("app").unwrap();
-        n.psql("app", SCHEMA).unwrap();
-    }
+    let (a, b) = (cluster(), cluster());
     // Different session settings on the two nodes must not look like divergence.
     b.psql("app", "ALTER DATABASE app SET TimeZone = 'Asia/Tokyo'; ALTER DATABASE app SET DateStyle = 'SQL, DMY'")
         .unwrap();
@@ -142,14 +143,7 @@ async fn an_unreachable_node_is_a_retryable_error_naming_it() {
 /// scanning, with the same result.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tracked_digests_stay_equal_to_a_scan() {
-    let (a, b) = (
-        LocalCluster::start(ClusterOptions::default()).unwrap(),
-        LocalCluster::start(ClusterOptions::default()).unwrap(),
-    );
-    for n in [&a, &b] {
-        n.create_database("app").unwrap();
-        n.psql("app", SCHEMA).unwrap();
-    }
+    let (a, b) = (cluster(), cluster());
     let url = |n: &LocalCluster| n.url("app").parse::<tokio_postgres::Config>().unwrap();
     let (na, nb) = (Node::connect("a", &url(&a)).await.unwrap(), Node::connect("b", &url(&b)).await.unwrap());
     for (n, table) in [(&na, "public.items"), (&nb, "public.items"), (&na, "public.pairs"), (&nb, "public.pairs")] {

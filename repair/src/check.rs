@@ -252,11 +252,24 @@ async fn compare(
             .cloned()
             .collect();
     }
-    let differing_keys = candidates
+    let differing_keys: Vec<KeyDiff> = candidates
         .iter()
         .filter(|k| snapshot.iter().zip(&now).all(|(then, now)| then.get(*k) == now.get(*k)))
         .map(|k| describe_key(&names, &snapshot, k))
         .collect();
+    let (mode, elapsed) = (if use_tracked { "tracked" } else { "scanned" }, t0.elapsed().as_secs_f64());
+    metrics::histogram!("synapse_repair_check_seconds", "table" => table.to_owned(), "digests" => mode).record(elapsed);
+    metrics::gauge!("synapse_repair_differing_keys", "table" => table.to_owned()).set(differing_keys.len() as f64);
+    metrics::counter!("synapse_repair_changing_keys_total", "table" => table.to_owned())
+        .increment(changing.len() as u64);
+    tracing::info!(
+        table,
+        digests = mode,
+        differing = differing_keys.len(),
+        changing = changing.len(),
+        folded,
+        "repair check"
+    );
     Ok(Report {
         table: table.to_owned(),
         nodes: names,

@@ -143,6 +143,16 @@ pub async fn fix(
             }
         }
     }
+    if !options.dry_run {
+        for c in &changes {
+            let rows = (c.inserted.len() + c.updated.len() + c.deleted.len() + c.versions_only.len()) as u64;
+            metrics::counter!("synapse_repair_rows_fixed_total", "table" => table.clone(), "node" => c.node.clone())
+                .increment(rows);
+            metrics::counter!("synapse_repair_conflicts_total", "table" => table.clone(), "node" => c.node.clone())
+                .increment(c.conflicts);
+        }
+        metrics::gauge!("synapse_repair_unresolved_keys", "table" => table.clone()).set(unresolved.len() as f64);
+    }
     Ok(FixReport { table, dry_run: options.dry_run, keys: keys.len(), nodes: changes, unresolved })
 }
 

@@ -101,7 +101,8 @@ enum RepairCommand {
     Fix(repair::FixArgs),
     /// Keep the tables' bucket digests current on every node (triggers record each write's
     /// change to its bucket), so later checks read them instead of scanning: cost by changes.
-    Track(repair::Selection),
+    /// --stop removes it.
+    Track(repair::TrackArgs),
 }
 
 /// Resolves on SIGINT or SIGTERM.

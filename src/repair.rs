@@ -174,13 +174,29 @@ pub async fn run_check(o: Selection) -> anyhow::Result<ExitCode> {
     Ok(if differ { ExitCode::from(1) } else { ExitCode::SUCCESS })
 }
 
-/// Installs digest tracking for the selected tables on the selected nodes (same bits on all).
-pub async fn run_track(o: Selection) -> anyhow::Result<()> {
+#[derive(clap::Args)]
+pub struct TrackArgs {
+    #[command(flatten)]
+    selection: Selection,
+    /// Stop tracking instead: drop the triggers, the bucket index and the digests.
+    #[arg(long)]
+    stop: bool,
+}
+
+/// Installs (or with --stop removes) digest tracking for the selected tables on the selected
+/// nodes (same bits on all).
+pub async fn run_track(args: TrackArgs) -> anyhow::Result<()> {
+    let o = args.selection;
     let r = resolve(&o)?;
     for (name, pg) in &r.nodes {
         let node = Node::connect(name, pg).await.map_err(with_hint)?;
         for table in &r.tables {
             let shape = node.describe(table).await.map_err(with_hint)?;
+            if args.stop {
+                node.untrack(&shape).await.map_err(with_hint)?;
+                println!("{table} on {name}: no longer tracked");
+                continue;
+            }
             let started = std::time::Instant::now();
             let indexed = node.track(&shape, o.bits).await.map_err(with_hint)?;
             println!(

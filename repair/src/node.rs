@@ -359,6 +359,43 @@ impl Node {
         Ok(indexed)
     }
 
+    /// Stops tracking `shape` on this node: its triggers, function, bucket index and digests
+    /// go. Idempotent.
+    pub async fn untrack(&self, shape: &Shape) -> Result<(), RepairError> {
+        let id = format!("{:016x}", xxhash_rust::xxh3::xxh3_64(shape.name.as_bytes()));
+        let table = shape.from.trim_end_matches(" t");
+        let name = literal(&shape.name);
+        let sql = format!(
+            "SET client_min_messages = warning;
+             {TRACKING_DDL};
+             BEGIN;
+             DROP TRIGGER IF EXISTS synapse_repair_insert ON {table};
+             DROP TRIGGER IF EXISTS synapse_repair_update ON {table};
+             DROP TRIGGER IF EXISTS synapse_repair_delete ON {table};
+             DROP TRIGGER IF EXISTS synapse_repair_truncate ON {table};
+             DROP FUNCTION IF EXISTS synapse.repair_delta_{id}();
+             DELETE FROM synapse.repair_tracked WHERE tbl = {name};
+             DELETE FROM synapse.repair_delta WHERE tbl = {name};
+             DELETE FROM synapse.repair_digest WHERE tbl = {name};
+             COMMIT;
+             RESET client_min_messages;"
+        );
+        if let Err(e) = self.client.batch_execute(&sql).await {
+            let _ = self.client.batch_execute("ROLLBACK").await;
+            return Err(RepairError::Node {
+                node: self.name.clone(),
+                context: format!("untracking {}", shape.name),
+                source: e,
+            });
+        }
+        // On its own: CONCURRENTLY cannot run in a (multi-statement, implicit) transaction.
+        let schema = table.split('.').next().unwrap_or("public");
+        self.client
+            .batch_execute(&format!("DROP INDEX CONCURRENTLY IF EXISTS {schema}.synapse_repair_{id}"))
+            .await
+            .map_err(self.fail(format!("dropping the bucket index of {}", shape.name)))
+    }
+
     /// The bucket bits `shape` is tracked with here, if its digests are kept current and were
     /// set up for the table's current columns (a changed table must be tracked again).
     pub async fn tracked_bits(&self, shape: &Shape) -> Result<Option<u8>, RepairError> {

@@ -185,4 +185,20 @@ async fn tracked_digests_stay_equal_to_a_scan() {
     // Another bucket count than tracked: scanned, same answer.
     let report = check(&both, "public.items", &at(8)).await.unwrap();
     assert_eq!((report.digests.as_str(), keys(&report)), ("scanned", vec![("11".to_string(), vec![], 2)]));
+
+    // Untracked on one node: scanned again, and writes there record nothing any more.
+    let shape = na.describe("public.items").await.unwrap();
+    na.untrack(&shape).await.unwrap();
+    na.untrack(&shape).await.unwrap();
+    assert_eq!(na.tracked_bits(&shape).await.unwrap(), None);
+    a.psql("app", "UPDATE items SET a = 0 WHERE id = 1").unwrap();
+    assert_eq!(
+        a.psql("app", "SELECT count(*) FROM synapse.repair_delta").unwrap()
+            + " "
+            + &a.psql("app", "SELECT count(*) FROM pg_indexes WHERE indexname LIKE 'synapse_repair_%'").unwrap(),
+        "0 1",
+        "items' triggers and index are gone (pairs' index stays)"
+    );
+    let report = check(&both, "public.items", &at(10)).await.unwrap();
+    assert_eq!(report.digests, "scanned");
 }

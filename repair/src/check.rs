@@ -152,6 +152,12 @@ pub async fn check(nodes: &[&Node], table: &str, options: &CheckOptions) -> Resu
         try_join_all(nodes.iter().map(|n| n.lock_table(table, true))).await?;
     }
     let result = compare(nodes, table, &shapes, options, use_tracked).await;
+    if result.is_err() {
+        // A fold that was rolled back must be read again in full.
+        for n in nodes {
+            n.forget_tracked(table);
+        }
+    }
     if use_tracked {
         // On error the session may be gone already; its lock went with it.
         let _ = try_join_all(nodes.iter().map(|n| n.lock_table(table, false))).await;

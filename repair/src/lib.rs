@@ -171,6 +171,13 @@ impl Buckets {
         self.counts[b] = self.counts[b].wrapping_sub(1);
     }
 
+    /// Sets bucket `b`'s (row count, hash sum), as a node read it.
+    pub fn set(&mut self, b: usize, count: u64, sum: u64) {
+        if let (Some(c), Some(s)) = (self.counts.get_mut(b), self.sums.get_mut(b)) {
+            (*c, *s) = (count, sum);
+        }
+    }
+
     /// Bucket `b`'s (row count, hash sum).
     pub fn get(&self, b: usize) -> Option<(u64, u64)> {
         Some((*self.counts.get(b)?, *self.sums.get(b)?))

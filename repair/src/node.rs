@@ -32,6 +32,9 @@ const SESSION: &str = "SET DateStyle = 'ISO, YMD'; SET TimeZone = 'UTC'; SET Int
 pub struct Node {
     pub name: String,
     client: Client,
+    /// Per table, the tracked digests last read (tracking's start, generation, digests): a
+    /// later check on this session reads only the buckets folded since.
+    tracked: std::sync::Mutex<std::collections::HashMap<String, (String, i64, Buckets)>>,
 }
 
 impl Node {
@@ -43,7 +46,7 @@ impl Node {
         let (client, conn) = config.connect(NoTls).await.map_err(fail("connecting"))?;
         tokio::spawn(conn);
         client.batch_execute(SESSION).await.map_err(fail("setting up the session"))?;
-        Ok(Node { name: name.to_owned(), client })
+        Ok(Node { name: name.to_owned(), client, tracked: Default::default() })
     }
 
     /// The session (no replication origin: what it writes is captured like an application's).
@@ -303,6 +306,8 @@ impl Node {
              SET extra_float_digits = 1 SET bytea_output = 'hex' AS $fn$
              BEGIN
                  IF TG_OP = 'TRUNCATE' THEN
+                     -- Digests of a truncated table start over: checks scan until tracked again.
+                     DELETE FROM synapse.repair_tracked WHERE tbl = {name};
                      DELETE FROM synapse.repair_delta WHERE tbl = {name};
                      DELETE FROM synapse.repair_digest WHERE tbl = {name};
                  ELSIF TG_OP = 'INSERT' THEN
@@ -426,10 +431,12 @@ impl Node {
             .query_one(
                 &format!(
                     "WITH gone AS (DELETE FROM synapse.repair_delta WHERE tbl = $1 RETURNING bucket, n, s),
-                      folded AS (INSERT INTO synapse.repair_digest (tbl, bucket, n, s)
-                                 SELECT $1, bucket, sum(n), {} FROM gone GROUP BY bucket
+                      folded AS (INSERT INTO synapse.repair_digest (tbl, bucket, n, s, gen)
+                                 SELECT $1, bucket, sum(n), {},
+                                        (SELECT coalesce(max(gen), 0) + 1 FROM synapse.repair_digest WHERE tbl = $1)
+                                 FROM gone GROUP BY bucket
                                  ON CONFLICT (tbl, bucket) DO UPDATE
-                                 SET n = repair_digest.n + excluded.n, s = {})
+                                 SET n = repair_digest.n + excluded.n, s = {}, gen = excluded.gen)
                  SELECT count(*) FROM gone",
                     wrap("sum(s)"),
                     wrap("repair_digest.s::numeric + excluded.s"),
@@ -439,23 +446,44 @@ impl Node {
             .await
             .map_err(self.fail(format!("folding the changes of {} into its digests", shape.name)))?;
         let folded = fold.get::<_, i64>(0).max(0) as u64;
+        // Only buckets folded since the digests this session read last, if tracking has not
+        // restarted since (then all of them).
+        let (since_at, since_gen) = match self.tracked.lock().ok().and_then(|c| c.get(&shape.name).cloned()) {
+            Some((at, gen, b)) if b.bits() == bits => (at, gen),
+            _ => (String::new(), -1),
+        };
         let row = self
             .client
             .query_one(
-                "SELECT coalesce(string_agg(int4send(bucket::int4) || int8send(n) || int8send(s), ''::bytea ORDER BY bucket), ''::bytea)
-                 FROM synapse.repair_digest WHERE tbl = $1",
-                &[&shape.name],
+                "WITH t AS (SELECT tracked_at::text AS at FROM synapse.repair_tracked WHERE tbl = $1)
+                 SELECT (SELECT at FROM t), (SELECT coalesce(max(gen), 0) FROM synapse.repair_digest WHERE tbl = $1),
+                        coalesce(string_agg(int4send(bucket::int4) || int8send(n) || int8send(s), ''::bytea ORDER BY bucket), ''::bytea)
+                 FROM synapse.repair_digest
+                 WHERE tbl = $1 AND gen > CASE WHEN (SELECT at FROM t) = $2 THEN $3::int8 ELSE -1 END",
+                &[&shape.name, &since_at, &since_gen],
             )
             .await
             .map_err(self.fail(format!("reading the digests of {}", shape.name)))?;
-        let n = Buckets::new(bits)?.len();
-        let (mut sums, mut counts) = (vec![0u64; n], vec![0u64; n]);
-        for (b, count, sum) in unpack(row.get(0)) {
-            if let (Some(s), Some(c)) = (sums.get_mut(b), counts.get_mut(b)) {
-                (*s, *c) = (sum, count);
-            }
+        let (at, gen): (Option<String>, i64) = (row.get(0), row.get(1));
+        let at = at.unwrap_or_default();
+        let mut buckets = match self.tracked.lock().ok().and_then(|c| c.get(&shape.name).cloned()) {
+            Some((cached_at, _, b)) if cached_at == at && since_gen >= 0 && b.bits() == bits => b,
+            _ => Buckets::new(bits)?,
+        };
+        for (b, count, sum) in unpack(row.get(2)) {
+            buckets.set(b, count, sum);
         }
-        Ok((Buckets::from_sums(bits, sums, counts)?, folded))
+        if let Ok(mut c) = self.tracked.lock() {
+            c.insert(shape.name.clone(), (at, gen, buckets.clone()));
+        }
+        Ok((buckets, folded))
+    }
+
+    /// Forgets the tracked digests read for `table` (their transaction did not commit).
+    pub(crate) fn forget_tracked(&self, table: &str) {
+        if let Ok(mut c) = self.tracked.lock() {
+            c.remove(table);
+        }
     }
 
     /// Serialises checks of one table on this node (folding deletes deltas: two at once would
@@ -550,6 +578,8 @@ CREATE TABLE IF NOT EXISTS synapse.repair_digest (
     tbl text NOT NULL, bucket bigint NOT NULL, n bigint NOT NULL, s bigint NOT NULL, PRIMARY KEY (tbl, bucket));
 CREATE TABLE IF NOT EXISTS synapse.repair_delta (tbl text NOT NULL, bucket bigint NOT NULL, n bigint NOT NULL, s numeric NOT NULL);
 CREATE INDEX IF NOT EXISTS repair_delta_tbl ON synapse.repair_delta (tbl);
+-- The fold that last changed a bucket: readers that hold older digests read only newer rows.
+ALTER TABLE synapse.repair_digest ADD COLUMN IF NOT EXISTS gen bigint NOT NULL DEFAULT 0;
 CREATE TABLE IF NOT EXISTS synapse.repair_tracked (
     tbl text PRIMARY KEY, bits integer NOT NULL, key_hash text NOT NULL, row_hash text NOT NULL,
     tracked_at timestamptz NOT NULL DEFAULT now())";

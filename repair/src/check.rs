@@ -318,18 +318,16 @@ fn describe_key(names: &[String], rows: &[Rows], key: &Key) -> KeyDiff {
 }
 
 /// Writes a marker on every node, then waits until each node's applier of every other node
-/// has applied past that node's marker. Returns the appliers waited for.
+/// has applied past that node's marker. Returns the appliers waited for (none, and no marker
+/// written, when no applier links the nodes).
 async fn wait_for_cut(
     nodes: &[&Node],
     appliers: Option<&[(String, String)]>,
     timeout: Duration,
 ) -> Result<Vec<String>, RepairError> {
-    let marks: Vec<Lsn> = try_join_all(nodes.iter().map(|n| n.mark_cut())).await?;
     let index = |name: &str| nodes.iter().position(|n| n.name == name);
-    let started = Instant::now();
-    loop {
-        let positions = try_join_all(nodes.iter().map(|n| n.applied())).await?;
-        // (source, target) → applied position; a configured applier without one is at 0.
+    // (source, target) → applied position; a configured applier without one is at 0.
+    let links = |positions: &[Option<Vec<(String, Lsn)>>]| -> BTreeMap<(usize, usize), Lsn> {
         let mut at: BTreeMap<(usize, usize), Lsn> = BTreeMap::new();
         for (t, applied) in positions.iter().enumerate() {
             for (source, lsn) in applied.iter().flatten() {
@@ -349,6 +347,17 @@ async fn wait_for_cut(
                 }
             }
         }
+        at
+    };
+    let positions = try_join_all(nodes.iter().map(|n| n.applied())).await?;
+    if links(&positions).is_empty() {
+        return Ok(Vec::new());
+    }
+    let marks: Vec<Lsn> = try_join_all(nodes.iter().map(|n| n.mark_cut())).await?;
+    let started = Instant::now();
+    loop {
+        let positions = try_join_all(nodes.iter().map(|n| n.applied())).await?;
+        let at = links(&positions);
         let behind: Vec<String> = at
             .iter()
             .filter(|((s, _), lsn)| **lsn < marks[*s])

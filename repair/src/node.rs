@@ -35,6 +35,9 @@ pub struct Node {
     /// Per table, the tracked digests last read (tracking's start, generation, digests): a
     /// later check on this session reads only the buckets folded since.
     tracked: std::sync::Mutex<std::collections::HashMap<String, (String, i64, Buckets)>>,
+    /// Statements prepared on this session, by text: a session kept between checks (the
+    /// admin API) then needs one round trip per query instead of two.
+    statements: std::sync::Mutex<std::collections::HashMap<String, tokio_postgres::Statement>>,
 }
 
 impl Node {
@@ -46,12 +49,43 @@ impl Node {
         let (client, conn) = config.connect(NoTls).await.map_err(fail("connecting"))?;
         tokio::spawn(conn);
         client.batch_execute(SESSION).await.map_err(fail("setting up the session"))?;
-        Ok(Node { name: name.to_owned(), client, tracked: Default::default() })
+        Ok(Node { name: name.to_owned(), client, tracked: Default::default(), statements: Default::default() })
     }
 
     /// The session (no replication origin: what it writes is captured like an application's).
     pub fn client(&self) -> &Client {
         &self.client
+    }
+
+    /// `sql` prepared once per session.
+    async fn stmt(&self, sql: &str) -> Result<tokio_postgres::Statement, tokio_postgres::Error> {
+        if let Some(s) = self.statements.lock().ok().and_then(|m| m.get(sql).cloned()) {
+            return Ok(s);
+        }
+        let s = self.client.prepare(sql).await?;
+        if let Ok(mut m) = self.statements.lock() {
+            m.insert(sql.to_owned(), s.clone());
+        }
+        Ok(s)
+    }
+
+    /// Runs `sql` (prepared once per session).
+    async fn rows(
+        &self,
+        sql: &str,
+        params: &[&(dyn tokio_postgres::types::ToSql + Sync)],
+    ) -> Result<Vec<tokio_postgres::Row>, tokio_postgres::Error> {
+        let stmt = self.stmt(sql).await?;
+        self.client.query(&stmt, params).await
+    }
+
+    async fn row(
+        &self,
+        sql: &str,
+        params: &[&(dyn tokio_postgres::types::ToSql + Sync)],
+    ) -> Result<tokio_postgres::Row, tokio_postgres::Error> {
+        let stmt = self.stmt(sql).await?;
+        self.client.query_one(&stmt, params).await
     }
 
     fn fail(&self, context: String) -> impl FnOnce(tokio_postgres::Error) -> RepairError + '_ {
@@ -80,8 +114,7 @@ impl Node {
         let bad = |message: String| RepairError::Table { table: name.to_owned(), message };
         let (schema, table) = name.split_once('.').ok_or_else(|| bad("name tables as schema.table".into()))?;
         let rows = self
-            .client
-            .query(
+            .rows(
                 "SELECT a.attname::text, format_type(a.atttypid, a.atttypmod),
                         -- int2vector subscripts start at 0: position + 1, 0 for non-key columns
                         coalesce(array_position(i.indkey::int2[], a.attnum) - array_lower(i.indkey::int2[], 1) + 1, 0),
@@ -178,7 +211,7 @@ impl Node {
             hash = shape.row_hash(),
             from = shape.from,
         );
-        let row = self.client.query_one(&sql, &[]).await.map_err(self.fail(format!("digesting {}", shape.name)))?;
+        let row = self.row(&sql, &[]).await.map_err(self.fail(format!("digesting {}", shape.name)))?;
         let (mut sums, mut counts) = (vec![0u64; n], vec![0u64; n]);
         for (b, count, sum) in unpack(row.get(0)) {
             if let (Some(s), Some(c)) = (sums.get_mut(b), counts.get_mut(b)) {
@@ -220,8 +253,7 @@ impl Node {
             .await
             .map_err(self.fail(format!("reading differing rows of {}", shape.name)))?;
         let row = self
-            .client
-            .query_one(
+            .row(
                 &format!(
                     "SELECT {PACKED} FROM (SELECT b, count(*) AS n, sum(h) AS s FROM synapse_repair_rows GROUP BY b) g"
                 ),
@@ -243,8 +275,7 @@ impl Node {
         }
         let wanted: Vec<i64> = fine_buckets.iter().map(|b| *b as i64).collect();
         let rows = self
-            .client
-            .query("SELECT b, k, h FROM synapse_repair_rows WHERE b = ANY($1)", &[&wanted])
+            .rows("SELECT b, k, h FROM synapse_repair_rows WHERE b = ANY($1)", &[&wanted])
             .await
             .map_err(self.fail(format!("reading differing rows of {}", shape.name)))?;
         Ok(rows.into_iter().map(|r| (r.get::<_, i64>(0).max(0) as usize, r.get(1), r.get(2))).collect())
@@ -405,14 +436,13 @@ impl Node {
     /// set up for the table's current columns (a changed table must be tracked again).
     pub async fn tracked_bits(&self, shape: &Shape) -> Result<Option<u8>, RepairError> {
         let row = self
-            .client
-            .query_opt(
+            .rows(
                 "SELECT bits FROM synapse.repair_tracked WHERE tbl = $1 AND key_hash = $2 AND row_hash = $3",
                 &[&shape.name, &shape.key_hash, &shape.row_hash],
             )
             .await;
         match row {
-            Ok(r) => Ok(r.map(|r| r.get::<_, i32>(0).clamp(0, 64) as u8)),
+            Ok(r) => Ok(r.first().map(|r| r.get::<_, i32>(0).clamp(0, 64) as u8)),
             Err(e) if e.code() == Some(&tokio_postgres::error::SqlState::UNDEFINED_TABLE) => Ok(None),
             Err(e) => Err(RepairError::Node {
                 node: self.name.clone(),
@@ -427,8 +457,7 @@ impl Node {
     /// Returns the digests and how many deltas were folded.
     pub async fn tracked_digests(&self, shape: &Shape, bits: u8) -> Result<(Buckets, u64), RepairError> {
         let fold = self
-            .client
-            .query_one(
+            .row(
                 &format!(
                     "WITH gone AS (DELETE FROM synapse.repair_delta WHERE tbl = $1 RETURNING bucket, n, s),
                       folded AS (INSERT INTO synapse.repair_digest (tbl, bucket, n, s, gen)
@@ -453,8 +482,7 @@ impl Node {
             _ => (String::new(), -1),
         };
         let row = self
-            .client
-            .query_one(
+            .row(
                 "WITH t AS (SELECT tracked_at::text AS at FROM synapse.repair_tracked WHERE tbl = $1)
                  SELECT (SELECT at FROM t), (SELECT coalesce(max(gen), 0) FROM synapse.repair_digest WHERE tbl = $1),
                         coalesce(string_agg(int4send(bucket::int4) || int8send(n) || int8send(s), ''::bytea ORDER BY bucket), ''::bytea)
@@ -490,8 +518,7 @@ impl Node {
     /// fail each other's snapshot). Session-level: taken before the snapshot starts.
     pub(crate) async fn lock_table(&self, table: &str, lock: bool) -> Result<(), RepairError> {
         let f = if lock { "pg_advisory_lock" } else { "pg_advisory_unlock" };
-        self.client
-            .execute(&format!("SELECT {f}(hashtext('synapse_repair:' || $1))"), &[&table])
+        self.rows(&format!("SELECT {f}(hashtext('synapse_repair:' || $1))"), &[&table])
             .await
             .map_err(self.fail(format!("{f} for {table}")))?;
         Ok(())
@@ -518,8 +545,7 @@ impl Node {
         let params: Vec<&(dyn tokio_postgres::types::ToSql + Sync)> =
             columns.iter().map(|c| c as &(dyn tokio_postgres::types::ToSql + Sync)).collect();
         let rows = self
-            .client
-            .query(&sql, &params)
+            .rows(&sql, &params)
             .await
             .map_err(self.fail(format!("re-reading differing rows of {}", shape.name)))?;
         Ok(rows.into_iter().map(|r| (r.get(0), r.get(1))).collect())
@@ -531,8 +557,7 @@ impl Node {
     /// applier's position is past it.
     pub async fn mark_cut(&self) -> Result<Lsn, RepairError> {
         let row = self
-            .client
-            .query_one("SELECT pg_logical_emit_message(true, 'synapse_repair_cut', '')::text", &[])
+            .row("SELECT pg_logical_emit_message(true, 'synapse_repair_cut', '')::text", &[])
             .await
             .map_err(self.fail("writing a cut marker (pg_logical_emit_message)".into()))?;
         Ok(row.get::<_, String>(0).parse().unwrap_or(Lsn(0)))
@@ -541,7 +566,7 @@ impl Node {
     /// Positions this node's appliers have applied, by source node: the commit position of
     /// each source's last applied transaction. `None`: no applier ever ran on this node.
     pub async fn applied(&self) -> Result<Option<Vec<(String, Lsn)>>, RepairError> {
-        let rows = self.client.query("SELECT source_node, commit_lsn::text FROM synapse.applied", &[]).await;
+        let rows = self.rows("SELECT source_node, commit_lsn::text FROM synapse.applied", &[]).await;
         let rows = match rows {
             Ok(rows) => rows,
             // No such table: this node applies nothing.

@@ -57,6 +57,16 @@ impl Node {
         &self.client
     }
 
+    /// Runs a batch that opens a transaction, rolling it back if the batch fails midway (the
+    /// session stays usable).
+    async fn in_transaction(&self, sql: &str) -> Result<(), tokio_postgres::Error> {
+        let result = self.client.batch_execute(sql).await;
+        if result.is_err() {
+            let _ = self.client.batch_execute("ROLLBACK").await;
+        }
+        result
+    }
+
     /// `sql` prepared once per session.
     async fn stmt(&self, sql: &str) -> Result<tokio_postgres::Statement, tokio_postgres::Error> {
         if let Some(s) = self.statements.lock().ok().and_then(|m| m.get(sql).cloned()) {
@@ -384,14 +394,7 @@ impl Node {
             rh = literal(&shape.row_hash),
             wrapped = wrap("sum(h)"),
         );
-        if let Err(e) = self.client.batch_execute(&sql).await {
-            let _ = self.client.batch_execute("ROLLBACK").await;
-            return Err(RepairError::Node {
-                node: self.name.clone(),
-                context: format!("tracking {}", shape.name),
-                source: e,
-            });
-        }
+        self.in_transaction(&sql).await.map_err(self.fail(format!("tracking {}", shape.name)))?;
         Ok(indexed)
     }
 
@@ -416,14 +419,7 @@ impl Node {
              COMMIT;
              RESET client_min_messages;"
         );
-        if let Err(e) = self.client.batch_execute(&sql).await {
-            let _ = self.client.batch_execute("ROLLBACK").await;
-            return Err(RepairError::Node {
-                node: self.name.clone(),
-                context: format!("untracking {}", shape.name),
-                source: e,
-            });
-        }
+        self.in_transaction(&sql).await.map_err(self.fail(format!("untracking {}", shape.name)))?;
         // On its own: CONCURRENTLY cannot run in a (multi-statement, implicit) transaction.
         let schema = table.split('.').next().unwrap_or("public");
         self.client

@@ -156,15 +156,8 @@ pub async fn run(rows: u64, work: &Path) -> anyhow::Result<RepairBench> {
             Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e.into()),
             _ => Ok(()),
         },
-        || {
-            let mut c = tokio::process::Command::new(&exe);
-            c.args(["repair", "check", "--config", &config.display().to_string(), "--json"]);
-            c
-        },
-        |out| {
-            let reports: serde_json::Value = serde_json::from_str(out).context("synapse repair check --json")?;
-            Ok(reports[0]["differing"].as_array().map_or(0, Vec::len))
-        },
+        check,
+        synapse_found,
     )
     .await?;
 
@@ -259,11 +252,7 @@ pub async fn run(rows: u64, work: &Path) -> anyhow::Result<RepairBench> {
         }
         Ok(())
     };
-    let incremental = measure(&pa, &pb, &change, check, |out| {
-        let reports: serde_json::Value = serde_json::from_str(out).context("synapse repair check --json")?;
-        Ok(reports[0]["differing"].as_array().map_or(0, Vec::len))
-    })
-    .await?;
+    let incremental = measure(&pa, &pb, &change, check, synapse_found).await?;
     // The same through the admin API's path in a running process: connections already open.
     let service = crate::repair::RepairService::new(crate::config::Config::load(&config)?);
     let request = || crate::repair::CheckRequest { tables: vec!["public.t".into()], ..Default::default() };
@@ -282,6 +271,12 @@ pub async fn run(rows: u64, work: &Path) -> anyhow::Result<RepairBench> {
     warm.sort_by(|x, y| x.secs.total_cmp(&y.secs));
     let warm = warm[warm.len() / 2].clone();
     Ok(RepairBench { rows, table_bytes, synapse, pg_comparator, reladiff, track_secs, incremental, warm })
+}
+
+/// Differing keys in `synapse repair check --json` output.
+fn synapse_found(out: &str) -> anyhow::Result<usize> {
+    let reports: serde_json::Value = serde_json::from_str(out).context("synapse repair check --json")?;
+    Ok(reports[0]["differing"].as_array().map_or(0, Vec::len))
 }
 
 fn distinct_keys<'a>(keys: impl Iterator<Item = &'a str>) -> usize {

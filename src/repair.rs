@@ -255,7 +255,6 @@ pub async fn run_fix(o: FixArgs) -> anyhow::Result<ExitCode> {
                     .map_err(|e| anyhow::anyhow!("[{}] {table}: {e}\n  hint: {}", e.code(), e.hint()))?;
             let keys: Vec<Vec<String>> = report.differing.iter().map(|d| d.key.clone()).collect();
             let options = FixOptions { dry_run: o.dry_run, prefer: o.prefer.clone() };
-            let policies: HashMap<_, _> = policies.clone();
             Some(fix(&nodes, &info, &policies, &keys, &options).await.map_err(with_hint)?)
         };
         out.push((report, fixed));

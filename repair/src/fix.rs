@@ -250,10 +250,11 @@ async fn exchange(
     only: Option<usize>,
 ) -> Result<(), RepairError> {
     let tables = HashMap::from([(info.name(), info.clone())]);
+    // Every key some node sends, once.
+    let keys: Vec<Key> =
+        from.iter().flat_map(|s| s.keys().cloned()).collect::<std::collections::BTreeSet<_>>().into_iter().collect();
     for (y, target) in nodes.iter().enumerate() {
-        let own = read_stored(&target.writer, info, &from.iter().flat_map(|s| s.keys().cloned()).collect::<Vec<_>>())
-            .await
-            .map_err(target.apply_error())?;
+        let own = read_stored(&target.writer, info, &keys).await.map_err(target.apply_error())?;
         for (x, state) in from.iter().enumerate() {
             if x == y || only.is_some_and(|o| o != x) {
                 continue;

@@ -473,10 +473,10 @@ impl Node {
         let folded = fold.get::<_, i64>(0).max(0) as u64;
         // Only buckets folded since the digests this session read last, if tracking has not
         // restarted since (then all of them).
-        let (since_at, since_gen) = match self.tracked.lock().ok().and_then(|c| c.get(&shape.name).cloned()) {
-            Some((at, gen, b)) if b.bits() == bits => (at, gen),
-            _ => (String::new(), -1),
-        };
+        // What this session read last (dropped if made with other bits).
+        let cached =
+            self.tracked.lock().ok().and_then(|c| c.get(&shape.name).cloned()).filter(|(_, _, b)| b.bits() == bits);
+        let (since_at, since_gen) = cached.as_ref().map_or((String::new(), -1), |(at, gen, _)| (at.clone(), *gen));
         let row = self
             .row(
                 "WITH t AS (SELECT tracked_at::text AS at FROM synapse.repair_tracked WHERE tbl = $1)
@@ -490,8 +490,8 @@ impl Node {
             .map_err(self.fail(format!("reading the digests of {}", shape.name)))?;
         let (at, gen): (Option<String>, i64) = (row.get(0), row.get(1));
         let at = at.unwrap_or_default();
-        let mut buckets = match self.tracked.lock().ok().and_then(|c| c.get(&shape.name).cloned()) {
-            Some((cached_at, _, b)) if cached_at == at && since_gen >= 0 && b.bits() == bits => b,
+        let mut buckets = match cached {
+            Some((cached_at, _, b)) if cached_at == at => b,
             _ => Buckets::new(bits)?,
         };
         for (b, count, sum) in unpack(row.get(2)) {

@@ -194,7 +194,10 @@ $fn$;
 -- this node alone (elsewhere the same version may be live, if the row it lost to changed
 -- before the claim arrived there). A delete of this node's own, recorded like a local delete
 -- in a session without a replication origin, makes it an event every node applies. A row
--- found live again was revived by a later write since: nothing to announce.
+-- found live again was revived by a later write since: nothing to announce. The version is
+-- locked before it is looked at (a locked read re-checks `NOT live` on the newest version):
+-- a plain read let an applier's revival that committed meanwhile be stamped dead while its
+-- row stayed, and every other node then deleted a row this one kept.
 CREATE OR REPLACE FUNCTION synapse.announce_burials(p_node integer) RETURNS integer
 LANGUAGE plpgsql AS $fn$
 DECLARE
@@ -202,7 +205,8 @@ DECLARE
     n integer := 0;
 BEGIN
     FOR b IN SELECT tbl, pk FROM synapse.burials ORDER BY tbl, pk FOR UPDATE SKIP LOCKED LOOP
-        IF EXISTS (SELECT 1 FROM synapse.row_version WHERE tbl = b.tbl AND pk = b.pk AND NOT live) THEN
+        PERFORM 1 FROM synapse.row_version WHERE tbl = b.tbl AND pk = b.pk AND NOT live FOR UPDATE;
+        IF FOUND THEN
             PERFORM synapse.record_local_write(b.tbl, b.pk, p_node, false, '{}', '{}', '{}', '{}', '{}', '{}');
             n := n + 1;
         END IF;

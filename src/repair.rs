@@ -275,7 +275,7 @@ pub async fn run_fix(o: FixArgs) -> anyhow::Result<ExitCode> {
 }
 
 fn with_hint(e: synapse_repair::RepairError) -> anyhow::Error {
-    anyhow::anyhow!("[{}] {e}\n  hint: {}", e.code(), e.hint())
+    anyhow::anyhow!("[{}] {}\n  hint: {}", e.code(), e.full_message(), e.hint())
 }
 
 fn key_text(k: &[String]) -> String {
@@ -381,7 +381,7 @@ fn repair_error(e: synapse_repair::RepairError) -> ApiError {
     } else {
         axum::http::StatusCode::UNPROCESSABLE_ENTITY
     };
-    ApiError(status, serde_json::json!({"code": e.code(), "error": e.to_string(), "hint": e.hint()}))
+    ApiError(status, serde_json::json!({"code": e.code(), "error": e.full_message(), "hint": e.hint()}))
 }
 
 impl RepairService {

@@ -23,9 +23,6 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, Instant};
 use synapse_schemas::Lsn;
 
-/// Sub-buckets per differing bucket: 2^5, so ~8 rows each at the default ~250 rows a bucket.
-const SUB_BUCKET_BITS: u8 = 5;
-
 /// How long a check waits for appliers to pass the cut, and whether it waits at all.
 #[derive(Clone, Debug)]
 pub struct CheckOptions {
@@ -128,11 +125,14 @@ impl Cache {
 /// Changes no table (the cut markers are WAL messages); with tracked digests it folds the
 /// recorded changes into them.
 pub async fn check(nodes: &[&Node], table: &str, options: &CheckOptions) -> Result<Report, RepairError> {
+    let started = Instant::now();
     // All at once; an error is reported for the first node in order (a table missing
     // everywhere names the first node).
-    let mut shapes = Vec::with_capacity(nodes.len());
-    for shape in futures_util::future::join_all(nodes.iter().map(|n| n.describe(table))).await {
-        shapes.push(shape?);
+    let (mut shapes, mut tracked) = (Vec::with_capacity(nodes.len()), Vec::with_capacity(nodes.len()));
+    for described in futures_util::future::join_all(nodes.iter().map(|n| n.describe_tracked(table))).await {
+        let (shape, bits) = described?;
+        shapes.push(shape);
+        tracked.push(bits);
     }
     for (n, s) in nodes.iter().zip(&shapes).skip(1) {
         if s.columns != shapes[0].columns {
@@ -146,22 +146,20 @@ pub async fn check(nodes: &[&Node], table: &str, options: &CheckOptions) -> Resu
         }
     }
     // Digests kept current on every node with these bits: fold and read instead of scanning.
-    let tracked = try_join_all(nodes.iter().zip(&shapes).map(|(n, s)| n.tracked_bits(s))).await?;
     let use_tracked = tracked.iter().all(|b| *b == Some(options.bits));
-    if use_tracked {
-        try_join_all(nodes.iter().map(|n| n.lock_table(table, true))).await?;
-    }
+    let prepared_ms = started.elapsed().as_millis() as u64;
     let result = compare(nodes, table, &shapes, options, use_tracked).await;
     if result.is_err() {
         // A fold that was rolled back must be read again in full.
         for n in nodes {
             n.forget_tracked(table);
         }
+        if use_tracked {
+            // On error the session may be gone already; its lock went with it.
+            let _ = try_join_all(nodes.iter().map(|n| n.unlock_table(table))).await;
+        }
     }
-    if use_tracked {
-        // On error the session may be gone already; its lock went with it.
-        let _ = try_join_all(nodes.iter().map(|n| n.lock_table(table, false))).await;
-    }
+    tracing::debug!(table, prepared_ms, total_ms = started.elapsed().as_millis() as u64, "check phases");
     result
 }
 
@@ -174,7 +172,8 @@ async fn compare(
 ) -> Result<Report, RepairError> {
     let names: Vec<String> = nodes.iter().map(|n| n.name.clone()).collect();
     let t0 = Instant::now();
-    try_join_all(nodes.iter().map(|n| n.begin())).await?;
+    let lock = use_tracked.then_some(table);
+    try_join_all(nodes.iter().map(|n| n.begin(lock))).await?;
     let (digests, folded): (Vec<crate::Buckets>, u64) = if use_tracked {
         let d = try_join_all(nodes.iter().zip(shapes).map(|(n, s)| n.tracked_digests(s, options.bits))).await?;
         let folded = d.iter().map(|(_, f)| f).sum();
@@ -202,19 +201,27 @@ async fn compare(
     let (reused, to_stage): (Vec<usize>, Vec<usize>) =
         differing.iter().partition(|b| cache.buckets.get(b).is_some_and(|c| c.fingerprint == fingerprint(**b)));
     // Within buckets to read: sub-bucket digests first, then rows of differing sub-buckets.
-    let fine = options.bits.saturating_add(SUB_BUCKET_BITS).min(40);
-    let staged = try_join_all(nodes.iter().zip(shapes).map(|(n, s)| n.stage(s, options.bits, fine, &to_stage))).await?;
+    let fine = crate::node::sub_bits(options.bits);
+    // Tracked digests have their sub-buckets' digests kept too, and an index on the sub-bucket;
+    // otherwise the buckets' rows are staged on the node and their sub-buckets digested there.
+    // Either way only rows of differing sub-buckets cross the wire.
+    let fetched = if use_tracked {
+        let subs = try_join_all(nodes.iter().zip(shapes).map(|(n, s)| n.tracked_sub_digests(s, &to_stage))).await?;
+        let differing_subs: Vec<usize> = differing_subs(&subs).into_iter().collect();
+        try_join_all(nodes.iter().zip(shapes).map(|(n, s)| n.sub_bucket_rows(s, fine, &differing_subs))).await?
+    } else {
+        let staged =
+            try_join_all(nodes.iter().zip(shapes).map(|(n, s)| n.stage(s, options.bits, fine, &to_stage))).await?;
+        let differing_subs: Vec<usize> = differing_subs(&staged).into_iter().collect();
+        try_join_all(nodes.iter().zip(shapes).map(|(n, s)| n.staged_rows(s, &differing_subs))).await?
+    };
     let t_staged = t0.elapsed();
-    let subs: BTreeSet<usize> = staged.iter().flat_map(|m| m.keys().copied()).collect();
-    let differing_subs: Vec<usize> =
-        subs.into_iter().filter(|b| staged.windows(2).any(|w| w[0].get(b) != w[1].get(b))).collect();
-    let fetched = try_join_all(nodes.iter().zip(shapes).map(|(n, s)| n.staged_rows(s, &differing_subs))).await?;
     let mut snapshot: Vec<Rows> = vec![Rows::new(); nodes.len()];
     let mut fresh: BTreeMap<usize, Vec<Vec<(Key, i64)>>> =
         to_stage.iter().map(|b| (*b, vec![Vec::new(); nodes.len()])).collect();
     for (i, rows) in fetched.into_iter().enumerate() {
         for (sub, key, hash) in rows {
-            if let Some(per_node) = fresh.get_mut(&(sub >> SUB_BUCKET_BITS)) {
+            if let Some(per_node) = fresh.get_mut(&(sub >> crate::node::SUB_BUCKET_BITS)) {
                 per_node[i].push((key.clone(), hash));
             }
             snapshot[i].insert(key, hash);
@@ -234,12 +241,14 @@ async fn compare(
         }
         cache.save(dir, table);
     }
-    try_join_all(nodes.iter().map(|n| n.end())).await?;
+    try_join_all(nodes.iter().map(|n| n.end(lock))).await?;
     tracing::debug!(
         table,
         digests_ms = t_digests.as_millis() as u64,
         staged_ms = t_staged.as_millis() as u64,
         rows_ms = t0.elapsed().as_millis() as u64,
+        read_buckets = to_stage.len(),
+        reused_buckets = reused.len(),
         "snapshot phases (cumulative)"
     );
     let candidates: Vec<Key> = disagreeing(&snapshot);
@@ -251,6 +260,7 @@ async fn compare(
         cut = wait_for_cut(nodes, options.appliers.as_deref(), timeout).await?;
         cut_ms = started.elapsed().as_millis() as u64;
         now = try_join_all(nodes.iter().zip(shapes).map(|(n, s)| n.rows_by_key(s, &candidates))).await?;
+        tracing::debug!(table, cut_ms, reread_ms = started.elapsed().as_millis() as u64, "cut");
         changing = candidates
             .iter()
             .filter(|k| snapshot.iter().zip(&now).any(|(then, now)| then.get(*k) != now.get(*k)))
@@ -291,6 +301,12 @@ async fn compare(
         folded,
         reused_buckets: reused.len(),
     })
+}
+
+/// Sub-buckets whose digests are not the same on every node.
+fn differing_subs(per_node: &[BTreeMap<usize, (u64, u64)>]) -> BTreeSet<usize> {
+    let subs: BTreeSet<usize> = per_node.iter().flat_map(|m| m.keys().copied()).collect();
+    subs.into_iter().filter(|b| per_node.windows(2).any(|w| w[0].get(b) != w[1].get(b))).collect()
 }
 
 /// Keys not held alike by every node, in key order.

@@ -78,6 +78,18 @@ impl RepairError {
         }
     }
 
+    /// The message with its causes (the database's own error for a node), for operators.
+    pub fn full_message(&self) -> String {
+        let mut text = self.to_string();
+        let mut cause = std::error::Error::source(self);
+        while let Some(c) = cause {
+            text.push_str(": ");
+            text.push_str(&c.to_string());
+            cause = c.source();
+        }
+        text
+    }
+
     /// A node that cannot be reached (or went away mid-check) may be back later; nothing was
     /// changed, so the check can simply run again. Everything else comes from the request.
     pub fn is_transient(&self) -> bool {

@@ -105,18 +105,38 @@ impl Node {
     /// Starts the snapshot the digests and the rows are read in (repeatable read: rows fetched
     /// for differing buckets are the rows the digests summed). Not READ ONLY only because the
     /// rows of differing buckets are staged in a temporary table; no table is written.
-    pub(crate) async fn begin(&self) -> Result<(), RepairError> {
-        self.client
-            // The planner cannot know a bucket expression has at most 2^bits values: it
-            // estimates one group per row and sorts the table (spilling to disk) where a hash
-            // aggregate of a few thousand groups is 1.5–2× faster (measured, 1M rows).
-            .batch_execute("BEGIN ISOLATION LEVEL REPEATABLE READ; SET LOCAL enable_sort = off")
-            .await
-            .map_err(self.fail("starting a snapshot".into()))
+    ///
+    /// `lock`: a tracked table, whose digests this snapshot folds: checks of it are taken one at
+    /// a time (a session lock, taken before the snapshot so that it sees the last fold).
+    pub(crate) async fn begin(&self, lock: Option<&str>) -> Result<(), RepairError> {
+        // The planner cannot know a bucket expression has at most 2^bits values: it estimates
+        // one group per row and sorts the table (spilling to disk) where a hash aggregate of a
+        // few thousand groups is 1.5–2× faster (measured, 1M rows).
+        // Commit need not wait for the disk: a fold lost in a crash loses its deltas' deletion
+        // with it (one transaction), and the next check folds them again.
+        let begin = self.client.batch_execute(
+            "BEGIN ISOLATION LEVEL REPEATABLE READ; SET LOCAL enable_sort = off; SET LOCAL synchronous_commit = off",
+        );
+        let Some(table) = lock else {
+            return begin.await.map_err(self.fail("starting a snapshot".into()));
+        };
+        // The lock a statement of its own (in the batch it would start the snapshot), sent
+        // with the batch: one round trip.
+        let lock_sql = format!("SELECT pg_advisory_lock(hashtext({}))", lock_key(table));
+        let (locked, begun) = futures_util::future::join(self.client.batch_execute(&lock_sql), begin).await;
+        if let Err(e) = locked {
+            if begun.is_ok() {
+                let _ = self.client.batch_execute("ROLLBACK").await;
+            }
+            return Err(self.fail(format!("taking the check lock of {table}"))(e));
+        }
+        begun.map_err(self.fail("starting a snapshot".into()))
     }
 
-    pub(crate) async fn end(&self) -> Result<(), RepairError> {
-        self.client.batch_execute("COMMIT").await.map_err(self.fail("ending the snapshot".into()))
+    /// Ends the snapshot, releasing the lock `begin` took for `unlock`.
+    pub(crate) async fn end(&self, unlock: Option<&str>) -> Result<(), RepairError> {
+        let unlock = unlock.map_or(String::new(), unlock_sql);
+        self.client.batch_execute(&format!("COMMIT; {unlock}")).await.map_err(self.fail("ending the snapshot".into()))
     }
 
     /// The key and other columns of `schema.table` on this node.
@@ -275,6 +295,62 @@ impl Node {
     }
 
     /// The staged rows of the given sub-buckets: (sub-bucket, key, row hash).
+    /// The sub-bucket digests of `buckets` kept by tracking (read in the snapshot, after
+    /// [`Node::tracked_digests`] folded the recorded changes).
+    pub async fn tracked_sub_digests(
+        &self,
+        shape: &Shape,
+        buckets: &[usize],
+    ) -> Result<BTreeMap<usize, (u64, u64)>, RepairError> {
+        if buckets.is_empty() {
+            return Ok(BTreeMap::new());
+        }
+        // Every sub-bucket by number (a bucket's are consecutive): an index lookup each, whatever
+        // the statistics say.
+        let wanted: Vec<i64> = buckets
+            .iter()
+            .flat_map(|b| {
+                let first = (*b as i64) << SUB_BUCKET_BITS;
+                first..first + (1 << SUB_BUCKET_BITS)
+            })
+            .collect();
+        let row = self
+            .row(
+                "SELECT coalesce(string_agg(int4send(bucket::int4) || int8send(n) || int8send(s), ''::bytea ORDER BY bucket), ''::bytea)
+                 FROM synapse.repair_subdigest WHERE tbl = $1 AND bucket = ANY($2::int8[])",
+                &[&shape.name, &wanted],
+            )
+            .await
+            .map_err(self.fail(format!("reading the sub-bucket digests of {}", shape.name)))?;
+        Ok(unpack(row.get(0)).map(|(b, n, s)| (b, (n, s))).collect())
+    }
+
+    /// The rows of `subs`, sub-buckets of `fine` bits, found through the sub-bucket index of
+    /// a tracked table (by a scan where the key has no hash function to index).
+    pub async fn sub_bucket_rows(
+        &self,
+        shape: &Shape,
+        fine: u8,
+        subs: &[usize],
+    ) -> Result<Vec<(usize, Key, i64)>, RepairError> {
+        if subs.is_empty() {
+            return Ok(Vec::new());
+        }
+        let wanted: Vec<i64> = subs.iter().map(|b| *b as i64).collect();
+        let sql = format!(
+            "SELECT {sub}, {key}, {hash} FROM {from} WHERE {sub} = ANY($1::int8[])",
+            sub = shape.bucket(fine),
+            key = shape.key_text,
+            hash = shape.row_hash(),
+            from = shape.from,
+        );
+        let rows = self
+            .rows(&sql, &[&wanted])
+            .await
+            .map_err(self.fail(format!("reading differing rows of {}", shape.name)))?;
+        Ok(rows.into_iter().map(|r| (r.get::<_, i64>(0).max(0) as usize, r.get(1), r.get(2))).collect())
+    }
+
     pub async fn staged_rows(
         &self,
         shape: &Shape,
@@ -307,9 +383,12 @@ impl Node {
             .map_err(self.fail("creating synapse.repair_* tables".into()))?;
         // Concurrently (no write lock, outside a transaction); a key hashed through its text
         // (not immutable) cannot be indexed: buckets are then found by a scan.
+        let fine = sub_bits(bits);
+        // On the sub-bucket: a bucket is a range of sub-buckets, and a differing sub-bucket's
+        // rows are found without reading the rest of its bucket.
         let index = format!(
-            "CREATE INDEX CONCURRENTLY IF NOT EXISTS synapse_repair_{id} ON {table} (({}))",
-            shape.index_bucket(bits)
+            "CREATE INDEX CONCURRENTLY IF NOT EXISTS synapse_repair_{id}_{fine} ON {table} (({}))",
+            shape.index_bucket(fine)
         );
         let indexed = match self.client.batch_execute(&index).await {
             Ok(()) => true,
@@ -334,7 +413,7 @@ impl Node {
         let delta = |rows: &str, sign: &str| {
             format!(
                 "SELECT {bucket} AS b, {sign}1 AS dn, {sign}({hash})::numeric AS dh FROM {rows} t",
-                bucket = shape.bucket(bits),
+                bucket = shape.bucket(fine),
                 hash = shape.row_hash(),
             )
         };
@@ -351,6 +430,7 @@ impl Node {
                      DELETE FROM synapse.repair_tracked WHERE tbl = {name};
                      DELETE FROM synapse.repair_delta WHERE tbl = {name};
                      DELETE FROM synapse.repair_digest WHERE tbl = {name};
+                     DELETE FROM synapse.repair_subdigest WHERE tbl = {name};
                  ELSIF TG_OP = 'INSERT' THEN
                      INSERT INTO synapse.repair_delta SELECT {name}, b, sum(dn), sum(dh) FROM ({new}) x GROUP BY b;
                  ELSIF TG_OP = 'DELETE' THEN
@@ -378,16 +458,22 @@ impl Node {
                  ENABLE ALWAYS TRIGGER synapse_repair_delete, ENABLE ALWAYS TRIGGER synapse_repair_truncate;
              DELETE FROM synapse.repair_delta WHERE tbl = {name};
              DELETE FROM synapse.repair_digest WHERE tbl = {name};
+             DELETE FROM synapse.repair_subdigest WHERE tbl = {name};
              SET LOCAL enable_sort = off;
-             INSERT INTO synapse.repair_digest (tbl, bucket, n, s)
+             INSERT INTO synapse.repair_subdigest (tbl, bucket, n, s)
                  SELECT {name}, b, count(*), {wrapped} FROM (SELECT {bucket} AS b, {hash} AS h FROM {from}) r GROUP BY b;
-             INSERT INTO synapse.repair_tracked (tbl, bits, key_hash, row_hash) VALUES ({name}, {bits}, {kh}, {rh})
-                 ON CONFLICT (tbl) DO UPDATE SET bits = excluded.bits, key_hash = excluded.key_hash,
-                     row_hash = excluded.row_hash, tracked_at = now();
+             INSERT INTO synapse.repair_digest (tbl, bucket, n, s)
+                 SELECT {name}, bucket >> {shift}, sum(n), {wrapped_s} FROM synapse.repair_subdigest WHERE tbl = {name}
+                 GROUP BY bucket >> {shift};
+             INSERT INTO synapse.repair_tracked (tbl, bits, sub_bits, key_hash, row_hash) VALUES ({name}, {bits}, {fine}, {kh}, {rh})
+                 ON CONFLICT (tbl) DO UPDATE SET bits = excluded.bits, sub_bits = excluded.sub_bits,
+                     key_hash = excluded.key_hash, row_hash = excluded.row_hash, tracked_at = now(), gen = 0;
              COMMIT;",
             new = delta("new_rows", ""),
             old = delta("old_rows", "-"),
-            bucket = shape.bucket(bits),
+            bucket = shape.bucket(fine),
+            shift = SUB_BUCKET_BITS,
+            wrapped_s = wrap("sum(s)"),
             hash = shape.row_hash(),
             from = shape.from,
             kh = literal(&shape.key_hash),
@@ -395,6 +481,16 @@ impl Node {
             wrapped = wrap("sum(h)"),
         );
         self.in_transaction(&sql).await.map_err(self.fail(format!("tracking {}", shape.name)))?;
+        // Statistics of the new digests, so that reads of a few use their keys.
+        self.client
+            .batch_execute("ANALYZE synapse.repair_digest, synapse.repair_subdigest")
+            .await
+            .map_err(self.fail(format!("analyzing the digests of {}", shape.name)))?;
+        // Indexes of an earlier tracking with other bits are of no use now.
+        let current = format!("synapse_repair_{id}_{fine}");
+        let stale: Vec<String> =
+            self.bucket_indexes(shape).await?.into_iter().filter(|i| !i.ends_with(&current)).collect();
+        self.drop_indexes(shape, &stale).await?;
         Ok(indexed)
     }
 
@@ -416,29 +512,71 @@ impl Node {
              DELETE FROM synapse.repair_tracked WHERE tbl = {name};
              DELETE FROM synapse.repair_delta WHERE tbl = {name};
              DELETE FROM synapse.repair_digest WHERE tbl = {name};
+             DELETE FROM synapse.repair_subdigest WHERE tbl = {name};
              COMMIT;
              RESET client_min_messages;"
         );
         self.in_transaction(&sql).await.map_err(self.fail(format!("untracking {}", shape.name)))?;
         // On its own: CONCURRENTLY cannot run in a (multi-statement, implicit) transaction.
-        let schema = table.split('.').next().unwrap_or("public");
-        self.client
-            .batch_execute(&format!("DROP INDEX CONCURRENTLY IF EXISTS {schema}.synapse_repair_{id}"))
+        let indexes = self.bucket_indexes(shape).await?;
+        self.drop_indexes(shape, &indexes).await
+    }
+
+    /// The bucket indexes `track` made on `shape`'s table (schema-qualified, quoted).
+    async fn bucket_indexes(&self, shape: &Shape) -> Result<Vec<String>, RepairError> {
+        let schema = shape.name.split_once('.').map_or("public", |(s, _)| s);
+        let id = format!("{:016x}", xxhash_rust::xxh3::xxh3_64(shape.name.as_bytes()));
+        Ok(self
+            .client
+            .query(
+                "SELECT quote_ident(schemaname) || '.' || quote_ident(indexname) FROM pg_indexes
+                 WHERE schemaname = $1 AND indexname LIKE $2",
+                &[&schema, &format!("synapse_repair_{id}%")],
+            )
             .await
-            .map_err(self.fail(format!("dropping the bucket index of {}", shape.name)))
+            .map_err(self.fail(format!("finding the bucket index of {}", shape.name)))?
+            .iter()
+            .map(|r| r.get(0))
+            .collect())
+    }
+
+    /// One at a time: CONCURRENTLY cannot run in a (multi-statement, implicit) transaction.
+    async fn drop_indexes(&self, shape: &Shape, indexes: &[String]) -> Result<(), RepairError> {
+        for index in indexes {
+            self.client
+                .batch_execute(&format!("DROP INDEX CONCURRENTLY IF EXISTS {index}"))
+                .await
+                .map_err(self.fail(format!("dropping the bucket index of {}", shape.name)))?;
+        }
+        Ok(())
     }
 
     /// The bucket bits `shape` is tracked with here, if its digests are kept current and were
     /// set up for the table's current columns (a changed table must be tracked again).
     pub async fn tracked_bits(&self, shape: &Shape) -> Result<Option<u8>, RepairError> {
+        Ok(self.tracked_as(&shape.name).await?.and_then(|t| t.bits_for(shape)))
+    }
+
+    /// The shape and, if tracked for it, the bucket bits of `name` (one round trip).
+    pub async fn describe_tracked(&self, name: &str) -> Result<(Shape, Option<u8>), RepairError> {
+        let (shape, tracked) = tokio::try_join!(self.describe(name), self.tracked_as(name))?;
+        let bits = tracked.and_then(|t| t.bits_for(&shape));
+        Ok((shape, bits))
+    }
+
+    async fn tracked_as(&self, name: &str) -> Result<Option<Tracked>, RepairError> {
         let row = self
             .rows(
-                "SELECT bits FROM synapse.repair_tracked WHERE tbl = $1 AND key_hash = $2 AND row_hash = $3",
-                &[&shape.name, &shape.key_hash, &shape.row_hash],
+                "SELECT bits, key_hash, row_hash FROM synapse.repair_tracked WHERE tbl = $1 AND sub_bits = bits + $2",
+                &[&name, &i32::from(SUB_BUCKET_BITS)],
             )
             .await;
         match row {
-            Ok(r) => Ok(r.first().map(|r| r.get::<_, i32>(0).clamp(0, 64) as u8)),
+            Ok(r) => Ok(r.first().map(|r| Tracked {
+                bits: r.get::<_, i32>(0).clamp(0, 64) as u8,
+                key_hash: r.get(1),
+                row_hash: r.get(2),
+            })),
             Err(e) if e.code() == Some(&tokio_postgres::error::SqlState::UNDEFINED_TABLE) => Ok(None),
             Err(e) => Err(RepairError::Node {
                 node: self.name.clone(),
@@ -452,44 +590,56 @@ impl Node {
     /// into the digests (cost ∝ changes since the last check), then reads them packed.
     /// Returns the digests and how many deltas were folded.
     pub async fn tracked_digests(&self, shape: &Shape, bits: u8) -> Result<(Buckets, u64), RepairError> {
-        let fold = self
-            .row(
-                &format!(
-                    "WITH gone AS (DELETE FROM synapse.repair_delta WHERE tbl = $1 RETURNING bucket, n, s),
-                      folded AS (INSERT INTO synapse.repair_digest (tbl, bucket, n, s, gen)
-                                 SELECT $1, bucket, sum(n), {},
-                                        (SELECT coalesce(max(gen), 0) + 1 FROM synapse.repair_digest WHERE tbl = $1)
-                                 FROM gone GROUP BY bucket
-                                 ON CONFLICT (tbl, bucket) DO UPDATE
-                                 SET n = repair_digest.n + excluded.n, s = {}, gen = excluded.gen)
-                 SELECT count(*) FROM gone",
-                    wrap("sum(s)"),
-                    wrap("repair_digest.s::numeric + excluded.s"),
-                ),
-                &[&shape.name],
-            )
-            .await
-            .map_err(self.fail(format!("folding the changes of {} into its digests", shape.name)))?;
-        let folded = fold.get::<_, i64>(0).max(0) as u64;
-        // Only buckets folded since the digests this session read last, if tracking has not
-        // restarted since (then all of them).
-        // What this session read last (dropped if made with other bits).
+        // Deltas are per sub-bucket: folded into the sub-bucket digests and, summed by bucket,
+        // into the bucket digests, which are stamped with this fold's number.
+        // What this session read last (dropped if made with other bits): only buckets folded
+        // since are read, if tracking has not restarted since (then all of them).
         let cached =
             self.tracked.lock().ok().and_then(|c| c.get(&shape.name).cloned()).filter(|(_, _, b)| b.bits() == bits);
         let (since_at, since_gen) = cached.as_ref().map_or((String::new(), -1), |(at, gen, _)| (at.clone(), *gen));
-        let row = self
-            .row(
-                "WITH t AS (SELECT tracked_at::text AS at FROM synapse.repair_tracked WHERE tbl = $1)
-                 SELECT (SELECT at FROM t), (SELECT coalesce(max(gen), 0) FROM synapse.repair_digest WHERE tbl = $1),
-                        coalesce(string_agg(int4send(bucket::int4) || int8send(n) || int8send(s), ''::bytea ORDER BY bucket), ''::bytea)
-                 FROM synapse.repair_digest
-                 WHERE tbl = $1 AND gen > CASE WHEN (SELECT at FROM t) = $2 THEN $3::int8 ELSE -1 END",
-                &[&shape.name, &since_at, &since_gen],
-            )
-            .await
-            .map_err(self.fail(format!("reading the digests of {}", shape.name)))?;
-        let (at, gen): (Option<String>, i64) = (row.get(0), row.get(1));
-        let at = at.unwrap_or_default();
+        let fold_sql = format!(
+            "WITH gone AS (DELETE FROM synapse.repair_delta WHERE tbl = $1 RETURNING bucket, n, s),
+              g AS (UPDATE synapse.repair_tracked SET gen = gen + 1
+                    WHERE tbl = $1 AND EXISTS (SELECT 1 FROM gone) RETURNING gen),
+              fine AS (INSERT INTO synapse.repair_subdigest (tbl, bucket, n, s)
+                       SELECT $1, bucket, sum(n), {sum} FROM gone GROUP BY bucket
+                       ON CONFLICT (tbl, bucket) DO UPDATE
+                       SET n = repair_subdigest.n + excluded.n, s = {sub_add}),
+              coarse AS (INSERT INTO synapse.repair_digest (tbl, bucket, n, s, gen)
+                         SELECT $1, bucket >> {SUB_BUCKET_BITS}, sum(n), {sum}, (SELECT gen FROM g)
+                         FROM gone GROUP BY bucket >> {SUB_BUCKET_BITS}
+                         ON CONFLICT (tbl, bucket) DO UPDATE
+                         SET n = repair_digest.n + excluded.n, s = {add}, gen = excluded.gen)
+             SELECT count(*) FROM gone",
+            sum = wrap("sum(s)"),
+            sub_add = wrap("repair_subdigest.s::numeric + excluded.s"),
+            add = wrap("repair_digest.s::numeric + excluded.s"),
+        );
+        let read_sql = "SELECT t.tracked_at::text, t.gen,
+                (SELECT coalesce(string_agg(int4send(d.bucket::int4) || int8send(d.n) || int8send(d.s), ''::bytea ORDER BY d.bucket), ''::bytea)
+                 FROM synapse.repair_digest d
+                 WHERE d.tbl = $1 AND d.gen > CASE WHEN t.tracked_at::text = $2 THEN $3::int8 ELSE -1 END)
+             FROM synapse.repair_tracked t WHERE t.tbl = $1";
+        let (fold_params, read_params): (
+            [&(dyn tokio_postgres::types::ToSql + Sync); 1],
+            [&(dyn tokio_postgres::types::ToSql + Sync); 3],
+        ) = ([&shape.name], [&shape.name, &since_at, &since_gen]);
+        let fold = self.row(&fold_sql, &fold_params);
+        let rows = self.rows(read_sql, &read_params);
+        // Both sent at once (one round trip); the read, a later statement, sees the fold.
+        let (fold, rows) = futures_util::future::join(fold, rows).await;
+        let folded = fold
+            .map_err(self.fail(format!("folding the changes of {} into its digests", shape.name)))?
+            .get::<_, i64>(0)
+            .max(0) as u64;
+        let rows = rows.map_err(self.fail(format!("reading the digests of {}", shape.name)))?;
+        let Some(row) = rows.first() else {
+            return Err(RepairError::Table {
+                table: shape.name.clone(),
+                message: format!("tracking stopped on {} during the check (a TRUNCATE?); check again", self.name),
+            });
+        };
+        let (at, gen): (String, i64) = (row.get(0), row.get(1));
         let mut buckets = match cached {
             Some((cached_at, _, b)) if cached_at == at => b,
             _ => Buckets::new(bits)?,
@@ -512,12 +662,12 @@ impl Node {
 
     /// Serialises checks of one table on this node (folding deletes deltas: two at once would
     /// fail each other's snapshot). Session-level: taken before the snapshot starts.
-    pub(crate) async fn lock_table(&self, table: &str, lock: bool) -> Result<(), RepairError> {
-        let f = if lock { "pg_advisory_lock" } else { "pg_advisory_unlock" };
-        self.rows(&format!("SELECT {f}(hashtext('synapse_repair:' || $1))"), &[&table])
+    /// Releases the lock [`Node::begin`] took for `table` (after a failed check).
+    pub(crate) async fn unlock_table(&self, table: &str) -> Result<(), RepairError> {
+        self.client
+            .batch_execute(&unlock_sql(table))
             .await
-            .map_err(self.fail(format!("{f} for {table}")))?;
-        Ok(())
+            .map_err(self.fail(format!("releasing the check lock of {table}")))
     }
 
     /// The current rows of `keys` (each the key columns' text), found through the key's index:
@@ -603,7 +753,46 @@ CREATE INDEX IF NOT EXISTS repair_delta_tbl ON synapse.repair_delta (tbl);
 ALTER TABLE synapse.repair_digest ADD COLUMN IF NOT EXISTS gen bigint NOT NULL DEFAULT 0;
 CREATE TABLE IF NOT EXISTS synapse.repair_tracked (
     tbl text PRIMARY KEY, bits integer NOT NULL, key_hash text NOT NULL, row_hash text NOT NULL,
-    tracked_at timestamptz NOT NULL DEFAULT now())";
+    tracked_at timestamptz NOT NULL DEFAULT now());
+-- Digests per sub-bucket (what the deltas are recorded by); a table tracked before them has no
+-- sub_bits and is scanned until tracked again. gen: the last fold's number.
+CREATE TABLE IF NOT EXISTS synapse.repair_subdigest (
+    tbl text NOT NULL, bucket bigint NOT NULL, n bigint NOT NULL, s bigint NOT NULL, PRIMARY KEY (tbl, bucket));
+ALTER TABLE synapse.repair_tracked ADD COLUMN IF NOT EXISTS sub_bits integer,
+    ADD COLUMN IF NOT EXISTS gen bigint NOT NULL DEFAULT 0;
+CREATE INDEX IF NOT EXISTS repair_digest_gen ON synapse.repair_digest (tbl, gen)";
+
+/// What `synapse.repair_tracked` says of a table.
+struct Tracked {
+    bits: u8,
+    key_hash: String,
+    row_hash: String,
+}
+
+impl Tracked {
+    /// The bits, if the digests were made for `shape`'s current columns.
+    fn bits_for(&self, shape: &Shape) -> Option<u8> {
+        (self.key_hash == shape.key_hash && self.row_hash == shape.row_hash).then_some(self.bits)
+    }
+}
+
+/// The advisory lock key of checks of `table` (an SQL literal).
+fn lock_key(table: &str) -> String {
+    literal(&format!("synapse_repair:{table}"))
+}
+
+fn unlock_sql(table: &str) -> String {
+    format!("SELECT pg_advisory_unlock(hashtext({}));", lock_key(table))
+}
+
+/// A bucket is split in 2^SUB_BUCKET_BITS sub-buckets: a differing bucket's sub-bucket
+/// digests find its differing rows in about 1/32 of its rows.
+pub(crate) const SUB_BUCKET_BITS: u8 = 5;
+
+/// The sub-bucket bits of `bits`-bit buckets.
+pub(crate) fn sub_bits(bits: u8) -> u8 {
+    bits.saturating_add(SUB_BUCKET_BITS).min(40)
+}
 
 /// `expr` (a numeric sum of 64-bit hashes) mod 2^64, as a signed bigint.
 fn wrap(expr: &str) -> String {

@@ -128,13 +128,41 @@ pub async fn check(nodes: &[&Node], table: &str, options: &CheckOptions) -> Resu
     let started = Instant::now();
     // All at once; an error is reported for the first node in order (a table missing
     // everywhere names the first node).
+    let opened = futures_util::future::join_all(nodes.iter().map(|n| n.open(table))).await;
+    if opened.iter().any(Result::is_err) {
+        // Nodes that opened are closed again; the error is the first node's in order.
+        futures_util::future::join_all(
+            nodes.iter().zip(&opened).filter(|(_, o)| o.is_ok()).map(|(n, _)| n.close(table)),
+        )
+        .await;
+    }
     let (mut shapes, mut tracked) = (Vec::with_capacity(nodes.len()), Vec::with_capacity(nodes.len()));
-    for described in futures_util::future::join_all(nodes.iter().map(|n| n.describe_tracked(table))).await {
-        let (shape, bits) = described?;
+    for o in opened {
+        let (shape, bits) = o?;
         shapes.push(shape);
         tracked.push(bits);
     }
-    for (n, s) in nodes.iter().zip(&shapes).skip(1) {
+    // Digests kept current on every node with these bits: fold and read instead of scanning.
+    let use_tracked = tracked.iter().all(|b| *b == Some(options.bits));
+    let prepared_ms = started.elapsed().as_millis() as u64;
+    let result = match same_columns(nodes, table, &shapes) {
+        Ok(()) => compare(nodes, table, &shapes, options, use_tracked).await,
+        Err(e) => Err(e),
+    };
+    if result.is_err() {
+        // A fold that was rolled back must be read again in full.
+        for n in nodes {
+            n.forget_tracked(table);
+        }
+        futures_util::future::join_all(nodes.iter().map(|n| n.close(table))).await;
+    }
+    tracing::debug!(table, prepared_ms, total_ms = started.elapsed().as_millis() as u64, "check phases");
+    result
+}
+
+/// Two nodes are compared only if the table has the same columns on both.
+fn same_columns(nodes: &[&Node], table: &str, shapes: &[crate::node::Shape]) -> Result<(), RepairError> {
+    for (n, s) in nodes.iter().zip(shapes).skip(1) {
         if s.columns != shapes[0].columns {
             return Err(RepairError::Table {
                 table: table.to_owned(),
@@ -145,22 +173,7 @@ pub async fn check(nodes: &[&Node], table: &str, options: &CheckOptions) -> Resu
             });
         }
     }
-    // Digests kept current on every node with these bits: fold and read instead of scanning.
-    let use_tracked = tracked.iter().all(|b| *b == Some(options.bits));
-    let prepared_ms = started.elapsed().as_millis() as u64;
-    let result = compare(nodes, table, &shapes, options, use_tracked).await;
-    if result.is_err() {
-        // A fold that was rolled back must be read again in full.
-        for n in nodes {
-            n.forget_tracked(table);
-        }
-        if use_tracked {
-            // On error the session may be gone already; its lock went with it.
-            let _ = try_join_all(nodes.iter().map(|n| n.unlock_table(table))).await;
-        }
-    }
-    tracing::debug!(table, prepared_ms, total_ms = started.elapsed().as_millis() as u64, "check phases");
-    result
+    Ok(())
 }
 
 async fn compare(
@@ -172,8 +185,6 @@ async fn compare(
 ) -> Result<Report, RepairError> {
     let names: Vec<String> = nodes.iter().map(|n| n.name.clone()).collect();
     let t0 = Instant::now();
-    let lock = use_tracked.then_some(table);
-    try_join_all(nodes.iter().map(|n| n.begin(lock))).await?;
     let (digests, folded): (Vec<crate::Buckets>, u64) = if use_tracked {
         let d = try_join_all(nodes.iter().zip(shapes).map(|(n, s)| n.tracked_digests(s, options.bits))).await?;
         let folded = d.iter().map(|(_, f)| f).sum();
@@ -241,7 +252,21 @@ async fn compare(
         }
         cache.save(dir, table);
     }
-    try_join_all(nodes.iter().map(|n| n.end(lock))).await?;
+    let candidates: Vec<Key> = disagreeing(&snapshot);
+    // The cut starts from the applied positions, read right after the snapshot's end (sent
+    // with it: one round trip).
+    let cut_timeout = options.cut_timeout.filter(|_| !candidates.is_empty());
+    let positions = try_join_all(nodes.iter().map(|n| async {
+        let (ended, applied) = futures_util::future::join(n.end(table), async {
+            match cut_timeout {
+                Some(_) => n.applied().await,
+                None => Ok(None),
+            }
+        })
+        .await;
+        ended.and(applied)
+    }))
+    .await?;
     tracing::debug!(
         table,
         digests_ms = t_digests.as_millis() as u64,
@@ -251,13 +276,12 @@ async fn compare(
         reused_buckets = reused.len(),
         "snapshot phases (cumulative)"
     );
-    let candidates: Vec<Key> = disagreeing(&snapshot);
 
     let (mut cut, mut cut_ms, mut changing) = (Vec::new(), 0, Vec::new());
     let mut now = snapshot.clone();
-    if let (Some(timeout), false) = (options.cut_timeout, candidates.is_empty()) {
+    if let Some(timeout) = cut_timeout {
         let started = Instant::now();
-        cut = wait_for_cut(nodes, options.appliers.as_deref(), timeout).await?;
+        cut = wait_for_cut(nodes, options.appliers.as_deref(), timeout, positions).await?;
         cut_ms = started.elapsed().as_millis() as u64;
         now = try_join_all(nodes.iter().zip(shapes).map(|(n, s)| n.rows_by_key(s, &candidates))).await?;
         tracing::debug!(table, cut_ms, reread_ms = started.elapsed().as_millis() as u64, "cut");
@@ -335,11 +359,13 @@ fn describe_key(names: &[String], rows: &[Rows], key: &Key) -> KeyDiff {
 
 /// Writes a marker on every node, then waits until each node's applier of every other node
 /// has applied past that node's marker. Returns the appliers waited for (none, and no marker
-/// written, when no applier links the nodes).
+/// written, when no applier links the nodes). `positions`: each node's applied positions, read
+/// after the snapshot.
 async fn wait_for_cut(
     nodes: &[&Node],
     appliers: Option<&[(String, String)]>,
     timeout: Duration,
+    positions: Vec<Option<Vec<(String, Lsn)>>>,
 ) -> Result<Vec<String>, RepairError> {
     let index = |name: &str| nodes.iter().position(|n| n.name == name);
     // (source, target) → applied position; a configured applier without one is at 0.
@@ -365,7 +391,6 @@ async fn wait_for_cut(
         }
         at
     };
-    let positions = try_join_all(nodes.iter().map(|n| n.applied())).await?;
     if links(&positions).is_empty() {
         return Ok(Vec::new());
     }

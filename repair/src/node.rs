@@ -108,8 +108,8 @@ impl Node {
     /// Starts the snapshot the digests and the rows are read in (repeatable read: rows fetched
     /// for differing buckets are the rows the digests summed), after taking the check lock of
     /// `table` on this node: checks of a table run one at a time (a tracked table's digests are
-    /// folded in the snapshot; the session lock comes first so that the snapshot sees the last
-    /// fold). Returns the table's shape and tracked bits. One round trip: the lock, the two
+    /// folded in the snapshot, deleting deltas: two at once would fail each other's snapshot;
+    /// the session lock comes first so that the snapshot sees the last fold). Returns the table's shape and tracked bits. One round trip: the lock, the two
     /// catalog reads and the snapshot's start are sent together, in that order. Not READ ONLY
     /// only because folds write and scanned buckets' rows are staged in a temporary table.
     /// On error nothing is left open.
@@ -621,7 +621,7 @@ impl Node {
                        ON CONFLICT (tbl, bucket) DO UPDATE
                        SET n = repair_subdigest.n + excluded.n, s = {sub_add}),
               coarse AS (INSERT INTO synapse.repair_digest (tbl, bucket, n, s, gen)
-                         SELECT $1, bucket >> {SUB_BUCKET_BITS}, sum(n), {sum}, (SELECT gen FROM g)
+                         SELECT $1, bucket >> {SUB_BUCKET_BITS}, sum(n), {sum}, coalesce((SELECT gen FROM g), 0)
                          FROM gone GROUP BY bucket >> {SUB_BUCKET_BITS}
                          ON CONFLICT (tbl, bucket) DO UPDATE
                          SET n = repair_digest.n + excluded.n, s = {add}, gen = excluded.gen)
@@ -674,9 +674,6 @@ impl Node {
             c.remove(table);
         }
     }
-
-    /// Serialises checks of one table on this node (folding deletes deltas: two at once would
-    /// fail each other's snapshot). Session-level: taken before the snapshot starts.
 
     /// The current rows of `keys` (each the key columns' text), found through the key's index:
     /// row hash by key; absent keys are left out.

@@ -218,47 +218,16 @@ pub async fn run_track(args: TrackArgs) -> anyhow::Result<()> {
 /// reported by the caller.
 pub async fn run_fix(o: FixArgs) -> anyhow::Result<ExitCode> {
     let r = resolve(&o.selection)?;
-    let Some(mesh) = &r.config.mesh else {
-        anyhow::bail!(
-            "repair fix resolves rows by the mesh's causality metadata, and {} has no mesh section; \
-             one-way targets are re-synchronised by a new initial copy (see the README)",
-            o.selection.config.display()
-        );
-    };
-    if let Some(p) = &o.prefer {
-        if !r.nodes.iter().any(|(n, _)| n == p) {
-            anyhow::bail!("--prefer: `{p}` is not one of the nodes compared");
-        }
-    }
-    let policies = mesh.policies();
-    let mut nodes = Vec::new();
-    for (name, pg) in &r.nodes {
-        let Some(m) = mesh.nodes.iter().find(|n| &n.name == name) else {
-            anyhow::bail!("--nodes: `{name}` is not a mesh node (repair fix works between mesh nodes)");
-        };
-        nodes.push(FixNode::connect(name, synapse_resolver::NodeId(m.id), pg).await.map_err(with_hint)?);
-    }
-    let none = synapse_resolver::TablePolicy::default();
-    let mut out: Vec<(Report, Option<FixReport>)> = Vec::new();
-    for table in &r.tables {
-        if !mesh.tables.contains(table) {
-            anyhow::bail!("--table: {table} is not a mesh table (mesh.tables lists the tables repair fix can resolve)");
-        }
-        let report =
-            check(&nodes.iter().map(|n| &n.node).collect::<Vec<_>>(), table, &r.options).await.map_err(with_hint)?;
-        let fixed = if report.differing.is_empty() {
-            None
-        } else {
-            let info =
-                synapse_apply::mesh::describe(nodes[0].node.client(), table, policies.get(table).unwrap_or(&none))
-                    .await
-                    .map_err(|e| anyhow::anyhow!("[{}] {table}: {e}\n  hint: {}", e.code(), e.hint()))?;
-            let keys: Vec<Vec<String>> = report.differing.iter().map(|d| d.key.clone()).collect();
-            let options = FixOptions { dry_run: o.dry_run, prefer: o.prefer.clone() };
-            Some(fix(&nodes, &info, &policies, &keys, &options).await.map_err(with_hint)?)
-        };
-        out.push((report, fixed));
-    }
+    let out =
+        fix_tables(&r, &o.selection.config.display().to_string(), o.dry_run, o.prefer.clone()).await.map_err(|e| {
+            match e {
+                FixError::Request(message) => anyhow::anyhow!(message),
+                FixError::Repair(e) => with_hint(e),
+                FixError::Describe { table, error } => {
+                    anyhow::anyhow!("[{}] {table}: {error}\n  hint: {}", error.code(), error.hint())
+                }
+            }
+        })?;
     if o.selection.json {
         let json: Vec<_> = out.iter().map(|(c, f)| serde_json::json!({"check": c, "fix": f})).collect();
         println!("{}", serde_json::to_string_pretty(&json)?);
@@ -272,6 +241,73 @@ pub async fn run_fix(o: FixArgs) -> anyhow::Result<ExitCode> {
     }
     let left = out.iter().any(|(_, f)| f.as_ref().is_some_and(|f| !f.unresolved.is_empty()));
     Ok(if left { ExitCode::from(1) } else { ExitCode::SUCCESS })
+}
+
+/// Why a fix did not run (or stopped): the request, a node, or the mesh's view of a table.
+enum FixError {
+    Request(String),
+    Repair(synapse_repair::RepairError),
+    Describe { table: String, error: synapse_apply::ApplyError },
+}
+
+/// Checks each table of `r` and resolves what differs (see `synapse_repair::fix`), for the
+/// CLI and the admin API. `source` names the configuration in errors.
+async fn fix_tables(
+    r: &Resolved,
+    source: &str,
+    dry_run: bool,
+    prefer: Option<String>,
+) -> Result<Vec<(Report, Option<FixReport>)>, FixError> {
+    let Some(mesh) = &r.config.mesh else {
+        return Err(FixError::Request(format!(
+            "repair fix resolves rows by the mesh's causality metadata, and {source} has no mesh section; \
+             one-way targets are re-synchronised by a new initial copy (see the README)"
+        )));
+    };
+    if let Some(p) = &prefer {
+        if !r.nodes.iter().any(|(n, _)| n == p) {
+            return Err(FixError::Request(format!("--prefer: `{p}` is not one of the nodes compared")));
+        }
+    }
+    if let Some(table) = r.tables.iter().find(|t| !mesh.tables.contains(t)) {
+        return Err(FixError::Request(format!(
+            "--table: {table} is not a mesh table (mesh.tables lists the tables repair fix can resolve)"
+        )));
+    }
+    let mut ids = Vec::new();
+    for (name, _) in &r.nodes {
+        let Some(m) = mesh.nodes.iter().find(|n| &n.name == name) else {
+            return Err(FixError::Request(format!(
+                "--nodes: `{name}` is not a mesh node (repair fix works between mesh nodes)"
+            )));
+        };
+        ids.push(synapse_resolver::NodeId(m.id));
+    }
+    let policies = mesh.policies();
+    let mut nodes = Vec::new();
+    for ((name, pg), id) in r.nodes.iter().zip(ids) {
+        nodes.push(FixNode::connect(name, id, pg).await.map_err(FixError::Repair)?);
+    }
+    let none = synapse_resolver::TablePolicy::default();
+    let mut out: Vec<(Report, Option<FixReport>)> = Vec::new();
+    for table in &r.tables {
+        let report = check(&nodes.iter().map(|n| &n.node).collect::<Vec<_>>(), table, &r.options)
+            .await
+            .map_err(FixError::Repair)?;
+        let fixed = if report.differing.is_empty() {
+            None
+        } else {
+            let info =
+                synapse_apply::mesh::describe(nodes[0].node.client(), table, policies.get(table).unwrap_or(&none))
+                    .await
+                    .map_err(|error| FixError::Describe { table: table.clone(), error })?;
+            let keys: Vec<Vec<String>> = report.differing.iter().map(|d| d.key.clone()).collect();
+            let options = FixOptions { dry_run, prefer: prefer.clone() };
+            Some(fix(&nodes, &info, &policies, &keys, &options).await.map_err(FixError::Repair)?)
+        };
+        out.push((report, fixed));
+    }
+    Ok(out)
 }
 
 fn with_hint(e: synapse_repair::RepairError) -> anyhow::Error {
@@ -366,6 +402,25 @@ pub struct CheckRequest {
     pub no_wait: bool,
 }
 
+/// `POST /repair/fix` body: what `CheckRequest` takes, and the fix's own options.
+#[derive(serde::Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct FixRequest {
+    #[serde(default)]
+    pub tables: Vec<String>,
+    #[serde(default)]
+    pub nodes: Vec<String>,
+    pub bits: Option<u8>,
+    pub cut_timeout_secs: Option<f64>,
+    #[serde(default)]
+    pub no_wait: bool,
+    /// Show what would change, then roll everything back.
+    #[serde(default)]
+    pub dry_run: bool,
+    /// The node whose row wins where nodes hold one version with different data.
+    pub prefer: Option<String>,
+}
+
 /// A failed request: HTTP status and a body naming the code, the error and what to do.
 pub struct ApiError(axum::http::StatusCode, serde_json::Value);
 
@@ -373,6 +428,10 @@ impl axum::response::IntoResponse for ApiError {
     fn into_response(self) -> axum::response::Response {
         (self.0, axum::Json(self.1)).into_response()
     }
+}
+
+fn bad_request(message: String) -> ApiError {
+    ApiError(axum::http::StatusCode::BAD_REQUEST, serde_json::json!({"error": message}))
 }
 
 fn repair_error(e: synapse_repair::RepairError) -> ApiError {
@@ -389,13 +448,22 @@ impl RepairService {
         RepairService { config, nodes: tokio::sync::Mutex::new(HashMap::new()) }
     }
 
+    /// The request's plan; a bad field is a 400 naming it.
+    fn plan(
+        &self,
+        tables: &[String],
+        nodes: &[String],
+        bits: Option<u8>,
+        cut_timeout_secs: Option<f64>,
+        no_wait: bool,
+    ) -> Result<Resolved, ApiError> {
+        let timeout = (!no_wait).then_some(cut_timeout_secs.unwrap_or(60.0));
+        plan(self.config.clone(), "the configuration", tables, nodes, bits.unwrap_or(12), timeout)
+            .map_err(|e| bad_request(format!("{e:#}")))
+    }
+
     pub async fn check(&self, req: CheckRequest) -> Result<Vec<Report>, ApiError> {
-        let timeout = (!req.no_wait).then_some(req.cut_timeout_secs.unwrap_or(60.0));
-        let r =
-            plan(self.config.clone(), "the configuration", &req.tables, &req.nodes, req.bits.unwrap_or(12), timeout)
-                .map_err(|e| {
-                    ApiError(axum::http::StatusCode::BAD_REQUEST, serde_json::json!({"error": format!("{e:#}")}))
-                })?;
+        let r = self.plan(&req.tables, &req.nodes, req.bits, req.cut_timeout_secs, req.no_wait)?;
         let mut open = self.nodes.lock().await;
         for (name, pg) in &r.nodes {
             if !open.contains_key(name) {
@@ -428,9 +496,42 @@ impl RepairService {
         }
     }
 
-    /// `POST /repair/check`.
+    /// Checks and resolves what differs, as `synapse repair fix`: one `{check, fix}` per table.
+    /// Fixes connect afresh (their writing sessions carry the replication origin "repair") and
+    /// run one at a time with the service's checks.
+    pub async fn fix(&self, req: FixRequest) -> Result<Vec<serde_json::Value>, ApiError> {
+        let r = self.plan(&req.tables, &req.nodes, req.bits, req.cut_timeout_secs, req.no_wait)?;
+        let _one_at_a_time = self.nodes.lock().await;
+        let out = fix_tables(&r, "the configuration", req.dry_run, req.prefer).await.map_err(|e| match e {
+            FixError::Request(message) => bad_request(message),
+            FixError::Repair(e) => repair_error(e),
+            FixError::Describe { table, error } => {
+                let status = if error.is_transient() {
+                    axum::http::StatusCode::SERVICE_UNAVAILABLE
+                } else {
+                    axum::http::StatusCode::UNPROCESSABLE_ENTITY
+                };
+                ApiError(
+                    status,
+                    serde_json::json!({"code": error.code(), "error": format!("{table}: {error}"), "hint": error.hint()}),
+                )
+            }
+        })?;
+        Ok(out.iter().map(|(c, f)| serde_json::json!({"check": c, "fix": f})).collect())
+    }
+
+    /// `POST /repair/check` and `POST /repair/fix`.
     pub fn router(self: std::sync::Arc<Self>) -> axum::Router {
         axum::Router::new()
+            .route(
+                "/repair/fix",
+                axum::routing::post(
+                    |axum::extract::State(s): axum::extract::State<std::sync::Arc<RepairService>>,
+                     body: Option<axum::Json<FixRequest>>| async move {
+                        s.fix(body.map(|b| b.0).unwrap_or_default()).await.map(axum::Json)
+                    },
+                ),
+            )
             .route(
                 "/repair/check",
                 axum::routing::post(

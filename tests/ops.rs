@@ -3,7 +3,7 @@
 
 mod common;
 
-use common::{synapse, Nodes};
+use common::{post, synapse, Nodes};
 use std::io::{Read, Write};
 use std::process::Stdio;
 use std::time::{Duration, Instant};
@@ -67,20 +67,6 @@ fn readiness_and_metrics_report_the_pipeline() {
     }
     child.kill().unwrap();
     child.wait().unwrap();
-}
-
-fn post(addr: &str, path: &str, body: &str) -> (u16, String) {
-    let mut s = std::net::TcpStream::connect(addr).unwrap();
-    write!(
-        s,
-        "POST {path} HTTP/1.0\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
-        body.len()
-    )
-    .unwrap();
-    let mut text = String::new();
-    s.read_to_string(&mut text).unwrap();
-    let status = text.split_whitespace().nth(1).and_then(|s| s.parse().ok()).unwrap_or(0);
-    (status, text.split("\r\n\r\n").nth(1).unwrap_or_default().to_owned())
 }
 
 /// The admin API of a running pipeline: `POST /repair/check` finds a row written on the target

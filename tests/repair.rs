@@ -3,7 +3,7 @@
 //! as a lost log segment or a bug would leave them), while a workload keeps writing other keys
 //! through the mesh on every node:
 //! * check reports exactly the diverged keys, never a key only in flight (the cut);
-//! * a dry run changes nothing; fix resolves by causality (newer wins, concurrent merges with a
+//! * a dry run (through the admin API) changes nothing; fix resolves by causality (newer wins, concurrent merges with a
 //!   conflict logged by source `repair`, a lost delete deletes); a row written outside the mesh
 //!   (same version, different data) stays unresolved until `--prefer` names the winner;
 //! * afterwards the nodes hold identical rows and identical causality metadata;
@@ -13,7 +13,7 @@
 mod common;
 
 use common::mesh::{tail, KilledMesh};
-use common::synapse;
+use common::{post, synapse};
 use serde_json::{json, Value};
 use std::collections::BTreeSet;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -168,8 +168,12 @@ fn fix_makes_a_diverged_mesh_identical_through_the_resolver_while_it_keeps_writi
     let before: Vec<String> = (0..3)
         .map(|i| mesh.sql(i, "SELECT string_agg(i::text, ';' ORDER BY id) FROM items i WHERE id < 20 OR id > 5000"))
         .collect();
-    let (code, text) = repair(&mesh, &["fix", "--dry-run", "--json"]);
-    assert_eq!(code, Some(1), "8 cannot be decided without --prefer: {text}");
+    // Through the admin API of the running synapse (the CLI's `fix --dry-run --json` prints the same).
+    let (status, text) = post(&mesh.ops, "/repair/fix", r#"{"prefer": "moon"}"#);
+    assert_eq!(status, 400, "{text}");
+    assert!(text.contains("`moon` is not one of the nodes compared"), "{text}");
+    let (status, text) = post(&mesh.ops, "/repair/fix", r#"{"dry_run": true, "tables": ["public.items"]}"#);
+    assert_eq!(status, 200, "{text}");
     let dry = json_of(&text);
     let fix = &dry[0]["fix"];
     assert_eq!(fix["dry_run"], json!(true));

@@ -26,6 +26,8 @@ pub struct KilledMesh {
     pub nodes: Vec<LocalCluster>,
     pub config: std::path::PathBuf,
     pub log: std::path::PathBuf,
+    /// The ops address (metrics, health, the admin API) of the synapse the test starts.
+    pub ops: String,
     _dir: tempfile::TempDir,
 }
 
@@ -49,16 +51,18 @@ impl KilledMesh {
             })
             .collect();
         let config = dir.path().join("mesh.yaml");
+        // A port free now (the listener is dropped); the same one on every restart.
+        let ops = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().to_string();
         std::fs::write(
             &config,
             format!(
-                "log:\n  dir: {}\nmesh:\n  nodes:\n{nodes_yaml}{mesh_yaml}  tombstone_purge_interval_secs: 0\nops:\n  listen: \"\"\napi:\n  listen: \"\"\n",
+                "log:\n  dir: {}\nmesh:\n  nodes:\n{nodes_yaml}{mesh_yaml}  tombstone_purge_interval_secs: 0\nops:\n  listen: \"{ops}\"\napi:\n  listen: \"\"\n",
                 dir.path().join("log").display()
             ),
         )
         .unwrap();
         let log = dir.path().join("synapse.log");
-        KilledMesh { nodes, config, log, _dir: dir }
+        KilledMesh { nodes, config, log, ops, _dir: dir }
     }
 
     pub fn logtext(&self) -> String {

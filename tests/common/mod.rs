@@ -76,3 +76,19 @@ pub fn assert_survived(nodes: &Nodes, child: &mut Child, log: &Path, txns: u64) 
     assert!(!text.contains("panicked"), "{text}");
     text
 }
+
+/// `POST path` with a JSON body to an HTTP server: status and body.
+pub fn post(addr: &str, path: &str, body: &str) -> (u16, String) {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    write!(
+        s,
+        "POST {path} HTTP/1.0\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    )
+    .unwrap();
+    let mut text = String::new();
+    s.read_to_string(&mut text).unwrap();
+    let status = text.split_whitespace().nth(1).and_then(|s| s.parse().ok()).unwrap_or(0);
+    (status, text.split("\r\n\r\n").nth(1).unwrap_or_default().to_owned())
+}

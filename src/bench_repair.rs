@@ -255,7 +255,7 @@ pub async fn run(rows: u64, work: &Path) -> anyhow::Result<RepairBench> {
     let incremental = measure(&pa, &pb, &change, check, synapse_found).await?;
     // The same through the admin API's path in a running process: connections already open.
     let service = crate::repair::RepairService::new(crate::config::Config::load(&config)?);
-    let request = || crate::repair::CheckRequest { tables: vec!["public.t".into()], ..Default::default() };
+    let request = || crate::repair::RepairRequest { tables: vec!["public.t".into()], ..Default::default() };
     service.check(request()).await.map_err(|_| anyhow::anyhow!("the warm-up check through the service failed"))?;
     let mut warm = Vec::new();
     for run in 0..RUNS {

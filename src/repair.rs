@@ -388,10 +388,10 @@ pub struct RepairService {
     nodes: tokio::sync::Mutex<HashMap<String, Node>>,
 }
 
-/// `POST /repair/check` body: every field optional, as the CLI's options.
+/// `POST /repair/check` and `POST /repair/fix` body: every field optional, as the CLI's options.
 #[derive(serde::Deserialize, Default)]
 #[serde(deny_unknown_fields)]
-pub struct CheckRequest {
+pub struct RepairRequest {
     #[serde(default)]
     pub tables: Vec<String>,
     #[serde(default)]
@@ -400,24 +400,10 @@ pub struct CheckRequest {
     pub cut_timeout_secs: Option<f64>,
     #[serde(default)]
     pub no_wait: bool,
-}
-
-/// `POST /repair/fix` body: what `CheckRequest` takes, and the fix's own options.
-#[derive(serde::Deserialize, Default)]
-#[serde(deny_unknown_fields)]
-pub struct FixRequest {
-    #[serde(default)]
-    pub tables: Vec<String>,
-    #[serde(default)]
-    pub nodes: Vec<String>,
-    pub bits: Option<u8>,
-    pub cut_timeout_secs: Option<f64>,
-    #[serde(default)]
-    pub no_wait: bool,
-    /// Show what would change, then roll everything back.
+    /// Fix only: show what would change, then roll everything back.
     #[serde(default)]
     pub dry_run: bool,
-    /// The node whose row wins where nodes hold one version with different data.
+    /// Fix only: the node whose row wins where nodes hold one version with different data.
     pub prefer: Option<String>,
 }
 
@@ -449,21 +435,17 @@ impl RepairService {
     }
 
     /// The request's plan; a bad field is a 400 naming it.
-    fn plan(
-        &self,
-        tables: &[String],
-        nodes: &[String],
-        bits: Option<u8>,
-        cut_timeout_secs: Option<f64>,
-        no_wait: bool,
-    ) -> Result<Resolved, ApiError> {
-        let timeout = (!no_wait).then_some(cut_timeout_secs.unwrap_or(60.0));
-        plan(self.config.clone(), "the configuration", tables, nodes, bits.unwrap_or(12), timeout)
+    fn plan(&self, req: &RepairRequest) -> Result<Resolved, ApiError> {
+        let timeout = (!req.no_wait).then_some(req.cut_timeout_secs.unwrap_or(60.0));
+        plan(self.config.clone(), "the configuration", &req.tables, &req.nodes, req.bits.unwrap_or(12), timeout)
             .map_err(|e| bad_request(format!("{e:#}")))
     }
 
-    pub async fn check(&self, req: CheckRequest) -> Result<Vec<Report>, ApiError> {
-        let r = self.plan(&req.tables, &req.nodes, req.bits, req.cut_timeout_secs, req.no_wait)?;
+    pub async fn check(&self, req: RepairRequest) -> Result<Vec<Report>, ApiError> {
+        if req.dry_run || req.prefer.is_some() {
+            return Err(bad_request("dry_run and prefer are options of POST /repair/fix, not of a check".into()));
+        }
+        let r = self.plan(&req)?;
         let mut open = self.nodes.lock().await;
         for (name, pg) in &r.nodes {
             if !open.contains_key(name) {
@@ -499,8 +481,8 @@ impl RepairService {
     /// Checks and resolves what differs, as `synapse repair fix`: one `{check, fix}` per table.
     /// Fixes connect afresh (their writing sessions carry the replication origin "repair") and
     /// run one at a time with the service's checks.
-    pub async fn fix(&self, req: FixRequest) -> Result<Vec<serde_json::Value>, ApiError> {
-        let r = self.plan(&req.tables, &req.nodes, req.bits, req.cut_timeout_secs, req.no_wait)?;
+    pub async fn fix(&self, req: RepairRequest) -> Result<Vec<serde_json::Value>, ApiError> {
+        let r = self.plan(&req)?;
         let _one_at_a_time = self.nodes.lock().await;
         let out = fix_tables(&r, "the configuration", req.dry_run, req.prefer).await.map_err(|e| match e {
             FixError::Request(message) => bad_request(message),
@@ -527,7 +509,7 @@ impl RepairService {
                 "/repair/fix",
                 axum::routing::post(
                     |axum::extract::State(s): axum::extract::State<std::sync::Arc<RepairService>>,
-                     body: Option<axum::Json<FixRequest>>| async move {
+                     body: Option<axum::Json<RepairRequest>>| async move {
                         s.fix(body.map(|b| b.0).unwrap_or_default()).await.map(axum::Json)
                     },
                 ),
@@ -536,7 +518,7 @@ impl RepairService {
                 "/repair/check",
                 axum::routing::post(
                     |axum::extract::State(s): axum::extract::State<std::sync::Arc<RepairService>>,
-                     body: Option<axum::Json<CheckRequest>>| async move {
+                     body: Option<axum::Json<RepairRequest>>| async move {
                         s.check(body.map(|b| b.0).unwrap_or_default()).await.map(axum::Json)
                     },
                 ),

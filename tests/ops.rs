@@ -105,6 +105,9 @@ fn the_admin_api_checks_replicas_of_a_running_pipeline() {
     assert!(body.contains("`moon` is not a node"), "{body}");
     let (status, body) = post(&addr, "/repair/check", r#"{"tabels": []}"#);
     assert_eq!(status, 422, "unknown fields are refused: {body}");
+    let (status, body) = post(&addr, "/repair/check", r#"{"dry_run": true}"#);
+    assert_eq!(status, 400, "{body}");
+    assert!(body.contains("POST /repair/fix"), "{body}");
 
     let out = synapse(&["repair", "track", "--config", config.to_str().unwrap(), "--bits", "8"]).output().unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));

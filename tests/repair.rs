@@ -34,7 +34,11 @@ fn lost(mesh: &KilledMesh, i: usize, sql: &str) {
             "SELECT pg_replication_origin_create('synapse_lost') WHERE NOT EXISTS
                  (SELECT 1 FROM pg_replication_origin WHERE roname = 'synapse_lost');
              SELECT pg_replication_origin_session_setup('synapse_lost');
-             {sql}"
+             {sql};
+             -- Committed with the origin, then released before psql returns: the session's
+             -- exit is asynchronous, and the next write here would find the origin still active.
+             COMMIT;
+             SELECT pg_replication_origin_session_reset();"
         ),
     );
 }

@@ -316,7 +316,6 @@ impl Node {
         Ok(unpack(row.get(0)).map(|(b, n, s)| (b, (n, s))).collect())
     }
 
-    /// The staged rows of the given sub-buckets: (sub-bucket, key, row hash).
     /// The sub-bucket digests of `buckets` kept by tracking (read in the snapshot, after
     /// [`Node::tracked_digests`] folded the recorded changes).
     pub async fn tracked_sub_digests(
@@ -338,8 +337,9 @@ impl Node {
             .collect();
         let row = self
             .row(
-                "SELECT coalesce(string_agg(int4send(bucket::int4) || int8send(n) || int8send(s), ''::bytea ORDER BY bucket), ''::bytea)
-                 FROM synapse.repair_subdigest WHERE tbl = $1 AND bucket = ANY($2::int8[])",
+                &format!(
+                    "SELECT {PACKED_STORED} FROM synapse.repair_subdigest WHERE tbl = $1 AND bucket = ANY($2::int8[])"
+                ),
                 &[&shape.name, &wanted],
             )
             .await
@@ -370,9 +370,10 @@ impl Node {
             .rows(&sql, &[&wanted])
             .await
             .map_err(self.fail(format!("reading differing rows of {}", shape.name)))?;
-        Ok(rows.into_iter().map(|r| (r.get::<_, i64>(0).max(0) as usize, r.get(1), r.get(2))).collect())
+        Ok(keyed_rows(rows))
     }
 
+    /// The staged rows of the given sub-buckets: (sub-bucket, key, row hash).
     pub async fn staged_rows(
         &self,
         shape: &Shape,
@@ -386,7 +387,7 @@ impl Node {
             .rows("SELECT b, k, h FROM synapse_repair_rows WHERE b = ANY($1)", &[&wanted])
             .await
             .map_err(self.fail(format!("reading differing rows of {}", shape.name)))?;
-        Ok(rows.into_iter().map(|r| (r.get::<_, i64>(0).max(0) as usize, r.get(1), r.get(2))).collect())
+        Ok(keyed_rows(rows))
     }
 
     /// Starts keeping `shape`'s bucket digests current on this node (see [`TRACKING_DDL`]):
@@ -630,17 +631,18 @@ impl Node {
             sub_add = wrap("repair_subdigest.s::numeric + excluded.s"),
             add = wrap("repair_digest.s::numeric + excluded.s"),
         );
-        let read_sql = "SELECT t.tracked_at::text, t.gen,
-                (SELECT coalesce(string_agg(int4send(d.bucket::int4) || int8send(d.n) || int8send(d.s), ''::bytea ORDER BY d.bucket), ''::bytea)
-                 FROM synapse.repair_digest d
+        let read_sql = format!(
+            "SELECT t.tracked_at::text, t.gen,
+                (SELECT {PACKED_STORED} FROM synapse.repair_digest d
                  WHERE d.tbl = $1 AND d.gen > CASE WHEN t.tracked_at::text = $2 THEN $3::int8 ELSE -1 END)
-             FROM synapse.repair_tracked t WHERE t.tbl = $1";
+             FROM synapse.repair_tracked t WHERE t.tbl = $1"
+        );
         let (fold_params, read_params): (
             [&(dyn tokio_postgres::types::ToSql + Sync); 1],
             [&(dyn tokio_postgres::types::ToSql + Sync); 3],
         ) = ([&shape.name], [&shape.name, &since_at, &since_gen]);
         let fold = self.row(&fold_sql, &fold_params);
-        let rows = self.rows(read_sql, &read_params);
+        let rows = self.rows(&read_sql, &read_params);
         // Both sent at once (one round trip); the read, a later statement, sees the fold.
         let (fold, rows) = futures_util::future::join(fold, rows).await;
         let folded = fold
@@ -737,6 +739,15 @@ impl Node {
 /// Per bucket `b`, `n` rows and `s` their hashes' sum (numeric) as 20 bytes — b (4), n (8),
 /// s mod 2^64 (8), big-endian — all buckets in one bytea: a few bytes a bucket on the wire.
 const PACKED: &str = "coalesce(string_agg(int4send(b::int4) || int8send(n) || int8send((s - floor((s + 9223372036854775808) / 18446744073709551616) * 18446744073709551616)::int8), ''::bytea ORDER BY b), ''::bytea)";
+
+/// The same for digests stored wrapped (bigint `bucket`, `n`, `s` columns).
+const PACKED_STORED: &str =
+    "coalesce(string_agg(int4send(bucket::int4) || int8send(n) || int8send(s), ''::bytea ORDER BY bucket), ''::bytea)";
+
+/// (sub-bucket, key, row hash) rows as read by `staged_rows` and `sub_bucket_rows`.
+fn keyed_rows(rows: Vec<tokio_postgres::Row>) -> Vec<(usize, Key, i64)> {
+    rows.into_iter().map(|r| (r.get::<_, i64>(0).max(0) as usize, r.get(1), r.get(2))).collect()
+}
 
 fn unpack(bytes: Vec<u8>) -> impl Iterator<Item = (usize, u64, u64)> {
     let word = |b: &[u8]| b.iter().fold(0u64, |acc, x| (acc << 8) | u64::from(*x));

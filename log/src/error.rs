@@ -19,6 +19,18 @@ pub enum LogError {
     Encode(#[source] postcard::Error),
     #[error("the log task stopped unexpectedly")]
     TaskFailed(#[source] tokio::task::JoinError),
+    #[error("Kafka: {context}")]
+    Kafka {
+        context: &'static str,
+        #[source]
+        source: rdkafka::error::KafkaError,
+    },
+    #[error("Kafka topic {topic} cannot be created")]
+    Topic {
+        topic: String,
+        #[source]
+        source: rdkafka::error::KafkaError,
+    },
 }
 
 impl LogError {
@@ -29,12 +41,33 @@ impl LogError {
             LogError::Corrupt { .. } => "LOG002",
             LogError::Encode(_) => "LOG003",
             LogError::TaskFailed(_) => "LOG004",
+            LogError::Kafka { .. } => "LOG005",
+            LogError::Topic { .. } => "LOG006",
         }
     }
 
     /// Transient errors are retried with backoff; the others stop the pipeline for an operator.
     pub fn is_transient(&self) -> bool {
-        matches!(self, LogError::Storage { .. } | LogError::TaskFailed(_))
+        match self {
+            LogError::Storage { .. } | LogError::TaskFailed(_) => true,
+            // Brokers down, leader changes, timeouts pass; authorization and bad configuration
+            // do not.
+            LogError::Kafka { source, .. } | LogError::Topic { source, .. } => match source.rdkafka_error_code() {
+                Some(code) => !matches!(
+                    code,
+                    rdkafka::types::RDKafkaErrorCode::TopicAuthorizationFailed
+                        | rdkafka::types::RDKafkaErrorCode::ClusterAuthorizationFailed
+                        | rdkafka::types::RDKafkaErrorCode::GroupAuthorizationFailed
+                        | rdkafka::types::RDKafkaErrorCode::SaslAuthenticationFailed
+                        | rdkafka::types::RDKafkaErrorCode::InvalidConfig
+                        | rdkafka::types::RDKafkaErrorCode::InvalidReplicationFactor
+                        | rdkafka::types::RDKafkaErrorCode::PolicyViolation
+                        | rdkafka::types::RDKafkaErrorCode::MessageSizeTooLarge
+                ),
+                None => !matches!(source, rdkafka::error::KafkaError::ClientCreation(_)),
+            },
+            _ => false,
+        }
     }
 
     /// What an operator should do about it.
@@ -47,6 +80,14 @@ impl LogError {
             }
             LogError::Encode(_) => "report this as a bug, with the table definition",
             LogError::TaskFailed(_) => "see the preceding log lines; restart synapse",
+            LogError::Kafka { .. } => {
+                "check that log.kafka.brokers are reachable from this host and that the credentials \
+                 (log.kafka.properties) allow producing and consuming the synapse topics"
+            }
+            LogError::Topic { .. } => {
+                "create the topic yourself (1 partition for <prefix>.<node>.changes, compacted \
+                 <prefix>.<node>.consumers) or grant this user CreateTopics"
+            }
         }
     }
 }

@@ -13,9 +13,11 @@
 
 mod embedded;
 mod error;
+mod kafka;
 
 pub use embedded::{EmbeddedLog, EmbeddedLogOptions};
 pub use error::LogError;
+pub use kafka::{KafkaLog, KafkaLogOptions};
 
 use std::future::Future;
 use std::time::Duration;

@@ -1,0 +1,525 @@
+//! The change log on Apache Kafka (or any Kafka-protocol broker), for deployments that outgrow
+//! one machine. Same contract as the embedded log (see [`ChangeLog`]).
+//!
+//! Layout per source node (`prefix` defaults to "synapse"):
+//! * `<prefix>.<node>.changes` — one partition: every `LogRecord` in order, one message each,
+//!   so Kafka offsets are the stream's offsets and readers see whole transactions in order.
+//!   Each message carries its transaction's commit LSN and commit time as headers.
+//! * `<prefix>.<node>.consumers` — compacted: consumer name → position (retention's input).
+//!
+//! The relation registry and the transaction index (commit LSN → offsets) are rebuilt in
+//! memory at open by reading the changes topic once, then kept current by `append` (the one
+//! writer) and by `read` (readers in other processes).
+//!
+//! Durability: the producer is idempotent with `acks=all`; `append` resolves once every
+//! message of the batch has a successful delivery report. Kafka has no atomic multi-message
+//! write without transactions (which the test broker lacks): on `Err`, a prefix of the batch may
+//! be visible. The writer then restarts through [`ChangeLog::recover_writer`], which marks the
+//! unfinished transaction `Discarded` — the protocol readers already follow after a crash.
+
+use crate::{ChangeLog, LogError, Offset, Seek, WriterState};
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::DefaultClientContext;
+use rdkafka::config::ClientConfig;
+use rdkafka::consumer::{Consumer, StreamConsumer};
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::message::{Header, Message, OwnedHeaders};
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::TopicPartitionList;
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use synapse_schemas::{Cursor, LogRecord, Lsn, Relation, RelationKey};
+use tokio::sync::watch;
+
+/// How to reach the brokers and name the topics.
+#[derive(Clone, Debug)]
+pub struct KafkaLogOptions {
+    /// `bootstrap.servers`.
+    pub brokers: String,
+    /// Topic name prefix.
+    pub prefix: String,
+    /// The source node whose stream this is.
+    pub node: String,
+    /// Replication factor of the topics created here (existing topics are left as they are).
+    pub replication_factor: i32,
+    /// Any librdkafka property (security.protocol, sasl.*, ssl.*, …), passed through.
+    pub properties: BTreeMap<String, String>,
+    /// How long a request to the brokers may take before it counts as failed.
+    pub timeout: Duration,
+}
+
+impl KafkaLogOptions {
+    pub fn new(brokers: &str, node: &str) -> KafkaLogOptions {
+        KafkaLogOptions {
+            brokers: brokers.to_owned(),
+            prefix: "synapse".into(),
+            node: node.to_owned(),
+            replication_factor: 1,
+            properties: BTreeMap::new(),
+            timeout: Duration::from_secs(10),
+        }
+    }
+
+    fn client(&self) -> ClientConfig {
+        let mut c = ClientConfig::new();
+        c.set("bootstrap.servers", &self.brokers);
+        for (k, v) in &self.properties {
+            c.set(k, v);
+        }
+        c
+    }
+
+    pub fn changes_topic(&self) -> String {
+        format!("{}.{}.changes", self.prefix, self.node)
+    }
+
+    pub fn consumers_topic(&self) -> String {
+        format!("{}.{}.consumers", self.prefix, self.node)
+    }
+}
+
+/// A transaction in the index: offsets of its `Begin` and `Commit` (`None` while open), its
+/// event count and commit time.
+#[derive(Clone, Copy, Debug)]
+struct Txn {
+    begin: Offset,
+    commit: Option<Offset>,
+    events: u32,
+    time_us: i64,
+}
+
+#[derive(Default)]
+struct State {
+    txns: BTreeMap<u64, Txn>,
+    /// Offsets of `Relation` records, and the relations by key.
+    relations: HashMap<RelationKey, Relation>,
+    history: BTreeMap<(u32, Offset), u64>,
+    open: Option<u64>,
+    last_commit_end: Option<u64>,
+    /// Every offset below this one has been indexed.
+    indexed: Offset,
+    consumers: BTreeMap<String, Offset>,
+}
+
+impl State {
+    fn index(&mut self, offset: Offset, r: &LogRecord) {
+        if offset < self.indexed {
+            return;
+        }
+        self.indexed = offset + 1;
+        match r {
+            LogRecord::Begin(b) => {
+                self.open = Some(b.commit_lsn.0);
+                self.txns
+                    .insert(b.commit_lsn.0, Txn { begin: offset, commit: None, events: 0, time_us: b.commit_time_us });
+            }
+            LogRecord::Commit(c) => {
+                self.open = None;
+                self.last_commit_end = Some(c.end_lsn.0);
+                if let Some(t) = self.txns.get_mut(&c.commit_lsn.0) {
+                    t.commit = Some(offset);
+                    t.events = c.event_count;
+                    t.time_us = c.commit_time_us;
+                }
+            }
+            LogRecord::Discarded { commit_lsn } => {
+                self.open = None;
+                if self.txns.get(&commit_lsn.0).is_some_and(|t| t.commit.is_none()) {
+                    self.txns.remove(&commit_lsn.0);
+                }
+            }
+            LogRecord::Relation(rel) => {
+                let k = rel.key();
+                self.history.insert((k.oid, offset), k.version);
+                self.relations.insert(k, rel.clone());
+            }
+            _ => {}
+        }
+    }
+}
+
+/// The Kafka [`ChangeLog`]. Cheap to clone; clones share the clients.
+#[derive(Clone)]
+pub struct KafkaLog {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    options: KafkaLogOptions,
+    topic: String,
+    producer: FutureProducer,
+    /// Readers positioned where the last read ended, reused by the next read from there.
+    readers: tokio::sync::Mutex<Vec<(Offset, StreamConsumer)>>,
+    head: watch::Sender<Offset>,
+    /// Offset of the first retained record (records below were deleted by retention).
+    low: std::sync::atomic::AtomicU64,
+    state: Mutex<State>,
+}
+
+const LSN_HEADER: &str = "synapse-commit-lsn";
+
+fn kafka(context: &'static str) -> impl Fn(KafkaError) -> LogError {
+    move |source| LogError::Kafka { context, source }
+}
+
+impl KafkaLog {
+    /// Connects, creates the topics if missing, and reads the stream once to index it.
+    pub async fn open(options: KafkaLogOptions) -> Result<KafkaLog, LogError> {
+        let base = options.client();
+        let producer: FutureProducer = base
+            .clone()
+            .set("enable.idempotence", "true")
+            .set("acks", "all")
+            .set("compression.type", "lz4")
+            .set("linger.ms", "1")
+            .set("message.timeout.ms", (options.timeout.as_millis() * 3).to_string())
+            .create()
+            .map_err(kafka("creating the producer"))?;
+        let admin: AdminClient<DefaultClientContext> = base.create().map_err(kafka("creating the admin client"))?;
+        let topic = options.changes_topic();
+        let rf = options.replication_factor;
+        let changes = NewTopic::new(&topic, 1, TopicReplication::Fixed(rf));
+        let consumers_topic = options.consumers_topic();
+        let consumers =
+            NewTopic::new(&consumers_topic, 1, TopicReplication::Fixed(rf)).set("cleanup.policy", "compact");
+        let admin_options = AdminOptions::new().operation_timeout(Some(options.timeout));
+        let created =
+            admin.create_topics(&[changes, consumers], &admin_options).await.map_err(kafka("creating the topics"))?;
+        for result in created {
+            match result {
+                Ok(_) | Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
+                Err((topic, code)) => return Err(LogError::Topic { topic, source: KafkaError::AdminOp(code) }),
+            }
+        }
+        let (head, _) = watch::channel(0);
+        let log = KafkaLog {
+            inner: Arc::new(Inner {
+                topic,
+                producer,
+                readers: tokio::sync::Mutex::new(Vec::new()),
+                head,
+                low: Default::default(),
+                state: Mutex::new(State::default()),
+                options,
+            }),
+        };
+        log.refresh_watermarks().await?;
+        // Index the stream: relations, transactions, the open transaction.
+        let mut at = log.inner.low.load(std::sync::atomic::Ordering::Acquire);
+        loop {
+            let batch = log.read(at, 10_000).await?;
+            let Some((last, _)) = batch.last() else { break };
+            at = last + 1;
+        }
+        log.load_consumers().await?;
+        Ok(log)
+    }
+
+    fn consumer(&self) -> Result<StreamConsumer, LogError> {
+        self.inner
+            .options
+            .client()
+            // Assigned partitions only: no group membership, nothing committed to Kafka.
+            .set("group.id", format!("{}.reader", self.inner.topic))
+            .set("enable.auto.commit", "false")
+            .set("enable.auto.offset.store", "false")
+            .set("auto.offset.reset", "earliest")
+            .create()
+            .map_err(kafka("creating a reader"))
+    }
+
+    async fn refresh_watermarks(&self) -> Result<(), LogError> {
+        let consumer = self.consumer()?;
+        let (topic, timeout) = (self.inner.topic.clone(), self.inner.options.timeout);
+        let (low, high) = tokio::task::spawn_blocking(move || consumer.fetch_watermarks(&topic, 0, timeout))
+            .await
+            .map_err(LogError::TaskFailed)?
+            .map_err(kafka("reading the log's offsets"))?;
+        self.inner.low.store(low.max(0) as u64, std::sync::atomic::Ordering::Release);
+        self.inner.head.send_if_modified(|h| {
+            let high = high.max(0) as u64;
+            let grew = high > *h;
+            *h = (*h).max(high);
+            grew
+        });
+        Ok(())
+    }
+
+    async fn load_consumers(&self) -> Result<(), LogError> {
+        let consumer = self.consumer()?;
+        let topic = self.inner.options.consumers_topic();
+        let timeout = self.inner.options.timeout;
+        let t = topic.clone();
+        let (low, high) = tokio::task::spawn_blocking({
+            let c = self.consumer()?;
+            move || c.fetch_watermarks(&t, 0, timeout)
+        })
+        .await
+        .map_err(LogError::TaskFailed)?
+        .map_err(kafka("reading the consumers' offsets"))?;
+        if high <= low {
+            return Ok(());
+        }
+        let mut tpl = TopicPartitionList::new();
+        tpl.add_partition_offset(&topic, 0, rdkafka::Offset::Offset(low)).map_err(kafka("reading consumers"))?;
+        consumer.assign(&tpl).map_err(kafka("reading consumers"))?;
+        let mut positions = BTreeMap::new();
+        loop {
+            let m = tokio::time::timeout(timeout, consumer.recv())
+                .await
+                .map_err(|_| LogError::Kafka { context: "reading consumers", source: KafkaError::Canceled })?
+                .map_err(kafka("reading consumers"))?;
+            let name = m.key().map(|k| String::from_utf8_lossy(k).into_owned()).unwrap_or_default();
+            match m.payload().and_then(|p| p.try_into().ok()).map(u64::from_be_bytes) {
+                Some(next) => positions.insert(name, next),
+                None => positions.remove(&name),
+            };
+            if m.offset() + 1 >= high {
+                break;
+            }
+        }
+        self.state().consumers = positions;
+        Ok(())
+    }
+
+    fn state(&self) -> std::sync::MutexGuard<'_, State> {
+        self.inner.state.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    async fn put_consumer(&self, name: &str, next: Option<Offset>) -> Result<(), LogError> {
+        let topic = self.inner.options.consumers_topic();
+        let payload = next.map(u64::to_be_bytes);
+        let mut record = FutureRecord::to(&topic).key(name);
+        if let Some(p) = &payload {
+            record = record.payload(p.as_slice());
+        }
+        self.inner
+            .producer
+            .send(record, self.inner.options.timeout)
+            .await
+            .map_err(|(e, _)| LogError::Kafka { context: "storing a consumer position", source: e })?;
+        Ok(())
+    }
+}
+
+impl ChangeLog for KafkaLog {
+    async fn append(&self, records: Vec<LogRecord>) -> Result<Offset, LogError> {
+        let started = std::time::Instant::now();
+        let mut txn = self.state().open;
+        let mut pending = Vec::with_capacity(records.len());
+        let mut bytes = 0u64;
+        for r in &records {
+            if let LogRecord::Begin(b) = r {
+                txn = Some(b.commit_lsn.0);
+            }
+            let payload = postcard::to_stdvec(r).map_err(LogError::Encode)?;
+            bytes += payload.len() as u64;
+            let lsn = txn.map(|l| l.to_be_bytes());
+            let headers =
+                OwnedHeaders::new().insert(Header { key: LSN_HEADER, value: lsn.as_ref().map(|l| l.as_slice()) });
+            let record = FutureRecord::<(), [u8]>::to(&self.inner.topic).payload(&payload).headers(headers);
+            // Queued in order; delivery reports come back in order for one partition.
+            let delivery = self
+                .inner
+                .producer
+                .send_result(record)
+                .map_err(|(e, _)| LogError::Kafka { context: "queueing a log record", source: e })?;
+            pending.push(delivery);
+            if matches!(r, LogRecord::Commit(_) | LogRecord::Discarded { .. }) {
+                txn = None;
+            }
+        }
+        let mut last = None;
+        for (r, delivery) in records.iter().zip(pending) {
+            let delivered = delivery
+                .await
+                .map_err(|_| LogError::Kafka { context: "appending to the log", source: KafkaError::Canceled })?
+                .map_err(|(e, _)| LogError::Kafka { context: "appending to the log", source: e })?;
+            let offset = delivered.offset.max(0) as u64;
+            self.state().index(offset, r);
+            last = Some(offset);
+        }
+        let Some(last) = last else { return Ok(self.next_offset().saturating_sub(1)) };
+        self.inner.head.send_if_modified(|h| {
+            let grew = last + 1 > *h;
+            *h = (*h).max(last + 1);
+            grew
+        });
+        metrics::counter!("synapse_log_appended_records_total").increment(records.len() as u64);
+        metrics::counter!("synapse_log_appended_bytes_total").increment(bytes);
+        metrics::histogram!("synapse_log_append_seconds").record(started.elapsed().as_secs_f64());
+        Ok(last)
+    }
+
+    async fn read(&self, from: Offset, max: usize) -> Result<Vec<(Offset, LogRecord)>, LogError> {
+        if from >= self.next_offset() {
+            self.refresh_watermarks().await?;
+            if from >= self.next_offset() {
+                return Ok(Vec::new());
+            }
+        }
+        let reused = {
+            let mut readers = self.inner.readers.lock().await;
+            readers.iter().position(|(at, _)| *at == from).map(|i| readers.swap_remove(i).1)
+        };
+        let consumer = match reused {
+            Some(c) => c,
+            None => {
+                let c = self.consumer()?;
+                let mut tpl = TopicPartitionList::new();
+                tpl.add_partition_offset(&self.inner.topic, 0, rdkafka::Offset::Offset(from as i64))
+                    .map_err(kafka("positioning a reader"))?;
+                c.assign(&tpl).map_err(kafka("positioning a reader"))?;
+                c
+            }
+        };
+        let head = self.next_offset();
+        let mut out: Vec<(Offset, LogRecord)> = Vec::new();
+        while out.len() < max {
+            // Below `head` a record is there to fetch; wait for it, but not forever.
+            let wait = if out.is_empty() { self.inner.options.timeout } else { Duration::from_millis(5) };
+            let m = match tokio::time::timeout(wait, consumer.recv()).await {
+                Ok(m) => m.map_err(kafka("reading the log"))?,
+                Err(_) if !out.is_empty() => break,
+                Err(_) => {
+                    return Err(LogError::Kafka {
+                        context: "reading the log (no record arrived)",
+                        source: KafkaError::Canceled,
+                    })
+                }
+            };
+            let offset = m.offset().max(0) as u64;
+            let record: LogRecord = postcard::from_bytes(m.payload().unwrap_or_default())
+                .map_err(|source| LogError::Corrupt { offset, source })?;
+            self.state().index(offset, &record);
+            out.push((offset, record));
+            if offset + 1 >= head {
+                break;
+            }
+        }
+        if let Some((last, _)) = out.last() {
+            let mut readers = self.inner.readers.lock().await;
+            // A few positioned readers are enough (appliers, webhooks, the stream API).
+            if readers.len() < 8 {
+                readers.push((last + 1, consumer));
+            }
+        }
+        Ok(out)
+    }
+
+    async fn wait_readable(&self, from: Offset, timeout: Duration) {
+        let deadline = tokio::time::Instant::now() + timeout;
+        let mut rx = self.inner.head.subscribe();
+        while *rx.borrow() <= from && tokio::time::Instant::now() < deadline {
+            // Another process may be the writer: look at the broker now and then.
+            let tick = Duration::from_millis(100).min(deadline - tokio::time::Instant::now());
+            if tokio::time::timeout(tick, rx.changed()).await.is_err() {
+                let _ = self.refresh_watermarks().await;
+            }
+        }
+    }
+
+    fn next_offset(&self) -> Offset {
+        *self.inner.head.borrow()
+    }
+
+    async fn relation(&self, key: RelationKey) -> Result<Option<Relation>, LogError> {
+        Ok(self.state().relations.get(&key).cloned())
+    }
+
+    async fn previous_relation(&self, oid: u32, before: Offset) -> Result<Option<RelationKey>, LogError> {
+        let state = self.state();
+        Ok(state.history.range((oid, 0)..(oid, before)).next_back().map(|(_, v)| RelationKey { oid, version: *v }))
+    }
+
+    async fn recover_writer(&self) -> Result<WriterState, LogError> {
+        self.refresh_watermarks().await?;
+        // Index whatever another writer appended since this log was opened.
+        let mut at = self.state().indexed;
+        while at < self.next_offset() {
+            let batch = self.read(at, 10_000).await?;
+            let Some((last, _)) = batch.last() else { break };
+            at = last + 1;
+        }
+        let (open, last_end) = {
+            let s = self.state();
+            (s.open, s.last_commit_end)
+        };
+        let mut next = self.next_offset();
+        if let Some(lsn) = open {
+            tracing::warn!(commit_lsn = %Lsn(lsn), "discarding a transaction the previous writer left unfinished");
+            next = self.append(vec![LogRecord::Discarded { commit_lsn: Lsn(lsn) }]).await? + 1;
+        }
+        Ok(WriterState { last_commit_end: last_end.map(Lsn), next_offset: next })
+    }
+
+    async fn commit_consumer(&self, name: &str, next: Offset) -> Result<(), LogError> {
+        self.put_consumer(name, Some(next)).await?;
+        self.state().consumers.insert(name.to_owned(), next);
+        Ok(())
+    }
+
+    async fn consumer_position(&self, name: &str) -> Result<Option<Offset>, LogError> {
+        Ok(self.state().consumers.get(name).copied())
+    }
+
+    async fn remove_consumer(&self, name: &str) -> Result<(), LogError> {
+        self.put_consumer(name, None).await?;
+        self.state().consumers.remove(name);
+        Ok(())
+    }
+
+    async fn seek(&self, after: Cursor) -> Result<Seek, LogError> {
+        let first = self.inner.low.load(std::sync::atomic::Ordering::Acquire);
+        let head = self.next_offset();
+        let state = self.state();
+        let oldest = state.txns.iter().find(|(_, t)| t.begin >= first).map(|(l, _)| Lsn(*l));
+        let gone = Seek::Gone { oldest };
+        let lsn = after.commit_lsn.0;
+        if let Some(t) = state.txns.get(&lsn) {
+            return Ok(match t.commit {
+                Some(c) if after.index >= t.events => Seek::At(c + 1),
+                _ if t.begin >= first => Seek::At(t.begin),
+                _ => gone,
+            });
+        }
+        // A cursor older than every retained transaction: its rest may be gone.
+        if state.txns.first_key_value().is_some_and(|(l, t)| lsn < *l && t.begin > first) {
+            return Ok(gone);
+        }
+        Ok(match state.txns.range(lsn.saturating_add(1)..).next() {
+            Some((_, t)) if t.begin >= first => Seek::At(t.begin),
+            Some(_) => gone,
+            None => Seek::At(head),
+        })
+    }
+
+    async fn cursor_at_time(&self, commit_time_us: i64) -> Result<Option<Cursor>, LogError> {
+        // The broker's own time index is not to be relied on (tansu answers offset 0).
+        Ok(self
+            .state()
+            .txns
+            .iter()
+            .find(|(_, t)| t.time_us >= commit_time_us)
+            .map(|(l, _)| Cursor { commit_lsn: Lsn(*l), index: 0 }))
+    }
+
+    async fn head_cursor(&self) -> Result<Option<Cursor>, LogError> {
+        Ok(self
+            .state()
+            .txns
+            .iter()
+            .rev()
+            .find(|(_, t)| t.commit.is_some())
+            .map(|(l, t)| Cursor { commit_lsn: Lsn(*l), index: t.events.saturating_add(1) }))
+    }
+
+    async fn apply_retention(&self, keep_since_us: Option<i64>) -> Result<u64, LogError> {
+        // Kafka deletes by the topic's retention settings; an explicit DeleteRecords below
+        // what every consumer passed is not supported by every broker (tansu 0.6 drops the
+        // connection), so nothing is deleted here. Allowed by the contract ("may keep more").
+        let _ = keep_since_us;
+        Ok(0)
+    }
+}

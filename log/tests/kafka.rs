@@ -1,0 +1,134 @@
+//! The Kafka log against a real Kafka-protocol broker: tansu, installed by
+//! `scripts/ensure-tansu.sh` and started here (memory storage, a free loopback port).
+#![allow(clippy::unwrap_used)] // a failed setup step should fail the test loudly
+
+use std::net::TcpListener;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+use synapse_log::{ChangeLog, KafkaLog, KafkaLogOptions, Seek, WriterState};
+use synapse_schemas::{
+    Begin, Commit, Cursor, Datum, LogRecord, Lsn, Op, Relation, RelationKey, ReplicaIdentity, RowChange,
+};
+
+struct Broker {
+    child: Child,
+    addr: String,
+}
+
+impl Drop for Broker {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn broker() -> Broker {
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/../scripts/ensure-tansu.sh");
+    let out = Command::new("bash").arg(script).stderr(Stdio::inherit()).output().unwrap();
+    assert!(out.status.success(), "scripts/ensure-tansu.sh failed");
+    let bin = String::from_utf8(out.stdout).unwrap().trim().to_owned();
+    let port = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let url = format!("tcp://127.0.0.1:{port}");
+    let child = Command::new(bin)
+        .args([
+            "broker",
+            "--listener-url",
+            &url,
+            "--advertised-listener-url",
+            &url,
+            "--storage-engine",
+            "memory://tansu/",
+        ])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let addr = format!("127.0.0.1:{port}");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while std::net::TcpStream::connect(&addr).is_err() {
+        assert!(Instant::now() < deadline, "tansu did not listen on {addr}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    Broker { child, addr }
+}
+
+fn txn(lsn: u64, rows: u32, time_us: i64) -> Vec<LogRecord> {
+    let mut v = vec![LogRecord::Begin(Begin { commit_lsn: Lsn(lsn), xid: 1, commit_time_us: time_us, origin: None })];
+    for i in 1..=rows {
+        v.push(LogRecord::Change(RowChange {
+            index: i,
+            relation: RelationKey { oid: 5, version: 1 },
+            op: Op::Insert,
+            before: None,
+            after: Some(vec![Datum::Text(i.to_string()), Datum::Null].into()),
+        }));
+    }
+    v.push(LogRecord::Commit(Commit {
+        commit_lsn: Lsn(lsn),
+        end_lsn: Lsn(lsn + 8),
+        commit_time_us: time_us,
+        event_count: rows,
+    }));
+    v
+}
+
+/// The embedded log's contract on Kafka: append and read back in order, a writer that died
+/// mid-transaction recovered with a `Discarded` marker by a new process (a new `KafkaLog` on
+/// the same topics), relations and consumer positions found again after reopening, seeks by
+/// cursor and time.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_log_contract_holds_on_a_kafka_protocol_broker() {
+    let b = broker();
+    let options = KafkaLogOptions::new(&b.addr, "n1");
+    let log = KafkaLog::open(options.clone()).await.unwrap();
+    assert_eq!(log.recover_writer().await.unwrap(), WriterState { last_commit_end: None, next_offset: 0 });
+    let rel = Relation {
+        oid: 5,
+        schema: "public".into(),
+        table: "t".into(),
+        replica_identity: ReplicaIdentity::Default,
+        columns: vec![],
+    };
+    log.append(vec![LogRecord::Relation(rel.clone())]).await.unwrap();
+    let t1 = txn(100, 3, 1_000);
+    assert_eq!(log.append(t1.clone()).await.unwrap(), 5);
+    log.commit_consumer("apply", 3).await.unwrap();
+    // Half of a second transaction, then the writer "crashes".
+    let t2 = txn(200, 3, 2_000);
+    log.append(t2[..2].to_vec()).await.unwrap();
+    drop(log);
+
+    let log = KafkaLog::open(options).await.unwrap();
+    assert_eq!(log.relation(rel.key()).await.unwrap(), Some(rel.clone()));
+    assert_eq!(log.previous_relation(5, 1).await.unwrap(), Some(rel.key()));
+    assert_eq!(log.previous_relation(5, 0).await.unwrap(), None);
+    assert_eq!(log.consumer_position("apply").await.unwrap(), Some(3));
+    let st = log.recover_writer().await.unwrap();
+    assert_eq!(st, WriterState { last_commit_end: Some(Lsn(108)), next_offset: 9 });
+    let all = log.read(0, 100).await.unwrap();
+    assert_eq!(all.len(), 9);
+    assert_eq!(all.iter().map(|(o, _)| *o).collect::<Vec<_>>(), (0..9).collect::<Vec<_>>());
+    assert_eq!(all[1..6].iter().map(|(_, r)| r.clone()).collect::<Vec<_>>(), t1);
+    assert_eq!(all[8].1, LogRecord::Discarded { commit_lsn: Lsn(200) });
+    assert_eq!(log.recover_writer().await.unwrap().next_offset, 9, "recovery is idempotent");
+
+    // The transaction again, complete; then seeks.
+    log.append(txn(200, 3, 2_000)).await.unwrap();
+    let at = |lsn: u64, index: u32| Cursor { commit_lsn: Lsn(lsn), index };
+    assert_eq!(log.head_cursor().await.unwrap(), Some(at(200, 4)));
+    assert_eq!(log.seek(at(100, 2)).await.unwrap(), Seek::At(1), "inside: from its Begin");
+    assert_eq!(log.seek(at(100, 3)).await.unwrap(), Seek::At(6), "after its last event: next record");
+    assert_eq!(log.seek(at(150, 0)).await.unwrap(), Seek::At(9), "between transactions");
+    assert_eq!(log.seek(at(300, 0)).await.unwrap(), Seek::At(14), "beyond: the head");
+    assert_eq!(log.cursor_at_time(1_500).await.unwrap(), Some(at(200, 0)));
+    assert_eq!(log.cursor_at_time(9_000).await.unwrap(), None);
+    log.remove_consumer("apply").await.unwrap();
+    assert_eq!(log.consumer_position("apply").await.unwrap(), None);
+
+    // A reader waiting at the head wakes when the writer appends.
+    let reader = log.clone();
+    let waiter = tokio::spawn(async move { reader.wait_readable(14, Duration::from_secs(30)).await });
+    log.append(txn(300, 1, 3_000)).await.unwrap();
+    tokio::time::timeout(Duration::from_secs(5), waiter).await.unwrap().unwrap();
+    assert_eq!(log.read(14, 10).await.unwrap().len(), 3);
+}

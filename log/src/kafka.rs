@@ -413,7 +413,7 @@ impl ChangeLog for KafkaLog {
         let mut rx = self.inner.head.subscribe();
         while *rx.borrow() <= from && tokio::time::Instant::now() < deadline {
             // Another process may be the writer: look at the broker now and then.
-            let tick = Duration::from_millis(100).min(deadline - tokio::time::Instant::now());
+            let tick = Duration::from_millis(100).min(deadline.saturating_duration_since(tokio::time::Instant::now()));
             if tokio::time::timeout(tick, rx.changed()).await.is_err() {
                 let _ = self.refresh_watermarks().await;
             }

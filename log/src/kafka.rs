@@ -21,7 +21,7 @@ use crate::{ChangeLog, LogError, Offset, Seek, WriterState};
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::config::ClientConfig;
-use rdkafka::consumer::{Consumer, StreamConsumer};
+use rdkafka::consumer::{BaseConsumer, Consumer, StreamConsumer};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{Header, Message, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord};
@@ -149,12 +149,24 @@ struct Inner {
     options: KafkaLogOptions,
     topic: String,
     producer: FutureProducer,
+    /// For watermark queries (made every 100 ms by waiting readers): one client, not one each.
+    meta: Arc<BaseConsumer>,
     /// Readers positioned where the last read ended, reused by the next read from there.
     readers: tokio::sync::Mutex<Vec<(Offset, StreamConsumer)>>,
     head: watch::Sender<Offset>,
     /// Offset of the first retained record (records below were deleted by retention).
     low: std::sync::atomic::AtomicU64,
     state: Mutex<State>,
+}
+
+/// A reader of assigned partitions only: no group membership, nothing committed to Kafka.
+fn reader_config(options: &KafkaLogOptions) -> ClientConfig {
+    let mut c = options.client();
+    c.set("group.id", format!("{}.reader", options.changes_topic()))
+        .set("enable.auto.commit", "false")
+        .set("enable.auto.offset.store", "false")
+        .set("auto.offset.reset", "earliest");
+    c
 }
 
 const LSN_HEADER: &str = "synapse-commit-lsn";
@@ -193,10 +205,12 @@ impl KafkaLog {
             }
         }
         let (head, _) = watch::channel(0);
+        let meta: BaseConsumer = reader_config(&options).create().map_err(kafka("creating a reader"))?;
         let log = KafkaLog {
             inner: Arc::new(Inner {
                 topic,
                 producer,
+                meta: Arc::new(meta),
                 readers: tokio::sync::Mutex::new(Vec::new()),
                 head,
                 low: Default::default(),
@@ -206,36 +220,36 @@ impl KafkaLog {
         };
         log.refresh_watermarks().await?;
         // Index the stream: relations, transactions, the open transaction.
-        let mut at = log.inner.low.load(std::sync::atomic::Ordering::Acquire);
-        loop {
-            let batch = log.read(at, 10_000).await?;
-            let Some((last, _)) = batch.last() else { break };
-            at = last + 1;
-        }
+        log.index_to_head(log.inner.low.load(std::sync::atomic::Ordering::Acquire)).await?;
         log.load_consumers().await?;
         Ok(log)
     }
 
     fn consumer(&self) -> Result<StreamConsumer, LogError> {
-        self.inner
-            .options
-            .client()
-            // Assigned partitions only: no group membership, nothing committed to Kafka.
-            .set("group.id", format!("{}.reader", self.inner.topic))
-            .set("enable.auto.commit", "false")
-            .set("enable.auto.offset.store", "false")
-            .set("auto.offset.reset", "earliest")
-            .create()
-            .map_err(kafka("creating a reader"))
+        reader_config(&self.inner.options).create().map_err(kafka("creating a reader"))
+    }
+
+    /// (low, high) offsets of partition 0 of `topic`.
+    async fn watermarks(&self, topic: String, context: &'static str) -> Result<(i64, i64), LogError> {
+        let (meta, timeout) = (self.inner.meta.clone(), self.inner.options.timeout);
+        tokio::task::spawn_blocking(move || meta.fetch_watermarks(&topic, 0, timeout))
+            .await
+            .map_err(LogError::TaskFailed)?
+            .map_err(kafka(context))
+    }
+
+    /// Reads (and so indexes) the stream from `from` up to the head.
+    async fn index_to_head(&self, mut from: Offset) -> Result<(), LogError> {
+        while from < self.next_offset() {
+            let batch = self.read(from, 10_000).await?;
+            let Some((last, _)) = batch.last() else { break };
+            from = last + 1;
+        }
+        Ok(())
     }
 
     async fn refresh_watermarks(&self) -> Result<(), LogError> {
-        let consumer = self.consumer()?;
-        let (topic, timeout) = (self.inner.topic.clone(), self.inner.options.timeout);
-        let (low, high) = tokio::task::spawn_blocking(move || consumer.fetch_watermarks(&topic, 0, timeout))
-            .await
-            .map_err(LogError::TaskFailed)?
-            .map_err(kafka("reading the log's offsets"))?;
+        let (low, high) = self.watermarks(self.inner.topic.clone(), "reading the log's offsets").await?;
         self.inner.low.store(low.max(0) as u64, std::sync::atomic::Ordering::Release);
         self.inner.head.send_if_modified(|h| {
             let high = high.max(0) as u64;
@@ -247,20 +261,13 @@ impl KafkaLog {
     }
 
     async fn load_consumers(&self) -> Result<(), LogError> {
-        let consumer = self.consumer()?;
         let topic = self.inner.options.consumers_topic();
         let timeout = self.inner.options.timeout;
-        let t = topic.clone();
-        let (low, high) = tokio::task::spawn_blocking({
-            let c = self.consumer()?;
-            move || c.fetch_watermarks(&t, 0, timeout)
-        })
-        .await
-        .map_err(LogError::TaskFailed)?
-        .map_err(kafka("reading the consumers' offsets"))?;
+        let (low, high) = self.watermarks(topic.clone(), "reading the consumers' offsets").await?;
         if high <= low {
             return Ok(());
         }
+        let consumer = self.consumer()?;
         let mut tpl = TopicPartitionList::new();
         tpl.add_partition_offset(&topic, 0, rdkafka::Offset::Offset(low)).map_err(kafka("reading consumers"))?;
         consumer.assign(&tpl).map_err(kafka("reading consumers"))?;
@@ -436,12 +443,8 @@ impl ChangeLog for KafkaLog {
     async fn recover_writer(&self) -> Result<WriterState, LogError> {
         self.refresh_watermarks().await?;
         // Index whatever another writer appended since this log was opened.
-        let mut at = self.state().indexed;
-        while at < self.next_offset() {
-            let batch = self.read(at, 10_000).await?;
-            let Some((last, _)) = batch.last() else { break };
-            at = last + 1;
-        }
+        let indexed = self.state().indexed;
+        self.index_to_head(indexed).await?;
         let (open, last_end) = {
             let s = self.state();
             (s.open, s.last_commit_end)

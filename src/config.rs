@@ -213,11 +213,168 @@ pub struct LogConfig {
     /// Hours of changes kept for stream readers after every consumer passed them (0: none).
     #[serde(default = "default_stream_retention")]
     pub stream_retention_hours: f64,
+    /// Keep the change streams on Kafka instead of in `dir` (which then holds only this
+    /// process's connector state).
+    pub kafka: Option<KafkaConfig>,
 }
 
 impl Default for LogConfig {
     fn default() -> Self {
-        LogConfig { dir: default_log_dir(), stream_retention_hours: default_stream_retention() }
+        LogConfig { dir: default_log_dir(), stream_retention_hours: default_stream_retention(), kafka: None }
+    }
+}
+
+/// `log.kafka`: the brokers and how topics are named and created.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KafkaConfig {
+    /// `host:port[,host:port…]` (librdkafka's `bootstrap.servers`).
+    pub brokers: String,
+    /// Topics are `<topic_prefix>.<source>.changes` and `<topic_prefix>.<source>.consumers`.
+    #[serde(default = "default_topic_prefix")]
+    pub topic_prefix: String,
+    /// Replication factor of topics synapse creates; unset: the broker's
+    /// `default.replication.factor`. Existing topics are used as they are.
+    pub replication_factor: Option<i32>,
+    /// Seconds a broker request may take before it counts as failed (and is retried).
+    #[serde(default = "default_kafka_timeout")]
+    pub request_timeout_secs: f64,
+    /// `false` for brokers that count offsets per record batch instead of per record (tansu
+    /// 0.6): every record then goes in its own batch. Keep `true` on Apache Kafka, Redpanda, MSK.
+    #[serde(default = "yes")]
+    pub batch_records: bool,
+    /// Any librdkafka property, passed through: `security.protocol`, `sasl.mechanism`,
+    /// `sasl.username`, `sasl.password`, `ssl.ca.location`, …
+    #[serde(default)]
+    pub properties: KafkaProperties,
+    /// Also publish every change to public per-table topics (Debezium layout, CloudEvents
+    /// headers) that any Kafka client can read.
+    pub public_topics: Option<PublicTopicsConfig>,
+}
+
+/// `log.kafka.public_topics`.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PublicTopicsConfig {
+    /// `schema.table` names to publish; empty: every replicated table.
+    #[serde(default)]
+    pub tables: Vec<String>,
+    /// Partitions of the table topics synapse creates; unset: the broker's `num.partitions`.
+    pub partitions: Option<i32>,
+    /// Follow each delete with a tombstone (a null value), for compacted topics.
+    #[serde(default)]
+    pub tombstones: bool,
+}
+
+fn default_topic_prefix() -> String {
+    "synapse".into()
+}
+
+fn default_kafka_timeout() -> f64 {
+    10.0
+}
+
+/// librdkafka properties; values may be written as strings, numbers or booleans. Values of
+/// secret-looking keys (`*password*`, `*secret*`, `*.key*`) never reach logs or output.
+#[derive(Clone, Default, Deserialize)]
+pub struct KafkaProperties(pub std::collections::BTreeMap<String, PropertyValue>);
+
+#[derive(Clone, Deserialize)]
+#[serde(untagged)]
+pub enum PropertyValue {
+    Text(String),
+    Integer(i64),
+    Float(f64),
+    Bool(bool),
+}
+
+impl fmt::Display for PropertyValue {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            PropertyValue::Text(s) => f.write_str(s),
+            PropertyValue::Integer(i) => write!(f, "{i}"),
+            PropertyValue::Float(x) => write!(f, "{x}"),
+            PropertyValue::Bool(b) => write!(f, "{b}"),
+        }
+    }
+}
+
+fn is_secret_property(key: &str) -> bool {
+    key.contains("password") || key.contains("secret") || key.contains(".key") || key.contains("token")
+}
+
+impl fmt::Debug for KafkaProperties {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let mut m = f.debug_map();
+        for (k, v) in &self.0 {
+            if is_secret_property(k) {
+                m.entry(k, &"***");
+            } else {
+                m.entry(k, &v.to_string());
+            }
+        }
+        m.finish()
+    }
+}
+
+impl KafkaConfig {
+    /// The Kafka log's options for source `node`.
+    pub fn log_options(&self, node: &str) -> synapse_log::KafkaLogOptions {
+        let mut o = synapse_log::KafkaLogOptions::new(&self.brokers, node);
+        o.prefix = self.topic_prefix.clone();
+        o.replication_factor = self.replication_factor.unwrap_or(-1);
+        o.timeout = std::time::Duration::from_secs_f64(self.request_timeout_secs);
+        o.batch_records = self.batch_records;
+        o.properties = self.properties.0.iter().map(|(k, v)| (k.clone(), v.to_string())).collect();
+        o
+    }
+
+    fn validate(&self, path: &str, sources: &[String]) -> Result<(), ConfigError> {
+        let invalid = |field: &str, message: String| ConfigError::Invalid {
+            path: path.into(),
+            field: format!("log.kafka.{field}"),
+            message,
+        };
+        let brokers: Vec<&str> = self.brokers.split(',').map(str::trim).collect();
+        for b in &brokers {
+            let port = b.rsplit_once(':').and_then(|(host, port)| (!host.is_empty()).then_some(port));
+            if port.and_then(|p| p.parse::<u16>().ok()).is_none_or(|p| p == 0) {
+                return Err(invalid("brokers", format!("`{b}` is not host:port (e.g. kafka-1:9092)")));
+            }
+        }
+        let legal = |c: char| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-');
+        if self.topic_prefix.is_empty() || !self.topic_prefix.chars().all(legal) {
+            return Err(invalid("topic_prefix", "must be 1 or more characters of a-z, A-Z, 0-9, ., _ or -".into()));
+        }
+        // Kafka rejects topic names over 249 characters.
+        if let Some(long) = sources.iter().find(|s| self.topic_prefix.len() + s.len() + ".consumers".len() + 1 > 249) {
+            return Err(invalid(
+                "topic_prefix",
+                format!("too long: topics of source `{long}` would exceed 249 characters"),
+            ));
+        }
+        if self.replication_factor.is_some_and(|r| !(1..=32).contains(&r)) {
+            return Err(invalid(
+                "replication_factor",
+                "must be between 1 and 32 (or unset: the broker's default)".into(),
+            ));
+        }
+        if !(0.1..=300.0).contains(&self.request_timeout_secs) {
+            return Err(invalid("request_timeout_secs", "must be between 0.1 and 300".into()));
+        }
+        if let Some(p) = &self.public_topics {
+            if let Some(bad) = p.tables.iter().find(|n| n.split('.').count() != 2) {
+                return Err(invalid("public_topics.tables", format!("`{bad}` is not schema.table")));
+            }
+            if p.partitions.is_some_and(|n| !(1..=10_000).contains(&n)) {
+                return Err(invalid("public_topics.partitions", "must be between 1 and 10000 (or unset)".into()));
+            }
+        }
+        if self.properties.0.contains_key("bootstrap.servers") {
+            return Err(invalid("properties", "set the brokers with log.kafka.brokers, not bootstrap.servers".into()));
+        }
+        // librdkafka knows its properties: building a client (no connection yet) names a bad one.
+        self.log_options(sources.first().map_or("check", String::as_str)).check().map_err(|e| invalid("properties", e))
     }
 }
 
@@ -436,6 +593,9 @@ impl Config {
             if t.max_txns_per_commit == 0 {
                 return Err(invalid(format!("targets[{i}].max_txns_per_commit"), "must be at least 1".into()));
             }
+        }
+        if let Some(k) = &self.log.kafka {
+            k.validate(path, &names)?;
         }
         if !(0.0..=24.0 * 366.0).contains(&self.log.stream_retention_hours) {
             return Err(invalid("log.stream_retention_hours".into(), "must be between 0 and 8784 (a year)".into()));

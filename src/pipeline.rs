@@ -1,5 +1,5 @@
 //! Wires the stages together for `synapse run` and `synapse quickstart`: per source a capture
-//! into its own embedded log; per (target, source) an initial copy and an applier. Holds no
+//! into its own stream of the configured log (embedded, or Kafka with `log.kafka`); per (target, source) an initial copy and an applier. Holds no
 //! processing logic of its own, only supervision: transient errors retry with backoff, a
 //! definite error stops the pipeline with its code and hint.
 
@@ -15,7 +15,7 @@ use synapse_connectors::api::{Api, StreamSource, Token};
 use synapse_connectors::feed::SourceInfo;
 use synapse_connectors::webhook::{store::Store, WebhookSource, Webhooks};
 use synapse_connectors::ConnectorError;
-use synapse_log::{ChangeLog, EmbeddedLog};
+use synapse_log::{ChangeLog, EmbeddedLog, KafkaLog, LogError, SourceLog};
 use tokio::sync::watch;
 use tokio::task::JoinSet;
 use tracing::Instrument;
@@ -110,6 +110,18 @@ pub async fn supervise<T, E: Classified, Fut: Future<Output = Result<T, E>>>(
     }
 }
 
+impl Classified for LogError {
+    fn transient(&self) -> bool {
+        self.is_transient()
+    }
+    fn code(&self) -> &'static str {
+        LogError::code(self)
+    }
+    fn hint(&self) -> &'static str {
+        LogError::hint(self)
+    }
+}
+
 impl Classified for ConnectorError {
     fn transient(&self) -> bool {
         self.is_transient()
@@ -130,7 +142,7 @@ pub struct Running {
     pub captures: Vec<(String, Arc<CaptureStats>)>,
     pub appliers: Vec<(String, Arc<ApplyStats>)>,
     pub tasks: JoinSet<Result<(), ComponentFailed>>,
-    pub webhooks: Option<Arc<Webhooks<EmbeddedLog>>>,
+    pub webhooks: Option<Arc<Webhooks<SourceLog>>>,
     /// Where the HTTP API listens, once bound.
     pub api_addr: Option<std::net::SocketAddr>,
 }
@@ -143,17 +155,41 @@ fn database_of(s: &SourceConfig) -> String {
         .unwrap_or_else(|| "postgres".into())
 }
 
+/// Opens source `name`'s stream in the configured log: Kafka when `log.kafka` is set (a
+/// broker that cannot be reached yet is retried with backoff), else the embedded log in
+/// `log.dir`. `None` on shutdown.
+async fn open_log(
+    config: &Config,
+    name: &str,
+    health: &Health,
+    shutdown: &watch::Receiver<bool>,
+) -> anyhow::Result<Option<SourceLog>> {
+    let Some(kafka) = &config.log.kafka else {
+        let log = EmbeddedLog::open(&config.log.dir.join(format!("{name}.redb")), Default::default())
+            .map_err(|e| anyhow::anyhow!("log.dir: {} ({})", chain(&e), e.hint()))?;
+        return Ok(Some(SourceLog::Embedded(log)));
+    };
+    let component = format!("log/{name}");
+    health.set(&component, ComponentState::Starting);
+    let options = kafka.log_options(name);
+    let log = supervise(&component, health, shutdown, || KafkaLog::open(options.clone()))
+        .instrument(tracing::info_span!("kafka_log", source = name, brokers = %kafka.brokers))
+        .await
+        .map_err(|f| anyhow::anyhow!("log.kafka: {f}"))?;
+    health.set(&component, ComponentState::Streaming);
+    Ok(log.map(SourceLog::Kafka))
+}
+
 /// Opens each source's log; starts webhooks, the HTTP API and retention on them.
 async fn start_delivery(
     config: &Config,
     running: &mut Running,
     health: &Arc<Health>,
     shutdown: &watch::Receiver<bool>,
-) -> anyhow::Result<BTreeMap<String, Arc<EmbeddedLog>>> {
+) -> anyhow::Result<BTreeMap<String, Arc<SourceLog>>> {
     let mut logs = BTreeMap::new();
     for source in &config.sources {
-        let log = EmbeddedLog::open(&config.log.dir.join(format!("{}.redb", source.name)), Default::default())
-            .map_err(|e| anyhow::anyhow!("log.dir: {} ({})", chain(&e), e.hint()))?;
+        let Some(log) = open_log(config, &source.name, health, shutdown).await? else { break };
         logs.insert(source.name.clone(), Arc::new(log));
     }
     let info = |name: &str| SourceInfo {
@@ -221,6 +257,40 @@ async fn start_delivery(
                 hint: "check api.listen",
             })
         });
+    }
+    if let Some((kafka, topics)) = config.log.kafka.as_ref().and_then(|k| Some((k, k.public_topics.as_ref()?))) {
+        for (name, log) in &logs {
+            let component = format!("kafka-topics/{name}");
+            health.set(&component, ComponentState::Starting);
+            let options = synapse_connectors::kafka_topics::TopicsOptions {
+                client: kafka.log_options(name).client(),
+                batch_records: kafka.batch_records,
+                prefix: kafka.topic_prefix.clone(),
+                partitions: topics.partitions.unwrap_or(-1),
+                replication_factor: kafka.replication_factor.unwrap_or(-1),
+                tombstones: topics.tombstones,
+                selector: synapse_connectors::Selector {
+                    tables: (!topics.tables.is_empty()).then(|| topics.tables.iter().cloned().collect()),
+                    ..Default::default()
+                },
+                timeout: Duration::from_secs_f64(kafka.request_timeout_secs),
+            };
+            let (log, source, h, sd) = (log.clone(), info(name), health.clone(), shutdown.clone());
+            running.tasks.spawn(async move {
+                let run = || {
+                    let (log, source, options, sd) = (log.clone(), source.clone(), options.clone(), sd.clone());
+                    async move {
+                        let mut publisher =
+                            synapse_connectors::kafka_topics::TopicPublisher::new(log, source, options)?;
+                        publisher.run(sd).await
+                    }
+                };
+                h.set(&component, ComponentState::Streaming);
+                supervise(&component, &h, &sd, run).await?;
+                h.set(&component, ComponentState::Stopped);
+                Ok(())
+            });
+        }
     }
     let window_us = (config.log.stream_retention_hours * 3.6e9) as i64;
     for (name, log) in &logs {
@@ -296,7 +366,7 @@ pub async fn start(config: &Config, health: Arc<Health>, shutdown: watch::Receiv
         let component = format!("capture/{}", source.name);
         health.set(&component, ComponentState::Starting);
         let cfg = capture_config(source)?;
-        let Some(log) = logs.get(&source.name).map(|l| EmbeddedLog::clone(l)) else { continue };
+        let Some(log) = logs.get(&source.name).map(|l| SourceLog::clone(l)) else { continue };
         let capture = supervise(&component, &health, &shutdown, || Capture::connect(cfg.clone())).await?;
         let Some(capture) = capture else { return Ok(running) };
         let capture = Arc::new(capture);
@@ -375,7 +445,7 @@ pub async fn start(config: &Config, health: Arc<Health>, shutdown: watch::Receiv
 fn spawn_tombstone_purge(
     config: &Config,
     m: &crate::config::MeshConfig,
-    logs: &BTreeMap<String, Arc<EmbeddedLog>>,
+    logs: &BTreeMap<String, Arc<SourceLog>>,
     running: &mut Running,
     shutdown: &watch::Receiver<bool>,
 ) -> anyhow::Result<()> {

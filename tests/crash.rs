@@ -55,6 +55,26 @@ fn workload(url: String, stop: Arc<AtomicBool>, done: Arc<AtomicU64>) -> std::th
 fn kill_dash_nine_at_random_points_loses_and_duplicates_nothing() {
     let nodes = Nodes::start(SCHEMA);
     let config = nodes.config("");
+    kill_nine_at_random_points(&nodes, &config);
+}
+
+/// The same on the Kafka log: a kill lands between messages of one transaction, between the
+/// broker's acknowledgement and the slot's confirmation, or in an applier reading from Kafka.
+#[test]
+fn kill_dash_nine_on_the_kafka_log_loses_and_duplicates_nothing() {
+    let broker = synapse_localpg::LocalBroker::start().unwrap();
+    let nodes = Nodes::start(SCHEMA);
+    let config = nodes.kafka_config(broker.addr());
+    kill_nine_at_random_points(&nodes, &config);
+    // The stream went through the broker, not the embedded log.
+    assert!(!nodes.dir.path().join("log/a.redb").exists(), "an embedded log was written");
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let log = rt.block_on(synapse_log::KafkaLog::open(synapse_log::KafkaLogOptions::new(broker.addr(), "a"))).unwrap();
+    assert!(synapse_log::ChangeLog::next_offset(&log) > 1000, "the changes topic is nearly empty");
+}
+
+fn kill_nine_at_random_points(nodes: &Nodes, config: &std::path::Path) {
+    let config = config.to_owned();
     let log = nodes.dir.path().join("synapse.log");
     let stop = Arc::new(AtomicBool::new(false));
     let done = Arc::new(AtomicU64::new(0));
@@ -89,7 +109,11 @@ fn kill_dash_nine_at_random_points_loses_and_duplicates_nothing() {
     let mut child = spawn_run(&config, &log);
     let rows =
         "SELECT count(*) || ':' || md5(string_agg(id || '/' || txn_no || '/' || payload, ',' ORDER BY id)) FROM ledger";
-    wait_equal(&nodes.source, &nodes.target, rows, Duration::from_secs(120));
+    if let Err(e) = synapse_localpg::wait_until_equal(&nodes.source, &nodes.target, "app", rows, Duration::from_secs(120)) {
+        let text = std::fs::read_to_string(&log).unwrap();
+        let tail: Vec<&str> = text.lines().rev().take(60).collect();
+        panic!("{e}\nlast lines of synapse's log (newest first):\n{}", tail.join("\n"));
+    }
     wait_equal(&nodes.source, &nodes.target, "SELECT n FROM counters", Duration::from_secs(10));
     child.kill().unwrap();
     child.wait().unwrap();

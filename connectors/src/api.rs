@@ -328,7 +328,7 @@ async fn lines_response<L: ChangeLog>(
     let batch = tokio::select! {
         b = feed.next_batch(limit, wait) => b?,
         // Shutting down: answer the long poll now, with the position so far.
-        _ = async { let _ = shutdown.wait_for(|s| *s).await; } => crate::FeedBatch { events: Vec::new(), position: feed.position() },
+        _ = async { let _ = shutdown.wait_for(|s| *s).await; } => crate::FeedBatch { position: feed.position(), ..Default::default() },
     };
     let mut body = Vec::with_capacity(batch.events.iter().map(|e| e.body.len() + 1).sum::<usize>() + 64);
     for e in &batch.events {

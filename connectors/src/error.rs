@@ -29,6 +29,8 @@ pub enum ConnectorError {
     Conflict { what: String },
     #[error("the source could not take a snapshot")]
     Source(#[from] synapse_capture::CaptureError),
+    #[error("publishing to the Kafka topics failed")]
+    Publish(#[source] LogError),
     #[error("reading {table} for the snapshot failed")]
     Snapshot {
         table: String,
@@ -51,6 +53,7 @@ impl ConnectorError {
             ConnectorError::Conflict { .. } => "CON008",
             ConnectorError::Source(e) => e.code(),
             ConnectorError::Snapshot { .. } => "CON009",
+            ConnectorError::Publish(e) => e.code(),
         }
     }
 
@@ -59,6 +62,7 @@ impl ConnectorError {
             ConnectorError::Log(e) => e.is_transient(),
             ConnectorError::Store { .. } | ConnectorError::Snapshot { .. } => true,
             ConnectorError::Source(e) => e.is_transient(),
+            ConnectorError::Publish(e) => e.is_transient(),
             _ => false,
         }
     }
@@ -78,6 +82,7 @@ impl ConnectorError {
             ConnectorError::Store { .. } => "check free disk space and permissions of log.dir",
             ConnectorError::Conflict { .. } => "choose another name, or PUT to replace it",
             ConnectorError::Source(e) => e.hint(),
+            ConnectorError::Publish(e) => e.hint(),
             ConnectorError::Snapshot { .. } => {
                 "retry the snapshot; check the source is reachable and the table readable"
             }

@@ -54,6 +54,8 @@ pub struct Event {
     pub txn_offset: Offset,
     /// The CloudEvent, JSON-encoded (structured mode).
     pub body: Bytes,
+    /// The table's definition when the event was written (key columns, types).
+    pub relation: Arc<Relation>,
 }
 
 /// Which events a reader wants.
@@ -89,6 +91,21 @@ pub struct FeedBatch {
     /// Everything up to this cursor has been read, delivered here or filtered out: a reader
     /// that resumes after it misses nothing and sees nothing twice. `None` before anything.
     pub position: Option<Cursor>,
+    /// Transactions whose `Commit` this batch read, in order (for transaction metadata).
+    pub ended: Vec<TxnEnd>,
+}
+
+/// The end of a committed transaction, as read by a feed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct TxnEnd {
+    pub commit_lsn: synapse_schemas::Lsn,
+    pub xid: u32,
+    pub commit_time_us: i64,
+    /// Changes and truncates in the transaction (before any filtering).
+    pub event_count: u32,
+    /// How many of the batch's events precede this end: events `[..events_before]` of the
+    /// batch belong to this transaction or earlier ones.
+    pub events_before: usize,
 }
 
 #[derive(Debug)]
@@ -116,6 +133,7 @@ pub struct ChangeFeed<L> {
     scan: Option<(Offset, Offset)>,
     relations: HashMap<RelationKey, Arc<Relation>>,
     versions: HashMap<u32, u64>,
+    ended: Vec<TxnEnd>,
 }
 
 impl<L: ChangeLog> ChangeFeed<L> {
@@ -153,6 +171,7 @@ impl<L: ChangeLog> ChangeFeed<L> {
             scan: None,
             relations: HashMap::new(),
             versions: HashMap::new(),
+            ended: Vec::new(),
         })
     }
 
@@ -225,7 +244,7 @@ impl<L: ChangeLog> ChangeFeed<L> {
                 }
             }
         }
-        Ok(FeedBatch { events, position: self.position })
+        Ok(FeedBatch { events, position: self.position, ended: std::mem::take(&mut self.ended) })
     }
 
     /// Waits for new records; false once the deadline passed.
@@ -333,7 +352,7 @@ impl<L: ChangeLog> ChangeFeed<L> {
                         out.push(event(
                             json,
                             Cursor { commit_lsn: lsn, index },
-                            table,
+                            (table, changed.clone()),
                             Operation::Schema,
                             &begin,
                             begin_offset,
@@ -375,13 +394,29 @@ impl<L: ChangeLog> ChangeFeed<L> {
                         if many {
                             json["id"] = format!("{}/{}/{}", self.source.node, cursor, table).into();
                         }
-                        out.push(event(json, cursor, table, Operation::Truncate, &begin, begin_offset, [0; 2], true));
+                        out.push(event(
+                            json,
+                            cursor,
+                            (table, rel.clone()),
+                            Operation::Truncate,
+                            &begin,
+                            begin_offset,
+                            [0; 2],
+                            true,
+                        ));
                     }
                 }
                 self.position = Some(cursor);
             }
             LogRecord::Commit(c) => {
                 self.position = Some(Cursor { commit_lsn: lsn, index: c.event_count.saturating_add(1) });
+                self.ended.push(TxnEnd {
+                    commit_lsn: lsn,
+                    xid: begin.xid,
+                    commit_time_us: begin.commit_time_us,
+                    event_count: c.event_count,
+                    events_before: out.len(),
+                });
                 self.state = State::Idle;
             }
             LogRecord::Begin(_) | LogRecord::Discarded { .. } => {
@@ -398,7 +433,7 @@ impl<L: ChangeLog> ChangeFeed<L> {
         &self,
         begin: &Begin,
         begin_offset: Offset,
-        rel: &Relation,
+        rel: &Arc<Relation>,
         c: &RowChange,
         cursor: Cursor,
     ) -> Option<Event> {
@@ -437,6 +472,7 @@ impl<L: ChangeLog> ChangeFeed<L> {
             commit_time_us: begin.commit_time_us,
             txn_offset: begin_offset,
             body: Bytes::from(body),
+            relation: rel.clone(),
         })
     }
 }
@@ -445,7 +481,7 @@ impl<L: ChangeLog> ChangeFeed<L> {
 fn event(
     json: serde_json::Value,
     cursor: Cursor,
-    table: Arc<str>,
+    (table, relation): (Arc<str>, Arc<Relation>),
     op: Operation,
     begin: &Begin,
     txn_offset: Offset,
@@ -455,7 +491,7 @@ fn event(
     let id = json["id"].as_str().unwrap_or_default().to_owned();
     // Serialising a `Value` cannot fail (string keys only).
     let body = Bytes::from(serde_json::to_vec(&json).unwrap_or_default());
-    Event { cursor, id, table, op, keys, barrier, commit_time_us: begin.commit_time_us, txn_offset, body }
+    Event { cursor, id, table, op, keys, barrier, commit_time_us: begin.commit_time_us, txn_offset, body, relation }
 }
 
 /// FNV-1a over the table and its key values: the per-key ordering group of a row.

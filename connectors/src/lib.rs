@@ -5,8 +5,10 @@
 //!  log ──▶ ChangeFeed (committed txns only, cursor-resumable, table/op/row filters)
 //!            ├──▶ streams:  GET /v1/streams/{node}/changes  (JSON lines or SSE; the client
 //!            │              holds the cursor; 410 when retention passed it)
-//!            └──▶ webhooks: Dispatcher per endpoint ──▶ HttpSink (Standard Webhooks signed)
-//!                           position kept in the log as consumer `webhook:<endpoint>`
+//!            ├──▶ webhooks: Dispatcher per endpoint ──▶ HttpSink (Standard Webhooks signed)
+//!            │              position kept in the log as consumer `webhook:<endpoint>`
+//!            └──▶ Kafka topics: TopicPublisher ──▶ `<prefix>.<schema>.<table>` (Debezium
+//!                           layout, CloudEvents headers) + transaction metadata topic
 //! ```
 //!
 //! [`ChangeFeed`] is the boundary every connector reads through. Its contract:
@@ -22,11 +24,12 @@ pub mod api;
 mod error;
 pub mod feed;
 pub mod filter;
+pub mod kafka_topics;
 pub mod snapshot;
 pub mod webhook;
 
 pub use error::ConnectorError;
-pub use feed::{ChangeFeed, Event, FeedBatch, Operation, Selector, SourceInfo};
+pub use feed::{ChangeFeed, Event, FeedBatch, Operation, Selector, SourceInfo, TxnEnd};
 pub use filter::RowFilter;
 
 /// `error: cause: cause …` — the whole chain, for logs and API responses.

@@ -25,6 +25,8 @@ pub enum LogError {
         #[source]
         source: rdkafka::error::KafkaError,
     },
+    #[error("the log's topic skipped from offset {expected} to {got}")]
+    Gap { expected: Offset, got: Offset },
     #[error("Kafka topic {topic} cannot be created")]
     Topic {
         topic: String,
@@ -43,13 +45,15 @@ impl LogError {
             LogError::TaskFailed(_) => "LOG004",
             LogError::Kafka { .. } => "LOG005",
             LogError::Topic { .. } => "LOG006",
+            LogError::Gap { .. } => "LOG007",
         }
     }
 
     /// Transient errors are retried with backoff; the others stop the pipeline for an operator.
     pub fn is_transient(&self) -> bool {
         match self {
-            LogError::Storage { .. } | LogError::TaskFailed(_) => true,
+            // A gap is retried: the read starts again from a fresh reader.
+            LogError::Storage { .. } | LogError::TaskFailed(_) | LogError::Gap { .. } => true,
             // Brokers down, leader changes, timeouts pass; authorization and bad configuration
             // do not.
             LogError::Kafka { source, .. } | LogError::Topic { source, .. } => match source.rdkafka_error_code() {
@@ -83,6 +87,11 @@ impl LogError {
             LogError::Kafka { .. } => {
                 "check that log.kafka.brokers are reachable from this host and that the credentials \
                  (log.kafka.properties) allow producing and consuming the synapse topics"
+            }
+            LogError::Gap { .. } => {
+                "the broker skipped records: on a broker that counts offsets per record batch \
+                 (tansu) set log.kafka.batch_records: false; else check that \
+                 <prefix>.<node>.changes is not compacted"
             }
             LogError::Topic { .. } => {
                 "create the topic yourself (1 partition for <prefix>.<node>.changes, compacted \

@@ -47,6 +47,11 @@ pub struct KafkaLogOptions {
     pub properties: BTreeMap<String, String>,
     /// How long a request to the brokers may take before it counts as failed.
     pub timeout: Duration,
+    /// Let the producer put several records in one record batch (Kafka's normal mode). Off
+    /// for brokers that count offsets per batch rather than per record: tansu 0.6 reports
+    /// a batch's base offset + 1 as the high watermark and answers a fetch inside a batch
+    /// with the next batch, so records of a multi-record batch are missed.
+    pub batch_records: bool,
 }
 
 impl KafkaLogOptions {
@@ -58,16 +63,28 @@ impl KafkaLogOptions {
             replication_factor: 1,
             properties: BTreeMap::new(),
             timeout: Duration::from_secs(10),
+            batch_records: true,
         }
     }
 
-    fn client(&self) -> ClientConfig {
+    /// The client settings: brokers and every pass-through property.
+    pub fn client(&self) -> ClientConfig {
         let mut c = ClientConfig::new();
         c.set("bootstrap.servers", &self.brokers);
         for (k, v) in &self.properties {
             c.set(k, v);
         }
         c
+    }
+
+    /// Checks every property with librdkafka without connecting: `Err` names the bad one
+    /// (e.g. `No such configuration property: "sasl.mechanismz"`).
+    pub fn check(&self) -> Result<(), String> {
+        self.client().create_native_config().map(drop).map_err(|e| match e {
+            // The value is left out: it may be a password.
+            KafkaError::ClientConfig(_, message, key, _) if !key.is_empty() => format!("{key}: {message}"),
+            other => other.to_string(),
+        })
     }
 
     pub fn changes_topic(&self) -> String {
@@ -185,6 +202,7 @@ impl KafkaLog {
             .set("acks", "all")
             .set("compression.type", "lz4")
             .set("linger.ms", "1")
+            .set("batch.num.messages", if options.batch_records { "10000" } else { "1" })
             .set("message.timeout.ms", (options.timeout.as_millis() * 3).to_string())
             .create()
             .map_err(kafka("creating the producer"))?;
@@ -223,6 +241,16 @@ impl KafkaLog {
         log.index_to_head(log.inner.low.load(std::sync::atomic::Ordering::Acquire)).await?;
         log.load_consumers().await?;
         Ok(log)
+    }
+
+    /// A reader whose next record is `from`.
+    fn reader_at(&self, from: Offset) -> Result<StreamConsumer, LogError> {
+        let c = self.consumer()?;
+        let mut tpl = TopicPartitionList::new();
+        tpl.add_partition_offset(&self.inner.topic, 0, rdkafka::Offset::Offset(from as i64))
+            .map_err(kafka("positioning a reader"))?;
+        c.assign(&tpl).map_err(kafka("positioning a reader"))?;
+        Ok(c)
     }
 
     fn consumer(&self) -> Result<StreamConsumer, LogError> {
@@ -370,20 +398,13 @@ impl ChangeLog for KafkaLog {
             let mut readers = self.inner.readers.lock().await;
             readers.iter().position(|(at, _)| *at == from).map(|i| readers.swap_remove(i).1)
         };
-        let consumer = match reused {
-            Some(c) => c,
-            None => {
-                let c = self.consumer()?;
-                let mut tpl = TopicPartitionList::new();
-                tpl.add_partition_offset(&self.inner.topic, 0, rdkafka::Offset::Offset(from as i64))
-                    .map_err(kafka("positioning a reader"))?;
-                c.assign(&tpl).map_err(kafka("positioning a reader"))?;
-                c
-            }
-        };
         let head = self.next_offset();
         let mut out: Vec<(Offset, LogRecord)> = Vec::new();
-        while out.len() < max {
+        let consumer = match reused {
+            Some(c) => c,
+            None => self.reader_at(from)?,
+        };
+        while out.len() < max && out.last().is_none_or(|(o, _)| o + 1 < head) {
             // Below `head` a record is there to fetch; wait for it, but not forever.
             let wait = if out.is_empty() { self.inner.options.timeout } else { Duration::from_millis(5) };
             let m = match tokio::time::timeout(wait, consumer.recv()).await {
@@ -397,13 +418,16 @@ impl ChangeLog for KafkaLog {
                 }
             };
             let offset = m.offset().max(0) as u64;
+            let expected = out.last().map_or(from, |(o, _)| o + 1);
+            if offset != expected {
+                // A broker that counts offsets per batch (see `batch_records`) answers a fetch
+                // inside a batch with the next one: refuse rather than skip records.
+                return Err(LogError::Gap { expected, got: offset });
+            }
             let record: LogRecord = postcard::from_bytes(m.payload().unwrap_or_default())
                 .map_err(|source| LogError::Corrupt { offset, source })?;
             self.state().index(offset, &record);
             out.push((offset, record));
-            if offset + 1 >= head {
-                break;
-            }
         }
         if let Some((last, _)) = out.last() {
             let mut readers = self.inner.readers.lock().await;

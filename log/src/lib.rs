@@ -9,12 +9,15 @@
 //! ```
 //!
 //! [`ChangeLog`] is the one trait; [`EmbeddedLog`] (redb, one file per source node) is the
-//! one-machine default, and the Kafka log implements the same contract.
+//! one-machine default, [`KafkaLog`] implements the same contract on a Kafka-protocol broker,
+//! and [`SourceLog`] is whichever of the two a deployment configured.
 
+mod chosen;
 mod embedded;
 mod error;
 mod kafka;
 
+pub use chosen::SourceLog;
 pub use embedded::{EmbeddedLog, EmbeddedLogOptions};
 pub use error::LogError;
 pub use kafka::{KafkaLog, KafkaLogOptions};

@@ -1,56 +1,12 @@
-//! The Kafka log against a real Kafka-protocol broker: tansu, installed by
-//! `scripts/ensure-tansu.sh` and started here (memory storage, a free loopback port).
+//! The Kafka log against a real Kafka-protocol broker (tansu, see `synapse_localpg::LocalBroker`).
 #![allow(clippy::unwrap_used)] // a failed setup step should fail the test loudly
 
-use std::net::TcpListener;
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
+use synapse_localpg::LocalBroker;
 use synapse_log::{ChangeLog, KafkaLog, KafkaLogOptions, Seek, WriterState};
 use synapse_schemas::{
     Begin, Commit, Cursor, Datum, LogRecord, Lsn, Op, Relation, RelationKey, ReplicaIdentity, RowChange,
 };
-
-struct Broker {
-    child: Child,
-    addr: String,
-}
-
-impl Drop for Broker {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn broker() -> Broker {
-    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/../scripts/ensure-tansu.sh");
-    let out = Command::new("bash").arg(script).stderr(Stdio::inherit()).output().unwrap();
-    assert!(out.status.success(), "scripts/ensure-tansu.sh failed");
-    let bin = String::from_utf8(out.stdout).unwrap().trim().to_owned();
-    let port = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-    let url = format!("tcp://127.0.0.1:{port}");
-    let child = Command::new(bin)
-        .args([
-            "broker",
-            "--listener-url",
-            &url,
-            "--advertised-listener-url",
-            &url,
-            "--storage-engine",
-            "memory://tansu/",
-        ])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let addr = format!("127.0.0.1:{port}");
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while std::net::TcpStream::connect(&addr).is_err() {
-        assert!(Instant::now() < deadline, "tansu did not listen on {addr}");
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    Broker { child, addr }
-}
 
 fn txn(lsn: u64, rows: u32, time_us: i64) -> Vec<LogRecord> {
     let mut v = vec![LogRecord::Begin(Begin { commit_lsn: Lsn(lsn), xid: 1, commit_time_us: time_us, origin: None })];
@@ -78,8 +34,9 @@ fn txn(lsn: u64, rows: u32, time_us: i64) -> Vec<LogRecord> {
 /// cursor and time.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_log_contract_holds_on_a_kafka_protocol_broker() {
-    let b = broker();
-    let options = KafkaLogOptions::new(&b.addr, "n1");
+    let b = LocalBroker::start().unwrap();
+    // tansu counts offsets per record batch (see `batch_records`).
+    let options = KafkaLogOptions { batch_records: false, ..KafkaLogOptions::new(b.addr(), "n1") };
     let log = KafkaLog::open(options.clone()).await.unwrap();
     assert_eq!(log.recover_writer().await.unwrap(), WriterState { last_commit_end: None, next_offset: 0 });
     let rel = Relation {
@@ -98,7 +55,7 @@ async fn the_log_contract_holds_on_a_kafka_protocol_broker() {
     log.append(t2[..2].to_vec()).await.unwrap();
     drop(log);
 
-    let log = KafkaLog::open(options).await.unwrap();
+    let log = KafkaLog::open(options.clone()).await.unwrap();
     assert_eq!(log.relation(rel.key()).await.unwrap(), Some(rel.clone()));
     assert_eq!(log.previous_relation(5, 1).await.unwrap(), Some(rel.key()));
     assert_eq!(log.previous_relation(5, 0).await.unwrap(), None);
@@ -122,6 +79,13 @@ async fn the_log_contract_holds_on_a_kafka_protocol_broker() {
     assert_eq!(log.seek(at(300, 0)).await.unwrap(), Seek::At(14), "beyond: the head");
     assert_eq!(log.cursor_at_time(1_500).await.unwrap(), Some(at(200, 0)));
     assert_eq!(log.cursor_at_time(9_000).await.unwrap(), None);
+    // A new reader (another process) sees the head and starts exactly where asked.
+    for from in 10..14 {
+        let fresh = KafkaLog::open(options.clone()).await.unwrap();
+        assert_eq!(fresh.next_offset(), 14);
+        let got = fresh.read(from, 100).await.unwrap();
+        assert_eq!(got.iter().map(|(o, _)| *o).collect::<Vec<_>>(), (from..14).collect::<Vec<_>>(), "from {from}");
+    }
     log.remove_consumer("apply").await.unwrap();
     assert_eq!(log.consumer_position("apply").await.unwrap(), None);
 

@@ -38,6 +38,18 @@ impl Nodes {
         std::fs::write(&path, yaml).unwrap();
         path
     }
+
+    /// [`Nodes::config`] with the log on the Kafka-protocol broker at `brokers`.
+    pub fn kafka_config(&self, brokers: &str) -> PathBuf {
+        let path = self.config("");
+        let yaml = std::fs::read_to_string(&path).unwrap().replacen(
+            "log:\n",
+            &format!("log:\n  kafka:\n    brokers: {brokers}\n    batch_records: false\n    request_timeout_secs: 5\n"),
+            1,
+        );
+        std::fs::write(&path, yaml).unwrap();
+        path
+    }
 }
 
 pub fn synapse(args: &[&str]) -> Command {

@@ -9,6 +9,12 @@
 //!
 //! PostgreSQL refuses to run as root, so when the current user is root every server command runs
 //! through `runuser -u postgres` and the data directory is handed to that user.
+//!
+//! [`LocalBroker`] does the same for a Kafka-protocol broker, for the Kafka log's tests.
+
+mod broker;
+
+pub use broker::LocalBroker;
 
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};

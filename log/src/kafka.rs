@@ -24,7 +24,7 @@ use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer, StreamConsumer};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{Header, Message, OwnedHeaders};
-use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
 use rdkafka::TopicPartitionList;
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
@@ -117,6 +117,8 @@ struct State {
     /// Every offset below this one has been indexed.
     indexed: Offset,
     consumers: BTreeMap<String, Offset>,
+    /// The last message indexed: its Kafka offset and how many records it holds so far.
+    last_message: Option<(i64, usize)>,
 }
 
 impl State {
@@ -125,6 +127,8 @@ impl State {
             return;
         }
         self.indexed = offset + 1;
+        let (message, index) = unpack(offset);
+        self.last_message = Some((message, index + 1));
         match r {
             LogRecord::Begin(b) => {
                 self.open = Some(b.commit_lsn.0);
@@ -165,15 +169,56 @@ pub struct KafkaLog {
 struct Inner {
     options: KafkaLogOptions,
     topic: String,
-    producer: FutureProducer,
+    /// Replaced when librdkafka reports a fatal error (an idempotent producer whose epoch
+    /// was fenced after a timed-out request never produces again).
+    producer: std::sync::RwLock<FutureProducer>,
     /// For watermark queries (made every 100 ms by waiting readers): one client, not one each.
     meta: Arc<BaseConsumer>,
-    /// Readers positioned where the last read ended, reused by the next read from there.
-    readers: tokio::sync::Mutex<Vec<(Offset, StreamConsumer)>>,
+    /// Readers positioned where the last read ended, reused by the next read from there: the
+    /// next log offset, the reader (positioned at the next message) and the records of the
+    /// last message that did not fit in that read.
+    readers: tokio::sync::Mutex<Vec<Reader>>,
     head: watch::Sender<Offset>,
     /// Offset of the first retained record (records below were deleted by retention).
     low: std::sync::atomic::AtomicU64,
     state: Mutex<State>,
+}
+
+struct Reader {
+    next: Offset,
+    /// Kafka offset of the message `consumer` yields next.
+    next_message: i64,
+    consumer: StreamConsumer,
+    leftover: std::collections::VecDeque<(Offset, LogRecord)>,
+}
+
+/// Records per message are below 2^20 ([`MAX_MESSAGE_BYTES`] keeps them far below).
+const INDEX_BITS: u32 = 20;
+/// A message's records, encoded, stay under the brokers' default `message.max.bytes` (1 MB).
+const MAX_MESSAGE_BYTES: usize = 900_000;
+
+/// The log offset of record `index` of the message at Kafka offset `message`.
+fn pack(message: i64, index: usize) -> Offset {
+    ((message.max(0) as u64) << INDEX_BITS) | index as u64
+}
+
+/// (Kafka offset of the message, index in it).
+fn unpack(offset: Offset) -> (i64, usize) {
+    ((offset >> INDEX_BITS) as i64, (offset & ((1 << INDEX_BITS) - 1)) as usize)
+}
+
+fn make_producer(options: &KafkaLogOptions) -> Result<FutureProducer, LogError> {
+    options
+        .client()
+        .set("enable.idempotence", "true")
+        .set("acks", "all")
+        .set("compression.type", "lz4")
+        .set("linger.ms", "1")
+        .set("batch.num.messages", if options.batch_records { "10000" } else { "1" })
+        .set("message.max.bytes", (MAX_MESSAGE_BYTES + 100_000).to_string())
+        .set("message.timeout.ms", (options.timeout.as_millis() * 3).to_string())
+        .create()
+        .map_err(kafka("creating the producer"))
 }
 
 /// A reader of assigned partitions only: no group membership, nothing committed to Kafka.
@@ -196,16 +241,7 @@ impl KafkaLog {
     /// Connects, creates the topics if missing, and reads the stream once to index it.
     pub async fn open(options: KafkaLogOptions) -> Result<KafkaLog, LogError> {
         let base = options.client();
-        let producer: FutureProducer = base
-            .clone()
-            .set("enable.idempotence", "true")
-            .set("acks", "all")
-            .set("compression.type", "lz4")
-            .set("linger.ms", "1")
-            .set("batch.num.messages", if options.batch_records { "10000" } else { "1" })
-            .set("message.timeout.ms", (options.timeout.as_millis() * 3).to_string())
-            .create()
-            .map_err(kafka("creating the producer"))?;
+        let producer = make_producer(&options)?;
         let admin: AdminClient<DefaultClientContext> = base.create().map_err(kafka("creating the admin client"))?;
         let topic = options.changes_topic();
         let rf = options.replication_factor;
@@ -227,7 +263,7 @@ impl KafkaLog {
         let log = KafkaLog {
             inner: Arc::new(Inner {
                 topic,
-                producer,
+                producer: std::sync::RwLock::new(producer),
                 meta: Arc::new(meta),
                 readers: tokio::sync::Mutex::new(Vec::new()),
                 head,
@@ -243,11 +279,11 @@ impl KafkaLog {
         Ok(log)
     }
 
-    /// A reader whose next record is `from`.
-    fn reader_at(&self, from: Offset) -> Result<StreamConsumer, LogError> {
+    /// A reader whose next message is the one at Kafka offset `message`.
+    fn reader_at(&self, message: i64) -> Result<StreamConsumer, LogError> {
         let c = self.consumer()?;
         let mut tpl = TopicPartitionList::new();
-        tpl.add_partition_offset(&self.inner.topic, 0, rdkafka::Offset::Offset(from as i64))
+        tpl.add_partition_offset(&self.inner.topic, 0, rdkafka::Offset::Offset(message))
             .map_err(kafka("positioning a reader"))?;
         c.assign(&tpl).map_err(kafka("positioning a reader"))?;
         Ok(c)
@@ -278,9 +314,9 @@ impl KafkaLog {
 
     async fn refresh_watermarks(&self) -> Result<(), LogError> {
         let (low, high) = self.watermarks(self.inner.topic.clone(), "reading the log's offsets").await?;
-        self.inner.low.store(low.max(0) as u64, std::sync::atomic::Ordering::Release);
+        self.inner.low.store(pack(low, 0), std::sync::atomic::Ordering::Release);
         self.inner.head.send_if_modified(|h| {
-            let high = high.max(0) as u64;
+            let high = pack(high, 0);
             let grew = high > *h;
             *h = (*h).max(high);
             grew
@@ -329,12 +365,34 @@ impl KafkaLog {
         if let Some(p) = &payload {
             record = record.payload(p.as_slice());
         }
-        self.inner
-            .producer
-            .send(record, self.inner.options.timeout)
-            .await
-            .map_err(|(e, _)| LogError::Kafka { context: "storing a consumer position", source: e })?;
+        let sent = self.producer().send(record, self.inner.options.timeout).await;
+        sent.map_err(|(e, _)| self.failed("storing a consumer position", e))?;
         Ok(())
+    }
+
+    /// `last + 1` after a message's last record names the next message's first record.
+    fn normalize(&self, from: Offset) -> Offset {
+        let (message, index) = unpack(from);
+        match self.state().last_message {
+            Some((k, records)) if k == message && index >= records => pack(k + 1, 0),
+            _ => from,
+        }
+    }
+
+    fn producer(&self) -> FutureProducer {
+        self.inner.producer.read().unwrap_or_else(std::sync::PoisonError::into_inner).clone()
+    }
+
+    /// Classifies a producer error; after a fatal one, the next call gets a new producer.
+    fn failed(&self, context: &'static str, source: KafkaError) -> LogError {
+        let fatal = self.producer().client().fatal_error();
+        if let Some((code, reason)) = fatal {
+            tracing::warn!(?code, reason, "the Kafka producer failed fatally; starting a new one");
+            if let Ok(p) = make_producer(&self.inner.options) {
+                *self.inner.producer.write().unwrap_or_else(std::sync::PoisonError::into_inner) = p;
+            }
+        }
+        LogError::Kafka { context, source }
     }
 }
 
@@ -342,45 +400,55 @@ impl ChangeLog for KafkaLog {
     async fn append(&self, records: Vec<LogRecord>) -> Result<Offset, LogError> {
         let started = std::time::Instant::now();
         let mut txn = self.state().open;
-        let mut pending = Vec::with_capacity(records.len());
         let mut bytes = 0u64;
-        for r in &records {
+        // One message per append (split only past MAX_MESSAGE_BYTES): an append is atomic,
+        // and messages go out one at a time, so no record batch holds two of them.
+        let mut chunks: Vec<(std::ops::Range<usize>, Vec<u8>, Option<u64>)> = Vec::new();
+        let mut body = Vec::new();
+        let (mut start, mut first_txn) = (0, txn);
+        for (i, r) in records.iter().enumerate() {
             if let LogRecord::Begin(b) = r {
                 txn = Some(b.commit_lsn.0);
             }
-            let payload = postcard::to_stdvec(r).map_err(LogError::Encode)?;
-            bytes += payload.len() as u64;
-            let lsn = txn.map(|l| l.to_be_bytes());
-            let headers =
-                OwnedHeaders::new().insert(Header { key: LSN_HEADER, value: lsn.as_ref().map(|l| l.as_slice()) });
-            let record = FutureRecord::<(), [u8]>::to(&self.inner.topic).payload(&payload).headers(headers);
-            // Queued in order; delivery reports come back in order for one partition.
-            let delivery = self
-                .inner
-                .producer
-                .send_result(record)
-                .map_err(|(e, _)| LogError::Kafka { context: "queueing a log record", source: e })?;
-            pending.push(delivery);
+            let encoded = postcard::to_stdvec(r).map_err(LogError::Encode)?;
+            if !body.is_empty() && body.len() + encoded.len() > MAX_MESSAGE_BYTES {
+                chunks.push((start..i, std::mem::take(&mut body), first_txn));
+                (start, first_txn) = (i, txn);
+            }
+            body.extend_from_slice(&encoded);
             if matches!(r, LogRecord::Commit(_) | LogRecord::Discarded { .. }) {
                 txn = None;
             }
         }
+        if !body.is_empty() {
+            chunks.push((start..records.len(), body, first_txn));
+        }
         let mut last = None;
-        for (r, delivery) in records.iter().zip(pending) {
-            let delivered = delivery
-                .await
-                .map_err(|_| LogError::Kafka { context: "appending to the log", source: KafkaError::Canceled })?
-                .map_err(|(e, _)| LogError::Kafka { context: "appending to the log", source: e })?;
-            let offset = delivered.offset.max(0) as u64;
-            self.state().index(offset, r);
-            last = Some(offset);
+        for (range, body, lsn) in chunks {
+            // postcard's encoding of a sequence: its length as a varint, then the elements.
+            let mut payload = postcard::to_stdvec(&(range.len() as u64)).map_err(LogError::Encode)?;
+            payload.extend_from_slice(&body);
+            bytes += payload.len() as u64;
+            let lsn = lsn.map(u64::to_be_bytes);
+            let headers =
+                OwnedHeaders::new().insert(Header { key: LSN_HEADER, value: lsn.as_ref().map(|l| l.as_slice()) });
+            let record = FutureRecord::<(), [u8]>::to(&self.inner.topic).payload(&payload).headers(headers);
+            let delivered = self.producer().send(record, self.inner.options.timeout).await;
+            let message = delivered.map_err(|(e, _)| self.failed("appending to the log", e))?.offset;
+            let mut state = self.state();
+            for (j, r) in records[range].iter().enumerate() {
+                state.index(pack(message, j), r);
+                last = Some(pack(message, j));
+            }
+            drop(state);
+            self.inner.head.send_if_modified(|h| {
+                let next = pack(message + 1, 0);
+                let grew = next > *h;
+                *h = (*h).max(next);
+                grew
+            });
         }
         let Some(last) = last else { return Ok(self.next_offset().saturating_sub(1)) };
-        self.inner.head.send_if_modified(|h| {
-            let grew = last + 1 > *h;
-            *h = (*h).max(last + 1);
-            grew
-        });
         metrics::counter!("synapse_log_appended_records_total").increment(records.len() as u64);
         metrics::counter!("synapse_log_appended_bytes_total").increment(bytes);
         metrics::histogram!("synapse_log_append_seconds").record(started.elapsed().as_secs_f64());
@@ -388,6 +456,7 @@ impl ChangeLog for KafkaLog {
     }
 
     async fn read(&self, from: Offset, max: usize) -> Result<Vec<(Offset, LogRecord)>, LogError> {
+        let from = self.normalize(from);
         if from >= self.next_offset() {
             self.refresh_watermarks().await?;
             if from >= self.next_offset() {
@@ -396,18 +465,29 @@ impl ChangeLog for KafkaLog {
         }
         let reused = {
             let mut readers = self.inner.readers.lock().await;
-            readers.iter().position(|(at, _)| *at == from).map(|i| readers.swap_remove(i).1)
+            readers.iter().position(|r| r.next == from).map(|i| readers.swap_remove(i))
         };
-        let head = self.next_offset();
+        let mut reader = match reused {
+            Some(r) => r,
+            None => {
+                let message = unpack(from).0;
+                let consumer = self.reader_at(message)?;
+                Reader { next: from, next_message: message, consumer, leftover: Default::default() }
+            }
+        };
+        let head_message = unpack(self.next_offset()).0;
         let mut out: Vec<(Offset, LogRecord)> = Vec::new();
-        let consumer = match reused {
-            Some(c) => c,
-            None => self.reader_at(from)?,
-        };
-        while out.len() < max && out.last().is_none_or(|(o, _)| o + 1 < head) {
-            // Below `head` a record is there to fetch; wait for it, but not forever.
+        while out.len() < max {
+            if let Some(r) = reader.leftover.pop_front() {
+                out.push(r);
+                continue;
+            }
+            if reader.next_message >= head_message {
+                break;
+            }
+            // Below the head a message is there to fetch; wait for it, but not forever.
             let wait = if out.is_empty() { self.inner.options.timeout } else { Duration::from_millis(5) };
-            let m = match tokio::time::timeout(wait, consumer.recv()).await {
+            let m = match tokio::time::timeout(wait, reader.consumer.recv()).await {
                 Ok(m) => m.map_err(kafka("reading the log"))?,
                 Err(_) if !out.is_empty() => break,
                 Err(_) => {
@@ -417,30 +497,37 @@ impl ChangeLog for KafkaLog {
                     })
                 }
             };
-            let offset = m.offset().max(0) as u64;
-            let expected = out.last().map_or(from, |(o, _)| o + 1);
-            if offset != expected {
+            let at = m.offset();
+            if at != reader.next_message {
                 // A broker that counts offsets per batch (see `batch_records`) answers a fetch
                 // inside a batch with the next one: refuse rather than skip records.
-                return Err(LogError::Gap { expected, got: offset });
+                return Err(LogError::Gap { expected: pack(reader.next_message, 0), got: pack(at, 0) });
             }
-            let record: LogRecord = postcard::from_bytes(m.payload().unwrap_or_default())
-                .map_err(|source| LogError::Corrupt { offset, source })?;
-            self.state().index(offset, &record);
-            out.push((offset, record));
+            reader.next_message = at + 1;
+            let records: Vec<LogRecord> = postcard::from_bytes(m.payload().unwrap_or_default())
+                .map_err(|source| LogError::Corrupt { offset: pack(at, 0), source })?;
+            let mut state = self.state();
+            for (j, r) in records.into_iter().enumerate() {
+                let offset = pack(at, j);
+                state.index(offset, &r);
+                if offset >= from {
+                    reader.leftover.push_back((offset, r));
+                }
+            }
         }
-        if let Some((last, _)) = out.last() {
-            let mut readers = self.inner.readers.lock().await;
-            // A few positioned readers are enough (appliers, webhooks, the stream API).
-            if readers.len() < 8 {
-                readers.push((last + 1, consumer));
-            }
+        // Readers ask for `last + 1` next.
+        reader.next = out.last().map_or(from, |(o, _)| o + 1);
+        let mut readers = self.inner.readers.lock().await;
+        // A few positioned readers are enough (appliers, webhooks, the stream API).
+        if readers.len() < 8 {
+            readers.push(reader);
         }
         Ok(out)
     }
 
     async fn wait_readable(&self, from: Offset, timeout: Duration) {
         let deadline = tokio::time::Instant::now() + timeout;
+        let from = self.normalize(from);
         let mut rx = self.inner.head.subscribe();
         while *rx.borrow() <= from && tokio::time::Instant::now() < deadline {
             // Another process may be the writer: look at the broker now and then.

@@ -46,9 +46,10 @@ async fn the_log_contract_holds_on_a_kafka_protocol_broker() {
         replica_identity: ReplicaIdentity::Default,
         columns: vec![],
     };
-    log.append(vec![LogRecord::Relation(rel.clone())]).await.unwrap();
+    let r0 = log.append(vec![LogRecord::Relation(rel.clone())]).await.unwrap();
     let t1 = txn(100, 3, 1_000);
-    assert_eq!(log.append(t1.clone()).await.unwrap(), 5);
+    let t1_end = log.append(t1.clone()).await.unwrap();
+    assert!(t1_end > r0);
     log.commit_consumer("apply", 3).await.unwrap();
     // Half of a second transaction, then the writer "crashes".
     let t2 = txn(200, 3, 2_000);
@@ -57,42 +58,57 @@ async fn the_log_contract_holds_on_a_kafka_protocol_broker() {
 
     let log = KafkaLog::open(options.clone()).await.unwrap();
     assert_eq!(log.relation(rel.key()).await.unwrap(), Some(rel.clone()));
-    assert_eq!(log.previous_relation(5, 1).await.unwrap(), Some(rel.key()));
-    assert_eq!(log.previous_relation(5, 0).await.unwrap(), None);
+    assert_eq!(log.previous_relation(5, r0 + 1).await.unwrap(), Some(rel.key()));
+    assert_eq!(log.previous_relation(5, r0).await.unwrap(), None);
     assert_eq!(log.consumer_position("apply").await.unwrap(), Some(3));
     let st = log.recover_writer().await.unwrap();
-    assert_eq!(st, WriterState { last_commit_end: Some(Lsn(108)), next_offset: 9 });
     let all = log.read(0, 100).await.unwrap();
     assert_eq!(all.len(), 9);
-    assert_eq!(all.iter().map(|(o, _)| *o).collect::<Vec<_>>(), (0..9).collect::<Vec<_>>());
+    let offsets: Vec<u64> = all.iter().map(|(o, _)| *o).collect();
+    assert!(offsets.windows(2).all(|w| w[0] < w[1]), "offsets grow: {offsets:?}");
+    assert_eq!(offsets[5], t1_end);
+    assert_eq!(st, WriterState { last_commit_end: Some(Lsn(108)), next_offset: offsets[8] + 1 });
     assert_eq!(all[1..6].iter().map(|(_, r)| r.clone()).collect::<Vec<_>>(), t1);
     assert_eq!(all[8].1, LogRecord::Discarded { commit_lsn: Lsn(200) });
-    assert_eq!(log.recover_writer().await.unwrap().next_offset, 9, "recovery is idempotent");
+    assert_eq!(log.recover_writer().await.unwrap().next_offset, log.next_offset(), "recovery is idempotent");
+    // Reads continue from any `last + 1`, also past the last record of a message.
+    for (i, o) in offsets.iter().enumerate() {
+        let rest: Vec<u64> = log.read(o + 1, 100).await.unwrap().iter().map(|(o, _)| *o).collect();
+        assert_eq!(rest, offsets[i + 1..], "after {o}");
+    }
 
     // The transaction again, complete; then seeks.
-    log.append(txn(200, 3, 2_000)).await.unwrap();
+    let t2_end = log.append(txn(200, 3, 2_000)).await.unwrap();
+    let t2_offsets: Vec<u64> = log.read(offsets[8] + 1, 100).await.unwrap().iter().map(|(o, _)| *o).collect();
+    assert_eq!(t2_offsets.len(), 5);
     let at = |lsn: u64, index: u32| Cursor { commit_lsn: Lsn(lsn), index };
     assert_eq!(log.head_cursor().await.unwrap(), Some(at(200, 4)));
-    assert_eq!(log.seek(at(100, 2)).await.unwrap(), Seek::At(1), "inside: from its Begin");
-    assert_eq!(log.seek(at(100, 3)).await.unwrap(), Seek::At(6), "after its last event: next record");
-    assert_eq!(log.seek(at(150, 0)).await.unwrap(), Seek::At(9), "between transactions");
-    assert_eq!(log.seek(at(300, 0)).await.unwrap(), Seek::At(14), "beyond: the head");
+    assert_eq!(log.seek(at(100, 2)).await.unwrap(), Seek::At(offsets[1]), "inside: from its Begin");
+    let Seek::At(after_t1) = log.seek(at(100, 3)).await.unwrap() else { panic!("gone") };
+    assert_eq!(log.read(after_t1, 1).await.unwrap()[0].0, offsets[6], "after its last event: next record");
+    let Seek::At(between) = log.seek(at(150, 0)).await.unwrap() else { panic!("gone") };
+    assert_eq!(log.read(between, 1).await.unwrap()[0].0, t2_offsets[0], "between transactions");
+    let Seek::At(beyond) = log.seek(at(300, 0)).await.unwrap() else { panic!("gone") };
+    assert!(log.read(beyond, 10).await.unwrap().is_empty(), "beyond: the head");
     assert_eq!(log.cursor_at_time(1_500).await.unwrap(), Some(at(200, 0)));
     assert_eq!(log.cursor_at_time(9_000).await.unwrap(), None);
-    // A new reader (another process) sees the head and starts exactly where asked.
-    for from in 10..14 {
+    // A new reader (another process) sees the head and reads from anywhere inside a message.
+    for from in t2_offsets.iter().copied() {
         let fresh = KafkaLog::open(options.clone()).await.unwrap();
-        assert_eq!(fresh.next_offset(), 14);
-        let got = fresh.read(from, 100).await.unwrap();
-        assert_eq!(got.iter().map(|(o, _)| *o).collect::<Vec<_>>(), (from..14).collect::<Vec<_>>(), "from {from}");
+        assert_eq!(fresh.next_offset(), log.next_offset());
+        let got: Vec<u64> = fresh.read(from, 100).await.unwrap().iter().map(|(o, _)| *o).collect();
+        assert_eq!(got, t2_offsets.iter().copied().filter(|o| *o >= from).collect::<Vec<_>>(), "from {from}");
     }
     log.remove_consumer("apply").await.unwrap();
     assert_eq!(log.consumer_position("apply").await.unwrap(), None);
 
     // A reader waiting at the head wakes when the writer appends.
     let reader = log.clone();
-    let waiter = tokio::spawn(async move { reader.wait_readable(14, Duration::from_secs(30)).await });
+    let started = std::time::Instant::now();
+    reader.wait_readable(t2_end + 1, Duration::from_millis(300)).await;
+    assert!(started.elapsed() >= Duration::from_millis(250), "nothing after the last record: the wait lasts");
+    let waiter = tokio::spawn(async move { reader.wait_readable(t2_end + 1, Duration::from_secs(30)).await });
     log.append(txn(300, 1, 3_000)).await.unwrap();
     tokio::time::timeout(Duration::from_secs(5), waiter).await.unwrap().unwrap();
-    assert_eq!(log.read(14, 10).await.unwrap().len(), 3);
+    assert_eq!(log.read(t2_end + 1, 10).await.unwrap().len(), 3);
 }

@@ -806,6 +806,31 @@ targets:
     }
 
     #[test]
+    fn kafka_settings_are_checked_by_name() {
+        let with = |kafka: &str| {
+            let text = interpolate(GOOD, "f", |_| None).unwrap();
+            let c = Config::parse(&format!("{text}\nlog:\n  kafka:\n{kafka}"), false, "f").unwrap();
+            c.validate("f").map(|_| c)
+        };
+        let c = with(
+            "    brokers: k1:9092,k2:9092\n    properties:\n      sasl.password: hunter2\n      linger.ms: 5\n    public_topics: {}\n",
+        )
+        .unwrap();
+        let k = c.log.kafka.as_ref().unwrap();
+        assert_eq!(k.log_options("a").changes_topic(), "synapse.a.changes");
+        assert_eq!(k.log_options("a").replication_factor, -1, "unset: the broker's default");
+        assert!(!format!("{c:?}").contains("hunter2"), "secret properties are redacted");
+        let err = |kafka: &str| with(kafka).unwrap_err().to_string();
+        assert!(err("    brokers: kafka\n").contains("log.kafka.brokers"));
+        assert!(err("    brokers: k:9092\n    topic_prefix: 'a b'\n").contains("log.kafka.topic_prefix"));
+        assert!(err("    brokers: k:9092\n    replication_factor: 0\n").contains("log.kafka.replication_factor"));
+        let e = err("    brokers: k:9092\n    properties: {sasl.mechanismz: PLAIN}\n");
+        assert!(e.contains("log.kafka.properties") && e.contains("sasl.mechanismz"), "{e}");
+        let e = err("    brokers: k:9092\n    public_topics: {tables: [orders]}\n");
+        assert!(e.contains("log.kafka.public_topics.tables"), "{e}");
+    }
+
+    #[test]
     fn a_node_cannot_be_source_and_target_yet() {
         let text = interpolate(GOOD, "f", |_| None).unwrap().replace("name: b", "name: a");
         let c = Config::parse(&text, false, "f").unwrap();

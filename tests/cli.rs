@@ -60,6 +60,19 @@ fn the_example_config_is_valid() {
 }
 
 #[test]
+fn the_kafka_example_config_is_valid() {
+    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/deploy/kafka.example.yaml");
+    let out = synapse(&["validate", "--config", path])
+        .env("SOURCE_PASSWORD", "s")
+        .env("TARGET_PASSWORD", "t")
+        .env("KAFKA_PASSWORD", "k")
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{text}");
+}
+
+#[test]
 fn the_mesh_example_config_is_valid() {
     let path = concat!(env!("CARGO_MANIFEST_DIR"), "/deploy/mesh.example.yaml");
     let out = synapse(&["validate", "--config", path])

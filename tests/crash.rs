@@ -61,7 +61,6 @@ fn kill_dash_nine_at_random_points_loses_and_duplicates_nothing() {
 /// The same on the Kafka log: a kill lands between messages of one transaction, between the
 /// broker's acknowledgement and the slot's confirmation, or in an applier reading from Kafka.
 #[test]
-#[ignore = "open (issue 3): after some kills the applier on the Kafka log stops progressing after a Discarded transaction; run with --ignored"]
 fn kill_dash_nine_on_the_kafka_log_loses_and_duplicates_nothing() {
     let broker = synapse_localpg::LocalBroker::start().unwrap();
     let nodes = Nodes::start(SCHEMA);

@@ -558,7 +558,7 @@ impl<L: ChangeLog> Session<'_, L> {
     }
 
     fn report_lag(&self, pos: Offset) {
-        let behind = self.log.next_offset().saturating_sub(pos);
+        let behind = self.log.records_behind(pos);
         metrics::gauge!("synapse_apply_lag_records", "node" => self.applier.config.node.clone()).set(behind as f64);
         let lag = if behind == 0 {
             0.0

@@ -39,6 +39,10 @@ impl ChangeLog for SourceLog {
         delegate!(self, l => l.next_offset())
     }
 
+    fn records_behind(&self, from: Offset) -> u64 {
+        delegate!(self, l => l.records_behind(from))
+    }
+
     async fn relation(&self, key: RelationKey) -> Result<Option<Relation>, LogError> {
         delegate!(self, l => l.relation(key).await)
     }

@@ -119,6 +119,10 @@ struct State {
     consumers: BTreeMap<String, Offset>,
     /// The last message indexed: its Kafka offset and how many records it holds so far.
     last_message: Option<(i64, usize)>,
+    /// Records indexed before each indexed message (for lag in records); 16 bytes a message.
+    records_before: BTreeMap<i64, u64>,
+    /// Records indexed in all.
+    records: u64,
 }
 
 impl State {
@@ -129,6 +133,8 @@ impl State {
         self.indexed = offset + 1;
         let (message, index) = unpack(offset);
         self.last_message = Some((message, index + 1));
+        self.records_before.entry(message).or_insert(self.records.saturating_sub(index as u64));
+        self.records += 1;
         match r {
             LogRecord::Begin(b) => {
                 self.open = Some(b.commit_lsn.0);
@@ -475,7 +481,7 @@ impl ChangeLog for KafkaLog {
                 Reader { next: from, next_message: message, consumer, leftover: Default::default() }
             }
         };
-        let head_message = unpack(self.next_offset()).0;
+        let head_message = unpack(*self.inner.head.borrow()).0;
         let mut out: Vec<(Offset, LogRecord)> = Vec::new();
         while out.len() < max {
             if let Some(r) = reader.leftover.pop_front() {
@@ -538,8 +544,26 @@ impl ChangeLog for KafkaLog {
         }
     }
 
+    fn records_behind(&self, from: Offset) -> u64 {
+        let from = self.normalize(from);
+        let (message, index) = unpack(from);
+        let head = unpack(*self.inner.head.borrow()).0;
+        let state = self.state();
+        match state.records_before.get(&message) {
+            Some(before) => state.records.saturating_sub(before + index as u64),
+            // Not indexed yet (another process writes): count messages.
+            None => head.saturating_sub(message).max(0) as u64,
+        }
+    }
+
     fn next_offset(&self) -> Offset {
-        *self.inner.head.borrow()
+        // After the last record of the last message, readers hold `last + 1`: that is the
+        // head they compare with ("caught up"), not the next message's first offset.
+        let head = *self.inner.head.borrow();
+        match self.state().last_message {
+            Some((k, records)) if pack(k + 1, 0) == head => pack(k, records),
+            _ => head,
+        }
     }
 
     async fn relation(&self, key: RelationKey) -> Result<Option<Relation>, LogError> {

@@ -81,8 +81,15 @@ pub trait ChangeLog: Send + Sync + 'static {
     /// Resolves when a record at `from` or later is readable, or after `timeout`.
     fn wait_readable(&self, from: Offset, timeout: Duration) -> impl Future<Output = ()> + Send;
 
-    /// Offset the next appended record gets (the high-water mark).
+    /// Offset the next appended record gets (the high-water mark). A reader at `last + 1` of
+    /// the last record is caught up when this equals its position.
     fn next_offset(&self) -> Offset;
+
+    /// Records between `from` and the head, for lag metrics. Offsets of the embedded log are
+    /// dense; a log whose offsets are not (Kafka) counts its records.
+    fn records_behind(&self, from: Offset) -> u64 {
+        self.next_offset().saturating_sub(from)
+    }
 
     /// Looks up a relation version that some appended `LogRecord::Relation` registered.
     fn relation(&self, key: RelationKey) -> impl Future<Output = Result<Option<Relation>, LogError>> + Send;

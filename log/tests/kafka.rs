@@ -110,5 +110,10 @@ async fn the_log_contract_holds_on_a_kafka_protocol_broker() {
     let waiter = tokio::spawn(async move { reader.wait_readable(t2_end + 1, Duration::from_secs(30)).await });
     log.append(txn(300, 1, 3_000)).await.unwrap();
     tokio::time::timeout(Duration::from_secs(5), waiter).await.unwrap().unwrap();
-    assert_eq!(log.read(t2_end + 1, 10).await.unwrap().len(), 3);
+    let tail = log.read(t2_end + 1, 10).await.unwrap();
+    assert_eq!(tail.len(), 3);
+    // Lag in records (offsets are not dense: counted, not subtracted).
+    assert_eq!(log.records_behind(tail[2].0 + 1), 0, "caught up");
+    assert_eq!(log.records_behind(tail[0].0), 3);
+    assert_eq!(log.records_behind(t2_offsets[0]), 8, "the 5 of the second transaction, then 3");
 }

@@ -1,0 +1,106 @@
+//! deploy/ checked without a container engine: the compose file and the Kubernetes manifests
+//! against their schemas (scripts/validate-deploy.sh, which must also reject broken copies), the
+//! synapse configurations they carry through `synapse validate`, the systemd unit through
+//! `systemd-analyze verify` (which must print no warning).
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use common::synapse;
+use serde::Deserialize;
+use std::path::Path;
+use std::process::Command;
+
+const ROOT: &str = env!("CARGO_MANIFEST_DIR");
+
+fn validate_deploy(env: &[(&str, &Path)]) -> (bool, String) {
+    let mut c = Command::new("bash");
+    c.arg(Path::new(ROOT).join("scripts/validate-deploy.sh"));
+    for (k, v) in env {
+        c.env(k, v);
+    }
+    let out = c.output().unwrap();
+    (out.status.success(), String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr))
+}
+
+#[test]
+fn compose_and_kubernetes_files_match_their_schemas() {
+    let (ok, text) = validate_deploy(&[]);
+    assert!(ok, "{text}");
+    assert!(text.contains("valid against the Compose Specification"), "{text}");
+    assert!(text.contains("deployment/synapse"), "{text}");
+
+    // The validators do reject what is wrong.
+    let dir = tempfile::tempdir().unwrap();
+    let compose = std::fs::read_to_string(Path::new(ROOT).join("deploy/compose/compose.yaml")).unwrap();
+    let bad_compose = dir.path().join("compose.yaml");
+    std::fs::write(&bad_compose, compose.replacen("    restart: unless-stopped", "    restartt: always", 1)).unwrap();
+    let (ok, text) = validate_deploy(&[("SYNAPSE_COMPOSE_FILES", &bad_compose)]);
+    assert!(!ok && text.contains("restartt"), "a misspelt compose key passed: {text}");
+    let k8s = std::fs::read_to_string(Path::new(ROOT).join("deploy/kubernetes/synapse.yaml")).unwrap();
+    let bad_k8s = dir.path().join("k8s.yaml");
+    std::fs::write(&bad_k8s, k8s.replacen("  replicas: 1", "  replicas: one", 1)).unwrap();
+    let (ok, text) = validate_deploy(&[("SYNAPSE_K8S_FILES", &bad_k8s)]);
+    assert!(!ok, "replicas: one passed: {text}");
+}
+
+#[test]
+fn the_configurations_in_deploy_are_valid() {
+    let dir = tempfile::tempdir().unwrap();
+    // The ConfigMap's synapse.yaml.
+    let k8s = std::fs::read_to_string(Path::new(ROOT).join("deploy/kubernetes/synapse.yaml")).unwrap();
+    let config = serde_yaml::Deserializer::from_str(&k8s)
+        .map(|d| serde_yaml::Value::deserialize(d).unwrap())
+        .find(|d| d["kind"] == "ConfigMap")
+        .map(|d| d["data"]["synapse.yaml"].as_str().unwrap().to_owned())
+        .unwrap();
+    let path = dir.path().join("k8s-synapse.yaml");
+    std::fs::write(&path, config).unwrap();
+    for (file, env) in [
+        (
+            path.clone(),
+            &[
+                ("SOURCE_PASSWORD", "s"),
+                ("TARGET_PASSWORD", "t"),
+                ("KAFKA_PASSWORD", "k"),
+                ("ADMIN_TOKEN", "admin-token-0123456789abcdef"),
+            ][..],
+        ),
+        (Path::new(ROOT).join("deploy/compose/synapse.yaml"), &[("PG_PASSWORD", "p")][..]),
+    ] {
+        let mut c = synapse(&["validate", "--config", file.to_str().unwrap()]);
+        for (k, v) in env {
+            c.env(k, v);
+        }
+        let out = c.output().unwrap();
+        let text = String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success(), "{}: {text}", file.display());
+    }
+}
+
+#[test]
+fn the_systemd_unit_verifies_without_warnings() {
+    let dir = tempfile::tempdir().unwrap();
+    let unit = std::fs::read_to_string(Path::new(ROOT).join("deploy/systemd/synapse.service")).unwrap();
+    // The unit's paths and user exist on an installed host; here: this build and root.
+    let unit = unit
+        .replace("/usr/local/bin/synapse", env!("CARGO_BIN_EXE_synapse"))
+        .replace("User=synapse", "User=root")
+        .replace("Group=synapse", "Group=root");
+    let path = dir.path().join("synapse.service");
+    std::fs::write(&path, &unit).unwrap();
+    let verify = |p: &Path| {
+        let out = Command::new("systemd-analyze")
+            .arg("verify")
+            .arg(p)
+            .output()
+            .expect("systemd-analyze (Debian package systemd) is needed to check deploy/systemd/synapse.service");
+        (out.status.success(), String::from_utf8_lossy(&out.stderr).into_owned())
+    };
+    let (ok, warnings) = verify(&path);
+    assert!(ok && warnings.trim().is_empty(), "{warnings}");
+    let bad = dir.path().join("bad.service");
+    std::fs::write(&bad, unit.replace("Restart=on-failure", "Restartt=on-failure")).unwrap();
+    let (_, warnings) = verify(&bad);
+    assert!(warnings.contains("Restartt"), "a misspelt key went unnoticed: {warnings}");
+}

@@ -21,7 +21,7 @@
 
 mod common;
 
-use common::mesh::{tail, KilledMesh, Running};
+use common::mesh::{tail, KilledMesh};
 use common::spawn_run;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -296,7 +296,7 @@ fn run_seed(mesh: &Mesh, seed: u64, hub: bool) -> Result<(), String> {
     )
     .unwrap();
     let log = mesh.dir.path().join(format!("synapse-{db}.log"));
-    let mut child = Running(spawn_run(&config, &log));
+    let mut child = spawn_run(&config, &log);
     let logtext = || std::fs::read_to_string(&log).unwrap_or_default();
     let wait_converged = |what: &str, timeout: Duration| -> Result<String, String> {
         let deadline = Instant::now() + timeout;
@@ -347,7 +347,7 @@ fn run_seed(mesh: &Mesh, seed: u64, hub: bool) -> Result<(), String> {
         .unwrap_or_default()
         != "2"
     {
-        if Instant::now() > deadline || child.0.try_wait().unwrap().is_some() {
+        if Instant::now() > deadline || child.try_wait().unwrap().is_some() {
             return Err(format!("the mesh did not start:\n{}", logtext()));
         }
         std::thread::sleep(Duration::from_millis(100));

@@ -6,14 +6,8 @@ use std::time::{Duration, Instant};
 use synapse_localpg::{ClusterOptions, LocalCluster};
 
 /// The synapse process, stopped however the seed ends.
-pub struct Running(pub std::process::Child);
-
-impl Drop for Running {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
+/// A running synapse, killed when dropped.
+pub type Running = super::Synapse;
 
 pub fn tail(text: &str) -> String {
     let lines: Vec<&str> = text.lines().collect();
@@ -75,7 +69,7 @@ impl KilledMesh {
 
     /// Starts synapse and waits until it has installed the mesh (triggers, active slots).
     pub fn start(&self, tables: usize) -> Running {
-        let child = Running(spawn_run(&self.config, &self.log));
+        let child = spawn_run(&self.config, &self.log);
         let deadline = Instant::now() + Duration::from_secs(60);
         let want = format!("{tables}/1");
         let ready = |n: &LocalCluster| {
@@ -92,13 +86,13 @@ impl KilledMesh {
 
     /// Kills synapse with -9 (nothing flushed, nothing acknowledged beyond what it committed).
     pub fn kill(&self, mut child: Running) {
-        child.0.kill().unwrap();
-        child.0.wait().unwrap();
+        child.kill().unwrap();
+        child.wait().unwrap();
     }
 
     /// Starts synapse again over the same log and nodes.
     pub fn restart(&self) -> Running {
-        Running(spawn_run(&self.config, &self.log))
+        spawn_run(&self.config, &self.log)
     }
 
     /// Waits until `query` gives `want` on every node.

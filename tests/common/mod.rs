@@ -58,10 +58,33 @@ pub fn synapse(args: &[&str]) -> Command {
     c
 }
 
+/// A `synapse run` process, killed when dropped: a failing test does not leave it running.
+pub struct Synapse(Child);
+
+impl std::ops::Deref for Synapse {
+    type Target = Child;
+    fn deref(&self) -> &Child {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for Synapse {
+    fn deref_mut(&mut self) -> &mut Child {
+        &mut self.0
+    }
+}
+
+impl Drop for Synapse {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 /// Starts `synapse run`, its output going to `log` (appended).
-pub fn spawn_run(config: &Path, log: &Path) -> Child {
+pub fn spawn_run(config: &Path, log: &Path) -> Synapse {
     let out = std::fs::OpenOptions::new().create(true).append(true).open(log).unwrap();
-    synapse(&["run", "--config", config.to_str().unwrap()]).stdout(Stdio::null()).stderr(out).spawn().unwrap()
+    Synapse(synapse(&["run", "--config", config.to_str().unwrap()]).stdout(Stdio::null()).stderr(out).spawn().unwrap())
 }
 
 /// Polls until `query` gives the same answer on both clusters.

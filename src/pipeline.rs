@@ -27,29 +27,24 @@ pub trait Classified: std::error::Error {
     fn hint(&self) -> &'static str;
 }
 
-impl Classified for CaptureError {
-    fn transient(&self) -> bool {
-        self.is_transient()
-    }
-    fn code(&self) -> &'static str {
-        CaptureError::code(self)
-    }
-    fn hint(&self) -> &'static str {
-        CaptureError::hint(self)
-    }
+/// Every crate's error type has the same three methods; this wires them to the supervisor.
+macro_rules! classified {
+    ($($error:ty),*) => {$(
+        impl Classified for $error {
+            fn transient(&self) -> bool {
+                self.is_transient()
+            }
+            fn code(&self) -> &'static str {
+                <$error>::code(self)
+            }
+            fn hint(&self) -> &'static str {
+                <$error>::hint(self)
+            }
+        }
+    )*};
 }
 
-impl Classified for ApplyError {
-    fn transient(&self) -> bool {
-        self.is_transient()
-    }
-    fn code(&self) -> &'static str {
-        ApplyError::code(self)
-    }
-    fn hint(&self) -> &'static str {
-        ApplyError::hint(self)
-    }
-}
+classified!(CaptureError, ApplyError, LogError, ConnectorError);
 
 /// `error: cause: cause …`
 pub use synapse_connectors::error_chain as chain;
@@ -107,30 +102,6 @@ pub async fn supervise<T, E: Classified, Fut: Future<Output = Result<T, E>>>(
                 return Err(failed);
             }
         }
-    }
-}
-
-impl Classified for LogError {
-    fn transient(&self) -> bool {
-        self.is_transient()
-    }
-    fn code(&self) -> &'static str {
-        LogError::code(self)
-    }
-    fn hint(&self) -> &'static str {
-        LogError::hint(self)
-    }
-}
-
-impl Classified for ConnectorError {
-    fn transient(&self) -> bool {
-        self.is_transient()
-    }
-    fn code(&self) -> &'static str {
-        ConnectorError::code(self)
-    }
-    fn hint(&self) -> &'static str {
-        ConnectorError::hint(self)
     }
 }
 

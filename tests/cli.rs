@@ -44,45 +44,28 @@ fn malformed_configs_are_rejected_naming_the_field() {
     assert!(!out.contains("hunter2"), "password leaked: {out}");
 }
 
-#[test]
-fn the_example_config_is_valid() {
-    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/deploy/synapse.example.yaml");
-    let out = synapse(&["validate", "--config", path])
-        .env("SOURCE_PASSWORD", "s")
-        .env("TARGET_PASSWORD", "t")
-        .env("ADMIN_TOKEN", "admin-token-0123456789abcdef")
-        .env("ORDERS_TOKEN", "orders-token-0123456789abcdef")
-        .env("ORDERS_WHSEC", "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw")
-        .output()
-        .unwrap();
-    let text = String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success(), "{text}");
+fn validate_example(file: &str, env: &[(&str, &str)]) -> String {
+    common::validate_config(&std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy").join(file), env)
 }
 
 #[test]
-fn the_kafka_example_config_is_valid() {
-    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/deploy/kafka.example.yaml");
-    let out = synapse(&["validate", "--config", path])
-        .env("SOURCE_PASSWORD", "s")
-        .env("TARGET_PASSWORD", "t")
-        .env("KAFKA_PASSWORD", "k")
-        .output()
-        .unwrap();
-    let text = String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success(), "{text}");
-}
-
-#[test]
-fn the_mesh_example_config_is_valid() {
-    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/deploy/mesh.example.yaml");
-    let out = synapse(&["validate", "--config", path])
-        .env("US_PASSWORD", "u")
-        .env("EU_PASSWORD", "e")
-        .env("AP_PASSWORD", "a")
-        .output()
-        .unwrap();
-    let text = String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success(), "{text}");
+fn the_example_configs_are_valid() {
+    validate_example(
+        "synapse.example.yaml",
+        &[
+            ("SOURCE_PASSWORD", "s"),
+            ("TARGET_PASSWORD", "t"),
+            ("ADMIN_TOKEN", "admin-token-0123456789abcdef"),
+            ("ORDERS_TOKEN", "orders-token-0123456789abcdef"),
+            ("ORDERS_WHSEC", "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"),
+        ],
+    );
+    validate_example(
+        "kafka.example.yaml",
+        &[("SOURCE_PASSWORD", "s"), ("TARGET_PASSWORD", "t"), ("KAFKA_PASSWORD", "k")],
+    );
+    let text =
+        validate_example("mesh.example.yaml", &[("US_PASSWORD", "u"), ("EU_PASSWORD", "e"), ("AP_PASSWORD", "a")]);
     assert!(text.contains("mesh of 3 nodes"), "{text}");
 }
 

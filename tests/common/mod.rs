@@ -81,6 +81,18 @@ impl Drop for Synapse {
     }
 }
 
+/// `synapse validate` on `path` with `env` set (its `${VAR}`s): the output, on success.
+pub fn validate_config(path: &Path, env: &[(&str, &str)]) -> String {
+    let mut c = synapse(&["validate", "--config", path.to_str().unwrap()]);
+    for (k, v) in env {
+        c.env(k, v);
+    }
+    let out = c.output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{}: {text}", path.display());
+    text
+}
+
 /// Starts `synapse run`, its output going to `log` (appended).
 pub fn spawn_run(config: &Path, log: &Path) -> Synapse {
     let out = std::fs::OpenOptions::new().create(true).append(true).open(log).unwrap();

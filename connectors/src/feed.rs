@@ -99,10 +99,7 @@ pub struct FeedBatch {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct TxnEnd {
     pub commit_lsn: synapse_schemas::Lsn,
-    pub xid: u32,
     pub commit_time_us: i64,
-    /// Changes and truncates in the transaction (before any filtering).
-    pub event_count: u32,
     /// How many of the batch's events precede this end: events `[..events_before]` of the
     /// batch belong to this transaction or earlier ones.
     pub events_before: usize,
@@ -412,9 +409,7 @@ impl<L: ChangeLog> ChangeFeed<L> {
                 self.position = Some(Cursor { commit_lsn: lsn, index: c.event_count.saturating_add(1) });
                 self.ended.push(TxnEnd {
                     commit_lsn: lsn,
-                    xid: begin.xid,
                     commit_time_us: begin.commit_time_us,
-                    event_count: c.event_count,
                     events_before: out.len(),
                 });
                 self.state = State::Idle;

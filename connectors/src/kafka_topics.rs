@@ -123,7 +123,7 @@ impl<L: ChangeLog> TopicPublisher<L> {
     /// (a broker outage is transient: the caller retries, and the publisher resumes).
     pub async fn run(&mut self, shutdown: watch::Receiver<bool>) -> Result<(), ConnectorError> {
         let txn_topic = self.transaction_topic();
-        self.ensure_topics(std::slice::from_ref(&txn_topic), Some(1)).await?;
+        self.ensure_topics(std::slice::from_ref(&txn_topic), 1).await?;
         let after = self.last_published().await?;
         tracing::info!(node = %self.source.node, resume_after = ?after, "publishing to Kafka topics");
         let mut feed =
@@ -205,8 +205,9 @@ impl<L: ChangeLog> TopicPublisher<L> {
             _ => (self.table_topic(&e.table), key_of(e, &envelope["data"])),
         };
         if !self.created.contains(&topic) {
-            let partitions = (e.op != Operation::Schema).then_some(self.options.partitions);
-            self.ensure_topics(std::slice::from_ref(&topic), partitions.or(Some(1))).await?;
+            // The schema-changes topic keeps one order; table topics get the configured count.
+            let partitions = if e.op == Operation::Schema { 1 } else { self.options.partitions };
+            self.ensure_topics(std::slice::from_ref(&topic), partitions).await?;
         }
         let trace = format!("{}/{}", self.source.node, e.cursor.commit_lsn.0);
         let headers = ce_headers(envelope, &trace);
@@ -248,11 +249,11 @@ impl<L: ChangeLog> TopicPublisher<L> {
         }
     }
 
-    /// Creates `topics` unless they exist (`partitions` `None` or -1: the broker's default).
-    async fn ensure_topics(&mut self, topics: &[String], partitions: Option<i32>) -> Result<(), ConnectorError> {
+    /// Creates `topics` unless they exist (`partitions` -1: the broker's default).
+    async fn ensure_topics(&mut self, topics: &[String], partitions: i32) -> Result<(), ConnectorError> {
         let rf = self.options.replication_factor;
         let new: Vec<NewTopic<'_>> =
-            topics.iter().map(|t| NewTopic::new(t, partitions.unwrap_or(-1), TopicReplication::Fixed(rf))).collect();
+            topics.iter().map(|t| NewTopic::new(t, partitions, TopicReplication::Fixed(rf))).collect();
         let opts = AdminOptions::new().operation_timeout(Some(self.options.timeout));
         for result in self.admin.create_topics(&new, &opts).await.map_err(kafka("creating topics"))? {
             match result {

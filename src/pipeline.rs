@@ -59,18 +59,25 @@ pub struct ComponentFailed {
     pub hint: &'static str,
 }
 
-/// Retries `f` while it fails transiently (exponential backoff, 200 ms … 30 s, with jitter).
+/// Retries `f` while it fails transiently (exponential backoff, 200 ms … 30 s, with jitter;
+/// back to 200 ms after an attempt that ran a minute: a failure after long healthy work is a
+/// new incident, not the next of a series).
 pub async fn supervise<T, E: Classified, Fut: Future<Output = Result<T, E>>>(
     component: &str,
     health: &Health,
     shutdown: &watch::Receiver<bool>,
     mut f: impl FnMut() -> Fut,
 ) -> Result<Option<T>, ComponentFailed> {
-    let mut delay = Duration::from_millis(200);
+    const FIRST: Duration = Duration::from_millis(200);
+    let mut delay = FIRST;
     loop {
+        let started = tokio::time::Instant::now();
         match f().await {
             Ok(v) => return Ok(Some(v)),
             Err(e) if e.transient() => {
+                if started.elapsed() >= Duration::from_secs(60) {
+                    delay = FIRST;
+                }
                 let error = chain(&e);
                 tracing::warn!(component, code = e.code(), %error, retry_in = ?delay, "transient error, retrying");
                 health.set(component, ComponentState::Retrying { code: e.code().into(), error });

@@ -4,56 +4,15 @@
 
 mod common;
 
-use common::{spawn_run, wait_equal, Nodes};
+use common::{ledger_schema, ledger_workload as workload, spawn_run, wait_equal, Nodes};
 use rand::Rng;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-const SCHEMA: &str = "
-CREATE TABLE ledger (id bigint PRIMARY KEY, txn_no bigint NOT NULL, payload text NOT NULL);
-CREATE TABLE counters (id int PRIMARY KEY, n bigint NOT NULL);
-INSERT INTO counters VALUES (1, 0);
-INSERT INTO ledger SELECT g, 0, repeat('x', 100) FROM generate_series(1, 300000) g;";
-
-/// Each transaction inserts rows tagged with its number and bumps the counter once; every 25th
-/// is large (2,000 rows) so kills also land inside a transaction being written or applied.
-fn workload(url: String, stop: Arc<AtomicBool>, done: Arc<AtomicU64>) -> std::thread::JoinHandle<()> {
-    std::thread::spawn(move || {
-        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
-        rt.block_on(async move {
-            let (client, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls).await.unwrap();
-            tokio::spawn(conn);
-            let mut next_id = 1_000_000i64;
-            let mut txn = 1i64;
-            while !stop.load(Ordering::Relaxed) {
-                let rows = if txn % 25 == 0 { 2000 } else { 3 };
-                client
-                    .batch_execute(&format!(
-                        "BEGIN;
-                         INSERT INTO ledger SELECT g, {txn}, md5(g::text) FROM generate_series({next_id}, {}) g;
-                         UPDATE counters SET n = n + 1 WHERE id = 1;
-                         UPDATE ledger SET payload = 'touched by {txn}' WHERE id = {};
-                         DELETE FROM ledger WHERE id = {};
-                         COMMIT;",
-                        next_id + rows - 1,
-                        1 + txn % 20000,
-                        next_id,
-                    ))
-                    .await
-                    .unwrap();
-                next_id += rows;
-                txn += 1;
-                done.fetch_add(1, Ordering::Relaxed);
-                tokio::time::sleep(Duration::from_millis(3)).await;
-            }
-        });
-    })
-}
-
 #[test]
 fn kill_dash_nine_at_random_points_loses_and_duplicates_nothing() {
-    let nodes = Nodes::start(SCHEMA);
+    let nodes = Nodes::start(&ledger_schema(300_000));
     let config = nodes.config("");
     kill_nine_at_random_points(&nodes, &config);
 }
@@ -63,7 +22,7 @@ fn kill_dash_nine_at_random_points_loses_and_duplicates_nothing() {
 #[test]
 fn kill_dash_nine_on_the_kafka_log_loses_and_duplicates_nothing() {
     let broker = synapse_localpg::LocalBroker::start().unwrap();
-    let nodes = Nodes::start(SCHEMA);
+    let nodes = Nodes::start(&ledger_schema(300_000));
     let config = nodes.kafka_config(broker.addr());
     kill_nine_at_random_points(&nodes, &config);
     // The stream went through the broker, not the embedded log.
@@ -78,7 +37,7 @@ fn kill_nine_at_random_points(nodes: &Nodes, config: &std::path::Path) {
     let log = nodes.dir.path().join("synapse.log");
     let stop = Arc::new(AtomicBool::new(false));
     let done = Arc::new(AtomicU64::new(0));
-    let load = workload(nodes.source.url("app"), stop.clone(), done.clone());
+    let load = workload(nodes.source.url("app"), 2000, stop.clone(), done.clone());
     let mut rng = rand::thread_rng();
     let kill_after = |child: &mut std::process::Child, ms: u64| {
         std::thread::sleep(Duration::from_millis(ms));

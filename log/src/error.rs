@@ -27,6 +27,12 @@ pub enum LogError {
     },
     #[error("the log's topic skipped from offset {expected} to {got}")]
     Gap { expected: Offset, got: Offset },
+    #[error(
+        "records of {topic} from offset {offset} on were deleted (the topic's retention) before this reader read them"
+    )]
+    Expired { topic: String, offset: Offset },
+    #[error("no record of {topic} arrived within the request timeout, below its head (offset {offset})")]
+    Stalled { topic: String, offset: Offset },
     #[error("Kafka topic {topic} cannot be created")]
     Topic {
         topic: String,
@@ -46,6 +52,8 @@ impl LogError {
             LogError::Kafka { .. } => "LOG005",
             LogError::Topic { .. } => "LOG006",
             LogError::Gap { .. } => "LOG007",
+            LogError::Expired { .. } => "LOG008",
+            LogError::Stalled { .. } => "LOG009",
         }
     }
 
@@ -53,7 +61,9 @@ impl LogError {
     pub fn is_transient(&self) -> bool {
         match self {
             // A gap is retried: the read starts again from a fresh reader.
-            LogError::Storage { .. } | LogError::TaskFailed(_) | LogError::Gap { .. } => true,
+            LogError::Storage { .. } | LogError::TaskFailed(_) | LogError::Gap { .. } | LogError::Stalled { .. } => {
+                true
+            }
             // Brokers down, leader changes, timeouts pass; authorization and bad configuration
             // do not.
             LogError::Kafka { source, .. } | LogError::Topic { source, .. } => match source.rdkafka_error_code() {
@@ -93,6 +103,13 @@ impl LogError {
                  (tansu) set log.kafka.batch_records: false; else check that \
                  <prefix>.<node>.changes is not compacted"
             }
+            LogError::Expired { .. } => {
+                "the target missed these changes: raise retention.ms / retention.bytes of \
+                 <prefix>.<node>.changes above the longest outage of a consumer, then re-copy the \
+                 target (truncate its tables, delete its rows from synapse.table_sync and \
+                 synapse.applied, restart)"
+            }
+            LogError::Stalled { .. } => "check the brokers' health and the partition's leader; synapse retries",
             LogError::Topic { .. } => {
                 "create the topic yourself (1 partition for <prefix>.<node>.changes, compacted \
                  <prefix>.<node>.consumers) or grant this user CreateTopics"

@@ -2,20 +2,24 @@
 //! one machine. Same contract as the embedded log (see [`ChangeLog`]).
 //!
 //! Layout per source node (`prefix` defaults to "synapse"):
-//! * `<prefix>.<node>.changes` — one partition: every `LogRecord` in order, one message each,
-//!   so Kafka offsets are the stream's offsets and readers see whole transactions in order.
-//!   Each message carries its transaction's commit LSN and commit time as headers.
+//! * `<prefix>.<node>.changes` — one partition: one Kafka message per append (a capture batch,
+//!   split only past [`MAX_MESSAGE_BYTES`]), so readers see whole transactions in commit order.
+//!   Log offset = message offset × 2^20 + the record's index in the message. Each message
+//!   carries its transaction's commit LSN as a header.
 //! * `<prefix>.<node>.consumers` — compacted: consumer name → position (retention's input).
+//!
+//! Topics that already exist are used as they are (an operator may create them, and a user
+//! without CreateTopics rights can run); missing ones are created.
 //!
 //! The relation registry and the transaction index (commit LSN → offsets) are rebuilt in
 //! memory at open by reading the changes topic once, then kept current by `append` (the one
 //! writer) and by `read` (readers in other processes).
 //!
-//! Durability: the producer is idempotent with `acks=all`; `append` resolves once every
-//! message of the batch has a successful delivery report. Kafka has no atomic multi-message
-//! write without transactions (which the test broker lacks): on `Err`, a prefix of the batch may
-//! be visible. The writer then restarts through [`ChangeLog::recover_writer`], which marks the
-//! unfinished transaction `Discarded` — the protocol readers already follow after a crash.
+//! Durability: the producer is idempotent with `acks=all`; `append` resolves once its message
+//! has a successful delivery report, so an append is atomic unless it was split (over 900 KB):
+//! then, on `Err`, a prefix may be visible. The writer restarts through
+//! [`ChangeLog::recover_writer`], which marks the unfinished transaction `Discarded` — the
+//! protocol readers already follow after a crash.
 
 use crate::{ChangeLog, LogError, Offset, Seek, WriterState};
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
@@ -233,8 +237,42 @@ fn reader_config(options: &KafkaLogOptions) -> ClientConfig {
     c.set("group.id", format!("{}.reader", options.changes_topic()))
         .set("enable.auto.commit", "false")
         .set("enable.auto.offset.store", "false")
-        .set("auto.offset.reset", "earliest");
+        // Never skip silently to another offset: records deleted by retention before a reader
+        // got them are an error (`Expired`), not a jump.
+        .set("auto.offset.reset", "error");
     c
+}
+
+/// Which of `topics` the brokers know (a metadata request; nothing is created by it).
+async fn existing_topics(
+    meta: &Arc<BaseConsumer>,
+    topics: &[&str],
+    timeout: Duration,
+) -> Result<Vec<String>, LogError> {
+    let mut found = Vec::new();
+    for topic in topics {
+        let (meta, name) = (meta.clone(), topic.to_string());
+        let metadata = tokio::task::spawn_blocking(move || meta.fetch_metadata(Some(&name), timeout))
+            .await
+            .map_err(LogError::TaskFailed)?
+            .map_err(kafka("asking the brokers for the topics"))?;
+        for t in metadata.topics() {
+            match t.error() {
+                None if !t.partitions().is_empty() => found.push(t.name().to_owned()),
+                None => {}
+                Some(e) => match RDKafkaErrorCode::from(e) {
+                    RDKafkaErrorCode::UnknownTopicOrPartition | RDKafkaErrorCode::UnknownTopic => {}
+                    code => {
+                        return Err(LogError::Topic {
+                            topic: t.name().to_owned(),
+                            source: KafkaError::MetadataFetch(code),
+                        })
+                    }
+                },
+            }
+        }
+    }
+    Ok(found)
 }
 
 const LSN_HEADER: &str = "synapse-commit-lsn";
@@ -246,31 +284,45 @@ fn kafka(context: &'static str) -> impl Fn(KafkaError) -> LogError {
 impl KafkaLog {
     /// Connects, creates the topics if missing, and reads the stream once to index it.
     pub async fn open(options: KafkaLogOptions) -> Result<KafkaLog, LogError> {
-        let base = options.client();
         let producer = make_producer(&options)?;
-        let admin: AdminClient<DefaultClientContext> = base.create().map_err(kafka("creating the admin client"))?;
+        let meta: BaseConsumer = reader_config(&options).create().map_err(kafka("creating a reader"))?;
+        let meta = Arc::new(meta);
         let topic = options.changes_topic();
-        let rf = options.replication_factor;
-        let changes = NewTopic::new(&topic, 1, TopicReplication::Fixed(rf));
         let consumers_topic = options.consumers_topic();
-        let consumers =
-            NewTopic::new(&consumers_topic, 1, TopicReplication::Fixed(rf)).set("cleanup.policy", "compact");
-        let admin_options = AdminOptions::new().operation_timeout(Some(options.timeout));
-        let created =
-            admin.create_topics(&[changes, consumers], &admin_options).await.map_err(kafka("creating the topics"))?;
-        for result in created {
-            match result {
-                Ok(_) | Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
-                Err((topic, code)) => return Err(LogError::Topic { topic, source: KafkaError::AdminOp(code) }),
+        let existing = existing_topics(&meta, &[&topic, &consumers_topic], options.timeout).await?;
+        let rf = options.replication_factor;
+        let mut wanted = Vec::new();
+        if !existing.contains(&topic) {
+            wanted.push(NewTopic::new(&topic, 1, TopicReplication::Fixed(rf)));
+        }
+        if !existing.contains(&consumers_topic) {
+            wanted
+                .push(NewTopic::new(&consumers_topic, 1, TopicReplication::Fixed(rf)).set("cleanup.policy", "compact"));
+        }
+        if !wanted.is_empty() {
+            let admin: AdminClient<DefaultClientContext> =
+                options.client().create().map_err(kafka("creating the admin client"))?;
+            let admin_options = AdminOptions::new().operation_timeout(Some(options.timeout));
+            let created = tokio::time::timeout(options.timeout * 2, admin.create_topics(&wanted, &admin_options))
+                .await
+                .map_err(|_| LogError::Topic {
+                    topic: topic.clone(),
+                    source: KafkaError::AdminOp(RDKafkaErrorCode::RequestTimedOut),
+                })?
+                .map_err(|source| LogError::Topic { topic: topic.clone(), source })?;
+            for result in created {
+                match result {
+                    Ok(_) | Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
+                    Err((topic, code)) => return Err(LogError::Topic { topic, source: KafkaError::AdminOp(code) }),
+                }
             }
         }
         let (head, _) = watch::channel(0);
-        let meta: BaseConsumer = reader_config(&options).create().map_err(kafka("creating a reader"))?;
         let log = KafkaLog {
             inner: Arc::new(Inner {
                 topic,
                 producer: std::sync::RwLock::new(producer),
-                meta: Arc::new(meta),
+                meta,
                 readers: tokio::sync::Mutex::new(Vec::new()),
                 head,
                 low: Default::default(),
@@ -312,7 +364,10 @@ impl KafkaLog {
     async fn index_to_head(&self, mut from: Offset) -> Result<(), LogError> {
         while from < self.next_offset() {
             let batch = self.read(from, 10_000).await?;
-            let Some((last, _)) = batch.last() else { break };
+            let Some((last, _)) = batch.last() else {
+                // The index must be complete (the writer's recovery relies on it).
+                return Err(LogError::Stalled { topic: self.inner.topic.clone(), offset: from });
+            };
             from = last + 1;
         }
         Ok(())
@@ -482,6 +537,7 @@ impl ChangeLog for KafkaLog {
             }
         };
         let head_message = unpack(*self.inner.head.borrow()).0;
+        let deadline = tokio::time::Instant::now() + self.inner.options.timeout;
         let mut out: Vec<(Offset, LogRecord)> = Vec::new();
         while out.len() < max {
             if let Some(r) = reader.leftover.pop_front() {
@@ -492,15 +548,33 @@ impl ChangeLog for KafkaLog {
                 break;
             }
             // Below the head a message is there to fetch; wait for it, but not forever.
-            let wait = if out.is_empty() { self.inner.options.timeout } else { Duration::from_millis(5) };
+            let wait = if out.is_empty() {
+                deadline.saturating_duration_since(tokio::time::Instant::now())
+            } else {
+                Duration::from_millis(5)
+            };
             let m = match tokio::time::timeout(wait, reader.consumer.recv()).await {
-                Ok(m) => m.map_err(kafka("reading the log"))?,
-                Err(_) if !out.is_empty() => break,
-                Err(_) => {
-                    return Err(LogError::Kafka {
-                        context: "reading the log (no record arrived)",
-                        source: KafkaError::Canceled,
+                Ok(Ok(m)) => m,
+                Ok(Err(KafkaError::MessageConsumption(RDKafkaErrorCode::AutoOffsetReset))) => {
+                    return Err(LogError::Expired {
+                        topic: self.inner.topic.clone(),
+                        offset: pack(reader.next_message, 0),
                     })
+                }
+                // librdkafka reconnects and follows leaders by itself; these only report it.
+                Ok(Err(KafkaError::MessageConsumption(
+                    RDKafkaErrorCode::BrokerTransportFailure
+                    | RDKafkaErrorCode::AllBrokersDown
+                    | RDKafkaErrorCode::NotLeaderForPartition
+                    | RDKafkaErrorCode::LeaderNotAvailable,
+                ))) if out.is_empty() => continue,
+                Ok(Err(_)) if !out.is_empty() => break,
+                Ok(Err(e)) => return Err(kafka("reading the log")(e)),
+                // Nothing within the timeout (a leader moving, a slow broker): return what is
+                // here and keep the reader; the caller reads again.
+                Err(_) => {
+                    tracing::debug!(message = reader.next_message, "no record arrived within the timeout");
+                    break;
                 }
             };
             let at = m.offset();

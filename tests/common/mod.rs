@@ -5,6 +5,8 @@ pub mod mesh;
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 use synapse_localpg::{ClusterOptions, LocalCluster};
 
@@ -138,4 +140,54 @@ pub fn post(addr: &str, path: &str, body: &str) -> (u16, String) {
     s.read_to_string(&mut text).unwrap();
     let status = text.split_whitespace().nth(1).and_then(|s| s.parse().ok()).unwrap_or(0);
     (status, text.split("\r\n\r\n").nth(1).unwrap_or_default().to_owned())
+}
+
+/// The ledger workload's tables, the ledger filled with `rows` rows (the initial copy's input).
+pub fn ledger_schema(rows: u64) -> String {
+    format!(
+        "CREATE TABLE ledger (id bigint PRIMARY KEY, txn_no bigint NOT NULL, payload text NOT NULL);
+         CREATE TABLE counters (id int PRIMARY KEY, n bigint NOT NULL);
+         INSERT INTO counters VALUES (1, 0);
+         INSERT INTO ledger SELECT g, 0, repeat('x', 100) FROM generate_series(1, {rows}) g;"
+    )
+}
+
+/// Each transaction inserts rows tagged with its number and bumps the counter once; every 25th
+/// is large (`big_rows` rows) so kills also land inside a transaction being written or applied.
+pub fn ledger_workload(
+    url: String,
+    big_rows: i64,
+    stop: Arc<AtomicBool>,
+    done: Arc<AtomicU64>,
+) -> std::thread::JoinHandle<()> {
+    std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        rt.block_on(async move {
+            let (client, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls).await.unwrap();
+            tokio::spawn(conn);
+            let mut next_id = 1_000_000i64;
+            let mut txn = 1i64;
+            while !stop.load(Ordering::Relaxed) {
+                let rows = if txn % 25 == 0 { big_rows } else { 3 };
+                client
+                    .batch_execute(&format!(
+                        "BEGIN;
+                         INSERT INTO ledger SELECT g, {txn}, md5(g::text) FROM generate_series({next_id}, {}) g;
+                         UPDATE counters SET n = n + 1 WHERE id = 1;
+                         UPDATE ledger SET payload = 'touched by {txn}' WHERE id = {};
+                         DELETE FROM ledger WHERE id = {};
+                         COMMIT;",
+                        next_id + rows - 1,
+                        1 + txn % 20000,
+                        next_id,
+                    ))
+                    .await
+                    .unwrap();
+                next_id += rows;
+                txn += 1;
+                done.fetch_add(1, Ordering::Relaxed);
+                tokio::time::sleep(Duration::from_millis(3)).await;
+            }
+        });
+    })
 }

@@ -1,6 +1,7 @@
 //! The Kafka log against a real Kafka-protocol broker (tansu, see `synapse_localpg::LocalBroker`).
 #![allow(clippy::unwrap_used)] // a failed setup step should fail the test loudly
 
+use rdkafka::mocking::MockCluster;
 use std::time::Duration;
 use synapse_localpg::LocalBroker;
 use synapse_log::{ChangeLog, KafkaLog, KafkaLogOptions, Seek, WriterState};
@@ -36,7 +37,47 @@ fn txn(lsn: u64, rows: u32, time_us: i64) -> Vec<LogRecord> {
 async fn the_log_contract_holds_on_a_kafka_protocol_broker() {
     let b = LocalBroker::start().unwrap();
     // tansu counts offsets per record batch (see `batch_records`).
-    let options = KafkaLogOptions { batch_records: false, ..KafkaLogOptions::new(b.addr(), "n1") };
+    contract(KafkaLogOptions { batch_records: false, ..KafkaLogOptions::new(b.addr(), "n1") }).await;
+}
+
+/// The same on librdkafka's mock brokers, which count offsets per record as Apache Kafka does:
+/// the producer's normal mode (several records per record batch). The mock implements no
+/// CreateTopics: the topics are created beforehand, as an operator without granting
+/// CreateTopics would, and `open` must use them as they are.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_log_contract_holds_on_kafka_semantics_with_pre_created_topics() {
+    let mock = MockCluster::new(3).unwrap();
+    for topic in ["synapse.n1.changes", "synapse.n1.consumers"] {
+        mock.create_topic(topic, 1, 3).unwrap();
+    }
+    contract(KafkaLogOptions::new(&mock.bootstrap_servers(), "n1")).await;
+}
+
+/// Clear, classified errors for what operators get wrong: topics missing where they cannot be
+/// created (LOG006, naming the topic), brokers that do not answer (transient LOG005).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn missing_topics_and_unreachable_brokers_are_reported_by_name() {
+    let mock = MockCluster::new(1).unwrap();
+    let options =
+        KafkaLogOptions { timeout: Duration::from_secs(2), ..KafkaLogOptions::new(&mock.bootstrap_servers(), "n1") };
+    let e = KafkaLog::open(options).await.err().expect("no topics and no CreateTopics must fail");
+    assert_eq!(e.code(), "LOG006", "{e}");
+    assert!(e.to_string().contains("synapse.n1.changes"), "{e}");
+    assert!(e.hint().contains("CreateTopics"), "{}", e.hint());
+
+    // A port nothing listens on.
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let options =
+        KafkaLogOptions { timeout: Duration::from_secs(2), ..KafkaLogOptions::new(&format!("127.0.0.1:{port}"), "n1") };
+    let started = std::time::Instant::now();
+    let e = KafkaLog::open(options).await.err().expect("no broker must fail");
+    assert!(started.elapsed() < Duration::from_secs(30), "open hung for {:?}", started.elapsed());
+    assert_eq!(e.code(), "LOG005", "{e}");
+    assert!(e.is_transient(), "an unreachable broker may come back: {e}");
+    assert!(e.hint().contains("log.kafka.brokers"), "{}", e.hint());
+}
+
+async fn contract(options: KafkaLogOptions) {
     let log = KafkaLog::open(options.clone()).await.unwrap();
     assert_eq!(log.recover_writer().await.unwrap(), WriterState { last_commit_end: None, next_offset: 0 });
     let rel = Relation {

@@ -20,6 +20,10 @@ pub enum ApplyError {
     /// The table's merge function failed or returned something other than a JSON object.
     #[error("merge function {function} failed on {table} key {key}: {message}")]
     MergeFunction { function: String, table: String, key: String, message: String },
+    /// Another applier of the same source holds this target (a second process with the same
+    /// configuration, or the previous owner of a source handed over by the consumer group).
+    #[error("another applier of source {node} is running against this target (advisory lock held by PID {holder:?})")]
+    Busy { node: String, holder: Option<i32> },
     /// A local write took a unique value of a mesh table between the applier's collision check
     /// and its write; the retry sees that row and resolves the collision.
     #[error("a local write on {table} took a unique value while the applier was resolving it")]
@@ -52,6 +56,7 @@ impl ApplyError {
             ApplyError::Copy(e) => e.code(),
             ApplyError::UniqueRace { .. } => "APP004",
             ApplyError::MergeFunction { .. } => "APP005",
+            ApplyError::Busy { .. } => "APP006",
         }
     }
 
@@ -75,7 +80,7 @@ impl ApplyError {
             },
             ApplyError::Log(e) => e.is_transient(),
             ApplyError::Copy(e) => e.is_transient(),
-            ApplyError::UniqueRace { .. } => true,
+            ApplyError::UniqueRace { .. } | ApplyError::Busy { .. } => true,
             _ => false,
         }
     }
@@ -94,6 +99,10 @@ impl ApplyError {
                 ApplyError::Log(e) => e.hint(),
                 ApplyError::Copy(e) => e.hint(),
                 ApplyError::UniqueRace { .. } => "none: retried at once; frequent retries mean many concurrent claims of one value",
+                ApplyError::Busy { .. } => {
+                    "retried until the other applier stops; if it never does, find the process \
+                     (pg_stat_activity.pid on the target) and stop it — one applier per source and target"
+                }
                 ApplyError::MergeFunction { .. } => {
                     "fix the function on every node (it gets two rows as jsonb and returns a jsonb object of column values; see the cause) and restart: the transaction was not applied"
                 }

@@ -19,7 +19,9 @@
 //!   from local ones.
 //! * **Retries**: deadlocks, serialization failures and connection loss roll back and retry
 //!   from the stored position (see `ApplyError::is_transient`).
-//! * **Concurrency**: one applier per (source node, target).
+//! * **Concurrency**: one applier per (source node, target), enforced in the target: a session
+//!   holds an advisory lock for its source, and a second applier waits (`APP006`, transient)
+//!   until the first stops or its connection closes.
 
 mod batch;
 mod error;
@@ -266,6 +268,9 @@ impl Applier {
         let client = connect_target(&self.config.target).await?;
         target::setup_state(&client).await?;
         let origin = origin_name(&self.config.node);
+        // Before the origin: a second session's origin binding fails too (55006), but says
+        // less about why.
+        target::lock_applier(&client, &self.config.node).await?;
         replica_session(&client, &origin).await?;
         let start = target::load_position(&client, &self.config.node).await?.unwrap_or(0);
         let sync = target::load_sync(&client, &self.config.node).await?;

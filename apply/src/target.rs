@@ -39,6 +39,31 @@ pub async fn setup_state(client: &Client) -> Result<(), ApplyError> {
         .map_err(ApplyError::target("creating the synapse schema on the target"))
 }
 
+/// Takes the target-side lock that makes this session the only applier of `node` here (held
+/// until the connection closes, so a killed process releases it). Two appliers of one source
+/// would both apply the transactions after the stored position: the second waits instead.
+pub async fn lock_applier(client: &Client, node: &str) -> Result<(), ApplyError> {
+    let key = format!("synapse.apply/{node}");
+    let row = client
+        .query_one("SELECT pg_try_advisory_lock(hashtext('synapse'), hashtext($1))", &[&key])
+        .await
+        .map_err(ApplyError::target("taking the applier lock"))?;
+    if row.get::<_, bool>(0) {
+        return Ok(());
+    }
+    let holder = client
+        .query_opt(
+            "SELECT pid FROM pg_locks WHERE locktype = 'advisory' AND classid = hashtext('synapse')::oid
+               AND objid = hashtext($1)::oid AND granted AND pid <> pg_backend_pid() LIMIT 1",
+            &[&key],
+        )
+        .await
+        .ok()
+        .flatten()
+        .map(|r| r.get::<_, i32>(0));
+    Err(ApplyError::Busy { node: node.to_owned(), holder })
+}
+
 /// The next log offset to apply for `node`, if it ever applied anything.
 pub async fn load_position(client: &Client, node: &str) -> Result<Option<u64>, ApplyError> {
     let row = client

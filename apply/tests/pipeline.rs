@@ -10,6 +10,7 @@ use synapse_log::EmbeddedLog;
 use tokio::sync::watch;
 
 struct Pipeline {
+    log: EmbeddedLog,
     stop: watch::Sender<bool>,
     tasks: Vec<tokio::task::JoinHandle<()>>,
 }
@@ -37,8 +38,9 @@ async fn start(source: &LocalCluster, target: &LocalCluster, dir: &std::path::Pa
     let r = rx.clone();
     let cap_task = tokio::spawn(async move { c.stream(l, r).await.unwrap() });
     initial_copy::run(&capture, &prepared.tables, &target_cfg, 2, applier.stats()).await.unwrap();
-    let apply_task = tokio::spawn(async move { applier.run(&log, rx).await.unwrap() });
-    Pipeline { stop, tasks: vec![cap_task, apply_task] }
+    let l = log.clone();
+    let apply_task = tokio::spawn(async move { applier.run(&l, rx).await.unwrap() });
+    Pipeline { log, stop, tasks: vec![cap_task, apply_task] }
 }
 
 /// A source and a target cluster, each with an empty database `app`.
@@ -198,4 +200,43 @@ async fn snapshot_under_concurrent_writes_has_no_gap_and_no_duplicate() {
     let q =
         "SELECT count(*) || ':' || sum(v) || ':' || md5(string_agg(id::text || '=' || v, ',' ORDER BY id)) FROM big";
     wait_equal(&source, &target, q).await;
+}
+
+/// Two appliers of one source against one target (a second process with the same
+/// configuration, or a source handed over by the consumer group while its previous owner still
+/// runs): the second must not apply alongside the first, and must take over once it stops.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_applier_of_the_same_source_waits_for_the_first() {
+    let (source, target) = two_nodes();
+    source.psql("app", "CREATE TABLE t (id int PRIMARY KEY); INSERT INTO t SELECT generate_series(1, 10)").unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let first = start(&source, &target, dir.path()).await;
+    let q = "SELECT count(*) FROM t";
+    wait_equal(&source, &target, q).await;
+    let log = first.log.clone();
+    let second = Applier::new(ApplyConfig::new("a", target.url("app").parse().unwrap(), "apply-b"));
+    let (_stop2, rx2) = watch::channel(false);
+    let e = second.run(&log, rx2.clone()).await.unwrap_err();
+    assert_eq!(e.code(), "APP006", "{e}");
+    assert!(e.is_transient(), "{e}");
+    drop(first);
+    // The first's session ends and its lock with it; the second then runs.
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let (stop, rx) = watch::channel(false);
+        let run = tokio::spawn({
+            let log = log.clone();
+            let second = Applier::new(ApplyConfig::new("a", target.url("app").parse().unwrap(), "apply-b"));
+            async move { second.run(&log, rx).await }
+        });
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        if !run.is_finished() {
+            stop.send(true).unwrap();
+            run.await.unwrap().unwrap();
+            break;
+        }
+        let e = run.await.unwrap().unwrap_err();
+        assert_eq!(e.code(), "APP006", "{e}");
+        assert!(std::time::Instant::now() < deadline, "the lock outlived the first applier");
+    }
 }

@@ -250,6 +250,11 @@ pub struct KafkaConfig {
     /// Also publish every change to public per-table topics (Debezium layout, CloudEvents
     /// headers) that any Kafka client can read.
     pub public_topics: Option<PublicTopicsConfig>,
+    /// Scale out: processes started with the same configuration and this consumer group share
+    /// the sources. Each source (its capture, appliers and public-topic publisher) runs in
+    /// exactly one member; a member that stops hands its sources over at once, one that dies
+    /// after the group's session timeout (`session.timeout.ms` in `properties`, 45 s default).
+    pub group: Option<String>,
 }
 
 /// `log.kafka.public_topics`.
@@ -368,6 +373,11 @@ impl KafkaConfig {
             }
             if p.partitions.is_some_and(|n| !(1..=10_000).contains(&n)) {
                 return Err(invalid("public_topics.partitions", "must be between 1 and 10000 (or unset)".into()));
+            }
+        }
+        if let Some(g) = &self.group {
+            if g.trim().is_empty() || g.len() > 249 || g.chars().any(char::is_control) {
+                return Err(invalid("group", "must be 1 to 249 printable characters (a Kafka group id)".into()));
             }
         }
         if self.properties.0.contains_key("bootstrap.servers") {

@@ -11,6 +11,7 @@ mod pipeline;
 mod quickstart;
 mod quickstart_mesh;
 mod repair;
+mod source_group;
 
 use clap::{Parser, Subcommand};
 

@@ -32,6 +32,16 @@ impl Health {
         }
     }
 
+    /// Drops the entries of a source's components (it moved to another process).
+    pub fn forget_source(&self, source: &str) {
+        if let Ok(mut c) = self.components.lock() {
+            let apply = format!("apply/{source}->");
+            c.retain(|k, _| {
+                k != &format!("capture/{source}") && k != &format!("kafka-topics/{source}") && !k.starts_with(&apply)
+            });
+        }
+    }
+
     pub fn snapshot(&self) -> BTreeMap<String, ComponentState> {
         self.components.lock().map(|c| c.clone()).unwrap_or_default()
     }

@@ -158,6 +158,13 @@ async fn open_log(
     Ok(log.map(SourceLog::Kafka))
 }
 
+fn source_info(config: &Config, name: &str) -> SourceInfo {
+    SourceInfo {
+        node: name.to_owned(),
+        database: config.sources.iter().find(|s| s.name == name).map(database_of).unwrap_or_default(),
+    }
+}
+
 /// Opens each source's log; starts webhooks, the HTTP API and retention on them.
 async fn start_delivery(
     config: &Config,
@@ -170,10 +177,7 @@ async fn start_delivery(
         let Some(log) = open_log(config, &source.name, health, shutdown).await? else { break };
         logs.insert(source.name.clone(), Arc::new(log));
     }
-    let info = |name: &str| SourceInfo {
-        node: name.to_owned(),
-        database: config.sources.iter().find(|s| s.name == name).map(database_of).unwrap_or_default(),
-    };
+    let info = |name: &str| source_info(config, name);
     let api_on = !config.api.listen.is_empty();
     if api_on || !config.webhooks.is_empty() {
         let store = Store::open(&config.log.dir.join("connectors.redb"))
@@ -235,40 +239,6 @@ async fn start_delivery(
                 hint: "check api.listen",
             })
         });
-    }
-    if let Some((kafka, topics)) = config.log.kafka.as_ref().and_then(|k| Some((k, k.public_topics.as_ref()?))) {
-        for (name, log) in &logs {
-            let component = format!("kafka-topics/{name}");
-            health.set(&component, ComponentState::Starting);
-            let options = synapse_connectors::kafka_topics::TopicsOptions {
-                client: kafka.log_options(name).client(),
-                batch_records: kafka.batch_records,
-                prefix: kafka.topic_prefix.clone(),
-                partitions: topics.partitions.unwrap_or(-1),
-                replication_factor: kafka.replication_factor.unwrap_or(-1),
-                tombstones: topics.tombstones,
-                selector: synapse_connectors::Selector {
-                    tables: (!topics.tables.is_empty()).then(|| topics.tables.iter().cloned().collect()),
-                    ..Default::default()
-                },
-                timeout: Duration::from_secs_f64(kafka.request_timeout_secs),
-            };
-            let (log, source, h, sd) = (log.clone(), info(name), health.clone(), shutdown.clone());
-            running.tasks.spawn(async move {
-                let run = || {
-                    let (log, source, options, sd) = (log.clone(), source.clone(), options.clone(), sd.clone());
-                    async move {
-                        let mut publisher =
-                            synapse_connectors::kafka_topics::TopicPublisher::new(log, source, options)?;
-                        publisher.run(sd).await
-                    }
-                };
-                h.set(&component, ComponentState::Streaming);
-                supervise(&component, &h, &sd, run).await?;
-                h.set(&component, ComponentState::Stopped);
-                Ok(())
-            });
-        }
     }
     let window_us = (config.log.stream_retention_hours * 3.6e9) as i64;
     for (name, log) in &logs {
@@ -340,81 +310,171 @@ pub async fn start(config: &Config, health: Arc<Health>, shutdown: watch::Receiv
     if let Some(m) = config.mesh.as_ref().filter(|m| m.tombstone_purge_interval_secs > 0.0) {
         spawn_tombstone_purge(config, m, &logs, &mut running, &shutdown)?;
     }
-    for source in &config.sources {
-        let component = format!("capture/{}", source.name);
-        health.set(&component, ComponentState::Starting);
-        let cfg = capture_config(source)?;
-        let Some(log) = logs.get(&source.name).map(|l| SourceLog::clone(l)) else { continue };
-        let capture = supervise(&component, &health, &shutdown, || Capture::connect(cfg.clone())).await?;
-        let Some(capture) = capture else { return Ok(running) };
-        let capture = Arc::new(capture);
-        let prepared = supervise(&component, &health, &shutdown, || capture.prepare()).await?;
-        let Some(prepared) = prepared else { return Ok(running) };
-        for t in &prepared.skipped {
-            eprintln!(
-                "warning [CAP009]: source {}: table {t} has no primary key or replica identity and is not replicated\n  fix: add a primary key, or ALTER TABLE {t} REPLICA IDENTITY FULL",
-                source.name
-            );
+    let shared = Shared { config: config.clone(), health: health.clone(), logs, mesh_tables };
+    match config.log.kafka.as_ref().and_then(|k| k.group.clone()) {
+        // Sources are shared with the other members of the group: each runs in one of them.
+        Some(group) => {
+            running.tasks.spawn(crate::source_group::run(Arc::new(shared), group, shutdown.clone()));
         }
-        running.captures.push((source.name.clone(), capture.stats()));
-        let (c, l, h, sd) = (capture.clone(), log.clone(), health.clone(), shutdown.clone());
-        let comp = component.clone();
-        running.tasks.spawn(async move {
-            h.set(&comp, ComponentState::Streaming);
-            loop {
-                let r = supervise(&comp, &h, &sd, || c.stream(l.clone(), sd.clone())).await?;
-                // A clean return means shutdown (or a stream that ended: resume it).
-                if r.is_none() || *sd.borrow() {
-                    h.set(&comp, ComponentState::Stopped);
-                    return Ok(());
+        None => {
+            for source in &config.sources {
+                let parts = SourceParts {
+                    tasks: &mut running.tasks,
+                    captures: &mut running.captures,
+                    appliers: &mut running.appliers,
+                };
+                if !start_source(&shared, source, parts, &shutdown).await? {
+                    return Ok(running);
                 }
-                h.set(&comp, ComponentState::Streaming);
             }
-        });
-        for target in config.targets.iter().filter(|t| config.sources_of(t).any(|s| s.name == source.name)) {
-            let component = format!("apply/{}->{}", source.name, target.name);
-            health.set(&component, ComponentState::Starting);
-            let mut acfg = apply_config(target, &source.name)?;
-            if let (Some(m), Some(tables)) = (&config.mesh, mesh_tables.get(&target.name)) {
-                acfg.mesh = Some(synapse_apply::MeshApply {
-                    policies: m.policies(),
-                    tables: tables.iter().map(|t: &synapse_apply::mesh::MeshTable| (t.name(), t.clone())).collect(),
-                    node: synapse_resolver::NodeId(
-                        m.nodes.iter().find(|n| n.name == target.name).map(|n| n.id).unwrap_or_default(),
-                    ),
-                });
-            }
-            let applier = Arc::new(Applier::new(acfg.clone()));
-            running.appliers.push((component.clone(), applier.stats()));
-            let (c, l, h, sd, tables) =
-                (capture.clone(), log.clone(), health.clone(), shutdown.clone(), prepared.tables.clone());
-            let (copy, parallelism) = (target.initial_copy, target.copy_parallelism);
-            running.tasks.spawn(async move {
-                if copy {
-                    h.set(&component, ComponentState::Copying);
-                    let stats = applier.stats();
-                    let report = supervise(&component, &h, &sd, || {
-                        initial_copy::run(&c, &tables, &acfg.target, parallelism, stats.clone())
-                    })
-                    .await?;
-                    if let Some(r) = report {
-                        tracing::info!(
-                            component,
-                            copied = r.tables_copied,
-                            already = r.tables_already_synced,
-                            rows = r.rows,
-                            "initial copy done"
-                        );
-                    }
-                }
-                h.set(&component, ComponentState::Streaming);
-                supervise(&component, &h, &sd, || applier.run(&l, sd.clone())).await?;
-                h.set(&component, ComponentState::Stopped);
-                Ok(())
-            });
         }
     }
     Ok(running)
+}
+
+/// What every source's components share.
+pub(crate) struct Shared {
+    pub config: Config,
+    pub health: Arc<Health>,
+    pub logs: BTreeMap<String, Arc<SourceLog>>,
+    pub mesh_tables: BTreeMap<String, Vec<synapse_apply::mesh::MeshTable>>,
+}
+
+/// Where a source's components put their tasks and live figures.
+pub(crate) struct SourceParts<'a> {
+    pub tasks: &'a mut JoinSet<Result<(), ComponentFailed>>,
+    pub captures: &'a mut Vec<(String, Arc<CaptureStats>)>,
+    pub appliers: &'a mut Vec<(String, Arc<ApplyStats>)>,
+}
+
+/// Starts one source's components: its capture, an initial copy and applier per target, its
+/// public-topic publisher. `Ok(false)`: shutdown came first.
+pub(crate) async fn start_source(
+    shared: &Shared,
+    source: &SourceConfig,
+    parts: SourceParts<'_>,
+    shutdown: &watch::Receiver<bool>,
+) -> anyhow::Result<bool> {
+    let (config, health, logs, mesh_tables) = (&shared.config, &shared.health, &shared.logs, &shared.mesh_tables);
+    let component = format!("capture/{}", source.name);
+    health.set(&component, ComponentState::Starting);
+    let cfg = capture_config(source)?;
+    let Some(log) = logs.get(&source.name).map(|l| SourceLog::clone(l)) else { return Ok(false) };
+    let capture = supervise(&component, health, shutdown, || Capture::connect(cfg.clone())).await?;
+    let Some(capture) = capture else { return Ok(false) };
+    let capture = Arc::new(capture);
+    let prepared = supervise(&component, health, shutdown, || capture.prepare()).await?;
+    let Some(prepared) = prepared else { return Ok(false) };
+    for t in &prepared.skipped {
+        eprintln!(
+            "warning [CAP009]: source {}: table {t} has no primary key or replica identity and is not replicated\n  fix: add a primary key, or ALTER TABLE {t} REPLICA IDENTITY FULL",
+            source.name
+        );
+    }
+    parts.captures.push((source.name.clone(), capture.stats()));
+    let (c, l, h, sd) = (capture.clone(), log.clone(), health.clone(), shutdown.clone());
+    let comp = component.clone();
+    parts.tasks.spawn(async move {
+        h.set(&comp, ComponentState::Streaming);
+        loop {
+            let r = supervise(&comp, &h, &sd, || c.stream(l.clone(), sd.clone())).await?;
+            // A clean return means shutdown (or a stream that ended: resume it).
+            if r.is_none() || *sd.borrow() {
+                h.set(&comp, ComponentState::Stopped);
+                return Ok(());
+            }
+            h.set(&comp, ComponentState::Streaming);
+        }
+    });
+    for target in config.targets.iter().filter(|t| config.sources_of(t).any(|s| s.name == source.name)) {
+        let component = format!("apply/{}->{}", source.name, target.name);
+        health.set(&component, ComponentState::Starting);
+        let mut acfg = apply_config(target, &source.name)?;
+        if let (Some(m), Some(tables)) = (&config.mesh, mesh_tables.get(&target.name)) {
+            acfg.mesh = Some(synapse_apply::MeshApply {
+                policies: m.policies(),
+                tables: tables.iter().map(|t: &synapse_apply::mesh::MeshTable| (t.name(), t.clone())).collect(),
+                node: synapse_resolver::NodeId(
+                    m.nodes.iter().find(|n| n.name == target.name).map(|n| n.id).unwrap_or_default(),
+                ),
+            });
+        }
+        let applier = Arc::new(Applier::new(acfg.clone()));
+        parts.appliers.push((component.clone(), applier.stats()));
+        let (c, l, h, sd, tables) =
+            (capture.clone(), log.clone(), health.clone(), shutdown.clone(), prepared.tables.clone());
+        let (copy, parallelism) = (target.initial_copy, target.copy_parallelism);
+        parts.tasks.spawn(async move {
+            if copy {
+                h.set(&component, ComponentState::Copying);
+                let stats = applier.stats();
+                let report = supervise(&component, &h, &sd, || {
+                    initial_copy::run(&c, &tables, &acfg.target, parallelism, stats.clone())
+                })
+                .await?;
+                if let Some(r) = report {
+                    tracing::info!(
+                        component,
+                        copied = r.tables_copied,
+                        already = r.tables_already_synced,
+                        rows = r.rows,
+                        "initial copy done"
+                    );
+                }
+            }
+            h.set(&component, ComponentState::Streaming);
+            supervise(&component, &h, &sd, || applier.run(&l, sd.clone())).await?;
+            h.set(&component, ComponentState::Stopped);
+            Ok(())
+        });
+    }
+    if let Some(log) = logs.get(&source.name) {
+        spawn_publisher(config, &source.name, log, parts.tasks, health, shutdown);
+    }
+    Ok(true)
+}
+
+/// Publishes a source's changes to the public per-table topics, if configured.
+fn spawn_publisher(
+    config: &Config,
+    name: &str,
+    log: &Arc<SourceLog>,
+    tasks: &mut JoinSet<Result<(), ComponentFailed>>,
+    health: &Arc<Health>,
+    shutdown: &watch::Receiver<bool>,
+) {
+    let Some((kafka, topics)) = config.log.kafka.as_ref().and_then(|k| Some((k, k.public_topics.as_ref()?))) else {
+        return;
+    };
+    let component = format!("kafka-topics/{name}");
+    health.set(&component, ComponentState::Starting);
+    let options = synapse_connectors::kafka_topics::TopicsOptions {
+        client: kafka.log_options(name).client(),
+        batch_records: kafka.batch_records,
+        prefix: kafka.topic_prefix.clone(),
+        partitions: topics.partitions.unwrap_or(-1),
+        replication_factor: kafka.replication_factor.unwrap_or(-1),
+        tombstones: topics.tombstones,
+        selector: synapse_connectors::Selector {
+            tables: (!topics.tables.is_empty()).then(|| topics.tables.iter().cloned().collect()),
+            ..Default::default()
+        },
+        timeout: Duration::from_secs_f64(kafka.request_timeout_secs),
+    };
+    let (log, source, h, sd) = (log.clone(), source_info(config, name), health.clone(), shutdown.clone());
+    tasks.spawn(async move {
+        let run = || {
+            let (log, source, options, sd) = (log.clone(), source.clone(), options.clone(), sd.clone());
+            async move {
+                let mut publisher = synapse_connectors::kafka_topics::TopicPublisher::new(log, source, options)?;
+                publisher.run(sd).await
+            }
+        };
+        h.set(&component, ComponentState::Streaming);
+        supervise(&component, &h, &sd, run).await?;
+        h.set(&component, ComponentState::Stopped);
+        Ok(())
+    });
 }
 
 /// Purges causally stable tombstones every `tombstone_purge_interval_secs` (see

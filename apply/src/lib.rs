@@ -564,7 +564,10 @@ impl<L: ChangeLog> Session<'_, L> {
 
     fn report_lag(&self, pos: Offset) {
         let behind = self.log.records_behind(pos);
-        metrics::gauge!("synapse_apply_lag_records", "node" => self.applier.config.node.clone()).set(behind as f64);
+        // One gauge per (source, target): on Kafka a source is one partition
+        // (`<prefix>.<node>.changes`, partition 0), so this is the lag per partition and consumer.
+        let labels = [("node", self.applier.config.node.clone()), ("consumer", self.applier.config.consumer.clone())];
+        metrics::gauge!("synapse_apply_lag_records", &labels).set(behind as f64);
         let lag = if behind == 0 {
             0.0
         } else {
@@ -575,6 +578,6 @@ impl<L: ChangeLog> Session<'_, L> {
                 ((synapse_schemas::unix_micros_now() - t) as f64 / 1e6).max(0.0)
             }
         };
-        metrics::gauge!("synapse_apply_lag_seconds", "node" => self.applier.config.node.clone()).set(lag);
+        metrics::gauge!("synapse_apply_lag_seconds", &labels).set(lag);
     }
 }

@@ -212,6 +212,12 @@ fn pack(message: i64, index: usize) -> Offset {
     ((message.max(0) as u64) << INDEX_BITS) | index as u64
 }
 
+/// The Kafka offset of the message holding log offset `offset` (for tools that show lag in
+/// Kafka's terms).
+pub fn kafka_message_offset(offset: Offset) -> i64 {
+    unpack(offset).0
+}
+
 /// (Kafka offset of the message, index in it).
 fn unpack(offset: Offset) -> (i64, usize) {
     ((offset >> INDEX_BITS) as i64, (offset & ((1 << INDEX_BITS) - 1)) as usize)

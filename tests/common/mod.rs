@@ -191,3 +191,16 @@ pub fn ledger_workload(
         });
     })
 }
+
+/// SIGTERM (a clean shutdown), then waits up to 30 s for the exit.
+pub fn terminate(child: &mut Child) -> std::process::ExitStatus {
+    Command::new("kill").args(["-TERM", &child.id().to_string()]).status().unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            return status;
+        }
+        assert!(std::time::Instant::now() < deadline, "synapse did not exit within 30 s of SIGTERM");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}

@@ -28,6 +28,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{mpsc as std_mpsc, Arc};
 use std::time::Duration;
 use synapse_apply::ApplyStats;
+use synapse_log::SourceLog;
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinSet;
 
@@ -173,7 +174,7 @@ pub async fn run(shared: Arc<Shared>, group: String, shutdown: watch::Receiver<b
                 }
                 None => break,
             },
-            _ = commit_tick.tick() => commit_positions(&consumer, &kafka, &owned),
+            _ = commit_tick.tick() => commit_positions(&consumer, &shared, &owned),
             _ = async { let _ = sd.wait_for(|s| *s).await; } => break,
         }
         // A source that stopped by itself failed definitely: stop this process, as without a
@@ -262,17 +263,14 @@ async fn stop_source(shared: &Shared, name: &str, o: Owned) -> Result<(), Compon
 }
 
 /// Commits, per owned source, the Kafka offset every one of its targets has applied up to.
-fn commit_positions(
-    consumer: &BaseConsumer<GroupContext>,
-    kafka: &crate::config::KafkaConfig,
-    owned: &BTreeMap<String, Owned>,
-) {
+fn commit_positions(consumer: &BaseConsumer<GroupContext>, shared: &Shared, owned: &BTreeMap<String, Owned>) {
     let mut tpl = TopicPartitionList::new();
     for (name, o) in owned {
+        let Some(SourceLog::Kafka(log)) = shared.logs.get(name).map(|l| &**l) else { continue };
         let Ok(appliers) = o.appliers.lock() else { continue };
         let Some(next) = appliers.iter().map(|(_, s)| s.next_offset.load(Ordering::Relaxed)).min() else { continue };
-        let message = synapse_log::kafka_message_offset(next);
-        let _ = tpl.add_partition_offset(&kafka.log_options(name).changes_topic(), 0, rdkafka::Offset::Offset(message));
+        let position = rdkafka::Offset::Offset(log.kafka_position(next));
+        let _ = tpl.add_partition_offset(&log.options().changes_topic(), 0, position);
     }
     if tpl.count() > 0 {
         if let Err(e) = consumer.commit(&tpl, rdkafka::consumer::CommitMode::Async) {

@@ -13,6 +13,7 @@
 mod common;
 
 use common::{ledger_schema, ledger_workload, spawn_run, terminate, Synapse};
+use rdkafka::consumer::Consumer;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -190,6 +191,29 @@ api:
             std::thread::sleep(Duration::from_millis(100));
         }
         assert_eq!(setup.applied(db), txns, "{db}: each workload transaction bumps the counter once");
+    }
+    // The group's committed offsets follow the appliers: Kafka tooling shows no lag once caught up.
+    let group: rdkafka::consumer::BaseConsumer = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .set("group.id", "synapse.workers")
+        .create()
+        .unwrap();
+    for node in ["a", "c"] {
+        let topic = format!("synapse.{node}.changes");
+        let (_, high) = group.fetch_watermarks(&topic, 0, Duration::from_secs(10)).unwrap();
+        let mut committed = -1;
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while committed != high && Instant::now() < deadline {
+            let mut tpl = rdkafka::TopicPartitionList::new();
+            tpl.add_partition(&topic, 0);
+            let offsets = group.committed_offsets(tpl, Duration::from_secs(10)).unwrap();
+            committed = match offsets.find_partition(&topic, 0).map(|p| p.offset()) {
+                Some(rdkafka::Offset::Offset(o)) => o,
+                _ => -1,
+            };
+            std::thread::sleep(Duration::from_millis(500));
+        }
+        assert_eq!(committed, high, "{topic}: the group's committed offset is not the high watermark");
     }
     terminate(&mut p3);
     for p in ["p1", "p2", "p3"] {

@@ -212,12 +212,6 @@ fn pack(message: i64, index: usize) -> Offset {
     ((message.max(0) as u64) << INDEX_BITS) | index as u64
 }
 
-/// The Kafka offset of the message holding log offset `offset` (for tools that show lag in
-/// Kafka's terms).
-pub fn kafka_message_offset(offset: Offset) -> i64 {
-    unpack(offset).0
-}
-
 /// (Kafka offset of the message, index in it).
 fn unpack(offset: Offset) -> (i64, usize) {
     ((offset >> INDEX_BITS) as i64, (offset & ((1 << INDEX_BITS) - 1)) as usize)
@@ -443,6 +437,28 @@ impl KafkaLog {
         match self.state().last_message {
             Some((k, records)) if k == message && index >= records => pack(k + 1, 0),
             _ => from,
+        }
+    }
+
+    pub fn options(&self) -> &KafkaLogOptions {
+        &self.inner.options
+    }
+
+    /// A reader's position `next` in Kafka's terms: the offset of the next message it has not
+    /// fully read (what a consumer group commits, and lag tools compare with the high watermark).
+    pub fn kafka_position(&self, next: Offset) -> i64 {
+        let (message, index) = unpack(self.normalize(next));
+        if index == 0 {
+            return message;
+        }
+        let state = self.state();
+        let records = match state.records_before.range(message + 1..).next() {
+            Some((_, after)) => state.records_before.get(&message).map(|before| after - before),
+            None => state.last_message.filter(|(k, _)| *k == message).map(|(_, n)| n as u64),
+        };
+        match records {
+            Some(n) if index as u64 >= n => message + 1,
+            _ => message,
         }
     }
 

@@ -20,7 +20,7 @@ mod kafka;
 pub use chosen::SourceLog;
 pub use embedded::{EmbeddedLog, EmbeddedLogOptions};
 pub use error::LogError;
-pub use kafka::{kafka_message_offset, KafkaLog, KafkaLogOptions};
+pub use kafka::{KafkaLog, KafkaLogOptions};
 
 use std::future::Future;
 use std::time::Duration;

@@ -255,6 +255,14 @@ pub struct KafkaConfig {
     /// exactly one member; a member that stops hands its sources over at once, one that dies
     /// after the group's session timeout (`session.timeout.ms` in `properties`, 45 s default).
     pub group: Option<String>,
+    /// Largest Kafka message synapse writes (bytes); a single row change above it stops the
+    /// capture with LOG010. Raise it together with the changes topic's `max.message.bytes`.
+    #[serde(default = "default_max_message_bytes")]
+    pub max_message_bytes: usize,
+}
+
+fn default_max_message_bytes() -> usize {
+    synapse_log::DEFAULT_KAFKA_MAX_MESSAGE_BYTES
 }
 
 /// `log.kafka.public_topics`.
@@ -330,6 +338,7 @@ impl KafkaConfig {
         o.replication_factor = self.replication_factor.unwrap_or(-1);
         o.timeout = std::time::Duration::from_secs_f64(self.request_timeout_secs);
         o.batch_records = self.batch_records;
+        o.max_message_bytes = self.max_message_bytes;
         o.properties = self.properties.0.iter().map(|(k, v)| (k.clone(), v.to_string())).collect();
         o
     }
@@ -374,6 +383,9 @@ impl KafkaConfig {
             if p.partitions.is_some_and(|n| !(1..=10_000).contains(&n)) {
                 return Err(invalid("public_topics.partitions", "must be between 1 and 10000 (or unset)".into()));
             }
+        }
+        if !(10_000..=1_000_000_000).contains(&self.max_message_bytes) {
+            return Err(invalid("max_message_bytes", "must be between 10000 and 1000000000".into()));
         }
         if let Some(g) = &self.group {
             if g.trim().is_empty() || g.len() > 249 || g.chars().any(char::is_control) {
@@ -836,6 +848,10 @@ targets:
         assert!(err("    brokers: k:9092\n    replication_factor: 0\n").contains("log.kafka.replication_factor"));
         let e = err("    brokers: k:9092\n    properties: {sasl.mechanismz: PLAIN}\n");
         assert!(e.contains("log.kafka.properties") && e.contains("sasl.mechanismz"), "{e}");
+        let e = err("    brokers: k:9092\n    group: ''\n");
+        assert!(e.contains("log.kafka.group"), "{e}");
+        assert!(with("    brokers: k:9092\n    group: synapse.workers\n").is_ok());
+        assert!(err("    brokers: k:9092\n    max_message_bytes: 10\n").contains("log.kafka.max_message_bytes"));
         let e = err("    brokers: k:9092\n    public_topics: {tables: [orders]}\n");
         assert!(e.contains("log.kafka.public_topics.tables"), "{e}");
     }

@@ -33,6 +33,8 @@ pub enum LogError {
     Expired { topic: String, offset: Offset },
     #[error("no record of {topic} arrived within the request timeout, below its head (offset {offset})")]
     Stalled { topic: String, offset: Offset },
+    #[error("a change of table {table} takes {bytes} bytes encoded, more than a Kafka message may ({limit} bytes)")]
+    RecordTooLarge { table: String, bytes: usize, limit: usize },
     #[error("Kafka topic {topic} cannot be created")]
     Topic {
         topic: String,
@@ -54,6 +56,7 @@ impl LogError {
             LogError::Gap { .. } => "LOG007",
             LogError::Expired { .. } => "LOG008",
             LogError::Stalled { .. } => "LOG009",
+            LogError::RecordTooLarge { .. } => "LOG010",
         }
     }
 
@@ -110,6 +113,10 @@ impl LogError {
                  synapse.applied, restart)"
             }
             LogError::Stalled { .. } => "check the brokers' health and the partition's leader; synapse retries",
+            LogError::RecordTooLarge { .. } => {
+                "raise log.kafka.max_message_bytes above the size named, and the changes topic's \
+                 max.message.bytes (and the brokers' replica.fetch.max.bytes) with it; restart"
+            }
             LogError::Topic { .. } => {
                 "create the topic yourself (1 partition for <prefix>.<node>.changes, compacted \
                  <prefix>.<node>.consumers) or grant this user CreateTopics"

@@ -3,7 +3,7 @@
 //!
 //! Layout per source node (`prefix` defaults to "synapse"):
 //! * `<prefix>.<node>.changes` — one partition: one Kafka message per append (a capture batch,
-//!   split only past [`MAX_MESSAGE_BYTES`]), so readers see whole transactions in commit order.
+//!   split only past `max_message_bytes`), so readers see whole transactions in commit order.
 //!   Log offset = message offset × 2^20 + the record's index in the message. Each message
 //!   carries its transaction's commit LSN as a header.
 //! * `<prefix>.<node>.consumers` — compacted: consumer name → position (retention's input).
@@ -56,6 +56,9 @@ pub struct KafkaLogOptions {
     /// a batch's base offset + 1 as the high watermark and answers a fetch inside a batch
     /// with the next batch, so records of a multi-record batch are missed.
     pub batch_records: bool,
+    /// Largest message synapse produces: an append is split into messages below it, and one
+    /// record above it is refused (`LOG010`). Keep below the topic's `max.message.bytes`.
+    pub max_message_bytes: usize,
 }
 
 impl KafkaLogOptions {
@@ -68,6 +71,7 @@ impl KafkaLogOptions {
             properties: BTreeMap::new(),
             timeout: Duration::from_secs(10),
             batch_records: true,
+            max_message_bytes: DEFAULT_MAX_MESSAGE_BYTES,
         }
     }
 
@@ -202,10 +206,11 @@ struct Reader {
     leftover: std::collections::VecDeque<(Offset, LogRecord)>,
 }
 
-/// Records per message are below 2^20 ([`MAX_MESSAGE_BYTES`] keeps them far below).
+/// Records per message are below 2^20 (`max_message_bytes` keeps them far below: a record
+/// takes more than 4 bytes).
 const INDEX_BITS: u32 = 20;
 /// A message's records, encoded, stay under the brokers' default `message.max.bytes` (1 MB).
-const MAX_MESSAGE_BYTES: usize = 900_000;
+pub const DEFAULT_MAX_MESSAGE_BYTES: usize = 900_000;
 
 /// The log offset of record `index` of the message at Kafka offset `message`.
 fn pack(message: i64, index: usize) -> Offset {
@@ -225,7 +230,7 @@ fn make_producer(options: &KafkaLogOptions) -> Result<FutureProducer, LogError> 
         .set("compression.type", "lz4")
         .set("linger.ms", "1")
         .set("batch.num.messages", if options.batch_records { "10000" } else { "1" })
-        .set("message.max.bytes", (MAX_MESSAGE_BYTES + 100_000).to_string())
+        .set("message.max.bytes", (options.max_message_bytes + 100_000).to_string())
         .set("message.timeout.ms", (options.timeout.as_millis() * 3).to_string())
         .create()
         .map_err(kafka("creating the producer"))
@@ -484,7 +489,7 @@ impl ChangeLog for KafkaLog {
         let started = std::time::Instant::now();
         let mut txn = self.state().open;
         let mut bytes = 0u64;
-        // One message per append (split only past MAX_MESSAGE_BYTES): an append is atomic,
+        // One message per append (split only past max_message_bytes): an append is atomic,
         // and messages go out one at a time, so no record batch holds two of them.
         let mut chunks: Vec<(std::ops::Range<usize>, Vec<u8>, Option<u64>)> = Vec::new();
         let mut body = Vec::new();
@@ -494,7 +499,22 @@ impl ChangeLog for KafkaLog {
                 txn = Some(b.commit_lsn.0);
             }
             let encoded = postcard::to_stdvec(r).map_err(LogError::Encode)?;
-            if !body.is_empty() && body.len() + encoded.len() > MAX_MESSAGE_BYTES {
+            if encoded.len() > self.inner.options.max_message_bytes {
+                let table = match r {
+                    LogRecord::Change(c) => {
+                        let state = self.state();
+                        let by_oid = || state.relations.iter().find(|(k, _)| k.oid == c.relation.oid).map(|(_, r)| r);
+                        state.relations.get(&c.relation).or_else(by_oid).map(|r| r.name())
+                    }
+                    _ => None,
+                };
+                return Err(LogError::RecordTooLarge {
+                    table: table.unwrap_or_else(|| "-".into()),
+                    bytes: encoded.len(),
+                    limit: self.inner.options.max_message_bytes,
+                });
+            }
+            if !body.is_empty() && body.len() + encoded.len() > self.inner.options.max_message_bytes {
                 chunks.push((start..i, std::mem::take(&mut body), first_txn));
                 (start, first_txn) = (i, txn);
             }

@@ -158,3 +158,37 @@ async fn contract(options: KafkaLogOptions) {
     assert_eq!(log.records_behind(tail[0].0), 3);
     assert_eq!(log.records_behind(t2_offsets[0]), 8, "the 5 of the second transaction, then 3");
 }
+
+/// A row change larger than a Kafka message may be is refused before anything of its append is
+/// written, naming the table and both sizes (definite: it would fail again); the log stays usable.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_record_larger_than_a_message_is_refused_by_table_and_size() {
+    let mock = MockCluster::new(1).unwrap();
+    for topic in ["synapse.n1.changes", "synapse.n1.consumers"] {
+        mock.create_topic(topic, 1, 1).unwrap();
+    }
+    let options =
+        KafkaLogOptions { max_message_bytes: 10_000, ..KafkaLogOptions::new(&mock.bootstrap_servers(), "n1") };
+    let log = KafkaLog::open(options).await.unwrap();
+    let rel = Relation {
+        oid: 5,
+        schema: "public".into(),
+        table: "docs".into(),
+        replica_identity: ReplicaIdentity::Default,
+        columns: vec![],
+    };
+    log.append(vec![LogRecord::Relation(rel)]).await.unwrap();
+    let before = log.next_offset();
+    let mut big = txn(100, 2, 1_000);
+    if let LogRecord::Change(c) = &mut big[2] {
+        c.after = Some(vec![Datum::Text("x".repeat(20_000)), Datum::Null].into());
+    }
+    let e = log.append(big).await.unwrap_err();
+    assert_eq!(e.code(), "LOG010", "{e}");
+    assert!(!e.is_transient(), "{e}");
+    assert!(e.to_string().contains("public.docs") && e.to_string().contains("10000"), "{e}");
+    assert!(e.hint().contains("max_message_bytes"), "{}", e.hint());
+    assert_eq!(log.next_offset(), before, "nothing of the refused append was written");
+    log.append(txn(200, 2, 2_000)).await.unwrap();
+    assert!(log.next_offset() > before);
+}

@@ -28,7 +28,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{mpsc as std_mpsc, Arc};
 use std::time::Duration;
 use synapse_apply::ApplyStats;
-use synapse_log::SourceLog;
+use synapse_log::{KafkaContext, SourceLog};
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinSet;
 
@@ -55,7 +55,15 @@ impl GroupContext {
     }
 }
 
-impl ClientContext for GroupContext {}
+impl ClientContext for GroupContext {
+    fn log(&self, level: rdkafka::config::RDKafkaLogLevel, fac: &str, message: &str) {
+        KafkaContext.log(level, fac, message)
+    }
+
+    fn error(&self, error: rdkafka::error::KafkaError, reason: &str) {
+        KafkaContext.error(error, reason)
+    }
+}
 
 impl ConsumerContext for GroupContext {
     fn pre_rebalance(&self, _: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {

@@ -28,7 +28,7 @@
 use crate::feed::{ChangeFeed, Event, Operation, Selector, SourceInfo, TxnEnd};
 use crate::ConnectorError;
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
-use rdkafka::client::DefaultClientContext;
+use synapse_log::KafkaContext;
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
@@ -73,8 +73,8 @@ pub struct TopicPublisher<L> {
     log: Arc<L>,
     source: SourceInfo,
     options: TopicsOptions,
-    producer: FutureProducer,
-    admin: AdminClient<DefaultClientContext>,
+    producer: FutureProducer<KafkaContext>,
+    admin: AdminClient<KafkaContext>,
     created: HashSet<String>,
 }
 
@@ -91,19 +91,23 @@ struct OpenTxn {
 
 impl<L: ChangeLog> TopicPublisher<L> {
     pub fn new(log: Arc<L>, source: SourceInfo, options: TopicsOptions) -> Result<Self, ConnectorError> {
-        let producer: FutureProducer = options
-            .client
-            .clone()
-            .set("enable.idempotence", "true")
-            .set("acks", "all")
+        // Tunables give way to the configured properties; the delivery guarantees do not.
+        let mut client = ClientConfig::new();
+        client
             .set("compression.type", "lz4")
             .set("linger.ms", "5")
             .set("batch.num.messages", if options.batch_records { "10000" } else { "1" })
             .set("partitioner", "murmur2_random")
-            .set("message.timeout.ms", (options.timeout.as_millis() * 3).to_string())
-            .create()
+            .set("message.timeout.ms", (options.timeout.as_millis() * 3).to_string());
+        for (k, v) in options.client.config_map() {
+            client.set(k, v);
+        }
+        let producer: FutureProducer<KafkaContext> = client
+            .set("enable.idempotence", "true")
+            .set("acks", "all")
+            .create_with_context(KafkaContext)
             .map_err(kafka("creating the producer"))?;
-        let admin = options.client.create().map_err(kafka("creating the admin client"))?;
+        let admin = options.client.create_with_context(KafkaContext).map_err(kafka("creating the admin client"))?;
         Ok(TopicPublisher { log, source, options, producer, admin, created: HashSet::new() })
     }
 
@@ -278,10 +282,10 @@ impl<L: ChangeLog> TopicPublisher<L> {
 
 /// Reads the transaction topic backwards for its last `END` (blocking).
 fn last_end(topic: &str, mut client: ClientConfig, timeout: Duration) -> Result<Option<Cursor>, ConnectorError> {
-    let consumer: BaseConsumer = client
+    let consumer: BaseConsumer<KafkaContext> = client
         .set("group.id", format!("{topic}.reader"))
         .set("enable.auto.commit", "false")
-        .create()
+        .create_with_context(KafkaContext)
         .map_err(kafka("creating a reader"))?;
     let (low, high) =
         consumer.fetch_watermarks(topic, 0, timeout).map_err(kafka("reading the transaction topic's offsets"))?;

@@ -23,7 +23,6 @@
 
 use crate::{ChangeLog, LogError, Offset, Seek, WriterState};
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
-use rdkafka::client::DefaultClientContext;
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer, StreamConsumer};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
@@ -35,6 +34,47 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use synapse_schemas::{Cursor, LogRecord, Lsn, Relation, RelationKey};
 use tokio::sync::watch;
+
+/// The context of every Kafka client synapse creates: librdkafka's logs and global errors go
+/// to `tracing`, a lost or refused broker connection as a warning — librdkafka reconnects by
+/// itself and the component using the client reports its retries — not as an error repeated
+/// for every broker and every client while one is down.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct KafkaContext;
+
+impl rdkafka::ClientContext for KafkaContext {
+    fn log(&self, level: rdkafka::config::RDKafkaLogLevel, fac: &str, message: &str) {
+        use rdkafka::config::RDKafkaLogLevel as L;
+        match level {
+            L::Emerg | L::Alert | L::Critical | L::Error if !matches!(fac, "FAIL" | "ERROR") => {
+                tracing::error!(target: "librdkafka", "{fac} {message}")
+            }
+            L::Emerg | L::Alert | L::Critical | L::Error | L::Warning => {
+                tracing::warn!(target: "librdkafka", "{fac} {message}")
+            }
+            L::Notice | L::Info => tracing::info!(target: "librdkafka", "{fac} {message}"),
+            L::Debug => tracing::debug!(target: "librdkafka", "{fac} {message}"),
+        }
+    }
+
+    fn error(&self, error: KafkaError, reason: &str) {
+        match error.rdkafka_error_code() {
+            Some(
+                RDKafkaErrorCode::BrokerTransportFailure
+                | RDKafkaErrorCode::AllBrokersDown
+                | RDKafkaErrorCode::Resolve
+                | RDKafkaErrorCode::DestroyBroker,
+            ) => tracing::warn!(target: "librdkafka", %error, "{reason}"),
+            _ => tracing::error!(target: "librdkafka", %error, "{reason}"),
+        }
+    }
+}
+
+impl rdkafka::consumer::ConsumerContext for KafkaContext {}
+
+type LogProducer = FutureProducer<KafkaContext>;
+type LogReader = StreamConsumer<KafkaContext>;
+type Meta = BaseConsumer<KafkaContext>;
 
 /// How to reach the brokers and name the topics.
 #[derive(Clone, Debug)]
@@ -77,7 +117,15 @@ impl KafkaLogOptions {
 
     /// The client settings: brokers and every pass-through property.
     pub fn client(&self) -> ClientConfig {
+        self.client_with(&[])
+    }
+
+    /// The client settings over `defaults`: a pass-through property overrides a default.
+    pub fn client_with(&self, defaults: &[(&str, String)]) -> ClientConfig {
         let mut c = ClientConfig::new();
+        for (k, v) in defaults {
+            c.set(*k, v);
+        }
         c.set("bootstrap.servers", &self.brokers);
         for (k, v) in &self.properties {
             c.set(k, v);
@@ -185,9 +233,9 @@ struct Inner {
     topic: String,
     /// Replaced when librdkafka reports a fatal error (an idempotent producer whose epoch
     /// was fenced after a timed-out request never produces again).
-    producer: std::sync::RwLock<FutureProducer>,
+    producer: std::sync::RwLock<LogProducer>,
     /// For watermark queries (made every 100 ms by waiting readers): one client, not one each.
-    meta: Arc<BaseConsumer>,
+    meta: Arc<Meta>,
     /// Readers positioned where the last read ended, reused by the next read from there: the
     /// next log offset, the reader (positioned at the next message) and the records of the
     /// last message that did not fit in that read.
@@ -202,7 +250,7 @@ struct Reader {
     next: Offset,
     /// Kafka offset of the message `consumer` yields next.
     next_message: i64,
-    consumer: StreamConsumer,
+    consumer: LogReader,
     leftover: std::collections::VecDeque<(Offset, LogRecord)>,
 }
 
@@ -222,17 +270,21 @@ fn unpack(offset: Offset) -> (i64, usize) {
     ((offset >> INDEX_BITS) as i64, (offset & ((1 << INDEX_BITS) - 1)) as usize)
 }
 
-fn make_producer(options: &KafkaLogOptions) -> Result<FutureProducer, LogError> {
+fn make_producer(options: &KafkaLogOptions) -> Result<LogProducer, LogError> {
+    // Tunables (compression, batching, timeouts) give way to log.kafka.properties; what the
+    // log's guarantees rest on (idempotence, acks=all, the message size) does not.
+    let tunables = [
+        ("compression.type", "lz4".to_string()),
+        ("linger.ms", "1".to_string()),
+        ("batch.num.messages", if options.batch_records { "10000" } else { "1" }.to_string()),
+        ("message.timeout.ms", (options.timeout.as_millis() * 3).to_string()),
+    ];
     options
-        .client()
+        .client_with(&tunables)
         .set("enable.idempotence", "true")
         .set("acks", "all")
-        .set("compression.type", "lz4")
-        .set("linger.ms", "1")
-        .set("batch.num.messages", if options.batch_records { "10000" } else { "1" })
         .set("message.max.bytes", (options.max_message_bytes + 100_000).to_string())
-        .set("message.timeout.ms", (options.timeout.as_millis() * 3).to_string())
-        .create()
+        .create_with_context(KafkaContext)
         .map_err(kafka("creating the producer"))
 }
 
@@ -250,7 +302,7 @@ fn reader_config(options: &KafkaLogOptions) -> ClientConfig {
 
 /// Which of `topics` the brokers know (a metadata request; nothing is created by it).
 async fn existing_topics(
-    meta: &Arc<BaseConsumer>,
+    meta: &Arc<Meta>,
     topics: &[&str],
     timeout: Duration,
 ) -> Result<Vec<String>, LogError> {
@@ -290,7 +342,7 @@ impl KafkaLog {
     /// Connects, creates the topics if missing, and reads the stream once to index it.
     pub async fn open(options: KafkaLogOptions) -> Result<KafkaLog, LogError> {
         let producer = make_producer(&options)?;
-        let meta: BaseConsumer = reader_config(&options).create().map_err(kafka("creating a reader"))?;
+        let meta: Meta = reader_config(&options).create_with_context(KafkaContext).map_err(kafka("creating a reader"))?;
         let meta = Arc::new(meta);
         let topic = options.changes_topic();
         let consumers_topic = options.consumers_topic();
@@ -305,8 +357,8 @@ impl KafkaLog {
                 .push(NewTopic::new(&consumers_topic, 1, TopicReplication::Fixed(rf)).set("cleanup.policy", "compact"));
         }
         if !wanted.is_empty() {
-            let admin: AdminClient<DefaultClientContext> =
-                options.client().create().map_err(kafka("creating the admin client"))?;
+            let admin: AdminClient<KafkaContext> =
+                options.client().create_with_context(KafkaContext).map_err(kafka("creating the admin client"))?;
             let admin_options = AdminOptions::new().operation_timeout(Some(options.timeout));
             let created = tokio::time::timeout(options.timeout * 2, admin.create_topics(&wanted, &admin_options))
                 .await
@@ -343,7 +395,7 @@ impl KafkaLog {
     }
 
     /// A reader whose next message is the one at Kafka offset `message`.
-    fn reader_at(&self, message: i64) -> Result<StreamConsumer, LogError> {
+    fn reader_at(&self, message: i64) -> Result<LogReader, LogError> {
         let c = self.consumer()?;
         let mut tpl = TopicPartitionList::new();
         tpl.add_partition_offset(&self.inner.topic, 0, rdkafka::Offset::Offset(message))
@@ -352,8 +404,8 @@ impl KafkaLog {
         Ok(c)
     }
 
-    fn consumer(&self) -> Result<StreamConsumer, LogError> {
-        reader_config(&self.inner.options).create().map_err(kafka("creating a reader"))
+    fn consumer(&self) -> Result<LogReader, LogError> {
+        reader_config(&self.inner.options).create_with_context(KafkaContext).map_err(kafka("creating a reader"))
     }
 
     /// (low, high) offsets of partition 0 of `topic`.
@@ -467,7 +519,7 @@ impl KafkaLog {
         }
     }
 
-    fn producer(&self) -> FutureProducer {
+    fn producer(&self) -> LogProducer {
         self.inner.producer.read().unwrap_or_else(std::sync::PoisonError::into_inner).clone()
     }
 

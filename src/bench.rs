@@ -40,6 +40,12 @@ impl KeepDir {
     }
 }
 
+fn parse_property(s: &str) -> Result<(String, String), String> {
+    s.split_once('=')
+        .map(|(k, v)| (k.trim().to_owned(), v.trim().to_owned()))
+        .ok_or_else(|| format!("`{s}` is not key=value"))
+}
+
 /// `synapse bench` options.
 #[derive(clap::Args)]
 pub struct Options {
@@ -70,6 +76,10 @@ pub struct Options {
     /// through a Kafka-protocol broker) together; P2M, P5 and P6 alone.
     #[arg(long, value_delimiter = ',', default_value = "P1,P2,P3,P7,P8,P1k,P2k,P3k,P2M,P5,P6")]
     pub scenarios: Vec<String>,
+    /// P1k/P2k/P3k: a librdkafka property for synapse's Kafka clients (`key=value`, repeatable),
+    /// e.g. `--kafka-property compression.type=zstd` to compare producer settings.
+    #[arg(long = "kafka-property", value_parser = parse_property)]
+    pub kafka_properties: Vec<(String, String)>,
     /// Events captured and delivered in P6.
     #[arg(long, default_value_t = 200_000)]
     pub p6_events: u64,
@@ -379,7 +389,14 @@ async fn run_once(o: &Options, round: usize, kafka: Option<&str>) -> anyhow::Res
             "log:\n  dir: {}\n{}sources:\n  - name: a\n    url: {}\n    tables: [public.bulk, public.oltp, public.huge, public.marker]\ntargets:\n  - name: b\n    url: {}\nops:\n  listen: \"{listen}\"\napi:\n  listen: \"\"\n",
             work.path().join("log").display(),
             // tansu counts offsets per record batch (see log.kafka.batch_records).
-            kafka.map(|b| format!("  kafka:\n    brokers: {b}\n    batch_records: false\n")).unwrap_or_default(),
+            kafka
+                .map(|b| {
+                    let properties: String =
+                        o.kafka_properties.iter().map(|(k, v)| format!("      {k}: '{v}'\n")).collect();
+                    let properties = if properties.is_empty() { properties } else { format!("    properties:\n{properties}") };
+                    format!("  kafka:\n    brokers: {b}\n    batch_records: false\n{properties}")
+                })
+                .unwrap_or_default(),
             src.url("bench"),
             tsyn.url("bench")
         ),

@@ -28,7 +28,6 @@
 use crate::feed::{ChangeFeed, Event, Operation, Selector, SourceInfo, TxnEnd};
 use crate::ConnectorError;
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
-use synapse_log::KafkaContext;
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
@@ -39,6 +38,7 @@ use serde_json::{json, Value};
 use std::collections::{BTreeMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
+use synapse_log::KafkaContext;
 use synapse_log::{ChangeLog, LogError};
 use synapse_schemas::{Cursor, Lsn};
 use tokio::sync::watch;

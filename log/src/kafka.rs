@@ -301,11 +301,7 @@ fn reader_config(options: &KafkaLogOptions) -> ClientConfig {
 }
 
 /// Which of `topics` the brokers know (a metadata request; nothing is created by it).
-async fn existing_topics(
-    meta: &Arc<Meta>,
-    topics: &[&str],
-    timeout: Duration,
-) -> Result<Vec<String>, LogError> {
+async fn existing_topics(meta: &Arc<Meta>, topics: &[&str], timeout: Duration) -> Result<Vec<String>, LogError> {
     let mut found = Vec::new();
     for topic in topics {
         let (meta, name) = (meta.clone(), topic.to_string());
@@ -342,7 +338,8 @@ impl KafkaLog {
     /// Connects, creates the topics if missing, and reads the stream once to index it.
     pub async fn open(options: KafkaLogOptions) -> Result<KafkaLog, LogError> {
         let producer = make_producer(&options)?;
-        let meta: Meta = reader_config(&options).create_with_context(KafkaContext).map_err(kafka("creating a reader"))?;
+        let meta: Meta =
+            reader_config(&options).create_with_context(KafkaContext).map_err(kafka("creating a reader"))?;
         let meta = Arc::new(meta);
         let topic = options.changes_topic();
         let consumers_topic = options.consumers_topic();

@@ -20,7 +20,9 @@ mod kafka;
 pub use chosen::SourceLog;
 pub use embedded::{EmbeddedLog, EmbeddedLogOptions};
 pub use error::LogError;
-pub use kafka::{KafkaContext, KafkaLog, KafkaLogOptions, DEFAULT_MAX_MESSAGE_BYTES as DEFAULT_KAFKA_MAX_MESSAGE_BYTES};
+pub use kafka::{
+    KafkaContext, KafkaLog, KafkaLogOptions, DEFAULT_MAX_MESSAGE_BYTES as DEFAULT_KAFKA_MAX_MESSAGE_BYTES,
+};
 
 use std::future::Future;
 use std::time::Duration;

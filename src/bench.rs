@@ -391,8 +391,16 @@ async fn run_once(o: &Options, round: usize, kafka: Option<&str>) -> anyhow::Res
             // tansu counts offsets per record batch (see log.kafka.batch_records).
             kafka
                 .map(|b| {
-                    let properties: String =
-                        o.kafka_properties.iter().map(|(k, v)| format!("      {k}: '{v}'\n")).collect();
+                    // tansu answers a fetch only when fetch.wait.max.ms (500 ms by default) has
+                    // passed, even when records arrived (Kafka answers at once): a waiting
+                    // reader would be up to 500 ms late. Measured P2k: 8,328 txns/s at the
+                    // default, 31,587 at 5 ms.
+                    let mut props = vec![("fetch.wait.max.ms".to_string(), "5".to_string())];
+                    for (k, v) in &o.kafka_properties {
+                        props.retain(|(d, _)| d != k);
+                        props.push((k.clone(), v.clone()));
+                    }
+                    let properties: String = props.iter().map(|(k, v)| format!("      {k}: '{v}'\n")).collect();
                     let properties = if properties.is_empty() { properties } else { format!("    properties:\n{properties}") };
                     format!("  kafka:\n    brokers: {b}\n    batch_records: false\n{properties}")
                 })

@@ -46,7 +46,8 @@ impl Nodes {
         let path = self.config("");
         let yaml = std::fs::read_to_string(&path).unwrap().replacen(
             "log:\n",
-            &format!("log:\n  kafka:\n    brokers: {brokers}\n    batch_records: false\n    request_timeout_secs: 5\n"),
+            // tansu holds every fetch for fetch.wait.max.ms (see the bench's note).
+            &format!("log:\n  kafka:\n    brokers: {brokers}\n    batch_records: false\n    request_timeout_secs: 5\n    properties:\n      fetch.wait.max.ms: 5\n"),
             1,
         );
         std::fs::write(&path, yaml).unwrap();

@@ -8,6 +8,7 @@ use std::time::Duration;
 use synapse_repair::check::{check, CheckOptions, Report};
 use synapse_repair::fix::{fix, FixNode, FixOptions, FixReport};
 use synapse_repair::node::Node;
+use synapse_repair::one_way::{fix_one_way, OneWayTarget};
 
 /// What to compare, shared by `check` and `fix`.
 #[derive(clap::Args)]
@@ -259,10 +260,12 @@ async fn fix_tables(
     prefer: Option<String>,
 ) -> Result<Vec<(Report, Option<FixReport>)>, FixError> {
     let Some(mesh) = &r.config.mesh else {
-        return Err(FixError::Request(format!(
-            "repair fix resolves rows by the mesh's causality metadata, and {source} has no mesh section; \
-             one-way targets are re-synchronised by a new initial copy (see the README)"
-        )));
+        if prefer.is_some() {
+            return Err(FixError::Request(format!(
+                "--prefer: {source} has no mesh; one-way targets always take their source's rows"
+            )));
+        }
+        return fix_one_way_tables(r, source, dry_run).await;
     };
     if let Some(p) = &prefer {
         if !r.nodes.iter().any(|(n, _)| n == p) {
@@ -304,6 +307,53 @@ async fn fix_tables(
             let keys: Vec<Vec<String>> = report.differing.iter().map(|d| d.key.clone()).collect();
             let options = FixOptions { dry_run, prefer: prefer.clone() };
             Some(fix(&nodes, &info, &policies, &keys, &options).await.map_err(FixError::Repair)?)
+        };
+        out.push((report, fixed));
+    }
+    Ok(out)
+}
+
+/// Without a mesh: the compared nodes must be one source and targets that apply it; each
+/// target is made to hold the source's rows (see `synapse_repair::one_way`).
+async fn fix_one_way_tables(
+    r: &Resolved,
+    source: &str,
+    dry_run: bool,
+) -> Result<Vec<(Report, Option<FixReport>)>, FixError> {
+    let appliers = r.options.appliers.clone().unwrap_or_default();
+    let applies = |target: &str, from: &str| appliers.iter().any(|(s, t)| s == from && t == target);
+    let origin = r.nodes.iter().map(|(n, _)| n).find(|s| r.nodes.iter().all(|(t, _)| t == *s || applies(t, s)));
+    let Some(origin) = origin else {
+        return Err(FixError::Request(format!(
+            "--nodes: without a mesh, repair fix makes targets equal to their source: name one source of {source} \
+             and targets that apply it (these nodes: {})",
+            r.nodes.iter().map(|(n, _)| n.as_str()).collect::<Vec<_>>().join(", ")
+        )));
+    };
+    let mut order = vec![origin.clone()];
+    order.extend(r.nodes.iter().map(|(n, _)| n.clone()).filter(|n| n != origin));
+    let pg = |name: &str| r.nodes.iter().find(|(n, _)| n == name).map(|(_, c)| c.clone());
+    let Some(origin_pg) = pg(origin) else { return Ok(Vec::new()) };
+    let source_node = Node::connect(origin, &origin_pg).await.map_err(FixError::Repair)?;
+    let mut targets = Vec::new();
+    for name in &order[1..] {
+        let Some(c) = pg(name) else { continue };
+        targets.push(OneWayTarget::connect(name, &c).await.map_err(FixError::Repair)?);
+    }
+    let mut out = Vec::new();
+    for table in &r.tables {
+        let mut compared = vec![&source_node];
+        compared.extend(targets.iter().map(|t| &t.node));
+        let report = check(&compared, table, &r.options).await.map_err(FixError::Repair)?;
+        let fixed = if report.differing.is_empty() {
+            None
+        } else {
+            let shape = source_node.describe(table).await.map_err(FixError::Repair)?;
+            Some(
+                fix_one_way(&source_node, &targets, &shape, &report.differing, dry_run)
+                    .await
+                    .map_err(FixError::Repair)?,
+            )
         };
         out.push((report, fixed));
     }

@@ -29,6 +29,7 @@
 pub mod check;
 pub mod fix;
 pub mod node;
+pub mod one_way;
 
 use merkle_light::hash::Algorithm;
 use merkle_light::merkle::MerkleTree;

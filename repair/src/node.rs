@@ -234,6 +234,8 @@ impl Node {
         let (key_hash, index_key_hash) = (key_hash("t."), key_hash(""));
         Ok(Shape {
             name: name.to_owned(),
+            table: format!("{}.{}", quote_ident(schema), quote_ident(table)),
+            key_len: key.len(),
             from: format!("{}.{} t", quote_ident(schema), quote_ident(table)),
             key_text: format!(
                 "ARRAY[{}]::text[]",
@@ -680,28 +682,33 @@ impl Node {
     /// The current rows of `keys` (each the key columns' text), found through the key's index:
     /// row hash by key; absent keys are left out.
     pub async fn rows_by_key(&self, shape: &Shape, keys: &[Key]) -> Result<Rows, RepairError> {
-        let width = keys.first().map_or(0, Vec::len);
-        if width == 0 {
-            return Ok(Rows::new());
+        let rows = self.by_key(shape, keys, &shape.row_hash(), "re-reading differing rows").await?;
+        Ok(rows.into_iter().map(|r| (r.get(0), r.get(1))).collect())
+    }
+
+    /// The current rows of `keys` as JSON objects (`row_to_json`: every column by name, in a
+    /// form `json_populate_record` reads back exactly); absent keys are left out.
+    pub async fn rows_json(&self, shape: &Shape, keys: &[Key]) -> Result<BTreeMap<Key, String>, RepairError> {
+        let rows = self.by_key(shape, keys, "row_to_json(t.*)::text", "reading rows to copy").await?;
+        Ok(rows.into_iter().map(|r| (r.get(0), r.get(1))).collect())
+    }
+
+    /// `SELECT key, <what>` for the rows of `keys`, found through the key's index.
+    async fn by_key(
+        &self,
+        shape: &Shape,
+        keys: &[Key],
+        what: &str,
+        context: &str,
+    ) -> Result<Vec<tokio_postgres::Row>, RepairError> {
+        if keys.first().is_none_or(Vec::is_empty) {
+            return Ok(Vec::new());
         }
-        let sql = format!(
-            "SELECT {key}, {hash} FROM {from} JOIN unnest({params}) AS u({aliases}) ON {cond}",
-            key = shape.key_text,
-            hash = shape.row_hash(),
-            from = shape.from,
-            params = (1..=width).map(|i| format!("${i}::text[]")).collect::<Vec<_>>().join(", "),
-            aliases = (0..width).map(|i| format!("k{i}")).collect::<Vec<_>>().join(", "),
-            cond = shape.key_match,
-        );
-        let columns: Vec<Vec<&str>> =
-            (0..width).map(|i| keys.iter().map(|k| k.get(i).map_or("", String::as_str)).collect()).collect();
+        let (join, columns) = shape.key_join(keys);
+        let sql = format!("SELECT {key}, {what} FROM {from} {join}", key = shape.key_text, from = shape.from);
         let params: Vec<&(dyn tokio_postgres::types::ToSql + Sync)> =
             columns.iter().map(|c| c as &(dyn tokio_postgres::types::ToSql + Sync)).collect();
-        let rows = self
-            .rows(&sql, &params)
-            .await
-            .map_err(self.fail(format!("re-reading differing rows of {}", shape.name)))?;
-        Ok(rows.into_iter().map(|r| (r.get(0), r.get(1))).collect())
+        self.rows(&sql, &params).await.map_err(self.fail(format!("{context} of {}", shape.name)))
     }
 
     /// Writes a cut marker into this node's WAL (a transactional logical message, so its
@@ -833,6 +840,10 @@ pub type Rows = BTreeMap<Key, i64>;
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Shape {
     pub name: String,
+    /// `"schema"."table"`.
+    pub table: String,
+    /// How many of `columns` (the first ones) form the primary key.
+    pub key_len: usize,
     /// Every column, key first: two nodes are compared only if these agree.
     pub columns: Vec<String>,
     from: String,
@@ -848,6 +859,28 @@ pub struct Shape {
 }
 
 impl Shape {
+    /// `JOIN unnest($1::text[], …) AS u(k0, …) ON <key match>` and its parameters: one text
+    /// array per key column.
+    pub(crate) fn key_join<'k>(&self, keys: &'k [Key]) -> (String, Vec<Vec<&'k str>>) {
+        let width = self.key_len;
+        let join = format!(
+            "JOIN unnest({params}) AS u({aliases}) ON {cond}",
+            params = (1..=width).map(|i| format!("${i}::text[]")).collect::<Vec<_>>().join(", "),
+            aliases = (0..width).map(|i| format!("k{i}")).collect::<Vec<_>>().join(", "),
+            cond = self.key_match,
+        );
+        let columns = (0..width).map(|i| keys.iter().map(|k| k.get(i).map_or("", String::as_str)).collect()).collect();
+        (join, columns)
+    }
+
+    pub(crate) fn key_text(&self) -> &str {
+        &self.key_text
+    }
+
+    pub(crate) fn from(&self) -> &str {
+        &self.from
+    }
+
     /// The top `bits` bits of the key's hash (`>>` on int8 keeps the sign: masked).
     fn bucket(&self, bits: u8) -> String {
         format!("(({} >> {}) & {})", self.key_hash, 64 - u32::from(bits), (1u64 << bits) - 1)

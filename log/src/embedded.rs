@@ -353,10 +353,13 @@ impl ChangeLog for EmbeddedLog {
             let records = tx.open_table(RECORDS).map_err(write_err)?;
             let txns = tx.open_table(TXNS).map_err(write_err)?;
             let meta = tx.open_table(META).map_err(write_err)?;
+            // The head as of this read transaction, not the live one: an append committed
+            // since would otherwise put a seek on an empty tail past a transaction it never saw.
+            let head = meta.get(NEXT_OFFSET).map_err(write_err)?.map(|v| v.value()).unwrap_or(0);
             // Everything below the first stored chunk is gone.
             let first = match records.first().map_err(write_err)? {
                 Some((k, _)) => k.value(),
-                None => *inner.head.borrow(),
+                None => head,
             };
             let mut oldest = None;
             for item in txns.iter().map_err(write_err)? {
@@ -394,7 +397,7 @@ impl ChangeLog for EmbeddedLog {
                         gone
                     }
                 }
-                None => Seek::At(*inner.head.borrow()),
+                None => Seek::At(head),
             })
         })
         .await

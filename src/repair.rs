@@ -92,7 +92,7 @@ fn plan(
     for t in &config.targets {
         add(&t.name, &t.url)?;
     }
-    let names: Vec<String> = if nodes.is_empty() {
+    let mut names: Vec<String> = if nodes.is_empty() {
         match &config.mesh {
             Some(m) => m.nodes.iter().map(|n| n.name.clone()).collect(),
             None => known.iter().map(|(n, _)| n.clone()).collect(),
@@ -100,6 +100,13 @@ fn plan(
     } else {
         nodes.to_vec()
     };
+    // Hub-and-spoke: spokes exchange changes only through the hub, so the cut must pass
+    // through it (and the hub holds the same rows: comparing it too costs one more scan).
+    let hub = config.mesh.as_ref().and_then(|m| m.hub.clone());
+    if let Some(h) = hub.as_ref().filter(|h| names.len() >= 2 && !names.contains(h)) {
+        eprintln!("note: comparing hub {h} too: the spokes' changes in flight travel through it");
+        names.push(h.clone());
+    }
     if names.len() < 2 {
         anyhow::bail!("--nodes: name at least two nodes of the configuration to compare");
     }
@@ -148,7 +155,8 @@ fn plan(
     }
     // Rows of differing buckets are remembered next to the log, per table.
     let cache_dir = Some(config.log.dir.join("repair-cache"));
-    let options = CheckOptions { bits, cut_timeout, appliers: Some(appliers), cache_dir };
+    let cut_rounds = if hub.is_some() { 2 } else { 1 };
+    let options = CheckOptions { bits, cut_timeout, appliers: Some(appliers), cache_dir, cut_rounds };
     Ok(Resolved { config, nodes, tables, options })
 }
 

@@ -36,6 +36,10 @@ pub struct CheckOptions {
     /// for (unless no applier ever ran on its node). `None`: those whose positions the nodes
     /// store.
     pub appliers: Option<Vec<(String, String)>>,
+    /// Rounds of the cut: the longest path a change takes between the nodes, in applier hops.
+    /// 1 for a full mesh or one-way replication; 2 for hub-and-spoke, where a spoke's change
+    /// reaches the other spokes through the hub (see `wait_for_cut`).
+    pub cut_rounds: u8,
 }
 
 /// How one key differs between the nodes.
@@ -281,7 +285,7 @@ async fn compare(
     let mut now = snapshot.clone();
     if let Some(timeout) = cut_timeout {
         let started = Instant::now();
-        cut = wait_for_cut(nodes, options.appliers.as_deref(), timeout, positions).await?;
+        cut = wait_for_cut(nodes, options.appliers.as_deref(), timeout, options.cut_rounds, positions).await?;
         cut_ms = started.elapsed().as_millis() as u64;
         now = try_join_all(nodes.iter().zip(shapes).map(|(n, s)| n.rows_by_key(s, &candidates))).await?;
         tracing::debug!(table, cut_ms, reread_ms = started.elapsed().as_millis() as u64, "cut");
@@ -361,7 +365,36 @@ fn describe_key(names: &[String], rows: &[Rows], key: &Key) -> KeyDiff {
 /// has applied past that node's marker. Returns the appliers waited for (none, and no marker
 /// written, when no applier links the nodes). `positions`: each node's applied positions, read
 /// after the snapshot.
+///
+/// With `rounds` > 1 it marks and waits again: a change that travels two hops (spoke → hub →
+/// spoke) was applied on the hub before the first round ended, but possibly after the hub's
+/// first marker; the hub's second marker is after it, so the second round delivers it.
 async fn wait_for_cut(
+    nodes: &[&Node],
+    appliers: Option<&[(String, String)]>,
+    timeout: Duration,
+    rounds: u8,
+    positions: Vec<Option<Vec<(String, Lsn)>>>,
+) -> Result<Vec<String>, RepairError> {
+    let started = Instant::now();
+    let mut waited = Vec::new();
+    let mut positions = Some(positions);
+    for _ in 0..rounds.max(1) {
+        let positions = match positions.take() {
+            Some(p) => p,
+            None => try_join_all(nodes.iter().map(|n| n.applied())).await?,
+        };
+        let left = timeout.saturating_sub(started.elapsed());
+        waited = cut_round(nodes, appliers, left, positions).await?;
+        if waited.is_empty() {
+            break;
+        }
+    }
+    Ok(waited)
+}
+
+/// One round of [`wait_for_cut`].
+async fn cut_round(
     nodes: &[&Node],
     appliers: Option<&[(String, String)]>,
     timeout: Duration,

@@ -39,7 +39,13 @@ fn cluster() -> LocalCluster {
 
 /// Nodes that run no pipeline: nothing is in flight, no cut to wait for.
 fn at(bits: u8) -> CheckOptions {
-    CheckOptions { bits, cut_timeout: Some(std::time::Duration::from_secs(5)), appliers: None, cache_dir: None }
+    CheckOptions {
+        bits,
+        cut_timeout: Some(std::time::Duration::from_secs(5)),
+        appliers: None,
+        cache_dir: None,
+        cut_rounds: 1,
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -7,7 +7,7 @@
 
 mod common;
 
-use common::{spawn_run, synapse, Nodes};
+use common::{spawn_run, synapse, Nodes, SyncClient};
 use serde_json::Value;
 use std::collections::BTreeSet;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -58,7 +58,7 @@ fn fix_makes_a_diverged_one_way_target_equal_to_its_source_while_the_stream_runs
     let load = {
         let (stop, url) = (stop.clone(), nodes.source.url("app"));
         std::thread::spawn(move || {
-            let mut c = postgres_client(&url);
+            let mut c = SyncClient::connect(&url);
             let mut n = 0i64;
             while !stop.load(Ordering::Relaxed) {
                 let id = 1000 + n % 1000;
@@ -135,34 +135,4 @@ fn fix_makes_a_diverged_one_way_target_equal_to_its_source_while_the_stream_runs
     assert!(!out.status.success() && text.contains("--prefer"), "{text}");
     let text = std::fs::read_to_string(&log).unwrap();
     assert!(!text.contains("panicked"), "synapse panicked:\n{text}");
-}
-
-fn postgres_client(url: &str) -> SyncClient {
-    SyncClient::connect(url)
-}
-
-/// A blocking client on a current-thread runtime (the workload thread's own).
-struct SyncClient {
-    rt: tokio::runtime::Runtime,
-    client: tokio_postgres::Client,
-}
-
-impl SyncClient {
-    fn connect(url: &str) -> SyncClient {
-        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
-        let client = rt.block_on(async {
-            let (client, conn) = tokio_postgres::connect(url, tokio_postgres::NoTls).await.unwrap();
-            tokio::spawn(conn);
-            client
-        });
-        SyncClient { rt, client }
-    }
-
-    fn execute(
-        &mut self,
-        sql: &str,
-        params: &[&(dyn tokio_postgres::types::ToSql + Sync)],
-    ) -> Result<u64, tokio_postgres::Error> {
-        self.rt.block_on(self.client.execute(sql, params))
-    }
 }

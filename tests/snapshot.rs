@@ -5,7 +5,7 @@
 
 mod common;
 
-use common::{spawn_run, Nodes};
+use common::{spawn_run, Nodes, SyncClient};
 use std::collections::BTreeSet;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -46,7 +46,7 @@ fn snapshot_then_changes_have_no_gap_and_no_duplicate() {
     let writer = {
         let (stop, url) = (stop.clone(), nodes.source.url("app"));
         std::thread::spawn(move || {
-            let mut c = postgres_client(&url);
+            let mut c = SyncClient::connect(&url);
             let mut id = 100_000i64;
             while !stop.load(Ordering::Relaxed) {
                 c.batch_execute(&format!("INSERT INTO items VALUES ({id}, 1), ({}, 1)", id + 1)).unwrap();
@@ -113,30 +113,4 @@ fn snapshot_then_changes_have_no_gap_and_no_duplicate() {
     assert_eq!(r.status(), 400);
     child.kill().unwrap();
     child.wait().unwrap();
-}
-
-fn postgres_client(url: &str) -> SyncClient {
-    SyncClient::connect(url)
-}
-
-/// A tiny blocking wrapper: the test's writer runs on its own thread.
-struct SyncClient {
-    rt: tokio::runtime::Runtime,
-    client: tokio_postgres::Client,
-}
-
-impl SyncClient {
-    fn connect(url: &str) -> Self {
-        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
-        let client = rt.block_on(async {
-            let (c, conn) = tokio_postgres::connect(url, tokio_postgres::NoTls).await.unwrap();
-            tokio::spawn(conn);
-            c
-        });
-        SyncClient { rt, client }
-    }
-
-    fn batch_execute(&mut self, sql: &str) -> Result<(), tokio_postgres::Error> {
-        self.rt.block_on(self.client.batch_execute(sql))
-    }
 }

@@ -205,3 +205,33 @@ pub fn terminate(child: &mut Child) -> std::process::ExitStatus {
         std::thread::sleep(Duration::from_millis(100));
     }
 }
+
+/// A blocking PostgreSQL client for a test's writer thread (a current-thread runtime of its own).
+pub struct SyncClient {
+    rt: tokio::runtime::Runtime,
+    client: tokio_postgres::Client,
+}
+
+impl SyncClient {
+    pub fn connect(url: &str) -> SyncClient {
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        let client = rt.block_on(async {
+            let (c, conn) = tokio_postgres::connect(url, tokio_postgres::NoTls).await.unwrap();
+            tokio::spawn(conn);
+            c
+        });
+        SyncClient { rt, client }
+    }
+
+    pub fn batch_execute(&mut self, sql: &str) -> Result<(), tokio_postgres::Error> {
+        self.rt.block_on(self.client.batch_execute(sql))
+    }
+
+    pub fn execute(
+        &mut self,
+        sql: &str,
+        params: &[&(dyn tokio_postgres::types::ToSql + Sync)],
+    ) -> Result<u64, tokio_postgres::Error> {
+        self.rt.block_on(self.client.execute(sql, params))
+    }
+}

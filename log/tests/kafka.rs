@@ -5,6 +5,7 @@ mod common;
 
 use common::{contract, txn};
 use rdkafka::mocking::MockCluster;
+use std::sync::Arc;
 use std::time::Duration;
 use synapse_localpg::LocalBroker;
 use synapse_log::{ChangeLog, KafkaLog, KafkaLogOptions};
@@ -92,4 +93,69 @@ async fn a_record_larger_than_a_message_is_refused_by_table_and_size() {
     assert_eq!(log.next_offset(), before, "nothing of the refused append was written");
     log.append(txn(200, 2, 2_000)).await.unwrap();
     assert!(log.next_offset() > before);
+}
+
+/// TLS, as `log.kafka.properties` configures it for a real cluster: the broker reached through
+/// a TLS endpoint with a certificate signed by a private CA (a rustls proxy in front of tansu,
+/// which advertises the proxy: tansu 0.6 cannot serve TLS itself). With the CA the log contract
+/// holds over TLS; without it the broker is not trusted and `open` fails with a classified,
+/// retried error.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_log_contract_holds_over_tls_and_an_untrusted_broker_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca_key = rcgen::KeyPair::generate().unwrap();
+    let mut ca = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    ca.distinguished_name.push(rcgen::DnType::CommonName, "synapse test CA");
+    let ca = ca.self_signed(&ca_key).unwrap();
+    let key = rcgen::KeyPair::generate().unwrap();
+    let mut server = rcgen::CertificateParams::new(vec!["localhost".to_string()]).unwrap();
+    server.subject_alt_names.push(rcgen::SanType::IpAddress("127.0.0.1".parse().unwrap()));
+    let server = server.signed_by(&key, &ca, &ca_key).unwrap();
+    let ca_pem = dir.path().join("ca.pem");
+    std::fs::write(&ca_pem, ca.pem()).unwrap();
+
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let front = listener.local_addr().unwrap().to_string();
+    let b = LocalBroker::start_behind(&front).unwrap();
+    let tls = tokio_rustls::rustls::ServerConfig::builder_with_provider(Arc::new(
+        tokio_rustls::rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_no_client_auth()
+    .with_single_cert(
+        vec![server.der().clone()],
+        tokio_rustls::rustls::pki_types::PrivateKeyDer::Pkcs8(key.serialize_der().into()),
+    )
+    .unwrap();
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(tls));
+    let backend = b.addr().to_string();
+    tokio::spawn(async move {
+        while let Ok((socket, _)) = listener.accept().await {
+            let (acceptor, backend) = (acceptor.clone(), backend.clone());
+            tokio::spawn(async move {
+                let Ok(mut client) = acceptor.accept(socket).await else { return };
+                let Ok(mut broker) = tokio::net::TcpStream::connect(&backend).await else { return };
+                let _ = tokio::io::copy_bidirectional(&mut client, &mut broker).await;
+            });
+        }
+    });
+    let options = |ca: Option<&std::path::Path>| {
+        let mut o = KafkaLogOptions { batch_records: false, ..KafkaLogOptions::new(&front, "n1") };
+        o.properties.insert("security.protocol".into(), "ssl".into());
+        o.properties.insert("fetch.wait.max.ms".into(), "5".into());
+        if let Some(ca) = ca {
+            o.properties.insert("ssl.ca.location".into(), ca.display().to_string());
+        }
+        o
+    };
+
+    let untrusted = KafkaLogOptions { timeout: Duration::from_secs(2), ..options(None) };
+    let e = KafkaLog::open(untrusted).await.err().expect("a broker signed by an unknown CA must be refused");
+    assert_eq!(e.code(), "LOG005", "{e}");
+    assert!(e.is_transient(), "{e}");
+
+    let trusted = options(Some(&ca_pem));
+    contract(|| async { KafkaLog::open(trusted.clone()).await.unwrap() }, true).await;
 }

@@ -18,6 +18,17 @@ impl LocalBroker {
     /// Installs tansu if missing (`scripts/ensure-tansu.sh`, or `SYNAPSE_TANSU` names the binary)
     /// and starts a broker, returning once it accepts connections.
     pub fn start() -> Result<LocalBroker, LocalPgError> {
+        LocalBroker::start_with(None)
+    }
+
+    /// [`LocalBroker::start`], telling clients to connect to `advertised` (`host:port`) instead
+    /// of the broker's own address: a proxy in front of it (tansu 0.6 cannot serve TLS itself:
+    /// its `--cert` and `--key` options exclude each other).
+    pub fn start_behind(advertised: &str) -> Result<LocalBroker, LocalPgError> {
+        LocalBroker::start_with(Some(advertised))
+    }
+
+    fn start_with(advertised: Option<&str>) -> Result<LocalBroker, LocalPgError> {
         let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../scripts/ensure-tansu.sh");
         let command = format!("bash {}", script.display());
         let out = Command::new("bash")
@@ -34,8 +45,9 @@ impl LocalBroker {
             .map_err(|source| LocalPgError::Io { path: "127.0.0.1:0".into(), source })?
             .port();
         let url = format!("tcp://127.0.0.1:{port}");
+        let advertised = advertised.map_or_else(|| url.clone(), |a| format!("tcp://{a}"));
         let child = Command::new(&bin)
-            .args(["broker", "--listener-url", &url, "--advertised-listener-url", &url])
+            .args(["broker", "--listener-url", &url, "--advertised-listener-url", &advertised])
             .args(["--storage-engine", "memory://tansu/"])
             .stdout(Stdio::null())
             .stderr(Stdio::null())

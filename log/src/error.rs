@@ -35,7 +35,7 @@ pub enum LogError {
     Stalled { topic: String, offset: Offset },
     #[error("a change of table {table} takes {bytes} bytes encoded, more than a Kafka message may ({limit} bytes)")]
     RecordTooLarge { table: String, bytes: usize, limit: usize },
-    #[error("Kafka topic {topic} cannot be created")]
+    #[error("Kafka topic {topic} cannot be used or created")]
     Topic {
         topic: String,
         #[source]
@@ -118,8 +118,9 @@ impl LogError {
                  max.message.bytes (and the brokers' replica.fetch.max.bytes) with it; restart"
             }
             LogError::Topic { .. } => {
-                "create the topic yourself (1 partition for <prefix>.<node>.changes, compacted \
-                 <prefix>.<node>.consumers) or grant this user CreateTopics"
+                "grant this user Describe, Read and Write on the topic (ACLs), and CreateTopics if \
+                 synapse should create it — or create it yourself: 1 partition for \
+                 <prefix>.<node>.changes, compacted <prefix>.<node>.consumers"
             }
         }
     }

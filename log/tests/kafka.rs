@@ -49,6 +49,22 @@ async fn missing_topics_and_unreachable_brokers_are_reported_by_name() {
     assert!(e.to_string().contains("synapse.n1.changes"), "{e}");
     assert!(e.hint().contains("CreateTopics"), "{}", e.hint());
 
+    // A topic this user may not see: definite (retrying does not grant rights), named.
+    mock.create_topic("synapse.n1.changes", 1, 1).unwrap();
+    mock.create_topic("synapse.n1.consumers", 1, 1).unwrap();
+    mock.topic_error(
+        "synapse.n1.changes",
+        rdkafka::types::RDKafkaRespErr::RD_KAFKA_RESP_ERR_TOPIC_AUTHORIZATION_FAILED,
+    )
+    .unwrap();
+    let options =
+        KafkaLogOptions { timeout: Duration::from_secs(2), ..KafkaLogOptions::new(&mock.bootstrap_servers(), "n1") };
+    let e = KafkaLog::open(options).await.err().expect("an unauthorized topic must fail");
+    assert_eq!(e.code(), "LOG006", "{e}");
+    assert!(!e.is_transient(), "{e}");
+    assert!(e.to_string().contains("synapse.n1.changes"), "{e}");
+    assert!(e.hint().contains("ACLs"), "{}", e.hint());
+
     // A port nothing listens on.
     let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
     let options =

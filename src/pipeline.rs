@@ -1,7 +1,9 @@
 //! Wires the stages together for `synapse run` and `synapse quickstart`: per source a capture
-//! into its own stream of the configured log (embedded, or Kafka with `log.kafka`); per (target, source) an initial copy and an applier. Holds no
-//! processing logic of its own, only supervision: transient errors retry with backoff, a
-//! definite error stops the pipeline with its code and hint.
+//! into its own stream of the configured log (embedded, or Kafka with `log.kafka`); per
+//! (target, source) an initial copy and an applier (`start_source`). With `log.kafka.group` the
+//! sources are started and stopped as the consumer group assigns them to this process
+//! (`source_group`). Holds no processing logic of its own, only supervision: transient errors
+//! retry with backoff, a definite error stops the pipeline with its code and hint.
 
 use crate::config::{Config, SourceConfig, TargetConfig};
 use crate::ops::{ComponentState, Health};

@@ -316,6 +316,14 @@ pub async fn start(config: &Config, health: Arc<Health>, shutdown: watch::Receiv
     match config.log.kafka.as_ref().and_then(|k| k.group.clone()) {
         // Sources are shared with the other members of the group: each runs in one of them.
         Some(group) => {
+            if !config.webhooks.is_empty() || !config.api.listen.is_empty() {
+                // Their positions live in this process's connectors.redb, not in the group.
+                tracing::warn!(
+                    %group,
+                    "webhooks and the streaming API are not shared by the consumer group: every member \
+                     running them delivers on its own; configure them on one member only"
+                );
+            }
             running.tasks.spawn(crate::source_group::run(Arc::new(shared), group, shutdown.clone()));
         }
         None => {

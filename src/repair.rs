@@ -330,23 +330,18 @@ async fn fix_one_way_tables(
 ) -> Result<Vec<(Report, Option<FixReport>)>, FixError> {
     let appliers = r.options.appliers.clone().unwrap_or_default();
     let applies = |target: &str, from: &str| appliers.iter().any(|(s, t)| s == from && t == target);
-    let origin = r.nodes.iter().map(|(n, _)| n).find(|s| r.nodes.iter().all(|(t, _)| t == *s || applies(t, s)));
-    let Some(origin) = origin else {
+    let origin = r.nodes.iter().find(|(s, _)| r.nodes.iter().all(|(t, _)| t == s || applies(t, s)));
+    let Some((origin, origin_pg)) = origin else {
         return Err(FixError::Request(format!(
             "--nodes: without a mesh, repair fix makes targets equal to their source: name one source of {source} \
              and targets that apply it (these nodes: {})",
             r.nodes.iter().map(|(n, _)| n.as_str()).collect::<Vec<_>>().join(", ")
         )));
     };
-    let mut order = vec![origin.clone()];
-    order.extend(r.nodes.iter().map(|(n, _)| n.clone()).filter(|n| n != origin));
-    let pg = |name: &str| r.nodes.iter().find(|(n, _)| n == name).map(|(_, c)| c.clone());
-    let Some(origin_pg) = pg(origin) else { return Ok(Vec::new()) };
-    let source_node = Node::connect(origin, &origin_pg).await.map_err(FixError::Repair)?;
+    let source_node = Node::connect(origin, origin_pg).await.map_err(FixError::Repair)?;
     let mut targets = Vec::new();
-    for name in &order[1..] {
-        let Some(c) = pg(name) else { continue };
-        targets.push(OneWayTarget::connect(name, &c).await.map_err(FixError::Repair)?);
+    for (name, pg) in r.nodes.iter().filter(|(n, _)| n != origin) {
+        targets.push(OneWayTarget::connect(name, pg).await.map_err(FixError::Repair)?);
     }
     let mut out = Vec::new();
     for table in &r.tables {

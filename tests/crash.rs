@@ -50,12 +50,7 @@ fn kill_nine_at_random_points(nodes: &Nodes, config: &std::path::Path) {
     }
     // Let one run finish the copy, then 20 kills at random points of streaming.
     let mut child = spawn_run(&config, &log);
-    let ready = "SELECT count(*) FROM synapse.table_sync WHERE state = 'ready'";
-    let deadline = std::time::Instant::now() + Duration::from_secs(120);
-    while nodes.target.psql("app", ready).unwrap_or_default() != "2" {
-        assert!(std::time::Instant::now() < deadline, "initial copy never finished");
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    nodes.wait_copied(2, Duration::from_secs(120), &log);
     kill_after(&mut child, rng.gen_range(0..500));
     for _ in 0..20 {
         kill_after(&mut spawn_run(&config, &log), rng.gen_range(100..1500));

@@ -8,7 +8,7 @@
 
 mod common;
 
-use common::{ledger_schema, ledger_workload, spawn_run, Nodes};
+use common::{ledger_schema, ledger_workload, log_tail, spawn_run, Nodes};
 use rdkafka::mocking::MockCluster;
 use rdkafka::types::{RDKafkaApiKey, RDKafkaRespErr};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -45,19 +45,14 @@ fn broker_faults_mid_stream_lose_and_duplicate_nothing() {
     // not find its records deleted.
     let load = ledger_workload(nodes.source.url("app"), 200, stop.clone(), done.clone());
     let mut child = spawn_run(&config, &log);
-    let ready = "SELECT count(*) FROM synapse.table_sync WHERE state = 'ready'";
-    let deadline = Instant::now() + Duration::from_secs(120);
-    while nodes.target.psql("app", ready).unwrap_or_default() != "2" {
-        assert!(Instant::now() < deadline, "initial copy never finished:\n{}", tail(&log));
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    nodes.wait_copied(2, Duration::from_secs(120), &log);
     let applied = || nodes.target.psql("app", "SELECT n FROM counters").unwrap().parse::<u64>().unwrap();
     // Each phase must let the stream move on afterwards: a fault that wedges it fails here.
     let progressed = |phase: &str| {
         let before = applied();
         let deadline = Instant::now() + Duration::from_secs(60);
         while applied() < before + 20 {
-            assert!(Instant::now() < deadline, "the stream did not resume after {phase}:\n{}", tail(&log));
+            assert!(Instant::now() < deadline, "the stream did not resume after {phase}:\n{}", log_tail(&log));
             std::thread::sleep(Duration::from_millis(100));
         }
     };
@@ -122,7 +117,7 @@ fn broker_faults_mid_stream_lose_and_duplicate_nothing() {
     if let Err(e) =
         synapse_localpg::wait_until_equal(&nodes.source, &nodes.target, "app", rows, Duration::from_secs(120))
     {
-        panic!("{e}\n{}", tail(&log));
+        panic!("{e}\n{}", log_tail(&log));
     }
     let deadline = Instant::now() + Duration::from_secs(30);
     while applied() < txns && Instant::now() < deadline {
@@ -137,11 +132,5 @@ fn broker_faults_mid_stream_lose_and_duplicate_nothing() {
     }
     assert!(!text.contains("panicked"), "synapse panicked:\n{text}");
     // The long outage was seen and retried, not slept through.
-    assert!(text.contains("retrying"), "no retry was reported during the outage:\n{}", tail(&log));
-}
-
-fn tail(log: &std::path::Path) -> String {
-    let text = std::fs::read_to_string(log).unwrap_or_default();
-    let lines: Vec<&str> = text.lines().rev().take(60).collect();
-    format!("last lines of synapse's log (newest first):\n{}", lines.join("\n"))
+    assert!(text.contains("retrying"), "no retry was reported during the outage:\n{}", log_tail(&log));
 }

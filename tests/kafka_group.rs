@@ -12,7 +12,7 @@
 
 mod common;
 
-use common::{ledger_schema, ledger_workload, spawn_run, terminate, Synapse};
+use common::{ledger_schema, ledger_workload, log_tail, spawn_run, terminate, Synapse};
 use rdkafka::consumer::Consumer;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
@@ -43,7 +43,7 @@ impl Setup {
         let deadline = Instant::now() + Duration::from_secs(90);
         while DBS.iter().zip(&before).any(|(d, b)| self.applied(d) < b + 20) {
             if Instant::now() > deadline {
-                let tails: Vec<String> = logs.iter().map(|p| tail(&self.log(p))).collect();
+                let tails: Vec<String> = logs.iter().map(|p| log_tail(&self.log(p))).collect();
                 panic!("replication stalled after {phase}:\n{}", tails.join("\n"));
             }
             std::thread::sleep(Duration::from_millis(200));
@@ -64,7 +64,7 @@ fn wait_for(what: &str, setup: &Setup, logs: &[&str], mut ok: impl FnMut() -> bo
     let deadline = Instant::now() + Duration::from_secs(90);
     while !ok() {
         if Instant::now() > deadline {
-            let tails: Vec<String> = logs.iter().map(|p| tail(&setup.log(p))).collect();
+            let tails: Vec<String> = logs.iter().map(|p| log_tail(&setup.log(p))).collect();
             panic!("{what} did not happen:\n{}", tails.join("\n"));
         }
         std::thread::sleep(Duration::from_millis(200));
@@ -183,7 +183,7 @@ api:
         if let Err(e) =
             synapse_localpg::wait_until_equal(&setup.source, &setup.target, db, rows, Duration::from_secs(120))
         {
-            panic!("{db}: {e}\n{}", tail(&setup.log("p3")));
+            panic!("{db}: {e}\n{}", log_tail(&setup.log("p3")));
         }
         let txns = n.load(Ordering::Relaxed);
         let deadline = Instant::now() + Duration::from_secs(30);
@@ -220,10 +220,4 @@ api:
         let text = std::fs::read_to_string(setup.log(p)).unwrap_or_default();
         assert!(!text.contains("panicked"), "{p} panicked:\n{text}");
     }
-}
-
-fn tail(log: &std::path::Path) -> String {
-    let text = std::fs::read_to_string(log).unwrap_or_default();
-    let lines: Vec<&str> = text.lines().rev().take(80).collect();
-    format!("last lines of {} (newest first):\n{}", log.display(), lines.join("\n"))
 }

@@ -107,12 +107,7 @@ fn public_topics_follow_the_published_contract_through_a_crash() {
 
     let mut child = spawn_run(&config, &log);
     // Every workload transaction goes through the stream (none into the initial copy).
-    let ready = "SELECT count(*) FROM synapse.table_sync WHERE state = 'ready'";
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while nodes.target.psql("app", ready).unwrap_or_default() != "2" {
-        assert!(Instant::now() < deadline, "initial copy never finished");
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    nodes.wait_copied(2, Duration::from_secs(60), &log);
     workload(&url, 10, 150);
     std::thread::sleep(Duration::from_millis(700));
     child.kill().unwrap(); // SIGKILL, mid-stream

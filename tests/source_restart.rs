@@ -15,12 +15,7 @@ fn source_crash_and_restart_mid_stream() {
     let mut child = spawn_run(&config, &log);
     // The crashes must land in streaming: one during the initial copy re-copies the tables
     // instead, and the capture's stream never meets its broken SQL connection (seen once in CI).
-    let ready = "SELECT count(*) FROM synapse.table_sync WHERE state = 'ready'";
-    let deadline = std::time::Instant::now() + Duration::from_secs(60);
-    while nodes.target.psql("app", ready).unwrap_or_default() != "2" {
-        assert!(std::time::Instant::now() < deadline, "the initial copy never finished");
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    nodes.wait_copied(2, Duration::from_secs(60), &log);
     for round in 0..3i64 {
         // 40 transactions of 2,000 rows, each bumping the counter once.
         nodes

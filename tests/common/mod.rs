@@ -41,6 +41,17 @@ impl Nodes {
         path
     }
 
+    /// Waits until the target reports `tables` tables copied (`synapse.table_sync` ready), so
+    /// that what follows lands in streaming; fails with the tail of synapse's `log`.
+    pub fn wait_copied(&self, tables: usize, timeout: Duration, log: &Path) {
+        let ready = "SELECT count(*) FROM synapse.table_sync WHERE state = 'ready'";
+        let deadline = std::time::Instant::now() + timeout;
+        while self.target.psql("app", ready).unwrap_or_default() != tables.to_string() {
+            assert!(std::time::Instant::now() < deadline, "initial copy never finished:\n{}", log_tail(log));
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
     /// [`Nodes::config`] with the log on the Kafka-protocol broker at `brokers`.
     pub fn kafka_config(&self, brokers: &str) -> PathBuf {
         let path = self.config("");
@@ -234,4 +245,11 @@ impl SyncClient {
     ) -> Result<u64, tokio_postgres::Error> {
         self.rt.block_on(self.client.execute(sql, params))
     }
+}
+
+/// The last 60 lines of a synapse log file, newest first, for failure messages.
+pub fn log_tail(log: &Path) -> String {
+    let text = std::fs::read_to_string(log).unwrap_or_default();
+    let lines: Vec<&str> = text.lines().rev().take(60).collect();
+    format!("last lines of {} (newest first):\n{}", log.display(), lines.join("\n"))
 }

@@ -38,6 +38,9 @@ pub struct Node {
     /// Per table, the tracked digests last read (tracking's start, generation, digests): a
     /// later check on this session reads only the buckets folded since.
     tracked: std::sync::Mutex<std::collections::HashMap<String, (String, i64, Buckets)>>,
+    /// Per table, sub-bucket digests of some buckets as of those digests (bucket → sub-bucket
+    /// → (rows, hash sum)): valid while their bucket is not folded again.
+    subs: std::sync::Mutex<std::collections::HashMap<String, SubsByBucket>>,
     /// Statements prepared on this session, by text: a session kept between checks (the
     /// admin API) then needs one round trip per query instead of two.
     statements: std::sync::Mutex<std::collections::HashMap<String, tokio_postgres::Statement>>,
@@ -52,7 +55,13 @@ impl Node {
         let (client, conn) = config.connect(NoTls).await.map_err(fail("connecting"))?;
         tokio::spawn(conn);
         client.batch_execute(SESSION).await.map_err(fail("setting up the session"))?;
-        Ok(Node { name: name.to_owned(), client, tracked: Default::default(), statements: Default::default() })
+        Ok(Node {
+            name: name.to_owned(),
+            client,
+            tracked: Default::default(),
+            subs: Default::default(),
+            statements: Default::default(),
+        })
     }
 
     /// The session (no replication origin: what it writes is captured like an application's).
@@ -113,34 +122,71 @@ impl Node {
     /// catalog reads and the snapshot's start are sent together, in that order. Not READ ONLY
     /// only because folds write and scanned buckets' rows are staged in a temporary table.
     /// On error nothing is left open.
-    pub(crate) async fn open(&self, table: &str) -> Result<(Shape, Option<u8>), RepairError> {
+    /// `want`: buckets whose sub-bucket digests to read with tracked digests, if changed.
+    pub(crate) async fn open(&self, table: &str, bits: u8, want: &[usize]) -> Result<Opened, RepairError> {
+        if self.tracked_before(table) == Some(bits) {
+            match self.open_as(table, Some(bits), want).await {
+                // A session that read tracked digests before sends the fold and the read with
+                // the snapshot's start: one round trip less. If the table is no longer tracked
+                // they failed (and the transaction with them): open again without.
+                Ok(o) if o.tracked.is_some() => return Ok(o),
+                Ok(_) | Err(_) => {
+                    self.forget_tracked(table);
+                    self.close(table).await;
+                }
+            }
+        }
+        self.open_as(table, None, want).await
+    }
+
+    /// [`Node::open`], with the tracked digests read in the same round trip if `tracked` gives
+    /// their bits. A failure of that read is returned as `tracked: None` after closing.
+    async fn open_as(&self, table: &str, tracked: Option<u8>, want: &[usize]) -> Result<Opened, RepairError> {
         // The planner cannot know a bucket expression has at most 2^bits values: it estimates
         // one group per row and sorts the table (spilling to disk) where a hash aggregate of a
         // few thousand groups is 1.5–2× faster (measured, 1M rows).
         // Commit need not wait for the disk: a fold lost in a crash loses its deltas' deletion
         // with it (one transaction), and the next check folds them again.
         let lock_sql = format!("SELECT pg_advisory_lock(hashtext({}))", lock_key(table));
-        let (locked, described, tracked, begun) = futures_util::future::join4(
-            self.client.batch_execute(&lock_sql),
-            self.describe(table),
-            // Before the snapshot's start: no synapse.repair_tracked fails this statement's
-            // preparation, which must not abort the transaction.
-            self.tracked_as(table),
-            self.client.batch_execute(
-                "BEGIN ISOLATION LEVEL REPEATABLE READ; SET LOCAL enable_sort = off; SET LOCAL synchronous_commit = off",
+        let ((locked, described, tracked_as, begun), read) = futures_util::future::join(
+            futures_util::future::join4(
+                self.client.batch_execute(&lock_sql),
+                self.describe(table),
+                // Before the snapshot's start: no synapse.repair_tracked fails this statement's
+                // preparation, which must not abort the transaction.
+                self.tracked_as(table),
+                self.client.batch_execute(
+                    "BEGIN ISOLATION LEVEL REPEATABLE READ; SET LOCAL enable_sort = off; SET LOCAL synchronous_commit = off",
+                ),
             ),
+            // Sent after them (futures are polled in order, and each sends at its first poll).
+            async {
+                match tracked {
+                    Some(bits) => Some(self.tracked_digests(table, bits, want).await),
+                    None => None,
+                }
+            },
         )
         .await;
         let opened = locked
             .map_err(self.fail(format!("taking the check lock of {table}")))
             .and_then(|()| begun.map_err(self.fail("starting a snapshot".into())))
-            .and_then(|()| Ok((described?, tracked?)));
-        match opened {
-            Ok((shape, tracked)) => {
-                let bits = tracked.and_then(|t| t.bits_for(&shape));
-                Ok((shape, bits))
+            .and_then(|()| Ok((described?, tracked_as?)));
+        match (opened, read) {
+            (Ok((shape, tracked_as)), read) => {
+                let bits = tracked_as.and_then(|t| t.bits_for(&shape));
+                let read = match read {
+                    Some(Ok(r)) if bits == tracked => Some(r),
+                    // Read with the table's tracking gone or changed: start over without.
+                    Some(_) => {
+                        self.close(table).await;
+                        return Ok(Opened { shape, bits, tracked: None });
+                    }
+                    None => None,
+                };
+                Ok(Opened { shape, bits, tracked: read })
             }
-            Err(e) => {
+            (Err(e), _) => {
                 self.close(table).await;
                 Err(e)
             }
@@ -325,12 +371,24 @@ impl Node {
         shape: &Shape,
         buckets: &[usize],
     ) -> Result<BTreeMap<usize, (u64, u64)>, RepairError> {
-        if buckets.is_empty() {
-            return Ok(BTreeMap::new());
+        // Those known from this session's reads (their buckets not folded since) are not read.
+        let mut out = BTreeMap::new();
+        let mut missing = Vec::new();
+        if let Ok(known) = self.subs.lock() {
+            let known = known.get(&shape.name);
+            for b in buckets {
+                match known.and_then(|k| k.get(b)) {
+                    Some(subs) => out.extend(subs.iter().map(|(sub, d)| (*sub, *d))),
+                    None => missing.push(*b),
+                }
+            }
+        }
+        if missing.is_empty() {
+            return Ok(out);
         }
         // Every sub-bucket by number (a bucket's are consecutive): an index lookup each, whatever
         // the statistics say.
-        let wanted: Vec<i64> = buckets
+        let wanted: Vec<i64> = missing
             .iter()
             .flat_map(|b| {
                 let first = (*b as i64) << SUB_BUCKET_BITS;
@@ -346,20 +404,30 @@ impl Node {
             )
             .await
             .map_err(self.fail(format!("reading the sub-bucket digests of {}", shape.name)))?;
-        Ok(unpack(row.get(0)).map(|(b, n, s)| (b, (n, s))).collect())
+        let read: Vec<(usize, u64, u64)> = unpack(row.get(0)).collect();
+        if let Ok(mut known) = self.subs.lock() {
+            let known = known.entry(shape.name.clone()).or_default();
+            for b in &missing {
+                known.insert(*b, BTreeMap::new());
+            }
+            for (sub, n, s) in &read {
+                known.entry(sub >> SUB_BUCKET_BITS).or_default().insert(*sub, (*n, *s));
+            }
+        }
+        out.extend(read.into_iter().map(|(b, n, s)| (b, (n, s))));
+        Ok(out)
     }
 
     /// The rows of `subs`, sub-buckets of `fine` bits, found through the sub-bucket index of
-    /// a tracked table (by a scan where the key has no hash function to index).
-    pub async fn sub_bucket_rows(
+    /// a tracked table (by a scan where the key has no hash function to index): the snapshot's
+    /// last read, ended in the same round trip (see [`Node::last_read`]).
+    pub(crate) async fn sub_bucket_rows(
         &self,
         shape: &Shape,
         fine: u8,
         subs: &[usize],
-    ) -> Result<Vec<(usize, Key, i64)>, RepairError> {
-        if subs.is_empty() {
-            return Ok(Vec::new());
-        }
+        applied: bool,
+    ) -> Result<Ended, RepairError> {
         let wanted: Vec<i64> = subs.iter().map(|b| *b as i64).collect();
         let sql = format!(
             "SELECT {sub}, {key}, {hash} FROM {from} WHERE {sub} = ANY($1::int8[])",
@@ -368,28 +436,57 @@ impl Node {
             hash = shape.row_hash(),
             from = shape.from,
         );
-        let rows = self
-            .rows(&sql, &[&wanted])
-            .await
-            .map_err(self.fail(format!("reading differing rows of {}", shape.name)))?;
-        Ok(keyed_rows(rows))
+        self.last_read(shape, (!subs.is_empty()).then_some(sql.as_str()), &wanted, applied).await
     }
 
-    /// The staged rows of the given sub-buckets: (sub-bucket, key, row hash).
-    pub async fn staged_rows(
+    /// The staged rows of the given sub-buckets: (sub-bucket, key, row hash); the snapshot's
+    /// last read, ended in the same round trip (see [`Node::last_read`]).
+    pub(crate) async fn staged_rows(
         &self,
         shape: &Shape,
         fine_buckets: &[usize],
-    ) -> Result<Vec<(usize, Key, i64)>, RepairError> {
-        if fine_buckets.is_empty() {
-            return Ok(Vec::new());
-        }
+        applied: bool,
+    ) -> Result<Ended, RepairError> {
         let wanted: Vec<i64> = fine_buckets.iter().map(|b| *b as i64).collect();
-        let rows = self
-            .rows("SELECT b, k, h FROM synapse_repair_rows WHERE b = ANY($1)", &[&wanted])
-            .await
-            .map_err(self.fail(format!("reading differing rows of {}", shape.name)))?;
-        Ok(keyed_rows(rows))
+        let sql = "SELECT b, k, h FROM synapse_repair_rows WHERE b = ANY($1)";
+        self.last_read(shape, (!fine_buckets.is_empty()).then_some(sql), &wanted, applied).await
+    }
+
+    /// Runs `sql` (rows of sub-buckets `wanted`) as the snapshot's last read, with the
+    /// snapshot's end (and, if `applied`, the applied positions) sent right behind it: one
+    /// round trip. The statement is prepared first, so the read is sent before the COMMIT.
+    async fn last_read(
+        &self,
+        shape: &Shape,
+        sql: Option<&str>,
+        wanted: &[i64],
+        applied: bool,
+    ) -> Result<Ended, RepairError> {
+        let stmt = match sql {
+            Some(sql) => {
+                Some(self.stmt(sql).await.map_err(self.fail(format!("reading differing rows of {}", shape.name)))?)
+            }
+            None => None,
+        };
+        let (rows, ended, positions) = futures_util::future::join3(
+            async {
+                match &stmt {
+                    Some(stmt) => self.client.query(stmt, &[&wanted]).await.map(Some),
+                    None => Ok(None),
+                }
+            },
+            self.end(&shape.name),
+            async {
+                match applied {
+                    true => self.applied().await,
+                    false => Ok(None),
+                }
+            },
+        )
+        .await;
+        let rows = rows.map_err(self.fail(format!("reading differing rows of {}", shape.name)))?;
+        ended?;
+        Ok(Ended { rows: rows.map(keyed_rows).unwrap_or_default(), applied: positions? })
     }
 
     /// Starts keeping `shape`'s bucket digests current on this node (see [`TRACKING_DDL`]):
@@ -606,14 +703,15 @@ impl Node {
 
     /// The tracked digests as of this snapshot: first folds the deltas committed before it
     /// into the digests (cost ∝ changes since the last check), then reads them packed.
-    /// Returns the digests and how many deltas were folded.
-    pub async fn tracked_digests(&self, shape: &Shape, bits: u8) -> Result<(Buckets, u64), RepairError> {
+    /// Returns the digests and how many deltas were folded. The sub-bucket digests of the
+    /// buckets of `want` changed since this session's last read come with them (kept for
+    /// [`Node::tracked_sub_digests`]).
+    pub async fn tracked_digests(&self, table: &str, bits: u8, want: &[usize]) -> Result<TrackedRead, RepairError> {
         // Deltas are per sub-bucket: folded into the sub-bucket digests and, summed by bucket,
         // into the bucket digests, which are stamped with this fold's number.
         // What this session read last (dropped if made with other bits): only buckets folded
         // since are read, if tracking has not restarted since (then all of them).
-        let cached =
-            self.tracked.lock().ok().and_then(|c| c.get(&shape.name).cloned()).filter(|(_, _, b)| b.bits() == bits);
+        let cached = self.tracked.lock().ok().and_then(|c| c.get(table).cloned()).filter(|(_, _, b)| b.bits() == bits);
         let (since_at, since_gen) = cached.as_ref().map_or((String::new(), -1), |(at, gen, _)| (at.clone(), *gen));
         let fold_sql = format!(
             "WITH gone AS (DELETE FROM synapse.repair_delta WHERE tbl = $1 RETURNING bucket, n, s),
@@ -633,28 +731,38 @@ impl Node {
             sub_add = wrap("repair_subdigest.s::numeric + excluded.s"),
             add = wrap("repair_digest.s::numeric + excluded.s"),
         );
+        // With the changed buckets, the sub-bucket digests of those in $4 (a check asks for the
+        // buckets that differed last time: a bucket still differing after a change then needs
+        // no second round trip to find its differing sub-buckets). Only when this session read
+        // the digests before: else every bucket counts as changed.
         let read_sql = format!(
             "SELECT t.tracked_at::text, t.gen,
                 (SELECT {PACKED_STORED} FROM synapse.repair_digest d
-                 WHERE d.tbl = $1 AND d.gen > CASE WHEN t.tracked_at::text = $2 THEN $3::int8 ELSE -1 END)
+                 WHERE d.tbl = $1 AND d.gen > CASE WHEN t.tracked_at::text = $2 THEN $3::int8 ELSE -1 END),
+                (SELECT {PACKED_STORED} FROM (SELECT s.bucket, s.n, s.s FROM synapse.repair_digest d
+                 JOIN synapse.repair_subdigest s ON s.tbl = d.tbl
+                  AND s.bucket >= d.bucket << {SUB_BUCKET_BITS} AND s.bucket < (d.bucket + 1) << {SUB_BUCKET_BITS}
+                 WHERE d.tbl = $1 AND d.bucket = ANY($4::int8[]) AND d.gen > $3::int8 AND $3::int8 >= 0
+                   AND t.tracked_at::text = $2) x)
              FROM synapse.repair_tracked t WHERE t.tbl = $1"
         );
+        let want: Vec<i64> = want.iter().map(|b| *b as i64).collect();
         let (fold_params, read_params): (
             [&(dyn tokio_postgres::types::ToSql + Sync); 1],
-            [&(dyn tokio_postgres::types::ToSql + Sync); 3],
-        ) = ([&shape.name], [&shape.name, &since_at, &since_gen]);
+            [&(dyn tokio_postgres::types::ToSql + Sync); 4],
+        ) = ([&table], [&table, &since_at, &since_gen, &want]);
         let fold = self.row(&fold_sql, &fold_params);
         let rows = self.rows(&read_sql, &read_params);
         // Both sent at once (one round trip); the read, a later statement, sees the fold.
         let (fold, rows) = futures_util::future::join(fold, rows).await;
         let folded = fold
-            .map_err(self.fail(format!("folding the changes of {} into its digests", shape.name)))?
+            .map_err(self.fail(format!("folding the changes of {table} into its digests")))?
             .get::<_, i64>(0)
             .max(0) as u64;
-        let rows = rows.map_err(self.fail(format!("reading the digests of {}", shape.name)))?;
+        let rows = rows.map_err(self.fail(format!("reading the digests of {table}")))?;
         let Some(row) = rows.first() else {
             return Err(RepairError::Table {
-                table: shape.name.clone(),
+                table: table.to_owned(),
                 message: format!("tracking stopped on {} during the check (a TRUNCATE?); check again", self.name),
             });
         };
@@ -663,18 +771,49 @@ impl Node {
             Some((cached_at, _, b)) if cached_at == at => b,
             _ => Buckets::new(bits)?,
         };
+        let mut changed = Vec::new();
         for (b, count, sum) in unpack(row.get(2)) {
             buckets.set(b, count, sum);
+            changed.push(b);
+        }
+        if let Ok(mut known) = self.subs.lock() {
+            let continued = since_gen >= 0 && since_at == at;
+            let known = known.entry(table.to_owned()).or_default();
+            if !continued {
+                known.clear();
+            }
+            for b in &changed {
+                known.remove(b);
+            }
+            if continued {
+                // Every wanted bucket that changed is known again (one without rows too).
+                let wanted: std::collections::BTreeSet<usize> = want.iter().map(|b| *b as usize).collect();
+                for b in changed.iter().filter(|b| wanted.contains(b)) {
+                    known.insert(*b, BTreeMap::new());
+                }
+                for (sub, n, s) in unpack(row.get(3)) {
+                    known.entry(sub >> SUB_BUCKET_BITS).or_default().insert(sub, (n, s));
+                }
+            }
         }
         if let Ok(mut c) = self.tracked.lock() {
-            c.insert(shape.name.clone(), (at, gen, buckets.clone()));
+            c.insert(table.to_owned(), (at, gen, buckets.clone()));
         }
-        Ok((buckets, folded))
+        Ok(TrackedRead { buckets, folded })
+    }
+
+    /// The bits of the tracked digests this session last read for `table`, if any: a check
+    /// with these bits can read them again in the round trip that opens the snapshot.
+    fn tracked_before(&self, table: &str) -> Option<u8> {
+        self.tracked.lock().ok().and_then(|c| c.get(table).map(|(_, _, b)| b.bits()))
     }
 
     /// Forgets the tracked digests read for `table` (their transaction did not commit).
     pub(crate) fn forget_tracked(&self, table: &str) {
         if let Ok(mut c) = self.tracked.lock() {
+            c.remove(table);
+        }
+        if let Ok(mut c) = self.subs.lock() {
             c.remove(table);
         }
     }
@@ -750,6 +889,31 @@ const PACKED: &str = "coalesce(string_agg(int4send(b::int4) || int8send(n) || in
 /// The same for digests stored wrapped (bigint `bucket`, `n`, `s` columns).
 const PACKED_STORED: &str =
     "coalesce(string_agg(int4send(bucket::int4) || int8send(n) || int8send(s), ''::bytea ORDER BY bucket), ''::bytea)";
+
+/// A table opened for a check on one node: its shape, the bits its digests are tracked with
+/// here (if tracked for this shape), and the tracked digests if they were read with the open.
+pub(crate) struct Opened {
+    pub shape: Shape,
+    pub bits: Option<u8>,
+    pub tracked: Option<TrackedRead>,
+}
+
+/// What the snapshot's last read returned: (sub-bucket, key, row hash) rows, and the applied
+/// positions read right after its end (`None`: not asked for, or no applier ever ran here).
+pub(crate) struct Ended {
+    pub rows: Vec<(usize, Key, i64)>,
+    pub applied: Option<Vec<(String, Lsn)>>,
+}
+
+/// Tracked digests as read in a check's snapshot.
+pub struct TrackedRead {
+    pub buckets: Buckets,
+    /// Recorded changes folded into them by this read.
+    pub folded: u64,
+}
+
+/// Sub-bucket digests by bucket: bucket → sub-bucket → (rows, hash sum).
+type SubsByBucket = BTreeMap<usize, BTreeMap<usize, (u64, u64)>>;
 
 /// (sub-bucket, key, row hash) rows as read by `staged_rows` and `sub_bucket_rows`.
 fn keyed_rows(rows: Vec<tokio_postgres::Row>) -> Vec<(usize, Key, i64)> {

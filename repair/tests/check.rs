@@ -178,13 +178,14 @@ async fn tracked_digests_stay_equal_to_a_scan() {
     for n in [&na, &nb] {
         let shape = n.describe("public.items").await.unwrap();
         let scanned = n.digests(&shape, 10).await.unwrap();
-        let (tracked, folded) = n.tracked_digests(&shape, 10).await.unwrap();
+        let read = n.tracked_digests(&shape.name, 10, &[]).await.unwrap();
+        let (tracked, folded) = (read.buckets, read.folded);
         assert!(folded > 0, "items on {}: no changes recorded", n.name);
         assert_eq!(tracked, scanned, "items on {}: tracked digests differ from a scan", n.name);
         // pairs was truncated: not tracked any more, and its digests are not read as if it were.
         let shape = n.describe("public.pairs").await.unwrap();
         assert_eq!(n.tracked_bits(&shape).await.unwrap(), None);
-        let stopped = n.tracked_digests(&shape, 10).await.unwrap_err();
+        let Err(stopped) = n.tracked_digests(&shape.name, 10, &[]).await else { panic!("pairs read as tracked") };
         assert!(stopped.to_string().contains("tracking stopped"), "{stopped}");
     }
     let both = [&na, &nb];
@@ -210,7 +211,8 @@ async fn tracked_digests_stay_equal_to_a_scan() {
     }
     for (n, table) in [(&na, "public.items"), (&nb, "public.items")] {
         let shape = n.describe(table).await.unwrap();
-        let (tracked, folded) = n.tracked_digests(&shape, 10).await.unwrap();
+        let read = n.tracked_digests(&shape.name, 10, &[]).await.unwrap();
+        let (tracked, folded) = (read.buckets, read.folded);
         assert!(folded > 0);
         assert_eq!(tracked, n.digests(&shape, 10).await.unwrap(), "{table} on {}: incremental read", n.name);
     }
@@ -259,4 +261,51 @@ async fn tracked_digests_stay_equal_to_a_scan() {
     );
     let report = check(&both, "public.items", &at(10)).await.unwrap();
     assert_eq!(report.digests, "scanned");
+}
+
+/// A session kept between checks (the admin API's) reads only what changed: tracked digests in
+/// the round trip that opens the snapshot, sub-bucket digests it already knows, rows of
+/// differing buckets remembered from the last check. Round after round of writes — alike on
+/// both nodes, on one only, drift written away again — its reports must equal those of fresh
+/// sessions without any cache.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_kept_session_reports_what_fresh_sessions_report() {
+    let (a, b) = (cluster(), cluster());
+    let url = |n: &LocalCluster| n.url("app").parse::<tokio_postgres::Config>().unwrap();
+    let (na, nb) = (Node::connect("a", &url(&a)).await.unwrap(), Node::connect("b", &url(&b)).await.unwrap());
+    // Few buckets (64, 2,048 sub-buckets): changes and drift share buckets and sub-buckets.
+    const BITS: u8 = 6;
+    for n in [&na, &nb] {
+        let shape = n.describe("public.items").await.unwrap();
+        n.track(&shape, BITS).await.unwrap();
+    }
+    let cache = tempfile::tempdir().unwrap();
+    let kept = CheckOptions { cache_dir: Some(cache.path().to_owned()), ..at(BITS) };
+    let (mut expected_drift, mut reused) = (0, 0);
+    for round in 0..12u64 {
+        let alike = format!("UPDATE items SET a = a + 1 WHERE id % 2000 = {round}");
+        a.psql("app", &alike).unwrap();
+        b.psql("app", &alike).unwrap();
+        // Drift on one node or the other, and in some rounds the earlier drift written away.
+        // The same few keys again and again: their buckets differ, stop differing, differ again.
+        let id = 1000 + (round % 3) * 37;
+        let drifted = if round % 2 == 0 { &a } else { &b };
+        drifted.psql("app", &format!("UPDATE items SET b = 'drift {round}' WHERE id = {id}")).unwrap();
+        expected_drift += 1;
+        if round % 4 == 3 {
+            let undo = "UPDATE items SET b = 'row ' || id WHERE id BETWEEN 1000 AND 1074";
+            a.psql("app", undo).unwrap();
+            b.psql("app", undo).unwrap();
+            expected_drift = 0;
+        }
+        let warm = check(&[&na, &nb], "public.items", &kept).await.unwrap();
+        let (fa, fb) = (Node::connect("a", &url(&a)).await.unwrap(), Node::connect("b", &url(&b)).await.unwrap());
+        let fresh = check(&[&fa, &fb], "public.items", &at(BITS)).await.unwrap();
+        assert_eq!(warm.digests, "tracked", "round {round}");
+        assert_eq!(warm.differing, fresh.differing, "round {round}: kept session vs fresh sessions");
+        assert_eq!(warm.differing.len(), expected_drift, "round {round}: {:?}", keys(&warm));
+        reused += warm.reused_buckets;
+    }
+    // Unchanged differing buckets were taken from the last check (else this tested nothing).
+    assert!(reused > 0, "no bucket was ever reused");
 }

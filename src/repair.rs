@@ -373,13 +373,16 @@ fn key_text(k: &[String]) -> String {
 
 fn human(r: &Report) -> String {
     let mut out = format!(
-        "{} on {}: {} rows; {} of {} buckets differ ({} tree nodes compared)",
+        "{} on {}: {} rows; {} of {} buckets ({}, {}) differ ({} {} compared)",
         r.table,
         r.nodes.join(", "),
         r.rows.iter().map(u64::to_string).collect::<Vec<_>>().join(" / "),
         r.differing_buckets,
         r.buckets,
-        r.compared
+        r.buckets_by,
+        r.digests,
+        r.compared,
+        if r.digests == "tracked" { "bucket pairs" } else { "tree nodes" },
     );
     if !r.changing.is_empty() {
         out.push_str(&format!("; {} key(s) changing during the check, left for the next one", r.changing.len()));

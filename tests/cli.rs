@@ -190,7 +190,7 @@ fn repair_check_reports_drift_between_nodes() {
     assert_eq!(code, Some(0), "{text}");
     assert!(
         text.contains(
-            "public.t on a, b: 3000 / 3000 rows; 0 of 4096 buckets differ (1 tree nodes compared): identical"
+            "public.t on a, b: 3000 / 3000 rows; 0 of 4096 buckets (key range 1..3000, scanned) differ (1 tree nodes compared): identical"
         ),
         "{text}"
     );

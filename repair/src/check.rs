@@ -61,6 +61,9 @@ pub struct Report {
     /// Rows per node, in the snapshot.
     pub rows: Vec<u64>,
     pub buckets: usize,
+    /// How keys are split into buckets: "key hash", or "key range LO..HI" (a scan of a table
+    /// keyed by one integer column: differing buckets are read through the key's index).
+    pub buckets_by: String,
     pub differing_buckets: usize,
     /// Tree node pairs compared to find them.
     pub compared: usize,
@@ -87,6 +90,9 @@ pub struct Report {
 struct Cache {
     nodes: Vec<String>,
     bits: u8,
+    /// How keys were split into buckets (see `Report::buckets_by`).
+    #[serde(default)]
+    buckets_by: String,
     /// Shared between a check's cache and the next one's (most buckets carry over).
     buckets: BTreeMap<usize, Arc<CachedBucket>>,
 }
@@ -120,7 +126,7 @@ impl Cache {
         });
         match cache {
             Some(c) if c.nodes == nodes && c.bits == bits => c,
-            _ => Arc::new(Cache { nodes: nodes.to_vec(), bits, buckets: BTreeMap::new() }),
+            _ => Arc::new(Cache { nodes: nodes.to_vec(), bits, buckets_by: String::new(), buckets: BTreeMap::new() }),
         }
     }
 
@@ -224,6 +230,31 @@ async fn compare(
     let use_tracked = tracked.is_some();
     let t0 = Instant::now();
     let want: &[usize] = &cache.buckets.keys().copied().collect::<Vec<_>>();
+    let fine = crate::node::sub_bits(options.bits);
+    // A scan splits a table keyed by one integer column into key ranges (the same on every
+    // node: from the smallest key any node holds to the largest): the rows of a differing
+    // bucket are then read through the key's index, where hash buckets take a second scan.
+    let range = if tracked.is_none() && shapes.iter().all(|s| s.int_key()) {
+        let ranges = try_join_all(nodes.iter().zip(shapes).map(|(n, s)| n.key_range(s))).await?;
+        crate::node::range_layout(&ranges, fine)
+    } else {
+        None
+    };
+    let buckets_by = match range {
+        Some((lo, span)) => format!("key range {lo}..{}", i128::from(lo) + i128::from(span) - 1),
+        None => "key hash".to_owned(),
+    };
+    // Rows remembered for buckets of another layout are of no use.
+    let cache = if cache.buckets_by == buckets_by {
+        cache
+    } else {
+        Arc::new(Cache {
+            nodes: names.clone(),
+            bits: options.bits,
+            buckets_by: buckets_by.clone(),
+            buckets: BTreeMap::new(),
+        })
+    };
     let (digests, folded): (Vec<crate::Buckets>, u64) = match tracked {
         Some(read) => {
             let read = try_join_all(nodes.iter().zip(read).map(|(n, r)| async move {
@@ -236,7 +267,13 @@ async fn compare(
             let folded = read.iter().map(|r| r.folded).sum();
             (read.into_iter().map(|r| r.buckets).collect(), folded)
         }
-        None => (try_join_all(nodes.iter().zip(shapes).map(|(n, s)| n.digests(s, options.bits))).await?, 0),
+        None => match range {
+            Some((lo, span)) => (
+                try_join_all(nodes.iter().zip(shapes).map(|(n, s)| n.range_digests(s, options.bits, lo, span))).await?,
+                0,
+            ),
+            None => (try_join_all(nodes.iter().zip(shapes).map(|(n, s)| n.digests(s, options.bits))).await?, 0),
+        },
     };
     let t_digests = t0.elapsed();
     let (mut differing, mut compared) = (BTreeSet::new(), 0);
@@ -265,7 +302,6 @@ async fn compare(
     let (reused, to_stage): (Vec<usize>, Vec<usize>) =
         differing.iter().partition(|b| cache.buckets.get(b).is_some_and(|c| c.fingerprint == fingerprint(**b)));
     // Within buckets to read: sub-bucket digests first, then rows of differing sub-buckets.
-    let fine = crate::node::sub_bits(options.bits);
     // Tracked digests have their sub-buckets' digests kept too, and an index on the sub-bucket;
     // otherwise the buckets' rows are staged on the node and their sub-buckets digested there.
     // Either way only rows of differing sub-buckets cross the wire.
@@ -276,6 +312,14 @@ async fn compare(
         let subs = try_join_all(nodes.iter().zip(shapes).map(|(n, s)| n.tracked_sub_digests(s, &to_stage))).await?;
         let differing_subs: Vec<usize> = differing_subs(&subs).into_iter().collect();
         try_join_all(nodes.iter().zip(shapes).map(|(n, s)| n.sub_bucket_rows(s, fine, &differing_subs, applied)))
+            .await?
+    } else if let Some(range) = range {
+        let subs = try_join_all(
+            nodes.iter().zip(shapes).map(|(n, s)| n.range_sub_digests(s, (options.bits, fine), range, &to_stage)),
+        )
+        .await?;
+        let differing_subs: Vec<usize> = differing_subs(&subs).into_iter().collect();
+        try_join_all(nodes.iter().zip(shapes).map(|(n, s)| n.range_rows(s, fine, range, &differing_subs, applied)))
             .await?
     } else {
         let staged =
@@ -306,7 +350,12 @@ async fn compare(
     if let Some(dir) = options.cache_dir.as_deref() {
         // Unchanged (every differing bucket reused, none gone): nothing to keep.
         if !fresh.is_empty() || reused.len() != cache.buckets.len() {
-            let mut next = Cache { nodes: cache.nodes.clone(), bits: cache.bits, buckets: BTreeMap::new() };
+            let mut next = Cache {
+                nodes: cache.nodes.clone(),
+                bits: cache.bits,
+                buckets_by: buckets_by.clone(),
+                buckets: BTreeMap::new(),
+            };
             for b in &reused {
                 if let Some(c) = cache.buckets.get(b) {
                     next.buckets.insert(*b, c.clone());
@@ -371,6 +420,7 @@ async fn compare(
         nodes: names,
         rows: digests.iter().map(|d| d.rows()).collect(),
         buckets: digests[0].len(),
+        buckets_by,
         differing_buckets: differing.len(),
         compared,
         differing: differing_keys,

@@ -1056,7 +1056,7 @@ pub fn range_layout(ranges: &[Option<(i64, i64)>], fine: u8) -> Option<(i64, i64
     let hi = ranges.iter().flatten().map(|r| r.1).max()?;
     let span = i128::from(hi) - i128::from(lo) + 1;
     // The bound after the last key must be a bigint too.
-    (span << fine < i128::from(i64::MAX) && hi < i64::MAX).then(|| (lo, span as i64))
+    (span << fine < i128::from(i64::MAX) && hi < i64::MAX).then_some((lo, span as i64))
 }
 
 /// The key ranges [from, to) of the given buckets of 2^bits over `lo..lo + span`: bucket b

@@ -3,7 +3,8 @@
 //!
 //! ```text
 //!  every node: one snapshot ─▶ bucket digests ─▶ trees (merkle_light): node 0 vs each other
-//!              └─ differing buckets' rows staged: sub-bucket digests ─▶ differing sub-buckets
+//!              │                 (tracked digests, all in memory: compared directly)
+//!              └─ differing buckets' sub-bucket digests              ─▶ differing sub-buckets
 //!                 └─ their rows (key, row hash)                        ─▶ candidate keys
 //!  cut: a marker in every node's WAL; wait until every applier between the nodes applied it
 //!  re-read the candidates by key ─▶ unchanged everywhere since the snapshot: drift

@@ -13,9 +13,11 @@
 //! bucket is the top bits of the key's hash.
 //!
 //! Bytes on the wire: the coarse digests travel packed (20 bytes a bucket, one value); for the
-//! buckets that differ, the node keeps (sub-bucket, key, hash) of their rows in a temporary
-//! table during the snapshot, sends sub-bucket digests, and then only the rows of differing
-//! sub-buckets. Two scans of the table in all, whatever the difference.
+//! buckets that differ the node sends sub-bucket digests, then only the rows of differing
+//! sub-buckets. A table keyed by one integer column is split into key ranges
+//! ([`range_layout`]): a differing bucket's rows are read through the key's index, one scan of
+//! the table in all. Other keys are split by hash: the differing buckets' rows are staged by a
+//! second scan in a temporary table (or found through the sub-bucket index of a tracked table).
 
 use crate::{Buckets, RepairError};
 use std::collections::BTreeMap;

@@ -794,23 +794,46 @@ impl Node {
         // since are read, if tracking has not restarted since (then all of them).
         let cached = self.tracked.lock().ok().and_then(|c| c.get(table).cloned()).filter(|(_, _, b)| b.bits() == bits);
         let (since_at, since_gen) = cached.as_ref().map_or((String::new(), -1), |(at, gen, _)| (at.clone(), *gen));
+        // Existing digest rows are updated by a join (~40 % cheaper than INSERT … ON CONFLICT
+        // per row, measured: 100 sub-bucket digests 1.36 → 0.82 ms); only buckets without a row
+        // yet are inserted (still ON CONFLICT: `track` may be re-seeding meanwhile). The fold
+        // returns the bucket digests it changed, so the read below need not look for them.
         let fold_sql = format!(
             "WITH gone AS (DELETE FROM synapse.repair_delta WHERE tbl = $1 RETURNING bucket, n, s),
               g AS (UPDATE synapse.repair_tracked SET gen = gen + 1
                     WHERE tbl = $1 AND EXISTS (SELECT 1 FROM gone) RETURNING gen),
-              fine AS (INSERT INTO synapse.repair_subdigest (tbl, bucket, n, s)
-                       SELECT $1, bucket, sum(n), {sum} FROM gone GROUP BY bucket
+              fine AS (SELECT bucket, sum(n) AS n, sum(s) AS s FROM gone GROUP BY bucket),
+              fine_updated AS (UPDATE synapse.repair_subdigest d SET n = d.n + f.n, s = {sub_add}
+                       FROM fine f WHERE d.tbl = $1 AND d.bucket = f.bucket RETURNING d.bucket),
+              fine_new AS (INSERT INTO synapse.repair_subdigest (tbl, bucket, n, s)
+                       SELECT $1, bucket, n, {sum} FROM fine WHERE bucket NOT IN (SELECT bucket FROM fine_updated)
                        ON CONFLICT (tbl, bucket) DO UPDATE
-                       SET n = repair_subdigest.n + excluded.n, s = {sub_add}),
-              coarse AS (INSERT INTO synapse.repair_digest (tbl, bucket, n, s, gen)
-                         SELECT $1, bucket >> {SUB_BUCKET_BITS}, sum(n), {sum}, coalesce((SELECT gen FROM g), 0)
-                         FROM gone GROUP BY bucket >> {SUB_BUCKET_BITS}
-                         ON CONFLICT (tbl, bucket) DO UPDATE
-                         SET n = repair_digest.n + excluded.n, s = {add}, gen = excluded.gen)
-             SELECT count(*) FROM gone",
-            sum = wrap("sum(s)"),
-            sub_add = wrap("repair_subdigest.s::numeric + excluded.s"),
-            add = wrap("repair_digest.s::numeric + excluded.s"),
+                       SET n = repair_subdigest.n + excluded.n, s = {sub_upsert}),
+              coarse AS (SELECT bucket >> {SUB_BUCKET_BITS} AS bucket, sum(n) AS n, sum(s) AS s
+                       FROM gone GROUP BY bucket >> {SUB_BUCKET_BITS}),
+              coarse_updated AS (UPDATE synapse.repair_digest d
+                       SET n = d.n + c.n, s = {add}, gen = coalesce((SELECT gen FROM g), 0)
+                       FROM coarse c WHERE d.tbl = $1 AND d.bucket = c.bucket RETURNING d.bucket, d.n, d.s),
+              coarse_new AS (INSERT INTO synapse.repair_digest (tbl, bucket, n, s, gen)
+                       SELECT $1, bucket, n, {sum}, coalesce((SELECT gen FROM g), 0)
+                       FROM coarse WHERE bucket NOT IN (SELECT bucket FROM coarse_updated)
+                       ON CONFLICT (tbl, bucket) DO UPDATE
+                       SET n = repair_digest.n + excluded.n, s = {upsert}, gen = excluded.gen
+                       RETURNING bucket, n, s)
+             SELECT (SELECT count(*) FROM gone),
+                    (SELECT {PACKED_STORED} FROM (SELECT * FROM coarse_updated UNION ALL SELECT * FROM coarse_new) x)",
+            sum = wrap("s"),
+            sub_add = wrap("d.s::numeric + f.s"),
+            sub_upsert = wrap("repair_subdigest.s::numeric + excluded.s"),
+            add = wrap("d.s::numeric + c.s"),
+            upsert = wrap("repair_digest.s::numeric + excluded.s"),
+        );
+        // The buckets folded since this session's last read: what this fold changed, if it was
+        // the only fold since; else (another session folded, or nothing is cached) the scan
+        // of the digests' fold numbers (~0.5 ms over 4,096 rows) runs.
+        let changed_sql = format!(
+            "SELECT {PACKED_STORED} FROM synapse.repair_digest d
+             WHERE d.tbl = $1 AND d.gen > CASE WHEN t.tracked_at::text = $2 THEN $3::int8 ELSE -1 END"
         );
         // With the changed buckets, the sub-bucket digests of those in $4 (a check asks for the
         // buckets that differed last time: a bucket still differing after a change then needs
@@ -818,8 +841,7 @@ impl Node {
         // the digests before: else every bucket counts as changed.
         let read_sql = format!(
             "SELECT t.tracked_at::text, t.gen,
-                (SELECT {PACKED_STORED} FROM synapse.repair_digest d
-                 WHERE d.tbl = $1 AND d.gen > CASE WHEN t.tracked_at::text = $2 THEN $3::int8 ELSE -1 END),
+                ({changed_sql} AND NOT (t.tracked_at::text = $2 AND t.gen <= $3::int8 + 1)),
                 (SELECT {PACKED_STORED} FROM (SELECT s.bucket, s.n, s.s FROM synapse.repair_digest d
                  JOIN synapse.repair_subdigest s ON s.tbl = d.tbl
                   AND s.bucket >= d.bucket << {SUB_BUCKET_BITS} AND s.bucket < (d.bucket + 1) << {SUB_BUCKET_BITS}
@@ -836,10 +858,8 @@ impl Node {
         let rows = self.rows(&read_sql, &read_params);
         // Both sent at once (one round trip); the read, a later statement, sees the fold.
         let (fold, rows) = futures_util::future::join(fold, rows).await;
-        let folded = fold
-            .map_err(self.fail(format!("folding the changes of {table} into its digests")))?
-            .get::<_, i64>(0)
-            .max(0) as u64;
+        let fold = fold.map_err(self.fail(format!("folding the changes of {table} into its digests")))?;
+        let folded = fold.get::<_, i64>(0).max(0) as u64;
         let rows = rows.map_err(self.fail(format!("reading the digests of {table}")))?;
         let Some(row) = rows.first() else {
             return Err(RepairError::Table {
@@ -848,17 +868,34 @@ impl Node {
             });
         };
         let (at, gen): (String, i64) = (row.get(0), row.get(1));
+        let continued = since_gen >= 0 && since_at == at;
+        let changes: Vec<u8> = if !continued || gen > since_gen + 1 {
+            row.get(2) // the scan ran
+        } else if gen == since_gen + 1 && folded > 0 {
+            fold.get(1) // this fold was the only one since
+        } else if gen == since_gen {
+            Vec::new() // no fold since
+        } else {
+            // One fold since, by another session (this one folded nothing): look its buckets up.
+            let row = self
+                .row(
+                    &format!("SELECT ({changed_sql}) FROM synapse.repair_tracked t WHERE t.tbl = $1"),
+                    &[&table, &since_at, &since_gen],
+                )
+                .await
+                .map_err(self.fail(format!("reading the digests of {table}")))?;
+            row.get(0)
+        };
         let mut buckets = match cached {
             Some((cached_at, _, b)) if cached_at == at => b,
             _ => Buckets::new(bits)?,
         };
         let mut changed = Vec::new();
-        for (b, count, sum) in unpack(row.get(2)) {
+        for (b, count, sum) in unpack(changes) {
             buckets.set(b, count, sum);
             changed.push(b);
         }
         if let Ok(mut known) = self.subs.lock() {
-            let continued = since_gen >= 0 && since_at == at;
             let known = known.entry(table.to_owned()).or_default();
             if !continued {
                 known.clear();

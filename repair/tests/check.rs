@@ -266,8 +266,8 @@ async fn tracked_digests_stay_equal_to_a_scan() {
 /// A session kept between checks (the admin API's) reads only what changed: tracked digests in
 /// the round trip that opens the snapshot, sub-bucket digests it already knows, rows of
 /// differing buckets remembered from the last check. Round after round of writes — alike on
-/// both nodes, on one only, drift written away again — its reports must equal those of fresh
-/// sessions without any cache.
+/// both nodes, on one only, drift written away again — with other sessions folding changes
+/// before it, its reports must equal those of fresh sessions without any cache.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_kept_session_reports_what_fresh_sessions_report() {
     let (a, b) = (cluster(), cluster());
@@ -298,9 +298,24 @@ async fn a_kept_session_reports_what_fresh_sessions_report() {
             b.psql("app", undo).unwrap();
             expected_drift = 0;
         }
-        let warm = check(&[&na, &nb], "public.items", &kept).await.unwrap();
+        // Other sessions fold too: before the kept one (which then finds one fold it did not
+        // make), or before more writes (two folds since its last read), or after it.
         let (fa, fb) = (Node::connect("a", &url(&a)).await.unwrap(), Node::connect("b", &url(&b)).await.unwrap());
-        let fresh = check(&[&fa, &fb], "public.items", &at(BITS)).await.unwrap();
+        let fresh_first = round % 3 != 0;
+        let mut fresh = None;
+        if fresh_first {
+            fresh = Some(check(&[&fa, &fb], "public.items", &at(BITS)).await.unwrap());
+        }
+        if round % 3 == 2 {
+            let more = format!("UPDATE items SET a = a + 1 WHERE id % 1000 = {round}");
+            a.psql("app", &more).unwrap();
+            b.psql("app", &more).unwrap();
+        }
+        let warm = check(&[&na, &nb], "public.items", &kept).await.unwrap();
+        if !fresh_first {
+            fresh = Some(check(&[&fa, &fb], "public.items", &at(BITS)).await.unwrap());
+        }
+        let fresh = fresh.unwrap();
         assert_eq!(warm.digests, "tracked", "round {round}");
         assert_eq!(warm.differing, fresh.differing, "round {round}: kept session vs fresh sessions");
         assert_eq!(warm.differing.len(), expected_drift, "round {round}: {:?}", keys(&warm));

@@ -13,8 +13,10 @@
 //! change by change), [`DigestTree`] and [`DigestTree::diff`], and [`diff_keyed`]. [`node`]
 //! computes a node's digests inside PostgreSQL; [`check::check`] compares a table on two or more
 //! nodes with a cut that tells changes in flight from drift; [`fix::fix`] resolves differing
-//! keys of a mesh table through the applier's resolution path. Not built yet: digests kept
-//! current from the change stream.
+//! keys of a mesh table through the applier's resolution path; [`one_way::fix_one_way`] makes
+//! one-way targets hold their source's rows. Digests are kept current by triggers on each node
+//! ([`node::Node::track`]), not from the change stream: pgoutput carries no old row values
+//! without `REPLICA IDENTITY FULL`, and the digests must come from PostgreSQL's own hashes.
 //!
 //! Guarantees:
 //! * **Exact**: every key whose row differs (present on one side only, or with any differing

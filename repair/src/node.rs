@@ -311,7 +311,6 @@ impl Node {
 
     /// The table's bucket digests, aggregated by the node and sent packed.
     pub async fn digests(&self, shape: &Shape, bits: u8) -> Result<Buckets, RepairError> {
-        let n = Buckets::new(bits)?.len();
         let sql = format!(
             "SELECT {PACKED} FROM (SELECT b, count(*) AS n, sum(h) AS s
              FROM (SELECT {bucket} AS b, {hash} AS h FROM {from}) r GROUP BY b) g",
@@ -320,13 +319,7 @@ impl Node {
             from = shape.from,
         );
         let row = self.row(&sql, &[]).await.map_err(self.fail(format!("digesting {}", shape.name)))?;
-        let (mut sums, mut counts) = (vec![0u64; n], vec![0u64; n]);
-        for (b, count, sum) in unpack(row.get(0)) {
-            if let (Some(s), Some(c)) = (sums.get_mut(b), counts.get_mut(b)) {
-                (*s, *c) = (sum, count);
-            }
-        }
-        Buckets::from_sums(bits, sums, counts)
+        packed_buckets(bits, row.get(0))
     }
 
     /// Stages the rows of the given (coarse) buckets in a temporary table, each under its
@@ -458,7 +451,7 @@ impl Node {
         Ok(row.get::<_, Option<i64>>(0).zip(row.get::<_, Option<i64>>(1)))
     }
 
-    /// The table's digests in key-range buckets (see [`Layout::Range`]), aggregated by the
+    /// The table's digests in key-range buckets (see [`range_layout`]), aggregated by the
     /// node and sent packed.
     pub async fn range_digests(&self, shape: &Shape, bits: u8, lo: i64, span: i64) -> Result<Buckets, RepairError> {
         let n = Buckets::new(bits)?.len();
@@ -471,13 +464,7 @@ impl Node {
         );
         let row =
             self.row(&sql, &[&lo, &(n as i64), &span]).await.map_err(self.fail(format!("digesting {}", shape.name)))?;
-        let (mut sums, mut counts) = (vec![0u64; n], vec![0u64; n]);
-        for (b, count, sum) in unpack(row.get(0)) {
-            if let (Some(s), Some(c)) = (sums.get_mut(b), counts.get_mut(b)) {
-                (*s, *c) = (sum, count);
-            }
-        }
-        Buckets::from_sums(bits, sums, counts)
+        packed_buckets(bits, row.get(0))
     }
 
     /// Sub-bucket digests (`fine` bits) of the given key-range buckets, read through the
@@ -1037,6 +1024,15 @@ type SubsByBucket = BTreeMap<usize, BTreeMap<usize, (u64, u64)>>;
 /// (sub-bucket, key, row hash) rows as read by `staged_rows` and `sub_bucket_rows`.
 fn keyed_rows(rows: Vec<tokio_postgres::Row>) -> Vec<(usize, Key, i64)> {
     rows.into_iter().map(|r| (r.get::<_, i64>(0).max(0) as usize, r.get(1), r.get(2))).collect()
+}
+
+/// Every bucket's digest from a node's packed aggregate (buckets without rows are absent).
+fn packed_buckets(bits: u8, packed: Vec<u8>) -> Result<Buckets, RepairError> {
+    let mut buckets = Buckets::new(bits)?;
+    for (b, count, sum) in unpack(packed) {
+        buckets.set(b, count, sum);
+    }
+    Ok(buckets)
 }
 
 fn unpack(bytes: Vec<u8>) -> impl Iterator<Item = (usize, u64, u64)> {

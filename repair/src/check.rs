@@ -66,7 +66,7 @@ pub struct Report {
     /// keyed by one integer column: differing buckets are read through the key's index).
     pub buckets_by: String,
     pub differing_buckets: usize,
-    /// Tree node pairs compared to find them.
+    /// Pairs compared to find them: Merkle tree nodes (scanned digests) or buckets (tracked).
     pub compared: usize,
     /// Keys held differently and unchanged since the snapshots: drift, in key order.
     pub differing: Vec<KeyDiff>,

@@ -440,15 +440,22 @@ impl Node {
         self.last_read(shape, (!subs.is_empty()).then_some(sql.as_str()), &[&wanted], applied).await
     }
 
-    /// The smallest and largest key in this snapshot, for a table whose key is one integer
-    /// column (`None` for an empty table, or another key).
-    pub async fn key_range(&self, shape: &Shape) -> Result<Option<(i64, i64)>, RepairError> {
+    /// The smallest and largest key in this snapshot and the planner's row estimate, for a
+    /// table whose key is one integer column (`None` for an empty table, or another key).
+    pub async fn key_range(&self, shape: &Shape) -> Result<Option<KeyRange>, RepairError> {
         let Some(k) = &shape.int_key else { return Ok(None) };
-        let row = self
-            .row(&format!("SELECT min({k})::int8, max({k})::int8 FROM {from}", from = shape.from), &[])
-            .await
-            .map_err(self.fail(format!("reading the key range of {}", shape.name)))?;
-        Ok(row.get::<_, Option<i64>>(0).zip(row.get::<_, Option<i64>>(1)))
+        let sql = format!(
+            "SELECT min({k})::int8, max({k})::int8,
+                    (SELECT reltuples::float8 FROM pg_class WHERE oid = {table}::regclass) FROM {from}",
+            table = literal(&shape.table),
+            from = shape.from
+        );
+        let row = self.row(&sql, &[]).await.map_err(self.fail(format!("reading the key range of {}", shape.name)))?;
+        Ok(row.get::<_, Option<i64>>(0).zip(row.get::<_, Option<i64>>(1)).map(|(lo, hi)| KeyRange {
+            lo,
+            hi,
+            rows: row.get::<_, Option<f64>>(2).unwrap_or(-1.0),
+        }))
     }
 
     /// The table's digests in key-range buckets (see [`range_layout`]), aggregated by the
@@ -1082,18 +1089,33 @@ impl Tracked {
     }
 }
 
+/// One node's smallest and largest key and its planner's row estimate (−1: never analyzed).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct KeyRange {
+    pub lo: i64,
+    pub hi: i64,
+    pub rows: f64,
+}
+
 /// Key-range buckets of a table whose key is one integer column: keys `lo..lo + span` split
 /// into 2^bits equal ranges, bucket = (key − lo)·2^bits / span. Rows of a differing bucket
 /// are then read through the primary key's index instead of a second scan of the table (a
 /// cold check of 1M rows: one scan instead of two). Only for spans where (key − lo)·2^bits
-/// cannot overflow a bigint.
-pub fn range_layout(ranges: &[Option<(i64, i64)>], fine: u8) -> Option<(i64, i64)> {
-    let lo = ranges.iter().flatten().map(|r| r.0).min()?;
-    let hi = ranges.iter().flatten().map(|r| r.1).max()?;
+/// cannot overflow a bigint, and only where keys are dense enough for equal ranges to hold
+/// similar numbers of rows: the span at most `MAX_SPAN_PER_ROW` × the largest row estimate
+/// (one far outlier key would put every row in one bucket). Else key-hash buckets (`None`).
+pub fn range_layout(ranges: &[Option<KeyRange>], fine: u8) -> Option<(i64, i64)> {
+    let lo = ranges.iter().flatten().map(|r| r.lo).min()?;
+    let hi = ranges.iter().flatten().map(|r| r.hi).max()?;
+    let rows = ranges.iter().flatten().map(|r| r.rows).fold(-1.0, f64::max);
     let span = i128::from(hi) - i128::from(lo) + 1;
+    let dense = rows > 0.0 && (span as f64) <= MAX_SPAN_PER_ROW * rows.max(1.0);
     // The bound after the last key must be a bigint too.
-    (span << fine < i128::from(i64::MAX) && hi < i64::MAX).then_some((lo, span as i64))
+    (dense && span << fine < i128::from(i64::MAX) && hi < i64::MAX).then_some((lo, span as i64))
 }
+
+/// Keys per row above which key ranges are not used (see [`range_layout`]).
+const MAX_SPAN_PER_ROW: f64 = 16.0;
 
 /// The key ranges [from, to) of the given buckets of 2^bits over `lo..lo + span`: bucket b
 /// holds the keys with b·span ≤ (key − lo)·2^bits < (b + 1)·span.
@@ -1231,7 +1253,7 @@ mod tests {
             bits in 1u8..22,
             probes in proptest::collection::vec(0.0f64..1.0, 1..40),
         ) {
-            let (lo, span) = range_layout(&[Some((lo, lo + len)), None], bits).unwrap();
+            let (lo, span) = range_layout(&[Some(KeyRange { lo, hi: lo + len, rows: len as f64 + 1.0 }), None], bits).unwrap();
             prop_assert_eq!(span, len + 1);
             for p in probes {
                 let k = lo + ((span - 1) as f64 * p) as i64;
@@ -1251,11 +1273,18 @@ mod tests {
     }
 
     #[test]
-    fn spans_that_could_overflow_use_hash_buckets() {
+    fn sparse_keys_and_spans_that_could_overflow_use_hash_buckets() {
+        let r = |lo: i64, hi: i64, rows: f64| Some(KeyRange { lo, hi, rows });
         assert_eq!(range_layout(&[None, None], 17), None);
-        assert_eq!(range_layout(&[Some((1, 10)), Some((5, 20))], 17), Some((1, 20)));
-        assert_eq!(range_layout(&[Some((i64::MIN, 0))], 17), None);
-        assert_eq!(range_layout(&[Some((0, i64::MAX))], 1), None);
-        assert_eq!(range_layout(&[Some((i64::MAX - 5, i64::MAX - 1))], 17), Some((i64::MAX - 5, 5)));
+        assert_eq!(range_layout(&[r(1, 10, 10.0), r(5, 20, 16.0)], 17), Some((1, 20)));
+        // Overflow: (key − lo)·2^bits must stay a bigint, and so must the bound after hi.
+        assert_eq!(range_layout(&[r(i64::MIN, 0, 1e18)], 17), None);
+        assert_eq!(range_layout(&[r(0, i64::MAX, 1e18)], 1), None);
+        assert_eq!(range_layout(&[r(i64::MAX - 5, i64::MAX - 1, 5.0)], 17), Some((i64::MAX - 5, 5)));
+        // Sparse: one far key would put every row in one bucket; never analyzed: unknown.
+        assert_eq!(range_layout(&[r(1, 1_000_000, 1e6), r(1, 2_000_000_000, 1e6)], 17), None);
+        assert_eq!(range_layout(&[r(1, 16_000, 1_000.0)], 17), Some((1, 16_000)));
+        assert_eq!(range_layout(&[r(1, 16_001, 1_000.0)], 17), None);
+        assert_eq!(range_layout(&[r(1, 10, -1.0), r(1, 10, -1.0)], 17), None);
     }
 }

@@ -324,3 +324,68 @@ async fn a_kept_session_reports_what_fresh_sessions_report() {
     // Unchanged differing buckets were taken from the last check (else this tested nothing).
     assert!(reused > 0, "no bucket was ever reused");
 }
+
+/// Key-range buckets (an integer key): negative keys, keys beyond the other node's range, a
+/// node holding nothing — every reported key is a real difference and every difference is
+/// reported, as with hash buckets (the composite-key table beside it); one far outlier key
+/// makes the check fall back to hash buckets.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn key_range_buckets_find_every_difference() {
+    let schema = "CREATE TABLE r (id int PRIMARY KEY, v text);
+        CREATE TABLE h (id int, k text, v text, PRIMARY KEY (id, k));";
+    let (a, b) = (
+        LocalCluster::start(ClusterOptions::default()).unwrap(),
+        LocalCluster::start(ClusterOptions::default()).unwrap(),
+    );
+    for n in [&a, &b] {
+        n.create_database("app").unwrap();
+        n.psql("app", schema).unwrap();
+    }
+    let url = |n: &LocalCluster| n.url("app").parse::<tokio_postgres::Config>().unwrap();
+    let (na, nb) = (Node::connect("a", &url(&a)).await.unwrap(), Node::connect("b", &url(&b)).await.unwrap());
+    // Keys -50000, -49993, …, 49995: 14,286 rows. ANALYZE: key ranges need a row estimate.
+    let fill = "INSERT INTO r SELECT g, 'v' || g FROM generate_series(-50000, 50000, 7) g;
+                INSERT INTO h SELECT g, 'k', 'v' || g FROM generate_series(-50000, 50000, 7) g; ANALYZE r, h;";
+    a.psql("app", fill).unwrap();
+    b.psql("app", "ANALYZE r, h").unwrap();
+    let sorted = |r: &Report| {
+        let mut keys: Vec<String> = r.differing.iter().map(|d| d.key.join(",")).collect();
+        keys.sort();
+        keys
+    };
+    // b holds nothing: every key of a differs (missing on b).
+    for (table, by) in [("public.r", "key range -50000..49995"), ("public.h", "key hash")] {
+        let report = check(&[&na, &nb], table, &at(8)).await.unwrap();
+        assert_eq!(report.buckets_by, by, "{table}");
+        assert_eq!(report.differing.len(), 14286, "{table}");
+        assert!(report.differing.iter().all(|d| d.missing_on == ["b"]), "{table}");
+    }
+    b.psql("app", fill).unwrap();
+    // Drift at both ends, in the middle, and beyond a's smallest and largest keys.
+    b.psql(
+        "app",
+        "UPDATE r SET v = 'x' WHERE id IN (-50000, -49993, 49995); DELETE FROM r WHERE id IN (1, 8);
+         INSERT INTO r VALUES (-60000, 'low'), (60000, 'high'), (3, 'new');
+         UPDATE h SET v = 'x' WHERE id IN (-50000, -49993, 49995); DELETE FROM h WHERE id IN (1, 8);
+         INSERT INTO h VALUES (3, 'k', 'new');",
+    )
+    .unwrap();
+    let report = check(&[&na, &nb], "public.r", &at(8)).await.unwrap();
+    assert_eq!(report.buckets_by, "key range -60000..60000", "{report:?}");
+    let mut expected = ["-50000", "-49993", "49995", "1", "8", "-60000", "60000", "3"].map(String::from).to_vec();
+    expected.sort();
+    assert_eq!(sorted(&report), expected);
+    let report = check(&[&na, &nb], "public.h", &at(8)).await.unwrap();
+    assert_eq!(report.buckets_by, "key hash");
+    let mut expected = ["-50000,k", "-49993,k", "49995,k", "1,k", "8,k", "3,k"].map(String::from).to_vec();
+    expected.sort();
+    assert_eq!(sorted(&report), expected);
+    // One far key: equal ranges would hold every row in one bucket; hash buckets instead.
+    b.psql("app", "INSERT INTO r VALUES (2000000000, 'far')").unwrap();
+    let report = check(&[&na, &nb], "public.r", &at(8)).await.unwrap();
+    assert_eq!(report.buckets_by, "key hash", "{report:?}");
+    expected.clear();
+    expected.extend(["-50000", "-49993", "49995", "1", "8", "-60000", "60000", "3", "2000000000"].map(String::from));
+    expected.sort();
+    assert_eq!(sorted(&report), expected);
+}

@@ -758,7 +758,7 @@ pub async fn run(o: Options) -> anyhow::Result<()> {
                 show("reladiff", &p.reladiff),
             ));
             notes.push(format!(
-                "P5 round {}: repair track {:.2}s (both nodes: triggers, bucket index, digests seeded); then checks each after {} rows updated alike on both nodes — `synapse repair check` (a new process) {:.3}s, {:.0} KiB, {} keys ({:.0}× faster than the cold check, {}); in a running synapse (admin API path, connections open) {:.4}s, {:.0} KiB, {} keys ({:.0}× faster than the cold check, {})",
+                "P5 round {}: repair track {:.2}s (both nodes: triggers, bucket index, digests seeded); then checks each after {} rows updated alike on both nodes — `synapse repair check` (a new process) {:.3}s, {:.0} KiB, {} keys ({:.0}× faster than the cold check, {}); in a running synapse (admin API path, connections open) {:.4}s (median of {}, quartiles {:.4}–{:.4}s), {:.0} KiB, {} keys ({:.0}× faster than the cold check, {})",
                 round + 1,
                 p.track_secs,
                 crate::bench_repair::CHANGES,
@@ -771,6 +771,9 @@ pub async fn run(o: Options) -> anyhow::Result<()> {
                     Err(_) => "pg_comparator not measured".into(),
                 },
                 p.warm.secs,
+                crate::bench_repair::WARM_RUNS,
+                p.warm_quartiles.0,
+                p.warm_quartiles.1,
                 p.warm.bytes as f64 / 1024.0,
                 p.warm.found,
                 p.synapse.secs / p.warm.secs,

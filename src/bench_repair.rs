@@ -6,7 +6,8 @@
 //! The table: `t (id bigint primary key, a int, b text)` with b 64 characters; the second node
 //! differs by 99 rows (33 updated, 33 deleted, 33 inserted). Every tool connects through a
 //! counting TCP proxy per node, so "bytes" is everything sent both ways on every connection the
-//! tool opened. Each tool runs `RUNS` times; the median time is reported (and its run's bytes).
+//! tool opened. Each tool runs `RUNS` times; the median time is reported (and its run's bytes);
+//! checks in a running process, which take milliseconds, `WARM_RUNS` times.
 //! Tools that are not installed are reported as such (scripts/bench-tools.sh installs both).
 
 use anyhow::{bail, Context};
@@ -39,9 +40,16 @@ pub struct RepairBench {
     /// updates made alike on both nodes.
     pub track_secs: f64,
     pub incremental: ToolRun,
-    /// The same checks through the admin API's path in a running process (warm connections).
+    /// The same checks through the admin API's path in a running process (warm connections):
+    /// the median of `WARM_RUNS`, and the quartiles of their times (seconds).
     pub warm: ToolRun,
+    pub warm_quartiles: (f64, f64),
 }
+
+/// Checks measured in a running process per round: each takes milliseconds and their times
+/// spread (two servers and the client on 2 cores: quartiles ~6 and ~9 ms around a ~7 ms
+/// median); the median of 3 moved by ±1.5 ms between rounds.
+pub const WARM_RUNS: usize = 15;
 
 /// Rows updated (the same way on both nodes) before each incremental check.
 pub const CHANGES: u64 = 100;
@@ -258,7 +266,7 @@ pub async fn run(rows: u64, work: &Path) -> anyhow::Result<RepairBench> {
     let request = || crate::repair::RepairRequest { tables: vec!["public.t".into()], ..Default::default() };
     service.check(request()).await.map_err(|_| anyhow::anyhow!("the warm-up check through the service failed"))?;
     let mut warm = Vec::new();
-    for run in 0..RUNS {
+    for run in 0..WARM_RUNS {
         change(RUNS + run)?;
         let (_, _) = (pa.take(), pb.take());
         let started = Instant::now();
@@ -269,8 +277,19 @@ pub async fn run(rows: u64, work: &Path) -> anyhow::Result<RepairBench> {
         warm.push(ToolRun { secs, bytes: pa.take() + pb.take(), found: reports[0].differing.len() });
     }
     warm.sort_by(|x, y| x.secs.total_cmp(&y.secs));
+    let warm_quartiles = (warm[warm.len() / 4].secs, warm[warm.len() * 3 / 4].secs);
     let warm = warm[warm.len() / 2].clone();
-    Ok(RepairBench { rows, table_bytes, synapse, pg_comparator, reladiff, track_secs, incremental, warm })
+    Ok(RepairBench {
+        rows,
+        table_bytes,
+        synapse,
+        pg_comparator,
+        reladiff,
+        track_secs,
+        incremental,
+        warm,
+        warm_quartiles,
+    })
 }
 
 /// Differing keys in `synapse repair check --json` output.

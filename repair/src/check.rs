@@ -102,7 +102,8 @@ struct Cache {
 struct CachedBucket {
     /// Every node's (rows, hash sum) of the bucket.
     fingerprint: String,
-    /// Per node, the rows of the bucket's differing sub-buckets.
+    /// Per node, its rows of the bucket's differing keys (caches written before kept every
+    /// row of the differing sub-buckets: still right, only larger).
     rows: Vec<Vec<(Key, i64)>>,
 }
 
@@ -331,13 +332,11 @@ async fn compare(
     let (fetched, positions): (Vec<_>, Vec<_>) = ended.into_iter().map(|e| (e.rows, e.applied)).unzip();
     let t_staged = t0.elapsed();
     let mut snapshot: Vec<Rows> = vec![Rows::new(); nodes.len()];
-    let mut fresh: BTreeMap<usize, Vec<Vec<(Key, i64)>>> =
-        to_stage.iter().map(|b| (*b, vec![Vec::new(); nodes.len()])).collect();
+    // The bucket of every row read now (a key lies in one bucket on every node).
+    let mut read_in: BTreeMap<Key, usize> = BTreeMap::new();
     for (i, rows) in fetched.into_iter().enumerate() {
         for (sub, key, hash) in rows {
-            if let Some(per_node) = fresh.get_mut(&(sub >> crate::node::SUB_BUCKET_BITS)) {
-                per_node[i].push((key.clone(), hash));
-            }
+            read_in.insert(key.clone(), sub >> crate::node::SUB_BUCKET_BITS);
             snapshot[i].insert(key, hash);
         }
     }
@@ -348,7 +347,21 @@ async fn compare(
             }
         }
     }
+    let candidates: Vec<Key> = disagreeing(&snapshot);
     if let Some(dir) = options.cache_dir.as_deref() {
+        // Per bucket read now, the rows of its keys that differ: all a later check reusing the
+        // bucket needs (the keys that agree would only be compared again).
+        let mut fresh: BTreeMap<usize, Vec<Vec<(Key, i64)>>> =
+            to_stage.iter().map(|b| (*b, vec![Vec::new(); nodes.len()])).collect();
+        for key in &candidates {
+            if let Some(per_node) = read_in.get(key).and_then(|b| fresh.get_mut(b)) {
+                for (i, rows) in per_node.iter_mut().enumerate() {
+                    if let Some(hash) = snapshot[i].get(key) {
+                        rows.push((key.clone(), *hash));
+                    }
+                }
+            }
+        }
         // Unchanged (every differing bucket reused, none gone): nothing to keep.
         if !fresh.is_empty() || reused.len() != cache.buckets.len() {
             let mut next = Cache {
@@ -368,7 +381,6 @@ async fn compare(
             Arc::new(next).save(dir, table);
         }
     }
-    let candidates: Vec<Key> = disagreeing(&snapshot);
     let cut_timeout = options.cut_timeout.filter(|_| !candidates.is_empty());
     tracing::debug!(
         table,

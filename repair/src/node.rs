@@ -832,23 +832,33 @@ impl Node {
         );
         // With the changed buckets, the sub-bucket digests of those in $4 (a check asks for the
         // buckets that differed last time: a bucket still differing after a change then needs
-        // no second round trip to find its differing sub-buckets). Only when this session read
-        // the digests before: else every bucket counts as changed.
+        // no second round trip to find its differing sub-buckets), and of those in $5 (buckets
+        // of $4 this session does not know yet, changed or not: the other node's change can
+        // make them needed; read once per session). Only when this session read the digests
+        // before: else every bucket counts as changed, and a new process (the CLI) reads only
+        // what its check needs.
         let read_sql = format!(
             "SELECT t.tracked_at::text, t.gen,
                 ({changed_sql} AND NOT (t.tracked_at::text = $2 AND t.gen <= $3::int8 + 1)),
                 (SELECT {PACKED_STORED} FROM (SELECT s.bucket, s.n, s.s FROM synapse.repair_digest d
                  JOIN synapse.repair_subdigest s ON s.tbl = d.tbl
                   AND s.bucket >= d.bucket << {SUB_BUCKET_BITS} AND s.bucket < (d.bucket + 1) << {SUB_BUCKET_BITS}
-                 WHERE d.tbl = $1 AND d.bucket = ANY($4::int8[]) AND d.gen > $3::int8 AND $3::int8 >= 0
-                   AND t.tracked_at::text = $2) x)
+                 WHERE d.tbl = $1 AND (d.bucket = ANY($4::int8[]) AND d.gen > $3::int8 OR d.bucket = ANY($5::int8[]))
+                   AND $3::int8 >= 0 AND t.tracked_at::text = $2) x)
              FROM synapse.repair_tracked t WHERE t.tbl = $1"
         );
+        let unknown: Vec<i64> = match self.subs.lock() {
+            Ok(known) => {
+                let known = known.get(table);
+                want.iter().filter(|b| known.is_none_or(|k| !k.contains_key(b))).map(|b| *b as i64).collect()
+            }
+            Err(_) => Vec::new(),
+        };
         let want: Vec<i64> = want.iter().map(|b| *b as i64).collect();
         let (fold_params, read_params): (
             [&(dyn tokio_postgres::types::ToSql + Sync); 1],
-            [&(dyn tokio_postgres::types::ToSql + Sync); 4],
-        ) = ([&table], [&table, &since_at, &since_gen, &want]);
+            [&(dyn tokio_postgres::types::ToSql + Sync); 5],
+        ) = ([&table], [&table, &since_at, &since_gen, &want, &unknown]);
         let fold = self.row(&fold_sql, &fold_params);
         let rows = self.rows(&read_sql, &read_params);
         // Both sent at once (one round trip); the read, a later statement, sees the fold.
@@ -899,10 +909,14 @@ impl Node {
                 known.remove(b);
             }
             if continued {
-                // Every wanted bucket that changed is known again (one without rows too).
+                // Every wanted bucket that changed, and every one unknown, is known now (one
+                // without rows too).
                 let wanted: std::collections::BTreeSet<usize> = want.iter().map(|b| *b as usize).collect();
                 for b in changed.iter().filter(|b| wanted.contains(b)) {
                     known.insert(*b, BTreeMap::new());
+                }
+                for b in &unknown {
+                    known.insert(*b as usize, BTreeMap::new());
                 }
                 for (sub, n, s) in unpack(row.get(3)) {
                     known.entry(sub >> SUB_BUCKET_BITS).or_default().insert(sub, (n, s));

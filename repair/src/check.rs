@@ -87,7 +87,7 @@ pub struct Report {
 /// The rows of the differing buckets of the last check of a table between the same nodes,
 /// with the digests they had: kept in a JSON file per table and node list (for the next
 /// process) and in memory (for the next check of this one).
-#[derive(Clone, Default, serde::Serialize, serde::Deserialize)]
+#[derive(Default, serde::Serialize, serde::Deserialize)]
 struct Cache {
     nodes: Vec<String>,
     bits: u8,

@@ -132,10 +132,8 @@ impl Node {
                 // the snapshot's start: one round trip less. If the table is no longer tracked
                 // they failed (and the transaction with them): open again without.
                 Ok(o) if o.tracked.is_some() => return Ok(o),
-                Ok(_) | Err(_) => {
-                    self.forget_tracked(table);
-                    self.close(table).await;
-                }
+                // open_as closed what it opened.
+                Ok(_) | Err(_) => self.forget_tracked(table),
             }
         }
         self.open_as(table, None, want).await
@@ -311,13 +309,12 @@ impl Node {
 
     /// The table's bucket digests, aggregated by the node and sent packed.
     pub async fn digests(&self, shape: &Shape, bits: u8) -> Result<Buckets, RepairError> {
-        let sql = format!(
-            "SELECT {PACKED} FROM (SELECT b, count(*) AS n, sum(h) AS s
-             FROM (SELECT {bucket} AS b, {hash} AS h FROM {from}) r GROUP BY b) g",
+        let sql = digested(&format!(
+            "SELECT {bucket} AS b, {hash} AS h FROM {from}",
             bucket = shape.bucket(bits),
             hash = shape.row_hash(),
             from = shape.from,
-        );
+        ));
         let row = self.row(&sql, &[]).await.map_err(self.fail(format!("digesting {}", shape.name)))?;
         packed_buckets(bits, row.get(0))
     }
@@ -354,12 +351,7 @@ impl Node {
             .await
             .map_err(self.fail(format!("reading differing rows of {}", shape.name)))?;
         let row = self
-            .row(
-                &format!(
-                    "SELECT {PACKED} FROM (SELECT b, count(*) AS n, sum(h) AS s FROM synapse_repair_rows GROUP BY b) g"
-                ),
-                &[],
-            )
+            .row(&digested("SELECT b, h FROM synapse_repair_rows"), &[])
             .await
             .map_err(self.fail(format!("digesting differing buckets of {}", shape.name)))?;
         Ok(unpack(row.get(0)).map(|(b, n, s)| (b, (n, s))).collect())
@@ -407,13 +399,7 @@ impl Node {
             .map_err(self.fail(format!("reading the sub-bucket digests of {}", shape.name)))?;
         let read: Vec<(usize, u64, u64)> = unpack(row.get(0)).collect();
         if let Ok(mut known) = self.subs.lock() {
-            let known = known.entry(shape.name.clone()).or_default();
-            for b in &missing {
-                known.insert(*b, BTreeMap::new());
-            }
-            for (sub, n, s) in &read {
-                known.entry(sub >> SUB_BUCKET_BITS).or_default().insert(*sub, (*n, *s));
-            }
+            remember_subs(known.entry(shape.name.clone()).or_default(), &missing, &read);
         }
         out.extend(read.into_iter().map(|(b, n, s)| (b, (n, s))));
         Ok(out)
@@ -462,13 +448,12 @@ impl Node {
     /// node and sent packed.
     pub async fn range_digests(&self, shape: &Shape, bits: u8, lo: i64, span: i64) -> Result<Buckets, RepairError> {
         let n = Buckets::new(bits)?.len();
-        let k = shape.int_key.as_deref().unwrap_or("NULL");
-        let sql = format!(
-            "SELECT {PACKED} FROM (SELECT b, count(*) AS n, sum(h) AS s
-             FROM (SELECT ({k}::int8 - $1::int8) * $2::int8 / $3::int8 AS b, {hash} AS h FROM {from}) r GROUP BY b) g",
+        let sql = digested(&format!(
+            "SELECT {bucket} AS b, {hash} AS h FROM {from}",
+            bucket = shape.range_bucket(),
             hash = shape.row_hash(),
             from = shape.from,
-        );
+        ));
         let row =
             self.row(&sql, &[&lo, &(n as i64), &span]).await.map_err(self.fail(format!("digesting {}", shape.name)))?;
         packed_buckets(bits, row.get(0))
@@ -487,10 +472,7 @@ impl Node {
             return Ok(BTreeMap::new());
         }
         let (from, to) = key_ranges(buckets, bits, lo, span);
-        let sql = format!(
-            "SELECT {PACKED} FROM (SELECT b, count(*) AS n, sum(h) AS s FROM ({rows}) r GROUP BY b) g",
-            rows = shape.range_rows("{hash} AS h").replace("{hash}", &shape.row_hash()),
-        );
+        let sql = digested(&shape.range_rows(&format!("{} AS h", shape.row_hash())));
         let row = self
             .row(&sql, &[&lo, &(1i64 << fine), &span, &from, &to])
             .await
@@ -909,18 +891,15 @@ impl Node {
                 known.remove(b);
             }
             if continued {
-                // Every wanted bucket that changed, and every one unknown, is known now (one
-                // without rows too).
+                // Every wanted bucket that changed, and every one unknown, is known now.
                 let wanted: std::collections::BTreeSet<usize> = want.iter().map(|b| *b as usize).collect();
-                for b in changed.iter().filter(|b| wanted.contains(b)) {
-                    known.insert(*b, BTreeMap::new());
-                }
-                for b in &unknown {
-                    known.insert(*b as usize, BTreeMap::new());
-                }
-                for (sub, n, s) in unpack(row.get(3)) {
-                    known.entry(sub >> SUB_BUCKET_BITS).or_default().insert(sub, (n, s));
-                }
+                let read: Vec<usize> = changed
+                    .iter()
+                    .copied()
+                    .filter(|b| wanted.contains(b))
+                    .chain(unknown.iter().map(|b| *b as usize))
+                    .collect();
+                remember_subs(known, &read, &unpack(row.get(3)).collect::<Vec<_>>());
             }
         }
         if let Ok(mut c) = self.tracked.lock() {
@@ -1042,9 +1021,25 @@ pub struct TrackedRead {
 /// Sub-bucket digests by bucket: bucket → sub-bucket → (rows, hash sum).
 type SubsByBucket = BTreeMap<usize, BTreeMap<usize, (u64, u64)>>;
 
+/// Records that the sub-bucket digests of `buckets` were read: `subs` (sub-bucket, rows, sum)
+/// are all they have (a bucket without any is known too).
+fn remember_subs(known: &mut SubsByBucket, buckets: &[usize], subs: &[(usize, u64, u64)]) {
+    for b in buckets {
+        known.insert(*b, BTreeMap::new());
+    }
+    for (sub, n, s) in subs {
+        known.entry(sub >> SUB_BUCKET_BITS).or_default().insert(*sub, (*n, *s));
+    }
+}
+
 /// (sub-bucket, key, row hash) rows as read by `staged_rows` and `sub_bucket_rows`.
 fn keyed_rows(rows: Vec<tokio_postgres::Row>) -> Vec<(usize, Key, i64)> {
     rows.into_iter().map(|r| (r.get::<_, i64>(0).max(0) as usize, r.get(1), r.get(2))).collect()
+}
+
+/// The packed digests (see [`PACKED`]) of `rows`, a query of (b, h): bucket, row hash.
+fn digested(rows: &str) -> String {
+    format!("SELECT {PACKED} FROM (SELECT b, count(*) AS n, sum(h) AS s FROM ({rows}) r GROUP BY b) g")
 }
 
 /// Every bucket's digest from a node's packed aggregate (buckets without rows are absent).
@@ -1241,10 +1236,17 @@ impl Shape {
     fn range_rows(&self, what: &str) -> String {
         let k = self.int_key.as_deref().unwrap_or("NULL");
         format!(
-            "SELECT ({k}::int8 - $1::int8) * $2::int8 / $3::int8 AS b, {what} FROM {from}
+            "SELECT {bucket} AS b, {what} FROM {from}
              JOIN unnest($4::int8[], $5::int8[]) AS u(lo, hi) ON {k} >= u.lo AND {k} < u.hi",
+            bucket = self.range_bucket(),
             from = self.from
         )
+    }
+
+    /// A row's key-range bucket (key − $1)·$2 / $3: lo, 2^bits, span (see [`range_layout`];
+    /// [`key_ranges`] inverts it).
+    fn range_bucket(&self) -> String {
+        format!("({}::int8 - $1::int8) * $2::int8 / $3::int8", self.int_key.as_deref().unwrap_or("NULL"))
     }
 
     fn index_bucket(&self, bits: u8) -> String {

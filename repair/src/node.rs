@@ -758,34 +758,41 @@ impl Node {
         }
     }
 
-    /// The tracked digests as of this snapshot: first folds the deltas committed before it
-    /// into the digests (cost ∝ changes since the last check), then reads them packed.
-    /// Returns the digests and how many deltas were folded. The sub-bucket digests of the
-    /// buckets of `want` changed since this session's last read come with them (kept for
+    /// The tracked digests as of this snapshot: folds the deltas committed before it into the
+    /// digests (cost ∝ changes since the last check) and reads them, in one statement.
+    /// Returns the digests and how many deltas were folded. Sub-bucket digests of buckets in
+    /// `want` come along where this session does not know them as of now (kept for
     /// [`Node::tracked_sub_digests`]).
     pub async fn tracked_digests(&self, table: &str, bits: u8, want: &[usize]) -> Result<TrackedRead, RepairError> {
-        // Deltas are per sub-bucket: folded into the sub-bucket digests and, summed by bucket,
-        // into the bucket digests, which are stamped with this fold's number.
         // What this session read last (dropped if made with other bits): only buckets folded
         // since are read, if tracking has not restarted since (then all of them).
         let cached = self.tracked.lock().ok().and_then(|c| c.get(table).cloned()).filter(|(_, _, b)| b.bits() == bits);
         let (since_at, since_gen) = cached.as_ref().map_or((String::new(), -1), |(at, gen, _)| (at.clone(), *gen));
-        // Existing sub-bucket digest rows are updated by a join (in EXPLAIN ANALYZE 100 rows
-        // took 0.82 ms against 1.36 with INSERT … ON CONFLICT; the whole fold of 100 changes
-        // 2.1–2.5 → 2.1–2.3 ms); only sub-buckets without a row yet are inserted (still ON
-        // CONFLICT: `track` may be re-seeding meanwhile). The fold returns the bucket digests it
-        // changed, so the read below need not scan for them.
-        let fold_sql = format!(
-            "WITH gone AS (DELETE FROM synapse.repair_delta WHERE tbl = $1 RETURNING bucket, n, s),
+        // Deltas are per sub-bucket: folded into the sub-bucket digests and, summed by bucket,
+        // into the bucket digests, which are stamped with this fold's number. Existing digest
+        // rows are updated by a join (in EXPLAIN ANALYZE 100 rows took 0.82 ms against 1.36
+        // with INSERT … ON CONFLICT); only those without a row yet are inserted (still ON
+        // CONFLICT: `track` may be re-seeding meanwhile). The fold returns every digest it
+        // changed, bucket and sub-bucket: the session's copies are brought up to date with
+        // them. The reads in the same statement see the digests as they were before the fold,
+        // i.e. with every other session's folds: those since this session's read are read
+        // (only when there are any: the fold numbers say), and the sub-bucket digests asked
+        // for. One statement, not a fold then a read: the read cost ~1 ms a node of a ~8 ms
+        // check (server log), mostly looking up the wanted buckets' sub-bucket digests again
+        // after each fold.
+        let sql = format!(
+            "WITH t AS (SELECT tracked_at::text AS at, gen FROM synapse.repair_tracked WHERE tbl = $1),
+              gone AS (DELETE FROM synapse.repair_delta WHERE tbl = $1 RETURNING bucket, n, s),
               g AS (UPDATE synapse.repair_tracked SET gen = gen + 1
                     WHERE tbl = $1 AND EXISTS (SELECT 1 FROM gone) RETURNING gen),
               fine AS (SELECT bucket, sum(n) AS n, sum(s) AS s FROM gone GROUP BY bucket),
               fine_updated AS (UPDATE synapse.repair_subdigest d SET n = d.n + f.n, s = {sub_add}
-                       FROM fine f WHERE d.tbl = $1 AND d.bucket = f.bucket RETURNING d.bucket),
+                       FROM fine f WHERE d.tbl = $1 AND d.bucket = f.bucket RETURNING d.bucket, d.n, d.s),
               fine_new AS (INSERT INTO synapse.repair_subdigest (tbl, bucket, n, s)
                        SELECT $1, bucket, n, {sum} FROM fine WHERE bucket NOT IN (SELECT bucket FROM fine_updated)
                        ON CONFLICT (tbl, bucket) DO UPDATE
-                       SET n = repair_subdigest.n + excluded.n, s = {sub_upsert}),
+                       SET n = repair_subdigest.n + excluded.n, s = {sub_upsert}
+                       RETURNING bucket, n, s),
               coarse AS (SELECT bucket >> {SUB_BUCKET_BITS} AS bucket, sum(n) AS n, sum(s) AS s
                        FROM gone GROUP BY bucket >> {SUB_BUCKET_BITS}),
               coarse_updated AS (UPDATE synapse.repair_digest d
@@ -797,113 +804,98 @@ impl Node {
                        ON CONFLICT (tbl, bucket) DO UPDATE
                        SET n = repair_digest.n + excluded.n, s = {upsert}, gen = excluded.gen
                        RETURNING bucket, n, s)
-             SELECT (SELECT count(*) FROM gone),
-                    (SELECT {PACKED_STORED} FROM (SELECT * FROM coarse_updated UNION ALL SELECT * FROM coarse_new) x)",
+             SELECT t.at, t.gen, (SELECT gen FROM g), (SELECT count(*) FROM gone),
+                (SELECT {PACKED_STORED} FROM (SELECT * FROM coarse_updated UNION ALL SELECT * FROM coarse_new) x),
+                (SELECT {PACKED_STORED} FROM (SELECT * FROM fine_updated UNION ALL SELECT * FROM fine_new) x),
+                -- Folded by others since this session's read: every bucket if it read none.
+                (SELECT {PACKED_STORED} FROM synapse.repair_digest d
+                 WHERE d.tbl = $1 AND NOT (t.at = $2 AND t.gen = $3::int8)
+                   AND d.gen > CASE WHEN t.at = $2 AND t.gen >= $3::int8 THEN $3::int8 ELSE -1 END),
+                -- Sub-bucket digests: of the buckets of $4 (those a check wants: they differed
+                -- last time) that others folded since, and of $5 (wanted, not known yet).
+                (SELECT {PACKED_STORED} FROM (
+                   SELECT s.bucket, s.n, s.s FROM synapse.repair_digest d
+                   JOIN synapse.repair_subdigest s ON s.tbl = d.tbl
+                    AND s.bucket >= d.bucket << {SUB_BUCKET_BITS} AND s.bucket < (d.bucket + 1) << {SUB_BUCKET_BITS}
+                   WHERE d.tbl = $1 AND d.bucket = ANY($4::int8[]) AND d.gen > $3::int8
+                     AND t.at = $2 AND t.gen > $3::int8 AND $3::int8 >= 0
+                   UNION ALL
+                   SELECT s.bucket, s.n, s.s FROM synapse.repair_subdigest s, unnest($5::int8[]) w(b)
+                   WHERE s.tbl = $1 AND s.bucket >= w.b << {SUB_BUCKET_BITS} AND s.bucket < (w.b + 1) << {SUB_BUCKET_BITS}
+                     AND t.at = $2 AND t.gen >= $3::int8 AND $3::int8 >= 0) x)
+             FROM t",
             sum = wrap("s"),
             sub_add = wrap("d.s::numeric + f.s"),
             sub_upsert = wrap("repair_subdigest.s::numeric + excluded.s"),
             add = wrap("d.s::numeric + c.s"),
             upsert = wrap("repair_digest.s::numeric + excluded.s"),
         );
-        // The buckets folded since this session's last read: what this fold changed, if it was
-        // the only fold since; else (another session folded, or nothing is cached) the scan
-        // of the digests' fold numbers (~0.5 ms over 4,096 rows) runs.
-        let changed_sql = format!(
-            "SELECT {PACKED_STORED} FROM synapse.repair_digest d
-             WHERE d.tbl = $1 AND d.gen > CASE WHEN t.tracked_at::text = $2 THEN $3::int8 ELSE -1 END"
-        );
-        // With the changed buckets, the sub-bucket digests of those in $4 (a check asks for the
-        // buckets that differed last time: a bucket still differing after a change then needs
-        // no second round trip to find its differing sub-buckets), and of those in $5 (buckets
-        // of $4 this session does not know yet, changed or not: the other node's change can
-        // make them needed; read once per session). Only when this session read the digests
-        // before: else every bucket counts as changed, and a new process (the CLI) reads only
-        // what its check needs.
-        let read_sql = format!(
-            "SELECT t.tracked_at::text, t.gen,
-                ({changed_sql} AND NOT (t.tracked_at::text = $2 AND t.gen <= $3::int8 + 1)),
-                (SELECT {PACKED_STORED} FROM (SELECT s.bucket, s.n, s.s FROM synapse.repair_digest d
-                 JOIN synapse.repair_subdigest s ON s.tbl = d.tbl
-                  AND s.bucket >= d.bucket << {SUB_BUCKET_BITS} AND s.bucket < (d.bucket + 1) << {SUB_BUCKET_BITS}
-                 WHERE d.tbl = $1 AND (d.bucket = ANY($4::int8[]) AND d.gen > $3::int8 OR d.bucket = ANY($5::int8[]))
-                   AND $3::int8 >= 0 AND t.tracked_at::text = $2) x)
-             FROM synapse.repair_tracked t WHERE t.tbl = $1"
-        );
+        // Wanted buckets this session does not know the sub-bucket digests of. Only when this
+        // session read the digests before: a new process (the CLI) reads only what its check
+        // needs, later.
         let unknown: Vec<i64> = match self.subs.lock() {
-            Ok(known) => {
+            Ok(known) if since_gen >= 0 => {
                 let known = known.get(table);
                 want.iter().filter(|b| known.is_none_or(|k| !k.contains_key(b))).map(|b| *b as i64).collect()
             }
-            Err(_) => Vec::new(),
+            _ => Vec::new(),
         };
         let want: Vec<i64> = want.iter().map(|b| *b as i64).collect();
-        let (fold_params, read_params): (
-            [&(dyn tokio_postgres::types::ToSql + Sync); 1],
-            [&(dyn tokio_postgres::types::ToSql + Sync); 5],
-        ) = ([&table], [&table, &since_at, &since_gen, &want, &unknown]);
-        let fold = self.row(&fold_sql, &fold_params);
-        let rows = self.rows(&read_sql, &read_params);
-        // Both sent at once (one round trip); the read, a later statement, sees the fold.
-        let (fold, rows) = futures_util::future::join(fold, rows).await;
-        let fold = fold.map_err(self.fail(format!("folding the changes of {table} into its digests")))?;
-        let folded = fold.get::<_, i64>(0).max(0) as u64;
-        let rows = rows.map_err(self.fail(format!("reading the digests of {table}")))?;
+        let rows = self
+            .rows(&sql, &[&table, &since_at, &since_gen, &want, &unknown])
+            .await
+            .map_err(self.fail(format!("folding the changes of {table} into its digests")))?;
         let Some(row) = rows.first() else {
             return Err(RepairError::Table {
                 table: table.to_owned(),
                 message: format!("tracking stopped on {} during the check (a TRUNCATE?); check again", self.name),
             });
         };
-        let (at, gen): (String, i64) = (row.get(0), row.get(1));
-        let continued = since_gen >= 0 && since_at == at;
-        let changes: Vec<u8> = if !continued || gen > since_gen + 1 {
-            row.get(2) // the scan ran
-        } else if gen == since_gen + 1 && folded > 0 {
-            fold.get(1) // this fold was the only one since
-        } else if gen == since_gen {
-            Vec::new() // no fold since
-        } else {
-            // One fold since, by another session (this one folded nothing): look its buckets up.
-            let row = self
-                .row(
-                    &format!("SELECT ({changed_sql}) FROM synapse.repair_tracked t WHERE t.tbl = $1"),
-                    &[&table, &since_at, &since_gen],
-                )
-                .await
-                .map_err(self.fail(format!("reading the digests of {table}")))?;
-            row.get(0)
-        };
+        let (at, before, after): (String, i64, Option<i64>) = (row.get(0), row.get(1), row.get(2));
+        let folded = row.get::<_, i64>(3).max(0) as u64;
+        let (ours, ours_fine, others, read): (Vec<u8>, Vec<u8>, Vec<u8>, Vec<u8>) =
+            (row.get(4), row.get(5), row.get(6), row.get(7));
+        let continued = since_gen >= 0 && since_at == at && before >= since_gen;
         let mut buckets = match cached {
-            Some((cached_at, _, b)) if cached_at == at => b,
+            Some((_, _, b)) if continued => b,
             _ => Buckets::new(bits)?,
         };
-        let mut changed = Vec::new();
-        for (b, count, sum) in unpack(changes) {
-            buckets.set(b, count, sum);
-            changed.push(b);
+        // Others' folds first: this fold's digests are newer.
+        let mut others_folded = Vec::new();
+        for (b, n, s) in unpack(others) {
+            buckets.set(b, n, s);
+            others_folded.push(b);
+        }
+        for (b, n, s) in unpack(ours) {
+            buckets.set(b, n, s);
         }
         if let Ok(mut known) = self.subs.lock() {
             let known = known.entry(table.to_owned()).or_default();
             if !continued {
                 known.clear();
             }
-            for b in &changed {
+            for b in &others_folded {
                 known.remove(b);
             }
             if continued {
-                // Every wanted bucket that changed, and every one unknown, is known now.
-                let wanted: std::collections::BTreeSet<usize> = want.iter().map(|b| *b as usize).collect();
-                let read: Vec<usize> = changed
+                let wanted: std::collections::BTreeSet<i64> = want.iter().copied().collect();
+                let read_buckets: Vec<usize> = others_folded
                     .iter()
                     .copied()
-                    .filter(|b| wanted.contains(b))
+                    .filter(|b| wanted.contains(&(*b as i64)))
                     .chain(unknown.iter().map(|b| *b as usize))
                     .collect();
-                remember_subs(known, &read, &unpack(row.get(3)).collect::<Vec<_>>());
+                remember_subs(known, &read_buckets, &unpack(read).collect::<Vec<_>>());
+            }
+            // This fold's sub-bucket digests update the buckets known (the rest stay unknown).
+            for (sub, n, s) in unpack(ours_fine) {
+                if let Some(subs) = known.get_mut(&(sub >> SUB_BUCKET_BITS)) {
+                    subs.insert(sub, (n, s));
+                }
             }
         }
         if let Ok(mut c) = self.tracked.lock() {
-            c.insert(table.to_owned(), (at, gen, buckets.clone()));
+            c.insert(table.to_owned(), (at, after.unwrap_or(before), buckets.clone()));
         }
         Ok(TrackedRead { buckets, folded })
     }

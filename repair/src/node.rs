@@ -46,6 +46,8 @@ pub struct Node {
     /// Statements prepared on this session, by text: a session kept between checks (the
     /// admin API) then needs one round trip per query instead of two.
     statements: std::sync::Mutex<std::collections::HashMap<String, tokio_postgres::Statement>>,
+    /// synapse's own tables this session has seen exist (see [`Node::has_table`]).
+    tables_seen: std::sync::Mutex<std::collections::HashSet<&'static str>>,
 }
 
 impl Node {
@@ -63,6 +65,7 @@ impl Node {
             tracked: Default::default(),
             subs: Default::default(),
             statements: Default::default(),
+            tables_seen: Default::default(),
         })
     }
 
@@ -112,6 +115,30 @@ impl Node {
         self.client.query_one(&stmt, params).await
     }
 
+    /// Whether `table`, one of synapse's own, exists on this node. A query of a table that
+    /// does not exist fails at parse and logs an ERROR in the server's log, once per check on
+    /// a node where no applier ever ran; `to_regclass` does not. Once seen, a table is taken to
+    /// stay (a query of it that finds it gone says so, see [`Node::gone`]).
+    async fn has_table(&self, table: &'static str) -> Result<bool, tokio_postgres::Error> {
+        if self.tables_seen.lock().is_ok_and(|s| s.contains(table)) {
+            return Ok(true);
+        }
+        let exists: bool = self.row("SELECT to_regclass($1) IS NOT NULL", &[&table]).await?.get(0);
+        if let (true, Ok(mut seen)) = (exists, self.tables_seen.lock()) {
+            seen.insert(table);
+        }
+        Ok(exists)
+    }
+
+    /// Whether `e` says `table` does not exist (then it is forgotten as seen).
+    fn gone(&self, e: &tokio_postgres::Error, table: &'static str) -> bool {
+        let gone = e.code() == Some(&tokio_postgres::error::SqlState::UNDEFINED_TABLE);
+        if let (true, Ok(mut seen)) = (gone, self.tables_seen.lock()) {
+            seen.remove(table);
+        }
+        gone
+    }
+
     fn fail(&self, context: String) -> impl FnOnce(tokio_postgres::Error) -> RepairError + '_ {
         move |source| RepairError::Node { node: self.name.clone(), context, source }
     }
@@ -152,8 +179,8 @@ impl Node {
             futures_util::future::join4(
                 self.client.batch_execute(&lock_sql),
                 self.describe(table),
-                // Before the snapshot's start: no synapse.repair_tracked fails this statement's
-                // preparation, which must not abort the transaction.
+                // Probes for synapse.repair_tracked first (once per session, before the
+                // snapshot's start): its query's preparation must not fail in the transaction.
                 self.tracked_as(table),
                 self.client.batch_execute(
                     "BEGIN ISOLATION LEVEL REPEATABLE READ; SET LOCAL enable_sort = off; SET LOCAL synchronous_commit = off",
@@ -737,6 +764,11 @@ impl Node {
     }
 
     async fn tracked_as(&self, name: &str) -> Result<Option<Tracked>, RepairError> {
+        const TABLE: &str = "synapse.repair_tracked";
+        let fail = |e| RepairError::Node { node: self.name.clone(), context: format!("reading {TABLE}"), source: e };
+        if !self.has_table(TABLE).await.map_err(fail)? {
+            return Ok(None);
+        }
         let row = self
             .rows(
                 "SELECT bits, key_hash, row_hash FROM synapse.repair_tracked WHERE tbl = $1 AND sub_bits = bits + $2",
@@ -749,12 +781,8 @@ impl Node {
                 key_hash: r.get(1),
                 row_hash: r.get(2),
             })),
-            Err(e) if e.code() == Some(&tokio_postgres::error::SqlState::UNDEFINED_TABLE) => Ok(None),
-            Err(e) => Err(RepairError::Node {
-                node: self.name.clone(),
-                context: "reading synapse.repair_tracked".into(),
-                source: e,
-            }),
+            Err(e) if self.gone(&e, TABLE) => Ok(None),
+            Err(e) => Err(fail(e)),
         }
     }
 
@@ -963,18 +991,16 @@ impl Node {
     /// Positions this node's appliers have applied, by source node: the commit position of
     /// each source's last applied transaction. `None`: no applier ever ran on this node.
     pub async fn applied(&self) -> Result<Option<Vec<(String, Lsn)>>, RepairError> {
-        let rows = self.rows("SELECT source_node, commit_lsn::text FROM synapse.applied", &[]).await;
-        let rows = match rows {
+        const TABLE: &str = "synapse.applied";
+        let fail = self.fail("reading applied positions".into());
+        // No such table: this node applies nothing.
+        if !self.has_table(TABLE).await.map_err(fail)? {
+            return Ok(None);
+        }
+        let rows = match self.rows("SELECT source_node, commit_lsn::text FROM synapse.applied", &[]).await {
             Ok(rows) => rows,
-            // No such table: this node applies nothing.
-            Err(e) if e.code() == Some(&tokio_postgres::error::SqlState::UNDEFINED_TABLE) => return Ok(None),
-            Err(e) => {
-                return Err(RepairError::Node {
-                    node: self.name.clone(),
-                    context: "reading applied positions".into(),
-                    source: e,
-                })
-            }
+            Err(e) if self.gone(&e, TABLE) => return Ok(None),
+            Err(e) => return Err(self.fail("reading applied positions".into())(e)),
         };
         Ok(Some(rows.into_iter().map(|r| (r.get(0), r.get::<_, String>(1).parse().unwrap_or(Lsn(0)))).collect()))
     }

@@ -191,6 +191,11 @@ impl LocalCluster {
         self.port
     }
 
+    /// The server's log (messages of WARNING and above).
+    pub fn server_log(&self) -> String {
+        std::fs::read_to_string(self.root.join("server.log")).unwrap_or_default()
+    }
+
     /// A connection URL for database `db` as the superuser `postgres`.
     pub fn url(&self, db: &str) -> String {
         format!("postgres://postgres@127.0.0.1:{}/{}", self.port, db)

@@ -102,9 +102,12 @@ struct Cache {
 struct CachedBucket {
     /// Every node's (rows, hash sum) of the bucket.
     fingerprint: String,
-    /// Per node, its rows of the bucket's differing keys (caches written before kept every
-    /// row of the differing sub-buckets: still right, only larger).
-    rows: Vec<Vec<(Key, i64)>>,
+    /// The same of each of its sub-buckets that differed: one whose digests are unchanged on
+    /// every node holds the rows it held then, in a bucket changed elsewhere.
+    subs: BTreeMap<usize, String>,
+    /// Per node, its rows of the bucket's differing keys: (sub-bucket, key, row hash). A cache
+    /// written before sub-buckets were kept does not parse: the next check reads afresh.
+    rows: Vec<Vec<(usize, Key, i64)>>,
 }
 
 /// This process's caches by file: reading one back from memory saves parsing it (~0.4 ms of
@@ -306,44 +309,72 @@ async fn compare(
     // Within buckets to read: sub-bucket digests first, then rows of differing sub-buckets.
     // Tracked digests have their sub-buckets' digests kept too, and an index on the sub-bucket;
     // otherwise the buckets' rows are staged on the node and their sub-buckets digested there.
-    // Either way only rows of differing sub-buckets cross the wire.
+    // Either way only rows of differing sub-buckets cross the wire, and not those of a
+    // sub-bucket whose digests are those of the last check (the same rule one level down: a
+    // change elsewhere in its bucket leaves its rows as they were).
     // The rows are the snapshot's last read: its end (and the applied positions the cut
     // starts from, read right after it) go in the same round trip.
     let applied = options.cut_timeout.is_some();
-    let ended = if use_tracked {
+    let cached_sub = |sub: usize, subs: &[BTreeMap<usize, (u64, u64)>]| -> bool {
+        let now: Vec<String> =
+            subs.iter().map(|m| m.get(&sub).map_or("-".into(), |(n, s)| format!("{n}:{s}"))).collect();
+        cache
+            .buckets
+            .get(&(sub >> crate::node::SUB_BUCKET_BITS))
+            .and_then(|c| c.subs.get(&sub))
+            .is_some_and(|f| *f == now.join(","))
+    };
+    let (ended, subs) = if use_tracked {
         let subs = try_join_all(nodes.iter().zip(shapes).map(|(n, s)| n.tracked_sub_digests(s, &to_stage))).await?;
-        let differing_subs: Vec<usize> = differing_subs(&subs).into_iter().collect();
-        try_join_all(nodes.iter().zip(shapes).map(|(n, s)| n.sub_bucket_rows(s, fine, &differing_subs, applied)))
-            .await?
+        let read: Vec<usize> = differing_subs(&subs).into_iter().filter(|sub| !cached_sub(*sub, &subs)).collect();
+        let ended =
+            try_join_all(nodes.iter().zip(shapes).map(|(n, s)| n.sub_bucket_rows(s, fine, &read, applied))).await?;
+        (ended, subs)
     } else if let Some(range) = range {
         let subs = try_join_all(
             nodes.iter().zip(shapes).map(|(n, s)| n.range_sub_digests(s, (options.bits, fine), range, &to_stage)),
         )
         .await?;
-        let differing_subs: Vec<usize> = differing_subs(&subs).into_iter().collect();
-        try_join_all(nodes.iter().zip(shapes).map(|(n, s)| n.range_rows(s, fine, range, &differing_subs, applied)))
-            .await?
+        let read: Vec<usize> = differing_subs(&subs).into_iter().filter(|sub| !cached_sub(*sub, &subs)).collect();
+        let ended =
+            try_join_all(nodes.iter().zip(shapes).map(|(n, s)| n.range_rows(s, fine, range, &read, applied))).await?;
+        (ended, subs)
     } else {
-        let staged =
+        let subs =
             try_join_all(nodes.iter().zip(shapes).map(|(n, s)| n.stage(s, options.bits, fine, &to_stage))).await?;
-        let differing_subs: Vec<usize> = differing_subs(&staged).into_iter().collect();
-        try_join_all(nodes.iter().zip(shapes).map(|(n, s)| n.staged_rows(s, &differing_subs, applied))).await?
+        let read: Vec<usize> = differing_subs(&subs).into_iter().filter(|sub| !cached_sub(*sub, &subs)).collect();
+        let ended = try_join_all(nodes.iter().zip(shapes).map(|(n, s)| n.staged_rows(s, &read, applied))).await?;
+        (ended, subs)
+    };
+    let sub_fingerprint = |sub: usize| -> String {
+        subs.iter().map(|m| m.get(&sub).map_or("-".into(), |(n, s)| format!("{n}:{s}"))).collect::<Vec<_>>().join(",")
     };
     let (fetched, positions): (Vec<_>, Vec<_>) = ended.into_iter().map(|e| (e.rows, e.applied)).unzip();
     let t_staged = t0.elapsed();
     let mut snapshot: Vec<Rows> = vec![Rows::new(); nodes.len()];
-    // The bucket of every row read now (a key lies in one bucket on every node).
+    // The sub-bucket of every row read now or reused (a key lies in one on every node).
     let mut read_in: BTreeMap<Key, usize> = BTreeMap::new();
     for (i, rows) in fetched.into_iter().enumerate() {
         for (sub, key, hash) in rows {
-            read_in.insert(key.clone(), sub >> crate::node::SUB_BUCKET_BITS);
+            read_in.insert(key.clone(), sub);
             snapshot[i].insert(key, hash);
         }
     }
-    for b in &reused {
-        if let Some(c) = cache.buckets.get(b) {
-            for (i, rows) in c.rows.iter().enumerate().take(nodes.len()) {
-                snapshot[i].extend(rows.iter().cloned());
+    // Rows of reused buckets, and of the reused sub-buckets of buckets read now.
+    let differing_now = differing_subs(&subs);
+    for (b, c) in &cache.buckets {
+        let whole = reused.binary_search(b).is_ok();
+        if !whole && to_stage.binary_search(b).is_err() {
+            continue;
+        }
+        for (i, rows) in c.rows.iter().enumerate().take(nodes.len()) {
+            for (sub, key, hash) in rows {
+                if whole
+                    || (differing_now.contains(sub) && c.subs.get(sub).is_some_and(|f| *f == sub_fingerprint(*sub)))
+                {
+                    read_in.insert(key.clone(), *sub);
+                    snapshot[i].insert(key.clone(), *hash);
+                }
             }
         }
     }
@@ -351,13 +382,14 @@ async fn compare(
     if let Some(dir) = options.cache_dir.as_deref() {
         // Per bucket read now, the rows of its keys that differ: all a later check reusing the
         // bucket needs (the keys that agree would only be compared again).
-        let mut fresh: BTreeMap<usize, Vec<Vec<(Key, i64)>>> =
+        let mut fresh: BTreeMap<usize, Vec<Vec<(usize, Key, i64)>>> =
             to_stage.iter().map(|b| (*b, vec![Vec::new(); nodes.len()])).collect();
         for key in &candidates {
-            if let Some(per_node) = read_in.get(key).and_then(|b| fresh.get_mut(b)) {
+            let Some(sub) = read_in.get(key) else { continue };
+            if let Some(per_node) = fresh.get_mut(&(sub >> crate::node::SUB_BUCKET_BITS)) {
                 for (i, rows) in per_node.iter_mut().enumerate() {
                     if let Some(hash) = snapshot[i].get(key) {
-                        rows.push((key.clone(), *hash));
+                        rows.push((*sub, key.clone(), *hash));
                     }
                 }
             }
@@ -376,7 +408,11 @@ async fn compare(
                 }
             }
             for (b, rows) in fresh {
-                next.buckets.insert(b, Arc::new(CachedBucket { fingerprint: fingerprint(b), rows }));
+                let subs = differing_now
+                    .range(b << crate::node::SUB_BUCKET_BITS..(b + 1) << crate::node::SUB_BUCKET_BITS)
+                    .map(|sub| (*sub, sub_fingerprint(*sub)))
+                    .collect();
+                next.buckets.insert(b, Arc::new(CachedBucket { fingerprint: fingerprint(b), subs, rows }));
             }
             Arc::new(next).save(dir, table);
         }

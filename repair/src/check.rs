@@ -107,8 +107,11 @@ struct CachedBucket {
     subs: BTreeMap<usize, String>,
     /// Per node, its rows of the bucket's differing keys: (sub-bucket, key, row hash). A cache
     /// written before sub-buckets were kept does not parse: the next check reads afresh.
-    rows: Vec<Vec<(usize, Key, i64)>>,
+    rows: Vec<NodeRows>,
 }
+
+/// One node's rows of a bucket's differing keys: (sub-bucket, key, row hash).
+type NodeRows = Vec<(usize, Key, i64)>;
 
 /// This process's caches by file: reading one back from memory saves parsing it (~0.4 ms of
 /// a 10 ms incremental check, measured).
@@ -382,7 +385,7 @@ async fn compare(
     if let Some(dir) = options.cache_dir.as_deref() {
         // Per bucket read now, the rows of its keys that differ: all a later check reusing the
         // bucket needs (the keys that agree would only be compared again).
-        let mut fresh: BTreeMap<usize, Vec<Vec<(usize, Key, i64)>>> =
+        let mut fresh: BTreeMap<usize, Vec<NodeRows>> =
             to_stage.iter().map(|b| (*b, vec![Vec::new(); nodes.len()])).collect();
         for key in &candidates {
             let Some(sub) = read_in.get(key) else { continue };

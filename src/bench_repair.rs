@@ -47,8 +47,8 @@ pub struct RepairBench {
 }
 
 /// Checks measured in a running process per round: each takes milliseconds and their times
-/// spread (two servers and the client on 2 cores: quartiles ~6 and ~9 ms around a ~7 ms
-/// median); the median of 3 moved by ±1.5 ms between rounds.
+/// spread (two servers, the proxies and the client on 2 cores: quartiles ~1 ms either side of
+/// a ~6.5 ms median); the median of 3 moved by ±1.5 ms between rounds.
 pub const WARM_RUNS: usize = 15;
 
 /// Rows updated (the same way on both nodes) before each incremental check.

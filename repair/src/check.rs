@@ -304,53 +304,41 @@ async fn compare(
     let differing: Vec<usize> = differing.into_iter().collect();
     // A differing bucket whose digests on every node are those of the last check holds the
     // rows it held then: reuse them (a check then costs by what changed, not by the drift).
-    let fingerprint = |b: usize| -> String {
-        digests.iter().map(|d| d.get(b).map_or("-".into(), |(n, s)| format!("{n}:{s}"))).collect::<Vec<_>>().join(",")
-    };
+    let bucket_fingerprint = |b: usize| fingerprint(digests.iter().map(|d| d.get(b)));
     let (reused, to_stage): (Vec<usize>, Vec<usize>) =
-        differing.iter().partition(|b| cache.buckets.get(b).is_some_and(|c| c.fingerprint == fingerprint(**b)));
+        differing.iter().partition(|b| cache.buckets.get(b).is_some_and(|c| c.fingerprint == bucket_fingerprint(**b)));
     // Within buckets to read: sub-bucket digests first, then rows of differing sub-buckets.
     // Tracked digests have their sub-buckets' digests kept too, and an index on the sub-bucket;
     // otherwise the buckets' rows are staged on the node and their sub-buckets digested there.
     // Either way only rows of differing sub-buckets cross the wire, and not those of a
     // sub-bucket whose digests are those of the last check (the same rule one level down: a
     // change elsewhere in its bucket leaves its rows as they were).
+    let subs = if use_tracked {
+        try_join_all(nodes.iter().zip(shapes).map(|(n, s)| n.tracked_sub_digests(s, &to_stage))).await?
+    } else if let Some(range) = range {
+        try_join_all(
+            nodes.iter().zip(shapes).map(|(n, s)| n.range_sub_digests(s, (options.bits, fine), range, &to_stage)),
+        )
+        .await?
+    } else {
+        try_join_all(nodes.iter().zip(shapes).map(|(n, s)| n.stage(s, options.bits, fine, &to_stage))).await?
+    };
+    let sub_fingerprint = |sub: usize| fingerprint(subs.iter().map(|m| m.get(&sub).copied()));
+    let differing_now = differing_subs(&subs);
+    let (reused_subs, read): (BTreeSet<usize>, BTreeSet<usize>) = differing_now.iter().partition(|sub| {
+        let cached = cache.buckets.get(&(**sub >> crate::node::SUB_BUCKET_BITS)).and_then(|c| c.subs.get(*sub));
+        cached.is_some_and(|f| *f == sub_fingerprint(**sub))
+    });
+    let read: Vec<usize> = read.into_iter().collect();
     // The rows are the snapshot's last read: its end (and the applied positions the cut
     // starts from, read right after it) go in the same round trip.
     let applied = options.cut_timeout.is_some();
-    let cached_sub = |sub: usize, subs: &[BTreeMap<usize, (u64, u64)>]| -> bool {
-        let now: Vec<String> =
-            subs.iter().map(|m| m.get(&sub).map_or("-".into(), |(n, s)| format!("{n}:{s}"))).collect();
-        cache
-            .buckets
-            .get(&(sub >> crate::node::SUB_BUCKET_BITS))
-            .and_then(|c| c.subs.get(&sub))
-            .is_some_and(|f| *f == now.join(","))
-    };
-    let (ended, subs) = if use_tracked {
-        let subs = try_join_all(nodes.iter().zip(shapes).map(|(n, s)| n.tracked_sub_digests(s, &to_stage))).await?;
-        let read: Vec<usize> = differing_subs(&subs).into_iter().filter(|sub| !cached_sub(*sub, &subs)).collect();
-        let ended =
-            try_join_all(nodes.iter().zip(shapes).map(|(n, s)| n.sub_bucket_rows(s, fine, &read, applied))).await?;
-        (ended, subs)
+    let ended = if use_tracked {
+        try_join_all(nodes.iter().zip(shapes).map(|(n, s)| n.sub_bucket_rows(s, fine, &read, applied))).await?
     } else if let Some(range) = range {
-        let subs = try_join_all(
-            nodes.iter().zip(shapes).map(|(n, s)| n.range_sub_digests(s, (options.bits, fine), range, &to_stage)),
-        )
-        .await?;
-        let read: Vec<usize> = differing_subs(&subs).into_iter().filter(|sub| !cached_sub(*sub, &subs)).collect();
-        let ended =
-            try_join_all(nodes.iter().zip(shapes).map(|(n, s)| n.range_rows(s, fine, range, &read, applied))).await?;
-        (ended, subs)
+        try_join_all(nodes.iter().zip(shapes).map(|(n, s)| n.range_rows(s, fine, range, &read, applied))).await?
     } else {
-        let subs =
-            try_join_all(nodes.iter().zip(shapes).map(|(n, s)| n.stage(s, options.bits, fine, &to_stage))).await?;
-        let read: Vec<usize> = differing_subs(&subs).into_iter().filter(|sub| !cached_sub(*sub, &subs)).collect();
-        let ended = try_join_all(nodes.iter().zip(shapes).map(|(n, s)| n.staged_rows(s, &read, applied))).await?;
-        (ended, subs)
-    };
-    let sub_fingerprint = |sub: usize| -> String {
-        subs.iter().map(|m| m.get(&sub).map_or("-".into(), |(n, s)| format!("{n}:{s}"))).collect::<Vec<_>>().join(",")
+        try_join_all(nodes.iter().zip(shapes).map(|(n, s)| n.staged_rows(s, &read, applied))).await?
     };
     let (fetched, positions): (Vec<_>, Vec<_>) = ended.into_iter().map(|e| (e.rows, e.applied)).unzip();
     let t_staged = t0.elapsed();
@@ -364,20 +352,12 @@ async fn compare(
         }
     }
     // Rows of reused buckets, and of the reused sub-buckets of buckets read now.
-    let differing_now = differing_subs(&subs);
     for (b, c) in &cache.buckets {
         let whole = reused.binary_search(b).is_ok();
-        if !whole && to_stage.binary_search(b).is_err() {
-            continue;
-        }
         for (i, rows) in c.rows.iter().enumerate().take(nodes.len()) {
-            for (sub, key, hash) in rows {
-                if whole
-                    || (differing_now.contains(sub) && c.subs.get(sub).is_some_and(|f| *f == sub_fingerprint(*sub)))
-                {
-                    read_in.insert(key.clone(), *sub);
-                    snapshot[i].insert(key.clone(), *hash);
-                }
+            for (sub, key, hash) in rows.iter().filter(|(sub, _, _)| whole || reused_subs.contains(sub)) {
+                read_in.insert(key.clone(), *sub);
+                snapshot[i].insert(key.clone(), *hash);
             }
         }
     }
@@ -415,7 +395,7 @@ async fn compare(
                     .range(b << crate::node::SUB_BUCKET_BITS..(b + 1) << crate::node::SUB_BUCKET_BITS)
                     .map(|sub| (*sub, sub_fingerprint(*sub)))
                     .collect();
-                next.buckets.insert(b, Arc::new(CachedBucket { fingerprint: fingerprint(b), subs, rows }));
+                next.buckets.insert(b, Arc::new(CachedBucket { fingerprint: bucket_fingerprint(b), subs, rows }));
             }
             Arc::new(next).save(dir, table);
         }
@@ -483,6 +463,11 @@ async fn compare(
         folded,
         reused_buckets: reused.len(),
     })
+}
+
+/// Every node's (rows, hash sum) of a bucket or sub-bucket, as the cache keeps it.
+fn fingerprint(per_node: impl Iterator<Item = Option<(u64, u64)>>) -> String {
+    per_node.map(|d| d.map_or("-".into(), |(n, s)| format!("{n}:{s}"))).collect::<Vec<_>>().join(",")
 }
 
 /// Sub-buckets whose digests are not the same on every node.

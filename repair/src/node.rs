@@ -48,6 +48,8 @@ pub struct Node {
     statements: std::sync::Mutex<std::collections::HashMap<String, tokio_postgres::Statement>>,
     /// synapse's own tables this session has seen exist (see [`Node::has_table`]).
     tables_seen: std::sync::Mutex<std::collections::HashSet<&'static str>>,
+    /// Tables found tracked in another layout, warned about once per session.
+    stale_warned: std::sync::Mutex<std::collections::HashSet<String>>,
 }
 
 impl Node {
@@ -66,6 +68,7 @@ impl Node {
             subs: Default::default(),
             statements: Default::default(),
             tables_seen: Default::default(),
+            stale_warned: Default::default(),
         })
     }
 
@@ -410,11 +413,8 @@ impl Node {
         let row = self
             .row(
                 &format!(
-                    "SELECT {PACKED_STORED} FROM (
-                       SELECT (d.bucket << {SUB_BUCKET_BITS}) + o - 1 AS bucket, d.sub_n[o] AS n, d.sub_s[o] AS s
-                       FROM synapse.repair_digest d, generate_series(1, {subs}) o
-                       WHERE d.tbl = $1 AND d.bucket = ANY($2::int8[]) AND d.sub_n[o] <> 0) x",
-                    subs = 1 << SUB_BUCKET_BITS
+                    "SELECT {PACKED_STORED} FROM ({} AND d.tbl = $1 AND d.bucket = ANY($2::int8[])) x",
+                    sub_digest_rows()
                 ),
                 &[&shape.name, &wanted],
             )
@@ -768,25 +768,36 @@ impl Node {
 
     async fn tracked_as(&self, name: &str) -> Result<Option<Tracked>, RepairError> {
         const TABLE: &str = "synapse.repair_tracked";
-        let fail = |e| RepairError::Node { node: self.name.clone(), context: format!("reading {TABLE}"), source: e };
-        if !self.has_table(TABLE).await.map_err(fail)? {
+        if !self.has_table(TABLE).await.map_err(self.fail(format!("reading {TABLE}")))? {
             return Ok(None);
         }
-        let row = self
-            .rows(
-                "SELECT bits, key_hash, row_hash FROM synapse.repair_tracked
-                 WHERE tbl = $1 AND sub_bits = bits + $2 AND layout = $3",
-                &[&name, &i32::from(SUB_BUCKET_BITS), &LAYOUT],
-            )
-            .await;
+        // As JSON: a table tracked by an older version may lack columns this one reads.
+        let row = self.rows("SELECT to_jsonb(t)::text FROM synapse.repair_tracked t WHERE t.tbl = $1", &[&name]).await;
         match row {
-            Ok(r) => Ok(r.first().map(|r| Tracked {
-                bits: r.get::<_, i32>(0).clamp(0, 64) as u8,
-                key_hash: r.get(1),
-                row_hash: r.get(2),
-            })),
+            Ok(r) => {
+                let Some(r) = r.first() else { return Ok(None) };
+                let v: serde_json::Value = serde_json::from_str(r.get(0)).unwrap_or_default();
+                let (bits, sub_bits) = (v["bits"].as_i64().unwrap_or(-1), v["sub_bits"].as_i64());
+                if v["layout"].as_i64().unwrap_or(1) != i64::from(LAYOUT)
+                    || sub_bits != Some(bits + i64::from(SUB_BUCKET_BITS))
+                {
+                    if self.stale_warned.lock().is_ok_and(|mut w| w.insert(name.to_owned())) {
+                        tracing::warn!(
+                            table = name,
+                            node = %self.name,
+                            "tracked by an older version of synapse: checks scan it until `synapse repair track` runs again"
+                        );
+                    }
+                    return Ok(None);
+                }
+                Ok(Some(Tracked {
+                    bits: bits.clamp(0, 64) as u8,
+                    key_hash: v["key_hash"].as_str().unwrap_or_default().to_owned(),
+                    row_hash: v["row_hash"].as_str().unwrap_or_default().to_owned(),
+                }))
+            }
             Err(e) if self.gone(&e, TABLE) => Ok(None),
-            Err(e) => Err(fail(e)),
+            Err(e) => Err(self.fail(format!("reading {TABLE}"))(e)),
         }
     }
 
@@ -800,88 +811,7 @@ impl Node {
         // since are read, if tracking has not restarted since (then all of them).
         let cached = self.tracked.lock().ok().and_then(|c| c.get(table).cloned()).filter(|(_, _, b)| b.bits() == bits);
         let (since_at, since_gen) = cached.as_ref().map_or((String::new(), -1), |(at, gen, _)| (at.clone(), *gen));
-        // Deltas are per sub-bucket: summed by bucket and folded into the bucket's digest and
-        // its changed sub-buckets' array elements, one row per bucket (most buckets change in
-        // one sub-bucket per fold: that element is replaced; with more, the arrays are added
-        // element-wise). The fold's bucket rows are stamped with its number, and it returns
-        // every digest it changed, bucket and sub-bucket: the session's copies are brought up
-        // to date with them. The reads in the same statement see the digests as they were
-        // before the fold, i.e. with every other session's folds: those since this session's
-        // read are read (only when there are any: the fold numbers say), and the sub-bucket
-        // digests asked for. One statement, not a fold then a read: the read cost ~1 ms a node
-        // of a ~8 ms check (server log), mostly looking up the wanted buckets' sub-bucket
-        // digests again after each fold. A bucket without a row yet is inserted: an insert
-        // that meets a row `track` re-seeded meanwhile fails the check (retried), as an update
-        // of a row it replaced would.
-        let sql = format!(
-            "WITH t AS (SELECT tracked_at::text AS at, gen FROM synapse.repair_tracked WHERE tbl = $1),
-              gone AS (DELETE FROM synapse.repair_delta WHERE tbl = $1 RETURNING bucket, n, s),
-              g AS (UPDATE synapse.repair_tracked SET gen = gen + 1
-                    WHERE tbl = $1 AND EXISTS (SELECT 1 FROM gone) RETURNING gen),
-              fine AS (SELECT bucket, sum(n) AS n, sum(s) AS s FROM gone GROUP BY bucket),
-              -- Per bucket: its delta, and its changed sub-buckets' (1-based array positions).
-              coarse AS (SELECT bucket >> {SUB_BUCKET_BITS} AS bucket, sum(n) AS n, sum(s) AS s,
-                       array_agg((bucket & {last_sub})::int4 + 1) AS pos, array_agg(n) AS dn, array_agg(s) AS ds
-                       FROM fine GROUP BY bucket >> {SUB_BUCKET_BITS}),
-              -- One changed sub-bucket (most buckets in a fold): that element's slice is
-              -- assigned; more: the whole array, added element-wise (pgbench, 100 changes:
-              -- 1.11 ms a fold, 1.37 with the arrays rebuilt by concatenation).
-              up AS (UPDATE synapse.repair_digest d
-                       SET n = d.n + c.n, s = {add}, gen = coalesce((SELECT gen FROM g), 0),
-                       sub_n[c.lo:c.hi] = CASE WHEN c.lo = c.hi THEN ARRAY[d.sub_n[c.lo] + c.dn[1]]
-                           ELSE (SELECT array_agg(a + coalesce(x.dn, 0) ORDER BY o) FROM unnest(d.sub_n) WITH ORDINALITY u(a, o)
-                                 LEFT JOIN unnest(c.pos, c.dn) x(p, dn) ON x.p = u.o) END,
-                       sub_s[c.lo:c.hi] = CASE WHEN c.lo = c.hi THEN ARRAY[{add_one}]
-                           ELSE (SELECT array_agg({add_each} ORDER BY o) FROM unnest(d.sub_s) WITH ORDINALITY u(a, o)
-                                 LEFT JOIN unnest(c.pos, c.ds) x(p, ds) ON x.p = u.o) END
-                       FROM (SELECT *, CASE WHEN cardinality(pos) = 1 THEN pos[1] ELSE 1 END AS lo,
-                                       CASE WHEN cardinality(pos) = 1 THEN pos[1] ELSE {subs} END AS hi FROM coarse) c
-                       -- The rows by the key's index (the list), not by a scan into a hash
-                       -- join: digest rows are wide (the arrays), measured 3.5 → 0.9 ms.
-                       WHERE d.tbl = $1 AND d.bucket = c.bucket AND d.bucket = ANY (ARRAY(SELECT bucket FROM coarse))
-                       RETURNING d.bucket, d.n, d.s, d.sub_n, d.sub_s, c.pos),
-              new AS (INSERT INTO synapse.repair_digest (tbl, bucket, n, s, gen, sub_n, sub_s)
-                       SELECT $1, c.bucket, c.n, {sum}, coalesce((SELECT gen FROM g), 0),
-                         (SELECT array_agg(coalesce(x.dn, 0) ORDER BY o) FROM generate_series(1, {subs}) o
-                          LEFT JOIN unnest(c.pos, c.dn) x(p, dn) ON x.p = o),
-                         (SELECT array_agg({new_each} ORDER BY o) FROM generate_series(1, {subs}) o
-                          LEFT JOIN unnest(c.pos, c.ds) x(p, ds) ON x.p = o)
-                       FROM coarse c WHERE c.bucket NOT IN (SELECT bucket FROM up)
-                       RETURNING bucket, n, s, sub_n, sub_s)
-             SELECT t.at, t.gen, (SELECT gen FROM g), (SELECT count(*) FROM gone),
-                (SELECT {PACKED_STORED} FROM (SELECT bucket, n, s FROM up UNION ALL SELECT bucket, n, s FROM new) x),
-                (SELECT {PACKED_STORED} FROM (
-                   SELECT (u.bucket << {SUB_BUCKET_BITS}) + p - 1 AS bucket, u.sub_n[p] AS n, u.sub_s[p] AS s
-                   FROM up u, unnest(u.pos) p
-                   UNION ALL
-                   SELECT (w.bucket << {SUB_BUCKET_BITS}) + o - 1, w.sub_n[o], w.sub_s[o]
-                   FROM new w, generate_series(1, {subs}) o) x),
-                -- Folded by others since this session's read: every bucket if it read none.
-                (SELECT {PACKED_STORED} FROM synapse.repair_digest d
-                 WHERE d.tbl = $1 AND NOT (t.at = $2 AND t.gen = $3::int8)
-                   AND d.gen > CASE WHEN t.at = $2 AND t.gen >= $3::int8 THEN $3::int8 ELSE -1 END),
-                -- Sub-bucket digests: of the buckets of $4 (those a check wants: they differed
-                -- last time) that others folded since, and of $5 (wanted, not known yet).
-                -- (Each part gated by a condition on t alone: checked once, not per row.)
-                (SELECT {PACKED_STORED} FROM (
-                   SELECT (d.bucket << {SUB_BUCKET_BITS}) + o - 1 AS bucket, d.sub_n[o] AS n, d.sub_s[o] AS s
-                   FROM synapse.repair_digest d, generate_series(1, {subs}) o
-                   WHERE d.tbl = $1 AND d.bucket = ANY($4::int8[]) AND d.gen > $3::int8 AND d.sub_n[o] <> 0
-                     AND t.at = $2 AND $3::int8 >= 0 AND t.gen > $3::int8
-                   UNION ALL
-                   SELECT (d.bucket << {SUB_BUCKET_BITS}) + o - 1 AS bucket, d.sub_n[o] AS n, d.sub_s[o] AS s
-                   FROM synapse.repair_digest d, generate_series(1, {subs}) o
-                   WHERE d.tbl = $1 AND d.bucket = ANY($5::int8[]) AND d.sub_n[o] <> 0
-                     AND t.at = $2 AND $3::int8 >= 0 AND t.gen >= $3::int8) x)
-             FROM t",
-            subs = 1 << SUB_BUCKET_BITS,
-            last_sub = (1 << SUB_BUCKET_BITS) - 1,
-            sum = wrap("c.s"),
-            add = wrap("d.s::numeric + c.s"),
-            add_one = wrap("d.sub_s[c.lo]::numeric + c.ds[1]"),
-            add_each = wrap("a::numeric + coalesce(x.ds, 0)"),
-            new_each = wrap("coalesce(x.ds, 0)"),
-        );
+        // The statement: see [`FOLD_AND_READ`].
         // Wanted buckets this session does not know the sub-bucket digests of. Only when this
         // session read the digests before: a new process (the CLI) reads only what its check
         // needs, later.
@@ -894,7 +824,7 @@ impl Node {
         };
         let want: Vec<i64> = want.iter().map(|b| *b as i64).collect();
         let rows = self
-            .rows(&sql, &[&table, &since_at, &since_gen, &want, &unknown])
+            .rows(&FOLD_AND_READ, &[&table, &since_at, &since_gen, &want, &unknown])
             .await
             .map_err(self.fail(format!("folding the changes of {table} into its digests")))?;
         let Some(row) = rows.first() else {
@@ -1034,6 +964,97 @@ impl Node {
     }
 }
 
+/// The statement of [`Node::tracked_digests`] ($1 table, $2/$3 the tracking start and fold
+/// number the session read last, $4 wanted buckets, $5 those of them it does not know).
+/// Deltas are per sub-bucket: summed by bucket and folded into the bucket's digest and
+/// its changed sub-buckets' array elements, one row per bucket (most buckets change in
+/// one sub-bucket per fold: that element is replaced; with more, the arrays are added
+/// element-wise). The fold's bucket rows are stamped with its number, and it returns
+/// every digest it changed, bucket and sub-bucket: the session's copies are brought up
+/// to date with them. The reads in the same statement see the digests as they were
+/// before the fold, i.e. with every other session's folds: those since this session's
+/// read are read (only when there are any: the fold numbers say), and the sub-bucket
+/// digests asked for. One statement, not a fold then a read: the read cost ~1 ms a node
+/// of a ~8 ms check (server log), mostly looking up the wanted buckets' sub-bucket
+/// digests again after each fold. A bucket without a row yet is inserted: an insert
+/// that meets a row `track` re-seeded meanwhile fails the check (retried), as an update
+/// of a row it replaced would.
+static FOLD_AND_READ: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
+    // A bucket's sub-bucket array `base` plus the deltas `c.{delta}` at positions `c.pos`,
+    // element by element (`value` of the element a and the delta).
+    let added = |base: &str, delta: &str, value: &str| {
+        format!(
+            "(SELECT array_agg({value} ORDER BY o) FROM unnest({base}) WITH ORDINALITY u(a, o)
+              LEFT JOIN unnest(c.pos, c.{delta}) x(p, {delta}) ON x.p = u.o)"
+        )
+    };
+    let (add_n, add_s) = ("a + coalesce(x.dn, 0)", wrap("a::numeric + coalesce(x.ds, 0)"));
+    // A bucket without a row yet starts from empty sub-buckets.
+    let zeros = format!("array_fill(0::int8, ARRAY[{}])", 1 << SUB_BUCKET_BITS);
+    format!(
+        "WITH t AS (SELECT tracked_at::text AS at, gen FROM synapse.repair_tracked WHERE tbl = $1),
+          gone AS (DELETE FROM synapse.repair_delta WHERE tbl = $1 RETURNING bucket, n, s),
+          g AS (UPDATE synapse.repair_tracked SET gen = gen + 1
+                WHERE tbl = $1 AND EXISTS (SELECT 1 FROM gone) RETURNING gen),
+          fine AS (SELECT bucket, sum(n) AS n, sum(s) AS s FROM gone GROUP BY bucket),
+          -- Per bucket: its delta, and its changed sub-buckets' (1-based array positions).
+          coarse AS (SELECT bucket >> {SUB_BUCKET_BITS} AS bucket, sum(n) AS n, sum(s) AS s,
+                   array_agg((bucket & {last_sub})::int4 + 1) AS pos, array_agg(n) AS dn, array_agg(s) AS ds
+                   FROM fine GROUP BY bucket >> {SUB_BUCKET_BITS}),
+          -- One changed sub-bucket (most buckets in a fold): that element's slice is
+          -- assigned; more: the whole array, added element-wise (pgbench, 100 changes:
+          -- 1.11 ms a fold, 1.37 with the arrays rebuilt by concatenation).
+          up AS (UPDATE synapse.repair_digest d
+                   SET n = d.n + c.n, s = {add}, gen = coalesce((SELECT gen FROM g), 0),
+                   sub_n[c.lo:c.hi] = CASE WHEN c.lo = c.hi THEN ARRAY[d.sub_n[c.lo] + c.dn[1]]
+                       ELSE {sum_n} END,
+                   sub_s[c.lo:c.hi] = CASE WHEN c.lo = c.hi THEN ARRAY[{add_one}]
+                       ELSE {sum_s} END
+                   FROM (SELECT *, CASE WHEN cardinality(pos) = 1 THEN pos[1] ELSE 1 END AS lo,
+                                   CASE WHEN cardinality(pos) = 1 THEN pos[1] ELSE {subs} END AS hi FROM coarse) c
+                   -- The rows by the key's index (the list), not by a scan into a hash
+                   -- join: digest rows are wide (the arrays), measured 3.5 → 0.9 ms.
+                   WHERE d.tbl = $1 AND d.bucket = c.bucket AND d.bucket = ANY (ARRAY(SELECT bucket FROM coarse))
+                   RETURNING d.bucket, d.n, d.s, d.sub_n, d.sub_s, c.pos),
+          new AS (INSERT INTO synapse.repair_digest (tbl, bucket, n, s, gen, sub_n, sub_s)
+                   SELECT $1, c.bucket, c.n, {sum}, coalesce((SELECT gen FROM g), 0), {new_n}, {new_s}
+                   FROM coarse c WHERE c.bucket NOT IN (SELECT bucket FROM up)
+                   RETURNING bucket, n, s, sub_n, sub_s)
+         SELECT t.at, t.gen, (SELECT gen FROM g), (SELECT count(*) FROM gone),
+            (SELECT {PACKED_STORED} FROM (SELECT bucket, n, s FROM up UNION ALL SELECT bucket, n, s FROM new) x),
+            (SELECT {PACKED_STORED} FROM (
+               SELECT (u.bucket << {SUB_BUCKET_BITS}) + p - 1 AS bucket, u.sub_n[p] AS n, u.sub_s[p] AS s
+               FROM up u, unnest(u.pos) p
+               UNION ALL
+               SELECT (w.bucket << {SUB_BUCKET_BITS}) + o - 1, w.sub_n[o], w.sub_s[o]
+               FROM new w, generate_series(1, {subs}) o) x),
+            -- Folded by others since this session's read: every bucket if it read none.
+            (SELECT {PACKED_STORED} FROM synapse.repair_digest d
+             WHERE d.tbl = $1 AND NOT (t.at = $2 AND t.gen = $3::int8)
+               AND d.gen > CASE WHEN t.at = $2 AND t.gen >= $3::int8 THEN $3::int8 ELSE -1 END),
+            -- Sub-bucket digests: of the buckets of $4 (those a check wants: they differed
+            -- last time) that others folded since, and of $5 (wanted, not known yet).
+            -- (Each part gated by a condition on t alone: checked once, not per row.)
+            (SELECT {PACKED_STORED} FROM (
+               {subs_of} AND d.tbl = $1 AND d.bucket = ANY($4::int8[]) AND d.gen > $3::int8
+                 AND t.at = $2 AND $3::int8 >= 0 AND t.gen > $3::int8
+               UNION ALL
+               {subs_of} AND d.tbl = $1 AND d.bucket = ANY($5::int8[])
+                 AND t.at = $2 AND $3::int8 >= 0 AND t.gen >= $3::int8) x)
+         FROM t",
+        subs = 1 << SUB_BUCKET_BITS,
+        subs_of = sub_digest_rows(),
+        last_sub = (1 << SUB_BUCKET_BITS) - 1,
+        sum = wrap("c.s"),
+        add = wrap("d.s::numeric + c.s"),
+        add_one = wrap("d.sub_s[c.lo]::numeric + c.ds[1]"),
+        sum_n = added("d.sub_n", "dn", add_n),
+        sum_s = added("d.sub_s", "ds", &add_s),
+        new_n = added(&zeros, "dn", add_n),
+        new_s = added(&zeros, "ds", &add_s),
+    )
+});
+
 /// Per bucket `b`, `n` rows and `s` their hashes' sum (numeric) as 20 bytes — b (4), n (8),
 /// s mod 2^64 (8), big-endian — all buckets in one bytea: a few bytes a bucket on the wire.
 const PACKED: &str = "coalesce(string_agg(int4send(b::int4) || int8send(n) || int8send((s - floor((s + 9223372036854775808) / 18446744073709551616) * 18446744073709551616)::int8), ''::bytea ORDER BY b), ''::bytea)";
@@ -1083,6 +1104,16 @@ fn keyed_rows(rows: Vec<tokio_postgres::Row>) -> Vec<(usize, Key, i64)> {
     rows.into_iter().map(|r| (r.get::<_, i64>(0).max(0) as usize, r.get(1), r.get(2))).collect()
 }
 
+/// The sub-bucket digests kept in digest rows `d`, as rows (bucket: the sub-bucket, n, s),
+/// empty sub-buckets left out; a query to go on with `AND` conditions on `d`.
+fn sub_digest_rows() -> String {
+    format!(
+        "SELECT (d.bucket << {SUB_BUCKET_BITS}) + o - 1 AS bucket, d.sub_n[o] AS n, d.sub_s[o] AS s
+         FROM synapse.repair_digest d, generate_series(1, {subs}) o WHERE d.sub_n[o] <> 0",
+        subs = 1 << SUB_BUCKET_BITS
+    )
+}
+
 /// The packed digests (see [`PACKED`]) of `rows`, a query of (b, h): bucket, row hash.
 fn digested(rows: &str) -> String {
     format!("SELECT {PACKED} FROM (SELECT b, count(*) AS n, sum(h) AS s FROM ({rows}) r GROUP BY b) g")
@@ -1110,7 +1141,7 @@ fn unpack(bytes: Vec<u8>) -> impl Iterator<Item = (usize, u64, u64)> {
 /// (append-only: writers never contend on a digest row); and what the digests were made with.
 /// Layout 2: a fold touches one row per changed bucket, where layout 1 (a row per sub-bucket in
 /// `repair_subdigest` besides the bucket's) touched two (fold of 100 changes, pgbench, generic
-/// plans: 1.49–1.53 → 0.86–0.93 ms). A table tracked in another layout is scanned until
+/// plans: 1.49–1.67 → 1.10–1.14 ms). A table tracked in another layout is scanned until
 /// tracked again; `repair_subdigest` stays for the TRUNCATE triggers of such trackings.
 pub const TRACKING_DDL: &str = "
 CREATE SCHEMA IF NOT EXISTS synapse;

@@ -188,16 +188,8 @@ async fn tracked_digests_stay_equal_to_a_scan() {
         let (tracked, folded) = (read.buckets, read.folded);
         assert!(folded > 0, "items on {}: no changes recorded", n.name);
         assert_eq!(tracked, scanned, "items on {}: tracked digests differ from a scan", n.name);
-        // So do its sub-bucket digests (the bulk update changed several in most buckets), as
-        // a session that knows none of them reads them.
-        let fresh = Node::connect("fresh", &url(cluster)).await.unwrap();
-        let every: Vec<usize> = (0..1 << 10).collect();
-        fresh.client().batch_execute("BEGIN ISOLATION LEVEL REPEATABLE READ").await.unwrap();
-        let scanned = fresh.stage(&shape, 10, 15, &every).await.unwrap();
-        let tracked = fresh.tracked_sub_digests(&shape, &every).await.unwrap();
-        fresh.client().batch_execute("COMMIT").await.unwrap();
-        assert_eq!(tracked.len(), scanned.len(), "items on {}: sub-buckets holding rows", n.name);
-        assert!(tracked == scanned, "items on {}: tracked sub-bucket digests differ from a scan", n.name);
+        // So do its sub-bucket digests (the bulk update changed several in most buckets).
+        sub_digests_equal_a_scan(cluster, "public.items").await;
         // pairs was truncated: not tracked any more, and its digests are not read as if it were.
         let shape = n.describe("public.pairs").await.unwrap();
         assert_eq!(n.tracked_bits(&shape).await.unwrap(), None);
@@ -221,16 +213,22 @@ async fn tracked_digests_stay_equal_to_a_scan() {
     assert_eq!(keys(&report), [("k5,5".to_string(), vec!["b"], 1)], "{report:?}");
     // More writes: a session that read the digests before reads only the buckets folded
     // since, and still equals a scan.
+    // pairs holds 300 rows in 1,024 buckets: most of its inserts land in buckets without a
+    // digest row yet.
     for n in [&a, &b] {
-        n.psql("app", "UPDATE items SET a = a + 1 WHERE id % 97 = 5; DELETE FROM items WHERE id = 77; INSERT INTO items (id) VALUES (50001)")
+        n.psql("app", "UPDATE items SET a = a + 1 WHERE id % 97 = 5; DELETE FROM items WHERE id = 77; INSERT INTO items (id) VALUES (50001);
+                       INSERT INTO pairs SELECT g, 'new' || (g % 7), 'v' FROM generate_series(1, 400) g; DELETE FROM pairs WHERE k1 % 50 = 0")
             .unwrap();
     }
-    for (n, table) in [(&na, "public.items"), (&nb, "public.items")] {
-        let shape = n.describe(table).await.unwrap();
-        let read = n.tracked_digests(&shape.name, 10, &[]).await.unwrap();
-        let (tracked, folded) = (read.buckets, read.folded);
-        assert!(folded > 0);
-        assert_eq!(tracked, n.digests(&shape, 10).await.unwrap(), "{table} on {}: incremental read", n.name);
+    for (n, cluster) in [(&na, &a), (&nb, &b)] {
+        for table in ["public.items", "public.pairs"] {
+            let shape = n.describe(table).await.unwrap();
+            let read = n.tracked_digests(&shape.name, 10, &[]).await.unwrap();
+            let (tracked, folded) = (read.buckets, read.folded);
+            assert!(folded > 0);
+            assert_eq!(tracked, n.digests(&shape, 10).await.unwrap(), "{table} on {}: incremental read", n.name);
+            sub_digests_equal_a_scan(cluster, table).await;
+        }
     }
 
     // Checks that keep the rows of differing buckets between them: drift appearing and going
@@ -280,6 +278,15 @@ async fn tracked_digests_stay_equal_to_a_scan() {
     b.psql("app", &format!("UPDATE items SET a = a - 1000 WHERE id IN ({p}, {q})")).unwrap();
     let _ = std::fs::remove_dir_all(&cache);
 
+    // A node tracked by an older version (no layout column): scanned, same answer, until
+    // tracked again.
+    a.psql("app", "ALTER TABLE synapse.repair_tracked DROP COLUMN layout").unwrap();
+    let report = check(&both, "public.items", &at(10)).await.unwrap();
+    assert_eq!((report.digests.as_str(), keys(&report)), ("scanned", vec![(neighbour.clone(), vec![], 2)]));
+    na.track(&na.describe("public.items").await.unwrap(), 10).await.unwrap();
+    let report = check(&both, "public.items", &at(10)).await.unwrap();
+    assert_eq!((report.digests.as_str(), keys(&report)), ("tracked", vec![(neighbour.clone(), vec![], 2)]));
+
     // Another bucket count than tracked: scanned, same answer.
     let report = check(&both, "public.items", &at(8)).await.unwrap();
     assert_eq!((report.digests.as_str(), keys(&report)), ("scanned", vec![(neighbour, vec![], 2)]));
@@ -299,6 +306,20 @@ async fn tracked_digests_stay_equal_to_a_scan() {
     );
     let report = check(&both, "public.items", &at(10)).await.unwrap();
     assert_eq!(report.digests, "scanned");
+}
+
+/// The sub-bucket digests of `table` (tracked with 10 bits) as a session that knows none of
+/// them reads them equal those a scan computes, in one snapshot.
+async fn sub_digests_equal_a_scan(cluster: &LocalCluster, table: &str) {
+    let fresh = Node::connect("fresh", &cluster.url("app").parse().unwrap()).await.unwrap();
+    let shape = fresh.describe(table).await.unwrap();
+    let every: Vec<usize> = (0..1 << 10).collect();
+    fresh.client().batch_execute("BEGIN ISOLATION LEVEL REPEATABLE READ").await.unwrap();
+    let scanned = fresh.stage(&shape, 10, 15, &every).await.unwrap();
+    let tracked = fresh.tracked_sub_digests(&shape, &every).await.unwrap();
+    fresh.client().batch_execute("COMMIT").await.unwrap();
+    assert_eq!(tracked.len(), scanned.len(), "{table}: sub-buckets holding rows");
+    assert!(tracked == scanned, "{table}: tracked sub-bucket digests differ from a scan");
 }
 
 /// A session kept between checks (the admin API's) reads only what changed: tracked digests in

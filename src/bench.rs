@@ -24,7 +24,7 @@ use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 use synapse_localpg::{ClusterOptions, LocalCluster};
 use synapse_log::SourceLog;
-use tokio_postgres::{Client, NoTls};
+use tokio_postgres::Client;
 
 enum KeepDir {
     Temp(tempfile::TempDir),
@@ -116,9 +116,7 @@ impl Row {
 }
 
 async fn sql(url: &str) -> anyhow::Result<Client> {
-    let (c, conn) = tokio_postgres::connect(url, NoTls).await?;
-    tokio::spawn(conn);
-    Ok(c)
+    Ok(synapse_postgres::connect_str(url, "bench").await?)
 }
 
 async fn wait_marker(client: &Client, id: i32, timeout: Duration) -> anyhow::Result<()> {

@@ -182,8 +182,7 @@ async fn plain_http(url: &str, bodies: &[bytes::Bytes], batch: usize, rx: &Recei
 
 /// Commits ~`per_sec` events/s (10-row transactions) for `secs` seconds.
 async fn paced_workload(url: String, per_sec: u64, secs: u64) -> anyhow::Result<()> {
-    let (c, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls).await?;
-    tokio::spawn(conn);
+    let c = synapse_postgres::connect_str(&url, "workload").await?;
     let txns_per_sec = per_sec / 10;
     let mut next = 10_000_000i64;
     let started = Instant::now();

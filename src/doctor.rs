@@ -3,7 +3,6 @@
 
 use crate::config::Config;
 use synapse_capture::catalog;
-use tokio_postgres::NoTls;
 
 struct Report {
     failed: usize,
@@ -28,11 +27,8 @@ pub async fn run(config: &Config) -> usize {
     for s in &config.sources {
         println!("source {} ({})", s.name, s.url);
         let Ok(pg) = s.url.pg_config() else { continue };
-        let client = match pg.connect(NoTls).await {
-            Ok((client, conn)) => {
-                tokio::spawn(conn);
-                client
-            }
+        let client = match synapse_postgres::connect(&pg, "doctor").await {
+            Ok(client) => client,
             Err(e) => {
                 r.fail(
                     &format!("connect: {}", crate::pipeline::chain(&e)),
@@ -127,9 +123,8 @@ pub async fn run(config: &Config) -> usize {
     for t in &config.targets {
         println!("target {} ({})", t.name, t.url);
         let Ok(pg) = t.url.pg_config() else { continue };
-        match pg.connect(NoTls).await {
-            Ok((client, conn)) => {
-                tokio::spawn(conn);
+        match synapse_postgres::connect(&pg, "doctor").await {
+            Ok(client) => {
                 r.ok("connect");
                 match client.query_one("SELECT has_database_privilege(current_database(), 'CREATE'), (SELECT rolsuper FROM pg_roles WHERE rolname = current_user)", &[]).await {
                     Ok(row) if row.get::<_, bool>(0) => r.ok("may create the synapse schema"),

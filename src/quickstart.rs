@@ -77,8 +77,7 @@ INSERT INTO transfers (from_id, to_id, amount) SELECT g, g + 1, 1 FROM generate_
 
 /// Moves money between random accounts, one small transaction at a time.
 async fn workload(url: String, mut stop: watch::Receiver<bool>) -> anyhow::Result<u64> {
-    let (client, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls).await?;
-    tokio::spawn(conn);
+    let client = synapse_postgres::connect_str(&url, "workload").await?;
     let stmt = client
         .prepare(
             "WITH t AS (INSERT INTO transfers (from_id, to_id, amount) VALUES ($1, $2, $3::float8::numeric(14,2)) RETURNING from_id, to_id, amount)

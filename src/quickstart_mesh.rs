@@ -20,9 +20,7 @@ INSERT INTO accounts SELECT g, 'owner ' || g, 1000 FROM generate_series(1, 1000)
 const REGIONS: [&str; 5] = ["us", "eu", "ap", "sa", "af"];
 
 async fn connect(url: &str) -> anyhow::Result<tokio_postgres::Client> {
-    let (client, conn) = tokio_postgres::connect(url, tokio_postgres::NoTls).await?;
-    tokio::spawn(conn);
-    Ok(client)
+    Ok(synapse_postgres::connect_str(url, "demo").await?)
 }
 
 /// Row count and a digest of every row, in key order: equal answers mean identical tables.

@@ -16,7 +16,8 @@ use bytes::{Bytes, BytesMut};
 use futures_util::SinkExt;
 use std::collections::HashMap;
 use std::sync::Arc;
-use synapse_schemas::{quote_ident, OldValues, Op, Relation, RelationKey, ReplicaIdentity, RowChange, Tuple, Value};
+use synapse_postgres::quote;
+use synapse_schemas::{OldValues, Op, Relation, RelationKey, ReplicaIdentity, RowChange, Tuple, Value};
 use tokio_postgres::types::ToSql;
 use tokio_postgres::{Client, Statement};
 
@@ -206,7 +207,7 @@ async fn copy_rows(
     t: &TargetTable,
     rows: Vec<Row>,
 ) -> Result<(), ApplyError> {
-    let names: Vec<String> = rel.columns.iter().map(|c| quote_ident(&c.name)).collect();
+    let names: Vec<String> = rel.columns.iter().map(|c| quote::ident(&c.name)).collect();
     let stmt =
         prepared(client, cache, format!("COPY {} ({}) FROM STDIN", t.name, names.join(", ")), &rel.name()).await?;
     let err = || ApplyError::target(format!("copying changes into {}", rel.name()));
@@ -251,7 +252,7 @@ async fn execute_run(
         return copy_rows(client, cache, rel, t, run.rows).await;
     }
     let keys: Vec<usize> = rel.key_columns().map(|(i, _)| i).collect();
-    let col = |i: usize| quote_ident(&rel.columns[i].name);
+    let col = |i: usize| quote::ident(&rel.columns[i].name);
     let cast = |i: usize| &t.casts[i];
     // Updates and deletes find their rows by the key, which leads the unnested columns.
     let key_match: String = keys
@@ -308,7 +309,7 @@ async fn execute_single(
     t: &TargetTable,
     change: &RowChange,
 ) -> Result<(), ApplyError> {
-    let col = |i: usize| quote_ident(&rel.columns[i].name);
+    let col = |i: usize| quote::ident(&rel.columns[i].name);
     let mut params: Vec<Option<String>> = Vec::new();
     let p = |v: Option<String>, params: &mut Vec<Option<String>>| {
         params.push(v);

@@ -65,19 +65,7 @@ impl ApplyError {
     /// held by our own just-crashed session). The applier rolls back and retries from its stored position.
     pub fn is_transient(&self) -> bool {
         match self {
-            ApplyError::Target { source, .. } => match self.sqlstate() {
-                None => true, // no SQLSTATE: the connection broke
-                Some(c) => {
-                    source.is_closed()
-                        || c == "40001"
-                        || c == "40P01"
-                        || c.starts_with("08")
-                        || c.starts_with("53")
-                        || c.starts_with("57")
-                        || c == "55P03"
-                        || c == "55006"
-                }
-            },
+            ApplyError::Target { source, .. } => synapse_postgres::is_transient(source),
             ApplyError::Log(e) => e.is_transient(),
             ApplyError::Copy(e) => e.is_transient(),
             ApplyError::UniqueRace { .. } | ApplyError::Busy { .. } => true,

@@ -14,7 +14,8 @@ use std::sync::{Arc, Mutex};
 use synapse_capture::catalog::{self, SourceTable, TypeResolver};
 use synapse_capture::snapshot::{Chunk, SnapshotSession};
 use synapse_capture::Capture;
-use synapse_schemas::{quote_ident, Relation};
+use synapse_postgres::quote;
+use synapse_schemas::Relation;
 
 /// Smallest chunk: 1,024 pages (8 MiB of heap), big enough that per-chunk setup is noise.
 pub const MIN_CHUNK_PAGES: i64 = 1_024;
@@ -84,7 +85,7 @@ pub async fn run(
         let chunks = session.chunks(&planner, t, parallelism, MIN_CHUNK_PAGES).await.map_err(ApplyError::Copy)?;
         remaining.insert(i, (chunks.len(), 0u64));
         jobs.extend(chunks.into_iter().map(|chunk| Job { table: i, chunk }));
-        let cols: Vec<String> = rel.columns.iter().map(|c| quote_ident(&c.name)).collect();
+        let cols: Vec<String> = rel.columns.iter().map(|c| quote::ident(&c.name)).collect();
         // Binary COPY skips the text output and input functions on both servers.
         let binary = table.binary_compatible(&rel);
         let copy_in = format!(

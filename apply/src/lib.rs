@@ -41,7 +41,7 @@ use synapse_log::{ChangeLog, Offset};
 use synapse_schemas::{Begin, Commit, LogRecord, Lsn, Relation, RelationKey};
 use target::TargetTable;
 use tokio::sync::watch;
-use tokio_postgres::{Client, NoTls, Statement};
+use tokio_postgres::{Client, Statement};
 use tracing::Instrument;
 
 /// When the log has nothing more, the reader waits this long before reporting "caught up", so
@@ -173,13 +173,7 @@ pub struct Applier {
 }
 
 pub async fn connect_target(config: &tokio_postgres::Config) -> Result<Client, ApplyError> {
-    let (client, connection) = config.connect(NoTls).await.map_err(ApplyError::target("connecting to the target"))?;
-    tokio::spawn(async move {
-        if let Err(e) = connection.await {
-            tracing::debug!(error = %e, "target connection ended");
-        }
-    });
-    Ok(client)
+    synapse_postgres::connect(config, "target").await.map_err(ApplyError::target("connecting to the target"))
 }
 
 pub fn origin_name(node: &str) -> String {

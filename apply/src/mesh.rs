@@ -33,11 +33,12 @@ use crate::ApplyError;
 use serde_json::{json, Map, Value as Json};
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
+use synapse_postgres::quote;
 use synapse_resolver::column::{Counter, Dots, MultiValue, OrSet};
 use synapse_resolver::{
     resolve, unique_key_winner, Cell, Decision, Hlc, NodeId, RowVersion, Stamp, Strategy, TablePolicy, VersionVector,
 };
-use synapse_schemas::{quote_ident, Op, Relation, RowChange, Tuple, Value};
+use synapse_schemas::{Op, Relation, RowChange, Tuple, Value};
 use tokio_postgres::types::ToSql;
 use tokio_postgres::{Client, Statement};
 
@@ -260,18 +261,15 @@ impl MeshTable {
     }
 }
 
-/// `schema.name` with each part quoted.
+/// A configured function name (`schema.name`, or `name` found on the search path), each part
+/// quoted as written.
 fn quoted_name(name: &str) -> String {
-    name.split('.').map(quote_ident).collect::<Vec<_>>().join(".")
-}
-
-fn literal(s: &str) -> String {
-    format!("'{}'", s.replace('\'', "''"))
+    name.split('.').map(quote::ident).collect::<Vec<_>>().join(".")
 }
 
 /// SQL of the members of set column `c` in record `rec`: a JSON array of the elements' texts.
 fn set_members(t: &MeshTable, rec: &str, c: &str) -> String {
-    let col = format!("{rec}.{}", quote_ident(c));
+    let col = format!("{rec}.{}", quote::ident(c));
     if t.is_jsonb(c) {
         format!(
             "coalesce((SELECT jsonb_agg(DISTINCT x::text) FROM jsonb_array_elements(CASE WHEN jsonb_typeof({col}) = 'array' THEN {col} END) AS x), '[]')"
@@ -285,11 +283,11 @@ fn set_members(t: &MeshTable, rec: &str, c: &str) -> String {
 /// records its version in `synapse.row_version`; before that, set columns are brought to their
 /// canonical form and max/min columns kept monotonic.
 fn trigger_sql(node: NodeId, t: &MeshTable) -> String {
-    let tbl = literal(&t.name());
-    let fname = format!("synapse.{}", quote_ident(&format!("local_write_{}_{}", t.schema, t.table)));
-    let row = |rec: &str| t.key.iter().map(|k| format!("{rec}.{}", quote_ident(k))).collect::<Vec<_>>().join(", ");
+    let tbl = quote::literal(&t.name());
+    let fname = format!("synapse.{}", quote::ident(&format!("local_write_{}_{}", t.schema, t.table)));
+    let row = |rec: &str| t.key.iter().map(|k| format!("{rec}.{}", quote::ident(k))).collect::<Vec<_>>().join(", ");
     let key_text =
-        |rec: &str| t.key.iter().map(|k| format!("{rec}.{}::text", quote_ident(k))).collect::<Vec<_>>().join(", ");
+        |rec: &str| t.key.iter().map(|k| format!("{rec}.{}::text", quote::ident(k))).collect::<Vec<_>>().join(", ");
     let of = |pick: &dyn Fn(Strategy) -> bool| -> Vec<&String> {
         t.columns.iter().filter(|(_, s)| pick(*s)).map(|(c, _)| c).collect()
     };
@@ -297,15 +295,16 @@ fn trigger_sql(node: NodeId, t: &MeshTable) -> String {
     let counters = of(&|s| s == Strategy::Counter);
     let sets = of(&|s| s == Strategy::Set);
     let mvs = of(&|s| s == Strategy::MultiValue);
-    let all_plain = format!("ARRAY[{}]::text[]", plain.iter().map(|c| literal(c)).collect::<Vec<_>>().join(", "));
+    let all_plain =
+        format!("ARRAY[{}]::text[]", plain.iter().map(|c| quote::literal(c)).collect::<Vec<_>>().join(", "));
     let object = |pairs: Vec<(String, String)>| {
         format!(
             "jsonb_build_object({})",
-            pairs.into_iter().map(|(k, v)| format!("{}, {v}", literal(&k))).collect::<Vec<_>>().join(", ")
+            pairs.into_iter().map(|(k, v)| format!("{}, {v}", quote::literal(&k))).collect::<Vec<_>>().join(", ")
         )
     };
     let values = |rec: &str, cols: &[&String]| {
-        object(cols.iter().map(|c| ((*c).clone(), format!("{rec}.{}::text", quote_ident(c)))).collect())
+        object(cols.iter().map(|c| ((*c).clone(), format!("{rec}.{}::text", quote::ident(c)))).collect())
     };
     let set_new = |c: &str| format!("jsonb_build_object('new', {})", set_members(t, "NEW", c));
     // Inserts (and key changes) write every column; updates only the changed ones.
@@ -315,15 +314,15 @@ fn trigger_sql(node: NodeId, t: &MeshTable) -> String {
     for c in &plain {
         changed.push_str(&format!(
             "        IF NEW.{q} IS DISTINCT FROM OLD.{q} THEN changed := changed || {l}::text; END IF;\n",
-            q = quote_ident(c),
-            l = literal(c)
+            q = quote::ident(c),
+            l = quote::literal(c)
         ));
     }
     for c in &sets {
         changed.push_str(&format!(
             "        IF NEW.{q} IS DISTINCT FROM OLD.{q} THEN sets := sets || jsonb_build_object({l}, jsonb_build_object('new', {new}, 'old', {old})); END IF;\n",
-            q = quote_ident(c),
-            l = literal(c),
+            q = quote::ident(c),
+            l = quote::literal(c),
             new = set_members(t, "NEW", c),
             old = set_members(t, "OLD", c),
         ));
@@ -331,8 +330,8 @@ fn trigger_sql(node: NodeId, t: &MeshTable) -> String {
     for c in &mvs {
         changed.push_str(&format!(
             "        IF NEW.{q} IS DISTINCT FROM OLD.{q} THEN mv := mv || jsonb_build_object({l}, NEW.{q}::text); END IF;\n",
-            q = quote_ident(c),
-            l = literal(c)
+            q = quote::ident(c),
+            l = quote::literal(c)
         ));
     }
     // max/min columns are registers that only move one way: a local write past the current
@@ -345,7 +344,7 @@ fn trigger_sql(node: NodeId, t: &MeshTable) -> String {
             Strategy::Min => "least",
             _ => continue,
         };
-        monotonic.push_str(&format!("        NEW.{q} := {f}(NEW.{q}, OLD.{q});\n", q = quote_ident(c)));
+        monotonic.push_str(&format!("        NEW.{q} := {f}(NEW.{q}, OLD.{q});\n", q = quote::ident(c)));
     }
     if !monotonic.is_empty() {
         monotonic = format!("    IF TG_OP = 'UPDATE' THEN\n{monotonic}    END IF;\n");
@@ -354,7 +353,7 @@ fn trigger_sql(node: NodeId, t: &MeshTable) -> String {
     // empty: the form the applier writes, so every node holds the same value.
     let mut canonical = String::new();
     for c in &sets {
-        let q = quote_ident(c);
+        let q = quote::ident(c);
         if t.is_jsonb(c) {
             canonical.push_str(&format!(
                 "    IF jsonb_typeof(NEW.{q}) <> 'array' THEN
@@ -364,7 +363,7 @@ fn trigger_sql(node: NodeId, t: &MeshTable) -> String {
     NEW.{q} := (SELECT coalesce(jsonb_agg(x ORDER BY x::text COLLATE \"C\"), '[]') FROM
         (SELECT DISTINCT ON (x::text COLLATE \"C\") x FROM jsonb_array_elements(coalesce(NEW.{q}, '[]')) AS x
          ORDER BY x::text COLLATE \"C\") AS d);\n",
-                l = literal(c)
+                l = quote::literal(c)
             ));
         } else {
             canonical.push_str(&format!(
@@ -373,14 +372,14 @@ fn trigger_sql(node: NodeId, t: &MeshTable) -> String {
             ));
         }
     }
-    let table = format!("{}.{}", quote_ident(&t.schema), quote_ident(&t.table));
-    let old_before = format!("synapse.{}", quote_ident(&format!("monotonic_{}_{}", t.schema, t.table)));
+    let table = format!("{}.{}", quote::ident(&t.schema), quote::ident(&t.table));
+    let old_before = format!("synapse.{}", quote::ident(&format!("monotonic_{}_{}", t.schema, t.table)));
     let mut before =
         format!("DROP TRIGGER IF EXISTS synapse_monotonic ON {table}; DROP FUNCTION IF EXISTS {old_before}();\n");
     if monotonic.is_empty() && canonical.is_empty() {
         before.push_str(&format!("DROP TRIGGER IF EXISTS synapse_before_write ON {table};"));
     } else {
-        let bname = format!("synapse.{}", quote_ident(&format!("before_write_{}_{}", t.schema, t.table)));
+        let bname = format!("synapse.{}", quote::ident(&format!("before_write_{}_{}", t.schema, t.table)));
         before.push_str(&format!(
             "CREATE OR REPLACE FUNCTION {bname}() RETURNS trigger LANGUAGE plpgsql AS $fn$
 BEGIN
@@ -1156,13 +1155,13 @@ async fn call_merge_function(
     };
     // Rows go in as the table's row type, so the function sees numbers as numbers; what it
     // returns is read back through the row type, so values are checked against the columns.
-    let table = format!("{}.{}", quote_ident(&info.schema), quote_ident(&info.table));
+    let table = format!("{}.{}", quote::ident(&info.schema), quote::ident(&info.table));
     let sql = format!(
         "SELECT f.r::text, {} FROM (SELECT {}(to_jsonb(jsonb_populate_record(NULL::{table}, $1::text::jsonb)),
                                             to_jsonb(jsonb_populate_record(NULL::{table}, $2::text::jsonb))) AS r) AS f,
              LATERAL jsonb_populate_record(NULL::{table},
                  $3::text::jsonb || CASE WHEN jsonb_typeof(f.r) = 'object' THEN f.r ELSE '{{}}' END) AS m",
-        decided.iter().map(|c| format!("m.{}::text", quote_ident(c))).collect::<Vec<_>>().join(", "),
+        decided.iter().map(|c| format!("m.{}::text", quote::ident(c))).collect::<Vec<_>>().join(", "),
         quoted_name(function),
     );
     let fail = |message: String| ApplyError::MergeFunction {
@@ -1413,7 +1412,7 @@ fn column_join(info: &MeshTable, columns: &[String]) -> (String, String) {
     for (i, k) in columns.iter().enumerate() {
         let cast = info.cast(k);
         cols.push(format!("k{i}"));
-        cond.push(format!("t.{} = u.k{i}::{cast}", quote_ident(k)));
+        cond.push(format!("t.{} = u.k{i}::{cast}", quote::ident(k)));
     }
     (cols.join(", "), cond.join(" AND "))
 }
@@ -1444,19 +1443,19 @@ async fn read_rows_by(
     let names: Vec<&String> = info.columns.iter().map(|(c, _)| c).collect();
     let sql = format!(
         "SELECT ARRAY[{}]::text[], ARRAY[{}]::text[] FROM {}.{} t JOIN unnest({}) AS u({cols}) ON {cond} {}",
-        info.key.iter().map(|k| format!("t.{}::text", quote_ident(k))).collect::<Vec<_>>().join(", "),
+        info.key.iter().map(|k| format!("t.{}::text", quote::ident(k))).collect::<Vec<_>>().join(", "),
         if names.is_empty() {
             "NULL".to_owned()
         } else {
-            names.iter().map(|c| format!("t.{}::text", quote_ident(c))).collect::<Vec<_>>().join(", ")
+            names.iter().map(|c| format!("t.{}::text", quote::ident(c))).collect::<Vec<_>>().join(", ")
         },
-        quote_ident(&info.schema),
-        quote_ident(&info.table),
+        quote::ident(&info.schema),
+        quote::ident(&info.table),
         unnest_params(by.len()),
         match lock {
             true => format!(
                 "ORDER BY {} FOR UPDATE OF t",
-                info.key.iter().map(|k| format!("t.{}", quote_ident(k))).collect::<Vec<_>>().join(", ")
+                info.key.iter().map(|k| format!("t.{}", quote::ident(k))).collect::<Vec<_>>().join(", ")
             ),
             false => String::new(),
         },
@@ -1582,8 +1581,8 @@ impl Writes {
             let (cols, cond) = key_join(info);
             let sql = format!(
                 "DELETE FROM {}.{} t USING unnest({}) AS u({cols}) WHERE {cond}",
-                quote_ident(&info.schema),
-                quote_ident(&info.table),
+                quote::ident(&info.schema),
+                quote::ident(&info.table),
                 unnest_params(info.key.len())
             );
             let stmt = prepared(client, statements, sql, &info.name()).await?;
@@ -1596,26 +1595,26 @@ impl Writes {
         for ((name, cols), rows) in &self.upserts {
             let Some(info) = tables.get(name) else { continue };
             let all: Vec<&String> = info.key.iter().chain(cols.iter()).collect();
-            let names: Vec<String> = all.iter().map(|c| quote_ident(c)).collect();
+            let names: Vec<String> = all.iter().map(|c| quote::ident(c)).collect();
             let aliases: Vec<String> = (0..all.len()).map(|i| format!("c{i}")).collect();
             let select: Vec<String> =
                 all.iter().enumerate().map(|(i, c)| format!("u.c{i}::{}", info.cast(c))).collect();
-            let keys: Vec<String> = info.key.iter().map(|k| quote_ident(k)).collect();
+            let keys: Vec<String> = info.key.iter().map(|k| quote::ident(k)).collect();
             let action = if cols.is_empty() {
                 "DO NOTHING".to_owned()
             } else {
                 format!(
                     "DO UPDATE SET {}",
                     cols.iter()
-                        .map(|c| format!("{q} = excluded.{q}", q = quote_ident(c)))
+                        .map(|c| format!("{q} = excluded.{q}", q = quote::ident(c)))
                         .collect::<Vec<_>>()
                         .join(", ")
                 )
             };
             let sql = format!(
                 "INSERT INTO {}.{} ({}) SELECT {} FROM unnest({}) AS u({}) ON CONFLICT ({}) {action}",
-                quote_ident(&info.schema),
-                quote_ident(&info.table),
+                quote::ident(&info.schema),
+                quote::ident(&info.table),
                 names.join(", "),
                 select.join(", "),
                 unnest_params(all.len()),

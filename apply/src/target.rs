@@ -3,7 +3,8 @@
 
 use crate::ApplyError;
 use std::collections::HashMap;
-use synapse_schemas::{quote_ident, Lsn, Relation, ReplicaIdentity};
+use synapse_postgres::quote;
+use synapse_schemas::{Lsn, Relation, ReplicaIdentity};
 use tokio_postgres::Client;
 
 /// Position and sync state live in the target, next to the data they describe, so one target
@@ -133,12 +134,15 @@ async fn ensure_types(client: &Client, rel: &Relation) -> Result<(), ApplyError>
         }
         tracing::info!(table = %rel.name(), r#type = %def.name, "creating missing type from the source definition");
         client
-            .batch_execute(&format!("CREATE SCHEMA IF NOT EXISTS {}; {}", quote_ident(&def.schema), def.ddl))
+            .batch_execute(&format!("CREATE SCHEMA IF NOT EXISTS {}; {}", quote::ident(&def.schema), def.ddl))
             .await
             .map_err(|e| ApplyError::Schema {
-            table: rel.name(),
-            message: format!("type {} could not be created from the source definition ({}): {e}", def.name, def.ddl),
-        })?;
+                table: rel.name(),
+                message: format!(
+                    "type {} could not be created from the source definition ({}): {e}",
+                    def.name, def.ddl
+                ),
+            })?;
     }
     Ok(())
 }
@@ -151,8 +155,8 @@ pub async fn ensure_table(client: &Client, rel: &Relation) -> Result<TargetTable
     }
     if cols.is_none() {
         let defs: Vec<String> =
-            rel.columns.iter().map(|c| format!("{} {}", quote_ident(&c.name), c.type_name)).collect();
-        let keys: Vec<String> = rel.key_columns().map(|(_, c)| quote_ident(&c.name)).collect();
+            rel.columns.iter().map(|c| format!("{} {}", quote::ident(&c.name), c.type_name)).collect();
+        let keys: Vec<String> = rel.key_columns().map(|(_, c)| quote::ident(&c.name)).collect();
         let pk = if rel.replica_identity != ReplicaIdentity::Full && !keys.is_empty() {
             format!(", PRIMARY KEY ({})", keys.join(", "))
         } else {
@@ -160,7 +164,7 @@ pub async fn ensure_table(client: &Client, rel: &Relation) -> Result<TargetTable
         };
         let ddl = format!(
             "CREATE SCHEMA IF NOT EXISTS {}; CREATE TABLE IF NOT EXISTS {name} ({}{pk})",
-            quote_ident(&rel.schema),
+            quote::ident(&rel.schema),
             defs.join(", ")
         );
         tracing::info!(table = %rel.name(), "creating missing target table from the source definition");
@@ -173,7 +177,7 @@ pub async fn ensure_table(client: &Client, rel: &Relation) -> Result<TargetTable
     let mut cols = cols.unwrap_or_default();
     for c in &rel.columns {
         if !cols.contains_key(&c.name) {
-            let ddl = format!("ALTER TABLE {name} ADD COLUMN IF NOT EXISTS {} {}", quote_ident(&c.name), c.type_name);
+            let ddl = format!("ALTER TABLE {name} ADD COLUMN IF NOT EXISTS {} {}", quote::ident(&c.name), c.type_name);
             tracing::info!(table = %rel.name(), column = %c.name, "adding column the source has");
             client.batch_execute(&ddl).await.map_err(|e| ApplyError::Schema {
                 table: rel.name(),

@@ -3,7 +3,8 @@
 
 use crate::CaptureError;
 use std::collections::HashMap;
-use synapse_schemas::{quote_ident, Column, Lsn, Relation, ReplicaIdentity, TypeDef};
+use synapse_postgres::quote;
+use synapse_schemas::{Column, Lsn, Relation, ReplicaIdentity, TypeDef};
 use tokio_postgres::Client;
 
 /// A table on the source that SynapseDB may capture.
@@ -18,7 +19,7 @@ pub struct SourceTable {
 
 impl SourceTable {
     pub fn quoted(&self) -> String {
-        format!("{}.{}", quote_ident(&self.schema), quote_ident(&self.name))
+        format!("{}.{}", quote::ident(&self.schema), quote::ident(&self.name))
     }
     pub fn display(&self) -> String {
         format!("{}.{}", self.schema, self.name)
@@ -106,12 +107,12 @@ pub async fn ensure_publication(
         tables.iter().filter(|t| !have.contains(&t.display())).map(SourceTable::quoted).collect();
     let sql = if !exists {
         if missing.is_empty() {
-            format!("CREATE PUBLICATION {}", quote_ident(publication))
+            format!("CREATE PUBLICATION {}", quote::ident(publication))
         } else {
-            format!("CREATE PUBLICATION {} FOR TABLE {}", quote_ident(publication), missing.join(", "))
+            format!("CREATE PUBLICATION {} FOR TABLE {}", quote::ident(publication), missing.join(", "))
         }
     } else if !missing.is_empty() {
-        format!("ALTER PUBLICATION {} ADD TABLE {}", quote_ident(publication), missing.join(", "))
+        format!("ALTER PUBLICATION {} ADD TABLE {}", quote::ident(publication), missing.join(", "))
     } else {
         return Ok(());
     };
@@ -151,10 +152,6 @@ pub struct TypeResolver {
     defs: HashMap<u32, Vec<TypeDef>>,
 }
 
-fn quote_literal(s: &str) -> String {
-    format!("'{}'", s.replace('\'', "''"))
-}
-
 impl TypeResolver {
     /// What a target must create for type `oid`: enums and domains (a domain's enum base and an
     /// array's enum or domain element first). Other kinds (composite, range) are not created;
@@ -180,12 +177,12 @@ impl TypeResolver {
         let mut defs = Vec::new();
         if let Some(r) = row {
             let (kind, base, schema, name): (String, u32, String, String) = (r.get(0), r.get(1), r.get(2), r.get(3));
-            let qualified = format!("{}.{}", quote_ident(&schema), quote_ident(&name));
+            let qualified = format!("{}.{}", quote::ident(&schema), quote::ident(&name));
             let element: u32 = r.get(9);
             match kind.as_str() {
                 "e" => {
                     let labels: Vec<String> = r.get::<_, Option<Vec<String>>>(7).unwrap_or_default();
-                    let labels: Vec<String> = labels.iter().map(|l| quote_literal(l)).collect();
+                    let labels: Vec<String> = labels.iter().map(|l| quote::literal(l)).collect();
                     defs.push(TypeDef {
                         ddl: format!("CREATE TYPE {qualified} AS ENUM ({})", labels.join(", ")),
                         name: qualified,

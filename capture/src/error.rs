@@ -70,12 +70,10 @@ impl CaptureError {
     pub fn is_transient(&self) -> bool {
         match self {
             CaptureError::Connect { .. } | CaptureError::Io(_) => true,
-            // Connection-class, insufficient resources, operator intervention, and "object in use"
-            // (the slot is still held by a previous walsender that has not noticed we died).
-            CaptureError::Server(e) => {
-                e.code.starts_with("08") || e.code.starts_with("53") || e.code.starts_with("57") || e.code == "55006"
-            }
-            CaptureError::Sql { source, .. } => source.as_db_error().is_none() || source.is_closed(),
+            // One list for every stage; 55006 "object in use" covers a slot still held by a
+            // previous walsender that has not noticed we died.
+            CaptureError::Server(e) => synapse_postgres::is_transient_code(&e.code),
+            CaptureError::Sql { source, .. } => synapse_postgres::is_transient(source),
             CaptureError::Log(e) => e.is_transient(),
             _ => false,
         }

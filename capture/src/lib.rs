@@ -35,7 +35,7 @@ use std::sync::Arc;
 use std::time::Duration;
 use synapse_log::ChangeLog;
 use tokio::sync::watch;
-use tokio_postgres::{Client, NoTls};
+use tokio_postgres::Client;
 use tracing::Instrument;
 use transport::ReplicationConnection;
 
@@ -137,14 +137,7 @@ pub struct Capture {
 }
 
 pub async fn connect_sql(config: &tokio_postgres::Config, what: &str) -> Result<Client, CaptureError> {
-    let (client, connection) =
-        config.connect(NoTls).await.map_err(CaptureError::sql(format!("connecting to {what}")))?;
-    tokio::spawn(async move {
-        if let Err(e) = connection.await {
-            tracing::debug!(error = %e, "sql connection ended");
-        }
-    });
-    Ok(client)
+    synapse_postgres::connect(config, what).await.map_err(CaptureError::sql(format!("connecting to {what}")))
 }
 
 impl Capture {

@@ -12,8 +12,9 @@ use crate::transport::ReplicationConnection;
 use crate::CaptureError;
 use bytes::Bytes;
 use futures_util::Stream;
-use synapse_schemas::{quote_ident, Lsn, Relation};
-use tokio_postgres::{Client, NoTls};
+use synapse_postgres::quote;
+use synapse_schemas::{Lsn, Relation};
+use tokio_postgres::Client;
 
 /// An exported snapshot, held open until dropped.
 pub struct SnapshotSession {
@@ -48,13 +49,9 @@ impl SnapshotSession {
 
     /// A new connection inside the snapshot (a read-only repeatable-read transaction).
     pub async fn connect(&self) -> Result<Client, CaptureError> {
-        let (client, connection) =
-            self.source.connect(NoTls).await.map_err(CaptureError::sql("connecting for the snapshot"))?;
-        tokio::spawn(async move {
-            if let Err(e) = connection.await {
-                tracing::debug!(error = %e, "snapshot connection ended");
-            }
-        });
+        let client = synapse_postgres::connect(&self.source, "snapshot")
+            .await
+            .map_err(CaptureError::sql("connecting for the snapshot"))?;
         client
             .batch_execute(&format!(
                 "BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY; SET TRANSACTION SNAPSHOT '{}';
@@ -100,7 +97,7 @@ impl SnapshotSession {
         chunk: Chunk,
         binary: bool,
     ) -> Result<impl Stream<Item = Result<Bytes, tokio_postgres::Error>>, CaptureError> {
-        let cols: Vec<String> = rel.columns.iter().map(|c| quote_ident(&c.name)).collect();
+        let cols: Vec<String> = rel.columns.iter().map(|c| quote::ident(&c.name)).collect();
         let mut filter = format!("ctid >= '({},0)'::tid", chunk.first_page);
         if let Some(end) = chunk.end_page {
             filter.push_str(&format!(" AND ctid < '({end},0)'::tid"));

@@ -337,7 +337,7 @@ impl ReplicationConnection {
             "START_REPLICATION SLOT \"{}\" LOGICAL {} (\"proto_version\" '1', \"publication_names\" '{}', \"messages\" 'true')",
             slot.replace('"', "\"\""),
             Lsn(start_lsn),
-            quote_ident_list_literal(publication),
+            synapse_postgres::quote::replication_literal(&synapse_postgres::quote::ident(publication)),
         );
         frontend::query(&sql, &mut self.out).map_err(CaptureError::Io)?;
         self.flush().await?;
@@ -351,11 +351,6 @@ impl ReplicationConnection {
         }
         Ok(ReplicationStream { conn: self })
     }
-}
-
-/// `publication_names` is a list of identifiers inside a string literal.
-fn quote_ident_list_literal(publication: &str) -> String {
-    format!("\"{}\"", publication.replace('"', "\"\"")).replace('\'', "''")
 }
 
 fn parse_data_row(body: &[u8]) -> Result<Vec<Option<String>>, CaptureError> {

@@ -11,8 +11,9 @@ use crate::ConnectorError;
 use bytes::Bytes;
 use synapse_capture::catalog::{describe_table, select_tables, TypeResolver};
 use synapse_capture::snapshot::SnapshotSession;
+use synapse_postgres::quote;
 use synapse_schemas::cloudevent::{row_json, write_snapshot_event};
-use synapse_schemas::{quote_ident, Cursor, Datum, Tuple};
+use synapse_schemas::{Cursor, Datum, Tuple};
 use tokio::sync::mpsc;
 use tokio_postgres::SimpleQueryMessage;
 
@@ -36,7 +37,7 @@ pub async fn stream_snapshot(
     let mut seq: u32 = 0;
     for table in tables.iter().filter(|t| selector.tables.as_ref().is_none_or(|s| s.contains(&t.display()))) {
         let rel = describe_table(&client, &mut types, table).await?;
-        let cols: Vec<String> = rel.columns.iter().map(|c| quote_ident(&c.name)).collect();
+        let cols: Vec<String> = rel.columns.iter().map(|c| quote::ident(&c.name)).collect();
         let read = |e| ConnectorError::Snapshot { table: table.display(), source: e };
         client
             .batch_execute(&format!(

@@ -97,13 +97,7 @@ impl RepairError {
     /// changed, so the check can simply run again. Everything else comes from the request.
     pub fn is_transient(&self) -> bool {
         match self {
-            RepairError::Node { source, .. } => {
-                source.is_closed()
-                    || source.code().is_none_or(|c| {
-                        let c = c.code();
-                        c.starts_with("08") || c.starts_with("57") || c == "40001" || c == "40P01"
-                    })
-            }
+            RepairError::Node { source, .. } => synapse_postgres::is_transient(source),
             RepairError::Cut { .. } => true,
             RepairError::Apply { source, .. } => source.is_transient(),
             _ => false,

@@ -21,9 +21,9 @@
 
 use crate::{Buckets, RepairError};
 use std::collections::BTreeMap;
-use synapse_schemas::quote_ident;
+use synapse_postgres::quote;
 use synapse_schemas::Lsn;
-use tokio_postgres::{Client, NoTls};
+use tokio_postgres::Client;
 
 /// Session settings that make text output the same on every node.
 /// JIT off: compiling costs ~40 ms a query here and buys nothing on these short expressions.
@@ -58,8 +58,7 @@ impl Node {
             let context = context.to_owned();
             move |source| RepairError::Node { node: name.to_owned(), context, source }
         };
-        let (client, conn) = config.connect(NoTls).await.map_err(fail("connecting"))?;
-        tokio::spawn(conn);
+        let client = synapse_postgres::connect(config, name).await.map_err(fail("connecting"))?;
         client.batch_execute(SESSION).await.map_err(fail("setting up the session"))?;
         Ok(Node {
             name: name.to_owned(),
@@ -298,30 +297,30 @@ impl Node {
                     // by timestamp's and int4's, binary-coercible but not castable): else text.
                     let (f, arg) =
                         hash_fn.get(c).and_then(|f: &String| f.split_once('|')).unwrap_or(("hashtextextended", "text"));
-                    format!("coalesce({f}({q}{}::{arg}, {seed}::int8), {seed}::int8)", quote_ident(c))
+                    format!("coalesce({f}({q}{}::{arg}, {seed}::int8), {seed}::int8)", quote::ident(c))
                 })
                 .collect()
         };
         let key_hash = |q: &str| match (key.as_slice(), key.first().and_then(|k| hash_fn.get(k)?.split_once('|'))) {
-            ([k], Some((f, arg))) => format!("{f}({q}{}::{arg}, 0::int8)", quote_ident(k)),
+            ([k], Some((f, arg))) => format!("{f}({q}{}::{arg}, 0::int8)", quote::ident(k)),
             _ => format!("hashint8extended({}, 0::int8)", hashed(&key, 101, q).join(" # ")),
         };
         let row_hash = format!("hashint8extended({}, 0::int8)", hashed(&all, 1, "t.").join(" # "));
         let (key_hash, index_key_hash) = (key_hash("t."), key_hash(""));
         Ok(Shape {
             name: name.to_owned(),
-            table: format!("{}.{}", quote_ident(schema), quote_ident(table)),
+            table: format!("{}.{}", quote::ident(schema), quote::ident(table)),
             key_len: key.len(),
-            from: format!("{}.{} t", quote_ident(schema), quote_ident(table)),
+            from: format!("{}.{} t", quote::ident(schema), quote::ident(table)),
             key_text: format!(
                 "ARRAY[{}]::text[]",
-                key.iter().map(|c| format!("t.{}::text", quote_ident(c))).collect::<Vec<_>>().join(", ")
+                key.iter().map(|c| format!("t.{}::text", quote::ident(c))).collect::<Vec<_>>().join(", ")
             ),
             key_match: key
                 .iter()
                 .zip(&key_types)
                 .enumerate()
-                .map(|(i, (c, ty))| format!("t.{} = u.k{i}::{ty}", quote_ident(c)))
+                .map(|(i, (c, ty))| format!("t.{} = u.k{i}::{ty}", quote::ident(c)))
                 .collect::<Vec<_>>()
                 .join(" AND "),
             key_hash,
@@ -329,7 +328,7 @@ impl Node {
             row_hash,
             int_key: match (key.as_slice(), key_types.as_slice()) {
                 ([k], [t]) if ["smallint", "integer", "bigint"].contains(&t.as_str()) => {
-                    Some(format!("t.{}", quote_ident(k)))
+                    Some(format!("t.{}", quote::ident(k)))
                 }
                 _ => None,
             },
@@ -456,7 +455,7 @@ impl Node {
         let sql = format!(
             "SELECT min({k})::int8, max({k})::int8,
                     (SELECT reltuples::float8 FROM pg_class WHERE oid = {table}::regclass) FROM {from}",
-            table = literal(&shape.table),
+            table = quote::literal(&shape.table),
             from = shape.from
         );
         let row = self.row(&sql, &[]).await.map_err(self.fail(format!("reading the key range of {}", shape.name)))?;
@@ -611,7 +610,7 @@ impl Node {
                 .await
                 .map_err(self.fail(format!("analyzing {}", shape.name)))?;
         }
-        let name = literal(&shape.name);
+        let name = quote::literal(&shape.name);
         let delta = |rows: &str, sign: &str| {
             format!(
                 "SELECT {bucket} AS b, {sign}1 AS dn, {sign}({hash})::numeric AS dh FROM {rows} t",
@@ -686,8 +685,8 @@ impl Node {
             wrapped_sub = wrap("x.s"),
             hash = shape.row_hash(),
             from = shape.from,
-            kh = literal(&shape.key_hash),
-            rh = literal(&shape.row_hash),
+            kh = quote::literal(&shape.key_hash),
+            rh = quote::literal(&shape.row_hash),
         );
         self.in_transaction(&sql).await.map_err(self.fail(format!("tracking {}", shape.name)))?;
         // Statistics of the new digests, so that reads of a few use their keys.
@@ -708,7 +707,7 @@ impl Node {
     pub async fn untrack(&self, shape: &Shape) -> Result<(), RepairError> {
         let id = format!("{:016x}", xxhash_rust::xxh3::xxh3_64(shape.name.as_bytes()));
         let table = shape.from.trim_end_matches(" t");
-        let name = literal(&shape.name);
+        let name = quote::literal(&shape.name);
         let sql = format!(
             "SET client_min_messages = warning;
              {TRACKING_DDL};
@@ -1225,7 +1224,7 @@ fn key_ranges(buckets: &[usize], bits: u8, lo: i64, span: i64) -> (Vec<i64>, Vec
 
 /// The advisory lock key of checks of `table` (an SQL literal).
 fn lock_key(table: &str) -> String {
-    literal(&format!("synapse_repair:{table}"))
+    quote::literal(&format!("synapse_repair:{table}"))
 }
 
 fn unlock_sql(table: &str) -> String {
@@ -1244,10 +1243,6 @@ pub(crate) fn sub_bits(bits: u8) -> u8 {
 /// `expr` (a numeric sum of 64-bit hashes) mod 2^64, as a signed bigint.
 fn wrap(expr: &str) -> String {
     format!("(({expr}) - floor((({expr}) + 9223372036854775808) / 18446744073709551616) * 18446744073709551616)::int8")
-}
-
-fn literal(s: &str) -> String {
-    format!("'{}'", s.replace('\'', "''"))
 }
 
 /// A key: its columns' text, in key order.

@@ -27,7 +27,7 @@ use crate::check::KeyDiff;
 use crate::fix::{FixReport, NodeChanges, REPAIR_ORIGIN};
 use crate::node::{Key, Node, Shape};
 use crate::RepairError;
-use synapse_schemas::quote_ident;
+use synapse_postgres::quote;
 use tokio_postgres::types::ToSql;
 use tokio_postgres::Client;
 
@@ -108,9 +108,9 @@ async fn copy_rows(
             .cloned()
             .collect();
         if !rows.is_empty() {
-            let key_cols: Vec<String> = shape.columns[..shape.key_len].iter().map(|c| quote_ident(c)).collect();
+            let key_cols: Vec<String> = shape.columns[..shape.key_len].iter().map(|c| quote::ident(c)).collect();
             let set: Vec<String> =
-                shape.columns[shape.key_len..].iter().map(|c| format!("{0} = EXCLUDED.{0}", quote_ident(c))).collect();
+                shape.columns[shape.key_len..].iter().map(|c| format!("{0} = EXCLUDED.{0}", quote::ident(c))).collect();
             let on_conflict =
                 if set.is_empty() { "DO NOTHING".to_string() } else { format!("DO UPDATE SET {}", set.join(", ")) };
             let sql = format!(

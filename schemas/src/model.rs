@@ -1,5 +1,6 @@
 use crate::{Cursor, Lsn};
 use serde::{Deserialize, Serialize};
+use synapse_postgres::quote;
 
 /// One column value as PostgreSQL's text output function printed it (owned; rows travel as
 /// [`Tuple`]s).
@@ -246,7 +247,7 @@ impl Relation {
 
     /// `"schema"."table"`, quoted for SQL.
     pub fn quoted_name(&self) -> String {
-        format!("{}.{}", quote_ident(&self.schema), quote_ident(&self.table))
+        format!("{}.{}", quote::ident(&self.schema), quote::ident(&self.table))
     }
 
     pub fn name(&self) -> String {
@@ -256,11 +257,6 @@ impl Relation {
     pub fn key_columns(&self) -> impl Iterator<Item = (usize, &Column)> {
         self.columns.iter().enumerate().filter(|(_, c)| c.is_key)
     }
-}
-
-/// Quotes an SQL identifier the way `quote_ident()` does.
-pub fn quote_ident(s: &str) -> String {
-    format!("\"{}\"", s.replace('"', "\"\""))
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]

@@ -1,0 +1,54 @@
+//! The one PostgreSQL layer of SynapseDB: every stage (capture, apply, repair, connectors, the
+//! doctor) connects, classifies errors and quotes SQL through this crate, so they agree.
+//!
+//! ```text
+//!   capture ─┐
+//!   apply   ─┼─► connect() ──► tokio_postgres::Client   (one place for timeouts and, later, TLS)
+//!   repair  ─┤   is_transient(&Error)                    (one retry policy for every SQLSTATE)
+//!   doctor  ─┘   quote::{ident, literal}, TableName      (one way to write names into SQL)
+//! ```
+//!
+//! Guarantees:
+//! * [`connect`] never waits longer than [`CONNECT_TIMEOUT`] for a server that does not answer
+//!   (unless the URL sets its own `connect_timeout`), and drives the connection on a task of its
+//!   own; a broken connection shows as an error on the next statement, never as a hang in it.
+//! * [`is_transient`] gives one answer for one error wherever it is asked: a retry with backoff
+//!   can succeed (connection lost, server starting or shutting down, too many clients,
+//!   serialization failure, deadlock, lock or object busy); anything else needs a person.
+//! * [`quote::literal`] is correct under either `standard_conforming_strings` setting.
+
+pub mod quote;
+mod sqlstate;
+mod table;
+
+pub use sqlstate::{is_transient, is_transient_code};
+pub use table::{TableName, TableNameError};
+
+use std::time::Duration;
+use tokio_postgres::{Client, Config, NoTls};
+
+/// How long a connection attempt may wait for a server that does not answer: long enough for a
+/// loaded server across regions, short enough that a dead address is reported, not waited on.
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Connects to `config` and spawns the connection's task; `purpose` names it in the log when the
+/// connection ends with an error (e.g. `"apply b"`).
+pub async fn connect(config: &Config, purpose: &str) -> Result<Client, tokio_postgres::Error> {
+    let mut config = config.clone();
+    if config.get_connect_timeout().is_none() {
+        config.connect_timeout(CONNECT_TIMEOUT);
+    }
+    let (client, connection) = config.connect(NoTls).await?;
+    let purpose = purpose.to_owned();
+    tokio::spawn(async move {
+        if let Err(error) = connection.await {
+            tracing::debug!(%purpose, %error, "postgres connection ended");
+        }
+    });
+    Ok(client)
+}
+
+/// Connects to a connection string (URL or `key=value` form); see [`connect`].
+pub async fn connect_str(url: &str, purpose: &str) -> Result<Client, tokio_postgres::Error> {
+    connect(&url.parse::<Config>()?, purpose).await
+}

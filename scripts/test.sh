@@ -1,9 +1,24 @@
 #!/usr/bin/env bash
 # The whole test suite: unit, property and integration tests against real PostgreSQL clusters
-# and a real Kafka-protocol broker.
+# and a real Kafka-protocol broker. Every test binary runs even when one fails (no stopping at
+# the first); the end prints a summary: each binary's result and time, then every failing
+# test's own output (which is what a CI log keeps). The full log is in target/test-logs/.
+# Extra arguments go to `cargo test` (e.g. `scripts/test.sh --test kafka_group`).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/ensure-postgres.sh
-# The Kafka log's tests start a Kafka-protocol broker (tansu); built once per machine (~13 min).
-scripts/ensure-tansu.sh >/dev/null
-cargo test --workspace --all-targets "$@"
+# The Kafka log's tests start a Kafka-protocol broker (tansu); built once per machine.
+SYNAPSE_TANSU="$(scripts/ensure-tansu.sh)"
+export SYNAPSE_TANSU
+logs="${CARGO_TARGET_DIR:-target}/test-logs"
+mkdir -p "$logs"
+log="$logs/$(date +%Y%m%d-%H%M%S).log"
+echo "==> building the tests (first build ~10 minutes on 2 cores; cargo shows its progress)"
+cargo test --workspace --all-targets --no-run "$@"
+echo "==> running every test binary (~5 minutes); full log: $log"
+started=$(date +%s)
+set +e
+cargo test --workspace --all-targets --no-fail-fast "$@" 2>&1 | tee "$log" | grep --line-buffered -E '^\s+Running |^test result:|^test .* FAILED$|panicked at'
+status=${PIPESTATUS[0]}
+set -e
+exec python3 scripts/test-summary.py "$log" "$status" "$(($(date +%s) - started))"

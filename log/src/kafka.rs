@@ -417,7 +417,23 @@ impl KafkaLog {
     /// Reads (and so indexes) the stream from `from` up to the head.
     async fn index_to_head(&self, mut from: Offset) -> Result<(), LogError> {
         while from < self.next_offset() {
-            let batch = self.read(from, 10_000).await?;
+            let batch = match self.read(from, 10_000).await {
+                // Retention deleted the oldest records while they were being indexed (another
+                // process keeps appending): they are gone for every reader alike, so indexing
+                // goes on from the stream's new start, as if the log were opened a moment later.
+                // A consumer whose position is in the deleted part still gets LOG008 when it reads.
+                Err(LogError::Expired { .. }) => {
+                    self.refresh_watermarks().await?;
+                    let low = self.inner.low.load(std::sync::atomic::Ordering::Acquire);
+                    if low <= from {
+                        return Err(LogError::Expired { topic: self.inner.topic.clone(), offset: from });
+                    }
+                    tracing::info!(topic = %self.inner.topic, from, low, "records deleted by retention while indexing; indexing from the new start");
+                    from = low;
+                    continue;
+                }
+                other => other?,
+            };
             let Some((last, _)) = batch.last() else {
                 // The index must be complete (the writer's recovery relies on it).
                 return Err(LogError::Stalled { topic: self.inner.topic.clone(), offset: from });

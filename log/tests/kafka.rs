@@ -175,3 +175,78 @@ async fn the_log_contract_holds_over_tls_and_an_untrusted_broker_is_refused() {
     let trusted = options(Some(&ca_pem));
     contract(|| async { KafkaLog::open(trusted.clone()).await.unwrap() }, true).await;
 }
+
+/// A process opening the log while another keeps appending past the broker's retention (the
+/// mock keeps a partition's last 5 MiB): the oldest records are deleted while the new log
+/// indexes them. Opening must succeed, indexing on from the stream's new start, and a reader
+/// from there reads on. (A consumer-group member taking a source over opens its log this way:
+/// this failed the kill -9 hand-over test at random with LOG008.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_log_opened_while_retention_deletes_its_oldest_records_opens() {
+    let mock = MockCluster::new(1).unwrap();
+    for topic in ["synapse.n1.changes", "synapse.n1.consumers"] {
+        mock.create_topic(topic, 1, 1).unwrap();
+    }
+    let options = KafkaLogOptions::new(&mock.bootstrap_servers(), "n1");
+    let writer = KafkaLog::open(options.clone()).await.unwrap();
+    // Small fetches make indexing the retained 5 MiB take hundreds of round trips, as a large
+    // topic on a busy machine does: retention deletes the oldest records meanwhile.
+    let mut slow = options.clone();
+    slow.properties.insert("fetch.message.max.bytes".into(), "4096".into());
+    let options = slow;
+    let rel = Relation {
+        oid: 5,
+        schema: "public".into(),
+        table: "docs".into(),
+        replica_identity: ReplicaIdentity::Default,
+        columns: vec![],
+    };
+    writer.append(vec![LogRecord::Relation(rel)]).await.unwrap();
+    // ~40 KiB transactions, without pause: the mock's 5 MiB turn over several times a second.
+    // Values that do not compress (the producer compresses messages).
+    let big = |lsn: u64| {
+        let mut t = txn(lsn, 40, lsn as i64);
+        let mut x = lsn.wrapping_mul(0x9E37_79B9_7F4A_7C15);
+        for r in &mut t {
+            if let LogRecord::Change(c) = r {
+                let text: String = (0..64)
+                    .map(|_| {
+                        x ^= x << 13;
+                        x ^= x >> 7;
+                        x ^= x << 17;
+                        format!("{x:016x}")
+                    })
+                    .collect();
+                c.after = Some(vec![Datum::Text(text), Datum::Null].into());
+            }
+        }
+        t
+    };
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let appending = {
+        let (writer, stop) = (writer.clone(), stop.clone());
+        tokio::spawn(async move {
+            let mut lsn = 1_000;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                writer.append(big(lsn)).await.unwrap();
+                lsn += 100;
+            }
+            lsn
+        })
+    };
+    // Past the retention before the first open, then open again and again while it deletes.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    for round in 0..3 {
+        let reader = match KafkaLog::open(options.clone()).await {
+            Ok(log) => log,
+            Err(e) => panic!("open {round} while retention deletes the oldest records: [{}] {e}", e.code()),
+        };
+        let from = reader.next_offset();
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let read = reader.read(from, 100).await.unwrap();
+        assert!(!read.is_empty(), "round {round}: the reader reads on from the head it indexed to");
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let written = appending.await.unwrap();
+    assert!(written > 1_000 + 100 * 200, "the writer appended only {} transactions", (written - 1_000) / 100);
+}

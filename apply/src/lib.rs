@@ -490,11 +490,11 @@ impl<L: ChangeLog> Session<'_, L> {
         // bounds OLTP catch-up (bench P2). The origin call puts the source LSN into the commit
         // record, so PostgreSQL's own pg_replication_origin_status follows ours. All values are
         // ours (validated node name, numbers), quoted as literals.
-        let node_lit = node.replace('\'', "''");
+        let node_lit = synapse_postgres::quote::literal(node);
         let ts = time as f64 / 1e6;
         let sql = format!(
             "INSERT INTO synapse.applied (source_node, next_offset, commit_lsn, commit_time, updated_at)
-             VALUES ('{node_lit}', {next_offset}, '{lsn}', to_timestamp({ts}), now())
+             VALUES ({node_lit}, {next_offset}, '{lsn}', to_timestamp({ts}), now())
              ON CONFLICT (source_node) DO UPDATE SET next_offset = excluded.next_offset,
                  commit_lsn = excluded.commit_lsn, commit_time = excluded.commit_time, updated_at = now();
              SELECT pg_replication_origin_xact_setup('{lsn}', to_timestamp({ts}));

@@ -1,7 +1,7 @@
 //! The PostgreSQL replication-protocol connection (`replication=database`), built on
 //! `postgres-protocol`'s message encoders and SCRAM/MD5 authentication.
 //!
-//! Why our own: of the published clients (research/deps.md), `pgwire-replication` hardcodes
+//! Why our own: of the published clients (docs/decisions/0001-replication-transport.md), `pgwire-replication` hardcodes
 //! protocol version 1 and pulls ring + aws-lc, `pg_walstream` breaks its API every release and its
 //! default TLS feature does not resolve here, and `pgoutput`/`pg_replicate` are unusable. The
 //! transport is ~300 lines over `postgres-protocol` (which does not parse CopyBothResponse, so
@@ -16,6 +16,7 @@ use bytes::{Buf, Bytes, BytesMut};
 use postgres_protocol::authentication::{md5_hash, sasl};
 use postgres_protocol::message::frontend;
 use std::time::Duration;
+use synapse_postgres::quote;
 use synapse_schemas::Lsn;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadHalf, WriteHalf};
 use tokio_postgres::config::{Host, SslMode};
@@ -310,8 +311,8 @@ impl ReplicationConnection {
         export_snapshot: bool,
     ) -> Result<CreatedSlot, CaptureError> {
         let sql = format!(
-            "CREATE_REPLICATION_SLOT \"{}\" {} LOGICAL pgoutput {}",
-            name.replace('"', "\"\""),
+            "CREATE_REPLICATION_SLOT {} {} LOGICAL pgoutput {}",
+            quote::ident(name),
             if temporary { "TEMPORARY" } else { "" },
             if export_snapshot { "EXPORT_SNAPSHOT" } else { "NOEXPORT_SNAPSHOT" }
         );
@@ -334,10 +335,10 @@ impl ReplicationConnection {
         publication: &str,
     ) -> Result<ReplicationStream, CaptureError> {
         let sql = format!(
-            "START_REPLICATION SLOT \"{}\" LOGICAL {} (\"proto_version\" '1', \"publication_names\" '{}', \"messages\" 'true')",
-            slot.replace('"', "\"\""),
+            "START_REPLICATION SLOT {} LOGICAL {} (\"proto_version\" '1', \"publication_names\" {}, \"messages\" 'true')",
+            quote::ident(slot),
             Lsn(start_lsn),
-            synapse_postgres::quote::replication_literal(&synapse_postgres::quote::ident(publication)),
+            quote::replication_literal(&quote::ident(publication)),
         );
         frontend::query(&sql, &mut self.out).map_err(CaptureError::Io)?;
         self.flush().await?;

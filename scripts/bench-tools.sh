@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Installs the baselines `synapse bench` compares against that PostgreSQL does not ship:
+# Installs the baselines `synapse-bench` compares against that PostgreSQL does not ship:
 # pg_comparator (Debian package postgresql-comparator, with its pgcmp extension) and reladiff
 # (PyPI, in a virtualenv under ~/.cache/synapse/bench-tools). Idempotent.
 set -euo pipefail

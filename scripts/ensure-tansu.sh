@@ -10,7 +10,7 @@ fi
 root="${XDG_CACHE_HOME:-$HOME/.cache}/synapse/tansu-0.6.0"
 if [ ! -x "$root/bin/tansu" ]; then
   echo "tansu not found: building it into $root (once; ~11 minutes)" >&2
-  # The features and --locked are what builds (research/deps.md: without them the build fails).
+  # The features and --locked are what builds (docs/decisions/0007-test-brokers.md: without them the build fails).
   cargo install tansu@0.6.0 --locked --features postgres,dynostore --root "$root" >&2
 fi
 echo "$root/bin/tansu"

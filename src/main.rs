@@ -1,27 +1,19 @@
-//! The `synapse` binary: wires capture, the log and apply together (see pipeline.rs).
+//! The `synapse` command line: parses arguments and calls the crates. What `synapse run` does
+//! is in `synapse-runtime`; the benchmarks are the `synapse-bench` binary (bench/).
 
-mod bench;
-mod bench_delivery;
-mod bench_mesh;
-mod bench_repair;
-mod config;
-mod doctor;
-mod ops;
-mod pipeline;
 mod quickstart;
 mod quickstart_mesh;
 mod repair;
-mod source_group;
 
 use clap::{Parser, Subcommand};
 
 /// The pipeline allocates a string per column value; glibc's malloc/free were ~16% of synapse's
-/// CPU in the P1 profile (`synapse bench --profile`). mimalloc's thread-local free lists cut that.
+/// CPU in the P1 profile (`synapse-bench --profile`). mimalloc's thread-local free lists cut that.
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 /// Returns freed memory to the OS at once instead of after mimalloc's 10 ms delay: transient
-/// batch buffers otherwise pile up between purges. `synapse bench` P7 (one 1 GB transaction):
+/// batch buffers otherwise pile up between purges. `synapse-bench` P7 (one 1 GB transaction):
 /// peak RSS 229–264 MiB with the default, 148 MiB with immediate purging; P1/P3 throughput
 /// unchanged within noise (same build, `MIMALLOC_PURGE_DELAY=0|10`).
 #[allow(unsafe_code)]
@@ -35,8 +27,8 @@ fn purge_freed_memory_immediately() {
 }
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::sync::Arc;
 use std::time::Duration;
+use synapse_runtime::config::Config;
 
 #[derive(Parser)]
 #[command(name = "synapse", version, about = "Change-data-capture replication and streaming for PostgreSQL")]
@@ -66,8 +58,6 @@ enum Command {
     /// differing buckets (reads only).
     #[command(subcommand)]
     Repair(RepairCommand),
-    /// End-to-end benchmarks with PostgreSQL's own tools as baselines (run a release build).
-    Bench(bench::Options),
     /// See live replication: two local demo nodes, or --source/--target URLs.
     Quickstart {
         #[arg(long, requires = "target")]
@@ -84,7 +74,7 @@ enum Command {
         #[arg(long, default_value = "127.0.0.1:9187")]
         ops_listen: String,
         /// Address of the streaming and webhook API ("" disables).
-        #[arg(long, default_value = config::defaults::API_LISTEN)]
+        #[arg(long, default_value = synapse_runtime::config::defaults::API_LISTEN)]
         api_listen: String,
         /// Instead: a writable mesh of this many local nodes (2–5), showing a concurrent update
         /// resolved and a counter converging.
@@ -106,55 +96,10 @@ enum RepairCommand {
     Track(repair::TrackArgs),
 }
 
-/// Resolves on SIGINT or SIGTERM.
-pub async fn shutdown_signal() {
-    let term = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut s) => {
-                s.recv().await;
-            }
-            Err(_) => std::future::pending::<()>().await,
-        }
-    };
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        _ = term => {}
-    }
-}
-
 fn init_tracing(default: &str) {
     let filter = tracing_subscriber::EnvFilter::try_from_env("SYNAPSE_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
     tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
-}
-
-async fn run(config: PathBuf) -> anyhow::Result<()> {
-    let config = config::Config::load(&config)?;
-    let health = Arc::new(ops::Health::default());
-    if !config.ops.listen.is_empty() {
-        let (listen, h) = (config.ops.listen.clone(), health.clone());
-        let admin = Arc::new(repair::RepairService::new(config.clone())).router();
-        tokio::spawn(async move {
-            if let Err(e) = ops::serve_with(&listen, h, admin).await {
-                tracing::error!(error = %e, "ops server stopped");
-            }
-        });
-    }
-    let (stop, shutdown) = tokio::sync::watch::channel(false);
-    let starting = pipeline::start(&config, health, shutdown);
-    tokio::pin!(starting);
-    let running = tokio::select! {
-        r = &mut starting => r?,
-        _ = shutdown_signal() => return Ok(()),
-    };
-    let signal_stop = stop.clone();
-    tokio::spawn(async move {
-        shutdown_signal().await;
-        tracing::info!("shutting down");
-        let _ = signal_stop.send(true);
-    });
-    pipeline::wait(running, &stop).await?;
-    Ok(())
 }
 
 fn main() -> ExitCode {
@@ -165,7 +110,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let quiet = !matches!(cli.command, Command::Run { .. });
     init_tracing(if quiet { "warn" } else { "info" });
-    let _ = ops::metrics_handle();
+    let _ = synapse_runtime::ops::metrics_handle();
     let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
@@ -175,9 +120,9 @@ fn main() -> ExitCode {
     };
     let result: anyhow::Result<ExitCode> = rt.block_on(async {
         match cli.command {
-            Command::Run { config } => run(config).await.map(|_| ExitCode::SUCCESS),
+            Command::Run { config } => synapse_runtime::run(Config::load(&config)?).await.map(|_| ExitCode::SUCCESS),
             Command::Validate { config } => {
-                let c = config::Config::load(&config)?;
+                let c = Config::load(&config)?;
                 println!(
                     "{}: ok ({}{} sources, {} targets, {} webhook endpoints, API {})",
                     config.display(),
@@ -193,8 +138,8 @@ fn main() -> ExitCode {
                 Ok(ExitCode::SUCCESS)
             }
             Command::Doctor { config } => {
-                let c = config::Config::load(&config)?;
-                let failed = doctor::run(&c).await;
+                let c = Config::load(&config)?;
+                let failed = synapse_runtime::doctor::run(&c).await;
                 if failed == 0 {
                     println!("all checks passed");
                     Ok(ExitCode::SUCCESS)
@@ -213,7 +158,6 @@ fn main() -> ExitCode {
                 eprintln!("error: {e:#}");
                 ExitCode::from(2)
             })),
-            Command::Bench(o) => bench::run(o).await.map(|_| ExitCode::SUCCESS),
             Command::Quickstart { regions: Some(n), duration, ops_listen, .. } => {
                 quickstart_mesh::run(n, duration.map(Duration::from_secs_f64), ops_listen)
                     .await

@@ -6,12 +6,12 @@
 //! (ending at the sum of all increments on every node). Then keeps a light workload running on
 //! every node until Ctrl-C or `--duration`, and proves the nodes identical.
 
-use crate::config::{ApiConfig, Config, LogConfig, MeshConfig, MeshNode, OpsConfig, SecretUrl};
-use crate::ops::Health;
-use crate::pipeline;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use synapse_localpg::{ClusterOptions, LocalCluster};
+use synapse_runtime::config::{ApiConfig, Config, LogConfig, MeshConfig, MeshNode, OpsConfig, SecretUrl};
+use synapse_runtime::ops::Health;
+use synapse_runtime::pipeline;
 use tokio::sync::watch;
 
 const SCHEMA: &str = "CREATE TABLE accounts (id int PRIMARY KEY, owner text NOT NULL, balance bigint NOT NULL);
@@ -109,7 +109,7 @@ pub async fn run(regions: usize, duration: Option<Duration>, ops_listen: String)
     if !config.ops.listen.is_empty() {
         let (listen, h) = (config.ops.listen.clone(), health.clone());
         tokio::spawn(async move {
-            if let Err(e) = crate::ops::serve(&listen, h).await {
+            if let Err(e) = synapse_runtime::ops::serve(&listen, h).await {
                 eprintln!("warning: ops server: {e}");
             }
         });

@@ -1,4 +1,4 @@
-//! P6 of `synapse bench`: delivering the stream to a local webhook receiver.
+//! P6 of `synapse-bench`: delivering the stream to a local webhook receiver.
 //!
 //! * Throughput: a source's workload (`--p6-events` rows in 1,000-row transactions over 1,000
 //!   keys) is captured into the log first; then an endpoint delivers it from the start of the
@@ -11,8 +11,6 @@
 //!   Baseline: PostgreSQL's own decoding latency, commit → `COMMIT` line of `pg_recvlogical`
 //!   (test_decoding, include-timestamp) on the same workload at the same time.
 
-use crate::config::{ApiConfig, Config, LogConfig, OpsConfig, SecretUrl, SourceConfig};
-use crate::ops::Health;
 use futures_util::StreamExt;
 use std::collections::BTreeMap;
 use std::io::BufRead;
@@ -25,6 +23,8 @@ use synapse_connectors::webhook::store::Store;
 use synapse_connectors::webhook::{EndpointSpec, WebhookSource, Webhooks};
 use synapse_localpg::{ClusterOptions, LocalCluster};
 use synapse_log::EmbeddedLog;
+use synapse_runtime::config::{ApiConfig, Config, LogConfig, OpsConfig, SecretUrl, SourceConfig};
+use synapse_runtime::ops::Health;
 use tokio::sync::watch;
 
 /// Events delivered per request in the batched run.
@@ -220,11 +220,11 @@ pub async fn run(events: u64) -> anyhow::Result<P6> {
     // 1. Capture the workload into the log.
     eprintln!("P6: capturing {events} events into the log");
     let (stop, sd) = watch::channel(false);
-    let running = crate::pipeline::start(&cfg, Arc::new(Health::default()), sd).await?;
+    let running = synapse_runtime::pipeline::start(&cfg, Arc::new(Health::default()), sd).await?;
     let stats = running.captures[0].1.clone();
     let waiter = tokio::spawn({
         let stop = stop.clone();
-        async move { crate::pipeline::wait(running, &stop).await }
+        async move { synapse_runtime::pipeline::wait(running, &stop).await }
     });
     src.psql(
         "bench",
@@ -308,10 +308,10 @@ pub async fn run(events: u64) -> anyhow::Result<P6> {
         }
     });
     let (stop, sd) = watch::channel(false);
-    let running = crate::pipeline::start(&cfg, Arc::new(Health::default()), sd).await?;
+    let running = synapse_runtime::pipeline::start(&cfg, Arc::new(Health::default()), sd).await?;
     let waiter = tokio::spawn({
         let stop = stop.clone();
-        async move { crate::pipeline::wait(running, &stop).await }
+        async move { synapse_runtime::pipeline::wait(running, &stop).await }
     });
     tokio::time::sleep(Duration::from_secs(1)).await;
     rx.latencies.lock().unwrap_or_else(|p| p.into_inner()).clear();

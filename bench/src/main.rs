@@ -1,4 +1,4 @@
-//! `synapse bench`: end-to-end benchmarks against PostgreSQL's own tools, measured in the same
+//! `synapse-bench`: end-to-end benchmarks against PostgreSQL's own tools, measured in the same
 //! run on the same machine, printing both figures and the ratio.
 //!
 //! | id | what | baseline |
@@ -8,14 +8,26 @@
 //! | P3 | capture drain of the P1 WAL into the durable log | pg_recvlogical to /dev/null |
 //! | P7 | peak RSS while one ~1 GB transaction flows through (goal < 256 MB) | pg_recvlogical peak RSS |
 //! | P8 | initial copy of the P1 table into an empty target | COPY TO STDOUT piped into COPY FROM STDIN |
-//! | P2M | P2's transactions written a third on each of three mesh nodes, cold catch-up (see bench_mesh.rs) | publication/subscription one way; SynapseDB one way |
-//! | P5 | `repair check` of 1M rows on two nodes with 99 differences: time and bytes on the wire (see bench_repair.rs) | pg_comparator; reladiff |
-//! | P6 | webhook delivery: events/s batched and per key, commit → delivery p99 (see bench_delivery.rs) | plain HTTP client; pg_recvlogical |
+//! | P2M | P2's transactions written a third on each of three mesh nodes, cold catch-up (see mesh.rs) | publication/subscription one way; SynapseDB one way |
+//! | P5 | `repair check` of 1M rows on two nodes with 99 differences: time and bytes on the wire (see repair.rs) | pg_comparator; reladiff |
+//! | P6 | webhook delivery: events/s batched and per key, commit → delivery p99 (see delivery.rs) | plain HTTP client; pg_recvlogical |
 //!
 //! Pausing (P1, P2) is the same for both: a lock on the target table holds each applier back
 //! while the workload runs, and the clocks start when the lock is released, one consumer after
 //! the other. `--cold-start` instead keeps synapse stopped during the workload and starts it,
 //! start-up and capture included.
+//!
+//! Run from a release build: `cargo build --release && target/release/synapse-bench`; the
+//! scenarios that run `synapse run` start the `synapse` binary next to this one.
+
+mod delivery;
+mod mesh;
+mod repair;
+
+/// The in-process scenarios (P5's running check, P6) measure what the `synapse` binary runs,
+/// allocator included.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 use anyhow::{bail, Context};
 use std::path::Path;
@@ -46,8 +58,13 @@ fn parse_property(s: &str) -> Result<(String, String), String> {
         .ok_or_else(|| format!("`{s}` is not key=value"))
 }
 
-/// `synapse bench` options.
-#[derive(clap::Args)]
+/// `synapse-bench` options.
+#[derive(clap::Parser)]
+#[command(
+    name = "synapse-bench",
+    version,
+    about = "End-to-end benchmarks with PostgreSQL's own tools as baselines (run a release build)"
+)]
 pub struct Options {
     /// Rows of the bulk scenarios (P1, P3, P8).
     #[arg(long, default_value_t = 1_000_000)]
@@ -64,7 +81,7 @@ pub struct Options {
     #[arg(long)]
     pub profile: bool,
     /// Parallel chunk copies in P8.
-    #[arg(long, default_value_t = crate::config::defaults::COPY_PARALLELISM)]
+    #[arg(long, default_value_t = synapse_runtime::config::defaults::COPY_PARALLELISM)]
     pub copy_parallelism: usize,
     /// Rounds (fresh clusters each); the median round is reported.
     #[arg(long, default_value_t = 3)]
@@ -132,9 +149,19 @@ async fn wait_marker(client: &Client, id: i32, timeout: Duration) -> anyhow::Res
     }
 }
 
+/// The `synapse` binary built with this one (same profile, same directory).
+pub(crate) fn synapse_binary() -> anyhow::Result<std::path::PathBuf> {
+    let exe = std::env::current_exe()?;
+    let synapse = exe.with_file_name("synapse");
+    if !synapse.exists() {
+        bail!("{} not found: build it with the same profile first (`cargo build --release`)", synapse.display());
+    }
+    Ok(synapse)
+}
+
 pub(crate) fn spawn_synapse(config: &Path, log: &Path) -> anyhow::Result<Child> {
     let out = std::fs::OpenOptions::new().create(true).append(true).open(log)?;
-    Ok(Command::new(std::env::current_exe()?)
+    Ok(Command::new(synapse_binary()?)
         .args(["run", "--config", &config.display().to_string()])
         .stdout(Stdio::null())
         .stderr(out)
@@ -675,7 +702,28 @@ impl Row {
 
 /// Runs every scenario `repeat` times (fresh clusters each round) and prints the round with the
 /// median ratio per scenario, and the spread: this machine is shared and noisy.
-pub async fn run(o: Options) -> anyhow::Result<()> {
+fn main() -> std::process::ExitCode {
+    use clap::Parser;
+    let options = Options::parse();
+    let filter = tracing_subscriber::EnvFilter::try_from_env("SYNAPSE_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+    let _ = synapse_runtime::ops::metrics_handle();
+    let result = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .map_err(anyhow::Error::from)
+        .and_then(|rt| rt.block_on(run(options)));
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(o: Options) -> anyhow::Result<()> {
     let want = |id: &str| o.scenarios.iter().any(|s| s.eq_ignore_ascii_case(id));
     let replication = ["P1", "P2", "P3", "P7", "P8"].iter().any(|id| want(id));
     let mut rounds = Vec::new();
@@ -696,7 +744,7 @@ pub async fn run(o: Options) -> anyhow::Result<()> {
             } else {
                 KeepDir::Temp(work)
             };
-            let m = crate::bench_mesh::run(o.updates, work.path())?;
+            let m = crate::mesh::run(o.updates, work.path())?;
             let per_sec = |secs: f64| m.updates as f64 / secs;
             notes.push(format!(
                 "P2M round {}: {} txns from cold start — mesh of 3 writable nodes {:.2}s ({:.0} txns/s, each applied on 2 nodes), SynapseDB one way {:.2}s ({:.0} txns/s), publication/subscription one way {:.2}s ({:.0} txns/s); mesh / SynapseDB one way = {:.2}×",
@@ -731,9 +779,9 @@ pub async fn run(o: Options) -> anyhow::Result<()> {
         }
         if want("P5") {
             let work = tempfile::tempdir()?;
-            let p = crate::bench_repair::run(o.rows, work.path()).await?;
+            let p = crate::repair::run(o.rows, work.path()).await?;
             let pct = |bytes: u64| bytes as f64 * 100.0 / p.table_bytes as f64;
-            let show = |name: &str, r: &Result<crate::bench_repair::ToolRun, String>| match r {
+            let show = |name: &str, r: &Result<crate::repair::ToolRun, String>| match r {
                 Ok(r) => format!(
                     "{name} {:.2}s, {:.0} KiB ({:.3}% of the table), {} keys",
                     r.secs,
@@ -759,7 +807,7 @@ pub async fn run(o: Options) -> anyhow::Result<()> {
                 "P5 round {}: repair track {:.2}s (both nodes: triggers, bucket index, digests seeded); then checks each after {} rows updated alike on both nodes — `synapse repair check` (a new process) {:.3}s, {:.0} KiB, {} keys ({:.0}× faster than the cold check, {}); in a running synapse (admin API path, connections open) {:.4}s (median of {}, quartiles {:.4}–{:.4}s), {:.0} KiB, {} keys ({:.0}× faster than the cold check, {})",
                 round + 1,
                 p.track_secs,
-                crate::bench_repair::CHANGES,
+                crate::repair::CHANGES,
                 p.incremental.secs,
                 p.incremental.bytes as f64 / 1024.0,
                 p.incremental.found,
@@ -769,7 +817,7 @@ pub async fn run(o: Options) -> anyhow::Result<()> {
                     Err(_) => "pg_comparator not measured".into(),
                 },
                 p.warm.secs,
-                crate::bench_repair::WARM_RUNS,
+                crate::repair::WARM_RUNS,
                 p.warm_quartiles.0,
                 p.warm_quartiles.1,
                 p.warm.bytes as f64 / 1024.0,
@@ -800,7 +848,7 @@ pub async fn run(o: Options) -> anyhow::Result<()> {
             });
             rows.push(Row {
                 id: "P5i",
-                what: format!("incremental check after {} changes", crate::bench_repair::CHANGES),
+                what: format!("incremental check after {} changes", crate::repair::CHANGES),
                 synapse: p.warm.secs,
                 baseline,
                 unit: "s (baseline pg_comparator)",
@@ -818,7 +866,7 @@ pub async fn run(o: Options) -> anyhow::Result<()> {
             });
         }
         if want("P6") {
-            let p = crate::bench_delivery::run(o.p6_events).await?;
+            let p = crate::delivery::run(o.p6_events).await?;
             notes.push(format!(
                 "P6 round {}: commit → delivery p50 {:.1} ms / p99 {:.1} ms (pg_recvlogical p50 {:.1} / p99 {:.1} ms)",
                 round + 1,

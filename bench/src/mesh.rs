@@ -1,4 +1,4 @@
-//! P2M of `synapse bench`: the P2 workload (single-row update transactions) spread over three
+//! P2M of `synapse-bench`: the P2 workload (single-row update transactions) spread over three
 //! writable nodes of a mesh, against the one-way pipeline and PostgreSQL's own one-way
 //! publication/subscription on the same number of transactions, all measured in this run.
 //!
@@ -97,7 +97,7 @@ pub fn run(updates: u64, work: &Path) -> anyhow::Result<MeshBench> {
     )?;
     let log = work.join("synapse-mesh-bench.log");
     // Setup: slots and subscription in place, both consumers stopped before the workload.
-    let mut child = crate::bench::spawn_synapse(&oneway_cfg, &log)?;
+    let mut child = crate::spawn_synapse(&oneway_cfg, &log)?;
     let setup = Duration::from_secs(120);
     // Without an initial copy, only what is written after the slot exists travels.
     wait_until(&format!("the one-way capture did not start (see {})", log.display()), setup, || {
@@ -112,7 +112,7 @@ pub fn run(updates: u64, work: &Path) -> anyhow::Result<MeshBench> {
     wait_until(&format!("one-way setup did not sync (see {})", log.display()), setup, || {
         ready(&nodes[1], "oneway") && ready(&nodes[2], "oneway")
     })?;
-    crate::bench::stop(&mut child)?;
+    crate::stop(&mut child)?;
     nodes[2].psql("oneway", "ALTER SUBSCRIPTION sub DISABLE")?;
     eprintln!("P2M: writing {updates} single-row update transactions on one node (one-way)");
     nodes[0].psql("oneway", &workload(updates, 1, 0))?;
@@ -122,11 +122,11 @@ pub fn run(updates: u64, work: &Path) -> anyhow::Result<MeshBench> {
     wait_markers(&[(&nodes[2], "oneway")], 1, Duration::from_secs(1800)).context("baseline catch-up")?;
     let native_secs = t.elapsed().as_secs_f64();
     let t = Instant::now();
-    let mut child = crate::bench::spawn_synapse(&oneway_cfg, &log)?;
+    let mut child = crate::spawn_synapse(&oneway_cfg, &log)?;
     wait_markers(&[(&nodes[1], "oneway")], 1, Duration::from_secs(1800))
         .with_context(|| format!("one-way catch-up; see {}", log.display()))?;
     let oneway_secs = t.elapsed().as_secs_f64();
-    crate::bench::stop(&mut child)?;
+    crate::stop(&mut child)?;
     let src = fingerprint(&nodes[0], "oneway")?;
     if fingerprint(&nodes[1], "oneway")? != src || fingerprint(&nodes[2], "oneway")? != src {
         bail!("P2M one-way targets differ from the source");
@@ -147,14 +147,14 @@ pub fn run(updates: u64, work: &Path) -> anyhow::Result<MeshBench> {
             work.join("mesh-log").display()
         ),
     )?;
-    let mut child = crate::bench::spawn_synapse(&mesh_cfg, &log)?;
+    let mut child = crate::spawn_synapse(&mesh_cfg, &log)?;
     let installed = |n: &LocalCluster| {
         n.psql("mesh", "SELECT (SELECT count(*) FROM pg_trigger WHERE tgname = 'synapse_local_write') || '/' || (SELECT count(*) FROM pg_replication_slots WHERE active AND database = 'mesh')")
             .unwrap_or_default()
             == "2/1"
     };
     wait_until(&format!("the mesh did not start (see {})", log.display()), setup, || nodes.iter().all(installed))?;
-    crate::bench::stop(&mut child)?;
+    crate::stop(&mut child)?;
     eprintln!("P2M: writing {updates} single-row update transactions, a third on each of three mesh nodes");
     let per_node = updates / 3;
     std::thread::scope(|s| -> anyhow::Result<()> {
@@ -175,12 +175,12 @@ pub fn run(updates: u64, work: &Path) -> anyhow::Result<MeshBench> {
         Ok(())
     })?;
     let t = Instant::now();
-    let mut child = crate::bench::spawn_synapse(&mesh_cfg, &log)?;
+    let mut child = crate::spawn_synapse(&mesh_cfg, &log)?;
     let all: Vec<(&LocalCluster, &str)> = nodes.iter().map(|n| (n, "mesh")).collect();
     wait_markers(&all, 3, Duration::from_secs(1800))
         .with_context(|| format!("mesh catch-up; see {}", log.display()))?;
     let mesh_secs = t.elapsed().as_secs_f64();
-    let stages = crate::bench::scrape(
+    let stages = crate::scrape(
         &listen,
         &[
             "synapse_apply_log_read_seconds",
@@ -196,7 +196,7 @@ pub fn run(updates: u64, work: &Path) -> anyhow::Result<MeshBench> {
         "P2M where the mesh's time went (cumulative over 6 appliers and 3 captures) over {mesh_secs:.2}s wall: {}",
         parts.join(" ")
     );
-    crate::bench::stop(&mut child)?;
+    crate::stop(&mut child)?;
     let f0 = fingerprint(&nodes[0], "mesh")?;
     if fingerprint(&nodes[1], "mesh")? != f0 || fingerprint(&nodes[2], "mesh")? != f0 {
         bail!("P2M mesh nodes differ after catch-up");

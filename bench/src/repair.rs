@@ -1,4 +1,4 @@
-//! P5 of `synapse bench`: how fast, and with how many bytes on the wire, two nodes' copies of
+//! P5 of `synapse-bench`: how fast, and with how many bytes on the wire, two nodes' copies of
 //! a table are compared — `synapse repair check` against pg_comparator (Debian package
 //! postgresql-comparator, its pgcmp extension created) and reladiff (PyPI), in the same run on
 //! the same clusters.
@@ -149,7 +149,7 @@ pub async fn run(rows: u64, work: &Path) -> anyhow::Result<RepairBench> {
             url(&pb)
         ),
     )?;
-    let exe = std::env::current_exe()?;
+    let exe = crate::synapse_binary()?;
     let check = || {
         let mut c = tokio::process::Command::new(&exe);
         c.args(["repair", "check", "--config", &config.display().to_string(), "--json"]);
@@ -262,8 +262,8 @@ pub async fn run(rows: u64, work: &Path) -> anyhow::Result<RepairBench> {
     };
     let incremental = measure(&pa, &pb, &change, check, synapse_found).await?;
     // The same through the admin API's path in a running process: connections already open.
-    let service = crate::repair::RepairService::new(crate::config::Config::load(&config)?);
-    let request = || crate::repair::RepairRequest { tables: vec!["public.t".into()], ..Default::default() };
+    let service = synapse_runtime::repair::RepairService::new(synapse_runtime::config::Config::load(&config)?);
+    let request = || synapse_runtime::repair::RepairRequest { tables: vec!["public.t".into()], ..Default::default() };
     service.check(request()).await.map_err(|_| anyhow::anyhow!("the warm-up check through the service failed"))?;
     let mut warm = Vec::new();
     for run in 0..WARM_RUNS {

@@ -4,7 +4,7 @@
 //! (so one `append` = one group commit), MVCC readers that never block the writer, and a stable
 //! file format. Records are stored in chunks (up to [`CHUNK_RECORDS`] records or [`CHUNK_BYTES`]
 //! per B-tree value, keyed by the chunk's first offset): one tree insert per chunk instead of per
-//! record made appends ~4× cheaper in `synapse bench` P1/P3, and reads become sequential.
+//! record made appends ~4× cheaper in `synapse-bench` P1/P3, and reads become sequential.
 
 use crate::{ChangeLog, LogError, Offset, Seek, WriterState};
 use redb::{Database, ReadableTable, TableDefinition};

@@ -34,7 +34,7 @@ impl<'a> Value<'a> {
 /// (`n` null, `u` unchanged TOAST, `t` text) and, for `t`, a big-endian u32 length and UTF-8
 /// bytes. Capture copies the bytes once from the wire; apply streams them into COPY without a
 /// per-value allocation (a `Vec<String>` per row cost synapse more CPU than PostgreSQL's own
-/// apply worker spent in total, see `synapse bench --profile`).
+/// apply worker spent in total, see `synapse-bench --profile`).
 ///
 /// Always valid: construction and deserialisation check the layout and the UTF-8.
 #[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]

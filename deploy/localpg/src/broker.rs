@@ -1,6 +1,6 @@
 //! A throwaway Kafka-protocol broker for tests of the Kafka log: tansu, installed by
 //! `scripts/ensure-tansu.sh` (built once per machine), on a free loopback port, memory storage.
-//! No Apache Kafka can be fetched here (research/deps.md); tansu speaks the protocol rdkafka uses.
+//! No Apache Kafka can be fetched here (docs/decisions/0007-test-brokers.md); tansu speaks the protocol rdkafka uses.
 
 use crate::LocalPgError;
 use std::net::TcpListener;

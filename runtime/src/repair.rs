@@ -1,0 +1,374 @@
+//! Repair as the runtime serves it: which nodes and tables of a configuration to compare
+//! ([`plan`]), checking and resolving them ([`fix_tables`]), and the admin API's
+//! `POST /repair/check` and `POST /repair/fix` ([`RepairService`]). The algorithms are in
+//! `synapse-repair`; the CLI's printing is in the binary.
+
+use crate::config::Config;
+use std::collections::HashMap;
+use std::time::Duration;
+use synapse_repair::check::{check, CheckOptions, Report};
+use synapse_repair::fix::{fix, FixNode, FixOptions, FixReport};
+use synapse_repair::node::Node;
+use synapse_repair::one_way::{fix_one_way, OneWayTarget};
+
+/// What a check or fix compares: the configuration, the nodes (name and connection), the
+/// tables, and the check's options.
+pub struct Resolved {
+    pub config: Config,
+    pub nodes: Vec<(String, tokio_postgres::Config)>,
+    pub tables: Vec<String>,
+    pub options: CheckOptions,
+}
+
+/// What to compare: the named (or default) nodes and tables of `config`, and how.
+pub fn plan(
+    config: Config,
+    source: &str,
+    tables: &[String],
+    nodes: &[String],
+    bits: u8,
+    cut_timeout: Option<f64>,
+) -> anyhow::Result<Resolved> {
+    let mut known: Vec<(String, tokio_postgres::Config)> = Vec::new();
+    let mut add = |name: &str, url: &crate::config::SecretUrl| -> anyhow::Result<()> {
+        if !known.iter().any(|(n, _)| n == name) {
+            known.push((name.to_owned(), url.pg_config().map_err(|e| anyhow::anyhow!("node {name}: {e}"))?));
+        }
+        Ok(())
+    };
+    if let Some(m) = &config.mesh {
+        for n in &m.nodes {
+            add(&n.name, &n.url)?;
+        }
+    }
+    for s in &config.sources {
+        add(&s.name, &s.url)?;
+    }
+    for t in &config.targets {
+        add(&t.name, &t.url)?;
+    }
+    let mut names: Vec<String> = if nodes.is_empty() {
+        match &config.mesh {
+            Some(m) => m.nodes.iter().map(|n| n.name.clone()).collect(),
+            None => known.iter().map(|(n, _)| n.clone()).collect(),
+        }
+    } else {
+        nodes.to_vec()
+    };
+    // Hub-and-spoke: spokes exchange changes only through the hub, so the cut must pass
+    // through it (and the hub holds the same rows: comparing it too costs one more scan).
+    let hub = config.mesh.as_ref().and_then(|m| m.hub.clone());
+    if let Some(h) = hub.as_ref().filter(|h| names.len() >= 2 && !names.contains(h)) {
+        eprintln!("note: comparing hub {h} too: the spokes' changes in flight travel through it");
+        names.push(h.clone());
+    }
+    if names.len() < 2 {
+        anyhow::bail!("--nodes: name at least two nodes of the configuration to compare");
+    }
+    let mut nodes = Vec::new();
+    for name in &names {
+        let Some((_, pg)) = known.iter().find(|(n, _)| n == name) else {
+            anyhow::bail!(
+                "--nodes: `{name}` is not a node of {source} (known: {})",
+                known.iter().map(|(n, _)| n.as_str()).collect::<Vec<_>>().join(", ")
+            );
+        };
+        if nodes.iter().any(|(n, _)| n == name) {
+            anyhow::bail!("--nodes: `{name}` is named twice");
+        }
+        nodes.push((name.clone(), pg.clone()));
+    }
+    let tables: Vec<String> = if !tables.is_empty() {
+        tables.to_vec()
+    } else if let Some(m) = &config.mesh {
+        m.tables.clone()
+    } else {
+        // Every table once, in the order the sources name them (several sources may share one).
+        let mut t: Vec<String> = Vec::new();
+        for name in config.sources.iter().flat_map(|s| &s.tables) {
+            if !t.contains(name) {
+                t.push(name.clone());
+            }
+        }
+        t
+    };
+    if tables.is_empty() {
+        anyhow::bail!("--table: no tables to compare (the configuration names none)");
+    }
+    if let Some(t) = cut_timeout.filter(|t| !(0.0..=86_400.0).contains(t)) {
+        anyhow::bail!("--cut-timeout: {t} is not a number of seconds from 0 to 86400");
+    }
+    let cut_timeout = cut_timeout.map(Duration::from_secs_f64);
+    // The appliers between the compared nodes, as the pipeline runs them.
+    let mut pipeline = config.clone();
+    pipeline.expand_mesh();
+    let mut appliers = Vec::new();
+    for t in pipeline.targets.iter().filter(|t| nodes.iter().any(|(n, _)| *n == t.name)) {
+        for s in pipeline.sources_of(t).filter(|s| nodes.iter().any(|(n, _)| *n == s.name)) {
+            appliers.push((s.name.clone(), t.name.clone()));
+        }
+    }
+    // Rows of differing buckets are remembered next to the log, per table.
+    let cache_dir = Some(config.log.dir.join("repair-cache"));
+    let cut_rounds = if hub.is_some() { 2 } else { 1 };
+    let options = CheckOptions { bits, cut_timeout, appliers: Some(appliers), cache_dir, cut_rounds };
+    Ok(Resolved { config, nodes, tables, options })
+}
+
+/// Why a fix did not run (or stopped): the request, a node, or the mesh's view of a table.
+pub enum FixError {
+    Request(String),
+    Repair(synapse_repair::RepairError),
+    Describe { table: String, error: synapse_apply::ApplyError },
+}
+
+/// Checks each table of `r` and resolves what differs (see `synapse_repair::fix`), for the
+/// CLI and the admin API. `source` names the configuration in errors.
+pub async fn fix_tables(
+    r: &Resolved,
+    source: &str,
+    dry_run: bool,
+    prefer: Option<String>,
+) -> Result<Vec<(Report, Option<FixReport>)>, FixError> {
+    let Some(mesh) = &r.config.mesh else {
+        if prefer.is_some() {
+            return Err(FixError::Request(format!(
+                "--prefer: {source} has no mesh; one-way targets always take their source's rows"
+            )));
+        }
+        return fix_one_way_tables(r, source, dry_run).await;
+    };
+    if let Some(p) = &prefer {
+        if !r.nodes.iter().any(|(n, _)| n == p) {
+            return Err(FixError::Request(format!("--prefer: `{p}` is not one of the nodes compared")));
+        }
+    }
+    if let Some(table) = r.tables.iter().find(|t| !mesh.tables.contains(t)) {
+        return Err(FixError::Request(format!(
+            "--table: {table} is not a mesh table (mesh.tables lists the tables repair fix can resolve)"
+        )));
+    }
+    let mut ids = Vec::new();
+    for (name, _) in &r.nodes {
+        let Some(m) = mesh.nodes.iter().find(|n| &n.name == name) else {
+            return Err(FixError::Request(format!(
+                "--nodes: `{name}` is not a mesh node (repair fix works between mesh nodes)"
+            )));
+        };
+        ids.push(synapse_resolver::NodeId(m.id));
+    }
+    let policies = mesh.policies();
+    let mut nodes = Vec::new();
+    for ((name, pg), id) in r.nodes.iter().zip(ids) {
+        nodes.push(FixNode::connect(name, id, pg).await.map_err(FixError::Repair)?);
+    }
+    let none = synapse_resolver::TablePolicy::default();
+    let mut out: Vec<(Report, Option<FixReport>)> = Vec::new();
+    for table in &r.tables {
+        let report = check(&nodes.iter().map(|n| &n.node).collect::<Vec<_>>(), table, &r.options)
+            .await
+            .map_err(FixError::Repair)?;
+        let fixed = if report.differing.is_empty() {
+            None
+        } else {
+            let info =
+                synapse_apply::mesh::describe(nodes[0].node.client(), table, policies.get(table).unwrap_or(&none))
+                    .await
+                    .map_err(|error| FixError::Describe { table: table.clone(), error })?;
+            let keys: Vec<Vec<String>> = report.differing.iter().map(|d| d.key.clone()).collect();
+            let options = FixOptions { dry_run, prefer: prefer.clone() };
+            Some(fix(&nodes, &info, &policies, &keys, &options).await.map_err(FixError::Repair)?)
+        };
+        out.push((report, fixed));
+    }
+    Ok(out)
+}
+
+/// Without a mesh: the compared nodes must be one source and targets that apply it; each
+/// target is made to hold the source's rows (see `synapse_repair::one_way`).
+async fn fix_one_way_tables(
+    r: &Resolved,
+    source: &str,
+    dry_run: bool,
+) -> Result<Vec<(Report, Option<FixReport>)>, FixError> {
+    let appliers = r.options.appliers.clone().unwrap_or_default();
+    let applies = |target: &str, from: &str| appliers.iter().any(|(s, t)| s == from && t == target);
+    let origin = r.nodes.iter().find(|(s, _)| r.nodes.iter().all(|(t, _)| t == s || applies(t, s)));
+    let Some((origin, origin_pg)) = origin else {
+        return Err(FixError::Request(format!(
+            "--nodes: without a mesh, repair fix makes targets equal to their source: name one source of {source} \
+             and targets that apply it (these nodes: {})",
+            r.nodes.iter().map(|(n, _)| n.as_str()).collect::<Vec<_>>().join(", ")
+        )));
+    };
+    let source_node = Node::connect(origin, origin_pg).await.map_err(FixError::Repair)?;
+    let mut targets = Vec::new();
+    for (name, pg) in r.nodes.iter().filter(|(n, _)| n != origin) {
+        targets.push(OneWayTarget::connect(name, pg).await.map_err(FixError::Repair)?);
+    }
+    let mut out = Vec::new();
+    for table in &r.tables {
+        let mut compared = vec![&source_node];
+        compared.extend(targets.iter().map(|t| &t.node));
+        let report = check(&compared, table, &r.options).await.map_err(FixError::Repair)?;
+        let fixed = if report.differing.is_empty() {
+            None
+        } else {
+            let shape = source_node.describe(table).await.map_err(FixError::Repair)?;
+            Some(
+                fix_one_way(&source_node, &targets, &shape, &report.differing, dry_run)
+                    .await
+                    .map_err(FixError::Repair)?,
+            )
+        };
+        out.push((report, fixed));
+    }
+    Ok(out)
+}
+
+/// The admin API's repair checks, served by `synapse run` on the ops address: connections to
+/// the nodes stay open between requests (a check of tracked digests then costs milliseconds),
+/// and checks run one at a time (a connection holds one snapshot).
+pub struct RepairService {
+    config: Config,
+    nodes: tokio::sync::Mutex<HashMap<String, Node>>,
+}
+
+/// `POST /repair/check` and `POST /repair/fix` body: every field optional, as the CLI's options.
+#[derive(serde::Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct RepairRequest {
+    #[serde(default)]
+    pub tables: Vec<String>,
+    #[serde(default)]
+    pub nodes: Vec<String>,
+    pub bits: Option<u8>,
+    pub cut_timeout_secs: Option<f64>,
+    #[serde(default)]
+    pub no_wait: bool,
+    /// Fix only: show what would change, then roll everything back.
+    #[serde(default)]
+    pub dry_run: bool,
+    /// Fix only: the node whose row wins where nodes hold one version with different data.
+    pub prefer: Option<String>,
+}
+
+/// A failed request: HTTP status and a body naming the code, the error and what to do.
+pub struct ApiError(axum::http::StatusCode, serde_json::Value);
+
+impl axum::response::IntoResponse for ApiError {
+    fn into_response(self) -> axum::response::Response {
+        (self.0, axum::Json(self.1)).into_response()
+    }
+}
+
+fn bad_request(message: String) -> ApiError {
+    ApiError(axum::http::StatusCode::BAD_REQUEST, serde_json::json!({"error": message}))
+}
+
+fn repair_error(e: synapse_repair::RepairError) -> ApiError {
+    let status = if e.is_transient() {
+        axum::http::StatusCode::SERVICE_UNAVAILABLE
+    } else {
+        axum::http::StatusCode::UNPROCESSABLE_ENTITY
+    };
+    ApiError(status, serde_json::json!({"code": e.code(), "error": e.full_message(), "hint": e.hint()}))
+}
+
+impl RepairService {
+    pub fn new(config: Config) -> RepairService {
+        RepairService { config, nodes: tokio::sync::Mutex::new(HashMap::new()) }
+    }
+
+    /// The request's plan; a bad field is a 400 naming it.
+    fn plan(&self, req: &RepairRequest) -> Result<Resolved, ApiError> {
+        let timeout = (!req.no_wait).then_some(req.cut_timeout_secs.unwrap_or(60.0));
+        plan(self.config.clone(), "the configuration", &req.tables, &req.nodes, req.bits.unwrap_or(12), timeout)
+            .map_err(|e| bad_request(format!("{e:#}")))
+    }
+
+    pub async fn check(&self, req: RepairRequest) -> Result<Vec<Report>, ApiError> {
+        if req.dry_run || req.prefer.is_some() {
+            return Err(bad_request("dry_run and prefer are options of POST /repair/fix, not of a check".into()));
+        }
+        let r = self.plan(&req)?;
+        let mut open = self.nodes.lock().await;
+        for (name, pg) in &r.nodes {
+            if !open.contains_key(name) {
+                let node = Node::connect(name, pg).await.map_err(repair_error)?;
+                open.insert(name.clone(), node);
+            }
+        }
+        let nodes: Vec<&Node> = r.nodes.iter().filter_map(|(n, _)| open.get(n)).collect();
+        let mut reports = Vec::new();
+        let mut failed = None;
+        for table in &r.tables {
+            match check(&nodes, table, &r.options).await {
+                Ok(report) => reports.push(report),
+                Err(e) => {
+                    failed = Some(e);
+                    break;
+                }
+            }
+        }
+        drop(nodes);
+        match failed {
+            None => Ok(reports),
+            Some(e) => {
+                // The sessions' state is unknown after a failure: connect afresh next time.
+                for (name, _) in &r.nodes {
+                    open.remove(name);
+                }
+                Err(repair_error(e))
+            }
+        }
+    }
+
+    /// Checks and resolves what differs, as `synapse repair fix`: one `{check, fix}` per table.
+    /// Fixes connect afresh (their writing sessions carry the replication origin "repair") and
+    /// run one at a time with the service's checks.
+    pub async fn fix(&self, req: RepairRequest) -> Result<Vec<serde_json::Value>, ApiError> {
+        let r = self.plan(&req)?;
+        let _one_at_a_time = self.nodes.lock().await;
+        let out = fix_tables(&r, "the configuration", req.dry_run, req.prefer).await.map_err(|e| match e {
+            FixError::Request(message) => bad_request(message),
+            FixError::Repair(e) => repair_error(e),
+            FixError::Describe { table, error } => {
+                let status = if error.is_transient() {
+                    axum::http::StatusCode::SERVICE_UNAVAILABLE
+                } else {
+                    axum::http::StatusCode::UNPROCESSABLE_ENTITY
+                };
+                ApiError(
+                    status,
+                    serde_json::json!({"code": error.code(), "error": format!("{table}: {error}"), "hint": error.hint()}),
+                )
+            }
+        })?;
+        Ok(out.iter().map(|(c, f)| serde_json::json!({"check": c, "fix": f})).collect())
+    }
+
+    /// `POST /repair/check` and `POST /repair/fix`.
+    pub fn router(self: std::sync::Arc<Self>) -> axum::Router {
+        axum::Router::new()
+            .route(
+                "/repair/fix",
+                axum::routing::post(
+                    |axum::extract::State(s): axum::extract::State<std::sync::Arc<RepairService>>,
+                     body: Option<axum::Json<RepairRequest>>| async move {
+                        s.fix(body.map(|b| b.0).unwrap_or_default()).await.map(axum::Json)
+                    },
+                ),
+            )
+            .route(
+                "/repair/check",
+                axum::routing::post(
+                    |axum::extract::State(s): axum::extract::State<std::sync::Arc<RepairService>>,
+                     body: Option<axum::Json<RepairRequest>>| async move {
+                        s.check(body.map(|b| b.0).unwrap_or_default()).await.map(axum::Json)
+                    },
+                ),
+            )
+            .with_state(self)
+    }
+}

@@ -17,7 +17,7 @@
 //!   missing, none repeated — or fails with `CursorGone` if retention deleted some.
 //! * **Identity**: an event's `id` (`<node>/<cursor>`) is the same on every delivery.
 //!
-//! Webhook delivery is at-least-once with a stable `webhook-id`; see [`webhook::Dispatcher`]
+//! Webhook delivery is at-least-once with a stable `webhook-id`; see [`webhook::dispatcher::Dispatcher`]
 //! for its ordering modes, retries and dead letters.
 
 pub mod api;

@@ -12,7 +12,7 @@
 //!
 //! * [`clock`]: node ids and hybrid logical clocks (only arbitrate concurrent writes).
 //! * [`vv`]: version vectors and row [`Stamp`]s (decide causality).
-//! * [`column`]: per-column strategies and their CRDT states; every merge is commutative,
+//! * [`column`](mod@column): per-column strategies and their CRDT states; every merge is commutative,
 //!   associative and idempotent (property-tested over states replication can produce).
 //! * [`row`]: [`resolve`] — the boundary the applier calls for each incoming row version.
 //!

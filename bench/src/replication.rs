@@ -1,0 +1,424 @@
+//! The replication scenarios (P1, P2, P3, P7, P8 and their Kafka variants): one round on three
+//! local clusters, SynapseDB and PostgreSQL's own tool on the same work.
+
+use crate::*;
+
+/// The parts of a round that every catch-up scenario uses.
+struct Round<'a> {
+    source: &'a Client,
+    pg_target: &'a Client,
+    syn_target: &'a Client,
+    /// A session on the baseline target that holds its apply worker back with a table lock.
+    lock: &'a Client,
+    /// The same on synapse's target.
+    syn_lock: &'a Client,
+    cold_start: bool,
+    config: &'a Path,
+    log: &'a Path,
+    listen: &'a str,
+    work: &'a Path,
+    profile: bool,
+}
+
+struct CatchUp {
+    baseline_secs: f64,
+    synapse_secs: f64,
+    /// The source WAL position right after the workload.
+    end_lsn: String,
+}
+
+impl Round<'_> {
+    /// Runs `workload` on the source while both consumers are paused, then times the baseline
+    /// and synapse, one after the other, until `marker` arrives on each target.
+    ///
+    /// Both are paused the same way: a lock on their target table holds the applier back while
+    /// capture keeps running (the walsender feeding the baseline's worker stops once its socket
+    /// is full; synapse's capture keeps writing its durable log). With `cold_start`, synapse is
+    /// instead not running at all during the workload and is started, start-up included.
+    async fn catch_up(&self, label: &str, table: &str, workload: &str, marker: i32) -> anyhow::Result<CatchUp> {
+        let lock_stmt = format!("BEGIN; LOCK TABLE {table} IN ACCESS EXCLUSIVE MODE");
+        self.lock.batch_execute(&lock_stmt).await?;
+        let mut child = None;
+        if !self.cold_start {
+            self.syn_lock.batch_execute(&lock_stmt).await?;
+            child = Some(spawn_synapse(self.config, self.log)?);
+        }
+        self.source.batch_execute(workload).await?;
+        let before_marker: String = self.source.query_one("SELECT pg_current_wal_lsn()::text", &[]).await?.get(0);
+        self.source.execute("INSERT INTO marker VALUES ($1, $2)", &[&marker, &label]).await?;
+        let end_lsn: String = self.source.query_one("SELECT pg_current_wal_lsn()::text", &[]).await?.get(0);
+        if !self.cold_start {
+            // Capture has made everything durable in the log before either clock starts.
+            let deadline = Instant::now() + Duration::from_secs(1800);
+            while !self
+                .source
+                .query_one(
+                    "SELECT coalesce(bool_or(confirmed_flush_lsn > $1::text::pg_lsn), false) FROM pg_replication_slots WHERE slot_name = 'synapse_a'",
+                    &[&before_marker],
+                )
+                .await?
+                .get::<_, bool>(0)
+            {
+                if Instant::now() > deadline {
+                    bail!("synapse never captured the {label} workload");
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+        let t = Instant::now();
+        self.lock.batch_execute("COMMIT").await?;
+        wait_marker(self.pg_target, marker, Duration::from_secs(1800)).await?;
+        let baseline_secs = t.elapsed().as_secs_f64();
+        let perf = start_profile(self.profile, &self.work.join(format!("{label}.perf")));
+        let t = Instant::now();
+        let mut child = match child {
+            Some(c) => {
+                self.syn_lock.batch_execute("COMMIT").await?;
+                c
+            }
+            None => spawn_synapse(self.config, self.log)?,
+        };
+        wait_marker(self.syn_target, marker, Duration::from_secs(1800)).await?;
+        let synapse_secs = t.elapsed().as_secs_f64();
+        stop_profile(perf)?;
+        let stages = scrape(
+            self.listen,
+            &[
+                "synapse_apply_log_read_seconds",
+                "synapse_apply_statements_seconds",
+                "synapse_apply_commit_seconds",
+                "synapse_log_append_seconds",
+            ],
+        );
+        stop(&mut child)?;
+        let parts: Vec<String> =
+            stages.iter().map(|(k, v)| format!("{}={v:.2}s", k.trim_start_matches("synapse_"))).collect();
+        println!(
+            "{label} where synapse's time went (cumulative, overlapping stages) over {synapse_secs:.2}s wall: {}",
+            parts.join(" ")
+        );
+        Ok(CatchUp { baseline_secs, synapse_secs, end_lsn })
+    }
+}
+
+const SCHEMA: &str = "
+CREATE TABLE bulk (id bigint PRIMARY KEY, a int NOT NULL, b text NOT NULL, c timestamptz NOT NULL);
+CREATE TABLE oltp (id bigint PRIMARY KEY, v bigint NOT NULL, pad text NOT NULL);
+CREATE TABLE huge (id bigint PRIMARY KEY, pad text NOT NULL);
+CREATE TABLE marker (id int PRIMARY KEY, phase text NOT NULL);";
+
+/// One round of P1, P3, P2 (and P8, P7 on the embedded log). With `kafka` (a broker's
+/// address) synapse keeps its log on Kafka and the rows are P1k, P3k, P2k; the baselines are
+/// measured again in the same round.
+pub(crate) async fn run_once(o: &Options, round: usize, kafka: Option<&str>) -> anyhow::Result<Vec<Row>> {
+    let id = |embedded: &'static str, on_kafka: &'static str| if kafka.is_some() { on_kafka } else { embedded };
+    // The goals are the embedded log's; the Kafka rows are reported beside them.
+    let goal = |g: &str| if kafka.is_some() { "—".to_string() } else { g.to_string() };
+    let opts = ClusterOptions { settings: vec!["max_worker_processes = 16".into()], ..Default::default() };
+    let src = LocalCluster::start(opts.clone())?;
+    let tpg = LocalCluster::start(opts.clone())?;
+    let tsyn = LocalCluster::start(opts)?;
+    for c in [&src, &tpg, &tsyn] {
+        c.create_database("bench")?;
+        c.psql("bench", SCHEMA)?;
+    }
+    src.psql("bench", "INSERT INTO oltp SELECT g, 0, repeat('o', 80) FROM generate_series(1, 100000) g; CREATE PUBLICATION pub_pg FOR TABLE bulk, oltp, huge, marker;")?;
+    tpg.psql(
+        "bench",
+        &format!(
+            "CREATE SUBSCRIPTION sub CONNECTION 'host=127.0.0.1 port={} dbname=bench user=postgres' PUBLICATION pub_pg",
+            src.port()
+        ),
+    )?;
+    let work = tempfile::tempdir()?;
+    if std::env::var_os("SYNAPSE_BENCH_KEEP").is_some() {
+        eprintln!("keeping the work directory {}", work.path().display());
+    }
+    let work =
+        if std::env::var_os("SYNAPSE_BENCH_KEEP").is_some() { KeepDir::Kept(work.keep()) } else { KeepDir::Temp(work) };
+    let listen = format!("127.0.0.1:{}", {
+        let l = std::net::TcpListener::bind("127.0.0.1:0")?;
+        l.local_addr()?.port()
+    });
+    let config = work.path().join("synapse.yaml");
+    std::fs::write(
+        &config,
+        format!(
+            "log:\n  dir: {}\n{}sources:\n  - name: a\n    url: {}\n    tables: [public.bulk, public.oltp, public.huge, public.marker]\ntargets:\n  - name: b\n    url: {}\nops:\n  listen: \"{listen}\"\napi:\n  listen: \"\"\n",
+            work.path().join("log").display(),
+            // tansu counts offsets per record batch (see log.kafka.batch_records).
+            kafka
+                .map(|b| {
+                    // tansu answers a fetch only when fetch.wait.max.ms (500 ms by default) has
+                    // passed, even when records arrived (Kafka answers at once): a waiting
+                    // reader would be up to 500 ms late. Measured P2k: 8,328 txns/s at the
+                    // default, 31,587 at 5 ms.
+                    let mut props = vec![("fetch.wait.max.ms".to_string(), "5".to_string())];
+                    for (k, v) in &o.kafka_properties {
+                        props.retain(|(d, _)| d != k);
+                        props.push((k.clone(), v.clone()));
+                    }
+                    let properties: String = props.iter().map(|(k, v)| format!("      {k}: '{v}'\n")).collect();
+                    let properties = if properties.is_empty() { properties } else { format!("    properties:\n{properties}") };
+                    format!("  kafka:\n    brokers: {b}\n    batch_records: false\n{properties}")
+                })
+                .unwrap_or_default(),
+            src.url("bench"),
+            tsyn.url("bench")
+        ),
+    )?;
+    let log = work.path().join("synapse.log");
+    let source = sql(&src.url("bench")).await?;
+    let pg_target = sql(&tpg.url("bench")).await?;
+    let syn_target = sql(&tsyn.url("bench")).await?;
+
+    eprintln!("setup: initial sync of both targets");
+    let mut child = spawn_synapse(&config, &log)?;
+    source.execute("INSERT INTO marker VALUES (0, 'setup')", &[]).await?;
+    wait_marker(&pg_target, 0, Duration::from_secs(300)).await.context("baseline initial sync")?;
+    wait_marker(&syn_target, 0, Duration::from_secs(300))
+        .await
+        .with_context(|| format!("synapse initial sync; see {}", log.display()))?;
+    stop(&mut child)?;
+
+    let mut rows = Vec::new();
+    let p3_recv = "bench_recv";
+    source.execute("SELECT pg_create_logical_replication_slot($1, 'pgoutput')", &[&p3_recv]).await?;
+    // Capture alone into its own log, on the publication synapse created; no heartbeats, so
+    // it drains exactly the P1 transactions.
+    let mut drain_cfg = synapse_capture::CaptureConfig::new("drain", src.url("bench").parse()?);
+    drain_cfg.slot = "bench_drain".into();
+    drain_cfg.create_publication = false;
+    drain_cfg.heartbeat_interval = Duration::from_secs(3600);
+    let drain = synapse_capture::Capture::connect(drain_cfg).await?;
+    drain.prepare().await?;
+
+    // ---- P1: bulk catch-up ----
+    let txns = o.rows / o.txn_rows;
+    eprintln!("P1: writing {} rows in {txns} transactions while both consumers are paused", o.rows);
+    let lock = sql(&tpg.url("bench")).await?;
+    let syn_lock = sql(&tsyn.url("bench")).await?;
+    let round_env = Round {
+        source: &source,
+        pg_target: &pg_target,
+        syn_target: &syn_target,
+        lock: &lock,
+        syn_lock: &syn_lock,
+        cold_start: o.cold_start,
+        config: &config,
+        log: &log,
+        listen: &listen,
+        work: work.path(),
+        profile: o.profile && round == 0,
+    };
+    let p1 = round_env
+        .catch_up(
+            "P1",
+            "bulk",
+            &format!(
+                "DO $$ BEGIN FOR i IN 0..{} LOOP
+                    INSERT INTO bulk SELECT g, g % 1000, md5(g::text), now() FROM generate_series(i * {n} + 1, (i + 1) * {n}) g;
+                    COMMIT;
+                 END LOOP; END $$",
+                txns - 1,
+                n = o.txn_rows
+            ),
+            1,
+        )
+        .await?;
+    let end_p1 = p1.end_lsn.clone();
+    rows.push(Row {
+        id: id("P1", "P1k"),
+        what: format!("bulk catch-up, {} rows", o.rows),
+        synapse: o.rows as f64 / p1.synapse_secs,
+        baseline: o.rows as f64 / p1.baseline_secs,
+        unit: "rows/s",
+        higher_is_better: true,
+        goal: goal("≥ 2×"),
+    });
+
+    // ---- P3: capture drain of the P1 WAL ----
+    eprintln!("P3: draining the P1 WAL: pg_recvlogical, then synapse capture");
+    let t = Instant::now();
+    let status = recvlogical(&src, p3_recv, &end_p1).status()?;
+    let pg_p3 = t.elapsed().as_secs_f64();
+    if !status.success() {
+        bail!("pg_recvlogical failed: {status}");
+    }
+    let drain_log = match kafka {
+        None => {
+            SourceLog::Embedded(synapse_log::EmbeddedLog::open(&work.path().join("drain.redb"), Default::default())?)
+        }
+        Some(b) => {
+            let options = synapse_log::KafkaLogOptions {
+                batch_records: false,
+                ..synapse_log::KafkaLogOptions::new(b, &format!("drain{round}"))
+            };
+            SourceLog::Kafka(synapse_log::KafkaLog::open(options).await?)
+        }
+    };
+    let (stop_drain, rx) = tokio::sync::watch::channel(false);
+    let stats = drain.stats();
+    let t = Instant::now();
+    let task = tokio::spawn(async move { drain.stream(drain_log, rx).await });
+    while stats.transactions.load(Ordering::Relaxed) < txns + 1 {
+        if task.is_finished() {
+            bail!("synapse capture stopped early");
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let syn_p3 = t.elapsed().as_secs_f64();
+    stop_drain.send(true)?;
+    let _ = task.await;
+    source
+        .batch_execute("SELECT pg_drop_replication_slot('bench_recv'); SELECT pg_drop_replication_slot('bench_drain');")
+        .await?;
+    rows.push(Row {
+        id: id("P3", "P3k"),
+        what: format!("capture drain, {} rows", o.rows),
+        synapse: o.rows as f64 / syn_p3,
+        baseline: o.rows as f64 / pg_p3,
+        unit: "rows/s",
+        higher_is_better: true,
+        goal: goal("≥ 0.8×"),
+    });
+
+    // ---- P2: OLTP catch-up ----
+    eprintln!("P2: writing {} single-row update transactions while both consumers are paused", o.updates);
+    let p2 = round_env
+        .catch_up(
+            "P2",
+            "oltp",
+            &format!(
+                "DO $$ BEGIN FOR i IN 1..{} LOOP
+                    UPDATE oltp SET v = v + 1 WHERE id = 1 + (i * 7919) % 100000;
+                    COMMIT;
+                 END LOOP; END $$",
+                o.updates
+            ),
+            2,
+        )
+        .await?;
+    let same: bool = {
+        let q = "SELECT sum(v)::int8 FROM oltp";
+        let a: i64 = pg_target.query_one(q, &[]).await?.get(0);
+        let b: i64 = syn_target.query_one(q, &[]).await?.get(0);
+        let s: i64 = source.query_one(q, &[]).await?.get(0);
+        a == s && b == s
+    };
+    if !same {
+        bail!("P2 targets differ from the source");
+    }
+    rows.push(Row {
+        id: id("P2", "P2k"),
+        what: format!("OLTP catch-up, {} txns", o.updates),
+        synapse: o.updates as f64 / p2.synapse_secs,
+        baseline: o.updates as f64 / p2.baseline_secs,
+        unit: "txns/s",
+        higher_is_better: true,
+        goal: goal("≥ 3×"),
+    });
+
+    if kafka.is_some() {
+        // Initial copy does not go through the log; P7's memory bound is the embedded log's.
+        return Ok(rows);
+    }
+
+    // ---- P8: initial copy ----
+    eprintln!("P8: initial copy of bulk into empty databases: COPY | COPY, then synapse");
+    tsyn.create_database("copy_pg")?;
+    tsyn.create_database("copy_syn")?;
+    tsyn.psql("copy_pg", SCHEMA)?;
+    let t = Instant::now();
+    let pipe = format!(
+        "{psql} -X -q -d {src} -c 'COPY bulk TO STDOUT' | {psql} -X -q -d {dst} -c 'COPY bulk FROM STDIN'",
+        psql = src.bindir().join("psql").display(),
+        src = src.url("bench"),
+        dst = tsyn.url("copy_pg")
+    );
+    let status = Command::new("sh").args(["-c", &pipe]).status()?;
+    let pg_p8 = t.elapsed().as_secs_f64();
+    if !status.success() {
+        bail!("baseline COPY pipe failed");
+    }
+    let mut copy_cfg = synapse_capture::CaptureConfig::new("copy", src.url("bench").parse()?);
+    copy_cfg.slot = "bench_copy".into();
+    copy_cfg.tables = vec!["public.bulk".into()];
+    copy_cfg.publication = "bench_copy".into();
+    let copier = synapse_capture::Capture::connect(copy_cfg).await?;
+    let prepared = copier.prepare().await?;
+    let t = Instant::now();
+    let report = synapse_apply::initial_copy::run(
+        &copier,
+        &prepared.tables,
+        &tsyn.url("copy_syn").parse()?,
+        o.copy_parallelism,
+        Default::default(),
+    )
+    .await?;
+    let syn_p8 = t.elapsed().as_secs_f64();
+    source.batch_execute("SELECT pg_drop_replication_slot('bench_copy')").await?;
+    if report.rows != o.rows {
+        bail!("synapse copied {} rows, expected {}", report.rows, o.rows);
+    }
+    rows.push(Row {
+        id: "P8",
+        what: format!("initial copy, {} rows", o.rows),
+        synapse: o.rows as f64 / syn_p8,
+        baseline: o.rows as f64 / pg_p8,
+        unit: "rows/s",
+        higher_is_better: true,
+        goal: "≥ 0.9×".into(),
+    });
+
+    // ---- P7: one large transaction ----
+    if o.big_mb > 0 && round == 0 {
+        let n = o.big_mb * 1024 * 1024 / 256;
+        eprintln!("P7: one transaction of ~{} MB ({n} rows) while synapse is stopped", o.big_mb);
+        tpg.psql("bench", "ALTER SUBSCRIPTION sub DISABLE")?;
+        source.execute("SELECT pg_create_logical_replication_slot('bench_recv7', 'pgoutput')", &[]).await?;
+        source
+            .batch_execute(&format!(
+                "INSERT INTO huge SELECT g, repeat(md5(g::text), 6) FROM generate_series(1, {n}) g"
+            ))
+            .await?;
+        source.batch_execute("INSERT INTO marker VALUES (7, 'p7')").await?;
+        let end: String = source.query_one("SELECT pg_current_wal_lsn()::text", &[]).await?.get(0);
+        let mut recv = recvlogical(&src, "bench_recv7", &end).spawn()?;
+        let mut recv_peak: f64 = 0.0;
+        while recv.try_wait()?.is_none() {
+            recv_peak = recv_peak.max(peak_rss_mib(recv.id()).unwrap_or(0.0));
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        source.batch_execute("SELECT pg_drop_replication_slot('bench_recv7')").await?;
+        let mut child = spawn_synapse(&config, &log)?;
+        let mut peak: f64 = 0.0;
+        let deadline = Instant::now() + Duration::from_secs(3600);
+        loop {
+            peak = peak.max(peak_rss_mib(child.id()).unwrap_or(0.0));
+            if syn_target.query_opt("SELECT 1 FROM marker WHERE id = 7", &[]).await?.is_some() {
+                break;
+            }
+            if Instant::now() > deadline || child.try_wait()?.is_some() {
+                bail!("P7 did not complete; see {}", log.display());
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        stop(&mut child)?;
+        rows.push(Row {
+            id: "P7",
+            what: format!("peak RSS, one {} MB transaction", o.big_mb),
+            synapse: peak,
+            baseline: recv_peak,
+            unit: "MiB",
+            higher_is_better: false,
+            goal: "< 256 MiB".into(),
+        });
+    }
+
+    if o.profile && round == 0 {
+        print_profile("P1", &work.path().join("P1.perf"))?;
+        print_profile("P2", &work.path().join("P2.perf"))?;
+    }
+    Ok(rows)
+}

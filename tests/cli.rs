@@ -107,6 +107,28 @@ fn doctor_passes_on_a_ready_source_and_explains_wal_level() {
     assert!(text.contains("ALTER SYSTEM SET wal_level = logical"), "{text}");
 }
 
+/// A role that may replicate but lacks what the pipeline does next: creating the publication
+/// (CREATE on the database) and reading the tables for the initial copy. doctor names both with
+/// the exact GRANT (it passed such a role before; the quickstart then stopped with CAP006).
+#[test]
+fn doctor_names_the_grants_a_replication_role_lacks() {
+    let nodes = Nodes::start("CREATE TABLE t (id int PRIMARY KEY); CREATE ROLE rep LOGIN REPLICATION;");
+    let config = nodes.config("");
+    let yaml = std::fs::read_to_string(&config).unwrap().replacen("postgres://postgres@", "postgres://rep@", 1);
+    std::fs::write(&config, yaml).unwrap();
+    let out = synapse(&["doctor", "--config", config.to_str().unwrap()]).output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(!out.status.success(), "{text}");
+    assert!(text.contains("role rep may replicate"), "{text}");
+    assert!(text.contains("GRANT CREATE ON DATABASE \"app\" TO \"rep\""), "{text}");
+    assert!(text.contains("GRANT SELECT ON \"public\".\"t\" TO \"rep\""), "{text}");
+    nodes.source.psql("app", "GRANT CREATE ON DATABASE app TO rep; GRANT SELECT ON t TO rep").unwrap();
+    let out = synapse(&["doctor", "--config", config.to_str().unwrap()]).output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{text}");
+    assert!(text.contains("role rep may create publication"), "{text}");
+}
+
 #[test]
 fn doctor_reports_an_unreachable_webhook() {
     let nodes = Nodes::start("CREATE TABLE t (id int PRIMARY KEY)");

@@ -64,6 +64,9 @@ impl EmbeddedLog {
         if let Some(dir) = path.parent() {
             std::fs::create_dir_all(dir).map_err(|e| storage(redb::Error::Io(e)))?;
         }
+        if !path.exists() {
+            create_atomically(path).map_err(|e| storage(*e))?;
+        }
         // redb's default page cache is 1 GiB; the log is read sequentially, so a small cache
         // keeps the process's memory flat (benchmark P7).
         let db = Database::builder().set_cache_size(CACHE_BYTES).create(path).map_err(|e| storage(e.into()))?;
@@ -98,6 +101,30 @@ impl EmbeddedLog {
         let moved = inner.clone();
         tokio::task::spawn_blocking(move || f(&moved)).await.map_err(LogError::TaskFailed)?.map_err(storage)
     }
+}
+
+/// Creates an empty store at `path` so that a crash (kill -9, power loss) while creating it
+/// never leaves a half-written file there: it is made beside it as `<path>.new`, committed,
+/// synced and renamed into place. A `.new` left by such a crash held nothing yet (the log is
+/// used only after `open` returns) and is replaced. (A crash during redb's own file creation
+/// left a file that every later start refused with "invalid data".)
+fn create_atomically(path: &Path) -> Result<(), Box<redb::Error>> {
+    let mut fresh = path.as_os_str().to_owned();
+    fresh.push(".new");
+    let fresh = PathBuf::from(fresh);
+    let _ = std::fs::remove_file(&fresh);
+    {
+        let db = Database::create(&fresh).map_err(write_err)?;
+        let tx = db.begin_write().map_err(write_err)?;
+        tx.open_table(META).map_err(write_err)?;
+        tx.commit().map_err(write_err)?;
+    }
+    std::fs::File::open(&fresh).and_then(|f| f.sync_all()).map_err(write_err)?;
+    std::fs::rename(&fresh, path).map_err(write_err)?;
+    if let Some(dir) = path.parent() {
+        std::fs::File::open(dir).and_then(|d| d.sync_all()).map_err(write_err)?;
+    }
+    Ok(())
 }
 
 fn write_err<E: Into<redb::Error>>(e: E) -> Box<redb::Error> {

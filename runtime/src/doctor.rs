@@ -107,9 +107,51 @@ pub async fn run(config: &Config) -> usize {
                 &format!("CREATE PUBLICATION {} FOR TABLE …; or set create_publication: true", s.publication),
             ),
         }
+        let (role, db): (String, String) = client
+            .query_one("SELECT current_user::text, current_database()::text", &[])
+            .await
+            .map(|row| (row.get(0), row.get(1)))
+            .unwrap_or_default();
+        if publication.is_none() && s.create_publication {
+            // CREATE PUBLICATION needs CREATE on the database (and owning the tables).
+            let may: bool = client
+                .query_one(
+                    "SELECT has_database_privilege(current_database(), 'CREATE') OR (SELECT rolsuper FROM pg_roles WHERE rolname = current_user)",
+                    &[],
+                )
+                .await
+                .map(|row| row.get(0))
+                .unwrap_or(false);
+            if may {
+                r.ok(&format!("role {role} may create publication {}", s.publication));
+            } else {
+                r.fail(
+                    &format!("role {role} may not create publication {} (no CREATE on database {db})", s.publication),
+                    &format!(
+                        "GRANT CREATE ON DATABASE {} TO {}; (the role must also own the tables), or create the publication as their owner and set create_publication: false",
+                        synapse_postgres::quote::ident(&db),
+                        synapse_postgres::quote::ident(&role)
+                    ),
+                );
+            }
+        }
         match catalog::select_tables(&client, &s.tables).await {
             Ok((ok, bad)) => {
                 r.ok(&format!("{} tables have a primary key or replica identity", ok.len()));
+                // The initial copy reads every captured table.
+                for t in &ok {
+                    let readable: bool = client
+                        .query_one("SELECT has_table_privilege($1::oid, 'SELECT')", &[&t.oid])
+                        .await
+                        .map(|row| row.get(0))
+                        .unwrap_or(false);
+                    if !readable {
+                        r.fail(
+                            &format!("role {role} may not read table {} (the initial copy reads it)", t.display()),
+                            &format!("GRANT SELECT ON {} TO {};", t.quoted(), synapse_postgres::quote::ident(&role)),
+                        );
+                    }
+                }
                 for t in bad {
                     r.fail(
                         &format!("table {t} has no primary key or replica identity"),

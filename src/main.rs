@@ -41,27 +41,33 @@ struct Cli {
 enum Command {
     /// Run the pipelines of a configuration file until SIGINT/SIGTERM.
     Run {
+        /// The configuration file (YAML, or TOML by its .toml ending); see deploy/synapse.example.yaml.
         #[arg(long, short)]
         config: PathBuf,
     },
     /// Check a configuration file without connecting anywhere.
     Validate {
+        /// The configuration file (YAML, or TOML by its .toml ending); see deploy/synapse.example.yaml.
         #[arg(long, short)]
         config: PathBuf,
     },
     /// Check sources and targets for what replication needs, with the fix for each problem.
     Doctor {
+        /// The configuration file (YAML, or TOML by its .toml ending); see deploy/synapse.example.yaml.
         #[arg(long, short)]
         config: PathBuf,
     },
     /// Compare tables between nodes: Merkle digests computed on each node, then only the rows of
-    /// differing buckets (reads only).
+    /// differing buckets (`check` only reads; `fix` and `track` write).
     #[command(subcommand)]
     Repair(RepairCommand),
     /// See live replication: two local demo nodes, or --source/--target URLs.
     Quickstart {
+        /// Your source database's URL (postgres://user:password@host:5432/db); with --target
+        /// instead of the two local demo nodes.
         #[arg(long, requires = "target")]
         source: Option<String>,
+        /// The database to replicate into (an empty database: tables are created and copied).
         #[arg(long, requires = "source")]
         target: Option<String>,
         /// Where the log lives (resume by rerunning with the same directory).

@@ -196,9 +196,11 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
     if !config.api.listen.is_empty() {
         // The demo's table; with --source/--target every captured table.
         let tables = if demo { "&tables=public.accounts" } else { "" };
+        // Subscribing first gives the cursor of "now": the stream starts there instead of
+        // replaying the whole log.
+        let api = &config.api.listen;
         eprintln!(
-            "live stream:      curl -N -H 'Accept: text/event-stream' 'http://{}/v1/streams/a/changes?live=true{tables}'",
-            config.api.listen
+            "live stream:      curl -N -H 'Accept: text/event-stream' \"http://{api}$(curl -s http://{api}/v1/streams/a | sed -E 's/.*\"changes\":\"([^\"]*)\".*/\\1/')&live=true{tables}\""
         );
     }
     eprintln!("replicating A → B (log in {}); Ctrl-C to stop\n", data_dir.display());

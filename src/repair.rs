@@ -11,6 +11,7 @@ use synapse_runtime::repair::{fix_tables, plan, FixError, Resolved};
 /// What to compare, shared by `check` and `fix`.
 #[derive(clap::Args)]
 pub struct Selection {
+    /// The configuration file naming the nodes (mesh nodes, sources, targets).
     #[arg(long, short)]
     config: std::path::PathBuf,
     /// `schema.table` to compare (repeatable); default: the mesh tables, else every source's tables.

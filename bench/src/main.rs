@@ -70,6 +70,7 @@ pub struct Options {
     /// Rows of the bulk scenarios (P1, P3, P8).
     #[arg(long, default_value_t = 1_000_000)]
     pub rows: u64,
+    /// Rows per transaction of P1's workload.
     #[arg(long, default_value_t = 10_000)]
     pub txn_rows: u64,
     /// Single-row update transactions of P2.

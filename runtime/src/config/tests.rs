@@ -20,6 +20,22 @@ fn interpolation() {
     assert!(interpolate("${NOPE}", "f", env).unwrap_err().to_string().contains("NOPE"));
 }
 
+/// A file using several unset variables names every one at once, each with its line and the
+/// file's own message (an example with five variables took five runs to learn them).
+#[test]
+fn every_missing_variable_is_reported_at_once_with_its_line() {
+    let text = "sources:\n  - name: a\n    url: postgres://app:${SRC_PW:?the source password}@${SRC_HOST}/app\n\
+                targets:\n  - name: b\n    url: postgres://app:${DST_PW}@${DST_HOST:-localhost}/app\n";
+    let e = interpolate(text, "synapse.yaml", |_| None).unwrap_err();
+    let ConfigError::MissingVars { missing, .. } = &e else { panic!("{e:?}") };
+    let found: Vec<(usize, &str)> = missing.iter().map(|m| (m.line, m.var.as_str())).collect();
+    assert_eq!(found, [(3, "SRC_PW"), (3, "SRC_HOST"), (6, "DST_PW")]);
+    let text = e.to_string();
+    assert!(text.starts_with("synapse.yaml: 3 environment variables not set:"), "{text}");
+    assert!(text.contains("line 3: SRC_PW (the source password)") && text.contains("line 6: DST_PW"), "{text}");
+    assert!(text.contains("fix: export them"), "{text}");
+}
+
 #[test]
 fn parses_and_redacts() {
     let text = interpolate(GOOD, "f", |_| None).unwrap();

@@ -276,7 +276,12 @@ impl KafkaLog {
         };
         log.refresh_watermarks().await?;
         // Index the stream: relations, transactions, the open transaction.
-        log.index_to_head(log.inner.low.load(std::sync::atomic::Ordering::Acquire)).await?;
+        // Up to the head as it is now, not as it moves: another process may be appending faster
+        // than this one indexes (a consumer-group member catching up after a hand-over), and
+        // chasing its head kept `open` from returning. What comes later is indexed as it is
+        // read, and by `recover_writer` before this process writes.
+        let head = log.next_offset();
+        log.index_until(log.inner.low.load(std::sync::atomic::Ordering::Acquire), Some(head)).await?;
         log.load_consumers().await?;
         Ok(log)
     }
@@ -304,9 +309,17 @@ impl KafkaLog {
             .map_err(kafka(context))
     }
 
-    /// Reads (and so indexes) the stream from `from` up to the head.
-    async fn index_to_head(&self, mut from: Offset) -> Result<(), LogError> {
-        while from < self.next_offset() {
+    /// Reads (and so indexes) the stream from `from` up to the head, following it while it grows.
+    async fn index_to_head(&self, from: Offset) -> Result<(), LogError> {
+        self.index_until(from, None).await
+    }
+
+    /// Reads (and so indexes) the stream from `from` up to `until`, or up to the head while it
+    /// grows when `until` is `None`.
+    async fn index_until(&self, mut from: Offset, until: Option<Offset>) -> Result<(), LogError> {
+        // `next_offset` is exact once the last message is indexed (its record count known); the
+        // head found at open (`until`) is the next message's first offset, an upper bound.
+        while from < until.map_or_else(|| self.next_offset(), |u| u.min(self.next_offset())) {
             let batch = match self.read(from, 10_000).await {
                 // Retention deleted the oldest records while they were being indexed (another
                 // process keeps appending): they are gone for every reader alike, so indexing

@@ -2,6 +2,7 @@
 //! configuration and, for a mesh, resolve what differs (see `synapse-repair`).
 
 use std::process::ExitCode;
+use synapse_error::Classify;
 use synapse_repair::check::{check, Report};
 use synapse_repair::fix::FixReport;
 use synapse_repair::node::Node;
@@ -150,7 +151,7 @@ pub async fn run_fix(o: FixArgs) -> anyhow::Result<ExitCode> {
 }
 
 fn with_hint(e: synapse_repair::RepairError) -> anyhow::Error {
-    anyhow::anyhow!("[{}] {}\n  hint: {}", e.code(), e.full_message(), e.hint())
+    anyhow::anyhow!("[{}] {}\n  hint: {}", e.code(), e.chain(), e.hint())
 }
 
 fn key_text(k: &[String]) -> String {

@@ -100,11 +100,18 @@ fn the_admin_api_checks_replicas_of_a_running_pipeline() {
     );
     assert_eq!(reports[0]["cut"], serde_json::json!(["a→b"]), "{body}");
 
+    // Every error in one shape: {"error": {"code", "message", "hint"}}.
     let (status, body) = post(&addr, "/repair/check", r#"{"nodes": ["a", "moon"]}"#);
     assert_eq!(status, 400, "{body}");
-    assert!(body.contains("`moon` is not a node"), "{body}");
+    let e: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(e["error"]["code"], "REP007", "{body}");
+    assert!(e["error"]["message"].as_str().unwrap().contains("`moon` is not a node"), "{body}");
+    assert!(e["error"]["hint"].as_str().unwrap().contains("fix the named field"), "{body}");
     let (status, body) = post(&addr, "/repair/check", r#"{"tabels": []}"#);
     assert_eq!(status, 422, "unknown fields are refused: {body}");
+    let e: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert!(e["error"]["message"].as_str().unwrap().contains("tabels"), "{body}");
+    assert!(e["error"]["hint"].as_str().unwrap().contains("only these fields"), "{body}");
     let (status, body) = post(&addr, "/repair/check", r#"{"dry_run": true}"#);
     assert_eq!(status, 400, "{body}");
     assert!(body.contains("POST /repair/fix"), "{body}");
@@ -119,4 +126,24 @@ fn the_admin_api_checks_replicas_of_a_running_pipeline() {
     assert_eq!(reports[0]["differing"].as_array().unwrap().len(), 1, "the replicated delete is no drift: {body}");
     child.kill().unwrap();
     child.wait().unwrap();
+}
+
+/// An API address another process holds (a second synapse or quickstart on the machine): the
+/// start fails naming the setting, the address and the fix, not a bare "address in use".
+#[test]
+fn an_address_in_use_names_the_setting_and_the_fix() {
+    let nodes = Nodes::start("CREATE TABLE t (id int PRIMARY KEY)");
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = taken.local_addr().unwrap().to_string();
+    let config = nodes.config("");
+    let text = std::fs::read_to_string(&config)
+        .unwrap()
+        .replace("api:\n  listen: \"\"", &format!("api:\n  listen: \"{addr}\""));
+    std::fs::write(&config, text).unwrap();
+    let out = synapse(&["run", "--config", config.to_str().unwrap()]).output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{err}");
+    assert!(err.contains(&format!("api.listen: cannot listen on {addr}")), "{err}");
+    assert!(err.contains("another process listens there; set api.listen to a free address"), "{err}");
+    assert!(!err.contains("\u{1b}["), "no colour codes when stderr is not a terminal: {err}");
 }

@@ -46,8 +46,10 @@ impl ApplyError {
             _ => None,
         }
     }
+}
 
-    pub fn code(&self) -> &'static str {
+impl synapse_error::Classify for ApplyError {
+    fn code(&self) -> &'static str {
         match self {
             ApplyError::Target { .. } => "APP001",
             ApplyError::Log(e) => e.code(),
@@ -63,7 +65,7 @@ impl ApplyError {
     /// Transient: connection loss, deadlock, serialization failure, shutdown/restart of the
     /// target, resource exhaustion, lock timeouts and objects still in use (a replication origin
     /// held by our own just-crashed session). The applier rolls back and retries from its stored position.
-    pub fn is_transient(&self) -> bool {
+    fn is_transient(&self) -> bool {
         match self {
             ApplyError::Target { source, .. } => synapse_postgres::is_transient(source),
             ApplyError::Log(e) => e.is_transient(),
@@ -73,7 +75,7 @@ impl ApplyError {
         }
     }
 
-    pub fn hint(&self) -> &'static str {
+    fn hint(&self) -> &'static str {
         match self.sqlstate() {
             Some(c) if c.starts_with("23") => {
                 "the target already holds conflicting rows: empty the target table or let synapse copy it (drop its row in synapse.table_sync)"

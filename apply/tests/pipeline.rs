@@ -5,6 +5,7 @@ use std::sync::Arc;
 use std::time::Duration;
 use synapse_apply::{initial_copy, Applier, ApplyConfig};
 use synapse_capture::{Capture, CaptureConfig};
+use synapse_error::Classify;
 use synapse_localpg::{ClusterOptions, LocalCluster};
 use synapse_log::EmbeddedLog;
 use tokio::sync::watch;

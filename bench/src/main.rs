@@ -289,7 +289,9 @@ fn main() -> std::process::ExitCode {
     let options = Options::parse();
     let filter = tracing_subscriber::EnvFilter::try_from_env("SYNAPSE_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
-    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+    // Colours only on a terminal: piped into a file or a pager, escape codes are noise.
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_ansi(ansi).init();
     let _ = synapse_runtime::ops::metrics_handle();
     let result = tokio::runtime::Builder::new_multi_thread()
         .enable_all()

@@ -48,9 +48,11 @@ impl CaptureError {
         let context = context.into();
         move |source| CaptureError::Sql { context, source }
     }
+}
 
+impl synapse_error::Classify for CaptureError {
     /// A stable code for logs, metrics and docs.
-    pub fn code(&self) -> &'static str {
+    fn code(&self) -> &'static str {
         match self {
             CaptureError::Config { .. } => "CAP001",
             CaptureError::Connect { .. } => "CAP002",
@@ -67,7 +69,7 @@ impl CaptureError {
     }
 
     /// Transient errors are retried with backoff; definite ones stop capture and are reported.
-    pub fn is_transient(&self) -> bool {
+    fn is_transient(&self) -> bool {
         match self {
             CaptureError::Connect { .. } | CaptureError::Io(_) => true,
             // One list for every stage; 55006 "object in use" covers a slot still held by a
@@ -79,7 +81,7 @@ impl CaptureError {
         }
     }
 
-    pub fn hint(&self) -> &'static str {
+    fn hint(&self) -> &'static str {
         match self {
             CaptureError::Config { .. } => "fix the named field in the configuration file",
             CaptureError::Connect { .. } | CaptureError::Io(_) => "check that the source is up and reachable; synapse retries",

@@ -31,6 +31,7 @@ use std::collections::{BTreeMap, HashSet};
 use std::convert::Infallible;
 use std::sync::Arc;
 use std::time::Duration;
+use synapse_error::Classify;
 use synapse_log::ChangeLog;
 use synapse_schemas::Cursor;
 
@@ -108,8 +109,7 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
 impl IntoResponse for ConnectorError {
     fn into_response(self) -> Response {
         let status = StatusCode::from_u16(self.http_status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
-        let mut body =
-            json!({"error": {"code": self.code(), "message": crate::error_chain(&self), "hint": self.hint()}});
+        let mut body = self.body();
         if let ConnectorError::CursorGone { oldest, .. } = &self {
             body["error"]["oldest_cursor"] = oldest.map(|l| Cursor { commit_lsn: l, index: 0 }.to_string()).into();
         }
@@ -303,9 +303,9 @@ async fn snapshot<L: ChangeLog>(
         let end = match crate::snapshot::stream_snapshot(&source, &info, &selector, &tx).await {
             Ok(resume) => json!({"control": "snapshot-end", "cursor": resume.to_string()}),
             Err(e) => {
-                tracing::warn!(stream = %info.node, error = %crate::error_chain(&e), "snapshot failed");
+                tracing::warn!(stream = %info.node, error = %synapse_error::chain(&e), "snapshot failed");
                 // The status line is long sent: the error travels as the last line.
-                json!({"control": "error", "error": {"code": e.code(), "message": crate::error_chain(&e), "hint": e.hint()}})
+                json!({"control": "error", "error": {"code": e.code(), "message": synapse_error::chain(&e), "hint": e.hint()}})
             }
         };
         let _ = tx.send(bytes::Bytes::from(format!("{end}\n"))).await;
@@ -370,8 +370,8 @@ fn sse_response<L: ChangeLog>(
             let batch = match feed.next_batch(limit, wait).await {
                 Ok(b) => b,
                 Err(e) => {
-                    tracing::warn!(stream = %name, error = %crate::error_chain(&e), "stream read failed");
-                    let data = json!({"code": e.code(), "message": crate::error_chain(&e), "hint": e.hint()});
+                    tracing::warn!(stream = %name, error = %synapse_error::chain(&e), "stream read failed");
+                    let data = json!({"code": e.code(), "message": synapse_error::chain(&e), "hint": e.hint()});
                     return Some((vec![SseEvent::default().event("error").data(data.to_string())], None));
                 }
             };

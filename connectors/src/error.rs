@@ -1,3 +1,4 @@
+use synapse_error::Classify;
 use synapse_log::LogError;
 use synapse_schemas::{Cursor, Lsn};
 
@@ -40,7 +41,22 @@ pub enum ConnectorError {
 }
 
 impl ConnectorError {
-    pub fn code(&self) -> &'static str {
+    pub fn http_status(&self) -> u16 {
+        match self {
+            ConnectorError::CursorGone { .. } => 410,
+            ConnectorError::BadRequest { .. } => 400,
+            ConnectorError::Unauthorized => 401,
+            ConnectorError::Forbidden(_) => 403,
+            ConnectorError::NotFound { .. } => 404,
+            ConnectorError::Conflict { .. } => 409,
+            _ if self.is_transient() => 503,
+            _ => 500,
+        }
+    }
+}
+
+impl synapse_error::Classify for ConnectorError {
+    fn code(&self) -> &'static str {
         match self {
             ConnectorError::Log(e) => e.code(),
             ConnectorError::CursorGone { .. } => "CON001",
@@ -57,7 +73,7 @@ impl ConnectorError {
         }
     }
 
-    pub fn is_transient(&self) -> bool {
+    fn is_transient(&self) -> bool {
         match self {
             ConnectorError::Log(e) => e.is_transient(),
             ConnectorError::Store { .. } | ConnectorError::Snapshot { .. } => true,
@@ -67,7 +83,7 @@ impl ConnectorError {
         }
     }
 
-    pub fn hint(&self) -> &'static str {
+    fn hint(&self) -> &'static str {
         match self {
             ConnectorError::Log(e) => e.hint(),
             ConnectorError::CursorGone { .. } => {
@@ -86,19 +102,6 @@ impl ConnectorError {
             ConnectorError::Snapshot { .. } => {
                 "retry the snapshot; check the source is reachable and the table readable"
             }
-        }
-    }
-
-    pub fn http_status(&self) -> u16 {
-        match self {
-            ConnectorError::CursorGone { .. } => 410,
-            ConnectorError::BadRequest { .. } => 400,
-            ConnectorError::Unauthorized => 401,
-            ConnectorError::Forbidden(_) => 403,
-            ConnectorError::NotFound { .. } => 404,
-            ConnectorError::Conflict { .. } => 409,
-            _ if self.is_transient() => 503,
-            _ => 500,
         }
     }
 }

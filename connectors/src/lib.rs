@@ -31,15 +31,3 @@ pub mod webhook;
 pub use error::ConnectorError;
 pub use feed::{ChangeFeed, Event, FeedBatch, Operation, Selector, SourceInfo, TxnEnd};
 pub use filter::RowFilter;
-
-/// `error: cause: cause …` — the whole chain, for logs and API responses.
-pub fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut cur = e.source();
-    while let Some(c) = cur {
-        s.push_str(": ");
-        s.push_str(&c.to_string());
-        cur = c.source();
-    }
-    s
-}

@@ -539,6 +539,7 @@ impl ChangeLog for EmbeddedLog {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use synapse_error::Classify;
     use synapse_schemas::{Begin, Commit, Datum, Op, ReplicaIdentity, RowChange};
 
     fn txn(lsn: u64, rows: u32) -> Vec<LogRecord> {

@@ -43,9 +43,9 @@ pub enum LogError {
     },
 }
 
-impl LogError {
+impl synapse_error::Classify for LogError {
     /// A stable code for logs, metrics and docs.
-    pub fn code(&self) -> &'static str {
+    fn code(&self) -> &'static str {
         match self {
             LogError::Storage { .. } => "LOG001",
             LogError::Corrupt { .. } => "LOG002",
@@ -61,7 +61,7 @@ impl LogError {
     }
 
     /// Transient errors are retried with backoff; the others stop the pipeline for an operator.
-    pub fn is_transient(&self) -> bool {
+    fn is_transient(&self) -> bool {
         match self {
             // A gap is retried: the read starts again from a fresh reader.
             LogError::Storage { .. } | LogError::TaskFailed(_) | LogError::Gap { .. } | LogError::Stalled { .. } => {
@@ -88,7 +88,7 @@ impl LogError {
     }
 
     /// What an operator should do about it.
-    pub fn hint(&self) -> &'static str {
+    fn hint(&self) -> &'static str {
         match self {
             LogError::Storage { .. } => "check free disk space and permissions of the log directory (log.dir)",
             LogError::Corrupt { .. } => {

@@ -69,57 +69,6 @@ pub enum RepairError {
     },
 }
 
-impl RepairError {
-    pub fn code(&self) -> &'static str {
-        match self {
-            RepairError::Node { .. } => "REP003",
-            RepairError::Table { .. } => "REP004",
-            RepairError::Bits { .. } => "REP001",
-            RepairError::Mismatch { .. } => "REP002",
-            RepairError::Cut { .. } => "REP005",
-            RepairError::Apply { .. } => "REP006",
-        }
-    }
-
-    /// The message with its causes (the database's own error for a node), for operators.
-    pub fn full_message(&self) -> String {
-        let mut text = self.to_string();
-        let mut cause = std::error::Error::source(self);
-        while let Some(c) = cause {
-            text.push_str(": ");
-            text.push_str(&c.to_string());
-            cause = c.source();
-        }
-        text
-    }
-
-    /// A node that cannot be reached (or went away mid-check) may be back later; nothing was
-    /// changed, so the check can simply run again. Everything else comes from the request.
-    pub fn is_transient(&self) -> bool {
-        match self {
-            RepairError::Node { source, .. } => synapse_postgres::is_transient(source),
-            RepairError::Cut { .. } => true,
-            RepairError::Apply { source, .. } => source.is_transient(),
-            _ => false,
-        }
-    }
-
-    pub fn hint(&self) -> &'static str {
-        match self {
-            RepairError::Node { .. } => "check the node is up and reachable with this URL; nothing was changed",
-            RepairError::Table { .. } => "the table must exist with a primary key on every node compared",
-            RepairError::Bits { .. } => "choose about one bucket per 16–64 rows, e.g. 16 bits for 1M rows",
-            RepairError::Mismatch { .. } => "build both nodes' digests with the same bits",
-            RepairError::Cut { .. } => {
-                "changes in flight cannot be told from drift until the appliers catch up: is synapse running for these nodes (see `synapse status`)? Retry, raise --cut-timeout, or pass --no-wait to compare as is"
-            }
-            RepairError::Apply { .. } => {
-                "the node's repair transaction was rolled back (other nodes may be repaired already); run the fix again"
-            }
-        }
-    }
-}
-
 /// Per bucket, the wrapping sum of its rows' 64-bit hashes and their count. Adding and removing
 /// rows commute, so digests can be kept current change by change (an update removes the old
 /// row's hash and adds the new one) and always equal a fresh scan of the same rows. The caller
@@ -319,11 +268,51 @@ pub fn diff_keyed(left: &[(String, String)], right: &[(String, String)]) -> RowD
     out
 }
 
+impl synapse_error::Classify for RepairError {
+    fn code(&self) -> &'static str {
+        match self {
+            RepairError::Node { .. } => "REP003",
+            RepairError::Table { .. } => "REP004",
+            RepairError::Bits { .. } => "REP001",
+            RepairError::Mismatch { .. } => "REP002",
+            RepairError::Cut { .. } => "REP005",
+            RepairError::Apply { .. } => "REP006",
+        }
+    }
+
+    /// A node that cannot be reached (or went away mid-check) may be back later; nothing was
+    /// changed, so the check can simply run again. Everything else comes from the request.
+    fn is_transient(&self) -> bool {
+        match self {
+            RepairError::Node { source, .. } => synapse_postgres::is_transient(source),
+            RepairError::Cut { .. } => true,
+            RepairError::Apply { source, .. } => source.is_transient(),
+            _ => false,
+        }
+    }
+
+    fn hint(&self) -> &'static str {
+        match self {
+            RepairError::Node { .. } => "check the node is up and reachable with this URL; nothing was changed",
+            RepairError::Table { .. } => "the table must exist with a primary key on every node compared",
+            RepairError::Bits { .. } => "choose about one bucket per 16–64 rows, e.g. 16 bits for 1M rows",
+            RepairError::Mismatch { .. } => "build both nodes' digests with the same bits",
+            RepairError::Cut { .. } => {
+                "changes in flight cannot be told from drift until the appliers catch up: is synapse running for these nodes (see `synapse status`)? Retry, raise --cut-timeout, or pass --no-wait to compare as is"
+            }
+            RepairError::Apply { .. } => {
+                "the node's repair transaction was rolled back (other nodes may be repaired already); run the fix again"
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use proptest::prelude::*;
     use std::collections::BTreeSet;
+    use synapse_error::Classify;
     use xxhash_rust::xxh3::xxh3_64;
 
     /// A table: key → (a, b) with b possibly NULL.

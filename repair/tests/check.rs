@@ -4,6 +4,7 @@
 //! reports an unreachable node as a clear, retryable error.
 #![allow(clippy::unwrap_used)]
 
+use synapse_error::Classify;
 use synapse_localpg::{ClusterOptions, LocalCluster};
 use synapse_repair::check::{check, CheckOptions, KeyDiff, Report};
 use synapse_repair::node::Node;

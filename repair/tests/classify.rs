@@ -5,6 +5,7 @@
 
 use synapse_apply::ApplyError;
 use synapse_capture::CaptureError;
+use synapse_error::Classify;
 use synapse_localpg::{ClusterOptions, LocalCluster};
 use synapse_repair::RepairError;
 

@@ -39,8 +39,8 @@ pub enum ResolverError {
     Format { found: u8, supported: u8 },
 }
 
-impl ResolverError {
-    pub fn code(&self) -> &'static str {
+impl synapse_error::Classify for ResolverError {
+    fn code(&self) -> &'static str {
         match self {
             ResolverError::Decode(_) => "RES001",
             ResolverError::Format { .. } => "RES002",
@@ -48,11 +48,11 @@ impl ResolverError {
     }
 
     /// Never transient: the stored bytes will not change by retrying.
-    pub fn is_transient(&self) -> bool {
+    fn is_transient(&self) -> bool {
         false
     }
 
-    pub fn hint(&self) -> &'static str {
+    fn hint(&self) -> &'static str {
         match self {
             ResolverError::Decode(_) => "the row's conflict metadata is damaged: run `synapse repair` on the table",
             ResolverError::Format { .. } => "the state was written by a newer synapse: upgrade this node",

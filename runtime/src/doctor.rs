@@ -3,6 +3,7 @@
 
 use crate::config::Config;
 use synapse_capture::catalog;
+use synapse_error::Classify;
 
 struct Report {
     failed: usize,

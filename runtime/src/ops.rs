@@ -81,10 +81,20 @@ pub async fn serve_with(listen: &str, health: Arc<Health>, extra: Router) -> any
         .merge(extra);
     let listener = tokio::net::TcpListener::bind(listen)
         .await
-        .map_err(|e| anyhow::anyhow!("ops.listen: cannot listen on {listen}: {e}"))?;
+        .map_err(|e| anyhow::anyhow!("ops.listen: cannot listen on {listen}: {e}{}", in_use_hint(&e, "ops.listen")))?;
     tracing::info!(%listen, "serving /metrics /livez /readyz");
     axum::serve(listener, app).await?;
     Ok(())
+}
+
+/// The fix for an address another process holds (two synapse processes, or a second quickstart,
+/// on one machine): `field` is the setting that chooses it.
+pub fn in_use_hint(e: &std::io::Error, field: &str) -> String {
+    if e.kind() == std::io::ErrorKind::AddrInUse {
+        format!("\n  hint: another process listens there; set {field} to a free address (e.g. 127.0.0.1:0 for any port), or to \"\" to turn it off")
+    } else {
+        String::new()
+    }
 }
 
 async fn readyz(State(health): State<Arc<Health>>) -> (StatusCode, String) {

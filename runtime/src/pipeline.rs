@@ -11,45 +11,19 @@ use std::collections::BTreeMap;
 use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
-use synapse_apply::{initial_copy, Applier, ApplyConfig, ApplyError, ApplyStats};
-use synapse_capture::{Capture, CaptureConfig, CaptureError, CaptureStats};
+use synapse_apply::{initial_copy, Applier, ApplyConfig, ApplyStats};
+use synapse_capture::{Capture, CaptureConfig, CaptureStats};
 use synapse_connectors::api::{Api, StreamSource, Token};
 use synapse_connectors::feed::SourceInfo;
 use synapse_connectors::webhook::{store::Store, WebhookSource, Webhooks};
-use synapse_connectors::ConnectorError;
-use synapse_log::{ChangeLog, EmbeddedLog, KafkaLog, LogError, SourceLog};
+use synapse_error::Classify;
+use synapse_log::{ChangeLog, EmbeddedLog, KafkaLog, SourceLog};
 use tokio::sync::watch;
 use tokio::task::JoinSet;
 use tracing::Instrument;
 
-/// What the supervisor needs to know about an error.
-pub trait Classified: std::error::Error {
-    fn transient(&self) -> bool;
-    fn code(&self) -> &'static str;
-    fn hint(&self) -> &'static str;
-}
-
-/// Every crate's error type has the same three methods; this wires them to the supervisor.
-macro_rules! classified {
-    ($($error:ty),*) => {$(
-        impl Classified for $error {
-            fn transient(&self) -> bool {
-                self.is_transient()
-            }
-            fn code(&self) -> &'static str {
-                <$error>::code(self)
-            }
-            fn hint(&self) -> &'static str {
-                <$error>::hint(self)
-            }
-        }
-    )*};
-}
-
-classified!(CaptureError, ApplyError, LogError, ConnectorError);
-
 /// `error: cause: cause …`
-pub use synapse_connectors::error_chain as chain;
+pub use synapse_error::chain;
 
 /// A definite failure of one component.
 #[derive(Debug, thiserror::Error)]
@@ -64,7 +38,7 @@ pub struct ComponentFailed {
 /// Retries `f` while it fails transiently (exponential backoff, 200 ms … 30 s, with jitter;
 /// back to 200 ms after an attempt that ran a minute: a failure after long healthy work is a
 /// new incident, not the next of a series).
-pub async fn supervise<T, E: Classified, Fut: Future<Output = Result<T, E>>>(
+pub async fn supervise<T, E: Classify, Fut: Future<Output = Result<T, E>>>(
     component: &str,
     health: &Health,
     shutdown: &watch::Receiver<bool>,
@@ -76,7 +50,7 @@ pub async fn supervise<T, E: Classified, Fut: Future<Output = Result<T, E>>>(
         let started = tokio::time::Instant::now();
         match f().await {
             Ok(v) => return Ok(Some(v)),
-            Err(e) if e.transient() => {
+            Err(e) if e.is_transient() => {
                 if started.elapsed() >= Duration::from_secs(60) {
                     delay = FIRST;
                 }
@@ -223,9 +197,10 @@ async fn start_delivery(
         if api.tokens.is_empty() {
             tracing::warn!(listen = %config.api.listen, "api.tokens is empty: the HTTP API requires no authentication");
         }
-        let listener = tokio::net::TcpListener::bind(&config.api.listen)
-            .await
-            .map_err(|e| anyhow::anyhow!("api.listen: cannot listen on {}: {e}", config.api.listen))?;
+        let listener = tokio::net::TcpListener::bind(&config.api.listen).await.map_err(|e| {
+            let hint = crate::ops::in_use_hint(&e, "api.listen");
+            anyhow::anyhow!("api.listen: cannot listen on {}: {e}{hint}", config.api.listen)
+        })?;
         running.api_addr = listener.local_addr().ok();
         tracing::info!(listen = %config.api.listen, "serving /v1/streams and /v1/endpoints");
         let app = synapse_connectors::api::router(api);

@@ -4,8 +4,10 @@
 //! `synapse-repair`; the CLI's printing is in the binary.
 
 use crate::config::Config;
+use axum::extract::rejection::JsonRejection;
 use std::collections::HashMap;
 use std::time::Duration;
+use synapse_error::Classify;
 use synapse_repair::check::{check, CheckOptions, Report};
 use synapse_repair::fix::{fix, FixNode, FixOptions, FixReport};
 use synapse_repair::node::Node;
@@ -262,8 +264,27 @@ impl axum::response::IntoResponse for ApiError {
     }
 }
 
+/// The request body; none (no JSON content type) means every option at its default. A body that
+/// is not a request (bad JSON, an unknown field) is refused in the common error shape.
+fn request(body: Result<axum::Json<RepairRequest>, JsonRejection>) -> Result<RepairRequest, ApiError> {
+    match body {
+        Ok(axum::Json(r)) => Ok(r),
+        Err(JsonRejection::MissingJsonContentType(_)) => Ok(RepairRequest::default()),
+        Err(e) => Err(ApiError(
+            e.status(),
+            synapse_error::body(
+                "REP007",
+                &e.body_text(),
+                "send a JSON object with only these fields: tables, nodes, bits, cut_timeout_secs, no_wait, dry_run, prefer",
+            ),
+        )),
+    }
+}
+
+/// A request field the plan refused (`--nodes`, `--table`…): the same body shape as every error.
 fn bad_request(message: String) -> ApiError {
-    ApiError(axum::http::StatusCode::BAD_REQUEST, serde_json::json!({"error": message}))
+    let body = synapse_error::body("REP007", &message, "fix the named field of the request body and retry");
+    ApiError(axum::http::StatusCode::BAD_REQUEST, body)
 }
 
 fn repair_error(e: synapse_repair::RepairError) -> ApiError {
@@ -272,7 +293,7 @@ fn repair_error(e: synapse_repair::RepairError) -> ApiError {
     } else {
         axum::http::StatusCode::UNPROCESSABLE_ENTITY
     };
-    ApiError(status, serde_json::json!({"code": e.code(), "error": e.full_message(), "hint": e.hint()}))
+    ApiError(status, e.body())
 }
 
 impl RepairService {
@@ -339,10 +360,8 @@ impl RepairService {
                 } else {
                     axum::http::StatusCode::UNPROCESSABLE_ENTITY
                 };
-                ApiError(
-                    status,
-                    serde_json::json!({"code": error.code(), "error": format!("{table}: {error}"), "hint": error.hint()}),
-                )
+                let message = format!("{table}: {}", error.chain());
+                ApiError(status, synapse_error::body(error.code(), &message, error.hint()))
             }
         })?;
         Ok(out.iter().map(|(c, f)| serde_json::json!({"check": c, "fix": f})).collect())
@@ -355,8 +374,8 @@ impl RepairService {
                 "/repair/fix",
                 axum::routing::post(
                     |axum::extract::State(s): axum::extract::State<std::sync::Arc<RepairService>>,
-                     body: Option<axum::Json<RepairRequest>>| async move {
-                        s.fix(body.map(|b| b.0).unwrap_or_default()).await.map(axum::Json)
+                     body: Result<axum::Json<RepairRequest>, JsonRejection>| async move {
+                        s.fix(request(body)?).await.map(axum::Json)
                     },
                 ),
             )
@@ -364,8 +383,8 @@ impl RepairService {
                 "/repair/check",
                 axum::routing::post(
                     |axum::extract::State(s): axum::extract::State<std::sync::Arc<RepairService>>,
-                     body: Option<axum::Json<RepairRequest>>| async move {
-                        s.check(body.map(|b| b.0).unwrap_or_default()).await.map(axum::Json)
+                     body: Result<axum::Json<RepairRequest>, JsonRejection>| async move {
+                        s.check(request(body)?).await.map(axum::Json)
                     },
                 ),
             )

@@ -22,6 +22,7 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 use store::{Disabled, Store};
+use synapse_error::Classify;
 use synapse_log::ChangeLog;
 use synapse_schemas::Cursor;
 use tokio::sync::{watch, Mutex};
@@ -388,7 +389,7 @@ impl<L: ChangeLog> Webhooks<L> {
                         Ok(Stopped::Disabled { reason }) => {
                             let d = Disabled { reason, at: now_text() };
                             if let Err(e) = store.set_disabled(&name, Some(&d)).await {
-                                tracing::error!(endpoint = %name, error = %crate::error_chain(&e), "cannot record the disabled state");
+                                tracing::error!(endpoint = %name, error = %synapse_error::chain(&e), "cannot record the disabled state");
                             }
                             if let Ok(mut g) = disabled.lock() {
                                 *g = Some(d);
@@ -396,7 +397,7 @@ impl<L: ChangeLog> Webhooks<L> {
                             // Release retention here; the other sources' dispatchers do the same
                             // as they stop (they see the flag).
                             if let Err(e) = log.remove_consumer(&consumer_name(&name)).await {
-                                tracing::warn!(endpoint = %name, error = %crate::error_chain(&e), "cannot release the log position");
+                                tracing::warn!(endpoint = %name, error = %synapse_error::chain(&e), "cannot release the log position");
                             }
                             stop.send_replace(true);
                             return;
@@ -405,7 +406,7 @@ impl<L: ChangeLog> Webhooks<L> {
                             // Definite errors (a cursor gone, an unknown relation) will not heal
                             // by themselves either, but retrying slowly keeps the endpoint
                             // visible in metrics and resumes once an operator fixed the cause.
-                            let error = crate::error_chain(&e);
+                            let error = synapse_error::chain(&e);
                             tracing::warn!(endpoint = %name, code = e.code(), %error, hint = e.hint(), retry_in = ?delay, "webhook dispatcher failed");
                             metrics::counter!("synapse_retries_total", "component" => format!("webhook/{name}")).increment(1);
                             tokio::select! {

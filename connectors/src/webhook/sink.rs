@@ -175,7 +175,7 @@ impl Sink for HttpSink {
                     outcome: Outcome::Retry { retry_after: None },
                     status: None,
                     latency: started.elapsed(),
-                    error: Some(format!("{what}: {}", crate::error_chain(&e))),
+                    error: Some(format!("{what}: {}", synapse_error::chain(&e))),
                 }
             }
         }

@@ -172,6 +172,17 @@ pub fn ledger_workload(
     stop: Arc<AtomicBool>,
     done: Arc<AtomicU64>,
 ) -> std::thread::JoinHandle<()> {
+    paced_ledger_workload(url, big_rows, Duration::from_millis(3), stop, done)
+}
+
+/// [`ledger_workload`] with `pause` between transactions.
+pub fn paced_ledger_workload(
+    url: String,
+    big_rows: i64,
+    pause: Duration,
+    stop: Arc<AtomicBool>,
+    done: Arc<AtomicU64>,
+) -> std::thread::JoinHandle<()> {
     std::thread::spawn(move || {
         let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
         rt.block_on(async move {
@@ -198,7 +209,7 @@ pub fn ledger_workload(
                 next_id += rows;
                 txn += 1;
                 done.fetch_add(1, Ordering::Relaxed);
-                tokio::time::sleep(Duration::from_millis(3)).await;
+                tokio::time::sleep(pause).await;
             }
         });
     })

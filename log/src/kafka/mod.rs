@@ -144,6 +144,9 @@ struct Reader {
     leftover: std::collections::VecDeque<(Offset, LogRecord)>,
 }
 
+/// How many times indexing starts again at a start retention moved (see `index_until`).
+const MAX_INDEX_RESTARTS: u32 = 100;
+
 /// Records per message are below 2^20 (`max_message_bytes` keeps them far below: a record
 /// takes more than 4 bytes).
 const INDEX_BITS: u32 = 20;
@@ -317,6 +320,9 @@ impl KafkaLog {
     /// Reads (and so indexes) the stream from `from` up to `until`, or up to the head while it
     /// grows when `until` is `None`.
     async fn index_until(&self, mut from: Offset, until: Option<Offset>) -> Result<(), LogError> {
+        // A topic whose retention deletes its start as fast as a new reader can reach it (a
+        // size limit far below the write rate) is reported, not chased for ever.
+        let mut restarts = 0;
         // `next_offset` is exact once the last message is indexed (its record count known); the
         // head found at open (`until`) is the next message's first offset, an upper bound.
         while from < until.map_or_else(|| self.next_offset(), |u| u.min(self.next_offset())) {
@@ -328,7 +334,8 @@ impl KafkaLog {
                 Err(LogError::Expired { .. }) => {
                     self.refresh_watermarks().await?;
                     let low = self.inner.low.load(std::sync::atomic::Ordering::Acquire);
-                    if low <= from {
+                    restarts += 1;
+                    if low <= from || restarts > MAX_INDEX_RESTARTS {
                         return Err(LogError::Expired { topic: self.inner.topic.clone(), offset: from });
                     }
                     tracing::info!(topic = %self.inner.topic, from, low, "records deleted by retention while indexing; indexing from the new start");

@@ -82,21 +82,11 @@ async fn missing_topics_and_unreachable_brokers_are_reported_by_name() {
 /// written, naming the table and both sizes (definite: it would fail again); the log stays usable.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_record_larger_than_a_message_is_refused_by_table_and_size() {
-    let mock = MockCluster::new(1).unwrap();
-    for topic in ["synapse.n1.changes", "synapse.n1.consumers"] {
-        mock.create_topic(topic, 1, 1).unwrap();
-    }
+    let mock = mock_with_topics();
     let options =
         KafkaLogOptions { max_message_bytes: 10_000, ..KafkaLogOptions::new(&mock.bootstrap_servers(), "n1") };
     let log = KafkaLog::open(options).await.unwrap();
-    let rel = Relation {
-        oid: 5,
-        schema: "public".into(),
-        table: "docs".into(),
-        replica_identity: ReplicaIdentity::Default,
-        columns: vec![],
-    };
-    log.append(vec![LogRecord::Relation(rel)]).await.unwrap();
+    log.append(vec![LogRecord::Relation(docs())]).await.unwrap();
     let before = log.next_offset();
     let mut big = txn(100, 2, 1_000);
     if let LogRecord::Change(c) = &mut big[2] {
@@ -185,10 +175,7 @@ async fn the_log_contract_holds_over_tls_and_an_untrusted_broker_is_refused() {
 /// this failed the kill -9 hand-over test at random with LOG008.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_log_opened_while_retention_deletes_its_oldest_records_opens() {
-    let mock = MockCluster::new(1).unwrap();
-    for topic in ["synapse.n1.changes", "synapse.n1.consumers"] {
-        mock.create_topic(topic, 1, 1).unwrap();
-    }
+    let mock = mock_with_topics();
     let options = KafkaLogOptions::new(&mock.bootstrap_servers(), "n1");
     let writer = KafkaLog::open(options.clone()).await.unwrap();
     // Small fetches make indexing the retained 5 MiB take hundreds of round trips, as a large
@@ -196,14 +183,7 @@ async fn a_log_opened_while_retention_deletes_its_oldest_records_opens() {
     let mut slow = options.clone();
     slow.properties.insert("fetch.message.max.bytes".into(), "4096".into());
     let options = slow;
-    let rel = Relation {
-        oid: 5,
-        schema: "public".into(),
-        table: "docs".into(),
-        replica_identity: ReplicaIdentity::Default,
-        columns: vec![],
-    };
-    writer.append(vec![LogRecord::Relation(rel)]).await.unwrap();
+    writer.append(vec![LogRecord::Relation(docs())]).await.unwrap();
     // ~40 KiB transactions, without pause: the mock's 5 MiB turn over several times a second.
     // Values that do not compress (the producer compresses messages).
     let big = |lsn: u64| {
@@ -254,4 +234,24 @@ async fn a_log_opened_while_retention_deletes_its_oldest_records_opens() {
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     let written = appending.await.unwrap();
     assert!(written > 1_000 + 100 * 200, "the writer appended only {} transactions", (written - 1_000) / 100);
+}
+
+/// One mock broker with node n1's topics (the mock implements no CreateTopics).
+fn mock_with_topics() -> MockCluster<'static, rdkafka::producer::DefaultProducerContext> {
+    let mock = MockCluster::new(1).unwrap();
+    for topic in ["synapse.n1.changes", "synapse.n1.consumers"] {
+        mock.create_topic(topic, 1, 1).unwrap();
+    }
+    mock
+}
+
+/// The relation the tests' transactions (`common::txn`) refer to.
+fn docs() -> Relation {
+    Relation {
+        oid: 5,
+        schema: "public".into(),
+        table: "docs".into(),
+        replica_identity: ReplicaIdentity::Default,
+        columns: vec![],
+    }
 }

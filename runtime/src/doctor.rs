@@ -115,15 +115,16 @@ pub async fn run(config: &Config) -> usize {
             .unwrap_or_default();
         if publication.is_none() && s.create_publication {
             // CREATE PUBLICATION needs CREATE on the database (and owning the tables).
-            let may: bool = client
+            let may = client
                 .query_one(
                     "SELECT has_database_privilege(current_database(), 'CREATE') OR (SELECT rolsuper FROM pg_roles WHERE rolname = current_user)",
                     &[],
                 )
                 .await
-                .map(|row| row.get(0))
-                .unwrap_or(false);
-            if may {
+                .map(|row| row.get::<_, bool>(0));
+            if let Err(e) = &may {
+                r.fail(&format!("reading the database privileges: {}", crate::pipeline::chain(e)), "see the error");
+            } else if may.is_ok_and(|m| m) {
                 r.ok(&format!("role {role} may create publication {}", s.publication));
             } else {
                 r.fail(
@@ -141,12 +142,16 @@ pub async fn run(config: &Config) -> usize {
                 r.ok(&format!("{} tables have a primary key or replica identity", ok.len()));
                 // The initial copy reads every captured table.
                 for t in &ok {
-                    let readable: bool = client
+                    let readable = client
                         .query_one("SELECT has_table_privilege($1::oid, 'SELECT')", &[&t.oid])
                         .await
-                        .map(|row| row.get(0))
-                        .unwrap_or(false);
-                    if !readable {
+                        .map(|row| row.get::<_, bool>(0));
+                    if let Err(e) = &readable {
+                        r.fail(
+                            &format!("reading the privileges on {}: {}", t.display(), crate::pipeline::chain(e)),
+                            "see the error",
+                        );
+                    } else if readable.is_ok_and(|ok| !ok) {
                         r.fail(
                             &format!("role {role} may not read table {} (the initial copy reads it)", t.display()),
                             &format!("GRANT SELECT ON {} TO {};", t.quoted(), synapse_postgres::quote::ident(&role)),

@@ -442,20 +442,28 @@ fn run_seed(mesh: &Mesh, seed: u64, hub: bool) -> Result<(), String> {
             return Err(format!("key {k}: title {title} was never written"));
         }
     }
-    // The causality metadata of live rows is identical too (tombstones' is, or they would not
-    // have been purged).
-    let versions = on_all(
-        mesh,
-        &db,
-        &format!("SELECT md5(string_agg({VERSION_ROW}, ';' ORDER BY tbl, pk::text)) FROM synapse.row_version"),
-    );
+    // The causality metadata of live rows becomes identical too (tombstones' is, or they would
+    // not have been purged). Polled: a peer's write that lost everywhere leaves the data equal
+    // while it is still on its way to one node, and only its version vector shows it.
+    let version_deadline = Instant::now() + Duration::from_secs(60);
+    let versions = loop {
+        let versions = on_all(
+            mesh,
+            &db,
+            &format!("SELECT md5(string_agg({VERSION_ROW}, ';' ORDER BY tbl, pk::text)) FROM synapse.row_version"),
+        );
+        if (versions[0] == versions[1] && versions[1] == versions[2]) || Instant::now() > version_deadline {
+            break versions;
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    };
     if versions[0] != versions[1] || versions[1] != versions[2] {
         let dump = on_all(
             mesh,
             &db,
             &format!("SELECT string_agg({VERSION_ROW}, E'\\n' ORDER BY tbl, pk::text) FROM synapse.row_version"),
         );
-        return Err(format!("row versions differ: {versions:?}\n{}", dump.join("\n--\n")));
+        return Err(format!("row versions still differ after 60 s: {versions:?}\n{}", dump.join("\n--\n")));
     }
     // No silent loss: each disputed key's partition-time values from nodes 0 and 2 are the final
     // value or recorded as a conflict's loser.

@@ -58,32 +58,48 @@ enum Tok {
     Comma,
 }
 
-fn lex(s: &str) -> Result<Vec<Tok>, String> {
+/// Why a filter does not parse, where (a character position), and the likely fix.
+struct Failure {
+    at: usize,
+    message: String,
+    hint: Option<&'static str>,
+}
+
+fn fail(at: usize, message: impl Into<String>) -> Failure {
+    Failure { at, message: message.into(), hint: None }
+}
+
+/// The tokens, each with the position of its first character.
+fn lex(s: &str) -> Result<Vec<(Tok, usize)>, Failure> {
     let mut out = Vec::new();
     let b: Vec<char> = s.chars().collect();
     let mut i = 0;
     while i < b.len() {
-        let c = b[i];
-        match c {
-            ' ' | '\t' | '\n' | '\r' => i += 1,
-            '(' => {
-                out.push(Tok::LParen);
-                i += 1
+        let (c, start) = (b[i], i);
+        let tok = match c {
+            ' ' | '\t' | '\n' | '\r' => {
+                i += 1;
+                continue;
             }
-            ')' => {
-                out.push(Tok::RParen);
-                i += 1
-            }
-            ',' => {
-                out.push(Tok::Comma);
-                i += 1
+            '(' | ')' | ',' => {
+                i += 1;
+                match c {
+                    '(' => Tok::LParen,
+                    ')' => Tok::RParen,
+                    _ => Tok::Comma,
+                }
             }
             '\'' => {
                 let mut t = String::new();
                 i += 1;
                 loop {
                     match b.get(i) {
-                        None => return Err("unterminated string literal".into()),
+                        None => {
+                            return Err(Failure {
+                                hint: Some("close the text with `'` (write a quote inside it as `''`)"),
+                                ..fail(start, "unterminated string literal")
+                            })
+                        }
                         Some('\'') if b.get(i + 1) == Some(&'\'') => {
                             t.push('\'');
                             i += 2;
@@ -98,7 +114,7 @@ fn lex(s: &str) -> Result<Vec<Tok>, String> {
                         }
                     }
                 }
-                out.push(Tok::Text(t));
+                Tok::Text(t)
             }
             '=' | '!' | '<' | '>' => {
                 let two: String = b[i..(i + 2).min(b.len())].iter().collect();
@@ -106,68 +122,97 @@ fn lex(s: &str) -> Result<Vec<Tok>, String> {
                     "!=" | "<>" => (CmpOp::Ne, 2),
                     "<=" => (CmpOp::Le, 2),
                     ">=" => (CmpOp::Ge, 2),
+                    "==" => {
+                        return Err(Failure {
+                            hint: Some("compare with a single `=`, as in SQL"),
+                            ..fail(start, "`==` is not an operator")
+                        })
+                    }
                     _ => match c {
                         '=' => (CmpOp::Eq, 1),
                         '<' => (CmpOp::Lt, 1),
                         '>' => (CmpOp::Gt, 1),
-                        _ => return Err(format!("unexpected `{c}`")),
+                        _ => return Err(Failure { hint: Some("write `!=` or `<>`"), ..fail(start, "unexpected `!`") }),
                     },
                 };
-                out.push(Tok::Op(op));
                 i += len;
+                Tok::Op(op)
             }
             c if c.is_ascii_digit() || c == '-' || c == '.' => {
-                let start = i;
                 i += 1;
                 while i < b.len() && (b[i].is_ascii_alphanumeric() || b[i] == '.' || b[i] == '+' || b[i] == '-') {
                     i += 1;
                 }
                 let t: String = b[start..i].iter().collect();
-                out.push(Tok::Num(t.parse().map_err(|_| format!("`{t}` is not a number"))?));
-            }
-            c if c.is_alphabetic() || c == '_' || c == '"' => {
-                let mut t = String::new();
-                if c == '"' {
-                    i += 1;
-                    while i < b.len() && b[i] != '"' {
-                        t.push(b[i]);
-                        i += 1;
+                match t.parse() {
+                    Ok(n) => Tok::Num(n),
+                    Err(_) => {
+                        return Err(Failure {
+                            hint: Some("quote text values: 'like this'"),
+                            ..fail(start, format!("`{t}` is not a number"))
+                        })
                     }
-                    if i == b.len() {
-                        return Err("unterminated quoted column name".into());
-                    }
-                    i += 1;
-                    // Quoted names are never keywords.
-                    out.push(Tok::Ident(format!("\"{t}")));
-                    continue;
                 }
+            }
+            '"' => {
+                i += 1;
+                let mut t = String::new();
+                while i < b.len() && b[i] != '"' {
+                    t.push(b[i]);
+                    i += 1;
+                }
+                if i == b.len() {
+                    return Err(fail(start, "unterminated quoted column name"));
+                }
+                i += 1;
+                // Quoted names are never keywords.
+                Tok::Ident(format!("\"{t}"))
+            }
+            c if c.is_alphabetic() || c == '_' => {
+                let mut t = String::new();
                 while i < b.len() && (b[i].is_alphanumeric() || b[i] == '_') {
                     t.push(b[i]);
                     i += 1;
                 }
-                out.push(Tok::Ident(t));
+                Tok::Ident(t)
             }
-            c => return Err(format!("unexpected `{c}`")),
-        }
+            c => {
+                return Err(Failure {
+                    hint: Some("a filter uses column names, 'text', numbers, = != < <= > >=, and, or, in, is null"),
+                    ..fail(start, format!("unexpected `{c}`"))
+                })
+            }
+        };
+        out.push((tok, start));
     }
     Ok(out)
 }
 
 struct Parser {
-    toks: Vec<Tok>,
+    toks: Vec<(Tok, usize)>,
     pos: usize,
+    /// Position of the end of the text, for "found the end".
+    end: usize,
 }
 
 impl Parser {
     fn peek_kw(&self, kw: &str) -> bool {
-        matches!(self.toks.get(self.pos), Some(Tok::Ident(t)) if t.eq_ignore_ascii_case(kw))
+        matches!(self.toks.get(self.pos), Some((Tok::Ident(t), _)) if t.eq_ignore_ascii_case(kw))
+    }
+    fn at(&self) -> usize {
+        self.toks.get(self.pos).map_or(self.end, |t| t.1)
     }
     fn next(&mut self) -> Option<Tok> {
-        let t = self.toks.get(self.pos).cloned();
+        let t = self.toks.get(self.pos).map(|t| t.0.clone());
         self.pos += 1;
         t
     }
-    fn column(&mut self) -> Result<String, String> {
+    /// An error about the token just taken by `next`.
+    fn found(&self, expected: &str, tok: Option<&Tok>) -> Failure {
+        let at = self.toks.get(self.pos.saturating_sub(1)).filter(|_| tok.is_some()).map_or(self.end, |t| t.1);
+        fail(at, format!("expected {expected}, found {}", describe(tok)))
+    }
+    fn column(&mut self) -> Result<String, Failure> {
         match self.next() {
             Some(Tok::Ident(t)) if t.starts_with('"') => Ok(t[1..].to_owned()),
             Some(Tok::Ident(t))
@@ -175,21 +220,32 @@ impl Parser {
             {
                 Ok(t)
             }
-            other => Err(format!("expected a column name, found {}", describe(other.as_ref()))),
+            other => Err(Failure {
+                hint: Some("each condition starts with a column name, e.g. status = 'paid'; quote a column named like a keyword: \"or\""),
+                ..self.found("a column name", other.as_ref())
+            }),
         }
     }
-    fn literal(&mut self) -> Result<Lit, String> {
+    fn literal(&mut self) -> Result<Lit, Failure> {
         match self.next() {
             Some(Tok::Text(t)) => Ok(Lit::Text(t)),
             Some(Tok::Num(n)) => Ok(Lit::Num(n)),
             Some(Tok::Ident(t)) if t.eq_ignore_ascii_case("true") => Ok(Lit::Bool(true)),
             Some(Tok::Ident(t)) if t.eq_ignore_ascii_case("false") => Ok(Lit::Bool(false)),
             other => {
-                Err(format!("expected a literal ('text', a number, true or false), found {}", describe(other.as_ref())))
+                let hint = match other {
+                    Some(Tok::Ident(_)) => "quote text values in single quotes: status = 'paid'",
+                    Some(Tok::Op(_)) => "one operator per condition, then a value",
+                    _ => "give a value: 'text', a number, true or false",
+                };
+                Err(Failure {
+                    hint: Some(hint),
+                    ..self.found("a value ('text', a number, true or false)", other.as_ref())
+                })
             }
         }
     }
-    fn cond(&mut self) -> Result<Cond, String> {
+    fn cond(&mut self) -> Result<Cond, Failure> {
         let col = self.column()?;
         if self.peek_kw("is") {
             self.pos += 1;
@@ -198,7 +254,10 @@ impl Parser {
                 self.pos += 1;
             }
             if !self.peek_kw("null") {
-                return Err(format!("expected NULL after `{col} is`"));
+                return Err(Failure {
+                    hint: Some("`is` only tests for NULL; compare values with = or !="),
+                    ..fail(self.at(), format!("expected NULL after `{col} is`"))
+                });
             }
             self.pos += 1;
             return Ok(Cond::IsNull(col, !not));
@@ -206,20 +265,25 @@ impl Parser {
         if self.peek_kw("in") {
             self.pos += 1;
             if self.next() != Some(Tok::LParen) {
-                return Err(format!("expected `(` after `{col} in`"));
+                return Err(fail(self.at().min(self.end), format!("expected `(` after `{col} in`")));
             }
             let mut list = vec![self.literal()?];
             loop {
                 match self.next() {
                     Some(Tok::Comma) => list.push(self.literal()?),
                     Some(Tok::RParen) => break,
-                    other => return Err(format!("expected `,` or `)`, found {}", describe(other.as_ref()))),
+                    other => {
+                        return Err(Failure {
+                            hint: Some("separate the values with commas: in (1, 2)"),
+                            ..self.found("`,` or `)`", other.as_ref())
+                        })
+                    }
                 }
             }
             return Ok(Cond::In(col, list));
         }
         match self.toks.get(self.pos) {
-            Some(Tok::Op(op)) => {
+            Some((Tok::Op(op), _)) => {
                 let op = *op;
                 self.pos += 1;
                 Ok(Cond::Cmp(col, op, self.literal()?))
@@ -235,20 +299,35 @@ fn describe(t: Option<&Tok>) -> String {
         Some(Tok::Ident(s)) => format!("`{}`", s.trim_start_matches('"')),
         Some(Tok::Text(s)) => format!("'{s}'"),
         Some(Tok::Num(n)) => format!("{n}"),
-        Some(Tok::Op(o)) => format!("{o:?}"),
+        Some(Tok::Op(o)) => format!("`{}`", o.symbol()),
         Some(Tok::LParen) => "`(`".into(),
         Some(Tok::RParen) => "`)`".into(),
         Some(Tok::Comma) => "`,`".into(),
     }
 }
 
-impl std::str::FromStr for RowFilter {
-    type Err = String;
+impl CmpOp {
+    fn symbol(self) -> &'static str {
+        match self {
+            CmpOp::Eq => "=",
+            CmpOp::Ne => "!=",
+            CmpOp::Lt => "<",
+            CmpOp::Le => "<=",
+            CmpOp::Gt => ">",
+            CmpOp::Ge => ">=",
+        }
+    }
+}
 
-    fn from_str(s: &str) -> Result<Self, String> {
-        let mut p = Parser { toks: lex(s)?, pos: 0 };
+impl RowFilter {
+    fn parse_text(s: &str) -> Result<Self, Failure> {
+        let toks = lex(s)?;
+        let mut p = Parser { toks, pos: 0, end: s.chars().count() };
         if p.toks.is_empty() {
-            return Err("the filter is empty".into());
+            return Err(Failure {
+                hint: Some("write a condition such as status = 'paid', or remove the filter"),
+                ..fail(0, "the filter is empty")
+            });
         }
         let mut any = vec![vec![p.cond()?]];
         while p.pos < p.toks.len() {
@@ -262,10 +341,32 @@ impl std::str::FromStr for RowFilter {
                 p.pos += 1;
                 any.push(vec![p.cond()?]);
             } else {
-                return Err(format!("expected `and` or `or`, found {}", describe(p.toks.get(p.pos))));
+                let found = p.toks.get(p.pos).map(|t| &t.0);
+                let hint = match found {
+                    Some(Tok::Op(_)) => "one operator per condition (compare with a single `=`)",
+                    Some(Tok::Ident(_)) => "join conditions with `and` or `or`; quote text values: 'paid'",
+                    _ => "join conditions with `and` or `or`",
+                };
+                return Err(Failure {
+                    hint: Some(hint),
+                    ..fail(p.at(), format!("expected `and` or `or`, found {}", describe(found)))
+                });
             }
         }
         Ok(RowFilter { source: s.to_owned(), any })
+    }
+}
+
+impl std::str::FromStr for RowFilter {
+    type Err = String;
+
+    /// The error names the character where the filter goes wrong (1-based, as an editor counts)
+    /// and the likely fix.
+    fn from_str(s: &str) -> Result<Self, String> {
+        Self::parse_text(s).map_err(|f| {
+            let fix = f.hint.map(|h| format!("; {h}")).unwrap_or_default();
+            format!("{} at character {}{fix}", f.message, f.at + 1)
+        })
     }
 }
 
@@ -366,13 +467,25 @@ mod tests {
     fn errors_say_what_is_wrong() {
         for (bad, msg) in [
             ("", "empty"),
-            ("status =", "expected a literal"),
+            ("status =", "expected a value"),
             ("status = 'x", "unterminated"),
             ("a = 1 b = 2", "expected `and` or `or`"),
             ("and = 1", "expected a column name"),
             ("a in (1 2)", "expected `,` or `)`"),
             ("a is 3", "expected NULL"),
             ("a = 1x", "not a number"),
+        ] {
+            let e = bad.parse::<RowFilter>().unwrap_err();
+            assert!(e.contains(msg), "{bad}: {e}");
+        }
+        // Where it goes wrong (1-based character) and the fix; operators as written.
+        for (bad, msg) in [
+            ("status == 'paid'", "`==` is not an operator at character 8; compare with a single `=`"),
+            ("status = paid", "found `paid` at character 10; quote text values in single quotes"),
+            ("= 'paid'", "expected a column name, found `=` at character 1"),
+            ("a = 1 b = 2", "found `b` at character 7; join conditions with `and` or `or`"),
+            ("a = 1 and", "expected a column name, found the end at character 10"),
+            ("a >= <", "found `<` at character 6"),
         ] {
             let e = bad.parse::<RowFilter>().unwrap_err();
             assert!(e.contains(msg), "{bad}: {e}");

@@ -6,6 +6,13 @@ use serde::Deserialize;
 use std::fmt;
 use std::path::{Path, PathBuf};
 
+mod interpolate;
+pub mod locate;
+mod parse_error;
+mod validate;
+pub use interpolate::{interpolate, MissingVar};
+pub use validate::Problem;
+
 /// Defaults, with the reason for each.
 pub mod defaults {
     /// Next to where synapse runs, so the quickstart needs no setup.
@@ -26,15 +33,34 @@ pub mod defaults {
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     /// The OS error is the source (printed once, after this message).
-    #[error("cannot read the configuration file {path}")]
+    #[error(
+        "cannot read the configuration file {path} (check the path; deploy/synapse.example.yaml is a starting point)"
+    )]
     Read { path: String, source: std::io::Error },
     /// Every variable the file uses without a value, at once (not one per run).
     #[error("{path}: {}\n  fix: export {}, or give a default in the file with ${{VAR:-default}}", interpolate::missing_list(.missing), if .missing.len() == 1 { "it" } else { "them" })]
     MissingVars { path: String, missing: Vec<MissingVar> },
-    #[error("{path}: {message}")]
-    Parse { path: String, message: String },
-    #[error("{path}: invalid {field}: {message}")]
-    Invalid { path: String, field: String, message: String },
+    /// The text is not the configuration's shape (bad YAML/TOML, a wrong type, an unknown or
+    /// missing field); `hint` guesses the fix (a misspelt field, a mis-indented line).
+    #[error("{path}{}: {message}{}", line_suffix(*.line), .hint.as_ref().map(|h| format!("\n  fix: {h}")).unwrap_or_default())]
+    Parse { path: String, line: Option<usize>, message: String, hint: Option<String> },
+    /// Every rule the configuration breaks, each with its field, line and valid values.
+    #[error("{}", problem_list(.path, .problems))]
+    Invalid { path: String, problems: Vec<Problem> },
+}
+
+fn line_suffix(line: Option<usize>) -> String {
+    line.map(|l| format!(":{l}")).unwrap_or_default()
+}
+
+fn problem_list(path: &str, problems: &[Problem]) -> String {
+    match problems {
+        [one] => format!("{path}{}: invalid {}: {}", line_suffix(one.line), one.field, one.message),
+        many => {
+            let lines: Vec<String> = many.iter().map(|p| format!("\n  {p}")).collect();
+            format!("{path}: {} problems:{}", many.len(), lines.concat())
+        }
+    }
 }
 
 /// A connection URL whose password never reaches logs or output.
@@ -46,9 +72,41 @@ impl SecretUrl {
     pub fn new(s: impl Into<String>) -> Self {
         SecretUrl(s.into())
     }
+    /// The parsed settings, or what is wrong with the text (never the text: it holds secrets).
     pub fn pg_config(&self) -> Result<tokio_postgres::Config, String> {
-        self.0.parse().map_err(|e: tokio_postgres::Error| e.to_string())
+        let expected = "postgres://user:password@host:5432/dbname, or host=… port=… dbname=…";
+        let port_error = |port: &str| format!("port `{port}` is not a number from 1 to 65535 (expected {expected})");
+        let config: tokio_postgres::Config =
+            self.0.parse().map_err(|e: tokio_postgres::Error| match bad_port(&self.0) {
+                Some(port) => port_error(&port),
+                None => format!("{e} (expected {expected})"),
+            })?;
+        // tokio-postgres takes port 0, which no server listens on.
+        if config.get_ports().contains(&0) {
+            return Err(port_error("0"));
+        }
+        Ok(config)
     }
+}
+
+/// The first port of a connection string that is not 1–65535 (tokio-postgres only says
+/// "invalid connection string"). Ports hold no secret, so the port itself may be shown.
+fn bad_port(s: &str) -> Option<String> {
+    let bad = |p: &str| !p.is_empty() && p.parse::<u16>().map_or(true, |p| p == 0);
+    if let Some(rest) = s.split_once("://").map(|(_, r)| r) {
+        let authority = rest.split(['/', '?']).next().unwrap_or("");
+        let hosts = authority.rsplit_once('@').map_or(authority, |(_, h)| h);
+        return hosts
+            .split(',')
+            .filter_map(|h| h.rsplit_once(':').map(|(_, p)| p))
+            .find(|p| !p.ends_with(']') && bad(p))
+            .map(str::to_owned);
+    }
+    s.split_whitespace()
+        .filter_map(|kv| kv.strip_prefix("port="))
+        .flat_map(|ports| ports.split(','))
+        .find(|p| bad(p))
+        .map(str::to_owned)
 }
 
 impl fmt::Debug for SecretUrl {
@@ -344,62 +402,6 @@ impl KafkaConfig {
         o.properties = self.properties.0.iter().map(|(k, v)| (k.clone(), v.to_string())).collect();
         o
     }
-
-    fn validate(&self, path: &str, sources: &[String]) -> Result<(), ConfigError> {
-        let invalid = |field: &str, message: String| ConfigError::Invalid {
-            path: path.into(),
-            field: format!("log.kafka.{field}"),
-            message,
-        };
-        let brokers: Vec<&str> = self.brokers.split(',').map(str::trim).collect();
-        for b in &brokers {
-            let port = b.rsplit_once(':').and_then(|(host, port)| (!host.is_empty()).then_some(port));
-            if port.and_then(|p| p.parse::<u16>().ok()).is_none_or(|p| p == 0) {
-                return Err(invalid("brokers", format!("`{b}` is not host:port (e.g. kafka-1:9092)")));
-            }
-        }
-        let legal = |c: char| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-');
-        if self.topic_prefix.is_empty() || !self.topic_prefix.chars().all(legal) {
-            return Err(invalid("topic_prefix", "must be 1 or more characters of a-z, A-Z, 0-9, ., _ or -".into()));
-        }
-        // Kafka rejects topic names over 249 characters.
-        if let Some(long) = sources.iter().find(|s| self.topic_prefix.len() + s.len() + ".consumers".len() + 1 > 249) {
-            return Err(invalid(
-                "topic_prefix",
-                format!("too long: topics of source `{long}` would exceed 249 characters"),
-            ));
-        }
-        if self.replication_factor.is_some_and(|r| !(1..=32).contains(&r)) {
-            return Err(invalid(
-                "replication_factor",
-                "must be between 1 and 32 (or unset: the broker's default)".into(),
-            ));
-        }
-        if !(0.1..=300.0).contains(&self.request_timeout_secs) {
-            return Err(invalid("request_timeout_secs", "must be between 0.1 and 300".into()));
-        }
-        if let Some(p) = &self.public_topics {
-            if let Some(bad) = p.tables.iter().find(|n| n.split('.').count() != 2) {
-                return Err(invalid("public_topics.tables", format!("`{bad}` is not schema.table")));
-            }
-            if p.partitions.is_some_and(|n| !(1..=10_000).contains(&n)) {
-                return Err(invalid("public_topics.partitions", "must be between 1 and 10000 (or unset)".into()));
-            }
-        }
-        if !(10_000..=1_000_000_000).contains(&self.max_message_bytes) {
-            return Err(invalid("max_message_bytes", "must be between 10000 and 1000000000".into()));
-        }
-        if let Some(g) = &self.group {
-            if g.trim().is_empty() || g.len() > 249 || g.chars().any(char::is_control) {
-                return Err(invalid("group", "must be 1 to 249 printable characters (a Kafka group id)".into()));
-            }
-        }
-        if self.properties.0.contains_key("bootstrap.servers") {
-            return Err(invalid("properties", "set the brokers with log.kafka.brokers, not bootstrap.servers".into()));
-        }
-        // librdkafka knows its properties: building a client (no connection yet) names a bad one.
-        self.log_options(sources.first().map_or("check", String::as_str)).check().map_err(|e| invalid("properties", e))
-    }
 }
 
 fn default_stream_retention() -> f64 {
@@ -492,228 +494,28 @@ impl Config {
         let text = interpolate(&raw, &p, |k| std::env::var(k).ok())?;
         let is_toml = path.extension().is_some_and(|e| e == "toml");
         let mut config = Self::parse(&text, is_toml, &p)?;
-        config.validate(&p)?;
+        let mut problems = config.problems();
+        if !problems.is_empty() {
+            for problem in &mut problems {
+                problem.line = locate::line_of(&text, is_toml, &problem.field);
+            }
+            return Err(ConfigError::Invalid { path: p, problems });
+        }
         config.expand_mesh();
         Ok(config)
     }
 
     pub fn parse(text: &str, is_toml: bool, path: &str) -> Result<Config, ConfigError> {
-        let parsed: Result<Config, String> = if is_toml {
-            toml::from_str(text).map_err(|e| e.to_string())
+        // serde_path_to_error names the field that failed (`webhooks[0].filter`), where the
+        // parsers name only the entry holding it.
+        let parsed = if is_toml {
+            serde_path_to_error::deserialize(toml::Deserializer::new(text))
+                .map_err(|e| parse_error::from_toml(text, &e.path().to_string(), e.inner()))
         } else {
-            serde_yaml::from_str(text).map_err(|e| e.to_string())
+            serde_path_to_error::deserialize(serde_yaml::Deserializer::from_str(text))
+                .map_err(|e| parse_error::from_yaml(text, &e.path().to_string(), e.inner()))
         };
-        parsed.map_err(|message| ConfigError::Parse { path: path.into(), message: message.trim().to_owned() })
-    }
-
-    pub fn validate(&self, path: &str) -> Result<(), ConfigError> {
-        let invalid = |field: String, message: String| ConfigError::Invalid { path: path.into(), field, message };
-        if let Some(m) = &self.mesh {
-            self.validate_mesh(m, path)?;
-        } else if self.sources.is_empty() {
-            return Err(invalid("sources".into(), "at least one source (or a mesh) is required".into()));
-        }
-        let valid_name = |n: &str| {
-            !n.is_empty()
-                && n.len() <= 40
-                && n.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_' || c == '-')
-        };
-        let mut names = Vec::new();
-        for (i, s) in self.sources.iter().enumerate() {
-            if !valid_name(&s.name) {
-                return Err(invalid(
-                    format!("sources[{i}].name"),
-                    format!("`{}` must be 1–40 characters of a-z, 0-9, _ or -", s.name),
-                ));
-            }
-            if names.contains(&s.name) {
-                return Err(invalid(format!("sources[{i}].name"), format!("`{}` is used twice", s.name)));
-            }
-            names.push(s.name.clone());
-            s.url
-                .pg_config()
-                .map_err(|e| invalid(format!("sources[{i}].url"), format!("not a PostgreSQL URL ({e})")))?;
-            if !(0.1..=3600.0).contains(&s.heartbeat_interval_secs) {
-                return Err(invalid(
-                    format!("sources[{i}].heartbeat_interval_secs"),
-                    "must be between 0.1 and 3600".into(),
-                ));
-            }
-            if let Some(slot) = &s.slot {
-                if slot.is_empty()
-                    || slot.len() > 63
-                    || !slot.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_')
-                {
-                    return Err(invalid(
-                        format!("sources[{i}].slot"),
-                        "slot names are 1–63 characters of a-z, 0-9 and _".into(),
-                    ));
-                }
-            }
-        }
-        // Mesh nodes are sources too (webhooks and streams may name them).
-        names.extend(self.mesh.iter().flat_map(|m| m.nodes.iter().map(|n| n.name.clone())));
-        let mut tnames: Vec<&str> = Vec::new();
-        for (i, t) in self.targets.iter().enumerate() {
-            if !valid_name(&t.name) || tnames.contains(&t.name.as_str()) {
-                return Err(invalid(
-                    format!("targets[{i}].name"),
-                    format!("`{}` must be unique, 1–40 characters of a-z, 0-9, _ or -", t.name),
-                ));
-            }
-            tnames.push(&t.name);
-            // Writing the same tables on both sides needs conflict resolution and loop
-            // prevention, which is what the mesh section sets up.
-            if names.contains(&t.name) {
-                return Err(invalid(
-                    format!("targets[{i}].name"),
-                    format!(
-                        "`{}` is also a source: a node that is both is a writable mesh node, declare it under mesh.nodes",
-                        t.name
-                    ),
-                ));
-            }
-            t.url
-                .pg_config()
-                .map_err(|e| invalid(format!("targets[{i}].url"), format!("not a PostgreSQL URL ({e})")))?;
-            for (j, s) in t.sources.iter().enumerate() {
-                if !names.contains(s) {
-                    return Err(invalid(format!("targets[{i}].sources[{j}]"), format!("no source is named `{s}`")));
-                }
-            }
-            if !(1..=64).contains(&t.copy_parallelism) {
-                return Err(invalid(format!("targets[{i}].copy_parallelism"), "must be between 1 and 64".into()));
-            }
-            if t.max_txns_per_commit == 0 {
-                return Err(invalid(format!("targets[{i}].max_txns_per_commit"), "must be at least 1".into()));
-            }
-        }
-        if let Some(k) = &self.log.kafka {
-            k.validate(path, &names)?;
-        }
-        if !(0.0..=24.0 * 366.0).contains(&self.log.stream_retention_hours) {
-            return Err(invalid("log.stream_retention_hours".into(), "must be between 0 and 8784 (a year)".into()));
-        }
-        for (field, listen) in [("ops.listen", &self.ops.listen), ("api.listen", &self.api.listen)] {
-            if !listen.is_empty() && listen.parse::<std::net::SocketAddr>().is_err() {
-                return Err(invalid(field.into(), format!("`{listen}` is not an address like 127.0.0.1:9187")));
-            }
-        }
-        if !self.ops.listen.is_empty() && self.ops.listen == self.api.listen {
-            return Err(invalid("api.listen".into(), "must differ from ops.listen".into()));
-        }
-        let mut token_names: Vec<&str> = Vec::new();
-        for (i, t) in self.api.tokens.iter().enumerate() {
-            if t.name.is_empty() || token_names.contains(&t.name.as_str()) {
-                return Err(invalid(format!("api.tokens[{i}].name"), "must be non-empty and unique".into()));
-            }
-            token_names.push(&t.name);
-            if t.token.len() < defaults::MIN_TOKEN_LEN {
-                return Err(invalid(
-                    format!("api.tokens[{i}].token"),
-                    format!("must be at least {} characters (e.g. `openssl rand -base64 24`)", defaults::MIN_TOKEN_LEN),
-                ));
-            }
-            if let Some(bad) = t.tables.iter().find(|n| n.split('.').count() != 2) {
-                return Err(invalid(format!("api.tokens[{i}].tables"), format!("`{bad}` is not schema.table")));
-            }
-        }
-        let mut hook_names: Vec<&str> = Vec::new();
-        for (i, w) in self.webhooks.iter().enumerate() {
-            if hook_names.contains(&w.name.as_str()) {
-                return Err(invalid(format!("webhooks[{i}].name"), format!("`{}` is used twice", w.name)));
-            }
-            hook_names.push(&w.name);
-            w.validate(&format!("webhooks[{i}]"), &names).map_err(|e| match e {
-                synapse_connectors::ConnectorError::BadRequest { field, message } => invalid(field, message),
-                other => invalid(format!("webhooks[{i}]"), other.to_string()),
-            })?;
-        }
-        Ok(())
-    }
-
-    fn validate_mesh(&self, m: &MeshConfig, path: &str) -> Result<(), ConfigError> {
-        let invalid = |field: String, message: String| ConfigError::Invalid { path: path.into(), field, message };
-        if m.nodes.len() < 2 {
-            return Err(invalid("mesh.nodes".into(), "a mesh needs at least two nodes".into()));
-        }
-        if let Some(hub) = &m.hub {
-            if !m.nodes.iter().any(|n| &n.name == hub) {
-                return Err(invalid(
-                    "mesh.hub".into(),
-                    format!("`{hub}` is not one of mesh.nodes; name the node every other node replicates through"),
-                ));
-            }
-        }
-        if !(m.tombstone_purge_interval_secs == 0.0 || (0.1..=86400.0).contains(&m.tombstone_purge_interval_secs)) {
-            return Err(invalid(
-                "mesh.tombstone_purge_interval_secs".into(),
-                format!("{} is out of range: 0 (off) or 0.1 to 86400 seconds", m.tombstone_purge_interval_secs),
-            ));
-        }
-        let mut ids = Vec::new();
-        let mut names: Vec<&str> = Vec::new();
-        for (i, n) in m.nodes.iter().enumerate() {
-            if n.id == 0 || ids.contains(&n.id) {
-                return Err(invalid(
-                    format!("mesh.nodes[{i}].id"),
-                    format!("{} must be unique and between 1 and 65535 (0 stands for data older than the mesh)", n.id),
-                ));
-            }
-            ids.push(n.id);
-            let valid = !n.name.is_empty()
-                && n.name.len() <= 40
-                && n.name.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_' || c == '-');
-            if !valid || names.contains(&n.name.as_str()) {
-                return Err(invalid(
-                    format!("mesh.nodes[{i}].name"),
-                    format!("`{}` must be unique, 1–40 characters of a-z, 0-9, _ or -", n.name),
-                ));
-            }
-            if self.sources.iter().any(|s| s.name == n.name) || self.targets.iter().any(|t| t.name == n.name) {
-                return Err(invalid(
-                    format!("mesh.nodes[{i}].name"),
-                    format!("`{}` is also listed under sources or targets: a mesh node is both already", n.name),
-                ));
-            }
-            names.push(&n.name);
-            n.url
-                .pg_config()
-                .map_err(|e| invalid(format!("mesh.nodes[{i}].url"), format!("not a PostgreSQL URL ({e})")))?;
-        }
-        if m.tables.is_empty() {
-            return Err(invalid("mesh.tables".into(), "name the schema.table of every table the nodes share".into()));
-        }
-        for (i, t) in m.tables.iter().enumerate() {
-            if t.split('.').count() != 2 || t.starts_with("synapse.") {
-                return Err(invalid(
-                    format!("mesh.tables[{i}]"),
-                    format!("`{t}` is not a schema.table of the application"),
-                ));
-            }
-        }
-        for t in m.columns.keys() {
-            if !m.tables.contains(t) {
-                return Err(invalid(format!("mesh.columns.{t}"), format!("`{t}` is not one of mesh.tables")));
-            }
-        }
-        for (t, f) in &m.merge_functions {
-            if !m.tables.contains(t) {
-                return Err(invalid(format!("mesh.merge_functions.{t}"), format!("`{t}` is not one of mesh.tables")));
-            }
-            let valid = |part: &str| {
-                !part.is_empty()
-                    && part.len() <= 63
-                    && part.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_')
-            };
-            if f.split('.').count() != 2 || !f.split('.').all(valid) {
-                return Err(invalid(
-                    format!("mesh.merge_functions.{t}"),
-                    format!("`{f}` is not a schema.function name (lower-case letters, digits, _)"),
-                ));
-            }
-        }
-        Ok(())
+        parsed.map_err(|(line, message, hint)| ConfigError::Parse { path: path.into(), line, message, hint })
     }
 
     /// Turns each mesh node into a source (its own writes only: changes SynapseDB applied there
@@ -763,9 +565,6 @@ impl Config {
         })
     }
 }
-
-mod interpolate;
-pub use interpolate::{interpolate, MissingVar};
 
 #[cfg(test)]
 mod tests;

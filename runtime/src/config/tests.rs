@@ -167,3 +167,98 @@ fn errors_name_the_field() {
     let c = Config::parse(&interpolate(&bad, "f", |_| None).unwrap(), false, "f").unwrap();
     assert!(c.validate("f").unwrap_err().to_string().contains("targets[0].url"));
 }
+
+/// The malformed configurations new users wrote (issue 26), each loaded from a file as `synapse
+/// validate` does: every message names the field, its line, and the fix.
+#[test]
+fn malformed_configs_name_the_field_the_line_and_the_fix() {
+    let dir = tempfile::tempdir().unwrap();
+    let load = |name: &str, text: &str| {
+        let path = dir.path().join(name);
+        std::fs::write(&path, text).unwrap();
+        Config::load(&path).unwrap_err().to_string()
+    };
+    let good_target = "targets:\n  - name: b\n    url: postgres://app@127.0.0.1:5433/app\n";
+    let expect = |e: &str, parts: &[&str]| {
+        for part in parts {
+            assert!(e.contains(part), "missing {part:?} in:\n{e}");
+        }
+    };
+
+    // A filter with `==`: the field, its line, the character, the fix.
+    let e = load(
+        "filter.yaml",
+        &format!(
+            "sources:\n  - name: a\n    url: postgres://app@127.0.0.1:5432/app\n{good_target}webhooks:\n  - name: w\n    url: https://example.com/h\n    secrets: [0123456789abcdef0123456789abcdef]\n    filter: \"status == 'paid'\"\n"
+        ),
+    );
+    expect(&e, &["filter.yaml:11:", "webhooks[0].filter", "at character 8", "single `=`"]);
+    assert!(!e.contains("Eq"), "operators are shown as written: {e}");
+    // An unquoted text value.
+    let e = load(
+        "filter2.yaml",
+        &format!("sources:\n  - name: a\n    url: postgres://h/app\n{good_target}webhooks:\n  - name: w\n    url: https://example.com/h\n    secrets: [0123456789abcdef0123456789abcdef]\n    filter: status = paid\n"),
+    );
+    expect(&e, &[":11:", "webhooks[0].filter", "found `paid` at character 10", "'paid'"]);
+
+    // Port 99999: not "invalid connection string".
+    let e = load(
+        "port.yaml",
+        &format!("sources:\n  - name: a\n    url: postgres://app@127.0.0.1:99999/app\n{good_target}"),
+    );
+    expect(&e, &["port.yaml:3:", "sources[0].url", "port `99999`", "1 to 65535"]);
+    let e = load("port2.yaml", &format!("sources:\n  - name: a\n    url: host=h port=0 dbname=app\n{good_target}"));
+    expect(&e, &[":3:", "sources[0].url", "port `0`"]);
+
+    // A missing file: the OS error once (as the source), and where to start.
+    let e = Config::load(&dir.path().join("nope.yaml")).unwrap_err();
+    assert!(!e.to_string().contains("os error"), "the OS error is the source, printed once by the caller: {e}");
+    expect(&e.to_string(), &["nope.yaml", "check the path", "deploy/synapse.example.yaml"]);
+
+    // Bad indentation: not just "missing field url", but where it went and how to fix it.
+    let e = load("indent.yaml", &format!("sources:\n  - name: a\n  url: postgres://h/app\n{good_target}"));
+    expect(&e, &["indent.yaml:2:", "sources[0]", "missing field `url`", "line 3", "indent line 3 by 4 spaces"]);
+    let e = load("indent2.yaml", &format!("sources:\n- name: a\nurl: postgres://h/app\n{good_target}"));
+    expect(&e, &[":2:", "missing field `url`", "indent line 3 by 2 spaces"]);
+
+    // A misspelt field: the closest real one.
+    let e = load(
+        "typo.yaml",
+        &format!("sources:\n  - name: a\n    url: postgres://h/app\n    heartbeat_interval: 5\n{good_target}"),
+    );
+    expect(&e, &["typo.yaml:4:", "sources[0].heartbeat_interval", "did you mean `heartbeat_interval_secs`"]);
+
+    // Every broken rule at once, each at its own line.
+    let e = load(
+        "many.yaml",
+        "sources:\n  - name: A\n    url: postgres://h/app\n    heartbeat_interval_secs: 0\ntargets:\n  - name: b\n    url: postgres://h2/app\n    sources: [nope]\n    copy_parallelism: 0\nops:\n  listen: localhost\n",
+    );
+    expect(
+        &e,
+        &[
+            "many.yaml: 5 problems:",
+            "line 2: sources[0].name: `A` must be",
+            "line 4: sources[0].heartbeat_interval_secs: must be between 0.1 and 3600",
+            "line 8: targets[0].sources[0]: no source is named `nope`",
+            "line 9: targets[0].copy_parallelism: must be between 1 and 64",
+            "line 11: ops.listen: `localhost` is not an IP address and port like 127.0.0.1:9187",
+        ],
+    );
+
+    // The same in TOML.
+    let e = load(
+        "many.toml",
+        "[[sources]]\nname = \"a\"\nurl = \"postgres://h:70000/app\"\n\n[[targets]]\nname = \"b\"\nurl = \"postgres://h2/app\"\ncopy_parallelism = 99\n",
+    );
+    expect(
+        &e,
+        &["many.toml: 2 problems:", "line 3: sources[0].url", "port `70000`", "line 8: targets[0].copy_parallelism"],
+    );
+    let e = load("typo.toml", "[[sources]]\nname = \"a\"\nurll = \"postgres://h/app\"\n");
+    expect(&e, &["typo.toml:3:", "did you mean `url`"]);
+
+    // Unset variables, all at once with their lines (the example needed five runs).
+    let e =
+        load("vars.yaml", "sources:\n  - name: a\n    url: postgres://${SYN_T_USER}:${SYN_T_PW}@${SYN_T_HOST}/app\n");
+    expect(&e, &["3 environment variables not set", "line 3: SYN_T_USER", "fix: export them"]);
+}

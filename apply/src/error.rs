@@ -32,6 +32,9 @@ pub enum ApplyError {
         #[source]
         source: tokio_postgres::Error,
     },
+    /// The target's `synapse.*` tables could not be brought to this release's version.
+    #[error("target: {0}")]
+    NodeSchema(#[from] synapse_postgres::node_schema::NodeSchemaError),
 }
 
 impl ApplyError {
@@ -59,6 +62,7 @@ impl synapse_error::Classify for ApplyError {
             ApplyError::UniqueRace { .. } => "APP004",
             ApplyError::MergeFunction { .. } => "APP005",
             ApplyError::Busy { .. } => "APP006",
+            ApplyError::NodeSchema(_) => "APP007",
         }
     }
 
@@ -71,6 +75,7 @@ impl synapse_error::Classify for ApplyError {
             ApplyError::Log(e) => e.is_transient(),
             ApplyError::Copy(e) => e.is_transient(),
             ApplyError::UniqueRace { .. } | ApplyError::Busy { .. } => true,
+            ApplyError::NodeSchema(e) => e.is_transient(),
             _ => false,
         }
     }
@@ -88,6 +93,7 @@ impl synapse_error::Classify for ApplyError {
                 ApplyError::UnknownRelation { .. } => "the log lost its relation registry: re-create the log directory",
                 ApplyError::Log(e) => e.hint(),
                 ApplyError::Copy(e) => e.hint(),
+                ApplyError::NodeSchema(e) => e.hint(),
                 ApplyError::UniqueRace { .. } => "none: retried at once; frequent retries mean many concurrent claims of one value",
                 ApplyError::Busy { .. } => {
                     "retried until the other applier stops; if it never does, find the process \

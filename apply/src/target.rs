@@ -7,37 +7,11 @@ use synapse_postgres::quote;
 use synapse_schemas::{Lsn, Relation, ReplicaIdentity};
 use tokio_postgres::Client;
 
-/// Position and sync state live in the target, next to the data they describe, so one target
-/// transaction commits both (exactly-once effect).
-const STATE_DDL: &str = "
-CREATE SCHEMA IF NOT EXISTS synapse;
-CREATE TABLE IF NOT EXISTS synapse.applied (
-    source_node text PRIMARY KEY,
-    next_offset bigint NOT NULL,
-    commit_lsn pg_lsn NOT NULL,
-    commit_time timestamptz,
-    updated_at timestamptz NOT NULL DEFAULT now()
-);
-CREATE TABLE IF NOT EXISTS synapse.table_sync (
-    source_node text NOT NULL,
-    schema_name text NOT NULL,
-    table_name text NOT NULL,
-    state text NOT NULL CHECK (state IN ('copying', 'ready')),
-    sync_lsn pg_lsn,
-    rows_copied bigint NOT NULL DEFAULT 0,
-    updated_at timestamptz NOT NULL DEFAULT now(),
-    PRIMARY KEY (source_node, schema_name, table_name)
-);";
-
+/// Brings the target's `synapse.*` tables (position and sync state, kept next to the data they
+/// describe so one target transaction commits both) to this release's version.
 pub async fn setup_state(client: &Client) -> Result<(), ApplyError> {
-    // Concurrent appliers may race on CREATE IF NOT EXISTS; a lock makes it deterministic.
-    client
-        .batch_execute(&format!(
-            "SET client_min_messages = warning; BEGIN; SELECT pg_advisory_xact_lock(7305917); {STATE_DDL} COMMIT;
-             RESET client_min_messages;"
-        ))
-        .await
-        .map_err(ApplyError::target("creating the synapse schema on the target"))
+    synapse_postgres::node_schema::migrate(client).await?;
+    Ok(())
 }
 
 /// Takes the target-side lock that makes this session the only applier of `node` here (held

@@ -16,7 +16,10 @@
 //!   can succeed (connection lost, server starting or shutting down, too many clients,
 //!   serialization failure, deadlock, lock or object busy); anything else needs a person.
 //! * [`quote::literal`] is correct under either `standard_conforming_strings` setting.
+//! * [`node_schema::migrate`] is the only code that creates or changes SynapseDB's own tables
+//!   (`synapse.*`): versioned, ordered migrations; a node from a newer release is refused.
 
+pub mod node_schema;
 pub mod quote;
 mod sqlstate;
 mod table;

@@ -67,6 +67,13 @@ pub enum RepairError {
         #[source]
         source: Box<synapse_apply::ApplyError>,
     },
+    /// The node's `synapse.*` tables could not be brought to this release's version.
+    #[error("node {node}")]
+    NodeSchema {
+        node: String,
+        #[source]
+        source: synapse_postgres::node_schema::NodeSchemaError,
+    },
 }
 
 /// Per bucket, the wrapping sum of its rows' 64-bit hashes and their count. Adding and removing
@@ -277,6 +284,7 @@ impl synapse_error::Classify for RepairError {
             RepairError::Mismatch { .. } => "REP002",
             RepairError::Cut { .. } => "REP005",
             RepairError::Apply { .. } => "REP006",
+            RepairError::NodeSchema { .. } => "REP008",
         }
     }
 
@@ -287,6 +295,7 @@ impl synapse_error::Classify for RepairError {
             RepairError::Node { source, .. } => synapse_postgres::is_transient(source),
             RepairError::Cut { .. } => true,
             RepairError::Apply { source, .. } => source.is_transient(),
+            RepairError::NodeSchema { source, .. } => source.is_transient(),
             _ => false,
         }
     }
@@ -303,6 +312,7 @@ impl synapse_error::Classify for RepairError {
             RepairError::Apply { .. } => {
                 "the node's repair transaction was rolled back (other nodes may be repaired already); run the fix again"
             }
+            RepairError::NodeSchema { source, .. } => source.hint(),
         }
     }
 }

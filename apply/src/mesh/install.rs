@@ -1,45 +1,11 @@
-//! Installing the mesh on a node: SynapseDB's tables and functions (`MESH_DDL`), and each mesh
-//! table's trigger that versions local writes.
+//! Installing the mesh on a node: SynapseDB's functions (`MESH_DDL`; the tables come from the
+//! node schema's migrations), and each mesh table's trigger that versions local writes.
 
 use super::*;
 
-/// Objects every mesh node needs, created idempotently.
+/// Functions every mesh node needs, replaced on every install (their tables are the node
+/// schema's: `synapse_postgres::node_schema`).
 pub(super) const MESH_DDL: &str = r#"
-CREATE SCHEMA IF NOT EXISTS synapse;
-CREATE TABLE IF NOT EXISTS synapse.row_version (
-    tbl text NOT NULL,
-    pk jsonb NOT NULL,
-    vv jsonb NOT NULL,
-    hlc_ms bigint NOT NULL,
-    hlc_lc integer NOT NULL,
-    node integer NOT NULL,
-    live boolean NOT NULL,
-    cols jsonb NOT NULL,
-    PRIMARY KEY (tbl, pk)
-);
--- Kept inline so a change of this row never arrives as "unchanged TOAST" without its value.
--- Every write of a row rewrites its version: free space per page keeps those updates HOT.
-ALTER TABLE synapse.row_version ALTER COLUMN vv SET STORAGE MAIN, ALTER COLUMN cols SET STORAGE MAIN, SET (fillfactor = 50);
-CREATE TABLE IF NOT EXISTS synapse.conflicts (
-    id bigserial PRIMARY KEY,
-    detected_at timestamptz NOT NULL DEFAULT now(),
-    source_node text NOT NULL,
-    table_name text NOT NULL,
-    pk jsonb NOT NULL,
-    kind text NOT NULL,
-    resolution text NOT NULL,
-    local jsonb NOT NULL,
-    remote jsonb NOT NULL,
-    result jsonb NOT NULL
-);
-CREATE INDEX IF NOT EXISTS conflicts_by_row ON synapse.conflicts (table_name, pk);
--- Rows the applier buried (lost a unique-key collision) whose burial is not yet announced.
-CREATE TABLE IF NOT EXISTS synapse.burials (
-    tbl text NOT NULL,
-    pk jsonb NOT NULL,
-    PRIMARY KEY (tbl, pk)
-);
-
 -- One local write of a row: the node's entry of the version vector +1, a per-row hybrid
 -- logical clock (past the wall clock and every version this row has held, so a write made
 -- after seeing a peer's version orders after it), per-column stamps of the changed columns,
@@ -362,6 +328,7 @@ pub async fn install(
     for name in tables {
         described.push(describe(client, name, policies.get(name).unwrap_or(&none)).await?);
     }
+    synapse_postgres::node_schema::migrate(client).await?;
     let mut sql =
         format!("SET client_min_messages = warning; BEGIN; SELECT pg_advisory_xact_lock(7305918); {MESH_DDL}");
     for t in &described {

@@ -30,7 +30,7 @@ mod tracking;
 
 use cut::*;
 pub use scan::*;
-pub use tracking::*;
+use tracking::*;
 
 use crate::{Buckets, RepairError};
 use std::collections::BTreeMap;
@@ -156,6 +156,14 @@ impl Node {
 
     pub(super) fn fail(&self, context: String) -> impl FnOnce(tokio_postgres::Error) -> RepairError + '_ {
         move |source| RepairError::Node { node: self.name.clone(), context, source }
+    }
+
+    /// Brings this node's `synapse.*` tables to this release's version.
+    pub(super) async fn migrate(&self) -> Result<(), RepairError> {
+        synapse_postgres::node_schema::migrate(&self.client)
+            .await
+            .map(|_| ())
+            .map_err(|source| RepairError::NodeSchema { node: self.name.clone(), source })
     }
 
     /// Starts the snapshot the digests and the rows are read in (repeatable read: rows fetched

@@ -44,7 +44,7 @@ impl Node {
         Ok(out)
     }
 
-    /// Starts keeping `shape`'s bucket digests current on this node (see [`TRACKING_DDL`]):
+    /// Starts keeping `shape`'s bucket digests current on this node (tables: the node schema):
     /// an expression index on the bucket (so rows of a bucket are found without a scan, when
     /// the key's hash is immutable), statement triggers recording per-bucket deltas of every
     /// write — the application's and the appliers' alike (`ENABLE ALWAYS`) — and the digests
@@ -54,10 +54,7 @@ impl Node {
         Buckets::new(bits)?;
         let id = format!("{:016x}", xxhash_rust::xxh3::xxh3_64(shape.name.as_bytes()));
         let table = shape.from.trim_end_matches(" t");
-        self.client
-            .batch_execute(&format!("SET client_min_messages = warning; {TRACKING_DDL}; RESET client_min_messages"))
-            .await
-            .map_err(self.fail("creating synapse.repair_* tables".into()))?;
+        self.migrate().await?;
         // Concurrently (no write lock, outside a transaction); a key hashed through its text
         // (not immutable) cannot be indexed: buckets are then found by a scan.
         let fine = sub_bits(bits);
@@ -184,9 +181,9 @@ impl Node {
         let id = format!("{:016x}", xxhash_rust::xxh3::xxh3_64(shape.name.as_bytes()));
         let table = shape.from.trim_end_matches(" t");
         let name = quote::literal(&shape.name);
+        self.migrate().await?;
         let sql = format!(
             "SET client_min_messages = warning;
-             {TRACKING_DDL};
              BEGIN;
              DROP TRIGGER IF EXISTS synapse_repair_insert ON {table};
              DROP TRIGGER IF EXISTS synapse_repair_update ON {table};
@@ -467,39 +464,8 @@ pub(super) const PACKED: &str = "coalesce(string_agg(int4send(b::int4) || int8se
 pub(super) const PACKED_STORED: &str =
     "coalesce(string_agg(int4send(bucket::int4) || int8send(n) || int8send(s), ''::bytea ORDER BY bucket), ''::bytea)";
 
-/// Digests kept current by triggers (see [`Node::track`]): per table and bucket a row with the
-/// bucket's digest and, in two arrays, its sub-buckets' (sums mod 2^64 as bigint, so reading
-/// them is cheap); the deltas statements recorded since the last check, per sub-bucket
-/// (append-only: writers never contend on a digest row); and what the digests were made with.
-/// Layout 2: a fold touches one row per changed bucket, where layout 1 (a row per sub-bucket in
-/// `repair_subdigest` besides the bucket's) touched two (fold of 100 changes, pgbench, generic
-/// plans: 1.49–1.67 → 1.10–1.14 ms). A table tracked in another layout is scanned until
-/// tracked again; `repair_subdigest` stays for the TRUNCATE triggers of such trackings.
-pub const TRACKING_DDL: &str = "
-CREATE SCHEMA IF NOT EXISTS synapse;
-CREATE TABLE IF NOT EXISTS synapse.repair_digest (
-    tbl text NOT NULL, bucket bigint NOT NULL, n bigint NOT NULL, s bigint NOT NULL, PRIMARY KEY (tbl, bucket));
-CREATE TABLE IF NOT EXISTS synapse.repair_delta (tbl text NOT NULL, bucket bigint NOT NULL, n bigint NOT NULL, s numeric NOT NULL);
-CREATE INDEX IF NOT EXISTS repair_delta_tbl ON synapse.repair_delta (tbl);
--- The fold that last changed a bucket: readers that hold older digests read only newer rows.
--- sub_n, sub_s: the bucket's sub-buckets' row counts and hash sums, in sub-bucket order.
-ALTER TABLE synapse.repair_digest ADD COLUMN IF NOT EXISTS gen bigint NOT NULL DEFAULT 0,
-    ADD COLUMN IF NOT EXISTS sub_n bigint[], ADD COLUMN IF NOT EXISTS sub_s bigint[];
-CREATE TABLE IF NOT EXISTS synapse.repair_tracked (
-    tbl text PRIMARY KEY, bits integer NOT NULL, key_hash text NOT NULL, row_hash text NOT NULL,
-    tracked_at timestamptz NOT NULL DEFAULT now());
-CREATE TABLE IF NOT EXISTS synapse.repair_subdigest (
-    tbl text NOT NULL, bucket bigint NOT NULL, n bigint NOT NULL, s bigint NOT NULL, PRIMARY KEY (tbl, bucket));
--- gen: the last fold's number.
-ALTER TABLE synapse.repair_tracked ADD COLUMN IF NOT EXISTS sub_bits integer,
-    ADD COLUMN IF NOT EXISTS gen bigint NOT NULL DEFAULT 0,
-    ADD COLUMN IF NOT EXISTS layout integer NOT NULL DEFAULT 1;
--- Every fold updates a digest row per changed bucket: room on each page keeps those updates
--- HOT (no index entry), measured 3.5 → 2.1 ms a fold of 100 changes. For the same reason gen
--- has no index: finding the newer buckets scans a few thousand rows (~0.5 ms).
-ALTER TABLE synapse.repair_digest SET (fillfactor = 50)";
-
-/// The tracking layout this version reads and writes (see [`TRACKING_DDL`]).
+/// The tracking layout this version reads and writes (see the node schema's migration 1:
+/// `synapse_postgres::node_schema`).
 pub(super) const LAYOUT: i32 = 2;
 
 /// What `synapse.repair_tracked` says of a table.

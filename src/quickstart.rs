@@ -161,6 +161,8 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
         ops: OpsConfig { listen: opts.ops_listen.clone() },
         api: ApiConfig { listen: opts.api_listen.clone(), tokens: vec![] },
         webhooks: vec![],
+        // A demo stops on the first definite error, with its fix, rather than wait for one.
+        supervision: synapse_runtime::config::SupervisionConfig { exit_on_park: true, ..Default::default() },
         mesh: None,
     };
     let mut config = config;
@@ -184,7 +186,7 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
     let (stop, shutdown) = watch::channel(false);
     let (stop_load, load_rx) = watch::channel(false);
     let load = demo.then(|| tokio::spawn(workload(source_url.clone(), load_rx)));
-    let health = Arc::new(Health::default());
+    let health = Arc::new(Health::new(config.supervision.policy()));
     if !config.ops.listen.is_empty() {
         let (listen, h) = (config.ops.listen.clone(), health.clone());
         tokio::spawn(async move {

@@ -79,6 +79,8 @@ pub async fn run(regions: usize, duration: Option<Duration>, ops_listen: String)
         ops: OpsConfig { listen: ops_listen },
         api: ApiConfig { listen: String::new(), tokens: vec![] },
         webhooks: vec![],
+        // A demo stops on the first definite error, with its fix, rather than wait for one.
+        supervision: synapse_runtime::config::SupervisionConfig { exit_on_park: true, ..Default::default() },
         mesh: Some(MeshConfig {
             nodes: names
                 .iter()
@@ -104,7 +106,7 @@ pub async fn run(regions: usize, duration: Option<Duration>, ops_listen: String)
     };
     config.validate("quickstart")?;
     config.expand_mesh();
-    let health = Arc::new(Health::default());
+    let health = Arc::new(Health::new(config.supervision.policy()));
     let (stop, shutdown) = watch::channel(false);
     if !config.ops.listen.is_empty() {
         let (listen, h) = (config.ops.listen.clone(), health.clone());

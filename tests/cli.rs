@@ -73,8 +73,11 @@ fn the_example_configs_are_valid() {
 fn a_table_without_key_is_reported_clearly() {
     let nodes =
         Nodes::start("CREATE TABLE keyed (id int PRIMARY KEY); CREATE TABLE events_nokey (at timestamptz, what text);");
-    // Named explicitly: a definite error naming the table and the fix.
+    // Named explicitly: a definite error naming the table and the fix (with exit_on_park the
+    // process exits on it; by default only the capture parks, see tests/isolation.rs).
     let config = nodes.config("    tables: [public.events_nokey]\n");
+    let text = std::fs::read_to_string(&config).unwrap() + "supervision:\n  exit_on_park: true\n";
+    std::fs::write(&config, text).unwrap();
     let out = synapse(&["run", "--config", config.to_str().unwrap()]).output().unwrap();
     let text = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success());

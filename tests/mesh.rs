@@ -661,3 +661,90 @@ fn set_multi_value_and_merge_function_columns_converge() {
     assert!(!mesh.logtext().contains("panicked"), "{}", tail(&mesh.logtext()));
     drop(child);
 }
+
+/// Isolation: one node of three refuses synapse's login. Only the parts that need it park —
+/// its mesh install, its capture, the appliers into it — and say so in /readyz and the
+/// metrics; the two healthy nodes replicate both ways meanwhile. Once the login is allowed
+/// again the parked parts resume by themselves (slow retry: 2 s here) and all three converge.
+#[test]
+fn a_node_refusing_login_parks_only_its_parts() {
+    let mesh = KilledMesh::new("CREATE TABLE t (id int PRIMARY KEY, v text)", "  tables: [public.t]\n");
+    // Node 2 is reached as a role of its own, which can be refused without locking the test out.
+    mesh.sql(2, "CREATE ROLE synapse_u2 SUPERUSER REPLICATION LOGIN");
+    let u2 = mesh.nodes[2].url("app");
+    let text = std::fs::read_to_string(&mesh.config)
+        .unwrap()
+        .replace(&u2, &u2.replace("postgres@", "synapse_u2@"))
+        .replace("ops:\n", "supervision:\n  park_retry_secs: 2\nops:\n");
+    std::fs::write(&mesh.config, text).unwrap();
+    mesh.sql(2, "ALTER ROLE synapse_u2 NOLOGIN");
+
+    let mut child = mesh.restart();
+    let http = reqwest::blocking::Client::new();
+    let readyz = || {
+        http.get(format!("http://{}/readyz", mesh.ops))
+            .send()
+            .map(|r| (r.status().as_u16(), r.text().unwrap_or_default()))
+            .unwrap_or((0, String::new()))
+    };
+    // The healthy pair's captures start (their slots exist: later writes are captured).
+    mesh.wait_all_of(
+        &[0, 1],
+        "slots of the healthy pair",
+        "SELECT count(*) FROM pg_replication_slots WHERE active",
+        "1",
+    );
+    // The healthy pair replicates both ways while node 2's parts are parked.
+    let rows = "SELECT coalesce(string_agg(id || '=' || v, ',' ORDER BY id), '') FROM t";
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut i = 0;
+    loop {
+        i += 1;
+        mesh.sql(0, &format!("INSERT INTO t VALUES ({i}, 'from u0')"));
+        mesh.sql(1, &format!("INSERT INTO t VALUES ({}, 'from u1')", 1000 + i));
+        std::thread::sleep(Duration::from_millis(300));
+        let (a, b) = (mesh.sql(0, rows), mesh.sql(1, rows));
+        if a == b && a.contains(&format!("{i}=from u0")) && i >= 5 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "u0 and u1 did not replicate while u2 was refused:\n{a}\n{b}\n{}",
+            tail(&mesh.logtext())
+        );
+    }
+    let (status, body) = readyz();
+    assert_eq!(status, 503, "{body}");
+    for part in ["mesh/u2: parked", "apply/u0->u2: ", "apply/u1->u2: "] {
+        assert!(body.contains(part), "/readyz does not show {part:?}:\n{body}");
+    }
+    assert!(body.contains("apply/u0->u1: streaming") && body.contains("apply/u1->u0: streaming"), "{body}");
+    assert!(body.contains("synapse_u2") || body.contains("not permitted to log in"), "the cause is named: {body}");
+    let metrics = http.get(format!("http://{}/metrics", mesh.ops)).send().unwrap().text().unwrap();
+    assert!(
+        metrics.lines().any(|l| l.starts_with("synapse_component_state{")
+            && l.contains("component=\"mesh/u2\"")
+            && l.contains("state=\"parked\"")
+            && l.ends_with(" 1")),
+        "no parked state in the metrics:\n{metrics}"
+    );
+    assert!(
+        child.try_wait().unwrap().is_none(),
+        "synapse exited on one node's definite error:\n{}",
+        tail(&mesh.logtext())
+    );
+
+    // The fix: allowed again. Everything resumes without a restart and the three converge.
+    mesh.sql(2, "ALTER ROLE synapse_u2 LOGIN");
+    mesh.sql(0, "INSERT INTO t VALUES (-1, 'after the fix')");
+    let all = mesh.wait_same("rows after the fix", rows);
+    assert!(all.contains("-1=after the fix") && all.contains(&format!("{i}=from u0")), "{all}");
+    mesh.sql(2, "INSERT INTO t VALUES (-2, 'from u2')");
+    mesh.wait_all("a write on u2 after the fix", "SELECT count(*) FROM t WHERE id = -2", "1");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while readyz().0 != 200 {
+        assert!(Instant::now() < deadline, "still not ready after the fix:\n{}", readyz().1);
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    drop(child);
+}

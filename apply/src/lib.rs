@@ -240,7 +240,13 @@ struct Session<'a, L> {
 
 impl Applier {
     pub fn new(config: ApplyConfig) -> Self {
-        Applier { config, stats: Arc::default(), discarded: Mutex::new(Vec::new()), any_discarded: Default::default() }
+        Self::with_stats(config, Arc::default())
+    }
+
+    /// An applier reporting into `stats` (made before the applier, so they can be listed while
+    /// it waits for what it needs).
+    pub fn with_stats(config: ApplyConfig, stats: Arc<ApplyStats>) -> Self {
+        Applier { config, stats, discarded: Mutex::new(Vec::new()), any_discarded: Default::default() }
     }
 
     pub fn stats(&self) -> Arc<ApplyStats> {

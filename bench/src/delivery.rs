@@ -106,6 +106,8 @@ fn config(src: &LocalCluster, dir: &std::path::Path) -> Config {
         api: ApiConfig { listen: String::new(), tokens: vec![] },
         webhooks: vec![],
         mesh: None,
+        // A benchmark stops on a definite error rather than wait for a fix.
+        supervision: synapse_runtime::config::SupervisionConfig { exit_on_park: true, ..Default::default() },
     }
 }
 
@@ -220,7 +222,12 @@ pub async fn run(events: u64) -> anyhow::Result<P6> {
     // 1. Capture the workload into the log.
     eprintln!("P6: capturing {events} events into the log");
     let (stop, sd) = watch::channel(false);
-    let running = synapse_runtime::pipeline::start(&cfg, Arc::new(Health::default()), sd).await?;
+    let running = synapse_runtime::pipeline::start(
+        &cfg,
+        Arc::new(Health::new(synapse_runtime::ops::Supervision { exit_on_park: true, ..Default::default() })),
+        sd,
+    )
+    .await?;
     let stats = running.captures[0].1.clone();
     let waiter = tokio::spawn({
         let stop = stop.clone();
@@ -308,7 +315,12 @@ pub async fn run(events: u64) -> anyhow::Result<P6> {
         }
     });
     let (stop, sd) = watch::channel(false);
-    let running = synapse_runtime::pipeline::start(&cfg, Arc::new(Health::default()), sd).await?;
+    let running = synapse_runtime::pipeline::start(
+        &cfg,
+        Arc::new(Health::new(synapse_runtime::ops::Supervision { exit_on_park: true, ..Default::default() })),
+        sd,
+    )
+    .await?;
     let waiter = tokio::spawn({
         let stop = stop.clone();
         async move { synapse_runtime::pipeline::wait(running, &stop).await }

@@ -130,9 +130,10 @@ pub struct Prepared {
 /// The capture of one source node. See the crate docs for its guarantees.
 pub struct Capture {
     config: CaptureConfig,
-    /// The SQL connection (catalog, publication, heartbeats); replaced when it breaks, so a
-    /// retried `prepare`/`stream` after a source restart does not reuse a dead connection.
-    client: std::sync::Mutex<Arc<Client>>,
+    /// The SQL connection (catalog, publication, heartbeats): made on first use and replaced
+    /// when it breaks, so a retried `prepare`/`stream` after a source restart does not reuse a
+    /// dead connection.
+    client: std::sync::Mutex<Option<Arc<Client>>>,
     stats: Arc<CaptureStats>,
 }
 
@@ -141,9 +142,16 @@ pub async fn connect_sql(config: &tokio_postgres::Config, what: &str) -> Result<
 }
 
 impl Capture {
+    /// A capture that connects on first use (so its figures exist before the source answers).
+    pub fn new(config: CaptureConfig) -> Self {
+        Capture { config, client: std::sync::Mutex::new(None), stats: Arc::default() }
+    }
+
+    /// A capture connected to its source.
     pub async fn connect(config: CaptureConfig) -> Result<Self, CaptureError> {
-        let client = connect_sql(&config.source, "the source").await?;
-        Ok(Capture { config, client: std::sync::Mutex::new(Arc::new(client)), stats: Arc::default() })
+        let capture = Capture::new(config);
+        capture.client().await?;
+        Ok(capture)
     }
 
     pub fn stats(&self) -> Arc<CaptureStats> {
@@ -158,13 +166,14 @@ impl Capture {
     pub async fn client(&self) -> Result<Arc<Client>, CaptureError> {
         let current =
             self.client.lock().map(|c| c.clone()).map_err(|_| CaptureError::Protocol("client lock poisoned".into()))?;
-        if !current.is_closed() {
-            return Ok(current);
+        match current {
+            Some(c) if !c.is_closed() => return Ok(c),
+            Some(_) => tracing::info!("reconnecting the source SQL connection"),
+            None => {}
         }
-        tracing::info!("reconnecting the source SQL connection");
         let fresh = Arc::new(connect_sql(&self.config.source, "the source").await?);
         if let Ok(mut c) = self.client.lock() {
-            *c = fresh.clone();
+            *c = Some(fresh.clone());
         }
         Ok(fresh)
     }

@@ -11,9 +11,11 @@
 //! ```
 //!
 //! Guarantees:
-//! * Every component runs under [`pipeline::supervise`]: a transient error is retried with
-//!   backoff; a definite one stops that component, is logged with its code and hint and shown
-//!   in `/readyz`.
+//! * Every component runs under [`pipeline::supervise`] and in a task of its own that waits
+//!   only for what it needs: a transient error is retried with backoff; a definite one parks
+//!   that component alone (logged with its code and hint, shown in `/readyz` and
+//!   `synapse_component_state`), retried every `supervision.park_retry_secs` or on SIGHUP; the
+//!   other components keep running. The process exits on it only with `exit_on_park`.
 //! * [`run`] returns when a shutdown is asked for (SIGINT/SIGTERM) after every component
 //!   stopped at a clean point (positions stored; nothing applied twice on restart).
 
@@ -45,7 +47,18 @@ pub async fn shutdown_signal() {
 /// `synapse run`: serves the ops endpoints (and the admin API's repair routes) when
 /// `ops.listen` is set, starts every pipeline of `config` and runs them until SIGINT/SIGTERM.
 pub async fn run(config: config::Config) -> anyhow::Result<()> {
-    let health = Arc::new(ops::Health::default());
+    let health = Arc::new(ops::Health::new(config.supervision.policy()));
+    // SIGHUP: try every parked component again now (after fixing what parked it).
+    if let Ok(mut hup) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
+        let h = health.clone();
+        tokio::spawn(async move {
+            while hup.recv().await.is_some() {
+                let parked = h.parked();
+                tracing::info!(parked = parked.len(), "SIGHUP: trying parked components again");
+                h.resume_parked();
+            }
+        });
+    }
     if !config.ops.listen.is_empty() {
         let (listen, h) = (config.ops.listen.clone(), health.clone());
         let admin = Arc::new(repair::RepairService::new(config.clone())).router();

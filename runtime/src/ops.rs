@@ -14,21 +14,96 @@ pub enum ComponentState {
     Starting,
     Copying,
     Streaming,
-    Retrying { code: String, error: String },
-    Failed { code: String, error: String, hint: String },
+    Retrying {
+        code: String,
+        error: String,
+    },
+    /// Stopped by a definite error: only this component waits (the rest keep running) and it
+    /// is tried again every [`Supervision::park_retry`], or at once on SIGHUP.
+    Parked {
+        code: String,
+        error: String,
+        hint: String,
+    },
     Stopped,
 }
 
-/// Each pipeline component's state, for /readyz and the CLI.
+impl ComponentState {
+    /// The label of `synapse_component_state{state}`.
+    pub fn name(&self) -> &'static str {
+        match self {
+            ComponentState::Starting => "starting",
+            ComponentState::Copying => "copying",
+            ComponentState::Streaming => "streaming",
+            ComponentState::Retrying { .. } => "retrying",
+            ComponentState::Parked { .. } => "parked",
+            ComponentState::Stopped => "stopped",
+        }
+    }
+}
+
+impl std::fmt::Display for ComponentState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ComponentState::Retrying { code, error } => write!(f, "retrying [{code}] {error}"),
+            ComponentState::Parked { code, error, hint } => write!(f, "parked [{code}] {error} — fix: {hint}"),
+            other => f.write_str(other.name()),
+        }
+    }
+}
+
+/// What the supervisor does with a component that fails definitely.
+#[derive(Clone, Debug)]
+pub struct Supervision {
+    /// How long a parked component waits before it is tried again: an operator's fix (a grant,
+    /// a password, a created table) is picked up without a restart.
+    pub park_retry: std::time::Duration,
+    /// Exit the process when a component parks, instead of keeping the rest running (for
+    /// orchestrators that restart failed processes and alert on it).
+    pub exit_on_park: bool,
+}
+
+impl Default for Supervision {
+    fn default() -> Self {
+        Supervision { park_retry: std::time::Duration::from_secs(60), exit_on_park: false }
+    }
+}
+
+/// Each pipeline component's state, for /readyz, the metrics and the CLI, and the supervision
+/// policy every component follows.
 #[derive(Default)]
 pub struct Health {
     components: Mutex<BTreeMap<String, ComponentState>>,
+    pub supervision: Supervision,
+    /// Wakes every parked component for an immediate retry (SIGHUP).
+    pub resume: tokio::sync::Notify,
 }
 
 impl Health {
+    pub fn new(supervision: Supervision) -> Self {
+        Health { supervision, ..Health::default() }
+    }
+
+    /// Tries every parked component again now.
+    pub fn resume_parked(&self) {
+        self.resume.notify_waiters();
+    }
+
+    /// The parked components with their state.
+    pub fn parked(&self) -> Vec<(String, ComponentState)> {
+        self.snapshot().into_iter().filter(|(_, s)| matches!(s, ComponentState::Parked { .. })).collect()
+    }
+
     pub fn set(&self, component: &str, state: ComponentState) {
         if let Ok(mut c) = self.components.lock() {
-            c.insert(component.to_owned(), state);
+            let before = c.insert(component.to_owned(), state.clone());
+            // One series per component, at 1 for its current state.
+            if let Some(b) = before.filter(|b| b.name() != state.name()) {
+                metrics::gauge!("synapse_component_state", "component" => component.to_owned(), "state" => b.name())
+                    .set(0.0);
+            }
+            metrics::gauge!("synapse_component_state", "component" => component.to_owned(), "state" => state.name())
+                .set(1.0);
         }
     }
 
@@ -36,8 +111,15 @@ impl Health {
     pub fn forget_source(&self, source: &str) {
         if let Ok(mut c) = self.components.lock() {
             let apply = format!("apply/{source}->");
-            c.retain(|k, _| {
-                k != &format!("capture/{source}") && k != &format!("kafka-topics/{source}") && !k.starts_with(&apply)
+            c.retain(|k, state| {
+                let keep = k != &format!("capture/{source}")
+                    && k != &format!("kafka-topics/{source}")
+                    && !k.starts_with(&apply);
+                if !keep {
+                    metrics::gauge!("synapse_component_state", "component" => k.clone(), "state" => state.name())
+                        .set(0.0);
+                }
+                keep
             });
         }
     }
@@ -100,7 +182,7 @@ pub fn in_use_hint(e: &std::io::Error, field: &str) -> String {
 async fn readyz(State(health): State<Arc<Health>>) -> (StatusCode, String) {
     let mut body = String::new();
     for (name, state) in health.snapshot() {
-        body.push_str(&format!("{name}: {state:?}\n"));
+        body.push_str(&format!("{name}: {state}\n"));
     }
     if health.ready() {
         (StatusCode::OK, body)

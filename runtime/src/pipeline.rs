@@ -3,7 +3,8 @@
 //! (target, source) an initial copy and an applier (`start_source`). With `log.kafka.group` the
 //! sources are started and stopped as the consumer group assigns them to this process
 //! (`source_group`). Holds no processing logic of its own, only supervision: transient errors
-//! retry with backoff, a definite error stops the pipeline with its code and hint.
+//! retry with backoff, a definite error parks only the component it concerns (logged with its
+//! code and hint, shown in /readyz and `synapse_component_state`) and the rest keeps running.
 
 use crate::config::{Config, SourceConfig, TargetConfig};
 use crate::ops::{ComponentState, Health};
@@ -37,7 +38,9 @@ pub struct ComponentFailed {
 
 /// Retries `f` while it fails transiently (exponential backoff, 200 ms … 30 s, with jitter;
 /// back to 200 ms after an attempt that ran a minute: a failure after long healthy work is a
-/// new incident, not the next of a series).
+/// new incident, not the next of a series). A definite failure parks the component: it waits
+/// [`crate::ops::Supervision::park_retry`] (or a SIGHUP) and tries again, while every other
+/// component keeps running; `Err` only with `exit_on_park`.
 pub async fn supervise<T, E: Classify, Fut: Future<Output = Result<T, E>>>(
     component: &str,
     health: &Health,
@@ -73,16 +76,38 @@ pub async fn supervise<T, E: Classify, Fut: Future<Output = Result<T, E>>>(
                     error: chain(&e),
                     hint: e.hint(),
                 };
-                tracing::error!(component, code = failed.code, error = %failed.error, hint = failed.hint, "stopped");
                 health.set(
                     component,
-                    ComponentState::Failed {
+                    ComponentState::Parked {
                         code: e.code().into(),
                         error: failed.error.clone(),
                         hint: e.hint().into(),
                     },
                 );
-                return Err(failed);
+                metrics::counter!("synapse_parks_total", "component" => component.to_owned(), "code" => e.code())
+                    .increment(1);
+                let policy = &health.supervision;
+                if policy.exit_on_park {
+                    tracing::error!(component, code = failed.code, error = %failed.error, hint = failed.hint, "stopped (exit_on_park)");
+                    return Err(failed);
+                }
+                // Only this component waits; an operator's fix is picked up at the next try.
+                tracing::error!(
+                    component,
+                    code = failed.code,
+                    error = %failed.error,
+                    hint = failed.hint,
+                    retry_in = ?policy.park_retry,
+                    "parked: the rest keeps running; tried again after retry_in, or at once on SIGHUP"
+                );
+                let mut sd = shutdown.clone();
+                tokio::select! {
+                    _ = tokio::time::sleep(policy.park_retry) => {}
+                    _ = health.resume.notified() => tracing::info!(component, "resumed by SIGHUP"),
+                    _ = sd.wait_for(|s| *s) => return Ok(None),
+                }
+                health.set(component, ComponentState::Starting);
+                delay = FIRST;
             }
         }
     }
@@ -266,22 +291,31 @@ pub async fn start(config: &Config, health: Arc<Health>, shutdown: watch::Receiv
     let logs = start_delivery(config, &mut running, &health, &shutdown).await?;
     let mut mesh_tables = BTreeMap::new();
     if let Some(m) = &config.mesh {
-        // Before any capture starts: a write made before its node's trigger exists would reach
-        // the peers without a version.
+        // Each node's triggers are installed by a task of its own (a node that refuses parks
+        // alone); its capture and the appliers into it wait for them: a write made before its
+        // node's trigger exists would reach the peers without a version.
         let policies = m.policies();
         for node in &m.nodes {
             let component = format!("mesh/{}", node.name);
             health.set(&component, ComponentState::Starting);
             let pg = node.url.pg_config().map_err(anyhow::Error::msg)?;
-            let installed = supervise(&component, &health, &shutdown, || async {
-                let client = synapse_apply::connect_target(&pg).await?;
-                synapse_apply::mesh::install(&client, synapse_resolver::NodeId(node.id), &m.tables, &policies).await
-            })
-            .await?;
-            let Some(tables) = installed else { return Ok(running) };
-            tracing::info!(node = %node.name, id = node.id, region = node.region.as_deref().unwrap_or("-"), tables = tables.len(), "mesh node ready");
-            health.set(&component, ComponentState::Streaming);
-            mesh_tables.insert(node.name.clone(), tables);
+            let (tx, rx) = watch::channel(None);
+            mesh_tables.insert(node.name.clone(), rx);
+            let (h, sd, node, tables, policies) =
+                (health.clone(), shutdown.clone(), node.clone(), m.tables.clone(), policies.clone());
+            running.tasks.spawn(async move {
+                let installed = supervise(&component, &h, &sd, || async {
+                    let client = synapse_apply::connect_target(&pg).await?;
+                    synapse_apply::mesh::install(&client, synapse_resolver::NodeId(node.id), &tables, &policies).await
+                })
+                .await?;
+                if let Some(tables) = installed {
+                    tracing::info!(node = %node.name, id = node.id, region = node.region.as_deref().unwrap_or("-"), tables = tables.len(), "mesh node ready");
+                    h.set(&component, ComponentState::Streaming);
+                    let _ = tx.send(Some(tables));
+                }
+                Ok(())
+            });
         }
     }
     if let Some(m) = config.mesh.as_ref().filter(|m| m.tombstone_purge_interval_secs > 0.0) {
@@ -322,7 +356,8 @@ pub(crate) struct Shared {
     pub config: Config,
     pub health: Arc<Health>,
     pub logs: BTreeMap<String, Arc<SourceLog>>,
-    pub mesh_tables: BTreeMap<String, Vec<synapse_apply::mesh::MeshTable>>,
+    /// Per mesh node, its tables once its triggers are installed.
+    pub mesh_tables: BTreeMap<String, watch::Receiver<Option<Vec<synapse_apply::mesh::MeshTable>>>>,
 }
 
 /// Where a source's components put their tasks and live figures.
@@ -332,8 +367,19 @@ pub(crate) struct SourceParts<'a> {
     pub appliers: &'a mut Vec<(String, Arc<ApplyStats>)>,
 }
 
-/// Starts one source's components: its capture, an initial copy and applier per target, its
-/// public-topic publisher. `Ok(false)`: shutdown came first.
+/// Waits until `rx` holds a value; `None` if shutdown came first.
+async fn ready<T: Clone>(rx: &mut watch::Receiver<Option<T>>, shutdown: &watch::Receiver<bool>) -> Option<T> {
+    let mut sd = shutdown.clone();
+    tokio::select! {
+        r = rx.wait_for(Option::is_some) => r.ok().and_then(|v| v.clone()),
+        _ = sd.wait_for(|s| *s) => None,
+    }
+}
+
+/// Starts one source's components, each a task of its own that waits for what it needs: its
+/// capture (after its mesh node's triggers, if any), an initial copy and applier per target
+/// (after the capture's table list and the target's mesh triggers), its public-topic
+/// publisher. Returns at once; `Ok(false)`: the source has no log (shutdown came first).
 pub(crate) async fn start_source(
     shared: &Shared,
     source: &SourceConfig,
@@ -345,21 +391,26 @@ pub(crate) async fn start_source(
     health.set(&component, ComponentState::Starting);
     let cfg = capture_config(source)?;
     let Some(log) = logs.get(&source.name).map(|l| SourceLog::clone(l)) else { return Ok(false) };
-    let capture = supervise(&component, health, shutdown, || Capture::connect(cfg.clone())).await?;
-    let Some(capture) = capture else { return Ok(false) };
-    let capture = Arc::new(capture);
-    let prepared = supervise(&component, health, shutdown, || capture.prepare()).await?;
-    let Some(prepared) = prepared else { return Ok(false) };
-    for t in &prepared.skipped {
-        eprintln!(
-            "warning [CAP009]: source {}: table {t} has no primary key or replica identity and is not replicated\n  fix: add a primary key, or ALTER TABLE {t} REPLICA IDENTITY FULL",
-            source.name
-        );
-    }
+    let capture = Arc::new(Capture::new(cfg));
     parts.captures.push((source.name.clone(), capture.stats()));
-    let (c, l, h, sd) = (capture.clone(), log.clone(), health.clone(), shutdown.clone());
+    // The captured tables, once `prepare` has selected them (the initial copies need them).
+    let (tables_tx, tables_rx) = watch::channel(None);
+    let (c, l, h, sd, name) = (capture.clone(), log.clone(), health.clone(), shutdown.clone(), source.name.clone());
+    let mut own_mesh = mesh_tables.get(&source.name).cloned();
     let comp = component.clone();
     parts.tasks.spawn(async move {
+        if let Some(rx) = own_mesh.as_mut() {
+            if ready(rx, &sd).await.is_none() {
+                return Ok(());
+            }
+        }
+        let Some(prepared) = supervise(&comp, &h, &sd, || c.prepare()).await? else { return Ok(()) };
+        for t in &prepared.skipped {
+            eprintln!(
+                "warning [CAP009]: source {name}: table {t} has no primary key or replica identity and is not replicated\n  fix: add a primary key, or ALTER TABLE {t} REPLICA IDENTITY FULL"
+            );
+        }
+        let _ = tables_tx.send(Some(prepared.tables));
         h.set(&comp, ComponentState::Streaming);
         loop {
             let r = supervise(&comp, &h, &sd, || c.stream(l.clone(), sd.clone())).await?;
@@ -375,36 +426,43 @@ pub(crate) async fn start_source(
         let component = format!("apply/{}->{}", source.name, target.name);
         health.set(&component, ComponentState::Starting);
         let mut acfg = apply_config(target, &source.name)?;
-        if let (Some(m), Some(tables)) = (&config.mesh, mesh_tables.get(&target.name)) {
-            acfg.mesh = Some(synapse_apply::MeshApply {
-                policies: m.policies(),
-                tables: tables.iter().map(|t: &synapse_apply::mesh::MeshTable| (t.name(), t.clone())).collect(),
-                node: synapse_resolver::NodeId(
-                    m.nodes.iter().find(|n| n.name == target.name).map(|n| n.id).unwrap_or_default(),
-                ),
-            });
-        }
-        let applier = Arc::new(Applier::new(acfg.clone()));
-        parts.appliers.push((component.clone(), applier.stats()));
-        let (c, l, h, sd, tables) =
-            (capture.clone(), log.clone(), health.clone(), shutdown.clone(), prepared.tables.clone());
+        let stats = Arc::new(ApplyStats::default());
+        parts.appliers.push((component.clone(), stats.clone()));
+        let mut target_mesh =
+            config.mesh.as_ref().and_then(|m| Some((m.clone(), mesh_tables.get(&target.name)?.clone())));
+        let node_id = |m: &crate::config::MeshConfig| {
+            synapse_resolver::NodeId(m.nodes.iter().find(|n| n.name == target.name).map(|n| n.id).unwrap_or_default())
+        };
+        let node = config.mesh.as_ref().map(node_id).unwrap_or_default();
+        let (c, l, h, sd, mut tables_rx) =
+            (capture.clone(), log.clone(), health.clone(), shutdown.clone(), tables_rx.clone());
         let (copy, parallelism) = (target.initial_copy, target.copy_parallelism);
         parts.tasks.spawn(async move {
+            if let Some((m, rx)) = target_mesh.as_mut() {
+                let Some(tables) = ready(rx, &sd).await else { return Ok(()) };
+                acfg.mesh = Some(synapse_apply::MeshApply {
+                    policies: m.policies(),
+                    tables: tables.iter().map(|t: &synapse_apply::mesh::MeshTable| (t.name(), t.clone())).collect(),
+                    node,
+                });
+            }
+            let applier = Applier::with_stats(acfg.clone(), stats.clone());
             if copy {
+                let Some(tables) = ready(&mut tables_rx, &sd).await else { return Ok(()) };
                 h.set(&component, ComponentState::Copying);
-                let stats = applier.stats();
                 let report = supervise(&component, &h, &sd, || {
                     initial_copy::run(&c, &tables, &acfg.target, parallelism, stats.clone())
                 })
                 .await?;
-                if let Some(r) = report {
-                    tracing::info!(
+                match report {
+                    Some(r) => tracing::info!(
                         component,
                         copied = r.tables_copied,
                         already = r.tables_already_synced,
                         rows = r.rows,
                         "initial copy done"
-                    );
+                    ),
+                    None => return Ok(()),
                 }
             }
             h.set(&component, ComponentState::Streaming);

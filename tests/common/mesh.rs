@@ -97,12 +97,17 @@ impl KilledMesh {
 
     /// Waits until `query` gives `want` on every node.
     pub fn wait_all(&self, what: &str, query: &str, want: &str) {
+        self.wait_all_of(&[0, 1, 2], what, query, want);
+    }
+
+    /// Waits until `query` gives `want` on each of `nodes`.
+    pub fn wait_all_of(&self, nodes: &[usize], what: &str, query: &str, want: &str) {
         let deadline = Instant::now() + Duration::from_secs(60);
-        while (0..3).any(|i| self.sql(i, query) != want) {
+        while nodes.iter().any(|&i| self.sql(i, query) != want) {
             assert!(
                 Instant::now() < deadline,
                 "{what}: nodes hold {:?}, want {want:?}\n{}",
-                (0..3).map(|i| self.sql(i, query)).collect::<Vec<_>>(),
+                nodes.iter().map(|&i| self.sql(i, query)).collect::<Vec<_>>(),
                 tail(&self.logtext())
             );
             std::thread::sleep(Duration::from_millis(200));

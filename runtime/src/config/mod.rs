@@ -26,6 +26,9 @@ pub mod defaults {
     /// A day of changes stays readable for stream clients that are not consumers (they resume
     /// from a cursor) even after every applier and webhook endpoint has passed it.
     pub const STREAM_RETENTION_HOURS: f64 = 24.0;
+    /// A parked component is tried again each minute: soon enough that an operator's fix is
+    /// picked up without a restart, rare enough not to flood the logs of a node that is down.
+    pub const PARK_RETRY_SECS: f64 = 60.0;
     /// Shortest accepted API token: 128 bits of base64/hex randomness.
     pub const MIN_TOKEN_LEN: usize = 22;
 }
@@ -155,6 +158,10 @@ pub struct Config {
     /// Writable nodes replicating the same tables to each other (multi-region).
     #[serde(default)]
     pub mesh: Option<MeshConfig>,
+    /// What happens to a component (a source's capture, one applier, a mesh node) that fails
+    /// definitely: it parks and is tried again later while the rest keeps running.
+    #[serde(default)]
+    pub supervision: SupervisionConfig,
 }
 
 /// A mesh: every node captures its own writes and applies every other node's, resolving
@@ -466,6 +473,37 @@ fn default_copy_parallelism() -> usize {
 }
 fn default_txns_per_commit() -> usize {
     synapse_apply::defaults::MAX_TXNS_PER_COMMIT
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SupervisionConfig {
+    /// Seconds a parked component waits before it is tried again (SIGHUP tries at once).
+    #[serde(default = "default_park_retry")]
+    pub park_retry_secs: f64,
+    /// Exit the process when a component parks (for orchestrators that restart and alert)
+    /// instead of keeping the other components running.
+    #[serde(default)]
+    pub exit_on_park: bool,
+}
+
+impl Default for SupervisionConfig {
+    fn default() -> Self {
+        SupervisionConfig { park_retry_secs: default_park_retry(), exit_on_park: false }
+    }
+}
+
+impl SupervisionConfig {
+    pub fn policy(&self) -> crate::ops::Supervision {
+        crate::ops::Supervision {
+            park_retry: std::time::Duration::from_secs_f64(self.park_retry_secs.clamp(0.1, 86_400.0)),
+            exit_on_park: self.exit_on_park,
+        }
+    }
+}
+
+fn default_park_retry() -> f64 {
+    defaults::PARK_RETRY_SECS
 }
 
 #[derive(Debug, Clone, Deserialize)]

@@ -141,6 +141,9 @@ impl Config {
                 );
             }
         }
+        if !(0.1..=86_400.0).contains(&self.supervision.park_retry_secs) {
+            p.add("supervision.park_retry_secs", "must be between 0.1 and 86400 seconds");
+        }
         if !self.ops.listen.is_empty() && self.ops.listen == self.api.listen {
             p.add("api.listen", "must differ from ops.listen");
         }

@@ -32,6 +32,22 @@ struct Job {
     chunk: Chunk,
 }
 
+/// How many of `tables` the target has not synced yet from source `node` (0: nothing to copy,
+/// the applier can stream at once).
+pub async fn pending(
+    tables: &[SourceTable],
+    target_config: &tokio_postgres::Config,
+    node: &str,
+) -> Result<usize, ApplyError> {
+    let client = connect_target(target_config).await?;
+    target::setup_state(&client).await?;
+    let sync = target::load_sync(&client, node).await?;
+    Ok(tables
+        .iter()
+        .filter(|t| !matches!(sync.get(&(t.schema.clone(), t.name.clone())), Some((state, _)) if state == "ready"))
+        .count())
+}
+
 /// Copies the tables of `capture` that the target has not synced yet, using `parallelism`
 /// connection pairs.
 pub async fn run(

@@ -29,8 +29,8 @@ async fn start(source: &LocalCluster, target: &LocalCluster, dir: &std::path::Pa
     let mut cfg = CaptureConfig::new("a", source.url("app").parse().unwrap());
     cfg.heartbeat_interval = Duration::from_millis(500);
     let capture = Arc::new(Capture::connect(cfg).await.unwrap());
-    let prepared = capture.prepare().await.unwrap();
     let log = EmbeddedLog::open(&dir.join("a.redb"), Default::default()).unwrap();
+    let prepared = capture.prepare(&log).await.unwrap();
     let (stop, rx) = watch::channel(false);
     let target_cfg: tokio_postgres::Config = target.url("app").parse().unwrap();
     let applier = Arc::new(Applier::new(ApplyConfig::new("a", target_cfg.clone(), "apply-b")));

@@ -191,7 +191,8 @@ pub(crate) async fn run_once(o: &Options, round: usize, kafka: Option<&str>) -> 
     drain_cfg.create_publication = false;
     drain_cfg.heartbeat_interval = Duration::from_secs(3600);
     let drain = synapse_capture::Capture::connect(drain_cfg).await?;
-    drain.prepare().await?;
+    // Its log is created later, empty.
+    drain.prepare_with(&synapse_log::WriterState::default()).await?;
 
     // ---- P1: bulk catch-up ----
     let txns = o.rows / o.txn_rows;
@@ -346,7 +347,8 @@ pub(crate) async fn run_once(o: &Options, round: usize, kafka: Option<&str>) -> 
     copy_cfg.tables = vec!["public.bulk".into()];
     copy_cfg.publication = "bench_copy".into();
     let copier = synapse_capture::Capture::connect(copy_cfg).await?;
-    let prepared = copier.prepare().await?;
+    // Copies only: no log.
+    let prepared = copier.prepare_with(&synapse_log::WriterState::default()).await?;
     let t = Instant::now();
     let report = synapse_apply::initial_copy::run(
         &copier,

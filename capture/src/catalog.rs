@@ -125,13 +125,15 @@ pub struct SlotState {
     pub confirmed_flush: Option<Lsn>,
     pub active: bool,
     pub lag_bytes: Option<i64>,
+    /// `reserved`, `extended`, `unreserved` or `lost` (the server removed WAL the slot needs).
+    pub wal_status: Option<String>,
 }
 
 pub async fn slot_state(client: &Client, slot: &str) -> Result<Option<SlotState>, CaptureError> {
     let row = client
         .query_opt(
             "SELECT confirmed_flush_lsn::text, active,
-                    pg_wal_lsn_diff(pg_current_wal_lsn(), confirmed_flush_lsn)::int8
+                    pg_wal_lsn_diff(pg_current_wal_lsn(), confirmed_flush_lsn)::int8, wal_status
              FROM pg_replication_slots WHERE slot_name = $1",
             &[&slot],
         )
@@ -141,6 +143,7 @@ pub async fn slot_state(client: &Client, slot: &str) -> Result<Option<SlotState>
         confirmed_flush: r.get::<_, Option<String>>(0).and_then(|s| s.parse().ok()),
         active: r.get(1),
         lag_bytes: r.get(2),
+        wal_status: r.get(3),
     }))
 }
 

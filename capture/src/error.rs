@@ -41,6 +41,14 @@ pub enum CaptureError {
     MissingPublication { publication: String },
     #[error("writing to the change log failed")]
     Log(#[from] LogError),
+    /// The source can no longer continue the log without losing changes (its slot is gone or
+    /// invalidated, or this is a promoted standby without it): capture stops rather than cross.
+    #[error(
+        "gap in source {node}: {what}. The log holds this source's changes up to {last_captured}; what the source \
+         committed after that (its WAL is at {wal_now} now) cannot be captured, so nothing past it is. \
+         To accept the gap and go on: {accept}"
+    )]
+    Gap { node: String, what: String, last_captured: String, wal_now: String, accept: String },
 }
 
 impl CaptureError {
@@ -64,6 +72,7 @@ impl synapse_error::Classify for CaptureError {
             CaptureError::UnknownRelation(_) => "CAP008",
             CaptureError::NoReplicaIdentity { .. } => "CAP009",
             CaptureError::MissingPublication { .. } => "CAP010",
+            CaptureError::Gap { .. } => "CAP011",
             CaptureError::Log(e) => e.code(),
         }
     }
@@ -94,6 +103,11 @@ impl synapse_error::Classify for CaptureError {
             }
             CaptureError::MissingPublication { .. } => "CREATE PUBLICATION on the source, or set source.create_publication: true",
             CaptureError::Log(e) => e.hint(),
+            CaptureError::Gap { .. } => {
+                "find out why the slot went (dropped, invalidated by max_slot_wal_keep_size, or a failover to a standby without it); \
+                 accept the gap as the error says, then `synapse repair fix --config <file> --nodes <source>,<target>` \
+                 restores on each target what the gap lost"
+            }
         }
     }
 }

@@ -180,7 +180,27 @@ impl Capture {
 
     /// Selects the tables, maintains the publication and creates the slot if missing.
     /// The slot exists before any snapshot is taken, so no commit falls between them.
-    pub async fn prepare(&self) -> Result<Prepared, CaptureError> {
+    ///
+    /// Never crosses a gap: when `log` already holds changes of this source, a missing slot
+    /// (dropped, or a promoted standby that never had it) or an invalidated one (`wal_status =
+    /// 'lost'`) means changes were lost in between, and `prepare` fails with
+    /// [`CaptureError::Gap`] instead of creating a slot that would start after them.
+    pub async fn prepare<L: ChangeLog>(&self, log: &L) -> Result<Prepared, CaptureError> {
+        let history = log.recover_writer().await?;
+        self.prepare_with(&history).await
+    }
+
+    /// [`Capture::prepare`] for a log whose writer state the caller has (`WriterState::default()`:
+    /// a log not written yet).
+    pub async fn prepare_with(&self, history: &synapse_log::WriterState) -> Result<Prepared, CaptureError> {
+        let (tables, skipped) = self.select_tables().await?;
+        let slot_created = self.ensure_slot(history).await?;
+        Ok(Prepared { tables, skipped, slot_created })
+    }
+
+    /// The first half of [`Capture::prepare`]: selects the tables (and the ones left out for
+    /// lack of a key) and maintains the publication.
+    pub async fn select_tables(&self) -> Result<(Vec<SourceTable>, Vec<String>), CaptureError> {
         let client = self.client().await?;
         let (tables, skipped) = catalog::select_tables(&client, &self.config.tables).await?;
         for t in &skipped {
@@ -201,15 +221,62 @@ impl Capture {
         {
             return Err(CaptureError::MissingPublication { publication: self.config.publication.clone() });
         }
-        let slot_created = if catalog::slot_state(&client, &self.config.slot).await?.is_none() {
-            let mut conn = ReplicationConnection::connect(&self.config.source, "synapse-setup").await?;
-            let slot = conn.create_slot(&self.config.slot, false, false).await?;
-            tracing::info!(slot = %self.config.slot, consistent_point = %synapse_schemas::Lsn(slot.consistent_point), "created replication slot");
-            true
-        } else {
-            false
+        Ok((tables, skipped))
+    }
+
+    /// The second half of [`Capture::prepare`]: creates the slot if missing, or fails with the
+    /// gap (see there). Returns whether it created the slot.
+    pub async fn ensure_slot(&self, history: &synapse_log::WriterState) -> Result<bool, CaptureError> {
+        let client = self.client().await?;
+        // A log with records was written from this source's slot before: continuing it needs
+        // that slot's history, not a new one.
+        let slot_created = match catalog::slot_state(&client, &self.config.slot).await? {
+            None if history.next_offset > 0 => {
+                return Err(self
+                    .gap(
+                        &client,
+                        "its replication slot is missing (dropped, or this is a promoted standby that never had it)",
+                        history,
+                    )
+                    .await);
+            }
+            None => {
+                let mut conn = ReplicationConnection::connect(&self.config.source, "synapse-setup").await?;
+                let slot = conn.create_slot(&self.config.slot, false, false).await?;
+                tracing::info!(slot = %self.config.slot, consistent_point = %synapse_schemas::Lsn(slot.consistent_point), "created replication slot");
+                true
+            }
+            Some(s) if s.wal_status.as_deref() == Some("lost") => {
+                return Err(self.gap(&client, "its replication slot was invalidated (wal_status = lost: the server removed WAL the slot still needed, e.g. past max_slot_wal_keep_size)", history).await);
+            }
+            Some(_) => false,
         };
-        Ok(Prepared { tables, skipped, slot_created })
+        Ok(slot_created)
+    }
+
+    /// The gap error for `what`, with the positions on both sides and how to accept it.
+    async fn gap(&self, client: &Client, what: &str, history: &synapse_log::WriterState) -> CaptureError {
+        let wal_now = client
+            .query_one("SELECT pg_current_wal_lsn()::text", &[])
+            .await
+            .map(|r| r.get::<_, String>(0))
+            .unwrap_or_else(|_| "unknown".into());
+        let slot = &self.config.slot;
+        let create = format!("SELECT pg_create_logical_replication_slot('{slot}', 'pgoutput')");
+        let accept = if what.contains("invalidated") {
+            format!("on the source, SELECT pg_drop_replication_slot('{slot}'); {create}; then send synapse SIGHUP (or wait for its retry)")
+        } else {
+            format!("on the source, {create}; then send synapse SIGHUP (or wait for its retry)")
+        };
+        let e = CaptureError::Gap {
+            node: self.config.node.clone(),
+            what: what.to_owned(),
+            last_captured: history.last_commit_end.map_or("its start (no transaction yet)".into(), |l| l.to_string()),
+            wal_now,
+            accept,
+        };
+        metrics::counter!("synapse_capture_gaps_total", "source" => self.config.node.clone()).increment(1);
+        e
     }
 
     /// Streams changes into `log` until `shutdown` turns true or an error occurs. Call
@@ -225,7 +292,20 @@ impl Capture {
             let mut conn = ReplicationConnection::connect(&self.config.source, &format!("synapse-{}", self.config.node)).await?;
             let system = conn.identify_system().await?;
             tracing::info!(system_id = %system.system_id, timeline = system.timeline, resume_after = ?state.last_commit_end.map(|l| l.to_string()), "starting replication");
-            let stream = conn.start_replication(&self.config.slot, 0, &self.config.publication).await?;
+            let stream = match conn.start_replication(&self.config.slot, 0, &self.config.publication).await {
+                Ok(stream) => stream,
+                // The slot went while we ran (or between prepare and now): a gap, not a retry.
+                Err(CaptureError::Server(e)) if e.code == "42704" || (e.code == "55000" && e.message.contains("can no longer")) => {
+                    let client = self.client().await?;
+                    let what = if e.code == "42704" {
+                        "its replication slot is missing (dropped, or this is a promoted standby that never had it)"
+                    } else {
+                        "its replication slot was invalidated (wal_status = lost: the server removed WAL the slot still needed, e.g. past max_slot_wal_keep_size)"
+                    };
+                    return Err(self.gap(&client, what, &state).await);
+                }
+                Err(e) => return Err(e),
+            };
             let client = self.client().await?;
             let heartbeat = tokio::spawn(heartbeats(client.clone(), self.config.clone(), self.stats.clone()));
             let streamer = replication::Streamer {

@@ -18,9 +18,9 @@ async fn captured_events_validate_against_the_published_schema() {
     pg.psql("app", "CREATE TABLE t (id int PRIMARY KEY, n numeric, j jsonb, a int[], big text, at timestamptz)")
         .unwrap();
     let capture = Capture::connect(CaptureConfig::new("a", pg.url("app").parse().unwrap())).await.unwrap();
-    capture.prepare().await.unwrap();
     let dir = tempfile::tempdir().unwrap();
     let log = EmbeddedLog::open(&dir.path().join("a.redb"), Default::default()).unwrap();
+    capture.prepare(&log).await.unwrap();
     let (stop, rx) = watch::channel(false);
     let l = log.clone();
     let task = tokio::spawn(async move { capture.stream(l, rx).await });

@@ -393,8 +393,11 @@ pub(crate) async fn start_source(
     let Some(log) = logs.get(&source.name).map(|l| SourceLog::clone(l)) else { return Ok(false) };
     let capture = Arc::new(Capture::new(cfg));
     parts.captures.push((source.name.clone(), capture.stats()));
-    // The captured tables, once `prepare` has selected them (the initial copies need them).
+    // The captured tables once selected, and the slot once it exists: an initial copy needs
+    // both (the slot's stream must hold every change after the copy's snapshot); an applier
+    // with nothing to copy needs neither and applies the log even while the capture is parked.
     let (tables_tx, tables_rx) = watch::channel(None);
+    let (slot_tx, slot_rx) = watch::channel(None);
     let (c, l, h, sd, name) = (capture.clone(), log.clone(), health.clone(), shutdown.clone(), source.name.clone());
     let mut own_mesh = mesh_tables.get(&source.name).cloned();
     let comp = component.clone();
@@ -404,13 +407,19 @@ pub(crate) async fn start_source(
                 return Ok(());
             }
         }
-        let Some(prepared) = supervise(&comp, &h, &sd, || c.prepare()).await? else { return Ok(()) };
-        for t in &prepared.skipped {
+        let Some((tables, skipped)) = supervise(&comp, &h, &sd, || c.select_tables()).await? else { return Ok(()) };
+        for t in &skipped {
             eprintln!(
                 "warning [CAP009]: source {name}: table {t} has no primary key or replica identity and is not replicated\n  fix: add a primary key, or ALTER TABLE {t} REPLICA IDENTITY FULL"
             );
         }
-        let _ = tables_tx.send(Some(prepared.tables));
+        let _ = tables_tx.send(Some(tables));
+        // Parks on a gap (a lost slot): the appliers go on with what the log holds.
+        let ensure = || async { c.ensure_slot(&l.recover_writer().await?).await };
+        if supervise(&comp, &h, &sd, ensure).await?.is_none() {
+            return Ok(());
+        }
+        let _ = slot_tx.send(Some(()));
         h.set(&comp, ComponentState::Streaming);
         loop {
             let r = supervise(&comp, &h, &sd, || c.stream(l.clone(), sd.clone())).await?;
@@ -434,8 +443,9 @@ pub(crate) async fn start_source(
             synapse_resolver::NodeId(m.nodes.iter().find(|n| n.name == target.name).map(|n| n.id).unwrap_or_default())
         };
         let node = config.mesh.as_ref().map(node_id).unwrap_or_default();
-        let (c, l, h, sd, mut tables_rx) =
-            (capture.clone(), log.clone(), health.clone(), shutdown.clone(), tables_rx.clone());
+        let (c, l, h, sd, mut tables_rx, mut slot_rx) =
+            (capture.clone(), log.clone(), health.clone(), shutdown.clone(), tables_rx.clone(), slot_rx.clone());
+        let source_name = source.name.clone();
         let (copy, parallelism) = (target.initial_copy, target.copy_parallelism);
         parts.tasks.spawn(async move {
             if let Some((m, rx)) = target_mesh.as_mut() {
@@ -447,8 +457,19 @@ pub(crate) async fn start_source(
                 });
             }
             let applier = Applier::with_stats(acfg.clone(), stats.clone());
+            let mut copy = copy;
+            let mut tables = Vec::new();
             if copy {
-                let Some(tables) = ready(&mut tables_rx, &sd).await else { return Ok(()) };
+                let Some(t) = ready(&mut tables_rx, &sd).await else { return Ok(()) };
+                tables = t;
+                let pending = || initial_copy::pending(&tables, &acfg.target, &source_name);
+                let Some(pending) = supervise(&component, &h, &sd, pending).await? else { return Ok(()) };
+                copy = pending > 0;
+            }
+            if copy {
+                if ready(&mut slot_rx, &sd).await.is_none() {
+                    return Ok(());
+                }
                 h.set(&component, ComponentState::Copying);
                 let report = supervise(&component, &h, &sd, || {
                     initial_copy::run(&c, &tables, &acfg.target, parallelism, stats.clone())

@@ -148,6 +148,9 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
             tables: vec![],
             create_publication: true,
             heartbeat_interval_secs: 1.0,
+            receive_timeout_secs: 60.0,
+            max_slot_lag_bytes: None,
+            max_slot_lag_secs: None,
             forward_applied: true,
         }],
         targets: vec![TargetConfig {

@@ -19,7 +19,7 @@ fn get(addr: &str, path: &str) -> Option<(u16, String)> {
 
 /// Starts `synapse run` replicating a → b with the ops server on a free port: (process,
 /// address, config file).
-fn run_with_ops(nodes: &Nodes, extra_source_yaml: &str) -> (std::process::Child, String, std::path::PathBuf) {
+fn run_with_ops(nodes: &Nodes, extra_source_yaml: &str) -> (common::Synapse, String, std::path::PathBuf) {
     let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
     let addr = format!("127.0.0.1:{port}");
     let config = nodes.config(extra_source_yaml);
@@ -28,7 +28,7 @@ fn run_with_ops(nodes: &Nodes, extra_source_yaml: &str) -> (std::process::Child,
         .replace("ops:\n  listen: \"\"", &format!("ops:\n  listen: \"{addr}\""));
     std::fs::write(&config, text).unwrap();
     let child = synapse(&["run", "--config", config.to_str().unwrap()]).stderr(Stdio::null()).spawn().unwrap();
-    (child, addr, config)
+    (common::Synapse::guard(child), addr, config)
 }
 
 #[test]
@@ -38,7 +38,7 @@ fn readiness_and_metrics_report_the_pipeline() {
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
         if let Some((200, body)) = get(&addr, "/readyz") {
-            assert!(body.contains("capture/a: Streaming") && body.contains("apply/a->b: Streaming"), "{body}");
+            assert!(body.contains("capture/a: streaming") && body.contains("apply/a->b: streaming"), "{body}");
             break;
         }
         assert!(Instant::now() < deadline, "never ready: {:?}", get(&addr, "/readyz"));

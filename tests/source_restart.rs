@@ -43,14 +43,25 @@ fn source_crash_and_restart_mid_stream() {
 
 /// `synapse run` on `nodes` with /readyz on a free port and a 1 s slow retry.
 fn start_with_ops(nodes: &Nodes, log: &std::path::Path) -> (common::Synapse, String) {
-    let config = nodes.config("");
+    start_with_ops_and(nodes, log, "")
+}
+
+/// [`start_with_ops`] with `extra` lines in source a.
+fn start_with_ops_and(nodes: &Nodes, log: &std::path::Path, extra: &str) -> (common::Synapse, String) {
+    let (config, ops) = config_with_ops(nodes, extra);
+    (spawn_run(&config, log), ops)
+}
+
+/// The configuration of [`start_with_ops_and`] and its ops address.
+fn config_with_ops(nodes: &Nodes, extra: &str) -> (std::path::PathBuf, String) {
+    let config = nodes.config(extra);
     let ops = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().to_string();
     let text = std::fs::read_to_string(&config)
         .unwrap()
         .replace("ops:\n  listen: \"\"", &format!("ops:\n  listen: \"{ops}\""))
         + "supervision:\n  park_retry_secs: 1\n";
     std::fs::write(&config, text).unwrap();
-    (spawn_run(&config, log), ops)
+    (config, ops)
 }
 
 fn readyz(ops: &str) -> String {
@@ -169,5 +180,116 @@ fn an_invalidated_slot_is_a_gap_never_crossed() {
     std::thread::sleep(Duration::from_secs(3));
     assert_eq!(slots(&nodes), "synapse_a", "the invalidated slot is left for the operator");
     assert_eq!(nodes.target.psql("app", "SELECT count(*) FROM items").unwrap(), "1", "nothing past the gap");
+    drop(child);
+}
+
+/// A half-open replication connection (a NAT or firewall dropped it without a reset: nothing
+/// arrives, nothing fails) is noticed within the receive timeout and replaced; changes made
+/// meanwhile arrive. Without the timeout the capture would wait on the dead link for hours.
+#[test]
+fn a_half_open_connection_is_noticed_and_replaced() {
+    let nodes = Nodes::start(ITEMS_SCHEMA);
+    let proxy = common::FreezingProxy::start(nodes.source.port());
+    let log = nodes.dir.path().join("synapse.log");
+    let config = nodes.config("    receive_timeout_secs: 3\n");
+    let text = std::fs::read_to_string(&config)
+        .unwrap()
+        .replace(&format!("127.0.0.1:{}/", nodes.source.port()), &format!("127.0.0.1:{}/", proxy.port));
+    std::fs::write(&config, text).unwrap();
+    let child = spawn_run(&config, &log);
+    nodes.wait_copied(2, Duration::from_secs(60), &log);
+    nodes.source.psql("app", "INSERT INTO items VALUES (1, 1)").unwrap();
+    common::wait_equal(&nodes.source, &nodes.target, "SELECT count(*) FROM items", Duration::from_secs(60));
+
+    proxy.freeze_existing();
+    nodes.source.psql("app", "INSERT INTO items SELECT g, g FROM generate_series(2, 500) g").unwrap();
+    let q = "SELECT count(*) || ':' || sum(v) FROM items";
+    if let Err(e) = synapse_localpg::wait_until_equal(&nodes.source, &nodes.target, "app", q, Duration::from_secs(60)) {
+        panic!("{e}\n{}", common::log_tail(&log));
+    }
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert!(text.contains("receive timeout"), "{}", common::log_tail(&log));
+    drop(child);
+}
+
+/// The slot-lag policy: a source whose newest captured change is older than
+/// `max_slot_lag_secs` shows a warning next to its capture in /readyz (still ready: the
+/// capture works) until changes flow again; `doctor` measures the slot against
+/// `max_slot_lag_bytes` and names max_slot_wal_keep_size.
+#[test]
+fn slot_lag_limits_warn_in_readyz_and_doctor() {
+    let nodes = Nodes::start(ITEMS_SCHEMA);
+    let log = nodes.dir.path().join("synapse.log");
+    let (config, ops) = config_with_ops(&nodes, "    max_slot_lag_secs: 4\n    max_slot_lag_bytes: 1000\n");
+    // No heartbeats: only commits show activity.
+    let text = std::fs::read_to_string(&config)
+        .unwrap()
+        .replace("heartbeat_interval_secs: 0.5", "heartbeat_interval_secs: 3600");
+    std::fs::write(&config, text).unwrap();
+    let mut child = spawn_run(&config, &log);
+    nodes.wait_copied(2, Duration::from_secs(60), &log);
+    nodes.source.psql("app", "INSERT INTO items VALUES (1, 1)").unwrap();
+    let body = wait_readyz(&ops, "capture/a: streaming (warning: the newest captured change is", &log);
+    assert!(body.contains("over max_slot_lag_secs 4") && body.contains("max_slot_wal_keep_size"), "{body}");
+    // A fresh change clears it.
+    nodes.source.psql("app", "INSERT INTO items VALUES (2, 2)").unwrap();
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while readyz(&ops).contains("warning") {
+        assert!(Instant::now() < deadline, "the warning stayed after a fresh change:\n{}", readyz(&ops));
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(std::fs::read_to_string(&log).unwrap().contains("over max_slot_lag_secs"), "logged once");
+    // Stopped, with WAL written since: doctor measures the slot against max_slot_lag_bytes.
+    child.kill().unwrap();
+    child.wait().unwrap();
+    nodes.source.psql("app", "INSERT INTO items SELECT g, g FROM generate_series(10, 5000) g").unwrap();
+    let out = common::synapse(&["doctor", "--config", config.to_str().unwrap()]).output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("more WAL than 1000 bytes (max_slot_lag_bytes") && text.contains("max_slot_wal_keep_size"),
+        "{text}"
+    );
+}
+
+/// The classic unbounded-WAL case: synapse's database is idle while another database on the
+/// same server writes. The heartbeats give the idle slot something to confirm, so its
+/// restart_lsn advances and the busy neighbour's WAL is not retained for it.
+#[test]
+fn an_idle_slot_advances_while_a_neighbour_database_writes() {
+    let nodes = Nodes::start(ITEMS_SCHEMA);
+    nodes.source.create_database("busy").unwrap();
+    nodes.source.psql("busy", "CREATE TABLE noise (id bigserial PRIMARY KEY, pad text)").unwrap();
+    let log = nodes.dir.path().join("synapse.log");
+    let child = spawn_run(&nodes.config(""), &log);
+    nodes.wait_copied(2, Duration::from_secs(60), &log);
+    let restart = || {
+        nodes.source.psql("app", "SELECT restart_lsn FROM pg_replication_slots WHERE slot_name = 'synapse_a'").unwrap()
+    };
+    let before = restart();
+    let wal_before = nodes.source.psql("app", "SELECT pg_current_wal_lsn()").unwrap();
+    for _ in 0..5 {
+        nodes
+            .source
+            .psql("busy", "INSERT INTO noise (pad) SELECT repeat('x', 200) FROM generate_series(1, 20000)")
+            .unwrap();
+    }
+    let beyond = |lsn: &str, than: &str| {
+        nodes.source.psql("app", &format!("SELECT '{lsn}'::pg_lsn > '{than}'::pg_lsn")).unwrap() == "t"
+    };
+    // restart_lsn follows the decoder's restart point, which moves with running-transaction
+    // snapshots (logged every 15 s by the background writer): allow a few of them.
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let now = restart();
+        if beyond(&now, &wal_before) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "restart_lsn stayed at {now} (was {before}, busy writes began at {wal_before})\n{}",
+            common::log_tail(&log)
+        );
+        std::thread::sleep(Duration::from_millis(500));
+    }
     drop(child);
 }

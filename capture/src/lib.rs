@@ -46,6 +46,8 @@ pub mod defaults {
     pub const HEARTBEAT_INTERVAL: Duration = Duration::from_secs(5);
     /// PostgreSQL's own `wal_receiver_status_interval`.
     pub const STATUS_INTERVAL: Duration = Duration::from_secs(10);
+    /// PostgreSQL's own `wal_receiver_timeout`.
+    pub const RECEIVE_TIMEOUT: Duration = Duration::from_secs(60);
     /// One log append (one fsync) per this many records at most: amortises the fsync while
     /// keeping batches small enough for flat memory.
     pub const MAX_BATCH_RECORDS: usize = 16_384;
@@ -65,6 +67,10 @@ pub struct CaptureConfig {
     pub create_publication: bool,
     pub heartbeat_interval: Duration,
     pub status_interval: Duration,
+    /// A replication connection silent this long is presumed dead (a half-open TCP connection:
+    /// a firewall or NAT dropped it without a reset) and reconnected. Each status update asks
+    /// the server for a reply, so a live connection is never silent this long.
+    pub receive_timeout: Duration,
     pub max_batch_records: usize,
     pub max_batch_bytes: usize,
     /// Leave out transactions SynapseDB applied on this node (replication origin
@@ -84,6 +90,7 @@ impl CaptureConfig {
             create_publication: true,
             heartbeat_interval: defaults::HEARTBEAT_INTERVAL,
             status_interval: defaults::STATUS_INTERVAL,
+            receive_timeout: defaults::RECEIVE_TIMEOUT,
             max_batch_records: defaults::MAX_BATCH_RECORDS,
             max_batch_bytes: defaults::MAX_BATCH_BYTES,
             skip_applied: false,
@@ -254,6 +261,21 @@ impl Capture {
         Ok(slot_created)
     }
 
+    /// After a receive timeout: the SQL connection to the same server is suspect too (it may
+    /// hang without ever reporting closed), so the next use makes a new one; and the server
+    /// still holds the slot for the dead link until its `wal_sender_timeout`, so that session
+    /// (ours: `walsender`, and only while it still streams) is ended now.
+    async fn end_silent_session(&self, walsender: Option<i32>) {
+        if let Ok(mut c) = self.client.lock() {
+            *c = None;
+        }
+        let Some(pid) = walsender else { return };
+        let Ok(client) = self.client().await else { return };
+        let ended =
+            client.query_opt("SELECT pg_terminate_backend(pid) FROM pg_stat_replication WHERE pid = $1", &[&pid]).await;
+        tracing::info!(walsender = pid, ended = ?ended.map(|r| r.is_some()), "ended the silent replication session on the source");
+    }
+
     /// The gap error for `what`, with the positions on both sides and how to accept it.
     async fn gap(&self, client: &Client, what: &str, history: &synapse_log::WriterState) -> CaptureError {
         let wal_now = client
@@ -317,13 +339,18 @@ impl Capture {
                     max_batch_records: self.config.max_batch_records,
                     max_batch_bytes: self.config.max_batch_bytes,
                     status_interval: self.config.status_interval,
+                    receive_timeout: self.config.receive_timeout,
                     skip_applied: self.config.skip_applied,
                 },
                 relations: HashMap::new(),
                 emitted: HashSet::new(),
             };
+            let walsender = stream.backend_pid();
             let r = streamer.run(stream, state.last_commit_end, shutdown).await;
             heartbeat.abort();
+            if matches!(&r, Err(CaptureError::Io(e)) if e.kind() == std::io::ErrorKind::TimedOut) {
+                self.end_silent_session(walsender).await;
+            }
             r
         }
         .instrument(span)

@@ -38,6 +38,7 @@ pub(crate) struct StreamSettings {
     pub max_batch_records: usize,
     pub max_batch_bytes: usize,
     pub status_interval: Duration,
+    pub receive_timeout: Duration,
     pub skip_applied: bool,
 }
 
@@ -127,6 +128,7 @@ impl<L: ChangeLog + Clone> Streamer<'_, L> {
         let mut keepalive_end = 0u64;
         let mut reported = 0u64;
         let mut last_status = Instant::now();
+        let mut last_received = Instant::now();
         let mut tick = tokio::time::interval(self.settings.status_interval);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
@@ -135,6 +137,7 @@ impl<L: ChangeLog + Clone> Streamer<'_, L> {
                 biased;
                 _ = shutdown.changed() => return Ok(()),
                 msg = stream.next() => {
+                    last_received = Instant::now();
                     let mut msg = Some(msg?);
                     while let Some(m) = msg.take() {
                         match m {
@@ -186,7 +189,17 @@ impl<L: ChangeLog + Clone> Streamer<'_, L> {
                         return Ok(());
                     }
                 }
-                _ = tick.tick() => reply = true,
+                _ = tick.tick() => {
+                    if last_received.elapsed() >= self.settings.receive_timeout {
+                        let silent = last_received.elapsed();
+                        metrics::counter!("synapse_capture_receive_timeouts_total").increment(1);
+                        return Err(CaptureError::Io(std::io::Error::new(
+                            std::io::ErrorKind::TimedOut,
+                            format!("no message from the source for {silent:.0?} (receive timeout): the connection is presumed dead, reconnecting"),
+                        )));
+                    }
+                    reply = true;
+                }
             }
             let durable = *durable_rx.borrow();
             // Idle: everything received is durable and no transaction is open, so the keepalive
@@ -194,7 +207,8 @@ impl<L: ChangeLog + Clone> Streamer<'_, L> {
             let idle = txn.is_none() && batch.records.is_empty() && durable >= sent_commit_end;
             let flush = if idle { durable.max(keepalive_end) } else { durable }.max(reported);
             if reply || (flush > reported && last_status.elapsed() >= Duration::from_millis(100)) {
-                stream.send_status(received.max(flush), flush, flush, false).await?;
+                // Ask for a reply: a live server answers at once, so silence means a dead link.
+                stream.send_status(received.max(flush), flush, flush, reply).await?;
                 reported = flush;
                 last_status = Instant::now();
                 self.stats.confirmed_lsn.store(flush, Ordering::Relaxed);

@@ -90,6 +90,8 @@ pub struct ReplicationConnection {
     writer: WriteHalf<Box<dyn Socket>>,
     buf: BytesMut,
     out: BytesMut,
+    /// The server process serving this connection (BackendKeyData).
+    backend_pid: Option<i32>,
 }
 
 /// What IDENTIFY_SYSTEM reports.
@@ -136,6 +138,12 @@ impl ReplicationConnection {
                     })?
                     .map_err(|source| CaptureError::Connect { target: format!("{h}:{port}"), source })?;
                 s.set_nodelay(true).ok();
+                // The kernel notices a peer gone without a reset in ~1 min, not the default 2 h.
+                let keepalive = socket2::TcpKeepalive::new()
+                    .with_time(Duration::from_secs(30))
+                    .with_interval(Duration::from_secs(10))
+                    .with_retries(3);
+                socket2::SockRef::from(&s).set_tcp_keepalive(&keepalive).ok();
                 Box::new(s)
             }
             Host::Unix(dir) => {
@@ -147,8 +155,13 @@ impl ReplicationConnection {
             }
         };
         let (reader, writer) = tokio::io::split(socket);
-        let mut c =
-            ReplicationConnection { reader, writer, buf: BytesMut::with_capacity(1 << 20), out: BytesMut::new() };
+        let mut c = ReplicationConnection {
+            reader,
+            writer,
+            buf: BytesMut::with_capacity(1 << 20),
+            out: BytesMut::new(),
+            backend_pid: None,
+        };
         let user = config.get_user().unwrap_or("postgres").to_owned();
         let dbname = config.get_dbname().unwrap_or(&user).to_owned();
         let params = [
@@ -235,7 +248,10 @@ impl ReplicationConnection {
                 }
                 b'E' => return Err(CaptureError::Server(parse_error(&f.body))),
                 b'Z' => return Ok(()),
-                _ => {} // ParameterStatus, BackendKeyData, NoticeResponse
+                b'K' if f.body.len() >= 4 => {
+                    self.backend_pid = Some(i32::from_be_bytes([f.body[0], f.body[1], f.body[2], f.body[3]]));
+                }
+                _ => {} // ParameterStatus, NoticeResponse
             }
         }
     }
@@ -396,6 +412,11 @@ pub struct ReplicationStream {
 }
 
 impl ReplicationStream {
+    /// The server process (walsender) streaming to us.
+    pub fn backend_pid(&self) -> Option<i32> {
+        self.conn.backend_pid
+    }
+
     /// Next message. Cancel-safe.
     pub async fn next(&mut self) -> Result<ReplicationMessage, CaptureError> {
         loop {

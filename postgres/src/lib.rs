@@ -34,12 +34,22 @@ use tokio_postgres::{Client, Config, NoTls};
 /// loaded server across regions, short enough that a dead address is reported, not waited on.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// Idle time before TCP keepalive probes start on synapse's connections.
+pub const KEEPALIVE_IDLE: Duration = Duration::from_secs(30);
+
 /// Connects to `config` and spawns the connection's task; `purpose` names it in the log when the
 /// connection ends with an error (e.g. `"apply b"`).
 pub async fn connect(config: &Config, purpose: &str) -> Result<Client, tokio_postgres::Error> {
     let mut config = config.clone();
     if config.get_connect_timeout().is_none() {
         config.connect_timeout(CONNECT_TIMEOUT);
+    }
+    // A peer gone without a reset (a dropped NAT entry, a dead host) is noticed in about a
+    // minute instead of the kernel's two hours, unless the URL chose its own keepalives.
+    if config.get_keepalives_idle() == Duration::from_secs(2 * 60 * 60) {
+        config.keepalives_idle(KEEPALIVE_IDLE);
+        config.keepalives_interval(Duration::from_secs(10));
+        config.keepalives_retries(3);
     }
     let (client, connection) = config.connect(NoTls).await?;
     let purpose = purpose.to_owned();

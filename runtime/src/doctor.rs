@@ -86,8 +86,14 @@ pub async fn run(config: &Config) -> usize {
                 let lag = st.lag_bytes.unwrap_or(0);
                 let msg =
                     format!("slot {slot} exists, {} , lag {lag} bytes", if st.active { "active" } else { "inactive" });
-                if lag > 1 << 30 {
-                    r.warn(&msg, "the slot retains over 1 GiB of WAL: start synapse, or drop the slot if this source is abandoned (SELECT pg_drop_replication_slot(...))");
+                let limit = s.max_slot_lag_bytes.unwrap_or(1 << 30);
+                if st.wal_status.as_deref() == Some("lost") {
+                    r.fail(
+                        &format!("slot {slot} was invalidated (wal_status = lost)"),
+                        "synapse reports it as a gap (CAP011); see README \"When things fail\"",
+                    );
+                } else if lag.max(0) as u64 > limit {
+                    r.warn(&msg, &format!("the slot retains more WAL than {limit} bytes (max_slot_lag_bytes, default 1 GiB): start synapse, or drop the slot if this source is abandoned (SELECT pg_drop_replication_slot(...)); max_slot_wal_keep_size on the source bounds what a stalled slot can hold"));
                 } else {
                     r.ok(&msg);
                 }

@@ -74,6 +74,8 @@ impl Default for Supervision {
 #[derive(Default)]
 pub struct Health {
     components: Mutex<BTreeMap<String, ComponentState>>,
+    /// Warnings about a component that is still working (a slot over its lag limit).
+    notes: Mutex<BTreeMap<String, String>>,
     pub supervision: Supervision,
     /// Wakes every parked component for an immediate retry (SIGHUP).
     pub resume: tokio::sync::Notify,
@@ -82,6 +84,16 @@ pub struct Health {
 impl Health {
     pub fn new(supervision: Supervision) -> Self {
         Health { supervision, ..Health::default() }
+    }
+
+    /// Sets or clears the warning shown next to `component`'s state in `/readyz`.
+    pub fn note(&self, component: &str, note: Option<String>) {
+        if let Ok(mut n) = self.notes.lock() {
+            match note {
+                Some(text) => n.insert(component.to_owned(), text),
+                None => n.remove(component),
+            };
+        }
     }
 
     /// Tries every parked component again now.
@@ -181,8 +193,12 @@ pub fn in_use_hint(e: &std::io::Error, field: &str) -> String {
 
 async fn readyz(State(health): State<Arc<Health>>) -> (StatusCode, String) {
     let mut body = String::new();
+    let notes = health.notes.lock().map(|n| n.clone()).unwrap_or_default();
     for (name, state) in health.snapshot() {
-        body.push_str(&format!("{name}: {state}\n"));
+        match notes.get(&name) {
+            Some(note) => body.push_str(&format!("{name}: {state} (warning: {note})\n")),
+            None => body.push_str(&format!("{name}: {state}\n")),
+        }
     }
     if health.ready() {
         (StatusCode::OK, body)

@@ -273,6 +273,9 @@ pub fn capture_config(s: &SourceConfig) -> Result<CaptureConfig, anyhow::Error> 
     c.tables = s.tables.clone();
     c.create_publication = s.create_publication;
     c.heartbeat_interval = Duration::from_secs_f64(s.heartbeat_interval_secs);
+    c.receive_timeout = Duration::from_secs_f64(s.receive_timeout_secs);
+    // Status updates (each asking for a reply) come often enough to tell silence from a pause.
+    c.status_interval = c.status_interval.min(c.receive_timeout / 3);
     c.skip_applied = !s.forward_applied;
     Ok(c)
 }
@@ -367,6 +370,59 @@ pub(crate) struct SourceParts<'a> {
     pub appliers: &'a mut Vec<(String, Arc<ApplyStats>)>,
 }
 
+/// The slot-lag policy of a source: while its slot holds more WAL than `max_slot_lag_bytes`, or
+/// its newest captured activity is older than `max_slot_lag_secs`, a warning is logged (once
+/// per crossing), shown next to the capture in `/readyz` and `synapse_slot_lag_over_limit` is 1.
+async fn watch_slot_lag(
+    source: SourceConfig,
+    stats: Arc<CaptureStats>,
+    health: Arc<Health>,
+    shutdown: watch::Receiver<bool>,
+) -> Result<(), ComponentFailed> {
+    use std::sync::atomic::Ordering;
+    let component = format!("capture/{}", source.name);
+    let mut over = false;
+    let mut sd = shutdown;
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(Duration::from_secs(2)) => {}
+            _ = sd.wait_for(|s| *s) => return Ok(()),
+        }
+        let bytes = stats.slot_lag_bytes.load(Ordering::Relaxed).max(0) as u64;
+        let secs = stats.lag_seconds();
+        let mut reasons = Vec::new();
+        if let Some(max) = source.max_slot_lag_bytes.filter(|m| bytes > *m) {
+            reasons.push(format!("the slot holds {bytes} bytes of WAL, over max_slot_lag_bytes {max}"));
+        }
+        if let Some(max) = source.max_slot_lag_secs.filter(|m| secs > *m) {
+            reasons.push(format!("the newest captured change is {secs:.0} s old, over max_slot_lag_secs {max}"));
+        }
+        metrics::gauge!("synapse_slot_lag_over_limit", "source" => source.name.clone()).set(if reasons.is_empty() {
+            0.0
+        } else {
+            1.0
+        });
+        if reasons.is_empty() {
+            if over {
+                tracing::info!(source = %source.name, "slot lag back under its limits");
+                health.note(&component, None);
+            }
+            over = false;
+            continue;
+        }
+        let note = format!(
+            "{}; the source keeps this WAL until synapse confirms it — check that the capture runs and keeps up; \
+             max_slot_wal_keep_size on the source bounds it (a slot past it is invalidated: a gap, CAP011)",
+            reasons.join("; ")
+        );
+        if !over {
+            tracing::warn!(source = %source.name, bytes, secs, "{note}");
+        }
+        over = true;
+        health.note(&component, Some(note));
+    }
+}
+
 /// Waits until `rx` holds a value; `None` if shutdown came first.
 async fn ready<T: Clone>(rx: &mut watch::Receiver<Option<T>>, shutdown: &watch::Receiver<bool>) -> Option<T> {
     let mut sd = shutdown.clone();
@@ -398,6 +454,9 @@ pub(crate) async fn start_source(
     // with nothing to copy needs neither and applies the log even while the capture is parked.
     let (tables_tx, tables_rx) = watch::channel(None);
     let (slot_tx, slot_rx) = watch::channel(None);
+    if source.max_slot_lag_bytes.is_some() || source.max_slot_lag_secs.is_some() {
+        parts.tasks.spawn(watch_slot_lag(source.clone(), capture.stats(), health.clone(), shutdown.clone()));
+    }
     let (c, l, h, sd, name) = (capture.clone(), log.clone(), health.clone(), shutdown.clone(), source.name.clone());
     let mut own_mesh = mesh_tables.get(&source.name).cloned();
     let comp = component.clone();

@@ -75,6 +75,14 @@ pub fn synapse(args: &[&str]) -> Command {
 /// A `synapse run` process, killed when dropped: a failing test does not leave it running.
 pub struct Synapse(Child);
 
+impl Synapse {
+    /// Guards a process spawned by the caller: killed when dropped (a failing test leaves no
+    /// process behind, which would also hold the test runner's output open).
+    pub fn guard(child: Child) -> Synapse {
+        Synapse(child)
+    }
+}
+
 impl std::ops::Deref for Synapse {
     type Target = Child;
     fn deref(&self) -> &Child {
@@ -263,4 +271,69 @@ pub fn log_tail(log: &Path) -> String {
     let text = std::fs::read_to_string(log).unwrap_or_default();
     let lines: Vec<&str> = text.lines().rev().take(60).collect();
     format!("last lines of {} (newest first):\n{}", log.display(), lines.join("\n"))
+}
+
+/// A TCP proxy whose connections can be frozen: they stop forwarding without being closed
+/// (what a firewall or NAT that dropped its entry does: a half-open connection). Connections
+/// made after a freeze forward normally.
+pub struct FreezingProxy {
+    pub port: u16,
+    generation: std::sync::Arc<std::sync::atomic::AtomicU64>,
+}
+
+impl FreezingProxy {
+    pub fn start(to_port: u16) -> FreezingProxy {
+        use std::io::{Read, Write};
+        use std::sync::atomic::Ordering;
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let generation = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let gen = generation.clone();
+        std::thread::spawn(move || {
+            for client in listener.incoming().flatten() {
+                let Ok(server) = std::net::TcpStream::connect(("127.0.0.1", to_port)) else { continue };
+                let born = gen.load(Ordering::SeqCst);
+                for (mut from, mut to) in [
+                    (client.try_clone().unwrap(), server.try_clone().unwrap()),
+                    (server.try_clone().unwrap(), client.try_clone().unwrap()),
+                ] {
+                    let gen = gen.clone();
+                    from.set_read_timeout(Some(Duration::from_millis(100))).unwrap();
+                    std::thread::spawn(move || {
+                        let mut buf = [0u8; 16 * 1024];
+                        loop {
+                            if gen.load(Ordering::SeqCst) != born {
+                                // Frozen: hold both sockets open, forward nothing, forever.
+                                let _keep = (from, to);
+                                loop {
+                                    std::thread::sleep(Duration::from_secs(3600));
+                                }
+                            }
+                            match from.read(&mut buf) {
+                                Ok(0) => break,
+                                Ok(n) => {
+                                    if to.write_all(&buf[..n]).is_err() {
+                                        break;
+                                    }
+                                }
+                                Err(e)
+                                    if matches!(
+                                        e.kind(),
+                                        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                                    ) => {}
+                                Err(_) => break,
+                            }
+                        }
+                        let _ = to.shutdown(std::net::Shutdown::Both);
+                    });
+                }
+            }
+        });
+        FreezingProxy { port, generation }
+    }
+
+    /// Freezes every connection open now.
+    pub fn freeze_existing(&self) {
+        self.generation.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+    }
 }

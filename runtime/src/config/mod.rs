@@ -436,6 +436,17 @@ pub struct SourceConfig {
     /// Seconds between heartbeats.
     #[serde(default = "default_heartbeat")]
     pub heartbeat_interval_secs: f64,
+    /// Seconds of silence after which the replication connection is presumed dead (half-open)
+    /// and reconnected; synapse asks the server for a reply at every status update.
+    #[serde(default = "default_receive_timeout")]
+    pub receive_timeout_secs: f64,
+    /// Warn (log, `/readyz` detail, `synapse_slot_lag_over_limit`) when the slot holds more WAL
+    /// than this on the source: its disk fills while synapse cannot keep up or is stopped.
+    #[serde(default)]
+    pub max_slot_lag_bytes: Option<u64>,
+    /// Warn likewise when the newest captured commit or heartbeat is older than this.
+    #[serde(default)]
+    pub max_slot_lag_secs: Option<f64>,
     /// Capture changes that SynapseDB applied on this node too (cascades A → B → C). `false`
     /// leaves them out, which is what a node that is also a target in a mesh needs.
     #[serde(default = "yes")]
@@ -448,6 +459,10 @@ fn default_publication() -> String {
 fn yes() -> bool {
     true
 }
+fn default_receive_timeout() -> f64 {
+    synapse_capture::defaults::RECEIVE_TIMEOUT.as_secs_f64()
+}
+
 fn default_heartbeat() -> f64 {
     synapse_capture::defaults::HEARTBEAT_INTERVAL.as_secs_f64()
 }
@@ -573,6 +588,9 @@ impl Config {
                 tables: tables.clone(),
                 create_publication: true,
                 heartbeat_interval_secs: default_heartbeat(),
+                receive_timeout_secs: default_receive_timeout(),
+                max_slot_lag_bytes: None,
+                max_slot_lag_secs: None,
                 // The hub passes on what it applied (with the resolved versions); its echoes
                 // back to their origin resolve as duplicates.
                 forward_applied: is_hub,

@@ -80,6 +80,15 @@ impl Config {
             if !(0.1..=3600.0).contains(&s.heartbeat_interval_secs) {
                 p.add(format!("sources[{i}].heartbeat_interval_secs"), "must be between 0.1 and 3600");
             }
+            if s.max_slot_lag_bytes == Some(0) {
+                p.add(format!("sources[{i}].max_slot_lag_bytes"), "must be above 0 (leave it out for no limit)");
+            }
+            if s.max_slot_lag_secs.is_some_and(|l| !(1.0..=31_536_000.0).contains(&l)) {
+                p.add(format!("sources[{i}].max_slot_lag_secs"), "must be between 1 and 31536000 (a year)");
+            }
+            if !(1.0..=3600.0).contains(&s.receive_timeout_secs) {
+                p.add(format!("sources[{i}].receive_timeout_secs"), "must be between 1 and 3600");
+            }
             if let Some(slot) = &s.slot {
                 if slot.is_empty()
                     || slot.len() > 63

@@ -293,3 +293,65 @@ fn an_idle_slot_advances_while_a_neighbour_database_writes() {
     }
     drop(child);
 }
+
+/// Failover: a streaming standby of the source (pg_basebackup) is promoted after the primary
+/// goes down, and synapse is pointed at it. PostgreSQL 15 copies no logical slot to a standby,
+/// so changes made between synapse's last capture and the promotion cannot be streamed: never
+/// silent — the capture parks with the gap; once accepted (a slot on the new primary, SIGHUP)
+/// it streams on, and `synapse repair fix` makes the target identical to the new primary.
+#[test]
+fn a_promoted_standby_is_a_gap_never_crossed() {
+    let nodes = Nodes::start(ITEMS_SCHEMA);
+    let standby = synapse_localpg::LocalCluster::start_standby(&nodes.source).unwrap();
+    let log = nodes.dir.path().join("synapse.log");
+    let (config, ops) = config_with_ops(&nodes, "");
+    let mut child = spawn_run(&config, &log);
+    nodes.wait_copied(2, Duration::from_secs(60), &log);
+    nodes.source.psql("app", "INSERT INTO items VALUES (1, 1)").unwrap();
+    common::wait_equal(&nodes.source, &nodes.target, "SELECT count(*) FROM items", Duration::from_secs(60));
+    child.kill().unwrap();
+    child.wait().unwrap();
+
+    // Written on the old primary, replayed on the standby, never captured.
+    nodes.source.psql("app", "INSERT INTO items SELECT g, g FROM generate_series(100, 199) g").unwrap();
+    let replayed = "SELECT count(*) FROM items";
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while standby.psql("app", replayed).unwrap() != "101" {
+        assert!(Instant::now() < deadline, "the standby did not replay the primary's writes");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    nodes.source.stop("fast").unwrap();
+    standby.promote().unwrap();
+    let text = std::fs::read_to_string(&config)
+        .unwrap()
+        .replace(&format!("127.0.0.1:{}/", nodes.source.port()), &format!("127.0.0.1:{}/", standby.port()));
+    std::fs::write(&config, text).unwrap();
+    let child = spawn_run(&config, &log);
+    let body = wait_readyz(&ops, "capture/a: parked [CAP011]", &log);
+    assert!(body.contains("a promoted standby"), "{body}");
+    std::thread::sleep(Duration::from_secs(3));
+    assert_eq!(standby.psql("app", "SELECT count(*) FROM pg_replication_slots").unwrap(), "0", "no slot past the gap");
+    assert_eq!(nodes.target.psql("app", "SELECT count(*) FROM items").unwrap(), "1");
+
+    // Accepted on the new primary: streaming resumes; repair restores the gap.
+    standby.psql("app", "SELECT pg_create_logical_replication_slot('synapse_a', 'pgoutput')").unwrap();
+    std::process::Command::new("kill").args(["-HUP", &child.id().to_string()]).status().unwrap();
+    wait_readyz(&ops, "capture/a: streaming", &log);
+    standby.psql("app", "INSERT INTO items VALUES (700, 700)").unwrap();
+    common::wait_equal(&standby, &nodes.target, "SELECT count(*) FROM items WHERE id = 700", Duration::from_secs(60));
+    let out = common::synapse(&[
+        "repair",
+        "fix",
+        "--config",
+        config.to_str().unwrap(),
+        "--nodes",
+        "a,b",
+        "--table",
+        "public.items",
+    ])
+    .output()
+    .unwrap();
+    assert!(out.status.success(), "{}\n{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    common::wait_equal(&standby, &nodes.target, "SELECT count(*) || ':' || sum(v) FROM items", Duration::from_secs(60));
+    drop(child);
+}

@@ -51,7 +51,10 @@ pub struct EmbeddedLog {
 }
 
 struct Inner {
-    db: Database,
+    /// `None` after an I/O error: redb refuses all use of a database that met one ("close and
+    /// re-open"), so the next call reopens it — which succeeds once the cause (a full disk)
+    /// is gone, with the store as of its last commit.
+    db: std::sync::RwLock<Option<Database>>,
     path: PathBuf,
     head: watch::Sender<Offset>,
     options: EmbeddedLogOptions,
@@ -67,9 +70,7 @@ impl EmbeddedLog {
         if !path.exists() {
             create_atomically(path).map_err(|e| storage(*e))?;
         }
-        // redb's default page cache is 1 GiB; the log is read sequentially, so a small cache
-        // keeps the process's memory flat (benchmark P7).
-        let db = Database::builder().set_cache_size(CACHE_BYTES).create(path).map_err(|e| storage(e.into()))?;
+        let db = open_db(path).map_err(|e| storage(*e))?;
         let tx = db.begin_write().map_err(|e| storage(e.into()))?;
         let next = {
             tx.open_table(RECORDS).map_err(|e| storage(e.into()))?;
@@ -83,12 +84,13 @@ impl EmbeddedLog {
         };
         tx.commit().map_err(|e| storage(e.into()))?;
         let (head, _) = watch::channel(next);
+        let db = std::sync::RwLock::new(Some(db));
         Ok(EmbeddedLog { inner: Arc::new(Inner { db, path: path.to_owned(), head, options }) })
     }
 
     async fn blocking<T: Send + 'static>(
         &self,
-        f: impl FnOnce(&Inner) -> Result<T, Box<redb::Error>> + Send + 'static,
+        f: impl FnOnce(&Inner, &Database) -> Result<T, Box<redb::Error>> + Send + 'static,
     ) -> Result<T, LogError> {
         let inner = self.inner.clone();
         let storage = |source| LogError::Storage { path: inner.path.display().to_string(), source };
@@ -96,11 +98,51 @@ impl EmbeddedLog {
         // worker's other tasks away): handing each append and read to a blocking thread cost a
         // context switch per call, the top kernel symbol of the P1 profile.
         if tokio::runtime::Handle::current().runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread {
-            return tokio::task::block_in_place(|| f(&inner)).map_err(storage);
+            return tokio::task::block_in_place(|| inner.with_db(f)).map_err(storage);
         }
         let moved = inner.clone();
-        tokio::task::spawn_blocking(move || f(&moved)).await.map_err(LogError::TaskFailed)?.map_err(storage)
+        tokio::task::spawn_blocking(move || moved.with_db(f)).await.map_err(LogError::TaskFailed)?.map_err(storage)
     }
+}
+
+impl Inner {
+    /// Runs `f` on the store, reopening it first if an I/O error closed it, and closing it
+    /// when `f` meets one (see [`Inner::db`]). Nothing `f` did in a transaction that failed
+    /// is visible: the reopened store is as of its last commit.
+    fn with_db<T>(
+        &self,
+        f: impl FnOnce(&Inner, &Database) -> Result<T, Box<redb::Error>>,
+    ) -> Result<T, Box<redb::Error>> {
+        fn poisoned<G>(_: G) -> Box<redb::Error> {
+            Box::new(redb::Error::LockPoisoned(std::panic::Location::caller()))
+        }
+        if self.db.read().map_err(poisoned)?.is_none() {
+            let mut slot = self.db.write().map_err(poisoned)?;
+            if slot.is_none() {
+                *slot = Some(open_db(&self.path)?);
+                tracing::info!(path = %self.path.display(), "reopened the log store after an I/O error");
+            }
+        }
+        let guard = self.db.read().map_err(poisoned)?;
+        let Some(db) = guard.as_ref() else { return Err(Box::new(redb::Error::PreviousIo)) };
+        let result = f(self, db);
+        drop(guard);
+        if let Err(e) = &result {
+            if matches!(**e, redb::Error::Io(_) | redb::Error::PreviousIo) {
+                tracing::warn!(path = %self.path.display(), error = %e, "the log store met an I/O error; it is reopened on next use");
+                if let Ok(mut slot) = self.db.write() {
+                    *slot = None;
+                }
+            }
+        }
+        result
+    }
+}
+
+/// Opens the store. redb's default page cache is 1 GiB; the log is read sequentially, so a
+/// small cache keeps the process's memory flat (benchmark P7).
+fn open_db(path: &Path) -> Result<Database, Box<redb::Error>> {
+    Database::builder().set_cache_size(CACHE_BYTES).create(path).map_err(write_err)
 }
 
 /// Creates an empty store at `path` so that a crash (kill -9, power loss) while creating it
@@ -148,8 +190,8 @@ impl ChangeLog for EmbeddedLog {
         }
         let bytes = frames.len();
         let last = self
-            .blocking(move |inner| {
-                let mut tx = inner.db.begin_write().map_err(write_err)?;
+            .blocking(move |inner, db| {
+                let mut tx = db.begin_write().map_err(write_err)?;
                 if inner.options.unsafe_no_fsync {
                     tx.set_durability(redb::Durability::None);
                 }
@@ -239,8 +281,8 @@ impl ChangeLog for EmbeddedLog {
     }
 
     async fn read(&self, from: Offset, max: usize) -> Result<Vec<(Offset, LogRecord)>, LogError> {
-        self.blocking(move |inner| {
-            let tx = inner.db.begin_read().map_err(write_err)?;
+        self.blocking(move |_, db| {
+            let tx = db.begin_read().map_err(write_err)?;
             let table = tx.open_table(RECORDS).map_err(write_err)?;
             // The chunk holding `from` starts at or before it.
             let first = match table.range(..=from).map_err(write_err)?.next_back() {
@@ -290,8 +332,8 @@ impl ChangeLog for EmbeddedLog {
 
     async fn relation(&self, key: RelationKey) -> Result<Option<Relation>, LogError> {
         let raw = self
-            .blocking(move |inner| {
-                let tx = inner.db.begin_read().map_err(write_err)?;
+            .blocking(move |_, db| {
+                let tx = db.begin_read().map_err(write_err)?;
                 let table = tx.open_table(RELATIONS).map_err(write_err)?;
                 let v = table.get((key.oid, key.version)).map_err(write_err)?;
                 Ok(v.map(|v| v.value().to_vec()))
@@ -308,8 +350,8 @@ impl ChangeLog for EmbeddedLog {
     }
 
     async fn previous_relation(&self, oid: u32, before: Offset) -> Result<Option<RelationKey>, LogError> {
-        self.blocking(move |inner| {
-            let tx = inner.db.begin_read().map_err(write_err)?;
+        self.blocking(move |_, db| {
+            let tx = db.begin_read().map_err(write_err)?;
             let history = tx.open_table(RELATION_HISTORY).map_err(write_err)?;
             let last = history.range((oid, 0)..(oid, before)).map_err(write_err)?.next_back();
             Ok(match last {
@@ -322,8 +364,8 @@ impl ChangeLog for EmbeddedLog {
 
     async fn recover_writer(&self) -> Result<WriterState, LogError> {
         let (open, last_end, next) = self
-            .blocking(|inner| {
-                let tx = inner.db.begin_read().map_err(write_err)?;
+            .blocking(|_, db| {
+                let tx = db.begin_read().map_err(write_err)?;
                 let meta = tx.open_table(META).map_err(write_err)?;
                 let get = |k| meta.get(k).map(|v| v.map(|v| v.value()));
                 Ok((
@@ -343,8 +385,8 @@ impl ChangeLog for EmbeddedLog {
 
     async fn commit_consumer(&self, name: &str, next: Offset) -> Result<(), LogError> {
         let name = name.to_owned();
-        self.blocking(move |inner| {
-            let tx = inner.db.begin_write().map_err(write_err)?;
+        self.blocking(move |_, db| {
+            let tx = db.begin_write().map_err(write_err)?;
             tx.open_table(CONSUMERS).map_err(write_err)?.insert(name.as_str(), next).map_err(write_err)?;
             tx.commit().map_err(write_err)?;
             Ok(())
@@ -354,8 +396,8 @@ impl ChangeLog for EmbeddedLog {
 
     async fn consumer_position(&self, name: &str) -> Result<Option<Offset>, LogError> {
         let name = name.to_owned();
-        self.blocking(move |inner| {
-            let tx = inner.db.begin_read().map_err(write_err)?;
+        self.blocking(move |_, db| {
+            let tx = db.begin_read().map_err(write_err)?;
             let t = tx.open_table(CONSUMERS).map_err(write_err)?;
             let v = t.get(name.as_str()).map_err(write_err)?.map(|v| v.value());
             Ok(v)
@@ -365,8 +407,8 @@ impl ChangeLog for EmbeddedLog {
 
     async fn remove_consumer(&self, name: &str) -> Result<(), LogError> {
         let name = name.to_owned();
-        self.blocking(move |inner| {
-            let tx = inner.db.begin_write().map_err(write_err)?;
+        self.blocking(move |_, db| {
+            let tx = db.begin_write().map_err(write_err)?;
             tx.open_table(CONSUMERS).map_err(write_err)?.remove(name.as_str()).map_err(write_err)?;
             tx.commit().map_err(write_err)?;
             Ok(())
@@ -375,8 +417,8 @@ impl ChangeLog for EmbeddedLog {
     }
 
     async fn seek(&self, after: Cursor) -> Result<Seek, LogError> {
-        self.blocking(move |inner| {
-            let tx = inner.db.begin_read().map_err(write_err)?;
+        self.blocking(move |_, db| {
+            let tx = db.begin_read().map_err(write_err)?;
             let records = tx.open_table(RECORDS).map_err(write_err)?;
             let txns = tx.open_table(TXNS).map_err(write_err)?;
             let meta = tx.open_table(META).map_err(write_err)?;
@@ -431,8 +473,8 @@ impl ChangeLog for EmbeddedLog {
     }
 
     async fn cursor_at_time(&self, commit_time_us: i64) -> Result<Option<Cursor>, LogError> {
-        self.blocking(move |inner| {
-            let tx = inner.db.begin_read().map_err(write_err)?;
+        self.blocking(move |_, db| {
+            let tx = db.begin_read().map_err(write_err)?;
             let txns = tx.open_table(TXNS).map_err(write_err)?;
             // Commit times follow commit order up to clock adjustments: a linear scan from the
             // oldest retained transaction is exact and, for a replay, cheap enough.
@@ -448,8 +490,8 @@ impl ChangeLog for EmbeddedLog {
     }
 
     async fn head_cursor(&self) -> Result<Option<Cursor>, LogError> {
-        self.blocking(move |inner| {
-            let tx = inner.db.begin_read().map_err(write_err)?;
+        self.blocking(move |_, db| {
+            let tx = db.begin_read().map_err(write_err)?;
             let txns = tx.open_table(TXNS).map_err(write_err)?;
             for item in txns.iter().map_err(write_err)?.rev() {
                 let (lsn, v) = item.map_err(write_err)?;
@@ -464,8 +506,8 @@ impl ChangeLog for EmbeddedLog {
     }
 
     async fn apply_retention(&self, keep_since_us: Option<i64>) -> Result<u64, LogError> {
-        self.blocking(move |inner| {
-            let tx = inner.db.begin_write().map_err(write_err)?;
+        self.blocking(move |inner, db| {
+            let tx = db.begin_write().map_err(write_err)?;
             let deleted = {
                 let consumers = tx.open_table(CONSUMERS).map_err(write_err)?;
                 let mut min: Option<u64> = None;
@@ -696,7 +738,8 @@ mod tests {
         let log = EmbeddedLog::open(&dir.path().join("a.redb"), Default::default()).unwrap();
         log.append(txn(1, 1)).await.unwrap();
         {
-            let tx = log.inner.db.begin_write().unwrap();
+            let guard = log.inner.db.read().unwrap();
+            let tx = guard.as_ref().unwrap().begin_write().unwrap();
             let mut chunk = 3u32.to_le_bytes().to_vec();
             chunk.extend([0xffu8, 0xff, 0xff]);
             tx.open_table(RECORDS).unwrap().insert(0, chunk.as_slice()).unwrap();

@@ -157,6 +157,51 @@ impl LocalCluster {
         Err(LocalPgError::Command { command: "pg_ctl start".into(), stderr: "no free port after 3 attempts".into() })
     }
 
+    /// A streaming standby of `primary` (pg_basebackup, `-R`), started on a port of its own.
+    /// Logical slots are not copied to it (PostgreSQL 15): after [`LocalCluster::promote`] it
+    /// is what a failover leaves a replication tool with.
+    pub fn start_standby(primary: &LocalCluster) -> Result<Self> {
+        let t = tempfile::Builder::new().prefix("synapse-pg-standby-").tempdir().map_err(io(Path::new("/tmp")))?;
+        let mut c = LocalCluster {
+            root: t.path().to_owned(),
+            _temp: Some(t),
+            port: 0,
+            bindir: primary.bindir.clone(),
+            as_postgres: primary.as_postgres,
+        };
+        if c.as_postgres {
+            c.run("chown", &["-R", "postgres:postgres", &c.root.display().to_string()], false)?;
+        }
+        let basebackup = c.bindir.join("pg_basebackup").display().to_string();
+        let port = primary.port.to_string();
+        let data = c.data_dir().display().to_string();
+        let args = [
+            "-h",
+            "127.0.0.1",
+            "-p",
+            port.as_str(),
+            "-U",
+            "postgres",
+            "-D",
+            data.as_str(),
+            "-R",
+            "-X",
+            "stream",
+            "--no-sync",
+        ];
+        c.run(&basebackup, &args, true)?;
+        // The copied postgresql.conf includes ../synapse.conf: this cluster's own settings.
+        c.port = free_port()?;
+        c.write_settings(&ClusterOptions::default())?;
+        c.pg_ctl(&["start", "-w", "-t", "120", "-l", &c.root.join("server.log").display().to_string()])?;
+        Ok(c)
+    }
+
+    /// Promotes a standby to a primary (waits until it accepts writes).
+    pub fn promote(&self) -> Result<()> {
+        self.pg_ctl(&["promote", "-w", "-t", "120"]).map(|_| ())
+    }
+
     fn write_settings(&self, options: &ClusterOptions) -> Result<()> {
         std::fs::write(self.root.join("port"), self.port.to_string()).map_err(io(&self.root))?;
         let mut conf = vec![

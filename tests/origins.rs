@@ -77,5 +77,5 @@ fn applied_changes_are_not_captured_again() {
     // The applier and the copy workers wrote under SynapseDB origins.
     let origins =
         nodes.target.psql("app", "SELECT string_agg(roname, ',' ORDER BY roname) FROM pg_replication_origin").unwrap();
-    assert!(origins.contains("synapse_a") && origins.contains("synapse_a_copy0"), "{origins}");
+    assert!(origins.contains("synapse_a@app,") && origins.contains("synapse_a@app_copy0"), "{origins}");
 }

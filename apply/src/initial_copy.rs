@@ -132,7 +132,7 @@ pub async fn run(
         let target = connect_target(target_config).await?;
         // Copied rows carry a SynapseDB origin like applied ones (one origin per worker: on
         // PostgreSQL 15 an origin binds to one session at a time).
-        crate::replica_session(&target, &format!("{}_copy{k}", crate::origin_name(node))).await?;
+        crate::replica_session(&target, &format!("{}_copy{k}", crate::origin_name(node, target_config))).await?;
         loop {
             let Some(job) = jobs.lock().ok().and_then(|mut j| j.pop_front()) else { return Ok::<_, ApplyError>(()) };
             let (rel, copy_in, binary) = &rels[job.table];

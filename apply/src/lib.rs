@@ -15,7 +15,7 @@
 //! * **Ordering**: source transactions apply in commit order; within a target transaction,
 //!   changes to one table keep their order (see `batch.rs` for why tables may interleave).
 //! * **Loop prevention**: the session runs with `session_replication_role = replica` and a
-//!   replication origin `synapse_<node>`, so a capture on the target can tell applied changes
+//!   replication origin `synapse_<node>@<target database>`, so a capture on the target can tell applied changes
 //!   from local ones.
 //! * **Retries**: deadlocks, serialization failures and connection loss roll back and retry
 //!   from the stored position (see `ApplyError::is_transient`).
@@ -176,8 +176,10 @@ pub async fn connect_target(config: &tokio_postgres::Config) -> Result<Client, A
     synapse_postgres::connect(config, "target").await.map_err(ApplyError::target("connecting to the target"))
 }
 
-pub fn origin_name(node: &str) -> String {
-    synapse_schemas::applied_origin(node)
+/// The replication origin of an applier of `node` into `target` (see
+/// [`synapse_schemas::applied_origin`]).
+pub fn origin_name(node: &str, target: &tokio_postgres::Config) -> String {
+    synapse_schemas::applied_origin(node, target.get_dbname().or(target.get_user()).unwrap_or("postgres"))
 }
 
 /// Makes `client` a session that writes as SynapseDB: triggers and rules of the replica role,
@@ -267,7 +269,7 @@ impl Applier {
     ) -> Result<(), ApplyError> {
         let client = connect_target(&self.config.target).await?;
         target::setup_state(&client).await?;
-        let origin = origin_name(&self.config.node);
+        let origin = origin_name(&self.config.node, &self.config.target);
         // Before the origin: a second session's origin binding fails too (55006), but says
         // less about why.
         target::lock_applier(&client, &self.config.node).await?;

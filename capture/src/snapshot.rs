@@ -35,7 +35,13 @@ pub struct Chunk {
 impl SnapshotSession {
     pub async fn begin(source: &tokio_postgres::Config, slot_hint: &str) -> Result<Self, CaptureError> {
         let mut conn = ReplicationConnection::connect(source, "synapse-snapshot").await?;
-        let name = format!("{}_snap_{}", slot_hint, std::process::id());
+        // Temporary (gone with the session); unique per session, as the copies into several
+        // targets of one source run at once in one process. Slot names are at most 63 bytes.
+        static SESSIONS: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let n = SESSIONS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let suffix = format!("_snap_{}_{n}", std::process::id());
+        let hint: String = slot_hint.chars().take(63 - suffix.len()).collect();
+        let name = format!("{hint}{suffix}");
         let slot = conn.create_slot(&name, true, true).await?;
         let snapshot = slot.snapshot.ok_or_else(|| CaptureError::Protocol("no snapshot exported".into()))?;
         tracing::info!(consistent_point = %Lsn(slot.consistent_point), %snapshot, "exported initial snapshot");

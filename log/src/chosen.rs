@@ -55,6 +55,10 @@ impl ChangeLog for SourceLog {
         delegate!(self, l => l.recover_writer().await)
     }
 
+    async fn consumers(&self) -> Result<Vec<(String, Offset)>, LogError> {
+        delegate!(self, l => l.consumers().await)
+    }
+
     async fn commit_consumer(&self, name: &str, next: Offset) -> Result<(), LogError> {
         delegate!(self, l => l.commit_consumer(name, next).await)
     }

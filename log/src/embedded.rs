@@ -405,6 +405,20 @@ impl ChangeLog for EmbeddedLog {
         .await
     }
 
+    async fn consumers(&self) -> Result<Vec<(String, Offset)>, LogError> {
+        self.blocking(move |_, db| {
+            let tx = db.begin_read().map_err(write_err)?;
+            let t = tx.open_table(CONSUMERS).map_err(write_err)?;
+            let mut all = Vec::new();
+            for entry in t.iter().map_err(write_err)? {
+                let (k, v) = entry.map_err(write_err)?;
+                all.push((k.value().to_owned(), v.value()));
+            }
+            Ok(all)
+        })
+        .await
+    }
+
     async fn remove_consumer(&self, name: &str) -> Result<(), LogError> {
         let name = name.to_owned();
         self.blocking(move |_, db| {

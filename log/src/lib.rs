@@ -117,6 +117,9 @@ pub trait ChangeLog: Send + Sync + 'static {
     /// Forgets consumer `name` (it no longer holds back retention).
     fn remove_consumer(&self, name: &str) -> impl Future<Output = Result<(), LogError>> + Send;
 
+    /// Every registered consumer with its position, by name.
+    fn consumers(&self) -> impl Future<Output = Result<Vec<(String, Offset)>, LogError>> + Send;
+
     /// Finds where to read to get everything after `after` (a transaction's commit LSN and an
     /// index in it; `index` ≥ the transaction's event count means "after the whole
     /// transaction"). Exact: `Gone` only when a record the reader needs was deleted.

@@ -12,6 +12,8 @@
 //! * [`connect`] never waits longer than [`CONNECT_TIMEOUT`] for a server that does not answer
 //!   (unless the URL sets its own `connect_timeout`), and drives the connection on a task of its
 //!   own; a broken connection shows as an error on the next statement, never as a hang in it.
+//!   Its sessions wait at most [`LOCK_TIMEOUT`] for a lock and probe an idle link with TCP
+//!   keepalives after [`KEEPALIVE_IDLE`] (both unless the URL chooses its own).
 //! * [`is_transient`] gives one answer for one error wherever it is asked: a retry with backoff
 //!   can succeed (connection lost, server starting or shutting down, too many clients,
 //!   serialization failure, deadlock, lock or object busy); anything else needs a person.
@@ -34,6 +36,10 @@ use tokio_postgres::{Client, Config, NoTls};
 /// loaded server across regions, short enough that a dead address is reported, not waited on.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// How long synapse's own statements wait for a lock (`lock_timeout`, unless the URL's
+/// `options` set one).
+pub const LOCK_TIMEOUT: Duration = Duration::from_secs(30);
+
 /// Idle time before TCP keepalive probes start on synapse's connections.
 pub const KEEPALIVE_IDLE: Duration = Duration::from_secs(30);
 
@@ -43,6 +49,13 @@ pub async fn connect(config: &Config, purpose: &str) -> Result<Client, tokio_pos
     let mut config = config.clone();
     if config.get_connect_timeout().is_none() {
         config.connect_timeout(CONNECT_TIMEOUT);
+    }
+    // A lock held by an application transaction fails synapse's statement after a while (a
+    // transient error: retried) instead of hanging it — and, for DDL such as installing a
+    // trigger, instead of queueing every later reader of the table behind it.
+    let options = config.get_options().unwrap_or_default().to_owned();
+    if !options.contains("lock_timeout") {
+        config.options(format!("{options} -c lock_timeout={}", LOCK_TIMEOUT.as_millis()).trim());
     }
     // A peer gone without a reset (a dropped NAT entry, a dead host) is noticed in about a
     // minute instead of the kernel's two hours, unless the URL chose its own keepalives.

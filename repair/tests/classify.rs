@@ -68,6 +68,26 @@ async fn capture_apply_and_repair_classify_server_errors_alike() {
     assert!(synapse_postgres::is_transient(&lost.pop().unwrap()), "a lost connection is transient");
     assert_eq!(stages(|| lost.pop().unwrap()), [true; 3], "a lost connection: capture, apply, repair");
 
+    // A lock held by someone else: synapse's sessions wait at most lock_timeout (30 s unless the
+    // URL sets one), then fail with 55P03, which every stage retries.
+    let shown: String = client.query_one("SHOW lock_timeout", &[]).await.unwrap().get(0);
+    assert_eq!(shown, "30s");
+    client.batch_execute("CREATE TABLE held (id int)").await.unwrap();
+    let holder = synapse_postgres::connect_str(&url, "holder").await.unwrap();
+    holder.batch_execute("BEGIN; LOCK TABLE held").await.unwrap();
+    let short = format!("{url}?options=-c%20lock_timeout%3D150");
+    let mut waited = Vec::new();
+    for _ in 0..4 {
+        let waiter = synapse_postgres::connect_str(&short, "waiter").await.unwrap();
+        let started = std::time::Instant::now();
+        waited.push(waiter.batch_execute("SELECT * FROM held").await.unwrap_err());
+        assert!(started.elapsed() < std::time::Duration::from_secs(5), "the lock wait was not bounded");
+    }
+    assert_eq!(waited[0].code().map(|c| c.code()), Some("55P03"));
+    assert!(synapse_postgres::is_transient(&waited.pop().unwrap()));
+    assert_eq!(stages(|| waited.pop().unwrap()), [true; 3], "a lock timeout: capture, apply, repair");
+    holder.batch_execute("ROLLBACK").await.unwrap();
+
     // A server that is not there at all: refused before any SQLSTATE.
     let port = cluster.port();
     drop(cluster);

@@ -292,6 +292,7 @@ pub async fn start(config: &Config, health: Arc<Health>, shutdown: watch::Receiv
     let mut running =
         Running { captures: Vec::new(), appliers: Vec::new(), tasks: JoinSet::new(), webhooks: None, api_addr: None };
     let logs = start_delivery(config, &mut running, &health, &shutdown).await?;
+    forget_removed_appliers(config, &logs).await;
     let mut mesh_tables = BTreeMap::new();
     if let Some(m) = &config.mesh {
         // Each node's triggers are installed by a task of its own (a node that refuses parks
@@ -420,6 +421,42 @@ async fn watch_slot_lag(
         }
         over = true;
         health.note(&component, Some(note));
+    }
+}
+
+/// An applier's position in a source's log holds back the log's retention; a target removed
+/// from the configuration would hold it forever. Its position stays in the target itself
+/// (`synapse.applied`): a target added back resumes there, or is told its changes are gone.
+async fn forget_removed_appliers(config: &Config, logs: &BTreeMap<String, Arc<SourceLog>>) {
+    for (source, log) in logs {
+        let wanted: Vec<String> = config
+            .targets
+            .iter()
+            .filter(|t| config.sources_of(t).any(|s| &s.name == source))
+            .map(|t| format!("apply-{}", t.name))
+            .collect();
+        let consumers = match log.consumers().await {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::warn!(source = %source, error = %chain(&e), "cannot list the log's consumers; removed targets may hold retention");
+                continue;
+            }
+        };
+        for (name, position) in consumers {
+            if name.starts_with("apply-") && !wanted.contains(&name) {
+                match log.remove_consumer(&name).await {
+                    Ok(()) => tracing::warn!(
+                        source = %source,
+                        consumer = %name,
+                        position,
+                        "forgot the log position of a target no longer configured to apply this source (it held log retention)"
+                    ),
+                    Err(e) => {
+                        tracing::warn!(source = %source, consumer = %name, error = %chain(&e), "cannot forget a removed target's log position")
+                    }
+                }
+            }
+        }
     }
 }
 

@@ -25,13 +25,16 @@ pub use model::*;
 /// The published JSON Schema of one change event (CloudEvents envelope + Debezium data).
 pub const CHANGE_EVENT_SCHEMA: &str = include_str!("../change-event.schema.json");
 
-/// Replication origins of changes SynapseDB applied start with this (`synapse_<source node>`):
-/// a capture can tell them from the node's own writes.
+/// Replication origins of changes SynapseDB applied start with this
+/// (`synapse_<source node>@<target database>`): a capture can tell them from the node's own
+/// writes.
 pub const APPLIED_ORIGIN_PREFIX: &str = "synapse_";
 
-/// The replication origin an applier of `source_node`'s changes runs under.
-pub fn applied_origin(source_node: &str) -> String {
-    format!("{APPLIED_ORIGIN_PREFIX}{source_node}")
+/// The replication origin an applier of `source_node`'s changes into database `target_db`
+/// runs under. Origins are shared by a cluster's databases and bind to one session at a time,
+/// so two targets that are databases of one cluster need origins of their own.
+pub fn applied_origin(source_node: &str, target_db: &str) -> String {
+    format!("{APPLIED_ORIGIN_PREFIX}{source_node}@{target_db}")
 }
 
 /// Now, in the model's time unit: microseconds since the Unix epoch.

@@ -693,6 +693,12 @@ impl ChangeLog for KafkaLog {
         Ok(self.state().consumers.get(name).copied())
     }
 
+    async fn consumers(&self) -> Result<Vec<(String, Offset)>, LogError> {
+        let mut all: Vec<(String, Offset)> = self.state().consumers.iter().map(|(k, v)| (k.clone(), *v)).collect();
+        all.sort();
+        Ok(all)
+    }
+
     async fn remove_consumer(&self, name: &str) -> Result<(), LogError> {
         self.put_consumer(name, None).await?;
         self.state().consumers.remove(name);

@@ -98,8 +98,11 @@ where
         let got: Vec<u64> = fresh.read(from, 100).await.unwrap().iter().map(|(o, _)| *o).collect();
         assert_eq!(got, t2_offsets.iter().copied().filter(|o| *o >= from).collect::<Vec<_>>(), "from {from}");
     }
+    let names: Vec<String> = log.consumers().await.unwrap().into_iter().map(|(n, _)| n).collect();
+    assert!(names.contains(&"apply".to_string()), "{names:?}");
     log.remove_consumer("apply").await.unwrap();
     assert_eq!(log.consumer_position("apply").await.unwrap(), None);
+    assert!(log.consumers().await.unwrap().iter().all(|(n, _)| n != "apply"), "removed from the list");
 
     // A reader waiting at the head wakes when the writer appends.
     let reader = log.clone();

@@ -191,7 +191,8 @@ impl Capture {
     /// Never crosses a gap: when `log` already holds changes of this source, a missing slot
     /// (dropped, or a promoted standby that never had it) or an invalidated one (`wal_status =
     /// 'lost'`) means changes were lost in between, and `prepare` fails with
-    /// [`CaptureError::Gap`] instead of creating a slot that would start after them.
+    /// [`CaptureError::Gap`] instead of creating a slot that would start after them
+    /// (docs/decisions/0009-never-silent.md).
     pub async fn prepare<L: ChangeLog>(&self, log: &L) -> Result<Prepared, CaptureError> {
         let history = log.recover_writer().await?;
         self.prepare_with(&history).await

@@ -12,7 +12,7 @@
 //!   Later migrations run exactly once and need not be idempotent.
 //!
 //! Adding a migration: append to [`MIGRATIONS`] (never edit a released one) and raise nothing
-//! else — [`LATEST`] is the last entry's version.
+//! else — [`LATEST`] is the last entry's version. See docs/decisions/0010-node-schema.md.
 
 use tokio_postgres::Client;
 

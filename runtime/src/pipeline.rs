@@ -40,7 +40,7 @@ pub struct ComponentFailed {
 /// back to 200 ms after an attempt that ran a minute: a failure after long healthy work is a
 /// new incident, not the next of a series). A definite failure parks the component: it waits
 /// [`crate::ops::Supervision::park_retry`] (or a SIGHUP) and tries again, while every other
-/// component keeps running; `Err` only with `exit_on_park`.
+/// component keeps running; `Err` only with `exit_on_park` (docs/decisions/0009-never-silent.md).
 pub async fn supervise<T, E: Classify, Fut: Future<Output = Result<T, E>>>(
     component: &str,
     health: &Health,

@@ -43,6 +43,24 @@ struct Stored {
     version: String,
 }
 
+/// Agreed tombstones a round could not delete on every node (a node became unreachable in
+/// step 3): they are deleted there first by the next round. Without this they would stay on
+/// that node for good — the other nodes no longer hold them, so they never agree again. It
+/// stays safe later: the delete still requires the agreed version.
+#[derive(Default)]
+pub struct Unfinished(Vec<(usize, Vec<Stored>)>);
+
+impl Unfinished {
+    /// Tombstones still to delete, over all nodes.
+    pub fn len(&self) -> usize {
+        self.0.iter().map(|(_, s)| s.len()).sum()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+}
+
 /// What one round did.
 #[derive(Debug, Default, PartialEq, Eq)]
 pub struct Purged {
@@ -66,10 +84,26 @@ pub async fn purge_round(
     hops: usize,
     batch: i64,
     patience: Duration,
+    unfinished: &mut Unfinished,
 ) -> Result<Purged, ApplyError> {
     let mut clients = Vec::with_capacity(nodes.len());
     for n in nodes {
         clients.push(connect_target(&n.target).await?);
+    }
+    // 0. What an earlier round agreed on but could not delete everywhere.
+    let mut finished = 0;
+    while let Some((i, stored)) = unfinished.0.pop() {
+        let Some(c) = clients.get(i) else { continue };
+        match delete_agreed(c, &stored).await {
+            Ok(n) => finished += n,
+            Err(e) => {
+                unfinished.0.push((i, stored));
+                return Err(e);
+            }
+        }
+    }
+    if finished > 0 {
+        tracing::info!(deleted = finished, "finished an interrupted tombstone purge");
     }
     let Some(first) = clients.first() else { return Ok(Purged::default()) };
     let candidates = first
@@ -149,21 +183,17 @@ pub async fn purge_round(
         }
     }
 
-    // 3. Delete where the version is still the agreed one.
-    let (t, (p, v)): (Vec<&str>, (Vec<&str>, Vec<&str>)) =
-        agreed.iter().map(|s| (s.tbl.as_str(), (s.pk.as_str(), s.version.as_str()))).unzip();
+    // 3. Delete where the version is still the agreed one; a node that fails keeps its share
+    //    (and the nodes after it theirs) for the next round.
     let mut deleted = 0;
-    for c in &clients {
-        deleted += c
-            .execute(
-                &format!(
-                    "DELETE FROM synapse.row_version r USING unnest($1::text[], $2::text[], $3::text[]) AS u(t, p, v)
-                     WHERE r.tbl = u.t AND r.pk = u.p::jsonb AND NOT r.live AND {VERSION_TEXT} = u.v"
-                ),
-                &[&t, &p, &v],
-            )
-            .await
-            .map_err(ApplyError::target("purging stable tombstones"))?;
+    for (i, c) in clients.iter().enumerate() {
+        match delete_agreed(c, &agreed).await {
+            Ok(n) => deleted += n,
+            Err(e) => {
+                unfinished.0.extend((i..clients.len()).map(|j| (j, agreed.clone())));
+                return Err(e);
+            }
+        }
     }
     let mut per_table: HashMap<&str, u64> = HashMap::new();
     for s in &agreed {
@@ -173,6 +203,21 @@ pub async fn purge_round(
         metrics::counter!("synapse_mesh_tombstones_purged_total", "table" => table.to_owned()).increment(n);
     }
     Ok(Purged { agreed: agreed.len(), deleted })
+}
+
+/// Deletes the tombstones of `stored` that still hold their agreed version.
+async fn delete_agreed(c: &Client, stored: &[Stored]) -> Result<u64, ApplyError> {
+    let (t, (p, v)): (Vec<&str>, (Vec<&str>, Vec<&str>)) =
+        stored.iter().map(|s| (s.tbl.as_str(), (s.pk.as_str(), s.version.as_str()))).unzip();
+    c.execute(
+        &format!(
+            "DELETE FROM synapse.row_version r USING unnest($1::text[], $2::text[], $3::text[]) AS u(t, p, v)
+             WHERE r.tbl = u.t AND r.pk = u.p::jsonb AND NOT r.live AND {VERSION_TEXT} = u.v"
+        ),
+        &[&t, &p, &v],
+    )
+    .await
+    .map_err(ApplyError::target("purging stable tombstones"))
 }
 
 async fn slot_passed(c: &Client, slot: &str, lsn: &str) -> Result<bool, ApplyError> {

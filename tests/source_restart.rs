@@ -81,6 +81,18 @@ fn wait_readyz(ops: &str, part: &str, log: &std::path::Path) -> String {
     }
 }
 
+/// `synapse repair fix` of `public.items` between source a and target b; it must succeed.
+fn repair_fix(config: &std::path::Path) {
+    let args = ["repair", "fix", "--config", config.to_str().unwrap(), "--nodes", "a,b", "--table", "public.items"];
+    let out = common::synapse(&args).output().unwrap();
+    assert!(out.status.success(), "{}\n{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+}
+
+/// Tries every parked component of `child` again now.
+fn sighup(child: &common::Synapse) {
+    std::process::Command::new("kill").args(["-HUP", &child.id().to_string()]).status().unwrap();
+}
+
 fn slots(nodes: &Nodes) -> String {
     nodes.source.psql("app", "SELECT coalesce(string_agg(slot_name, ','), '-') FROM pg_replication_slots").unwrap()
 }
@@ -126,7 +138,7 @@ fn a_dropped_slot_is_a_gap_never_crossed() {
 
     // The operator accepts the gap as told; the stream resumes from the new slot.
     nodes.source.psql("app", "SELECT pg_create_logical_replication_slot('synapse_a', 'pgoutput')").unwrap();
-    std::process::Command::new("kill").args(["-HUP", &child.id().to_string()]).status().unwrap();
+    sighup(&child);
     wait_readyz(&ops, "capture/a: streaming", &log);
     nodes.source.psql("app", "INSERT INTO items VALUES (600, 600)").unwrap();
     common::wait_equal(
@@ -137,19 +149,7 @@ fn a_dropped_slot_is_a_gap_never_crossed() {
     );
     // What the gap lost (rows 100–199 and 500) is restored by repair.
     let config = nodes.dir.path().join("synapse.yaml");
-    let out = common::synapse(&[
-        "repair",
-        "fix",
-        "--config",
-        config.to_str().unwrap(),
-        "--nodes",
-        "a,b",
-        "--table",
-        "public.items",
-    ])
-    .output()
-    .unwrap();
-    assert!(out.status.success(), "{}\n{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    repair_fix(&config);
     let q = "SELECT count(*) || ':' || sum(v) FROM items";
     common::wait_equal(&nodes.source, &nodes.target, q, Duration::from_secs(60));
     drop(child);
@@ -335,23 +335,11 @@ fn a_promoted_standby_is_a_gap_never_crossed() {
 
     // Accepted on the new primary: streaming resumes; repair restores the gap.
     standby.psql("app", "SELECT pg_create_logical_replication_slot('synapse_a', 'pgoutput')").unwrap();
-    std::process::Command::new("kill").args(["-HUP", &child.id().to_string()]).status().unwrap();
+    sighup(&child);
     wait_readyz(&ops, "capture/a: streaming", &log);
     standby.psql("app", "INSERT INTO items VALUES (700, 700)").unwrap();
     common::wait_equal(&standby, &nodes.target, "SELECT count(*) FROM items WHERE id = 700", Duration::from_secs(60));
-    let out = common::synapse(&[
-        "repair",
-        "fix",
-        "--config",
-        config.to_str().unwrap(),
-        "--nodes",
-        "a,b",
-        "--table",
-        "public.items",
-    ])
-    .output()
-    .unwrap();
-    assert!(out.status.success(), "{}\n{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    repair_fix(&config);
     common::wait_equal(&standby, &nodes.target, "SELECT count(*) || ':' || sum(v) FROM items", Duration::from_secs(60));
     drop(child);
 }

@@ -50,17 +50,6 @@ struct Stored {
 #[derive(Default)]
 pub struct Unfinished(Vec<(usize, Vec<Stored>)>);
 
-impl Unfinished {
-    /// Tombstones still to delete, over all nodes.
-    pub fn len(&self) -> usize {
-        self.0.iter().map(|(_, s)| s.len()).sum()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.0.is_empty()
-    }
-}
-
 /// What one round did.
 #[derive(Debug, Default, PartialEq, Eq)]
 pub struct Purged {

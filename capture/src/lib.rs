@@ -134,6 +134,10 @@ pub struct Prepared {
     pub slot_created: bool,
 }
 
+/// The two gaps a slot shows (see [`Capture::prepare`]), as [`CaptureError::Gap`] names them.
+const SLOT_MISSING: &str = "its replication slot is missing (dropped, or this is a promoted standby that never had it)";
+const SLOT_INVALIDATED: &str = "its replication slot was invalidated (wal_status = lost: the server removed WAL the slot still needed, e.g. past max_slot_wal_keep_size)";
+
 /// The capture of one source node. See the crate docs for its guarantees.
 pub struct Capture {
     config: CaptureConfig,
@@ -240,13 +244,7 @@ impl Capture {
         // that slot's history, not a new one.
         let slot_created = match catalog::slot_state(&client, &self.config.slot).await? {
             None if history.next_offset > 0 => {
-                return Err(self
-                    .gap(
-                        &client,
-                        "its replication slot is missing (dropped, or this is a promoted standby that never had it)",
-                        history,
-                    )
-                    .await);
+                return Err(self.gap(&client, SLOT_MISSING, history).await);
             }
             None => {
                 let mut conn = ReplicationConnection::connect(&self.config.source, "synapse-setup").await?;
@@ -255,7 +253,7 @@ impl Capture {
                 true
             }
             Some(s) if s.wal_status.as_deref() == Some("lost") => {
-                return Err(self.gap(&client, "its replication slot was invalidated (wal_status = lost: the server removed WAL the slot still needed, e.g. past max_slot_wal_keep_size)", history).await);
+                return Err(self.gap(&client, SLOT_INVALIDATED, history).await);
             }
             Some(_) => false,
         };
@@ -286,7 +284,7 @@ impl Capture {
             .unwrap_or_else(|_| "unknown".into());
         let slot = &self.config.slot;
         let create = format!("SELECT pg_create_logical_replication_slot('{slot}', 'pgoutput')");
-        let accept = if what.contains("invalidated") {
+        let accept = if what == SLOT_INVALIDATED {
             format!("on the source, SELECT pg_drop_replication_slot('{slot}'); {create}; then send synapse SIGHUP (or wait for its retry)")
         } else {
             format!("on the source, {create}; then send synapse SIGHUP (or wait for its retry)")
@@ -321,9 +319,9 @@ impl Capture {
                 Err(CaptureError::Server(e)) if e.code == "42704" || (e.code == "55000" && e.message.contains("can no longer")) => {
                     let client = self.client().await?;
                     let what = if e.code == "42704" {
-                        "its replication slot is missing (dropped, or this is a promoted standby that never had it)"
+                        SLOT_MISSING
                     } else {
-                        "its replication slot was invalidated (wal_status = lost: the server removed WAL the slot still needed, e.g. past max_slot_wal_keep_size)"
+                        SLOT_INVALIDATED
                     };
                     return Err(self.gap(&client, what, &state).await);
                 }

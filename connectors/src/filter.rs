@@ -474,12 +474,7 @@ mod tests {
             ("a in (1 2)", "expected `,` or `)`"),
             ("a is 3", "expected NULL"),
             ("a = 1x", "not a number"),
-        ] {
-            let e = bad.parse::<RowFilter>().unwrap_err();
-            assert!(e.contains(msg), "{bad}: {e}");
-        }
-        // Where it goes wrong (1-based character) and the fix; operators as written.
-        for (bad, msg) in [
+            // Where it goes wrong (1-based character) and the fix; operators as written.
             ("status == 'paid'", "`==` is not an operator at character 8; compare with a single `=`"),
             ("status = paid", "found `paid` at character 10; quote text values in single quotes"),
             ("= 'paid'", "expected a column name, found `=` at character 1"),

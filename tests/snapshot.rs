@@ -56,8 +56,16 @@ fn snapshot_then_changes_have_no_gap_and_no_duplicate() {
         })
     };
     std::thread::sleep(Duration::from_millis(300));
-    let body =
-        http.get(format!("http://{api}/v1/streams/a/snapshot?tables=public.items")).send().unwrap().text().unwrap();
+    // Refused (503) until the capture has its slot; then taken while the writer runs.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let body = loop {
+        let r = http.get(format!("http://{api}/v1/streams/a/snapshot?tables=public.items")).send().unwrap();
+        if r.status() != 503 {
+            break r.text().unwrap();
+        }
+        assert!(Instant::now() < deadline, "snapshots still refused: {}", r.text().unwrap());
+        std::thread::sleep(Duration::from_millis(100));
+    };
     std::thread::sleep(Duration::from_millis(300));
     stop.store(true, Ordering::Relaxed);
     writer.join().unwrap();
@@ -113,4 +121,39 @@ fn snapshot_then_changes_have_no_gap_and_no_duplicate() {
     assert_eq!(r.status(), 400);
     child.kill().unwrap();
     child.wait().unwrap();
+}
+
+/// A snapshot whose cursor the log could not follow without a gap is refused: here the capture
+/// is parked before it could create its slot (its publication is missing and it may not create
+/// one), so changes after the snapshot would never reach the log.
+#[test]
+fn a_snapshot_is_refused_while_the_capture_has_no_slot() {
+    let nodes = Nodes::start(common::ITEMS_SCHEMA);
+    let api = format!("127.0.0.1:{}", std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port());
+    let config = nodes.dir.path().join("synapse.yaml");
+    std::fs::write(
+        &config,
+        format!(
+            "log:\n  dir: {}\nsources:\n  - name: a\n    url: {}\n    create_publication: false\nops:\n  listen: \"\"\napi:\n  listen: \"{api}\"\n",
+            nodes.dir.path().join("log").display(),
+            nodes.source.url("app"),
+        ),
+    )
+    .unwrap();
+    let log = nodes.dir.path().join("synapse.log");
+    let _child = spawn_run(&config, &log);
+    let http = reqwest::blocking::Client::builder().timeout(Duration::from_secs(60)).build().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let r = loop {
+        if let Ok(r) = http.get(format!("http://{api}/v1/streams/a/snapshot")).send() {
+            break r;
+        }
+        assert!(Instant::now() < deadline, "{}", std::fs::read_to_string(&log).unwrap_or_default());
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert_eq!(r.status(), 503);
+    let body: serde_json::Value = r.json().unwrap();
+    assert_eq!(body["error"]["code"], "CON010", "{body}");
+    assert!(body["error"]["message"].as_str().unwrap().contains("synapse_a"), "{body}");
+    assert!(body["error"]["hint"].as_str().unwrap().contains("/readyz"), "{body}");
 }

@@ -57,11 +57,12 @@ fn kill_dash_nine_during_delivery_redelivers_with_the_same_id() {
     let nodes = Nodes::start(common::ITEMS_SCHEMA);
     let secret = synapse_connectors::webhook::signing::Secret::generate();
     let (url, seen) = start_receiver(&rt, secret.clone());
-    let api = format!("127.0.0.1:{}", free_port());
+    let (api, ops) = (format!("127.0.0.1:{}", free_port()), format!("127.0.0.1:{}", free_port()));
     let config = nodes.config("");
     let text = std::fs::read_to_string(&config)
         .unwrap()
-        .replace("api:\n  listen: \"\"", &format!("api:\n  listen: \"{api}\""));
+        .replace("api:\n  listen: \"\"", &format!("api:\n  listen: \"{api}\""))
+        .replace("ops:\n  listen: \"\"", &format!("ops:\n  listen: \"{ops}\""));
     let text = format!(
         "{text}webhooks:\n  - name: items-hook\n    url: {url}\n    secrets: [\"{secret}\"]\n    tables: [public.items]\n    operations: [insert]\n    retry_schedule: [0s, 100ms, 200ms, 500ms, 1s, 1s, 1s, 1s, 1s, 1s, 1s, 1s]\n"
     );
@@ -69,13 +70,15 @@ fn kill_dash_nine_during_delivery_redelivers_with_the_same_id() {
     let log = nodes.dir.path().join("synapse.log");
 
     let mut child = spawn_run(&config, &log);
-    // The endpoint starts at the head of the log: wait until it runs before writing.
+    // The endpoint gets what the capture records from its slot's creation on: wait until the
+    // pipeline is ready (the API itself comes up earlier) before writing.
     let deadline = Instant::now() + Duration::from_secs(60);
     let http = reqwest::blocking::Client::new();
-    while !http.get(format!("http://{api}/v1/endpoints/items-hook")).send().is_ok_and(|r| r.status().is_success()) {
-        assert!(Instant::now() < deadline, "the API never came up:\n{}", std::fs::read_to_string(&log).unwrap());
+    while !http.get(format!("http://{ops}/readyz")).send().is_ok_and(|r| r.status().is_success()) {
+        assert!(Instant::now() < deadline, "synapse never became ready:\n{}", std::fs::read_to_string(&log).unwrap());
         std::thread::sleep(Duration::from_millis(100));
     }
+    assert!(http.get(format!("http://{api}/v1/endpoints/items-hook")).send().unwrap().status().is_success());
     let mut rng = rand::thread_rng();
     let mut next = 1i64;
     for round in 0..6 {
@@ -104,7 +107,11 @@ fn kill_dash_nine_during_delivery_redelivers_with_the_same_id() {
         if distinct >= rows {
             break;
         }
-        assert!(Instant::now() < deadline, "only {distinct} of {rows} inserts delivered");
+        if Instant::now() >= deadline {
+            let text = std::fs::read_to_string(&log).unwrap();
+            let tail: Vec<&str> = text.lines().rev().take(80).collect::<Vec<_>>().into_iter().rev().collect();
+            panic!("only {distinct} of {rows} inserts delivered\nlog tail:\n{}", tail.join("\n"));
+        }
         std::thread::sleep(Duration::from_millis(100));
     }
     let g = seen.lock().unwrap();

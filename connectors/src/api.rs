@@ -58,8 +58,18 @@ pub struct Token {
 pub struct StreamSource<L> {
     pub log: Arc<L>,
     pub source: SourceInfo,
-    /// The source database, for snapshots (`None`: the stream offers none).
-    pub snapshot_source: Option<tokio_postgres::Config>,
+    /// The source database and its capture's slot, for snapshots (`None`: the stream offers
+    /// none).
+    pub snapshot_source: Option<SnapshotSource>,
+}
+
+/// Where a stream's snapshots are read.
+#[derive(Clone)]
+pub struct SnapshotSource {
+    pub config: tokio_postgres::Config,
+    /// The capture's slot: a snapshot is refused while it is missing (see
+    /// [`crate::snapshot::ensure_capturing`]).
+    pub capture_slot: String,
 }
 
 /// Shared state of the API server.
@@ -297,10 +307,11 @@ async fn snapshot<L: ChangeLog>(
         return Err(ConnectorError::NotFound { what: format!("snapshots of stream `{name}`") });
     };
     let info = s.source.clone();
+    crate::snapshot::ensure_capturing(&source, &info.node).await?;
     metrics::counter!("synapse_stream_requests_total", "stream" => name.clone(), "mode" => "snapshot").increment(1);
     let (tx, rx) = tokio::sync::mpsc::channel::<bytes::Bytes>(4);
     tokio::spawn(async move {
-        let end = match crate::snapshot::stream_snapshot(&source, &info, &selector, &tx).await {
+        let end = match crate::snapshot::stream_snapshot(&source.config, &info, &selector, &tx).await {
             Ok(resume) => json!({"control": "snapshot-end", "cursor": resume.to_string()}),
             Err(e) => {
                 tracing::warn!(stream = %info.node, error = %synapse_error::chain(&e), "snapshot failed");

@@ -32,6 +32,8 @@ pub enum ConnectorError {
     Source(#[from] synapse_capture::CaptureError),
     #[error("publishing to the Kafka topics failed")]
     Publish(#[source] LogError),
+    #[error("source {node} has no capture slot `{slot}` yet (or lost it): a snapshot now could not be followed without a gap")]
+    NotCapturing { node: String, slot: String },
     #[error("reading {table} for the snapshot failed")]
     Snapshot {
         table: String,
@@ -70,13 +72,16 @@ impl synapse_error::Classify for ConnectorError {
             ConnectorError::Source(e) => e.code(),
             ConnectorError::Snapshot { .. } => "CON009",
             ConnectorError::Publish(e) => e.code(),
+            ConnectorError::NotCapturing { .. } => "CON010",
         }
     }
 
     fn is_transient(&self) -> bool {
         match self {
             ConnectorError::Log(e) => e.is_transient(),
-            ConnectorError::Store { .. } | ConnectorError::Snapshot { .. } => true,
+            ConnectorError::Store { .. } | ConnectorError::Snapshot { .. } | ConnectorError::NotCapturing { .. } => {
+                true
+            }
             ConnectorError::Source(e) => e.is_transient(),
             ConnectorError::Publish(e) => e.is_transient(),
             _ => false,
@@ -101,6 +106,10 @@ impl synapse_error::Classify for ConnectorError {
             ConnectorError::Publish(e) => e.hint(),
             ConnectorError::Snapshot { .. } => {
                 "retry the snapshot; check the source is reachable and the table readable"
+            }
+            ConnectorError::NotCapturing { .. } => {
+                "retry once /readyz shows the source's capture streaming; if it is parked on a gap, \
+                 follow the fix it names"
             }
         }
     }

@@ -20,6 +20,27 @@ use tokio_postgres::SimpleQueryMessage;
 /// Rows fetched per round trip (and per chunk sent to the client).
 const FETCH_ROWS: usize = 1_000;
 
+/// Refuses while the capture's slot is missing or lost. The snapshot's resume cursor is its own
+/// slot's consistent point; only a capture slot made before it guarantees the log will hold
+/// every change after that point (a slot made later starts later, and the changes in between
+/// would be in neither).
+pub async fn ensure_capturing(source: &crate::api::SnapshotSource, node: &str) -> Result<(), ConnectorError> {
+    let sql = synapse_capture::CaptureError::sql;
+    let client =
+        synapse_postgres::connect(&source.config, "snapshot").await.map_err(sql("connecting to the source"))?;
+    let slot = client
+        .query_opt(
+            "SELECT 1 FROM pg_replication_slots WHERE slot_name = $1 AND wal_status IS DISTINCT FROM 'lost'",
+            &[&source.capture_slot],
+        )
+        .await
+        .map_err(sql("reading the capture's slot"))?;
+    match slot {
+        Some(_) => Ok(()),
+        None => Err(ConnectorError::NotCapturing { node: node.to_owned(), slot: source.capture_slot.clone() }),
+    }
+}
+
 /// Streams the snapshot as JSON lines into `out`; returns the resume cursor. Stops early
 /// (without error) if the receiver goes away.
 pub async fn stream_snapshot(

@@ -14,7 +14,7 @@ use std::sync::Arc;
 use std::time::Duration;
 use synapse_apply::{initial_copy, Applier, ApplyConfig, ApplyStats};
 use synapse_capture::{Capture, CaptureConfig, CaptureStats};
-use synapse_connectors::api::{Api, StreamSource, Token};
+use synapse_connectors::api::{Api, SnapshotSource, StreamSource, Token};
 use synapse_connectors::feed::SourceInfo;
 use synapse_connectors::webhook::{store::Store, WebhookSource, Webhooks};
 use synapse_error::Classify;
@@ -201,7 +201,10 @@ async fn start_delivery(
             streams: logs
                 .iter()
                 .map(|(n, l)| {
-                    let pg = config.sources.iter().find(|s| &s.name == n).and_then(|s| s.url.pg_config().ok());
+                    let pg = config.sources.iter().find(|s| &s.name == n).and_then(|s| {
+                        let c = capture_config(s).ok()?;
+                        Some(SnapshotSource { config: c.source, capture_slot: c.slot })
+                    });
                     (n.clone(), StreamSource { log: l.clone(), source: info(n), snapshot_source: pg })
                 })
                 .collect(),

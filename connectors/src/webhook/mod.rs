@@ -329,7 +329,8 @@ impl<L: ChangeLog> Webhooks<L> {
             if !v.spec.sources.is_empty() && !v.spec.sources.contains(source_name) {
                 continue;
             }
-            // A new endpoint starts at the head: it gets what is committed from now on.
+            // A new endpoint starts at the head: it gets every change captured from now on
+            // (on a fresh start, that is from the slot's creation; see README "Webhooks").
             if self.store.position(name, source_name).await?.is_none() {
                 let head = src.log.head_cursor().await?;
                 self.store.set_position(name, source_name, head).await?;

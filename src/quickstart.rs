@@ -141,17 +141,9 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
     let config = Config {
         log: LogConfig { dir: data_dir.clone(), ..Default::default() },
         sources: vec![SourceConfig {
-            name: "a".into(),
-            url: SecretUrl::new(source_url.clone()),
-            slot: None,
-            publication: "synapse".into(),
-            tables: vec![],
-            create_publication: true,
             heartbeat_interval_secs: 1.0,
             receive_timeout_secs: 60.0,
-            max_slot_lag_bytes: None,
-            max_slot_lag_secs: None,
-            forward_applied: true,
+            ..SourceConfig::new("a", SecretUrl::new(source_url.clone()))
         }],
         targets: vec![TargetConfig {
             name: "b".into(),

@@ -41,18 +41,14 @@ fn source_crash_and_restart_mid_stream() {
     assert!(text.contains("reconnecting the source SQL connection"), "{text}");
 }
 
-/// `synapse run` on `nodes` with /readyz on a free port and a 1 s slow retry.
-fn start_with_ops(nodes: &Nodes, log: &std::path::Path) -> (common::Synapse, String) {
-    start_with_ops_and(nodes, log, "")
-}
-
-/// [`start_with_ops`] with `extra` lines in source a.
-fn start_with_ops_and(nodes: &Nodes, log: &std::path::Path, extra: &str) -> (common::Synapse, String) {
+/// `synapse run` on `nodes` with /readyz on a free port, a 1 s slow retry, and `extra` lines
+/// in source a.
+fn start_with_ops(nodes: &Nodes, log: &std::path::Path, extra: &str) -> (common::Synapse, String) {
     let (config, ops) = config_with_ops(nodes, extra);
     (spawn_run(&config, log), ops)
 }
 
-/// The configuration of [`start_with_ops_and`] and its ops address.
+/// The configuration of [`start_with_ops`] and its ops address.
 fn config_with_ops(nodes: &Nodes, extra: &str) -> (std::path::PathBuf, String) {
     let config = nodes.config(extra);
     let ops = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().to_string();
@@ -100,8 +96,17 @@ fn slots(nodes: &Nodes) -> String {
 /// Synapse runs once (copies, streams a row), stops; the slot is then lost by `lose` while rows
 /// are written. Returns the running synapse, its ops address and log.
 fn lose_the_slot(nodes: &Nodes, lose: impl FnOnce(&Nodes)) -> (common::Synapse, String, std::path::PathBuf) {
+    lose_the_slot_with(nodes, "", lose)
+}
+
+/// [`lose_the_slot`] with `extra` lines in source a.
+fn lose_the_slot_with(
+    nodes: &Nodes,
+    extra: &str,
+    lose: impl FnOnce(&Nodes),
+) -> (common::Synapse, String, std::path::PathBuf) {
     let log = nodes.dir.path().join("synapse.log");
-    let (mut child, _) = start_with_ops(nodes, &log);
+    let (mut child, _) = start_with_ops(nodes, &log, extra);
     nodes.wait_copied(2, Duration::from_secs(60), &log);
     nodes.source.psql("app", "INSERT INTO items VALUES (1, 1)").unwrap();
     common::wait_equal(&nodes.source, &nodes.target, "SELECT count(*) FROM items", Duration::from_secs(60));
@@ -109,8 +114,71 @@ fn lose_the_slot(nodes: &Nodes, lose: impl FnOnce(&Nodes)) -> (common::Synapse, 
     child.wait().unwrap();
     lose(nodes);
     nodes.source.psql("app", "INSERT INTO items SELECT g, g FROM generate_series(100, 199) g").unwrap();
-    let (child, ops) = start_with_ops(nodes, &log);
+    let (child, ops) = start_with_ops(nodes, &log, extra);
     (child, ops, log)
+}
+
+/// Every row of `items`, digested: equal on two nodes only when they hold the same rows.
+const ITEMS_DIGEST: &str =
+    "SELECT count(*) || ':' || coalesce(md5(string_agg(id || '=' || v, ',' ORDER BY id)), '-') FROM items";
+
+/// With `on_gap: resync`, after a slot lost in `lose`: synapse crosses the gap by itself — a
+/// new slot, the target re-synced — and the target ends identical to the source, with the
+/// rows written during the gap and while the re-sync ran; streaming goes on after it.
+fn resyncs_after(lose: impl FnOnce(&Nodes)) {
+    let nodes = Nodes::start(ITEMS_SCHEMA);
+    let (child, ops, log) = lose_the_slot_with(&nodes, "    on_gap: resync\n", lose);
+    nodes.source.psql("app", "INSERT INTO items VALUES (500, 500); UPDATE items SET v = 7 WHERE id = 1").unwrap();
+    common::wait_equal(&nodes.source, &nodes.target, ITEMS_DIGEST, Duration::from_secs(120));
+    let body = wait_readyz(&ops, "capture/a: streaming", &log);
+    assert!(!body.contains("resync/a"), "the re-sync is done, so it is no longer listed: {body}");
+    assert_eq!(slots(&nodes), "synapse_a");
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert!(text.contains("crossing the gap (on_gap: resync)") && text.contains("CAP011"), "{text}");
+    assert!(text.contains("re-sync done"), "{text}");
+    // The owed re-sync is paid: no log position holds retention for it any more.
+    nodes.source.psql("app", "INSERT INTO items VALUES (600, 600)").unwrap();
+    common::wait_equal(&nodes.source, &nodes.target, ITEMS_DIGEST, Duration::from_secs(60));
+    drop(child);
+}
+
+/// A re-sync owed is durable: synapse killed (-9) while re-syncing (the target's table is
+/// locked, so it cannot finish) — by then the new slot exists, so the next start sees no gap —
+/// still re-syncs after the restart, and the target ends identical.
+#[test]
+fn a_resync_cut_short_by_kill_9_is_finished_after_restart() {
+    let nodes = Nodes::start(ITEMS_SCHEMA);
+    let mut lock = common::SyncClient::connect(&nodes.target.url("app"));
+    let (mut child, ops, log) = lose_the_slot_with(&nodes, "    on_gap: resync\n", |n| {
+        n.source.psql("app", "SELECT pg_drop_replication_slot('synapse_a')").unwrap();
+        lock.batch_execute("BEGIN; LOCK TABLE items IN ACCESS EXCLUSIVE MODE").unwrap();
+    });
+    wait_readyz(&ops, "resync/a: resyncing", &log);
+    child.kill().unwrap();
+    child.wait().unwrap();
+    drop(lock);
+    assert_eq!(slots(&nodes), "synapse_a", "the new slot exists: the restart sees no gap");
+    assert_eq!(nodes.target.psql("app", "SELECT count(*) FROM items").unwrap(), "1", "not re-synced yet");
+    let (child, _) = start_with_ops(&nodes, &log, "    on_gap: resync\n");
+    common::wait_equal(&nodes.source, &nodes.target, ITEMS_DIGEST, Duration::from_secs(120));
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert_eq!(text.matches("crossing the gap").count(), 1, "{text}");
+    assert_eq!(text.matches("re-syncing the targets after a gap").count(), 2, "{text}");
+    drop(child);
+}
+
+/// A dropped slot with `on_gap: resync`: see [`resyncs_after`].
+#[test]
+fn a_dropped_slot_is_resynced() {
+    resyncs_after(|n| {
+        n.source.psql("app", "SELECT pg_drop_replication_slot('synapse_a')").unwrap();
+    });
+}
+
+/// An invalidated slot with `on_gap: resync`: dropped and made again; see [`resyncs_after`].
+#[test]
+fn an_invalidated_slot_is_resynced() {
+    resyncs_after(invalidate_slot);
 }
 
 /// A dropped slot (what an operator, a failover or a cleanup script does) while synapse is
@@ -160,20 +228,7 @@ fn a_dropped_slot_is_a_gap_never_crossed() {
 #[test]
 fn an_invalidated_slot_is_a_gap_never_crossed() {
     let nodes = Nodes::start(ITEMS_SCHEMA);
-    let (child, ops, log) = lose_the_slot(&nodes, |n| {
-        n.source.psql("app", "ALTER SYSTEM SET max_slot_wal_keep_size = '1MB'").unwrap();
-        n.source.psql("app", "SELECT pg_reload_conf()").unwrap();
-        // Enough WAL past the slot for a checkpoint to remove what it needs.
-        for i in 0..4 {
-            n.source
-                .psql("app", &format!("INSERT INTO counters VALUES ({}, 0); SELECT pg_switch_wal()", 10 + i))
-                .unwrap();
-        }
-        n.source.psql("app", "CHECKPOINT").unwrap();
-        let status =
-            n.source.psql("app", "SELECT wal_status FROM pg_replication_slots WHERE slot_name = 'synapse_a'").unwrap();
-        assert_eq!(status, "lost", "the slot was not invalidated");
-    });
+    let (child, ops, log) = lose_the_slot(&nodes, invalidate_slot);
     let body = wait_readyz(&ops, "capture/a: parked [CAP011]", &log);
     assert!(body.contains("its replication slot was invalidated (wal_status = lost"), "{body}");
     assert!(body.contains("pg_drop_replication_slot('synapse_a')"), "the fix: {body}");
@@ -181,6 +236,20 @@ fn an_invalidated_slot_is_a_gap_never_crossed() {
     assert_eq!(slots(&nodes), "synapse_a", "the invalidated slot is left for the operator");
     assert_eq!(nodes.target.psql("app", "SELECT count(*) FROM items").unwrap(), "1", "nothing past the gap");
     drop(child);
+}
+
+/// Has the source remove WAL that slot synapse_a still needs (`max_slot_wal_keep_size`).
+fn invalidate_slot(n: &Nodes) {
+    n.source.psql("app", "ALTER SYSTEM SET max_slot_wal_keep_size = '1MB'").unwrap();
+    n.source.psql("app", "SELECT pg_reload_conf()").unwrap();
+    // Enough WAL past the slot for a checkpoint to remove what it needs.
+    for i in 0..4 {
+        n.source.psql("app", &format!("INSERT INTO counters VALUES ({}, 0); SELECT pg_switch_wal()", 10 + i)).unwrap();
+    }
+    n.source.psql("app", "CHECKPOINT").unwrap();
+    let status =
+        n.source.psql("app", "SELECT wal_status FROM pg_replication_slots WHERE slot_name = 'synapse_a'").unwrap();
+    assert_eq!(status, "lost", "the slot was not invalidated");
 }
 
 /// A half-open replication connection (a NAT or firewall dropped it without a reset: nothing
@@ -341,5 +410,53 @@ fn a_promoted_standby_is_a_gap_never_crossed() {
     common::wait_equal(&standby, &nodes.target, "SELECT count(*) FROM items WHERE id = 700", Duration::from_secs(60));
     repair_fix(&config);
     common::wait_equal(&standby, &nodes.target, "SELECT count(*) || ':' || sum(v) FROM items", Duration::from_secs(60));
+    drop(child);
+}
+
+/// Failover to a standby that lagged: it stopped receiving before the primary's last changes,
+/// which synapse captured and applied. The promoted standby's WAL is behind the log's last
+/// change and lacks those rows. With `on_gap: resync` synapse moves the new primary's WAL past
+/// the log's position (so the log's positions keep growing), makes the slot there, and the
+/// re-sync removes from the target the rows that exist only on the lost primary: the target
+/// ends identical to the new primary, and streams on from it.
+#[test]
+fn a_promoted_standby_that_lagged_is_resynced() {
+    let nodes = Nodes::start(ITEMS_SCHEMA);
+    let standby = synapse_localpg::LocalCluster::start_standby(&nodes.source).unwrap();
+    let log = nodes.dir.path().join("synapse.log");
+    let (config, ops) = config_with_ops(&nodes, "    on_gap: resync\n");
+    let mut child = spawn_run(&config, &log);
+    nodes.wait_copied(2, Duration::from_secs(60), &log);
+    nodes.source.psql("app", "INSERT INTO items VALUES (1, 1)").unwrap();
+    let replayed = "SELECT count(*) FROM items";
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while standby.psql("app", replayed).unwrap() != "1" {
+        assert!(Instant::now() < deadline, "the standby did not replay the primary's writes");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // The standby goes away; the primary's next changes (a few MB of WAL) reach only synapse.
+    standby.stop("fast").unwrap();
+    nodes.source.psql("app", "INSERT INTO items SELECT g, g FROM generate_series(100, 20099) g").unwrap();
+    common::wait_equal(&nodes.source, &nodes.target, ITEMS_DIGEST, Duration::from_secs(120));
+    child.kill().unwrap();
+    child.wait().unwrap();
+    nodes.source.stop("immediate").unwrap();
+    standby.restart().unwrap();
+    standby.promote().unwrap();
+    standby.psql("app", "INSERT INTO items VALUES (30000, 3); UPDATE items SET v = 9 WHERE id = 1").unwrap();
+
+    let text = std::fs::read_to_string(&config)
+        .unwrap()
+        .replace(&format!("127.0.0.1:{}/", nodes.source.port()), &format!("127.0.0.1:{}/", standby.port()));
+    std::fs::write(&config, text).unwrap();
+    let child = spawn_run(&config, &log);
+    common::wait_equal(&standby, &nodes.target, ITEMS_DIGEST, Duration::from_secs(120));
+    assert_eq!(nodes.target.psql("app", "SELECT count(*) FROM items").unwrap(), "2", "the lost primary's rows stay");
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert!(text.contains("moved the source's WAL past the log's last change"), "{}", common::log_tail(&log));
+    assert!(text.contains("re-sync done"), "{}", common::log_tail(&log));
+    standby.psql("app", "INSERT INTO items VALUES (30001, 4)").unwrap();
+    common::wait_equal(&standby, &nodes.target, ITEMS_DIGEST, Duration::from_secs(60));
+    wait_readyz(&ops, "capture/a: streaming", &log);
     drop(child);
 }

@@ -92,17 +92,10 @@ fn config(src: &LocalCluster, dir: &std::path::Path) -> Config {
     Config {
         log: LogConfig { dir: dir.to_owned(), ..Default::default() },
         sources: vec![SourceConfig {
-            name: "a".into(),
-            url: SecretUrl::new(src.url("bench")),
-            slot: None,
-            publication: "synapse".into(),
             tables: vec!["public.ev".into()],
-            create_publication: true,
             heartbeat_interval_secs: 1.0,
             receive_timeout_secs: 60.0,
-            max_slot_lag_bytes: None,
-            max_slot_lag_secs: None,
-            forward_applied: true,
+            ..SourceConfig::new("a", SecretUrl::new(src.url("bench")))
         }],
         targets: vec![],
         ops: OpsConfig { listen: String::new() },

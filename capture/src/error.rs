@@ -49,6 +49,13 @@ pub enum CaptureError {
          To accept the gap and go on: {accept}"
     )]
     Gap { node: String, what: String, last_captured: String, wal_now: String, accept: String },
+    /// `on_gap: resync` could not move the source's WAL past the log's last change within the
+    /// bound: the log's positions must keep growing.
+    #[error(
+        "source {node} is {behind} bytes of WAL behind the last change the log holds ({last_captured}), more than \
+         resync moves it forward by itself ({limit} bytes)"
+    )]
+    Behind { node: String, last_captured: String, behind: u64, limit: u64 },
 }
 
 impl CaptureError {
@@ -73,6 +80,7 @@ impl synapse_error::Classify for CaptureError {
             CaptureError::NoReplicaIdentity { .. } => "CAP009",
             CaptureError::MissingPublication { .. } => "CAP010",
             CaptureError::Gap { .. } => "CAP011",
+            CaptureError::Behind { .. } => "CAP012",
             CaptureError::Log(e) => e.code(),
         }
     }
@@ -106,7 +114,13 @@ impl synapse_error::Classify for CaptureError {
             CaptureError::Gap { .. } => {
                 "find out why the slot went (dropped, invalidated by max_slot_wal_keep_size, or a failover to a standby without it); \
                  accept the gap as the error says, then `synapse repair fix --config <file> --nodes <source>,<target>` \
-                 restores on each target what the gap lost"
+                 restores on each target what the gap lost; or set the source's `on_gap: resync` and restart synapse, \
+                 which does both by itself"
+            }
+            CaptureError::Behind { .. } => {
+                "this source is far behind what was captured (a standby that lagged far before its promotion): move the \
+                 log directory of this source aside and start again with initial_copy, or write WAL on the source \
+                 (e.g. SELECT pg_switch_wal() a few times) until it passes the log's position"
             }
         }
     }

@@ -34,6 +34,7 @@ use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 use synapse_log::ChangeLog;
+use synapse_schemas::Lsn;
 use tokio::sync::watch;
 use tokio_postgres::Client;
 use tracing::Instrument;
@@ -137,6 +138,11 @@ pub struct Prepared {
 /// The two gaps a slot shows (see [`Capture::prepare`]), as [`CaptureError::Gap`] names them.
 const SLOT_MISSING: &str = "its replication slot is missing (dropped, or this is a promoted standby that never had it)";
 const SLOT_INVALIDATED: &str = "its replication slot was invalidated (wal_status = lost: the server removed WAL the slot still needed, e.g. past max_slot_wal_keep_size)";
+
+/// Most WAL [`Capture::replace_slot`] writes to move a source past the log's position.
+pub const MAX_WAL_PAD: u64 = 256 << 20;
+/// One logical message of that padding.
+const WAL_PAD_CHUNK: u64 = 4 << 20;
 
 /// The capture of one source node. See the crate docs for its guarantees.
 pub struct Capture {
@@ -258,6 +264,67 @@ impl Capture {
             Some(_) => false,
         };
         Ok(slot_created)
+    }
+
+    /// Accepts a gap (`on_gap: resync`; the caller re-syncs the targets): drops the slot if it
+    /// was invalidated, moves the source's WAL past the log's last change, and creates the slot
+    /// again. Returns whether it did anything (`false`: the slot is there and valid).
+    ///
+    /// Moving the WAL matters after a failover to a standby that had not received the old
+    /// primary's last (captured) WAL: commit LSNs in the log must keep growing, so the new slot
+    /// must start after them. What the source commits before the slot exists is restored by
+    /// the re-sync, not streamed. The move writes at most [`MAX_WAL_PAD`] bytes of WAL
+    /// (logical messages no slot decodes); more is [`CaptureError::Behind`].
+    pub async fn replace_slot(&self, history: &synapse_log::WriterState) -> Result<bool, CaptureError> {
+        let client = self.client().await?;
+        let slot = &self.config.slot;
+        match catalog::slot_state(&client, slot).await? {
+            Some(s) if s.wal_status.as_deref() == Some("lost") => {
+                client
+                    .execute("SELECT pg_drop_replication_slot($1)", &[slot])
+                    .await
+                    .map_err(CaptureError::sql("dropping the invalidated slot"))?;
+                tracing::warn!(%slot, "dropped the invalidated replication slot to re-sync");
+            }
+            Some(_) => return Ok(false),
+            None => {}
+        }
+        if let Some(end) = history.last_commit_end {
+            let mut written = 0u64;
+            loop {
+                let now: String = client
+                    .query_one("SELECT pg_current_wal_insert_lsn()::text", &[])
+                    .await
+                    .map_err(CaptureError::sql("reading the WAL position"))?
+                    .get(0);
+                let now: Lsn = now.parse().map_err(|e| CaptureError::Protocol(format!("WAL position {now}: {e}")))?;
+                if now > end {
+                    break;
+                }
+                let behind = end.0 - now.0;
+                if written + behind > MAX_WAL_PAD {
+                    return Err(CaptureError::Behind {
+                        node: self.config.node.clone(),
+                        last_captured: end.to_string(),
+                        behind,
+                        limit: MAX_WAL_PAD,
+                    });
+                }
+                let chunk = behind.clamp(1, WAL_PAD_CHUNK) as i32;
+                client
+                    .execute("SELECT pg_logical_emit_message(false, 'synapse_resync', repeat(' ', $1))", &[&chunk])
+                    .await
+                    .map_err(CaptureError::sql("writing WAL to pass the log's position"))?;
+                written += chunk as u64;
+            }
+            if written > 0 {
+                tracing::warn!(bytes = written, log_position = %end, "moved the source's WAL past the log's last change");
+            }
+        }
+        let mut conn = ReplicationConnection::connect(&self.config.source, "synapse-setup").await?;
+        let created = conn.create_slot(slot, false, false).await?;
+        tracing::warn!(%slot, consistent_point = %Lsn(created.consistent_point), "created a new replication slot past the gap");
+        Ok(true)
     }
 
     /// After a receive timeout: the SQL connection to the same server is suspect too (it may

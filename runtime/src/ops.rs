@@ -13,6 +13,8 @@ use std::sync::{Arc, Mutex, OnceLock};
 pub enum ComponentState {
     Starting,
     Copying,
+    /// Making the targets whole again after a gap its source crossed (`on_gap: resync`).
+    Resyncing,
     Streaming,
     Retrying {
         code: String,
@@ -34,6 +36,7 @@ impl ComponentState {
         match self {
             ComponentState::Starting => "starting",
             ComponentState::Copying => "copying",
+            ComponentState::Resyncing => "resyncing",
             ComponentState::Streaming => "streaming",
             ComponentState::Retrying { .. } => "retrying",
             ComponentState::Parked { .. } => "parked",
@@ -121,12 +124,20 @@ impl Health {
 
     /// Drops the entries of a source's components (it moved to another process).
     pub fn forget_source(&self, source: &str) {
+        let apply = format!("apply/{source}->");
+        let own = [format!("capture/{source}"), format!("kafka-topics/{source}"), format!("resync/{source}")];
+        self.forget_where(|k| own.iter().any(|o| o == k) || k.starts_with(&apply));
+    }
+
+    /// Drops one component's entry (a task that is done, e.g. a finished re-sync).
+    pub fn forget(&self, component: &str) {
+        self.forget_where(|k| k == component);
+    }
+
+    fn forget_where(&self, gone: impl Fn(&str) -> bool) {
         if let Ok(mut c) = self.components.lock() {
-            let apply = format!("apply/{source}->");
             c.retain(|k, state| {
-                let keep = k != &format!("capture/{source}")
-                    && k != &format!("kafka-topics/{source}")
-                    && !k.starts_with(&apply);
+                let keep = !gone(k);
                 if !keep {
                     metrics::gauge!("synapse_component_state", "component" => k.clone(), "state" => state.name())
                         .set(0.0);

@@ -6,20 +6,20 @@
 //! retry with backoff, a definite error parks only the component it concerns (logged with its
 //! code and hint, shown in /readyz and `synapse_component_state`) and the rest keeps running.
 
-use crate::config::{Config, SourceConfig, TargetConfig};
+use crate::config::{Config, OnGap, SourceConfig, TargetConfig};
 use crate::ops::{ComponentState, Health};
 use std::collections::BTreeMap;
 use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 use synapse_apply::{initial_copy, Applier, ApplyConfig, ApplyStats};
-use synapse_capture::{Capture, CaptureConfig, CaptureStats};
+use synapse_capture::{Capture, CaptureConfig, CaptureError, CaptureStats};
 use synapse_connectors::api::{Api, SnapshotSource, StreamSource, Token};
 use synapse_connectors::feed::SourceInfo;
 use synapse_connectors::webhook::{store::Store, WebhookSource, Webhooks};
 use synapse_error::Classify;
-use synapse_log::{ChangeLog, EmbeddedLog, KafkaLog, SourceLog};
-use tokio::sync::watch;
+use synapse_log::{ChangeLog, EmbeddedLog, KafkaLog, SourceLog, WriterState};
+use tokio::sync::{watch, Notify};
 use tokio::task::JoinSet;
 use tracing::Instrument;
 
@@ -115,6 +115,32 @@ pub async fn supervise<T, E: Classify, Fut: Future<Output = Result<T, E>>>(
 
 /// How often each log drops what every consumer has passed.
 const RETENTION_INTERVAL: Duration = Duration::from_secs(30);
+
+/// A re-sync still owed to a source's targets (`on_gap: resync`) is a consumer position of
+/// that name in the source's log, at the gap: durable with the log (and shared by a consumer
+/// group), written before the new slot exists, removed once the targets are whole again.
+pub const RESYNC_MARK: &str = "resync";
+
+/// A source's captured tables, once its capture selected them.
+type TablesWatch = watch::Receiver<Option<Vec<synapse_capture::catalog::SourceTable>>>;
+
+/// Crosses `gap` for `on_gap: resync`: records the re-sync owed (first: a crash once the new
+/// slot exists must still re-sync), replaces the slot, and wakes the re-sync task.
+async fn accept_gap(
+    capture: &Capture,
+    log: &SourceLog,
+    history: &WriterState,
+    gap: &CaptureError,
+    wake: &Notify,
+) -> Result<(), CaptureError> {
+    let node = &capture.config().node;
+    tracing::warn!(source = %node, code = gap.code(), error = %chain(gap), "crossing the gap (on_gap: resync): the targets are re-synced next");
+    log.commit_consumer(RESYNC_MARK, history.next_offset).await?;
+    capture.replace_slot(history).await?;
+    metrics::counter!("synapse_resyncs_total", "source" => node.clone()).increment(1);
+    wake.notify_one();
+    Ok(())
+}
 
 /// Live figures of a running pipeline.
 pub struct Running {
@@ -500,6 +526,9 @@ pub(crate) async fn start_source(
     let (c, l, h, sd, name) = (capture.clone(), log.clone(), health.clone(), shutdown.clone(), source.name.clone());
     let mut own_mesh = mesh_tables.get(&source.name).cloned();
     let comp = component.clone();
+    let resync = source.on_gap == OnGap::Resync;
+    let wake = Arc::new(Notify::new());
+    let w = wake.clone();
     parts.tasks.spawn(async move {
         if let Some(rx) = own_mesh.as_mut() {
             if ready(rx, &sd).await.is_none() {
@@ -513,15 +542,30 @@ pub(crate) async fn start_source(
             );
         }
         let _ = tables_tx.send(Some(tables));
-        // Parks on a gap (a lost slot): the appliers go on with what the log holds.
-        let ensure = || async { c.ensure_slot(&l.recover_writer().await?).await };
+        // On a gap (a lost slot) it parks, and the appliers go on with what the log holds; or,
+        // with on_gap: resync, crosses it and owes the targets a re-sync.
+        let ensure = || async {
+            let history = l.recover_writer().await?;
+            match c.ensure_slot(&history).await {
+                Err(gap @ CaptureError::Gap { .. }) if resync => accept_gap(&c, &l, &history, &gap, &w).await,
+                r => r.map(|_| ()),
+            }
+        };
         if supervise(&comp, &h, &sd, ensure).await?.is_none() {
             return Ok(());
         }
         let _ = slot_tx.send(Some(()));
         h.set(&comp, ComponentState::Streaming);
+        let stream = || async {
+            match c.stream(l.clone(), sd.clone()).await {
+                Err(gap @ CaptureError::Gap { .. }) if resync => {
+                    accept_gap(&c, &l, &l.recover_writer().await?, &gap, &w).await
+                }
+                r => r,
+            }
+        };
         loop {
-            let r = supervise(&comp, &h, &sd, || c.stream(l.clone(), sd.clone())).await?;
+            let r = supervise(&comp, &h, &sd, stream).await?;
             // A clean return means shutdown (or a stream that ended: resume it).
             if r.is_none() || *sd.borrow() {
                 h.set(&comp, ComponentState::Stopped);
@@ -530,6 +574,18 @@ pub(crate) async fn start_source(
             h.set(&comp, ComponentState::Streaming);
         }
     });
+    let own_mesh_node = config.mesh.as_ref().is_some_and(|m| m.nodes.iter().any(|n| n.name == source.name));
+    if !own_mesh_node {
+        spawn_resync(
+            shared,
+            source,
+            capture.config(),
+            (tables_rx.clone(), slot_rx.clone()),
+            wake,
+            parts.tasks,
+            shutdown,
+        )?;
+    }
     for target in config.targets.iter().filter(|t| config.sources_of(t).any(|s| s.name == source.name)) {
         let component = format!("apply/{}->{}", source.name, target.name);
         health.set(&component, ComponentState::Starting);
@@ -595,6 +651,57 @@ pub(crate) async fn start_source(
         spawn_publisher(config, &source.name, log, parts.tasks, health, shutdown);
     }
     Ok(true)
+}
+
+/// The task that pays a source's owed re-sync (see [`RESYNC_MARK`]): once the slot exists
+/// (the check's cut needs the capture streaming), and again whenever the capture crosses a
+/// gap. Shown as `resync/<source>: resyncing` in /readyz while it runs.
+fn spawn_resync(
+    shared: &Shared,
+    source: &SourceConfig,
+    capture: &CaptureConfig,
+    (mut tables_rx, mut slot_rx): (TablesWatch, watch::Receiver<Option<()>>),
+    wake: Arc<Notify>,
+    tasks: &mut JoinSet<Result<(), ComponentFailed>>,
+    shutdown: &watch::Receiver<bool>,
+) -> anyhow::Result<()> {
+    let config = &shared.config;
+    let mut targets = Vec::new();
+    for t in config.targets.iter().filter(|t| config.sources_of(t).any(|s| s.name == source.name)) {
+        targets.push((t.name.clone(), t.url.pg_config().map_err(anyhow::Error::msg)?));
+    }
+    let Some(log) = shared.logs.get(&source.name).cloned() else { return Ok(()) };
+    let (h, sd, name, pg) = (shared.health.clone(), shutdown.clone(), source.name.clone(), capture.source.clone());
+    let component = format!("resync/{name}");
+    tasks.spawn(async move {
+        loop {
+            if ready(&mut slot_rx, &sd).await.is_none() {
+                return Ok(());
+            }
+            let Some(tables) = ready(&mut tables_rx, &sd).await else { return Ok(()) };
+            let Some(owed) = supervise(&component, &h, &sd, || log.consumer_position(RESYNC_MARK)).await? else {
+                return Ok(());
+            };
+            if let Some(at) = owed {
+                h.set(&component, ComponentState::Resyncing);
+                let names: Vec<String> = tables.iter().map(|t| t.display()).collect();
+                tracing::warn!(source = %name, gap_at_offset = at, tables = names.len(), "re-syncing the targets after a gap");
+                let run = || crate::repair::resync_targets((&name, &pg), &targets, &names);
+                let Some(rows) = supervise(&component, &h, &sd, run).await? else { return Ok(()) };
+                if supervise(&component, &h, &sd, || log.remove_consumer(RESYNC_MARK)).await?.is_none() {
+                    return Ok(());
+                }
+                tracing::info!(source = %name, rows_changed = rows, "re-sync done: every target holds the source's rows");
+            }
+            h.forget(&component);
+            let mut sd2 = sd.clone();
+            tokio::select! {
+                _ = wake.notified() => {}
+                _ = sd2.wait_for(|s| *s) => return Ok(()),
+            }
+        }
+    });
+    Ok(())
 }
 
 /// Publishes a source's changes to the public per-table topics, if configured.

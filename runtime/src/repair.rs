@@ -203,29 +203,71 @@ async fn fix_one_way_tables(
             r.nodes.iter().map(|(n, _)| n.as_str()).collect::<Vec<_>>().join(", ")
         )));
     };
-    let source_node = Node::connect(origin, origin_pg).await.map_err(FixError::Repair)?;
-    let mut targets = Vec::new();
-    for (name, pg) in r.nodes.iter().filter(|(n, _)| n != origin) {
-        targets.push(OneWayTarget::connect(name, pg).await.map_err(FixError::Repair)?);
+    let targets: Vec<_> = r.nodes.iter().filter(|(n, _)| n != origin).cloned().collect();
+    fix_from_source((origin, origin_pg), &targets, &r.tables, &r.options, dry_run).await.map_err(FixError::Repair)
+}
+
+/// Makes each of `targets` hold `source`'s rows of `tables`: a check per table (with a cut:
+/// changes in flight are not drift), then a one-way fix of what differs.
+async fn fix_from_source(
+    (origin, origin_pg): (&str, &tokio_postgres::Config),
+    targets: &[(String, tokio_postgres::Config)],
+    tables: &[String],
+    options: &CheckOptions,
+    dry_run: bool,
+) -> Result<Vec<(Report, Option<FixReport>)>, synapse_repair::RepairError> {
+    let source_node = Node::connect(origin, origin_pg).await?;
+    let mut writers = Vec::new();
+    for (name, pg) in targets {
+        writers.push(OneWayTarget::connect(name, pg).await?);
     }
     let mut out = Vec::new();
-    for table in &r.tables {
+    for table in tables {
         let mut compared = vec![&source_node];
-        compared.extend(targets.iter().map(|t| &t.node));
-        let report = check(&compared, table, &r.options).await.map_err(FixError::Repair)?;
+        compared.extend(writers.iter().map(|t| &t.node));
+        let report = check(&compared, table, options).await?;
         let fixed = if report.differing.is_empty() {
             None
         } else {
-            let shape = source_node.describe(table).await.map_err(FixError::Repair)?;
-            Some(
-                fix_one_way(&source_node, &targets, &shape, &report.differing, dry_run)
-                    .await
-                    .map_err(FixError::Repair)?,
-            )
+            let shape = source_node.describe(table).await?;
+            Some(fix_one_way(&source_node, &writers, &shape, &report.differing, dry_run).await?)
         };
         out.push((report, fixed));
     }
     Ok(out)
+}
+
+/// How long a re-sync waits for the appliers to pass a check's cut.
+const RESYNC_CUT_TIMEOUT: Duration = Duration::from_secs(300);
+
+/// Re-syncs the `targets` of `source` after its capture crossed a gap (`on_gap: resync`):
+/// each is made to hold the source's rows of `tables`, as `synapse repair fix` would, while
+/// the pipeline streams on (see docs/decisions/0011-resync-by-repair.md). Returns the rows
+/// changed on the targets.
+pub async fn resync_targets(
+    (source, source_pg): (&str, &tokio_postgres::Config),
+    targets: &[(String, tokio_postgres::Config)],
+    tables: &[String],
+) -> Result<u64, synapse_repair::RepairError> {
+    if targets.is_empty() || tables.is_empty() {
+        return Ok(0);
+    }
+    let options = CheckOptions {
+        bits: 12,
+        cut_timeout: Some(RESYNC_CUT_TIMEOUT),
+        appliers: Some(targets.iter().map(|(t, _)| (source.to_owned(), t.clone())).collect()),
+        cache_dir: None,
+        cut_rounds: 1,
+    };
+    let reports = fix_from_source((source, source_pg), targets, tables, &options, false).await?;
+    let mut rows = 0;
+    for (check, fix) in &reports {
+        let changed: usize =
+            fix.iter().flat_map(|f| &f.nodes).map(|n| n.inserted.len() + n.updated.len() + n.deleted.len()).sum();
+        tracing::info!(source, table = %check.table, differing = check.differing.len(), changed, "re-synced a table");
+        rows += changed as u64;
+    }
+    Ok(rows)
 }
 
 /// The admin API's repair checks, served by `synapse run` on the ops address: connections to

@@ -451,6 +451,39 @@ pub struct SourceConfig {
     /// leaves them out, which is what a node that is also a target in a mesh needs.
     #[serde(default = "yes")]
     pub forward_applied: bool,
+    /// What the capture does when it finds a gap (its slot lost): `stop` parks it until an
+    /// operator accepts the gap; `resync` accepts it and makes every target whole again.
+    #[serde(default)]
+    pub on_gap: OnGap,
+}
+
+impl SourceConfig {
+    /// A source with every default, as a file naming only `name` and `url` gets.
+    pub fn new(name: &str, url: SecretUrl) -> SourceConfig {
+        SourceConfig {
+            name: name.to_owned(),
+            url,
+            slot: None,
+            publication: default_publication(),
+            tables: Vec::new(),
+            create_publication: true,
+            heartbeat_interval_secs: default_heartbeat(),
+            receive_timeout_secs: default_receive_timeout(),
+            max_slot_lag_bytes: None,
+            max_slot_lag_secs: None,
+            forward_applied: true,
+            on_gap: OnGap::Stop,
+        }
+    }
+}
+
+/// See [`SourceConfig::on_gap`] and docs/decisions/0011-resync-by-repair.md.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OnGap {
+    #[default]
+    Stop,
+    Resync,
 }
 
 fn default_publication() -> String {
@@ -580,20 +613,14 @@ impl Config {
         tables.push(format!("{}.{}", synapse_apply::mesh::ROW_VERSION_SCHEMA, synapse_apply::mesh::ROW_VERSION_TABLE));
         for n in &m.nodes {
             let is_hub = m.hub.as_ref() == Some(&n.name);
+            // A mesh node's gap stops (on_gap: stop): it is repaired with `synapse repair fix`,
+            // resolved through the mesh's versions, not re-synced from one side.
             self.sources.push(SourceConfig {
-                name: n.name.clone(),
-                url: n.url.clone(),
-                slot: None,
-                publication: default_publication(),
                 tables: tables.clone(),
-                create_publication: true,
-                heartbeat_interval_secs: default_heartbeat(),
-                receive_timeout_secs: default_receive_timeout(),
-                max_slot_lag_bytes: None,
-                max_slot_lag_secs: None,
                 // The hub passes on what it applied (with the resolved versions); its echoes
                 // back to their origin resolve as duplicates.
                 forward_applied: is_hub,
+                ..SourceConfig::new(&n.name, n.url.clone())
             });
             let sources = match &m.hub {
                 Some(hub) if !is_hub => vec![hub.clone()],

@@ -81,6 +81,11 @@ impl synapse_error::Classify for ApplyError {
     }
 
     fn hint(&self) -> &'static str {
+        if let ApplyError::Target { source, .. } = self {
+            if synapse_postgres::tls::is_tls_refusal(source) {
+                return synapse_postgres::tls::HINT;
+            }
+        }
         match self.sqlstate() {
             Some(c) if c.starts_with("23") => {
                 "the target already holds conflicting rows: empty the target table or let synapse copy it (drop its row in synapse.table_sync)"

@@ -36,7 +36,7 @@ struct Job {
 /// the applier can stream at once).
 pub async fn pending(
     tables: &[SourceTable],
-    target_config: &tokio_postgres::Config,
+    target_config: &synapse_postgres::PgConfig,
     node: &str,
 ) -> Result<usize, ApplyError> {
     let client = connect_target(target_config).await?;
@@ -53,7 +53,7 @@ pub async fn pending(
 pub async fn run(
     capture: &Capture,
     tables: &[SourceTable],
-    target_config: &tokio_postgres::Config,
+    target_config: &synapse_postgres::PgConfig,
     parallelism: usize,
     stats: Arc<ApplyStats>,
 ) -> Result<CopyReport, ApplyError> {

@@ -117,7 +117,7 @@ pub mod defaults {
 pub struct ApplyConfig {
     /// The source node whose stream this applies (names the position row and the origin).
     pub node: String,
-    pub target: tokio_postgres::Config,
+    pub target: synapse_postgres::PgConfig,
     /// Names this applier among the log's consumers (retention).
     pub consumer: String,
     pub max_txns_per_commit: usize,
@@ -140,7 +140,7 @@ pub struct MeshApply {
 }
 
 impl ApplyConfig {
-    pub fn new(node: &str, target: tokio_postgres::Config, consumer: &str) -> Self {
+    pub fn new(node: &str, target: synapse_postgres::PgConfig, consumer: &str) -> Self {
         ApplyConfig {
             node: node.to_owned(),
             target,
@@ -172,13 +172,13 @@ pub struct Applier {
     any_discarded: std::sync::atomic::AtomicBool,
 }
 
-pub async fn connect_target(config: &tokio_postgres::Config) -> Result<Client, ApplyError> {
+pub async fn connect_target(config: &synapse_postgres::PgConfig) -> Result<Client, ApplyError> {
     synapse_postgres::connect(config, "target").await.map_err(ApplyError::target("connecting to the target"))
 }
 
 /// The replication origin of an applier of `node` into `target` (see
 /// [`synapse_schemas::applied_origin`]).
-pub fn origin_name(node: &str, target: &tokio_postgres::Config) -> String {
+pub fn origin_name(node: &str, target: &synapse_postgres::PgConfig) -> String {
     synapse_schemas::applied_origin(node, target.get_dbname().or(target.get_user()).unwrap_or("postgres"))
 }
 

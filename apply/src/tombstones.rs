@@ -28,7 +28,7 @@ use tokio_postgres::Client;
 /// One mesh node, as the purge reaches it.
 pub struct PurgeNode {
     pub name: String,
-    pub target: tokio_postgres::Config,
+    pub target: synapse_postgres::PgConfig,
     /// Its capture's replication slot.
     pub slot: String,
     /// The nodes whose logs it applies.

@@ -32,7 +32,7 @@ async fn start(source: &LocalCluster, target: &LocalCluster, dir: &std::path::Pa
     let log = EmbeddedLog::open(&dir.join("a.redb"), Default::default()).unwrap();
     let prepared = capture.prepare(&log).await.unwrap();
     let (stop, rx) = watch::channel(false);
-    let target_cfg: tokio_postgres::Config = target.url("app").parse().unwrap();
+    let target_cfg: synapse_postgres::PgConfig = target.url("app").parse().unwrap();
     let applier = Arc::new(Applier::new(ApplyConfig::new("a", target_cfg.clone(), "apply-b")));
     let c = capture.clone();
     let l = log.clone();

@@ -56,6 +56,16 @@ pub enum CaptureError {
          resync moves it forward by itself ({limit} bytes)"
     )]
     Behind { node: String, last_captured: String, behind: u64, limit: u64 },
+    /// TLS to the source failed: a certificate the `sslmode` refuses, or no TLS where it is
+    /// required.
+    #[error("TLS to {target} failed: {message}")]
+    Tls { target: String, message: String },
+    /// The server asked for a password over a link an eavesdropper could read.
+    #[error(
+        "the source asked for {method} authentication over a connection {}; refused, so the password is not exposed",
+        if *tls { "whose URL's require_auth does not allow it" } else { "without TLS" }
+    )]
+    AuthRefused { method: &'static str, tls: bool },
 }
 
 impl CaptureError {
@@ -81,6 +91,8 @@ impl synapse_error::Classify for CaptureError {
             CaptureError::MissingPublication { .. } => "CAP010",
             CaptureError::Gap { .. } => "CAP011",
             CaptureError::Behind { .. } => "CAP012",
+            CaptureError::Tls { .. } => "CAP013",
+            CaptureError::AuthRefused { .. } => "CAP014",
             CaptureError::Log(e) => e.code(),
         }
     }
@@ -104,6 +116,7 @@ impl synapse_error::Classify for CaptureError {
             CaptureError::Connect { .. } | CaptureError::Io(_) => "check that the source is up and reachable; synapse retries",
             CaptureError::Protocol(_) | CaptureError::Decode { .. } => "report this as a bug with the PostgreSQL version",
             CaptureError::Server(_) => "see the server message; `synapse doctor` checks wal_level, privileges and slots",
+            CaptureError::Sql { source, .. } if synapse_postgres::tls::is_tls_refusal(source) => synapse_postgres::tls::HINT,
             CaptureError::Sql { .. } => "see the cause; `synapse doctor` checks the source setup",
             CaptureError::UnknownRelation(_) => "restart synapse; the source resends table definitions",
             CaptureError::NoReplicaIdentity { .. } => {
@@ -116,6 +129,11 @@ impl synapse_error::Classify for CaptureError {
                  accept the gap as the error says, then `synapse repair fix --config <file> --nodes <source>,<target>` \
                  restores on each target what the gap lost; or set the source's `on_gap: resync` and restart synapse, \
                  which does both by itself"
+            }
+            CaptureError::Tls { .. } => synapse_postgres::tls::HINT,
+            CaptureError::AuthRefused { .. } => {
+                "connect with sslmode=verify-full (or require), or use scram-sha-256 on the server; to accept the risk, \
+                 name the method in the URL's require_auth (e.g. require_auth=md5)"
             }
             CaptureError::Behind { .. } => {
                 "this source is far behind what was captured (a standby that lagged far before its promotion): move the \

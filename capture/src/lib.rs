@@ -60,7 +60,7 @@ pub mod defaults {
 pub struct CaptureConfig {
     /// The source node's name: names its stream, its origin and its metrics.
     pub node: String,
-    pub source: tokio_postgres::Config,
+    pub source: synapse_postgres::PgConfig,
     pub slot: String,
     pub publication: String,
     /// `schema.table` names; empty = every table with a primary key or replica identity.
@@ -81,7 +81,7 @@ pub struct CaptureConfig {
 }
 
 impl CaptureConfig {
-    pub fn new(node: &str, source: tokio_postgres::Config) -> Self {
+    pub fn new(node: &str, source: synapse_postgres::PgConfig) -> Self {
         CaptureConfig {
             node: node.to_owned(),
             source,
@@ -154,7 +154,7 @@ pub struct Capture {
     stats: Arc<CaptureStats>,
 }
 
-pub async fn connect_sql(config: &tokio_postgres::Config, what: &str) -> Result<Client, CaptureError> {
+pub async fn connect_sql(config: &synapse_postgres::PgConfig, what: &str) -> Result<Client, CaptureError> {
     synapse_postgres::connect(config, what).await.map_err(CaptureError::sql(format!("connecting to {what}")))
 }
 

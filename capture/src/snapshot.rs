@@ -22,7 +22,7 @@ pub struct SnapshotSession {
     _holder: ReplicationConnection,
     pub consistent_point: Lsn,
     snapshot: String,
-    source: tokio_postgres::Config,
+    source: synapse_postgres::PgConfig,
 }
 
 /// A range of heap pages of one table: `[first_page, end_page)`, open-ended for the last chunk.
@@ -33,7 +33,7 @@ pub struct Chunk {
 }
 
 impl SnapshotSession {
-    pub async fn begin(source: &tokio_postgres::Config, slot_hint: &str) -> Result<Self, CaptureError> {
+    pub async fn begin(source: &synapse_postgres::PgConfig, slot_hint: &str) -> Result<Self, CaptureError> {
         let mut conn = ReplicationConnection::connect(source, "synapse-snapshot").await?;
         // Temporary (gone with the session); unique per session, as the copies into several
         // targets of one source run at once in one process. Slot names are at most 63 bytes.

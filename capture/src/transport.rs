@@ -17,9 +17,10 @@ use postgres_protocol::authentication::{md5_hash, sasl};
 use postgres_protocol::message::frontend;
 use std::time::Duration;
 use synapse_postgres::quote;
+use synapse_postgres::PgConfig;
 use synapse_schemas::Lsn;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadHalf, WriteHalf};
-use tokio_postgres::config::{Host, SslMode};
+use tokio_postgres::config::Host;
 
 /// Seconds from the Unix epoch to PostgreSQL's (2000-01-01).
 const PG_EPOCH_OFFSET_US: i64 = 946_684_800_000_000;
@@ -78,6 +79,62 @@ fn parse_error(mut body: &[u8]) -> ServerError {
     e
 }
 
+/// A connected socket before the startup message: whether it is private (TLS, or a local
+/// socket) and the TLS channel binding, if any.
+struct Link {
+    socket: Box<dyn Socket>,
+    private: bool,
+    binding: Option<Vec<u8>>,
+}
+
+/// Asks for TLS (SSLRequest) unless `sslmode=disable`, and wraps the socket when the server
+/// agrees; a server that declines is refused where the mode requires TLS.
+async fn start_tls(
+    mut socket: tokio::net::TcpStream,
+    host: &str,
+    port: u16,
+    config: &PgConfig,
+) -> Result<Link, CaptureError> {
+    let target = format!("{host}:{port}");
+    let Some(tls) = config.tls() else { return Ok(Link { socket: Box::new(socket), private: false, binding: None }) };
+    let mut request = BytesMut::new();
+    frontend::ssl_request(&mut request);
+    socket.write_all(&request).await.map_err(CaptureError::Io)?;
+    let answer = socket.read_u8().await.map_err(CaptureError::Io)?;
+    let mode = config.ssl_mode();
+    match answer {
+        b'S' => {
+            let name = tokio_rustls::rustls::pki_types::ServerName::try_from(host.to_owned()).map_err(|e| {
+                CaptureError::Tls {
+                    target: target.clone(),
+                    message: format!("`{host}` is not a TLS server name ({e})"),
+                }
+            })?;
+            let stream = tokio_rustls::TlsConnector::from(tls).connect(name, socket).await.map_err(|e| {
+                // A refused certificate needs a person; a link that broke mid-handshake, a retry.
+                if synapse_postgres::tls::is_tls_refusal(&e) {
+                    CaptureError::Tls { target: target.clone(), message: e.to_string() }
+                } else {
+                    CaptureError::Io(e)
+                }
+            })?;
+            let binding = stream
+                .get_ref()
+                .1
+                .peer_certificates()
+                .and_then(|c| c.first())
+                .and_then(|c| synapse_postgres::tls::server_end_point(c));
+            Ok(Link { socket: Box::new(stream), private: true, binding })
+        }
+        b'N' if !mode.requires_tls() => Ok(Link { socket: Box::new(socket), private: false, binding: None }),
+        b'N' => Err(CaptureError::Tls {
+            target,
+            message: format!("the server does not offer TLS, and sslmode={mode} requires it"),
+        }),
+        other => Err(CaptureError::Protocol(format!("unexpected answer {other:#x} to the TLS request"))),
+    }
+}
+
 /// One backend frame: tag and body.
 struct Frame {
     tag: u8,
@@ -117,18 +174,15 @@ fn parse_lsn(s: &str) -> Option<u64> {
 }
 
 impl ReplicationConnection {
-    /// Connects and authenticates (trust, password, MD5 or SCRAM-SHA-256).
-    pub async fn connect(config: &tokio_postgres::Config, application_name: &str) -> Result<Self, CaptureError> {
-        if config.get_ssl_mode() == SslMode::Require {
-            return Err(CaptureError::Config {
-                field: "source.url".into(),
-                message: "sslmode=require is not supported on the replication connection yet; use a TLS tunnel or sslmode=prefer".into(),
-            });
-        }
+    /// Connects (over TLS as `sslmode` says) and authenticates (trust, password, MD5 or
+    /// SCRAM-SHA-256, with channel binding over TLS when the server offers it). A password is
+    /// not sent in clear or as MD5 over a network connection without TLS, unless the URL's
+    /// `require_auth` allows it.
+    pub async fn connect(config: &PgConfig, application_name: &str) -> Result<Self, CaptureError> {
         let port = config.get_ports().first().copied().unwrap_or(5432);
         let host = config.get_hosts().first().cloned().unwrap_or(Host::Tcp("localhost".into()));
         let timeout = config.get_connect_timeout().copied().unwrap_or(Duration::from_secs(30));
-        let socket: Box<dyn Socket> = match &host {
+        let socket: Link = match &host {
             Host::Tcp(h) => {
                 let s = tokio::time::timeout(timeout, tokio::net::TcpStream::connect((h.as_str(), port)))
                     .await
@@ -144,16 +198,18 @@ impl ReplicationConnection {
                     .with_interval(Duration::from_secs(10))
                     .with_retries(3);
                 socket2::SockRef::from(&s).set_tcp_keepalive(&keepalive).ok();
-                Box::new(s)
+                start_tls(s, h, port, config).await?
             }
+            // A local socket crosses no network: no TLS (as libpq), and a password is safe on it.
             Host::Unix(dir) => {
                 let path = dir.join(format!(".s.PGSQL.{port}"));
                 let s = tokio::net::UnixStream::connect(&path)
                     .await
                     .map_err(|source| CaptureError::Connect { target: path.display().to_string(), source })?;
-                Box::new(s)
+                Link { socket: Box::new(s), private: true, binding: None }
             }
         };
+        let Link { socket, private, binding } = socket;
         let (reader, writer) = tokio::io::split(socket);
         let mut c = ReplicationConnection {
             reader,
@@ -177,16 +233,31 @@ impl ReplicationConnection {
         ];
         frontend::startup_message(params.iter().copied(), &mut c.out).map_err(CaptureError::Io)?;
         c.flush().await?;
-        c.authenticate(&user, config.get_password()).await?;
+        c.authenticate(&user, config, private, binding).await?;
         Ok(c)
     }
 
-    async fn authenticate(&mut self, user: &str, password: Option<&[u8]>) -> Result<(), CaptureError> {
+    async fn authenticate(
+        &mut self,
+        user: &str,
+        config: &PgConfig,
+        private: bool,
+        binding: Option<Vec<u8>>,
+    ) -> Result<(), CaptureError> {
+        let password = config.get_password();
         let need_password = || CaptureError::Config {
             field: "source.url".into(),
             message: "the server asks for a password; add it to the URL or set PGPASSWORD".into(),
         };
+        let allow = |method: &'static str| {
+            if config.allows_auth(method, private) {
+                Ok(())
+            } else {
+                Err(CaptureError::AuthRefused { method, tls: private })
+            }
+        };
         let mut scram: Option<sasl::ScramSha256> = None;
+        let mut authenticated = false;
         loop {
             let f = self.frame().await?;
             match f.tag {
@@ -196,8 +267,11 @@ impl ReplicationConnection {
                         return Err(CaptureError::Protocol("short authentication message".into()));
                     }
                     match body.get_i32() {
+                        0 if !authenticated => allow("none")?,
                         0 => {}
                         3 => {
+                            allow("password")?;
+                            authenticated = true;
                             frontend::password_message(password.ok_or_else(need_password)?, &mut self.out)
                                 .map_err(CaptureError::Io)?;
                             self.flush().await?;
@@ -206,6 +280,8 @@ impl ReplicationConnection {
                             if body.len() < 4 {
                                 return Err(CaptureError::Protocol("short MD5 salt".into()));
                             }
+                            allow("md5")?;
+                            authenticated = true;
                             let salt = [body[0], body[1], body[2], body[3]];
                             let hash = md5_hash(user.as_bytes(), password.ok_or_else(need_password)?, salt);
                             frontend::password_message(hash.as_bytes(), &mut self.out).map_err(CaptureError::Io)?;
@@ -218,11 +294,20 @@ impl ReplicationConnection {
                                     "no supported SASL mechanism in {mechs:?}"
                                 )));
                             }
-                            let s = sasl::ScramSha256::new(
-                                password.ok_or_else(need_password)?,
-                                sasl::ChannelBinding::unsupported(),
-                            );
-                            frontend::sasl_initial_response(sasl::SCRAM_SHA_256, s.message(), &mut self.out)
+                            allow("scram-sha-256")?;
+                            authenticated = true;
+                            // Channel binding ties the authentication to this TLS session: a man
+                            // in the middle with another certificate cannot relay it.
+                            let plus = mechs.split('\0').any(|m| m == sasl::SCRAM_SHA_256_PLUS);
+                            let (mechanism, binding) = match binding.clone() {
+                                Some(b) if plus => {
+                                    (sasl::SCRAM_SHA_256_PLUS, sasl::ChannelBinding::tls_server_end_point(b))
+                                }
+                                Some(_) => (sasl::SCRAM_SHA_256, sasl::ChannelBinding::unrequested()),
+                                None => (sasl::SCRAM_SHA_256, sasl::ChannelBinding::unsupported()),
+                            };
+                            let s = sasl::ScramSha256::new(password.ok_or_else(need_password)?, binding);
+                            frontend::sasl_initial_response(mechanism, s.message(), &mut self.out)
                                 .map_err(CaptureError::Io)?;
                             self.flush().await?;
                             scram = Some(s);

@@ -66,7 +66,7 @@ pub struct StreamSource<L> {
 /// Where a stream's snapshots are read.
 #[derive(Clone)]
 pub struct SnapshotSource {
-    pub config: tokio_postgres::Config,
+    pub config: synapse_postgres::PgConfig,
     /// The capture's slot: a snapshot is refused while it is missing (see
     /// [`crate::snapshot::ensure_capturing`]).
     pub capture_slot: String,

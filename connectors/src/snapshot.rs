@@ -44,7 +44,7 @@ pub async fn ensure_capturing(source: &crate::api::SnapshotSource, node: &str) -
 /// Streams the snapshot as JSON lines into `out`; returns the resume cursor. Stops early
 /// (without error) if the receiver goes away.
 pub async fn stream_snapshot(
-    source: &tokio_postgres::Config,
+    source: &synapse_postgres::PgConfig,
     info: &SourceInfo,
     selector: &Selector,
     out: &mpsc::Sender<Bytes>,

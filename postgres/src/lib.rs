@@ -3,12 +3,15 @@
 //!
 //! ```text
 //!   capture ─┐
-//!   apply   ─┼─► connect() ──► tokio_postgres::Client   (one place for timeouts and, later, TLS)
+//!   apply   ─┼─► connect() ──► tokio_postgres::Client   (one place for timeouts and TLS)
 //!   repair  ─┤   is_transient(&Error)                    (one retry policy for every SQLSTATE)
 //!   doctor  ─┘   quote::{ident, literal}, TableName      (one way to write names into SQL)
 //! ```
 //!
 //! Guarantees:
+//! * [`PgConfig`] is libpq's connection string: `sslmode` (`disable` … `verify-full`, default
+//!   `prefer`), `sslrootcert`, `sslcert`/`sslkey` and `require_auth` work as in libpq (see
+//!   [`tls`]), on every SQL connection and on the replication transport.
 //! * [`connect`] never waits longer than [`CONNECT_TIMEOUT`] for a server that does not answer
 //!   (unless the URL sets its own `connect_timeout`), and drives the connection on a task of its
 //!   own; a broken connection shows as an error on the next statement, never as a hang in it.
@@ -21,16 +24,19 @@
 //! * [`node_schema::migrate`] is the only code that creates or changes SynapseDB's own tables
 //!   (`synapse.*`): versioned, ordered migrations; a node from a newer release is refused.
 
+mod config;
 pub mod node_schema;
 pub mod quote;
 mod sqlstate;
 mod table;
+pub mod tls;
 
+pub use config::{PgConfig, PgConfigError};
 pub use sqlstate::{is_transient, is_transient_code};
 pub use table::{TableName, TableNameError};
 
 use std::time::Duration;
-use tokio_postgres::{Client, Config, NoTls};
+use tokio_postgres::{Client, NoTls};
 
 /// How long a connection attempt may wait for a server that does not answer: long enough for a
 /// loaded server across regions, short enough that a dead address is reported, not waited on.
@@ -45,8 +51,8 @@ pub const KEEPALIVE_IDLE: Duration = Duration::from_secs(30);
 
 /// Connects to `config` and spawns the connection's task; `purpose` names it in the log when the
 /// connection ends with an error (e.g. `"apply b"`).
-pub async fn connect(config: &Config, purpose: &str) -> Result<Client, tokio_postgres::Error> {
-    let mut config = config.clone();
+pub async fn connect(pg: &PgConfig, purpose: &str) -> Result<Client, tokio_postgres::Error> {
+    let mut config = pg.pg().clone();
     if config.get_connect_timeout().is_none() {
         config.connect_timeout(CONNECT_TIMEOUT);
     }
@@ -64,17 +70,47 @@ pub async fn connect(config: &Config, purpose: &str) -> Result<Client, tokio_pos
         config.keepalives_interval(Duration::from_secs(10));
         config.keepalives_retries(3);
     }
-    let (client, connection) = config.connect(NoTls).await?;
+    // Named in pg_stat_activity, so a DBA can tell synapse's sessions (and their TLS) apart.
+    if config.get_application_name().is_none() {
+        config.application_name(format!("synapse {purpose}"));
+    }
     let purpose = purpose.to_owned();
-    tokio::spawn(async move {
-        if let Err(error) = connection.await {
-            tracing::debug!(%purpose, %error, "postgres connection ended");
+    let client = match pg.tls() {
+        None => {
+            let (client, connection) = config.connect(NoTls).await?;
+            tokio::spawn(async move {
+                if let Err(error) = connection.await {
+                    tracing::debug!(%purpose, %error, "postgres connection ended");
+                }
+            });
+            client
         }
-    });
+        Some(tls) => {
+            let tls = tokio_postgres_rustls::MakeRustlsConnect::new((*tls).clone());
+            let (client, connection) = config.connect(tls).await?;
+            tokio::spawn(async move {
+                if let Err(error) = connection.await {
+                    tracing::debug!(%purpose, %error, "postgres connection ended");
+                }
+            });
+            client
+        }
+    };
     Ok(client)
 }
 
-/// Connects to a connection string (URL or `key=value` form); see [`connect`].
-pub async fn connect_str(url: &str, purpose: &str) -> Result<Client, tokio_postgres::Error> {
-    connect(&url.parse::<Config>()?, purpose).await
+/// Connects to a connection string (URL or `key=value` form); see [`connect`]. A string that
+/// does not parse is an error of its own kind, never a connection error.
+pub async fn connect_str(url: &str, purpose: &str) -> Result<Client, ConnectStrError> {
+    let config: PgConfig = url.parse()?;
+    Ok(connect(&config, purpose).await?)
+}
+
+/// Why [`connect_str`] failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ConnectStrError {
+    #[error("invalid connection string: {0}")]
+    Config(#[from] PgConfigError),
+    #[error(transparent)]
+    Connect(#[from] tokio_postgres::Error),
 }

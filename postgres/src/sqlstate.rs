@@ -16,6 +16,8 @@ pub fn is_transient(error: &tokio_postgres::Error) -> bool {
         return true;
     }
     match error.code() {
+        // A certificate the TLS policy refuses, or a server without TLS where it is required.
+        None if crate::tls::is_tls_refusal(error) => false,
         None => true,
         Some(code) => is_transient_code(code.code()),
     }

@@ -43,7 +43,7 @@ pub struct FixNode {
 }
 
 impl FixNode {
-    pub async fn connect(name: &str, id: NodeId, config: &tokio_postgres::Config) -> Result<FixNode, RepairError> {
+    pub async fn connect(name: &str, id: NodeId, config: &synapse_postgres::PgConfig) -> Result<FixNode, RepairError> {
         let node = Node::connect(name, config).await?;
         let apply = |source| RepairError::Apply { node: name.to_owned(), source: Box::new(source) };
         let writer = synapse_apply::connect_target(config).await.map_err(apply)?;

@@ -302,6 +302,7 @@ impl synapse_error::Classify for RepairError {
 
     fn hint(&self) -> &'static str {
         match self {
+            RepairError::Node { source, .. } if synapse_postgres::tls::is_tls_refusal(source) => synapse_postgres::tls::HINT,
             RepairError::Node { .. } => "check the node is up and reachable with this URL; nothing was changed",
             RepairError::Table { .. } => "the table must exist with a primary key on every node compared",
             RepairError::Bits { .. } => "choose about one bucket per 16–64 rows, e.g. 16 bits for 1M rows",

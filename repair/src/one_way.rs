@@ -38,7 +38,7 @@ pub struct OneWayTarget {
 }
 
 impl OneWayTarget {
-    pub async fn connect(name: &str, config: &tokio_postgres::Config) -> Result<OneWayTarget, RepairError> {
+    pub async fn connect(name: &str, config: &synapse_postgres::PgConfig) -> Result<OneWayTarget, RepairError> {
         let node = Node::connect(name, config).await?;
         let apply = |source| RepairError::Apply { node: name.to_owned(), source: Box::new(source) };
         let writer = synapse_apply::connect_target(config).await.map_err(apply)?;

@@ -71,7 +71,7 @@ async fn check_finds_exactly_the_diverged_keys() {
     .unwrap();
     a.psql("app", "UPDATE items SET r = r + 1e-12 WHERE id = 600; UPDATE items SET b = 'row 5' WHERE id = 6").unwrap();
 
-    let url = |n: &LocalCluster| n.url("app").parse::<tokio_postgres::Config>().unwrap();
+    let url = |n: &LocalCluster| n.url("app").parse::<synapse_postgres::PgConfig>().unwrap();
     let (na, nb) = (Node::connect("a", &url(&a)).await.unwrap(), Node::connect("b", &url(&b)).await.unwrap());
     let both = [&na, &nb];
     let report = check(&both, "public.items", &at(12)).await.unwrap();
@@ -158,7 +158,7 @@ async fn an_unreachable_node_is_a_retryable_error_naming_it() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tracked_digests_stay_equal_to_a_scan() {
     let (a, b) = (cluster(), cluster());
-    let url = |n: &LocalCluster| n.url("app").parse::<tokio_postgres::Config>().unwrap();
+    let url = |n: &LocalCluster| n.url("app").parse::<synapse_postgres::PgConfig>().unwrap();
     let (na, nb) = (Node::connect("a", &url(&a)).await.unwrap(), Node::connect("b", &url(&b)).await.unwrap());
     for (n, table) in [(&na, "public.items"), (&nb, "public.items"), (&na, "public.pairs"), (&nb, "public.pairs")] {
         let shape = n.describe(table).await.unwrap();
@@ -331,7 +331,7 @@ async fn sub_digests_equal_a_scan(cluster: &LocalCluster, table: &str) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_kept_session_reports_what_fresh_sessions_report() {
     let (a, b) = (cluster(), cluster());
-    let url = |n: &LocalCluster| n.url("app").parse::<tokio_postgres::Config>().unwrap();
+    let url = |n: &LocalCluster| n.url("app").parse::<synapse_postgres::PgConfig>().unwrap();
     let (na, nb) = (Node::connect("a", &url(&a)).await.unwrap(), Node::connect("b", &url(&b)).await.unwrap());
     // Few buckets (64, 2,048 sub-buckets): changes and drift share buckets and sub-buckets.
     const BITS: u8 = 6;
@@ -401,7 +401,7 @@ async fn key_range_buckets_find_every_difference() {
         n.create_database("app").unwrap();
         n.psql("app", schema).unwrap();
     }
-    let url = |n: &LocalCluster| n.url("app").parse::<tokio_postgres::Config>().unwrap();
+    let url = |n: &LocalCluster| n.url("app").parse::<synapse_postgres::PgConfig>().unwrap();
     let (na, nb) = (Node::connect("a", &url(&a)).await.unwrap(), Node::connect("b", &url(&b)).await.unwrap());
     // Keys -50000, -49993, …, 49995: 14,286 rows. ANALYZE: key ranges need a row estimate.
     let fill = "INSERT INTO r SELECT g, 'v' || g FROM generate_series(-50000, 50000, 7) g;

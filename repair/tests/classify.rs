@@ -95,7 +95,7 @@ async fn capture_apply_and_repair_classify_server_errors_alike() {
         let url = format!("postgres://postgres@127.0.0.1:{port}/postgres");
         std::thread::spawn(move || {
             let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
-            rt.block_on(synapse_postgres::connect_str(&url, "refused")).unwrap_err()
+            rt.block_on(synapse_postgres::connect(&url.parse().unwrap(), "refused")).unwrap_err()
         })
         .join()
         .unwrap()

@@ -22,12 +22,33 @@ impl Report {
     }
 }
 
+/// Warns when a connection to another machine does not verify the server (sslmode below
+/// verify-full): encrypted at best, but open to a man in the middle.
+fn check_tls(r: &Report, pg: &synapse_postgres::PgConfig, field: &str) {
+    use synapse_postgres::tls::SslMode;
+    let remote = pg.get_hosts().iter().any(|h| match h {
+        tokio_postgres::config::Host::Tcp(h) => {
+            !(h == "localhost" || h.parse::<std::net::IpAddr>().is_ok_and(|ip| ip.is_loopback()))
+        }
+        tokio_postgres::config::Host::Unix(_) => false,
+    });
+    match pg.ssl_mode() {
+        SslMode::VerifyFull => r.ok("TLS: sslmode=verify-full"),
+        mode if remote => r.warn(
+            &format!("TLS: sslmode={mode} to another machine does not verify the server"),
+            &format!("add sslmode=verify-full&sslrootcert=<the server's CA file> to {field}"),
+        ),
+        _ => {}
+    }
+}
+
 /// Returns the number of failed checks.
 pub async fn run(config: &Config) -> usize {
     let mut r = Report { failed: 0 };
     for s in &config.sources {
         println!("source {} ({})", s.name, s.url);
         let Ok(pg) = s.url.pg_config() else { continue };
+        check_tls(&r, &pg, "sources[].url");
         let client = match synapse_postgres::connect(&pg, "doctor").await {
             Ok(client) => client,
             Err(e) => {
@@ -177,6 +198,7 @@ pub async fn run(config: &Config) -> usize {
     for t in &config.targets {
         println!("target {} ({})", t.name, t.url);
         let Ok(pg) = t.url.pg_config() else { continue };
+        check_tls(&r, &pg, "targets[].url");
         match synapse_postgres::connect(&pg, "doctor").await {
             Ok(client) => {
                 r.ok("connect");

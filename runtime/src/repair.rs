@@ -17,7 +17,7 @@ use synapse_repair::one_way::{fix_one_way, OneWayTarget};
 /// tables, and the check's options.
 pub struct Resolved {
     pub config: Config,
-    pub nodes: Vec<(String, tokio_postgres::Config)>,
+    pub nodes: Vec<(String, synapse_postgres::PgConfig)>,
     pub tables: Vec<String>,
     pub options: CheckOptions,
 }
@@ -31,7 +31,7 @@ pub fn plan(
     bits: u8,
     cut_timeout: Option<f64>,
 ) -> anyhow::Result<Resolved> {
-    let mut known: Vec<(String, tokio_postgres::Config)> = Vec::new();
+    let mut known: Vec<(String, synapse_postgres::PgConfig)> = Vec::new();
     let mut add = |name: &str, url: &crate::config::SecretUrl| -> anyhow::Result<()> {
         if !known.iter().any(|(n, _)| n == name) {
             known.push((name.to_owned(), url.pg_config().map_err(|e| anyhow::anyhow!("node {name}: {e}"))?));
@@ -210,8 +210,8 @@ async fn fix_one_way_tables(
 /// Makes each of `targets` hold `source`'s rows of `tables`: a check per table (with a cut:
 /// changes in flight are not drift), then a one-way fix of what differs.
 async fn fix_from_source(
-    (origin, origin_pg): (&str, &tokio_postgres::Config),
-    targets: &[(String, tokio_postgres::Config)],
+    (origin, origin_pg): (&str, &synapse_postgres::PgConfig),
+    targets: &[(String, synapse_postgres::PgConfig)],
     tables: &[String],
     options: &CheckOptions,
     dry_run: bool,
@@ -245,8 +245,8 @@ const RESYNC_CUT_TIMEOUT: Duration = Duration::from_secs(300);
 /// the pipeline streams on (see docs/decisions/0011-resync-by-repair.md). Returns the rows
 /// changed on the targets.
 pub async fn resync_targets(
-    (source, source_pg): (&str, &tokio_postgres::Config),
-    targets: &[(String, tokio_postgres::Config)],
+    (source, source_pg): (&str, &synapse_postgres::PgConfig),
+    targets: &[(String, synapse_postgres::PgConfig)],
     tables: &[String],
 ) -> Result<u64, synapse_repair::RepairError> {
     if targets.is_empty() || tables.is_empty() {

@@ -28,8 +28,17 @@ pub struct KilledMesh {
 impl KilledMesh {
     /// `mesh_yaml`: the lines under `mesh:` after the nodes (tables, strategies…).
     pub fn new(schema: &str, mesh_yaml: &str) -> KilledMesh {
-        let nodes: Vec<LocalCluster> =
-            (0..3).map(|_| LocalCluster::start(ClusterOptions::default()).unwrap()).collect();
+        KilledMesh::new_with(schema, mesh_yaml, ClusterOptions::default, |n| n.url("app"))
+    }
+
+    /// [`KilledMesh::new`] with clusters made to `options`, reached at `url`.
+    pub fn new_with(
+        schema: &str,
+        mesh_yaml: &str,
+        options: impl Fn() -> ClusterOptions,
+        url: impl Fn(&LocalCluster) -> String,
+    ) -> KilledMesh {
+        let nodes: Vec<LocalCluster> = (0..3).map(|_| LocalCluster::start(options()).unwrap()).collect();
         let dir = tempfile::tempdir().unwrap();
         for n in &nodes {
             n.create_database("app").unwrap();
@@ -37,11 +46,7 @@ impl KilledMesh {
         }
         let nodes_yaml: String = (0..3)
             .map(|i| {
-                format!(
-                    "    - name: u{i}\n      id: {}\n      url: {}\n      region: r{i}\n",
-                    i + 1,
-                    nodes[i].url("app")
-                )
+                format!("    - name: u{i}\n      id: {}\n      url: {}\n      region: r{i}\n", i + 1, url(&nodes[i]))
             })
             .collect();
         let config = dir.path().join("mesh.yaml");

@@ -18,8 +18,13 @@ pub struct Nodes {
 
 impl Nodes {
     pub fn start(source_sql: &str) -> Nodes {
-        let source = LocalCluster::start(ClusterOptions::default()).unwrap();
-        let target = LocalCluster::start(ClusterOptions::default()).unwrap();
+        Nodes::start_with(source_sql, ClusterOptions::default)
+    }
+
+    /// [`Nodes::start`] with clusters made to `options` (TLS, pg_hba.conf…).
+    pub fn start_with(source_sql: &str, options: impl Fn() -> ClusterOptions) -> Nodes {
+        let source = LocalCluster::start(options()).unwrap();
+        let target = LocalCluster::start(options()).unwrap();
         source.create_database("app").unwrap();
         target.create_database("app").unwrap();
         if !source_sql.is_empty() {

@@ -13,6 +13,7 @@
 //! [`LocalBroker`] does the same for a Kafka-protocol broker, for the Kafka log's tests.
 
 mod broker;
+pub mod certs;
 
 pub use broker::LocalBroker;
 
@@ -44,6 +45,10 @@ pub struct ClusterOptions {
     pub fsync: bool,
     /// Extra `postgresql.conf` lines.
     pub settings: Vec<String>,
+    /// The server's certificate and key: TLS on.
+    pub tls: Option<certs::Issued>,
+    /// `pg_hba.conf` in place of initdb's (which trusts every local connection).
+    pub hba: Option<String>,
 }
 
 /// A running local PostgreSQL cluster listening on 127.0.0.1.
@@ -220,12 +225,30 @@ impl LocalCluster {
             format!("fsync = {}", if options.fsync { "on" } else { "off" }),
         ];
         conf.extend(options.settings.iter().cloned());
+        let mut owned = vec![self.root.join("synapse.conf"), self.root.join("port")];
+        if let Some(tls) = &options.tls {
+            let (cert, key) = (self.root.join("server.crt"), self.root.join("server.key"));
+            std::fs::write(&cert, &tls.cert_pem).map_err(io(&cert))?;
+            std::fs::write(&key, &tls.key_pem).map_err(io(&key))?;
+            // The server refuses a key others may read.
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600)).map_err(io(&key))?;
+            conf.push("ssl = on".into());
+            conf.push(format!("ssl_cert_file = '{}'", cert.display()));
+            conf.push(format!("ssl_key_file = '{}'", key.display()));
+            owned.extend([cert, key]);
+        }
+        if let Some(hba) = &options.hba {
+            let path = self.data_dir().join("pg_hba.conf");
+            std::fs::write(&path, hba).map_err(io(&path))?;
+            owned.push(path);
+        }
         // A separate include, so a persistent cluster gets the current settings.
         std::fs::write(self.root.join("synapse.conf"), conf.join("\n") + "\n").map_err(io(&self.root))?;
         if self.as_postgres {
-            let files =
-                [self.root.join("synapse.conf").display().to_string(), self.root.join("port").display().to_string()];
-            self.run("chown", &["postgres:postgres", &files[0], &files[1]], false)?;
+            let mut args = vec!["postgres:postgres".to_string()];
+            args.extend(owned.iter().map(|p| p.display().to_string()));
+            self.run("chown", &args.iter().map(String::as_str).collect::<Vec<_>>(), false)?;
         }
         Ok(())
     }

@@ -66,7 +66,7 @@ pub struct Node {
 }
 
 impl Node {
-    pub async fn connect(name: &str, config: &tokio_postgres::Config) -> Result<Node, RepairError> {
+    pub async fn connect(name: &str, config: &synapse_postgres::PgConfig) -> Result<Node, RepairError> {
         let fail = |context: &str| {
             let context = context.to_owned();
             move |source| RepairError::Node { node: name.to_owned(), context, source }

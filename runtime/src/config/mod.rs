@@ -76,11 +76,11 @@ impl SecretUrl {
         SecretUrl(s.into())
     }
     /// The parsed settings, or what is wrong with the text (never the text: it holds secrets).
-    pub fn pg_config(&self) -> Result<tokio_postgres::Config, String> {
+    pub fn pg_config(&self) -> Result<synapse_postgres::PgConfig, String> {
         let expected = "postgres://user:password@host:5432/dbname, or host=… port=… dbname=…";
         let port_error = |port: &str| format!("port `{port}` is not a number from 1 to 65535 (expected {expected})");
-        let config: tokio_postgres::Config =
-            self.0.parse().map_err(|e: tokio_postgres::Error| match bad_port(&self.0) {
+        let config: synapse_postgres::PgConfig =
+            self.0.parse().map_err(|e: synapse_postgres::PgConfigError| match bad_port(&self.0) {
                 Some(port) => port_error(&port),
                 None => format!("{e} (expected {expected})"),
             })?;

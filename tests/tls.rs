@@ -1,0 +1,151 @@
+//! The whole pipeline over verified TLS: a source and a target that accept only TLS connections
+//! (`hostssl`), certificates from a private CA made here, and every connection synapse makes —
+//! replication, initial copy, apply, repair, doctor — with `sslmode=verify-full`.
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use common::mesh::KilledMesh;
+use common::{spawn_run, Nodes, ITEMS_SCHEMA};
+use std::time::Duration;
+use synapse_localpg::certs::TestCa;
+use synapse_localpg::ClusterOptions;
+
+/// synapse's sessions on a server: `<without TLS>/<all>`.
+const SESSIONS: &str = "SELECT count(*) FILTER (WHERE NOT s.ssl) || '/' || count(*)
+     FROM pg_stat_activity a JOIN pg_stat_ssl s USING (pid) WHERE a.application_name LIKE 'synapse%'";
+
+#[test]
+fn the_pipeline_runs_over_verified_tls_only() {
+    let ca = TestCa::new("synapse test CA").unwrap();
+    let server = ca.issue("localhost", &["localhost"]).unwrap();
+    let options = || ClusterOptions {
+        tls: Some(server.clone()),
+        hba: Some("local all all trust\nhostssl all all 127.0.0.1/32 trust\n".into()),
+        ..Default::default()
+    };
+    let nodes = Nodes::start_with(
+        &format!("{ITEMS_SCHEMA}\nINSERT INTO items SELECT g, g FROM generate_series(1, 1000) g;"),
+        options,
+    );
+    let ca_pem = nodes.dir.path().join("ca.pem");
+    std::fs::write(&ca_pem, ca.pem()).unwrap();
+    let verified = |url: String| {
+        url.replace("@127.0.0.1:", "@localhost:") + &format!("?sslmode=verify-full&sslrootcert={}", ca_pem.display())
+    };
+    let config = nodes.config("");
+    let text = std::fs::read_to_string(&config)
+        .unwrap()
+        .replace(&nodes.source.url("app"), &verified(nodes.source.url("app")))
+        .replace(&nodes.target.url("app"), &verified(nodes.target.url("app")));
+    assert!(text.contains("sslmode=verify-full"), "{text}");
+    std::fs::write(&config, text).unwrap();
+
+    let log = nodes.dir.path().join("synapse.log");
+    let child = spawn_run(&config, &log);
+    nodes.wait_copied(2, Duration::from_secs(60), &log);
+    nodes.source.psql("app", "INSERT INTO items VALUES (5000, 1); UPDATE items SET v = 0 WHERE id <= 10").unwrap();
+    let q = "SELECT count(*) || ':' || sum(v) FROM items";
+    common::wait_equal(&nodes.source, &nodes.target, q, Duration::from_secs(60));
+    // Every session synapse holds on both servers is encrypted.
+    for node in [&nodes.source, &nodes.target] {
+        let sessions = node.psql("postgres", SESSIONS).unwrap();
+        assert!(sessions.starts_with("0/") && sessions != "0/0", "plain/all synapse sessions: {sessions}");
+    }
+    let ours = nodes
+        .source
+        .psql("postgres", "SELECT count(*) FROM pg_stat_replication r JOIN pg_stat_ssl s USING (pid) WHERE s.ssl")
+        .unwrap();
+    assert_eq!(ours, "1", "the replication connection is encrypted");
+
+    // Repair and doctor connect the same way.
+    let args = ["repair", "check", "--config", config.to_str().unwrap(), "--nodes", "a,b", "--table", "public.items"];
+    let out = common::synapse(&args).output().unwrap();
+    assert!(out.status.success(), "{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    let out = common::synapse(&["doctor", "--config", config.to_str().unwrap()]).output().unwrap();
+    let report = String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success() && report.contains("wal_level = logical"), "{report}");
+    assert!(report.contains("ok    TLS: sslmode=verify-full"), "{report}");
+    drop(child);
+}
+
+/// A wrong CA stops only the capture that uses it, with the certificate named and the fix: the
+/// error is definite (parked), not retried as a network failure.
+#[test]
+fn an_untrusted_certificate_parks_the_capture_with_the_fix() {
+    let ca = TestCa::new("synapse test CA").unwrap();
+    let server = ca.issue("localhost", &["localhost"]).unwrap();
+    let options = || ClusterOptions { tls: Some(server.clone()), ..Default::default() };
+    let nodes = Nodes::start_with(ITEMS_SCHEMA, options);
+    let other = nodes.dir.path().join("other.pem");
+    std::fs::write(&other, TestCa::new("another CA").unwrap().pem()).unwrap();
+    let config = nodes.config("");
+    let source = nodes.source.url("app");
+    let wrong =
+        source.replace("@127.0.0.1:", "@localhost:") + &format!("?sslmode=verify-full&sslrootcert={}", other.display());
+    let ops = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().to_string();
+    let text = std::fs::read_to_string(&config)
+        .unwrap()
+        .replace(&source, &wrong)
+        .replace("ops:\n  listen: \"\"", &format!("ops:\n  listen: \"{ops}\""));
+    std::fs::write(&config, text).unwrap();
+    let log = nodes.dir.path().join("synapse.log");
+    let _child = spawn_run(&config, &log);
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let body = reqwest::blocking::get(format!("http://{ops}/readyz")).and_then(|r| r.text()).unwrap_or_default();
+        if body.contains("capture/a: parked") {
+            assert!(body.contains("UnknownIssuer") || body.contains("unknown issuer"), "{body}");
+            assert!(body.contains("sslrootcert"), "the fix names sslrootcert: {body}");
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "{body}\n{}", common::log_tail(&log));
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// A three-region mesh whose nodes accept only TLS, every link `verify-full`: writes on each
+/// node reach the other two.
+#[test]
+fn a_mesh_runs_over_verified_tls_only() {
+    let ca = TestCa::new("synapse test CA").unwrap();
+    let server = ca.issue("localhost", &["localhost"]).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let ca_pem = dir.path().join("ca.pem");
+    std::fs::write(&ca_pem, ca.pem()).unwrap();
+    let options = || ClusterOptions {
+        tls: Some(server.clone()),
+        hba: Some("local all all trust\nhostssl all all 127.0.0.1/32 trust\n".into()),
+        ..Default::default()
+    };
+    let url = |n: &synapse_localpg::LocalCluster| {
+        format!("postgres://postgres@localhost:{}/app?sslmode=verify-full&sslrootcert={}", n.port(), ca_pem.display())
+    };
+    let mesh =
+        KilledMesh::new_with("CREATE TABLE t (id int PRIMARY KEY, v text)", "  tables: [public.t]\n", options, url);
+    let _child = mesh.start(1);
+    for i in 0..3 {
+        mesh.sql(i, &format!("INSERT INTO t VALUES ({i}, 'from u{i}')"));
+    }
+    mesh.wait_all("rows from every region", "SELECT string_agg(v, ',' ORDER BY id) FROM t", "from u0,from u1,from u2");
+    for i in 0..3 {
+        let sessions = mesh.sql(i, SESSIONS);
+        assert!(sessions.starts_with("0/") && sessions != "0/0", "node u{i}: plain/all synapse sessions: {sessions}");
+    }
+}
+
+/// doctor warns when a connection to another machine does not verify the server.
+#[test]
+fn doctor_warns_about_unverified_tls_to_another_machine() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("synapse.yaml");
+    std::fs::write(
+        &config,
+        "sources:\n  - name: a\n    url: postgres://u@db.example.invalid:5432/app?connect_timeout=2\nops:\n  listen: \"\"\n",
+    )
+    .unwrap();
+    let out = common::synapse(&["doctor", "--config", config.to_str().unwrap()]).output().unwrap();
+    let report = String::from_utf8_lossy(&out.stdout);
+    assert!(report.contains("warn  TLS: sslmode=prefer to another machine does not verify the server"), "{report}");
+    assert!(report.contains("sslmode=verify-full&sslrootcert="), "{report}");
+}

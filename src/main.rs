@@ -57,6 +57,16 @@ enum Command {
         #[arg(long, short)]
         config: PathBuf,
     },
+    /// Try every parked component of the running `synapse run` again now (what SIGHUP does),
+    /// through its API with an `admin` token; prints what was parked.
+    Resume {
+        /// The configuration file the process runs (its api.listen is where to ask).
+        #[arg(long, short)]
+        config: PathBuf,
+        /// The environment variable holding the admin token.
+        #[arg(long, default_value = "SYNAPSE_TOKEN")]
+        token_env: String,
+    },
     /// Compare tables between nodes: Merkle digests computed on each node, then only the rows of
     /// differing buckets (`check` only reads; `fix` and `track` write).
     #[command(subcommand)]
@@ -145,6 +155,7 @@ fn main() -> ExitCode {
                 );
                 Ok(ExitCode::SUCCESS)
             }
+            Command::Resume { config, token_env } => resume(&Config::load(&config)?, &token_env).await,
             Command::Doctor { config } => {
                 let c = Config::load(&config)?;
                 let failed = synapse_runtime::doctor::run(&c).await;
@@ -193,4 +204,40 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// `synapse resume`: `POST /v1/components/resume` on the configuration's API.
+async fn resume(config: &Config, token_env: &str) -> anyhow::Result<ExitCode> {
+    let listen = &config.api.listen;
+    if listen.is_empty() {
+        anyhow::bail!("api.listen is \"\": the process serves no API to ask; send it SIGHUP instead");
+    }
+    // A wildcard address is reached on loopback.
+    let addr = listen.replace("0.0.0.0:", "127.0.0.1:").replace("[::]:", "[::1]:");
+    let mut request = reqwest::Client::new()
+        .post(format!("http://{addr}/v1/components/resume"))
+        .header("content-type", "application/json")
+        .header("host", "localhost")
+        .body("{}");
+    if let Ok(token) = std::env::var(token_env) {
+        request = request.bearer_auth(token.trim());
+    } else if !config.api.tokens.is_empty() {
+        anyhow::bail!("set {token_env} to a token with the admin scope (api.tokens)");
+    }
+    let response = request.send().await.map_err(|e| anyhow::anyhow!("cannot reach the API at {addr}: {e}"))?;
+    let status = response.status();
+    let body: serde_json::Value = response.json().await.unwrap_or_default();
+    if !status.is_success() {
+        let e = &body["error"];
+        anyhow::bail!("{status}: {} ({})", e["message"].as_str().unwrap_or("?"), e["hint"].as_str().unwrap_or(""));
+    }
+    match body["resumed"].as_array() {
+        Some(parked) if !parked.is_empty() => {
+            for p in parked {
+                println!("trying again: {}", p.as_str().unwrap_or("?"));
+            }
+        }
+        _ => println!("nothing is parked"),
+    }
+    Ok(ExitCode::SUCCESS)
 }

@@ -64,8 +64,15 @@ fn the_example_configs_are_valid() {
         "kafka.example.yaml",
         &[("SOURCE_PASSWORD", "s"), ("TARGET_PASSWORD", "t"), ("KAFKA_PASSWORD", "k")],
     );
-    let text =
-        validate_example("mesh.example.yaml", &[("US_PASSWORD", "u"), ("EU_PASSWORD", "e"), ("AP_PASSWORD", "a")]);
+    let text = validate_example(
+        "mesh.example.yaml",
+        &[
+            ("US_PASSWORD", "u"),
+            ("EU_PASSWORD", "e"),
+            ("AP_PASSWORD", "a"),
+            ("ADMIN_TOKEN", "admin-token-0123456789abcdef"),
+        ],
+    );
     assert!(text.contains("mesh of 3 nodes"), "{text}");
 }
 

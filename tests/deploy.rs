@@ -62,7 +62,10 @@ fn the_configurations_in_deploy_are_valid() {
         ("ADMIN_TOKEN", "admin-token-0123456789abcdef"),
     ];
     common::validate_config(&path, &env);
-    common::validate_config(&Path::new(ROOT).join("deploy/compose/synapse.yaml"), &[("PG_PASSWORD", "p")]);
+    common::validate_config(
+        &Path::new(ROOT).join("deploy/compose/synapse.yaml"),
+        &[("PG_PASSWORD", "p"), ("SYNAPSE_ADMIN_TOKEN", "admin-token-0123456789abcdef")],
+    );
 }
 
 #[test]

@@ -13,7 +13,7 @@
 mod common;
 
 use common::mesh::{tail, KilledMesh};
-use common::{post, synapse};
+use common::{request, synapse, ADMIN_TOKEN};
 use serde_json::{json, Value};
 use std::collections::BTreeSet;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -173,10 +173,16 @@ fn fix_makes_a_diverged_mesh_identical_through_the_resolver_while_it_keeps_writi
         .map(|i| mesh.sql(i, "SELECT string_agg(i::text, ';' ORDER BY id) FROM items i WHERE id < 20 OR id > 5000"))
         .collect();
     // Through the admin API of the running synapse (the CLI's `fix --dry-run --json` prints the same).
-    let (status, text) = post(&mesh.ops, "/repair/fix", r#"{"prefer": "moon"}"#);
+    let (status, text) = request(&mesh.api, "POST", "/v1/repair/fix", r#"{"prefer": "moon"}"#, Some(ADMIN_TOKEN));
     assert_eq!(status, 400, "{text}");
     assert!(text.contains("`moon` is not one of the nodes compared"), "{text}");
-    let (status, text) = post(&mesh.ops, "/repair/fix", r#"{"dry_run": true, "tables": ["public.items"]}"#);
+    let (status, text) = request(
+        &mesh.api,
+        "POST",
+        "/v1/repair/fix",
+        r#"{"dry_run": true, "tables": ["public.items"]}"#,
+        Some(ADMIN_TOKEN),
+    );
     assert_eq!(status, 200, "{text}");
     let dry = json_of(&text);
     let fix = &dry[0]["fix"];

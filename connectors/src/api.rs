@@ -13,8 +13,9 @@
 //!     resumes. `event: bookmark` carries the position when only filtered-out traffic passed;
 //!     without `live=true` the stream ends with `event: up-to-date`.
 //!   - 410 Gone when the cursor is older than the log's retention, with the oldest cursor.
-//! * Bearer tokens (api.tokens) are scoped to tables: a request for other tables gets 403; a
-//!   request without `tables` sees only the token's tables.
+//! * Bearer tokens (api.tokens, see [`crate::auth`]) need the `stream` scope and are limited to
+//!   their tables: a request for other tables gets 403; a request without `tables` sees only the
+//!   token's tables.
 
 use crate::feed::{parse_cursor, ChangeFeed, Operation, Selector, SourceInfo};
 use crate::{ConnectorError, RowFilter};
@@ -43,16 +44,7 @@ const DEFAULT_POLL: Duration = Duration::from_secs(20);
 /// SSE comment lines keep idle connections open through proxies.
 const SSE_KEEPALIVE: Duration = Duration::from_secs(15);
 
-/// A bearer token and what it may read.
-#[derive(Clone, Debug)]
-pub struct Token {
-    pub name: String,
-    pub secret: String,
-    /// `schema.table` names; empty = every table.
-    pub tables: Vec<String>,
-    /// May manage webhook endpoints.
-    pub admin: bool,
-}
+pub use crate::auth::{Auth, Scope, Token};
 
 /// One source node's log, served as a stream named after the node.
 pub struct StreamSource<L> {
@@ -75,45 +67,14 @@ pub struct SnapshotSource {
 /// Shared state of the API server.
 pub struct Api<L> {
     pub streams: BTreeMap<String, StreamSource<L>>,
-    /// No tokens = no authentication (loopback development setups).
-    pub tokens: Vec<Token>,
+    /// Who may call (see [`crate::auth`]).
+    pub auth: Arc<Auth>,
+    /// Where mutating requests are recorded (`None`: not recorded).
+    pub audit: Option<Arc<crate::auth::Audit>>,
     pub webhooks: Option<Arc<crate::webhook::Webhooks<L>>>,
     /// Ends live streams and long polls when it turns true, so a graceful shutdown does not
     /// wait for clients that never disconnect.
     pub shutdown: tokio::sync::watch::Receiver<bool>,
-}
-
-impl<L> Api<L> {
-    /// The caller's token (`None` when authentication is off).
-    pub fn authenticate(&self, headers: &HeaderMap) -> Result<Option<&Token>, ConnectorError> {
-        if self.tokens.is_empty() {
-            return Ok(None);
-        }
-        let presented = headers
-            .get(header::AUTHORIZATION)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer "))
-            .ok_or(ConnectorError::Unauthorized)?;
-        // Compared in constant time per token: a timing side channel would leak prefixes.
-        self.tokens
-            .iter()
-            .find(|t| constant_time_eq(t.secret.as_bytes(), presented.trim().as_bytes()))
-            .map(Some)
-            .ok_or(ConnectorError::Unauthorized)
-    }
-
-    pub fn require_admin(&self, headers: &HeaderMap) -> Result<(), ConnectorError> {
-        match self.authenticate(headers)? {
-            Some(t) if !t.admin => {
-                Err(ConnectorError::Forbidden(format!("token `{}` may not manage endpoints (admin: false)", t.name)))
-            }
-            _ => Ok(()),
-        }
-    }
-}
-
-fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
 impl IntoResponse for ConnectorError {
@@ -132,6 +93,13 @@ impl IntoResponse for ConnectorError {
 }
 
 pub fn router<L: ChangeLog>(api: Arc<Api<L>>) -> Router {
+    router_with(api, Router::new())
+}
+
+/// The API's routes plus `extra` (the runtime's admin routes), all behind
+/// [`crate::auth::guard`]: mutating requests must send JSON and are audited.
+pub fn router_with<L: ChangeLog>(api: Arc<Api<L>>, extra: Router) -> Router {
+    let guard = crate::auth::Guard { auth: api.auth.clone(), audit: api.audit.clone() };
     let r = Router::new()
         .route("/v1/streams", get(list_streams::<L>))
         .route("/v1/streams/{name}", get(subscribe::<L>))
@@ -141,14 +109,14 @@ pub fn router<L: ChangeLog>(api: Arc<Api<L>>) -> Router {
         Some(_) => r.merge(crate::webhook::routes::router::<L>()),
         None => r,
     };
-    r.with_state(api)
+    r.with_state(api).merge(extra).layer(axum::middleware::from_fn_with_state(guard, crate::auth::guard))
 }
 
 async fn list_streams<L: ChangeLog>(
     State(api): State<Arc<Api<L>>>,
     headers: HeaderMap,
 ) -> Result<Json<serde_json::Value>, ConnectorError> {
-    api.authenticate(&headers)?;
+    api.auth.check(&headers, Scope::Stream)?;
     let mut out = Vec::new();
     for (name, s) in &api.streams {
         out.push(json!({"name": name, "cursor": s.log.head_cursor().await?.map(|c| c.to_string())}));
@@ -165,7 +133,7 @@ async fn subscribe<L: ChangeLog>(
     Path(name): Path<String>,
     headers: HeaderMap,
 ) -> Result<Json<serde_json::Value>, ConnectorError> {
-    api.authenticate(&headers)?;
+    api.auth.check(&headers, Scope::Stream)?;
     let s = stream(&api, &name)?;
     let cursor = s.log.head_cursor().await?.map(|c| c.to_string());
     Ok(Json(json!({
@@ -252,7 +220,7 @@ fn read_request<'a, L>(
     query: Result<Query<ChangesQuery>, axum::extract::rejection::QueryRejection>,
     headers: &HeaderMap,
 ) -> Result<(ChangesQuery, &'a StreamSource<L>, Selector), ConnectorError> {
-    let token = api.authenticate(headers)?;
+    let token = api.auth.check(headers, Scope::Stream)?;
     let Query(q) = query.map_err(|e| bad("query", e.body_text()))?;
     let s = stream(api, name)?;
     let selector = selector(&q, token)?;

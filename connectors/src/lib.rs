@@ -21,6 +21,7 @@
 //! for its ordering modes, retries and dead letters.
 
 pub mod api;
+pub mod auth;
 mod error;
 pub mod feed;
 pub mod filter;

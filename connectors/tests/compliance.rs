@@ -13,7 +13,7 @@ use serde_json::{json, Value};
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
-use synapse_connectors::api::{Api, StreamSource, Token};
+use synapse_connectors::api::{Api, Auth, Scope, StreamSource, Token};
 use synapse_connectors::feed::SourceInfo;
 use synapse_connectors::webhook::signing::Secret;
 use synapse_connectors::webhook::store::Store;
@@ -475,7 +475,7 @@ fn api(log: &Arc<EmbeddedLog>, tokens: Vec<Token>) -> Api<EmbeddedLog> {
     // Never shut down: the test runtime ends with the test.
     let (stop, shutdown) = watch::channel(false);
     std::mem::forget(stop);
-    Api { streams, tokens, webhooks: None, shutdown }
+    Api { streams, auth: Arc::new(Auth { tokens }), audit: None, webhooks: None, shutdown }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -724,8 +724,8 @@ async fn stream_api_lines_paging_gone_and_auth() {
     let base = serve_api(api(
         &log,
         vec![
-            Token { name: "admin".into(), secret: admin.clone(), tables: vec![], admin: true },
-            Token { name: "reader".into(), secret: reader.clone(), tables: vec!["public.items".into()], admin: false },
+            Token::new("admin", &admin, vec![], vec![Scope::Admin]),
+            Token::new("reader", &reader, vec!["public.items".into()], vec![Scope::Stream]),
         ],
     ))
     .await;

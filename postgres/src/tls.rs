@@ -68,6 +68,16 @@ impl std::fmt::Display for SslMode {
     }
 }
 
+/// A file path for an error message: as given, unless it looks like a misplaced `key=value`
+/// (in a malformed connection string that may be part of a password).
+fn shown(path: &str) -> String {
+    if path.contains('=') {
+        "(the file named in the URL)".into()
+    } else {
+        path.to_owned()
+    }
+}
+
 fn provider() -> Arc<CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
 }
@@ -79,12 +89,12 @@ fn roots(root: Option<&str>) -> Result<RootCertStore, String> {
         Some(path) if path != "system" => {
             let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(path)
                 .and_then(|i| i.collect::<Result<_, _>>())
-                .map_err(|e| format!("sslrootcert {path}: cannot read PEM certificates ({e})"))?;
+                .map_err(|e| format!("sslrootcert {}: cannot read PEM certificates ({e})", shown(path)))?;
             if certs.is_empty() {
-                return Err(format!("sslrootcert {path}: no certificate in the file"));
+                return Err(format!("sslrootcert {}: no certificate in the file", shown(path)));
             }
             for c in certs {
-                store.add(c).map_err(|e| format!("sslrootcert {path}: {e}"))?;
+                store.add(c).map_err(|e| format!("sslrootcert {}: {e}", shown(path)))?;
             }
         }
         _ => {
@@ -113,25 +123,17 @@ pub(crate) fn client_config(
         return Ok(None);
     }
     let provider = provider();
+    let webpki = |root| {
+        WebPkiServerVerifier::builder_with_provider(Arc::new(roots(root)?), provider.clone())
+            .build()
+            .map_err(|e| format!("sslrootcert: {e}"))
+    };
     let verifier: Arc<dyn ServerCertVerifier> = match mode {
-        SslMode::VerifyFull | SslMode::VerifyCa => {
-            let webpki = WebPkiServerVerifier::builder_with_provider(Arc::new(roots(root)?), provider.clone())
-                .build()
-                .map_err(|e| format!("sslrootcert: {e}"))?;
-            if mode == SslMode::VerifyFull {
-                webpki
-            } else {
-                Arc::new(ChainOnly(webpki))
-            }
-        }
+        SslMode::VerifyFull => webpki(root)?,
+        SslMode::VerifyCa => Arc::new(Checked { chain: Some(webpki(root)?), provider: provider.clone() }),
         // As libpq: a root certificate file given with `require` (or `prefer`) checks the chain.
-        _ if root.is_some() => {
-            let webpki = WebPkiServerVerifier::builder_with_provider(Arc::new(roots(root)?), provider.clone())
-                .build()
-                .map_err(|e| format!("sslrootcert: {e}"))?;
-            Arc::new(ChainOnly(webpki))
-        }
-        _ => Arc::new(Unverified(provider.clone())),
+        _ if root.is_some() => Arc::new(Checked { chain: Some(webpki(root)?), provider: provider.clone() }),
+        _ => Arc::new(Checked { chain: None, provider: provider.clone() }),
     };
     let builder = ClientConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
@@ -143,20 +145,26 @@ pub(crate) fn client_config(
         Some((cert, key)) => {
             let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(cert)
                 .and_then(|i| i.collect::<Result<_, _>>())
-                .map_err(|e| format!("sslcert {cert}: cannot read PEM certificates ({e})"))?;
-            let key =
-                PrivateKeyDer::from_pem_file(key).map_err(|e| format!("sslkey {key}: cannot read a PEM key ({e})"))?;
+                .map_err(|e| format!("sslcert {}: cannot read PEM certificates ({e})", shown(cert)))?;
+            let key = PrivateKeyDer::from_pem_file(key)
+                .map_err(|e| format!("sslkey {}: cannot read a PEM key ({e})", shown(key)))?;
             builder.with_client_auth_cert(certs, key).map_err(|e| format!("sslcert/sslkey: {e}"))?
         }
     };
     Ok(Some(Arc::new(config)))
 }
 
-/// `verify-ca`: the chain must lead to a trusted CA; the name in the certificate is not checked.
+/// How the server's certificate is checked: not at all (`prefer`/`require` without
+/// `sslrootcert`: libpq's behaviour; `verify-full` is what stops a man in the middle), the chain
+/// only (`verify-ca`), or the chain and the name (`verify-full`: webpki as it is). The
+/// handshake's signatures are always checked, so the session is bound to the certificate shown.
 #[derive(Debug)]
-struct ChainOnly(Arc<WebPkiServerVerifier>);
+struct Checked {
+    chain: Option<Arc<WebPkiServerVerifier>>,
+    provider: Arc<CryptoProvider>,
+}
 
-impl ServerCertVerifier for ChainOnly {
+impl ServerCertVerifier for Checked {
     fn verify_server_cert(
         &self,
         end_entity: &CertificateDer<'_>,
@@ -165,8 +173,9 @@ impl ServerCertVerifier for ChainOnly {
         ocsp: &[u8],
         now: UnixTime,
     ) -> Result<ServerCertVerified, rustls::Error> {
+        let Some(chain) = &self.chain else { return Ok(ServerCertVerified::assertion()) };
         // webpki checks the chain before the name: a name error means the chain was good.
-        match self.0.verify_server_cert(end_entity, intermediates, server_name, ocsp, now) {
+        match chain.verify_server_cert(end_entity, intermediates, server_name, ocsp, now) {
             Err(rustls::Error::InvalidCertificate(
                 CertificateError::NotValidForName | CertificateError::NotValidForNameContext { .. },
             )) => Ok(ServerCertVerified::assertion()),
@@ -179,7 +188,7 @@ impl ServerCertVerifier for ChainOnly {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        self.0.verify_tls12_signature(message, cert, dss)
+        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.provider.signature_verification_algorithms)
     }
     fn verify_tls13_signature(
         &self,
@@ -187,48 +196,10 @@ impl ServerCertVerifier for ChainOnly {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        self.0.verify_tls13_signature(message, cert, dss)
+        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.provider.signature_verification_algorithms)
     }
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.0.supported_verify_schemes()
-    }
-}
-
-/// `prefer`/`require` without `sslrootcert`: encrypted, the server's certificate taken as it is
-/// (libpq's behaviour; `verify-full` is what stops a man in the middle). The handshake's
-/// signatures are still checked, so the session is bound to the certificate shown.
-#[derive(Debug)]
-struct Unverified(Arc<CryptoProvider>);
-
-impl ServerCertVerifier for Unverified {
-    fn verify_server_cert(
-        &self,
-        _: &CertificateDer<'_>,
-        _: &[CertificateDer<'_>],
-        _: &ServerName<'_>,
-        _: &[u8],
-        _: UnixTime,
-    ) -> Result<ServerCertVerified, rustls::Error> {
-        Ok(ServerCertVerified::assertion())
-    }
-    fn verify_tls12_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.0.signature_verification_algorithms)
-    }
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.0.signature_verification_algorithms)
-    }
-    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.0.signature_verification_algorithms.supported_schemes()
+        self.provider.signature_verification_algorithms.supported_schemes()
     }
 }
 

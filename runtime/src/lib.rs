@@ -7,7 +7,9 @@
 //!                   validation)              │                               └─► webhooks, stream API
 //!                                            ├─► source_group (Kafka consumer group: which
 //!                                            │    member runs which source)
-//!                                            └─► ops: /metrics /livez /readyz, admin /repair/*
+//!                                            ├─► ops: /metrics /livez /readyz (nothing else)
+//!                                            └─► API (tokens with scopes, audited): streams,
+//!                                                 endpoints, admin (repair, components, audit)
 //! ```
 //!
 //! Guarantees:
@@ -19,6 +21,7 @@
 //! * [`run`] returns when a shutdown is asked for (SIGINT/SIGTERM) after every component
 //!   stopped at a clean point (positions stored; nothing applied twice on restart).
 
+pub mod admin;
 pub mod config;
 pub mod doctor;
 pub mod ops;
@@ -44,8 +47,7 @@ pub async fn shutdown_signal() {
     }
 }
 
-/// `synapse run`: serves the ops endpoints (and the admin API's repair routes) when
-/// `ops.listen` is set, starts every pipeline of `config` and runs them until SIGINT/SIGTERM.
+/// `synapse run`: serves the ops endpoints when `ops.listen` is set, starts every pipeline of `config` and runs them until SIGINT/SIGTERM.
 pub async fn run(config: config::Config) -> anyhow::Result<()> {
     let health = Arc::new(ops::Health::new(config.supervision.policy()));
     // SIGHUP: try every parked component again now (after fixing what parked it).
@@ -61,9 +63,8 @@ pub async fn run(config: config::Config) -> anyhow::Result<()> {
     }
     if !config.ops.listen.is_empty() {
         let (listen, h) = (config.ops.listen.clone(), health.clone());
-        let admin = Arc::new(repair::RepairService::new(config.clone())).router();
         tokio::spawn(async move {
-            if let Err(e) = ops::serve_with(&listen, h, admin).await {
+            if let Err(e) = ops::serve(&listen, h).await {
                 tracing::error!(error = %e, "ops server stopped");
             }
         });

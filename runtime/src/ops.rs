@@ -171,19 +171,15 @@ pub fn metrics_handle() -> PrometheusHandle {
         .clone()
 }
 
+/// Serves `/metrics`, `/livez` and `/readyz` — nothing that changes anything: actions live on
+/// the API, behind tokens.
 pub async fn serve(listen: &str, health: Arc<Health>) -> anyhow::Result<()> {
-    serve_with(listen, health, Router::new()).await
-}
-
-/// The ops endpoints plus `extra` routes (the admin API of `synapse run`).
-pub async fn serve_with(listen: &str, health: Arc<Health>, extra: Router) -> anyhow::Result<()> {
     let handle = metrics_handle();
     let app = Router::new()
         .route("/metrics", get(move || async move { handle.render() }))
         .route("/livez", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))
-        .with_state(health)
-        .merge(extra);
+        .with_state(health);
     let listener = tokio::net::TcpListener::bind(listen)
         .await
         .map_err(|e| anyhow::anyhow!("ops.listen: cannot listen on {listen}: {e}{}", in_use_hint(&e, "ops.listen")))?;

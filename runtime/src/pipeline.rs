@@ -14,7 +14,7 @@ use std::sync::Arc;
 use std::time::Duration;
 use synapse_apply::{initial_copy, Applier, ApplyConfig, ApplyStats};
 use synapse_capture::{Capture, CaptureConfig, CaptureError, CaptureStats};
-use synapse_connectors::api::{Api, SnapshotSource, StreamSource, Token};
+use synapse_connectors::api::{Api, SnapshotSource, StreamSource};
 use synapse_connectors::feed::SourceInfo;
 use synapse_connectors::webhook::{store::Store, WebhookSource, Webhooks};
 use synapse_error::Classify;
@@ -223,6 +223,12 @@ async fn start_delivery(
         running.webhooks = Some(hooks);
     }
     if api_on {
+        let auth = Arc::new(config.api.auth());
+        // Every change made through the API (endpoints, repair, resume) is recorded here.
+        let audit_path = config.log.dir.join("audit.jsonl");
+        let audit = synapse_connectors::auth::Audit::open(&audit_path)
+            .map_err(|e| anyhow::anyhow!("log.dir: cannot open the audit log {}: {e}", audit_path.display()))?;
+        let audit = Some(Arc::new(audit));
         let api = Arc::new(Api {
             streams: logs
                 .iter()
@@ -234,30 +240,23 @@ async fn start_delivery(
                     (n.clone(), StreamSource { log: l.clone(), source: info(n), snapshot_source: pg })
                 })
                 .collect(),
-            tokens: config
-                .api
-                .tokens
-                .iter()
-                .map(|t| Token {
-                    name: t.name.clone(),
-                    secret: t.token.clone(),
-                    tables: t.tables.clone(),
-                    admin: t.admin,
-                })
-                .collect(),
+            auth: auth.clone(),
+            audit: audit.clone(),
             webhooks: running.webhooks.clone(),
             shutdown: shutdown.clone(),
         });
-        if api.tokens.is_empty() {
-            tracing::warn!(listen = %config.api.listen, "api.tokens is empty: the HTTP API requires no authentication");
+        if auth.tokens.is_empty() {
+            tracing::warn!(listen = %config.api.listen, "api.tokens is empty: the HTTP API requires no authentication (loopback host names only)");
         }
         let listener = tokio::net::TcpListener::bind(&config.api.listen).await.map_err(|e| {
             let hint = crate::ops::in_use_hint(&e, "api.listen");
             anyhow::anyhow!("api.listen: cannot listen on {}: {e}{hint}", config.api.listen)
         })?;
         running.api_addr = listener.local_addr().ok();
-        tracing::info!(listen = %config.api.listen, "serving /v1/streams and /v1/endpoints");
-        let app = synapse_connectors::api::router(api);
+        tracing::info!(listen = %config.api.listen, "serving /v1/streams, /v1/endpoints and the admin routes");
+        let repair = Arc::new(crate::repair::RepairService::new(config.clone()));
+        let admin = crate::admin::router(auth, health.clone(), audit, repair);
+        let app = synapse_connectors::api::router_with(api, admin);
         let mut sd = shutdown.clone();
         running.tasks.spawn(async move {
             let stop = async move {

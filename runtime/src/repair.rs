@@ -1,6 +1,6 @@
 //! Repair as the runtime serves it: which nodes and tables of a configuration to compare
 //! ([`plan`]), checking and resolving them ([`fix_tables`]), and the admin API's
-//! `POST /repair/check` and `POST /repair/fix` ([`RepairService`]). The algorithms are in
+//! `POST /v1/repair/check` and `POST /v1/repair/fix` ([`RepairService`]). The algorithms are in
 //! `synapse-repair`; the CLI's printing is in the binary.
 
 use crate::config::Config;
@@ -278,7 +278,7 @@ pub struct RepairService {
     nodes: tokio::sync::Mutex<HashMap<String, Node>>,
 }
 
-/// `POST /repair/check` and `POST /repair/fix` body: every field optional, as the CLI's options.
+/// `POST /v1/repair/check` and `POST /v1/repair/fix` body: every field optional, as the CLI's options.
 #[derive(serde::Deserialize, Default)]
 #[serde(deny_unknown_fields)]
 pub struct RepairRequest {
@@ -306,12 +306,11 @@ impl axum::response::IntoResponse for ApiError {
     }
 }
 
-/// The request body; none (no JSON content type) means every option at its default. A body that
-/// is not a request (bad JSON, an unknown field) is refused in the common error shape.
+/// The request body (`{}`: every option at its default). A body that is not a request (bad
+/// JSON, an unknown field) is refused in the common error shape.
 fn request(body: Result<axum::Json<RepairRequest>, JsonRejection>) -> Result<RepairRequest, ApiError> {
     match body {
         Ok(axum::Json(r)) => Ok(r),
-        Err(JsonRejection::MissingJsonContentType(_)) => Ok(RepairRequest::default()),
         Err(e) => Err(ApiError(
             e.status(),
             synapse_error::body(
@@ -352,7 +351,7 @@ impl RepairService {
 
     pub async fn check(&self, req: RepairRequest) -> Result<Vec<Report>, ApiError> {
         if req.dry_run || req.prefer.is_some() {
-            return Err(bad_request("dry_run and prefer are options of POST /repair/fix, not of a check".into()));
+            return Err(bad_request("dry_run and prefer are options of POST /v1/repair/fix, not of a check".into()));
         }
         let r = self.plan(&req)?;
         let mut open = self.nodes.lock().await;
@@ -409,11 +408,11 @@ impl RepairService {
         Ok(out.iter().map(|(c, f)| serde_json::json!({"check": c, "fix": f})).collect())
     }
 
-    /// `POST /repair/check` and `POST /repair/fix`.
+    /// `POST /v1/repair/check` and `POST /v1/repair/fix` (the API adds the `repair` scope).
     pub fn router(self: std::sync::Arc<Self>) -> axum::Router {
         axum::Router::new()
             .route(
-                "/repair/fix",
+                "/v1/repair/fix",
                 axum::routing::post(
                     |axum::extract::State(s): axum::extract::State<std::sync::Arc<RepairService>>,
                      body: Result<axum::Json<RepairRequest>, JsonRejection>| async move {
@@ -422,7 +421,7 @@ impl RepairService {
                 ),
             )
             .route(
-                "/repair/check",
+                "/v1/repair/check",
                 axum::routing::post(
                     |axum::extract::State(s): axum::extract::State<std::sync::Arc<RepairService>>,
                      body: Result<axum::Json<RepairRequest>, JsonRejection>| async move {

@@ -20,8 +20,10 @@ pub struct KilledMesh {
     pub nodes: Vec<LocalCluster>,
     pub config: std::path::PathBuf,
     pub log: std::path::PathBuf,
-    /// The ops address (metrics, health, the admin API) of the synapse the test starts.
+    /// The ops address (metrics, health) of the synapse the test starts.
     pub ops: String,
+    /// Its API address (the admin routes, with [`super::ADMIN_TOKEN`]).
+    pub api: String,
     _dir: tempfile::TempDir,
 }
 
@@ -52,16 +54,18 @@ impl KilledMesh {
         let config = dir.path().join("mesh.yaml");
         // A port free now (the listener is dropped); the same one on every restart.
         let ops = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().to_string();
+        let api = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().to_string();
         std::fs::write(
             &config,
             format!(
-                "log:\n  dir: {}\nmesh:\n  nodes:\n{nodes_yaml}{mesh_yaml}  tombstone_purge_interval_secs: 0\nops:\n  listen: \"{ops}\"\napi:\n  listen: \"\"\n",
-                dir.path().join("log").display()
+                "log:\n  dir: {}\nmesh:\n  nodes:\n{nodes_yaml}{mesh_yaml}  tombstone_purge_interval_secs: 0\nops:\n  listen: \"{ops}\"\napi:\n  listen: \"{api}\"\n  tokens:\n    - {{name: admin, token: {}, admin: true}}\n",
+                dir.path().join("log").display(),
+                super::ADMIN_TOKEN,
             ),
         )
         .unwrap();
         let log = dir.path().join("synapse.log");
-        KilledMesh { nodes, config, log, ops, _dir: dir }
+        KilledMesh { nodes, config, log, ops, api, _dir: dir }
     }
 
     pub fn logtext(&self) -> String {

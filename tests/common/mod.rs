@@ -153,11 +153,20 @@ pub fn assert_survived(nodes: &Nodes, child: &mut Child, log: &Path, txns: u64) 
 
 /// `POST path` with a JSON body to an HTTP server: status and body.
 pub fn post(addr: &str, path: &str, body: &str) -> (u16, String) {
+    request(addr, "POST", path, body, None)
+}
+
+/// The admin token the tests' configurations carry (scope `admin`).
+pub const ADMIN_TOKEN: &str = "test-admin-token-0123456789abcdef";
+
+/// An HTTP/1.0 request with a JSON body, as `token` (a bearer token) if given: (status, body).
+pub fn request(addr: &str, method: &str, path: &str, body: &str, token: Option<&str>) -> (u16, String) {
     use std::io::{Read, Write};
     let mut s = std::net::TcpStream::connect(addr).unwrap();
+    let auth = token.map(|t| format!("Authorization: Bearer {t}\r\n")).unwrap_or_default();
     write!(
         s,
-        "POST {path} HTTP/1.0\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        "{method} {path} HTTP/1.0\r\nHost: localhost\r\n{auth}Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
         body.len()
     )
     .unwrap();

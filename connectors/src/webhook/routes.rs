@@ -33,7 +33,7 @@ pub fn router<L: ChangeLog>() -> Router<Arc<Api<L>>> {
 }
 
 fn hooks<L: ChangeLog>(api: &Api<L>, headers: &HeaderMap) -> Result<Arc<super::Webhooks<L>>, ConnectorError> {
-    api.require_admin(headers)?;
+    api.auth.check(headers, crate::auth::Scope::Endpoints)?;
     api.webhooks.clone().ok_or_else(|| ConnectorError::NotFound { what: "webhooks".into() })
 }
 

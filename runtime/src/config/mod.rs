@@ -232,9 +232,49 @@ pub struct ApiConfig {
     /// Address of /v1/streams and /v1/endpoints; empty string disables the API.
     #[serde(default = "default_api_listen")]
     pub listen: String,
-    /// Bearer tokens; none = no authentication (only sensible on loopback).
+    /// Bearer tokens with scopes; none = no authentication, allowed on a loopback address only.
     #[serde(default)]
     pub tokens: Vec<TokenConfig>,
+}
+
+impl ApiConfig {
+    /// The tokens as the API checks them (digests, scopes).
+    pub fn auth(&self) -> synapse_connectors::auth::Auth {
+        use synapse_connectors::auth::{Scope, Token};
+        let tokens = self
+            .tokens
+            .iter()
+            .map(|t| {
+                let sha256 = match (&t.token, &t.token_sha256) {
+                    (Some(secret), _) => synapse_connectors::auth::digest(secret),
+                    (None, Some(hex)) => parse_sha256(hex).unwrap_or([0; 32]),
+                    (None, None) => [0; 32],
+                };
+                let scopes = if t.admin {
+                    vec![Scope::Admin]
+                } else if t.scopes.is_empty() {
+                    vec![Scope::Stream]
+                } else {
+                    t.scopes.clone()
+                };
+                Token { name: t.name.clone(), sha256, tables: t.tables.clone(), scopes }
+            })
+            .collect();
+        synapse_connectors::auth::Auth { tokens }
+    }
+}
+
+/// A SHA-256 digest written as 64 hex digits.
+pub fn parse_sha256(hex: &str) -> Option<[u8; 32]> {
+    let hex = hex.trim();
+    if hex.len() != 64 || !hex.is_ascii() {
+        return None;
+    }
+    let mut out = [0u8; 32];
+    for (i, byte) in out.iter_mut().enumerate() {
+        *byte = u8::from_str_radix(&hex[2 * i..2 * i + 2], 16).ok()?;
+    }
+    Some(out)
 }
 
 impl Default for ApiConfig {
@@ -251,11 +291,20 @@ fn default_api_listen() -> String {
 #[serde(deny_unknown_fields)]
 pub struct TokenConfig {
     pub name: String,
-    pub token: String,
-    /// `schema.table` names this token may read; empty = all.
+    /// The secret (from the environment: `${API_TOKEN}`); or give `token_sha256` instead.
+    #[serde(default)]
+    pub token: Option<String>,
+    /// The secret's SHA-256 as hex (`printf %s "$TOKEN" | sha256sum`): the file then holds no
+    /// secret.
+    #[serde(default)]
+    pub token_sha256: Option<String>,
+    /// `schema.table` names a `stream` token may read; empty = all.
     #[serde(default)]
     pub tables: Vec<String>,
-    /// May manage webhook endpoints.
+    /// `stream`, `endpoints`, `repair`, `admin` (everything); default `[stream]`.
+    #[serde(default)]
+    pub scopes: Vec<synapse_connectors::auth::Scope>,
+    /// Shorthand for `scopes: [admin]`.
     #[serde(default)]
     pub admin: bool,
 }
@@ -266,6 +315,7 @@ impl fmt::Debug for TokenConfig {
             .field("name", &self.name)
             .field("token", &"***")
             .field("tables", &self.tables)
+            .field("scopes", &self.scopes)
             .field("admin", &self.admin)
             .finish()
     }

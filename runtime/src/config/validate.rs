@@ -156,16 +156,39 @@ impl Config {
         if !self.ops.listen.is_empty() && self.ops.listen == self.api.listen {
             p.add("api.listen", "must differ from ops.listen");
         }
+        if self.api.tokens.is_empty() && !self.api.listen.is_empty() && !is_loopback_address(&self.api.listen) {
+            p.add(
+                "api.tokens",
+                format!(
+                    "the API listens on {}, which is not a loopback address, and no token is configured: anyone who reaches it could read every change and create webhooks. Add a token (`openssl rand -base64 24`), or listen on 127.0.0.1",
+                    self.api.listen
+                ),
+            );
+        }
         let mut token_names: Vec<&str> = Vec::new();
         for (i, t) in self.api.tokens.iter().enumerate() {
             if t.name.is_empty() || token_names.contains(&t.name.as_str()) {
                 p.add(format!("api.tokens[{i}].name"), "must be non-empty and unique");
             }
             token_names.push(&t.name);
-            if t.token.len() < defaults::MIN_TOKEN_LEN {
-                p.add(
+            match (&t.token, &t.token_sha256) {
+                (Some(_), Some(_)) | (None, None) => {
+                    p.add(format!("api.tokens[{i}]"), "give exactly one of `token` and `token_sha256`")
+                }
+                (Some(token), None) if token.trim().len() < defaults::MIN_TOKEN_LEN => p.add(
                     format!("api.tokens[{i}].token"),
                     format!("must be at least {} characters (e.g. `openssl rand -base64 24`)", defaults::MIN_TOKEN_LEN),
+                ),
+                (None, Some(hex)) if super::parse_sha256(hex).is_none() => p.add(
+                    format!("api.tokens[{i}].token_sha256"),
+                    "must be 64 hex digits (`printf %s \"$TOKEN\" | sha256sum`)",
+                ),
+                _ => {}
+            }
+            if t.admin && !t.scopes.is_empty() {
+                p.add(
+                    format!("api.tokens[{i}].admin"),
+                    "`admin: true` already grants every scope: drop `scopes`, or `admin`",
                 );
             }
             if let Some(bad) = t.tables.iter().find(|n| n.split('.').count() != 2) {
@@ -311,4 +334,12 @@ impl KafkaConfig {
             add("properties", e);
         }
     }
+}
+
+/// Whether a listen address binds loopback only (`127.0.0.1:…`, `[::1]:…`, `localhost:…`).
+fn is_loopback_address(listen: &str) -> bool {
+    if let Ok(addr) = listen.parse::<std::net::SocketAddr>() {
+        return addr.ip().is_loopback();
+    }
+    listen.rsplit_once(':').is_some_and(|(host, _)| host.eq_ignore_ascii_case("localhost"))
 }

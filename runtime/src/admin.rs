@@ -1,0 +1,97 @@
+//! The admin routes `synapse run` adds to the HTTP API (all behind tokens with scopes, see
+//! `synapse_connectors::auth`; none on the ops listener, which serves only `/metrics`,
+//! `/livez` and `/readyz`):
+//! * `POST /v1/repair/check`, `POST /v1/repair/fix` — scope `repair` ([`crate::repair`]);
+//! * `GET /v1/components` — every component's state; `POST /v1/components/resume` — try every
+//!   parked component again now (what SIGHUP does) — scope `admin`;
+//! * `GET /v1/audit?limit=` — the newest audit entries — scope `admin`.
+
+use crate::ops::{ComponentState, Health};
+use crate::repair::RepairService;
+use axum::extract::{Query, State};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use serde_json::{json, Value};
+use std::sync::Arc;
+use synapse_connectors::auth::{require, Audit, Auth, Scope};
+use synapse_connectors::ConnectorError;
+
+#[derive(Clone)]
+struct Admin {
+    health: Arc<Health>,
+    audit: Option<Arc<Audit>>,
+}
+
+/// The admin routes, each with its scope.
+pub fn router(auth: Arc<Auth>, health: Arc<Health>, audit: Option<Arc<Audit>>, repair: Arc<RepairService>) -> Router {
+    let scoped = |scope: Scope| axum::middleware::from_fn_with_state((auth.clone(), scope), require);
+    let repair = repair.router().route_layer(scoped(Scope::Repair));
+    let admin = Router::new()
+        .route("/v1/components", get(components))
+        .route("/v1/components/resume", post(resume))
+        .route("/v1/audit", get(audit_log))
+        .with_state(Admin { health, audit })
+        .route_layer(scoped(Scope::Admin));
+    repair.merge(admin)
+}
+
+fn states(health: &Health) -> Value {
+    let all = health.snapshot();
+    Value::Array(
+        all.iter()
+            .map(|(name, state)| {
+                let mut v = json!({"component": name, "state": state.name()});
+                match state {
+                    ComponentState::Parked { code, error, hint } => {
+                        v["code"] = code.clone().into();
+                        v["error"] = error.clone().into();
+                        v["hint"] = hint.clone().into();
+                    }
+                    ComponentState::Retrying { code, error } => {
+                        v["code"] = code.clone().into();
+                        v["error"] = error.clone().into();
+                    }
+                    _ => {}
+                }
+                v
+            })
+            .collect(),
+    )
+}
+
+async fn components(State(a): State<Admin>) -> Json<Value> {
+    Json(json!({"ready": a.health.ready(), "components": states(&a.health)}))
+}
+
+async fn resume(State(a): State<Admin>) -> Json<Value> {
+    let parked: Vec<String> = a.health.parked().into_iter().map(|(name, _)| name).collect();
+    tracing::info!(parked = parked.len(), "admin API: trying parked components again");
+    a.health.resume_parked();
+    Json(json!({"resumed": parked}))
+}
+
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct AuditQuery {
+    limit: Option<usize>,
+}
+
+async fn audit_log(
+    State(a): State<Admin>,
+    query: Result<Query<AuditQuery>, axum::extract::rejection::QueryRejection>,
+) -> Response {
+    let q = match query {
+        Ok(Query(q)) => q,
+        Err(e) => return ConnectorError::BadRequest { field: "query".into(), message: e.body_text() }.into_response(),
+    };
+    let Some(audit) = &a.audit else { return Json(json!({"entries": []})).into_response() };
+    let limit = q.limit.unwrap_or(100).min(synapse_connectors::auth::AUDIT_RECENT);
+    match audit.recent(limit) {
+        Ok(entries) => Json(json!({"entries": entries})).into_response(),
+        Err(e) => {
+            let body = synapse_error::body("SYN005", &format!("cannot read the audit log: {e}"), "check log.dir");
+            (axum::http::StatusCode::INTERNAL_SERVER_ERROR, Json(body)).into_response()
+        }
+    }
+}

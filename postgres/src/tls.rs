@@ -68,6 +68,16 @@ impl std::fmt::Display for SslMode {
     }
 }
 
+/// A file path for an error message: as given, unless it looks like a misplaced `key=value`
+/// (in a malformed connection string that may be part of a password).
+fn shown(path: &str) -> String {
+    if path.contains('=') {
+        "(the file named in the URL)".into()
+    } else {
+        path.to_owned()
+    }
+}
+
 fn provider() -> Arc<CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
 }
@@ -79,12 +89,12 @@ fn roots(root: Option<&str>) -> Result<RootCertStore, String> {
         Some(path) if path != "system" => {
             let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(path)
                 .and_then(|i| i.collect::<Result<_, _>>())
-                .map_err(|e| format!("sslrootcert {path}: cannot read PEM certificates ({e})"))?;
+                .map_err(|e| format!("sslrootcert {}: cannot read PEM certificates ({e})", shown(path)))?;
             if certs.is_empty() {
-                return Err(format!("sslrootcert {path}: no certificate in the file"));
+                return Err(format!("sslrootcert {}: no certificate in the file", shown(path)));
             }
             for c in certs {
-                store.add(c).map_err(|e| format!("sslrootcert {path}: {e}"))?;
+                store.add(c).map_err(|e| format!("sslrootcert {}: {e}", shown(path)))?;
             }
         }
         _ => {
@@ -143,9 +153,9 @@ pub(crate) fn client_config(
         Some((cert, key)) => {
             let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(cert)
                 .and_then(|i| i.collect::<Result<_, _>>())
-                .map_err(|e| format!("sslcert {cert}: cannot read PEM certificates ({e})"))?;
-            let key =
-                PrivateKeyDer::from_pem_file(key).map_err(|e| format!("sslkey {key}: cannot read a PEM key ({e})"))?;
+                .map_err(|e| format!("sslcert {}: cannot read PEM certificates ({e})", shown(cert)))?;
+            let key = PrivateKeyDer::from_pem_file(key)
+                .map_err(|e| format!("sslkey {}: cannot read a PEM key ({e})", shown(key)))?;
             builder.with_client_auth_cert(certs, key).map_err(|e| format!("sslcert/sslkey: {e}"))?
         }
     };

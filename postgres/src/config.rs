@@ -169,11 +169,28 @@ fn split_url(s: &str) -> (String, Vec<(String, String)>) {
 /// backslash escapes), and the rest is written back with every value quoted.
 fn split_key_value(s: &str) -> Result<(String, Vec<(String, String)>), PgConfigError> {
     let (mut keep, mut ours) = (Vec::new(), Vec::new());
+    for (key, value) in key_values(s)? {
+        if OURS.contains(&key.as_str()) {
+            ours.push((key, value));
+        } else {
+            keep.push(format!("{key}='{}'", quoted(&value)));
+        }
+    }
+    Ok((keep.join(" "), ours))
+}
+
+fn quoted(value: &str) -> String {
+    value.replace('\\', "\\\\").replace('\'', "\\'")
+}
+
+/// The pairs of a `key=value …` string, in libpq's grammar.
+fn key_values(s: &str) -> Result<Vec<(String, String)>, PgConfigError> {
+    let mut pairs = Vec::new();
     let mut chars = s.chars().peekable();
     loop {
         while chars.next_if(|c| c.is_whitespace()).is_some() {}
         if chars.peek().is_none() {
-            break;
+            return Ok(pairs);
         }
         let mut key = String::new();
         while let Some(c) = chars.next_if(|c| *c != '=' && !c.is_whitespace()) {
@@ -204,13 +221,79 @@ fn split_key_value(s: &str) -> Result<(String, Vec<(String, String)>), PgConfigE
                 }
             }
         }
-        if OURS.contains(&key.as_str()) {
-            ours.push((key, value));
-        } else {
-            keep.push(format!("{key}='{}'", value.replace('\\', "\\\\").replace('\'', "\\'")));
-        }
+        pairs.push((key, value));
     }
-    Ok((keep.join(" "), ours))
+}
+
+/// A value as written in a key=value string: quoted only where it must be.
+fn shown_value(v: &str) -> String {
+    if v.is_empty() || v.contains(|c: char| c.is_whitespace() || c == '\'' || c == '\\') {
+        format!("'{}'", quoted(v))
+    } else {
+        v.to_owned()
+    }
+}
+
+/// Keys whose values are secrets.
+const SECRET_KEYS: [&str; 2] = ["password", "sslpassword"];
+
+/// `s` (a connection string, either form) fit for logs and output: every password replaced by
+/// `***` — the URL's user info, `password` and `sslpassword` parameters. A key=value string
+/// that does not parse is not shown at all.
+pub fn redact(s: &str) -> String {
+    if let Some(scheme_end) = s.find("://").filter(|_| s.starts_with("postgres")) {
+        let (head, query) = match s.split_once('?') {
+            Some((h, q)) => (h, Some(q)),
+            None => (s, None),
+        };
+        let rest = &head[scheme_end + 3..];
+        let authority_end = rest.find('/').unwrap_or(rest.len());
+        let mut out = head[..scheme_end + 3].to_owned();
+        match rest[..authority_end].rfind('@') {
+            Some(at) => {
+                let userinfo = &rest[..at];
+                match userinfo.split_once(':') {
+                    Some((user, _)) => out.push_str(&format!("{user}:***")),
+                    None => out.push_str(userinfo),
+                }
+                out.push_str(&rest[at..]);
+            }
+            None => out.push_str(rest),
+        }
+        if let Some(q) = query {
+            let pairs: Vec<String> = q
+                .split('&')
+                .map(|pair| {
+                    let key = pair.split('=').next().unwrap_or("");
+                    let key = percent_encoding::percent_decode_str(key).decode_utf8_lossy();
+                    if SECRET_KEYS.contains(&key.as_ref()) {
+                        format!("{key}=***")
+                    } else {
+                        pair.to_owned()
+                    }
+                })
+                .collect();
+            out.push('?');
+            out.push_str(&pairs.join("&"));
+        }
+        return out;
+    }
+    match key_values(s) {
+        Ok(pairs) => {
+            pairs
+                .iter()
+                .map(|(k, v)| {
+                    if SECRET_KEYS.contains(&k.as_str()) {
+                        format!("{k}=***")
+                    } else {
+                        format!("{k}={}", shown_value(v))
+                    }
+                })
+                .collect::<Vec<_>>()
+                .join(" ")
+        }
+        Err(_) => "(a connection string that does not parse)".into(),
+    }
 }
 
 #[cfg(test)]
@@ -241,6 +324,21 @@ mod tests {
                     proptest::prop_assert!(!e.to_string().contains("secret9"), "{e}");
                 }
             }
+        }
+    }
+
+    #[test]
+    fn passwords_are_redacted_in_every_form() {
+        for (text, shown) in [
+            ("postgres://u:pa%40ss@h:5/db?sslmode=require", "postgres://u:***@h:5/db?sslmode=require"),
+            ("postgresql://u:p@ss@h/db", "postgresql://u:***@h/db"),
+            ("postgres://u@h/db?password=pw1&application_name=x", "postgres://u@h/db?password=***&application_name=x"),
+            ("postgres://h/db?sslpassword=pw1", "postgres://h/db?sslpassword=***"),
+            ("host=h password='two words' user='a b'", "host=h password=*** user='a b'"),
+            ("host=h password = pw1", "host=h password=***"),
+            ("host=h password='unclosed pw1", "(a connection string that does not parse)"),
+        ] {
+            assert_eq!(redact(text), shown, "{text}");
         }
     }
 

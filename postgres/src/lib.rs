@@ -31,7 +31,7 @@ mod sqlstate;
 mod table;
 pub mod tls;
 
-pub use config::{PgConfig, PgConfigError};
+pub use config::{redact, PgConfig, PgConfigError};
 pub use sqlstate::{is_transient, is_transient_code};
 pub use table::{TableName, TableNameError};
 

@@ -221,7 +221,7 @@ pub async fn run(config: &Config) -> usize {
         }
     }
     for w in &config.webhooks {
-        println!("webhook {} ({})", w.name, w.url);
+        println!("webhook {} ({})", w.name, synapse_connectors::webhook::redact_url(&w.url));
         check_webhook(&mut r, &w.url).await;
     }
     r.failed
@@ -241,7 +241,7 @@ async fn check_webhook(r: &mut Report, url: &str) {
         ),
         Ok(resp) => r.ok(&format!("reachable (HEAD answered {})", resp.status())),
         Err(e) => r.fail(
-            &format!("unreachable: {}", crate::pipeline::chain(&e)),
+            &format!("unreachable: {}", crate::pipeline::chain(&e.without_url())),
             "check webhooks[].url, DNS and firewalls; synapse will retry and open the breaker meanwhile",
         ),
     }

@@ -126,8 +126,7 @@ impl EndpointSpec {
         if !valid_name(&self.name) {
             return Err(bad("name", format!("`{}` must be 1–64 characters of A-Z, a-z, 0-9, _ or -", self.name)));
         }
-        let url: reqwest::Url =
-            self.url.parse().map_err(|e| bad("url", format!("`{}` is not a URL ({e})", self.url)))?;
+        let url: reqwest::Url = self.url.parse().map_err(|e| bad("url", format!("not a URL ({e})")))?;
         if !matches!(url.scheme(), "http" | "https") {
             return Err(bad("url", format!("scheme `{}` is not http or https", url.scheme())));
         }
@@ -188,8 +187,14 @@ impl EndpointSpec {
     }
 
     /// The endpoint as the API shows it: secrets reduced to a hint of which is which.
+    /// The spec fit for API output: secrets shortened to their last characters, header values
+    /// and the URL's password and query values replaced by `***`.
     pub fn redacted(&self) -> EndpointSpec {
         let mut s = self.clone();
+        s.url = redact_url(&s.url);
+        for v in s.headers.values_mut() {
+            *v = "***".into();
+        }
         s.secrets = s
             .secrets
             .iter()
@@ -200,6 +205,20 @@ impl EndpointSpec {
             .collect();
         s
     }
+}
+
+/// A webhook URL fit for output: its password and every query value replaced by `***` (a
+/// query often carries an access token); a URL that does not parse is not shown at all.
+pub fn redact_url(url: &str) -> String {
+    let Ok(mut u) = reqwest::Url::parse(url) else { return "(not a URL)".into() };
+    if u.password().is_some() {
+        let _ = u.set_password(Some("***"));
+    }
+    if u.query().is_some() {
+        let keys: Vec<String> = u.query_pairs().map(|(k, _)| k.into_owned()).collect();
+        u.query_pairs_mut().clear().extend_pairs(keys.iter().map(|k| (k.as_str(), "***")));
+    }
+    u.to_string()
 }
 
 /// A source node's log, as the webhooks read it.

@@ -175,7 +175,9 @@ impl Sink for HttpSink {
                     outcome: Outcome::Retry { retry_after: None },
                     status: None,
                     latency: started.elapsed(),
-                    error: Some(format!("{what}: {}", synapse_error::chain(&e))),
+                    // Without the URL: it may carry credentials or a token in its query, and
+                    // this text reaches logs, dead letters and the attempts API.
+                    error: Some(format!("{what}: {}", synapse_error::chain(&e.without_url()))),
                 }
             }
         }

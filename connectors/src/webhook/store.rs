@@ -75,6 +75,13 @@ impl Store {
             Ok((db, max))
         };
         let (db, max) = init().map_err(fail)?;
+        // It holds the endpoints' signing secrets: readable by synapse's user only.
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
+                .map_err(|x| fail(Box::new(redb::Error::Io(x))))?;
+        }
         Ok(Store { db: Arc::new(db), path: path.to_owned(), seq: Arc::new(AtomicU64::new(max + 1)) })
     }
 

@@ -120,22 +120,7 @@ impl fmt::Debug for SecretUrl {
 
 impl fmt::Display for SecretUrl {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        // postgres://user:secret@host → postgres://user:***@host; key=value form: password=***
-        let s = &self.0;
-        if let Some(scheme_end) = s.find("://") {
-            let rest = &s[scheme_end + 3..];
-            if let Some(at) = rest.find('@') {
-                if let Some(colon) = rest[..at].find(':') {
-                    return write!(f, "{}{}:***{}", &s[..scheme_end + 3], &rest[..colon], &rest[at..]);
-                }
-            }
-            return f.write_str(s);
-        }
-        let redacted: Vec<String> = s
-            .split_whitespace()
-            .map(|kv| if kv.starts_with("password=") { "password=***".to_string() } else { kv.to_string() })
-            .collect();
-        f.write_str(&redacted.join(" "))
+        f.write_str(&synapse_postgres::redact(&self.0))
     }
 }
 

@@ -748,3 +748,50 @@ fn a_node_refusing_login_parks_only_its_parts() {
     }
     drop(child);
 }
+
+/// Isolation: one node refuses a change (a CHECK constraint only it has). Only the applier
+/// into it from the writing node parks, naming the constraint and the fix, while every other
+/// link — the rejecting node's own changes to the others included — keeps flowing. Once the
+/// constraint is dropped the applier resumes by itself (slow retry: 2 s) and all three converge.
+#[test]
+fn a_target_rejecting_a_change_parks_only_that_applier() {
+    let mesh = KilledMesh::new("CREATE TABLE t (id int PRIMARY KEY, v text)", "  tables: [public.t]\n");
+    let text =
+        std::fs::read_to_string(&mesh.config).unwrap().replace("ops:\n", "supervision:\n  park_retry_secs: 2\nops:\n");
+    std::fs::write(&mesh.config, text).unwrap();
+    let child = mesh.start(1);
+    mesh.sql(2, "ALTER TABLE t ADD CONSTRAINT no_bad CHECK (v <> 'bad')");
+    mesh.sql(0, "INSERT INTO t VALUES (1, 'bad')");
+    let http = reqwest::blocking::Client::new();
+    let readyz = || http.get(format!("http://{}/readyz", mesh.ops)).send().and_then(|r| r.text()).unwrap_or_default();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let body = loop {
+        let body = readyz();
+        if body.contains("apply/u0->u2: parked") {
+            break body;
+        }
+        assert!(Instant::now() < deadline, "the rejected change parked nothing:\n{body}\n{}", tail(&mesh.logtext()));
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    assert!(body.contains("no_bad") && body.contains("constraint"), "the cause and the fix are named: {body}");
+    for link in ["apply/u0->u1", "apply/u1->u0", "apply/u1->u2", "apply/u2->u0", "apply/u2->u1"] {
+        assert!(body.contains(&format!("{link}: streaming")), "{link} must keep streaming: {body}");
+    }
+    // Every other link flows: u1 and u2 write, each reaches the two others (u2 → u0 included).
+    mesh.sql(1, "INSERT INTO t VALUES (2, 'from u1')");
+    mesh.sql(2, "INSERT INTO t VALUES (3, 'from u2')");
+    let rows = "SELECT coalesce(string_agg(id || '=' || v, ',' ORDER BY id), '') FROM t";
+    mesh.wait_all_of(&[0, 1], "rows on the healthy pair", rows, "1=bad,2=from u1,3=from u2");
+    mesh.wait_all_of(&[2], "rows on the rejecting node", rows, "2=from u1,3=from u2");
+    mesh.sql(0, "INSERT INTO t VALUES (4, 'from u0, queued behind the rejected one')");
+
+    // The fix: the constraint goes; the parked applier resumes by itself, in order.
+    mesh.sql(2, "ALTER TABLE t DROP CONSTRAINT no_bad");
+    mesh.wait_all("rows after the fix", rows, "1=bad,2=from u1,3=from u2,4=from u0, queued behind the rejected one");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !readyz().contains("apply/u0->u2: streaming") {
+        assert!(Instant::now() < deadline, "{}", readyz());
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    drop(child);
+}

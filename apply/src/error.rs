@@ -87,6 +87,12 @@ impl synapse_error::Classify for ApplyError {
             }
         }
         match self.sqlstate() {
+            // not null, foreign key, check, exclusion: a rule the target has and the source not.
+            Some("23502" | "23503" | "23514" | "23P01") => {
+                "the target refuses the row by a constraint the source does not have: align the target table's \
+                 constraints with the source's (or fix the row at the source); the applier retries by itself \
+                 (supervision.park_retry_secs) or at once on SIGHUP / POST /v1/components/resume"
+            }
             Some(c) if c.starts_with("23") => {
                 "the target already holds conflicting rows: empty the target table or let synapse copy it (drop its row in synapse.table_sync)"
             }

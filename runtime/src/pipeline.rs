@@ -49,6 +49,17 @@ pub async fn supervise<T, E: Classify, Fut: Future<Output = Result<T, E>>>(
 ) -> Result<Option<T>, ComponentFailed> {
     const FIRST: Duration = Duration::from_millis(200);
     let mut delay = FIRST;
+    // Each new attempt shows the state the component had when it began (e.g. `streaming` for
+    // a long-running stream), not the failure before it: an attempt that works never returns.
+    let working = match health.snapshot().get(component) {
+        Some(
+            s @ (ComponentState::Starting
+            | ComponentState::Copying
+            | ComponentState::Resyncing
+            | ComponentState::Streaming),
+        ) => s.clone(),
+        _ => ComponentState::Starting,
+    };
     loop {
         let started = tokio::time::Instant::now();
         match f().await {
@@ -67,6 +78,7 @@ pub async fn supervise<T, E: Classify, Fut: Future<Output = Result<T, E>>>(
                     _ = tokio::time::sleep(delay + jitter) => {}
                     _ = sd.wait_for(|s| *s) => return Ok(None),
                 }
+                health.set(component, working.clone());
                 delay = (delay * 2).min(Duration::from_secs(30));
             }
             Err(e) => {
@@ -106,7 +118,7 @@ pub async fn supervise<T, E: Classify, Fut: Future<Output = Result<T, E>>>(
                     _ = health.resume.notified() => tracing::info!(component, "resumed by SIGHUP"),
                     _ = sd.wait_for(|s| *s) => return Ok(None),
                 }
-                health.set(component, ComponentState::Starting);
+                health.set(component, working.clone());
                 delay = FIRST;
             }
         }

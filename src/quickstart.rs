@@ -156,6 +156,7 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
         ops: OpsConfig { listen: opts.ops_listen.clone() },
         api: ApiConfig { listen: opts.api_listen.clone(), tokens: vec![] },
         webhooks: vec![],
+        egress: Default::default(),
         // A demo stops on the first definite error, with its fix, rather than wait for one.
         supervision: synapse_runtime::config::SupervisionConfig { exit_on_park: true, ..Default::default() },
         mesh: None,
@@ -174,6 +175,8 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
             "batch_size": 50,
         }))?;
         config.webhooks.push(spec);
+        // The demo's receiver runs on loopback, which webhooks may not reach by default.
+        config.egress.allow.push("127.0.0.1".into());
         eprintln!("webhook receiver: {url} (gets each new transfer, signed per Standard Webhooks)");
         receiver = Some(stats);
     }

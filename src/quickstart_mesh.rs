@@ -79,6 +79,7 @@ pub async fn run(regions: usize, duration: Option<Duration>, ops_listen: String)
         ops: OpsConfig { listen: ops_listen },
         api: ApiConfig { listen: String::new(), tokens: vec![] },
         webhooks: vec![],
+        egress: Default::default(),
         // A demo stops on the first definite error, with its fix, rather than wait for one.
         supervision: synapse_runtime::config::SupervisionConfig { exit_on_park: true, ..Default::default() },
         mesh: Some(MeshConfig {

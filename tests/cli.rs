@@ -145,7 +145,7 @@ fn doctor_reports_an_unreachable_webhook() {
     let config = nodes.config("");
     let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
     let text = std::fs::read_to_string(&config).unwrap()
-        + &format!("webhooks:\n  - name: hook\n    url: http://127.0.0.1:{port}/in\n    secrets: [whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw]\n");
+        + &format!("webhooks:\n  - name: hook\n    url: http://127.0.0.1:{port}/in\n    secrets: [whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw]\negress:\n  allow: [127.0.0.1]\n");
     std::fs::write(&config, text).unwrap();
     let out = synapse(&["doctor", "--config", config.to_str().unwrap()]).output().unwrap();
     let text = String::from_utf8_lossy(&out.stdout);

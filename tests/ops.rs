@@ -48,7 +48,7 @@ fn run_with_api(nodes: &Nodes, extra_source_yaml: &str) -> (common::Synapse, Str
     let text = std::fs::read_to_string(&config).unwrap().replace(
         "api:\n  listen: \"\"\n",
         &format!(
-            "api:\n  listen: \"{api}\"\n  tokens:\n    - {{name: reader, token: {READER}}}\n    - {{name: hooks, token: {HOOKS}, scopes: [endpoints]}}\n    - {{name: repairer, token: {REPAIRER}, scopes: [repair]}}\n    - {{name: root, token_sha256: {}, admin: true}}\n",
+            "egress:\n  allow: [127.0.0.1]\napi:\n  listen: \"{api}\"\n  tokens:\n    - {{name: reader, token: {READER}}}\n    - {{name: hooks, token: {HOOKS}, scopes: [endpoints]}}\n    - {{name: repairer, token: {REPAIRER}, scopes: [repair]}}\n    - {{name: root, token_sha256: {}, admin: true}}\n",
             sha256_hex(ADMIN_TOKEN)
         ),
     );

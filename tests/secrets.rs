@@ -39,7 +39,7 @@ fn no_secret_appears_in_logs_metrics_api_or_errors() {
             &format!("api:\n  listen: \"{api}\"\n  tokens:\n    - {{name: root, token: {token}, admin: true}}"),
         );
     let hooks = format!(
-        "webhooks:\n  - name: live\n    url: http://u:{}@127.0.0.1:{hook_port}/hook?token={}\n    secrets: [\"{secret}\"]\n    headers: {{x-api-key: {}}}\n  - name: dead\n    url: http://u:{}@127.0.0.1:{dead_port}/hook?token={}\n    secrets: [\"{secret}\"]\n    retry_schedule: [0s, 100ms]\n",
+        "webhooks:\n  - name: live\n    url: http://u:{}@127.0.0.1:{hook_port}/hook?token={}\n    secrets: [\"{secret}\"]\n    headers: {{x-api-key: {}}}\n  - name: dead\n    url: http://u:{}@127.0.0.1:{dead_port}/hook?token={}\n    secrets: [\"{secret}\"]\n    retry_schedule: [0s, 100ms]\negress:\n  allow: [127.0.0.1]\n",
         MARKERS[2], MARKERS[3], MARKERS[4], MARKERS[2], MARKERS[3]
     );
     std::fs::write(&config, text + &hooks).unwrap();

@@ -64,7 +64,7 @@ fn kill_dash_nine_during_delivery_redelivers_with_the_same_id() {
         .replace("api:\n  listen: \"\"", &format!("api:\n  listen: \"{api}\""))
         .replace("ops:\n  listen: \"\"", &format!("ops:\n  listen: \"{ops}\""));
     let text = format!(
-        "{text}webhooks:\n  - name: items-hook\n    url: {url}\n    secrets: [\"{secret}\"]\n    tables: [public.items]\n    operations: [insert]\n    retry_schedule: [0s, 100ms, 200ms, 500ms, 1s, 1s, 1s, 1s, 1s, 1s, 1s, 1s]\n"
+        "{text}webhooks:\n  - name: items-hook\n    url: {url}\n    secrets: [\"{secret}\"]\n    tables: [public.items]\n    operations: [insert]\n    retry_schedule: [0s, 100ms, 200ms, 500ms, 1s, 1s, 1s, 1s, 1s, 1s, 1s, 1s]\negress:\n  allow: [127.0.0.1]\n"
     );
     std::fs::write(&config, text).unwrap();
     let log = nodes.dir.path().join("synapse.log");

@@ -101,6 +101,7 @@ fn config(src: &LocalCluster, dir: &std::path::Path) -> Config {
         ops: OpsConfig { listen: String::new() },
         api: ApiConfig { listen: String::new(), tokens: vec![] },
         webhooks: vec![],
+        egress: Default::default(),
         mesh: None,
         // A benchmark stops on a definite error rather than wait for a fix.
         supervision: synapse_runtime::config::SupervisionConfig { exit_on_park: true, ..Default::default() },
@@ -130,7 +131,9 @@ async fn drain(
     let before = rx.events.load(Ordering::Relaxed);
     let (stop, sd) = watch::channel(false);
     let started = Instant::now();
-    let hooks = Webhooks::start(sources, store, vec![valid], sd).await?;
+    // The receiver is on loopback, which the egress policy refuses by default.
+    let egress = Arc::new(synapse_connectors::webhook::egress::EgressPolicy::new(vec!["127.0.0.0/8".parse()?]));
+    let hooks = Webhooks::start(sources, store, vec![valid], egress, sd).await?;
     while rx.events.load(Ordering::Relaxed) - before < n {
         anyhow::ensure!(started.elapsed() < Duration::from_secs(600), "P6 delivery did not finish");
         tokio::time::sleep(Duration::from_millis(5)).await;

@@ -236,7 +236,9 @@ async fn webhooks(
     let mut sources = BTreeMap::new();
     sources.insert("a".to_string(), WebhookSource { log: log.clone(), source: source() });
     let valid = specs.iter().map(|s| s.validate("test", &["a".to_string()]).unwrap()).collect();
-    (Webhooks::start(sources, store, valid, rx).await.unwrap(), stop)
+    // The receivers of these tests are on loopback, which the egress policy refuses by default.
+    let egress = Arc::new(synapse_connectors::webhook::egress::EgressPolicy::new(vec!["127.0.0.0/8".parse().unwrap()]));
+    (Webhooks::start(sources, store, valid, egress, rx).await.unwrap(), stop)
 }
 
 /// Waits for `f`. Timeouts are generous on purpose: these tests check what happens, not how

@@ -222,15 +222,22 @@ pub async fn run(config: &Config) -> usize {
     }
     for w in &config.webhooks {
         println!("webhook {} ({})", w.name, synapse_connectors::webhook::redact_url(&w.url));
-        check_webhook(&mut r, &w.url).await;
+        check_webhook(&mut r, &w.url, &std::sync::Arc::new(config.egress.policy())).await;
     }
     r.failed
 }
 
 /// An endpoint is reachable when something answers HTTP there. No event is sent: receivers see
 /// a HEAD request, which Standard Webhooks receivers ignore or reject without side effects.
-async fn check_webhook(r: &mut Report, url: &str) {
-    let client = match reqwest::Client::builder().timeout(std::time::Duration::from_secs(10)).build() {
+async fn check_webhook(
+    r: &mut Report,
+    url: &str,
+    egress: &std::sync::Arc<synapse_connectors::webhook::egress::EgressPolicy>,
+) {
+    if let Some(refused) = url.parse().ok().and_then(|u| egress.check_url(&u).err()) {
+        return r.fail(refused, "allow the endpoint's network in egress.allow, or use a public address");
+    }
+    let client = match egress.client_builder().timeout(std::time::Duration::from_secs(10)).build() {
         Ok(c) => c,
         Err(e) => return r.fail(&format!("HTTP client: {e}"), "report this as a bug"),
     };

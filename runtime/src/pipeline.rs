@@ -228,7 +228,8 @@ async fn start_delivery(
         }
         let sources =
             logs.iter().map(|(n, l)| (n.clone(), WebhookSource { log: l.clone(), source: info(n) })).collect();
-        let hooks = Webhooks::start(sources, store, valid, shutdown.clone())
+        let egress = Arc::new(config.egress.policy());
+        let hooks = Webhooks::start(sources, store, valid, egress, shutdown.clone())
             .await
             .map_err(|e| anyhow::anyhow!("webhooks: {} ({})", chain(&e), e.hint()))?;
         health.set("webhooks", ComponentState::Streaming);

@@ -7,6 +7,7 @@
 //! ```
 
 pub mod dispatcher;
+pub mod egress;
 pub mod routes;
 pub mod signing;
 pub mod sink;
@@ -252,6 +253,7 @@ pub struct Webhooks<L> {
     sources: BTreeMap<String, WebhookSource<L>>,
     store: Store,
     endpoints: Mutex<BTreeMap<String, Running>>,
+    egress: Arc<egress::EgressPolicy>,
     shutdown: watch::Receiver<bool>,
 }
 
@@ -265,9 +267,16 @@ impl<L: ChangeLog> Webhooks<L> {
         sources: BTreeMap<String, WebhookSource<L>>,
         store: Store,
         configured: Vec<ValidEndpoint>,
+        egress: Arc<egress::EgressPolicy>,
         shutdown: watch::Receiver<bool>,
     ) -> Result<Arc<Self>, ConnectorError> {
-        let me = Arc::new(Webhooks { sources, store, endpoints: Mutex::new(BTreeMap::new()), shutdown });
+        for v in &configured {
+            egress.check_url(&v.url).map_err(|m| ConnectorError::BadRequest {
+                field: format!("webhooks.{}.url", v.spec.name),
+                message: m.into(),
+            })?;
+        }
+        let me = Arc::new(Webhooks { sources, store, endpoints: Mutex::new(BTreeMap::new()), egress, shutdown });
         let names: Vec<String> = me.sources.keys().cloned().collect();
         let disabled: BTreeMap<String, Disabled> = me.store.disabled().await?.into_iter().collect();
         let mut all: Vec<(ValidEndpoint, bool)> = configured.into_iter().map(|v| (v, true)).collect();
@@ -338,6 +347,7 @@ impl<L: ChangeLog> Webhooks<L> {
                 v.secrets.clone(),
                 v.timeout,
                 v.spec.headers.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
+                &self.egress,
             )
             .map_err(|m| ConnectorError::BadRequest { field: format!("endpoint {name}"), message: m })?,
         );
@@ -499,6 +509,9 @@ impl<L: ChangeLog> Webhooks<L> {
         }
         let names: Vec<String> = self.sources.keys().cloned().collect();
         let valid = spec.validate("endpoint", &names)?;
+        self.egress
+            .check_url(&valid.url)
+            .map_err(|m| ConnectorError::BadRequest { field: "endpoint.url".into(), message: m.into() })?;
         let name = spec.name.clone();
         let mut eps = self.endpoints.lock().await;
         if let Some(existing) = eps.get_mut(&name) {

@@ -55,8 +55,11 @@ impl HttpSink {
         secrets: Vec<Secret>,
         timeout: Duration,
         headers: Vec<(String, String)>,
+        egress: &std::sync::Arc<super::egress::EgressPolicy>,
     ) -> Result<Self, String> {
-        let client = reqwest::Client::builder()
+        egress.check_url(&url)?;
+        let client = egress
+            .client_builder()
             .timeout(timeout)
             .connect_timeout(timeout.min(Duration::from_secs(10)))
             // Redirects are failures under Standard Webhooks; do not follow them silently.

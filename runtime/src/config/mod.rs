@@ -140,6 +140,9 @@ pub struct Config {
     /// Webhook endpoints (more can be added at run time through /v1/endpoints).
     #[serde(default)]
     pub webhooks: Vec<synapse_connectors::webhook::EndpointSpec>,
+    /// Where webhooks may connect besides public addresses.
+    #[serde(default)]
+    pub egress: EgressConfig,
     /// Writable nodes replicating the same tables to each other (multi-region).
     #[serde(default)]
     pub mesh: Option<MeshConfig>,
@@ -147,6 +150,29 @@ pub struct Config {
     /// definitely: it parks and is tried again later while the rest keeps running.
     #[serde(default)]
     pub supervision: SupervisionConfig,
+}
+
+/// Internal networks webhooks may reach (loopback, private and link-local addresses are refused
+/// otherwise: see `synapse_connectors::webhook::egress`).
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EgressConfig {
+    /// Networks (`10.0.0.0/8`) or addresses (`127.0.0.1`).
+    #[serde(default)]
+    pub allow: Vec<String>,
+}
+
+impl EgressConfig {
+    /// The policy (entries that do not parse are refused by validation first).
+    pub fn policy(&self) -> synapse_connectors::webhook::egress::EgressPolicy {
+        synapse_connectors::webhook::egress::EgressPolicy::new(self.allow.iter().filter_map(|a| parse_net(a)).collect())
+    }
+}
+
+/// A network (`10.0.0.0/8`) or one address (`127.0.0.1`, `::1`).
+pub fn parse_net(text: &str) -> Option<ipnet::IpNet> {
+    let text = text.trim();
+    text.parse::<ipnet::IpNet>().ok().or_else(|| text.parse::<std::net::IpAddr>().ok().map(ipnet::IpNet::from))
 }
 
 /// A mesh: every node captures its own writes and applies every other node's, resolving

@@ -195,6 +195,14 @@ impl Config {
                 p.add(format!("api.tokens[{i}].tables"), format!("`{bad}` is not schema.table"));
             }
         }
+        for (i, a) in self.egress.allow.iter().enumerate() {
+            if super::parse_net(a).is_none() {
+                p.add(
+                    format!("egress.allow[{i}]"),
+                    format!("`{a}` is not a network (10.0.0.0/8) or an address (127.0.0.1)"),
+                );
+            }
+        }
         let mut hook_names: Vec<&str> = Vec::new();
         for (i, w) in self.webhooks.iter().enumerate() {
             if hook_names.contains(&w.name.as_str()) {

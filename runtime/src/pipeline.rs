@@ -233,6 +233,21 @@ async fn start_delivery(
             .await
             .map_err(|e| anyhow::anyhow!("webhooks: {} ({})", chain(&e), e.hint()))?;
         health.set("webhooks", ComponentState::Streaming);
+        if config.log.dead_letter_retention_hours > 0.0 {
+            let retention = Duration::from_secs_f64(config.log.dead_letter_retention_hours * 3600.0);
+            let (h, mut sd) = (hooks.clone(), shutdown.clone());
+            running.tasks.spawn(async move {
+                loop {
+                    if let Err(e) = h.expire_dead_letters(retention).await {
+                        tracing::warn!(error = %chain(&e), "expiring dead letters failed; retried");
+                    }
+                    tokio::select! {
+                        _ = tokio::time::sleep(RETENTION_INTERVAL) => {}
+                        _ = sd.wait_for(|s| *s) => return Ok(()),
+                    }
+                }
+            });
+        }
         running.webhooks = Some(hooks);
     }
     if api_on {

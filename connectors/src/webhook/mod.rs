@@ -636,6 +636,18 @@ impl<L: ChangeLog> Webhooks<L> {
         )
     }
 
+    /// Deletes dead letters older than `retention` (they are kept for replay and inspection, not
+    /// forever); returns how many.
+    pub async fn expire_dead_letters(&self, retention: Duration) -> Result<usize, ConnectorError> {
+        let before = synapse_schemas::unix_micros_now() - retention.as_micros() as i64;
+        let n = self.store.expire_dead_letters(before).await?;
+        if n > 0 {
+            metrics::counter!("synapse_webhook_dead_letters_expired_total").increment(n as u64);
+            tracing::info!(expired = n, retention = ?retention, "dead letters expired");
+        }
+        Ok(n)
+    }
+
     /// Stops every dispatcher (positions are persisted on the way out).
     pub async fn stop_all(&self) {
         let mut eps = self.endpoints.lock().await;

@@ -234,6 +234,33 @@ impl Store {
         .await
     }
 
+    /// Deletes the dead letters of every endpoint that died before `before` (µs since the
+    /// epoch); returns how many.
+    pub async fn expire_dead_letters(&self, before_us: i64) -> Result<usize, ConnectorError> {
+        self.run(move |db| {
+            let tx = db.begin_write().map_err(e)?;
+            let mut expired = 0;
+            {
+                let mut dead = tx.open_table(DEAD).map_err(e)?;
+                dead.retain(|_, v| {
+                    let died = serde_json::from_slice::<DeadLetter>(v)
+                        .ok()
+                        .and_then(|d| humantime::parse_rfc3339_weak(&d.dead_at).ok())
+                        .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+                        .map(|d| d.as_micros() as i64);
+                    // An entry that does not parse is kept: better a stale letter than a lost one.
+                    let keep = died.is_none_or(|at| at >= before_us);
+                    expired += usize::from(!keep);
+                    keep
+                })
+                .map_err(e)?;
+            }
+            tx.commit().map_err(e)?;
+            Ok(expired)
+        })
+        .await
+    }
+
     /// Removes everything kept for an endpoint.
     pub async fn forget(&self, endpoint: &str) -> Result<(), ConnectorError> {
         let name = endpoint.to_owned();
@@ -250,5 +277,40 @@ impl Store {
             tx.commit().map_err(e)
         })
         .await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn letter(dead_at: &str) -> DeadLetter {
+        DeadLetter {
+            source: "a".into(),
+            cursor: "0/1/1".into(),
+            event_id: "a/0/1/1".into(),
+            table: "public.t".into(),
+            attempts: 3,
+            last_error: Some("HTTP 500".into()),
+            last_status: Some(500),
+            dead_at: dead_at.into(),
+            event: serde_json::json!({}),
+        }
+    }
+
+    #[tokio::test]
+    async fn dead_letters_expire_by_age_only() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("c.redb")).unwrap();
+        store.add_dead_letter("e1", &letter("2026-01-01T00:00:00.000000Z")).await.unwrap();
+        store.add_dead_letter("e2", &letter("2026-01-01T00:00:00.000000Z")).await.unwrap();
+        store.add_dead_letter("e1", &letter("2026-06-01T00:00:00.000000Z")).await.unwrap();
+        let june = humantime::parse_rfc3339_weak("2026-05-01T00:00:00Z").unwrap();
+        let cut = june.duration_since(std::time::UNIX_EPOCH).unwrap().as_micros() as i64;
+        assert_eq!(store.expire_dead_letters(cut).await.unwrap(), 2);
+        let left = store.dead_letters("e1", 10).await.unwrap();
+        assert_eq!(left.iter().map(|d| d.dead_at.as_str()).collect::<Vec<_>>(), ["2026-06-01T00:00:00.000000Z"]);
+        assert!(store.dead_letters("e2", 10).await.unwrap().is_empty());
+        assert_eq!(store.expire_dead_letters(cut).await.unwrap(), 0);
     }
 }

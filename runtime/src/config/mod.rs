@@ -341,6 +341,9 @@ pub struct LogConfig {
     /// Hours of changes kept for stream readers after every consumer passed them (0: none).
     #[serde(default = "default_stream_retention")]
     pub stream_retention_hours: f64,
+    /// Hours a webhook dead letter is kept (for inspection and replay); 0: forever.
+    #[serde(default = "default_dead_letter_retention")]
+    pub dead_letter_retention_hours: f64,
     /// Keep the change streams on Kafka instead of in `dir` (which then holds only this
     /// process's connector state).
     pub kafka: Option<KafkaConfig>,
@@ -348,7 +351,12 @@ pub struct LogConfig {
 
 impl Default for LogConfig {
     fn default() -> Self {
-        LogConfig { dir: default_log_dir(), stream_retention_hours: default_stream_retention(), kafka: None }
+        LogConfig {
+            dir: default_log_dir(),
+            stream_retention_hours: default_stream_retention(),
+            dead_letter_retention_hours: default_dead_letter_retention(),
+            kafka: None,
+        }
     }
 }
 
@@ -470,6 +478,12 @@ impl KafkaConfig {
         o.properties = self.properties.0.iter().map(|(k, v)| (k.clone(), v.to_string())).collect();
         o
     }
+}
+
+/// Two weeks: long enough to notice and replay, short enough that a dead endpoint does not
+/// grow the connector store without bound.
+fn default_dead_letter_retention() -> f64 {
+    336.0
 }
 
 fn default_stream_retention() -> f64 {

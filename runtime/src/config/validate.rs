@@ -142,6 +142,9 @@ impl Config {
         if !(0.0..=24.0 * 366.0).contains(&self.log.stream_retention_hours) {
             p.add("log.stream_retention_hours", "must be between 0 and 8784 (a year)");
         }
+        if !(0.0..=24.0 * 3660.0).contains(&self.log.dead_letter_retention_hours) {
+            p.add("log.dead_letter_retention_hours", "must be between 0 (forever) and 87840 (ten years)");
+        }
         for (field, listen) in [("ops.listen", &self.ops.listen), ("api.listen", &self.api.listen)] {
             if !listen.is_empty() && listen.parse::<std::net::SocketAddr>().is_err() {
                 p.add(

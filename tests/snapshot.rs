@@ -157,3 +157,40 @@ fn a_snapshot_is_refused_while_the_capture_has_no_slot() {
     assert!(body["error"]["message"].as_str().unwrap().contains("synapse_a"), "{body}");
     assert!(body["error"]["hint"].as_str().unwrap().contains("/readyz"), "{body}");
 }
+
+/// A snapshot reads the captured tables only (`sources[].tables`), never the rest of the
+/// database, even when the request names no table.
+#[test]
+fn a_snapshot_reads_only_the_captured_tables() {
+    let nodes = Nodes::start(&format!(
+        "{}\nINSERT INTO items VALUES (1, 1); CREATE TABLE payroll (id int PRIMARY KEY, salary int); INSERT INTO payroll VALUES (1, 100000);",
+        common::ITEMS_SCHEMA
+    ));
+    let api = format!("127.0.0.1:{}", std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port());
+    let config = nodes.dir.path().join("synapse.yaml");
+    std::fs::write(
+        &config,
+        format!(
+            "log:\n  dir: {}\nsources:\n  - name: a\n    url: {}\n    tables: [public.items]\nops:\n  listen: \"\"\napi:\n  listen: \"{api}\"\n",
+            nodes.dir.path().join("log").display(),
+            nodes.source.url("app"),
+        ),
+    )
+    .unwrap();
+    let log = nodes.dir.path().join("synapse.log");
+    let _child = spawn_run(&config, &log);
+    let http = reqwest::blocking::Client::builder().timeout(Duration::from_secs(60)).build().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let body = loop {
+        if let Ok(r) = http.get(format!("http://{api}/v1/streams/a/snapshot")).send() {
+            if r.status() == 200 {
+                break r.text().unwrap();
+            }
+        }
+        assert!(Instant::now() < deadline, "{}", std::fs::read_to_string(&log).unwrap_or_default());
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let events = lines(&body);
+    assert!(events.iter().any(|e| e["data"]["source"]["table"] == "items"), "{body}");
+    assert!(!body.contains("payroll") && !body.contains("100000"), "an uncaptured table was read: {body}");
+}

@@ -40,7 +40,12 @@ impl SnapshotSession {
         static SESSIONS: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
         let n = SESSIONS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let suffix = format!("_snap_{}_{n}", std::process::id());
-        let hint: String = slot_hint.chars().take(63 - suffix.len()).collect();
+        // Slot names take only a-z, 0-9 and `_`: a node named `eu-west` must still work.
+        let hint: String = slot_hint
+            .chars()
+            .map(|c| if c.is_ascii_alphanumeric() { c.to_ascii_lowercase() } else { '_' })
+            .take(63 - suffix.len())
+            .collect();
         let name = format!("{hint}{suffix}");
         let slot = conn.create_slot(&name, true, true).await?;
         let snapshot = slot.snapshot.ok_or_else(|| CaptureError::Protocol("no snapshot exported".into()))?;

@@ -62,6 +62,9 @@ pub struct SnapshotSource {
     /// The capture's slot: a snapshot is refused while it is missing (see
     /// [`crate::snapshot::ensure_capturing`]).
     pub capture_slot: String,
+    /// The source's captured tables (`schema.table`; empty: every table with a key), the
+    /// only ones a snapshot reads.
+    pub tables: Vec<String>,
 }
 
 /// Shared state of the API server.
@@ -279,7 +282,7 @@ async fn snapshot<L: ChangeLog>(
     metrics::counter!("synapse_stream_requests_total", "stream" => name.clone(), "mode" => "snapshot").increment(1);
     let (tx, rx) = tokio::sync::mpsc::channel::<bytes::Bytes>(4);
     tokio::spawn(async move {
-        let end = match crate::snapshot::stream_snapshot(&source.config, &info, &selector, &tx).await {
+        let end = match crate::snapshot::stream_snapshot(&source, &info, &selector, &tx).await {
             Ok(resume) => json!({"control": "snapshot-end", "cursor": resume.to_string()}),
             Err(e) => {
                 tracing::warn!(stream = %info.node, error = %synapse_error::chain(&e), "snapshot failed");

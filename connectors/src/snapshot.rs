@@ -44,16 +44,17 @@ pub async fn ensure_capturing(source: &crate::api::SnapshotSource, node: &str) -
 /// Streams the snapshot as JSON lines into `out`; returns the resume cursor. Stops early
 /// (without error) if the receiver goes away.
 pub async fn stream_snapshot(
-    source: &synapse_postgres::PgConfig,
+    source: &crate::api::SnapshotSource,
     info: &SourceInfo,
     selector: &Selector,
     out: &mpsc::Sender<Bytes>,
 ) -> Result<Cursor, ConnectorError> {
-    let session = SnapshotSession::begin(source, &format!("synapse_{}_api", info.node)).await?;
+    let session = SnapshotSession::begin(&source.config, &format!("synapse_{}_api", info.node)).await?;
     let resume = Cursor { commit_lsn: session.consistent_point, index: 0 };
     let taken_us = synapse_schemas::unix_micros_now();
     let client = session.connect().await?;
-    let (tables, _without_key) = select_tables(&client, &[]).await?;
+    // The captured tables only: a snapshot shows nothing the stream would not.
+    let (tables, _without_key) = select_tables(&client, &source.tables).await?;
     let mut types = TypeResolver::default();
     let mut seq: u32 = 0;
     for table in tables.iter().filter(|t| selector.tables.as_ref().is_none_or(|s| s.contains(&t.display()))) {

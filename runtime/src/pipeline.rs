@@ -263,7 +263,7 @@ async fn start_delivery(
                 .map(|(n, l)| {
                     let pg = config.sources.iter().find(|s| &s.name == n).and_then(|s| {
                         let c = capture_config(s).ok()?;
-                        Some(SnapshotSource { config: c.source, capture_slot: c.slot })
+                        Some(SnapshotSource { config: c.source, capture_slot: c.slot, tables: c.tables })
                     });
                     (n.clone(), StreamSource { log: l.clone(), source: info(n), snapshot_source: pg })
                 })

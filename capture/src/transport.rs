@@ -135,6 +135,9 @@ async fn start_tls(
     }
 }
 
+/// The longest backend message accepted: PostgreSQL's 1 GiB value limit plus headroom.
+pub const MAX_FRAME: usize = (1 << 30) + (1 << 20);
+
 /// One backend frame: tag and body.
 struct Frame {
     tag: u8,
@@ -354,6 +357,11 @@ impl ReplicationConnection {
                 let len = u32::from_be_bytes([self.buf[1], self.buf[2], self.buf[3], self.buf[4]]) as usize;
                 if len < 4 {
                     return Err(CaptureError::Protocol(format!("frame length {len} < 4")));
+                }
+                // PostgreSQL's messages are below 1 GiB; a longer length is a broken or hostile
+                // peer, and would have us reserve up to 4 GiB.
+                if len > MAX_FRAME {
+                    return Err(CaptureError::Protocol(format!("frame length {len} exceeds {MAX_FRAME} bytes")));
                 }
                 if self.buf.len() > len {
                     let mut frame = self.buf.split_to(len + 1);

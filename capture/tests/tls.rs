@@ -1,6 +1,7 @@
-//! The replication connection over TLS on a real cluster with a private CA: SCRAM with channel
-//! binding over a verified connection; a password never sent in clear unless the URL allows it;
-//! a certificate from an untrusted CA refused for good.
+//! The replication connection's safety: over TLS on a real cluster with a private CA, SCRAM with
+//! channel binding over a verified connection; a password never sent in clear unless the URL
+//! allows it; a certificate from an untrusted CA refused for good; a hostile peer's oversized
+//! frame refused without trusting its length.
 #![allow(clippy::unwrap_used)]
 
 use synapse_capture::transport::ReplicationConnection;
@@ -59,4 +60,26 @@ async fn replication_over_tls_binds_scram_to_the_channel_and_never_leaks_the_pas
         assert!(matches!(e, CaptureError::Tls { .. }) && !e.is_transient(), "{host}: {e:?}");
         assert_eq!(e.code(), "CAP013");
     }
+}
+
+/// A peer announcing a 2 GiB message is refused at once (a definite protocol error), not
+/// trusted with an allocation and a wait.
+#[tokio::test]
+async fn an_oversized_frame_is_refused() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    tokio::spawn(async move {
+        let (mut s, _) = listener.accept().await.unwrap();
+        let mut startup = [0u8; 512];
+        let _ = s.read(&mut startup).await;
+        // An authentication request claiming 0x7ffffff0 bytes, then silence.
+        s.write_all(&[b'R', 0x7f, 0xff, 0xff, 0xf0, 0, 0, 0, 0]).await.unwrap();
+        tokio::time::sleep(std::time::Duration::from_secs(30)).await;
+    });
+    let url = format!("postgres://u@127.0.0.1:{port}/db?sslmode=disable");
+    let started = std::time::Instant::now();
+    let e = ReplicationConnection::connect(&url.parse().unwrap(), "frame test").await.err().unwrap();
+    assert!(matches!(&e, CaptureError::Protocol(m) if m.contains("exceeds")), "{e:?}");
+    assert!(!e.is_transient() && started.elapsed() < std::time::Duration::from_secs(5));
 }

@@ -44,6 +44,9 @@ pub mod defaults {
     pub const WINDOW: usize = 4_096;
 }
 
+/// The longest delay `retry_schedule` may give.
+pub const MAX_RETRY_DELAY: Duration = Duration::from_secs(7 * 24 * 3600);
+
 /// An endpoint as configured (config file or `POST /v1/endpoints`).
 #[derive(Clone, Debug, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -165,7 +168,14 @@ impl EndpointSpec {
             .retry_schedule
             .iter()
             .enumerate()
-            .map(|(i, s)| dur(&format!("retry_schedule[{i}]"), s))
+            .map(|(i, s)| {
+                // Bounded: a delay beyond the clock's range would overflow deadline arithmetic.
+                let d = dur(&format!("retry_schedule[{i}]"), s)?;
+                if d > MAX_RETRY_DELAY {
+                    return Err(bad(&format!("retry_schedule[{i}]"), format!("`{s}` is longer than 7 days")));
+                }
+                Ok(d)
+            })
             .collect::<Result<Vec<_>, _>>()?;
         if !(1..=1000).contains(&self.batch_size) {
             return Err(bad("batch_size", "must be between 1 and 1000".into()));
@@ -177,6 +187,12 @@ impl EndpointSpec {
             return Err(bad("breaker_threshold", "must be at least 1".into()));
         }
         let breaker_cooldown = dur("breaker_cooldown", &self.breaker_cooldown)?;
+        if breaker_cooldown.is_zero() || breaker_cooldown > dispatcher::MAX_COOLDOWN {
+            return Err(bad("breaker_cooldown", "must be between 1ms and 10m".into()));
+        }
+        if self.headers.len() > 32 {
+            return Err(bad("headers", "at most 32 extra headers".into()));
+        }
         for k in self.headers.keys() {
             if reqwest::header::HeaderName::from_bytes(k.as_bytes()).is_err()
                 || k.to_ascii_lowercase().starts_with("webhook-")
@@ -187,7 +203,6 @@ impl EndpointSpec {
         Ok(ValidEndpoint { spec: self.clone(), url, secrets, timeout, retry_schedule, breaker_cooldown })
     }
 
-    /// The endpoint as the API shows it: secrets reduced to a hint of which is which.
     /// The spec fit for API output: secrets shortened to their last characters, header values
     /// and the URL's password and query values replaced by `***`.
     pub fn redacted(&self) -> EndpointSpec {
@@ -659,4 +674,38 @@ impl<L: ChangeLog> Webhooks<L> {
 
 fn not_found(name: &str) -> ConnectorError {
     ConnectorError::NotFound { what: format!("endpoint `{name}`") }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec(edit: impl FnOnce(&mut serde_json::Value)) -> Result<ValidEndpoint, ConnectorError> {
+        let mut v = serde_json::json!({
+            "name": "e", "url": "https://example.com/in", "secrets": ["whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"],
+        });
+        edit(&mut v);
+        serde_json::from_value::<EndpointSpec>(v).unwrap().validate("endpoint", &["a".to_string()])
+    }
+
+    /// Durations are bounded (a deadline past the clock's range would panic the dispatcher),
+    /// and each refusal names its field.
+    #[test]
+    fn durations_and_headers_are_bounded() {
+        assert!(spec(|_| {}).is_ok());
+        for (field, value, named) in [
+            ("retry_schedule", serde_json::json!(["0s", "8days"]), "retry_schedule[1]"),
+            ("retry_schedule", serde_json::json!(["584542046090years"]), "retry_schedule[0]"),
+            ("breaker_cooldown", serde_json::json!("1h"), "breaker_cooldown"),
+            ("breaker_cooldown", serde_json::json!("0s"), "breaker_cooldown"),
+            ("timeout", serde_json::json!("10m"), "timeout"),
+        ] {
+            let e = spec(|v| v[field] = value.clone()).err().unwrap();
+            assert!(e.to_string().contains(named), "{field}={value}: {e}");
+        }
+        let many: serde_json::Map<String, serde_json::Value> =
+            (0..33).map(|i| (format!("x-h{i}"), serde_json::json!("v"))).collect();
+        let e = spec(|v| v["headers"] = many.into()).err().unwrap();
+        assert!(e.to_string().contains("headers"), "{e}");
+    }
 }

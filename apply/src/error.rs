@@ -13,6 +13,9 @@ pub enum ApplyError {
     Log(#[from] LogError),
     #[error("change at offset {offset} refers to relation {oid} version {version:x}, which the log does not know")]
     UnknownRelation { offset: u64, oid: u32, version: u64 },
+    /// A logged change whose values do not fit its relation (a damaged log): never applied.
+    #[error("change at offset {offset} on {table} has {values} values, but the table's logged definition has {columns} columns")]
+    Malformed { offset: u64, table: String, values: usize, columns: usize },
     #[error("table {table} on the target cannot take the change: {message}")]
     Schema { table: String, message: String },
     #[error("initial copy failed")]
@@ -63,6 +66,7 @@ impl synapse_error::Classify for ApplyError {
             ApplyError::MergeFunction { .. } => "APP005",
             ApplyError::Busy { .. } => "APP006",
             ApplyError::NodeSchema(_) => "APP007",
+            ApplyError::Malformed { .. } => "APP008",
         }
     }
 
@@ -102,6 +106,10 @@ impl synapse_error::Classify for ApplyError {
             _ => match self {
                 ApplyError::Schema { .. } => "align the target table with the source definition",
                 ApplyError::UnknownRelation { .. } => "the log lost its relation registry: re-create the log directory",
+                ApplyError::Malformed { .. } => {
+                    "the log is damaged at that offset: restore the log directory from a backup, or re-create it and \
+                     re-sync the targets (synapse repair fix); report it with the release"
+                }
                 ApplyError::Log(e) => e.hint(),
                 ApplyError::Copy(e) => e.hint(),
                 ApplyError::NodeSchema(e) => e.hint(),

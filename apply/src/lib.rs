@@ -353,6 +353,17 @@ impl Applier {
                         let Some((rel, table)) = s.table(offset, c.relation, t.begin.commit_lsn).await? else {
                             continue;
                         };
+                        // Values are indexed by the relation's columns: a damaged record must stop
+                        // here, named, not index past the end further down.
+                        let widths = c.after.iter().map(|a| a.len()).chain(c.before.iter().map(|(_, b)| b.len()));
+                        if let Some(values) = widths.into_iter().find(|n| *n != rel.columns.len()) {
+                            return Err(ApplyError::Malformed {
+                                offset,
+                                table: rel.name(),
+                                values,
+                                columns: rel.columns.len(),
+                            });
+                        }
                         if let (Some(buffer), Some(cfg)) = (s.mesh.as_mut(), self.config.mesh.as_ref()) {
                             let m = cfg.tables.get(&rel.name());
                             if m.is_some() || mesh::is_row_version(&rel) {

@@ -241,3 +241,67 @@ async fn a_second_applier_of_the_same_source_waits_for_the_first() {
         assert!(std::time::Instant::now() < deadline, "the lock outlived the first applier");
     }
 }
+
+/// A damaged log record — a change with more values than its relation has columns — stops the
+/// applier with a definite error naming the offset and the table; nothing of it is applied and
+/// nothing panics.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_change_that_does_not_fit_its_relation_is_refused_by_name() {
+    use synapse_log::ChangeLog;
+    use synapse_schemas::{Begin, Column, Commit, Datum, LogRecord, Lsn, Op, Relation, ReplicaIdentity, RowChange};
+    let (_source, target) = two_nodes();
+    target.psql("app", "CREATE TABLE t (id bigint PRIMARY KEY, v text)").unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let log = EmbeddedLog::open(&dir.path().join("a.redb"), Default::default()).unwrap();
+    let col = |name: &str, oid: u32, key: bool| Column {
+        name: name.into(),
+        type_oid: oid,
+        type_modifier: -1,
+        type_name: if oid == 20 { "int8".into() } else { "text".into() },
+        base_type_oid: oid,
+        element_type_oid: 0,
+        is_key: key,
+        type_defs: Vec::new(),
+    };
+    let rel = Relation {
+        oid: 7,
+        schema: "public".into(),
+        table: "t".into(),
+        replica_identity: ReplicaIdentity::Default,
+        columns: vec![col("id", 20, true), col("v", 25, false)],
+    };
+    let values = |n: usize| (0..n).map(|i| Datum::Text(i.to_string())).collect::<Vec<_>>().into();
+    let txn = |lsn: u64, width: usize| {
+        vec![
+            LogRecord::Begin(Begin { commit_lsn: Lsn(lsn), xid: 1, commit_time_us: 1, origin: None }),
+            LogRecord::Relation(rel.clone()),
+            LogRecord::Change(RowChange {
+                index: 1,
+                relation: rel.key(),
+                op: Op::Insert,
+                before: None,
+                after: Some(values(width)),
+            }),
+            LogRecord::Commit(Commit {
+                commit_lsn: Lsn(lsn),
+                end_lsn: Lsn(lsn + 1),
+                commit_time_us: 1,
+                event_count: 1,
+            }),
+        ]
+    };
+    log.append(txn(100, 2)).await.unwrap();
+    log.append(txn(200, 3)).await.unwrap();
+    let applier = Applier::new(ApplyConfig::new("a", target.url("app").parse().unwrap(), "apply-b"));
+    let (_stop, rx) = watch::channel(false);
+    let e = tokio::time::timeout(Duration::from_secs(30), applier.run(&log, rx)).await.unwrap().unwrap_err();
+    assert_eq!(e.code(), "APP008", "{e}");
+    assert!(!e.is_transient());
+    assert!(
+        e.to_string().contains("offset 6") && e.to_string().contains("public.t") && e.to_string().contains("3 values"),
+        "{e}"
+    );
+    // Grouped with the good transaction before it, nothing was committed: a restart (after the
+    // log is repaired) applies both from the stored position, exactly once.
+    assert_eq!(target.psql("app", "SELECT count(*) FROM t").unwrap(), "0");
+}

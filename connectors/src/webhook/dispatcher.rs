@@ -32,7 +32,7 @@ use tokio::task::JoinSet;
 use tokio::time::Instant;
 
 /// Longest breaker cooldown after repeated failed probes.
-pub const MAX_COOLDOWN: Duration = Duration::from_secs(600);
+const MAX_COOLDOWN: Duration = Duration::from_secs(600);
 /// How often the position is persisted while deliveries are in flight.
 const PERSIST_EVERY: Duration = Duration::from_millis(200);
 /// Attempts kept per endpoint for the attempts API.

@@ -44,6 +44,9 @@ pub mod defaults {
     pub const WINDOW: usize = 4_096;
 }
 
+/// The longest first `breaker_cooldown` (later ones double up to 10 minutes).
+pub const MAX_BREAKER_COOLDOWN: Duration = Duration::from_secs(24 * 3600);
+
 /// The longest delay `retry_schedule` may give.
 pub const MAX_RETRY_DELAY: Duration = Duration::from_secs(7 * 24 * 3600);
 
@@ -187,8 +190,8 @@ impl EndpointSpec {
             return Err(bad("breaker_threshold", "must be at least 1".into()));
         }
         let breaker_cooldown = dur("breaker_cooldown", &self.breaker_cooldown)?;
-        if breaker_cooldown.is_zero() || breaker_cooldown > dispatcher::MAX_COOLDOWN {
-            return Err(bad("breaker_cooldown", "must be between 1ms and 10m".into()));
+        if breaker_cooldown.is_zero() || breaker_cooldown > MAX_BREAKER_COOLDOWN {
+            return Err(bad("breaker_cooldown", "must be between 1ms and 24h".into()));
         }
         if self.headers.len() > 32 {
             return Err(bad("headers", "at most 32 extra headers".into()));
@@ -696,7 +699,7 @@ mod tests {
         for (field, value, named) in [
             ("retry_schedule", serde_json::json!(["0s", "8days"]), "retry_schedule[1]"),
             ("retry_schedule", serde_json::json!(["584542046090years"]), "retry_schedule[0]"),
-            ("breaker_cooldown", serde_json::json!("1h"), "breaker_cooldown"),
+            ("breaker_cooldown", serde_json::json!("2days"), "breaker_cooldown"),
             ("breaker_cooldown", serde_json::json!("0s"), "breaker_cooldown"),
             ("timeout", serde_json::json!("10m"), "timeout"),
         ] {

@@ -114,3 +114,41 @@ fn no_secret_appears_in_logs_metrics_api_or_errors() {
 fn free_addr() -> String {
     std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().to_string()
 }
+
+/// The same on the Kafka log: librdkafka properties holding secrets (SASL credentials, a key
+/// password) are passed to the client but appear nowhere — not in synapse's log (where
+/// librdkafka's own messages go too), the metrics, /readyz, `validate` or `doctor`.
+#[test]
+fn no_kafka_secret_appears_anywhere() {
+    let broker = synapse_localpg::LocalBroker::start().unwrap();
+    let nodes = Nodes::start(ITEMS_SCHEMA);
+    let config = nodes.kafka_config(broker.addr());
+    let ops = free_addr();
+    let text = std::fs::read_to_string(&config)
+        .unwrap()
+        .replace("      fetch.wait.max.ms: 5\n", "      fetch.wait.max.ms: 5\n      sasl.username: MARKEDkafkauser\n      sasl.password: MARKEDkafkapw\n      ssl.key.password: MARKEDkeypw\n")
+        .replace("ops:\n  listen: \"\"", &format!("ops:\n  listen: \"{ops}\""));
+    std::fs::write(&config, text).unwrap();
+    let log = nodes.dir.path().join("synapse.log");
+    let _child = spawn_run(&config, &log);
+    let deadline = Instant::now() + Duration::from_secs(90);
+    while !reqwest::blocking::get(format!("http://{ops}/readyz")).is_ok_and(|r| r.status() == 200) {
+        assert!(Instant::now() < deadline, "{}", common::log_tail(&log));
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    nodes.source.psql("app", "INSERT INTO items VALUES (1, 1)").unwrap();
+    common::wait_equal(&nodes.source, &nodes.target, "SELECT count(*) FROM items", Duration::from_secs(60));
+    let mut seen = vec![("log", std::fs::read_to_string(&log).unwrap())];
+    for path in ["/metrics", "/readyz"] {
+        seen.push((path, reqwest::blocking::get(format!("http://{ops}{path}")).unwrap().text().unwrap()));
+    }
+    for cmd in ["validate", "doctor"] {
+        let out = common::synapse(&[cmd, "--config", config.to_str().unwrap()]).output().unwrap();
+        seen.push((cmd, String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr)));
+    }
+    for (what, text) in &seen {
+        for m in ["MARKEDkafkapw", "MARKEDkeypw"] {
+            assert!(!text.contains(m), "{what} shows {m}:\n{text}");
+        }
+    }
+}

@@ -25,7 +25,7 @@ fn run_with_ops(nodes: &Nodes, extra_source_yaml: &str) -> (common::Synapse, Str
 }
 
 fn run_with_ops_config(_nodes: &Nodes, config: std::path::PathBuf) -> (common::Synapse, String, std::path::PathBuf) {
-    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let port = synapse_localpg::free_port().unwrap();
     let addr = format!("127.0.0.1:{port}");
     let text = std::fs::read_to_string(&config)
         .unwrap()
@@ -43,7 +43,7 @@ const REPAIRER: &str = "repairer-token-0123456789abcdef";
 /// [`run_with_ops`] with the API on a free port too, with a token per scope: (process, ops
 /// address, API address, config file).
 fn run_with_api(nodes: &Nodes, extra_source_yaml: &str) -> (common::Synapse, String, String, std::path::PathBuf) {
-    let api = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().to_string();
+    let api = format!("127.0.0.1:{}", synapse_localpg::free_port().unwrap());
     let config = nodes.config(extra_source_yaml);
     let text = std::fs::read_to_string(&config).unwrap().replace(
         "api:\n  listen: \"\"\n",
@@ -277,7 +277,7 @@ fn an_open_api_is_refused_off_loopback_and_checks_the_host_on_it() {
     assert!(!out.status.success(), "{text}");
     assert!(text.contains("api.tokens") && text.contains("not a loopback address"), "{text}");
 
-    let api = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().to_string();
+    let api = format!("127.0.0.1:{}", synapse_localpg::free_port().unwrap());
     let local = nodes.config("").to_str().unwrap().to_owned();
     let text =
         std::fs::read_to_string(&local).unwrap().replace("api:\n  listen: \"\"", &format!("api:\n  listen: \"{api}\""));

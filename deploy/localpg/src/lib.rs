@@ -87,9 +87,23 @@ fn is_root() -> bool {
     Command::new("id").arg("-u").output().map(|o| o.stdout.trim_ascii() == b"0").unwrap_or(false)
 }
 
-fn free_port() -> Result<u16> {
-    let l = TcpListener::bind("127.0.0.1:0").map_err(|e| LocalPgError::Io { path: "127.0.0.1:0".into(), source: e })?;
-    l.local_addr().map(|a| a.port()).map_err(|e| LocalPgError::Io { path: "127.0.0.1:0".into(), source: e })
+/// A loopback port free now and never handed out before by this process: a port is only
+/// reserved until its listener is dropped, and the kernel may give a just-released one to the
+/// next caller — a cluster, or a synapse listener a test configures — before its first owner
+/// has bound it again.
+pub fn free_port() -> Result<u16> {
+    static GIVEN: std::sync::Mutex<Vec<u16>> = std::sync::Mutex::new(Vec::new());
+    loop {
+        let l =
+            TcpListener::bind("127.0.0.1:0").map_err(|e| LocalPgError::Io { path: "127.0.0.1:0".into(), source: e })?;
+        let port =
+            l.local_addr().map(|a| a.port()).map_err(|e| LocalPgError::Io { path: "127.0.0.1:0".into(), source: e })?;
+        let mut given = GIVEN.lock().unwrap_or_else(|p| p.into_inner());
+        if !given.contains(&port) {
+            given.push(port);
+            return Ok(port);
+        }
+    }
 }
 
 fn io(path: &Path) -> impl FnOnce(std::io::Error) -> LocalPgError + '_ {

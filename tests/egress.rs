@@ -75,11 +75,7 @@ fn internal_endpoints_are_refused_unless_allowed() {
     std::fs::write(&config, format!("{text}webhooks:\n{hooks}egress:\n  allow: [127.0.0.2/32]\n")).unwrap();
     let log = nodes.dir.path().join("synapse.log");
     let _child = spawn_run(&config, &log);
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while !reqwest::blocking::get(format!("http://{ops}/readyz")).is_ok_and(|r| r.status() == 200) {
-        assert!(Instant::now() < deadline, "{}", common::log_tail(&log));
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    common::wait_ready(&ops, &log, 60);
     for url in
         ["http://169.254.169.254/latest/meta-data/", "http://127.0.0.1:9/in", "http://[::1]:9/in", "http://10.0.0.1/in"]
     {

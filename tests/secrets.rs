@@ -45,11 +45,7 @@ fn no_secret_appears_in_logs_metrics_api_or_errors() {
     std::fs::write(&config, text + &hooks).unwrap();
     let log = nodes.dir.path().join("synapse.log");
     let _child = spawn_run(&config, &log);
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while !reqwest::blocking::get(format!("http://{ops}/readyz")).is_ok_and(|r| r.status() == 200) {
-        assert!(Instant::now() < deadline, "{}", common::log_tail(&log));
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    common::wait_ready(&ops, &log, 60);
     nodes.source.psql("app", "INSERT INTO items VALUES (1, 1), (2, 2)").unwrap();
     // Wait for the dead endpoint to give up on an event (its errors are then recorded).
     let deadline = Instant::now() + Duration::from_secs(60);
@@ -131,11 +127,7 @@ fn no_kafka_secret_appears_anywhere() {
     std::fs::write(&config, text).unwrap();
     let log = nodes.dir.path().join("synapse.log");
     let _child = spawn_run(&config, &log);
-    let deadline = Instant::now() + Duration::from_secs(90);
-    while !reqwest::blocking::get(format!("http://{ops}/readyz")).is_ok_and(|r| r.status() == 200) {
-        assert!(Instant::now() < deadline, "{}", common::log_tail(&log));
-        std::thread::sleep(Duration::from_millis(200));
-    }
+    common::wait_ready(&ops, &log, 90);
     nodes.source.psql("app", "INSERT INTO items VALUES (1, 1)").unwrap();
     common::wait_equal(&nodes.source, &nodes.target, "SELECT count(*) FROM items", Duration::from_secs(60));
     let mut seen = vec![("log", std::fs::read_to_string(&log).unwrap())];

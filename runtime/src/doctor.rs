@@ -220,9 +220,10 @@ pub async fn run(config: &Config) -> usize {
             ),
         }
     }
+    let egress = std::sync::Arc::new(config.egress.policy());
     for w in &config.webhooks {
         println!("webhook {} ({})", w.name, synapse_connectors::webhook::redact_url(&w.url));
-        check_webhook(&mut r, &w.url, &std::sync::Arc::new(config.egress.policy())).await;
+        check_webhook(&mut r, &w.url, &egress).await;
     }
     r.failed
 }

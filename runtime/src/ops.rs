@@ -147,6 +147,11 @@ impl Health {
         }
     }
 
+    /// One component's state, if it has one.
+    pub fn state(&self, component: &str) -> Option<ComponentState> {
+        self.components.lock().ok().and_then(|c| c.get(component).cloned())
+    }
+
     pub fn snapshot(&self) -> BTreeMap<String, ComponentState> {
         self.components.lock().map(|c| c.clone()).unwrap_or_default()
     }

@@ -51,13 +51,13 @@ pub async fn supervise<T, E: Classify, Fut: Future<Output = Result<T, E>>>(
     let mut delay = FIRST;
     // Each new attempt shows the state the component had when it began (e.g. `streaming` for
     // a long-running stream), not the failure before it: an attempt that works never returns.
-    let working = match health.snapshot().get(component) {
+    let working = match health.state(component) {
         Some(
             s @ (ComponentState::Starting
             | ComponentState::Copying
             | ComponentState::Resyncing
             | ComponentState::Streaming),
-        ) => s.clone(),
+        ) => s,
         _ => ComponentState::Starting,
     };
     loop {

@@ -156,6 +156,16 @@ pub fn post(addr: &str, path: &str, body: &str) -> (u16, String) {
     request(addr, "POST", path, body, None)
 }
 
+/// Waits (up to `secs`) until the synapse whose ops listener is `ops` answers /readyz with 200;
+/// fails with the tail of its `log`.
+pub fn wait_ready(ops: &str, log: &Path, secs: u64) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(secs);
+    while !reqwest::blocking::get(format!("http://{ops}/readyz")).is_ok_and(|r| r.status() == 200) {
+        assert!(std::time::Instant::now() < deadline, "never ready:\n{}", log_tail(log));
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
 /// The admin token the tests' configurations carry (scope `admin`).
 pub const ADMIN_TOKEN: &str = "test-admin-token-0123456789abcdef";
 

@@ -142,6 +142,107 @@ fn resyncs_after(lose: impl FnOnce(&Nodes)) {
     drop(child);
 }
 
+/// Stream and webhook readers are told of a gap that `on_gap: resync` crossed: a webhook
+/// endpoint (whatever its table and operation filters) receives an `io.synapsedb.resync.v1`
+/// event between the changes before and after the gap; a stream cursor from before the gap is
+/// answered 410 `CON011` with the snapshot link and the gap's cursor; a reader from the
+/// gap's cursor gets the changes after it; a reader from the start reads the gap inline.
+#[test]
+fn stream_and_webhook_readers_are_told_of_a_resync() {
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().unwrap();
+    let got = std::sync::Arc::new(std::sync::Mutex::new(Vec::<serde_json::Value>::new()));
+    let receiver = rt.block_on(tokio::net::TcpListener::bind("127.0.0.1:0")).unwrap();
+    let hook = format!("http://{}/hook", receiver.local_addr().unwrap());
+    let seen = got.clone();
+    let app = axum::Router::new().route(
+        "/hook",
+        axum::routing::post(move |body: axum::body::Bytes| {
+            let seen = seen.clone();
+            async move {
+                seen.lock().unwrap().push(serde_json::from_slice(&body).unwrap_or_default());
+                axum::http::StatusCode::OK
+            }
+        }),
+    );
+    rt.spawn(async move { axum::serve(receiver, app).await });
+
+    let nodes = Nodes::start(ITEMS_SCHEMA);
+    let (config, ops) = config_with_ops(&nodes, "    on_gap: resync\n");
+    let api = format!("127.0.0.1:{}", synapse_localpg::free_port().unwrap());
+    let secret = synapse_connectors::webhook::signing::Secret::generate();
+    let text = std::fs::read_to_string(&config)
+        .unwrap()
+        .replace("api:\n  listen: \"\"", &format!("api:\n  listen: \"{api}\""));
+    let text = format!(
+        "{text}webhooks:\n  - name: items-hook\n    url: {hook}\n    secrets: [\"{secret}\"]\n    tables: [public.items]\n    operations: [insert]\negress:\n  allow: [127.0.0.1]\n"
+    );
+    std::fs::write(&config, text).unwrap();
+    let log = nodes.dir.path().join("synapse.log");
+    let child = spawn_run(&config, &log);
+    common::wait_ready(&ops, &log, 60);
+    nodes.source.psql("app", "INSERT INTO items VALUES (1, 1)").unwrap();
+    common::wait_equal(&nodes.source, &nodes.target, "SELECT count(*) FROM items", Duration::from_secs(60));
+    let wait_hook = |what: &str, done: &dyn Fn(&[serde_json::Value]) -> bool| {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while !done(&got.lock().unwrap()) {
+            assert!(
+                Instant::now() < deadline,
+                "the endpoint never got {what}: {:?}\n{}",
+                got.lock().unwrap(),
+                common::log_tail(&log)
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    };
+    wait_hook("row 1", &|g| g.len() == 1);
+    let (status, sub) = common::request(&api, "GET", "/v1/streams/a", "", None);
+    assert_eq!(status, 200, "{sub}");
+    let before_gap = serde_json::from_str::<serde_json::Value>(&sub).unwrap()["cursor"].as_str().unwrap().to_owned();
+    drop(child);
+
+    nodes.source.psql("app", "SELECT pg_drop_replication_slot('synapse_a')").unwrap();
+    nodes.source.psql("app", "INSERT INTO items SELECT g, g FROM generate_series(100, 199) g").unwrap();
+    let child = spawn_run(&config, &log);
+    wait_readyz(&ops, "capture/a: streaming", &log);
+    nodes.source.psql("app", "INSERT INTO items VALUES (500, 500)").unwrap();
+    common::wait_equal(&nodes.source, &nodes.target, ITEMS_DIGEST, Duration::from_secs(120));
+
+    // The endpoint: row 1, the gap, row 500 — in that order; the rows of the gap are not events.
+    wait_hook("the gap and row 500", &|g| g.len() >= 3);
+    std::thread::sleep(Duration::from_millis(500));
+    let events = got.lock().unwrap().clone();
+    let types: Vec<&str> = events.iter().map(|e| e["type"].as_str().unwrap_or_default()).collect();
+    assert_eq!(types, ["io.synapsedb.change.v1", "io.synapsedb.resync.v1", "io.synapsedb.change.v1"], "{events:?}");
+    let gap = &events[1];
+    assert_eq!(events[2]["data"]["after"]["id"], 500);
+    assert!(gap["data"]["reason"].as_str().unwrap().contains("slot is missing"), "{gap}");
+    assert_eq!(gap["data"]["snapshot"], "/v1/streams/a/snapshot");
+    let schema: serde_json::Value = serde_json::from_str(include_str!("../schemas/change-event.schema.json")).unwrap();
+    assert!(jsonschema::validator_for(&schema).unwrap().is_valid(gap), "{gap}");
+
+    // A stream cursor from before the gap: 410 with where to go.
+    let (status, body) = common::request(&api, "GET", &format!("/v1/streams/a/changes?cursor={before_gap}"), "", None);
+    assert_eq!(status, 410, "{body}");
+    let err: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(err["error"]["code"], "CON011", "{body}");
+    assert_eq!(err["error"]["snapshot"], "/v1/streams/a/snapshot", "{body}");
+    let gap_cursor = err["error"]["gap_cursor"].as_str().unwrap().to_owned();
+    assert_eq!(gap_cursor, gap["synapsecursor"].as_str().unwrap());
+    // From the gap's cursor: what came after it.
+    let (status, body) = common::request(&api, "GET", &format!("/v1/streams/a/changes?cursor={gap_cursor}"), "", None);
+    assert_eq!(status, 200, "{body}");
+    let ids: Vec<i64> = body
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok()?["data"]["after"]["id"].as_i64())
+        .collect();
+    assert_eq!(ids, [500], "{body}");
+    // From the start: the gap inline, in its place.
+    let (status, body) = common::request(&api, "GET", "/v1/streams/a/changes?tables=public.counters", "", None);
+    assert_eq!(status, 200, "{body}");
+    assert!(body.contains("io.synapsedb.resync.v1"), "a reader of another table is told too: {body}");
+    drop(child);
+}
+
 /// A re-sync owed is durable: synapse killed (-9) while re-syncing (the target's table is
 /// locked, so it cannot finish) — by then the new slot exists, so the next start sees no gap —
 /// still re-syncs after the restart, and the target ends identical.

@@ -409,6 +409,8 @@ impl Applier {
                             }
                         }
                     }
+                    // The gap's re-sync repairs the target (runtime's `resync/<source>` task).
+                    LogRecord::Resync(_) => {}
                     LogRecord::Discarded { commit_lsn } => {
                         if let Some(t) = open.take() {
                             tracing::warn!(%commit_lsn, "the log discarded a partly written transaction; rolling back and re-reading");

@@ -12,7 +12,11 @@
 //!   - SSE (`Accept: text/event-stream`): `event: change`, `id:` = cursor; `Last-Event-ID`
 //!     resumes. `event: bookmark` carries the position when only filtered-out traffic passed;
 //!     without `live=true` the stream ends with `event: up-to-date`.
-//!   - 410 Gone when the cursor is older than the log's retention, with the oldest cursor.
+//!   - 410 Gone when the cursor is older than the log's retention, with the oldest cursor;
+//!     and 410 (`CON011`) when the cursor is from before a gap the source's capture crossed
+//!     (`on_gap: resync`), with the `snapshot` link to re-read the tables. A reader already
+//!     past the cursor reads the gap inline: an `io.synapsedb.resync.v1` event (SSE
+//!     `event: resync`) whose cursor resumes after it.
 //! * Bearer tokens (api.tokens, see [`crate::auth`]) need the `stream` scope and are limited to
 //!   their tables: a request for other tables gets 403; a request without `tables` sees only the
 //!   token's tables.
@@ -86,6 +90,10 @@ impl IntoResponse for ConnectorError {
         let mut body = self.body();
         if let ConnectorError::CursorGone { oldest, .. } = &self {
             body["error"]["oldest_cursor"] = oldest.map(|l| Cursor { commit_lsn: l, index: 0 }.to_string()).into();
+        }
+        if let ConnectorError::CursorBeforeGap { stream, gap, .. } = &self {
+            body["error"]["gap_cursor"] = gap.to_string().into();
+            body["error"]["snapshot"] = format!("/v1/streams/{stream}/snapshot").into();
         }
         let mut resp = (status, Json(body)).into_response();
         if status == StatusCode::UNAUTHORIZED {
@@ -249,6 +257,12 @@ async fn changes<L: ChangeLog>(
         Some(c) => Some(parse_cursor(if last_event_id.is_some() { "Last-Event-ID" } else { "cursor" }, c)?),
         None => None,
     };
+    if let Some(c) = after {
+        let marks = s.log.resync_marks().await?;
+        if let Some((_, m)) = marks.into_iter().find(|(_, m)| c < m.cursor()) {
+            return Err(ConnectorError::CursorBeforeGap { stream: name, cursor: c, gap: m.cursor(), reason: m.reason });
+        }
+    }
     let live = q.live.unwrap_or(false);
     let poll = q.timeout_ms.map(Duration::from_millis).unwrap_or(DEFAULT_POLL).min(Duration::from_secs(120));
     let feed = ChangeFeed::open(s.log.clone(), s.source.clone(), after, selector).await?;
@@ -360,7 +374,8 @@ fn sse_response<L: ChangeLog>(
             let mut out = Vec::with_capacity(batch.events.len() + 1);
             for e in &batch.events {
                 let data = String::from_utf8_lossy(&e.body).into_owned();
-                out.push(SseEvent::default().event("change").id(e.cursor.to_string()).data(data));
+                let kind = if e.op == Operation::Resync { "resync" } else { "change" };
+                out.push(SseEvent::default().event(kind).id(e.cursor.to_string()).data(data));
             }
             metrics::counter!("synapse_stream_events_total", "stream" => name).increment(batch.events.len() as u64);
             let position = feed_position_string(batch.position);

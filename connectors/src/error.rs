@@ -10,6 +10,8 @@ pub enum ConnectorError {
     Log(#[from] LogError),
     #[error("cursor {cursor} is older than the log's retention{}", oldest.map(|l| format!(" (oldest retained transaction: {l})")).unwrap_or_default())]
     CursorGone { cursor: Cursor, oldest: Option<Lsn> },
+    #[error("cursor {cursor} of stream `{stream}` is from before a gap in the source's stream at {gap} ({reason}): changes after it were lost upstream")]
+    CursorBeforeGap { stream: String, cursor: Cursor, gap: Cursor, reason: String },
     #[error("invalid {field}: {message}")]
     BadRequest { field: String, message: String },
     #[error("the log refers to relation {oid} but holds no description of it")]
@@ -45,7 +47,7 @@ pub enum ConnectorError {
 impl ConnectorError {
     pub fn http_status(&self) -> u16 {
         match self {
-            ConnectorError::CursorGone { .. } => 410,
+            ConnectorError::CursorGone { .. } | ConnectorError::CursorBeforeGap { .. } => 410,
             ConnectorError::BadRequest { .. } => 400,
             ConnectorError::Unauthorized => 401,
             ConnectorError::Forbidden(_) => 403,
@@ -73,6 +75,7 @@ impl synapse_error::Classify for ConnectorError {
             ConnectorError::Snapshot { .. } => "CON009",
             ConnectorError::Publish(e) => e.code(),
             ConnectorError::NotCapturing { .. } => "CON010",
+            ConnectorError::CursorBeforeGap { .. } => "CON011",
         }
     }
 
@@ -94,6 +97,10 @@ impl synapse_error::Classify for ConnectorError {
             ConnectorError::CursorGone { .. } => {
                 "re-read the tables with GET /v1/streams/{name}/snapshot and resume from the cursor \
                  it ends with; keep readers within log.stream_retention_hours"
+            }
+            ConnectorError::CursorBeforeGap { .. } => {
+                "re-read the tables with GET /v1/streams/{name}/snapshot (the `snapshot` link) and \
+                 resume from the cursor it ends with; SynapseDB's own targets are re-synced"
             }
             ConnectorError::BadRequest { .. } => "fix the named parameter or field and retry",
             ConnectorError::UnknownRelation { .. } => "the log is incomplete: report this as a bug",

@@ -15,7 +15,7 @@ use std::sync::Arc;
 use std::time::Duration;
 use synapse_log::{ChangeLog, Offset, Seek};
 use synapse_schemas::cloudevent::{self, EventContext};
-use synapse_schemas::{Begin, Cursor, LogRecord, Op, Relation, RelationKey, RowChange, Tuple, Value};
+use synapse_schemas::{Begin, Cursor, LogRecord, Op, Relation, RelationKey, ResyncMark, RowChange, Tuple, Value};
 use tokio::time::Instant;
 
 /// Records read from the log per call.
@@ -33,6 +33,9 @@ pub enum Operation {
     Truncate,
     /// A table's columns changed (a new relation version appeared in the stream).
     Schema,
+    /// A gap in the source's stream (`LogRecord::Resync`): changes were lost; re-read the
+    /// source. Delivered to every reader whatever its tables, operations and filter.
+    Resync,
 }
 
 /// One public event, rendered.
@@ -54,8 +57,9 @@ pub struct Event {
     pub txn_offset: Offset,
     /// The CloudEvent, JSON-encoded (structured mode).
     pub body: Bytes,
-    /// The table's definition when the event was written (key columns, types).
-    pub relation: Arc<Relation>,
+    /// The table's definition when the event was written (key columns, types); `None` for
+    /// a resync, which concerns every table.
+    pub relation: Option<Arc<Relation>>,
 }
 
 /// Which events a reader wants.
@@ -215,8 +219,18 @@ impl<L: ChangeLog> ChangeFeed<L> {
                     if !matches!(self.buf.front(), Some((_, LogRecord::Begin(_)))) {
                         // Records before the first Begin (a read that started inside a
                         // transaction retention cut) or markers between transactions.
-                        if let Some((_, LogRecord::Relation(r))) = self.buf.pop_front() {
-                            self.remember(r);
+                        match self.buf.pop_front() {
+                            Some((_, LogRecord::Relation(r))) => {
+                                self.remember(r);
+                            }
+                            Some((offset, LogRecord::Resync(mark))) => {
+                                let cursor = mark.cursor();
+                                if self.after.is_none_or(|a| a < cursor) {
+                                    events.push(self.resync_event(offset, &mark));
+                                }
+                                self.position = Some(self.position.map_or(cursor, |p| p.max(cursor)));
+                            }
+                            _ => {}
                         }
                         continue;
                     }
@@ -414,7 +428,7 @@ impl<L: ChangeLog> ChangeFeed<L> {
                 });
                 self.state = State::Idle;
             }
-            LogRecord::Begin(_) | LogRecord::Discarded { .. } => {
+            LogRecord::Begin(_) | LogRecord::Discarded { .. } | LogRecord::Resync(_) => {
                 // Cannot happen inside a committed transaction (they never interleave); treat
                 // it as the end of this one rather than trusting the rest.
                 tracing::warn!(offset, end, "unexpected record inside a committed transaction");
@@ -422,6 +436,24 @@ impl<L: ChangeLog> ChangeFeed<L> {
             }
         }
         Ok(())
+    }
+
+    /// The control event of a gap, for every reader (a gap concerns every table).
+    fn resync_event(&self, offset: Offset, mark: &ResyncMark) -> Event {
+        let snapshot = format!("/v1/streams/{}/snapshot", self.source.node);
+        let json = cloudevent::resync_event(&self.source.node, &self.source.database, mark, Some(&snapshot));
+        Event {
+            cursor: mark.cursor(),
+            id: json["id"].as_str().unwrap_or_default().to_owned(),
+            table: "*".into(),
+            op: Operation::Resync,
+            keys: [0; 2],
+            barrier: true,
+            commit_time_us: mark.found_at_us,
+            txn_offset: offset,
+            body: Bytes::from(serde_json::to_vec(&json).unwrap_or_default()),
+            relation: None,
+        }
     }
 
     fn render_change(
@@ -467,7 +499,7 @@ impl<L: ChangeLog> ChangeFeed<L> {
             commit_time_us: begin.commit_time_us,
             txn_offset: begin_offset,
             body: Bytes::from(body),
-            relation: rel.clone(),
+            relation: Some(rel.clone()),
         })
     }
 }
@@ -486,6 +518,7 @@ fn event(
     let id = json["id"].as_str().unwrap_or_default().to_owned();
     // Serialising a `Value` cannot fail (string keys only).
     let body = Bytes::from(serde_json::to_vec(&json).unwrap_or_default());
+    let relation = Some(relation);
     Event { cursor, id, table, op, keys, barrier, commit_time_us: begin.commit_time_us, txn_offset, body, relation }
 }
 
@@ -668,6 +701,37 @@ mod tests {
         let mut f = ChangeFeed::open(log.clone(), src(), None, Selector::default()).await.unwrap();
         let ops: Vec<Operation> = all(&mut f).await.iter().map(|e| e.op).collect();
         assert_eq!(ops, [Operation::Insert, Operation::Insert, Operation::Schema, Operation::Insert]);
+    }
+
+    #[tokio::test]
+    async fn a_gap_mark_reaches_every_reader_once_in_its_place() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = Arc::new(EmbeddedLog::open(&dir.path().join("a.redb"), Default::default()).unwrap());
+        log.append(txn(100, 0..2)).await.unwrap();
+        let mark = ResyncMark { after: Lsn(101), source_wal: Some(Lsn(900)), found_at_us: 5, reason: "slot".into() };
+        log.append(vec![LogRecord::Resync(mark.clone())]).await.unwrap();
+        log.append(txn(1_000, 5..6)).await.unwrap();
+        // A reader of another table only, of deletes only: told all the same.
+        let sel = Selector {
+            tables: Some(["public.other".to_string()].into()),
+            operations: Some([Operation::Delete].into()),
+            filter: None,
+        };
+        let mut f = ChangeFeed::open(log.clone(), src(), None, sel).await.unwrap();
+        let events = all(&mut f).await;
+        assert_eq!(events.iter().map(|e| e.op).collect::<Vec<_>>(), [Operation::Resync]);
+        assert!(events[0].barrier, "ordered against every other event");
+        let body: serde_json::Value = serde_json::from_slice(&events[0].body).unwrap();
+        assert_eq!(body["type"], cloudevent::RESYNC_TYPE);
+        assert_eq!(body["data"]["snapshot"], "/v1/streams/a/snapshot");
+        assert_eq!(f.position(), Some(Cursor { commit_lsn: Lsn(1_000), index: 2 }));
+        // Between the transactions for a reader of everything; after it, never again.
+        let mut f = ChangeFeed::open(log.clone(), src(), None, Selector::default()).await.unwrap();
+        let ops: Vec<Operation> = all(&mut f).await.iter().map(|e| e.op).collect();
+        assert_eq!(ops, [Operation::Insert, Operation::Insert, Operation::Resync, Operation::Insert]);
+        let mut f = ChangeFeed::open(log.clone(), src(), Some(mark.cursor()), Selector::default()).await.unwrap();
+        let ops: Vec<Operation> = all(&mut f).await.iter().map(|e| e.op).collect();
+        assert_eq!(ops, [Operation::Insert]);
     }
 
     #[tokio::test]

@@ -7,6 +7,7 @@
 //! | `<prefix>.<schema>.<table>` | primary key as JSON (`{"id":1}`) | Debezium change envelope (`op`, `before`, `after`, `source`, `transaction`); with `tombstones`, a delete is followed by the same key with no value |
 //! | `<prefix>.<node>.transaction` | `{"id":"<xid>:<commit lsn>"}` | Debezium transaction metadata: `BEGIN`, then `END` with `event_count` and per-table `data_collections` |
 //! | `<prefix>.<node>.schema-changes` | `{"table":"schema.table"}` | a table's new column list |
+//! | `<prefix>.<node>.schema-changes` | `{"control":"resync"}` | a gap in the source's stream (changes lost between two positions; re-read the source), outside any transaction |
 //!
 //! Every change message carries the CloudEvents attributes as headers (`ce_specversion`,
 //! `ce_id`, `ce_source`, `ce_type`, `ce_subject`, `ce_time`, `ce_synapsecursor`,
@@ -151,6 +152,10 @@ impl<L: ChangeLog> TopicPublisher<L> {
                     field: format!("event {}", e.id),
                     message: err.to_string(),
                 })?;
+                if e.op == Operation::Resync {
+                    self.publish(e, &envelope, &mut acks).await?;
+                    continue;
+                }
                 if open.as_ref().is_none_or(|o| o.commit_lsn != e.cursor.commit_lsn) {
                     let xid = envelope["data"]["source"]["txId"].as_u64().and_then(|x| u32::try_from(x).ok());
                     let xid = xid.unwrap_or_default();
@@ -206,11 +211,13 @@ impl<L: ChangeLog> TopicPublisher<L> {
     ) -> Result<(), ConnectorError> {
         let (topic, key) = match e.op {
             Operation::Schema => (self.schema_topic(), json!({"table": e.table.as_ref()})),
+            Operation::Resync => (self.schema_topic(), json!({"control": "resync"})),
             _ => (self.table_topic(&e.table), key_of(e, &envelope["data"])),
         };
         if !self.created.contains(&topic) {
             // The schema-changes topic keeps one order; table topics get the configured count.
-            let partitions = if e.op == Operation::Schema { 1 } else { self.options.partitions };
+            let partitions =
+                if matches!(e.op, Operation::Schema | Operation::Resync) { 1 } else { self.options.partitions };
             self.ensure_topics(std::slice::from_ref(&topic), partitions).await?;
         }
         let trace = format!("{}/{}", self.source.node, e.cursor.commit_lsn.0);
@@ -342,7 +349,7 @@ fn txn_id(xid: u32, commit_lsn: Lsn) -> String {
 fn key_of(e: &Event, data: &Value) -> Value {
     let image = if data["after"].is_object() { &data["after"] } else { &data["before"] };
     let mut key = serde_json::Map::new();
-    for c in e.relation.columns.iter().filter(|c| c.is_key) {
+    for c in e.relation.iter().flat_map(|r| r.columns.iter()).filter(|c| c.is_key) {
         key.insert(c.name.clone(), image.get(&c.name).cloned().unwrap_or(Value::Null));
     }
     Value::Object(key)

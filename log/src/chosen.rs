@@ -2,7 +2,7 @@
 
 use crate::{ChangeLog, EmbeddedLog, KafkaLog, LogError, Offset, Seek, WriterState};
 use std::time::Duration;
-use synapse_schemas::{Cursor, LogRecord, Relation, RelationKey};
+use synapse_schemas::{Cursor, LogRecord, Relation, RelationKey, ResyncMark};
 
 /// The embedded log or the Kafka log. [`ChangeLog`]'s methods return `impl Future`, so the
 /// trait has no `dyn` form; this enum lets one binary run on either while every call keeps the
@@ -61,6 +61,10 @@ impl ChangeLog for SourceLog {
 
     async fn commit_consumer(&self, name: &str, next: Offset) -> Result<(), LogError> {
         delegate!(self, l => l.commit_consumer(name, next).await)
+    }
+
+    async fn resync_marks(&self) -> Result<Vec<(Offset, ResyncMark)>, LogError> {
+        delegate!(self, l => l.resync_marks().await)
     }
 
     async fn consumer_position(&self, name: &str) -> Result<Option<Offset>, LogError> {

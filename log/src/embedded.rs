@@ -11,7 +11,7 @@ use redb::{Database, ReadableTable, TableDefinition};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use synapse_schemas::{Cursor, LogRecord, Lsn, Relation, RelationKey};
+use synapse_schemas::{Cursor, LogRecord, Lsn, Relation, RelationKey, ResyncMark};
 use tokio::sync::watch;
 
 /// First offset of a chunk → `[u32 LE length][postcard record]…`.
@@ -22,6 +22,9 @@ const RELATIONS: TableDefinition<(u32, u64), &[u8]> = TableDefinition::new("rela
 /// (table OID, offset of its `Relation` record) → version: the order definitions appeared in.
 const RELATION_HISTORY: TableDefinition<(u32, u64), u64> = TableDefinition::new("relation_history");
 const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
+/// Offset → the encoded `LogRecord::Resync` there. Kept when retention deletes the record: a
+/// cursor from before a gap must still be told about it.
+const RESYNCS: TableDefinition<u64, &[u8]> = TableDefinition::new("resyncs");
 const CONSUMERS: TableDefinition<&str, u64> = TableDefinition::new("consumers");
 /// Transaction index for seeks by cursor and time: commit LSN → (offset of `Begin`, offset of
 /// `Commit` or [`OPEN`], event count, commit time µs). Both offsets and the LSN only grow.
@@ -78,6 +81,7 @@ impl EmbeddedLog {
             tx.open_table(CONSUMERS).map_err(|e| storage(e.into()))?;
             tx.open_table(TXNS).map_err(|e| storage(e.into()))?;
             tx.open_table(RELATION_HISTORY).map_err(|e| storage(e.into()))?;
+            tx.open_table(RESYNCS).map_err(|e| storage(e.into()))?;
             let meta = tx.open_table(META).map_err(|e| storage(e.into()))?;
             let next = meta.get(NEXT_OFFSET).map_err(|e| storage(e.into()))?.map(|v| v.value());
             next.unwrap_or(0)
@@ -201,6 +205,7 @@ impl ChangeLog for EmbeddedLog {
                     let mut rels = tx.open_table(RELATIONS).map_err(write_err)?;
                     let mut txns = tx.open_table(TXNS).map_err(write_err)?;
                     let mut history = tx.open_table(RELATION_HISTORY).map_err(write_err)?;
+                    let mut resyncs = tx.open_table(RESYNCS).map_err(write_err)?;
                     // (commit LSN, Begin offset, commit time) of a transaction begun in this batch.
                     let mut begun: Option<(u64, u64, i64)> = None;
                     let mut next = meta.get(NEXT_OFFSET).map_err(write_err)?.map(|v| v.value()).unwrap_or(0);
@@ -249,6 +254,9 @@ impl ChangeLog for EmbeddedLog {
                                 rels.insert((k.oid, k.version), &frames[span.start + 4..span.end])
                                     .map_err(write_err)?;
                                 history.insert((k.oid, offset), k.version).map_err(write_err)?;
+                            }
+                            LogRecord::Resync(_) => {
+                                resyncs.insert(offset, &frames[span.start + 4..span.end]).map_err(write_err)?;
                             }
                             _ => {}
                         }
@@ -392,6 +400,30 @@ impl ChangeLog for EmbeddedLog {
             Ok(())
         })
         .await
+    }
+
+    async fn resync_marks(&self) -> Result<Vec<(Offset, ResyncMark)>, LogError> {
+        let raw = self
+            .blocking(move |_, db| {
+                let tx = db.begin_read().map_err(write_err)?;
+                let t = tx.open_table(RESYNCS).map_err(write_err)?;
+                let mut all = Vec::new();
+                for entry in t.iter().map_err(write_err)? {
+                    let (k, v) = entry.map_err(write_err)?;
+                    all.push((k.value(), v.value().to_vec()));
+                }
+                Ok(all)
+            })
+            .await?;
+        let mut marks = Vec::with_capacity(raw.len());
+        for (offset, bytes) in raw {
+            match postcard::from_bytes(&bytes) {
+                Ok(LogRecord::Resync(m)) => marks.push((offset, m)),
+                Ok(_) => {}
+                Err(source) => return Err(LogError::Corrupt { offset, source }),
+            }
+        }
+        Ok(marks)
     }
 
     async fn consumer_position(&self, name: &str) -> Result<Option<Offset>, LogError> {
@@ -653,24 +685,26 @@ mod tests {
             replica_identity: ReplicaIdentity::Default,
             columns: vec![],
         };
-        log.append(vec![LogRecord::Relation(rel.clone())]).await.unwrap();
+        let mark = synapse_schemas::ResyncMark { after: Lsn(0), source_wal: None, found_at_us: 0, reason: "x".into() };
+        log.append(vec![LogRecord::Relation(rel.clone()), LogRecord::Resync(mark.clone())]).await.unwrap();
         log.append(txn(300, 10)).await.unwrap();
         assert_eq!(log.relation(rel.key()).await.unwrap(), Some(rel.clone()));
         assert_eq!(log.previous_relation(5, 0).await.unwrap(), None);
         assert_eq!(log.previous_relation(5, 1).await.unwrap(), Some(rel.key()));
         assert_eq!(log.apply_retention(None).await.unwrap(), 0, "no consumer registered: keep all");
-        log.commit_consumer("apply", 5).await.unwrap();
-        log.commit_consumer("webhooks", 3).await.unwrap();
-        // Retention drops whole chunks: the relation's chunk (offset 0) is below every consumer,
-        // the transaction's chunk (offsets 1-12) is not.
-        assert_eq!(log.apply_retention(None).await.unwrap(), 1);
-        assert_eq!(log.read(0, 1).await.unwrap()[0].0, 1);
+        log.commit_consumer("apply", 6).await.unwrap();
+        log.commit_consumer("webhooks", 4).await.unwrap();
+        // Retention drops whole chunks: the relation's and the mark's chunk (offsets 0-1) is
+        // below every consumer, the transaction's chunk (offsets 2-13) is not.
+        assert_eq!(log.apply_retention(None).await.unwrap(), 2);
+        assert_eq!(log.read(0, 1).await.unwrap()[0].0, 2);
         assert_eq!(log.read(5, 1).await.unwrap()[0].0, 5);
-        log.commit_consumer("webhooks", 13).await.unwrap();
-        log.commit_consumer("apply", 13).await.unwrap();
+        assert_eq!(log.resync_marks().await.unwrap(), vec![(1, mark)], "a mark outlives its record");
+        log.commit_consumer("webhooks", 14).await.unwrap();
+        log.commit_consumer("apply", 14).await.unwrap();
         log.append(txn(400, 1)).await.unwrap();
         assert_eq!(log.apply_retention(None).await.unwrap(), 12);
-        assert_eq!(log.consumer_position("apply").await.unwrap(), Some(13));
+        assert_eq!(log.consumer_position("apply").await.unwrap(), Some(14));
     }
 
     #[tokio::test]

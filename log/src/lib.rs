@@ -26,7 +26,7 @@ pub use kafka::{
 
 use std::future::Future;
 use std::time::Duration;
-use synapse_schemas::{Cursor, LogRecord, Lsn, Relation, RelationKey};
+use synapse_schemas::{Cursor, LogRecord, Lsn, Relation, RelationKey, ResyncMark};
 
 /// Position of a record in a stream. Offsets only grow; they are never reused, even after a
 /// writer recovery or retention.
@@ -70,6 +70,8 @@ pub enum Seek {
 ///   one table + primary key). A partitioned implementation (Kafka) partitions by table + key
 ///   and carries per-partition event counts in `Commit` metadata so readers can reassemble.
 /// * **Concurrency**: one writer per stream; any number of concurrent readers.
+/// * **Gaps**: a `LogRecord::Resync` stands between transactions where the source's stream
+///   has a gap; [`ChangeLog::resync_marks`] lists them for as long as the log exists.
 /// * **Consumer positions** are advisory for retention: exactly-once consumers (apply) keep their
 ///   own position transactionally with their output and also report it here.
 pub trait ChangeLog: Send + Sync + 'static {
@@ -107,6 +109,11 @@ pub trait ChangeLog: Send + Sync + 'static {
     /// Called by a writer before its first append: closes an unfinished transaction with a
     /// `Discarded` marker and tells where to resume.
     fn recover_writer(&self) -> impl Future<Output = Result<WriterState, LogError>> + Send;
+
+    /// Every `LogRecord::Resync` ever appended, with its offset, oldest first. Kept after
+    /// retention deleted the record itself: a reader resuming from a cursor before a gap must
+    /// be told about the gap, not led past it.
+    fn resync_marks(&self) -> impl Future<Output = Result<Vec<(Offset, ResyncMark)>, LogError>> + Send;
 
     /// Records that consumer `name` has durably processed everything below `next`.
     fn commit_consumer(&self, name: &str, next: Offset) -> impl Future<Output = Result<(), LogError>> + Send;

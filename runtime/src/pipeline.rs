@@ -19,6 +19,7 @@ use synapse_connectors::feed::SourceInfo;
 use synapse_connectors::webhook::{store::Store, WebhookSource, Webhooks};
 use synapse_error::Classify;
 use synapse_log::{ChangeLog, EmbeddedLog, KafkaLog, SourceLog, WriterState};
+use synapse_schemas::{LogRecord, ResyncMark};
 use tokio::sync::{watch, Notify};
 use tokio::task::JoinSet;
 use tracing::Instrument;
@@ -148,6 +149,18 @@ async fn accept_gap(
     let node = &capture.config().node;
     tracing::warn!(source = %node, code = gap.code(), error = %chain(gap), "crossing the gap (on_gap: resync): the targets are re-synced next");
     log.commit_consumer(RESYNC_MARK, history.next_offset).await?;
+    // Stream and webhook readers learn of the gap from this mark, in order; a retry after a
+    // failure below finds it already written (nothing was captured since).
+    let after = history.last_commit_end.unwrap_or_default();
+    let marks = log.resync_marks().await?;
+    if marks.last().is_none_or(|(_, m)| m.after != after) {
+        let (reason, source_wal) = match gap {
+            CaptureError::Gap { what, wal_now, .. } => (what.clone(), wal_now.parse().ok()),
+            other => (other.to_string(), None),
+        };
+        let mark = ResyncMark { after, source_wal, found_at_us: synapse_schemas::unix_micros_now(), reason };
+        log.append(vec![LogRecord::Resync(mark)]).await?;
+    }
     capture.replace_slot(history).await?;
     metrics::counter!("synapse_resyncs_total", "source" => node.clone()).increment(1);
     wake.notify_one();

@@ -14,6 +14,8 @@ use serde_json::{json, Map, Value};
 pub const UNAVAILABLE_VALUE: &str = "__debezium_unavailable_value";
 pub const CHANGE_TYPE: &str = "io.synapsedb.change.v1";
 pub const SCHEMA_CHANGE_TYPE: &str = "io.synapsedb.schema.changed.v1";
+/// A gap in the stream ([`crate::LogRecord::Resync`]): re-read the source to be whole again.
+pub const RESYNC_TYPE: &str = "io.synapsedb.resync.v1";
 
 /// Where an event comes from: the source node's name and the transaction it belongs to.
 pub struct EventContext<'a> {
@@ -299,6 +301,29 @@ pub fn schema_change_event(ctx: &EventContext<'_>, rel: &Relation, index: u32) -
     envelope(ctx, SCHEMA_CHANGE_TYPE, rel.name(), cursor, data)
 }
 
+/// Renders a gap's control event ([`crate::LogRecord::Resync`]). `snapshot` is where the
+/// consumer re-reads the source (the stream API's snapshot path), when there is one.
+pub fn resync_event(node: &str, database: &str, mark: &crate::ResyncMark, snapshot: Option<&str>) -> Value {
+    let cursor = mark.cursor();
+    json!({
+        "specversion": "1.0",
+        "id": format!("{node}/{cursor}/resync"),
+        "source": format!("/synapsedb/{node}/{database}"),
+        "type": RESYNC_TYPE,
+        "subject": "*",
+        "time": rfc3339_micros(mark.found_at_us),
+        "datacontenttype": "application/json",
+        "synapsecursor": cursor.to_string(),
+        "data": {
+            "reason": mark.reason,
+            "lost_after_lsn": mark.after.to_string(),
+            "source_wal_lsn": mark.source_wal.map(|l| l.to_string()),
+            "snapshot": snapshot,
+            "action": "changes committed on the source between these positions were not captured; re-read the tables you keep (the snapshot) and continue after this event",
+        },
+    })
+}
+
 /// Formats microseconds since the Unix epoch as RFC 3339 UTC (`2026-11-26T14:03:48.123456Z`).
 pub fn rfc3339_micros(us: i64) -> String {
     let secs = us.div_euclid(1_000_000);
@@ -388,6 +413,19 @@ mod tests {
         let t = truncate_event(&ctx, &r, 3);
         assert_eq!(t["data"]["op"], "t");
         assert!(validator.is_valid(&t));
+        let mark = crate::ResyncMark {
+            after: Lsn(0x2_0000_0100),
+            source_wal: Some(Lsn(0x2_0100_0000)),
+            found_at_us: b.commit_time_us,
+            reason: "its replication slot is missing".into(),
+        };
+        let gap = resync_event("a", "app", &mark, Some("/v1/streams/a/snapshot"));
+        let errors: Vec<String> = validator.iter_errors(&gap).map(|e| e.to_string()).collect();
+        assert!(errors.is_empty(), "{errors:?}");
+        assert_eq!(gap["synapsecursor"], "2/100/0");
+        let mut no_reason = gap.clone();
+        no_reason["data"].as_object_mut().unwrap().remove("reason");
+        assert!(!validator.is_valid(&no_reason));
         // The schema is not vacuous: a change without `op` is rejected.
         let mut bad = e.clone();
         bad["data"].as_object_mut().unwrap().remove("op");

@@ -332,6 +332,35 @@ pub enum LogRecord {
     Discarded {
         commit_lsn: Lsn,
     },
+    /// The source's stream has a gap here that capture crossed (`on_gap: resync`): changes
+    /// committed between the records before and after it were never captured. Appliers ignore
+    /// it (the re-sync repairs their targets); stream and webhook consumers receive it as a
+    /// `resync` control event and must re-read the source (a snapshot) to be whole again.
+    /// Between transactions, never inside one.
+    Resync(ResyncMark),
+}
+
+/// What a [`LogRecord::Resync`] says about its gap.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ResyncMark {
+    /// End LSN of the last transaction captured before the gap (`0/0`: none). Every
+    /// transaction after the mark commits past it.
+    pub after: Lsn,
+    /// The source's WAL position when the gap was found (`None`: not readable then): the
+    /// changes lost lie between `after` and about here.
+    pub source_wal: Option<Lsn>,
+    /// When capture found the gap, µs since the Unix epoch.
+    pub found_at_us: i64,
+    /// What was lost, as the capture's gap error said it (the slot dropped, invalidated, …).
+    pub reason: String,
+}
+
+impl ResyncMark {
+    /// The mark's place among cursors: after every transaction before the gap, before every
+    /// one after it. A reader whose cursor is below it has not seen the mark.
+    pub fn cursor(&self) -> Cursor {
+        Cursor { commit_lsn: self.after, index: 0 }
+    }
 }
 
 impl LogRecord {

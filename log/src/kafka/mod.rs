@@ -32,7 +32,7 @@ use rdkafka::TopicPartitionList;
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
-use synapse_schemas::{Cursor, LogRecord, Lsn, Relation, RelationKey};
+use synapse_schemas::{Cursor, LogRecord, Lsn, Relation, RelationKey, ResyncMark};
 use tokio::sync::watch;
 
 mod options;
@@ -63,6 +63,9 @@ struct State {
     /// Every offset below this one has been indexed.
     indexed: Offset,
     consumers: BTreeMap<String, Offset>,
+    /// Gap marks: indexed from the topic, and loaded from the consumers topic (where each is
+    /// also stored, so the broker's retention never forgets one).
+    resyncs: BTreeMap<Offset, ResyncMark>,
     /// The last message indexed: its Kafka offset and how many records it holds so far.
     last_message: Option<(i64, usize)>,
     /// Records indexed before each indexed message (for lag in records); 16 bytes a message.
@@ -106,6 +109,9 @@ impl State {
                 let k = rel.key();
                 self.history.insert((k.oid, offset), k.version);
                 self.relations.insert(k, rel.clone());
+            }
+            LogRecord::Resync(mark) => {
+                self.resyncs.insert(offset, mark.clone());
             }
             _ => {}
         }
@@ -222,6 +228,8 @@ async fn existing_topics(meta: &Arc<Meta>, topics: &[&str], timeout: Duration) -
 }
 
 const LSN_HEADER: &str = "synapse-commit-lsn";
+/// Consumers-topic keys of gap marks (`#resync/<offset>`); no consumer name starts with `#`.
+const RESYNC_KEY: &str = "#resync/";
 
 fn kafka(context: &'static str) -> impl Fn(KafkaError) -> LogError {
     move |source| LogError::Kafka { context, source }
@@ -377,26 +385,48 @@ impl KafkaLog {
         tpl.add_partition_offset(&topic, 0, rdkafka::Offset::Offset(low)).map_err(kafka("reading consumers"))?;
         consumer.assign(&tpl).map_err(kafka("reading consumers"))?;
         let mut positions = BTreeMap::new();
+        let mut marks = BTreeMap::new();
         loop {
             let m = tokio::time::timeout(timeout, consumer.recv())
                 .await
                 .map_err(|_| LogError::Kafka { context: "reading consumers", source: KafkaError::Canceled })?
                 .map_err(kafka("reading consumers"))?;
             let name = m.key().map(|k| String::from_utf8_lossy(k).into_owned()).unwrap_or_default();
-            match m.payload().and_then(|p| p.try_into().ok()).map(u64::from_be_bytes) {
-                Some(next) => positions.insert(name, next),
-                None => positions.remove(&name),
-            };
+            if let Some(offset) = name.strip_prefix(RESYNC_KEY) {
+                let mark = m.payload().and_then(|p| postcard::from_bytes::<ResyncMark>(p).ok());
+                if let (Ok(offset), Some(mark)) = (offset.parse::<Offset>(), mark) {
+                    marks.insert(offset, mark);
+                }
+            } else {
+                match m.payload().and_then(|p| p.try_into().ok()).map(u64::from_be_bytes) {
+                    Some(next) => positions.insert(name, next),
+                    None => positions.remove(&name),
+                };
+            }
             if m.offset() + 1 >= high {
                 break;
             }
         }
-        self.state().consumers = positions;
+        let mut state = self.state();
+        state.consumers = positions;
+        state.resyncs.extend(marks);
         Ok(())
     }
 
     fn state(&self) -> std::sync::MutexGuard<'_, State> {
         self.inner.state.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Stores a gap mark beside the consumer positions (a compacted topic that time
+    /// retention does not clean).
+    async fn put_resync(&self, offset: Offset, mark: &ResyncMark) -> Result<(), LogError> {
+        let topic = self.inner.options.consumers_topic();
+        let key = format!("{RESYNC_KEY}{offset}");
+        let payload = postcard::to_stdvec(mark).map_err(LogError::Encode)?;
+        let record = FutureRecord::to(&topic).key(&key).payload(&payload);
+        let sent = self.producer().send(record, self.inner.options.timeout).await;
+        sent.map_err(|(e, _)| self.failed("storing a resync mark", e))?;
+        Ok(())
     }
 
     async fn put_consumer(&self, name: &str, next: Option<Offset>) -> Result<(), LogError> {
@@ -502,6 +532,7 @@ impl ChangeLog for KafkaLog {
             chunks.push((start..records.len(), body, first_txn));
         }
         let mut last = None;
+        let mut marks = Vec::new();
         for (range, body, lsn) in chunks {
             // postcard's encoding of a sequence: its length as a varint, then the elements.
             let mut payload = postcard::to_stdvec(&(range.len() as u64)).map_err(LogError::Encode)?;
@@ -517,6 +548,9 @@ impl ChangeLog for KafkaLog {
             for (j, r) in records[range].iter().enumerate() {
                 state.index(pack(message, j), r);
                 last = Some(pack(message, j));
+                if let LogRecord::Resync(mark) = r {
+                    marks.push((pack(message, j), mark.clone()));
+                }
             }
             drop(state);
             self.inner.head.send_if_modified(|h| {
@@ -527,6 +561,9 @@ impl ChangeLog for KafkaLog {
             });
         }
         let Some(last) = last else { return Ok(self.next_offset().saturating_sub(1)) };
+        for (offset, mark) in &marks {
+            self.put_resync(*offset, mark).await?;
+        }
         metrics::counter!("synapse_log_appended_records_total").increment(records.len() as u64);
         metrics::counter!("synapse_log_appended_bytes_total").increment(bytes);
         metrics::histogram!("synapse_log_append_seconds").record(started.elapsed().as_secs_f64());
@@ -687,6 +724,10 @@ impl ChangeLog for KafkaLog {
         self.put_consumer(name, Some(next)).await?;
         self.state().consumers.insert(name.to_owned(), next);
         Ok(())
+    }
+
+    async fn resync_marks(&self) -> Result<Vec<(Offset, ResyncMark)>, LogError> {
+        Ok(self.state().resyncs.iter().map(|(o, m)| (*o, m.clone())).collect())
     }
 
     async fn consumer_position(&self, name: &str) -> Result<Option<Offset>, LogError> {

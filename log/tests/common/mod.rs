@@ -4,7 +4,7 @@
 use std::time::Duration;
 use synapse_log::{ChangeLog, Seek, WriterState};
 use synapse_schemas::{
-    Begin, Commit, Cursor, Datum, LogRecord, Lsn, Op, Relation, RelationKey, ReplicaIdentity, RowChange,
+    Begin, Commit, Cursor, Datum, LogRecord, Lsn, Op, Relation, RelationKey, ReplicaIdentity, ResyncMark, RowChange,
 };
 
 pub fn txn(lsn: u64, rows: u32, time_us: i64) -> Vec<LogRecord> {
@@ -118,4 +118,23 @@ where
     assert_eq!(log.records_behind(tail[2].0 + 1), 0, "caught up");
     assert_eq!(log.records_behind(tail[0].0), 3);
     assert_eq!(log.records_behind(t2_offsets[0]), 8, "the 5 of the second transaction, then 3");
+
+    // A gap mark between transactions: listed with its offset, also after a reopen, and a
+    // reader at the cursor after the transaction before it reads the mark next.
+    assert!(log.resync_marks().await.unwrap().is_empty());
+    let mark = ResyncMark { after: Lsn(308), source_wal: Some(Lsn(9_000)), found_at_us: 4_000, reason: "slot".into() };
+    let at_mark = log.append(vec![LogRecord::Resync(mark.clone())]).await.unwrap();
+    log.append(txn(10_000, 1, 5_000)).await.unwrap();
+    assert_eq!(log.resync_marks().await.unwrap(), vec![(at_mark, mark.clone())]);
+    let Seek::At(next) = log.seek(at(300, 2)).await.unwrap() else { panic!("gone") };
+    assert_eq!(log.read(next, 1).await.unwrap(), vec![(at_mark, LogRecord::Resync(mark.clone()))]);
+    let Seek::At(past) = log.seek(mark.cursor()).await.unwrap() else { panic!("gone") };
+    assert!(
+        matches!(log.read(past, 1).await.unwrap()[0].1, LogRecord::Begin(_)),
+        "after the mark: the next transaction"
+    );
+    drop(log);
+    let log = open().await;
+    log.recover_writer().await.unwrap();
+    assert_eq!(log.resync_marks().await.unwrap(), vec![(at_mark, mark)], "a reopened log knows its marks");
 }

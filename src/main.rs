@@ -66,6 +66,11 @@ enum Command {
         /// The environment variable holding the admin token.
         #[arg(long, default_value = "SYNAPSE_TOKEN")]
         token_env: String,
+        /// Accept the gap source NAME's capture is parked on (CAP011): it makes a new slot and
+        /// goes on, and stream and webhook consumers are told; then `synapse repair fix`
+        /// restores on the targets what the gap lost. Repeatable.
+        #[arg(long, value_name = "NAME")]
+        accept_gap: Vec<String>,
     },
     /// Compare tables between nodes: Merkle digests computed on each node, then only the rows of
     /// differing buckets (`check` only reads; `fix` and `track` write).
@@ -155,7 +160,9 @@ fn main() -> ExitCode {
                 );
                 Ok(ExitCode::SUCCESS)
             }
-            Command::Resume { config, token_env } => resume(&Config::load(&config)?, &token_env).await,
+            Command::Resume { config, token_env, accept_gap } => {
+                resume(&Config::load(&config)?, &token_env, &accept_gap).await
+            }
             Command::Doctor { config } => {
                 let c = Config::load(&config)?;
                 let failed = synapse_runtime::doctor::run(&c).await;
@@ -207,8 +214,11 @@ fn main() -> ExitCode {
 }
 
 /// `synapse resume`: `POST /v1/components/resume` on the configuration's API.
-async fn resume(config: &Config, token_env: &str) -> anyhow::Result<ExitCode> {
+async fn resume(config: &Config, token_env: &str, accept_gap: &[String]) -> anyhow::Result<ExitCode> {
     let listen = &config.api.listen;
+    if listen.is_empty() && !accept_gap.is_empty() {
+        anyhow::bail!("api.listen is \"\": accepting a gap is asked through the API; set api.listen and restart");
+    }
     if listen.is_empty() {
         anyhow::bail!("api.listen is \"\": the process serves no API to ask; send it SIGHUP instead");
     }
@@ -218,7 +228,7 @@ async fn resume(config: &Config, token_env: &str) -> anyhow::Result<ExitCode> {
         .post(format!("http://{addr}/v1/components/resume"))
         .header("content-type", "application/json")
         .header("host", "localhost")
-        .body("{}");
+        .body(serde_json::json!({ "accept_gap": accept_gap }).to_string());
     if let Ok(token) = std::env::var(token_env) {
         request = request.bearer_auth(token.trim());
     } else if !config.api.tokens.is_empty() {
@@ -238,6 +248,9 @@ async fn resume(config: &Config, token_env: &str) -> anyhow::Result<ExitCode> {
             }
         }
         _ => println!("nothing is parked"),
+    }
+    for source in accept_gap {
+        println!("gap accepted: capture/{source} makes a new slot; then run `synapse repair fix` for its targets");
     }
     Ok(ExitCode::SUCCESS)
 }

@@ -48,13 +48,15 @@ fn start_with_ops(nodes: &Nodes, log: &std::path::Path, extra: &str) -> (common:
     (spawn_run(&config, log), ops)
 }
 
-/// The configuration of [`start_with_ops`] and its ops address.
+/// The configuration of [`start_with_ops`] (with an API on loopback, open) and its ops address.
 fn config_with_ops(nodes: &Nodes, extra: &str) -> (std::path::PathBuf, String) {
     let config = nodes.config(extra);
-    let ops = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().to_string();
+    let ops = format!("127.0.0.1:{}", synapse_localpg::free_port().unwrap());
+    let api = format!("127.0.0.1:{}", synapse_localpg::free_port().unwrap());
     let text = std::fs::read_to_string(&config)
         .unwrap()
         .replace("ops:\n  listen: \"\"", &format!("ops:\n  listen: \"{ops}\""))
+        .replace("api:\n  listen: \"\"", &format!("api:\n  listen: \"{api}\""))
         + "supervision:\n  park_retry_secs: 1\n";
     std::fs::write(&config, text).unwrap();
     (config, ops)
@@ -82,6 +84,13 @@ fn repair_fix(config: &std::path::Path) {
     let args = ["repair", "fix", "--config", config.to_str().unwrap(), "--nodes", "a,b", "--table", "public.items"];
     let out = common::synapse(&args).output().unwrap();
     assert!(out.status.success(), "{}\n{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+}
+
+/// `synapse resume --accept-gap a`: the operator accepts source a's gap; it must succeed.
+fn accept_gap(config: &std::path::Path) {
+    let out = common::synapse(&["resume", "--config", config.to_str().unwrap(), "--accept-gap", "a"]).output().unwrap();
+    let text = format!("{}\n{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success() && text.contains("gap accepted: capture/a"), "{text}");
 }
 
 /// Tries every parked component of `child` again now.
@@ -168,11 +177,9 @@ fn stream_and_webhook_readers_are_told_of_a_resync() {
 
     let nodes = Nodes::start(ITEMS_SCHEMA);
     let (config, ops) = config_with_ops(&nodes, "    on_gap: resync\n");
-    let api = format!("127.0.0.1:{}", synapse_localpg::free_port().unwrap());
     let secret = synapse_connectors::webhook::signing::Secret::generate();
-    let text = std::fs::read_to_string(&config)
-        .unwrap()
-        .replace("api:\n  listen: \"\"", &format!("api:\n  listen: \"{api}\""));
+    let text = std::fs::read_to_string(&config).unwrap();
+    let api = text.split("api:\n  listen: \"").nth(1).unwrap().split('"').next().unwrap().to_owned();
     let text = format!(
         "{text}webhooks:\n  - name: items-hook\n    url: {hook}\n    secrets: [\"{secret}\"]\n    tables: [public.items]\n    operations: [insert]\negress:\n  allow: [127.0.0.1]\n"
     );
@@ -285,8 +292,10 @@ fn an_invalidated_slot_is_resynced() {
 /// A dropped slot (what an operator, a failover or a cleanup script does) while synapse is
 /// stopped: the gap is never crossed. The source's capture parks with the gap's positions and
 /// how to accept it, creates no new slot, and nothing written after the gap reaches the target;
-/// the rest of synapse keeps running. Accepting (a new slot, SIGHUP) resumes the stream, and
-/// `synapse repair fix` restores what the gap lost: the target ends identical.
+/// the rest of synapse keeps running. A slot made again by hand is not taken for synapse's own
+/// (it starts past what synapse confirmed): still the gap. Accepting (`synapse resume
+/// --accept-gap`) resumes the stream, and `synapse repair fix` restores what the gap lost: the
+/// target ends identical.
 #[test]
 fn a_dropped_slot_is_a_gap_never_crossed() {
     let nodes = Nodes::start(ITEMS_SCHEMA);
@@ -295,7 +304,7 @@ fn a_dropped_slot_is_a_gap_never_crossed() {
     });
     let body = wait_readyz(&ops, "capture/a: parked [CAP011]", &log);
     assert!(body.contains("gap in source a: its replication slot is missing"), "{body}");
-    assert!(body.contains("pg_create_logical_replication_slot('synapse_a', 'pgoutput')"), "the fix: {body}");
+    assert!(body.contains("synapse resume --accept-gap a"), "the fix: {body}");
     assert!(body.contains("apply/a->b: streaming"), "the applier keeps running: {body}");
     // Retried (1 s) several times: still no slot, nothing past the gap applied.
     nodes.source.psql("app", "INSERT INTO items VALUES (500, 500)").unwrap();
@@ -305,9 +314,17 @@ fn a_dropped_slot_is_a_gap_never_crossed() {
     let text = common::log_tail(&log);
     assert!(text.matches("CAP011").count() >= 2, "parked and retried: {text}");
 
-    // The operator accepts the gap as told; the stream resumes from the new slot.
+    // Someone makes the slot again by hand: not synapse's slot, the gap stays.
     nodes.source.psql("app", "SELECT pg_create_logical_replication_slot('synapse_a', 'pgoutput')").unwrap();
     sighup(&child);
+    let body = wait_readyz(&ops, "made again, or advanced, by someone else", &log);
+    assert!(body.contains("capture/a: parked [CAP011]"), "{body}");
+    std::thread::sleep(Duration::from_secs(2));
+    assert_eq!(nodes.target.psql("app", "SELECT count(*) FROM items").unwrap(), "1", "nothing past the gap");
+
+    // The operator accepts the gap as told; the stream resumes from a new slot.
+    let config = nodes.dir.path().join("synapse.yaml");
+    accept_gap(&config);
     wait_readyz(&ops, "capture/a: streaming", &log);
     nodes.source.psql("app", "INSERT INTO items VALUES (600, 600)").unwrap();
     common::wait_equal(
@@ -317,7 +334,6 @@ fn a_dropped_slot_is_a_gap_never_crossed() {
         Duration::from_secs(60),
     );
     // What the gap lost (rows 100–199 and 500) is restored by repair.
-    let config = nodes.dir.path().join("synapse.yaml");
     repair_fix(&config);
     let q = "SELECT count(*) || ':' || sum(v) FROM items";
     common::wait_equal(&nodes.source, &nodes.target, q, Duration::from_secs(60));
@@ -332,10 +348,16 @@ fn an_invalidated_slot_is_a_gap_never_crossed() {
     let (child, ops, log) = lose_the_slot(&nodes, invalidate_slot);
     let body = wait_readyz(&ops, "capture/a: parked [CAP011]", &log);
     assert!(body.contains("its replication slot was invalidated (wal_status = lost"), "{body}");
-    assert!(body.contains("pg_drop_replication_slot('synapse_a')"), "the fix: {body}");
+    assert!(body.contains("synapse resume --accept-gap a"), "the fix: {body}");
     std::thread::sleep(Duration::from_secs(3));
     assert_eq!(slots(&nodes), "synapse_a", "the invalidated slot is left for the operator");
     assert_eq!(nodes.target.psql("app", "SELECT count(*) FROM items").unwrap(), "1", "nothing past the gap");
+    // Accepted: the invalidated slot is made again and the stream goes on.
+    accept_gap(&nodes.dir.path().join("synapse.yaml"));
+    wait_readyz(&ops, "capture/a: streaming", &log);
+    nodes.source.psql("app", "INSERT INTO items VALUES (600, 600)").unwrap();
+    let q = "SELECT count(*) FROM items WHERE id = 600";
+    common::wait_equal(&nodes.source, &nodes.target, q, Duration::from_secs(60));
     drop(child);
 }
 
@@ -467,7 +489,7 @@ fn an_idle_slot_advances_while_a_neighbour_database_writes() {
 /// Failover: a streaming standby of the source (pg_basebackup) is promoted after the primary
 /// goes down, and synapse is pointed at it. PostgreSQL 15 copies no logical slot to a standby,
 /// so changes made between synapse's last capture and the promotion cannot be streamed: never
-/// silent — the capture parks with the gap; once accepted (a slot on the new primary, SIGHUP)
+/// silent — the capture parks with the gap; once accepted (`synapse resume --accept-gap`)
 /// it streams on, and `synapse repair fix` makes the target identical to the new primary.
 #[test]
 fn a_promoted_standby_is_a_gap_never_crossed() {
@@ -503,9 +525,8 @@ fn a_promoted_standby_is_a_gap_never_crossed() {
     assert_eq!(standby.psql("app", "SELECT count(*) FROM pg_replication_slots").unwrap(), "0", "no slot past the gap");
     assert_eq!(nodes.target.psql("app", "SELECT count(*) FROM items").unwrap(), "1");
 
-    // Accepted on the new primary: streaming resumes; repair restores the gap.
-    standby.psql("app", "SELECT pg_create_logical_replication_slot('synapse_a', 'pgoutput')").unwrap();
-    sighup(&child);
+    // Accepted: a slot on the new primary, streaming resumes; repair restores the gap.
+    accept_gap(&config);
     wait_readyz(&ops, "capture/a: streaming", &log);
     standby.psql("app", "INSERT INTO items VALUES (700, 700)").unwrap();
     common::wait_equal(&standby, &nodes.target, "SELECT count(*) FROM items WHERE id = 700", Duration::from_secs(60));

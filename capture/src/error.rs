@@ -125,10 +125,10 @@ impl synapse_error::Classify for CaptureError {
             CaptureError::MissingPublication { .. } => "CREATE PUBLICATION on the source, or set source.create_publication: true",
             CaptureError::Log(e) => e.hint(),
             CaptureError::Gap { .. } => {
-                "find out why the slot went (dropped, invalidated by max_slot_wal_keep_size, or a failover to a standby without it); \
-                 accept the gap as the error says, then `synapse repair fix --config <file> --nodes <source>,<target>` \
-                 restores on each target what the gap lost; or set the source's `on_gap: resync` and restart synapse, \
-                 which does both by itself"
+                "find out why the slot went (dropped, invalidated by max_slot_wal_keep_size, a failover to a standby without it, \
+                 or made again by someone else); accept the gap as the error says, then `synapse repair fix --config <file> \
+                 --nodes <source>,<target>` restores on each target what the gap lost; or set the source's `on_gap: resync` \
+                 and restart synapse, which does both by itself"
             }
             CaptureError::Tls { .. } => synapse_postgres::tls::HINT,
             CaptureError::AuthRefused { .. } => {

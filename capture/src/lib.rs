@@ -261,33 +261,133 @@ impl Capture {
             Some(s) if s.wal_status.as_deref() == Some("lost") => {
                 return Err(self.gap(&client, SLOT_INVALIDATED, history).await);
             }
-            Some(_) => false,
+            Some(s) => {
+                if let Some(what) = self.foreign(&client, history, &s).await? {
+                    return Err(self.gap(&client, &what, history).await);
+                }
+                false
+            }
         };
         Ok(slot_created)
     }
 
+    /// Why the slot found is not the one the log was written from, if it is not: the server
+    /// has another system identifier, or the slot starts past `max(last commit end,
+    /// confirmed)` — the furthest position capture ever confirmed — so it was made again, or
+    /// advanced, by someone else. A log without changes or without a recorded identity (written
+    /// before identities were kept) accepts any slot.
+    async fn foreign(
+        &self,
+        client: &Client,
+        history: &synapse_log::WriterState,
+        slot: &catalog::SlotState,
+    ) -> Result<Option<String>, CaptureError> {
+        let Some(known) = history.source.as_ref().filter(|_| history.next_offset > 0) else { return Ok(None) };
+        let system: String = client
+            .query_one("SELECT system_identifier::text FROM pg_control_system()", &[])
+            .await
+            .map_err(CaptureError::sql("reading the system identifier"))?
+            .get(0);
+        if system != known.system_id {
+            return Ok(Some(format!(
+                "the source is another database system (system identifier {system}; the log was written from {})",
+                known.system_id
+            )));
+        }
+        let ours = history.last_commit_end.unwrap_or_default().max(known.confirmed);
+        Ok(match slot.confirmed_flush {
+            Some(at) if at > ours => Some(format!(
+                "its replication slot was made again, or advanced, by someone else: it starts at {at}, past {ours}, the furthest position synapse confirmed"
+            )),
+            _ => None,
+        })
+    }
+
+    /// Checks the slot is ours ([`Capture::foreign`]) and records the identity the stream
+    /// continues from; returns it.
+    async fn own_slot(
+        &self,
+        history: &synapse_log::WriterState,
+        system: &transport::SystemInfo,
+        log: &impl ChangeLog,
+    ) -> Result<synapse_log::SourceIdentity, CaptureError> {
+        let client = self.client().await?;
+        let slot = catalog::slot_state(&client, &self.config.slot).await?;
+        let confirmed = match &slot {
+            None if history.next_offset > 0 => return Err(self.gap(&client, SLOT_MISSING, history).await),
+            Some(s) if s.wal_status.as_deref() == Some("lost") => {
+                return Err(self.gap(&client, SLOT_INVALIDATED, history).await)
+            }
+            Some(s) => {
+                if let Some(what) = self.foreign(&client, history, s).await? {
+                    return Err(self.gap(&client, &what, history).await);
+                }
+                s.confirmed_flush.unwrap_or_default()
+            }
+            None => Lsn::default(),
+        };
+        let known = history.source.as_ref();
+        if let Some(k) = known.filter(|k| k.timeline != system.timeline) {
+            tracing::warn!(from = k.timeline, to = system.timeline, "the source's timeline changed (a promotion); its slot is the one synapse confirmed, so nothing was lost");
+        }
+        let identity = synapse_log::SourceIdentity {
+            system_id: system.system_id.clone(),
+            timeline: system.timeline,
+            slot: self.config.slot.clone(),
+            confirmed: known.map_or(confirmed, |k| k.confirmed.max(confirmed)),
+        };
+        if known != Some(&identity) {
+            log.record_source(&identity).await?;
+        }
+        Ok(identity)
+    }
+
+    /// Records that the slot [`Capture::replace_slot`] made, starting at `at`, is the log's
+    /// own (so the next start does not take it for someone else's).
+    pub async fn adopt_slot(&self, at: Lsn, log: &impl ChangeLog) -> Result<(), CaptureError> {
+        let client = self.client().await?;
+        let row = client
+            .query_one(
+                "SELECT system_identifier::text, timeline_id::int8 FROM pg_control_system(), pg_control_checkpoint()",
+                &[],
+            )
+            .await
+            .map_err(CaptureError::sql("reading the system identifier"))?;
+        let timeline: i64 = row.get(1);
+        let identity = synapse_log::SourceIdentity {
+            system_id: row.get(0),
+            timeline: u32::try_from(timeline).unwrap_or_default(),
+            slot: self.config.slot.clone(),
+            confirmed: at,
+        };
+        log.record_source(&identity).await?;
+        Ok(())
+    }
+
     /// Accepts a gap (`on_gap: resync`; the caller re-syncs the targets): drops the slot if it
     /// was invalidated, moves the source's WAL past the log's last change, and creates the slot
-    /// again. Returns whether it did anything (`false`: the slot is there and valid).
+    /// again.
     ///
     /// Moving the WAL matters after a failover to a standby that had not received the old
     /// primary's last (captured) WAL: commit LSNs in the log must keep growing, so the new slot
     /// must start after them. What the source commits before the slot exists is restored by
     /// the re-sync, not streamed. The move writes at most [`MAX_WAL_PAD`] bytes of WAL
-    /// (logical messages no slot decodes); more is [`CaptureError::Behind`].
-    pub async fn replace_slot(&self, history: &synapse_log::WriterState) -> Result<bool, CaptureError> {
+    /// (logical messages no slot decodes); more is [`CaptureError::Behind`]. A slot that is
+    /// someone else's ([`Capture::foreign`]) is dropped too. Returns where the new slot starts
+    /// (`None`: the slot is there, valid and ours); record it with [`Capture::adopt_slot`].
+    pub async fn replace_slot(&self, history: &synapse_log::WriterState) -> Result<Option<Lsn>, CaptureError> {
         let client = self.client().await?;
         let slot = &self.config.slot;
-        match catalog::slot_state(&client, slot).await? {
-            Some(s) if s.wal_status.as_deref() == Some("lost") => {
-                client
-                    .execute("SELECT pg_drop_replication_slot($1)", &[slot])
-                    .await
-                    .map_err(CaptureError::sql("dropping the invalidated slot"))?;
-                tracing::warn!(%slot, "dropped the invalidated replication slot to re-sync");
+        if let Some(s) = catalog::slot_state(&client, slot).await? {
+            let lost = s.wal_status.as_deref() == Some("lost");
+            if !lost && self.foreign(&client, history, &s).await?.is_none() {
+                return Ok(None);
             }
-            Some(_) => return Ok(false),
-            None => {}
+            client
+                .execute("SELECT pg_drop_replication_slot($1)", &[slot])
+                .await
+                .map_err(CaptureError::sql("dropping the slot"))?;
+            tracing::warn!(%slot, invalidated = lost, "dropped the replication slot to make it again past the gap");
         }
         if let Some(end) = history.last_commit_end {
             let mut written = 0u64;
@@ -324,7 +424,7 @@ impl Capture {
         let mut conn = ReplicationConnection::connect(&self.config.source, "synapse-setup").await?;
         let created = conn.create_slot(slot, false, false).await?;
         tracing::warn!(%slot, consistent_point = %Lsn(created.consistent_point), "created a new replication slot past the gap");
-        Ok(true)
+        Ok(Some(Lsn(created.consistent_point)))
     }
 
     /// After a receive timeout: the SQL connection to the same server is suspect too (it may
@@ -349,13 +449,10 @@ impl Capture {
             .await
             .map(|r| r.get::<_, String>(0))
             .unwrap_or_else(|_| "unknown".into());
-        let slot = &self.config.slot;
-        let create = format!("SELECT pg_create_logical_replication_slot('{slot}', 'pgoutput')");
-        let accept = if what == SLOT_INVALIDATED {
-            format!("on the source, SELECT pg_drop_replication_slot('{slot}'); {create}; then send synapse SIGHUP (or wait for its retry)")
-        } else {
-            format!("on the source, {create}; then send synapse SIGHUP (or wait for its retry)")
-        };
+        let node = &self.config.node;
+        let accept = format!(
+            "`synapse resume --accept-gap {node}` (POST /v1/components/resume {{\"accept_gap\": [\"{node}\"]}}): synapse makes a new slot and tells stream and webhook consumers of the gap"
+        );
         let e = CaptureError::Gap {
             node: self.config.node.clone(),
             what: what.to_owned(),
@@ -380,6 +477,8 @@ impl Capture {
             let mut conn = ReplicationConnection::connect(&self.config.source, &format!("synapse-{}", self.config.node)).await?;
             let system = conn.identify_system().await?;
             tracing::info!(system_id = %system.system_id, timeline = system.timeline, resume_after = ?state.last_commit_end.map(|l| l.to_string()), "starting replication");
+            // Every (re)connect: the slot may have been dropped and made again meanwhile.
+            let source = self.own_slot(&state, &system, &log).await?;
             let stream = match conn.start_replication(&self.config.slot, 0, &self.config.publication).await {
                 Ok(stream) => stream,
                 // The slot went while we ran (or between prepare and now): a gap, not a retry.
@@ -410,6 +509,7 @@ impl Capture {
                 },
                 relations: HashMap::new(),
                 emitted: HashSet::new(),
+                source,
             };
             let walsender = stream.backend_pid();
             let r = streamer.run(stream, state.last_commit_end, shutdown).await;

@@ -9,7 +9,10 @@
 //! THE SLOT RULE: the flush position we report (and so the slot's `confirmed_flush_lsn`) is the
 //! end LSN of the last transaction whose `Commit` the log has acknowledged as durable, or, when
 //! nothing is open or in flight, the position of the last keepalive (everything before it has
-//! been received and written). It never moves past data that is not durable in the log.
+//! been received and written) once the log has recorded it as the source identity's
+//! `confirmed`. It never moves past data that is not durable in the log, nor past
+//! `max(last commit end, confirmed)` as the log holds them — so a slot found further on was
+//! moved or made by someone else.
 //!
 //! Transactions are never buffered whole: records flow to the log in batches bounded by count
 //! and bytes, so memory stays flat for any transaction size. A restart resumes at the slot and
@@ -82,7 +85,13 @@ pub(crate) struct Streamer<'a, L> {
     pub settings: StreamSettings,
     pub relations: HashMap<u32, (RelationKey, Relation)>,
     pub emitted: HashSet<RelationKey>,
+    /// The source identity as the log holds it: an idle position is recorded there (its
+    /// `confirmed`) before the slot is told of it (see [`synapse_log::SourceIdentity`]).
+    pub source: synapse_log::SourceIdentity,
 }
+
+/// How often an idle slot's advance is recorded in the log (and so confirmed to the slot).
+const RECORD_IDLE_EVERY: Duration = Duration::from_secs(1);
 
 impl<L: ChangeLog + Clone> Streamer<'_, L> {
     pub async fn run(
@@ -127,6 +136,7 @@ impl<L: ChangeLog + Clone> Streamer<'_, L> {
         let mut sent_commit_end = 0u64;
         let mut keepalive_end = 0u64;
         let mut reported = 0u64;
+        let mut last_recorded: Option<Instant> = None;
         let mut last_status = Instant::now();
         let mut last_received = Instant::now();
         let mut tick = tokio::time::interval(self.settings.status_interval);
@@ -205,7 +215,20 @@ impl<L: ChangeLog + Clone> Streamer<'_, L> {
             // Idle: everything received is durable and no transaction is open, so the keepalive
             // position is safe to confirm.
             let idle = txn.is_none() && batch.records.is_empty() && durable >= sent_commit_end;
-            let flush = if idle { durable.max(keepalive_end) } else { durable }.max(reported);
+            let mut flush = durable.max(reported);
+            if idle && keepalive_end > flush {
+                // Past the log's last commit only as far as the log has recorded: a slot whose
+                // confirmed position passes that was not moved by us (a gap, see lib.rs).
+                let due = last_recorded.is_none_or(|t| t.elapsed() >= RECORD_IDLE_EVERY);
+                if keepalive_end > self.source.confirmed.0 && due {
+                    let mut next = self.source.clone();
+                    next.confirmed = Lsn(keepalive_end);
+                    self.log.record_source(&next).await?;
+                    self.source = next;
+                    last_recorded = Some(Instant::now());
+                }
+                flush = flush.max(keepalive_end.min(self.source.confirmed.0));
+            }
             if reply || (flush > reported && last_status.elapsed() >= Duration::from_millis(100)) {
                 // Ask for a reply: a live server answers at once, so silence means a dead link.
                 stream.send_status(received.max(flush), flush, flush, reply).await?;

@@ -63,6 +63,10 @@ impl ChangeLog for SourceLog {
         delegate!(self, l => l.commit_consumer(name, next).await)
     }
 
+    async fn record_source(&self, source: &crate::SourceIdentity) -> Result<(), LogError> {
+        delegate!(self, l => l.record_source(source).await)
+    }
+
     async fn resync_marks(&self) -> Result<Vec<(Offset, ResyncMark)>, LogError> {
         delegate!(self, l => l.resync_marks().await)
     }

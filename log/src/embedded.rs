@@ -25,6 +25,8 @@ const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
 /// Offset → the encoded `LogRecord::Resync` there. Kept when retention deletes the record: a
 /// cursor from before a gap must still be told about it.
 const RESYNCS: TableDefinition<u64, &[u8]> = TableDefinition::new("resyncs");
+/// `"source"` → the encoded [`crate::SourceIdentity`].
+const SOURCE: TableDefinition<&str, &[u8]> = TableDefinition::new("source");
 const CONSUMERS: TableDefinition<&str, u64> = TableDefinition::new("consumers");
 /// Transaction index for seeks by cursor and time: commit LSN → (offset of `Begin`, offset of
 /// `Commit` or [`OPEN`], event count, commit time µs). Both offsets and the LSN only grow.
@@ -82,6 +84,7 @@ impl EmbeddedLog {
             tx.open_table(TXNS).map_err(|e| storage(e.into()))?;
             tx.open_table(RELATION_HISTORY).map_err(|e| storage(e.into()))?;
             tx.open_table(RESYNCS).map_err(|e| storage(e.into()))?;
+            tx.open_table(SOURCE).map_err(|e| storage(e.into()))?;
             let meta = tx.open_table(META).map_err(|e| storage(e.into()))?;
             let next = meta.get(NEXT_OFFSET).map_err(|e| storage(e.into()))?.map(|v| v.value());
             next.unwrap_or(0)
@@ -371,24 +374,44 @@ impl ChangeLog for EmbeddedLog {
     }
 
     async fn recover_writer(&self) -> Result<WriterState, LogError> {
-        let (open, last_end, next) = self
+        let (open, last_end, next, source) = self
             .blocking(|_, db| {
                 let tx = db.begin_read().map_err(write_err)?;
                 let meta = tx.open_table(META).map_err(write_err)?;
                 let get = |k| meta.get(k).map(|v| v.map(|v| v.value()));
+                let source = tx.open_table(SOURCE).map_err(write_err)?;
+                let source = source.get("source").map_err(write_err)?.map(|v| v.value().to_vec());
                 Ok((
                     get(OPEN_TXN).map_err(write_err)?,
                     get(LAST_COMMIT_END).map_err(write_err)?,
                     get(NEXT_OFFSET).map_err(write_err)?,
+                    source,
                 ))
             })
             .await?;
+        let source = match source {
+            Some(bytes) => {
+                Some(postcard::from_bytes(&bytes).map_err(|source| LogError::Corrupt { offset: 0, source })?)
+            }
+            None => None,
+        };
         let mut next = next.unwrap_or(0);
         if let Some(lsn) = open {
             tracing::warn!(commit_lsn = %Lsn(lsn), "discarding a transaction the previous writer left unfinished");
             next = self.append(vec![LogRecord::Discarded { commit_lsn: Lsn(lsn) }]).await? + 1;
         }
-        Ok(WriterState { last_commit_end: last_end.map(Lsn), next_offset: next })
+        Ok(WriterState { last_commit_end: last_end.map(Lsn), next_offset: next, source })
+    }
+
+    async fn record_source(&self, source: &crate::SourceIdentity) -> Result<(), LogError> {
+        let bytes = postcard::to_stdvec(source).map_err(LogError::Encode)?;
+        self.blocking(move |_, db| {
+            let tx = db.begin_write().map_err(write_err)?;
+            tx.open_table(SOURCE).map_err(write_err)?.insert("source", bytes.as_slice()).map_err(write_err)?;
+            tx.commit().map_err(write_err)?;
+            Ok(())
+        })
+        .await
     }
 
     async fn commit_consumer(&self, name: &str, next: Offset) -> Result<(), LogError> {
@@ -655,7 +678,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("a.redb");
         let log = EmbeddedLog::open(&path, Default::default()).unwrap();
-        assert_eq!(log.recover_writer().await.unwrap(), WriterState { last_commit_end: None, next_offset: 0 });
+        assert_eq!(log.recover_writer().await.unwrap(), WriterState::default());
         let t1 = txn(100, 3);
         assert_eq!(log.append(t1.clone()).await.unwrap(), 4);
         // Half of a second transaction, then the writer "crashes".
@@ -665,7 +688,7 @@ mod tests {
 
         let log = EmbeddedLog::open(&path, Default::default()).unwrap();
         let st = log.recover_writer().await.unwrap();
-        assert_eq!(st, WriterState { last_commit_end: Some(Lsn(108)), next_offset: 8 });
+        assert_eq!(st, WriterState { last_commit_end: Some(Lsn(108)), next_offset: 8, source: None });
         let all = log.read(0, 100).await.unwrap();
         assert_eq!(all.len(), 8);
         assert_eq!(all[..5].iter().map(|(_, r)| r.clone()).collect::<Vec<_>>(), t1);

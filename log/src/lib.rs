@@ -40,6 +40,23 @@ pub struct WriterState {
     pub last_commit_end: Option<Lsn>,
     /// Offset the next appended record gets.
     pub next_offset: Offset,
+    /// The source and slot the log was last written from ([`ChangeLog::record_source`]).
+    pub source: Option<SourceIdentity>,
+}
+
+/// The source server and slot a log is written from, kept beside its records so a capture can
+/// tell its own slot from one made by someone else, or a slot on another server.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct SourceIdentity {
+    /// The server's system identifier (`IDENTIFY_SYSTEM`; a streaming standby shares it).
+    pub system_id: String,
+    /// The server's timeline when last seen (a promotion starts a new one).
+    pub timeline: u32,
+    pub slot: String,
+    /// The furthest position capture confirmed to the slot past the log's last commit (idle
+    /// keepalives), recorded before it was confirmed: the slot's `confirmed_flush_lsn` never
+    /// passes `max(last_commit_end, confirmed)`; a slot that did was made by someone else.
+    pub confirmed: Lsn,
 }
 
 /// Where a reader resumes after a cursor (see [`ChangeLog::seek`]).
@@ -105,6 +122,10 @@ pub trait ChangeLog: Send + Sync + 'static {
         oid: u32,
         before: Offset,
     ) -> impl Future<Output = Result<Option<RelationKey>, LogError>> + Send;
+
+    /// Durably records the source and slot this log is written from (read back by
+    /// [`ChangeLog::recover_writer`]).
+    fn record_source(&self, source: &SourceIdentity) -> impl Future<Output = Result<(), LogError>> + Send;
 
     /// Called by a writer before its first append: closes an unfinished transaction with a
     /// `Discarded` marker and tells where to resume.

@@ -3,7 +3,9 @@
 //! `/livez` and `/readyz`):
 //! * `POST /v1/repair/check`, `POST /v1/repair/fix` — scope `repair` ([`crate::repair`]);
 //! * `GET /v1/components` — every component's state; `POST /v1/components/resume` — try every
-//!   parked component again now (what SIGHUP does) — scope `admin`;
+//!   parked component again now (what SIGHUP does); with `{"accept_gap": ["<source>"]}` those
+//!   sources' captures also cross the gap they are parked on (a new slot; stream and webhook
+//!   consumers are told; the targets are repaired by `synapse repair fix`) — scope `admin`;
 //! * `GET /v1/audit?limit=` — the newest audit entries — scope `admin`.
 
 use crate::ops::{ComponentState, Health};
@@ -64,11 +66,41 @@ async fn components(State(a): State<Admin>) -> Json<Value> {
     Json(json!({"ready": a.health.ready(), "components": states(&a.health)}))
 }
 
-async fn resume(State(a): State<Admin>) -> Json<Value> {
+#[derive(serde::Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct ResumeRequest {
+    /// Sources whose gap (`CAP011`) the operator accepts.
+    #[serde(default)]
+    accept_gap: Vec<String>,
+}
+
+async fn resume(State(a): State<Admin>, body: axum::body::Bytes) -> Result<Json<Value>, ConnectorError> {
+    // An empty body is a plain resume.
+    let req: ResumeRequest = match body.iter().all(u8::is_ascii_whitespace) {
+        true => ResumeRequest::default(),
+        false => serde_json::from_slice(&body)
+            .map_err(|e| ConnectorError::BadRequest { field: "body".into(), message: e.to_string() })?,
+    };
+    for source in &req.accept_gap {
+        let component = format!("capture/{source}");
+        match a.health.state(&component) {
+            Some(ComponentState::Parked { code, .. }) if code == "CAP011" => {}
+            _ => {
+                return Err(ConnectorError::BadRequest {
+                    field: "accept_gap".into(),
+                    message: format!("{component} is not parked on a gap (CAP011): there is no gap to accept"),
+                })
+            }
+        }
+    }
+    for source in &req.accept_gap {
+        tracing::warn!(%source, "admin API: the operator accepted the gap; the capture crosses it now");
+        a.health.accept_gap(source);
+    }
     let parked: Vec<String> = a.health.parked().into_iter().map(|(name, _)| name).collect();
     tracing::info!(parked = parked.len(), "admin API: trying parked components again");
     a.health.resume_parked();
-    Json(json!({"resumed": parked}))
+    Ok(Json(json!({"resumed": parked, "accepted_gaps": req.accept_gap})))
 }
 
 #[derive(serde::Deserialize)]

@@ -82,6 +82,9 @@ pub struct Health {
     pub supervision: Supervision,
     /// Wakes every parked component for an immediate retry (SIGHUP).
     pub resume: tokio::sync::Notify,
+    /// Sources whose gap an operator accepted (`synapse resume --accept-gap`): their capture
+    /// crosses it at its next try, once.
+    accepted_gaps: Mutex<std::collections::BTreeSet<String>>,
 }
 
 impl Health {
@@ -102,6 +105,25 @@ impl Health {
     /// Tries every parked component again now.
     pub fn resume_parked(&self) {
         self.resume.notify_waiters();
+    }
+
+    /// Lets source `name`'s capture cross its gap at the next try (see [`Health::gap_accepted`]).
+    pub fn accept_gap(&self, name: &str) {
+        if let Ok(mut g) = self.accepted_gaps.lock() {
+            g.insert(name.to_owned());
+        }
+    }
+
+    /// Whether an operator accepted source `name`'s gap and it is not crossed yet.
+    pub fn gap_accepted(&self, name: &str) -> bool {
+        self.accepted_gaps.lock().is_ok_and(|g| g.contains(name))
+    }
+
+    /// Source `name` crossed its accepted gap.
+    pub fn gap_crossed(&self, name: &str) {
+        if let Ok(mut g) = self.accepted_gaps.lock() {
+            g.remove(name);
+        }
     }
 
     /// The parked components with their state.

@@ -137,18 +137,27 @@ pub const RESYNC_MARK: &str = "resync";
 /// A source's captured tables, once its capture selected them.
 type TablesWatch = watch::Receiver<Option<Vec<synapse_capture::catalog::SourceTable>>>;
 
-/// Crosses `gap` for `on_gap: resync`: records the re-sync owed (first: a crash once the new
-/// slot exists must still re-sync), replaces the slot, and wakes the re-sync task.
+/// Crosses `gap`: with `on_gap: resync` (`resync`) records the re-sync owed first (a crash once
+/// the new slot exists must still re-sync) and wakes the re-sync task after; for a gap the
+/// operator accepted, leaves the targets to `synapse repair fix`. Either way stream and webhook
+/// readers are told by a gap mark in the log, and the new slot is recorded as the log's own.
 async fn accept_gap(
     capture: &Capture,
     log: &SourceLog,
     history: &WriterState,
     gap: &CaptureError,
-    wake: &Notify,
+    resync: Option<&Notify>,
 ) -> Result<(), CaptureError> {
     let node = &capture.config().node;
-    tracing::warn!(source = %node, code = gap.code(), error = %chain(gap), "crossing the gap (on_gap: resync): the targets are re-synced next");
-    log.commit_consumer(RESYNC_MARK, history.next_offset).await?;
+    match resync {
+        Some(_) => {
+            tracing::warn!(source = %node, code = gap.code(), error = %chain(gap), "crossing the gap (on_gap: resync): the targets are re-synced next");
+            log.commit_consumer(RESYNC_MARK, history.next_offset).await?;
+        }
+        None => {
+            tracing::warn!(source = %node, code = gap.code(), error = %chain(gap), "crossing the gap the operator accepted: `synapse repair fix` restores what it lost on the targets");
+        }
+    }
     // Stream and webhook readers learn of the gap from this mark, in order; a retry after a
     // failure below finds it already written (nothing was captured since).
     let after = history.last_commit_end.unwrap_or_default();
@@ -161,9 +170,15 @@ async fn accept_gap(
         let mark = ResyncMark { after, source_wal, found_at_us: synapse_schemas::unix_micros_now(), reason };
         log.append(vec![LogRecord::Resync(mark)]).await?;
     }
-    capture.replace_slot(history).await?;
-    metrics::counter!("synapse_resyncs_total", "source" => node.clone()).increment(1);
-    wake.notify_one();
+    if let Some(at) = capture.replace_slot(history).await? {
+        capture.adopt_slot(at, log).await?;
+    }
+    metrics::counter!("synapse_gaps_crossed_total", "source" => node.clone(), "resync" => resync.is_some().to_string())
+        .increment(1);
+    if let Some(wake) = resync {
+        metrics::counter!("synapse_resyncs_total", "source" => node.clone()).increment(1);
+        wake.notify_one();
+    }
     Ok(())
 }
 
@@ -584,11 +599,24 @@ pub(crate) async fn start_source(
         let _ = tables_tx.send(Some(tables));
         // On a gap (a lost slot) it parks, and the appliers go on with what the log holds; or,
         // with on_gap: resync, crosses it and owes the targets a re-sync.
+        // A gap is crossed with on_gap: resync, or once when the operator accepted it.
+        let cross = |gap: &CaptureError| match gap {
+            CaptureError::Gap { .. } if resync => Some(Some(&*w)),
+            CaptureError::Gap { .. } if h.gap_accepted(&name) => Some(None),
+            _ => None,
+        };
         let ensure = || async {
             let history = l.recover_writer().await?;
             match c.ensure_slot(&history).await {
-                Err(gap @ CaptureError::Gap { .. }) if resync => accept_gap(&c, &l, &history, &gap, &w).await,
-                r => r.map(|_| ()),
+                Err(gap) => match cross(&gap) {
+                    Some(wake) => {
+                        accept_gap(&c, &l, &history, &gap, wake).await?;
+                        h.gap_crossed(&name);
+                        Ok(())
+                    }
+                    None => Err(gap),
+                },
+                Ok(_) => Ok(()),
             }
         };
         if supervise(&comp, &h, &sd, ensure).await?.is_none() {
@@ -598,9 +626,14 @@ pub(crate) async fn start_source(
         h.set(&comp, ComponentState::Streaming);
         let stream = || async {
             match c.stream(l.clone(), sd.clone()).await {
-                Err(gap @ CaptureError::Gap { .. }) if resync => {
-                    accept_gap(&c, &l, &l.recover_writer().await?, &gap, &w).await
-                }
+                Err(gap) => match cross(&gap) {
+                    Some(wake) => {
+                        accept_gap(&c, &l, &l.recover_writer().await?, &gap, wake).await?;
+                        h.gap_crossed(&name);
+                        Ok(())
+                    }
+                    None => Err(gap),
+                },
                 r => r,
             }
         };

@@ -66,6 +66,8 @@ struct State {
     /// Gap marks: indexed from the topic, and loaded from the consumers topic (where each is
     /// also stored, so the broker's retention never forgets one).
     resyncs: BTreeMap<Offset, ResyncMark>,
+    /// The source identity, from the consumers topic.
+    source: Option<crate::SourceIdentity>,
     /// The last message indexed: its Kafka offset and how many records it holds so far.
     last_message: Option<(i64, usize)>,
     /// Records indexed before each indexed message (for lag in records); 16 bytes a message.
@@ -230,6 +232,8 @@ async fn existing_topics(meta: &Arc<Meta>, topics: &[&str], timeout: Duration) -
 const LSN_HEADER: &str = "synapse-commit-lsn";
 /// Consumers-topic keys of gap marks (`#resync/<offset>`); no consumer name starts with `#`.
 const RESYNC_KEY: &str = "#resync/";
+/// Consumers-topic key of the source identity.
+const SOURCE_KEY: &str = "#source";
 
 fn kafka(context: &'static str) -> impl Fn(KafkaError) -> LogError {
     move |source| LogError::Kafka { context, source }
@@ -386,13 +390,16 @@ impl KafkaLog {
         consumer.assign(&tpl).map_err(kafka("reading consumers"))?;
         let mut positions = BTreeMap::new();
         let mut marks = BTreeMap::new();
+        let mut source = None;
         loop {
             let m = tokio::time::timeout(timeout, consumer.recv())
                 .await
                 .map_err(|_| LogError::Kafka { context: "reading consumers", source: KafkaError::Canceled })?
                 .map_err(kafka("reading consumers"))?;
             let name = m.key().map(|k| String::from_utf8_lossy(k).into_owned()).unwrap_or_default();
-            if let Some(offset) = name.strip_prefix(RESYNC_KEY) {
+            if name == SOURCE_KEY {
+                source = m.payload().and_then(|p| postcard::from_bytes(p).ok());
+            } else if let Some(offset) = name.strip_prefix(RESYNC_KEY) {
                 let mark = m.payload().and_then(|p| postcard::from_bytes::<ResyncMark>(p).ok());
                 if let (Ok(offset), Some(mark)) = (offset.parse::<Offset>(), mark) {
                     marks.insert(offset, mark);
@@ -410,6 +417,7 @@ impl KafkaLog {
         let mut state = self.state();
         state.consumers = positions;
         state.resyncs.extend(marks);
+        state.source = source;
         Ok(())
     }
 
@@ -717,12 +725,23 @@ impl ChangeLog for KafkaLog {
             tracing::warn!(commit_lsn = %Lsn(lsn), "discarding a transaction the previous writer left unfinished");
             next = self.append(vec![LogRecord::Discarded { commit_lsn: Lsn(lsn) }]).await? + 1;
         }
-        Ok(WriterState { last_commit_end: last_end.map(Lsn), next_offset: next })
+        let source = self.state().source.clone();
+        Ok(WriterState { last_commit_end: last_end.map(Lsn), next_offset: next, source })
     }
 
     async fn commit_consumer(&self, name: &str, next: Offset) -> Result<(), LogError> {
         self.put_consumer(name, Some(next)).await?;
         self.state().consumers.insert(name.to_owned(), next);
+        Ok(())
+    }
+
+    async fn record_source(&self, source: &crate::SourceIdentity) -> Result<(), LogError> {
+        let topic = self.inner.options.consumers_topic();
+        let payload = postcard::to_stdvec(source).map_err(LogError::Encode)?;
+        let record = FutureRecord::to(&topic).key(SOURCE_KEY).payload(&payload);
+        let sent = self.producer().send(record, self.inner.options.timeout).await;
+        sent.map_err(|(e, _)| self.failed("storing the source identity", e))?;
+        self.state().source = Some(source.clone());
         Ok(())
     }
 

@@ -2,7 +2,7 @@
 #![allow(clippy::unwrap_used, dead_code)] // a failed setup step should fail the test loudly
 
 use std::time::Duration;
-use synapse_log::{ChangeLog, Seek, WriterState};
+use synapse_log::{ChangeLog, Seek, SourceIdentity, WriterState};
 use synapse_schemas::{
     Begin, Commit, Cursor, Datum, LogRecord, Lsn, Op, Relation, RelationKey, ReplicaIdentity, ResyncMark, RowChange,
 };
@@ -37,7 +37,9 @@ where
     Fut: std::future::Future<Output = L>,
 {
     let log = open().await;
-    assert_eq!(log.recover_writer().await.unwrap(), WriterState { last_commit_end: None, next_offset: 0 });
+    assert_eq!(log.recover_writer().await.unwrap(), WriterState::default());
+    let source = SourceIdentity { system_id: "7312".into(), timeline: 1, slot: "synapse_a".into(), confirmed: Lsn(90) };
+    log.record_source(&source).await.unwrap();
     let rel = Relation {
         oid: 5,
         schema: "public".into(),
@@ -66,7 +68,7 @@ where
     let offsets: Vec<u64> = all.iter().map(|(o, _)| *o).collect();
     assert!(offsets.windows(2).all(|w| w[0] < w[1]), "offsets grow: {offsets:?}");
     assert_eq!(offsets[5], t1_end);
-    assert_eq!(st, WriterState { last_commit_end: Some(Lsn(108)), next_offset: offsets[8] + 1 });
+    assert_eq!(st, WriterState { last_commit_end: Some(Lsn(108)), next_offset: offsets[8] + 1, source: Some(source) });
     assert_eq!(all[1..6].iter().map(|(_, r)| r.clone()).collect::<Vec<_>>(), t1);
     assert_eq!(all[8].1, LogRecord::Discarded { commit_lsn: Lsn(200) });
     assert_eq!(log.recover_writer().await.unwrap().next_offset, log.next_offset(), "recovery is idempotent");
@@ -135,6 +137,11 @@ where
     );
     drop(log);
     let log = open().await;
-    log.recover_writer().await.unwrap();
+    let moved =
+        SourceIdentity { system_id: "9001".into(), timeline: 2, slot: "synapse_a".into(), confirmed: Lsn(20_000) };
+    log.record_source(&moved).await.unwrap();
+    assert_eq!(log.recover_writer().await.unwrap().source.as_ref(), Some(&moved));
     assert_eq!(log.resync_marks().await.unwrap(), vec![(at_mark, mark)], "a reopened log knows its marks");
+    drop(log);
+    assert_eq!(open().await.recover_writer().await.unwrap().source, Some(moved), "the last identity recorded");
 }

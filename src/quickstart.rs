@@ -154,7 +154,7 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
             max_txns_per_commit: synapse_apply::defaults::MAX_TXNS_PER_COMMIT,
         }],
         ops: OpsConfig { listen: opts.ops_listen.clone() },
-        api: ApiConfig { listen: opts.api_listen.clone(), tokens: vec![] },
+        api: ApiConfig { listen: opts.api_listen.clone(), ..Default::default() },
         webhooks: vec![],
         egress: Default::default(),
         // A demo stops on the first definite error, with its fix, rather than wait for one.

@@ -77,7 +77,7 @@ pub async fn run(regions: usize, duration: Option<Duration>, ops_listen: String)
         sources: vec![],
         targets: vec![],
         ops: OpsConfig { listen: ops_listen },
-        api: ApiConfig { listen: String::new(), tokens: vec![] },
+        api: ApiConfig { listen: String::new(), ..Default::default() },
         webhooks: vec![],
         egress: Default::default(),
         // A demo stops on the first definite error, with its fix, rather than wait for one.

@@ -99,7 +99,7 @@ fn config(src: &LocalCluster, dir: &std::path::Path) -> Config {
         }],
         targets: vec![],
         ops: OpsConfig { listen: String::new() },
-        api: ApiConfig { listen: String::new(), tokens: vec![] },
+        api: ApiConfig { listen: String::new(), ..Default::default() },
         webhooks: vec![],
         egress: Default::default(),
         mesh: None,

@@ -82,7 +82,13 @@ pub struct Api<L> {
     /// Ends live streams and long polls when it turns true, so a graceful shutdown does not
     /// wait for clients that never disconnect.
     pub shutdown: tokio::sync::watch::Receiver<bool>,
+    /// Permits for long-lived reads (SSE streams, long polls): past them a request gets 503
+    /// `CON012`, so slow or idle readers cannot hold every connection and task.
+    pub live_slots: Arc<tokio::sync::Semaphore>,
 }
+
+/// Live streams a server holds at once by default (`api.max_streams`).
+pub const DEFAULT_MAX_STREAMS: usize = 512;
 
 impl IntoResponse for ConnectorError {
     fn into_response(self) -> Response {
@@ -265,14 +271,22 @@ async fn changes<L: ChangeLog>(
     }
     let live = q.live.unwrap_or(false);
     let poll = q.timeout_ms.map(Duration::from_millis).unwrap_or(DEFAULT_POLL).min(Duration::from_secs(120));
+    let slot = if sse || live {
+        let taken = api.live_slots.clone().try_acquire_owned();
+        Some(taken.map_err(|_| ConnectorError::Busy { what: "live streams (api.max_streams)".into() })?)
+    } else {
+        None
+    };
     let feed = ChangeFeed::open(s.log.clone(), s.source.clone(), after, selector).await?;
     let shutdown = api.shutdown.clone();
     metrics::counter!("synapse_stream_requests_total", "stream" => name.clone(), "mode" => if sse { "sse" } else { "lines" })
         .increment(1);
     if sse {
-        return Ok(sse_response(feed, name, limit, live, shutdown).into_response());
+        return Ok(sse_response(feed, name, limit, live, shutdown, slot).into_response());
     }
-    lines_response(feed, name, limit, if live { poll } else { Duration::ZERO }, shutdown).await
+    let r = lines_response(feed, name, limit, if live { poll } else { Duration::ZERO }, shutdown).await;
+    drop(slot);
+    r
 }
 
 /// `GET /v1/streams/{name}/snapshot?tables=&filter=`: the selected tables' rows as read
@@ -353,10 +367,11 @@ fn sse_response<L: ChangeLog>(
     limit: usize,
     live: bool,
     mut shutdown: tokio::sync::watch::Receiver<bool>,
+    slot: Option<tokio::sync::OwnedSemaphorePermit>,
 ) -> Sse<impl Stream<Item = Result<SseEvent, Infallible>>> {
     let clients = metrics::gauge!("synapse_stream_sse_clients", "stream" => name.clone());
     clients.increment(1.0);
-    let guard = GaugeGuard(clients);
+    let guard = GaugeGuard(clients, slot);
     let state = Some((feed, feed_position_string(None), guard));
     let events = stream::unfold(state, move |state| {
         let name = name.clone();
@@ -409,7 +424,8 @@ fn feed_position_string(c: Option<Cursor>) -> String {
 }
 
 /// Decrements the connected-clients gauge when the SSE stream is dropped (client gone).
-struct GaugeGuard(metrics::Gauge);
+/// A live stream's gauge and its permit (`api.max_streams`), both released when it ends.
+struct GaugeGuard(metrics::Gauge, #[allow(dead_code)] Option<tokio::sync::OwnedSemaphorePermit>);
 
 impl Drop for GaugeGuard {
     fn drop(&mut self) {

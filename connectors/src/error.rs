@@ -12,6 +12,8 @@ pub enum ConnectorError {
     CursorGone { cursor: Cursor, oldest: Option<Lsn> },
     #[error("cursor {cursor} of stream `{stream}` is from before a gap in the source's stream at {gap} ({reason}): changes after it were lost upstream")]
     CursorBeforeGap { stream: String, cursor: Cursor, gap: Cursor, reason: String },
+    #[error("too many {what} open")]
+    Busy { what: String },
     #[error("invalid {field}: {message}")]
     BadRequest { field: String, message: String },
     #[error("the log refers to relation {oid} but holds no description of it")]
@@ -76,15 +78,17 @@ impl synapse_error::Classify for ConnectorError {
             ConnectorError::Publish(e) => e.code(),
             ConnectorError::NotCapturing { .. } => "CON010",
             ConnectorError::CursorBeforeGap { .. } => "CON011",
+            ConnectorError::Busy { .. } => "CON012",
         }
     }
 
     fn is_transient(&self) -> bool {
         match self {
             ConnectorError::Log(e) => e.is_transient(),
-            ConnectorError::Store { .. } | ConnectorError::Snapshot { .. } | ConnectorError::NotCapturing { .. } => {
-                true
-            }
+            ConnectorError::Store { .. }
+            | ConnectorError::Snapshot { .. }
+            | ConnectorError::NotCapturing { .. }
+            | ConnectorError::Busy { .. } => true,
             ConnectorError::Source(e) => e.is_transient(),
             ConnectorError::Publish(e) => e.is_transient(),
             _ => false,
@@ -102,6 +106,7 @@ impl synapse_error::Classify for ConnectorError {
                 "re-read the tables with GET /v1/streams/{name}/snapshot (the `snapshot` link) and \
                  resume from the cursor it ends with; SynapseDB's own targets are re-synced"
             }
+            ConnectorError::Busy { .. } => "retry later; close streams you no longer read, or raise api.max_streams",
             ConnectorError::BadRequest { .. } => "fix the named parameter or field and retry",
             ConnectorError::UnknownRelation { .. } => "the log is incomplete: report this as a bug",
             ConnectorError::Unauthorized => "send `Authorization: Bearer <token>` with a token from api.tokens",

@@ -24,6 +24,7 @@
 pub mod admin;
 pub mod config;
 pub mod doctor;
+pub mod listener;
 pub mod ops;
 pub mod pipeline;
 pub mod repair;

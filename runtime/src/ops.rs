@@ -207,11 +207,13 @@ pub async fn serve(listen: &str, health: Arc<Health>) -> anyhow::Result<()> {
         .route("/livez", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))
         .with_state(health);
-    let listener = tokio::net::TcpListener::bind(listen)
+    let listener = crate::listener::bind(listen)
         .await
         .map_err(|e| anyhow::anyhow!("ops.listen: cannot listen on {listen}: {e}{}", in_use_hint(&e, "ops.listen")))?;
     tracing::info!(%listen, "serving /metrics /livez /readyz");
-    axum::serve(listener, app).await?;
+    // Served until the process ends.
+    let (_forever, running) = tokio::sync::watch::channel(false);
+    crate::listener::serve("ops", listener, app, crate::listener::Limits::default(), running).await?;
     Ok(())
 }
 

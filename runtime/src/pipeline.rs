@@ -300,11 +300,12 @@ async fn start_delivery(
             audit: audit.clone(),
             webhooks: running.webhooks.clone(),
             shutdown: shutdown.clone(),
+            live_slots: Arc::new(tokio::sync::Semaphore::new(config.api.max_streams)),
         });
         if auth.tokens.is_empty() {
             tracing::warn!(listen = %config.api.listen, "api.tokens is empty: the HTTP API requires no authentication (loopback host names only)");
         }
-        let listener = tokio::net::TcpListener::bind(&config.api.listen).await.map_err(|e| {
+        let listener = crate::listener::bind(&config.api.listen).await.map_err(|e| {
             let hint = crate::ops::in_use_hint(&e, "api.listen");
             anyhow::anyhow!("api.listen: cannot listen on {}: {e}{hint}", config.api.listen)
         })?;
@@ -313,12 +314,13 @@ async fn start_delivery(
         let repair = Arc::new(crate::repair::RepairService::new(config.clone()));
         let admin = crate::admin::router(auth, health.clone(), audit, repair);
         let app = synapse_connectors::api::router_with(api, admin);
-        let mut sd = shutdown.clone();
+        let sd = shutdown.clone();
+        let limits = crate::listener::Limits {
+            max_connections: config.api.max_connections,
+            header_timeout: Duration::from_secs_f64(config.api.header_timeout_secs),
+        };
         running.tasks.spawn(async move {
-            let stop = async move {
-                let _ = sd.wait_for(|s| *s).await;
-            };
-            axum::serve(listener, app).with_graceful_shutdown(stop).await.map_err(|e| ComponentFailed {
+            crate::listener::serve("api", listener, app, limits, sd).await.map_err(|e| ComponentFailed {
                 component: "api".into(),
                 code: "SYN002",
                 error: e.to_string(),

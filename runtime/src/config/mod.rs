@@ -246,6 +246,28 @@ pub struct ApiConfig {
     /// Bearer tokens with scopes; none = no authentication, allowed on a loopback address only.
     #[serde(default)]
     pub tokens: Vec<TokenConfig>,
+    /// Open connections at most; more are answered 503 and closed.
+    #[serde(default = "default_max_connections")]
+    pub max_connections: usize,
+    /// Seconds a client has to send a request's header, and a kept-alive connection its next
+    /// request (slowloris).
+    #[serde(default = "default_header_timeout_secs")]
+    pub header_timeout_secs: f64,
+    /// Live streams (SSE, long polls) at once; more are answered 503 `CON012`.
+    #[serde(default = "default_max_streams")]
+    pub max_streams: usize,
+}
+
+fn default_max_connections() -> usize {
+    4096
+}
+
+fn default_header_timeout_secs() -> f64 {
+    10.0
+}
+
+fn default_max_streams() -> usize {
+    synapse_connectors::api::DEFAULT_MAX_STREAMS
 }
 
 impl ApiConfig {
@@ -290,7 +312,13 @@ pub fn parse_sha256(hex: &str) -> Option<[u8; 32]> {
 
 impl Default for ApiConfig {
     fn default() -> Self {
-        ApiConfig { listen: default_api_listen(), tokens: Vec::new() }
+        ApiConfig {
+            listen: default_api_listen(),
+            tokens: Vec::new(),
+            max_connections: default_max_connections(),
+            header_timeout_secs: default_header_timeout_secs(),
+            max_streams: default_max_streams(),
+        }
     }
 }
 

@@ -156,6 +156,15 @@ impl Config {
         if !(0.1..=86_400.0).contains(&self.supervision.park_retry_secs) {
             p.add("supervision.park_retry_secs", "must be between 0.1 and 86400 seconds");
         }
+        if !(1..=65_536).contains(&self.api.max_connections) {
+            p.add("api.max_connections", "must be between 1 and 65536");
+        }
+        if !(1.0..=300.0).contains(&self.api.header_timeout_secs) {
+            p.add("api.header_timeout_secs", "must be between 1 and 300");
+        }
+        if !(1..=self.api.max_connections.max(1)).contains(&self.api.max_streams) {
+            p.add("api.max_streams", "must be between 1 and api.max_connections");
+        }
         if !self.ops.listen.is_empty() && self.ops.listen == self.api.listen {
             p.add("api.listen", "must differ from ops.listen");
         }

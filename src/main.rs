@@ -71,6 +71,10 @@ enum Command {
         /// restores on the targets what the gap lost. Repeatable.
         #[arg(long, value_name = "NAME")]
         accept_gap: Vec<String>,
+        /// With api.tls: the CA certificate (PEM) that signed the API's certificate, if the
+        /// system's roots do not hold it.
+        #[arg(long, value_name = "FILE")]
+        cacert: Option<PathBuf>,
     },
     /// Compare tables between nodes: Merkle digests computed on each node, then only the rows of
     /// differing buckets (`check` only reads; `fix` and `track` write).
@@ -160,8 +164,8 @@ fn main() -> ExitCode {
                 );
                 Ok(ExitCode::SUCCESS)
             }
-            Command::Resume { config, token_env, accept_gap } => {
-                resume(&Config::load(&config)?, &token_env, &accept_gap).await
+            Command::Resume { config, token_env, accept_gap, cacert } => {
+                resume(&Config::load(&config)?, &token_env, &accept_gap, cacert.as_deref()).await
             }
             Command::Doctor { config } => {
                 let c = Config::load(&config)?;
@@ -214,7 +218,12 @@ fn main() -> ExitCode {
 }
 
 /// `synapse resume`: `POST /v1/components/resume` on the configuration's API.
-async fn resume(config: &Config, token_env: &str, accept_gap: &[String]) -> anyhow::Result<ExitCode> {
+async fn resume(
+    config: &Config,
+    token_env: &str,
+    accept_gap: &[String],
+    cacert: Option<&std::path::Path>,
+) -> anyhow::Result<ExitCode> {
     let listen = &config.api.listen;
     if listen.is_empty() && !accept_gap.is_empty() {
         anyhow::bail!("api.listen is \"\": accepting a gap is asked through the API; set api.listen and restart");
@@ -224,8 +233,30 @@ async fn resume(config: &Config, token_env: &str, accept_gap: &[String]) -> anyh
     }
     // A wildcard address is reached on loopback.
     let addr = listen.replace("0.0.0.0:", "127.0.0.1:").replace("[::]:", "[::1]:");
-    let mut request = reqwest::Client::new()
-        .post(format!("http://{addr}/v1/components/resume"))
+    let mut client = reqwest::Client::builder();
+    let url = match &config.api.tls {
+        None => format!("http://{addr}/v1/components/resume"),
+        Some(_) => {
+            // The certificate names the host, not the address: ask for localhost, reach the
+            // configured address.
+            let socket: std::net::SocketAddr = tokio::net::lookup_host(&addr)
+                .await?
+                .next()
+                .ok_or_else(|| anyhow::anyhow!("api.listen: {addr} resolves to nothing"))?;
+            client = client.resolve("localhost", socket).use_rustls_tls();
+            if let Some(ca) = cacert {
+                let pem = std::fs::read(ca).map_err(|e| anyhow::anyhow!("--cacert {}: {e}", ca.display()))?;
+                client = client.add_root_certificate(
+                    reqwest::Certificate::from_pem(&pem)
+                        .map_err(|e| anyhow::anyhow!("--cacert {}: {e}", ca.display()))?,
+                );
+            }
+            format!("https://localhost:{}/v1/components/resume", socket.port())
+        }
+    };
+    let mut request = client
+        .build()?
+        .post(url)
         .header("content-type", "application/json")
         .header("host", "localhost")
         .body(serde_json::json!({ "accept_gap": accept_gap }).to_string());

@@ -153,7 +153,7 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
             copy_parallelism: synapse_runtime::config::defaults::COPY_PARALLELISM,
             max_txns_per_commit: synapse_apply::defaults::MAX_TXNS_PER_COMMIT,
         }],
-        ops: OpsConfig { listen: opts.ops_listen.clone() },
+        ops: OpsConfig { listen: opts.ops_listen.clone(), tls: None },
         api: ApiConfig { listen: opts.api_listen.clone(), ..Default::default() },
         webhooks: vec![],
         egress: Default::default(),
@@ -188,7 +188,7 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
     if !config.ops.listen.is_empty() {
         let (listen, h) = (config.ops.listen.clone(), health.clone());
         tokio::spawn(async move {
-            if let Err(e) = synapse_runtime::ops::serve(&listen, h).await {
+            if let Err(e) = synapse_runtime::ops::serve(&listen, h, None).await {
                 eprintln!("warning: {e}");
             }
         });

@@ -76,7 +76,7 @@ pub async fn run(regions: usize, duration: Option<Duration>, ops_listen: String)
         log: LogConfig { dir: dir.path().to_owned(), ..Default::default() },
         sources: vec![],
         targets: vec![],
-        ops: OpsConfig { listen: ops_listen },
+        ops: OpsConfig { listen: ops_listen, tls: None },
         api: ApiConfig { listen: String::new(), ..Default::default() },
         webhooks: vec![],
         egress: Default::default(),
@@ -112,7 +112,7 @@ pub async fn run(regions: usize, duration: Option<Duration>, ops_listen: String)
     if !config.ops.listen.is_empty() {
         let (listen, h) = (config.ops.listen.clone(), health.clone());
         tokio::spawn(async move {
-            if let Err(e) = synapse_runtime::ops::serve(&listen, h).await {
+            if let Err(e) = synapse_runtime::ops::serve(&listen, h, None).await {
                 eprintln!("warning: ops server: {e}");
             }
         });

@@ -149,3 +149,101 @@ fn doctor_warns_about_unverified_tls_to_another_machine() {
     assert!(report.contains("warn  TLS: sslmode=prefer to another machine does not verify the server"), "{report}");
     assert!(report.contains("sslmode=verify-full&sslrootcert="), "{report}");
 }
+
+/// Synapse's own listeners over TLS (`api.tls`, `ops.tls`): HTTPS with the configured
+/// certificate, nothing in clear; a renewed certificate written over the files is served to
+/// new connections without a restart; a broken renewal keeps the previous one; `synapse
+/// resume --cacert` speaks HTTPS to the API.
+#[test]
+fn the_listeners_serve_tls_and_pick_up_a_renewed_certificate() {
+    let ca = TestCa::new("synapse test CA").unwrap();
+    let nodes = Nodes::start(ITEMS_SCHEMA);
+    let dir = nodes.dir.path();
+    let (cert, key, ca_file) = (dir.join("api.crt"), dir.join("api.key"), dir.join("ca.pem"));
+    std::fs::write(&ca_file, ca.pem()).unwrap();
+    let install = |cn: &str| {
+        let issued = ca.issue(cn, &["localhost"]).unwrap();
+        std::fs::write(&key, issued.key_pem).unwrap();
+        std::fs::write(&cert, issued.cert_pem).unwrap();
+    };
+    install("listener-one");
+    let api = format!("127.0.0.1:{}", synapse_localpg::free_port().unwrap());
+    let ops = format!("127.0.0.1:{}", synapse_localpg::free_port().unwrap());
+    let tls = format!("\n  tls:\n    cert: {}\n    key: {}", cert.display(), key.display());
+    let config = nodes.config("");
+    let text = std::fs::read_to_string(&config)
+        .unwrap()
+        .replace("api:\n  listen: \"\"", &format!("api:\n  listen: \"{api}\"{tls}"))
+        .replace("ops:\n  listen: \"\"", &format!("ops:\n  listen: \"{ops}\"{tls}"));
+    std::fs::write(&config, text).unwrap();
+    let log = dir.join("synapse.log");
+    let child = spawn_run(&config, &log);
+
+    // A client that trusts the test CA and reports the certificate it was served.
+    let client = |addr: &str| {
+        let socket: std::net::SocketAddr = addr.parse().unwrap();
+        reqwest::blocking::Client::builder()
+            .use_rustls_tls()
+            .tls_info(true)
+            .add_root_certificate(reqwest::Certificate::from_pem(ca.pem().as_bytes()).unwrap())
+            .resolve("localhost", socket)
+            .build()
+            .unwrap()
+    };
+    let served = |addr: &str, path: &str| -> Option<(u16, String)> {
+        let port = addr.rsplit(':').next().unwrap();
+        let r = client(addr).get(format!("https://localhost:{port}{path}")).send().ok()?;
+        let info = r.extensions().get::<reqwest::tls::TlsInfo>()?;
+        let der = info.peer_certificate()?.to_vec();
+        let cn =
+            ["listener-one", "listener-two"].into_iter().find(|cn| der.windows(cn.len()).any(|w| w == cn.as_bytes()));
+        Some((r.status().as_u16(), cn.unwrap_or("?").to_owned()))
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while served(&ops, "/readyz").is_none_or(|(s, _)| s != 200) {
+        assert!(std::time::Instant::now() < deadline, "ops never ready over TLS:\n{}", common::log_tail(&log));
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert_eq!(served(&api, "/v1/streams"), Some((200, "listener-one".into())));
+    assert_eq!(served(&ops, "/livez"), Some((200, "listener-one".into())));
+    // Nothing in clear: a plain HTTP request gets no HTTP answer.
+    let plain = reqwest::blocking::get(format!("http://{api}/v1/streams"));
+    assert!(plain.is_err(), "the API answered in clear: {plain:?}");
+    // A client that does not trust the CA is refused by its own check (the server is not
+    // someone else's).
+    let port = api.rsplit(':').next().unwrap();
+    let untrusting = reqwest::blocking::Client::builder()
+        .use_rustls_tls()
+        .resolve("localhost", api.parse().unwrap())
+        .build()
+        .unwrap();
+    assert!(untrusting.get(format!("https://localhost:{port}/v1/streams")).send().is_err());
+
+    // Renewed in place: new connections get the new certificate, no restart.
+    std::thread::sleep(Duration::from_millis(1100)); // a new modification time
+    install("listener-two");
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while served(&api, "/v1/streams") != Some((200, "listener-two".into())) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the renewed certificate is not served:\n{}",
+            common::log_tail(&log)
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert_eq!(served(&ops, "/livez"), Some((200, "listener-two".into())));
+    // A broken renewal: the previous certificate stays, the log says why.
+    std::fs::write(&cert, "not a certificate").unwrap();
+    std::thread::sleep(Duration::from_secs(5));
+    assert_eq!(served(&api, "/v1/streams"), Some((200, "listener-two".into())));
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert!(text.contains("the renewed TLS certificate cannot be used"), "{}", common::log_tail(&log));
+
+    // The CLI speaks HTTPS to the API.
+    let out = common::synapse(&["resume", "--config", config.to_str().unwrap(), "--cacert", ca_file.to_str().unwrap()])
+        .output()
+        .unwrap();
+    let said = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success() && said.contains("nothing is parked"), "{said}");
+    drop(child);
+}

@@ -98,7 +98,7 @@ fn config(src: &LocalCluster, dir: &std::path::Path) -> Config {
             ..SourceConfig::new("a", SecretUrl::new(src.url("bench")))
         }],
         targets: vec![],
-        ops: OpsConfig { listen: String::new() },
+        ops: OpsConfig { listen: String::new(), tls: None },
         api: ApiConfig { listen: String::new(), ..Default::default() },
         webhooks: vec![],
         egress: Default::default(),

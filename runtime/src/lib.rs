@@ -25,6 +25,7 @@ pub mod admin;
 pub mod config;
 pub mod doctor;
 pub mod listener;
+pub mod listener_tls;
 pub mod ops;
 pub mod pipeline;
 pub mod repair;
@@ -63,9 +64,11 @@ pub async fn run(config: config::Config) -> anyhow::Result<()> {
         });
     }
     if !config.ops.listen.is_empty() {
+        let tls = config.ops.tls.as_ref().map(|f| listener_tls::serve_with("ops", f)).transpose();
+        let tls = tls.map_err(anyhow::Error::msg)?;
         let (listen, h) = (config.ops.listen.clone(), health.clone());
         tokio::spawn(async move {
-            if let Err(e) = ops::serve(&listen, h).await {
+            if let Err(e) = ops::serve(&listen, h, tls).await {
                 tracing::error!(error = %e, "ops server stopped");
             }
         });

@@ -14,18 +14,20 @@ use tokio::net::TcpListener;
 use tokio::sync::{watch, Semaphore};
 
 /// How a listener bounds its clients.
-#[derive(Clone, Debug)]
+#[derive(Clone)]
 pub struct Limits {
     /// Open connections at most; more are answered 503 and closed.
     pub max_connections: usize,
     /// A request's header must arrive within this, and a kept-alive connection's next request
     /// must start within it.
     pub header_timeout: Duration,
+    /// TLS with this configuration (the handshake, too, must finish within `header_timeout`).
+    pub tls: Option<Arc<rustls::ServerConfig>>,
 }
 
 impl Default for Limits {
     fn default() -> Self {
-        Limits { max_connections: 4096, header_timeout: Duration::from_secs(10) }
+        Limits { max_connections: 4096, header_timeout: Duration::from_secs(10), tls: None }
     }
 }
 
@@ -103,12 +105,25 @@ pub async fn serve(
             continue;
         };
         let _ = stream.set_nodelay(true);
-        let conn = http.serve_connection(TokioIo::new(stream), TowerToHyperService::new(app.clone()));
-        let conn = graceful.watch(conn);
         let open = metrics::gauge!("synapse_http_connections", "listener" => name);
         open.increment(1.0);
+        let (http, app, watcher) = (http.clone(), app.clone(), graceful.watcher());
+        let (tls, handshake) = (limits.tls.clone().map(tokio_rustls::TlsAcceptor::from), limits.header_timeout);
         tokio::spawn(async move {
-            if let Err(e) = conn.await {
+            let service = TowerToHyperService::new(app);
+            let served = match tls {
+                None => watcher.watch(http.serve_connection(TokioIo::new(stream), service)).await,
+                Some(acceptor) => match tokio::time::timeout(handshake, acceptor.accept(stream)).await {
+                    Ok(Ok(tls)) => watcher.watch(http.serve_connection(TokioIo::new(tls), service)).await,
+                    Ok(Err(e)) => {
+                        metrics::counter!("synapse_tls_handshake_failures_total", "listener" => name).increment(1);
+                        tracing::debug!(listener = name, %peer, error = %e, "TLS handshake failed");
+                        Ok(())
+                    }
+                    Err(_) => Ok(()), // a handshake that stalls is a slowloris too
+                },
+            };
+            if let Err(e) = served {
                 tracing::debug!(listener = name, %peer, error = %e, "connection ended");
             }
             open.decrement(1.0);
@@ -133,7 +148,7 @@ mod tests {
         let addr = listener.local_addr().unwrap();
         let app = Router::new().route("/", axum::routing::get(|| async { "ok" }));
         let (_tx, rx) = watch::channel(false);
-        let limits = Limits { max_connections: 3000, header_timeout: Duration::from_secs(8) };
+        let limits = Limits { max_connections: 3000, header_timeout: Duration::from_secs(8), tls: None };
         tokio::spawn(serve("api", listener, app, limits, rx));
         let (took, open) = tokio::task::spawn_blocking(move || {
             let t = std::time::Instant::now();

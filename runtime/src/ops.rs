@@ -200,7 +200,7 @@ pub fn metrics_handle() -> PrometheusHandle {
 
 /// Serves `/metrics`, `/livez` and `/readyz` — nothing that changes anything: actions live on
 /// the API, behind tokens.
-pub async fn serve(listen: &str, health: Arc<Health>) -> anyhow::Result<()> {
+pub async fn serve(listen: &str, health: Arc<Health>, tls: Option<Arc<rustls::ServerConfig>>) -> anyhow::Result<()> {
     let handle = metrics_handle();
     let app = Router::new()
         .route("/metrics", get(move || async move { handle.render() }))
@@ -213,7 +213,8 @@ pub async fn serve(listen: &str, health: Arc<Health>) -> anyhow::Result<()> {
     tracing::info!(%listen, "serving /metrics /livez /readyz");
     // Served until the process ends.
     let (_forever, running) = tokio::sync::watch::channel(false);
-    crate::listener::serve("ops", listener, app, crate::listener::Limits::default(), running).await?;
+    let limits = crate::listener::Limits { tls, ..Default::default() };
+    crate::listener::serve("ops", listener, app, limits, running).await?;
     Ok(())
 }
 

@@ -315,9 +315,11 @@ async fn start_delivery(
         let admin = crate::admin::router(auth, health.clone(), audit, repair);
         let app = synapse_connectors::api::router_with(api, admin);
         let sd = shutdown.clone();
+        let tls = config.api.tls.as_ref().map(|f| crate::listener_tls::serve_with("api", f)).transpose();
         let limits = crate::listener::Limits {
             max_connections: config.api.max_connections,
             header_timeout: Duration::from_secs_f64(config.api.header_timeout_secs),
+            tls: tls.map_err(anyhow::Error::msg)?,
         };
         running.tasks.spawn(async move {
             crate::listener::serve("api", listener, app, limits, sd).await.map_err(|e| ComponentFailed {

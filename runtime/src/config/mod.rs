@@ -256,6 +256,9 @@ pub struct ApiConfig {
     /// Live streams (SSE, long polls) at once; more are answered 503 `CON012`.
     #[serde(default = "default_max_streams")]
     pub max_streams: usize,
+    /// Serve HTTPS with this certificate and key (re-read when they change).
+    #[serde(default)]
+    pub tls: Option<crate::listener_tls::TlsFiles>,
 }
 
 fn default_max_connections() -> usize {
@@ -318,6 +321,7 @@ impl Default for ApiConfig {
             max_connections: default_max_connections(),
             header_timeout_secs: default_header_timeout_secs(),
             max_streams: default_max_streams(),
+            tls: None,
         }
     }
 }
@@ -660,15 +664,18 @@ fn default_park_retry() -> f64 {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct OpsConfig {
-    /// Address of /metrics, /livez, /readyz and the admin API (POST /repair/check, whose
-    /// answers name keys of differing rows: keep it private); empty string disables the server.
+    /// Address of /metrics, /livez and /readyz (nothing that changes anything); empty string
+    /// disables the server.
     #[serde(default = "default_listen")]
     pub listen: String,
+    /// Serve HTTPS with this certificate and key (re-read when they change).
+    #[serde(default)]
+    pub tls: Option<crate::listener_tls::TlsFiles>,
 }
 
 impl Default for OpsConfig {
     fn default() -> Self {
-        OpsConfig { listen: default_listen() }
+        OpsConfig { listen: default_listen(), tls: None }
     }
 }
 

@@ -373,8 +373,9 @@ impl Capture {
     /// must start after them. What the source commits before the slot exists is restored by
     /// the re-sync, not streamed. The move writes at most [`MAX_WAL_PAD`] bytes of WAL
     /// (logical messages no slot decodes); more is [`CaptureError::Behind`]. A slot that is
-    /// someone else's ([`Capture::foreign`]) is dropped too. Returns where the new slot starts
-    /// (`None`: the slot is there, valid and ours); record it with [`Capture::adopt_slot`].
+    /// someone else's (it starts past what synapse confirmed) is dropped too. Returns where
+    /// the new slot starts (`None`: the slot is there, valid and ours); record it with
+    /// [`Capture::adopt_slot`].
     pub async fn replace_slot(&self, history: &synapse_log::WriterState) -> Result<Option<Lsn>, CaptureError> {
         let client = self.client().await?;
         let slot = &self.config.slot;

@@ -353,23 +353,8 @@ impl ReplicationConnection {
     /// Reads one frame. Cancel-safe: partial frames stay buffered.
     async fn frame(&mut self) -> Result<Frame, CaptureError> {
         loop {
-            if self.buf.len() >= 5 {
-                let len = u32::from_be_bytes([self.buf[1], self.buf[2], self.buf[3], self.buf[4]]) as usize;
-                if len < 4 {
-                    return Err(CaptureError::Protocol(format!("frame length {len} < 4")));
-                }
-                // PostgreSQL's messages are below 1 GiB; a longer length is a broken or hostile
-                // peer, and would have us reserve up to 4 GiB.
-                if len > MAX_FRAME {
-                    return Err(CaptureError::Protocol(format!("frame length {len} exceeds {MAX_FRAME} bytes")));
-                }
-                if self.buf.len() > len {
-                    let mut frame = self.buf.split_to(len + 1);
-                    let tag = frame[0];
-                    frame.advance(5);
-                    return Ok(Frame { tag, body: frame.freeze() });
-                }
-                self.buf.reserve(len + 1 - self.buf.len());
+            if let Some(frame) = split_frame(&mut self.buf)? {
+                return Ok(frame);
             }
             let n = self.reader.read_buf(&mut self.buf).await.map_err(CaptureError::Io)?;
             if n == 0 {
@@ -463,6 +448,76 @@ impl ReplicationConnection {
     }
 }
 
+/// Splits the next whole frame (tag, length, body) off `buf`; `None` until one is buffered
+/// (room for it is reserved).
+fn split_frame(buf: &mut BytesMut) -> Result<Option<Frame>, CaptureError> {
+    if buf.len() < 5 {
+        return Ok(None);
+    }
+    let len = u32::from_be_bytes([buf[1], buf[2], buf[3], buf[4]]) as usize;
+    if len < 4 {
+        return Err(CaptureError::Protocol(format!("frame length {len} < 4")));
+    }
+    // PostgreSQL's messages are below 1 GiB; a longer length is a broken or hostile peer, and
+    // would have us reserve up to 4 GiB.
+    if len > MAX_FRAME {
+        return Err(CaptureError::Protocol(format!("frame length {len} exceeds {MAX_FRAME} bytes")));
+    }
+    if buf.len() > len {
+        let mut frame = buf.split_to(len + 1);
+        let tag = frame[0];
+        frame.advance(5);
+        return Ok(Some(Frame { tag, body: frame.freeze() }));
+    }
+    buf.reserve(len + 1 - buf.len());
+    Ok(None)
+}
+
+/// A CopyData body of the replication stream: WAL data or a keepalive.
+fn copy_data(mut b: Bytes) -> Result<ReplicationMessage, CaptureError> {
+    match b.first().copied() {
+        Some(b'w') if b.len() >= 25 => {
+            b.advance(1);
+            let wal_start = b.get_u64();
+            let wal_end = b.get_u64();
+            let _server_time = b.get_i64();
+            Ok(ReplicationMessage::XLogData { wal_start, wal_end, data: b })
+        }
+        Some(b'k') if b.len() >= 18 => {
+            b.advance(1);
+            let wal_end = b.get_u64();
+            let _server_time = b.get_i64();
+            Ok(ReplicationMessage::Keepalive { wal_end, reply_requested: b.get_u8() == 1 })
+        }
+        _ => Err(CaptureError::Protocol("short CopyData".into())),
+    }
+}
+
+/// Runs `bytes`, as a server would send them, through the frame splitter and every parser the
+/// connection applies to a frame (CopyData, ErrorResponse, DataRow); returns the whole frames
+/// read. For fuzzing: it must return an error, never panic or allocate without bound.
+#[doc(hidden)]
+pub fn parse_frames(bytes: &[u8]) -> Result<usize, CaptureError> {
+    let mut buf = BytesMut::from(bytes);
+    let mut frames = 0;
+    while let Some(f) = split_frame(&mut buf)? {
+        frames += 1;
+        match f.tag {
+            b'd' => {
+                copy_data(f.body)?;
+            }
+            b'E' => {
+                let _ = parse_error(&f.body);
+            }
+            b'D' => {
+                parse_data_row(&f.body)?;
+            }
+            _ => {}
+        }
+    }
+    Ok(frames)
+}
+
 fn parse_data_row(body: &[u8]) -> Result<Vec<Option<String>>, CaptureError> {
     let bad = || CaptureError::Protocol("malformed DataRow".into());
     let mut b = body;
@@ -515,26 +570,7 @@ impl ReplicationStream {
         loop {
             let f = self.conn.frame().await?;
             match f.tag {
-                b'd' => {
-                    let mut b = f.body;
-                    let short = || CaptureError::Protocol("short CopyData".into());
-                    match b.first().copied() {
-                        Some(b'w') if b.len() >= 25 => {
-                            b.advance(1);
-                            let wal_start = b.get_u64();
-                            let wal_end = b.get_u64();
-                            let _server_time = b.get_i64();
-                            return Ok(ReplicationMessage::XLogData { wal_start, wal_end, data: b });
-                        }
-                        Some(b'k') if b.len() >= 18 => {
-                            b.advance(1);
-                            let wal_end = b.get_u64();
-                            let _server_time = b.get_i64();
-                            return Ok(ReplicationMessage::Keepalive { wal_end, reply_requested: b.get_u8() == 1 });
-                        }
-                        _ => return Err(short()),
-                    }
-                }
+                b'd' => return copy_data(f.body),
                 b'E' => return Err(CaptureError::Server(parse_error(&f.body))),
                 b'c' => return Err(CaptureError::Protocol("server ended the replication stream".into())),
                 _ => {}

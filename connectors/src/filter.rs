@@ -486,4 +486,74 @@ mod tests {
             assert!(e.contains(msg), "{bad}: {e}");
         }
     }
+
+    /// Fuzzing by property: any text — and any sequence of the grammar's own tokens, which
+    /// reaches the parser's deeper states — parses or fails with a message naming a position;
+    /// a filter that parses evaluates any row without panicking.
+    mod fuzz {
+        use super::*;
+        use proptest::prelude::*;
+
+        fn token() -> impl Strategy<Value = String> {
+            prop_oneof![
+                Just("id".to_string()),
+                Just("\"st\"\"x\"".to_string()),
+                Just("=".to_string()),
+                Just("<>".to_string()),
+                Just(">=".to_string()),
+                Just("and".to_string()),
+                Just("OR".to_string()),
+                Just("not".to_string()),
+                Just("is".to_string()),
+                Just("null".to_string()),
+                Just("in".to_string()),
+                Just("(".to_string()),
+                Just(")".to_string()),
+                Just(",".to_string()),
+                Just("'it''s'".to_string()),
+                Just("'".to_string()),
+                Just("true".to_string()),
+                Just("-1e308".to_string()),
+                Just("1e999".to_string()),
+                Just("NaN".to_string()),
+                "[a-z_]{1,3}",
+                any::<f64>().prop_map(|f| f.to_string()),
+            ]
+        }
+
+        fn row() -> impl Strategy<Value = Value> {
+            let leaf = prop_oneof![
+                Just(Value::Null),
+                any::<bool>().prop_map(Value::Bool),
+                any::<f64>().prop_map(|f| serde_json::Number::from_f64(f).map_or(Value::Null, Value::Number)),
+                ".{0,8}".prop_map(Value::String),
+            ];
+            proptest::collection::btree_map(prop_oneof![Just("id".to_string()), "[a-z_]{1,3}"], leaf, 0..6)
+                .prop_map(|m| Value::Object(m.into_iter().collect()))
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig { cases: 4096, ..ProptestConfig::default() })]
+
+            #[test]
+            fn any_text_parses_or_fails_cleanly(text in ".{0,64}", r in row()) {
+                match text.parse::<RowFilter>() {
+                    Ok(f) => { let _ = f.matches(&r); }
+                    Err(e) => prop_assert!(!e.is_empty()),
+                }
+            }
+
+            #[test]
+            fn any_token_sequence_parses_or_fails_cleanly(
+                tokens in proptest::collection::vec(token(), 0..24),
+                r in row(),
+            ) {
+                let text = tokens.join(" ");
+                match text.parse::<RowFilter>() {
+                    Ok(f) => { let _ = f.matches(&r); }
+                    Err(e) => prop_assert!(!e.is_empty(), "{text}"),
+                }
+            }
+        }
+    }
 }

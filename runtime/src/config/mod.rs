@@ -687,8 +687,20 @@ impl Config {
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
         let p = path.display().to_string();
         let raw = std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: p.clone(), source })?;
-        let text = interpolate(&raw, &p, |k| std::env::var(k).ok())?;
         let is_toml = path.extension().is_some_and(|e| e == "toml");
+        Self::from_text(&raw, is_toml, &p, |k| std::env::var(k).ok())
+    }
+
+    /// [`Config::load`] of a file's text `raw`, with `env` for `${VAR}` references: every
+    /// step after reading (interpolation, parsing, validation, mesh expansion).
+    pub fn from_text(
+        raw: &str,
+        is_toml: bool,
+        path: &str,
+        env: impl Fn(&str) -> Option<String>,
+    ) -> Result<Config, ConfigError> {
+        let p = path.to_owned();
+        let text = interpolate(raw, &p, env)?;
         let mut config = Self::parse(&text, is_toml, &p)?;
         let mut problems = config.problems();
         if !problems.is_empty() {

@@ -262,3 +262,80 @@ fn malformed_configs_name_the_field_the_line_and_the_fix() {
         load("vars.yaml", "sources:\n  - name: a\n    url: postgres://${SYN_T_USER}:${SYN_T_PW}@${SYN_T_HOST}/app\n");
     expect(&e, &["3 environment variables not set", "line 3: SYN_T_USER", "fix: export them"]);
 }
+
+/// Fuzzing by property: the configuration parser takes any text — random, or the shipped
+/// examples with bytes replaced, deleted or inserted (which reach deep into the parse and
+/// the validation) — and answers a configuration or an error naming what is wrong; it never
+/// panics.
+mod fuzz {
+    use super::*;
+    use proptest::prelude::*;
+
+    const EXAMPLES: [&str; 3] = [
+        include_str!("../../../deploy/synapse.example.yaml"),
+        include_str!("../../../deploy/kafka.example.yaml"),
+        include_str!("../../../deploy/mesh.example.yaml"),
+    ];
+
+    fn env(name: &str) -> Option<String> {
+        Some(match name.ends_with("WHSEC") {
+            true => "whsec_MDEyMzQ1Njc4OWFiY2RlZjAxMjM0NTY3ODlhYmNkZWY=".into(),
+            false => "fuzz-value-0123456789abcdefghijkl".into(),
+        })
+    }
+
+    /// The unmutated examples load: so mutations start from text that reaches validation.
+    #[test]
+    fn the_examples_load() {
+        for (i, text) in EXAMPLES.iter().enumerate() {
+            if let Err(e) = Config::from_text(text, false, "example.yaml", env) {
+                panic!("example {i}: {e}");
+            }
+        }
+    }
+
+    fn parses_or_fails_cleanly(text: &str, toml: bool) -> Result<(), TestCaseError> {
+        // Every variable set: the text reaches parsing and validation.
+        if let Err(e) = Config::from_text(text, toml, "fuzz.yaml", env) {
+            prop_assert!(!e.to_string().is_empty());
+        }
+        Ok(())
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 2048, ..ProptestConfig::default() })]
+
+        #[test]
+        fn any_text(text in "(?s).{0,200}", toml: bool) {
+            parses_or_fails_cleanly(&text, toml)?;
+        }
+
+        #[test]
+        fn mutated_examples(
+            which in 0..EXAMPLES.len(),
+            edits in proptest::collection::vec((any::<prop::sample::Index>(), 0u8..3, "[ -~\n]{0,3}"), 1..6),
+        ) {
+            let mut text = EXAMPLES[which].to_string();
+            for (at, kind, insert) in edits {
+                let mut i = at.index(text.len() + 1);
+                while !text.is_char_boundary(i) {
+                    i -= 1;
+                }
+                match kind {
+                    0 => text.insert_str(i, &insert),
+                    1 => {
+                        let end = (i + insert.len().max(1)).min(text.len());
+                        let end = (end..=text.len()).find(|e| text.is_char_boundary(*e)).unwrap_or(text.len());
+                        text.replace_range(i..end, "");
+                    }
+                    _ => {
+                        let end = (i + insert.len()).min(text.len());
+                        let end = (end..=text.len()).find(|e| text.is_char_boundary(*e)).unwrap_or(text.len());
+                        text.replace_range(i..end, &insert);
+                    }
+                }
+            }
+            parses_or_fails_cleanly(&text, false)?;
+        }
+    }
+}

@@ -6,7 +6,7 @@
 //!   Anything committed after this call is after this cursor (no gap between subscribe and
 //!   write).
 //! * `GET /v1/streams/{node}/changes?cursor=&live=&limit=&tables=&operations=&filter=`
-//!   - JSON lines (`application/x-ndjson`): up to `limit` CloudEvents, then a control line
+//!   - JSON lines (`application/x-ndjson`): up to `limit` CloudEvents (and about 16 MiB), then a control line
 //!     `{"control":"up-to-date"|"more","cursor":…}` whose cursor resumes the stream (also in the
 //!     `synapse-cursor` header). `live=true` long-polls up to `timeout_ms` for the first event.
 //!   - SSE (`Accept: text/event-stream`): `event: change`, `id:` = cursor; `Last-Event-ID`
@@ -42,6 +42,13 @@ use synapse_schemas::Cursor;
 
 /// Largest `limit` a request may ask for.
 pub const MAX_LIMIT: usize = 10_000;
+/// Events read from the log at a time for one response (an SSE message batch, a page of a
+/// JSON lines answer).
+const PAGE_EVENTS: usize = 256;
+/// The first page of a JSON lines answer, before the events' size is known.
+const FIRST_PAGE_EVENTS: usize = 16;
+/// A JSON lines answer ends (`"control": "more"`) once its events pass this size.
+const MAX_RESPONSE_BYTES: usize = 16 << 20;
 const DEFAULT_LIMIT: usize = 1_000;
 /// Long-poll wait: below common proxy idle timeouts (60 s).
 const DEFAULT_POLL: Duration = Duration::from_secs(20);
@@ -335,20 +342,41 @@ async fn lines_response<L: ChangeLog>(
     wait: Duration,
     mut shutdown: tokio::sync::watch::Receiver<bool>,
 ) -> Result<Response, ConnectorError> {
-    let batch = tokio::select! {
-        b = feed.next_batch(limit, wait) => b?,
-        // Shutting down: answer the long poll now, with the position so far.
-        _ = async { let _ = shutdown.wait_for(|s| *s).await; } => crate::FeedBatch { position: feed.position(), ..Default::default() },
-    };
-    let mut body = Vec::with_capacity(batch.events.iter().map(|e| e.body.len() + 1).sum::<usize>() + 64);
-    for e in &batch.events {
-        body.extend_from_slice(&e.body);
-        body.push(b'\n');
+    // Read in pages, so a response holds at most MAX_RESPONSE_BYTES of events (and the
+    // pages' records), not `limit` events of any size.
+    let mut body = Vec::new();
+    let (mut count, mut position, mut more) = (0usize, feed.position(), false);
+    loop {
+        // Pages sized by the events seen so far, so the answer stops near the size bound.
+        let fits = match count {
+            0 => FIRST_PAGE_EVENTS,
+            _ => MAX_RESPONSE_BYTES.saturating_sub(body.len()) / (body.len() / count).max(1),
+        };
+        let want = (limit - count).min(fits.clamp(1, PAGE_EVENTS));
+        let wait = if count == 0 { wait } else { Duration::ZERO };
+        let batch = tokio::select! {
+            b = feed.next_batch(want, wait) => b?,
+            // Shutting down: answer the long poll now, with the position so far.
+            _ = async { let _ = shutdown.wait_for(|s| *s).await; } => crate::FeedBatch { position: feed.position(), ..Default::default() },
+        };
+        position = batch.position.or(position);
+        for e in &batch.events {
+            body.extend_from_slice(&e.body);
+            body.push(b'\n');
+        }
+        count += batch.events.len();
+        if batch.events.len() < want || *shutdown.borrow() {
+            break;
+        }
+        // A full page may have more behind it.
+        if count >= limit || body.len() >= MAX_RESPONSE_BYTES {
+            more = true;
+            break;
+        }
     }
-    metrics::counter!("synapse_stream_events_total", "stream" => name).increment(batch.events.len() as u64);
-    // A full batch may have more behind it; otherwise the reader caught up.
-    let control = if batch.events.len() >= limit { "more" } else { "up-to-date" };
-    let cursor = batch.position.map(|c| c.to_string());
+    metrics::counter!("synapse_stream_events_total", "stream" => name).increment(count as u64);
+    let control = if more { "more" } else { "up-to-date" };
+    let cursor = position.map(|c| c.to_string());
     body.extend_from_slice(json!({"control": control, "cursor": cursor}).to_string().as_bytes());
     body.push(b'\n');
     let mut resp = (StatusCode::OK, body).into_response();
@@ -378,7 +406,7 @@ fn sse_response<L: ChangeLog>(
         async move {
             let (mut feed, mut last_sent, guard) = state?;
             let wait = if live { SSE_KEEPALIVE } else { Duration::ZERO };
-            let batch = match feed.next_batch(limit, wait).await {
+            let batch = match feed.next_batch(limit.min(PAGE_EVENTS), wait).await {
                 Ok(b) => b,
                 Err(e) => {
                     tracing::warn!(stream = %name, error = %synapse_error::chain(&e), "stream read failed");

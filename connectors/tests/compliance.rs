@@ -130,6 +130,8 @@ enum Reply {
     Status(u16),
     RetryAfter(u16, u64),
     Hang(Duration),
+    /// 200, then a body that never ends.
+    Endless,
 }
 
 /// A real HTTP server that verifies signatures with the independent `standardwebhooks` crate.
@@ -193,12 +195,18 @@ impl Receiver {
             Reply::Hang(d) => {
                 tokio::time::sleep(d).await;
             }
+            Reply::Endless => {}
         }
         let events = match serde_json::from_slice::<Value>(&body).unwrap() {
             Value::Array(a) => a,
             one => vec![one],
         };
         self.got.lock().unwrap().push(Received { webhook_id: id, body: body.to_vec(), events, at: Instant::now() });
+        if matches!(reply, Reply::Endless) {
+            let chunk = bytes::Bytes::from(vec![b'x'; 64 << 10]);
+            let endless = futures_util::stream::repeat(Ok::<_, std::convert::Infallible>(chunk));
+            return (StatusCode::OK, axum::body::Body::from_stream(endless)).into_response();
+        }
         StatusCode::NO_CONTENT.into_response()
     }
 
@@ -606,6 +614,78 @@ async fn timeouts_are_retried_with_the_same_id_and_removed_endpoints_release_the
     drop(h);
     let (_h, _stop) = webhooks(&log, dir.path(), vec![]).await;
     assert_eq!(log.consumer_position("webhook:slowpoke").await.unwrap(), None);
+}
+
+/// A receiver that answers 200 with a body that never ends: the delivery counts (its status
+/// is what matters), the answer is read only so far, and nothing waits for its end.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_endless_answer_is_not_read_to_its_end() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = open_log(dir.path());
+    let r = Receiver::start(Box::new(|_, _| Reply::Endless)).await;
+    let (h, _stop) = webhooks(&log, dir.path(), vec![spec("chatty", &r, json!({"timeout": "5s"}))]).await;
+    let mut w = Writer { log: log.clone(), lsn: 0x1000, v: 0 };
+    w.txn(&[1, 2, 3]).await;
+    let started = Instant::now();
+    eventually("three deliveries", Duration::from_secs(30), || r.event_count() >= 3).await;
+    let mut delivered = 0;
+    while delivered < 3 {
+        let attempts = h.attempts("chatty").await.unwrap();
+        assert!(attempts.iter().all(|a| a.outcome == "delivered"), "{attempts:?}");
+        delivered = attempts.len();
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert!(started.elapsed() < Duration::from_secs(4), "deliveries waited for the endless answers");
+    }
+    assert_eq!(r.attempts.lock().unwrap().values().copied().collect::<Vec<_>>(), [1, 1, 1], "each delivered once");
+}
+
+/// Large rows: a JSON lines answer ends with `more` once its events pass 16 MiB, whatever the
+/// `limit`; following the cursor reads the rest, each event once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lines_answer_is_bounded_by_size() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = open_log(dir.path());
+    let r = relation();
+    let big = "x".repeat(200 << 10);
+    for t in 0..150u64 {
+        let lsn = Lsn(0x1000 + t * 0x100);
+        log.append(vec![
+            LogRecord::Begin(Begin { commit_lsn: lsn, xid: 7, commit_time_us: 1, origin: None }),
+            LogRecord::Relation(r.clone()),
+            LogRecord::Change(RowChange {
+                index: 1,
+                relation: r.key(),
+                op: Op::Insert,
+                before: None,
+                after: Some(vec![Datum::Text(t.to_string()), Datum::Text(big.clone())].into()),
+            }),
+            LogRecord::Commit(Commit { commit_lsn: lsn, end_lsn: Lsn(lsn.0 + 8), commit_time_us: 1, event_count: 1 }),
+        ])
+        .await
+        .unwrap();
+    }
+    let base = serve_api(api(&log, vec![])).await;
+    let (mut cursor, mut seen, mut answers) = (String::new(), 0, 0);
+    loop {
+        let text = reqwest::get(format!("{base}/v1/streams/a/changes?limit=10000&cursor={cursor}"))
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        answers += 1;
+        let lines: Vec<Value> = text.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+        let (control, events) = lines.split_last().unwrap();
+        assert!(text.len() < (16 << 20) + (1 << 20), "an answer of {} bytes", text.len());
+        seen += events.len();
+        cursor = control["cursor"].as_str().unwrap().to_owned();
+        if control["control"] == "up-to-date" {
+            break;
+        }
+        assert_eq!(control["control"], "more");
+    }
+    assert_eq!(seen, 150);
+    assert!(answers >= 2, "30 MB of events came in one answer");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

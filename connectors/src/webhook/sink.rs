@@ -154,8 +154,7 @@ impl Sink for HttpSink {
             Ok(resp) => {
                 let status = resp.status();
                 let after = retry_after(resp.headers());
-                // Drain the body so the connection can be reused; its content is not used.
-                let _ = resp.bytes().await;
+                drain(resp).await;
                 let outcome = if status.is_success() {
                     Outcome::Delivered
                 } else if status == reqwest::StatusCode::GONE {
@@ -205,5 +204,19 @@ mod tests {
         let t = httpdate("Sun, 06 Nov 1994 08:49:37 GMT").unwrap();
         assert_eq!(t.duration_since(std::time::UNIX_EPOCH).unwrap().as_secs(), 784_111_777);
         assert!(httpdate("yesterday").is_none());
+    }
+}
+
+/// Most of a receiver's answer read (and dropped) so its connection can be reused; a longer
+/// answer ends the connection instead of filling memory.
+const MAX_DRAIN: usize = 64 << 10;
+
+async fn drain(mut resp: reqwest::Response) {
+    let mut read = 0usize;
+    while let Ok(Some(chunk)) = resp.chunk().await {
+        read += chunk.len();
+        if read > MAX_DRAIN {
+            break;
+        }
     }
 }

@@ -147,7 +147,9 @@ fn main() -> ExitCode {
     };
     let result: anyhow::Result<ExitCode> = rt.block_on(async {
         match cli.command {
-            Command::Run { config } => synapse_runtime::run(Config::load(&config)?).await.map(|_| ExitCode::SUCCESS),
+            Command::Run { config } => {
+                synapse_runtime::run(Config::load(&config)?, Some(config)).await.map(|_| ExitCode::SUCCESS)
+            }
             Command::Validate { config } => {
                 let c = Config::load(&config)?;
                 println!(

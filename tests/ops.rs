@@ -291,3 +291,33 @@ fn an_open_api_is_refused_off_loopback_and_checks_the_host_on_it() {
     s.read_to_string(&mut text).unwrap();
     assert!(text.starts_with("HTTP/1.0 403") && text.contains("not a loopback name"), "{text}");
 }
+
+/// Token rotation without a restart: the configuration's `api.tokens` edited and SIGHUP sent —
+/// the new token works, the removed one is refused, parked components are tried again as
+/// before; a configuration that no longer loads keeps the current tokens.
+#[test]
+fn tokens_rotate_on_sighup() {
+    let nodes = Nodes::start("CREATE TABLE t (id int PRIMARY KEY, v text)");
+    let (child, ops, api, config) = run_with_api(&nodes, "");
+    wait_ready(&ops);
+    assert_eq!(request(&api, "GET", "/v1/streams", "", Some(READER)).0, 200);
+    const ROTATED: &str = "rotated-reader-token-0123456789abcdef";
+    let text = std::fs::read_to_string(&config).unwrap();
+    std::fs::write(&config, text.replace(READER, ROTATED)).unwrap();
+    let hup = || std::process::Command::new("kill").args(["-HUP", &child.id().to_string()]).status().unwrap();
+    hup();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while request(&api, "GET", "/v1/streams", "", Some(ROTATED)).0 != 200 {
+        assert!(Instant::now() < deadline, "the rotated token is never accepted");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(request(&api, "GET", "/v1/streams", "", Some(READER)).0, 401, "the removed token still works");
+    assert_eq!(request(&api, "GET", "/v1/components", "", Some(ADMIN_TOKEN)).0, 200, "the others stay");
+    // A broken file: nothing changes.
+    std::fs::write(&config, "api: [this is not a configuration").unwrap();
+    hup();
+    std::thread::sleep(Duration::from_secs(1));
+    assert_eq!(request(&api, "GET", "/v1/streams", "", Some(ROTATED)).0, 200);
+    assert_eq!(request(&api, "GET", "/v1/streams", "", Some(READER)).0, 401);
+    drop(child);
+}

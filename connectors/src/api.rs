@@ -247,7 +247,7 @@ fn read_request<'a, L>(
     let token = api.auth.check(headers, Scope::Stream)?;
     let Query(q) = query.map_err(|e| bad("query", e.body_text()))?;
     let s = stream(api, name)?;
-    let selector = selector(&q, token)?;
+    let selector = selector(&q, token.as_ref())?;
     Ok((q, s, selector))
 }
 

@@ -69,15 +69,32 @@ pub fn digest(secret: &str) -> [u8; 32] {
     Sha256::digest(secret.trim().as_bytes()).into()
 }
 
-/// The API's tokens (none: authentication off, loopback host names only).
-#[derive(Clone, Debug, Default)]
+/// The API's tokens (none: authentication off, loopback host names only). Replaced as a whole
+/// by [`Auth::replace`] (token rotation without a restart); a request sees one set or the other.
+#[derive(Debug, Default)]
 pub struct Auth {
-    pub tokens: Vec<Token>,
+    tokens: std::sync::RwLock<Arc<Vec<Token>>>,
 }
 
 impl Auth {
+    pub fn new(tokens: Vec<Token>) -> Auth {
+        Auth { tokens: std::sync::RwLock::new(Arc::new(tokens)) }
+    }
+
+    /// The tokens now.
+    pub fn tokens(&self) -> Arc<Vec<Token>> {
+        self.tokens.read().map(|t| t.clone()).unwrap_or_default()
+    }
+
+    /// Serves `tokens` from the next request on.
+    pub fn replace(&self, tokens: Vec<Token>) {
+        if let Ok(mut t) = self.tokens.write() {
+            *t = Arc::new(tokens);
+        }
+    }
+
     /// The caller's token if it may act in `scope` (`None` when authentication is off).
-    pub fn check(&self, headers: &HeaderMap, scope: Scope) -> Result<Option<&Token>, ConnectorError> {
+    pub fn check(&self, headers: &HeaderMap, scope: Scope) -> Result<Option<Token>, ConnectorError> {
         let Some(token) = self.caller(headers)? else { return Ok(None) };
         if token.allows(scope) {
             Ok(Some(token))
@@ -91,8 +108,9 @@ impl Auth {
     }
 
     /// The token presented (`None` when authentication is off), whatever its scopes.
-    pub fn caller(&self, headers: &HeaderMap) -> Result<Option<&Token>, ConnectorError> {
-        if self.tokens.is_empty() {
+    pub fn caller(&self, headers: &HeaderMap) -> Result<Option<Token>, ConnectorError> {
+        let tokens = self.tokens();
+        if tokens.is_empty() {
             let host = headers.get(header::HOST).and_then(|h| h.to_str().ok()).unwrap_or("");
             return if is_loopback_host(host) {
                 Ok(None)
@@ -111,12 +129,12 @@ impl Auth {
         let d = digest(presented);
         // Every token is compared, in constant time: timing tells nothing about which matched.
         let mut found = None;
-        for t in &self.tokens {
+        for t in tokens.iter() {
             if constant_time_eq(&t.sha256, &d) {
                 found = Some(t);
             }
         }
-        found.map(Some).ok_or(ConnectorError::Unauthorized)
+        found.cloned().map(Some).ok_or(ConnectorError::Unauthorized)
     }
 }
 

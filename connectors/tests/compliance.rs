@@ -486,7 +486,7 @@ fn api(log: &Arc<EmbeddedLog>, tokens: Vec<Token>) -> Api<EmbeddedLog> {
     let (stop, shutdown) = watch::channel(false);
     std::mem::forget(stop);
     let live_slots = Arc::new(tokio::sync::Semaphore::new(synapse_connectors::api::DEFAULT_MAX_STREAMS));
-    Api { streams, auth: Arc::new(Auth { tokens }), audit: None, webhooks: None, shutdown, live_slots }
+    Api { streams, auth: Arc::new(Auth::new(tokens)), audit: None, webhooks: None, shutdown, live_slots }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -49,8 +49,10 @@ pub async fn shutdown_signal() {
     }
 }
 
-/// `synapse run`: serves the ops endpoints when `ops.listen` is set, starts every pipeline of `config` and runs them until SIGINT/SIGTERM.
-pub async fn run(config: config::Config) -> anyhow::Result<()> {
+/// `synapse run`: serves the ops endpoints when `ops.listen` is set, starts every pipeline of
+/// `config` and runs them until SIGINT/SIGTERM. With the file `config` came from, SIGHUP also
+/// re-reads its `api.tokens` (rotation without a restart).
+pub async fn run(config: config::Config, file: Option<std::path::PathBuf>) -> anyhow::Result<()> {
     let health = Arc::new(ops::Health::new(config.supervision.policy()));
     // SIGHUP: try every parked component again now (after fixing what parked it).
     if let Ok(mut hup) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
@@ -80,6 +82,9 @@ pub async fn run(config: config::Config) -> anyhow::Result<()> {
         r = &mut starting => r?,
         _ = shutdown_signal() => return Ok(()),
     };
+    if let (Some(auth), Some(file)) = (running.auth.clone(), file) {
+        reload_tokens_on_hangup(auth, file);
+    }
     let signal_stop = stop.clone();
     tokio::spawn(async move {
         shutdown_signal().await;
@@ -88,4 +93,27 @@ pub async fn run(config: config::Config) -> anyhow::Result<()> {
     });
     pipeline::wait(running, &stop).await?;
     Ok(())
+}
+
+/// On SIGHUP, serves the `api.tokens` of the configuration file as it is now; a file that no
+/// longer loads keeps the current tokens (and says why).
+fn reload_tokens_on_hangup(auth: Arc<synapse_connectors::auth::Auth>, file: std::path::PathBuf) {
+    let Ok(mut hup) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) else { return };
+    tokio::spawn(async move {
+        while hup.recv().await.is_some() {
+            match config::Config::load(&file) {
+                Ok(c) => {
+                    let tokens = c.api.api_tokens();
+                    let names: Vec<String> = tokens.iter().map(|t| t.name.clone()).collect();
+                    auth.replace(tokens);
+                    tracing::info!(tokens = ?names, "SIGHUP: api.tokens re-read");
+                    metrics::counter!("synapse_token_reloads_total", "outcome" => "ok").increment(1);
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, "SIGHUP: the configuration does not load; the API keeps its current tokens");
+                    metrics::counter!("synapse_token_reloads_total", "outcome" => "failed").increment(1);
+                }
+            }
+        }
+    });
 }

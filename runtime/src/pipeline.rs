@@ -190,6 +190,8 @@ pub struct Running {
     pub webhooks: Option<Arc<Webhooks<SourceLog>>>,
     /// Where the HTTP API listens, once bound.
     pub api_addr: Option<std::net::SocketAddr>,
+    /// The API's tokens, replaceable while it runs (rotation).
+    pub auth: Option<Arc<synapse_connectors::auth::Auth>>,
 }
 
 fn database_of(s: &SourceConfig) -> String {
@@ -302,7 +304,7 @@ async fn start_delivery(
             shutdown: shutdown.clone(),
             live_slots: Arc::new(tokio::sync::Semaphore::new(config.api.max_streams)),
         });
-        if auth.tokens.is_empty() {
+        if auth.tokens().is_empty() {
             tracing::warn!(listen = %config.api.listen, "api.tokens is empty: the HTTP API requires no authentication (loopback host names only)");
         }
         let listener = crate::listener::bind(&config.api.listen).await.map_err(|e| {
@@ -310,6 +312,7 @@ async fn start_delivery(
             anyhow::anyhow!("api.listen: cannot listen on {}: {e}{hint}", config.api.listen)
         })?;
         running.api_addr = listener.local_addr().ok();
+        running.auth = Some(auth.clone());
         tracing::info!(listen = %config.api.listen, "serving /v1/streams, /v1/endpoints and the admin routes");
         let repair = Arc::new(crate::repair::RepairService::new(config.clone()));
         let admin = crate::admin::router(auth, health.clone(), audit, repair);
@@ -377,8 +380,14 @@ fn apply_config(t: &TargetConfig, source: &str) -> Result<ApplyConfig, anyhow::E
 
 /// Starts every component; returns once all are spawned.
 pub async fn start(config: &Config, health: Arc<Health>, shutdown: watch::Receiver<bool>) -> anyhow::Result<Running> {
-    let mut running =
-        Running { captures: Vec::new(), appliers: Vec::new(), tasks: JoinSet::new(), webhooks: None, api_addr: None };
+    let mut running = Running {
+        captures: Vec::new(),
+        appliers: Vec::new(),
+        tasks: JoinSet::new(),
+        webhooks: None,
+        api_addr: None,
+        auth: None,
+    };
     let logs = start_delivery(config, &mut running, &health, &shutdown).await?;
     forget_removed_appliers(config, &logs).await;
     let mut mesh_tables = BTreeMap::new();

@@ -276,9 +276,13 @@ fn default_max_streams() -> usize {
 impl ApiConfig {
     /// The tokens as the API checks them (digests, scopes).
     pub fn auth(&self) -> synapse_connectors::auth::Auth {
+        synapse_connectors::auth::Auth::new(self.api_tokens())
+    }
+
+    /// The tokens as the API checks them (digests, scopes).
+    pub fn api_tokens(&self) -> Vec<synapse_connectors::auth::Token> {
         use synapse_connectors::auth::{Scope, Token};
-        let tokens = self
-            .tokens
+        self.tokens
             .iter()
             .map(|t| {
                 let sha256 = match (&t.token, &t.token_sha256) {
@@ -295,8 +299,7 @@ impl ApiConfig {
                 };
                 Token { name: t.name.clone(), sha256, tables: t.tables.clone(), scopes }
             })
-            .collect();
-        synapse_connectors::auth::Auth { tokens }
+            .collect()
     }
 }
 

@@ -170,21 +170,36 @@ pub struct AuditEntry {
 pub struct Audit {
     path: PathBuf,
     file: Mutex<std::fs::File>,
+    rotate_bytes: u64,
 }
 
 /// Entries [`Audit::recent`] returns at most.
 pub const AUDIT_RECENT: usize = 1_000;
+/// Past this size the audit log is rotated: the file becomes `<name>.1` (replacing the one
+/// before) and a new one is started. Entries are a few hundred bytes: ~200,000 per file.
+pub const AUDIT_ROTATE_BYTES: u64 = 64 << 20;
+/// How much of the file's end [`Audit::recent`] reads (its entries are short).
+const AUDIT_TAIL_BYTES: u64 = 1 << 20;
 
 impl Audit {
     pub fn open(path: &Path) -> std::io::Result<Audit> {
+        Self::open_rotating_at(path, AUDIT_ROTATE_BYTES)
+    }
+
+    /// [`Audit::open`] rotating past `rotate_bytes`.
+    pub fn open_rotating_at(path: &Path, rotate_bytes: u64) -> std::io::Result<Audit> {
         if let Some(dir) = path.parent() {
             std::fs::create_dir_all(dir)?;
         }
+        Ok(Audit { path: path.to_owned(), file: Mutex::new(Self::create(path)?), rotate_bytes })
+    }
+
+    fn create(path: &Path) -> std::io::Result<std::fs::File> {
         let mut options = std::fs::OpenOptions::new();
         options.create(true).append(true);
         #[cfg(unix)]
         std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
-        Ok(Audit { path: path.to_owned(), file: Mutex::new(options.open(path)?) })
+        options.open(path)
     }
 
     fn append(&self, entry: &AuditEntry) {
@@ -194,6 +209,12 @@ impl Audit {
         line.push(b'\n');
         let written =
             self.file.lock().map_err(|_| std::io::Error::other("audit log lock poisoned")).and_then(|mut f| {
+                if f.metadata()?.len() >= self.rotate_bytes {
+                    let mut old = self.path.clone().into_os_string();
+                    old.push(".1");
+                    std::fs::rename(&self.path, &old)?;
+                    *f = Self::create(&self.path)?;
+                }
                 f.write_all(&line)?;
                 f.sync_data()
             });
@@ -204,10 +225,18 @@ impl Audit {
         }
     }
 
-    /// The newest entries, newest last.
+    /// The newest entries, newest last (read from the file's last MiB, not the whole file).
     pub fn recent(&self, limit: usize) -> std::io::Result<Vec<AuditEntry>> {
-        let text = std::fs::read_to_string(&self.path)?;
-        let lines: Vec<&str> = text.lines().collect();
+        use std::io::{Read, Seek, SeekFrom};
+        let mut f = std::fs::File::open(&self.path)?;
+        let len = f.metadata()?.len();
+        let from = len.saturating_sub(AUDIT_TAIL_BYTES);
+        f.seek(SeekFrom::Start(from))?;
+        let mut tail = Vec::new();
+        f.take(AUDIT_TAIL_BYTES).read_to_end(&mut tail)?;
+        let text = String::from_utf8_lossy(&tail);
+        // Started mid-file: the first line may be cut.
+        let lines: Vec<&str> = text.lines().skip(usize::from(from > 0)).collect();
         Ok(lines[lines.len().saturating_sub(limit.min(AUDIT_RECENT))..]
             .iter()
             .filter_map(|l| serde_json::from_str(l).ok())
@@ -276,5 +305,45 @@ mod tests {
         for h in ["", "evil.example", "evil.example:7654", "10.0.0.1", "localhost.evil.example", "[2001:db8::1]:1"] {
             assert!(!is_loopback_host(h), "{h}");
         }
+    }
+
+    #[test]
+    fn the_audit_log_rotates_and_reads_its_tail() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("audit.jsonl");
+        let audit = Audit::open_rotating_at(&path, 4096).unwrap();
+        let entry = |i: usize| AuditEntry {
+            at: "2026-12-03T00:00:00Z".into(),
+            who: "root".into(),
+            method: "POST".into(),
+            path: format!("/v1/endpoints/{i}"),
+            status: 200,
+        };
+        for i in 0..100 {
+            audit.append(&entry(i));
+        }
+        let old = dir.path().join("audit.jsonl.1");
+        assert!(old.exists(), "rotated");
+        let size = std::fs::metadata(&path).unwrap().len();
+        assert!(size < 4096 + 200, "the current file is {size} bytes");
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            assert_eq!(std::fs::metadata(&path).unwrap().permissions().mode() & 0o777, 0o600);
+        }
+        let recent = audit.recent(5).unwrap();
+        assert_eq!(recent.iter().map(|e| e.path.as_str()).collect::<Vec<_>>().last(), Some(&"/v1/endpoints/99"));
+        assert_eq!(recent.len(), 5);
+        // A file far larger than the tail read: the newest entries, no torn first line.
+        let big = dir.path().join("big.jsonl");
+        let mut text = String::new();
+        for i in 0..20_000 {
+            text.push_str(&serde_json::to_string(&entry(i)).unwrap());
+            text.push('\n');
+        }
+        std::fs::write(&big, text).unwrap();
+        let tail = Audit::open(&big).unwrap().recent(AUDIT_RECENT).unwrap();
+        assert_eq!(tail.len(), AUDIT_RECENT);
+        assert_eq!(tail.last().unwrap().path, "/v1/endpoints/19999");
     }
 }

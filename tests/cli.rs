@@ -143,7 +143,7 @@ fn doctor_names_the_grants_a_replication_role_lacks() {
 fn doctor_reports_an_unreachable_webhook() {
     let nodes = Nodes::start("CREATE TABLE t (id int PRIMARY KEY)");
     let config = nodes.config("");
-    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let port = synapse_localpg::free_port().unwrap();
     let text = std::fs::read_to_string(&config).unwrap()
         + &format!("webhooks:\n  - name: hook\n    url: http://127.0.0.1:{port}/in\n    secrets: [whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw]\negress:\n  allow: [127.0.0.1]\n");
     std::fs::write(&config, text).unwrap();

@@ -64,8 +64,8 @@ fn internal_endpoints_are_refused_unless_allowed() {
 
     // Allowed: 127.0.0.2 only. Then, through the API: literal internal addresses refused,
     // a name resolving to loopback refused at delivery, a redirect not followed.
-    let api = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().to_string();
-    let ops = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().to_string();
+    let api = format!("127.0.0.1:{}", synapse_localpg::free_port().unwrap());
+    let ops = format!("127.0.0.1:{}", synapse_localpg::free_port().unwrap());
     let text = base.replace("ops:\n  listen: \"\"", &format!("ops:\n  listen: \"{ops}\"")).replace(
         "api:\n  listen: \"\"",
         &format!("api:\n  listen: \"{api}\"\n  tokens:\n    - {{name: root, token: {ADMIN_TOKEN}, admin: true}}"),

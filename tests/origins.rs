@@ -15,7 +15,7 @@ fn applied_changes_are_not_captured_again() {
     nodes.target.psql("app", &ITEMS_SCHEMA.replace("INSERT INTO counters VALUES (1, 0);", "")).unwrap();
     // Rows that exist before synapse starts reach B through the initial copy.
     nodes.source.psql("app", "INSERT INTO items SELECT g, g FROM generate_series(1, 50) g").unwrap();
-    let api = format!("127.0.0.1:{}", std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port());
+    let api = format!("127.0.0.1:{}", synapse_localpg::free_port().unwrap());
     let config = nodes.dir.path().join("synapse.yaml");
     std::fs::write(
         &config,

@@ -21,7 +21,7 @@ fn no_secret_appears_in_logs_metrics_api_or_errors() {
     let hook_port = listener.local_addr().unwrap().port();
     let app = axum::Router::new().route("/hook", axum::routing::post(|| async { "ok" }));
     rt.spawn(async move { axum::serve(listener, app).await });
-    let dead_port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let dead_port = synapse_localpg::free_port().unwrap();
     let secret = synapse_connectors::webhook::signing::Secret::generate().to_string();
     let (api, ops) = (free_addr(), free_addr());
     let token = MARKERS[5];
@@ -108,7 +108,7 @@ fn no_secret_appears_in_logs_metrics_api_or_errors() {
 }
 
 fn free_addr() -> String {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().to_string()
+    format!("127.0.0.1:{}", synapse_localpg::free_port().unwrap())
 }
 
 /// The same on the Kafka log: librdkafka properties holding secrets (SASL credentials, a key

@@ -21,7 +21,7 @@ fn snapshot_then_changes_have_no_gap_and_no_duplicate() {
         "{}\nINSERT INTO items SELECT g, g FROM generate_series(1, 5000) g;",
         common::ITEMS_SCHEMA
     ));
-    let api = format!("127.0.0.1:{}", std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port());
+    let api = format!("127.0.0.1:{}", synapse_localpg::free_port().unwrap());
     let config = nodes.dir.path().join("synapse.yaml");
     std::fs::write(
         &config,
@@ -129,7 +129,7 @@ fn snapshot_then_changes_have_no_gap_and_no_duplicate() {
 #[test]
 fn a_snapshot_is_refused_while_the_capture_has_no_slot() {
     let nodes = Nodes::start(common::ITEMS_SCHEMA);
-    let api = format!("127.0.0.1:{}", std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port());
+    let api = format!("127.0.0.1:{}", synapse_localpg::free_port().unwrap());
     let config = nodes.dir.path().join("synapse.yaml");
     std::fs::write(
         &config,
@@ -166,7 +166,7 @@ fn a_snapshot_reads_only_the_captured_tables() {
         "{}\nINSERT INTO items VALUES (1, 1); CREATE TABLE payroll (id int PRIMARY KEY, salary int); INSERT INTO payroll VALUES (1, 100000);",
         common::ITEMS_SCHEMA
     ));
-    let api = format!("127.0.0.1:{}", std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port());
+    let api = format!("127.0.0.1:{}", synapse_localpg::free_port().unwrap());
     let config = nodes.dir.path().join("synapse.yaml");
     std::fs::write(
         &config,

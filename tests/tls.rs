@@ -83,7 +83,7 @@ fn an_untrusted_certificate_parks_the_capture_with_the_fix() {
     let source = nodes.source.url("app");
     let wrong =
         source.replace("@127.0.0.1:", "@localhost:") + &format!("?sslmode=verify-full&sslrootcert={}", other.display());
-    let ops = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().to_string();
+    let ops = format!("127.0.0.1:{}", synapse_localpg::free_port().unwrap());
     let text = std::fs::read_to_string(&config)
         .unwrap()
         .replace(&source, &wrong)

@@ -48,7 +48,7 @@ fn start_receiver(rt: &tokio::runtime::Runtime, secret: String) -> (String, Arc<
 }
 
 fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    synapse_localpg::free_port().unwrap()
 }
 
 #[test]

@@ -693,7 +693,7 @@ async fn an_unreachable_endpoint_opens_its_breaker_and_keeps_its_events() {
     let dir = tempfile::tempdir().unwrap();
     let log = open_log(dir.path());
     // Nothing listens on this port: every attempt is a refused connection.
-    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let port = synapse_localpg::free_port().unwrap();
     let spec: EndpointSpec = serde_json::from_value(json!({
         "name": "nowhere", "url": format!("http://127.0.0.1:{port}/hook"),
         "secrets": [Secret::generate()], "retry_schedule": ["0s", "10ms", "10ms", "1h"],

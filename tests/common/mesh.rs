@@ -53,8 +53,8 @@ impl KilledMesh {
             .collect();
         let config = dir.path().join("mesh.yaml");
         // A port free now (the listener is dropped); the same one on every restart.
-        let ops = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().to_string();
-        let api = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().to_string();
+        let ops = format!("127.0.0.1:{}", synapse_localpg::free_port().unwrap());
+        let api = format!("127.0.0.1:{}", synapse_localpg::free_port().unwrap());
         std::fs::write(
             &config,
             format!(

@@ -25,6 +25,7 @@
 //!   (`synapse.*`): versioned, ordered migrations; a node from a newer release is refused.
 
 mod config;
+pub mod guard;
 pub mod node_schema;
 pub mod quote;
 mod sqlstate;
@@ -75,28 +76,127 @@ pub async fn connect(pg: &PgConfig, purpose: &str) -> Result<Client, tokio_postg
         config.application_name(format!("synapse {purpose}"));
     }
     let purpose = purpose.to_owned();
-    let client = match pg.tls() {
-        None => {
-            let (client, connection) = config.connect(NoTls).await?;
+    let spawn = |purpose: String| {
+        move |connection: std::pin::Pin<
+            Box<dyn std::future::Future<Output = Result<(), tokio_postgres::Error>> + Send>,
+        >| {
+            let purpose = purpose.clone();
             tokio::spawn(async move {
                 if let Err(error) = connection.await {
                     tracing::debug!(%purpose, %error, "postgres connection ended");
                 }
             });
+        }
+    };
+    // A password that may only go out encrypted, on a connection that may be in clear: the
+    // guard under tokio-postgres refuses a clear-text or MD5 request (see `guard`).
+    if needs_guard(pg, &config) {
+        return match pg.tls() {
+            None => connect_guarded(pg, &config, NoTls, spawn(purpose)).await,
+            Some(tls) => {
+                let tls = tokio_postgres_rustls::MakeRustlsConnect::new((*tls).clone());
+                connect_guarded(pg, &config, tls, spawn(purpose)).await
+            }
+        };
+    }
+    let client = match pg.tls() {
+        None => {
+            let (client, connection) = config.connect(NoTls).await?;
+            spawn(purpose)(Box::pin(connection));
             client
         }
         Some(tls) => {
             let tls = tokio_postgres_rustls::MakeRustlsConnect::new((*tls).clone());
             let (client, connection) = config.connect(tls).await?;
-            tokio::spawn(async move {
-                if let Err(error) = connection.await {
-                    tracing::debug!(%purpose, %error, "postgres connection ended");
-                }
-            });
+            spawn(purpose)(Box::pin(connection));
             client
         }
     };
     Ok(client)
+}
+
+/// Whether [`connect`] must guard the authentication: a password is set, the connection may
+/// be made without TLS (sslmode disable, allow or prefer) over TCP, and `require_auth` does
+/// not accept a password in clear or as MD5 there.
+fn needs_guard(pg: &PgConfig, config: &tokio_postgres::Config) -> bool {
+    use tokio_postgres::config::{Host, SslMode};
+    config.get_password().is_some()
+        && config.get_ssl_mode() != SslMode::Require
+        && !(pg.allows_auth("password", false) && pg.allows_auth("md5", false))
+        && config.get_hosts().iter().all(|h| matches!(h, Host::Tcp(_)))
+}
+
+/// [`connect`] over TCP connections of our own, each under a [`guard::AuthGuard`]: the hosts
+/// in order, as tokio-postgres would try them.
+async fn connect_guarded<T>(
+    pg: &PgConfig,
+    config: &tokio_postgres::Config,
+    mut tls: T,
+    spawn: impl Fn(std::pin::Pin<Box<dyn std::future::Future<Output = Result<(), tokio_postgres::Error>> + Send>>),
+) -> Result<Client, tokio_postgres::Error>
+where
+    T: tokio_postgres::tls::MakeTlsConnect<guard::AuthGuard<guard::Tcp>>,
+    T::Stream: Send + 'static,
+    T::TlsConnect: Send,
+    <T::TlsConnect as tokio_postgres::tls::TlsConnect<guard::AuthGuard<guard::Tcp>>>::Future: Send,
+{
+    use tokio_postgres::config::Host;
+    let timeout = config.get_connect_timeout().copied().unwrap_or(CONNECT_TIMEOUT);
+    let (ports, addrs) = (config.get_ports(), config.get_hostaddrs());
+    let mut failure: Option<std::io::Error> = None;
+    let mut last: Option<tokio_postgres::Error> = None;
+    for (i, host) in config.get_hosts().iter().enumerate() {
+        let Host::Tcp(name) = host else { continue };
+        let port = ports.get(i).or(ports.first()).copied().unwrap_or(5432);
+        let target = match addrs.get(i) {
+            Some(ip) => tokio::time::timeout(timeout, tokio::net::TcpStream::connect((*ip, port))).await,
+            None => tokio::time::timeout(timeout, tokio::net::TcpStream::connect((name.as_str(), port))).await,
+        };
+        let stream = match target {
+            Ok(Ok(s)) => s,
+            Ok(Err(e)) => {
+                failure = Some(e);
+                continue;
+            }
+            Err(_) => {
+                failure = Some(std::io::Error::new(std::io::ErrorKind::TimedOut, "connect timeout"));
+                continue;
+            }
+        };
+        let _ = stream.set_nodelay(true);
+        if config.get_keepalives() {
+            let keepalive = socket2::TcpKeepalive::new()
+                .with_time(config.get_keepalives_idle())
+                .with_interval(config.get_keepalives_interval().unwrap_or(Duration::from_secs(10)))
+                .with_retries(config.get_keepalives_retries().unwrap_or(3));
+            let _ = socket2::SockRef::from(&stream).set_tcp_keepalive(&keepalive);
+        }
+        let Ok(tls_connect) = tls.make_tls_connect(name) else {
+            failure = Some(std::io::Error::other(format!("cannot set up TLS for {name}")));
+            continue;
+        };
+        let guarded = guard::AuthGuard::new(guard::Tcp::Open(stream), pg.clone());
+        match tokio::time::timeout(timeout, config.connect_raw(guarded, tls_connect)).await {
+            Ok(Ok((client, connection))) => {
+                spawn(Box::pin(connection));
+                return Ok(client);
+            }
+            Ok(Err(e)) => last = Some(e),
+            Err(_) => failure = Some(std::io::Error::new(std::io::ErrorKind::TimedOut, "connect timeout")),
+        }
+    }
+    if let Some(e) = last {
+        return Err(e);
+    }
+    // No host answered: tokio-postgres reports the failure, read from a stream that holds it.
+    let failed = guard::AuthGuard::new(guard::Tcp::Failed(failure), pg.clone());
+    match config.connect_raw(failed, NoTls).await {
+        Ok((client, connection)) => {
+            spawn(Box::pin(connection));
+            Ok(client)
+        }
+        Err(e) => Err(e),
+    }
 }
 
 /// Connects to a connection string (URL or `key=value` form); see [`connect`]. A string that

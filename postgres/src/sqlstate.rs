@@ -18,6 +18,8 @@ pub fn is_transient(error: &tokio_postgres::Error) -> bool {
     match error.code() {
         // A certificate the TLS policy refuses, or a server without TLS where it is required.
         None if crate::tls::is_tls_refusal(error) => false,
+        // A password the connection must not send in clear: a setting to change, not a fault.
+        None if crate::guard::is_refusal(error) => false,
         None => true,
         Some(code) => is_transient_code(code.code()),
     }

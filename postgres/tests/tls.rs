@@ -83,3 +83,58 @@ async fn a_server_without_tls_is_refused_where_tls_is_required() {
     let config: PgConfig = url("prefer").parse().unwrap();
     synapse_postgres::connect(&config, "tls test").await.unwrap();
 }
+
+/// SQL connections never send a password in clear, nor as MD5, without TLS — unless
+/// `require_auth` names that method. The guard refuses the server's request before
+/// tokio-postgres answers it; SCRAM (which reveals nothing) goes through; `prefer` against a
+/// server without TLS is guarded the same way.
+#[tokio::test]
+async fn a_password_is_never_sent_in_clear_on_sql_connections() {
+    const HBA: &str = "local all all trust
+host all clear 127.0.0.1/32 password
+host all hashed 127.0.0.1/32 md5
+host all scram 127.0.0.1/32 scram-sha-256
+host all all 127.0.0.1/32 trust
+";
+    let cluster = LocalCluster::start(ClusterOptions { hba: Some(HBA.into()), ..Default::default() }).unwrap();
+    cluster
+        .psql(
+            "postgres",
+            "CREATE ROLE clear LOGIN PASSWORD 'pw-9'; CREATE ROLE scram LOGIN PASSWORD 'pw-9';
+             SET password_encryption = 'md5'; CREATE ROLE hashed LOGIN PASSWORD 'pw-9';",
+        )
+        .unwrap();
+    let port = cluster.port();
+    let connect = |user: &str, query: &str| {
+        let url = format!("postgres://{user}:pw-9@127.0.0.1:{port}/postgres?{query}");
+        async move { synapse_postgres::connect(&url.parse().unwrap(), "guard test").await }
+    };
+    for (user, query, method) in [
+        ("clear", "sslmode=disable", "in clear"),
+        ("clear", "sslmode=prefer", "in clear"),
+        ("hashed", "", "as an MD5 hash"),
+    ] {
+        let e = connect(user, query).await.err().unwrap();
+        assert!(synapse_postgres::guard::is_refusal(&e), "{user} {query}: {e:?}");
+        assert!(!is_transient(&e), "a setting to change, not a fault to retry");
+        let mut text = e.to_string();
+        let mut next = std::error::Error::source(&e);
+        while let Some(cause) = next {
+            text = format!("{text}: {cause}");
+            next = cause.source();
+        }
+        assert!(text.contains(method) && text.contains("require_auth="), "{text}");
+    }
+    // The risk accepted by name; SCRAM without TLS (it reveals nothing).
+    let c = connect("clear", "sslmode=disable&require_auth=password").await.unwrap();
+    assert_eq!(c.query_one("SELECT current_user::text", &[]).await.unwrap().get::<_, String>(0), "clear");
+    let c = connect("hashed", "require_auth=md5").await.unwrap();
+    c.query_one("SELECT 1", &[]).await.unwrap();
+    let c = connect("scram", "sslmode=disable").await.unwrap();
+    c.query_one("SELECT 1", &[]).await.unwrap();
+    // Nothing listening: an ordinary, transient connection error.
+    let dead = synapse_localpg::free_port().unwrap();
+    let url = format!("postgres://clear:pw-9@127.0.0.1:{dead}/postgres?sslmode=disable");
+    let e = synapse_postgres::connect(&url.parse().unwrap(), "guard test").await.err().unwrap();
+    assert!(is_transient(&e) && !synapse_postgres::guard::is_refusal(&e), "{e:?}");
+}

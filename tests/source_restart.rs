@@ -87,10 +87,19 @@ fn repair_fix(config: &std::path::Path) {
 }
 
 /// `synapse resume --accept-gap a`: the operator accepts source a's gap; it must succeed.
-fn accept_gap(config: &std::path::Path) {
+/// Returns once synapse made the new slot (what is written before may be in no stream:
+/// repair restores it), as its `log` says.
+fn accept_gap(config: &std::path::Path, log: &std::path::Path) {
+    const MADE: &str = "created a new replication slot past the gap";
+    let before = std::fs::read_to_string(log).unwrap_or_default().matches(MADE).count();
     let out = common::synapse(&["resume", "--config", config.to_str().unwrap(), "--accept-gap", "a"]).output().unwrap();
     let text = format!("{}\n{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
     assert!(out.status.success() && text.contains("gap accepted: capture/a"), "{text}");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while std::fs::read_to_string(log).unwrap_or_default().matches(MADE).count() <= before {
+        assert!(Instant::now() < deadline, "no new slot after the gap was accepted:\n{}", common::log_tail(log));
+        std::thread::sleep(Duration::from_millis(100));
+    }
 }
 
 /// Tries every parked component of `child` again now.
@@ -324,7 +333,7 @@ fn a_dropped_slot_is_a_gap_never_crossed() {
 
     // The operator accepts the gap as told; the stream resumes from a new slot.
     let config = nodes.dir.path().join("synapse.yaml");
-    accept_gap(&config);
+    accept_gap(&config, &log);
     wait_readyz(&ops, "capture/a: streaming", &log);
     nodes.source.psql("app", "INSERT INTO items VALUES (600, 600)").unwrap();
     common::wait_equal(
@@ -353,7 +362,7 @@ fn an_invalidated_slot_is_a_gap_never_crossed() {
     assert_eq!(slots(&nodes), "synapse_a", "the invalidated slot is left for the operator");
     assert_eq!(nodes.target.psql("app", "SELECT count(*) FROM items").unwrap(), "1", "nothing past the gap");
     // Accepted: the invalidated slot is made again and the stream goes on.
-    accept_gap(&nodes.dir.path().join("synapse.yaml"));
+    accept_gap(&nodes.dir.path().join("synapse.yaml"), &log);
     wait_readyz(&ops, "capture/a: streaming", &log);
     nodes.source.psql("app", "INSERT INTO items VALUES (600, 600)").unwrap();
     let q = "SELECT count(*) FROM items WHERE id = 600";
@@ -526,7 +535,7 @@ fn a_promoted_standby_is_a_gap_never_crossed() {
     assert_eq!(nodes.target.psql("app", "SELECT count(*) FROM items").unwrap(), "1");
 
     // Accepted: a slot on the new primary, streaming resumes; repair restores the gap.
-    accept_gap(&config);
+    accept_gap(&config, &log);
     wait_readyz(&ops, "capture/a: streaming", &log);
     standby.psql("app", "INSERT INTO items VALUES (700, 700)").unwrap();
     common::wait_equal(&standby, &nodes.target, "SELECT count(*) FROM items WHERE id = 700", Duration::from_secs(60));
@@ -580,5 +589,59 @@ fn a_promoted_standby_that_lagged_is_resynced() {
     standby.psql("app", "INSERT INTO items VALUES (30001, 4)").unwrap();
     common::wait_equal(&standby, &nodes.target, ITEMS_DIGEST, Duration::from_secs(60));
     wait_readyz(&ops, "capture/a: streaming", &log);
+    drop(child);
+}
+
+/// The silent case the timeline check closes: failover to a standby that lagged, and a slot
+/// made on the new primary by hand (or synced there) before synapse starts. The slot starts
+/// *below* what synapse captured from the old primary, so it looks like synapse's own; without
+/// the check the new primary's first commits (at positions the log already passed) would be
+/// skipped without a word. The capture parks with the timeline change instead; nothing of the
+/// new primary is applied until the operator accepts the gap, after which the stream goes on
+/// past the log's position and `synapse repair fix` makes the target identical.
+#[test]
+fn a_slot_on_a_promoted_standby_is_not_taken_for_ours() {
+    let nodes = Nodes::start(ITEMS_SCHEMA);
+    let standby = synapse_localpg::LocalCluster::start_standby(&nodes.source).unwrap();
+    let log = nodes.dir.path().join("synapse.log");
+    let (config, ops) = config_with_ops(&nodes, "");
+    let mut child = spawn_run(&config, &log);
+    nodes.wait_copied(2, Duration::from_secs(60), &log);
+    nodes.source.psql("app", "INSERT INTO items VALUES (1, 1)").unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while standby.psql("app", "SELECT count(*) FROM items").unwrap() != "1" {
+        assert!(Instant::now() < deadline, "the standby did not replay the primary's writes");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    standby.stop("fast").unwrap();
+    nodes.source.psql("app", "INSERT INTO items SELECT g, g FROM generate_series(100, 20099) g").unwrap();
+    common::wait_equal(&nodes.source, &nodes.target, ITEMS_DIGEST, Duration::from_secs(120));
+    child.kill().unwrap();
+    child.wait().unwrap();
+    nodes.source.stop("immediate").unwrap();
+    standby.restart().unwrap();
+    standby.promote().unwrap();
+    standby.psql("app", "SELECT pg_create_logical_replication_slot('synapse_a', 'pgoutput')").unwrap();
+    standby.psql("app", "INSERT INTO items VALUES (30000, 3); UPDATE items SET v = 9 WHERE id = 1").unwrap();
+    let text = std::fs::read_to_string(&config)
+        .unwrap()
+        .replace(&format!("127.0.0.1:{}/", nodes.source.port()), &format!("127.0.0.1:{}/", standby.port()));
+    std::fs::write(&config, text).unwrap();
+
+    let child = spawn_run(&config, &log);
+    let body = wait_readyz(&ops, "capture/a: parked [CAP011]", &log);
+    assert!(body.contains("timeline changed from 1 to 2"), "{body}");
+    std::thread::sleep(Duration::from_secs(3));
+    let q = "SELECT count(*) || ':' || coalesce(sum(v), 0) FROM items WHERE id IN (1, 30000)";
+    assert_eq!(nodes.target.psql("app", q).unwrap(), "1:1", "nothing of the new primary applied");
+
+    accept_gap(&config, &log);
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert!(text.contains("moved the source's WAL past the log's last change"), "{}", common::log_tail(&log));
+    wait_readyz(&ops, "capture/a: streaming", &log);
+    standby.psql("app", "INSERT INTO items VALUES (30001, 4)").unwrap();
+    common::wait_equal(&standby, &nodes.target, "SELECT count(*) FROM items WHERE id = 30001", Duration::from_secs(60));
+    repair_fix(&config);
+    common::wait_equal(&standby, &nodes.target, ITEMS_DIGEST, Duration::from_secs(60));
     drop(child);
 }

@@ -327,8 +327,15 @@ impl Capture {
             None => Lsn::default(),
         };
         let known = history.source.as_ref();
-        if let Some(k) = known.filter(|k| k.timeline != system.timeline) {
-            tracing::warn!(from = k.timeline, to = system.timeline, "the source's timeline changed (a promotion); its slot is the one synapse confirmed, so nothing was lost");
+        if let Some(k) = known.filter(|k| k.timeline != system.timeline && history.next_offset > 0) {
+            // A promoted server may lack commits synapse captured from the old primary (and
+            // then reuse their positions), and a slot there — synced or made by hand — cannot
+            // be told synapse's own: never crossed silently.
+            let what = format!(
+                "the source's timeline changed from {} to {} (a promotion): the new primary may lack changes captured from the old one, and its slot cannot be told synapse's own",
+                k.timeline, system.timeline
+            );
+            return Err(self.gap(&client, &what, history).await);
         }
         let identity = synapse_log::SourceIdentity {
             system_id: system.system_id.clone(),
@@ -342,53 +349,30 @@ impl Capture {
         Ok(identity)
     }
 
-    /// Records that the slot [`Capture::replace_slot`] made, starting at `at`, is the log's
-    /// own (so the next start does not take it for someone else's).
-    pub async fn adopt_slot(&self, at: Lsn, log: &impl ChangeLog) -> Result<(), CaptureError> {
-        let client = self.client().await?;
-        let row = client
-            .query_one(
-                "SELECT system_identifier::text, timeline_id::int8 FROM pg_control_system(), pg_control_checkpoint()",
-                &[],
-            )
-            .await
-            .map_err(CaptureError::sql("reading the system identifier"))?;
-        let timeline: i64 = row.get(1);
-        let identity = synapse_log::SourceIdentity {
-            system_id: row.get(0),
-            timeline: u32::try_from(timeline).unwrap_or_default(),
-            slot: self.config.slot.clone(),
-            confirmed: at,
-        };
-        log.record_source(&identity).await?;
-        Ok(())
-    }
-
-    /// Accepts a gap (`on_gap: resync`; the caller re-syncs the targets): drops the slot if it
-    /// was invalidated, moves the source's WAL past the log's last change, and creates the slot
-    /// again.
+    /// Crosses a gap (`on_gap: resync`, or accepted by the operator): drops whatever slot of
+    /// that name exists (a gap was found: it is not trusted), moves the source's WAL past the
+    /// log's last change, creates the slot, and records it in `log` as the log's own (system
+    /// identifier and timeline as the server reports them now). Returns where it starts.
     ///
     /// Moving the WAL matters after a failover to a standby that had not received the old
     /// primary's last (captured) WAL: commit LSNs in the log must keep growing, so the new slot
     /// must start after them. What the source commits before the slot exists is restored by
     /// the re-sync, not streamed. The move writes at most [`MAX_WAL_PAD`] bytes of WAL
-    /// (logical messages no slot decodes); more is [`CaptureError::Behind`]. A slot that is
-    /// someone else's (it starts past what synapse confirmed) is dropped too. Returns where
-    /// the new slot starts (`None`: the slot is there, valid and ours); record it with
-    /// [`Capture::adopt_slot`].
-    pub async fn replace_slot(&self, history: &synapse_log::WriterState) -> Result<Option<Lsn>, CaptureError> {
+    /// (logical messages no slot decodes); more is [`CaptureError::Behind`].
+    pub async fn replace_slot(
+        &self,
+        history: &synapse_log::WriterState,
+        log: &impl ChangeLog,
+    ) -> Result<Lsn, CaptureError> {
         let client = self.client().await?;
         let slot = &self.config.slot;
         if let Some(s) = catalog::slot_state(&client, slot).await? {
-            let lost = s.wal_status.as_deref() == Some("lost");
-            if !lost && self.foreign(&client, history, &s).await?.is_none() {
-                return Ok(None);
-            }
             client
                 .execute("SELECT pg_drop_replication_slot($1)", &[slot])
                 .await
                 .map_err(CaptureError::sql("dropping the slot"))?;
-            tracing::warn!(%slot, invalidated = lost, "dropped the replication slot to make it again past the gap");
+            let invalidated = s.wal_status.as_deref() == Some("lost");
+            tracing::warn!(%slot, invalidated, "dropped the replication slot to make it again past the gap");
         }
         if let Some(end) = history.last_commit_end {
             let mut written = 0u64;
@@ -423,9 +407,19 @@ impl Capture {
             }
         }
         let mut conn = ReplicationConnection::connect(&self.config.source, "synapse-setup").await?;
+        let system = conn.identify_system().await?;
         let created = conn.create_slot(slot, false, false).await?;
-        tracing::warn!(%slot, consistent_point = %Lsn(created.consistent_point), "created a new replication slot past the gap");
-        Ok(Some(Lsn(created.consistent_point)))
+        let at = Lsn(created.consistent_point);
+        tracing::warn!(%slot, consistent_point = %at, timeline = system.timeline, "created a new replication slot past the gap");
+        // The log's own from now on: the next start must not take it for someone else's.
+        let identity = synapse_log::SourceIdentity {
+            system_id: system.system_id,
+            timeline: system.timeline,
+            slot: slot.clone(),
+            confirmed: at,
+        };
+        log.record_source(&identity).await?;
+        Ok(at)
     }
 
     /// After a receive timeout: the SQL connection to the same server is suspect too (it may

@@ -170,9 +170,7 @@ async fn accept_gap(
         let mark = ResyncMark { after, source_wal, found_at_us: synapse_schemas::unix_micros_now(), reason };
         log.append(vec![LogRecord::Resync(mark)]).await?;
     }
-    if let Some(at) = capture.replace_slot(history).await? {
-        capture.adopt_slot(at, log).await?;
-    }
+    capture.replace_slot(history, log).await?;
     metrics::counter!("synapse_gaps_crossed_total", "source" => node.clone(), "resync" => resync.is_some().to_string())
         .increment(1);
     if let Some(wake) = resync {

@@ -544,24 +544,29 @@ fn a_promoted_standby_is_a_gap_never_crossed() {
     drop(child);
 }
 
-/// Failover to a standby that lagged: it stopped receiving before the primary's last changes,
-/// which synapse captured and applied. The promoted standby's WAL is behind the log's last
-/// change and lacks those rows. With `on_gap: resync` synapse moves the new primary's WAL past
-/// the log's position (so the log's positions keep growing), makes the slot there, and the
-/// re-sync removes from the target the rows that exist only on the lost primary: the target
-/// ends identical to the new primary, and streams on from it.
-#[test]
-fn a_promoted_standby_that_lagged_is_resynced() {
+/// A failover to a standby that lagged, ready for synapse to start on the new primary.
+struct Failover {
+    nodes: Nodes,
+    standby: synapse_localpg::LocalCluster,
+    config: std::path::PathBuf,
+    ops: String,
+    log: std::path::PathBuf,
+}
+
+/// Synapse (with `extra` lines in source a) captures a row the standby replays, then 20,000
+/// rows only it and the primary see (the standby is down); synapse is killed, the primary
+/// lost, the standby promoted; `on_new_primary` runs there, then a write and an update; the
+/// configuration now points at the new primary.
+fn fail_over_to_a_lagged_standby(extra: &str, on_new_primary: &str) -> Failover {
     let nodes = Nodes::start(ITEMS_SCHEMA);
     let standby = synapse_localpg::LocalCluster::start_standby(&nodes.source).unwrap();
     let log = nodes.dir.path().join("synapse.log");
-    let (config, ops) = config_with_ops(&nodes, "    on_gap: resync\n");
+    let (config, ops) = config_with_ops(&nodes, extra);
     let mut child = spawn_run(&config, &log);
     nodes.wait_copied(2, Duration::from_secs(60), &log);
     nodes.source.psql("app", "INSERT INTO items VALUES (1, 1)").unwrap();
-    let replayed = "SELECT count(*) FROM items";
     let deadline = Instant::now() + Duration::from_secs(60);
-    while standby.psql("app", replayed).unwrap() != "1" {
+    while standby.psql("app", "SELECT count(*) FROM items").unwrap() != "1" {
         assert!(Instant::now() < deadline, "the standby did not replay the primary's writes");
         std::thread::sleep(Duration::from_millis(100));
     }
@@ -574,12 +579,26 @@ fn a_promoted_standby_that_lagged_is_resynced() {
     nodes.source.stop("immediate").unwrap();
     standby.restart().unwrap();
     standby.promote().unwrap();
+    if !on_new_primary.is_empty() {
+        standby.psql("app", on_new_primary).unwrap();
+    }
     standby.psql("app", "INSERT INTO items VALUES (30000, 3); UPDATE items SET v = 9 WHERE id = 1").unwrap();
-
     let text = std::fs::read_to_string(&config)
         .unwrap()
         .replace(&format!("127.0.0.1:{}/", nodes.source.port()), &format!("127.0.0.1:{}/", standby.port()));
     std::fs::write(&config, text).unwrap();
+    Failover { nodes, standby, config, ops, log }
+}
+
+/// Failover to a standby that lagged: it stopped receiving before the primary's last changes,
+/// which synapse captured and applied. The promoted standby's WAL is behind the log's last
+/// change and lacks those rows. With `on_gap: resync` synapse moves the new primary's WAL past
+/// the log's position (so the log's positions keep growing), makes the slot there, and the
+/// re-sync removes from the target the rows that exist only on the lost primary: the target
+/// ends identical to the new primary, and streams on from it.
+#[test]
+fn a_promoted_standby_that_lagged_is_resynced() {
+    let Failover { nodes, standby, config, ops, log } = fail_over_to_a_lagged_standby("    on_gap: resync\n", "");
     let child = spawn_run(&config, &log);
     common::wait_equal(&standby, &nodes.target, ITEMS_DIGEST, Duration::from_secs(120));
     assert_eq!(nodes.target.psql("app", "SELECT count(*) FROM items").unwrap(), "2", "the lost primary's rows stay");
@@ -601,33 +620,8 @@ fn a_promoted_standby_that_lagged_is_resynced() {
 /// past the log's position and `synapse repair fix` makes the target identical.
 #[test]
 fn a_slot_on_a_promoted_standby_is_not_taken_for_ours() {
-    let nodes = Nodes::start(ITEMS_SCHEMA);
-    let standby = synapse_localpg::LocalCluster::start_standby(&nodes.source).unwrap();
-    let log = nodes.dir.path().join("synapse.log");
-    let (config, ops) = config_with_ops(&nodes, "");
-    let mut child = spawn_run(&config, &log);
-    nodes.wait_copied(2, Duration::from_secs(60), &log);
-    nodes.source.psql("app", "INSERT INTO items VALUES (1, 1)").unwrap();
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while standby.psql("app", "SELECT count(*) FROM items").unwrap() != "1" {
-        assert!(Instant::now() < deadline, "the standby did not replay the primary's writes");
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    standby.stop("fast").unwrap();
-    nodes.source.psql("app", "INSERT INTO items SELECT g, g FROM generate_series(100, 20099) g").unwrap();
-    common::wait_equal(&nodes.source, &nodes.target, ITEMS_DIGEST, Duration::from_secs(120));
-    child.kill().unwrap();
-    child.wait().unwrap();
-    nodes.source.stop("immediate").unwrap();
-    standby.restart().unwrap();
-    standby.promote().unwrap();
-    standby.psql("app", "SELECT pg_create_logical_replication_slot('synapse_a', 'pgoutput')").unwrap();
-    standby.psql("app", "INSERT INTO items VALUES (30000, 3); UPDATE items SET v = 9 WHERE id = 1").unwrap();
-    let text = std::fs::read_to_string(&config)
-        .unwrap()
-        .replace(&format!("127.0.0.1:{}/", nodes.source.port()), &format!("127.0.0.1:{}/", standby.port()));
-    std::fs::write(&config, text).unwrap();
-
+    let slot_by_hand = "SELECT pg_create_logical_replication_slot('synapse_a', 'pgoutput')";
+    let Failover { nodes, standby, config, ops, log } = fail_over_to_a_lagged_standby("", slot_by_hand);
     let child = spawn_run(&config, &log);
     let body = wait_readyz(&ops, "capture/a: parked [CAP011]", &log);
     assert!(body.contains("timeline changed from 1 to 2"), "{body}");

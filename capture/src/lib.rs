@@ -246,29 +246,35 @@ impl Capture {
     /// gap (see there). Returns whether it created the slot.
     pub async fn ensure_slot(&self, history: &synapse_log::WriterState) -> Result<bool, CaptureError> {
         let client = self.client().await?;
-        // A log with records was written from this source's slot before: continuing it needs
-        // that slot's history, not a new one.
-        let slot_created = match catalog::slot_state(&client, &self.config.slot).await? {
-            None if history.next_offset > 0 => {
-                return Err(self.gap(&client, SLOT_MISSING, history).await);
-            }
-            None => {
-                let mut conn = ReplicationConnection::connect(&self.config.source, "synapse-setup").await?;
-                let slot = conn.create_slot(&self.config.slot, false, false).await?;
-                tracing::info!(slot = %self.config.slot, consistent_point = %synapse_schemas::Lsn(slot.consistent_point), "created replication slot");
-                true
-            }
+        if self.trusted_slot(&client, history).await?.is_some() {
+            return Ok(false);
+        }
+        let mut conn = ReplicationConnection::connect(&self.config.source, "synapse-setup").await?;
+        let slot = conn.create_slot(&self.config.slot, false, false).await?;
+        tracing::info!(slot = %self.config.slot, consistent_point = %synapse_schemas::Lsn(slot.consistent_point), "created replication slot");
+        Ok(true)
+    }
+
+    /// The slot's state if it exists and continues the log; `None` if it is missing and the
+    /// log holds nothing yet (a first start); otherwise the gap: missing while the log holds
+    /// changes (a log with records was written from this source's slot before: continuing it
+    /// needs that slot's history), invalidated, or someone else's ([`Capture::foreign`]).
+    async fn trusted_slot(
+        &self,
+        client: &Client,
+        history: &synapse_log::WriterState,
+    ) -> Result<Option<catalog::SlotState>, CaptureError> {
+        match catalog::slot_state(client, &self.config.slot).await? {
+            None if history.next_offset > 0 => Err(self.gap(client, SLOT_MISSING, history).await),
+            None => Ok(None),
             Some(s) if s.wal_status.as_deref() == Some("lost") => {
-                return Err(self.gap(&client, SLOT_INVALIDATED, history).await);
+                Err(self.gap(client, SLOT_INVALIDATED, history).await)
             }
-            Some(s) => {
-                if let Some(what) = self.foreign(&client, history, &s).await? {
-                    return Err(self.gap(&client, &what, history).await);
-                }
-                false
-            }
-        };
-        Ok(slot_created)
+            Some(s) => match self.foreign(client, history, &s).await? {
+                Some(what) => Err(self.gap(client, &what, history).await),
+                None => Ok(Some(s)),
+            },
+        }
     }
 
     /// Why the slot found is not the one the log was written from, if it is not: the server
@@ -312,20 +318,8 @@ impl Capture {
         log: &impl ChangeLog,
     ) -> Result<synapse_log::SourceIdentity, CaptureError> {
         let client = self.client().await?;
-        let slot = catalog::slot_state(&client, &self.config.slot).await?;
-        let confirmed = match &slot {
-            None if history.next_offset > 0 => return Err(self.gap(&client, SLOT_MISSING, history).await),
-            Some(s) if s.wal_status.as_deref() == Some("lost") => {
-                return Err(self.gap(&client, SLOT_INVALIDATED, history).await)
-            }
-            Some(s) => {
-                if let Some(what) = self.foreign(&client, history, s).await? {
-                    return Err(self.gap(&client, &what, history).await);
-                }
-                s.confirmed_flush.unwrap_or_default()
-            }
-            None => Lsn::default(),
-        };
+        let slot = self.trusted_slot(&client, history).await?;
+        let confirmed = slot.and_then(|s| s.confirmed_flush).unwrap_or_default();
         let known = history.source.as_ref();
         if let Some(k) = known.filter(|k| k.timeline != system.timeline && history.next_offset > 0) {
             // A promoted server may lack commits synapse captured from the old primary (and

@@ -232,6 +232,18 @@ async fn existing_topics(meta: &Arc<Meta>, topics: &[&str], timeout: Duration) -
 const LSN_HEADER: &str = "synapse-commit-lsn";
 /// Consumers-topic keys of gap marks (`#resync/<offset>`); no consumer name starts with `#`.
 const RESYNC_KEY: &str = "#resync/";
+/// A gap mark or source identity from the consumers topic; one that does not decode is said
+/// loudly (without it a gap or a foreign slot could go unnoticed), then skipped.
+fn decoded<T: serde::de::DeserializeOwned>(key: &str, payload: &[u8]) -> Option<T> {
+    match postcard::from_bytes(payload) {
+        Ok(v) => Some(v),
+        Err(e) => {
+            tracing::error!(key, error = %e, "an entry of the log's consumers topic does not decode; it is ignored");
+            None
+        }
+    }
+}
+
 /// Consumers-topic key of the source identity.
 const SOURCE_KEY: &str = "#source";
 
@@ -398,9 +410,9 @@ impl KafkaLog {
                 .map_err(kafka("reading consumers"))?;
             let name = m.key().map(|k| String::from_utf8_lossy(k).into_owned()).unwrap_or_default();
             if name == SOURCE_KEY {
-                source = m.payload().and_then(|p| postcard::from_bytes(p).ok());
+                source = m.payload().and_then(|p| decoded(&name, p));
             } else if let Some(offset) = name.strip_prefix(RESYNC_KEY) {
-                let mark = m.payload().and_then(|p| postcard::from_bytes::<ResyncMark>(p).ok());
+                let mark = m.payload().and_then(|p| decoded::<ResyncMark>(&name, p));
                 if let (Ok(offset), Some(mark)) = (offset.parse::<Offset>(), mark) {
                     marks.insert(offset, mark);
                 }

@@ -186,6 +186,20 @@ impl Sink for HttpSink {
     }
 }
 
+/// Most of a receiver's answer read (and dropped) so its connection can be reused; a longer
+/// answer ends the connection instead of filling memory.
+const MAX_DRAIN: usize = 64 << 10;
+
+async fn drain(mut resp: reqwest::Response) {
+    let mut read = 0usize;
+    while let Ok(Some(chunk)) = resp.chunk().await {
+        read += chunk.len();
+        if read > MAX_DRAIN {
+            break;
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -204,19 +218,5 @@ mod tests {
         let t = httpdate("Sun, 06 Nov 1994 08:49:37 GMT").unwrap();
         assert_eq!(t.duration_since(std::time::UNIX_EPOCH).unwrap().as_secs(), 784_111_777);
         assert!(httpdate("yesterday").is_none());
-    }
-}
-
-/// Most of a receiver's answer read (and dropped) so its connection can be reused; a longer
-/// answer ends the connection instead of filling memory.
-const MAX_DRAIN: usize = 64 << 10;
-
-async fn drain(mut resp: reqwest::Response) {
-    let mut read = 0usize;
-    while let Ok(Some(chunk)) = resp.chunk().await {
-        read += chunk.len();
-        if read > MAX_DRAIN {
-            break;
-        }
     }
 }

@@ -16,12 +16,24 @@
 //!    there. With a hub, a spoke's writes reach the other spokes in two hops, so this is done
 //!    twice (`hops`), the second time from positions read after the first completed.
 //!
-//! Then each node deletes the tombstone if it still holds that same version (a dominating write
-//! that arrived meanwhile keeps its row). A later write of the key arrives as an insert on a
-//! purged node and replaces the tombstone on the others: the same row either way.
+//! Deleting is then done in three steps, because the nodes cannot delete at one instant: a
+//! node that has deleted a tombstone versions its next write of the key from nothing, and a
+//! node still holding the tombstone would take that write for an old one and drop it (found
+//! by the mesh test: a node cut off while a round deleted left it holding a tombstone that
+//! swallowed the other nodes' new writes of the key and diverged).
+//!
+//! 3. **Mark** the agreed tombstones with the round on every node. Appliers and repair treat a
+//!    marked tombstone as no version (a version they receive that it dominates can only be
+//!    such a new write), local writes build on it and clear the mark. A round that cannot mark
+//!    every node stops here; its marks are harmless, and a later round marks them again.
+//! 4. **Complete**: the round is recorded in `synapse.purge_rounds` on every node it reaches.
+//! 5. **Delete** the tombstones still marked with a completed round, on every node. A node the
+//!    round cannot reach keeps its marked tombstones until a later round, which first deletes
+//!    every marked tombstone of a round any node records complete; until then they are
+//!    ignored, not resolved against.
 
 use crate::{connect_target, ApplyError};
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 use std::time::{Duration, Instant};
 use tokio_postgres::Client;
 
@@ -35,27 +47,12 @@ pub struct PurgeNode {
     pub applies: Vec<String>,
 }
 
-/// A tombstone as stored: table, key and the version that must match on every node.
-#[derive(Clone, Debug, PartialEq, Eq, Hash)]
-struct Stored {
-    tbl: String,
-    pk: String,
-    version: String,
-}
-
-/// Agreed tombstones a round could not delete on every node (a node became unreachable in
-/// step 3): they are deleted there first by the next round. Without this they would stay on
-/// that node for good — the other nodes no longer hold them, so they never agree again. It
-/// stays safe later: the delete still requires the agreed version.
-#[derive(Default)]
-pub struct Unfinished(Vec<(usize, Vec<Stored>)>);
-
 /// What one round did.
 #[derive(Debug, Default, PartialEq, Eq)]
 pub struct Purged {
     /// Tombstones every node agreed on.
     pub agreed: usize,
-    /// Rows deleted from `synapse.row_version`, over all nodes.
+    /// Rows deleted from `synapse.row_version`, over all nodes (marks of earlier rounds too).
     pub deleted: u64,
 }
 
@@ -66,33 +63,46 @@ const VERSION_TEXT: &str = "(r.vv, r.hlc_ms, r.hlc_lc, r.node, r.cols)::text";
 /// One purge round over every node, for up to `batch` tombstones. `log_end(node)` is the offset
 /// the next record of `node`'s change log gets; `hops` the longest path a write travels (1 in a
 /// mesh, 2 through a hub). Waits at most `patience` for the stability conditions; a round that
-/// runs out of it purges nothing and the next one tries again.
+/// runs out of it purges nothing and the next one tries again. `round` names this round's
+/// marks: larger than any earlier round's (a clock reading in microseconds serves).
 pub async fn purge_round(
     nodes: &[PurgeNode],
     log_end: impl Fn(&str) -> Option<u64>,
     hops: usize,
     batch: i64,
     patience: Duration,
-    unfinished: &mut Unfinished,
+    round: i64,
 ) -> Result<Purged, ApplyError> {
     let mut clients = Vec::with_capacity(nodes.len());
     for n in nodes {
         clients.push(connect_target(&n.target).await?);
     }
-    // 0. What an earlier round agreed on but could not delete everywhere.
-    let mut finished = 0;
-    while let Some((i, stored)) = unfinished.0.pop() {
-        let Some(c) = clients.get(i) else { continue };
-        match delete_agreed(c, &stored).await {
-            Ok(n) => finished += n,
-            Err(e) => {
-                unfinished.0.push((i, stored));
-                return Err(e);
-            }
+    // 0. What earlier rounds completed but could not delete everywhere.
+    let mut completed = BTreeSet::new();
+    for c in &clients {
+        for r in c
+            .query("SELECT round FROM synapse.purge_rounds", &[])
+            .await
+            .map_err(ApplyError::target("reading completed purge rounds"))?
+        {
+            completed.insert(r.get::<_, i64>(0));
         }
     }
-    if finished > 0 {
-        tracing::info!(deleted = finished, "finished an interrupted tombstone purge");
+    let mut deleted = 0;
+    if !completed.is_empty() {
+        let rounds: Vec<i64> = completed.into_iter().collect();
+        for c in &clients {
+            deleted += delete_marked(c, &rounds).await?;
+        }
+        // Every node was reached and holds no mark of these rounds any more.
+        for c in &clients {
+            c.execute("DELETE FROM synapse.purge_rounds WHERE round = ANY($1)", &[&rounds])
+                .await
+                .map_err(ApplyError::target("forgetting finished purge rounds"))?;
+        }
+        if deleted > 0 {
+            tracing::info!(deleted, "finished an interrupted tombstone purge");
+        }
     }
     let Some(first) = clients.first() else { return Ok(Purged::default()) };
     let candidates = first
@@ -100,7 +110,7 @@ pub async fn purge_round(
         .await
         .map_err(ApplyError::target("listing tombstones"))?;
     if candidates.is_empty() {
-        return Ok(Purged::default());
+        return Ok(Purged { agreed: 0, deleted });
     }
     let tbls: Vec<String> = candidates.iter().map(|r| r.get(0)).collect();
     let pks: Vec<String> = candidates.iter().map(|r| r.get(1)).collect();
@@ -133,15 +143,14 @@ pub async fn purge_round(
             }
         });
     }
-    let agreed: Vec<Stored> =
-        agreed.unwrap_or_default().into_iter().map(|((tbl, pk), version)| Stored { tbl, pk, version }).collect();
+    let agreed: Vec<((String, String), String)> = agreed.unwrap_or_default().into_iter().collect();
     if agreed.is_empty() {
-        return Ok(Purged::default());
+        return Ok(Purged { agreed: 0, deleted });
     }
 
     // 2. Every node's writes up to its read are in its log, and applied by its readers.
     let deadline = Instant::now() + patience;
-    let not_yet = Purged { agreed: agreed.len(), deleted: 0 };
+    let not_yet = Purged { agreed: agreed.len(), deleted };
     for hop in 0..hops.max(1) {
         if hop > 0 {
             for (c, lsn) in clients.iter().zip(read_at.iter_mut()) {
@@ -172,41 +181,60 @@ pub async fn purge_round(
         }
     }
 
-    // 3. Delete where the version is still the agreed one; a node that fails keeps its share
-    //    (and the nodes after it theirs) for the next round.
-    let mut deleted = 0;
-    for (i, c) in clients.iter().enumerate() {
-        match delete_agreed(c, &agreed).await {
-            Ok(n) => deleted += n,
-            Err(e) => {
-                unfinished.0.extend((i..clients.len()).map(|j| (j, agreed.clone())));
-                return Err(e);
+    // 3. Mark on every node (a node that fails stops the round: see the module's docs).
+    let (t, (p, v)): (Vec<&str>, (Vec<&str>, Vec<&str>)) =
+        agreed.iter().map(|((t, p), v)| (t.as_str(), (p.as_str(), v.as_str()))).unzip();
+    for c in &clients {
+        c.execute(
+            &format!(
+                "UPDATE synapse.row_version r SET purge_round = $4
+                 FROM unnest($1::text[], $2::text[], $3::text[]) AS u(t, p, v)
+                 WHERE r.tbl = u.t AND r.pk = u.p::jsonb AND NOT r.live AND {VERSION_TEXT} = u.v"
+            ),
+            &[&t, &p, &v, &round],
+        )
+        .await
+        .map_err(ApplyError::target("marking stable tombstones"))?;
+    }
+    // 4. Complete wherever it can be recorded; 5. delete. A node that fails here is finished
+    //    by a later round (step 0), once any node records the round complete.
+    let mut failed = None;
+    let mut recorded = false;
+    for c in &clients {
+        match c.execute("INSERT INTO synapse.purge_rounds (round) VALUES ($1)", &[&round]).await {
+            Ok(_) => recorded = true,
+            Err(e) => failed = Some(ApplyError::target("recording a completed purge round")(e)),
+        }
+    }
+    let mut purged = 0;
+    if recorded {
+        for c in &clients {
+            match delete_marked(c, &[round]).await {
+                Ok(n) => purged += n,
+                Err(e) => failed = Some(e),
             }
         }
     }
-    let mut per_table: HashMap<&str, u64> = HashMap::new();
-    for s in &agreed {
-        *per_table.entry(s.tbl.as_str()).or_default() += 1;
+    if recorded {
+        let mut per_table: HashMap<&str, u64> = HashMap::new();
+        for ((tbl, _), _) in &agreed {
+            *per_table.entry(tbl.as_str()).or_default() += 1;
+        }
+        for (table, n) in per_table {
+            metrics::counter!("synapse_mesh_tombstones_purged_total", "table" => table.to_owned()).increment(n);
+        }
     }
-    for (table, n) in per_table {
-        metrics::counter!("synapse_mesh_tombstones_purged_total", "table" => table.to_owned()).increment(n);
+    match failed {
+        Some(e) => Err(e),
+        None => Ok(Purged { agreed: agreed.len(), deleted: deleted + purged }),
     }
-    Ok(Purged { agreed: agreed.len(), deleted })
 }
 
-/// Deletes the tombstones of `stored` that still hold their agreed version.
-async fn delete_agreed(c: &Client, stored: &[Stored]) -> Result<u64, ApplyError> {
-    let (t, (p, v)): (Vec<&str>, (Vec<&str>, Vec<&str>)) =
-        stored.iter().map(|s| (s.tbl.as_str(), (s.pk.as_str(), s.version.as_str()))).unzip();
-    c.execute(
-        &format!(
-            "DELETE FROM synapse.row_version r USING unnest($1::text[], $2::text[], $3::text[]) AS u(t, p, v)
-             WHERE r.tbl = u.t AND r.pk = u.p::jsonb AND NOT r.live AND {VERSION_TEXT} = u.v"
-        ),
-        &[&t, &p, &v],
-    )
-    .await
-    .map_err(ApplyError::target("purging stable tombstones"))
+/// Deletes the tombstones still marked with one of `rounds` (a write since cleared the mark).
+async fn delete_marked(c: &Client, rounds: &[i64]) -> Result<u64, ApplyError> {
+    c.execute("DELETE FROM synapse.row_version WHERE NOT live AND purge_round = ANY($1)", &[&rounds])
+        .await
+        .map_err(ApplyError::target("purging stable tombstones"))
 }
 
 async fn slot_passed(c: &Client, slot: &str, lsn: &str) -> Result<bool, ApplyError> {

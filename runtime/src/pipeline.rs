@@ -858,7 +858,6 @@ fn spawn_tombstone_purge(
     let interval = Duration::from_secs_f64(m.tombstone_purge_interval_secs);
     let mut sd = shutdown.clone();
     running.tasks.spawn(async move {
-        let mut unfinished = synapse_apply::tombstones::Unfinished::default();
         loop {
             tokio::select! {
                 _ = tokio::time::sleep(interval) => {}
@@ -869,7 +868,9 @@ fn spawn_tombstone_purge(
             }
             let log_end = |name: &str| logs.get(name).map(|l| l.next_offset());
             let patience = interval.max(Duration::from_secs(30));
-            let round = synapse_apply::tombstones::purge_round(&nodes, log_end, hops, 10_000, patience, &mut unfinished);
+            // Rounds are named by the clock: later rounds, larger names.
+            let id = synapse_schemas::unix_micros_now();
+            let round = synapse_apply::tombstones::purge_round(&nodes, log_end, hops, 10_000, patience, id);
             match round.instrument(tracing::info_span!("tombstone_purge")).await {
                 Ok(p) if p.agreed > 0 => tracing::info!(agreed = p.agreed, deleted = p.deleted, "tombstone purge round"),
                 Ok(_) => {}

@@ -64,6 +64,9 @@ impl MeshBuffer {
                 rel.columns.iter().position(|c| c.name == name).and_then(|i| after.get(i))
             };
             let txt = |name: &str| col(name).and_then(|v| v.as_text());
+            if txt("purge_round").is_some() {
+                return Ok(()); // a purge round's mark: local too
+            }
             let (Some(tbl), Some(pk), Some(vv), Some(ms), Some(lc), Some(node), Some(live)) =
                 (txt("tbl"), txt("pk"), txt("vv"), txt("hlc_ms"), txt("hlc_lc"), txt("node"), txt("live"))
             else {
@@ -222,7 +225,13 @@ impl MeshBuffer {
                 continue;
             };
             let remote = version(info, &remote_side, remote_values);
-            let local_side = local_sides.get(&(name.clone(), key.clone())).filter(|s| s.vv != VersionVector::new());
+            // A placeholder is no version; nor is a tombstone a purge round marked, unless this is
+            // that very version again: every node agreed on it and has applied all it
+            // dominates, so what arrives now was written where it is already purged, from no
+            // version (see `tombstones`). Resolved against it, that write would be lost here.
+            let local_side = local_sides
+                .get(&(name.clone(), key.clone()))
+                .filter(|s| s.vv != VersionVector::new() && !(s.purging && s.vv != remote_side.vv));
             let local_row = local_rows.get(&(name.clone(), key.clone()));
             let local = local_side.map(|s| version(info, s, local_row));
             let (decision, mut result) = resolve(policy, local.as_ref(), &remote);
@@ -361,7 +370,8 @@ pub(super) async fn lock_versions(
     let lock = prepared(
         client,
         statements,
-        "SELECT tbl, pk::text, vv::text, hlc_ms, hlc_lc, node, live, cols::text FROM synapse.row_version
+        "SELECT tbl, pk::text, vv::text, hlc_ms, hlc_lc, node, live, cols::text, purge_round IS NOT NULL
+         FROM synapse.row_version
          WHERE (tbl, pk) IN (SELECT t, p::jsonb FROM unnest($1::text[], $2::text[]) AS u(t, p))
          ORDER BY tbl, pk FOR UPDATE"
             .to_owned(),
@@ -372,8 +382,10 @@ pub(super) async fn lock_versions(
     for r in client.query(&lock, &[&tbls, &pks]).await.map_err(ApplyError::target("locking row versions"))? {
         let (tbl, pk): (String, String) = (r.get(0), r.get(1));
         let key: Vec<String> = serde_json::from_str(&pk).unwrap_or_default();
-        let side = Side::parse(&r.get::<_, String>(2), r.get(3), r.get(4), r.get(5), r.get(6), &r.get::<_, String>(7))
-            .map_err(|message| ApplyError::Schema { table: tbl.clone(), message })?;
+        let mut side =
+            Side::parse(&r.get::<_, String>(2), r.get(3), r.get(4), r.get(5), r.get(6), &r.get::<_, String>(7))
+                .map_err(|message| ApplyError::Schema { table: tbl.clone(), message })?;
+        side.purging = r.get(8);
         sides.insert((tbl, key), side);
     }
     Ok(sides)

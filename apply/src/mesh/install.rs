@@ -110,7 +110,8 @@ BEGIN
     INSERT INTO synapse.row_version (tbl, pk, vv, hlc_ms, hlc_lc, node, live, cols)
     VALUES (p_tbl, p_pk, r.vv, ms, lc, p_node, p_live, r.cols)
     ON CONFLICT (tbl, pk) DO UPDATE SET vv = excluded.vv, hlc_ms = excluded.hlc_ms,
-        hlc_lc = excluded.hlc_lc, node = excluded.node, live = excluded.live, cols = excluded.cols;
+        hlc_lc = excluded.hlc_lc, node = excluded.node, live = excluded.live, cols = excluded.cols,
+        purge_round = NULL;
 END
 $fn$;
 

@@ -11,6 +11,8 @@ pub(super) struct Side {
     pub(super) node: NodeId,
     pub(super) live: bool,
     pub(super) cols: Map<String, Json>,
+    /// A tombstone marked by a purge round: no version any more (see `tombstones`).
+    pub(super) purging: bool,
 }
 
 impl Side {
@@ -29,6 +31,7 @@ impl Side {
             node: NodeId(node.clamp(0, u16::MAX as i32) as u16),
             live,
             cols,
+            purging: false,
         })
     }
 
@@ -178,7 +181,7 @@ pub(super) fn side_of(v: &RowVersion) -> Side {
         };
         cols.insert(name.clone(), entry);
     }
-    Side { vv: v.stamp.vv.clone(), hlc: v.stamp.hlc, node: v.stamp.node, live: v.live, cols }
+    Side { vv: v.stamp.vv.clone(), hlc: v.stamp.hlc, node: v.stamp.node, live: v.live, cols, purging: false }
 }
 
 /// What `column` holds for `cell`, as text its type parses.
@@ -250,7 +253,8 @@ pub struct StoredVersion {
 }
 
 /// Reads rows and metadata of `keys` (each the key columns' text) on one node, without locking:
-/// what a repair compares. Keys with neither are left out.
+/// what a repair compares. Keys with neither are left out; a tombstone a purge round marked is
+/// no metadata (it is purged everywhere, or about to be).
 pub async fn read_stored(
     client: &Client,
     info: &MeshTable,
@@ -268,7 +272,8 @@ pub async fn read_stored(
     let rows = client
         .query(
             "SELECT pk::text, vv::text, hlc_ms, hlc_lc, node, live, cols::text FROM synapse.row_version
-             WHERE tbl = $1 AND pk IN (SELECT p::jsonb FROM unnest($2::text[]) AS u(p))",
+             WHERE tbl = $1 AND pk IN (SELECT p::jsonb FROM unnest($2::text[]) AS u(p))
+                 AND purge_round IS NULL",
             &[&info.name(), &pks],
         )
         .await

@@ -242,7 +242,8 @@ impl Writes {
                  FROM unnest($1::text[], $2::text[], $3::text[], $4::int8[], $5::int4[], $6::int4[], $7::bool[], $8::text[])
                      AS u(t, p, vv, ms, lc, n, l, c)
                  ON CONFLICT (tbl, pk) DO UPDATE SET vv = excluded.vv, hlc_ms = excluded.hlc_ms, hlc_lc = excluded.hlc_lc,
-                     node = excluded.node, live = excluded.live, cols = excluded.cols".to_owned(), "synapse.row_version")
+                     node = excluded.node, live = excluded.live, cols = excluded.cols, purge_round = NULL".to_owned(),
+                "synapse.row_version")
             .await?;
             let mut c = SideColumns::default();
             for (t, p, s) in &self.sides {

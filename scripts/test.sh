@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The whole test suite: unit, property and integration tests against real PostgreSQL clusters
 # and a real Kafka-protocol broker. Every test binary runs even when one fails (no stopping at
-# the first); the end prints a summary: each binary's result and time, then every failing
-# test's own output (which is what a CI log keeps). The full log is in target/test-logs/.
+# the first; two binaries run side by side); the end prints a summary: each binary's result
+# and time, then every failing test's own output (which is what a CI log keeps). The full log
+# is in target/test-logs/. SYNAPSE_TEST_JOBS=1 runs the binaries one at a time.
 # Extra arguments go to `cargo test` (e.g. `scripts/test.sh --test kafka_group`).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -13,12 +14,27 @@ export SYNAPSE_TANSU
 logs="${CARGO_TARGET_DIR:-target}/test-logs"
 mkdir -p "$logs"
 log="$logs/$(date +%Y%m%d-%H%M%S).log"
-echo "==> building the tests (first build ~10 minutes on 2 cores; cargo shows its progress)"
-cargo test --workspace --all-targets --no-run "$@"
-echo "==> running every test binary (~5 minutes); full log: $log"
-started=$(date +%s)
-set +e
-cargo test --workspace --all-targets --no-fail-fast "$@" 2>&1 | tee "$log" | grep --line-buffered -E '^\s+Running |^test result:|^test .* FAILED$|panicked at'
-status=${PIPESTATUS[0]}
-set -e
+if [ $# -eq 0 ]; then
+  # The whole suite: one build, then the binaries two at a time (scripts/run-tests.py).
+  echo "==> building the tests (first build ~10 minutes on 2 cores; cargo shows its progress)"
+  artifacts="$logs/artifacts.json"
+  cargo test --workspace --all-targets --no-run --message-format=json-render-diagnostics >"$artifacts"
+  jobs="${SYNAPSE_TEST_JOBS:-2}"
+  echo "==> running every test binary, $jobs at a time (~5 minutes); full log: $log"
+  started=$(date +%s)
+  set +e
+  python3 scripts/run-tests.py "$artifacts" "$log" "$jobs"
+  status=$?
+  set -e
+else
+  # A selection (`--test mesh`, a name filter…): cargo's own runner, one binary at a time.
+  echo "==> building the tests (cargo shows its progress)"
+  cargo test --workspace --all-targets --no-run "$@"
+  echo "==> running the selected tests; full log: $log"
+  started=$(date +%s)
+  set +e
+  cargo test --workspace --all-targets --no-fail-fast "$@" 2>&1 | tee "$log" | grep --line-buffered -E '^\s+Running |^test result:|^test .* FAILED$|panicked at'
+  status=${PIPESTATUS[0]}
+  set -e
+fi
 exec python3 scripts/test-summary.py "$log" "$status" "$(($(date +%s) - started))"

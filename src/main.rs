@@ -226,54 +226,8 @@ async fn resume(
     accept_gap: &[String],
     cacert: Option<&std::path::Path>,
 ) -> anyhow::Result<ExitCode> {
-    let listen = &config.api.listen;
-    if listen.is_empty() && !accept_gap.is_empty() {
-        anyhow::bail!("api.listen is \"\": accepting a gap is asked through the API; set api.listen and restart");
-    }
-    if listen.is_empty() {
-        anyhow::bail!("api.listen is \"\": the process serves no API to ask; send it SIGHUP instead");
-    }
-    // A wildcard address is reached on loopback.
-    let addr = listen.replace("0.0.0.0:", "127.0.0.1:").replace("[::]:", "[::1]:");
-    let mut client = reqwest::Client::builder();
-    let url = match &config.api.tls {
-        None => format!("http://{addr}/v1/components/resume"),
-        Some(_) => {
-            // The certificate names the host, not the address: ask for localhost, reach the
-            // configured address.
-            let socket: std::net::SocketAddr = tokio::net::lookup_host(&addr)
-                .await?
-                .next()
-                .ok_or_else(|| anyhow::anyhow!("api.listen: {addr} resolves to nothing"))?;
-            client = client.resolve("localhost", socket).use_rustls_tls();
-            if let Some(ca) = cacert {
-                let pem = std::fs::read(ca).map_err(|e| anyhow::anyhow!("--cacert {}: {e}", ca.display()))?;
-                client = client.add_root_certificate(
-                    reqwest::Certificate::from_pem(&pem)
-                        .map_err(|e| anyhow::anyhow!("--cacert {}: {e}", ca.display()))?,
-                );
-            }
-            format!("https://localhost:{}/v1/components/resume", socket.port())
-        }
-    };
-    let mut request = client
-        .build()?
-        .post(url)
-        .header("content-type", "application/json")
-        .header("host", "localhost")
-        .body(serde_json::json!({ "accept_gap": accept_gap }).to_string());
-    if let Ok(token) = std::env::var(token_env) {
-        request = request.bearer_auth(token.trim());
-    } else if !config.api.tokens.is_empty() {
-        anyhow::bail!("set {token_env} to a token with the admin scope (api.tokens)");
-    }
-    let response = request.send().await.map_err(|e| anyhow::anyhow!("cannot reach the API at {addr}: {e}"))?;
-    let status = response.status();
-    let body: serde_json::Value = response.json().await.unwrap_or_default();
-    if !status.is_success() {
-        let e = &body["error"];
-        anyhow::bail!("{status}: {} ({})", e["message"].as_str().unwrap_or("?"), e["hint"].as_str().unwrap_or(""));
-    }
+    let api = synapse_runtime::admin_client::AdminClient::new(config, token_env, cacert).await?;
+    let body = api.post("/v1/components/resume", &serde_json::json!({ "accept_gap": accept_gap })).await?;
     match body["resumed"].as_array() {
         Some(parked) if !parked.is_empty() => {
             for p in parked {

@@ -22,8 +22,10 @@
 //!   stopped at a clean point (positions stored; nothing applied twice on restart).
 
 pub mod admin;
+pub mod admin_client;
 pub mod config;
 pub mod doctor;
+mod gaps;
 pub mod listener;
 pub mod listener_tls;
 pub mod ops;

@@ -29,96 +29,20 @@ use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{Header, Message, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
 use rdkafka::TopicPartitionList;
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use synapse_schemas::{Cursor, LogRecord, Lsn, Relation, RelationKey, ResyncMark};
 use tokio::sync::watch;
 
+mod index;
 mod options;
+use index::{pack, unpack, State};
 pub use options::*;
 
 type LogProducer = FutureProducer<KafkaContext>;
 type LogReader = StreamConsumer<KafkaContext>;
 type Meta = BaseConsumer<KafkaContext>;
-
-/// A transaction in the index: offsets of its `Begin` and `Commit` (`None` while open), its
-/// event count and commit time.
-#[derive(Clone, Copy, Debug)]
-struct Txn {
-    begin: Offset,
-    commit: Option<Offset>,
-    events: u32,
-    time_us: i64,
-}
-
-#[derive(Default)]
-struct State {
-    txns: BTreeMap<u64, Txn>,
-    /// Offsets of `Relation` records, and the relations by key.
-    relations: HashMap<RelationKey, Relation>,
-    history: BTreeMap<(u32, Offset), u64>,
-    open: Option<u64>,
-    last_commit_end: Option<u64>,
-    /// Every offset below this one has been indexed.
-    indexed: Offset,
-    consumers: BTreeMap<String, Offset>,
-    /// Gap marks: indexed from the topic, and loaded from the consumers topic (where each is
-    /// also stored, so the broker's retention never forgets one).
-    resyncs: BTreeMap<Offset, ResyncMark>,
-    /// The source identity, from the consumers topic.
-    source: Option<crate::SourceIdentity>,
-    /// The last message indexed: its Kafka offset and how many records it holds so far.
-    last_message: Option<(i64, usize)>,
-    /// Records indexed before each indexed message (for lag in records); 16 bytes a message.
-    records_before: BTreeMap<i64, u64>,
-    /// Records indexed in all.
-    records: u64,
-}
-
-impl State {
-    fn index(&mut self, offset: Offset, r: &LogRecord) {
-        if offset < self.indexed {
-            return;
-        }
-        self.indexed = offset + 1;
-        let (message, index) = unpack(offset);
-        self.last_message = Some((message, index + 1));
-        self.records_before.entry(message).or_insert(self.records.saturating_sub(index as u64));
-        self.records += 1;
-        match r {
-            LogRecord::Begin(b) => {
-                self.open = Some(b.commit_lsn.0);
-                self.txns
-                    .insert(b.commit_lsn.0, Txn { begin: offset, commit: None, events: 0, time_us: b.commit_time_us });
-            }
-            LogRecord::Commit(c) => {
-                self.open = None;
-                self.last_commit_end = Some(c.end_lsn.0);
-                if let Some(t) = self.txns.get_mut(&c.commit_lsn.0) {
-                    t.commit = Some(offset);
-                    t.events = c.event_count;
-                    t.time_us = c.commit_time_us;
-                }
-            }
-            LogRecord::Discarded { commit_lsn } => {
-                self.open = None;
-                if self.txns.get(&commit_lsn.0).is_some_and(|t| t.commit.is_none()) {
-                    self.txns.remove(&commit_lsn.0);
-                }
-            }
-            LogRecord::Relation(rel) => {
-                let k = rel.key();
-                self.history.insert((k.oid, offset), k.version);
-                self.relations.insert(k, rel.clone());
-            }
-            LogRecord::Resync(mark) => {
-                self.resyncs.insert(offset, mark.clone());
-            }
-            _ => {}
-        }
-    }
-}
 
 /// The Kafka [`ChangeLog`]. Cheap to clone; clones share the clients.
 #[derive(Clone)]
@@ -155,21 +79,8 @@ struct Reader {
 /// How many times indexing starts again at a start retention moved (see `index_until`).
 const MAX_INDEX_RESTARTS: u32 = 100;
 
-/// Records per message are below 2^20 (`max_message_bytes` keeps them far below: a record
-/// takes more than 4 bytes).
-const INDEX_BITS: u32 = 20;
 /// A message's records, encoded, stay under the brokers' default `message.max.bytes` (1 MB).
 pub const DEFAULT_MAX_MESSAGE_BYTES: usize = 900_000;
-
-/// The log offset of record `index` of the message at Kafka offset `message`.
-fn pack(message: i64, index: usize) -> Offset {
-    ((message.max(0) as u64) << INDEX_BITS) | index as u64
-}
-
-/// (Kafka offset of the message, index in it).
-fn unpack(offset: Offset) -> (i64, usize) {
-    ((offset >> INDEX_BITS) as i64, (offset & ((1 << INDEX_BITS) - 1)) as usize)
-}
 
 fn make_producer(options: &KafkaLogOptions) -> Result<LogProducer, LogError> {
     // Tunables (compression, batching, timeouts) give way to log.kafka.properties; what the

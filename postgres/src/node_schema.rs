@@ -243,8 +243,9 @@ ALTER TABLE synapse.repair_digest SET (fillfactor = 50);
 /// Tombstone purging in rounds (`synapse_apply::tombstones`): a tombstone every node agreed on
 /// is first marked with its round on every node, and counts as no version from then on; the
 /// round is recorded complete once every node is marked, and only then are marked tombstones
-/// deleted — on a node the round could not reach, by a later round.
+/// deleted — on a node the round could not reach, by a later round. Written idempotently all
+/// the same: a node whose version table was lost is adopted at 0 and migrated again.
 const V2: &str = r#"
-ALTER TABLE synapse.row_version ADD COLUMN purge_round bigint;
-CREATE TABLE synapse.purge_rounds (round bigint PRIMARY KEY, completed_at timestamptz NOT NULL DEFAULT now());
+ALTER TABLE synapse.row_version ADD COLUMN IF NOT EXISTS purge_round bigint;
+CREATE TABLE IF NOT EXISTS synapse.purge_rounds (round bigint PRIMARY KEY, completed_at timestamptz NOT NULL DEFAULT now());
 "#;

@@ -35,6 +35,10 @@ pub enum ApplyError {
         #[source]
         source: tokio_postgres::Error,
     },
+    /// A schema change of the source that the target cannot run (or that cannot be told apart
+    /// in its text): this target stops before it, the others go on.
+    #[error("schema change `{tag}` of source {source_node} at log offset {offset} cannot run on this target: {message} (statement: {statement})")]
+    SchemaChange { source_node: String, offset: u64, tag: String, statement: String, message: String },
     /// The target's `synapse.*` tables could not be brought to this release's version.
     #[error("target: {0}")]
     NodeSchema(#[from] synapse_postgres::node_schema::NodeSchemaError),
@@ -67,6 +71,7 @@ impl synapse_error::Classify for ApplyError {
             ApplyError::Busy { .. } => "APP006",
             ApplyError::NodeSchema(_) => "APP007",
             ApplyError::Malformed { .. } => "APP008",
+            ApplyError::SchemaChange { .. } => "APP009",
         }
     }
 
@@ -89,6 +94,11 @@ impl synapse_error::Classify for ApplyError {
             if synapse_postgres::tls::is_tls_refusal(source) {
                 return synapse_postgres::tls::HINT;
             }
+        }
+        if let ApplyError::SchemaChange { .. } = self {
+            return "make the change on the target by hand (or make the target accept it), then have the applier \
+                    skip it: INSERT INTO synapse.schema_skips (source_node, log_offset) VALUES (<source>, <offset>) on \
+                    the target, and `synapse resume` (or wait for the next retry)";
         }
         match self.sqlstate() {
             // not null, foreign key, check, exclusion: a rule the target has and the source not.

@@ -24,6 +24,7 @@
 //!   until the first stops or its connection closes.
 
 mod batch;
+pub mod ddl;
 mod error;
 pub mod initial_copy;
 pub mod mesh;
@@ -411,6 +412,15 @@ impl Applier {
                     }
                     // The gap's re-sync repairs the target (runtime's `resync/<source>` task).
                     LogRecord::Resync(_) => {}
+                    LogRecord::Schema(change) => {
+                        if open.is_none() {
+                            continue;
+                        }
+                        // Rows of the old shape first, in this same target transaction.
+                        s.flush().await?;
+                        s.flush_mesh().await?;
+                        s.schema_change(offset, &change).await?;
+                    }
                     LogRecord::Discarded { commit_lsn } => {
                         if let Some(t) = open.take() {
                             tracing::warn!(%commit_lsn, "the log discarded a partly written transaction; rolling back and re-reading");
@@ -476,6 +486,57 @@ impl<L: ChangeLog> Session<'_, L> {
         metrics::histogram!("synapse_apply_statements_seconds").record(started.elapsed().as_secs_f64());
         self.applier.stats.rows.fetch_add(rows as u64, Ordering::Relaxed);
         metrics::counter!("synapse_apply_rows_total").increment(rows as u64);
+        Ok(())
+    }
+
+    /// Runs a source's schema change in the open target transaction (see [`ddl`]), unless an
+    /// operator recorded it in `synapse.schema_skips`. What this session knew of table shapes
+    /// is forgotten: the changes after it bring their new relation versions.
+    async fn schema_change(
+        &mut self,
+        offset: Offset,
+        change: &synapse_schemas::SchemaChange,
+    ) -> Result<(), ApplyError> {
+        let node = self.applier.config.node.clone();
+        let skipped = self
+            .client
+            .query_opt(
+                "SELECT skipped_by FROM synapse.schema_skips WHERE source_node = $1 AND log_offset = $2",
+                &[&node, &(offset as i64)],
+            )
+            .await
+            .map_err(ApplyError::target("reading the schema changes to skip"))?;
+        let fail = |statement: String, message: String| ApplyError::SchemaChange {
+            source_node: node.clone(),
+            offset,
+            tag: change.tag.clone(),
+            statement,
+            message,
+        };
+        if let Some(row) = skipped {
+            let by: String = row.get(0);
+            tracing::warn!(offset, tag = %change.tag, skipped_by = %by, "skipping a schema change, as synapse.schema_skips says");
+            metrics::counter!("synapse_apply_schema_changes_total", "node" => node.clone(), "outcome" => "skipped")
+                .increment(1);
+            return Ok(());
+        }
+        let statement = ddl::statement(change).map_err(|m| fail(change.sql.clone(), m))?;
+        // The source's search_path for this statement only; the applier qualifies its own.
+        let sql = format!(
+            "SET LOCAL search_path TO {}; {statement}; SET LOCAL search_path TO DEFAULT",
+            if change.search_path.trim().is_empty() { "''" } else { change.search_path.as_str() }
+        );
+        if let Err(e) = self.client.batch_execute(&sql).await {
+            if synapse_postgres::is_transient(&e) {
+                return Err(ApplyError::target("running a schema change")(e));
+            }
+            let message = e.as_db_error().map(|d| d.message().to_owned()).unwrap_or_else(|| e.to_string());
+            return Err(fail(statement, message));
+        }
+        tracing::info!(offset, tag = %change.tag, tables = ?change.tables, "applied a schema change");
+        metrics::counter!("synapse_apply_schema_changes_total", "node" => node, "outcome" => "applied").increment(1);
+        self.tables.clear();
+        self.statements.clear();
         Ok(())
     }
 

@@ -311,3 +311,90 @@ pub async fn describe_table(
         columns,
     })
 }
+
+/// The prefix of the messages [`DDL_CAPTURE`] emits.
+pub const DDL_PREFIX: &str = "synapse.ddl";
+
+/// The source's DDL capture: an event trigger that emits each schema change as a transactional
+/// logical message, so it is decoded at its place in the transaction, in commit order with the
+/// rows. The message carries the client's text, which of its DDL statements this is (a string
+/// of several fires once per statement; `nth` counts them per client message), the
+/// search_path, and the tables the statement touched. No `SET search_path` on the function: it
+/// must see the caller's; everything in it is schema-qualified instead. Appliers run as
+/// `session_replication_role = replica`, where event triggers enabled the default way do not
+/// fire: what SynapseDB applies is not captured again. SynapseDB's own tables (`synapse.*`,
+/// which a mesh publishes) are left out: every node migrates its own.
+pub const DDL_CAPTURE: &str = r#"
+CREATE SCHEMA IF NOT EXISTS synapse;
+CREATE OR REPLACE FUNCTION synapse.capture_ddl() RETURNS event_trigger LANGUAGE plpgsql AS $fn$
+DECLARE
+    tables jsonb;
+    pubs jsonb;
+    n integer := 0;
+    -- One client message (its text, when it arrived) is one string of statements, even one
+    -- that commits in between: the count is the session's, kept per message.
+    q text := pg_catalog.md5(pg_catalog.current_query()) || '@' || pg_catalog.statement_timestamp()::text;
+BEGIN
+    IF pg_catalog.current_setting('synapse.ddl_query', true) = q THEN
+        n := pg_catalog.current_setting('synapse.ddl_n')::integer + 1;
+    END IF;
+    IF TG_EVENT = 'sql_drop' THEN
+        -- Before its statement's ddl_command_end, which counts it. ALTER … DROP is caught there.
+        IF TG_TAG NOT LIKE 'DROP %' THEN RETURN; END IF;
+        SELECT pg_catalog.jsonb_agg(DISTINCT d.address_names[1] || '.' || d.address_names[2])
+          INTO tables FROM pg_catalog.pg_event_trigger_dropped_objects() d
+         WHERE d.original AND NOT d.is_temporary AND d.object_type = 'table' AND d.address_names[1] <> 'synapse';
+        -- Gone from the publications by the time the message is decoded: say which held them.
+        SELECT pg_catalog.jsonb_agg(d.object_identity) INTO pubs
+          FROM pg_catalog.pg_event_trigger_dropped_objects() d WHERE d.object_type = 'publication relation';
+    ELSE
+        PERFORM pg_catalog.set_config('synapse.ddl_query', q, false);
+        PERFORM pg_catalog.set_config('synapse.ddl_n', n::text, false);
+        IF TG_TAG LIKE 'DROP %' THEN RETURN; END IF;
+        SELECT pg_catalog.jsonb_agg(DISTINCT tn.nspname || '.' || t.relname)
+          INTO tables
+          FROM pg_catalog.pg_event_trigger_ddl_commands() e
+          LEFT JOIN pg_catalog.pg_index i ON e.classid = 'pg_catalog.pg_class'::pg_catalog.regclass AND i.indexrelid = e.objid
+          LEFT JOIN pg_catalog.pg_constraint k ON e.classid = 'pg_catalog.pg_constraint'::pg_catalog.regclass AND k.oid = e.objid
+          JOIN pg_catalog.pg_class t ON t.oid = CASE
+              WHEN i.indrelid IS NOT NULL THEN i.indrelid
+              WHEN k.conrelid IS NOT NULL THEN k.conrelid
+              WHEN e.classid = 'pg_catalog.pg_class'::pg_catalog.regclass THEN e.objid END
+          JOIN pg_catalog.pg_namespace tn ON tn.oid = t.relnamespace
+         WHERE NOT e.in_extension AND t.relkind IN ('r', 'p') AND t.relpersistence <> 't'
+           AND tn.nspname <> 'synapse';
+    END IF;
+    IF tables IS NULL THEN RETURN; END IF;
+    PERFORM pg_catalog.pg_logical_emit_message(true, 'synapse.ddl', pg_catalog.jsonb_build_object(
+        'tag', TG_TAG, 'sql', pg_catalog.current_query(), 'nth', n,
+        'search_path', pg_catalog.current_setting('search_path'), 'tables', tables,
+        'publications', coalesce(pubs, '[]'))::text);
+END
+$fn$;
+DO $do$
+BEGIN
+    IF NOT EXISTS (SELECT 1 FROM pg_catalog.pg_event_trigger WHERE evtname = 'synapse_ddl_end') THEN
+        CREATE EVENT TRIGGER synapse_ddl_end ON ddl_command_end EXECUTE FUNCTION synapse.capture_ddl();
+    END IF;
+    IF NOT EXISTS (SELECT 1 FROM pg_catalog.pg_event_trigger WHERE evtname = 'synapse_ddl_drop') THEN
+        CREATE EVENT TRIGGER synapse_ddl_drop ON sql_drop EXECUTE FUNCTION synapse.capture_ddl();
+    END IF;
+END
+$do$;
+"#;
+
+/// Installs [`DDL_CAPTURE`] on the source (idempotent). `Ok(false)`: the role may not create
+/// event triggers (superuser only; `rds_superuser` and the like on managed services).
+pub async fn install_ddl_capture(client: &Client) -> Result<bool, CaptureError> {
+    match client.batch_execute(&format!("BEGIN; SELECT pg_advisory_xact_lock(7305919); {DDL_CAPTURE} COMMIT;")).await {
+        Ok(()) => Ok(true),
+        Err(e) if e.code() == Some(&tokio_postgres::error::SqlState::INSUFFICIENT_PRIVILEGE) => {
+            let _ = client.batch_execute("ROLLBACK").await;
+            Ok(false)
+        }
+        Err(e) => {
+            let _ = client.batch_execute("ROLLBACK").await;
+            Err(CaptureError::sql("installing the DDL capture (event triggers)")(e))
+        }
+    }
+}

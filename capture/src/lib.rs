@@ -239,6 +239,18 @@ impl Capture {
         {
             return Err(CaptureError::MissingPublication { publication: self.config.publication.clone() });
         }
+        if !catalog::install_ddl_capture(&client).await? {
+            tracing::warn!(
+                source = %self.config.node,
+                code = "CAP012",
+                "schema changes are not captured: creating event triggers needs a superuser (rds_superuser, \
+                 cloudsqlsuperuser…); until an operator installs them, run each migration on every target \
+                 too, before its first change"
+            );
+            metrics::gauge!("synapse_capture_ddl_captured", "node" => self.config.node.clone()).set(0.0);
+        } else {
+            metrics::gauge!("synapse_capture_ddl_captured", "node" => self.config.node.clone()).set(1.0);
+        }
         Ok((tables, skipped))
     }
 
@@ -495,6 +507,7 @@ impl Capture {
                     status_interval: self.config.status_interval,
                     receive_timeout: self.config.receive_timeout,
                     skip_applied: self.config.skip_applied,
+                    publication: self.config.publication.clone(),
                 },
                 relations: HashMap::new(),
                 emitted: HashSet::new(),

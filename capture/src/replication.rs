@@ -29,8 +29,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 use synapse_log::ChangeLog;
 use synapse_schemas::{
-    Begin, Column, Commit, LogRecord, Lsn, OldValues, Op, Relation, RelationKey, ReplicaIdentity, RowChange, Truncate,
-    Tuple,
+    Begin, Column, Commit, LogRecord, Lsn, OldValues, Op, Relation, RelationKey, ReplicaIdentity, RowChange,
+    SchemaChange, Truncate, Tuple,
 };
 use tokio::sync::{mpsc, watch};
 use tokio_postgres::Client;
@@ -43,6 +43,8 @@ pub(crate) struct StreamSettings {
     pub status_interval: Duration,
     pub receive_timeout: Duration,
     pub skip_applied: bool,
+    /// The publication: schema changes are captured for its tables only.
+    pub publication: String,
 }
 
 #[derive(Default)]
@@ -355,6 +357,16 @@ impl<L: ChangeLog + Clone> Streamer<'_, L> {
                     }
                 }
             }
+            Message::Message { prefix, content, transactional: true, .. } if prefix == crate::catalog::DDL_PREFIX => {
+                if txn.as_ref().is_none_or(|t| t.skip) {
+                    return Ok(());
+                }
+                let change = self.schema_change(content, wal_end).await?;
+                if let Some(change) = change {
+                    push_begin(txn, batch);
+                    batch.records.push(LogRecord::Schema(change));
+                }
+            }
             Message::Message { prefix, content, .. } => {
                 if prefix == HEARTBEAT_PREFIX {
                     if let Some(us) = std::str::from_utf8(content).ok().and_then(|s| s.parse::<i64>().ok()) {
@@ -373,6 +385,57 @@ impl<L: ChangeLog + Clone> Streamer<'_, L> {
             }
         }
         Ok(())
+    }
+
+    /// A schema change the source's event trigger emitted, if it touched a published table
+    /// (`None`: another table's, or a temporary one's).
+    async fn schema_change(&self, content: &[u8], lsn: u64) -> Result<Option<SchemaChange>, CaptureError> {
+        let bad = || CaptureError::Protocol(format!("the DDL capture's message at {} is not what it emits", Lsn(lsn)));
+        let v: serde_json::Value = serde_json::from_slice(content).map_err(|_| bad())?;
+        let text = |k: &str| v[k].as_str().map(str::to_owned).ok_or_else(bad);
+        let emitted = SchemaChange {
+            tag: text("tag")?,
+            sql: text("sql")?,
+            nth: v["nth"].as_u64().and_then(|n| u32::try_from(n).ok()).ok_or_else(bad)?,
+            search_path: text("search_path")?,
+            tables: v["tables"]
+                .as_array()
+                .ok_or_else(bad)?
+                .iter()
+                .map(|t| t.as_str().map(str::to_owned).ok_or_else(bad))
+                .collect::<Result<_, _>>()?,
+        };
+        // A dropped table left the publication with it: the trigger named the publications.
+        // Identities read `<table> in publication <name>`, the name quoted only where needed.
+        let publication_of = |identity: &str| {
+            let name = identity.rsplit_once(" in publication ").map_or("", |(_, n)| n);
+            match name.strip_prefix('"').and_then(|n| n.strip_suffix('"')) {
+                Some(quoted) => quoted.replace("\"\"", "\""),
+                None => name.to_owned(),
+            }
+        };
+        let dropped_from_ours = v["publications"].as_array().is_some_and(|p| {
+            p.iter().filter_map(|p| p.as_str()).any(|p| publication_of(p) == self.settings.publication)
+        });
+        // Otherwise the publication as it is now: a table it names is replicated (after a
+        // rename, by its new name, which the statement's tables hold too).
+        let published = dropped_from_ours
+            || self
+                .client
+                .query_opt(
+                    "SELECT 1 FROM pg_catalog.pg_publication_tables
+                 WHERE pubname = $1 AND schemaname || '.' || tablename = ANY($2)",
+                    &[&self.settings.publication, &emitted.tables],
+                )
+                .await
+                .map_err(CaptureError::sql("reading which tables the publication holds"))?
+                .is_some();
+        metrics::counter!("synapse_capture_schema_changes_total", "captured" => published.to_string()).increment(1);
+        if !published {
+            return Ok(None);
+        }
+        tracing::info!(tag = %emitted.tag, tables = ?emitted.tables, lsn = %Lsn(lsn), "captured a schema change");
+        Ok(Some(emitted))
     }
 
     fn change(

@@ -428,6 +428,8 @@ impl<L: ChangeLog> ChangeFeed<L> {
                 });
                 self.state = State::Idle;
             }
+            // Consumers learn a new shape from its relation record, which follows with the rows.
+            LogRecord::Schema(_) => {}
             LogRecord::Begin(_) | LogRecord::Discarded { .. } | LogRecord::Resync(_) => {
                 // Cannot happen inside a committed transaction (they never interleave); treat
                 // it as the end of this one rather than trusting the rest.

@@ -31,6 +31,7 @@ pub const MIGRATIONS: &[Migration] = &[
         sql: V1,
     },
     Migration { version: 2, description: "tombstone purge marks and completed purge rounds", sql: V2 },
+    Migration { version: 3, description: "schema changes an operator had the applier skip", sql: V3 },
 ];
 
 /// The version this build reads and writes.
@@ -248,4 +249,17 @@ ALTER TABLE synapse.repair_digest SET (fillfactor = 50);
 const V2: &str = r#"
 ALTER TABLE synapse.row_version ADD COLUMN IF NOT EXISTS purge_round bigint;
 CREATE TABLE IF NOT EXISTS synapse.purge_rounds (round bigint PRIMARY KEY, completed_at timestamptz NOT NULL DEFAULT now());
+"#;
+
+/// Schema changes of a source that an operator made on the target by hand (or chose not to
+/// make): the applier passes the one at this log offset instead of running it. Who and when are
+/// kept, as an audit of the divergence accepted.
+const V3: &str = r#"
+CREATE TABLE IF NOT EXISTS synapse.schema_skips (
+    source_node text NOT NULL,
+    log_offset bigint NOT NULL,
+    skipped_by text NOT NULL DEFAULT current_user,
+    skipped_at timestamptz NOT NULL DEFAULT now(),
+    PRIMARY KEY (source_node, log_offset)
+);
 "#;

@@ -338,6 +338,26 @@ pub enum LogRecord {
     /// `resync` control event and must re-read the source (a snapshot) to be whole again.
     /// Between transactions, never inside one.
     Resync(ResyncMark),
+    /// A schema change the source ran, at its place in the transaction (after every change of
+    /// the old shape, before every change of the new): captured by SynapseDB's event trigger on
+    /// the source. Appliers run it on their targets before the changes that follow.
+    Schema(SchemaChange),
+}
+
+/// A DDL statement as the source's event trigger recorded it (see [`LogRecord::Schema`]).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SchemaChange {
+    /// The command tag (`ALTER TABLE`, `CREATE INDEX`, `DROP TABLE`, …).
+    pub tag: String,
+    /// The text the client sent: the statement, or a string of several that holds it.
+    pub sql: String,
+    /// Which of the DDL statements of `sql` this is (0: the first): a string of several fires
+    /// the trigger once per statement.
+    pub nth: u32,
+    /// The session's search_path when it ran: unqualified names resolve as on the source.
+    pub search_path: String,
+    /// The tables it changed, created or dropped (`schema.table`).
+    pub tables: Vec<String>,
 }
 
 /// What a [`LogRecord::Resync`] says about its gap.

@@ -1,0 +1,147 @@
+//! A source's schema change on a target ([`LogRecord::Schema`](synapse_schemas::LogRecord)):
+//! which statement of the client's text to run.
+//!
+//! The source's event trigger records the text the client sent, which may hold several
+//! statements (`psql -c "…; …"`, a migration tool sending a whole file): it fires once per DDL
+//! statement and says which one (`nth`). Rows that the other statements changed arrive as
+//! changes of their own, so only that DDL statement runs here. A DDL statement run from inside
+//! a `DO` block, a procedure or a function has no text of its own to replay; it is refused by
+//! name instead of guessed.
+
+use sqlparser::dialect::PostgreSqlDialect;
+use sqlparser::tokenizer::{Location, Token, Tokenizer};
+use synapse_schemas::SchemaChange;
+
+/// The statement of `change.sql` that fired the source's trigger, or why it cannot be told.
+pub fn statement(change: &SchemaChange) -> Result<String, String> {
+    let dialect = PostgreSqlDialect {};
+    let tokens = Tokenizer::new(&dialect, &change.sql)
+        .with_unescape(false)
+        .tokenize_with_location()
+        .map_err(|e| format!("its text does not split into statements: {e}"))?;
+    let chars: Vec<char> = change.sql.chars().collect();
+    let line_starts: Vec<usize> =
+        std::iter::once(0).chain(chars.iter().enumerate().filter(|(_, c)| **c == '\n').map(|(i, _)| i + 1)).collect();
+    let at =
+        |l: Location| line_starts.get((l.line as usize).saturating_sub(1)).map_or(0, |s| s + l.column as usize - 1);
+
+    let mut ddl = Vec::new();
+    let mut words: Vec<String> = Vec::new();
+    let mut span: Option<(usize, usize)> = None;
+    let mut end_statement = |words: &mut Vec<String>, span: &mut Option<(usize, usize)>| -> Result<(), String> {
+        if let Some((from, to)) = span.take() {
+            let text: String = chars[from.min(chars.len())..to.min(chars.len())].iter().collect();
+            match kind(words) {
+                Kind::Ddl => ddl.push((text, words.clone())),
+                Kind::Other => {}
+                Kind::Hidden => {
+                    return Err(format!(
+                        "it ran inside `{}`: a schema change made by a DO block, procedure or function has no \
+                         statement of its own to replay",
+                        words.first().map(String::as_str).unwrap_or("?")
+                    ))
+                }
+            }
+        }
+        words.clear();
+        Ok(())
+    };
+    for t in &tokens {
+        match &t.token {
+            Token::SemiColon => end_statement(&mut words, &mut span)?,
+            Token::Whitespace(_) => {}
+            token => {
+                if let Token::Word(w) = token {
+                    if w.quote_style.is_none() && words.len() < 8 {
+                        words.push(w.value.to_ascii_uppercase());
+                    }
+                } else if words.is_empty() {
+                    words.push(String::new()); // a statement that starts with no keyword
+                }
+                let (from, to) = (at(t.span.start), at(t.span.end));
+                span = Some(span.map_or((from, to), |(f, _)| (f, to)));
+            }
+        }
+    }
+    end_statement(&mut words, &mut span)?;
+    let Some((text, words)) = ddl.get(change.nth as usize) else {
+        return Err(format!(
+            "the source ran DDL statement {} of its text, which holds {} (a DDL statement run by a function?)",
+            change.nth + 1,
+            ddl.len()
+        ));
+    };
+    // The trigger's command tag must name this statement: a miscount is refused, never run.
+    let tag: Vec<&str> = change.tag.split_whitespace().collect();
+    let matches = tag.first().is_some_and(|t| words.first().is_some_and(|w| w == t))
+        && tag.last().is_some_and(|t| words.iter().any(|w| w == t));
+    if !matches {
+        return Err(format!("the source's command tag `{}` does not name statement `{text}`", change.tag));
+    }
+    Ok(text.clone())
+}
+
+enum Kind {
+    /// A statement that fires event triggers: the ones the source recorded.
+    Ddl,
+    /// Rows, transaction control, settings…: their effects arrive as changes, or have none.
+    Other,
+    /// Runs statements the text does not show.
+    Hidden,
+}
+
+fn kind(words: &[String]) -> Kind {
+    let w = |i: usize| words.get(i).map(String::as_str).unwrap_or("");
+    match w(0) {
+        "DO" | "CALL" | "EXECUTE" => Kind::Hidden,
+        // Shared objects and event triggers fire no event trigger.
+        "CREATE" | "ALTER" | "DROP"
+            if ["DATABASE", "ROLE", "USER", "GROUP", "TABLESPACE", "SYSTEM"].contains(&w(1))
+                || (w(1) == "EVENT" && w(2) == "TRIGGER") =>
+        {
+            Kind::Other
+        }
+        "CREATE" | "ALTER" | "DROP" | "COMMENT" | "SECURITY" | "IMPORT" | "REFRESH" => Kind::Ddl,
+        // Privileges on objects do; role membership does not.
+        "GRANT" | "REVOKE" if words.iter().any(|x| x == "ON") => Kind::Ddl,
+        _ => Kind::Other,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn change(sql: &str, nth: u32, tag: &str) -> SchemaChange {
+        SchemaChange {
+            tag: tag.into(),
+            sql: sql.into(),
+            nth,
+            search_path: "public".into(),
+            tables: vec!["public.t".into()],
+        }
+    }
+
+    #[test]
+    fn the_nth_ddl_statement_of_the_text_as_written() {
+        let sql = "-- migration 7\nALTER TABLE t ADD COLUMN note text DEFAULT 'it''s';\n\
+                   UPDATE t SET note = $$a;b$$ WHERE id > 0;\n  CREATE UNIQUE INDEX t_note ON t (note);";
+        assert_eq!(
+            statement(&change(sql, 0, "ALTER TABLE")).unwrap(),
+            "ALTER TABLE t ADD COLUMN note text DEFAULT 'it''s'"
+        );
+        assert_eq!(statement(&change(sql, 1, "CREATE INDEX")).unwrap(), "CREATE UNIQUE INDEX t_note ON t (note)");
+        assert!(statement(&change(sql, 2, "ALTER TABLE")).unwrap_err().contains("holds 2"));
+    }
+
+    #[test]
+    fn a_miscount_or_a_hidden_statement_is_refused() {
+        let e = statement(&change("ALTER TABLE t ADD c int; DROP TABLE u", 1, "ALTER TABLE")).unwrap_err();
+        assert!(e.contains("does not name"), "{e}");
+        let e = statement(&change("DO $$ BEGIN ALTER TABLE t ADD c int; END $$", 0, "ALTER TABLE")).unwrap_err();
+        assert!(e.contains("DO block"), "{e}");
+        // Statements that fire no event trigger are not counted.
+        let sql = "CREATE ROLE r; GRANT r TO postgres; GRANT SELECT ON t TO r";
+        assert_eq!(statement(&change(sql, 0, "GRANT")).unwrap(), "GRANT SELECT ON t TO r");
+    }
+}

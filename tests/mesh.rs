@@ -760,7 +760,8 @@ fn a_target_rejecting_a_change_parks_only_that_applier() {
         std::fs::read_to_string(&mesh.config).unwrap().replace("ops:\n", "supervision:\n  park_retry_secs: 2\nops:\n");
     std::fs::write(&mesh.config, text).unwrap();
     let child = mesh.start(1);
-    mesh.sql(2, "ALTER TABLE t ADD CONSTRAINT no_bad CHECK (v <> 'bad')");
+    // A constraint of u2's alone: in the replica role its schema change is not replicated.
+    mesh.sql(2, "SET session_replication_role = replica; ALTER TABLE t ADD CONSTRAINT no_bad CHECK (v <> 'bad')");
     mesh.sql(0, "INSERT INTO t VALUES (1, 'bad')");
     let http = reqwest::blocking::Client::new();
     let readyz = || http.get(format!("http://{}/readyz", mesh.ops)).send().and_then(|r| r.text()).unwrap_or_default();
@@ -786,7 +787,7 @@ fn a_target_rejecting_a_change_parks_only_that_applier() {
     mesh.sql(0, "INSERT INTO t VALUES (4, 'from u0, queued behind the rejected one')");
 
     // The fix: the constraint goes; the parked applier resumes by itself, in order.
-    mesh.sql(2, "ALTER TABLE t DROP CONSTRAINT no_bad");
+    mesh.sql(2, "SET session_replication_role = replica; ALTER TABLE t DROP CONSTRAINT no_bad");
     mesh.wait_all("rows after the fix", rows, "1=bad,2=from u1,3=from u2,4=from u0, queued behind the rejected one");
     let deadline = Instant::now() + Duration::from_secs(30);
     while !readyz().contains("apply/u0->u2: streaming") {

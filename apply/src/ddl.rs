@@ -28,9 +28,22 @@ pub fn statement(change: &SchemaChange) -> Result<String, String> {
     let mut ddl = Vec::new();
     let mut words: Vec<String> = Vec::new();
     let mut span: Option<(usize, usize)> = None;
-    let mut end_statement = |words: &mut Vec<String>, span: &mut Option<(usize, usize)>| -> Result<(), String> {
+    // `CONCURRENTLY` cannot run in the applier's transaction: an index is built (or dropped)
+    // there the plain way, which only the applier waits for.
+    let mut concurrently: Vec<(usize, usize)> = Vec::new();
+    let mut end_statement = |words: &mut Vec<String>,
+                             span: &mut Option<(usize, usize)>,
+                             concurrently: &mut Vec<(usize, usize)>|
+     -> Result<(), String> {
         if let Some((from, to)) = span.take() {
-            let text: String = chars[from.min(chars.len())..to.min(chars.len())].iter().collect();
+            let index = words.iter().take(4).any(|w| w == "INDEX");
+            let text: String = chars[from.min(chars.len())..to.min(chars.len())]
+                .iter()
+                .enumerate()
+                .filter(|(i, _)| !index || !concurrently.iter().any(|(a, b)| (a..b).contains(&&(from + i))))
+                .map(|(_, c)| c)
+                .collect();
+            concurrently.clear();
             match kind(words) {
                 Kind::Ddl => ddl.push((text, words.clone())),
                 Kind::Other => {}
@@ -48,10 +61,14 @@ pub fn statement(change: &SchemaChange) -> Result<String, String> {
     };
     for t in &tokens {
         match &t.token {
-            Token::SemiColon => end_statement(&mut words, &mut span)?,
+            Token::SemiColon => end_statement(&mut words, &mut span, &mut concurrently)?,
             Token::Whitespace(_) => {}
             token => {
                 if let Token::Word(w) = token {
+                    if w.quote_style.is_none() && w.value.eq_ignore_ascii_case("concurrently") {
+                        concurrently.push((at(t.span.start), at(t.span.end)));
+                        continue;
+                    }
                     if w.quote_style.is_none() && words.len() < 8 {
                         words.push(w.value.to_ascii_uppercase());
                     }
@@ -63,7 +80,7 @@ pub fn statement(change: &SchemaChange) -> Result<String, String> {
             }
         }
     }
-    end_statement(&mut words, &mut span)?;
+    end_statement(&mut words, &mut span, &mut concurrently)?;
     let Some((text, words)) = ddl.get(change.nth as usize) else {
         return Err(format!(
             "the source ran DDL statement {} of its text, which holds {} (a DDL statement run by a function?)",
@@ -132,6 +149,8 @@ mod tests {
         );
         assert_eq!(statement(&change(sql, 1, "CREATE INDEX")).unwrap(), "CREATE UNIQUE INDEX t_note ON t (note)");
         assert!(statement(&change(sql, 2, "ALTER TABLE")).unwrap_err().contains("holds 2"));
+        let sql = "CREATE INDEX CONCURRENTLY IF NOT EXISTS t_v ON t (v)";
+        assert_eq!(statement(&change(sql, 0, "CREATE INDEX")).unwrap(), "CREATE INDEX  IF NOT EXISTS t_v ON t (v)");
     }
 
     #[test]

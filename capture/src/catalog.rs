@@ -322,7 +322,8 @@ pub const DDL_PREFIX: &str = "synapse.ddl";
 /// search_path, and the tables the statement touched. No `SET search_path` on the function: it
 /// must see the caller's; everything in it is schema-qualified instead. Appliers run as
 /// `session_replication_role = replica`, where event triggers enabled the default way do not
-/// fire: what SynapseDB applies is not captured again. SynapseDB's own tables (`synapse.*`,
+/// fire: what SynapseDB applies is not captured again, nor what a session marked
+/// `synapse.own_ddl = on` runs (SynapseDB's own triggers and indexes on each node). SynapseDB's own tables (`synapse.*`,
 /// which a mesh publishes) are left out: every node migrates its own.
 pub const DDL_CAPTURE: &str = r#"
 CREATE SCHEMA IF NOT EXISTS synapse;
@@ -335,6 +336,9 @@ DECLARE
     -- that commits in between: the count is the session's, kept per message.
     q text := pg_catalog.md5(pg_catalog.current_query()) || '@' || pg_catalog.statement_timestamp()::text;
 BEGIN
+    -- SynapseDB's own schema work on application tables (repair's triggers and indexes, the
+    -- mesh's triggers) is each node's own: every node gets it from synapse directly.
+    IF pg_catalog.current_setting('synapse.own_ddl', true) = 'on' THEN RETURN; END IF;
     IF pg_catalog.current_setting('synapse.ddl_query', true) = q THEN
         n := pg_catalog.current_setting('synapse.ddl_n')::integer + 1;
     END IF;

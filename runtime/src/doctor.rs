@@ -91,6 +91,23 @@ pub async fn run(config: &Config) -> usize {
             }
             Err(e) => r.fail(&format!("reading role: {e}"), "grant the role access to pg_roles"),
         }
+        // Schema changes are captured by an event trigger, which only a superuser may create.
+        let ddl = client
+            .query_one(
+                "SELECT (SELECT rolsuper FROM pg_roles WHERE rolname = current_user)
+                     OR EXISTS (SELECT 1 FROM pg_event_trigger WHERE evtname = 'synapse_ddl_end')",
+                &[],
+            )
+            .await;
+        match ddl {
+            Ok(row) if row.get::<_, bool>(0) => r.ok("schema changes are captured (event trigger)"),
+            Ok(_) => r.warn(
+                "schema changes will not be captured (CAP012): creating event triggers needs a superuser",
+                "have a superuser run synapse once, or install synapse.capture_ddl as in the README \
+                 (Schema changes); until then run each migration on every target too",
+            ),
+            Err(e) => r.fail(&format!("reading role: {e}"), "grant the role access to pg_roles"),
+        }
         let slots: i64 = client
             .query_one(
                 "SELECT current_setting('max_replication_slots')::int8 - (SELECT count(*) FROM pg_replication_slots)",

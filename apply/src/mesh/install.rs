@@ -331,7 +331,8 @@ pub async fn install(
     }
     synapse_postgres::node_schema::migrate(client).await?;
     let mut sql =
-        format!("SET client_min_messages = warning; BEGIN; SELECT pg_advisory_xact_lock(7305918); {MESH_DDL}");
+        // Each node's own triggers: kept out of the source's DDL capture.
+        format!("SET client_min_messages = warning; BEGIN; SET LOCAL synapse.own_ddl = on; SELECT pg_advisory_xact_lock(7305918); {MESH_DDL}");
     for t in &described {
         sql.push_str(&trigger_sql(node, t));
         sql.push('\n');

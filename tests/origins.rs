@@ -68,7 +68,7 @@ fn applied_changes_are_not_captured_again() {
         }
         std::thread::sleep(Duration::from_millis(100));
     };
-    assert_eq!(ids, [1001, 1002, 1001], "b_out must hold exactly B's own writes");
+    assert_eq!(ids, [1001, 1002, 1001], "b_out must hold exactly B's own writes\n{}", common::log_tail(&log));
     // And the counter update A made never shows up in b_out.
     let all = http.get(format!("http://{api}/v1/streams/b_out/changes?limit=10000")).send().unwrap().text().unwrap();
     assert!(!all.contains("\"table\":\"counters\""), "{all}");

@@ -390,7 +390,9 @@ $do$;
 /// Installs [`DDL_CAPTURE`] on the source (idempotent). `Ok(false)`: the role may not create
 /// event triggers (superuser only; `rds_superuser` and the like on managed services).
 pub async fn install_ddl_capture(client: &Client) -> Result<bool, CaptureError> {
-    match client.batch_execute(&format!("BEGIN; SELECT pg_advisory_xact_lock(7305919); {DDL_CAPTURE} COMMIT;")).await {
+    // The node schema's lock: an applier migrating this node creates schema `synapse` too.
+    let lock = synapse_postgres::node_schema::LOCK;
+    match client.batch_execute(&format!("BEGIN; SELECT pg_advisory_xact_lock({lock}); {DDL_CAPTURE} COMMIT;")).await {
         Ok(()) => Ok(true),
         Err(e) if e.code() == Some(&tokio_postgres::error::SqlState::INSUFFICIENT_PRIVILEGE) => {
             let _ = client.batch_execute("ROLLBACK").await;

@@ -38,7 +38,9 @@ pub const MIGRATIONS: &[Migration] = &[
 pub const LATEST: i32 = MIGRATIONS[MIGRATIONS.len() - 1].version;
 
 /// Serializes migrations of one node (any other advisory lock number of SynapseDB differs).
-const LOCK: i64 = 7_305_900;
+/// Anything else that creates objects in schema `synapse` takes it too: two transactions
+/// running `CREATE SCHEMA IF NOT EXISTS` at once make one fail with a unique violation.
+pub const LOCK: i64 = 7_305_900;
 
 #[derive(Debug, thiserror::Error)]
 pub enum NodeSchemaError {

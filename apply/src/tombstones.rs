@@ -64,7 +64,8 @@ const VERSION_TEXT: &str = "(r.vv, r.hlc_ms, r.hlc_lc, r.node, r.cols)::text";
 /// the next record of `node`'s change log gets; `hops` the longest path a write travels (1 in a
 /// mesh, 2 through a hub). Waits at most `patience` for the stability conditions; a round that
 /// runs out of it purges nothing and the next one tries again. `round` names this round's
-/// marks: larger than any earlier round's (a clock reading in microseconds serves).
+/// marks: distinct from every earlier round's (a clock reading in microseconds serves; only
+/// equality is compared).
 pub async fn purge_round(
     nodes: &[PurgeNode],
     log_end: impl Fn(&str) -> Option<u64>,
@@ -203,7 +204,8 @@ pub async fn purge_round(
     for c in &clients {
         match c.execute("INSERT INTO synapse.purge_rounds (round) VALUES ($1)", &[&round]).await {
             Ok(_) => recorded = true,
-            Err(e) => failed = Some(ApplyError::target("recording a completed purge round")(e)),
+            // The first failure is the one reported; the rest of the nodes are still tried.
+            Err(e) => failed = failed.or(Some(ApplyError::target("recording a completed purge round")(e))),
         }
     }
     let mut purged = 0;
@@ -211,7 +213,7 @@ pub async fn purge_round(
         for c in &clients {
             match delete_marked(c, &[round]).await {
                 Ok(n) => purged += n,
-                Err(e) => failed = Some(e),
+                Err(e) => failed = failed.or(Some(e)),
             }
         }
     }

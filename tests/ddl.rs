@@ -136,6 +136,39 @@ fn migrations_reach_the_target_in_order_with_the_rows() {
         .unwrap_or_else(|e| panic!("{e}\n{}", common::log_tail(&log)));
 }
 
+/// The walsender may decode a commit before its backend leaves the proc array: for that moment
+/// the source's catalog, read from another session, does not show the change yet. A synchronous
+/// standby that never answers holds the renaming session in that moment for as long as needed.
+#[test]
+fn a_change_decoded_before_its_commit_is_visible_is_captured() {
+    let nodes = start();
+    let config = nodes.config("");
+    let log = nodes.dir.path().join("synapse.log");
+    let _child = spawn_run(&config, &log);
+    nodes.wait_copied(1, Duration::from_secs(60), &log);
+    nodes.source.psql("postgres", "ALTER SYSTEM SET synchronous_standby_names = 'nobody'").unwrap();
+    nodes.source.psql("postgres", "SELECT pg_reload_conf()").unwrap();
+    let mut renamer = common::SyncClient::connect(&nodes.source.url("app"));
+    let rename = std::thread::spawn(move || renamer.batch_execute("ALTER TABLE items RENAME TO things").unwrap());
+
+    // The target gets the rename while the source's other sessions still see `items`.
+    let renamed = "SELECT count(*) FROM pg_tables WHERE tablename = 'things'";
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while nodes.target.psql("app", renamed).unwrap_or_default() != "1" {
+        assert!(Instant::now() < deadline, "the rename never reached the target:\n{}", common::log_tail(&log));
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(nodes.source.psql("app", renamed).unwrap(), "0", "the rename's commit was already visible");
+
+    nodes.source.psql("postgres", "ALTER SYSTEM RESET synchronous_standby_names").unwrap();
+    nodes.source.psql("postgres", "SELECT pg_reload_conf()").unwrap();
+    rename.join().unwrap();
+    nodes.source.psql("app", "INSERT INTO things (id) VALUES (99999)").unwrap();
+    let q = "SELECT count(*) || ' ' || sum(id) FROM things";
+    synapse_localpg::wait_until_equal(&nodes.source, &nodes.target, "app", q, Duration::from_secs(60))
+        .unwrap_or_else(|e| panic!("{e}\n{}", common::log_tail(&log)));
+}
+
 #[test]
 fn a_change_one_target_rejects_stops_only_that_target_until_skipped() {
     let nodes = start();

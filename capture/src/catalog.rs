@@ -223,9 +223,18 @@ impl TypeResolver {
 impl TypeResolver {
     /// Fills `type_name`, `base_type_oid` and `element_type_oid` of `columns`.
     pub async fn resolve(&mut self, client: &Client, columns: &mut [Column]) -> Result<(), CaptureError> {
-        let missing: Vec<(u32, i32)> =
+        let mut missing: Vec<(u32, i32)> =
             columns.iter().map(|c| (c.type_oid, c.type_modifier)).filter(|k| !self.cache.contains_key(k)).collect();
-        if !missing.is_empty() {
+        // A type made in the transaction being decoded may not be visible yet (the walsender
+        // can decode a commit before its backend leaves the proc array): a user type not found
+        // is looked up again for a moment before it is taken as dropped.
+        for attempt in 0..20 {
+            if missing.is_empty() {
+                break;
+            }
+            if attempt > 0 {
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+            }
             let oids: Vec<u32> = missing.iter().map(|k| k.0).collect();
             let mods: Vec<i32> = missing.iter().map(|k| k.1).collect();
             let rows = client
@@ -247,6 +256,7 @@ impl TypeResolver {
                 let elem: Option<u32> = r.get(4);
                 self.cache.insert((r.get(0), r.get(1)), (r.get(2), r.get(3), elem.unwrap_or(0)));
             }
+            missing.retain(|k| !self.cache.contains_key(k));
         }
         for c in columns {
             // A type dropped since the change was written keeps its OID as its name: values stay text.
@@ -349,7 +359,7 @@ BEGIN
           INTO tables FROM pg_catalog.pg_event_trigger_dropped_objects() d
          WHERE d.original AND NOT d.is_temporary AND d.object_type = 'table' AND d.address_names[1] <> 'synapse';
         -- Gone from the publications by the time the message is decoded: say which held them.
-        SELECT pg_catalog.jsonb_agg(d.object_identity) INTO pubs
+        SELECT pg_catalog.jsonb_agg(DISTINCT d.address_args[1]) INTO pubs
           FROM pg_catalog.pg_event_trigger_dropped_objects() d WHERE d.object_type = 'publication relation';
     ELSE
         PERFORM pg_catalog.set_config('synapse.ddl_query', q, false);
@@ -367,12 +377,17 @@ BEGIN
           JOIN pg_catalog.pg_namespace tn ON tn.oid = t.relnamespace
          WHERE NOT e.in_extension AND t.relkind IN ('r', 'p') AND t.relpersistence <> 't'
            AND tn.nspname <> 'synapse';
+        -- Read here, in the statement's own transaction: when the message is decoded the
+        -- catalog may not show the commit yet (the walsender can decode a commit before its
+        -- backend leaves the proc array), or may show a later statement's (a drop).
+        SELECT pg_catalog.jsonb_agg(DISTINCT p.pubname) INTO pubs FROM pg_catalog.pg_publication_tables p
+         WHERE tables ? (p.schemaname || '.' || p.tablename);
     END IF;
     IF tables IS NULL THEN RETURN; END IF;
     PERFORM pg_catalog.pg_logical_emit_message(true, 'synapse.ddl', pg_catalog.jsonb_build_object(
         'tag', TG_TAG, 'sql', pg_catalog.current_query(), 'nth', n,
         'search_path', pg_catalog.current_setting('search_path'), 'tables', tables,
-        'publications', coalesce(pubs, '[]'))::text);
+        'published_in', coalesce(pubs, '[]'))::text);
 END
 $fn$;
 DO $do$

@@ -405,8 +405,23 @@ impl<L: ChangeLog + Clone> Streamer<'_, L> {
                 .map(|t| t.as_str().map(str::to_owned).ok_or_else(bad))
                 .collect::<Result<_, _>>()?,
         };
-        // A dropped table left the publication with it: the trigger named the publications.
-        // Identities read `<table> in publication <name>`, the name quoted only where needed.
+        // The trigger names the publications that held the tables when the statement ran.
+        let published = match v["published_in"].as_array() {
+            Some(names) => names.iter().any(|n| n.as_str() == Some(self.settings.publication.as_str())),
+            // Emitted by an older trigger, before this version replaced it: its drops name
+            // `<table> in publication <name>`; other changes go by the catalog as it is now.
+            None => self.legacy_published(&v, &emitted.tables).await?,
+        };
+        metrics::counter!("synapse_capture_schema_changes_total", "captured" => published.to_string()).increment(1);
+        if !published {
+            return Ok(None);
+        }
+        tracing::info!(tag = %emitted.tag, tables = ?emitted.tables, lsn = %Lsn(lsn), "captured a schema change");
+        Ok(Some(emitted))
+    }
+
+    /// Publication membership for a message of the trigger before `published_in` existed.
+    async fn legacy_published(&self, v: &serde_json::Value, tables: &[String]) -> Result<bool, CaptureError> {
         let publication_of = |identity: &str| {
             let name = identity.rsplit_once(" in publication ").map_or("", |(_, n)| n);
             match name.strip_prefix('"').and_then(|n| n.strip_suffix('"')) {
@@ -414,28 +429,22 @@ impl<L: ChangeLog + Clone> Streamer<'_, L> {
                 None => name.to_owned(),
             }
         };
-        let dropped_from_ours = v["publications"].as_array().is_some_and(|p| {
+        let dropped = v["publications"].as_array().is_some_and(|p| {
             p.iter().filter_map(|p| p.as_str()).any(|p| publication_of(p) == self.settings.publication)
         });
-        // Otherwise the publication as it is now: a table it names is replicated (after a
-        // rename, by its new name, which the statement's tables hold too).
-        let published = dropped_from_ours
-            || self
-                .client
-                .query_opt(
-                    "SELECT 1 FROM pg_catalog.pg_publication_tables
-                 WHERE pubname = $1 AND schemaname || '.' || tablename = ANY($2)",
-                    &[&self.settings.publication, &emitted.tables],
-                )
-                .await
-                .map_err(CaptureError::sql("reading which tables the publication holds"))?
-                .is_some();
-        metrics::counter!("synapse_capture_schema_changes_total", "captured" => published.to_string()).increment(1);
-        if !published {
-            return Ok(None);
+        if dropped {
+            return Ok(true);
         }
-        tracing::info!(tag = %emitted.tag, tables = ?emitted.tables, lsn = %Lsn(lsn), "captured a schema change");
-        Ok(Some(emitted))
+        let row = self
+            .client
+            .query_opt(
+                "SELECT 1 FROM pg_catalog.pg_publication_tables
+                 WHERE pubname = $1 AND schemaname || '.' || tablename = ANY($2)",
+                &[&self.settings.publication, &tables],
+            )
+            .await
+            .map_err(CaptureError::sql("reading which tables the publication holds"))?;
+        Ok(row.is_some())
     }
 
     fn change(

@@ -24,17 +24,38 @@ fn start() -> Nodes {
     nodes
 }
 
-/// The table's shape as the catalog holds it, then a digest of its rows in key order.
-const SHAPE_AND_ROWS: &str = "SELECT (SELECT string_agg(column_name || ' ' || data_type || ' ' || is_nullable
-            || ' ' || coalesce(column_default, '-'), ', ' ORDER BY ordinal_position)
-        FROM information_schema.columns WHERE table_schema = 'public' AND table_name = 'items')
-    || ' | ' || (SELECT count(*) || ' rows ' || md5(string_agg(i::text, ';' ORDER BY id)) FROM items i)";
+/// A table's shape as the catalog holds it, then a digest of its rows.
+const SHAPE_AND_ROWS: &str = "SELECT '{t}: ' || (SELECT string_agg(column_name || ' ' || data_type || ' ' || udt_name || ' '
+            || is_nullable || ' ' || coalesce(column_default, '-') || ' ' || coalesce(generation_expression, '-'),
+            ', ' ORDER BY ordinal_position)
+        FROM information_schema.columns WHERE table_schema = 'public' AND table_name = '{t}')
+    || ' | ' || (SELECT count(*) || ' rows ' || coalesce(md5(string_agg(i::text, ';' ORDER BY i::text)), '-') FROM {t} i)";
+
+/// The public schema's enum types and constraints.
+const TYPES_AND_CONSTRAINTS: &str = "SELECT coalesce((SELECT string_agg(t.typname || '=' || (SELECT string_agg(e.enumlabel, ','
+            ORDER BY e.enumsortorder) FROM pg_enum e WHERE e.enumtypid = t.oid), '; ' ORDER BY t.typname)
+        FROM pg_type t WHERE t.typnamespace = 'public'::regnamespace AND t.typtype = 'e'), '-')
+    || ' | ' || coalesce((SELECT string_agg(c.conrelid::regclass || ' ' || c.conname || ' ' || pg_get_constraintdef(c.oid),
+            '; ' ORDER BY c.conrelid::regclass::text, c.conname)
+        FROM pg_constraint c WHERE c.connamespace = 'public'::regnamespace), '-')";
+
+/// Every public table's shape and rows, the enum types and the constraints: what a target must
+/// match.
+fn digest(cluster: &LocalCluster, db: &str) -> String {
+    let list = "SELECT string_agg(tablename, ' ' ORDER BY tablename) FROM pg_tables WHERE schemaname = 'public'";
+    let Ok(tables) = cluster.psql(db, list) else { return String::new() };
+    let mut out = vec![cluster.psql(db, TYPES_AND_CONSTRAINTS).unwrap_or_default()];
+    for t in tables.split_whitespace() {
+        out.push(cluster.psql(db, &SHAPE_AND_ROWS.replace("{t}", t)).unwrap_or_default());
+    }
+    out.join("\n")
+}
 
 fn wait_same(nodes: &Nodes, target_db: &str, what: &str, log: &std::path::Path) {
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
-        let s = nodes.source.psql("app", SHAPE_AND_ROWS).unwrap_or_default();
-        let t = nodes.target.psql(target_db, SHAPE_AND_ROWS).unwrap_or_default();
+        let s = digest(&nodes.source, "app");
+        let t = digest(&nodes.target, target_db);
         if s == t && !s.is_empty() {
             return;
         }
@@ -98,7 +119,34 @@ fn migrations_reach_the_target_in_order_with_the_rows() {
         "ALTER TABLE items ALTER COLUMN w SET NOT NULL",
         "ALTER TABLE items ADD CONSTRAINT items_n_positive CHECK (n >= 0)",
         "COMMENT ON TABLE items IS 'replicated'",
+        // An enum type, a column of it, a value added and used at once.
+        "CREATE TYPE mood AS ENUM ('calm', 'busy')",
+        "ALTER TABLE items ADD COLUMN mood mood DEFAULT 'calm'",
+        "ALTER TYPE mood ADD VALUE 'away'",
+        "UPDATE items SET mood = 'away' WHERE id <= 10",
+        // A type change with a conversion.
+        "ALTER TABLE items ALTER COLUMN score TYPE integer USING round(score)::integer",
+        // A new table created and filled by one migration, then a foreign key to it.
+        "CREATE TABLE owners (id int PRIMARY KEY, name text NOT NULL); \
+         INSERT INTO owners SELECT g, 'owner ' || g FROM generate_series(1, 20) g",
+        "ALTER TABLE items ADD COLUMN owner_id int REFERENCES owners (id)",
+        "UPDATE items SET owner_id = id % 20 + 1 WHERE id <= 200",
+        // A table split off: made from a query (rows the stream never carried), keyed after.
+        "CREATE TABLE item_labels AS SELECT id, label FROM items WHERE id <= 100; \
+         ALTER TABLE item_labels ADD PRIMARY KEY (id)",
+        "ALTER TABLE items DROP COLUMN label",
+        "CREATE TABLE archive (LIKE items INCLUDING DEFAULTS); ALTER TABLE archive ADD PRIMARY KEY (id); \
+         INSERT INTO archive SELECT * FROM items WHERE id <= 5",
+        "DROP TABLE archive",
+        // A table filled before it had a key (so never streamed), keyed later: copied beside.
+        "CREATE TABLE tags (id int, tag text); INSERT INTO tags SELECT g, 't' || g FROM generate_series(1, 30) g; \
+         ALTER TABLE tags ADD PRIMARY KEY (id)",
+        "ALTER TABLE items ALTER COLUMN w DROP NOT NULL",
+        "ALTER TABLE items ADD COLUMN double_n bigint GENERATED ALWAYS AS (n * 2) STORED",
+        "ALTER TABLE items RENAME COLUMN w TO weight",
+        "INSERT INTO item_labels VALUES (100000, 'late'); DELETE FROM item_labels WHERE id = 1",
     ];
+    assert!(migrations.len() >= 25);
     for (i, m) in migrations.into_iter().enumerate() {
         if i % 4 == 3 {
             // kill -9 right after a migration: its change and position commit together or not.
@@ -119,6 +167,8 @@ fn migrations_reach_the_target_in_order_with_the_rows() {
     w.join().unwrap();
     wait_same(&nodes, "app", "the writer stopped", &log);
     assert!(written.load(Ordering::Relaxed) > 20, "the writer kept writing through the migrations");
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert!(text.contains("owed copies made"), "tags was copied beside the stream:\n{}", common::log_tail(&log));
     let indexes = "SELECT string_agg(indexname, ',' ORDER BY indexname) FROM pg_indexes WHERE tablename = 'items'";
     assert_eq!(nodes.target.psql("app", indexes).unwrap(), nodes.source.psql("app", indexes).unwrap());
     let comment = "SELECT obj_description('items'::regclass)";
@@ -126,12 +176,12 @@ fn migrations_reach_the_target_in_order_with_the_rows() {
 
     // A renamed table goes on replicating under its new name; a dropped one is dropped.
     nodes.source.psql("app", "ALTER TABLE items RENAME TO things").unwrap();
-    nodes.source.psql("app", "INSERT INTO things (id, w) VALUES (99999, 1)").unwrap();
-    let q = "SELECT count(*) || ' ' || sum(w) FROM things";
+    nodes.source.psql("app", "INSERT INTO things (id, weight) VALUES (99999, 1)").unwrap();
+    let q = "SELECT count(*) || ' ' || sum(weight) FROM things";
     synapse_localpg::wait_until_equal(&nodes.source, &nodes.target, "app", q, Duration::from_secs(60))
         .unwrap_or_else(|e| panic!("{e}\n{}", common::log_tail(&log)));
     nodes.source.psql("app", "DROP TABLE things").unwrap();
-    let gone = "SELECT count(*) FROM pg_tables WHERE tablename IN ('items', 'things')";
+    let gone = "SELECT count(*) FROM pg_tables WHERE tablename IN ('items', 'things', 'owners', 'item_labels')";
     synapse_localpg::wait_until_equal(&nodes.source, &nodes.target, "app", gone, Duration::from_secs(60))
         .unwrap_or_else(|e| panic!("{e}\n{}", common::log_tail(&log)));
 }

@@ -119,6 +119,8 @@ fn kind(words: &[String]) -> Kind {
             Kind::Other
         }
         "CREATE" | "ALTER" | "DROP" | "COMMENT" | "SECURITY" | "IMPORT" | "REFRESH" => Kind::Ddl,
+        // `SELECT … INTO` makes a table (a plain SELECT's INTO is only PL/pgSQL's).
+        "SELECT" if words.iter().any(|x| x == "INTO") => Kind::Ddl,
         // Privileges on objects do; role membership does not.
         "GRANT" | "REVOKE" if words.iter().any(|x| x == "ON") => Kind::Ddl,
         _ => Kind::Other,
@@ -136,6 +138,8 @@ mod tests {
             nth,
             search_path: "public".into(),
             tables: vec!["public.t".into()],
+            joined: vec![],
+            copy: vec![],
         }
     }
 

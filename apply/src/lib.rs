@@ -239,6 +239,9 @@ struct Session<'a, L> {
     committed_offset: Offset,
     last_consumer_commit: Instant,
     group_started: Instant,
+    /// A schema change ran in this group: commit at its transaction's end (an enum's new
+    /// value cannot be used in the transaction that added it; the target's locks go sooner).
+    schema_changed: bool,
 }
 
 impl Applier {
@@ -295,6 +298,7 @@ impl Applier {
             committed_offset: start,
             last_consumer_commit: Instant::now(),
             group_started: Instant::now(),
+            schema_changed: false,
         };
         s.announce_burials().await?;
         self.stats.next_offset.store(start, Ordering::Relaxed);
@@ -405,6 +409,7 @@ impl Applier {
                             if s.txns_in_group >= self.config.max_txns_per_commit
                                 || mesh_full
                                 || s.group_started.elapsed() >= MAX_GROUP_AGE
+                                || s.schema_changed
                             {
                                 s.commit(pos).await?;
                             }
@@ -467,6 +472,8 @@ impl<L: ChangeLog> Session<'_, L> {
             let table = target::ensure_table(&self.client, &rel).await?;
             let apply_from = match self.sync.get(&(rel.schema.clone(), rel.table.clone())) {
                 Some((state, lsn)) if state == "ready" => *lsn,
+                // Joined the publication while running: streamed from then on, copied beside.
+                Some((state, _)) if state == "owed" => None,
                 Some(_) => Some(Lsn(u64::MAX)),
                 None => None,
             };
@@ -521,20 +528,54 @@ impl<L: ChangeLog> Session<'_, L> {
             return Ok(());
         }
         let statement = ddl::statement(change).map_err(|m| fail(change.sql.clone(), m))?;
-        // The source's search_path for this statement only; the applier qualifies its own.
+        // The source's search_path for this statement only; the applier qualifies its own. In
+        // a savepoint: a type the target already has is kept, and the group goes on.
         let sql = format!(
-            "SET LOCAL search_path TO {}; {statement}; SET LOCAL search_path TO DEFAULT",
+            "SAVEPOINT synapse_ddl; SET LOCAL search_path TO {}; {statement}; SET LOCAL search_path TO DEFAULT; \
+             RELEASE SAVEPOINT synapse_ddl",
             if change.search_path.trim().is_empty() { "''" } else { change.search_path.as_str() }
         );
+        let mut outcome = "applied";
         if let Err(e) = self.client.batch_execute(&sql).await {
             if synapse_postgres::is_transient(&e) {
                 return Err(ApplyError::target("running a schema change")(e));
             }
-            let message = e.as_db_error().map(|d| d.message().to_owned()).unwrap_or_else(|| e.to_string());
-            return Err(fail(statement, message));
+            let creates_type = change.tag == "CREATE TYPE" || change.tag == "CREATE DOMAIN";
+            if creates_type && e.code() == Some(&tokio_postgres::error::SqlState::DUPLICATE_OBJECT) {
+                self.client
+                    .batch_execute("ROLLBACK TO SAVEPOINT synapse_ddl; RELEASE SAVEPOINT synapse_ddl")
+                    .await
+                    .map_err(ApplyError::target("passing a type the target already has"))?;
+                tracing::warn!(offset, tag = %change.tag, statement, "the target already has this type: keeping its own (a value it lacks stops this target when it arrives)");
+                outcome = "kept";
+            } else {
+                let message = e.as_db_error().map(|d| d.message().to_owned()).unwrap_or_else(|| e.to_string());
+                return Err(fail(statement, message));
+            }
         }
-        tracing::info!(offset, tag = %change.tag, tables = ?change.tables, "applied a schema change");
-        metrics::counter!("synapse_apply_schema_changes_total", "node" => node, "outcome" => "applied").increment(1);
+        // A table that joined the publication is streamed from here on, like a copied one (a
+        // restart must not copy it again); one that joined holding rows the log lacks is owed
+        // a copy, which the runtime makes beside the stream.
+        if self.applier.config.mesh.is_none() {
+            for t in &change.joined {
+                let Some((schema, table)) = t.split_once('.') else { continue };
+                let state = if change.copy.contains(t) { "owed" } else { "ready" };
+                self.client
+                    .execute(
+                        "INSERT INTO synapse.table_sync (source_node, schema_name, table_name, state) VALUES ($1, $2, $3, $4)
+                         ON CONFLICT (source_node, schema_name, table_name)
+                         DO UPDATE SET state = $4, sync_lsn = NULL, updated_at = now()",
+                        &[&node, &schema, &table, &state],
+                    )
+                    .await
+                    .map_err(ApplyError::target("recording a table that joined"))?;
+                self.sync.insert((schema.to_owned(), table.to_owned()), (state.to_owned(), None));
+                tracing::info!(offset, table = %t, state, "a table joined the capture");
+            }
+        }
+        tracing::info!(offset, tag = %change.tag, tables = ?change.tables, outcome, "applied a schema change");
+        metrics::counter!("synapse_apply_schema_changes_total", "node" => node, "outcome" => outcome).increment(1);
+        self.schema_changed = true;
         self.tables.clear();
         self.statements.clear();
         Ok(())
@@ -592,6 +633,7 @@ impl<L: ChangeLog> Session<'_, L> {
         stats.transactions.fetch_add(self.txns_in_group as u64, Ordering::Relaxed);
         metrics::counter!("synapse_apply_transactions_total").increment(self.txns_in_group as u64);
         self.txns_in_group = 0;
+        self.schema_changed = false;
         self.committed_offset = next_offset;
         stats.next_offset.store(next_offset, Ordering::Relaxed);
         if lsn.0 > 0 {

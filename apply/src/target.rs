@@ -110,15 +110,26 @@ async fn ensure_types(client: &Client, rel: &Relation) -> Result<(), ApplyError>
         client
             .batch_execute(&format!("CREATE SCHEMA IF NOT EXISTS {}; {}", quote::ident(&def.schema), def.ddl))
             .await
-            .map_err(|e| ApplyError::Schema {
-                table: rel.name(),
-                message: format!(
-                    "type {} could not be created from the source definition ({}): {e}",
-                    def.name, def.ddl
-                ),
+            .map_err(|e| {
+                schema_error(&rel.name(), e, |e| {
+                    format!("type {} could not be created from the source definition ({}): {e}", def.name, def.ddl)
+                })
             })?;
     }
     Ok(())
+}
+
+/// A target table that cannot be made as the source's: definite, unless the connection (or
+/// the server) failed on the way, which is retried like any lost connection.
+fn schema_error(
+    table: &str,
+    e: tokio_postgres::Error,
+    message: impl FnOnce(&tokio_postgres::Error) -> String,
+) -> ApplyError {
+    if synapse_postgres::is_transient(&e) {
+        return ApplyError::target(format!("shaping table {table} on the target"))(e);
+    }
+    ApplyError::Schema { table: table.to_owned(), message: message(&e) }
 }
 
 pub async fn ensure_table(client: &Client, rel: &Relation) -> Result<TargetTable, ApplyError> {
@@ -142,9 +153,8 @@ pub async fn ensure_table(client: &Client, rel: &Relation) -> Result<TargetTable
             defs.join(", ")
         );
         tracing::info!(table = %rel.name(), "creating missing target table from the source definition");
-        client.batch_execute(&ddl).await.map_err(|e| ApplyError::Schema {
-            table: rel.name(),
-            message: format!("could not create it from the source definition ({}): {e}", ddl),
+        client.batch_execute(&ddl).await.map_err(|e| {
+            schema_error(&rel.name(), e, |e| format!("could not create it from the source definition ({ddl}): {e}"))
         })?;
         cols = target_columns(client, &name).await?;
     }
@@ -153,9 +163,8 @@ pub async fn ensure_table(client: &Client, rel: &Relation) -> Result<TargetTable
         if !cols.contains_key(&c.name) {
             let ddl = format!("ALTER TABLE {name} ADD COLUMN IF NOT EXISTS {} {}", quote::ident(&c.name), c.type_name);
             tracing::info!(table = %rel.name(), column = %c.name, "adding column the source has");
-            client.batch_execute(&ddl).await.map_err(|e| ApplyError::Schema {
-                table: rel.name(),
-                message: format!("missing column {} could not be added: {e}", c.name),
+            client.batch_execute(&ddl).await.map_err(|e| {
+                schema_error(&rel.name(), e, |e| format!("missing column {} could not be added: {e}", c.name))
             })?;
             cols = target_columns(client, &name).await?.unwrap_or_default();
         }

@@ -337,10 +337,20 @@ pub const DDL_PREFIX: &str = "synapse.ddl";
 /// which a mesh publishes) are left out: every node migrates its own.
 pub const DDL_CAPTURE: &str = r#"
 CREATE SCHEMA IF NOT EXISTS synapse;
+-- The publications of captures that select every table: new tables join them.
+CREATE TABLE IF NOT EXISTS synapse.capture_publications (publication text PRIMARY KEY);
 CREATE OR REPLACE FUNCTION synapse.capture_ddl() RETURNS event_trigger LANGUAGE plpgsql AS $fn$
 DECLARE
+    rels oid[];
     tables jsonb;
+    types jsonb;
     pubs jsonb;
+    joined jsonb := '[]';
+    owed jsonb := '[]';
+    pub text;
+    rel oid;
+    filled boolean;
+    own text;
     n integer := 0;
     -- One client message (its text, when it arrived) is one string of statements, even one
     -- that commits in between: the count is the session's, kept per message.
@@ -358,6 +368,10 @@ BEGIN
         SELECT pg_catalog.jsonb_agg(DISTINCT d.address_names[1] || '.' || d.address_names[2])
           INTO tables FROM pg_catalog.pg_event_trigger_dropped_objects() d
          WHERE d.original AND NOT d.is_temporary AND d.object_type = 'table' AND d.address_names[1] <> 'synapse';
+        SELECT pg_catalog.jsonb_agg(DISTINCT d.object_identity) INTO types
+          FROM pg_catalog.pg_event_trigger_dropped_objects() d
+         WHERE d.original AND NOT d.is_temporary AND d.object_type IN ('type', 'domain')
+           AND d.schema_name <> 'synapse';
         -- Gone from the publications by the time the message is decoded: say which held them.
         SELECT pg_catalog.jsonb_agg(DISTINCT d.address_args[1]) INTO pubs
           FROM pg_catalog.pg_event_trigger_dropped_objects() d WHERE d.object_type = 'publication relation';
@@ -365,8 +379,8 @@ BEGIN
         PERFORM pg_catalog.set_config('synapse.ddl_query', q, false);
         PERFORM pg_catalog.set_config('synapse.ddl_n', n::text, false);
         IF TG_TAG LIKE 'DROP %' THEN RETURN; END IF;
-        SELECT pg_catalog.jsonb_agg(DISTINCT tn.nspname || '.' || t.relname)
-          INTO tables
+        SELECT pg_catalog.array_agg(DISTINCT t.oid)
+          INTO rels
           FROM pg_catalog.pg_event_trigger_ddl_commands() e
           LEFT JOIN pg_catalog.pg_index i ON e.classid = 'pg_catalog.pg_class'::pg_catalog.regclass AND i.indexrelid = e.objid
           LEFT JOIN pg_catalog.pg_constraint k ON e.classid = 'pg_catalog.pg_constraint'::pg_catalog.regclass AND k.oid = e.objid
@@ -377,17 +391,57 @@ BEGIN
           JOIN pg_catalog.pg_namespace tn ON tn.oid = t.relnamespace
          WHERE NOT e.in_extension AND t.relkind IN ('r', 'p') AND t.relpersistence <> 't'
            AND tn.nspname <> 'synapse';
+        SELECT pg_catalog.jsonb_agg(tn.nspname || '.' || t.relname) INTO tables
+          FROM pg_catalog.pg_class t JOIN pg_catalog.pg_namespace tn ON tn.oid = t.relnamespace
+         WHERE t.oid = ANY (rels);
+        -- Enum and domain types (an enum's new value, a domain's new check): a table may use
+        -- them next, so every target needs them first.
+        SELECT pg_catalog.jsonb_agg(DISTINCT e.object_identity) INTO types
+          FROM pg_catalog.pg_event_trigger_ddl_commands() e
+          JOIN pg_catalog.pg_type ty ON e.classid = 'pg_catalog.pg_type'::pg_catalog.regclass AND ty.oid = e.objid
+         WHERE NOT e.in_extension AND e.schema_name <> 'synapse' AND NOT pg_catalog.starts_with(e.schema_name, 'pg_temp')
+           AND ty.typtype IN ('e', 'd');
+        -- A table made (or given a key) under a capture that selects every table joins its
+        -- publication here, in the same transaction, so its next rows are decoded as
+        -- published. Rows it already holds (CREATE TABLE AS, a key added to a filled table)
+        -- are not in the stream: the message asks the targets to copy them.
+        FOR pub, rel IN
+            SELECT a.publication, t.oid FROM synapse.capture_publications a
+              JOIN pg_catalog.pg_publication p ON p.pubname = a.publication AND NOT p.puballtables
+              JOIN pg_catalog.pg_class t ON t.oid = ANY (rels)
+             WHERE NOT t.relispartition AND t.relpersistence = 'p'
+               AND (t.relreplident IN ('f', 'i') OR (t.relreplident = 'd' AND EXISTS (
+                    SELECT 1 FROM pg_catalog.pg_index x WHERE x.indrelid = t.oid AND x.indisprimary)))
+               AND NOT EXISTS (SELECT 1 FROM pg_catalog.pg_publication_rel r WHERE r.prpubid = p.oid AND r.prrelid = t.oid)
+        LOOP
+            own := pg_catalog.current_setting('synapse.own_ddl', true);
+            PERFORM pg_catalog.set_config('synapse.own_ddl', 'on', true);
+            EXECUTE pg_catalog.format('ALTER PUBLICATION %I ADD TABLE %s', pub, rel::pg_catalog.regclass);
+            PERFORM pg_catalog.set_config('synapse.own_ddl', coalesce(own, ''), true);
+            SELECT joined || pg_catalog.jsonb_build_array(tn.nspname || '.' || t.relname) INTO joined
+              FROM pg_catalog.pg_class t JOIN pg_catalog.pg_namespace tn ON tn.oid = t.relnamespace WHERE t.oid = rel;
+            EXECUTE pg_catalog.format('SELECT EXISTS (SELECT FROM %s)', rel::pg_catalog.regclass) INTO filled;
+            IF filled THEN
+                owed := owed || pg_catalog.jsonb_build_array(joined -> -1);
+            END IF;
+        END LOOP;
         -- Read here, in the statement's own transaction: when the message is decoded the
         -- catalog may not show the commit yet (the walsender can decode a commit before its
         -- backend leaves the proc array), or may show a later statement's (a drop).
         SELECT pg_catalog.jsonb_agg(DISTINCT p.pubname) INTO pubs FROM pg_catalog.pg_publication_tables p
          WHERE tables ? (p.schemaname || '.' || p.tablename);
+        -- A table made without a key yet is made on the targets all the same under such a
+        -- capture: the statement that keys it later joins it, and runs there.
+        IF TG_TAG IN ('CREATE TABLE', 'CREATE TABLE AS', 'SELECT INTO') THEN
+            SELECT coalesce(pubs, '[]') || coalesce(pg_catalog.jsonb_agg(a.publication), '[]') INTO pubs
+              FROM synapse.capture_publications a;
+        END IF;
     END IF;
-    IF tables IS NULL THEN RETURN; END IF;
+    IF tables IS NULL AND types IS NULL THEN RETURN; END IF;
     PERFORM pg_catalog.pg_logical_emit_message(true, 'synapse.ddl', pg_catalog.jsonb_build_object(
         'tag', TG_TAG, 'sql', pg_catalog.current_query(), 'nth', n,
-        'search_path', pg_catalog.current_setting('search_path'), 'tables', tables,
-        'published_in', coalesce(pubs, '[]'))::text);
+        'search_path', pg_catalog.current_setting('search_path'), 'tables', coalesce(tables, '[]'),
+        'types', coalesce(types, '[]'), 'published_in', coalesce(pubs, '[]'), 'joined', joined, 'copy', owed)::text);
 END
 $fn$;
 DO $do$
@@ -404,10 +458,18 @@ $do$;
 
 /// Installs [`DDL_CAPTURE`] on the source (idempotent). `Ok(false)`: the role may not create
 /// event triggers (superuser only; `rds_superuser` and the like on managed services).
-pub async fn install_ddl_capture(client: &Client) -> Result<bool, CaptureError> {
+/// `all_tables`: whether `publication` is kept to every keyed table, so new ones join it.
+pub async fn install_ddl_capture(client: &Client, publication: &str, all_tables: bool) -> Result<bool, CaptureError> {
     // The node schema's lock: an applier migrating this node creates schema `synapse` too.
     let lock = synapse_postgres::node_schema::LOCK;
-    match client.batch_execute(&format!("BEGIN; SELECT pg_advisory_xact_lock({lock}); {DDL_CAPTURE} COMMIT;")).await {
+    let publication = quote::literal(publication);
+    let join = if all_tables {
+        format!("INSERT INTO synapse.capture_publications VALUES ({publication}) ON CONFLICT DO NOTHING;")
+    } else {
+        format!("DELETE FROM synapse.capture_publications WHERE publication = {publication};")
+    };
+    let sql = format!("BEGIN; SELECT pg_advisory_xact_lock({lock}); {DDL_CAPTURE} {join} COMMIT;");
+    match client.batch_execute(&sql).await {
         Ok(()) => Ok(true),
         Err(e) if e.code() == Some(&tokio_postgres::error::SqlState::INSUFFICIENT_PRIVILEGE) => {
             let _ = client.batch_execute("ROLLBACK").await;

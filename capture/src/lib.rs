@@ -239,7 +239,8 @@ impl Capture {
         {
             return Err(CaptureError::MissingPublication { publication: self.config.publication.clone() });
         }
-        if !catalog::install_ddl_capture(&client).await? {
+        let all_tables = self.config.tables.is_empty() && self.config.create_publication;
+        if !catalog::install_ddl_capture(&client, &self.config.publication, all_tables).await? {
             tracing::warn!(
                 source = %self.config.node,
                 code = "CAP012",

@@ -398,15 +398,17 @@ impl<L: ChangeLog + Clone> Streamer<'_, L> {
             sql: text("sql")?,
             nth: v["nth"].as_u64().and_then(|n| u32::try_from(n).ok()).ok_or_else(bad)?,
             search_path: text("search_path")?,
-            tables: v["tables"]
-                .as_array()
-                .ok_or_else(bad)?
-                .iter()
-                .map(|t| t.as_str().map(str::to_owned).ok_or_else(bad))
-                .collect::<Result<_, _>>()?,
+            tables: names(&v["tables"]).ok_or_else(bad)?,
+            // Absent from an older trigger's messages.
+            joined: names(&v["joined"]).unwrap_or_default(),
+            copy: names(&v["copy"]).unwrap_or_default(),
         };
+        // Enum and domain types: a published table may use them next, and a target that lacks
+        // one refuses that table's change.
+        let types = names(&v["types"]).unwrap_or_default();
         // The trigger names the publications that held the tables when the statement ran.
         let published = match v["published_in"].as_array() {
+            _ if !types.is_empty() => true,
             Some(names) => names.iter().any(|n| n.as_str() == Some(self.settings.publication.as_str())),
             // Emitted by an older trigger, before this version replaced it: its drops name
             // `<table> in publication <name>`; other changes go by the catalog as it is now.
@@ -416,7 +418,7 @@ impl<L: ChangeLog + Clone> Streamer<'_, L> {
         if !published {
             return Ok(None);
         }
-        tracing::info!(tag = %emitted.tag, tables = ?emitted.tables, lsn = %Lsn(lsn), "captured a schema change");
+        tracing::info!(tag = %emitted.tag, tables = ?emitted.tables, types = ?types, joined = ?emitted.joined, copy = ?emitted.copy, lsn = %Lsn(lsn), "captured a schema change");
         Ok(Some(emitted))
     }
 
@@ -535,4 +537,9 @@ async fn write_batches<L: ChangeLog>(
         }
     }
     Ok(())
+}
+
+/// A JSON array of strings, as the DDL capture's message holds names.
+fn names(v: &serde_json::Value) -> Option<Vec<String>> {
+    v.as_array()?.iter().map(|t| t.as_str().map(str::to_owned)).collect()
 }

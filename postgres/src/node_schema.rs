@@ -32,6 +32,7 @@ pub const MIGRATIONS: &[Migration] = &[
     },
     Migration { version: 2, description: "tombstone purge marks and completed purge rounds", sql: V2 },
     Migration { version: 3, description: "schema changes an operator had the applier skip", sql: V3 },
+    Migration { version: 4, description: "tables owed a copy after joining a running capture", sql: V4 },
 ];
 
 /// The version this build reads and writes.
@@ -264,4 +265,12 @@ CREATE TABLE IF NOT EXISTS synapse.schema_skips (
     skipped_at timestamptz NOT NULL DEFAULT now(),
     PRIMARY KEY (source_node, log_offset)
 );
+"#;
+
+/// A table that joined a source's publication while it ran, holding rows the log lacks
+/// (`CREATE TABLE … AS`, a key added to a filled table), is `owed` a copy on each target until
+/// the runtime has made it; its streamed changes apply meanwhile.
+const V4: &str = r#"
+ALTER TABLE synapse.table_sync DROP CONSTRAINT IF EXISTS table_sync_state_check;
+ALTER TABLE synapse.table_sync ADD CONSTRAINT table_sync_state_check CHECK (state IN ('copying', 'ready', 'owed'));
 "#;

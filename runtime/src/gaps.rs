@@ -7,6 +7,7 @@ use crate::ops::{ComponentState, Health};
 use crate::pipeline::{chain, ready, supervise, ComponentFailed, Shared, TablesWatch};
 use std::sync::Arc;
 use std::time::Duration;
+use synapse_apply::ApplyError;
 use synapse_capture::{Capture, CaptureConfig, CaptureError, CaptureStats};
 use synapse_error::Classify;
 use synapse_log::{ChangeLog, SourceLog, WriterState};
@@ -18,6 +19,9 @@ use tokio::task::JoinSet;
 /// that name in the source's log, at the gap: durable with the log (and shared by a consumer
 /// group), written before the new slot exists, removed once the targets are whole again.
 pub const RESYNC_MARK: &str = "resync";
+
+/// How often each target is asked for copies owed (node schema V4's `owed` table state).
+const OWED_COPY_POLL: Duration = Duration::from_secs(3);
 
 /// Crosses `gap`: with `on_gap: resync` (`resync`) records the re-sync owed first (a crash once
 /// the new slot exists must still re-sync) and wakes the re-sync task after; for a gap the
@@ -155,13 +159,80 @@ pub(crate) fn spawn_resync(
                 }
                 tracing::info!(source = %name, rows_changed = rows, "re-sync done: every target holds the source's rows");
             }
+            // Tables that joined the capture while it ran, holding rows the log lacks.
+            for (target, target_pg) in &targets {
+                let Some(owed) = supervise(&component, &h, &sd, || owed_copies(target_pg, &name)).await? else {
+                    return Ok(());
+                };
+                if owed.is_empty() {
+                    continue;
+                }
+                h.set(&component, ComponentState::Resyncing);
+                tracing::info!(source = %name, target, tables = ?owed, "copying tables that joined the capture holding rows");
+                let Some(started) = supervise(&component, &h, &sd, || target_clock(target_pg)).await? else {
+                    return Ok(());
+                };
+                let one = [(target.clone(), target_pg.clone())];
+                let run = || crate::repair::resync_targets((&name, &pg), &one, &owed);
+                let Some(rows) = supervise(&component, &h, &sd, run).await? else { return Ok(()) };
+                let done = || copies_made(target_pg, &name, &owed, &started);
+                if supervise(&component, &h, &sd, done).await?.is_none() {
+                    return Ok(());
+                }
+                metrics::counter!("synapse_owed_copies_total", "source" => name.clone(), "target" => target.clone())
+                    .increment(owed.len() as u64);
+                tracing::info!(source = %name, target, tables = ?owed, rows_changed = rows, "owed copies made");
+            }
             h.forget(&component);
             let mut sd2 = sd.clone();
             tokio::select! {
                 _ = wake.notified() => {}
+                // Owed copies are recorded by the appliers, on the targets: looked for again.
+                _ = tokio::time::sleep(OWED_COPY_POLL) => {}
                 _ = sd2.wait_for(|s| *s) => return Ok(()),
             }
         }
     });
+    Ok(())
+}
+
+/// The tables `target` owes a copy of for `source` (`schema.table`).
+async fn owed_copies(target: &synapse_postgres::PgConfig, source: &str) -> Result<Vec<String>, ApplyError> {
+    let client = synapse_apply::connect_target(target).await?;
+    let rows = client
+        .query(
+            "SELECT schema_name || '.' || table_name FROM synapse.table_sync WHERE source_node = $1 AND state = 'owed'
+             ORDER BY 1",
+            &[&source],
+        )
+        .await
+        .map_err(ApplyError::target("reading the copies owed"))?;
+    Ok(rows.iter().map(|r| r.get(0)).collect())
+}
+
+/// The target's clock, read before a copy: an owed mark written after it is owed again.
+async fn target_clock(target: &synapse_postgres::PgConfig) -> Result<String, ApplyError> {
+    let client = synapse_apply::connect_target(target).await?;
+    let row = client.query_one("SELECT now()::text", &[]).await.map_err(ApplyError::target("reading the clock"))?;
+    Ok(row.get(0))
+}
+
+/// Marks `tables` copied on `target`, unless owed again since `since`.
+async fn copies_made(
+    target: &synapse_postgres::PgConfig,
+    source: &str,
+    tables: &[String],
+    since: &str,
+) -> Result<(), ApplyError> {
+    let client = synapse_apply::connect_target(target).await?;
+    client
+        .execute(
+            "UPDATE synapse.table_sync SET state = 'ready', updated_at = now()
+             WHERE source_node = $1 AND schema_name || '.' || table_name = ANY($2) AND state = 'owed'
+               AND updated_at <= $3::text::timestamptz",
+            &[&source, &tables, &since],
+        )
+        .await
+        .map_err(ApplyError::target("recording the copies made"))?;
     Ok(())
 }

@@ -358,6 +358,13 @@ pub struct SchemaChange {
     pub search_path: String,
     /// The tables it changed, created or dropped (`schema.table`).
     pub tables: Vec<String>,
+    /// Tables that joined the capture's publication with this statement (made, or given a key,
+    /// under a capture of every table): targets stream them from here on.
+    pub joined: Vec<String>,
+    /// Of `joined`, the tables that joined holding rows
+    /// the log does not have (`CREATE TABLE … AS`, a key added to a filled table): each target
+    /// owes them a copy, which SynapseDB makes while the stream goes on.
+    pub copy: Vec<String>,
 }
 
 /// What a [`LogRecord::Resync`] says about its gap.

@@ -219,6 +219,47 @@ fn a_change_decoded_before_its_commit_is_visible_is_captured() {
         .unwrap_or_else(|e| panic!("{e}\n{}", common::log_tail(&log)));
 }
 
+/// A consumer of the stream sees each statement in its place, with the columns it left.
+#[test]
+fn consumers_see_the_statement_and_the_new_columns() {
+    let nodes = start();
+    let config = nodes.config("");
+    let api = format!("127.0.0.1:{}", synapse_localpg::free_port().unwrap());
+    let text = std::fs::read_to_string(&config)
+        .unwrap()
+        .replace("api:\n  listen: \"\"", &format!("api:\n  listen: \"{api}\""));
+    std::fs::write(&config, text).unwrap();
+    let log = nodes.dir.path().join("synapse.log");
+    let _child = spawn_run(&config, &log);
+    nodes.wait_copied(1, Duration::from_secs(60), &log);
+    nodes
+        .source
+        .psql("app", "UPDATE items SET n = 1 WHERE id = 1; ALTER TABLE items ADD COLUMN w int DEFAULT 7")
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let ddl = loop {
+        let (status, body) =
+            common::request(&api, "GET", "/v1/streams/a/changes?operations=schema&limit=100", "", None);
+        // One event per line.
+        let mut events = body.lines().filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok());
+        if let Some(e) = events.find(|e| e["type"] == "io.synapsedb.ddl.v1") {
+            break e;
+        }
+        assert!(Instant::now() < deadline, "no ddl event: {status} {body}\n{}", common::log_tail(&log));
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    assert_eq!(ddl["subject"], "public.items");
+    assert_eq!(ddl["data"]["tag"], "ALTER TABLE");
+    assert_eq!(ddl["data"]["statement"], "ALTER TABLE items ADD COLUMN w int DEFAULT 7");
+    let columns: Vec<String> = ddl["data"]["columns"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| format!("{} {}", c["name"].as_str().unwrap(), c["type"].as_str().unwrap()))
+        .collect();
+    assert_eq!(columns, ["id bigint", "v text", "n integer", "w integer"]);
+}
+
 #[test]
 fn a_change_one_target_rejects_stops_only_that_target_until_skipped() {
     let nodes = start();

@@ -24,7 +24,6 @@
 //!   until the first stops or its connection closes.
 
 mod batch;
-pub mod ddl;
 mod error;
 pub mod initial_copy;
 pub mod mesh;
@@ -527,7 +526,8 @@ impl<L: ChangeLog> Session<'_, L> {
                 .increment(1);
             return Ok(());
         }
-        let statement = ddl::statement(change).map_err(|m| fail(change.sql.clone(), m))?;
+        let statement = synapse_postgres::ddl::statement(&change.sql, change.nth, &change.tag)
+            .map_err(|m| fail(change.sql.clone(), m))?;
         // The source's search_path for this statement only; the applier qualifies its own. In
         // a savepoint: a type the target already has is kept, and the group goes on.
         let sql = format!(

@@ -344,6 +344,7 @@ DECLARE
     rels oid[];
     tables jsonb;
     types jsonb;
+    shapes jsonb;
     pubs jsonb;
     joined jsonb := '[]';
     owed jsonb := '[]';
@@ -391,7 +392,13 @@ BEGIN
           JOIN pg_catalog.pg_namespace tn ON tn.oid = t.relnamespace
          WHERE NOT e.in_extension AND t.relkind IN ('r', 'p') AND t.relpersistence <> 't'
            AND tn.nspname <> 'synapse';
-        SELECT pg_catalog.jsonb_agg(tn.nspname || '.' || t.relname) INTO tables
+        SELECT pg_catalog.jsonb_agg(tn.nspname || '.' || t.relname),
+               -- The columns after the statement, for consumers of the stream.
+               pg_catalog.jsonb_agg(pg_catalog.jsonb_build_object('table', tn.nspname || '.' || t.relname,
+                   'columns', (SELECT pg_catalog.jsonb_agg(pg_catalog.jsonb_build_object('name', a.attname,
+                       'type', pg_catalog.format_type(a.atttypid, a.atttypmod)) ORDER BY a.attnum)
+                     FROM pg_catalog.pg_attribute a WHERE a.attrelid = t.oid AND a.attnum > 0 AND NOT a.attisdropped)))
+          INTO tables, shapes
           FROM pg_catalog.pg_class t JOIN pg_catalog.pg_namespace tn ON tn.oid = t.relnamespace
          WHERE t.oid = ANY (rels);
         -- Enum and domain types (an enum's new value, a domain's new check): a table may use
@@ -441,7 +448,8 @@ BEGIN
     PERFORM pg_catalog.pg_logical_emit_message(true, 'synapse.ddl', pg_catalog.jsonb_build_object(
         'tag', TG_TAG, 'sql', pg_catalog.current_query(), 'nth', n,
         'search_path', pg_catalog.current_setting('search_path'), 'tables', coalesce(tables, '[]'),
-        'types', coalesce(types, '[]'), 'published_in', coalesce(pubs, '[]'), 'joined', joined, 'copy', owed)::text);
+        'types', coalesce(types, '[]'), 'published_in', coalesce(pubs, '[]'), 'joined', joined, 'copy', owed,
+        'shapes', coalesce(shapes, '[]'))::text);
 END
 $fn$;
 DO $do$

@@ -401,6 +401,8 @@ impl<L: ChangeLog + Clone> Streamer<'_, L> {
             tables: names(&v["tables"]).ok_or_else(bad)?,
             // Absent from an older trigger's messages.
             joined: names(&v["joined"]).unwrap_or_default(),
+            // Absent from an older trigger's messages, like `joined` and `copy`.
+            shapes: serde_json::from_value(v["shapes"].clone()).unwrap_or_default(),
             copy: names(&v["copy"]).unwrap_or_default(),
         };
         // Enum and domain types: a published table may use them next, and a target that lacks

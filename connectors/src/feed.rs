@@ -428,8 +428,34 @@ impl<L: ChangeLog> ChangeFeed<L> {
                 });
                 self.state = State::Idle;
             }
-            // Consumers learn a new shape from its relation record, which follows with the rows.
-            LogRecord::Schema(_) => {}
+            // The statement, per table it touched; the new relation follows with the rows.
+            LogRecord::Schema(change) => {
+                let ctx = EventContext { node: &self.source.node, database: &self.source.database, begin: &begin };
+                let statement = synapse_postgres::ddl::statement(&change.sql, change.nth, &change.tag).ok();
+                for (n, table) in change.tables.iter().enumerate() {
+                    if seen(index) || !self.selector.wants_table(table) || !self.selector.wants_op(Operation::Schema) {
+                        continue;
+                    }
+                    let mut json = cloudevent::ddl_event(&ctx, &change, statement.as_deref(), table, index);
+                    // Several statements (and tables) may come between two changes.
+                    json["id"] =
+                        format!("{}/{}/ddl/{offset}/{n}", self.source.node, Cursor { commit_lsn: lsn, index }).into();
+                    let id = json["id"].as_str().unwrap_or_default().to_owned();
+                    let body = Bytes::from(serde_json::to_vec(&json).unwrap_or_default());
+                    out.push(Event {
+                        cursor: Cursor { commit_lsn: lsn, index },
+                        id,
+                        table: table.as_str().into(),
+                        op: Operation::Schema,
+                        keys: [0; 2],
+                        barrier: true,
+                        commit_time_us: begin.commit_time_us,
+                        txn_offset: begin_offset,
+                        body,
+                        relation: None,
+                    });
+                }
+            }
             LogRecord::Begin(_) | LogRecord::Discarded { .. } | LogRecord::Resync(_) => {
                 // Cannot happen inside a committed transaction (they never interleave); treat
                 // it as the end of this one rather than trusting the rest.
@@ -703,6 +729,40 @@ mod tests {
         let mut f = ChangeFeed::open(log.clone(), src(), None, Selector::default()).await.unwrap();
         let ops: Vec<Operation> = all(&mut f).await.iter().map(|e| e.op).collect();
         assert_eq!(ops, [Operation::Insert, Operation::Insert, Operation::Schema, Operation::Insert]);
+    }
+
+    #[tokio::test]
+    async fn a_ddl_statement_is_an_event_in_its_place() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = Arc::new(EmbeddedLog::open(&dir.path().join("a.redb"), Default::default()).unwrap());
+        let mut t = txn(100, 0..2);
+        let ddl = synapse_schemas::SchemaChange {
+            tag: "ALTER TABLE".into(),
+            sql: "UPDATE t SET v = 1; ALTER TABLE t ADD COLUMN w int; ANALYZE t".into(),
+            nth: 0,
+            search_path: "public".into(),
+            tables: vec!["public.t".into()],
+            joined: vec![],
+            shapes: vec![],
+            copy: vec![],
+        };
+        t.insert(3, LogRecord::Schema(ddl));
+        log.append(t).await.unwrap();
+        let mut f = ChangeFeed::open(log.clone(), src(), None, Selector::default()).await.unwrap();
+        let events = all(&mut f).await;
+        assert_eq!(
+            events.iter().map(|e| e.op).collect::<Vec<_>>(),
+            [Operation::Insert, Operation::Schema, Operation::Insert]
+        );
+        let body: serde_json::Value = serde_json::from_slice(&events[1].body).unwrap();
+        assert_eq!(body["type"], cloudevent::DDL_TYPE);
+        assert_eq!(body["data"]["statement"], "ALTER TABLE t ADD COLUMN w int");
+        assert!(events[1].barrier);
+        // Other tables' readers are not told; a reader resuming after it is not told again.
+        let sel = Selector { tables: Some(["public.other".to_string()].into()), ..Default::default() };
+        assert!(all(&mut ChangeFeed::open(log.clone(), src(), None, sel).await.unwrap()).await.is_empty());
+        let mut f = ChangeFeed::open(log.clone(), src(), Some(events[1].cursor), Selector::default()).await.unwrap();
+        assert_eq!(all(&mut f).await.iter().map(|e| e.op).collect::<Vec<_>>(), [Operation::Insert]);
     }
 
     #[tokio::test]

@@ -25,6 +25,7 @@
 //!   (`synapse.*`): versioned, ordered migrations; a node from a newer release is refused.
 
 mod config;
+pub mod ddl;
 pub mod guard;
 pub mod node_schema;
 pub mod quote;

@@ -14,6 +14,9 @@ use serde_json::{json, Map, Value};
 pub const UNAVAILABLE_VALUE: &str = "__debezium_unavailable_value";
 pub const CHANGE_TYPE: &str = "io.synapsedb.change.v1";
 pub const SCHEMA_CHANGE_TYPE: &str = "io.synapsedb.schema.changed.v1";
+/// A DDL statement the source ran on a table ([`crate::LogRecord::Schema`]), with the columns
+/// it left; the rows of the new shape follow it.
+pub const DDL_TYPE: &str = "io.synapsedb.ddl.v1";
 /// A gap in the stream ([`crate::LogRecord::Resync`]): re-read the source to be whole again.
 pub const RESYNC_TYPE: &str = "io.synapsedb.resync.v1";
 
@@ -301,6 +304,45 @@ pub fn schema_change_event(ctx: &EventContext<'_>, rel: &Relation, index: u32) -
     envelope(ctx, SCHEMA_CHANGE_TYPE, rel.name(), cursor, data)
 }
 
+/// Renders a DDL statement's event for one table it touched: `statement` is the one statement
+/// of the client's text that ran (`None` when it cannot be told apart; `text` then holds all).
+/// `index` orders it after the transaction's change `index`.
+pub fn ddl_event(
+    ctx: &EventContext<'_>,
+    change: &crate::SchemaChange,
+    statement: Option<&str>,
+    table: &str,
+    index: u32,
+) -> Value {
+    let cursor = Cursor { commit_lsn: ctx.begin.commit_lsn, index };
+    let (schema, name) = table.split_once('.').unwrap_or(("", table));
+    let columns = change.shapes.iter().find(|s| s.table == table).map(|s| &s.columns);
+    let data = json!({
+        "source": {
+            "version": concat!("synapsedb-", env!("CARGO_PKG_VERSION")),
+            "connector": "postgresql",
+            "name": ctx.node,
+            "db": ctx.database,
+            "ts_ms": ctx.begin.commit_time_us.div_euclid(1000),
+            "snapshot": "false",
+            "schema": schema,
+            "table": name,
+            "txId": ctx.begin.xid,
+            "lsn": ctx.begin.commit_lsn.0,
+            "cursor": cursor.to_string(),
+            "origin": ctx.begin.origin,
+        },
+        "schema": schema,
+        "table": name,
+        "tag": change.tag,
+        "statement": statement,
+        "text": if statement.is_none() { Some(change.sql.as_str()) } else { None },
+        "search_path": change.search_path,
+        "columns": columns,
+    });
+    envelope(ctx, DDL_TYPE, table.to_owned(), cursor, data)
+}
+
 /// Renders a gap's control event ([`crate::LogRecord::Resync`]). `snapshot` is where the
 /// consumer re-reads the source (the stream API's snapshot path), when there is one.
 pub fn resync_event(node: &str, database: &str, mark: &crate::ResyncMark, snapshot: Option<&str>) -> Value {
@@ -413,6 +455,26 @@ mod tests {
         let t = truncate_event(&ctx, &r, 3);
         assert_eq!(t["data"]["op"], "t");
         assert!(validator.is_valid(&t));
+        let ddl = crate::SchemaChange {
+            tag: "ALTER TABLE".into(),
+            sql: "ALTER TABLE users ADD COLUMN age int".into(),
+            nth: 0,
+            search_path: "public".into(),
+            tables: vec!["public.users".into()],
+            joined: vec![],
+            shapes: vec![crate::TableShape {
+                table: "public.users".into(),
+                columns: vec![crate::ColumnShape { name: "age".into(), type_name: "integer".into() }],
+            }],
+            copy: vec![],
+        };
+        let d = ddl_event(&ctx, &ddl, Some("ALTER TABLE users ADD COLUMN age int"), "public.users", 2);
+        let errors: Vec<String> = validator.iter_errors(&d).map(|e| e.to_string()).collect();
+        assert!(errors.is_empty(), "{errors:?}");
+        assert_eq!(d["data"]["columns"][0]["type"], "integer");
+        let dropped = ddl_event(&ctx, &ddl, None, "public.gone", 2);
+        assert!(validator.is_valid(&dropped), "{dropped}");
+        assert_eq!(dropped["data"]["text"], "ALTER TABLE users ADD COLUMN age int");
         let mark = crate::ResyncMark {
             after: Lsn(0x2_0000_0100),
             source_wal: Some(Lsn(0x2_0100_0000)),

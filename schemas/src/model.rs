@@ -361,10 +361,29 @@ pub struct SchemaChange {
     /// Tables that joined the capture's publication with this statement (made, or given a key,
     /// under a capture of every table): targets stream them from here on.
     pub joined: Vec<String>,
+    /// Each changed table's columns after the statement (none for a drop): what consumers see.
+    pub shapes: Vec<TableShape>,
     /// Of `joined`, the tables that joined holding rows
     /// the log does not have (`CREATE TABLE … AS`, a key added to a filled table): each target
     /// owes them a copy, which SynapseDB makes while the stream goes on.
     pub copy: Vec<String>,
+}
+
+/// A table's columns as a schema change left them.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TableShape {
+    /// `schema.table`.
+    pub table: String,
+    pub columns: Vec<ColumnShape>,
+}
+
+/// One column of a [`TableShape`].
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ColumnShape {
+    pub name: String,
+    /// As `format_type` gives it (`integer`, `character varying(20)`, `public.mood`).
+    #[serde(rename = "type")]
+    pub type_name: String,
 }
 
 /// What a [`LogRecord::Resync`] says about its gap.

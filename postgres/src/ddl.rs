@@ -1,5 +1,5 @@
-//! A source's schema change on a target ([`LogRecord::Schema`](synapse_schemas::LogRecord)):
-//! which statement of the client's text to run.
+//! A source's schema change (a log's schema record): which statement of the client's text
+//! fired the source's event trigger — what a target runs and what a consumer is shown.
 //!
 //! The source's event trigger records the text the client sent, which may hold several
 //! statements (`psql -c "…; …"`, a migration tool sending a whole file): it fires once per DDL
@@ -10,16 +10,16 @@
 
 use sqlparser::dialect::PostgreSqlDialect;
 use sqlparser::tokenizer::{Location, Token, Tokenizer};
-use synapse_schemas::SchemaChange;
 
-/// The statement of `change.sql` that fired the source's trigger, or why it cannot be told.
-pub fn statement(change: &SchemaChange) -> Result<String, String> {
+/// DDL statement `nth` (0: the first) of the client's text `sql`, which the source's trigger
+/// reported with command tag `tag`; or why it cannot be told.
+pub fn statement(sql: &str, nth: u32, tag: &str) -> Result<String, String> {
     let dialect = PostgreSqlDialect {};
-    let tokens = Tokenizer::new(&dialect, &change.sql)
+    let tokens = Tokenizer::new(&dialect, sql)
         .with_unescape(false)
         .tokenize_with_location()
         .map_err(|e| format!("its text does not split into statements: {e}"))?;
-    let chars: Vec<char> = change.sql.chars().collect();
+    let chars: Vec<char> = sql.chars().collect();
     let line_starts: Vec<usize> =
         std::iter::once(0).chain(chars.iter().enumerate().filter(|(_, c)| **c == '\n').map(|(i, _)| i + 1)).collect();
     let at =
@@ -81,19 +81,19 @@ pub fn statement(change: &SchemaChange) -> Result<String, String> {
         }
     }
     end_statement(&mut words, &mut span, &mut concurrently)?;
-    let Some((text, words)) = ddl.get(change.nth as usize) else {
+    let Some((text, words)) = ddl.get(nth as usize) else {
         return Err(format!(
             "the source ran DDL statement {} of its text, which holds {} (a DDL statement run by a function?)",
-            change.nth + 1,
+            nth + 1,
             ddl.len()
         ));
     };
     // The trigger's command tag must name this statement: a miscount is refused, never run.
-    let tag: Vec<&str> = change.tag.split_whitespace().collect();
-    let matches = tag.first().is_some_and(|t| words.first().is_some_and(|w| w == t))
-        && tag.last().is_some_and(|t| words.iter().any(|w| w == t));
+    let tag_words: Vec<&str> = tag.split_whitespace().collect();
+    let matches = tag_words.first().is_some_and(|t| words.first().is_some_and(|w| w == t))
+        && tag_words.last().is_some_and(|t| words.iter().any(|w| w == t));
     if !matches {
-        return Err(format!("the source's command tag `{}` does not name statement `{text}`", change.tag));
+        return Err(format!("the source's command tag `{tag}` does not name statement `{text}`"));
     }
     Ok(text.clone())
 }
@@ -131,40 +131,25 @@ fn kind(words: &[String]) -> Kind {
 mod tests {
     use super::*;
 
-    fn change(sql: &str, nth: u32, tag: &str) -> SchemaChange {
-        SchemaChange {
-            tag: tag.into(),
-            sql: sql.into(),
-            nth,
-            search_path: "public".into(),
-            tables: vec!["public.t".into()],
-            joined: vec![],
-            copy: vec![],
-        }
-    }
-
     #[test]
     fn the_nth_ddl_statement_of_the_text_as_written() {
         let sql = "-- migration 7\nALTER TABLE t ADD COLUMN note text DEFAULT 'it''s';\n\
                    UPDATE t SET note = $$a;b$$ WHERE id > 0;\n  CREATE UNIQUE INDEX t_note ON t (note);";
-        assert_eq!(
-            statement(&change(sql, 0, "ALTER TABLE")).unwrap(),
-            "ALTER TABLE t ADD COLUMN note text DEFAULT 'it''s'"
-        );
-        assert_eq!(statement(&change(sql, 1, "CREATE INDEX")).unwrap(), "CREATE UNIQUE INDEX t_note ON t (note)");
-        assert!(statement(&change(sql, 2, "ALTER TABLE")).unwrap_err().contains("holds 2"));
+        assert_eq!(statement(sql, 0, "ALTER TABLE").unwrap(), "ALTER TABLE t ADD COLUMN note text DEFAULT 'it''s'");
+        assert_eq!(statement(sql, 1, "CREATE INDEX").unwrap(), "CREATE UNIQUE INDEX t_note ON t (note)");
+        assert!(statement(sql, 2, "ALTER TABLE").unwrap_err().contains("holds 2"));
         let sql = "CREATE INDEX CONCURRENTLY IF NOT EXISTS t_v ON t (v)";
-        assert_eq!(statement(&change(sql, 0, "CREATE INDEX")).unwrap(), "CREATE INDEX  IF NOT EXISTS t_v ON t (v)");
+        assert_eq!(statement(sql, 0, "CREATE INDEX").unwrap(), "CREATE INDEX  IF NOT EXISTS t_v ON t (v)");
     }
 
     #[test]
     fn a_miscount_or_a_hidden_statement_is_refused() {
-        let e = statement(&change("ALTER TABLE t ADD c int; DROP TABLE u", 1, "ALTER TABLE")).unwrap_err();
+        let e = statement("ALTER TABLE t ADD c int; DROP TABLE u", 1, "ALTER TABLE").unwrap_err();
         assert!(e.contains("does not name"), "{e}");
-        let e = statement(&change("DO $$ BEGIN ALTER TABLE t ADD c int; END $$", 0, "ALTER TABLE")).unwrap_err();
+        let e = statement("DO $$ BEGIN ALTER TABLE t ADD c int; END $$", 0, "ALTER TABLE").unwrap_err();
         assert!(e.contains("DO block"), "{e}");
         // Statements that fire no event trigger are not counted.
         let sql = "CREATE ROLE r; GRANT r TO postgres; GRANT SELECT ON t TO r";
-        assert_eq!(statement(&change(sql, 0, "GRANT")).unwrap(), "GRANT SELECT ON t TO r");
+        assert_eq!(statement(sql, 0, "GRANT").unwrap(), "GRANT SELECT ON t TO r");
     }
 }

@@ -260,6 +260,49 @@ fn consumers_see_the_statement_and_the_new_columns() {
     assert_eq!(columns, ["id bigint", "v text", "n integer", "w integer"]);
 }
 
+/// `ddl: events` leaves the target's schema alone (rows still arrive, a new column is added
+/// when a row carries it); `ddl: stop` parks the target at the change until it is recorded.
+#[test]
+fn the_ddl_policy_is_the_sources() {
+    for policy in ["events", "stop"] {
+        let nodes = start();
+        let config = nodes.config(&format!("    ddl: {policy}\n"));
+        let text =
+            std::fs::read_to_string(&config).unwrap().replace("ops:\n", "supervision:\n  park_retry_secs: 1\nops:\n");
+        std::fs::write(&config, text).unwrap();
+        let log = nodes.dir.path().join("synapse.log");
+        let _child = spawn_run(&config, &log);
+        nodes.wait_copied(1, Duration::from_secs(60), &log);
+        nodes.source.psql("app", "ALTER TABLE items ADD COLUMN w int DEFAULT 7").unwrap();
+        nodes.source.psql("app", "INSERT INTO items (id, w) VALUES (5000, 1)").unwrap();
+        let arrived = "SELECT count(*) FROM items WHERE id = 5000";
+        let deadline = Instant::now() + Duration::from_secs(30);
+        if policy == "events" {
+            while nodes.target.psql("app", arrived).unwrap_or_default() != "1" {
+                assert!(Instant::now() < deadline, "{policy}: the row never arrived:\n{}", common::log_tail(&log));
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            // The statement did not run: old rows were not given the default.
+            assert_eq!(nodes.target.psql("app", "SELECT count(*) FROM items WHERE w IS NULL").unwrap(), "200");
+            assert!(std::fs::read_to_string(&log).unwrap().contains("not running a schema change (ddl: events)"));
+            continue;
+        }
+        while !std::fs::read_to_string(&log).unwrap().contains("APP009") {
+            assert!(Instant::now() < deadline, "{policy}: never parked:\n{}", common::log_tail(&log));
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        let text = common::log_tail(&log);
+        assert!(text.contains("ddl: stop"), "names the policy:\n{text}");
+        assert_eq!(nodes.target.psql("app", arrived).unwrap(), "0");
+        // The operator makes the change by hand and records it; the target goes on.
+        nodes.target.psql("app", "ALTER TABLE items ADD COLUMN w int DEFAULT 7").unwrap();
+        let offset = text.split("log offset ").nth(1).and_then(|t| t.split_whitespace().next()).unwrap().to_owned();
+        let skip = format!("INSERT INTO synapse.schema_skips (source_node, log_offset) VALUES ('a', {offset})");
+        nodes.target.psql("app", &skip).unwrap();
+        wait_same(&nodes, "app", "the recorded change", &log);
+    }
+}
+
 #[test]
 fn a_change_one_target_rejects_stops_only_that_target_until_skipped() {
     let nodes = start();

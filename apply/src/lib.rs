@@ -126,6 +126,24 @@ pub struct ApplyConfig {
     /// Set when the target is a writable node of a mesh: changes are resolved against its rows
     /// (see [`mesh`]) instead of written as they come.
     pub mesh: Option<MeshApply>,
+    /// What the target does with the source's schema changes.
+    pub ddl: DdlPolicy,
+}
+
+/// What a target does with a source's schema change (the source's `ddl:` setting).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DdlPolicy {
+    /// Runs it in its place, with the rows (the default).
+    #[default]
+    Apply,
+    /// Leaves the targets' schemas to the operator: the change reaches consumers of the stream
+    /// only; a target table that lacks a new column gains it (untyped defaults aside) when the
+    /// first row carrying it arrives.
+    Events,
+    /// Parks each target at the change (`APP009`), for the operator to make it there by hand and
+    /// record it in `synapse.schema_skips`: migrations reviewed per target.
+    Stop,
 }
 
 /// What an applier into a mesh node needs: the mesh tables and their column strategies.
@@ -149,6 +167,7 @@ impl ApplyConfig {
             max_rows_per_flush: defaults::MAX_ROWS_PER_FLUSH,
             read_batch: defaults::READ_BATCH,
             mesh: None,
+            ddl: DdlPolicy::Apply,
         }
     }
 }
@@ -528,6 +547,15 @@ impl<L: ChangeLog> Session<'_, L> {
         }
         let statement = synapse_postgres::ddl::statement(&change.sql, change.nth, &change.tag)
             .map_err(|m| fail(change.sql.clone(), m))?;
+        let policy = self.applier.config.ddl;
+        if policy == DdlPolicy::Stop {
+            return Err(fail(statement, "the source's `ddl: stop` leaves each schema change to the operator".into()));
+        }
+        let mut outcome = "applied";
+        if policy == DdlPolicy::Events {
+            tracing::info!(offset, tag = %change.tag, statement, "not running a schema change (ddl: events)");
+            outcome = "not_run";
+        }
         // The source's search_path for this statement only; the applier qualifies its own. In
         // a savepoint: a type the target already has is kept, and the group goes on.
         let sql = format!(
@@ -535,8 +563,8 @@ impl<L: ChangeLog> Session<'_, L> {
              RELEASE SAVEPOINT synapse_ddl",
             if change.search_path.trim().is_empty() { "''" } else { change.search_path.as_str() }
         );
-        let mut outcome = "applied";
-        if let Err(e) = self.client.batch_execute(&sql).await {
+        let run = if policy == DdlPolicy::Apply { self.client.batch_execute(&sql).await } else { Ok(()) };
+        if let Err(e) = run {
             if synapse_postgres::is_transient(&e) {
                 return Err(ApplyError::target("running a schema change")(e));
             }

@@ -323,10 +323,11 @@ pub fn capture_config(s: &SourceConfig) -> Result<CaptureConfig, anyhow::Error> 
     Ok(c)
 }
 
-fn apply_config(t: &TargetConfig, source: &str) -> Result<ApplyConfig, anyhow::Error> {
+fn apply_config(t: &TargetConfig, source: &SourceConfig) -> Result<ApplyConfig, anyhow::Error> {
     let pg = t.url.pg_config().map_err(anyhow::Error::msg)?;
-    let mut c = ApplyConfig::new(source, pg, &format!("apply-{}", t.name));
+    let mut c = ApplyConfig::new(&source.name, pg, &format!("apply-{}", t.name));
     c.max_txns_per_commit = t.max_txns_per_commit;
+    c.ddl = source.ddl;
     Ok(c)
 }
 
@@ -577,7 +578,7 @@ pub(crate) async fn start_source(
     for target in config.targets.iter().filter(|t| config.sources_of(t).any(|s| s.name == source.name)) {
         let component = format!("apply/{}->{}", source.name, target.name);
         health.set(&component, ComponentState::Starting);
-        let mut acfg = apply_config(target, &source.name)?;
+        let mut acfg = apply_config(target, source)?;
         let stats = Arc::new(ApplyStats::default());
         parts.appliers.push((component.clone(), stats.clone()));
         let mut target_mesh =

@@ -565,6 +565,11 @@ pub struct SourceConfig {
     /// operator accepts the gap; `resync` accepts it and makes every target whole again.
     #[serde(default)]
     pub on_gap: OnGap,
+    /// What targets do with this source's schema changes: `apply` (run them in place),
+    /// `events` (consumers see them; targets are left alone), `stop` (each target parks at
+    /// one until the operator records it in `synapse.schema_skips`).
+    #[serde(default)]
+    pub ddl: synapse_apply::DdlPolicy,
 }
 
 impl SourceConfig {
@@ -583,6 +588,7 @@ impl SourceConfig {
             max_slot_lag_secs: None,
             forward_applied: true,
             on_gap: OnGap::Stop,
+            ddl: synapse_apply::DdlPolicy::Apply,
         }
     }
 }

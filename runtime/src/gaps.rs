@@ -205,9 +205,13 @@ async fn owed_copies(target: &synapse_postgres::PgConfig, source: &str) -> Resul
              ORDER BY 1",
             &[&source],
         )
-        .await
-        .map_err(ApplyError::target("reading the copies owed"))?;
-    Ok(rows.iter().map(|r| r.get(0)).collect())
+        .await;
+    match rows {
+        Ok(rows) => Ok(rows.iter().map(|r| r.get(0)).collect()),
+        // Before its applier set the target up, a target owes nothing.
+        Err(e) if e.code() == Some(&tokio_postgres::error::SqlState::UNDEFINED_TABLE) => Ok(Vec::new()),
+        Err(e) => Err(ApplyError::target("reading the copies owed")(e)),
+    }
 }
 
 /// The target's clock, read before a copy: an owed mark written after it is owed again.

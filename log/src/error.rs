@@ -33,6 +33,11 @@ pub enum LogError {
     Expired { topic: String, offset: Offset },
     #[error("no record of {topic} arrived within the request timeout, below its head (offset {offset})")]
     Stalled { topic: String, offset: Offset },
+    #[error(
+        "the message of {topic} at offset {offset} does not carry this deployment's signature \
+         (log.kafka.signing_key): it was not written by this synapse, or the key differs"
+    )]
+    Unsigned { topic: String, offset: Offset },
     #[error("a change of table {table} takes {bytes} bytes encoded, more than a Kafka message may ({limit} bytes)")]
     RecordTooLarge { table: String, bytes: usize, limit: usize },
     #[error("Kafka topic {topic} cannot be used or created")]
@@ -57,6 +62,7 @@ impl synapse_error::Classify for LogError {
             LogError::Expired { .. } => "LOG008",
             LogError::Stalled { .. } => "LOG009",
             LogError::RecordTooLarge { .. } => "LOG010",
+            LogError::Unsigned { .. } => "LOG011",
         }
     }
 
@@ -113,6 +119,12 @@ impl synapse_error::Classify for LogError {
                  synapse.applied, restart)"
             }
             LogError::Stalled { .. } => "check the brokers' health and the partition's leader; synapse retries",
+            LogError::Unsigned { .. } => {
+                "something other than this deployment's capture wrote to the changes topic, or \
+                 log.kafka.signing_key differs between the processes: give every synapse process the \
+                 same key, and allow only synapse to write the topic (ACLs); a record someone else \
+                 wrote is never applied"
+            }
             LogError::RecordTooLarge { .. } => {
                 "raise log.kafka.max_message_bytes above the size named, and the changes topic's \
                  max.message.bytes (and the brokers' replica.fetch.max.bytes) with it; restart"

@@ -21,7 +21,7 @@ pub use chosen::SourceLog;
 pub use embedded::{EmbeddedLog, EmbeddedLogOptions};
 pub use error::LogError;
 pub use kafka::{
-    KafkaContext, KafkaLog, KafkaLogOptions, DEFAULT_MAX_MESSAGE_BYTES as DEFAULT_KAFKA_MAX_MESSAGE_BYTES,
+    KafkaContext, KafkaLog, KafkaLogOptions, SigningKey, DEFAULT_MAX_MESSAGE_BYTES as DEFAULT_KAFKA_MAX_MESSAGE_BYTES,
 };
 
 use std::future::Future;

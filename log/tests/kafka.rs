@@ -255,3 +255,42 @@ fn docs() -> Relation {
         columns: vec![],
     }
 }
+
+/// A signed log (`signing_key`): what a holder of the key wrote reads back, also in a new
+/// process; a message anyone else wrote to the topic (no signature, another key) is refused by
+/// its offset, never decoded, and the error is definite.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_signed_log_refuses_messages_it_did_not_sign() {
+    let mock = MockCluster::new(1).unwrap();
+    for topic in ["synapse.n1.changes", "synapse.n1.consumers"] {
+        mock.create_topic(topic, 1, 1).unwrap();
+    }
+    let plain = KafkaLogOptions::new(&mock.bootstrap_servers(), "n1");
+    let key = synapse_log::SigningKey::new(&[7u8; 32]).unwrap();
+    let signed = KafkaLogOptions { signing_key: Some(key), ..plain.clone() };
+    assert!(!format!("{signed:?}").contains("7, 7"), "the key stays out of Debug");
+    assert!(synapse_log::SigningKey::new(b"short").is_err());
+
+    let writer = KafkaLog::open(signed.clone()).await.unwrap();
+    writer.append(txn(100, 3, 1)).await.unwrap();
+    let reader = KafkaLog::open(signed.clone()).await.unwrap();
+    assert_eq!(reader.read(0, 100).await.unwrap().len(), 5);
+
+    // Someone who may write the topic, without the key.
+    let forger = KafkaLog::open(plain.clone()).await.unwrap();
+    let at = forger.append(txn(200, 1, 2)).await.unwrap();
+    let other = KafkaLogOptions { signing_key: Some(synapse_log::SigningKey::new(&[8u8; 32]).unwrap()), ..plain };
+    KafkaLog::open(other).await.err().expect("a reader with another key refuses the first message");
+    for _ in 0..50 {
+        if reader.next_offset() > at {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let _ = reader.read(5, 100).await;
+    }
+    let e = reader.read(5, 100).await.unwrap_err();
+    assert_eq!(e.code(), "LOG011", "{e}");
+    assert!(!e.is_transient());
+    assert!(e.to_string().contains("synapse.n1.changes"), "{e}");
+    assert!(KafkaLog::open(signed).await.is_err(), "a new process refuses to index it too");
+}

@@ -26,7 +26,7 @@ use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer, StreamConsumer};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
-use rdkafka::message::{Header, Message, OwnedHeaders};
+use rdkafka::message::{Header, Headers, Message, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
 use rdkafka::TopicPartitionList;
 use std::collections::BTreeMap;
@@ -141,6 +141,8 @@ async fn existing_topics(meta: &Arc<Meta>, topics: &[&str], timeout: Duration) -
 }
 
 const LSN_HEADER: &str = "synapse-commit-lsn";
+/// HMAC-SHA256 of the message (see [`SigningKey`]), when the log is signed.
+const SIGNATURE_HEADER: &str = "synapse-signature";
 /// Consumers-topic keys of gap marks (`#resync/<offset>`); no consumer name starts with `#`.
 const RESYNC_KEY: &str = "#resync/";
 /// A gap mark or source identity from the consumers topic; one that does not decode is said
@@ -470,8 +472,12 @@ impl ChangeLog for KafkaLog {
             payload.extend_from_slice(&body);
             bytes += payload.len() as u64;
             let lsn = lsn.map(u64::to_be_bytes);
-            let headers =
-                OwnedHeaders::new().insert(Header { key: LSN_HEADER, value: lsn.as_ref().map(|l| l.as_slice()) });
+            let lsn = lsn.as_ref().map(|l| l.as_slice());
+            let mut headers = OwnedHeaders::new().insert(Header { key: LSN_HEADER, value: lsn });
+            let signature = self.inner.options.signing_key.as_ref().map(|k| k.sign(&self.inner.topic, lsn, &payload));
+            if let Some(sig) = &signature {
+                headers = headers.insert(Header { key: SIGNATURE_HEADER, value: Some(sig.as_slice()) });
+            }
             let record = FutureRecord::<(), [u8]>::to(&self.inner.topic).payload(&payload).headers(headers);
             let delivered = self.producer().send(record, self.inner.options.timeout).await;
             let message = delivered.map_err(|(e, _)| self.failed("appending to the log", e))?.offset;
@@ -569,6 +575,18 @@ impl ChangeLog for KafkaLog {
                 return Err(LogError::Gap { expected: pack(reader.next_message, 0), got: pack(at, 0) });
             }
             reader.next_message = at + 1;
+            if let Some(key) = &self.inner.options.signing_key {
+                let header =
+                    |name: &str| m.headers().and_then(|h| h.iter().find(|x| x.key == name)).and_then(|x| x.value);
+                let payload = m.payload().unwrap_or_default();
+                let signed = header(SIGNATURE_HEADER)
+                    .is_some_and(|sig| key.verify(&self.inner.topic, header(LSN_HEADER), payload, sig));
+                if !signed {
+                    metrics::counter!("synapse_log_unsigned_records_total", "topic" => self.inner.topic.clone())
+                        .increment(1);
+                    return Err(LogError::Unsigned { topic: self.inner.topic.clone(), offset: pack(at, 0) });
+                }
+            }
             let records: Vec<LogRecord> = postcard::from_bytes(m.payload().unwrap_or_default())
                 .map_err(|source| LogError::Corrupt { offset: pack(at, 0), source })?;
             let mut state = self.state();

@@ -63,6 +63,52 @@ pub struct KafkaLogOptions {
     /// Largest message synapse produces: an append is split into messages below it, and one
     /// record above it is refused (`LOG010`). Keep below the topic's `max.message.bytes`.
     pub max_message_bytes: usize,
+    /// Signs every message of the changes topic, and refuses to read one that does not carry
+    /// this key's signature: appliers run what the log says (DDL included), so only holders
+    /// of the key may write it. `None`: anyone who may write the topic may.
+    pub signing_key: Option<SigningKey>,
+}
+
+/// An HMAC-SHA256 key for the log's messages; its `Debug` never shows it.
+#[derive(Clone)]
+pub struct SigningKey(std::sync::Arc<[u8]>);
+
+impl SigningKey {
+    /// At least 32 bytes: a shorter key is refused (`Err` says why, without the key).
+    pub fn new(key: &[u8]) -> Result<SigningKey, String> {
+        if key.len() < 32 {
+            return Err(format!("the signing key has {} bytes; at least 32 are needed", key.len()));
+        }
+        Ok(SigningKey(key.into()))
+    }
+
+    /// The MAC of a message of `topic`: its LSN header (if any) and its payload.
+    fn mac(&self, topic: &str, lsn: Option<&[u8]>, payload: &[u8]) -> hmac::Hmac<sha2::Sha256> {
+        use hmac::Mac;
+        // HMAC takes a key of any length; `new` checked ours.
+        let mut mac = <hmac::Hmac<sha2::Sha256> as Mac>::new_from_slice(&self.0).expect("HMAC takes any key length");
+        for part in [topic.as_bytes(), &[0], lsn.unwrap_or_default(), &[0], payload] {
+            mac.update(part);
+        }
+        mac
+    }
+
+    pub(crate) fn sign(&self, topic: &str, lsn: Option<&[u8]>, payload: &[u8]) -> [u8; 32] {
+        use hmac::Mac;
+        self.mac(topic, lsn, payload).finalize().into_bytes().into()
+    }
+
+    /// Whether `signature` is this key's for the message (compared in constant time).
+    pub(crate) fn verify(&self, topic: &str, lsn: Option<&[u8]>, payload: &[u8], signature: &[u8]) -> bool {
+        use hmac::Mac;
+        self.mac(topic, lsn, payload).verify_slice(signature).is_ok()
+    }
+}
+
+impl std::fmt::Debug for SigningKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("SigningKey(<redacted>)")
+    }
 }
 
 impl KafkaLogOptions {
@@ -76,6 +122,7 @@ impl KafkaLogOptions {
             timeout: Duration::from_secs(10),
             batch_records: true,
             max_message_bytes: DEFAULT_MAX_MESSAGE_BYTES,
+            signing_key: None,
         }
     }
 

@@ -430,6 +430,21 @@ pub struct KafkaConfig {
     /// capture with LOG010. Raise it together with the changes topic's `max.message.bytes`.
     #[serde(default = "default_max_message_bytes")]
     pub max_message_bytes: usize,
+    /// Signs the changes topics' messages (HMAC-SHA256); readers refuse any message without
+    /// this key's signature (`LOG011`). At least 32 characters, the same in every process:
+    /// `${SYNAPSE_LOG_KEY}`. Unset: whoever may write the topics can have appliers run SQL.
+    pub signing_key: Option<LogSigningKey>,
+}
+
+/// `log.kafka.signing_key`: a secret, never shown.
+#[derive(Clone, Deserialize)]
+#[serde(transparent)]
+pub struct LogSigningKey(String);
+
+impl std::fmt::Debug for LogSigningKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("***")
+    }
 }
 
 fn default_max_message_bytes() -> usize {
@@ -511,6 +526,8 @@ impl KafkaConfig {
         o.batch_records = self.batch_records;
         o.max_message_bytes = self.max_message_bytes;
         o.properties = self.properties.0.iter().map(|(k, v)| (k.clone(), v.to_string())).collect();
+        // Checked by `validate`.
+        o.signing_key = self.signing_key.as_ref().and_then(|k| synapse_log::SigningKey::new(k.0.as_bytes()).ok());
         o
     }
 }

@@ -76,6 +76,12 @@ fn kafka_settings_are_checked_by_name() {
     assert!(err("    brokers: k:9092\n    max_message_bytes: 10\n").contains("log.kafka.max_message_bytes"));
     let e = err("    brokers: k:9092\n    public_topics: {tables: [orders]}\n");
     assert!(e.contains("log.kafka.public_topics.tables"), "{e}");
+    let e = err("    brokers: k:9092\n    signing_key: tooshortakey\n");
+    assert!(e.contains("log.kafka.signing_key") && !e.contains("tooshortakey"), "{e}");
+    let key = "k".repeat(40);
+    let c = with(&format!("    brokers: k:9092\n    signing_key: {key}\n")).unwrap();
+    assert!(c.log.kafka.as_ref().unwrap().log_options("a").signing_key.is_some());
+    assert!(!format!("{c:?}").contains(&key), "the signing key is redacted");
 }
 
 #[test]

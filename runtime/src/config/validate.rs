@@ -346,6 +346,9 @@ impl KafkaConfig {
                 add("group", "must be 1 to 249 printable characters (a Kafka group id)".into());
             }
         }
+        if let Some(Err(e)) = self.signing_key.as_ref().map(|k| synapse_log::SigningKey::new(k.0.as_bytes())) {
+            add("signing_key", format!("{e} (e.g. `openssl rand -base64 48`)"));
+        }
         if self.properties.0.contains_key("bootstrap.servers") {
             add("properties", "set the brokers with log.kafka.brokers, not bootstrap.servers".into());
         }

@@ -152,7 +152,10 @@ impl<L: ChangeLog> TopicPublisher<L> {
                     field: format!("event {}", e.id),
                     message: err.to_string(),
                 })?;
-                if e.op == Operation::Resync {
+                // Schema events and gaps go to the schema-changes topic, outside the
+                // transaction metadata (which counts the table topics' events): a transaction
+                // of DDL only gets none, as an empty one.
+                if matches!(e.op, Operation::Resync | Operation::Schema) {
                     self.publish(e, &envelope, &mut acks).await?;
                     continue;
                 }
@@ -165,8 +168,7 @@ impl<L: ChangeLog> TopicPublisher<L> {
                     acks.push(self.send(&txn_topic, &json!({"id": id}), Some(&begin), None).await?);
                     open = Some(OpenTxn { commit_lsn: e.cursor.commit_lsn, xid, counts: BTreeMap::new() });
                 }
-                // Counts cover the table topics' events (schema changes have their own topic).
-                if let Some(o) = open.as_mut().filter(|_| e.op != Operation::Schema) {
+                if let Some(o) = open.as_mut() {
                     *o.counts.entry(e.table.clone()).or_default() += 1;
                 }
                 self.publish(e, &envelope, &mut acks).await?;

@@ -76,6 +76,26 @@ enum Command {
         #[arg(long, value_name = "FILE")]
         cacert: Option<PathBuf>,
     },
+    /// Have a target pass one schema change of a source (parked there with APP009): after you
+    /// made it by hand, or decided the target does without it. Recorded on the target in
+    /// `synapse.schema_skips` with who and when; then `synapse resume`.
+    SkipDdl {
+        /// The configuration file (the target's URL is read from it).
+        #[arg(long, short)]
+        config: PathBuf,
+        /// The source whose change it is.
+        #[arg(long)]
+        source: String,
+        /// The target that passes it.
+        #[arg(long)]
+        target: String,
+        /// The change's log offset, as APP009 names it.
+        #[arg(long)]
+        offset: u64,
+        /// Who decided (recorded; default: $USER).
+        #[arg(long)]
+        by: Option<String>,
+    },
     /// Compare tables between nodes: Merkle digests computed on each node, then only the rows of
     /// differing buckets (`check` only reads; `fix` and `track` write).
     #[command(subcommand)]
@@ -169,6 +189,9 @@ fn main() -> ExitCode {
             Command::Resume { config, token_env, accept_gap, cacert } => {
                 resume(&Config::load(&config)?, &token_env, &accept_gap, cacert.as_deref()).await
             }
+            Command::SkipDdl { config, source, target, offset, by } => {
+                skip_ddl(&Config::load(&config)?, &source, &target, offset, by).await
+            }
             Command::Doctor { config } => {
                 let c = Config::load(&config)?;
                 let failed = synapse_runtime::doctor::run(&c).await;
@@ -217,6 +240,43 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// `synapse skip-ddl`: records the change to pass in the target's `synapse.schema_skips`.
+async fn skip_ddl(
+    config: &Config,
+    source: &str,
+    target: &str,
+    offset: u64,
+    by: Option<String>,
+) -> anyhow::Result<ExitCode> {
+    if !config.sources.iter().any(|s| s.name == source) {
+        anyhow::bail!("--source: no source is named `{source}` in the configuration");
+    }
+    let Some(t) = config.targets.iter().find(|t| t.name == target) else {
+        anyhow::bail!("--target: no target is named `{target}` in the configuration");
+    };
+    let offset = i64::try_from(offset).map_err(|_| anyhow::anyhow!("--offset: {offset} is not a log offset"))?;
+    let by = by.or_else(|| std::env::var("USER").ok()).unwrap_or_else(|| "unknown".into());
+    let pg = t.url.pg_config().map_err(|e| anyhow::anyhow!("targets[{target}].url: {e}"))?;
+    let client = synapse_postgres::connect(&pg, "recording a schema change to skip")
+        .await
+        .map_err(|e| anyhow::anyhow!("connecting to target {target}: {e}"))?;
+    let inserted = client
+        .execute(
+            "INSERT INTO synapse.schema_skips (source_node, log_offset, skipped_by) VALUES ($1, $2, $3)
+             ON CONFLICT (source_node, log_offset) DO NOTHING",
+            &[&source, &offset, &format!("synapse skip-ddl by {by}")],
+        )
+        .await
+        .map_err(|e| anyhow::anyhow!("recording the skip on target {target}: {e}"))?;
+    if inserted == 0 {
+        println!("already recorded: target {target} passes source {source}'s schema change at log offset {offset}");
+    } else {
+        println!("recorded: target {target} passes source {source}'s schema change at log offset {offset}");
+    }
+    println!("next: `synapse resume` (or wait for the next retry)");
+    Ok(ExitCode::SUCCESS)
 }
 
 /// `synapse resume`: `POST /v1/components/resume` on the configuration's API.

@@ -341,10 +341,13 @@ fn a_change_one_target_rejects_stops_only_that_target_until_skipped() {
 
     // The operator keeps c's own column and has the change passed; c then catches up.
     let offset = text.split("log offset ").nth(1).and_then(|t| t.split_whitespace().next()).unwrap().to_owned();
-    nodes
-        .target
-        .psql("app2", &format!("INSERT INTO synapse.schema_skips (source_node, log_offset) VALUES ('a', {offset})"))
+    let out = common::synapse(&["skip-ddl", "-c", config.to_str().unwrap(), "--source", "a", "--target", "c"])
+        .args(["--offset", &offset, "--by", "ops-oncall"])
+        .output()
         .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let audit = "SELECT skipped_by FROM synapse.schema_skips";
+    assert_eq!(nodes.target.psql("app2", audit).unwrap(), "synapse skip-ddl by ops-oncall");
     let deadline = Instant::now() + Duration::from_secs(30);
     while nodes.target.psql("app2", "SELECT count(*) FROM items WHERE id = 5000").unwrap_or_default() != "1" {
         assert!(Instant::now() < deadline, "target c never resumed:\n{}", common::log_tail(&log));

@@ -97,8 +97,8 @@ impl synapse_error::Classify for ApplyError {
         }
         if let ApplyError::SchemaChange { .. } = self {
             return "make the change on the target by hand (or make the target accept it), then have the applier \
-                    skip it: INSERT INTO synapse.schema_skips (source_node, log_offset) VALUES (<source>, <offset>) on \
-                    the target, and `synapse resume` (or wait for the next retry)";
+                    skip it: `synapse skip-ddl --source <source> --target <target> --offset <offset>` (it records \
+                    the skip in the target's synapse.schema_skips), and `synapse resume` (or wait for the next retry)";
         }
         match self.sqlstate() {
             // not null, foreign key, check, exclusion: a rule the target has and the source not.

@@ -128,6 +128,9 @@ pub struct ApplyConfig {
     pub mesh: Option<MeshApply>,
     /// What the target does with the source's schema changes.
     pub ddl: DdlPolicy,
+    /// Woken after a commit that recorded a copy owed (a table joined holding rows): the
+    /// runtime's task that makes such copies.
+    pub copies_owed: Option<Arc<tokio::sync::Notify>>,
 }
 
 /// What a target does with a source's schema change (the source's `ddl:` setting).
@@ -168,6 +171,7 @@ impl ApplyConfig {
             read_batch: defaults::READ_BATCH,
             mesh: None,
             ddl: DdlPolicy::Apply,
+            copies_owed: None,
         }
     }
 }
@@ -260,6 +264,8 @@ struct Session<'a, L> {
     /// A schema change ran in this group: commit at its transaction's end (an enum's new
     /// value cannot be used in the transaction that added it; the target's locks go sooner).
     schema_changed: bool,
+    /// This group recorded a copy owed: say so once it is committed.
+    copy_owed: bool,
 }
 
 impl Applier {
@@ -317,6 +323,7 @@ impl Applier {
             last_consumer_commit: Instant::now(),
             group_started: Instant::now(),
             schema_changed: false,
+            copy_owed: false,
         };
         s.announce_burials().await?;
         self.stats.next_offset.store(start, Ordering::Relaxed);
@@ -588,6 +595,7 @@ impl<L: ChangeLog> Session<'_, L> {
             for t in &change.joined {
                 let Some((schema, table)) = t.split_once('.') else { continue };
                 let state = if change.copy.contains(t) { "owed" } else { "ready" };
+                self.copy_owed |= state == "owed";
                 self.client
                     .execute(
                         "INSERT INTO synapse.table_sync (source_node, schema_name, table_name, state) VALUES ($1, $2, $3, $4)
@@ -662,6 +670,11 @@ impl<L: ChangeLog> Session<'_, L> {
         metrics::counter!("synapse_apply_transactions_total").increment(self.txns_in_group as u64);
         self.txns_in_group = 0;
         self.schema_changed = false;
+        if std::mem::take(&mut self.copy_owed) {
+            if let Some(wake) = &self.applier.config.copies_owed {
+                wake.notify_one();
+            }
+        }
         self.committed_offset = next_offset;
         stats.next_offset.store(next_offset, Ordering::Relaxed);
         if lsn.0 > 0 {

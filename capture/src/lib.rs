@@ -509,6 +509,7 @@ impl Capture {
                     receive_timeout: self.config.receive_timeout,
                     skip_applied: self.config.skip_applied,
                     publication: self.config.publication.clone(),
+                    node: self.config.node.clone(),
                 },
                 relations: HashMap::new(),
                 emitted: HashSet::new(),

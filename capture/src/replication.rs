@@ -45,6 +45,8 @@ pub(crate) struct StreamSettings {
     pub skip_applied: bool,
     /// The publication: schema changes are captured for its tables only.
     pub publication: String,
+    /// The source node's name (metric labels).
+    pub node: String,
 }
 
 #[derive(Default)]
@@ -416,7 +418,12 @@ impl<L: ChangeLog + Clone> Streamer<'_, L> {
             // `<table> in publication <name>`; other changes go by the catalog as it is now.
             None => self.legacy_published(&v, &emitted.tables).await?,
         };
-        metrics::counter!("synapse_capture_schema_changes_total", "captured" => published.to_string()).increment(1);
+        metrics::counter!(
+            "synapse_capture_schema_changes_total",
+            "node" => self.settings.node.clone(),
+            "captured" => published.to_string()
+        )
+        .increment(1);
         if !published {
             return Ok(None);
         }

@@ -20,8 +20,10 @@ use tokio::task::JoinSet;
 /// group), written before the new slot exists, removed once the targets are whole again.
 pub const RESYNC_MARK: &str = "resync";
 
-/// How often each target is asked for copies owed (node schema V4's `owed` table state).
-const OWED_COPY_POLL: Duration = Duration::from_secs(3);
+/// How often each target is asked for copies owed (node schema V4's `owed` table state)
+/// without being woken: appliers wake the task when they record one; this catches one
+/// recorded by another process (a Kafka group's previous owner of the source).
+const OWED_COPY_POLL: Duration = Duration::from_secs(60);
 
 /// Crosses `gap`: with `on_gap: resync` (`resync`) records the re-sync owed first (a crash once
 /// the new slot exists must still re-sync) and wakes the re-sync task after; for a gap the
@@ -187,7 +189,7 @@ pub(crate) fn spawn_resync(
             let mut sd2 = sd.clone();
             tokio::select! {
                 _ = wake.notified() => {}
-                // Owed copies are recorded by the appliers, on the targets: looked for again.
+                // Owed copies are recorded by the appliers (which wake this), on the targets.
                 _ = tokio::time::sleep(OWED_COPY_POLL) => {}
                 _ = sd2.wait_for(|s| *s) => return Ok(()),
             }

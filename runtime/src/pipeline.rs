@@ -564,6 +564,8 @@ pub(crate) async fn start_source(
         }
     });
     let own_mesh_node = config.mesh.as_ref().is_some_and(|m| m.nodes.iter().any(|n| n.name == source.name));
+    // The appliers wake the re-sync task when a table joined holding rows (a copy owed).
+    let copies_owed = wake.clone();
     if !own_mesh_node {
         spawn_resync(
             shared,
@@ -579,6 +581,7 @@ pub(crate) async fn start_source(
         let component = format!("apply/{}->{}", source.name, target.name);
         health.set(&component, ComponentState::Starting);
         let mut acfg = apply_config(target, source)?;
+        acfg.copies_owed = Some(copies_owed.clone());
         let stats = Arc::new(ApplyStats::default());
         parts.appliers.push((component.clone(), stats.clone()));
         let mut target_mesh =

@@ -303,6 +303,32 @@ fn the_ddl_policy_is_the_sources() {
     }
 }
 
+/// The application migrates as its own role, with no rights on synapse's objects (the event
+/// trigger runs as that role): its statements work as before, and the tables it makes join
+/// the capture, one made from a query copied beside the stream.
+#[test]
+fn an_application_role_migrates_as_before() {
+    let nodes = start();
+    let grants = "CREATE ROLE app LOGIN; GRANT CREATE ON SCHEMA public TO app; ALTER TABLE items OWNER TO app";
+    nodes.source.psql("app", grants).unwrap();
+    let config = nodes.config("");
+    let log = nodes.dir.path().join("synapse.log");
+    let _child = spawn_run(&config, &log);
+    nodes.wait_copied(1, Duration::from_secs(60), &log);
+    let mut client = common::SyncClient::connect(&nodes.source.url("app").replace("postgres@", "app@"));
+    client
+        .batch_execute(
+            "ALTER TABLE items ADD COLUMN w int DEFAULT 7; \
+             CREATE TABLE notes (id int PRIMARY KEY, body text); INSERT INTO notes VALUES (1, 'x'); \
+             CREATE TABLE picked AS SELECT id FROM items WHERE id <= 10; ALTER TABLE picked ADD PRIMARY KEY (id)",
+        )
+        .unwrap();
+    client.batch_execute("INSERT INTO notes VALUES (2, 'y'); DELETE FROM picked WHERE id = 1").unwrap();
+    wait_same(&nodes, "app", "the application's migration", &log);
+    let denied = client.batch_execute("SELECT * FROM synapse.capture_publications").unwrap_err();
+    assert!(denied.to_string().contains("permission denied") || format!("{denied:?}").contains("42501"), "{denied:?}");
+}
+
 #[test]
 fn a_change_one_target_rejects_stops_only_that_target_until_skipped() {
     let nodes = start();

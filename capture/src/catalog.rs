@@ -339,6 +339,43 @@ pub const DDL_CAPTURE: &str = r#"
 CREATE SCHEMA IF NOT EXISTS synapse;
 -- The publications of captures that select every table: new tables join them.
 CREATE TABLE IF NOT EXISTS synapse.capture_publications (publication text PRIMARY KEY);
+-- The trigger runs as the application's role, which may use these two (not the table).
+GRANT USAGE ON SCHEMA synapse TO PUBLIC;
+CREATE OR REPLACE FUNCTION synapse.all_tables_publications() RETURNS jsonb
+    LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+    AS $fn$ SELECT coalesce(jsonb_agg(publication), '[]') FROM synapse.capture_publications $fn$;
+-- Adds keyed tables of `rels` to the all-tables publications that lack them; returns their
+-- names. Run as synapse's role (the publication's owner), with a fixed search_path. Anyone
+-- may call it: it only does what those captures do at their next start anyway.
+CREATE OR REPLACE FUNCTION synapse.join_capture(rels oid[]) RETURNS jsonb
+    LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $fn$
+DECLARE
+    pub text;
+    rel oid;
+    own text := current_setting('synapse.own_ddl', true);
+    joined jsonb := '[]';
+BEGIN
+    FOR pub, rel IN
+        SELECT a.publication, t.oid FROM synapse.capture_publications a
+          JOIN pg_publication p ON p.pubname = a.publication AND NOT p.puballtables
+          JOIN pg_class t ON t.oid = ANY (rels)
+          JOIN pg_namespace tn ON tn.oid = t.relnamespace
+         WHERE t.relkind IN ('r', 'p') AND NOT t.relispartition AND t.relpersistence = 'p'
+           AND tn.nspname NOT IN ('synapse', 'pg_catalog', 'information_schema')
+           AND (t.relreplident IN ('f', 'i') OR (t.relreplident = 'd' AND EXISTS (
+                SELECT 1 FROM pg_index x WHERE x.indrelid = t.oid AND x.indisprimary)))
+           AND NOT EXISTS (SELECT 1 FROM pg_publication_rel r WHERE r.prpubid = p.oid AND r.prrelid = t.oid)
+    LOOP
+        -- Not a schema change of the application's: not captured.
+        PERFORM set_config('synapse.own_ddl', 'on', true);
+        EXECUTE format('ALTER PUBLICATION %I ADD TABLE %s', pub, rel::regclass);
+        PERFORM set_config('synapse.own_ddl', coalesce(own, ''), true);
+        SELECT joined || jsonb_build_array(tn.nspname || '.' || t.relname) INTO joined
+          FROM pg_class t JOIN pg_namespace tn ON tn.oid = t.relnamespace WHERE t.oid = rel;
+    END LOOP;
+    RETURN (SELECT coalesce(jsonb_agg(DISTINCT j), '[]') FROM jsonb_array_elements(joined) j);
+END
+$fn$;
 CREATE OR REPLACE FUNCTION synapse.capture_ddl() RETURNS event_trigger LANGUAGE plpgsql AS $fn$
 DECLARE
     rels oid[];
@@ -348,10 +385,6 @@ DECLARE
     pubs jsonb;
     joined jsonb := '[]';
     owed jsonb := '[]';
-    pub text;
-    rel oid;
-    filled boolean;
-    own text;
     n integer := 0;
     -- One client message (its text, when it arrived) is one string of statements, even one
     -- that commits in between: the count is the session's, kept per message.
@@ -410,28 +443,16 @@ BEGIN
            AND ty.typtype IN ('e', 'd');
         -- A table made (or given a key) under a capture that selects every table joins its
         -- publication here, in the same transaction, so its next rows are decoded as
-        -- published. Rows it already holds (CREATE TABLE AS, a key added to a filled table)
-        -- are not in the stream: the message asks the targets to copy them.
-        FOR pub, rel IN
-            SELECT a.publication, t.oid FROM synapse.capture_publications a
-              JOIN pg_catalog.pg_publication p ON p.pubname = a.publication AND NOT p.puballtables
-              JOIN pg_catalog.pg_class t ON t.oid = ANY (rels)
-             WHERE NOT t.relispartition AND t.relpersistence = 'p'
-               AND (t.relreplident IN ('f', 'i') OR (t.relreplident = 'd' AND EXISTS (
-                    SELECT 1 FROM pg_catalog.pg_index x WHERE x.indrelid = t.oid AND x.indisprimary)))
-               AND NOT EXISTS (SELECT 1 FROM pg_catalog.pg_publication_rel r WHERE r.prpubid = p.oid AND r.prrelid = t.oid)
-        LOOP
-            own := pg_catalog.current_setting('synapse.own_ddl', true);
-            PERFORM pg_catalog.set_config('synapse.own_ddl', 'on', true);
-            EXECUTE pg_catalog.format('ALTER PUBLICATION %I ADD TABLE %s', pub, rel::pg_catalog.regclass);
-            PERFORM pg_catalog.set_config('synapse.own_ddl', coalesce(own, ''), true);
-            SELECT joined || pg_catalog.jsonb_build_array(tn.nspname || '.' || t.relname) INTO joined
-              FROM pg_catalog.pg_class t JOIN pg_catalog.pg_namespace tn ON tn.oid = t.relnamespace WHERE t.oid = rel;
-            EXECUTE pg_catalog.format('SELECT EXISTS (SELECT FROM %s)', rel::pg_catalog.regclass) INTO filled;
-            IF filled THEN
-                owed := owed || pg_catalog.jsonb_build_array(joined -> -1);
+        -- published. Only a plain CREATE TABLE is sure to be empty then; a table that joins
+        -- by another statement (CREATE TABLE AS, a key added later) may hold rows the stream
+        -- never carried: the message asks the targets to copy it. The application's role
+        -- may not alter the publication: a function of synapse's does, for keyed tables only.
+        IF rels IS NOT NULL THEN
+            joined := synapse.join_capture(rels);
+            IF TG_TAG <> 'CREATE TABLE' THEN
+                owed := joined;
             END IF;
-        END LOOP;
+        END IF;
         -- Read here, in the statement's own transaction: when the message is decoded the
         -- catalog may not show the commit yet (the walsender can decode a commit before its
         -- backend leaves the proc array), or may show a later statement's (a drop).
@@ -440,8 +461,7 @@ BEGIN
         -- A table made without a key yet is made on the targets all the same under such a
         -- capture: the statement that keys it later joins it, and runs there.
         IF TG_TAG IN ('CREATE TABLE', 'CREATE TABLE AS', 'SELECT INTO') THEN
-            SELECT coalesce(pubs, '[]') || coalesce(pg_catalog.jsonb_agg(a.publication), '[]') INTO pubs
-              FROM synapse.capture_publications a;
+            pubs := coalesce(pubs, '[]') || synapse.all_tables_publications();
         END IF;
     END IF;
     IF tables IS NULL AND types IS NULL THEN RETURN; END IF;

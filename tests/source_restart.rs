@@ -79,6 +79,20 @@ fn wait_readyz(ops: &str, part: &str, log: &std::path::Path) -> String {
     }
 }
 
+/// Waits until synapse's log holds `line` (a step logged just after the change a test waited
+/// for, e.g. "re-sync done" after the rows it fixed).
+fn wait_logged(log: &std::path::Path, line: &str) -> String {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let text = std::fs::read_to_string(log).unwrap_or_default();
+        if text.contains(line) {
+            return text;
+        }
+        assert!(Instant::now() < deadline, "never logged {line:?}:\n{}", common::log_tail(log));
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
 /// `synapse repair fix` of `public.items` between source a and target b; it must succeed.
 fn repair_fix(config: &std::path::Path) {
     let args = ["repair", "fix", "--config", config.to_str().unwrap(), "--nodes", "a,b", "--table", "public.items"];
@@ -148,12 +162,12 @@ fn resyncs_after(lose: impl FnOnce(&Nodes)) {
     let (child, ops, log) = lose_the_slot_with(&nodes, "    on_gap: resync\n", lose);
     nodes.source.psql("app", "INSERT INTO items VALUES (500, 500); UPDATE items SET v = 7 WHERE id = 1").unwrap();
     common::wait_equal(&nodes.source, &nodes.target, ITEMS_DIGEST, Duration::from_secs(120));
+    // The rows are fixed a moment before the re-sync is recorded done.
+    let text = wait_logged(&log, "re-sync done");
     let body = wait_readyz(&ops, "capture/a: streaming", &log);
     assert!(!body.contains("resync/a"), "the re-sync is done, so it is no longer listed: {body}");
     assert_eq!(slots(&nodes), "synapse_a");
-    let text = std::fs::read_to_string(&log).unwrap();
     assert!(text.contains("crossing the gap (on_gap: resync)") && text.contains("CAP011"), "{text}");
-    assert!(text.contains("re-sync done"), "{text}");
     // The owed re-sync is paid: no log position holds retention for it any more.
     nodes.source.psql("app", "INSERT INTO items VALUES (600, 600)").unwrap();
     common::wait_equal(&nodes.source, &nodes.target, ITEMS_DIGEST, Duration::from_secs(60));
@@ -602,9 +616,9 @@ fn a_promoted_standby_that_lagged_is_resynced() {
     let child = spawn_run(&config, &log);
     common::wait_equal(&standby, &nodes.target, ITEMS_DIGEST, Duration::from_secs(120));
     assert_eq!(nodes.target.psql("app", "SELECT count(*) FROM items").unwrap(), "2", "the lost primary's rows stay");
-    let text = std::fs::read_to_string(&log).unwrap();
+    // The rows are fixed a moment before the re-sync is recorded done.
+    let text = wait_logged(&log, "re-sync done");
     assert!(text.contains("moved the source's WAL past the log's last change"), "{}", common::log_tail(&log));
-    assert!(text.contains("re-sync done"), "{}", common::log_tail(&log));
     standby.psql("app", "INSERT INTO items VALUES (30001, 4)").unwrap();
     common::wait_equal(&standby, &nodes.target, ITEMS_DIGEST, Duration::from_secs(60));
     wait_readyz(&ops, "capture/a: streaming", &log);

@@ -363,7 +363,7 @@ impl<L: ChangeLog> ChangeFeed<L> {
                         out.push(event(
                             json,
                             Cursor { commit_lsn: lsn, index },
-                            (table, changed.clone()),
+                            (table, Some(changed.clone())),
                             Operation::Schema,
                             &begin,
                             begin_offset,
@@ -408,7 +408,7 @@ impl<L: ChangeLog> ChangeFeed<L> {
                         out.push(event(
                             json,
                             cursor,
-                            (table, rel.clone()),
+                            (table, Some(rel.clone())),
                             Operation::Truncate,
                             &begin,
                             begin_offset,
@@ -440,20 +440,16 @@ impl<L: ChangeLog> ChangeFeed<L> {
                     // Several statements (and tables) may come between two changes.
                     json["id"] =
                         format!("{}/{}/ddl/{offset}/{n}", self.source.node, Cursor { commit_lsn: lsn, index }).into();
-                    let id = json["id"].as_str().unwrap_or_default().to_owned();
-                    let body = Bytes::from(serde_json::to_vec(&json).unwrap_or_default());
-                    out.push(Event {
-                        cursor: Cursor { commit_lsn: lsn, index },
-                        id,
-                        table: table.as_str().into(),
-                        op: Operation::Schema,
-                        keys: [0; 2],
-                        barrier: true,
-                        commit_time_us: begin.commit_time_us,
-                        txn_offset: begin_offset,
-                        body,
-                        relation: None,
-                    });
+                    out.push(event(
+                        json,
+                        Cursor { commit_lsn: lsn, index },
+                        (table.as_str().into(), None),
+                        Operation::Schema,
+                        &begin,
+                        begin_offset,
+                        [0; 2],
+                        true,
+                    ));
                 }
             }
             LogRecord::Begin(_) | LogRecord::Discarded { .. } | LogRecord::Resync(_) => {
@@ -536,7 +532,7 @@ impl<L: ChangeLog> ChangeFeed<L> {
 fn event(
     json: serde_json::Value,
     cursor: Cursor,
-    (table, relation): (Arc<str>, Arc<Relation>),
+    (table, relation): (Arc<str>, Option<Arc<Relation>>),
     op: Operation,
     begin: &Begin,
     txn_offset: Offset,
@@ -546,7 +542,6 @@ fn event(
     let id = json["id"].as_str().unwrap_or_default().to_owned();
     // Serialising a `Value` cannot fail (string keys only).
     let body = Bytes::from(serde_json::to_vec(&json).unwrap_or_default());
-    let relation = Some(relation);
     Event { cursor, id, table, op, keys, barrier, commit_time_us: begin.commit_time_us, txn_offset, body, relation }
 }
 

@@ -163,7 +163,8 @@ pub(crate) fn spawn_resync(
             }
             // Tables that joined the capture while it ran, holding rows the log lacks.
             for (target, target_pg) in &targets {
-                let Some(owed) = supervise(&component, &h, &sd, || owed_copies(target_pg, &name)).await? else {
+                let Some((owed, since)) = supervise(&component, &h, &sd, || owed_copies(target_pg, &name)).await?
+                else {
                     return Ok(());
                 };
                 if owed.is_empty() {
@@ -171,13 +172,10 @@ pub(crate) fn spawn_resync(
                 }
                 h.set(&component, ComponentState::Resyncing);
                 tracing::info!(source = %name, target, tables = ?owed, "copying tables that joined the capture holding rows");
-                let Some(started) = supervise(&component, &h, &sd, || target_clock(target_pg)).await? else {
-                    return Ok(());
-                };
                 let one = [(target.clone(), target_pg.clone())];
                 let run = || crate::repair::resync_targets((&name, &pg), &one, &owed);
                 let Some(rows) = supervise(&component, &h, &sd, run).await? else { return Ok(()) };
-                let done = || copies_made(target_pg, &name, &owed, &started);
+                let done = || copies_made(target_pg, &name, &owed, &since);
                 if supervise(&component, &h, &sd, done).await?.is_none() {
                     return Ok(());
                 }
@@ -198,32 +196,31 @@ pub(crate) fn spawn_resync(
     Ok(())
 }
 
-/// The tables `target` owes a copy of for `source` (`schema.table`).
-async fn owed_copies(target: &synapse_postgres::PgConfig, source: &str) -> Result<Vec<String>, ApplyError> {
+/// The tables `target` owes a copy of for `source` (`schema.table`), and when the latest was
+/// marked owed (one marked again after it is owed again).
+async fn owed_copies(target: &synapse_postgres::PgConfig, source: &str) -> Result<(Vec<String>, String), ApplyError> {
     let client = synapse_apply::connect_target(target).await?;
     let rows = client
         .query(
-            "SELECT schema_name || '.' || table_name FROM synapse.table_sync WHERE source_node = $1 AND state = 'owed'
-             ORDER BY 1",
+            "SELECT schema_name || '.' || table_name, (max(updated_at) OVER ())::text FROM synapse.table_sync
+             WHERE source_node = $1 AND state = 'owed' ORDER BY 1",
             &[&source],
         )
         .await;
     match rows {
-        Ok(rows) => Ok(rows.iter().map(|r| r.get(0)).collect()),
+        Ok(rows) => {
+            let since = rows.first().map(|r| r.get(1)).unwrap_or_default();
+            Ok((rows.iter().map(|r| r.get(0)).collect(), since))
+        }
         // Before its applier set the target up, a target owes nothing.
-        Err(e) if e.code() == Some(&tokio_postgres::error::SqlState::UNDEFINED_TABLE) => Ok(Vec::new()),
+        Err(e) if e.code() == Some(&tokio_postgres::error::SqlState::UNDEFINED_TABLE) => {
+            Ok((Vec::new(), String::new()))
+        }
         Err(e) => Err(ApplyError::target("reading the copies owed")(e)),
     }
 }
 
-/// The target's clock, read before a copy: an owed mark written after it is owed again.
-async fn target_clock(target: &synapse_postgres::PgConfig) -> Result<String, ApplyError> {
-    let client = synapse_apply::connect_target(target).await?;
-    let row = client.query_one("SELECT now()::text", &[]).await.map_err(ApplyError::target("reading the clock"))?;
-    Ok(row.get(0))
-}
-
-/// Marks `tables` copied on `target`, unless owed again since `since`.
+/// Marks `tables` copied on `target`, unless marked owed again after `since`.
 async fn copies_made(
     target: &synapse_postgres::PgConfig,
     source: &str,

@@ -56,6 +56,11 @@ fn envelope(ctx: &EventContext<'_>, ty: &str, subject: String, cursor: Cursor, d
 }
 
 fn source_block(ctx: &EventContext<'_>, rel: &Relation, cursor: Cursor) -> Value {
+    source_of(ctx, &rel.schema, &rel.table, cursor)
+}
+
+/// Debezium's `source` block for a change of `schema`.`table` at `cursor`.
+fn source_of(ctx: &EventContext<'_>, schema: &str, table: &str, cursor: Cursor) -> Value {
     json!({
         "version": concat!("synapsedb-", env!("CARGO_PKG_VERSION")),
         "connector": "postgresql",
@@ -63,8 +68,8 @@ fn source_block(ctx: &EventContext<'_>, rel: &Relation, cursor: Cursor) -> Value
         "db": ctx.database,
         "ts_ms": ctx.begin.commit_time_us.div_euclid(1000),
         "snapshot": "false",
-        "schema": rel.schema,
-        "table": rel.table,
+        "schema": schema,
+        "table": table,
         "txId": ctx.begin.xid,
         "lsn": ctx.begin.commit_lsn.0,
         "cursor": cursor.to_string(),
@@ -318,20 +323,7 @@ pub fn ddl_event(
     let (schema, name) = table.split_once('.').unwrap_or(("", table));
     let columns = change.shapes.iter().find(|s| s.table == table).map(|s| &s.columns);
     let data = json!({
-        "source": {
-            "version": concat!("synapsedb-", env!("CARGO_PKG_VERSION")),
-            "connector": "postgresql",
-            "name": ctx.node,
-            "db": ctx.database,
-            "ts_ms": ctx.begin.commit_time_us.div_euclid(1000),
-            "snapshot": "false",
-            "schema": schema,
-            "table": name,
-            "txId": ctx.begin.xid,
-            "lsn": ctx.begin.commit_lsn.0,
-            "cursor": cursor.to_string(),
-            "origin": ctx.begin.origin,
-        },
+        "source": source_of(ctx, schema, name, cursor),
         "schema": schema,
         "table": name,
         "tag": change.tag,

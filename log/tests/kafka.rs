@@ -67,7 +67,7 @@ async fn missing_topics_and_unreachable_brokers_are_reported_by_name() {
     assert!(e.hint().contains("ACLs"), "{}", e.hint());
 
     // A port nothing listens on.
-    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let port = synapse_localpg::free_port().unwrap(); // reserved: nothing listens on it
     let options =
         KafkaLogOptions { timeout: Duration::from_secs(2), ..KafkaLogOptions::new(&format!("127.0.0.1:{port}"), "n1") };
     let started = std::time::Instant::now();

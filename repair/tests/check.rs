@@ -142,7 +142,7 @@ async fn check_finds_exactly_the_diverged_keys() {
 
 #[tokio::test]
 async fn an_unreachable_node_is_a_retryable_error_naming_it() {
-    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let port = synapse_localpg::free_port().unwrap(); // reserved: nothing listens on it
     let config = format!("postgres://postgres@127.0.0.1:{port}/app").parse().unwrap();
     let e = Node::connect("eu", &config).await.err().unwrap();
     assert!(e.to_string().starts_with("node eu: connecting"), "{e}");

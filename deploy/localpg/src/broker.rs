@@ -3,7 +3,6 @@
 //! No Apache Kafka can be fetched here (docs/decisions/0007-test-brokers.md); tansu speaks the protocol rdkafka uses.
 
 use crate::LocalPgError;
-use std::net::TcpListener;
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -40,10 +39,7 @@ impl LocalBroker {
             return Err(LocalPgError::Command { command, stderr: "see its output above".into() });
         }
         let bin = String::from_utf8_lossy(&out.stdout).trim().to_owned();
-        let port = TcpListener::bind("127.0.0.1:0")
-            .and_then(|l| l.local_addr())
-            .map_err(|source| LocalPgError::Io { path: "127.0.0.1:0".into(), source })?
-            .port();
+        let port = crate::free_port()?;
         let url = format!("tcp://127.0.0.1:{port}");
         let advertised = advertised.map_or_else(|| url.clone(), |a| format!("tcp://{a}"));
         let child = Command::new(&bin)

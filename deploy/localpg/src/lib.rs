@@ -87,23 +87,46 @@ fn is_root() -> bool {
     Command::new("id").arg("-u").output().map(|o| o.stdout.trim_ascii() == b"0").unwrap_or(false)
 }
 
-/// A loopback port free now and never handed out before by this process: a port is only
-/// reserved until its listener is dropped, and the kernel may give a just-released one to the
-/// next caller — a cluster, or a synapse listener a test configures — before its first owner
-/// has bound it again.
+/// Ports [`free_port`] hands out: below the kernel's ephemeral range (32768–60999 by default),
+/// so neither a listener bound to port 0 nor an outgoing connection takes one between our check
+/// and its owner's bind.
+const PORTS: std::ops::Range<u16> = 20000..32000;
+
+/// A loopback port free now and reserved for this process until it exits. Checking that a port
+/// binds is not enough: the next caller — a test binary running beside this one, a cluster, a
+/// synapse listener — may be handed the same just-released port before its first owner binds
+/// it again (two listeners then answer for one test). So each port handed out is held by an
+/// exclusive lock on `$TMPDIR/synapse-ports/<port>` for the process's lifetime (the kernel
+/// drops the lock when the process dies), and the ports lie outside the ephemeral range.
 pub fn free_port() -> Result<u16> {
-    static GIVEN: std::sync::Mutex<Vec<u16>> = std::sync::Mutex::new(Vec::new());
-    loop {
-        let l =
-            TcpListener::bind("127.0.0.1:0").map_err(|e| LocalPgError::Io { path: "127.0.0.1:0".into(), source: e })?;
-        let port =
-            l.local_addr().map(|a| a.port()).map_err(|e| LocalPgError::Io { path: "127.0.0.1:0".into(), source: e })?;
-        let mut given = GIVEN.lock().unwrap_or_else(|p| p.into_inner());
-        if !given.contains(&port) {
-            given.push(port);
-            return Ok(port);
+    static HELD: std::sync::Mutex<Vec<(u16, std::fs::File)>> = std::sync::Mutex::new(Vec::new());
+    let dir = std::env::temp_dir().join("synapse-ports");
+    std::fs::create_dir_all(&dir).map_err(io(&dir))?;
+    let span = u64::from(PORTS.end - PORTS.start);
+    // Start somewhere different in each process, so concurrent callers rarely contend.
+    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.subsec_nanos());
+    let first = (u64::from(std::process::id()) * 7919 + u64::from(nanos)) % span;
+    let mut held = HELD.lock().unwrap_or_else(|p| p.into_inner());
+    for i in 0..span {
+        let port = PORTS.start + ((first + i) % span) as u16;
+        if held.iter().any(|(p, _)| *p == port) {
+            continue;
         }
+        let path = dir.join(port.to_string());
+        let file = std::fs::File::options().create(true).truncate(false).write(true).open(&path).map_err(io(&path))?;
+        if rustix::fs::flock(&file, rustix::fs::FlockOperation::NonBlockingLockExclusive).is_err() {
+            continue; // another process holds it
+        }
+        if TcpListener::bind(("127.0.0.1", port)).is_err() {
+            continue; // in use by something that does not take part in the locking
+        }
+        held.push((port, file));
+        return Ok(port);
     }
+    Err(LocalPgError::Io {
+        path: dir.display().to_string(),
+        source: std::io::Error::new(std::io::ErrorKind::AddrInUse, "every port of 20000–31999 is taken"),
+    })
 }
 
 fn io(path: &Path) -> impl FnOnce(std::io::Error) -> LocalPgError + '_ {
@@ -390,5 +413,22 @@ mod tests {
         let dir = c.root.clone();
         drop(c);
         assert!(!dir.exists());
+    }
+
+    /// A port handed out stays reserved: another process (here another open file description,
+    /// which flock treats alike) cannot take its lock, and this process never hands it out twice.
+    #[test]
+    fn a_port_handed_out_is_reserved_across_processes() {
+        let ports: Vec<u16> = (0..50).map(|_| free_port().unwrap()).collect();
+        let mut unique = ports.clone();
+        unique.sort();
+        unique.dedup();
+        assert_eq!(unique.len(), ports.len());
+        for port in ports {
+            assert!(PORTS.contains(&port), "{port} is in the ephemeral range");
+            let path = std::env::temp_dir().join("synapse-ports").join(port.to_string());
+            let other = std::fs::File::options().write(true).open(&path).unwrap();
+            assert!(rustix::fs::flock(&other, rustix::fs::FlockOperation::NonBlockingLockExclusive).is_err());
+        }
     }
 }

@@ -82,7 +82,7 @@ pub async fn run(
     let mut remaining = HashMap::new();
     for (i, (t, was_copying)) in todo.iter().enumerate() {
         let rel = catalog::describe_table(&planner, &mut types, t).await.map_err(ApplyError::Copy)?;
-        let table = target::ensure_table(&client, &rel).await?;
+        let table = target::ensure_table(&client, &rel, true).await?;
         if *was_copying {
             tracing::info!(table = %t.display(), "re-copying a table whose copy was interrupted");
             client

@@ -394,10 +394,9 @@ impl Applier {
                                 columns: rel.columns.len(),
                             });
                         }
-                        if let (Some(buffer), Some(cfg)) = (s.mesh.as_mut(), self.config.mesh.as_ref()) {
-                            let m = cfg.tables.get(&rel.name());
-                            if m.is_some() || mesh::is_row_version(&rel) {
-                                buffer.push(&rel, m, c)?;
+                        if let Some(buffer) = s.mesh.as_mut() {
+                            if buffer.table(&rel.name()).is_some() || mesh::is_row_version(&rel) {
+                                buffer.push(&rel, None, c)?;
                                 continue;
                             }
                         }
@@ -479,6 +478,10 @@ impl Applier {
     }
 }
 
+/// SQLSTATEs of a schema change that failed because what it makes already exists or what it
+/// removes is gone: duplicate column, table, object; undefined column, table, object.
+const ALREADY_CODES: [&str; 6] = ["42701", "42P07", "42710", "42703", "42P01", "42704"];
+
 impl<L: ChangeLog> Session<'_, L> {
     /// The relation and target table for a change, or None when the change must be skipped
     /// because the initial copy already contains it.
@@ -494,7 +497,11 @@ impl<L: ChangeLog> Session<'_, L> {
                 oid: key.oid,
                 version: key.version,
             })?;
-            let table = target::ensure_table(&self.client, &rel).await?;
+            let is_mesh = self.mesh.as_ref().is_some_and(|m| m.table(&rel.name()).is_some());
+            let table = target::ensure_table(&self.client, &rel, !is_mesh).await?;
+            if is_mesh {
+                self.describe_mesh_table(&rel.name()).await?;
+            }
             let apply_from = match self.sync.get(&(rel.schema.clone(), rel.table.clone())) {
                 Some((state, lsn)) if state == "ready" => *lsn,
                 // Joined the publication while running: streamed from then on, copied beside.
@@ -510,6 +517,35 @@ impl<L: ChangeLog> Session<'_, L> {
             return Ok(None);
         }
         Ok(Some((b.rel.clone(), b.table.clone())))
+    }
+
+    /// A mesh table described again from this node's catalog, when a relation of it is bound
+    /// (at start, and after every schema change a peer sends): this node's own schema changes
+    /// since it was described (a column added, dropped, renamed) are then known.
+    async fn describe_mesh_table(&mut self, name: &str) -> Result<(), ApplyError> {
+        let (Some(buffer), Some(cfg)) = (self.mesh.as_mut(), self.applier.config.mesh.as_ref()) else {
+            return Ok(());
+        };
+        let none = synapse_resolver::TablePolicy::default();
+        buffer.set_table(mesh::describe(&self.client, name, cfg.policies.get(name).unwrap_or(&none)).await?);
+        Ok(())
+    }
+
+    /// After a replicated schema change: the mesh tables it touched get triggers of their new
+    /// shape on this node, in this transaction, and are described again.
+    async fn reshape_mesh_tables(&mut self, tables: &[String]) -> Result<(), ApplyError> {
+        let (Some(buffer), Some(cfg)) = (self.mesh.as_mut(), self.applier.config.mesh.as_ref()) else {
+            return Ok(());
+        };
+        let none = synapse_resolver::TablePolicy::default();
+        for name in tables {
+            if buffer.table(name).is_none() {
+                continue;
+            }
+            mesh::refresh_triggers(&self.client, name).await?;
+            buffer.set_table(mesh::describe(&self.client, name, cfg.policies.get(name).unwrap_or(&none)).await?);
+        }
+        Ok(())
     }
 
     async fn flush(&mut self) -> Result<(), ApplyError> {
@@ -585,8 +621,26 @@ impl<L: ChangeLog> Session<'_, L> {
                 outcome = "kept";
             } else {
                 let message = e.as_db_error().map(|d| d.message().to_owned()).unwrap_or_else(|| e.to_string());
-                return Err(fail(statement, message));
+                self.client
+                    .batch_execute("ROLLBACK TO SAVEPOINT synapse_ddl; RELEASE SAVEPOINT synapse_ddl")
+                    .await
+                    .map_err(ApplyError::target("undoing a failed schema change"))?;
+                // The same migration run on this node too (a mesh node's own, concurrently; a
+                // target changed by hand): a statement that failed only because what it makes
+                // exists, or what it removes is gone, and left its tables as this node has
+                // them, is already applied. Anything else stops this target, named.
+                let already = e.code().is_some_and(|c| ALREADY_CODES.contains(&c.code()))
+                    && !change.shapes.is_empty()
+                    && target::has_shapes(&self.client, &change.shapes).await?;
+                if !already {
+                    return Err(fail(statement, message));
+                }
+                tracing::warn!(offset, tag = %change.tag, statement, error = %message, "this node already has what the schema change makes: passed as applied");
+                outcome = "already_applied";
             }
+        }
+        if policy == DdlPolicy::Apply {
+            self.reshape_mesh_tables(&change.tables).await?;
         }
         // A table that joined the publication is streamed from here on, like a copied one (a
         // restart must not copy it again); one that joined holding rows the log lacks is owed

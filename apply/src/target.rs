@@ -132,7 +132,10 @@ fn schema_error(
     ApplyError::Schema { table: table.to_owned(), message: message(&e) }
 }
 
-pub async fn ensure_table(client: &Client, rel: &Relation) -> Result<TargetTable, ApplyError> {
+/// `add_columns`: add the source's columns the table lacks. Not for a mesh table: a column a
+/// peer still sends that this node lacks is one this node dropped or renamed, and that change is
+/// on its way to the peer; its values are not written here.
+pub async fn ensure_table(client: &Client, rel: &Relation, add_columns: bool) -> Result<TargetTable, ApplyError> {
     let name = rel.quoted_name();
     let mut cols = target_columns(client, &name).await?;
     if cols.is_none() || rel.columns.iter().any(|c| !c.type_defs.is_empty()) {
@@ -159,7 +162,7 @@ pub async fn ensure_table(client: &Client, rel: &Relation) -> Result<TargetTable
         cols = target_columns(client, &name).await?;
     }
     let mut cols = cols.unwrap_or_default();
-    for c in &rel.columns {
+    for c in rel.columns.iter().filter(|_| add_columns) {
         if !cols.contains_key(&c.name) {
             let ddl = format!("ALTER TABLE {name} ADD COLUMN IF NOT EXISTS {} {}", quote::ident(&c.name), c.type_name);
             tracing::info!(table = %rel.name(), column = %c.name, "adding column the source has");
@@ -191,4 +194,27 @@ async fn target_columns(client: &Client, quoted: &str) -> Result<Option<HashMap<
         .await
         .map_err(ApplyError::target(format!("reading columns of {quoted}")))?;
     Ok(Some(rows.into_iter().map(|r| (r.get(0), (r.get(1), r.get(2)))).collect()))
+}
+
+/// Whether every table of `shapes` has, on the target, each of those columns with its type
+/// (and perhaps more: a mesh node may have added its own concurrently).
+pub(crate) async fn has_shapes(client: &Client, shapes: &[synapse_schemas::TableShape]) -> Result<bool, ApplyError> {
+    for shape in shapes {
+        let Some((schema, table)) = shape.table.split_once('.') else { return Ok(false) };
+        let rows = client
+            .query(
+                "SELECT a.attname::text, format_type(a.atttypid, a.atttypmod)
+                 FROM pg_attribute a JOIN pg_class c ON c.oid = a.attrelid
+                 JOIN pg_namespace n ON n.oid = c.relnamespace
+                 WHERE n.nspname = $1 AND c.relname = $2 AND a.attnum > 0 AND NOT a.attisdropped",
+                &[&schema, &table],
+            )
+            .await
+            .map_err(ApplyError::target(format!("reading the columns of {}", shape.table)))?;
+        let here: HashMap<String, String> = rows.iter().map(|r| (r.get(0), r.get(1))).collect();
+        if rows.is_empty() || shape.columns.iter().any(|c| here.get(&c.name) != Some(&c.type_name)) {
+            return Ok(false);
+        }
+    }
+    Ok(true)
 }

@@ -33,6 +33,7 @@ pub const MIGRATIONS: &[Migration] = &[
     Migration { version: 2, description: "tombstone purge marks and completed purge rounds", sql: V2 },
     Migration { version: 3, description: "schema changes an operator had the applier skip", sql: V3 },
     Migration { version: 4, description: "tables owed a copy after joining a running capture", sql: V4 },
+    Migration { version: 5, description: "mesh tables and their column strategies, per node", sql: V5 },
 ];
 
 /// The version this build reads and writes.
@@ -273,4 +274,17 @@ CREATE TABLE IF NOT EXISTS synapse.schema_skips (
 const V4: &str = r#"
 ALTER TABLE synapse.table_sync DROP CONSTRAINT IF EXISTS table_sync_state_check;
 ALTER TABLE synapse.table_sync ADD CONSTRAINT table_sync_state_check CHECK (state IN ('copying', 'ready', 'owed'));
+"#;
+
+/// The mesh tables of this node with their column strategies (`{"column": "counter"}`; unnamed
+/// columns are `lww`): what the trigger generator reads when a schema change on the node
+/// reshapes one (`synapse.mesh_install_triggers`). `rel` finds the table from the event
+/// trigger, and notices a rename.
+const V5: &str = r#"
+CREATE TABLE synapse.mesh_tables (
+    tbl text PRIMARY KEY,
+    rel oid NOT NULL,
+    node integer NOT NULL,
+    strategies jsonb NOT NULL DEFAULT '{}'
+);
 "#;

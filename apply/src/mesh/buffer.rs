@@ -46,6 +46,16 @@ impl MeshBuffer {
         self.rows.is_empty() && self.versions.is_empty()
     }
 
+    /// The mesh table `name` as this buffer writes it, if it is one.
+    pub fn table(&self, name: &str) -> Option<&MeshTable> {
+        self.tables.get(name)
+    }
+
+    /// Replaces what the buffer knows of a table's shape (after a schema change).
+    pub fn set_table(&mut self, t: MeshTable) {
+        self.tables.insert(t.name(), t);
+    }
+
     pub fn rows(&self) -> usize {
         self.rows.len()
     }

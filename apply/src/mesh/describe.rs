@@ -48,6 +48,7 @@ pub async fn describe(client: &Client, name: &str, policy: &TablePolicy) -> Resu
              JOIN pg_namespace n ON n.oid = c.relnamespace
              LEFT JOIN pg_index i ON i.indrelid = c.oid AND i.indisprimary
              WHERE n.nspname = $1 AND c.relname = $2 AND a.attnum > 0 AND NOT a.attisdropped
+               AND a.attgenerated = ''  -- computed on each node: never written nor versioned
              ORDER BY a.attnum",
             &[&schema, &table],
         )

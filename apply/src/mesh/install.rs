@@ -140,6 +140,202 @@ BEGIN
     RETURN n;
 END
 $fn$;
+-- SQL text helpers of the trigger generator below: a JSON object of record `rec`'s `cols`
+-- as text, and the members of set column `c` (a JSON array of its elements' texts).
+CREATE OR REPLACE FUNCTION synapse.mesh_sql_values(rec text, cols text[]) RETURNS text
+LANGUAGE sql IMMUTABLE SET search_path = pg_catalog, pg_temp AS $fn$
+    SELECT 'jsonb_build_object(' || coalesce(string_agg(format('%L, %s.%I::text', c, rec, c), ', ' ORDER BY o), '') || ')'
+    FROM unnest(cols) WITH ORDINALITY AS u(c, o)
+$fn$;
+CREATE OR REPLACE FUNCTION synapse.mesh_sql_set_members(rec text, c text, is_jsonb boolean) RETURNS text
+LANGUAGE sql IMMUTABLE SET search_path = pg_catalog, pg_temp AS $fn$
+    SELECT CASE WHEN is_jsonb THEN
+        format('coalesce((SELECT jsonb_agg(DISTINCT x::text) FROM jsonb_array_elements(CASE WHEN jsonb_typeof(%1$s.%2$I) = ''array'' THEN %1$s.%2$I END) AS x), ''[]'')', rec, c)
+    ELSE
+        format('coalesce((SELECT jsonb_agg(DISTINCT x::text) FROM unnest(%s.%I) AS x WHERE x IS NOT NULL), ''[]'')', rec, c)
+    END
+$fn$;
+
+-- The triggers of mesh table `p_tbl` on this node, made from its shape in the catalog now and
+-- its column strategies in synapse.mesh_tables: every local insert, update and delete records
+-- its version in synapse.row_version; before that, set columns are brought to their canonical
+-- form and max/min columns kept monotonic. One generator for every caller — the install, this
+-- node's schema changes (the event trigger below, in the change's own transaction, so no write
+-- after it meets a trigger of the old shape) and the applier's replicated ones. A shape the
+-- table's strategies cannot work with is refused, which refuses the schema change with it.
+-- Runs as synapse's role: the application's role runs the event trigger.
+CREATE OR REPLACE FUNCTION synapse.mesh_install_triggers(p_tbl text) RETURNS void
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $gen$
+DECLARE
+    m synapse.mesh_tables%ROWTYPE;
+    own text := current_setting('synapse.own_ddl', true);
+    sch text := split_part(p_tbl, '.', 1);
+    tab text := substr(p_tbl, length(split_part(p_tbl, '.', 1)) + 2);
+    rel oid;
+    qtable text; fname text; bname text; tbl_lit text := quote_literal(p_tbl);
+    key text[];
+    plain text[] := '{}'; counters text[] := '{}'; sets text[] := '{}'; mvs text[] := '{}';
+    jsonb_cols text[] := '{}';
+    c text; s text; ty text;
+    changed text := ''; monotonic text := ''; canonical text := ''; before text;
+    all_plain text; all_sets text; all_mvs text;
+    old_key text; new_key text; old_text text; new_text text;
+BEGIN
+    SELECT * INTO m FROM synapse.mesh_tables WHERE mesh_tables.tbl = p_tbl;
+    IF NOT FOUND THEN RETURN; END IF;
+    SELECT t.oid INTO rel FROM pg_class t JOIN pg_namespace n ON n.oid = t.relnamespace
+     WHERE n.nspname = sch AND t.relname = tab;
+    IF rel IS NULL THEN
+        RAISE EXCEPTION 'mesh table % does not exist on this node', p_tbl USING ERRCODE = '42P01',
+            HINT = 'create it on every mesh node, or remove it from mesh.tables';
+    END IF;
+    qtable := format('%I.%I', sch, tab);
+    SELECT array_agg(a.attname::text ORDER BY k.ord) INTO key
+      FROM pg_index i CROSS JOIN LATERAL unnest(i.indkey::int2[]) WITH ORDINALITY AS k(attnum, ord)
+      JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = k.attnum
+     WHERE i.indrelid = rel AND i.indisprimary;
+    IF key IS NULL THEN
+        RAISE EXCEPTION 'mesh table % needs a primary key (rows are matched across nodes by it)', p_tbl
+            USING ERRCODE = '42P16';
+    END IF;
+    FOR c, ty IN SELECT a.attname::text, format_type(a.atttypid, NULL) FROM pg_attribute a
+                  WHERE a.attrelid = rel AND a.attnum > 0 AND NOT a.attisdropped AND NOT a.attname = ANY (key)
+                    AND a.attgenerated = ''
+                  ORDER BY a.attnum LOOP
+        s := coalesce(m.strategies ->> c, 'lww');
+        IF ty = 'jsonb' THEN jsonb_cols := jsonb_cols || c; END IF;
+        IF s = 'counter' AND ty NOT IN ('smallint', 'integer', 'bigint') THEN
+            RAISE EXCEPTION 'column % of mesh table % is %: a counter column must be smallint, integer or bigint', c, p_tbl, ty
+                USING ERRCODE = '42804';
+        ELSIF s IN ('max', 'min') AND ty NOT IN ('smallint', 'integer', 'bigint', 'numeric', 'real', 'double precision') THEN
+            RAISE EXCEPTION 'column % of mesh table % is %: max and min columns must be numeric', c, p_tbl, ty
+                USING ERRCODE = '42804';
+        ELSIF s = 'set' AND NOT (ty LIKE '%[]' OR ty = 'jsonb') THEN
+            RAISE EXCEPTION 'column % of mesh table % is %: a set column must be an array or jsonb', c, p_tbl, ty
+                USING ERRCODE = '42804';
+        END IF;
+        CASE s
+            WHEN 'counter' THEN counters := counters || c;
+            WHEN 'set' THEN sets := sets || c;
+            WHEN 'multi_value' THEN mvs := mvs || c;
+            ELSE plain := plain || c;
+        END CASE;
+        IF s = 'max' OR s = 'min' THEN
+            monotonic := monotonic || format(E'        NEW.%1$I := %2$s(NEW.%1$I, OLD.%1$I);\n', c,
+                CASE s WHEN 'max' THEN 'greatest' ELSE 'least' END);
+        END IF;
+    END LOOP;
+    -- Updates stamp only the changed columns; inserts (and key changes) every one.
+    FOREACH c IN ARRAY plain LOOP
+        changed := changed || format(E'        IF NEW.%1$I IS DISTINCT FROM OLD.%1$I THEN changed := changed || %2$L::text; END IF;\n', c, c);
+    END LOOP;
+    FOREACH c IN ARRAY sets LOOP
+        changed := changed || format(E'        IF NEW.%1$I IS DISTINCT FROM OLD.%1$I THEN sets := sets || jsonb_build_object(%2$L, jsonb_build_object(''new'', %3$s, ''old'', %4$s)); END IF;\n',
+            c, c, synapse.mesh_sql_set_members('NEW', c, c = ANY (jsonb_cols)), synapse.mesh_sql_set_members('OLD', c, c = ANY (jsonb_cols)));
+        -- A set column holds its members once each, ordered by their text (byte order), NULL
+        -- as empty: the form the applier writes, so every node holds the same value.
+        IF c = ANY (jsonb_cols) THEN
+            canonical := canonical || format(E'    IF jsonb_typeof(NEW.%1$I) <> ''array'' THEN\n        RAISE EXCEPTION ''column %% of %% is a set: it holds a JSON array, not %%'', %2$L, %3$s, jsonb_typeof(NEW.%1$I)\n            USING ERRCODE = ''22023'';\n    END IF;\n    NEW.%1$I := (SELECT coalesce(jsonb_agg(x ORDER BY x::text COLLATE "C"), ''[]'') FROM\n        (SELECT DISTINCT ON (x::text COLLATE "C") x FROM jsonb_array_elements(coalesce(NEW.%1$I, ''[]'')) AS x\n         ORDER BY x::text COLLATE "C") AS d);\n',
+                c, c, tbl_lit);
+        ELSE
+            canonical := canonical || format(E'    NEW.%1$I := ARRAY(SELECT DISTINCT ON (x::text COLLATE "C") x FROM unnest(NEW.%1$I) AS x\n        WHERE x IS NOT NULL ORDER BY x::text COLLATE "C");\n', c);
+        END IF;
+    END LOOP;
+    FOREACH c IN ARRAY mvs LOOP
+        changed := changed || format(E'        IF NEW.%1$I IS DISTINCT FROM OLD.%1$I THEN mv := mv || jsonb_build_object(%2$L, NEW.%1$I::text); END IF;\n', c, c);
+    END LOOP;
+    -- max/min columns are registers that only move one way: a local write past the current
+    -- value in the wrong direction keeps the current one. Without this, a causally later lower
+    -- value and a concurrent higher one would merge differently depending on arrival order.
+    IF monotonic <> '' THEN
+        monotonic := E'    IF TG_OP = ''UPDATE'' THEN\n' || monotonic || E'    END IF;\n';
+    END IF;
+    all_plain := 'ARRAY[' || coalesce((SELECT string_agg(quote_literal(x), ', ' ORDER BY o) FROM unnest(plain) WITH ORDINALITY AS u(x, o)), '') || ']::text[]';
+    all_sets := 'jsonb_build_object(' || coalesce((SELECT string_agg(format('%L, jsonb_build_object(''new'', %s)', x,
+        synapse.mesh_sql_set_members('NEW', x, x = ANY (jsonb_cols))), ', ' ORDER BY o) FROM unnest(sets) WITH ORDINALITY AS u(x, o)), '') || ')';
+    all_mvs := synapse.mesh_sql_values('NEW', mvs);
+    SELECT string_agg(format('OLD.%I', k), ', ' ORDER BY o), string_agg(format('NEW.%I', k), ', ' ORDER BY o),
+           string_agg(format('OLD.%I::text', k), ', ' ORDER BY o), string_agg(format('NEW.%I::text', k), ', ' ORDER BY o)
+      INTO old_key, new_key, old_text, new_text FROM unnest(key) WITH ORDINALITY AS u(k, o);
+    fname := 'synapse.' || quote_ident('local_write_' || sch || '_' || tab);
+    bname := 'synapse.' || quote_ident('before_write_' || sch || '_' || tab);
+    before := format('DROP TRIGGER IF EXISTS synapse_monotonic ON %s; DROP FUNCTION IF EXISTS synapse.%I();',
+        qtable, 'monotonic_' || sch || '_' || tab);
+    IF monotonic = '' AND canonical = '' THEN
+        before := before || format(' DROP TRIGGER IF EXISTS synapse_before_write ON %s;', qtable);
+    ELSE
+        before := before || format(E'\nCREATE OR REPLACE FUNCTION %1$s() RETURNS trigger LANGUAGE plpgsql AS $fn$\nBEGIN\n%2$s%3$s    RETURN NEW;\nEND\n$fn$;\nCREATE OR REPLACE TRIGGER synapse_before_write BEFORE INSERT OR UPDATE ON %4$s FOR EACH ROW EXECUTE FUNCTION %1$s();',
+            bname, monotonic, canonical, qtable);
+    END IF;
+    -- SynapseDB's own objects: not a schema change of the application's to capture.
+    PERFORM set_config('synapse.own_ddl', 'on', true);
+    EXECUTE format(E'CREATE OR REPLACE FUNCTION %1$s() RETURNS trigger LANGUAGE plpgsql AS $fn$
+DECLARE
+    changed text[] := ''{}'';
+    sets jsonb := ''{}'';
+    mv jsonb := ''{}'';
+    base jsonb;  -- NULL for a new row
+BEGIN
+    IF TG_OP = ''DELETE'' OR (TG_OP = ''UPDATE'' AND (%2$s) IS DISTINCT FROM (%3$s)) THEN
+        PERFORM synapse.record_local_write(%4$s, jsonb_build_array(%5$s), %6$s, false,
+            ''{}'', ''{}'', ''{}'', %7$s, ''{}'', ''{}'');
+        IF TG_OP = ''DELETE'' THEN RETURN NULL; END IF;
+        changed := %8$s; sets := %9$s; mv := %10$s;
+    ELSIF TG_OP = ''INSERT'' THEN
+        changed := %8$s; sets := %9$s; mv := %10$s;
+    ELSE
+        base := %11$s;
+%12$s    END IF;
+    PERFORM synapse.record_local_write(%4$s, jsonb_build_array(%13$s), %6$s, true,
+        changed, %14$s, base, ''{}'', sets, mv);
+    RETURN NULL;
+END
+$fn$;
+CREATE OR REPLACE TRIGGER synapse_local_write AFTER INSERT OR UPDATE OR DELETE ON %15$s
+    FOR EACH ROW EXECUTE FUNCTION %1$s();
+%16$s',
+        fname, old_key, new_key, tbl_lit, old_text, m.node, synapse.mesh_sql_values('OLD', plain),
+        all_plain, all_sets, all_mvs, synapse.mesh_sql_values('OLD', counters), changed, new_text,
+        synapse.mesh_sql_values('NEW', counters), qtable, before);
+    PERFORM set_config('synapse.own_ddl', coalesce(own, ''), true);
+END
+$gen$;
+
+-- A schema change on this node of a mesh table: its triggers follow the new shape in the
+-- change's own transaction. Renaming a mesh table is refused: every node keys its versions,
+-- and the configuration names it, by its name.
+CREATE OR REPLACE FUNCTION synapse.mesh_follow_ddl() RETURNS event_trigger
+LANGUAGE plpgsql AS $fn$
+DECLARE
+    t record;
+BEGIN
+    IF pg_catalog.current_setting('synapse.own_ddl', true) = 'on' THEN RETURN; END IF;
+    FOR t IN SELECT DISTINCT m.tbl, tn.nspname || '.' || c.relname AS now_named
+               FROM pg_catalog.pg_event_trigger_ddl_commands() e
+               LEFT JOIN pg_catalog.pg_index i ON e.classid = 'pg_catalog.pg_class'::pg_catalog.regclass AND i.indexrelid = e.objid
+               LEFT JOIN pg_catalog.pg_constraint k ON e.classid = 'pg_catalog.pg_constraint'::pg_catalog.regclass AND k.oid = e.objid
+               JOIN pg_catalog.pg_class c ON c.oid = CASE
+                   WHEN i.indrelid IS NOT NULL THEN i.indrelid
+                   WHEN k.conrelid IS NOT NULL THEN k.conrelid
+                   WHEN e.classid = 'pg_catalog.pg_class'::pg_catalog.regclass THEN e.objid END
+               JOIN pg_catalog.pg_namespace tn ON tn.oid = c.relnamespace
+               JOIN synapse.mesh_tables m ON m.rel = c.oid LOOP
+        IF t.tbl <> t.now_named THEN
+            RAISE EXCEPTION 'mesh table % cannot be renamed or moved to another schema while in the mesh', t.tbl
+                USING ERRCODE = '0A000',
+                HINT = 'remove it from mesh.tables first, or create the new table and copy the rows into it';
+        END IF;
+        PERFORM synapse.mesh_install_triggers(t.tbl);
+    END LOOP;
+END
+$fn$;
+DO $do$
+BEGIN
+    IF NOT EXISTS (SELECT 1 FROM pg_catalog.pg_event_trigger WHERE evtname = 'synapse_mesh_ddl') THEN
+        CREATE EVENT TRIGGER synapse_mesh_ddl ON ddl_command_end EXECUTE FUNCTION synapse.mesh_follow_ddl();
+    END IF;
+END
+$do$;
 "#;
 
 /// Announces the burials this node's appliers made (see `synapse.announce_burials`) through
@@ -160,160 +356,19 @@ pub(super) fn quoted_name(name: &str) -> String {
     name.split('.').map(quote::ident).collect::<Vec<_>>().join(".")
 }
 
-/// SQL of the members of set column `c` in record `rec`: a JSON array of the elements' texts.
-pub(super) fn set_members(t: &MeshTable, rec: &str, c: &str) -> String {
-    let col = format!("{rec}.{}", quote::ident(c));
-    if t.is_jsonb(c) {
-        format!(
-            "coalesce((SELECT jsonb_agg(DISTINCT x::text) FROM jsonb_array_elements(CASE WHEN jsonb_typeof({col}) = 'array' THEN {col} END) AS x), '[]')"
-        )
-    } else {
-        format!("coalesce((SELECT jsonb_agg(DISTINCT x::text) FROM unnest({col}) AS x WHERE x IS NOT NULL), '[]')")
-    }
-}
-
-/// The trigger functions of one table on node `node`: every local insert, update and delete
-/// records its version in `synapse.row_version`; before that, set columns are brought to their
-/// canonical form and max/min columns kept monotonic.
-pub(super) fn trigger_sql(node: NodeId, t: &MeshTable) -> String {
-    let tbl = quote::literal(&t.name());
-    let fname = format!("synapse.{}", quote::ident(&format!("local_write_{}_{}", t.schema, t.table)));
-    let row = |rec: &str| t.key.iter().map(|k| format!("{rec}.{}", quote::ident(k))).collect::<Vec<_>>().join(", ");
-    let key_text =
-        |rec: &str| t.key.iter().map(|k| format!("{rec}.{}::text", quote::ident(k))).collect::<Vec<_>>().join(", ");
-    let of = |pick: &dyn Fn(Strategy) -> bool| -> Vec<&String> {
-        t.columns.iter().filter(|(_, s)| pick(*s)).map(|(c, _)| c).collect()
-    };
-    let plain = of(&|s| matches!(s, Strategy::Lww | Strategy::Max | Strategy::Min));
-    let counters = of(&|s| s == Strategy::Counter);
-    let sets = of(&|s| s == Strategy::Set);
-    let mvs = of(&|s| s == Strategy::MultiValue);
-    let all_plain =
-        format!("ARRAY[{}]::text[]", plain.iter().map(|c| quote::literal(c)).collect::<Vec<_>>().join(", "));
-    let object = |pairs: Vec<(String, String)>| {
-        format!(
-            "jsonb_build_object({})",
-            pairs.into_iter().map(|(k, v)| format!("{}, {v}", quote::literal(&k))).collect::<Vec<_>>().join(", ")
-        )
-    };
-    let values = |rec: &str, cols: &[&String]| {
-        object(cols.iter().map(|c| ((*c).clone(), format!("{rec}.{}::text", quote::ident(c)))).collect())
-    };
-    let set_new = |c: &str| format!("jsonb_build_object('new', {})", set_members(t, "NEW", c));
-    // Inserts (and key changes) write every column; updates only the changed ones.
-    let all_sets = object(sets.iter().map(|c| ((*c).clone(), set_new(c))).collect());
-    let all_mvs = values("NEW", &mvs);
-    let mut changed = String::new();
-    for c in &plain {
-        changed.push_str(&format!(
-            "        IF NEW.{q} IS DISTINCT FROM OLD.{q} THEN changed := changed || {l}::text; END IF;\n",
-            q = quote::ident(c),
-            l = quote::literal(c)
-        ));
-    }
-    for c in &sets {
-        changed.push_str(&format!(
-            "        IF NEW.{q} IS DISTINCT FROM OLD.{q} THEN sets := sets || jsonb_build_object({l}, jsonb_build_object('new', {new}, 'old', {old})); END IF;\n",
-            q = quote::ident(c),
-            l = quote::literal(c),
-            new = set_members(t, "NEW", c),
-            old = set_members(t, "OLD", c),
-        ));
-    }
-    for c in &mvs {
-        changed.push_str(&format!(
-            "        IF NEW.{q} IS DISTINCT FROM OLD.{q} THEN mv := mv || jsonb_build_object({l}, NEW.{q}::text); END IF;\n",
-            q = quote::ident(c),
-            l = quote::literal(c)
-        ));
-    }
-    // max/min columns are registers that only move one way: a local write past the current
-    // value in the wrong direction keeps the current one. Without this, a causally later lower
-    // value and a concurrent higher one would merge differently depending on arrival order.
-    let mut monotonic = String::new();
-    for (c, s) in &t.columns {
-        let f = match s {
-            Strategy::Max => "greatest",
-            Strategy::Min => "least",
-            _ => continue,
-        };
-        monotonic.push_str(&format!("        NEW.{q} := {f}(NEW.{q}, OLD.{q});\n", q = quote::ident(c)));
-    }
-    if !monotonic.is_empty() {
-        monotonic = format!("    IF TG_OP = 'UPDATE' THEN\n{monotonic}    END IF;\n");
-    }
-    // A set column holds its members once each, ordered by their text (byte order), NULL as
-    // empty: the form the applier writes, so every node holds the same value.
-    let mut canonical = String::new();
-    for c in &sets {
-        let q = quote::ident(c);
-        if t.is_jsonb(c) {
-            canonical.push_str(&format!(
-                "    IF jsonb_typeof(NEW.{q}) <> 'array' THEN
-        RAISE EXCEPTION 'column % of % is a set: it holds a JSON array, not %', {l}, {tbl}, jsonb_typeof(NEW.{q})
-            USING ERRCODE = '22023';
-    END IF;
-    NEW.{q} := (SELECT coalesce(jsonb_agg(x ORDER BY x::text COLLATE \"C\"), '[]') FROM
-        (SELECT DISTINCT ON (x::text COLLATE \"C\") x FROM jsonb_array_elements(coalesce(NEW.{q}, '[]')) AS x
-         ORDER BY x::text COLLATE \"C\") AS d);\n",
-                l = quote::literal(c)
-            ));
-        } else {
-            canonical.push_str(&format!(
-                "    NEW.{q} := ARRAY(SELECT DISTINCT ON (x::text COLLATE \"C\") x FROM unnest(NEW.{q}) AS x
-        WHERE x IS NOT NULL ORDER BY x::text COLLATE \"C\");\n"
-            ));
+/// Makes mesh table `name`'s triggers on the node `client` is connected to from its current
+/// shape (`synapse.mesh_install_triggers`): after a schema change replicated into it, in the
+/// applier's transaction (appliers run as replicas, where the node's own event trigger does
+/// not fire).
+pub async fn refresh_triggers(client: &Client, name: &str) -> Result<(), ApplyError> {
+    client.execute("SELECT synapse.mesh_install_triggers($1)", &[&name]).await.map_err(|e| match e.as_db_error() {
+        // The new shape does not suit the table's strategies (or the table is gone).
+        Some(d) if !synapse_postgres::is_transient(&e) => {
+            ApplyError::Schema { table: name.to_owned(), message: d.message().to_owned() }
         }
-    }
-    let table = format!("{}.{}", quote::ident(&t.schema), quote::ident(&t.table));
-    let old_before = format!("synapse.{}", quote::ident(&format!("monotonic_{}_{}", t.schema, t.table)));
-    let mut before =
-        format!("DROP TRIGGER IF EXISTS synapse_monotonic ON {table}; DROP FUNCTION IF EXISTS {old_before}();\n");
-    if monotonic.is_empty() && canonical.is_empty() {
-        before.push_str(&format!("DROP TRIGGER IF EXISTS synapse_before_write ON {table};"));
-    } else {
-        let bname = format!("synapse.{}", quote::ident(&format!("before_write_{}_{}", t.schema, t.table)));
-        before.push_str(&format!(
-            "CREATE OR REPLACE FUNCTION {bname}() RETURNS trigger LANGUAGE plpgsql AS $fn$
-BEGIN
-{monotonic}{canonical}    RETURN NEW;
-END
-$fn$;
-CREATE OR REPLACE TRIGGER synapse_before_write BEFORE INSERT OR UPDATE ON {table} FOR EACH ROW EXECUTE FUNCTION {bname}();"
-        ));
-    }
-    let (old_key, new_key) = (row("OLD"), row("NEW"));
-    let (old_text, new_text) = (key_text("OLD"), key_text("NEW"));
-    let (old_values, new_counters, old_counters) =
-        (values("OLD", &plain), values("NEW", &counters), values("OLD", &counters));
-    format!(
-        "CREATE OR REPLACE FUNCTION {fname}() RETURNS trigger LANGUAGE plpgsql AS $fn$
-DECLARE
-    changed text[] := '{{}}';
-    sets jsonb := '{{}}';
-    mv jsonb := '{{}}';
-    base jsonb;  -- NULL for a new row
-BEGIN
-    IF TG_OP = 'DELETE' OR (TG_OP = 'UPDATE' AND ({old_key}) IS DISTINCT FROM ({new_key})) THEN
-        PERFORM synapse.record_local_write({tbl}, jsonb_build_array({old_text}), {node}, false,
-            '{{}}', '{{}}', '{{}}', {old_values}, '{{}}', '{{}}');
-        IF TG_OP = 'DELETE' THEN RETURN NULL; END IF;
-        changed := {all_plain}; sets := {all_sets}; mv := {all_mvs};
-    ELSIF TG_OP = 'INSERT' THEN
-        changed := {all_plain}; sets := {all_sets}; mv := {all_mvs};
-    ELSE
-        base := {old_counters};
-{changed}    END IF;
-    PERFORM synapse.record_local_write({tbl}, jsonb_build_array({new_text}), {node}, true,
-        changed, {new_counters}, base, '{{}}', sets, mv);
-    RETURN NULL;
-END
-$fn$;
-CREATE OR REPLACE TRIGGER synapse_local_write AFTER INSERT OR UPDATE OR DELETE ON {table}
-    FOR EACH ROW EXECUTE FUNCTION {fname}();
-{before}",
-        node = node.0,
-    )
+        _ => ApplyError::target(format!("making the mesh triggers of {name}"))(e),
+    })?;
+    Ok(())
 }
 
 /// Prepares node `node` for the mesh: the sidecar and conflict tables, and a trigger on every
@@ -330,14 +385,30 @@ pub async fn install(
         described.push(describe(client, name, policies.get(name).unwrap_or(&none)).await?);
     }
     synapse_postgres::node_schema::migrate(client).await?;
-    let mut sql =
-        // Each node's own triggers: kept out of the source's DDL capture.
-        format!("SET client_min_messages = warning; BEGIN; SET LOCAL synapse.own_ddl = on; SELECT pg_advisory_xact_lock(7305918); {MESH_DDL}");
+    // Each node's own objects: kept out of the source's DDL capture.
+    let sql = format!(
+        "SET client_min_messages = warning; BEGIN; SET LOCAL synapse.own_ddl = on; SELECT pg_advisory_xact_lock(7305918); {MESH_DDL} COMMIT; RESET client_min_messages;"
+    );
+    client.batch_execute(&sql).await.map_err(ApplyError::target("installing the mesh functions"))?;
+    // Each table's strategies where the generator (and this node's schema changes) find them.
+    let mut rows = Vec::new();
     for t in &described {
-        sql.push_str(&trigger_sql(node, t));
-        sql.push('\n');
+        let strategies = policies.get(&t.name()).map(|p| json!(p.columns)).unwrap_or_else(|| json!({}));
+        rows.push(json!({"tbl": t.name(), "rel": quote::ident(&t.schema) + "." + &quote::ident(&t.table), "strategies": strategies}));
     }
-    sql.push_str("COMMIT; RESET client_min_messages;");
-    client.batch_execute(&sql).await.map_err(ApplyError::target("installing the mesh triggers"))?;
+    client
+        .execute(
+            "WITH wanted AS (SELECT * FROM jsonb_to_recordset($1::text::jsonb) AS w(tbl text, rel text, strategies jsonb)),
+                  gone AS (DELETE FROM synapse.mesh_tables m WHERE NOT EXISTS (SELECT 1 FROM wanted w WHERE w.tbl = m.tbl))
+             INSERT INTO synapse.mesh_tables (tbl, rel, node, strategies)
+             SELECT tbl, rel::regclass::oid, $2, strategies FROM wanted
+             ON CONFLICT (tbl) DO UPDATE SET rel = excluded.rel, node = excluded.node, strategies = excluded.strategies",
+            &[&Json::Array(rows).to_string(), &i32::from(node.0)],
+        )
+        .await
+        .map_err(ApplyError::target("recording the mesh tables"))?;
+    for t in &described {
+        refresh_triggers(client, &t.name()).await?;
+    }
     Ok(described)
 }

@@ -78,18 +78,3 @@ fn a_tombstone_keeps_its_values() {
     assert_eq!(v.cells["owner"].visible(), json!("bob"));
     assert_eq!(side_of(&v).cols["owner"]["v"], json!("bob"));
 }
-
-#[test]
-fn the_trigger_names_every_column() {
-    let sql = trigger_sql(NodeId(7), &table());
-    assert!(sql.contains("'public.accounts'") && sql.contains(", 7, true"), "{sql}");
-    assert!(sql.contains("NEW.\"owner\" IS DISTINCT FROM OLD.\"owner\""), "{sql}");
-    assert!(!sql.contains("NEW.\"hits\" IS DISTINCT"), "counters are not stamped: {sql}");
-    assert!(sql.contains("DROP TRIGGER IF EXISTS synapse_before_write"), "nothing to normalise: {sql}");
-    let mut t = table();
-    t.columns.push(("tags".into(), Strategy::Set));
-    t.types.insert("tags".into(), "jsonb".into());
-    let sql = trigger_sql(NodeId(7), &t);
-    assert!(sql.contains("sets := sets || jsonb_build_object('tags'"), "{sql}");
-    assert!(sql.contains("is a set: it holds a JSON array"), "{sql}");
-}

@@ -214,7 +214,25 @@ impl KafkaLog {
                 options,
             }),
         };
-        log.refresh_watermarks().await?;
+        // A topic just created (here or by another process) may not be in the broker's
+        // metadata yet: its partition is "unknown" for a moment, not missing.
+        let deadline = std::time::Instant::now() + log.inner.options.timeout;
+        loop {
+            match log.refresh_watermarks().await {
+                Err(LogError::Kafka {
+                    source:
+                        KafkaError::MetadataFetch(
+                            RDKafkaErrorCode::UnknownPartition
+                            | RDKafkaErrorCode::UnknownTopicOrPartition
+                            | RDKafkaErrorCode::UnknownTopic,
+                        ),
+                    ..
+                }) if std::time::Instant::now() < deadline => {
+                    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                }
+                other => break other?,
+            }
+        }
         // Index the stream: relations, transactions, the open transaction.
         // Up to the head as it is now, not as it moves: another process may be appending faster
         // than this one indexes (a consumer-group member catching up after a hand-over), and

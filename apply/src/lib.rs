@@ -625,11 +625,13 @@ impl<L: ChangeLog> Session<'_, L> {
                     .batch_execute("ROLLBACK TO SAVEPOINT synapse_ddl; RELEASE SAVEPOINT synapse_ddl")
                     .await
                     .map_err(ApplyError::target("undoing a failed schema change"))?;
-                // The same migration run on this node too (a mesh node's own, concurrently; a
-                // target changed by hand): a statement that failed only because what it makes
-                // exists, or what it removes is gone, and left its tables as this node has
-                // them, is already applied. Anything else stops this target, named.
-                let already = e.code().is_some_and(|c| ALREADY_CODES.contains(&c.code()))
+                // The same migration run on this mesh node too, concurrently: a statement that
+                // failed only because what it makes exists, or what it removes is gone, and left
+                // its tables' columns as this node has them, is already applied. On a one-way
+                // target the operator decides (the column made by hand may hold other values).
+                // Anything else stops this applier, named.
+                let already = self.applier.config.mesh.is_some()
+                    && e.code().is_some_and(|c| ALREADY_CODES.contains(&c.code()))
                     && !change.shapes.is_empty()
                     && target::has_shapes(&self.client, &change.shapes).await?;
                 if !already {

@@ -34,6 +34,7 @@ pub const MIGRATIONS: &[Migration] = &[
     Migration { version: 3, description: "schema changes an operator had the applier skip", sql: V3 },
     Migration { version: 4, description: "tables owed a copy after joining a running capture", sql: V4 },
     Migration { version: 5, description: "mesh tables and their column strategies, per node", sql: V5 },
+    Migration { version: 6, description: "a node-wide counter for version vector entries", sql: V6 },
 ];
 
 /// The version this build reads and writes.
@@ -287,4 +288,15 @@ CREATE TABLE synapse.mesh_tables (
     node integer NOT NULL,
     strategies jsonb NOT NULL DEFAULT '{}'
 );
+"#;
+
+/// A node's entry in a row's version vector comes from this counter, not from the row's previous
+/// entry + 1: a row whose versions were purged (its tombstone, everywhere) is versioned again
+/// from nothing, and +1 then reissued counters that versions still held or in flight elsewhere
+/// had used — two different writes with one vector, each node keeping whichever it saw first
+/// (found by the mesh test: equal vectors, different rows, after a purge round). A counter never
+/// reissues. It starts above any count of writes +1 gave before.
+const V6: &str = r#"
+CREATE SEQUENCE synapse.version_counter AS bigint START WITH 1000000000;
+GRANT USAGE ON SEQUENCE synapse.version_counter TO PUBLIC;
 "#;

@@ -6,9 +6,10 @@ use super::*;
 /// Functions every mesh node needs, replaced on every install (their tables are the node
 /// schema's: `synapse_postgres::node_schema`).
 pub(super) const MESH_DDL: &str = r#"
--- One local write of a row: the node's entry of the version vector +1, a per-row hybrid
--- logical clock (past the wall clock and every version this row has held, so a write made
--- after seeing a peer's version orders after it), per-column stamps of the changed columns,
+-- One local write of a row: the node's entry of the version vector raised (to the node's next
+-- counter), a per-row hybrid logical clock (past the wall clock and every version this row has
+-- held, so a write made after seeing a peer's version orders after it), per-column stamps of the
+-- changed columns,
 -- counter totals per node, and for a delete the last values (a tombstone keeps them so a
 -- concurrent update that outlives the delete merges with everything written before).
 -- Set columns keep an observed-remove set: the set's clock (adds seen per node) and per member
@@ -36,7 +37,9 @@ BEGIN
         IF p_base IS NOT NULL THEN r.vv := '{"0": 1}'; END IF;
     END IF;
     IF wall > r.hlc_ms THEN ms := wall; lc := 0; ELSE ms := r.hlc_ms; lc := r.hlc_lc + 1; END IF;
-    r.vv := r.vv || jsonb_build_object(me, coalesce((r.vv ->> me)::bigint, 0) + 1);
+    -- Never a counter this node issued before, for any row (V6 of the node schema says why).
+    r.vv := r.vv || jsonb_build_object(me,
+        greatest(coalesce((r.vv ->> me)::bigint, 0) + 1, nextval('synapse.version_counter')));
     FOREACH c IN ARRAY p_changed LOOP
         r.cols := r.cols || jsonb_build_object(c,
             coalesce(r.cols -> c, '{}') || jsonb_build_object('at', jsonb_build_array(ms, lc, p_node)));

@@ -9,7 +9,8 @@
 //!   never written with an older layout.
 //! * Migration 1 is the layout from before versioning, written idempotently (`IF NOT EXISTS`),
 //!   so a node an earlier release set up is adopted as version 1 and migrated from there.
-//!   Later migrations run exactly once and need not be idempotent.
+//!   Later migrations are idempotent too: a node whose version table was lost is adopted the
+//!   same way and every migration runs again over what it already has.
 //!
 //! Adding a migration: append to [`MIGRATIONS`] (never edit a released one) and raise nothing
 //! else — [`LATEST`] is the last entry's version. See docs/decisions/0010-node-schema.md.
@@ -282,7 +283,7 @@ ALTER TABLE synapse.table_sync ADD CONSTRAINT table_sync_state_check CHECK (stat
 /// reshapes one (`synapse.mesh_install_triggers`). `rel` finds the table from the event
 /// trigger, and notices a rename.
 const V5: &str = r#"
-CREATE TABLE synapse.mesh_tables (
+CREATE TABLE IF NOT EXISTS synapse.mesh_tables (
     tbl text PRIMARY KEY,
     rel oid NOT NULL,
     node integer NOT NULL,
@@ -297,6 +298,6 @@ CREATE TABLE synapse.mesh_tables (
 /// (found by the mesh test: equal vectors, different rows, after a purge round). A counter never
 /// reissues. It starts above any count of writes +1 gave before.
 const V6: &str = r#"
-CREATE SEQUENCE synapse.version_counter AS bigint START WITH 1000000000;
+CREATE SEQUENCE IF NOT EXISTS synapse.version_counter AS bigint START WITH 1000000000;
 GRANT USAGE ON SEQUENCE synapse.version_counter TO PUBLIC;
 "#;

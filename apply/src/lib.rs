@@ -396,7 +396,7 @@ impl Applier {
                         }
                         if let Some(buffer) = s.mesh.as_mut() {
                             if buffer.table(&rel.name()).is_some() || mesh::is_row_version(&rel) {
-                                buffer.push(&rel, None, c)?;
+                                buffer.push(&rel, c)?;
                                 continue;
                             }
                         }
@@ -534,16 +534,11 @@ impl<L: ChangeLog> Session<'_, L> {
     /// After a replicated schema change: the mesh tables it touched get triggers of their new
     /// shape on this node, in this transaction, and are described again.
     async fn reshape_mesh_tables(&mut self, tables: &[String]) -> Result<(), ApplyError> {
-        let (Some(buffer), Some(cfg)) = (self.mesh.as_mut(), self.applier.config.mesh.as_ref()) else {
-            return Ok(());
-        };
-        let none = synapse_resolver::TablePolicy::default();
         for name in tables {
-            if buffer.table(name).is_none() {
-                continue;
+            if self.mesh.as_ref().is_some_and(|m| m.table(name).is_some()) {
+                mesh::refresh_triggers(&self.client, name).await?;
+                self.describe_mesh_table(name).await?;
             }
-            mesh::refresh_triggers(&self.client, name).await?;
-            buffer.set_table(mesh::describe(&self.client, name, cfg.policies.get(name).unwrap_or(&none)).await?);
         }
         Ok(())
     }

@@ -162,8 +162,8 @@ pub async fn ensure_table(client: &Client, rel: &Relation, add_columns: bool) ->
         cols = target_columns(client, &name).await?;
     }
     let mut cols = cols.unwrap_or_default();
-    for c in rel.columns.iter().filter(|_| add_columns) {
-        if !cols.contains_key(&c.name) {
+    for c in &rel.columns {
+        if add_columns && !cols.contains_key(&c.name) {
             let ddl = format!("ALTER TABLE {name} ADD COLUMN IF NOT EXISTS {} {}", quote::ident(&c.name), c.type_name);
             tracing::info!(table = %rel.name(), column = %c.name, "adding column the source has");
             client.batch_execute(&ddl).await.map_err(|e| {

@@ -66,7 +66,7 @@ impl MeshBuffer {
     }
 
     /// Buffers one change of a mesh table or of the peer's `row_version`.
-    pub fn push(&mut self, rel: &Arc<Relation>, mesh: Option<&MeshTable>, change: RowChange) -> Result<(), ApplyError> {
+    pub fn push(&mut self, rel: &Arc<Relation>, change: RowChange) -> Result<(), ApplyError> {
         let bad = |message: String| ApplyError::Schema { table: rel.name(), message };
         if is_row_version(rel) {
             let Some(after) = &change.after else { return Ok(()) }; // purges are local
@@ -97,9 +97,6 @@ impl MeshBuffer {
             return Ok(());
         }
         let name = rel.name();
-        if let Some(m) = mesh {
-            self.tables.entry(name.clone()).or_insert_with(|| m.clone());
-        }
         if let Some((_, before)) = &change.before {
             // A key change (or a delete) ends the old key's row.
             let old = key_of(rel, before).ok_or_else(|| bad("a change arrived without its key".into()))?;

@@ -90,7 +90,7 @@ enum Command {
         #[arg(long)]
         target: String,
         /// The change's log offset, as APP009 names it.
-        #[arg(long)]
+        #[arg(long, value_parser = clap::value_parser!(u64).range(0..=i64::MAX as u64))]
         offset: u64,
         /// Who decided (recorded; default: $USER).
         #[arg(long)]
@@ -172,18 +172,7 @@ fn main() -> ExitCode {
             }
             Command::Validate { config } => {
                 let c = Config::load(&config)?;
-                println!(
-                    "{}: ok ({}{} sources, {} targets, {} webhook endpoints, API {})",
-                    config.display(),
-                    c.mesh
-                        .as_ref()
-                        .map(|m| format!("mesh of {} nodes over {} tables; ", m.nodes.len(), m.tables.len()))
-                        .unwrap_or_default(),
-                    c.sources.len(),
-                    c.targets.len(),
-                    c.webhooks.len(),
-                    if c.api.listen.is_empty() { "off".to_string() } else { format!("on {}", c.api.listen) }
-                );
+                println!("{}: ok ({})", config.display(), c.summary());
                 Ok(ExitCode::SUCCESS)
             }
             Command::Resume { config, token_env, accept_gap, cacert } => {
@@ -256,21 +245,16 @@ async fn skip_ddl(
     let Some(t) = config.targets.iter().find(|t| t.name == target) else {
         anyhow::bail!("--target: no target is named `{target}` in the configuration");
     };
-    let offset = i64::try_from(offset).map_err(|_| anyhow::anyhow!("--offset: {offset} is not a log offset"))?;
     let by = by.or_else(|| std::env::var("USER").ok()).unwrap_or_else(|| "unknown".into());
     let pg = t.url.pg_config().map_err(|e| anyhow::anyhow!("targets[{target}].url: {e}"))?;
     let client = synapse_postgres::connect(&pg, "recording a schema change to skip")
         .await
         .map_err(|e| anyhow::anyhow!("connecting to target {target}: {e}"))?;
-    let inserted = client
-        .execute(
-            "INSERT INTO synapse.schema_skips (source_node, log_offset, skipped_by) VALUES ($1, $2, $3)
-             ON CONFLICT (source_node, log_offset) DO NOTHING",
-            &[&source, &offset, &format!("synapse skip-ddl by {by}")],
-        )
-        .await
-        .map_err(|e| anyhow::anyhow!("recording the skip on target {target}: {e}"))?;
-    if inserted == 0 {
+    let recorded =
+        synapse_apply::target::record_schema_skip(&client, source, offset, &format!("synapse skip-ddl by {by}"))
+            .await
+            .map_err(|e| anyhow::anyhow!("target {target}: {e}"))?;
+    if !recorded {
         println!("already recorded: target {target} passes source {source}'s schema change at log offset {offset}");
     } else {
         println!("recorded: target {target} passes source {source}'s schema change at log offset {offset}");

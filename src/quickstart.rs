@@ -7,10 +7,10 @@
 //! key or replica identity; a rerun with the same `--data-dir` resumes instead of copying again.
 
 use std::path::PathBuf;
-use std::sync::atomic::AtomicU64;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
+use synapse_connectors::webhook::receiver::VerifyingReceiver;
 use synapse_connectors::webhook::signing::Secret;
 use synapse_connectors::webhook::EndpointSpec;
 use synapse_localpg::{ClusterOptions, LocalCluster};
@@ -26,47 +26,6 @@ pub struct Options {
     pub duration: Option<Duration>,
     pub ops_listen: String,
     pub api_listen: String,
-}
-
-/// The demo's webhook receiver: verifies each request's Standard Webhooks signature and counts
-/// the events it carries.
-#[derive(Default)]
-struct Receiver {
-    events: AtomicU64,
-    requests: AtomicU64,
-    bad_signatures: AtomicU64,
-}
-
-async fn start_receiver(secret: Secret) -> anyhow::Result<(String, Arc<Receiver>)> {
-    use axum::http::{HeaderMap, StatusCode};
-    let stats = Arc::new(Receiver::default());
-    let s = stats.clone();
-    let app = axum::Router::new().route(
-        "/hooks",
-        axum::routing::post(move |headers: HeaderMap, body: axum::body::Bytes| {
-            let (s, secret) = (s.clone(), secret.clone());
-            async move {
-                let h = |k: &str| headers.get(k).and_then(|v| v.to_str().ok()).unwrap_or_default().to_owned();
-                let ts = h("webhook-timestamp").parse::<i64>().unwrap_or(0);
-                if !secret.verify(&h("webhook-id"), ts, &body, &h("webhook-signature")) {
-                    s.bad_signatures.fetch_add(1, Ordering::Relaxed);
-                    return StatusCode::UNAUTHORIZED;
-                }
-                let n = match serde_json::from_slice::<serde_json::Value>(&body) {
-                    Ok(serde_json::Value::Array(a)) => a.len() as u64,
-                    Ok(_) => 1,
-                    Err(_) => return StatusCode::BAD_REQUEST,
-                };
-                s.requests.fetch_add(1, Ordering::Relaxed);
-                s.events.fetch_add(n, Ordering::Relaxed);
-                StatusCode::NO_CONTENT
-            }
-        }),
-    );
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-    let url = format!("http://{}/hooks", listener.local_addr()?);
-    tokio::spawn(async move { axum::serve(listener, app).await });
-    Ok((url, stats))
 }
 
 const DEMO_SCHEMA: &str = "
@@ -165,7 +124,8 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
     let mut receiver = None;
     if demo {
         let secret = Secret::generate();
-        let (url, stats) = start_receiver(secret.parse().map_err(anyhow::Error::msg)?).await?;
+        let VerifyingReceiver { url, stats } =
+            VerifyingReceiver::start(secret.parse().map_err(anyhow::Error::msg)?).await?;
         let spec: EndpointSpec = serde_json::from_value(serde_json::json!({
             "name": "demo-receiver",
             "url": url,
@@ -243,12 +203,8 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
             c.lag_seconds(),
         );
         if let Some(r) = &receiver {
-            eprintln!(
-                "       webhook: {:>8} events in {:>6} signed requests ({} bad signatures)",
-                r.events.load(Ordering::Relaxed),
-                r.requests.load(Ordering::Relaxed),
-                r.bad_signatures.load(Ordering::Relaxed)
-            );
+            let (events, requests, bad) = r.snapshot();
+            eprintln!("       webhook: {events:>8} events in {requests:>6} signed requests ({bad} bad signatures)");
         }
         last_events = events;
     }

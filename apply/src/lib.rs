@@ -561,14 +561,7 @@ impl<L: ChangeLog> Session<'_, L> {
         change: &synapse_schemas::SchemaChange,
     ) -> Result<(), ApplyError> {
         let node = self.applier.config.node.clone();
-        let skipped = self
-            .client
-            .query_opt(
-                "SELECT skipped_by FROM synapse.schema_skips WHERE source_node = $1 AND log_offset = $2",
-                &[&node, &(offset as i64)],
-            )
-            .await
-            .map_err(ApplyError::target("reading the schema changes to skip"))?;
+        let skipped = target::schema_skip(&self.client, &node, offset).await?;
         let fail = |statement: String, message: String| ApplyError::SchemaChange {
             source_node: node.clone(),
             offset,
@@ -576,8 +569,7 @@ impl<L: ChangeLog> Session<'_, L> {
             statement,
             message,
         };
-        if let Some(row) = skipped {
-            let by: String = row.get(0);
+        if let Some(by) = skipped {
             tracing::warn!(offset, tag = %change.tag, skipped_by = %by, "skipping a schema change, as synapse.schema_skips says");
             metrics::counter!("synapse_apply_schema_changes_total", "node" => node.clone(), "outcome" => "skipped")
                 .increment(1);

@@ -48,6 +48,33 @@ pub async fn load_position(client: &Client, node: &str) -> Result<Option<u64>, A
     Ok(row.map(|r| r.get::<_, i64>(0) as u64))
 }
 
+/// Who asked to pass `node`'s schema change at log `offset`, if an operator recorded it in
+/// `synapse.schema_skips` (`synapse skip-ddl`).
+pub async fn schema_skip(client: &Client, node: &str, offset: u64) -> Result<Option<String>, ApplyError> {
+    let row = client
+        .query_opt(
+            "SELECT skipped_by FROM synapse.schema_skips WHERE source_node = $1 AND log_offset = $2",
+            &[&node, &(offset as i64)],
+        )
+        .await
+        .map_err(ApplyError::target("reading the schema changes to skip"))?;
+    Ok(row.map(|r| r.get(0)))
+}
+
+/// Records that the applier of `node` passes the schema change at log `offset` here (read by
+/// [`schema_skip`]). False when it was already recorded.
+pub async fn record_schema_skip(client: &Client, node: &str, offset: u64, by: &str) -> Result<bool, ApplyError> {
+    let inserted = client
+        .execute(
+            "INSERT INTO synapse.schema_skips (source_node, log_offset, skipped_by) VALUES ($1, $2, $3)
+             ON CONFLICT (source_node, log_offset) DO NOTHING",
+            &[&node, &(offset as i64), &by],
+        )
+        .await
+        .map_err(ApplyError::target("recording a schema change to skip"))?;
+    Ok(inserted == 1)
+}
+
 /// Tables copied by the initial copy, with the LSN from which streamed changes apply to them.
 pub async fn load_sync(
     client: &Client,

@@ -335,7 +335,8 @@ pub const DDL_PREFIX: &str = "synapse.ddl";
 /// fire: what SynapseDB applies is not captured again, nor what a session marked
 /// `synapse.own_ddl = on` runs (SynapseDB's own triggers and indexes on each node). SynapseDB's own tables (`synapse.*`,
 /// which a mesh publishes) are left out: every node migrates its own.
-pub const DDL_CAPTURE: &str = r#"
+pub const DDL_CAPTURE: &str = concat!(
+    r#"
 CREATE SCHEMA IF NOT EXISTS synapse;
 -- The publications of captures that select every table: new tables join them.
 CREATE TABLE IF NOT EXISTS synapse.capture_publications (publication text PRIMARY KEY);
@@ -413,17 +414,12 @@ BEGIN
         PERFORM pg_catalog.set_config('synapse.ddl_query', q, false);
         PERFORM pg_catalog.set_config('synapse.ddl_n', n::text, false);
         IF TG_TAG LIKE 'DROP %' THEN RETURN; END IF;
-        SELECT pg_catalog.array_agg(DISTINCT t.oid)
+        SELECT pg_catalog.array_agg(DISTINCT c.oid)
           INTO rels
-          FROM pg_catalog.pg_event_trigger_ddl_commands() e
-          LEFT JOIN pg_catalog.pg_index i ON e.classid = 'pg_catalog.pg_class'::pg_catalog.regclass AND i.indexrelid = e.objid
-          LEFT JOIN pg_catalog.pg_constraint k ON e.classid = 'pg_catalog.pg_constraint'::pg_catalog.regclass AND k.oid = e.objid
-          JOIN pg_catalog.pg_class t ON t.oid = CASE
-              WHEN i.indrelid IS NOT NULL THEN i.indrelid
-              WHEN k.conrelid IS NOT NULL THEN k.conrelid
-              WHEN e.classid = 'pg_catalog.pg_class'::pg_catalog.regclass THEN e.objid END
-          JOIN pg_catalog.pg_namespace tn ON tn.oid = t.relnamespace
-         WHERE NOT e.in_extension AND t.relkind IN ('r', 'p') AND t.relpersistence <> 't'
+          FROM "#,
+    synapse_postgres::ddl_command_tables!(),
+    r#"
+         WHERE NOT e.in_extension AND c.relkind IN ('r', 'p') AND c.relpersistence <> 't'
            AND tn.nspname <> 'synapse';
         SELECT pg_catalog.jsonb_agg(tn.nspname || '.' || t.relname),
                -- The columns after the statement, for consumers of the stream.
@@ -472,17 +468,10 @@ BEGIN
         'shapes', coalesce(shapes, '[]'))::text);
 END
 $fn$;
-DO $do$
-BEGIN
-    IF NOT EXISTS (SELECT 1 FROM pg_catalog.pg_event_trigger WHERE evtname = 'synapse_ddl_end') THEN
-        CREATE EVENT TRIGGER synapse_ddl_end ON ddl_command_end EXECUTE FUNCTION synapse.capture_ddl();
-    END IF;
-    IF NOT EXISTS (SELECT 1 FROM pg_catalog.pg_event_trigger WHERE evtname = 'synapse_ddl_drop') THEN
-        CREATE EVENT TRIGGER synapse_ddl_drop ON sql_drop EXECUTE FUNCTION synapse.capture_ddl();
-    END IF;
-END
-$do$;
-"#;
+"#,
+    synapse_postgres::create_event_trigger!("synapse_ddl_end", "ddl_command_end", "synapse.capture_ddl"),
+    synapse_postgres::create_event_trigger!("synapse_ddl_drop", "sql_drop", "synapse.capture_ddl"),
+);
 
 /// Installs [`DDL_CAPTURE`] on the source (idempotent). `Ok(false)`: the role may not create
 /// event triggers (superuser only; `rds_superuser` and the like on managed services).

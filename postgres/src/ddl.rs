@@ -127,6 +127,43 @@ fn kind(words: &[String]) -> Kind {
     }
 }
 
+/// SQL, for an event trigger on `ddl_command_end`: the `FROM` list that yields table `c` (and
+/// its namespace `tn`) for each command of `pg_event_trigger_ddl_commands()` (alias `e`), an
+/// index or a constraint counted as its table's. Capture and the mesh both use it, so they
+/// agree on which tables a statement touched. A macro so `concat!` can build `const` SQL.
+#[macro_export]
+macro_rules! ddl_command_tables {
+    () => {
+        "pg_catalog.pg_event_trigger_ddl_commands() e
+          LEFT JOIN pg_catalog.pg_index i ON e.classid = 'pg_catalog.pg_class'::pg_catalog.regclass AND i.indexrelid = e.objid
+          LEFT JOIN pg_catalog.pg_constraint k ON e.classid = 'pg_catalog.pg_constraint'::pg_catalog.regclass AND k.oid = e.objid
+          JOIN pg_catalog.pg_class c ON c.oid = CASE
+              WHEN i.indrelid IS NOT NULL THEN i.indrelid
+              WHEN k.conrelid IS NOT NULL THEN k.conrelid
+              WHEN e.classid = 'pg_catalog.pg_class'::pg_catalog.regclass THEN e.objid END
+          JOIN pg_catalog.pg_namespace tn ON tn.oid = c.relnamespace"
+    };
+}
+
+/// SQL creating event trigger `$name` on `$event` to run `$function()`, unless it exists
+/// (`CREATE EVENT TRIGGER` has no `IF NOT EXISTS`).
+#[macro_export]
+macro_rules! create_event_trigger {
+    ($name:literal, $event:literal, $function:literal) => {
+        concat!(
+            "DO $do$ BEGIN IF NOT EXISTS (SELECT 1 FROM pg_catalog.pg_event_trigger WHERE evtname = '",
+            $name,
+            "') THEN CREATE EVENT TRIGGER ",
+            $name,
+            " ON ",
+            $event,
+            " EXECUTE FUNCTION ",
+            $function,
+            "(); END IF; END $do$;"
+        )
+    };
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -5,7 +5,8 @@ use super::*;
 
 /// Functions every mesh node needs, replaced on every install (their tables are the node
 /// schema's: `synapse_postgres::node_schema`).
-pub(super) const MESH_DDL: &str = r#"
+pub(super) const MESH_DDL: &str = concat!(
+    r#"
 -- One local write of a row: the node's entry of the version vector raised (to the node's next
 -- counter), a per-row hybrid logical clock (past the wall clock and every version this row has
 -- held, so a write made after seeing a peer's version orders after it), per-column stamps of the
@@ -314,14 +315,9 @@ DECLARE
 BEGIN
     IF pg_catalog.current_setting('synapse.own_ddl', true) = 'on' THEN RETURN; END IF;
     FOR t IN SELECT DISTINCT m.tbl, tn.nspname || '.' || c.relname AS now_named
-               FROM pg_catalog.pg_event_trigger_ddl_commands() e
-               LEFT JOIN pg_catalog.pg_index i ON e.classid = 'pg_catalog.pg_class'::pg_catalog.regclass AND i.indexrelid = e.objid
-               LEFT JOIN pg_catalog.pg_constraint k ON e.classid = 'pg_catalog.pg_constraint'::pg_catalog.regclass AND k.oid = e.objid
-               JOIN pg_catalog.pg_class c ON c.oid = CASE
-                   WHEN i.indrelid IS NOT NULL THEN i.indrelid
-                   WHEN k.conrelid IS NOT NULL THEN k.conrelid
-                   WHEN e.classid = 'pg_catalog.pg_class'::pg_catalog.regclass THEN e.objid END
-               JOIN pg_catalog.pg_namespace tn ON tn.oid = c.relnamespace
+               FROM "#,
+    synapse_postgres::ddl_command_tables!(),
+    r#"
                JOIN synapse.mesh_tables m ON m.rel = c.oid LOOP
         IF t.tbl <> t.now_named THEN
             RAISE EXCEPTION 'mesh table % cannot be renamed or moved to another schema while in the mesh', t.tbl
@@ -332,14 +328,9 @@ BEGIN
     END LOOP;
 END
 $fn$;
-DO $do$
-BEGIN
-    IF NOT EXISTS (SELECT 1 FROM pg_catalog.pg_event_trigger WHERE evtname = 'synapse_mesh_ddl') THEN
-        CREATE EVENT TRIGGER synapse_mesh_ddl ON ddl_command_end EXECUTE FUNCTION synapse.mesh_follow_ddl();
-    END IF;
-END
-$do$;
-"#;
+"#,
+    synapse_postgres::create_event_trigger!("synapse_mesh_ddl", "ddl_command_end", "synapse.mesh_follow_ddl"),
+);
 
 /// Announces the burials this node's appliers made (see `synapse.announce_burials`) through
 /// `client`, which must not be bound to a replication origin: the announcement has to be

@@ -8,6 +8,7 @@
 
 pub mod dispatcher;
 pub mod egress;
+pub mod receiver;
 pub mod routes;
 pub mod signing;
 pub mod sink;

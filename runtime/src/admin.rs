@@ -8,7 +8,7 @@
 //!   consumers are told; the targets are repaired by `synapse repair fix`) — scope `admin`;
 //! * `GET /v1/audit?limit=` — the newest audit entries — scope `admin`.
 
-use crate::ops::{ComponentState, Health};
+use crate::ops::{ComponentState, Health, GAP_CODE};
 use crate::repair::RepairService;
 use axum::extract::{Query, State};
 use axum::response::{IntoResponse, Response};
@@ -83,14 +83,11 @@ async fn resume(State(a): State<Admin>, body: axum::body::Bytes) -> Result<Json<
     };
     for source in &req.accept_gap {
         let component = format!("capture/{source}");
-        match a.health.state(&component) {
-            Some(ComponentState::Parked { code, .. }) if code == "CAP011" => {}
-            _ => {
-                return Err(ConnectorError::BadRequest {
-                    field: "accept_gap".into(),
-                    message: format!("{component} is not parked on a gap (CAP011): there is no gap to accept"),
-                })
-            }
+        if !a.health.gap_open(source) {
+            return Err(ConnectorError::BadRequest {
+                field: "accept_gap".into(),
+                message: format!("{component} is not parked on a gap ({GAP_CODE}): there is no gap to accept"),
+            });
         }
     }
     for source in &req.accept_gap {

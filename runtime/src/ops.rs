@@ -85,7 +85,17 @@ pub struct Health {
     /// Sources whose gap an operator accepted (`synapse resume --accept-gap`): their capture
     /// crosses it at its next try, once.
     accepted_gaps: Mutex<std::collections::BTreeSet<String>>,
+    /// Sources whose capture parked on a gap (CAP011) and has not streamed since. Kept apart
+    /// from the state: between two tries of a parked capture its state is `starting`, and an
+    /// operator accepting the gap then must not be told there is none.
+    open_gaps: Mutex<std::collections::BTreeSet<String>>,
+    /// Counts resume requests (SIGHUP, the admin API): a component that parks after one arrived
+    /// during its try retries at once instead of missing the wake-up.
+    resumes: std::sync::atomic::AtomicU64,
 }
+
+/// The code of a capture parked on a gap in its source's WAL.
+pub const GAP_CODE: &str = "CAP011";
 
 impl Health {
     pub fn new(supervision: Supervision) -> Self {
@@ -102,9 +112,22 @@ impl Health {
         }
     }
 
-    /// Tries every parked component again now.
+    /// Tries every parked component again now; one that is trying at this moment and then
+    /// parks tries once more at once.
     pub fn resume_parked(&self) {
+        self.resumes.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
         self.resume.notify_waiters();
+    }
+
+    /// How many resume requests were made so far (see [`Health::resume_parked`]).
+    pub fn resume_requests(&self) -> u64 {
+        self.resumes.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// Whether source `name`'s capture parked on a gap and has not streamed since (it may be
+    /// between two tries).
+    pub fn gap_open(&self, name: &str) -> bool {
+        self.open_gaps.lock().is_ok_and(|g| g.contains(name))
     }
 
     /// Lets source `name`'s capture cross its gap at the next try (see [`Health::gap_accepted`]).
@@ -132,6 +155,17 @@ impl Health {
     }
 
     pub fn set(&self, component: &str, state: ComponentState) {
+        if let (Some(source), Ok(mut gaps)) = (component.strip_prefix("capture/"), self.open_gaps.lock()) {
+            match &state {
+                ComponentState::Parked { code, .. } if code == GAP_CODE => {
+                    gaps.insert(source.to_owned());
+                }
+                ComponentState::Streaming | ComponentState::Stopped => {
+                    gaps.remove(source);
+                }
+                _ => {}
+            }
+        }
         if let Ok(mut c) = self.components.lock() {
             let before = c.insert(component.to_owned(), state.clone());
             // One series per component, at 1 for its current state.

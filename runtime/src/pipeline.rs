@@ -65,6 +65,7 @@ pub async fn supervise<T, E: Classify, Fut: Future<Output = Result<T, E>>>(
     };
     loop {
         let started = tokio::time::Instant::now();
+        let resumes = health.resume_requests();
         match f().await {
             Ok(v) => return Ok(Some(v)),
             Err(e) if e.is_transient() => {
@@ -116,10 +117,17 @@ pub async fn supervise<T, E: Classify, Fut: Future<Output = Result<T, E>>>(
                     "parked: the rest keeps running; tried again after retry_in, or at once on SIGHUP"
                 );
                 let mut sd = shutdown.clone();
-                tokio::select! {
-                    _ = tokio::time::sleep(policy.park_retry) => {}
-                    _ = health.resume.notified() => tracing::info!(component, "resumed by SIGHUP"),
-                    _ = sd.wait_for(|s| *s) => return Ok(None),
+                // Registered before the check, so a request between the two is not missed.
+                let resumed = health.resume.notified();
+                if health.resume_requests() != resumes {
+                    // Asked while this try ran (e.g. an accepted gap): try again now.
+                    tracing::info!(component, "resumed (asked while it was trying)");
+                } else {
+                    tokio::select! {
+                        _ = tokio::time::sleep(policy.park_retry) => {}
+                        _ = resumed => tracing::info!(component, "resumed (SIGHUP or the admin API)"),
+                        _ = sd.wait_for(|s| *s) => return Ok(None),
+                    }
                 }
                 health.set(component, working.clone());
                 delay = FIRST;

@@ -1,7 +1,8 @@
 //! deploy/ checked without a container engine: the compose file and the Kubernetes manifests
 //! against their schemas (scripts/validate-deploy.sh, which must also reject broken copies), the
 //! synapse configurations they carry through `synapse validate`, the systemd unit through
-//! `systemd-analyze verify` (which must print no warning).
+//! `systemd-analyze verify` (which must print no warning), the Prometheus alert rules through
+//! `promtool check rules` and their unit tests through `promtool test rules`.
 #![allow(clippy::unwrap_used)]
 
 mod common;
@@ -93,4 +94,42 @@ fn the_systemd_unit_verifies_without_warnings() {
     std::fs::write(&bad, unit.replace("Restart=on-failure", "Restartt=on-failure")).unwrap();
     let (_, warnings) = verify(&bad);
     assert!(warnings.contains("Restartt"), "a misspelt key went unnoticed: {warnings}");
+}
+
+fn promtool(args: &[&str], dir: &Path) -> (bool, String) {
+    let found = Command::new("bash").arg(Path::new(ROOT).join("scripts/ensure-promtool.sh")).output().unwrap();
+    assert!(found.status.success(), "{}", String::from_utf8_lossy(&found.stderr));
+    let bin = String::from_utf8_lossy(&found.stdout).trim().to_owned();
+    let out = Command::new(bin).args(args).current_dir(dir).output().unwrap();
+    (out.status.success(), String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr))
+}
+
+/// The alert rules are valid, fire as their unit tests say (and a wrong expectation fails),
+/// and name only metrics synapse exports.
+#[test]
+fn the_alert_rules_check_and_pass_their_tests() {
+    let rules = Path::new(ROOT).join("deploy/prometheus");
+    let (ok, text) = promtool(&["check", "rules", "alerts.yml"], &rules);
+    assert!(ok && text.contains("SUCCESS"), "{text}");
+    let (ok, text) = promtool(&["test", "rules", "alerts.test.yml"], &rules);
+    assert!(ok && text.contains("SUCCESS"), "{text}");
+
+    let dir = tempfile::tempdir().unwrap();
+    let alerts = std::fs::read_to_string(rules.join("alerts.yml")).unwrap();
+    std::fs::write(dir.path().join("alerts.yml"), alerts.replacen("for: 2m", "for: 20m", 2)).unwrap();
+    std::fs::copy(rules.join("alerts.test.yml"), dir.path().join("alerts.test.yml")).unwrap();
+    let (ok, text) = promtool(&["test", "rules", "alerts.test.yml"], dir.path());
+    assert!(!ok && text.contains("SynapseComponentParked"), "a slower alert passed its tests: {text}");
+    std::fs::write(dir.path().join("alerts.yml"), alerts.replacen("expr: max by", "expr: max by by", 1)).unwrap();
+    let (ok, text) = promtool(&["check", "rules", "alerts.yml"], dir.path());
+    assert!(!ok, "a broken expression passed: {text}");
+
+    let names = regex_lite::Regex::new(r"synapse_[a-z_]+").unwrap();
+    for m in names.find_iter(&alerts) {
+        assert!(
+            synapse_runtime::metric_catalog::METRICS.iter().any(|(n, _, _)| *n == m.as_str()),
+            "alerts.yml names {}, which synapse does not export",
+            m.as_str()
+        );
+    }
 }

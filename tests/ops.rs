@@ -98,7 +98,9 @@ fn readiness_and_metrics_report_the_pipeline() {
         let (status, body) = get(&addr, "/metrics").unwrap();
         assert_eq!(status, 200);
         let applied = body.lines().find(|l| l.starts_with("synapse_apply_rows_total")).map(|l| l.to_owned());
-        if applied.as_deref().is_some_and(|l| l.ends_with(" 100")) {
+        // The lag gauges are set after the commit that counted the rows: wait for both.
+        let lag_reported = body.lines().any(|l| l.starts_with("synapse_apply_lag_records{"));
+        if applied.as_deref().is_some_and(|l| l.ends_with(" 100")) && lag_reported {
             for name in [
                 "synapse_capture_events_total",
                 "synapse_slot_lag_bytes",

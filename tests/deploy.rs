@@ -1,7 +1,9 @@
 //! deploy/ checked without a container engine: the compose file and the Kubernetes manifests
 //! against their schemas (scripts/validate-deploy.sh, which must also reject broken copies), the
 //! synapse configurations they carry through `synapse validate`, the systemd unit through
-//! `systemd-analyze verify` (which must print no warning).
+//! `systemd-analyze verify` (which must print no warning), the Prometheus alert rules through
+//! `promtool check rules` and their unit tests through `promtool test rules`, and the Grafana
+//! dashboard's queries through promtool (as recording rules) and the metric catalog.
 #![allow(clippy::unwrap_used)]
 
 mod common;
@@ -93,4 +95,84 @@ fn the_systemd_unit_verifies_without_warnings() {
     std::fs::write(&bad, unit.replace("Restart=on-failure", "Restartt=on-failure")).unwrap();
     let (_, warnings) = verify(&bad);
     assert!(warnings.contains("Restartt"), "a misspelt key went unnoticed: {warnings}");
+}
+
+fn promtool(args: &[&str], dir: &Path) -> (bool, String) {
+    let found = Command::new("bash").arg(Path::new(ROOT).join("scripts/ensure-promtool.sh")).output().unwrap();
+    assert!(found.status.success(), "{}", String::from_utf8_lossy(&found.stderr));
+    let bin = String::from_utf8_lossy(&found.stdout).trim().to_owned();
+    let out = Command::new(bin).args(args).current_dir(dir).output().unwrap();
+    (out.status.success(), String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr))
+}
+
+/// The alert rules are valid, fire as their unit tests say (and a wrong expectation fails),
+/// and name only metrics synapse exports.
+#[test]
+fn the_alert_rules_check_and_pass_their_tests() {
+    let rules = Path::new(ROOT).join("deploy/prometheus");
+    let (ok, text) = promtool(&["check", "rules", "alerts.yml"], &rules);
+    assert!(ok && text.contains("SUCCESS"), "{text}");
+    let (ok, text) = promtool(&["test", "rules", "alerts.test.yml"], &rules);
+    assert!(ok && text.contains("SUCCESS"), "{text}");
+
+    let dir = tempfile::tempdir().unwrap();
+    let alerts = std::fs::read_to_string(rules.join("alerts.yml")).unwrap();
+    std::fs::write(dir.path().join("alerts.yml"), alerts.replacen("for: 2m", "for: 20m", 2)).unwrap();
+    std::fs::copy(rules.join("alerts.test.yml"), dir.path().join("alerts.test.yml")).unwrap();
+    let (ok, text) = promtool(&["test", "rules", "alerts.test.yml"], dir.path());
+    assert!(!ok && text.contains("SynapseComponentParked"), "a slower alert passed its tests: {text}");
+    std::fs::write(dir.path().join("alerts.yml"), alerts.replacen("expr: max by", "expr: max by by", 1)).unwrap();
+    let (ok, text) = promtool(&["check", "rules", "alerts.yml"], dir.path());
+    assert!(!ok, "a broken expression passed: {text}");
+
+    let names = regex_lite::Regex::new(r"synapse_[a-z_]+").unwrap();
+    for m in names.find_iter(&alerts) {
+        assert!(exported(m.as_str()), "alerts.yml names {}, which synapse does not export", m.as_str());
+    }
+}
+
+/// Synapse's metric a query names: a histogram's `_bucket`/`_sum`/`_count` series are its own.
+fn exported(name: &str) -> bool {
+    let base = ["_bucket", "_sum", "_count"].iter().find_map(|s| name.strip_suffix(s)).unwrap_or(name);
+    synapse_runtime::metric_catalog::METRICS.iter().any(|(n, _, _)| *n == name || *n == base)
+}
+
+/// Every panel of the Grafana dashboard queries valid PromQL (checked by promtool as recording
+/// rules) over metrics synapse exports.
+#[test]
+fn the_grafana_dashboard_queries_exported_metrics() {
+    let text = std::fs::read_to_string(Path::new(ROOT).join("deploy/grafana/synapse.json")).unwrap();
+    let dash: serde_json::Value = serde_json::from_str(&text).unwrap();
+    let exprs: Vec<String> = dash["panels"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .flat_map(|p| p["targets"].as_array().unwrap().iter().map(|t| t["expr"].as_str().unwrap().to_owned()))
+        .collect();
+    assert!(exprs.len() >= 10, "{exprs:?}");
+    let names = regex_lite::Regex::new(r"synapse_[a-z_]+").unwrap();
+    for e in &exprs {
+        let found: Vec<&str> = names.find_iter(e).map(|m| m.as_str()).collect();
+        assert!(!found.is_empty(), "{e} queries no synapse metric");
+        for n in found {
+            assert!(exported(n), "the dashboard queries {n}, which synapse does not export ({e})");
+        }
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let rules: String = exprs
+        .iter()
+        .enumerate()
+        .map(|(i, e)| {
+            format!("      - record: dashboard:panel_{i}\n        expr: {}\n", serde_json::to_string(e).unwrap())
+        })
+        .collect();
+    std::fs::write(dir.path().join("panels.yml"), format!("groups:\n  - name: panels\n    rules:\n{rules}")).unwrap();
+    let (ok, text) = promtool(&["check", "rules", "panels.yml"], dir.path());
+    assert!(ok, "{text}");
+    std::fs::write(
+        dir.path().join("bad.yml"),
+        "groups:\n  - name: panels\n    rules:\n      - record: x\n        expr: \"sum by by (a) (x)\"\n",
+    )
+    .unwrap();
+    assert!(!promtool(&["check", "rules", "bad.yml"], dir.path()).0, "promtool passed a broken query");
 }

@@ -98,7 +98,9 @@ fn readiness_and_metrics_report_the_pipeline() {
         let (status, body) = get(&addr, "/metrics").unwrap();
         assert_eq!(status, 200);
         let applied = body.lines().find(|l| l.starts_with("synapse_apply_rows_total")).map(|l| l.to_owned());
-        if applied.as_deref().is_some_and(|l| l.ends_with(" 100")) {
+        // The lag gauges are set after the commit that counted the rows: wait for both.
+        let lag_reported = body.lines().any(|l| l.starts_with("synapse_apply_lag_records{"));
+        if applied.as_deref().is_some_and(|l| l.ends_with(" 100")) && lag_reported {
             for name in [
                 "synapse_capture_events_total",
                 "synapse_slot_lag_bytes",
@@ -107,6 +109,25 @@ fn readiness_and_metrics_report_the_pipeline() {
             ] {
                 assert!(body.contains(name), "{name} missing:\n{body}");
             }
+            // Every series is described, per-pipeline series carry their source and target,
+            // and histograms have buckets (they aggregate across processes).
+            for line in body.lines().filter(|l| l.starts_with("# TYPE synapse_")) {
+                let name = line.split_whitespace().nth(2).unwrap();
+                assert!(body.contains(&format!("# HELP {name} ")), "{name} has no HELP text:\n{body}");
+            }
+            let series = |prefix: &str| body.lines().filter(|l| l.starts_with(prefix)).collect::<Vec<_>>();
+            for name in ["synapse_apply_rows_total{", "synapse_apply_transactions_total{", "synapse_apply_lag_records{"]
+            {
+                let lines = series(name);
+                assert!(!lines.is_empty(), "{name} missing:\n{body}");
+                assert!(lines.iter().all(|l| l.contains("source=\"a\"") && l.contains("target=\"b\"")), "{lines:?}");
+            }
+            for name in ["synapse_capture_events_total{", "synapse_capture_confirmed_lsn{", "synapse_slot_lag_bytes{"] {
+                let lines = series(name);
+                assert!(!lines.is_empty() && lines.iter().all(|l| l.contains("source=\"a\"")), "{name}: {lines:?}");
+            }
+            assert!(!series("synapse_log_append_seconds_bucket{").is_empty(), "no histogram buckets:\n{body}");
+            assert!(!series("synapse_build_info{version=").is_empty(), "no build_info:\n{body}");
             break;
         }
         assert!(Instant::now() < deadline, "rows never counted: {applied:?}");

@@ -148,7 +148,7 @@ pub async fn run(
             }
             let rows = sink.finish().await.map_err(ApplyError::target(format!("copying into {}", rel.name())))?;
             stats.rows_copied.fetch_add(rows, Ordering::Relaxed);
-            metrics::counter!("synapse_copy_rows_total").increment(rows);
+            metrics::counter!("synapse_copy_rows_total", "source" => node.to_string()).increment(rows);
             let done = {
                 let mut r = remaining.lock().map_err(|_| ApplyError::Schema { table: rel.name(), message: "copy state poisoned".into() })?;
                 let e = r.entry(job.table).or_insert((1, 0));

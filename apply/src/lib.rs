@@ -58,9 +58,10 @@ struct ReadAhead {
 }
 
 impl ReadAhead {
-    fn spawn<L: ChangeLog + Clone>(log: &L, from: Offset, batch: usize) -> Self {
+    fn spawn<L: ChangeLog + Clone>(log: &L, from: Offset, batch: usize, labels: &[(&'static str, String)]) -> Self {
         let (tx, rx) = tokio::sync::mpsc::channel(2);
         let log = log.clone();
+        let read_seconds = metrics::histogram!("synapse_apply_log_read_seconds", labels);
         let task = tokio::spawn(async move {
             let mut pos = from;
             let mut announced = false;
@@ -73,7 +74,7 @@ impl ReadAhead {
                         return;
                     }
                 };
-                metrics::histogram!("synapse_apply_log_read_seconds").record(started.elapsed().as_secs_f64());
+                read_seconds.record(started.elapsed().as_secs_f64());
                 if let Some((last, _)) = records.last() {
                     pos = last + 1;
                     announced = false;
@@ -161,6 +162,13 @@ pub struct MeshApply {
 }
 
 impl ApplyConfig {
+    /// The labels of this applier's metrics: `source` (the node) and `target` (the consumer
+    /// name without its `apply-` prefix).
+    pub fn metric_labels(&self) -> [(&'static str, String); 2] {
+        let target = self.consumer.strip_prefix("apply-").unwrap_or(&self.consumer).to_owned();
+        [("source", self.node.clone()), ("target", target)]
+    }
+
     pub fn new(node: &str, target: synapse_postgres::PgConfig, consumer: &str) -> Self {
         ApplyConfig {
             node: node.to_owned(),
@@ -329,7 +337,7 @@ impl Applier {
         self.stats.next_offset.store(start, Ordering::Relaxed);
         let mut pos = start;
         let mut open: Option<OpenTxn> = None;
-        let mut ahead = ReadAhead::spawn(log, start, self.config.read_batch);
+        let mut ahead = ReadAhead::spawn(log, start, self.config.read_batch, &self.config.metric_labels());
         loop {
             if *shutdown.borrow() {
                 if s.in_target_txn && open.is_none() {
@@ -344,7 +352,7 @@ impl Applier {
                     None => match (&mut ahead.task).await {
                         Err(e) => return Err(ApplyError::Log(synapse_log::LogError::TaskFailed(e))),
                         Ok(()) => {
-                            ahead = ReadAhead::spawn(log, pos, self.config.read_batch);
+                            ahead = ReadAhead::spawn(log, pos, self.config.read_batch, &self.config.metric_labels());
                             continue;
                         }
                     },
@@ -464,7 +472,7 @@ impl Applier {
                 }
             }
             if restart {
-                ahead = ReadAhead::spawn(log, pos, self.config.read_batch);
+                ahead = ReadAhead::spawn(log, pos, self.config.read_batch, &self.config.metric_labels());
             }
             s.report_lag(pos);
         }
@@ -546,9 +554,10 @@ impl<L: ChangeLog> Session<'_, L> {
     async fn flush(&mut self) -> Result<(), ApplyError> {
         let started = Instant::now();
         let rows = self.pending.flush(&self.client, &mut self.statements).await?;
-        metrics::histogram!("synapse_apply_statements_seconds").record(started.elapsed().as_secs_f64());
+        metrics::histogram!("synapse_apply_statements_seconds", &self.applier.config.metric_labels())
+            .record(started.elapsed().as_secs_f64());
         self.applier.stats.rows.fetch_add(rows as u64, Ordering::Relaxed);
-        metrics::counter!("synapse_apply_rows_total").increment(rows as u64);
+        metrics::counter!("synapse_apply_rows_total", &self.applier.config.metric_labels()).increment(rows as u64);
         Ok(())
     }
 
@@ -571,7 +580,7 @@ impl<L: ChangeLog> Session<'_, L> {
         };
         if let Some(by) = skipped {
             tracing::warn!(offset, tag = %change.tag, skipped_by = %by, "skipping a schema change, as synapse.schema_skips says");
-            metrics::counter!("synapse_apply_schema_changes_total", "node" => node.clone(), "outcome" => "skipped")
+            metrics::counter!("synapse_apply_schema_changes_total", "source" => node.clone(), "outcome" => "skipped")
                 .increment(1);
             return Ok(());
         }
@@ -653,7 +662,7 @@ impl<L: ChangeLog> Session<'_, L> {
             }
         }
         tracing::info!(offset, tag = %change.tag, tables = ?change.tables, outcome, "applied a schema change");
-        metrics::counter!("synapse_apply_schema_changes_total", "node" => node, "outcome" => outcome).increment(1);
+        metrics::counter!("synapse_apply_schema_changes_total", "source" => node, "outcome" => outcome).increment(1);
         self.schema_changed = true;
         self.tables.clear();
         self.statements.clear();
@@ -673,9 +682,10 @@ impl<L: ChangeLog> Session<'_, L> {
         let (written, conflicts, buried) =
             buffer.apply(&self.client, &mut self.statements, &self.applier.config.node, &cfg.policies).await?;
         self.burials_pending |= buried > 0;
-        metrics::histogram!("synapse_apply_mesh_resolve_seconds").record(started.elapsed().as_secs_f64());
+        metrics::histogram!("synapse_apply_mesh_resolve_seconds", &self.applier.config.metric_labels())
+            .record(started.elapsed().as_secs_f64());
         self.applier.stats.rows.fetch_add(written, Ordering::Relaxed);
-        metrics::counter!("synapse_apply_rows_total").increment(written);
+        metrics::counter!("synapse_apply_rows_total", &self.applier.config.metric_labels()).increment(written);
         if conflicts > 0 {
             tracing::debug!(conflicts, "concurrent versions merged");
         }
@@ -706,11 +716,13 @@ impl<L: ChangeLog> Session<'_, L> {
             .batch_execute(&sql)
             .await
             .map_err(ApplyError::target("storing the applied position and committing"))?;
-        metrics::histogram!("synapse_apply_commit_seconds").record(started.elapsed().as_secs_f64());
+        metrics::histogram!("synapse_apply_commit_seconds", &self.applier.config.metric_labels())
+            .record(started.elapsed().as_secs_f64());
         self.in_target_txn = false;
         let stats = &self.applier.stats;
         stats.transactions.fetch_add(self.txns_in_group as u64, Ordering::Relaxed);
-        metrics::counter!("synapse_apply_transactions_total").increment(self.txns_in_group as u64);
+        metrics::counter!("synapse_apply_transactions_total", &self.applier.config.metric_labels())
+            .increment(self.txns_in_group as u64);
         self.txns_in_group = 0;
         self.schema_changed = false;
         if std::mem::take(&mut self.copy_owed) {
@@ -768,7 +780,7 @@ impl<L: ChangeLog> Session<'_, L> {
         let behind = self.log.records_behind(pos);
         // One gauge per (source, target): on Kafka a source is one partition
         // (`<prefix>.<node>.changes`, partition 0), so this is the lag per partition and consumer.
-        let labels = [("node", self.applier.config.node.clone()), ("consumer", self.applier.config.consumer.clone())];
+        let labels = self.applier.config.metric_labels();
         metrics::gauge!("synapse_apply_lag_records", &labels).set(behind as f64);
         let lag = if behind == 0 {
             0.0

@@ -248,9 +248,9 @@ impl Capture {
                  cloudsqlsuperuser…); until an operator installs them, run each migration on every target \
                  too, before its first change"
             );
-            metrics::gauge!("synapse_capture_ddl_captured", "node" => self.config.node.clone()).set(0.0);
+            metrics::gauge!("synapse_capture_ddl_captured", "source" => self.config.node.clone()).set(0.0);
         } else {
-            metrics::gauge!("synapse_capture_ddl_captured", "node" => self.config.node.clone()).set(1.0);
+            metrics::gauge!("synapse_capture_ddl_captured", "source" => self.config.node.clone()).set(1.0);
         }
         Ok((tables, skipped))
     }
@@ -546,8 +546,8 @@ async fn heartbeats(client: Arc<Client>, config: CaptureConfig, stats: Arc<Captu
         if let Ok(Some(slot)) = catalog::slot_state(&client, &config.slot).await {
             let lag = slot.lag_bytes.unwrap_or(0);
             stats.slot_lag_bytes.store(lag, Ordering::Relaxed);
-            metrics::gauge!("synapse_slot_lag_bytes", "node" => config.node.clone()).set(lag as f64);
+            metrics::gauge!("synapse_slot_lag_bytes", "source" => config.node.clone()).set(lag as f64);
         }
-        metrics::gauge!("synapse_capture_lag_seconds", "node" => config.node.clone()).set(stats.lag_seconds());
+        metrics::gauge!("synapse_capture_lag_seconds", "source" => config.node.clone()).set(stats.lag_seconds());
     }
 }

@@ -108,7 +108,13 @@ impl<L: ChangeLog + Clone> Streamer<'_, L> {
         // next batch (adaptive group commit) instead of queueing many small ones.
         let (batch_tx, batch_rx) = mpsc::channel::<Batch>(2);
         let (durable_tx, mut durable_rx) = watch::channel(0u64);
-        let writer = tokio::spawn(write_batches(self.log.clone(), batch_rx, durable_tx, self.stats.clone()));
+        let writer = tokio::spawn(write_batches(
+            self.log.clone(),
+            batch_rx,
+            durable_tx,
+            self.stats.clone(),
+            self.settings.node.clone(),
+        ));
         let result = self.pump(&mut stream, skip_below, batch_tx, &mut durable_rx, &mut shutdown).await;
         // Let the writer finish what it has: a half-finished append must not race a restart's
         // recovery.
@@ -206,7 +212,7 @@ impl<L: ChangeLog + Clone> Streamer<'_, L> {
                 _ = tick.tick() => {
                     if last_received.elapsed() >= self.settings.receive_timeout {
                         let silent = last_received.elapsed();
-                        metrics::counter!("synapse_capture_receive_timeouts_total").increment(1);
+                        metrics::counter!("synapse_capture_receive_timeouts_total", "source" => self.settings.node.clone()).increment(1);
                         return Err(CaptureError::Io(std::io::Error::new(
                             std::io::ErrorKind::TimedOut,
                             format!("no message from the source for {silent:.0?} (receive timeout): the connection is presumed dead, reconnecting"),
@@ -239,7 +245,8 @@ impl<L: ChangeLog + Clone> Streamer<'_, L> {
                 reported = flush;
                 last_status = Instant::now();
                 self.stats.confirmed_lsn.store(flush, Ordering::Relaxed);
-                metrics::gauge!("synapse_capture_confirmed_lsn").set(flush as f64);
+                metrics::gauge!("synapse_capture_confirmed_lsn", "source" => self.settings.node.clone())
+                    .set(flush as f64);
             }
         }
     }
@@ -273,8 +280,12 @@ impl<L: ChangeLog + Clone> Streamer<'_, L> {
                     if self.settings.skip_applied && name.starts_with(synapse_schemas::APPLIED_ORIGIN_PREFIX) {
                         // Applied here by SynapseDB: its source already streams it to everyone.
                         t.skip = true;
-                        metrics::counter!("synapse_capture_skipped_transactions_total", "reason" => "applied")
-                            .increment(1);
+                        metrics::counter!(
+                            "synapse_capture_skipped_transactions_total",
+                            "source" => self.settings.node.clone(),
+                            "reason" => "applied"
+                        )
+                        .increment(1);
                     }
                     t.begin.origin = Some(name.to_owned());
                 }
@@ -420,7 +431,7 @@ impl<L: ChangeLog + Clone> Streamer<'_, L> {
         };
         metrics::counter!(
             "synapse_capture_schema_changes_total",
-            "node" => self.settings.node.clone(),
+            "source" => self.settings.node.clone(),
             "captured" => published.to_string()
         )
         .increment(1);
@@ -512,7 +523,11 @@ async fn write_batches<L: ChangeLog>(
     mut rx: mpsc::Receiver<Batch>,
     durable: watch::Sender<u64>,
     stats: Arc<CaptureStats>,
+    source: String,
 ) -> Result<(), CaptureError> {
+    let events_total = metrics::counter!("synapse_capture_events_total", "source" => source.clone());
+    let txns_total = metrics::counter!("synapse_capture_transactions_total", "source" => source.clone());
+    let durable_lsn = metrics::gauge!("synapse_capture_durable_lsn", "source" => source);
     while let Some(first) = rx.recv().await {
         let mut records = first.records;
         let mut commit = first.commit;
@@ -536,12 +551,12 @@ async fn write_batches<L: ChangeLog>(
         log.append(records).await?;
         stats.events.fetch_add(events, Ordering::Relaxed);
         stats.transactions.fetch_add(txns, Ordering::Relaxed);
-        metrics::counter!("synapse_capture_events_total").increment(events);
-        metrics::counter!("synapse_capture_transactions_total").increment(txns);
+        events_total.increment(events);
+        txns_total.increment(txns);
         if let Some((end, time)) = commit {
             stats.durable_lsn.store(end, Ordering::Relaxed);
             stats.last_commit_time_us.store(time, Ordering::Relaxed);
-            metrics::gauge!("synapse_capture_durable_lsn").set(end as f64);
+            durable_lsn.set(end as f64);
             durable.send_replace(end);
         }
     }

@@ -285,9 +285,11 @@ impl ChangeLog for EmbeddedLog {
                 Ok(next - 1)
             })
             .await?;
-        metrics::counter!("synapse_log_appended_records_total").increment(count);
-        metrics::counter!("synapse_log_appended_bytes_total").increment(bytes as u64);
-        metrics::histogram!("synapse_log_append_seconds").record(started.elapsed().as_secs_f64());
+        // One series per log file: each source has its own.
+        let log = self.inner.path.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
+        metrics::counter!("synapse_log_appended_records_total", "log" => log.clone()).increment(count);
+        metrics::counter!("synapse_log_appended_bytes_total", "log" => log.clone()).increment(bytes as u64);
+        metrics::histogram!("synapse_log_append_seconds", "log" => log).record(started.elapsed().as_secs_f64());
         Ok(last)
     }
 

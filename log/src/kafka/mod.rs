@@ -519,9 +519,10 @@ impl ChangeLog for KafkaLog {
         for (offset, mark) in &marks {
             self.put_resync(*offset, mark).await?;
         }
-        metrics::counter!("synapse_log_appended_records_total").increment(records.len() as u64);
-        metrics::counter!("synapse_log_appended_bytes_total").increment(bytes);
-        metrics::histogram!("synapse_log_append_seconds").record(started.elapsed().as_secs_f64());
+        let log = self.inner.topic.clone();
+        metrics::counter!("synapse_log_appended_records_total", "log" => log.clone()).increment(records.len() as u64);
+        metrics::counter!("synapse_log_appended_bytes_total", "log" => log.clone()).increment(bytes);
+        metrics::histogram!("synapse_log_append_seconds", "log" => log).record(started.elapsed().as_secs_f64());
         Ok(last)
     }
 
@@ -600,7 +601,7 @@ impl ChangeLog for KafkaLog {
                 let signed = header(SIGNATURE_HEADER)
                     .is_some_and(|sig| key.verify(&self.inner.topic, header(LSN_HEADER), payload, sig));
                 if !signed {
-                    metrics::counter!("synapse_log_unsigned_records_total", "topic" => self.inner.topic.clone())
+                    metrics::counter!("synapse_log_unsigned_records_total", "log" => self.inner.topic.clone())
                         .increment(1);
                     return Err(LogError::Unsigned { topic: self.inner.topic.clone(), offset: pack(at, 0) });
                 }

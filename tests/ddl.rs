@@ -118,6 +118,8 @@ fn migrations_reach_the_target_in_order_with_the_rows() {
         "ALTER TABLE items DROP COLUMN status",
         "ALTER TABLE items ALTER COLUMN w SET NOT NULL",
         "ALTER TABLE items ADD CONSTRAINT items_n_positive CHECK (n >= 0)",
+        "COMMENT ON COLUMN items.n IS 'times incremented'",
+        "ALTER TABLE items RENAME CONSTRAINT items_n_positive TO items_n_nonnegative",
         "COMMENT ON TABLE items IS 'replicated'",
         // An enum type, a column of it, a value added and used at once.
         "CREATE TYPE mood AS ENUM ('calm', 'busy')",
@@ -391,7 +393,11 @@ fn mesh_digest(cluster: &LocalCluster) -> String {
             || coalesce(column_default, '-') || ' ' || coalesce(generation_expression, '-'), ', ' ORDER BY column_name)
         FROM information_schema.columns WHERE table_schema = 'public' AND table_name = 'items'";
     let rows = "SELECT count(*) || ' rows ' || md5(string_agg(to_jsonb(i)::text, ';' ORDER BY id)) FROM items i";
-    [shape, rows, TYPES_AND_CONSTRAINTS]
+    let indexes = "SELECT coalesce(string_agg(indexdef, '; ' ORDER BY indexname), '-') || ' | '
+            || coalesce((SELECT col_description(attrelid, attnum) FROM pg_attribute
+                WHERE attrelid = 'items'::regclass AND attname = 'n'), '-')
+        FROM pg_indexes WHERE schemaname = 'public' AND tablename = 'items'";
+    [shape, rows, TYPES_AND_CONSTRAINTS, indexes]
         .iter()
         .map(|q| cluster.psql("app", q).unwrap_or_default())
         .collect::<Vec<_>>()
@@ -485,6 +491,8 @@ fn migrations_issued_on_any_mesh_node_reach_every_node() {
         "ALTER TABLE items DROP COLUMN status",
         "ALTER TABLE items ALTER COLUMN w SET NOT NULL",
         "ALTER TABLE items ADD CONSTRAINT items_n_positive CHECK (n >= 0)",
+        "COMMENT ON COLUMN items.n IS 'times incremented'",
+        "ALTER TABLE items RENAME CONSTRAINT items_n_positive TO items_n_nonnegative",
         "CREATE TYPE mood AS ENUM ('calm', 'busy')",
         "ALTER TABLE items ADD COLUMN mood mood DEFAULT 'calm'",
         "ALTER TYPE mood ADD VALUE 'away'",
@@ -498,6 +506,9 @@ fn migrations_issued_on_any_mesh_node_reach_every_node() {
         "ALTER TABLE items ADD COLUMN double_n bigint GENERATED ALWAYS AS (n * 2) STORED",
         "ALTER TABLE items RENAME COLUMN w TO weight; UPDATE items SET weight = 3 WHERE id = 3",
         "ALTER TABLE items ADD COLUMN note text; UPDATE items SET note = 'x' WHERE id <= 50",
+        "CREATE INDEX items_note ON items (note) WHERE note IS NOT NULL",
+        "ALTER TABLE items ADD COLUMN tags text[]; UPDATE items SET tags = ARRAY['a', 'b'] WHERE id <= 5",
+        "ALTER TABLE items DROP CONSTRAINT items_n_nonnegative",
     ];
     for (i, m) in migrations.into_iter().enumerate() {
         mesh.sql(i % 3, m);

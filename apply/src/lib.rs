@@ -456,7 +456,8 @@ impl Applier {
                         // Rows of the old shape first, in this same target transaction.
                         s.flush().await?;
                         s.flush_mesh().await?;
-                        s.schema_change(offset, &change).await?;
+                        let commit_lsn = open.as_ref().map(|t| t.begin.commit_lsn).unwrap_or_default();
+                        s.schema_change(offset, commit_lsn, &change).await?;
                     }
                     LogRecord::Discarded { commit_lsn } => {
                         if let Some(t) = open.take() {
@@ -567,9 +568,25 @@ impl<L: ChangeLog> Session<'_, L> {
     async fn schema_change(
         &mut self,
         offset: Offset,
+        commit_lsn: Lsn,
         change: &synapse_schemas::SchemaChange,
     ) -> Result<(), ApplyError> {
         let node = self.applier.config.node.clone();
+        // Every table it touches was copied from a snapshot after it (an initial copy at start
+        // took a table whose creation the log still held): the copy holds its effect, as it
+        // holds the rows committed before it.
+        let copied_after = |t: &String| {
+            let (schema, table) = t.split_once('.').unwrap_or(("public", t));
+            self.sync
+                .get(&(schema.to_owned(), table.to_owned()))
+                .is_some_and(|(state, lsn)| state == "ready" && lsn.is_some_and(|from| commit_lsn < from))
+        };
+        if !change.tables.is_empty() && change.tables.iter().all(copied_after) {
+            tracing::info!(offset, tag = %change.tag, tables = ?change.tables, "schema change already in the tables' initial copy");
+            metrics::counter!("synapse_apply_schema_changes_total", "node" => node.clone(), "outcome" => "in_copy")
+                .increment(1);
+            return Ok(());
+        }
         let skipped = target::schema_skip(&self.client, &node, offset).await?;
         let fail = |statement: String, message: String| ApplyError::SchemaChange {
             source_node: node.clone(),

@@ -377,10 +377,23 @@ BEGIN
     RETURN (SELECT coalesce(jsonb_agg(DISTINCT j), '[]') FROM jsonb_array_elements(joined) j);
 END
 $fn$;
+-- Before a DROP INDEX: the tables of the published tables' indexes, while the catalog still
+-- has them (at sql_drop an index's row is gone, and with it which table it served).
+CREATE OR REPLACE FUNCTION synapse.capture_ddl_start() RETURNS event_trigger LANGUAGE plpgsql AS $fn$
+BEGIN
+    IF pg_catalog.current_setting('synapse.own_ddl', true) = 'on' THEN RETURN; END IF;
+    PERFORM pg_catalog.set_config('synapse.index_owners', coalesce((
+        SELECT pg_catalog.jsonb_object_agg(i.indexrelid::text, p.schemaname || '.' || p.tablename)
+          FROM pg_catalog.pg_publication_tables p
+          JOIN pg_catalog.pg_index i ON i.indrelid = (pg_catalog.quote_ident(p.schemaname) || '.'
+               || pg_catalog.quote_ident(p.tablename))::pg_catalog.regclass), '{}')::text, true);
+END
+$fn$;
 CREATE OR REPLACE FUNCTION synapse.capture_ddl() RETURNS event_trigger LANGUAGE plpgsql AS $fn$
 DECLARE
     rels oid[];
     tables jsonb;
+    index_tables jsonb;
     types jsonb;
     shapes jsonb;
     pubs jsonb;
@@ -403,12 +416,23 @@ BEGIN
         SELECT pg_catalog.jsonb_agg(DISTINCT d.address_names[1] || '.' || d.address_names[2])
           INTO tables FROM pg_catalog.pg_event_trigger_dropped_objects() d
          WHERE d.original AND NOT d.is_temporary AND d.object_type = 'table' AND d.address_names[1] <> 'synapse';
+        -- A dropped index of a published table (its table noted before the drop).
+        SELECT pg_catalog.jsonb_agg(DISTINCT o.value) INTO index_tables
+          FROM pg_catalog.pg_event_trigger_dropped_objects() d
+          JOIN pg_catalog.jsonb_each_text(coalesce(nullif(pg_catalog.current_setting('synapse.index_owners', true), ''),
+               '{}')::jsonb) o ON o.key = d.objid::text
+         WHERE d.original AND d.object_type = 'index';
+        IF index_tables IS NOT NULL THEN
+            tables := coalesce(tables, '[]') || index_tables;
+            SELECT pg_catalog.jsonb_agg(DISTINCT p.pubname) INTO pubs FROM pg_catalog.pg_publication_tables p
+             WHERE index_tables ? (p.schemaname || '.' || p.tablename);
+        END IF;
         SELECT pg_catalog.jsonb_agg(DISTINCT d.object_identity) INTO types
           FROM pg_catalog.pg_event_trigger_dropped_objects() d
          WHERE d.original AND NOT d.is_temporary AND d.object_type IN ('type', 'domain')
            AND d.schema_name <> 'synapse';
         -- Gone from the publications by the time the message is decoded: say which held them.
-        SELECT pg_catalog.jsonb_agg(DISTINCT d.address_args[1]) INTO pubs
+        SELECT coalesce(pubs, '[]') || coalesce(pg_catalog.jsonb_agg(DISTINCT d.address_args[1]), '[]') INTO pubs
           FROM pg_catalog.pg_event_trigger_dropped_objects() d WHERE d.object_type = 'publication relation';
     ELSE
         PERFORM pg_catalog.set_config('synapse.ddl_query', q, false);
@@ -471,6 +495,9 @@ $fn$;
 "#,
     synapse_postgres::create_event_trigger!("synapse_ddl_end", "ddl_command_end", "synapse.capture_ddl"),
     synapse_postgres::create_event_trigger!("synapse_ddl_drop", "sql_drop", "synapse.capture_ddl"),
+    "DO $do$ BEGIN IF NOT EXISTS (SELECT 1 FROM pg_catalog.pg_event_trigger WHERE evtname = 'synapse_ddl_start') THEN
+        CREATE EVENT TRIGGER synapse_ddl_start ON ddl_command_start WHEN TAG IN ('DROP INDEX')
+        EXECUTE FUNCTION synapse.capture_ddl_start(); END IF; END $do$;",
 );
 
 /// Installs [`DDL_CAPTURE`] on the source (idempotent). `Ok(false)`: the role may not create

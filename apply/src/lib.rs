@@ -583,7 +583,7 @@ impl<L: ChangeLog> Session<'_, L> {
         };
         if !change.tables.is_empty() && change.tables.iter().all(copied_after) {
             tracing::info!(offset, tag = %change.tag, tables = ?change.tables, "schema change already in the tables' initial copy");
-            metrics::counter!("synapse_apply_schema_changes_total", "node" => node.clone(), "outcome" => "in_copy")
+            metrics::counter!("synapse_apply_schema_changes_total", "source" => node.clone(), "outcome" => "in_copy")
                 .increment(1);
             return Ok(());
         }

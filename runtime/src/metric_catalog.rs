@@ -1,6 +1,6 @@
 //! Every metric SynapseDB exports, with its HELP text, in one place: the crates record them by
 //! name, and this catalog describes them once the recorder is installed. A test checks that
-//! every name recorded anywhere in the workspace is here.
+//! every name recorded anywhere in the workspace is here (docs/decisions/0016-metrics-catalog.md).
 //!
 //! Labels: `source` (the source node), `target`, `endpoint` (webhooks), `stream`, `listener`,
 //! `component`, `table`, `log` (a log file's or topic's name).

@@ -121,6 +121,18 @@ fn sighup(child: &common::Synapse) {
     std::process::Command::new("kill").args(["-HUP", &child.id().to_string()]).status().unwrap();
 }
 
+/// Drops synapse's slot once the killed process's walsender has let go of it: the source
+/// notices a dead client a moment later, and a slot still active cannot be dropped.
+fn drop_slot(nodes: &Nodes) {
+    let active = "SELECT coalesce(bool_or(active), false) FROM pg_replication_slots WHERE slot_name = 'synapse_a'";
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while nodes.source.psql("app", active).unwrap() == "t" {
+        assert!(Instant::now() < deadline, "the slot stayed active after synapse stopped");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    nodes.source.psql("app", "SELECT pg_drop_replication_slot('synapse_a')").unwrap();
+}
+
 fn slots(nodes: &Nodes) -> String {
     nodes.source.psql("app", "SELECT coalesce(string_agg(slot_name, ','), '-') FROM pg_replication_slots").unwrap()
 }
@@ -230,7 +242,7 @@ fn stream_and_webhook_readers_are_told_of_a_resync() {
     let before_gap = serde_json::from_str::<serde_json::Value>(&sub).unwrap()["cursor"].as_str().unwrap().to_owned();
     drop(child);
 
-    nodes.source.psql("app", "SELECT pg_drop_replication_slot('synapse_a')").unwrap();
+    drop_slot(&nodes);
     nodes.source.psql("app", "INSERT INTO items SELECT g, g FROM generate_series(100, 199) g").unwrap();
     let child = spawn_run(&config, &log);
     wait_readyz(&ops, "capture/a: streaming", &log);
@@ -281,7 +293,7 @@ fn a_resync_cut_short_by_kill_9_is_finished_after_restart() {
     let nodes = Nodes::start(ITEMS_SCHEMA);
     let mut lock = common::SyncClient::connect(&nodes.target.url("app"));
     let (mut child, ops, log) = lose_the_slot_with(&nodes, "    on_gap: resync\n", |n| {
-        n.source.psql("app", "SELECT pg_drop_replication_slot('synapse_a')").unwrap();
+        drop_slot(n);
         lock.batch_execute("BEGIN; LOCK TABLE items IN ACCESS EXCLUSIVE MODE").unwrap();
     });
     wait_readyz(&ops, "resync/a: resyncing", &log);
@@ -302,7 +314,7 @@ fn a_resync_cut_short_by_kill_9_is_finished_after_restart() {
 #[test]
 fn a_dropped_slot_is_resynced() {
     resyncs_after(|n| {
-        n.source.psql("app", "SELECT pg_drop_replication_slot('synapse_a')").unwrap();
+        drop_slot(n);
     });
 }
 
@@ -323,7 +335,7 @@ fn an_invalidated_slot_is_resynced() {
 fn a_dropped_slot_is_a_gap_never_crossed() {
     let nodes = Nodes::start(ITEMS_SCHEMA);
     let (child, ops, log) = lose_the_slot(&nodes, |n| {
-        n.source.psql("app", "SELECT pg_drop_replication_slot('synapse_a')").unwrap();
+        drop_slot(n);
     });
     let body = wait_readyz(&ops, "capture/a: parked [CAP011]", &log);
     assert!(body.contains("gap in source a: its replication slot is missing"), "{body}");

@@ -202,6 +202,8 @@ pub struct Applier {
     /// Offset ranges of transactions the log marked `Discarded`, skipped on re-read.
     discarded: Mutex<Vec<(Offset, Offset)>>,
     any_discarded: std::sync::atomic::AtomicBool,
+    /// [`ApplyConfig::metric_labels`], made once: the metrics of every flush and commit use them.
+    labels: [(&'static str, String); 2],
 }
 
 pub async fn connect_target(config: &synapse_postgres::PgConfig) -> Result<Client, ApplyError> {
@@ -285,7 +287,8 @@ impl Applier {
     /// An applier reporting into `stats` (made before the applier, so they can be listed while
     /// it waits for what it needs).
     pub fn with_stats(config: ApplyConfig, stats: Arc<ApplyStats>) -> Self {
-        Applier { config, stats, discarded: Mutex::new(Vec::new()), any_discarded: Default::default() }
+        let labels = config.metric_labels();
+        Applier { config, stats, discarded: Mutex::new(Vec::new()), any_discarded: Default::default(), labels }
     }
 
     pub fn stats(&self) -> Arc<ApplyStats> {
@@ -338,7 +341,7 @@ impl Applier {
         self.stats.next_offset.store(start, Ordering::Relaxed);
         let mut pos = start;
         let mut open: Option<OpenTxn> = None;
-        let mut ahead = ReadAhead::spawn(log, start, self.config.read_batch, &self.config.metric_labels());
+        let mut ahead = ReadAhead::spawn(log, start, self.config.read_batch, &self.labels);
         loop {
             if *shutdown.borrow() {
                 if s.in_target_txn && open.is_none() {
@@ -353,7 +356,7 @@ impl Applier {
                     None => match (&mut ahead.task).await {
                         Err(e) => return Err(ApplyError::Log(synapse_log::LogError::TaskFailed(e))),
                         Ok(()) => {
-                            ahead = ReadAhead::spawn(log, pos, self.config.read_batch, &self.config.metric_labels());
+                            ahead = ReadAhead::spawn(log, pos, self.config.read_batch, &self.labels);
                             continue;
                         }
                     },
@@ -474,7 +477,7 @@ impl Applier {
                 }
             }
             if restart {
-                ahead = ReadAhead::spawn(log, pos, self.config.read_batch, &self.config.metric_labels());
+                ahead = ReadAhead::spawn(log, pos, self.config.read_batch, &self.labels);
             }
             s.report_lag(pos);
         }
@@ -552,10 +555,10 @@ impl<L: ChangeLog> Session<'_, L> {
     async fn flush(&mut self) -> Result<(), ApplyError> {
         let started = Instant::now();
         let rows = self.pending.flush(&self.client, &mut self.statements).await?;
-        metrics::histogram!("synapse_apply_statements_seconds", &self.applier.config.metric_labels())
+        metrics::histogram!("synapse_apply_statements_seconds", &self.applier.labels)
             .record(started.elapsed().as_secs_f64());
         self.applier.stats.rows.fetch_add(rows as u64, Ordering::Relaxed);
-        metrics::counter!("synapse_apply_rows_total", &self.applier.config.metric_labels()).increment(rows as u64);
+        metrics::counter!("synapse_apply_rows_total", &self.applier.labels).increment(rows as u64);
         Ok(())
     }
 
@@ -572,10 +575,10 @@ impl<L: ChangeLog> Session<'_, L> {
         let (written, conflicts, buried) =
             buffer.apply(&self.client, &mut self.statements, &self.applier.config.node, &cfg.policies).await?;
         self.burials_pending |= buried > 0;
-        metrics::histogram!("synapse_apply_mesh_resolve_seconds", &self.applier.config.metric_labels())
+        metrics::histogram!("synapse_apply_mesh_resolve_seconds", &self.applier.labels)
             .record(started.elapsed().as_secs_f64());
         self.applier.stats.rows.fetch_add(written, Ordering::Relaxed);
-        metrics::counter!("synapse_apply_rows_total", &self.applier.config.metric_labels()).increment(written);
+        metrics::counter!("synapse_apply_rows_total", &self.applier.labels).increment(written);
         if conflicts > 0 {
             tracing::debug!(conflicts, "concurrent versions merged");
         }
@@ -606,12 +609,12 @@ impl<L: ChangeLog> Session<'_, L> {
             .batch_execute(&sql)
             .await
             .map_err(ApplyError::target("storing the applied position and committing"))?;
-        metrics::histogram!("synapse_apply_commit_seconds", &self.applier.config.metric_labels())
+        metrics::histogram!("synapse_apply_commit_seconds", &self.applier.labels)
             .record(started.elapsed().as_secs_f64());
         self.in_target_txn = false;
         let stats = &self.applier.stats;
         stats.transactions.fetch_add(self.txns_in_group as u64, Ordering::Relaxed);
-        metrics::counter!("synapse_apply_transactions_total", &self.applier.config.metric_labels())
+        metrics::counter!("synapse_apply_transactions_total", &self.applier.labels)
             .increment(self.txns_in_group as u64);
         self.txns_in_group = 0;
         self.schema_changed = false;
@@ -670,8 +673,8 @@ impl<L: ChangeLog> Session<'_, L> {
         let behind = self.log.records_behind(pos);
         // One gauge per (source, target): on Kafka a source is one partition
         // (`<prefix>.<node>.changes`, partition 0), so this is the lag per partition and consumer.
-        let labels = self.applier.config.metric_labels();
-        metrics::gauge!("synapse_apply_lag_records", &labels).set(behind as f64);
+        let labels = &self.applier.labels;
+        metrics::gauge!("synapse_apply_lag_records", labels).set(behind as f64);
         let lag = if behind == 0 {
             0.0
         } else {
@@ -682,6 +685,6 @@ impl<L: ChangeLog> Session<'_, L> {
                 ((synapse_schemas::unix_micros_now() - t) as f64 / 1e6).max(0.0)
             }
         };
-        metrics::gauge!("synapse_apply_lag_seconds", &labels).set(lag);
+        metrics::gauge!("synapse_apply_lag_seconds", labels).set(lag);
     }
 }

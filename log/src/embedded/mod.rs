@@ -61,6 +61,8 @@ struct Inner {
     /// is gone, with the store as of its last commit.
     db: std::sync::RwLock<Option<Database>>,
     path: PathBuf,
+    /// The file's stem (the source's name): the `log` label of its metrics, made once.
+    label: String,
     head: watch::Sender<Offset>,
     options: EmbeddedLogOptions,
 }
@@ -92,7 +94,15 @@ impl EmbeddedLog {
         tx.commit().map_err(|e| storage(e.into()))?;
         let (head, _) = watch::channel(next);
         let db = std::sync::RwLock::new(Some(db));
-        Ok(EmbeddedLog { inner: Arc::new(Inner { db, path: path.to_owned(), head, options }) })
+        Ok(EmbeddedLog {
+            inner: Arc::new(Inner {
+                db,
+                path: path.to_owned(),
+                label: path.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default(),
+                head,
+                options,
+            }),
+        })
     }
 
     async fn blocking<T: Send + 'static>(
@@ -286,7 +296,7 @@ impl ChangeLog for EmbeddedLog {
             })
             .await?;
         // One series per log file: each source has its own.
-        let log = self.inner.path.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
+        let log = self.inner.label.clone();
         metrics::counter!("synapse_log_appended_records_total", "log" => log.clone()).increment(count);
         metrics::counter!("synapse_log_appended_bytes_total", "log" => log.clone()).increment(bytes as u64);
         metrics::histogram!("synapse_log_append_seconds", "log" => log).record(started.elapsed().as_secs_f64());

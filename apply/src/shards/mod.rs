@@ -365,38 +365,46 @@ impl ShardAssignment {
     /// The rows of `rel` this shard holds, as a predicate for `SELECT … WHERE`: what an initial
     /// copy reads from the source. `None`: every row.
     pub fn copy_filter(&self, rel: &Relation) -> Result<Option<String>, ApplyError> {
-        Ok(match self.route(rel)? {
-            Route::Everything => None,
-            Route::Hash { column, range } => {
-                Some(range.sql(&format!("hashtextextended(({})::text, 0)", quote::ident(&rel.columns[column].name))))
-            }
-            Route::Range { column, integer, mine } => {
-                let col = quote::ident(&rel.columns[column].name);
-                let expr = if integer { col.clone() } else { format!("({col})::text COLLATE \"C\"") };
-                let lit = |b: &Bound| match b {
-                    Bound::Int(i) => i.to_string(),
-                    Bound::Text(s) => quote::literal(s),
-                };
-                let parts: Vec<String> = mine
-                    .iter()
-                    .map(|(from, to)| {
-                        let mut p = Vec::new();
-                        if let Some(f) = from {
-                            p.push(format!("{expr} >= {}", lit(f)));
-                        }
-                        if let Some(t) = to {
-                            p.push(format!("{expr} < {}", lit(t)));
-                        }
-                        match (p.is_empty(), from.is_none()) {
-                            (true, _) => "true".to_owned(),
-                            (false, true) => format!("({col} IS NULL OR {})", p.join(" AND ")),
-                            (false, false) => format!("({})", p.join(" AND ")),
-                        }
-                    })
-                    .collect();
-                Some(if parts.is_empty() { "false".into() } else { parts.join(" OR ") })
-            }
-        })
+        self.route(rel)?;
+        Ok(self.rows_sql(&rel.name()))
+    }
+
+    /// The rows of table `name` (`schema.table`) this shard holds, as a predicate on its
+    /// columns (`None`: every row, a reference table): what a copy or a repair reads of the
+    /// source for this shard. The column's type is not checked here ([`Self::copy_filter`]
+    /// does): a range rule compares as its bounds are, numbers or text.
+    pub fn rows_sql(&self, name: &str) -> Option<String> {
+        let rule = self.rules.get(name)?;
+        let col = quote::ident(rule.column()?);
+        if rule.hash.is_some() {
+            return Some(self.key_range.sql(&format!("hashtextextended(({col})::text, 0)")));
+        }
+        let integer = rule.ranges.iter().flat_map(|r| [&r.from, &r.to]).flatten().all(|b| matches!(b, Bound::Int(_)));
+        let expr = if integer { col.clone() } else { format!("({col})::text COLLATE \"C\"") };
+        let lit = |b: &Bound| match b {
+            Bound::Int(i) => i.to_string(),
+            Bound::Text(s) => quote::literal(s),
+        };
+        let parts: Vec<String> = rule
+            .ranges
+            .iter()
+            .filter(|r| r.shard == self.shard)
+            .map(|r| {
+                let mut p = Vec::new();
+                if let Some(f) = &r.from {
+                    p.push(format!("{expr} >= {}", lit(f)));
+                }
+                if let Some(t) = &r.to {
+                    p.push(format!("{expr} < {}", lit(t)));
+                }
+                match (p.is_empty(), r.from.is_none()) {
+                    (true, _) => "true".to_owned(),
+                    (false, true) => format!("({col} IS NULL OR {})", p.join(" AND ")),
+                    (false, false) => format!("({})", p.join(" AND ")),
+                }
+            })
+            .collect();
+        Some(if parts.is_empty() { "false".into() } else { parts.join(" OR ") })
     }
 
     /// What this shard applies of `change` (whose table routes by `route`): the change itself,

@@ -63,7 +63,7 @@ pub async fn run_check(o: Selection) -> anyhow::Result<ExitCode> {
     let r = resolve(&o)?;
     // Connected all at once; an error names the first node in order that failed.
     let mut nodes = Vec::new();
-    for node in futures_util::future::join_all(r.nodes.iter().map(|(name, pg)| Node::connect(name, pg))).await {
+    for node in futures_util::future::join_all(r.nodes.iter().map(|(name, pg)| r.connect(name, pg))).await {
         nodes.push(node.map_err(with_hint)?);
     }
     let mut reports: Vec<Report> = Vec::new();

@@ -39,6 +39,10 @@ pub enum ApplyError {
     /// in its text): this target stops before it, the others go on.
     #[error("schema change `{tag}` of source {source_node} at log offset {offset} cannot run on this target: {message} (statement: {statement})")]
     SchemaChange { source_node: String, offset: u64, tag: String, statement: String, message: String },
+    /// A change a shard cannot place: its table's shard key is not logged with every change,
+    /// or a moved row lacks a value. That shard's applier stops here; the others go on.
+    #[error("shard {shard}: table {table} cannot be routed: {message}")]
+    Shard { table: String, shard: String, message: String },
     /// The target's `synapse.*` tables could not be brought to this release's version.
     #[error("target: {0}")]
     NodeSchema(#[from] synapse_postgres::node_schema::NodeSchemaError),
@@ -72,6 +76,7 @@ impl synapse_error::Classify for ApplyError {
             ApplyError::NodeSchema(_) => "APP007",
             ApplyError::Malformed { .. } => "APP008",
             ApplyError::SchemaChange { .. } => "APP009",
+            ApplyError::Shard { .. } => "APP010",
         }
     }
 
@@ -115,6 +120,10 @@ impl synapse_error::Classify for ApplyError {
             }
             _ => match self {
                 ApplyError::Schema { .. } => "align the target table with the source definition",
+                ApplyError::Shard { .. } => {
+                    "change the table as the message says (or its rule under targets[].sharding), then resume the \
+                     shard's applier (`synapse resume`); the other shards keep applying"
+                }
                 ApplyError::UnknownRelation { .. } => "the log lost its relation registry: re-create the log directory",
                 ApplyError::Malformed { .. } => {
                     "the log is damaged at that offset: restore the log directory from a backup, or re-create it and \

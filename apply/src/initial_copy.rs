@@ -49,11 +49,12 @@ pub async fn pending(
 }
 
 /// Copies the tables of `capture` that the target has not synced yet, using `parallelism`
-/// connection pairs.
+/// connection pairs. Into a shard (`shard`), only the rows it holds.
 pub async fn run(
     capture: &Capture,
     tables: &[SourceTable],
     target_config: &synapse_postgres::PgConfig,
+    shard: Option<&crate::shards::ShardAssignment>,
     parallelism: usize,
     stats: Arc<ApplyStats>,
 ) -> Result<CopyReport, ApplyError> {
@@ -77,11 +78,12 @@ pub async fn run(
         SnapshotSession::begin(&capture.config().source, &capture.config().slot).await.map_err(ApplyError::Copy)?;
     let planner = session.connect().await.map_err(ApplyError::Copy)?;
     let mut types = TypeResolver::default();
-    let mut rels: Vec<(Relation, String, bool)> = Vec::new();
+    let mut rels: Vec<(Relation, String, bool, Option<String>)> = Vec::new();
     let mut jobs = VecDeque::new();
     let mut remaining = HashMap::new();
     for (i, (t, was_copying)) in todo.iter().enumerate() {
         let rel = catalog::describe_table(&planner, &mut types, t).await.map_err(ApplyError::Copy)?;
+        let rows = shard.map(|s| s.copy_filter(&rel)).transpose()?.flatten();
         let table = target::ensure_table(&client, &rel, true).await?;
         if *was_copying {
             tracing::info!(table = %t.display(), "re-copying a table whose copy was interrupted");
@@ -110,7 +112,7 @@ pub async fn run(
             cols.join(", "),
             if binary { " (FORMAT binary)" } else { "" }
         );
-        rels.push((rel, copy_in, binary));
+        rels.push((rel, copy_in, binary, rows));
     }
     drop(planner);
     tracing::info!(
@@ -135,8 +137,10 @@ pub async fn run(
         crate::replica_session(&target, &format!("{}_copy{k}", crate::origin_name(node, target_config))).await?;
         loop {
             let Some(job) = jobs.lock().ok().and_then(|mut j| j.pop_front()) else { return Ok::<_, ApplyError>(()) };
-            let (rel, copy_in, binary) = &rels[job.table];
-            let out = SnapshotSession::copy_out(&source, rel, job.chunk, *binary).await.map_err(ApplyError::Copy)?;
+            let (rel, copy_in, binary, rows) = &rels[job.table];
+            let out = SnapshotSession::copy_out(&source, rel, job.chunk, *binary, rows.as_deref())
+                .await
+                .map_err(ApplyError::Copy)?;
             let sink = target.copy_in::<_, bytes::Bytes>(copy_in.as_str()).await.map_err(ApplyError::target(format!("copying into {}", rel.name())))?;
             futures_util::pin_mut!(out);
             futures_util::pin_mut!(sink);

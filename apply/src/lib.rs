@@ -28,6 +28,7 @@ mod error;
 pub mod initial_copy;
 pub mod mesh;
 mod schema_change;
+pub mod shards;
 pub mod target;
 pub mod tombstones;
 
@@ -133,6 +134,8 @@ pub struct ApplyConfig {
     /// Woken after a commit that recorded a copy owed (a table joined holding rows): the
     /// runtime's task that makes such copies.
     pub copies_owed: Option<Arc<tokio::sync::Notify>>,
+    /// Set when the target is one shard of a shard set: only the rows it owns are applied.
+    pub shard: Option<shards::ShardAssignment>,
 }
 
 /// What a target does with a source's schema change (the source's `ddl:` setting).
@@ -181,6 +184,7 @@ impl ApplyConfig {
             mesh: None,
             ddl: DdlPolicy::Apply,
             copies_owed: None,
+            shard: None,
         }
     }
 }
@@ -244,6 +248,8 @@ struct Bound {
     rel: Arc<Relation>,
     table: Arc<TargetTable>,
     apply_from: Option<Lsn>,
+    /// Which of its rows this shard holds (`None`: not a shard; every row).
+    route: Option<Arc<shards::Route>>,
 }
 
 struct OpenTxn {
@@ -392,7 +398,7 @@ impl Applier {
                     LogRecord::Relation(_) => {} // registered in the log; looked up by key on use
                     LogRecord::Change(c) => {
                         let Some(t) = open.as_ref() else { continue };
-                        let Some((rel, table)) = s.table(offset, c.relation, t.begin.commit_lsn).await? else {
+                        let Some((rel, table, route)) = s.table(offset, c.relation, t.begin.commit_lsn).await? else {
                             continue;
                         };
                         // Values are indexed by the relation's columns: a damaged record must stop
@@ -406,6 +412,13 @@ impl Applier {
                                 columns: rel.columns.len(),
                             });
                         }
+                        let c = match (&route, &self.config.shard) {
+                            (Some(route), Some(shard)) => match shard.route_change(route, &rel, offset, c)? {
+                                Some(c) => c,
+                                None => continue, // another shard's row
+                            },
+                            _ => c,
+                        };
                         if let Some(buffer) = s.mesh.as_mut() {
                             if buffer.table(&rel.name()).is_some() || mesh::is_row_version(&rel) {
                                 buffer.push(&rel, c)?;
@@ -423,7 +436,7 @@ impl Applier {
                         s.flush_mesh().await?;
                         let mut names = Vec::new();
                         for k in &tr.relations {
-                            if let Some((_, table)) = s.table(offset, *k, t.begin.commit_lsn).await? {
+                            if let Some((_, table, _)) = s.table(offset, *k, t.begin.commit_lsn).await? {
                                 names.push(table.name.clone());
                             }
                         }
@@ -499,7 +512,7 @@ impl<L: ChangeLog> Session<'_, L> {
         offset: Offset,
         key: RelationKey,
         commit_lsn: Lsn,
-    ) -> Result<Option<(Arc<Relation>, Arc<TargetTable>)>, ApplyError> {
+    ) -> Result<Option<(Arc<Relation>, Arc<TargetTable>, Option<Arc<shards::Route>>)>, ApplyError> {
         if !self.tables.contains_key(&key) {
             let rel = self.log.relation(key).await?.ok_or(ApplyError::UnknownRelation {
                 offset,
@@ -518,14 +531,18 @@ impl<L: ChangeLog> Session<'_, L> {
                 Some(_) => Some(Lsn(u64::MAX)),
                 None => None,
             };
-            self.tables.insert(key, Bound { rel: Arc::new(rel), table: Arc::new(table), apply_from });
+            let route = match &self.applier.config.shard {
+                Some(shard) => Some(Arc::new(shard.route(&rel)?)),
+                None => None,
+            };
+            self.tables.insert(key, Bound { rel: Arc::new(rel), table: Arc::new(table), apply_from, route });
         }
         let Some(b) = self.tables.get(&key) else { return Ok(None) };
         // Copied at a snapshot: only commits at or after its consistent point are new to it.
         if b.apply_from.is_some_and(|from| commit_lsn < from) {
             return Ok(None);
         }
-        Ok(Some((b.rel.clone(), b.table.clone())))
+        Ok(Some((b.rel.clone(), b.table.clone(), b.route.clone())))
     }
 
     /// A mesh table described again from this node's catalog, when a relation of it is bound

@@ -38,7 +38,7 @@ async fn start(source: &LocalCluster, target: &LocalCluster, dir: &std::path::Pa
     let l = log.clone();
     let r = rx.clone();
     let cap_task = tokio::spawn(async move { c.stream(l, r).await.unwrap() });
-    initial_copy::run(&capture, &prepared.tables, &target_cfg, 2, applier.stats()).await.unwrap();
+    initial_copy::run(&capture, &prepared.tables, &target_cfg, None, 2, applier.stats()).await.unwrap();
     let l = log.clone();
     let apply_task = tokio::spawn(async move { applier.run(&l, rx).await.unwrap() });
     Pipeline { log, stop, tasks: vec![cap_task, apply_task] }

@@ -559,6 +559,7 @@ pub(crate) async fn run_once(o: &Options, round: usize, kafka: Option<&str>) -> 
         &copier,
         &prepared.tables,
         &tsyn.url("copy_syn").parse()?,
+        None,
         o.copy_parallelism,
         Default::default(),
     )

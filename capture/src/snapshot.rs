@@ -101,17 +101,22 @@ impl SnapshotSession {
     }
 
     /// Streams one chunk in COPY text (or binary) format, on `client` (from
-    /// [`SnapshotSession::connect`]).
+    /// [`SnapshotSession::connect`]); `rows`, a predicate, keeps only the rows it holds for
+    /// (a shard's).
     pub async fn copy_out(
         client: &Client,
         rel: &Relation,
         chunk: Chunk,
         binary: bool,
+        rows: Option<&str>,
     ) -> Result<impl Stream<Item = Result<Bytes, tokio_postgres::Error>>, CaptureError> {
         let cols: Vec<String> = rel.columns.iter().map(|c| quote::ident(&c.name)).collect();
         let mut filter = format!("ctid >= '({},0)'::tid", chunk.first_page);
         if let Some(end) = chunk.end_page {
             filter.push_str(&format!(" AND ctid < '({end},0)'::tid"));
+        }
+        if let Some(rows) = rows {
+            filter.push_str(&format!(" AND ({rows})"));
         }
         let sql = format!(
             "COPY (SELECT {} FROM ONLY {} WHERE {filter}) TO STDOUT{}",

@@ -136,7 +136,8 @@ pub(crate) fn spawn_resync(
     let config = &shared.config;
     let mut targets = Vec::new();
     for t in config.targets.iter().filter(|t| config.sources_of(t).any(|s| s.name == source.name)) {
-        targets.push((t.name.clone(), t.url.pg_config().map_err(anyhow::Error::msg)?));
+        let pg = t.url.pg_config().map_err(anyhow::Error::msg)?;
+        targets.push(crate::repair::ResyncTarget { name: t.name.clone(), pg, shard: t.shard.clone() });
     }
     let Some(log) = shared.logs.get(&source.name).cloned() else { return Ok(()) };
     let (h, sd, name, pg) = (shared.health.clone(), shutdown.clone(), source.name.clone(), capture.source.clone());
@@ -162,7 +163,8 @@ pub(crate) fn spawn_resync(
                 tracing::info!(source = %name, rows_changed = rows, "re-sync done: every target holds the source's rows");
             }
             // Tables that joined the capture while it ran, holding rows the log lacks.
-            for (target, target_pg) in &targets {
+            for t in &targets {
+                let (target, target_pg) = (&t.name, &t.pg);
                 let Some((owed, since)) = supervise(&component, &h, &sd, || owed_copies(target_pg, &name)).await?
                 else {
                     return Ok(());
@@ -172,7 +174,7 @@ pub(crate) fn spawn_resync(
                 }
                 h.set(&component, ComponentState::Resyncing);
                 tracing::info!(source = %name, target, tables = ?owed, "copying tables that joined the capture holding rows");
-                let one = [(target.clone(), target_pg.clone())];
+                let one = [t.clone()];
                 let run = || crate::repair::resync_targets((&name, &pg), &one, &owed);
                 let Some(rows) = supervise(&component, &h, &sd, run).await? else { return Ok(()) };
                 let done = || copies_made(target_pg, &name, &owed, &since);

@@ -336,6 +336,7 @@ fn apply_config(t: &TargetConfig, source: &SourceConfig) -> Result<ApplyConfig, 
     let mut c = ApplyConfig::new(&source.name, pg, &format!("apply-{}", t.name));
     c.max_txns_per_commit = t.max_txns_per_commit;
     c.ddl = source.ddl;
+    c.shard = t.shard.clone();
     Ok(c)
 }
 
@@ -627,7 +628,7 @@ pub(crate) async fn start_source(
                 }
                 h.set(&component, ComponentState::Copying);
                 let report = supervise(&component, &h, &sd, || {
-                    initial_copy::run(&c, &tables, &acfg.target, parallelism, stats.clone())
+                    initial_copy::run(&c, &tables, &acfg.target, acfg.shard.as_ref(), parallelism, stats.clone())
                 })
                 .await?;
                 match report {

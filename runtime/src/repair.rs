@@ -7,6 +7,7 @@ use crate::config::Config;
 use axum::extract::rejection::JsonRejection;
 use std::collections::HashMap;
 use std::time::Duration;
+use synapse_apply::shards::ShardAssignment;
 use synapse_error::Classify;
 use synapse_repair::check::{check, CheckOptions, Report};
 use synapse_repair::fix::{fix, FixNode, FixOptions, FixReport};
@@ -20,6 +21,45 @@ pub struct Resolved {
     pub nodes: Vec<(String, synapse_postgres::PgConfig)>,
     pub tables: Vec<String>,
     pub options: CheckOptions,
+    /// Set when one compared node is a shard of a shard set: the others (its source) are
+    /// compared by that shard's rows only.
+    pub shard: Option<(String, ShardAssignment)>,
+}
+
+impl Resolved {
+    /// A connection to compared node `name`: a source compared with a shard reads only that
+    /// shard's rows.
+    pub async fn connect(
+        &self,
+        name: &str,
+        pg: &synapse_postgres::PgConfig,
+    ) -> Result<Node, synapse_repair::RepairError> {
+        let mut node = Node::connect(name, pg).await?;
+        if let Some((shard_node, shard)) = &self.shard {
+            if shard_node != name {
+                filter_to_shard(&mut node, shard, &self.tables);
+            }
+        }
+        Ok(node)
+    }
+
+    /// What a kept connection to `name` is cached under: the same node read for another
+    /// shard is another connection.
+    pub fn cache_key(&self, name: &str) -> String {
+        match &self.shard {
+            Some((shard_node, _)) if shard_node != name => format!("{name}@{shard_node}"),
+            _ => name.to_owned(),
+        }
+    }
+}
+
+/// Makes `node` (a shard's source) read only the rows `shard` holds of each of `tables`.
+fn filter_to_shard(node: &mut Node, shard: &ShardAssignment, tables: &[String]) {
+    for table in tables {
+        if let Some(rows) = shard.rows_sql(table) {
+            node.filter_rows(table, rows);
+        }
+    }
 }
 
 /// What to compare: the named (or default) nodes and tables of `config`, and how.
@@ -114,7 +154,21 @@ pub fn plan(
     let cache_dir = Some(config.log.dir.join("repair-cache"));
     let cut_rounds = if hub.is_some() { 2 } else { 1 };
     let options = CheckOptions { bits, cut_timeout, appliers: Some(appliers), cache_dir, cut_rounds };
-    Ok(Resolved { config, nodes, tables, options })
+    // A shard holds only its rows of the source: it is compared with those, one at a time.
+    let shards: Vec<(String, ShardAssignment)> = nodes
+        .iter()
+        .filter_map(|(n, _)| Some((n.clone(), config.targets.iter().find(|t| &t.name == n)?.shard.clone()?)))
+        .collect();
+    if shards.len() > 1 {
+        anyhow::bail!(
+            "--nodes: {} are shards, and each holds other rows of the source: compare one shard at a time \
+             with its source (e.g. --nodes {},{})",
+            shards.iter().map(|(n, _)| n.as_str()).collect::<Vec<_>>().join(", "),
+            source,
+            shards[0].0
+        );
+    }
+    Ok(Resolved { config, nodes, tables, options, shard: shards.into_iter().next() })
 }
 
 /// Why a fix did not run (or stopped): the request, a node, or the mesh's view of a table.
@@ -204,19 +258,27 @@ async fn fix_one_way_tables(
         )));
     };
     let targets: Vec<_> = r.nodes.iter().filter(|(n, _)| n != origin).cloned().collect();
-    fix_from_source((origin, origin_pg), &targets, &r.tables, &r.options, dry_run).await.map_err(FixError::Repair)
+    let shard = r.shard.as_ref().map(|(_, s)| s);
+    fix_from_source((origin, origin_pg), &targets, shard, &r.tables, &r.options, dry_run)
+        .await
+        .map_err(FixError::Repair)
 }
 
-/// Makes each of `targets` hold `source`'s rows of `tables`: a check per table (with a cut:
-/// changes in flight are not drift), then a one-way fix of what differs.
+/// Makes each of `targets` hold `source`'s rows of `tables` (the rows of `shard`, when the
+/// targets are that shard): a check per table (with a cut: changes in flight are not drift),
+/// then a one-way fix of what differs.
 async fn fix_from_source(
     (origin, origin_pg): (&str, &synapse_postgres::PgConfig),
     targets: &[(String, synapse_postgres::PgConfig)],
+    shard: Option<&ShardAssignment>,
     tables: &[String],
     options: &CheckOptions,
     dry_run: bool,
 ) -> Result<Vec<(Report, Option<FixReport>)>, synapse_repair::RepairError> {
-    let source_node = Node::connect(origin, origin_pg).await?;
+    let mut source_node = Node::connect(origin, origin_pg).await?;
+    if let Some(shard) = shard {
+        filter_to_shard(&mut source_node, shard, tables);
+    }
     let mut writers = Vec::new();
     for (name, pg) in targets {
         writers.push(OneWayTarget::connect(name, pg).await?);
@@ -237,6 +299,16 @@ async fn fix_from_source(
     Ok(out)
 }
 
+type Targets = Vec<(String, synapse_postgres::PgConfig)>;
+
+/// A target a re-sync makes whole: its name, database, and its shard (rows) if it is one.
+#[derive(Clone, Debug)]
+pub struct ResyncTarget {
+    pub name: String,
+    pub pg: synapse_postgres::PgConfig,
+    pub shard: Option<ShardAssignment>,
+}
+
 /// How long a re-sync waits for the appliers to pass a check's cut.
 const RESYNC_CUT_TIMEOUT: Duration = Duration::from_secs(300);
 
@@ -246,26 +318,39 @@ const RESYNC_CUT_TIMEOUT: Duration = Duration::from_secs(300);
 /// changed on the targets.
 pub async fn resync_targets(
     (source, source_pg): (&str, &synapse_postgres::PgConfig),
-    targets: &[(String, synapse_postgres::PgConfig)],
+    targets: &[ResyncTarget],
     tables: &[String],
 ) -> Result<u64, synapse_repair::RepairError> {
     if targets.is_empty() || tables.is_empty() {
         return Ok(0);
     }
-    let options = CheckOptions {
-        bits: 12,
-        cut_timeout: Some(RESYNC_CUT_TIMEOUT),
-        appliers: Some(targets.iter().map(|(t, _)| (source.to_owned(), t.clone())).collect()),
-        cache_dir: None,
-        cut_rounds: 1,
-    };
-    let reports = fix_from_source((source, source_pg), targets, tables, &options, false).await?;
+    // Plain targets are compared with the whole source together; each shard with its rows.
+    let plain: Targets = targets.iter().filter(|t| t.shard.is_none()).map(|t| (t.name.clone(), t.pg.clone())).collect();
+    let mut groups: Vec<(Targets, Option<&ShardAssignment>)> = Vec::new();
+    if !plain.is_empty() {
+        groups.push((plain, None));
+    }
+    for t in targets {
+        if let Some(shard) = &t.shard {
+            groups.push((vec![(t.name.clone(), t.pg.clone())], Some(shard)));
+        }
+    }
     let mut rows = 0;
-    for (check, fix) in &reports {
-        let changed: usize =
-            fix.iter().flat_map(|f| &f.nodes).map(|n| n.inserted.len() + n.updated.len() + n.deleted.len()).sum();
-        tracing::info!(source, table = %check.table, differing = check.differing.len(), changed, "re-synced a table");
-        rows += changed as u64;
+    for (group, shard) in groups {
+        let options = CheckOptions {
+            bits: 12,
+            cut_timeout: Some(RESYNC_CUT_TIMEOUT),
+            appliers: Some(group.iter().map(|(t, _)| (source.to_owned(), t.clone())).collect()),
+            cache_dir: None,
+            cut_rounds: 1,
+        };
+        let reports = fix_from_source((source, source_pg), &group, shard, tables, &options, false).await?;
+        for (check, fix) in &reports {
+            let changed: usize =
+                fix.iter().flat_map(|f| &f.nodes).map(|n| n.inserted.len() + n.updated.len() + n.deleted.len()).sum();
+            tracing::info!(source, table = %check.table, differing = check.differing.len(), changed, "re-synced a table");
+            rows += changed as u64;
+        }
     }
     Ok(rows)
 }
@@ -356,12 +441,11 @@ impl RepairService {
         let r = self.plan(&req)?;
         let mut open = self.nodes.lock().await;
         for (name, pg) in &r.nodes {
-            if !open.contains_key(name) {
-                let node = Node::connect(name, pg).await.map_err(repair_error)?;
-                open.insert(name.clone(), node);
+            if let std::collections::hash_map::Entry::Vacant(e) = open.entry(r.cache_key(name)) {
+                e.insert(r.connect(name, pg).await.map_err(repair_error)?);
             }
         }
-        let nodes: Vec<&Node> = r.nodes.iter().filter_map(|(n, _)| open.get(n)).collect();
+        let nodes: Vec<&Node> = r.nodes.iter().filter_map(|(n, _)| open.get(&r.cache_key(n))).collect();
         let mut reports = Vec::new();
         let mut failed = None;
         for table in &r.tables {

@@ -66,6 +66,8 @@ pub struct Node {
     pub(super) tables_seen: std::sync::Mutex<std::collections::HashSet<&'static str>>,
     /// Tables found tracked in another layout, warned about once per session.
     pub(super) stale_warned: std::sync::Mutex<std::collections::HashSet<String>>,
+    /// `schema.table` → the predicate of the rows compared (see [`Node::filter_rows`]).
+    pub(super) row_filters: std::collections::HashMap<String, String>,
 }
 
 impl Node {
@@ -84,7 +86,15 @@ impl Node {
             statements: Default::default(),
             tables_seen: Default::default(),
             stale_warned: Default::default(),
+            row_filters: Default::default(),
         })
+    }
+
+    /// Compares only the rows of `table` (`schema.table`) for which `predicate` (SQL over its
+    /// columns) holds: a source compared with one shard of a shard set, whose rows are the
+    /// source's for that shard. Reads scan then; tracked digests cover the whole table.
+    pub fn filter_rows(&mut self, table: &str, predicate: String) {
+        self.row_filters.insert(table.to_owned(), predicate);
     }
 
     /// The session (no replication origin: what it writes is captured like an application's).
@@ -428,6 +438,7 @@ pub struct Shape {
     pub key_len: usize,
     /// Every column, key first: two nodes are compared only if these agree.
     pub columns: Vec<String>,
+    /// What reads scan: the table as `t`, or the rows of its filter (see [`Node::filter_rows`]).
     from: String,
     /// The key columns' text, as an array.
     key_text: String,
@@ -466,8 +477,9 @@ impl Shape {
         &self.key_text
     }
 
-    pub(crate) fn from(&self) -> &str {
-        &self.from
+    /// The whole table as `t`, for writes (whatever the reads were filtered to).
+    pub(crate) fn from(&self) -> String {
+        format!("{} t", self.table)
     }
 
     /// The top `bits` bits of the key's hash (`>>` on int8 keeps the sign: masked).

@@ -78,7 +78,13 @@ impl Node {
             name: name.to_owned(),
             table: format!("{}.{}", quote::ident(schema), quote::ident(table)),
             key_len: key.len(),
-            from: format!("{}.{} t", quote::ident(schema), quote::ident(table)),
+            // A shard's part of the table, when only its rows are compared.
+            from: match self.row_filters.get(name) {
+                Some(rows) => {
+                    format!("(SELECT * FROM {}.{} WHERE {rows}) t", quote::ident(schema), quote::ident(table))
+                }
+                None => format!("{}.{} t", quote::ident(schema), quote::ident(table)),
+            },
             key_text: format!(
                 "ARRAY[{}]::text[]",
                 key.iter().map(|c| format!("t.{}::text", quote::ident(c))).collect::<Vec<_>>().join(", ")

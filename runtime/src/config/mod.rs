@@ -10,9 +10,11 @@ mod interpolate;
 pub mod locate;
 mod log;
 mod parse_error;
+mod shards;
 mod validate;
 pub use interpolate::{interpolate, MissingVar};
 pub use log::{KafkaConfig, KafkaProperties, LogConfig, LogSigningKey, PropertyValue, PublicTopicsConfig};
+pub use shards::ShardConfig;
 pub use validate::Problem;
 
 /// Defaults, with the reason for each.
@@ -68,8 +70,9 @@ fn problem_list(path: &str, problems: &[Problem]) -> String {
     }
 }
 
-/// A connection URL whose password never reaches logs or output.
-#[derive(Clone, Deserialize)]
+/// A connection URL whose password never reaches logs or output. Empty by default: a
+/// shard set's `url` is absent (its shards have theirs).
+#[derive(Clone, Default, Deserialize)]
 #[serde(transparent)]
 pub struct SecretUrl(String);
 
@@ -460,6 +463,8 @@ fn default_heartbeat() -> f64 {
 #[serde(deny_unknown_fields)]
 pub struct TargetConfig {
     pub name: String,
+    /// The target's database; absent for a shard set (each shard names its own).
+    #[serde(default)]
     pub url: SecretUrl,
     /// Source names to apply; empty = every source except one with this target's name.
     #[serde(default)]
@@ -470,6 +475,18 @@ pub struct TargetConfig {
     pub copy_parallelism: usize,
     #[serde(default = "default_txns_per_commit")]
     pub max_txns_per_commit: usize,
+    /// A shard set: the target is these databases, each row on the one its table's rule in
+    /// `sharding` names (see `synapse_apply::shards`). Expanded at load into one target per
+    /// shard, named `<target>/<shard>`.
+    #[serde(default)]
+    pub shards: Vec<ShardConfig>,
+    /// `schema.table` → `{hash: <column>}` or `{range: <column>, ranges: [...]}`; a table
+    /// without a rule is a reference table, on every shard.
+    #[serde(default)]
+    pub sharding: std::collections::BTreeMap<String, synapse_apply::shards::TableRule>,
+    /// Set on each shard of an expanded set: what that shard's appliers keep.
+    #[serde(skip)]
+    pub shard: Option<synapse_apply::shards::ShardAssignment>,
 }
 
 fn default_copy_parallelism() -> usize {
@@ -575,6 +592,7 @@ impl Config {
             return Err(ConfigError::Invalid { path: p, problems });
         }
         config.expand_mesh();
+        config.expand_shards();
         Ok(config)
     }
 
@@ -620,6 +638,9 @@ impl Config {
                 initial_copy: false,
                 copy_parallelism: defaults::COPY_PARALLELISM,
                 max_txns_per_commit: default_txns_per_commit(),
+                shards: Vec::new(),
+                sharding: Default::default(),
+                shard: None,
             });
         }
     }

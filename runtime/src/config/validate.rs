@@ -27,19 +27,19 @@ impl fmt::Display for Problem {
 pub(super) struct Problems(pub(super) Vec<Problem>);
 
 impl Problems {
-    fn add(&mut self, field: impl Into<String>, message: impl Into<String>) {
+    pub(super) fn add(&mut self, field: impl Into<String>, message: impl Into<String>) {
         self.0.push(Problem { field: field.into(), line: None, message: message.into() });
     }
 }
 
 /// Names of sources, targets and mesh nodes: they become metric labels and topic names.
-fn valid_name(n: &str) -> bool {
+pub(super) fn valid_name(n: &str) -> bool {
     !n.is_empty()
         && n.len() <= 40
         && n.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_' || c == '-')
 }
 
-fn url_problem(p: &mut Problems, field: String, url: &SecretUrl) {
+pub(super) fn url_problem(p: &mut Problems, field: String, url: &SecretUrl) {
     if let Err(e) = url.pg_config() {
         p.add(field, format!("not a PostgreSQL URL: {e}"));
     }
@@ -102,7 +102,9 @@ impl Config {
         names.extend(self.mesh.iter().flat_map(|m| m.nodes.iter().map(|n| n.name.clone())));
         let mut tnames: Vec<&str> = Vec::new();
         for (i, t) in self.targets.iter().enumerate() {
-            if !valid_name(&t.name) || tnames.contains(&t.name.as_str()) {
+            // An expanded shard is named `<set>/<shard>`, both parts checked before.
+            let name_ok = t.shard.is_some() || valid_name(&t.name);
+            if !name_ok || tnames.contains(&t.name.as_str()) {
                 p.add(
                     format!("targets[{i}].name"),
                     format!("`{}` must be unique, 1–40 characters of a-z, 0-9, _ or -", t.name),
@@ -120,7 +122,9 @@ impl Config {
                     ),
                 );
             }
-            url_problem(&mut p, format!("targets[{i}].url"), &t.url);
+            if t.shard.is_none() {
+                t.shard_problems(i, &mut p);
+            }
             for (j, s) in t.sources.iter().enumerate() {
                 if !names.contains(s) {
                     p.add(

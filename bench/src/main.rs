@@ -13,6 +13,7 @@
 //! | P6 | webhook delivery: events/s batched and per key, commit → delivery p99 (see delivery.rs) | plain HTTP client; pg_recvlogical |
 //!
 //! | P4 | commit → applied latency quartiles and p99 at a fixed offered rate, both replicating | publication/subscription |
+//! | S2, S4 | apply throughput of the P1 workload into 2 and 4 hash shards, from the same backlog (see shards.rs) | SynapseDB into 1 shard |
 //!
 //! P1 and P2 compare by `--method` (see [`Method`]): by default both replicators are stopped
 //! during the workload and each is timed alone from the same WAL backlog, start-up included.
@@ -24,6 +25,7 @@ mod delivery;
 mod mesh;
 mod repair;
 mod replication;
+mod shards;
 
 /// The in-process scenarios (P5's running check, P6) measure what the `synapse` binary runs,
 /// allocator included.
@@ -98,8 +100,8 @@ pub struct Options {
     #[arg(long, default_value_t = 20)]
     pub p4_seconds: u64,
     /// Scenarios to run (comma-separated): P1,P2,P3,P4,P7,P8 run together; P1k,P2k,P3k (the same
-    /// through a Kafka-protocol broker) together; P2M, P5 and P6 alone.
-    #[arg(long, value_delimiter = ',', default_value = "P1,P2,P3,P4,P7,P8,P1k,P2k,P3k,P2M,P5,P6")]
+    /// through a Kafka-protocol broker) together; P2M, P5, P6 and S (shards) alone.
+    #[arg(long, value_delimiter = ',', default_value = "P1,P2,P3,P4,P7,P8,P1k,P2k,P3k,P2M,P5,P6,S")]
     pub scenarios: Vec<String>,
     /// P1k/P2k/P3k: a librdkafka property for synapse's Kafka clients (`key=value`, repeatable),
     /// e.g. `--kafka-property compression.type=zstd` to compare producer settings.
@@ -490,6 +492,22 @@ async fn run(o: Options) -> anyhow::Result<()> {
                 goal: "≤ 1%".into(),
             });
         }
+        if want("S") {
+            let work = tempfile::tempdir()?;
+            let secs = crate::shards::run(o.rows, o.txn_rows, work.path()).await?;
+            let per_sec = |s: f64| o.rows as f64 / s;
+            for (k, s) in crate::shards::COUNTS.iter().zip(&secs).skip(1) {
+                rows.push(Row {
+                    id: if *k == 2 { "S2" } else { "S4" },
+                    what: format!("apply into {k} shards, {} rows backlog", o.rows),
+                    synapse: per_sec(*s),
+                    baseline: per_sec(secs[0]),
+                    unit: "rows/s (baseline 1 shard)",
+                    higher_is_better: true,
+                    goal: "—".into(),
+                });
+            }
+        }
         if want("P6") {
             let p = crate::delivery::run(o.p6_events).await?;
             notes.push(format!(
@@ -563,6 +581,6 @@ async fn run(o: Options) -> anyhow::Result<()> {
     for n in &notes {
         println!("{n}");
     }
-    println!("\nbaselines: P1/P2 PostgreSQL publication/subscription (method: {}); P4 the same subscription, both replicating; P2c/P2M publication/subscription one way, disabled during the workload (PostgreSQL 15 cannot replicate both ways without loops); P3/P7 pg_recvlogical to /dev/null; P1k/P2k/P3k the same baselines, synapse's log on tansu 0.6 (one broker, memory storage, loopback); P5 pg_comparator 2.3 (pgcmp extension, --no-lock), reladiff in the notes; P8 psql COPY | psql COPY; P6a/b the same bodies POSTed by a plain HTTP client (same batch and concurrency, unsigned, unordered); P6c pg_recvlogical (test_decoding) commit → COMMIT line.", o.method.short());
+    println!("\nbaselines: P1/P2 PostgreSQL publication/subscription (method: {}); P4 the same subscription, both replicating; P2c/P2M publication/subscription one way, disabled during the workload (PostgreSQL 15 cannot replicate both ways without loops); P3/P7 pg_recvlogical to /dev/null; P1k/P2k/P3k the same baselines, synapse's log on tansu 0.6 (one broker, memory storage, loopback); P5 pg_comparator 2.3 (pgcmp extension, --no-lock), reladiff in the notes; P8 psql COPY | psql COPY; P6a/b the same bodies POSTed by a plain HTTP client (same batch and concurrency, unsigned, unordered); P6c pg_recvlogical (test_decoding) commit → COMMIT line; S2/S4 synapse into one shard, same backlog, every shard a database on one server.", o.method.short());
     Ok(())
 }

@@ -226,6 +226,8 @@ fn every_route_needs_a_token_with_its_scope() {
         ("GET", "/v1/components", "", ADMIN_TOKEN, REPAIRER),
         ("POST", "/v1/components/resume", "{}", ADMIN_TOKEN, HOOKS),
         ("GET", "/v1/audit", "", ADMIN_TOKEN, READER),
+        ("GET", "/v1/positions", "", READER, HOOKS),
+        ("GET", "/v1/positions/wait?source=a&lsn=0/1&timeout_secs=0", "", READER, REPAIRER),
     ];
     for (method, path, body, allowed, lacking) in routes {
         let (status, text) = request(&api, method, path, body, None);

@@ -105,6 +105,7 @@ fn a_writer_s_rows_land_each_on_the_shard_its_rule_names() {
         shards.create_database(s).unwrap();
     }
     let dir = tempfile::tempdir().unwrap();
+    let api = format!("127.0.0.1:{}", synapse_localpg::free_port().unwrap());
     let config = dir.path().join("synapse.yaml");
     std::fs::write(
         &config,
@@ -113,7 +114,7 @@ fn a_writer_s_rows_land_each_on_the_shard_its_rule_names() {
              targets:\n  - name: shop\n    shards:\n      - {{name: s0, url: \"{s0}\"}}\n      - {{name: s1, url: \"{s1}\"}}\n\
              \x20   sharding:\n      public.orders: {{hash: customer}}\n\
              \x20     public.tickets: {{range: region, ranges: [{{shard: s0, to: 100}}, {{shard: s1, from: 100}}]}}\n\
-             ops:\n  listen: \"\"\napi:\n  listen: \"\"\n",
+             ops:\n  listen: \"\"\napi:\n  listen: \"{api}\"\n",
             log = dir.path().join("log").display(),
             src = source.url("app"),
             s0 = shards.url("s0"),
@@ -143,6 +144,37 @@ fn a_writer_s_rows_land_each_on_the_shard_its_rule_names() {
         let applied = shards.psql(s, "SELECT count(*) FROM synapse.applied WHERE source_node = 'a'").unwrap();
         assert_eq!(applied, "1", "{s}");
     }
+
+    // Reads at a cut: after a write, its source position; once every shard has applied up to
+    // it, the write is on its shard (read-your-writes across shards).
+    let mut src = SyncClient::connect(&source.url("app"));
+    for i in 0..20i64 {
+        let (customer, id) = (7 + i * 31, 500_000 + i);
+        src.batch_execute(&format!("INSERT INTO orders VALUES ({customer}, {id}, 'ryw')")).unwrap();
+        let lsn = source.psql("app", "SELECT pg_current_wal_lsn()").unwrap();
+        let (status, body) =
+            common::request(&api, "GET", &format!("/v1/positions/wait?source=a&target=shop&lsn={lsn}"), "", None);
+        let v: serde_json::Value = serde_json::from_str(&body).unwrap_or_else(|e| panic!("{e}: {status} {body}"));
+        assert_eq!((status, v["reached"].as_bool()), (200, Some(true)), "{body}");
+        assert_eq!(v["targets"].as_array().map(Vec::len), Some(2), "{body}");
+        let owner = if shards.psql("s0", &format!("SELECT hashtextextended('{customer}', 0) < 0")).unwrap() == "t" {
+            "s0"
+        } else {
+            "s1"
+        };
+        let there = shards.psql(owner, &format!("SELECT count(*) FROM orders WHERE id = {id}")).unwrap();
+        assert_eq!(there, "1", "order {id} not on {owner} once the wait said so: {body}");
+    }
+    // A position the source has not reached: not reached when the timeout passes.
+    let (status, body) =
+        common::request(&api, "GET", "/v1/positions/wait?source=a&lsn=FFFFFFFF/0&timeout_secs=0.3", "", None);
+    assert!(status == 200 && body.contains("\"reached\":false"), "{status} {body}");
+    let (status, body) = common::request(&api, "GET", "/v1/positions/wait?source=a&lsn=nonsense", "", None);
+    assert!(status == 400 && body.contains("lsn"), "{status} {body}");
+    let (status, body) = common::request(&api, "GET", "/v1/positions/wait?source=a&target=nope&lsn=0/1", "", None);
+    assert_eq!(status, 404, "{body}");
+    let (status, body) = common::request(&api, "GET", "/v1/positions", "", None);
+    assert!(status == 200 && body.contains("\"key_range\":\"80-\""), "{status} {body}");
 
     // Drift on one shard — a row of the other shard's, a lost row, a changed one — is found
     // by comparing it with its rows of the source, and repaired.

@@ -193,6 +193,7 @@ impl ApplyConfig {
 pub struct ApplyStats {
     pub transactions: AtomicU64,
     pub rows: AtomicU64,
+    /// Every log record below this offset is applied on the target (committed there).
     pub next_offset: AtomicU64,
     pub applied_lsn: AtomicU64,
     pub last_commit_time_us: AtomicI64,
@@ -373,6 +374,11 @@ impl Applier {
                 // Caught up: what is grouped so far becomes visible on the target.
                 if s.in_target_txn && open.is_none() {
                     s.commit(pos).await?;
+                }
+                if !s.in_target_txn && open.is_none() {
+                    // Everything before `pos` is applied (or was not for this target): what a
+                    // read at a cut waits for, also when the last records held no transaction.
+                    self.stats.next_offset.store(pos, Ordering::Relaxed);
                 }
                 s.report_lag(pos);
                 continue;

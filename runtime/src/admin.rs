@@ -6,9 +6,12 @@
 //!   parked component again now (what SIGHUP does); with `{"accept_gap": ["<source>"]}` those
 //!   sources' captures also cross the gap they are parked on (a new slot; stream and webhook
 //!   consumers are told; the targets are repaired by `synapse repair fix`) — scope `admin`;
-//! * `GET /v1/audit?limit=` — the newest audit entries — scope `admin`.
+//! * `GET /v1/audit?limit=` — the newest audit entries — scope `admin`;
+//! * `GET /v1/positions`, `GET /v1/positions/wait` — reads at a cut ([`crate::positions`]) —
+//!   scope `stream`.
 
 use crate::ops::{ComponentState, Health, GAP_CODE};
+use crate::positions::Positions;
 use crate::repair::RepairService;
 use axum::extract::{Query, State};
 use axum::response::{IntoResponse, Response};
@@ -26,16 +29,28 @@ struct Admin {
 }
 
 /// The admin routes, each with its scope.
-pub fn router(auth: Arc<Auth>, health: Arc<Health>, audit: Option<Arc<Audit>>, repair: Arc<RepairService>) -> Router {
+pub fn router(
+    auth: Arc<Auth>,
+    health: Arc<Health>,
+    audit: Option<Arc<Audit>>,
+    repair: Arc<RepairService>,
+    positions: Arc<Positions>,
+) -> Router {
     let scoped = |scope: Scope| axum::middleware::from_fn_with_state((auth.clone(), scope), require);
     let repair = repair.router().route_layer(scoped(Scope::Repair));
+    // Applications read at a cut with their stream tokens: nothing here changes data.
+    let reads = Router::new()
+        .route("/v1/positions", get(crate::positions::list))
+        .route("/v1/positions/wait", get(crate::positions::wait))
+        .with_state(positions)
+        .route_layer(scoped(Scope::Stream));
     let admin = Router::new()
         .route("/v1/components", get(components))
         .route("/v1/components/resume", post(resume))
         .route("/v1/audit", get(audit_log))
         .with_state(Admin { health, audit })
         .route_layer(scoped(Scope::Admin));
-    repair.merge(admin)
+    repair.merge(admin).merge(reads)
 }
 
 fn states(health: &Health) -> Value {

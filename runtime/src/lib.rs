@@ -31,6 +31,7 @@ pub mod listener_tls;
 pub mod metric_catalog;
 pub mod ops;
 pub mod pipeline;
+pub mod positions;
 pub mod repair;
 mod source_group;
 

@@ -198,7 +198,7 @@ fn source_info(config: &Config, name: &str) -> SourceInfo {
 async fn start_delivery(
     config: &Config,
     running: &mut Running,
-    health: &Arc<Health>,
+    (health, positions): (&Arc<Health>, &Arc<crate::positions::Positions>),
     shutdown: &watch::Receiver<bool>,
 ) -> anyhow::Result<BTreeMap<String, Arc<SourceLog>>> {
     let mut logs = BTreeMap::new();
@@ -275,7 +275,7 @@ async fn start_delivery(
         running.auth = Some(auth.clone());
         tracing::info!(listen = %config.api.listen, "serving /v1/streams, /v1/endpoints and the admin routes");
         let repair = Arc::new(crate::repair::RepairService::new(config.clone()));
-        let admin = crate::admin::router(auth, health.clone(), audit, repair);
+        let admin = crate::admin::router(auth, health.clone(), audit, repair, positions.clone());
         let app = synapse_connectors::api::router_with(api, admin);
         let sd = shutdown.clone();
         let tls = config.api.tls.as_ref().map(|f| crate::listener_tls::serve_with("api", f)).transpose();
@@ -350,7 +350,8 @@ pub async fn start(config: &Config, health: Arc<Health>, shutdown: watch::Receiv
         api_addr: None,
         auth: None,
     };
-    let logs = start_delivery(config, &mut running, &health, &shutdown).await?;
+    let positions = Arc::new(crate::positions::Positions::default());
+    let logs = start_delivery(config, &mut running, (&health, &positions), &shutdown).await?;
     forget_removed_appliers(config, &logs).await;
     let mut mesh_tables = BTreeMap::new();
     if let Some(m) = &config.mesh {
@@ -384,7 +385,7 @@ pub async fn start(config: &Config, health: Arc<Health>, shutdown: watch::Receiv
     if let Some(m) = config.mesh.as_ref().filter(|m| m.tombstone_purge_interval_secs > 0.0) {
         spawn_tombstone_purge(config, m, &logs, &mut running, &shutdown)?;
     }
-    let shared = Shared { config: config.clone(), health: health.clone(), logs, mesh_tables };
+    let shared = Shared { config: config.clone(), health: health.clone(), logs, mesh_tables, positions };
     match config.log.kafka.as_ref().and_then(|k| k.group.clone()) {
         // Sources are shared with the other members of the group: each runs in one of them.
         Some(group) => {
@@ -421,6 +422,8 @@ pub(crate) struct Shared {
     pub logs: BTreeMap<String, Arc<SourceLog>>,
     /// Per mesh node, its tables once its triggers are installed.
     pub mesh_tables: BTreeMap<String, watch::Receiver<Option<Vec<synapse_apply::mesh::MeshTable>>>>,
+    /// Where each capture and applier is (reads at a cut, `/v1/positions`).
+    pub positions: Arc<crate::positions::Positions>,
 }
 
 /// Where a source's components put their tasks and live figures.
@@ -495,6 +498,9 @@ pub(crate) async fn start_source(
     let Some(log) = logs.get(&source.name).map(|l| SourceLog::clone(l)) else { return Ok(false) };
     let capture = Arc::new(Capture::new(cfg));
     parts.captures.push((source.name.clone(), capture.stats()));
+    if let Some(l) = logs.get(&source.name) {
+        shared.positions.capture(&source.name, capture.stats(), l.clone());
+    }
     // The captured tables once selected, and the slot once it exists: an initial copy needs
     // both (the slot's stream must hold every change after the copy's snapshot); an applier
     // with nothing to copy needs neither and applies the log even while the capture is parked.
@@ -593,6 +599,7 @@ pub(crate) async fn start_source(
         acfg.copies_owed = Some(copies_owed.clone());
         let stats = Arc::new(ApplyStats::default());
         parts.appliers.push((component.clone(), stats.clone()));
+        shared.positions.applier(&source.name, &target.name, target.shard.clone(), stats.clone());
         let mut target_mesh =
             config.mesh.as_ref().and_then(|m| Some((m.clone(), mesh_tables.get(&target.name)?.clone())));
         let node_id = |m: &crate::config::MeshConfig| {

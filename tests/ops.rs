@@ -242,6 +242,12 @@ fn every_route_needs_a_token_with_its_scope() {
         let (status, _) = request(&ops, method, path, body, Some(allowed));
         assert_eq!(status, 404, "{method} {path} must not be on the ops listener");
     }
+    // A shard set's move: admin scope (this configuration has no shard set: 404 past the scope).
+    for (method, path) in [("GET", "/v1/shards/shop"), ("POST", "/v1/shards/shop/start")] {
+        assert_eq!(request(&api, method, path, "{}", None).0, 401, "{method} {path} without a token");
+        assert_eq!(request(&api, method, path, "{}", Some(READER)).0, 403, "{method} {path} without its scope");
+        assert_eq!(request(&api, method, path, "{}", Some(ADMIN_TOKEN)).0, 404, "{method} {path} of no set");
+    }
     for path in ["/repair/check", "/repair/fix"] {
         assert_eq!(request(&ops, "POST", path, "{}", None).0, 404, "{path} on ops");
     }

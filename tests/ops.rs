@@ -31,7 +31,9 @@ fn run_with_ops_config(_nodes: &Nodes, config: std::path::PathBuf) -> (common::S
         .unwrap()
         .replace("ops:\n  listen: \"\"", &format!("ops:\n  listen: \"{addr}\""));
     std::fs::write(&config, text).unwrap();
-    let child = synapse(&["run", "--config", config.to_str().unwrap()]).stderr(Stdio::null()).spawn().unwrap();
+    // Its log next to the configuration: a test that finds it gone shows why.
+    let log = std::fs::File::create(config.with_file_name("synapse.log")).unwrap();
+    let child = synapse(&["run", "--config", config.to_str().unwrap()]).stderr(log).spawn().unwrap();
     (common::Synapse::guard(child), addr, config)
 }
 
@@ -211,8 +213,14 @@ fn the_admin_api_checks_replicas_of_a_running_pipeline() {
 #[test]
 fn every_route_needs_a_token_with_its_scope() {
     let nodes = Nodes::start("CREATE TABLE t (id int PRIMARY KEY, v text)");
-    let (_child, ops, api, config) = run_with_api(&nodes, "");
+    let (mut child, ops, api, config) = run_with_api(&nodes, "");
     wait_ready(&ops);
+    let log = config.with_file_name("synapse.log");
+    let mut alive = || {
+        if let Some(status) = child.try_wait().unwrap() {
+            panic!("synapse exited ({status}):\n{}", common::log_tail(&log));
+        }
+    };
     // (method, path, body, the scope it needs, a token without it)
     let routes = [
         ("GET", "/v1/streams", "", READER, HOOKS),
@@ -230,6 +238,7 @@ fn every_route_needs_a_token_with_its_scope() {
         ("GET", "/v1/positions/wait?source=a&lsn=0/1&timeout_secs=0", "", READER, REPAIRER),
     ];
     for (method, path, body, allowed, lacking) in routes {
+        alive();
         let (status, text) = request(&api, method, path, body, None);
         assert_eq!(status, 401, "{method} {path} without a token: {text}");
         let (status, text) = request(&api, method, path, body, Some("not-a-token-0123456789abcdef"));

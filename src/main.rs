@@ -4,6 +4,7 @@
 mod quickstart;
 mod quickstart_mesh;
 mod repair;
+mod shards;
 
 use clap::{Parser, Subcommand};
 
@@ -39,6 +40,9 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Move a shard set to the placement of its `resharding` section, step by step: plan,
+    /// start, status, verify, switch, reverse, finish (see the README's "Resharding").
+    Shards(shards::ShardsArgs),
     /// Run the pipelines of a configuration file until SIGINT/SIGTERM.
     Run {
         /// The configuration file (YAML, or TOML by its .toml ending); see deploy/synapse.example.yaml.
@@ -170,6 +174,11 @@ fn main() -> ExitCode {
             Command::Run { config } => {
                 synapse_runtime::run(Config::load(&config)?, Some(config)).await.map(|_| ExitCode::SUCCESS)
             }
+            // Exit 1 from verify means "rows differ" (like repair check).
+            Command::Shards(a) => Ok(shards::run(a).await.unwrap_or_else(|e| {
+                eprintln!("error: {e:#}");
+                ExitCode::from(2)
+            })),
             Command::Validate { config } => {
                 let c = Config::load(&config)?;
                 println!("{}: ok ({})", config.display(), c.summary());

@@ -114,6 +114,8 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
             shards: Vec::new(),
             sharding: Default::default(),
             shard: None,
+            resharding: None,
+            reshard_role: None,
         }],
         ops: OpsConfig { listen: opts.ops_listen.clone(), tls: None },
         api: ApiConfig { listen: opts.api_listen.clone(), ..Default::default() },

@@ -158,7 +158,7 @@ fn key_text(k: &[String]) -> String {
     k.join(",")
 }
 
-fn human(r: &Report) -> String {
+pub(crate) fn human(r: &Report) -> String {
     let mut out = format!(
         "{} on {}: {} rows; {} of {} buckets ({}, {}) differ ({} {} compared)",
         r.table,

@@ -31,7 +31,9 @@ fn run_with_ops_config(_nodes: &Nodes, config: std::path::PathBuf) -> (common::S
         .unwrap()
         .replace("ops:\n  listen: \"\"", &format!("ops:\n  listen: \"{addr}\""));
     std::fs::write(&config, text).unwrap();
-    let child = synapse(&["run", "--config", config.to_str().unwrap()]).stderr(Stdio::null()).spawn().unwrap();
+    // Its log next to the configuration: a test that finds it gone shows why.
+    let log = std::fs::File::create(config.with_file_name("synapse.log")).unwrap();
+    let child = synapse(&["run", "--config", config.to_str().unwrap()]).stderr(log).spawn().unwrap();
     (common::Synapse::guard(child), addr, config)
 }
 
@@ -211,8 +213,14 @@ fn the_admin_api_checks_replicas_of_a_running_pipeline() {
 #[test]
 fn every_route_needs_a_token_with_its_scope() {
     let nodes = Nodes::start("CREATE TABLE t (id int PRIMARY KEY, v text)");
-    let (_child, ops, api, config) = run_with_api(&nodes, "");
+    let (mut child, ops, api, config) = run_with_api(&nodes, "");
     wait_ready(&ops);
+    let log = config.with_file_name("synapse.log");
+    let mut alive = || {
+        if let Some(status) = child.try_wait().unwrap() {
+            panic!("synapse exited ({status}):\n{}", common::log_tail(&log));
+        }
+    };
     // (method, path, body, the scope it needs, a token without it)
     let routes = [
         ("GET", "/v1/streams", "", READER, HOOKS),
@@ -230,6 +238,7 @@ fn every_route_needs_a_token_with_its_scope() {
         ("GET", "/v1/positions/wait?source=a&lsn=0/1&timeout_secs=0", "", READER, REPAIRER),
     ];
     for (method, path, body, allowed, lacking) in routes {
+        alive();
         let (status, text) = request(&api, method, path, body, None);
         assert_eq!(status, 401, "{method} {path} without a token: {text}");
         let (status, text) = request(&api, method, path, body, Some("not-a-token-0123456789abcdef"));
@@ -241,6 +250,12 @@ fn every_route_needs_a_token_with_its_scope() {
         assert!(![401, 403, 404].contains(&status), "{method} {path} with its scope: {status} {text}");
         let (status, _) = request(&ops, method, path, body, Some(allowed));
         assert_eq!(status, 404, "{method} {path} must not be on the ops listener");
+    }
+    // A shard set's move: admin scope (this configuration has no shard set: 404 past the scope).
+    for (method, path) in [("GET", "/v1/shards/shop"), ("POST", "/v1/shards/shop/start")] {
+        assert_eq!(request(&api, method, path, "{}", None).0, 401, "{method} {path} without a token");
+        assert_eq!(request(&api, method, path, "{}", Some(READER)).0, 403, "{method} {path} without its scope");
+        assert_eq!(request(&api, method, path, "{}", Some(ADMIN_TOKEN)).0, 404, "{method} {path} of no set");
     }
     for path in ["/repair/check", "/repair/fix"] {
         assert_eq!(request(&ops, "POST", path, "{}", None).0, 404, "{path} on ops");

@@ -18,9 +18,10 @@ const SCHEMA: &str = "
     CREATE TABLE countries (code text PRIMARY KEY, name text NOT NULL);
     INSERT INTO countries VALUES ('fr', 'France'), ('de', 'Germany');";
 
-/// Each table's rows as sorted text lines, from the query's single text column.
+/// Each table's rows as sorted text lines, from the query's single text column (none while
+/// the table is not there yet).
 fn lines(cluster: &LocalCluster, db: &str, query: &str) -> Vec<String> {
-    let out = cluster.psql(db, query).unwrap();
+    let out = cluster.psql(db, query).unwrap_or_default();
     let mut v: Vec<String> = out.lines().map(str::to_owned).filter(|l| !l.is_empty()).collect();
     v.sort();
     v
@@ -228,4 +229,243 @@ fn a_writer_s_rows_land_each_on_the_shard_its_rule_names() {
     .unwrap();
     let text = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success() && text.contains("compare one shard at a time"), "{text}");
+}
+
+/// Inserts, updates that move rows, deletes, until `stop`: the workload of a move.
+fn writer_until(url: String, stop: std::sync::Arc<std::sync::atomic::AtomicBool>) -> std::thread::JoinHandle<i64> {
+    std::thread::spawn(move || {
+        let mut c = SyncClient::connect(&url);
+        let mut t = 0i64;
+        while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+            t += 1;
+            c.batch_execute(&format!(
+                "BEGIN;
+                 INSERT INTO orders VALUES ({cust}, {id}, 'new {t}');
+                 UPDATE orders SET customer = customer + 13 WHERE id = {moved};
+                 DELETE FROM orders WHERE id = {gone};
+                 UPDATE tickets SET region = (region + 37) % 200 WHERE id = {ticket};
+                 COMMIT;",
+                cust = t % 101,
+                id = 1_000_000 + t,
+                moved = 1 + (t * 7) % 20_000,
+                gone = 1 + (t * 13) % 20_000,
+                ticket = 1 + (t * 3) % 2000,
+            ))
+            .unwrap();
+            std::thread::sleep(Duration::from_millis(3));
+        }
+        t
+    })
+}
+
+/// The hash bounds of the key ranges used below, as SQL on `hashtextextended(customer::text, 0)`.
+const HASH_RULES: [(&str, &str); 6] = [
+    ("s0", "h < 0"),
+    ("s1", "h >= 0"),
+    ("s2", "h < -4611686018427387904"),
+    ("s3", "h >= -4611686018427387904 AND h < 0"),
+    ("s4", "h >= 0 AND h < 4611686018427387904"),
+    ("s5", "h >= 4611686018427387904"),
+];
+const RANGE_RULES: [(&str, &str); 6] = [
+    ("s0", "region < 100"),
+    ("s1", "region >= 100"),
+    ("s2", "region < 50"),
+    ("s3", "region >= 50 AND region < 100"),
+    ("s4", "region >= 100 AND region < 150"),
+    ("s5", "region >= 150"),
+];
+
+/// Rows of `db` outside its shard's rules (0 when every row is where its rule says).
+fn misplaced(shards: &LocalCluster, db: &str) -> i64 {
+    let rule = |rules: &[(&str, &str)]| rules.iter().find(|(s, _)| *s == db).map(|(_, r)| r.to_string()).unwrap();
+    let q = format!(
+        "SELECT (SELECT count(*) FROM (SELECT hashtextextended(customer::text, 0) AS h FROM orders) o WHERE NOT ({}))
+              + (SELECT count(*) FROM tickets WHERE NOT ({}))",
+        rule(&HASH_RULES),
+        rule(&RANGE_RULES)
+    );
+    shards.psql(db, &q).unwrap().parse().unwrap()
+}
+
+/// Split 2 → 4 with a writer running and synapse killed -9 during the copy, the catch-up and
+/// right after the switch: the new placement ends equal to the source, rows where the rules
+/// say, no key twice; verify is clean; reverse hands back to a placement kept in sync; finish
+/// empties the retired shards. A range-sharded table moves with the hash-sharded one.
+#[test]
+fn an_online_split_survives_kill_9_and_can_be_reversed_and_finished() {
+    let source = LocalCluster::start(ClusterOptions::default()).unwrap();
+    let shards = LocalCluster::start(ClusterOptions::default()).unwrap();
+    source.create_database("app").unwrap();
+    source
+        .psql(
+            "app",
+            "CREATE TABLE orders (customer bigint, id bigint, note text, PRIMARY KEY (customer, id));
+             INSERT INTO orders SELECT g % 97, g, repeat('o', 200) FROM generate_series(1, 60000) g;
+             CREATE TABLE tickets (region int, id bigint, body text, PRIMARY KEY (region, id));
+             INSERT INTO tickets SELECT g % 200, g, 'ticket ' || g FROM generate_series(1, 2000) g;
+             CREATE TABLE countries (code text PRIMARY KEY, name text NOT NULL);
+             INSERT INTO countries VALUES ('fr', 'France'), ('de', 'Germany');",
+        )
+        .unwrap();
+    let all = ["s0", "s1", "s2", "s3", "s4", "s5"];
+    for s in all {
+        shards.create_database(s).unwrap();
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let api = format!("127.0.0.1:{}", synapse_localpg::free_port().unwrap());
+    let config = dir.path().join("synapse.yaml");
+    let url = |s: &str| shards.url(s);
+    std::fs::write(
+        &config,
+        format!(
+            "log:\n  dir: {log}\nsources:\n  - name: a\n    url: {src}\n    heartbeat_interval_secs: 0.5\n\
+             targets:\n  - name: shop\n    shards:\n      - {{name: s0, url: \"{s0}\", key_range: \"-80\"}}\n      - {{name: s1, url: \"{s1}\", key_range: \"80-\"}}\n\
+             \x20   sharding:\n      public.orders: {{hash: customer}}\n\
+             \x20     public.tickets: {{range: region, ranges: [{{shard: s0, to: 100}}, {{shard: s1, from: 100}}]}}\n\
+             \x20   resharding:\n      shards:\n\
+             \x20       - {{name: s2, url: \"{s2}\", key_range: \"-40\"}}\n\
+             \x20       - {{name: s3, url: \"{s3}\", key_range: \"40-80\"}}\n\
+             \x20       - {{name: s4, url: \"{s4}\", key_range: \"80-c0\"}}\n\
+             \x20       - {{name: s5, url: \"{s5}\", key_range: \"c0-\"}}\n\
+             \x20     sharding:\n        public.orders: {{hash: customer}}\n\
+             \x20       public.tickets: {{range: region, ranges: [{{shard: s2, to: 50}}, {{shard: s3, from: 50, to: 100}}, {{shard: s4, from: 100, to: 150}}, {{shard: s5, from: 150}}]}}\n\
+             ops:\n  listen: \"\"\napi:\n  listen: \"{api}\"\n",
+            log = dir.path().join("log").display(),
+            src = source.url("app"),
+            s0 = url("s0"),
+            s1 = url("s1"),
+            s2 = url("s2"),
+            s3 = url("s3"),
+            s4 = url("s4"),
+            s5 = url("s5"),
+        ),
+    )
+    .unwrap();
+    let log = dir.path().join("synapse.log");
+    let shards_cmd = |step: &str| {
+        let out =
+            common::synapse(&["shards", step, "--config", config.to_str().unwrap(), "--set", "shop"]).output().unwrap();
+        let text = String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+        (out.status.code(), text)
+    };
+    let (code, plan) = shards_cmd("plan");
+    assert_eq!(code, Some(0), "{plan}");
+    assert!(plan.contains("shop/s2") && plan.contains("shop/s0"), "{plan}");
+    let mut synapse = spawn_run(&config, &log);
+    wait_split(&source, &shards, &["s0", "s1"], &log);
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let writing = writer_until(source.url("app"), stop.clone());
+    let wait_api = || {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while std::net::TcpStream::connect(&api).is_err() {
+            assert!(Instant::now() < deadline, "the API never came up:\n{}", log_tail(&log));
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    };
+    wait_api();
+
+    // start, then kill -9 while the new shards copy: a lock on s2's table holds its copy in
+    // place until the kill.
+    shards
+        .psql("s2", "CREATE TABLE orders (customer bigint, id bigint, note text, PRIMARY KEY (customer, id))")
+        .unwrap();
+    let mut locker = SyncClient::connect(&shards.url("s2"));
+    locker.batch_execute("BEGIN; LOCK TABLE orders IN ACCESS EXCLUSIVE MODE").unwrap();
+    let (code, out) = shards_cmd("start");
+    assert_eq!(code, Some(0), "{out}");
+    let copying = "SELECT count(*) > 0 FROM synapse.table_sync WHERE state = 'copying'";
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while shards.psql("s2", copying).unwrap_or_default() != "t" {
+        assert!(Instant::now() < deadline, "no new shard ever copied:\n{}", log_tail(&log));
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    synapse.kill().unwrap();
+    synapse.wait().unwrap();
+    locker.batch_execute("ROLLBACK").unwrap();
+    synapse = spawn_run(&config, &log);
+    wait_api();
+    // kill -9 again while they catch up.
+    let copied =
+        |s: &str| shards.psql(s, "SELECT count(*) FROM synapse.table_sync WHERE state = 'ready'").unwrap_or_default();
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while ["s2", "s3", "s4", "s5"].iter().any(|s| copied(s) != "3") {
+        assert!(Instant::now() < deadline, "the new shards never finished copying:\n{}", log_tail(&log));
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    synapse.kill().unwrap();
+    synapse.wait().unwrap();
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert!(
+        text.contains("re-copying a table whose copy was interrupted"),
+        "the kill landed in a copy:\n{}",
+        log_tail(&log)
+    );
+    synapse = spawn_run(&config, &log);
+    wait_api();
+    // switch (it waits for the new shards to catch up), then kill -9 at once.
+    let (code, out) = shards_cmd("switch");
+    assert_eq!(code, Some(0), "{out}");
+    assert!(out.contains("switched"), "{out}");
+    synapse.kill().unwrap();
+    synapse.wait().unwrap();
+    synapse = spawn_run(&config, &log);
+    wait_api();
+    let (_, status) = shards_cmd("status");
+    assert!(status.contains("switched"), "the switch was recorded before it answered: {status}");
+
+    // The writer goes on past the switch, then stops.
+    std::thread::sleep(Duration::from_secs(1));
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let txns = writing.join().unwrap();
+    assert!(txns > 10, "the writer ran through the move: {txns} transactions");
+    // Both placements hold the source: the new one serving, the old one kept for reverse.
+    wait_split(&source, &shards, &["s2", "s3", "s4", "s5"], &log);
+    wait_split(&source, &shards, &["s0", "s1"], &log);
+    for s in all {
+        assert_eq!(misplaced(&shards, s), 0, "rows of {s} outside its rules");
+    }
+    let (code, out) = shards_cmd("verify");
+    assert_eq!(code, Some(0), "{out}");
+
+    // reverse, then switch again and finish.
+    let (code, out) = shards_cmd("reverse");
+    assert_eq!(code, Some(0), "{out}");
+    assert!(out.contains("reversed"), "{out}");
+    src_write_and_wait(&source, &api, "reverse", &["shop/s0", "shop/s1"]);
+    let (code, out) = shards_cmd("finish");
+    assert_ne!(code, Some(0), "finish is refused after a reverse: {out}");
+    let (code, out) = shards_cmd("switch");
+    assert_eq!(code, Some(0), "{out}");
+    src_write_and_wait(&source, &api, "switch", &["shop/s2", "shop/s3", "shop/s4", "shop/s5"]);
+    let (code, out) = shards_cmd("finish");
+    assert_eq!(code, Some(0), "{out}");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    for s in ["s0", "s1"] {
+        while shards.psql(s, "SELECT (SELECT count(*) FROM orders) + (SELECT count(*) FROM tickets)").unwrap() != "0" {
+            assert!(Instant::now() < deadline, "{s} still holds moved rows after finish:\n{}", log_tail(&log));
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+    wait_split(&source, &shards, &["s2", "s3", "s4", "s5"], &log);
+    drop(synapse);
+}
+
+/// Writes on the source, then waits (reads at a cut on the set) and checks the answer named
+/// exactly the serving shards.
+fn src_write_and_wait(source: &LocalCluster, api: &str, note: &str, serving: &[&str]) {
+    source.psql("app", &format!("INSERT INTO countries VALUES ('x-{note}', '{note}')")).unwrap();
+    let lsn = source.psql("app", "SELECT pg_current_wal_lsn()").unwrap();
+    let (status, body) = common::request(
+        api,
+        "GET",
+        &format!("/v1/positions/wait?source=a&target=shop&lsn={lsn}&timeout_secs=30"),
+        "",
+        None,
+    );
+    let v: serde_json::Value = serde_json::from_str(&body).unwrap_or_else(|e| panic!("{e}: {status} {body}"));
+    assert_eq!(v["reached"], true, "{body}");
+    let mut names: Vec<&str> = v["targets"].as_array().unwrap().iter().filter_map(|t| t["target"].as_str()).collect();
+    names.sort();
+    assert_eq!(names, serving, "{body}");
 }

@@ -14,6 +14,7 @@
 //!
 //! | P4 | commit → applied latency quartiles and p99 at a fixed offered rate, both replicating | publication/subscription |
 //! | S2, S4 | apply throughput of the P1 workload into 2 and 4 hash shards, from the same backlog (see shards.rs) | SynapseDB into 1 shard |
+//! | SX | an online split of the 1-shard set into 2 new shards: start until both hold their rows | `pg_dump --data-only \| psql` of the same table |
 //!
 //! P1 and P2 compare by `--method` (see [`Method`]): by default both replicators are stopped
 //! during the workload and each is timed alone from the same WAL backlog, start-up included.
@@ -494,9 +495,19 @@ async fn run(o: Options) -> anyhow::Result<()> {
         }
         if want("S") {
             let work = tempfile::tempdir()?;
-            let secs = crate::shards::run(o.rows, o.txn_rows, work.path()).await?;
+            let m = crate::shards::run(o.rows, o.txn_rows, work.path()).await?;
+            let secs = &m.apply_secs;
             let per_sec = |s: f64| o.rows as f64 / s;
-            for (k, s) in crate::shards::COUNTS.iter().zip(&secs).skip(1) {
+            rows.push(Row {
+                id: "SX",
+                what: format!("online split 1 → 2 shards, {} rows", o.rows),
+                synapse: m.split_secs,
+                baseline: m.dump_secs,
+                unit: "s (baseline pg_dump | psql)",
+                higher_is_better: false,
+                goal: "—".into(),
+            });
+            for (k, s) in crate::shards::COUNTS.iter().zip(secs).skip(1) {
                 rows.push(Row {
                     id: if *k == 2 { "S2" } else { "S4" },
                     what: format!("apply into {k} shards, {} rows backlog", o.rows),
@@ -581,6 +592,6 @@ async fn run(o: Options) -> anyhow::Result<()> {
     for n in &notes {
         println!("{n}");
     }
-    println!("\nbaselines: P1/P2 PostgreSQL publication/subscription (method: {}); P4 the same subscription, both replicating; P2c/P2M publication/subscription one way, disabled during the workload (PostgreSQL 15 cannot replicate both ways without loops); P3/P7 pg_recvlogical to /dev/null; P1k/P2k/P3k the same baselines, synapse's log on tansu 0.6 (one broker, memory storage, loopback); P5 pg_comparator 2.3 (pgcmp extension, --no-lock), reladiff in the notes; P8 psql COPY | psql COPY; P6a/b the same bodies POSTed by a plain HTTP client (same batch and concurrency, unsigned, unordered); P6c pg_recvlogical (test_decoding) commit → COMMIT line; S2/S4 synapse into one shard, same backlog, every shard a database on one server.", o.method.short());
+    println!("\nbaselines: P1/P2 PostgreSQL publication/subscription (method: {}); P4 the same subscription, both replicating; P2c/P2M publication/subscription one way, disabled during the workload (PostgreSQL 15 cannot replicate both ways without loops); P3/P7 pg_recvlogical to /dev/null; P1k/P2k/P3k the same baselines, synapse's log on tansu 0.6 (one broker, memory storage, loopback); P5 pg_comparator 2.3 (pgcmp extension, --no-lock), reladiff in the notes; P8 psql COPY | psql COPY; P6a/b the same bodies POSTed by a plain HTTP client (same batch and concurrency, unsigned, unordered); P6c pg_recvlogical (test_decoding) commit → COMMIT line; S2/S4 synapse into one shard, same backlog, every shard a database on one server; SX pg_dump --data-only | psql of the same table into one database.", o.method.short());
     Ok(())
 }

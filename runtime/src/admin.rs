@@ -8,7 +8,9 @@
 //!   consumers are told; the targets are repaired by `synapse repair fix`) — scope `admin`;
 //! * `GET /v1/audit?limit=` — the newest audit entries — scope `admin`;
 //! * `GET /v1/positions`, `GET /v1/positions/wait` — reads at a cut ([`crate::positions`]) —
-//!   scope `stream`.
+//!   scope `stream`;
+//! * `GET /v1/shards/{set}`, `POST /v1/shards/{set}/{start|switch|reverse|finish}` — a shard
+//!   set's move ([`crate::resharding`]) — scope `admin`.
 
 use crate::ops::{ComponentState, Health, GAP_CODE};
 use crate::positions::Positions;
@@ -35,6 +37,7 @@ pub fn router(
     audit: Option<Arc<Audit>>,
     repair: Arc<RepairService>,
     positions: Arc<Positions>,
+    reshard: crate::resharding::Control,
 ) -> Router {
     let scoped = |scope: Scope| axum::middleware::from_fn_with_state((auth.clone(), scope), require);
     let repair = repair.router().route_layer(scoped(Scope::Repair));
@@ -50,7 +53,12 @@ pub fn router(
         .route("/v1/audit", get(audit_log))
         .with_state(Admin { health, audit })
         .route_layer(scoped(Scope::Admin));
-    repair.merge(admin).merge(reads)
+    let shards = Router::new()
+        .route("/v1/shards/{set}", get(crate::resharding::status))
+        .route("/v1/shards/{set}/{step}", post(crate::resharding::step))
+        .with_state(reshard)
+        .route_layer(scoped(Scope::Admin));
+    repair.merge(admin).merge(reads).merge(shards)
 }
 
 fn states(health: &Health) -> Value {

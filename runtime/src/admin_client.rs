@@ -56,11 +56,20 @@ impl AdminClient {
 
     /// POSTs `body` to `path`; an error answer becomes an error with its message and hint.
     pub async fn post(&self, path: &str, body: &Value) -> anyhow::Result<Value> {
-        let mut request = self
+        let request = self
             .http
             .post(format!("{}{path}", self.base))
             .header("content-type", "application/json")
             .body(body.to_string());
+        self.send(request).await
+    }
+
+    /// GETs `path`, as [`Self::post`].
+    pub async fn get(&self, path: &str) -> anyhow::Result<Value> {
+        self.send(self.http.get(format!("{}{path}", self.base))).await
+    }
+
+    async fn send(&self, mut request: reqwest::RequestBuilder) -> anyhow::Result<Value> {
         if let Some(t) = &self.token {
             request = request.bearer_auth(t);
         }

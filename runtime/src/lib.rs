@@ -33,6 +33,7 @@ pub mod ops;
 pub mod pipeline;
 pub mod positions;
 pub mod repair;
+pub mod resharding;
 mod source_group;
 
 use std::sync::Arc;

@@ -179,6 +179,16 @@ pub const METRICS: &[(&str, Kind, &str)] = &[
     ("synapse_repair_rows_fixed_total", Counter, "Rows written by repair fix, per table"),
     ("synapse_repair_conflicts_total", Counter, "Rows repair fix resolved through the resolver, per table"),
     ("synapse_repair_unresolved_keys", Gauge, "Keys repair fix could not resolve, per table"),
+    (
+        "synapse_reshard_phase",
+        Gauge,
+        "A shard set's move: 0 none, 1 started, 2 switched, 3 reversed, 4 finished, per set",
+    ),
+    (
+        "synapse_reshard_rows_deleted_total",
+        Counter,
+        "Rows a finished move deleted from a retired shard, per set and shard",
+    ),
 ];
 
 /// Histogram buckets in seconds: 1 ms to 2 minutes, so quantiles aggregate across processes.

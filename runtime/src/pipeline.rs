@@ -6,7 +6,7 @@
 //! retry with backoff, a definite error parks only the component it concerns (logged with its
 //! code and hint, shown in /readyz and `synapse_component_state`) and the rest keeps running.
 
-use crate::config::{Config, OnGap, SourceConfig, TargetConfig};
+use crate::config::{Config, OnGap, ReshardRole, SourceConfig, TargetConfig};
 use crate::ops::{ComponentState, Health};
 use std::collections::BTreeMap;
 use std::future::Future;
@@ -198,7 +198,7 @@ fn source_info(config: &Config, name: &str) -> SourceInfo {
 async fn start_delivery(
     config: &Config,
     running: &mut Running,
-    (health, positions): (&Arc<Health>, &Arc<crate::positions::Positions>),
+    (health, positions, reshards): (&Arc<Health>, &Arc<crate::positions::Positions>, &Arc<crate::resharding::Reshards>),
     shutdown: &watch::Receiver<bool>,
 ) -> anyhow::Result<BTreeMap<String, Arc<SourceLog>>> {
     let mut logs = BTreeMap::new();
@@ -275,7 +275,18 @@ async fn start_delivery(
         running.auth = Some(auth.clone());
         tracing::info!(listen = %config.api.listen, "serving /v1/streams, /v1/endpoints and the admin routes");
         let repair = Arc::new(crate::repair::RepairService::new(config.clone()));
-        let admin = crate::admin::router(auth, health.clone(), audit, repair, positions.clone());
+        let admin = crate::admin::router(
+            auth,
+            health.clone(),
+            audit,
+            repair,
+            positions.clone(),
+            crate::resharding::Control {
+                config: config.clone(),
+                reshards: reshards.clone(),
+                positions: positions.clone(),
+            },
+        );
         let app = synapse_connectors::api::router_with(api, admin);
         let sd = shutdown.clone();
         let tls = config.api.tls.as_ref().map(|f| crate::listener_tls::serve_with("api", f)).transpose();
@@ -350,8 +361,9 @@ pub async fn start(config: &Config, health: Arc<Health>, shutdown: watch::Receiv
         api_addr: None,
         auth: None,
     };
-    let positions = Arc::new(crate::positions::Positions::default());
-    let logs = start_delivery(config, &mut running, (&health, &positions), &shutdown).await?;
+    let reshards = Arc::new(crate::resharding::Reshards::open(config)?);
+    let positions = Arc::new(crate::positions::Positions::new(reshards.clone()));
+    let logs = start_delivery(config, &mut running, (&health, &positions, &reshards), &shutdown).await?;
     forget_removed_appliers(config, &logs).await;
     let mut mesh_tables = BTreeMap::new();
     if let Some(m) = &config.mesh {
@@ -385,7 +397,7 @@ pub async fn start(config: &Config, health: Arc<Health>, shutdown: watch::Receiv
     if let Some(m) = config.mesh.as_ref().filter(|m| m.tombstone_purge_interval_secs > 0.0) {
         spawn_tombstone_purge(config, m, &logs, &mut running, &shutdown)?;
     }
-    let shared = Shared { config: config.clone(), health: health.clone(), logs, mesh_tables, positions };
+    let shared = Shared { config: config.clone(), health: health.clone(), logs, mesh_tables, positions, reshards };
     match config.log.kafka.as_ref().and_then(|k| k.group.clone()) {
         // Sources are shared with the other members of the group: each runs in one of them.
         Some(group) => {
@@ -424,6 +436,8 @@ pub(crate) struct Shared {
     pub mesh_tables: BTreeMap<String, watch::Receiver<Option<Vec<synapse_apply::mesh::MeshTable>>>>,
     /// Where each capture and applier is (reads at a cut, `/v1/positions`).
     pub positions: Arc<crate::positions::Positions>,
+    /// The shard sets' moves (new shards start, retired ones stop, on their steps).
+    pub reshards: Arc<crate::resharding::Reshards>,
 }
 
 /// Where a source's components put their tasks and live figures.
@@ -594,12 +608,17 @@ pub(crate) async fn start_source(
     }
     for target in config.targets.iter().filter(|t| config.sources_of(t).any(|s| s.name == source.name)) {
         let component = format!("apply/{}->{}", source.name, target.name);
-        health.set(&component, ComponentState::Starting);
+        let role = target.reshard_role;
+        // A new shard of a move waits for `synapse shards start`: not a component before.
+        if role != Some(ReshardRole::New) {
+            health.set(&component, ComponentState::Starting);
+        }
         let mut acfg = apply_config(target, source)?;
         acfg.copies_owed = Some(copies_owed.clone());
         let stats = Arc::new(ApplyStats::default());
         parts.appliers.push((component.clone(), stats.clone()));
-        shared.positions.applier(&source.name, &target.name, target.shard.clone(), stats.clone());
+        let mut gate = target.shard.as_ref().and_then(|s| shared.reshards.watch(&s.set));
+        let (positions, target_name) = (shared.positions.clone(), target.name.clone());
         let mut target_mesh =
             config.mesh.as_ref().and_then(|m| Some((m.clone(), mesh_tables.get(&target.name)?.clone())));
         let node_id = |m: &crate::config::MeshConfig| {
@@ -611,6 +630,22 @@ pub(crate) async fn start_source(
         let source_name = source.name.clone();
         let (copy, parallelism) = (target.initial_copy, target.copy_parallelism);
         parts.tasks.spawn(async move {
+            let shard = acfg.shard.clone();
+            if let (Some(ReshardRole::New), Some(rx)) = (role, gate.as_mut()) {
+                if crate::resharding::until(rx, &sd, |s| s.is_some()).await.is_none() {
+                    return Ok(());
+                }
+                h.set(&component, ComponentState::Starting);
+            }
+            // A retired shard applies until the move finishes (it may be reversed until then).
+            let stop = match (role, gate.clone()) {
+                (Some(ReshardRole::Retired), Some(rx)) => crate::resharding::stop_when_finished(rx, sd.clone()),
+                _ => sd.clone(),
+            };
+            if *stop.borrow() && !*sd.borrow() {
+                return crate::resharding::retire_shard(&component, &h, &sd, &acfg, &l).await;
+            }
+            positions.applier(&source_name, &target_name, shard.clone(), role, stats.clone());
             if let Some((m, rx)) = target_mesh.as_mut() {
                 let Some(tables) = ready(rx, &sd).await else { return Ok(()) };
                 acfg.mesh = Some(synapse_apply::MeshApply {
@@ -650,7 +685,10 @@ pub(crate) async fn start_source(
                 }
             }
             h.set(&component, ComponentState::Streaming);
-            supervise(&component, &h, &sd, || applier.run(&l, sd.clone())).await?;
+            supervise(&component, &h, &stop, || applier.run(&l, stop.clone())).await?;
+            if *stop.borrow() && !*sd.borrow() {
+                return crate::resharding::retire_shard(&component, &h, &sd, &acfg, &l).await;
+            }
             h.set(&component, ComponentState::Stopped);
             Ok(())
         });

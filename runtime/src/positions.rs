@@ -14,6 +14,8 @@
 //! Both are served to `stream` tokens: applications read at a cut; nothing here changes data.
 //! Sources run by another member of a Kafka consumer group are not known here.
 
+use crate::config::ReshardRole;
+use crate::resharding::{ReshardState, Reshards};
 use axum::extract::{Query, State};
 use axum::Json;
 use serde_json::{json, Value};
@@ -37,35 +39,55 @@ struct Applying {
     source: String,
     target: String,
     shard: Option<ShardAssignment>,
+    role: Option<ReshardRole>,
     stats: Arc<ApplyStats>,
 }
 
 /// The captures and appliers this process runs, registered as they start.
-#[derive(Default)]
 pub struct Positions {
     captures: Mutex<Vec<Captured>>,
     appliers: Mutex<Vec<Applying>>,
+    /// Which shards serve reads while a set moves.
+    reshards: Arc<Reshards>,
 }
 
 const POLL: Duration = Duration::from_millis(20);
 const MAX_WAIT_SECS: f64 = 300.0;
 
 impl Positions {
+    pub fn new(reshards: Arc<Reshards>) -> Positions {
+        Positions { captures: Mutex::default(), appliers: Mutex::default(), reshards }
+    }
+
+    /// Whether the applier's shard serves reads now (every applier that is not a shard of a
+    /// moving set does).
+    fn serves(&self, a: &Applying) -> bool {
+        let phase = a.shard.as_ref().and_then(|s| self.reshards.phase(&s.set));
+        ReshardState::serves(phase, a.role)
+    }
+
     pub fn capture(&self, source: &str, stats: Arc<CaptureStats>, log: Arc<SourceLog>) {
         let mut c = self.captures.lock().unwrap_or_else(PoisonError::into_inner);
         c.retain(|c| c.source != source);
         c.push(Captured { source: source.to_owned(), stats, log });
     }
 
-    pub fn applier(&self, source: &str, target: &str, shard: Option<ShardAssignment>, stats: Arc<ApplyStats>) {
+    pub fn applier(
+        &self,
+        source: &str,
+        target: &str,
+        shard: Option<ShardAssignment>,
+        role: Option<ReshardRole>,
+        stats: Arc<ApplyStats>,
+    ) {
         let mut a = self.appliers.lock().unwrap_or_else(PoisonError::into_inner);
         a.retain(|a| a.source != source || a.target != target);
-        a.push(Applying { source: source.to_owned(), target: target.to_owned(), shard, stats });
+        a.push(Applying { source: source.to_owned(), target: target.to_owned(), shard, role, stats });
     }
 
     /// Everything captured up to `lsn` is in the source's log below the returned offset
     /// (`None`: not yet, or the source is not captured here).
-    fn captured_through(&self, source: &str, lsn: Lsn) -> Result<Option<u64>, ConnectorError> {
+    pub(crate) fn captured_through(&self, source: &str, lsn: Lsn) -> Result<Option<u64>, ConnectorError> {
         let captures = self.captures.lock().unwrap_or_else(PoisonError::into_inner);
         let Some(c) = captures.iter().find(|c| c.source == source) else {
             return Err(ConnectorError::NotFound {
@@ -81,7 +103,32 @@ impl Positions {
         Ok((durable >= lsn.0).then(|| c.log.next_offset()))
     }
 
-    fn json(&self) -> Value {
+    /// Waits until every applier of `source` into `target` (see [`Self::waiting_for`]) has
+    /// applied all the source committed up to `lsn`, or `deadline`: (reached, captured, the
+    /// appliers' positions).
+    pub(crate) async fn wait_until(
+        &self,
+        source: &str,
+        target: Option<&str>,
+        lsn: Lsn,
+        deadline: Instant,
+    ) -> Result<(bool, bool, Vec<Value>), ConnectorError> {
+        self.waiting_for(source, target)?;
+        let mut through = None;
+        loop {
+            if through.is_none() {
+                through = self.captured_through(source, lsn)?;
+            }
+            let appliers = self.waiting_for(source, target)?;
+            let reached = through.is_some_and(|n| appliers.iter().all(|a| a["next_offset"].as_u64().unwrap_or(0) >= n));
+            if reached || Instant::now() >= deadline {
+                return Ok((reached, through.is_some(), appliers));
+            }
+            tokio::time::sleep(POLL).await;
+        }
+    }
+
+    pub(crate) fn json(&self) -> Value {
         let lsn = |v: u64| Lsn(v).to_string();
         let sources: Vec<Value> = self
             .captures
@@ -97,18 +144,26 @@ impl Positions {
                 })
             })
             .collect();
-        let targets: Vec<Value> =
-            self.appliers.lock().unwrap_or_else(PoisonError::into_inner).iter().map(applier_json).collect();
+        let targets: Vec<Value> = self
+            .appliers
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .iter()
+            .map(|a| applier_json(a, self.serves(a)))
+            .collect();
         json!({"sources": sources, "targets": targets})
     }
 
-    /// The appliers of `source` into `target` (a target, or a shard set: all its shards).
-    fn waiting_for(&self, source: &str, target: Option<&str>) -> Result<Vec<Value>, ConnectorError> {
+    /// The appliers of `source` into `target` (a target, or a shard set: the shards serving
+    /// it; every target: `None`).
+    pub(crate) fn waiting_for(&self, source: &str, target: Option<&str>) -> Result<Vec<Value>, ConnectorError> {
         let appliers = self.appliers.lock().unwrap_or_else(PoisonError::into_inner);
         let of = |a: &&Applying| {
-            a.source == source && target.is_none_or(|t| a.target == t || a.shard.as_ref().is_some_and(|s| s.set == t))
+            a.source == source
+                && target
+                    .is_none_or(|t| a.target == t || (a.shard.as_ref().is_some_and(|s| s.set == t) && self.serves(a)))
         };
-        let chosen: Vec<Value> = appliers.iter().filter(of).map(applier_json).collect();
+        let chosen: Vec<Value> = appliers.iter().filter(of).map(|a| applier_json(a, self.serves(a))).collect();
         if chosen.is_empty() {
             return Err(ConnectorError::NotFound {
                 what: match target {
@@ -121,17 +176,19 @@ impl Positions {
     }
 }
 
-fn applier_json(a: &Applying) -> Value {
+fn applier_json(a: &Applying, serving: bool) -> Value {
     let mut v = json!({
         "source": a.source,
         "target": a.target,
         "applied_lsn": Lsn(a.stats.applied_lsn.load(Ordering::Relaxed)).to_string(),
         "next_offset": a.stats.next_offset.load(Ordering::Relaxed),
+        "rows_copied": a.stats.rows_copied.load(Ordering::Relaxed),
     });
     if let Some(s) = &a.shard {
         v["set"] = s.set.clone().into();
         v["shard"] = s.shard.clone().into();
         v["key_range"] = s.key_range.to_string().into();
+        v["serving"] = serving.into();
     }
     v
 }
@@ -167,22 +224,6 @@ pub(crate) async fn wait(
         });
     }
     let deadline = Instant::now() + Duration::from_secs_f64(timeout);
-    p.waiting_for(&q.source, q.target.as_deref())?;
-    let mut through = None;
-    loop {
-        if through.is_none() {
-            through = p.captured_through(&q.source, lsn)?;
-        }
-        let appliers = p.waiting_for(&q.source, q.target.as_deref())?;
-        let reached = through.is_some_and(|n| appliers.iter().all(|a| a["next_offset"].as_u64().unwrap_or(0) >= n));
-        if reached || Instant::now() >= deadline {
-            return Ok(Json(json!({
-                "reached": reached,
-                "lsn": lsn.to_string(),
-                "captured": through.is_some(),
-                "targets": appliers,
-            })));
-        }
-        tokio::time::sleep(POLL).await;
-    }
+    let (reached, captured, targets) = p.wait_until(&q.source, q.target.as_deref(), lsn, deadline).await?;
+    Ok(Json(json!({"reached": reached, "lsn": lsn.to_string(), "captured": captured, "targets": targets})))
 }

@@ -14,7 +14,7 @@ mod shards;
 mod validate;
 pub use interpolate::{interpolate, MissingVar};
 pub use log::{KafkaConfig, KafkaProperties, LogConfig, LogSigningKey, PropertyValue, PublicTopicsConfig};
-pub use shards::ShardConfig;
+pub use shards::{NextShard, ReshardConfig, ReshardRole, ShardConfig};
 pub use validate::Problem;
 
 /// Defaults, with the reason for each.
@@ -487,6 +487,12 @@ pub struct TargetConfig {
     /// Set on each shard of an expanded set: what that shard's appliers keep.
     #[serde(skip)]
     pub shard: Option<synapse_apply::shards::ShardAssignment>,
+    /// The placement a shard set moves to (`synapse shards start|switch|reverse|finish`).
+    #[serde(default)]
+    pub resharding: Option<ReshardConfig>,
+    /// Set on the shards of an expanded set that is resharding: new ones, or retired ones.
+    #[serde(skip)]
+    pub reshard_role: Option<ReshardRole>,
 }
 
 fn default_copy_parallelism() -> usize {
@@ -641,6 +647,8 @@ impl Config {
                 shards: Vec::new(),
                 sharding: Default::default(),
                 shard: None,
+                resharding: None,
+                reshard_role: None,
             });
         }
     }

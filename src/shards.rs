@@ -24,6 +24,10 @@ pub struct ShardsArgs {
     /// With api.tls: the CA certificate (PEM) that signed the API's certificate.
     #[arg(long)]
     cacert: Option<std::path::PathBuf>,
+    /// status: follow the new shards' copy and catch-up as progress bars until every one has
+    /// applied its sources' logs up to their heads.
+    #[arg(long)]
+    watch: bool,
 }
 
 fn shards<'a>(config: &'a Config, set: &str) -> Vec<&'a TargetConfig> {
@@ -54,6 +58,7 @@ pub async fn run(a: ShardsArgs) -> anyhow::Result<ExitCode> {
             let api = AdminClient::new(&config, &a.token_env, a.cacert.as_deref()).await?;
             let path = format!("/v1/shards/{}", a.set);
             let status = match a.step.as_str() {
+                "status" if a.watch => return watch(&api, &path).await,
                 "status" => api.get(&path).await?,
                 step => api.post(&format!("{path}/{step}"), &serde_json::json!({})).await?,
             };
@@ -151,5 +156,68 @@ fn print_status(v: &serde_json::Value) {
             if s["serving"] == true { "serving" } else { "" },
             if applied.is_empty() { "not running".to_owned() } else { applied.join("; ") }
         );
+    }
+}
+
+/// `status --watch`: a bar per new shard — rows copied while it copies, then its position in
+/// the source's log against the log's head — redrawn twice a second until all have caught up.
+async fn watch(api: &AdminClient, path: &str) -> anyhow::Result<ExitCode> {
+    use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
+    let bars = MultiProgress::new();
+    let style =
+        ProgressStyle::with_template("{prefix:<14} [{bar:30}] {pos}/{len} log records {msg}")?.progress_chars("=> ");
+    let mut shown: std::collections::BTreeMap<String, ProgressBar> = std::collections::BTreeMap::new();
+    loop {
+        let status = api.get(path).await?;
+        if status["phase"] == "not started" {
+            print_status(&status);
+            println!("the move has not started: synapse shards start");
+            return Ok(ExitCode::SUCCESS);
+        }
+        let head = |source: &str| {
+            status["sources"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .find(|s| s["source"] == source)
+                .and_then(|s| s["log_next_offset"].as_u64())
+        };
+        let mut behind = false;
+        for s in status["shards"].as_array().into_iter().flatten().filter(|s| s["role"] == "new") {
+            let name = s["target"].as_str().unwrap_or("?").to_owned();
+            let bar = shown.entry(name.clone()).or_insert_with(|| {
+                let b = bars.add(ProgressBar::new(0).with_style(style.clone()));
+                b.set_prefix(name.clone());
+                b
+            });
+            let appliers = s["appliers"].as_array().cloned().unwrap_or_default();
+            if appliers.is_empty() {
+                bar.set_message("not running yet");
+                behind = true;
+                continue;
+            }
+            let (mut pos, mut len, mut copied) = (0, 0, 0);
+            for p in &appliers {
+                pos += p["next_offset"].as_u64().unwrap_or(0);
+                len += head(p["source"].as_str().unwrap_or("")).unwrap_or(0);
+                copied += p["rows_copied"].as_u64().unwrap_or(0);
+            }
+            behind |= pos < len;
+            bar.set_length(len.max(pos));
+            bar.set_position(pos);
+            bar.set_message(format!("{copied} rows copied{}", if s["serving"] == true { ", serving" } else { "" }));
+        }
+        if !behind {
+            for b in shown.values() {
+                b.finish();
+            }
+            println!(
+                "{}: every new shard has caught up ({})",
+                status["set"].as_str().unwrap_or("?"),
+                status["phase"].as_str().unwrap_or("?")
+            );
+            return Ok(ExitCode::SUCCESS);
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(500)).await;
     }
 }

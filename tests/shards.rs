@@ -427,6 +427,11 @@ fn an_online_split_survives_kill_9_and_can_be_reversed_and_finished() {
     }
     let (code, out) = shards_cmd("verify");
     assert_eq!(code, Some(0), "{out}");
+    let out = common::synapse(&["shards", "status", "--watch", "--config", config.to_str().unwrap(), "--set", "shop"])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success() && text.contains("every new shard has caught up"), "{text}");
 
     // reverse, then switch again and finish.
     let (code, out) = shards_cmd("reverse");

@@ -395,6 +395,8 @@ impl Control {
             "phase": phase.map_or("not started", Phase::name),
             "steps": state.map(|s| s.steps).unwrap_or_default(),
             "shards": shards,
+            // The logs' heads: how far the shards' appliers have to go.
+            "sources": positions["sources"],
         }))
     }
 }

@@ -176,3 +176,20 @@ fn the_grafana_dashboard_queries_exported_metrics() {
     .unwrap();
     assert!(!promtool(&["check", "rules", "bad.yml"], dir.path()).0, "promtool passed a broken query");
 }
+
+/// No Docker engine here to build the image: what keeps it small and its build context lean is
+/// checked instead — `target/` and `.git/` out of the context, the binary stripped, the builder's
+/// caches mounted rather than copied.
+#[test]
+fn the_image_build_leaves_build_output_out_and_strips_the_binary() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let ignore = std::fs::read_to_string(root.join(".dockerignore")).unwrap();
+    let entries: Vec<&str> = ignore.lines().map(str::trim).filter(|l| !l.is_empty() && !l.starts_with('#')).collect();
+    for must in ["target/", ".git/", "fuzz/target/"] {
+        assert!(entries.contains(&must), ".dockerignore lacks {must}: {entries:?}");
+    }
+    let dockerfile = std::fs::read_to_string(root.join("deploy/Dockerfile")).unwrap();
+    assert!(dockerfile.contains("profile.release.strip=true"), "the image's binary is not stripped");
+    assert!(dockerfile.contains("--mount=type=cache,target=/src/target"), "dependencies are rebuilt on every change");
+    assert!(dockerfile.contains("--locked"), "the image must build the locked dependencies");
+}

@@ -74,8 +74,8 @@ fn sha256_hex(s: &str) -> String {
 
 fn wait_ready(addr: &str) {
     let deadline = Instant::now() + Duration::from_secs(60);
-    while get(addr, "/readyz").map(|r| r.0) != Some(200) {
-        assert!(Instant::now() < deadline, "never ready: {:?}", get(addr, "/readyz"));
+    while get(addr, "/readyz?strict").map(|r| r.0) != Some(200) {
+        assert!(Instant::now() < deadline, "never ready: {:?}", get(addr, "/readyz?strict"));
         std::thread::sleep(Duration::from_millis(100));
     }
 }
@@ -86,7 +86,7 @@ fn readiness_and_metrics_report_the_pipeline() {
     let (mut child, addr, _) = run_with_ops(&nodes, "");
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
-        if let Some((200, body)) = get(&addr, "/readyz") {
+        if let Some((200, body)) = get(&addr, "/readyz?strict") {
             assert!(body.contains("capture/a: streaming") && body.contains("apply/a->b: streaming"), "{body}");
             break;
         }
@@ -358,4 +358,30 @@ fn tokens_rotate_on_sighup() {
     assert_eq!(request(&api, "GET", "/v1/streams", "", Some(ROTATED)).0, 200);
     assert_eq!(request(&api, "GET", "/v1/streams", "", Some(READER)).0, 401);
     drop(child);
+}
+
+/// A long initial copy keeps `/readyz` ready (the process serves; Kubernetes keeps it in
+/// service) while `/readyz?strict` waits until every component streams.
+#[test]
+fn readyz_is_ready_while_copying_and_strict_once_streaming() {
+    let nodes = Nodes::start("CREATE TABLE t (id int PRIMARY KEY, v text); INSERT INTO t VALUES (1, 'a');");
+    // The copy into the target's table waits on this lock until the test lets it go.
+    nodes.target.psql("app", "CREATE TABLE t (id int PRIMARY KEY, v text)").unwrap();
+    let mut locker = common::SyncClient::connect(&nodes.target.url("app"));
+    locker.batch_execute("BEGIN; LOCK TABLE t IN ACCESS EXCLUSIVE MODE").unwrap();
+    let (_child, addr, _) = run_with_ops(&nodes, "");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let (status, body) = get(&addr, "/readyz").unwrap_or_default();
+        if body.contains("apply/a->b: copying") {
+            assert_eq!(status, 200, "copying is ready: {body}");
+            assert_eq!(get(&addr, "/readyz?strict").map(|r| r.0), Some(503), "but not strictly");
+            break;
+        }
+        assert!(Instant::now() < deadline, "the copy never showed: {body}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    locker.batch_execute("ROLLBACK").unwrap();
+    wait_ready(&addr);
+    assert_eq!(nodes.target.psql("app", "SELECT count(*) FROM t").unwrap(), "1");
 }

@@ -200,7 +200,7 @@ fn the_listeners_serve_tls_and_pick_up_a_renewed_certificate() {
         Some((r.status().as_u16(), cn.unwrap_or("?").to_owned()))
     };
     let deadline = std::time::Instant::now() + Duration::from_secs(60);
-    while served(&ops, "/readyz").is_none_or(|(s, _)| s != 200) {
+    while served(&ops, "/readyz?strict").is_none_or(|(s, _)| s != 200) {
         assert!(std::time::Instant::now() < deadline, "ops never ready over TLS:\n{}", common::log_tail(&log));
         std::thread::sleep(Duration::from_millis(200));
     }

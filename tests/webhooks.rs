@@ -74,7 +74,7 @@ fn kill_dash_nine_during_delivery_redelivers_with_the_same_id() {
     // pipeline is ready (the API itself comes up earlier) before writing.
     let deadline = Instant::now() + Duration::from_secs(60);
     let http = reqwest::blocking::Client::new();
-    while !http.get(format!("http://{ops}/readyz")).send().is_ok_and(|r| r.status().is_success()) {
+    while !http.get(format!("http://{ops}/readyz?strict")).send().is_ok_and(|r| r.status().is_success()) {
         assert!(Instant::now() < deadline, "synapse never became ready:\n{}", std::fs::read_to_string(&log).unwrap());
         std::thread::sleep(Duration::from_millis(100));
     }

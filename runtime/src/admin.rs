@@ -86,7 +86,7 @@ fn states(health: &Health) -> Value {
 }
 
 async fn components(State(a): State<Admin>) -> Json<Value> {
-    Json(json!({"ready": a.health.ready(), "components": states(&a.health)}))
+    Json(json!({"ready": a.health.ready(), "serving": a.health.serving(), "components": states(&a.health)}))
 }
 
 #[derive(serde::Deserialize, Default)]

@@ -1,7 +1,8 @@
 //! Operations endpoints: Prometheus `/metrics`, `/livez` (the process serves requests) and
-//! `/readyz` (every pipeline component is streaming; 503 with the reasons otherwise).
+//! `/readyz` (every pipeline component is streaming, copying or re-syncing; `?strict`: every one
+//! streaming; 503 with the reasons otherwise).
 
-use axum::extract::State;
+use axum::extract::{Query, State};
 use axum::http::StatusCode;
 use axum::routing::get;
 use axum::Router;
@@ -212,9 +213,20 @@ impl Health {
         self.components.lock().map(|c| c.clone()).unwrap_or_default()
     }
 
+    /// Every component streaming: copies done, nothing parked (`/readyz?strict`).
     pub fn ready(&self) -> bool {
         let s = self.snapshot();
         !s.is_empty() && s.values().all(|v| *v == ComponentState::Streaming)
+    }
+
+    /// Every component working — streaming, or copying and re-syncing on the way there
+    /// (`/readyz`): a long initial copy does not take the process (and the stream API it
+    /// serves) out of a load balancer; starting, retrying or parked components do.
+    pub fn serving(&self) -> bool {
+        let s = self.snapshot();
+        !s.is_empty()
+            && s.values()
+                .all(|v| matches!(v, ComponentState::Streaming | ComponentState::Copying | ComponentState::Resyncing))
     }
 }
 
@@ -268,7 +280,13 @@ pub fn in_use_hint(e: &std::io::Error, field: &str) -> String {
     }
 }
 
-async fn readyz(State(health): State<Arc<Health>>) -> (StatusCode, String) {
+#[derive(serde::Deserialize)]
+struct ReadyQuery {
+    /// Present (`/readyz?strict`): ready only when every component streams.
+    strict: Option<String>,
+}
+
+async fn readyz(State(health): State<Arc<Health>>, Query(q): Query<ReadyQuery>) -> (StatusCode, String) {
     let mut body = String::new();
     let notes = health.notes.lock().map(|n| n.clone()).unwrap_or_default();
     for (name, state) in health.snapshot() {
@@ -277,7 +295,8 @@ async fn readyz(State(health): State<Arc<Health>>) -> (StatusCode, String) {
             None => body.push_str(&format!("{name}: {state}\n")),
         }
     }
-    if health.ready() {
+    let ok = if q.strict.is_some() { health.ready() } else { health.serving() };
+    if ok {
         (StatusCode::OK, body)
     } else {
         (StatusCode::SERVICE_UNAVAILABLE, body)

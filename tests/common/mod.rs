@@ -160,7 +160,7 @@ pub fn post(addr: &str, path: &str, body: &str) -> (u16, String) {
 /// fails with the tail of its `log`.
 pub fn wait_ready(ops: &str, log: &Path, secs: u64) {
     let deadline = std::time::Instant::now() + Duration::from_secs(secs);
-    while !reqwest::blocking::get(format!("http://{ops}/readyz")).is_ok_and(|r| r.status() == 200) {
+    while !reqwest::blocking::get(format!("http://{ops}/readyz?strict")).is_ok_and(|r| r.status() == 200) {
         assert!(std::time::Instant::now() < deadline, "never ready:\n{}", log_tail(log));
         std::thread::sleep(Duration::from_millis(100));
     }

@@ -50,8 +50,8 @@ fn the_configurations_in_deploy_are_valid() {
     let dir = tempfile::tempdir().unwrap();
     // The ConfigMap's synapse.yaml.
     let k8s = std::fs::read_to_string(Path::new(ROOT).join("deploy/kubernetes/synapse.yaml")).unwrap();
-    let config = serde_yaml::Deserializer::from_str(&k8s)
-        .map(|d| serde_yaml::Value::deserialize(d).unwrap())
+    let config = yaml_serde::Deserializer::from_str(&k8s)
+        .map(|d| yaml_serde::Value::deserialize(d).unwrap())
         .find(|d| d["kind"] == "ConfigMap")
         .map(|d| d["data"]["synapse.yaml"].as_str().unwrap().to_owned())
         .unwrap();

@@ -609,7 +609,7 @@ impl Config {
             serde_path_to_error::deserialize(toml::Deserializer::new(text))
                 .map_err(|e| parse_error::from_toml(text, &e.path().to_string(), e.inner()))
         } else {
-            serde_path_to_error::deserialize(serde_yaml::Deserializer::from_str(text))
+            serde_path_to_error::deserialize(yaml_serde::Deserializer::from_str(text))
                 .map_err(|e| parse_error::from_yaml(text, &e.path().to_string(), e.inner()))
         };
         parsed.map_err(|(line, message, hint)| ConfigError::Parse { path: path.into(), line, message, hint })

@@ -5,9 +5,9 @@
 /// (line, message, fix).
 pub(super) type Parsed = (Option<usize>, String, Option<String>);
 
-pub(super) fn from_yaml(text: &str, path: &str, e: &serde_yaml::Error) -> Parsed {
+pub(super) fn from_yaml(text: &str, path: &str, e: &yaml_serde::Error) -> Parsed {
     let full = e.to_string();
-    // serde_yaml appends " at line L column C"; the line is reported on its own.
+    // yaml_serde appends " at line L column C"; the line is reported on its own.
     let message = full.split(" at line ").next().unwrap_or(&full).trim();
     let location = e.location().map(|l| (l.line(), l.column()));
     finish(text, path, message, location, false)
@@ -22,7 +22,7 @@ pub(super) fn from_toml(text: &str, path: &str, e: &toml::de::Error) -> Parsed {
 /// position or the field's own line, whichever is deeper in the file (the parsers point at the
 /// start of the entry when a value inside it is wrong).
 fn finish(text: &str, path: &str, message: &str, at: Option<(usize, usize)>, is_toml: bool) -> Parsed {
-    // serde_yaml starts its message with the entry's path (`webhooks[0]: …`).
+    // the YAML parser starts its message with the entry's path (`webhooks[0]: …`).
     let message = match message.split_once(": ") {
         Some((prefix, rest)) if !prefix.contains(' ') => rest,
         _ => message,

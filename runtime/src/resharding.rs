@@ -206,22 +206,15 @@ impl Reshards {
     }
 }
 
-/// Each resharding set's next placement (shard names, in order).
+/// Each resharding set's next placement (shard names, sorted): its new and kept shards.
 pub fn next_placements(config: &Config) -> BTreeMap<String, Vec<String>> {
-    let mut out = BTreeMap::new();
-    for t in &config.targets {
-        let (Some(shard), Some(role)) = (&t.shard, t.reshard_role) else { continue };
-        let entry: &mut Vec<String> = out.entry(shard.set.clone()).or_default();
-        if role == ReshardRole::New {
-            entry.push(shard.shard.clone());
-        }
-    }
-    // Kept shards are in the next placement too: those of a resharding set without a role.
-    for t in &config.targets {
-        if let Some(shard) = t.shard.as_ref().filter(|_| t.reshard_role.is_none()) {
-            if let Some(e) = out.get_mut(&shard.set) {
-                e.push(shard.shard.clone());
-            }
+    let shards = || config.targets.iter().filter_map(|t| Some((t.shard.as_ref()?, t.reshard_role)));
+    let moving: std::collections::BTreeSet<&str> =
+        shards().filter(|(_, role)| role.is_some()).map(|(s, _)| s.set.as_str()).collect();
+    let mut out: BTreeMap<String, Vec<String>> = BTreeMap::new();
+    for (s, role) in shards().filter(|(s, _)| moving.contains(s.set.as_str())) {
+        if role != Some(ReshardRole::Retired) {
+            out.entry(s.set.clone()).or_default().push(s.shard.clone());
         }
     }
     for v in out.values_mut() {

@@ -64,6 +64,17 @@ fn even_split(n: usize) -> Vec<KeyRange> {
         .collect()
 }
 
+/// Each rule's problems in a set of shards `names`, under `at` (`sharding.<table>.ranges[1]: …`
+/// becomes field and message).
+fn rule_problems(rules: &BTreeMap<String, TableRule>, at: &str, names: &[&str], p: &mut Problems) {
+    for (table, rule) in rules {
+        for problem in rule.problems(table, names) {
+            let (field, message) = problem.split_once(": ").unwrap_or(("sharding", &problem));
+            p.add(format!("{at}.{field}"), message.to_owned());
+        }
+    }
+}
+
 impl TargetConfig {
     /// The key range of each shard: as given, or the even split.
     fn key_ranges(&self) -> Vec<Option<KeyRange>> {
@@ -115,13 +126,7 @@ impl TargetConfig {
                 }
             }
         }
-        for (table, rule) in &self.sharding {
-            for problem in rule.problems(table, &names) {
-                // `sharding.<table>.ranges[1]: …` → field and message.
-                let (field, message) = problem.split_once(": ").unwrap_or(("sharding", &problem));
-                p.add(format!("{at}.{field}"), message.to_owned());
-            }
-        }
+        rule_problems(&self.sharding, &at, &names, p);
         if let Some(r) = &self.resharding {
             self.reshard_problems(r, &at, p);
         }
@@ -183,12 +188,7 @@ impl TargetConfig {
             }
         }
         let next = r.sharding.as_ref().unwrap_or(&self.sharding);
-        for (table, rule) in next {
-            for problem in rule.problems(table, &names) {
-                let (field, message) = problem.split_once(": ").unwrap_or(("sharding", &problem));
-                p.add(format!("{at}.{field}"), message.to_owned());
-            }
-        }
+        rule_problems(next, &at, &names, p);
         // The same tables, sharded the same way: only where rows live changes.
         let kinds = |rules: &BTreeMap<String, TableRule>| -> Vec<(String, Option<String>, Option<String>)> {
             rules.iter().map(|(t, r)| (t.clone(), r.hash.clone(), r.range.clone())).collect()

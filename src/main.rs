@@ -1,6 +1,7 @@
 //! The `synapse` command line: parses arguments and calls the crates. What `synapse run` does
 //! is in `synapse-runtime`; the benchmarks are the `synapse-bench` binary (bench/).
 
+mod mesh;
 mod quickstart;
 mod quickstart_mesh;
 mod repair;
@@ -43,6 +44,9 @@ enum Command {
     /// Move a shard set to the placement of its `resharding` section, step by step: plan,
     /// start, status, verify, switch, reverse, finish (see the README's "Resharding").
     Shards(shards::ShardsArgs),
+    /// The mesh's membership: status [--watch], or join a node from a donor's snapshot while
+    /// every node keeps writing (see the README's "Adding and removing a region").
+    Mesh(mesh::MeshArgs),
     /// Run the pipelines of a configuration file until SIGINT/SIGTERM.
     Run {
         /// The configuration file (YAML, or TOML by its .toml ending); see deploy/synapse.example.yaml.
@@ -176,6 +180,10 @@ fn main() -> ExitCode {
             }
             // Exit 1 from verify means "rows differ" (like repair check).
             Command::Shards(a) => Ok(shards::run(a).await.unwrap_or_else(|e| {
+                eprintln!("error: {e:#}");
+                ExitCode::from(2)
+            })),
+            Command::Mesh(a) => Ok(mesh::run(a).await.unwrap_or_else(|e| {
                 eprintln!("error: {e:#}");
                 ExitCode::from(2)
             })),

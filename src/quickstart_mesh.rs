@@ -92,11 +92,13 @@ pub async fn run(regions: usize, duration: Option<Duration>, ops_listen: String)
                     id: i as u16 + 1,
                     url: SecretUrl::new(n.url("app")),
                     region: Some((*name).to_owned()),
+                    join_from: None,
                 })
                 .collect(),
             tables: vec!["public.accounts".into()],
             tombstone_purge_interval_secs: 60.0,
             hub: None,
+            on_new_node: Default::default(),
             merge_functions: Default::default(),
             columns: [(
                 "public.accounts".to_string(),

@@ -43,6 +43,19 @@ pub enum ApplyError {
     /// or a moved row lacks a value. That shard's applier stops here; the others go on.
     #[error("shard {shard}: table {table} cannot be routed: {message}")]
     Shard { table: String, shard: String, message: String },
+    /// A node cannot join the mesh as it is (rows in its mesh tables, a table the donor's
+    /// definition cannot make there): it stays out; the rest of the mesh goes on.
+    #[error("mesh node {node} cannot join: {message}")]
+    Join { node: String, message: String },
+    /// A node in `mesh.nodes` that has not joined, with `mesh.on_new_node: wait`.
+    #[error("mesh node {node} has not joined the mesh (mesh.on_new_node: wait); it would join from {donor}")]
+    NotJoined { node: String, donor: String },
+    /// The donor a node would join from is not a member yet (itself joining, or unreachable).
+    #[error("mesh node {node} cannot join from {donor} yet: {donor} is not a member of the mesh")]
+    DonorNotMember { node: String, donor: String },
+    /// A node that left the mesh is still in `mesh.nodes`.
+    #[error("mesh node {node} left the mesh")]
+    LeftMesh { node: String },
     /// The target's `synapse.*` tables could not be brought to this release's version.
     #[error("target: {0}")]
     NodeSchema(#[from] synapse_postgres::node_schema::NodeSchemaError),
@@ -77,6 +90,10 @@ impl synapse_error::Classify for ApplyError {
             ApplyError::Malformed { .. } => "APP008",
             ApplyError::SchemaChange { .. } => "APP009",
             ApplyError::Shard { .. } => "APP010",
+            ApplyError::Join { .. } => "APP011",
+            ApplyError::NotJoined { .. } => "APP012",
+            ApplyError::DonorNotMember { .. } => "APP013",
+            ApplyError::LeftMesh { .. } => "APP014",
         }
     }
 
@@ -88,7 +105,7 @@ impl synapse_error::Classify for ApplyError {
             ApplyError::Target { source, .. } => synapse_postgres::is_transient(source),
             ApplyError::Log(e) => e.is_transient(),
             ApplyError::Copy(e) => e.is_transient(),
-            ApplyError::UniqueRace { .. } | ApplyError::Busy { .. } => true,
+            ApplyError::UniqueRace { .. } | ApplyError::Busy { .. } | ApplyError::DonorNotMember { .. } => true,
             ApplyError::NodeSchema(e) => e.is_transient(),
             _ => false,
         }
@@ -123,6 +140,22 @@ impl synapse_error::Classify for ApplyError {
                 ApplyError::Shard { .. } => {
                     "change the table as the message says (or its rule under targets[].sharding), then resume the \
                      shard's applier (`synapse resume`); the other shards keep applying"
+                }
+                ApplyError::Join { .. } => {
+                    "make the joining node as the message says (empty its mesh tables, or create the types and \
+                     functions its tables use), then `synapse resume`: the join starts over from a new snapshot; \
+                     the other nodes keep replicating"
+                }
+                ApplyError::NotJoined { .. } => {
+                    "run `synapse mesh join <node>` (POST /v1/mesh/nodes/<node>/join): it copies the mesh tables \
+                     with their versions from the donor, then the node catches up; or set mesh.on_new_node: join"
+                }
+                ApplyError::DonorNotMember { .. } => {
+                    "retried until the donor is a member; name another with mesh.nodes[].join_from if it never is"
+                }
+                ApplyError::LeftMesh { .. } => {
+                    "remove the node from mesh.nodes (it left: its slots and positions are gone); to bring it back, \
+                     empty its mesh tables and add it under a new id, and it joins again"
                 }
                 ApplyError::UnknownRelation { .. } => "the log lost its relation registry: re-create the log directory",
                 ApplyError::Malformed { .. } => {

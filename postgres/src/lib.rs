@@ -31,6 +31,7 @@ pub mod node_schema;
 pub mod quote;
 mod sqlstate;
 mod table;
+pub mod table_ddl;
 pub mod tls;
 
 pub use config::{redact, PgConfig, PgConfigError};

@@ -36,6 +36,7 @@ pub const MIGRATIONS: &[Migration] = &[
     Migration { version: 4, description: "tables owed a copy after joining a running capture", sql: V4 },
     Migration { version: 5, description: "mesh tables and their column strategies, per node", sql: V5 },
     Migration { version: 6, description: "a node-wide counter for version vector entries", sql: V6 },
+    Migration { version: 7, description: "this node's membership of the mesh (joining, member, left)", sql: V7 },
 ];
 
 /// The version this build reads and writes.
@@ -300,4 +301,22 @@ CREATE TABLE IF NOT EXISTS synapse.mesh_tables (
 const V6: &str = r#"
 CREATE SEQUENCE IF NOT EXISTS synapse.version_counter AS bigint START WITH 1000000000;
 GRANT USAGE ON SEQUENCE synapse.version_counter TO PUBLIC;
+"#;
+
+/// This node's membership of a mesh, one row (its own): `joining` from a donor until the copy
+/// of the mesh tables and their versions commits — in the same transaction as `member` — and
+/// `left` once it left. Kept in the node's database, next to the data it describes, so a copy
+/// and its state cannot disagree after a crash.
+const V7: &str = r#"
+CREATE TABLE IF NOT EXISTS synapse.mesh_membership (
+    node text PRIMARY KEY,
+    node_id integer NOT NULL,
+    state text NOT NULL CHECK (state IN ('joining', 'member', 'left')),
+    donor text,
+    snapshot_lsn pg_lsn,
+    rows_copied bigint NOT NULL DEFAULT 0,
+    started_at timestamptz NOT NULL DEFAULT now(),
+    joined_at timestamptz,
+    left_at timestamptz
+);
 "#;

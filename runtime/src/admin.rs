@@ -10,7 +10,9 @@
 //! * `GET /v1/positions`, `GET /v1/positions/wait` — reads at a cut ([`crate::positions`]) —
 //!   scope `stream`;
 //! * `GET /v1/shards/{set}`, `POST /v1/shards/{set}/{start|switch|reverse|finish}` — a shard
-//!   set's move ([`crate::resharding`]) — scope `admin`.
+//!   set's move ([`crate::resharding`]) — scope `admin`;
+//! * `GET /v1/mesh`, `POST /v1/mesh/nodes/{node}/join` — mesh membership and joins
+//!   ([`crate::mesh_membership`]) — scope `admin`.
 
 use crate::ops::{ComponentState, Health, GAP_CODE};
 use crate::positions::Positions;
@@ -38,6 +40,7 @@ pub fn router(
     repair: Arc<RepairService>,
     positions: Arc<Positions>,
     reshard: crate::resharding::Control,
+    members: Arc<crate::mesh_membership::Members>,
 ) -> Router {
     let scoped = |scope: Scope| axum::middleware::from_fn_with_state((auth.clone(), scope), require);
     let repair = repair.router().route_layer(scoped(Scope::Repair));
@@ -58,7 +61,12 @@ pub fn router(
         .route("/v1/shards/{set}/{step}", post(crate::resharding::step))
         .with_state(reshard)
         .route_layer(scoped(Scope::Admin));
-    repair.merge(admin).merge(reads).merge(shards)
+    let mesh = Router::new()
+        .route("/v1/mesh", get(crate::mesh_membership::status))
+        .route("/v1/mesh/nodes/{node}/join", post(crate::mesh_membership::request_join))
+        .with_state(members)
+        .route_layer(scoped(Scope::Admin));
+    repair.merge(admin).merge(reads).merge(shards).merge(mesh)
 }
 
 fn states(health: &Health) -> Value {

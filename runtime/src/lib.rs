@@ -28,6 +28,7 @@ pub mod doctor;
 mod gaps;
 pub mod listener;
 pub mod listener_tls;
+pub mod mesh_membership;
 pub mod metric_catalog;
 pub mod ops;
 pub mod pipeline;

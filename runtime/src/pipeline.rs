@@ -198,7 +198,12 @@ fn source_info(config: &Config, name: &str) -> SourceInfo {
 async fn start_delivery(
     config: &Config,
     running: &mut Running,
-    (health, positions, reshards): (&Arc<Health>, &Arc<crate::positions::Positions>, &Arc<crate::resharding::Reshards>),
+    (health, positions, reshards, members): (
+        &Arc<Health>,
+        &Arc<crate::positions::Positions>,
+        &Arc<crate::resharding::Reshards>,
+        &Arc<crate::mesh_membership::Members>,
+    ),
     shutdown: &watch::Receiver<bool>,
 ) -> anyhow::Result<BTreeMap<String, Arc<SourceLog>>> {
     let mut logs = BTreeMap::new();
@@ -286,6 +291,7 @@ async fn start_delivery(
                 reshards: reshards.clone(),
                 positions: positions.clone(),
             },
+            members.clone(),
         );
         let app = synapse_connectors::api::router_with(api, admin);
         let sd = shutdown.clone();
@@ -363,28 +369,26 @@ pub async fn start(config: &Config, health: Arc<Health>, shutdown: watch::Receiv
     };
     let reshards = Arc::new(crate::resharding::Reshards::open(config)?);
     let positions = Arc::new(crate::positions::Positions::new(reshards.clone()));
-    let logs = start_delivery(config, &mut running, (&health, &positions, &reshards), &shutdown).await?;
+    let members = Arc::new(crate::mesh_membership::Members::new(config, health.clone(), positions.clone()));
+    let logs = start_delivery(config, &mut running, (&health, &positions, &reshards, &members), &shutdown).await?;
     forget_removed_appliers(config, &logs).await;
     let mut mesh_tables = BTreeMap::new();
     if let Some(m) = &config.mesh {
-        // Each node's triggers are installed by a task of its own (a node that refuses parks
-        // alone); its capture and the appliers into it wait for them: a write made before its
-        // node's trigger exists would reach the peers without a version.
-        let policies = m.policies();
+        // Each node is made ready by a task of its own (a node that refuses parks alone): its
+        // membership settled (founded, joined from a donor's snapshot, or a member already)
+        // and its triggers installed. Its capture and the appliers into it wait for that: a
+        // write made before its node's trigger exists would reach the peers without a version,
+        // and an applier into a joining node would apply what its copy will hold.
+        let founding = members.founding().await;
         for node in &m.nodes {
             let component = format!("mesh/{}", node.name);
             health.set(&component, ComponentState::Starting);
-            let pg = node.url.pg_config().map_err(anyhow::Error::msg)?;
             let (tx, rx) = watch::channel(None);
             mesh_tables.insert(node.name.clone(), rx);
-            let (h, sd, node, tables, policies) =
-                (health.clone(), shutdown.clone(), node.clone(), m.tables.clone(), policies.clone());
+            let (h, sd, node, members, logs) =
+                (health.clone(), shutdown.clone(), node.clone(), members.clone(), logs.clone());
             running.tasks.spawn(async move {
-                let installed = supervise(&component, &h, &sd, || async {
-                    let client = synapse_apply::connect_target(&pg).await?;
-                    synapse_apply::mesh::install(&client, synapse_resolver::NodeId(node.id), &tables, &policies).await
-                })
-                .await?;
+                let installed = supervise(&component, &h, &sd, || members.prepare(&node, founding, &logs)).await?;
                 if let Some(tables) = installed {
                     tracing::info!(node = %node.name, id = node.id, region = node.region.as_deref().unwrap_or("-"), tables = tables.len(), "mesh node ready");
                     h.set(&component, ComponentState::Streaming);

@@ -154,6 +154,26 @@ impl Positions {
         json!({"sources": sources, "targets": targets})
     }
 
+    /// The appliers into `target` with how far each is behind its source's log end (where the
+    /// source is captured here).
+    pub(crate) fn catch_up(&self, target: &str) -> Vec<Value> {
+        let captures = self.captures.lock().unwrap_or_else(PoisonError::into_inner);
+        let appliers = self.appliers.lock().unwrap_or_else(PoisonError::into_inner);
+        appliers
+            .iter()
+            .filter(|a| a.target == target)
+            .map(|a| {
+                let mut v = applier_json(a, true);
+                if let Some(c) = captures.iter().find(|c| c.source == a.source) {
+                    let end = c.log.next_offset();
+                    v["log_next_offset"] = end.into();
+                    v["behind"] = end.saturating_sub(a.stats.next_offset.load(Ordering::Relaxed)).into();
+                }
+                v
+            })
+            .collect()
+    }
+
     /// The appliers of `source` into `target` (a target, or a shard set: the shards serving
     /// it; every target: `None`).
     pub(crate) fn waiting_for(&self, source: &str, target: Option<&str>) -> Result<Vec<Value>, ConnectorError> {

@@ -2,6 +2,10 @@
 #![allow(clippy::unwrap_used)]
 
 use super::spawn_run;
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use synapse_localpg::{ClusterOptions, LocalCluster};
 
@@ -149,3 +153,171 @@ impl KilledMesh {
             .join(" | ")
     }
 }
+
+// The workload of the mesh tests: concurrent writers of every column strategy, and what they
+// committed, for the checks.
+
+pub const SCHEMA: &str = "CREATE TABLE accounts (
+    id int PRIMARY KEY, owner text, note text, hits bigint NOT NULL DEFAULT 0, best int, tags text[], title text);
+    CREATE TABLE members (id int PRIMARY KEY, email text NOT NULL UNIQUE, name text)";
+/// Ids and e-mails of `members`, whose e-mail is unique: few values over many rows.
+pub const MEMBERS: i32 = 40;
+pub const EMAILS: i32 = 12;
+/// Members the writers add to and remove from `tags`.
+pub const TAGS: [&str; 5] = ["red", "green", "blue", "cyan", "gold"];
+/// Keys 1..=COUNTED hold counters and are never deleted; keys above are inserted and deleted.
+pub const COUNTED: i32 = 20;
+/// Keys 1..=DISPUTED are written only by nodes 0 and 2 during the partition and by nobody after.
+pub const DISPUTED: i32 = 8;
+pub const SHARED_MAX: i32 = 60;
+
+/// What the writers did that the checks need.
+#[derive(Default)]
+pub struct Record {
+    /// Per key, the sum of committed increments.
+    pub increments: BTreeMap<i32, i64>,
+    /// Per (node, key), the last owner written during the partition.
+    pub disputed: BTreeMap<(usize, i32), String>,
+    /// Per key, every tag some node added and every title some node wrote.
+    pub tags_added: BTreeMap<i32, BTreeSet<String>>,
+    pub titles: BTreeMap<i32, BTreeSet<String>>,
+    pub committed: u64,
+    pub failed: u64,
+}
+
+pub async fn writer(url: String, node: usize, seed: u64, phase: u8, until: Instant, record: Arc<Mutex<Record>>) {
+    let (client, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls).await.unwrap();
+    tokio::spawn(conn);
+    let mut rng = StdRng::seed_from_u64(seed * 1000 + node as u64 * 10 + phase as u64);
+    let mut n = 0u64;
+    while Instant::now() < until {
+        n += 1;
+        let op = rng.gen_range(0..115);
+        let result: Result<(), String> = if op < 35 {
+            let k = rng.gen_range(1..=COUNTED);
+            let d: i64 = rng.gen_range(-5..=10);
+            match client.execute("UPDATE accounts SET hits = hits + $1 WHERE id = $2", &[&d, &k]).await {
+                Ok(1) => {
+                    *record.lock().unwrap().increments.entry(k).or_default() += d;
+                    Ok(())
+                }
+                Ok(r) => Err(format!("increment of {k} touched {r} rows")),
+                Err(e) => Err(describe(e)),
+            }
+        } else if op < 55 {
+            // Owners of counted keys: during the partition the disputed keys belong to nodes 0
+            // and 2 only; afterwards nobody touches them, so their last writes stay concurrent.
+            let k = match phase {
+                2 if node != 1 => rng.gen_range(1..=DISPUTED),
+                _ => rng.gen_range(DISPUTED + 1..=COUNTED),
+            };
+            let owner = format!("n{node}-p{phase}-{n}");
+            match client.execute("UPDATE accounts SET owner = $1 WHERE id = $2", &[&owner, &k]).await {
+                Ok(_) => {
+                    if phase == 2 && k <= DISPUTED {
+                        record.lock().unwrap().disputed.insert((node, k), owner);
+                    }
+                    Ok(())
+                }
+                Err(e) => Err(describe(e)),
+            }
+        } else if op < 62 {
+            let k = rng.gen_range(1..=COUNTED);
+            let v: i32 = rng.gen_range(0..1000);
+            client.execute("UPDATE accounts SET best = $1 WHERE id = $2", &[&v, &k]).await.map(|_| ()).map_err(describe)
+        } else if op < 70 {
+            // Set column: add or remove one member (a removal only removes what this node saw).
+            let k = rng.gen_range(1..=SHARED_MAX);
+            let tag = TAGS[rng.gen_range(0..TAGS.len())];
+            let sql = if rng.gen_bool(0.6) {
+                "UPDATE accounts SET tags = tags || $1::text WHERE id = $2"
+            } else {
+                "UPDATE accounts SET tags = array_remove(tags, $1::text) WHERE id = $2"
+            };
+            let added = sql.contains("||");
+            match client.execute(sql, &[&tag, &k]).await {
+                Ok(n) => {
+                    if added && n == 1 {
+                        record.lock().unwrap().tags_added.entry(k).or_default().insert(tag.to_owned());
+                    }
+                    Ok(())
+                }
+                Err(e) => Err(describe(e)),
+            }
+        } else if op < 75 {
+            // Multi-value column: concurrent titles stay as siblings until a later write.
+            let k = rng.gen_range(1..=COUNTED);
+            let title = format!("t{node}-{n}");
+            match client.execute("UPDATE accounts SET title = $1 WHERE id = $2", &[&title, &k]).await {
+                Ok(_) => {
+                    record.lock().unwrap().titles.entry(k).or_default().insert(title);
+                    Ok(())
+                }
+                Err(e) => Err(describe(e)),
+            }
+        } else if op < 88 {
+            let k = rng.gen_range(COUNTED + 1..=SHARED_MAX);
+            let note = format!("n{node}-{n}");
+            client
+                .execute(
+                    "INSERT INTO accounts (id, owner, note) VALUES ($1, $2, $2) ON CONFLICT (id) DO UPDATE SET note = excluded.note",
+                    &[&k, &note],
+                )
+                .await
+                .map(|_| ())
+                .map_err(describe)
+        } else if op < 100 {
+            let k = rng.gen_range(COUNTED + 1..=SHARED_MAX);
+            client.execute("DELETE FROM accounts WHERE id = $1", &[&k]).await.map(|_| ()).map_err(describe)
+        } else {
+            // A secondary unique key under churn: few e-mails over many ids, inserted, moved and
+            // deleted on every node, so regions keep claiming values others hold or just freed.
+            let k = rng.gen_range(1..=MEMBERS);
+            let email = format!("m{}@example.com", rng.gen_range(0..EMAILS));
+            let (sql, params): (&str, Vec<&(dyn tokio_postgres::types::ToSql + Sync)>) = match rng.gen_range(0..3) {
+                0 => (
+                    "INSERT INTO members VALUES ($1, $2, $2) ON CONFLICT (id) DO UPDATE SET email = excluded.email",
+                    vec![&k, &email],
+                ),
+                1 => ("UPDATE members SET email = $2 WHERE id = $1", vec![&k, &email]),
+                _ => ("DELETE FROM members WHERE id = $1", vec![&k]),
+            };
+            match client.execute(sql, &params).await {
+                // The e-mail is taken on this node: the application sees its write refused.
+                Err(e) if e.code() == Some(&tokio_postgres::error::SqlState::UNIQUE_VIOLATION) => Ok(()),
+                r => r.map(|_| ()).map_err(describe),
+            }
+        };
+        {
+            let mut r = record.lock().unwrap();
+            match result {
+                Ok(()) => r.committed += 1,
+                // Deadlocks with the applier (both lock the row and its version) roll back the
+                // application's statement: it did not happen, exactly as the application sees it.
+                Err(e) if e.contains("deadlock") || e.contains("could not serialize") => r.failed += 1,
+                Err(e) => panic!("node {node} write failed: {e}"),
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(rng.gen_range(1..6))).await;
+    }
+}
+
+pub fn describe(e: tokio_postgres::Error) -> String {
+    match e.as_db_error() {
+        Some(d) => format!("{}: {} ({:?})", d.code().code(), d.message(), d.where_()),
+        None => e.to_string(),
+    }
+}
+
+pub fn fingerprint(node: &LocalCluster, db: &str) -> String {
+    node.psql(
+        db,
+        "SELECT (SELECT count(*) || ':' || md5(coalesce(string_agg(a::text, ';' ORDER BY id), '')) FROM accounts a)
+             || ' ' || (SELECT count(*) || ':' || md5(coalesce(string_agg(m::text, ';' ORDER BY id), '')) FROM members m)",
+    )
+    .unwrap_or_else(|e| format!("error: {e}"))
+}
+
+/// A `synapse.row_version` row as text, for dumps and comparisons.
+pub const VERSION_ROW: &str =
+    "tbl || pk::text || ' ' || vv::text || ' ' || hlc_ms || '.' || hlc_lc || ' n' || node || ' ' || cols::text";

@@ -28,13 +28,14 @@
 //!   placeholder if needed) before reading the local row, so a local transaction on the same key
 //!   either committed before (and is resolved against) or waits and then builds on the result.
 //!
-//! Files: `install` (node objects, triggers), `describe` (a table's shape), `stored` (the
+//! Files: `install` (node objects, triggers), `join` (a node joining from a donor's snapshot), `describe` (a table's shape), `stored` (the
 //! version codec), `buffer` (a transaction's peer changes, resolved at flush), `unique`
 //! (unique-key collisions), `writes` (local rows read, resolved rows written).
 
 mod buffer;
 mod describe;
 mod install;
+pub mod join;
 mod stored;
 #[cfg(test)]
 mod tests;

@@ -207,6 +207,19 @@ pub struct MeshConfig {
     /// no links to each other; their changes reach each other through the hub.
     #[serde(default)]
     pub hub: Option<String>,
+    /// A configured node that has not joined the running mesh: `join` (default) joins it on
+    /// start from a donor's snapshot; `wait` leaves it out until `synapse mesh join <node>`.
+    #[serde(default)]
+    pub on_new_node: OnNewNode,
+}
+
+/// What `synapse run` does with a mesh node that has not joined (see [`MeshConfig::on_new_node`]).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OnNewNode {
+    #[default]
+    Join,
+    Wait,
 }
 
 fn default_purge_interval() -> f64 {
@@ -224,6 +237,10 @@ pub struct MeshNode {
     /// Free-form, shown in metrics and the conflict log.
     #[serde(default)]
     pub region: Option<String>,
+    /// The member this node copies the mesh tables from when it joins (default: the hub, or
+    /// the first member in `nodes`).
+    #[serde(default)]
+    pub join_from: Option<String>,
 }
 
 impl MeshConfig {

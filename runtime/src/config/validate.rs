@@ -278,6 +278,19 @@ impl Config {
             names.push(&n.name);
             url_problem(p, format!("mesh.nodes[{i}].url"), &n.url);
         }
+        for (i, n) in m.nodes.iter().enumerate() {
+            let Some(from) = &n.join_from else { continue };
+            if from == &n.name || !m.nodes.iter().any(|o| &o.name == from) {
+                p.add(format!("mesh.nodes[{i}].join_from"), format!("`{from}` is not another node of mesh.nodes"));
+            } else if m.hub.as_ref().is_some_and(|h| h != from && h != &n.name) {
+                p.add(
+                    format!("mesh.nodes[{i}].join_from"),
+                    format!(
+                        "`{from}` is a spoke: a spoke joins from the hub, the only node that has applied every other"
+                    ),
+                );
+            }
+        }
         if m.tables.is_empty() {
             p.add("mesh.tables", "name the schema.table of every table the nodes share");
         }

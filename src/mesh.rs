@@ -1,0 +1,119 @@
+//! `synapse mesh status|join`: the mesh's membership as the running synapse sees it, and a node
+//! joining from a donor's snapshot (see `synapse_runtime::mesh_membership`), followed as
+//! progress bars. Both ask the running synapse (its admin API, scope `admin`).
+
+use std::process::ExitCode;
+use std::time::Duration;
+use synapse_runtime::admin_client::AdminClient;
+use synapse_runtime::config::Config;
+
+#[derive(clap::Args)]
+pub struct MeshArgs {
+    /// status, or join.
+    step: String,
+    /// join: the node (as named in mesh.nodes).
+    node: Option<String>,
+    /// The configuration file of the running synapse.
+    #[arg(long, short)]
+    config: std::path::PathBuf,
+    /// The environment variable holding the admin token.
+    #[arg(long, default_value = "SYNAPSE_TOKEN")]
+    token_env: String,
+    /// With api.tls: the CA certificate (PEM) that signed the API's certificate.
+    #[arg(long)]
+    cacert: Option<std::path::PathBuf>,
+    /// status: follow every joining node until all are members and caught up.
+    #[arg(long)]
+    watch: bool,
+}
+
+pub async fn run(a: MeshArgs) -> anyhow::Result<ExitCode> {
+    let config = Config::load(&a.config)?;
+    let Some(mesh) = &config.mesh else { anyhow::bail!("{} has no mesh section", a.config.display()) };
+    let api = AdminClient::new(&config, &a.token_env, a.cacert.as_deref()).await?;
+    match (a.step.as_str(), a.node.as_deref()) {
+        ("status", _) if a.watch => watch(&api, None).await,
+        ("status", _) => {
+            print_status(&api.get("/v1/mesh").await?);
+            Ok(ExitCode::SUCCESS)
+        }
+        ("join", Some(node)) => {
+            if !mesh.nodes.iter().any(|n| n.name == node) {
+                anyhow::bail!(
+                    "{node} is not in mesh.nodes of {}: add it there (and restart synapse) first",
+                    a.config.display()
+                );
+            }
+            api.post(&format!("/v1/mesh/nodes/{node}/join"), &serde_json::json!({})).await?;
+            watch(&api, Some(node)).await
+        }
+        ("join", None) => anyhow::bail!("name the node to join: synapse mesh join <node> --config …"),
+        (other, _) => anyhow::bail!("`{other}` is not a step: status or join"),
+    }
+}
+
+fn print_status(v: &serde_json::Value) {
+    println!("node          id     phase     donor       behind  component");
+    for n in v["nodes"].as_array().into_iter().flatten() {
+        println!(
+            "{:<13} {:<6} {:<9} {:<11} {:<7} {}",
+            n["name"].as_str().unwrap_or("?"),
+            n["id"],
+            n["phase"].as_str().unwrap_or("?"),
+            n["donor"].as_str().unwrap_or("-"),
+            n["records_behind"],
+            n["component"].as_str().unwrap_or("-"),
+        );
+    }
+}
+
+/// A bar per joining node (or `only`): rows copied while it copies, then the log records it
+/// has still to apply, redrawn twice a second until each is a member and caught up.
+async fn watch(api: &AdminClient, only: Option<&str>) -> anyhow::Result<ExitCode> {
+    use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
+    let bars = MultiProgress::new();
+    let style = ProgressStyle::with_template("{prefix:<12} {spinner} {msg}")?;
+    let mut shown: std::collections::BTreeMap<String, ProgressBar> = std::collections::BTreeMap::new();
+    loop {
+        let status = api.get("/v1/mesh").await?;
+        let mut pending = false;
+        for n in status["nodes"].as_array().into_iter().flatten() {
+            let name = n["name"].as_str().unwrap_or("?").to_owned();
+            if only.is_some_and(|o| o != name)
+                || (only.is_none() && n["caught_up"] == true && !shown.contains_key(&name))
+            {
+                continue;
+            }
+            let bar = shown.entry(name.clone()).or_insert_with(|| {
+                let b = bars.add(ProgressBar::new_spinner().with_style(style.clone()));
+                b.set_prefix(name.clone());
+                b
+            });
+            let join = &n["join"];
+            let msg = match n["phase"].as_str().unwrap_or("?") {
+                "joining" => format!(
+                    "copying from {}: {}/{} tables, {} rows",
+                    n["donor"].as_str().unwrap_or("?"),
+                    join["tables_done"],
+                    join["tables_total"],
+                    join["rows_copied"]
+                ),
+                "member" if n["caught_up"] == true => "member, caught up".to_owned(),
+                "member" => format!("member, catching up: {} log records behind", n["records_behind"]),
+                "waiting" => "waiting to be joined".to_owned(),
+                other => format!("{other} ({})", n["component"].as_str().unwrap_or("-")),
+            };
+            bar.set_message(msg);
+            bar.tick();
+            pending |= n["caught_up"] != true;
+        }
+        if !pending {
+            for b in shown.values() {
+                b.finish();
+            }
+            print_status(&status);
+            return Ok(ExitCode::SUCCESS);
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}

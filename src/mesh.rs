@@ -1,6 +1,7 @@
-//! `synapse mesh status|join`: the mesh's membership as the running synapse sees it, and a node
-//! joining from a donor's snapshot (see `synapse_runtime::mesh_membership`), followed as
-//! progress bars. Both ask the running synapse (its admin API, scope `admin`).
+//! `synapse mesh status|join|leave`: the mesh's membership as the running synapse sees it, a
+//! node joining from a donor's snapshot (followed as progress bars), a node leaving (see
+//! `synapse_runtime::mesh_membership`). All ask the running synapse (its admin API, scope
+//! `admin`).
 
 use std::process::ExitCode;
 use std::time::Duration;
@@ -9,9 +10,9 @@ use synapse_runtime::config::Config;
 
 #[derive(clap::Args)]
 pub struct MeshArgs {
-    /// status, or join.
+    /// status, join or leave.
     step: String,
-    /// join: the node (as named in mesh.nodes).
+    /// join, leave: the node (as named in mesh.nodes).
     node: Option<String>,
     /// The configuration file of the running synapse.
     #[arg(long, short)]
@@ -47,8 +48,15 @@ pub async fn run(a: MeshArgs) -> anyhow::Result<ExitCode> {
             api.post(&format!("/v1/mesh/nodes/{node}/join"), &serde_json::json!({})).await?;
             watch(&api, Some(node)).await
         }
-        ("join", None) => anyhow::bail!("name the node to join: synapse mesh join <node> --config …"),
-        (other, _) => anyhow::bail!("`{other}` is not a step: status or join"),
+        ("leave", Some(node)) => {
+            println!("{node}: delivering its writes to every node, then removing its slot, origins and positions…");
+            api.post(&format!("/v1/mesh/nodes/{node}/leave"), &serde_json::json!({})).await?;
+            print_status(&api.get("/v1/mesh").await?);
+            println!("{node} left the mesh: remove it from mesh.nodes");
+            Ok(ExitCode::SUCCESS)
+        }
+        ("join" | "leave", None) => anyhow::bail!("name the node: synapse mesh {} <node> --config …", a.step),
+        (other, _) => anyhow::bail!("`{other}` is not a step: status, join or leave"),
     }
 }
 
@@ -79,9 +87,8 @@ async fn watch(api: &AdminClient, only: Option<&str>) -> anyhow::Result<ExitCode
         let mut pending = false;
         for n in status["nodes"].as_array().into_iter().flatten() {
             let name = n["name"].as_str().unwrap_or("?").to_owned();
-            if only.is_some_and(|o| o != name)
-                || (only.is_none() && n["caught_up"] == true && !shown.contains_key(&name))
-            {
+            let settled = n["caught_up"] == true || n["phase"] == "left";
+            if only.is_some_and(|o| o != name) || (only.is_none() && settled && !shown.contains_key(&name)) {
                 continue;
             }
             let bar = shown.entry(name.clone()).or_insert_with(|| {
@@ -105,7 +112,7 @@ async fn watch(api: &AdminClient, only: Option<&str>) -> anyhow::Result<ExitCode
             };
             bar.set_message(msg);
             bar.tick();
-            pending |= n["caught_up"] != true;
+            pending |= !settled;
         }
         if !pending {
             for b in shown.values() {

@@ -14,7 +14,7 @@ mod common;
 use common::mesh::{fingerprint, tail, writer, Record, COUNTED, SCHEMA, VERSION_ROW};
 use common::{spawn_run, SyncClient, ADMIN_TOKEN};
 use serde_json::Value;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use synapse_localpg::{ClusterOptions, LocalCluster};
@@ -61,10 +61,88 @@ fn wait_node(api: &str, name: &str, secs: u64, log: &std::path::Path, done: impl
     }
 }
 
-#[test]
-fn a_fourth_region_joins_while_every_region_writes() {
+/// The mesh workload on the nodes whose bit is set in `active`, in one-second rounds, until
+/// stopped.
+struct Writers {
+    active: Arc<AtomicU8>,
+    stop: Arc<AtomicBool>,
+    record: Arc<Mutex<Record>>,
+    thread: std::thread::JoinHandle<()>,
+}
+
+impl Writers {
+    fn start(nodes: &[LocalCluster], active: u8) -> Writers {
+        let record = Arc::new(Mutex::new(Record::default()));
+        let stop = Arc::new(AtomicBool::new(false));
+        let active = Arc::new(AtomicU8::new(active));
+        let urls: Vec<String> = nodes.iter().map(|n| n.url("app")).collect();
+        let (r, st, a) = (record.clone(), stop.clone(), active.clone());
+        let thread = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+            let mut round = 0u64;
+            while !st.load(Ordering::SeqCst) {
+                round += 1;
+                let until = Instant::now() + Duration::from_secs(1);
+                let on = a.load(Ordering::SeqCst);
+                rt.block_on(async {
+                    let tasks: Vec<_> = (0..urls.len())
+                        .filter(|i| on & (1 << i) != 0)
+                        .map(|i| tokio::spawn(writer(urls[i].clone(), i, round, 1, until, r.clone())))
+                        .collect();
+                    for t in tasks {
+                        t.await.unwrap();
+                    }
+                });
+            }
+        });
+        Writers { active, stop, record, thread }
+    }
+
+    /// Stops after the current round; what the writers committed.
+    fn stop(self) -> Record {
+        self.stop.store(true, Ordering::SeqCst);
+        self.thread.join().unwrap();
+        std::mem::take(&mut *self.record.lock().unwrap())
+    }
+}
+
+/// Waits until the `fingerprint` of every node in `nodes` is the same.
+fn converge(nodes: &[&LocalCluster], secs: u64, log: &std::path::Path) -> String {
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    loop {
+        let f: Vec<String> = nodes.iter().map(|n| fingerprint(n, "app")).collect();
+        if f.iter().all(|x| x == &f[0]) {
+            return f[0].clone();
+        }
+        assert!(Instant::now() < deadline, "nodes differ: {f:?}\n{}", common::log_tail(log));
+        std::thread::sleep(Duration::from_millis(300));
+    }
+}
+
+/// Waits until `sql` answers the same, non-empty, on every node in `nodes` (and `want`, if
+/// given).
+fn until_same(
+    nodes: &[&LocalCluster],
+    what: &str,
+    sql: &str,
+    want: Option<&str>,
+    secs: u64,
+    log: &std::path::Path,
+) -> String {
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    loop {
+        let got: Vec<String> = nodes.iter().map(|n| n.psql("app", sql).unwrap_or_default()).collect();
+        if got.iter().all(|g| g == &got[0]) && !got[0].is_empty() && want.is_none_or(|w| got[0] == w) {
+            return got[0].clone();
+        }
+        assert!(Instant::now() < deadline, "{what} differ: {got:?}\n{}", common::log_tail(log));
+        std::thread::sleep(Duration::from_millis(300));
+    }
+}
+
+/// Four clusters, `app` on each; the first three hold the schema and the same baseline rows.
+fn four_nodes() -> Vec<LocalCluster> {
     let nodes: Vec<LocalCluster> = (0..4).map(|_| LocalCluster::start(ClusterOptions::default()).unwrap()).collect();
-    let dir = tempfile::tempdir().unwrap();
     for (i, n) in nodes.iter().enumerate() {
         n.create_database("app").unwrap();
         if i < 3 {
@@ -79,6 +157,26 @@ fn a_fourth_region_joins_while_every_region_writes() {
             .unwrap();
         }
     }
+    nodes
+}
+
+/// Waits until synapse installed the mesh on each of `nodes`.
+fn wait_installed(nodes: &[LocalCluster], log: &std::path::Path) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    for n in nodes {
+        while n.psql("app", "SELECT count(*) FROM pg_trigger WHERE tgname = 'synapse_local_write'").unwrap_or_default()
+            != "2"
+        {
+            assert!(Instant::now() < deadline, "the mesh did not start:\n{}", common::log_tail(log));
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+}
+
+#[test]
+fn a_fourth_region_joins_while_every_region_writes() {
+    let nodes = four_nodes();
+    let dir = tempfile::tempdir().unwrap();
     // Node 3 is an empty database: the join makes its tables from the donor's definitions.
     let ops = format!("127.0.0.1:{}", synapse_localpg::free_port().unwrap());
     let api = format!("127.0.0.1:{}", synapse_localpg::free_port().unwrap());
@@ -86,41 +184,10 @@ fn a_fourth_region_joins_while_every_region_writes() {
     let log = dir.path().join("synapse.log");
     std::fs::write(&config, config_yaml(&nodes, 3, dir.path(), &ops, &api)).unwrap();
     let child = spawn_run(&config, &log);
-    let deadline = Instant::now() + Duration::from_secs(60);
-    for n in &nodes[..3] {
-        while n.psql("app", "SELECT count(*) FROM pg_trigger WHERE tgname = 'synapse_local_write'").unwrap_or_default()
-            != "2"
-        {
-            assert!(Instant::now() < deadline, "the mesh did not start:\n{}", common::log_tail(&log));
-            std::thread::sleep(Duration::from_millis(100));
-        }
-    }
+    wait_installed(&nodes[..3], &log);
 
     // Writers on every member for the whole test; node 3 joins their ranks once it is ready.
-    let record = Arc::new(Mutex::new(Record::default()));
-    let stop = Arc::new(AtomicBool::new(false));
-    let active = Arc::new(AtomicUsize::new(3));
-    let urls: Vec<String> = nodes.iter().map(|n| n.url("app")).collect();
-    let writers = {
-        let (record, stop, active) = (record.clone(), stop.clone(), active.clone());
-        std::thread::spawn(move || {
-            let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
-            let mut round = 0u64;
-            while !stop.load(Ordering::SeqCst) {
-                round += 1;
-                let until = Instant::now() + Duration::from_secs(1);
-                let k = active.load(Ordering::SeqCst);
-                rt.block_on(async {
-                    let tasks: Vec<_> = (0..k)
-                        .map(|i| tokio::spawn(writer(urls[i].clone(), i, round, 1, until, record.clone())))
-                        .collect();
-                    for t in tasks {
-                        t.await.unwrap();
-                    }
-                });
-            }
-        })
-    };
+    let writers = Writers::start(&nodes, 0b0111);
     std::thread::sleep(Duration::from_secs(3));
 
     // The fourth node: its node schema made now so the test can hold its purge rounds table —
@@ -160,47 +227,18 @@ fn a_fourth_region_joins_while_every_region_writes() {
         std::thread::sleep(Duration::from_millis(100));
     }
     println!("node u3 caught up: {}", caught_up["catch_up"]);
-    active.store(4, Ordering::SeqCst);
+    writers.active.store(0b1111, Ordering::SeqCst);
     std::thread::sleep(Duration::from_secs(5));
-    stop.store(true, Ordering::SeqCst);
-    writers.join().unwrap();
+    let record = writers.stop();
 
     // All four converge: data, then every row's version, then no tombstone left.
-    let all = |sql: &str| -> Vec<String> { nodes.iter().map(|n| n.psql("app", sql).unwrap_or_default()).collect() };
-    let until_same = |what: &str, sql: &str, secs: u64| -> String {
-        let deadline = Instant::now() + Duration::from_secs(secs);
-        loop {
-            let got = all(sql);
-            if got.iter().all(|g| g == &got[0]) && !got[0].is_empty() {
-                return got[0].clone();
-            }
-            assert!(
-                Instant::now() < deadline,
-                "{what} differ: {got:?}\n{}",
-                tail(&std::fs::read_to_string(&log).unwrap_or_default())
-            );
-            std::thread::sleep(Duration::from_millis(300));
-        }
-    };
-    let deadline = Instant::now() + Duration::from_secs(180);
-    loop {
-        let f: Vec<String> = nodes.iter().map(|n| fingerprint(n, "app")).collect();
-        if f.iter().all(|x| x == &f[0]) {
-            println!("four nodes converged: {}", f[0]);
-            break;
-        }
-        assert!(Instant::now() < deadline, "nodes differ: {f:?}\n{}", common::log_tail(&log));
-        std::thread::sleep(Duration::from_millis(300));
-    }
-    until_same(
-        "row versions",
-        &format!("SELECT md5(string_agg({VERSION_ROW}, ';' ORDER BY tbl, pk::text)) FROM synapse.row_version"),
-        60,
-    );
+    let all: Vec<&LocalCluster> = nodes.iter().collect();
+    println!("four nodes converged: {}", converge(&all, 180, &log));
+    let versions =
+        format!("SELECT md5(string_agg({VERSION_ROW}, ';' ORDER BY tbl, pk::text)) FROM synapse.row_version");
+    until_same(&all, "row versions", &versions, None, 60, &log);
     // Purging ran throughout (every second), with the new node among those it waits for.
-    let purged = until_same("tombstones", "SELECT count(*) FROM synapse.row_version WHERE NOT live", 90);
-    assert_eq!(purged, "0", "tombstones left after quiescence");
-    let record = record.lock().unwrap();
+    until_same(&all, "tombstones", "SELECT count(*) FROM synapse.row_version WHERE NOT live", Some("0"), 90, &log);
     for k in 1..=COUNTED {
         let want = 100 + record.increments.get(&k).copied().unwrap_or(0);
         let got = nodes[3].psql("app", &format!("SELECT hits FROM accounts WHERE id = {k}")).unwrap();
@@ -217,4 +255,85 @@ fn a_fourth_region_joins_while_every_region_writes() {
     let writes_on_new = record.committed;
     println!("{writes_on_new} writes committed over the test ({} rolled back by deadlock)", record.failed);
     drop(child);
+}
+
+/// `synapse mesh <args…> --config <config>` with the admin token: its output, on success.
+fn mesh_cli(config: &std::path::Path, args: &[&str]) -> String {
+    let mut all = vec!["mesh"];
+    all.extend_from_slice(args);
+    all.extend_from_slice(&["--config", config.to_str().unwrap()]);
+    let out = common::synapse(&all).env("SYNAPSE_TOKEN", ADMIN_TOKEN).output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "synapse mesh {args:?}: {text}");
+    text
+}
+
+/// Hub-and-spoke: a new spoke waits to be joined (`on_new_node: wait`), joins from the hub with
+/// `synapse mesh join`; then another spoke leaves under load with `synapse mesh leave`: its
+/// writes reach everyone first, its slot and origins go, the remaining three converge with
+/// tombstones purged without it, and a restart with it still configured runs nothing of it.
+#[test]
+fn a_spoke_joins_from_the_hub_and_another_leaves() {
+    let nodes = four_nodes();
+    let dir = tempfile::tempdir().unwrap();
+    let ops = format!("127.0.0.1:{}", synapse_localpg::free_port().unwrap());
+    let api = format!("127.0.0.1:{}", synapse_localpg::free_port().unwrap());
+    let config = dir.path().join("mesh.yaml");
+    let log = dir.path().join("synapse.log");
+    let yaml = |count| {
+        config_yaml(&nodes, count, dir.path(), &ops, &api)
+            .replace("  tables: [", "  hub: u0\n  on_new_node: wait\n  tables: [")
+    };
+    std::fs::write(&config, yaml(3)).unwrap();
+    let mut child = spawn_run(&config, &log);
+    wait_installed(&nodes[..3], &log);
+    let writers = Writers::start(&nodes, 0b0111);
+    std::thread::sleep(Duration::from_secs(2));
+    common::terminate(&mut child);
+    std::fs::write(&config, yaml(4)).unwrap();
+    let child = spawn_run(&config, &log);
+    // Not joined until asked: parked with the reason and the command, the rest replicating.
+    let waiting = wait_node(&api, "u3", 60, &log, |n| n["phase"] == "waiting");
+    assert_eq!(waiting["donor"], "u0", "a spoke joins from the hub");
+    let ready = reqwest::blocking::get(format!("http://{ops}/readyz")).unwrap().text().unwrap();
+    assert!(ready.contains("APP012") && ready.contains("synapse mesh join"), "{ready}");
+    let out = mesh_cli(&config, &["join", "u3"]);
+    assert!(out.contains("caught up") || out.contains("member"), "{out}");
+    writers.active.store(0b1111, Ordering::SeqCst);
+    std::thread::sleep(Duration::from_secs(3));
+
+    // u2's application moves away; u2 leaves while the others keep writing.
+    writers.active.store(0b1011, Ordering::SeqCst);
+    std::thread::sleep(Duration::from_millis(1500));
+    let out = mesh_cli(&config, &["leave", "u2"]);
+    assert!(out.contains("u2 left the mesh"), "{out}");
+    std::thread::sleep(Duration::from_secs(2));
+    let record = writers.stop();
+    let rest: Vec<&LocalCluster> = [0, 1, 3].iter().map(|&i| &nodes[i]).collect();
+    println!("three nodes converged after u2 left: {}", converge(&rest, 180, &log));
+    let versions =
+        format!("SELECT md5(string_agg({VERSION_ROW}, ';' ORDER BY tbl, pk::text)) FROM synapse.row_version");
+    until_same(&rest, "row versions", &versions, None, 60, &log);
+    // Purging goes on without the node that left.
+    until_same(&rest, "tombstones", "SELECT count(*) FROM synapse.row_version WHERE NOT live", Some("0"), 90, &log);
+    for k in 1..=COUNTED {
+        let want = 100 + record.increments.get(&k).copied().unwrap_or(0);
+        let got = nodes[3].psql("app", &format!("SELECT hits FROM accounts WHERE id = {k}")).unwrap();
+        assert_eq!(got, want.to_string(), "counter of key {k}: the baseline plus every increment (u2's included)");
+    }
+    // Nothing of u2 is left: no slot or origin on it, no origin or position for it elsewhere.
+    assert_eq!(nodes[2].psql("app", "SELECT count(*) FROM pg_replication_slots").unwrap(), "0");
+    assert_eq!(nodes[2].psql("app", "SELECT count(*) FROM pg_replication_origin").unwrap(), "0");
+    assert_eq!(nodes[2].psql("app", "SELECT state FROM synapse.mesh_membership").unwrap(), "left");
+    for n in &rest {
+        let of_u2 = "SELECT (SELECT count(*) FROM pg_replication_origin WHERE roname LIKE 'synapse\\_u2@%')
+                          + (SELECT count(*) FROM synapse.applied WHERE source_node = 'u2')";
+        assert_eq!(n.psql("app", of_u2).unwrap(), "0");
+    }
+    // Restarted with u2 still configured: nothing of it runs, everything else is ready.
+    drop(child);
+    let _child = spawn_run(&config, &log);
+    common::wait_ready(&ops, &log, 60);
+    assert_eq!(node_status(&api, "u2")["phase"], "left");
+    assert_eq!(nodes[2].psql("app", "SELECT count(*) FROM pg_replication_slots").unwrap(), "0");
 }

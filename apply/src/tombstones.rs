@@ -38,6 +38,7 @@ use std::time::{Duration, Instant};
 use tokio_postgres::Client;
 
 /// One mesh node, as the purge reaches it.
+#[derive(Debug, Clone)]
 pub struct PurgeNode {
     pub name: String,
     pub target: synapse_postgres::PgConfig,

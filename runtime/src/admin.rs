@@ -11,7 +11,7 @@
 //!   scope `stream`;
 //! * `GET /v1/shards/{set}`, `POST /v1/shards/{set}/{start|switch|reverse|finish}` — a shard
 //!   set's move ([`crate::resharding`]) — scope `admin`;
-//! * `GET /v1/mesh`, `POST /v1/mesh/nodes/{node}/join` — mesh membership and joins
+//! * `GET /v1/mesh`, `POST /v1/mesh/nodes/{node}/join|leave` — mesh membership
 //!   ([`crate::mesh_membership`]) — scope `admin`.
 
 use crate::ops::{ComponentState, Health, GAP_CODE};
@@ -64,6 +64,7 @@ pub fn router(
     let mesh = Router::new()
         .route("/v1/mesh", get(crate::mesh_membership::status))
         .route("/v1/mesh/nodes/{node}/join", post(crate::mesh_membership::request_join))
+        .route("/v1/mesh/nodes/{node}/leave", post(crate::mesh_membership::request_leave))
         .with_state(members)
         .route_layer(scoped(Scope::Admin));
     repair.merge(admin).merge(reads).merge(shards).merge(mesh)

@@ -12,8 +12,16 @@
 //!   member its capture and the appliers into it wait; the rest of the mesh goes on. A join cut
 //!   short (kill -9, a lost connection) starts over on the next try: the copy commits whole.
 //!
-//! Routes (`GET /v1/mesh`, `POST /v1/mesh/nodes/{node}/join`, scope `admin`) show each node's
-//! phase, the join's progress and each applier's catch-up.
+//! A member **leaves** (`synapse mesh leave <node>`, `POST /v1/mesh/nodes/{node}/leave`): its
+//! writes up to the request are delivered to every other node first; then its capture and the
+//! appliers from and into it stop, its slot, triggers and the replication origins and log
+//! positions of its appliers are removed on every node, it is recorded `left` (on the node, and
+//! in `log.dir/mesh/left.json`, so a restart with the node still configured runs nothing of
+//! it), and tombstone purging stops waiting for it. Version vectors keep its entries: ids are
+//! never reused.
+//!
+//! Routes (`GET /v1/mesh`, `POST /v1/mesh/nodes/{node}/join|leave`, scope `admin`) show each
+//! node's phase, the join's progress and each applier's catch-up.
 
 use crate::config::{Config, MeshConfig, MeshNode, OnNewNode};
 use crate::ops::Health;
@@ -21,9 +29,9 @@ use crate::positions::Positions;
 use axum::extract::{Path, State};
 use axum::Json;
 use serde_json::{json, Value};
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::atomic::Ordering;
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Arc, Mutex, OnceLock, PoisonError};
 use std::time::Duration;
 use synapse_apply::mesh::join::{self, JoinProgress, JoinSpec, Membership};
 use synapse_apply::mesh::MeshTable;
@@ -31,6 +39,7 @@ use synapse_apply::{connect_target, ApplyError};
 use synapse_connectors::ConnectorError;
 use synapse_log::{ChangeLog, SourceLog};
 use synapse_resolver::NodeId;
+use tokio::sync::watch;
 
 /// Where one node stands, as this process saw it last.
 #[derive(Clone, Default)]
@@ -50,20 +59,83 @@ pub struct Members {
     health: Arc<Health>,
     positions: Arc<Positions>,
     nodes: Mutex<BTreeMap<String, NodeStatus>>,
+    /// Per node, true once it left: its components stop.
+    left: BTreeMap<String, watch::Sender<bool>>,
+    /// The logs, once open (a leave removes positions from them).
+    logs: OnceLock<BTreeMap<String, Arc<SourceLog>>>,
 }
+
+/// Where the nodes that left are recorded, under `log.dir`.
+const LEFT_DIR: &str = "mesh";
+const LEFT_FILE: &str = "left.json";
+
+/// How long a leave waits for the node's last writes to reach every other node.
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(600);
 
 /// How long the start-up survey waits for a node before counting it unknown.
 const SURVEY_TIMEOUT: Duration = Duration::from_secs(10);
 
 impl Members {
     pub fn new(config: &Config, health: Arc<Health>, positions: Arc<Positions>) -> Members {
-        let nodes = config
-            .mesh
+        let gone: BTreeSet<String> = std::fs::read(config.log.dir.join(LEFT_DIR).join(LEFT_FILE))
+            .ok()
+            .and_then(|b| serde_json::from_slice(&b).ok())
+            .unwrap_or_default();
+        let names: Vec<String> = config.mesh.iter().flat_map(|m| &m.nodes).map(|n| n.name.clone()).collect();
+        let nodes = names
             .iter()
-            .flat_map(|m| &m.nodes)
-            .map(|n| (n.name.clone(), NodeStatus { phase: "starting", ..Default::default() }))
+            .map(|n| {
+                let phase = if gone.contains(n) { "left" } else { "starting" };
+                (n.clone(), NodeStatus { phase, ..Default::default() })
+            })
             .collect();
-        Members { mesh: config.mesh.clone(), config: config.clone(), health, positions, nodes: Mutex::new(nodes) }
+        let left = names.iter().map(|n| (n.clone(), watch::channel(gone.contains(n)).0)).collect();
+        for n in names.iter().filter(|n| gone.contains(*n)) {
+            tracing::warn!(node = %n, "mesh node {n} left the mesh: nothing of it runs; remove it from mesh.nodes");
+        }
+        Members {
+            mesh: config.mesh.clone(),
+            config: config.clone(),
+            health,
+            positions,
+            nodes: Mutex::new(nodes),
+            left,
+            logs: OnceLock::new(),
+        }
+    }
+
+    /// The logs, for leaves (set once they are open).
+    pub(crate) fn set_logs(&self, logs: &BTreeMap<String, Arc<SourceLog>>) {
+        let _ = self.logs.set(logs.clone());
+    }
+
+    /// Whether `node` left the mesh (known at start from `log.dir`, or since).
+    pub fn has_left(&self, node: &str) -> bool {
+        self.left.get(node).is_some_and(|t| *t.borrow())
+    }
+
+    /// Turns true on `shutdown`, or once any of `nodes` (mesh nodes; others are ignored) left:
+    /// what a component of those nodes stops on.
+    pub(crate) fn stop_for(&self, nodes: &[&str], shutdown: &watch::Receiver<bool>) -> watch::Receiver<bool> {
+        let mut watched: Vec<watch::Receiver<bool>> =
+            nodes.iter().filter_map(|n| self.left.get(*n)).map(|t| t.subscribe()).collect();
+        if watched.is_empty() {
+            return shutdown.clone();
+        }
+        let now = *shutdown.borrow() || watched.iter().any(|w| *w.borrow());
+        let tx = Arc::new(watch::channel(now).0);
+        let rx = tx.subscribe();
+        watched.push(shutdown.clone());
+        for mut w in watched {
+            let tx = tx.clone();
+            tokio::spawn(async move {
+                tokio::select! {
+                    r = w.wait_for(|on| *on) => if r.is_ok() { let _ = tx.send(true); },
+                    _ = tx.closed() => {}
+                }
+            });
+        }
+        rx
     }
 
     fn update(&self, node: &str, f: impl FnOnce(&mut NodeStatus)) {
@@ -289,6 +361,144 @@ impl Members {
     }
 }
 
+impl Members {
+    /// Takes `node` out of the mesh (see the module's description). Idempotent: a leave cut
+    /// short is run again.
+    async fn leave(&self, node: &MeshNode) -> Result<(), String> {
+        let m = self.mesh.as_ref().ok_or("no mesh")?;
+        let pg = node.url.pg_config().map_err(|e| format!("url: {e}"))?;
+        let fail = |what: &str| {
+            let what = what.to_owned();
+            move |e: ApplyError| format!("{what}: {}", synapse_error::chain(&e))
+        };
+        let client = connect_target(&pg).await.map_err(fail("connecting to the node"))?;
+        // 1. Its writes so far reach every other node.
+        let lsn: String = client
+            .query_one("SELECT pg_current_wal_lsn()::text", &[])
+            .await
+            .map_err(|e| format!("reading the node's WAL position: {e}"))?
+            .get(0);
+        let lsn: synapse_schemas::Lsn = lsn.parse().map_err(|e| format!("{e}"))?;
+        tracing::info!(node = %node.name, %lsn, "leaving the mesh: delivering its writes up to here to every node");
+        let deadline = std::time::Instant::now() + DRAIN_TIMEOUT;
+        let (reached, _, appliers) = self
+            .positions
+            .wait_until(&node.name, None, lsn, deadline)
+            .await
+            .map_err(|e| format!("waiting for its writes to arrive: {e}"))?;
+        if !reached {
+            return Err(format!(
+                "its writes up to {lsn} did not reach every node within {DRAIN_TIMEOUT:?} (appliers: {appliers:?}); fix what holds them and ask again"
+            ));
+        }
+        // 2. Its components stop.
+        if let Some(tx) = self.left.get(&node.name) {
+            let _ = tx.send(true);
+        }
+        let own = |c: &str| {
+            c == format!("capture/{}", node.name)
+                || c.starts_with(&format!("apply/{}->", node.name))
+                || c.ends_with(&format!("->{}", node.name))
+        };
+        let stopped_by = std::time::Instant::now() + Duration::from_secs(60);
+        loop {
+            let running: Vec<String> = self
+                .health
+                .snapshot()
+                .into_iter()
+                .filter(|(c, s)| own(c) && *s != crate::ops::ComponentState::Stopped)
+                .map(|(c, _)| c)
+                .collect();
+            if running.is_empty() {
+                break;
+            }
+            if std::time::Instant::now() > stopped_by {
+                return Err(format!("its components did not stop: {}", running.join(", ")));
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        // 3. Its slot, triggers and its appliers' origins on it; its origin and position on
+        //    every other node; its positions in the logs.
+        let source = self.config.sources.iter().find(|s| s.name == node.name);
+        let slot = source.and_then(|s| crate::pipeline::capture_config(s).ok()).map(|c| c.slot);
+        client
+            .execute(
+                "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots WHERE slot_name = $1",
+                &[&slot.as_deref().unwrap_or("")],
+            )
+            .await
+            .map_err(|e| format!("removing the node's slot: {e}"))?;
+        client
+            .execute(
+                "SELECT pg_replication_origin_drop(roname) FROM pg_replication_origin WHERE left(roname, length($1)) = $1",
+                &[&synapse_schemas::APPLIED_ORIGIN_PREFIX],
+            )
+            .await
+            .map_err(|e| format!("removing the replication origins of its appliers: {e}"))?;
+        for t in &m.tables {
+            client
+                .batch_execute(&format!(
+                    "BEGIN; SET LOCAL synapse.own_ddl = on; DROP TRIGGER IF EXISTS synapse_local_write ON {0};
+                     DROP TRIGGER IF EXISTS synapse_before_write ON {0}; COMMIT",
+                    t.split('.').map(synapse_postgres::quote::ident).collect::<Vec<_>>().join(".")
+                ))
+                .await
+                .map_err(|e| format!("removing the mesh triggers of {t}: {e}"))?;
+        }
+        client
+            .execute("DELETE FROM synapse.mesh_tables", &[])
+            .await
+            .map_err(|e| format!("forgetting the mesh tables on the node: {e}"))?;
+        join::record_membership(&client, &node.name, NodeId(node.id), "left", None)
+            .await
+            .map_err(fail("recording the node left"))?;
+        for other in m.nodes.iter().filter(|o| o.name != node.name && !self.has_left(&o.name)) {
+            let opg = other.url.pg_config().map_err(|e| format!("{}: url: {e}", other.name))?;
+            let c = connect_target(&opg).await.map_err(fail(&format!("connecting to {}", other.name)))?;
+            let origin = synapse_apply::origin_name(&node.name, &opg);
+            c.execute(
+                "SELECT pg_replication_origin_drop(roname) FROM pg_replication_origin WHERE roname = $1",
+                &[&origin],
+            )
+            .await
+            .map_err(|e| format!("removing the origin of {} on {}: {e}", node.name, other.name))?;
+            c.execute("DELETE FROM synapse.applied WHERE source_node = $1", &[&node.name])
+                .await
+                .map_err(|e| format!("removing the position of {} on {}: {e}", node.name, other.name))?;
+            c.execute("DELETE FROM synapse.table_sync WHERE source_node = $1", &[&node.name])
+                .await
+                .map_err(|e| format!("removing the sync state of {} on {}: {e}", node.name, other.name))?;
+        }
+        if let Some(logs) = self.logs.get() {
+            for (name, log) in logs {
+                let consumers: Vec<String> = if name == &node.name {
+                    log.consumers().await.map_err(|e| format!("{e}"))?.into_iter().map(|(c, _)| c).collect()
+                } else {
+                    vec![format!("apply-{}", node.name)]
+                };
+                for c in consumers {
+                    log.remove_consumer(&c).await.map_err(|e| format!("removing {c} from log {name}: {e}"))?;
+                }
+            }
+        }
+        // 4. Recorded where a restart reads it first.
+        let mut gone: BTreeSet<String> =
+            self.left.iter().filter(|(_, t)| *t.borrow()).map(|(n, _)| n.clone()).collect();
+        gone.insert(node.name.clone());
+        crate::resharding::write_atomically(&self.config.log.dir.join(LEFT_DIR), LEFT_FILE, &gone)
+            .map_err(|e| format!("recording the leave in log.dir: {e}"))?;
+        let health = &self.health;
+        health.forget(&format!("mesh/{}", node.name));
+        health.forget_source(&node.name);
+        for other in &m.nodes {
+            health.forget(&format!("apply/{}->{}", other.name, node.name));
+        }
+        self.set_phase(&node.name, "left");
+        tracing::warn!(node = %node.name, "left the mesh: remove it from mesh.nodes");
+        Ok(())
+    }
+}
+
 fn join_error(node: &MeshNode, e: impl std::fmt::Display) -> ApplyError {
     ApplyError::Join { node: node.name.clone(), message: format!("url: {e}") }
 }
@@ -326,4 +536,42 @@ pub(crate) async fn request_join(
         m.health.resume_parked();
     }
     Ok(Json(m.node_json(n)))
+}
+
+/// `POST /v1/mesh/nodes/{node}/leave`: the node leaves (answers once it has; see
+/// [`Members::leave`]). 409 with what stopped it, to be fixed and asked again.
+pub(crate) async fn request_leave(
+    State(m): State<Arc<Members>>,
+    Path(node): Path<String>,
+) -> Result<Json<Value>, ConnectorError> {
+    let Some(mesh) = m.mesh.as_ref() else { return Err(ConnectorError::NotFound { what: "a mesh section".into() }) };
+    let Some(n) = mesh.nodes.iter().find(|n| n.name == node).cloned() else {
+        return Err(ConnectorError::NotFound { what: format!("mesh node {node} in mesh.nodes") });
+    };
+    if mesh.hub.as_deref() == Some(node.as_str()) {
+        return Err(ConnectorError::Conflict {
+            what: format!("{node} is the hub: every spoke replicates through it; make another node the hub first"),
+        });
+    }
+    let remaining = mesh.nodes.iter().filter(|o| o.name != node && !m.has_left(&o.name)).count();
+    if remaining < 2 {
+        return Err(ConnectorError::Conflict { what: format!("{node} leaving would leave fewer than two nodes") });
+    }
+    match m.status(&node).phase {
+        "left" => return Ok(Json(m.node_json(&n))),
+        "member" => {}
+        other => {
+            return Err(ConnectorError::Conflict { what: format!("{node} is {other}, not a member: nothing to leave") })
+        }
+    }
+    tracing::warn!(%node, "admin API: the node leaves the mesh");
+    m.set_phase(&node, "leaving");
+    match m.leave(&n).await {
+        Ok(()) => Ok(Json(m.node_json(&n))),
+        Err(e) => {
+            m.set_phase(&node, "member");
+            tracing::error!(%node, error = %e, "leaving the mesh failed; nothing of the node was removed unless said");
+            Err(ConnectorError::Conflict { what: format!("{node} could not leave: {e}") })
+        }
+    }
 }

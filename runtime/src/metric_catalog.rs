@@ -140,6 +140,12 @@ pub const METRICS: &[(&str, Kind, &str)] = &[
         "Delete tombstones purged once every node has seen them, per table",
     ),
     ("synapse_mesh_burials_announced_total", Counter, "Tombstone burials announced to the peers"),
+    (
+        "synapse_mesh_node_member",
+        Gauge,
+        "1 while the mesh node is a member (joined, or founding), 0 while it waits, joins or has left, per node",
+    ),
+    ("synapse_mesh_join_rows_total", Counter, "Rows a joining mesh node copied from its donor's snapshot, per node"),
     // Supervision
     (
         "synapse_component_state",

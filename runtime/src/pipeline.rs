@@ -372,6 +372,7 @@ pub async fn start(config: &Config, health: Arc<Health>, shutdown: watch::Receiv
     let members = Arc::new(crate::mesh_membership::Members::new(config, health.clone(), positions.clone()));
     let logs = start_delivery(config, &mut running, (&health, &positions, &reshards, &members), &shutdown).await?;
     forget_removed_appliers(config, &logs).await;
+    members.set_logs(&logs);
     let mut mesh_tables = BTreeMap::new();
     if let Some(m) = &config.mesh {
         // Each node is made ready by a task of its own (a node that refuses parks alone): its
@@ -380,7 +381,8 @@ pub async fn start(config: &Config, health: Arc<Health>, shutdown: watch::Receiv
         // write made before its node's trigger exists would reach the peers without a version,
         // and an applier into a joining node would apply what its copy will hold.
         let founding = members.founding().await;
-        for node in &m.nodes {
+        // A node that left runs nothing (its sources' and targets' parts are skipped too).
+        for node in m.nodes.iter().filter(|n| !members.has_left(&n.name)) {
             let component = format!("mesh/{}", node.name);
             health.set(&component, ComponentState::Starting);
             let (tx, rx) = watch::channel(None);
@@ -399,9 +401,10 @@ pub async fn start(config: &Config, health: Arc<Health>, shutdown: watch::Receiv
         }
     }
     if let Some(m) = config.mesh.as_ref().filter(|m| m.tombstone_purge_interval_secs > 0.0) {
-        spawn_tombstone_purge(config, m, &logs, &mut running, &shutdown)?;
+        spawn_tombstone_purge(config, m, (&logs, &members), &mut running, &shutdown)?;
     }
-    let shared = Shared { config: config.clone(), health: health.clone(), logs, mesh_tables, positions, reshards };
+    let shared =
+        Shared { config: config.clone(), health: health.clone(), logs, mesh_tables, positions, reshards, members };
     match config.log.kafka.as_ref().and_then(|k| k.group.clone()) {
         // Sources are shared with the other members of the group: each runs in one of them.
         Some(group) => {
@@ -442,6 +445,8 @@ pub(crate) struct Shared {
     pub positions: Arc<crate::positions::Positions>,
     /// The shard sets' moves (new shards start, retired ones stop, on their steps).
     pub reshards: Arc<crate::resharding::Reshards>,
+    /// The mesh's membership (the parts of a node that left stop).
+    pub members: Arc<crate::mesh_membership::Members>,
 }
 
 /// Where a source's components put their tasks and live figures.
@@ -510,6 +515,9 @@ pub(crate) async fn start_source(
     shutdown: &watch::Receiver<bool>,
 ) -> anyhow::Result<bool> {
     let (config, health, logs, mesh_tables) = (&shared.config, &shared.health, &shared.logs, &shared.mesh_tables);
+    if shared.members.has_left(&source.name) {
+        return Ok(true);
+    }
     let component = format!("capture/{}", source.name);
     health.set(&component, ComponentState::Starting);
     let cfg = capture_config(source)?;
@@ -527,7 +535,9 @@ pub(crate) async fn start_source(
     if source.max_slot_lag_bytes.is_some() || source.max_slot_lag_secs.is_some() {
         parts.tasks.spawn(watch_slot_lag(source.clone(), capture.stats(), health.clone(), shutdown.clone()));
     }
-    let (c, l, h, sd, name) = (capture.clone(), log.clone(), health.clone(), shutdown.clone(), source.name.clone());
+    // A mesh node's capture also stops when the node leaves.
+    let sd = shared.members.stop_for(&[&source.name], shutdown);
+    let (c, l, h, name) = (capture.clone(), log.clone(), health.clone(), source.name.clone());
     let mut own_mesh = mesh_tables.get(&source.name).cloned();
     let comp = component.clone();
     let resync = source.on_gap == OnGap::Resync;
@@ -610,7 +620,8 @@ pub(crate) async fn start_source(
             shutdown,
         )?;
     }
-    for target in config.targets.iter().filter(|t| config.sources_of(t).any(|s| s.name == source.name)) {
+    let targets = config.targets.iter().filter(|t| !shared.members.has_left(&t.name));
+    for target in targets.filter(|t| config.sources_of(t).any(|s| s.name == source.name)) {
         let component = format!("apply/{}->{}", source.name, target.name);
         let role = target.reshard_role;
         // A new shard of a move waits for `synapse shards start`: not a component before.
@@ -629,8 +640,10 @@ pub(crate) async fn start_source(
             synapse_resolver::NodeId(m.nodes.iter().find(|n| n.name == target.name).map(|n| n.id).unwrap_or_default())
         };
         let node = config.mesh.as_ref().map(node_id).unwrap_or_default();
-        let (c, l, h, sd, mut tables_rx, mut slot_rx) =
-            (capture.clone(), log.clone(), health.clone(), shutdown.clone(), tables_rx.clone(), slot_rx.clone());
+        // Stops too when either mesh node leaves.
+        let sd = shared.members.stop_for(&[&source.name, &target.name], shutdown);
+        let (c, l, h, mut tables_rx, mut slot_rx) =
+            (capture.clone(), log.clone(), health.clone(), tables_rx.clone(), slot_rx.clone());
         let source_name = source.name.clone();
         let (copy, parallelism) = (target.initial_copy, target.copy_parallelism);
         parts.tasks.spawn(async move {
@@ -752,7 +765,7 @@ fn spawn_publisher(
 fn spawn_tombstone_purge(
     config: &Config,
     m: &crate::config::MeshConfig,
-    logs: &BTreeMap<String, Arc<SourceLog>>,
+    (logs, members): (&BTreeMap<String, Arc<SourceLog>>, &Arc<crate::mesh_membership::Members>),
     running: &mut Running,
     shutdown: &watch::Receiver<bool>,
 ) -> anyhow::Result<()> {
@@ -768,7 +781,7 @@ fn spawn_tombstone_purge(
             applies,
         });
     }
-    let logs = logs.clone();
+    let (logs, members) = (logs.clone(), members.clone());
     let hops = if m.hub.is_some() { 2 } else { 1 };
     let interval = Duration::from_secs_f64(m.tombstone_purge_interval_secs);
     let mut sd = shutdown.clone();
@@ -785,10 +798,20 @@ fn spawn_tombstone_purge(
             let patience = interval.max(Duration::from_secs(30));
             // Rounds are named by the clock: later rounds, larger names.
             let id = synapse_schemas::unix_micros_now();
-            let round = synapse_apply::tombstones::purge_round(&nodes, log_end, hops, 10_000, patience, id);
+            // A node that left is waited for no more.
+            let present: Vec<synapse_apply::tombstones::PurgeNode> = nodes
+                .iter()
+                .filter(|n| !members.has_left(&n.name))
+                .map(|n| synapse_apply::tombstones::PurgeNode {
+                    applies: n.applies.iter().filter(|a| !members.has_left(a)).cloned().collect(),
+                    ..n.clone()
+                })
+                .collect();
+            tracing::debug!(nodes = ?present.iter().map(|n| &n.name).collect::<Vec<_>>(), "tombstone purge round starting");
+            let round = synapse_apply::tombstones::purge_round(&present, log_end, hops, 10_000, patience, id);
             match round.instrument(tracing::info_span!("tombstone_purge")).await {
                 Ok(p) if p.agreed > 0 => tracing::info!(agreed = p.agreed, deleted = p.deleted, "tombstone purge round"),
-                Ok(_) => {}
+                Ok(_) => tracing::debug!(nodes = present.len(), "tombstone purge round: no tombstone every node agrees on"),
                 Err(e) => tracing::warn!(code = e.code(), error = %e, hint = e.hint(), "tombstone purge round failed; retrying at the next interval"),
             }
         }

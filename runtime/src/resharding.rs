@@ -223,7 +223,12 @@ pub fn next_placements(config: &Config) -> BTreeMap<String, Vec<String>> {
     out
 }
 
-fn write_atomically(dir: &std::path::Path, name: &str, state: &ReshardState) -> std::io::Result<()> {
+/// Writes `state` as JSON to `dir/name` so a kill -9 leaves the old file or the new one whole.
+pub(crate) fn write_atomically(
+    dir: &std::path::Path,
+    name: &str,
+    state: &impl serde::Serialize,
+) -> std::io::Result<()> {
     use std::io::Write;
     std::fs::create_dir_all(dir)?;
     let tmp = dir.join(format!(".{name}.tmp"));

@@ -355,7 +355,7 @@ async fn copy_stream(
         let data = data.map_err(ApplyError::target(format!("reading {what} on the donor")))?;
         // One message per row in text COPY: the count is the progress.
         lines += 1;
-        if lines % 1024 == 0 {
+        if lines.is_multiple_of(1024) {
             progress.rows_copied.fetch_add(1024, Ordering::Relaxed);
         }
         sink.feed(data).await.map_err(ApplyError::target(format!("copying into {what}")))?;

@@ -571,6 +571,9 @@ fn a_node_refusing_login_parks_only_its_parts() {
     mesh.sql(0, "INSERT INTO t VALUES (-1, 'after the fix')");
     let all = mesh.wait_same("rows after the fix", rows);
     assert!(all.contains("-1=after the fix") && all.contains(&format!("{i}=from u0")), "{all}");
+    // u2 takes writes once its capture runs (its slot exists): what `synapse mesh status`
+    // reports as caught up. A write before that is not captured.
+    mesh.wait_all_of(&[2], "u2's capture", "SELECT count(*) FROM pg_replication_slots WHERE active", "1");
     mesh.sql(2, "INSERT INTO t VALUES (-2, 'from u2')");
     mesh.wait_all("a write on u2 after the fix", "SELECT count(*) FROM t WHERE id = -2", "1");
     let deadline = Instant::now() + Duration::from_secs(30);

@@ -24,7 +24,7 @@
 //! node's phase, the join's progress and each applier's catch-up.
 
 use crate::config::{Config, MeshConfig, MeshNode, OnNewNode};
-use crate::ops::Health;
+use crate::ops::{ComponentState, Health};
 use crate::positions::Positions;
 use axum::extract::{Path, State};
 use axum::Json;
@@ -154,7 +154,7 @@ impl Members {
     }
 
     /// Whether no node of the mesh is a member yet (every node that answers within
-    /// [`SURVEY_TIMEOUT`] is new): then the new nodes found the mesh instead of joining it.
+    /// `SURVEY_TIMEOUT` is new): then the new nodes found the mesh instead of joining it.
     pub async fn founding(&self) -> bool {
         let Some(m) = &self.mesh else { return false };
         let mut surveys = tokio::task::JoinSet::new();
@@ -260,7 +260,7 @@ impl Members {
         }
         self.set_phase(&node.name, "joining");
         // Ready for Kubernetes meanwhile (the rest of the mesh serves), as during a copy.
-        self.health.set(&format!("mesh/{}", node.name), crate::ops::ComponentState::Copying);
+        self.health.set(&format!("mesh/{}", node.name), ComponentState::Copying);
         let progress = Arc::new(JoinProgress::default());
         self.update(&node.name, |s| s.progress = progress.clone());
         let donor_pg = donor.url.pg_config().map_err(|e| join_error(node, e))?;
@@ -330,6 +330,7 @@ impl Members {
         let catch_up = self.positions.catch_up(&node.name);
         let behind: u64 = catch_up.iter().filter_map(|a| a["behind"].as_u64()).sum();
         let component = format!("mesh/{}", node.name);
+        let capturing = self.health.state(&format!("capture/{}", node.name)) == Some(ComponentState::Streaming);
         let mut v = json!({
             "name": node.name,
             "id": node.id,
@@ -344,7 +345,8 @@ impl Members {
             },
             "catch_up": catch_up,
             "records_behind": behind,
-            "caught_up": s.phase == "member" && behind == 0,
+            // Its own writes are captured once its capture streams: only then may it take them.
+            "caught_up": s.phase == "member" && behind == 0 && capturing,
         });
         if let Some(state) = self.health.state(&component) {
             v["component"] = state.name().into();
@@ -406,7 +408,7 @@ impl Members {
                 .health
                 .snapshot()
                 .into_iter()
-                .filter(|(c, s)| own(c) && *s != crate::ops::ComponentState::Stopped)
+                .filter(|(c, s)| own(c) && *s != ComponentState::Stopped)
                 .map(|(c, _)| c)
                 .collect();
             if running.is_empty() {

@@ -1,6 +1,7 @@
 //! The `synapse` command line: parses arguments and calls the crates. What `synapse run` does
 //! is in `synapse-runtime`; the benchmarks are the `synapse-bench` binary (bench/).
 
+mod admin_args;
 mod mesh;
 mod quickstart;
 mod quickstart_mesh;

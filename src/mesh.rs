@@ -14,24 +14,17 @@ pub struct MeshArgs {
     step: String,
     /// join, leave: the node (as named in mesh.nodes).
     node: Option<String>,
-    /// The configuration file of the running synapse.
-    #[arg(long, short)]
-    config: std::path::PathBuf,
-    /// The environment variable holding the admin token.
-    #[arg(long, default_value = "SYNAPSE_TOKEN")]
-    token_env: String,
-    /// With api.tls: the CA certificate (PEM) that signed the API's certificate.
-    #[arg(long)]
-    cacert: Option<std::path::PathBuf>,
+    #[command(flatten)]
+    admin: crate::admin_args::AdminArgs,
     /// status: follow every joining node until all are members and caught up.
     #[arg(long)]
     watch: bool,
 }
 
 pub async fn run(a: MeshArgs) -> anyhow::Result<ExitCode> {
-    let config = Config::load(&a.config)?;
-    let Some(mesh) = &config.mesh else { anyhow::bail!("{} has no mesh section", a.config.display()) };
-    let api = AdminClient::new(&config, &a.token_env, a.cacert.as_deref()).await?;
+    let config = Config::load(&a.admin.config)?;
+    let Some(mesh) = &config.mesh else { anyhow::bail!("{} has no mesh section", a.admin.config.display()) };
+    let api = AdminClient::new(&config, &a.admin.token_env, a.admin.cacert.as_deref()).await?;
     match (a.step.as_str(), a.node.as_deref()) {
         ("status", _) if a.watch => watch(&api, None).await,
         ("status", _) => {
@@ -42,7 +35,7 @@ pub async fn run(a: MeshArgs) -> anyhow::Result<ExitCode> {
             if !mesh.nodes.iter().any(|n| n.name == node) {
                 anyhow::bail!(
                     "{node} is not in mesh.nodes of {}: add it there (and restart synapse) first",
-                    a.config.display()
+                    a.admin.config.display()
                 );
             }
             api.post(&format!("/v1/mesh/nodes/{node}/join"), &serde_json::json!({})).await?;

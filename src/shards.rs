@@ -12,18 +12,11 @@ use synapse_runtime::config::{Config, ReshardRole, TargetConfig};
 pub struct ShardsArgs {
     /// plan, start, status, verify, switch, reverse or finish.
     step: String,
-    /// The configuration file of the running synapse.
-    #[arg(long, short)]
-    config: std::path::PathBuf,
+    #[command(flatten)]
+    admin: crate::admin_args::AdminArgs,
     /// The shard set (the target's name).
     #[arg(long)]
     set: String,
-    /// The environment variable holding the admin token.
-    #[arg(long, default_value = "SYNAPSE_TOKEN")]
-    token_env: String,
-    /// With api.tls: the CA certificate (PEM) that signed the API's certificate.
-    #[arg(long)]
-    cacert: Option<std::path::PathBuf>,
     /// status: follow the new shards' copy and catch-up as progress bars until every one has
     /// applied its sources' logs up to their heads.
     #[arg(long)]
@@ -43,10 +36,10 @@ fn role(t: &TargetConfig) -> &'static str {
 }
 
 pub async fn run(a: ShardsArgs) -> anyhow::Result<ExitCode> {
-    let config = Config::load(&a.config)?;
+    let config = Config::load(&a.admin.config)?;
     let set = shards(&config, &a.set);
     if set.is_empty() {
-        anyhow::bail!("--set: {} is not a shard set of {}", a.set, a.config.display());
+        anyhow::bail!("--set: {} is not a shard set of {}", a.set, a.admin.config.display());
     }
     if !set.iter().any(|t| t.reshard_role.is_some()) && a.step != "status" {
         anyhow::bail!("--set: {} has no resharding section: write the placement to move to there first", a.set);
@@ -55,7 +48,7 @@ pub async fn run(a: ShardsArgs) -> anyhow::Result<ExitCode> {
         "plan" => plan(&config, &set),
         "verify" => verify(&config, &set).await,
         "status" | "start" | "switch" | "reverse" | "finish" => {
-            let api = AdminClient::new(&config, &a.token_env, a.cacert.as_deref()).await?;
+            let api = AdminClient::new(&config, &a.admin.token_env, a.admin.cacert.as_deref()).await?;
             let path = format!("/v1/shards/{}", a.set);
             let status = match a.step.as_str() {
                 "status" if a.watch => return watch(&api, &path).await,

@@ -140,6 +140,40 @@ fn until_same(
     }
 }
 
+/// Waits until `nodes` hold the same rows, then the same version of every row, then no
+/// tombstone (purged), and checks every counter is its baseline (100) plus every increment
+/// `record` committed on any node. Returns the data's fingerprint.
+fn converged(nodes: &[&LocalCluster], record: &Record, log: &std::path::Path) -> String {
+    let fingerprint = converge(nodes, 180, log);
+    let versions =
+        format!("SELECT md5(string_agg({VERSION_ROW}, ';' ORDER BY tbl, pk::text)) FROM synapse.row_version");
+    until_same(nodes, "row versions", &versions, None, 60, log);
+    until_same(nodes, "tombstones", "SELECT count(*) FROM synapse.row_version WHERE NOT live", Some("0"), 90, log);
+    for k in 1..=COUNTED {
+        let want = 100 + record.increments.get(&k).copied().unwrap_or(0);
+        for n in nodes {
+            let got = n.psql("app", &format!("SELECT hits FROM accounts WHERE id = {k}")).unwrap();
+            assert_eq!(got, want.to_string(), "counter of key {k}: the baseline plus every committed increment");
+        }
+    }
+    fingerprint
+}
+
+/// Where the test's synapse listens and keeps its configuration and output.
+struct Paths {
+    ops: String,
+    api: String,
+    config: std::path::PathBuf,
+    log: std::path::PathBuf,
+}
+
+impl Paths {
+    fn in_dir(dir: &std::path::Path) -> Paths {
+        let port = || format!("127.0.0.1:{}", synapse_localpg::free_port().unwrap());
+        Paths { ops: port(), api: port(), config: dir.join("mesh.yaml"), log: dir.join("synapse.log") }
+    }
+}
+
 /// Four clusters, `app` on each; the first three hold the schema and the same baseline rows.
 fn four_nodes() -> Vec<LocalCluster> {
     let nodes: Vec<LocalCluster> = (0..4).map(|_| LocalCluster::start(ClusterOptions::default()).unwrap()).collect();
@@ -175,13 +209,9 @@ fn wait_installed(nodes: &[LocalCluster], log: &std::path::Path) {
 
 #[test]
 fn a_fourth_region_joins_while_every_region_writes() {
-    let nodes = four_nodes();
-    let dir = tempfile::tempdir().unwrap();
     // Node 3 is an empty database: the join makes its tables from the donor's definitions.
-    let ops = format!("127.0.0.1:{}", synapse_localpg::free_port().unwrap());
-    let api = format!("127.0.0.1:{}", synapse_localpg::free_port().unwrap());
-    let config = dir.path().join("mesh.yaml");
-    let log = dir.path().join("synapse.log");
+    let (nodes, dir) = (four_nodes(), tempfile::tempdir().unwrap());
+    let Paths { ops, api, config, log } = Paths::in_dir(dir.path());
     std::fs::write(&config, config_yaml(&nodes, 3, dir.path(), &ops, &api)).unwrap();
     let child = spawn_run(&config, &log);
     wait_installed(&nodes[..3], &log);
@@ -231,19 +261,10 @@ fn a_fourth_region_joins_while_every_region_writes() {
     std::thread::sleep(Duration::from_secs(5));
     let record = writers.stop();
 
-    // All four converge: data, then every row's version, then no tombstone left.
+    // All four converge; purging ran throughout (every second), the new node among those it
+    // waits for.
     let all: Vec<&LocalCluster> = nodes.iter().collect();
-    println!("four nodes converged: {}", converge(&all, 180, &log));
-    let versions =
-        format!("SELECT md5(string_agg({VERSION_ROW}, ';' ORDER BY tbl, pk::text)) FROM synapse.row_version");
-    until_same(&all, "row versions", &versions, None, 60, &log);
-    // Purging ran throughout (every second), with the new node among those it waits for.
-    until_same(&all, "tombstones", "SELECT count(*) FROM synapse.row_version WHERE NOT live", Some("0"), 90, &log);
-    for k in 1..=COUNTED {
-        let want = 100 + record.increments.get(&k).copied().unwrap_or(0);
-        let got = nodes[3].psql("app", &format!("SELECT hits FROM accounts WHERE id = {k}")).unwrap();
-        assert_eq!(got, want.to_string(), "counter of key {k} on the joined node: the baseline plus every increment");
-    }
+    println!("four nodes converged: {}", converged(&all, &record, &log));
     // The joined node's tables carry the donor's constraints (the unique e-mail resolves there too).
     let unique = nodes[3]
         .psql("app", "SELECT count(*) FROM pg_constraint WHERE conrelid = 'members'::regclass AND contype = 'u'")
@@ -274,12 +295,8 @@ fn mesh_cli(config: &std::path::Path, args: &[&str]) -> String {
 /// tombstones purged without it, and a restart with it still configured runs nothing of it.
 #[test]
 fn a_spoke_joins_from_the_hub_and_another_leaves() {
-    let nodes = four_nodes();
-    let dir = tempfile::tempdir().unwrap();
-    let ops = format!("127.0.0.1:{}", synapse_localpg::free_port().unwrap());
-    let api = format!("127.0.0.1:{}", synapse_localpg::free_port().unwrap());
-    let config = dir.path().join("mesh.yaml");
-    let log = dir.path().join("synapse.log");
+    let (nodes, dir) = (four_nodes(), tempfile::tempdir().unwrap());
+    let Paths { ops, api, config, log } = Paths::in_dir(dir.path());
     let yaml = |count| {
         config_yaml(&nodes, count, dir.path(), &ops, &api)
             .replace("  tables: [", "  hub: u0\n  on_new_node: wait\n  tables: [")
@@ -309,18 +326,9 @@ fn a_spoke_joins_from_the_hub_and_another_leaves() {
     assert!(out.contains("u2 left the mesh"), "{out}");
     std::thread::sleep(Duration::from_secs(2));
     let record = writers.stop();
+    // The rest converge (u2's increments included); purging goes on without the node that left.
     let rest: Vec<&LocalCluster> = [0, 1, 3].iter().map(|&i| &nodes[i]).collect();
-    println!("three nodes converged after u2 left: {}", converge(&rest, 180, &log));
-    let versions =
-        format!("SELECT md5(string_agg({VERSION_ROW}, ';' ORDER BY tbl, pk::text)) FROM synapse.row_version");
-    until_same(&rest, "row versions", &versions, None, 60, &log);
-    // Purging goes on without the node that left.
-    until_same(&rest, "tombstones", "SELECT count(*) FROM synapse.row_version WHERE NOT live", Some("0"), 90, &log);
-    for k in 1..=COUNTED {
-        let want = 100 + record.increments.get(&k).copied().unwrap_or(0);
-        let got = nodes[3].psql("app", &format!("SELECT hits FROM accounts WHERE id = {k}")).unwrap();
-        assert_eq!(got, want.to_string(), "counter of key {k}: the baseline plus every increment (u2's included)");
-    }
+    println!("three nodes converged after u2 left: {}", converged(&rest, &record, &log));
     // Nothing of u2 is left: no slot or origin on it, no origin or position for it elsewhere.
     assert_eq!(nodes[2].psql("app", "SELECT count(*) FROM pg_replication_slots").unwrap(), "0");
     assert_eq!(nodes[2].psql("app", "SELECT count(*) FROM pg_replication_origin").unwrap(), "0");

@@ -163,6 +163,14 @@ pub struct MeshApply {
     pub tables: HashMap<String, mesh::MeshTable>,
     /// The target's own id in the mesh (announces its unique-key burials).
     pub node: synapse_resolver::NodeId,
+    /// The target's own name: a schema change a hub sends back to the node it came from (its
+    /// transaction's replication origin names this node) is not run a second time.
+    pub name: String,
+    /// On the hub of a hub-and-spoke mesh, its capture's publication: each schema change it
+    /// applies is emitted again there, as its own event trigger would have, so the hub passes
+    /// it on to the other spokes with the rows it applied (its event triggers do not fire for
+    /// an applier).
+    pub forward_ddl: Option<String>,
 }
 
 impl ApplyConfig {
@@ -474,6 +482,11 @@ impl Applier {
                     LogRecord::Resync(_) => {}
                     LogRecord::Schema(change) => {
                         if open.is_none() {
+                            continue;
+                        }
+                        let origin = open.as_ref().and_then(|t| t.begin.origin.as_deref());
+                        if s.is_own_echo(origin) {
+                            tracing::debug!(offset, tag = %change.tag, "a schema change of this node's, sent back by the hub: ran here already");
                             continue;
                         }
                         // Rows of the old shape first, in this same target transaction.

@@ -12,6 +12,39 @@ impl<L: ChangeLog> Session<'_, L> {
     /// Runs a source's schema change in the open target transaction (see [`ddl`]), unless an
     /// operator recorded it in `synapse.schema_skips`. What this session knew of table shapes
     /// is forgotten: the changes after it bring their new relation versions.
+    /// On a hub: emits `change` (as `statement`) again in the applier's transaction, in the form
+    /// the capture's event trigger emits, so the hub's capture passes it on to the spokes.
+    async fn forward_schema_change(
+        &mut self,
+        change: &synapse_schemas::SchemaChange,
+        statement: &str,
+    ) -> Result<(), ApplyError> {
+        let Some(publication) = self.applier.config.mesh.as_ref().and_then(|m| m.forward_ddl.clone()) else {
+            return Ok(());
+        };
+        let message = serde_json::json!({
+            "tag": change.tag, "sql": statement, "nth": 0, "search_path": change.search_path,
+            "tables": change.tables, "types": [], "published_in": [publication], "joined": [], "copy": [],
+            "shapes": change.shapes,
+        });
+        self.client
+            .execute(
+                "SELECT pg_logical_emit_message(true, $1, $2)",
+                &[&synapse_capture::catalog::DDL_PREFIX, &message.to_string()],
+            )
+            .await
+            .map_err(ApplyError::target("passing a schema change on to the spokes"))?;
+        Ok(())
+    }
+
+    /// Whether a schema change in a transaction of origin `origin` is this mesh node's own,
+    /// sent back by the hub that passed it on: it ran here already.
+    pub(crate) fn is_own_echo(&self, origin: Option<&str>) -> bool {
+        let Some(name) = self.applier.config.mesh.as_ref().map(|m| m.name.as_str()) else { return false };
+        let own = format!("{}{name}@", synapse_schemas::APPLIED_ORIGIN_PREFIX);
+        !name.is_empty() && origin.is_some_and(|o| o.starts_with(&own))
+    }
+
     pub(crate) async fn schema_change(
         &mut self,
         offset: Offset,
@@ -90,10 +123,16 @@ impl<L: ChangeLog> Session<'_, L> {
                 // its tables' columns as this node has them, is already applied. On a one-way
                 // target the operator decides (the column made by hand may hold other values).
                 // Anything else stops this applier, named.
-                let already = self.applier.config.mesh.is_some()
-                    && e.code().is_some_and(|c| ALREADY_CODES.contains(&c.code()))
-                    && !change.shapes.is_empty()
-                    && target::has_shapes(&self.client, &change.shapes).await?;
+                // An index dropped at the source that this target never had (made there
+                // before the target was set up, or dropped here by hand): what the drop leaves
+                // is already so, on any target — no rows depend on it.
+                let index_absent =
+                    change.tag == "DROP INDEX" && e.code() == Some(&tokio_postgres::error::SqlState::UNDEFINED_OBJECT);
+                let already = index_absent
+                    || (self.applier.config.mesh.is_some()
+                        && e.code().is_some_and(|c| ALREADY_CODES.contains(&c.code()))
+                        && !change.shapes.is_empty()
+                        && target::has_shapes(&self.client, &change.shapes).await?);
                 if !already {
                     return Err(fail(statement, message));
                 }
@@ -103,6 +142,9 @@ impl<L: ChangeLog> Session<'_, L> {
         }
         if policy == DdlPolicy::Apply {
             self.reshape_mesh_tables(&change.tables).await?;
+        }
+        if outcome == "applied" {
+            self.forward_schema_change(change, &statement).await?;
         }
         // A table that joined the publication is streamed from here on, like a copied one (a
         // restart must not copy it again); one that joined holding rows the log lacks is owed

@@ -640,6 +640,13 @@ pub(crate) async fn start_source(
             synapse_resolver::NodeId(m.nodes.iter().find(|n| n.name == target.name).map(|n| n.id).unwrap_or_default())
         };
         let node = config.mesh.as_ref().map(node_id).unwrap_or_default();
+        // The hub passes on the schema changes it applies, in its own capture's publication.
+        let forward_ddl = config
+            .mesh
+            .as_ref()
+            .filter(|m| m.hub.as_ref() == Some(&target.name))
+            .and_then(|_| config.sources.iter().find(|s| s.name == target.name))
+            .map(|s| s.publication.clone());
         // Stops too when either mesh node leaves.
         let sd = shared.members.stop_for(&[&source.name, &target.name], shutdown);
         let (c, l, h, mut tables_rx, mut slot_rx) =
@@ -669,6 +676,8 @@ pub(crate) async fn start_source(
                     policies: m.policies(),
                     tables: tables.iter().map(|t: &synapse_apply::mesh::MeshTable| (t.name(), t.clone())).collect(),
                     node,
+                    name: target_name.clone(),
+                    forward_ddl: forward_ddl.clone(),
                 });
             }
             let applier = Applier::with_stats(acfg.clone(), stats.clone());
@@ -809,7 +818,13 @@ fn spawn_tombstone_purge(
                 .collect();
             tracing::debug!(nodes = ?present.iter().map(|n| &n.name).collect::<Vec<_>>(), "tombstone purge round starting");
             let round = synapse_apply::tombstones::purge_round(&present, log_end, hops, 10_000, patience, id);
-            match round.instrument(tracing::info_span!("tombstone_purge")).await {
+            // A round waits up to `patience` for stability; shutdown does not wait for it. A
+            // round cut short is one a crash would cut: a later round finishes it.
+            let round = tokio::select! {
+                r = round.instrument(tracing::info_span!("tombstone_purge")) => r,
+                _ = sd.wait_for(|s| *s) => return Ok(()),
+            };
+            match round {
                 Ok(p) if p.agreed > 0 => tracing::info!(agreed = p.agreed, deleted = p.deleted, "tombstone purge round"),
                 Ok(_) => tracing::debug!(nodes = present.len(), "tombstone purge round: no tombstone every node agrees on"),
                 Err(e) => tracing::warn!(code = e.code(), error = %e, hint = e.hint(), "tombstone purge round failed; retrying at the next interval"),

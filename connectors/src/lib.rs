@@ -27,6 +27,7 @@ pub mod feed;
 pub mod filter;
 pub mod kafka_topics;
 pub mod snapshot;
+pub mod vector;
 pub mod webhook;
 
 pub use error::ConnectorError;

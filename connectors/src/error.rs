@@ -38,6 +38,9 @@ pub enum ConnectorError {
     Publish(#[source] LogError),
     #[error("source {node} has no capture slot `{slot}` yet (or lost it): a snapshot now could not be followed without a gap")]
     NotCapturing { node: String, slot: String },
+    /// A vector index's own store (its LMDB files) or an event it cannot read.
+    #[error("vector index: {0}")]
+    Index(String),
     #[error("reading {table} for the snapshot failed")]
     Snapshot {
         table: String,
@@ -79,6 +82,7 @@ impl synapse_error::Classify for ConnectorError {
             ConnectorError::NotCapturing { .. } => "CON010",
             ConnectorError::CursorBeforeGap { .. } => "CON011",
             ConnectorError::Busy { .. } => "CON012",
+            ConnectorError::Index(_) => "CON013",
         }
     }
 
@@ -122,6 +126,10 @@ impl synapse_error::Classify for ConnectorError {
             ConnectorError::NotCapturing { .. } => {
                 "retry once /readyz shows the source's capture streaming; if it is parked on a gap, \
                  follow the fix it names"
+            }
+            ConnectorError::Index(_) => {
+                "check free disk space under log.dir; a damaged index is rebuilt by deleting its \
+                 directory (log.dir/indexes/<name>) and restarting: it loads again from a snapshot"
             }
         }
     }

@@ -146,6 +146,18 @@ pub const METRICS: &[(&str, Kind, &str)] = &[
         "1 while the mesh node is a member (joined, or founding), 0 while it waits, joins or has left, per node",
     ),
     ("synapse_mesh_join_rows_total", Counter, "Rows a joining mesh node copied from its donor's snapshot, per node"),
+    // Vector indexes
+    ("synapse_vector_rows_total", Counter, "Rows (upserts and deletes) applied to a vector index, per index"),
+    (
+        "synapse_vector_batch_seconds",
+        Histogram,
+        "Seconds to apply a batch to a vector index (graph update and commit), per index",
+    ),
+    (
+        "synapse_vector_lag_seconds",
+        Gauge,
+        "Seconds between now and the commit of the last change a vector index applied, per index",
+    ),
     // Supervision
     (
         "synapse_component_state",

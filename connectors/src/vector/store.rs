@@ -465,6 +465,16 @@ impl Store {
         Ok((hits, cursor))
     }
 
+    /// The stored vector of `key`, if it is indexed.
+    pub fn vector(&self, key: &str) -> Result<Option<Vec<f32>>, StoreError> {
+        let rtxn = self.env.read_txn()?;
+        let Some(id) = self.id_of(&rtxn, key)? else { return Ok(None) };
+        Ok(match &self.graph {
+            Graph::Cosine(db) => Writer::new(*db, 0, self.spec.dimensions).item_vector(&rtxn, id)?,
+            Graph::Euclidean(db) => Writer::new(*db, 0, self.spec.dimensions).item_vector(&rtxn, id)?,
+        })
+    }
+
     /// Every indexed key (for checks; a full scan).
     pub fn keys(&self) -> Result<Vec<String>, StoreError> {
         let rtxn = self.env.read_txn()?;

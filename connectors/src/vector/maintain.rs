@@ -175,6 +175,85 @@ pub async fn follow<L: ChangeLog + Send + Sync + 'static>(
     }
 }
 
+/// The primary key columns of `table` (`schema.table`), in key order: a row's key in the index.
+pub async fn key_columns(client: &tokio_postgres::Client, table: &str) -> Result<Vec<String>, ConnectorError> {
+    let rows = client
+        .query(
+            "SELECT a.attname::text FROM pg_index i CROSS JOIN LATERAL unnest(i.indkey::int2[]) WITH ORDINALITY AS k(attnum, ord)
+               JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = k.attnum
+             WHERE i.indrelid = $1::text::regclass AND i.indisprimary ORDER BY k.ord",
+            &[&table],
+        )
+        .await
+        .map_err(|source| ConnectorError::Snapshot { table: table.to_owned(), source })?;
+    let keys: Vec<String> = rows.iter().map(|r| r.get(0)).collect();
+    if keys.is_empty() {
+        return Err(ConnectorError::Index(format!("{table} has no primary key: an index keys its rows by it")));
+    }
+    Ok(keys)
+}
+
+/// Rows read per round trip of the load (and applied per batch).
+const LOAD_ROWS: i64 = 2_000;
+
+/// Loads every row of the table from a snapshot of `source` taken now, then sets the store's
+/// position to the snapshot's consistent point (see the module's guarantees); `loaded` counts
+/// the rows read. Returns the key columns.
+pub async fn load(
+    source: &crate::api::SnapshotSource,
+    node: &str,
+    store: &Arc<Store>,
+    spec: &IndexSpec,
+    loaded: &std::sync::atomic::AtomicU64,
+) -> Result<Vec<String>, ConnectorError> {
+    crate::snapshot::ensure_capturing(source, node).await?;
+    let session = synapse_capture::snapshot::SnapshotSession::begin(&source.config, &source.capture_slot).await?;
+    let client = session.connect().await?;
+    let keys = key_columns(&client, &spec.table).await?;
+    let table = spec
+        .table
+        .split_once('.')
+        .map(|(s, t)| format!("{}.{}", synapse_postgres::quote::ident(s), synapse_postgres::quote::ident(t)))
+        .ok_or_else(|| ConnectorError::Index(format!("{} is not schema.table", spec.table)))?;
+    let snapshot_error = |source| ConnectorError::Snapshot { table: spec.table.clone(), source };
+    client
+        .batch_execute(&format!(
+            "DECLARE synapse_vector_load NO SCROLL CURSOR FOR SELECT to_jsonb(t)::text FROM {table} t"
+        ))
+        .await
+        .map_err(snapshot_error)?;
+    let mut first = true;
+    loop {
+        let rows = client
+            .query(&format!("FETCH {LOAD_ROWS} FROM synapse_vector_load"), &[])
+            .await
+            .map_err(|source| ConnectorError::Snapshot { table: spec.table.clone(), source })?;
+        let mut batch = Batch { truncate: first, ..Default::default() };
+        first = false;
+        for r in &rows {
+            let text: String = r.get(0);
+            let Ok(Json::Object(row)) = serde_json::from_str::<Json>(&text) else { continue };
+            let Some(key) = row::key(&row, &keys) else { continue };
+            match row::vector(row.get(&spec.column).unwrap_or(&Json::Null)) {
+                Ok(vector) => batch.upserts.push(Upsert { key, vector, filters: row::filters(&row, &spec.filters) }),
+                Err(reason) => batch.dead.push(DeadLetter { key, reason, cursor: None }),
+            }
+        }
+        let n = rows.len() as u64;
+        if n > 0 || batch.truncate {
+            apply(store, batch).await?;
+        }
+        loaded.fetch_add(n, std::sync::atomic::Ordering::Relaxed);
+        if n < LOAD_ROWS as u64 {
+            break;
+        }
+    }
+    let at = Cursor { commit_lsn: session.consistent_point, index: 0 };
+    apply(store, Batch { cursor: Some(at), ..Default::default() }).await?;
+    tracing::info!(index = %spec.name, rows = loaded.load(std::sync::atomic::Ordering::Relaxed), position = %at, "vector index loaded from a snapshot");
+    Ok(keys)
+}
+
 /// Reads a JSON object's filter values as a filter (a body's `filter` field).
 pub fn filter_of(value: &Json) -> Result<Map<String, Json>, String> {
     match value {

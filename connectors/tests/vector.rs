@@ -138,7 +138,7 @@ async fn following_the_log_applies_each_committed_change() {
         after,
     };
     let unit = |i: usize| {
-        let mut v = vec!["0"; 8];
+        let mut v = ["0"; 8];
         v[i] = "1";
         format!("{{{}}}", v.join(","))
     };

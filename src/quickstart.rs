@@ -122,6 +122,7 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
         webhooks: vec![],
         egress: Default::default(),
         // A demo stops on the first definite error, with its fix, rather than wait for one.
+        vector_indexes: Vec::new(),
         supervision: synapse_runtime::config::SupervisionConfig { exit_on_park: true, ..Default::default() },
         mesh: None,
     };

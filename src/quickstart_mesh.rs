@@ -81,6 +81,7 @@ pub async fn run(regions: usize, duration: Option<Duration>, ops_listen: String)
         webhooks: vec![],
         egress: Default::default(),
         // A demo stops on the first definite error, with its fix, rather than wait for one.
+        vector_indexes: Vec::new(),
         supervision: synapse_runtime::config::SupervisionConfig { exit_on_park: true, ..Default::default() },
         mesh: Some(MeshConfig {
             nodes: names

@@ -104,6 +104,7 @@ fn config(src: &LocalCluster, dir: &std::path::Path) -> Config {
         egress: Default::default(),
         mesh: None,
         // A benchmark stops on a definite error rather than wait for a fix.
+        vector_indexes: Vec::new(),
         supervision: synapse_runtime::config::SupervisionConfig { exit_on_park: true, ..Default::default() },
     }
 }

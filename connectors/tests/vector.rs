@@ -164,7 +164,7 @@ async fn following_the_log_applies_each_committed_change() {
     let task = {
         let (log, store, keys) = (log.clone(), store.clone(), keys.clone());
         let source = SourceInfo { node: "a".into(), database: "app".into() };
-        tokio::spawn(async move { follow(log, source, &store, &spec(), &keys, stop).await })
+        tokio::spawn(async move { follow(log, source, &store, &spec(), &keys, &AtomicU64::new(0), stop).await })
     };
     let deadline = Instant::now() + Duration::from_secs(30);
     while store.cursor().unwrap().is_none_or(|c| c.commit_lsn < Lsn(0x200)) {

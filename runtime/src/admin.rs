@@ -11,6 +11,8 @@
 //!   scope `stream`;
 //! * `GET /v1/shards/{set}`, `POST /v1/shards/{set}/{start|switch|reverse|finish}` — a shard
 //!   set's move ([`crate::resharding`]) — scope `admin`;
+//! * `GET /v1/indexes/{name}`, `POST /v1/indexes/{name}/search` — vector indexes
+//!   ([`crate::vector_indexes`]) — scope `stream`;
 //! * `GET /v1/mesh`, `POST /v1/mesh/nodes/{node}/join|leave` — mesh membership
 //!   ([`crate::mesh_membership`]) — scope `admin`.
 
@@ -32,16 +34,20 @@ struct Admin {
     audit: Option<Arc<Audit>>,
 }
 
+/// What the admin routes act on.
+pub struct Services {
+    pub health: Arc<Health>,
+    pub audit: Option<Arc<Audit>>,
+    pub repair: Arc<RepairService>,
+    pub positions: Arc<Positions>,
+    pub reshard: crate::resharding::Control,
+    pub members: Arc<crate::mesh_membership::Members>,
+    pub indexes: Arc<crate::vector_indexes::Indexes>,
+}
+
 /// The admin routes, each with its scope.
-pub fn router(
-    auth: Arc<Auth>,
-    health: Arc<Health>,
-    audit: Option<Arc<Audit>>,
-    repair: Arc<RepairService>,
-    positions: Arc<Positions>,
-    reshard: crate::resharding::Control,
-    members: Arc<crate::mesh_membership::Members>,
-) -> Router {
+pub fn router(auth: Arc<Auth>, services: Services) -> Router {
+    let Services { health, audit, repair, positions, reshard, members, indexes } = services;
     let scoped = |scope: Scope| axum::middleware::from_fn_with_state((auth.clone(), scope), require);
     let repair = repair.router().route_layer(scoped(Scope::Repair));
     // Applications read at a cut with their stream tokens: nothing here changes data.
@@ -49,6 +55,11 @@ pub fn router(
         .route("/v1/positions", get(crate::positions::list))
         .route("/v1/positions/wait", get(crate::positions::wait))
         .with_state(positions)
+        .route_layer(scoped(Scope::Stream));
+    let vectors = Router::new()
+        .route("/v1/indexes/{name}", get(crate::vector_indexes::show))
+        .route("/v1/indexes/{name}/search", post(crate::vector_indexes::search))
+        .with_state(indexes)
         .route_layer(scoped(Scope::Stream));
     let admin = Router::new()
         .route("/v1/components", get(components))
@@ -67,7 +78,7 @@ pub fn router(
         .route("/v1/mesh/nodes/{node}/leave", post(crate::mesh_membership::request_leave))
         .with_state(members)
         .route_layer(scoped(Scope::Admin));
-    repair.merge(admin).merge(reads).merge(shards).merge(mesh)
+    repair.merge(admin).merge(reads).merge(shards).merge(mesh).merge(vectors)
 }
 
 fn states(health: &Health) -> Value {

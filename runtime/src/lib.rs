@@ -36,6 +36,7 @@ pub mod positions;
 pub mod repair;
 pub mod resharding;
 mod source_group;
+pub mod vector_indexes;
 
 use std::sync::Arc;
 

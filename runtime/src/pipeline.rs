@@ -194,18 +194,23 @@ fn source_info(config: &Config, name: &str) -> SourceInfo {
     }
 }
 
+/// What the process keeps track of beside its tasks, shared with the admin API.
+struct Registries {
+    health: Arc<Health>,
+    positions: Arc<crate::positions::Positions>,
+    reshards: Arc<crate::resharding::Reshards>,
+    members: Arc<crate::mesh_membership::Members>,
+    indexes: Arc<crate::vector_indexes::Indexes>,
+}
+
 /// Opens each source's log; starts webhooks, the HTTP API and retention on them.
 async fn start_delivery(
     config: &Config,
     running: &mut Running,
-    (health, positions, reshards, members): (
-        &Arc<Health>,
-        &Arc<crate::positions::Positions>,
-        &Arc<crate::resharding::Reshards>,
-        &Arc<crate::mesh_membership::Members>,
-    ),
+    reg: &Registries,
     shutdown: &watch::Receiver<bool>,
 ) -> anyhow::Result<BTreeMap<String, Arc<SourceLog>>> {
+    let health = &reg.health;
     let mut logs = BTreeMap::new();
     for source in &config.sources {
         let Some(log) = open_log(config, &source.name, health, shutdown).await? else { break };
@@ -280,18 +285,22 @@ async fn start_delivery(
         running.auth = Some(auth.clone());
         tracing::info!(listen = %config.api.listen, "serving /v1/streams, /v1/endpoints and the admin routes");
         let repair = Arc::new(crate::repair::RepairService::new(config.clone()));
+        let reshard = crate::resharding::Control {
+            config: config.clone(),
+            reshards: reg.reshards.clone(),
+            positions: reg.positions.clone(),
+        };
         let admin = crate::admin::router(
             auth,
-            health.clone(),
-            audit,
-            repair,
-            positions.clone(),
-            crate::resharding::Control {
-                config: config.clone(),
-                reshards: reshards.clone(),
-                positions: positions.clone(),
+            crate::admin::Services {
+                health: health.clone(),
+                audit,
+                repair,
+                positions: reg.positions.clone(),
+                reshard,
+                members: reg.members.clone(),
+                indexes: reg.indexes.clone(),
             },
-            members.clone(),
         );
         let app = synapse_connectors::api::router_with(api, admin);
         let sd = shutdown.clone();
@@ -370,7 +379,16 @@ pub async fn start(config: &Config, health: Arc<Health>, shutdown: watch::Receiv
     let reshards = Arc::new(crate::resharding::Reshards::open(config)?);
     let positions = Arc::new(crate::positions::Positions::new(reshards.clone()));
     let members = Arc::new(crate::mesh_membership::Members::new(config, health.clone(), positions.clone()));
-    let logs = start_delivery(config, &mut running, (&health, &positions, &reshards, &members), &shutdown).await?;
+    let indexes = Arc::new(crate::vector_indexes::Indexes::open(config, positions.clone())?);
+    let reg = Registries {
+        health: health.clone(),
+        positions: positions.clone(),
+        reshards: reshards.clone(),
+        members: members.clone(),
+        indexes: indexes.clone(),
+    };
+    let logs = start_delivery(config, &mut running, &reg, &shutdown).await?;
+    indexes.spawn(config, &logs, &mut running.tasks, &health, &shutdown)?;
     forget_removed_appliers(config, &logs).await;
     members.set_logs(&logs);
     let mut mesh_tables = BTreeMap::new();

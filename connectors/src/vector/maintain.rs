@@ -133,14 +133,16 @@ pub async fn apply(store: &Arc<Store>, batch: Batch) -> Result<super::store::App
 }
 
 /// Follows the stream from the store's position until `shutdown` (the load is the caller's:
-/// a store without a position must be loaded first). Returns `Ok(true)` when a gap asks for a
-/// reload.
+/// a store without a position must be loaded first). `read` holds the log offset below which
+/// every record is in the store (for reads at a position). Returns `Ok(true)` when a gap asks
+/// for a reload.
 pub async fn follow<L: ChangeLog + Send + Sync + 'static>(
     log: Arc<L>,
     source: SourceInfo,
     store: &Arc<Store>,
     spec: &IndexSpec,
     keys: &[String],
+    read: &std::sync::atomic::AtomicU64,
     mut shutdown: tokio::sync::watch::Receiver<bool>,
 ) -> Result<bool, ConnectorError> {
     let after = store.cursor().map_err(|e| ConnectorError::Index(e.to_string()))?;
@@ -152,6 +154,7 @@ pub async fn follow<L: ChangeLog + Send + Sync + 'static>(
             _ = shutdown.wait_for(|s| *s) => return Ok(false),
         };
         if batch.position.is_none() || (batch.events.is_empty() && batch.position == after) {
+            read.store(feed.retention_offset(), std::sync::atomic::Ordering::Relaxed);
             continue;
         }
         let current = |k: &str| store.vector(k).ok().flatten();
@@ -166,6 +169,7 @@ pub async fn follow<L: ChangeLog + Send + Sync + 'static>(
             let lag = (synapse_schemas::unix_micros_now() - e.commit_time_us).max(0) as f64 / 1e6;
             metrics::gauge!("synapse_vector_lag_seconds", &labels).set(lag);
         }
+        read.store(feed.retention_offset(), std::sync::atomic::Ordering::Relaxed);
         if applied.dead > 0 {
             tracing::warn!(index = %spec.name, dead = applied.dead, "rows without a usable vector: in the index's dead letters");
         }

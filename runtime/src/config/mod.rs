@@ -12,10 +12,12 @@ mod log;
 mod parse_error;
 mod shards;
 mod validate;
+mod vector;
 pub use interpolate::{interpolate, MissingVar};
 pub use log::{KafkaConfig, KafkaProperties, LogConfig, LogSigningKey, PropertyValue, PublicTopicsConfig};
 pub use shards::{NextShard, ReshardConfig, ReshardRole, ShardConfig};
 pub use validate::Problem;
+pub use vector::VectorIndexConfig;
 
 /// Defaults, with the reason for each.
 pub mod defaults {
@@ -151,6 +153,9 @@ pub struct Config {
     /// Writable nodes replicating the same tables to each other (multi-region).
     #[serde(default)]
     pub mesh: Option<MeshConfig>,
+    /// Nearest-neighbour indexes of tables' vector columns, kept in sync from the stream.
+    #[serde(default)]
+    pub vector_indexes: Vec<vector::VectorIndexConfig>,
     /// What happens to a component (a source's capture, one applier, a mesh node) that fails
     /// definitely: it parks and is tried again later while the rest keeps running.
     #[serde(default)]

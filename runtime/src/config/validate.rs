@@ -57,6 +57,7 @@ impl Config {
 
     pub(super) fn problems(&self) -> Vec<Problem> {
         let mut p = Problems::default();
+        self.vector_problems(&mut p);
         if let Some(m) = &self.mesh {
             self.mesh_problems(m, &mut p);
         } else if self.sources.is_empty() {

@@ -53,6 +53,10 @@ pub enum ApplyError {
     /// The donor a node would join from is not a member yet (itself joining, or unreachable).
     #[error("mesh node {node} cannot join from {donor} yet: {donor} is not a member of the mesh")]
     DonorNotMember { node: String, donor: String },
+    /// A new node cannot tell whether the mesh it is configured in has members (to join it)
+    /// or none (to found it with the others): some nodes do not answer.
+    #[error("mesh node {node} cannot tell whether the mesh has members yet: no answer from {silent}")]
+    MembershipUnknown { node: String, silent: String },
     /// A node that left the mesh is still in `mesh.nodes`.
     #[error("mesh node {node} left the mesh")]
     LeftMesh { node: String },
@@ -94,6 +98,7 @@ impl synapse_error::Classify for ApplyError {
             ApplyError::NotJoined { .. } => "APP012",
             ApplyError::DonorNotMember { .. } => "APP013",
             ApplyError::LeftMesh { .. } => "APP014",
+            ApplyError::MembershipUnknown { .. } => "APP015",
         }
     }
 
@@ -105,7 +110,10 @@ impl synapse_error::Classify for ApplyError {
             ApplyError::Target { source, .. } => synapse_postgres::is_transient(source),
             ApplyError::Log(e) => e.is_transient(),
             ApplyError::Copy(e) => e.is_transient(),
-            ApplyError::UniqueRace { .. } | ApplyError::Busy { .. } | ApplyError::DonorNotMember { .. } => true,
+            ApplyError::UniqueRace { .. }
+            | ApplyError::Busy { .. }
+            | ApplyError::DonorNotMember { .. }
+            | ApplyError::MembershipUnknown { .. } => true,
             ApplyError::NodeSchema(e) => e.is_transient(),
             _ => false,
         }
@@ -152,6 +160,10 @@ impl synapse_error::Classify for ApplyError {
                 }
                 ApplyError::DonorNotMember { .. } => {
                     "retried until the donor is a member; name another with mesh.nodes[].join_from if it never is"
+                }
+                ApplyError::MembershipUnknown { .. } => {
+                    "retried until every node answers: a new node founds a mesh only when no node is a member, \
+                     and never decides that while some node is unreachable (it could hold the data)"
                 }
                 ApplyError::LeftMesh { .. } => {
                     "remove the node from mesh.nodes (it left: its slots and positions are gone); to bring it back, \

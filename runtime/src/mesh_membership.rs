@@ -6,7 +6,10 @@
 //! * a **member** (or a node set up by a release before membership was recorded) is installed
 //!   as before;
 //! * when no node of the mesh is a member yet, every new node **founds** it: the nodes start
-//!   from the same data, rows older than the mesh are a shared baseline;
+//!   from the same data, rows older than the mesh are a shared baseline. A node that does not
+//!   answer counts against founding once any node's log holds records (the mesh ran before:
+//!   it may be a member holding the data); a new node then waits (`APP015`) rather than found
+//!   a mesh alone;
 //! * otherwise a new node **joins**: with `mesh.on_new_node: join` at once, with `wait` once
 //!   asked (`synapse mesh join <node>`, `POST /v1/mesh/nodes/{node}/join`). Until it is a
 //!   member its capture and the appliers into it wait; the rest of the mesh goes on. A join cut
@@ -63,6 +66,9 @@ pub struct Members {
     left: BTreeMap<String, watch::Sender<bool>>,
     /// The logs, once open (a leave removes positions from them).
     logs: OnceLock<BTreeMap<String, Arc<SourceLog>>>,
+    /// Decided once per process: no node of the mesh was a member when every node answered,
+    /// so the new ones found it together.
+    founded: std::sync::atomic::AtomicBool,
 }
 
 /// Where the nodes that left are recorded, under `log.dir`.
@@ -101,6 +107,7 @@ impl Members {
             nodes: Mutex::new(nodes),
             left,
             logs: OnceLock::new(),
+            founded: Default::default(),
         }
     }
 
@@ -153,21 +160,13 @@ impl Members {
         metrics::gauge!("synapse_mesh_node_member", "node" => node.to_owned()).set(joined);
     }
 
-    /// Whether no node of the mesh is a member yet (every node that answers within
-    /// `SURVEY_TIMEOUT` is new): then the new nodes found the mesh instead of joining it.
+    /// Whether the mesh is being founded: no node that answers within `SURVEY_TIMEOUT` is a
+    /// member (or joining, or left), and either every node answered or no node's log holds
+    /// anything yet (a first start). Then the new nodes found it together instead of joining.
+    /// A node that does not answer while the logs show the mesh ran before leaves it
+    /// undecided: it may be a member holding the data.
     pub async fn founding(&self) -> bool {
-        let Some(m) = &self.mesh else { return false };
-        let mut surveys = tokio::task::JoinSet::new();
-        for n in m.nodes.clone() {
-            surveys.spawn(async move { tokio::time::timeout(SURVEY_TIMEOUT, read_membership(&n)).await });
-        }
-        let mut all_new = true;
-        while let Some(r) = surveys.join_next().await {
-            if let Ok(Ok(Ok(s))) = r {
-                all_new &= s == Membership::New;
-            }
-        }
-        all_new
+        self.decide_founding(None).await.unwrap_or(false)
     }
 
     /// Makes node `node` ready to take part: installed if a member, founded, or joined from its
@@ -192,7 +191,7 @@ impl Members {
                 self.set_phase(&node.name, "left");
                 return Err(ApplyError::LeftMesh { node: node.name.clone() });
             }
-            Membership::New if founding || !self.any_member(m, &node.name).await => {
+            Membership::New if founding || self.founds(&node.name).await? => {
                 tracing::info!(node = %node.name, "founding the mesh (no node is a member yet): the nodes start from the same data");
                 join::record_membership(&client, &node.name, id, "member", None).await?;
             }
@@ -206,16 +205,43 @@ impl Members {
         Ok(tables)
     }
 
-    /// Whether some node other than `except` is a member (or joining: it will be).
-    async fn any_member(&self, m: &MeshConfig, except: &str) -> bool {
-        for n in m.nodes.iter().filter(|n| n.name != except) {
-            if let Ok(Ok(s)) = tokio::time::timeout(SURVEY_TIMEOUT, read_membership(n)).await {
-                if s != Membership::New {
-                    return true;
-                }
+    /// Whether the new node `except` founds the mesh: decided already in this process, or
+    /// [`Members::founding`]'s rule holds now.
+    async fn founds(&self, except: &str) -> Result<bool, ApplyError> {
+        if self.founded.load(Ordering::Relaxed) {
+            return Ok(true);
+        }
+        self.decide_founding(Some(except)).await
+    }
+
+    async fn decide_founding(&self, except: Option<&str>) -> Result<bool, ApplyError> {
+        let Some(m) = &self.mesh else { return Ok(false) };
+        let mut surveys = tokio::task::JoinSet::new();
+        for n in m.nodes.iter().filter(|n| Some(n.name.as_str()) != except).cloned() {
+            surveys.spawn(async move {
+                let answer = tokio::time::timeout(SURVEY_TIMEOUT, read_membership(&n)).await;
+                (n.name, answer.ok().and_then(Result::ok))
+            });
+        }
+        let mut silent = Vec::new();
+        while let Some(r) = surveys.join_next().await {
+            match r {
+                Ok((_, Some(Membership::New))) => {}
+                Ok((_, Some(_))) => return Ok(false),
+                Ok((name, None)) => silent.push(name),
+                Err(_) => silent.push("?".into()),
             }
         }
-        false
+        let history = self.logs.get().is_some_and(|logs| logs.values().any(|l| l.next_offset() > 0));
+        if !silent.is_empty() && history {
+            silent.sort();
+            return Err(ApplyError::MembershipUnknown {
+                node: except.unwrap_or("-").to_owned(),
+                silent: silent.join(", "),
+            });
+        }
+        self.founded.store(true, Ordering::Relaxed);
+        Ok(true)
     }
 
     /// The donor of `node`: `join_from`, else the hub, else the first member in `nodes`.

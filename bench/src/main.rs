@@ -27,6 +27,7 @@ mod mesh;
 mod repair;
 mod replication;
 mod shards;
+mod vector;
 
 /// The in-process scenarios (P5's running check, P6) measure what the `synapse` binary runs,
 /// allocator included.
@@ -101,8 +102,8 @@ pub struct Options {
     #[arg(long, default_value_t = 20)]
     pub p4_seconds: u64,
     /// Scenarios to run (comma-separated): P1,P2,P3,P4,P7,P8 run together; P1k,P2k,P3k (the same
-    /// through a Kafka-protocol broker) together; P2M, P5, P6 and S (shards) alone.
-    #[arg(long, value_delimiter = ',', default_value = "P1,P2,P3,P4,P7,P8,P1k,P2k,P3k,P2M,P5,P6,S")]
+    /// through a Kafka-protocol broker) together; P2M, P5, P6, S (shards) and V (vector index) alone.
+    #[arg(long, value_delimiter = ',', default_value = "P1,P2,P3,P4,P7,P8,P1k,P2k,P3k,P2M,P5,P6,S,V")]
     pub scenarios: Vec<String>,
     /// P1k/P2k/P3k: a librdkafka property for synapse's Kafka clients (`key=value`, repeatable),
     /// e.g. `--kafka-property compression.type=zstd` to compare producer settings.
@@ -111,6 +112,12 @@ pub struct Options {
     /// Events captured and delivered in P6.
     #[arg(long, default_value_t = 200_000)]
     pub p6_events: u64,
+    /// Vectors of scenario V.
+    #[arg(long, default_value_t = 100_000)]
+    pub vectors: usize,
+    /// Dimensions of scenario V's vectors.
+    #[arg(long, default_value_t = 128)]
+    pub vector_dims: usize,
 }
 
 /// How P1 and P2 compare synapse with PostgreSQL's own logical replication.
@@ -493,6 +500,25 @@ async fn run(o: Options) -> anyhow::Result<()> {
                 goal: "≤ 1%".into(),
             });
         }
+        if want("V") {
+            let work = tempfile::tempdir()?;
+            let v = crate::vector::run(o.vectors, o.vector_dims, work.path())?;
+            let what = |m: &str| format!("{m}, {} × {} clustered, k 10 (baseline faiss HNSW)", v.n, v.dims);
+            for (id, what, synapse, baseline, unit, higher) in [
+                ("V1", what("recall@10"), v.ours_recall, v.faiss_recall, "", true),
+                ("V2", what("queries/s, one thread"), v.ours_qps, v.faiss_qps, "queries/s", true),
+                ("V3", what("query p99"), v.ours_p99_ms, v.faiss_p99_ms, "ms", false),
+                ("V4", what("build"), v.ours_build_secs, v.faiss_build_secs, "s", false),
+            ] {
+                rows.push(Row { id, what, synapse, baseline, unit, higher_is_better: higher, goal: "—".into() });
+            }
+            notes.push(format!(
+                "V round {}: 1,000 vector updates/s in 200 ms batches: a batch commits in p50 {:.3} s, p99 {:.3} s (the index's share of sync lag; goal p99 < 2 s end to end)",
+                round + 1,
+                v.batch_p50_secs,
+                v.batch_p99_secs
+            ));
+        }
         if want("S") {
             let work = tempfile::tempdir()?;
             let m = crate::shards::run(o.rows, o.txn_rows, work.path()).await?;
@@ -592,6 +618,6 @@ async fn run(o: Options) -> anyhow::Result<()> {
     for n in &notes {
         println!("{n}");
     }
-    println!("\nbaselines: P1/P2 PostgreSQL publication/subscription (method: {}); P4 the same subscription, both replicating; P2c/P2M publication/subscription one way, disabled during the workload (PostgreSQL 15 cannot replicate both ways without loops); P3/P7 pg_recvlogical to /dev/null; P1k/P2k/P3k the same baselines, synapse's log on tansu 0.6 (one broker, memory storage, loopback); P5 pg_comparator 2.3 (pgcmp extension, --no-lock), reladiff in the notes; P8 psql COPY | psql COPY; P6a/b the same bodies POSTed by a plain HTTP client (same batch and concurrency, unsigned, unordered); P6c pg_recvlogical (test_decoding) commit → COMMIT line; S2/S4 synapse into one shard, same backlog, every shard a database on one server; SX pg_dump --data-only | psql of the same table into one database.", o.method.short());
+    println!("\nbaselines: P1/P2 PostgreSQL publication/subscription (method: {}); P4 the same subscription, both replicating; P2c/P2M publication/subscription one way, disabled during the workload (PostgreSQL 15 cannot replicate both ways without loops); P3/P7 pg_recvlogical to /dev/null; P1k/P2k/P3k the same baselines, synapse's log on tansu 0.6 (one broker, memory storage, loopback); P5 pg_comparator 2.3 (pgcmp extension, --no-lock), reladiff in the notes; P8 psql COPY | psql COPY; P6a/b the same bodies POSTed by a plain HTTP client (same batch and concurrency, unsigned, unordered); P6c pg_recvlogical (test_decoding) commit → COMMIT line; S2/S4 synapse into one shard, same backlog, every shard a database on one server; SX pg_dump --data-only | psql of the same table into one database; V faiss-cpu IndexHNSWFlat (M 16, efConstruction 128, efSearch 100) on the same vectors and queries, one thread, ground truth by brute force.", o.method.short());
     Ok(())
 }

@@ -1,0 +1,219 @@
+//! Scenario V: the vector index store against faiss's HNSW on the same vectors, in the same run.
+//!
+//! Vectors: `n` × `dims`, clustered (100 centres, Gaussian spread), and 1,000 queries from the
+//! same distribution; the exact top 10 of each query by brute force (the ground truth for both).
+//! Ours: the store (`synapse_connectors::vector::store`, hannoy M 16/32, ef_construction 128,
+//! ef_search 100) loaded in batches of 2,000 as the initial load does; faiss: `IndexHNSWFlat`
+//! with the same M, efConstruction and efSearch, through Python (`faiss-cpu` from PyPI,
+//! installed into `~/.cache/synapse/bench-venv` on first use). Both answer the queries one by
+//! one on one thread: recall@10, queries/s, p99 latency, and build time. Then the steady
+//! update load: 1,000 vector updates/s applied in 200 ms batches for 10 s, each batch's time to
+//! commit (the index's share of sync lag; capture and the log add theirs).
+
+use anyhow::Context;
+use std::path::Path;
+use std::process::Command;
+use std::time::Instant;
+use synapse_connectors::vector::store::{Batch, Metric, Store, StoreSpec, Upsert};
+use synapse_schemas::{Cursor, Lsn};
+
+pub struct VectorRun {
+    pub n: usize,
+    pub dims: usize,
+    pub ours_build_secs: f64,
+    pub faiss_build_secs: f64,
+    pub ours_recall: f64,
+    pub faiss_recall: f64,
+    pub ours_qps: f64,
+    pub faiss_qps: f64,
+    pub ours_p99_ms: f64,
+    pub faiss_p99_ms: f64,
+    /// Per 200-update batch at 1,000 updates/s: p50 and p99 seconds to commit.
+    pub batch_p50_secs: f64,
+    pub batch_p99_secs: f64,
+}
+
+const K: usize = 10;
+const QUERIES: usize = 1_000;
+const CENTRES: usize = 100;
+
+/// A small deterministic generator (xorshift*), so both sides get the same vectors without a
+/// shared RNG crate version.
+struct Gen(u64);
+
+impl Gen {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
+    }
+    fn unit(&mut self) -> f64 {
+        (self.next() >> 11) as f64 / (1u64 << 53) as f64
+    }
+    fn gauss(&mut self) -> f64 {
+        let (u, v) = (self.unit().max(1e-12), self.unit());
+        (-2.0 * u.ln()).sqrt() * (2.0 * std::f64::consts::PI * v).cos()
+    }
+}
+
+fn clustered(count: usize, centres: &[Vec<f32>], g: &mut Gen) -> Vec<Vec<f32>> {
+    (0..count)
+        .map(|_| {
+            let c = &centres[(g.next() % centres.len() as u64) as usize];
+            c.iter().map(|x| x + 0.1 * g.gauss() as f32).collect()
+        })
+        .collect()
+}
+
+fn exact_top(data: &[Vec<f32>], q: &[f32]) -> Vec<usize> {
+    let mut d: Vec<(f32, usize)> =
+        data.iter().enumerate().map(|(i, v)| (v.iter().zip(q).map(|(a, b)| (a - b) * (a - b)).sum(), i)).collect();
+    d.select_nth_unstable_by(K, |a, b| a.0.total_cmp(&b.0));
+    d.truncate(K);
+    d.into_iter().map(|(_, i)| i).collect()
+}
+
+fn percentile(sorted: &[f64], p: f64) -> f64 {
+    sorted[((sorted.len() as f64 - 1.0) * p).round() as usize]
+}
+
+fn write_f32(path: &Path, rows: &[Vec<f32>]) -> anyhow::Result<()> {
+    let bytes: Vec<u8> = rows.iter().flatten().flat_map(|x| x.to_le_bytes()).collect();
+    std::fs::write(path, bytes).with_context(|| format!("writing {}", path.display()))
+}
+
+/// faiss's side, as a Python program over the raw vectors.
+const FAISS: &str = r#"
+import json, sys, time
+import numpy as np, faiss
+n, d, q, k = (int(a) for a in sys.argv[1:5])
+data = np.fromfile(sys.argv[5], dtype=np.float32).reshape(n, d)
+queries = np.fromfile(sys.argv[6], dtype=np.float32).reshape(q, d)
+faiss.omp_set_num_threads(1)
+index = faiss.IndexHNSWFlat(d, 16)
+index.hnsw.efConstruction = 128
+t = time.perf_counter(); index.add(data); build = time.perf_counter() - t
+index.hnsw.efSearch = 100
+ids, lat = [], []
+for i in range(q):
+    t = time.perf_counter(); _, found = index.search(queries[i:i + 1], k); lat.append(time.perf_counter() - t)
+    ids.append([int(x) for x in found[0]])
+print(json.dumps({"build_secs": build, "latencies": lat, "ids": ids}))
+"#;
+
+/// The Python with faiss: a venv under the cache, made (with visible progress) on first use.
+fn python() -> anyhow::Result<std::path::PathBuf> {
+    let home = std::env::var_os("HOME").map(std::path::PathBuf::from).unwrap_or_else(|| "/root".into());
+    let venv = home.join(".cache/synapse/bench-venv");
+    let py = venv.join("bin/python");
+    let ready = Command::new(&py).args(["-c", "import faiss, numpy"]).status().is_ok_and(|s| s.success());
+    if !ready {
+        eprintln!("V: installing faiss-cpu and numpy into {} (once)", venv.display());
+        let made = Command::new("python3").arg("-m").arg("venv").arg(&venv).status()?;
+        anyhow::ensure!(made.success(), "python3 -m venv {} failed", venv.display());
+        let pip = Command::new(venv.join("bin/pip")).args(["install", "faiss-cpu", "numpy"]).status()?;
+        anyhow::ensure!(pip.success(), "pip install faiss-cpu numpy failed");
+    }
+    Ok(py)
+}
+
+pub fn run(n: usize, dims: usize, work: &Path) -> anyhow::Result<VectorRun> {
+    let mut g = Gen(0x9E37_79B9_7F4A_7C15);
+    let centres: Vec<Vec<f32>> =
+        (0..CENTRES).map(|_| (0..dims).map(|_| (g.unit() * 2.0 - 1.0) as f32).collect()).collect();
+    let data = clustered(n, &centres, &mut g);
+    let queries = clustered(QUERIES, &centres, &mut g);
+    eprintln!("V: exact top {K} of {QUERIES} queries over {n} × {dims} (brute force)");
+    let truth: Vec<Vec<usize>> = queries.iter().map(|q| exact_top(&data, q)).collect();
+    let recall = |found: &[Vec<usize>]| {
+        let hits: usize = found.iter().zip(&truth).map(|(f, t)| f.iter().filter(|i| t.contains(i)).count()).sum();
+        hits as f64 / (QUERIES * K) as f64
+    };
+
+    eprintln!("V: loading {n} vectors into the store");
+    let spec = StoreSpec { dimensions: dims, metric: Metric::Euclidean, max_bytes: 16 << 30 };
+    let store = Store::open(&work.join("index"), &spec)?;
+    let started = Instant::now();
+    for (b, chunk) in data.chunks(2_000).enumerate() {
+        let upserts = chunk
+            .iter()
+            .enumerate()
+            .map(|(i, v)| Upsert { key: (b * 2_000 + i).to_string(), vector: v.clone(), filters: Default::default() })
+            .collect();
+        store.apply(&Batch { upserts, truncate: b == 0, ..Default::default() })?;
+    }
+    let at = |lsn: u64| Some(Cursor { commit_lsn: Lsn(lsn), index: 0 });
+    store.apply(&Batch { cursor: at(1), ..Default::default() })?;
+    let ours_build_secs = started.elapsed().as_secs_f64();
+    let mut lat = Vec::with_capacity(QUERIES);
+    let mut found = Vec::with_capacity(QUERIES);
+    let all = Instant::now();
+    for q in &queries {
+        let t = Instant::now();
+        let (hits, _) = store.search(q, K, &Default::default())?;
+        lat.push(t.elapsed().as_secs_f64());
+        found.push(hits.iter().filter_map(|h| h.key.parse().ok()).collect::<Vec<usize>>());
+    }
+    let ours_qps = QUERIES as f64 / all.elapsed().as_secs_f64();
+    lat.sort_by(f64::total_cmp);
+    let ours_p99_ms = percentile(&lat, 0.99) * 1e3;
+    let ours_recall = recall(&found);
+
+    eprintln!("V: the same with faiss IndexHNSWFlat");
+    let (data_path, query_path) = (work.join("data.f32"), work.join("queries.f32"));
+    write_f32(&data_path, &data)?;
+    write_f32(&query_path, &queries)?;
+    let out = Command::new(python()?)
+        .args(["-c", FAISS])
+        .args([n.to_string(), dims.to_string(), QUERIES.to_string(), K.to_string()])
+        .arg(&data_path)
+        .arg(&query_path)
+        .output()?;
+    anyhow::ensure!(out.status.success(), "faiss: {}", String::from_utf8_lossy(&out.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+    let mut flat: Vec<f64> = v["latencies"].as_array().into_iter().flatten().filter_map(|x| x.as_f64()).collect();
+    let faiss_found: Vec<Vec<usize>> = v["ids"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|r| r.as_array().into_iter().flatten().filter_map(|x| x.as_u64().map(|x| x as usize)).collect())
+        .collect();
+    let faiss_qps = QUERIES as f64 / flat.iter().sum::<f64>();
+    flat.sort_by(f64::total_cmp);
+
+    eprintln!("V: 1,000 updates/s in 200 ms batches for 10 s");
+    let mut batch_secs = Vec::new();
+    for b in 0..50u64 {
+        let tick = Instant::now();
+        let upserts = (0..200)
+            .map(|_| {
+                let i = (g.next() % n as u64) as usize;
+                let c = &centres[(g.next() % CENTRES as u64) as usize];
+                let vector = c.iter().map(|x| x + 0.1 * g.gauss() as f32).collect();
+                Upsert { key: i.to_string(), vector, filters: Default::default() }
+            })
+            .collect();
+        store.apply(&Batch { upserts, cursor: at(2 + b), ..Default::default() })?;
+        let took = tick.elapsed();
+        batch_secs.push(took.as_secs_f64());
+        if let Some(rest) = std::time::Duration::from_millis(200).checked_sub(took) {
+            std::thread::sleep(rest);
+        }
+    }
+    batch_secs.sort_by(f64::total_cmp);
+    Ok(VectorRun {
+        n,
+        dims,
+        ours_build_secs,
+        faiss_build_secs: v["build_secs"].as_f64().unwrap_or(f64::NAN),
+        ours_recall,
+        faiss_recall: recall(&faiss_found),
+        ours_qps,
+        faiss_qps,
+        ours_p99_ms,
+        faiss_p99_ms: percentile(&flat, 0.99) * 1e3,
+        batch_p50_secs: percentile(&batch_secs, 0.5),
+        batch_p99_secs: percentile(&batch_secs, 0.99),
+    })
+}

@@ -197,7 +197,7 @@ impl Members {
             }
             Membership::New | Membership::Joining { .. } => {
                 let resumed = matches!(state, Membership::Joining { .. });
-                self.join(m, node, &client, resumed, logs).await?;
+                self.join(m, (node, &pg), &client, resumed, logs).await?;
             }
         }
         let tables = synapse_apply::mesh::install(&client, id, &m.tables, &m.policies()).await?;
@@ -273,7 +273,7 @@ impl Members {
     async fn join(
         &self,
         m: &MeshConfig,
-        node: &MeshNode,
+        (node, pg): (&MeshNode, &synapse_postgres::PgConfig),
         client: &tokio_postgres::Client,
         resumed: bool,
         logs: &BTreeMap<String, Arc<SourceLog>>,
@@ -327,7 +327,7 @@ impl Members {
         let started = std::time::Instant::now();
         let spec = JoinSpec {
             node: &node.name,
-            target: &node.url.pg_config().map_err(|e| join_error(node, e))?,
+            target: pg,
             donor: &donor.name,
             donor_source: &donor_pg,
             slot_hint: &slot,

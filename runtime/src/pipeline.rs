@@ -834,7 +834,6 @@ fn spawn_tombstone_purge(
                     ..n.clone()
                 })
                 .collect();
-            tracing::debug!(nodes = ?present.iter().map(|n| &n.name).collect::<Vec<_>>(), "tombstone purge round starting");
             let round = synapse_apply::tombstones::purge_round(&present, log_end, hops, 10_000, patience, id);
             // A round waits up to `patience` for stability; shutdown does not wait for it. A
             // round cut short is one a crash would cut: a later round finishes it.

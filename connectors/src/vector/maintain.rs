@@ -145,15 +145,16 @@ pub async fn follow<L: ChangeLog + Send + Sync + 'static>(
     read: &std::sync::atomic::AtomicU64,
     mut shutdown: tokio::sync::watch::Receiver<bool>,
 ) -> Result<bool, ConnectorError> {
-    let after = store.cursor().map_err(|e| ConnectorError::Index(e.to_string()))?;
+    // The position the store last committed: an idle poll that did not move it writes nothing.
+    let mut stored = store.cursor().map_err(|e| ConnectorError::Index(e.to_string()))?;
     let selector = Selector { tables: Some([spec.table.clone()].into()), ..Default::default() };
-    let mut feed = ChangeFeed::open(log, source, after, selector).await?;
+    let mut feed = ChangeFeed::open(log, source, stored, selector).await?;
     loop {
         let batch = tokio::select! {
             b = feed.next_batch(spec.batch_rows, spec.batch_wait) => b?,
             _ = shutdown.wait_for(|s| *s) => return Ok(false),
         };
-        if batch.position.is_none() || (batch.events.is_empty() && batch.position == after) {
+        if batch.position.is_none() || (batch.events.is_empty() && batch.position == stored) {
             read.store(feed.retention_offset(), std::sync::atomic::Ordering::Relaxed);
             continue;
         }
@@ -162,6 +163,7 @@ pub async fn follow<L: ChangeLog + Send + Sync + 'static>(
         let rows = b.upserts.len() + b.deletes.len();
         let started = std::time::Instant::now();
         let applied = apply(store, b).await?;
+        stored = batch.position;
         let labels = [("index", spec.name.clone())];
         metrics::counter!("synapse_vector_rows_total", &labels).increment(rows as u64);
         metrics::histogram!("synapse_vector_batch_seconds", &labels).record(started.elapsed().as_secs_f64());

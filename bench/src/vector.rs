@@ -132,7 +132,7 @@ pub fn run(n: usize, dims: usize, work: &Path) -> anyhow::Result<VectorRun> {
     };
 
     eprintln!("V: loading {n} vectors into the store");
-    let spec = StoreSpec { dimensions: dims, metric: Metric::Euclidean, max_bytes: 16 << 30 };
+    let spec = StoreSpec { max_bytes: 16 << 30, ..StoreSpec::new(dims, Metric::Euclidean) };
     let store = Store::open(&work.join("index"), &spec)?;
     let started = Instant::now();
     for (b, chunk) in data.chunks(2_000).enumerate() {
@@ -215,5 +215,184 @@ pub fn run(n: usize, dims: usize, work: &Path) -> anyhow::Result<VectorRun> {
         faiss_p99_ms: percentile(&flat, 0.99) * 1e3,
         batch_p50_secs: percentile(&batch_secs, 0.5),
         batch_p99_secs: percentile(&batch_secs, 0.99),
+    })
+}
+
+/// Scenario V's sync lag through the whole pipeline (`synapse run`: capture, log, index).
+pub struct SyncRun {
+    pub rows: usize,
+    pub dims: usize,
+    /// Seconds from `synapse run` to the index holding every row (snapshot load).
+    pub load_secs: f64,
+    /// Vector updates committed per second during the measurement (offered: 1,000).
+    pub updates_per_sec: f64,
+    /// Commit → searchable, seconds: p50, p99, max over the samples.
+    pub ours: [f64; 3],
+    /// Commit → visible on a PostgreSQL subscriber of the same table: p50, p99, max.
+    pub baseline: [f64; 3],
+    pub samples: usize,
+}
+
+/// Updates per second offered by the writers.
+const RATE: u64 = 1_000;
+const WRITERS: u64 = 4;
+
+/// A source table of `n` clustered `dims`-component vectors, indexed by `synapse run` and
+/// replicated by a PostgreSQL subscription; then 1,000 vector updates/s for `secs`. Every
+/// 200 ms a sampler commits one more update (a row of its own, whose `ver` it bumps) and
+/// times commit → the index answering a search that waits for that commit's position
+/// (`after_lsn`, read-your-writes: the lag a client sees) and, in parallel, commit → the
+/// subscriber showing the new `ver` (polled every 2 ms).
+pub async fn run_sync(n: usize, dims: usize, secs: u64, work: &Path) -> anyhow::Result<SyncRun> {
+    use synapse_localpg::{ClusterOptions, LocalCluster};
+    let src = LocalCluster::start(ClusterOptions::default())?;
+    let sub = LocalCluster::start(ClusterOptions::default())?;
+    for c in [&src, &sub] {
+        c.create_database("bench")?;
+        c.psql("bench", "CREATE TABLE docs (id int PRIMARY KEY, ver int NOT NULL DEFAULT 0, embedding real[])")?;
+    }
+    eprintln!("V5: {n} × {dims} clustered vectors into the source table");
+    src.psql(
+        "bench",
+        &format!(
+            "INSERT INTO docs (id, embedding) SELECT g, ARRAY(SELECT (sin((g % {CENTRES}) * k) + 0.2 * (random() - 0.5))::real FROM generate_series(1, {dims}) k) FROM generate_series(1, {n}) g;
+             CREATE PUBLICATION bench_docs FOR TABLE docs"
+        ),
+    )?;
+    sub.psql(
+        "bench",
+        &format!("CREATE SUBSCRIPTION bench_docs CONNECTION '{}' PUBLICATION bench_docs", src.url("bench")),
+    )?;
+    let port = || synapse_localpg::free_port().map(|p| format!("127.0.0.1:{p}"));
+    let (api, ops) = (port()?, port()?);
+    let token = "bench-admin-token-0123456789abcdef";
+    let config = work.join("synapse.yaml");
+    std::fs::write(
+        &config,
+        format!(
+            "log:\n  dir: {}\nsources:\n  - name: a\n    url: {}\n    tables: [public.docs]\n    heartbeat_interval_secs: 0.5\n\
+             vector_indexes:\n  - name: docs\n    source: a\n    table: public.docs\n    column: embedding\n    dimensions: {dims}\n    distance: euclidean\n\
+             ops:\n  listen: \"{ops}\"\napi:\n  listen: \"{api}\"\n  tokens:\n    - {{name: admin, token: {token}, admin: true}}\n",
+            work.join("log").display(),
+            src.url("bench"),
+        ),
+    )?;
+    let log = work.join("synapse.log");
+    let started = Instant::now();
+    let mut child = crate::spawn_synapse(&config, &log)?;
+    let http = reqwest::Client::new();
+    let status_url = format!("http://{api}/v1/indexes/docs");
+    let mut last_print = Instant::now();
+    loop {
+        let s: serde_json::Value = match http.get(&status_url).bearer_auth(token).send().await {
+            Ok(r) => serde_json::from_slice(&r.bytes().await?).unwrap_or_default(),
+            Err(_) => serde_json::Value::Null,
+        };
+        if s["items"].as_u64() == Some(n as u64) && !s["cursor"].is_null() {
+            break;
+        }
+        if last_print.elapsed().as_secs() >= 5 {
+            eprintln!("V5: index loading: {} of {n} rows read", s["loaded_rows"]);
+            last_print = Instant::now();
+        }
+        anyhow::ensure!(started.elapsed().as_secs() < 1_800, "the index did not load; see {}", log.display());
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    let load_secs = started.elapsed().as_secs_f64();
+    let subscriber = crate::sql(&sub.url("bench")).await?;
+    while subscriber.query_one("SELECT count(*) FROM docs", &[]).await?.get::<_, i64>(0) < n as i64 {
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
+
+    eprintln!("V5: {RATE} vector updates/s for {secs} s, commit → searchable sampled every 200 ms");
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let mut writers = Vec::new();
+    for w in 0..WRITERS {
+        let (url, stop) = (src.url("bench"), stop.clone());
+        writers.push(tokio::spawn(async move {
+            let client = crate::sql(&url).await?;
+            let update = client.prepare("UPDATE docs SET embedding = $2 WHERE id = $1").await?;
+            let mut g = Gen(0xA076_1D64_78BD_642F ^ (w + 1));
+            let mut tick = tokio::time::interval(std::time::Duration::from_micros(1_000_000 * WRITERS / RATE));
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            let mut done = 0u64;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                tick.tick().await;
+                // Ids 2.. (1 is the sampler's).
+                let id = 2 + (g.next() % (n as u64 - 1)) as i32;
+                let centre = (g.next() % CENTRES as u64) as f64;
+                let v: Vec<f32> =
+                    (1..=dims).map(|k| ((centre * k as f64).sin() + 0.2 * (g.unit() - 0.5)) as f32).collect();
+                client.execute(&update, &[&id, &v]).await?;
+                done += 1;
+            }
+            anyhow::Ok(done)
+        }));
+    }
+    let source = crate::sql(&src.url("bench")).await?;
+    let search_url = format!("http://{api}/v1/indexes/docs/search");
+    let (mut ours, mut baseline) = (Vec::new(), Vec::new());
+    let run_started = Instant::now();
+    let mut g = Gen(0x5851_F42D_4C95_7F2D);
+    while run_started.elapsed().as_secs() < secs {
+        let v: Vec<f32> = (0..dims).map(|_| (g.unit() * 2.0 - 1.0) as f32).collect();
+        let row = source
+            .query_one(
+                "UPDATE docs SET ver = ver + 1, embedding = $1 WHERE id = 1 RETURNING ver, pg_current_wal_lsn()::text",
+                &[&v],
+            )
+            .await?;
+        let committed = Instant::now();
+        let (ver, lsn): (i32, String) = (row.get(0), row.get(1));
+        let body = serde_json::json!({"vector": v, "k": 1, "after_lsn": lsn, "timeout_secs": 60});
+        let searched = async {
+            let r = http
+                .post(&search_url)
+                .bearer_auth(token)
+                .header("content-type", "application/json")
+                .body(serde_json::to_vec(&body)?)
+                .send()
+                .await?;
+            let answer: serde_json::Value = serde_json::from_slice(&r.bytes().await?)?;
+            anyhow::ensure!(
+                answer["hits"][0]["key"] == "1",
+                "the sampled row's new vector was not found first: {answer}"
+            );
+            anyhow::Ok(committed.elapsed().as_secs_f64())
+        };
+        let replicated = async {
+            loop {
+                let seen: i32 = subscriber.query_one("SELECT ver FROM docs WHERE id = 1", &[]).await?.get(0);
+                if seen >= ver {
+                    return anyhow::Ok(committed.elapsed().as_secs_f64());
+                }
+                tokio::time::sleep(std::time::Duration::from_millis(2)).await;
+            }
+        };
+        let (a, b) = tokio::join!(searched, replicated);
+        ours.push(a?);
+        baseline.push(b?);
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let elapsed = run_started.elapsed().as_secs_f64();
+    let mut updates = ours.len() as u64;
+    for w in writers {
+        updates += w.await??;
+    }
+    crate::stop(&mut child)?;
+    let spread = |mut v: Vec<f64>| {
+        v.sort_by(f64::total_cmp);
+        [percentile(&v, 0.5), percentile(&v, 0.99), v[v.len() - 1]]
+    };
+    let samples = ours.len();
+    Ok(SyncRun {
+        rows: n,
+        dims,
+        load_secs,
+        updates_per_sec: updates as f64 / elapsed,
+        ours: spread(ours),
+        baseline: spread(baseline),
+        samples,
     })
 }

@@ -47,6 +47,16 @@ pub enum ConnectorError {
         #[source]
         source: tokio_postgres::Error,
     },
+    /// A read-your-writes wait (`after_lsn`) that ran out of time.
+    #[error("{what}")]
+    NotReached { what: String },
+    /// Reading rows' current values (a search's `include`) from the source.
+    #[error("reading the current rows of {table} from the source failed")]
+    Rows {
+        table: String,
+        #[source]
+        source: tokio_postgres::Error,
+    },
 }
 
 impl ConnectorError {
@@ -83,6 +93,8 @@ impl synapse_error::Classify for ConnectorError {
             ConnectorError::CursorBeforeGap { .. } => "CON011",
             ConnectorError::Busy { .. } => "CON012",
             ConnectorError::Index(_) => "CON013",
+            ConnectorError::NotReached { .. } => "CON014",
+            ConnectorError::Rows { .. } => "CON015",
         }
     }
 
@@ -92,7 +104,9 @@ impl synapse_error::Classify for ConnectorError {
             ConnectorError::Store { .. }
             | ConnectorError::Snapshot { .. }
             | ConnectorError::NotCapturing { .. }
-            | ConnectorError::Busy { .. } => true,
+            | ConnectorError::Busy { .. }
+            | ConnectorError::NotReached { .. }
+            | ConnectorError::Rows { .. } => true,
             ConnectorError::Source(e) => e.is_transient(),
             ConnectorError::Publish(e) => e.is_transient(),
             _ => false,
@@ -130,6 +144,14 @@ impl synapse_error::Classify for ConnectorError {
             ConnectorError::Index(_) => {
                 "check free disk space under log.dir; a damaged index is rebuilt by deleting its \
                  directory (log.dir/indexes/<name>) and restarting: it loads again from a snapshot"
+            }
+            ConnectorError::NotReached { .. } => {
+                "retry with a longer timeout_secs; GET /v1/indexes/{name} shows the position the \
+                 index holds and /readyz whether its source is streaming"
+            }
+            ConnectorError::Rows { .. } => {
+                "check that the source is reachable and the columns readable by synapse's role; \
+                 a search without `include` still answers from the index"
             }
         }
     }

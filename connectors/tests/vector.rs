@@ -28,7 +28,7 @@ fn spec() -> IndexSpec {
 }
 
 fn store(dir: &std::path::Path) -> Arc<Store> {
-    Arc::new(Store::open(dir, &StoreSpec { dimensions: 8, metric: Metric::Euclidean, max_bytes: 256 << 20 }).unwrap())
+    Arc::new(Store::open(dir, &StoreSpec { max_bytes: 256 << 20, ..StoreSpec::new(8, Metric::Euclidean) }).unwrap())
 }
 
 fn lang(l: &str) -> Map<String, Value> {

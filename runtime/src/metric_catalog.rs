@@ -148,6 +148,11 @@ pub const METRICS: &[(&str, Kind, &str)] = &[
     ("synapse_mesh_join_rows_total", Counter, "Rows a joining mesh node copied from its donor's snapshot, per node"),
     // Vector indexes
     ("synapse_vector_searches_total", Counter, "Searches answered by a vector index, per index"),
+    (
+        "synapse_vector_search_seconds",
+        Histogram,
+        "Seconds a vector index took to answer a search (the graph walk; not a read-your-writes wait, nor reading included rows), per index",
+    ),
     ("synapse_vector_rows_total", Counter, "Rows (upserts and deletes) applied to a vector index, per index"),
     (
         "synapse_vector_batch_seconds",

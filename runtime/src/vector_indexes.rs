@@ -3,8 +3,10 @@
 //! (`synapse_connectors::vector::maintain`), and reloads after a gap; and their routes:
 //! * `GET /v1/indexes/<name>` — size, position, dead letters, last batch;
 //! * `POST /v1/indexes/<name>/search` — `{"vector": [...], "k": 10, "filter": {"lang": "en"},
-//!   "after_lsn": "0/1A2B3C4", "timeout_secs": 10}`: the `k` nearest rows' keys and distances,
-//!   with the source position the index reflects. With `after_lsn` (e.g. `SELECT
+//!   "after_lsn": "0/1A2B3C4", "timeout_secs": 10, "include": ["title"]}`: the `k` nearest
+//!   rows' keys and distances (as pgvector's operators give them), with the source position the
+//!   index reflects, and with `include` the rows' current values of those columns read from the
+//!   source (`row`; `null` for a row deleted since). With `after_lsn` (e.g. `SELECT
 //!   pg_current_wal_lsn()` after a write) the answer waits until the index holds every change
 //!   the source committed up to there (read-your-writes), or answers 503 after the timeout.
 //!
@@ -23,6 +25,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 use synapse_connectors::api::SnapshotSource;
 use synapse_connectors::vector::maintain::{self, IndexSpec};
+use synapse_connectors::vector::rows::{Current, CurrentRows};
 use synapse_connectors::vector::store::{Batch, Store, StoreSpec};
 use synapse_connectors::ConnectorError;
 use synapse_log::SourceLog;
@@ -39,6 +42,8 @@ pub struct Index {
     loaded: AtomicU64,
     /// Every log record below this offset is in the store.
     read: AtomicU64,
+    /// Reads the found rows' current values (`include`).
+    rows: CurrentRows,
 }
 
 /// Every configured index.
@@ -58,7 +63,11 @@ impl Indexes {
         let mut indexes = BTreeMap::new();
         for v in &config.vector_indexes {
             let dir = config.log.dir.join("indexes").join(&v.name);
-            let spec = StoreSpec { dimensions: v.dimensions, metric: v.metric(), max_bytes: v.max_size_mb << 20 };
+            let spec = StoreSpec {
+                max_bytes: v.max_size_mb << 20,
+                max_norm: v.max_norm.unwrap_or(1.0),
+                ..StoreSpec::new(v.dimensions, v.metric())
+            };
             let store = Store::open(&dir, &spec)
                 .map_err(|e| anyhow::anyhow!("vector_indexes {}: {e} ({})", v.name, dir.display()))?;
             let spec = IndexSpec {
@@ -69,12 +78,19 @@ impl Indexes {
                 batch_rows: v.batch_rows,
                 batch_wait: Duration::from_millis(v.batch_wait_ms),
             };
+            let source = config
+                .sources
+                .iter()
+                .find(|s| s.name == v.source)
+                .ok_or_else(|| anyhow::anyhow!("vector_indexes {}: no source {}", v.name, v.source))?;
+            let pg = source.url.pg_config().map_err(anyhow::Error::msg)?;
             let index = Index {
                 config: v.clone(),
                 store: Arc::new(store),
                 spec,
                 loaded: AtomicU64::new(0),
                 read: AtomicU64::new(0),
+                rows: CurrentRows::new(pg, &v.table),
             };
             indexes.insert(v.name.clone(), Arc::new(index));
         }
@@ -186,6 +202,8 @@ pub(crate) struct SearchRequest {
     after_lsn: Option<String>,
     #[serde(default)]
     timeout_secs: Option<f64>,
+    #[serde(default)]
+    include: Vec<String>,
 }
 
 fn default_k() -> usize {
@@ -238,8 +256,8 @@ pub(crate) async fn search(
                 break;
             }
             if Instant::now() >= deadline {
-                return Err(ConnectorError::Busy {
-                    what: format!("waits: index {name} has not reached {lsn} within {timeout} s"),
+                return Err(ConnectorError::NotReached {
+                    what: format!("index {name} has not reached {lsn} within {timeout} s"),
                 });
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
@@ -247,11 +265,30 @@ pub(crate) async fn search(
     }
     let store = index.store.clone();
     let (vector, k) = (req.vector, req.k);
+    let started = Instant::now();
     let (hits, cursor) = tokio::task::spawn_blocking(move || store.search(&vector, k, &filter))
         .await
         .map_err(index_error)?
         .map_err(index_error)?;
+    metrics::histogram!("synapse_vector_search_seconds", "index" => name.clone())
+        .record(started.elapsed().as_secs_f64());
     metrics::counter!("synapse_vector_searches_total", "index" => name.clone()).increment(1);
+    let mut hits = serde_json::to_value(&hits).map_err(index_error)?;
+    if !req.include.is_empty() {
+        let keys: Vec<String> =
+            hits.as_array().into_iter().flatten().filter_map(|h| h["key"].as_str().map(str::to_owned)).collect();
+        let rows = index.rows.read(&keys, &req.include).await?;
+        for (hit, row) in hits.as_array_mut().into_iter().flatten().zip(rows) {
+            match row {
+                Current::Row(values) => hit["row"] = Value::Object(values),
+                Current::Gone => hit["row"] = Value::Null,
+                Current::Ambiguous => {
+                    hit["row"] = Value::Null;
+                    hit["row_error"] = "the key holds a `/` inside a value: read the row by its key columns".into();
+                }
+            }
+        }
+    }
     Ok(Json(json!({
         "hits": hits,
         "cursor": cursor.map(|c| c.to_string()),

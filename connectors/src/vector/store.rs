@@ -21,14 +21,32 @@ use serde_json::{Map, Value as Json};
 use std::path::Path;
 use synapse_schemas::{Cursor, Lsn};
 
-/// How far two vectors are, as the index compares them.
+/// How far two vectors are, as the index compares them. Distances are reported as
+/// pgvector's operators report them (`<=>`, `<->`, `<#>`), so an application can check one
+/// against the other.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Metric {
-    /// 1 − cos(angle): direction only.
+    /// 1 − cos(angle): direction only, 0 to 2.
     Cosine,
     /// Straight-line distance.
     Euclidean,
+    /// The negative inner product (smallest = largest product). Kept as a Euclidean graph of
+    /// vectors with one extra component, `sqrt(max_norm² − |x|²)`, and queries with a zero
+    /// there: the squared distance is then `|q|² + max_norm² − 2 q·x`, so the nearest is the
+    /// largest product (the reduction of Bachrach et al., 2014). A vector longer than
+    /// `max_norm` cannot be placed and becomes a dead letter.
+    Dot,
+}
+
+impl Metric {
+    fn name(self) -> &'static str {
+        match self {
+            Metric::Cosine => "cosine",
+            Metric::Euclidean => "euclidean",
+            Metric::Dot => "dot",
+        }
+    }
 }
 
 /// What a store holds, fixed when it is made.
@@ -38,6 +56,24 @@ pub struct StoreSpec {
     pub metric: Metric,
     /// Largest size the environment may grow to (LMDB maps it; nothing is allocated up front).
     pub max_bytes: usize,
+    /// `Metric::Dot` only: the longest vector the index takes.
+    pub max_norm: f32,
+}
+
+impl StoreSpec {
+    /// A store of `dimensions`-component vectors compared by `metric`, up to 4 GiB, vectors
+    /// up to length 1 under `Metric::Dot`.
+    pub fn new(dimensions: usize, metric: Metric) -> StoreSpec {
+        StoreSpec { dimensions, metric, max_bytes: 4 << 30, max_norm: 1.0 }
+    }
+
+    /// What the store records of its spec (a different one needs a new store).
+    fn identity(&self) -> String {
+        match self.metric {
+            Metric::Dot => format!("dot (max_norm {})", self.max_norm),
+            m => m.name().to_owned(),
+        }
+    }
 }
 
 /// One row's vector and filter values, keyed by the row's key as text.
@@ -106,6 +142,8 @@ pub enum StoreError {
     Graph(#[from] hannoy::Error),
     #[error("the index holds vectors of {stored} dimensions, not {wanted}: a different index needs a new name")]
     Dimensions { stored: usize, wanted: usize },
+    #[error("the index was made for distance {stored}, not {wanted}: a different distance needs a new index name")]
+    Distance { stored: String, wanted: String },
     #[error("the query vector has {got} components; the index's vectors have {want}")]
     Query { got: usize, want: usize },
     #[error("the index has used every item id (2^32): rebuild it under a new name")]
@@ -172,6 +210,10 @@ fn be32(v: &[u8]) -> Option<u32> {
     Some(u32::from_be_bytes(v.try_into().ok()?))
 }
 
+fn norm(v: &[f32]) -> f32 {
+    v.iter().map(|x| f64::from(*x) * f64::from(*x)).sum::<f64>().sqrt() as f32
+}
+
 fn posting_key(column: &str, value: &Json) -> Vec<u8> {
     let mut k = column.as_bytes().to_vec();
     k.push(0);
@@ -210,7 +252,7 @@ impl Store {
                 })?
                 .unwrap_commit(),
             ),
-            Metric::Euclidean => Graph::Euclidean(
+            Metric::Euclidean | Metric::Dot => Graph::Euclidean(
                 env.create_databases_and_commit(wtxn, |dbo, wtxn| -> heed::Result<_> {
                     dbo.create_database(wtxn, Some("vectors")).map(CommitOrAbort::<_, ()>::Commit)
                 })?
@@ -227,6 +269,16 @@ impl Store {
             None => {
                 store.t.meta.put(&mut wtxn, b"dims", &(spec.dimensions as u64).to_be_bytes())?;
             }
+        }
+        let wanted = spec.identity();
+        match store.t.meta.get(&wtxn, b"metric")? {
+            Some(m) if m != wanted.as_bytes() => {
+                return Err(StoreError::Distance { stored: String::from_utf8_lossy(m).into_owned(), wanted })
+            }
+            Some(_) => {}
+            // Stores made before the distance was recorded: the graph's own check (hannoy
+            // records cosine or euclidean) still refuses a change between those two.
+            None => store.t.meta.put(&mut wtxn, b"metric", wanted.as_bytes())?,
         }
         wtxn.commit()?;
         Ok(store)
@@ -299,7 +351,45 @@ impl Store {
         if self.spec.metric == Metric::Cosine && v.iter().all(|x| *x == 0.0) {
             return Err("a zero vector has no direction (cosine distance)".into());
         }
+        if self.spec.metric == Metric::Dot {
+            let norm = norm(v);
+            if norm > self.spec.max_norm {
+                return Err(format!(
+                    "its length {norm} exceeds max_norm {} (dot distance): raise max_norm under a new index name",
+                    self.spec.max_norm
+                ));
+            }
+        }
         Ok(())
+    }
+
+    /// Components per vector in the graph: one more under `Metric::Dot`.
+    fn graph_dims(&self) -> usize {
+        self.spec.dimensions + usize::from(self.spec.metric == Metric::Dot)
+    }
+
+    /// A row's vector as the graph holds it.
+    fn placed(&self, v: &[f32]) -> Vec<f32> {
+        let mut out = v.to_vec();
+        if self.spec.metric == Metric::Dot {
+            let n = norm(v);
+            out.push((self.spec.max_norm * self.spec.max_norm - n * n).max(0.0).sqrt());
+        }
+        out
+    }
+
+    /// The graph's distance as the metric reports it (see [`Metric`]).
+    fn reported(&self, query: &[f32], graph_distance: f32) -> f32 {
+        match self.spec.metric {
+            // hannoy's cosine is (1 − cos) / 2.
+            Metric::Cosine => graph_distance * 2.0,
+            // hannoy's Euclidean is squared.
+            Metric::Euclidean => graph_distance.max(0.0).sqrt(),
+            Metric::Dot => {
+                let q = norm(query);
+                -(q * q + self.spec.max_norm * self.spec.max_norm - graph_distance) / 2.0
+            }
+        }
     }
 
     fn id_of(&self, rtxn: &RoTxn, key: &str) -> Result<Option<u32>, StoreError> {
@@ -322,9 +412,10 @@ impl Store {
                 next
             }
         };
+        let vector = self.placed(&u.vector);
         match &self.graph {
-            Graph::Cosine(db) => Writer::new(*db, 0, self.spec.dimensions).add_item(wtxn, id, &u.vector)?,
-            Graph::Euclidean(db) => Writer::new(*db, 0, self.spec.dimensions).add_item(wtxn, id, &u.vector)?,
+            Graph::Cosine(db) => Writer::new(*db, 0, self.graph_dims()).add_item(wtxn, id, &vector)?,
+            Graph::Euclidean(db) => Writer::new(*db, 0, self.graph_dims()).add_item(wtxn, id, &vector)?,
         }
         let values = serde_json::to_vec(&u.filters).map_err(|e| StoreError::Damaged(e.to_string()))?;
         self.t.filters.put(wtxn, &id.to_be_bytes(), &values)?;
@@ -376,8 +467,8 @@ impl Store {
         self.t.keys.delete(wtxn, &id.to_be_bytes())?;
         self.t.ids.delete(wtxn, key.as_bytes())?;
         match &self.graph {
-            Graph::Cosine(db) => Writer::new(*db, 0, self.spec.dimensions).del_item(wtxn, id)?,
-            Graph::Euclidean(db) => Writer::new(*db, 0, self.spec.dimensions).del_item(wtxn, id)?,
+            Graph::Cosine(db) => Writer::new(*db, 0, self.graph_dims()).del_item(wtxn, id)?,
+            Graph::Euclidean(db) => Writer::new(*db, 0, self.graph_dims()).del_item(wtxn, id)?,
         };
         Ok(true)
     }
@@ -387,8 +478,8 @@ impl Store {
             t.clear(wtxn)?;
         }
         match &self.graph {
-            Graph::Cosine(db) => Writer::new(*db, 0, self.spec.dimensions).clear(wtxn)?,
-            Graph::Euclidean(db) => Writer::new(*db, 0, self.spec.dimensions).clear(wtxn)?,
+            Graph::Cosine(db) => Writer::new(*db, 0, self.graph_dims()).clear(wtxn)?,
+            Graph::Euclidean(db) => Writer::new(*db, 0, self.graph_dims()).clear(wtxn)?,
         }
         Ok(())
     }
@@ -403,8 +494,8 @@ impl Store {
             built
         }
         match &self.graph {
-            Graph::Cosine(db) => run(*db, self.spec.dimensions, wtxn, seed)?,
-            Graph::Euclidean(db) => run(*db, self.spec.dimensions, wtxn, seed)?,
+            Graph::Cosine(db) => run(*db, self.graph_dims(), wtxn, seed)?,
+            Graph::Euclidean(db) => run(*db, self.graph_dims(), wtxn, seed)?,
         }
         Ok(())
     }
@@ -453,14 +544,17 @@ impl Store {
             }
             Ok(q.by_vector(rtxn, query)?.into_nns())
         }
+        // Under `Metric::Dot` the query's extra component is 0.
+        let mut placed = query.to_vec();
+        placed.resize(self.graph_dims(), 0.0);
         let found = match &self.graph {
-            Graph::Cosine(db) => run(*db, &rtxn, query, k, allowed.as_ref())?,
-            Graph::Euclidean(db) => run(*db, &rtxn, query, k, allowed.as_ref())?,
+            Graph::Cosine(db) => run(*db, &rtxn, &placed, k, allowed.as_ref())?,
+            Graph::Euclidean(db) => run(*db, &rtxn, &placed, k, allowed.as_ref())?,
         };
         let mut hits = Vec::with_capacity(found.len());
         for (id, distance) in found {
             let Some(key) = self.t.keys.get(&rtxn, &id.to_be_bytes())? else { continue };
-            hits.push(Hit { key: String::from_utf8_lossy(key).into_owned(), distance });
+            hits.push(Hit { key: String::from_utf8_lossy(key).into_owned(), distance: self.reported(query, distance) });
         }
         Ok((hits, cursor))
     }
@@ -469,10 +563,14 @@ impl Store {
     pub fn vector(&self, key: &str) -> Result<Option<Vec<f32>>, StoreError> {
         let rtxn = self.env.read_txn()?;
         let Some(id) = self.id_of(&rtxn, key)? else { return Ok(None) };
-        Ok(match &self.graph {
-            Graph::Cosine(db) => Writer::new(*db, 0, self.spec.dimensions).item_vector(&rtxn, id)?,
-            Graph::Euclidean(db) => Writer::new(*db, 0, self.spec.dimensions).item_vector(&rtxn, id)?,
-        })
+        let mut v = match &self.graph {
+            Graph::Cosine(db) => Writer::new(*db, 0, self.graph_dims()).item_vector(&rtxn, id)?,
+            Graph::Euclidean(db) => Writer::new(*db, 0, self.graph_dims()).item_vector(&rtxn, id)?,
+        };
+        if let Some(v) = v.as_mut() {
+            v.truncate(self.spec.dimensions);
+        }
+        Ok(v)
     }
 
     /// Every indexed key (for checks; a full scan).
@@ -519,7 +617,7 @@ mod tests {
     }
 
     fn spec(metric: Metric) -> StoreSpec {
-        StoreSpec { dimensions: 4, metric, max_bytes: 64 << 20 }
+        StoreSpec { max_bytes: 64 << 20, ..StoreSpec::new(4, metric) }
     }
 
     fn up(key: &str, v: [f32; 4], color: &str) -> Upsert {
@@ -612,7 +710,7 @@ mod tests {
         use rand::{Rng, SeedableRng};
         let dims = 16;
         let dir = tempfile::tempdir().unwrap();
-        let spec = StoreSpec { dimensions: dims, metric: Metric::Euclidean, max_bytes: 256 << 20 };
+        let spec = StoreSpec { max_bytes: 256 << 20, ..StoreSpec::new(dims, Metric::Euclidean) };
         let store = Store::open(dir.path(), &spec).unwrap();
         let mut rng = rand::rngs::StdRng::seed_from_u64(7);
         let mut rows: std::collections::BTreeMap<String, Vec<f32>> = Default::default();
@@ -655,5 +753,75 @@ mod tests {
         }
         let recall = found as f64 / wanted as f64;
         assert!(recall >= 0.95, "recall@10 {recall}");
+    }
+
+    /// Distances come out as pgvector's operators give them: `<=>` 1 − cos, `<->` the
+    /// straight-line distance, `<#>` the negative inner product; a changed distance is refused.
+    #[test]
+    fn distances_as_pgvector_reports_them() {
+        let q = [1.0, 2.0, 0.0, 0.0];
+        let v = [3.0, 0.0, 4.0, 0.0];
+        let batch = Batch { upserts: vec![up("v", v, "red")], cursor: at(1), ..Default::default() };
+        let mut dirs = Vec::new();
+        for (metric, want) in [
+            (Metric::Cosine, 1.0 - 3.0 / (5f32.sqrt() * 5.0)),
+            (Metric::Euclidean, (4.0f32 + 4.0 + 16.0).sqrt()),
+            (Metric::Dot, -3.0),
+        ] {
+            let dir = tempfile::tempdir().unwrap();
+            let store = Store::open(dir.path(), &StoreSpec { max_norm: 10.0, ..spec(metric) }).unwrap();
+            store.apply(&batch).unwrap();
+            let (hits, _) = store.search(&q, 1, &Map::new()).unwrap();
+            assert!((hits[0].distance - want).abs() < 1e-4, "{metric:?}: {} vs {want}", hits[0].distance);
+            assert_eq!(store.vector("v").unwrap().unwrap(), v, "{metric:?}: the row's own vector back");
+            dirs.push(dir);
+        }
+        let changed = StoreSpec { max_norm: 20.0, ..spec(Metric::Dot) };
+        let refused = Store::open(dirs[2].path(), &changed).err().map(|e| e.to_string()).unwrap_or_default();
+        assert!(refused.contains("max_norm 10") && refused.contains("new index name"), "{refused}");
+        assert!(matches!(Store::open(dirs[0].path(), &spec(Metric::Dot)), Err(StoreError::Distance { .. })));
+    }
+
+    /// Under `Metric::Dot` the nearest are the largest inner products (exact search agrees),
+    /// and a vector longer than `max_norm` is a dead letter.
+    #[test]
+    fn dot_finds_the_largest_products() {
+        use rand::{Rng, SeedableRng};
+        let dims = 16;
+        let dir = tempfile::tempdir().unwrap();
+        let spec = StoreSpec { max_bytes: 256 << 20, max_norm: 8.0, ..StoreSpec::new(dims, Metric::Dot) };
+        let store = Store::open(dir.path(), &spec).unwrap();
+        let mut rng = rand::rngs::StdRng::seed_from_u64(11);
+        // Lengths vary (0.5 to 2 per component scale): the product, not the angle, decides.
+        let rows: Vec<Vec<f32>> = (0..2_000)
+            .map(|_| {
+                let scale = rng.gen_range(0.5..1.5);
+                (0..dims).map(|_| scale * rng.gen_range(-1.0f32..1.0)).collect()
+            })
+            .collect();
+        let mut upserts: Vec<Upsert> = rows
+            .iter()
+            .enumerate()
+            .map(|(i, v)| Upsert { key: i.to_string(), vector: v.clone(), filters: Map::new() })
+            .collect();
+        upserts.push(Upsert { key: "long".into(), vector: vec![3.0; dims], filters: Map::new() });
+        let applied = store.apply(&Batch { upserts, cursor: at(1), ..Default::default() }).unwrap();
+        assert_eq!(applied.dead, 1);
+        assert!(store.dead_letters(1).unwrap()[0].reason.contains("exceeds max_norm 8"));
+        let dot = |a: &[f32], b: &[f32]| a.iter().zip(b).map(|(x, y)| x * y).sum::<f32>();
+        let (mut found, mut wanted) = (0, 0);
+        for _ in 0..100 {
+            let q: Vec<f32> = (0..dims).map(|_| rng.gen_range(-1.0f32..1.0)).collect();
+            let (hits, _) = store.search(&q, 10, &Map::new()).unwrap();
+            let mut exact: Vec<(usize, f32)> = rows.iter().enumerate().map(|(i, v)| (i, dot(&q, v))).collect();
+            exact.sort_by(|a, b| b.1.total_cmp(&a.1));
+            let top: Vec<String> = exact.iter().take(10).map(|e| e.0.to_string()).collect();
+            found += hits.iter().filter(|h| top.contains(&h.key)).count();
+            wanted += 10;
+            let first: usize = hits[0].key.parse().unwrap();
+            assert!((hits[0].distance + dot(&q, &rows[first])).abs() < 1e-3, "distance is −q·x");
+        }
+        let recall = found as f64 / wanted as f64;
+        assert!(recall >= 0.95, "recall@10 under dot {recall}");
     }
 }

@@ -174,6 +174,23 @@ fn errors_name_the_field() {
     assert!(c.validate("f").unwrap_err().to_string().contains("targets[0].url"));
 }
 
+/// `vector_indexes:`: a dot index needs its longest vector; bad fields are named.
+#[test]
+fn vector_index_fields_are_checked() {
+    let check = |index: &str| {
+        let text = format!("{GOOD}vector_indexes:\n  - {{name: docs, source: a, table: public.docs, column: e, dimensions: 8, {index}}}\n");
+        let c = Config::parse(&interpolate(&text, "f", |_| None).unwrap(), false, "f").unwrap();
+        c.validate("f").err().map(|e| e.to_string()).unwrap_or_default()
+    };
+    assert_eq!(check("distance: dot, max_norm: 1"), "");
+    assert_eq!(check("distance: cosine"), "");
+    let e = check("distance: dot");
+    assert!(e.contains("vector_indexes[0].max_norm") && e.contains("longest vector"), "{e}");
+    assert!(check("distance: dot, max_norm: -2").contains("not a positive number"));
+    assert!(check("distance: euclidean, max_norm: 3").contains("dot only"));
+    assert!(check("distance: manhattan").contains("cosine, euclidean or dot"));
+}
+
 /// The malformed configurations new users wrote (issue 26), each loaded from a file as `synapse
 /// validate` does: every message names the field, its line, and the fix.
 #[test]

@@ -19,9 +19,13 @@ pub struct VectorIndexConfig {
     /// The vector column: `real[]`, `double precision[]`, or pgvector's `vector`.
     pub column: String,
     pub dimensions: usize,
-    /// `cosine` (default) or `euclidean`.
+    /// `cosine` (default), `euclidean` or `dot` (distances as pgvector's `<=>`, `<->`, `<#>`).
     #[serde(default = "default_distance")]
     pub distance: String,
+    /// `dot` only, and required there: the longest vector the index takes (a longer one is a
+    /// dead letter); the same number for the index's life.
+    #[serde(default)]
+    pub max_norm: Option<f32>,
     /// Columns whose values a search may require (`"filter": {"lang": "en"}`).
     #[serde(default)]
     pub filters: Vec<String>,
@@ -54,6 +58,7 @@ impl VectorIndexConfig {
     pub fn metric(&self) -> Metric {
         match self.distance.as_str() {
             "euclidean" => Metric::Euclidean,
+            "dot" => Metric::Dot,
             _ => Metric::Cosine,
         }
     }
@@ -81,12 +86,19 @@ impl Config {
                 p.add(at("dimensions"), format!("{} is out of range: 1 to 4096", v.dimensions));
             }
             match v.distance.as_str() {
+                "cosine" | "euclidean" if v.max_norm.is_some() => p.add(at("max_norm"), "applies to distance dot only"),
                 "cosine" | "euclidean" => {}
-                "dot" => p.add(
-                    at("distance"),
-                    "`dot` is not offered yet: normalize the vectors and use cosine (the same order)",
-                ),
-                other => p.add(at("distance"), format!("`{other}`: cosine or euclidean")),
+                "dot" => match v.max_norm {
+                    None => p.add(
+                        at("max_norm"),
+                        "distance dot needs the longest vector the index will hold (1 for normalized embeddings)",
+                    ),
+                    Some(n) if !(n.is_finite() && n > 0.0 && n <= 1e18) => {
+                        p.add(at("max_norm"), format!("{n} is not a positive number"))
+                    }
+                    Some(_) => {}
+                },
+                other => p.add(at("distance"), format!("`{other}`: cosine, euclidean or dot")),
             }
             if v.filters.contains(&v.column) {
                 p.add(at("filters"), format!("`{}` is the vector column", v.column));

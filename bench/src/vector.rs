@@ -336,14 +336,13 @@ pub async fn run_sync(n: usize, dims: usize, secs: u64, work: &Path) -> anyhow::
     let mut g = Gen(0x5851_F42D_4C95_7F2D);
     while run_started.elapsed().as_secs() < secs {
         let v: Vec<f32> = (0..dims).map(|_| (g.unit() * 2.0 - 1.0) as f32).collect();
-        let row = source
-            .query_one(
-                "UPDATE docs SET ver = ver + 1, embedding = $1 WHERE id = 1 RETURNING ver, pg_current_wal_lsn()::text",
-                &[&v],
-            )
-            .await?;
+        let ver: i32 = source
+            .query_one("UPDATE docs SET ver = ver + 1, embedding = $1 WHERE id = 1 RETURNING ver", &[&v])
+            .await?
+            .get(0);
         let committed = Instant::now();
-        let (ver, lsn): (i32, String) = (row.get(0), row.get(1));
+        // Read after the commit (inside the statement it would name a position before it).
+        let lsn: String = source.query_one("SELECT pg_current_wal_lsn()::text", &[]).await?.get(0);
         let body = serde_json::json!({"vector": v, "k": 1, "after_lsn": lsn, "timeout_secs": 60});
         let searched = async {
             let r = http

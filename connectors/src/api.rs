@@ -136,7 +136,10 @@ pub fn router_with<L: ChangeLog>(api: Arc<Api<L>>, extra: Router) -> Router {
     r.with_state(api).merge(extra).layer(axum::middleware::from_fn_with_state(guard, crate::auth::guard))
 }
 
-async fn list_streams<L: ChangeLog>(
+/// The streams this API serves, each with the cursor of its newest change.
+#[utoipa::path(get, path = "/v1/streams", tag = "streams", security(("token" = ["stream"])),
+    responses((status = 200, description = "`{\"streams\": [{\"name\", \"cursor\"}]}`", body = Object), crate::openapi::Errors))]
+pub(crate) async fn list_streams<L: ChangeLog>(
     State(api): State<Arc<Api<L>>>,
     headers: HeaderMap,
 ) -> Result<Json<serde_json::Value>, ConnectorError> {
@@ -152,7 +155,11 @@ fn stream<'a, L>(api: &'a Api<L>, name: &str) -> Result<&'a StreamSource<L>, Con
     api.streams.get(name).ok_or_else(|| ConnectorError::NotFound { what: format!("stream `{name}`") })
 }
 
-async fn subscribe<L: ChangeLog>(
+/// One stream: its newest cursor and the link to read changes after it.
+#[utoipa::path(get, path = "/v1/streams/{name}", tag = "streams", security(("token" = ["stream"])),
+    params(("name" = String, Path, description = "the stream (a source's name)")),
+    responses((status = 200, description = "`{\"name\", \"cursor\", \"changes\"}`", body = Object), crate::openapi::Errors))]
+pub(crate) async fn subscribe<L: ChangeLog>(
     State(api): State<Arc<Api<L>>>,
     Path(name): Path<String>,
     headers: HeaderMap,
@@ -167,15 +174,23 @@ async fn subscribe<L: ChangeLog>(
     })))
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::IntoParams)]
 #[serde(deny_unknown_fields)]
-struct ChangesQuery {
+#[into_params(parameter_in = Query)]
+pub(crate) struct ChangesQuery {
+    /// Read changes after this cursor (absent: from the oldest retained).
     cursor: Option<String>,
+    /// Keep the answer open and send changes as they commit.
     live: Option<bool>,
+    /// Most events in one answer (1 to 10,000).
     limit: Option<usize>,
+    /// Comma-separated `schema.table` names (default: every table the token may read).
     tables: Option<String>,
+    /// Comma-separated `insert`, `update`, `delete`, `truncate`.
     operations: Option<String>,
+    /// A row filter, e.g. `status=paid` (see the README's stream section).
     filter: Option<String>,
+    /// How long a `live` answer waits for a change before it ends (ms, at most 120,000).
     timeout_ms: Option<u64>,
 }
 
@@ -251,7 +266,16 @@ fn read_request<'a, L>(
     Ok((q, s, selector))
 }
 
-async fn changes<L: ChangeLog>(
+/// Change events after a cursor: JSON lines (`application/x-ndjson`), or Server-Sent Events
+/// with `Accept: text/event-stream` (reconnects resume from `Last-Event-ID`). 410 when the
+/// cursor is older than the log's retention or from before a gap.
+#[utoipa::path(get, path = "/v1/streams/{name}/changes", tag = "streams", security(("token" = ["stream"])),
+    params(("name" = String, Path, description = "the stream"), ChangesQuery),
+    responses(
+        (status = 200, description = "one change event (CloudEvents, Debezium data) per line, then a control line with the cursor to continue from", content_type = "application/x-ndjson", body = String),
+        (status = 410, description = "the cursor is gone (`CON001`) or before a gap (`CON011`): re-read the snapshot", body = crate::openapi::ErrorBody),
+        crate::openapi::Errors))]
+pub(crate) async fn changes<L: ChangeLog>(
     State(api): State<Arc<Api<L>>>,
     Path(name): Path<String>,
     query: Result<Query<ChangesQuery>, axum::extract::rejection::QueryRejection>,
@@ -299,7 +323,14 @@ async fn changes<L: ChangeLog>(
 /// `GET /v1/streams/{name}/snapshot?tables=&filter=`: the selected tables' rows as read
 /// events (JSON lines), then `{"control":"snapshot-end","cursor":…}` — pass that cursor to
 /// `/changes` to continue with everything committed after the snapshot.
-async fn snapshot<L: ChangeLog>(
+#[utoipa::path(get, path = "/v1/streams/{name}/snapshot", tag = "streams", security(("token" = ["stream"])),
+    params(("name" = String, Path, description = "the stream"),
+        ("tables" = Option<String>, Query, description = "comma-separated `schema.table` names"),
+        ("filter" = Option<String>, Query, description = "a row filter")),
+    responses(
+        (status = 200, description = "the rows as read events, then `{\"control\":\"snapshot-end\",\"cursor\"}`", content_type = "application/x-ndjson", body = String),
+        crate::openapi::Errors))]
+pub(crate) async fn snapshot<L: ChangeLog>(
     State(api): State<Arc<Api<L>>>,
     Path(name): Path<String>,
     query: Result<Query<ChangesQuery>, axum::extract::rejection::QueryRejection>,

@@ -26,6 +26,7 @@ mod error;
 pub mod feed;
 pub mod filter;
 pub mod kafka_topics;
+pub mod openapi;
 pub mod snapshot;
 pub mod vector;
 pub mod webhook;

@@ -14,7 +14,14 @@
 //! * `GET /v1/indexes/{name}`, `POST /v1/indexes/{name}/search` — vector indexes
 //!   ([`crate::vector_indexes`]) — scope `stream`;
 //! * `GET /v1/mesh`, `POST /v1/mesh/nodes/{node}/join|leave` — mesh membership
-//!   ([`crate::mesh_membership`]) — scope `admin`.
+//!   ([`crate::mesh_membership`]) — scope `admin`;
+//! * `GET /v1/topology` — everything this process runs in one answer: mesh nodes, sources
+//!   and targets with their state, error, fix and lag (bytes, seconds, records), vector
+//!   indexes — scope `admin`;
+//! * `GET /v1/conflicts` — the mesh nodes' conflict logs ([`crate::conflicts`]) — scope
+//!   `admin`;
+//! * `GET /v1/openapi.json` — the OpenAPI 3.1 description of every route ([`crate::openapi`])
+//!   — no token.
 
 use crate::ops::{ComponentState, Health, GAP_CODE};
 use crate::positions::Positions;
@@ -29,7 +36,7 @@ use synapse_connectors::auth::{require, Audit, Auth, Scope};
 use synapse_connectors::ConnectorError;
 
 #[derive(Clone)]
-struct Admin {
+pub(crate) struct Admin {
     health: Arc<Health>,
     audit: Option<Arc<Audit>>,
 }
@@ -43,13 +50,33 @@ pub struct Services {
     pub reshard: crate::resharding::Control,
     pub members: Arc<crate::mesh_membership::Members>,
     pub indexes: Arc<crate::vector_indexes::Indexes>,
+    pub conflicts: Arc<crate::conflicts::ConflictLog>,
+}
+
+/// What `GET /v1/topology` reads.
+#[derive(Clone)]
+pub(crate) struct Topology {
+    health: Arc<Health>,
+    positions: Arc<Positions>,
+    members: Arc<crate::mesh_membership::Members>,
+    indexes: Arc<crate::vector_indexes::Indexes>,
 }
 
 /// The admin routes, each with its scope.
 pub fn router(auth: Arc<Auth>, services: Services) -> Router {
-    let Services { health, audit, repair, positions, reshard, members, indexes } = services;
+    let Services { health, audit, repair, positions, reshard, members, indexes, conflicts } = services;
     let scoped = |scope: Scope| axum::middleware::from_fn_with_state((auth.clone(), scope), require);
     let repair = repair.router().route_layer(scoped(Scope::Repair));
+    let topology = Router::new()
+        .route("/v1/topology", get(topology))
+        .with_state(Topology {
+            health: health.clone(),
+            positions: positions.clone(),
+            members: members.clone(),
+            indexes: indexes.clone(),
+        })
+        .route("/v1/conflicts", get(crate::conflicts::list).with_state(conflicts))
+        .route_layer(scoped(Scope::Admin));
     // Applications read at a cut with their stream tokens: nothing here changes data.
     let reads = Router::new()
         .route("/v1/positions", get(crate::positions::list))
@@ -78,7 +105,55 @@ pub fn router(auth: Arc<Auth>, services: Services) -> Router {
         .route("/v1/mesh/nodes/{node}/leave", post(crate::mesh_membership::request_leave))
         .with_state(members)
         .route_layer(scoped(Scope::Admin));
-    repair.merge(admin).merge(reads).merge(shards).merge(mesh).merge(vectors)
+    let document = Router::new().route("/v1/openapi.json", get(crate::openapi::document_route));
+    repair.merge(admin).merge(reads).merge(shards).merge(mesh).merge(vectors).merge(topology).merge(document)
+}
+
+/// `GET /v1/topology`: each source and target with its component's state (and error and fix
+/// when not running) and its position and lag; the mesh's nodes; the vector indexes.
+#[utoipa::path(get, path = "/v1/topology", tag = "components", security(("token" = ["admin"])),
+    responses((status = 200, description = "`{\"ready\", \"nodes\", \"sources\", \"targets\", \"indexes\", \"components\"}`", body = Object), synapse_connectors::openapi::Errors))]
+pub(crate) async fn topology(State(t): State<Topology>) -> Json<Value> {
+    let components = states(&t.health);
+    let state_of = |name: &str| {
+        components.as_array().into_iter().flatten().find(|c| c["component"] == name).cloned().unwrap_or(Value::Null)
+    };
+    let positions = t.positions.json();
+    let sources: Vec<Value> = positions["sources"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|s| {
+            let mut s = s.clone();
+            s["component"] = state_of(&format!("capture/{}", s["source"].as_str().unwrap_or_default()));
+            s
+        })
+        .collect();
+    let targets: Vec<Value> = positions["targets"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|a| {
+            let mut a = a.clone();
+            let name = format!(
+                "apply/{}->{}",
+                a["source"].as_str().unwrap_or_default(),
+                a["target"].as_str().unwrap_or_default()
+            );
+            a["component"] = state_of(&name);
+            a
+        })
+        .collect();
+    let mesh = t.members.json();
+    Json(json!({
+        "ready": t.health.ready(),
+        "serving": t.health.serving(),
+        "nodes": mesh["nodes"],
+        "sources": sources,
+        "targets": targets,
+        "indexes": t.indexes.json(),
+        "components": components,
+    }))
 }
 
 fn states(health: &Health) -> Value {
@@ -105,7 +180,10 @@ fn states(health: &Health) -> Value {
     )
 }
 
-async fn components(State(a): State<Admin>) -> Json<Value> {
+/// Every component's state, with the error and the fix of those parked or retrying.
+#[utoipa::path(get, path = "/v1/components", tag = "components", security(("token" = ["admin"])),
+    responses((status = 200, description = "`{\"ready\", \"serving\", \"components\": [...]}`", body = Object), synapse_connectors::openapi::Errors))]
+pub(crate) async fn components(State(a): State<Admin>) -> Json<Value> {
     Json(json!({"ready": a.health.ready(), "serving": a.health.serving(), "components": states(&a.health)}))
 }
 
@@ -117,7 +195,12 @@ struct ResumeRequest {
     accept_gap: Vec<String>,
 }
 
-async fn resume(State(a): State<Admin>, body: axum::body::Bytes) -> Result<Json<Value>, ConnectorError> {
+/// Tries every parked component again now; `accept_gap` lets those sources' captures cross
+/// the gap they are parked on.
+#[utoipa::path(post, path = "/v1/components/resume", tag = "components", security(("token" = ["admin"])),
+    request_body(content = Object, description = "`{}` or `{\"accept_gap\": [\"<source>\"]}`"),
+    responses((status = 200, description = "the components resumed", body = Object), synapse_connectors::openapi::Errors))]
+pub(crate) async fn resume(State(a): State<Admin>, body: axum::body::Bytes) -> Result<Json<Value>, ConnectorError> {
     // An empty body is a plain resume.
     let req: ResumeRequest = match body.iter().all(u8::is_ascii_whitespace) {
         true => ResumeRequest::default(),
@@ -145,11 +228,15 @@ async fn resume(State(a): State<Admin>, body: axum::body::Bytes) -> Result<Json<
 
 #[derive(serde::Deserialize)]
 #[serde(deny_unknown_fields)]
-struct AuditQuery {
+pub(crate) struct AuditQuery {
     limit: Option<usize>,
 }
 
-async fn audit_log(
+/// The newest audit entries (who changed what, when, with what answer).
+#[utoipa::path(get, path = "/v1/audit", tag = "components", security(("token" = ["admin"])),
+    params(("limit" = Option<usize>, Query, description = "entries (default 100)")),
+    responses((status = 200, description = "`{\"entries\": [...]}`", body = Object), synapse_connectors::openapi::Errors))]
+pub(crate) async fn audit_log(
     State(a): State<Admin>,
     query: Result<Query<AuditQuery>, axum::extract::rejection::QueryRejection>,
 ) -> Response {

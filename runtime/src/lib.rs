@@ -24,12 +24,14 @@
 pub mod admin;
 pub mod admin_client;
 pub mod config;
+pub mod conflicts;
 pub mod doctor;
 mod gaps;
 pub mod listener;
 pub mod listener_tls;
 pub mod mesh_membership;
 pub mod metric_catalog;
+pub mod openapi;
 pub mod ops;
 pub mod pipeline;
 pub mod positions;

@@ -540,11 +540,17 @@ async fn read_membership(node: &MeshNode) -> Result<Membership, ApplyError> {
 }
 
 /// `GET /v1/mesh`: every node's phase, join progress and catch-up.
+/// Each mesh node's phase (joining, member, left), donor, copy progress and catch-up.
+#[utoipa::path(get, path = "/v1/mesh", tag = "mesh", security(("token" = ["admin"])),
+    responses((status = 200, description = "`{\"nodes\": [...]}`", body = Object), synapse_connectors::openapi::Errors))]
 pub(crate) async fn status(State(m): State<Arc<Members>>) -> Json<Value> {
     Json(m.json())
 }
 
 /// `POST /v1/mesh/nodes/{node}/join`: a node waiting to join (`on_new_node: wait`) joins now.
+#[utoipa::path(post, path = "/v1/mesh/nodes/{node}/join", tag = "mesh", security(("token" = ["admin"])),
+    params(("node" = String, Path, description = "a node of mesh.nodes waiting to join")),
+    responses((status = 200, description = "the node", body = Object), synapse_connectors::openapi::Errors))]
 pub(crate) async fn request_join(
     State(m): State<Arc<Members>>,
     Path(node): Path<String>,
@@ -568,6 +574,9 @@ pub(crate) async fn request_join(
 
 /// `POST /v1/mesh/nodes/{node}/leave`: the node leaves (answers once it has; see
 /// [`Members::leave`]). 409 with what stopped it, to be fixed and asked again.
+#[utoipa::path(post, path = "/v1/mesh/nodes/{node}/leave", tag = "mesh", security(("token" = ["admin"])),
+    params(("node" = String, Path, description = "a member")),
+    responses((status = 200, description = "the node, once it left", body = Object), (status = 409, description = "what stopped the leave: fix it and ask again", body = synapse_connectors::openapi::ErrorBody), synapse_connectors::openapi::Errors))]
 pub(crate) async fn request_leave(
     State(m): State<Arc<Members>>,
     Path(node): Path<String>,

@@ -300,6 +300,7 @@ async fn start_delivery(
                 reshard,
                 members: reg.members.clone(),
                 indexes: reg.indexes.clone(),
+                conflicts: Arc::new(crate::conflicts::ConflictLog::new(config)),
             },
         );
         let app = synapse_connectors::api::router_with(api, admin);

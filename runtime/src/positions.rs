@@ -130,10 +130,8 @@ impl Positions {
 
     pub(crate) fn json(&self) -> Value {
         let lsn = |v: u64| Lsn(v).to_string();
-        let sources: Vec<Value> = self
-            .captures
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
+        let captures = self.captures.lock().unwrap_or_else(PoisonError::into_inner);
+        let sources: Vec<Value> = captures
             .iter()
             .map(|c| {
                 json!({
@@ -141,6 +139,8 @@ impl Positions {
                     "captured_lsn": lsn(c.stats.durable_lsn.load(Ordering::Relaxed)),
                     "confirmed_lsn": lsn(c.stats.confirmed_lsn.load(Ordering::Relaxed)),
                     "log_next_offset": c.log.next_offset(),
+                    "lag_seconds": c.stats.lag_seconds(),
+                    "slot_lag_bytes": c.stats.slot_lag_bytes.load(Ordering::Relaxed),
                 })
             })
             .collect();
@@ -149,7 +149,23 @@ impl Positions {
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .iter()
-            .map(|a| applier_json(a, self.serves(a)))
+            .map(|a| {
+                let mut v = applier_json(a, self.serves(a));
+                // Behind the log's end, where the source is captured here (as the
+                // `synapse_apply_lag_*` gauges count it).
+                if let Some(c) = captures.iter().find(|c| c.source == a.source) {
+                    let behind = c.log.next_offset().saturating_sub(a.stats.next_offset.load(Ordering::Relaxed));
+                    let t = a.stats.last_commit_time_us.load(Ordering::Relaxed);
+                    let lag = if behind == 0 || t == 0 {
+                        0.0
+                    } else {
+                        ((synapse_schemas::unix_micros_now() - t) as f64 / 1e6).max(0.0)
+                    };
+                    v["behind_records"] = behind.into();
+                    v["lag_seconds"] = lag.into();
+                }
+                v
+            })
             .collect();
         json!({"sources": sources, "targets": targets})
     }
@@ -213,6 +229,9 @@ fn applier_json(a: &Applying, serving: bool) -> Value {
     v
 }
 
+/// Where each source's capture and each applier is, with lag (bytes, seconds, records).
+#[utoipa::path(get, path = "/v1/positions", tag = "positions", security(("token" = ["stream"])),
+    responses((status = 200, description = "`{\"sources\": [...], \"targets\": [...]}`", body = Object), synapse_connectors::openapi::Errors))]
 pub(crate) async fn list(State(p): State<Arc<Positions>>) -> Json<Value> {
     Json(p.json())
 }
@@ -228,6 +247,13 @@ pub(crate) struct WaitQuery {
     timeout_secs: Option<f64>,
 }
 
+/// Answers once every applier of `source` (into `target`) applied everything the source
+/// committed up to `lsn` (read-your-writes across targets and shards).
+#[utoipa::path(get, path = "/v1/positions/wait", tag = "positions", security(("token" = ["stream"])),
+    params(("source" = String, Query, description = "the source"), ("lsn" = String, Query, description = "a position, e.g. from `SELECT pg_current_wal_lsn()`"),
+        ("target" = Option<String>, Query, description = "a target or shard set (default: every target)"),
+        ("timeout_secs" = Option<f64>, Query, description = "at most 300 (default 10)")),
+    responses((status = 200, description = "`{\"reached\": bool, ...}`", body = Object), synapse_connectors::openapi::Errors))]
 pub(crate) async fn wait(
     State(p): State<Arc<Positions>>,
     Query(q): Query<WaitQuery>,

@@ -364,7 +364,7 @@ pub struct RepairService {
 }
 
 /// `POST /v1/repair/check` and `POST /v1/repair/fix` body: every field optional, as the CLI's options.
-#[derive(serde::Deserialize, Default)]
+#[derive(serde::Deserialize, Default, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct RepairRequest {
     #[serde(default)]
@@ -380,6 +380,32 @@ pub struct RepairRequest {
     pub dry_run: bool,
     /// Fix only: the node whose row wins where nodes hold one version with different data.
     pub prefer: Option<String>,
+}
+
+type Service = axum::extract::State<std::sync::Arc<RepairService>>;
+
+/// Compares the mesh tables (or a target with its source) by Merkle digests at one cut and
+/// lists the rows that differ.
+#[utoipa::path(post, path = "/v1/repair/check", tag = "repair", security(("token" = ["repair"])),
+    request_body(content = RepairRequest, description = "every field optional (`{}`: every table, every node)"),
+    responses((status = 200, description = "per table: buckets compared, rows that differ, bytes read", body = Object), synapse_connectors::openapi::Errors))]
+pub(crate) async fn check_route(
+    axum::extract::State(s): Service,
+    body: Result<axum::Json<RepairRequest>, JsonRejection>,
+) -> Result<axum::Json<Vec<Report>>, ApiError> {
+    s.check(request(body)?).await.map(axum::Json)
+}
+
+/// Checks, then repairs each differing row through the resolver (`dry_run`: shows what would
+/// change and rolls it back).
+#[utoipa::path(post, path = "/v1/repair/fix", tag = "repair", security(("token" = ["repair"])),
+    request_body(content = RepairRequest, description = "every field optional"),
+    responses((status = 200, description = "per table: the check and the rows changed", body = Object), synapse_connectors::openapi::Errors))]
+pub(crate) async fn fix_route(
+    axum::extract::State(s): Service,
+    body: Result<axum::Json<RepairRequest>, JsonRejection>,
+) -> Result<axum::Json<Vec<serde_json::Value>>, ApiError> {
+    s.fix(request(body)?).await.map(axum::Json)
 }
 
 /// A failed request: HTTP status and a body naming the code, the error and what to do.
@@ -495,24 +521,8 @@ impl RepairService {
     /// `POST /v1/repair/check` and `POST /v1/repair/fix` (the API adds the `repair` scope).
     pub fn router(self: std::sync::Arc<Self>) -> axum::Router {
         axum::Router::new()
-            .route(
-                "/v1/repair/fix",
-                axum::routing::post(
-                    |axum::extract::State(s): axum::extract::State<std::sync::Arc<RepairService>>,
-                     body: Result<axum::Json<RepairRequest>, JsonRejection>| async move {
-                        s.fix(request(body)?).await.map(axum::Json)
-                    },
-                ),
-            )
-            .route(
-                "/v1/repair/check",
-                axum::routing::post(
-                    |axum::extract::State(s): axum::extract::State<std::sync::Arc<RepairService>>,
-                     body: Result<axum::Json<RepairRequest>, JsonRejection>| async move {
-                        s.check(request(body)?).await.map(axum::Json)
-                    },
-                ),
-            )
+            .route("/v1/repair/fix", axum::routing::post(fix_route))
+            .route("/v1/repair/check", axum::routing::post(check_route))
             .with_state(self)
     }
 }

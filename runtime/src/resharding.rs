@@ -403,10 +403,18 @@ fn bad(field: &str, e: impl std::fmt::Display) -> ConnectorError {
     ConnectorError::BadRequest { field: field.into(), message: e.to_string() }
 }
 
+/// A shard set's placement and the progress of its move.
+#[utoipa::path(get, path = "/v1/shards/{set}", tag = "shards", security(("token" = ["admin"])),
+    params(("set" = String, Path, description = "the shard set (a target's name)")),
+    responses((status = 200, description = "the set's phase, shards and their catch-up", body = Object), synapse_connectors::openapi::Errors))]
 pub(crate) async fn status(State(c): State<Control>, Path(set): Path<String>) -> Result<Json<Value>, ConnectorError> {
     c.status(&set).map(Json)
 }
 
+/// Takes a step of a shard set's move: start, switch, reverse or finish.
+#[utoipa::path(post, path = "/v1/shards/{set}/{step}", tag = "shards", security(("token" = ["admin"])),
+    params(("set" = String, Path, description = "the shard set"), ("step" = String, Path, description = "start, switch, reverse or finish")),
+    responses((status = 200, description = "the set after the step", body = Object), synapse_connectors::openapi::Errors))]
 pub(crate) async fn step(
     State(c): State<Control>,
     Path((set, step)): Path<(String, String)>,

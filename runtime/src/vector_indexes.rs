@@ -150,6 +150,16 @@ impl Indexes {
         Ok(())
     }
 
+    /// Every index's status (`GET /v1/topology`).
+    pub(crate) fn json(&self) -> Value {
+        Value::Array(
+            self.indexes
+                .values()
+                .map(|i| status(i).unwrap_or_else(|e| json!({"name": i.config.name, "error": e.to_string()})))
+                .collect(),
+        )
+    }
+
     fn get(&self, name: &str) -> Result<&Arc<Index>, ConnectorError> {
         self.indexes.get(name).ok_or_else(|| ConnectorError::NotFound {
             what: format!(
@@ -180,6 +190,10 @@ fn status(index: &Index) -> Result<Value, ConnectorError> {
 }
 
 /// `GET /v1/indexes/{name}`.
+/// A vector index: size, position, lag, dead letters, last batch.
+#[utoipa::path(get, path = "/v1/indexes/{name}", tag = "indexes", security(("token" = ["stream"])),
+    params(("name" = String, Path, description = "the index")),
+    responses((status = 200, description = "the index's status", body = Object), synapse_connectors::openapi::Errors))]
 pub(crate) async fn show(
     State(i): State<Arc<Indexes>>,
     Path(name): Path<String>,
@@ -211,6 +225,12 @@ fn default_k() -> usize {
 }
 
 /// `POST /v1/indexes/{name}/search`.
+/// The `k` nearest rows to a vector, optionally filtered, after a position, with the rows'
+/// current values.
+#[utoipa::path(post, path = "/v1/indexes/{name}/search", tag = "indexes", security(("token" = ["stream"])),
+    params(("name" = String, Path, description = "the index")),
+    request_body(content = Object, description = "`{\"vector\": [..], \"k\": 10, \"filter\": {..}, \"after_lsn\": \"0/1A2B3C4\", \"timeout_secs\": 10, \"include\": [\"title\"]}`"),
+    responses((status = 200, description = "`{\"hits\": [{\"key\", \"distance\", \"row\"}], \"lsn\", \"cursor\"}`", body = Object), synapse_connectors::openapi::Errors))]
 pub(crate) async fn search(
     State(i): State<Arc<Indexes>>,
     Path(name): Path<String>,

@@ -45,11 +45,17 @@ fn ok(v: Value) -> Res {
     Ok((StatusCode::OK, Json(v)))
 }
 
-async fn list<L: ChangeLog>(State(api): State<Arc<Api<L>>>, headers: HeaderMap) -> Res {
+/// Every webhook endpoint with its state and delivery position.
+#[utoipa::path(get, path = "/v1/endpoints", tag = "endpoints", security(("token" = ["endpoints"])),
+    responses((status = 200, description = "`{\"endpoints\": [...]}`", body = Object), crate::openapi::Errors))]
+pub(crate) async fn list<L: ChangeLog>(State(api): State<Arc<Api<L>>>, headers: HeaderMap) -> Res {
     ok(json!({"endpoints": hooks(&api, &headers)?.list().await}))
 }
 
-async fn create<L: ChangeLog>(
+/// Creates an endpoint; a signing secret is generated when none is given and returned once.
+#[utoipa::path(post, path = "/v1/endpoints", tag = "endpoints", security(("token" = ["endpoints"])), request_body(content = Object, description = "the endpoint: `name`, `url`, `tables`, `filter`, …"),
+    responses((status = 201, description = "the endpoint (with `secret` once)", body = Object), crate::openapi::Errors))]
+pub(crate) async fn create<L: ChangeLog>(
     State(api): State<Arc<Api<L>>>,
     headers: HeaderMap,
     spec: Result<Json<EndpointSpec>, JsonRejection>,
@@ -61,12 +67,17 @@ async fn create<L: ChangeLog>(
     Ok((StatusCode::CREATED, Json(view)))
 }
 
-async fn replace<L: ChangeLog>(
+/// Replaces an endpoint's definition (the body's `name` must match).
+#[utoipa::path(put, path = "/v1/endpoints/{name}", tag = "endpoints", security(("token" = ["endpoints"])), params(("name" = String, Path, description = "the endpoint")), request_body(content = Object, description = "the endpoint"),
+    responses((status = 200, description = "the endpoint", body = Object), crate::openapi::Errors))]
+pub(crate) async fn replace<L: ChangeLog>(
     State(api): State<Arc<Api<L>>>,
     Path(name): Path<String>,
     headers: HeaderMap,
     spec: Result<Json<EndpointSpec>, JsonRejection>,
 ) -> Res {
+    // The token first: a caller without one learns nothing of the body's rules.
+    let hooks = hooks(&api, &headers)?;
     let spec = body(spec)?;
     if spec.name != name {
         return Err(ConnectorError::BadRequest {
@@ -74,41 +85,76 @@ async fn replace<L: ChangeLog>(
             message: format!("the body names `{}` but the URL `{name}`", spec.name),
         });
     }
-    let (mut view, secret) = hooks(&api, &headers)?.put(spec, false).await?;
+    let (mut view, secret) = hooks.put(spec, false).await?;
     if let Some(s) = secret {
         view["secret"] = s.into();
     }
     ok(view)
 }
 
-async fn show<L: ChangeLog>(State(api): State<Arc<Api<L>>>, Path(name): Path<String>, headers: HeaderMap) -> Res {
+/// One endpoint: definition, state, position, the last error.
+#[utoipa::path(get, path = "/v1/endpoints/{name}", tag = "endpoints", security(("token" = ["endpoints"])), params(("name" = String, Path, description = "the endpoint")),
+    responses((status = 200, description = "the endpoint", body = Object), crate::openapi::Errors))]
+pub(crate) async fn show<L: ChangeLog>(
+    State(api): State<Arc<Api<L>>>,
+    Path(name): Path<String>,
+    headers: HeaderMap,
+) -> Res {
     ok(hooks(&api, &headers)?.get(&name).await?)
 }
 
-async fn remove<L: ChangeLog>(State(api): State<Arc<Api<L>>>, Path(name): Path<String>, headers: HeaderMap) -> Res {
+/// Deletes an endpoint and its delivery state.
+#[utoipa::path(delete, path = "/v1/endpoints/{name}", tag = "endpoints", security(("token" = ["endpoints"])), params(("name" = String, Path, description = "the endpoint")),
+    responses((status = 200, description = "`{\"deleted\": name}`", body = Object), crate::openapi::Errors))]
+pub(crate) async fn remove<L: ChangeLog>(
+    State(api): State<Arc<Api<L>>>,
+    Path(name): Path<String>,
+    headers: HeaderMap,
+) -> Res {
     hooks(&api, &headers)?.delete(&name).await?;
     ok(json!({"deleted": name}))
 }
 
-async fn enable<L: ChangeLog>(State(api): State<Arc<Api<L>>>, Path(name): Path<String>, headers: HeaderMap) -> Res {
+/// Enables an endpoint that a 410 from its receiver disabled.
+#[utoipa::path(post, path = "/v1/endpoints/{name}/enable", tag = "endpoints", security(("token" = ["endpoints"])), params(("name" = String, Path, description = "the endpoint")),
+    responses((status = 200, description = "the endpoint", body = Object), crate::openapi::Errors))]
+pub(crate) async fn enable<L: ChangeLog>(
+    State(api): State<Arc<Api<L>>>,
+    Path(name): Path<String>,
+    headers: HeaderMap,
+) -> Res {
     ok(hooks(&api, &headers)?.enable(&name).await?)
 }
 
-async fn replay<L: ChangeLog>(
+/// Delivers again from a cursor or a time.
+#[utoipa::path(post, path = "/v1/endpoints/{name}/replay", tag = "endpoints", security(("token" = ["endpoints"])), params(("name" = String, Path, description = "the endpoint")), request_body(content = Object, description = "`{\"cursor\": \"…\"}` or `{\"since\": \"2026-11-26T10:00:00Z\"}`"),
+    responses((status = 200, description = "the endpoint at its new position", body = Object), crate::openapi::Errors))]
+pub(crate) async fn replay<L: ChangeLog>(
     State(api): State<Arc<Api<L>>>,
     Path(name): Path<String>,
     headers: HeaderMap,
     from: Result<Json<ReplayFrom>, JsonRejection>,
 ) -> Res {
-    let from = body(from)?;
-    ok(hooks(&api, &headers)?.replay(&name, from).await?)
+    let hooks = hooks(&api, &headers)?;
+    ok(hooks.replay(&name, body(from)?).await?)
 }
 
-async fn attempts<L: ChangeLog>(State(api): State<Arc<Api<L>>>, Path(name): Path<String>, headers: HeaderMap) -> Res {
+/// The latest delivery attempts, newest first.
+#[utoipa::path(get, path = "/v1/endpoints/{name}/attempts", tag = "endpoints", security(("token" = ["endpoints"])), params(("name" = String, Path, description = "the endpoint")),
+    responses((status = 200, description = "`{\"attempts\": [...]}`", body = Object), crate::openapi::Errors))]
+pub(crate) async fn attempts<L: ChangeLog>(
+    State(api): State<Arc<Api<L>>>,
+    Path(name): Path<String>,
+    headers: HeaderMap,
+) -> Res {
     ok(json!({"attempts": hooks(&api, &headers)?.attempts(&name).await?}))
 }
 
-async fn dead_letters<L: ChangeLog>(
+/// Events the endpoint gave up on.
+#[utoipa::path(get, path = "/v1/endpoints/{name}/dead-letters", tag = "endpoints", security(("token" = ["endpoints"])),
+    params(("name" = String, Path, description = "the endpoint"), ("limit" = Option<usize>, Query, description = "1 to 10,000 (default 100)")),
+    responses((status = 200, description = "the dead letters", body = Object), crate::openapi::Errors))]
+pub(crate) async fn dead_letters<L: ChangeLog>(
     State(api): State<Arc<Api<L>>>,
     Path(name): Path<String>,
     Query(q): Query<HashMap<String, String>>,

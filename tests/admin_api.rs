@@ -1,0 +1,183 @@
+//! The operator's API on a running two-region mesh (real PostgreSQL, `synapse run`, HTTP):
+//! * `GET /v1/conflicts` shows a conflict the test produces (two regions renaming one account
+//!   at once), both versions and the result side by side, filtered and paged;
+//! * `GET /v1/topology` names both nodes, both captures and both appliers with their state
+//!   and lag;
+//! * `GET /v1/openapi.json` is a valid OpenAPI 3.1 document served without a token, and every
+//!   operation it lists is a route of the running process (no operation answers with the
+//!   router's own 404 or 405) that enforces the token scope the document names (401 without
+//!   a token, 403 with a token of every other scope).
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use common::{request, spawn_run, wait_ready, ADMIN_TOKEN};
+use serde_json::Value;
+use std::time::{Duration, Instant};
+use synapse_localpg::{ClusterOptions, LocalCluster};
+
+/// A token of each scope but `admin`.
+const SCOPED: [(&str, &str); 3] = [
+    ("stream", "stream-token-0123456789abcdef"),
+    ("endpoints", "endpoints-token-0123456789abcdef"),
+    ("repair", "repair-token-0123456789abcdef"),
+];
+
+fn get(api: &str, path: &str) -> (u16, Value) {
+    let (status, body) = request(api, "GET", path, "", Some(ADMIN_TOKEN));
+    (status, serde_json::from_str(&body).unwrap_or(Value::Null))
+}
+
+#[test]
+fn conflicts_topology_and_the_openapi_document_on_a_running_mesh() {
+    let nodes: Vec<LocalCluster> = (0..2).map(|_| LocalCluster::start(ClusterOptions::default()).unwrap()).collect();
+    for n in &nodes {
+        n.create_database("app").unwrap();
+        n.psql(
+            "app",
+            "CREATE TABLE accounts (id int PRIMARY KEY, owner text NOT NULL); INSERT INTO accounts VALUES (1, 'alice')",
+        )
+        .unwrap();
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let ops = format!("127.0.0.1:{}", synapse_localpg::free_port().unwrap());
+    let api = format!("127.0.0.1:{}", synapse_localpg::free_port().unwrap());
+    let config = dir.path().join("synapse.yaml");
+    let nodes_yaml: String = ["us", "eu"]
+        .iter()
+        .enumerate()
+        .map(|(i, name)| {
+            format!("    - {{name: {name}, id: {}, url: \"{}\", region: {name}}}\n", i + 1, nodes[i].url("app"))
+        })
+        .collect();
+    std::fs::write(
+        &config,
+        format!(
+            "log:\n  dir: {}\nmesh:\n  nodes:\n{nodes_yaml}  tables: [public.accounts]\n\
+             ops:\n  listen: \"{ops}\"\napi:\n  listen: \"{api}\"\n  tokens:\n    - {{name: admin, token: {ADMIN_TOKEN}, admin: true}}\n{}",
+            dir.path().join("log").display(),
+            SCOPED.iter().map(|(scope, token)| format!("    - {{name: {scope}, token: {token}, scopes: [{scope}]}}\n")).collect::<String>()
+        ),
+    )
+    .unwrap();
+    let log = dir.path().join("synapse.log");
+    let _child = spawn_run(&config, &log);
+    wait_ready(&ops, &log, 120);
+
+    // Both regions rename account 1 with both transactions open at once: the applier of each
+    // waits on the other's row lock, then meets a concurrent version.
+    let mut us = common::SyncClient::connect(&nodes[0].url("app"));
+    let mut eu = common::SyncClient::connect(&nodes[1].url("app"));
+    us.batch_execute("BEGIN; UPDATE accounts SET owner = 'alice (us)' WHERE id = 1").unwrap();
+    eu.batch_execute("BEGIN; UPDATE accounts SET owner = 'alice (eu)' WHERE id = 1").unwrap();
+    us.batch_execute("COMMIT").unwrap();
+    eu.batch_execute("COMMIT").unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let conflicts = loop {
+        let (status, body) = get(&api, "/v1/conflicts");
+        assert_eq!(status, 200, "{body}");
+        if !body["conflicts"].as_array().unwrap().is_empty() {
+            break body;
+        }
+        assert!(Instant::now() < deadline, "no conflict logged: {body}\n{}", common::log_tail(&log));
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    println!("conflicts: {conflicts}");
+    let c = &conflicts["conflicts"][0];
+    assert_eq!(c["table"], "public.accounts", "{c}");
+    assert!(["us", "eu"].contains(&c["node"].as_str().unwrap()), "{c}");
+    let owners: Vec<&str> =
+        ["local", "remote", "result"].iter().map(|side| c[side]["values"]["owner"].as_str().unwrap_or("?")).collect();
+    assert!(owners[..2].contains(&"alice (us)") && owners[..2].contains(&"alice (eu)"), "both versions: {c}");
+    assert!(owners[2] == "alice (us)" || owners[2] == "alice (eu)", "the result: {c}");
+    assert!(c["detected_at"].as_str().unwrap().ends_with('Z'), "{c}");
+    assert_eq!(conflicts["unreachable"], Value::Array(vec![]));
+    // Filters and paging.
+    let node = c["node"].as_str().unwrap();
+    let (_, one) = get(&api, &format!("/v1/conflicts?node={node}&limit=1"));
+    assert_eq!(one["conflicts"].as_array().unwrap().len(), 1, "{one}");
+    assert_eq!(one["next"][node]["before_id"], one["conflicts"][0]["id"], "{one}");
+    let (_, none) = get(&api, "/v1/conflicts?table=public.other");
+    assert!(none["conflicts"].as_array().unwrap().is_empty(), "{none}");
+    let (status, bad) = get(&api, "/v1/conflicts?limit=0");
+    assert_eq!(status, 400);
+    assert!(bad.to_string().contains("limit"), "{bad}");
+    let (status, bad) = get(&api, "/v1/conflicts?before_id=3");
+    assert_eq!(status, 400, "{bad}");
+    let (status, _) = request(&api, "GET", "/v1/conflicts", "", None);
+    assert_eq!(status, 401, "the conflict log needs a token");
+
+    // The topology: both nodes members, both captures and appliers streaming, with lag.
+    let (status, t) = get(&api, "/v1/topology");
+    assert_eq!(status, 200, "{t}");
+    println!("topology: {t}");
+    let names = |list: &Value, field: &str| -> Vec<String> {
+        let mut v: Vec<String> =
+            list.as_array().unwrap().iter().map(|x| x[field].as_str().unwrap_or("?").to_owned()).collect();
+        v.sort();
+        v
+    };
+    assert_eq!(names(&t["nodes"], "name"), ["eu", "us"], "{t}");
+    assert!(t["nodes"].as_array().unwrap().iter().all(|n| n["phase"] == "member"), "{t}");
+    assert_eq!(names(&t["sources"], "source"), ["eu", "us"], "{t}");
+    for s in t["sources"].as_array().unwrap() {
+        assert_eq!(s["component"]["state"], "streaming", "{s}");
+        assert!(s["lag_seconds"].is_number() && s["slot_lag_bytes"].is_number(), "{s}");
+    }
+    let appliers: Vec<String> = t["targets"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| {
+            format!("{}->{} {}", a["source"].as_str().unwrap(), a["target"].as_str().unwrap(), a["component"]["state"])
+        })
+        .collect();
+    assert_eq!(appliers.len(), 2, "{t}");
+    assert!(appliers.contains(&"us->eu \"streaming\"".to_owned()), "{appliers:?}");
+    assert!(appliers.contains(&"eu->us \"streaming\"".to_owned()), "{appliers:?}");
+    assert!(t["targets"].as_array().unwrap().iter().all(|a| a["behind_records"].is_number()), "{t}");
+
+    // The OpenAPI document: served without a token, valid 3.1, every operation routed.
+    let (status, text) = request(&api, "GET", "/v1/openapi.json", "", None);
+    assert_eq!(status, 200);
+    let spec = oas3::from_json(&text).unwrap_or_else(|e| panic!("not a valid OpenAPI 3.1 document: {e}"));
+    assert!(spec.openapi.starts_with("3.1"), "{}", spec.openapi);
+    let doc: Value = serde_json::from_str(&text).unwrap();
+    let mut operations = 0;
+    for (path, item) in doc["paths"].as_object().unwrap() {
+        for (method, op) in item.as_object().unwrap() {
+            operations += 1;
+            assert!(
+                op["responses"].as_object().unwrap().keys().any(|k| k.starts_with('2')),
+                "{method} {path}: no success answer"
+            );
+            // Parameters filled with names that exist nowhere: the handler answers (an error
+            // naming the object), the router never says "no such route".
+            let concrete =
+                path.split('/').map(|p| if p.starts_with('{') { "nope" } else { p }).collect::<Vec<_>>().join("/");
+            let body = if path.starts_with("/v1/repair") { r#"{"tables": ["public.nope"]}"# } else { "{}" };
+            let method = method.to_uppercase();
+            let scope = op["security"][0]["token"][0].as_str();
+            if let Some(scope) = scope {
+                assert_eq!(request(&api, &method, &concrete, body, None).0, 401, "{method} {path} without a token");
+                for (other, token) in SCOPED.iter().filter(|(s, _)| *s != scope) {
+                    let (status, answer) = request(&api, &method, &concrete, body, Some(token));
+                    assert_eq!(status, 403, "{method} {path} (scope {scope}) with a {other} token: {answer}");
+                }
+                if scope != "admin" {
+                    let token = SCOPED.iter().find(|(s, _)| *s == scope).unwrap().1;
+                    let (status, answer) = request(&api, &method, &concrete, body, Some(token));
+                    assert!(![401, 403].contains(&status), "{method} {path} with its scope {scope}: {status} {answer}");
+                }
+            }
+            let (status, answer) = request(&api, &method, &concrete, body, Some(ADMIN_TOKEN));
+            assert_ne!(status, 405, "{method} {path}: the router has no such method");
+            assert!(
+                status != 404 || answer.contains("\"error\""),
+                "{method} {path}: the router has no such route ({status} {answer:?})"
+            );
+        }
+    }
+    println!("{operations} operations in the document, each routed");
+    assert!(operations >= 30, "{operations} operations");
+}

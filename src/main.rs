@@ -7,6 +7,8 @@ mod quickstart;
 mod quickstart_mesh;
 mod repair;
 mod shards;
+mod status;
+mod telemetry;
 
 use clap::{Parser, Subcommand};
 
@@ -42,6 +44,12 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// What the running synapse runs: nodes, captures and appliers with state, lag and the fix
+    /// of anything parked (exit 1 unless every part runs); --watch redraws every 2 s.
+    Status(status::StatusArgs),
+    /// Print a completion script for a shell (bash, zsh, fish, elvish, powershell), e.g.
+    /// `synapse completions bash > /etc/bash_completion.d/synapse`.
+    Completions { shell: clap_complete::Shell },
     /// Move a shard set to the placement of its `resharding` section, step by step: plan,
     /// start, status, verify, switch, reverse, finish (see the README's "Resharding").
     Shards(shards::ShardsArgs),
@@ -150,14 +158,6 @@ enum RepairCommand {
     Track(repair::TrackArgs),
 }
 
-fn init_tracing(default: &str) {
-    let filter = tracing_subscriber::EnvFilter::try_from_env("SYNAPSE_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
-    // Colours only on a terminal: piped into a file or a pager, escape codes are noise.
-    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
-    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_ansi(ansi).init();
-}
-
 fn main() -> ExitCode {
     // An explicit MIMALLOC_PURGE_DELAY in the environment still wins.
     if std::env::var_os("MIMALLOC_PURGE_DELAY").is_none() {
@@ -165,7 +165,8 @@ fn main() -> ExitCode {
     }
     let cli = Cli::parse();
     let quiet = !matches!(cli.command, Command::Run { .. });
-    init_tracing(if quiet { "warn" } else { "info" });
+    // Flushes buffered spans when main returns (after the runtime, declared below, is gone).
+    let _telemetry = telemetry::init(if quiet { "warn" } else { "info" });
     let _ = synapse_runtime::ops::metrics_handle();
     let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(rt) => rt,
@@ -176,6 +177,15 @@ fn main() -> ExitCode {
     };
     let result: anyhow::Result<ExitCode> = rt.block_on(async {
         match cli.command {
+            Command::Status(a) => Ok(status::run(a).await.unwrap_or_else(|e| {
+                eprintln!("error: {e:#}");
+                ExitCode::from(2)
+            })),
+            Command::Completions { shell } => {
+                use clap::CommandFactory;
+                clap_complete::generate(shell, &mut Cli::command(), "synapse", &mut std::io::stdout());
+                Ok(ExitCode::SUCCESS)
+            }
             Command::Run { config } => {
                 synapse_runtime::run(Config::load(&config)?, Some(config)).await.map(|_| ExitCode::SUCCESS)
             }

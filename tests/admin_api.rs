@@ -2,7 +2,7 @@
 //! * `GET /v1/conflicts` shows a conflict the test produces (two regions renaming one account
 //!   at once), both versions and the result side by side, filtered and paged;
 //! * `GET /v1/topology` names both nodes, both captures and both appliers with their state
-//!   and lag;
+//!   and lag, and `synapse status` prints them as tables;
 //! * `GET /v1/openapi.json` is a valid OpenAPI 3.1 document served without a token, and every
 //!   operation it lists is a route of the running process (no operation answers with the
 //!   router's own 404 or 405) that enforces the token scope the document names (401 without
@@ -79,7 +79,36 @@ fn conflicts_topology_and_the_openapi_document_on_a_running_mesh() {
         if !body["conflicts"].as_array().unwrap().is_empty() {
             break body;
         }
-        assert!(Instant::now() < deadline, "no conflict logged: {body}\n{}", common::log_tail(&log));
+        if Instant::now() > deadline {
+            let diag: Vec<String> = nodes
+                .iter()
+                .map(|n| {
+                    n.psql("app", "SELECT string_agg(coalesce(application_name,'') || ' ' || state || ' ' || coalesce(wait_event_type,'') || ':' || coalesce(wait_event,'') || ' ' || left(query, 80), E'\n') FROM pg_stat_activity WHERE datname = 'app' AND pid <> pg_backend_pid()").unwrap()
+                        + "\nslots: " + &n.psql("app", "SELECT string_agg(slot_name || ' ' || coalesce(confirmed_flush_lsn::text,'') || ' active=' || active, ', ') FROM pg_replication_slots").unwrap()
+                        + "\nowner: " + &n.psql("app", "SELECT owner FROM accounts WHERE id = 1").unwrap()
+                        + " lsn " + &n.psql("app", "SELECT pg_current_wal_lsn()").unwrap()
+                })
+                .collect();
+            let metrics = reqwest::blocking::get(format!("http://{ops}/metrics")).unwrap().text().unwrap();
+            let metrics: Vec<&str> = metrics
+                .lines()
+                .filter(|l| {
+                    !l.starts_with('#')
+                        && (l.contains("capture_events")
+                            || l.contains("skipped")
+                            || l.contains("apply_rows")
+                            || l.contains("apply_transactions")
+                            || l.contains("capture_transactions")
+                            || l.contains("lag_records"))
+                })
+                .collect();
+            panic!(
+                "no conflict logged: {body}\n{}\n{}\n{}",
+                diag.join("\n----\n"),
+                metrics.join("\n"),
+                std::fs::read_to_string(&log).unwrap()
+            );
+        }
         std::thread::sleep(Duration::from_millis(200));
     };
     println!("conflicts: {conflicts}");
@@ -136,6 +165,18 @@ fn conflicts_topology_and_the_openapi_document_on_a_running_mesh() {
     assert!(appliers.contains(&"us->eu \"streaming\"".to_owned()), "{appliers:?}");
     assert!(appliers.contains(&"eu->us \"streaming\"".to_owned()), "{appliers:?}");
     assert!(t["targets"].as_array().unwrap().iter().all(|a| a["behind_records"].is_number()), "{t}");
+    // The same as tables from the CLI: exit 0 while every part runs.
+    let out = common::synapse(&["status", "--config", config.to_str().unwrap()])
+        .env("SYNAPSE_TOKEN", ADMIN_TOKEN)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    println!("synapse status:\n{text}");
+    assert!(out.status.success(), "{text}{}", String::from_utf8_lossy(&out.stderr));
+    for want in ["ready: every part runs", "us -> eu", "eu -> us", "member"] {
+        assert!(text.contains(want), "`{want}` missing from:\n{text}");
+    }
+    assert_eq!(text.matches("streaming").count(), 4, "{text}");
 
     // The OpenAPI document: served without a token, valid 3.1, every operation routed.
     let (status, text) = request(&api, "GET", "/v1/openapi.json", "", None);

@@ -292,6 +292,10 @@ struct Session<'a, L> {
     schema_changed: bool,
     /// This group recorded a copy owed: say so once it is committed.
     copy_owed: bool,
+    /// With tracing on: when the open transaction's `Begin` was read, and the group's
+    /// transactions (commit position, read at) whose apply spans its commit ends.
+    txn_read_at: Option<std::time::SystemTime>,
+    traced: Vec<(Lsn, std::time::SystemTime)>,
 }
 
 impl Applier {
@@ -351,6 +355,8 @@ impl Applier {
             group_started: Instant::now(),
             schema_changed: false,
             copy_owed: false,
+            txn_read_at: None,
+            traced: Vec::new(),
         };
         s.announce_burials().await?;
         self.stats.next_offset.store(start, Ordering::Relaxed);
@@ -406,6 +412,9 @@ impl Applier {
                                 .map_err(ApplyError::target("beginning a target transaction"))?;
                             s.in_target_txn = true;
                             s.group_started = Instant::now();
+                        }
+                        if synapse_schemas::trace::enabled() {
+                            s.txn_read_at = Some(std::time::SystemTime::now());
                         }
                         open = Some(OpenTxn { begin: b, begin_offset: offset });
                     }
@@ -466,6 +475,9 @@ impl Applier {
                     }
                     LogRecord::Commit(c) => {
                         if open.take().is_some() {
+                            if let Some(at) = s.txn_read_at.take() {
+                                s.traced.push((c.commit_lsn, at));
+                            }
                             s.txns_in_group += 1;
                             s.last_commit = Some(c);
                             let mesh_full = s.mesh.as_ref().is_some_and(|m| m.rows() >= self.config.max_rows_per_flush);
@@ -621,6 +633,36 @@ impl<L: ChangeLog> Session<'_, L> {
         Ok(())
     }
 
+    /// One span per transaction of the committed group: read from the log → committed on the
+    /// target, a child of the transaction's capture span (`synapse_schemas::trace`).
+    fn trace_group(&mut self) {
+        if self.traced.is_empty() {
+            return;
+        }
+        use synapse_schemas::trace::{self, KeyValue, Recorded, SpanKind};
+        let end = std::time::SystemTime::now();
+        let source = &self.applier.config.node;
+        let target = self.applier.labels[1].1.clone();
+        for (lsn, start) in self.traced.drain(..) {
+            trace::record(Recorded {
+                name: "apply",
+                trace: trace::transaction_trace(source, lsn),
+                span: None,
+                parent: Some(trace::capture_span(source, lsn)),
+                kind: SpanKind::Consumer,
+                start,
+                end,
+                attributes: vec![
+                    KeyValue::new("synapse.source", source.clone()),
+                    KeyValue::new("synapse.target", target.clone()),
+                    KeyValue::new("synapse.commit_lsn", lsn.to_string()),
+                ],
+                links: &[],
+                error: None,
+            });
+        }
+    }
+
     async fn commit(&mut self, next_offset: Offset) -> Result<(), ApplyError> {
         self.flush().await?;
         self.flush_mesh().await?;
@@ -648,6 +690,7 @@ impl<L: ChangeLog> Session<'_, L> {
         metrics::histogram!("synapse_apply_commit_seconds", &self.applier.labels)
             .record(started.elapsed().as_secs_f64());
         self.in_target_txn = false;
+        self.trace_group();
         let stats = &self.applier.stats;
         stats.transactions.fetch_add(self.txns_in_group as u64, Ordering::Relaxed);
         metrics::counter!("synapse_apply_transactions_total", &self.applier.labels)

@@ -519,10 +519,11 @@ async fn run(o: Options) -> anyhow::Result<()> {
                 rows.push(Row { id, what, synapse, baseline, unit, higher_is_better: higher, goal: goal.into() });
             }
             notes.push(format!(
-                "V round {}: 1,000 vector updates/s in 200 ms batches: a batch commits in p50 {:.3} s, p99 {:.3} s (the store alone)",
+                "V round {}: the store alone: 200-update batches every 200 ms commit in p50 {:.3} s, p99 {:.3} s; one batch of {}",
                 round + 1,
                 v.batch_p50_secs,
-                v.batch_p99_secs
+                v.batch_p99_secs,
+                v.sweep.iter().map(|(n, s)| format!("{n} updates {s:.3} s")).collect::<Vec<_>>().join(", ")
             ));
             let sync = tempfile::tempdir()?;
             let s = crate::vector::run_sync(o.vectors, o.vector_dims, o.vector_sync_secs, sync.path()).await?;

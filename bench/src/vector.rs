@@ -31,6 +31,8 @@ pub struct VectorRun {
     /// Per 200-update batch at 1,000 updates/s: p50 and p99 seconds to commit.
     pub batch_p50_secs: f64,
     pub batch_p99_secs: f64,
+    /// One batch of each size of random updates: (updates, seconds to commit).
+    pub sweep: Vec<(usize, f64)>,
 }
 
 const K: usize = 10;
@@ -202,6 +204,24 @@ pub fn run(n: usize, dims: usize, work: &Path) -> anyhow::Result<VectorRun> {
         }
     }
     batch_secs.sort_by(f64::total_cmp);
+    // What a batch costs by its size: a pass over the graph's links, plus a share per update.
+    let mut sweep = Vec::new();
+    for (i, size) in [250usize, 1_000, 4_000].into_iter().enumerate() {
+        let upserts = (0..size)
+            .map(|_| {
+                let k = (g.next() % n as u64) as usize;
+                let c = &centres[(g.next() % CENTRES as u64) as usize];
+                Upsert {
+                    key: k.to_string(),
+                    vector: c.iter().map(|x| x + 0.1 * g.gauss() as f32).collect(),
+                    filters: Default::default(),
+                }
+            })
+            .collect();
+        let t = Instant::now();
+        store.apply(&Batch { upserts, cursor: at(1_000 + i as u64), ..Default::default() })?;
+        sweep.push((size, t.elapsed().as_secs_f64()));
+    }
     Ok(VectorRun {
         n,
         dims,
@@ -215,6 +235,7 @@ pub fn run(n: usize, dims: usize, work: &Path) -> anyhow::Result<VectorRun> {
         faiss_p99_ms: percentile(&flat, 0.99) * 1e3,
         batch_p50_secs: percentile(&batch_secs, 0.5),
         batch_p99_secs: percentile(&batch_secs, 0.99),
+        sweep,
     })
 }
 

@@ -527,7 +527,7 @@ async fn write_batches<L: ChangeLog>(
 ) -> Result<(), CaptureError> {
     let events_total = metrics::counter!("synapse_capture_events_total", "source" => source.clone());
     let txns_total = metrics::counter!("synapse_capture_transactions_total", "source" => source.clone());
-    let durable_lsn = metrics::gauge!("synapse_capture_durable_lsn", "source" => source);
+    let durable_lsn = metrics::gauge!("synapse_capture_durable_lsn", "source" => source.clone());
     while let Some(first) = rx.recv().await {
         let mut records = first.records;
         let mut commit = first.commit;
@@ -548,7 +548,25 @@ async fn write_batches<L: ChangeLog>(
                 _ => {}
             }
         }
+        // Spans are made from the records before they move into the log.
+        let traced: Vec<(i64, Lsn, u32, u32)> = if synapse_schemas::trace::enabled() {
+            let mut xid = 0;
+            records
+                .iter()
+                .filter_map(|r| match r {
+                    LogRecord::Begin(b) => {
+                        xid = b.xid;
+                        None
+                    }
+                    LogRecord::Commit(c) => Some((c.commit_time_us, c.commit_lsn, xid, c.event_count)),
+                    _ => None,
+                })
+                .collect()
+        } else {
+            Vec::new()
+        };
         log.append(records).await?;
+        trace_durable(&source, &traced);
         stats.events.fetch_add(events, Ordering::Relaxed);
         stats.transactions.fetch_add(txns, Ordering::Relaxed);
         events_total.increment(events);
@@ -561,6 +579,32 @@ async fn write_batches<L: ChangeLog>(
         }
     }
     Ok(())
+}
+
+/// One span per transaction now durable in the log: source commit → durable
+/// (`synapse_schemas::trace`; the root of the transaction's trace).
+fn trace_durable(source: &str, traced: &[(i64, Lsn, u32, u32)]) {
+    use synapse_schemas::trace::{self, KeyValue, Recorded, SpanKind};
+    let end = std::time::SystemTime::now();
+    for (time, lsn, xid, events) in traced {
+        trace::record(Recorded {
+            name: "capture",
+            trace: trace::transaction_trace(source, *lsn),
+            span: Some(trace::capture_span(source, *lsn)),
+            parent: None,
+            kind: SpanKind::Producer,
+            start: trace::at_micros(*time),
+            end,
+            attributes: vec![
+                KeyValue::new("synapse.source", source.to_owned()),
+                KeyValue::new("synapse.commit_lsn", lsn.to_string()),
+                KeyValue::new("synapse.xid", i64::from(*xid)),
+                KeyValue::new("synapse.events", i64::from(*events)),
+            ],
+            links: &[],
+            error: None,
+        });
+    }
 }
 
 /// A JSON array of strings, as the DDL capture's message holds names.

@@ -21,7 +21,9 @@
 //! * `GET /v1/conflicts` — the mesh nodes' conflict logs ([`crate::conflicts`]) — scope
 //!   `admin`;
 //! * `GET /v1/openapi.json` — the OpenAPI 3.1 description of every route ([`crate::openapi`])
-//!   — no token.
+//!   — no token;
+//! * `GET /console` — the web console's page, script and style ([`crate::console`]) — no
+//!   token (the page asks for one).
 
 use crate::ops::{ComponentState, Health, GAP_CODE};
 use crate::positions::Positions;
@@ -106,7 +108,15 @@ pub fn router(auth: Arc<Auth>, services: Services) -> Router {
         .with_state(members)
         .route_layer(scoped(Scope::Admin));
     let document = Router::new().route("/v1/openapi.json", get(crate::openapi::document_route));
-    repair.merge(admin).merge(reads).merge(shards).merge(mesh).merge(vectors).merge(topology).merge(document)
+    repair
+        .merge(admin)
+        .merge(reads)
+        .merge(shards)
+        .merge(mesh)
+        .merge(vectors)
+        .merge(topology)
+        .merge(document)
+        .merge(crate::console::router())
 }
 
 /// `GET /v1/topology`: each source and target with its component's state (and error and fix

@@ -25,6 +25,7 @@ pub mod admin;
 pub mod admin_client;
 pub mod config;
 pub mod conflicts;
+pub mod console;
 pub mod doctor;
 mod gaps;
 pub mod listener;

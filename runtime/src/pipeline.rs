@@ -369,6 +369,10 @@ fn apply_config(t: &TargetConfig, source: &SourceConfig) -> Result<ApplyConfig, 
 
 /// Starts every component; returns once all are spawned.
 pub async fn start(config: &Config, health: Arc<Health>, shutdown: watch::Receiver<bool>) -> anyhow::Result<Running> {
+    // Not ready until every component is registered: /readyz (and a test's or a load
+    // balancer's "caught up") must not see only the first few, all streaming, and answer 200
+    // while the captures are still to be made.
+    health.set(STARTUP, ComponentState::Starting);
     let mut running = Running {
         captures: Vec::new(),
         appliers: Vec::new(),
@@ -450,8 +454,12 @@ pub async fn start(config: &Config, health: Arc<Health>, shutdown: watch::Receiv
             }
         }
     }
+    health.forget(STARTUP);
     Ok(running)
 }
+
+/// The component that stands for the pipeline being set up.
+const STARTUP: &str = "startup";
 
 /// What every source's components share.
 pub(crate) struct Shared {

@@ -17,6 +17,7 @@
 pub mod cloudevent;
 mod lsn;
 mod model;
+pub mod trace;
 pub mod types;
 
 pub use lsn::{Cursor, Lsn, ParseCursorError};

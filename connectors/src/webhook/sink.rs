@@ -111,18 +111,49 @@ fn httpdate(s: &str) -> Option<std::time::SystemTime> {
 }
 
 /// W3C trace context: the trace id is derived from the webhook-id, so every attempt of one
-/// delivery shares a trace a receiver can correlate; each attempt gets its own span id.
-fn traceparent(webhook_id: &str) -> String {
-    use sha2::{Digest, Sha256};
-    let digest = Sha256::digest(webhook_id.as_bytes());
-    let trace: String = digest[..16].iter().map(|b| format!("{b:02x}")).collect();
-    let span: u64 = rand::random::<u64>() | 1;
+/// delivery shares a trace a receiver can correlate; each attempt gets its own span id (the
+/// span synapse exports for the attempt, `synapse_schemas::trace`).
+fn traceparent(webhook_id: &str, span: u64) -> String {
+    let trace = synapse_schemas::trace::delivery_trace(webhook_id);
     format!("00-{trace}-{span:016x}-01")
+}
+
+/// The attempt's span: the delivery's trace, the span id its `traceparent` named, links to the
+/// traces of the transactions it carries.
+fn trace_attempt(d: &Delivery, span: u64, start: std::time::SystemTime, attempt: &Attempt) {
+    use synapse_schemas::trace::{self, KeyValue, Recorded, SpanId, SpanKind};
+    let mut links: Vec<trace::TraceId> = d
+        .events
+        .iter()
+        .filter_map(|e| e.id.split_once('/').map(|(node, _)| trace::transaction_trace(node, e.cursor.commit_lsn)))
+        .collect();
+    links.dedup();
+    let mut attributes = vec![
+        KeyValue::new("webhook.id", d.id.clone()),
+        KeyValue::new("webhook.events", d.events.len() as i64),
+        KeyValue::new("webhook.outcome", format!("{:?}", attempt.outcome)),
+    ];
+    if let Some(status) = attempt.status {
+        attributes.push(KeyValue::new("http.response.status_code", i64::from(status)));
+    }
+    trace::record(Recorded {
+        name: "webhook.delivery",
+        trace: trace::delivery_trace(&d.id),
+        span: Some(SpanId::from_bytes(span.to_be_bytes())),
+        parent: None,
+        kind: SpanKind::Client,
+        start,
+        end: std::time::SystemTime::now(),
+        attributes,
+        links: &links,
+        error: attempt.error.clone(),
+    });
 }
 
 impl Sink for HttpSink {
     async fn send(&self, d: &Delivery) -> Attempt {
         let started = Instant::now();
+        let (span, wall) = (rand::random::<u64>() | 1, std::time::SystemTime::now());
         let (body, content_type) = match d.events.as_slice() {
             [one] => (one.body.to_vec(), "application/cloudevents+json"),
             many => {
@@ -146,11 +177,11 @@ impl Sink for HttpSink {
             .header("webhook-id", &d.id)
             .header("webhook-timestamp", ts.to_string())
             .header("webhook-signature", signature_header(&self.secrets, &d.id, ts, &body))
-            .header("traceparent", traceparent(&d.id));
+            .header("traceparent", traceparent(&d.id, span));
         for (k, v) in &self.headers {
             req = req.header(k, v);
         }
-        match req.body(body).send().await {
+        let attempt = match req.body(body).send().await {
             Ok(resp) => {
                 let status = resp.status();
                 let after = retry_after(resp.headers());
@@ -182,7 +213,11 @@ impl Sink for HttpSink {
                     error: Some(format!("{what}: {}", synapse_error::chain(&e.without_url()))),
                 }
             }
+        };
+        if synapse_schemas::trace::enabled() {
+            trace_attempt(d, span, wall, &attempt);
         }
+        attempt
     }
 }
 
@@ -206,10 +241,11 @@ mod tests {
 
     #[test]
     fn traceparent_is_stable_per_delivery() {
-        let (a, b) = (traceparent("a/0/1/1"), traceparent("a/0/1/1"));
+        let (a, b) = (traceparent("a/0/1/1", 7), traceparent("a/0/1/1", 9));
         assert_eq!(a.len(), 55);
         assert_eq!(a[..36], b[..36], "same trace for every attempt");
-        assert_ne!(traceparent("a/0/1/2")[..36], a[..36]);
+        assert_ne!(a[36..], b[36..], "a span per attempt");
+        assert_ne!(traceparent("a/0/1/2", 7)[..36], a[..36]);
         assert!(a.starts_with("00-") && a.ends_with("-01"));
     }
 

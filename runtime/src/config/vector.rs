@@ -29,10 +29,14 @@ pub struct VectorIndexConfig {
     /// Columns whose values a search may require (`"filter": {"lang": "en"}`).
     #[serde(default)]
     pub filters: Vec<String>,
-    /// A batch is applied after this many changes…
+    /// A batch takes every change waiting, up to this many. Large by default: each batch
+    /// costs a pass over the graph's links (hannoy repairs around deleted and moved items)
+    /// plus a share per change, so under a backlog bigger batches keep up where small ones
+    /// fall behind (docs/decisions/0019-vector-index.md, measured).
     #[serde(default = "default_batch_rows")]
     pub batch_rows: usize,
-    /// …or this many milliseconds after its first change.
+    /// How long an idle index waits for a first change before it polls again (a batch never
+    /// waits for more changes than are there).
     #[serde(default = "default_batch_wait_ms")]
     pub batch_wait_ms: u64,
     /// Largest size of the index on disk, MiB.
@@ -44,7 +48,7 @@ fn default_distance() -> String {
     "cosine".into()
 }
 fn default_batch_rows() -> usize {
-    500
+    10_000
 }
 fn default_batch_wait_ms() -> u64 {
     200

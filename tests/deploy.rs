@@ -193,3 +193,92 @@ fn the_image_build_leaves_build_output_out_and_strips_the_binary() {
     assert!(dockerfile.contains("--mount=type=cache,target=/src/target"), "dependencies are rebuilt on every change");
     assert!(dockerfile.contains("--locked"), "the image must build the locked dependencies");
 }
+
+/// The Helm chart renders (default values and each example) into manifests valid against
+/// Kubernetes' schemas (scripts/validate-deploy.sh); the synapse configuration each ConfigMap
+/// carries passes `synapse validate`; the ServiceMonitor selects the Service and names a port
+/// it has; secrets come from an existing Secret when one is named, and no Secret is made then;
+/// a broken template fails the check.
+#[test]
+fn the_helm_chart_renders_into_valid_manifests() {
+    let out = tempfile::tempdir().unwrap();
+    let (ok, text) = validate_deploy(&[("SYNAPSE_HELM_OUT", out.path())]);
+    assert!(ok, "{text}");
+    assert!(text.contains("rendered and valid"), "{text}");
+    let tls = tempfile::tempdir().unwrap();
+    let ca = synapse_localpg::certs::TestCa::new("synapse test CA").unwrap();
+    let issued = ca.issue("localhost", &["localhost"]).unwrap();
+    std::fs::write(tls.path().join("ca.crt"), ca.pem()).unwrap();
+    std::fs::write(tls.path().join("tls.crt"), &issued.cert_pem).unwrap();
+    std::fs::write(tls.path().join("tls.key"), &issued.key_pem).unwrap();
+    let mut rendered: Vec<_> = std::fs::read_dir(out.path()).unwrap().map(|e| e.unwrap().path()).collect();
+    rendered.sort();
+    assert!(rendered.len() >= 2, "{rendered:?}");
+    let env = [
+        ("SOURCE_PASSWORD", "x"),
+        ("TARGET_PASSWORD", "x"),
+        ("ADMIN_TOKEN", "a-long-random-token-0123456789"),
+        ("US_PASSWORD", "x"),
+        ("EU_PASSWORD", "x"),
+        ("AP_PASSWORD", "x"),
+        ("ADMIN_TOKEN_SHA256", "9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08"),
+        ("APP_TOKEN", "another-long-random-token-0123"),
+    ];
+    for file in &rendered {
+        let docs: Vec<serde_json::Value> = yaml_serde::Deserializer::from_str(&std::fs::read_to_string(file).unwrap())
+            .map(|d| serde_json::Value::deserialize(d).unwrap())
+            .filter(|d| !d.is_null())
+            .collect();
+        let of = |kind: &str| docs.iter().find(|d| d["kind"] == kind).cloned();
+        // The TLS Secret's files where the pod mounts them: here, a directory of test ones.
+        let config = of("ConfigMap").unwrap()["data"]["synapse.yaml"]
+            .as_str()
+            .unwrap()
+            .replace("/etc/synapse/tls/", &format!("{}/", tls.path().display()));
+        let path = out.path().join(format!("{}.synapse.yaml", file.file_name().unwrap().to_string_lossy()));
+        std::fs::write(&path, config).unwrap();
+        let checked = common::validate_config(&path, &env);
+        println!("{}: {checked}", file.display());
+        let deployment = of("Deployment").unwrap();
+        let pod = &deployment["spec"]["template"]["spec"];
+        assert_eq!(deployment["spec"]["replicas"], 1, "one reader per slot");
+        assert_eq!(deployment["spec"]["strategy"]["type"], "Recreate");
+        let container = &pod["containers"][0];
+        for probe in ["startupProbe", "livenessProbe", "readinessProbe"] {
+            assert!(container[probe]["httpGet"]["path"].is_string(), "{probe} in {}", file.display());
+        }
+        assert_eq!(container["securityContext"]["readOnlyRootFilesystem"], true);
+        let service = of("Service").unwrap();
+        if let Some(monitor) = of("ServiceMonitor") {
+            let wanted = monitor["spec"]["selector"]["matchLabels"].as_object().unwrap();
+            for (k, v) in wanted {
+                assert_eq!(&service["metadata"]["labels"][k], v, "the ServiceMonitor selects the Service ({k})");
+            }
+            let port = monitor["spec"]["endpoints"][0]["port"].as_str().unwrap();
+            assert!(service["spec"]["ports"].as_array().unwrap().iter().any(|p| p["name"] == port), "port {port}");
+        }
+        let secret_ref = container["envFrom"][0]["secretRef"]["name"].as_str().unwrap_or_default().to_owned();
+        if file.ends_with("mesh-values.yaml") {
+            assert_eq!(secret_ref, "synapse-mesh-credentials", "the existing Secret");
+            assert!(of("Secret").is_none(), "no Secret made when an existing one is named");
+            assert!(pod["volumes"].as_array().unwrap().iter().any(|v| v["secret"]["secretName"] == "synapse-tls"));
+        }
+        assert!(of("NetworkPolicy").is_some(), "{}", file.display());
+    }
+
+    // A broken template is caught.
+    let chart = tempfile::tempdir().unwrap();
+    let copy = chart.path().join("synapse");
+    std::fs::create_dir_all(copy.join("templates")).unwrap();
+    for entry in std::fs::read_dir(Path::new(ROOT).join("deploy/helm/synapse/templates")).unwrap() {
+        let p = entry.unwrap().path();
+        std::fs::copy(&p, copy.join("templates").join(p.file_name().unwrap())).unwrap();
+    }
+    for f in ["Chart.yaml", "values.yaml"] {
+        std::fs::copy(Path::new(ROOT).join("deploy/helm/synapse").join(f), copy.join(f)).unwrap();
+    }
+    let deployment = std::fs::read_to_string(copy.join("templates/deployment.yaml")).unwrap();
+    std::fs::write(copy.join("templates/deployment.yaml"), deployment.replacen("  strategy:", "  strategyy:", 1)).unwrap();
+    let (ok, text) = validate_deploy(&[("SYNAPSE_HELM_CHART", &copy), ("SYNAPSE_HELM_OUT", chart.path().join("out").as_path())]);
+    assert!(!ok && text.contains("strategyy"), "a misspelt field in the chart passed: {text}");
+}

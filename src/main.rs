@@ -47,6 +47,18 @@ enum Command {
     /// What the running synapse runs: nodes, captures and appliers with state, lag and the fix
     /// of anything parked (exit 1 unless every part runs); --watch redraws every 2 s.
     Status(status::StatusArgs),
+    /// Deliver a webhook endpoint's events again, from a time (--since 2026-11-26T10:00:00Z) or a
+    /// cursor (--cursor, as an event's `synapsecursor`), on the running synapse.
+    Replay {
+        /// The endpoint (as named in webhooks: or created through the API).
+        endpoint: String,
+        #[arg(long, conflicts_with = "cursor", required_unless_present = "cursor")]
+        since: Option<String>,
+        #[arg(long)]
+        cursor: Option<String>,
+        #[command(flatten)]
+        admin: admin_args::AdminArgs,
+    },
     /// Print a completion script for a shell (bash, zsh, fish, elvish, powershell), e.g.
     /// `synapse completions bash > /etc/bash_completion.d/synapse`.
     Completions { shell: clap_complete::Shell },
@@ -181,6 +193,19 @@ fn main() -> ExitCode {
                 eprintln!("error: {e:#}");
                 ExitCode::from(2)
             })),
+            Command::Replay { endpoint, since, cursor, admin } => {
+                let config = Config::load(&admin.config)?;
+                let api =
+                    synapse_runtime::admin_client::AdminClient::new(&config, &admin.token_env, admin.cacert.as_deref())
+                        .await?;
+                let body = match (since, cursor) {
+                    (Some(t), _) => serde_json::json!({ "since": t }),
+                    (None, c) => serde_json::json!({ "cursor": c }),
+                };
+                let v = api.post(&format!("/v1/endpoints/{endpoint}/replay"), &body).await?;
+                println!("{endpoint}: delivering again from {}", v["replay_from"]);
+                Ok(ExitCode::SUCCESS)
+            }
             Command::Completions { shell } => {
                 use clap::CommandFactory;
                 clap_complete::generate(shell, &mut Cli::command(), "synapse", &mut std::io::stdout());

@@ -67,9 +67,13 @@ pub async fn run_check(o: Selection) -> anyhow::Result<ExitCode> {
         nodes.push(node.map_err(with_hint)?);
     }
     let mut reports: Vec<Report> = Vec::new();
+    let bar = progress(r.tables.len(), "repair check")?;
     for table in &r.tables {
+        bar.set_message(table.clone());
         reports.push(check(&nodes.iter().collect::<Vec<_>>(), table, &r.options).await.map_err(with_hint)?);
+        bar.inc(1);
     }
+    bar.finish_and_clear();
     if o.json {
         println!("{}", serde_json::to_string_pretty(&reports)?);
     } else {
@@ -125,16 +129,17 @@ pub async fn run_track(args: TrackArgs) -> anyhow::Result<()> {
 /// reported by the caller.
 pub async fn run_fix(o: FixArgs) -> anyhow::Result<ExitCode> {
     let r = resolve(&o.selection)?;
-    let out =
-        fix_tables(&r, &o.selection.config.display().to_string(), o.dry_run, o.prefer.clone()).await.map_err(|e| {
-            match e {
-                FixError::Request(message) => anyhow::anyhow!(message),
-                FixError::Repair(e) => with_hint(e),
-                FixError::Describe { table, error } => {
-                    anyhow::anyhow!("[{}] {table}: {error}\n  hint: {}", error.code(), error.hint())
-                }
-            }
-        })?;
+    let bar = progress(r.tables.len(), if o.dry_run { "repair fix --dry-run" } else { "repair fix" })?;
+    bar.set_message(format!("checking and fixing {} table(s) at one cut", r.tables.len()));
+    let out = fix_tables(&r, &o.selection.config.display().to_string(), o.dry_run, o.prefer.clone()).await;
+    bar.finish_and_clear();
+    let out = out.map_err(|e| match e {
+        FixError::Request(message) => anyhow::anyhow!(message),
+        FixError::Repair(e) => with_hint(e),
+        FixError::Describe { table, error } => {
+            anyhow::anyhow!("[{}] {table}: {error}\n  hint: {}", error.code(), error.hint())
+        }
+    })?;
     if o.selection.json {
         let json: Vec<_> = out.iter().map(|(c, f)| serde_json::json!({"check": c, "fix": f})).collect();
         println!("{}", serde_json::to_string_pretty(&json)?);
@@ -148,6 +153,17 @@ pub async fn run_fix(o: FixArgs) -> anyhow::Result<ExitCode> {
     }
     let left = out.iter().any(|(_, f)| f.as_ref().is_some_and(|f| !f.unresolved.is_empty()));
     Ok(if left { ExitCode::from(1) } else { ExitCode::SUCCESS })
+}
+
+/// A bar over the tables on stderr (with elapsed time and ETA; hidden when stderr is not a
+/// terminal, so scripts and `--json` output stay clean).
+fn progress(tables: usize, what: &str) -> anyhow::Result<indicatif::ProgressBar> {
+    let bar = indicatif::ProgressBar::new(tables as u64).with_style(indicatif::ProgressStyle::with_template(
+        "{prefix} [{bar:30}] {pos}/{len} tables · {elapsed} elapsed · ETA {eta} · {msg}",
+    )?);
+    bar.set_prefix(what.to_owned());
+    bar.enable_steady_tick(std::time::Duration::from_millis(250));
+    Ok(bar)
 }
 
 fn with_hint(e: synapse_repair::RepairError) -> anyhow::Error {

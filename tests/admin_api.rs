@@ -53,7 +53,7 @@ fn conflicts_topology_and_the_openapi_document_on_a_running_mesh() {
     std::fs::write(
         &config,
         format!(
-            "log:\n  dir: {}\nmesh:\n  nodes:\n{nodes_yaml}  tables: [public.accounts]\n\
+            "log:\n  dir: {}\nmesh:\n  nodes:\n{nodes_yaml}  tables: [public.accounts]\negress:\n  allow: [127.0.0.1]\n\
              ops:\n  listen: \"{ops}\"\napi:\n  listen: \"{api}\"\n  tokens:\n    - {{name: admin, token: {ADMIN_TOKEN}, admin: true}}\n{}",
             dir.path().join("log").display(),
             SCOPED.iter().map(|(scope, token)| format!("    - {{name: {scope}, token: {token}, scopes: [{scope}]}}\n")).collect::<String>()
@@ -177,6 +177,35 @@ fn conflicts_topology_and_the_openapi_document_on_a_running_mesh() {
         assert!(text.contains(want), "`{want}` missing from:\n{text}");
     }
     assert_eq!(text.matches("streaming").count(), 4, "{text}");
+    // `synapse replay` moves an endpoint back to a time.
+    let (status, body) = request(
+        &api,
+        "POST",
+        "/v1/endpoints",
+        r#"{"name": "audit", "url": "http://127.0.0.1:9/hook"}"#,
+        Some(ADMIN_TOKEN),
+    );
+    assert_eq!(status, 201, "{body}");
+    let out =
+        common::synapse(&["replay", "audit", "--since", "2020-01-01T00:00:00Z", "--config", config.to_str().unwrap()])
+            .env("SYNAPSE_TOKEN", ADMIN_TOKEN)
+            .output()
+            .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && text.contains("audit: delivering again from"),
+        "{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out =
+        common::synapse(&["replay", "nope", "--since", "2020-01-01T00:00:00Z", "--config", config.to_str().unwrap()])
+            .env("SYNAPSE_TOKEN", ADMIN_TOKEN)
+            .output()
+            .unwrap();
+    assert!(
+        !out.status.success() && String::from_utf8_lossy(&out.stderr).contains("nope"),
+        "an unknown endpoint is named"
+    );
 
     // The OpenAPI document: served without a token, valid 3.1, every operation routed.
     let (status, text) = request(&api, "GET", "/v1/openapi.json", "", None);

@@ -278,7 +278,9 @@ fn the_helm_chart_renders_into_valid_manifests() {
         std::fs::copy(Path::new(ROOT).join("deploy/helm/synapse").join(f), copy.join(f)).unwrap();
     }
     let deployment = std::fs::read_to_string(copy.join("templates/deployment.yaml")).unwrap();
-    std::fs::write(copy.join("templates/deployment.yaml"), deployment.replacen("  strategy:", "  strategyy:", 1)).unwrap();
-    let (ok, text) = validate_deploy(&[("SYNAPSE_HELM_CHART", &copy), ("SYNAPSE_HELM_OUT", chart.path().join("out").as_path())]);
+    std::fs::write(copy.join("templates/deployment.yaml"), deployment.replacen("  strategy:", "  strategyy:", 1))
+        .unwrap();
+    let (ok, text) =
+        validate_deploy(&[("SYNAPSE_HELM_CHART", &copy), ("SYNAPSE_HELM_OUT", chart.path().join("out").as_path())]);
     assert!(!ok && text.contains("strategyy"), "a misspelt field in the chart passed: {text}");
 }

@@ -397,9 +397,19 @@ impl Store {
     }
 
     fn upsert(&self, wtxn: &mut RwTxn, u: &Upsert) -> Result<(), StoreError> {
+        let vector = self.placed(&u.vector);
+        let mut moved = true;
         let id = match self.id_of(wtxn, &u.key)? {
             Some(id) => {
                 self.unpost(wtxn, id)?;
+                // An update that leaves the vector as it is (another column changed, or the
+                // vector came as unchanged TOAST) keeps its place in the graph: a re-insert is
+                // most of a batch's cost.
+                let stored = match &self.graph {
+                    Graph::Cosine(db) => Writer::new(*db, 0, self.graph_dims()).item_vector(wtxn, id)?,
+                    Graph::Euclidean(db) => Writer::new(*db, 0, self.graph_dims()).item_vector(wtxn, id)?,
+                };
+                moved = stored.as_deref() != Some(vector.as_slice());
                 id
             }
             None => {
@@ -412,10 +422,11 @@ impl Store {
                 next
             }
         };
-        let vector = self.placed(&u.vector);
-        match &self.graph {
-            Graph::Cosine(db) => Writer::new(*db, 0, self.graph_dims()).add_item(wtxn, id, &vector)?,
-            Graph::Euclidean(db) => Writer::new(*db, 0, self.graph_dims()).add_item(wtxn, id, &vector)?,
+        if moved {
+            match &self.graph {
+                Graph::Cosine(db) => Writer::new(*db, 0, self.graph_dims()).add_item(wtxn, id, &vector)?,
+                Graph::Euclidean(db) => Writer::new(*db, 0, self.graph_dims()).add_item(wtxn, id, &vector)?,
+            }
         }
         let values = serde_json::to_vec(&u.filters).map_err(|e| StoreError::Damaged(e.to_string()))?;
         self.t.filters.put(wtxn, &id.to_be_bytes(), &values)?;
@@ -488,6 +499,11 @@ impl Store {
     fn build(&self, wtxn: &mut RwTxn, seed: u64) -> Result<(), StoreError> {
         fn run<D: Distance>(db: Vectors<'static, D>, dims: usize, wtxn: &mut RwTxn, seed: u64) -> hannoy::Result<()> {
             let writer = Writer::new(db, 0, dims);
+            // Nothing added, moved or deleted (filter values changed, say): the graph stands,
+            // and the build's pass over every node's links is not paid.
+            if !writer.need_build(wtxn)? {
+                return Ok(());
+            }
             // Seeded by the cursor: a replayed batch builds the same graph.
             let mut rng = rand_hnsw::rngs::StdRng::seed_from_u64(seed);
             let built = writer.builder(&mut rng).ef_construction(EF_CONSTRUCTION).build::<M, M0>(wtxn);
@@ -823,5 +839,28 @@ mod tests {
         }
         let recall = found as f64 / wanted as f64;
         assert!(recall >= 0.95, "recall@10 under dot {recall}");
+    }
+
+    /// An update that keeps a row's vector (another column changed) changes its filter values
+    /// and leaves the graph as it is: the row is still found first, under its new value only.
+    #[test]
+    fn an_update_that_keeps_the_vector_only_changes_filters() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path(), &spec(Metric::Euclidean)).unwrap();
+        let rows = [up("a", [1.0, 0.0, 0.0, 0.0], "red"), up("b", [0.0, 1.0, 0.0, 0.0], "red")];
+        store.apply(&Batch { upserts: rows.to_vec(), cursor: at(1), ..Default::default() }).unwrap();
+        store
+            .apply(&Batch { upserts: vec![up("a", [1.0, 0.0, 0.0, 0.0], "blue")], cursor: at(2), ..Default::default() })
+            .unwrap();
+        let mut blue = Map::new();
+        blue.insert("color".into(), Json::String("blue".into()));
+        let mut red = Map::new();
+        red.insert("color".into(), Json::String("red".into()));
+        assert_eq!(store.search(&[1.0, 0.0, 0.0, 0.0], 1, &blue).unwrap().0[0].key, "a");
+        assert_eq!(
+            store.search(&[1.0, 0.0, 0.0, 0.0], 2, &red).unwrap().0.iter().map(|h| h.key.as_str()).collect::<Vec<_>>(),
+            ["b"]
+        );
+        assert_eq!(store.cursor().unwrap(), at(2));
     }
 }

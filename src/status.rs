@@ -21,9 +21,10 @@ pub struct StatusArgs {
 pub async fn run(a: StatusArgs) -> anyhow::Result<ExitCode> {
     let config = Config::load(&a.admin.config)?;
     let api = AdminClient::new(&config, &a.admin.token_env, a.admin.cacert.as_deref()).await?;
+    let mut seen = CopiesSeen::new();
     loop {
         let t = api.get("/v1/topology").await?;
-        let text = render(&t);
+        let text = render(&t, &mut seen);
         if a.watch {
             // Clear the screen and home the cursor, then the new table.
             print!("\x1b[2J\x1b[H{text}");
@@ -47,8 +48,33 @@ fn secs(v: &Value) -> String {
     v.as_f64().map_or_else(|| "-".into(), |x| format!("{x:.2}"))
 }
 
+/// Per copying applier: when this process first saw it, and how many chunks were done then
+/// (the ETA is the rate since).
+type CopiesSeen = std::collections::BTreeMap<String, (std::time::Instant, u64)>;
+
+/// A copy's bar: `[#####.....] 12/40 chunks · 3400 rows · ETA 1m 20s`.
+fn copy_bar(name: &str, copy: &Value, rows: &Value, seen: &mut CopiesSeen) -> String {
+    let (total, done) = (copy["chunks"].as_u64().unwrap_or(0), copy["chunks_done"].as_u64().unwrap_or(0));
+    let width = 30usize;
+    let filled = if total == 0 { 0 } else { (done as usize * width) / total as usize };
+    let (since, first) = *seen.entry(name.to_owned()).or_insert((std::time::Instant::now(), done));
+    let elapsed = since.elapsed().as_secs_f64();
+    let eta = if done > first && elapsed > 0.0 {
+        let secs = (total - done) as f64 * elapsed / (done - first) as f64;
+        format!("ETA {}m {:02}s", (secs / 60.0) as u64, (secs % 60.0) as u64)
+    } else {
+        "ETA -".to_owned()
+    };
+    format!(
+        "  copying [{}{}] {done}/{total} chunks · {} rows · {eta}",
+        "#".repeat(filled),
+        ".".repeat(width - filled),
+        s(rows)
+    )
+}
+
 /// The topology as text tables (also what the tests read).
-pub fn render(t: &Value) -> String {
+fn render(t: &Value, seen: &mut CopiesSeen) -> String {
     use std::fmt::Write;
     let mut out = String::new();
     let _ = writeln!(out, "{}", if t["ready"] == true { "ready: every part runs" } else { "NOT READY: see below" });
@@ -92,6 +118,10 @@ pub fn render(t: &Value) -> String {
             s(&a["behind_records"]),
             s(&a["applied_lsn"])
         );
+        if a["component"]["state"] == "copying" && a["copy"].is_object() {
+            let name = format!("{}->{}", s(&a["source"]), s(&a["target"]));
+            let _ = writeln!(out, "{}", copy_bar(&name, &a["copy"], &a["rows_copied"], seen));
+        }
     }
     let indexes = list("indexes");
     if !indexes.is_empty() {

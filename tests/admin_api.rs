@@ -251,3 +251,58 @@ fn conflicts_topology_and_the_openapi_document_on_a_running_mesh() {
     println!("{operations} operations in the document, each routed");
     assert!(operations >= 30, "{operations} operations");
 }
+
+/// An initial copy's progress: while the copy into the target waits (a lock the test holds),
+/// `/v1/topology` shows the applier copying with its chunks, and `synapse status` draws the bar;
+/// once the lock goes, every chunk is done and the applier streams.
+#[test]
+fn an_initial_copy_shows_its_progress() {
+    let nodes = common::Nodes::start(
+        "CREATE TABLE t (id int PRIMARY KEY, v text); INSERT INTO t SELECT g, repeat('x', 200) FROM generate_series(1, 20000) g",
+    );
+    nodes.target.psql("app", "CREATE TABLE t (id int PRIMARY KEY, v text)").unwrap();
+    let mut locker = common::SyncClient::connect(&nodes.target.url("app"));
+    locker.batch_execute("BEGIN; LOCK TABLE t IN ACCESS EXCLUSIVE MODE").unwrap();
+    let ops = format!("127.0.0.1:{}", synapse_localpg::free_port().unwrap());
+    let api = format!("127.0.0.1:{}", synapse_localpg::free_port().unwrap());
+    let config = nodes.dir.path().join("synapse.yaml");
+    std::fs::write(
+        &config,
+        format!(
+            "log:\n  dir: {}\nsources:\n  - name: a\n    url: {}\ntargets:\n  - name: b\n    url: {}\n\
+             ops:\n  listen: \"{ops}\"\napi:\n  listen: \"{api}\"\n  tokens:\n    - {{name: admin, token: {ADMIN_TOKEN}, admin: true}}\n",
+            nodes.dir.path().join("log").display(),
+            nodes.source.url("app"),
+            nodes.target.url("app"),
+        ),
+    )
+    .unwrap();
+    let log = nodes.dir.path().join("synapse.log");
+    let _child = spawn_run(&config, &log);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let applier = loop {
+        // The API listens a moment after the process starts.
+        let t = if std::net::TcpStream::connect(&api).is_ok() { get(&api, "/v1/topology").1 } else { Value::Null };
+        let a = t["targets"][0].clone();
+        if a["component"]["state"] == "copying" && a["copy"]["chunks"].as_u64().unwrap_or(0) > 0 {
+            break a;
+        }
+        assert!(Instant::now() < deadline, "no copy in progress shown: {t}\n{}", common::log_tail(&log));
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert_eq!(applier["copy"]["chunks_done"], 0, "{applier}");
+    let out = common::synapse(&["status", "--config", config.to_str().unwrap()])
+        .env("SYNAPSE_TOKEN", ADMIN_TOKEN)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    println!("{text}");
+    assert!(!out.status.success(), "not ready while copying:\n{text}");
+    assert!(text.contains("copying [") && text.contains(&format!("0/{} chunks", applier["copy"]["chunks"])), "{text}");
+    locker.batch_execute("ROLLBACK").unwrap();
+    wait_ready(&ops, &log, 60);
+    let (_, t) = get(&api, "/v1/topology");
+    let a = &t["targets"][0];
+    assert_eq!(a["copy"]["chunks_done"], a["copy"]["chunks"], "{a}");
+    assert_eq!(a["rows_copied"], 20000, "{a}");
+}

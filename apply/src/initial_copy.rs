@@ -115,6 +115,8 @@ pub async fn run(
         rels.push((rel, copy_in, binary, rows));
     }
     drop(planner);
+    stats.copy_chunks.store(jobs.len() as u64, Ordering::Relaxed);
+    stats.copy_chunks_done.store(0, Ordering::Relaxed);
     tracing::info!(
         tables = todo.len(),
         chunks = jobs.len(),
@@ -152,6 +154,7 @@ pub async fn run(
             }
             let rows = sink.finish().await.map_err(ApplyError::target(format!("copying into {}", rel.name())))?;
             stats.rows_copied.fetch_add(rows, Ordering::Relaxed);
+            stats.copy_chunks_done.fetch_add(1, Ordering::Relaxed);
             metrics::counter!("synapse_copy_rows_total", "source" => node.to_string()).increment(rows);
             let done = {
                 let mut r = remaining.lock().map_err(|_| ApplyError::Schema { table: rel.name(), message: "copy state poisoned".into() })?;

@@ -206,6 +206,10 @@ pub struct ApplyStats {
     pub applied_lsn: AtomicU64,
     pub last_commit_time_us: AtomicI64,
     pub rows_copied: AtomicU64,
+    /// The initial copy's chunks (page ranges of the source tables): how many, how many done
+    /// (progress and ETA for `synapse status` and the console).
+    pub copy_chunks: AtomicU64,
+    pub copy_chunks_done: AtomicU64,
 }
 
 /// The applier of one source node's stream into one target. See the crate docs.

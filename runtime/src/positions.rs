@@ -220,6 +220,10 @@ fn applier_json(a: &Applying, serving: bool) -> Value {
         "next_offset": a.stats.next_offset.load(Ordering::Relaxed),
         "rows_copied": a.stats.rows_copied.load(Ordering::Relaxed),
     });
+    let chunks = a.stats.copy_chunks.load(Ordering::Relaxed);
+    if chunks > 0 {
+        v["copy"] = json!({"chunks": chunks, "chunks_done": a.stats.copy_chunks_done.load(Ordering::Relaxed)});
+    }
     if let Some(s) = &a.shard {
         v["set"] = s.set.clone().into();
         v["shard"] = s.shard.clone().into();

@@ -166,7 +166,14 @@ async function overview() {
   for (const a of t.targets || []) {
     const lag = a.lag_seconds === undefined ? "—" : a.lag_seconds.toFixed(2);
     const behind = a.behind_records === undefined ? "—" : a.behind_records;
-    applierRows.push(row([`${a.source} → ${a.target}${a.shard ? " (" + a.shard + ")" : ""}`, stateCell(a.component), lag, behind, a.applied_lsn], "applier"));
+    const state = stateCell(a.component);
+    if (a.copy && a.component && a.component.state === "copying") {
+      const bar = el("progress");
+      bar.max = a.copy.chunks;
+      bar.value = a.copy.chunks_done;
+      state.append(" ", bar, el("small", ` ${a.copy.chunks_done}/${a.copy.chunks} chunks, ${a.rows_copied} rows`));
+    }
+    applierRows.push(row([`${a.source} → ${a.target}${a.shard ? " (" + a.shard + ")" : ""}`, state, lag, behind, a.applied_lsn], "applier"));
     const p = problemRow(a.component, 5);
     if (p) applierRows.push(p);
   }

@@ -40,26 +40,13 @@ fn conflicts_topology_and_the_openapi_document_on_a_running_mesh() {
         .unwrap();
     }
     let dir = tempfile::tempdir().unwrap();
-    let ops = format!("127.0.0.1:{}", synapse_localpg::free_port().unwrap());
-    let api = format!("127.0.0.1:{}", synapse_localpg::free_port().unwrap());
-    let config = dir.path().join("synapse.yaml");
-    let nodes_yaml: String = ["us", "eu"]
+    let listen = common::Listeners::new();
+    let scoped: String = SCOPED
         .iter()
-        .enumerate()
-        .map(|(i, name)| {
-            format!("    - {{name: {name}, id: {}, url: \"{}\", region: {name}}}\n", i + 1, nodes[i].url("app"))
-        })
+        .map(|(scope, token)| format!("    - {{name: {scope}, token: {token}, scopes: [{scope}]}}\n"))
         .collect();
-    std::fs::write(
-        &config,
-        format!(
-            "log:\n  dir: {}\nmesh:\n  nodes:\n{nodes_yaml}  tables: [public.accounts]\negress:\n  allow: [127.0.0.1]\n\
-             ops:\n  listen: \"{ops}\"\napi:\n  listen: \"{api}\"\n  tokens:\n    - {{name: admin, token: {ADMIN_TOKEN}, admin: true}}\n{}",
-            dir.path().join("log").display(),
-            SCOPED.iter().map(|(scope, token)| format!("    - {{name: {scope}, token: {token}, scopes: [{scope}]}}\n")).collect::<String>()
-        ),
-    )
-    .unwrap();
+    let config = common::two_regions_config(&nodes, "public.accounts", dir.path(), &listen.yaml(&scoped));
+    let (ops, api) = (listen.ops.clone(), listen.api.clone());
     let log = dir.path().join("synapse.log");
     let _child = spawn_run(&config, &log);
     wait_ready(&ops, &log, 120);
@@ -263,20 +250,9 @@ fn an_initial_copy_shows_its_progress() {
     nodes.target.psql("app", "CREATE TABLE t (id int PRIMARY KEY, v text)").unwrap();
     let mut locker = common::SyncClient::connect(&nodes.target.url("app"));
     locker.batch_execute("BEGIN; LOCK TABLE t IN ACCESS EXCLUSIVE MODE").unwrap();
-    let ops = format!("127.0.0.1:{}", synapse_localpg::free_port().unwrap());
-    let api = format!("127.0.0.1:{}", synapse_localpg::free_port().unwrap());
-    let config = nodes.dir.path().join("synapse.yaml");
-    std::fs::write(
-        &config,
-        format!(
-            "log:\n  dir: {}\nsources:\n  - name: a\n    url: {}\ntargets:\n  - name: b\n    url: {}\n\
-             ops:\n  listen: \"{ops}\"\napi:\n  listen: \"{api}\"\n  tokens:\n    - {{name: admin, token: {ADMIN_TOKEN}, admin: true}}\n",
-            nodes.dir.path().join("log").display(),
-            nodes.source.url("app"),
-            nodes.target.url("app"),
-        ),
-    )
-    .unwrap();
+    let listen = common::Listeners::new();
+    let config = nodes.config_with(&listen.yaml(""));
+    let (ops, api) = (listen.ops.clone(), listen.api.clone());
     let log = nodes.dir.path().join("synapse.log");
     let _child = spawn_run(&config, &log);
     let deadline = Instant::now() + Duration::from_secs(60);

@@ -130,25 +130,9 @@ fn the_console_shows_a_running_mesh_in_chromium() {
         .unwrap();
     }
     let dir = tempfile::tempdir().unwrap();
-    let ops = format!("127.0.0.1:{}", synapse_localpg::free_port().unwrap());
-    let api = format!("127.0.0.1:{}", synapse_localpg::free_port().unwrap());
-    let config = dir.path().join("synapse.yaml");
-    let nodes_yaml: String = ["us", "eu"]
-        .iter()
-        .enumerate()
-        .map(|(i, name)| {
-            format!("    - {{name: {name}, id: {}, url: \"{}\", region: {name}}}\n", i + 1, nodes[i].url("app"))
-        })
-        .collect();
-    std::fs::write(
-        &config,
-        format!(
-            "log:\n  dir: {}\nmesh:\n  nodes:\n{nodes_yaml}  tables: [public.accounts]\negress:\n  allow: [127.0.0.1]\n\
-             ops:\n  listen: \"{ops}\"\napi:\n  listen: \"{api}\"\n  tokens:\n    - {{name: admin, token: {ADMIN_TOKEN}, admin: true}}\n",
-            dir.path().join("log").display()
-        ),
-    )
-    .unwrap();
+    let listen = common::Listeners::new();
+    let config = common::two_regions_config(&nodes, "public.accounts", dir.path(), &listen.yaml(""));
+    let (ops, api) = (listen.ops.clone(), listen.api.clone());
     let log = dir.path().join("synapse.log");
     let _child = spawn_run(&config, &log);
     wait_ready(&ops, &log, 120);

@@ -82,20 +82,9 @@ fn a_transaction_is_one_trace_from_capture_to_apply_and_delivery() {
     let (collector, exports) =
         server(b"HTTP/1.1 200 OK\r\nContent-Type: application/x-protobuf\r\nContent-Length: 0\r\n\r\n");
     let (receiver, deliveries) = server(b"HTTP/1.1 204 No Content\r\nContent-Length: 0\r\n\r\n");
-    let ops = format!("127.0.0.1:{}", synapse_localpg::free_port().unwrap());
-    let api = format!("127.0.0.1:{}", synapse_localpg::free_port().unwrap());
-    let config = nodes.dir.path().join("synapse.yaml");
-    std::fs::write(
-        &config,
-        format!(
-            "log:\n  dir: {}\nsources:\n  - name: a\n    url: {}\n    heartbeat_interval_secs: 0.5\ntargets:\n  - name: b\n    url: {}\n\
-             egress:\n  allow: [127.0.0.1]\nops:\n  listen: \"{ops}\"\napi:\n  listen: \"{api}\"\n  tokens:\n    - {{name: admin, token: {ADMIN_TOKEN}, admin: true}}\n",
-            nodes.dir.path().join("log").display(),
-            nodes.source.url("app"),
-            nodes.target.url("app"),
-        ),
-    )
-    .unwrap();
+    let listen = common::Listeners::new();
+    let config = nodes.config_with(&listen.yaml(""));
+    let (ops, api) = (listen.ops.clone(), listen.api.clone());
     let log = config.with_file_name("synapse.log");
     let out = std::fs::OpenOptions::new().create(true).append(true).open(&log).unwrap();
     let child = common::synapse(&["run", "--config", config.to_str().unwrap()])

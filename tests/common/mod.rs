@@ -361,3 +361,59 @@ impl FreezingProxy {
         self.generation.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
     }
 }
+
+/// Where a test's `synapse run` listens: its ops and API addresses on loopback.
+pub struct Listeners {
+    pub ops: String,
+    pub api: String,
+}
+
+impl Listeners {
+    pub fn new() -> Listeners {
+        let at = || format!("127.0.0.1:{}", synapse_localpg::free_port().unwrap());
+        Listeners { ops: at(), api: at() }
+    }
+
+    /// The `egress` (loopback allowed, for local webhook receivers), `ops` and `api` sections:
+    /// the admin token, then `extra_tokens` (YAML list items).
+    pub fn yaml(&self, extra_tokens: &str) -> String {
+        format!(
+            "egress:\n  allow: [127.0.0.1]\nops:\n  listen: \"{}\"\napi:\n  listen: \"{}\"\n  tokens:\n    - {{name: admin, token: {ADMIN_TOKEN}, admin: true}}\n{extra_tokens}",
+            self.ops, self.api
+        )
+    }
+}
+
+/// Two writable regions, `us` and `eu`, over `nodes`' databases `app` replicating `tables`,
+/// with `listeners`: the configuration written under `dir`.
+pub fn two_regions_config(nodes: &[LocalCluster], tables: &str, dir: &Path, listeners: &str) -> PathBuf {
+    let nodes_yaml: String = ["us", "eu"]
+        .iter()
+        .enumerate()
+        .map(|(i, name)| {
+            format!("    - {{name: {name}, id: {}, url: \"{}\", region: {name}}}\n", i + 1, nodes[i].url("app"))
+        })
+        .collect();
+    let path = dir.join("synapse.yaml");
+    let yaml = format!(
+        "log:\n  dir: {}\nmesh:\n  nodes:\n{nodes_yaml}  tables: [{tables}]\n{listeners}",
+        dir.join("log").display()
+    );
+    std::fs::write(&path, yaml).unwrap();
+    path
+}
+
+impl Nodes {
+    /// Source `a` into target `b` with `tail` (whole top-level sections) after them.
+    pub fn config_with(&self, tail: &str) -> PathBuf {
+        let path = self.dir.path().join("synapse.yaml");
+        let yaml = format!(
+            "log:\n  dir: {}\nsources:\n  - name: a\n    url: {}\n    heartbeat_interval_secs: 0.5\ntargets:\n  - name: b\n    url: {}\n{tail}",
+            self.dir.path().join("log").display(),
+            self.source.url("app"),
+            self.target.url("app"),
+        );
+        std::fs::write(&path, yaml).unwrap();
+        path
+    }
+}

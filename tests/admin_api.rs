@@ -51,14 +51,7 @@ fn conflicts_topology_and_the_openapi_document_on_a_running_mesh() {
     let _child = spawn_run(&config, &log);
     wait_ready(&ops, &log, 120);
 
-    // Both regions rename account 1 with both transactions open at once: the applier of each
-    // waits on the other's row lock, then meets a concurrent version.
-    let mut us = common::SyncClient::connect(&nodes[0].url("app"));
-    let mut eu = common::SyncClient::connect(&nodes[1].url("app"));
-    us.batch_execute("BEGIN; UPDATE accounts SET owner = 'alice (us)' WHERE id = 1").unwrap();
-    eu.batch_execute("BEGIN; UPDATE accounts SET owner = 'alice (eu)' WHERE id = 1").unwrap();
-    us.batch_execute("COMMIT").unwrap();
-    eu.batch_execute("COMMIT").unwrap();
+    common::concurrent_renames(&nodes[0], &nodes[1]);
     let deadline = Instant::now() + Duration::from_secs(60);
     let conflicts = loop {
         let (status, body) = get(&api, "/v1/conflicts");

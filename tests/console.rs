@@ -142,13 +142,7 @@ fn the_console_shows_a_running_mesh_in_chromium() {
     assert_eq!(status, 201, "{body}");
 
     // A conflict: both regions rename account 1 with both transactions open.
-    let mut us = common::SyncClient::connect(&nodes[0].url("app"));
-    let mut eu = common::SyncClient::connect(&nodes[1].url("app"));
-    us.batch_execute("BEGIN; UPDATE accounts SET owner = 'alice (us)' WHERE id = 1").unwrap();
-    eu.batch_execute("BEGIN; UPDATE accounts SET owner = 'alice (eu)' WHERE id = 1").unwrap();
-    us.batch_execute("COMMIT").unwrap();
-    eu.batch_execute("COMMIT").unwrap();
-    drop((us, eu));
+    common::concurrent_renames(&nodes[0], &nodes[1]);
     let deadline = Instant::now() + Duration::from_secs(60);
     while !request(&api, "GET", "/v1/conflicts", "", Some(ADMIN_TOKEN)).1.contains("alice (eu)") {
         assert!(Instant::now() < deadline, "no conflict logged:\n{}", common::log_tail(&log));

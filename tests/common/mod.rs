@@ -417,3 +417,15 @@ impl Nodes {
         path
     }
 }
+
+/// A conflict in two regions: each renames account 1 (`alice (us)`, `alice (eu)`) with both
+/// transactions open at once, so each applier waits on the other's row lock, then meets a
+/// concurrent version.
+pub fn concurrent_renames(us: &LocalCluster, eu: &LocalCluster) {
+    let mut a = SyncClient::connect(&us.url("app"));
+    let mut b = SyncClient::connect(&eu.url("app"));
+    a.batch_execute("BEGIN; UPDATE accounts SET owner = 'alice (us)' WHERE id = 1").unwrap();
+    b.batch_execute("BEGIN; UPDATE accounts SET owner = 'alice (eu)' WHERE id = 1").unwrap();
+    a.batch_execute("COMMIT").unwrap();
+    b.batch_execute("COMMIT").unwrap();
+}

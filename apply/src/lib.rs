@@ -218,6 +218,18 @@ pub struct ApplyStats {
     pub copy_chunks_done: AtomicU64,
 }
 
+impl ApplyStats {
+    /// Seconds since the source committed the newest transaction applied here, while `behind`
+    /// log records remain to apply (0 when none do: nothing waits).
+    pub fn lag_seconds(&self, behind: u64) -> f64 {
+        let t = self.last_commit_time_us.load(Ordering::Relaxed);
+        if behind == 0 || t == 0 {
+            return 0.0;
+        }
+        ((synapse_schemas::unix_micros_now() - t) as f64 / 1e6).max(0.0)
+    }
+}
+
 /// The applier of one source node's stream into one target. See the crate docs.
 pub struct Applier {
     config: ApplyConfig,
@@ -766,16 +778,6 @@ impl<L: ChangeLog> Session<'_, L> {
         // (`<prefix>.<node>.changes`, partition 0), so this is the lag per partition and consumer.
         let labels = &self.applier.labels;
         metrics::gauge!("synapse_apply_lag_records", labels).set(behind as f64);
-        let lag = if behind == 0 {
-            0.0
-        } else {
-            let t = self.applier.stats.last_commit_time_us.load(Ordering::Relaxed);
-            if t == 0 {
-                0.0
-            } else {
-                ((synapse_schemas::unix_micros_now() - t) as f64 / 1e6).max(0.0)
-            }
-        };
-        metrics::gauge!("synapse_apply_lag_seconds", labels).set(lag);
+        metrics::gauge!("synapse_apply_lag_seconds", labels).set(self.applier.stats.lag_seconds(behind));
     }
 }

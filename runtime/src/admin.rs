@@ -128,39 +128,24 @@ pub(crate) async fn topology(State(t): State<Topology>) -> Json<Value> {
     let state_of = |name: &str| {
         components.as_array().into_iter().flatten().find(|c| c["component"] == name).cloned().unwrap_or(Value::Null)
     };
-    let positions = t.positions.json();
-    let sources: Vec<Value> = positions["sources"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .map(|s| {
-            let mut s = s.clone();
-            s["component"] = state_of(&format!("capture/{}", s["source"].as_str().unwrap_or_default()));
-            s
-        })
-        .collect();
-    let targets: Vec<Value> = positions["targets"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .map(|a| {
-            let mut a = a.clone();
-            let name = format!(
-                "apply/{}->{}",
-                a["source"].as_str().unwrap_or_default(),
-                a["target"].as_str().unwrap_or_default()
-            );
-            a["component"] = state_of(&name);
-            a
-        })
-        .collect();
+    let mut positions = t.positions.json();
+    // Each capture and applier with its component's state beside its position.
+    let mut attach = |list: &str, component: &dyn Fn(&Value) -> String| {
+        for v in positions[list].as_array_mut().into_iter().flatten() {
+            v["component"] = state_of(&component(v));
+        }
+    };
+    attach("sources", &|s| format!("capture/{}", s["source"].as_str().unwrap_or_default()));
+    attach("targets", &|a| {
+        format!("apply/{}->{}", a["source"].as_str().unwrap_or_default(), a["target"].as_str().unwrap_or_default())
+    });
     let mesh = t.members.json();
     Json(json!({
         "ready": t.health.ready(),
         "serving": t.health.serving(),
         "nodes": mesh["nodes"],
-        "sources": sources,
-        "targets": targets,
+        "sources": positions["sources"],
+        "targets": positions["targets"],
         "indexes": t.indexes.json(),
         "components": components,
     }))

@@ -16,10 +16,14 @@ use serde_json::{json, Value};
 use std::sync::Arc;
 use std::time::Duration;
 use synapse_connectors::ConnectorError;
+use tokio::sync::Mutex;
+use tokio_postgres::Client;
 
-/// The mesh nodes whose conflict logs are read.
+/// The mesh nodes whose conflict logs are read, each with a connection kept between requests
+/// (the console asks every few seconds; a new TLS session each time would cost more than the
+/// query) and made again after an error.
 pub struct ConflictLog {
-    nodes: Vec<MeshNode>,
+    nodes: Vec<(MeshNode, Mutex<Option<Client>>)>,
 }
 
 const MAX_LIMIT: i64 = 500;
@@ -42,13 +46,24 @@ pub(crate) struct ConflictQuery {
 
 impl ConflictLog {
     pub fn new(config: &Config) -> ConflictLog {
-        ConflictLog { nodes: config.mesh.as_ref().map(|m| m.nodes.clone()).unwrap_or_default() }
+        let nodes = config.mesh.iter().flat_map(|m| &m.nodes).map(|n| (n.clone(), Mutex::new(None))).collect();
+        ConflictLog { nodes }
     }
 
     /// One node's newest conflicts matching `q`.
-    async fn read(&self, node: &MeshNode, q: &ConflictQuery, limit: i64) -> Result<Vec<Value>, String> {
-        let pg = node.url.pg_config()?;
-        let client = synapse_postgres::connect(&pg, "conflict log").await.map_err(|e| e.to_string())?;
+    async fn read(
+        &self,
+        (node, connection): &(MeshNode, Mutex<Option<Client>>),
+        q: &ConflictQuery,
+        limit: i64,
+    ) -> Result<Vec<Value>, String> {
+        let mut connection = connection.lock().await;
+        if connection.as_ref().is_none_or(Client::is_closed) {
+            let pg = node.url.pg_config()?;
+            let client = synapse_postgres::connect(&pg, "conflict log").await.map_err(|e| synapse_error::chain(&e))?;
+            *connection = Some(client);
+        }
+        let Some(client) = connection.as_ref() else { return Err("no connection".into()) };
         let rows = client
             .query(
                 r#"SELECT json_build_object('id', id,
@@ -62,8 +77,15 @@ impl ConflictLog {
                   ORDER BY id DESC LIMIT $4"#,
                 &[&q.table, &q.kind, &q.before_id, &limit],
             )
-            .await
-            .map_err(|e| e.to_string())?;
+            .await;
+        let rows = match rows {
+            Ok(rows) => rows,
+            Err(e) => {
+                // The connection may be the cause: the next request makes a new one.
+                *connection = None;
+                return Err(synapse_error::chain(&e));
+            }
+        };
         Ok(rows
             .iter()
             .filter_map(|r| serde_json::from_str::<Value>(r.get::<_, &str>(0)).ok())
@@ -95,7 +117,7 @@ pub(crate) async fn list(
     if q.before_id.is_some() && q.node.is_none() {
         return Err(bad("before_id", "pages one node's log: give `node` too".into()));
     }
-    let nodes: Vec<&MeshNode> = log.nodes.iter().filter(|n| q.node.as_ref().is_none_or(|w| *w == n.name)).collect();
+    let nodes: Vec<_> = log.nodes.iter().filter(|(n, _)| q.node.as_ref().is_none_or(|w| *w == n.name)).collect();
     if let Some(w) = &q.node {
         if nodes.is_empty() {
             return Err(ConnectorError::NotFound { what: format!("mesh node {w}") });
@@ -103,7 +125,7 @@ pub(crate) async fn list(
     }
     let reads = nodes.iter().map(|n| async {
         let read = tokio::time::timeout(NODE_TIMEOUT, log.read(n, &q, limit)).await;
-        (n.name.clone(), read.unwrap_or_else(|_| Err(format!("no answer within {NODE_TIMEOUT:?}"))))
+        (n.0.name.clone(), read.unwrap_or_else(|_| Err(format!("no answer within {NODE_TIMEOUT:?}"))))
     });
     let mut conflicts = Vec::new();
     let mut unreachable = Vec::new();

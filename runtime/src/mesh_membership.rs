@@ -539,7 +539,6 @@ async fn read_membership(node: &MeshNode) -> Result<Membership, ApplyError> {
     join::membership(&client, &node.name).await
 }
 
-/// `GET /v1/mesh`: every node's phase, join progress and catch-up.
 /// Each mesh node's phase (joining, member, left), donor, copy progress and catch-up.
 #[utoipa::path(get, path = "/v1/mesh", tag = "mesh", security(("token" = ["admin"])),
     responses((status = 200, description = "`{\"nodes\": [...]}`", body = Object), synapse_connectors::openapi::Errors))]

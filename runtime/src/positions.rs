@@ -155,14 +155,8 @@ impl Positions {
                 // `synapse_apply_lag_*` gauges count it).
                 if let Some(c) = captures.iter().find(|c| c.source == a.source) {
                     let behind = c.log.next_offset().saturating_sub(a.stats.next_offset.load(Ordering::Relaxed));
-                    let t = a.stats.last_commit_time_us.load(Ordering::Relaxed);
-                    let lag = if behind == 0 || t == 0 {
-                        0.0
-                    } else {
-                        ((synapse_schemas::unix_micros_now() - t) as f64 / 1e6).max(0.0)
-                    };
                     v["behind_records"] = behind.into();
-                    v["lag_seconds"] = lag.into();
+                    v["lag_seconds"] = a.stats.lag_seconds(behind).into();
                 }
                 v
             })

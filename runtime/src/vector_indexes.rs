@@ -189,7 +189,6 @@ fn status(index: &Index) -> Result<Value, ConnectorError> {
     }))
 }
 
-/// `GET /v1/indexes/{name}`.
 /// A vector index: size, position, lag, dead letters, last batch.
 #[utoipa::path(get, path = "/v1/indexes/{name}", tag = "indexes", security(("token" = ["stream"])),
     params(("name" = String, Path, description = "the index")),
@@ -224,7 +223,6 @@ fn default_k() -> usize {
     10
 }
 
-/// `POST /v1/indexes/{name}/search`.
 /// The `k` nearest rows to a vector, optionally filtered, after a position, with the rows'
 /// current values.
 #[utoipa::path(post, path = "/v1/indexes/{name}/search", tag = "indexes", security(("token" = ["stream"])),

@@ -35,19 +35,9 @@ impl Nodes {
 
     /// Writes a config replicating source "a" into target "b"; `extra` is appended to source a.
     pub fn config(&self, extra_source_yaml: &str) -> PathBuf {
-        let path = self.dir.path().join("synapse.yaml");
-        let yaml = format!(
-            "log:\n  dir: {}\nsources:\n  - name: a\n    url: {}\n    heartbeat_interval_secs: 0.5\n{extra_source_yaml}targets:\n  - name: b\n    url: {}\nops:\n  listen: \"\"\napi:\n  listen: \"\"\n",
-            self.dir.path().join("log").display(),
-            self.source.url("app"),
-            self.target.url("app"),
-        );
-        std::fs::write(&path, yaml).unwrap();
-        path
+        self.write_config(extra_source_yaml, "ops:\n  listen: \"\"\napi:\n  listen: \"\"\n")
     }
 
-    /// Waits until the target reports `tables` tables copied (`synapse.table_sync` ready), so
-    /// that what follows lands in streaming; fails with the tail of synapse's `log`.
     pub fn wait_copied(&self, tables: usize, timeout: Duration, log: &Path) {
         let ready = "SELECT count(*) FROM synapse.table_sync WHERE state = 'ready'";
         let deadline = std::time::Instant::now() + timeout;
@@ -406,9 +396,14 @@ pub fn two_regions_config(nodes: &[LocalCluster], tables: &str, dir: &Path, list
 impl Nodes {
     /// Source `a` into target `b` with `tail` (whole top-level sections) after them.
     pub fn config_with(&self, tail: &str) -> PathBuf {
+        self.write_config("", tail)
+    }
+
+    /// Source `a` (its settings plus `extra_source_yaml`) into target `b`, then `tail`.
+    fn write_config(&self, extra_source_yaml: &str, tail: &str) -> PathBuf {
         let path = self.dir.path().join("synapse.yaml");
         let yaml = format!(
-            "log:\n  dir: {}\nsources:\n  - name: a\n    url: {}\n    heartbeat_interval_secs: 0.5\ntargets:\n  - name: b\n    url: {}\n{tail}",
+            "log:\n  dir: {}\nsources:\n  - name: a\n    url: {}\n    heartbeat_interval_secs: 0.5\n{extra_source_yaml}targets:\n  - name: b\n    url: {}\n{tail}",
             self.dir.path().join("log").display(),
             self.source.url("app"),
             self.target.url("app"),

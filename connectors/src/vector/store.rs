@@ -378,17 +378,15 @@ impl Store {
         out
     }
 
-    /// The graph's distance as the metric reports it (see [`Metric`]).
-    fn reported(&self, query: &[f32], graph_distance: f32) -> f32 {
+    /// The graph's distance as the metric reports it (see [`Metric`]); `query_norm` is the
+    /// query's length (used by `Metric::Dot`).
+    fn reported(&self, query_norm: f32, graph_distance: f32) -> f32 {
         match self.spec.metric {
             // hannoy's cosine is (1 − cos) / 2.
             Metric::Cosine => graph_distance * 2.0,
             // hannoy's Euclidean is squared.
             Metric::Euclidean => graph_distance.max(0.0).sqrt(),
-            Metric::Dot => {
-                let q = norm(query);
-                -(q * q + self.spec.max_norm * self.spec.max_norm - graph_distance) / 2.0
-            }
+            Metric::Dot => -(query_norm * query_norm + self.spec.max_norm * self.spec.max_norm - graph_distance) / 2.0,
         }
     }
 
@@ -568,9 +566,13 @@ impl Store {
             Graph::Euclidean(db) => run(*db, &rtxn, &placed, k, allowed.as_ref())?,
         };
         let mut hits = Vec::with_capacity(found.len());
+        let query_norm = norm(query);
         for (id, distance) in found {
             let Some(key) = self.t.keys.get(&rtxn, &id.to_be_bytes())? else { continue };
-            hits.push(Hit { key: String::from_utf8_lossy(key).into_owned(), distance: self.reported(query, distance) });
+            hits.push(Hit {
+                key: String::from_utf8_lossy(key).into_owned(),
+                distance: self.reported(query_norm, distance),
+            });
         }
         Ok((hits, cursor))
     }

@@ -552,14 +552,25 @@ fn a_node_refusing_login_parks_only_its_parts() {
     }
     assert!(body.contains("apply/u0->u1: streaming") && body.contains("apply/u1->u0: streaming"), "{body}");
     assert!(body.contains("synapse_u2") || body.contains("not permitted to log in"), "the cause is named: {body}");
-    let metrics = http.get(format!("http://{}/metrics", mesh.ops)).send().unwrap().text().unwrap();
-    assert!(
-        metrics.lines().any(|l| l.starts_with("synapse_component_state{")
-            && l.contains("component=\"mesh/u2\"")
-            && l.contains("state=\"parked\"")
-            && l.ends_with(" 1")),
-        "no parked state in the metrics:\n{metrics}"
-    );
+    // A parked component is retried now and then (it is `starting` for that moment): the
+    // metrics are read until they show it parked again, as /readyz did just before.
+    let parked = |metrics: &str| {
+        metrics.lines().any(|l| {
+            l.starts_with("synapse_component_state{")
+                && l.contains("component=\"mesh/u2\"")
+                && l.contains("state=\"parked\"")
+                && l.ends_with(" 1")
+        })
+    };
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let metrics = loop {
+        let metrics = http.get(format!("http://{}/metrics", mesh.ops)).send().unwrap().text().unwrap();
+        if parked(&metrics) || Instant::now() > deadline {
+            break metrics;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    assert!(parked(&metrics), "no parked state in the metrics:\n{metrics}");
     assert!(
         child.try_wait().unwrap().is_none(),
         "synapse exited on one node's definite error:\n{}",

@@ -26,7 +26,7 @@ use std::time::{Duration, Instant};
 use synapse_connectors::api::SnapshotSource;
 use synapse_connectors::vector::maintain::{self, IndexSpec};
 use synapse_connectors::vector::rows::{Current, CurrentRows};
-use synapse_connectors::vector::store::{Batch, Store, StoreSpec};
+use synapse_connectors::vector::store::{Batch, Store, StoreError, StoreSpec};
 use synapse_connectors::ConnectorError;
 use synapse_log::SourceLog;
 use synapse_schemas::Lsn;
@@ -68,7 +68,9 @@ impl Indexes {
                 max_norm: v.max_norm.unwrap_or(1.0),
                 ..StoreSpec::new(v.dimensions, v.metric())
             };
-            let store = Store::open(&dir, &spec)
+            // The graph is brought back by the index's own component, not here: a large one
+            // takes seconds, and the rest of synapse does not wait for it.
+            let store = Store::open_deferred(&dir, &spec)
                 .map_err(|e| anyhow::anyhow!("vector_indexes {}: {e} ({})", v.name, dir.display()))?;
             let spec = IndexSpec {
                 name: v.name.clone(),
@@ -120,6 +122,11 @@ impl Indexes {
             tasks.spawn(async move {
                 let run = || async {
                     let (store, spec) = (&index.store, &index.spec);
+                    let opening = store.clone();
+                    tokio::task::spawn_blocking(move || opening.recover())
+                        .await
+                        .map_err(index_error)?
+                        .map_err(index_error)?;
                     loop {
                         let keys = if store.cursor().map_err(|e| ConnectorError::Index(e.to_string()))?.is_none() {
                             h.set(&component, ComponentState::Copying);
@@ -287,7 +294,10 @@ pub(crate) async fn search(
     let (hits, cursor) = tokio::task::spawn_blocking(move || store.search(&vector, k, &filter))
         .await
         .map_err(index_error)?
-        .map_err(index_error)?;
+        .map_err(|e| match e {
+            StoreError::Opening => ConnectorError::NotReached { what: format!("index {name}: {e}; retry shortly") },
+            e => index_error(e),
+        })?;
     metrics::histogram!("synapse_vector_search_seconds", "index" => name.clone())
         .record(started.elapsed().as_secs_f64());
     metrics::counter!("synapse_vector_searches_total", "index" => name.clone()).increment(1);

@@ -1,25 +1,38 @@
-//! One vector index on disk: an HNSW graph (hannoy) in an LMDB environment, with the keys, the
-//! filter columns' values, their postings, the dead letters and the feed cursor beside it.
+//! One vector index on disk: the rows' vectors, keys, filter values and their postings, the
+//! dead letters and the feed cursor in an LMDB environment, and an HNSW graph over the
+//! vectors (usearch) in memory, snapshotted to a file beside them.
 //!
 //! Guarantees:
-//! * **Exactly once.** A batch's changes, the graph's rebuild and the cursor it carries commit
-//!   in one LMDB write transaction; a batch whose cursor is not past the stored one is not
-//!   applied again (a replay after kill -9). LMDB's commit is durable (fsync) when it returns.
+//! * **Exactly once.** A batch's changes and the cursor it carries commit in one LMDB write
+//!   transaction, durable (fsync) when it returns; a batch whose cursor is not past the stored
+//!   one is not applied again (a replay after kill -9). The graph follows each commit. Its
+//!   nodes are (row, vector generation) pairs: a row whose vector changes gets a new node, and
+//!   its old one, like a deleted row's, stays in the graph as a waypoint that searches pass
+//!   through but never return (hnswlib's mark-deleted; usearch's own removal leaves holes
+//!   that later inserts fill without relinking, which loses rows). Searches return only the
+//!   nodes of the committed rows' current vectors. After a crash the graph is the last
+//!   snapshot with every committed vector it lacks added, or without a usable snapshot a
+//!   build from the stored vectors: either way it answers for exactly the committed rows.
+//! * **Bounded waypoints.** Once the nodes added or retired since the graph was built reach
+//!   the rows held, a new graph is built from the stored vectors on a thread of its own while
+//!   batches go on, and replaces the old one.
 //! * **Bad rows do not stop the index.** A vector of the wrong dimension, or with a non-finite
 //!   component, is not indexed; its key and the reason go to the dead letters (and its old
 //!   vector, if any, leaves the index), in the same transaction.
-//! * **Readers never wait** for the writer (LMDB's MVCC): a search sees the last committed
-//!   batch, and says which cursor that is.
+//! * **Readers never wait** for the writer: a search runs on the graph beside a batch being
+//!   linked in and reads the side tables from LMDB's last commit; it says the cursor of the
+//!   last batch the graph holds in full (it may already see part of the next one).
 
-use hannoy::distances::{Cosine, Euclidean};
-use hannoy::{Database as Vectors, Distance, Reader, Writer};
 use heed::types::Bytes;
 use heed::{CommitOrAbort, Env, EnvOpenOptions, RoTxn, RwTxn};
-use rand_hnsw::SeedableRng;
 use roaring::RoaringBitmap;
 use serde_json::{Map, Value as Json};
-use std::path::Path;
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Condvar, Mutex, MutexGuard, RwLock};
+use std::time::{Duration, Instant};
 use synapse_schemas::{Cursor, Lsn};
+use usearch::{Index, IndexOptions, MetricKind, ScalarKind};
 
 /// How far two vectors are, as the index compares them. Distances are reported as
 /// pgvector's operators report them (`<=>`, `<->`, `<#>`), so an application can check one
@@ -34,8 +47,9 @@ pub enum Metric {
     /// The negative inner product (smallest = largest product). Kept as a Euclidean graph of
     /// vectors with one extra component, `sqrt(max_norm² − |x|²)`, and queries with a zero
     /// there: the squared distance is then `|q|² + max_norm² − 2 q·x`, so the nearest is the
-    /// largest product (the reduction of Bachrach et al., 2014). A vector longer than
-    /// `max_norm` cannot be placed and becomes a dead letter.
+    /// largest product (the reduction of Bachrach et al., 2014), and the graph keeps a true
+    /// metric's recall. A vector longer than `max_norm` cannot be placed and becomes a dead
+    /// letter.
     Dot,
 }
 
@@ -54,7 +68,8 @@ impl Metric {
 pub struct StoreSpec {
     pub dimensions: usize,
     pub metric: Metric,
-    /// Largest size the environment may grow to (LMDB maps it; nothing is allocated up front).
+    /// Largest size the LMDB environment may grow to (LMDB maps it; nothing is allocated up
+    /// front). The graph lives in memory beside it.
     pub max_bytes: usize,
     /// `Metric::Dot` only: the longest vector the index takes.
     pub max_norm: f32,
@@ -129,6 +144,7 @@ pub struct StoreStats {
     pub items: u64,
     pub cursor: Option<Cursor>,
     pub dead_letters: u64,
+    /// How long the last batch took, its commit and its graph update.
     pub last_build_ms: u64,
     /// When the last batch committed, microseconds since the Unix epoch.
     pub last_build_at_us: i64,
@@ -138,8 +154,10 @@ pub struct StoreStats {
 pub enum StoreError {
     #[error("the index's LMDB environment: {0}")]
     Lmdb(#[from] heed::Error),
-    #[error("the HNSW graph: {0}")]
-    Graph(#[from] hannoy::Error),
+    #[error("the HNSW graph: {0} (a restart rebuilds it from the stored vectors)")]
+    Graph(String),
+    #[error("the graph snapshot {path}: {source}")]
+    Snapshot { path: PathBuf, source: std::io::Error },
     #[error("the index holds vectors of {stored} dimensions, not {wanted}: a different index needs a new name")]
     Dimensions { stored: usize, wanted: usize },
     #[error("the index was made for distance {stored}, not {wanted}: a different distance needs a new index name")]
@@ -150,30 +168,47 @@ pub enum StoreError {
     IdsExhausted,
     #[error("the index's stored state is damaged: {0}")]
     Damaged(String),
+    #[error("the index is opening: its graph is being brought back from its snapshot and stored vectors")]
+    Opening,
 }
 
-/// HNSW graph parameters: M links per node (M0 on the base layer), construction width, and
-/// the search width (at least k).
+impl From<cxx::Exception> for StoreError {
+    fn from(e: cxx::Exception) -> StoreError {
+        StoreError::Graph(e.what().to_owned())
+    }
+}
+
+/// HNSW graph parameters: links per node (twice that on the base layer), construction width,
+/// and the search width (at least k).
 const M: usize = 16;
-const M0: usize = 32;
 const EF_CONSTRUCTION: usize = 128;
 const EF_SEARCH: usize = 100;
-
-enum Graph {
-    Cosine(Vectors<'static, Cosine>),
-    Euclidean(Vectors<'static, Euclidean>),
-}
+/// Graph calls running at once: usearch keeps a search context per call, reserved up front.
+const CONTEXTS: usize = 32;
+/// A graph snapshot is written once this many items changed since the last one, or once
+/// [`SNAPSHOT_AFTER`] passed with any changed: a restart then redoes at most that many.
+const SNAPSHOT_CHANGES: u64 = 50_000;
+const SNAPSHOT_AFTER: Duration = Duration::from_secs(60);
+/// The store's layout. Stores of an older layout (the graph in LMDB) are emptied and
+/// loaded again from the table.
+const FORMAT: &[u8] = b"lmdb+usearch 1";
+/// A batch adding at least this many vectors links them from several threads.
+const PARALLEL_FROM: usize = 256;
 
 type Raw = heed::Database<'static, Bytes, Bytes>;
 
-/// The side tables, all byte-keyed and byte-valued (encodings below).
+/// The tables, all byte-keyed and byte-valued (encodings below).
 struct Tables {
-    /// `cursor`, `next_id`, `dims`, `built_ms`, `built_at` → big-endian numbers.
+    /// `cursor`, `next_id`, `dims`, `built_ms`, `built_at`, `snapshot` → big-endian numbers;
+    /// `metric`, `format` → text.
     meta: Raw,
     /// key → id (u32 BE).
     ids: Raw,
     /// id → key.
     keys: Raw,
+    /// id → the row's vector: its generation (u32 BE, counting the row's vector changes),
+    /// then the components (f32 little-endian, as the row gave them).
+    vectors: Raw,
     /// id → the row's filter values (JSON object).
     filters: Raw,
     /// `column\0value-json` → the ids holding it (a serialized roaring bitmap).
@@ -182,12 +217,230 @@ struct Tables {
     dead: Raw,
 }
 
+const TABLES: [&str; 7] = ["meta", "ids", "keys", "vectors", "filters", "postings", "dead"];
+
+/// A counting semaphore: no more graph calls at once than the graph has contexts for.
+struct Permits {
+    free: Mutex<usize>,
+    freed: Condvar,
+}
+
+struct Permit<'a>(&'a Permits);
+
+impl Permits {
+    fn take(&self) -> Permit<'_> {
+        let mut free = self.free.lock().unwrap_or_else(|p| p.into_inner());
+        while *free == 0 {
+            free = self.freed.wait(free).unwrap_or_else(|p| p.into_inner());
+        }
+        *free -= 1;
+        Permit(self)
+    }
+}
+
+impl Drop for Permit<'_> {
+    fn drop(&mut self) {
+        *self.0.free.lock().unwrap_or_else(|p| p.into_inner()) += 1;
+        self.0.freed.notify_one();
+    }
+}
+
+/// The HNSW graph in memory. usearch takes adds, removes and searches from many threads at
+/// once; growing its capacity, emptying and loading it take the lock alone.
+struct Graph {
+    index: RwLock<Index>,
+    permits: Permits,
+    dims: usize,
+}
+
+impl Graph {
+    fn new(dims: usize, metric: Metric) -> Result<Graph, StoreError> {
+        let options = IndexOptions {
+            dimensions: dims,
+            metric: match metric {
+                Metric::Cosine => MetricKind::Cos,
+                Metric::Euclidean | Metric::Dot => MetricKind::L2sq,
+            },
+            quantization: ScalarKind::F32,
+            connectivity: M,
+            expansion_add: EF_CONSTRUCTION,
+            expansion_search: EF_SEARCH,
+            multi: false,
+        };
+        let index = Index::new(&options)?;
+        index.reserve_capacity_and_threads(1024, CONTEXTS)?;
+        Ok(Graph {
+            index: RwLock::new(index),
+            permits: Permits { free: Mutex::new(CONTEXTS), freed: Condvar::new() },
+            dims,
+        })
+    }
+
+    fn read(&self) -> std::sync::RwLockReadGuard<'_, Index> {
+        self.index.read().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn write(&self) -> std::sync::RwLockWriteGuard<'_, Index> {
+        self.index.write().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Room for `more` items beyond those held (removed items' slots are reused first).
+    fn reserve(&self, more: usize) -> Result<(), StoreError> {
+        let need = {
+            let index = self.read();
+            let need = index.size() + more;
+            if need <= index.capacity() {
+                return Ok(());
+            }
+            need
+        };
+        self.write().reserve_capacity_and_threads(need.next_power_of_two(), CONTEXTS)?;
+        Ok(())
+    }
+
+    fn contains(&self, node: u64) -> bool {
+        self.read().contains(node)
+    }
+
+    /// Links the nodes of `items` in (those it holds already stay), from several threads when
+    /// there are many.
+    fn add(&self, items: &[(u64, Vec<f32>)]) -> Result<(), StoreError> {
+        self.reserve(items.len())?;
+        let add_all = |part: &[(u64, Vec<f32>)]| -> Result<(), StoreError> {
+            for (node, v) in part {
+                let _permit = self.permits.take();
+                let index = self.read();
+                if !index.contains(*node) {
+                    index.add(*node, v)?;
+                }
+            }
+            Ok(())
+        };
+        let threads = std::thread::available_parallelism().map_or(1, |n| n.get()).min(8);
+        if items.len() < PARALLEL_FROM || threads == 1 {
+            return add_all(items);
+        }
+        std::thread::scope(|s| {
+            let parts: Vec<_> =
+                items.chunks(items.len().div_ceil(threads)).map(|p| s.spawn(move || add_all(p))).collect();
+            parts.into_iter().try_for_each(|p| {
+                p.join().unwrap_or_else(|_| Err(StoreError::Graph("a linking thread panicked".into())))
+            })
+        })
+    }
+
+    /// The `k` nearest nodes that `wanted` lets through.
+    fn search(&self, query: &[f32], k: usize, wanted: impl Fn(u64) -> bool) -> Result<Vec<(u64, f32)>, StoreError> {
+        let _permit = self.permits.take();
+        let found = self.read().filtered_search(query, k, wanted)?;
+        Ok(found.keys.iter().copied().zip(found.distances.iter().copied()).collect())
+    }
+
+    fn reset(&self) -> Result<(), StoreError> {
+        let index = self.write();
+        index.reset()?;
+        index.reserve_capacity_and_threads(1024, CONTEXTS)?;
+        Ok(())
+    }
+
+    fn save(&self, path: &Path) -> Result<(), StoreError> {
+        let text = path.to_str().ok_or_else(|| StoreError::Damaged(format!("{} is not UTF-8", path.display())))?;
+        self.read().save(text)?;
+        Ok(())
+    }
+
+    /// Loads a snapshot; false (and an empty graph) when it is not one of this graph's.
+    fn load(&self, path: &Path) -> Result<bool, StoreError> {
+        let text = path.to_str().ok_or_else(|| StoreError::Damaged(format!("{} is not UTF-8", path.display())))?;
+        let index = self.write();
+        let loaded = index.load(text).is_ok() && index.dimensions() == self.dims;
+        if !loaded {
+            index.reset()?;
+        }
+        index.change_expansion_add(EF_CONSTRUCTION);
+        index.change_expansion_search(EF_SEARCH);
+        let room = index.size().max(1024).next_power_of_two();
+        index.reserve_capacity_and_threads(room, CONTEXTS)?;
+        Ok(loaded)
+    }
+
+    fn size(&self) -> usize {
+        self.read().size()
+    }
+}
+
+/// The graph's key of generation `generation` of item `id`'s vector.
+fn node(id: u32, generation: u32) -> u64 {
+    (u64::from(generation) << 32) | u64::from(id)
+}
+
+/// Which node is each item's current one: `generation[id]`, [`RETIRED`] for none.
+#[derive(Default)]
+struct Live {
+    generation: Vec<u32>,
+    count: usize,
+}
+
+const RETIRED: u32 = u32::MAX;
+
+impl Live {
+    fn set(&mut self, id: u32, generation: Option<u32>) {
+        let i = id as usize;
+        if i >= self.generation.len() {
+            if generation.is_none() {
+                return;
+            }
+            self.generation.resize(i + 1, RETIRED);
+        }
+        let was = self.generation[i] != RETIRED;
+        self.generation[i] = generation.unwrap_or(RETIRED);
+        self.count = self.count + usize::from(generation.is_some()) - usize::from(was);
+    }
+
+    fn current(&self, node: u64) -> bool {
+        self.generation.get(node as u32 as usize).is_some_and(|g| *g != RETIRED && u64::from(*g) == node >> 32)
+    }
+}
+
+/// The writer's bookkeeping: graph snapshots and rebuilds.
+struct Snapshots {
+    /// Items changed since the last snapshot.
+    changed: u64,
+    taken: Instant,
+    rebuild: Option<Rebuild>,
+    rebuilds: u64,
+}
+
+/// A whole graph being built on a thread of its own from the vectors as a commit left them,
+/// without the waypoints. The items batches change meanwhile are redone on it before it
+/// replaces the old one.
+struct Rebuild {
+    changed: std::collections::BTreeSet<u32>,
+    done: std::sync::mpsc::Receiver<Result<Index, StoreError>>,
+    started: Instant,
+}
+
+/// A rebuild starts once the graph's waypoints (retired nodes) reach the items held, and
+/// at least [`REBUILD_MIN`]: the graph then holds at most about twice the nodes it needs.
+const REBUILD_MIN: usize = 10_000;
+
 /// One vector index in its directory.
 pub struct Store {
     env: Env,
-    graph: Graph,
     t: Tables,
     spec: StoreSpec,
+    dir: PathBuf,
+    graph: Graph,
+    /// Each item's current node: what a search may return.
+    live: RwLock<Live>,
+    /// The cursor of the last batch the graph holds in full: what a search reflects.
+    visible: Mutex<Option<Cursor>>,
+    /// The last batch's duration (ms) and commit time (µs since the epoch).
+    last_build: Mutex<(u64, i64)>,
+    /// One writer at a time (batches and snapshots).
+    writer: Mutex<Snapshots>,
+    /// The graph was brought back ([`Store::recover`]).
+    ready: std::sync::atomic::AtomicBool,
 }
 
 fn be64(v: &[u8]) -> Option<u64> {
@@ -221,78 +474,344 @@ fn posting_key(column: &str, value: &Json) -> Vec<u8> {
     k
 }
 
+/// A stored vector: its generation, then its components.
+fn vector_bytes(generation: u32, v: &[f32]) -> Vec<u8> {
+    generation.to_be_bytes().into_iter().chain(v.iter().flat_map(|x| x.to_le_bytes())).collect()
+}
+
+fn generation_of(b: &[u8]) -> Option<u32> {
+    be32(b.get(..4)?)
+}
+
+fn vector_of(b: &[u8]) -> Vec<f32> {
+    b.get(4..).unwrap_or_default().chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect()
+}
+
+/// A row's vector as the graph holds it (one more component under `Metric::Dot`).
+fn placed(spec: &StoreSpec, v: &[f32]) -> Vec<f32> {
+    let mut out = v.to_vec();
+    if spec.metric == Metric::Dot {
+        let n = norm(v);
+        out.push((spec.max_norm * spec.max_norm - n * n).max(0.0).sqrt());
+    }
+    out
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Opens the LMDB environment in `dir`.
+fn open_env(dir: &Path, spec: &StoreSpec) -> Result<Env, StoreError> {
+    // SAFETY: heed's open is unsafe because the same files opened twice in one process, or
+    // by another process with other options, could be corrupted; one synapse owns its
+    // log.dir (its lock) and opens each index once (docs/decisions/0019-vector-index.md).
+    #[allow(unsafe_code)]
+    let env = unsafe { EnvOpenOptions::new().map_size(spec.max_bytes).max_dbs(16).open(dir)? };
+    Ok(env)
+}
+
+/// True when `env` holds a store of an older layout.
+fn older_layout(env: &Env) -> Result<bool, StoreError> {
+    let rtxn = env.read_txn()?;
+    let older = env.open_databases_and_commit(rtxn, |dbo, rtxn| -> heed::Result<_> {
+        let older = match dbo.open_database::<Bytes, Bytes>(rtxn, Some("meta"))? {
+            Some(meta) => meta.get(rtxn, b"dims")?.is_some() && meta.get(rtxn, b"format")? != Some(FORMAT),
+            None => false,
+        };
+        Ok(CommitOrAbort::<(), bool>::Abort(older))
+    })?;
+    Ok(older.abort().unwrap_or(false))
+}
+
 impl Store {
-    /// Opens (or makes) the store in `dir`.
-    pub fn open(dir: &Path, spec: &StoreSpec) -> Result<Store, StoreError> {
+    /// Opens (or makes) the store in `dir` without its graph: quick, and it checks the
+    /// dimensions and distance. Until [`Store::recover`] has run, searches answer
+    /// [`StoreError::Opening`] and batches are refused the same way.
+    pub fn open_deferred(dir: &Path, spec: &StoreSpec) -> Result<Store, StoreError> {
         std::fs::create_dir_all(dir).map_err(|e| StoreError::Lmdb(heed::Error::Io(e)))?;
-        // SAFETY: heed's open is unsafe because the same files opened twice in one process, or
-        // by another process with other options, could be corrupted; one synapse owns its
-        // log.dir (its lock) and opens each index once (docs/decisions/0019-vector-index.md).
-        #[allow(unsafe_code)]
-        let env = unsafe { EnvOpenOptions::new().map_size(spec.max_bytes).max_dbs(8).open(dir)? };
-        let names = ["meta", "ids", "keys", "filters", "postings", "dead"];
+        let mut env = open_env(dir, spec)?;
+        if older_layout(&env)? {
+            tracing::warn!(dir = %dir.display(), "the vector index was stored in an older layout: emptied, it loads again from its table");
+            drop(env);
+            for f in ["data.mdb", "lock.mdb"] {
+                match std::fs::remove_file(dir.join(f)) {
+                    Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                        return Err(StoreError::Lmdb(heed::Error::Io(e)))
+                    }
+                    _ => {}
+                }
+            }
+            env = open_env(dir, spec)?;
+        }
         let wtxn = env.write_txn()?;
-        let raw: [Raw; 6] = env
+        let made: [Raw; 7] = env
             .create_databases_and_commit(wtxn, |dbo, wtxn| -> heed::Result<_> {
-                let mut made = Vec::with_capacity(names.len());
-                for n in names {
+                let mut made = Vec::with_capacity(TABLES.len());
+                for n in TABLES {
                     made.push(dbo.create_database::<Bytes, Bytes>(wtxn, Some(n))?);
                 }
-                let made: [heed::Database<Bytes, Bytes>; 6] =
-                    made.try_into().map_err(|_| heed::Error::Io(std::io::Error::other("six databases")))?;
+                let made: [heed::Database<Bytes, Bytes>; 7] =
+                    made.try_into().map_err(|_| heed::Error::Io(std::io::Error::other("seven databases")))?;
                 Ok(CommitOrAbort::<_, ()>::Commit(made))
             })?
             .unwrap_commit();
-        let [meta, ids, keys, filters, postings, dead] = raw;
-        let wtxn = env.write_txn()?;
-        let graph = match spec.metric {
-            Metric::Cosine => Graph::Cosine(
-                env.create_databases_and_commit(wtxn, |dbo, wtxn| -> heed::Result<_> {
-                    dbo.create_database(wtxn, Some("vectors")).map(CommitOrAbort::<_, ()>::Commit)
-                })?
-                .unwrap_commit(),
-            ),
-            Metric::Euclidean | Metric::Dot => Graph::Euclidean(
-                env.create_databases_and_commit(wtxn, |dbo, wtxn| -> heed::Result<_> {
-                    dbo.create_database(wtxn, Some("vectors")).map(CommitOrAbort::<_, ()>::Commit)
-                })?
-                .unwrap_commit(),
-            ),
-        };
-        let store = Store { env, graph, t: Tables { meta, ids, keys, filters, postings, dead }, spec: spec.clone() };
-        let mut wtxn = store.env.write_txn()?;
-        match store.t.meta.get(&wtxn, b"dims")?.and_then(be64) {
+        let [meta, ids, keys, vectors, filters, postings, dead] = made;
+        let t = Tables { meta, ids, keys, vectors, filters, postings, dead };
+        let mut wtxn = env.write_txn()?;
+        match t.meta.get(&wtxn, b"dims")?.and_then(be64) {
             Some(d) if d as usize != spec.dimensions => {
                 return Err(StoreError::Dimensions { stored: d as usize, wanted: spec.dimensions })
             }
             Some(_) => {}
-            None => {
-                store.t.meta.put(&mut wtxn, b"dims", &(spec.dimensions as u64).to_be_bytes())?;
-            }
+            None => t.meta.put(&mut wtxn, b"dims", &(spec.dimensions as u64).to_be_bytes())?,
         }
         let wanted = spec.identity();
-        match store.t.meta.get(&wtxn, b"metric")? {
+        match t.meta.get(&wtxn, b"metric")? {
             Some(m) if m != wanted.as_bytes() => {
                 return Err(StoreError::Distance { stored: String::from_utf8_lossy(m).into_owned(), wanted })
             }
             Some(_) => {}
-            // Stores made before the distance was recorded: the graph's own check (hannoy
-            // records cosine or euclidean) still refuses a change between those two.
-            None => store.t.meta.put(&mut wtxn, b"metric", wanted.as_bytes())?,
+            None => t.meta.put(&mut wtxn, b"metric", wanted.as_bytes())?,
         }
+        t.meta.put(&mut wtxn, b"format", FORMAT)?;
+        let built = (
+            t.meta.get(&wtxn, b"built_ms")?.and_then(be64).unwrap_or(0),
+            t.meta.get(&wtxn, b"built_at")?.and_then(be64).unwrap_or(0) as i64,
+        );
         wtxn.commit()?;
+        let dims = spec.dimensions + usize::from(spec.metric == Metric::Dot);
+        let store = Store {
+            env,
+            t,
+            spec: spec.clone(),
+            dir: dir.to_owned(),
+            graph: Graph::new(dims, spec.metric)?,
+            live: RwLock::new(Live::default()),
+            visible: Mutex::new(None),
+            last_build: Mutex::new(built),
+            writer: Mutex::new(Snapshots { changed: 0, taken: Instant::now(), rebuild: None, rebuilds: 0 }),
+            ready: std::sync::atomic::AtomicBool::new(false),
+        };
         Ok(store)
+    }
+
+    /// Opens (or makes) the store in `dir` and brings its graph back: [`Store::open_deferred`]
+    /// then [`Store::recover`].
+    pub fn open(dir: &Path, spec: &StoreSpec) -> Result<Store, StoreError> {
+        let store = Store::open_deferred(dir, spec)?;
+        store.recover()?;
+        Ok(store)
+    }
+
+    fn snapshot_path(&self, generation: u64) -> PathBuf {
+        self.dir.join(format!("graph-{generation}.usearch"))
+    }
+
+    /// Brings the graph to the committed state: the last snapshot with every stored vector
+    /// it lacks added, or a build from the stored vectors (seconds per 100k vectors; logs its
+    /// progress). Done once; later calls return at once.
+    pub fn recover(&self) -> Result<(), StoreError> {
+        let mut writer = lock(&self.writer);
+        if self.ready.load(std::sync::atomic::Ordering::Acquire) {
+            return Ok(());
+        }
+        let rtxn = self.env.read_txn()?;
+        let loaded = match self.t.meta.get(&rtxn, b"snapshot")?.and_then(be64) {
+            Some(g) if self.snapshot_path(g).exists() => {
+                let loaded = self.graph.load(&self.snapshot_path(g))?;
+                if !loaded {
+                    tracing::warn!(dir = %self.dir.display(), "the graph snapshot could not be read: rebuilding from the stored vectors");
+                }
+                loaded
+            }
+            _ => false,
+        };
+        let mut live = Live::default();
+        let mut missing = Vec::new();
+        for entry in self.t.vectors.iter(&rtxn)? {
+            let (id, stored) = entry?;
+            let (Some(id), Some(generation)) = (be32(id), generation_of(stored)) else {
+                return Err(StoreError::Damaged("a stored vector without its id or generation".into()));
+            };
+            live.set(id, Some(generation));
+            if !self.graph.contains(node(id, generation)) {
+                missing.push(id);
+            }
+        }
+        let total = missing.len();
+        let started = Instant::now();
+        for (done, part) in missing.chunks(10_000).enumerate() {
+            let mut items = Vec::with_capacity(part.len());
+            for id in part {
+                if let Some(stored) = self.t.vectors.get(&rtxn, &id.to_be_bytes())? {
+                    let generation = generation_of(stored).unwrap_or_default();
+                    items.push((node(*id, generation), self.placed(&vector_of(stored))));
+                }
+            }
+            self.graph.add(&items)?;
+            if total > 10_000 {
+                let done = (done * 10_000 + part.len()).min(total);
+                tracing::info!(dir = %self.dir.display(), done, total, "vector index: linking stored vectors into the graph");
+            }
+        }
+        if total > 0 {
+            tracing::info!(dir = %self.dir.display(), items = total, from_snapshot = loaded, seconds = started.elapsed().as_secs_f64(), "vector index: graph brought to the stored state");
+        }
+        *self.live.write().unwrap_or_else(|p| p.into_inner()) = live;
+        *lock(&self.visible) = self.t.meta.get(&rtxn, b"cursor")?.and_then(cursor_of);
+        drop(rtxn);
+        writer.changed = total as u64;
+        if total > 0 {
+            self.snapshot(&mut writer)?;
+        }
+        self.ready.store(true, std::sync::atomic::Ordering::Release);
+        Ok(())
+    }
+
+    fn opened(&self) -> Result<(), StoreError> {
+        match self.ready.load(std::sync::atomic::Ordering::Acquire) {
+            true => Ok(()),
+            false => Err(StoreError::Opening),
+        }
+    }
+
+    /// Writes the graph to a new snapshot file and forgets the changed items it holds.
+    /// Called by the writer only, so the graph is exactly the committed state.
+    fn snapshot(&self, writer: &mut Snapshots) -> Result<(), StoreError> {
+        let generation = {
+            let rtxn = self.env.read_txn()?;
+            self.t.meta.get(&rtxn, b"snapshot")?.and_then(be64).unwrap_or(0) + 1
+        };
+        let path = self.snapshot_path(generation);
+        let partial = path.with_extension("partial");
+        let io = |source| StoreError::Snapshot { path: path.clone(), source };
+        self.graph.save(&partial)?;
+        std::fs::File::open(&partial).and_then(|f| f.sync_all()).map_err(io)?;
+        std::fs::rename(&partial, &path).map_err(io)?;
+        std::fs::File::open(&self.dir).and_then(|d| d.sync_all()).map_err(io)?;
+        let mut wtxn = self.env.write_txn()?;
+        self.t.meta.put(&mut wtxn, b"snapshot", &generation.to_be_bytes())?;
+        wtxn.commit()?;
+        self.remove_snapshots(Some(generation));
+        writer.changed = 0;
+        writer.taken = Instant::now();
+        Ok(())
+    }
+
+    /// Starts a rebuild when the waypoints reach the items held, or takes in a finished one:
+    /// the items changed since its start are redone on it, it replaces the graph, and a
+    /// snapshot records it. Writer only.
+    fn rebuild_step(&self, writer: &mut Snapshots, changed: &[u32]) -> Result<(), StoreError> {
+        let Some(rebuild) = writer.rebuild.as_mut() else {
+            let items = self.live.read().unwrap_or_else(|p| p.into_inner()).count;
+            if self.graph.size().saturating_sub(items) >= items.max(REBUILD_MIN) {
+                writer.rebuild = Some(self.start_rebuild());
+            }
+            return Ok(());
+        };
+        rebuild.changed.extend(changed);
+        let built = match rebuild.done.try_recv() {
+            Err(std::sync::mpsc::TryRecvError::Empty) => return Ok(()),
+            Ok(built) => built,
+            Err(std::sync::mpsc::TryRecvError::Disconnected) => {
+                Err(StoreError::Graph("the rebuild thread stopped".into()))
+            }
+        };
+        let Some(rebuild) = writer.rebuild.take() else { return Ok(()) };
+        let index = match built {
+            Ok(index) => index,
+            Err(e) => {
+                // The graph in use answers right, only with more waypoints: tried again after
+                // the next batch.
+                tracing::warn!(dir = %self.dir.display(), error = %e, "vector index: the graph rebuild failed; the current graph stays");
+                return Ok(());
+            }
+        };
+        let rtxn = self.env.read_txn()?;
+        let mut items = Vec::new();
+        for id in &rebuild.changed {
+            if let Some(stored) = self.t.vectors.get(&rtxn, &id.to_be_bytes())? {
+                items.push((node(*id, generation_of(stored).unwrap_or_default()), self.placed(&vector_of(stored))));
+            }
+        }
+        drop(rtxn);
+        let need = index.size() + items.len();
+        if need > index.capacity() {
+            index.reserve_capacity_and_threads(need.next_power_of_two(), CONTEXTS)?;
+        }
+        for (node, v) in &items {
+            if !index.contains(*node) {
+                index.add(*node, v)?;
+            }
+        }
+        *self.graph.write() = index;
+        writer.rebuilds += 1;
+        tracing::info!(dir = %self.dir.display(), nodes = self.graph.size(), seconds = rebuild.started.elapsed().as_secs_f64(), redone = items.len(), "vector index: graph rebuilt without its waypoints");
+        self.snapshot(writer)
+    }
+
+    /// Builds a whole graph on a thread of its own from the vectors as the last commit left
+    /// them (its read transaction is open when this returns).
+    fn start_rebuild(&self) -> Rebuild {
+        let (opened, open) = std::sync::mpsc::channel::<()>();
+        let (finished, done) = std::sync::mpsc::channel();
+        let (env, vectors, spec, dims) = (self.env.clone(), self.t.vectors, self.spec.clone(), self.graph.dims);
+        let build = move || -> Result<Index, StoreError> {
+            let rtxn = env.read_txn()?;
+            drop(opened);
+            let index = Graph::new(dims, spec.metric)?.index.into_inner().unwrap_or_else(|p| p.into_inner());
+            let count = vectors.len(&rtxn)? as usize;
+            index.reserve_capacity_and_threads(count.max(1024).next_power_of_two(), CONTEXTS)?;
+            for entry in vectors.iter(&rtxn)? {
+                let (id, stored) = entry?;
+                let (Some(id), Some(generation)) = (be32(id), generation_of(stored)) else {
+                    return Err(StoreError::Damaged("a stored vector without its id or generation".into()));
+                };
+                index.add(node(id, generation), &placed(&spec, &vector_of(stored)))?;
+            }
+            Ok(index)
+        };
+        let spawned = std::thread::Builder::new().name("vector-rebuild".into()).spawn(move || {
+            let _ = finished.send(build());
+        });
+        if let Err(e) = spawned {
+            tracing::warn!(error = %e, "vector index: no thread for a graph rebuild");
+        }
+        // Wait for its read transaction (or its end): the writer commits nothing before.
+        let _ = open.recv();
+        tracing::info!(dir = %self.dir.display(), "vector index: rebuilding the graph without its waypoints");
+        Rebuild { changed: Default::default(), done, started: Instant::now() }
+    }
+
+    /// Whole-graph rebuilds taken in since the store was opened.
+    pub fn graph_rebuilds(&self) -> u64 {
+        lock(&self.writer).rebuilds
+    }
+
+    /// Removes snapshot files other than `keep` (best effort: a leftover is only space).
+    fn remove_snapshots(&self, keep: Option<u64>) {
+        let Ok(entries) = std::fs::read_dir(&self.dir) else { return };
+        let keep = keep.map(|g| self.snapshot_path(g));
+        for e in entries.flatten() {
+            let name = e.file_name();
+            let name = name.to_string_lossy();
+            if name.starts_with("graph-") && Some(e.path()) != keep {
+                let _ = std::fs::remove_file(e.path());
+            }
+        }
     }
 
     /// The stream position of the last applied batch (`None`: not loaded yet).
     pub fn cursor(&self) -> Result<Option<Cursor>, StoreError> {
-        let rtxn = self.env.read_txn()?;
-        Ok(self.t.meta.get(&rtxn, b"cursor")?.and_then(cursor_of))
+        Ok(*lock(&self.visible))
     }
 
     /// Applies `batch` (see the module's guarantees).
     pub fn apply(&self, batch: &Batch) -> Result<Applied, StoreError> {
-        let started = std::time::Instant::now();
+        self.opened()?;
+        let started = Instant::now();
+        let mut writer = lock(&self.writer);
         let mut wtxn = self.env.write_txn()?;
         let stored = self.t.meta.get(&wtxn, b"cursor")?.and_then(cursor_of);
         if let (Some(stored), Some(new)) = (stored, batch.cursor) {
@@ -304,11 +823,13 @@ impl Store {
         if batch.truncate {
             self.truncate(&mut wtxn)?;
         }
+        // Each changed item's new node and its vector as the graph holds it (`None`: retired).
+        let mut changed: BTreeMap<u32, Option<(u64, Vec<f32>)>> = BTreeMap::new();
         let mut dead = batch.dead.clone();
         for u in &batch.upserts {
             match self.check(&u.vector) {
                 Ok(()) => {
-                    self.upsert(&mut wtxn, u)?;
+                    self.upsert(&mut wtxn, u, &mut changed)?;
                     self.t.dead.delete(&mut wtxn, u.key.as_bytes())?;
                     applied.upserted += 1;
                 }
@@ -316,28 +837,51 @@ impl Store {
             }
         }
         for key in &batch.deletes {
-            if self.remove(&mut wtxn, key)? {
+            if self.remove(&mut wtxn, key, &mut changed)? {
                 applied.deleted += 1;
             }
             self.t.dead.delete(&mut wtxn, key.as_bytes())?;
         }
         for d in &dead {
             // A row that cannot be indexed any more is not found by its old vector either.
-            self.remove(&mut wtxn, &d.key)?;
+            self.remove(&mut wtxn, &d.key, &mut changed)?;
             let json = serde_json::to_vec(d).map_err(|e| StoreError::Damaged(e.to_string()))?;
             self.t.dead.put(&mut wtxn, d.key.as_bytes(), &json)?;
         }
         applied.dead = dead.len();
-        self.build(&mut wtxn, batch.cursor.map_or(0, |c| c.commit_lsn.0 ^ u64::from(c.index)))?;
-        let took = started.elapsed().as_millis() as u64;
         match batch.cursor {
             Some(c) => self.t.meta.put(&mut wtxn, b"cursor", &cursor_bytes(c))?,
             // A load starts (and starts over) without a position.
             None => self.t.meta.delete(&mut wtxn, b"cursor").map(|_| ())?,
         }
-        self.t.meta.put(&mut wtxn, b"built_ms", &took.to_be_bytes())?;
-        self.t.meta.put(&mut wtxn, b"built_at", &synapse_schemas::unix_micros_now().to_be_bytes())?;
+        let at = synapse_schemas::unix_micros_now();
+        self.t.meta.put(&mut wtxn, b"built_ms", &(started.elapsed().as_millis() as u64).to_be_bytes())?;
+        self.t.meta.put(&mut wtxn, b"built_at", &at.to_be_bytes())?;
         wtxn.commit()?;
+        // The graph follows the commit; a crash in between is made up when the store opens.
+        if batch.truncate {
+            self.graph.reset()?;
+            *self.live.write().unwrap_or_else(|p| p.into_inner()) = Live::default();
+            writer.changed = 0;
+            // A rebuild from before the truncate is dropped (its thread's answer unheard).
+            writer.rebuild = None;
+        }
+        let adds: Vec<(u64, Vec<f32>)> = changed.values().filter_map(|c| c.clone()).collect();
+        self.graph.add(&adds)?;
+        {
+            let mut live = self.live.write().unwrap_or_else(|p| p.into_inner());
+            for (id, c) in &changed {
+                live.set(*id, c.as_ref().map(|(node, _)| (node >> 32) as u32));
+            }
+        }
+        *lock(&self.visible) = batch.cursor;
+        *lock(&self.last_build) = (started.elapsed().as_millis() as u64, at);
+        writer.changed += changed.len() as u64;
+        let ids: Vec<u32> = changed.into_keys().collect();
+        self.rebuild_step(&mut writer, &ids)?;
+        if writer.changed >= SNAPSHOT_CHANGES || (writer.changed > 0 && writer.taken.elapsed() >= SNAPSHOT_AFTER) {
+            self.snapshot(&mut writer)?;
+        }
         Ok(applied)
     }
 
@@ -363,28 +907,17 @@ impl Store {
         Ok(())
     }
 
-    /// Components per vector in the graph: one more under `Metric::Dot`.
-    fn graph_dims(&self) -> usize {
-        self.spec.dimensions + usize::from(self.spec.metric == Metric::Dot)
-    }
-
-    /// A row's vector as the graph holds it.
     fn placed(&self, v: &[f32]) -> Vec<f32> {
-        let mut out = v.to_vec();
-        if self.spec.metric == Metric::Dot {
-            let n = norm(v);
-            out.push((self.spec.max_norm * self.spec.max_norm - n * n).max(0.0).sqrt());
-        }
-        out
+        placed(&self.spec, v)
     }
 
     /// The graph's distance as the metric reports it (see [`Metric`]); `query_norm` is the
     /// query's length (used by `Metric::Dot`).
     fn reported(&self, query_norm: f32, graph_distance: f32) -> f32 {
         match self.spec.metric {
-            // hannoy's cosine is (1 − cos) / 2.
-            Metric::Cosine => graph_distance * 2.0,
-            // hannoy's Euclidean is squared.
+            // usearch's cosine distance is pgvector's, 1 − cos.
+            Metric::Cosine => graph_distance,
+            // usearch's L2 is squared.
             Metric::Euclidean => graph_distance.max(0.0).sqrt(),
             Metric::Dot => -(query_norm * query_norm + self.spec.max_norm * self.spec.max_norm - graph_distance) / 2.0,
         }
@@ -394,20 +927,15 @@ impl Store {
         Ok(self.t.ids.get(rtxn, key.as_bytes())?.and_then(be32))
     }
 
-    fn upsert(&self, wtxn: &mut RwTxn, u: &Upsert) -> Result<(), StoreError> {
-        let vector = self.placed(&u.vector);
-        let mut moved = true;
+    fn upsert(
+        &self,
+        wtxn: &mut RwTxn,
+        u: &Upsert,
+        changed: &mut BTreeMap<u32, Option<(u64, Vec<f32>)>>,
+    ) -> Result<(), StoreError> {
         let id = match self.id_of(wtxn, &u.key)? {
             Some(id) => {
                 self.unpost(wtxn, id)?;
-                // An update that leaves the vector as it is (another column changed, or the
-                // vector came as unchanged TOAST) keeps its place in the graph: a re-insert is
-                // most of a batch's cost.
-                let stored = match &self.graph {
-                    Graph::Cosine(db) => Writer::new(*db, 0, self.graph_dims()).item_vector(wtxn, id)?,
-                    Graph::Euclidean(db) => Writer::new(*db, 0, self.graph_dims()).item_vector(wtxn, id)?,
-                };
-                moved = stored.as_deref() != Some(vector.as_slice());
                 id
             }
             None => {
@@ -420,11 +948,21 @@ impl Store {
                 next
             }
         };
-        if moved {
-            match &self.graph {
-                Graph::Cosine(db) => Writer::new(*db, 0, self.graph_dims()).add_item(wtxn, id, &vector)?,
-                Graph::Euclidean(db) => Writer::new(*db, 0, self.graph_dims()).add_item(wtxn, id, &vector)?,
-            }
+        // An update that leaves the vector as it is (another column changed, or the vector
+        // came as unchanged TOAST) keeps its node: linking a node is a batch's cost.
+        let generation = match self.t.vectors.get(wtxn, &id.to_be_bytes())? {
+            Some(stored) if vector_of(stored) == u.vector => None,
+            Some(stored) => Some(
+                generation_of(stored)
+                    .and_then(|g| g.checked_add(1))
+                    .filter(|g| *g != RETIRED)
+                    .ok_or(StoreError::IdsExhausted)?,
+            ),
+            None => Some(0),
+        };
+        if let Some(generation) = generation {
+            self.t.vectors.put(wtxn, &id.to_be_bytes(), &vector_bytes(generation, &u.vector))?;
+            changed.insert(id, Some((node(id, generation), self.placed(&u.vector))));
         }
         let values = serde_json::to_vec(&u.filters).map_err(|e| StoreError::Damaged(e.to_string()))?;
         self.t.filters.put(wtxn, &id.to_be_bytes(), &values)?;
@@ -469,48 +1007,30 @@ impl Store {
     }
 
     /// Removes `key`'s vector and values; false when it was not indexed.
-    fn remove(&self, wtxn: &mut RwTxn, key: &str) -> Result<bool, StoreError> {
+    fn remove(
+        &self,
+        wtxn: &mut RwTxn,
+        key: &str,
+        changed: &mut BTreeMap<u32, Option<(u64, Vec<f32>)>>,
+    ) -> Result<bool, StoreError> {
         let Some(id) = self.id_of(wtxn, key)? else { return Ok(false) };
         self.unpost(wtxn, id)?;
-        self.t.filters.delete(wtxn, &id.to_be_bytes())?;
-        self.t.keys.delete(wtxn, &id.to_be_bytes())?;
+        for t in [&self.t.filters, &self.t.keys, &self.t.vectors] {
+            t.delete(wtxn, &id.to_be_bytes())?;
+        }
         self.t.ids.delete(wtxn, key.as_bytes())?;
-        match &self.graph {
-            Graph::Cosine(db) => Writer::new(*db, 0, self.graph_dims()).del_item(wtxn, id)?,
-            Graph::Euclidean(db) => Writer::new(*db, 0, self.graph_dims()).del_item(wtxn, id)?,
-        };
+        changed.insert(id, None);
         Ok(true)
     }
 
+    /// Empties the tables (ids are still not reused); the graph is emptied after the commit,
+    /// and with no snapshot named a crash rebuilds it from what is stored after the truncate.
     fn truncate(&self, wtxn: &mut RwTxn) -> Result<(), StoreError> {
-        for t in [&self.t.ids, &self.t.keys, &self.t.filters, &self.t.postings, &self.t.dead] {
-            t.clear(wtxn)?;
+        let t = &self.t;
+        for table in [&t.ids, &t.keys, &t.vectors, &t.filters, &t.postings, &t.dead] {
+            table.clear(wtxn)?;
         }
-        match &self.graph {
-            Graph::Cosine(db) => Writer::new(*db, 0, self.graph_dims()).clear(wtxn)?,
-            Graph::Euclidean(db) => Writer::new(*db, 0, self.graph_dims()).clear(wtxn)?,
-        }
-        Ok(())
-    }
-
-    /// Links the batch's new items into the graph and repairs around its deleted ones.
-    fn build(&self, wtxn: &mut RwTxn, seed: u64) -> Result<(), StoreError> {
-        fn run<D: Distance>(db: Vectors<'static, D>, dims: usize, wtxn: &mut RwTxn, seed: u64) -> hannoy::Result<()> {
-            let writer = Writer::new(db, 0, dims);
-            // Nothing added, moved or deleted (filter values changed, say): the graph stands,
-            // and the build's pass over every node's links is not paid.
-            if !writer.need_build(wtxn)? {
-                return Ok(());
-            }
-            // Seeded by the cursor: a replayed batch builds the same graph.
-            let mut rng = rand_hnsw::rngs::StdRng::seed_from_u64(seed);
-            let built = writer.builder(&mut rng).ef_construction(EF_CONSTRUCTION).build::<M, M0>(wtxn);
-            built
-        }
-        match &self.graph {
-            Graph::Cosine(db) => run(*db, self.graph_dims(), wtxn, seed)?,
-            Graph::Euclidean(db) => run(*db, self.graph_dims(), wtxn, seed)?,
-        }
+        t.meta.delete(wtxn, b"snapshot")?;
         Ok(())
     }
 
@@ -525,8 +1045,9 @@ impl Store {
         if query.len() != self.spec.dimensions {
             return Err(StoreError::Query { got: query.len(), want: self.spec.dimensions });
         }
+        self.opened()?;
+        let cursor = *lock(&self.visible);
         let rtxn = self.env.read_txn()?;
-        let cursor = self.t.meta.get(&rtxn, b"cursor")?.and_then(cursor_of);
         let mut allowed: Option<RoaringBitmap> = None;
         for (column, value) in filter {
             let ids = self.posting(&rtxn, &posting_key(column, value))?;
@@ -535,39 +1056,23 @@ impl Store {
                 None => ids,
             });
         }
-        if allowed.as_ref().is_some_and(|a| a.is_empty()) || k == 0 {
+        if allowed.as_ref().is_some_and(|a| a.is_empty()) || k == 0 || self.graph.size() == 0 {
             return Ok((Vec::new(), cursor));
-        }
-        fn run<D: Distance>(
-            db: Vectors<'static, D>,
-            rtxn: &RoTxn,
-            query: &[f32],
-            k: usize,
-            allowed: Option<&RoaringBitmap>,
-        ) -> hannoy::Result<Vec<(u32, f32)>> {
-            let reader = match Reader::open(rtxn, 0, db) {
-                Ok(r) => r,
-                // Nothing built yet: an empty index.
-                Err(hannoy::Error::MissingMetadata(_)) => return Ok(Vec::new()),
-                Err(e) => return Err(e),
-            };
-            let mut q = reader.nns(k);
-            q.ef_search(EF_SEARCH.max(k));
-            if let Some(a) = allowed {
-                q.candidates(a);
-            }
-            Ok(q.by_vector(rtxn, query)?.into_nns())
         }
         // Under `Metric::Dot` the query's extra component is 0.
         let mut placed = query.to_vec();
-        placed.resize(self.graph_dims(), 0.0);
-        let found = match &self.graph {
-            Graph::Cosine(db) => run(*db, &rtxn, &placed, k, allowed.as_ref())?,
-            Graph::Euclidean(db) => run(*db, &rtxn, &placed, k, allowed.as_ref())?,
+        placed.resize(self.graph.dims, 0.0);
+        let found = {
+            let live = self.live.read().unwrap_or_else(|p| p.into_inner());
+            self.graph.search(&placed, k, |node| {
+                live.current(node) && allowed.as_ref().is_none_or(|a| a.contains(node as u32))
+            })?
         };
         let mut hits = Vec::with_capacity(found.len());
         let query_norm = norm(query);
-        for (id, distance) in found {
+        for (node, distance) in found {
+            let id = node as u32;
+            // An item deleted by a batch committed since is skipped.
             let Some(key) = self.t.keys.get(&rtxn, &id.to_be_bytes())? else { continue };
             hits.push(Hit {
                 key: String::from_utf8_lossy(key).into_owned(),
@@ -581,14 +1086,7 @@ impl Store {
     pub fn vector(&self, key: &str) -> Result<Option<Vec<f32>>, StoreError> {
         let rtxn = self.env.read_txn()?;
         let Some(id) = self.id_of(&rtxn, key)? else { return Ok(None) };
-        let mut v = match &self.graph {
-            Graph::Cosine(db) => Writer::new(*db, 0, self.graph_dims()).item_vector(&rtxn, id)?,
-            Graph::Euclidean(db) => Writer::new(*db, 0, self.graph_dims()).item_vector(&rtxn, id)?,
-        };
-        if let Some(v) = v.as_mut() {
-            v.truncate(self.spec.dimensions);
-        }
-        Ok(v)
+        Ok(self.t.vectors.get(&rtxn, &id.to_be_bytes())?.map(vector_of))
     }
 
     /// Every indexed key (for checks; a full scan).
@@ -600,6 +1098,18 @@ impl Store {
             out.push(String::from_utf8_lossy(k).into_owned());
         }
         Ok(out)
+    }
+
+    /// Items whose current node the graph holds (equal to `stats().items` between batches;
+    /// for checks).
+    pub fn graph_items(&self) -> usize {
+        let live = self.live.read().unwrap_or_else(|p| p.into_inner());
+        let held = live
+            .generation
+            .iter()
+            .enumerate()
+            .filter(|(id, g)| **g != RETIRED && self.graph.contains(node(*id as u32, **g)));
+        held.count()
     }
 
     /// Up to `limit` dead letters, in key order.
@@ -615,13 +1125,13 @@ impl Store {
 
     pub fn stats(&self) -> Result<StoreStats, StoreError> {
         let rtxn = self.env.read_txn()?;
-        let num = |k: &[u8]| -> Result<Option<u64>, StoreError> { Ok(self.t.meta.get(&rtxn, k)?.and_then(be64)) };
+        let (last_build_ms, last_build_at_us) = *lock(&self.last_build);
         Ok(StoreStats {
             items: self.t.ids.len(&rtxn)?,
-            cursor: self.t.meta.get(&rtxn, b"cursor")?.and_then(cursor_of),
+            cursor: *lock(&self.visible),
             dead_letters: self.t.dead.len(&rtxn)?,
-            last_build_ms: num(b"built_ms")?.unwrap_or(0),
-            last_build_at_us: num(b"built_at")?.unwrap_or(0) as i64,
+            last_build_ms,
+            last_build_at_us,
         })
     }
 }
@@ -841,6 +1351,113 @@ mod tests {
         }
         let recall = found as f64 / wanted as f64;
         assert!(recall >= 0.95, "recall@10 under dot {recall}");
+    }
+
+    /// The graph lives in memory: reopened, the store brings it back to exactly the committed
+    /// rows — rebuilt from the stored vectors, then from a snapshot with the items changed
+    /// since redone, then rebuilt again past a damaged snapshot.
+    #[test]
+    fn the_graph_comes_back_from_snapshot_and_changes_or_a_rebuild() {
+        let dir = tempfile::tempdir().unwrap();
+        let point = |i: usize| [i as f32, (i % 7) as f32, (i % 3) as f32, 1.0];
+        let check = |store: &Store, live: &std::collections::BTreeMap<String, [f32; 4]>| {
+            let mut keys = store.keys().unwrap();
+            keys.sort();
+            assert_eq!(keys, live.keys().cloned().collect::<Vec<_>>());
+            assert_eq!(store.graph_items(), live.len(), "the graph holds exactly the stored rows");
+            for (key, v) in live {
+                let (hits, _) = store.search(v, 1, &Map::new()).unwrap();
+                assert_eq!(&hits[0].key, key, "{key} found by its own vector");
+                assert!(hits[0].distance < 1e-3);
+            }
+        };
+        let mut live = std::collections::BTreeMap::new();
+        let store = Store::open(dir.path(), &spec(Metric::Euclidean)).unwrap();
+        let upserts: Vec<Upsert> = (0..300).map(|i| up(&format!("k{i}"), point(i), "red")).collect();
+        for u in &upserts {
+            live.insert(u.key.clone(), point(u.key[1..].parse().unwrap()));
+        }
+        store.apply(&Batch { upserts, cursor: at(1), ..Default::default() }).unwrap();
+        drop(store);
+        // No snapshot yet: rebuilt from the vectors (and a snapshot written).
+        let store = Store::open(dir.path(), &spec(Metric::Euclidean)).unwrap();
+        assert_eq!(store.cursor().unwrap(), at(1));
+        check(&store, &live);
+        let snapshots = || {
+            std::fs::read_dir(dir.path())
+                .unwrap()
+                .flatten()
+                .filter(|e| e.file_name().to_string_lossy().starts_with("graph-"))
+                .map(|e| e.path())
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(snapshots().len(), 1);
+        // Moved, deleted and new rows after the snapshot: linked in when the store opens.
+        let mut batch = Batch { cursor: at(2), ..Default::default() };
+        for i in (0..300).step_by(3) {
+            // Moved far (a third of the rows at once): usearch's own removal loses rows here.
+            let v = point(i + 1000);
+            batch.upserts.push(up(&format!("k{i}"), v, "blue"));
+            live.insert(format!("k{i}"), v);
+        }
+        for i in (1..300).step_by(5) {
+            batch.deletes.push(format!("k{i}"));
+            live.remove(&format!("k{i}"));
+        }
+        batch.upserts.push(up("new", point(5000), "red"));
+        live.insert("new".into(), point(5000));
+        store.apply(&batch).unwrap();
+        drop(store);
+        let store = Store::open(dir.path(), &spec(Metric::Euclidean)).unwrap();
+        assert_eq!(store.cursor().unwrap(), at(2));
+        check(&store, &live);
+        drop(store);
+        // A damaged snapshot is not trusted: rebuilt from the vectors.
+        for path in snapshots() {
+            std::fs::write(path, b"not a graph").unwrap();
+        }
+        let store = Store::open(dir.path(), &spec(Metric::Euclidean)).unwrap();
+        check(&store, &live);
+    }
+
+    /// Once relinked items reach twice the items held, a whole graph is built beside the one
+    /// in use; batches go on meanwhile, and what they change is redone on the new graph
+    /// before it takes over.
+    #[test]
+    fn a_relinked_graph_is_rebuilt_whole_while_batches_go_on() {
+        use rand::{Rng, SeedableRng};
+        let dims = 8;
+        let dir = tempfile::tempdir().unwrap();
+        let spec = StoreSpec { max_bytes: 256 << 20, ..StoreSpec::new(dims, Metric::Euclidean) };
+        let store = Store::open(dir.path(), &spec).unwrap();
+        let mut rng = rand::rngs::StdRng::seed_from_u64(3);
+        let mut live: BTreeMap<String, Vec<f32>> = BTreeMap::new();
+        let mut cursor = 0;
+        while store.graph_rebuilds() < 2 {
+            cursor += 1;
+            assert!(cursor < 400, "no rebuild after {} relinked items", cursor * 500);
+            let mut batch = Batch { cursor: at(cursor), ..Default::default() };
+            for _ in 0..500 {
+                let key = format!("k{}", rng.gen_range(0..2_000));
+                let v: Vec<f32> = (0..dims).map(|_| rng.gen_range(-1.0..1.0)).collect();
+                if rng.gen_bool(0.1) {
+                    if live.remove(&key).is_some() {
+                        batch.deletes.push(key);
+                    }
+                } else if !batch.deletes.contains(&key) && !batch.upserts.iter().any(|u| u.key == key) {
+                    live.insert(key.clone(), v.clone());
+                    batch.upserts.push(Upsert { key, vector: v, filters: Map::new() });
+                }
+            }
+            store.apply(&batch).unwrap();
+        }
+        let mut keys = store.keys().unwrap();
+        keys.sort();
+        assert_eq!(keys, live.keys().cloned().collect::<Vec<_>>());
+        assert_eq!(store.graph_items(), live.len(), "the rebuilt graph holds exactly the stored rows");
+        for (key, v) in &live {
+            assert_eq!(&store.search(v, 1, &Map::new()).unwrap().0[0].key, key, "{key} found by its own vector");
+        }
     }
 
     /// An update that keeps a row's vector (another column changed) changes its filter values

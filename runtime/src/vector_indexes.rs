@@ -143,6 +143,12 @@ impl Indexes {
                             maintain::follow(log.clone(), info.clone(), store, spec, &keys, &index.read, sd.clone())
                                 .await?;
                         if !reload {
+                            // Shutting down: a snapshot now spares the next start the linking.
+                            let closing = store.clone();
+                            tokio::task::spawn_blocking(move || closing.checkpoint())
+                                .await
+                                .map_err(index_error)?
+                                .map_err(index_error)?;
                             return Ok::<_, ConnectorError>(());
                         }
                         tracing::warn!(index = %spec.name, "the source's stream has a gap: reloading the index from a new snapshot");
@@ -193,6 +199,7 @@ fn status(index: &Index) -> Result<Value, ConnectorError> {
         "loaded_rows": index.loaded.load(Ordering::Relaxed),
         "last_batch_ms": stats.last_build_ms,
         "last_batch_at_us": stats.last_build_at_us,
+        "graph_nodes": stats.graph_nodes, "orphans": stats.orphans,
     }))
 }
 

@@ -27,7 +27,7 @@ use heed::types::Bytes;
 use heed::{CommitOrAbort, Env, EnvOpenOptions, RoTxn, RwTxn};
 use roaring::RoaringBitmap;
 use serde_json::{Map, Value as Json};
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::{Condvar, Mutex, MutexGuard, RwLock};
 use std::time::{Duration, Instant};
@@ -148,6 +148,11 @@ pub struct StoreStats {
     pub last_build_ms: u64,
     /// When the last batch committed, microseconds since the Unix epoch.
     pub last_build_at_us: i64,
+    /// Rows the graph has no way to (far from the rest): searched exactly beside it.
+    pub orphans: u64,
+    /// Nodes in the graph: the rows' current vectors and the waypoints left by moves and
+    /// deletes until the next rebuild.
+    pub graph_nodes: u64,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -304,17 +309,18 @@ impl Graph {
 
     /// Links the nodes of `items` in (those it holds already stay), from several threads when
     /// there are many.
-    fn add(&self, items: &[(u64, Vec<f32>)]) -> Result<(), StoreError> {
+    /// Returns the nodes a search for their own vector did not find (see [`link`]).
+    fn add(&self, items: &[(u64, Vec<f32>)]) -> Result<Vec<u64>, StoreError> {
         self.reserve(items.len())?;
-        let add_all = |part: &[(u64, Vec<f32>)]| -> Result<(), StoreError> {
+        let add_all = |part: &[(u64, Vec<f32>)]| -> Result<Vec<u64>, StoreError> {
+            let mut orphans = Vec::new();
             for (node, v) in part {
                 let _permit = self.permits.take();
-                let index = self.read();
-                if !index.contains(*node) {
-                    index.add(*node, v)?;
+                if !link(&self.read(), *node, v)? {
+                    orphans.push(*node);
                 }
             }
-            Ok(())
+            Ok(orphans)
         };
         let threads = std::thread::available_parallelism().map_or(1, |n| n.get()).min(8);
         if items.len() < PARALLEL_FROM || threads == 1 {
@@ -323,9 +329,12 @@ impl Graph {
         std::thread::scope(|s| {
             let parts: Vec<_> =
                 items.chunks(items.len().div_ceil(threads)).map(|p| s.spawn(move || add_all(p))).collect();
-            parts.into_iter().try_for_each(|p| {
-                p.join().unwrap_or_else(|_| Err(StoreError::Graph("a linking thread panicked".into())))
-            })
+            let mut orphans = Vec::new();
+            for p in parts {
+                orphans
+                    .extend(p.join().unwrap_or_else(|_| Err(StoreError::Graph("a linking thread panicked".into())))?);
+            }
+            Ok(orphans)
         })
     }
 
@@ -366,6 +375,39 @@ impl Graph {
 
     fn size(&self) -> usize {
         self.read().size()
+    }
+}
+
+/// How many nearest a reachability check asks for (a duplicate vector may come first).
+const REACH_K: usize = 4;
+
+/// Links `node` into `index` unless it holds it already, and says whether a search for its
+/// own vector then finds it. HNSW's link pruning can leave a node no way in — typically a
+/// vector far from the rest, whose would-be neighbours each keep closer ones — and such a
+/// node would never be found: the store keeps those ("orphans") aside and searches them
+/// exactly beside the graph, so a row is always found by its own vector once its batch is in.
+fn link(index: &Index, node: u64, v: &[f32]) -> Result<bool, StoreError> {
+    if index.contains(node) {
+        return Ok(true);
+    }
+    index.add(node, v)?;
+    Ok(index.search(v, REACH_K)?.keys.contains(&node))
+}
+
+/// The distance the graph's metric gives (usearch's `Cos` and `L2sq`), for orphans.
+fn graph_distance(metric: Metric, a: &[f32], b: &[f32]) -> f32 {
+    match metric {
+        Metric::Cosine => {
+            let (mut ab, mut aa, mut bb) = (0f64, 0f64, 0f64);
+            for (x, y) in a.iter().zip(b) {
+                let (x, y) = (f64::from(*x), f64::from(*y));
+                ab += x * y;
+                aa += x * x;
+                bb += y * y;
+            }
+            (1.0 - ab / (aa.sqrt() * bb.sqrt()).max(f64::MIN_POSITIVE)) as f32
+        }
+        Metric::Euclidean | Metric::Dot => a.iter().zip(b).map(|(x, y)| (x - y) * (x - y)).sum(),
     }
 }
 
@@ -416,9 +458,13 @@ struct Snapshots {
 /// replaces the old one.
 struct Rebuild {
     changed: std::collections::BTreeSet<u32>,
-    done: std::sync::mpsc::Receiver<Result<Index, StoreError>>,
+    /// The new graph and the nodes it has no way into.
+    done: std::sync::mpsc::Receiver<Result<Built, StoreError>>,
     started: Instant,
 }
+
+/// A graph built whole, and its nodes it has no way into (node, vector as placed).
+type Built = (Index, Vec<(u64, Vec<f32>)>);
 
 /// A rebuild starts once the graph's waypoints (retired nodes) reach the items held, and
 /// at least [`REBUILD_MIN`]: the graph then holds at most about twice the nodes it needs.
@@ -433,6 +479,8 @@ pub struct Store {
     graph: Graph,
     /// Each item's current node: what a search may return.
     live: RwLock<Live>,
+    /// Current nodes the graph has no way into (see [`link`]), by item: searched exactly.
+    orphans: RwLock<BTreeMap<u32, (u64, Vec<f32>)>>,
     /// The cursor of the last batch the graph holds in full: what a search reflects.
     visible: Mutex<Option<Cursor>>,
     /// The last batch's duration (ms) and commit time (µs since the epoch).
@@ -499,6 +547,19 @@ fn placed(spec: &StoreSpec, v: &[f32]) -> Vec<f32> {
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+fn read<T>(m: &RwLock<T>) -> std::sync::RwLockReadGuard<'_, T> {
+    m.read().unwrap_or_else(|p| p.into_inner())
+}
+
+fn write<T>(m: &RwLock<T>) -> std::sync::RwLockWriteGuard<'_, T> {
+    m.write().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Orphan nodes as stored beside a snapshot: u64 big-endian each.
+fn nodes_bytes(nodes: impl Iterator<Item = u64>) -> Vec<u8> {
+    nodes.flat_map(u64::to_be_bytes).collect()
 }
 
 /// Opens the LMDB environment in `dir`.
@@ -588,6 +649,7 @@ impl Store {
             dir: dir.to_owned(),
             graph: Graph::new(dims, spec.metric)?,
             live: RwLock::new(Live::default()),
+            orphans: RwLock::new(BTreeMap::new()),
             visible: Mutex::new(None),
             last_build: Mutex::new(built),
             writer: Mutex::new(Snapshots { changed: 0, taken: Instant::now(), rebuild: None, rebuilds: 0 }),
@@ -628,6 +690,7 @@ impl Store {
             _ => false,
         };
         let mut live = Live::default();
+        let mut orphans = BTreeMap::new();
         let mut missing = Vec::new();
         for entry in self.t.vectors.iter(&rtxn)? {
             let (id, stored) = entry?;
@@ -637,6 +700,15 @@ impl Store {
             live.set(id, Some(generation));
             if !self.graph.contains(node(id, generation)) {
                 missing.push(id);
+            }
+        }
+        if loaded {
+            // The snapshot's orphans that are still current.
+            let stored = self.t.meta.get(&rtxn, b"orphans")?.unwrap_or_default();
+            for n in stored.chunks_exact(8).filter_map(be64) {
+                if let (true, Some(v)) = (live.current(n), self.t.vectors.get(&rtxn, &(n as u32).to_be_bytes())?) {
+                    orphans.insert(n as u32, (n, self.placed(&vector_of(v))));
+                }
             }
         }
         let total = missing.len();
@@ -649,7 +721,10 @@ impl Store {
                     items.push((node(*id, generation), self.placed(&vector_of(stored))));
                 }
             }
-            self.graph.add(&items)?;
+            let orphaned: HashSet<u64> = self.graph.add(&items)?.into_iter().collect();
+            for (n, v) in items.into_iter().filter(|(n, _)| orphaned.contains(n)) {
+                orphans.insert(n as u32, (n, v));
+            }
             if total > 10_000 {
                 let done = (done * 10_000 + part.len()).min(total);
                 tracing::info!(dir = %self.dir.display(), done, total, "vector index: linking stored vectors into the graph");
@@ -658,7 +733,8 @@ impl Store {
         if total > 0 {
             tracing::info!(dir = %self.dir.display(), items = total, from_snapshot = loaded, seconds = started.elapsed().as_secs_f64(), "vector index: graph brought to the stored state");
         }
-        *self.live.write().unwrap_or_else(|p| p.into_inner()) = live;
+        *write(&self.live) = live;
+        *write(&self.orphans) = orphans;
         *lock(&self.visible) = self.t.meta.get(&rtxn, b"cursor")?.and_then(cursor_of);
         drop(rtxn);
         writer.changed = total as u64;
@@ -692,6 +768,8 @@ impl Store {
         std::fs::File::open(&self.dir).and_then(|d| d.sync_all()).map_err(io)?;
         let mut wtxn = self.env.write_txn()?;
         self.t.meta.put(&mut wtxn, b"snapshot", &generation.to_be_bytes())?;
+        let orphans = nodes_bytes(read(&self.orphans).values().map(|(n, _)| *n));
+        self.t.meta.put(&mut wtxn, b"orphans", &orphans)?;
         wtxn.commit()?;
         self.remove_snapshots(Some(generation));
         writer.changed = 0;
@@ -704,7 +782,7 @@ impl Store {
     /// snapshot records it. Writer only.
     fn rebuild_step(&self, writer: &mut Snapshots, changed: &[u32]) -> Result<(), StoreError> {
         let Some(rebuild) = writer.rebuild.as_mut() else {
-            let items = self.live.read().unwrap_or_else(|p| p.into_inner()).count;
+            let items = read(&self.live).count;
             if self.graph.size().saturating_sub(items) >= items.max(REBUILD_MIN) {
                 writer.rebuild = Some(self.start_rebuild());
             }
@@ -719,8 +797,8 @@ impl Store {
             }
         };
         let Some(rebuild) = writer.rebuild.take() else { return Ok(()) };
-        let index = match built {
-            Ok(index) => index,
+        let (index, built_orphans) = match built {
+            Ok(built) => built,
             Err(e) => {
                 // The graph in use answers right, only with more waypoints: tried again after
                 // the next batch.
@@ -740,12 +818,22 @@ impl Store {
         if need > index.capacity() {
             index.reserve_capacity_and_threads(need.next_power_of_two(), CONTEXTS)?;
         }
-        for (node, v) in &items {
-            if !index.contains(*node) {
-                index.add(*node, v)?;
+        let mut orphans = BTreeMap::new();
+        for (n, v) in built_orphans {
+            orphans.insert(n as u32, (n, v));
+        }
+        for (n, v) in items.iter() {
+            orphans.remove(&(*n as u32));
+            if !link(&index, *n, v)? {
+                orphans.insert(*n as u32, (*n, v.clone()));
             }
         }
+        {
+            let live = read(&self.live);
+            orphans.retain(|_, (n, _)| live.current(*n));
+        }
         *self.graph.write() = index;
+        *write(&self.orphans) = orphans;
         writer.rebuilds += 1;
         tracing::info!(dir = %self.dir.display(), nodes = self.graph.size(), seconds = rebuild.started.elapsed().as_secs_f64(), redone = items.len(), "vector index: graph rebuilt without its waypoints");
         self.snapshot(writer)
@@ -757,20 +845,24 @@ impl Store {
         let (opened, open) = std::sync::mpsc::channel::<()>();
         let (finished, done) = std::sync::mpsc::channel();
         let (env, vectors, spec, dims) = (self.env.clone(), self.t.vectors, self.spec.clone(), self.graph.dims);
-        let build = move || -> Result<Index, StoreError> {
+        let build = move || -> Result<Built, StoreError> {
             let rtxn = env.read_txn()?;
             drop(opened);
             let index = Graph::new(dims, spec.metric)?.index.into_inner().unwrap_or_else(|p| p.into_inner());
             let count = vectors.len(&rtxn)? as usize;
             index.reserve_capacity_and_threads(count.max(1024).next_power_of_two(), CONTEXTS)?;
+            let mut orphans = Vec::new();
             for entry in vectors.iter(&rtxn)? {
                 let (id, stored) = entry?;
                 let (Some(id), Some(generation)) = (be32(id), generation_of(stored)) else {
                     return Err(StoreError::Damaged("a stored vector without its id or generation".into()));
                 };
-                index.add(node(id, generation), &placed(&spec, &vector_of(stored)))?;
+                let (n, v) = (node(id, generation), placed(&spec, &vector_of(stored)));
+                if !link(&index, n, &v)? {
+                    orphans.push((n, v));
+                }
             }
-            Ok(index)
+            Ok((index, orphans))
         };
         let spawned = std::thread::Builder::new().name("vector-rebuild".into()).spawn(move || {
             let _ = finished.send(build());
@@ -782,6 +874,17 @@ impl Store {
         let _ = open.recv();
         tracing::info!(dir = %self.dir.display(), "vector index: rebuilding the graph without its waypoints");
         Rebuild { changed: Default::default(), done, started: Instant::now() }
+    }
+
+    /// Writes a graph snapshot now if anything changed since the last one (a clean shutdown
+    /// does, so the next start links nothing).
+    pub fn checkpoint(&self) -> Result<(), StoreError> {
+        self.opened()?;
+        let mut writer = lock(&self.writer);
+        if writer.changed > 0 {
+            self.snapshot(&mut writer)?;
+        }
+        Ok(())
     }
 
     /// Whole-graph rebuilds taken in since the store was opened.
@@ -861,17 +964,23 @@ impl Store {
         // The graph follows the commit; a crash in between is made up when the store opens.
         if batch.truncate {
             self.graph.reset()?;
-            *self.live.write().unwrap_or_else(|p| p.into_inner()) = Live::default();
+            *write(&self.live) = Live::default();
+            write(&self.orphans).clear();
             writer.changed = 0;
             // A rebuild from before the truncate is dropped (its thread's answer unheard).
             writer.rebuild = None;
         }
         let adds: Vec<(u64, Vec<f32>)> = changed.values().filter_map(|c| c.clone()).collect();
-        self.graph.add(&adds)?;
+        let orphaned: HashSet<u64> = self.graph.add(&adds)?.into_iter().collect();
         {
-            let mut live = self.live.write().unwrap_or_else(|p| p.into_inner());
+            let mut live = write(&self.live);
+            let mut orphans = write(&self.orphans);
             for (id, c) in &changed {
                 live.set(*id, c.as_ref().map(|(node, _)| (node >> 32) as u32));
+                orphans.remove(id);
+            }
+            for (n, v) in adds.into_iter().filter(|(n, _)| orphaned.contains(n)) {
+                orphans.insert(n as u32, (n, v));
             }
         }
         *lock(&self.visible) = batch.cursor;
@@ -1063,10 +1172,20 @@ impl Store {
         let mut placed = query.to_vec();
         placed.resize(self.graph.dims, 0.0);
         let found = {
-            let live = self.live.read().unwrap_or_else(|p| p.into_inner());
-            self.graph.search(&placed, k, |node| {
-                live.current(node) && allowed.as_ref().is_none_or(|a| a.contains(node as u32))
-            })?
+            let live = read(&self.live);
+            let wanted = |node: u64| live.current(node) && allowed.as_ref().is_none_or(|a| a.contains(node as u32));
+            let mut found = self.graph.search(&placed, k, wanted)?;
+            let orphans = read(&self.orphans);
+            if !orphans.is_empty() {
+                let metric = self.spec.metric;
+                found.extend(
+                    orphans.values().filter(|(n, _)| wanted(*n)).map(|(n, v)| (*n, graph_distance(metric, &placed, v))),
+                );
+                found.sort_by(|a, b| a.1.total_cmp(&b.1));
+                found.dedup_by_key(|f| f.0);
+                found.truncate(k);
+            }
+            found
         };
         let mut hits = Vec::with_capacity(found.len());
         let query_norm = norm(query);
@@ -1103,7 +1222,7 @@ impl Store {
     /// Items whose current node the graph holds (equal to `stats().items` between batches;
     /// for checks).
     pub fn graph_items(&self) -> usize {
-        let live = self.live.read().unwrap_or_else(|p| p.into_inner());
+        let live = read(&self.live);
         let held = live
             .generation
             .iter()
@@ -1132,6 +1251,8 @@ impl Store {
             dead_letters: self.t.dead.len(&rtxn)?,
             last_build_ms,
             last_build_at_us,
+            orphans: read(&self.orphans).len() as u64,
+            graph_nodes: self.graph.size() as u64,
         })
     }
 }
@@ -1457,6 +1578,52 @@ mod tests {
         assert_eq!(store.graph_items(), live.len(), "the rebuilt graph holds exactly the stored rows");
         for (key, v) in &live {
             assert_eq!(&store.search(v, 1, &Map::new()).unwrap().0[0].key, key, "{key} found by its own vector");
+        }
+    }
+
+    /// A vector far from all the others (here: random directions, 20 times the data's spread)
+    /// gets no way in from the graph's pruned links; it is still found by its own vector
+    /// the moment its batch is in, and after a restart.
+    #[test]
+    fn far_vectors_are_found_by_their_own_vector() {
+        use rand::{Rng, SeedableRng};
+        let dims = 32;
+        let dir = tempfile::tempdir().unwrap();
+        let spec = StoreSpec { max_bytes: 256 << 20, ..StoreSpec::new(dims, Metric::Euclidean) };
+        let store = Store::open(dir.path(), &spec).unwrap();
+        let mut rng = rand::rngs::StdRng::seed_from_u64(5);
+        let centres: Vec<Vec<f32>> = (0..20).map(|_| (0..dims).map(|_| rng.gen_range(-1.0..1.0)).collect()).collect();
+        let upserts = (0..5_000)
+            .map(|i| {
+                let c = &centres[i % 20];
+                let vector = c.iter().map(|x| x + rng.gen_range(-0.05..0.05)).collect();
+                Upsert { key: format!("c{i}"), vector, filters: Map::new() }
+            })
+            .collect();
+        store.apply(&Batch { upserts, cursor: at(1), ..Default::default() }).unwrap();
+        let mut far = Vec::new();
+        for b in 0..200u64 {
+            let vector: Vec<f32> = (0..dims).map(|_| rng.gen_range(-20.0..20.0)).collect();
+            let key = format!("far{}", b % 50);
+            store
+                .apply(&Batch {
+                    upserts: vec![Upsert { key: key.clone(), vector: vector.clone(), filters: Map::new() }],
+                    cursor: at(2 + b),
+                    ..Default::default()
+                })
+                .unwrap();
+            assert_eq!(store.search(&vector, 1, &Map::new()).unwrap().0[0].key, key, "batch {b}");
+            far.retain(|(k, _): &(String, Vec<f32>)| *k != key);
+            far.push((key, vector));
+        }
+        let orphans = store.stats().unwrap().orphans;
+        println!("{orphans} of 50 far rows are orphans");
+        store.checkpoint().unwrap();
+        drop(store);
+        let store = Store::open(dir.path(), &spec).unwrap();
+        assert_eq!(store.stats().unwrap().orphans, orphans, "the orphans come back with the snapshot");
+        for (key, v) in &far {
+            assert_eq!(&store.search(v, 1, &Map::new()).unwrap().0[0].key, key, "{key} after a restart");
         }
     }
 

@@ -30,9 +30,8 @@ pub struct VectorIndexConfig {
     #[serde(default)]
     pub filters: Vec<String>,
     /// A batch takes every change waiting, up to this many. Large by default: each batch
-    /// costs a pass over the graph's links (hannoy repairs around deleted and moved items)
-    /// plus a share per change, so under a backlog bigger batches keep up where small ones
-    /// fall behind (docs/decisions/0019-vector-index.md, measured).
+    /// costs an LMDB commit (an fsync) plus a share per change, so under a backlog bigger
+    /// batches keep up where small ones fall behind (docs/decisions/0019-vector-index.md).
     #[serde(default = "default_batch_rows")]
     pub batch_rows: usize,
     /// How long an idle index waits for a first change before it polls again (a batch never

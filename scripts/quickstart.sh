@@ -6,6 +6,7 @@ cd "$(dirname "$0")/.."
 missing=()
 command -v cargo >/dev/null || missing+=("Rust ≥ 1.85 (https://rustup.rs)")
 command -v cc >/dev/null || missing+=("a C compiler (apt-get install build-essential)")
+command -v c++ >/dev/null || missing+=("a C++ compiler (apt-get install g++; builds the vector index's usearch)")
 command -v make >/dev/null || missing+=("make (apt-get install build-essential)")
 command -v perl >/dev/null || missing+=("perl (builds the vendored OpenSSL)")
 if [ ${#missing[@]} -gt 0 ]; then

@@ -8,6 +8,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/ensure-postgres.sh
+scripts/ensure-cxx.sh
 scripts/ensure-chromium.sh
 logs="${CARGO_TARGET_DIR:-target}/test-logs"
 mkdir -p "$logs"

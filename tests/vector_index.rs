@@ -232,6 +232,14 @@ fn a_vector_index_follows_its_table_through_kill_9() {
     let (s, r) = post(&api, "/v1/indexes/docs/search", &json!({"vector": probe, "filter": {"owner": "x"}}));
     assert_eq!(s, 400, "{r}");
     println!("index after the writes: {status}");
+    // The graph holds every row's current node, and the moves and deletes left waypoints.
+    let (items, nodes) = (status["items"].as_u64().unwrap(), status["graph_nodes"].as_u64().unwrap());
+    assert!(nodes > items, "graph_nodes {nodes}, items {items}: {status}");
+    assert!(status["orphans"].is_u64(), "{status}");
+    let metrics = reqwest::blocking::get(format!("http://{ops}/metrics")).unwrap().text().unwrap();
+    for m in ["synapse_vector_graph_nodes{", "synapse_vector_orphans{", "synapse_vector_graph_rebuilds_total{"] {
+        assert!(metrics.contains(m), "{m} missing from /metrics");
+    }
     drop(child);
 
     // The store's own files, synapse stopped: exactly the source's keys, each with exactly the

@@ -164,6 +164,17 @@ pub const METRICS: &[(&str, Kind, &str)] = &[
         Gauge,
         "Seconds between now and the commit of the last change a vector index applied, per index",
     ),
+    (
+        "synapse_vector_graph_nodes",
+        Gauge,
+        "Nodes in a vector index's graph: its rows' current vectors and the waypoints moves and deletes left until the next rebuild, per index",
+    ),
+    (
+        "synapse_vector_orphans",
+        Gauge,
+        "Rows of a vector index its graph has no way to (far from the rest), searched exactly beside it, per index",
+    ),
+    ("synapse_vector_graph_rebuilds_total", Counter, "Whole-graph rebuilds a vector index took in since start, per index"),
     // Supervision
     (
         "synapse_component_state",

@@ -171,6 +171,11 @@ pub async fn follow<L: ChangeLog + Send + Sync + 'static>(
             let lag = (synapse_schemas::unix_micros_now() - e.commit_time_us).max(0) as f64 / 1e6;
             metrics::gauge!("synapse_vector_lag_seconds", &labels).set(lag);
         }
+        if let Ok(stats) = store.stats() {
+            metrics::gauge!("synapse_vector_graph_nodes", &labels).set(stats.graph_nodes as f64);
+            metrics::gauge!("synapse_vector_orphans", &labels).set(stats.orphans as f64);
+        }
+        metrics::counter!("synapse_vector_graph_rebuilds_total", &labels).absolute(store.graph_rebuilds());
         read.store(feed.retention_offset(), std::sync::atomic::Ordering::Relaxed);
         if applied.dead > 0 {
             tracing::warn!(index = %spec.name, dead = applied.dead, "rows without a usable vector: in the index's dead letters");

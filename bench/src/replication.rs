@@ -471,7 +471,7 @@ pub(crate) async fn run_once(o: &Options, round: usize, kafka: Option<&str>) -> 
             "oltp",
             &format!(
                 "DO $$ BEGIN FOR i IN 1..{} LOOP
-                    UPDATE oltp SET v = v + 1 WHERE id = 1 + (i * 7919) % 100000;
+                    UPDATE oltp SET v = v + 1 WHERE id = 1 + (i::int8 * 7919) % 100000;
                     COMMIT;
                  END LOOP; END $$",
                 o.updates

@@ -1269,6 +1269,15 @@ mod tests {
         StoreSpec { max_bytes: 64 << 20, ..StoreSpec::new(4, metric) }
     }
 
+    /// An empty Euclidean store of `dims`-component vectors (the directory lives as long as the
+    /// store is used).
+    fn euclidean(dims: usize) -> (tempfile::TempDir, Store, StoreSpec) {
+        let dir = tempfile::tempdir().unwrap();
+        let spec = StoreSpec { max_bytes: 256 << 20, ..StoreSpec::new(dims, Metric::Euclidean) };
+        let store = Store::open(dir.path(), &spec).unwrap();
+        (dir, store, spec)
+    }
+
     fn up(key: &str, v: [f32; 4], color: &str) -> Upsert {
         let mut filters = Map::new();
         filters.insert("color".into(), Json::String(color.into()));
@@ -1358,9 +1367,7 @@ mod tests {
     fn recall_against_exact_search_after_updates() {
         use rand::{Rng, SeedableRng};
         let dims = 16;
-        let dir = tempfile::tempdir().unwrap();
-        let spec = StoreSpec { max_bytes: 256 << 20, ..StoreSpec::new(dims, Metric::Euclidean) };
-        let store = Store::open(dir.path(), &spec).unwrap();
+        let (_dir, store, _) = euclidean(dims);
         let mut rng = rand::rngs::StdRng::seed_from_u64(7);
         let mut rows: std::collections::BTreeMap<String, Vec<f32>> = Default::default();
         let mut next = 0;
@@ -1541,16 +1548,14 @@ mod tests {
         check(&store, &live);
     }
 
-    /// Once relinked items reach twice the items held, a whole graph is built beside the one
-    /// in use; batches go on meanwhile, and what they change is redone on the new graph
-    /// before it takes over.
+    /// Once the waypoints reach the rows held, a whole graph is built beside the one in use;
+    /// batches go on meanwhile, and what they change is redone on the new graph before it
+    /// takes over.
     #[test]
     fn a_relinked_graph_is_rebuilt_whole_while_batches_go_on() {
         use rand::{Rng, SeedableRng};
         let dims = 8;
-        let dir = tempfile::tempdir().unwrap();
-        let spec = StoreSpec { max_bytes: 256 << 20, ..StoreSpec::new(dims, Metric::Euclidean) };
-        let store = Store::open(dir.path(), &spec).unwrap();
+        let (_dir, store, _) = euclidean(dims);
         let mut rng = rand::rngs::StdRng::seed_from_u64(3);
         let mut live: BTreeMap<String, Vec<f32>> = BTreeMap::new();
         let mut cursor = 0;
@@ -1588,9 +1593,7 @@ mod tests {
     fn far_vectors_are_found_by_their_own_vector() {
         use rand::{Rng, SeedableRng};
         let dims = 32;
-        let dir = tempfile::tempdir().unwrap();
-        let spec = StoreSpec { max_bytes: 256 << 20, ..StoreSpec::new(dims, Metric::Euclidean) };
-        let store = Store::open(dir.path(), &spec).unwrap();
+        let (dir, store, spec) = euclidean(dims);
         let mut rng = rand::rngs::StdRng::seed_from_u64(5);
         let centres: Vec<Vec<f32>> = (0..20).map(|_| (0..dims).map(|_| rng.gen_range(-1.0..1.0)).collect()).collect();
         let upserts = (0..5_000)

@@ -26,6 +26,10 @@ fn purge_freed_memory_immediately() {
     // `mi_option_purge_delay` in mimalloc v3's `mi_option_e` (include/mimalloc.h); the -sys
     // crate only names the v2 constants.
     const MI_OPTION_PURGE_DELAY: libmimalloc_sys::mi_option_t = 15;
+    // mimalloc's own variable, when set, decides (it is read at start-up).
+    if std::env::var_os("MIMALLOC_PURGE_DELAY").is_some() {
+        return;
+    }
     // SAFETY: sets a process-wide allocator option; mimalloc documents it as callable at any
     // time from any thread, and it takes plain integers.
     unsafe { libmimalloc_sys::mi_option_set(MI_OPTION_PURGE_DELAY, 0) };

@@ -66,7 +66,11 @@ impl Batch {
 
 /// Hands the batch to the writer and starts a new one; returns the end LSN it completes.
 fn ship(permit: mpsc::Permit<'_, Batch>, batch: &mut Batch) -> Option<u64> {
-    let full = std::mem::take(batch);
+    // The next batch starts at this one's size: growing a vector from empty reallocates and
+    // copies a dozen times per batch, each time into fresh pages the kernel must zero (a third
+    // of capture's CPU in the P3 profile).
+    let next = Batch { records: Vec::with_capacity(batch.records.len()), ..Default::default() };
+    let full = std::mem::replace(batch, next);
     let end = full.commit.map(|(end, _)| end);
     permit.send(full);
     end
@@ -529,17 +533,28 @@ async fn write_batches<L: ChangeLog>(
     let txns_total = metrics::counter!("synapse_capture_transactions_total", "source" => source.clone());
     let durable_lsn = metrics::gauge!("synapse_capture_durable_lsn", "source" => source.clone());
     while let Some(first) = rx.recv().await {
-        let mut records = first.records;
         let mut commit = first.commit;
-        while records.len() < 65_536 {
+        let mut queued = first.records.len();
+        let mut more = Vec::new();
+        while queued < 65_536 {
             match rx.try_recv() {
-                Ok(more) => {
-                    records.extend(more.records);
-                    commit = more.commit.or(commit);
+                Ok(next) => {
+                    queued += next.records.len();
+                    commit = next.commit.or(commit);
+                    more.push(next.records);
                 }
                 Err(_) => break,
             }
         }
+        // Coalesced into one vector sized once (not grown batch by batch).
+        let records = if more.is_empty() {
+            first.records
+        } else {
+            let mut all = Vec::with_capacity(queued);
+            all.extend(first.records);
+            more.into_iter().for_each(|m| all.extend(m));
+            all
+        };
         let (mut events, mut txns) = (0u64, 0u64);
         for r in &records {
             match r {

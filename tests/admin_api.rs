@@ -23,6 +23,17 @@ const SCOPED: [(&str, &str); 3] = [
     ("repair", "repair-token-0123456789abcdef"),
 ];
 
+/// `synapse status` against the running synapse: whether it exited 0 (every part runs), its
+/// output and its errors.
+fn status_cli(config: &std::path::Path) -> (bool, String, String) {
+    let out = common::synapse(&["status", "--config", config.to_str().unwrap()])
+        .env("SYNAPSE_TOKEN", ADMIN_TOKEN)
+        .output()
+        .unwrap();
+    let text = |b: &[u8]| String::from_utf8_lossy(b).into_owned();
+    (out.status.success(), text(&out.stdout), text(&out.stderr))
+}
+
 fn get(api: &str, path: &str) -> (u16, Value) {
     let (status, body) = request(api, "GET", path, "", Some(ADMIN_TOKEN));
     (status, serde_json::from_str(&body).unwrap_or(Value::Null))
@@ -146,13 +157,9 @@ fn conflicts_topology_and_the_openapi_document_on_a_running_mesh() {
     assert!(appliers.contains(&"eu->us \"streaming\"".to_owned()), "{appliers:?}");
     assert!(t["targets"].as_array().unwrap().iter().all(|a| a["behind_records"].is_number()), "{t}");
     // The same as tables from the CLI: exit 0 while every part runs.
-    let out = common::synapse(&["status", "--config", config.to_str().unwrap()])
-        .env("SYNAPSE_TOKEN", ADMIN_TOKEN)
-        .output()
-        .unwrap();
-    let text = String::from_utf8_lossy(&out.stdout);
+    let (ran, text, errors) = status_cli(&config);
     println!("synapse status:\n{text}");
-    assert!(out.status.success(), "{text}{}", String::from_utf8_lossy(&out.stderr));
+    assert!(ran, "{text}{errors}");
     for want in ["ready: every part runs", "us -> eu", "eu -> us", "member"] {
         assert!(text.contains(want), "`{want}` missing from:\n{text}");
     }
@@ -260,13 +267,9 @@ fn an_initial_copy_shows_its_progress() {
         std::thread::sleep(Duration::from_millis(100));
     };
     assert_eq!(applier["copy"]["chunks_done"], 0, "{applier}");
-    let out = common::synapse(&["status", "--config", config.to_str().unwrap()])
-        .env("SYNAPSE_TOKEN", ADMIN_TOKEN)
-        .output()
-        .unwrap();
-    let text = String::from_utf8_lossy(&out.stdout);
+    let (ran, text, _) = status_cli(&config);
     println!("{text}");
-    assert!(!out.status.success(), "not ready while copying:\n{text}");
+    assert!(!ran, "not ready while copying:\n{text}");
     assert!(text.contains("copying [") && text.contains(&format!("0/{} chunks", applier["copy"]["chunks"])), "{text}");
     locker.batch_execute("ROLLBACK").unwrap();
     wait_ready(&ops, &log, 60);

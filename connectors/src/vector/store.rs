@@ -531,6 +531,14 @@ fn generation_of(b: &[u8]) -> Option<u32> {
     be32(b.get(..4)?)
 }
 
+/// A `vectors` entry's item id and generation.
+fn id_and_generation(id: &[u8], stored: &[u8]) -> Result<(u32, u32), StoreError> {
+    match (be32(id), generation_of(stored)) {
+        (Some(id), Some(generation)) => Ok((id, generation)),
+        _ => Err(StoreError::Damaged("a stored vector without its id or generation".into())),
+    }
+}
+
 fn vector_of(b: &[u8]) -> Vec<f32> {
     b.get(4..).unwrap_or_default().chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect()
 }
@@ -694,9 +702,7 @@ impl Store {
         let mut missing = Vec::new();
         for entry in self.t.vectors.iter(&rtxn)? {
             let (id, stored) = entry?;
-            let (Some(id), Some(generation)) = (be32(id), generation_of(stored)) else {
-                return Err(StoreError::Damaged("a stored vector without its id or generation".into()));
-            };
+            let (id, generation) = id_and_generation(id, stored)?;
             live.set(id, Some(generation));
             if !self.graph.contains(node(id, generation)) {
                 missing.push(id);
@@ -854,9 +860,7 @@ impl Store {
             let mut orphans = Vec::new();
             for entry in vectors.iter(&rtxn)? {
                 let (id, stored) = entry?;
-                let (Some(id), Some(generation)) = (be32(id), generation_of(stored)) else {
-                    return Err(StoreError::Damaged("a stored vector without its id or generation".into()));
-                };
+                let (id, generation) = id_and_generation(id, stored)?;
                 let (n, v) = (node(id, generation), placed(&spec, &vector_of(stored)));
                 if !link(&index, n, &v)? {
                     orphans.push((n, v));
@@ -970,13 +974,20 @@ impl Store {
             // A rebuild from before the truncate is dropped (its thread's answer unheard).
             writer.rebuild = None;
         }
-        let adds: Vec<(u64, Vec<f32>)> = changed.values().filter_map(|c| c.clone()).collect();
+        // Split once: each changed item's new generation (None: retired), and the nodes to link
+        // (their vectors moved, not copied).
+        let mut current = Vec::with_capacity(changed.len());
+        let mut adds = Vec::new();
+        for (id, c) in changed {
+            current.push((id, c.as_ref().map(|(node, _)| (node >> 32) as u32)));
+            adds.extend(c);
+        }
         let orphaned: HashSet<u64> = self.graph.add(&adds)?.into_iter().collect();
         {
             let mut live = write(&self.live);
             let mut orphans = write(&self.orphans);
-            for (id, c) in &changed {
-                live.set(*id, c.as_ref().map(|(node, _)| (node >> 32) as u32));
+            for (id, generation) in &current {
+                live.set(*id, *generation);
                 orphans.remove(id);
             }
             for (n, v) in adds.into_iter().filter(|(n, _)| orphaned.contains(n)) {
@@ -985,8 +996,8 @@ impl Store {
         }
         *lock(&self.visible) = batch.cursor;
         *lock(&self.last_build) = (started.elapsed().as_millis() as u64, at);
-        writer.changed += changed.len() as u64;
-        let ids: Vec<u32> = changed.into_keys().collect();
+        writer.changed += current.len() as u64;
+        let ids: Vec<u32> = current.into_iter().map(|(id, _)| id).collect();
         self.rebuild_step(&mut writer, &ids)?;
         if writer.changed >= SNAPSHOT_CHANGES || (writer.changed > 0 && writer.taken.elapsed() >= SNAPSHOT_AFTER) {
             self.snapshot(&mut writer)?;

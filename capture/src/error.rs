@@ -66,6 +66,15 @@ pub enum CaptureError {
         if *tls { "whose URL's require_auth does not allow it" } else { "without TLS" }
     )]
     AuthRefused { method: &'static str, tls: bool },
+    /// A transaction the source streams while it runs could not be kept on disk until its
+    /// commit (nothing of it reached the log; the source sends it again after the restart).
+    #[error("keeping streamed transaction {xid} in {dir} failed")]
+    Spool {
+        xid: u32,
+        dir: String,
+        #[source]
+        source: std::io::Error,
+    },
 }
 
 impl CaptureError {
@@ -93,6 +102,7 @@ impl synapse_error::Classify for CaptureError {
             CaptureError::Behind { .. } => "CAP012",
             CaptureError::Tls { .. } => "CAP013",
             CaptureError::AuthRefused { .. } => "CAP014",
+            CaptureError::Spool { .. } => "CAP015",
             CaptureError::Log(e) => e.code(),
         }
     }
@@ -100,7 +110,8 @@ impl synapse_error::Classify for CaptureError {
     /// Transient errors are retried with backoff; definite ones stop capture and are reported.
     fn is_transient(&self) -> bool {
         match self {
-            CaptureError::Connect { .. } | CaptureError::Io(_) => true,
+            // A full disk may be freed; the source sends the transaction again from its start.
+            CaptureError::Connect { .. } | CaptureError::Io(_) | CaptureError::Spool { .. } => true,
             // One list for every stage; 55006 "object in use" covers a slot still held by a
             // previous walsender that has not noticed we died.
             CaptureError::Server(e) => synapse_postgres::is_transient_code(&e.code),
@@ -134,6 +145,11 @@ impl synapse_error::Classify for CaptureError {
             CaptureError::AuthRefused { .. } => {
                 "connect with sslmode=verify-full (or require), or use scram-sha-256 on the server; to accept the risk, \
                  name the method in the URL's require_auth (e.g. require_auth=md5)"
+            }
+            CaptureError::Spool { .. } => {
+                "free space in the named directory (the log directory's `spool`; it needs room for the largest \
+                 transaction in flight), or set the source's `streaming: false` so the source keeps large \
+                 transactions in its own pg_replslot until they commit"
             }
             CaptureError::Behind { .. } => {
                 "this source is far behind what was captured (a standby that lagged far before its promotion): move the \

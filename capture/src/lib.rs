@@ -2,10 +2,12 @@
 //!
 //! ```text
 //!   source PostgreSQL                        capture                              the log
-//!  ┌──────────────────┐  pgoutput v1 over   ┌───────────────────────────────┐   append
+//!  ┌──────────────────┐  pgoutput v1/v2     ┌───────────────────────────────┐   append
 //!  │ publication ─ slot├──────────────────▶ │ transport ▶ pgoutput ▶ records├─────────────▶
-//!  └────────▲─────────┘  replication proto  └──────────────┬────────────────┘  (durable)
-//!           └──── standby status: flush = last durable commit ◀┘
+//!  └────────▲─────────┘  replication proto  └─────┬────────▲─┬──────────────┘  (durable)
+//!           │          (v2: streams large         ▼        │ │
+//!           │           transactions early)    spool.rs ───┘ │ (at their commit)
+//!           └── standby status: flush = last durable commit ◀┘
 //!  snapshot.rs: EXPORT_SNAPSHOT + COPY in parallel chunks for the initial copy
 //! ```
 //!
@@ -24,6 +26,7 @@ mod error;
 pub mod pgoutput;
 mod replication;
 pub mod snapshot;
+mod spool;
 pub mod transport;
 
 pub use error::CaptureError;
@@ -78,6 +81,12 @@ pub struct CaptureConfig {
     /// `synapse_*`): in a mesh every node applies every other directly, and capturing applied
     /// changes again would send them around in a loop. Off keeps cascades (A → B → C) working.
     pub skip_applied: bool,
+    /// Ask the source (PostgreSQL 14+) to send large transactions while they run (pgoutput
+    /// protocol 2, past its `logical_decoding_work_mem`) rather than keep them in its own
+    /// `pg_replslot` until they commit. They wait in `spool_dir` until their commit or abort.
+    pub streaming: bool,
+    /// Where streamed transactions wait (unlinked files: nothing is left behind by a crash).
+    pub spool_dir: std::path::PathBuf,
 }
 
 impl CaptureConfig {
@@ -95,6 +104,8 @@ impl CaptureConfig {
             max_batch_records: defaults::MAX_BATCH_RECORDS,
             max_batch_bytes: defaults::MAX_BATCH_BYTES,
             skip_applied: false,
+            streaming: true,
+            spool_dir: std::env::temp_dir(),
         }
     }
 }
@@ -481,7 +492,9 @@ impl Capture {
             tracing::info!(system_id = %system.system_id, timeline = system.timeline, resume_after = ?state.last_commit_end.map(|l| l.to_string()), "starting replication");
             // Every (re)connect: the slot may have been dropped and made again meanwhile.
             let source = self.own_slot(&state, &system, &log).await?;
-            let stream = match conn.start_replication(&self.config.slot, 0, &self.config.publication).await {
+            // Protocol 2 (streaming) is PostgreSQL 14's.
+            let streaming = self.config.streaming && conn.server_major().is_some_and(|v| v >= 14);
+            let stream = match conn.start_replication(&self.config.slot, 0, &self.config.publication, streaming).await {
                 Ok(stream) => stream,
                 // The slot went while we ran (or between prepare and now): a gap, not a retry.
                 Err(CaptureError::Server(e)) if e.code == "42704" || (e.code == "55000" && e.message.contains("can no longer")) => {
@@ -514,6 +527,7 @@ impl Capture {
                 relations: HashMap::new(),
                 emitted: HashSet::new(),
                 source,
+                spools: spool::Spools::new(self.config.spool_dir.clone(), &self.config.node),
             };
             let walsender = stream.backend_pid();
             let r = streamer.run(stream, state.last_commit_end, shutdown).await;

@@ -20,6 +20,7 @@
 
 use crate::catalog::TypeResolver;
 use crate::pgoutput::{self, Message, OldTuple, TupleData};
+use crate::spool::Spools;
 use crate::transport::{pg_to_unix_micros, ReplicationMessage, ReplicationStream};
 use crate::{CaptureError, CaptureStats};
 use futures_util::FutureExt;
@@ -47,6 +48,15 @@ pub(crate) struct StreamSettings {
     pub publication: String,
     /// The source node's name (metric labels).
     pub node: String,
+}
+
+/// A streamed transaction's `StreamCommit`: its spooled messages go to the log now.
+struct StreamedCommit {
+    xid: u32,
+    flags: u8,
+    commit_lsn: u64,
+    end_lsn: u64,
+    commit_time: i64,
 }
 
 #[derive(Default)]
@@ -96,6 +106,8 @@ pub(crate) struct Streamer<'a, L> {
     /// The source identity as the log holds it: an idle position is recorded there (its
     /// `confirmed`) before the slot is told of it (see [`synapse_log::SourceIdentity`]).
     pub source: synapse_log::SourceIdentity,
+    /// Transactions the source streams while they run (protocol 2), until commit or abort.
+    pub spools: Spools,
 }
 
 /// How often an idle slot's advance is recorded in the log (and so confirmed to the slot).
@@ -167,8 +179,16 @@ impl<L: ChangeLog + Clone> Streamer<'_, L> {
                         match m {
                             ReplicationMessage::XLogData { wal_end, data, .. } => {
                                 received = received.max(wal_end);
-                                batch.bytes += data.len();
-                                self.handle(&data, wal_end, skip_below, &mut txn, &mut batch).await?;
+                                let streamed = self.receive(&data, wal_end, skip_below, &mut txn, &mut batch).await?;
+                                if let Some(commit) = streamed {
+                                    let shipped = self
+                                        .commit_streamed(commit, stream, skip_below, &batch_tx, &mut batch, received.max(reported), reported)
+                                        .await?;
+                                    match shipped {
+                                        Some(end) => sent_commit_end = end.unwrap_or(sent_commit_end),
+                                        None => return Ok(()), // writer stopped; run() reports its error
+                                    }
+                                }
                             }
                             ReplicationMessage::Keepalive { wal_end, reply_requested } => {
                                 received = received.max(wal_end);
@@ -255,16 +275,195 @@ impl<L: ChangeLog + Clone> Streamer<'_, L> {
         }
     }
 
-    async fn handle(
+    /// One message from the walsender: a streamed transaction's goes to its spool, any other
+    /// into the batch. Returns a streamed transaction's commit, for the caller to write.
+    async fn receive(
         &mut self,
         data: &[u8],
         wal_end: u64,
         skip_below: u64,
         txn: &mut Option<OpenTxn>,
         batch: &mut Batch,
+    ) -> Result<Option<StreamedCommit>, CaptureError> {
+        if let Some(top) = self.spools.current {
+            self.receive_streamed(top, data, wal_end)?;
+            return Ok(None);
+        }
+        match decode(data, false, wal_end)? {
+            Message::StreamStart { xid, first_segment } => {
+                if txn.is_some() {
+                    return Err(CaptureError::Protocol(format!(
+                        "streamed transaction {xid} started inside transaction {}",
+                        txn.as_ref().map_or(0, |t| t.begin.xid)
+                    )));
+                }
+                if first_segment {
+                    self.spools.start(xid)?;
+                }
+                self.spools.current = Some(xid);
+            }
+            Message::StreamStop => {
+                return Err(CaptureError::Protocol("a streamed block ended that had not started".into()));
+            }
+            Message::StreamAbort { xid, subxid } => {
+                if self.spools.abort(xid, subxid)? {
+                    self.count_streamed("aborted");
+                }
+            }
+            Message::StreamCommit { xid, flags, commit_lsn, end_lsn, commit_time } => {
+                return Ok(Some(StreamedCommit { xid, flags, commit_lsn, end_lsn, commit_time }));
+            }
+            msg => {
+                batch.bytes += data.len();
+                self.apply(msg, wal_end, skip_below, txn, batch).await?;
+            }
+        }
+        Ok(None)
+    }
+
+    /// A message inside a streamed block (`StreamStart` … `StreamStop` of transaction `top`).
+    fn receive_streamed(&mut self, top: u32, data: &[u8], wal_end: u64) -> Result<(), CaptureError> {
+        let tag = data.first().copied().unwrap_or(0);
+        match tag {
+            b'E' => {
+                self.spools.current = None;
+                self.spools.block_done();
+            }
+            b'O' => {
+                if let Message::Origin { name, .. } = decode(data, true, wal_end)? {
+                    let applied =
+                        self.settings.skip_applied && name.starts_with(synapse_schemas::APPLIED_ORIGIN_PREFIX);
+                    if let Some(spool) = self.spools.get(top) {
+                        spool.origin = Some(name.to_owned());
+                        spool.skip |= applied;
+                    }
+                }
+            }
+            b'M' | b'R' | b'Y' | b'I' | b'U' | b'D' | b'T' => {
+                if tag == b'M' {
+                    if let Message::Message { transactional: false, prefix, content, .. } = decode(data, true, wal_end)?
+                    {
+                        self.heartbeat(prefix, content);
+                        return Ok(());
+                    }
+                }
+                // Every message here names its (sub)transaction right after the tag.
+                let subxid = data.get(1..5).map(|b| u32::from_be_bytes([b[0], b[1], b[2], b[3]])).ok_or_else(|| {
+                    CaptureError::Protocol(format!("streamed message at {} is too short", Lsn(wal_end)))
+                })?;
+                // A transaction not captured keeps only its table definitions (see `commit_streamed`).
+                let skip = self.spools.get(top).is_some_and(|s| s.skip);
+                if !skip || matches!(tag, b'R' | b'Y') {
+                    self.spools.push(top, subxid, wal_end, data)?;
+                }
+            }
+            other => {
+                return Err(CaptureError::Protocol(format!(
+                    "message {:?} at {} inside streamed transaction {top}",
+                    other as char,
+                    Lsn(wal_end)
+                )))
+            }
+        }
+        Ok(())
+    }
+
+    /// Writes a committed streamed transaction into the log, in bounded batches, as if it had
+    /// arrived whole at its commit. Returns the commit end of the last batch shipped
+    /// (`Some(None)`: none complete), or `None` once the writer has stopped.
+    #[allow(clippy::too_many_arguments)]
+    async fn commit_streamed(
+        &mut self,
+        c: StreamedCommit,
+        stream: &mut ReplicationStream,
+        skip_below: u64,
+        batch_tx: &mpsc::Sender<Batch>,
+        batch: &mut Batch,
+        received: u64,
+        reported: u64,
+    ) -> Result<Option<Option<u64>>, CaptureError> {
+        let spool = self.spools.take(c.xid).ok_or_else(|| {
+            CaptureError::Protocol(format!("commit of streamed transaction {} that never started", c.xid))
+        })?;
+        let skip = spool.skip || c.commit_lsn < skip_below;
+        let mut txn = Some(OpenTxn {
+            begin: Begin {
+                commit_lsn: Lsn(c.commit_lsn),
+                xid: c.xid,
+                commit_time_us: pg_to_unix_micros(c.commit_time),
+                origin: spool.origin.clone(),
+            },
+            begin_pending: true,
+            index: 0,
+            skip,
+        });
+        let mut shipped = None;
+        if skip {
+            self.count_streamed("skipped");
+            // Not captured (already in the log, or applied here), but the source now counts its
+            // table definitions as sent: they are registered for the transactions after it.
+            for (wal_end, data) in spool.schema_messages() {
+                self.apply(decode(data, true, wal_end)?, wal_end, 0, &mut txn, batch).await?;
+            }
+        } else {
+            self.count_streamed("committed");
+            let (xid, bytes) = (spool.xid(), spool.len());
+            tracing::debug!(xid, bytes, commit_lsn = %Lsn(c.commit_lsn), "writing a streamed transaction to the log");
+            let mut reader = self.spools.reader(spool)?;
+            let mut buf = Vec::new();
+            let mut last_status = Instant::now();
+            loop {
+                let next = reader.next(&mut buf).map_err(|e| self.spools.read_error(xid, e))?;
+                let Some(wal_end) = next else { break };
+                batch.bytes += buf.len();
+                self.apply(decode(&buf, true, wal_end)?, wal_end, 0, &mut txn, batch).await?;
+                if batch.is_full(&self.settings) {
+                    let Ok(permit) = batch_tx.reserve().await else { return Ok(None) };
+                    shipped = ship(permit, batch).or(shipped);
+                    // The walsender waits meanwhile; it must still hear from us.
+                    if last_status.elapsed() >= self.settings.status_interval {
+                        stream.send_status(received, reported, reported, false).await?;
+                        last_status = Instant::now();
+                    }
+                }
+            }
+        }
+        let commit = Message::Commit {
+            flags: c.flags,
+            commit_lsn: c.commit_lsn,
+            end_lsn: c.end_lsn,
+            commit_time: c.commit_time,
+        };
+        self.apply(commit, c.end_lsn, 0, &mut txn, batch).await?;
+        Ok(Some(shipped))
+    }
+
+    fn count_streamed(&self, outcome: &'static str) {
+        metrics::counter!(
+            "synapse_capture_streamed_transactions_total",
+            "source" => self.settings.node.clone(),
+            "outcome" => outcome
+        )
+        .increment(1);
+    }
+
+    fn heartbeat(&self, prefix: &str, content: &[u8]) {
+        if prefix == HEARTBEAT_PREFIX {
+            if let Some(us) = std::str::from_utf8(content).ok().and_then(|s| s.parse::<i64>().ok()) {
+                self.stats.last_heartbeat_us.store(us, Ordering::Relaxed);
+            }
+        }
+    }
+
+    /// One decoded message of a transaction (or between transactions) into the batch.
+    async fn apply(
+        &mut self,
+        msg: Message<'_>,
+        wal_end: u64,
+        skip_below: u64,
+        txn: &mut Option<OpenTxn>,
+        batch: &mut Batch,
     ) -> Result<(), CaptureError> {
-        let msg = pgoutput::decode(data, false)
-            .map_err(|source| CaptureError::Decode { lsn: Lsn(wal_end).to_string(), source })?;
         match msg {
             Message::Begin { final_lsn, commit_time, xid } => {
                 *txn = Some(OpenTxn {
@@ -384,21 +583,16 @@ impl<L: ChangeLog + Clone> Streamer<'_, L> {
                     batch.records.push(LogRecord::Schema(change));
                 }
             }
-            Message::Message { prefix, content, .. } => {
-                if prefix == HEARTBEAT_PREFIX {
-                    if let Some(us) = std::str::from_utf8(content).ok().and_then(|s| s.parse::<i64>().ok()) {
-                        self.stats.last_heartbeat_us.store(us, Ordering::Relaxed);
-                    }
-                }
-            }
+            Message::Message { prefix, content, .. } => self.heartbeat(prefix, content),
             Message::Type { .. } => {}
             Message::StreamStart { .. }
             | Message::StreamStop
             | Message::StreamCommit { .. }
             | Message::StreamAbort { .. } => {
-                return Err(CaptureError::Protocol(
-                    "streamed transaction messages although streaming was not requested".into(),
-                ));
+                return Err(CaptureError::Protocol(format!(
+                    "a stream control message at {} inside a streamed transaction",
+                    Lsn(wal_end)
+                )));
             }
         }
         Ok(())
@@ -500,6 +694,10 @@ impl<L: ChangeLog + Clone> Streamer<'_, L> {
         batch.records.push(LogRecord::Change(change));
         Ok(())
     }
+}
+
+fn decode(data: &[u8], in_stream: bool, wal_end: u64) -> Result<Message<'_>, CaptureError> {
+    pgoutput::decode(data, in_stream).map_err(|source| CaptureError::Decode { lsn: Lsn(wal_end).to_string(), source })
 }
 
 /// Writes the pending `Begin` of a transaction that goes into the log. A skipped transaction's

@@ -152,6 +152,8 @@ pub struct ReplicationConnection {
     out: BytesMut,
     /// The server process serving this connection (BackendKeyData).
     backend_pid: Option<i32>,
+    /// The server's major version (ParameterStatus `server_version`).
+    server_major: Option<u32>,
 }
 
 /// What IDENTIFY_SYSTEM reports.
@@ -170,6 +172,12 @@ pub struct CreatedSlot {
     pub consistent_point: u64,
     /// The exported snapshot, valid until this connection runs its next command.
     pub snapshot: Option<String>,
+}
+
+/// `15.5 (Debian 15.5-1)` → 15; `9.6.24` → 9.
+fn major_version(v: &[u8]) -> Option<u32> {
+    let digits = v.iter().take_while(|b| b.is_ascii_digit()).count();
+    std::str::from_utf8(&v[..digits]).ok()?.parse().ok()
 }
 
 fn parse_lsn(s: &str) -> Option<u64> {
@@ -220,6 +228,7 @@ impl ReplicationConnection {
             buf: BytesMut::with_capacity(1 << 20),
             out: BytesMut::new(),
             backend_pid: None,
+            server_major: None,
         };
         let user = config.get_user().unwrap_or("postgres").to_owned();
         let dbname = config.get_dbname().unwrap_or(&user).to_owned();
@@ -339,7 +348,13 @@ impl ReplicationConnection {
                 b'K' if f.body.len() >= 4 => {
                     self.backend_pid = Some(i32::from_be_bytes([f.body[0], f.body[1], f.body[2], f.body[3]]));
                 }
-                _ => {} // ParameterStatus, NoticeResponse
+                b'S' => {
+                    let mut parts = f.body.split(|b| *b == 0);
+                    if parts.next() == Some(b"server_version") {
+                        self.server_major = parts.next().and_then(major_version);
+                    }
+                }
+                _ => {} // NoticeResponse
             }
         }
     }
@@ -421,15 +436,24 @@ impl ReplicationConnection {
         })
     }
 
-    /// Starts streaming from `start_lsn` (0 = the slot's confirmed position).
+    /// The server's major version, as it reported at start-up (`None`: not reported).
+    pub fn server_major(&self) -> Option<u32> {
+        self.server_major
+    }
+
+    /// Starts streaming from `start_lsn` (0 = the slot's confirmed position). `streaming` asks
+    /// for in-progress transactions (pgoutput protocol 2, PostgreSQL 14+): the caller must then
+    /// handle `StreamStart` … `StreamCommit`/`StreamAbort`.
     pub async fn start_replication(
         mut self,
         slot: &str,
         start_lsn: u64,
         publication: &str,
+        streaming: bool,
     ) -> Result<ReplicationStream, CaptureError> {
+        let protocol = if streaming { "\"proto_version\" '2', \"streaming\" 'on'" } else { "\"proto_version\" '1'" };
         let sql = format!(
-            "START_REPLICATION SLOT {} LOGICAL {} (\"proto_version\" '1', \"publication_names\" {}, \"messages\" 'true')",
+            "START_REPLICATION SLOT {} LOGICAL {} ({protocol}, \"publication_names\" {}, \"messages\" 'true')",
             quote::ident(slot),
             Lsn(start_lsn),
             quote::replication_literal(&quote::ident(publication)),

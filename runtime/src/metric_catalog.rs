@@ -49,6 +49,16 @@ pub const METRICS: &[(&str, Kind, &str)] = &[
         "Source transactions not written to the log (e.g. a target's own applied changes), per source and reason",
     ),
     (
+        "synapse_capture_streamed_transactions_total",
+        Counter,
+        "Transactions the source streamed while they ran (protocol 2), per source and outcome: committed, aborted, skipped",
+    ),
+    (
+        "synapse_capture_spool_bytes",
+        Gauge,
+        "Bytes of streamed transactions kept on disk until their commit or abort, per source",
+    ),
+    (
         "synapse_capture_schema_changes_total",
         Counter,
         "Schema changes captured from a source's event trigger, per source",

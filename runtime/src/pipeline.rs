@@ -355,6 +355,7 @@ pub fn capture_config(s: &SourceConfig) -> Result<CaptureConfig, anyhow::Error> 
     // Status updates (each asking for a reply) come often enough to tell silence from a pause.
     c.status_interval = c.status_interval.min(c.receive_timeout / 3);
     c.skip_applied = !s.forward_applied;
+    c.streaming = s.streaming;
     Ok(c)
 }
 
@@ -547,7 +548,8 @@ pub(crate) async fn start_source(
     }
     let component = format!("capture/{}", source.name);
     health.set(&component, ComponentState::Starting);
-    let cfg = capture_config(source)?;
+    let mut cfg = capture_config(source)?;
+    cfg.spool_dir = config.log.dir.join("spool").join(&source.name);
     let Some(log) = logs.get(&source.name).map(|l| SourceLog::clone(l)) else { return Ok(false) };
     let capture = Arc::new(Capture::new(cfg));
     parts.captures.push((source.name.clone(), capture.stats()));

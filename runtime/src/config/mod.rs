@@ -426,6 +426,12 @@ pub struct SourceConfig {
     /// leaves them out, which is what a node that is also a target in a mesh needs.
     #[serde(default = "yes")]
     pub forward_applied: bool,
+    /// Have the source (PostgreSQL 14+) send a transaction larger than its
+    /// `logical_decoding_work_mem` while it runs, instead of keeping it in its own `pg_replslot`
+    /// until it commits: it then waits in `<log.dir>/spool/<source>` until its commit (or is
+    /// dropped at its abort). `false` keeps pgoutput protocol 1.
+    #[serde(default = "yes")]
+    pub streaming: bool,
     /// What the capture does when it finds a gap (its slot lost): `stop` parks it until an
     /// operator accepts the gap; `resync` accepts it and makes every target whole again.
     #[serde(default)]
@@ -452,6 +458,7 @@ impl SourceConfig {
             max_slot_lag_bytes: None,
             max_slot_lag_secs: None,
             forward_applied: true,
+            streaming: true,
             on_gap: OnGap::Stop,
             ddl: synapse_apply::DdlPolicy::Apply,
         }

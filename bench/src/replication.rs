@@ -358,6 +358,14 @@ pub(crate) async fn run_once(o: &Options, round: usize, kafka: Option<&str>) -> 
     stop(&mut child)?;
 
     let mut rows = Vec::new();
+    let want = |id: &str| o.scenarios.iter().any(|s| s.eq_ignore_ascii_case(id));
+    if kafka.is_none() && !["P1", "P2", "P3", "P4", "P8"].iter().any(|id| want(id)) {
+        // P7 alone.
+        if o.big_mb > 0 {
+            rows.extend(p7(o, &src, &tpg, &pg_target, &syn_target, &config, &log, round).await?);
+        }
+        return Ok(rows);
+    }
     let p3_recv = "bench_recv";
     source.execute("SELECT pg_create_logical_replication_slot($1, 'pgoutput')", &[&p3_recv]).await?;
     // Capture alone into its own log, on the publication synapse created; no heartbeats, so
@@ -579,85 +587,120 @@ pub(crate) async fn run_once(o: &Options, round: usize, kafka: Option<&str>) -> 
         goal: "≥ 0.9×".into(),
     });
 
-    // ---- P7: one large transaction, replicated while it runs ----
     if o.big_mb > 0 && round == 0 {
-        let n = o.big_mb * 1024 * 1024 / 256;
-        eprintln!("P7: one transaction of ~{} MB ({n} rows), each replicator alone and running", o.big_mb);
-        tpg.psql("bench", "ALTER SUBSCRIPTION sub DISABLE")?;
-        let mut syn = Vec::new();
-        for (i, streaming) in [true, false].into_iter().enumerate() {
-            let cfg = work.path().join(format!("p7-{i}.yaml"));
-            let yaml = std::fs::read_to_string(&config)?;
-            std::fs::write(&cfg, yaml.replacen("    tables: [", &format!("    streaming: {streaming}\n    tables: ["), 1))?;
-            let mut child = spawn_synapse(&cfg, &log)?;
-            let ready = 70 + 2 * i as i32;
-            // Caught up (the previous run's TRUNCATE included) before the clock starts.
-            source.execute("INSERT INTO marker VALUES ($1, 'p7 ready')", &[&ready]).await?;
-            wait_marker(&syn_target, ready, Duration::from_secs(900)).await.context("P7 catch-up")?;
-            let r = big_transaction(&src, &syn_target, i as u64 * n, n, ready + 1, Watch::Process(child.id()))
-                .await
-                .with_context(|| format!("P7 (synapse, streaming {streaming}); see {}", log.display()))?;
-            stop(&mut child)?;
-            source.batch_execute("TRUNCATE huge").await?;
-            syn.push(r);
-        }
-        // PostgreSQL's subscription with streaming on; the synapse runs' WAL is not its work.
-        source.execute("SELECT pg_replication_slot_advance('sub', pg_current_wal_lsn())", &[]).await?;
-        tpg.psql("bench", "ALTER SUBSCRIPTION sub SET (streaming = on)")?;
-        tpg.psql("bench", "ALTER SUBSCRIPTION sub ENABLE")?;
-        source.execute("INSERT INTO marker VALUES (74, 'p7 ready')", &[]).await?;
-        wait_marker(&pg_target, 74, Duration::from_secs(900)).await.context("P7 baseline catch-up")?;
-        let pg = big_transaction(&src, &pg_target, 2 * n, n, 75, Watch::ApplyWorker(&tpg)).await.context("P7 baseline")?;
-        tpg.psql("bench", "ALTER SUBSCRIPTION sub SET (streaming = off)")?;
-        let (v2, v1) = (&syn[0], &syn[1]);
-        println!(
-            "P7 round {}: source transaction {:.1} s; target commit after the source's: synapse protocol 2 {:.1} s \
-             (peak RSS {:.0} MiB), protocol 1 {:.1} s ({:.0} MiB); PostgreSQL's subscription, streaming on, {:.1} s \
-             (apply worker peak RSS {:.0} MiB, shared buffers included)",
-            round + 1,
-            v2.source_secs,
-            v2.after_commit_secs,
-            v2.peak_mib,
-            v1.after_commit_secs,
-            v1.peak_mib,
-            pg.after_commit_secs,
-            pg.peak_mib
-        );
-        rows.push(Row {
-            id: "P7",
-            what: format!("peak RSS, one {} MB transaction", o.big_mb),
-            synapse: v2.peak_mib,
-            baseline: pg.peak_mib,
-            unit: "MiB",
-            higher_is_better: false,
-            goal: "< 256 MiB".into(),
-        });
-        // Source transaction start → target commit, in source transaction times: the goal is
-        // the target's commit within 2× the time the source took to commit it.
-        rows.push(Row {
-            id: "P7t",
-            what: format!("start → target commit, {} MB, × source time", o.big_mb),
-            synapse: v2.total_secs() / v2.source_secs,
-            baseline: pg.total_secs() / pg.source_secs,
-            unit: "×",
-            higher_is_better: false,
-            goal: "≤ 2×".into(),
-        });
-        rows.push(Row {
-            id: "P7t1",
-            what: format!("the same, synapse on protocol 1 ({} MB)", o.big_mb),
-            synapse: v1.total_secs() / v1.source_secs,
-            baseline: pg.total_secs() / pg.source_secs,
-            unit: "×",
-            higher_is_better: false,
-            goal: "—".into(),
-        });
+        rows.extend(p7(o, &src, &tpg, &pg_target, &syn_target, &config, &log, round).await?);
     }
 
     if o.profile && round == 0 {
         print_profile("P1", &work.path().join("P1.perf"))?;
         print_profile("P2", &work.path().join("P2.perf"))?;
     }
+    Ok(rows)
+}
+
+/// P7: one large transaction, replicated while it runs — by synapse on protocol 2, then 1,
+/// then by PostgreSQL's subscription with `streaming = on`, each alone.
+#[allow(clippy::too_many_arguments)]
+async fn p7(
+    o: &Options,
+    src: &LocalCluster,
+    tpg: &LocalCluster,
+    pg_target: &Client,
+    syn_target: &Client,
+    config: &Path,
+    log: &Path,
+    round: usize,
+) -> anyhow::Result<Vec<Row>> {
+    let source = sql(&src.url("bench")).await?;
+    let mut rows = Vec::new();
+    // ---- P7: one large transaction, replicated while it runs ----
+    let n = o.big_mb * 1024 * 1024 / 256;
+    eprintln!("P7: one transaction of ~{} MB ({n} rows), each replicator alone and running", o.big_mb);
+    tpg.psql("bench", "ALTER SUBSCRIPTION sub DISABLE")?;
+    // The source's own time for the transaction with nothing replicating it: in a database of
+    // its own (logical decoding passes over other databases' changes), synapse stopped and the
+    // subscription disabled. Each run below also slows its source by decoding it meanwhile.
+    src.create_database("p7ref")?;
+    src.psql("p7ref", "CREATE TABLE huge (id bigint PRIMARY KEY, pad text NOT NULL)")?;
+    let alone = {
+        let c = sql(&src.url("p7ref")).await?;
+        let t = Instant::now();
+        c.batch_execute(&format!("INSERT INTO huge SELECT g, repeat(md5(g::text), 6) FROM generate_series(1, {n}) g"))
+            .await?;
+        t.elapsed().as_secs_f64()
+    };
+    src.psql("postgres", "DROP DATABASE p7ref")?;
+    let mut syn = Vec::new();
+    for (i, streaming) in [true, false].into_iter().enumerate() {
+        let cfg = config.with_file_name(format!("p7-{i}.yaml"));
+        let yaml = std::fs::read_to_string(config)?;
+        std::fs::write(&cfg, yaml.replacen("    tables: [", &format!("    streaming: {streaming}\n    tables: ["), 1))?;
+        let mut child = spawn_synapse(&cfg, log)?;
+        let ready = 70 + 2 * i as i32;
+        // Caught up (the previous run's TRUNCATE included) before the clock starts.
+        source.execute("INSERT INTO marker VALUES ($1, 'p7 ready')", &[&ready]).await?;
+        wait_marker(syn_target, ready, Duration::from_secs(900)).await.context("P7 catch-up")?;
+        let r = big_transaction(src, syn_target, i as u64 * n, n, ready + 1, Watch::Process(child.id()))
+            .await
+            .with_context(|| format!("P7 (synapse, streaming {streaming}); see {}", log.display()))?;
+        stop(&mut child)?;
+        source.batch_execute("TRUNCATE huge").await?;
+        syn.push(r);
+    }
+    // PostgreSQL's subscription with streaming on; the synapse runs' WAL is not its work.
+    source.execute("SELECT pg_replication_slot_advance('sub', pg_current_wal_lsn())", &[]).await?;
+    tpg.psql("bench", "ALTER SUBSCRIPTION sub SET (streaming = on)")?;
+    tpg.psql("bench", "ALTER SUBSCRIPTION sub ENABLE")?;
+    source.execute("INSERT INTO marker VALUES (74, 'p7 ready')", &[]).await?;
+    wait_marker(pg_target, 74, Duration::from_secs(900)).await.context("P7 baseline catch-up")?;
+    let pg = big_transaction(src, pg_target, 2 * n, n, 75, Watch::ApplyWorker(tpg)).await.context("P7 baseline")?;
+    tpg.psql("bench", "ALTER SUBSCRIPTION sub SET (streaming = off)")?;
+    let (v2, v1) = (&syn[0], &syn[1]);
+    println!(
+        "P7 round {}: the transaction alone on the source {alone:.1} s. Source transaction → target commit after it: \
+         synapse protocol 2 {:.1} s → {:.1} s (peak RSS {:.0} MiB), protocol 1 {:.1} s → {:.1} s ({:.0} MiB); \
+         PostgreSQL's subscription, streaming on, {:.1} s → {:.1} s (apply worker peak RSS {:.0} MiB, shared buffers \
+         included)",
+        round + 1,
+        v2.source_secs,
+        v2.after_commit_secs,
+        v2.peak_mib,
+        v1.source_secs,
+        v1.after_commit_secs,
+        v1.peak_mib,
+        pg.source_secs,
+        pg.after_commit_secs,
+        pg.peak_mib
+    );
+    rows.push(Row {
+        id: "P7",
+        what: format!("peak RSS, one {} MB transaction", o.big_mb),
+        synapse: v2.peak_mib,
+        baseline: pg.peak_mib,
+        unit: "MiB",
+        higher_is_better: false,
+        goal: "< 256 MiB".into(),
+    });
+    // Source transaction start → target commit, in times the source takes for it alone: the
+    // goal is the target's commit within 2× that.
+    rows.push(Row {
+        id: "P7t",
+        what: format!("start → target commit, {} MB, × source alone", o.big_mb),
+        synapse: v2.total_secs() / alone,
+        baseline: pg.total_secs() / alone,
+        unit: "×",
+        higher_is_better: false,
+        goal: "≤ 2×".into(),
+    });
+    rows.push(Row {
+        id: "P7t1",
+        what: format!("the same, synapse on protocol 1 ({} MB)", o.big_mb),
+        synapse: v1.total_secs() / alone,
+        baseline: pg.total_secs() / alone,
+        unit: "×",
+        higher_is_better: false,
+        goal: "—".into(),
+    });
     Ok(rows)
 }
 
@@ -707,9 +750,10 @@ async fn big_transaction(
     loop {
         let pid = match &watch {
             Watch::Process(pid) => Some(*pid),
-            Watch::ApplyWorker(c) => {
-                c.psql("bench", "SELECT pid FROM pg_stat_subscription WHERE relid IS NULL").ok().and_then(|p| p.parse().ok())
-            }
+            Watch::ApplyWorker(c) => c
+                .psql("bench", "SELECT pid FROM pg_stat_subscription WHERE relid IS NULL")
+                .ok()
+                .and_then(|p| p.parse().ok()),
         };
         if let Some(pid) = pid {
             peak = peak.max(peak_rss_mib(pid).unwrap_or(0.0));

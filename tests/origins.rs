@@ -13,6 +13,10 @@ fn applied_changes_are_not_captured_again() {
     let nodes = Nodes::start(ITEMS_SCHEMA);
     // B has the tables (so b_out publishes them from the start) but none of the rows.
     nodes.target.psql("app", &ITEMS_SCHEMA.replace("INSERT INTO counters VALUES (1, 0);", "")).unwrap();
+    // B streams a large applied transaction to b_out (protocol 2): its origin comes with the
+    // first block, and b_out must still leave it out.
+    nodes.target.psql("app", "ALTER SYSTEM SET logical_decoding_work_mem = '64kB'").unwrap();
+    nodes.target.psql("app", "SELECT pg_reload_conf()").unwrap();
     // Rows that exist before synapse starts reach B through the initial copy.
     nodes.source.psql("app", "INSERT INTO items SELECT g, g FROM generate_series(1, 50) g").unwrap();
     let api = format!("127.0.0.1:{}", synapse_localpg::free_port().unwrap());
@@ -38,15 +42,16 @@ fn applied_changes_are_not_captured_again() {
         }
     };
     wait_equal("initial copy");
-    // Streamed changes from A, then B's own writes.
+    // Streamed changes from A (one transaction far above B's logical_decoding_work_mem), then
+    // B's own writes.
     nodes
         .source
-        .psql("app", "INSERT INTO items SELECT g, g FROM generate_series(51, 120) g; UPDATE counters SET n = 7")
+        .psql("app", "INSERT INTO items SELECT g, g FROM generate_series(51, 20000) g; UPDATE counters SET n = 7")
         .unwrap();
     wait_equal("streamed changes");
     nodes
         .target
-        .psql("app", "INSERT INTO items VALUES (1001, 1), (1002, 2); UPDATE items SET v = 0 WHERE id = 1001")
+        .psql("app", "INSERT INTO items VALUES (100001, 1), (100002, 2); UPDATE items SET v = 0 WHERE id = 100001")
         .unwrap();
 
     // b_out's stream holds B's own three changes and nothing SynapseDB applied there.
@@ -68,7 +73,9 @@ fn applied_changes_are_not_captured_again() {
         }
         std::thread::sleep(Duration::from_millis(100));
     };
-    assert_eq!(ids, [1001, 1002, 1001], "b_out must hold exactly B's own writes\n{}", common::log_tail(&log));
+    let streamed = "SELECT stream_txns FROM pg_stat_replication_slots WHERE slot_name = 'synapse_b_out'";
+    assert_ne!(nodes.target.psql("app", streamed).unwrap(), "0", "B streamed nothing to b_out");
+    assert_eq!(ids, [100001, 100002, 100001], "b_out must hold exactly B's own writes\n{}", common::log_tail(&log));
     // And the counter update A made never shows up in b_out.
     let all = http.get(format!("http://{api}/v1/streams/b_out/changes?limit=10000")).send().unwrap().text().unwrap();
     assert!(!all.contains("\"table\":\"counters\""), "{all}");

@@ -622,6 +622,7 @@ async fn p7(
     // subscription disabled. Each run below also slows its source by decoding it meanwhile.
     src.create_database("p7ref")?;
     src.psql("p7ref", "CREATE TABLE huge (id bigint PRIMARY KEY, pad text NOT NULL)")?;
+    let cpu = cpu_jiffies();
     let alone = {
         let c = sql(&src.url("p7ref")).await?;
         let t = Instant::now();
@@ -629,6 +630,7 @@ async fn p7(
             .await?;
         t.elapsed().as_secs_f64()
     };
+    let alone_busy = busy_since(cpu);
     src.psql("postgres", "DROP DATABASE p7ref")?;
     let mut syn = Vec::new();
     for (i, streaming) in [true, false].into_iter().enumerate() {
@@ -656,20 +658,25 @@ async fn p7(
     let pg = big_transaction(src, pg_target, 2 * n, n, 75, Watch::ApplyWorker(tpg)).await.context("P7 baseline")?;
     tpg.psql("bench", "ALTER SUBSCRIPTION sub SET (streaming = off)")?;
     let (v2, v1) = (&syn[0], &syn[1]);
+    let pct = |b: f64| format!("{:.0} %", b * 100.0);
     println!(
-        "P7 round {}: the transaction alone on the source {alone:.1} s. Source transaction → target commit after it: \
-         synapse protocol 2 {:.1} s → {:.1} s (peak RSS {:.0} MiB), protocol 1 {:.1} s → {:.1} s ({:.0} MiB); \
-         PostgreSQL's subscription, streaming on, {:.1} s → {:.1} s (apply worker peak RSS {:.0} MiB, shared buffers \
-         included)",
+        "P7 round {}: the transaction alone on the source {alone:.1} s (CPU busy {}). Source transaction → target \
+         commit after it (CPU busy over both): synapse protocol 2 {:.1} s → {:.1} s ({}; peak RSS {:.0} MiB), \
+         protocol 1 {:.1} s → {:.1} s ({}; {:.0} MiB); PostgreSQL's subscription, streaming on, {:.1} s → {:.1} s \
+         ({}; apply worker peak RSS {:.0} MiB, shared buffers included)",
         round + 1,
+        pct(alone_busy),
         v2.source_secs,
         v2.after_commit_secs,
+        pct(v2.busy),
         v2.peak_mib,
         v1.source_secs,
         v1.after_commit_secs,
+        pct(v1.busy),
         v1.peak_mib,
         pg.source_secs,
         pg.after_commit_secs,
+        pct(pg.busy),
         pg.peak_mib
     );
     rows.push(Row {
@@ -717,6 +724,8 @@ struct BigTransaction {
     /// The source's COMMIT → the marker row written last in it visible on the target.
     after_commit_secs: f64,
     peak_mib: f64,
+    /// Share of the machine's CPU time busy from start to the target's commit.
+    busy: f64,
 }
 
 impl BigTransaction {
@@ -742,6 +751,7 @@ async fn big_transaction(
         from + 1,
         from + n
     );
+    let cpu = cpu_jiffies();
     let start = Instant::now();
     let mut txn = tokio::spawn(async move { client.batch_execute(&sql_text).await.map(|()| start.elapsed()) });
     let mut committed: Option<Duration> = None;
@@ -771,5 +781,22 @@ async fn big_transaction(
     }
     let total = start.elapsed().as_secs_f64();
     let source_secs = committed.map_or(total, |d| d.as_secs_f64());
-    Ok(BigTransaction { source_secs, after_commit_secs: total - source_secs, peak_mib: peak })
+    Ok(BigTransaction { source_secs, after_commit_secs: total - source_secs, peak_mib: peak, busy: busy_since(cpu) })
+}
+
+/// Busy and all CPU time of every core since boot, in jiffies (`/proc/stat`).
+fn cpu_jiffies() -> Option<(u64, u64)> {
+    let stat = std::fs::read_to_string("/proc/stat").ok()?;
+    let v: Vec<u64> = stat.lines().next()?.split_whitespace().skip(1).filter_map(|x| x.parse().ok()).collect();
+    let all: u64 = v.iter().take(8).sum();
+    let idle = v.get(3)? + v.get(4).copied().unwrap_or(0);
+    Some((all - idle, all))
+}
+
+/// The share of CPU time busy since `before` (0 when unknown).
+fn busy_since(before: Option<(u64, u64)>) -> f64 {
+    match (before, cpu_jiffies()) {
+        (Some((b0, a0)), Some((b1, a1))) if a1 > a0 => (b1 - b0) as f64 / (a1 - a0) as f64,
+        _ => 0.0,
+    }
 }

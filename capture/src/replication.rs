@@ -400,6 +400,14 @@ impl<L: ChangeLog + Clone> Streamer<'_, L> {
         let mut shipped = None;
         if skip {
             self.count_streamed("skipped");
+            if spool.skip {
+                metrics::counter!(
+                    "synapse_capture_skipped_transactions_total",
+                    "source" => self.settings.node.clone(),
+                    "reason" => "applied"
+                )
+                .increment(1);
+            }
             // Not captured (already in the log, or applied here), but the source now counts its
             // table definitions as sent: they are registered for the transactions after it.
             for (wal_end, data) in spool.schema_messages() {

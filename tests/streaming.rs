@@ -27,13 +27,18 @@ struct Setup {
     log: std::path::PathBuf,
 }
 
-fn setup(schema: &str) -> Setup {
+/// Clusters and a configuration; `source_yaml` is added to source `a`'s settings.
+fn setup(schema: &str, source_yaml: &str) -> Setup {
     let nodes = Nodes::start(schema);
     // The least the source keeps in memory per transaction before it streams it.
     nodes.source.psql("app", "ALTER SYSTEM SET logical_decoding_work_mem = '64kB'").unwrap();
     nodes.source.psql("app", "SELECT pg_reload_conf()").unwrap();
     let listeners = Listeners::new();
     let config = nodes.config_with(&listeners.yaml(""));
+    let yaml = std::fs::read_to_string(&config).unwrap();
+    let yaml =
+        yaml.replacen("heartbeat_interval_secs: 0.5\n", &format!("heartbeat_interval_secs: 0.5\n{source_yaml}"), 1);
+    std::fs::write(&config, yaml).unwrap();
     let log = nodes.dir.path().join("synapse.log");
     Setup { nodes, listeners, config, log }
 }
@@ -70,7 +75,7 @@ fn streamed(ops: &str, outcome: &str) -> f64 {
 
 #[test]
 fn a_streamed_transaction_that_aborts_leaves_nothing() {
-    let s = setup(SCHEMA);
+    let s = setup(SCHEMA, "");
     let _run = spawn_run(&s.config, &s.log);
     wait_ready(&s.listeners.ops, &s.log, 60);
     let source = s.nodes.source.url("app");
@@ -107,7 +112,7 @@ fn a_streamed_transaction_that_aborts_leaves_nothing() {
 
 #[test]
 fn a_rolled_back_savepoint_inside_a_streamed_transaction_is_honoured() {
-    let s = setup(SCHEMA);
+    let s = setup(SCHEMA, "");
     let _run = spawn_run(&s.config, &s.log);
     wait_ready(&s.listeners.ops, &s.log, 60);
     // Every step is far above 64 kB: the source streams between them, so the rolled-back work
@@ -149,7 +154,12 @@ fn a_rolled_back_savepoint_inside_a_streamed_transaction_is_honoured() {
 
 #[test]
 fn kill_dash_nine_in_a_streamed_200_mb_transaction_loses_and_duplicates_nothing() {
-    let s = setup(&format!("{SCHEMA} CREATE TABLE big (id bigint PRIMARY KEY, pad text NOT NULL);"));
+    // Writing the transaction out takes longer than the receive timeout: that is not silence of
+    // the source's (else the capture would reconnect and have it streamed again, forever).
+    let s = setup(
+        &format!("{SCHEMA} CREATE TABLE big (id bigint PRIMARY KEY, pad text NOT NULL);"),
+        "    receive_timeout_secs: 2\n",
+    );
     let ops = s.listeners.ops.clone();
     let mut run = spawn_run(&s.config, &s.log);
     wait_ready(&ops, &s.log, 60);
@@ -207,6 +217,7 @@ fn kill_dash_nine_in_a_streamed_200_mb_transaction_loses_and_duplicates_nothing(
     kill(&mut run);
     let text = std::fs::read_to_string(&s.log).unwrap();
     assert!(!text.contains("panicked"), "{}", log_tail(Path::new(&s.log)));
+    assert!(!text.contains("receive timeout"), "writing the transaction out passed for silence:\n{}", log_tail(&s.log));
 }
 
 fn kill(run: &mut std::process::Child) {

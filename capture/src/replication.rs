@@ -188,6 +188,10 @@ impl<L: ChangeLog + Clone> Streamer<'_, L> {
                                         Some(end) => sent_commit_end = end.unwrap_or(sent_commit_end),
                                         None => return Ok(()), // writer stopped; run() reports its error
                                     }
+                                    // Writing it out was ours to do, not silence of the source's:
+                                    // a long one must not pass for a dead link (and be streamed
+                                    // again, forever).
+                                    last_received = Instant::now();
                                 }
                             }
                             ReplicationMessage::Keepalive { wal_end, reply_requested } => {
@@ -598,7 +602,7 @@ impl<L: ChangeLog + Clone> Streamer<'_, L> {
             | Message::StreamCommit { .. }
             | Message::StreamAbort { .. } => {
                 return Err(CaptureError::Protocol(format!(
-                    "a stream control message at {} inside a streamed transaction",
+                    "a stream control message out of place at {}",
                     Lsn(wal_end)
                 )));
             }

@@ -660,10 +660,18 @@ async fn p7(
         // Caught up (the previous run's TRUNCATE included) before the clock starts.
         source.execute("INSERT INTO marker VALUES ($1, 'p7 ready')", &[&ready]).await?;
         wait_marker(syn_target, ready, Duration::from_secs(900)).await.context("P7 catch-up")?;
+        let before = slot_spill_stream(&source, "synapse_a").await?;
         let r = big_transaction(src, syn_target, i as u64 * n, n, ready + 1, Watch::Process(child.id()))
             .await
             .with_context(|| format!("P7 (synapse, streaming {streaming}); see {}", log.display()))?;
         stop(&mut child)?;
+        let after = slot_spill_stream(&source, "synapse_a").await?;
+        println!(
+            "P7 round {}, synapse streaming {streaming}: the source spilled {:.0} MB to pg_replslot and streamed {:.0} MB",
+            round + 1,
+            (after.0 - before.0) as f64 / 1e6,
+            (after.1 - before.1) as f64 / 1e6
+        );
         source.batch_execute("TRUNCATE huge").await?;
         syn.push(r);
     }
@@ -673,7 +681,15 @@ async fn p7(
     tpg.psql("bench", "ALTER SUBSCRIPTION sub ENABLE")?;
     source.execute("INSERT INTO marker VALUES (74, 'p7 ready')", &[]).await?;
     wait_marker(pg_target, 74, Duration::from_secs(900)).await.context("P7 baseline catch-up")?;
+    let before = slot_spill_stream(&source, "sub").await?;
     let pg = big_transaction(src, pg_target, 2 * n, n, 75, Watch::ApplyWorker(tpg)).await.context("P7 baseline")?;
+    let after = slot_spill_stream(&source, "sub").await?;
+    println!(
+        "P7 round {}, subscription streaming on: the source spilled {:.0} MB to pg_replslot and streamed {:.0} MB",
+        round + 1,
+        (after.0 - before.0) as f64 / 1e6,
+        (after.1 - before.1) as f64 / 1e6
+    );
     tpg.psql("bench", "ALTER SUBSCRIPTION sub SET (streaming = off)")?;
     let (v2, v1) = (&syn[0], &syn[1]);
     let pct = |b: f64| format!("{:.0} %", b * 100.0);
@@ -727,6 +743,17 @@ async fn p7(
         goal: "—".into(),
     });
     Ok(rows)
+}
+
+/// Bytes a slot's walsender spilled to disk and streamed so far (`pg_stat_replication_slots`).
+async fn slot_spill_stream(source: &Client, slot: &str) -> anyhow::Result<(i64, i64)> {
+    let row = source
+        .query_opt(
+            "SELECT coalesce(spill_bytes, 0), coalesce(stream_bytes, 0) FROM pg_stat_replication_slots WHERE slot_name = $1",
+            &[&slot],
+        )
+        .await?;
+    Ok(row.map_or((0, 0), |r| (r.get(0), r.get(1))))
 }
 
 /// Whose memory P7 watches while its transaction flows.

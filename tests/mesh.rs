@@ -545,15 +545,23 @@ fn a_node_refusing_login_parks_only_its_parts() {
             tail(&mesh.logtext())
         );
     }
-    let (status, body) = readyz();
+    // A parked component is retried every 2 s here, `starting` for that moment: /readyz is
+    // read until it shows the parked state (it did not once, read in that moment).
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let (status, body) = loop {
+        let (status, body) = readyz();
+        if body.contains("mesh/u2: parked") || Instant::now() > deadline {
+            break (status, body);
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
     assert_eq!(status, 503, "{body}");
     for part in ["mesh/u2: parked", "apply/u0->u2: ", "apply/u1->u2: "] {
         assert!(body.contains(part), "/readyz does not show {part:?}:\n{body}");
     }
     assert!(body.contains("apply/u0->u1: streaming") && body.contains("apply/u1->u0: streaming"), "{body}");
     assert!(body.contains("synapse_u2") || body.contains("not permitted to log in"), "the cause is named: {body}");
-    // A parked component is retried now and then (it is `starting` for that moment): the
-    // metrics are read until they show it parked again, as /readyz did just before.
+    // Likewise the metrics, until they show it parked again.
     let parked = |metrics: &str| {
         metrics.lines().any(|l| {
             l.starts_with("synapse_component_state{")

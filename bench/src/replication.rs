@@ -666,12 +666,7 @@ async fn p7(
             .with_context(|| format!("P7 (synapse, streaming {streaming}); see {}", log.display()))?;
         stop(&mut child)?;
         let after = slot_spill_stream(&source, "synapse_a").await?;
-        println!(
-            "P7 round {}, synapse streaming {streaming}: the source spilled {:.0} MB to pg_replslot and streamed {:.0} MB",
-            round + 1,
-            (after.0 - before.0) as f64 / 1e6,
-            (after.1 - before.1) as f64 / 1e6
-        );
+        print_spill(round, &format!("synapse streaming {streaming}"), before, after);
         source.batch_execute("TRUNCATE huge").await?;
         syn.push(r);
     }
@@ -684,12 +679,7 @@ async fn p7(
     let before = slot_spill_stream(&source, "sub").await?;
     let pg = big_transaction(src, pg_target, 2 * n, n, 75, Watch::ApplyWorker(tpg)).await.context("P7 baseline")?;
     let after = slot_spill_stream(&source, "sub").await?;
-    println!(
-        "P7 round {}, subscription streaming on: the source spilled {:.0} MB to pg_replslot and streamed {:.0} MB",
-        round + 1,
-        (after.0 - before.0) as f64 / 1e6,
-        (after.1 - before.1) as f64 / 1e6
-    );
+    print_spill(round, "subscription streaming on", before, after);
     tpg.psql("bench", "ALTER SUBSCRIPTION sub SET (streaming = off)")?;
     let (v2, v1) = (&syn[0], &syn[1]);
     let pct = |b: f64| format!("{:.0} %", b * 100.0);
@@ -724,24 +714,17 @@ async fn p7(
     });
     // Source transaction start → target commit, in times the source takes for it alone: the
     // goal is the target's commit within 2× that.
-    rows.push(Row {
-        id: "P7t",
-        what: format!("start → target commit, {} MB, × source alone", o.big_mb),
-        synapse: v2.total_secs() / alone,
+    let times = |id, what: String, synapse: &BigTransaction, goal: &str| Row {
+        id,
+        what,
+        synapse: synapse.total_secs() / alone,
         baseline: pg.total_secs() / alone,
         unit: "×",
         higher_is_better: false,
-        goal: "≤ 2×".into(),
-    });
-    rows.push(Row {
-        id: "P7t1",
-        what: format!("the same, synapse on protocol 1 ({} MB)", o.big_mb),
-        synapse: v1.total_secs() / alone,
-        baseline: pg.total_secs() / alone,
-        unit: "×",
-        higher_is_better: false,
-        goal: "—".into(),
-    });
+        goal: goal.into(),
+    };
+    rows.push(times("P7t", format!("start → target commit, {} MB, × source alone", o.big_mb), v2, "≤ 2×"));
+    rows.push(times("P7t1", format!("the same, synapse on protocol 1 ({} MB)", o.big_mb), v1, "—"));
     Ok(rows)
 }
 
@@ -754,6 +737,17 @@ async fn slot_spill_stream(source: &Client, slot: &str) -> anyhow::Result<(i64, 
         )
         .await?;
     Ok(row.map_or((0, 0), |r| (r.get(0), r.get(1))))
+}
+
+/// What the source's walsender did with P7's transaction for `who`: spilled or streamed.
+fn print_spill(round: usize, who: &str, before: (i64, i64), after: (i64, i64)) {
+    let mb = |b: i64| b as f64 / 1e6;
+    println!(
+        "P7 round {}, {who}: the source spilled {:.0} MB to pg_replslot and streamed {:.0} MB",
+        round + 1,
+        mb(after.0 - before.0),
+        mb(after.1 - before.1)
+    );
 }
 
 /// Whose memory P7 watches while its transaction flows.

@@ -232,6 +232,13 @@ impl SpoolReader {
 mod tests {
     use super::*;
 
+    /// An empty set in a directory of its own (kept alive by the caller).
+    fn spools() -> (tempfile::TempDir, Spools) {
+        let dir = tempfile::tempdir().unwrap();
+        let spools = Spools::new(dir.path().to_owned(), "t");
+        (dir, spools)
+    }
+
     fn read_all(spools: &Spools, spool: Spool) -> Vec<(u64, Vec<u8>)> {
         let mut r = spools.reader(spool).unwrap();
         let mut out = Vec::new();
@@ -244,8 +251,7 @@ mod tests {
 
     #[test]
     fn subtransaction_abort_cuts_at_its_first_message_and_keeps_definitions() {
-        let dir = tempfile::tempdir().unwrap();
-        let mut spools = Spools::new(dir.path().to_owned(), "t");
+        let (_dir, mut spools) = spools();
         spools.start(10).unwrap();
         spools.push(10, 10, 1, b"I top-1").unwrap();
         // SAVEPOINT a (subxact 11), the transaction's first use of table b.
@@ -270,8 +276,7 @@ mod tests {
 
     #[test]
     fn whole_abort_drops_and_unknown_subtransaction_is_a_no_op() {
-        let dir = tempfile::tempdir().unwrap();
-        let mut spools = Spools::new(dir.path().to_owned(), "t");
+        let (_dir, mut spools) = spools();
         spools.start(7).unwrap();
         spools.push(7, 7, 1, b"I a").unwrap();
         assert!(!spools.abort(7, 99).unwrap());
@@ -286,8 +291,7 @@ mod tests {
 
     #[test]
     fn interleaved_transactions_keep_their_own_messages() {
-        let dir = tempfile::tempdir().unwrap();
-        let mut spools = Spools::new(dir.path().to_owned(), "t");
+        let (dir, mut spools) = spools();
         spools.start(1).unwrap();
         spools.start(2).unwrap();
         for i in 0..10_000u64 {

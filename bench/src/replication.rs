@@ -797,15 +797,20 @@ async fn big_transaction(
     let mut txn = tokio::spawn(async move { client.batch_execute(&sql_text).await.map(|()| start.elapsed()) });
     let mut committed: Option<Duration> = None;
     let mut peak: f64 = 0.0;
+    let mut pid: Option<u32> = None;
     let deadline = start + Duration::from_secs(3600);
     loop {
-        let pid = match &watch {
-            Watch::Process(pid) => Some(*pid),
-            Watch::ApplyWorker(c) => c
-                .psql("bench", "SELECT pid FROM pg_stat_subscription WHERE relid IS NULL")
-                .ok()
-                .and_then(|p| p.parse().ok()),
-        };
+        // The apply worker is looked up once (again only if it went): a psql process every
+        // 50 ms would load the machine during the baseline's own measurement.
+        if pid.is_none_or(|p| peak_rss_mib(p).is_none()) {
+            pid = match &watch {
+                Watch::Process(pid) => Some(*pid),
+                Watch::ApplyWorker(c) => c
+                    .psql("bench", "SELECT pid FROM pg_stat_subscription WHERE relid IS NULL")
+                    .ok()
+                    .and_then(|p| p.parse().ok()),
+            };
+        }
         if let Some(pid) = pid {
             peak = peak.max(peak_rss_mib(pid).unwrap_or(0.0));
         }

@@ -335,8 +335,7 @@ impl<L: ChangeLog + Clone> Streamer<'_, L> {
             }
             b'O' => {
                 if let Message::Origin { name, .. } = decode(data, true, wal_end)? {
-                    let applied =
-                        self.settings.skip_applied && name.starts_with(synapse_schemas::APPLIED_ORIGIN_PREFIX);
+                    let applied = self.applied_here(name);
                     if let Some(spool) = self.spools.get(top) {
                         spool.origin = Some(name.to_owned());
                         spool.skip |= applied;
@@ -355,11 +354,7 @@ impl<L: ChangeLog + Clone> Streamer<'_, L> {
                 let subxid = data.get(1..5).map(|b| u32::from_be_bytes([b[0], b[1], b[2], b[3]])).ok_or_else(|| {
                     CaptureError::Protocol(format!("streamed message at {} is too short", Lsn(wal_end)))
                 })?;
-                // A transaction not captured keeps only its table definitions (see `commit_streamed`).
-                let skip = self.spools.get(top).is_some_and(|s| s.skip);
-                if !skip || matches!(tag, b'R' | b'Y') {
-                    self.spools.push(top, subxid, wal_end, data)?;
-                }
+                self.spools.push(top, subxid, wal_end, data)?;
             }
             other => {
                 return Err(CaptureError::Protocol(format!(
@@ -405,12 +400,7 @@ impl<L: ChangeLog + Clone> Streamer<'_, L> {
         if skip {
             self.count_streamed("skipped");
             if spool.skip {
-                metrics::counter!(
-                    "synapse_capture_skipped_transactions_total",
-                    "source" => self.settings.node.clone(),
-                    "reason" => "applied"
-                )
-                .increment(1);
+                self.count_applied_skip();
             }
             // Not captured (already in the log, or applied here), but the source now counts its
             // table definitions as sent: they are registered for the transactions after it.
@@ -448,6 +438,21 @@ impl<L: ChangeLog + Clone> Streamer<'_, L> {
         };
         self.apply(commit, c.end_lsn, 0, &mut txn, batch).await?;
         Ok(Some(shipped))
+    }
+
+    /// Applied here by SynapseDB, and so left out: its own source already streams it to
+    /// everyone (`skip_applied`).
+    fn applied_here(&self, origin: &str) -> bool {
+        self.settings.skip_applied && origin.starts_with(synapse_schemas::APPLIED_ORIGIN_PREFIX)
+    }
+
+    fn count_applied_skip(&self) {
+        metrics::counter!(
+            "synapse_capture_skipped_transactions_total",
+            "source" => self.settings.node.clone(),
+            "reason" => "applied"
+        )
+        .increment(1);
     }
 
     fn count_streamed(&self, outcome: &'static str) {
@@ -492,15 +497,9 @@ impl<L: ChangeLog + Clone> Streamer<'_, L> {
             }
             Message::Origin { name, .. } => {
                 if let Some(t) = txn.as_mut() {
-                    if self.settings.skip_applied && name.starts_with(synapse_schemas::APPLIED_ORIGIN_PREFIX) {
-                        // Applied here by SynapseDB: its source already streams it to everyone.
+                    if self.applied_here(name) {
                         t.skip = true;
-                        metrics::counter!(
-                            "synapse_capture_skipped_transactions_total",
-                            "source" => self.settings.node.clone(),
-                            "reason" => "applied"
-                        )
-                        .increment(1);
+                        self.count_applied_skip();
                     }
                     t.begin.origin = Some(name.to_owned());
                 }

@@ -148,10 +148,15 @@ impl Spools {
 
 impl Spool {
     fn push(&mut self, subxid: u32, wal_end: u64, data: &[u8]) -> std::io::Result<()> {
+        let definition = matches!(data.first(), Some(b'R' | b'Y'));
+        if self.skip && !definition {
+            // Not captured: only its table definitions are kept (see `schema_messages`).
+            return Ok(());
+        }
         if subxid != self.xid && !self.subxacts.iter().any(|(x, _)| *x == subxid) {
             self.subxacts.push((subxid, self.len));
         }
-        if matches!(data.first(), Some(b'R' | b'Y')) {
+        if definition {
             self.schema.push((self.len, wal_end, data.to_vec()));
         }
         let len = u32::try_from(data.len()).map_err(|_| std::io::Error::other("message over 4 GiB"))?;
@@ -287,6 +292,21 @@ mod tests {
         // A block of a transaction never started is refused, naming it.
         let e = spools.push(8, 8, 1, b"I b").unwrap_err();
         assert!(e.to_string().contains("streamed transaction 8"), "{e}");
+    }
+
+    #[test]
+    fn a_transaction_not_captured_keeps_only_its_definitions() {
+        let (_dir, mut spools) = spools();
+        spools.start(3).unwrap();
+        spools.get(3).unwrap().skip = true;
+        spools.push(3, 3, 1, b"R table-a").unwrap();
+        spools.push(3, 3, 2, b"I row").unwrap();
+        spools.push(3, 4, 3, b"Y type").unwrap();
+        let spool = spools.take(3).unwrap();
+        let kept: Vec<_> = spool.schema_messages().map(|(at, d)| (at, d.to_vec())).collect();
+        assert_eq!(kept, vec![(1, b"R table-a".to_vec()), (3, b"Y type".to_vec())]);
+        let all = read_all(&spools, spool);
+        assert_eq!(all.len(), 2, "the row was written: {all:?}");
     }
 
     #[test]

@@ -50,13 +50,10 @@ use tracing::Instrument;
 /// a stream of tiny transactions is committed in a few large target transactions.
 const LINGER: Duration = Duration::from_millis(2);
 /// A group is committed once it is this old, even while more keeps arriving (bounds latency
-/// while a backlog is read).
+/// while a backlog is read). Otherwise a group ends when the reader has nothing more ready
+/// (adaptive group commit): under steady load, waiting for a group age instead (10 ms) made
+/// commit → applied p50 7.4 ms and p99 51 ms at 5k txns/s (bench P4).
 const MAX_GROUP_AGE: Duration = Duration::from_millis(200);
-/// Near the log's end (fewer than [`LIVE_BEHIND`] records to read), a group is committed once
-/// it is this old: under steady load the reader is never "caught up" for [`LINGER`], and
-/// waiting for [`MAX_GROUP_AGE`] made commit → applied p99 193 ms at 5k txns/s (bench P4).
-const LIVE_GROUP_AGE: Duration = Duration::from_millis(10);
-const LIVE_BEHIND: u64 = 4_096;
 
 /// Reads the log ahead of the applier on its own task, so decoding the next records overlaps
 /// with the target executing the current ones. An empty batch means "caught up".
@@ -142,6 +139,14 @@ pub struct ApplyConfig {
     pub copies_owed: Option<Arc<tokio::sync::Notify>>,
     /// Set when the target is one shard of a shard set: only the rows it owns are applied.
     pub shard: Option<shards::ShardAssignment>,
+    /// `false`: group commits do not wait for the target's WAL flush (PostgreSQL's own
+    /// subscriptions default to this). Safe for exactly-once: a target crash loses the newest
+    /// groups *with* their stored position, so they are applied again from the log; the
+    /// position reported to the log for retention is always one committed durably (see
+    /// `Session::commit`). `true` (the default here; the runtime's targets default to
+    /// `false`): every group commit is flushed, e.g. for a node whose own capture forwards what
+    /// it applies, which sees it only once flushed.
+    pub synchronous_commit: bool,
 }
 
 /// What a target does with a source's schema change (the source's `ddl:` setting).
@@ -199,6 +204,7 @@ impl ApplyConfig {
             ddl: DdlPolicy::Apply,
             copies_owed: None,
             shard: None,
+            synchronous_commit: true,
         }
     }
 }
@@ -355,6 +361,12 @@ impl Applier {
         // less about why.
         target::lock_applier(&client, &self.config.node).await?;
         replica_session(&client, &origin).await?;
+        if !self.config.synchronous_commit {
+            client
+                .batch_execute("SET synchronous_commit = off")
+                .await
+                .map_err(ApplyError::target("setting synchronous_commit"))?;
+        }
         let start = target::load_position(&client, &self.config.node).await?.unwrap_or(0);
         let sync = target::load_sync(&client, &self.config.node).await?;
         tracing::info!(next_offset = start, "applier resuming");
@@ -507,7 +519,6 @@ impl Applier {
                             if s.txns_in_group >= self.config.max_txns_per_commit
                                 || mesh_full
                                 || age >= MAX_GROUP_AGE
-                                || (age >= LIVE_GROUP_AGE && s.log.records_behind(pos) < LIVE_BEHIND)
                                 || s.schema_changed
                             {
                                 s.commit(pos).await?;
@@ -546,6 +557,10 @@ impl Applier {
             }
             if restart {
                 ahead = ReadAhead::spawn(log, pos, self.config.read_batch, &self.labels);
+            } else if s.in_target_txn && open.is_none() && ahead.rx.is_empty() {
+                // Nothing more is ready: what is grouped becomes visible now, and what arrives
+                // while it commits joins the next group.
+                s.commit(pos).await?;
             }
             s.report_lag(pos);
         }
@@ -699,8 +714,13 @@ impl<L: ChangeLog> Session<'_, L> {
         // ours (validated node name, numbers), quoted as literals.
         let node_lit = synapse_postgres::quote::literal(node);
         let ts = time as f64 / 1e6;
+        // The position reported to the log (retention) must survive a target crash: without
+        // synchronous commits, the group that reports it is flushed (and all before it).
+        let report = self.last_consumer_commit.elapsed() >= Duration::from_secs(1);
+        let flush =
+            if report && !self.applier.config.synchronous_commit { "SET LOCAL synchronous_commit = on;" } else { "" };
         let sql = format!(
-            "INSERT INTO synapse.applied (source_node, next_offset, commit_lsn, commit_time, updated_at)
+            "{flush}INSERT INTO synapse.applied (source_node, next_offset, commit_lsn, commit_time, updated_at)
              VALUES ({node_lit}, {next_offset}, '{lsn}', to_timestamp({ts}), now())
              ON CONFLICT (source_node) DO UPDATE SET next_offset = excluded.next_offset,
                  commit_lsn = excluded.commit_lsn, commit_time = excluded.commit_time, updated_at = now();
@@ -732,7 +752,7 @@ impl<L: ChangeLog> Session<'_, L> {
             stats.applied_lsn.store(lsn.0, Ordering::Relaxed);
             stats.last_commit_time_us.store(time, Ordering::Relaxed);
         }
-        if self.last_consumer_commit.elapsed() >= Duration::from_secs(1) {
+        if report {
             self.log.commit_consumer(&self.applier.config.consumer, next_offset).await?;
             self.last_consumer_commit = Instant::now();
         }

@@ -251,12 +251,7 @@ pub(crate) fn peak_rss_mib(pid: u32) -> Option<f64> {
 
 /// Fetches synapse's /metrics and sums the `_sum` series of the named summaries.
 pub(crate) fn scrape(listen: &str, names: &[&str]) -> Vec<(String, f64)> {
-    use std::io::{Read, Write};
-    let mut body = String::new();
-    if let Ok(mut s) = std::net::TcpStream::connect(listen) {
-        let _ = write!(s, "GET /metrics HTTP/1.0\r\nHost: x\r\n\r\n");
-        let _ = s.read_to_string(&mut body);
-    }
+    let body = metrics_text(listen);
     names
         .iter()
         .map(|n| {
@@ -267,6 +262,37 @@ pub(crate) fn scrape(listen: &str, names: &[&str]) -> Vec<(String, f64)> {
                 .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
                 .sum();
             (n.to_string(), v)
+        })
+        .collect()
+}
+
+/// Synapse's `/metrics` page (empty if it does not answer).
+fn metrics_text(listen: &str) -> String {
+    use std::io::{Read, Write};
+    let mut body = String::new();
+    if let Ok(mut s) = std::net::TcpStream::connect(listen) {
+        let _ = write!(s, "GET /metrics HTTP/1.0\r\nHost: x\r\n\r\n");
+        let _ = s.read_to_string(&mut body);
+    }
+    body
+}
+
+/// For each histogram in `names` (seconds, every label set summed): how many observations it
+/// has and how many of them took longer than `over` (one of the catalog's bucket bounds).
+pub(crate) fn scrape_slow(listen: &str, names: &[&str], over: &str) -> Vec<(String, f64, f64)> {
+    let body = metrics_text(listen);
+    let sum = |prefix: &str, needle: &str| -> f64 {
+        body.lines()
+            .filter(|l| l.starts_with(prefix) && l.contains(needle))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum()
+    };
+    names
+        .iter()
+        .map(|n| {
+            let count = sum(&format!("{n}_count"), "");
+            let fast = sum(&format!("{n}_bucket"), &format!("le=\"{over}\""));
+            (n.to_string(), count, count - fast)
         })
         .collect()
 }

@@ -49,7 +49,12 @@ pub(crate) struct Latency {
     /// Transactions per second the writers achieved (the offered rate, if the machine kept up).
     pub achieved_rate: f64,
     pub txns: u64,
+    /// Synapse's tail: the runs of transactions applied more than [`STALL_MS`] late.
+    pub stalls: String,
 }
+
+/// P4: a transaction applied this late is part of a stall (the tail the p99 reports).
+const STALL_MS: f64 = 20.0;
 
 impl Round<'_> {
     /// Runs `workload` on the source and times both replicators until `marker` arrives on each
@@ -210,7 +215,23 @@ impl Round<'_> {
         self.write_marker(4, "P4").await?;
         wait_marker(self.pg_target, 4, Duration::from_secs(600)).await?;
         wait_marker(self.syn_target, 4, Duration::from_secs(600)).await?;
+        let slow = scrape_slow(
+            self.listen,
+            &[
+                "synapse_log_append_seconds",
+                "synapse_apply_log_read_seconds",
+                "synapse_apply_statements_seconds",
+                "synapse_apply_commit_seconds",
+            ],
+            "0.025",
+        );
         stop(&mut child)?;
+        let slow: Vec<String> = slow
+            .iter()
+            .map(|(n, count, over)| {
+                format!("{} {over} of {count}", n.trim_start_matches("synapse_").trim_end_matches("_seconds"))
+            })
+            .collect();
         let q = "SELECT percentile_cont(ARRAY[0.25, 0.5, 0.75, 0.99]) WITHIN GROUP
                    (ORDER BY extract(epoch FROM applied_at - committed_at) * 1000), count(*)
                  FROM lat";
@@ -227,6 +248,7 @@ impl Round<'_> {
             synapse: quartiles(self.syn_target.query_one(q, &[]).await?)?,
             achieved_rate,
             txns,
+            stalls: format!("{}; calls over 25 ms: {}", stalls(self.syn_target).await?, slow.join(", ")),
         })
     }
 
@@ -277,6 +299,38 @@ impl Round<'_> {
         );
         Ok(())
     }
+}
+
+/// The target's late transactions grouped into stalls (late ones committed within 100 ms of
+/// each other): when each began (seconds into the run), how long it lasted and its worst lag.
+async fn stalls(target: &Client) -> anyhow::Result<String> {
+    let rows = target
+        .query(
+            "SELECT extract(epoch FROM committed_at - (SELECT min(committed_at) FROM lat))::float8,
+                    (extract(epoch FROM applied_at - committed_at) * 1000)::float8
+             FROM lat WHERE applied_at - committed_at > $1 * interval '1 ms' ORDER BY committed_at",
+            &[&STALL_MS],
+        )
+        .await?;
+    let mut runs: Vec<(f64, f64, f64, usize)> = Vec::new(); // start, end, worst, count
+    for r in rows {
+        let (at, ms): (f64, f64) = (r.get(0), r.get(1));
+        match runs.last_mut() {
+            Some(run) if at - run.1 < 0.1 => {
+                run.1 = at;
+                run.2 = run.2.max(ms);
+                run.3 += 1;
+            }
+            _ => runs.push((at, at, ms, 1)),
+        }
+    }
+    let late: usize = runs.iter().map(|r| r.3).sum();
+    let shown: Vec<String> = runs
+        .iter()
+        .take(12)
+        .map(|(a, b, w, n)| format!("+{a:.2}s {n} txns over {:.0} ms, worst {w:.0} ms", (b - a) * 1e3))
+        .collect();
+    Ok(format!("{late} txns later than {STALL_MS} ms in {} stalls: {}", runs.len(), shown.join("; ")))
 }
 
 const SCHEMA: &str = "
@@ -381,21 +435,6 @@ pub(crate) async fn run_once(o: &Options, round: usize, kafka: Option<&str>) -> 
         }
         return Ok(rows);
     }
-    let p3_recv = "bench_recv";
-    source.execute("SELECT pg_create_logical_replication_slot($1, 'pgoutput')", &[&p3_recv]).await?;
-    // Capture alone into its own log, on the publication synapse created; no heartbeats, so
-    // it drains exactly the P1 transactions.
-    let mut drain_cfg = synapse_capture::CaptureConfig::new("drain", src.url("bench").parse()?);
-    drain_cfg.slot = "bench_drain".into();
-    drain_cfg.create_publication = false;
-    drain_cfg.heartbeat_interval = Duration::from_secs(3600);
-    let drain = synapse_capture::Capture::connect(drain_cfg).await?;
-    // Its log is created later, empty.
-    drain.prepare_with(&synapse_log::WriterState::default()).await?;
-
-    // ---- P1: bulk catch-up ----
-    let txns = o.rows / o.txn_rows;
-    eprintln!("P1: {} rows in {txns} transactions, {}", o.rows, o.method.describe());
     let lock = sql(&tpg.url("bench")).await?;
     let syn_lock = sql(&tsyn.url("bench")).await?;
     let source_url = src.url("bench");
@@ -413,6 +452,29 @@ pub(crate) async fn run_once(o: &Options, round: usize, kafka: Option<&str>) -> 
         work: work.path(),
         profile: o.profile && round == 0,
     };
+    if kafka.is_none() && want("P4") && !["P1", "P2", "P3", "P8"].iter().any(|id| want(id)) {
+        // P4 (and P7) alone.
+        rows.push(p4(o, &round_env, round).await?);
+        if want("P7") && o.big_mb > 0 {
+            rows.extend(p7(o, &src, &tpg, &pg_target, &syn_target, &config, &log, round).await?);
+        }
+        return Ok(rows);
+    }
+    let p3_recv = "bench_recv";
+    source.execute("SELECT pg_create_logical_replication_slot($1, 'pgoutput')", &[&p3_recv]).await?;
+    // Capture alone into its own log, on the publication synapse created; no heartbeats, so
+    // it drains exactly the P1 transactions.
+    let mut drain_cfg = synapse_capture::CaptureConfig::new("drain", src.url("bench").parse()?);
+    drain_cfg.slot = "bench_drain".into();
+    drain_cfg.create_publication = false;
+    drain_cfg.heartbeat_interval = Duration::from_secs(3600);
+    let drain = synapse_capture::Capture::connect(drain_cfg).await?;
+    // Its log is created later, empty.
+    drain.prepare_with(&synapse_log::WriterState::default()).await?;
+
+    // ---- P1: bulk catch-up ----
+    let txns = o.rows / o.txn_rows;
+    eprintln!("P1: {} rows in {txns} transactions, {}", o.rows, o.method.describe());
     let p1 = round_env
         .catch_up(
             "P1",
@@ -523,29 +585,8 @@ pub(crate) async fn run_once(o: &Options, round: usize, kafka: Option<&str>) -> 
         goal: goal("≥ 2×"),
     });
 
-    // ---- P4: commit → applied latency at a fixed rate ----
-    if o.scenarios.iter().any(|s| s.eq_ignore_ascii_case("P4")) && kafka.is_none() {
-        eprintln!("P4: {} single-row transactions/s for {} s, both replicating", o.p4_rate, o.p4_seconds);
-        let l = round_env.latency(o.p4_rate, o.p4_seconds).await?;
-        let ms = |q: [f64; 4]| format!("p25 {:.1} / p50 {:.1} / p75 {:.1} / p99 {:.1} ms", q[0], q[1], q[2], q[3]);
-        println!(
-            "P4 round {}: {} txns at {:.0}/s achieved (offered {}/s) — commit → applied synapse {}; publication/subscription {}",
-            round + 1,
-            l.txns,
-            l.achieved_rate,
-            o.p4_rate,
-            ms(l.synapse),
-            ms(l.baseline)
-        );
-        rows.push(Row {
-            id: "P4",
-            what: format!("commit→applied p99 at {}/s", o.p4_rate),
-            synapse: l.synapse[3],
-            baseline: l.baseline[3],
-            unit: "ms",
-            higher_is_better: false,
-            goal: "≥ 1×".into(),
-        });
+    if want("P4") && kafka.is_none() {
+        rows.push(p4(o, &round_env, round).await?);
     }
 
     if kafka.is_some() {
@@ -611,6 +652,32 @@ pub(crate) async fn run_once(o: &Options, round: usize, kafka: Option<&str>) -> 
         print_profile("P2", &work.path().join("P2.perf"))?;
     }
     Ok(rows)
+}
+
+/// P4: commit → applied latency at a fixed rate, both replicating.
+async fn p4(o: &Options, round_env: &Round<'_>, round: usize) -> anyhow::Result<Row> {
+    eprintln!("P4: {} single-row transactions/s for {} s, both replicating", o.p4_rate, o.p4_seconds);
+    let l = round_env.latency(o.p4_rate, o.p4_seconds).await?;
+    let ms = |q: [f64; 4]| format!("p25 {:.1} / p50 {:.1} / p75 {:.1} / p99 {:.1} ms", q[0], q[1], q[2], q[3]);
+    println!(
+        "P4 round {}: {} txns at {:.0}/s achieved (offered {}/s) — commit → applied synapse {}; publication/subscription {}",
+        round + 1,
+        l.txns,
+        l.achieved_rate,
+        o.p4_rate,
+        ms(l.synapse),
+        ms(l.baseline)
+    );
+    println!("P4 round {} synapse tail: {}", round + 1, l.stalls);
+    Ok(Row {
+        id: "P4",
+        what: format!("commit→applied p99 at {}/s", o.p4_rate),
+        synapse: l.synapse[3],
+        baseline: l.baseline[3],
+        unit: "ms",
+        higher_is_better: false,
+        goal: "≥ 1×".into(),
+    })
 }
 
 /// P7: one large transaction, replicated while it runs — by synapse on protocol 2, then 1,

@@ -363,6 +363,7 @@ fn apply_config(t: &TargetConfig, source: &SourceConfig) -> Result<ApplyConfig, 
     let pg = t.url.pg_config().map_err(anyhow::Error::msg)?;
     let mut c = ApplyConfig::new(&source.name, pg, &format!("apply-{}", t.name));
     c.max_txns_per_commit = t.max_txns_per_commit;
+    c.synchronous_commit = t.synchronous_commit;
     c.ddl = source.ddl;
     c.shard = t.shard.clone();
     Ok(c)

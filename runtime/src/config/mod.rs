@@ -504,6 +504,12 @@ pub struct TargetConfig {
     pub copy_parallelism: usize,
     #[serde(default = "default_txns_per_commit")]
     pub max_txns_per_commit: usize,
+    /// Whether each group commit waits for the target's WAL flush (`synchronous_commit`).
+    /// Off by default, as for PostgreSQL's own subscriptions: a target crash loses at most
+    /// its last moments of applied groups together with their stored position, and the
+    /// applier applies them again from the log.
+    #[serde(default)]
+    pub synchronous_commit: bool,
     /// A shard set: the target is these databases, each row on the one its table's rule in
     /// `sharding` names (see `synapse_apply::shards`). Expanded at load into one target per
     /// shard, named `<target>/<shard>`.
@@ -673,6 +679,8 @@ impl Config {
                 initial_copy: false,
                 copy_parallelism: defaults::COPY_PARALLELISM,
                 max_txns_per_commit: default_txns_per_commit(),
+                // The hub's capture passes on what it applied: it reads only flushed WAL.
+                synchronous_commit: is_hub,
                 shards: Vec::new(),
                 sharding: Default::default(),
                 shard: None,

@@ -80,6 +80,7 @@ impl Round<'_> {
         wait_marker(self.pg_target, marker, Duration::from_secs(1800)).await?;
         let baseline_secs = t.elapsed().as_secs_f64();
         let baseline_busy = busy_since(cpu);
+        let baseline_cpu = side_cpu(self.source, self.pg_target, None).await?;
         let perf = start_profile(self.profile, &self.work.join(format!("{label}.perf")));
         let cpu = cpu_jiffies();
         let t = Instant::now();
@@ -87,6 +88,7 @@ impl Round<'_> {
         wait_marker(self.syn_target, marker, Duration::from_secs(1800)).await?;
         let synapse_secs = t.elapsed().as_secs_f64();
         let synapse_busy = busy_since(cpu);
+        let synapse_cpu = side_cpu(self.source, self.syn_target, Some(child.id())).await?;
         stop_profile(perf)?;
         // Whether the machine had cores to spare: on two cores, a side that keeps both busy
         // is bound by the work it does, not by waiting.
@@ -99,6 +101,7 @@ impl Round<'_> {
             synapse_busy * cores * synapse_secs,
             synapse_busy * 100.0
         );
+        println!("{label} CPU by process, core-seconds: baseline {baseline_cpu}; synapse {synapse_cpu}");
         self.report_stages(label, synapse_secs, &mut child)?;
         Ok(CatchUp { baseline_secs, synapse_secs, lag_at_end: None, end_lsn })
     }
@@ -904,6 +907,60 @@ fn cpu_jiffies() -> Option<(u64, u64)> {
     let all: u64 = v.iter().take(8).sum();
     let idle = v.get(3)? + v.get(4).copied().unwrap_or(0);
     Some((all - idle, all))
+}
+
+/// CPU seconds (user + system, every thread) process `pid` has used since it started.
+fn process_cpu_secs(pid: u32) -> f64 {
+    let (user, system) = process_cpu(pid);
+    user + system
+}
+
+/// User and system CPU seconds (every thread) of process `pid` since it started.
+fn process_cpu(pid: u32) -> (f64, f64) {
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else { return (0.0, 0.0) };
+    // Fields after the command's closing parenthesis: state is the first, utime the 12th.
+    let Some((_, rest)) = stat.rsplit_once(')') else { return (0.0, 0.0) };
+    let f: Vec<f64> = rest.split_whitespace().skip(11).take(2).filter_map(|x| x.parse().ok()).collect();
+    // Linux reports in clock ticks: USER_HZ, 100 on every mainstream build.
+    match f[..] {
+        [user, system] => (user / 100.0, system / 100.0),
+        _ => (0.0, 0.0),
+    }
+}
+
+/// CPU seconds used so far by the processes a query returns (`pid`s) on `client`'s server.
+async fn backends_cpu_secs(client: &Client, query: &str) -> anyhow::Result<f64> {
+    let rows = client.query(query, &[]).await?;
+    Ok(rows.iter().map(|r| process_cpu_secs(r.get::<_, i32>(0) as u32)).sum())
+}
+
+/// Where one side's catch-up spent CPU: the source's walsender, the target's backends, and
+/// (synapse) its own process — each started with the catch-up, so their totals are its cost.
+async fn side_cpu(source: &Client, target: &Client, synapse: Option<u32>) -> anyhow::Result<String> {
+    let (sender, receiver, name) = match synapse {
+        None => (
+            "SELECT pid FROM pg_stat_replication WHERE application_name = 'sub'",
+            "SELECT pid FROM pg_stat_activity WHERE backend_type = 'logical replication worker'",
+            "apply worker",
+        ),
+        Some(_) => (
+            "SELECT pid FROM pg_stat_replication WHERE application_name LIKE 'synapse-%'",
+            "SELECT pid FROM pg_stat_activity WHERE application_name = 'synapse target'",
+            "target backends",
+        ),
+    };
+    let walsender = backends_cpu_secs(source, sender).await?;
+    let backends = backends_cpu_secs(target, receiver).await?;
+    Ok(match synapse {
+        None => format!("walsender {walsender:.1} + {name} {backends:.1}"),
+        Some(pid) => {
+            let (user, system) = process_cpu(pid);
+            format!(
+                "walsender {walsender:.1} + {name} {backends:.1} + synapse {:.1} (system {system:.1})",
+                user + system
+            )
+        }
+    })
 }
 
 /// The share of CPU time busy since `before` (0 when unknown).

@@ -154,7 +154,21 @@ pub struct ReplicationConnection {
     backend_pid: Option<i32>,
     /// The server's major version (ParameterStatus `server_version`).
     server_major: Option<u32>,
+    /// While streaming, set after a large read: the next read waits until then (see
+    /// [`PACE_AFTER`]).
+    resume_at: Option<tokio::time::Instant>,
+    streaming: bool,
 }
+
+/// A read of at least this much while streaming means the walsender has a backlog for us:
+/// the next read then waits [`PACE`], so the data arrives in fewer, larger TCP segments. A
+/// reader that drains the socket at once makes the walsender send each message on its own
+/// (`pq_flush_if_writable` after every message), and each segment costs the source CPU: on
+/// P1's WAL the walsender spent 3.0–3.8 core-seconds serving an eager reader, 2.5–2.8 with
+/// this pacing (PostgreSQL's busy apply worker: 2.1–2.5). Live traffic (small reads) is never
+/// delayed. See `docs/decisions/0024-capture-read-pacing.md`.
+const PACE_AFTER: usize = 32 * 1024;
+const PACE: Duration = Duration::from_millis(1);
 
 /// What IDENTIFY_SYSTEM reports.
 #[derive(Debug, Clone)]
@@ -229,6 +243,8 @@ impl ReplicationConnection {
             out: BytesMut::new(),
             backend_pid: None,
             server_major: None,
+            resume_at: None,
+            streaming: false,
         };
         let user = config.get_user().unwrap_or("postgres").to_owned();
         let dbname = config.get_dbname().unwrap_or(&user).to_owned();
@@ -371,9 +387,18 @@ impl ReplicationConnection {
             if let Some(frame) = split_frame(&mut self.buf)? {
                 return Ok(frame);
             }
+            // A deadline, not a fresh sleep: a caller that cancels this (select!) and calls
+            // again waits for the same moment, never longer.
+            if let Some(at) = self.resume_at {
+                tokio::time::sleep_until(at).await;
+                self.resume_at = None;
+            }
             let n = self.reader.read_buf(&mut self.buf).await.map_err(CaptureError::Io)?;
             if n == 0 {
                 return Err(CaptureError::Io(std::io::ErrorKind::UnexpectedEof.into()));
+            }
+            if self.streaming && n >= PACE_AFTER {
+                self.resume_at = Some(tokio::time::Instant::now() + PACE);
             }
         }
     }
@@ -468,6 +493,7 @@ impl ReplicationConnection {
                 _ => {}
             }
         }
+        self.streaming = true;
         Ok(ReplicationStream { conn: self })
     }
 }

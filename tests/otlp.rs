@@ -161,9 +161,19 @@ fn a_transaction_is_one_trace_from_capture_to_apply_and_delivery() {
     );
     assert_eq!(apply.trace_id, capture.trace_id, "capture and apply of one transaction share its trace");
     assert_eq!(apply.parent_span_id, capture.span_id, "the apply is the capture's child");
+    // The capture span ends when the capture hears its batch is durable; the log makes it
+    // readable in the same moment, so an applier on the other core may read, apply and commit
+    // it before the capture's thread takes its timestamp (seen under load). What holds: the
+    // apply starts after the source's commit and ends after it starts.
     assert!(
         capture.start_time_unix_nano <= capture.end_time_unix_nano
-            && capture.end_time_unix_nano <= apply.end_time_unix_nano
+            && capture.start_time_unix_nano <= apply.start_time_unix_nano
+            && apply.start_time_unix_nano <= apply.end_time_unix_nano,
+        "capture {}..{}, apply {}..{}",
+        capture.start_time_unix_nano,
+        capture.end_time_unix_nano,
+        apply.start_time_unix_nano,
+        apply.end_time_unix_nano
     );
     let attr = |s: &Span, key: &str| {
         s.attributes.iter().find(|a| a.key == key).map(|a| format!("{:?}", a.value)).unwrap_or_default()

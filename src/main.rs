@@ -17,12 +17,16 @@ use clap::{Parser, Subcommand};
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
-/// Returns freed memory to the OS at once instead of after mimalloc's 10 ms delay: transient
-/// batch buffers otherwise pile up between purges. `synapse-bench` P7 (one 1 GB transaction):
-/// peak RSS 229–264 MiB with the default, 148 MiB with immediate purging; P1/P3 throughput
-/// unchanged within noise (same build, `MIMALLOC_PURGE_DELAY=0|10`).
+/// Returns freed memory to the OS 100 ms after it is freed (mimalloc's default is 10 ms; it
+/// was 0 from `d847e6b`, for P7's peak RSS). Purging at once made every batch buffer fault in
+/// fresh, zeroed 2 MiB pages: after the capture's read pacing, 41 % of synapse's CPU in P1 was
+/// page faults and 6 % `madvise`. `synapse-bench --scenarios P1,P2,P4,P7 --repeat 3`, same
+/// build, `MIMALLOC_PURGE_DELAY=0|100`: P7t (1 GB transaction, × the source's own time) 4.0×
+/// → 3.0× (PostgreSQL's subscription 3.7–3.8×), P7 peak RSS 163 → 212 MiB (198–218; goal
+/// < 256), P3 1.28× → 1.38×, P1 and P2 within noise. With no purging at all P7t was 2.7× but
+/// protocol 1's peak RSS 303 MiB.
 #[allow(unsafe_code)]
-fn purge_freed_memory_immediately() {
+fn purge_freed_memory_soon() {
     // `mi_option_purge_delay` in mimalloc v3's `mi_option_e` (include/mimalloc.h); the -sys
     // crate only names the v2 constants.
     const MI_OPTION_PURGE_DELAY: libmimalloc_sys::mi_option_t = 15;
@@ -32,7 +36,7 @@ fn purge_freed_memory_immediately() {
     }
     // SAFETY: sets a process-wide allocator option; mimalloc documents it as callable at any
     // time from any thread, and it takes plain integers.
-    unsafe { libmimalloc_sys::mi_option_set(MI_OPTION_PURGE_DELAY, 0) };
+    unsafe { libmimalloc_sys::mi_option_set(MI_OPTION_PURGE_DELAY, 100) };
 }
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -177,7 +181,7 @@ enum RepairCommand {
 fn main() -> ExitCode {
     // An explicit MIMALLOC_PURGE_DELAY in the environment still wins.
     if std::env::var_os("MIMALLOC_PURGE_DELAY").is_none() {
-        purge_freed_memory_immediately();
+        purge_freed_memory_soon();
     }
     let cli = Cli::parse();
     let quiet = !matches!(cli.command, Command::Run { .. });

@@ -111,7 +111,7 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
             initial_copy: true,
             copy_parallelism: synapse_runtime::config::defaults::COPY_PARALLELISM,
             max_txns_per_commit: synapse_apply::defaults::MAX_TXNS_PER_COMMIT,
-            synchronous_commit: false,
+            synchronous_commit: None,
             shards: Vec::new(),
             sharding: Default::default(),
             shard: None,

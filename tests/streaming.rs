@@ -36,8 +36,10 @@ fn setup(schema: &str, source_yaml: &str) -> Setup {
     let listeners = Listeners::new();
     let config = nodes.config_with(&listeners.yaml(""));
     let yaml = std::fs::read_to_string(&config).unwrap();
-    let yaml =
-        yaml.replacen("heartbeat_interval_secs: 0.5\n", &format!("heartbeat_interval_secs: 0.5\n{source_yaml}"), 1);
+    // Source `a`'s last setting in the generated file: the extra lines go right after it.
+    let anchor = "heartbeat_interval_secs: 0.5\n";
+    assert!(yaml.contains(anchor), "the generated configuration changed shape:\n{yaml}");
+    let yaml = yaml.replacen(anchor, &format!("{anchor}{source_yaml}"), 1);
     std::fs::write(&config, yaml).unwrap();
     let log = nodes.dir.path().join("synapse.log");
     Setup { nodes, listeners, config, log }

@@ -46,8 +46,9 @@ use tokio::sync::watch;
 use tokio_postgres::{Client, Statement};
 use tracing::Instrument;
 
-/// When the log has nothing more, the reader waits this long before reporting "caught up", so
-/// a stream of tiny transactions is committed in a few large target transactions.
+/// When the log has nothing more, the reader waits this long before reporting "caught up" (the
+/// applier then marks everything read as applied, also when it held no transaction). Groups do
+/// not wait for it: one commits as soon as nothing more is ready.
 const LINGER: Duration = Duration::from_millis(2);
 /// A group is committed once it is this old, even while more keeps arriving (bounds latency
 /// while a backlog is read). Otherwise a group ends when the reader has nothing more ready

@@ -252,18 +252,16 @@ pub(crate) fn peak_rss_mib(pid: u32) -> Option<f64> {
 /// Fetches synapse's /metrics and sums the `_sum` series of the named summaries.
 pub(crate) fn scrape(listen: &str, names: &[&str]) -> Vec<(String, f64)> {
     let body = metrics_text(listen);
-    names
-        .iter()
-        .map(|n| {
-            let key = format!("{n}_sum");
-            let v = body
-                .lines()
-                .filter(|l| l.starts_with(&key))
-                .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-                .sum();
-            (n.to_string(), v)
-        })
-        .collect()
+    names.iter().map(|n| (n.to_string(), series_sum(&body, &format!("{n}_sum"), ""))).collect()
+}
+
+/// The sum of the values of every series in `body` whose line starts with `prefix` and
+/// contains `needle` (every label set of a metric).
+fn series_sum(body: &str, prefix: &str, needle: &str) -> f64 {
+    body.lines()
+        .filter(|l| l.starts_with(prefix) && l.contains(needle))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
 }
 
 /// Synapse's `/metrics` page (empty if it does not answer).
@@ -281,17 +279,11 @@ fn metrics_text(listen: &str) -> String {
 /// has and how many of them took longer than `over` (one of the catalog's bucket bounds).
 pub(crate) fn scrape_slow(listen: &str, names: &[&str], over: &str) -> Vec<(String, f64, f64)> {
     let body = metrics_text(listen);
-    let sum = |prefix: &str, needle: &str| -> f64 {
-        body.lines()
-            .filter(|l| l.starts_with(prefix) && l.contains(needle))
-            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-            .sum()
-    };
     names
         .iter()
         .map(|n| {
-            let count = sum(&format!("{n}_count"), "");
-            let fast = sum(&format!("{n}_bucket"), &format!("le=\"{over}\""));
+            let count = series_sum(&body, &format!("{n}_count"), "");
+            let fast = series_sum(&body, &format!("{n}_bucket"), &format!("le=\"{over}\""));
             (n.to_string(), count, count - fast)
         })
         .collect()

@@ -49,8 +49,9 @@ pub(crate) struct Latency {
     /// Transactions per second the writers achieved (the offered rate, if the machine kept up).
     pub achieved_rate: f64,
     pub txns: u64,
-    /// Synapse's tail: the runs of transactions applied more than [`STALL_MS`] late.
-    pub stalls: String,
+    /// Synapse's tail: the runs of transactions applied more than [`STALL_MS`] late, and the
+    /// stage calls that took over 25 ms.
+    pub tail: String,
 }
 
 /// P4: a transaction applied this late is part of a stall (the tail the p99 reports).
@@ -251,7 +252,7 @@ impl Round<'_> {
             synapse: quartiles(self.syn_target.query_one(q, &[]).await?)?,
             achieved_rate,
             txns,
-            stalls: format!("{}; calls over 25 ms: {}", stalls(self.syn_target).await?, slow.join(", ")),
+            tail: format!("{}; calls over 25 ms: {}", stalls(self.syn_target).await?, slow.join(", ")),
         })
     }
 
@@ -671,7 +672,7 @@ async fn p4(o: &Options, round_env: &Round<'_>, round: usize) -> anyhow::Result<
         ms(l.synapse),
         ms(l.baseline)
     );
-    println!("P4 round {} synapse tail: {}", round + 1, l.stalls);
+    println!("P4 round {} synapse tail: {}", round + 1, l.tail);
     Ok(Row {
         id: "P4",
         what: format!("commit→applied p99 at {}/s", o.p4_rate),
@@ -909,12 +910,6 @@ fn cpu_jiffies() -> Option<(u64, u64)> {
     Some((all - idle, all))
 }
 
-/// CPU seconds (user + system, every thread) process `pid` has used since it started.
-fn process_cpu_secs(pid: u32) -> f64 {
-    let (user, system) = process_cpu(pid);
-    user + system
-}
-
 /// User and system CPU seconds (every thread) of process `pid` since it started.
 fn process_cpu(pid: u32) -> (f64, f64) {
     let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else { return (0.0, 0.0) };
@@ -931,36 +926,38 @@ fn process_cpu(pid: u32) -> (f64, f64) {
 /// CPU seconds used so far by the processes a query returns (`pid`s) on `client`'s server.
 async fn backends_cpu_secs(client: &Client, query: &str) -> anyhow::Result<f64> {
     let rows = client.query(query, &[]).await?;
-    Ok(rows.iter().map(|r| process_cpu_secs(r.get::<_, i32>(0) as u32)).sum())
+    Ok(rows
+        .iter()
+        .map(|r| {
+            let (user, system) = process_cpu(r.get::<_, i32>(0) as u32);
+            user + system
+        })
+        .sum())
 }
 
 /// Where one side's catch-up spent CPU: the source's walsender, the target's backends, and
 /// (synapse) its own process — each started with the catch-up, so their totals are its cost.
 async fn side_cpu(source: &Client, target: &Client, synapse: Option<u32>) -> anyhow::Result<String> {
-    let (sender, receiver, name) = match synapse {
+    let (sender, receiver, name, own) = match synapse {
         None => (
             "SELECT pid FROM pg_stat_replication WHERE application_name = 'sub'",
             "SELECT pid FROM pg_stat_activity WHERE backend_type = 'logical replication worker'",
             "apply worker",
+            String::new(),
         ),
-        Some(_) => (
-            "SELECT pid FROM pg_stat_replication WHERE application_name LIKE 'synapse-%'",
-            "SELECT pid FROM pg_stat_activity WHERE application_name = 'synapse target'",
-            "target backends",
-        ),
+        Some(pid) => {
+            let (user, system) = process_cpu(pid);
+            (
+                "SELECT pid FROM pg_stat_replication WHERE application_name LIKE 'synapse-%'",
+                "SELECT pid FROM pg_stat_activity WHERE application_name = 'synapse target'",
+                "target backends",
+                format!(" + synapse {:.1} (system {system:.1})", user + system),
+            )
+        }
     };
     let walsender = backends_cpu_secs(source, sender).await?;
     let backends = backends_cpu_secs(target, receiver).await?;
-    Ok(match synapse {
-        None => format!("walsender {walsender:.1} + {name} {backends:.1}"),
-        Some(pid) => {
-            let (user, system) = process_cpu(pid);
-            format!(
-                "walsender {walsender:.1} + {name} {backends:.1} + synapse {:.1} (system {system:.1})",
-                user + system
-            )
-        }
-    })
+    Ok(format!("walsender {walsender:.1} + {name} {backends:.1}{own}"))
 }
 
 /// The share of CPU time busy since `before` (0 when unknown).

@@ -359,11 +359,11 @@ pub fn capture_config(s: &SourceConfig) -> Result<CaptureConfig, anyhow::Error> 
     Ok(c)
 }
 
-fn apply_config(t: &TargetConfig, source: &SourceConfig) -> Result<ApplyConfig, anyhow::Error> {
+fn apply_config(config: &Config, t: &TargetConfig, source: &SourceConfig) -> Result<ApplyConfig, anyhow::Error> {
     let pg = t.url.pg_config().map_err(anyhow::Error::msg)?;
     let mut c = ApplyConfig::new(&source.name, pg, &format!("apply-{}", t.name));
     c.max_txns_per_commit = t.max_txns_per_commit;
-    c.synchronous_commit = t.synchronous_commit;
+    c.synchronous_commit = config.synchronous_commit(t);
     c.ddl = source.ddl;
     c.shard = t.shard.clone();
     Ok(c)
@@ -658,7 +658,7 @@ pub(crate) async fn start_source(
         if role != Some(ReshardRole::New) {
             health.set(&component, ComponentState::Starting);
         }
-        let mut acfg = apply_config(target, source)?;
+        let mut acfg = apply_config(config, target, source)?;
         acfg.copies_owed = Some(copies_owed.clone());
         let stats = Arc::new(ApplyStats::default());
         parts.appliers.push((component.clone(), stats.clone()));

@@ -505,11 +505,13 @@ pub struct TargetConfig {
     #[serde(default = "default_txns_per_commit")]
     pub max_txns_per_commit: usize,
     /// Whether each group commit waits for the target's WAL flush (`synchronous_commit`).
-    /// Off by default, as for PostgreSQL's own subscriptions: a target crash loses at most
-    /// its last moments of applied groups together with their stored position, and the
-    /// applier applies them again from the log.
+    /// Unset: on only where this target is also a source that passes on what is applied here
+    /// (a source of the same name with `forward_applied`: decoding reads only flushed WAL),
+    /// else off, as for PostgreSQL's own subscriptions — a target crash loses at most its last
+    /// moments of applied groups together with their stored position, and the applier applies
+    /// them again from the log. See [`Config::synchronous_commit`].
     #[serde(default)]
-    pub synchronous_commit: bool,
+    pub synchronous_commit: Option<bool>,
     /// A shard set: the target is these databases, each row on the one its table's rule in
     /// `sharding` names (see `synapse_apply::shards`). Expanded at load into one target per
     /// shard, named `<target>/<shard>`.
@@ -679,8 +681,8 @@ impl Config {
                 initial_copy: false,
                 copy_parallelism: defaults::COPY_PARALLELISM,
                 max_txns_per_commit: default_txns_per_commit(),
-                // The hub's capture passes on what it applied: it reads only flushed WAL.
-                synchronous_commit: is_hub,
+                // On for the hub, whose source forwards what it applies.
+                synchronous_commit: None,
                 shards: Vec::new(),
                 sharding: Default::default(),
                 shard: None,
@@ -688,6 +690,14 @@ impl Config {
                 reshard_role: None,
             });
         }
+    }
+
+    /// Whether `target`'s group commits wait for its WAL flush: as set, else only where the
+    /// target is also a source passing on what is applied there (a mesh hub, a chain).
+    pub fn synchronous_commit(&self, target: &TargetConfig) -> bool {
+        target
+            .synchronous_commit
+            .unwrap_or_else(|| self.sources.iter().any(|s| s.name == target.name && s.forward_applied))
     }
 
     /// The sources a target applies.

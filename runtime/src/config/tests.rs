@@ -159,6 +159,11 @@ fn a_hub_applies_every_spoke_and_spokes_apply_the_hub() {
     assert_eq!(forwards, [("us", false), ("eu", true), ("ap", false)]);
     let applies: Vec<(&str, Vec<String>)> = c.targets.iter().map(|t| (t.name.as_str(), t.sources.clone())).collect();
     assert_eq!(applies, [("us", vec!["eu".into()]), ("eu", vec!["us".into(), "ap".into()]), ("ap", vec!["eu".into()])]);
+    // Only the hub's capture passes on what is applied there: its applies flush each commit.
+    let sync: Vec<(&str, bool)> = c.targets.iter().map(|t| (t.name.as_str(), c.synchronous_commit(t))).collect();
+    assert_eq!(sync, [("us", false), ("eu", true), ("ap", false)]);
+    c.targets[0].synchronous_commit = Some(true);
+    assert!(c.synchronous_commit(&c.targets[0]), "a set value wins");
 }
 
 #[test]

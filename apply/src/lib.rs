@@ -27,6 +27,7 @@ mod batch;
 mod error;
 pub mod initial_copy;
 pub mod mesh;
+mod resume;
 mod schema_change;
 pub mod shards;
 pub mod target;
@@ -57,7 +58,9 @@ const LINGER: Duration = Duration::from_millis(2);
 const MAX_GROUP_AGE: Duration = Duration::from_millis(200);
 
 /// Reads the log ahead of the applier on its own task, so decoding the next records overlaps
-/// with the target executing the current ones. An empty batch means "caught up".
+/// with the target executing the current ones. An empty batch means "caught up". It reads
+/// early (`ChangeLog::read_early`): a batch is applied while the log still writes it, not after
+/// its fsync; the stored commit LSN makes that safe (see `resume.rs`).
 struct ReadAhead {
     rx: tokio::sync::mpsc::Receiver<Result<Vec<(Offset, LogRecord)>, ApplyError>>,
     task: tokio::task::JoinHandle<()>,
@@ -71,9 +74,10 @@ impl ReadAhead {
         let task = tokio::spawn(async move {
             let mut pos = from;
             let mut announced = false;
+            let epoch = log.early_epoch();
             loop {
                 let started = Instant::now();
-                let records = match log.read(pos, batch).await {
+                let records = match log.read_early(pos, batch, epoch).await {
                     Ok(r) => r,
                     Err(e) => {
                         let _ = tx.send(Err(e.into())).await;
@@ -88,15 +92,15 @@ impl ReadAhead {
                         return;
                     }
                 } else if !announced {
-                    log.wait_readable(pos, LINGER).await;
-                    if log.next_offset() <= pos {
+                    log.wait_early(pos, LINGER).await;
+                    if log.early_head() <= pos {
                         announced = true;
                         if tx.send(Ok(Vec::new())).await.is_err() {
                             return;
                         }
                     }
                 } else {
-                    log.wait_readable(pos, Duration::from_millis(500)).await;
+                    log.wait_early(pos, Duration::from_millis(500)).await;
                 }
             }
         });
@@ -368,7 +372,8 @@ impl Applier {
                 .await
                 .map_err(ApplyError::target("setting synchronous_commit"))?;
         }
-        let start = target::load_position(&client, &self.config.node).await?.unwrap_or(0);
+        let stored = target::load_position(&client, &self.config.node).await?;
+        let resume::Resume { from: start, mut skip_through } = resume::resume_point(log, stored, &self.labels).await?;
         let sync = target::load_sync(&client, &self.config.node).await?;
         tracing::info!(next_offset = start, "applier resuming");
         let mut s = Session {
@@ -440,6 +445,14 @@ impl Applier {
                 }
                 match record {
                     LogRecord::Begin(b) => {
+                        if let Some(floor) = skip_through {
+                            if b.commit_lsn <= floor {
+                                // Applied before the log lost and rewrote it: left unopened, so
+                                // its records are passed over like those of a foreign table.
+                                continue;
+                            }
+                            skip_through = None;
+                        }
                         if !s.in_target_txn {
                             s.client
                                 .batch_execute("BEGIN")
@@ -527,7 +540,8 @@ impl Applier {
                         }
                     }
                     // The gap's re-sync repairs the target (runtime's `resync/<source>` task).
-                    LogRecord::Resync(_) => {}
+                    // LSNs after a gap may start over (another server): none is skipped by them.
+                    LogRecord::Resync(_) => skip_through = None,
                     LogRecord::Schema(change) => {
                         if open.is_none() {
                             continue;

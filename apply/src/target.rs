@@ -39,13 +39,17 @@ pub async fn lock_applier(client: &Client, node: &str) -> Result<(), ApplyError>
     Err(ApplyError::Busy { node: node.to_owned(), holder })
 }
 
-/// The next log offset to apply for `node`, if it ever applied anything.
-pub async fn load_position(client: &Client, node: &str) -> Result<Option<u64>, ApplyError> {
+/// The next log offset to apply for `node` and the commit LSN of the last transaction applied
+/// (stored together: see `resume.rs`), if it ever applied anything.
+pub async fn load_position(client: &Client, node: &str) -> Result<Option<(u64, Lsn)>, ApplyError> {
     let row = client
-        .query_opt("SELECT next_offset FROM synapse.applied WHERE source_node = $1", &[&node])
+        .query_opt("SELECT next_offset, commit_lsn::text FROM synapse.applied WHERE source_node = $1", &[&node])
         .await
         .map_err(ApplyError::target("reading the applied position"))?;
-    Ok(row.map(|r| r.get::<_, i64>(0) as u64))
+    Ok(row.map(|r| {
+        let lsn: String = r.get(1);
+        (r.get::<_, i64>(0) as u64, lsn.parse().unwrap_or_default())
+    }))
 }
 
 /// Who asked to pass `node`'s schema change at log `offset`, if an operator recorded it in

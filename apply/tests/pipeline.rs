@@ -242,17 +242,9 @@ async fn a_second_applier_of_the_same_source_waits_for_the_first() {
     }
 }
 
-/// A damaged log record — a change with more values than its relation has columns — stops the
-/// applier with a definite error naming the offset and the table; nothing of it is applied and
-/// nothing panics.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_change_that_does_not_fit_its_relation_is_refused_by_name() {
-    use synapse_log::ChangeLog;
-    use synapse_schemas::{Begin, Column, Commit, Datum, LogRecord, Lsn, Op, Relation, ReplicaIdentity, RowChange};
-    let (_source, target) = two_nodes();
-    target.psql("app", "CREATE TABLE t (id bigint PRIMARY KEY, v text)").unwrap();
-    let dir = tempfile::tempdir().unwrap();
-    let log = EmbeddedLog::open(&dir.path().join("a.redb"), Default::default()).unwrap();
+/// Table `public.t (id bigint, v text)` as a relation of a hand-written log.
+fn hand_relation(key: bool) -> synapse_schemas::Relation {
+    use synapse_schemas::{Column, Relation, ReplicaIdentity};
     let col = |name: &str, oid: u32, key: bool| Column {
         name: name.into(),
         type_oid: oid,
@@ -263,35 +255,56 @@ async fn a_change_that_does_not_fit_its_relation_is_refused_by_name() {
         is_key: key,
         type_defs: Vec::new(),
     };
-    let rel = Relation {
+    Relation {
         oid: 7,
         schema: "public".into(),
         table: "t".into(),
         replica_identity: ReplicaIdentity::Default,
-        columns: vec![col("id", 20, true), col("v", 25, false)],
-    };
-    let values = |n: usize| (0..n).map(|i| Datum::Text(i.to_string())).collect::<Vec<_>>().into();
-    let txn = |lsn: u64, width: usize| {
-        vec![
-            LogRecord::Begin(Begin { commit_lsn: Lsn(lsn), xid: 1, commit_time_us: 1, origin: None }),
-            LogRecord::Relation(rel.clone()),
-            LogRecord::Change(RowChange {
-                index: 1,
-                relation: rel.key(),
-                op: Op::Insert,
-                before: None,
-                after: Some(values(width)),
-            }),
-            LogRecord::Commit(Commit {
-                commit_lsn: Lsn(lsn),
-                end_lsn: Lsn(lsn + 1),
-                commit_time_us: 1,
-                event_count: 1,
-            }),
-        ]
-    };
-    log.append(txn(100, 2)).await.unwrap();
-    log.append(txn(200, 3)).await.unwrap();
+        columns: vec![col("id", 20, key), col("v", 25, false)],
+    }
+}
+
+/// A transaction of a hand-written log inserting one row of `values` (their number may be
+/// wrong on purpose), with the relation's definition when `rel` is given.
+fn hand_txn(
+    key: synapse_schemas::RelationKey,
+    rel: Option<&synapse_schemas::Relation>,
+    lsn: u64,
+    values: Vec<String>,
+) -> Vec<synapse_schemas::LogRecord> {
+    use synapse_schemas::{Begin, Commit, Datum, LogRecord, Lsn, Op, RowChange};
+    let mut records = vec![LogRecord::Begin(Begin { commit_lsn: Lsn(lsn), xid: 1, commit_time_us: 1, origin: None })];
+    records.extend(rel.map(|r| LogRecord::Relation(r.clone())));
+    records.push(LogRecord::Change(RowChange {
+        index: 1,
+        relation: key,
+        op: Op::Insert,
+        before: None,
+        after: Some(values.into_iter().map(Datum::Text).collect::<Vec<_>>().into()),
+    }));
+    records.push(LogRecord::Commit(Commit {
+        commit_lsn: Lsn(lsn),
+        end_lsn: Lsn(lsn + 1),
+        commit_time_us: 1,
+        event_count: 1,
+    }));
+    records
+}
+
+/// A damaged log record — a change with more values than its relation has columns — stops the
+/// applier with a definite error naming the offset and the table; nothing of it is applied and
+/// nothing panics.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_change_that_does_not_fit_its_relation_is_refused_by_name() {
+    use synapse_log::ChangeLog;
+    let (_source, target) = two_nodes();
+    target.psql("app", "CREATE TABLE t (id bigint PRIMARY KEY, v text)").unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let log = EmbeddedLog::open(&dir.path().join("a.redb"), Default::default()).unwrap();
+    let rel = hand_relation(true);
+    let values = |n: usize| (0..n).map(|i| i.to_string()).collect::<Vec<_>>();
+    log.append(hand_txn(rel.key(), Some(&rel), 100, values(2))).await.unwrap();
+    log.append(hand_txn(rel.key(), Some(&rel), 200, values(3))).await.unwrap();
     let applier = Applier::new(ApplyConfig::new("a", target.url("app").parse().unwrap(), "apply-b"));
     let (_stop, rx) = watch::channel(false);
     let e = tokio::time::timeout(Duration::from_secs(30), applier.run(&log, rx)).await.unwrap().unwrap_err();
@@ -304,4 +317,82 @@ async fn a_change_that_does_not_fit_its_relation_is_refused_by_name() {
     // Grouped with the good transaction before it, nothing was committed: a restart (after the
     // log is repaired) applies both from the stored position, exactly once.
     assert_eq!(target.psql("app", "SELECT count(*) FROM t").unwrap(), "0");
+}
+
+/// The applier reads the log before its fsync, so a target can hold a position the log later
+/// loses (a crash). The capture then writes the same transactions again from the slot, at
+/// other offsets (here: after the `Discarded` marker of a transaction the crash left half
+/// written). The applier must neither apply again what it applied nor skip what it did not:
+/// it checks its stored offset against the stored commit LSN and resumes by the LSN.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_position_the_log_lost_and_rewrote_elsewhere_resumes_by_commit_lsn() {
+    use synapse_log::ChangeLog;
+    let (_source, target) = two_nodes();
+    // No key: a transaction applied twice would show as a second row.
+    target.psql("app", "CREATE TABLE t (id bigint, v text)").unwrap();
+    target.create_database("app2").unwrap();
+    target.psql("app2", "CREATE TABLE t (id bigint, v text)").unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let rel = hand_relation(false);
+    let key = rel.key();
+    let txn = |n: u64| hand_txn(key, (n == 1).then_some(&rel), n * 100, vec![n.to_string(), format!("row {n}")]);
+    let count =
+        |db: &str| target.psql(db, "SELECT count(*) || ':' || count(DISTINCT id) || ':' || max(id) FROM t").unwrap();
+    let run = |db: &str, log: EmbeddedLog, rows: u64| {
+        let applier = Applier::new(ApplyConfig::new("a", target.url(db).parse().unwrap(), "apply-b"));
+        let (stop, rx) = watch::channel(false);
+        let task = tokio::spawn(async move { applier.run(&log, rx).await.unwrap() });
+        let want = format!("{rows}:{rows}:{rows}");
+        tokio::task::block_in_place(|| {
+            let deadline = std::time::Instant::now() + Duration::from_secs(60);
+            while count(db) != want {
+                assert!(std::time::Instant::now() < deadline, "{db}: {} rows, not {want}", count(db));
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        });
+        let _ = stop.send(true);
+        task
+    };
+
+    // What the applier read and applied: transactions 1–3 (0–3, 4–6, 7–9), position 10 / LSN 300.
+    for db in ["app", "app2"] {
+        let first = EmbeddedLog::open(&dir.path().join(format!("{db}-first.redb")), Default::default()).unwrap();
+        for n in 1..=3 {
+            first.append(txn(n)).await.unwrap();
+        }
+        run(db, first, 3).await.unwrap();
+    }
+
+    // What the log kept after the crash: transaction 1 and the first half of 2. The capture
+    // rewrote 2 and 3 and went on with 4: 3's Begin is now at 10, where the target resumes.
+    let path = dir.path().join("app-second.redb");
+    let second = EmbeddedLog::open(&path, Default::default()).unwrap();
+    second.append(txn(1)).await.unwrap();
+    second.append(txn(2)[..2].to_vec()).await.unwrap();
+    drop(second);
+    let second = EmbeddedLog::open(&path, Default::default()).unwrap();
+    assert_eq!(second.recover_writer().await.unwrap().next_offset, 7);
+    for n in 2..=4 {
+        second.append(txn(n)).await.unwrap();
+    }
+    assert!(matches!(second.read(10, 1).await.unwrap()[0].1, synapse_schemas::LogRecord::Begin(_)));
+    run("app", second, 4).await.unwrap();
+    assert_eq!(count("app"), "4:4:4", "transaction 3 applied once, 4 applied");
+
+    // The same, but the applier restarts before the capture wrote its last transaction again:
+    // it waits at the head and skips 2 and 3 when they arrive.
+    let path = dir.path().join("app2-second.redb");
+    let second = EmbeddedLog::open(&path, Default::default()).unwrap();
+    second.append(txn(1)).await.unwrap();
+    let writer = second.clone();
+    let later: Vec<_> = (2..=4).map(txn).collect();
+    let rewrite = tokio::spawn(async move {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        for records in later {
+            writer.append(records).await.unwrap();
+        }
+    });
+    run("app2", second, 4).await.unwrap();
+    rewrite.await.unwrap();
+    assert_eq!(count("app2"), "4:4:4");
 }

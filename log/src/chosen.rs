@@ -39,6 +39,26 @@ impl ChangeLog for SourceLog {
         delegate!(self, l => l.next_offset())
     }
 
+    async fn read_early(&self, from: Offset, max: usize, epoch: u64) -> Result<Vec<(Offset, LogRecord)>, LogError> {
+        delegate!(self, l => l.read_early(from, max, epoch).await)
+    }
+
+    fn reads_early(&self) -> bool {
+        delegate!(self, l => l.reads_early())
+    }
+
+    fn early_epoch(&self) -> u64 {
+        delegate!(self, l => l.early_epoch())
+    }
+
+    fn early_head(&self) -> Offset {
+        delegate!(self, l => l.early_head())
+    }
+
+    async fn wait_early(&self, from: Offset, timeout: Duration) {
+        delegate!(self, l => l.wait_early(from, timeout).await)
+    }
+
     fn records_behind(&self, from: Offset) -> u64 {
         delegate!(self, l => l.records_behind(from))
     }

@@ -40,6 +40,11 @@ pub enum LogError {
     Unsigned { topic: String, offset: Offset },
     #[error("a change of table {table} takes {bytes} bytes encoded, more than a Kafka message may ({limit} bytes)")]
     RecordTooLarge { table: String, bytes: usize, limit: usize },
+    #[error(
+        "records from offset {offset} on were read before they were durable, and their append failed: \
+         the reader starts again from its stored position"
+    )]
+    Rewound { offset: Offset },
     #[error("Kafka topic {topic} cannot be used or created")]
     Topic {
         topic: String,
@@ -63,6 +68,7 @@ impl synapse_error::Classify for LogError {
             LogError::Stalled { .. } => "LOG009",
             LogError::RecordTooLarge { .. } => "LOG010",
             LogError::Unsigned { .. } => "LOG011",
+            LogError::Rewound { .. } => "LOG012",
         }
     }
 
@@ -70,9 +76,11 @@ impl synapse_error::Classify for LogError {
     fn is_transient(&self) -> bool {
         match self {
             // A gap is retried: the read starts again from a fresh reader.
-            LogError::Storage { .. } | LogError::TaskFailed(_) | LogError::Gap { .. } | LogError::Stalled { .. } => {
-                true
-            }
+            LogError::Storage { .. }
+            | LogError::TaskFailed(_)
+            | LogError::Gap { .. }
+            | LogError::Stalled { .. }
+            | LogError::Rewound { .. } => true,
             // Brokers down, leader changes, timeouts pass; authorization and bad configuration
             // do not.
             LogError::Kafka { source, .. } | LogError::Topic { source, .. } => match source.rdkafka_error_code() {
@@ -119,6 +127,10 @@ impl synapse_error::Classify for LogError {
                  synapse.applied, restart)"
             }
             LogError::Stalled { .. } => "check the brokers' health and the partition's leader; synapse retries",
+            LogError::Rewound { .. } => {
+                "nothing to do: the applier resumes by the commit LSN it stored on the target; see \
+                 the log store error before it (e.g. a full disk)"
+            }
             LogError::Unsigned { .. } => {
                 "something other than this deployment's capture wrote to the changes topic, or \
                  log.kafka.signing_key differs between the processes: give every synapse process the \

@@ -75,8 +75,10 @@ pub enum Seek {
 ///
 /// # Contract
 /// * **Durability**: when `append` resolves `Ok`, every record of the batch is durable (fsynced)
-///   and readable; on `Err` none of them is visible. Capture advances the replication slot only
-///   to the end LSN of the last `Commit` it has seen acknowledged here.
+///   and readable; on `Err` none of them is visible to `read`. Capture advances the replication
+///   slot only to the end LSN of the last `Commit` it has seen acknowledged here. Only
+///   [`ChangeLog::read_early`] may see a batch before that, and learns when one was dropped;
+///   consumer positions ([`ChangeLog::commit_consumer`]) never pass the durable records.
 /// * **Ordering**: records are read back in append order. Transactions never interleave; a
 ///   transaction's records may span several `append` calls (large transactions stream through
 ///   in bounded batches), so a reader can see a `Begin` whose `Commit` is not yet written.
@@ -110,6 +112,44 @@ pub trait ChangeLog: Send + Sync + 'static {
     /// dense; a log whose offsets are not (Kafka) counts its records.
     fn records_behind(&self, from: Offset) -> u64 {
         self.next_offset().saturating_sub(from)
+    }
+
+    /// Reads like [`ChangeLog::read`], and also records whose `append` has not resolved yet: the
+    /// embedded log keeps its newest batches in memory from before their fsync, so an applier
+    /// need not wait for it nor read the records back. Such records are **not durable**: a crash
+    /// or a failed append loses them, and their offsets go to other records. Only a consumer
+    /// that stores the commit LSN of the last transaction it acted on with its offset, and checks
+    /// the offset against it on restart, may act on them (apply does). Fails with
+    /// [`LogError::Rewound`] once records readable early were dropped since `epoch` was read
+    /// ([`ChangeLog::early_epoch`]). A log without an early tail reads durable records only.
+    fn read_early(
+        &self,
+        from: Offset,
+        max: usize,
+        epoch: u64,
+    ) -> impl Future<Output = Result<Vec<(Offset, LogRecord)>, LogError>> + Send {
+        let _ = epoch;
+        self.read(from, max)
+    }
+
+    /// Whether [`ChangeLog::read_early`] can return records that are not durable yet.
+    fn reads_early(&self) -> bool {
+        false
+    }
+
+    /// How many times records readable early were dropped (see [`ChangeLog::read_early`]).
+    fn early_epoch(&self) -> u64 {
+        0
+    }
+
+    /// The end of what [`ChangeLog::read_early`] can return (at least [`ChangeLog::next_offset`]).
+    fn early_head(&self) -> Offset {
+        self.next_offset()
+    }
+
+    /// Resolves when a record at `from` or later is readable early, or after `timeout`.
+    fn wait_early(&self, from: Offset, timeout: Duration) -> impl Future<Output = ()> + Send {
+        self.wait_readable(from, timeout)
     }
 
     /// Looks up a relation version that some appended `LogRecord::Relation` registered.

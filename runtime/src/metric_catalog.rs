@@ -106,6 +106,11 @@ pub const METRICS: &[(&str, Kind, &str)] = &[
         Gauge,
         "Seconds since the commit of the last applied transaction while records are pending, per source and target",
     ),
+    (
+        "synapse_apply_position_realigned_total",
+        Counter,
+        "Restarts of an applier whose stored offset no longer matched the log (records it read before they were durable were lost and written again): it resumed by commit LSN, per source and target",
+    ),
     ("synapse_apply_log_read_seconds", Histogram, "Time to read one batch of the log, per source and target"),
     (
         "synapse_apply_statements_seconds",

@@ -14,6 +14,8 @@ use std::time::{Duration, Instant};
 use synapse_schemas::{Cursor, LogRecord, Lsn, Relation, RelationKey, ResyncMark};
 use tokio::sync::watch;
 
+mod tail;
+
 /// First offset of a chunk → `[u32 LE length][postcard record]…`.
 const RECORDS: TableDefinition<u64, &[u8]> = TableDefinition::new("records");
 pub const CHUNK_RECORDS: usize = 4_096;
@@ -64,6 +66,11 @@ struct Inner {
     /// The file's stem (the source's name): the `log` label of its metrics, made once.
     label: String,
     head: watch::Sender<Offset>,
+    /// The end of the records readable early: `head` plus the batch being written.
+    early: watch::Sender<Offset>,
+    tail: std::sync::Mutex<tail::Tail>,
+    /// One append at a time: the tail gives a batch its offsets before the store does.
+    writer: tokio::sync::Mutex<()>,
     options: EmbeddedLogOptions,
 }
 
@@ -93,6 +100,7 @@ impl EmbeddedLog {
         };
         tx.commit().map_err(|e| storage(e.into()))?;
         let (head, _) = watch::channel(next);
+        let (early, _) = watch::channel(next);
         let db = std::sync::RwLock::new(Some(db));
         Ok(EmbeddedLog {
             inner: Arc::new(Inner {
@@ -100,6 +108,9 @@ impl EmbeddedLog {
                 path: path.to_owned(),
                 label: path.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default(),
                 head,
+                early,
+                tail: Default::default(),
+                writer: Default::default(),
                 options,
             }),
         })
@@ -123,6 +134,27 @@ impl EmbeddedLog {
 }
 
 impl Inner {
+    fn tail(&self) -> std::sync::MutexGuard<'_, tail::Tail> {
+        // The tail holds no invariant a panicking holder could break half-way.
+        self.tail.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Makes a batch readable early, before it is written.
+    fn publish(&self, first: Offset, records: Arc<Vec<LogRecord>>, bytes: usize) {
+        let end = first + records.len() as Offset;
+        let mut tail = self.tail();
+        tail.push(first, records, bytes);
+        self.early.send_replace(end);
+    }
+
+    /// Forgets what was readable early but never became durable (its append failed).
+    fn rewind(&self) {
+        let mut tail = self.tail();
+        let durable = *self.head.borrow();
+        tail.rewind(durable);
+        self.early.send_replace(durable);
+    }
+
     /// Runs `f` on the store, reopening it first if an I/O error closed it, and closing it
     /// when `f` meets one (see [`Inner::db`]). Nothing `f` did in a transaction that failed
     /// is visible: the reopened store is as of its last commit.
@@ -190,8 +222,103 @@ fn write_err<E: Into<redb::Error>>(e: E) -> Box<redb::Error> {
     Box::new(e.into())
 }
 
+/// Writes one encoded batch and its index entries in one store transaction (one fsync), then
+/// moves the durable head. Returns the offset of the batch's last record.
+fn write_batch(
+    inner: &Inner,
+    db: &Database,
+    records: &[LogRecord],
+    frames: &[u8],
+    spans: &[std::ops::Range<usize>],
+) -> Result<u64, Box<redb::Error>> {
+    let mut tx = db.begin_write().map_err(write_err)?;
+    if inner.options.unsafe_no_fsync {
+        tx.set_durability(redb::Durability::None);
+    }
+    let next = {
+        let mut meta = tx.open_table(META).map_err(write_err)?;
+        let mut table = tx.open_table(RECORDS).map_err(write_err)?;
+        let mut rels = tx.open_table(RELATIONS).map_err(write_err)?;
+        let mut txns = tx.open_table(TXNS).map_err(write_err)?;
+        let mut history = tx.open_table(RELATION_HISTORY).map_err(write_err)?;
+        let mut resyncs = tx.open_table(RESYNCS).map_err(write_err)?;
+        // (commit LSN, Begin offset, commit time) of a transaction begun in this batch.
+        let mut begun: Option<(u64, u64, i64)> = None;
+        let mut next = meta.get(NEXT_OFFSET).map_err(write_err)?.map(|v| v.value()).unwrap_or(0);
+        let mut open = meta.get(OPEN_TXN).map_err(write_err)?.map(|v| v.value());
+        let mut last_end = None;
+        let mut chunk_start = next;
+        let mut chunk_from = 0;
+        for (r, span) in records.iter().zip(spans) {
+            if next > chunk_start
+                && (next - chunk_start >= CHUNK_RECORDS as u64 || span.start - chunk_from >= CHUNK_BYTES)
+            {
+                table.insert(chunk_start, &frames[chunk_from..span.start]).map_err(write_err)?;
+                chunk_start = next;
+                chunk_from = span.start;
+            }
+            let offset = next;
+            next += 1;
+            match r {
+                LogRecord::Begin(b) => {
+                    open = Some(b.commit_lsn.0);
+                    begun = Some((b.commit_lsn.0, offset, b.commit_time_us));
+                }
+                LogRecord::Commit(c) => {
+                    open = None;
+                    last_end = Some(c.end_lsn.0);
+                    let lsn = c.commit_lsn.0;
+                    let begin = match begun.take() {
+                        Some((l, b, _)) if l == lsn => Some(b),
+                        _ => txns.get(lsn).map_err(write_err)?.map(|v| v.value().0),
+                    };
+                    if let Some(b) = begin {
+                        txns.insert(lsn, (b, offset, c.event_count, c.commit_time_us)).map_err(write_err)?;
+                    }
+                }
+                LogRecord::Discarded { commit_lsn } => {
+                    open = None;
+                    begun = None;
+                    let partial = txns.get(commit_lsn.0).map_err(write_err)?.map(|v| v.value().1 == OPEN);
+                    if partial == Some(true) {
+                        txns.remove(commit_lsn.0).map_err(write_err)?;
+                    }
+                }
+                LogRecord::Relation(rel) => {
+                    let k = rel.key();
+                    rels.insert((k.oid, k.version), &frames[span.start + 4..span.end]).map_err(write_err)?;
+                    history.insert((k.oid, offset), k.version).map_err(write_err)?;
+                }
+                LogRecord::Resync(_) => {
+                    resyncs.insert(offset, &frames[span.start + 4..span.end]).map_err(write_err)?;
+                }
+                _ => {}
+            }
+        }
+        if let Some((lsn, b, t)) = begun {
+            txns.insert(lsn, (b, OPEN, 0, t)).map_err(write_err)?;
+        }
+        if chunk_from < frames.len() {
+            table.insert(chunk_start, &frames[chunk_from..]).map_err(write_err)?;
+        }
+        meta.insert(NEXT_OFFSET, next).map_err(write_err)?;
+        match open {
+            Some(lsn) => meta.insert(OPEN_TXN, lsn).map_err(write_err)?,
+            None => meta.remove(OPEN_TXN).map_err(write_err)?,
+        };
+        if let Some(end) = last_end {
+            meta.insert(LAST_COMMIT_END, end).map_err(write_err)?;
+        }
+        next
+    };
+    tx.commit().map_err(write_err)?;
+    inner.head.send_replace(next);
+    Ok(next - 1)
+}
+
 impl ChangeLog for EmbeddedLog {
     async fn append(&self, records: Vec<LogRecord>) -> Result<Offset, LogError> {
+        let _writer = self.inner.writer.lock().await;
         let started = Instant::now();
         let count = records.len() as u64;
         // Encoded on the caller's thread, straight into length-prefixed frames.
@@ -206,95 +333,25 @@ impl ChangeLog for EmbeddedLog {
             spans.push(at..frames.len());
         }
         let bytes = frames.len();
-        let last = self
+        let records = Arc::new(records);
+        let first = *self.inner.head.borrow();
+        self.inner.publish(first, records.clone(), bytes);
+        let written = self
             .blocking(move |inner, db| {
-                let mut tx = db.begin_write().map_err(write_err)?;
-                if inner.options.unsafe_no_fsync {
-                    tx.set_durability(redb::Durability::None);
+                let result = write_batch(inner, db, &records, &frames, &spans);
+                if result.is_err() {
+                    inner.rewind();
                 }
-                let next = {
-                    let mut meta = tx.open_table(META).map_err(write_err)?;
-                    let mut table = tx.open_table(RECORDS).map_err(write_err)?;
-                    let mut rels = tx.open_table(RELATIONS).map_err(write_err)?;
-                    let mut txns = tx.open_table(TXNS).map_err(write_err)?;
-                    let mut history = tx.open_table(RELATION_HISTORY).map_err(write_err)?;
-                    let mut resyncs = tx.open_table(RESYNCS).map_err(write_err)?;
-                    // (commit LSN, Begin offset, commit time) of a transaction begun in this batch.
-                    let mut begun: Option<(u64, u64, i64)> = None;
-                    let mut next = meta.get(NEXT_OFFSET).map_err(write_err)?.map(|v| v.value()).unwrap_or(0);
-                    let mut open = meta.get(OPEN_TXN).map_err(write_err)?.map(|v| v.value());
-                    let mut last_end = None;
-                    let mut chunk_start = next;
-                    let mut chunk_from = 0;
-                    for (r, span) in records.iter().zip(&spans) {
-                        if next > chunk_start
-                            && (next - chunk_start >= CHUNK_RECORDS as u64 || span.start - chunk_from >= CHUNK_BYTES)
-                        {
-                            table.insert(chunk_start, &frames[chunk_from..span.start]).map_err(write_err)?;
-                            chunk_start = next;
-                            chunk_from = span.start;
-                        }
-                        let offset = next;
-                        next += 1;
-                        match r {
-                            LogRecord::Begin(b) => {
-                                open = Some(b.commit_lsn.0);
-                                begun = Some((b.commit_lsn.0, offset, b.commit_time_us));
-                            }
-                            LogRecord::Commit(c) => {
-                                open = None;
-                                last_end = Some(c.end_lsn.0);
-                                let lsn = c.commit_lsn.0;
-                                let begin = match begun.take() {
-                                    Some((l, b, _)) if l == lsn => Some(b),
-                                    _ => txns.get(lsn).map_err(write_err)?.map(|v| v.value().0),
-                                };
-                                if let Some(b) = begin {
-                                    txns.insert(lsn, (b, offset, c.event_count, c.commit_time_us))
-                                        .map_err(write_err)?;
-                                }
-                            }
-                            LogRecord::Discarded { commit_lsn } => {
-                                open = None;
-                                begun = None;
-                                let partial = txns.get(commit_lsn.0).map_err(write_err)?.map(|v| v.value().1 == OPEN);
-                                if partial == Some(true) {
-                                    txns.remove(commit_lsn.0).map_err(write_err)?;
-                                }
-                            }
-                            LogRecord::Relation(rel) => {
-                                let k = rel.key();
-                                rels.insert((k.oid, k.version), &frames[span.start + 4..span.end])
-                                    .map_err(write_err)?;
-                                history.insert((k.oid, offset), k.version).map_err(write_err)?;
-                            }
-                            LogRecord::Resync(_) => {
-                                resyncs.insert(offset, &frames[span.start + 4..span.end]).map_err(write_err)?;
-                            }
-                            _ => {}
-                        }
-                    }
-                    if let Some((lsn, b, t)) = begun {
-                        txns.insert(lsn, (b, OPEN, 0, t)).map_err(write_err)?;
-                    }
-                    if chunk_from < frames.len() {
-                        table.insert(chunk_start, &frames[chunk_from..]).map_err(write_err)?;
-                    }
-                    meta.insert(NEXT_OFFSET, next).map_err(write_err)?;
-                    match open {
-                        Some(lsn) => meta.insert(OPEN_TXN, lsn).map_err(write_err)?,
-                        None => meta.remove(OPEN_TXN).map_err(write_err)?,
-                    };
-                    if let Some(end) = last_end {
-                        meta.insert(LAST_COMMIT_END, end).map_err(write_err)?;
-                    }
-                    next
-                };
-                tx.commit().map_err(write_err)?;
-                inner.head.send_replace(next);
-                Ok(next - 1)
+                result
             })
-            .await?;
+            .await;
+        let last = match written {
+            Ok(last) => last,
+            Err(e) => {
+                self.inner.rewind();
+                return Err(e);
+            }
+        };
         // One series per log file: each source has its own.
         let log = self.inner.label.clone();
         metrics::counter!("synapse_log_appended_records_total", "log" => log.clone()).increment(count);
@@ -353,7 +410,48 @@ impl ChangeLog for EmbeddedLog {
         *self.inner.head.borrow()
     }
 
+    async fn read_early(&self, from: Offset, max: usize, epoch: u64) -> Result<Vec<(Offset, LogRecord)>, LogError> {
+        let slices = {
+            let tail = self.inner.tail();
+            if tail.epoch() != epoch {
+                return Err(LogError::Rewound { offset: from });
+            }
+            match tail.start() {
+                Some(start) if from >= start => Some(tail.slices(from, max)),
+                _ => None,
+            }
+        };
+        let Some(slices) = slices else { return self.read(from, max).await };
+        // Cloned outside the lock: the writer publishes its next batch meanwhile.
+        let mut out = Vec::with_capacity(slices.iter().map(|(_, _, r)| r.len()).sum());
+        for (at, batch, range) in slices {
+            out.extend((at..).zip(batch[range].iter().cloned()));
+        }
+        Ok(out)
+    }
+
+    fn reads_early(&self) -> bool {
+        true
+    }
+
+    fn early_epoch(&self) -> u64 {
+        self.inner.tail().epoch()
+    }
+
+    fn early_head(&self) -> Offset {
+        *self.inner.early.borrow()
+    }
+
+    async fn wait_early(&self, from: Offset, timeout: Duration) {
+        let mut rx = self.inner.early.subscribe();
+        let _ = tokio::time::timeout(timeout, rx.wait_for(|head| *head > from)).await;
+    }
+
     async fn relation(&self, key: RelationKey) -> Result<Option<Relation>, LogError> {
+        // Registered by a batch still being written, for a reader that read it early.
+        if let Some(rel) = self.inner.tail().relation(key) {
+            return Ok(Some(rel));
+        }
         let raw = self
             .blocking(move |_, db| {
                 let tx = db.begin_read().map_err(write_err)?;
@@ -428,6 +526,9 @@ impl ChangeLog for EmbeddedLog {
 
     async fn commit_consumer(&self, name: &str, next: Offset) -> Result<(), LogError> {
         let name = name.to_owned();
+        // A consumer that read early may be past the durable records; retention must never pass
+        // them (a crash would give their offsets to other records).
+        let next = next.min(self.next_offset());
         self.blocking(move |_, db| {
             let tx = db.begin_write().map_err(write_err)?;
             tx.open_table(CONSUMERS).map_err(write_err)?.insert(name.as_str(), next).map_err(write_err)?;

@@ -179,3 +179,51 @@ async fn readers_wake_on_append() {
     log.append(txn(1, 1)).await.unwrap();
     tokio::time::timeout(Duration::from_secs(5), waiter).await.unwrap().unwrap();
 }
+
+/// A batch is readable early (`read_early`) from before its write, not by `read`; consumer
+/// positions never pass the durable records; a failed append drops what was readable early
+/// and tells readers of the old epoch.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn early_reads_see_a_batch_before_its_fsync_and_learn_of_a_failed_append() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("a.redb");
+    let log = EmbeddedLog::open(&path, Default::default()).unwrap();
+    assert!(log.reads_early());
+    log.append(txn(100, 3)).await.unwrap();
+    let durable = log.read(0, 100).await.unwrap();
+    assert_eq!(log.read_early(0, 100, 0).await.unwrap(), durable, "the tail holds what the file holds");
+    assert_eq!(log.read_early(2, 2, 0).await.unwrap(), durable[2..4].to_vec());
+
+    // A batch being written: published, its store transaction not yet committed.
+    let rel = Relation {
+        oid: 9,
+        schema: "public".into(),
+        table: "t".into(),
+        replica_identity: ReplicaIdentity::Default,
+        columns: vec![],
+    };
+    let mut pending = txn(200, 2);
+    pending.insert(1, LogRecord::Relation(rel.clone()));
+    log.inner.publish(5, Arc::new(pending.clone()), 100);
+    assert_eq!((log.next_offset(), log.early_head()), (5, 10));
+    assert!(log.read(5, 10).await.unwrap().is_empty(), "not durable: not for read");
+    let early = log.read_early(5, 10, 0).await.unwrap();
+    assert_eq!(early.iter().map(|(o, _)| *o).collect::<Vec<_>>(), vec![5, 6, 7, 8, 9]);
+    assert_eq!(early.into_iter().map(|(_, r)| r).collect::<Vec<_>>(), pending);
+    assert_eq!(log.relation(rel.key()).await.unwrap(), Some(rel), "registered by the batch being written");
+    log.commit_consumer("apply", 10).await.unwrap();
+    assert_eq!(log.consumer_position("apply").await.unwrap(), Some(5), "clamped to the durable records");
+
+    // The store fails (here: its file replaced by a directory, so reopening it fails).
+    *log.inner.db.write().unwrap() = None;
+    std::fs::remove_file(&path).unwrap();
+    std::fs::create_dir(&path).unwrap();
+    let err = log.append(txn(300, 1)).await.unwrap_err();
+    assert!(matches!(err, LogError::Storage { .. }), "{err}");
+    assert_eq!(log.early_head(), 5, "nothing past the durable records is readable early");
+    let err = log.read_early(5, 10, 0).await.unwrap_err();
+    assert!(matches!(err, LogError::Rewound { offset: 5 }), "{err}");
+    assert_eq!(err.code(), "LOG012");
+    assert!(err.is_transient());
+    assert!(log.read_early(0, 10, log.early_epoch()).await.unwrap().len() == 5, "durable records stay readable");
+}

@@ -1,0 +1,145 @@
+//! The newest appended batches, kept in memory from before their fsync: what an applier reads
+//! early (see [`crate::ChangeLog::read_early`]) instead of waiting for the fsync and reading the
+//! records back from the file and decoding them.
+
+use crate::Offset;
+use std::collections::VecDeque;
+use std::sync::Arc;
+use synapse_schemas::{LogRecord, Relation, RelationKey};
+
+/// Encoded bytes of durable batches kept for readers a little behind the writer (batches not
+/// yet durable are always kept). Bounded so a 1 GB transaction keeps memory flat (bench P7).
+pub(super) const KEEP_DURABLE_BYTES: usize = 8 << 20;
+
+struct Batch {
+    first: Offset,
+    records: Arc<Vec<LogRecord>>,
+    bytes: usize,
+}
+
+impl Batch {
+    fn end(&self) -> Offset {
+        self.first + self.records.len() as Offset
+    }
+}
+
+#[derive(Default)]
+pub(super) struct Tail {
+    batches: VecDeque<Batch>,
+    /// Bumped when batches not yet durable were dropped (their append failed): a reader that
+    /// read them must check its position again.
+    epoch: u64,
+}
+
+impl Tail {
+    pub fn epoch(&self) -> u64 {
+        self.epoch
+    }
+
+    /// A batch about to be written at `first`, which is where the durable records end (one
+    /// writer, appending after its previous append resolved). Durable batches past the byte
+    /// budget are let go.
+    pub fn push(&mut self, first: Offset, records: Arc<Vec<LogRecord>>, bytes: usize) {
+        // Batches past `first` never became durable (an append that failed or was abandoned).
+        self.rewind(first);
+        if self.batches.back().is_some_and(|b| b.end() != first) {
+            self.batches.clear();
+        }
+        let mut kept: usize = self.batches.iter().map(|b| b.bytes).sum();
+        while kept > KEEP_DURABLE_BYTES {
+            let Some(old) = self.batches.pop_front() else { break };
+            kept -= old.bytes;
+        }
+        self.batches.push_back(Batch { first, records, bytes });
+    }
+
+    /// Drops every batch at or after `durable` (their append failed).
+    pub fn rewind(&mut self, durable: Offset) {
+        let before = self.batches.len();
+        self.batches.retain(|b| b.end() <= durable);
+        if self.batches.len() != before {
+            self.epoch += 1;
+        }
+    }
+
+    /// The first offset held, if any.
+    pub fn start(&self) -> Option<Offset> {
+        self.batches.front().map(|b| b.first)
+    }
+
+    /// Up to `max` records from `from` on (contiguous), as shared batches and the range of each
+    /// to take: the caller clones them outside the lock.
+    pub fn slices(&self, from: Offset, max: usize) -> Vec<(Offset, Arc<Vec<LogRecord>>, std::ops::Range<usize>)> {
+        let mut out = Vec::new();
+        let mut at = from;
+        let mut left = max;
+        for b in &self.batches {
+            if left == 0 {
+                break;
+            }
+            if b.end() <= at {
+                continue;
+            }
+            if b.first > at {
+                break; // not contiguous (cannot happen: batches follow each other)
+            }
+            let lo = (at - b.first) as usize;
+            let hi = b.records.len().min(lo + left);
+            out.push((at, b.records.clone(), lo..hi));
+            left -= hi - lo;
+            at = b.first + hi as Offset;
+        }
+        out
+    }
+
+    /// The definition of `key` if a batch held here registers it.
+    pub fn relation(&self, key: RelationKey) -> Option<Relation> {
+        self.batches.iter().rev().flat_map(|b| b.records.iter()).find_map(|r| match r {
+            LogRecord::Relation(rel) if rel.key() == key => Some(rel.clone()),
+            _ => None,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use synapse_schemas::Lsn;
+
+    fn batch(n: usize) -> Arc<Vec<LogRecord>> {
+        Arc::new((0..n).map(|i| LogRecord::Discarded { commit_lsn: Lsn(i as u64) }).collect())
+    }
+
+    #[test]
+    fn slices_span_batches_and_durable_batches_are_bounded() {
+        let mut t = Tail::default();
+        t.push(0, batch(3), 10);
+        t.push(3, batch(2), 10);
+        let s = t.slices(1, 3);
+        assert_eq!(s.iter().map(|(at, _, r)| (*at, r.clone())).collect::<Vec<_>>(), vec![(1, 1..3), (3, 0..1)]);
+        assert!(t.slices(5, 3).is_empty(), "nothing past the end");
+        // Durable batches beyond the budget go, oldest first; the newest is always kept.
+        t.push(5, batch(1), KEEP_DURABLE_BYTES);
+        t.push(6, batch(1), KEEP_DURABLE_BYTES);
+        assert_eq!(t.start(), Some(5));
+        assert_eq!(t.epoch(), 0);
+    }
+
+    #[test]
+    fn a_batch_that_never_became_durable_is_dropped_with_a_new_epoch() {
+        let mut t = Tail::default();
+        t.push(0, batch(3), 10);
+        t.push(3, batch(2), 10);
+        // The append of offsets 3..5 failed: the next one starts again at 3.
+        t.push(3, batch(4), 10);
+        assert_eq!(t.epoch(), 1);
+        assert_eq!(t.slices(0, 10).iter().map(|(_, _, r)| r.len()).sum::<usize>(), 7);
+        t.rewind(3);
+        assert_eq!(t.epoch(), 2);
+        t.rewind(3);
+        assert_eq!(t.epoch(), 2, "nothing more to drop");
+        // A writer that starts elsewhere (the store reopened further on) replaces what is held.
+        t.push(10, batch(1), 10);
+        assert_eq!(t.start(), Some(10));
+    }
+}

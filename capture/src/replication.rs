@@ -25,6 +25,7 @@ use crate::transport::{pg_to_unix_micros, ReplicationMessage, ReplicationStream}
 use crate::{CaptureError, CaptureStats};
 use futures_util::FutureExt;
 use std::collections::{HashMap, HashSet};
+use std::future::Future;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -729,80 +730,153 @@ fn tuple(t: TupleData<'_>) -> Result<Tuple, CaptureError> {
         .map_err(|e| CaptureError::Protocol(format!("unexpected tuple data ({e}); binary mode is not requested")))
 }
 
-/// The log writer: coalesces queued batches into one append (group commit), then publishes the
-/// new durable position.
-async fn write_batches<L: ChangeLog>(
+/// What the writer learns of a batch before it moves into the log, reported once it is durable.
+struct Shipped {
+    commit: Option<(u64, i64)>,
+    events: u64,
+    txns: u64,
+    records: usize,
+    bytes: usize,
+    /// (commit time, commit LSN, xid, events) per transaction, when tracing is on.
+    traced: Vec<(i64, Lsn, u32, u32)>,
+}
+
+/// Staged, not yet durable, while the log writes: beyond this the writer waits for the write
+/// (and capture, once the channel is full, for the writer). Bounds memory (bench P7).
+const MAX_STAGED_RECORDS: usize = 65_536;
+const MAX_STAGED_BYTES: usize = 16 << 20;
+
+/// The log writer: coalesces queued batches and stages them in the log (`ChangeLog::stage`),
+/// which makes them readable early (the appliers apply them meanwhile); one write makes
+/// everything staged durable (group commit), then the new durable position is published. On a
+/// log that does not read early, one batch at a time.
+async fn write_batches<L: ChangeLog + Clone>(
     log: L,
     mut rx: mpsc::Receiver<Batch>,
     durable: watch::Sender<u64>,
     stats: Arc<CaptureStats>,
     source: String,
 ) -> Result<(), CaptureError> {
+    type Write = tokio::task::JoinHandle<Result<(), synapse_log::LogError>>;
     let events_total = metrics::counter!("synapse_capture_events_total", "source" => source.clone());
     let txns_total = metrics::counter!("synapse_capture_transactions_total", "source" => source.clone());
     let durable_lsn = metrics::gauge!("synapse_capture_durable_lsn", "source" => source.clone());
-    while let Some(first) = rx.recv().await {
-        let mut commit = first.commit;
-        let mut queued = first.records.len();
-        let mut more = Vec::new();
-        while queued < 65_536 {
-            match rx.try_recv() {
-                Ok(next) => {
-                    queued += next.records.len();
-                    commit = next.commit.or(commit);
-                    more.push(next.records);
+    let pipelined = log.reads_early();
+    // The write running and what it makes durable; stages since, whose futures the next write
+    // runs in order (the first writes them all; none is dropped: each may carry an error).
+    let mut writing: Option<(Write, Vec<Shipped>)> = None;
+    type Staged = std::pin::Pin<Box<dyn Future<Output = Result<u64, synapse_log::LogError>> + Send>>;
+    let mut staged: Vec<(Staged, Shipped)> = Vec::new();
+    let mut open = true;
+    loop {
+        if writing.is_none() && !staged.is_empty() {
+            let (futures, shipped): (Vec<_>, Vec<_>) = std::mem::take(&mut staged).into_iter().unzip();
+            let write = tokio::spawn(async move {
+                for f in futures {
+                    f.await?;
                 }
-                Err(_) => break,
-            }
+                Ok(())
+            });
+            writing = Some((write, shipped));
         }
-        // Coalesced into one vector sized once (not grown batch by batch).
-        let records = if more.is_empty() {
-            first.records
+        let in_flight = staged.iter().map(|(_, s)| s).chain(writing.iter().flat_map(|(_, s)| s));
+        let (records, bytes) = in_flight.fold((0, 0), |(r, b), s| (r + s.records, b + s.bytes));
+        let room = if pipelined {
+            records < MAX_STAGED_RECORDS && bytes < MAX_STAGED_BYTES
         } else {
-            let mut all = Vec::with_capacity(queued);
-            all.extend(first.records);
-            more.into_iter().for_each(|m| all.extend(m));
-            all
+            writing.is_none() && staged.is_empty()
         };
-        let (mut events, mut txns) = (0u64, 0u64);
-        for r in &records {
-            match r {
-                LogRecord::Change(_) | LogRecord::Truncate(_) => events += 1,
-                LogRecord::Commit(_) => txns += 1,
-                _ => {}
-            }
+        if !open && writing.is_none() {
+            return Ok(());
         }
-        // Spans are made from the records before they move into the log.
-        let traced: Vec<(i64, Lsn, u32, u32)> = if synapse_schemas::trace::enabled() {
-            let mut xid = 0;
-            records
-                .iter()
-                .filter_map(|r| match r {
-                    LogRecord::Begin(b) => {
-                        xid = b.xid;
-                        None
+        tokio::select! {
+            done = async {
+                match writing.as_mut() {
+                    Some((w, _)) => w.await,
+                    None => std::future::pending().await,
+                }
+            }, if writing.is_some() => {
+                done.map_err(|e| CaptureError::Log(synapse_log::LogError::TaskFailed(e)))??;
+                let shipped = writing.take().map(|(_, s)| s).unwrap_or_default();
+                for s in shipped {
+                    trace_durable(&source, &s.traced);
+                    stats.events.fetch_add(s.events, Ordering::Relaxed);
+                    stats.transactions.fetch_add(s.txns, Ordering::Relaxed);
+                    events_total.increment(s.events);
+                    txns_total.increment(s.txns);
+                    if let Some((end, time)) = s.commit {
+                        stats.durable_lsn.store(end, Ordering::Relaxed);
+                        stats.last_commit_time_us.store(time, Ordering::Relaxed);
+                        durable_lsn.set(end as f64);
+                        durable.send_replace(end);
                     }
-                    LogRecord::Commit(c) => Some((c.commit_time_us, c.commit_lsn, xid, c.event_count)),
-                    _ => None,
-                })
-                .collect()
-        } else {
-            Vec::new()
-        };
-        log.append(records).await?;
-        trace_durable(&source, &traced);
-        stats.events.fetch_add(events, Ordering::Relaxed);
-        stats.transactions.fetch_add(txns, Ordering::Relaxed);
-        events_total.increment(events);
-        txns_total.increment(txns);
-        if let Some((end, time)) = commit {
-            stats.durable_lsn.store(end, Ordering::Relaxed);
-            stats.last_commit_time_us.store(time, Ordering::Relaxed);
-            durable_lsn.set(end as f64);
-            durable.send_replace(end);
+                }
+            }
+            batch = rx.recv(), if room && open => {
+                let Some(first) = batch else {
+                    open = false;
+                    continue;
+                };
+                let (records, shipped) = coalesce(first, &mut rx);
+                staged.push((Box::pin(log.stage(records)), shipped));
+            }
         }
     }
-    Ok(())
+}
+
+/// `first` and whatever more is queued (up to 65,536 records) as one vector sized once, and
+/// what to report of it once durable.
+fn coalesce(first: Batch, rx: &mut mpsc::Receiver<Batch>) -> (Vec<LogRecord>, Shipped) {
+    let mut commit = first.commit;
+    let mut queued = first.records.len();
+    let mut bytes = first.bytes;
+    let mut more = Vec::new();
+    while queued < 65_536 {
+        match rx.try_recv() {
+            Ok(next) => {
+                queued += next.records.len();
+                bytes += next.bytes;
+                commit = next.commit.or(commit);
+                more.push(next.records);
+            }
+            Err(_) => break,
+        }
+    }
+    let records = if more.is_empty() {
+        first.records
+    } else {
+        let mut all = Vec::with_capacity(queued);
+        all.extend(first.records);
+        more.into_iter().for_each(|m| all.extend(m));
+        all
+    };
+    let (mut events, mut txns) = (0u64, 0u64);
+    for r in &records {
+        match r {
+            LogRecord::Change(_) | LogRecord::Truncate(_) => events += 1,
+            LogRecord::Commit(_) => txns += 1,
+            _ => {}
+        }
+    }
+    // Spans are made from the records before they move into the log.
+    let traced: Vec<(i64, Lsn, u32, u32)> = if synapse_schemas::trace::enabled() {
+        let mut xid = 0;
+        records
+            .iter()
+            .filter_map(|r| match r {
+                LogRecord::Begin(b) => {
+                    xid = b.xid;
+                    None
+                }
+                LogRecord::Commit(c) => Some((c.commit_time_us, c.commit_lsn, xid, c.event_count)),
+                _ => None,
+            })
+            .collect()
+    } else {
+        Vec::new()
+    };
+    let shipped = Shipped { commit, events, txns, records: records.len(), bytes, traced };
+    (records, shipped)
 }
 
 /// One span per transaction now durable in the log: source commit → durable

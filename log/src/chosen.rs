@@ -1,6 +1,7 @@
 //! The log a deployment chose in its configuration, as one type the pipeline can hold.
 
 use crate::{ChangeLog, EmbeddedLog, KafkaLog, LogError, Offset, Seek, WriterState};
+use std::future::Future;
 use std::time::Duration;
 use synapse_schemas::{Cursor, LogRecord, Relation, RelationKey, ResyncMark};
 
@@ -25,6 +26,12 @@ macro_rules! delegate {
 impl ChangeLog for SourceLog {
     async fn append(&self, records: Vec<LogRecord>) -> Result<Offset, LogError> {
         delegate!(self, l => l.append(records).await)
+    }
+
+    fn stage(&self, records: Vec<LogRecord>) -> impl Future<Output = Result<Offset, LogError>> + Send + 'static {
+        let staged: std::pin::Pin<Box<dyn Future<Output = Result<Offset, LogError>> + Send>> =
+            delegate!(self, l => Box::pin(l.stage(records)));
+        staged
     }
 
     async fn read(&self, from: Offset, max: usize) -> Result<Vec<(Offset, LogRecord)>, LogError> {

@@ -97,6 +97,21 @@ pub trait ChangeLog: Send + Sync + 'static {
     /// Appends `records` in order; resolves once they are durable. Returns the offset of the last.
     fn append(&self, records: Vec<LogRecord>) -> impl Future<Output = Result<Offset, LogError>> + Send;
 
+    /// Appends in two steps, for a writer that keeps going while the log writes: the call gives
+    /// `records` their offsets (in call order) and, on a log that reads early, makes them
+    /// readable early at once; the future resolves once they are durable, with the offset of
+    /// the last. Futures of successive stages may run concurrently on a log that reads early
+    /// (the embedded log writes everything staged in one store transaction); on other logs the
+    /// records are appended when the future first runs, so each must resolve before the next
+    /// `stage` is called.
+    fn stage(&self, records: Vec<LogRecord>) -> impl Future<Output = Result<Offset, LogError>> + Send + 'static
+    where
+        Self: Clone,
+    {
+        let log = self.clone();
+        async move { log.append(records).await }
+    }
+
     /// Reads up to `max` records starting at `from` (records below retention are skipped).
     fn read(&self, from: Offset, max: usize)
         -> impl Future<Output = Result<Vec<(Offset, LogRecord)>, LogError>> + Send;

@@ -8,6 +8,8 @@
 
 use crate::{ChangeLog, LogError, Offset, Seek, WriterState};
 use redb::{Database, ReadableTable, TableDefinition};
+use std::collections::VecDeque;
+use std::future::Future;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -51,6 +53,19 @@ pub struct EmbeddedLogOptions {
     pub unsafe_no_fsync: bool,
 }
 
+/// A batch encoded and given its offsets, waiting for the next store write.
+struct Staged {
+    records: Arc<Vec<LogRecord>>,
+    frames: Vec<u8>,
+    spans: Vec<std::ops::Range<usize>>,
+}
+
+#[derive(Default)]
+struct Newest {
+    tail: tail::Tail,
+    staged: VecDeque<Staged>,
+}
+
 /// The one-machine [`ChangeLog`]. Cheap to clone; clones share the file.
 #[derive(Clone)]
 pub struct EmbeddedLog {
@@ -68,9 +83,11 @@ struct Inner {
     head: watch::Sender<Offset>,
     /// The end of the records readable early: `head` plus the batch being written.
     early: watch::Sender<Offset>,
-    tail: std::sync::Mutex<tail::Tail>,
-    /// One append at a time: the tail gives a batch its offsets before the store does.
-    writer: tokio::sync::Mutex<()>,
+    /// The newest batches (readable early) and those staged but not yet written, under one
+    /// lock: a batch gets its offsets, its place in the tail and in the write queue at once.
+    newest: std::sync::Mutex<Newest>,
+    /// One store write at a time; it writes every batch staged so far (group commit).
+    flusher: tokio::sync::Mutex<()>,
     options: EmbeddedLogOptions,
 }
 
@@ -109,11 +126,50 @@ impl EmbeddedLog {
                 label: path.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default(),
                 head,
                 early,
-                tail: Default::default(),
-                writer: Default::default(),
+                newest: Default::default(),
+                flusher: Default::default(),
                 options,
             }),
         })
+    }
+
+    /// Resolves once every record below `end` is durable: writes everything staged so far in
+    /// one store transaction unless a write running already covers `end`.
+    async fn flush(&self, end: Offset) -> Result<(), LogError> {
+        let _flusher = self.inner.flusher.lock().await;
+        if *self.inner.head.borrow() >= end {
+            return Ok(());
+        }
+        let batches: Vec<Staged> = self.inner.newest().staged.drain(..).collect();
+        if batches.is_empty() {
+            // Staged, then dropped by a failed write before it.
+            return Err(LogError::Rewound { offset: *self.inner.head.borrow() });
+        }
+        let started = Instant::now();
+        let count: u64 = batches.iter().map(|b| b.records.len() as u64).sum();
+        let bytes: u64 = batches.iter().map(|b| b.frames.len() as u64).sum();
+        let written = self
+            .blocking(move |inner, db| {
+                let result = write_batches(inner, db, &batches);
+                if result.is_err() {
+                    inner.rewind();
+                }
+                result
+            })
+            .await;
+        if let Err(e) = written {
+            self.inner.rewind();
+            return Err(e);
+        }
+        // One series per log file: each source has its own.
+        let log = self.inner.label.clone();
+        metrics::counter!("synapse_log_appended_records_total", "log" => log.clone()).increment(count);
+        metrics::counter!("synapse_log_appended_bytes_total", "log" => log.clone()).increment(bytes);
+        metrics::histogram!("synapse_log_append_seconds", "log" => log).record(started.elapsed().as_secs_f64());
+        if *self.inner.head.borrow() < end {
+            return Err(LogError::Rewound { offset: *self.inner.head.borrow() });
+        }
+        Ok(())
     }
 
     async fn blocking<T: Send + 'static>(
@@ -134,24 +190,41 @@ impl EmbeddedLog {
 }
 
 impl Inner {
-    fn tail(&self) -> std::sync::MutexGuard<'_, tail::Tail> {
-        // The tail holds no invariant a panicking holder could break half-way.
-        self.tail.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    fn newest(&self) -> std::sync::MutexGuard<'_, Newest> {
+        // Neither holds an invariant a panicking holder could break half-way.
+        self.newest.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
-    /// Makes a batch readable early, before it is written.
-    fn publish(&self, first: Offset, records: Arc<Vec<LogRecord>>, bytes: usize) {
+    /// Encodes `records`, gives them the next offsets, makes them readable early and queues
+    /// them for the next store write. Returns the offset after the last.
+    fn stage(&self, records: Vec<LogRecord>) -> Result<Offset, LogError> {
+        // Encoded on the caller's thread, straight into length-prefixed frames.
+        let mut frames: Vec<u8> = Vec::with_capacity(records.len() * 64);
+        let mut spans = Vec::with_capacity(records.len());
+        for r in &records {
+            let at = frames.len();
+            frames.extend_from_slice(&[0; 4]);
+            frames = postcard::to_extend(r, frames).map_err(LogError::Encode)?;
+            let len = (frames.len() - at - 4) as u32;
+            frames[at..at + 4].copy_from_slice(&len.to_le_bytes());
+            spans.push(at..frames.len());
+        }
+        let records = Arc::new(records);
+        let mut newest = self.newest();
+        let first = *self.early.borrow();
         let end = first + records.len() as Offset;
-        let mut tail = self.tail();
-        tail.push(first, records, bytes);
+        newest.tail.push(first, records.clone(), frames.len(), *self.head.borrow());
+        newest.staged.push_back(Staged { records, frames, spans });
         self.early.send_replace(end);
+        Ok(end)
     }
 
-    /// Forgets what was readable early but never became durable (its append failed).
+    /// Forgets what was staged or readable early but never became durable (a write failed).
     fn rewind(&self) {
-        let mut tail = self.tail();
+        let mut newest = self.newest();
         let durable = *self.head.borrow();
-        tail.rewind(durable);
+        newest.tail.rewind(durable);
+        newest.staged.clear();
         self.early.send_replace(durable);
     }
 
@@ -222,15 +295,9 @@ fn write_err<E: Into<redb::Error>>(e: E) -> Box<redb::Error> {
     Box::new(e.into())
 }
 
-/// Writes one encoded batch and its index entries in one store transaction (one fsync), then
-/// moves the durable head. Returns the offset of the batch's last record.
-fn write_batch(
-    inner: &Inner,
-    db: &Database,
-    records: &[LogRecord],
-    frames: &[u8],
-    spans: &[std::ops::Range<usize>],
-) -> Result<u64, Box<redb::Error>> {
+/// Writes staged batches and their index entries in one store transaction (one fsync), then
+/// moves the durable head. Each batch starts a chunk.
+fn write_batches(inner: &Inner, db: &Database, batches: &[Staged]) -> Result<(), Box<redb::Error>> {
     let mut tx = db.begin_write().map_err(write_err)?;
     if inner.options.unsafe_no_fsync {
         tx.set_durability(redb::Durability::None);
@@ -247,59 +314,61 @@ fn write_batch(
         let mut next = meta.get(NEXT_OFFSET).map_err(write_err)?.map(|v| v.value()).unwrap_or(0);
         let mut open = meta.get(OPEN_TXN).map_err(write_err)?.map(|v| v.value());
         let mut last_end = None;
-        let mut chunk_start = next;
-        let mut chunk_from = 0;
-        for (r, span) in records.iter().zip(spans) {
-            if next > chunk_start
-                && (next - chunk_start >= CHUNK_RECORDS as u64 || span.start - chunk_from >= CHUNK_BYTES)
-            {
-                table.insert(chunk_start, &frames[chunk_from..span.start]).map_err(write_err)?;
-                chunk_start = next;
-                chunk_from = span.start;
+        for Staged { records, frames, spans } in batches {
+            let mut chunk_start = next;
+            let mut chunk_from = 0;
+            for (r, span) in records.iter().zip(spans) {
+                if next > chunk_start
+                    && (next - chunk_start >= CHUNK_RECORDS as u64 || span.start - chunk_from >= CHUNK_BYTES)
+                {
+                    table.insert(chunk_start, &frames[chunk_from..span.start]).map_err(write_err)?;
+                    chunk_start = next;
+                    chunk_from = span.start;
+                }
+                let offset = next;
+                next += 1;
+                match r {
+                    LogRecord::Begin(b) => {
+                        open = Some(b.commit_lsn.0);
+                        begun = Some((b.commit_lsn.0, offset, b.commit_time_us));
+                    }
+                    LogRecord::Commit(c) => {
+                        open = None;
+                        last_end = Some(c.end_lsn.0);
+                        let lsn = c.commit_lsn.0;
+                        let begin = match begun.take() {
+                            Some((l, b, _)) if l == lsn => Some(b),
+                            _ => txns.get(lsn).map_err(write_err)?.map(|v| v.value().0),
+                        };
+                        if let Some(b) = begin {
+                            txns.insert(lsn, (b, offset, c.event_count, c.commit_time_us)).map_err(write_err)?;
+                        }
+                    }
+                    LogRecord::Discarded { commit_lsn } => {
+                        open = None;
+                        begun = None;
+                        let partial = txns.get(commit_lsn.0).map_err(write_err)?.map(|v| v.value().1 == OPEN);
+                        if partial == Some(true) {
+                            txns.remove(commit_lsn.0).map_err(write_err)?;
+                        }
+                    }
+                    LogRecord::Relation(rel) => {
+                        let k = rel.key();
+                        rels.insert((k.oid, k.version), &frames[span.start + 4..span.end]).map_err(write_err)?;
+                        history.insert((k.oid, offset), k.version).map_err(write_err)?;
+                    }
+                    LogRecord::Resync(_) => {
+                        resyncs.insert(offset, &frames[span.start + 4..span.end]).map_err(write_err)?;
+                    }
+                    _ => {}
+                }
             }
-            let offset = next;
-            next += 1;
-            match r {
-                LogRecord::Begin(b) => {
-                    open = Some(b.commit_lsn.0);
-                    begun = Some((b.commit_lsn.0, offset, b.commit_time_us));
-                }
-                LogRecord::Commit(c) => {
-                    open = None;
-                    last_end = Some(c.end_lsn.0);
-                    let lsn = c.commit_lsn.0;
-                    let begin = match begun.take() {
-                        Some((l, b, _)) if l == lsn => Some(b),
-                        _ => txns.get(lsn).map_err(write_err)?.map(|v| v.value().0),
-                    };
-                    if let Some(b) = begin {
-                        txns.insert(lsn, (b, offset, c.event_count, c.commit_time_us)).map_err(write_err)?;
-                    }
-                }
-                LogRecord::Discarded { commit_lsn } => {
-                    open = None;
-                    begun = None;
-                    let partial = txns.get(commit_lsn.0).map_err(write_err)?.map(|v| v.value().1 == OPEN);
-                    if partial == Some(true) {
-                        txns.remove(commit_lsn.0).map_err(write_err)?;
-                    }
-                }
-                LogRecord::Relation(rel) => {
-                    let k = rel.key();
-                    rels.insert((k.oid, k.version), &frames[span.start + 4..span.end]).map_err(write_err)?;
-                    history.insert((k.oid, offset), k.version).map_err(write_err)?;
-                }
-                LogRecord::Resync(_) => {
-                    resyncs.insert(offset, &frames[span.start + 4..span.end]).map_err(write_err)?;
-                }
-                _ => {}
+            if chunk_from < frames.len() {
+                table.insert(chunk_start, &frames[chunk_from..]).map_err(write_err)?;
             }
         }
         if let Some((lsn, b, t)) = begun {
             txns.insert(lsn, (b, OPEN, 0, t)).map_err(write_err)?;
-        }
-        if chunk_from < frames.len() {
-            table.insert(chunk_start, &frames[chunk_from..]).map_err(write_err)?;
         }
         meta.insert(NEXT_OFFSET, next).map_err(write_err)?;
         match open {
@@ -313,51 +382,24 @@ fn write_batch(
     };
     tx.commit().map_err(write_err)?;
     inner.head.send_replace(next);
-    Ok(next - 1)
+    Ok(())
 }
 
 impl ChangeLog for EmbeddedLog {
     async fn append(&self, records: Vec<LogRecord>) -> Result<Offset, LogError> {
-        let _writer = self.inner.writer.lock().await;
-        let started = Instant::now();
-        let count = records.len() as u64;
-        // Encoded on the caller's thread, straight into length-prefixed frames.
-        let mut frames: Vec<u8> = Vec::with_capacity(records.len() * 64);
-        let mut spans = Vec::with_capacity(records.len());
-        for r in &records {
-            let at = frames.len();
-            frames.extend_from_slice(&[0; 4]);
-            frames = postcard::to_extend(r, frames).map_err(LogError::Encode)?;
-            let len = (frames.len() - at - 4) as u32;
-            frames[at..at + 4].copy_from_slice(&len.to_le_bytes());
-            spans.push(at..frames.len());
+        let end = self.inner.stage(records)?;
+        self.flush(end).await?;
+        Ok(end - 1)
+    }
+
+    fn stage(&self, records: Vec<LogRecord>) -> impl Future<Output = Result<Offset, LogError>> + Send + 'static {
+        let staged = self.inner.stage(records);
+        let log = self.clone();
+        async move {
+            let end = staged?;
+            log.flush(end).await?;
+            Ok(end - 1)
         }
-        let bytes = frames.len();
-        let records = Arc::new(records);
-        let first = *self.inner.head.borrow();
-        self.inner.publish(first, records.clone(), bytes);
-        let written = self
-            .blocking(move |inner, db| {
-                let result = write_batch(inner, db, &records, &frames, &spans);
-                if result.is_err() {
-                    inner.rewind();
-                }
-                result
-            })
-            .await;
-        let last = match written {
-            Ok(last) => last,
-            Err(e) => {
-                self.inner.rewind();
-                return Err(e);
-            }
-        };
-        // One series per log file: each source has its own.
-        let log = self.inner.label.clone();
-        metrics::counter!("synapse_log_appended_records_total", "log" => log.clone()).increment(count);
-        metrics::counter!("synapse_log_appended_bytes_total", "log" => log.clone()).increment(bytes as u64);
-        metrics::histogram!("synapse_log_append_seconds", "log" => log).record(started.elapsed().as_secs_f64());
-        Ok(last)
     }
 
     async fn read(&self, from: Offset, max: usize) -> Result<Vec<(Offset, LogRecord)>, LogError> {
@@ -412,7 +454,7 @@ impl ChangeLog for EmbeddedLog {
 
     async fn read_early(&self, from: Offset, max: usize, epoch: u64) -> Result<Vec<(Offset, LogRecord)>, LogError> {
         let slices = {
-            let tail = self.inner.tail();
+            let tail = &self.inner.newest().tail;
             if tail.epoch() != epoch {
                 return Err(LogError::Rewound { offset: from });
             }
@@ -435,7 +477,7 @@ impl ChangeLog for EmbeddedLog {
     }
 
     fn early_epoch(&self) -> u64 {
-        self.inner.tail().epoch()
+        self.inner.newest().tail.epoch()
     }
 
     fn early_head(&self) -> Offset {
@@ -449,7 +491,7 @@ impl ChangeLog for EmbeddedLog {
 
     async fn relation(&self, key: RelationKey) -> Result<Option<Relation>, LogError> {
         // Registered by a batch still being written, for a reader that read it early.
-        if let Some(rel) = self.inner.tail().relation(key) {
+        if let Some(rel) = self.inner.newest().tail.relation(key) {
             return Ok(Some(rel));
         }
         let raw = self

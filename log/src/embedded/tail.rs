@@ -36,19 +36,19 @@ impl Tail {
         self.epoch
     }
 
-    /// A batch about to be written at `first`, which is where the durable records end (one
-    /// writer, appending after its previous append resolved). Durable batches past the byte
-    /// budget are let go.
-    pub fn push(&mut self, first: Offset, records: Arc<Vec<LogRecord>>, bytes: usize) {
-        // Batches past `first` never became durable (an append that failed or was abandoned).
-        self.rewind(first);
+    /// A batch given offsets from `first` on (where the last one held ends). Batches below
+    /// `durable` past the byte budget are let go; those not yet written never are.
+    pub fn push(&mut self, first: Offset, records: Arc<Vec<LogRecord>>, bytes: usize, durable: Offset) {
         if self.batches.back().is_some_and(|b| b.end() != first) {
-            self.batches.clear();
+            self.batches.clear(); // the store was reopened further on: start again
         }
         let mut kept: usize = self.batches.iter().map(|b| b.bytes).sum();
         while kept > KEEP_DURABLE_BYTES {
-            let Some(old) = self.batches.pop_front() else { break };
-            kept -= old.bytes;
+            match self.batches.front() {
+                Some(old) if old.end() <= durable => kept -= old.bytes,
+                _ => break,
+            }
+            self.batches.pop_front();
         }
         self.batches.push_back(Batch { first, records, bytes });
     }
@@ -113,33 +113,33 @@ mod tests {
     #[test]
     fn slices_span_batches_and_durable_batches_are_bounded() {
         let mut t = Tail::default();
-        t.push(0, batch(3), 10);
-        t.push(3, batch(2), 10);
+        t.push(0, batch(3), 10, 0);
+        t.push(3, batch(2), 10, 0);
         let s = t.slices(1, 3);
         assert_eq!(s.iter().map(|(at, _, r)| (*at, r.clone())).collect::<Vec<_>>(), vec![(1, 1..3), (3, 0..1)]);
         assert!(t.slices(5, 3).is_empty(), "nothing past the end");
-        // Durable batches beyond the budget go, oldest first; the newest is always kept.
-        t.push(5, batch(1), KEEP_DURABLE_BYTES);
-        t.push(6, batch(1), KEEP_DURABLE_BYTES);
-        assert_eq!(t.start(), Some(5));
+        // Batches not yet durable stay, whatever their size.
+        t.push(5, batch(1), KEEP_DURABLE_BYTES, 0);
+        t.push(6, batch(1), KEEP_DURABLE_BYTES, 0);
+        assert_eq!(t.start(), Some(0));
+        // Durable ones beyond the budget go, oldest first.
+        t.push(7, batch(1), KEEP_DURABLE_BYTES, 6);
+        assert_eq!(t.start(), Some(6));
         assert_eq!(t.epoch(), 0);
     }
 
     #[test]
-    fn a_batch_that_never_became_durable_is_dropped_with_a_new_epoch() {
+    fn batches_that_never_became_durable_are_dropped_with_a_new_epoch() {
         let mut t = Tail::default();
-        t.push(0, batch(3), 10);
-        t.push(3, batch(2), 10);
-        // The append of offsets 3..5 failed: the next one starts again at 3.
-        t.push(3, batch(4), 10);
+        t.push(0, batch(3), 10, 0);
+        t.push(3, batch(2), 10, 3);
+        t.rewind(3);
         assert_eq!(t.epoch(), 1);
-        assert_eq!(t.slices(0, 10).iter().map(|(_, _, r)| r.len()).sum::<usize>(), 7);
+        assert_eq!(t.slices(0, 10).iter().map(|(_, _, r)| r.len()).sum::<usize>(), 3);
         t.rewind(3);
-        assert_eq!(t.epoch(), 2);
-        t.rewind(3);
-        assert_eq!(t.epoch(), 2, "nothing more to drop");
+        assert_eq!(t.epoch(), 1, "nothing more to drop");
         // A writer that starts elsewhere (the store reopened further on) replaces what is held.
-        t.push(10, batch(1), 10);
+        t.push(10, batch(1), 10, 10);
         assert_eq!(t.start(), Some(10));
     }
 }

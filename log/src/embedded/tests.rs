@@ -181,8 +181,8 @@ async fn readers_wake_on_append() {
 }
 
 /// A batch is readable early (`read_early`) from before its write, not by `read`; consumer
-/// positions never pass the durable records; a failed append drops what was readable early
-/// and tells readers of the old epoch.
+/// positions never pass the durable records; a failed write drops everything staged and
+/// readable early and tells readers of the old epoch.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn early_reads_see_a_batch_before_its_fsync_and_learn_of_a_failed_append() {
     let dir = tempfile::tempdir().unwrap();
@@ -204,7 +204,7 @@ async fn early_reads_see_a_batch_before_its_fsync_and_learn_of_a_failed_append()
     };
     let mut pending = txn(200, 2);
     pending.insert(1, LogRecord::Relation(rel.clone()));
-    log.inner.publish(5, Arc::new(pending.clone()), 100);
+    assert_eq!(log.inner.stage(pending.clone()).unwrap(), 10);
     assert_eq!((log.next_offset(), log.early_head()), (5, 10));
     assert!(log.read(5, 10).await.unwrap().is_empty(), "not durable: not for read");
     let early = log.read_early(5, 10, 0).await.unwrap();
@@ -226,4 +226,23 @@ async fn early_reads_see_a_batch_before_its_fsync_and_learn_of_a_failed_append()
     assert_eq!(err.code(), "LOG012");
     assert!(err.is_transient());
     assert!(log.read_early(0, 10, log.early_epoch()).await.unwrap().len() == 5, "durable records stay readable");
+}
+
+/// Batches staged while a write runs are readable early at once, and the next write takes
+/// them all (one fsync); each stage's future resolves once its records are durable.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stages_are_readable_at_once_and_written_together() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = EmbeddedLog::open(&dir.path().join("a.redb"), Default::default()).unwrap();
+    let first = log.stage(txn(100, 2));
+    let second = log.stage(txn(200, 3));
+    assert_eq!((log.next_offset(), log.early_head()), (0, 9));
+    assert_eq!(log.read_early(0, 100, 0).await.unwrap().len(), 9);
+    // The second's future writes both; the first's then finds its records durable.
+    assert_eq!(second.await.unwrap(), 8);
+    assert_eq!(log.next_offset(), 9);
+    assert_eq!(first.await.unwrap(), 3);
+    let read = log.read(0, 100).await.unwrap();
+    assert_eq!(read.into_iter().map(|(_, r)| r).collect::<Vec<_>>(), [txn(100, 2), txn(200, 3)].concat());
+    assert_eq!(log.seek(Cursor { commit_lsn: Lsn(200), index: 0 }).await.unwrap(), Seek::At(4));
 }

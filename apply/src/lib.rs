@@ -319,6 +319,8 @@ struct Session<'a, L> {
     last_commit: Option<Commit>,
     committed_offset: Offset,
     last_consumer_commit: Instant,
+    /// The position report to the log still running, if any (see `Session::report_position`).
+    reporting: Option<tokio::task::JoinHandle<()>>,
     group_started: Instant,
     /// A schema change ran in this group: commit at its transaction's end (an enum's new
     /// value cannot be used in the transaction that added it; the target's locks go sooner).
@@ -392,6 +394,7 @@ impl Applier {
             last_commit: None,
             committed_offset: start,
             last_consumer_commit: Instant::now(),
+            reporting: None,
             group_started: Instant::now(),
             schema_changed: false,
             copy_owed: false,
@@ -589,7 +592,7 @@ impl Applier {
     }
 }
 
-impl<L: ChangeLog> Session<'_, L> {
+impl<L: ChangeLog + Clone> Session<'_, L> {
     /// The relation and target table for a change, or None when the change must be skipped
     /// because the initial copy already contains it.
     async fn table(
@@ -768,10 +771,27 @@ impl<L: ChangeLog> Session<'_, L> {
             stats.last_commit_time_us.store(time, Ordering::Relaxed);
         }
         if report {
-            self.log.commit_consumer(&self.applier.config.consumer, next_offset).await?;
-            self.last_consumer_commit = Instant::now();
+            self.report_position(next_offset);
         }
         self.announce_burials().await
+    }
+
+    /// Tells the log (retention) that everything below `next` is applied, on a task of its own:
+    /// the report is a write to the log, which waits behind the capture's write and fsync, and
+    /// the applier must not (bench P4's stalls). Positions are advisory there and only grow: a
+    /// report that fails or is still running when the next is due is replaced by the next.
+    fn report_position(&mut self, next: Offset) {
+        if self.reporting.as_ref().is_some_and(|r| !r.is_finished()) {
+            return;
+        }
+        let log = self.log.clone();
+        let consumer = self.applier.config.consumer.clone();
+        self.reporting = Some(tokio::spawn(async move {
+            if let Err(e) = log.commit_consumer(&consumer, next).await {
+                tracing::warn!(%consumer, error = %e, "reporting the applied position to the log failed; the next report retries");
+            }
+        }));
+        self.last_consumer_commit = Instant::now();
     }
 
     /// Turns the unique-key burials committed here into events every node applies, on a

@@ -8,7 +8,7 @@ use synapse_schemas::Lsn;
 /// removes is gone: duplicate column, table, object; undefined column, table, object.
 const ALREADY_CODES: [&str; 6] = ["42701", "42P07", "42710", "42703", "42P01", "42704"];
 
-impl<L: ChangeLog> Session<'_, L> {
+impl<L: ChangeLog + Clone> Session<'_, L> {
     /// Runs a source's schema change in the open target transaction (see [`ddl`]), unless an
     /// operator recorded it in `synapse.schema_skips`. What this session knew of table shapes
     /// is forgotten: the changes after it bring their new relation versions.

@@ -8,8 +8,12 @@ use std::sync::Arc;
 use synapse_schemas::{LogRecord, Relation, RelationKey};
 
 /// Encoded bytes of durable batches kept for readers a little behind the writer (batches not
-/// yet durable are always kept). Bounded so a 1 GB transaction keeps memory flat (bench P7).
-pub(super) const KEEP_DURABLE_BYTES: usize = 8 << 20;
+/// yet durable are always kept). Small: an applier at the head reads a batch as it is staged,
+/// one further behind reads the file; records held longer are freed late, which cost bench P4
+/// stalls in the allocator's page purging (8 MiB: p99 16–30 ms alone, 1 MiB: see BENCHMARKS).
+pub(super) const KEEP_DURABLE_BYTES: usize = 1 << 20;
+/// Durable batches kept at most: live traffic stages many small batches.
+const KEEP_DURABLE_BATCHES: usize = 16;
 
 struct Batch {
     first: Offset,
@@ -26,6 +30,8 @@ impl Batch {
 #[derive(Default)]
 pub(super) struct Tail {
     batches: VecDeque<Batch>,
+    /// Encoded bytes of `batches`.
+    bytes: usize,
     /// Bumped when batches not yet durable were dropped (their append failed): a reader that
     /// read them must check its position again.
     epoch: u64,
@@ -41,15 +47,16 @@ impl Tail {
     pub fn push(&mut self, first: Offset, records: Arc<Vec<LogRecord>>, bytes: usize, durable: Offset) {
         if self.batches.back().is_some_and(|b| b.end() != first) {
             self.batches.clear(); // the store was reopened further on: start again
+            self.bytes = 0;
         }
-        let mut kept: usize = self.batches.iter().map(|b| b.bytes).sum();
-        while kept > KEEP_DURABLE_BYTES {
+        while self.bytes > KEEP_DURABLE_BYTES || self.batches.len() > KEEP_DURABLE_BATCHES {
             match self.batches.front() {
-                Some(old) if old.end() <= durable => kept -= old.bytes,
+                Some(old) if old.end() <= durable => self.bytes -= old.bytes,
                 _ => break,
             }
             self.batches.pop_front();
         }
+        self.bytes += bytes;
         self.batches.push_back(Batch { first, records, bytes });
     }
 
@@ -57,6 +64,7 @@ impl Tail {
     pub fn rewind(&mut self, durable: Offset) {
         let before = self.batches.len();
         self.batches.retain(|b| b.end() <= durable);
+        self.bytes = self.batches.iter().map(|b| b.bytes).sum();
         if self.batches.len() != before {
             self.epoch += 1;
         }
@@ -73,7 +81,9 @@ impl Tail {
         let mut out = Vec::new();
         let mut at = from;
         let mut left = max;
-        for b in &self.batches {
+        // Batches are in offset order: start at the one holding `from`.
+        let skip = self.batches.partition_point(|b| b.end() <= from);
+        for b in self.batches.range(skip..) {
             if left == 0 {
                 break;
             }

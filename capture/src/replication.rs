@@ -742,9 +742,14 @@ struct Shipped {
 }
 
 /// Staged, not yet durable, while the log writes: beyond this the writer waits for the write
-/// (and capture, once the channel is full, for the writer). Bounds memory (bench P7).
-const MAX_STAGED_RECORDS: usize = 65_536;
-const MAX_STAGED_BYTES: usize = 16 << 20;
+/// (and capture, once the channel is full, for the writer). Bounds memory: a staged record is
+/// held decoded and encoded until written (bench P7 on protocol 1, where capture outruns the
+/// log: 65,536 records / 16 MiB peaked at 305 MiB).
+const MAX_STAGED_RECORDS: usize = 16_384;
+const MAX_STAGED_BYTES: usize = 8 << 20;
+/// Records coalesced into one append where each append is a write (logs that do not stage):
+/// one fsync for many batches. A staging log writes everything staged at once anyway.
+const MAX_COALESCED: usize = 65_536;
 
 /// The log writer: coalesces queued batches and stages them in the log (`ChangeLog::stage`),
 /// which makes them readable early (the appliers apply them meanwhile); one write makes
@@ -817,21 +822,22 @@ async fn write_batches<L: ChangeLog + Clone>(
                     open = false;
                     continue;
                 };
-                let (records, shipped) = coalesce(first, &mut rx);
+                let limit = if pipelined { MAX_STAGED_RECORDS } else { MAX_COALESCED };
+                let (records, shipped) = coalesce(first, &mut rx, limit);
                 staged.push((Box::pin(log.stage(records)), shipped));
             }
         }
     }
 }
 
-/// `first` and whatever more is queued (up to 65,536 records) as one vector sized once, and
+/// `first` and whatever more is queued (up to `limit` records) as one vector sized once, and
 /// what to report of it once durable.
-fn coalesce(first: Batch, rx: &mut mpsc::Receiver<Batch>) -> (Vec<LogRecord>, Shipped) {
+fn coalesce(first: Batch, rx: &mut mpsc::Receiver<Batch>, limit: usize) -> (Vec<LogRecord>, Shipped) {
     let mut commit = first.commit;
     let mut queued = first.records.len();
     let mut bytes = first.bytes;
     let mut more = Vec::new();
-    while queued < 65_536 {
+    while queued < limit {
         match rx.try_recv() {
             Ok(next) => {
                 queued += next.records.len();

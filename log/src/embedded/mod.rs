@@ -1,8 +1,9 @@
 //! The embedded log: one redb file per source node.
 //!
 //! Why redb: pure Rust (no C toolchain), ACID write transactions with a single fsync at commit
-//! (so one `append` = one group commit), MVCC readers that never block the writer, and a stable
-//! file format. Records are stored in chunks (up to [`CHUNK_RECORDS`] records or [`CHUNK_BYTES`]
+//! (one write takes every batch staged so far: group commit), MVCC readers that never block the
+//! writer, and a stable file format. Staged batches are readable early from memory (`tail.rs`,
+//! decision 0025) until and shortly after they are written. Records are stored in chunks (up to [`CHUNK_RECORDS`] records or [`CHUNK_BYTES`]
 //! per B-tree value, keyed by the chunk's first offset): one tree insert per chunk instead of per
 //! record made appends ~4× cheaper in `synapse-bench` P1/P3, and reads become sequential.
 

@@ -56,6 +56,7 @@ pub struct EmbeddedLogOptions {
 
 /// A batch encoded and given its offsets, waiting for the next store write.
 struct Staged {
+    first: Offset,
     records: Arc<Vec<LogRecord>>,
     frames: Vec<u8>,
     spans: Vec<std::ops::Range<usize>>,
@@ -142,9 +143,13 @@ impl EmbeddedLog {
             return Ok(());
         }
         let batches: Vec<Staged> = self.inner.newest().staged.drain(..).collect();
-        if batches.is_empty() {
-            // Staged, then dropped by a failed write before it.
-            return Err(LogError::Rewound { offset: *self.inner.head.borrow() });
+        let head = *self.inner.head.borrow();
+        if batches.first().is_none_or(|b| b.first != head) {
+            // Staged, then dropped by a failed write before it; or a write that never finished
+            // (a panic) left them after a gap: nothing staged may be written at other offsets
+            // than readers were given.
+            self.inner.rewind();
+            return Err(LogError::Rewound { offset: head });
         }
         let started = Instant::now();
         let count: u64 = batches.iter().map(|b| b.records.len() as u64).sum();
@@ -215,7 +220,7 @@ impl Inner {
         let first = *self.early.borrow();
         let end = first + records.len() as Offset;
         newest.tail.push(first, records.clone(), frames.len(), *self.head.borrow());
-        newest.staged.push_back(Staged { records, frames, spans });
+        newest.staged.push_back(Staged { first, records, frames, spans });
         self.early.send_replace(end);
         Ok(end)
     }
@@ -315,7 +320,7 @@ fn write_batches(inner: &Inner, db: &Database, batches: &[Staged]) -> Result<(),
         let mut next = meta.get(NEXT_OFFSET).map_err(write_err)?.map(|v| v.value()).unwrap_or(0);
         let mut open = meta.get(OPEN_TXN).map_err(write_err)?.map(|v| v.value());
         let mut last_end = None;
-        for Staged { records, frames, spans } in batches {
+        for Staged { records, frames, spans, .. } in batches {
             let mut chunk_start = next;
             let mut chunk_from = 0;
             for (r, span) in records.iter().zip(spans) {

@@ -734,7 +734,10 @@ impl<L: ChangeLog + Clone> Session<'_, L> {
         let ts = time as f64 / 1e6;
         // The position reported to the log (retention) must survive a target crash: without
         // synchronous commits, the group that reports it is flushed (and all before it).
-        let report = self.last_consumer_commit.elapsed() >= Duration::from_secs(1);
+        // Due once a second, and only when the previous report is done: one still waiting behind
+        // the log's fsync would otherwise make every group until then a synchronous commit.
+        let report = self.last_consumer_commit.elapsed() >= Duration::from_secs(1)
+            && self.reporting.as_ref().is_none_or(|r| r.is_finished());
         let flush =
             if report && !self.applier.config.synchronous_commit { "SET LOCAL synchronous_commit = on;" } else { "" };
         let sql = format!(
@@ -779,11 +782,8 @@ impl<L: ChangeLog + Clone> Session<'_, L> {
     /// Tells the log (retention) that everything below `next` is applied, on a task of its own:
     /// the report is a write to the log, which waits behind the capture's write and fsync, and
     /// the applier must not (bench P4's stalls). Positions are advisory there and only grow: a
-    /// report that fails or is still running when the next is due is replaced by the next.
+    /// report that fails is replaced by the next (`commit` starts one only after the last ended).
     fn report_position(&mut self, next: Offset) {
-        if self.reporting.as_ref().is_some_and(|r| !r.is_finished()) {
-            return;
-        }
         let log = self.log.clone();
         let consumer = self.applier.config.consumer.clone();
         self.reporting = Some(tokio::spawn(async move {

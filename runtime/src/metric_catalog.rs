@@ -90,7 +90,7 @@ pub const METRICS: &[(&str, Kind, &str)] = &[
     (
         "synapse_log_append_seconds",
         Histogram,
-        "Time to append one batch to a log, durably (fsync or broker acknowledgement)",
+        "Time to make appended records durable: one store write of every batch staged (embedded, one fsync) or one produced batch (Kafka)",
     ),
     (
         "synapse_log_unsigned_records_total",

@@ -3,9 +3,10 @@
 //! Why redb: pure Rust (no C toolchain), ACID write transactions with a single fsync at commit
 //! (one write takes every batch staged so far: group commit), MVCC readers that never block the
 //! writer, and a stable file format. Staged batches are readable early from memory (`tail.rs`,
-//! decision 0025) until and shortly after they are written. Records are stored in chunks (up to [`CHUNK_RECORDS`] records or [`CHUNK_BYTES`]
-//! per B-tree value, keyed by the chunk's first offset): one tree insert per chunk instead of per
-//! record made appends ~4× cheaper in `synapse-bench` P1/P3, and reads become sequential.
+//! decision 0025) until and shortly after they are written. Records are stored in chunks (up
+//! to [`CHUNK_RECORDS`] records or [`CHUNK_BYTES`] per B-tree value, keyed by the chunk's first
+//! offset): one tree insert per chunk instead of per record made appends ~4× cheaper in
+//! `synapse-bench` P1/P3, and reads become sequential.
 
 use crate::{ChangeLog, LogError, Offset, Seek, WriterState};
 use redb::{Database, ReadableTable, TableDefinition};
@@ -83,7 +84,7 @@ struct Inner {
     /// The file's stem (the source's name): the `log` label of its metrics, made once.
     label: String,
     head: watch::Sender<Offset>,
-    /// The end of the records readable early: `head` plus the batch being written.
+    /// The end of the records readable early: `head` plus every batch staged since.
     early: watch::Sender<Offset>,
     /// The newest batches (readable early) and those staged but not yet written, under one
     /// lock: a batch gets its offsets, its place in the tail and in the write queue at once.
@@ -136,7 +137,8 @@ impl EmbeddedLog {
     }
 
     /// Resolves once every record below `end` is durable: writes everything staged so far in
-    /// one store transaction unless a write running already covers `end`.
+    /// one store transaction unless a write before it covered `end` (a batch is staged before
+    /// its flush is called, so a write that succeeds always covers it).
     async fn flush(&self, end: Offset) -> Result<(), LogError> {
         let _flusher = self.inner.flusher.lock().await;
         if *self.inner.head.borrow() >= end {
@@ -172,9 +174,6 @@ impl EmbeddedLog {
         metrics::counter!("synapse_log_appended_records_total", "log" => log.clone()).increment(count);
         metrics::counter!("synapse_log_appended_bytes_total", "log" => log.clone()).increment(bytes);
         metrics::histogram!("synapse_log_append_seconds", "log" => log).record(started.elapsed().as_secs_f64());
-        if *self.inner.head.borrow() < end {
-            return Err(LogError::Rewound { offset: *self.inner.head.borrow() });
-        }
         Ok(())
     }
 
@@ -315,7 +314,7 @@ fn write_batches(inner: &Inner, db: &Database, batches: &[Staged]) -> Result<(),
         let mut txns = tx.open_table(TXNS).map_err(write_err)?;
         let mut history = tx.open_table(RELATION_HISTORY).map_err(write_err)?;
         let mut resyncs = tx.open_table(RESYNCS).map_err(write_err)?;
-        // (commit LSN, Begin offset, commit time) of a transaction begun in this batch.
+        // (commit LSN, Begin offset, commit time) of a transaction begun in these batches.
         let mut begun: Option<(u64, u64, i64)> = None;
         let mut next = meta.get(NEXT_OFFSET).map_err(write_err)?.map(|v| v.value()).unwrap_or(0);
         let mut open = meta.get(OPEN_TXN).map_err(write_err)?.map(|v| v.value());
@@ -393,9 +392,7 @@ fn write_batches(inner: &Inner, db: &Database, batches: &[Staged]) -> Result<(),
 
 impl ChangeLog for EmbeddedLog {
     async fn append(&self, records: Vec<LogRecord>) -> Result<Offset, LogError> {
-        let end = self.inner.stage(records)?;
-        self.flush(end).await?;
-        Ok(end - 1)
+        self.stage(records).await
     }
 
     fn stage(&self, records: Vec<LogRecord>) -> impl Future<Output = Result<Offset, LogError>> + Send + 'static {

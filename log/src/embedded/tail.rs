@@ -87,9 +87,6 @@ impl Tail {
             if left == 0 {
                 break;
             }
-            if b.end() <= at {
-                continue;
-            }
             if b.first > at {
                 break; // not contiguous (cannot happen: batches follow each other)
             }

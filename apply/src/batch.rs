@@ -10,9 +10,10 @@
 //! run collapse into the last one (same column set, so the last image wins); key-changing
 //! updates and `REPLICA IDENTITY FULL` tables (no key to join on) go row by row.
 
+use crate::copy_binary::{self, Field};
 use crate::target::TargetTable;
 use crate::ApplyError;
-use bytes::{Bytes, BytesMut};
+use bytes::{BufMut, Bytes, BytesMut};
 use futures_util::SinkExt;
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -126,16 +127,19 @@ impl PendingChanges {
         &mut self,
         client: &Client,
         cache: &mut HashMap<String, Statement>,
-    ) -> Result<usize, ApplyError> {
+    ) -> Result<(usize, Copied), ApplyError> {
         let applied = self.rows;
+        let mut copied = Copied::default();
         for q in std::mem::take(&mut self.tables) {
             for run in q.runs {
-                execute_run(client, cache, &q.rel, &q.target, run).await?;
+                let c = execute_run(client, cache, &q.rel, &q.target, run).await?;
+                copied.binary += c.binary;
+                copied.text += c.text;
             }
         }
         self.index.clear();
         self.rows = 0;
-        Ok(applied)
+        Ok((applied, copied))
     }
 }
 
@@ -206,32 +210,128 @@ async fn copy_rows(
     rel: &Relation,
     t: &TargetTable,
     rows: Vec<Row>,
-) -> Result<(), ApplyError> {
-    let names: Vec<String> = rel.columns.iter().map(|c| quote::ident(&c.name)).collect();
-    let stmt =
-        prepared(client, cache, format!("COPY {} ({}) FROM STDIN", t.name, names.join(", ")), &rel.name()).await?;
-    let err = || ApplyError::target(format!("copying changes into {}", rel.name()));
-    let sink = client.copy_in::<_, Bytes>(&stmt).await.map_err(err())?;
-    futures_util::pin_mut!(sink);
-    let mut buf = BytesMut::with_capacity(1 << 16);
-    for row in rows {
-        let Row::Tuple(values) = row else { continue };
-        for (i, v) in values.values().enumerate() {
-            if i > 0 {
-                buf.extend_from_slice(b"\t");
+) -> Result<Copied, ApplyError> {
+    let mut rows = rows
+        .into_iter()
+        .filter_map(|r| match r {
+            Row::Tuple(values) => Some(values),
+            _ => None,
+        })
+        .peekable();
+    let mut copied = Copied::default();
+    if let Some(fields) = &t.binary {
+        copied.binary = copy_in(client, cache, rel, t, CopyFormat::Binary(fields), &mut rows).await?;
+    }
+    if rows.peek().is_some() {
+        copied.text = copy_in(client, cache, rel, t, CopyFormat::Text, &mut rows).await?;
+    }
+    Ok(copied)
+}
+
+/// Rows an insert run wrote through COPY, per format.
+#[derive(Debug, Default, Clone, Copy)]
+pub(crate) struct Copied {
+    pub binary: u64,
+    pub text: u64,
+}
+
+enum CopyFormat<'a> {
+    Text,
+    Binary(&'a [Field]),
+}
+
+impl CopyFormat<'_> {
+    /// Appends one row; false (and `buf` as it was) when a value has no binary form.
+    fn put_row(&self, buf: &mut BytesMut, row: &Tuple) -> bool {
+        match self {
+            CopyFormat::Text => {
+                for (i, v) in row.values().enumerate() {
+                    if i > 0 {
+                        buf.extend_from_slice(b"\t");
+                    }
+                    copy_text(buf, v.as_text());
+                }
+                buf.extend_from_slice(b"\n");
+                true
             }
-            copy_text(&mut buf, v.as_text());
+            CopyFormat::Binary(fields) => {
+                let start = buf.len();
+                buf.put_i16(fields.len() as i16);
+                let mut n = 0;
+                for (f, v) in fields.iter().zip(row.values()) {
+                    let ok = match v {
+                        Value::Null => {
+                            buf.put_i32(-1);
+                            true
+                        }
+                        Value::Text(s) => f.put(s, buf).is_some(),
+                        Value::UnchangedToast => false,
+                    };
+                    if !ok {
+                        break;
+                    }
+                    n += 1;
+                }
+                if n != fields.len() || row.len() != fields.len() {
+                    buf.truncate(start);
+                    return false;
+                }
+                true
+            }
         }
-        buf.extend_from_slice(b"\n");
+    }
+}
+
+/// One COPY of `rows` in `format`, until the rows end or (binary) a row has a value with no
+/// binary form: that row and the rest stay in `rows` for a text COPY. Returns the rows written.
+async fn copy_in(
+    client: &Client,
+    cache: &mut HashMap<String, Statement>,
+    rel: &Relation,
+    t: &TargetTable,
+    format: CopyFormat<'_>,
+    rows: &mut std::iter::Peekable<impl Iterator<Item = Tuple>>,
+) -> Result<u64, ApplyError> {
+    let names: Vec<String> = rel.columns.iter().map(|c| quote::ident(&c.name)).collect();
+    let options = if matches!(format, CopyFormat::Binary(_)) { " (FORMAT binary)" } else { "" };
+    let sql = format!("COPY {} ({}) FROM STDIN{options}", t.name, names.join(", "));
+    let stmt = prepared(client, cache, sql, &rel.name()).await?;
+    let err = || ApplyError::target(format!("copying changes into {}", rel.name()));
+    let mut buf = BytesMut::with_capacity(1 << 16);
+    if matches!(format, CopyFormat::Binary(_)) {
+        buf.extend_from_slice(copy_binary::HEADER);
+    }
+    // Nothing is sent before the first row is encoded: a run whose first row has no binary
+    // form opens no binary COPY.
+    let mut sink = None;
+    let mut written = 0u64;
+    while let Some(row) = rows.peek() {
+        if !format.put_row(&mut buf, row) {
+            break;
+        }
+        rows.next();
+        written += 1;
         if buf.len() >= 1 << 16 {
-            sink.send(buf.split().freeze()).await.map_err(err())?;
+            let s = match &mut sink {
+                Some(s) => s,
+                None => sink.insert(Box::pin(client.copy_in::<_, Bytes>(&stmt).await.map_err(err())?)),
+            };
+            s.send(buf.split().freeze()).await.map_err(err())?;
         }
     }
-    if !buf.is_empty() {
-        sink.send(buf.freeze()).await.map_err(err())?;
+    if written == 0 {
+        return Ok(0);
     }
-    sink.finish().await.map_err(err())?;
-    Ok(())
+    if matches!(format, CopyFormat::Binary(_)) {
+        buf.extend_from_slice(copy_binary::TRAILER);
+    }
+    let s = match &mut sink {
+        Some(s) => s,
+        None => sink.insert(Box::pin(client.copy_in::<_, Bytes>(&stmt).await.map_err(err())?)),
+    };
+    s.send(buf.freeze()).await.map_err(err())?;
+    s.as_mut().finish().await.map_err(err())?;
+    Ok(written)
 }
 
 /// `unnest($1::text[], …, $n::text[]) AS u(c0, …, c{n-1})`: one text array per column.
@@ -247,7 +347,7 @@ async fn execute_run(
     rel: &Relation,
     t: &TargetTable,
     run: Run,
-) -> Result<(), ApplyError> {
+) -> Result<Copied, ApplyError> {
     if run.kind == RunKind::Insert && run.rows.len() >= COPY_MIN_ROWS {
         return copy_rows(client, cache, rel, t, run.rows).await;
     }
@@ -271,7 +371,7 @@ async fn execute_run(
         RunKind::Update(mask) => {
             let set_cols: Vec<usize> = (0..rel.columns.len()).filter(|i| mask[*i]).collect();
             if set_cols.is_empty() {
-                return Ok(()); // only unchanged TOAST values: nothing to write
+                return Ok(Copied::default()); // only unchanged TOAST values: nothing to write
             }
             let width = keys.len() + set_cols.len();
             let set: Vec<String> = set_cols
@@ -290,14 +390,14 @@ async fn execute_run(
                     execute_single(client, cache, rel, t, &change).await?;
                 }
             }
-            return Ok(());
+            return Ok(Copied::default());
         }
     };
     let stmt = prepared(client, cache, sql, &rel.name()).await?;
     let cols = transpose(run.rows, width);
     let params: Vec<&(dyn ToSql + Sync)> = cols.iter().map(|c| c as &(dyn ToSql + Sync)).collect();
     client.execute(&stmt, &params).await.map_err(ApplyError::target(format!("applying changes to {}", rel.name())))?;
-    Ok(())
+    Ok(Copied::default())
 }
 
 /// Row-by-row path: key-changing updates (old key from the change) and tables without a key

@@ -24,6 +24,7 @@
 //!   until the first stops or its connection closes.
 
 mod batch;
+pub mod copy_binary;
 mod error;
 pub mod initial_copy;
 pub mod mesh;
@@ -227,6 +228,10 @@ pub struct ApplyStats {
     /// (progress and ETA for `synapse status` and the console).
     pub copy_chunks: AtomicU64,
     pub copy_chunks_done: AtomicU64,
+    /// Streamed inserts written through COPY in binary, and in text (a table with a type or
+    /// a value that has no binary form, `copy_binary.rs`).
+    pub copied_binary: AtomicU64,
+    pub copied_text: AtomicU64,
 }
 
 impl ApplyStats {
@@ -659,9 +664,18 @@ impl<L: ChangeLog + Clone> Session<'_, L> {
 
     async fn flush(&mut self) -> Result<(), ApplyError> {
         let started = Instant::now();
-        let rows = self.pending.flush(&self.client, &mut self.statements).await?;
+        let (rows, copied) = self.pending.flush(&self.client, &mut self.statements).await?;
         metrics::histogram!("synapse_apply_statements_seconds", &self.applier.labels)
             .record(started.elapsed().as_secs_f64());
+        self.applier.stats.copied_binary.fetch_add(copied.binary, Ordering::Relaxed);
+        self.applier.stats.copied_text.fetch_add(copied.text, Ordering::Relaxed);
+        for (format, n) in [("binary", copied.binary), ("text", copied.text)] {
+            if n > 0 {
+                let mut labels = self.applier.labels.to_vec();
+                labels.push(("format", format.to_owned()));
+                metrics::counter!("synapse_apply_copy_rows_total", &labels).increment(n);
+            }
+        }
         self.applier.stats.rows.fetch_add(rows as u64, Ordering::Relaxed);
         metrics::counter!("synapse_apply_rows_total", &self.applier.labels).increment(rows as u64);
         Ok(())

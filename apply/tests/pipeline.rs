@@ -372,6 +372,51 @@ async fn a_change_that_does_not_fit_its_relation_is_refused_by_name() {
     assert_eq!(target.psql("app", "SELECT count(*) FROM t").unwrap(), "0");
 }
 
+/// A log that holds transactions twice (a producer retry on Kafka writes a batch again) must
+/// not apply them twice: a transaction at or below the last applied commit LSN is passed over,
+/// in the same session and after a restart; one after it still applies.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_transaction_the_log_holds_twice_is_applied_once() {
+    use synapse_log::ChangeLog;
+    let (_source, target) = two_nodes();
+    // No key: a transaction applied twice would show as a second row.
+    target.psql("app", "CREATE TABLE t (id bigint, v text)").unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let log = EmbeddedLog::open(&dir.path().join("a.redb"), Default::default()).unwrap();
+    let rel = hand_relation(false);
+    let txn = |n: u64| hand_txn(rel.key(), (n == 1).then_some(&rel), n * 100, vec![n.to_string(), format!("row {n}")]);
+    let count = || target.psql("app", "SELECT count(*) || ':' || count(DISTINCT id) || ':' || max(id) FROM t").unwrap();
+    for n in [1, 2, 1, 2, 3] {
+        log.append(txn(n)).await.unwrap();
+    }
+    let run = |rows: &'static str| {
+        let log = log.clone();
+        let url = target.url("app");
+        let count = &count;
+        async move {
+            let applier = Applier::new(ApplyConfig::new("a", url.parse().unwrap(), "apply-b"));
+            let (stop, rx) = watch::channel(false);
+            let task = tokio::spawn(async move { applier.run(&log, rx).await });
+            let deadline = std::time::Instant::now() + Duration::from_secs(30);
+            while count() != rows {
+                assert!(std::time::Instant::now() < deadline, "got {}, want {rows}", count());
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            // Let it pass over whatever else it would read, then stop it.
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            stop.send(true).unwrap();
+            task.await.unwrap().unwrap();
+        }
+    };
+    run("3:3:3").await;
+    assert_eq!(count(), "3:3:3");
+    // After a restart the stored commit LSN keeps it: 2 again, then 4.
+    log.append(txn(2)).await.unwrap();
+    log.append(txn(4)).await.unwrap();
+    run("4:4:4").await;
+    assert_eq!(count(), "4:4:4");
+}
+
 /// The applier reads the log before its fsync, so a target can hold a position the log later
 /// loses (a crash). The capture then writes the same transactions again from the slot, at
 /// other offsets (here: after the `Discarded` marker of a transaction the crash left half

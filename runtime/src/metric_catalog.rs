@@ -99,6 +99,7 @@ pub const METRICS: &[(&str, Kind, &str)] = &[
     ),
     // Apply
     ("synapse_apply_copy_rows_total", Counter, "Inserted rows the applier wrote through COPY, per source, target and format (binary, or text for values with no binary form)"),
+    ("synapse_apply_duplicates_skipped_total", Counter, "Transactions the log held again after this target applied them (a duplicate write or a replay), passed over by commit LSN, per source and target"),
     ("synapse_apply_rows_total", Counter, "Rows written to a target, per source and target"),
     ("synapse_apply_transactions_total", Counter, "Source transactions applied to a target, per source and target"),
     ("synapse_apply_lag_records", Gauge, "Log records not yet applied to a target, per source and target"),

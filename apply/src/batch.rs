@@ -255,9 +255,12 @@ impl CopyFormat<'_> {
                 true
             }
             CopyFormat::Binary(fields) => {
+                if row.len() != fields.len() {
+                    return false;
+                }
                 let start = buf.len();
                 buf.put_i16(fields.len() as i16);
-                let mut n = 0;
+                let mut put = 0;
                 for (f, v) in fields.iter().zip(row.values()) {
                     let ok = match v {
                         Value::Null => {
@@ -270,9 +273,10 @@ impl CopyFormat<'_> {
                     if !ok {
                         break;
                     }
-                    n += 1;
+                    put += 1;
                 }
-                if n != fields.len() || row.len() != fields.len() {
+                // Every field, or none of the row (the field count is already written).
+                if put != fields.len() {
                     buf.truncate(start);
                     return false;
                 }
@@ -292,45 +296,39 @@ async fn copy_in(
     format: CopyFormat<'_>,
     rows: &mut std::iter::Peekable<impl Iterator<Item = Tuple>>,
 ) -> Result<u64, ApplyError> {
+    let binary = matches!(format, CopyFormat::Binary(_));
+    let mut buf = BytesMut::with_capacity(1 << 16);
+    if binary {
+        buf.extend_from_slice(copy_binary::HEADER);
+    }
+    // No COPY is opened (nor prepared) for a run whose first row has no binary form.
+    if !rows.peek().is_some_and(|row| format.put_row(&mut buf, row)) {
+        return Ok(0);
+    }
+    rows.next();
+    let mut written = 1u64;
     let names: Vec<String> = rel.columns.iter().map(|c| quote::ident(&c.name)).collect();
-    let options = if matches!(format, CopyFormat::Binary(_)) { " (FORMAT binary)" } else { "" };
+    let options = if binary { " (FORMAT binary)" } else { "" };
     let sql = format!("COPY {} ({}) FROM STDIN{options}", t.name, names.join(", "));
     let stmt = prepared(client, cache, sql, &rel.name()).await?;
     let err = || ApplyError::target(format!("copying changes into {}", rel.name()));
-    let mut buf = BytesMut::with_capacity(1 << 16);
-    if matches!(format, CopyFormat::Binary(_)) {
-        buf.extend_from_slice(copy_binary::HEADER);
-    }
-    // Nothing is sent before the first row is encoded: a run whose first row has no binary
-    // form opens no binary COPY.
-    let mut sink = None;
-    let mut written = 0u64;
+    let sink = client.copy_in::<_, Bytes>(&stmt).await.map_err(err())?;
+    futures_util::pin_mut!(sink);
     while let Some(row) = rows.peek() {
+        if buf.len() >= 1 << 16 {
+            sink.send(buf.split().freeze()).await.map_err(err())?;
+        }
         if !format.put_row(&mut buf, row) {
             break;
         }
         rows.next();
         written += 1;
-        if buf.len() >= 1 << 16 {
-            let s = match &mut sink {
-                Some(s) => s,
-                None => sink.insert(Box::pin(client.copy_in::<_, Bytes>(&stmt).await.map_err(err())?)),
-            };
-            s.send(buf.split().freeze()).await.map_err(err())?;
-        }
     }
-    if written == 0 {
-        return Ok(0);
-    }
-    if matches!(format, CopyFormat::Binary(_)) {
+    if binary {
         buf.extend_from_slice(copy_binary::TRAILER);
     }
-    let s = match &mut sink {
-        Some(s) => s,
-        None => sink.insert(Box::pin(client.copy_in::<_, Bytes>(&stmt).await.map_err(err())?)),
-    };
-    s.send(buf.freeze()).await.map_err(err())?;
-    s.as_mut().finish().await.map_err(err())?;
+    sink.send(buf.freeze()).await.map_err(err())?;
+    sink.finish().await.map_err(err())?;
     Ok(written)
 }
 

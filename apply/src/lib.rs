@@ -255,6 +255,8 @@ pub struct Applier {
     any_discarded: std::sync::atomic::AtomicBool,
     /// [`ApplyConfig::metric_labels`], made once: the metrics of every flush and commit use them.
     labels: [(&'static str, String); 2],
+    /// `labels` plus `format` = binary, text (`synapse_apply_copy_rows_total`), made once.
+    copy_labels: [[(&'static str, String); 3]; 2],
 }
 
 pub async fn connect_target(config: &synapse_postgres::PgConfig) -> Result<Client, ApplyError> {
@@ -349,7 +351,18 @@ impl Applier {
     /// it waits for what it needs).
     pub fn with_stats(config: ApplyConfig, stats: Arc<ApplyStats>) -> Self {
         let labels = config.metric_labels();
-        Applier { config, stats, discarded: Mutex::new(Vec::new()), any_discarded: Default::default(), labels }
+        let copy_labels = ["binary", "text"].map(|f| {
+            let [a, b] = labels.clone();
+            [a, b, ("format", f.to_owned())]
+        });
+        Applier {
+            config,
+            stats,
+            discarded: Mutex::new(Vec::new()),
+            any_discarded: Default::default(),
+            labels,
+            copy_labels,
+        }
     }
 
     pub fn stats(&self) -> Arc<ApplyStats> {
@@ -387,9 +400,12 @@ impl Applier {
         // each one applied. A source's log holds its transactions in commit order, so one at or
         // below it is a replay (the log lost and rewrote records, see resume.rs) or a copy the
         // log holds twice (a producer retry on Kafka): passed over, never applied again.
-        let stored_floor = skip_through.or(stored.map(|(_, lsn)| lsn).filter(|l| l.0 > 0));
+        // (A realignment's `skip_through` is this same stored LSN.)
+        let stored_floor = stored.map(|(_, lsn)| lsn).filter(|l| l.0 > 0);
         let mut applied_through = stored_floor;
-        let realigning = skip_through.is_some();
+        // Skips expected after a realignment are not duplicates: silent until the first
+        // transaction past the floor.
+        let mut realigning = skip_through.is_some();
         let sync = target::load_sync(&client, &self.config.node).await?;
         tracing::info!(next_offset = start, "applier resuming");
         let mut s = Session {
@@ -473,6 +489,7 @@ impl Applier {
                             }
                             continue;
                         }
+                        realigning = false;
                         if !s.in_target_txn {
                             s.client
                                 .batch_execute("BEGIN")
@@ -684,11 +701,9 @@ impl<L: ChangeLog + Clone> Session<'_, L> {
             .record(started.elapsed().as_secs_f64());
         self.applier.stats.copied_binary.fetch_add(copied.binary, Ordering::Relaxed);
         self.applier.stats.copied_text.fetch_add(copied.text, Ordering::Relaxed);
-        for (format, n) in [("binary", copied.binary), ("text", copied.text)] {
+        for (labels, n) in self.applier.copy_labels.iter().zip([copied.binary, copied.text]) {
             if n > 0 {
-                let mut labels = self.applier.labels.to_vec();
-                labels.push(("format", format.to_owned()));
-                metrics::counter!("synapse_apply_copy_rows_total", &labels).increment(n);
+                metrics::counter!("synapse_apply_copy_rows_total", labels).increment(n);
             }
         }
         self.applier.stats.rows.fetch_add(rows as u64, Ordering::Relaxed);

@@ -11,6 +11,7 @@
 //! updates and `REPLICA IDENTITY FULL` tables (no key to join on) go row by row.
 
 use crate::copy_binary::{self, Field};
+use crate::pipeline::Pipeline;
 use crate::target::TargetTable;
 use crate::ApplyError;
 use bytes::{BufMut, Bytes, BytesMut};
@@ -122,17 +123,22 @@ impl PendingChanges {
         }
     }
 
-    /// Executes everything queued, in order per table, and empties the queue.
+    /// Sends everything queued, in order per table, and empties the queue. Statements go into
+    /// `pipeline` (their results are read by its `settle`); a COPY is run to its end.
     pub async fn flush(
         &mut self,
-        client: &Client,
+        client: &Arc<Client>,
         cache: &mut HashMap<String, Statement>,
+        pipeline: &mut Pipeline,
     ) -> Result<(usize, Copied), ApplyError> {
         let applied = self.rows;
         let mut copied = Copied::default();
         for q in std::mem::take(&mut self.tables) {
             for run in q.runs {
-                let c = execute_run(client, cache, &q.rel, &q.target, run).await?;
+                let c = match execute_run(client, cache, pipeline, &q.rel, &q.target, run).await {
+                    Ok(c) => c,
+                    Err(e) => return Err(pipeline.first_error(e).await),
+                };
                 copied.binary += c.binary;
                 copied.text += c.text;
             }
@@ -340,8 +346,9 @@ fn unnest(n: usize) -> String {
 }
 
 async fn execute_run(
-    client: &Client,
+    client: &Arc<Client>,
     cache: &mut HashMap<String, Statement>,
+    pipeline: &mut Pipeline,
     rel: &Relation,
     t: &TargetTable,
     run: Run,
@@ -385,7 +392,7 @@ async fn execute_run(
         RunKind::Single => {
             for row in run.rows {
                 if let Row::Single(change) = row {
-                    execute_single(client, cache, rel, t, &change).await?;
+                    execute_single(client, cache, pipeline, rel, t, &change).await?;
                 }
             }
             return Ok(Copied::default());
@@ -393,16 +400,23 @@ async fn execute_run(
     };
     let stmt = prepared(client, cache, sql, &rel.name()).await?;
     let cols = transpose(run.rows, width);
-    let params: Vec<&(dyn ToSql + Sync)> = cols.iter().map(|c| c as &(dyn ToSql + Sync)).collect();
-    client.execute(&stmt, &params).await.map_err(ApplyError::target(format!("applying changes to {}", rel.name())))?;
+    let (client, table) = (client.clone(), rel.name());
+    pipeline
+        .send(async move {
+            let params: Vec<&(dyn ToSql + Sync)> = cols.iter().map(|c| c as &(dyn ToSql + Sync)).collect();
+            client.execute(&stmt, &params).await.map_err(ApplyError::target(format!("applying changes to {table}")))?;
+            Ok(())
+        })
+        .await;
     Ok(Copied::default())
 }
 
 /// Row-by-row path: key-changing updates (old key from the change) and tables without a key
 /// (`REPLICA IDENTITY FULL`: match one row on every old value).
 async fn execute_single(
-    client: &Client,
+    client: &Arc<Client>,
     cache: &mut HashMap<String, Statement>,
+    pipeline: &mut Pipeline,
     rel: &Relation,
     t: &TargetTable,
     change: &RowChange,
@@ -460,11 +474,17 @@ async fn execute_single(
         }
     };
     let stmt = prepared(client, cache, sql, &rel.name()).await?;
-    let refs: Vec<&(dyn ToSql + Sync)> = params.iter().map(|v| v as &(dyn ToSql + Sync)).collect();
-    client
-        .execute(&stmt, &refs)
-        .await
-        .map_err(ApplyError::target(format!("applying a row change to {}", rel.name())))?;
+    let (client, table) = (client.clone(), rel.name());
+    pipeline
+        .send(async move {
+            let refs: Vec<&(dyn ToSql + Sync)> = params.iter().map(|v| v as &(dyn ToSql + Sync)).collect();
+            client
+                .execute(&stmt, &refs)
+                .await
+                .map_err(ApplyError::target(format!("applying a row change to {table}")))?;
+            Ok(())
+        })
+        .await;
     Ok(())
 }
 

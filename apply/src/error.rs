@@ -60,6 +60,10 @@ pub enum ApplyError {
     /// A node that left the mesh is still in `mesh.nodes`.
     #[error("mesh node {node} left the mesh")]
     LeftMesh { node: String },
+    /// A statement sent ahead (pipelined) ended without its result: its task panicked or the
+    /// runtime is stopping. The group is not committed; the applier retries from its position.
+    #[error("a statement sent to the target ended without a result")]
+    Pipelined(#[source] tokio::task::JoinError),
     /// The target's `synapse.*` tables could not be brought to this release's version.
     #[error("target: {0}")]
     NodeSchema(#[from] synapse_postgres::node_schema::NodeSchemaError),
@@ -99,6 +103,7 @@ impl synapse_error::Classify for ApplyError {
             ApplyError::DonorNotMember { .. } => "APP013",
             ApplyError::LeftMesh { .. } => "APP014",
             ApplyError::MembershipUnknown { .. } => "APP015",
+            ApplyError::Pipelined(_) => "APP016",
         }
     }
 
@@ -113,7 +118,8 @@ impl synapse_error::Classify for ApplyError {
             ApplyError::UniqueRace { .. }
             | ApplyError::Busy { .. }
             | ApplyError::DonorNotMember { .. }
-            | ApplyError::MembershipUnknown { .. } => true,
+            | ApplyError::MembershipUnknown { .. }
+            | ApplyError::Pipelined(_) => true,
             ApplyError::NodeSchema(e) => e.is_transient(),
             _ => false,
         }

@@ -28,6 +28,7 @@ pub mod copy_binary;
 mod error;
 pub mod initial_copy;
 pub mod mesh;
+mod pipeline;
 mod resume;
 mod schema_change;
 pub mod shards;
@@ -309,7 +310,9 @@ struct OpenTxn {
 struct Session<'a, L> {
     applier: &'a Applier,
     log: &'a L,
-    client: Client,
+    client: Arc<Client>,
+    /// Statements sent to `client` whose results are read later (at the group's commit).
+    pipeline: pipeline::Pipeline,
     statements: HashMap<String, Statement>,
     tables: HashMap<RelationKey, Bound>,
     sync: HashMap<(String, String), (String, Option<Lsn>)>,
@@ -411,7 +414,8 @@ impl Applier {
         let mut s = Session {
             applier: self,
             log,
-            client,
+            client: Arc::new(client),
+            pipeline: pipeline::Pipeline::default(),
             statements: HashMap::new(),
             tables: HashMap::new(),
             sync,
@@ -491,10 +495,16 @@ impl Applier {
                         }
                         realigning = false;
                         if !s.in_target_txn {
-                            s.client
-                                .batch_execute("BEGIN")
-                                .await
-                                .map_err(ApplyError::target("beginning a target transaction"))?;
+                            // Sent ahead: its result is read with the group's statements.
+                            let client = s.client.clone();
+                            s.pipeline
+                                .send(async move {
+                                    client
+                                        .batch_execute("BEGIN")
+                                        .await
+                                        .map_err(ApplyError::target("beginning a target transaction"))
+                                })
+                                .await;
                             s.in_target_txn = true;
                             s.group_started = Instant::now();
                         }
@@ -645,7 +655,11 @@ impl<L: ChangeLog + Clone> Session<'_, L> {
                 version: key.version,
             })?;
             let is_mesh = self.mesh.as_ref().is_some_and(|m| m.table(&rel.name()).is_some());
-            let table = target::ensure_table(&self.client, &rel, !is_mesh).await?;
+            let table = match target::ensure_table(&self.client, &rel, !is_mesh).await {
+                Ok(t) => t,
+                // Behind a BEGIN sent ahead: if that failed, it is the cause.
+                Err(e) => return Err(self.pipeline.first_error(e).await),
+            };
             if is_mesh {
                 self.describe_mesh_table(&rel.name()).await?;
             }
@@ -694,9 +708,19 @@ impl<L: ChangeLog + Clone> Session<'_, L> {
         Ok(())
     }
 
+    /// Writes the queued changes and waits for every statement sent so far.
     async fn flush(&mut self) -> Result<(), ApplyError> {
+        self.send_changes(true).await
+    }
+
+    /// Sends the queued changes; with `settle`, also waits for their results (else the
+    /// commit reads them, one round trip for the group).
+    async fn send_changes(&mut self, settle: bool) -> Result<(), ApplyError> {
         let started = Instant::now();
-        let (rows, copied) = self.pending.flush(&self.client, &mut self.statements).await?;
+        let (rows, copied) = self.pending.flush(&self.client, &mut self.statements, &mut self.pipeline).await?;
+        if settle {
+            self.pipeline.settle().await?;
+        }
         metrics::histogram!("synapse_apply_statements_seconds", &self.applier.labels)
             .record(started.elapsed().as_secs_f64());
         self.applier.stats.copied_binary.fetch_add(copied.binary, Ordering::Relaxed);
@@ -765,13 +789,16 @@ impl<L: ChangeLog + Clone> Session<'_, L> {
     }
 
     async fn commit(&mut self, next_offset: Offset) -> Result<(), ApplyError> {
-        self.flush().await?;
-        self.flush_mesh().await?;
+        self.send_changes(false).await?;
+        if let Err(e) = self.flush_mesh().await {
+            return Err(self.pipeline.first_error(e).await);
+        }
         let started = Instant::now();
         let node = &self.applier.config.node;
         let (lsn, time) = self.last_commit.as_ref().map(|c| (c.commit_lsn, c.commit_time_us)).unwrap_or_default();
-        // Position, origin progress and COMMIT in one round trip: the per-group cost is what
-        // bounds OLTP catch-up (bench P2). The origin call puts the source LSN into the commit
+        // Position, origin progress and COMMIT in one request, sent behind the group's
+        // statements (and its BEGIN): one round trip for the whole group. The per-group cost is
+        // what bounds OLTP catch-up (bench P2) and commit → applied latency (P4). The origin call puts the source LSN into the commit
         // record, so PostgreSQL's own pg_replication_origin_status follows ours. All values are
         // ours (validated node name, numbers), quoted as literals.
         let node_lit = synapse_postgres::quote::literal(node);
@@ -792,10 +819,16 @@ impl<L: ChangeLog + Clone> Session<'_, L> {
              SELECT pg_replication_origin_xact_setup('{lsn}', to_timestamp({ts}));
              COMMIT;"
         );
-        self.client
-            .batch_execute(&sql)
-            .await
-            .map_err(ApplyError::target("storing the applied position and committing"))?;
+        let client = self.client.clone();
+        self.pipeline
+            .send(async move {
+                client
+                    .batch_execute(&sql)
+                    .await
+                    .map_err(ApplyError::target("storing the applied position and committing"))
+            })
+            .await;
+        self.pipeline.settle().await?;
         metrics::histogram!("synapse_apply_commit_seconds", &self.applier.labels)
             .record(started.elapsed().as_secs_f64());
         self.in_target_txn = false;
@@ -867,6 +900,7 @@ impl<L: ChangeLog + Clone> Session<'_, L> {
             m.clear();
         }
         self.txns_in_group = 0;
+        self.pipeline.clear();
         if self.in_target_txn {
             self.client.batch_execute("ROLLBACK").await.map_err(ApplyError::target("rolling back"))?;
             self.in_target_txn = false;

@@ -372,6 +372,88 @@ async fn a_change_that_does_not_fit_its_relation_is_refused_by_name() {
     assert_eq!(target.psql("app", "SELECT count(*) FROM t").unwrap(), "0");
 }
 
+/// Statements of a group go to the target without waiting for each other's results (one round
+/// trip per group). When one fails, the target runs the rest in an aborted transaction and
+/// they fail too ("current transaction is aborted"): the error reported must be the first,
+/// naming its table and constraint, and nothing of the group may be committed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failing_statement_in_a_pipelined_group_is_the_error_reported() {
+    use synapse_log::ChangeLog;
+    use synapse_schemas::{LogRecord, Op};
+    let (_source, target) = two_nodes();
+    // A rule only the target has: the source's row 'bad' breaks it.
+    target
+        .psql("app", "CREATE TABLE t (id bigint PRIMARY KEY, v text); CREATE TABLE u (id bigint PRIMARY KEY, v text CHECK (v <> 'bad'))")
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let log = EmbeddedLog::open(&dir.path().join("a.redb"), Default::default()).unwrap();
+    let t = hand_relation(true);
+    let mut u = hand_relation(true);
+    u.oid = 8;
+    u.table = "u".into();
+    // A group: an insert into u, an insert and an update of t — three statements, sent
+    // together behind BEGIN and followed by the COMMIT.
+    let group = |first: u64, u_value: &str, t_id: &str, lsn: u64| {
+        let row = |a: &str, b: &str| vec![a.to_string(), b.to_string()];
+        let with_rel = lsn == 100;
+        let mut update = hand_txn(t.key(), None, lsn + 20, row("1", &format!("v{lsn}")));
+        if let LogRecord::Change(c) = &mut update[1] {
+            c.op = Op::Update;
+        }
+        [
+            hand_txn(u.key(), with_rel.then_some(&u), lsn, row(&first.to_string(), u_value)),
+            hand_txn(t.key(), with_rel.then_some(&t), lsn + 10, row(t_id, "x")),
+            update,
+        ]
+    };
+    let contents = || {
+        target.psql("app", "SELECT (SELECT string_agg(id || ':' || v, ',' ORDER BY id) FROM u) || ';' || (SELECT string_agg(id || ':' || v, ',' ORDER BY id) FROM t)").unwrap()
+    };
+    let wait_for = |want: &'static str| {
+        let contents = &contents;
+        async move {
+            let deadline = std::time::Instant::now() + Duration::from_secs(30);
+            while contents() != want {
+                assert!(std::time::Instant::now() < deadline, "got {}, want {want}", contents());
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    };
+    let applier = Applier::new(ApplyConfig::new("a", target.url("app").parse().unwrap(), "apply-b"));
+    let (_stop, rx) = watch::channel(false);
+    let running = {
+        let log = log.clone();
+        tokio::spawn(async move { applier.run(&log, rx).await })
+    };
+    // The first group prepares the statements, so the second sends them all without a wait.
+    for txn in group(1, "ok", "1", 100) {
+        log.append(txn).await.unwrap();
+    }
+    wait_for("1:ok;1:v100").await;
+    for txn in group(2, "bad", "2", 200) {
+        log.append(txn).await.unwrap();
+    }
+    let e = tokio::time::timeout(Duration::from_secs(30), running).await.unwrap().unwrap().unwrap_err();
+    let cause = std::iter::successors(std::error::Error::source(&e), |s| s.source())
+        .map(|s| s.to_string())
+        .collect::<Vec<_>>()
+        .join(": ");
+    assert_eq!(e.code(), "APP001", "{e}: {cause}");
+    assert!(e.to_string().contains("public.u"), "the error names the table whose statement failed: {e}");
+    assert!(cause.contains("u_v_check"), "the cause is the constraint, not the aborted transaction: {cause}");
+    assert!(e.hint().contains("constraint the source does not have"), "{}", e.hint());
+    assert!(!e.is_transient());
+    assert_eq!(contents(), "1:ok;1:v100", "nothing of the failed group is committed");
+    // Once the target takes the row, a restart applies the whole group.
+    target.psql("app", "ALTER TABLE u DROP CONSTRAINT u_v_check").unwrap();
+    let applier = Applier::new(ApplyConfig::new("a", target.url("app").parse().unwrap(), "apply-b"));
+    let (stop, rx) = watch::channel(false);
+    let task = tokio::spawn(async move { applier.run(&log, rx).await });
+    wait_for("1:ok,2:bad;1:v200,2:x").await;
+    stop.send(true).unwrap();
+    task.await.unwrap().unwrap();
+}
+
 /// A log that holds transactions twice (a producer retry on Kafka writes a batch again) must
 /// not apply them twice: a transaction at or below the last applied commit LSN is passed over,
 /// in the same session and after a restart; one after it still applies.

@@ -628,6 +628,14 @@ impl ReplicationStream {
         }
     }
 
+    /// Makes the next read wait [`PACE`] (unless one is already due): the walsender has a
+    /// backlog for us, and a reader that takes each message as it is sent slows it down.
+    pub fn pace(&mut self) {
+        if self.conn.resume_at.is_none() {
+            self.conn.resume_at = Some(tokio::time::Instant::now() + PACE);
+        }
+    }
+
     /// Standby status update: `flush` is what the slot may advance to.
     pub async fn send_status(&mut self, write: u64, flush: u64, apply: u64, reply: bool) -> Result<(), CaptureError> {
         let mut msg = BytesMut::with_capacity(34);

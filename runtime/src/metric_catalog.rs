@@ -117,12 +117,12 @@ pub const METRICS: &[(&str, Kind, &str)] = &[
     (
         "synapse_apply_statements_seconds",
         Histogram,
-        "Time to write one flush of rows to a target, per source and target",
+        "Time to send one flush of rows to a target (a COPY to its end; other statements are read at the commit), per source and target",
     ),
     (
         "synapse_apply_commit_seconds",
         Histogram,
-        "Time to commit one target transaction (data and position), per source and target",
+        "Time from one target transaction's commit request to its result, with the statements sent ahead of it, per source and target",
     ),
     (
         "synapse_apply_mesh_resolve_seconds",

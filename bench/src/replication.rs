@@ -72,6 +72,7 @@ impl Round<'_> {
     /// disabled, synapse not running); then each is started and timed alone until the marker
     /// is applied, start-up included: the same WAL backlog for both.
     async fn backlog(&self, label: &str, workload: &str, marker: i32) -> anyhow::Result<CatchUp> {
+        self.settle_slots().await?;
         self.set_subscription(false).await?;
         self.source.batch_execute(workload).await?;
         let end_lsn = self.write_marker(marker, label).await?;
@@ -259,6 +260,34 @@ impl Round<'_> {
     async fn write_marker(&self, marker: i32, label: &str) -> anyhow::Result<String> {
         self.source.execute("INSERT INTO marker VALUES ($1, $2)", &[&marker, &label]).await?;
         Ok(self.source.query_one("SELECT pg_current_wal_lsn()::text", &[]).await?.get(0))
+    }
+
+    /// Brings both slots' restart points to the end of the WAL before a backlog is written, so
+    /// both walsenders start decoding it from the same place. A slot's restart point (where
+    /// its walsender starts decoding) moves only when the client confirms a running-transactions
+    /// record the walsender decoded. The subscription stays connected between scenarios and
+    /// confirms the next one; synapse was stopped right after its marker, so its walsender
+    /// re-decoded every earlier scenario's WAL first (P2 after P1: ~170 MB; the walsender
+    /// serving synapse spent 1.0 core-seconds in P2 against the subscription's 0.4). A
+    /// checkpoint logs such a record; both run until both restart points have passed it.
+    async fn settle_slots(&self) -> anyhow::Result<()> {
+        let lsn: String = self.source.query_one("SELECT pg_current_wal_lsn()::text", &[]).await?.get(0);
+        self.source.batch_execute("CHECKPOINT").await?;
+        let mut child = spawn_synapse(self.config, self.log)?;
+        let deadline = Instant::now() + Duration::from_secs(300);
+        let behind = "SELECT string_agg(slot_name || ' at ' || coalesce(restart_lsn::text, 'none'), ', ')
+                        FROM pg_replication_slots
+                       WHERE slot_name IN ('sub', 'synapse_a') AND coalesce(restart_lsn < $1::text::pg_lsn, true)";
+        loop {
+            let row = self.source.query_one(behind, &[&lsn]).await?;
+            let Some(behind) = row.get::<_, Option<String>>(0) else { break };
+            if Instant::now() > deadline {
+                stop(&mut child)?;
+                bail!("slots still start before {lsn}: {behind}");
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        stop(&mut child)
     }
 
     /// Enables or disables the baseline's subscription; disabling waits until its apply

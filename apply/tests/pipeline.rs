@@ -454,6 +454,82 @@ async fn a_failing_statement_in_a_pipelined_group_is_the_error_reported() {
     task.await.unwrap().unwrap();
 }
 
+/// A group's COMMIT can fail (a check deferred to it), and the next group's statements are
+/// already on their way behind it. The next group's COMMIT must not be sent until the one
+/// before it is known committed: else it would store a position past the rolled-back group,
+/// which would never be applied. Each source transaction is its own group here.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_group_whose_commit_fails_is_not_passed_by_the_next() {
+    use synapse_log::ChangeLog;
+    let (_source, target) = two_nodes();
+    target
+        .psql(
+            "app",
+            // A check the target runs at COMMIT (a deferred constraint trigger, enabled for the
+            // applier's replica sessions too).
+            "CREATE TABLE t (id bigint PRIMARY KEY, v text);
+             CREATE TABLE u (id bigint PRIMARY KEY, v text);
+             CREATE FUNCTION refuse_bad() RETURNS trigger LANGUAGE plpgsql AS $$
+                 BEGIN IF NEW.v = 'bad' THEN RAISE EXCEPTION 'u refuses %', NEW.v USING ERRCODE = 'check_violation'; END IF;
+                 RETURN NULL; END $$;
+             CREATE CONSTRAINT TRIGGER u_checked_at_commit AFTER INSERT ON u
+                 DEFERRABLE INITIALLY DEFERRED FOR EACH ROW EXECUTE FUNCTION refuse_bad();
+             ALTER TABLE u ENABLE ALWAYS TRIGGER u_checked_at_commit;",
+        )
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let log = EmbeddedLog::open(&dir.path().join("a.redb"), Default::default()).unwrap();
+    let t = hand_relation(true);
+    let mut u = hand_relation(true);
+    u.oid = 8;
+    u.table = "u".into();
+    let row = |a: &str, b: &str| vec![a.to_string(), b.to_string()];
+    // The second of u's rows fails the check: its group fails at COMMIT.
+    log.append(hand_txn(u.key(), Some(&u), 100, row("1", "ok"))).await.unwrap();
+    log.append(hand_txn(u.key(), None, 200, row("2", "bad"))).await.unwrap();
+    log.append(hand_txn(t.key(), Some(&t), 300, row("1", "after"))).await.unwrap();
+    log.append(hand_txn(t.key(), None, 400, row("2", "after"))).await.unwrap();
+    let config = || {
+        let mut c = ApplyConfig::new("a", target.url("app").parse().unwrap(), "apply-b");
+        c.max_txns_per_commit = 1;
+        c
+    };
+    let (_stop, rx) = watch::channel(false);
+    let e =
+        tokio::time::timeout(Duration::from_secs(30), Applier::new(config()).run(&log, rx)).await.unwrap().unwrap_err();
+    let cause = std::iter::successors(std::error::Error::source(&e), |s| s.source())
+        .map(|s| s.to_string())
+        .collect::<Vec<_>>()
+        .join(": ");
+    assert_eq!(e.code(), "APP001", "{e}: {cause}");
+    assert!(cause.contains("u refuses bad"), "{cause}");
+    let state = || {
+        target
+            .psql(
+                "app",
+                "SELECT (SELECT count(*) FROM u) || ':' || (SELECT count(*) FROM t) || ':' || \
+                 (SELECT commit_lsn::text FROM synapse.applied WHERE source_node = 'a')",
+            )
+            .unwrap()
+    };
+    assert_eq!(state(), "1:0:0/64", "only the first group is committed, and the position is its own");
+    // With the constraint gone, a restart applies the rest, once.
+    target.psql("app", "DROP TRIGGER u_checked_at_commit ON u").unwrap();
+    let (stop, rx) = watch::channel(false);
+    let task = tokio::spawn({
+        let log = log.clone();
+        let applier = Applier::new(config());
+        async move { applier.run(&log, rx).await }
+    });
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while state() != "2:2:0/190" {
+        assert!(std::time::Instant::now() < deadline, "got {}", state());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    stop.send(true).unwrap();
+    task.await.unwrap().unwrap();
+}
+
 /// A log that holds transactions twice (a producer retry on Kafka writes a batch again) must
 /// not apply them twice: a transaction at or below the last applied commit LSN is passed over,
 /// in the same session and after a restart; one after it still applies.

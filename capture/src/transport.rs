@@ -628,7 +628,7 @@ impl ReplicationStream {
         }
     }
 
-    /// Makes the next read wait [`PACE`] (unless one is already due): the walsender has a
+    /// Makes the next read wait `PACE`, 1 ms (unless one is already due): the walsender has a
     /// backlog for us, and a reader that takes each message as it is sent slows it down.
     pub fn pace(&mut self) {
         if self.conn.resume_at.is_none() {

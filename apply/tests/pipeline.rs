@@ -372,6 +372,16 @@ async fn a_change_that_does_not_fit_its_relation_is_refused_by_name() {
     assert_eq!(target.psql("app", "SELECT count(*) FROM t").unwrap(), "0");
 }
 
+/// Tables `public.t` and `public.u`, both `(id bigint key, v text)`, as relations of a
+/// hand-written log.
+fn tables_t_and_u() -> (synapse_schemas::Relation, synapse_schemas::Relation) {
+    let t = hand_relation(true);
+    let mut u = hand_relation(true);
+    u.oid = 8;
+    u.table = "u".into();
+    (t, u)
+}
+
 /// Statements of a group go to the target without waiting for each other's results (one round
 /// trip per group). When one fails, the target runs the rest in an aborted transaction and
 /// they fail too ("current transaction is aborted"): the error reported must be the first,
@@ -387,10 +397,7 @@ async fn a_failing_statement_in_a_pipelined_group_is_the_error_reported() {
         .unwrap();
     let dir = tempfile::tempdir().unwrap();
     let log = EmbeddedLog::open(&dir.path().join("a.redb"), Default::default()).unwrap();
-    let t = hand_relation(true);
-    let mut u = hand_relation(true);
-    u.oid = 8;
-    u.table = "u".into();
+    let (t, u) = tables_t_and_u();
     // A group: an insert into u, an insert and an update of t — three statements, sent
     // together behind BEGIN and followed by the COMMIT.
     let group = |first: u64, u_value: &str, t_id: &str, lsn: u64| {
@@ -479,10 +486,7 @@ async fn a_group_whose_commit_fails_is_not_passed_by_the_next() {
         .unwrap();
     let dir = tempfile::tempdir().unwrap();
     let log = EmbeddedLog::open(&dir.path().join("a.redb"), Default::default()).unwrap();
-    let t = hand_relation(true);
-    let mut u = hand_relation(true);
-    u.oid = 8;
-    u.table = "u".into();
+    let (t, u) = tables_t_and_u();
     let row = |a: &str, b: &str| vec![a.to_string(), b.to_string()];
     // The second of u's rows fails the check: its group fails at COMMIT.
     log.append(hand_txn(u.key(), Some(&u), 100, row("1", "ok"))).await.unwrap();

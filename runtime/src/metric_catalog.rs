@@ -122,7 +122,7 @@ pub const METRICS: &[(&str, Kind, &str)] = &[
     (
         "synapse_apply_commit_seconds",
         Histogram,
-        "Time from one target transaction's commit request to its result being read (statements sent ahead of it and the next group's building overlap it), per source and target",
+        "Time from one target transaction's commit request to its result, with the statements sent ahead of it, per source and target",
     ),
     (
         "synapse_apply_mesh_resolve_seconds",

@@ -45,6 +45,11 @@ pub enum LogError {
          the reader starts again from its stored position"
     )]
     Rewound { offset: Offset },
+    #[error(
+        "a write of the log failed, and records staged after it (from offset {offset} on) follow \
+         records it dropped: refused until the writer resumes from the last durable commit"
+    )]
+    NotRecovered { offset: Offset },
     #[error("Kafka topic {topic} cannot be used or created")]
     Topic {
         topic: String,
@@ -69,6 +74,7 @@ impl synapse_error::Classify for LogError {
             LogError::RecordTooLarge { .. } => "LOG010",
             LogError::Unsigned { .. } => "LOG011",
             LogError::Rewound { .. } => "LOG012",
+            LogError::NotRecovered { .. } => "LOG013",
         }
     }
 
@@ -80,7 +86,8 @@ impl synapse_error::Classify for LogError {
             | LogError::TaskFailed(_)
             | LogError::Gap { .. }
             | LogError::Stalled { .. }
-            | LogError::Rewound { .. } => true,
+            | LogError::Rewound { .. }
+            | LogError::NotRecovered { .. } => true,
             // Brokers down, leader changes, timeouts pass; authorization and bad configuration
             // do not.
             LogError::Kafka { source, .. } | LogError::Topic { source, .. } => match source.rdkafka_error_code() {
@@ -130,6 +137,10 @@ impl synapse_error::Classify for LogError {
             LogError::Rewound { .. } => {
                 "nothing to do: the applier resumes by the commit LSN it stored on the target; see \
                  the log store error before it (e.g. a full disk)"
+            }
+            LogError::NotRecovered { .. } => {
+                "nothing to do: capture starts again from the log's last durable commit; see the \
+                 log store error before it (e.g. a full disk)"
             }
             LogError::Unsigned { .. } => {
                 "something other than this deployment's capture wrote to the changes topic, or \

@@ -103,7 +103,9 @@ pub trait ChangeLog: Send + Sync + 'static {
     /// the last. Futures of successive stages may run concurrently on a log that reads early
     /// (the embedded log writes everything staged in one store transaction); on other logs the
     /// records are appended when the future first runs, so each must resolve before the next
-    /// `stage` is called.
+    /// `stage` is called. After a failed write, a log that reads early refuses every stage
+    /// ([`LogError::NotRecovered`]) until [`ChangeLog::recover_writer`]: what a writer staged
+    /// before it learned of the failure would follow records that were dropped.
     fn stage(&self, records: Vec<LogRecord>) -> impl Future<Output = Result<Offset, LogError>> + Send + 'static
     where
         Self: Clone,
@@ -182,8 +184,8 @@ pub trait ChangeLog: Send + Sync + 'static {
     /// [`ChangeLog::recover_writer`]).
     fn record_source(&self, source: &SourceIdentity) -> impl Future<Output = Result<(), LogError>> + Send;
 
-    /// Called by a writer before its first append: closes an unfinished transaction with a
-    /// `Discarded` marker and tells where to resume.
+    /// Called by a writer before its first append and after a failed one: closes an
+    /// unfinished transaction with a `Discarded` marker and tells where to resume.
     fn recover_writer(&self) -> impl Future<Output = Result<WriterState, LogError>> + Send;
 
     /// Every `LogRecord::Resync` ever appended, with its offset, oldest first. Kept after

@@ -67,6 +67,11 @@ struct Staged {
 struct Newest {
     tail: tail::Tail,
     staged: VecDeque<Staged>,
+    /// A write failed and the writer has not recovered since ([`ChangeLog::recover_writer`]):
+    /// what it stages meanwhile follows records that were dropped, so it is refused. (Given
+    /// the offsets after the durable head, it was written ahead of the dropped records, which
+    /// capture decodes again on resuming, and appliers skipped those as already applied.)
+    failed: bool,
 }
 
 /// The one-machine [`ChangeLog`]. Cheap to clone; clones share the file.
@@ -216,6 +221,9 @@ impl Inner {
         }
         let records = Arc::new(records);
         let mut newest = self.newest();
+        if newest.failed {
+            return Err(LogError::NotRecovered { offset: *self.head.borrow() });
+        }
         let first = *self.early.borrow();
         let end = first + records.len() as Offset;
         newest.tail.push(first, records.clone(), frames.len(), *self.head.borrow());
@@ -224,13 +232,30 @@ impl Inner {
         Ok(end)
     }
 
-    /// Forgets what was staged or readable early but never became durable (a write failed).
+    /// Forgets what was staged or readable early but never became durable (a write failed),
+    /// and refuses stages until the writer recovers.
     fn rewind(&self) {
         let mut newest = self.newest();
         let durable = *self.head.borrow();
         newest.tail.rewind(durable);
         newest.staged.clear();
+        newest.failed = true;
         self.early.send_replace(durable);
+    }
+
+    /// Takes stages again, from `next`: the store's head as of its last commit. A commit that
+    /// reported an I/O error may still have become durable; its records are then read from
+    /// the store, and the offsets go on after them.
+    fn recovered(&self, next: Offset) {
+        let mut newest = self.newest();
+        if !newest.failed && newest.staged.is_empty() && *self.head.borrow() == next {
+            return;
+        }
+        newest.tail.rewind(next.min(*self.head.borrow()));
+        newest.staged.clear();
+        newest.failed = false;
+        self.head.send_replace(next);
+        self.early.send_replace(next);
     }
 
     /// Runs `f` on the store, reopening it first if an I/O error closed it, and closing it
@@ -317,6 +342,13 @@ fn write_batches(inner: &Inner, db: &Database, batches: &[Staged]) -> Result<(),
         // (commit LSN, Begin offset, commit time) of a transaction begun in these batches.
         let mut begun: Option<(u64, u64, i64)> = None;
         let mut next = meta.get(NEXT_OFFSET).map_err(write_err)?.map(|v| v.value()).unwrap_or(0);
+        if let Some(b) = batches.first().filter(|b| b.first != next) {
+            // Readers were given other offsets for these records than the store would give them.
+            return Err(Box::new(redb::Error::Corrupted(format!(
+                "records staged at offset {} but the store's next offset is {next}",
+                b.first
+            ))));
+        }
         let mut open = meta.get(OPEN_TXN).map_err(write_err)?.map(|v| v.value());
         let mut last_end = None;
         for Staged { records, frames, spans, .. } in batches {
@@ -551,6 +583,7 @@ impl ChangeLog for EmbeddedLog {
             None => None,
         };
         let mut next = next.unwrap_or(0);
+        self.inner.recovered(next);
         if let Some(lsn) = open {
             tracing::warn!(commit_lsn = %Lsn(lsn), "discarding a transaction the previous writer left unfinished");
             next = self.append(vec![LogRecord::Discarded { commit_lsn: Lsn(lsn) }]).await? + 1;

@@ -246,3 +246,64 @@ async fn stages_are_readable_at_once_and_written_together() {
     assert_eq!(read.into_iter().map(|(_, r)| r).collect::<Vec<_>>(), [txn(100, 2), txn(200, 3)].concat());
     assert_eq!(log.seek(Cursor { commit_lsn: Lsn(200), index: 0 }).await.unwrap(), Seek::At(4));
 }
+
+/// A write fails (a full disk) while the writer keeps staging: whatever it stages before it
+/// learns of the failure follows records that are gone, so the log refuses it until the writer
+/// recovers. (Staged at the durable head, it was written ahead of the records capture decoded
+/// again on resuming, and appliers skipped those as already applied: rows lost.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nothing_staged_after_a_failed_write_is_written_before_the_writer_recovers() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("a.redb");
+    let aside = dir.path().join("aside.redb");
+    let log = EmbeddedLog::open(&path, Default::default()).unwrap();
+    log.recover_writer().await.unwrap();
+    log.append(txn(100, 1)).await.unwrap();
+
+    // The store fails: its file moved aside and a directory in its place.
+    *log.inner.db.write().unwrap() = None;
+    std::fs::rename(&path, &aside).unwrap();
+    std::fs::create_dir(&path).unwrap();
+    assert!(log.append(txn(200, 1)).await.is_err());
+    // The writer has not seen the failure yet and stages the transaction after the lost one.
+    let err = log.stage(txn(300, 1)).await.unwrap_err();
+    assert!(matches!(err, LogError::NotRecovered { offset: 3 }), "{err}");
+    assert_eq!(err.code(), "LOG013");
+    assert!(err.is_transient());
+    assert_eq!(log.early_head(), 3, "nothing refused is readable early");
+
+    // Space again; the writer recovers and resumes after the last durable commit.
+    std::fs::remove_dir(&path).unwrap();
+    std::fs::rename(&aside, &path).unwrap();
+    assert_eq!(log.recover_writer().await.unwrap().last_commit_end, Some(Lsn(108)));
+    log.append(txn(200, 1)).await.unwrap();
+    log.append(txn(300, 1)).await.unwrap();
+    let read = log.read(0, 100).await.unwrap();
+    assert_eq!(read.into_iter().map(|(_, r)| r).collect::<Vec<_>>(), [txn(100, 1), txn(200, 1), txn(300, 1)].concat());
+}
+
+/// A commit can reach the disk and still report an I/O error: the store's head is then past the
+/// one the log knows. Records are never written at other offsets than readers were given, and
+/// the recovered writer goes on after the store's head.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_writer_recovers_from_the_store_head_not_its_own() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = EmbeddedLog::open(&dir.path().join("a.redb"), Default::default()).unwrap();
+    log.append(txn(100, 1)).await.unwrap();
+    // As if the last commit had written two records more and then reported a failure.
+    log.inner
+        .with_db(|_, db| {
+            let tx = db.begin_write().map_err(write_err)?;
+            tx.open_table(META).map_err(write_err)?.insert(NEXT_OFFSET, 5).map_err(write_err)?;
+            tx.commit().map_err(write_err)?;
+            Ok(())
+        })
+        .unwrap();
+    let err = log.append(txn(200, 1)).await.unwrap_err();
+    assert!(matches!(err, LogError::Storage { .. }), "{err}");
+    assert!(format!("{:?}", err).contains("staged at offset 3 but the store's next offset is 5"), "{err:?}");
+    assert_eq!(log.recover_writer().await.unwrap().next_offset, 5);
+    assert_eq!((log.next_offset(), log.early_head()), (5, 5));
+    assert_eq!(log.append(txn(200, 1)).await.unwrap(), 7);
+    assert_eq!(log.read(5, 10).await.unwrap().into_iter().map(|(_, r)| r).collect::<Vec<_>>(), txn(200, 1));
+}

@@ -320,8 +320,8 @@ struct Session<'a, L> {
     /// Buffered changes of mesh tables (resolved at commit), when the target is a mesh node.
     mesh: Option<mesh::MeshBuffer>,
     in_target_txn: bool,
-    /// Unique-key burials may be queued in `synapse.burials` (always at start: a crash may
-    /// have left some).
+    /// The group being built queued unique-key burials in `synapse.burials`: announced once
+    /// its commit is known (a group's flag moves to its [`InFlightCommit`]).
     burials_pending: bool,
     /// A connection without the replication origin, for announcing burials.
     announcer: Option<Client>,
@@ -343,6 +343,25 @@ struct Session<'a, L> {
     /// transactions (commit position, read at) whose apply spans its commit ends.
     txn_read_at: Option<std::time::SystemTime>,
     traced: Vec<(Lsn, std::time::SystemTime)>,
+    /// The last group's commit, sent and not yet read: the next group goes out behind it.
+    in_flight: Option<InFlightCommit>,
+}
+
+/// A group whose COMMIT was sent, and what becomes true once its result is read.
+struct InFlightCommit {
+    /// The pipeline's mark right after the COMMIT.
+    mark: u64,
+    next_offset: Offset,
+    lsn: Lsn,
+    commit_time_us: i64,
+    txns: usize,
+    report: bool,
+    copy_owed: bool,
+    /// It queued unique-key burials: announced once it is known committed (not before: the
+    /// next group's burials, queued meanwhile, are not committed yet).
+    burials: bool,
+    traced: Vec<(Lsn, std::time::SystemTime)>,
+    sent_at: Instant,
 }
 
 impl Applier {
@@ -422,7 +441,7 @@ impl Applier {
             pending: PendingChanges::default(),
             mesh: self.config.mesh.as_ref().map(|m| mesh::MeshBuffer::new(&m.tables)),
             in_target_txn: false,
-            burials_pending: true,
+            burials_pending: false,
             announcer: None,
             txns_in_group: 0,
             last_commit: None,
@@ -435,8 +454,10 @@ impl Applier {
             copy_owed: false,
             txn_read_at: None,
             traced: Vec::new(),
+            in_flight: None,
         };
-        s.announce_burials().await?;
+        // A crash may have left burials queued.
+        s.announce_burials(true).await?;
         self.stats.next_offset.store(start, Ordering::Relaxed);
         let mut pos = start;
         let mut open: Option<OpenTxn> = None;
@@ -446,7 +467,7 @@ impl Applier {
                 if s.in_target_txn && open.is_none() {
                     s.commit(pos).await?;
                 }
-                return Ok(());
+                return s.finish_commit().await;
             }
             let records = tokio::select! {
                 r = ahead.rx.recv() => match r {
@@ -467,6 +488,7 @@ impl Applier {
                 if s.in_target_txn && open.is_none() {
                     s.commit(pos).await?;
                 }
+                s.finish_commit().await?;
                 if !s.in_target_txn && open.is_none() {
                     // Everything before `pos` is applied (or was not for this target): what a
                     // read at a cut waits for, also when the last records held no transaction.
@@ -760,15 +782,15 @@ impl<L: ChangeLog + Clone> Session<'_, L> {
 
     /// One span per transaction of the committed group: read from the log → committed on the
     /// target, a child of the transaction's capture span (`synapse_schemas::trace`).
-    fn trace_group(&mut self) {
-        if self.traced.is_empty() {
+    fn trace_group(&self, traced: Vec<(Lsn, std::time::SystemTime)>) {
+        if traced.is_empty() {
             return;
         }
         use synapse_schemas::trace::{self, KeyValue, Recorded, SpanKind};
         let end = std::time::SystemTime::now();
         let source = &self.applier.config.node;
         let target = self.applier.labels[1].1.clone();
-        for (lsn, start) in self.traced.drain(..) {
+        for (lsn, start) in traced {
             trace::record(Recorded {
                 name: "apply",
                 trace: trace::transaction_trace(source, lsn),
@@ -793,14 +815,21 @@ impl<L: ChangeLog + Clone> Session<'_, L> {
         if let Err(e) = self.flush_mesh().await {
             return Err(self.pipeline.first_error(e).await);
         }
+        // The group before must be known committed before this one's COMMIT is sent: a COMMIT
+        // can fail (a deferred constraint), and this one, run after it, would then store a
+        // position past transactions that were rolled back. This group's statements went out
+        // behind it already; the target ran that COMMIT while this group was read.
+        self.finish_commit().await?;
         let started = Instant::now();
         let node = &self.applier.config.node;
         let (lsn, time) = self.last_commit.as_ref().map(|c| (c.commit_lsn, c.commit_time_us)).unwrap_or_default();
         // Position, origin progress and COMMIT in one request, sent behind the group's
-        // statements (and its BEGIN): one round trip for the whole group. The per-group cost is
-        // what bounds OLTP catch-up (bench P2) and commit → applied latency (P4). The origin call puts the source LSN into the commit
-        // record, so PostgreSQL's own pg_replication_origin_status follows ours. All values are
-        // ours (validated node name, numbers), quoted as literals.
+        // statements (and its BEGIN): one round trip for the whole group; its result is read
+        // once the next group's statements are sent behind it (`finish_commit`). The per-group cost is
+        // what bounds OLTP catch-up (bench P2) and commit → applied latency (P4). The origin
+        // call puts the source LSN into the commit record, so PostgreSQL's own
+        // pg_replication_origin_status follows ours. All values are ours (validated node name,
+        // numbers), quoted as literals.
         let node_lit = synapse_postgres::quote::literal(node);
         let ts = time as f64 / 1e6;
         // The position reported to the log (retention) must survive a target crash: without
@@ -808,7 +837,8 @@ impl<L: ChangeLog + Clone> Session<'_, L> {
         // Due once a second, and only when the previous report is done: one still waiting behind
         // the log's fsync would otherwise make every group until then a synchronous commit.
         let report = self.last_consumer_commit.elapsed() >= Duration::from_secs(1)
-            && self.reporting.as_ref().is_none_or(|r| r.is_finished());
+            && self.reporting.as_ref().is_none_or(|r| r.is_finished())
+            && self.in_flight.as_ref().is_none_or(|c| !c.report);
         let flush =
             if report && !self.applier.config.synchronous_commit { "SET LOCAL synchronous_commit = on;" } else { "" };
         let sql = format!(
@@ -828,35 +858,53 @@ impl<L: ChangeLog + Clone> Session<'_, L> {
                     .map_err(ApplyError::target("storing the applied position and committing"))
             })
             .await;
-        self.pipeline.settle().await?;
-        metrics::histogram!("synapse_apply_commit_seconds", &self.applier.labels)
-            .record(started.elapsed().as_secs_f64());
+        let sent = InFlightCommit {
+            mark: self.pipeline.mark(),
+            next_offset,
+            lsn,
+            commit_time_us: time,
+            txns: std::mem::take(&mut self.txns_in_group),
+            report,
+            copy_owed: std::mem::take(&mut self.copy_owed),
+            burials: std::mem::take(&mut self.burials_pending),
+            traced: std::mem::take(&mut self.traced),
+            sent_at: started,
+        };
         self.in_target_txn = false;
-        self.trace_group();
-        let stats = &self.applier.stats;
-        stats.transactions.fetch_add(self.txns_in_group as u64, Ordering::Relaxed);
-        metrics::counter!("synapse_apply_transactions_total", &self.applier.labels)
-            .increment(self.txns_in_group as u64);
-        self.txns_in_group = 0;
         self.schema_changed = false;
-        if std::mem::take(&mut self.copy_owed) {
+        self.in_flight = Some(sent);
+        Ok(())
+    }
+
+    /// Reads the result of the group commit in flight, if any, and records what it made
+    /// true: counts, the committed position, the report to the log, burials to announce.
+    async fn finish_commit(&mut self) -> Result<(), ApplyError> {
+        let Some(c) = self.in_flight.take() else { return Ok(()) };
+        self.pipeline.settle_through(c.mark).await?;
+        metrics::histogram!("synapse_apply_commit_seconds", &self.applier.labels)
+            .record(c.sent_at.elapsed().as_secs_f64());
+        self.trace_group(c.traced);
+        let stats = &self.applier.stats;
+        stats.transactions.fetch_add(c.txns as u64, Ordering::Relaxed);
+        metrics::counter!("synapse_apply_transactions_total", &self.applier.labels).increment(c.txns as u64);
+        if c.copy_owed {
             if let Some(wake) = &self.applier.config.copies_owed {
                 wake.notify_one();
             }
         }
-        self.committed_offset = next_offset;
-        if lsn.0 > 0 {
-            self.committed_through = Some(lsn);
+        self.committed_offset = c.next_offset;
+        if c.lsn.0 > 0 {
+            self.committed_through = Some(c.lsn);
         }
-        stats.next_offset.store(next_offset, Ordering::Relaxed);
-        if lsn.0 > 0 {
-            stats.applied_lsn.store(lsn.0, Ordering::Relaxed);
-            stats.last_commit_time_us.store(time, Ordering::Relaxed);
+        stats.next_offset.store(c.next_offset, Ordering::Relaxed);
+        if c.lsn.0 > 0 {
+            stats.applied_lsn.store(c.lsn.0, Ordering::Relaxed);
+            stats.last_commit_time_us.store(c.commit_time_us, Ordering::Relaxed);
         }
-        if report {
-            self.report_position(next_offset);
+        if c.report {
+            self.report_position(c.next_offset);
         }
-        self.announce_burials().await
+        self.announce_burials(c.burials).await
     }
 
     /// Tells the log (retention) that everything below `next` is applied, on a task of its own:
@@ -877,10 +925,11 @@ impl<L: ChangeLog + Clone> Session<'_, L> {
     /// Turns the unique-key burials committed here into events every node applies, on a
     /// connection of its own: this session's commits carry the replication origin, so the
     /// capture would leave them out. A crash before this leaves them queued in
-    /// `synapse.burials`; a new session announces them first.
-    async fn announce_burials(&mut self) -> Result<(), ApplyError> {
+    /// `synapse.burials`; a new session announces them first. Only when `due`: a group
+    /// committed that queued some.
+    async fn announce_burials(&mut self, due: bool) -> Result<(), ApplyError> {
         let Some(cfg) = self.applier.config.mesh.as_ref() else { return Ok(()) };
-        if !self.burials_pending {
+        if !due {
             return Ok(());
         }
         if self.announcer.is_none() {
@@ -890,16 +939,19 @@ impl<L: ChangeLog + Clone> Session<'_, L> {
             let n = mesh::announce_burials(client, cfg.node).await?;
             metrics::counter!("synapse_mesh_burials_announced_total").increment(n);
         }
-        self.burials_pending = false;
         Ok(())
     }
 
     async fn rollback(&mut self) -> Result<(), ApplyError> {
+        // The group before this one stays committed: its result first.
+        self.finish_commit().await?;
         self.pending = PendingChanges::default();
         if let Some(m) = self.mesh.as_mut() {
             m.clear();
         }
         self.txns_in_group = 0;
+        // Rolled back with the group.
+        self.burials_pending = false;
         self.pipeline.clear();
         if self.in_target_txn {
             self.client.batch_execute("ROLLBACK").await.map_err(ApplyError::target("rolling back"))?;

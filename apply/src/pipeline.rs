@@ -24,6 +24,9 @@ type Request = Pin<Box<dyn Future<Output = Result<(), ApplyError>> + Send>>;
 #[derive(Default)]
 pub(crate) struct Pipeline {
     sent: VecDeque<JoinHandle<Result<(), ApplyError>>>,
+    /// Requests ever sent, and of those the ones whose results were read (or let go).
+    sent_total: u64,
+    settled_total: u64,
 }
 
 impl Pipeline {
@@ -39,18 +42,32 @@ impl Pipeline {
             Poll::Ready(done) => tokio::spawn(std::future::ready(done)),
             Poll::Pending => tokio::spawn(request),
         });
+        self.sent_total += 1;
     }
 
-    /// Waits for every sent request; the first failure, if any (later ones follow from it).
-    pub async fn settle(&mut self) -> Result<(), ApplyError> {
+    /// Where the pipeline is now: [`Pipeline::settle_through`] this mark reads the results of
+    /// every request sent so far, and of none sent later.
+    pub fn mark(&self) -> u64 {
+        self.sent_total
+    }
+
+    /// Waits for the requests sent before `mark`; the first failure, if any.
+    pub async fn settle_through(&mut self, mark: u64) -> Result<(), ApplyError> {
         let mut first = None;
-        while let Some(sent) = self.sent.pop_front() {
+        while self.settled_total < mark {
+            let Some(sent) = self.sent.pop_front() else { break };
+            self.settled_total += 1;
             let result = sent.await.unwrap_or_else(|e| Err(ApplyError::Pipelined(e)));
             if let Err(e) = result {
                 first.get_or_insert(e);
             }
         }
         first.map_or(Ok(()), Err)
+    }
+
+    /// Waits for every sent request; the first failure, if any (later ones follow from it).
+    pub async fn settle(&mut self) -> Result<(), ApplyError> {
+        self.settle_through(self.sent_total).await
     }
 
     /// `e` (from a request made directly, after those sent here), unless a sent one failed
@@ -65,5 +82,6 @@ impl Pipeline {
     /// Forgets the sent requests (a rollback follows; their results no longer matter).
     pub fn clear(&mut self) {
         self.sent.clear();
+        self.settled_total = self.sent_total;
     }
 }

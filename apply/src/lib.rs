@@ -516,6 +516,10 @@ impl Applier {
                             continue;
                         }
                         realigning = false;
+                        if !s.in_target_txn && s.in_flight.as_ref().is_some_and(|c| c.burials) {
+                            // Its burials are announced before this group takes any lock.
+                            s.finish_commit().await?;
+                        }
                         if !s.in_target_txn {
                             // Sent ahead: its result is read with the group's statements.
                             let client = s.client.clone();
@@ -876,10 +880,19 @@ impl<L: ChangeLog + Clone> Session<'_, L> {
         Ok(())
     }
 
-    /// Reads the result of the group commit in flight, if any, and records what it made
-    /// true: counts, the committed position, the report to the log, burials to announce.
+    /// Reads the result of the group commit in flight, if any, records what it made true
+    /// (counts, the committed position, the report to the log) and announces its burials.
+    /// Never while a group is open on this connection when the commit queued burials: the
+    /// announcement waits for row locks that group may hold, and that group commits only after
+    /// this returns (seen as a lock timeout in `tests/mesh_join.rs`).
     async fn finish_commit(&mut self) -> Result<(), ApplyError> {
-        let Some(c) = self.in_flight.take() else { return Ok(()) };
+        let due = self.settle_commit().await?;
+        self.announce_burials(due).await
+    }
+
+    /// [`Session::finish_commit`] but the announcement: whether burials are due.
+    async fn settle_commit(&mut self) -> Result<bool, ApplyError> {
+        let Some(c) = self.in_flight.take() else { return Ok(false) };
         self.pipeline.settle_through(c.mark).await?;
         metrics::histogram!("synapse_apply_commit_seconds", &self.applier.labels)
             .record(c.sent_at.elapsed().as_secs_f64());
@@ -904,7 +917,7 @@ impl<L: ChangeLog + Clone> Session<'_, L> {
         if c.report {
             self.report_position(c.next_offset);
         }
-        self.announce_burials(c.burials).await
+        Ok(c.burials)
     }
 
     /// Tells the log (retention) that everything below `next` is applied, on a task of its own:
@@ -943,8 +956,9 @@ impl<L: ChangeLog + Clone> Session<'_, L> {
     }
 
     async fn rollback(&mut self) -> Result<(), ApplyError> {
-        // The group before this one stays committed: its result first.
-        self.finish_commit().await?;
+        // The group before this one stays committed: its result first; its burials once this
+        // one's locks are gone.
+        let due = self.settle_commit().await?;
         self.pending = PendingChanges::default();
         if let Some(m) = self.mesh.as_mut() {
             m.clear();
@@ -957,7 +971,7 @@ impl<L: ChangeLog + Clone> Session<'_, L> {
             self.client.batch_execute("ROLLBACK").await.map_err(ApplyError::target("rolling back"))?;
             self.in_target_txn = false;
         }
-        Ok(())
+        self.announce_burials(due).await
     }
 
     fn report_lag(&self, pos: Offset) {

@@ -829,9 +829,9 @@ impl<L: ChangeLog + Clone> Session<'_, L> {
         let (lsn, time) = self.last_commit.as_ref().map(|c| (c.commit_lsn, c.commit_time_us)).unwrap_or_default();
         // Position, origin progress and COMMIT in one request, sent behind the group's
         // statements (and its BEGIN): one round trip for the whole group; its result is read
-        // once the next group's statements are sent behind it (`finish_commit`). The per-group cost is
-        // what bounds OLTP catch-up (bench P2) and commit → applied latency (P4). The origin
-        // call puts the source LSN into the commit record, so PostgreSQL's own
+        // once the next group's statements are sent behind it (`finish_commit`). The per-group
+        // cost is what bounds OLTP catch-up (bench P2) and commit → applied latency (P4). The
+        // origin call puts the source LSN into the commit record, so PostgreSQL's own
         // pg_replication_origin_status follows ours. All values are ours (validated node name,
         // numbers), quoted as literals.
         let node_lit = synapse_postgres::quote::literal(node);

@@ -24,9 +24,8 @@ type Request = Pin<Box<dyn Future<Output = Result<(), ApplyError>> + Send>>;
 #[derive(Default)]
 pub(crate) struct Pipeline {
     sent: VecDeque<JoinHandle<Result<(), ApplyError>>>,
-    /// Requests ever sent, and of those the ones whose results were read (or let go).
+    /// Requests ever sent; those before the ones still in `sent` were read (or let go).
     sent_total: u64,
-    settled_total: u64,
 }
 
 impl Pipeline {
@@ -54,9 +53,8 @@ impl Pipeline {
     /// Waits for the requests sent before `mark`; the first failure, if any.
     pub async fn settle_through(&mut self, mark: u64) -> Result<(), ApplyError> {
         let mut first = None;
-        while self.settled_total < mark {
+        while self.sent_total - (self.sent.len() as u64) < mark {
             let Some(sent) = self.sent.pop_front() else { break };
-            self.settled_total += 1;
             let result = sent.await.unwrap_or_else(|e| Err(ApplyError::Pipelined(e)));
             if let Err(e) = result {
                 first.get_or_insert(e);
@@ -82,6 +80,5 @@ impl Pipeline {
     /// Forgets the sent requests (a rollback follows; their results no longer matter).
     pub fn clear(&mut self) {
         self.sent.clear();
-        self.settled_total = self.sent_total;
     }
 }

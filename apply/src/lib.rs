@@ -46,6 +46,7 @@ use synapse_log::{ChangeLog, Offset};
 use synapse_schemas::{Begin, Commit, LogRecord, Lsn, Relation, RelationKey};
 use target::TargetTable;
 use tokio::sync::watch;
+use tokio_postgres::types::PgLsn;
 use tokio_postgres::{Client, Statement};
 use tracing::Instrument;
 
@@ -345,18 +346,23 @@ struct Session<'a, L> {
     traced: Vec<(Lsn, std::time::SystemTime)>,
     /// The last group's commit, sent and not yet read: the next group goes out behind it.
     in_flight: Option<InFlightCommit>,
+    /// [`POSITION_UPSERT`] and [`ORIGIN_PROGRESS`], prepared when the session starts: parsing
+    /// and planning the upsert on every group cost the target ~0.04 ms of a five-row group's
+    /// 0.27 ms (pgbench, BENCHMARKS.md stop 45).
+    position: Statement,
+    origin_progress: Statement,
 }
 
 /// The applied position, stored in the transaction of the changes it covers (`$1` node, `$2`
 /// next offset, `$3` commit LSN, `$4` commit time in seconds since the Unix epoch).
 const POSITION_UPSERT: &str =
     "INSERT INTO synapse.applied (source_node, next_offset, commit_lsn, commit_time, updated_at)
-     VALUES ($1, $2, $3::text::pg_lsn, to_timestamp($4::float8), now())
+     VALUES ($1, $2, $3, to_timestamp($4::float8), now())
      ON CONFLICT (source_node) DO UPDATE SET next_offset = excluded.next_offset,
          commit_lsn = excluded.commit_lsn, commit_time = excluded.commit_time, updated_at = now()";
 /// Puts the source's commit LSN and time into this transaction's commit record, so
 /// PostgreSQL's own `pg_replication_origin_status` follows ours.
-const ORIGIN_PROGRESS: &str = "SELECT pg_replication_origin_xact_setup($1::text::pg_lsn, to_timestamp($2::float8))";
+const ORIGIN_PROGRESS: &str = "SELECT pg_replication_origin_xact_setup($1, to_timestamp($2::float8))";
 
 /// A group whose COMMIT was sent, and what becomes true once its result is read.
 struct InFlightCommit {
@@ -440,6 +446,10 @@ impl Applier {
         // transaction past the floor.
         let mut realigning = skip_through.is_some();
         let sync = target::load_sync(&client, &self.config.node).await?;
+        let position =
+            client.prepare(POSITION_UPSERT).await.map_err(ApplyError::target("preparing the position upsert"))?;
+        let origin_progress =
+            client.prepare(ORIGIN_PROGRESS).await.map_err(ApplyError::target("preparing the origin progress call"))?;
         tracing::info!(next_offset = start, "applier resuming");
         let mut s = Session {
             applier: self,
@@ -466,6 +476,8 @@ impl Applier {
             txn_read_at: None,
             traced: Vec::new(),
             in_flight: None,
+            position,
+            origin_progress,
         };
         // A crash may have left burials queued.
         s.announce_burials(true).await?;
@@ -855,18 +867,14 @@ impl<L: ChangeLog + Clone> Session<'_, L> {
         } else {
             "COMMIT"
         };
-        let (position, origin) = match self.position_statements().await {
-            Ok(s) => s,
-            Err(e) => return Err(self.pipeline.first_error(e).await),
-        };
-        let client = self.client.clone();
-        let (node, offset, lsn_text) = (node.clone(), next_offset as i64, lsn.to_string());
+        let (client, position, origin) = (self.client.clone(), self.position.clone(), self.origin_progress.clone());
+        let (node, offset, pg_lsn) = (node.clone(), next_offset as i64, PgLsn::from(lsn.0));
         self.pipeline
             .send(async move {
                 // Joined, so all three go out at the first poll, in this order (one round trip).
                 futures_util::future::try_join3(
-                    client.execute(&position, &[&node, &offset, &lsn_text, &ts]),
-                    client.execute(&origin, &[&lsn_text, &ts]),
+                    client.execute(&position, &[&node, &offset, &pg_lsn, &ts]),
+                    client.execute(&origin, &[&pg_lsn, &ts]),
                     client.batch_execute(commit_sql),
                 )
                 .await
@@ -890,18 +898,6 @@ impl<L: ChangeLog + Clone> Session<'_, L> {
         self.schema_changed = false;
         self.in_flight = Some(sent);
         Ok(())
-    }
-
-    /// The position upsert and the origin progress call, prepared once per session: parsing
-    /// and planning the upsert on every group cost the target ~0.04 ms of a five-row group's
-    /// 0.27 ms (pgbench, BENCHMARKS.md stop 45).
-    async fn position_statements(&mut self) -> Result<(Statement, Statement), ApplyError> {
-        let position =
-            batch::prepared(&self.client, &mut self.statements, POSITION_UPSERT.into(), "synapse.applied").await?;
-        let origin =
-            batch::prepared(&self.client, &mut self.statements, ORIGIN_PROGRESS.into(), "the replication origin")
-                .await?;
-        Ok((position, origin))
     }
 
     /// Reads the result of the group commit in flight, if any, records what it made true

@@ -838,6 +838,8 @@ impl<L: ChangeLog + Clone> Session<'_, L> {
     }
 
     async fn commit(&mut self, next_offset: Offset) -> Result<(), ApplyError> {
+        // With "group committed" below: which resolved rows committed (tests/mesh.rs reads it).
+        tracing::trace!(next_offset, "group resolving");
         self.send_changes(false).await?;
         if let Err(e) = self.flush_mesh().await {
             return Err(self.pipeline.first_error(e).await);
@@ -925,6 +927,7 @@ impl<L: ChangeLog + Clone> Session<'_, L> {
                 wake.notify_one();
             }
         }
+        tracing::trace!(next_offset = c.next_offset, lsn = %c.lsn, txns = c.txns, "group committed");
         self.committed_offset = c.next_offset;
         if c.lsn.0 > 0 {
             self.committed_through = Some(c.lsn);
@@ -970,6 +973,7 @@ impl<L: ChangeLog + Clone> Session<'_, L> {
         }
         if let Some(client) = &self.announcer {
             let n = mesh::announce_burials(client, cfg.node).await?;
+            tracing::trace!(announced = n, "mesh burials announced");
             metrics::counter!("synapse_mesh_burials_announced_total").increment(n);
         }
         Ok(())

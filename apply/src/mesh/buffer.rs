@@ -242,6 +242,11 @@ impl MeshBuffer {
             let local_row = local_rows.get(&(name.clone(), key.clone()));
             let local = local_side.map(|s| version(info, s, local_row));
             let (decision, mut result) = resolve(policy, local.as_ref(), &remote);
+            // Per key, for replaying a divergence: what was here, what came, what was decided.
+            // tests/mesh.rs compares these across targets (`applied_versions_agree`).
+            tracing::trace!(table = %name, ?key, local = ?local_side.map(|s| (&s.vv, s.live, s.purging)),
+                remote = ?(&remote_side.vv, remote_side.live), ?decision, result = ?(&result.stamp.vv, result.live),
+                "mesh row resolved");
             metrics::counter!("synapse_mesh_rows_total", "table" => name.clone(), "decision" => decision_name(decision))
                 .increment(1);
             if decision == Decision::Skip {

@@ -137,6 +137,8 @@ impl Writes {
     /// The loser of a unique-key collision becomes a tombstone (its values kept in its version),
     /// logged with the key that stayed and the index they collided on.
     pub(super) fn bury(&mut self, info: &MeshTable, lost: Lost<'_>, resolution: &'static str, sides: [&RowVersion; 2]) {
+        tracing::trace!(table = %info.name(), key = ?lost.key, vv = ?lost.version.stamp.vv, kept = ?lost.kept_key, resolution,
+            "mesh row buried");
         let mut tomb = lost.version.clone();
         tomb.live = false;
         let mut result = describe_version(&tomb);

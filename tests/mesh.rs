@@ -9,20 +9,26 @@
 //! * set members were all added by someone, multi-value titles written by someone;
 //! * a secondary unique key under churn (`members.email`: 12 values over 40 ids, inserted,
 //!   moved and deleted everywhere) ends with the same rows everywhere;
-//! * every row's causality metadata is identical on all nodes.
+//! * every row's causality metadata is identical on all nodes;
+//! * every target of a source committed the same history of each of its rows (read from the
+//!   applier's trace: a change one target lost shows even when a later write masks it).
 //!
 //! The same runs once more as hub-and-spoke (node 0 the hub, node 2 — the one cut off — a
 //! spoke). Tombstones are purged every second throughout; after quiescence none may be left,
 //! which also proves the nodes' causality metadata identical.
 //!
 //! Seeds: `SYNAPSE_MESH_SEEDS=7,8` / `SYNAPSE_HUB_SEEDS=7,8` replay given seeds; otherwise three
-//! mesh seeds and one hub seed run. A failing seed is printed.
+//! mesh seeds and one hub seed run. A failing seed is printed, with the conflicts logged for
+//! any tombstone left and the path of synapse's whole log (kept under the target directory).
 #![allow(clippy::unwrap_used)]
 
 mod common;
 
-use common::mesh::{fingerprint, tail, writer, KilledMesh, Record, COUNTED, DISPUTED, SCHEMA, SHARED_MAX, VERSION_ROW};
-use common::spawn_run;
+use common::mesh::{
+    applied_versions_agree, fingerprint, tail, writer, KilledMesh, Record, APPLY_TRACE, COUNTED, DISPUTED, SCHEMA,
+    SHARED_MAX, VERSION_ROW,
+};
+use common::spawn_run_logging;
 use std::io::{Read, Write};
 use std::net::{Shutdown, TcpListener, TcpStream};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -128,7 +134,7 @@ fn run_seed(mesh: &Mesh, seed: u64, hub: bool) -> Result<(), String> {
     )
     .unwrap();
     let log = mesh.dir.path().join(format!("synapse-{db}.log"));
-    let mut child = spawn_run(&config, &log);
+    let mut child = spawn_run_logging(&config, &log, Some(APPLY_TRACE));
     let logtext = || std::fs::read_to_string(&log).unwrap_or_default();
     let wait_converged = |what: &str, timeout: Duration| -> Result<String, String> {
         let deadline = Instant::now() + timeout;
@@ -231,7 +237,18 @@ fn run_seed(mesh: &Mesh, seed: u64, hub: bool) -> Result<(), String> {
                     &db,
                     &format!("SELECT string_agg({VERSION_ROW}, E'\\n' ORDER BY tbl, pk::text) FROM synapse.row_version WHERE NOT live"),
                 );
-                return Err(format!("tombstones left after quiescence: {left:?}\n{}", dump.join("\n--\n")));
+                // What each node logged of those keys, to replay how their versions parted.
+                let logged = on_all(
+                    mesh,
+                    &db,
+                    "SELECT string_agg(c.source_node || ': ' || c.table_name || c.pk::text || ' ' || c.kind || ' ' || c.resolution || ' local=' || c.local::text || ' remote=' || c.remote::text || ' result=' || c.result::text, E'\\n' ORDER BY c.id)
+                     FROM synapse.conflicts c JOIN synapse.row_version v ON v.tbl = c.table_name AND v.pk = c.pk WHERE NOT v.live",
+                );
+                return Err(format!(
+                    "tombstones left after quiescence: {left:?}\n{}\nconflicts of those keys:\n{}",
+                    dump.join("\n--\n"),
+                    logged.join("\n--\n")
+                ));
             }
             std::thread::sleep(Duration::from_millis(500));
         }
@@ -239,7 +256,19 @@ fn run_seed(mesh: &Mesh, seed: u64, hub: bool) -> Result<(), String> {
     });
     drop(child);
     let text = logtext();
-    let fp = result.map_err(|e| format!("{e}\nsynapse log tail:\n{}", tail(&text)))?;
+    // Converged rows can still hide a change one target lost (a later write or a merge masks
+    // it): each target's history of each row must be the same.
+    let result = result.and_then(|fp| applied_versions_agree(&text).map(|histories| (fp, histories)));
+    let (fp, histories) = result.map_err(|e| {
+        // The whole log outlives the test's directory, for replaying the failure.
+        let kept = std::path::PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!("mesh-{db}-synapse.log"));
+        let _ = std::fs::write(&kept, &text);
+        format!(
+            "{e}\nsynapse log (whole: {}), its warnings and the lines of those rows:\n{}",
+            kept.display(),
+            excerpt(&text, &e)
+        )
+    })?;
     if text.contains("panicked") {
         return Err(format!("synapse panicked:\n{}", tail(&text)));
     }
@@ -339,7 +368,7 @@ fn run_seed(mesh: &Mesh, seed: u64, hub: bool) -> Result<(), String> {
         })
         .sum();
     println!(
-        "{} seed {seed}: converged {fp}; {} writes committed, {} rolled back by deadlock; {disputed_conflicts} disputed keys checked; {unique} unique-key collisions resolved; {purged} tombstone rows purged",
+        "{} seed {seed}: converged {fp}; {} writes committed, {} rolled back by deadlock; {disputed_conflicts} disputed keys checked; {unique} unique-key collisions resolved; {purged} tombstone rows purged; {histories} row histories the same on every target",
         if hub { "hub-and-spoke" } else { "mesh" },
         record.committed,
         record.failed
@@ -649,4 +678,81 @@ fn a_target_rejecting_a_change_parks_only_that_applier() {
         std::thread::sleep(Duration::from_millis(200));
     }
     drop(child);
+}
+
+/// The history check itself, on logs written the way synapse writes them: a target that
+/// committed a change the other never did is caught; a group rolled back and resolved again by
+/// the next session is not a difference; a rolled-back group never resolved again is.
+#[test]
+fn the_history_check_catches_a_change_one_target_lost() {
+    let line = |target: &str, what: &str| {
+        format!("2026-12-05T00:00:00Z TRACE apply{{node=n1 consumer=apply-{target}}}: synapse_apply: {what}")
+    };
+    let resolved = |target: &str, vv: &str| {
+        line(
+            target,
+            &format!("mesh row resolved table=public.t key=[\"1\"] local=None remote=(VersionVector({{{vv}}}), false) decision=Insert"),
+        )
+    };
+    let both = |second: &[String]| {
+        let mut log = vec![
+            line("n2", "applier resuming next_offset=0"),
+            line("n2", "group resolving next_offset=5"),
+            resolved("n2", "NodeId(1): 7"),
+            line("n2", "group committed next_offset=5"),
+            line("n3", "applier resuming next_offset=0"),
+        ];
+        log.extend_from_slice(second);
+        log.join("\n")
+    };
+    let committed = [line("n3", "group resolving next_offset=5"), resolved("n3", "NodeId(1): 7")];
+    assert_eq!(applied_versions_agree(&both(&committed)), Ok(1));
+    // Cut before its commit, resumed before it, resolved again: the same history.
+    let again = [
+        line("n3", "group resolving next_offset=5"),
+        resolved("n3", "NodeId(1): 7"),
+        line("n3", "applier resuming next_offset=0"),
+        line("n3", "group resolving next_offset=5"),
+        resolved("n3", "NodeId(1): 7"),
+    ];
+    assert_eq!(applied_versions_agree(&both(&again)), Ok(1));
+    // Only an older change of the row committed on n3: the last one is lost there.
+    let lost = [
+        line("n3", "group resolving next_offset=5"),
+        resolved("n3", "NodeId(1): 6"),
+        line("n3", "group committed next_offset=5"),
+    ];
+    let err = applied_versions_agree(&both(&lost)).unwrap_err();
+    assert!(err.contains("public.t[\"1\"] from n1") && err.contains("n3: Some({1: 6})"), "{err}");
+    // Its rolled-back group never applied again, the next session resuming past it.
+    let skipped = [
+        line("n3", "group resolving next_offset=5"),
+        resolved("n3", "NodeId(1): 7"),
+        line("n3", "applier resuming next_offset=5"),
+    ];
+    assert!(applied_versions_agree(&both(&skipped)).is_ok(), "resumed at 5: the group committed");
+    let never = [
+        line("n3", "group resolving next_offset=5"),
+        resolved("n3", "NodeId(1): 7"),
+        line("n3", "applier resuming next_offset=4"),
+        line("n3", "group resolving next_offset=9"),
+        line("n3", "group committed next_offset=9"),
+    ];
+    assert!(applied_versions_agree(&both(&never)).is_err(), "rolled back and never resolved again");
+    assert!(applied_versions_agree("").is_err(), "nothing to compare is not agreement");
+    // A failure's excerpt holds the named row's lines and the warnings, not the rest.
+    let cut = excerpt(&both(&lost), &err);
+    assert_eq!(cut.lines().count(), 2, "{cut}");
+    assert!(excerpt(&format!("{}\nx WARN y", both(&lost)), "nothing named").ends_with("x WARN y"));
+}
+
+/// The log lines worth reading beside a failure: every warning, and every line of the rows the
+/// failure names (`public.t["k"]`) — with the apply trace on, the last lines are only noise.
+fn excerpt(log: &str, failure: &str) -> String {
+    let named = regex_lite::Regex::new(r#"(public\.\w+)(\["[^\]]*\])"#).unwrap();
+    let rows: std::collections::BTreeSet<String> =
+        named.captures_iter(failure).map(|c| format!("table={} key={}", &c[1], &c[2])).collect();
+    let lines: Vec<&str> =
+        log.lines().filter(|l| l.contains(" WARN ") || rows.iter().any(|r| l.contains(r.as_str()))).collect();
+    lines[lines.len().saturating_sub(400)..].join("\n")
 }

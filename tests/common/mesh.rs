@@ -321,3 +321,89 @@ pub fn fingerprint(node: &LocalCluster, db: &str) -> String {
 /// A `synapse.row_version` row as text, for dumps and comparisons.
 pub const VERSION_ROW: &str =
     "tbl || pk::text || ' ' || vv::text || ' ' || hlc_ms || '.' || hlc_lc || ' n' || node || ' ' || cols::text";
+
+/// The filter that makes `synapse` log what [`applied_versions_agree`] reads.
+pub const APPLY_TRACE: &str = "info,synapse_apply=trace";
+
+/// Every target applying one source's log committed the same history of each of its rows: for
+/// every (source, table, key), the join of the versions each target resolved — in groups known
+/// committed — is the same on all of them. Outcome checks cannot see a lost change that a later
+/// write or a merge masks; this can. A group counts as committed once a later "group committed"
+/// of the same session reaches its next offset, or the pair's next session resumes at or past
+/// it; a group rolled back is left out (its changes are resolved again by the next session).
+/// `log` is a synapse log written with [`APPLY_TRACE`].
+pub fn applied_versions_agree(log: &str) -> Result<usize, String> {
+    use regex_lite::Regex;
+    let span = Regex::new(r"apply\{node=(\S+) consumer=apply-(\S+)\}: ").unwrap();
+    let resolved =
+        Regex::new(r"mesh row resolved table=(\S+) key=(\[[^\]]*\]) .* remote=\(VersionVector\(\{([^}]*)\}\)").unwrap();
+    let offset = Regex::new(r"next_offset=(\d+)").unwrap();
+    let entry = Regex::new(r"NodeId\((\d+)\): (\d+)").unwrap();
+    type Join = BTreeMap<u64, u64>;
+    // (source, table, key) → target → join of its committed versions.
+    let mut joins: BTreeMap<(String, String, String), BTreeMap<String, Join>> = BTreeMap::new();
+    let mut targets: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
+    // (source, target) → the group being resolved and the uncommitted groups' versions.
+    type Pending = (Option<u64>, BTreeMap<u64, Vec<(String, String, Join)>>);
+    let mut pending: BTreeMap<(String, String), Pending> = BTreeMap::new();
+    let settle = |joins: &mut BTreeMap<(String, String, String), BTreeMap<String, Join>>,
+                  pair: &(String, String),
+                  groups: &mut BTreeMap<u64, Vec<(String, String, Join)>>,
+                  through: u64| {
+        let later = groups.split_off(&(through.saturating_add(1)));
+        for (table, key, vv) in std::mem::replace(groups, later).into_values().flatten() {
+            let join = joins.entry((pair.0.clone(), table, key)).or_default().entry(pair.1.clone()).or_default();
+            for (n, c) in vv {
+                let e = join.entry(n).or_default();
+                *e = (*e).max(c);
+            }
+        }
+    };
+    let next = |line: &str| offset.captures(line).and_then(|c| c[1].parse::<u64>().ok());
+    for line in log.lines() {
+        let Some(s) = span.captures(line) else { continue };
+        let pair = (s[1].to_owned(), s[2].to_owned());
+        targets.entry(pair.0.clone()).or_default().insert(pair.1.clone());
+        let (group, groups) = pending.entry(pair.clone()).or_default();
+        if line.contains("applier resuming") {
+            if let Some(at) = next(line) {
+                settle(&mut joins, &pair, groups, at);
+            }
+            groups.clear();
+            *group = None;
+        } else if line.contains("group resolving") {
+            *group = next(line);
+            if let Some(g) = *group {
+                groups.entry(g).or_default();
+            }
+        } else if line.contains("group committed") {
+            if let Some(at) = next(line) {
+                settle(&mut joins, &pair, groups, at);
+            }
+        } else if let (Some(r), Some(g)) = (resolved.captures(line), *group) {
+            let vv: Join = entry.captures_iter(&r[3]).map(|c| (c[1].parse().unwrap(), c[2].parse().unwrap())).collect();
+            groups.entry(g).or_default().push((r[1].to_owned(), r[2].to_owned(), vv));
+        }
+    }
+    // The process was stopped once every node had converged: what was still open committed.
+    for (pair, (_, groups)) in &mut pending {
+        settle(&mut joins, pair, groups, u64::MAX);
+    }
+    let mut differ = Vec::new();
+    for ((source, table, key), per) in &joins {
+        let all = &targets[source];
+        let first = per.get(all.iter().next().unwrap());
+        if all.iter().any(|t| per.get(t) != first) {
+            let each: Vec<String> = all.iter().map(|t| format!("{t}: {:?}", per.get(t))).collect();
+            differ.push(format!("{table}{key} from {source}: {}", each.join("; ")));
+        }
+    }
+    if joins.is_empty() {
+        // A renamed trace line would leave nothing to compare and the check passing unseen.
+        Err("the log holds no committed \"mesh row resolved\" line: did the apply trace change?".to_owned())
+    } else if differ.is_empty() {
+        Ok(joins.len())
+    } else {
+        Err(format!("targets of one source committed different histories of a row:\n{}", differ.join("\n")))
+    }
+}

@@ -112,8 +112,17 @@ pub fn validate_config(path: &Path, env: &[(&str, &str)]) -> String {
 
 /// Starts `synapse run`, its output going to `log` (appended).
 pub fn spawn_run(config: &Path, log: &Path) -> Synapse {
+    spawn_run_logging(config, log, None)
+}
+
+/// [`spawn_run`] with the log filter `filter` (`SYNAPSE_LOG`) when given.
+pub fn spawn_run_logging(config: &Path, log: &Path, filter: Option<&str>) -> Synapse {
     let out = std::fs::OpenOptions::new().create(true).append(true).open(log).unwrap();
-    Synapse(synapse(&["run", "--config", config.to_str().unwrap()]).stdout(Stdio::null()).stderr(out).spawn().unwrap())
+    let mut run = synapse(&["run", "--config", config.to_str().unwrap()]);
+    if let Some(f) = filter {
+        run.env("SYNAPSE_LOG", f);
+    }
+    Synapse(run.stdout(Stdio::null()).stderr(out).spawn().unwrap())
 }
 
 /// Polls until `query` gives the same answer on both clusters.

@@ -880,8 +880,8 @@ impl<L: ChangeLog + Clone> Session<'_, L> {
                     client.batch_execute(commit_sql),
                 )
                 .await
-                .map_err(ApplyError::target("storing the applied position and committing"))?;
-                Ok(())
+                .map(|_| ())
+                .map_err(ApplyError::target("storing the applied position and committing"))
             })
             .await;
         let sent = InFlightCommit {

@@ -341,15 +341,14 @@ pub fn applied_versions_agree(log: &str) -> Result<usize, String> {
     let entry = Regex::new(r"NodeId\((\d+)\): (\d+)").unwrap();
     type Join = BTreeMap<u64, u64>;
     // (source, table, key) → target → join of its committed versions.
-    let mut joins: BTreeMap<(String, String, String), BTreeMap<String, Join>> = BTreeMap::new();
+    type Joins = BTreeMap<(String, String, String), BTreeMap<String, Join>>;
+    // Next offset of a group → the (table, key, version) it resolved.
+    type Groups = BTreeMap<u64, Vec<(String, String, Join)>>;
+    let mut joins = Joins::new();
     let mut targets: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
-    // (source, target) → the group being resolved and the uncommitted groups' versions.
-    type Pending = (Option<u64>, BTreeMap<u64, Vec<(String, String, Join)>>);
-    let mut pending: BTreeMap<(String, String), Pending> = BTreeMap::new();
-    let settle = |joins: &mut BTreeMap<(String, String, String), BTreeMap<String, Join>>,
-                  pair: &(String, String),
-                  groups: &mut BTreeMap<u64, Vec<(String, String, Join)>>,
-                  through: u64| {
+    // (source, target) → the group being resolved and the groups not known committed yet.
+    let mut pending: BTreeMap<(String, String), (Option<u64>, Groups)> = BTreeMap::new();
+    let settle = |joins: &mut Joins, pair: &(String, String), groups: &mut Groups, through: u64| {
         let later = groups.split_off(&(through.saturating_add(1)));
         for (table, key, vv) in std::mem::replace(groups, later).into_values().flatten() {
             let join = joins.entry((pair.0.clone(), table, key)).or_default().entry(pair.1.clone()).or_default();

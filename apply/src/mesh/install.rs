@@ -29,14 +29,17 @@ DECLARE
     ms bigint; lc integer; c text; pn jsonb; cur jsonb; total numeric; delta numeric; base numeric;
     st jsonb; members jsonb; entries jsonb; clk jsonb; m text; n bigint;
 BEGIN
+    -- The version is reserved before it is read, as the applier does: a version an applier
+    -- inserted meanwhile is invisible to a plain read, and the upsert below would then
+    -- overwrite it with one built from nothing (the mesh test lost a peer's delete that way).
+    -- The reservation waits for such an insert to commit, and the read then sees it.
+    INSERT INTO synapse.row_version (tbl, pk, vv, hlc_ms, hlc_lc, node, live, cols)
+    VALUES (p_tbl, p_pk, '{}', 0, 0, 0, false, '{}') ON CONFLICT (tbl, pk) DO NOTHING;
     SELECT * INTO r FROM synapse.row_version WHERE tbl = p_tbl AND pk = p_pk FOR UPDATE;
-    IF NOT FOUND THEN
-        r.vv := '{}'; r.hlc_ms := 0; r.hlc_lc := 0; r.cols := '{}';
-        -- An update or delete of a row older than the mesh: the data every node started from
-        -- is a common ancestor (a write of node 0), so two first updates are concurrent
-        -- updates of it, not two inserts.
-        IF p_base IS NOT NULL THEN r.vv := '{"0": 1}'; END IF;
-    END IF;
+    -- No version yet (only the reservation): an update or delete of a row older than the mesh
+    -- has the data every node started from as a common ancestor (a write of node 0), so two
+    -- first updates are concurrent updates of it, not two inserts.
+    IF r.vv = '{}'::jsonb AND p_base IS NOT NULL THEN r.vv := '{"0": 1}'; END IF;
     IF wall > r.hlc_ms THEN ms := wall; lc := 0; ELSE ms := r.hlc_ms; lc := r.hlc_lc + 1; END IF;
     -- Never a counter this node issued before, for any row (V6 of the node schema says why).
     r.vv := r.vv || jsonb_build_object(me,

@@ -177,13 +177,9 @@ impl MeshBuffer {
             }
         }
         // Lock (creating placeholders for) every key's metadata, in key order.
-        let (tbls, pks): (Vec<String>, Vec<String>) = rows
-            .keys()
-            .filter(|k| versions.contains_key(*k))
-            .map(|(t, k)| (t.clone(), serde_json::to_string(k).unwrap_or_default()))
-            .unzip();
+        let mut pending: Vec<&(String, Vec<String>)> = rows.keys().filter(|k| versions.contains_key(*k)).collect();
         let mut local_sides: HashMap<(String, Vec<String>), Side> = HashMap::new();
-        if !tbls.is_empty() {
+        if !pending.is_empty() {
             let placeholder = prepared(
                 client,
                 statements,
@@ -194,8 +190,19 @@ impl MeshBuffer {
                 "synapse.row_version",
             )
             .await?;
-            client.execute(&placeholder, &[&tbls, &pks]).await.map_err(ApplyError::target("reserving row versions"))?;
-            local_sides = lock_versions(client, statements, &tbls, &pks).await?;
+            // A tombstone a purge deletes between the reservation (which found it) and the
+            // lock is gone when the lock is granted; its key is unlocked, and a local write
+            // could then version it under this one. Reserve and lock such keys again.
+            while !pending.is_empty() {
+                let (tbls, pks): (Vec<String>, Vec<String>) =
+                    pending.iter().map(|(t, k)| (t.clone(), serde_json::to_string(k).unwrap_or_default())).unzip();
+                client
+                    .execute(&placeholder, &[&tbls, &pks])
+                    .await
+                    .map_err(ApplyError::target("reserving row versions"))?;
+                local_sides.extend(lock_versions(client, statements, &tbls, &pks).await?);
+                pending.retain(|k| !local_sides.contains_key(*k));
+            }
         }
         // Read the rows again now that their versions are locked: a local write that committed
         // meanwhile (a new row, which the first read could not lock) is visible to both reads

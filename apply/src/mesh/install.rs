@@ -32,10 +32,15 @@ BEGIN
     -- The version is reserved before it is read, as the applier does: a version an applier
     -- inserted meanwhile is invisible to a plain read, and the upsert below would then
     -- overwrite it with one built from nothing (the mesh test lost a peer's delete that way).
-    -- The reservation waits for such an insert to commit, and the read then sees it.
-    INSERT INTO synapse.row_version (tbl, pk, vv, hlc_ms, hlc_lc, node, live, cols)
-    VALUES (p_tbl, p_pk, '{}', 0, 0, 0, false, '{}') ON CONFLICT (tbl, pk) DO NOTHING;
-    SELECT * INTO r FROM synapse.row_version WHERE tbl = p_tbl AND pk = p_pk FOR UPDATE;
+    -- The reservation waits for such an insert to commit, and the read then sees it. A
+    -- tombstone a purge deletes between the two is gone when the read gets its lock: reserve
+    -- again (the purge agreed it everywhere, so the write builds on no version).
+    LOOP
+        INSERT INTO synapse.row_version (tbl, pk, vv, hlc_ms, hlc_lc, node, live, cols)
+        VALUES (p_tbl, p_pk, '{}', 0, 0, 0, false, '{}') ON CONFLICT (tbl, pk) DO NOTHING;
+        SELECT * INTO r FROM synapse.row_version WHERE tbl = p_tbl AND pk = p_pk FOR UPDATE;
+        EXIT WHEN FOUND;
+    END LOOP;
     -- No version yet (only the reservation): an update or delete of a row older than the mesh
     -- has the data every node started from as a common ancestor (a write of node 0), so two
     -- first updates are concurrent updates of it, not two inserts.

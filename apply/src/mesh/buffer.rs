@@ -192,7 +192,8 @@ impl MeshBuffer {
             .await?;
             // A tombstone a purge deletes between the reservation (which found it) and the
             // lock is gone when the lock is granted; its key is unlocked, and a local write
-            // could then version it under this one. Reserve and lock such keys again.
+            // could then version it under this one. Reserve and lock such keys again
+            // (docs/decisions/0028-row-version-locking.md).
             while !pending.is_empty() {
                 let (tbls, pks): (Vec<String>, Vec<String>) =
                     pending.iter().map(|(t, k)| (t.clone(), serde_json::to_string(k).unwrap_or_default())).unzip();

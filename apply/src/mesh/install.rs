@@ -35,6 +35,7 @@ BEGIN
     -- The reservation waits for such an insert to commit, and the read then sees it. A
     -- tombstone a purge deletes between the two is gone when the read gets its lock: reserve
     -- again (the purge agreed it everywhere, so the write builds on no version).
+    -- docs/decisions/0028-row-version-locking.md
     LOOP
         INSERT INTO synapse.row_version (tbl, pk, vv, hlc_ms, hlc_lc, node, live, cols)
         VALUES (p_tbl, p_pk, '{}', 0, 0, 0, false, '{}') ON CONFLICT (tbl, pk) DO NOTHING;

@@ -60,7 +60,7 @@ async fn version_of_34(c: &tokio_postgres::Client) -> (bool, Option<i64>, bool, 
 /// applier's version and build on it.
 #[tokio::test]
 async fn a_local_write_builds_on_a_peers_version_committed_while_it_waits() {
-    let (pg, url, writer) = mesh_node().await;
+    let (_pg, url, writer) = mesh_node().await;
 
     // The applier's steps for a peer's delete of row 34 (`buffer.rs`, `writes.rs`): reserve the
     // version, lock it, write the resolved one. Its HLC is far ahead of the wall clock, so the

@@ -8,6 +8,7 @@ use std::time::Duration;
 use synapse_apply::mesh::{self, MeshBuffer, StoredRow, StoredVersion};
 use synapse_localpg::{ClusterOptions, LocalCluster};
 use synapse_resolver::NodeId;
+use tokio::task::JoinHandle;
 use tokio_postgres::NoTls;
 
 async fn connect(url: &str) -> tokio_postgres::Client {
@@ -38,18 +39,33 @@ const MARKED_TOMBSTONE: &str =
     "INSERT INTO synapse.row_version (tbl, pk, vv, hlc_ms, hlc_lc, node, live, cols, purge_round)
     VALUES ('public.accounts', '[\"34\"]', '{\"3\": 843}', 9000000000000, 4, 3, false, '{}', 7)";
 
-/// Row 34's version on the node: whether it has node 3's entry, that entry, whether it has
-/// node 2's, whether it is live, and its clock and node.
-async fn version_of_34(c: &tokio_postgres::Client) -> (bool, Option<i64>, bool, bool, i64, i32, i32) {
+/// Row 34's version on the node, as the tests check it.
+struct Version {
+    /// Node 3's entry of the vector.
+    peer: Option<i64>,
+    /// Whether the vector has node 2's entry.
+    mine: bool,
+    live: bool,
+    /// HLC wall and logical parts, and the node that wrote it.
+    clock: (i64, i32, i32),
+}
+
+async fn version_of_34(c: &tokio_postgres::Client) -> Version {
     let r = c
         .query_one(
-            "SELECT vv ? '3', (vv ->> '3')::int8, vv ? '2', live, hlc_ms, hlc_lc, node
+            "SELECT (vv ->> '3')::int8, vv ? '2', live, hlc_ms, hlc_lc, node
              FROM synapse.row_version WHERE tbl = 'public.accounts' AND pk = '[\"34\"]'",
             &[],
         )
         .await
         .unwrap();
-    (r.get(0), r.get(1), r.get(2), r.get(3), r.get(4), r.get(5), r.get(6))
+    Version { peer: r.get(0), mine: r.get(1), live: r.get(2), clock: (r.get(3), r.get(4), r.get(5)) }
+}
+
+/// The application inserts row 34 on the node, in a task: the test holds another session's
+/// lock meanwhile.
+fn insert_34(writer: tokio_postgres::Client) -> JoinHandle<Result<tokio_postgres::Client, tokio_postgres::Error>> {
+    tokio::spawn(async move { writer.execute("INSERT INTO accounts VALUES (34, 10)", &[]).await.map(|_| writer) })
 }
 
 /// Found by the mesh test's trace (seed 2): the row had no version (its tombstone purged), an
@@ -79,23 +95,17 @@ async fn a_local_write_builds_on_a_peers_version_committed_while_it_waits() {
         )
         .await
         .unwrap();
-    let writing =
-        tokio::spawn(async move { writer.execute("INSERT INTO accounts VALUES (34, 10)", &[]).await.map(|_| writer) });
+    let writing = insert_34(writer);
     tokio::time::sleep(Duration::from_millis(500)).await;
     assert!(!writing.is_finished(), "the local write must wait for the applier's version of the row");
     applier.batch_execute("COMMIT").await.unwrap();
     let writer = tokio::time::timeout(Duration::from_secs(10), writing).await.unwrap().unwrap().unwrap();
 
-    let (peer_kept, peer, mine, live, ms, lc, node) = version_of_34(&writer).await;
-    assert!(peer_kept, "the peer's entry must survive the local write, which saw its delete");
-    assert_eq!(peer, Some(843));
-    assert!(mine, "the local write adds this node's entry");
-    assert!(live, "the local insert revives the row");
-    assert_eq!(
-        (ms, lc, node),
-        (9_000_000_000_000, 5, 2),
-        "the local write's clock orders after the version it built on"
-    );
+    let v = version_of_34(&writer).await;
+    assert_eq!(v.peer, Some(843), "the peer's entry must survive the local write, which saw its delete");
+    assert!(v.mine, "the local write adds this node's entry");
+    assert!(v.live, "the local insert revives the row");
+    assert_eq!(v.clock, (9_000_000_000_000, 5, 2), "the local write's clock orders after the version it built on");
 }
 
 /// A purge that deletes the row's tombstone after the local write reserved its version (the
@@ -115,8 +125,7 @@ async fn a_local_write_survives_a_purge_of_its_rows_tombstone() {
         )
         .await
         .unwrap();
-    let writing =
-        tokio::spawn(async move { writer.execute("INSERT INTO accounts VALUES (34, 10)", &[]).await.map(|_| writer) });
+    let writing = insert_34(writer);
     tokio::time::sleep(Duration::from_millis(500)).await;
     assert!(!writing.is_finished(), "the local write must wait for the purge's lock on the version");
     purge
@@ -129,8 +138,9 @@ async fn a_local_write_survives_a_purge_of_its_rows_tombstone() {
         .unwrap()
         .expect("the local write must not fail because a purge removed its row's tombstone");
 
-    let (peer_kept, _, mine, live, ms, lc, node) = version_of_34(&writer).await;
-    assert!(!peer_kept && mine && live, "a new version of this node alone, live");
+    let v = version_of_34(&writer).await;
+    assert!(v.peer.is_none() && v.mine && v.live, "a new version of this node alone, live");
+    let (ms, lc, node) = v.clock;
     assert!(ms < 9_000_000_000_000 && lc == 0 && node == 2, "built on no version: clock {ms}.{lc} of node {node}");
 }
 

@@ -34,10 +34,24 @@ async fn mesh_node_with_table() -> (LocalCluster, String, tokio_postgres::Client
     (pg, url, writer, tables.remove(0))
 }
 
-/// Row 34's tombstone, node 3's delete, marked by purge round 7.
-const MARKED_TOMBSTONE: &str =
-    "INSERT INTO synapse.row_version (tbl, pk, vv, hlc_ms, hlc_lc, node, live, cols, purge_round)
-    VALUES ('public.accounts', '[\"34\"]', '{\"3\": 843}', 9000000000000, 4, 3, false, '{}', 7)";
+/// A purge's session on row 34's tombstone (node 3's delete, marked by purge round 7): in a
+/// transaction that holds the tombstone's lock, as the purge's delete will.
+async fn purge_holding_the_tombstone(pg: &LocalCluster, url: &str) -> tokio_postgres::Client {
+    pg.psql(
+        "app",
+        "INSERT INTO synapse.row_version (tbl, pk, vv, hlc_ms, hlc_lc, node, live, cols, purge_round)
+             VALUES ('public.accounts', '[\"34\"]', '{\"3\": 843}', 9000000000000, 4, 3, false, '{}', 7)",
+    )
+    .unwrap();
+    let purge = connect(url).await;
+    purge
+        .batch_execute(
+            "BEGIN; SELECT 1 FROM synapse.row_version WHERE tbl = 'public.accounts' AND pk = '[\"34\"]' FOR UPDATE",
+        )
+        .await
+        .unwrap();
+    purge
+}
 
 /// Row 34's version on the node, as the tests check it.
 struct Version {
@@ -115,16 +129,9 @@ async fn a_local_write_builds_on_a_peers_version_committed_while_it_waits() {
 #[tokio::test]
 async fn a_local_write_survives_a_purge_of_its_rows_tombstone() {
     let (pg, url, writer) = mesh_node().await;
-    pg.psql("app", MARKED_TOMBSTONE).unwrap();
     // The purge's session holds the tombstone's lock, so the write passes its reservation (the
     // row exists) and then waits for the lock; the purge deletes the row and commits.
-    let purge = connect(&url).await;
-    purge
-        .batch_execute(
-            "BEGIN; SELECT 1 FROM synapse.row_version WHERE tbl = 'public.accounts' AND pk = '[\"34\"]' FOR UPDATE",
-        )
-        .await
-        .unwrap();
+    let purge = purge_holding_the_tombstone(&pg, &url).await;
     let writing = insert_34(writer);
     tokio::time::sleep(Duration::from_millis(500)).await;
     assert!(!writing.is_finished(), "the local write must wait for the purge's lock on the version");
@@ -151,16 +158,9 @@ async fn a_local_write_survives_a_purge_of_its_rows_tombstone() {
 #[tokio::test]
 async fn an_applier_resolves_against_a_local_write_made_after_a_purge() {
     let (pg, url, _, table) = mesh_node_with_table().await;
-    pg.psql("app", MARKED_TOMBSTONE).unwrap();
     // One session purges the tombstone and then writes the key locally, both committed while
     // the applier waits for the tombstone's lock: the order a slow applier can meet.
-    let purge = connect(&url).await;
-    purge
-        .batch_execute(
-            "BEGIN; SELECT 1 FROM synapse.row_version WHERE tbl = 'public.accounts' AND pk = '[\"34\"]' FOR UPDATE",
-        )
-        .await
-        .unwrap();
+    let purge = purge_holding_the_tombstone(&pg, &url).await;
     let applier = connect(&url).await;
     let mut buffer = MeshBuffer::new(&HashMap::from([(table.name(), table.clone())]));
     // Node 1's delete of row 34, written where the row was already purged: from no version.

@@ -9,6 +9,7 @@
 //! | P7 | one ~1 GB transaction replicated while it runs: peak RSS (goal < 256 MB), start → target commit in source times (goal ≤ 2×), also on protocol 1 (P7t1) | publication/subscription with `streaming = on` (its apply worker's RSS) |
 //! | P8 | initial copy of the P1 table into an empty target | COPY TO STDOUT piped into COPY FROM STDIN |
 //! | P2M | P2's transactions written a third on each of three mesh nodes, cold catch-up (see mesh.rs) | publication/subscription one way; SynapseDB one way |
+//! | P2W | P2's transactions written by the application on one node into its mesh table (the local-write trigger versions each) | the same writes into a plain table on that node |
 //! | P5 | `repair check` of 1M rows on two nodes with 99 differences: time and bytes on the wire (see repair.rs) | pg_comparator; reladiff |
 //! | P6 | webhook delivery: events/s batched and per key, commit → delivery p99 (see delivery.rs) | plain HTTP client; pg_recvlogical |
 //!
@@ -435,6 +436,15 @@ async fn run(o: Options) -> anyhow::Result<()> {
                 higher_is_better: true,
                 goal: "—".into(),
             });
+            rows.push(Row {
+                id: "P2W",
+                what: format!("app writes, mesh table vs plain, {} txns", m.updates),
+                synapse: per_sec(m.mesh_write_secs),
+                baseline: per_sec(m.plain_write_secs),
+                unit: "txns/s",
+                higher_is_better: true,
+                goal: "—".into(),
+            });
         }
         if want("P5") {
             let work = tempfile::tempdir()?;
@@ -671,6 +681,6 @@ async fn run(o: Options) -> anyhow::Result<()> {
     for n in &notes {
         println!("{n}");
     }
-    println!("\nbaselines: P1/P2 PostgreSQL publication/subscription (method: {}); P4 the same subscription, both replicating; P2c/P2M publication/subscription one way, disabled during the workload (PostgreSQL 15 cannot replicate both ways without loops); P3 pg_recvlogical to /dev/null; P7 publication/subscription with streaming = on, each replicator alone while the transaction runs (RSS: its apply worker's); P1k/P2k/P3k the same baselines, synapse's log on tansu 0.6 (one broker, memory storage, loopback); P5 pg_comparator 2.3 (pgcmp extension, --no-lock), reladiff in the notes; P8 psql COPY | psql COPY; P6a/b the same bodies POSTed by a plain HTTP client (same batch and concurrency, unsigned, unordered); P6c pg_recvlogical (test_decoding) commit → COMMIT line; S2/S4 synapse into one shard, same backlog, every shard a database on one server; SX pg_dump --data-only | psql of the same table into one database; V1–V4 faiss-cpu IndexHNSWFlat (M 16, efConstruction 128, efSearch 100) on the same vectors and queries (both build on every core and answer on one thread), ground truth by brute force; V5 a PostgreSQL subscription of the same table (commit → row visible, no index: what the index adds to plain replication).", o.method.short());
+    println!("\nbaselines: P1/P2 PostgreSQL publication/subscription (method: {}); P4 the same subscription, both replicating; P2c/P2M publication/subscription one way, disabled during the workload (PostgreSQL 15 cannot replicate both ways without loops); P2W the same writes into a plain table on the same node; P3 pg_recvlogical to /dev/null; P7 publication/subscription with streaming = on, each replicator alone while the transaction runs (RSS: its apply worker's); P1k/P2k/P3k the same baselines, synapse's log on tansu 0.6 (one broker, memory storage, loopback); P5 pg_comparator 2.3 (pgcmp extension, --no-lock), reladiff in the notes; P8 psql COPY | psql COPY; P6a/b the same bodies POSTed by a plain HTTP client (same batch and concurrency, unsigned, unordered); P6c pg_recvlogical (test_decoding) commit → COMMIT line; S2/S4 synapse into one shard, same backlog, every shard a database on one server; SX pg_dump --data-only | psql of the same table into one database; V1–V4 faiss-cpu IndexHNSWFlat (M 16, efConstruction 128, efSearch 100) on the same vectors and queries (both build on every core and answer on one thread), ground truth by brute force; V5 a PostgreSQL subscription of the same table (commit → row visible, no index: what the index adds to plain replication).", o.method.short());
     Ok(())
 }

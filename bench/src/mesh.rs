@@ -1,6 +1,8 @@
 //! P2M of `synapse-bench`: the P2 workload (single-row update transactions) spread over three
 //! writable nodes of a mesh, against the one-way pipeline and PostgreSQL's own one-way
 //! publication/subscription on the same number of transactions, all measured in this run.
+//! P2W, after it: the same transactions written on one node into its mesh table against its
+//! plain (one-way source) table, the cost to the application of versioning each local write.
 //!
 //! Every consumer starts cold after its workload: SynapseDB processes are not running while the
 //! transactions are written, the baseline's subscription is disabled. The clock runs from the
@@ -26,6 +28,11 @@ pub struct MeshBench {
     pub mesh_secs: f64,
     pub oneway_secs: f64,
     pub native_secs: f64,
+    /// P2W: node 0 writing `updates` transactions into its mesh table (each versioned by the
+    /// local-write trigger), and into the one-way source's plain table, with no replicator
+    /// running; both tables had one workload's updates before.
+    pub mesh_write_secs: f64,
+    pub plain_write_secs: f64,
 }
 
 /// `updates` single-row updates of `oltp`, one transaction each, over the ids with
@@ -201,5 +208,15 @@ pub fn run(updates: u64, work: &Path) -> anyhow::Result<MeshBench> {
     if fingerprint(&nodes[1], "mesh")? != f0 || fingerprint(&nodes[2], "mesh")? != f0 {
         bail!("P2M mesh nodes differ after catch-up");
     }
-    Ok(MeshBench { updates, mesh_secs, oneway_secs, native_secs })
+
+    // ---- P2W: what versioning each local write costs the application, on the same node
+    eprintln!("P2W: writing {updates} single-row update transactions on node 0, plain table then mesh table");
+    let timed = |db: &str| -> anyhow::Result<f64> {
+        let t = Instant::now();
+        nodes[0].psql(db, &workload(updates, 1, 0))?;
+        Ok(t.elapsed().as_secs_f64())
+    };
+    let plain_write_secs = timed("oneway")?;
+    let mesh_write_secs = timed("mesh")?;
+    Ok(MeshBench { updates, mesh_secs, oneway_secs, native_secs, mesh_write_secs, plain_write_secs })
 }

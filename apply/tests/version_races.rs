@@ -122,15 +122,15 @@ async fn a_local_write_builds_on_a_peers_version_committed_while_it_waits() {
     assert_eq!(v.clock, (9_000_000_000_000, 5, 2), "the local write's clock orders after the version it built on");
 }
 
-/// A purge that deletes the row's tombstone after the local write reserved its version (the
-/// tombstone was there, so nothing was reserved) but before the write could lock it: the write
-/// finds no version once it gets the lock. It must reserve again and build on none, which is
-/// what every node agreed when the purge ran, not fail the application's statement.
+/// A purge that deletes the row's tombstone while the local write waits for the tombstone's
+/// lock: the write finds no version once it gets the lock. It must reserve one and build on
+/// none, which is what every node agreed when the purge ran, not fail the application's
+/// statement.
 #[tokio::test]
 async fn a_local_write_survives_a_purge_of_its_rows_tombstone() {
     let (pg, url, writer) = mesh_node().await;
-    // The purge's session holds the tombstone's lock, so the write passes its reservation (the
-    // row exists) and then waits for the lock; the purge deletes the row and commits.
+    // The purge's session holds the tombstone's lock, so the write waits for it; the purge
+    // deletes the row and commits.
     let purge = purge_holding_the_tombstone(&pg, &url).await;
     let writing = insert_34(writer);
     tokio::time::sleep(Duration::from_millis(500)).await;
@@ -149,6 +149,33 @@ async fn a_local_write_survives_a_purge_of_its_rows_tombstone() {
     assert!(v.peer.is_none() && v.mine && v.live, "a new version of this node alone, live");
     let (ms, lc, node) = v.clock;
     assert!(ms < 9_000_000_000_000 && lc == 0 && node == 2, "built on no version: clock {ms}.{lc} of node {node}");
+}
+
+/// An application transaction under REPEATABLE READ whose snapshot is older than a peer's
+/// version of the row (an applier committed it since): the local write can neither build on a
+/// version it cannot see nor overwrite it. It fails with a serialization error, as a write of
+/// a row changed since the snapshot does, for the application to retry; it must not wait
+/// forever for a version its snapshot will never show, nor lose the peer's entry.
+#[tokio::test]
+async fn a_repeatable_read_write_over_a_newer_peer_version_fails_to_serialize() {
+    let (pg, _url, writer) = mesh_node().await;
+    writer.batch_execute("BEGIN ISOLATION LEVEL REPEATABLE READ; SELECT count(*) FROM accounts").await.unwrap();
+    pg.psql(
+        "app",
+        "INSERT INTO synapse.row_version (tbl, pk, vv, hlc_ms, hlc_lc, node, live, cols)
+             VALUES ('public.accounts', '[\"34\"]', '{\"3\": 843}', 9000000000000, 4, 3, false, '{}')",
+    )
+    .unwrap();
+    let err =
+        tokio::time::timeout(Duration::from_secs(10), writer.execute("INSERT INTO accounts VALUES (34, 10)", &[]))
+            .await
+            .expect("the local write must not wait for a version its snapshot cannot show")
+            .expect_err("the local write must not build a version over one it cannot see");
+    assert_eq!(err.code(), Some(&tokio_postgres::error::SqlState::T_R_SERIALIZATION_FAILURE), "{err:?}");
+    writer.batch_execute("ROLLBACK").await.unwrap();
+
+    let v = version_of_34(&writer).await;
+    assert_eq!((v.peer, v.mine, v.live), (Some(843), false, false), "the peer's version stays as it was");
 }
 
 /// The applier's side of the same window: its reservation found the tombstone, a purge deleted

@@ -29,18 +29,20 @@ DECLARE
     ms bigint; lc integer; c text; pn jsonb; cur jsonb; total numeric; delta numeric; base numeric;
     st jsonb; members jsonb; entries jsonb; clk jsonb; m text; n bigint;
 BEGIN
-    -- The version is reserved before it is read, as the applier does: a version an applier
-    -- inserted meanwhile is invisible to a plain read, and the upsert below would then
-    -- overwrite it with one built from nothing (the mesh test lost a peer's delete that way).
-    -- The reservation waits for such an insert to commit, and the read then sees it. A
-    -- tombstone a purge deletes between the two is gone when the read gets its lock: reserve
-    -- again (the purge agreed it everywhere, so the write builds on no version).
-    -- docs/decisions/0028-row-version-locking.md
+    -- The version is read locked, and when there is none, reserved and read again: a version
+    -- an applier inserted and has not committed is invisible to the locked read, and the
+    -- write below would then overwrite it with one built from nothing (the mesh test lost a
+    -- peer's delete that way). The reservation waits for such an insert to commit, and the
+    -- next read sees it. A tombstone a purge deletes while the read waits for its lock is
+    -- gone too: reserve (the purge agreed it everywhere, so the write builds on no version).
+    -- A key written before takes the locked read alone. Under REPEATABLE READ, a version
+    -- committed after the snapshot fails the lock or the reservation with a serialization
+    -- error, as a write of the same row would. docs/decisions/0028-row-version-locking.md
     LOOP
-        INSERT INTO synapse.row_version (tbl, pk, vv, hlc_ms, hlc_lc, node, live, cols)
-        VALUES (p_tbl, p_pk, '{}', 0, 0, 0, false, '{}') ON CONFLICT (tbl, pk) DO NOTHING;
         SELECT * INTO r FROM synapse.row_version WHERE tbl = p_tbl AND pk = p_pk FOR UPDATE;
         EXIT WHEN FOUND;
+        INSERT INTO synapse.row_version (tbl, pk, vv, hlc_ms, hlc_lc, node, live, cols)
+        VALUES (p_tbl, p_pk, '{}', 0, 0, 0, false, '{}') ON CONFLICT (tbl, pk) DO NOTHING;
     END LOOP;
     -- No version yet (only the reservation): an update or delete of a row older than the mesh
     -- has the data every node started from as a common ancestor (a write of node 0), so two
@@ -120,11 +122,10 @@ BEGIN
                 coalesce(r.cols -> c, '{}') || jsonb_build_object('v', p_values -> c));
         END LOOP;
     END IF;
-    INSERT INTO synapse.row_version (tbl, pk, vv, hlc_ms, hlc_lc, node, live, cols)
-    VALUES (p_tbl, p_pk, r.vv, ms, lc, p_node, p_live, r.cols)
-    ON CONFLICT (tbl, pk) DO UPDATE SET vv = excluded.vv, hlc_ms = excluded.hlc_ms,
-        hlc_lc = excluded.hlc_lc, node = excluded.node, live = excluded.live, cols = excluded.cols,
-        purge_round = NULL;
+    -- The entry exists and this transaction holds its lock (the loop above).
+    UPDATE synapse.row_version SET vv = r.vv, hlc_ms = ms, hlc_lc = lc, node = p_node, live = p_live,
+        cols = r.cols, purge_round = NULL
+    WHERE tbl = p_tbl AND pk = p_pk;
 END
 $fn$;
 

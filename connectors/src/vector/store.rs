@@ -308,24 +308,17 @@ impl Graph {
     }
 
     /// Links the nodes of `items` in (those it holds already stay), from several threads when
-    /// there are many.
-    /// Returns the nodes a search for their own vector did not find (see [`link`]).
+    /// there are many, and returns those a search for their own vector did not find once the
+    /// whole batch was in (see [`found`]): a later add — usearch's concurrent adds (issue #735)
+    /// and, less often, one made after it on the same thread — can strand a node whose own
+    /// add had just been found.
     fn add(&self, items: &[(u64, Vec<f32>)]) -> Result<Vec<u64>, StoreError> {
         self.reserve(items.len())?;
-        let threads = std::thread::available_parallelism().map_or(1, |n| n.get()).min(8);
-        if items.len() < PARALLEL_FROM || threads == 1 {
-            let mut orphans = Vec::new();
-            for (node, v) in items {
-                let _permit = self.permits.take();
-                if !link(&self.read(), *node, v)? {
-                    orphans.push(*node);
-                }
-            }
-            return Ok(orphans);
-        }
-        // usearch's concurrent adds can strand a node after its own add returned (usearch
-        // issue #735: a reverse link dropped by another thread's add), so each node is
-        // checked once every add of the batch is done, not right after its own.
+        let threads = if items.len() < PARALLEL_FROM {
+            1
+        } else {
+            std::thread::available_parallelism().map_or(1, |n| n.get()).min(8)
+        };
         let parts = items.len().div_ceil(threads);
         let added: Vec<(u64, &[f32])> = in_threads(items, parts, |part| {
             let mut added = Vec::new();
@@ -395,8 +388,8 @@ impl Graph {
 const REACH_K: usize = 4;
 
 /// Links `node` into `index` unless it holds it already, and says whether a search for its
-/// own vector then finds it (see [`found`]). For adds made one at a time only: a concurrent
-/// add can strand a node after this check passed.
+/// own vector then finds it (see [`found`]). A later add can still strand it (see
+/// [`Graph::add`]).
 fn link(index: &Index, node: u64, v: &[f32]) -> Result<bool, StoreError> {
     if index.contains(node) {
         return Ok(true);
@@ -414,12 +407,16 @@ fn found(index: &Index, node: u64, v: &[f32]) -> Result<bool, StoreError> {
     Ok(index.search(v, REACH_K)?.keys.contains(&node))
 }
 
-/// Runs `work` on `items` in parts of `part` items, a thread each, and joins what they return.
+/// Runs `work` on `items` in parts of `part` items, a thread each, and joins what they return;
+/// on this thread when one part holds them all.
 fn in_threads<'a, T: Sync, R: Send>(
     items: &'a [T],
     part: usize,
     work: impl Fn(&'a [T]) -> Result<Vec<R>, StoreError> + Sync,
 ) -> Result<Vec<R>, StoreError> {
+    if items.len() <= part {
+        return work(items);
+    }
     std::thread::scope(|s| {
         let work = &work;
         let threads: Vec<_> = items.chunks(part.max(1)).map(|p| s.spawn(move || work(p))).collect();
